@@ -1,0 +1,165 @@
+"""A doorbell: a named POSIX semaphore that wakes a parked reader in another process.
+
+Why a named semaphore and not an eventfd: an eventfd is a file descriptor, so only a process that
+inherits it (or receives it over a Unix socket with SCM_RIGHTS) can ring it. seqd's processes
+attach to shared memory *by name*, unrelated to each other (a `seqd status` or a restarted role
+attaches later), so the doorbell must be nameable too. A POSIX named semaphore
+(`sem_open`, via posix_ipc) is: `sem_post` is the ring, `sem_timedwait` the wait, and an uncontended
+post is a single atomic instruction in glibc unless a waiter sleeps, when it is one futex wake.
+
+A doorbell may be bound to a *parked flag*, a word in shared memory written only by the waiting
+reader. The ringer then rings only while the flag is set, so a busy reader costs the writer one
+load per publish and no system call. The waiter sets the flag, re-checks for work (`ready`), and
+waits with a timeout: because x86-64 may let the ringer's load of the flag pass its earlier store
+of the cursor (see `ipc.platform`), a ring can be missed, and the timeout bounds what that costs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from types import TracebackType
+
+import posix_ipc
+
+__all__ = ["DRAIN_MAX", "Doorbell", "bell_name"]
+
+# After a wake the waiter swallows the rings that piled up while it was waking, so the next park
+# really blocks. A writer rings at most once per publish while the flag is set, so the pile is
+# small; the bound keeps a runaway ringer from holding the waiter here.
+DRAIN_MAX = 4096
+
+
+def bell_name(segment_name: str, reader: str) -> str:
+    """The semaphore name of reader `reader` of ring `segment_name`."""
+    return f"{segment_name}.{reader}.bell"
+
+
+def _never_ready() -> bool:
+    return False
+
+
+class Doorbell:
+    """One named semaphore, optionally bound to a parked flag in shared memory.
+
+    Args:
+        name: the semaphore's POSIX name.
+        semaphore: the open posix_ipc semaphore.
+        parked: (word view, index) of the parked flag, or None for an unconditional doorbell (e.g.
+            one rung by the journaller each time it advances a counter).
+        ready: called after parking and before waiting; True means work arrived, do not wait.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        semaphore: posix_ipc.Semaphore,
+        parked: tuple[memoryview, int] | None = None,
+        ready: Callable[[], bool] | None = None,
+    ) -> None:
+        self.name = name
+        self._semaphore = semaphore
+        self._parked = parked
+        self.ready: Callable[[], bool] = ready or _never_ready
+        self.rings = 0
+
+    @classmethod
+    def create(cls, name: str) -> Doorbell:
+        """Create (or reuse and drain) the semaphore `name`, mode 0600."""
+        semaphore = posix_ipc.Semaphore(name, posix_ipc.O_CREAT, mode=0o600, initial_value=0)
+        bell = cls(name, semaphore)
+        bell.drain()
+        return bell
+
+    @classmethod
+    def attach(cls, name: str) -> Doorbell:
+        """Open the existing semaphore `name`.
+
+        Raises:
+            FileNotFoundError: no such doorbell; its creator has not run yet.
+        """
+        try:
+            semaphore = posix_ipc.Semaphore(name)
+        except posix_ipc.ExistentialError:
+            raise FileNotFoundError(
+                f"doorbell {name} does not exist; start the process that creates it first"
+            ) from None
+        return cls(name, semaphore)
+
+    def bind(self, parked: tuple[memoryview, int], ready: Callable[[], bool] | None = None) -> Doorbell:
+        """A doorbell on the same semaphore bound to a parked flag (and a readiness check)."""
+        return Doorbell(self.name, self._semaphore, parked, ready)
+
+    @property
+    def parked(self) -> bool:
+        """Whether the waiter says it is parked (always False for an unbound doorbell)."""
+        if self._parked is None:
+            return False
+        view, index = self._parked
+        return view[index] != 0
+
+    def ring(self) -> bool:
+        """Wake the waiter if it is parked (always, for an unbound doorbell). True if rung."""
+        if self._parked is not None:
+            view, index = self._parked
+            if not view[index]:
+                return False
+        self._semaphore.release()
+        self.rings += 1
+        return True
+
+    def park(self) -> None:
+        """Announce that the waiter is about to block (sets the parked flag, if bound)."""
+        if self._parked is not None:
+            view, index = self._parked
+            view[index] = 1
+
+    def unpark(self) -> None:
+        if self._parked is not None:
+            view, index = self._parked
+            view[index] = 0
+
+    def wait(self, timeout_ms: float) -> bool:
+        """Block until rung or `timeout_ms` passes. True if rung, False on timeout."""
+        assert timeout_ms >= 0, timeout_ms
+        try:
+            self._semaphore.acquire(timeout_ms / 1000.0)
+        except posix_ipc.BusyError:
+            return False
+        self.drain()
+        return True
+
+    def drain(self) -> int:
+        """Swallow pending rings without blocking; returns how many."""
+        drained = 0
+        while drained < DRAIN_MAX:
+            try:
+                self._semaphore.acquire(0)
+            except posix_ipc.BusyError:
+                break
+            drained += 1
+        return drained
+
+    def close(self) -> None:
+        """Close this process's handle; the semaphore stays for others."""
+        try:
+            self._semaphore.close()
+        except posix_ipc.ExistentialError:
+            pass
+
+    def unlink(self) -> None:
+        """Remove the name. Idempotent."""
+        try:
+            posix_ipc.unlink_semaphore(self.name)
+        except posix_ipc.ExistentialError:
+            pass
+
+    def __enter__(self) -> Doorbell:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
