@@ -1,0 +1,331 @@
+"""The record: the one unit of the log in the ring, the journal and replication.
+
+A record is a fixed 48-byte little-endian header, the payload, then zero padding to a multiple of
+8 bytes (docs/contracts.md):
+
+    offset 0  u32 length        header + payload bytes (unaligned); the frame length in the ring
+    offset 4  u16 type          RecordType
+    offset 6  u16 version       payload schema version (the app's command version for COMMAND)
+    offset 8  u64 index         1-based, gapless
+    offset 16 u64 term
+    offset 24 i64 timestamp_ns  leader time, never goes backwards
+    offset 32 u64 session_id
+    offset 40 u64 request_id
+    offset 48 payload           then zero padding to a multiple of 8
+
+The first 8 bytes are exactly a ring frame header (`[length u32][type u32]`, with the ring's
+32-bit type = record type | version << 16), so a region of the ring is a run of whole records and
+the journal and the replicator move those bytes verbatim: no stage re-encodes a record. The
+sequencer never decodes a COMMAND's app payload; only the blp does.
+
+The payload helpers at the end encode the payloads the daemon itself defines (sessions, timers,
+admin operations); an app's command bytes stay opaque here.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from collections.abc import Iterator
+from typing import Any, NamedTuple
+
+import msgspec
+
+__all__ = [
+    "ADMIN_NODE_START",
+    "COMMAND_PREFIX",
+    "FRAME_HEADER_BYTES",
+    "RECORD_ALIGNMENT",
+    "RECORD_BYTES_MAX",
+    "RECORD_HEADER",
+    "RECORD_HEADER_BYTES",
+    "RECORD_TAIL",
+    "TIMER_FIRED_PAYLOAD",
+    "RecordError",
+    "RecordHeader",
+    "RecordType",
+    "SessionOpen",
+    "aligned",
+    "decode_admin",
+    "decode_command",
+    "decode_header",
+    "decode_session_open",
+    "decode_timer_fired",
+    "encode_admin",
+    "encode_command",
+    "encode_record",
+    "encode_session_open",
+    "encode_timer_fired",
+    "frame_type",
+    "iter_records",
+    "pack_record_into",
+    "pack_tail_into",
+    "split_frame_type",
+]
+
+
+class RecordType(enum.IntEnum):
+    COMMAND = 1
+    SESSION_OPEN = 2
+    SESSION_CLOSE = 3
+    TIMER_FIRED = 4
+    SNAPSHOT = 5
+    TERM_START = 6  # the Raft no-op a new leader appends at the start of its term
+    ADMIN = 7
+    PADDING = 0xFFFF  # with version 0xFFFF this is the ring's PADDING_TYPE 0xFFFF_FFFF
+
+
+RECORD_HEADER = struct.Struct("<IHHQQqQQ")
+RECORD_HEADER_BYTES = 48
+RECORD_TAIL = struct.Struct("<QQqQQ")  # the 40 bytes after the ring frame header (index onwards)
+FRAME_HEADER_BYTES = 8  # the ring's `[length u32][type u32]`, the first 8 bytes of a record
+RECORD_ALIGNMENT = 8  # every record starts on an 8-byte boundary: aligned u64 loads and stores
+# The length field is a u32; a record may never reach 4 GiB. In practice the ring capacity and the
+# client frame limit (1 MiB) bound records far below this.
+RECORD_BYTES_MAX = (1 << 32) - RECORD_ALIGNMENT
+VERSION_MAX = 0xFFFF  # u16
+
+assert RECORD_HEADER.size == RECORD_HEADER_BYTES
+assert RECORD_TAIL.size + FRAME_HEADER_BYTES == RECORD_HEADER_BYTES
+assert RECORD_HEADER_BYTES % RECORD_ALIGNMENT == 0
+assert (int(RecordType.PADDING) | VERSION_MAX << 16) == 0xFFFF_FFFF
+
+
+class RecordError(ValueError):
+    """A run of bytes is not a run of whole, well-formed records."""
+
+
+class RecordHeader(NamedTuple):
+    length: int  # header + payload bytes, unaligned
+    type: int  # RecordType value (kept an int: an unknown type must still decode for `log dump`)
+    version: int
+    index: int  # type: ignore[assignment]  # shadows tuple.index: the log word wins
+    term: int
+    timestamp_ns: int
+    session_id: int
+    request_id: int
+
+
+def aligned(length: int) -> int:
+    """`length` rounded up to the record alignment (8 bytes)."""
+    return (length + RECORD_ALIGNMENT - 1) & -RECORD_ALIGNMENT
+
+
+def frame_type(record_type: int, version: int) -> int:
+    """The ring's 32-bit frame type for a record: record type in the low half, version above."""
+    assert 0 <= record_type <= 0xFFFF, record_type
+    assert 0 <= version <= VERSION_MAX, version
+    return record_type | version << 16
+
+
+def split_frame_type(value: int) -> tuple[int, int]:
+    """The inverse of `frame_type`: (record_type, version)."""
+    assert 0 <= value <= 0xFFFF_FFFF, value
+    return value & 0xFFFF, value >> 16
+
+
+def encode_record(
+    record_type: int,
+    version: int,
+    index: int,
+    term: int,
+    timestamp_ns: int,
+    session_id: int,
+    request_id: int,
+    payload: bytes | bytearray | memoryview = b"",
+) -> bytes:
+    """One whole record, zero padded to 8 bytes."""
+    buffer = bytearray(aligned(RECORD_HEADER_BYTES + len(payload)))
+    pack_record_into(
+        buffer, 0, record_type, version, index, term, timestamp_ns, session_id, request_id, payload
+    )
+    return bytes(buffer)
+
+
+def pack_record_into(
+    buffer: bytearray | memoryview,
+    offset: int,
+    record_type: int,
+    version: int,
+    index: int,
+    term: int,
+    timestamp_ns: int,
+    session_id: int,
+    request_id: int,
+    payload: bytes | bytearray | memoryview = b"",
+) -> int:
+    """Write one record, padding included, at `offset`; returns the aligned bytes written.
+
+    Raises:
+        RecordError: the record is larger than `RECORD_BYTES_MAX` or does not fit the buffer.
+    """
+    length = RECORD_HEADER_BYTES + len(payload)
+    if length > RECORD_BYTES_MAX:
+        raise RecordError(f"record of {length} bytes > RECORD_BYTES_MAX={RECORD_BYTES_MAX}")
+    end = offset + length
+    total = aligned(length)
+    if offset + total > len(buffer):
+        raise RecordError(
+            f"record of {total} bytes (aligned) at offset {offset} does not fit a buffer of "
+            f"{len(buffer)} bytes"
+        )
+    RECORD_HEADER.pack_into(
+        buffer,
+        offset,
+        length,
+        record_type,
+        version,
+        index,
+        term,
+        timestamp_ns,
+        session_id,
+        request_id,
+    )
+    buffer[offset + RECORD_HEADER_BYTES : end] = payload
+    # The buffer may be reused (a ring wraps): the padding must be zeros, not old bytes, because
+    # the journal's CRC and a replica's copy cover it.
+    buffer[end : offset + total] = bytes(offset + total - end)
+    return total
+
+
+def pack_tail_into(
+    buffer: bytearray | memoryview,
+    offset: int,
+    index: int,
+    term: int,
+    timestamp_ns: int,
+    session_id: int,
+    request_id: int,
+) -> None:
+    """Write the 40 header bytes after the ring frame header (the ring writes length and type).
+
+    For the sequencer: `view = writer.try_claim(RECORD_TAIL.size + len(payload),
+    frame_type(t, v))`, then `pack_tail_into(view, 0, ...)` and the payload at `RECORD_TAIL.size`.
+    """
+    RECORD_TAIL.pack_into(buffer, offset, index, term, timestamp_ns, session_id, request_id)
+
+
+def decode_header(buffer: bytes | bytearray | memoryview, offset: int = 0) -> RecordHeader:
+    """The header of the record at `offset` (not validated: see `iter_records`)."""
+    return RecordHeader._make(RECORD_HEADER.unpack_from(buffer, offset))
+
+
+def iter_records(
+    buffer: bytes | bytearray | memoryview,
+) -> Iterator[tuple[RecordHeader, memoryview, int]]:
+    """Each record of a run of whole records: (header, payload view, offset of the record).
+
+    The payload is a view into `buffer`, not a copy; it is valid as long as the buffer's bytes are.
+
+    Raises:
+        RecordError: a length below the header size, or a record that runs past the end; the
+            message names the offset.
+    """
+    view = memoryview(buffer).cast("B")
+    end = len(view)
+    offset = 0
+    unpack_from = RECORD_HEADER.unpack_from
+    make = RecordHeader._make
+    while offset < end:
+        if offset + RECORD_HEADER_BYTES > end:
+            raise RecordError(
+                f"{end - offset} bytes at offset {offset} are too few for a record header "
+                f"({RECORD_HEADER_BYTES} bytes): the run does not end on a record boundary"
+            )
+        header = make(unpack_from(view, offset))
+        length = header.length
+        if length < RECORD_HEADER_BYTES:
+            raise RecordError(
+                f"record at offset {offset} has length {length} < {RECORD_HEADER_BYTES} "
+                "(the header size): not a record boundary, or damaged bytes"
+            )
+        step = (length + 7) & -8
+        if offset + step > end:
+            raise RecordError(
+                f"record at offset {offset} of length {length} ({step} aligned) runs past the "
+                f"end of the {end}-byte run"
+            )
+        yield header, view[offset + RECORD_HEADER_BYTES : offset + length], offset
+        offset += step
+
+
+# -- payloads the daemon defines ---------------------------------------------------------------
+
+COMMAND_PREFIX = struct.Struct("<Q")  # acked_request_id: replies up to it reached the client
+TIMER_FIRED_PAYLOAD = struct.Struct("<Qq")  # timer_id, deadline_ns
+ADMIN_NODE_START = "node_start"  # {"op": "node_start", "node": str}: close that node's sessions
+
+
+class SessionOpen(msgspec.Struct, frozen=True):
+    """SESSION_OPEN payload; encoded as a msgpack map `{"client_id": int, "node": str}`."""
+
+    client_id: int
+    node: str
+
+
+_session_open_decoder = msgspec.msgpack.Decoder(SessionOpen)
+_encoder = msgspec.msgpack.Encoder()
+_admin_decoder = msgspec.msgpack.Decoder(dict[str, Any])
+
+
+def encode_command(acked_request_id: int, command: bytes | bytearray | memoryview) -> bytes:
+    """COMMAND payload: `<Q acked_request_id>` then the app's command bytes."""
+    return COMMAND_PREFIX.pack(acked_request_id) + bytes(command)
+
+
+def decode_command(payload: bytes | bytearray | memoryview) -> tuple[int, memoryview]:
+    """(acked_request_id, view of the app's command bytes) of a COMMAND payload.
+
+    Raises:
+        RecordError: the payload is shorter than its 8-byte prefix.
+    """
+    view = memoryview(payload)
+    if len(view) < COMMAND_PREFIX.size:
+        raise RecordError(
+            f"COMMAND payload of {len(view)} bytes is shorter than its "
+            f"{COMMAND_PREFIX.size}-byte acked_request_id prefix"
+        )
+    (acked_request_id,) = COMMAND_PREFIX.unpack_from(view, 0)
+    return acked_request_id, view[COMMAND_PREFIX.size :]
+
+
+def encode_session_open(client_id: int, node: str) -> bytes:
+    return _encoder.encode(SessionOpen(client_id, node))
+
+
+def decode_session_open(payload: bytes | bytearray | memoryview) -> SessionOpen:
+    """Raises msgspec.DecodeError / ValidationError on a malformed payload."""
+    return _session_open_decoder.decode(payload)
+
+
+def encode_timer_fired(timer_id: int, deadline_ns: int) -> bytes:
+    return TIMER_FIRED_PAYLOAD.pack(timer_id, deadline_ns)
+
+
+def decode_timer_fired(payload: bytes | bytearray | memoryview) -> tuple[int, int]:
+    """(timer_id, deadline_ns).
+
+    Raises:
+        RecordError: the payload is not exactly 16 bytes.
+    """
+    if len(payload) != TIMER_FIRED_PAYLOAD.size:
+        raise RecordError(
+            f"TIMER_FIRED payload of {len(payload)} bytes, expected {TIMER_FIRED_PAYLOAD.size}"
+        )
+    timer_id, deadline_ns = TIMER_FIRED_PAYLOAD.unpack_from(payload, 0)
+    return timer_id, deadline_ns
+
+
+def encode_admin(op: str, **fields: Any) -> bytes:
+    """ADMIN payload: msgpack `{"op": op, **fields}`, e.g. `encode_admin(ADMIN_NODE_START,
+    node="n1")`."""
+    assert "op" not in fields, fields
+    return _encoder.encode({"op": op, **fields})
+
+
+def decode_admin(payload: bytes | bytearray | memoryview) -> dict[str, Any]:
+    """The ADMIN map; raises RecordError when it has no string "op"."""
+    value = _admin_decoder.decode(payload)
+    if not isinstance(value.get("op"), str):
+        raise RecordError(f"ADMIN payload has no string 'op': {value!r}")
+    return value
