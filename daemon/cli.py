@@ -1,0 +1,102 @@
+"""`seqd`: the command line.
+
+    seqd run [--config FILE] [--set section.key=value ...]   run a node in the foreground
+    seqd demo [--clients N] [--transfers N]                   a node on the ledger app, driven by clients
+    seqd status [--config FILE | --node NAME] [--json] [--watch]
+    seqd snapshot [--config FILE]                             sequence a SNAPSHOT record now
+    seqd snapshot list|verify [--config FILE]
+    seqd log dump|tail|check [--config FILE] ...
+    seqd verify [--config FILE]                               replay the journal under another hash seed
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from daemon.config import Config, ConfigError, load_config
+
+__all__ = ["main"]
+
+
+def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", "-c", help="TOML configuration file (default: built-in defaults)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one setting, e.g. --set roles.blp.idle=spin (repeatable)",
+    )
+
+
+def _load(args: argparse.Namespace) -> Config:
+    return load_config(args.config, args.overrides)
+
+
+def command_run(args: argparse.Namespace) -> int:
+    from daemon.supervisor import Supervisor
+
+    config = _load(args)
+    logging.basicConfig(
+        level=os.environ.get("SEQD_LOG_LEVEL", "INFO"),
+        format="%(asctime)s seqd[supervisor:%(process)d] %(levelname)s %(message)s",
+    )
+    return Supervisor(config).run()
+
+
+def command_demo(args: argparse.Namespace) -> int:
+    from daemon.demo import run_demo
+
+    return run_demo(
+        clients=args.clients,
+        transfers=args.transfers,
+        accounts=args.accounts,
+        in_flight=args.in_flight,
+        keep=args.keep,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="seqd", description="seqd: a sequencer daemon for event-log architectures")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="run a node in the foreground (under systemd or a terminal)")
+    _add_config_arguments(run)
+    run.set_defaults(func=command_run)
+
+    demo = commands.add_parser("demo", help="start a node on the ledger app in a temporary directory and drive it")
+    demo.add_argument("--clients", type=int, default=4, help="client processes (default 4)")
+    demo.add_argument("--transfers", type=int, default=20_000, help="transfers per client (default 20000)")
+    demo.add_argument("--accounts", type=int, default=100, help="ledger accounts (default 100)")
+    demo.add_argument("--in-flight", type=int, default=64, help="pipelined requests per client (default 64)")
+    demo.add_argument("--keep", action="store_true", help="keep the temporary directory for inspection")
+    demo.set_defaults(func=command_demo)
+
+    try:
+        from daemon import cli_tools
+    except ImportError:
+        cli_tools = None  # type: ignore[assignment]
+    if cli_tools is not None:
+        cli_tools.add_commands(commands, _add_config_arguments)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        result: int = args.func(args)
+        return result
+    except ConfigError as error:
+        print(f"seqd: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

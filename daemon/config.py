@@ -1,0 +1,238 @@
+"""Node configuration: a TOML file plus command-line overrides, validated before anything starts.
+
+Every field has a default that works on a small shared machine (2 cores, backoff idle strategies,
+nothing pinned). The latency profile (busy-spin, pinned roles) is opt-in per role. Validation
+errors name the field, the value and what to do, and are raised before any process, shared-memory
+segment or socket exists.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+
+__all__ = [
+    "ROLES",
+    "Config",
+    "ConfigError",
+    "JournalConfig",
+    "MetricsConfig",
+    "NodeConfig",
+    "RingConfig",
+    "RoleConfig",
+    "RolesConfig",
+    "SnapshotConfig",
+    "SocketConfig",
+    "load_config",
+]
+
+ROLES = ("sequencer", "journaller", "blp")
+
+IdleName = Literal["spin", "yield", "backoff", "blocking"]
+
+RING_CAPACITY_BYTES_MIN = 1 << 16  # must hold at least a few maximum-size frames
+RING_CAPACITY_BYTES_MAX = 1 << 30  # shared memory is locked-in RAM for practical purposes
+JOURNAL_SEGMENT_BYTES_MIN = 1 << 20  # a segment must hold a full ring's worth of batches
+NODE_NUMBER_MAX = 255  # session ids carry the node number in their top 8 bits
+SOCKET_PATH_BYTES_MAX = 107  # sun_path is 108 bytes including the terminating NUL
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; the message names the field and says what to do."""
+
+
+class NodeConfig(msgspec.Struct, forbid_unknown_fields=True):
+    name: str = "n1"
+    number: int = 1
+    data_dir: str = "/var/lib/seqd"
+    app: str = "sequencer.apps.ledger:Ledger"
+
+
+class SocketConfig(msgspec.Struct, forbid_unknown_fields=True):
+    path: str = "/run/seqd/seqd.sock"
+    # Peers allowed by SO_PEERCRED. The daemon's own uid is always allowed; root is allowed
+    # only when listed. An empty list allows nobody else.
+    allowed_uids: list[int] = msgspec.field(default_factory=list)
+    allowed_gids: list[int] = msgspec.field(default_factory=list)
+    sessions_max: int = 1024
+    client_write_buffer_bytes_max: int = 4 << 20
+
+
+class RingConfig(msgspec.Struct, forbid_unknown_fields=True):
+    log_capacity_bytes: int = 16 << 20
+    egress_capacity_bytes: int = 16 << 20
+
+
+class JournalConfig(msgspec.Struct, forbid_unknown_fields=True):
+    segment_bytes: int = 64 << 20
+    preallocate: bool = True
+    batch_bytes_max: int = 4 << 20
+
+
+class RoleConfig(msgspec.Struct, forbid_unknown_fields=True):
+    idle: IdleName = "backoff"
+    cpu: int = -1  # -1: not pinned
+
+
+class RolesConfig(msgspec.Struct, forbid_unknown_fields=True):
+    sequencer: RoleConfig = msgspec.field(default_factory=RoleConfig)
+    journaller: RoleConfig = msgspec.field(default_factory=RoleConfig)
+    blp: RoleConfig = msgspec.field(default_factory=RoleConfig)
+
+    def get(self, role: str) -> RoleConfig:
+        value = getattr(self, role)
+        assert isinstance(value, RoleConfig), role
+        return value
+
+
+class SnapshotConfig(msgspec.Struct, forbid_unknown_fields=True):
+    every_records: int = 0  # 0: only on `seqd snapshot`
+    keep: int = 3
+    delete_journal: bool = False  # delete journal segments wholly before the oldest kept snapshot
+
+
+class MetricsConfig(msgspec.Struct, forbid_unknown_fields=True):
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = 9464
+
+
+class Config(msgspec.Struct, forbid_unknown_fields=True):
+    node: NodeConfig = msgspec.field(default_factory=NodeConfig)
+    socket: SocketConfig = msgspec.field(default_factory=SocketConfig)
+    ring: RingConfig = msgspec.field(default_factory=RingConfig)
+    journal: JournalConfig = msgspec.field(default_factory=JournalConfig)
+    roles: RolesConfig = msgspec.field(default_factory=RolesConfig)
+    snapshot: SnapshotConfig = msgspec.field(default_factory=SnapshotConfig)
+    metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
+    restarts_max: int = 5  # pipeline restarts within restart_window_s before the supervisor gives up
+    restart_window_s: float = 60.0
+
+    @property
+    def journal_dir(self) -> Path:
+        return Path(self.node.data_dir) / "journal"
+
+    @property
+    def snapshot_dir(self) -> Path:
+        return Path(self.node.data_dir) / "snapshots"
+
+    def to_json(self) -> bytes:
+        return msgspec.json.encode(self)
+
+    @classmethod
+    def from_json(cls, data: bytes | str) -> Config:
+        return msgspec.json.decode(data, type=cls)
+
+
+def _is_power_of_two(value: int) -> bool:
+    return value > 0 and value & (value - 1) == 0
+
+
+def _validate(config: Config) -> Config:
+    errors: list[str] = []
+    node = config.node
+    if not node.name or not all(c.isalnum() or c in "-_" for c in node.name):
+        errors.append(
+            f"node.name={node.name!r}: use letters, digits, '-' and '_' only "
+            "(it is part of shared-memory names /seqd.<name>.*)"
+        )
+    if not 1 <= node.number <= NODE_NUMBER_MAX:
+        errors.append(f"node.number={node.number}: must be 1..{NODE_NUMBER_MAX}")
+    if ":" not in node.app:
+        errors.append(f"node.app={node.app!r}: expected 'module:Class', e.g. 'sequencer.apps.ledger:Ledger'")
+    socket_bytes = len(os.fsencode(config.socket.path))
+    if socket_bytes > SOCKET_PATH_BYTES_MAX:
+        errors.append(
+            f"socket.path is {socket_bytes} bytes > {SOCKET_PATH_BYTES_MAX} (the limit of a Unix "
+            "socket address): choose a shorter path"
+        )
+    for field in ("log_capacity_bytes", "egress_capacity_bytes"):
+        value = getattr(config.ring, field)
+        if not _is_power_of_two(value) or not RING_CAPACITY_BYTES_MIN <= value <= RING_CAPACITY_BYTES_MAX:
+            errors.append(
+                f"ring.{field}={value}: must be a power of two between "
+                f"{RING_CAPACITY_BYTES_MIN} and {RING_CAPACITY_BYTES_MAX}"
+            )
+    if config.journal.segment_bytes < JOURNAL_SEGMENT_BYTES_MIN:
+        errors.append(f"journal.segment_bytes={config.journal.segment_bytes} < {JOURNAL_SEGMENT_BYTES_MIN}")
+    if config.journal.batch_bytes_max * 2 > config.journal.segment_bytes:
+        errors.append(
+            f"journal.batch_bytes_max={config.journal.batch_bytes_max} must be at most half of "
+            f"journal.segment_bytes={config.journal.segment_bytes}"
+        )
+    cpus = os.cpu_count() or 1
+    for role in ROLES:
+        cpu = config.roles.get(role).cpu
+        if not -1 <= cpu < cpus:
+            errors.append(f"roles.{role}.cpu={cpu}: this machine has CPUs 0..{cpus - 1} (-1: not pinned)")
+    if config.snapshot.keep < 1:
+        errors.append(f"snapshot.keep={config.snapshot.keep}: keep at least one snapshot")
+    if config.snapshot.every_records < 0:
+        errors.append(f"snapshot.every_records={config.snapshot.every_records}: must be >= 0")
+    if not 0 < config.metrics.port < 65536:
+        errors.append(f"metrics.port={config.metrics.port}: must be 1..65535")
+    if config.socket.sessions_max < 1:
+        errors.append("socket.sessions_max must be >= 1")
+    if errors:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(errors))
+    return config
+
+
+def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def override(path: str, value: Any) -> dict[str, Any]:
+    """Turn `roles.blp.idle=spin` style overrides into a nested dict."""
+    result: dict[str, Any] = {}
+    cursor = result
+    parts = path.split(".")
+    for part in parts[:-1]:
+        cursor = cursor.setdefault(part, {})
+    cursor[parts[-1]] = value
+    return result
+
+
+def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str] | None = None) -> Config:
+    """Load and validate a configuration.
+
+    Args:
+        path: a TOML file, or None for the defaults.
+        overrides: `section.key=value` strings (values parsed as TOML, bare words as strings).
+
+    Raises:
+        ConfigError: the file is missing or unreadable, or a value is invalid.
+    """
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            raw = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist: create it or omit --config") from None
+        except tomllib.TOMLDecodeError as error:
+            raise ConfigError(f"config file {path} is not valid TOML: {error}") from None
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected section.key=value, e.g. roles.blp.idle=spin")
+        key, text = item.split("=", 1)
+        try:
+            value = tomllib.loads(f"v = {text}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = text
+        raw = _merge(raw, override(key.strip(), value))
+    try:
+        config = msgspec.convert(raw, type=Config)
+    except msgspec.ValidationError as error:
+        where = f" in {path}" if path else ""
+        raise ConfigError(f"invalid configuration{where}: {error}") from None
+    return _validate(config)

@@ -1,0 +1,104 @@
+"""The shared-memory layout of one node: segment names, ring readers and the counter names.
+
+The supervisor creates every segment before it starts a role; roles only attach. A counter has one
+writer, named in the comment beside it; everyone else only reads it.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+__all__ = [
+    "COUNTER_NAMES",
+    "EGRESS_READERS",
+    "IDLE_CODES",
+    "LOG_READERS",
+    "NodeState",
+    "RoleState",
+    "counters_name",
+    "egress_name",
+    "log_name",
+]
+
+LOG_READERS = ("journaller", "blp")
+EGRESS_READERS = ("sequencer",)
+
+IDLE_CODES = {"spin": 0, "yield": 1, "backoff": 2, "blocking": 3}
+
+
+class NodeState(IntEnum):
+    STARTING = 0
+    RECOVERING = 1
+    SERVING = 2
+    DRAINING = 3
+    STOPPED = 4
+
+
+class RoleState(IntEnum):
+    STARTING = 0
+    RECOVERING = 1
+    RUNNING = 2
+    DRAINED = 3
+
+
+def log_name(node: str) -> str:
+    return f"/seqd.{node}.log"
+
+
+def egress_name(node: str) -> str:
+    return f"/seqd.{node}.egress"
+
+
+def counters_name(node: str) -> str:
+    return f"/seqd.{node}.counters"
+
+
+_ROLE_COUNTERS = ("pid", "cpu", "idle", "heartbeat", "state")
+
+COUNTER_NAMES: tuple[str, ...] = (
+    # supervisor
+    "supervisor.pid",
+    "supervisor.heartbeat",
+    "supervisor.restarts",
+    "node.state",
+    "node.number",
+    "node.incarnation",
+    "recovery.records",
+    "recovery.last.index",
+    "recovery.last.term",
+    "recovery.last.timestamp_ns",
+    # one block per role, each written by that role (pid/cpu/idle by the supervisor before start)
+    *(f"{role}.{name}" for role in ("sequencer", "journaller", "blp", "replicator") for name in _ROLE_COUNTERS),
+    # sequencer
+    "log.published.position",
+    "log.published.index",
+    "sessions.open",
+    "sessions.total",
+    "commands.total",
+    "errors.protocol",
+    "errors.security",
+    "errors.slow_client",
+    "sequencer.parked",
+    "timers.pending",
+    "egress.consumed.position",
+    # journaller
+    "journal.durable.position",
+    "journal.durable.index",
+    "journal.syncs",
+    "errors.journal",
+    # blp
+    "blp.applied.position",
+    "blp.applied.index",
+    "blp.rolling_hash",
+    "egress.published.position",
+    "snapshot.last.index",
+    "snapshot.writes",
+    "errors.snapshot",
+    # commit: on a single node the journal's durable position is the commit position
+    "commit.position",
+    "commit.index",
+    "errors.total",
+    "raft.role",
+    "raft.term",
+    "raft.leader",
+)

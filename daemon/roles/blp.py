@@ -1,0 +1,171 @@
+"""The business-logic processor role: apply committed records to the state machine.
+
+Start-up is recovery: the newest valid snapshot, then the journal after it up to the index the
+supervisor found at start (`recovery.last.index`); outputs of the replay are not sent (their
+sessions belong to a previous incarnation; clients resend and get the saved replies), except the
+pending timers, which are re-armed through egress. Then one loop: read the log ring up to the
+commit position, apply, write the outputs to the egress ring, publish the applied position.
+
+The blp never does I/O on the hot path, never reads the clock and never decides anything the
+record does not say. A SNAPSHOT record makes it fork: the child encodes and writes the state as
+of that record while the parent goes on (the pause is the fork).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from daemon.layout import RoleState, egress_name, log_name
+from daemon.roles.common import RoleContext, start_role
+from ipc.idle import idle_strategy
+from ipc.ring import Ring, RingWriter
+from sequencer import snapshot as snapshots
+from sequencer.journal import read_records
+from sequencer.processor import Processor
+from sequencer.record import frame_type
+from sequencer.state_machine import load_app
+
+log = logging.getLogger("seqd.blp")
+
+FRAMES_PER_POLL_MAX = 4096  # bound a batch so the applied position and replies move steadily
+
+
+def recover(context: RoleContext, app_class: type) -> Processor:
+    """Newest valid snapshot, then the journal after it up to the index found at start."""
+    config = context.config
+    counters = context.counters
+    context.set_state(RoleState.RECOVERING)
+    snapshots.remove_partial(config.snapshot_dir)
+    def report(info: snapshots.SnapshotInfo) -> None:
+        counters["errors.snapshot"].add(1)
+        counters["errors.total"].add(1)
+        log.error("snapshot %s is invalid, using an older one: %s", info.path, info.error)
+
+    found = snapshots.newest_valid_snapshot(config.snapshot_dir, report)
+    if found is not None:
+        processor = Processor.restore(app_class, found.body, node=config.node.name)
+        log.info("restored snapshot at index %d from %s", processor.applied_index, found.path)
+    else:
+        processor = Processor(app_class, node=config.node.name)
+    last_index = counters["recovery.last.index"].get()
+    replayed = 0
+    if last_index > processor.applied_index:
+        for record in read_records(config.journal_dir, processor.applied_index + 1, last_index):
+            view = memoryview(record.raw)
+            processor.apply_frame(frame_type(record.type, record.version), view[8:])
+            processor.drain_outputs()
+            replayed += 1
+            # A SNAPSHOT record met during replay was taken before the crash, or is lost with
+            # the crash; either way the next one will come. Nothing to write now.
+            processor.snapshot_requested = False
+    assert processor.applied_index == last_index, (processor.applied_index, last_index)
+    log.info("recovered to index %d (%d records replayed)", processor.applied_index, replayed)
+    return processor
+
+
+def write_all(writer: RingWriter, outputs: list[tuple[int, bytes]], context: RoleContext, idle: object) -> None:
+    """Write every output to egress; a full egress ring waits for the sequencer (never drops)."""
+    start = 0
+    while start < len(outputs):
+        kind = outputs[start][0]
+        end = start
+        while end < len(outputs) and outputs[end][0] == kind:
+            end += 1
+        written = writer.try_write_batch([payload for _, payload in outputs[start:end]], kind)
+        start += written
+        if written == 0:
+            if context.stop_requested:
+                return
+            idle.idle(0)  # type: ignore[attr-defined]
+
+
+def reap_snapshot_writers(context: RoleContext, writers: dict[int, int], block: bool) -> None:
+    """Collect finished snapshot writers; count and report failures, apply retention."""
+    counters = context.counters
+    config = context.config
+    for pid, index in list(writers.items()):
+        if block:
+            _, status = os.waitpid(pid, 0)
+            code: int | None = os.waitstatus_to_exitcode(status)
+        else:
+            code = snapshots.reap_snapshot_writer(pid)
+        if code is None:
+            continue
+        del writers[pid]
+        if code == 0:
+            counters["snapshot.last.index"].set(index)
+            counters["snapshot.writes"].add(1)
+            removed = snapshots.retain(config.snapshot_dir, config.snapshot.keep)
+            log.info("snapshot at index %d written; retention removed %d", index, len(removed))
+        else:
+            counters["errors.snapshot"].add(1)
+            counters["errors.total"].add(1)
+            log.error("snapshot writer for index %d failed with exit code %d", index, code)
+
+
+def run(context: RoleContext) -> int:
+    config = context.config
+    counters = context.counters
+    app_class = load_app(config.node.app)
+    log_ring = Ring.attach(log_name(config.node.name))
+    egress_ring = Ring.attach(egress_name(config.node.name))
+    processor = recover(context, app_class)
+    reader = log_ring.reader("blp", limit=counters["commit.position"])
+    writer = egress_ring.writer()
+    sequencer_doorbell = egress_ring.doorbell("sequencer")
+    idle = idle_strategy(config.roles.blp.idle, reader.doorbell)
+    applied_position = counters["blp.applied.position"]
+    applied_index = counters["blp.applied.index"]
+    rolling_hash = counters["blp.rolling_hash"]
+    egress_published = counters["egress.published.position"]
+    heartbeat = context.heartbeat
+    snapshot_writers: dict[int, int] = {}  # pid -> index
+
+    write_all(writer, processor.pending_timers(), context, idle)
+    egress_published.set(writer.published_position)
+    applied_index.set(processor.applied_index)
+    context.set_state(RoleState.RUNNING)
+    beats = 0
+    while not context.stop_requested:
+        frames = reader.poll(FRAMES_PER_POLL_MAX)
+        for kind, view in frames:
+            processor.apply_frame(kind, view)
+            if processor.snapshot_requested:
+                processor.snapshot_requested = False
+                pid = snapshots.fork_and_write_snapshot(config.snapshot_dir, processor.snapshot_file_contents)
+                snapshot_writers[pid] = processor.applied_index
+        if frames:
+            reader.release()
+            outputs = processor.drain_outputs()
+            if outputs:
+                write_all(writer, outputs, context, idle)
+                egress_published.set(writer.published_position)
+                sequencer_doorbell.ring()
+            applied_position.set(reader.position)
+            applied_index.set(processor.applied_index)
+            rolling_hash.set(processor.rolling_hash & 0x7FFF_FFFF_FFFF_FFFF)
+        if snapshot_writers:
+            reap_snapshot_writers(context, snapshot_writers, block=False)
+        beats += 1
+        heartbeat.set(beats)
+        idle.idle(len(frames))
+    reap_snapshot_writers(context, snapshot_writers, block=True)
+    context.set_state(RoleState.DRAINED)
+    log.info("stopped at index %d, rolling hash %016x", processor.applied_index, processor.rolling_hash)
+    log_ring.close()
+    egress_ring.close()
+    return 0
+
+
+def main() -> int:
+    context = start_role("blp")
+    try:
+        return run(context)
+    finally:
+        context.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

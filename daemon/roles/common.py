@@ -1,0 +1,98 @@
+"""What every role process shares: start-up from the supervisor's hand-off, signals, pinning.
+
+The supervisor starts each role as `python -m daemon.roles.<role>` with the validated config in
+the `SEQD_CONFIG_JSON` environment variable. A role attaches to the node's segments (it never
+creates them), records its pid, CPU and idle strategy in the counters, and runs one loop until a
+signal handler sets the stop flag. Signal handlers only set a flag (STYLE.md).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import sys
+from dataclasses import dataclass, field
+from types import FrameType
+
+from daemon.config import Config
+from daemon.layout import IDLE_CODES, RoleState, counters_name
+from ipc.counters import Counter, Counters
+
+__all__ = ["ROLE_EXIT_FAIL_STOP", "RoleContext", "start_role"]
+
+# A role that hits an operating error it must not retry (a failed fsync) exits with this code;
+# the supervisor then restarts the pipeline from the journal.
+ROLE_EXIT_FAIL_STOP = 3
+
+
+@dataclass
+class RoleContext:
+    role: str
+    config: Config
+    counters: Counters
+    stop_requested: bool = False
+    heartbeat: Counter = field(init=False)
+    state: Counter = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.heartbeat = self.counters[f"{self.role}.heartbeat"]
+        self.state = self.counters[f"{self.role}.state"]
+
+    def set_state(self, state: RoleState) -> None:
+        self.state.set(int(state))
+
+    def close(self) -> None:
+        self.counters.close()
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """Ask the kernel to SIGKILL this role when the supervisor dies (kill -9 included).
+
+    Without it a killed supervisor would leave roles running against shared memory that the
+    next supervisor is about to remove and recreate.
+    """
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def start_role(role: str) -> RoleContext:
+    """Attach to the node, install signal handlers, pin, and return the role's context."""
+    logging.basicConfig(
+        level=os.environ.get("SEQD_LOG_LEVEL", "INFO"),
+        format=f"%(asctime)s seqd[{role}:%(process)d] %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    if not __debug__:
+        raise SystemExit("seqd roles rely on assertions for their invariants: do not run with -O")
+    _die_with_parent()
+    config = Config.from_json(os.environ["SEQD_CONFIG_JSON"])
+    counters = Counters.attach(counters_name(config.node.name))
+    context = RoleContext(role=role, config=config, counters=counters)
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        context.stop_requested = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    role_config = config.roles.get(role)
+    if role_config.cpu >= 0:
+        from ipc.affinity import pin
+
+        pin(role_config.cpu)
+    counters[f"{role}.pid"].set(os.getpid())
+    counters[f"{role}.cpu"].set(role_config.cpu)
+    counters[f"{role}.idle"].set(IDLE_CODES[role_config.idle])
+    context.set_state(RoleState.STARTING)
+    return context

@@ -1,0 +1,106 @@
+"""The journaller role: copy log records from the ring into the journal, fsync in groups.
+
+One loop (an Agrona-style agent): take every whole record the ring holds (bounded by
+`journal.batch_bytes_max`), append them to the journal as they are, make them durable with one
+fdatasync, and then publish the new durable position and index. On a single node the durable
+position is the commit position, so the blp may apply up to it and replies may leave.
+
+Group commit falls out of the loop: while one fdatasync runs, the sequencer keeps publishing, and
+the next pass takes everything that arrived. At ~150 us per fdatasync and 500k records/s a pass
+covers ~75 records; under light load each record gets its own fsync and the lowest latency.
+
+A failed fdatasync is never retried (fsyncgate): the role exits with ROLE_EXIT_FAIL_STOP and the
+supervisor restarts the node from the journal.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from daemon.layout import RoleState, log_name
+from daemon.roles.common import ROLE_EXIT_FAIL_STOP, RoleContext, start_role
+from ipc.idle import idle_strategy
+from ipc.ring import Ring
+from sequencer.journal import Journal, JournalError
+
+log = logging.getLogger("seqd.journaller")
+
+REGIONS_PER_SYNC_MAX = 2  # a batch may straddle the ring's wrap: at most two regions
+
+
+def run(context: RoleContext) -> int:
+    config = context.config
+    counters = context.counters
+    ring = Ring.attach(log_name(config.node.name))
+    reader = ring.reader("journaller")
+    journal = Journal.open(
+        config.journal_dir, segment_bytes=config.journal.segment_bytes, preallocate=config.journal.preallocate
+    )
+    durable_position = counters["journal.durable.position"]
+    durable_index = counters["journal.durable.index"]
+    commit_position = counters["commit.position"]
+    commit_index = counters["commit.index"]
+    syncs = counters["journal.syncs"]
+    published_position = counters["log.published.position"]
+    heartbeat = context.heartbeat
+    idle = idle_strategy(config.roles.journaller.idle, reader.doorbell)
+    blp_doorbell = ring.doorbell("blp")
+    batch_bytes_max = config.journal.batch_bytes_max
+    durable_index.set(journal.last_index)
+    commit_index.set(journal.last_index)
+    context.set_state(RoleState.RUNNING)
+    log.info("journal open at index %d in %s", journal.last_index, config.journal_dir)
+    beats = 0
+    try:
+        while True:
+            appended = 0
+            for _ in range(REGIONS_PER_SYNC_MAX):
+                _start, region = reader.poll_region(batch_bytes_max - appended)
+                if not region:
+                    break
+                journal.append(region)
+                appended += len(region)
+                reader.release()
+            if appended:
+                last_index = journal.sync()
+                position = reader.position
+                durable_position.set(position)
+                durable_index.set(last_index)
+                # Single node: durable is committed. The index is stored before the position so
+                # a reader that sees the position also sees an index at least as new.
+                commit_index.set(last_index)
+                commit_position.set(position)
+                syncs.add(1)
+                blp_doorbell.ring()
+            beats += 1
+            heartbeat.set(beats)
+            if context.stop_requested and not appended:
+                # Drain: the supervisor stops us only after the sequencer has exited, so what is
+                # published now is everything there will be.
+                if reader.position >= published_position.get():
+                    break
+            idle.idle(appended)
+    except JournalError as error:
+        counters["errors.journal"].add(1)
+        counters["errors.total"].add(1)
+        log.critical("journal failed, stopping the node (fail-stop, never retried): %s", error)
+        return ROLE_EXIT_FAIL_STOP
+    finally:
+        journal.close()
+        ring.close()
+    context.set_state(RoleState.DRAINED)
+    log.info("drained at index %d", durable_index.get())
+    return 0
+
+
+def main() -> int:
+    context = start_role("journaller")
+    try:
+        return run(context)
+    finally:
+        context.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,596 @@
+"""The sequencer role: client sessions in, log records out; egress in, replies and events out.
+
+Theory of operation
+-------------------
+One uvloop thread owns the Unix socket and every client session. It is the only writer of the
+log ring. For each frame a client sends it claims ring space and stamps the record in place with
+the next index, the term and a timestamp (the one place the clock is read; the stamp never goes
+backwards). Claims are published once per event-loop pass (`_flush`), so everything that arrived
+in one pass costs one cursor store: batching without waiting.
+
+Backpressure: when the ring is full (the journaller or the blp is behind), the session whose frame
+could not be claimed stops being read (`pause_reading`) and keeps the frame aside; a retry on the
+next egress drain or timer tick claims it and resumes. Nothing is buffered without bound: the codec
+holds at most one read plus one frame per session.
+
+Egress: the blp writes replies, events and timer requests to the egress ring. A waker thread
+parks on the egress doorbell (or backs off, per the idle strategy) and schedules `_drain_egress`
+on the loop; replies go to the session with that id if it is still attached to this node, events
+to every subscribed session. A session whose unsent output passes `client_write_buffer_bytes_max`
+is a slow client: it gets an error frame and is disconnected, so it cannot stall anyone else.
+
+Timers: TIMER_SCHEDULE outputs fill a heap keyed by deadline; when the clock passes a deadline the
+sequencer sequences TIMER_FIRED(timer_id, deadline). The blp fires only if the timer is still
+scheduled with that deadline, so a stale or duplicate fire is harmless.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import logging
+import os
+import signal
+import socket
+import stat
+import struct
+import sys
+import threading
+import time
+from collections import deque
+from pathlib import Path
+
+import uvloop
+
+from daemon.layout import RoleState, egress_name, log_name
+from daemon.roles.common import RoleContext, start_role
+from ipc.idle import idle_strategy
+from ipc.ring import Ring
+from sequencer import egress
+from sequencer.client import protocol
+from sequencer.record import RecordType, encode_admin, encode_session_open, frame_type
+
+log = logging.getLogger("seqd.sequencer")
+
+# Record tail after the 8-byte ring frame header: index, term, timestamp, session, request.
+_TAIL = struct.Struct("<QQqQQ")
+# A COMMAND record's tail plus the acked request id that prefixes its payload.
+_COMMAND_TAIL = struct.Struct("<QQqQQQ")
+_TIMER_FIRED = struct.Struct("<Qq")
+COMMAND_FRAME_TYPE_CACHE_MAX = 64  # distinct command schema versions whose frame type we cache
+HEARTBEAT_INTERVAL_S = 0.1
+BLOCKED_RETRY_S = 0.001  # how soon a session blocked by a full ring retries its claim
+DRAIN_TIMEOUT_S = 10.0  # SIGTERM: how long to wait for committed work to be replied
+EGRESS_FRAMES_PER_DRAIN_MAX = 4096  # bound one drain so sessions' reads interleave with replies
+READ_CHUNKS_PER_PASS_MAX = 64
+SESSION_ID_COUNTER_BITS = 32
+
+
+class Session(asyncio.Protocol):
+    """One client connection: a protocol codec plus the transport it writes to."""
+
+    __slots__ = (
+        "backlog",
+        "client_id",
+        "connection",
+        "peer",
+        "sequencer",
+        "session_id",
+        "subscribed",
+        "transport",
+    )
+
+    def __init__(self, sequencer: Sequencer) -> None:
+        self.sequencer = sequencer
+        self.connection = protocol.Connection(protocol.Side.SERVER)
+        self.transport: asyncio.Transport | None = None
+        self.session_id = 0
+        self.client_id = 0
+        self.subscribed = False
+        self.backlog: list[protocol.Frame] | None = None
+        self.peer: tuple[int, int, int] = (0, 0, 0)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.sequencer.on_connect(self)
+
+    def data_received(self, data: bytes) -> None:
+        self.connection.receive_data(data)
+        self.sequencer.on_data(self)
+
+    def eof_received(self) -> bool | None:
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.sequencer.on_disconnect(self)
+
+    def write(self, data: bytes) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        transport.write(data)
+        if transport.get_write_buffer_size() > self.sequencer.client_write_buffer_bytes_max:
+            self.sequencer.slow_client(self)
+
+
+class Sequencer:
+    def __init__(self, context: RoleContext, loop: asyncio.AbstractEventLoop) -> None:
+        self.context = context
+        self.loop = loop
+        config = context.config
+        self.config = config
+        counters = context.counters
+        self.counters = counters
+        self.log_ring = Ring.attach(log_name(config.node.name))
+        self.egress_ring = Ring.attach(egress_name(config.node.name))
+        self.writer = self.log_ring.writer()
+        self.egress_reader = self.egress_ring.reader("sequencer")
+        self.client_write_buffer_bytes_max = config.socket.client_write_buffer_bytes_max
+        # Positions and stamps continue from what recovery found in the journal.
+        self.next_index = counters["recovery.last.index"].get() + 1
+        self.term = max(1, counters["recovery.last.term"].get())
+        self.last_timestamp_ns = counters["recovery.last.timestamp_ns"].get()
+        self.published_index = self.next_index - 1
+        self.flush_scheduled = False
+        self.sessions: dict[int, Session] = {}
+        self.blocked: deque[Session] = deque()
+        self.blocked_retry: asyncio.TimerHandle | None = None
+        self.timers: list[tuple[int, int]] = []  # heap of (deadline_ns, timer_id)
+        self.timer_deadlines: dict[int, int] = {}  # timer_id -> current deadline
+        self.timer_handle: asyncio.TimerHandle | None = None
+        self.command_frame_types: dict[int, int] = {}
+        self.session_counter = 0
+        node_number = config.node.number
+        incarnation = counters["node.incarnation"].get() & 0xFFFFFF
+        self.session_id_base = (node_number << 56) | (incarnation << SESSION_ID_COUNTER_BITS)
+        self.records_since_snapshot = 0
+        self.snapshot_every_records = config.snapshot.every_records
+        self.accepting = True
+        self.draining = False
+        self.server: asyncio.AbstractServer | None = None
+        self.published_position = counters["log.published.position"]
+        self.published_index_counter = counters["log.published.index"]
+        self.commands_total = counters["commands.total"]
+        self.sessions_open = counters["sessions.open"]
+        self.sessions_total = counters["sessions.total"]
+        self.errors_protocol = counters["errors.protocol"]
+        self.errors_total = counters["errors.total"]
+        self.egress_consumed = counters["egress.consumed.position"]
+        self.waker_stop = threading.Event()
+        self.drained = threading.Event()
+        self.drained.set()
+        self.waker: threading.Thread | None = None
+
+    # ---- log ring: stamping and publishing -------------------------------------------------
+
+    def _stamp(self) -> int:
+        now = time.time_ns()
+        if now < self.last_timestamp_ns:
+            now = self.last_timestamp_ns  # never backwards, whatever the wall clock does
+        self.last_timestamp_ns = now
+        return now
+
+    def _schedule_flush(self) -> None:
+        if not self.flush_scheduled:
+            self.flush_scheduled = True
+            self.loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self.flush_scheduled = False
+        if self.published_index == self.next_index - 1:
+            return
+        self.writer.publish()
+        self.published_index = self.next_index - 1
+        self.published_index_counter.set(self.published_index)
+        self.published_position.set(self.writer.published_position)
+
+    def _claim_record(self, record_type: int, version: int, session_id: int, request_id: int, payload: bytes) -> bool:
+        """Stamp and claim one record with an arbitrary payload. False when the ring is full."""
+        view = self.writer.try_claim(_TAIL.size + len(payload), frame_type(record_type, version))
+        if view is None:
+            return False
+        _TAIL.pack_into(view, 0, self.next_index, self.term, self._stamp(), session_id, request_id)
+        view[_TAIL.size :] = payload
+        self.next_index += 1
+        self._schedule_flush()
+        return True
+
+    def _claim_command(self, session: Session, command: protocol.Command) -> bool:
+        payload = command.payload
+        kind = self.command_frame_types.get(command.version)
+        if kind is None:
+            kind = frame_type(RecordType.COMMAND, command.version)
+            if len(self.command_frame_types) < COMMAND_FRAME_TYPE_CACHE_MAX:
+                self.command_frame_types[command.version] = kind
+        view = self.writer.try_claim(_COMMAND_TAIL.size + len(payload), kind)
+        if view is None:
+            return False
+        now = time.time_ns()
+        if now < self.last_timestamp_ns:
+            now = self.last_timestamp_ns
+        self.last_timestamp_ns = now
+        _COMMAND_TAIL.pack_into(
+            view, 0, self.next_index, self.term, now, session.session_id, command.request_id, command.acked_request_id
+        )
+        view[_COMMAND_TAIL.size :] = payload
+        self.next_index += 1
+        self.records_since_snapshot += 1
+        return True
+
+    # ---- sessions --------------------------------------------------------------------------
+
+    def on_connect(self, session: Session) -> None:
+        transport = session.transport
+        assert transport is not None
+        sock = transport.get_extra_info("socket")
+        try:
+            credentials = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+            session.peer = struct.unpack("3i", credentials)
+        except OSError:
+            session.peer = (0, -1, -1)
+        pid, uid, gid = session.peer
+        socket_config = self.config.socket
+        allowed = uid == os.getuid() or uid in socket_config.allowed_uids or gid in socket_config.allowed_gids
+        if not allowed:
+            self.counters["errors.security"].add(1)
+            self.errors_total.add(1)
+            log.warning("refused connection from pid %d uid %d gid %d: not in the allow-list", pid, uid, gid)
+            self._fail(session, "permission_denied", f"uid {uid} gid {gid} is not allowed to use this socket")
+            return
+        if not self.accepting or len(self.sessions) >= socket_config.sessions_max:
+            reason = "draining" if not self.accepting else f"sessions_max={socket_config.sessions_max} reached"
+            self._fail(session, "unavailable", f"the node is not accepting sessions ({reason}); retry later")
+
+    def on_disconnect(self, session: Session) -> None:
+        if session.session_id and self.sessions.pop(session.session_id, None) is session:
+            self.sessions_open.set(len(self.sessions))
+            if not self._claim_record(RecordType.SESSION_CLOSE, 1, session.session_id, 0, b""):
+                log.warning("ring full: session %x closed without a SESSION_CLOSE record", session.session_id)
+        with contextlib.suppress(ValueError):
+            self.blocked.remove(session)
+        session.transport = None
+
+    def _fail(self, session: Session, code: str, message: str) -> None:
+        transport = session.transport
+        if transport is None or transport.is_closing():
+            return
+        with contextlib.suppress(Exception):
+            transport.write(session.connection.send(protocol.Error(code=code, message=message, fatal=True)))
+        transport.close()
+
+    def slow_client(self, session: Session) -> None:
+        self.counters["errors.slow_client"].add(1)
+        self.errors_total.add(1)
+        log.warning("session %x: client is not reading its replies; disconnecting it", session.session_id)
+        transport = session.transport
+        if transport is not None:
+            transport.abort()
+
+    def _open_session(self, session: Session, hello: protocol.Hello) -> bool:
+        session_id = self.session_id_base | (self.session_counter & 0xFFFF_FFFF)
+        payload = encode_session_open(hello.client_id, self.config.node.name)
+        if not self._claim_record(RecordType.SESSION_OPEN, 1, session_id, 0, payload):
+            return False
+        self.session_counter += 1
+        session.session_id = session_id
+        session.client_id = hello.client_id
+        session.subscribed = hello.subscribe_events
+        self.sessions[session_id] = session
+        self.sessions_open.set(len(self.sessions))
+        self.sessions_total.add(1)
+        welcome = protocol.Welcome(
+            session_id=session_id,
+            node=self.config.node.name,
+            frame_bytes_max=protocol.FRAME_BYTES_MAX,
+            leader=self.config.node.name,
+        )
+        session.write(session.connection.send(welcome))
+        return True
+
+    def on_data(self, session: Session) -> None:
+        if session.backlog:
+            return  # waiting for ring space; frames stay in the codec's bounded buffer
+        self._process(session)
+
+    def _process(self, session: Session) -> None:
+        """Turn every complete frame of one session into records until it needs data or blocks."""
+        connection = session.connection
+        commands = 0
+        claim_command = self._claim_command
+        command_type = protocol.Command
+        try:
+            frames = session.backlog or connection.next_frames()
+            session.backlog = None
+            while frames:
+                for position, frame in enumerate(frames):
+                    if type(frame) is command_type:
+                        if not session.session_id:
+                            raise protocol.ProtocolError("hello_required", "send HELLO before COMMAND frames")
+                        if not claim_command(session, frame):
+                            self._block(session, frames[position:])
+                            return
+                        commands += 1
+                    elif type(frame) is protocol.Hello:
+                        if session.session_id:
+                            raise protocol.ProtocolError("duplicate_hello", "HELLO may be sent once per connection")
+                        if not self._open_session(session, frame):
+                            self._block(session, frames[position:])
+                            return
+                    elif type(frame) is protocol.Ping:
+                        session.write(connection.send(protocol.Pong(nonce=frame.nonce)))
+                    else:
+                        raise protocol.ProtocolError(
+                            "unexpected_frame", f"{type(frame).__name__} frames are not accepted by the daemon"
+                        )
+                frames = connection.next_frames()
+            if connection.peer_closed and session.transport is not None:
+                session.transport.close()
+        except protocol.ProtocolError as error:
+            self.errors_protocol.add(1)
+            self.errors_total.add(1)
+            log.info("session %x: protocol error %s: %s", session.session_id, error.code, error)
+            self._fail(session, error.code, str(error))
+        finally:
+            if commands:
+                self.commands_total.add(commands)
+                self._schedule_flush()
+                if self.snapshot_every_records and self.records_since_snapshot >= self.snapshot_every_records:
+                    self.request_snapshot()
+
+    def _block(self, session: Session, frames: list[protocol.Frame]) -> None:
+        session.backlog = frames
+        if session.transport is not None:
+            session.transport.pause_reading()
+        self.blocked.append(session)
+        if self.blocked_retry is None:
+            self.blocked_retry = self.loop.call_later(BLOCKED_RETRY_S, self._retry_blocked)
+
+    def _retry_blocked(self) -> None:
+        self.blocked_retry = None
+        self._flush()
+        while self.blocked:
+            session = self.blocked[0]
+            if session.transport is None:
+                self.blocked.popleft()
+                continue
+            self._process(session)
+            if session.backlog:
+                # Still no room: _block appended it again at the back; keep the order fair.
+                with contextlib.suppress(ValueError):
+                    self.blocked.remove(session)
+                self.blocked.appendleft(session)
+                break
+            self.blocked.popleft()
+            if session.transport is not None and not self.draining:
+                session.transport.resume_reading()
+        if self.blocked and self.blocked_retry is None:
+            self.blocked_retry = self.loop.call_later(BLOCKED_RETRY_S, self._retry_blocked)
+
+    # ---- snapshots and timers --------------------------------------------------------------
+
+    def request_snapshot(self) -> None:
+        """Sequence a SNAPSHOT record: every replica snapshots the same state at its index."""
+        if self._claim_record(RecordType.SNAPSHOT, 1, 0, 0, b""):
+            self.records_since_snapshot = 0
+            log.info("snapshot requested at index %d", self.next_index - 1)
+        else:
+            log.warning("ring full: snapshot request deferred")
+            self.loop.call_later(BLOCKED_RETRY_S, self.request_snapshot)
+
+    def _arm_timers(self) -> None:
+        if self.timer_handle is not None:
+            self.timer_handle.cancel()
+            self.timer_handle = None
+        while self.timers and self.timer_deadlines.get(self.timers[0][1]) != self.timers[0][0]:
+            heapq.heappop(self.timers)  # replaced or cancelled
+        self.counters["timers.pending"].set(len(self.timer_deadlines))
+        if self.timers:
+            delay_s = max(0.0, (self.timers[0][0] - time.time_ns()) / 1e9)
+            self.timer_handle = self.loop.call_later(delay_s, self._fire_timers)
+
+    def _fire_timers(self) -> None:
+        self.timer_handle = None
+        now = time.time_ns()
+        while self.timers and self.timers[0][0] <= now:
+            deadline_ns, timer_id = self.timers[0]
+            if self.timer_deadlines.get(timer_id) == deadline_ns:
+                payload = _TIMER_FIRED.pack(timer_id, deadline_ns)
+                if not self._claim_record(RecordType.TIMER_FIRED, 1, 0, timer_id, payload):
+                    self.timer_handle = self.loop.call_later(BLOCKED_RETRY_S, self._fire_timers)
+                    return
+                del self.timer_deadlines[timer_id]
+            heapq.heappop(self.timers)
+        self._arm_timers()
+
+    # ---- egress ----------------------------------------------------------------------------
+
+    def _drain_egress(self) -> None:
+        reader = self.egress_reader
+        sessions = self.sessions
+        reply_kind = egress.EgressKind.REPLY
+        unpack_reply = egress.REPLY_HEADER.unpack_from
+        reply_header_bytes = egress.REPLY_HEADER.size
+        pending: dict[Session, bytearray] = {}
+        timers_changed = False
+        frames = reader.poll(EGRESS_FRAMES_PER_DRAIN_MAX)
+        while frames:
+            for kind, view in frames:
+                if kind == reply_kind:
+                    session_id, request_id, index, status, version = unpack_reply(view, 0)
+                    session = sessions.get(session_id)
+                    if session is not None:
+                        out = pending.get(session)
+                        if out is None:
+                            out = pending[session] = bytearray()
+                        session.connection.send_reply_into(
+                            out, request_id, index, status, version, view[reply_header_bytes:]
+                        )
+                elif kind == egress.EgressKind.EVENT:
+                    event = egress.decode(kind, view)
+                    assert isinstance(event, egress.Event)
+                    for session in sessions.values():
+                        if session.subscribed:
+                            out = pending.get(session)
+                            if out is None:
+                                out = pending[session] = bytearray()
+                            session.connection.send_event_into(out, event.index, event.version, event.payload)
+                elif kind == egress.EgressKind.TIMER_SCHEDULE:
+                    timer = egress.decode(kind, view)
+                    assert isinstance(timer, egress.TimerSchedule)
+                    self.timer_deadlines[timer.timer_id] = timer.deadline_ns
+                    heapq.heappush(self.timers, (timer.deadline_ns, timer.timer_id))
+                    timers_changed = True
+                elif kind == egress.EgressKind.TIMER_CANCEL:
+                    cancel = egress.decode(kind, view)
+                    assert isinstance(cancel, egress.TimerCancel)
+                    self.timer_deadlines.pop(cancel.timer_id, None)
+                    timers_changed = True
+                else:
+                    raise AssertionError(f"unknown egress kind {kind}")
+            reader.release()
+            if len(frames) < EGRESS_FRAMES_PER_DRAIN_MAX:
+                break
+            frames = reader.poll(EGRESS_FRAMES_PER_DRAIN_MAX)
+        for session, out in pending.items():
+            session.write(bytes(out))
+        self.egress_consumed.set(reader.position)
+        if timers_changed:
+            self._arm_timers()
+        if self.blocked and self.blocked_retry is None:
+            self._retry_blocked()
+
+    def _on_egress_signal(self) -> None:
+        try:
+            self._drain_egress()
+        finally:
+            self.drained.set()
+
+    def _waker(self) -> None:
+        """Wait for egress on a thread (the loop cannot block) and hand it to the loop."""
+        idle = idle_strategy(self.config.roles.sequencer.idle, self.egress_reader.doorbell)
+        reader = self.egress_reader
+        while not self.waker_stop.is_set():
+            if reader.available() > 0:
+                self.drained.clear()
+                try:
+                    self.loop.call_soon_threadsafe(self._on_egress_signal)
+                except RuntimeError:
+                    return  # loop closed
+                self.drained.wait(1.0)
+                idle.reset()
+                continue
+            idle.idle(0)
+
+    # ---- life cycle ------------------------------------------------------------------------
+
+    def bind(self) -> socket.socket:
+        path = Path(self.config.socket.path)
+        directory = path.parent
+        if not directory.exists():
+            directory.mkdir(mode=0o750, parents=True)
+            os.chmod(directory, 0o750)
+        if path.exists() or path.is_symlink():
+            if not stat.S_ISSOCK(path.lstat().st_mode):
+                raise SystemExit(f"{path} exists and is not a socket: remove it or choose another socket.path")
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.connect(str(path))
+            except OSError:
+                path.unlink()  # a stale socket of a dead daemon
+            else:
+                raise SystemExit(f"another process is serving {path}: stop it or choose another socket.path")
+            finally:
+                probe.close()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        previous = os.umask(0o117)  # the socket file is born 0660: no window with wider access
+        try:
+            sock.bind(str(path))
+        finally:
+            os.umask(previous)
+        os.chmod(path, 0o660)
+        sock.listen(1024)
+        sock.setblocking(False)
+        return sock
+
+    async def serve(self) -> None:
+        context = self.context
+        # Sessions of a previous incarnation of this node are closed by a record, so every replica
+        # forgets them at the same index.
+        while not self._claim_record(RecordType.ADMIN, 1, 0, 0, encode_admin("node_start", node=self.config.node.name, number=self.config.node.number)):
+            await asyncio.sleep(BLOCKED_RETRY_S)
+        self._flush()
+        sock = self.bind()
+        self.server = await self.loop.create_unix_server(lambda: Session(self), sock=sock)
+        self.waker = threading.Thread(target=self._waker, name="egress-waker", daemon=True)
+        self.waker.start()
+        self.loop.add_signal_handler(signal.SIGUSR1, self.request_snapshot)
+        context.set_state(RoleState.RUNNING)
+        log.info("serving %s from index %d", self.config.socket.path, self.next_index)
+        beats = 0
+        while not context.stop_requested:
+            beats += 1
+            context.heartbeat.set(beats)
+            await asyncio.sleep(HEARTBEAT_INTERVAL_S)
+        await self.drain()
+
+    async def drain(self) -> None:
+        """SIGTERM: stop accepting, finish what is committed and reply to it, then close."""
+        self.accepting = False
+        self.draining = True
+        if self.server is not None:
+            self.server.close()
+        for session in list(self.sessions.values()):
+            if session.transport is not None:
+                session.transport.pause_reading()
+        self._flush()
+        applied = self.counters["blp.applied.position"]
+        egress_published = self.counters["egress.published.position"]
+        deadline = time.monotonic() + DRAIN_TIMEOUT_S
+        while time.monotonic() < deadline:
+            self._drain_egress()
+            if applied.get() >= self.writer.published_position and self.egress_reader.position >= egress_published.get():
+                break
+            self.context.heartbeat.add(1)
+            await asyncio.sleep(0.005)
+        else:
+            log.warning("drain timed out after %.0f s; unreplied commands will be resent by clients", DRAIN_TIMEOUT_S)
+        for session in list(self.sessions.values()):
+            if session.transport is not None:
+                session.transport.close()
+        await asyncio.sleep(0.05)  # let the transports flush what they hold
+        Path(self.config.socket.path).unlink(missing_ok=True)
+        self.waker_stop.set()
+        self.drained.set()
+        self.context.set_state(RoleState.DRAINED)
+        log.info("drained at index %d", self.next_index - 1)
+
+
+def main() -> int:
+    context = start_role("sequencer")
+    uvloop.install()
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    sequencer = Sequencer(context, loop)
+
+    def stop() -> None:
+        context.stop_requested = True
+
+    loop.add_signal_handler(signal.SIGTERM, stop)
+    loop.add_signal_handler(signal.SIGINT, stop)
+    try:
+        loop.run_until_complete(sequencer.serve())
+    finally:
+        sequencer.waker_stop.set()
+        if sequencer.waker is not None:
+            sequencer.waker.join(timeout=2.0)
+        loop.close()
+        sequencer.log_ring.close()
+        sequencer.egress_ring.close()
+        context.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,310 @@
+"""The supervisor (`seqd run`): recover, create the node's shared memory, run the roles, watch them.
+
+One incarnation of the pipeline:
+
+1. Journal recovery (a torn tail is repaired once, a corrupt journal refuses to start) tells the
+   last index, term and timestamp; they go into the counters for the sequencer and the blp.
+2. Shared memory is created fresh: the counters, the log ring (readers journaller and blp) and
+   the egress ring (reader sequencer). A leftover of a dead incarnation is removed and reported;
+   one whose creator still runs is refused (another seqd serves this node).
+3. The journaller and the blp start; the blp restores the newest snapshot and replays the journal.
+   Then the sequencer opens the socket. READY=1 goes to systemd only now, after recovery.
+4. The supervisor polls its children. If any role dies, the others are killed, the shared memory
+   is removed and the pipeline restarts from snapshot + journal (step 1); clients reconnect and
+   resend, and the blp's dedup table makes that exactly-once. Too many restarts within
+   `restart_window_s` and the supervisor exits non-zero so systemd takes over.
+
+SIGTERM drains: the sequencer stops accepting, waits until everything it sequenced is applied and
+replied, and exits; then the journaller takes the last records, fsyncs and exits; then the blp.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import FrameType
+
+from daemon.config import ROLES, Config
+from daemon.layout import (
+    COUNTER_NAMES,
+    EGRESS_READERS,
+    IDLE_CODES,
+    LOG_READERS,
+    NodeState,
+    RoleState,
+    counters_name,
+    egress_name,
+    log_name,
+)
+from daemon.notify import Notifier, WatchdogGate, watchdog_interval_s
+from ipc.counters import Counters
+from ipc.platform import check_memory_ordering
+from ipc.ring import Ring
+from ipc.segment import SegmentError, remove_stale
+from sequencer.journal import Journal, read_records
+
+log = logging.getLogger("seqd.supervisor")
+
+POLL_INTERVAL_S = 0.05
+ROLE_START_TIMEOUT_S = 120.0  # recovery of a large journal is part of the blp's start
+ROLE_STOP_TIMEOUT_S = 15.0
+RESTART_BACKOFF_S = 0.5
+BLP_HASH_SEED = "0"  # the blp runs with a fixed PYTHONHASHSEED: set iteration order is part of the state
+
+
+class RoleDied(Exception):
+    def __init__(self, role: str, returncode: int | None) -> None:
+        super().__init__(f"role {role} exited with {returncode}")
+        self.role = role
+        self.returncode = returncode
+
+
+class Supervisor:
+    def __init__(self, config: Config, notifier: Notifier | None = None) -> None:
+        self.config = config
+        self.notifier = notifier or Notifier.from_environment()
+        self.stop_requested = False
+        self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        self.counters: Counters | None = None
+        self.rings: list[Ring] = []
+        self.ready_sent = False
+        self.incarnation = 0
+
+    # ---- signals ---------------------------------------------------------------------------
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self.stop_requested = True
+
+    def install_signal_handlers(self) -> None:
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+
+    # ---- shared memory ---------------------------------------------------------------------
+
+    def _remove_leftovers(self) -> None:
+        node = self.config.node.name
+        for name in (counters_name(node), log_name(node), egress_name(node)):
+            if remove_stale(name):
+                log.warning("removed %s left by a previous seqd for node %s that is no longer running", name, node)
+
+    @contextmanager
+    def shared_memory(self) -> Iterator[Counters]:
+        config = self.config
+        node = config.node.name
+        self._remove_leftovers()
+        counters = Counters.create(counters_name(node), COUNTER_NAMES)
+        rings: list[Ring] = []
+        try:
+            rings.append(Ring.create(log_name(node), config.ring.log_capacity_bytes, readers=LOG_READERS))
+            rings.append(Ring.create(egress_name(node), config.ring.egress_capacity_bytes, readers=EGRESS_READERS))
+            self.counters = counters
+            self.rings = rings
+            yield counters
+        finally:
+            for ring in rings:
+                ring.close()
+                ring.unlink()
+            counters.close()
+            counters.unlink()
+            self.counters = None
+            self.rings = []
+
+    # ---- roles -----------------------------------------------------------------------------
+
+    def _spawn(self, role: str) -> subprocess.Popen[bytes]:
+        assert self.counters is not None
+        environment = dict(os.environ)
+        environment["SEQD_CONFIG_JSON"] = self.config.to_json().decode()
+        if role == "blp":
+            environment["PYTHONHASHSEED"] = BLP_HASH_SEED
+        role_config = self.config.roles.get(role)
+        self.counters[f"{role}.state"].set(int(RoleState.STARTING))
+        self.counters[f"{role}.cpu"].set(role_config.cpu)
+        self.counters[f"{role}.idle"].set(IDLE_CODES[role_config.idle])
+        process = subprocess.Popen([sys.executable, "-m", f"daemon.roles.{role}"], env=environment)
+        self.counters[f"{role}.pid"].set(process.pid)
+        self.processes[role] = process
+        log.info("started %s as pid %d", role, process.pid)
+        return process
+
+    def _check_children(self) -> None:
+        for role, process in self.processes.items():
+            code = process.poll()
+            if code is not None:
+                raise RoleDied(role, code)
+
+    def _wait_running(self, roles: tuple[str, ...]) -> None:
+        assert self.counters is not None
+        deadline = time.monotonic() + ROLE_START_TIMEOUT_S
+        while True:
+            self._check_children()
+            if all(self.counters[f"{role}.state"].get() == RoleState.RUNNING for role in roles):
+                return
+            if self.stop_requested:
+                return
+            if time.monotonic() > deadline:
+                raise RoleDied(",".join(roles), None)
+            self._beat()
+            time.sleep(POLL_INTERVAL_S / 5)
+
+    def _beat(self) -> None:
+        if self.counters is not None:
+            self.counters["supervisor.heartbeat"].add(1)
+
+    def _kill_all(self) -> None:
+        for process in self.processes.values():
+            if process.poll() is None:
+                process.kill()
+        for process in self.processes.values():
+            try:
+                process.wait(timeout=ROLE_STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                log.error("pid %d did not die after SIGKILL", process.pid)
+        self.processes.clear()
+
+    def _stop_role(self, role: str) -> int | None:
+        process = self.processes.get(role)
+        if process is None:
+            return None
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+        try:
+            code = process.wait(timeout=ROLE_STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            log.error("%s did not stop within %.0f s; killing it", role, ROLE_STOP_TIMEOUT_S)
+            process.kill()
+            code = process.wait()
+        del self.processes[role]
+        return code
+
+    def drain(self) -> bool:
+        """Stop in dependency order; True if every role exited cleanly."""
+        assert self.counters is not None
+        self.counters["node.state"].set(int(NodeState.DRAINING))
+        self.notifier.stopping("draining: finishing committed commands")
+        clean = True
+        for role in ("sequencer", "journaller", "blp"):
+            code = self._stop_role(role)
+            if code not in (0, None):
+                log.error("%s exited with %s while draining", role, code)
+                clean = False
+        return clean
+
+    # ---- recovery --------------------------------------------------------------------------
+
+    def recover_journal(self, counters: Counters) -> None:
+        config = self.config
+        config.journal_dir.mkdir(parents=True, exist_ok=True)
+        config.snapshot_dir.mkdir(parents=True, exist_ok=True)
+        journal = Journal.open(
+            config.journal_dir, segment_bytes=config.journal.segment_bytes, preallocate=config.journal.preallocate
+        )
+        try:
+            report = journal.recovery
+            if report is not None and getattr(report, "torn_tail", None):
+                log.warning("journal: %s", report)
+            last_index, last_term = journal.last_index, journal.last_term
+        finally:
+            journal.close()
+        last_timestamp_ns = 0
+        if last_index:
+            for record in read_records(config.journal_dir, last_index, last_index):
+                last_timestamp_ns = record.timestamp_ns
+        counters["recovery.last.index"].set(last_index)
+        counters["recovery.last.term"].set(last_term)
+        counters["recovery.last.timestamp_ns"].set(last_timestamp_ns)
+        counters["log.published.index"].set(last_index)
+        counters["journal.durable.index"].set(last_index)
+        counters["commit.index"].set(last_index)
+        counters["blp.applied.index"].set(0)
+        log.info("journal recovered: last index %d, term %d", last_index, last_term)
+
+    # ---- main loop -------------------------------------------------------------------------
+
+    def run_incarnation(self) -> bool:
+        """One pipeline from recovery to stop. True: stopped on request; False: a role died."""
+        config = self.config
+        self.incarnation += 1
+        with self.shared_memory() as counters:
+            counters["supervisor.pid"].set(os.getpid())
+            counters["node.number"].set(config.node.number)
+            counters["node.incarnation"].set(int(time.time()) ^ self.incarnation)
+            counters["node.state"].set(int(NodeState.RECOVERING))
+            self.notifier.status("recovering: reading the journal")
+            try:
+                self.recover_journal(counters)
+                self.notifier.status(f"recovering: replaying up to index {counters['recovery.last.index'].get()}")
+                self._spawn("journaller")
+                self._spawn("blp")
+                self._wait_running(("journaller", "blp"))
+                self._spawn("sequencer")
+                self._wait_running(ROLES)
+                if self.stop_requested:
+                    return self.drain()
+                counters["node.state"].set(int(NodeState.SERVING))
+                status = f"serving {config.socket.path} from index {counters['log.published.index'].get()}"
+                if not self.ready_sent:
+                    self.notifier.ready(status)
+                    self.ready_sent = True
+                else:
+                    self.notifier.status(status)
+                log.info("node %s %s", config.node.name, status)
+                self.monitor(counters)
+                ok = self.drain()
+                counters["node.state"].set(int(NodeState.STOPPED))
+                return ok
+            except RoleDied as died:
+                counters["supervisor.restarts"].add(1)
+                log.error("%s; restarting the pipeline from the journal", died)
+                self.notifier.status(f"restarting: {died}")
+                self._kill_all()
+                return False
+            finally:
+                self._kill_all()
+
+    def monitor(self, counters: Counters) -> None:
+        interval_s = watchdog_interval_s()
+        gate = WatchdogGate(
+            lambda: {role: counters[f"{role}.heartbeat"].get() for role in ROLES}, self.notifier.watchdog
+        )
+        next_ping = time.monotonic() + (interval_s or 0)
+        while not self.stop_requested:
+            self._check_children()
+            self._beat()
+            if interval_s is not None and time.monotonic() >= next_ping:
+                gate.tick()
+                next_ping = time.monotonic() + interval_s
+            time.sleep(POLL_INTERVAL_S)
+
+    def run(self) -> int:
+        check_memory_ordering()
+        self.install_signal_handlers()
+        restarts: deque[float] = deque()
+        while True:
+            try:
+                stopped_cleanly = self.run_incarnation()
+            except SegmentError as error:
+                log.error("%s", error)
+                return 2
+            if self.stop_requested:
+                log.info("stopped")
+                return 0 if stopped_cleanly else 1
+            now = time.monotonic()
+            restarts.append(now)
+            while restarts and restarts[0] < now - self.config.restart_window_s:
+                restarts.popleft()
+            if len(restarts) > self.config.restarts_max:
+                log.critical(
+                    "%d restarts within %.0f s: giving up (see the errors above)",
+                    len(restarts),
+                    self.config.restart_window_s,
+                )
+                return 1
+            time.sleep(RESTART_BACKOFF_S)

@@ -1,0 +1,56 @@
+"""Configuration: defaults work, bad values are refused with a message naming the field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from daemon.config import Config, ConfigError, load_config
+
+
+def test_defaults_are_valid_and_round_trip_through_json() -> None:
+    config = load_config()
+    assert config.node.app == "sequencer.apps.ledger:Ledger"
+    assert Config.from_json(config.to_json()) == config
+
+
+def test_toml_file_and_overrides_are_merged(tmp_path: Path) -> None:
+    path = tmp_path / "seqd.toml"
+    path.write_text('[node]\nname = "alpha"\n[roles.blp]\nidle = "blocking"\n')
+    config = load_config(path, ["roles.blp.cpu=0", "node.data_dir=/tmp/x"])
+    assert config.node.name == "alpha"
+    assert config.roles.blp.idle == "blocking"
+    assert config.roles.blp.cpu == 0
+    assert config.node.data_dir == "/tmp/x"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('[ring]\nlog_capacity_bytes = 1000\n', "ring.log_capacity_bytes=1000"),
+        ('[roles.blp]\nidle = "sleepy"\n', "roles.blp.idle"),
+        ('[node]\nnumber = 0\n', "node.number=0"),
+        ('[node]\nname = "a/b"\n', "node.name='a/b'"),
+        ('[node]\nbogus = 1\n', "bogus"),
+        ('[roles.sequencer]\ncpu = 4096\n', "roles.sequencer.cpu=4096"),
+        ('[socket]\npath = "/' + "x" * 120 + '"\n', "socket.path"),
+        ("[node\n", "not valid TOML"),
+    ],
+)
+def test_invalid_settings_are_refused_naming_the_field(tmp_path: Path, text: str, expected: str) -> None:
+    path = tmp_path / "seqd.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as raised:
+        load_config(path)
+    assert expected in str(raised.value)
+
+
+def test_missing_file_says_what_to_do(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "absent.toml")
+
+
+def test_malformed_override_is_refused() -> None:
+    with pytest.raises(ConfigError, match="section.key=value"):
+        load_config(None, ["roles.blp.idle"])
