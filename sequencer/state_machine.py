@@ -1,0 +1,180 @@
+"""The API an app implements: a deterministic state machine over the log.
+
+    class Ledger(StateMachine):
+        schema = LEDGER_SCHEMA
+        def apply(self, ctx, command): ...        # returns the reply; raise Rejected before mutating
+        def on_timer(self, ctx, timer_id): ...
+        def snapshot(self): ...                    # -> schema.snapshot_type
+        @classmethod
+        def restore(cls, snapshot): ...            # -> a new instance
+
+Every replica and every replay applies the same records in the same order to the same code, so
+they must compute the same state and the same outputs. That holds only if `apply` is a function
+of (state, command, ctx) alone: no clock (use `ctx.now`, the record's timestamp), no randomness,
+no I/O, no iteration over a set of strings (its order changes with PYTHONHASHSEED). An external
+call is an output event; its answer comes back as a later command.
+
+There is no rollback. An `apply` validates the command completely, raises `Rejected` if it is
+invalid, and only then mutates. Any exception other than `Rejected` is a programmer error: it
+crashes the blp on purpose, the supervisor restarts it from snapshot + journal, and the same
+record crashes it again until the app is fixed. Silently skipping the record would let this
+replica diverge from the others.
+
+See docs/state-machine.md for the rules and a worked example.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, ClassVar, Protocol, Self
+
+from sequencer.schema import Schema
+
+__all__ = ["AppLoadError", "Context", "Rejected", "StateMachine", "load_app"]
+
+
+class Rejected(Exception):
+    """Refuse a command: the client gets status REJECTED with {code, message}.
+
+    Raise it before mutating anything: state changes made before the raise are not undone.
+    """
+
+    def __init__(self, code: str, message: str = "") -> None:
+        super().__init__(code, message)
+        self.code = code
+        self.message = message
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.message}" if self.message else self.code
+
+
+class _Sink(Protocol):
+    def _schedule(self, timer_id: int, deadline_ns: int) -> None: ...
+    def _cancel(self, timer_id: int) -> None: ...
+    def _publish(self, event: Any) -> None: ...
+
+
+class Context:
+    """What an app may know about the record being applied, and how it emits outputs.
+
+    One Context is reused for every record (an allocation per command costs throughput); do
+    not keep a reference to it past the call.
+
+    Attributes:
+        now: the record's timestamp_ns (leader time, never goes backwards). Use it instead of
+            the clock: a replay sees the same value.
+        index: the record's log index (1-based).
+        term: the record's Raft term.
+        session: the session id the command came on (0 for a timer).
+        client_id: the stable id of the client that sent it (0 for a timer).
+    """
+
+    __slots__ = ("_sink", "client_id", "index", "now", "session", "term")
+
+    def __init__(self, sink: _Sink) -> None:
+        self._sink = sink
+        self.now = 0
+        self.index = 0
+        self.term = 0
+        self.session = 0
+        self.client_id = 0
+
+    def schedule(self, timer_id: int, deadline_ns: int) -> None:
+        """Arms (or re-arms: the new deadline replaces the old) timer `timer_id`.
+
+        `on_timer(ctx, timer_id)` runs once, through a TIMER_FIRED record, when the leader's
+        clock passes `deadline_ns` (compare with `ctx.now`). The timer is part of the state:
+        it survives snapshots and restarts.
+        """
+        self._sink._schedule(timer_id, deadline_ns)
+
+    def cancel(self, timer_id: int) -> None:
+        """Disarms timer `timer_id`; a no-op if it is not armed (e.g. it has already fired)."""
+        self._sink._cancel(timer_id)
+
+    def publish(self, event: Any) -> None:
+        """Emits `event` (one of the schema's event types) to the clients after commit."""
+        self._sink._publish(event)
+
+
+class StateMachine:
+    """Base class of an app. Subclasses set `schema` and override `apply` at least.
+
+    A new, empty state is `cls()`: the constructor takes no arguments.
+    """
+
+    schema: ClassVar[Schema]
+
+    def apply(self, ctx: Context, command: Any) -> Any:
+        """Applies one command and returns the reply (a schema reply type, or None).
+
+        Raises:
+            Rejected: the command is invalid; raised before any mutation.
+        """
+        raise NotImplementedError(f"{type(self).__name__}.apply is not implemented")
+
+    def on_timer(self, ctx: Context, timer_id: int) -> None:
+        """A timer scheduled with `ctx.schedule` has fired (it is no longer armed)."""
+        raise NotImplementedError(
+            f"{type(self).__name__} scheduled timer {timer_id} but does not implement on_timer"
+        )
+
+    def on_session_open(self, ctx: Context) -> None:
+        """A client session opened (`ctx.session`, `ctx.client_id`). Optional."""
+
+    def on_session_close(self, ctx: Context) -> None:
+        """A client session closed or was lost with its node. Optional."""
+
+    def snapshot(self) -> Any:
+        """Returns the whole state as an instance of `schema.snapshot_type`.
+
+        Called in a forked child (the parent is already applying further records), so it may
+        take its time, but it must not mutate the state.
+        """
+        raise NotImplementedError(f"{type(self).__name__}.snapshot is not implemented")
+
+    @classmethod
+    def restore(cls, snapshot: Any) -> Self:
+        """Builds an instance from a `schema.snapshot_type` (already upcast to the current
+        version): the exact state that produced it, including the order of dicts."""
+        raise NotImplementedError(f"{cls.__name__}.restore is not implemented")
+
+
+class AppLoadError(Exception):
+    """The app named in the configuration cannot be loaded."""
+
+
+def load_app(spec: str) -> type[StateMachine]:
+    """Imports an app named `"package.module:Class"` and checks that it is a StateMachine.
+
+    Raises:
+        AppLoadError: the name is malformed, the module or class is missing, or the class is not
+            a StateMachine with a Schema.
+    """
+    module_name, colon, class_name = spec.partition(":")
+    if not colon or not module_name or not class_name:
+        raise AppLoadError(
+            f"app {spec!r} is not of the form 'package.module:Class' "
+            "(e.g. 'sequencer.apps.ledger:Ledger')"
+        )
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise AppLoadError(
+            f"cannot import module {module_name!r} of app {spec!r}: {error}. Is it installed in "
+            "the environment seqd runs in (or on PYTHONPATH)?"
+        ) from error
+    cls = getattr(module, class_name, None)
+    if cls is None:
+        raise AppLoadError(f"module {module_name!r} has no class {class_name!r} (app {spec!r})")
+    if not (isinstance(cls, type) and issubclass(cls, StateMachine)):
+        raise AppLoadError(
+            f"{spec} is {cls!r}, not a subclass of sequencer.state_machine.StateMachine"
+        )
+    if not isinstance(getattr(cls, "schema", None), Schema):
+        raise AppLoadError(
+            f"{spec} has no `schema` class attribute of type sequencer.schema.Schema"
+        )
+    if cls.apply is StateMachine.apply:
+        raise AppLoadError(f"{spec} does not implement apply(ctx, command)")
+    return cls
