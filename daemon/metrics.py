@@ -1,0 +1,343 @@
+"""An optional metrics endpoint: the counters segment in the Prometheus text format.
+
+`render_prometheus` turns a snapshot of the node's counters ({"log.published.position": 4096,
+...}) into the text exposition format 0.0.4 (prometheus.io, "Exposition formats"): for each
+metric family one `# HELP` line, one `# TYPE` line, then its samples. Names become
+`seqd_<name>` with every character outside [a-zA-Z0-9_] turned into `_`. The per-role counters
+(`blp.heartbeat`, `journaller.cpu`, ...) become one family with a `role` label
+(`seqd_role_heartbeat_total{role="blp"}`), so one query covers every role. Counters that only
+grow (totals, errors, heartbeats) are typed `counter` and end in `_total`; positions, indexes and
+states are `gauge`s.
+
+`MetricsServer` serves it from `http.server.ThreadingHTTPServer` in a daemon thread, so the
+supervisor's loop never waits on a scraper. It binds to loopback unless told otherwise: the
+numbers say how busy the node is and who leads, which is nobody else's business, and there is
+no authentication. The snapshot is read on each scrape, straight from shared memory.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import re
+import socket
+import threading
+from collections.abc import Callable, Mapping
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+__all__ = [
+    "CONTENT_TYPE",
+    "METRICS_PORT_DEFAULT",
+    "REQUEST_TIMEOUT_S",
+    "ROLES",
+    "MetricsServer",
+    "metric_kind",
+    "render_prometheus",
+]
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+ROLES = ("supervisor", "sequencer", "journaller", "blp", "replicator")
+# A scraper that stops talking holds one thread; it is cut off after this. A scrape reads a few
+# dozen counters and answers in well under a millisecond.
+REQUEST_TIMEOUT_S = 5.0
+# The config's default; any free port will do. Not a privileged port (CapabilityBoundingSet= is
+# empty in the unit, so the daemon could not bind below 1024).
+METRICS_PORT_DEFAULT = 9464
+# How often the serving thread checks for stop(): stop() waits up to this long. The thread wakes
+# this often even when idle, which costs nothing next to the node's roles.
+SHUTDOWN_POLL_S = 0.5
+# Waiting for the serving thread to finish its current request on stop().
+STOP_TIMEOUT_S = 5.0
+
+_logger = logging.getLogger(__name__)
+
+_COUNTER_SUFFIXES = (
+    ".total",
+    ".heartbeat",
+    ".restarts",
+    ".syncs",
+    ".writes",
+    "recovery.records",
+)
+_COUNTER_PREFIXES = ("errors.",)
+
+_HELP: dict[str, str] = {
+    "supervisor.pid": "Process id of the supervisor.",
+    "node.state": "Node state: 0 starting, 1 recovering, 2 serving, 3 draining, 4 stopped.",
+    "recovery.records": "Records replayed from the journal during the last recovery.",
+    "role.pid": "Process id of the role.",
+    "role.cpu": "CPU the role is pinned to, -1 when unpinned.",
+    "role.idle": "Idle strategy of the role: 0 spin, 1 yield, 2 backoff, 3 blocking.",
+    "role.heartbeat": "Duty cycles of the role; stops advancing when the role hangs.",
+    "role.state": "Lifecycle state of the role.",
+    "log.published.position": "Bytes published to the log ring by its writer.",
+    "log.published.index": "Index of the last record published to the log ring.",
+    "journal.durable.position": "Log position made durable by the journaller (fdatasync).",
+    "journal.durable.index": "Index of the last durable record.",
+    "commit.position": "Log position safe to apply (durable here, or on a majority).",
+    "commit.index": "Index of the last committed record.",
+    "blp.applied.position": "Log position applied by the business-logic process.",
+    "blp.applied.index": "Index of the last record applied by the business-logic process.",
+    "egress.published.position": "Bytes of replies and events published to the egress ring.",
+    "egress.consumed.position": "Egress position read by the sequencer.",
+    "sessions.open": "Client sessions open on this node.",
+    "sessions.total": "Client sessions opened since start.",
+    "commands.total": "Client commands sequenced since start.",
+    "errors.total": "Errors of every kind since start.",
+    "snapshot.last.index": "Log index of the newest snapshot.",
+    "raft.role": "Raft standing of this node.",
+    "raft.term": "Current Raft term.",
+    "raft.leader": "Node number of the current leader, 0 when unknown.",
+}
+
+_INVALID_NAME_CHARACTERS = re.compile(r"[^a-zA-Z0-9_]")
+
+
+def metric_kind(name: str) -> str:
+    """'counter' for a value that only grows while the node runs, else 'gauge'."""
+    if name.startswith(_COUNTER_PREFIXES) or name.endswith(_COUNTER_SUFFIXES):
+        return "counter"
+    return "gauge"
+
+
+def _sanitise(name: str) -> str:
+    """Valid inside a metric name (which always starts with `seqd_`)."""
+    return _INVALID_NAME_CHARACTERS.sub("_", name)
+
+
+def _sanitise_label_name(name: str) -> str:
+    sanitised = _sanitise(name)
+    return "_" + sanitised if sanitised[:1].isdigit() else sanitised
+
+
+def _escape_label_value(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _escape_help(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("\n", "\\n")
+
+
+def _split_role(name: str) -> tuple[str, str | None]:
+    """('role.heartbeat', 'blp') for 'blp.heartbeat'; (name, None) for a node-wide counter.
+    `blp.applied.position` is node-wide: only single-field names after a role are per role."""
+    role, _, field = name.partition(".")
+    if role in ROLES and field and "." not in field:
+        return f"role.{field}", role
+    return name, None
+
+
+def render_prometheus(
+    snapshot: Mapping[str, int],
+    labels: Mapping[str, str] | None = None,
+    kinds: Mapping[str, str] | None = None,
+) -> str:
+    """The snapshot in the Prometheus text format 0.0.4.
+
+    Args:
+        snapshot: counter name -> value, as `Counters.snapshot()` returns.
+        labels: put on every sample, e.g. {"node": "n1"}.
+        kinds: 'counter' or 'gauge' for names `metric_kind` would type otherwise.
+
+    Returns:
+        The exposition text, ending in a newline.
+    """
+    labels = dict(labels or {})
+    kinds = kinds or {}
+    # family name -> (kind, help, [(labels, value)]); one family's samples must be contiguous.
+    families: dict[str, tuple[str, str, list[tuple[dict[str, str], int]]]] = {}
+    for name in sorted(snapshot):
+        value = snapshot[name]
+        family_key, role = _split_role(name)
+        kind = kinds.get(name, metric_kind(name))
+        assert kind in ("counter", "gauge"), (name, kind)
+        family = "seqd_" + _sanitise(family_key.replace("role.", "role_", 1))
+        if kind == "counter" and not family.endswith("_total"):
+            family += "_total"
+        help_text = _HELP.get(family_key, f"seqd counter {family_key}.")
+        sample_labels = dict(labels)
+        if role is not None:
+            sample_labels["role"] = role
+        entry = families.setdefault(family, (kind, help_text, []))
+        assert entry[0] == kind, (family, entry[0], kind)
+        entry[2].append((sample_labels, int(value)))
+    lines: list[str] = []
+    for family, (kind, help_text, samples) in families.items():
+        lines.append(f"# HELP {family} {_escape_help(help_text)}")
+        lines.append(f"# TYPE {family} {kind}")
+        for sample_labels, value in samples:
+            if sample_labels:
+                rendered = ",".join(
+                    f'{_sanitise_label_name(key)}="{_escape_label_value(val)}"'
+                    for key, val in sample_labels.items()
+                )
+                lines.append(f"{family}{{{rendered}}} {value}")
+            else:
+                lines.append(f"{family} {value}")
+    return "\n".join(lines) + "\n"
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _MetricsHTTPServer
+    timeout = REQUEST_TIMEOUT_S
+    protocol_version = "HTTP/1.0"
+
+    def do_GET(self) -> None:
+        self._answer(send_body=True)
+
+    def do_HEAD(self) -> None:
+        self._answer(send_body=False)
+
+    def _answer(self, send_body: bool) -> None:
+        if self.path.split("?", 1)[0] != "/metrics":
+            self._send(
+                404, "text/plain; charset=utf-8", b"not found: metrics are at /metrics\n", send_body
+            )
+            return
+        try:
+            body = self.server.render().encode()
+        except Exception as error:  # the scrape fails, the node does not
+            self.server.owner.render_failures += 1
+            _logger.warning("metrics scrape failed: %s: %s", type(error).__name__, error)
+            self._send(
+                500, "text/plain; charset=utf-8", f"scrape failed: {error}\n".encode(), send_body
+            )
+            return
+        self.server.owner.scrapes += 1
+        self._send(200, CONTENT_TYPE, body, send_body)
+
+    def _send(self, status: int, content_type: str, body: bytes, send_body: bool) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if send_body:
+            self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        _logger.debug("metrics %s: " + format, self.address_string(), *args)
+
+
+class _MetricsHTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(
+        self, address: tuple[str, int], family: socket.AddressFamily, owner: MetricsServer
+    ) -> None:
+        self.address_family = family
+        self.owner = owner
+        super().__init__(address, _Handler)
+
+    def render(self) -> str:
+        return render_prometheus(self.owner.snapshot_fn(), self.owner.labels, self.owner.kinds)
+
+
+class MetricsServer:
+    """Serves `render_prometheus(snapshot_fn())` at http://host:port/metrics from a thread."""
+
+    def __init__(
+        self,
+        snapshot_fn: Callable[[], Mapping[str, int]],
+        host: str = "127.0.0.1",
+        port: int = METRICS_PORT_DEFAULT,
+        *,
+        allow_remote: bool = False,
+        labels: Mapping[str, str] | None = None,
+        kinds: Mapping[str, str] | None = None,
+        shutdown_poll_s: float = SHUTDOWN_POLL_S,
+    ) -> None:
+        """Args:
+        snapshot_fn: returns the counters to expose; called on every scrape, from the
+            server's thread.
+        host: address to bind; must be loopback unless `allow_remote`.
+        port: TCP port; 0 picks a free one (see `.port` after `start()`).
+        allow_remote: permit a non-loopback address (the endpoint has no authentication).
+        labels: added to every sample, e.g. {"node": "n1"}.
+        kinds: overrides of counter/gauge typing, passed to `render_prometheus`.
+        shutdown_poll_s: how long stop() may wait for the serving thread to notice.
+
+        Raises:
+            ValueError: a non-loopback host without allow_remote.
+        """
+        if not allow_remote and not _is_loopback(host):
+            raise ValueError(
+                f"metrics host {host!r} is not a loopback address; the endpoint has no "
+                "authentication, so it binds to 127.0.0.1 or ::1 unless the config sets "
+                "metrics allow_remote = true"
+            )
+        assert 0 <= port <= 65535, port
+        self.snapshot_fn = snapshot_fn
+        self.host = host
+        self.requested_port = port
+        self.labels = dict(labels or {})
+        self.kinds = dict(kinds or {})
+        self.shutdown_poll_s = shutdown_poll_s
+        self.scrapes = 0
+        self.render_failures = 0
+        self._server: _MetricsHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def port(self) -> int:
+        """The bound port (useful with port 0)."""
+        assert self._server is not None, "start() first"
+        return int(self._server.server_address[1])
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}/metrics"
+
+    def start(self) -> None:
+        """Bind and serve in a daemon thread.
+
+        Raises:
+            OSError: the address cannot be bound (in use, not on this host); the message says
+                which.
+        """
+        assert self._server is None, "already started"
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        try:
+            self._server = _MetricsHTTPServer((self.host, self.requested_port), family, self)
+        except OSError as error:
+            raise OSError(
+                error.errno,
+                f"cannot bind the metrics endpoint to {self.host}:{self.requested_port}: "
+                f"{error.strerror}. Choose another metrics port in the config, or turn "
+                "metrics off",
+            ) from error
+        self._thread = threading.Thread(
+            target=self._server.serve_forever,
+            args=(self.shutdown_poll_s,),
+            name="seqd-metrics",
+            daemon=True,
+        )
+        self._thread.start()
+        _logger.info("metrics endpoint at %s", self.url)
+
+    def stop(self) -> None:
+        """Stop serving and close the socket; safe to call twice."""
+        if self._server is None:
+            return
+        self._server.shutdown()
+        self._server.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=STOP_TIMEOUT_S)
+        self._server = None
+        self._thread = None
+
+    def __enter__(self) -> MetricsServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
