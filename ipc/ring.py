@@ -122,6 +122,38 @@ def frame_bytes(payload_bytes: int) -> int:
     return (payload_bytes + FRAME_HEADER_BYTES + FRAME_ALIGNMENT - 1) & ~(FRAME_ALIGNMENT - 1)
 
 
+_SEVEN = 7
+# Headers of frames by payload length, per frame type, so a batch's headers are C-level lookups.
+# Lengths seen are few in practice; the bound keeps a stream of distinct lengths from growing it.
+FRAME_HEADERS_CACHED_MAX = 4096
+
+
+class _FrameHeaders(dict[int, bytes]):
+    """payload length -> the 8-byte frame header for `type`, built on first use."""
+
+    def __init__(self, type: int) -> None:
+        super().__init__()
+        self.type = type
+
+    def __missing__(self, length: int) -> bytes:
+        if len(self) >= FRAME_HEADERS_CACHED_MAX:
+            self.clear()
+        header = FRAME_HEADER.pack(length + FRAME_HEADER_BYTES, self.type)
+        self[length] = header
+        return header
+
+
+class _Pads(dict[int, bytes]):
+    """payload length -> the zero bytes that pad its frame to 8."""
+
+    def __missing__(self, length: int) -> bytes:
+        return _PAD_BY_REMAINDER[length & 7]
+
+
+_PAD_BY_REMAINDER = tuple(b"\0" * ((-r) & 7) for r in range(8))
+_PADS = _Pads()
+
+
 class RingError(SegmentError):
     """A ring is misconfigured or misused (unknown reader, reader already attached, ...)."""
 
@@ -408,6 +440,7 @@ class RingWriter:
         "_cursor_words",
         "_data",
         "_gate",
+        "_headers",
         "_mask",
         "_name",
         "_words",
@@ -428,6 +461,7 @@ class RingWriter:
         # Resume after the last published frame: anything a dead writer claimed but did not
         # publish was never visible and is overwritten.
         self._claim = self._control[_PUBLISHED]
+        self._headers: dict[int, _FrameHeaders] = {}
         self._gate = self._min_cursor()
         assert self._gate <= self._claim, (self._gate, self._claim)
 
@@ -497,25 +531,15 @@ class RingWriter:
         """
         assert 0 <= type < PADDING_TYPE, type
         length = len(payload)
-        size = (length + 15) & ~7
-        capacity = self._capacity
+        size = (length + 15) & -8
         position = self._claim
         index = position & self._mask
-        if size > capacity - index:
-            if size > capacity:
-                raise _too_large(self._name, length, capacity)
-            room = capacity - index
-            if position + room - capacity > self._gate and not self._ungated(position + room):
-                return False
-            self._words[index >> 3] = _PADDING_WORD | room
-            position += room
-            index = 0
-            self._claim = position
         end = position + size
-        if end - capacity > self._gate and not self._ungated(end):
-            return False
+        if index + size > self._capacity or end - self._capacity > self._gate:
+            return self._try_write_slow(payload, type)
         words = self._words
-        words[(index + size - 8) >> 3] = 0
+        if length & 7:
+            words[(index + size - 8) >> 3] = 0  # the zero pad (the payload overwrites the rest)
         words[index >> 3] = (type << 32) | (length + 8)
         self._data[index + 8 : index + 8 + length] = payload
         self._claim = end
@@ -526,10 +550,21 @@ class RingWriter:
                 semaphore.release()
         return True
 
+    def _try_write_slow(self, payload: bytes | bytearray | memoryview, type: int) -> bool:
+        # The wrap, a gate refresh, or a frame too large: rare, so kept out of `try_write`.
+        view = self.try_claim(len(payload), type)
+        if view is None:
+            return False
+        view[:] = payload
+        self.publish()
+        return True
+
     def try_write_batch(self, payloads: Sequence[bytes | bytearray | memoryview], type: int) -> int:
         """Write as many of `payloads` as fit, in order, then publish once.
 
-        One gate check covers the batch unless it reaches the cached gate, then one refresh.
+        The common case (the batch fits before the wrap and below the cached gate) is one gate
+        check, one join of headers, payloads and pads, one copy into the ring and one cursor
+        store, with no per-record Python bytecode.
 
         Returns:
             How many payloads were written (a prefix of `payloads`); 0 if gated.
@@ -538,17 +573,54 @@ class RingWriter:
             RecordTooLarge: some payload can never fit (nothing is written).
         """
         assert 0 <= type < PADDING_TYPE, type
-        if not payloads:
+        count = len(payloads)
+        if count == 0:
             return 0
+        lengths = list(map(len, payloads))
         capacity = self._capacity
-        if (max(map(len, payloads)) + 15) & ~7 > capacity:
-            longest = max(map(len, payloads))
+        longest = max(lengths)
+        if longest + 15 > capacity:
             raise _too_large(self._name, longest, capacity)
+        headers = self._headers.get(type)
+        if headers is None:
+            headers = self._headers[type] = _FrameHeaders(type)
+        if any(map(_SEVEN.__and__, lengths)):
+            pieces: list[bytes | bytearray | memoryview] = [b""] * (3 * count)
+            pieces[0::3] = map(headers.__getitem__, lengths)
+            pieces[1::3] = payloads
+            pieces[2::3] = map(_PADS.__getitem__, lengths)
+        else:
+            pieces = [b""] * (2 * count)
+            pieces[0::2] = map(headers.__getitem__, lengths)
+            pieces[1::2] = payloads
+        frames = b"".join(pieces)
+        size = len(frames)
+        position = self._claim
+        index = position & self._mask
+        end = position + size
+        if index + size > capacity or (
+            end - capacity > self._gate and not self._ungated(end)
+        ):
+            return self._try_write_batch_slow(payloads, type)
+        self._data[index : index + size] = frames
+        self._claim = end
+        control = self._control
+        control[_PUBLISHED] = end
+        for parked, semaphore in self._bells:
+            if control[parked]:
+                semaphore.release()
+        return count
+
+    def _try_write_batch_slow(
+        self, payloads: Sequence[bytes | bytearray | memoryview], type: int
+    ) -> int:
+        # Frame by frame: the batch wraps, or only a prefix fits below the gate.
         mask = self._mask
+        capacity = self._capacity
         words = self._words
         data = self._data
         position = self._claim
-        limit = self._gate + capacity  # claim may extend up to here
+        limit = self._gate + capacity  # the claim may extend up to here
         refreshed = False
         type_word = type << 32
         written = 0
@@ -716,34 +788,42 @@ class RingReader:
     def poll(self, max_frames: int) -> list[tuple[int, memoryview]]:
         """Up to `max_frames` frames as (type, zero-copy payload view); padding is skipped.
 
-        Releases the frames of the previous poll first. The views are valid until the next
-        `poll`, `poll_region`, `read` or `release`.
+        Releases the frames of the previous poll first, and never crosses the wrap (the next poll
+        continues from the start of the data area). The views are valid until the next `poll`,
+        `poll_region`, `read` or `release`.
         """
         position = self._pending
         if position != self._position:
             self._position = position
             self._control[self._cursor] = position
         available = self._refresh()
-        frames: list[tuple[int, memoryview]] = []
         if position >= available:
-            return frames
+            return []
+        index = position & self._mask
+        base = position - index
+        limit = available - base
+        if limit > self._capacity:
+            limit = self._capacity
+        frames: list[tuple[int, memoryview]] = []
         append = frames.append
         words = self._words
         data = self._data
-        mask = self._mask
-        count = 0
-        while position < available and count < max_frames:
-            index = position & mask
-            word = words[index >> 3]
-            length = word & _LENGTH_MASK
-            end = position + ((length + 7) & ~7)
-            if end > available:
+        # Per frame: one word load, one view, one tuple. Padding can only be the last frame of a
+        # lap and a frame can cross only a limit that is not on a frame boundary, so both are
+        # checked once, after the loop.
+        for _ in range(max_frames):
+            if index >= limit:
                 break
-            if word < _PADDING_WORD:
-                append((word >> 32, data[index + 8 : index + length]))
-                count += 1
-            position = end
-        self._pending = position
+            word = words[index >> 3]
+            length = word & 0xFFFF_FFFF
+            append((word >> 32, data[index + 8 : index + length]))
+            index += (length + 7) & -8
+        if index > limit:
+            _, view = frames.pop()
+            index -= (len(view) + 15) & -8
+        if frames and frames[-1][0] == PADDING_TYPE:
+            frames.pop()
+        self._pending = base + index
         return frames
 
     def poll_region(self, max_bytes: int) -> tuple[int, memoryview]:
