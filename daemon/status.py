@@ -1,0 +1,606 @@
+"""`seqd status`: what a node is doing, read from its counters segment without talking to it.
+
+Theory of operation. Every role publishes its pid, CPU, idle strategy, heartbeat and positions in
+the node's counters segment (`/seqd.<node>.counters`), one 64-bit counter each. `seqd status`
+attaches read-only in spirit (it never writes), takes samples and turns them into a
+`NodeStatus`: roles, positions, lags, rates and errors.
+
+Counters keep their last values after a node dies, and a hung node's counters look exactly like
+an idle one's. So liveness is judged, never assumed, and a node that is not running is reported
+as stopped or stale with the reason, never as a table of zeros:
+
+- stopped: no counters segment (or a stale one: ipc refuses it and says why), the supervisor pid
+  is gone, or the node said it stopped (node.state 4). The last values are still shown, marked.
+- stale: the supervisor's pid is alive but its heartbeat has not moved for `stale_after_s` of
+  observation (hung, or stopped with SIGSTOP).
+- degraded: the supervisor beats but a role is dead or its heartbeat is stuck.
+- live: every heartbeat that should move moves.
+
+Staleness needs two samples: one sample cannot tell a frozen counter from a live one. A
+`StatusTracker` keeps, per heartbeat, when it last changed; `seqd status` without --watch takes
+two samples `SAMPLE_GAP_S` apart, which also gives the rates per second.
+
+Missing counter names are tolerated (a role a node does not run, an older layout): they show as
+'-' in text and null in JSON, never as 0.
+"""
+
+from __future__ import annotations
+
+import enum
+import shutil
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+import psutil
+
+__all__ = [
+    "IDLE_NAMES",
+    "NODE_STATE_NAMES",
+    "RAFT_ROLE_NAMES",
+    "ROLES",
+    "SAMPLE_GAP_S",
+    "STALE_AFTER_S",
+    "Lag",
+    "Liveness",
+    "NodeStatus",
+    "RoleStatus",
+    "StatusTracker",
+    "pid_alive",
+    "read_counters",
+    "render_json",
+    "render_text",
+    "sample_status",
+    "watch",
+]
+
+ROLES = ("sequencer", "journaller", "blp", "replicator")
+NODE_STATE_NAMES = {0: "starting", 1: "recovering", 2: "serving", 3: "draining", 4: "stopped"}
+IDLE_NAMES = {0: "spin", 1: "yield", 2: "backoff", 3: "blocking"}
+# raft.role as the replicator publishes it (sequencer.raft.core.RaftRole). A single node runs no
+# replicator and leaves it 0, so it is shown only for a node with a replicator or a term.
+RAFT_ROLE_NAMES = {0: "follower", 1: "pre-candidate", 2: "candidate", 3: "leader"}
+
+# Heartbeats move at least every 100 ms in a healthy node (the supervisor's loop, a role's duty
+# cycle or its blocking idle's wake-up timeout); one second without a move is ten missed beats,
+# not a scheduling hiccup.
+STALE_AFTER_S = 1.0
+# `seqd status` without --watch samples twice this far apart: long enough for staleness to show
+# and for rates per second to mean something.
+SAMPLE_GAP_S = 1.0
+assert SAMPLE_GAP_S >= STALE_AFTER_S
+# --watch redraws this often, like top's default of about a second.
+WATCH_INTERVAL_S = 1.0
+
+
+class Liveness(enum.StrEnum):
+    LIVE = "live"
+    DEGRADED = "degraded"
+    STALE = "stale"
+    STOPPED = "stopped"
+
+
+def pid_alive(pid: int) -> bool:
+    """True if `pid` is a running (not zombie) process, including one we may not signal."""
+    if pid <= 0:
+        return False
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except (psutil.NoSuchProcess, psutil.ZombieProcess):
+        return False
+    except psutil.AccessDenied:
+        return True
+
+
+@dataclass(frozen=True)
+class RoleStatus:
+    name: str
+    pid: int | None
+    running: bool | None  # None: the role is not part of this node (no pid published)
+    cpu: int | None  # -1 unpinned
+    idle: str | None
+    heartbeat: int | None
+    heartbeats_per_s: float | None
+    stuck_s: float | None  # how long the heartbeat has not moved, once that exceeds the bound
+
+
+@dataclass(frozen=True)
+class Lag:
+    """How far one stage is behind the one that feeds it."""
+
+    stage: str
+    records: int | None
+    bytes: int | None
+
+
+@dataclass
+class NodeStatus:
+    node: str
+    liveness: Liveness
+    reason: str
+    sampled_s: float  # wall clock, for --json consumers
+    state: str | None = None
+    supervisor_pid: int | None = None
+    supervisor_heartbeat: int | None = None
+    roles: list[RoleStatus] = field(default_factory=list)
+    positions: dict[str, int | None] = field(default_factory=dict)
+    indexes: dict[str, int | None] = field(default_factory=dict)
+    lags: list[Lag] = field(default_factory=list)
+    rates: dict[str, float | None] = field(default_factory=dict)
+    sessions_open: int | None = None
+    sessions_total: int | None = None
+    commands_total: int | None = None
+    errors: dict[str, int] = field(default_factory=dict)
+    snapshot_last_index: int | None = None
+    recovery_records: int | None = None
+    restarts: int | None = None
+    raft_role: str | None = None
+    raft_term: int | None = None
+    raft_leader: int | None = None
+    values: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def current(self) -> bool:
+        """False when the numbers are the last ones a node that no longer runs wrote."""
+        return self.liveness in (Liveness.LIVE, Liveness.DEGRADED)
+
+
+# Positions (bytes) and indexes (records) along the pipeline: name -> (position, index counter).
+_STAGES = {
+    "published": ("log.published.position", "log.published.index"),
+    "durable": ("journal.durable.position", "journal.durable.index"),
+    "commit": ("commit.position", "commit.index"),
+    "applied": ("blp.applied.position", "blp.applied.index"),
+    "egress.published": ("egress.published.position", None),
+    "egress.consumed": ("egress.consumed.position", None),
+}
+# Each lag: (stage name, ahead, behind), both keys of _STAGES.
+_LAGS = (
+    ("journal", "published", "durable"),
+    ("commit", "published", "commit"),
+    ("apply", "commit", "applied"),
+    ("egress", "egress.published", "egress.consumed"),
+)
+# Rates per second: name -> counter (records/s for the indexes, bytes/s for the position).
+_RATES = {
+    "commands": "commands.total",
+    "records": "log.published.index",
+    "bytes": "log.published.position",
+    "durable": "journal.durable.index",
+    "applied": "blp.applied.index",
+    "errors": "errors.total",
+}
+
+
+def _difference(values: Mapping[str, int], ahead: str | None, behind: str | None) -> int | None:
+    if ahead is None or behind is None or ahead not in values or behind not in values:
+        return None
+    return values[ahead] - values[behind]
+
+
+class StatusTracker:
+    """Turns successive counter samples of one node into `NodeStatus`es, remembering when each
+    heartbeat last moved and the previous sample for rates."""
+
+    def __init__(
+        self,
+        node: str,
+        stale_after_s: float = STALE_AFTER_S,
+        pid_alive: Callable[[int], bool] = pid_alive,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        assert stale_after_s > 0, stale_after_s
+        self.node = node
+        self.stale_after_s = stale_after_s
+        self._pid_alive = pid_alive
+        self._wall_clock = wall_clock
+        self._previous: Mapping[str, int] | None = None
+        self._previous_s: float | None = None
+        # heartbeat counter name -> (value, monotonic time it was first seen at that value)
+        self._heartbeat_since: dict[str, tuple[int, float]] = {}
+
+    def observe(
+        self, values: Mapping[str, int] | None, now_s: float, missing_reason: str | None = None
+    ) -> NodeStatus:
+        """The node's status from one sample.
+
+        Args:
+            values: counter name -> value (`Counters.snapshot()`), or None when the segment
+                could not be read.
+            now_s: monotonic time of the sample.
+            missing_reason: why `values` is None (ipc's message), shown to the operator.
+        """
+        sampled_s = self._wall_clock()
+        if values is None:
+            self._previous = None
+            self._heartbeat_since.clear()
+            return NodeStatus(
+                node=self.node,
+                liveness=Liveness.STOPPED,
+                reason=missing_reason or f"no counters segment for node {self.node}: not running",
+                sampled_s=sampled_s,
+            )
+        values = dict(values)
+        supervisor_pid = values.get("supervisor.pid")
+        if self._previous is not None and self._previous.get("supervisor.pid") != supervisor_pid:
+            # Another incarnation: neither rates nor heartbeat ages carry over.
+            self._previous = None
+            self._heartbeat_since.clear()
+        elapsed_s = (
+            None if self._previous_s is None or self._previous is None else now_s - self._previous_s
+        )
+        ages = self._heartbeat_ages(values, now_s)
+
+        status = NodeStatus(
+            node=self.node,
+            liveness=Liveness.LIVE,
+            reason="",
+            sampled_s=sampled_s,
+            state=_name(NODE_STATE_NAMES, values.get("node.state")),
+            supervisor_pid=supervisor_pid,
+            supervisor_heartbeat=values.get("supervisor.heartbeat"),
+            sessions_open=values.get("sessions.open"),
+            sessions_total=values.get("sessions.total"),
+            commands_total=values.get("commands.total"),
+            snapshot_last_index=values.get("snapshot.last.index"),
+            recovery_records=values.get("recovery.records"),
+            restarts=values.get("supervisor.restarts"),
+            raft_role=_name(RAFT_ROLE_NAMES, values.get("raft.role"))
+            if _clustered(values)
+            else None,
+            raft_term=values.get("raft.term"),
+            raft_leader=values.get("raft.leader"),
+            errors={
+                name.removeprefix("errors."): value
+                for name, value in sorted(values.items())
+                if name.startswith("errors.")
+            },
+            values=values,
+        )
+        for stage, (position, index) in _STAGES.items():
+            status.positions[stage] = values.get(position)
+            status.indexes[stage] = values.get(index) if index is not None else None
+        for stage, ahead, behind in _LAGS:
+            ahead_position, ahead_index = _STAGES[ahead]
+            behind_position, behind_index = _STAGES[behind]
+            status.lags.append(
+                Lag(
+                    stage=stage,
+                    records=_difference(values, ahead_index, behind_index),
+                    bytes=_difference(values, ahead_position, behind_position),
+                )
+            )
+        for rate, name in _RATES.items():
+            status.rates[rate] = self._rate(values, name, elapsed_s)
+
+        supervisor_alive = supervisor_pid is not None and self._pid_alive(supervisor_pid)
+        for role in ROLES:
+            status.roles.append(self._role_status(role, values, ages, elapsed_s, supervisor_alive))
+
+        status.liveness, status.reason = self._judge(status, values, ages, supervisor_alive)
+        if not status.current:
+            status.rates = dict.fromkeys(status.rates)
+        self._previous = values
+        self._previous_s = now_s
+        return status
+
+    def _heartbeat_ages(self, values: Mapping[str, int], now_s: float) -> dict[str, float]:
+        """Seconds each heartbeat has kept its value, as far as the samples seen can tell."""
+        ages: dict[str, float] = {}
+        for name in ("supervisor.heartbeat", *(f"{role}.heartbeat" for role in ROLES)):
+            if name not in values:
+                continue
+            value = values[name]
+            seen = self._heartbeat_since.get(name)
+            if seen is None or seen[0] != value:
+                self._heartbeat_since[name] = (value, now_s)
+                ages[name] = 0.0
+            else:
+                ages[name] = now_s - seen[1]
+        return ages
+
+    def _rate(self, values: Mapping[str, int], name: str, elapsed_s: float | None) -> float | None:
+        if elapsed_s is None or elapsed_s <= 0 or self._previous is None:
+            return None
+        if name not in values or name not in self._previous:
+            return None
+        return (values[name] - self._previous[name]) / elapsed_s
+
+    def _role_status(
+        self,
+        role: str,
+        values: Mapping[str, int],
+        ages: Mapping[str, float],
+        elapsed_s: float | None,
+        supervisor_alive: bool,
+    ) -> RoleStatus:
+        pid = values.get(f"{role}.pid")
+        running: bool | None
+        if pid is None or pid <= 0:
+            running = None  # this node does not run the role (e.g. no replicator on one node)
+        else:
+            running = supervisor_alive and self._pid_alive(pid)
+        age = ages.get(f"{role}.heartbeat")
+        return RoleStatus(
+            name=role,
+            pid=pid if pid else None,
+            running=running,
+            cpu=values.get(f"{role}.cpu"),
+            idle=_name(IDLE_NAMES, values.get(f"{role}.idle")),
+            heartbeat=values.get(f"{role}.heartbeat"),
+            heartbeats_per_s=self._rate(values, f"{role}.heartbeat", elapsed_s),
+            stuck_s=age if age is not None and age >= self.stale_after_s else None,
+        )
+
+    def _judge(
+        self,
+        status: NodeStatus,
+        values: Mapping[str, int],
+        ages: Mapping[str, float],
+        supervisor_alive: bool,
+    ) -> tuple[Liveness, str]:
+        pid = status.supervisor_pid
+        if not pid:
+            return Liveness.STOPPED, "no supervisor pid in the counters: the node never started"
+        if not supervisor_alive:
+            return (
+                Liveness.STOPPED,
+                f"supervisor pid {pid} is not running: the values below are the last it wrote",
+            )
+        if values.get("node.state") == 4:
+            return Liveness.STOPPED, "the node reports it has stopped"
+        supervisor_age = ages.get("supervisor.heartbeat")
+        if supervisor_age is not None and supervisor_age >= self.stale_after_s:
+            return (
+                Liveness.STALE,
+                f"supervisor pid {pid} is alive but its heartbeat has not moved for "
+                f"{supervisor_age:.1f} s (hung or stopped with SIGSTOP?)",
+            )
+        problems = []
+        for role in status.roles:
+            if role.running is False:
+                problems.append(f"{role.name} pid {role.pid} is not running")
+            elif role.running and role.stuck_s is not None:
+                problems.append(f"{role.name} heartbeat has not moved for {role.stuck_s:.1f} s")
+        if problems:
+            return Liveness.DEGRADED, "; ".join(problems)
+        return Liveness.LIVE, ""
+
+
+def _clustered(values: Mapping[str, int]) -> bool:
+    return values.get("replicator.pid", 0) > 0 or values.get("raft.term", 0) > 0
+
+
+def _name(names: Mapping[int, str], value: int | None) -> str | None:
+    if value is None:
+        return None
+    return names.get(value, f"unknown({value})")
+
+
+# --- rendering --------------------------------------------------------------------------------
+
+
+def _cell(value: object) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "NO"
+    if isinstance(value, float):
+        return _si(value)
+    return str(value)
+
+
+def _si(value: float) -> str:
+    """1234567.0 -> '1.23M': rates fit a column."""
+    magnitude = abs(value)
+    for threshold, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if magnitude >= threshold:
+            return f"{value / threshold:.2f}{suffix}"
+    return f"{value:.1f}"
+
+
+def _table(rows: list[list[str]]) -> list[str]:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return [
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    ]
+
+
+def render_text(status: NodeStatus) -> str:
+    """A compact, top-like view of one node."""
+    lines: list[str] = []
+    state = (status.state or "unknown").upper()
+    if status.liveness == Liveness.STOPPED and not status.values:
+        return f"seqd node {status.node}: STOPPED - {status.reason}\n"
+    header = f"seqd node {status.node}: {status.liveness.value.upper()}"
+    if status.current:
+        header += f", {state}"
+    else:
+        header += f" (last state written: {state.lower()})"
+    header += f"  supervisor pid {_cell(status.supervisor_pid)}"
+    if status.restarts:
+        header += f"  restarts {status.restarts}"
+    if status.raft_role is not None:
+        header += f"  raft {status.raft_role} term {_cell(status.raft_term)} leader {_cell(status.raft_leader)}"
+    lines.append(header)
+    if status.reason:
+        lines.append(f"  ! {status.reason}")
+    if status.state == "recovering" and status.current:
+        lines.append(f"  recovering: {_cell(status.recovery_records)} records replayed")
+    lines.append("")
+
+    rows = [["role", "pid", "cpu", "idle", "running", "heartbeat", "beats/s", ""]]
+    for role in status.roles:
+        if role.running is None and role.heartbeat in (None, 0):
+            rows.append([role.name, "-", "-", "-", "off", "-", "-", ""])
+            continue
+        cpu = "any" if role.cpu == -1 else _cell(role.cpu)
+        note = f"STUCK {role.stuck_s:.1f}s" if role.stuck_s is not None else ""
+        rows.append(
+            [
+                role.name,
+                _cell(role.pid),
+                cpu,
+                _cell(role.idle),
+                _cell(role.running),
+                _cell(role.heartbeat),
+                _cell(role.heartbeats_per_s),
+                note,
+            ]
+        )
+    lines.extend(_table(rows))
+    lines.append("")
+
+    stages = list(_STAGES)
+    rows = [["", *stages]]
+    rows.append(["position", *(_cell(status.positions.get(s)) for s in stages)])
+    rows.append(["index", *(_cell(status.indexes.get(s)) for s in stages)])
+    lines.extend(_table(rows))
+    lines.append("")
+
+    rows = [["lag", *(lag.stage for lag in status.lags)]]
+    rows.append(["records", *(_cell(lag.records) for lag in status.lags)])
+    rows.append(["bytes", *(_cell(lag.bytes) for lag in status.lags)])
+    lines.extend(_table(rows))
+    lines.append("")
+
+    if status.current:
+        rates = "  ".join(f"{name} {_cell(value)}" for name, value in status.rates.items())
+        lines.append(f"rates/s   {rates}")
+    else:
+        lines.append("rates/s   - (node not running)")
+    lines.append(
+        f"sessions  open {_cell(status.sessions_open)}  total {_cell(status.sessions_total)}"
+        f"  commands {_cell(status.commands_total)}"
+    )
+    if status.errors:
+        errors = "  ".join(f"{name} {value}" for name, value in status.errors.items())
+    else:
+        errors = "-"
+    lines.append(f"errors    {errors}")
+    lines.append(
+        f"snapshot  last index {_cell(status.snapshot_last_index)}"
+        f"  recovery replayed {_cell(status.recovery_records)} records"
+    )
+    return "\n".join(lines) + "\n"
+
+
+def render_json(status: NodeStatus) -> dict[str, Any]:
+    """The status as plain JSON types; unknown values are None, never 0."""
+    return {
+        "node": status.node,
+        "liveness": status.liveness.value,
+        "current": status.current,
+        "reason": status.reason,
+        "sampled_at": status.sampled_s,
+        "state": status.state,
+        "supervisor": {
+            "pid": status.supervisor_pid,
+            "heartbeat": status.supervisor_heartbeat,
+            "restarts": status.restarts,
+        },
+        "roles": {
+            role.name: {
+                "pid": role.pid,
+                "running": role.running,
+                "cpu": role.cpu,
+                "idle": role.idle,
+                "heartbeat": role.heartbeat,
+                "heartbeats_per_s": role.heartbeats_per_s,
+                "stuck_s": role.stuck_s,
+            }
+            for role in status.roles
+        },
+        "positions": dict(status.positions),
+        "indexes": dict(status.indexes),
+        "lags": {lag.stage: {"records": lag.records, "bytes": lag.bytes} for lag in status.lags},
+        "rates_per_s": dict(status.rates),
+        "sessions": {"open": status.sessions_open, "total": status.sessions_total},
+        "commands_total": status.commands_total,
+        "errors": dict(status.errors),
+        "snapshot": {"last_index": status.snapshot_last_index},
+        "recovery": {"records": status.recovery_records},
+        "raft": {"role": status.raft_role, "term": status.raft_term, "leader": status.raft_leader},
+        "counters": dict(status.values),
+    }
+
+
+# --- reading a node ---------------------------------------------------------------------------
+
+
+def read_counters(node: str) -> tuple[dict[str, int] | None, str | None]:
+    """One sample of node `node`'s counters: (values, None), or (None, why not).
+
+    A missing or stale segment is not an error here: it is how a stopped node looks, and ipc's
+    message says what to do about it.
+    """
+    from ipc.counters import Counters
+    from ipc.segment import SegmentError, segment_name
+
+    name = segment_name(node, "counters")
+    try:
+        counters = Counters.attach(name)
+    except SegmentError as error:
+        return None, f"node {node} is not running: {error}"
+    except PermissionError:
+        return None, (
+            f"cannot read /dev/shm{name}: permission denied. Run seqd status as the node's user "
+            "(sudo -u seqd seqd status) or as root"
+        )
+    try:
+        return counters.snapshot(), None
+    finally:
+        counters.close()
+
+
+def sample_status(
+    node: str,
+    read: Callable[[str], tuple[dict[str, int] | None, str | None]] = read_counters,
+    gap_s: float = SAMPLE_GAP_S,
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+    tracker: StatusTracker | None = None,
+) -> NodeStatus:
+    """`seqd status` without --watch: two samples `gap_s` apart, so staleness and rates show.
+    A node that is not there is reported at once, without waiting."""
+    tracker = tracker or StatusTracker(node)
+    values, reason = read(node)
+    first = tracker.observe(values, clock(), reason)
+    if values is None or first.liveness == Liveness.STOPPED:
+        return first
+    sleep(gap_s)
+    values, reason = read(node)
+    return tracker.observe(values, clock(), reason)
+
+
+def watch(
+    node: str,
+    read: Callable[[str], tuple[dict[str, int] | None, str | None]] = read_counters,
+    interval_s: float = WATCH_INTERVAL_S,
+    iterations: int | None = None,
+    out: TextIO = sys.stdout,
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+) -> None:
+    """`seqd status --watch`: redraw the text view every `interval_s` until interrupted (or
+    `iterations` times). Clears the screen like top when `out` is a terminal."""
+    tracker = StatusTracker(node)
+    clear = out.isatty()
+    drawn = 0
+    while iterations is None or drawn < iterations:
+        values, reason = read(node)
+        text = render_text(tracker.observe(values, clock(), reason))
+        if clear:
+            rows = shutil.get_terminal_size().lines
+            text = "\n".join(text.splitlines()[: max(rows - 1, 1)]) + "\n"
+            out.write("\x1b[H\x1b[2J")
+        elif drawn:
+            out.write("\n")
+        out.write(text)
+        out.flush()
+        drawn += 1
+        if iterations is None or drawn < iterations:
+            sleep(interval_s)

@@ -1,0 +1,420 @@
+"""`seqd status` rendering: live, lagging, stale, degraded and stopped nodes from synthetic
+counter values; a node that is not running is never shown as zeros."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from daemon.status import (
+    Liveness,
+    NodeStatus,
+    StatusTracker,
+    read_counters,
+    render_json,
+    render_text,
+    sample_status,
+    watch,
+)
+
+SUPERVISOR_PID = 4242
+ROLE_PIDS = {"sequencer": 4243, "journaller": 4244, "blp": 4245}
+STALE_AFTER_S = 1.0
+
+
+def live_values(**overrides: int) -> dict[str, int]:
+    values = {
+        "supervisor.pid": SUPERVISOR_PID,
+        "supervisor.heartbeat": 100,
+        "supervisor.restarts": 0,
+        "node.state": 2,
+        "recovery.records": 1500,
+        "sequencer.pid": ROLE_PIDS["sequencer"],
+        "sequencer.cpu": 2,
+        "sequencer.idle": 0,
+        "sequencer.heartbeat": 1000,
+        "journaller.pid": ROLE_PIDS["journaller"],
+        "journaller.cpu": 3,
+        "journaller.idle": 2,
+        "journaller.heartbeat": 2000,
+        "blp.pid": ROLE_PIDS["blp"],
+        "blp.cpu": -1,
+        "blp.idle": 3,
+        "blp.heartbeat": 3000,
+        "replicator.pid": 0,
+        "replicator.heartbeat": 0,
+        "log.published.position": 64_000,
+        "log.published.index": 1000,
+        "journal.durable.position": 64_000,
+        "journal.durable.index": 1000,
+        "commit.position": 64_000,
+        "commit.index": 1000,
+        "blp.applied.position": 64_000,
+        "blp.applied.index": 1000,
+        "egress.published.position": 32_000,
+        "egress.consumed.position": 32_000,
+        "sessions.open": 3,
+        "sessions.total": 7,
+        "commands.total": 990,
+        "errors.total": 2,
+        "errors.protocol": 2,
+        "errors.journal": 0,
+        "snapshot.last.index": 500,
+        "raft.role": 0,
+        "raft.term": 0,
+        "raft.leader": 0,
+    }
+    values.update(overrides)
+    return values
+
+
+def advanced(values: dict[str, int], records: int = 100, record_bytes: int = 64) -> dict[str, int]:
+    """The same node one interval later: every heartbeat moved, `records` more through the pipe."""
+    moved = dict(values)
+    for name in (
+        "supervisor.heartbeat",
+        "sequencer.heartbeat",
+        "journaller.heartbeat",
+        "blp.heartbeat",
+    ):
+        moved[name] += 10
+    for name in ("log.published", "journal.durable", "commit", "blp.applied"):
+        moved[f"{name}.index"] += records
+        moved[f"{name}.position"] += records * record_bytes
+    moved["commands.total"] += records
+    return moved
+
+
+class Pids:
+    def __init__(self, alive: set[int]) -> None:
+        self.alive = alive
+
+    def __call__(self, pid: int) -> bool:
+        return pid in self.alive
+
+
+@pytest.fixture
+def pids() -> Pids:
+    return Pids({SUPERVISOR_PID, *ROLE_PIDS.values()})
+
+
+@pytest.fixture
+def tracker(pids: Pids) -> StatusTracker:
+    return StatusTracker(
+        "n1", stale_after_s=STALE_AFTER_S, pid_alive=pids, wall_clock=lambda: 1.7e9
+    )
+
+
+def test_live_node_shows_roles_positions_and_rates(tracker: StatusTracker) -> None:
+    first = live_values()
+    tracker.observe(first, now_s=10.0)
+    status = tracker.observe(advanced(first, records=500), now_s=10.5)
+    assert status.liveness == Liveness.LIVE
+    assert status.reason == ""
+    assert status.state == "serving"
+    assert status.rates["records"] == 1000.0
+    assert status.rates["commands"] == 1000.0
+    assert status.rates["bytes"] == 64_000.0
+    assert status.rates["errors"] == 0.0
+    blp = next(role for role in status.roles if role.name == "blp")
+    assert (blp.pid, blp.running, blp.cpu, blp.idle) == (4245, True, -1, "blocking")
+    assert blp.heartbeats_per_s == 20.0
+    text = render_text(status)
+    assert "seqd node n1: LIVE, SERVING" in text
+    assert "sequencer" in text
+    assert "spin" in text
+    assert "backoff" in text
+    replicator_row = next(line for line in text.splitlines() if line.startswith("replicator"))
+    assert replicator_row.split() == ["replicator", "-", "-", "-", "off", "-", "-"]
+    assert "records 1.00k" in text
+    assert "protocol 2" in text
+    assert "last index 500" in text
+
+
+def test_first_sample_has_no_rates_rather_than_zero_rates(tracker: StatusTracker) -> None:
+    status = tracker.observe(live_values(), now_s=0.0)
+    assert status.liveness == Liveness.LIVE
+    assert set(status.rates.values()) == {None}
+    assert render_json(status)["rates_per_s"]["records"] is None
+
+
+def test_lagging_node_reports_lags_in_records_and_bytes(tracker: StatusTracker) -> None:
+    values = live_values(
+        **{
+            "log.published.index": 1500,
+            "log.published.position": 96_000,
+            "journal.durable.index": 1200,
+            "journal.durable.position": 76_800,
+            "commit.index": 1200,
+            "commit.position": 76_800,
+            "blp.applied.index": 1000,
+            "blp.applied.position": 64_000,
+            "egress.published.position": 40_000,
+            "egress.consumed.position": 32_000,
+        }
+    )
+    status = tracker.observe(values, now_s=0.0)
+    lags = {lag.stage: (lag.records, lag.bytes) for lag in status.lags}
+    assert lags == {
+        "journal": (300, 19_200),
+        "commit": (300, 19_200),
+        "apply": (200, 12_800),
+        "egress": (None, 8_000),
+    }
+    document = render_json(status)
+    assert document["lags"]["apply"] == {"records": 200, "bytes": 12_800}
+    text = render_text(status)
+    assert "12800" in text
+    assert "19200" in text
+
+
+def test_supervisor_gone_is_stopped_with_last_values_not_zeros(
+    tracker: StatusTracker, pids: Pids
+) -> None:
+    values = live_values()
+    tracker.observe(values, now_s=0.0)
+    pids.alive.clear()
+    status = tracker.observe(values, now_s=2.0)
+    assert status.liveness == Liveness.STOPPED
+    assert "supervisor pid 4242 is not running" in status.reason
+    assert not status.current
+    assert status.positions["published"] == 64_000  # the last values, kept and marked
+    assert set(status.rates.values()) == {None}
+    assert all(role.running is not True for role in status.roles)
+    text = render_text(status)
+    assert text.startswith("seqd node n1: STOPPED (last state written: serving)")
+    assert "the values below are the last it wrote" in text
+    assert "rates/s   - (node not running)" in text
+    document = render_json(status)
+    assert document["liveness"] == "stopped"
+    assert document["current"] is False
+
+
+def test_missing_segment_is_stopped_with_the_reason(tracker: StatusTracker) -> None:
+    status = tracker.observe(
+        None, now_s=0.0, missing_reason="node n1 is not running: no /seqd.n1.counters"
+    )
+    assert status.liveness == Liveness.STOPPED
+    text = render_text(status)
+    assert text == "seqd node n1: STOPPED - node n1 is not running: no /seqd.n1.counters\n"
+    assert "0" not in text.replace("n1", "")
+    document = render_json(status)
+    assert document["positions"] == {}
+    assert document["supervisor"]["pid"] is None
+
+
+def test_node_that_reports_stopped_is_stopped(tracker: StatusTracker) -> None:
+    status = tracker.observe(live_values(**{"node.state": 4}), now_s=0.0)
+    assert status.liveness == Liveness.STOPPED
+    assert status.reason == "the node reports it has stopped"
+
+
+def test_supervisor_heartbeat_frozen_past_the_bound_is_stale(tracker: StatusTracker) -> None:
+    values = live_values()
+    assert tracker.observe(values, now_s=0.0).liveness == Liveness.LIVE
+    # Below the bound a frozen heartbeat is a scheduling hiccup, not a hang.
+    assert tracker.observe(values, now_s=0.5).liveness == Liveness.LIVE
+    status = tracker.observe(values, now_s=1.5)
+    assert status.liveness == Liveness.STALE
+    assert "heartbeat has not moved for 1.5 s" in status.reason
+    assert set(status.rates.values()) == {None}
+    assert render_text(status).startswith("seqd node n1: STALE")
+
+
+def test_stale_node_becomes_live_when_heartbeats_move_again(tracker: StatusTracker) -> None:
+    values = live_values()
+    tracker.observe(values, now_s=0.0)
+    assert tracker.observe(values, now_s=2.0).liveness == Liveness.STALE
+    assert tracker.observe(advanced(values), now_s=3.0).liveness == Liveness.LIVE
+
+
+def test_stuck_role_makes_the_node_degraded_and_is_named(tracker: StatusTracker) -> None:
+    values = live_values()
+    tracker.observe(values, now_s=0.0)
+    later = advanced(values)
+    later["blp.heartbeat"] = values["blp.heartbeat"]
+    status = tracker.observe(later, now_s=1.2)
+    assert status.liveness == Liveness.DEGRADED
+    assert status.reason == "blp heartbeat has not moved for 1.2 s"
+    assert "STUCK 1.2s" in render_text(status)
+    assert render_json(status)["roles"]["blp"]["stuck_s"] == pytest.approx(1.2)
+
+
+def test_dead_role_makes_the_node_degraded(tracker: StatusTracker, pids: Pids) -> None:
+    pids.alive.discard(ROLE_PIDS["journaller"])
+    status = tracker.observe(live_values(), now_s=0.0)
+    assert status.liveness == Liveness.DEGRADED
+    assert status.reason == "journaller pid 4244 is not running"
+    assert "NO" in render_text(status)
+
+
+def test_new_incarnation_resets_rates_and_heartbeat_ages(
+    tracker: StatusTracker, pids: Pids
+) -> None:
+    values = live_values()
+    tracker.observe(values, now_s=0.0)
+    pids.alive.add(5000)
+    restarted = live_values(**{"supervisor.pid": 5000, "commands.total": 0})
+    status = tracker.observe(restarted, now_s=5.0)
+    assert status.liveness == Liveness.LIVE  # same heartbeat values, but a different process
+    assert status.rates["commands"] is None  # not -990/5 s
+
+
+def test_recovering_node_says_how_far_it_got(tracker: StatusTracker) -> None:
+    status = tracker.observe(
+        live_values(**{"node.state": 1, "recovery.records": 12_345}), now_s=0.0
+    )
+    assert status.state == "recovering"
+    assert "recovering: 12345 records replayed" in render_text(status)
+
+
+def test_missing_counter_names_show_as_unknown_not_zero(tracker: StatusTracker) -> None:
+    sparse = {"supervisor.pid": SUPERVISOR_PID, "supervisor.heartbeat": 1, "node.state": 2}
+    status = tracker.observe(sparse, now_s=0.0)
+    assert status.liveness == Liveness.LIVE
+    text = render_text(status)
+    document = render_json(status)
+    assert document["positions"]["published"] is None
+    assert document["lags"]["journal"] == {"records": None, "bytes": None}
+    assert document["sessions"]["open"] is None
+    assert document["roles"]["blp"]["pid"] is None
+    assert "open -  total -" in text
+    json.dumps(document)  # plain JSON types only
+
+
+def test_cluster_node_shows_its_raft_standing(tracker: StatusTracker, pids: Pids) -> None:
+    pids.alive.add(4246)
+    values = live_values(
+        **{
+            "replicator.pid": 4246,
+            "replicator.heartbeat": 5,
+            "raft.role": 3,
+            "raft.term": 7,
+            "raft.leader": 1,
+        }
+    )
+    status = tracker.observe(values, now_s=0.0)
+    assert (status.raft_role, status.raft_term, status.raft_leader) == ("leader", 7, 1)
+    assert "raft leader term 7 leader 1" in render_text(status)
+    single = tracker.observe(live_values(), now_s=0.1)
+    assert single.raft_role is None
+
+
+def test_json_is_serialisable_and_complete(tracker: StatusTracker) -> None:
+    tracker.observe(live_values(), now_s=0.0)
+    document = render_json(tracker.observe(advanced(live_values()), now_s=1.0))
+    encoded = json.loads(json.dumps(document))
+    assert encoded["liveness"] == "live"
+    assert encoded["roles"]["sequencer"] == {
+        "pid": 4243,
+        "running": True,
+        "cpu": 2,
+        "idle": "spin",
+        "heartbeat": 1010,
+        "heartbeats_per_s": 10.0,
+        "stuck_s": None,
+    }
+    assert encoded["errors"] == {"journal": 0, "protocol": 2, "total": 2}
+    assert encoded["snapshot"] == {"last_index": 500}
+    assert encoded["counters"]["commands.total"] == 1090
+
+
+# --- sampling and --watch ---------------------------------------------------------------------
+
+
+class Reads:
+    """Counter samples served in order, as read_counters would."""
+
+    def __init__(self, *samples: dict[str, int] | None) -> None:
+        self.samples = list(samples)
+        self.count = 0
+
+    def __call__(self, node: str) -> tuple[dict[str, int] | None, str | None]:
+        sample = self.samples[min(self.count, len(self.samples) - 1)]
+        self.count += 1
+        return sample, None if sample is not None else f"node {node} is not running"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now_s = 0.0
+
+    def __call__(self) -> float:
+        return self.now_s
+
+    def sleep(self, seconds: float) -> None:
+        self.now_s += seconds
+
+
+def test_one_shot_status_samples_twice_to_find_a_stale_node(pids: Pids) -> None:
+    clock = Clock()
+    reads = Reads(live_values(), live_values())
+    tracker = StatusTracker("n1", stale_after_s=STALE_AFTER_S, pid_alive=pids)
+    status = sample_status(
+        "n1", read=reads, gap_s=1.0, sleep=clock.sleep, clock=clock, tracker=tracker
+    )
+    assert reads.count == 2
+    assert status.liveness == Liveness.STALE
+
+
+def test_one_shot_status_of_a_missing_node_does_not_wait() -> None:
+    clock = Clock()
+    reads = Reads(None)
+    status = sample_status("n9", read=reads, sleep=clock.sleep, clock=clock)
+    assert status.liveness == Liveness.STOPPED
+    assert reads.count == 1
+    assert clock.now_s == 0.0
+
+
+def test_watch_redraws_each_interval(pids: Pids) -> None:
+    clock = Clock()
+    first = live_values()
+    reads = Reads(first, advanced(first), advanced(advanced(first)))
+    out = io.StringIO()
+    watch("n1", read=reads, interval_s=1.0, iterations=3, out=out, sleep=clock.sleep, clock=clock)
+    text = out.getvalue()
+    assert text.count("seqd node n1:") == 3
+    assert "\x1b[2J" not in text  # not a terminal: no screen clearing
+    assert clock.now_s == 2.0
+
+
+# --- reading real shared memory ---------------------------------------------------------------
+
+
+@pytest.fixture
+def counters_segment(unique: str) -> Iterator[tuple[str, object]]:
+    counters_module = pytest.importorskip("ipc.counters")
+    segment_module = pytest.importorskip("ipc.segment")
+    name = segment_module.segment_name(unique, "counters")
+    counters = counters_module.Counters.create(name, list(live_values()))
+    yield unique, counters
+    counters.close()
+    counters.unlink()
+
+
+def test_read_counters_reads_a_live_segment(counters_segment: tuple[str, object]) -> None:
+    node, counters = counters_segment
+    counters["supervisor.pid"].set(os.getpid())  # type: ignore[index]
+    counters["log.published.index"].set(77)  # type: ignore[index]
+    values, reason = read_counters(node)
+    assert reason is None
+    assert values is not None
+    assert values["log.published.index"] == 77
+    status = StatusTracker(node).observe(values, now_s=0.0)
+    assert status.liveness == Liveness.LIVE
+    assert status.indexes["published"] == 77
+
+
+def test_read_counters_of_an_absent_node_says_it_is_not_running(unique: str) -> None:
+    pytest.importorskip("ipc.counters")
+    values, reason = read_counters(unique)
+    assert values is None
+    assert reason is not None
+    assert f"node {unique} is not running" in reason
+    status = StatusTracker(unique).observe(values, now_s=0.0, missing_reason=reason)
+    assert isinstance(status, NodeStatus)
+    assert status.liveness == Liveness.STOPPED
