@@ -488,6 +488,8 @@ class RingWriter:
         """Claim a frame of `length` payload bytes; returns the payload view to fill, or None.
 
         The frame is invisible to readers until `publish()`. The view is valid until then.
+        After None, publish what you have claimed before idling: readers cannot pass an
+        unpublished claim, so the space the writer waits for would never be freed.
 
         Raises:
             RecordTooLarge: the frame is larger than the ring.
@@ -504,6 +506,10 @@ class RingWriter:
             if position + room - capacity > self._gate and not self._ungated(position + room):
                 return None
             self._words[index >> 3] = _PADDING_WORD | room
+            if self._control[_PUBLISHED] == position:
+                # Nothing else is pending: publish the padding now, or readers could never pass
+                # it and free the space this frame waits for.
+                self._control[_PUBLISHED] = position + room
             position += room
             index = 0
             self._claim = position
@@ -554,6 +560,8 @@ class RingWriter:
         # The wrap, a gate refresh, or a frame too large: rare, so kept out of `try_write`.
         view = self.try_claim(len(payload), type)
         if view is None:
+            if self._claim != self._control[_PUBLISHED]:
+                self.publish()  # a padding frame claimed before the gated frame
             return False
         view[:] = payload
         self.publish()
@@ -657,7 +665,7 @@ class RingWriter:
             position += size
             written += 1
         self._claim = position  # includes a padding frame claimed before a gated frame
-        if written:
+        if written or position != self._control[_PUBLISHED]:
             self.publish()
         return written
 
@@ -852,8 +860,10 @@ class RingReader:
         end_max = min(available, start + max_bytes, lap_end)
         if end_max <= start:
             end = start
-        elif end_max == available and available != lap_end:
-            end = end_max  # the whole readable run lies inside this lap: no padding in it
+        elif end_max == available and available != lap_end and self._limit is None:
+            # The whole readable run lies inside this lap, so it holds no padding, and it ends
+            # on a frame boundary (cursors always do; a limit counter might not).
+            end = end_max
         else:
             end = start
             while end < end_max:
