@@ -1,0 +1,166 @@
+"""The record format of docs/contracts.md: byte layout, padding, iteration, payload helpers."""
+
+from __future__ import annotations
+
+import struct
+
+import msgspec
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from sequencer.record import (
+    ADMIN_NODE_START,
+    FRAME_HEADER_BYTES,
+    RECORD_HEADER,
+    RECORD_HEADER_BYTES,
+    RECORD_TAIL,
+    RecordError,
+    RecordHeader,
+    RecordType,
+    aligned,
+    decode_admin,
+    decode_command,
+    decode_header,
+    decode_session_open,
+    decode_timer_fired,
+    encode_admin,
+    encode_command,
+    encode_record,
+    encode_session_open,
+    encode_timer_fired,
+    frame_type,
+    iter_records,
+    pack_record_into,
+    pack_tail_into,
+    split_frame_type,
+)
+
+U64 = st.integers(0, (1 << 64) - 1)
+
+
+def test_header_fields_sit_at_the_contract_offsets():
+    record = encode_record(RecordType.TIMER_FIRED, 3, 7, 2, -5, 11, 13, b"abc")
+    assert struct.unpack_from("<I", record, 0) == (RECORD_HEADER_BYTES + 3,)
+    assert struct.unpack_from("<HH", record, 4) == (RecordType.TIMER_FIRED, 3)
+    assert struct.unpack_from("<QQqQQ", record, 8) == (7, 2, -5, 11, 13)
+    assert record[48:51] == b"abc"
+
+
+def test_record_is_zero_padded_to_eight_bytes():
+    for size in range(0, 17):
+        record = encode_record(RecordType.COMMAND, 1, 1, 1, 0, 0, 0, b"\xff" * size)
+        assert len(record) == aligned(RECORD_HEADER_BYTES + size)
+        assert len(record) % 8 == 0
+        assert record[RECORD_HEADER_BYTES + size :] == bytes(
+            len(record) - RECORD_HEADER_BYTES - size
+        )
+
+
+def test_pack_into_a_dirty_buffer_leaves_zero_padding():
+    buffer = bytearray(b"\xaa" * 128)
+    written = pack_record_into(buffer, 8, RecordType.COMMAND, 1, 1, 1, 0, 0, 0, b"x")
+    assert written == 56
+    assert bytes(buffer[8 : 8 + written]) == encode_record(
+        RecordType.COMMAND, 1, 1, 1, 0, 0, 0, b"x"
+    )
+
+
+def test_pack_into_refuses_a_record_that_does_not_fit():
+    with pytest.raises(RecordError, match="does not fit"):
+        pack_record_into(bytearray(60), 0, RecordType.COMMAND, 1, 1, 1, 0, 0, 0, b"0123456789abc")
+
+
+def test_ring_frame_header_is_the_first_eight_bytes_of_a_record():
+    record = encode_record(RecordType.COMMAND, 9, 1, 1, 0, 0, 0, b"p")
+    length, ring_type = struct.unpack_from("<II", record, 0)
+    assert length == RECORD_HEADER_BYTES + 1
+    assert ring_type == frame_type(RecordType.COMMAND, 9)
+    assert split_frame_type(ring_type) == (RecordType.COMMAND, 9)
+    assert frame_type(RecordType.PADDING, 0xFFFF) == 0xFFFF_FFFF
+    assert FRAME_HEADER_BYTES + RECORD_TAIL.size == RECORD_HEADER.size
+
+
+def test_tail_packed_after_a_ring_frame_header_makes_the_same_record():
+    payload = b"hello"
+    view = bytearray(aligned(RECORD_HEADER_BYTES + len(payload)))
+    struct.pack_into(
+        "<II", view, 0, RECORD_HEADER_BYTES + len(payload), frame_type(RecordType.COMMAND, 2)
+    )
+    pack_tail_into(view, FRAME_HEADER_BYTES, 5, 6, 7, 8, 9)
+    view[RECORD_HEADER_BYTES : RECORD_HEADER_BYTES + len(payload)] = payload
+    assert bytes(view) == encode_record(RecordType.COMMAND, 2, 5, 6, 7, 8, 9, payload)
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(1, 0xFFFE),
+            st.integers(0, 0xFFFF),
+            U64,
+            U64,
+            st.integers(-(1 << 63), (1 << 63) - 1),
+            U64,
+            U64,
+            st.binary(max_size=40),
+        ),
+        max_size=20,
+    )
+)
+def test_iter_records_returns_what_was_encoded(specs):
+    run = b"".join(encode_record(*spec) for spec in specs)
+    seen = list(iter_records(run))
+    assert len(seen) == len(specs)
+    offset = 0
+    for (header, payload, at), spec in zip(seen, specs, strict=True):
+        assert at == offset
+        assert header == RecordHeader(RECORD_HEADER_BYTES + len(spec[7]), *spec[:7])
+        assert bytes(payload) == spec[7]
+        assert decode_header(run, at) == header
+        offset += aligned(header.length)
+
+
+def test_iter_records_names_the_offset_of_a_short_length():
+    good = encode_record(RecordType.COMMAND, 1, 1, 1, 0, 0, 0, b"abc")
+    bad = bytearray(encode_record(RecordType.COMMAND, 1, 2, 1, 0, 0, 0, b"abc"))
+    struct.pack_into("<I", bad, 0, 47)
+    with pytest.raises(RecordError, match=f"offset {len(good)} has length 47"):
+        list(iter_records(good + bytes(bad)))
+
+
+def test_iter_records_names_the_offset_of_a_record_past_the_end():
+    good = encode_record(RecordType.COMMAND, 1, 1, 1, 0, 0, 0, b"abc")
+    with pytest.raises(RecordError, match="offset 0 of length 51"):
+        list(iter_records(good[:-8]))
+    with pytest.raises(RecordError, match=f"at offset {len(good)} are too few"):
+        list(iter_records(good + bytes(16)))
+
+
+def test_command_payload_carries_acked_request_id_then_app_bytes():
+    payload = encode_command(42, b"\x81\xa1a\x01")
+    assert payload[:8] == struct.pack("<Q", 42)
+    acked, command = decode_command(payload)
+    assert (acked, bytes(command)) == (42, b"\x81\xa1a\x01")
+    with pytest.raises(RecordError):
+        decode_command(b"1234")
+
+
+def test_session_open_is_a_msgpack_map_with_client_id_and_node():
+    payload = encode_session_open(77, "n2")
+    assert msgspec.msgpack.decode(payload) == {"client_id": 77, "node": "n2"}
+    opened = decode_session_open(payload)
+    assert (opened.client_id, opened.node) == (77, "n2")
+
+
+def test_timer_fired_round_trips_and_rejects_a_wrong_size():
+    assert decode_timer_fired(encode_timer_fired(3, -9)) == (3, -9)
+    with pytest.raises(RecordError, match="expected 16"):
+        decode_timer_fired(b"\0" * 15)
+
+
+def test_admin_is_a_msgpack_map_with_an_op():
+    payload = encode_admin(ADMIN_NODE_START, node="n1")
+    assert msgspec.msgpack.decode(payload) == {"op": "node_start", "node": "n1"}
+    assert decode_admin(payload) == {"op": "node_start", "node": "n1"}
+    with pytest.raises(RecordError, match="no string 'op'"):
+        decode_admin(msgspec.msgpack.encode({"node": "n1"}))
