@@ -1,0 +1,287 @@
+"""The blocking client against a fake daemon on a real Unix socket (tests/test_client_fake_daemon)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from sequencer.client import (
+    Client,
+    ClientError,
+    CommandRejected,
+    ConnectionLost,
+    Duplicate,
+    ProtocolViolation,
+    TimedOut,
+)
+from sequencer.client.protocol import Reply, ReplyStatus
+from tests.test_client_fake_daemon import FakeDaemon, running_fake_daemon
+
+SHORT_S = 0.3  # a timeout that is meant to expire
+
+
+@pytest.fixture
+def daemon(tmp_dir: Path) -> Iterator[FakeDaemon]:
+    with running_fake_daemon(tmp_dir / "seqd.sock") as fake:
+        yield fake
+
+
+@pytest.fixture
+def clients() -> Iterator[list[Client]]:
+    """Clients to close at the end of the test, whatever happens."""
+    made: list[Client] = []
+    yield made
+    for client in made:
+        client.close()
+
+
+def connect(clients: list[Client], daemon: FakeDaemon, **options: object) -> Client:
+    options.setdefault("timeout_s", 10.0)
+    options.setdefault("reconnect_timeout_s", 10.0)
+    client = Client(daemon.socket_path, **options)  # type: ignore[arg-type]
+    clients.append(client)
+    return client
+
+
+def test_call_round_trips_a_command_and_its_reply(
+    daemon: FakeDaemon, clients: list[Client]
+) -> None:
+    client = connect(clients, daemon, client_id=42)
+    reply = client.call(b"echo:hello")
+    assert isinstance(reply, Reply)
+    assert (reply.request_id, reply.status, reply.payload) == (1, ReplyStatus.OK, b"hello")
+    assert client.call(b"incr:x").payload == b"1"
+    assert client.call(b"incr:x").payload == b"2"
+    assert client.client_id == 42
+    assert client.next_request_id == 4
+    assert client.acked_request_id == 3
+
+
+def test_random_client_ids_are_positive_and_distinct(
+    daemon: FakeDaemon, clients: list[Client]
+) -> None:
+    ids = {connect(clients, daemon).client_id for _ in range(3)}
+    assert len(ids) == 3
+    assert all(0 < client_id < 1 << 63 for client_id in ids)
+
+
+def test_pipelined_requests_keep_many_in_flight_and_each_reply_matches_its_request(
+    daemon: FakeDaemon, clients: list[Client]
+) -> None:
+    client = connect(clients, daemon, in_flight_max=64)
+    pending = [client.submit(f"echo:{i}".encode()) for i in range(1000)]
+    for i, request in enumerate(pending):
+        reply = request.result()
+        assert reply.request_id == request.request_id == i + 1
+        assert reply.payload == str(i).encode()
+    assert client.in_flight == 0
+    assert client.acked_request_id == 1000
+    # Commands went out without waiting for replies, and never more than the window.
+    assert 32 <= daemon.unacked_max <= 64
+
+
+def test_window_bound_is_reached_and_submit_times_out_when_it_stays_full(
+    daemon: FakeDaemon, clients: list[Client]
+) -> None:
+    client = connect(clients, daemon, in_flight_max=4)
+    daemon.pause()
+    held = [client.submit(b"incr:w") for _ in range(4)]
+    assert client.in_flight == 4
+    with pytest.raises(TimedOut, match="in-flight window"):
+        client.submit(b"incr:w", timeout_s=SHORT_S)
+    assert client.in_flight == 4
+    daemon.resume()
+    assert [request.result().payload for request in held] == [b"1", b"2", b"3", b"4"]
+
+
+def test_acked_request_id_lets_the_daemon_forget_answered_replies(
+    daemon: FakeDaemon, clients: list[Client]
+) -> None:
+    client = connect(clients, daemon, client_id=7)
+    for _ in range(20):
+        client.call(b"incr:k")
+    # Request 20 carried acked_request_id=19: only reply 20 may still be kept.
+    assert daemon.saved_replies(7) == [20]
+
+
+def test_resend_after_dropped_connection_applies_every_request_exactly_once(
+    daemon: FakeDaemon, clients: list[Client]
+) -> None:
+    client = connect(clients, daemon, client_id=5, in_flight_max=128)
+    daemon.drop_after_commands = 150  # applied, but that batch's replies never leave
+    pending = [client.submit(b"incr:counter") for _ in range(400)]
+    replies = [request.result() for request in pending]
+    assert client.stats["reconnects"] >= 2
+    assert sorted(int(reply.payload) for reply in replies) == list(range(1, 401))
+    assert [reply.request_id for reply in replies] == list(range(1, 401))
+    assert daemon.values[b"counter"] == 400
+    assert set(daemon.applications.values()) == {1}
+    assert len(daemon.applications) == 400
+
+
+def test_daemon_restart_on_the_same_path_is_survived_without_double_application(
+    daemon: FakeDaemon, clients: list[Client]
+) -> None:
+    client = connect(clients, daemon, client_id=11)
+    assert client.call(b"incr:r").payload == b"1"
+    daemon.pause()
+    pending = [client.submit(b"incr:r") for _ in range(10)]
+    client.flush()
+    daemon.stop()  # crash with 10 requests unanswered; the socket file is gone (ENOENT)
+    daemon.paused = False
+    daemon.restart_later(0.2)
+    assert [int(request.result().payload) for request in pending] == list(range(2, 12))
+    assert set(daemon.applications.values()) == {1}
+    assert daemon.hellos >= 2
+
+
+def test_timed_out_request_stays_in_flight_and_its_reply_is_delivered_later(
+    daemon: FakeDaemon, clients: list[Client]
+) -> None:
+    client = connect(clients, daemon)
+    daemon.pause()
+    pending = client.submit(b"echo:late")
+    with pytest.raises(TimedOut, match="request 1"):
+        pending.result(timeout_s=SHORT_S)
+    with pytest.raises(TimedOut):
+        client.call(b"echo:later", timeout_s=SHORT_S)
+    assert client.in_flight == 2
+    daemon.resume()
+    assert pending.result().payload == b"late"
+    assert client.call(b"echo:now").payload == b"now"
+
+
+def test_rejected_reply_raises_command_rejected_with_its_code(
+    daemon: FakeDaemon, clients: list[Client]
+) -> None:
+    client = connect(clients, daemon)
+    with pytest.raises(CommandRejected) as caught:
+        client.call(b"reject:insufficient_funds")
+    assert caught.value.code == "insufficient_funds"
+    assert caught.value.request_id == 1
+    assert "nothing was applied" in str(caught.value)
+    assert client.call(b"echo:still-fine").payload == b"still-fine"
+
+
+def test_restarted_client_reusing_old_request_ids_gets_duplicate(
+    daemon: FakeDaemon, clients: list[Client]
+) -> None:
+    first = connect(clients, daemon, client_id=77)
+    for _ in range(3):
+        first.call(b"incr:d")
+    first.call(b"echo:ack")  # acknowledges replies 1..3, so the daemon forgets them
+    first.close()
+    again = connect(clients, daemon, client_id=77)  # first_request_id=1 again: a mistake
+    with pytest.raises(Duplicate, match="first_request_id"):
+        again.call(b"incr:d")
+    resumed = connect(clients, daemon, client_id=77, first_request_id=first.next_request_id)
+    assert resumed.call(b"incr:d").payload == b"4"
+    assert daemon.values[b"d"] == 4
+
+
+def test_events_reach_subscribed_clients_only(daemon: FakeDaemon, clients: list[Client]) -> None:
+    subscriber = connect(clients, daemon, subscribe_events=True)
+    bystander = connect(clients, daemon)
+    bystander.call(b"publish:news")
+    event = subscriber.next_event(timeout_s=5.0)
+    assert event.payload == b"news"
+    assert event.index >= 1
+    bystander.call(b"echo:sync")  # any event to the bystander would have arrived before this
+    assert not bystander._events
+    with pytest.raises(ClientError, match="subscribe"):
+        bystander.next_event(timeout_s=SHORT_S)
+    assert list(subscriber.events(timeout_s=SHORT_S)) == []
+
+
+def test_unreachable_daemon_raises_connection_lost(tmp_dir: Path) -> None:
+    with pytest.raises(ConnectionLost, match="Check that seqd is running"):
+        Client(str(tmp_dir / "nobody.sock"), reconnect_timeout_s=SHORT_S)
+
+
+def test_daemon_gone_for_good_raises_connection_lost_and_keeps_requests_in_flight(
+    daemon: FakeDaemon, clients: list[Client]
+) -> None:
+    client = connect(clients, daemon, reconnect_timeout_s=SHORT_S)
+    daemon.pause()
+    pending = client.submit(b"incr:g")
+    client.flush()
+    daemon.stop()
+    with pytest.raises(ConnectionLost):
+        pending.result(timeout_s=5.0)
+    assert client.in_flight == 1
+    daemon.paused = False
+    daemon.start()
+    assert pending.result().payload == b"1"
+    assert daemon.applications.total() == 1
+
+
+def test_garbage_from_the_daemon_raises_protocol_violation_and_the_next_call_reconnects(
+    daemon: FakeDaemon, clients: list[Client]
+) -> None:
+    client = connect(clients, daemon)
+    daemon.garbage_next_reply = True
+    pending = client.submit(b"incr:z")
+    with pytest.raises(ProtocolViolation) as caught:
+        pending.result()
+    assert caught.value.code == "bad_version"
+    # The command was applied; its resend gets the saved reply, not a second application.
+    assert pending.result().payload == b"1"
+    assert daemon.applications.total() == 1
+
+
+def test_redirect_moves_the_client_to_the_named_socket(
+    daemon: FakeDaemon, clients: list[Client], tmp_dir: Path
+) -> None:
+    leader = FakeDaemon(tmp_dir / "leader.sock", node="n2")
+    leader.start()
+    try:
+        daemon.redirect_to = leader.socket_path
+        client = connect(clients, daemon)
+        assert client.socket_path == leader.socket_path
+        assert client.call(b"echo:hi").payload == b"hi"
+        assert leader.applications.total() == 1
+        assert daemon.applications.total() == 0
+    finally:
+        for client in clients:
+            client.close()
+        leader.close()
+
+
+def test_ping_from_the_daemon_is_answered_and_calls_continue(
+    daemon: FakeDaemon, clients: list[Client]
+) -> None:
+    daemon.ping_after_welcome = True
+    client = connect(clients, daemon)
+    assert client.call(b"echo:x").payload == b"x"
+
+
+def test_closed_client_refuses_further_calls(daemon: FakeDaemon) -> None:
+    with Client(daemon.socket_path) as client:
+        client.call(b"echo:1")
+    with pytest.raises(ConnectionLost, match="closed"):
+        client.call(b"echo:2")
+
+
+def test_oversized_command_is_refused_before_sending(
+    daemon: FakeDaemon, clients: list[Client]
+) -> None:
+    client = connect(clients, daemon)
+    with pytest.raises(ValueError, match="frame_bytes_max"):
+        client.submit(b"x" * (1 << 20))
+    assert client.next_request_id == 1
+
+
+def test_one_client_is_usable_from_a_worker_thread(daemon: FakeDaemon) -> None:
+    results: list[bytes] = []
+
+    def work() -> None:
+        with Client(daemon.socket_path) as client:
+            results.extend(client.call(f"echo:{i}".encode()).payload for i in range(5))
+
+    worker = threading.Thread(target=work)
+    worker.start()
+    worker.join(30)
+    assert results == [b"0", b"1", b"2", b"3", b"4"]
