@@ -335,7 +335,7 @@ def _batch_records(batch: _Batch) -> list[Record]:
         end = position + ((length + 7) & -8)
         append(
             _new_record(
-                Record, (*fields, records[position + 48 : position + length], records[position:end])
+                Record, fields + (records[position + 48 : position + length], records[position:end])
             )
         )
         position = end
@@ -1298,7 +1298,7 @@ class JournalReader:
                     begin = self.next_index - batch.first_index
                     end = len(records) if to_index is None else to_index - batch.first_index + 1
                     for record in records[begin:end]:
-                        self.next_index = record.index + 1
+                        self.next_index = record[3] + 1  # record.index; an item is faster
                         yield record
                     if to_index is not None and self.next_index > to_index:
                         return
