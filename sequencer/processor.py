@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import crc32c
 import msgspec
@@ -178,11 +178,14 @@ _state_encoder = msgspec.msgpack.Encoder()
 _state_decoder = msgspec.msgpack.Decoder(ProcessorState)
 
 
+App = TypeVar("App", bound=StateMachine)
+
+
 class ProcessorError(Exception):
     """A snapshot body cannot be restored by this processor."""
 
 
-class Processor:
+class Processor(Generic[App]):
     """Applies records to one app instance; see the module docstring.
 
     Args:
@@ -200,15 +203,15 @@ class Processor:
 
     def __init__(
         self,
-        app_class: type[StateMachine],
+        app_class: type[App],
         node: str | None = None,
         *,
         debug: bool = False,
-        app: StateMachine | None = None,
+        app: App | None = None,
     ) -> None:
         self.app_class = app_class
         self.schema = app_class.schema
-        self.app = app if app is not None else app_class()
+        self.app: App = app if app is not None else app_class()
         self.node = node
         self.debug = debug
         self.applied_index = 0
@@ -496,12 +499,12 @@ class Processor:
     @classmethod
     def restore(
         cls,
-        app_class: type[StateMachine],
+        app_class: type[App],
         body: bytes,
         node: str | None = None,
         *,
         debug: bool = False,
-    ) -> Processor:
+    ) -> Processor[App]:
         """Rebuilds a processor from a snapshot body, upcasting an older app state.
 
         Raises:
@@ -563,8 +566,8 @@ class Processor:
 
 
 def replay(
-    app_class: type[StateMachine], buffers: Iterable[Any], body: bytes | None = None
-) -> Processor:
+    app_class: type[App], buffers: Iterable[Any], body: bytes | None = None
+) -> Processor[App]:
     """A processor restored from `body` (or empty) after applying every record in `buffers`;
     outputs are discarded. For tools and tests."""
     processor = Processor.restore(app_class, body) if body is not None else Processor(app_class)

@@ -192,7 +192,7 @@ def test_replies_go_only_to_local_sessions_but_every_node_has_the_same_hashes():
         feeder.command(S1, 1, OpenAccount("a")),
         feeder.command(S2, 1, OpenAccount("b")),
     ]
-    seen = {name: [] for name in nodes}
+    seen: dict[str, list[Reply]] = {name: [] for name in nodes}
     for record in records:
         for name, processor in nodes.items():
             seen[name] += replies(feed(processor, record))
@@ -350,7 +350,7 @@ def test_pending_timers_are_rearmed_after_restore_and_an_overdue_one_fires_once(
     body = processor.snapshot_bytes()
     # The node is down past the first deadline; recovery re-arms both timers.
     restored = Processor.restore(Alarms, body)
-    rearm = [decode(kind, frame) for kind, frame in restored.pending_timers()]
+    rearm = [TimerSchedule(*decode(kind, frame)) for kind, frame in restored.pending_timers()]
     assert rearm == [TimerSchedule(3, processor.timers()[3]), TimerSchedule(4, processor.timers()[4])]
     # The sequencer sees 3 overdue and fires it; a duplicate fire (say, also sequenced by the
     # old incarnation) is ignored.

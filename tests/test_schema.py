@@ -69,8 +69,9 @@ def test_v1_snapshot_plus_journal_under_v2_gives_the_same_state_as_a_full_replay
 
 
 def test_saved_v1_replies_are_read_by_v2_clients_through_the_upcasters():
-    restored = Processor.restore(tally_v2.Tally, snapshots.newest_valid_snapshot(
-        FIXTURES / "tally_v1_snapshots").body)  # fmt: skip
+    loaded = snapshots.newest_valid_snapshot(FIXTURES / "tally_v1_snapshots")
+    assert loaded is not None
+    restored = Processor.restore(tally_v2.Tally, loaded.body)
     feeder = Feeder(tally_v2.SCHEMA)
     feeder.index = restored.applied_index
     (reply,) = feed(restored, feeder.command(SESSION, 1, tally_v2.Add("x", 1)))

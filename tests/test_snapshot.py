@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import time
+from pathlib import Path
 
 import pytest
 
@@ -22,7 +22,7 @@ def header_for(index: int, body: bytes) -> SnapshotHeader:
     return SnapshotHeader("ledger", 1, index, 2, 1_000 + index, state_hash(body))
 
 
-def write(directory, index: int, body: bytes = b"body") -> os.PathLike[str]:
+def write(directory, index: int, body: bytes = b"body") -> Path:
     return snapshots.write_snapshot(directory, header_for(index, body + bytes([index % 256])),
                                     body + bytes([index % 256]))  # fmt: skip
 
@@ -68,11 +68,11 @@ def test_newest_valid_snapshot_reports_a_corrupt_newer_one_and_falls_back(tmp_pa
     data = bytearray(newest.read_bytes())
     data[-1] ^= 1
     newest.write_bytes(bytes(data))
-    reported = []
+    reported: list[snapshots.SnapshotInfo] = []
     loaded = snapshots.newest_valid_snapshot(tmp_path, reported.append)
     assert loaded is not None and loaded.header.index == 10
     assert [info.path for info in reported] == [newest]
-    assert "CRC" in reported[0].error
+    assert "CRC" in str(reported[0].error)
     listing = snapshots.list_snapshots(tmp_path)
     assert [(info.index, info.valid) for info in listing] == [(20, False), (10, True)]
 
@@ -86,7 +86,8 @@ def test_partial_tmp_file_is_ignored_and_removed(tmp_path):
     partial = tmp_path / (snapshots.snapshot_path(tmp_path, 20).name + ".tmp")
     partial.write_bytes(b"SEQDSNAP half a fil")
     assert [info.index for info in snapshots.list_snapshots(tmp_path)] == [10]
-    assert snapshots.newest_valid_snapshot(tmp_path).header.index == 10
+    loaded = snapshots.newest_valid_snapshot(tmp_path)
+    assert loaded is not None and loaded.header.index == 10
     assert snapshots.remove_partial(tmp_path) == [partial]
     assert not partial.exists()
 
