@@ -37,7 +37,7 @@ import select
 import socket
 import time
 from collections.abc import AsyncIterator, Callable, Generator, Iterator
-from typing import Any, Final, Protocol
+from typing import Any, Final, Protocol, cast
 
 from .errors import (
     ClientClosed,
@@ -813,8 +813,8 @@ class _ClientProtocol(asyncio.Protocol):
         self.handshake.add_done_callback(_retrieve_exception)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
         self.connection.receive_data(data)
