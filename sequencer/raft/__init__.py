@@ -1,0 +1,62 @@
+"""Raft consensus: a sans-I/O core (`core`), its log (`log`) and majority arithmetic (`quorum`).
+
+The transport (TCP, HMAC) belongs to the replication role; see docs/consensus.md.
+"""
+
+from sequencer.raft.core import (
+    NO_NODE,
+    NotLeaderError,
+    ProposalRejected,
+    RaftConfig,
+    RaftCore,
+    RaftRole,
+)
+from sequencer.raft.log import RaftLog
+from sequencer.raft.messages import (
+    MESSAGE_DECODER,
+    MESSAGE_TYPES,
+    AppendEntries,
+    AppendEntriesResponse,
+    DurableState,
+    Entries,
+    HardState,
+    Heartbeat,
+    HeartbeatResponse,
+    InstallSnapshot,
+    Message,
+    ReadState,
+    Ready,
+    RequestVote,
+    RequestVoteResponse,
+    Snapshot,
+)
+from sequencer.raft.quorum import VOTERS_ALLOWED, quorum_index, quorum_size
+
+__all__ = [
+    "MESSAGE_DECODER",
+    "MESSAGE_TYPES",
+    "NO_NODE",
+    "VOTERS_ALLOWED",
+    "AppendEntries",
+    "AppendEntriesResponse",
+    "DurableState",
+    "Entries",
+    "HardState",
+    "Heartbeat",
+    "HeartbeatResponse",
+    "InstallSnapshot",
+    "Message",
+    "NotLeaderError",
+    "ProposalRejected",
+    "RaftConfig",
+    "RaftCore",
+    "RaftLog",
+    "RaftRole",
+    "ReadState",
+    "Ready",
+    "RequestVote",
+    "RequestVoteResponse",
+    "Snapshot",
+    "quorum_index",
+    "quorum_size",
+]

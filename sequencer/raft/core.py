@@ -1,0 +1,884 @@
+"""The Raft consensus core: a state machine with no I/O, no clock and no threads.
+
+Theory of operation
+-------------------
+The caller owns everything physical. It moves time forward with `tick()` (one call per tick of its
+clock), hands in peer messages with `step(message)`, offers client payloads with `propose(...)` /
+`propose_batch(...)` and read requests with `read_index(...)`. None of these does I/O: they change
+in-memory state and queue work. The caller then collects the work with `ready()` and performs it in
+the order documented on `Ready`:
+
+    ready = core.ready()
+    persist(ready.snapshot, ready.entries, ready.hard_state)   # fsync before the next line
+    send(ready.messages)
+    apply(ready.committed); answer(ready.reads)
+    core.advance(ready)
+
+Persist-before-send is the contract that makes a message a promise: a granted vote means the vote
+is on disk, a successful AppendEntriesResponse means the entries are. The core never steps,
+ticks or proposes while a ready is outstanding (asserted), so nothing it says in a ready can be
+contradicted before the caller has made it durable. The deterministic simulator (`tests/sim`)
+checks this contract on every message it sends.
+
+Randomness (election timeouts) comes only from the `random.Random` the caller passes in, so a
+seeded caller gets an exactly reproducible core.
+
+Features, with the sections of the Raft paper (extended version) they implement:
+- leader election with randomized timeouts (5.2) and PreVote (thesis 9.6): a node whose timer
+  fires first asks, without raising its term, whether it could win; a partitioned node therefore
+  never disrupts a healthy leader when it returns;
+- check-quorum (thesis 6.2): a leader that has not heard from a majority within an election
+  timeout steps down, and followers that have heard from a leader within one ignore vote requests;
+- a no-op entry (empty payload) at the start of each term (8), so the leader commits entries of
+  earlier terms and learns the commit index;
+- log replication with conflict back-off by term (5.3), commit of current-term entries only by
+  counting (5.4.2, Figure 8), batching and pipelining of AppendEntries with a bounded window of
+  messages in flight per follower (flow control);
+- InstallSnapshot (7) for a follower that needs entries the leader has compacted;
+- linearizable reads through ReadIndex (8, thesis 6.4): the leader records its commit index and
+  answers only after a heartbeat round confirms a majority still follows it.
+
+Membership is static (1, 3 or 5 voters); neither joint consensus nor single-server changes are
+implemented.
+"""
+
+from __future__ import annotations
+
+import enum
+import random
+from collections import deque
+from dataclasses import dataclass
+
+from sequencer.raft.log import RaftLog
+from sequencer.raft.messages import (
+    AppendEntries,
+    AppendEntriesResponse,
+    DurableState,
+    Entries,
+    HardState,
+    Heartbeat,
+    HeartbeatResponse,
+    InstallSnapshot,
+    Message,
+    ReadState,
+    Ready,
+    RequestVote,
+    RequestVoteResponse,
+    Snapshot,
+)
+from sequencer.raft.quorum import VOTERS_ALLOWED, quorum_index, quorum_size
+
+__all__ = [
+    "NO_NODE",
+    "NotLeaderError",
+    "ProposalRejected",
+    "RaftConfig",
+    "RaftCore",
+    "RaftRole",
+]
+
+NO_NODE = 0  # node ids are positive; 0 means "nobody" (no vote, no known leader)
+
+
+class RaftRole(enum.IntEnum):
+    FOLLOWER = 0
+    PRE_CANDIDATE = 1
+    CANDIDATE = 2
+    LEADER = 3
+
+
+FOLLOWER = RaftRole.FOLLOWER
+PRE_CANDIDATE = RaftRole.PRE_CANDIDATE
+CANDIDATE = RaftRole.CANDIDATE
+LEADER = RaftRole.LEADER
+
+
+class NotLeaderError(Exception):
+    """A proposal or read went to a node that is not the leader."""
+
+    def __init__(self, node_id: int, leader_id: int, term: int) -> None:
+        self.node_id = node_id
+        self.leader_id = leader_id
+        self.term = term
+        hint = f"node {leader_id}" if leader_id != NO_NODE else "unknown (election under way)"
+        super().__init__(
+            f"node {node_id} is not the Raft leader in term {term} (leader: {hint}); "
+            "send the request to the leader, or retry after the election"
+        )
+
+
+class ProposalRejected(Exception):
+    """A leader refused a proposal (too many uncommitted entries, or an empty payload)."""
+
+
+@dataclass(frozen=True, slots=True)
+class RaftConfig:
+    """Static configuration of one node. Ticks are the caller's unit of time.
+
+    With a 10 ms tick the defaults give 100-200 ms election timeouts and 10 ms heartbeats.
+    """
+
+    node_id: int
+    voters: tuple[int, ...]
+    cluster_id: int = 1
+    # A follower waits election_ticks + random(0, election_ticks) without hearing from a leader
+    # before starting a PreVote; it must be well above heartbeat_ticks plus a network round trip.
+    election_ticks: int = 10
+    heartbeat_ticks: int = 1
+    # Flow control: AppendEntries messages in flight to one follower before the leader waits for
+    # an acknowledgement. 64 x 1024 entries covers ~65k entries of bandwidth-delay product
+    # (1M entries/s x 50 ms), while bounding what a lost message costs to resend.
+    inflight_messages_max: int = 64
+    # Entries per AppendEntries: bounds a message (1024 x ~200 B records ~ 200 KiB) and the work
+    # of one step on the follower.
+    entries_per_message_max: int = 1024
+    # A leader refuses proposals beyond this many uncommitted entries: when the cluster cannot
+    # commit (no majority), memory must not grow without bound. ~1 s of traffic at 1M entries/s.
+    uncommitted_entries_max: int = 1 << 20
+    check_quorum: bool = True
+
+    def __post_init__(self) -> None:
+        if len(self.voters) not in VOTERS_ALLOWED:
+            raise ValueError(
+                f"a Raft cluster has {VOTERS_ALLOWED} voters, got {len(self.voters)}: "
+                f"{self.voters}; list 1, 3 or 5 node ids"
+            )
+        if len(set(self.voters)) != len(self.voters) or min(self.voters) <= NO_NODE:
+            raise ValueError(f"voter ids must be distinct and positive, got {self.voters}")
+        if self.node_id not in self.voters:
+            raise ValueError(f"node {self.node_id} is not among the voters {self.voters}")
+        if not self.heartbeat_ticks >= 1:
+            raise ValueError(f"heartbeat_ticks={self.heartbeat_ticks} must be >= 1")
+        if not self.election_ticks > 2 * self.heartbeat_ticks:
+            raise ValueError(
+                f"election_ticks={self.election_ticks} must exceed 2 x heartbeat_ticks="
+                f"{self.heartbeat_ticks}, or followers time out between heartbeats"
+            )
+        if self.inflight_messages_max < 1 or self.entries_per_message_max < 1:
+            raise ValueError("inflight_messages_max and entries_per_message_max must be >= 1")
+
+
+# Replication progress states of one follower, as the leader sees it (etcd-io/raft tracker).
+PROBE = 0  # next_index is a guess: send one AppendEntries, then wait for the answer
+REPLICATE = 1  # the follower matches: stream AppendEntries up to the in-flight window
+SNAPSHOT = 2  # an InstallSnapshot is in flight: send nothing else until it is answered
+
+
+class Progress:
+    """The leader's view of one follower.
+
+    Invariant: match_index < next_index (entries before next_index are sent or matched).
+    """
+
+    __slots__ = (
+        "commit_sent",
+        "inflight",
+        "match_index",
+        "next_index",
+        "node_id",
+        "paused",
+        "read_sequence_acked",
+        "recent_active",
+        "send_probe",
+        "snapshot_elapsed_ticks",
+        "snapshot_index",
+        "state",
+    )
+
+    def __init__(self, node_id: int, next_index: int) -> None:
+        self.node_id = node_id
+        self.match_index = 0
+        self.next_index = next_index
+        self.state = PROBE
+        self.paused = False  # PROBE: an AppendEntries is out, wait for its answer
+        self.inflight: deque[int] = deque()  # REPLICATE: last index of each message in flight
+        self.recent_active = True
+        self.read_sequence_acked = 0
+        self.commit_sent = 0
+        self.send_probe = False  # send an AppendEntries even without entries (resync)
+        self.snapshot_index = 0
+        self.snapshot_elapsed_ticks = 0
+
+    def become_probe(self, next_index: int) -> None:
+        assert next_index > self.match_index, (next_index, self.match_index)
+        self.state = PROBE
+        self.next_index = next_index
+        self.paused = False
+        self.inflight.clear()
+
+    def become_replicate(self) -> None:
+        self.state = REPLICATE
+        self.next_index = self.match_index + 1
+        self.paused = False
+        self.inflight.clear()
+
+
+class RaftCore:
+    """One Raft node. See the module docstring for the contract."""
+
+    def __init__(
+        self, config: RaftConfig, rng: random.Random, durable: DurableState | None = None
+    ) -> None:
+        self.config = config
+        self.id = config.node_id
+        self.cluster_id = config.cluster_id
+        self.peers = tuple(v for v in config.voters if v != config.node_id)
+        self.quorum = quorum_size(len(config.voters))
+        self._rng = rng
+
+        self.log = RaftLog()
+        self.term = 0
+        self.vote = NO_NODE
+        # Invariant: applied_index <= commit_index <= log.last_index.
+        self.commit_index = 0
+        self.snapshot: Snapshot | None = None  # the latest snapshot, sent to lagging followers
+        if durable is not None:
+            self._restore(durable)
+        # Invariant: log.snapshot_index <= applied_index (compaction only covers applied entries).
+        self.applied_index = self.log.snapshot_index
+        # The last index the caller has made durable; a leader counts itself up to here.
+        self.stable_index = self.log.last_index
+        # Entries from here on have not yet been handed out in a ready.
+        self._unstable_from = self.log.last_index + 1
+        self._persisted_hard_state = HardState(self.term, self.vote, self.commit_index)
+        self._pending_snapshot: Snapshot | None = None
+        self._ready_outstanding: Ready | None = None
+
+        self.raft_role = FOLLOWER
+        self.leader_id = NO_NODE
+        self._messages: list[Message] = []
+        self._progress: dict[int, Progress] = {}
+        self._votes_granted: set[int] = set()
+        self._votes_rejected: set[int] = set()
+        self.election_elapsed_ticks = 0
+        self._heartbeat_elapsed_ticks = 0
+        self._election_timeout_ticks = 0
+        self._reset_election_timeout()
+
+        # ReadIndex: requests waiting for the leader's first commit in its term, requests waiting
+        # for their heartbeat round (sequence, request id, index), and confirmed ones.
+        self._read_sequence = 0
+        self._reads_waiting: list[int] = []
+        self._reads_pending: deque[tuple[int, int, int]] = deque()
+        self._reads_ready: list[ReadState] = []
+
+        # Operating counters: messages dropped at the gateway (wrong cluster, target or sender).
+        self.messages_dropped = 0
+
+    # ----------------------------------------------------------------------------- restore
+
+    def _restore(self, durable: DurableState) -> None:
+        snapshot = durable.snapshot
+        if snapshot is not None:
+            self.log.restore(snapshot.index, snapshot.term)
+            self.snapshot = snapshot
+        self.log.append(list(durable.terms), list(durable.payloads))
+        hard = durable.hard_state
+        # A crash between writing a ready's entries and its hard state can leave entries of a
+        # term the hard state has not reached. Adopting that term (with no vote) is what the
+        # node had done in memory; it had sent nothing from that ready, so it promised nothing.
+        if self.log.last_term > hard.term:
+            self.term = self.log.last_term
+            self.vote = NO_NODE
+        else:
+            self.term = hard.term
+            self.vote = hard.vote
+        self.commit_index = max(hard.commit_index, self.log.snapshot_index)
+        assert self.commit_index <= self.log.last_index, (self.commit_index, self.log.last_index)
+
+    # ------------------------------------------------------------------------------ inputs
+
+    def tick(self) -> None:
+        """Advance this node's clock by one tick."""
+        assert self._ready_outstanding is None, "advance() the outstanding ready first"
+        self.election_elapsed_ticks += 1
+        if self.raft_role == LEADER:
+            self._tick_leader()
+        elif self.election_elapsed_ticks >= self._election_timeout_ticks:
+            self._campaign(pre_vote=True)
+
+    def _tick_leader(self) -> None:
+        if self.election_elapsed_ticks >= self.config.election_ticks:
+            self.election_elapsed_ticks = 0
+            if self.config.check_quorum and not self._quorum_active():
+                # Thesis 6.2: a leader that cannot hear a majority may have been replaced.
+                self._become_follower(self.term, NO_NODE)
+                return
+            for progress in self._progress.values():
+                if progress.state == SNAPSHOT:
+                    progress.snapshot_elapsed_ticks += self.config.election_ticks
+                    if progress.snapshot_elapsed_ticks >= 2 * self.config.election_ticks:
+                        # The snapshot or its answer was lost: start over from a probe.
+                        progress.become_probe(progress.match_index + 1)
+        self._heartbeat_elapsed_ticks += 1
+        if self._heartbeat_elapsed_ticks >= self.config.heartbeat_ticks:
+            self._heartbeat_elapsed_ticks = 0
+            self._broadcast_heartbeat()
+
+    def propose(self, payload: bytes) -> int:
+        """Append one client payload; returns its index. See `propose_batch`."""
+        return self.propose_batch([payload])
+
+    def propose_batch(self, payloads: list[bytes]) -> int:
+        """Append client payloads as entries of the current term, in order.
+
+        Returns:
+            The index of the first one (the rest follow consecutively). An entry is committed when
+            it appears in a ready's `committed` with the same index and payload; a change of leader
+            may discard it instead, and the client then retries.
+
+        Raises:
+            NotLeaderError: this node is not the leader.
+            ProposalRejected: an empty payload (reserved for the no-op) or too many entries are
+                waiting to commit.
+        """
+        assert self._ready_outstanding is None, "advance() the outstanding ready first"
+        if self.raft_role != LEADER:
+            raise NotLeaderError(self.id, self.leader_id, self.term)
+        if not all(payloads):
+            raise ProposalRejected(
+                "an empty payload is reserved for the Raft no-op entry; send a non-empty payload"
+            )
+        log = self.log
+        uncommitted = log.last_index - self.commit_index + len(payloads)
+        if uncommitted > self.config.uncommitted_entries_max:
+            raise ProposalRejected(
+                f"{uncommitted} entries would be uncommitted > uncommitted_entries_max="
+                f"{self.config.uncommitted_entries_max}: the cluster is not committing "
+                "(no majority?); retry later"
+            )
+        first_index = log.last_index + 1
+        log.append_run(self.term, payloads)
+        return first_index
+
+    def read_index(self, request_id: int) -> None:
+        """Ask for a linearizable read point; it arrives as a `ReadState` in a later ready.
+
+        The caller answers the read after applying up to the returned index. A read is lost if
+        leadership changes before it is confirmed; the caller retries it after a timeout.
+
+        Raises:
+            NotLeaderError: this node is not the leader.
+        """
+        assert self._ready_outstanding is None, "advance() the outstanding ready first"
+        if self.raft_role != LEADER:
+            raise NotLeaderError(self.id, self.leader_id, self.term)
+        if self.log.term_at(self.commit_index) != self.term:
+            # Until its no-op commits, a new leader does not know the commit index (thesis 6.4).
+            self._reads_waiting.append(request_id)
+            return
+        self._start_reads([request_id])
+
+    def _start_reads(self, request_ids: list[int]) -> None:
+        if self.quorum == 1:
+            self._reads_ready.extend(ReadState(r, self.commit_index) for r in request_ids)
+            return
+        self._read_sequence += 1
+        for request_id in request_ids:
+            self._reads_pending.append((self._read_sequence, request_id, self.commit_index))
+        self._broadcast_heartbeat()
+
+    def compact(self, index: int, data: bytes) -> None:
+        """Record the caller's snapshot of the state at `index` and drop the log up to it.
+
+        The caller has already made `data` durable and may now delete its entries up to `index`.
+        """
+        assert self._ready_outstanding is None, "advance() the outstanding ready first"
+        if not self.log.snapshot_index < index <= self.applied_index:
+            raise ValueError(
+                f"cannot compact to index {index}: it must be above the current snapshot "
+                f"({self.log.snapshot_index}) and at most the applied index ({self.applied_index})"
+            )
+        term = self.log.term_at(index)
+        assert term is not None, index
+        self.log.compact(index)
+        self.snapshot = Snapshot(index, term, data)
+
+    def step(self, message: Message) -> None:
+        """Handle one message from a peer."""
+        assert self._ready_outstanding is None, "advance() the outstanding ready first"
+        if (
+            message.cluster_id != self.cluster_id
+            or message.target != self.id
+            or message.source not in self.config.voters
+            or message.source == self.id
+        ):
+            self.messages_dropped += 1
+            return
+        kind = type(message)
+        term = message.term
+        if term > self.term:
+            if kind is RequestVote:
+                assert isinstance(message, RequestVote)
+                if (
+                    self.config.check_quorum
+                    and self.leader_id != NO_NODE
+                    and self.election_elapsed_ticks < self.config.election_ticks
+                ):
+                    # Thesis 4.2.3: within the lease of a live leader, ignore would-be leaders.
+                    return
+                if not message.pre_vote:
+                    self._become_follower(term, NO_NODE)
+            elif kind is RequestVoteResponse:
+                assert isinstance(message, RequestVoteResponse)
+                if not (message.pre_vote and message.granted):
+                    self._become_follower(term, NO_NODE)
+            elif kind is AppendEntries or kind is Heartbeat or kind is InstallSnapshot:
+                self._become_follower(term, message.source)
+            else:
+                self._become_follower(term, NO_NODE)
+        elif term < self.term:
+            if kind is AppendEntries or kind is Heartbeat or kind is InstallSnapshot:
+                # Tell the stale leader about the newer term so it steps down.
+                self._send(AppendEntriesResponse(self.cluster_id, self.id, message.source,
+                                                 self.term, False, 0, 0, 0))
+            elif kind is RequestVote:
+                assert isinstance(message, RequestVote)
+                if message.pre_vote:
+                    self._send(RequestVoteResponse(self.cluster_id, self.id, message.source,
+                                                   self.term, False, True))
+            return
+
+        if kind is AppendEntriesResponse:
+            if self.raft_role == LEADER:
+                assert isinstance(message, AppendEntriesResponse)
+                self._handle_append_response(message)
+        elif kind is AppendEntries:
+            assert isinstance(message, AppendEntries)
+            self._follow(message.source)
+            self._handle_append(message)
+        elif kind is HeartbeatResponse:
+            if self.raft_role == LEADER:
+                assert isinstance(message, HeartbeatResponse)
+                self._handle_heartbeat_response(message)
+        elif kind is Heartbeat:
+            assert isinstance(message, Heartbeat)
+            self._follow(message.source)
+            self._handle_heartbeat(message)
+        elif kind is RequestVote:
+            assert isinstance(message, RequestVote)
+            self._handle_vote_request(message)
+        elif kind is RequestVoteResponse:
+            assert isinstance(message, RequestVoteResponse)
+            self._handle_vote_response(message)
+        elif kind is InstallSnapshot:
+            assert isinstance(message, InstallSnapshot)
+            self._follow(message.source)
+            self._handle_install_snapshot(message)
+        else:
+            raise AssertionError(f"unknown message type {kind.__name__}")
+
+    # ------------------------------------------------------------------------------ output
+
+    def has_ready(self) -> bool:
+        """Whether `ready()` would return any work."""
+        if self.raft_role == LEADER:
+            self._flush_appends()
+        return bool(
+            self._messages
+            or self._reads_ready
+            or self._pending_snapshot is not None
+            or self.log.last_index >= self._unstable_from
+            or self.commit_index > self.applied_index
+            or self._hard_state_changed()
+        )
+
+    def _hard_state_changed(self) -> bool:
+        persisted = self._persisted_hard_state
+        return (
+            persisted.term != self.term
+            or persisted.vote != self.vote
+            or persisted.commit_index != self.commit_index
+        )
+
+    def ready(self) -> Ready:
+        """Collect the work queued since the last ready; see `Ready` for what to do with it."""
+        assert self._ready_outstanding is None, "advance() the outstanding ready first"
+        if self.raft_role == LEADER:
+            self._flush_appends()
+        log = self.log
+        ready = Ready(self._messages)
+        self._messages = []
+        snapshot = self._pending_snapshot
+        if snapshot is not None:
+            ready.snapshot = snapshot
+            self._pending_snapshot = None
+        last_index = log.last_index
+        if last_index >= self._unstable_from:
+            terms, payloads = log.slice(self._unstable_from, last_index + 1)
+            ready.entries = Entries(self._unstable_from, terms, payloads)
+            self._unstable_from = last_index + 1
+        if self._hard_state_changed():
+            ready.hard_state = HardState(self.term, self.vote, self.commit_index)
+        applied = self.applied_index if snapshot is None else max(self.applied_index, snapshot.index)
+        if self.commit_index > applied:
+            terms, payloads = log.slice(applied + 1, self.commit_index + 1)
+            ready.committed = Entries(applied + 1, terms, payloads)
+        if self._reads_ready:
+            ready.reads = self._reads_ready
+            self._reads_ready = []
+        self._ready_outstanding = ready
+        return ready
+
+    def advance(self, ready: Ready) -> None:
+        """Acknowledge that the caller has done everything `ready` asked."""
+        assert ready is self._ready_outstanding, "advance() takes the ready returned last"
+        self._ready_outstanding = None
+        if ready.snapshot is not None:
+            self.applied_index = max(self.applied_index, ready.snapshot.index)
+            self.stable_index = max(self.stable_index, ready.snapshot.index)
+        if ready.entries is not None:
+            self.stable_index = ready.entries.last_index
+        if ready.hard_state is not None:
+            self._persisted_hard_state = ready.hard_state
+        if ready.committed is not None:
+            self.applied_index = ready.committed.last_index
+        assert self.applied_index <= self.commit_index, (self.applied_index, self.commit_index)
+        assert self.stable_index <= self.log.last_index, (self.stable_index, self.log.last_index)
+        if self.raft_role == LEADER and ready.entries is not None:
+            self._maybe_commit()
+
+    # ------------------------------------------------------------------------ role changes
+
+    def _reset_election_timeout(self) -> None:
+        self.election_elapsed_ticks = 0
+        election_ticks = self.config.election_ticks
+        self._election_timeout_ticks = election_ticks + self._rng.randrange(election_ticks)
+
+    def _become_follower(self, term: int, leader_id: int) -> None:
+        assert term >= self.term, (term, self.term)
+        if term > self.term:
+            self.term = term
+            self.vote = NO_NODE
+        self.raft_role = FOLLOWER
+        self.leader_id = leader_id
+        self._progress = {}
+        self._reads_waiting.clear()
+        self._reads_pending.clear()
+        self._reset_election_timeout()
+
+    def _follow(self, leader_id: int) -> None:
+        """A message of the current term from its leader: follow it and restart the timer."""
+        if self.raft_role != FOLLOWER:
+            # Election Safety makes a second leader in one term impossible.
+            assert self.raft_role != LEADER, (self.id, leader_id, self.term)
+            self._become_follower(self.term, leader_id)
+        self.leader_id = leader_id
+        self.election_elapsed_ticks = 0
+
+    def _campaign(self, *, pre_vote: bool) -> None:
+        self._reset_election_timeout()
+        self.leader_id = NO_NODE
+        if pre_vote:
+            # Thesis 9.6: ask first whether an election could be won, without raising the term.
+            self.raft_role = PRE_CANDIDATE
+            term = self.term + 1
+        else:
+            self.raft_role = CANDIDATE
+            self.term += 1
+            self.vote = self.id
+            term = self.term
+        self._votes_granted = {self.id}
+        self._votes_rejected = set()
+        if len(self._votes_granted) >= self.quorum:
+            self._won_votes(pre_vote)
+            return
+        last_index, last_term = self.log.last_index, self.log.last_term
+        for peer in self.peers:
+            self._send(RequestVote(self.cluster_id, self.id, peer, term, last_index, last_term,
+                                   pre_vote))
+
+    def _won_votes(self, pre_vote: bool) -> None:
+        if pre_vote:
+            self._campaign(pre_vote=False)
+        else:
+            self._become_leader()
+
+    def _become_leader(self) -> None:
+        assert self.raft_role == CANDIDATE, self.raft_role
+        self.raft_role = LEADER
+        self.leader_id = self.id
+        self.election_elapsed_ticks = 0
+        self._heartbeat_elapsed_ticks = 0
+        next_index = self.log.last_index + 1
+        self._progress = {peer: Progress(peer, next_index) for peer in self.peers}
+        # Section 8: a no-op entry of the new term lets the leader commit what earlier terms left.
+        self.log.append_run(self.term, [b""])
+
+    # --------------------------------------------------------------------------- elections
+
+    def _handle_vote_request(self, message: RequestVote) -> None:
+        # Pre-votes are asked for term + 1; real votes arrive here with message.term == self.term.
+        can_vote = (
+            self.vote == message.source
+            or (self.vote == NO_NODE and self.leader_id == NO_NODE)
+            or (message.pre_vote and message.term > self.term)
+        )
+        log = self.log
+        # 5.4.1: "the voter denies its vote if its own log is more up-to-date than that of the
+        # candidate."
+        up_to_date = message.last_term > log.last_term or (
+            message.last_term == log.last_term and message.last_index >= log.last_index
+        )
+        if can_vote and up_to_date:
+            self._send(RequestVoteResponse(self.cluster_id, self.id, message.source,
+                                           message.term, True, message.pre_vote))
+            if not message.pre_vote:
+                self.vote = message.source
+                self.election_elapsed_ticks = 0
+        else:
+            self._send(RequestVoteResponse(self.cluster_id, self.id, message.source,
+                                           self.term, False, message.pre_vote))
+
+    def _handle_vote_response(self, message: RequestVoteResponse) -> None:
+        if message.pre_vote:
+            if self.raft_role != PRE_CANDIDATE:
+                return
+            if message.granted and message.term != self.term + 1:
+                return
+        elif self.raft_role != CANDIDATE or message.term != self.term:
+            return
+        if message.granted:
+            self._votes_granted.add(message.source)
+            if len(self._votes_granted) >= self.quorum:
+                self._won_votes(message.pre_vote)
+        else:
+            self._votes_rejected.add(message.source)
+            if len(self._votes_rejected) >= self.quorum:
+                self._become_follower(self.term, NO_NODE)
+
+    # ------------------------------------------------------------------ follower replication
+
+    def _handle_append(self, message: AppendEntries) -> None:
+        log = self.log
+        previous_index = message.previous_index
+        previous_term = message.previous_term
+        terms = message.terms
+        payloads = message.payloads
+        commit_index = self.commit_index
+        if previous_index < commit_index:
+            # Entries up to our commit index are committed, hence identical to the leader's
+            # (Leader Completeness); skip them: they may be compacted here.
+            skip = commit_index - previous_index
+            if skip >= len(terms):
+                self._send(AppendEntriesResponse(self.cluster_id, self.id, message.source,
+                                                 self.term, True, commit_index, 0, 0))
+                return
+            assert terms[skip - 1] == log.term_at(commit_index), (self.id, commit_index)
+            previous_index = commit_index
+            previous_term = terms[skip - 1]
+            terms = terms[skip:]
+            payloads = payloads[skip:]
+        term_there = log.term_at(previous_index)
+        if term_there != previous_term:
+            # 5.3: "If a follower's log does not contain an entry at prevLogIndex whose term
+            # matches prevLogTerm, it rejects", with the hint for fast backtracking.
+            if term_there is None:
+                hint_index, hint_term = log.last_index + 1, 0
+            else:
+                hint_term = term_there
+                hint_index = max(log.first_index_of_term(term_there), commit_index + 1)
+            self._send(AppendEntriesResponse(self.cluster_id, self.id, message.source, self.term,
+                                             False, message.previous_index, hint_index, hint_term))
+            return
+        changed = log.merge(previous_index, terms, payloads)
+        if changed:
+            assert changed > commit_index, (self.id, changed, commit_index)
+            if changed < self._unstable_from:
+                self._unstable_from = changed
+            if changed <= self.stable_index:
+                self.stable_index = changed - 1
+        last_new_index = previous_index + len(terms)
+        if message.commit_index > commit_index:
+            # Figure 2: "commitIndex = min(leaderCommit, index of last new entry)".
+            new_commit = min(message.commit_index, last_new_index)
+            if new_commit > commit_index:
+                self.commit_index = new_commit
+        self._send(AppendEntriesResponse(self.cluster_id, self.id, message.source, self.term,
+                                         True, last_new_index, 0, 0))
+
+    def _handle_heartbeat(self, message: Heartbeat) -> None:
+        # The leader sends at most the index this node acknowledged as durable and matching.
+        if message.commit_index > self.commit_index:
+            assert message.commit_index <= self.log.last_index, (self.id, message.commit_index)
+            self.commit_index = message.commit_index
+        self._send(HeartbeatResponse(self.cluster_id, self.id, message.source, self.term,
+                                     message.read_sequence))
+
+    def _handle_install_snapshot(self, message: InstallSnapshot) -> None:
+        snapshot = message.snapshot
+        log = self.log
+        if snapshot.index <= self.commit_index:
+            index = self.commit_index
+        elif log.term_at(snapshot.index) == snapshot.term:
+            # Section 7: "If the follower has an entry that matches the snapshot's last included
+            # index and term, it can retain the entries following it": only the commit moves.
+            self.commit_index = index = snapshot.index
+        else:
+            log.restore(snapshot.index, snapshot.term)
+            self.snapshot = snapshot
+            self._pending_snapshot = snapshot
+            self.commit_index = index = snapshot.index
+            self._unstable_from = snapshot.index + 1
+            self.stable_index = min(self.stable_index, snapshot.index)
+        self._send(AppendEntriesResponse(self.cluster_id, self.id, message.source, self.term,
+                                         True, index, 0, 0))
+
+    # -------------------------------------------------------------------- leader replication
+
+    def _handle_append_response(self, message: AppendEntriesResponse) -> None:
+        progress = self._progress[message.source]
+        progress.recent_active = True
+        if message.success:
+            index = message.index
+            if index > progress.match_index:
+                progress.match_index = index
+                if progress.next_index <= index:
+                    progress.next_index = index + 1
+                advanced = True
+            else:
+                advanced = False
+            inflight = progress.inflight
+            while inflight and inflight[0] <= index:
+                inflight.popleft()
+            if progress.state == PROBE:
+                progress.become_replicate()
+            elif progress.state == SNAPSHOT and progress.match_index >= progress.snapshot_index:
+                progress.become_replicate()
+            if advanced:
+                self._maybe_commit()
+            return
+        if message.index <= progress.match_index:
+            return  # a stale rejection: a later answer already showed a longer match
+        if message.hint_term:
+            last_of_term = self.log.last_index_of_term(message.hint_term)
+            next_index = last_of_term + 1 if last_of_term else message.hint_index
+        else:
+            next_index = message.hint_index
+        next_index = max(min(next_index, message.index), progress.match_index + 1)
+        progress.become_probe(next_index)
+
+    def _handle_heartbeat_response(self, message: HeartbeatResponse) -> None:
+        progress = self._progress[message.source]
+        progress.recent_active = True
+        if progress.state == PROBE:
+            progress.paused = False
+        elif progress.state == REPLICATE and (
+            len(progress.inflight) >= self.config.inflight_messages_max
+        ):
+            progress.inflight.popleft()  # a lost message must not stall the window for good
+        if progress.match_index < self.log.last_index:
+            # A probe (even without entries) resynchronises a follower whose messages were lost.
+            progress.send_probe = True
+        if message.read_sequence > progress.read_sequence_acked:
+            progress.read_sequence_acked = message.read_sequence
+            self._release_reads()
+
+    def _release_reads(self) -> None:
+        pending = self._reads_pending
+        if not pending:
+            return
+        acked = [p.read_sequence_acked for p in self._progress.values()]
+        acked.append(self._read_sequence)
+        confirmed = quorum_index(acked, self.quorum)
+        while pending and pending[0][0] <= confirmed:
+            _, request_id, index = pending.popleft()
+            self._reads_ready.append(ReadState(request_id, index))
+
+    def _maybe_commit(self) -> None:
+        matches = [p.match_index for p in self._progress.values()]
+        matches.append(self.stable_index)
+        index = quorum_index(matches, self.quorum)
+        if index <= self.commit_index:
+            return
+        # 5.4.2: "Raft never commits log entries from previous terms by counting replicas. Only
+        # log entries from the leader's current term are committed by counting replicas."
+        if self.log.term_at(index) != self.term:
+            return
+        first_in_term = self.log.term_at(self.commit_index) != self.term
+        self.commit_index = index
+        if first_in_term and self._reads_waiting:
+            waiting, self._reads_waiting = self._reads_waiting, []
+            self._start_reads(waiting)
+
+    def _quorum_active(self) -> bool:
+        active = 1
+        for progress in self._progress.values():
+            if progress.recent_active:
+                active += 1
+            progress.recent_active = False
+        return active >= self.quorum
+
+    def _broadcast_heartbeat(self) -> None:
+        commit_index = self.commit_index
+        for progress in self._progress.values():
+            self._send(Heartbeat(self.cluster_id, self.id, progress.node_id, self.term,
+                                 min(commit_index, progress.match_index), self._read_sequence))
+
+    def _flush_appends(self) -> None:
+        """Send what each follower is due: entries, a probe, or the new commit index.
+
+        Called when a ready is collected, so every proposal since the last ready goes out in one
+        message per follower (batching), and several messages may be in flight (pipelining).
+        """
+        last_index = self.log.last_index
+        commit_index = self.commit_index
+        window = self.config.inflight_messages_max
+        for progress in self._progress.values():
+            state = progress.state
+            if state == REPLICATE:
+                while progress.next_index <= last_index and len(progress.inflight) < window:
+                    self._send_append(progress)
+                    if progress.state != REPLICATE:
+                        break
+                if progress.send_probe or progress.commit_sent < commit_index:
+                    if progress.state == REPLICATE and len(progress.inflight) < window:
+                        self._send_append(progress)
+            elif state == PROBE:
+                if not progress.paused:
+                    self._send_append(progress)
+
+    def _send_append(self, progress: Progress) -> None:
+        log = self.log
+        previous_index = progress.next_index - 1
+        previous_term = log.term_at(previous_index)
+        progress.send_probe = False
+        if previous_term is None:
+            self._send_snapshot(progress)
+            return
+        last_index = min(log.last_index, previous_index + self.config.entries_per_message_max)
+        terms, payloads = log.slice(previous_index + 1, last_index + 1)
+        self._send(AppendEntries(self.cluster_id, self.id, progress.node_id, self.term,
+                                 previous_index, previous_term, self.commit_index, terms,
+                                 payloads))
+        progress.commit_sent = self.commit_index
+        if progress.state == REPLICATE:
+            if terms:
+                progress.next_index = last_index + 1
+                progress.inflight.append(last_index)
+        else:
+            progress.paused = True
+
+    def _send_snapshot(self, progress: Progress) -> None:
+        snapshot = self.snapshot
+        assert snapshot is not None, "entries are compacted only into a snapshot"
+        progress.state = SNAPSHOT
+        progress.snapshot_index = snapshot.index
+        progress.snapshot_elapsed_ticks = 0
+        progress.inflight.clear()
+        self._send(InstallSnapshot(self.cluster_id, self.id, progress.node_id, self.term,
+                                   snapshot))
+
+    def _send(self, message: Message) -> None:
+        self._messages.append(message)
+
+    # ------------------------------------------------------------------------- inspection
+
+    def durable_state(self) -> DurableState:
+        """What a caller that persisted every ready holds (for tests and the benchmark)."""
+        return DurableState(
+            HardState(self.term, self.vote, self.commit_index),
+            self.snapshot,
+            list(self.log.terms),
+            list(self.log.payloads),
+        )

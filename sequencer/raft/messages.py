@@ -1,0 +1,211 @@
+"""Plain data that crosses the Raft core's boundary: peer messages, persisted state, readies.
+
+Every type is a msgspec Struct, so the replication role can encode a message with one call
+(`msgspec.msgpack.encode(message)`) and decode any of them with `MESSAGE_DECODER`; the struct tag
+is the class name. Each message carries the cluster id and the source and target node ids, which
+the transport authenticates (HMAC) and the core checks again.
+
+Entries travel as a run: the index of the first one plus parallel lists of terms and payloads
+(see `sequencer.raft.log`), never as one object per entry: batching 100 entries then costs a
+couple of list slices, not 100 allocations.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import msgspec
+
+__all__ = [
+    "MESSAGE_DECODER",
+    "MESSAGE_TYPES",
+    "AppendEntries",
+    "AppendEntriesResponse",
+    "DurableState",
+    "Entries",
+    "HardState",
+    "Heartbeat",
+    "HeartbeatResponse",
+    "InstallSnapshot",
+    "Message",
+    "ReadState",
+    "Ready",
+    "RequestVote",
+    "RequestVoteResponse",
+    "Snapshot",
+]
+
+
+class Snapshot(msgspec.Struct, array_like=True, gc=False, frozen=True):
+    """The caller's state machine at `index` (opaque `data`), the entry at `index` of `term`."""
+
+    index: int
+    term: int
+    data: bytes
+
+
+class HardState(msgspec.Struct, array_like=True, gc=False, frozen=True):
+    """What must survive a crash besides the log (Raft paper, Figure 2, "Persistent state").
+
+    `commit_index` is persisted too (as etcd does) so a restarted node can apply what it knows to
+    be committed without waiting for a leader; losing it would only cost time, never safety.
+    """
+
+    term: int
+    vote: int
+    commit_index: int
+
+
+class Entries(msgspec.Struct, array_like=True, gc=False):
+    """A run of consecutive entries starting at `first_index`."""
+
+    first_index: int
+    terms: list[int]
+    payloads: list[bytes]
+
+    @property
+    def last_index(self) -> int:
+        return self.first_index + len(self.terms) - 1
+
+    def __len__(self) -> int:
+        return len(self.terms)
+
+    def items(self) -> Iterator[tuple[int, int, bytes]]:
+        """(index, term, payload) for each entry; an empty payload is a term's no-op entry."""
+        return zip(
+            range(self.first_index, self.first_index + len(self.terms)),
+            self.terms,
+            self.payloads,
+            strict=True,
+        )
+
+
+class DurableState(msgspec.Struct, gc=False):
+    """What a node finds on its disk after a crash, to build a core from.
+
+    `terms`/`payloads` are the durable entries after the snapshot (from index 1 without one).
+    """
+
+    hard_state: HardState
+    snapshot: Snapshot | None = None
+    terms: list[int] = msgspec.field(default_factory=list)
+    payloads: list[bytes] = msgspec.field(default_factory=list)
+
+
+class ReadState(msgspec.Struct, array_like=True, gc=False, frozen=True):
+    """A confirmed ReadIndex request: answer it once the state machine has applied `index`."""
+
+    request_id: int
+    index: int
+
+
+class Message(msgspec.Struct, tag=True, array_like=True, gc=False, frozen=True):
+    """Common header of every peer message."""
+
+    cluster_id: int
+    source: int
+    target: int
+    term: int
+
+
+class RequestVote(Message, frozen=True):
+    """A (pre-)candidate asks for a vote in `term` (for a PreVote, the term it would start)."""
+
+    last_index: int
+    last_term: int
+    pre_vote: bool
+
+
+class RequestVoteResponse(Message, frozen=True):
+    granted: bool
+    pre_vote: bool
+
+
+class AppendEntries(Message, frozen=True):
+    """Entries after `previous_index`; with no entries, a probe that carries the commit index."""
+
+    previous_index: int
+    previous_term: int
+    commit_index: int
+    terms: list[int]
+    payloads: list[bytes]
+
+
+class AppendEntriesResponse(Message, frozen=True):
+    """The answer to AppendEntries and InstallSnapshot.
+
+    On success `index` is the last index the follower holds (durably) in agreement with the
+    leader. On rejection `index` is the rejected `previous_index`, and the hint lets the leader skip
+    a whole term per round trip (fast log backtracking, Raft paper 5.3, "the follower can include
+    the term of the conflicting entry and the first index it stores for that term"):
+    `hint_term` is the follower's term at `index` (0 when its log is shorter) and `hint_index` the
+    first index it holds of that term (or its last index + 1 when shorter).
+    """
+
+    success: bool
+    index: int
+    hint_index: int
+    hint_term: int
+
+
+class Heartbeat(Message, frozen=True):
+    """Leader liveness; `commit_index` is at most what the target is known to hold.
+
+    `read_sequence` numbers the ReadIndex round this heartbeat confirms (Raft thesis 6.4).
+    """
+
+    commit_index: int
+    read_sequence: int
+
+
+class HeartbeatResponse(Message, frozen=True):
+    read_sequence: int
+
+
+class InstallSnapshot(Message, frozen=True):
+    """The leader's snapshot, for a follower that needs entries the leader has compacted."""
+
+    snapshot: Snapshot
+
+
+MESSAGE_TYPES = (
+    RequestVote,
+    RequestVoteResponse,
+    AppendEntries,
+    AppendEntriesResponse,
+    Heartbeat,
+    HeartbeatResponse,
+    InstallSnapshot,
+)
+
+MESSAGE_DECODER = msgspec.msgpack.Decoder(
+    RequestVote
+    | RequestVoteResponse
+    | AppendEntries
+    | AppendEntriesResponse
+    | Heartbeat
+    | HeartbeatResponse
+    | InstallSnapshot
+)
+
+
+class Ready(msgspec.Struct, gc=False):
+    """One batch of work for the caller, in the order it must be done.
+
+    1. `snapshot`: persist it, discard the durable log, restore the state machine from it.
+    2. `entries`: truncate the durable log after `entries.first_index - 1`, append them.
+    3. `hard_state`: persist it (after the entries).
+       Make all three durable (fsync) before step 4.
+    4. `messages`: send them (after persisting: a vote or an acknowledgement is a promise about
+       durable state).
+    5. `committed`: apply them in order (entries with an empty payload are no-ops).
+    6. `reads`: answer each once the state machine has applied its index.
+    7. Call `core.advance(ready)`.
+    """
+
+    messages: list[Message]
+    snapshot: Snapshot | None = None
+    entries: Entries | None = None
+    hard_state: HardState | None = None
+    committed: Entries | None = None
+    reads: list[ReadState] | None = None

@@ -1,0 +1,139 @@
+"""Invariant checks the simulator runs after every step (Raft paper, Figure 3, and more).
+
+Each check raises `SafetyViolation` with what it saw. The checks are incremental, so they cost
+O(entries touched) per step rather than O(log):
+
+- Election Safety: a table term -> leader; a second leader in a term fails.
+- Log Matching: every entry any node ever writes is recorded as (index, term) -> (payload, term of
+  the entry before it). Two writes of the same (index, term) must agree on both; by induction on
+  the index, two logs holding one (index, term) are then identical up to it.
+- Leader Completeness: when a node becomes leader, its log must hold every entry committed so far.
+- State Machine Safety: a table index -> (term, payload) of applied entries; a node applying a
+  different entry at an index fails, and so does one payload committed at two indices (the
+  simulated clients never resend, so that would be a double application).
+- commit_index never goes backwards within one incarnation of a node.
+- Persist before send: every message is backed by the sender's durable state (see
+  `check_persisted_before_send`).
+"""
+
+from __future__ import annotations
+
+from sequencer.raft import (
+    AppendEntriesResponse,
+    Entries,
+    Message,
+    RaftCore,
+    RequestVote,
+    RequestVoteResponse,
+)
+
+__all__ = ["Checker", "SafetyViolation"]
+
+
+class SafetyViolation(AssertionError):
+    """A Raft safety property or the core's contract does not hold."""
+
+
+class Checker:
+    def __init__(self) -> None:
+        self.leader_of_term: dict[int, int] = {}
+        self.written: dict[tuple[int, int], tuple[bytes, int | None]] = {}
+        self.committed: dict[int, tuple[int, bytes]] = {}
+        self.committed_index_of_payload: dict[bytes, int] = {}
+        self.commit_index_max = 0
+
+    def check_leader(self, node_id: int, term: int) -> None:
+        leader = self.leader_of_term.setdefault(term, node_id)
+        if leader != node_id:
+            raise SafetyViolation(
+                f"Election Safety: nodes {leader} and {node_id} are both leader in term {term}"
+            )
+
+    def check_new_leader_log(self, core: RaftCore) -> None:
+        log = core.log
+        for index, (term, _) in self.committed.items():
+            if index < log.snapshot_index:
+                continue
+            held = log.term_at(index)
+            if held != term:
+                raise SafetyViolation(
+                    f"Leader Completeness: node {core.id}, leader of term {core.term}, holds term "
+                    f"{held} at index {index} where term {term} was committed"
+                )
+
+    def check_written(self, node_id: int, previous_term: int | None, entries: Entries) -> None:
+        written = self.written
+        index = entries.first_index
+        for term, payload in zip(entries.terms, entries.payloads, strict=True):
+            key = (index, term)
+            seen = written.get(key)
+            if seen is None:
+                written[key] = (payload, previous_term)
+            elif seen[0] != payload or (
+                seen[1] is not None and previous_term is not None and seen[1] != previous_term
+            ):
+                raise SafetyViolation(
+                    f"Log Matching: node {node_id} wrote index {index} term {term} as "
+                    f"{payload!r} after term {previous_term}; earlier: {seen[0]!r} after term "
+                    f"{seen[1]}"
+                )
+            previous_term = term
+            index += 1
+
+    def check_applied(self, node_id: int, index: int, term: int, payload: bytes) -> None:
+        seen = self.committed.get(index)
+        if seen is None:
+            self.committed[index] = (term, payload)
+            if payload:
+                other = self.committed_index_of_payload.setdefault(payload, index)
+                if other != index:
+                    raise SafetyViolation(
+                        f"exactly-once: payload {payload!r} committed at indexes {other} and "
+                        f"{index}"
+                    )
+        elif seen != (term, payload):
+            raise SafetyViolation(
+                f"State Machine Safety: node {node_id} applies term {term} {payload!r} at index "
+                f"{index}; another node applied term {seen[0]} {seen[1]!r}"
+            )
+
+    def check_commit(self, node_id: int, before: int, after: int) -> None:
+        if after < before:
+            raise SafetyViolation(
+                f"node {node_id}: commit_index went backwards from {before} to {after}"
+            )
+        if after > self.commit_index_max:
+            self.commit_index_max = after
+
+
+def check_persisted_before_send(
+    message: Message, durable_term: int, durable_vote: int, durable_last_index: int
+) -> None:
+    """A message may promise only what the sender's disk already holds.
+
+    - A message of term T goes out only once T is durable (a pre-vote asks about term + 1 without
+      adopting it, so it and a granted pre-vote are exempt).
+    - A granted vote is durable as the vote of that term.
+    - A successful AppendEntriesResponse acknowledges only entries on disk.
+    """
+    kind = type(message)
+    exempt = (kind is RequestVote and message.pre_vote) or (  # type: ignore[attr-defined]
+        kind is RequestVoteResponse and message.pre_vote  # type: ignore[attr-defined]
+    )
+    if not exempt and message.term > durable_term:
+        raise SafetyViolation(
+            f"persist before send: node {message.source} sends {kind.__name__} of term "
+            f"{message.term} while its durable term is {durable_term}"
+        )
+    if isinstance(message, RequestVoteResponse) and message.granted and not message.pre_vote:
+        if durable_vote != message.target:
+            raise SafetyViolation(
+                f"persist before send: node {message.source} grants its term {message.term} vote "
+                f"to {message.target} while its durable vote is {durable_vote}"
+            )
+    if isinstance(message, AppendEntriesResponse) and message.success:
+        if message.index > durable_last_index:
+            raise SafetyViolation(
+                f"persist before send: node {message.source} acknowledges index {message.index} "
+                f"while its durable log ends at {durable_last_index}"
+            )
