@@ -53,8 +53,7 @@ def recover(context: RoleContext, app_class: type) -> Processor:
     replayed = 0
     if last_index > processor.applied_index:
         for record in read_records(config.journal_dir, processor.applied_index + 1, last_index):
-            view = memoryview(record.raw)
-            processor.apply_frame(frame_type(record.type, record.version), view[8:])
+            processor.apply_frame(frame_type(record.type, record.version), record.raw[8 : record.length])
             processor.drain_outputs()
             replayed += 1
             # A SNAPSHOT record met during replay was taken before the crash, or is lost with

@@ -92,8 +92,7 @@ class Session(asyncio.Protocol):
         self.peer: tuple[int, int, int] = (0, 0, 0)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is not an asyncio.Transport subclass
         self.sequencer.on_connect(self)
 
     def data_received(self, data: bytes) -> None:

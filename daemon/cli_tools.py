@@ -1,0 +1,187 @@
+"""The operator commands of `seqd` beside `run` and `demo`: status, snapshot, log, verify.
+
+Each reads what it needs without talking to the daemon: the counters segment (status), the journal
+and snapshot files (log, snapshot list/verify, verify), or a signal to the sequencer's pid from
+the counters (snapshot: the sequencer then sequences a SNAPSHOT record like any other input).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from daemon.config import Config, load_config
+
+__all__ = ["add_commands"]
+
+
+def _config(args: argparse.Namespace) -> Config:
+    return load_config(args.config, args.overrides)
+
+
+def _node_name(args: argparse.Namespace) -> str:
+    if getattr(args, "node", None):
+        return str(args.node)
+    return _config(args).node.name
+
+
+def command_status(args: argparse.Namespace) -> int:
+    from daemon import status
+
+    node = _node_name(args)
+    if args.watch:
+        try:
+            status.watch(node, interval_s=args.interval)
+        except KeyboardInterrupt:
+            pass
+        return 0
+    observed = status.sample_status(node)
+    if args.json:
+        print(json.dumps(status.render_json(observed), indent=2, sort_keys=True))
+    else:
+        print(status.render_text(observed), end="")
+    return 0 if observed.liveness == status.Liveness.LIVE else 1
+
+
+def command_snapshot(args: argparse.Namespace) -> int:
+    from daemon.layout import counters_name
+    from ipc.counters import Counters
+    from ipc.segment import SegmentError
+
+    config = _config(args)
+    action = args.action or "take"
+    if action == "take":
+        try:
+            counters = Counters.attach(counters_name(config.node.name))
+        except (SegmentError, FileNotFoundError) as error:
+            print(f"seqd: node {config.node.name} is not running ({error})", file=sys.stderr)
+            return 1
+        try:
+            pid = counters["sequencer.pid"].get()
+        finally:
+            counters.close()
+        if pid <= 0:
+            print(f"seqd: node {config.node.name} has no sequencer running", file=sys.stderr)
+            return 1
+        os.kill(pid, signal.SIGUSR1)
+        print(f"asked the sequencer (pid {pid}) to sequence a SNAPSHOT record; "
+              f"watch `seqd status` for snapshot.last.index")
+        return 0
+    from sequencer import snapshot as snapshots
+
+    if action == "list":
+        infos = snapshots.list_snapshots(config.snapshot_dir)
+        if not infos:
+            print(f"no snapshots in {config.snapshot_dir}")
+        for info in infos:
+            if info.header is not None:
+                print(f"{info.index:>12}  term {info.header.term:<5} app {info.header.app_name} "
+                      f"v{info.header.app_version}  hash {info.header.state_hash.hex()[:16]}  {info.path}")
+            else:
+                print(f"{info.index:>12}  INVALID: {info.error}  {info.path}")
+        return 0
+    if action == "verify":
+        from daemon.verify import verify_snapshots
+
+        return verify_snapshots(config, print)
+    raise AssertionError(action)
+
+
+def command_verify(args: argparse.Namespace) -> int:
+    from daemon.verify import verify_journal
+
+    return verify_journal(_config(args), print, hash_seed=args.hash_seed)
+
+
+def command_log(args: argparse.Namespace) -> int:
+    from sequencer import logtools
+    from sequencer.record import RecordType
+
+    config = _config(args)
+    directory = args.journal or config.journal_dir
+    if args.action == "check":
+        report = logtools.check(directory)
+        print(report)
+        return 0 if report.ok else 1
+    types = None
+    if args.type:
+        try:
+            types = {RecordType[name.upper()] for name in args.type}
+        except KeyError as error:
+            print(f"seqd: unknown record type {error}; known: {', '.join(t.name for t in RecordType)}", file=sys.stderr)
+            return 2
+    decode = _payload_decoder(config) if args.decode else None
+    if args.action == "dump":
+        records = logtools.dump(directory, args.from_index, args.to_index, types, args.session, decode)
+    else:
+        records = logtools.tail(directory, follow=True, from_index=args.from_index if args.from_index > 1 else None,
+                                types=types, session_id=args.session, decode=decode)
+    try:
+        for record in records:
+            print(json.dumps(record, default=_json_default) if args.json else _format_record(record), flush=True)
+    except (KeyboardInterrupt, BrokenPipeError):
+        pass
+    return 0
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value).hex()
+    import msgspec
+
+    try:
+        return msgspec.to_builtins(value)
+    except TypeError:
+        return str(value)
+
+
+def _format_record(record: dict[str, Any]) -> str:
+    head = " ".join(f"{key}={record[key]}" for key in ("index", "term", "type", "version", "session_id", "request_id")
+                    if key in record)
+    rest = {key: value for key, value in record.items()
+            if key not in ("index", "term", "type", "version", "session_id", "request_id")}
+    return f"{head} {json.dumps(rest, default=_json_default)}"
+
+
+def _payload_decoder(config: Config) -> Callable[[int, memoryview], Any]:
+    from sequencer.state_machine import load_app
+
+    schema = load_app(config.node.app).schema
+    return lambda version, data: schema.decode_command(version, bytes(data), 0)
+
+
+def add_commands(commands: Any, add_config_arguments: Callable[[argparse.ArgumentParser], None]) -> None:
+    status = commands.add_parser("status", help="show a node's roles, positions, lags and rates from shared memory")
+    add_config_arguments(status)
+    status.add_argument("--node", help="node name (default: from the config)")
+    status.add_argument("--json", action="store_true", help="one JSON object, for scripts")
+    status.add_argument("--watch", action="store_true", help="refresh like top until interrupted")
+    status.add_argument("--interval", type=float, default=1.0, help="--watch refresh interval in seconds")
+    status.set_defaults(func=command_status)
+
+    snapshot = commands.add_parser("snapshot", help="take (default), list or verify snapshots")
+    add_config_arguments(snapshot)
+    snapshot.add_argument("action", nargs="?", choices=("take", "list", "verify"))
+    snapshot.set_defaults(func=command_snapshot)
+
+    log_parser = commands.add_parser("log", help="dump, follow or check the journal")
+    add_config_arguments(log_parser)
+    log_parser.add_argument("action", choices=("dump", "tail", "check"))
+    log_parser.add_argument("--journal", help="journal directory (default: <data_dir>/journal from the config)")
+    log_parser.add_argument("--from", dest="from_index", type=int, default=1, help="first index")
+    log_parser.add_argument("--to", dest="to_index", type=int, default=None, help="last index")
+    log_parser.add_argument("--type", action="append", help="only records of this type (repeatable)")
+    log_parser.add_argument("--session", type=lambda text: int(text, 0), default=None, help="only this session id")
+    log_parser.add_argument("--decode", action="store_true", help="decode payloads with the configured app's types")
+    log_parser.add_argument("--json", action="store_true", help="one JSON object per record")
+    log_parser.set_defaults(func=command_log)
+
+    verify = commands.add_parser("verify", help="replay the journal in fresh processes under two hash seeds and compare")
+    add_config_arguments(verify)
+    verify.add_argument("--hash-seed", type=int, default=12345, help="the second PYTHONHASHSEED (the blp uses 0)")
+    verify.set_defaults(func=command_verify)
