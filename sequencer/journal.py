@@ -197,6 +197,8 @@ def list_segments(directory: Path | str) -> list[tuple[int, Path]]:
     """(first index, path) of every segment file, oldest first; other files are ignored."""
     directory = Path(directory)
     found = []
+    if not directory.is_dir():
+        raise JournalError(f"no journal at {directory}: not a directory")
     with os.scandir(directory) as entries:
         for entry in entries:
             match = _SEGMENT_NAME.match(entry.name)
