@@ -100,6 +100,7 @@ def command_verify(args: argparse.Namespace) -> int:
 
 def command_log(args: argparse.Namespace) -> int:
     from sequencer import logtools
+    from sequencer.journal import JournalError
     from sequencer.record import RecordType
 
     config = _config(args)
@@ -126,6 +127,9 @@ def command_log(args: argparse.Namespace) -> int:
             print(json.dumps(record, default=_json_default) if args.json else _format_record(record), flush=True)
     except (KeyboardInterrupt, BrokenPipeError):
         pass
+    except JournalError as error:
+        print(f"seqd: {error}", file=sys.stderr)
+        return 1
     return 0
 
 
