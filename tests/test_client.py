@@ -16,6 +16,7 @@ from sequencer.client import (
     Duplicate,
     ProtocolViolation,
     TimedOut,
+    unix,
 )
 from sequencer.client.protocol import Reply, ReplyStatus
 from tests.test_client_fake_daemon import FakeDaemon, running_fake_daemon
@@ -285,3 +286,52 @@ def test_one_client_is_usable_from_a_worker_thread(daemon: FakeDaemon) -> None:
     worker.start()
     worker.join(30)
     assert results == [b"0", b"1", b"2", b"3", b"4"]
+
+
+def test_resend_after_reconnect_is_in_request_id_order_from_the_oldest_unanswered(
+    daemon: FakeDaemon, clients: list[Client]
+) -> None:
+    client = connect(clients, daemon, client_id=3)
+    client.call(b"echo:first")
+    daemon.pause()
+    pending = [client.submit(b"incr:o") for _ in range(6)]
+    client.flush()
+    daemon.drop_connections()  # the held commands die with the connection, unapplied
+    daemon.paused = False
+    assert [int(request.result().payload) for request in pending] == [1, 2, 3, 4, 5, 6]
+    arrivals = [request_id for client_id, request_id in daemon.received if client_id == 3]
+    assert arrivals == [1, 2, 3, 4, 5, 6, 7, 2, 3, 4, 5, 6, 7]
+
+
+def test_flush_reconnects_and_writes_commands_submitted_while_disconnected(
+    daemon: FakeDaemon, clients: list[Client]
+) -> None:
+    client = connect(clients, daemon)
+    client.call(b"echo:up")
+    daemon.drop_connections()  # returns once the daemon's end is closed
+    pending = client.submit(b"echo:x")
+    client.flush()  # the write fails (EPIPE), so flush reconnects and writes it again
+    assert daemon.hellos == 2
+    assert client.call(b"echo:y").payload == b"y"
+    assert pending.result().payload == b"x"
+    assert daemon.applications.total() == 3
+
+
+def test_unread_events_beyond_the_bound_drop_the_oldest_and_are_counted(
+    daemon: FakeDaemon, clients: list[Client], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(unix, "EVENTS_BUFFERED_MAX", 3)
+    subscriber = connect(clients, daemon, subscribe_events=True)
+    for i in range(5):
+        subscriber.call(f"publish:{i}".encode())
+    assert [event.payload for event in subscriber.events(timeout_s=SHORT_S)] == [b"2", b"3", b"4"]
+    assert subscriber.stats["events_dropped"] == 2
+
+
+def test_bad_arguments_are_refused_with_their_bounds(daemon: FakeDaemon) -> None:
+    with pytest.raises(ValueError, match="IN_FLIGHT_LIMIT_MAX"):
+        Client(daemon.socket_path, in_flight_max=unix.IN_FLIGHT_LIMIT_MAX + 1)
+    with pytest.raises(ValueError, match="client_id"):
+        Client(daemon.socket_path, client_id=0)
+    with pytest.raises(ValueError, match="first_request_id"):
+        Client(daemon.socket_path, first_request_id=0)

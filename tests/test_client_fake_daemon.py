@@ -113,6 +113,7 @@ class FakeDaemon:
         self.index = 0
         self.hellos = 0
         self.commands_received = 0
+        self.received: list[tuple[int, int]] = []  # (client id, request id) in arrival order
         self.unacked_max = 0  # the most requests a client had sent and not seen answered
         self.protocol_errors: list[str] = []
         self.sessions: set[_Session] = set()
@@ -190,12 +191,19 @@ class FakeDaemon:
         self.run(resume)
 
     def drop_connections(self) -> None:
-        def drop() -> None:
+        """Abort every connection, and return once their sockets are closed."""
+
+        async def drop() -> None:
             for session in list(self.sessions):
                 assert session.transport is not None
                 session.transport.abort()
+            for _ in range(1000):  # connection_lost (which closes the socket) runs soon after
+                if not self.sessions:
+                    return
+                await asyncio.sleep(0.001)
+            raise AssertionError(f"{len(self.sessions)} sessions did not close")
 
-        self.run(drop)
+        self.run(drop())
 
     def close(self) -> None:
         self.stop()
@@ -240,6 +248,7 @@ class FakeDaemon:
             return True
         if isinstance(frame, Command):
             self.commands_received += 1
+            self.received.append((session.client_id, frame.request_id))
             self.unacked_max = max(self.unacked_max, frame.request_id - frame.acked_request_id)
             if self.paused:
                 session.held.append(frame)

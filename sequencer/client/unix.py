@@ -432,7 +432,11 @@ class Client:
     def flush(self, timeout_s: float | None = None) -> None:
         """Write every submitted command to the socket."""
         self._check_open()
-        self._pump(lambda: not self._outgoing, self._deadline(timeout_s), "flushing commands")
+        self._pump(
+            lambda: self._socket is not None and not self._outgoing,
+            self._deadline(timeout_s),
+            "flushing commands",
+        )
 
     def next_event(self, timeout_s: float | None = None) -> Any:
         """The next published event (decoded by the schema, or an `Event` frame).
@@ -959,6 +963,14 @@ class AsyncClient:
                 self._flush_scheduled = True
                 self._loop.call_soon(self._flush)
         return pending
+
+    async def flush(self, timeout_s: float | None = None) -> None:
+        """Hand every submitted command to the transport now, connecting first if needed."""
+        self._ensure_connecting()
+        if self._protocol is None:
+            assert self._connected is not None
+            await self._wait(self._connected, timeout_s, "connecting")
+        self._flush()
 
     async def next_event(self, timeout_s: float | None = None) -> Any:
         """The next published event; raises TimedOut after timeout_s without one."""
