@@ -98,8 +98,8 @@ FRAME_HEADER_BYTES: Final = FRAME_HEADER.size
 # an error frame and the connection is closed, before any of its body is buffered.
 FRAME_BYTES_MAX: Final = 1 << 20
 FRAME_BODY_BYTES_MAX: Final = FRAME_BYTES_MAX - FRAME_HEADER_BYTES
-# Bytes a shell reads from the socket per call: asyncio's and uvloop's stream read size (256 KiB),
-# large enough to carry thousands of pipelined commands per system call.
+# Bytes a shell reads from the socket per call: asyncio's stream read size (262144 bytes; uvloop
+# reads 256000), large enough to carry thousands of pipelined commands per system call.
 READ_BYTES_MAX: Final = 256 * 1024
 # The receive buffer holds at most one incomplete frame plus one read, when the shell drains the
 # complete frames before each read. Anything more is a shell bug, not a peer's.
