@@ -76,6 +76,7 @@ class Supervisor:
         self.rings: list[Ring] = []
         self.ready_sent = False
         self.incarnation = 0
+        self.restarts = 0  # pipeline restarts since `seqd run` began; the counters are recreated each time
 
     # ---- signals ---------------------------------------------------------------------------
 
@@ -234,6 +235,7 @@ class Supervisor:
         self.incarnation += 1
         with self.shared_memory() as counters:
             counters["supervisor.pid"].set(os.getpid())
+            counters["supervisor.restarts"].set(self.restarts)
             counters["node.number"].set(config.node.number)
             counters["node.incarnation"].set(int(time.time()) ^ self.incarnation)
             counters["node.state"].set(int(NodeState.RECOVERING))
@@ -261,7 +263,7 @@ class Supervisor:
                 counters["node.state"].set(int(NodeState.STOPPED))
                 return ok
             except RoleDied as died:
-                counters["supervisor.restarts"].add(1)
+                self.restarts += 1
                 log.error("%s; restarting the pipeline from the journal", died)
                 self.notifier.status(f"restarting: {died}")
                 self._kill_all()

@@ -1,0 +1,154 @@
+"""End to end with real processes: a node on the ledger app, clients, crashes, restarts."""
+
+from __future__ import annotations
+
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from daemon.harness import NodeProcess
+from daemon.layout import counters_name, egress_name, log_name
+from tests.node_fixtures import (
+    TransferDriver,
+    balances,
+    expected_balances,
+    node_factory,  # noqa: F401 (fixture)
+    open_accounts,
+)
+
+ACCOUNTS = [f"acct{number}" for number in range(8)]
+
+
+def kill_role(node: NodeProcess, role: str) -> None:
+    before = node.read_counters()["supervisor.restarts"]
+    os.kill(node.role_pid(role), signal.SIGKILL)
+    node.wait_serving(after_restarts=before + 1)
+
+
+def test_every_acknowledged_transfer_is_applied_exactly_once_across_kills_of_each_role_and_the_daemon(
+    node_factory,  # noqa: F811
+) -> None:
+    node = node_factory()
+    open_accounts(node.socket_path, ACCOUNTS)
+    drivers = [TransferDriver(node.socket_path, ACCOUNTS, seed).start() for seed in range(3)]
+    acknowledged = 200
+    for role in ("sequencer", "journaller", "blp"):
+        for driver in drivers:
+            driver.wait_acknowledged(acknowledged)
+        kill_role(node, role)
+        acknowledged += 200
+    for driver in drivers:
+        driver.wait_acknowledged(acknowledged)
+    # The whole daemon: supervisor and roles die at once; a new one starts on the same journal.
+    node.kill()
+    node.start()
+    acknowledged += 200
+    for driver in drivers:
+        driver.wait_acknowledged(acknowledged)
+    for driver in drivers:
+        driver.stop()
+    assert sum(len(driver.acknowledged) for driver in drivers) >= 3 * acknowledged
+    expected = expected_balances(ACCOUNTS, drivers)
+    assert balances(node.socket_path, ACCOUNTS) == expected
+    # The journal replays to the same state: restart from the journal alone and ask again.
+    assert node.stop() == 0
+    node.start()
+    assert balances(node.socket_path, ACCOUNTS) == expected
+
+
+def test_sigterm_drains_committed_work_and_exits_zero(node_factory) -> None:  # noqa: F811
+    node = node_factory()
+    open_accounts(node.socket_path, ACCOUNTS)
+    driver = TransferDriver(node.socket_path, ACCOUNTS, seed=7).start()
+    driver.wait_acknowledged(300)
+    assert node.stop() == 0
+    node.start()
+    driver.stop()
+    assert balances(node.socket_path, ACCOUNTS) == expected_balances(ACCOUNTS, [driver])
+    assert node.stop() == 0
+    assert "drained" in node.log_text()
+
+
+def test_node_refuses_to_start_while_another_serves_the_same_node_name(node_factory, tmp_dir: Path) -> None:  # noqa: F811
+    node = node_factory()
+    (tmp_dir / "twin").mkdir()
+    twin = NodeProcess(tmp_dir / "twin", node.node)
+    twin.start(wait=False)
+    assert twin.process is not None
+    code = twin.process.wait(timeout=30)
+    twin.stop()
+    assert code != 0
+    assert "is in use" in twin.log_text()
+    # The serving node is undisturbed.
+    open_accounts(node.socket_path, ["x"])
+
+
+def test_socket_directory_socket_and_shared_memory_have_restrictive_modes(node_factory, tmp_dir: Path) -> None:  # noqa: F811
+    node = node_factory({"socket": {"path": str(tmp_dir / "run" / "seqd.sock")}})
+    assert stat.S_IMODE((tmp_dir / "run").stat().st_mode) == 0o750
+    assert stat.S_IMODE(os.stat(node.socket_path).st_mode) == 0o660
+    for name in (counters_name(node.node), log_name(node.node), egress_name(node.node)):
+        mode = stat.S_IMODE(os.stat(f"/dev/shm/{name[1:]}").st_mode)
+        assert mode == 0o600, (name, oct(mode))
+
+
+NOBODY = 65534
+
+
+def _connect_as(uid: int, socket_path: str) -> str:
+    """Connect from a child process running as `uid`; return what the daemon said."""
+    script = f"""
+import os, socket
+from sequencer.client import protocol  # before dropping privileges: the interpreter's files may be private
+os.setgid({uid}); os.setuid({uid})
+c = protocol.Connection(protocol.Side.CLIENT)
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.settimeout(10)
+s.connect({socket_path!r})
+s.sendall(c.send(protocol.Hello(client_id=42)))
+data = b""
+while True:
+    chunk = s.recv(65536)
+    if not chunk:
+        break
+    c.receive_data(chunk)
+    frame = c.next_frame()
+    if frame is not protocol.NEED_DATA:
+        print(type(frame).__name__, getattr(frame, "code", ""))
+        break
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30, check=False)
+    return result.stdout.strip() + result.stderr.strip()[-300:]
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to run a client as another uid")
+def test_peer_credentials_are_checked_against_the_allow_list(node_factory, tmp_dir: Path) -> None:  # noqa: F811
+    node = node_factory()
+    # Open the file modes so only SO_PEERCRED stands between the other uid and the daemon.
+    os.chmod(tmp_dir, 0o755)
+    os.chmod(node.socket_path, 0o666)
+    assert _connect_as(NOBODY, node.socket_path) == "Error permission_denied"
+    assert node.read_counters()["errors.security"] == 1
+    node.stop()
+    allowed = node_factory({"socket": {"allowed_uids": [NOBODY]}})
+    os.chmod(allowed.socket_path, 0o666)
+    assert _connect_as(NOBODY, allowed.socket_path) == "Welcome"
+
+
+def test_replies_wait_for_the_journal_and_counters_show_a_consistent_pipeline(node_factory) -> None:  # noqa: F811
+    node = node_factory()
+    open_accounts(node.socket_path, ACCOUNTS)
+    values = node.read_counters()
+    # Everything acknowledged is durable and applied; nothing is applied beyond the commit index.
+    assert values["blp.applied.index"] <= values["commit.index"] <= values["journal.durable.index"]
+    assert values["journal.durable.index"] >= 2 * len(ACCOUNTS)
+    assert values["sessions.total"] >= 1
+    time.sleep(0.3)
+    values = node.read_counters()
+    assert values["blp.applied.index"] == values["log.published.index"]
