@@ -35,7 +35,10 @@ class SafetyViolation(AssertionError):
 
 
 class Checker:
-    def __init__(self) -> None:
+    def __init__(self, *, unique_payloads: bool = True) -> None:
+        # With unique payloads (the simulator's clients never resend), a payload committed twice
+        # is a double application.
+        self.unique_payloads = unique_payloads
         self.leader_of_term: dict[int, int] = {}
         self.written: dict[tuple[int, int], tuple[bytes, int | None]] = {}
         self.committed: dict[int, tuple[int, bytes]] = {}
@@ -84,7 +87,7 @@ class Checker:
         seen = self.committed.get(index)
         if seen is None:
             self.committed[index] = (term, payload)
-            if payload:
+            if payload and self.unique_payloads:
                 other = self.committed_index_of_payload.setdefault(payload, index)
                 if other != index:
                     raise SafetyViolation(

@@ -163,6 +163,7 @@ class Simulation:
         self.reads_done = 0
         self.read_count = 0
         self.messages_sent = 0
+        self.snapshots_installed = dict.fromkeys(self.ids, 0)
 
     # ------------------------------------------------------------------------- plumbing
 
@@ -346,6 +347,7 @@ class Simulation:
         if ready.snapshot is not None:
             node.applied = list(STATE_DECODER.decode(ready.snapshot.data))
             assert len(node.applied) == ready.snapshot.index, (node.id, ready.snapshot.index)
+            self.snapshots_installed[node.id] += 1
             self._record(f"install n{node.id} snapshot {ready.snapshot.index}")
         committed = ready.committed
         if committed is not None:
@@ -411,8 +413,10 @@ class Simulation:
         self._record(f"crash n{node.id} {how}")
 
     def restart(self, node_id: int) -> None:
+        """Start a crashed node from its disk (a live node only loses an armed torn crash)."""
         node = self.nodes[node_id]
         if node.core is not None:
+            node.crash_at_next_ready = False
             return
         self._start(node)
 
