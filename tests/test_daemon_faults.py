@@ -1,0 +1,146 @@
+"""Bad clients against a real node: each gets an error frame or a disconnect; nobody else notices."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import time
+
+import pytest
+
+from sequencer.apps.ledger import Balance, Ledger
+from sequencer.client import Client, protocol
+from tests.node_fixtures import node_factory, open_accounts  # noqa: F401
+
+ACCOUNTS = ["a", "b"]
+
+
+def _raw(socket_path: str) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(10)
+    sock.connect(socket_path)
+    return sock
+
+
+def _answer(sock: socket.socket) -> tuple[str, str]:
+    """Read until the daemon closes: the last frame it sent (kind, error code), or ('eof', '')."""
+    import msgspec
+
+    data = b""
+    while True:
+        try:
+            chunk = sock.recv(65536)
+        except ConnectionResetError:
+            chunk = b""
+        if not chunk:
+            break
+        data += chunk
+    sock.close()
+    last = ("eof", "")
+    offset = 0
+    while len(data) - offset >= protocol.FRAME_HEADER_BYTES:
+        length, kind, _, _ = protocol.FRAME_HEADER.unpack_from(data, offset)
+        body = data[offset + protocol.FRAME_HEADER_BYTES : offset + protocol.FRAME_HEADER_BYTES + length]
+        offset += protocol.FRAME_HEADER_BYTES + length
+        if kind == protocol.FrameKind.ERROR:
+            last = ("error", msgspec.msgpack.decode(body, type=protocol.Error).code)
+        else:
+            last = (protocol.FrameKind(kind).name.lower(), "")
+    return last
+
+
+def _hello(client_id: int = 99) -> bytes:
+    return protocol.Connection(protocol.Side.CLIENT).send(protocol.Hello(client_id=client_id))
+
+
+BAD_INPUTS = {
+    "garbage": b"\xde\xad\xbe\xef" * 64,
+    "oversized_frame": protocol.FRAME_HEADER.pack(protocol.FRAME_BYTES_MAX, protocol.FrameKind.HELLO, 1, 0),
+    "wrong_version": protocol.FRAME_HEADER.pack(0, protocol.FrameKind.HELLO, 99, 0),
+    "unknown_kind": protocol.FRAME_HEADER.pack(0, 200, 1, 0),
+    "command_before_hello": protocol.FRAME_HEADER.pack(24, protocol.FrameKind.COMMAND, 1, 0) + bytes(24),
+    "reply_from_client": _hello() + protocol.FRAME_HEADER.pack(24, protocol.FrameKind.REPLY, 1, 0) + bytes(24),
+    "malformed_hello": protocol.FRAME_HEADER.pack(3, protocol.FrameKind.HELLO, 1, 0) + b"\xc1\xc1\xc1",
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_gets_an_error_frame_and_only_that_connection_closes(node_factory, case: str) -> None:  # noqa: F811
+    node = node_factory()
+    open_accounts(node.socket_path, ACCOUNTS)
+    with Client(node.socket_path, schema=Ledger.schema, timeout_s=10) as bystander:
+        assert bystander.call(Balance("a")).balance > 0
+        sock = _raw(node.socket_path)
+        sock.sendall(BAD_INPUTS[case])
+        kind, code = _answer(sock)
+        assert kind == "error", (case, kind)
+        assert code, case
+        # The other client's session is undisturbed, and the node still accepts new ones.
+        assert bystander.call(Balance("a")).balance > 0
+        open_accounts(node.socket_path, [f"later-{case}"])
+    assert node.read_counters()["errors.protocol"] >= 1
+
+
+def test_truncated_frame_then_disconnect_loses_nothing_for_others(node_factory) -> None:  # noqa: F811
+    node = node_factory()
+    open_accounts(node.socket_path, ACCOUNTS)
+    sock = _raw(node.socket_path)
+    command = protocol.FRAME_HEADER.pack(100, protocol.FrameKind.COMMAND, 1, 0) + b"\x00" * 10
+    sock.sendall(_hello(5) + command)
+    sock.close()  # mid-frame
+    with Client(node.socket_path, schema=Ledger.schema, timeout_s=10) as client:
+        assert client.call(Balance("b")).balance > 0
+
+
+def test_client_that_never_reads_is_disconnected_and_others_keep_being_served(node_factory) -> None:  # noqa: F811
+    node = node_factory({"socket": {"client_write_buffer_bytes_max": 64 * 1024}})
+    open_accounts(node.socket_path, ACCOUNTS)
+    hog = _raw(node.socket_path)
+    hog.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    codec = protocol.Connection(protocol.Side.CLIENT)
+    out = bytearray(codec.send(protocol.Hello(client_id=77)))
+    version, payload = Ledger.schema.encode_command(Balance("a"))
+    # Request ids run on and nobody reads the replies: the daemon's buffer for this client fills.
+    sent = 0
+    deadline = time.monotonic() + 30
+    disconnected = False
+    with Client(node.socket_path, schema=Ledger.schema, timeout_s=10) as bystander:
+        while time.monotonic() < deadline and not disconnected:
+            for _ in range(500):
+                sent += 1
+                codec.send_command_into(out, sent, 0, version, payload)
+            try:
+                hog.sendall(bytes(out))
+            except OSError:
+                disconnected = True
+            out.clear()
+            if node.read_counters()["errors.slow_client"] >= 1:
+                disconnected = True
+            assert bystander.call(Balance("a")).balance > 0
+    hog.close()
+    assert disconnected, f"sent {sent} commands without reading and was never disconnected"
+    assert node.read_counters()["errors.slow_client"] >= 1
+
+
+def test_frame_codec_layout_matches_the_daemon(node_factory) -> None:  # noqa: F811
+    """A hand-built COMMAND frame, byte by byte as docs/client.md says, gets its REPLY."""
+    node = node_factory()
+    open_accounts(node.socket_path, ACCOUNTS)
+    sock = _raw(node.socket_path)
+    version, payload = Ledger.schema.encode_command(Balance("a"))
+    body = struct.pack("<QQH6x", 1, 0, version) + payload
+    sock.sendall(_hello(123) + struct.pack("<IBBH", len(body), 3, 1, 0) + body)
+    codec = protocol.Connection(protocol.Side.CLIENT)
+    frames: list[object] = []
+    while len(frames) < 2:
+        chunk = sock.recv(65536)
+        assert chunk, "daemon closed the connection"
+        codec.receive_data(chunk)
+        frames.extend(codec.next_frames())
+    sock.close()
+    assert isinstance(frames[0], protocol.Welcome)
+    reply = frames[1]
+    assert isinstance(reply, protocol.Reply)
+    assert reply.request_id == 1
+    assert reply.status == protocol.ReplyStatus.OK
+    assert Ledger.schema.decode_reply(reply.version, reply.payload).balance > 0
