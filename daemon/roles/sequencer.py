@@ -145,7 +145,8 @@ class Sequencer:
         incarnation = counters["node.incarnation"].get() & 0xFFFFFF
         self.session_id_base = (node_number << 56) | (incarnation << SESSION_ID_COUNTER_BITS)
         self.records_since_snapshot = 0
-        self.snapshot_every_records = config.snapshot.every_records
+        # 0 in the config means "only on request"; a bound no run reaches keeps the hot path to one compare.
+        self.snapshot_every_records = config.snapshot.every_records or (1 << 62)
         self.accepting = True
         self.draining = False
         self.server: asyncio.AbstractServer | None = None
@@ -216,6 +217,8 @@ class Sequencer:
         view[_COMMAND_TAIL.size :] = payload
         self.next_index += 1
         self.records_since_snapshot += 1
+        if self.records_since_snapshot >= self.snapshot_every_records:
+            self.request_snapshot()
         return True
 
     # ---- sessions --------------------------------------------------------------------------
@@ -335,8 +338,6 @@ class Sequencer:
             if commands:
                 self.commands_total.add(commands)
                 self._schedule_flush()
-                if self.snapshot_every_records and self.records_since_snapshot >= self.snapshot_every_records:
-                    self.request_snapshot()
 
     def _block(self, session: Session, frames: list[protocol.Frame]) -> None:
         session.backlog = frames
@@ -371,8 +372,8 @@ class Sequencer:
 
     def request_snapshot(self) -> None:
         """Sequence a SNAPSHOT record: every replica snapshots the same state at its index."""
+        self.records_since_snapshot = 0
         if self._claim_record(RecordType.SNAPSHOT, 1, 0, 0, b""):
-            self.records_since_snapshot = 0
             log.info("snapshot requested at index %d", self.next_index - 1)
         else:
             log.warning("ring full: snapshot request deferred")
