@@ -64,7 +64,7 @@ def _run(processes: list[Any], results: Any, expected: int) -> list[Any]:
     try:
         for process in processes:
             process.start()
-        reports = []
+        reports: list[Any] = []
         deadline = time.monotonic() + JOIN_TIMEOUT_S
         while len(reports) < expected:
             remaining = deadline - time.monotonic()

@@ -34,13 +34,14 @@ def pin(cpu: int | Iterable[int], pid: int | None = None) -> list[int]:
         ValueError: a CPU that this machine (or this process's cgroup) does not offer.
     """
     cpus = sorted({cpu} if isinstance(cpu, int) else set(cpu))
-    allowed = set(available_cpus())
-    missing = [c for c in cpus if c not in allowed]
+    machine = set(range(psutil.cpu_count(logical=True) or 1))
+    missing = [c for c in cpus if c not in machine]
     if not cpus or missing:
-        raise ValueError(
-            f"cannot pin to CPUs {cpus}: not available here (this process may use {sorted(allowed)})"
-        )
+        raise ValueError(f"cannot pin to CPUs {cpus}: this machine has CPUs {sorted(machine)}")
     process = psutil.Process(pid)
     before = sorted(process.cpu_affinity() or [])
-    process.cpu_affinity(cpus)
+    try:
+        process.cpu_affinity(cpus)
+    except (OSError, ValueError) as error:  # e.g. outside this cgroup's cpuset
+        raise ValueError(f"cannot pin to CPUs {cpus}: {error}") from error
     return before

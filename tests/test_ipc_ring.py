@@ -86,7 +86,7 @@ def test_writer_never_overwrites_a_record_a_reader_has_not_passed(make_ring):
     writer = ring.writer()
     fast, slow = ring.reader("fast"), ring.reader("slow")
     written = 0
-    while writer.try_write(checked(written, 20), 1):
+    while written < 1000 and writer.try_write(checked(written, 20), 1):
         written += 1
         drain_read(fast)
     # 20-byte payloads make 32-byte frames: exactly capacity / 32 fit before slow gates.
@@ -101,7 +101,7 @@ def test_writer_never_overwrites_a_record_a_reader_has_not_passed(make_ring):
 def test_record_larger_than_the_ring_is_refused_with_a_clear_error(make_ring):
     ring = make_ring(256)
     writer = ring.writer()
-    with pytest.raises(RecordTooLarge, match="frame of 264 bytes .* capacity 256 bytes"):
+    with pytest.raises(RecordTooLarge, match=r"frame of 264 bytes .* capacity 256 bytes"):
         writer.try_write(b"x" * 250, 1)
     with pytest.raises(RecordTooLarge, match="can never fit"):
         writer.try_claim(249, 1)

@@ -1,0 +1,92 @@
+"""Counters: named 64-bit values, each alone on a 128-byte line, visible across processes."""
+
+from __future__ import annotations
+
+import multiprocessing
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+import ipc
+from ipc.counters import Counters
+from ipc.segment import LINE_BYTES, SegmentError
+
+FORK = multiprocessing.get_context("fork")
+NAMES = ["log.published", "journal.durable", "commit", "blp.applied", "raft_role", "term"]
+
+
+@pytest.fixture
+def counters(unique: str) -> Iterator[Counters]:
+    created = Counters.create(ipc.segment_name(unique, "counters"), NAMES)
+    yield created
+    created.close()
+    created.unlink()
+
+
+def test_each_counter_sits_alone_on_its_own_128_byte_line(counters):
+    offsets = [counters.line_offset(name) for name in NAMES]
+    assert all(offset % LINE_BYTES == 0 for offset in offsets)
+    assert len({offset // LINE_BYTES for offset in offsets}) == len(NAMES)
+    # Writing one counter changes no byte of any other line.
+    before = bytes(counters.segment.buffer)
+    counters["commit"].set(-1)
+    after = bytes(counters.segment.buffer)
+    changed = {i // LINE_BYTES for i in range(len(before)) if before[i] != after[i]}
+    assert changed == {counters.line_offset("commit") // LINE_BYTES}
+
+
+def test_set_add_get_and_snapshot(counters):
+    counters["term"].set(7)
+    assert counters["term"].add(3) == 10
+    assert counters["commit"].add(-2) == -2
+    assert counters.snapshot() == {name: {"term": 10, "commit": -2}.get(name, 0) for name in NAMES}
+    assert counters["term"].get() == 10
+    assert counters.names == tuple(NAMES)
+
+
+def test_unknown_counter_is_a_clear_error(counters):
+    with pytest.raises(KeyError, match="has no counter 'nope'; it has"):
+        counters["nope"]
+
+
+def _child_writes(name: str, done: Any) -> None:
+    attached = Counters.attach(name)
+    attached["journal.durable"].set(1 << 40)
+    attached["raft_role"].add(2)
+    attached.close()
+    done.set()
+
+
+def test_values_written_by_another_process_are_visible_by_name(counters):
+    done = FORK.Event()
+    child = FORK.Process(target=_child_writes, args=(counters.name, done))
+    child.start()
+    try:
+        assert done.wait(30)
+        attached = Counters.attach(counters.name)
+        assert attached.snapshot()["journal.durable"] == 1 << 40
+        assert counters["raft_role"].get() == 2
+        attached.close()
+    finally:
+        child.join(30)
+        if child.is_alive():
+            child.kill()
+            child.join(5)
+
+
+def test_attach_refuses_a_ring_segment(unique):
+    ring = ipc.Ring.create(ipc.segment_name(unique, "ring"), 256, readers=("a",))
+    try:
+        with pytest.raises(SegmentError, match="is a 'ring' segment, not a 'counters' segment"):
+            Counters.attach(ring.name)
+    finally:
+        ring.close()
+        ring.unlink()
+
+
+def test_counter_names_are_checked(unique):
+    with pytest.raises(ValueError, match="unique"):
+        Counters.create(ipc.segment_name(unique, "c"), ["a", "a"])
+    with pytest.raises(ValueError, match="printable ASCII"):
+        Counters.create(ipc.segment_name(unique, "c"), ["x" * 65])

@@ -1,0 +1,111 @@
+"""Idle strategies: backoff escalates and resets; blocking wakes on a ring and times out."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+import ipc
+from ipc.doorbell import Doorbell, bell_name
+from ipc.idle import BackoffIdleStrategy, BlockingIdleStrategy
+
+
+@pytest.fixture
+def doorbell(unique: str) -> Iterator[Doorbell]:
+    bell = Doorbell.create(bell_name(ipc.segment_name(unique, "ring"), "r"))
+    yield bell
+    bell.close()
+    bell.unlink()
+
+
+def test_backoff_spins_then_yields_then_sleeps_doubling_to_its_cap_and_resets_on_work():
+    idle = BackoffIdleStrategy(spins_max=3, yields_max=2, sleep_ns_min=1_000, sleep_ns_max=8_000)
+    phases = []
+    sleeps = []
+    for _ in range(12):
+        phases.append(idle.phase)
+        sleeps.append(idle.sleep_ns)
+        idle.idle(0)
+    assert phases[:4] == ["spinning"] * 4
+    assert phases[4:7] == ["yielding"] * 3
+    assert phases[7:] == ["sleeping"] * 5
+    assert sleeps[7:] == [1_000, 2_000, 4_000, 8_000, 8_000]  # doubled after each sleep, capped
+    idle.idle(1)
+    assert (idle.phase, idle.spins, idle.yields, idle.sleep_ns) == ("spinning", 0, 0, 1_000)
+
+
+def test_idle_strategy_builds_each_named_strategy(doorbell):
+    assert isinstance(ipc.idle_strategy("spin"), ipc.SpinIdleStrategy)
+    assert isinstance(ipc.idle_strategy("yield"), ipc.YieldIdleStrategy)
+    assert isinstance(ipc.idle_strategy("backoff"), ipc.BackoffIdleStrategy)
+    blocking = ipc.idle_strategy("blocking", doorbell)
+    assert isinstance(blocking, ipc.BlockingIdleStrategy)
+    assert blocking.doorbell is doorbell
+    with pytest.raises(ValueError, match="needs a doorbell"):
+        ipc.idle_strategy("blocking")
+    with pytest.raises(ValueError, match="choose one of spin, yield, backoff, blocking"):
+        ipc.idle_strategy("nap")
+
+
+def test_blocking_times_out_when_nobody_rings(doorbell):
+    idle = BlockingIdleStrategy(doorbell, timeout_ms=30, yields_before_park=1)
+    idle.idle(0)  # yields first
+    assert (idle.wakes, idle.timeouts) == (0, 0)
+    idle.idle(0)
+    assert (idle.wakes, idle.timeouts) == (0, 1)
+
+
+def test_blocking_wakes_when_rung(doorbell):
+    idle = BlockingIdleStrategy(doorbell, timeout_ms=20_000, yields_before_park=0)
+    def ring_later() -> None:
+        time.sleep(0.05)
+        doorbell.ring()
+
+    ringer = threading.Thread(target=ring_later)
+    ringer.start()
+    try:
+        idle.idle(0)
+    finally:
+        ringer.join(30)
+    assert (idle.wakes, idle.timeouts) == (1, 0)
+
+
+def test_blocking_does_not_wait_when_work_arrived_while_parking(doorbell):
+    ready = doorbell.bind(parked=(memoryview(bytearray(8)).cast("q"), 0), ready=lambda: True)
+    idle = BlockingIdleStrategy(ready, timeout_ms=20_000, yields_before_park=0)
+    idle.idle(0)
+    assert (idle.wakes, idle.timeouts) == (0, 0)
+    assert not ready.parked  # unparked again
+
+
+def test_bound_doorbell_rings_only_a_parked_waiter(doorbell):
+    flag = memoryview(bytearray(8)).cast("q")
+    bound = doorbell.bind(parked=(flag, 0))
+    assert not bound.ring()
+    assert not bound.wait(0)  # nothing pending
+    bound.park()
+    assert bound.ring()
+    assert bound.wait(0)
+    bound.unpark()
+
+
+def test_a_pile_of_rings_is_drained_after_one_wake(doorbell):
+    for _ in range(5):
+        doorbell.ring()
+    assert doorbell.wait(0)
+    assert not doorbell.wait(0)
+
+
+def test_pin_restricts_this_process_and_can_be_undone():
+    cpus = ipc.available_cpus()
+    before = ipc.pin(cpus[0])
+    try:
+        assert ipc.pinned_cpus() == [cpus[0]]
+    finally:
+        ipc.pin(before)
+    assert ipc.pinned_cpus() == cpus
+    with pytest.raises(ValueError, match="this machine has CPUs"):
+        ipc.pin(10_000)
