@@ -69,7 +69,10 @@ class RoleDied(Exception):
 class Supervisor:
     def __init__(self, config: Config, notifier: Notifier | None = None) -> None:
         self.config = config
-        self.notifier = notifier or Notifier.from_environment()
+        # Read the watchdog interval before the notifier removes the variables from the
+        # environment (the roles must not inherit NOTIFY_SOCKET: only the main pid may notify).
+        self.watchdog_interval_s = watchdog_interval_s()
+        self.notifier = notifier or Notifier.from_environment(unset_environment=True)
         self.stop_requested = False
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
         self.counters: Counters | None = None
@@ -272,7 +275,7 @@ class Supervisor:
                 self._kill_all()
 
     def monitor(self, counters: Counters) -> None:
-        interval_s = watchdog_interval_s()
+        interval_s = self.watchdog_interval_s
         gate = WatchdogGate(
             lambda: {role: counters[f"{role}.heartbeat"].get() for role in ROLES}, self.notifier.watchdog
         )
