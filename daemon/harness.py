@@ -82,7 +82,7 @@ class NodeProcess:
         self._log_file: Any = None
 
     def start(self, wait: bool = True, environment: dict[str, str] | None = None) -> NodeProcess:
-        self._log_file = open(self.log_path, "ab")  # noqa: SIM115 (closed in stop)
+        self._log_file = open(self.log_path, "ab")
         env = dict(os.environ)
         env.update(environment or {})
         self.process = subprocess.Popen(

@@ -52,5 +52,5 @@ def test_missing_file_says_what_to_do(tmp_path: Path) -> None:
 
 
 def test_malformed_override_is_refused() -> None:
-    with pytest.raises(ConfigError, match="section.key=value"):
+    with pytest.raises(ConfigError, match=r"section\.key=value"):
         load_config(None, ["roles.blp.idle"])

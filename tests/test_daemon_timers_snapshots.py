@@ -12,8 +12,8 @@ from sequencer.apps.ledger import (
     Balance,
     CommitReservation,
     Ledger,
-    Reserve,
     ReservationExpired,
+    Reserve,
 )
 from sequencer.client import Client, CommandRejected
 from sequencer.journal import read_records

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from typing import Any
 
 from daemon.layout import RoleState, egress_name, log_name
 from daemon.roles.common import RoleContext, start_role
@@ -25,25 +26,27 @@ from sequencer import snapshot as snapshots
 from sequencer.journal import read_records
 from sequencer.processor import Processor
 from sequencer.record import frame_type
-from sequencer.state_machine import load_app
+from sequencer.state_machine import StateMachine, load_app
 
 log = logging.getLogger("seqd.blp")
 
 FRAMES_PER_POLL_MAX = 4096  # bound a batch so the applied position and replies move steadily
 
 
-def recover(context: RoleContext, app_class: type) -> Processor:
+def recover(context: RoleContext, app_class: type[StateMachine]) -> Processor[Any]:
     """Newest valid snapshot, then the journal after it up to the index found at start."""
     config = context.config
     counters = context.counters
     context.set_state(RoleState.RECOVERING)
     snapshots.remove_partial(config.snapshot_dir)
+
     def report(info: snapshots.SnapshotInfo) -> None:
         counters["errors.snapshot"].add(1)
         counters["errors.total"].add(1)
         log.error("snapshot %s is invalid, using an older one: %s", info.path, info.error)
 
     found = snapshots.newest_valid_snapshot(config.snapshot_dir, report)
+    processor: Processor[Any]
     if found is not None:
         processor = Processor.restore(app_class, found.body, node=config.node.name)
         log.info("restored snapshot at index %d from %s", processor.applied_index, found.path)
