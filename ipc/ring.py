@@ -687,6 +687,7 @@ class RingReader:
         "_cursor",
         "_data",
         "_data_offset",
+        "_direct",
         "_limit",
         "_mask",
         "_mmap",
@@ -722,6 +723,7 @@ class RingReader:
         self._cursor = _cursor_word(slot)
         self._upstream = tuple(_cursor_word(s) for s in upstream_slots)
         self._limit = (limit._view, limit._index) if limit is not None else None
+        self._direct = not self._upstream and limit is None  # bounded by `published` alone
         self._position = self._control[self._cursor]
         self._pending = self._position
         self._available = self._position
@@ -769,7 +771,10 @@ class RingReader:
             self._control[self._cursor] = position
         available = self._available
         if position >= available:
-            available = self._refresh()
+            if self._direct:
+                available = self._available = self._control[_PUBLISHED]
+            else:
+                available = self._refresh()
             if position >= available:
                 return None
         words = self._words
