@@ -60,6 +60,37 @@ def _worker(
     progress: Synchronized,  # type: ignore[type-arg]
     results: Any,
     timeout_s: float,
+    clients_per_process: int = 1,
+) -> None:
+    """One process: `clients_per_process` clients, each on its own thread (one in the common case)."""
+    if clients_per_process == 1:
+        _client_loop(socket_path, seed, transfers, in_flight, accounts, rate_per_s, progress, results, timeout_s)
+        return
+    import threading
+
+    threads = [
+        threading.Thread(
+            target=_client_loop,
+            args=(socket_path, seed * 1000 + number, transfers, in_flight, accounts, rate_per_s, progress, results, timeout_s),
+        )
+        for number in range(clients_per_process)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+
+def _client_loop(
+    socket_path: str,
+    seed: int,
+    transfers: int,
+    in_flight: int,
+    accounts: int,
+    rate_per_s: float,
+    progress: Synchronized,  # type: ignore[type-arg]
+    results: Any,
+    timeout_s: float,
 ) -> None:
     rng = random.Random(seed)
     latencies_ns = array("q")
@@ -141,19 +172,28 @@ def run_load(
     rate_per_s: float = 0.0,
     on_progress: Any = None,
     timeout_s: float = 60.0,
+    processes_max: int = 64,
 ) -> LoadResult:
-    """Run `clients` worker processes of `transfers` each; `rate_per_s` is the total rate."""
+    """Run `clients` clients of `transfers` each; `rate_per_s` is the total rate.
+
+    Each client has its own process up to `processes_max`; beyond that clients share processes
+    (one thread each), so 256 clients do not need 256 interpreters on a small machine.
+    """
     context = multiprocessing.get_context("spawn")
     progress = context.Value("q", 0)
     results = context.Queue()
     per_client_rate = rate_per_s / clients if rate_per_s else 0.0
+    processes = min(clients, processes_max)
+    assert clients % processes == 0, f"clients={clients} must be a multiple of {processes} processes"
+    per_process = clients // processes
     workers = [
         context.Process(
             target=_worker,
-            args=(socket_path, seed, transfers, in_flight, accounts, per_client_rate, progress, results, timeout_s),
+            args=(socket_path, seed, transfers, in_flight, accounts, per_client_rate, progress, results, timeout_s,
+                  per_process),
             daemon=True,
         )
-        for seed in range(clients)
+        for seed in range(processes)
     ]
     started = time.perf_counter()
     for worker in workers:

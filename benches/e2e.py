@@ -1,0 +1,240 @@
+"""End-to-end benchmark: a ledger node versus the transport's ceiling and Redis Streams.
+
+    python -m benches.e2e --quick --json       # CI-sized, under about a minute on 2 cores
+    python -m benches.e2e                       # bigger runs
+    python -m benches.e2e --scale               # clients 1, 8, 64, 256: plots in benches/out/
+
+In one run, with the same Python load generator (`daemon.load`: pipelined clients, each in its own
+process, the same window of requests in flight):
+
+- node: a single seqd node on the ledger app, every reply after group-committed fdatasync;
+- echo: a uvloop Unix-socket server that answers each COMMAND frame at once with the same codec
+  (no sequencing, no journal, no logic): the ceiling of the transport and the client library;
+- redis: `XADD` to a stream on a `redis-server` with `appendonly yes` and `appendfsync always`
+  over a Unix socket, pipelined to the same depth (skipped with a note when redis-server is absent).
+
+Latency is measured at a fixed offered rate of half the node's measured maximum, from each
+request's due time (coordinated omission corrected). Replay speed is the blp's recovery path:
+`read_records` + `Processor.apply_frame` over the journal the run wrote.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from daemon.harness import NodeProcess
+from daemon.load import LoadResult, run_load, setup_accounts
+
+OUT = Path(__file__).resolve().parent / "out"
+
+
+def machine() -> dict[str, Any]:
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": model,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "kernel": platform.release(),
+        "load_average": os.getloadavg()[0],
+    }
+
+
+def bench_node(directory: Path, clients: int, transfers: int, in_flight: int, accounts: int) -> tuple[LoadResult, LoadResult, float, NodeProcess]:
+    node = NodeProcess(directory, f"bench{uuid.uuid4().hex[:6]}")
+    node.start()
+    try:
+        setup_accounts(node.socket_path, accounts)
+        run_load(node.socket_path, clients, max(200, transfers // 10), in_flight, accounts)  # warm-up
+        maximum = run_load(node.socket_path, clients, transfers, in_flight, accounts)
+        rate = maximum.per_s / 2
+        latency = run_load(node.socket_path, clients, max(500, int(rate * 3 / clients)), in_flight, accounts, rate_per_s=rate)
+    finally:
+        node.stop()
+        node.remove_shared_memory()
+    replay = bench_replay(node)
+    return maximum, latency, replay, node
+
+
+def bench_replay(node: NodeProcess) -> float:
+    from sequencer.journal import read_records
+    from sequencer.processor import Processor
+    from sequencer.record import frame_type
+    from sequencer.state_machine import load_app
+
+    processor = Processor(load_app(node.config.node.app))
+    started = time.perf_counter()
+    count = 0
+    for record in read_records(node.config.journal_dir):
+        processor.apply_frame(frame_type(record.type, record.version), record.raw[8 : record.length])
+        processor.snapshot_requested = False
+        count += 1
+        if count % 4096 == 0:
+            processor.drain_outputs()
+    elapsed = time.perf_counter() - started
+    return count / elapsed if elapsed else 0.0
+
+
+def bench_echo(directory: Path, clients: int, transfers: int, in_flight: int, accounts: int) -> LoadResult:
+    path = str(directory / "echo.sock")
+    server = subprocess.Popen([sys.executable, "-m", "benches._echo_server", path], stdout=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout is not None
+        assert server.stdout.readline().strip() == "ready"
+        run_load(path, clients, max(200, transfers // 10), in_flight, accounts)
+        return run_load(path, clients, transfers, in_flight, accounts)
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+def _redis_worker(path: str, count: int, depth: int, results: Any) -> None:
+    import redis
+
+    connection = redis.Redis(unix_socket_path=path)
+    payload = {"source": "acct-000001", "target": "acct-000002", "amount": "7"}
+    started = time.perf_counter()
+    sent = 0
+    while sent < count:
+        batch = min(depth, count - sent)
+        pipeline = connection.pipeline(transaction=False)
+        for _ in range(batch):
+            pipeline.xadd("ledger", payload)
+        pipeline.execute()
+        sent += batch
+    results.put(time.perf_counter() - started)
+
+
+def bench_redis(directory: Path, clients: int, transfers: int, in_flight: int) -> float | None:
+    server_binary = shutil.which("redis-server")
+    if server_binary is None:
+        return None
+    path = str(directory / "redis.sock")
+    server = subprocess.Popen(
+        [server_binary, "--port", "0", "--unixsocket", path, "--dir", str(directory), "--appendonly", "yes",
+         "--appendfsync", "always", "--save", ""],
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while not os.path.exists(path):
+            assert time.monotonic() < deadline, "redis-server did not start"
+            time.sleep(0.05)
+        context = multiprocessing.get_context("spawn")
+        results = context.Queue()
+        workers = [context.Process(target=_redis_worker, args=(path, transfers, in_flight, results)) for _ in range(clients)]
+        for worker in workers:
+            worker.start()
+        elapsed = [results.get(timeout=300) for _ in workers]
+        for worker in workers:
+            worker.join()
+        return clients * transfers / max(elapsed)
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+def scale(directory: Path, in_flight: int, accounts: int) -> dict[str, Any]:
+    from benches._plot import line_chart
+
+    node = NodeProcess(directory, f"scale{uuid.uuid4().hex[:6]}")
+    node.start()
+    rows = []
+    try:
+        setup_accounts(node.socket_path, accounts)
+        for clients in (1, 8, 64, 256):
+            transfers = max(100, 40_000 // clients)
+            result = run_load(node.socket_path, clients, transfers, in_flight, accounts, processes_max=8)
+            rows.append({
+                "clients": clients,
+                "cmds_per_s": result.per_s,
+                "p50_us": result.percentile_us(0.5),
+                "p99_us": result.percentile_us(0.99),
+                "p999_us": result.percentile_us(0.999),
+            })
+            print(f"  {clients:>4} clients: {result.per_s:>10,.0f}/s  p50 {rows[-1]['p50_us']:,.0f} us  p99 {rows[-1]['p99_us']:,.0f} us")
+    finally:
+        node.stop()
+        node.remove_shared_memory()
+    line_chart(OUT / "e2e_throughput_vs_clients.svg", "ledger node: throughput vs clients", "clients", "commands/s",
+               {"node": [(row["clients"], row["cmds_per_s"]) for row in rows]}, log_x=True)
+    line_chart(OUT / "e2e_latency_vs_clients.svg", "ledger node: latency percentiles vs clients", "clients", "us",
+               {name: [(row["clients"], row[f"{name}_us"]) for row in rows] for name in ("p50", "p99", "p999")},
+               log_x=True, log_y=True)
+    return {"scale": rows}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benches.e2e")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--scale", action="store_true", help="clients 1, 8, 64, 256 and plots")
+    parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--in-flight", type=int, default=64)
+    args = parser.parse_args(argv)
+    transfers = 3_000 if args.quick else 25_000
+    accounts = 100
+    directory = Path(tempfile.mkdtemp(prefix="seqd-bench-", dir="/tmp"))
+    results: dict[str, Any] = {"machine": machine(), "clients": args.clients, "in_flight": args.in_flight,
+                               "transfers_per_client": transfers}
+    try:
+        if args.scale:
+            results.update(scale(directory, args.in_flight, accounts))
+        else:
+            (directory / "node").mkdir()
+            maximum, latency, replay, _ = bench_node(directory / "node", args.clients, transfers, args.in_flight, accounts)
+            echo = bench_echo(directory, args.clients, transfers, args.in_flight, accounts)
+            redis_rate = bench_redis(directory, args.clients, transfers, args.in_flight)
+            results.update({
+                "node_cmds_per_s": round(maximum.per_s),
+                "echo_msgs_per_s": round(echo.per_s),
+                "redis_xadd_per_s": round(redis_rate) if redis_rate else None,
+                "redis_note": None if redis_rate else "redis-server is not installed: skipped",
+                "latency_offered_per_s": round(maximum.per_s / 2),
+                "node_p50_us": round(latency.percentile_us(0.50)),
+                "node_p99_us": round(latency.percentile_us(0.99)),
+                "node_p999_us": round(latency.percentile_us(0.999)),
+                "node_closed_loop_p50_us": round(maximum.percentile_us(0.50)),
+                "replay_records_per_s": round(replay),
+                "node_vs_echo": round(maximum.per_s / echo.per_s, 3),
+                "node_vs_redis": round(maximum.per_s / redis_rate, 3) if redis_rate else None,
+            })
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+    results["machine"]["load_average_after"] = os.getloadavg()[0]
+    if args.json:
+        print(json.dumps(results, indent=2))
+    elif not args.scale:
+        print(f"machine: {results['machine']}")
+        print(f"{'node (ledger, fsync group commit)':<40}{results['node_cmds_per_s']:>12,} cmds/s")
+        print(f"{'echo (transport ceiling)':<40}{results['echo_msgs_per_s']:>12,} msgs/s   node/echo {results['node_vs_echo']:.2f}")
+        if results["redis_xadd_per_s"]:
+            print(f"{'redis XADD, appendfsync always':<40}{results['redis_xadd_per_s']:>12,} /s       node/redis {results['node_vs_redis']:.2f}")
+        else:
+            print(results["redis_note"])
+        print(f"latency at {results['latency_offered_per_s']:,}/s offered: p50 {results['node_p50_us']:,} us  "
+              f"p99 {results['node_p99_us']:,} us  p99.9 {results['node_p999_us']:,} us")
+        print(f"{'replay (blp recovery path)':<40}{results['replay_records_per_s']:>12,} records/s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
