@@ -74,7 +74,7 @@ class JournalConfig(msgspec.Struct, forbid_unknown_fields=True):
 
 
 class RoleConfig(msgspec.Struct, forbid_unknown_fields=True):
-    idle: IdleName = "backoff"
+    idle: IdleName = "blocking"
     cpu: int = -1  # -1: not pinned
 
 

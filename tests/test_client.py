@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -335,3 +336,17 @@ def test_bad_arguments_are_refused_with_their_bounds(daemon: FakeDaemon) -> None
         Client(daemon.socket_path, client_id=0)
     with pytest.raises(ValueError, match="first_request_id"):
         Client(daemon.socket_path, first_request_id=0)
+
+
+
+def test_poll_sends_queued_commands_and_collects_replies_without_blocking(
+    daemon: FakeDaemon, clients: list[Client]
+) -> None:
+    client = connect(clients, daemon)
+    pending = client.submit(b"x")
+    deadline = time.monotonic() + 5
+    while not pending.done():
+        assert time.monotonic() < deadline, "poll() never delivered the reply"
+        client.poll()
+        time.sleep(0.001)
+    assert client.poll() == 0

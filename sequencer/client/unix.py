@@ -429,6 +429,27 @@ class Client:
                 self._write_some()
         return pending
 
+    def poll(self) -> int:
+        """Send what is queued and take the replies already received, without blocking.
+
+        For a caller with its own schedule (an open-loop load generator, an event loop of its
+        own): `submit` batches commands until `SEND_BATCH_BYTES` or the next blocking call, and
+        `poll` sends them now. A lost connection is dropped here and re-established, with every
+        unanswered request resent, by the next blocking call.
+
+        Returns:
+            How many requests are still in flight.
+        """
+        self._check_open()
+        if self._socket is not None:
+            try:
+                if self._outgoing:
+                    self._write_some()
+                self._read_some()
+            except _Disconnected:
+                self._drop_socket()
+        return len(self._session.in_flight)
+
     def flush(self, timeout_s: float | None = None) -> None:
         """Write every submitted command to the socket."""
         self._check_open()

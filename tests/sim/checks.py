@@ -7,7 +7,10 @@ O(entries touched) per step rather than O(log):
 - Log Matching: every entry any node ever writes is recorded as (index, term) -> (payload, term of
   the entry before it). Two writes of the same (index, term) must agree on both; by induction on
   the index, two logs holding one (index, term) are then identical up to it.
-- Leader Completeness: when a node becomes leader, its log must hold every entry committed so far.
+- Leader Completeness: when a node becomes leader of term T, its log must hold every entry
+  committed in a term before T. The term an entry was committed in is the term of the leader whose
+  commit index first covered it; a late leader of an old term (its votes were delayed) need not
+  hold entries committed after its term.
 - State Machine Safety: a table index -> (term, payload) of applied entries; a node applying a
   different entry at an index fails, and so does one payload committed at two indices (the
   simulated clients never resend, so that would be a double application).
@@ -42,6 +45,8 @@ class Checker:
         self.leader_of_term: dict[int, int] = {}
         self.written: dict[tuple[int, int], tuple[bytes, int | None]] = {}
         self.committed: dict[int, tuple[int, bytes]] = {}
+        # index -> (term of the leader that committed it, term of the entry)
+        self.commit_terms: dict[int, tuple[int, int]] = {}
         self.committed_index_of_payload: dict[bytes, int] = {}
         self.commit_index_max = 0
 
@@ -52,16 +57,27 @@ class Checker:
                 f"Election Safety: nodes {leader} and {node_id} are both leader in term {term}"
             )
 
+    def record_leader_commit(self, core: RaftCore, before: int, after: int) -> None:
+        """A leader's commit index moved from `before` to `after`: those entries were committed
+        in its term (unless an earlier leader already had)."""
+        commit_terms = self.commit_terms
+        for index in range(before + 1, after + 1):
+            if index not in commit_terms:
+                entry_term = core.log.term_at(index)
+                assert entry_term is not None, (core.id, index)
+                commit_terms[index] = (core.term, entry_term)
+
     def check_new_leader_log(self, core: RaftCore) -> None:
         log = core.log
-        for index, (term, _) in self.committed.items():
-            if index < log.snapshot_index:
+        for index, (commit_term, entry_term) in self.commit_terms.items():
+            if commit_term >= core.term or index < log.snapshot_index:
                 continue
             held = log.term_at(index)
-            if held != term:
+            if held != entry_term:
                 raise SafetyViolation(
                     f"Leader Completeness: node {core.id}, leader of term {core.term}, holds term "
-                    f"{held} at index {index} where term {term} was committed"
+                    f"{held} at index {index} where term {entry_term} was committed in term "
+                    f"{commit_term}"
                 )
 
     def check_written(self, node_id: int, previous_term: int | None, entries: Entries) -> None:

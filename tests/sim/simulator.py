@@ -385,8 +385,10 @@ class Simulation:
         assert core is not None
         checker = self.checker
         checker.check_commit(node.id, node.commit_seen, core.commit_index)
-        node.commit_seen = core.commit_index
         role = core.raft_role
+        if role == RaftRole.LEADER and core.commit_index > node.commit_seen:
+            checker.record_leader_commit(core, node.commit_seen, core.commit_index)
+        node.commit_seen = core.commit_index
         if role != node.role_seen:
             self._record(f"role n{node.id} {role.name} term={core.term}")
             if role == RaftRole.LEADER:
