@@ -109,6 +109,20 @@ def command_log(args: argparse.Namespace) -> int:
         report = logtools.check(directory)
         print(report)
         return 0 if report.ok else 1
+    if args.action == "compact":
+        from daemon.roles.journaller import compact
+        from sequencer.journal import Journal
+
+        try:
+            with Journal.open(directory, segment_bytes=config.journal.segment_bytes,
+                              preallocate=config.journal.preallocate) as journal:
+                deleted = compact(journal, config.snapshot_dir)
+        except JournalError as error:
+            print(f"seqd: {error}", file=sys.stderr)
+            return 1
+        print(f"deleted {len(deleted)} segment(s) wholly before the oldest retained snapshot"
+              + "".join(f"\n  {path}" for path in deleted))
+        return 0
     types = None
     if args.type:
         try:
@@ -175,7 +189,8 @@ def add_commands(commands: Any, add_config_arguments: Callable[[argparse.Argumen
 
     log_parser = commands.add_parser("log", help="dump, follow or check the journal")
     add_config_arguments(log_parser)
-    log_parser.add_argument("action", choices=("dump", "tail", "check"))
+    log_parser.add_argument("action", choices=("dump", "tail", "check", "compact"),
+                            help="compact: delete segments before the oldest retained snapshot (node stopped)")
     log_parser.add_argument("--journal", help="journal directory (default: <data_dir>/journal from the config)")
     log_parser.add_argument("--from", dest="from_index", type=int, default=1, help="first index")
     log_parser.add_argument("--to", dest="to_index", type=int, default=None, help="last index")

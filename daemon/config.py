@@ -50,6 +50,9 @@ class NodeConfig(msgspec.Struct, forbid_unknown_fields=True):
     number: int = 1
     data_dir: str = "/var/lib/seqd"
     app: str = "sequencer.apps.ledger:Ledger"
+    # Development aid: time.time, random and friends raise inside the app's apply/on_timer, so
+    # a nondeterministic state machine fails loudly at the first offending record. Slower.
+    debug_determinism: bool = False
 
 
 class SocketConfig(msgspec.Struct, forbid_unknown_fields=True):
@@ -90,7 +93,8 @@ class RolesConfig(msgspec.Struct, forbid_unknown_fields=True):
 
 
 class SnapshotConfig(msgspec.Struct, forbid_unknown_fields=True):
-    every_records: int = 0  # 0: only on `seqd snapshot`
+    every_records: int = 0  # 0: only on `seqd snapshot` (and every_bytes)
+    every_bytes: int = 0  # command payload bytes between automatic snapshots; 0: off
     keep: int = 3
     delete_journal: bool = False  # delete journal segments wholly before the oldest kept snapshot
 
@@ -99,6 +103,7 @@ class MetricsConfig(msgspec.Struct, forbid_unknown_fields=True):
     enabled: bool = False
     host: str = "127.0.0.1"
     port: int = 9464
+    allow_remote: bool = False  # serve on a non-loopback address (the counters are not secret, but say so)
 
 
 class Config(msgspec.Struct, forbid_unknown_fields=True):
@@ -173,6 +178,8 @@ def _validate(config: Config) -> Config:
         errors.append(f"snapshot.keep={config.snapshot.keep}: keep at least one snapshot")
     if config.snapshot.every_records < 0:
         errors.append(f"snapshot.every_records={config.snapshot.every_records}: must be >= 0")
+    if config.snapshot.every_bytes < 0:
+        errors.append(f"snapshot.every_bytes={config.snapshot.every_bytes}: must be >= 0")
     if not 0 < config.metrics.port < 65536:
         errors.append(f"metrics.port={config.metrics.port}: must be 1..65535")
     if config.socket.sessions_max < 1:

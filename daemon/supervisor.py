@@ -43,6 +43,7 @@ from daemon.layout import (
     egress_name,
     log_name,
 )
+from daemon.metrics import MetricsServer
 from daemon.notify import Notifier, WatchdogGate, watchdog_interval_s
 from ipc.counters import Counters
 from ipc.platform import check_memory_ordering
@@ -288,9 +289,34 @@ class Supervisor:
                 next_ping = time.monotonic() + interval_s
             time.sleep(POLL_INTERVAL_S)
 
+    def _start_metrics(self) -> MetricsServer | None:
+        metrics = self.config.metrics
+        if not metrics.enabled:
+            return None
+
+        def snapshot() -> dict[str, int]:
+            counters = self.counters
+            return counters.snapshot() if counters is not None else {}
+
+        server = MetricsServer(
+            snapshot, host=metrics.host, port=metrics.port, allow_remote=metrics.allow_remote,
+            labels={"node": self.config.node.name},
+        )
+        server.start()
+        log.info("metrics at %s", server.url)
+        return server
+
     def run(self) -> int:
         check_memory_ordering()
         self.install_signal_handlers()
+        metrics = self._start_metrics()
+        try:
+            return self._run()
+        finally:
+            if metrics is not None:
+                metrics.stop()
+
+    def _run(self) -> int:
         restarts: deque[float] = deque()
         while True:
             try:

@@ -21,6 +21,7 @@ import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from daemon.config import Config
 from daemon.supervisor import BLP_HASH_SEED
@@ -43,15 +44,38 @@ def replay_hashes(config: Config, output: Path, to_index: int | None = None, deb
     from sequencer.state_machine import load_app
 
     app_class = load_app(config.node.app)
-    processor = Processor(app_class, debug=debug)
+    processor = _starting_point(config, app_class, debug)
     pack = _HASH.pack
     with open(output, "wb", buffering=1 << 20) as sink:
-        for record in read_records(config.journal_dir, 1, to_index):
+        for record in read_records(config.journal_dir, processor.applied_index + 1, to_index):
             processor.apply_frame(frame_type(record.type, record.version), record.raw[8 : record.length])
             processor.drain_outputs()
             processor.snapshot_requested = False
             sink.write(pack(processor.rolling_hash & _MASK))
     return processor.applied_index, processor.state_hash().hex()
+
+
+def _starting_point(config: Config, app_class: Any, debug: bool) -> Any:
+    """Genesis, or the oldest snapshot that covers segments deleted by retention."""
+    from sequencer import snapshot as snapshots
+    from sequencer.journal import list_segments
+    from sequencer.processor import Processor
+
+    segments = list_segments(config.journal_dir)
+    first_index = segments[0][0] if segments else 1
+    if first_index <= 1:
+        return Processor(app_class, debug=debug)
+    usable = sorted(
+        (info for info in snapshots.list_snapshots(config.snapshot_dir) if info.valid and info.index >= first_index - 1),
+        key=lambda info: info.index,
+    )
+    if not usable:
+        raise RuntimeError(
+            f"the journal starts at index {first_index} (older segments were deleted) and no valid snapshot "
+            f"at or after index {first_index - 1} exists: nothing to replay from"
+        )
+    _, body = snapshots.read_snapshot(usable[0].path)
+    return Processor.restore(app_class, body, debug=debug)
 
 
 def _replay_in_child(config: Config, hash_seed: str, output: Path, to_index: int | None) -> tuple[int, str]:

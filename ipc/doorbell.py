@@ -125,6 +125,10 @@ class Doorbell:
             self._semaphore.acquire(timeout_ms / 1000.0)
         except posix_ipc.BusyError:
             return False
+        except posix_ipc.SignalError:
+            # A signal (SIGTERM: stop) interrupted the wait; its handler has set a flag the
+            # caller's loop reads, so this is just an early wake-up.
+            return False
         self.drain()
         return True
 

@@ -48,10 +48,10 @@ def recover(context: RoleContext, app_class: type[StateMachine]) -> Processor[An
     found = snapshots.newest_valid_snapshot(config.snapshot_dir, report)
     processor: Processor[Any]
     if found is not None:
-        processor = Processor.restore(app_class, found.body, node=config.node.name)
+        processor = Processor.restore(app_class, found.body, node=config.node.name, debug=config.node.debug_determinism)
         log.info("restored snapshot at index %d from %s", processor.applied_index, found.path)
     else:
-        processor = Processor(app_class, node=config.node.name)
+        processor = Processor(app_class, node=config.node.name, debug=config.node.debug_determinism)
     last_index = counters["recovery.last.index"].get()
     replayed = 0
     if last_index > processor.applied_index:

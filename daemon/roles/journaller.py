@@ -17,16 +17,31 @@ from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 
 from daemon.layout import RoleState, log_name
 from daemon.roles.common import ROLE_EXIT_FAIL_STOP, RoleContext, start_role
 from ipc.idle import idle_strategy
 from ipc.ring import Ring
+from sequencer import snapshot as snapshots
 from sequencer.journal import Journal, JournalError
 
 log = logging.getLogger("seqd.journaller")
 
 REGIONS_PER_SYNC_MAX = 2  # a batch may straddle the ring's wrap: at most two regions
+
+
+def compact(journal: Journal, snapshot_dir: Path) -> list[Path]:
+    """Delete the journal segments wholly covered by the oldest retained valid snapshot.
+
+    Recovery needs the newest valid snapshot and the records after it; keeping everything after
+    the *oldest* retained one means a corrupt newest snapshot can still fall back to an older
+    one and replay from there.
+    """
+    valid = [info.index for info in snapshots.list_snapshots(snapshot_dir) if info.valid]
+    if not valid:
+        return []
+    return journal.delete_segments_before(min(valid) + 1)
 
 
 def run(context: RoleContext) -> int:
@@ -46,6 +61,9 @@ def run(context: RoleContext) -> int:
     heartbeat = context.heartbeat
     idle = idle_strategy(config.roles.journaller.idle, reader.doorbell)
     blp_doorbell = ring.doorbell("blp")
+    snapshot_writes = counters["snapshot.writes"]
+    snapshot_writes_seen = 0
+    delete_journal = config.snapshot.delete_journal
     batch_bytes_max = config.journal.batch_bytes_max
     durable_index.set(journal.last_index)
     commit_index.set(journal.last_index)
@@ -73,6 +91,10 @@ def run(context: RoleContext) -> int:
                 commit_position.set(position)
                 syncs.add(1)
                 blp_doorbell.ring()
+            if delete_journal and snapshot_writes.get() != snapshot_writes_seen:
+                snapshot_writes_seen = snapshot_writes.get()
+                for path in compact(journal, config.snapshot_dir):
+                    log.info("deleted %s: wholly before the oldest retained snapshot", path.name)
             beats += 1
             heartbeat.set(beats)
             if context.stop_requested and not appended:

@@ -43,6 +43,7 @@ from pathlib import Path
 
 import uvloop
 
+from daemon.errorlog import DistinctErrorLog
 from daemon.layout import RoleState, egress_name, log_name
 from daemon.roles.common import RoleContext, start_role
 from ipc.idle import idle_strategy
@@ -145,6 +146,8 @@ class Sequencer:
         incarnation = counters["node.incarnation"].get() & 0xFFFFFF
         self.session_id_base = (node_number << 56) | (incarnation << SESSION_ID_COUNTER_BITS)
         self.records_since_snapshot = 0
+        self.bytes_since_snapshot = 0
+        self.snapshot_every_bytes = config.snapshot.every_bytes or (1 << 62)
         # 0 in the config means "only on request"; a bound no run reaches keeps the hot path to one compare.
         self.snapshot_every_records = config.snapshot.every_records or (1 << 62)
         self.accepting = True
@@ -158,6 +161,9 @@ class Sequencer:
         self.errors_protocol = counters["errors.protocol"]
         self.errors_total = counters["errors.total"]
         self.egress_consumed = counters["egress.consumed.position"]
+        # Client errors are counted every time and logged once per kind, with repeat counts, so
+        # a misbehaving client cannot flood the log.
+        self.errors = DistinctErrorLog(log, counter_add=self.errors_total.add)
         self.waker_stop = threading.Event()
         self.drained = threading.Event()
         self.drained.set()
@@ -217,7 +223,8 @@ class Sequencer:
         view[_COMMAND_TAIL.size :] = payload
         self.next_index += 1
         self.records_since_snapshot += 1
-        if self.records_since_snapshot >= self.snapshot_every_records:
+        self.bytes_since_snapshot += len(payload)
+        if self.records_since_snapshot >= self.snapshot_every_records or self.bytes_since_snapshot >= self.snapshot_every_bytes:
             self.request_snapshot()
         return True
 
@@ -237,8 +244,12 @@ class Sequencer:
         allowed = uid == os.getuid() or uid in socket_config.allowed_uids or gid in socket_config.allowed_gids
         if not allowed:
             self.counters["errors.security"].add(1)
-            self.errors_total.add(1)
-            log.warning("refused connection from pid %d uid %d gid %d: not in the allow-list", pid, uid, gid)
+            self.errors.record(
+                "security.peer_not_allowed",
+                f"refused a connection from pid {pid} uid {uid} gid {gid}: not in socket.allowed_uids/"
+                "allowed_gids; add it to the config if it should be allowed",
+                time.monotonic(),
+            )
             self._fail(session, "permission_denied", f"uid {uid} gid {gid} is not allowed to use this socket")
             return
         if not self.accepting or len(self.sessions) >= socket_config.sessions_max:
@@ -264,8 +275,13 @@ class Sequencer:
 
     def slow_client(self, session: Session) -> None:
         self.counters["errors.slow_client"].add(1)
-        self.errors_total.add(1)
-        log.warning("session %x: client is not reading its replies; disconnecting it", session.session_id)
+        self.errors.record(
+            "client.slow",
+            f"session {session.session_id:x} (client {session.client_id}) is not reading its replies: "
+            f"more than socket.client_write_buffer_bytes_max={self.client_write_buffer_bytes_max} bytes "
+            "unsent; disconnected it (it may reconnect and resend)",
+            time.monotonic(),
+        )
         transport = session.transport
         if transport is not None:
             transport.abort()
@@ -331,8 +347,11 @@ class Sequencer:
                 session.transport.close()
         except protocol.ProtocolError as error:
             self.errors_protocol.add(1)
-            self.errors_total.add(1)
-            log.info("session %x: protocol error %s: %s", session.session_id, error.code, error)
+            self.errors.record(
+                f"protocol.{error.code}",
+                f"session {session.session_id:x}: protocol error {error.code}: {error}; sent an error frame and closed it",
+                time.monotonic(),
+            )
             self._fail(session, error.code, str(error))
         finally:
             if commands:
@@ -373,6 +392,7 @@ class Sequencer:
     def request_snapshot(self) -> None:
         """Sequence a SNAPSHOT record: every replica snapshots the same state at its index."""
         self.records_since_snapshot = 0
+        self.bytes_since_snapshot = 0
         if self._claim_record(RecordType.SNAPSHOT, 1, 0, 0, b""):
             log.info("snapshot requested at index %d", self.next_index - 1)
         else:
@@ -532,6 +552,7 @@ class Sequencer:
         while not context.stop_requested:
             beats += 1
             context.heartbeat.set(beats)
+            self.errors.flush(time.monotonic())
             await asyncio.sleep(HEARTBEAT_INTERVAL_S)
         await self.drain()
 

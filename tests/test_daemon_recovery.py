@@ -1,0 +1,121 @@
+"""Start-up and recovery of a real node: damaged journals, retention, pinning, metrics, debug mode."""
+
+from __future__ import annotations
+
+import os
+import time
+import urllib.request
+from pathlib import Path
+
+import psutil
+import pytest
+
+from sequencer.apps.ledger import Balance, Ledger
+from sequencer.client import Client, ConnectionLost, TimedOut
+from tests.fixtures.nondeterministic import ClockReading, Tag
+from tests.node_fixtures import DEPOSIT, balances, node_factory, open_accounts  # noqa: F401
+
+
+def last_segment(node) -> Path:  # type: ignore[no-untyped-def]
+    return sorted(node.config.journal_dir.glob("*.seg"))[-1]
+
+
+def test_torn_journal_tail_is_cut_once_with_a_copy_kept_and_the_node_serves(node_factory) -> None:  # noqa: F811
+    node = node_factory({"journal": {"preallocate": False}})
+    open_accounts(node.socket_path, ["a", "b"])
+    assert node.stop() == 0
+    segment = last_segment(node)
+    size = segment.stat().st_size
+    with open(segment, "r+b") as file:
+        file.truncate(size - 5)  # a crash mid-write of the last batch
+    node.start()
+    assert "torn tail" in node.log_text()
+    assert list(segment.parent.glob("*.broken*"))
+    # The torn batch held the last acknowledged-or-not records; what remains is intact.
+    with Client(node.socket_path, schema=Ledger.schema, timeout_s=10) as client:
+        assert client.call(Balance("a")).balance in (0, DEPOSIT)
+
+
+def test_flipped_bit_mid_log_refuses_to_start_naming_the_file_and_offset(node_factory) -> None:  # noqa: F811
+    node = node_factory()
+    open_accounts(node.socket_path, [f"m{number}" for number in range(5)])
+    open_accounts(node.socket_path, [f"n{number}" for number in range(5)])
+    assert node.stop() == 0
+    segment = last_segment(node)
+    data = bytearray(segment.read_bytes())
+    target = data.index(b"m0")  # inside an early batch, with valid batches after it
+    data[target] ^= 0x10
+    segment.write_bytes(bytes(data))
+    node.start(wait=False)
+    assert node.process is not None
+    code = node.process.wait(timeout=60)
+    assert code != 0
+    text = node.log_text()
+    assert str(segment) in text
+    assert "offset" in text
+    assert not os.path.exists(node.socket_path)
+
+
+def test_journal_segments_wholly_before_the_oldest_retained_snapshot_are_deleted(node_factory) -> None:  # noqa: F811
+    node = node_factory({
+        "journal": {"segment_bytes": 1 << 20, "batch_bytes_max": 256 << 10, "preallocate": False},
+        "snapshot": {"keep": 1, "delete_journal": True, "every_records": 10000},
+    })
+    names = [f"r{number}" for number in range(15000)]
+    open_accounts(node.socket_path, names)  # 30000 records of ~88 bytes: three segments
+    deadline = time.monotonic() + 60
+    while node.read_counters()["snapshot.writes"] < 2:
+        assert time.monotonic() < deadline, "no snapshots"
+        time.sleep(0.05)
+    time.sleep(0.5)
+    segments = sorted(node.config.journal_dir.glob("*.seg"))
+    first_index = int(segments[0].name.split(".")[0])
+    assert first_index > 1, [segment.name for segment in segments]
+    assert node.stop() == 0
+    # Recovery still works from the retained snapshot and the remaining segments.
+    node.start()
+    assert balances(node.socket_path, names[:10] + names[-10:]) == dict.fromkeys(names[:10] + names[-10:], DEPOSIT)
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs two CPUs to pin to")
+def test_roles_are_pinned_to_the_configured_cpus(node_factory) -> None:  # noqa: F811
+    node = node_factory({"roles.blp": {"cpu": 1}, "roles.journaller": {"cpu": 0}})
+    values = node.read_counters()
+    assert psutil.Process(values["blp.pid"]).cpu_affinity() == [1]
+    assert psutil.Process(values["journaller.pid"]).cpu_affinity() == [0]
+    assert values["blp.cpu"] == 1
+    assert values["sequencer.cpu"] == -1
+
+
+def test_metrics_endpoint_serves_the_counters_on_loopback(node_factory) -> None:  # noqa: F811
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    node = node_factory({"metrics": {"enabled": True, "port": port}})
+    open_accounts(node.socket_path, ["a"])
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+                text = response.read().decode()
+            break
+        except OSError:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+    assert "seqd_journal_durable_index" in text
+    assert 'node="' in text
+
+
+def test_debug_determinism_mode_stops_an_app_that_reads_the_clock(node_factory) -> None:  # noqa: F811
+    node = node_factory(
+        {"node": {"app": "tests.fixtures.nondeterministic:ClockReading", "debug_determinism": True}},
+    )
+    with Client(node.socket_path, schema=ClockReading.schema, timeout_s=3, reconnect_timeout_s=3) as client:
+        with pytest.raises((TimedOut, ConnectionLost)):
+            client.call(Tag("now"))
+    deadline = time.monotonic() + 30
+    while "NondeterminismError" not in node.log_text():
+        assert time.monotonic() < deadline, node.log_text()[-2000:]
+        time.sleep(0.1)
