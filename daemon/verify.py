@@ -39,7 +39,6 @@ def replay_hashes(config: Config, output: Path, to_index: int | None = None, deb
         (last index, state hash hex).
     """
     from sequencer.journal import read_records
-    from sequencer.processor import Processor
     from sequencer.record import frame_type
     from sequencer.state_machine import load_app
 
