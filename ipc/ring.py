@@ -619,6 +619,60 @@ class RingWriter:
                 semaphore.release()
         return count
 
+    def try_write_frames(self, frames: Sequence[tuple[int, bytes | bytearray | memoryview]]) -> int:
+        """Like `try_write_batch` for frames of mixed types: `(type, payload)` pairs, one publish.
+
+        The common case (no wrap, below the cached gate) builds every header with one `pack`
+        each, joins and copies once. Otherwise it falls back to `try_write_batch` per run of one
+        type, which handles the wrap and a partial fit.
+
+        Returns:
+            How many frames were written (a prefix of `frames`); 0 if gated.
+        """
+        count = len(frames)
+        if count == 0:
+            return 0
+        pack = FRAME_HEADER.pack
+        pieces: list[bytes | bytearray | memoryview] = []
+        append = pieces.append
+        longest = 0
+        for type, payload in frames:
+            length = len(payload)
+            if length > longest:
+                longest = length
+            append(pack(length + FRAME_HEADER_BYTES, type))
+            append(payload)
+            if length & 7:
+                append(_PAD_BY_REMAINDER[length & 7])
+        capacity = self._capacity
+        if longest + 15 > capacity:
+            raise _too_large(self._name, longest, capacity)
+        data = b"".join(pieces)
+        size = len(data)
+        position = self._claim
+        index = position & self._mask
+        end = position + size
+        if index + size > capacity or (end - capacity > self._gate and not self._ungated(end)):
+            written = 0
+            while written < count:
+                kind = frames[written][0]
+                run_end = written + 1
+                while run_end < count and frames[run_end][0] == kind:
+                    run_end += 1
+                done = self.try_write_batch([payload for _, payload in frames[written:run_end]], kind)
+                written += done
+                if done < run_end - (written - done):
+                    break
+            return written
+        self._data[index : index + size] = data
+        self._claim = end
+        control = self._control
+        control[_PUBLISHED] = end
+        for parked, semaphore in self._bells:
+            if control[parked]:
+                semaphore.release()
+        return count
+
     def _try_write_batch_slow(
         self, payloads: Sequence[bytes | bytearray | memoryview], type: int
     ) -> int:

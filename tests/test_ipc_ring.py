@@ -301,3 +301,34 @@ def test_per_record_batch_and_region_reads_see_the_same_records(make_ring, capac
             read_some(name, 10_000)
         assert seen[name] == written, name
     assert [check(p) for p in written] == list(range(len(written)))
+
+
+def test_mixed_type_batch_is_read_back_in_order_across_wraps(unique: str) -> None:
+    """try_write_frames: frames of several types, one publish, identical to writing them one by one."""
+    import random
+
+    from ipc.ring import Ring
+
+    rng = random.Random(5)
+    ring = Ring.create(f"/seqd.{unique}.mixed", 1024, readers=("r",))
+    try:
+        writer = ring.writer()
+        reader = ring.reader("r")
+        expected: list[tuple[int, bytes]] = []
+        seen: list[tuple[int, bytes]] = []
+        for round_number in range(200):
+            frames = [(rng.randrange(1, 5), bytes([round_number % 256]) * rng.randrange(0, 40)) for _ in range(rng.randrange(1, 6))]
+            pending = frames
+            while pending:
+                written = writer.try_write_frames(pending)
+                expected.extend(pending[:written])
+                pending = pending[written:]
+                while (item := reader.read()) is not None:
+                    seen.append(item)
+        while (item := reader.read()) is not None:
+            seen.append(item)
+        assert seen == expected
+        assert len(expected) > 300
+    finally:
+        ring.close()
+        ring.unlink()

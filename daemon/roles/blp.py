@@ -20,7 +20,7 @@ from typing import Any
 
 from daemon.layout import RoleState, egress_name, log_name
 from daemon.roles.common import RoleContext, start_role
-from ipc.idle import idle_strategy
+from ipc.idle import IdleStrategy, idle_strategy
 from ipc.ring import Ring, RingWriter
 from sequencer import snapshot as snapshots
 from sequencer.journal import read_records
@@ -67,20 +67,16 @@ def recover(context: RoleContext, app_class: type[StateMachine]) -> Processor[An
     return processor
 
 
-def write_all(writer: RingWriter, outputs: list[tuple[int, bytes]], context: RoleContext, idle: object) -> None:
+def write_all(writer: RingWriter, outputs: list[tuple[int, bytes]], context: RoleContext, idle: IdleStrategy) -> None:
     """Write every output to egress; a full egress ring waits for the sequencer (never drops)."""
     start = 0
     while start < len(outputs):
-        kind = outputs[start][0]
-        end = start
-        while end < len(outputs) and outputs[end][0] == kind:
-            end += 1
-        written = writer.try_write_batch([payload for _, payload in outputs[start:end]], kind)
+        written = writer.try_write_frames(outputs[start:] if start else outputs)
         start += written
         if written == 0:
             if context.stop_requested:
                 return
-            idle.idle(0)  # type: ignore[attr-defined]
+            idle.idle(0)
 
 
 def reap_snapshot_writers(context: RoleContext, writers: dict[int, int], block: bool) -> None:
