@@ -1,0 +1,541 @@
+"""Snapshots and recovery: the blp's pause while a snapshot is written, restore, replay, and
+recovery from snapshot + tail against replay from genesis (issue 4).
+
+    python -m benches.recovery [--quick] [--json] [--accounts N] [--records M] [--tail T]
+
+Napkin math. A ledger account is a dict entry (~100 B key + 72 B struct + ~50 B of dict slot):
+1M accounts are ~250 MB of heap. `os.fork()` copies the page tables of that heap, 4 KiB pages:
+~60k PTEs, a few ms; after it, the parent takes a copy-on-write fault (~1-3 us) the first time it
+writes each page, and a transfer writes refcounts and balances on ~4 pages. The child encodes the
+state (msgspec, ~50 ns per field: ~0.2 s for 1M accounts), hashes and writes ~40 MB and fsyncs.
+Replay runs the blp's recovery loop (`daemon/roles/blp.py` `recover`): `read_records` (~1 us a
+record, benches/journal.py) plus `apply_frame` (~3-4 us a transfer, benches/processor.py), so
+~200k records/s: 10M records take ~50 s from genesis, and a snapshot + 1M-record tail ~5 s plus
+the restore. With the snapshot at `records - tail`, the speed-up cannot exceed records / tail.
+
+What runs, all in this process on the real pieces (nothing is mocked):
+
+1. Write a journal of `records` real ledger records (one SESSION_OPEN, OpenAccount + Deposit
+   for each of `accounts` accounts, then Transfers between random accounts), encoded with
+   `encode_record`, appended with `Journal.append` in batches of BATCH_RECORDS, one sync. The
+   state is built by applying these records, not by restoring a synthetic body.
+2. Recovery from genesis: `read_records` + `apply_frame` + `drain_outputs` over the whole
+   journal, as `recover` does. At index `records - tail` the clock stops while the state is
+   written with `write_snapshot` (in-process), then goes on.
+3. Recovery with the snapshot: `newest_valid_snapshot` + `Processor.restore` + the same loop
+   over the tail. Both end with the same rolling hash, or the run fails.
+4. The snapshot pause, on the state from step 2: an apply loop of fresh transfer records in
+   polls of FRAMES_PER_POLL (the blp's batch), a SNAPSHOT record in it, on which the loop forks
+   `fork_and_write_snapshot` as the blp does, and goes on applying until the child has exited.
+   The pause is the longest gap between two consecutive applies in that window (the fork call
+   and its copy-on-write aftermath included); the same loop without a snapshot is the baseline.
+   Encoding the next poll's records (the sequencer's work) happens off the clock.
+5. Restore: `read_snapshot` + `Processor.restore` of the file the forked child wrote.
+
+The journal is read from the page cache (it was just written): a cold-disk recovery adds the
+disk's read time (~1.2 GB for 10M records).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import random
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from array import array
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from sequencer import snapshot as snapshots
+from sequencer.apps.ledger import LEDGER_SCHEMA, Deposit, Ledger, OpenAccount, Transfer
+from sequencer.journal import Journal, read_records
+from sequencer.processor import Processor
+from sequencer.record import (
+    COMMAND_PREFIX,
+    FRAME_HEADER_BYTES,
+    RECORD_HEADER,
+    RecordType,
+    encode_record,
+    encode_session_open,
+    frame_type,
+)
+
+BATCH_RECORDS = 8192  # ~1 MB a journal append: what a busy journaller pass writes
+FRAMES_PER_POLL = 4096  # the blp's FRAMES_PER_POLL_MAX (daemon/roles/blp.py)
+SESSION_ID = 1 << 56 | 1
+CLIENT_ID = 7
+DEPOSIT = 1_000_000_000
+TRANSFER_AMOUNT_MAX = 10  # deposits of 10^9 never run out: every transfer is applied
+PAUSE_TARGET_MS = 5.0
+SPEEDUP_TARGET = 10.0
+# The pause loop runs at least this long after the child exits, so a late copy-on-write storm or
+# the reap is inside the window; and the baseline runs as many polls as the snapshot window.
+AFTER_CHILD_S = 0.2
+CHILD_TIMEOUT_S = 300.0  # a 1M-account snapshot takes ~2 s; far beyond means a stuck child
+
+_COMMAND = int(RecordType.COMMAND)
+_COMMAND_VERSION = LEDGER_SCHEMA.version
+_encode = LEDGER_SCHEMA.encode_command
+_pack_prefix = COMMAND_PREFIX.pack
+
+
+class RecordSource:
+    """A gapless run of real ledger records, stamped as the sequencer would stamp them."""
+
+    def __init__(self, accounts: int, seed: int = 1) -> None:
+        self.accounts = accounts
+        self.index = 0
+        self.request_id = 0
+        self.timestamp_ns = 1_700_000_000_000_000_000
+        self.rng = random.Random(seed)
+        # No list of names: this object lives in the blp's process here, and its memory would
+        # count in the fork's page tables (1M names are ~60 MB).
+
+    def _record(self, record_type: int, payload: bytes, session_id: int = SESSION_ID,
+                request_id: int = 0) -> bytes:  # fmt: skip
+        self.index += 1
+        self.timestamp_ns += 1000
+        return encode_record(record_type, 1 if record_type != _COMMAND else _COMMAND_VERSION,
+                             self.index, 1, self.timestamp_ns, session_id, request_id,
+                             payload)  # fmt: skip
+
+    def _command(self, command: Any) -> bytes:
+        self.request_id += 1
+        _, data = _encode(command)
+        # A well-behaved client acks every reply before the next request: one saved reply.
+        return self._record(_COMMAND, _pack_prefix(self.request_id - 1) + data,
+                            request_id=self.request_id)  # fmt: skip
+
+    def session_open(self) -> bytes:
+        return self._record(int(RecordType.SESSION_OPEN), encode_session_open(CLIENT_ID, "n1"))
+
+    def snapshot(self) -> bytes:
+        return self._record(int(RecordType.SNAPSHOT), b"", session_id=0)
+
+    def setup(self, first: int, count: int) -> bytes:
+        """OpenAccount + Deposit for accounts first..first+count-1 (2 * count records)."""
+        parts = []
+        for n in range(first, first + count):
+            name = f"acct-{n:07d}"
+            parts.append(self._command(OpenAccount(name)))
+            parts.append(self._command(Deposit(name, DEPOSIT)))
+        return b"".join(parts)
+
+    def transfers(self, count: int) -> bytes:
+        accounts = self.accounts
+        randrange = self.rng.randrange
+        parts = []
+        for _ in range(count):
+            source = randrange(accounts)
+            target = (source + 1 + randrange(accounts - 1)) % accounts
+            amount = 1 + randrange(TRANSFER_AMOUNT_MAX)
+            transfer = Transfer(f"acct-{source:07d}", f"acct-{target:07d}", amount)
+            parts.append(self._command(transfer))
+        return b"".join(parts)
+
+
+def frames_of(batch: bytes) -> list[tuple[int, memoryview]]:
+    """(frame type, view after the frame header) per record: what the blp's ring poll yields."""
+    view = memoryview(batch)
+    unpack_from = RECORD_HEADER.unpack_from
+    frames = []
+    offset = 0
+    end = len(view)
+    while offset < end:
+        length, record_type, version = unpack_from(view, offset)[:3]
+        frames.append((record_type | version << 16, view[offset + FRAME_HEADER_BYTES : offset + length]))
+        offset += (length + 7) & -8
+    return frames
+
+
+# -- 1. the journal ------------------------------------------------------------------------------
+
+
+def write_journal(directory: Path, source: RecordSource, records: int) -> dict[str, float]:
+    """Appends `records` records (setup first, then transfers); returns figures."""
+    accounts = source.accounts
+    assert records >= 1 + 2 * accounts + 1, "the journal must hold the setup and a transfer"
+    started = time.perf_counter()
+    append_s = 0.0
+    with Journal.open(directory) as journal:
+
+        def append(batch: bytes) -> None:
+            nonlocal append_s
+            begin = time.perf_counter()
+            journal.append(batch)
+            append_s += time.perf_counter() - begin
+
+        append(source.session_open())
+        for first in range(0, accounts, BATCH_RECORDS // 2):
+            append(source.setup(first, min(BATCH_RECORDS // 2, accounts - first)))
+        while source.index < records:
+            append(source.transfers(min(BATCH_RECORDS, records - source.index)))
+        begin = time.perf_counter()
+        journal.sync()
+        append_s += time.perf_counter() - begin
+        assert journal.last_index == records, (journal.last_index, records)
+    journal_bytes = sum(path.stat().st_size for path in directory.glob("*.seg"))
+    return {
+        "journal_write_s": time.perf_counter() - started,
+        "journal_append_s": append_s,
+        "journal_bytes": journal_bytes,
+    }
+
+
+# -- 2, 3. recovery ------------------------------------------------------------------------------
+
+
+def replay(processor: Processor[Any], journal_dir: Path, first: int, last: int) -> int:
+    """The blp's recovery loop (daemon/roles/blp.py `recover`), verbatim in what it does."""
+    replayed = 0
+    for record in read_records(journal_dir, first, last):
+        processor.apply_frame(frame_type(record.type, record.version), record.raw[8 : record.length])
+        processor.drain_outputs()
+        replayed += 1
+        processor.snapshot_requested = False
+    return replayed
+
+
+def recover_from_genesis(
+    journal_dir: Path, snapshot_dir: Path, records: int, snapshot_index: int
+) -> tuple[Processor[Any], float, float]:
+    """Replays everything; writes a snapshot at `snapshot_index` off the clock.
+
+    Returns (processor, replay seconds, snapshot write seconds).
+    """
+    processor: Processor[Any] = Processor(Ledger, node="n1")
+    started = time.perf_counter()
+    replay(processor, journal_dir, 1, snapshot_index)
+    elapsed = time.perf_counter() - started
+    begin = time.perf_counter()
+    header, body = processor.snapshot_file_contents()
+    snapshots.write_snapshot(snapshot_dir, header, body)
+    write_s = time.perf_counter() - begin
+    started = time.perf_counter()
+    replay(processor, journal_dir, snapshot_index + 1, records)
+    elapsed += time.perf_counter() - started
+    assert processor.applied_index == records, (processor.applied_index, records)
+    return processor, elapsed, write_s
+
+
+def recover_from_snapshot(
+    journal_dir: Path, snapshot_dir: Path, records: int
+) -> tuple[Processor[Any], dict[str, float]]:
+    """What `recover` does at start: newest valid snapshot, restore, replay the tail."""
+    started = time.perf_counter()
+    found = snapshots.newest_valid_snapshot(snapshot_dir)
+    assert found is not None, f"no valid snapshot in {snapshot_dir}"
+    read_s = time.perf_counter() - started
+    processor: Processor[Any] = Processor.restore(Ledger, found.body, node="n1")
+    restored_s = time.perf_counter() - started
+    tail = replay(processor, journal_dir, processor.applied_index + 1, records)
+    total_s = time.perf_counter() - started
+    return processor, {
+        "snapshot_read_s": read_s,
+        "snapshot_restore_s": restored_s - read_s,
+        "tail_replay_s": total_s - restored_s,
+        "tail_records": tail,
+        "recovery_snapshot_s": total_s,
+    }
+
+
+def bench_read_only(journal_dir: Path, records: int) -> float:
+    """Records/s of `read_records` alone: the floor under replay."""
+    started = time.perf_counter()
+    count = 0
+    for _record in read_records(journal_dir, 1, records):
+        count += 1
+    assert count == records, (count, records)
+    return records / (time.perf_counter() - started)
+
+
+# -- 4. the snapshot pause -----------------------------------------------------------------------
+
+
+class PauseRun:
+    """Figures of one apply loop: the longest gap, the gaps over 1 ms, the apply rate."""
+
+    def __init__(self) -> None:
+        self.gaps_ns = array("q")
+        self.applied = 0
+        self.elapsed_s = 0.0
+        self.fork_ms = 0.0
+        self.fork_to_next_apply_ms = 0.0
+        self.child_s = 0.0
+        self.snapshot_index = 0
+
+    @property
+    def max_gap_ms(self) -> float:
+        return max(self.gaps_ns) / 1e6
+
+    def percentile_gap_us(self, fraction: float) -> float:
+        ordered = sorted(self.gaps_ns)
+        return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))] / 1e3
+
+    @property
+    def stalled_ms(self) -> float:
+        """Time spent in gaps over 1 ms (what a client would see as stalls)."""
+        return sum(gap for gap in self.gaps_ns if gap > 1_000_000) / 1e6
+
+    @property
+    def per_s(self) -> float:
+        return self.applied / self.elapsed_s
+
+
+def apply_loop(
+    processor: Processor[Any],
+    source: RecordSource,
+    snapshot_dir: Path | None,
+    polls_min: int,
+) -> PauseRun:
+    """Applies polls of fresh transfers; with `snapshot_dir`, a SNAPSHOT record leads the
+    second poll and the loop runs until the forked writer has exited plus AFTER_CHILD_S."""
+    run = PauseRun()
+    gaps = run.gaps_ns
+    apply_frame = processor.apply_frame
+    drain = processor.drain_outputs
+    clock = time.perf_counter_ns
+    child_pid = 0
+    child_started_ns = 0
+    child_done_ns = 0
+    fork_before_ns = 0
+    polls = 0
+    active_ns = 0
+    while True:
+        # Encoding the poll's records is the sequencer's work: off the clock.
+        head = source.snapshot() if snapshot_dir is not None and polls == 1 else b""
+        batch = head + source.transfers(FRAMES_PER_POLL)
+        frames = frames_of(batch)
+        poll_started = previous = clock()
+        for kind, view in frames:
+            apply_frame(kind, view)
+            if processor.snapshot_requested:
+                processor.snapshot_requested = False
+                assert snapshot_dir is not None
+                before = clock()
+                child_pid = snapshots.fork_and_write_snapshot(
+                    snapshot_dir, processor.snapshot_file_contents
+                )
+                child_started_ns = clock()
+                run.fork_ms = (child_started_ns - before) / 1e6
+                run.snapshot_index = processor.applied_index
+                fork_before_ns = before
+            elif fork_before_ns:
+                # The first record applied after the fork: the stall as the blp role sees it.
+                run.fork_to_next_apply_ms = (clock() - fork_before_ns) / 1e6
+                fork_before_ns = 0
+            now = clock()
+            gaps.append(now - previous)
+            previous = now
+        drain()
+        if child_pid:
+            code = snapshots.reap_snapshot_writer(child_pid)
+            if code is not None:
+                assert code == 0, f"the snapshot writer exited with {code}"
+                child_done_ns = clock()
+                run.child_s = (child_done_ns - child_started_ns) / 1e9
+                child_pid = 0
+            elif (clock() - child_started_ns) / 1e9 > CHILD_TIMEOUT_S:
+                os.kill(child_pid, 9)
+                os.waitpid(child_pid, 0)
+                raise RuntimeError(f"the snapshot writer ran over {CHILD_TIMEOUT_S} s")
+        active_ns += clock() - poll_started
+        run.applied += len(frames)
+        polls += 1
+        if polls < polls_min:
+            continue
+        if snapshot_dir is None:
+            break
+        if child_done_ns and (clock() - child_done_ns) / 1e9 >= AFTER_CHILD_S:
+            break
+    run.elapsed_s = active_ns / 1e9
+    return run
+
+
+def bench_pause(
+    processor: Processor[Any], source: RecordSource, snapshot_dir: Path, runs: int
+) -> tuple[list[PauseRun], list[PauseRun]]:
+    """(with snapshot, baseline) runs, alternating; each baseline as long as its snapshot run."""
+    apply_loop(processor, source, None, 4)  # warm-up, discarded
+    with_snapshot, baseline = [], []
+    for _ in range(runs):
+        run = apply_loop(processor, source, snapshot_dir, 2)
+        with_snapshot.append(run)
+        baseline.append(apply_loop(processor, source, None, max(2, run.applied // FRAMES_PER_POLL)))
+    return with_snapshot, baseline
+
+
+def bench_child_write(processor: Processor[Any], snapshot_dir: Path) -> float:
+    """Seconds from fork to the child's exit when the parent only waits: the write alone."""
+    started = time.perf_counter()
+    pid = snapshots.fork_and_write_snapshot(snapshot_dir, processor.snapshot_file_contents)
+    _, status = os.waitpid(pid, 0)
+    elapsed = time.perf_counter() - started
+    assert os.waitstatus_to_exitcode(status) == 0, status
+    return elapsed
+
+
+# -- 5. restore ----------------------------------------------------------------------------------
+
+
+def bench_restore(path: Path, runs: int) -> tuple[float, float, float]:
+    """Median (read_snapshot s, Processor.restore s, accounts restored)."""
+    reads, restores = [], []
+    accounts = 0
+    for _ in range(runs):
+        started = time.perf_counter()
+        _, body = snapshots.read_snapshot(path)
+        read_done = time.perf_counter()
+        processor: Processor[Any] = Processor.restore(Ledger, body, node="n1")
+        restores.append(time.perf_counter() - read_done)
+        reads.append(read_done - started)
+        accounts = len(processor.app.accounts)  # type: ignore[attr-defined]
+        del processor, body
+        gc.collect()
+    return statistics.median(reads), statistics.median(restores), accounts
+
+
+def anon_huge_mib() -> float:
+    """MiB of this process's heap on transparent huge pages (a fork copies 1 PMD per 2 MiB
+    of them instead of 512 PTEs)."""
+    try:
+        with open("/proc/self/smaps_rollup") as rollup:
+            for line in rollup:
+                if line.startswith("AnonHugePages:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+# -- the run -------------------------------------------------------------------------------------
+
+
+def run(accounts: int, records: int, tail: int, runs: int, base: Path | None) -> dict[str, Any]:
+    assert 0 < tail < records, (tail, records)
+    snapshot_index = records - tail
+    assert snapshot_index > 1 + 2 * accounts, "the snapshot must come after the setup records"
+    results: dict[str, Any] = {"accounts": accounts, "journal_records": records,
+                               "tail_records": tail}  # fmt: skip
+    root = Path(tempfile.mkdtemp(dir=base, prefix="seqd-bench-recovery-"))
+    try:
+        journal_dir = root / "journal"
+        recovery_snapshots = root / "snapshots-recovery"
+        pause_snapshots = root / "snapshots-pause"
+        recovery_snapshots.mkdir()
+        pause_snapshots.mkdir()
+        source = RecordSource(accounts)
+        results.update(write_journal(journal_dir, source, records))
+
+        results["read_only_records_per_s"] = bench_read_only(journal_dir, records)
+        genesis, genesis_s, write_s = recover_from_genesis(
+            journal_dir, recovery_snapshots, records, snapshot_index
+        )
+        results["recovery_genesis_s"] = genesis_s
+        results["replay_records_per_s"] = records / genesis_s
+        results["snapshot_write_inprocess_s"] = write_s
+        recovered, figures = recover_from_snapshot(journal_dir, recovery_snapshots, records)
+        results.update(figures)
+        assert recovered.rolling_hash == genesis.rolling_hash, "recoveries disagree"
+        assert recovered.state_hash() == genesis.state_hash(), "recoveries disagree"
+        results["recovery_speedup"] = genesis_s / figures["recovery_snapshot_s"]
+        results["recovery_speedup_bound"] = records / tail
+        del recovered
+        gc.collect()
+
+        results["rss_mib"] = psutil.Process().memory_info().rss / 2**20
+        results["anon_huge_mib"] = anon_huge_mib()
+        with_snapshot, baseline = bench_pause(genesis, source, pause_snapshots, runs)
+        pauses = [r.max_gap_ms for r in with_snapshot]
+        results["snapshot_pause_ms"] = statistics.median(pauses)
+        results["snapshot_pause_ms_max"] = max(pauses)
+        results["snapshot_pause_ms_runs"] = pauses
+        results["fork_ms"] = statistics.median(r.fork_ms for r in with_snapshot)
+        results["fork_to_next_apply_ms"] = statistics.median(
+            r.fork_to_next_apply_ms for r in with_snapshot
+        )
+        results["baseline_max_gap_ms"] = statistics.median(r.max_gap_ms for r in baseline)
+        results["gap_us_p999_during_snapshot"] = statistics.median(
+            r.percentile_gap_us(0.999) for r in with_snapshot
+        )
+        results["gap_us_p999_baseline"] = statistics.median(
+            r.percentile_gap_us(0.999) for r in baseline
+        )
+        results["stalled_ms_during_snapshot"] = statistics.median(r.stalled_ms for r in with_snapshot)
+        results["stalled_ms_baseline"] = statistics.median(r.stalled_ms for r in baseline)
+        results["apply_per_s_during_snapshot"] = statistics.median(r.per_s for r in with_snapshot)
+        results["apply_per_s_baseline"] = statistics.median(r.per_s for r in baseline)
+        results["snapshot_child_s_while_applying"] = statistics.median(
+            r.child_s for r in with_snapshot
+        )
+        results["snapshot_write_s"] = statistics.median(
+            bench_child_write(genesis, pause_snapshots) for _ in range(runs)
+        )
+        newest = snapshots.list_snapshots(pause_snapshots)[0]
+        assert newest.valid, newest.error
+        results["snapshot_bytes"] = newest.path.stat().st_size
+        del genesis
+        gc.collect()
+
+        read_s, restore_s, restored = bench_restore(newest.path, runs)
+        assert restored == accounts + 1, (restored, accounts)  # the mint too
+        results["snapshot_read_s"] = read_s
+        results["processor_restore_s"] = restore_s
+        results["restore_s"] = read_s + restore_s
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+    results["pause_target_met"] = results["snapshot_pause_ms_max"] < PAUSE_TARGET_MS
+    results["speedup_target_met"] = results["recovery_speedup"] >= SPEEDUP_TARGET
+    results["runs"] = runs
+    results["python"] = sys.version.split()[0]
+    results["cpus"] = os.cpu_count()
+    results["load_average_1m"] = os.getloadavg()[0]
+    # The allocator decides the page size of the heap, and so the fork's cost (see RESULTS.md).
+    results["pythonmalloc"] = os.environ.get("PYTHONMALLOC", "")
+    results["glibc_tunables"] = os.environ.get("GLIBC_TUNABLES", "")
+    return {key: round(value, 4) if isinstance(value, float) else value
+            for key, value in results.items()}  # fmt: skip
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="200k accounts, 1M records (< 60 s)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--accounts", type=int, default=None, help="ledger accounts")
+    parser.add_argument("--records", type=int, default=None, help="journal records")
+    parser.add_argument("--tail", type=int, default=None, help="records after the snapshot")
+    parser.add_argument("--runs", type=int, default=None, help="pause and restore runs")
+    parser.add_argument("--dir", type=Path, default=None, help="where to write (default /tmp)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        accounts, records, tail, runs = 200_000, 1_000_000, 100_000, 3
+    else:
+        accounts, records, tail, runs = 1_000_000, 10_000_000, 1_000_000, 3
+    accounts = args.accounts or accounts
+    records = args.records or records
+    tail = args.tail or tail
+    runs = args.runs or runs
+    results = run(accounts, records, tail, runs, args.dir)
+    if args.json:
+        print(json.dumps(results))
+    else:
+        for key, value in results.items():
+            shown = f"{value:>16,}" if isinstance(value, int) and not isinstance(value, bool) else (
+                f"{value:>16,.4f}" if isinstance(value, float) else f"{value!s:>16}")
+            print(f"{key:36} {shown}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,63 @@
+"""The recovery and profile benchmarks run end to end in their smallest mode and report every
+figure RESULTS.md quotes. Speed is not checked here (benches/ is where speed is measured)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+RUN_TIMEOUT_S = 90.0  # each run takes a few seconds; this only stops a hang
+
+RECOVERY_KEYS = (
+    "snapshot_pause_ms",
+    "snapshot_write_s",
+    "restore_s",
+    "replay_records_per_s",
+    "recovery_snapshot_s",
+    "recovery_genesis_s",
+    "recovery_speedup",
+    "fork_ms",
+    "fork_to_next_apply_ms",
+    "baseline_max_gap_ms",
+    "pause_target_met",
+    "speedup_target_met",
+)
+
+
+def run_json(arguments: list[str]) -> dict:  # type: ignore[type-arg]
+    completed = subprocess.run(
+        [sys.executable, *arguments, "--json"],
+        capture_output=True, text=True, timeout=RUN_TIMEOUT_S, check=False,
+    )  # fmt: skip
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    return json.loads(completed.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+def test_recovery_bench_reports_every_figure_and_both_recoveries_agree(tmp_dir: Path) -> None:
+    results = run_json(["-m", "benches.recovery", "--accounts", "2000", "--records", "20000",
+                        "--tail", "2000", "--runs", "1", "--dir", str(tmp_dir)])  # fmt: skip
+    missing = [key for key in RECOVERY_KEYS if key not in results]
+    assert not missing, missing
+    assert results["journal_records"] == 20000
+    assert results["tail_records"] == 2000
+    # The bench cleans up its temp dir.
+    assert list(tmp_dir.iterdir()) == []
+
+
+def test_profile_bench_writes_a_flame_graph_and_speedscope_file_per_role(
+    tmp_dir: Path, unique: str
+) -> None:
+    out = tmp_dir / "out"
+    summary = run_json(["-m", "benches.profile", "--duration", "1", "--accounts", "100",
+                        "--node", unique, "--out", str(out)])  # fmt: skip
+    assert set(summary["roles"]) >= {"supervisor", "sequencer", "journaller", "blp"}
+    for role, figures in summary["roles"].items():
+        assert (out / f"{role}.svg").stat().st_size > 0, role
+        assert (out / f"{role}.speedscope.json").stat().st_size > 0, role
+        main_thread = figures["threads"]["MainThread"]
+        assert main_thread["samples"] > 0, role
+        assert main_thread["top_self"], role
+    assert summary["load"]["per_s"] > 0
+    assert (out / "summary.json").exists()
