@@ -54,7 +54,9 @@ from sequencer.journal import Journal, read_records
 log = logging.getLogger("seqd.supervisor")
 
 POLL_INTERVAL_S = 0.05
-ROLE_START_TIMEOUT_S = 120.0  # recovery of a large journal is part of the blp's start
+ROLE_START_TIMEOUT_S = 120.0  # a role's start may stall this long without progress before it counts as dead
+RECOVERY_REPORT_INTERVAL_S = 1.0  # STATUS= and EXTEND_TIMEOUT_USEC= while the blp replays
+RECOVERY_EXTEND_S = 30.0  # each report gives systemd this much more time (TimeoutStartSec=5min covers the rest)
 ROLE_STOP_TIMEOUT_S = 15.0
 RESTART_BACKOFF_S = 0.5
 BLP_HASH_SEED = "0"  # the blp runs with a fixed PYTHONHASHSEED: set iteration order is part of the state
@@ -146,15 +148,35 @@ class Supervisor:
                 raise RoleDied(role, code)
 
     def _wait_running(self, roles: tuple[str, ...]) -> None:
-        assert self.counters is not None
+        """Wait for the roles to run; while the blp replays, tell systemd how far it got.
+
+        Recovery has no fixed length, so instead of one start timeout the supervisor extends
+        systemd's timeout each time the replay advances (EXTEND_TIMEOUT_USEC): a stuck recovery
+        still times out, a long one does not.
+        """
+        counters = self.counters
+        assert counters is not None
         deadline = time.monotonic() + ROLE_START_TIMEOUT_S
+        progress = counters["recovery.records"]
+        last_index = counters["recovery.last.index"].get()
+        reported = -1
+        next_report = time.monotonic()
         while True:
             self._check_children()
-            if all(self.counters[f"{role}.state"].get() == RoleState.RUNNING for role in roles):
+            if all(counters[f"{role}.state"].get() == RoleState.RUNNING for role in roles):
                 return
             if self.stop_requested:
                 return
-            if time.monotonic() > deadline:
+            now = time.monotonic()
+            if now >= next_report:
+                replayed = progress.get()
+                if replayed != reported:
+                    reported = replayed
+                    deadline = now + ROLE_START_TIMEOUT_S
+                    self.notifier.status(f"recovering: replayed {replayed} records of the journal (up to index {last_index})")
+                    self.notifier.extend_timeout(int(RECOVERY_EXTEND_S * 1_000_000))
+                next_report = now + RECOVERY_REPORT_INTERVAL_S
+            if now > deadline:
                 raise RoleDied(",".join(roles), None)
             self._beat()
             time.sleep(POLL_INTERVAL_S / 5)

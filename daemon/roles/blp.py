@@ -30,7 +30,8 @@ from sequencer.state_machine import StateMachine, load_app
 
 log = logging.getLogger("seqd.blp")
 
-FRAMES_PER_POLL_MAX = 4096  # bound a batch so the applied position and replies move steadily
+FRAMES_PER_POLL_MAX = 4096
+RECOVERY_PROGRESS_MASK = 4095  # publish replay progress (and a heartbeat) every 4096 records  # bound a batch so the applied position and replies move steadily
 
 
 def recover(context: RoleContext, app_class: type[StateMachine]) -> Processor[Any]:
@@ -53,15 +54,20 @@ def recover(context: RoleContext, app_class: type[StateMachine]) -> Processor[An
     else:
         processor = Processor(app_class, node=config.node.name, debug=config.node.debug_determinism)
     last_index = counters["recovery.last.index"].get()
+    progress = counters["recovery.records"]
     replayed = 0
     if last_index > processor.applied_index:
         for record in read_records(config.journal_dir, processor.applied_index + 1, last_index):
             processor.apply_frame(frame_type(record.type, record.version), record.raw[8 : record.length])
             processor.drain_outputs()
             replayed += 1
+            if replayed & RECOVERY_PROGRESS_MASK == 0:
+                progress.set(replayed)
+                context.heartbeat.add(1)
             # A SNAPSHOT record met during replay was taken before the crash, or is lost with
             # the crash; either way the next one will come. Nothing to write now.
             processor.snapshot_requested = False
+    progress.set(replayed)
     assert processor.applied_index == last_index, (processor.applied_index, last_index)
     log.info("recovered to index %d (%d records replayed)", processor.applied_index, replayed)
     return processor
