@@ -30,8 +30,10 @@ from sequencer.state_machine import StateMachine, load_app
 
 log = logging.getLogger("seqd.blp")
 
-FRAMES_PER_POLL_MAX = 4096
-RECOVERY_PROGRESS_MASK = 4095  # publish replay progress (and a heartbeat) every 4096 records  # bound a batch so the applied position and replies move steadily
+# Bound a batch so the applied position and replies move steadily: a small batch lets the
+# sequencer reply to the first records (on the other core) while the blp applies the rest.
+FRAMES_PER_POLL_MAX = 64
+RECOVERY_PROGRESS_MASK = 4095  # publish replay progress (and a heartbeat) every 4096 records
 
 
 def recover(context: RoleContext, app_class: type[StateMachine]) -> Processor[Any]:
