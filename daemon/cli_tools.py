@@ -134,7 +134,8 @@ def command_log(args: argparse.Namespace) -> int:
     if args.action == "dump":
         records = logtools.dump(directory, args.from_index, args.to_index, types, args.session, decode)
     else:
-        records = logtools.tail(directory, follow=True, from_index=args.from_index if args.from_index > 1 else None,
+        records = logtools.tail(directory, follow=args.follow, last=args.lines,
+                                from_index=args.from_index if args.from_index > 1 else None,
                                 types=types, session_id=args.session, decode=decode)
     try:
         for record in records:
@@ -198,6 +199,8 @@ def add_commands(commands: Any, add_config_arguments: Callable[[argparse.Argumen
     log_parser.add_argument("--session", type=lambda text: int(text, 0), default=None, help="only this session id")
     log_parser.add_argument("--decode", action="store_true", help="decode payloads with the configured app's types")
     log_parser.add_argument("--json", action="store_true", help="one JSON object per record")
+    log_parser.add_argument("-f", "--follow", action="store_true", help="tail: keep printing new records")
+    log_parser.add_argument("-n", "--lines", type=int, default=10, help="tail: how many of the last records")
     log_parser.set_defaults(func=command_log)
 
     verify = commands.add_parser("verify", help="replay the journal in fresh processes under two hash seeds and compare")

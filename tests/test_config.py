@@ -54,3 +54,19 @@ def test_missing_file_says_what_to_do(tmp_path: Path) -> None:
 def test_malformed_override_is_refused() -> None:
     with pytest.raises(ConfigError, match=r"section\.key=value"):
         load_config(None, ["roles.blp.idle"])
+
+
+def test_the_example_config_is_valid_and_states_every_default() -> None:
+    from pathlib import Path
+
+    import msgspec
+
+    example = Path(__file__).resolve().parent.parent / "systemd" / "seqd.toml.example"
+    assert load_config(example) == Config(), "systemd/seqd.toml.example must state the defaults"
+    # Every field of the config appears in the example, so the documented list stays complete.
+    text = example.read_text()
+    for section in msgspec.structs.fields(Config):
+        fields = getattr(section.type, "__struct_fields__", (section.name,))
+        for field in fields:
+            if section.name != "roles":
+                assert f"{field} =" in text, f"{section.name}.{field} is missing from the example"
