@@ -203,7 +203,7 @@ class Sequencer:
         self._schedule_flush()
         return True
 
-    def _claim_command(self, session: Session, command: protocol.Command) -> bool:
+    def _claim_command(self, session: Session, command: protocol.Command, now: int) -> bool:
         payload = command.payload
         kind = self.command_frame_types.get(command.version)
         if kind is None:
@@ -213,10 +213,6 @@ class Sequencer:
         view = self.writer.try_claim(_COMMAND_TAIL.size + len(payload), kind)
         if view is None:
             return False
-        now = time.time_ns()
-        if now < self.last_timestamp_ns:
-            now = self.last_timestamp_ns
-        self.last_timestamp_ns = now
         _COMMAND_TAIL.pack_into(
             view, 0, self.next_index, self.term, now, session.session_id, command.request_id, command.acked_request_id
         )
@@ -318,6 +314,7 @@ class Sequencer:
         commands = 0
         claim_command = self._claim_command
         command_type = protocol.Command
+        now = self._stamp()  # one clock read for everything this session sent in this pass
         try:
             frames = session.backlog or connection.next_frames()
             session.backlog = None
@@ -326,7 +323,7 @@ class Sequencer:
                     if type(frame) is command_type:
                         if not session.session_id:
                             raise protocol.ProtocolError("hello_required", "send HELLO before COMMAND frames")
-                        if not claim_command(session, frame):
+                        if not claim_command(session, frame, now):
                             self._block(session, frames[position:])
                             return
                         commands += 1
