@@ -52,6 +52,12 @@ LOAD_JOIN_TIMEOUT_S = 120.0  # the load is sized to end a few s after the profil
 PY_SPY_SLACK_S = 30.0  # py-spy writes its files after `--duration`; beyond this it is stuck
 CALIBRATE_TRANSFERS = 2000  # per client: enough for a rate within ~20%, done in ~1 s
 LOAD_MARGIN_S = 3.0  # the load runs this much longer than the profile, so it covers it
+# Innermost frames that are a thread waiting for work (blocked in the kernel, no CPU): the
+# doorbell futex wait, a condition variable, the supervisor's monitor sleep. uvloop's epoll wait
+# is not here: it is C code inside the sequencer's `main` frame and py-spy (without --native)
+# cannot tell it from the event loop's own work.
+WAITING_FUNCTIONS = ("Doorbell.wait (doorbell.py)", "Condition.wait (threading.py)",
+                     "Supervisor.monitor (supervisor.py)")  # fmt: skip
 
 
 def role_pids(config_path: Path) -> dict[str, int]:
@@ -89,7 +95,9 @@ def top_functions(speedscope_path: Path, top: int = TOP_FUNCTIONS) -> dict[str, 
     """Self and total time per function, per thread, from a py-spy speedscope file.
 
     Self time: the sample's innermost frame. Total time: every function on the stack, once per
-    sample. Percentages are of the thread's samples (its wall time: idle is sampled too).
+    sample. Percentages are of the thread's samples (its wall time: idle is sampled too);
+    `top_busy` leaves out the samples spent waiting (WAITING_FUNCTIONS) and gives percentages
+    of the rest, the thread's working time.
     """
     document = json.loads(speedscope_path.read_text())
     frames = document["shared"]["frames"]
@@ -108,8 +116,16 @@ def top_functions(speedscope_path: Path, top: int = TOP_FUNCTIONS) -> dict[str, 
                 total_weight[name] += 1
         # py-spy names a thread `Thread <tid> "<name>"`; keep the name.
         thread = profile["name"].split('"')[1] if '"' in profile["name"] else profile["name"]
+        waiting = sum(self_weight[name] for name in WAITING_FUNCTIONS)
+        busy = samples - waiting
         threads[thread] = {
             "samples": samples,
+            "waiting_pct": round(100 * waiting / samples, 1) if samples else 0.0,
+            "top_busy": [
+                {"function": name, "self_pct_of_busy": round(100 * count / busy, 1)}
+                for name, count in self_weight.most_common(top + len(WAITING_FUNCTIONS))
+                if name not in WAITING_FUNCTIONS
+            ][:top] if busy else [],
             "top_self": [
                 {
                     "function": name,
@@ -174,6 +190,12 @@ def profile_node(args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
         time.sleep(warmup_s)  # the clients connect and the pipeline fills
         pids = role_pids(node.config_path)
         processes = {role: psutil.Process(pid) for role, pid in pids.items()}
+        # The load's client processes (multiprocessing children of this process): on 2 cores
+        # they compete with the roles, so their CPU belongs in the picture.
+        clients = [child for child in psutil.Process().children()
+                   if "multiprocessing" in " ".join(child.cmdline())]  # fmt: skip
+        for process in clients:
+            process.cpu_percent(None)
         for process in processes.values():
             process.cpu_percent(None)  # starts the window
         counters_before = node.read_counters()
@@ -190,6 +212,7 @@ def profile_node(args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
             outputs.append((command, spy.returncode, output.decode(errors="replace")))
         elapsed_s = time.perf_counter() - started
         cpu = {role: process.cpu_percent(None) for role, process in processes.items()}
+        clients_cpu = sum(process.cpu_percent(None) for process in clients)
         counters_after = node.read_counters()
         failed = [(command, code, text) for command, code, text in outputs if code != 0]
         if failed:
@@ -230,6 +253,8 @@ def profile_node(args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
             "latency_us_p50": round(result.percentile_us(0.5)),
             "latency_us_p99": round(result.percentile_us(0.99)),
             "calibration_per_s": round(calibration.per_s),
+            "client_processes": len(clients),
+            "clients_cpu_percent": round(clients_cpu),
         },
         "roles": roles,
         "out_dir": str(out_dir),
@@ -269,15 +294,20 @@ def main(argv: list[str]) -> int:
         return 0
     print(f"load: {summary['load']['per_s']:,} transfers/s over {summary['load']['clients']} "
           f"clients, p50 {summary['load']['latency_us_p50']} us, p99 "
-          f"{summary['load']['latency_us_p99']} us; machine load average "
+          f"{summary['load']['latency_us_p99']} us; clients used {summary['load']['clients_cpu_percent']}% "
+          f"CPU; machine load average "
           f"{summary['load_average_before'][0]} before, {summary['load_average_after'][0]} after")  # fmt: skip
     for role, figures in summary["roles"].items():
         for thread, rows in figures["threads"].items():
             print(f"\n{role} (pid {figures['pid']}, cpu {figures['cpu_percent']:.0f}%), thread "
-                  f"{thread}, {rows['samples']} samples")  # fmt: skip
+                  f"{thread}, {rows['samples']} samples, {rows['waiting_pct']}% waiting")  # fmt: skip
             print(f"  {'self%':>6} {'total%':>6}  function")
             for row in rows["top_self"]:
                 print(f"  {row['self_pct']:6.1f} {row['total_pct']:6.1f}  {row['function']}")
+            if rows["top_busy"]:
+                print("  of the working samples (self %):")
+                for row in rows["top_busy"]:
+                    print(f"  {row['self_pct_of_busy']:6.1f}         {row['function']}")
     print(f"\nflame graphs and speedscope files in {args.out}")
     return 0
 
