@@ -39,6 +39,11 @@ RING_CAPACITY_BYTES_MAX = 1 << 30  # shared memory is locked-in RAM for practica
 JOURNAL_SEGMENT_BYTES_MIN = 1 << 20  # a segment must hold a full ring's worth of batches
 NODE_NUMBER_MAX = 255  # session ids carry the node number in their top 8 bits
 SOCKET_PATH_BYTES_MAX = 107  # sun_path is 108 bytes including the terminating NUL
+# A COMMAND frame is 8 header + 24 command-header bytes + payload, at most FRAME_BYTES_MAX (1 MiB).
+COMMAND_BYTES_MAX = (1 << 20) - 32
+# What a command costs in the log beyond its payload: the 48-byte record header, the 8-byte acked
+# request id, up to 7 bytes of padding, and a possible padding frame before it at the wrap.
+RECORD_OVERHEAD_BYTES_MAX = 48 + 8 + 7
 
 
 class ConfigError(Exception):
@@ -63,6 +68,9 @@ class SocketConfig(msgspec.Struct, forbid_unknown_fields=True):
     allowed_gids: list[int] = msgspec.field(default_factory=list)
     sessions_max: int = 1024
     client_write_buffer_bytes_max: int = 4 << 20
+    # The largest command payload a client may send; larger ones get a REJECTED reply and are
+    # never sequenced. Every ring and journal batch must hold at least one command this large.
+    command_bytes_max: int = COMMAND_BYTES_MAX
 
 
 class RingConfig(msgspec.Struct, forbid_unknown_fields=True):
@@ -162,6 +170,22 @@ def _validate(config: Config) -> Config:
                 f"ring.{field}={value}: must be a power of two between "
                 f"{RING_CAPACITY_BYTES_MIN} and {RING_CAPACITY_BYTES_MAX}"
             )
+    command_bytes_max = config.socket.command_bytes_max
+    record_bytes_max = command_bytes_max + RECORD_OVERHEAD_BYTES_MAX
+    if not 1 <= command_bytes_max <= COMMAND_BYTES_MAX:
+        errors.append(f"socket.command_bytes_max={command_bytes_max}: must be 1..{COMMAND_BYTES_MAX} (the frame limit)")
+    if config.ring.log_capacity_bytes < 2 * record_bytes_max:
+        errors.append(
+            f"ring.log_capacity_bytes={config.ring.log_capacity_bytes} cannot hold two records of "
+            f"socket.command_bytes_max={command_bytes_max} (+{RECORD_OVERHEAD_BYTES_MAX} bytes each): "
+            "raise the ring or lower command_bytes_max"
+        )
+    if config.journal.batch_bytes_max < record_bytes_max:
+        errors.append(
+            f"journal.batch_bytes_max={config.journal.batch_bytes_max} < one record of "
+            f"socket.command_bytes_max={command_bytes_max} (+{RECORD_OVERHEAD_BYTES_MAX}): the journaller "
+            "could never take it from the ring"
+        )
     if config.journal.segment_bytes < JOURNAL_SEGMENT_BYTES_MIN:
         errors.append(f"journal.segment_bytes={config.journal.segment_bytes} < {JOURNAL_SEGMENT_BYTES_MIN}")
     if config.journal.batch_bytes_max * 2 > config.journal.segment_bytes:

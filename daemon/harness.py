@@ -68,7 +68,7 @@ class NodeProcess:
         self.node = node
         merged: dict[str, dict[str, Any]] = {
             "node": {"name": node, "data_dir": str(self.directory / "data")},
-            "socket": {"path": str(self.directory / "seqd.sock")},
+            "socket": {"path": str(self.directory / "seqd.sock"), "command_bytes_max": 64 << 10},
             "ring": {"log_capacity_bytes": 1 << 20, "egress_capacity_bytes": 1 << 20},
             "journal": {"segment_bytes": 8 << 20, "batch_bytes_max": 1 << 20},
         }

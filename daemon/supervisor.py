@@ -174,7 +174,11 @@ class Supervisor:
                     reported = replayed
                     deadline = now + ROLE_START_TIMEOUT_S
                     self.notifier.status(f"recovering: replayed {replayed} records of the journal (up to index {last_index})")
-                    self.notifier.extend_timeout(int(RECOVERY_EXTEND_S * 1_000_000))
+                    if self.ready_sent:
+                        # A restart after READY: systemd's watchdog is armed; progress keeps it fed.
+                        self.notifier.watchdog()
+                    else:
+                        self.notifier.extend_timeout(int(RECOVERY_EXTEND_S * 1_000_000))
                 next_report = now + RECOVERY_REPORT_INTERVAL_S
             if now > deadline:
                 raise RoleDied(",".join(roles), None)
@@ -349,6 +353,8 @@ class Supervisor:
             if self.stop_requested:
                 log.info("stopped")
                 return 0 if stopped_cleanly else 1
+            if self.ready_sent:
+                self.notifier.watchdog()  # restarting is progress; the roles' heartbeats resume shortly
             now = time.monotonic()
             restarts.append(now)
             while restarts and restarts[0] < now - self.config.restart_window_s:

@@ -40,8 +40,10 @@ BACKOFF_SLEEP_NS_MAX = 1_000_000
 # buffering, see ipc.platform), and this bounds what a miss costs. 100 wakeups/s idle is nothing.
 BLOCKING_TIMEOUT_MS_DEFAULT = 10.0
 # Cycles without work before parking: a reader that parks on every empty poll pays a system call
-# per message at moderate rates; a few yields first keep a busy pipeline out of the kernel.
-BLOCKING_YIELDS_BEFORE_PARK = 4
+# per message at moderate rates; a yield first keeps a busy pipeline out of the kernel. One, not
+# more: profiled on 2 cores under load (benches/profile.py), 4 yields put 36% of the blp's working
+# time and 21% of the journaller's in sched_yield, taking the core from the role it waits for.
+BLOCKING_YIELDS_BEFORE_PARK = 1
 assert BACKOFF_SLEEP_NS_MIN <= BACKOFF_SLEEP_NS_MAX
 
 

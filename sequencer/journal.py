@@ -673,6 +673,10 @@ class Journal:
         try:
             journal._lock()
             journal._recover()
+            # Records a crashed writer left in the page cache are readable now but not yet
+            # durable; make them durable before anyone replays or continues after them.
+            if journal._fd >= 0:
+                os.fdatasync(journal._fd)
         except OSError as error:
             journal._release()
             raise JournalError(

@@ -62,6 +62,7 @@ from sequencer.record import (
     decode_session_open,
     iter_records,
 )
+from sequencer.schema import VersionError
 from sequencer.snapshot import SnapshotHeader
 from sequencer.state_machine import Context, Rejected, StateMachine
 
@@ -79,7 +80,7 @@ __all__ = [
 # handful; the bound stops a client that never acks from growing the state without limit. Beyond
 # it the oldest saved reply is dropped, and a resend of that request gets DUPLICATE (it was
 # applied; its reply is gone). 1024 covers the client library's in-flight window with room.
-SAVED_REPLIES_MAX = 1024
+SAVED_REPLIES_MAX = 1024  # per client; the client library caps its window at this (IN_FLIGHT_LIMIT_MAX)
 
 # The layout of the processor's part of the snapshot body (ProcessorState); the app's part is
 # versioned by the app's schema version.
@@ -102,6 +103,7 @@ _TIMER_CANCEL = int(EgressKind.TIMER_CANCEL)
 _PAYLOAD_OFFSET = RECORD_TAIL.size  # payload offset in a view that starts after the frame header
 _COMMAND_OFFSET = _PAYLOAD_OFFSET + COMMAND_PREFIX.size
 _REJECTED_ENCODER = msgspec.msgpack.Encoder()
+_UNDECODABLE = (msgspec.DecodeError, msgspec.ValidationError, VersionError)
 _unpack_tail = RECORD_TAIL.unpack_from
 _unpack_prefix = COMMAND_PREFIX.unpack_from
 _pack_reply = REPLY_HEADER.pack
@@ -282,34 +284,45 @@ class Processor(Generic[App]):
                 self._outputs.append((_REPLY, frame))
             return
 
-        command = self._decode_command(frame_type >> 16, view[_COMMAND_OFFSET:], index)
-        context = self._context
-        context.now = timestamp_ns
-        context.index = index
-        context.term = term
-        context.session = session_id
-        context.client_id = session.client_id
-        outputs = self._outputs
-        outputs_before = len(outputs)
         try:
-            if self.debug:
-                with guard():
-                    reply = self._app_apply(context, command)
-            else:
-                reply = self._app_apply(context, command)
-            status = _OK
-            payload = self._encode_reply(reply)
-        except Rejected as rejected:
-            if len(self._outputs) != outputs_before:
-                raise AssertionError(
-                    f"{self.app_class.__name__}.apply raised Rejected({rejected.code!r}) after "
-                    "emitting outputs (ctx.publish/schedule/cancel) for the record at index "
-                    f"{index}: validate the whole command before mutating anything"
-                ) from rejected
+            command = self._decode_command(frame_type >> 16, view[_COMMAND_OFFSET:], index)
+        except _UNDECODABLE as error:
+            # Refused the same way on every replica and every replay: the record is in the log
+            # for good, so it must never crash the blp (it would crash again at each recovery).
             status = _REJECTED
-            payload = _REJECTED_ENCODER.encode(
-                {"code": rejected.code, "message": rejected.message}
-            )
+            payload = _REJECTED_ENCODER.encode({
+                "code": "bad_command",
+                "message": f"the command at index {index} could not be decoded by "
+                f"{self.schema.name} v{self._version}: {error}; nothing was applied",
+            })
+        else:
+            context = self._context
+            context.now = timestamp_ns
+            context.index = index
+            context.term = term
+            context.session = session_id
+            context.client_id = session.client_id
+            outputs = self._outputs
+            outputs_before = len(outputs)
+            try:
+                if self.debug:
+                    with guard():
+                        reply = self._app_apply(context, command)
+                else:
+                    reply = self._app_apply(context, command)
+                status = _OK
+                payload = self._encode_reply(reply)
+            except Rejected as rejected:
+                if len(self._outputs) != outputs_before:
+                    raise AssertionError(
+                        f"{self.app_class.__name__}.apply raised Rejected({rejected.code!r}) after "
+                        "emitting outputs (ctx.publish/schedule/cancel) for the record at index "
+                        f"{index}: validate the whole command before mutating anything"
+                    ) from rejected
+                status = _REJECTED
+                payload = _REJECTED_ENCODER.encode(
+                    {"code": rejected.code, "message": rejected.message}
+                )
         client.last_request_id = request_id
         replies[request_id] = (index, status, version, payload)
         if len(replies) > SAVED_REPLIES_MAX:

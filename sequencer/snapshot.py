@@ -294,6 +294,21 @@ def retain(directory: str | os.PathLike[str], keep: int) -> list[Path]:
     return removed
 
 
+def _die_with_parent() -> None:
+    """The writer must not outlive the process it was forked from (Linux clears the parent-death
+    signal on fork): a killed blp would otherwise leave it writing into the next incarnation."""
+    import ctypes
+    import signal
+
+    parent = os.getppid()
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:
+        os._exit(1)
+
+
 def fork_and_write_snapshot(
     directory: str | os.PathLike[str],
     encode: Callable[[], tuple[SnapshotHeader, bytes]],
@@ -309,6 +324,7 @@ def fork_and_write_snapshot(
         return pid
     status = 1
     try:
+        _die_with_parent()
         header, body = encode()
         write_snapshot(directory, header, body)
         status = 0

@@ -36,6 +36,8 @@ def test_toml_file_and_overrides_are_merged(tmp_path: Path) -> None:
         ('[roles.sequencer]\ncpu = 4096\n', "roles.sequencer.cpu=4096"),
         ('[socket]\npath = "/' + "x" * 120 + '"\n', "socket.path"),
         ("[node\n", "not valid TOML"),
+        ('[ring]\nlog_capacity_bytes = 1048576\n', "cannot hold two records"),
+        ('[journal]\nbatch_bytes_max = 65536\n', "could never take it from the ring"),
     ],
 )
 def test_invalid_settings_are_refused_naming_the_field(tmp_path: Path, text: str, expected: str) -> None:

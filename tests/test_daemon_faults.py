@@ -156,14 +156,17 @@ def test_full_ring_stops_reading_sockets_and_resumes_without_losing_a_command(no
 
     from sequencer.apps.ledger import Transfer
 
-    node = node_factory({"ring": {"log_capacity_bytes": 1 << 16, "egress_capacity_bytes": 1 << 16}})
+    node = node_factory({
+        "ring": {"log_capacity_bytes": 1 << 16, "egress_capacity_bytes": 1 << 16},
+        "socket": {"command_bytes_max": 16 << 10},
+    })
     open_accounts(node.socket_path, ACCOUNTS)
     blp = node.role_pid("blp")
     sequencer = psutil.Process(node.role_pid("sequencer"))
     os.kill(blp, signal.SIGSTOP)
     try:
-        with Client(node.socket_path, schema=Ledger.schema, timeout_s=60, in_flight_max=5000) as client:
-            pending = [client.submit(Transfer("a", "b", 1)) for _ in range(3000)]
+        with Client(node.socket_path, schema=Ledger.schema, timeout_s=60, in_flight_max=1024) as client:
+            pending = [client.submit(Transfer("a", "b", 1)) for _ in range(1024)]
             client.poll()
             time.sleep(1.0)
             client.poll()
@@ -171,7 +174,7 @@ def test_full_ring_stops_reading_sockets_and_resumes_without_losing_a_command(no
             rss_stalled = sequencer.memory_info().rss
             # The ring holds at most 64 KiB of records (~700 transfers): the rest waits in the
             # sockets, not in the daemon's memory.
-            assert stalled["log.published.index"] - stalled["blp.applied.index"] < 1000
+            assert stalled["log.published.index"] - stalled["blp.applied.index"] < 800
             assert not any(request.done() for request in pending)
             os.kill(blp, signal.SIGCONT)
             for request in pending:
@@ -179,4 +182,39 @@ def test_full_ring_stops_reading_sockets_and_resumes_without_losing_a_command(no
         assert sequencer.memory_info().rss < rss_stalled + (32 << 20)
     finally:
         os.kill(blp, signal.SIGCONT)
-    assert balances(node.socket_path, ACCOUNTS)["b"] - balances(node.socket_path, ACCOUNTS)["a"] == 6000
+    final = balances(node.socket_path, ACCOUNTS)
+    assert final["b"] - final["a"] == 2 * 1024
+
+
+def test_command_over_the_configured_size_is_rejected_without_being_sequenced(node_factory) -> None:  # noqa: F811
+    from sequencer.client import CommandRejected
+
+    node = node_factory({"socket": {"command_bytes_max": 1024}})
+    open_accounts(node.socket_path, ACCOUNTS)
+    before = node.read_counters()["log.published.index"]
+    with Client(node.socket_path, timeout_s=10) as client:
+        with pytest.raises(CommandRejected) as rejected:
+            client.call(b"\x00" * 2048)
+        assert rejected.value.code == "command_too_large"
+    with Client(node.socket_path, schema=Ledger.schema, timeout_s=10) as client:
+        assert client.call(Balance("a")).balance > 0
+    # Only session open/close records and the Balance command entered the log: 2 + 3, never 6.
+    time.sleep(0.2)
+    assert node.read_counters()["log.published.index"] - before == 5
+
+
+def test_undecodable_command_is_rejected_and_the_node_survives_its_replay(node_factory) -> None:  # noqa: F811
+    """A command the app cannot decode is in the journal for good: it must be refused, not crash
+    the blp at every recovery."""
+    from sequencer.client import CommandRejected
+
+    node = node_factory()
+    open_accounts(node.socket_path, ACCOUNTS)
+    with Client(node.socket_path, timeout_s=10) as client:
+        with pytest.raises(CommandRejected) as rejected:
+            client.call(b"\xc1\xc1 not msgpack")
+        assert rejected.value.code == "bad_command"
+    node.kill()
+    node.start()
+    assert balances(node.socket_path, ACCOUNTS)["a"] > 0
+    assert "giving up" not in node.log_text()

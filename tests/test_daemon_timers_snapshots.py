@@ -119,3 +119,34 @@ def test_automatic_snapshots_every_n_records_and_retention(node_factory) -> None
     infos = snapshots.list_snapshots(node.config.snapshot_dir)
     assert len(infos) == 2
     assert all(info.valid for info in infos)
+
+
+def test_log_timestamps_never_go_backwards_with_snapshots_and_sessions_in_the_same_pass(node_factory) -> None:  # noqa: F811
+    node = node_factory({"snapshot": {"every_records": 3, "keep": 2}})
+    open_accounts(node.socket_path, [f"t{number}" for number in range(150)])
+    open_accounts(node.socket_path, [f"u{number}" for number in range(150)])
+    assert node.stop() == 0
+    stamps = [record.timestamp_ns for record in read_records(node.config.journal_dir)]
+    assert len(stamps) > 600
+    backwards = [index for index in range(1, len(stamps)) if stamps[index] < stamps[index - 1]]
+    assert not backwards, f"timestamps go backwards at {len(backwards)} records, first at index {backwards[0] + 1}"
+
+
+def test_more_pending_timers_than_the_egress_ring_holds_do_not_block_a_restart(node_factory) -> None:  # noqa: F811
+    # 64 KiB of egress holds ~2700 timer requests of 24 bytes; 3000 must still come back.
+    node = node_factory({
+        "ring": {"egress_capacity_bytes": 1 << 16},
+        "socket": {"command_bytes_max": 16 << 10},
+    })
+    open_accounts(node.socket_path, ["a", "b"])
+    with Client(node.socket_path, schema=Ledger.schema, timeout_s=60) as client:
+        pending = [
+            client.submit(Reserve(reservation_id=number, source="a", target="b", amount=1, timeout_ms=3_600_000))
+            for number in range(1, 3001)
+        ]
+        for request in pending:
+            request.result()
+    node.kill()
+    node.start()
+    wait_for(lambda: node.read_counters()["timers.pending"] == 3000, what="3000 timers re-armed")
+    assert balances(node.socket_path, ["a"])["a"] == DEPOSIT

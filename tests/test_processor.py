@@ -359,3 +359,24 @@ def test_pending_timers_are_rearmed_after_restore_and_an_overdue_one_fires_once(
     feed(restored, feeder.timer_fired(3, rearm[0].deadline_ns))
     assert [t for t, _ in restored.app.fired] == [3]
     assert restored.timers() == {4: rearm[1].deadline_ns}
+
+
+def test_undecodable_or_newer_version_command_is_rejected_not_fatal() -> None:
+    """A record in the log for good must never crash the blp: it would crash at every recovery."""
+    from sequencer.apps.ledger import Ledger, OpenAccount
+    from sequencer.egress import REPLY_HEADER, ReplyStatus
+    from sequencer.processor import Processor
+    from sequencer.record import RecordType, encode_command, encode_record, encode_session_open
+
+    processor = Processor(Ledger)
+    records = [
+        encode_record(RecordType.SESSION_OPEN, 1, 1, 1, 10, 7, 0, encode_session_open(99, "n1")),
+        encode_record(RecordType.COMMAND, 1, 2, 1, 11, 7, 1, encode_command(0, b"\xc1\xc1garbage")),
+        encode_record(RecordType.COMMAND, 99, 3, 1, 12, 7, 2, encode_command(0, b"\x80")),
+    ]
+    version, payload = Ledger.schema.encode_command(OpenAccount("a"))
+    records.append(encode_record(RecordType.COMMAND, version, 4, 1, 13, 7, 3, encode_command(0, payload)))
+    processor.apply_records(b"".join(records))
+    statuses = [REPLY_HEADER.unpack_from(frame, 0)[3] for _, frame in processor.drain_outputs()]
+    assert statuses == [ReplyStatus.REJECTED, ReplyStatus.REJECTED, ReplyStatus.OK]
+    assert processor.applied_index == 4

@@ -128,11 +128,14 @@ def run(context: RoleContext) -> int:
     egress_published = counters["egress.published.position"]
     heartbeat = context.heartbeat
     snapshot_writers: dict[int, int] = {}  # pid -> index
+    applied_position_seen = -1
 
+    applied_index.set(processor.applied_index)
+    # RUNNING first: the supervisor starts the sequencer, egress's only reader, only now, and the
+    # re-armed timers may be more than the egress ring holds.
+    context.set_state(RoleState.RUNNING)
     write_all(writer, processor.pending_timers(), context, idle)
     egress_published.set(writer.published_position)
-    applied_index.set(processor.applied_index)
-    context.set_state(RoleState.RUNNING)
     beats = 0
     while not context.stop_requested:
         frames = reader.poll(FRAMES_PER_POLL_MAX)
@@ -142,14 +145,16 @@ def run(context: RoleContext) -> int:
                 processor.snapshot_requested = False
                 pid = snapshots.fork_and_write_snapshot(config.snapshot_dir, processor.snapshot_file_contents)
                 snapshot_writers[pid] = processor.applied_index
-        if frames:
-            reader.release()
+        reader.release()  # also moves past a padding frame that poll skipped without returning
+        if frames or reader.position != applied_position_seen:
             outputs = processor.drain_outputs()
             if outputs:
                 write_all(writer, outputs, context, idle)
                 egress_published.set(writer.published_position)
                 sequencer_doorbell.ring()
-            applied_position.set(reader.position)
+            # Published even when only padding was passed, so a drain sees the blp caught up.
+            applied_position_seen = reader.position
+            applied_position.set(applied_position_seen)
             applied_index.set(processor.applied_index)
             rolling_hash.set(processor.rolling_hash & 0x7FFF_FFFF_FFFF_FFFF)
         if snapshot_writers:

@@ -128,6 +128,8 @@ class Sequencer:
         self.writer = self.log_ring.writer()
         self.egress_reader = self.egress_ring.reader("sequencer")
         self.client_write_buffer_bytes_max = config.socket.client_write_buffer_bytes_max
+        self.command_bytes_max = config.socket.command_bytes_max
+        self.pending_closes: deque[int] = deque()  # SESSION_CLOSE records waiting for ring space
         # Positions and stamps continue from what recovery found in the journal.
         self.next_index = counters["recovery.last.index"].get() + 1
         self.term = max(1, counters["recovery.last.term"].get())
@@ -203,7 +205,7 @@ class Sequencer:
         self._schedule_flush()
         return True
 
-    def _claim_command(self, session: Session, command: protocol.Command, now: int) -> bool:
+    def _claim_command(self, session: Session, command: protocol.Command) -> bool:
         payload = command.payload
         kind = self.command_frame_types.get(command.version)
         if kind is None:
@@ -213,8 +215,11 @@ class Sequencer:
         view = self.writer.try_claim(_COMMAND_TAIL.size + len(payload), kind)
         if view is None:
             return False
+        # The pass read the clock once (`_process`); a record claimed since (SESSION_OPEN,
+        # SNAPSHOT) may carry a later stamp, so take the newest: stamps never go backwards.
         _COMMAND_TAIL.pack_into(
-            view, 0, self.next_index, self.term, now, session.session_id, command.request_id, command.acked_request_id
+            view, 0, self.next_index, self.term, self.last_timestamp_ns, session.session_id,
+            command.request_id, command.acked_request_id,
         )
         view[_COMMAND_TAIL.size :] = payload
         self.next_index += 1
@@ -255,8 +260,11 @@ class Sequencer:
     def on_disconnect(self, session: Session) -> None:
         if session.session_id and self.sessions.pop(session.session_id, None) is session:
             self.sessions_open.set(len(self.sessions))
-            if not self._claim_record(RecordType.SESSION_CLOSE, 1, session.session_id, 0, b""):
-                log.warning("ring full: session %x closed without a SESSION_CLOSE record", session.session_id)
+            if self.pending_closes or not self._claim_record(RecordType.SESSION_CLOSE, 1, session.session_id, 0, b""):
+                # Ring full: the close waits (bounded by sessions_max) and is claimed in order
+                # once there is room, so every replica forgets the session.
+                self.pending_closes.append(session.session_id)
+                self._schedule_retry()
         with contextlib.suppress(ValueError):
             self.blocked.remove(session)
         session.transport = None
@@ -314,7 +322,7 @@ class Sequencer:
         commands = 0
         claim_command = self._claim_command
         command_type = protocol.Command
-        now = self._stamp()  # one clock read for everything this session sent in this pass
+        self._stamp()  # one clock read for everything this session sent in this pass
         try:
             frames = session.backlog or connection.next_frames()
             session.backlog = None
@@ -323,7 +331,10 @@ class Sequencer:
                     if type(frame) is command_type:
                         if not session.session_id:
                             raise protocol.ProtocolError("hello_required", "send HELLO before COMMAND frames")
-                        if not claim_command(session, frame, now):
+                        if len(frame.payload) > self.command_bytes_max:
+                            self._refuse_command(session, frame)
+                            continue
+                        if not claim_command(session, frame):
                             self._block(session, frames[position:])
                             return
                         commands += 1
@@ -355,17 +366,46 @@ class Sequencer:
                 self.commands_total.add(commands)
                 self._schedule_flush()
 
+    def _refuse_command(self, session: Session, command: protocol.Command) -> None:
+        """A command over `socket.command_bytes_max` is refused at the gateway, never sequenced.
+
+        It gets a REJECTED reply (not a protocol error, which would make the client reconnect
+        and resend it for ever); nothing enters the log, so replicas are unaffected.
+        """
+        self.errors.record(
+            "client.command_too_large",
+            f"session {session.session_id:x}: a command of {len(command.payload)} bytes > "
+            f"socket.command_bytes_max={self.command_bytes_max}; rejected without sequencing it",
+            time.monotonic(),
+        )
+        message = (
+            f"the command is {len(command.payload)} bytes; this node accepts at most "
+            f"socket.command_bytes_max={self.command_bytes_max}: send smaller commands"
+        )
+        payload = protocol.encode_rejection("command_too_large", message)
+        session.write(session.connection.send(
+            protocol.Reply(command.request_id, 0, protocol.ReplyStatus.REJECTED, command.version, payload)
+        ))
+
     def _block(self, session: Session, frames: list[protocol.Frame]) -> None:
         session.backlog = frames
         if session.transport is not None:
             session.transport.pause_reading()
         self.blocked.append(session)
+        self._schedule_retry()
+
+    def _schedule_retry(self) -> None:
         if self.blocked_retry is None:
             self.blocked_retry = self.loop.call_later(BLOCKED_RETRY_S, self._retry_blocked)
 
     def _retry_blocked(self) -> None:
         self.blocked_retry = None
         self._flush()
+        while self.pending_closes:
+            if not self._claim_record(RecordType.SESSION_CLOSE, 1, self.pending_closes[0], 0, b""):
+                self._schedule_retry()
+                return
+            self.pending_closes.popleft()
         while self.blocked:
             session = self.blocked[0]
             if session.transport is None:
@@ -381,8 +421,8 @@ class Sequencer:
             self.blocked.popleft()
             if session.transport is not None and not self.draining:
                 session.transport.resume_reading()
-        if self.blocked and self.blocked_retry is None:
-            self.blocked_retry = self.loop.call_later(BLOCKED_RETRY_S, self._retry_blocked)
+        if self.blocked:
+            self._schedule_retry()
 
     # ---- snapshots and timers --------------------------------------------------------------
 
@@ -475,7 +515,7 @@ class Sequencer:
         self.egress_consumed.set(reader.position)
         if timers_changed:
             self._arm_timers()
-        if self.blocked and self.blocked_retry is None:
+        if (self.blocked or self.pending_closes) and self.blocked_retry is None:
             self._retry_blocked()
 
     def _on_egress_signal(self) -> None:

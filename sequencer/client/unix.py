@@ -98,7 +98,10 @@ REDIRECTS_MAX: Final = 8
 # Each in-flight request is kept (payload included) until its reply arrives, for resending; the
 # window bounds that memory and the daemon's saved replies per client. 65536 x 64-byte commands
 # is 4 MiB; beyond that, pipelining gains nothing over a socket buffer's worth.
-IN_FLIGHT_LIMIT_MAX: Final = 65536
+# The daemon keeps at most this many unacknowledged replies per client (the blp's dedup table,
+# `sequencer.processor.SAVED_REPLIES_MAX`). A larger window could lose a reply across a reconnect:
+# the resent request would find its reply forgotten and get DUPLICATE instead.
+IN_FLIGHT_LIMIT_MAX: Final = 1024
 # Queued command bytes that make `submit` write at once instead of waiting for a flush or a wait:
 # about a socket buffer's worth, so one write system call carries a few hundred small commands.
 SEND_BATCH_BYTES: Final = 64 * 1024
