@@ -75,20 +75,14 @@ def bench_node(directory: Path, clients: int, transfers: int, in_flight: int, ac
 
 
 def bench_replay(node: NodeProcess) -> float:
-    from sequencer.journal import read_records
+    """The blp's recovery path: `read_runs` + `Processor.replay_run` over the run's journal."""
+    from sequencer.journal import read_runs
     from sequencer.processor import Processor
-    from sequencer.record import frame_type
     from sequencer.state_machine import load_app
 
     processor = Processor(load_app(node.config.node.app))
     started = time.perf_counter()
-    count = 0
-    for record in read_records(node.config.journal_dir):
-        processor.apply_frame(frame_type(record.type, record.version), record.raw[8 : record.length])
-        processor.snapshot_requested = False
-        count += 1
-        if count % 4096 == 0:
-            processor.drain_outputs()
+    count = sum(processor.replay_run(run) for run in read_runs(node.config.journal_dir))
     elapsed = time.perf_counter() - started
     return count / elapsed if elapsed else 0.0
 

@@ -8,7 +8,8 @@ Napkin math. A ledger account is a dict entry (~100 B key + 72 B struct + ~50 B 
 ~60k PTEs, a few ms; after it, the parent takes a copy-on-write fault (~1-3 us) the first time it
 writes each page, and a transfer writes refcounts and balances on ~4 pages. The child encodes the
 state (msgspec, ~50 ns per field: ~0.2 s for 1M accounts), hashes and writes ~40 MB and fsyncs.
-Replay runs the blp's recovery loop (`daemon/roles/blp.py` `recover`): `read_records` (~1 us a
+Replay runs the blp's recovery loop (`daemon/roles/blp.py` `recover`): `read_runs` + `replay_run`
+(one view per journal batch, one header word per record). Earlier it was `read_records` (~1 us a
 record, benches/journal.py) plus `apply_frame` (~3-4 us a transfer, benches/processor.py), so
 ~200k records/s: 10M records take ~50 s from genesis, and a snapshot + 1M-record tail ~5 s plus
 the restore. With the snapshot at `records - tail`, the speed-up cannot exceed records / tail.
@@ -19,7 +20,7 @@ What runs, all in this process on the real pieces (nothing is mocked):
    for each of `accounts` accounts, then Transfers between random accounts), encoded with
    `encode_record`, appended with `Journal.append` in batches of BATCH_RECORDS, one sync. The
    state is built by applying these records, not by restoring a synthetic body.
-2. Recovery from genesis: `read_records` + `apply_frame` + `drain_outputs` over the whole
+2. Recovery from genesis: `read_runs` + `Processor.replay_run` over the whole
    journal, as `recover` does. At index `records - tail` the clock stops while the state is
    written with `write_snapshot` (in-process), then goes on.
 3. Recovery with the snapshot: `newest_valid_snapshot` + `Processor.restore` + the same loop
@@ -54,9 +55,10 @@ from typing import Any
 
 import psutil
 
+from daemon.roles.blp import FRAMES_PER_POLL_MAX
 from sequencer import snapshot as snapshots
 from sequencer.apps.ledger import LEDGER_SCHEMA, Deposit, Ledger, OpenAccount, Transfer
-from sequencer.journal import Journal, read_records
+from sequencer.journal import Journal, read_records, read_runs
 from sequencer.processor import Processor
 from sequencer.record import (
     COMMAND_PREFIX,
@@ -65,11 +67,10 @@ from sequencer.record import (
     RecordType,
     encode_record,
     encode_session_open,
-    frame_type,
 )
 
 BATCH_RECORDS = 8192  # ~1 MB a journal append: what a busy journaller pass writes
-FRAMES_PER_POLL = 4096  # the blp's FRAMES_PER_POLL_MAX (daemon/roles/blp.py)
+FRAMES_PER_POLL = FRAMES_PER_POLL_MAX  # the blp's batch
 SESSION_ID = 1 << 56 | 1
 CLIENT_ID = 7
 DEPOSIT = 1_000_000_000
@@ -194,14 +195,8 @@ def write_journal(directory: Path, source: RecordSource, records: int) -> dict[s
 
 
 def replay(processor: Processor[Any], journal_dir: Path, first: int, last: int) -> int:
-    """The blp's recovery loop (daemon/roles/blp.py `recover`), verbatim in what it does."""
-    replayed = 0
-    for record in read_records(journal_dir, first, last):
-        processor.apply_frame(frame_type(record.type, record.version), record.raw[8 : record.length])
-        processor.drain_outputs()
-        replayed += 1
-        processor.snapshot_requested = False
-    return replayed
+    """The blp's recovery loop (daemon/roles/blp.py `recover`): `read_runs` + `replay_run`."""
+    return sum(processor.replay_run(run) for run in read_runs(journal_dir, first, last))
 
 
 def recover_from_genesis(

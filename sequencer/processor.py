@@ -36,6 +36,7 @@ propagates and crashes the blp; the supervisor restarts from snapshot + journal.
 from __future__ import annotations
 
 import contextlib
+import struct
 from collections.abc import Iterable
 from typing import Any, Generic, TypeVar
 
@@ -104,6 +105,7 @@ _PAYLOAD_OFFSET = RECORD_TAIL.size  # payload offset in a view that starts after
 _COMMAND_OFFSET = _PAYLOAD_OFFSET + COMMAND_PREFIX.size
 _REJECTED_ENCODER = msgspec.msgpack.Encoder()
 _UNDECODABLE = (msgspec.DecodeError, msgspec.ValidationError, VersionError)
+_FRAME_WORD = struct.Struct("<II")  # a record's first 8 bytes: length, type | version << 16
 _unpack_tail = RECORD_TAIL.unpack_from
 _unpack_prefix = COMMAND_PREFIX.unpack_from
 _pack_reply = REPLY_HEADER.pack
@@ -369,6 +371,23 @@ class Processor(Generic[App]):
             self.apply_frame(frame_type, view[offset + FRAME_HEADER_BYTES : offset + header.length])
             self.snapshot_requested = False
             count += 1
+        return count
+
+    def replay_run(self, run: Any) -> int:
+        """Applies a run of whole records (`journal.read_runs`), discarding outputs; returns how
+        many. The recovery fast path: one header word per record, no per-record objects."""
+        unpack = _FRAME_WORD.unpack_from
+        apply = self.apply_frame
+        position = 0
+        end = len(run)
+        count = 0
+        while position < end:
+            length, frame_type = unpack(run, position)
+            apply(frame_type, run[position + FRAME_HEADER_BYTES : position + length])
+            self.snapshot_requested = False  # a replay writes no snapshots
+            position += (length + 7) & -8
+            count += 1
+        self._outputs.clear()
         return count
 
     def _set_context(self, index: int, term: int, timestamp_ns: int, session_id: int,

@@ -23,9 +23,8 @@ from daemon.roles.common import RoleContext, start_role
 from ipc.idle import IdleStrategy, idle_strategy
 from ipc.ring import Ring, RingWriter
 from sequencer import snapshot as snapshots
-from sequencer.journal import read_records
+from sequencer.journal import read_runs
 from sequencer.processor import Processor
-from sequencer.record import frame_type
 from sequencer.state_machine import StateMachine, load_app
 
 log = logging.getLogger("seqd.blp")
@@ -33,7 +32,7 @@ log = logging.getLogger("seqd.blp")
 # Bound a batch so the applied position and replies move steadily: a small batch lets the
 # sequencer reply to the first records (on the other core) while the blp applies the rest.
 FRAMES_PER_POLL_MAX = 64
-RECOVERY_PROGRESS_MASK = 4095  # publish replay progress (and a heartbeat) every 4096 records
+RECOVERY_PROGRESS_RECORDS = 4096  # publish replay progress (and a heartbeat) this often
 
 
 def recover(context: RoleContext, app_class: type[StateMachine]) -> Processor[Any]:
@@ -59,16 +58,13 @@ def recover(context: RoleContext, app_class: type[StateMachine]) -> Processor[An
     progress = counters["recovery.records"]
     replayed = 0
     if last_index > processor.applied_index:
-        for record in read_records(config.journal_dir, processor.applied_index + 1, last_index):
-            processor.apply_frame(frame_type(record.type, record.version), record.raw[8 : record.length])
-            processor.drain_outputs()
-            replayed += 1
-            if replayed & RECOVERY_PROGRESS_MASK == 0:
+        for run in read_runs(config.journal_dir, processor.applied_index + 1, last_index):
+            replayed += processor.replay_run(run)
+            if replayed - progress.get() > RECOVERY_PROGRESS_RECORDS:
                 progress.set(replayed)
                 context.heartbeat.add(1)
-            # A SNAPSHOT record met during replay was taken before the crash, or is lost with
-            # the crash; either way the next one will come. Nothing to write now.
-            processor.snapshot_requested = False
+    # A SNAPSHOT record met during replay was taken before the crash, or is lost with the
+    # crash; either way the next one will come: a replay writes none (replay_run clears it).
     progress.set(replayed)
     assert processor.applied_index == last_index, (processor.applied_index, last_index)
     log.info("recovered to index %d (%d records replayed)", processor.applied_index, replayed)
