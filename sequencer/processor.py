@@ -63,7 +63,6 @@ from sequencer.record import (
     decode_session_open,
     iter_records,
 )
-from sequencer.schema import VersionError
 from sequencer.snapshot import SnapshotHeader
 from sequencer.state_machine import Context, Rejected, StateMachine
 
@@ -104,7 +103,10 @@ _TIMER_CANCEL = int(EgressKind.TIMER_CANCEL)
 _PAYLOAD_OFFSET = RECORD_TAIL.size  # payload offset in a view that starts after the frame header
 _COMMAND_OFFSET = _PAYLOAD_OFFSET + COMMAND_PREFIX.size
 _REJECTED_ENCODER = msgspec.msgpack.Encoder()
-_UNDECODABLE = (msgspec.DecodeError, msgspec.ValidationError, VersionError)
+# Bytes no version of the app can decode: refused as a reply, the same on every replica. A
+# VersionError is not among them: a command from a newer app version (the sequencer refuses those
+# at the gateway) means this code must not replay this log, and it stops with a clear message.
+_UNDECODABLE = (msgspec.DecodeError, msgspec.ValidationError)
 _FRAME_WORD = struct.Struct("<II")  # a record's first 8 bytes: length, type | version << 16
 _unpack_tail = RECORD_TAIL.unpack_from
 _unpack_prefix = COMMAND_PREFIX.unpack_from

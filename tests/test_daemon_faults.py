@@ -214,6 +214,25 @@ def test_undecodable_command_is_rejected_and_the_node_survives_its_replay(node_f
         with pytest.raises(CommandRejected) as rejected:
             client.call(b"\xc1\xc1 not msgpack")
         assert rejected.value.code == "bad_command"
+    # A newer schema version than the app's is refused at the gateway: once in the log it would
+    # stop every replay (the blp refuses to misread it).
+    from sequencer.client import protocol as wire
+
+    sock = _raw(node.socket_path)
+    body = struct.pack("<QQH6x", 1, 0, 99) + b"\x80"
+    sock.sendall(_hello(4242) + struct.pack("<IBBH", len(body), 3, 1, 0) + body)
+    codec = wire.Connection(wire.Side.CLIENT)
+    frames: list[object] = []
+    while len(frames) < 2:
+        chunk = sock.recv(65536)
+        assert chunk
+        codec.receive_data(chunk)
+        frames.extend(codec.next_frames())
+    sock.close()
+    reply = frames[1]
+    assert isinstance(reply, wire.Reply)
+    assert reply.status == wire.ReplyStatus.REJECTED
+    assert wire.decode_rejection(reply.payload)[0] == "unknown_version"
     node.kill()
     node.start()
     assert balances(node.socket_path, ACCOUNTS)["a"] > 0

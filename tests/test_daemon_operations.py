@@ -67,9 +67,11 @@ def test_ready_is_sent_only_after_recovery_and_watchdog_pings_stop_when_a_role_h
         blp = node.role_pid("blp")
         os.kill(blp, signal.SIGSTOP)
         try:
+            # A ping already sent, and one for beats made just before the stop, may still come.
+            notify.collect(0.6)
             notify.messages.clear()
-            silent = notify.collect(1.5)
-            assert not any("WATCHDOG=1" in text for text in silent[1:]), silent
+            silent = notify.collect(1.2)
+            assert not any("WATCHDOG=1" in text for text in silent), silent
         finally:
             os.kill(blp, signal.SIGCONT)
         notify.messages.clear()

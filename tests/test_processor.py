@@ -361,25 +361,33 @@ def test_pending_timers_are_rearmed_after_restore_and_an_overdue_one_fires_once(
     assert restored.timers() == {4: rearm[1].deadline_ns}
 
 
-def test_undecodable_or_newer_version_command_is_rejected_not_fatal() -> None:
-    """A record in the log for good must never crash the blp: it would crash at every recovery."""
+def test_undecodable_command_is_rejected_not_fatal_but_a_newer_version_stops_the_replay() -> None:
+    """A record in the log for good must never crash the blp when it is garbage (it would crash
+    at every recovery); a command of a newer app version must stop it: rejecting what the newer
+    version accepted would silently build another state."""
+    import pytest
+
     from sequencer.apps.ledger import Ledger, OpenAccount
     from sequencer.egress import REPLY_HEADER, ReplyStatus
     from sequencer.processor import Processor
     from sequencer.record import RecordType, encode_command, encode_record, encode_session_open
+    from sequencer.schema import VersionError
 
     processor = Processor(Ledger)
+    version, payload = Ledger.schema.encode_command(OpenAccount("a"))
     records = [
         encode_record(RecordType.SESSION_OPEN, 1, 1, 1, 10, 7, 0, encode_session_open(99, "n1")),
-        encode_record(RecordType.COMMAND, 1, 2, 1, 11, 7, 1, encode_command(0, b"\xc1\xc1garbage")),
-        encode_record(RecordType.COMMAND, 99, 3, 1, 12, 7, 2, encode_command(0, b"\x80")),
+        encode_record(RecordType.COMMAND, version, 2, 1, 11, 7, 1, encode_command(0, b"\xc1\xc1garbage")),
+        encode_record(RecordType.COMMAND, version, 3, 1, 12, 7, 2, encode_command(0, b"\x80")),
+        encode_record(RecordType.COMMAND, version, 4, 1, 13, 7, 3, encode_command(0, payload)),
     ]
-    version, payload = Ledger.schema.encode_command(OpenAccount("a"))
-    records.append(encode_record(RecordType.COMMAND, version, 4, 1, 13, 7, 3, encode_command(0, payload)))
     processor.apply_records(b"".join(records))
     statuses = [REPLY_HEADER.unpack_from(frame, 0)[3] for _, frame in processor.drain_outputs()]
     assert statuses == [ReplyStatus.REJECTED, ReplyStatus.REJECTED, ReplyStatus.OK]
     assert processor.applied_index == 4
+    newer = encode_record(RecordType.COMMAND, 99, 5, 1, 14, 7, 4, encode_command(0, payload))
+    with pytest.raises(VersionError, match="99"):
+        processor.apply_records(newer)
 
 
 def test_replay_of_journal_runs_reaches_the_same_state_as_record_by_record() -> None:

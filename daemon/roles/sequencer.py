@@ -51,6 +51,7 @@ from ipc.ring import Ring
 from sequencer import egress
 from sequencer.client import protocol
 from sequencer.record import RecordType, encode_admin, encode_session_open, frame_type
+from sequencer.state_machine import load_app
 
 log = logging.getLogger("seqd.sequencer")
 
@@ -129,6 +130,9 @@ class Sequencer:
         self.egress_reader = self.egress_ring.reader("sequencer")
         self.client_write_buffer_bytes_max = config.socket.client_write_buffer_bytes_max
         self.command_bytes_max = config.socket.command_bytes_max
+        # The gateway checks a command's schema version (never its payload): a version newer than
+        # the app's is refused here, because once in the log it would stop every replay.
+        self.command_version_max = load_app(config.node.app).schema.version
         self.pending_closes: deque[int] = deque()  # SESSION_CLOSE records waiting for ring space
         # Positions and stamps continue from what recovery found in the journal.
         self.next_index = counters["recovery.last.index"].get() + 1
@@ -331,7 +335,7 @@ class Sequencer:
                     if type(frame) is command_type:
                         if not session.session_id:
                             raise protocol.ProtocolError("hello_required", "send HELLO before COMMAND frames")
-                        if len(frame.payload) > self.command_bytes_max:
+                        if len(frame.payload) > self.command_bytes_max or not 1 <= frame.version <= self.command_version_max:
                             self._refuse_command(session, frame)
                             continue
                         if not claim_command(session, frame):
@@ -367,22 +371,25 @@ class Sequencer:
                 self._schedule_flush()
 
     def _refuse_command(self, session: Session, command: protocol.Command) -> None:
-        """A command over `socket.command_bytes_max` is refused at the gateway, never sequenced.
+        """A command too large or of an unknown schema version is refused at the gateway.
 
         It gets a REJECTED reply (not a protocol error, which would make the client reconnect
         and resend it for ever); nothing enters the log, so replicas are unaffected.
         """
-        self.errors.record(
-            "client.command_too_large",
-            f"session {session.session_id:x}: a command of {len(command.payload)} bytes > "
-            f"socket.command_bytes_max={self.command_bytes_max}; rejected without sequencing it",
-            time.monotonic(),
-        )
-        message = (
-            f"the command is {len(command.payload)} bytes; this node accepts at most "
-            f"socket.command_bytes_max={self.command_bytes_max}: send smaller commands"
-        )
-        payload = protocol.encode_rejection("command_too_large", message)
+        if len(command.payload) > self.command_bytes_max:
+            code = "command_too_large"
+            message = (
+                f"the command is {len(command.payload)} bytes; this node accepts at most "
+                f"socket.command_bytes_max={self.command_bytes_max}: send smaller commands"
+            )
+        else:
+            code = "unknown_version"
+            message = (
+                f"the command has schema version {command.version}; this node's app speaks "
+                f"1..{self.command_version_max}: upgrade the node before sending newer commands"
+            )
+        self.errors.record(f"client.{code}", f"session {session.session_id:x}: {message}", time.monotonic())
+        payload = protocol.encode_rejection(code, message)
         session.write(session.connection.send(
             protocol.Reply(command.request_id, 0, protocol.ReplyStatus.REJECTED, command.version, payload)
         ))
