@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from pathlib import Path
 
 from daemon.layout import RoleState, log_name
@@ -28,7 +29,8 @@ from sequencer.journal import Journal, JournalError
 
 log = logging.getLogger("seqd.journaller")
 
-REGIONS_PER_SYNC_MAX = 2  # a batch may straddle the ring's wrap: at most two regions
+REGIONS_PER_SYNC_MAX = 2
+SYNC_SLOW_S = 0.05  # an fdatasync slower than this is logged: replies wait for it  # a batch may straddle the ring's wrap: at most two regions
 
 
 def compact(journal: Journal, snapshot_dir: Path) -> list[Path]:
@@ -81,7 +83,12 @@ def run(context: RoleContext) -> int:
                 appended += len(region)
                 reader.release()
             if appended:
+                sync_started = time.monotonic()
                 last_index = journal.sync()
+                sync_s = time.monotonic() - sync_started
+                if sync_s > SYNC_SLOW_S:
+                    log.warning("fdatasync took %.0f ms (%d bytes appended): the disk is slow; every "
+                                "reply waits for it", sync_s * 1000, appended)
                 position = reader.position
                 durable_position.set(position)
                 durable_index.set(last_index)
