@@ -141,6 +141,7 @@ class Sequencer:
         self.published_index = self.next_index - 1
         self.flush_scheduled = False
         self.sessions: dict[int, Session] = {}
+        self.subscribers: list[Session] = []  # sessions that asked for events, in opening order
         self.blocked: deque[Session] = deque()
         self.blocked_retry: asyncio.TimerHandle | None = None
         self.timers: list[tuple[int, int]] = []  # heap of (deadline_ns, timer_id)
@@ -264,6 +265,8 @@ class Sequencer:
     def on_disconnect(self, session: Session) -> None:
         if session.session_id and self.sessions.pop(session.session_id, None) is session:
             self.sessions_open.set(len(self.sessions))
+            if session.subscribed:
+                self.subscribers.remove(session)
             if self.pending_closes or not self._claim_record(RecordType.SESSION_CLOSE, 1, session.session_id, 0, b""):
                 # Ring full: the close waits (bounded by sessions_max) and is claimed in order
                 # once there is room, so every replica forgets the session.
@@ -304,6 +307,8 @@ class Sequencer:
         session.client_id = hello.client_id
         session.subscribed = hello.subscribe_events
         self.sessions[session_id] = session
+        if session.subscribed:
+            self.subscribers.append(session)
         self.sessions_open.set(len(self.sessions))
         self.sessions_total.add(1)
         welcome = protocol.Welcome(
@@ -476,6 +481,7 @@ class Sequencer:
         reply_kind = egress.EgressKind.REPLY
         unpack_reply = egress.REPLY_HEADER.unpack_from
         reply_header_bytes = egress.REPLY_HEADER.size
+        subscribers = self.subscribers
         pending: dict[Session, bytearray] = {}
         timers_changed = False
         frames = reader.poll(EGRESS_FRAMES_PER_DRAIN_MAX)
@@ -492,14 +498,15 @@ class Sequencer:
                             out, request_id, index, status, version, view[reply_header_bytes:]
                         )
                 elif kind == egress.EgressKind.EVENT:
+                    if not subscribers:
+                        continue  # nobody listens: not even decoded
                     event = egress.decode(kind, view)
                     assert isinstance(event, egress.Event)
-                    for session in sessions.values():
-                        if session.subscribed:
-                            out = pending.get(session)
-                            if out is None:
-                                out = pending[session] = bytearray()
-                            session.connection.send_event_into(out, event.index, event.version, event.payload)
+                    for session in subscribers:
+                        out = pending.get(session)
+                        if out is None:
+                            out = pending[session] = bytearray()
+                        session.connection.send_event_into(out, event.index, event.version, event.payload)
                 elif kind == egress.EgressKind.TIMER_SCHEDULE:
                     timer = egress.decode(kind, view)
                     assert isinstance(timer, egress.TimerSchedule)
