@@ -19,7 +19,7 @@ import sys
 from typing import Any
 
 from daemon.layout import RoleState, egress_name, log_name
-from daemon.roles.common import RoleContext, start_role
+from daemon.roles.common import RoleContext, run_role
 from ipc.idle import IdleStrategy, idle_strategy
 from ipc.ring import Ring, RingWriter
 from sequencer import snapshot as snapshots
@@ -168,13 +168,5 @@ def run(context: RoleContext) -> int:
     return 0
 
 
-def main() -> int:
-    context = start_role("blp")
-    try:
-        return run(context)
-    finally:
-        context.close()
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_role("blp", run))

@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import FrameType
 
@@ -20,7 +21,7 @@ from daemon.config import Config
 from daemon.layout import IDLE_CODES, RoleState, counters_name
 from ipc.counters import Counter, Counters
 
-__all__ = ["ROLE_EXIT_FAIL_STOP", "RoleContext", "start_role"]
+__all__ = ["ROLE_EXIT_FAIL_STOP", "RoleContext", "run_role", "start_role"]
 
 # A role that hits an operating error it must not retry (a failed fsync) exits with this code;
 # the supervisor then restarts the pipeline from the journal.
@@ -96,3 +97,12 @@ def start_role(role: str) -> RoleContext:
     counters[f"{role}.idle"].set(IDLE_CODES[role_config.idle])
     context.set_state(RoleState.STARTING)
     return context
+
+
+def run_role(role: str, run: Callable[[RoleContext], int]) -> int:
+    """A polling role's process: start, run its loop, detach; returns the exit code."""
+    context = start_role(role)
+    try:
+        return run(context)
+    finally:
+        context.close()

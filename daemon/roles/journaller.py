@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from daemon.layout import RoleState, log_name
-from daemon.roles.common import ROLE_EXIT_FAIL_STOP, RoleContext, start_role
+from daemon.roles.common import ROLE_EXIT_FAIL_STOP, RoleContext, run_role
 from ipc.idle import idle_strategy
 from ipc.ring import Ring
 from sequencer import snapshot as snapshots
@@ -123,13 +123,5 @@ def run(context: RoleContext) -> int:
     return 0
 
 
-def main() -> int:
-    context = start_role("journaller")
-    try:
-        return run(context)
-    finally:
-        context.close()
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_role("journaller", run))

@@ -275,6 +275,49 @@ def _lost_message(socket_path: str, reconnect_timeout_s: float, error: BaseExcep
 # -- the blocking client ---------------------------------------------------------------------------
 
 
+class _SessionView:
+    """What both clients expose of their session (they differ only in how they do I/O)."""
+
+    _session: _Session
+    _socket_path: str
+
+    @property
+    def client_id(self) -> int:
+        return self._session.client_id
+
+    @property
+    def session_id(self) -> int:
+        """The daemon's id for the current connection's session (changes on reconnect)."""
+        return self._session.session_id
+
+    @property
+    def socket_path(self) -> str:
+        """The socket in use (changes when the daemon redirects)."""
+        return self._socket_path
+
+    @property
+    def acked_request_id(self) -> int:
+        return self._session.acked_request_id
+
+    @property
+    def next_request_id(self) -> int:
+        return self._session.next_request_id
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._session.in_flight)
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """Counters: reconnects, stale replies ignored, events dropped."""
+        session = self._session
+        return {
+            "reconnects": session.reconnects,
+            "replies_ignored": session.replies_ignored,
+            "events_dropped": session.events_dropped,
+        }
+
+
 class PendingRequest:
     """A submitted request; `result()` waits for its reply."""
 
@@ -307,7 +350,7 @@ class PendingRequest:
         return f"PendingRequest(request_id={self.request_id}, done={self.done()})"
 
 
-class Client:
+class Client(_SessionView):
     """A blocking client session. Use it from one thread at a time (it holds no lock).
 
     Args:
@@ -362,41 +405,6 @@ class Client:
 
     # -- public API ----------------------------------------------------------------------------
 
-    @property
-    def client_id(self) -> int:
-        return self._session.client_id
-
-    @property
-    def session_id(self) -> int:
-        """The daemon's id for the current connection's session (changes on reconnect)."""
-        return self._session.session_id
-
-    @property
-    def socket_path(self) -> str:
-        """The socket in use (changes when the daemon redirects)."""
-        return self._socket_path
-
-    @property
-    def acked_request_id(self) -> int:
-        return self._session.acked_request_id
-
-    @property
-    def next_request_id(self) -> int:
-        return self._session.next_request_id
-
-    @property
-    def in_flight(self) -> int:
-        return len(self._session.in_flight)
-
-    @property
-    def stats(self) -> dict[str, int]:
-        """Counters: reconnects, stale replies ignored, events dropped."""
-        session = self._session
-        return {
-            "reconnects": session.reconnects,
-            "replies_ignored": session.replies_ignored,
-            "events_dropped": session.events_dropped,
-        }
 
     def call(self, command: Any, timeout_s: float | None = None) -> Any:
         """Send one command and wait for its reply (see `PendingRequest.result`)."""
@@ -857,7 +865,7 @@ class _ClientProtocol(asyncio.Protocol):
         self.client._on_connection_lost(self)
 
 
-class AsyncClient:
+class AsyncClient(_SessionView):
     """An asyncio client session with the same behaviour as `Client`; works under uvloop.
 
         async with AsyncClient(path, schema=Ledger.schema) as client:
@@ -905,38 +913,6 @@ class AsyncClient:
 
     # -- public API ----------------------------------------------------------------------------
 
-    @property
-    def client_id(self) -> int:
-        return self._session.client_id
-
-    @property
-    def session_id(self) -> int:
-        return self._session.session_id
-
-    @property
-    def socket_path(self) -> str:
-        return self._socket_path
-
-    @property
-    def acked_request_id(self) -> int:
-        return self._session.acked_request_id
-
-    @property
-    def next_request_id(self) -> int:
-        return self._session.next_request_id
-
-    @property
-    def in_flight(self) -> int:
-        return len(self._session.in_flight)
-
-    @property
-    def stats(self) -> dict[str, int]:
-        session = self._session
-        return {
-            "reconnects": session.reconnects,
-            "replies_ignored": session.replies_ignored,
-            "events_dropped": session.events_dropped,
-        }
 
     async def connect(self, timeout_s: float | None = None) -> None:
         """Connect and handshake (retrying for up to reconnect_timeout_s)."""
