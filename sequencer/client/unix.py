@@ -405,7 +405,6 @@ class Client(_SessionView):
 
     # -- public API ----------------------------------------------------------------------------
 
-
     def call(self, command: Any, timeout_s: float | None = None) -> Any:
         """Send one command and wait for its reply (see `PendingRequest.result`)."""
         deadline = self._deadline(timeout_s)
@@ -912,7 +911,6 @@ class AsyncClient(_SessionView):
         self._event_arrived: asyncio.Future[None] | None = None
 
     # -- public API ----------------------------------------------------------------------------
-
 
     async def connect(self, timeout_s: float | None = None) -> None:
         """Connect and handshake (retrying for up to reconnect_timeout_s)."""
