@@ -192,12 +192,15 @@ class Sequencer:
 
     def _flush(self) -> None:
         self.flush_scheduled = False
-        if self.published_index == self.next_index - 1:
-            return
-        self.writer.publish()
-        self.published_index = self.next_index - 1
-        self.published_index_counter.set(self.published_index)
-        self.published_position.set(self.writer.published_position)
+        if self.published_index != self.next_index - 1:
+            self.writer.publish()
+            self.published_index = self.next_index - 1
+            self.published_index_counter.set(self.published_index)
+            self.published_position.set(self.writer.published_position)
+        # While clients keep the loop busy, serve egress from here too: the waker thread would
+        # have to win the GIL from this thread first (up to sys.getswitchinterval()).
+        if self.egress_reader.ready():
+            self._drain_egress()
 
     def _claim_record(self, record_type: int, version: int, session_id: int, request_id: int, payload: bytes) -> bool:
         """Stamp and claim one record with an arbitrary payload. False when the ring is full."""
@@ -639,8 +642,12 @@ class Sequencer:
         log.info("drained at index %d", self.next_index - 1)
 
 
+GIL_SWITCH_INTERVAL_S = 0.0005  # the waker thread gets the GIL within this, not CPython's 5 ms
+
+
 def main() -> int:
     context = start_role("sequencer")
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     uvloop.install()
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
