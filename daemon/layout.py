@@ -92,6 +92,7 @@ COUNTER_NAMES: tuple[str, ...] = (
     "blp.rolling_hash",
     "egress.published.position",
     "snapshot.last.index",
+    "snapshot.oldest.index",  # the oldest valid snapshot kept: the journal may go before it
     "snapshot.writes",
     "errors.snapshot",
     # commit: on a single node the journal's durable position is the commit position

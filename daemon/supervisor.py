@@ -45,6 +45,7 @@ from daemon.layout import (
 )
 from daemon.metrics import MetricsServer
 from daemon.notify import Notifier, WatchdogGate, watchdog_interval_s
+from daemon.roles.common import ROLE_EXIT_FAIL_STOP
 from ipc.counters import Counters
 from ipc.platform import check_memory_ordering
 from ipc.ring import Ring
@@ -83,6 +84,9 @@ class Supervisor:
         self.ready_sent = False
         self.incarnation = 0
         self.restarts = 0  # pipeline restarts since `seqd run` began; the counters are recreated each time
+        # After a failed fdatasync, the last index known durable: the next recovery drops what
+        # follows (fsyncgate: the page cache may show records the disk never got).
+        self.durable_index_after_fail_stop: int | None = None
 
     # ---- signals ---------------------------------------------------------------------------
 
@@ -241,6 +245,15 @@ class Supervisor:
             report = journal.recovery
             if report is not None and getattr(report, "torn_tail", None):
                 log.warning("journal: %s", report)
+            durable = self.durable_index_after_fail_stop
+            if durable is not None and journal.last_index > durable:
+                log.warning(
+                    "journal: dropping records %d..%d written before the failed fdatasync: they were "
+                    "never durable nor acknowledged, and the page cache may show bytes the disk lost",
+                    durable + 1, journal.last_index,
+                )
+                journal.truncate_after(durable)
+            self.durable_index_after_fail_stop = None
             last_index, last_term = journal.last_index, journal.last_term
         finally:
             journal.close()
@@ -294,6 +307,8 @@ class Supervisor:
                 return ok
             except RoleDied as died:
                 self.restarts += 1
+                if died.role == "journaller" and died.returncode == ROLE_EXIT_FAIL_STOP:
+                    self.durable_index_after_fail_stop = counters["journal.durable.index"].get()
                 log.error("%s; restarting the pipeline from the journal", died)
                 self.notifier.status(f"restarting: {died}")
                 self._kill_all()

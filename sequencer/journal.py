@@ -520,7 +520,14 @@ def scan_segment(path: Path | str, *, walk_records: bool = False) -> SegmentScan
             last_valid = batch
         # Whatever stopped the walk, the bytes from here on must be zeros for the segment to be
         # clean; if they are not, look for a valid batch further on (which makes it corruption).
-        nonzero_end, valid_after = _scan_tail(window, offset, file_bytes)
+        # A batch written after the damaged one continues the log: with the damaged header intact
+        # its successor is exactly last_index + 1 (the log is gapless).
+        successor = (
+            batch.last_index + 1
+            if batch.status == _BAD and batch.first_index == expected and batch.last_index >= expected
+            else None
+        )
+        nonzero_end, valid_after = _scan_tail(window, offset, file_bytes, expected, successor)
         if batch.status == _BAD and batch.records:
             # The batch passed its CRC (it kept its record view) yet does not belong here: bytes
             # written whole, so not a torn write.
@@ -547,8 +554,18 @@ def scan_segment(path: Path | str, *, walk_records: bool = False) -> SegmentScan
         os.close(fd)
 
 
-def _scan_tail(window: _FileWindow, start: int, file_bytes: int) -> tuple[int, int | None]:
-    """(end of the non-zero bytes at or after `start`, offset of a CRC-valid batch after `start`)."""
+def _scan_tail(
+    window: _FileWindow, start: int, file_bytes: int, expected_index: int, successor: int | None
+) -> tuple[int, int | None]:
+    """(end of the non-zero bytes at or after `start`, offset of a CRC-valid batch after `start`).
+
+    A candidate counts only if it continues the log (first index >= `expected_index`): a batch's
+    bytes embedded in a command payload inside the torn batch must not turn a repairable torn
+    tail into a refusal; when the damaged batch's header is intact, only its exact `successor`
+    counts. (The declared end of the damaged batch is not used as a bound: its length field may be
+    the damaged part, and skipping past a real later batch would truncate committed records.) A
+    crafted payload that fakes the exact successor still makes a torn tail look like corruption:
+    the node then refuses to start, which is the safe side."""
     nonzero_end = start
     valid_after: int | None = None
     probe = _FileWindow(window.fd)
@@ -564,9 +581,14 @@ def _scan_tail(window: _FileWindow, start: int, file_bytes: int) -> tuple[int, i
                 hit = chunk.find(BATCH_MAGIC_BYTES, 1 if position == start else 0, used)
                 while hit != -1:
                     candidate = position + hit
-                    if candidate % 8 == 0 and _read_batch(probe, candidate).status == _OK:
-                        valid_after = candidate
-                        break
+                    if candidate % 8 == 0:
+                        found = _read_batch(probe, candidate)
+                        if found.status == _OK and (
+                            found.first_index == successor if successor is not None
+                            else found.first_index >= expected_index
+                        ):
+                            valid_after = candidate
+                            break
                     hit = chunk.find(BATCH_MAGIC_BYTES, hit + 1, used)
         position += len(chunk)
     return nonzero_end, valid_after

@@ -103,10 +103,6 @@ _TIMER_CANCEL = int(EgressKind.TIMER_CANCEL)
 _PAYLOAD_OFFSET = RECORD_TAIL.size  # payload offset in a view that starts after the frame header
 _COMMAND_OFFSET = _PAYLOAD_OFFSET + COMMAND_PREFIX.size
 _REJECTED_ENCODER = msgspec.msgpack.Encoder()
-# Bytes no version of the app can decode: refused as a reply, the same on every replica. A
-# VersionError is not among them: a command from a newer app version (the sequencer refuses those
-# at the gateway) means this code must not replay this log, and it stops with a clear message.
-_UNDECODABLE = (msgspec.DecodeError, msgspec.ValidationError)
 _FRAME_WORD = struct.Struct("<II")  # a record's first 8 bytes: length, type | version << 16
 _unpack_tail = RECORD_TAIL.unpack_from
 _unpack_prefix = COMMAND_PREFIX.unpack_from
@@ -288,16 +284,24 @@ class Processor(Generic[App]):
                 self._outputs.append((_REPLY, frame))
             return
 
+        command_version = frame_type >> 16
         try:
-            command = self._decode_command(frame_type >> 16, view[_COMMAND_OFFSET:], index)
-        except _UNDECODABLE as error:
-            # Refused the same way on every replica and every replay: the record is in the log
-            # for good, so it must never crash the blp (it would crash again at each recovery).
+            # bytes(): the view is shared memory that the ring reuses; a msgspec.Raw or
+            # memoryview field of the command must not point into it.
+            command = self._decode_command(command_version, bytes(view[_COMMAND_OFFSET:]), index)
+        except Exception as error:
+            if command_version > self._version:
+                raise  # a newer app wrote this log: this code must not replay it (VersionError)
+            # Bytes this app cannot decode (or upcast): refused the same way on every replica
+            # and every replay; the record is in the log for good, so it must never crash the
+            # blp. The message names the exception type only, not its text, which may differ
+            # between library versions on different replicas.
             status = _REJECTED
             payload = _REJECTED_ENCODER.encode({
                 "code": "bad_command",
-                "message": f"the command at index {index} could not be decoded by "
-                f"{self.schema.name} v{self._version}: {error}; nothing was applied",
+                "message": f"the command at index {index} (schema version {command_version}) could "
+                f"not be decoded by {self.schema.name} v{self._version} "
+                f"({type(error).__name__}); nothing was applied",
             })
         else:
             context = self._context

@@ -162,7 +162,9 @@ def write_snapshot(
 
 
 def read_snapshot(path: str | os.PathLike[str]) -> tuple[SnapshotHeader, bytes]:
-    """Reads and validates a snapshot file (magic, format, lengths, CRC, hash, index in name).
+    """Reads and validates a snapshot file (magic, format, lengths, CRC-32C over header and body,
+    index in name). The state hash in the header is not recomputed here: `seqd snapshot verify`
+    does that, by rebuilding the state.
 
     Raises:
         SnapshotError: with what is wrong with the file.
@@ -312,6 +314,7 @@ def _die_with_parent() -> None:
 def fork_and_write_snapshot(
     directory: str | os.PathLike[str],
     encode: Callable[[], tuple[SnapshotHeader, bytes]],
+    after_write: Callable[[], object] | None = None,
 ) -> int:
     """Forks a child that calls `encode()` and writes the file; returns the child's pid.
 
@@ -327,6 +330,8 @@ def fork_and_write_snapshot(
         _die_with_parent()
         header, body = encode()
         write_snapshot(directory, header, body)
+        if after_write is not None:
+            after_write()  # e.g. retention: file I/O that must not stall the parent
         status = 0
     except BaseException as error:  # the child must reach os._exit whatever happens
         try:

@@ -350,3 +350,48 @@ def test_poll_sends_queued_commands_and_collects_replies_without_blocking(
         client.poll()
         time.sleep(0.001)
     assert client.poll() == 0
+
+
+def test_submit_on_a_dead_connection_returns_the_request_and_it_is_resent_once(tmp_dir: Path) -> None:
+    """A submit whose eager write meets a dead socket must not raise (the request is already in
+    flight and will be resent); raising would invite the caller to submit it a second time."""
+    import socket
+    import threading
+
+    from sequencer.client.protocol import Connection, Hello, Side, Welcome
+    from sequencer.client.protocol import Reply as ReplyFrame
+
+    path = str(tmp_dir / "dead.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen()
+    applied: list[int] = []
+
+    def serve() -> None:
+        for number in range(2):
+            connection, _ = listener.accept()
+            codec = Connection(Side.SERVER)
+            with connection:
+                closing = False
+                while not closing and (data := connection.recv(1 << 20)):
+                    codec.receive_data(data)
+                    for frame in codec.next_frames():
+                        if isinstance(frame, Hello):
+                            welcome = Welcome(session_id=number + 1, node="n1", frame_bytes_max=1 << 20)
+                            connection.sendall(codec.send(welcome))
+                            closing = number == 0  # the first connection dies right after WELCOME
+                        else:
+                            applied.append(frame.request_id)
+                            connection.sendall(codec.send(ReplyFrame(frame.request_id, 1, 0, 1, b"ok")))
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    client = Client(path, client_id=42, timeout_s=5, reconnect_timeout_s=5)
+    try:
+        time.sleep(0.2)  # the server has closed the first connection
+        pending = client.submit(b"x" * 70_000)  # over SEND_BATCH_BYTES: written at once
+        assert pending.result(timeout_s=5).payload == b"ok"
+    finally:
+        client.close()
+        listener.close()
+    assert applied == [1]

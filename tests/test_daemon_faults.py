@@ -240,3 +240,31 @@ def test_undecodable_command_is_rejected_and_the_node_survives_its_replay(node_f
     node.start()
     assert balances(node.socket_path, ACCOUNTS)["a"] > 0
     assert "giving up" not in node.log_text()
+
+
+def test_client_refused_for_sessions_max_retries_and_gets_in_when_a_session_closes(node_factory) -> None:  # noqa: F811
+    import threading
+
+    node = node_factory({"socket": {"sessions_max": 1}})
+    open_accounts(node.socket_path, ACCOUNTS)
+    first = Client(node.socket_path, schema=Ledger.schema, timeout_s=10)
+    results: list[object] = []
+
+    def second() -> None:
+        try:
+            with Client(node.socket_path, schema=Ledger.schema, timeout_s=20, reconnect_timeout_s=20) as client:
+                results.append(client.call(Balance("b")).balance)
+        except Exception as error:
+            results.append(error)
+
+    try:
+        assert first.call(Balance("a")).balance > 0
+        thread = threading.Thread(target=second)
+        thread.start()
+        time.sleep(1.0)
+        assert results == [], "the second client got in while sessions_max=1 was taken"
+    finally:
+        first.close()
+    thread.join(30)
+    assert len(results) == 1
+    assert isinstance(results[0], int), results

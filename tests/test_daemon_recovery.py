@@ -126,3 +126,23 @@ def test_debug_determinism_mode_stops_an_app_that_reads_the_clock(node_factory) 
     while "NondeterminismError" not in node.log_text():
         assert time.monotonic() < deadline, node.log_text()[-2000:]
         time.sleep(0.1)
+
+
+def test_failed_fdatasync_stops_the_journaller_and_recovery_drops_what_was_never_durable(node_factory) -> None:  # noqa: F811
+    """fsyncgate: a failed fdatasync is never retried; the node restarts, and records the page
+    cache still shows past the last durable index are dropped, not trusted."""
+    from daemon.roles.journaller import FAULT_FDATASYNC_ENV
+
+    node = node_factory(start=False)
+    flag = node.directory / "fail-fdatasync-once"
+    flag.touch()
+    node.start(environment={FAULT_FDATASYNC_ENV: f"3:{flag}"})
+    names = [f"f{number}" for number in range(40)]
+    for name in names:  # one at a time: many fdatasyncs, and the clients resend through the restart
+        open_accounts(node.socket_path, [name])
+    text = node.log_text()
+    assert not flag.exists(), "the fault was not injected"
+    assert "journal failed, stopping the node (fail-stop, never retried)" in text
+    assert "restarting the pipeline" in text
+    assert "written before the failed fdatasync" in text  # the unsynced batch was dropped
+    assert balances(node.socket_path, names) == dict.fromkeys(names, DEPOSIT)

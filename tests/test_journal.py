@@ -595,3 +595,25 @@ def test_segment_header_format_is_as_documented(journal_dir):
     assert struct.unpack_from("<QQ", data, 16) == (1, 0)
     scan = scan_segment(path, walk_records=True)
     assert (scan.batches, scan.records, scan.last_index, scan.damage) == (1, 3, 3, None)
+
+
+def test_torn_tail_is_repaired_even_when_a_payload_inside_it_looks_like_a_later_batch(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Client bytes that form a CRC-valid batch inside the torn batch must not make the torn
+    tail look like mid-log corruption (which refuses to start)."""
+    from sequencer.journal import BATCH_HEADER, BATCH_MAGIC, Journal, _batch_crc
+    from sequencer.record import RecordType, encode_command, encode_record
+
+    inner = encode_record(RecordType.COMMAND, 1, 99, 1, 0, 1, 1, b"")
+    fake = BATCH_HEADER.pack(BATCH_MAGIC, len(inner), _batch_crc(len(inner), 1, 99, 99, memoryview(inner)), 1, 99, 99) + inner
+    record = encode_record(RecordType.COMMAND, 1, 1, 1, 1, 1, 1, encode_command(0, fake + b"\x01" * 4000))
+    with Journal.open(tmp_path, segment_bytes=1 << 20) as journal:
+        journal.append(record)
+        journal.sync()
+    segment = sorted(tmp_path.glob("*.seg"))[0]
+    with open(segment, "r+b") as file:  # the last 2000 bytes of the batch never reached the disk
+        end = 64 + 32 + len(record)
+        file.seek(end - 2000)
+        file.write(bytes(2000))
+    with Journal.open(tmp_path, segment_bytes=1 << 20) as journal:
+        assert journal.recovery.torn_tail is not None
+        assert journal.last_index == 0

@@ -185,3 +185,22 @@ def test_random_commands_conserve_money_and_rejections_change_nothing(sequence):
     # A replay of the same records builds the same state (the snapshot round trip included).
     replayed = Processor.restore(Ledger, run.processor.snapshot_bytes())
     assert replayed.state_hash() == run.processor.state_hash()
+
+
+def test_commit_stamped_after_the_deadline_is_rejected_before_the_timer_record_arrives() -> None:
+    from sequencer.apps.ledger import CommitReservation, Deposit, Ledger, OpenAccount, Reserve
+    from sequencer.processor import Processor
+    from sequencer.record import RecordType, encode_command, encode_record, encode_session_open
+
+    processor = Processor(Ledger)
+    records = [encode_record(RecordType.SESSION_OPEN, 1, 1, 1, 1, 5, 0, encode_session_open(9, "n1"))]
+    commands = [(OpenAccount("a"), 2), (OpenAccount("b"), 3), (Deposit("a", 100), 4),
+                (Reserve(1, "a", "b", 40, timeout_ms=1), 5),
+                (CommitReservation(1), 5 + 2_000_000)]  # stamped 2 ms later: past the deadline
+    for number, (command, stamp) in enumerate(commands, start=2):
+        version, payload = Ledger.schema.encode_command(command)
+        records.append(encode_record(RecordType.COMMAND, version, number, 1, stamp, 5, number, encode_command(0, payload)))
+    processor.apply_records(b"".join(records))
+    ledger = processor.app
+    assert ledger.accounts["b"].balance == 0
+    assert ledger.accounts["a"].held == 40  # still held until the timer voids it

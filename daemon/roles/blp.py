@@ -86,9 +86,8 @@ def write_all(writer: RingWriter, outputs: list[tuple[int, bytes]], context: Rol
 
 
 def reap_snapshot_writers(context: RoleContext, writers: dict[int, int], block: bool) -> None:
-    """Collect finished snapshot writers; count and report failures, apply retention."""
+    """Collect finished snapshot writers; count and report failures (the writer applied retention)."""
     counters = context.counters
-    config = context.config
     for pid, index in list(writers.items()):
         if block:
             _, status = os.waitpid(pid, 0)
@@ -101,8 +100,7 @@ def reap_snapshot_writers(context: RoleContext, writers: dict[int, int], block: 
         if code == 0:
             counters["snapshot.last.index"].set(index)
             counters["snapshot.writes"].add(1)
-            removed = snapshots.retain(config.snapshot_dir, config.snapshot.keep)
-            log.info("snapshot at index %d written; retention removed %d", index, len(removed))
+            log.info("snapshot at index %d written", index)
         else:
             counters["errors.snapshot"].add(1)
             counters["errors.total"].add(1)
@@ -126,11 +124,22 @@ def run(context: RoleContext) -> int:
     egress_published = counters["egress.published.position"]
     heartbeat = context.heartbeat
     snapshot_writers: dict[int, int] = {}  # pid -> index
+    oldest_snapshot = counters["snapshot.oldest.index"]
+
+    def retention() -> None:
+        """In the snapshot writer (a child): keep the newest snapshots, and tell the journaller
+        which is the oldest kept, so neither the blp nor the journaller reads snapshot files."""
+        snapshots.retain(config.snapshot_dir, config.snapshot.keep)
+        kept = [info.index for info in snapshots.list_snapshots(config.snapshot_dir) if info.valid]
+        if kept:
+            oldest_snapshot.set(min(kept))
     applied_position_seen = -1
 
     applied_index.set(processor.applied_index)
     # RUNNING first: the supervisor starts the sequencer, egress's only reader, only now, and the
     # re-armed timers may be more than the egress ring holds.
+    initial = [info.index for info in snapshots.list_snapshots(config.snapshot_dir) if info.valid]
+    oldest_snapshot.set(min(initial) if initial else 0)
     context.set_state(RoleState.RUNNING)
     write_all(writer, processor.pending_timers(), context, idle)
     egress_published.set(writer.published_position)
@@ -141,7 +150,9 @@ def run(context: RoleContext) -> int:
             processor.apply_frame(kind, view)
             if processor.snapshot_requested:
                 processor.snapshot_requested = False
-                pid = snapshots.fork_and_write_snapshot(config.snapshot_dir, processor.snapshot_file_contents)
+                pid = snapshots.fork_and_write_snapshot(
+                    config.snapshot_dir, processor.snapshot_file_contents, retention
+                )
                 snapshot_writers[pid] = processor.applied_index
         reader.release()  # also moves past a padding frame that poll skipped without returning
         if frames or reader.position != applied_position_seen:

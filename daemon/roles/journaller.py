@@ -15,7 +15,9 @@ supervisor restarts the node from the journal.
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -30,6 +32,7 @@ from sequencer.journal import Journal, JournalError
 log = logging.getLogger("seqd.journaller")
 
 REGIONS_PER_SYNC_MAX = 2
+FAULT_FDATASYNC_ENV = "SEQD_FAULT_FDATASYNC"
 SYNC_SLOW_S = 0.05  # an fdatasync slower than this is logged: replies wait for it  # a batch may straddle the ring's wrap: at most two regions
 
 
@@ -46,8 +49,31 @@ def compact(journal: Journal, snapshot_dir: Path) -> list[Path]:
     return journal.delete_segments_before(min(valid) + 1)
 
 
+def _inject_fdatasync_failure() -> None:
+    """Fault injection for tests: `SEQD_FAULT_FDATASYNC=N:PATH` makes the N+1-th fdatasync of
+    this process fail with EIO, as a dying disk's would, once: only while PATH exists, which the
+    failure removes (so the restarted journaller runs clean)."""
+    setting = os.environ.get(FAULT_FDATASYNC_ENV)
+    if not setting:
+        return
+    count, _, flag = setting.partition(":")
+    remaining = int(count)
+    real = os.fdatasync
+
+    def failing(fd: int) -> None:
+        nonlocal remaining
+        if remaining == 0 and os.path.exists(flag):
+            os.unlink(flag)
+            raise OSError(errno.EIO, "injected fdatasync failure")
+        remaining -= 1
+        real(fd)
+
+    os.fdatasync = failing  # type: ignore[assignment]
+
+
 def run(context: RoleContext) -> int:
     config = context.config
+    _inject_fdatasync_failure()
     counters = context.counters
     ring = Ring.attach(log_name(config.node.name))
     reader = ring.reader("journaller")
@@ -63,8 +89,8 @@ def run(context: RoleContext) -> int:
     heartbeat = context.heartbeat
     idle = idle_strategy(config.roles.journaller.idle, reader.doorbell)
     blp_doorbell = ring.doorbell("blp")
-    snapshot_writes = counters["snapshot.writes"]
-    snapshot_writes_seen = 0
+    oldest_snapshot = counters["snapshot.oldest.index"]
+    oldest_snapshot_seen = 0
     delete_journal = config.snapshot.delete_journal
     batch_bytes_max = config.journal.batch_bytes_max
     durable_index.set(journal.last_index)
@@ -98,9 +124,10 @@ def run(context: RoleContext) -> int:
                 commit_position.set(position)
                 syncs.add(1)
                 blp_doorbell.ring()
-            if delete_journal and snapshot_writes.get() != snapshot_writes_seen:
-                snapshot_writes_seen = snapshot_writes.get()
-                for path in compact(journal, config.snapshot_dir):
+            if delete_journal and oldest_snapshot.get() != oldest_snapshot_seen:
+                # The blp's snapshot writer publishes the oldest kept snapshot; no file reads here.
+                oldest_snapshot_seen = oldest_snapshot.get()
+                for path in journal.delete_segments_before(oldest_snapshot_seen + 1):
                     log.info("deleted %s: wholly before the oldest retained snapshot", path.name)
             beats += 1
             heartbeat.set(beats)

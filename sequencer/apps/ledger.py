@@ -281,6 +281,15 @@ class Ledger(StateMachine):
 
     def commit_reservation(self, ctx: Context, command: CommitReservation) -> ReservationCommitted:
         reservation = self._reservation(command.reservation_id)
+        if ctx.now >= reservation.deadline_ns:
+            # Past its deadline the hold is void even if the TIMER_FIRED record has not come yet:
+            # the outcome follows the log's time, not which record the sequencer's clock let in
+            # first.
+            raise Rejected(
+                "reservation_expired",
+                f"reservation {command.reservation_id} expired at {reservation.deadline_ns} ns "
+                f"(this command is stamped {ctx.now} ns); nothing was moved",
+            )
         source = self.accounts[reservation.source]
         target = self.accounts[reservation.target]
         if target.balance + reservation.amount > BALANCE_MAX:

@@ -102,6 +102,9 @@ REDIRECTS_MAX: Final = 8
 # `sequencer.processor.SAVED_REPLIES_MAX`). A larger window could lose a reply across a reconnect:
 # the resent request would find its reply forgotten and get DUPLICATE instead.
 IN_FLIGHT_LIMIT_MAX: Final = 1024
+# ERROR codes that mean "not now" (a draining node, sessions_max reached): the client backs off
+# and reconnects instead of failing.
+RETRYABLE_ERROR_CODES: Final = frozenset({"unavailable"})
 # Queued command bytes that make `submit` write at once instead of waiting for a flush or a wait:
 # about a socket buffer's worth, so one write system call carries a few hundred small commands.
 SEND_BATCH_BYTES: Final = 64 * 1024
@@ -436,7 +439,12 @@ class Client(_SessionView):
                 self._outgoing, request_id, session.acked_request_id, version, payload
             )
             if len(self._outgoing) >= SEND_BATCH_BYTES:
-                self._write_some()
+                try:
+                    self._write_some()
+                except _Disconnected:
+                    # The request is in flight: the next blocking call reconnects and resends
+                    # it. Raising here would invite the caller to submit it again.
+                    self._drop_socket()
         return pending
 
     def poll(self) -> int:
@@ -627,6 +635,8 @@ class Client(_SessionView):
         elif type(frame) is Pong:
             pass
         elif type(frame) is Error:
+            if frame.code in RETRYABLE_ERROR_CODES:
+                raise _Disconnected(f"{frame.code}: {frame.message}")  # back off and reconnect
             if frame.fatal:
                 self._drop_socket()
                 raise ProtocolViolation(frame.code, frame.message)
@@ -778,6 +788,8 @@ class Client(_SessionView):
             elif isinstance(frame, Welcome | Redirect):
                 return frame
             elif isinstance(frame, Error):
+                if frame.code in RETRYABLE_ERROR_CODES:
+                    raise _Disconnected(f"{frame.code}: {frame.message}")  # back off and retry
                 raise ProtocolViolation(frame.code, frame.message)
             elif isinstance(frame, Ping):
                 sock.sendall(connection.send(Pong(nonce=frame.nonce)))
@@ -1211,6 +1223,9 @@ class AsyncClient(_SessionView):
                     assert protocol.transport is not None
                     protocol.transport.write(connection.send(Pong(nonce=frame.nonce)))
                 elif type(frame) is Error:
+                    if frame.code in RETRYABLE_ERROR_CODES:
+                        self._drop(protocol, None)  # the daemon said "retry later": reconnect
+                        return
                     if frame.fatal:
                         violation = ProtocolViolation(frame.code, frame.message)
                         if not protocol.handshake.done():
