@@ -279,10 +279,29 @@ def _lost_message(socket_path: str, reconnect_timeout_s: float, error: BaseExcep
 
 
 class _SessionView:
-    """What both clients expose of their session (they differ only in how they do I/O)."""
+    """What both clients keep and expose of their session (they differ only in how they do I/O)."""
 
-    _session: _Session
-    _socket_path: str
+    def __init__(
+        self,
+        socket_path: str,
+        client_id: int | None,
+        schema: ClientSchema | None,
+        timeout_s: float,
+        in_flight_max: int,
+        reconnect_timeout_s: float,
+        subscribe_events: bool,
+        first_request_id: int,
+        client_name: str,
+    ) -> None:
+        client_id = _check_arguments(
+            client_id, first_request_id, in_flight_max, timeout_s, reconnect_timeout_s
+        )
+        self._session = _Session(client_id, schema, first_request_id, in_flight_max)
+        self._socket_path = str(socket_path)
+        self._timeout_s = timeout_s
+        self._reconnect_timeout_s = reconnect_timeout_s
+        self._subscribe_events = subscribe_events
+        self._client_name = client_name
 
     @property
     def client_id(self) -> int:
@@ -385,15 +404,10 @@ class Client(_SessionView):
         first_request_id: int = 1,
         client_name: str = "",
     ) -> None:
-        client_id = _check_arguments(
-            client_id, first_request_id, in_flight_max, timeout_s, reconnect_timeout_s
+        super().__init__(
+            socket_path, client_id, schema, timeout_s, in_flight_max, reconnect_timeout_s,
+            subscribe_events, first_request_id, client_name,
         )
-        self._session = _Session(client_id, schema, first_request_id, in_flight_max)
-        self._socket_path = str(socket_path)
-        self._timeout_s = timeout_s
-        self._reconnect_timeout_s = reconnect_timeout_s
-        self._subscribe_events = subscribe_events
-        self._client_name = client_name
         self._socket: socket.socket | None = None
         self._connection: Connection | None = None
         self._poller = select.poll()
@@ -900,15 +914,10 @@ class AsyncClient(_SessionView):
         first_request_id: int = 1,
         client_name: str = "",
     ) -> None:
-        client_id = _check_arguments(
-            client_id, first_request_id, in_flight_max, timeout_s, reconnect_timeout_s
+        super().__init__(
+            socket_path, client_id, schema, timeout_s, in_flight_max, reconnect_timeout_s,
+            subscribe_events, first_request_id, client_name,
         )
-        self._session = _Session(client_id, schema, first_request_id, in_flight_max)
-        self._socket_path = str(socket_path)
-        self._timeout_s = timeout_s
-        self._reconnect_timeout_s = reconnect_timeout_s
-        self._subscribe_events = subscribe_events
-        self._client_name = client_name
         self._protocol: _ClientProtocol | None = None  # connected and welcomed, or None
         self._outgoing = bytearray()
         self._flush_scheduled = False
