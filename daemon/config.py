@@ -58,6 +58,10 @@ class NodeConfig(msgspec.Struct, forbid_unknown_fields=True):
     # Development aid: time.time, random and friends raise inside the app's apply/on_timer, so
     # a nondeterministic state machine fails loudly at the first offending record. Slower.
     debug_determinism: bool = False
+    # A client id with no session for this long is forgotten by the dedup table (which would
+    # otherwise grow with every client id ever seen). Must exceed any client's reconnect timeout
+    # by far, and be the same on every replica: it decides what is deduplicated.
+    client_expiry_s: float = 86400.0
 
 
 class SocketConfig(msgspec.Struct, forbid_unknown_fields=True):
@@ -124,6 +128,10 @@ class Config(msgspec.Struct, forbid_unknown_fields=True):
     metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
     restarts_max: int = 5  # pipeline restarts within restart_window_s before the supervisor gives up
     restart_window_s: float = 60.0
+
+    @property
+    def client_expiry_ns(self) -> int:
+        return int(self.node.client_expiry_s * 1_000_000_000)
 
     @property
     def journal_dir(self) -> Path:
@@ -198,6 +206,11 @@ def _validate(config: Config) -> Config:
         cpu = config.roles.get(role).cpu
         if not -1 <= cpu < cpus:
             errors.append(f"roles.{role}.cpu={cpu}: this machine has CPUs 0..{cpus - 1} (-1: not pinned)")
+    if config.node.client_expiry_s < 60:
+        errors.append(
+            f"node.client_expiry_s={config.node.client_expiry_s}: at least 60 s (clients must be able to "
+            "reconnect and resend before their dedup state is forgotten)"
+        )
     if config.snapshot.keep < 1:
         errors.append(f"snapshot.keep={config.snapshot.keep}: keep at least one snapshot")
     if config.snapshot.every_records < 0:

@@ -90,6 +90,7 @@ COUNTER_NAMES: tuple[str, ...] = (
     "blp.applied.position",
     "blp.applied.index",
     "blp.rolling_hash",
+    "clients.expired",
     "egress.published.position",
     "snapshot.last.index",
     "snapshot.oldest.index",  # the oldest valid snapshot kept: the journal may go before it

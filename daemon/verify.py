@@ -63,7 +63,7 @@ def _starting_point(config: Config, app_class: Any, debug: bool) -> Any:
     segments = list_segments(config.journal_dir)
     first_index = segments[0][0] if segments else 1
     if first_index <= 1:
-        return Processor(app_class, debug=debug)
+        return Processor(app_class, debug=debug, client_expiry_ns=config.client_expiry_ns)
     usable = sorted(
         (info for info in snapshots.list_snapshots(config.snapshot_dir) if info.valid and info.index >= first_index - 1),
         key=lambda info: info.index,
@@ -74,7 +74,7 @@ def _starting_point(config: Config, app_class: Any, debug: bool) -> Any:
             f"at or after index {first_index - 1} exists: nothing to replay from"
         )
     _, body = snapshots.read_snapshot(usable[0].path)
-    return Processor.restore(app_class, body, debug=debug)
+    return Processor.restore(app_class, body, debug=debug, client_expiry_ns=config.client_expiry_ns)
 
 
 def _replay_in_child(config: Config, hash_seed: str, output: Path, to_index: int | None) -> tuple[int, str]:
@@ -146,10 +146,10 @@ def verify_snapshots(config: Config, say: Callable[[str], object]) -> int:
         base = infos[position - 1] if position else None
         if base is not None:
             _, body = snapshots.read_snapshot(base.path)
-            processor = Processor.restore(app_class, body)
+            processor = Processor.restore(app_class, body, client_expiry_ns=config.client_expiry_ns)
             source = f"snapshot {base.index}"
         else:
-            processor = Processor(app_class)
+            processor = Processor(app_class, client_expiry_ns=config.client_expiry_ns)
             source = "the start of the journal"
         if processor.applied_index < info.index:
             for record in read_records(config.journal_dir, processor.applied_index + 1, info.index):

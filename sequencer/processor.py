@@ -80,6 +80,7 @@ __all__ = [
 # handful; the bound stops a client that never acks from growing the state without limit. Beyond
 # it the oldest saved reply is dropped, and a resend of that request gets DUPLICATE (it was
 # applied; its reply is gone). 1024 covers the client library's in-flight window with room.
+CLIENT_EXPIRY_NS_DEFAULT = 24 * 3600 * 1_000_000_000  # a day without a session: forget the client
 SAVED_REPLIES_MAX = 1024  # per client; the client library caps its window at this (IN_FLIGHT_LIMIT_MAX)
 
 # The layout of the processor's part of the snapshot body (ProcessorState); the app's part is
@@ -116,11 +117,13 @@ assert rolling_hash_update(1, b"x") == _crc32c(b"x", 1)
 class _Client:
     """The dedup entry of one client id."""
 
-    __slots__ = ("acked_request_id", "last_request_id", "replies")
+    __slots__ = ("acked_request_id", "idle_since_ns", "last_request_id", "replies", "sessions")
 
     def __init__(self) -> None:
         self.last_request_id = 0
         self.acked_request_id = 0
+        self.sessions = 0  # open sessions of this client id (a reconnect race can make two)
+        self.idle_since_ns = 0  # log time its last session closed; meaningful when sessions == 0
         # request_id -> (index, status, version, payload), ascending request_id (insertion order).
         # Invariant: every key is > acked_request_id and <= last_request_id.
         self.replies: dict[int, tuple[int, int, int, bytes]] = {}
@@ -158,6 +161,7 @@ class ClientState(msgspec.Struct, array_like=True, gc=False):
     last_request_id: int
     acked_request_id: int
     replies: list[SavedReply]
+    idle_since_ns: int = 0  # added later: older snapshots decode with 0 (idle since the snapshot)
 
 
 class ProcessorState(msgspec.Struct, array_like=True):
@@ -210,8 +214,13 @@ class Processor(Generic[App]):
         *,
         debug: bool = False,
         app: App | None = None,
+        client_expiry_ns: int = CLIENT_EXPIRY_NS_DEFAULT,
     ) -> None:
+        assert client_expiry_ns > 0, client_expiry_ns
         self.app_class = app_class
+        # Every replica and every replay must use the same expiry: it decides what is deduplicated.
+        self.client_expiry_ns = client_expiry_ns
+        self.clients_expired = 0
         self.schema = app_class.schema
         self.app: App = app if app is not None else app_class()
         self.node = node
@@ -227,6 +236,8 @@ class Processor(Generic[App]):
         self.unknown_admin_ops = 0
         self._sessions: dict[int, _Session] = {}
         self._clients: dict[int, _Client] = {}
+        # Clients with no open session, oldest idle first: client_id -> idle since (log time).
+        self._idle_clients: dict[int, int] = {}
         self._timers: dict[int, int] = {}  # timer_id -> deadline_ns
         self._outputs: list[tuple[int, bytes]] = []
         self._context = Context(self)
@@ -422,6 +433,9 @@ class Processor(Generic[App]):
         client = self._clients.get(client_id)
         if client is None:
             client = self._clients[client_id] = _Client()
+        client.sessions += 1
+        self._idle_clients.pop(client_id, None)
+        self._expire_clients(timestamp_ns)
         local = self.node is None or node == self.node
         self._sessions[session_id] = _Session(client_id, node, client, local)
         context = self._set_context(index, term, timestamp_ns, session_id, client_id)
@@ -432,9 +446,36 @@ class Processor(Generic[App]):
         session = self._sessions.pop(session_id, None)
         if session is None:
             return  # already closed (e.g. by a node_start); closing twice is a no-op
+        client = session.client
+        client.sessions -= 1
+        assert client.sessions >= 0, (session.client_id, client.sessions)
+        if client.sessions == 0:
+            client.idle_since_ns = timestamp_ns
+            self._idle_clients[session.client_id] = timestamp_ns
+        self._expire_clients(timestamp_ns)
         context = self._set_context(index, term, timestamp_ns, session_id, session.client_id)
         with self._guard():
             self.app.on_session_close(context)
+
+    def _expire_clients(self, now_ns: int) -> None:
+        """Forget the dedup state of clients without a session for `client_expiry_ns`.
+
+        Without this the table grows with every client id ever seen (a client that takes a
+        random id per process makes one per run). The queue is in idle-time order (log time is
+        non-decreasing), so each check looks at its head only. A client that comes back after
+        expiry with requests it never saw answered could have them applied twice: the expiry
+        (a day by default) must be far longer than any client's reconnect timeout. Kafka's
+        idempotent producer makes the same trade (`producer.id.expiration.ms`).
+        """
+        idle = self._idle_clients
+        deadline = now_ns - self.client_expiry_ns
+        while idle:
+            client_id = next(iter(idle))
+            if idle[client_id] > deadline:
+                break
+            del idle[client_id]
+            del self._clients[client_id]
+            self.clients_expired += 1
 
     def _apply_admin(self, view: Any, index: int, term: int, timestamp_ns: int) -> None:
         admin = decode_admin(view[_PAYLOAD_OFFSET:])
@@ -509,6 +550,7 @@ class Processor(Generic[App]):
                     client.last_request_id,
                     client.acked_request_id,
                     [SavedReply(rid, *saved) for rid, saved in client.replies.items()],
+                    client.idle_since_ns,
                 )
                 for client_id, client in self._clients.items()
             ],
@@ -542,6 +584,7 @@ class Processor(Generic[App]):
         node: str | None = None,
         *,
         debug: bool = False,
+        client_expiry_ns: int = CLIENT_EXPIRY_NS_DEFAULT,
     ) -> Processor[App]:
         """Rebuilds a processor from a snapshot body, upcasting an older app state.
 
@@ -565,7 +608,7 @@ class Processor(Generic[App]):
             )
         app_snapshot = schema.decode_snapshot(state.app_version, state.app, state.applied_index)
         app = app_class.restore(app_snapshot)
-        processor = cls(app_class, node, debug=debug, app=app)
+        processor = cls(app_class, node, debug=debug, app=app, client_expiry_ns=client_expiry_ns)
         processor.applied_index = state.applied_index
         processor.applied_term = state.applied_term
         processor.last_timestamp_ns = state.last_timestamp_ns
@@ -578,15 +621,28 @@ class Processor(Generic[App]):
                 r.request_id: (r.index, r.status, r.version, r.payload)
                 for r in saved_client.replies
             }
+            client.idle_since_ns = saved_client.idle_since_ns
             processor._clients[saved_client.client_id] = client
         for saved_session in state.sessions:
             session_client = processor._clients.get(saved_session.client_id)
             if session_client is None:
                 session_client = processor._clients[saved_session.client_id] = _Client()
+            session_client.sessions += 1
             local = node is None or saved_session.node == node
             processor._sessions[saved_session.session_id] = _Session(
                 saved_session.client_id, saved_session.node, session_client, local
             )
+        # The idle queue in the order the live processor built it: by idle time, ties in the
+        # clients' order (the order of eviction among ties does not change what is evicted).
+        for client in processor._clients.values():
+            if client.sessions == 0 and client.idle_since_ns == 0:
+                client.idle_since_ns = state.last_timestamp_ns  # a snapshot from before expiry
+        idle = sorted(
+            (client.idle_since_ns, position, client_id)
+            for position, (client_id, client) in enumerate(processor._clients.items())
+            if client.sessions == 0
+        )
+        processor._idle_clients = {client_id: since for since, _, client_id in idle}
         processor._timers = dict(state.timers)
         return processor
 

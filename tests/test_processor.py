@@ -423,3 +423,32 @@ def test_replay_of_journal_runs_reaches_the_same_state_as_record_by_record() -> 
             assert fast.applied_index == slow.applied_index == len(records)
             assert fast.state_hash() == slow.state_hash()
             assert fast.rolling_hash == slow.rolling_hash
+
+
+def test_clients_without_a_session_for_the_expiry_are_forgotten_deterministically() -> None:
+    """The dedup table is bounded: a client id idle (no session) past the expiry is dropped, at
+    the same record on every replica and after a restore; one with a session never is."""
+    from sequencer.apps.ledger import Ledger, OpenAccount
+    from sequencer.processor import Processor
+    from sequencer.record import RecordType, encode_command, encode_record, encode_session_open
+
+    expiry = 1_000
+    version, payload = Ledger.schema.encode_command(OpenAccount("x"))
+    records = [
+        encode_record(RecordType.SESSION_OPEN, 1, 1, 1, 10, 1, 0, encode_session_open(101, "n1")),
+        encode_record(RecordType.COMMAND, version, 2, 1, 11, 1, 1, encode_command(0, payload)),
+        encode_record(RecordType.SESSION_CLOSE, 1, 3, 1, 20, 1, 0),  # client 101 idle from 20
+        encode_record(RecordType.SESSION_OPEN, 1, 4, 1, 30, 2, 0, encode_session_open(202, "n1")),
+        encode_record(RecordType.SESSION_OPEN, 1, 5, 1, 1_019, 3, 0, encode_session_open(303, "n1")),
+        encode_record(RecordType.SESSION_OPEN, 1, 6, 1, 1_020, 4, 0, encode_session_open(404, "n1")),
+    ]
+    live = Processor(Ledger, client_expiry_ns=expiry)
+    live.apply_records(b"".join(records[:5]))
+    assert live.saved_reply_ids(101) == [1]  # idle for 999 ns at index 5: kept
+    restored = Processor.restore(Ledger, live.snapshot_bytes(), client_expiry_ns=expiry)
+    for processor in (live, restored):
+        processor.apply_records(records[5])
+        assert processor.clients_expired == 1  # idle for the whole expiry at index 6
+        assert processor.saved_reply_ids(101) == []
+        assert sorted(processor._clients) == [202, 303, 404]  # 202 has a session: kept
+    assert live.state_hash() == restored.state_hash()

@@ -52,10 +52,16 @@ def recover(context: RoleContext, app_class: type[StateMachine]) -> Processor[An
     found = snapshots.newest_valid_snapshot(config.snapshot_dir, report)
     processor: Processor[Any]
     if found is not None:
-        processor = Processor.restore(app_class, found.body, node=config.node.name, debug=config.node.debug_determinism)
+        processor = Processor.restore(
+            app_class, found.body, node=config.node.name, debug=config.node.debug_determinism,
+            client_expiry_ns=config.client_expiry_ns,
+        )
         log.info("restored snapshot at index %d from %s", processor.applied_index, found.path)
     else:
-        processor = Processor(app_class, node=config.node.name, debug=config.node.debug_determinism)
+        processor = Processor(
+            app_class, node=config.node.name, debug=config.node.debug_determinism,
+            client_expiry_ns=config.client_expiry_ns,
+        )
     last_index = counters["recovery.last.index"].get()
     progress = counters["recovery.records"]
     replayed = 0
@@ -121,6 +127,7 @@ def run(context: RoleContext) -> int:
     applied_position = counters["blp.applied.position"]
     applied_index = counters["blp.applied.index"]
     rolling_hash = counters["blp.rolling_hash"]
+    clients_expired = counters["clients.expired"]
     egress_published = counters["egress.published.position"]
     heartbeat = context.heartbeat
     snapshot_writers: dict[int, int] = {}  # pid -> index
@@ -166,6 +173,7 @@ def run(context: RoleContext) -> int:
             applied_position.set(applied_position_seen)
             applied_index.set(processor.applied_index)
             rolling_hash.set(processor.rolling_hash & 0x7FFF_FFFF_FFFF_FFFF)
+            clients_expired.set(processor.clients_expired)
         if snapshot_writers:
             reap_snapshot_writers(context, snapshot_writers, block=False)
         beats += 1
