@@ -53,7 +53,7 @@ def counters_name(node: str) -> str:
     return f"/seqd.{node}.counters"
 
 
-_ROLE_COUNTERS = ("pid", "cpu", "idle", "heartbeat", "state")
+_ROLE_COUNTERS = ("pid", "cpu", "idle", "heartbeat", "state", "stop")  # stop: set by the supervisor
 
 COUNTER_NAMES: tuple[str, ...] = (
     # supervisor

@@ -208,8 +208,8 @@ class Supervisor:
         process = self.processes.get(role)
         if process is None:
             return None
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
+        assert self.counters is not None
+        self.counters[f"{role}.stop"].set(1)  # roles ignore signals: this is how they are stopped
         try:
             code = process.wait(timeout=ROLE_STOP_TIMEOUT_S)
         except subprocess.TimeoutExpired:

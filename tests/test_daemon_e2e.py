@@ -193,3 +193,28 @@ def test_random_kills_under_load_never_lose_or_repeat_an_acknowledged_transfer(n
     assert node.stop() == 0
     node.start()
     assert balances(node.socket_path, ACCOUNTS) == expected, f"after replay: seed {seed}, kills {kills}"
+
+
+def test_ctrl_c_to_the_whole_process_group_still_drains_in_order(node_factory) -> None:  # noqa: F811
+    """A terminal's Ctrl-C reaches every process of the group; the roles ignore it and the
+    supervisor drains them in order (sequencer, journaller, blp), so every committed command is
+    replied to and the exit is clean."""
+    node = node_factory()
+    open_accounts(node.socket_path, ACCOUNTS)
+    driver = TransferDriver(node.socket_path, ACCOUNTS, seed=11).start()
+    driver.wait_acknowledged(200)
+    assert node.process is not None
+    os.killpg(node.process.pid, signal.SIGINT)
+    assert node.process.wait(timeout=60) == 0
+    lines = node.log_text().splitlines()
+    assert not any("drain timed out" in line for line in lines)
+
+    def line_of(role: str, words: str) -> int:
+        return next(number for number, line in enumerate(lines) if f"seqd[{role}:" in line and words in line)
+
+    # The order of the drain: the sequencer has replied to everything before the journaller
+    # takes its last records, and the blp stops last.
+    assert line_of("sequencer", "drained at index") < line_of("journaller", "drained at index") < line_of("blp", "stopped at index")
+    node.start()
+    driver.stop()
+    assert balances(node.socket_path, ACCOUNTS) == expected_balances(ACCOUNTS, [driver])

@@ -2,8 +2,10 @@
 
 The supervisor starts each role as `python -m daemon.roles.<role>` with the validated config in
 the `SEQD_CONFIG_JSON` environment variable. A role attaches to the node's segments (it never
-creates them), records its pid, CPU and idle strategy in the counters, and runs one loop until a
-signal handler sets the stop flag. Signal handlers only set a flag (STYLE.md).
+creates them), records its pid, CPU and idle strategy in the counters, and runs one loop until
+the supervisor sets its `<role>.stop` counter. Roles ignore SIGINT and SIGTERM: a Ctrl-C in a
+terminal or a signal to the process group reaches every role at once, and only the supervisor
+(whose signal handler only sets a flag, STYLE.md) may order the drain.
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ import signal
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from types import FrameType
 
 from daemon.config import Config
 from daemon.layout import IDLE_CODES, RoleState, counters_name
@@ -33,13 +34,21 @@ class RoleContext:
     role: str
     config: Config
     counters: Counters
-    stop_requested: bool = False
     heartbeat: Counter = field(init=False)
     state: Counter = field(init=False)
+    stop: Counter = field(init=False)
 
     def __post_init__(self) -> None:
         self.heartbeat = self.counters[f"{self.role}.heartbeat"]
         self.state = self.counters[f"{self.role}.state"]
+        self.stop = self.counters[f"{self.role}.stop"]
+
+    @property
+    def stop_requested(self) -> bool:
+        """The supervisor asks a role to stop through its `<role>.stop` counter, never a signal:
+        a Ctrl-C or a SIGTERM to the whole process group reaches every role at once, and the
+        drain must go in order (sequencer, then journaller, then blp)."""
+        return self.stop.get() != 0
 
     def set_state(self, state: RoleState) -> None:
         self.state.set(int(state))
@@ -80,12 +89,10 @@ def start_role(role: str) -> RoleContext:
     config = Config.from_json(os.environ["SEQD_CONFIG_JSON"])
     counters = Counters.attach(counters_name(config.node.name))
     context = RoleContext(role=role, config=config, counters=counters)
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        context.stop_requested = True
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    # Only the supervisor decides when a role stops (see RoleContext.stop_requested); if the
+    # supervisor dies, the parent-death signal takes the role with it.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     role_config = config.roles.get(role)
     if role_config.cpu >= 0:

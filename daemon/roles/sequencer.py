@@ -653,11 +653,6 @@ def main() -> int:
     asyncio.set_event_loop(loop)
     sequencer = Sequencer(context, loop)
 
-    def stop() -> None:
-        context.stop_requested = True
-
-    loop.add_signal_handler(signal.SIGTERM, stop)
-    loop.add_signal_handler(signal.SIGINT, stop)
     try:
         loop.run_until_complete(sequencer.serve())
     finally:
