@@ -43,9 +43,12 @@ def _toml_value(value: Any) -> str:
 
 
 def write_config(path: Path, settings: dict[str, dict[str, Any]]) -> Path:
-    """Write a small TOML file from {section: {key: value}} (dotted sections allowed)."""
-    lines: list[str] = []
+    """Write a small TOML file from {section: {key: value}} (dotted sections allowed; the
+    section "" holds top-level keys)."""
+    lines: list[str] = [f"{key} = {_toml_value(value)}" for key, value in settings.get("", {}).items()]
     for section, values in settings.items():
+        if not section:
+            continue  # top-level keys, written above the first table
         lines.append(f"[{section}]")
         lines.extend(f"{key} = {_toml_value(value)}" for key, value in values.items())
         lines.append("")
