@@ -162,6 +162,7 @@ def queue_producer(queues: list[Any], duration_s: float, cpu: int | None, go: An
 
 
 def queue_consumer(queue: Any, warmup_s: float, cpu: int | None, report: Report) -> None:
+    """Consumer of a multiprocessing.Queue or a faster-fifo Queue (the same `get()`)."""
     _pin(cpu)
     get = queue.get
     meter = _Meter(warmup_s)
@@ -191,23 +192,6 @@ def fifo_producer(queue: Any, duration_s: float, cpu: int | None, go: Any) -> No
         for _ in range(CHECK_EVERY):
             put(payload)
     put(None)
-
-
-def fifo_consumer(queue: Any, warmup_s: float, cpu: int | None, report: Report) -> None:
-    _pin(cpu)
-    get = queue.get
-    meter = _Meter(warmup_s)
-    count = 0
-    next_check = 0
-    while True:
-        message = get()
-        if message is None:
-            break
-        count += 1
-        if count >= next_check:
-            meter.check(count)
-            next_check = count + CHECK_EVERY
-    report(meter.result(count))
 
 
 # ---- pyzmq PUSH/PULL over ipc:// -------------------------------------------------------------

@@ -144,7 +144,7 @@ def bench_faster_fifo(duration_s: float, warmup_s: float) -> float | None:
     go = CONTEXT.Event()
     results, report = _report_pipe()
     processes = [
-        CONTEXT.Process(target=workers.fifo_consumer, args=(queue, warmup_s, consumer_cpu, report)),
+        CONTEXT.Process(target=workers.queue_consumer, args=(queue, warmup_s, consumer_cpu, report)),
         CONTEXT.Process(target=workers.fifo_producer, args=(queue, duration_s, producer_cpu, go)),
     ]
     go.set()

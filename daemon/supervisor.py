@@ -311,7 +311,6 @@ class Supervisor:
                     self.durable_index_after_fail_stop = counters["journal.durable.index"].get()
                 log.error("%s; restarting the pipeline from the journal", died)
                 self.notifier.status(f"restarting: {died}")
-                self._kill_all()
                 return False
             finally:
                 self._kill_all()

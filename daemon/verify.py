@@ -129,9 +129,8 @@ def _first_difference(first: Path, second: Path) -> int | None:
 def verify_snapshots(config: Config, say: Callable[[str], object]) -> int:
     """Check each valid snapshot by rebuilding its state from the one before it (or genesis)."""
     from sequencer import snapshot as snapshots
-    from sequencer.journal import read_records
+    from sequencer.journal import read_runs
     from sequencer.processor import Processor
-    from sequencer.record import frame_type
     from sequencer.state_machine import load_app
 
     app_class = load_app(config.node.app)
@@ -152,10 +151,8 @@ def verify_snapshots(config: Config, say: Callable[[str], object]) -> int:
             processor = Processor(app_class, client_expiry_ns=config.client_expiry_ns)
             source = "the start of the journal"
         if processor.applied_index < info.index:
-            for record in read_records(config.journal_dir, processor.applied_index + 1, info.index):
-                processor.apply_frame(frame_type(record.type, record.version), record.raw[8 : record.length])
-                processor.drain_outputs()
-                processor.snapshot_requested = False
+            for run in read_runs(config.journal_dir, processor.applied_index + 1, info.index):
+                processor.replay_run(run)
         if processor.applied_index != info.index:
             say(f"snapshot {info.index}: the journal ends at {processor.applied_index} (segments deleted?); not checked")
             continue

@@ -145,8 +145,9 @@ def run(context: RoleContext) -> int:
     applied_index.set(processor.applied_index)
     # RUNNING first: the supervisor starts the sequencer, egress's only reader, only now, and the
     # re-armed timers may be more than the egress ring holds.
-    initial = [info.index for info in snapshots.list_snapshots(config.snapshot_dir) if info.valid]
-    oldest_snapshot.set(min(initial) if initial else 0)
+    if config.snapshot.delete_journal:  # only the journaller's compaction reads it
+        initial = [info.index for info in snapshots.list_snapshots(config.snapshot_dir) if info.valid]
+        oldest_snapshot.set(min(initial) if initial else 0)
     context.set_state(RoleState.RUNNING)
     write_all(writer, processor.pending_timers(), context, idle)
     egress_published.set(writer.published_position)

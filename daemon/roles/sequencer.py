@@ -50,22 +50,28 @@ from ipc.idle import idle_strategy
 from ipc.ring import Ring
 from sequencer import egress
 from sequencer.client import protocol
-from sequencer.record import RecordType, encode_admin, encode_session_open, frame_type
+from sequencer.record import (
+    COMMAND_PREFIX,
+    RECORD_TAIL,
+    RecordType,
+    encode_admin,
+    encode_session_open,
+    encode_timer_fired,
+    frame_type,
+)
 from sequencer.state_machine import load_app
 
 log = logging.getLogger("seqd.sequencer")
 
 # Record tail after the 8-byte ring frame header: index, term, timestamp, session, request.
-_TAIL = struct.Struct("<QQqQQ")
-# A COMMAND record's tail plus the acked request id that prefixes its payload.
-_COMMAND_TAIL = struct.Struct("<QQqQQQ")
-_TIMER_FIRED = struct.Struct("<Qq")
+# A COMMAND record's tail plus the acked request id that prefixes its payload, packed in one call.
+_COMMAND_TAIL = struct.Struct("<" + RECORD_TAIL.format.lstrip("<") + COMMAND_PREFIX.format.lstrip("<"))
+assert _COMMAND_TAIL.size == RECORD_TAIL.size + COMMAND_PREFIX.size
 COMMAND_FRAME_TYPE_CACHE_MAX = 64  # distinct command schema versions whose frame type we cache
 HEARTBEAT_INTERVAL_S = 0.1
 BLOCKED_RETRY_S = 0.001  # how soon a session blocked by a full ring retries its claim
 DRAIN_TIMEOUT_S = 10.0  # SIGTERM: how long to wait for committed work to be replied
 EGRESS_FRAMES_PER_DRAIN_MAX = 4096  # bound one drain so sessions' reads interleave with replies
-READ_CHUNKS_PER_PASS_MAX = 64
 SESSION_ID_COUNTER_BITS = 32
 
 
@@ -100,9 +106,6 @@ class Session(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.connection.receive_data(data)
         self.sequencer.on_data(self)
-
-    def eof_received(self) -> bool | None:
-        return None
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.sequencer.on_disconnect(self)
@@ -204,11 +207,11 @@ class Sequencer:
 
     def _claim_record(self, record_type: int, version: int, session_id: int, request_id: int, payload: bytes) -> bool:
         """Stamp and claim one record with an arbitrary payload. False when the ring is full."""
-        view = self.writer.try_claim(_TAIL.size + len(payload), frame_type(record_type, version))
+        view = self.writer.try_claim(RECORD_TAIL.size + len(payload), frame_type(record_type, version))
         if view is None:
             return False
-        _TAIL.pack_into(view, 0, self.next_index, self.term, self._stamp(), session_id, request_id)
-        view[_TAIL.size :] = payload
+        RECORD_TAIL.pack_into(view, 0, self.next_index, self.term, self._stamp(), session_id, request_id)
+        view[RECORD_TAIL.size :] = payload
         self.next_index += 1
         self._schedule_flush()
         return True
@@ -468,7 +471,7 @@ class Sequencer:
         while self.timers and self.timers[0][0] <= now:
             deadline_ns, timer_id = self.timers[0]
             if self.timer_deadlines.get(timer_id) == deadline_ns:
-                payload = _TIMER_FIRED.pack(timer_id, deadline_ns)
+                payload = encode_timer_fired(timer_id, deadline_ns)
                 if not self._claim_record(RecordType.TIMER_FIRED, 1, 0, timer_id, payload):
                     self.timer_handle = self.loop.call_later(BLOCKED_RETRY_S, self._fire_timers)
                     return
