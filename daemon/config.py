@@ -15,6 +15,9 @@ from typing import Any, Literal
 
 import msgspec
 
+from ipc.ring import frame_bytes
+from sequencer.egress import EGRESS_PAYLOAD_BYTES_MAX
+
 __all__ = [
     "ROLES",
     "Config",
@@ -44,6 +47,13 @@ COMMAND_BYTES_MAX = (1 << 20) - 32
 # What a command costs in the log beyond its payload: the 48-byte record header, the 8-byte acked
 # request id, up to 7 bytes of padding, and a possible padding frame before it at the wrap.
 RECORD_OVERHEAD_BYTES_MAX = 48 + 8 + 7
+# The egress ring must hold the largest output the blp writes, a reply with the largest payload a
+# client REPLY frame carries (sequencer.egress), or the blp could never write it: the power of
+# two above that one frame of 1 MiB + 8 bytes. Whatever the config, every replica makes the same
+# replies (the blp's limit is the protocol's), so only this ring has to be large enough.
+EGRESS_CAPACITY_BYTES_MIN = 2 << 20
+assert frame_bytes(EGRESS_PAYLOAD_BYTES_MAX) <= EGRESS_CAPACITY_BYTES_MIN, EGRESS_PAYLOAD_BYTES_MAX
+assert EGRESS_CAPACITY_BYTES_MIN <= RING_CAPACITY_BYTES_MAX
 
 
 class ConfigError(Exception):
@@ -178,6 +188,12 @@ def _validate(config: Config) -> Config:
                 f"ring.{field}={value}: must be a power of two between "
                 f"{RING_CAPACITY_BYTES_MIN} and {RING_CAPACITY_BYTES_MAX}"
             )
+    if config.ring.egress_capacity_bytes < EGRESS_CAPACITY_BYTES_MIN:
+        errors.append(
+            f"ring.egress_capacity_bytes={config.ring.egress_capacity_bytes} cannot hold one reply of "
+            f"the largest size a client frame carries ({frame_bytes(EGRESS_PAYLOAD_BYTES_MAX)} bytes "
+            f"in the ring): use at least {EGRESS_CAPACITY_BYTES_MIN}"
+        )
     command_bytes_max = config.socket.command_bytes_max
     record_bytes_max = command_bytes_max + RECORD_OVERHEAD_BYTES_MAX
     if not 1 <= command_bytes_max <= COMMAND_BYTES_MAX:

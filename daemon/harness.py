@@ -72,7 +72,7 @@ class NodeProcess:
         merged: dict[str, dict[str, Any]] = {
             "node": {"name": node, "data_dir": str(self.directory / "data")},
             "socket": {"path": str(self.directory / "seqd.sock"), "command_bytes_max": 64 << 10},
-            "ring": {"log_capacity_bytes": 1 << 20, "egress_capacity_bytes": 1 << 20},
+            "ring": {"log_capacity_bytes": 1 << 20, "egress_capacity_bytes": 2 << 20},  # egress: the least allowed
             "journal": {"segment_bytes": 8 << 20, "batch_bytes_max": 1 << 20},
         }
         for section, values in (settings or {}).items():

@@ -91,6 +91,7 @@ COUNTER_NAMES: tuple[str, ...] = (
     "blp.applied.index",
     "blp.rolling_hash",
     "clients.expired",
+    "outputs.too_large",  # replies and events no client frame can carry, replaced (replay included)
     "egress.published.position",
     "snapshot.last.index",
     "snapshot.oldest.index",  # the oldest valid snapshot kept: the journal may go before it

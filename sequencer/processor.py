@@ -29,6 +29,11 @@ Snapshots. A SNAPSHOT record sets `snapshot_requested`; the role must fork the s
 (`snapshot_file_contents` runs in the child) before the next `apply_frame`, then clear the flag:
 the state at the fork is the state at the SNAPSHOT record's index on every replica.
 
+Outputs too large to frame. A reply or event payload a client frame cannot carry is replaced
+here, where every replica decides the same from protocol constants (see `sequencer.egress`): a
+reply by a REJECTED `reply_too_large` (saved in the dedup table like any reply, so a resend gets
+it too; the command's effects stay applied), an event by an EVENT_OMITTED marker.
+
 Failure. `Rejected` from the app is a reply. Any other exception is a bug in the app: it
 propagates and crashes the blp; the supervisor restarts from snapshot + journal.
 """
@@ -45,12 +50,17 @@ import msgspec
 
 from sequencer.determinism import guard, rolling_hash_update, state_hash
 from sequencer.egress import (
+    BAD_COMMAND,
     EVENT_HEADER,
+    EVENT_PAYLOAD_BYTES_MAX,
     REPLY_HEADER,
+    REPLY_PAYLOAD_BYTES_MAX,
     TIMER_CANCEL,
     TIMER_SCHEDULE,
     EgressKind,
     ReplyStatus,
+    encode_event_omitted,
+    reply_too_large_payload,
 )
 from sequencer.record import (
     ADMIN_NODE_START,
@@ -101,6 +111,7 @@ _REPLY = int(EgressKind.REPLY)
 _EVENT = int(EgressKind.EVENT)
 _TIMER_SCHEDULE = int(EgressKind.TIMER_SCHEDULE)
 _TIMER_CANCEL = int(EgressKind.TIMER_CANCEL)
+_EVENT_OMITTED = int(EgressKind.EVENT_OMITTED)
 _PAYLOAD_OFFSET = RECORD_TAIL.size  # payload offset in a view that starts after the frame header
 _COMMAND_OFFSET = _PAYLOAD_OFFSET + COMMAND_PREFIX.size
 _REJECTED_ENCODER = msgspec.msgpack.Encoder()
@@ -234,6 +245,9 @@ class Processor(Generic[App]):
         self.commands_without_session = 0
         self.stale_timer_fires = 0
         self.unknown_admin_ops = 0
+        # Outputs too large for a client frame, replaced (see sequencer.egress).
+        self.replies_too_large = 0
+        self.events_too_large = 0
         self._sessions: dict[int, _Session] = {}
         self._clients: dict[int, _Client] = {}
         # Clients with no open session, oldest idle first: client_id -> idle since (log time).
@@ -309,7 +323,7 @@ class Processor(Generic[App]):
             # between library versions on different replicas.
             status = _REJECTED
             payload = _REJECTED_ENCODER.encode({
-                "code": "bad_command",
+                "code": BAD_COMMAND,
                 "message": f"the command at index {index} (schema version {command_version}) could "
                 f"not be decoded by {self.schema.name} v{self._version} "
                 f"({type(error).__name__}); nothing was applied",
@@ -342,6 +356,12 @@ class Processor(Generic[App]):
                 payload = _REJECTED_ENCODER.encode(
                     {"code": rejected.code, "message": rejected.message}
                 )
+        if len(payload) > REPLY_PAYLOAD_BYTES_MAX:
+            # No client frame can carry it. Replaced here, where every replica decides the same,
+            # and saved as the reply: a resend gets this answer too.
+            payload = reply_too_large_payload(len(payload), applied=status == _OK)
+            status = _REJECTED
+            self.replies_too_large += 1
         client.last_request_id = request_id
         replies[request_id] = (index, status, version, payload)
         if len(replies) > SAVED_REPLIES_MAX:
@@ -501,7 +521,15 @@ class Processor(Generic[App]):
             self._emit(_TIMER_CANCEL, TIMER_CANCEL.pack(timer_id))
 
     def _publish(self, event: Any) -> None:
-        frame = _pack_event(self.applied_index, self._version) + self._encode_event(event)
+        payload = self._encode_event(event)
+        if len(payload) > EVENT_PAYLOAD_BYTES_MAX:
+            # No client frame can carry it: subscribers are told it was left out, in its place.
+            frame = encode_event_omitted(self.applied_index, self._version, len(payload))
+            self.events_too_large += 1
+            self.rolling_hash = _crc32c(frame, self.rolling_hash)
+            self._outputs.append((_EVENT_OMITTED, frame))
+            return
+        frame = _pack_event(self.applied_index, self._version) + payload
         self.rolling_hash = _crc32c(frame, self.rolling_hash)
         self._outputs.append((_EVENT, frame))
 

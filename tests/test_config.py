@@ -37,6 +37,7 @@ def test_toml_file_and_overrides_are_merged(tmp_path: Path) -> None:
         ('[socket]\npath = "/' + "x" * 120 + '"\n', "socket.path"),
         ("[node\n", "not valid TOML"),
         ('[ring]\nlog_capacity_bytes = 1048576\n', "cannot hold two records"),
+        ('[ring]\negress_capacity_bytes = 1048576\n', "ring.egress_capacity_bytes=1048576 cannot hold one reply"),
         ('[journal]\nbatch_bytes_max = 65536\n', "could never take it from the ring"),
     ],
 )

@@ -157,7 +157,7 @@ def test_full_ring_stops_reading_sockets_and_resumes_without_losing_a_command(no
     from sequencer.apps.ledger import Transfer
 
     node = node_factory({
-        "ring": {"log_capacity_bytes": 1 << 16, "egress_capacity_bytes": 1 << 16},
+        "ring": {"log_capacity_bytes": 1 << 16},
         "socket": {"command_bytes_max": 16 << 10},
     })
     open_accounts(node.socket_path, ACCOUNTS)

@@ -133,20 +133,24 @@ def test_log_timestamps_never_go_backwards_with_snapshots_and_sessions_in_the_sa
 
 
 def test_more_pending_timers_than_the_egress_ring_holds_do_not_block_a_restart(node_factory) -> None:  # noqa: F811
-    # 64 KiB of egress holds ~2700 timer requests of 24 bytes; 3000 must still come back.
+    from tests.fixtures.bulky import ScheduleMany, Timers
+
+    # 2 MiB of egress (the least allowed: one reply of the largest frame) holds 87,381 timer
+    # requests of 24 bytes; 90,000 must still come back. One command schedules 10,000.
+    timers_max = 90_000
     node = node_factory({
-        "ring": {"egress_capacity_bytes": 1 << 16},
-        "socket": {"command_bytes_max": 16 << 10},
+        "node": {"app": "tests.fixtures.bulky:Timers"},
+        "ring": {"egress_capacity_bytes": 2 << 20},
     })
-    open_accounts(node.socket_path, ["a", "b"])
-    with Client(node.socket_path, schema=Ledger.schema, timeout_s=60) as client:
+    assert (2 << 20) // 24 < timers_max
+    with Client(node.socket_path, schema=Timers.schema, timeout_s=60) as client:
         pending = [
-            client.submit(Reserve(reservation_id=number, source="a", target="b", amount=1, timeout_ms=3_600_000))
-            for number in range(1, 3001)
+            client.submit(ScheduleMany(first_id=first_id, count=10_000, timeout_ms=3_600_000))
+            for first_id in range(1, timers_max, 10_000)
         ]
         for request in pending:
             request.result()
+    wait_for(lambda: node.read_counters()["timers.pending"] == timers_max, what="90000 timers armed")
     node.kill()
     node.start()
-    wait_for(lambda: node.read_counters()["timers.pending"] == 3000, what="3000 timers re-armed")
-    assert balances(node.socket_path, ["a"])["a"] == DEPOSIT
+    wait_for(lambda: node.read_counters()["timers.pending"] == timers_max, timeout_s=60, what="90000 timers re-armed")

@@ -128,6 +128,7 @@ def run(context: RoleContext) -> int:
     applied_index = counters["blp.applied.index"]
     rolling_hash = counters["blp.rolling_hash"]
     clients_expired = counters["clients.expired"]
+    outputs_too_large = counters["outputs.too_large"]
     egress_published = counters["egress.published.position"]
     heartbeat = context.heartbeat
     snapshot_writers: dict[int, int] = {}  # pid -> index
@@ -175,6 +176,7 @@ def run(context: RoleContext) -> int:
             applied_index.set(processor.applied_index)
             rolling_hash.set(processor.rolling_hash & 0x7FFF_FFFF_FFFF_FFFF)
             clients_expired.set(processor.clients_expired)
+            outputs_too_large.set(processor.replies_too_large + processor.events_too_large)
         if snapshot_writers:
             reap_snapshot_writers(context, snapshot_writers, block=False)
         beats += 1

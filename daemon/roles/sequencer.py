@@ -38,12 +38,13 @@ import struct
 import sys
 import threading
 import time
+import traceback
 from collections import deque
 from pathlib import Path
 
 import uvloop
 
-from daemon.errorlog import DistinctErrorLog
+from daemon.errorlog import DistinctErrorLog, exception_key
 from daemon.layout import RoleState, egress_name, log_name
 from daemon.roles.common import RoleContext, start_role
 from ipc.idle import idle_strategy
@@ -73,6 +74,13 @@ BLOCKED_RETRY_S = 0.001  # how soon a session blocked by a full ring retries its
 DRAIN_TIMEOUT_S = 10.0  # SIGTERM: how long to wait for committed work to be replied
 EGRESS_FRAMES_PER_DRAIN_MAX = 4096  # bound one drain so sessions' reads interleave with replies
 SESSION_ID_COUNTER_BITS = 32
+_EGRESS_REPLY = int(egress.EgressKind.REPLY)
+_EGRESS_EVENT = int(egress.EgressKind.EVENT)
+_EGRESS_TIMER_SCHEDULE = int(egress.EgressKind.TIMER_SCHEDULE)
+_EGRESS_TIMER_CANCEL = int(egress.EgressKind.TIMER_CANCEL)
+# What the codec raises when asked to frame onto a connection that failed or that we closed with
+# a fatal ERROR: the session is going away, so its outputs are dropped, not errors.
+_CONNECTION_GONE_CODES = frozenset({"connection_failed", "connection_closed"})
 
 
 class Session(asyncio.Protocol):
@@ -482,9 +490,16 @@ class Sequencer:
     # ---- egress ----------------------------------------------------------------------------
 
     def _drain_egress(self) -> None:
+        """Send the egress ring's replies and events to their sessions; take its timer requests.
+
+        Each output is handled on its own: one that cannot be framed or sent is counted and
+        costs only itself, never the rest of the batch. That matters because the reader moves
+        past the batch either way, and nothing reads an output twice: an exception escaping
+        here would lose every reply, event and timer request of the batch, not delay them.
+        """
         reader = self.egress_reader
         sessions = self.sessions
-        reply_kind = egress.EgressKind.REPLY
+        reply_kind = _EGRESS_REPLY
         unpack_reply = egress.REPLY_HEADER.unpack_from
         reply_header_bytes = egress.REPLY_HEADER.size
         subscribers = self.subscribers
@@ -493,50 +508,127 @@ class Sequencer:
         frames = reader.poll(EGRESS_FRAMES_PER_DRAIN_MAX)
         while frames:
             for kind, view in frames:
-                if kind == reply_kind:
-                    session_id, request_id, index, status, version = unpack_reply(view, 0)
-                    session = sessions.get(session_id)
-                    if session is not None:
-                        out = pending.get(session)
-                        if out is None:
-                            out = pending[session] = bytearray()
-                        session.connection.send_reply_into(
-                            out, request_id, index, status, version, view[reply_header_bytes:]
-                        )
-                elif kind == egress.EgressKind.EVENT:
-                    if not subscribers:
-                        continue  # nobody listens: not even decoded
-                    event = egress.decode(kind, view)
-                    assert isinstance(event, egress.Event)
-                    for session in subscribers:
-                        out = pending.get(session)
-                        if out is None:
-                            out = pending[session] = bytearray()
-                        session.connection.send_event_into(out, event.index, event.version, event.payload)
-                elif kind == egress.EgressKind.TIMER_SCHEDULE:
-                    timer = egress.decode(kind, view)
-                    assert isinstance(timer, egress.TimerSchedule)
-                    self.timer_deadlines[timer.timer_id] = timer.deadline_ns
-                    heapq.heappush(self.timers, (timer.deadline_ns, timer.timer_id))
-                    timers_changed = True
-                elif kind == egress.EgressKind.TIMER_CANCEL:
-                    cancel = egress.decode(kind, view)
-                    assert isinstance(cancel, egress.TimerCancel)
-                    self.timer_deadlines.pop(cancel.timer_id, None)
-                    timers_changed = True
-                else:
-                    raise AssertionError(f"unknown egress kind {kind}")
+                try:
+                    if kind == reply_kind:
+                        session_id, request_id, index, status, version = unpack_reply(view, 0)
+                        session = sessions.get(session_id)
+                        if session is not None:
+                            out = pending.get(session)
+                            if out is None:
+                                out = pending[session] = bytearray()
+                            try:
+                                session.connection.send_reply_into(
+                                    out, request_id, index, status, version, view[reply_header_bytes:]
+                                )
+                            except protocol.LocalProtocolError as error:
+                                self._reply_not_framed(session, out, view, error)
+                    elif kind == _EGRESS_EVENT:
+                        if subscribers:  # nobody listens: not even decoded
+                            self._send_event(pending, view)
+                    elif kind == _EGRESS_TIMER_SCHEDULE:
+                        timer = egress.decode(kind, view)
+                        assert isinstance(timer, egress.TimerSchedule)
+                        self.timer_deadlines[timer.timer_id] = timer.deadline_ns
+                        heapq.heappush(self.timers, (timer.deadline_ns, timer.timer_id))
+                        timers_changed = True
+                    elif kind == _EGRESS_TIMER_CANCEL:
+                        cancel = egress.decode(kind, view)
+                        assert isinstance(cancel, egress.TimerCancel)
+                        self.timer_deadlines.pop(cancel.timer_id, None)
+                        timers_changed = True
+                    else:
+                        self._send_event_omitted(pending, view, kind)
+                except Exception as error:  # one output's failure must not cost the batch
+                    self._egress_output_failed(kind, error)
             reader.release()
             if len(frames) < EGRESS_FRAMES_PER_DRAIN_MAX:
                 break
             frames = reader.poll(EGRESS_FRAMES_PER_DRAIN_MAX)
         for session, out in pending.items():
-            session.write(bytes(out))
+            try:
+                session.write(bytes(out))
+            except Exception as error:  # one session's failure must not cost the others
+                self._egress_output_failed(_EGRESS_REPLY, error)
         self.egress_consumed.set(reader.position)
         if timers_changed:
             self._arm_timers()
         if (self.blocked or self.pending_closes) and self.blocked_retry is None:
             self._retry_blocked()
+
+    def _reply_not_framed(
+        self, session: Session, out: bytearray, view: memoryview, error: protocol.LocalProtocolError
+    ) -> None:
+        """A reply the session's codec refused: too large, or the connection is going away."""
+        if error.code in _CONNECTION_GONE_CODES:
+            # The connection failed or we sent it a fatal ERROR: it is closing, so the reply
+            # would be dropped by `Session.write` too. The client reconnects and resends, and
+            # gets the saved reply then.
+            return
+        if error.code != "frame_too_large":
+            raise error
+        # The blp replaces every reply too large to frame (sequencer.egress); this one was saved
+        # by an older seqd (a snapshot or journal from before it did). The requester still gets
+        # a clear error, the one the blp would have made.
+        reply = egress.decode(_EGRESS_REPLY, view)
+        assert isinstance(reply, egress.Reply)
+        payload_bytes = len(reply.payload)
+        self.errors.record(
+            "egress.reply_too_large",
+            f"the reply to request {reply.request_id} of session {session.session_id:x} (client "
+            f"{session.client_id}) at index {reply.index} is {payload_bytes} bytes, over "
+            f"REPLY_PAYLOAD_BYTES_MAX={egress.REPLY_PAYLOAD_BYTES_MAX}: sent it a REJECTED "
+            f"{egress.REPLY_TOO_LARGE} instead. The reply was saved by an older seqd; nothing to do",
+            time.monotonic(),
+        )
+        session.connection.send_reply_into(
+            out, reply.request_id, reply.index, protocol.ReplyStatus.REJECTED, reply.version,
+            egress.reply_too_large_payload(payload_bytes, applied=reply.status == protocol.ReplyStatus.OK),
+        )
+
+    def _send_event(self, pending: dict[Session, bytearray], view: memoryview) -> None:
+        event = egress.decode(_EGRESS_EVENT, view)
+        assert isinstance(event, egress.Event)
+        for session in self.subscribers:
+            out = pending.get(session)
+            if out is None:
+                out = pending[session] = bytearray()
+            try:
+                session.connection.send_event_into(out, event.index, event.version, event.payload)
+            except protocol.LocalProtocolError as error:
+                if error.code in _CONNECTION_GONE_CODES:
+                    continue  # closing: events are not resent after a reconnect anyway
+                # The blp replaces events too large to frame (EVENT_OMITTED); count one that
+                # came through anyway and carry on with the other subscribers and outputs.
+                self._egress_output_failed(_EGRESS_EVENT, error)
+
+    def _send_event_omitted(self, pending: dict[Session, bytearray], view: memoryview, kind: int) -> None:
+        """An event the blp left out (too large to frame): each subscriber gets a non-fatal
+        ERROR in its place, so it learns at which index an event is missing."""
+        omitted = egress.decode(kind, view)  # raises EgressError for an unknown kind
+        assert isinstance(omitted, egress.EventOmitted), omitted
+        self.errors.record(f"egress.{omitted.code}", f"an app bug: {omitted.message}", time.monotonic())
+        notice = protocol.Error(code=omitted.code, message=omitted.message, fatal=False)
+        for session in self.subscribers:
+            out = pending.get(session)
+            if out is None:
+                out = pending[session] = bytearray()
+            try:
+                session.connection.send_into(out, notice)
+            except protocol.LocalProtocolError as error:
+                if error.code not in _CONNECTION_GONE_CODES:
+                    self._egress_output_failed(kind, error)
+
+    def _egress_output_failed(self, kind: int, error: Exception) -> None:
+        """Count one output that could not be sent; it costs only itself."""
+        key = f"egress.output_failed.{exception_key(error)}"
+        message = (
+            f"could not send an egress output of kind {kind} ({type(error).__name__}: {error}); "
+            "skipped it alone, the rest of its batch was sent. This is a seqd bug: report it "
+            "with this log"
+        )
+        if self.errors.observation(key) is None:
+            message += "\n" + "".join(traceback.format_exception(error)).rstrip()
+        self.errors.record(key, message, time.monotonic())
 
     def _on_egress_signal(self) -> None:
         try:
