@@ -11,6 +11,7 @@ back through the supervisor as that one line, without a restart loop.
 
 from __future__ import annotations
 
+import errno
 import os
 import resource
 import subprocess
@@ -46,9 +47,12 @@ class Ended:
         return [line for line in self.stderr.splitlines() if " ERROR " in line or " CRITICAL " in line]
 
 
-def seqd_run(config_path: Path, log_level: str | None = None, **popen: Any) -> Ended:
+def seqd_run(
+    config_path: Path, log_level: str | None = None, extra_environment: dict[str, str] | None = None, **popen: Any
+) -> Ended:
     """`seqd run --config` in a subprocess, at the default log level unless told."""
     environment = {key: value for key, value in os.environ.items() if key not in ("SEQD_LOG_LEVEL", "NOTIFY_SOCKET")}
+    environment.update(extra_environment or {})
     if log_level is not None:
         environment["SEQD_LOG_LEVEL"] = log_level
     result = subprocess.run(
@@ -280,3 +284,67 @@ def test_stale_shared_memory_of_another_user_is_one_line_with_exit_noperm(
         assert_one_line(ended, ExitCode.NOPERM, name, "owns it")
     finally:
         (Path("/dev/shm") / name[1:]).unlink()
+
+
+# ---- what is not an operating error ----------------------------------------------------------------
+
+BROKEN_APP = '''
+from sequencer.apps.ledger import Ledger
+
+
+class Broken(Ledger):
+    def __init__(self) -> None:
+        raise RuntimeError("a bug in the app's constructor")
+'''
+
+
+def test_a_role_that_keeps_crashing_is_restarted_then_the_run_ends_with_exit_failed_naming_the_cause(
+    node_config: Callable[..., NodeProcess], tmp_dir: Path,
+) -> None:
+    """A bug is not an operating error: the pipeline restarts (it could be transient), keeps the
+    traceback, and gives up after restarts_max with a line that names the last cause."""
+    apps = tmp_dir / "apps"
+    apps.mkdir()
+    (apps / "broken_app.py").write_text(BROKEN_APP)
+    node = node_config({"node": {"app": "broken_app:Broken"}, "": {"restarts_max": 1}})
+    ended = seqd_run(node.config_path, extra_environment={"PYTHONPATH": str(apps)})
+    assert ended.code == ExitCode.FAILED, ended.stderr[-4000:]
+    last = ended.stderr.rstrip().splitlines()[-1]
+    assert " CRITICAL " in last and "giving up" in last and "role blp exited with 1" in last, last
+    assert "restarts_max" in last and f"(exit {int(ExitCode.FAILED)} FAILED)" in last, last
+    assert "a bug in the app's constructor" in ended.stderr  # the role's traceback, kept: it is a bug
+
+
+def test_an_unexpected_error_is_logged_with_its_traceback_and_exit_software(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from daemon.exits import report
+
+    try:
+        raise KeyError("no such thing")
+    except KeyError as error:
+        code = report(logging.getLogger("seqd.test"), error)
+    assert code == ExitCode.SOFTWARE
+    [record] = [record for record in caplog.records if record.levelno == logging.CRITICAL]
+    assert record.exc_info is not None and "a bug" in record.getMessage()
+
+
+@pytest.mark.parametrize(
+    ("number", "code", "advice"),
+    [
+        (errno.EACCES, ExitCode.NOPERM, "write there"),
+        (errno.EROFS, ExitCode.NOPERM, "read-write"),
+        (errno.ENOSPC, ExitCode.IOERR, "Free space"),
+        (errno.EDQUOT, ExitCode.IOERR, "Free space"),
+        (errno.EFBIG, ExitCode.IOERR, "size limit"),
+        (errno.EADDRINUSE, ExitCode.CANTCREAT, "another process"),
+        (errno.EIO, ExitCode.IOERR, "disk"),
+    ],
+)
+def test_an_os_error_maps_to_a_code_and_advice_by_its_errno(number: int, code: ExitCode, advice: str) -> None:
+    from daemon.exits import FatalError
+
+    fatal = FatalError.from_os_error(OSError(number, os.strerror(number), "/srv/seqd"), "open it", "node.data_dir")
+    assert fatal.code == code
+    assert "/srv/seqd" in fatal.message and advice.lower() in fatal.message.lower()
+    assert "\n" not in fatal.message
