@@ -17,6 +17,7 @@ import os
 import sys
 
 from daemon.config import Config, ConfigError, load_config
+from daemon.exits import ExitCode
 
 __all__ = ["main"]
 
@@ -38,14 +39,19 @@ def _load(args: argparse.Namespace) -> Config:
 
 
 def command_run(args: argparse.Namespace) -> int:
+    """Run a node until it is stopped; every way it can end is an `ExitCode` and, for an error,
+    one log line (daemon/exits.py)."""
+    from daemon.exits import report
     from daemon.supervisor import Supervisor
 
-    config = _load(args)
     logging.basicConfig(
         level=os.environ.get("SEQD_LOG_LEVEL", "INFO"),
         format="%(asctime)s seqd[supervisor:%(process)d] %(levelname)s %(message)s",
     )
-    return Supervisor(config).run()
+    try:
+        return Supervisor(_load(args)).run()
+    except Exception as error:
+        return report(logging.getLogger("seqd.supervisor"), error)
 
 
 def command_demo(args: argparse.Namespace) -> int:
@@ -93,9 +99,9 @@ def main(argv: list[str] | None = None) -> int:
         return result
     except ConfigError as error:
         print(f"seqd: {error}", file=sys.stderr)
-        return 2
+        return ExitCode.CONFIG
     except KeyboardInterrupt:
-        return 130
+        return ExitCode.INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -238,7 +238,7 @@ def _validate(config: Config) -> Config:
     if config.socket.sessions_max < 1:
         errors.append("socket.sessions_max must be >= 1")
     if errors:
-        raise ConfigError("invalid configuration:\n  " + "\n  ".join(errors))
+        raise ConfigError("invalid configuration: " + "; ".join(errors))  # one line: journald, systemctl status
     return config
 
 

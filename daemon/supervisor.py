@@ -13,6 +13,10 @@ One incarnation of the pipeline:
    is removed and the pipeline restarts from snapshot + journal (step 1); clients reconnect and
    resend, and the blp's dedup table makes that exactly-once. Too many restarts within
    `restart_window_s` and the supervisor exits non-zero so systemd takes over.
+5. An operating error (daemon/exits.py) is not restarted: a corrupt journal, a full disk, a
+   directory or socket the node may not create, shared memory another process holds, or a role
+   that reports such an error at its start through its fatal pipe all end `seqd run` with one
+   line and a named exit code.
 
 SIGTERM drains: the sequencer stops accepting, waits until everything it sequenced is applied and
 replied, and exits; then the journaller takes the last records, fsyncs and exits; then the blp.
@@ -31,7 +35,18 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from types import FrameType
 
+import posix_ipc
+
 from daemon.config import ROLES, Config
+from daemon.exits import (
+    FATAL_FD_ENV,
+    ROLE_FATAL_CODES,
+    ExitCode,
+    FatalError,
+    classify,
+    read_fatal,
+    report,
+)
 from daemon.layout import (
     COUNTER_NAMES,
     EGRESS_READERS,
@@ -49,7 +64,7 @@ from daemon.roles.common import ROLE_EXIT_FAIL_STOP
 from ipc.counters import Counters
 from ipc.platform import check_memory_ordering
 from ipc.ring import Ring
-from ipc.segment import SegmentError, remove_stale
+from ipc.segment import remove_stale
 from sequencer.journal import Journal, read_records
 
 log = logging.getLogger("seqd.supervisor")
@@ -61,6 +76,8 @@ RECOVERY_EXTEND_S = 30.0  # each report gives systemd this much more time (Timeo
 ROLE_STOP_TIMEOUT_S = 15.0
 RESTART_BACKOFF_S = 0.5
 BLP_HASH_SEED = "0"  # the blp runs with a fixed PYTHONHASHSEED: set iteration order is part of the state
+# A role's fail-stop (restart from the journal) must not read as a fatal operating error.
+assert ROLE_EXIT_FAIL_STOP not in ROLE_FATAL_CODES, ROLE_EXIT_FAIL_STOP
 
 
 class RoleDied(Exception):
@@ -79,6 +96,8 @@ class Supervisor:
         self.notifier = notifier or Notifier.from_environment(unset_environment=True)
         self.stop_requested = False
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        self.fatal_pipes: dict[str, int] = {}  # role -> read end of the pipe it reports a fatal error on
+        self.last_failure = ""  # why the pipeline last restarted, for the message when giving up
         self.counters: Counters | None = None
         self.rings: list[Ring] = []
         self.ready_sent = False
@@ -102,7 +121,15 @@ class Supervisor:
     def _remove_leftovers(self) -> None:
         node = self.config.node.name
         for name in (counters_name(node), log_name(node), egress_name(node)):
-            if remove_stale(name):
+            try:
+                removed = remove_stale(name)
+            except (OSError, posix_ipc.Error) as error:  # a segment of another user
+                raise FatalError(
+                    ExitCode.NOPERM,
+                    f"cannot check or remove {name} (/dev/shm{name}), left by an earlier seqd for node "
+                    f"{node}: {error}. Run seqd as the user that owns it, or remove it as that user.",
+                ) from error
+            if removed:
                 log.warning("removed %s left by a previous seqd for node %s that is no longer running", name, node)
 
     @contextmanager
@@ -139,7 +166,18 @@ class Supervisor:
         self.counters[f"{role}.state"].set(int(RoleState.STARTING))
         self.counters[f"{role}.cpu"].set(role_config.cpu)
         self.counters[f"{role}.idle"].set(IDLE_CODES[role_config.idle])
-        process = subprocess.Popen([sys.executable, "-m", f"daemon.roles.{role}"], env=environment)
+        fatal_read, fatal_write = os.pipe()
+        environment[FATAL_FD_ENV] = str(fatal_write)
+        try:
+            process = subprocess.Popen(
+                [sys.executable, "-m", f"daemon.roles.{role}"], env=environment, pass_fds=(fatal_write,)
+            )
+        except BaseException:
+            os.close(fatal_read)
+            raise
+        finally:
+            os.close(fatal_write)
+        self.fatal_pipes[role] = fatal_read
         self.counters[f"{role}.pid"].set(process.pid)
         self.processes[role] = process
         log.info("started %s as pid %d", role, process.pid)
@@ -148,8 +186,16 @@ class Supervisor:
     def _check_children(self) -> None:
         for role, process in self.processes.items():
             code = process.poll()
-            if code is not None:
-                raise RoleDied(role, code)
+            if code is None:
+                continue
+            if code in ROLE_FATAL_CODES:
+                # The role met an operating error at its start; a restart would meet it again.
+                message = read_fatal(self.fatal_pipes[role]) or (
+                    f"{role} exited with {code} ({ExitCode(code).name}) at its start without saying "
+                    "why; see its log lines above"
+                )
+                raise FatalError(ExitCode(code), message)
+            raise RoleDied(role, code)
 
     def _wait_running(self, roles: tuple[str, ...]) -> None:
         """Wait for the roles to run; while the blp replays, tell systemd how far it got.
@@ -203,6 +249,9 @@ class Supervisor:
             except subprocess.TimeoutExpired:
                 log.error("pid %d did not die after SIGKILL", process.pid)
         self.processes.clear()
+        for descriptor in self.fatal_pipes.values():
+            os.close(descriptor)
+        self.fatal_pipes.clear()
 
     def _stop_role(self, role: str) -> int | None:
         process = self.processes.get(role)
@@ -217,6 +266,7 @@ class Supervisor:
             process.kill()
             code = process.wait()
         del self.processes[role]
+        os.close(self.fatal_pipes.pop(role))
         return code
 
     def drain(self) -> bool:
@@ -236,8 +286,11 @@ class Supervisor:
 
     def recover_journal(self, counters: Counters) -> None:
         config = self.config
-        config.journal_dir.mkdir(parents=True, exist_ok=True)
-        config.snapshot_dir.mkdir(parents=True, exist_ok=True)
+        for directory in (config.journal_dir, config.snapshot_dir):
+            try:
+                directory.mkdir(parents=True, exist_ok=True)
+            except OSError as error:
+                raise FatalError.from_os_error(error, f"create {directory}", "node.data_dir") from error
         journal = Journal.open(
             config.journal_dir, segment_bytes=config.journal.segment_bytes, preallocate=config.journal.preallocate
         )
@@ -307,6 +360,7 @@ class Supervisor:
                 return ok
             except RoleDied as died:
                 self.restarts += 1
+                self.last_failure = str(died)
                 if died.role == "journaller" and died.returncode == ROLE_EXIT_FAIL_STOP:
                     self.durable_index_after_fail_stop = counters["journal.durable.index"].get()
                 log.error("%s; restarting the pipeline from the journal", died)
@@ -342,31 +396,44 @@ class Supervisor:
             snapshot, host=metrics.host, port=metrics.port, allow_remote=metrics.allow_remote,
             labels={"node": self.config.node.name},
         )
-        server.start()
+        try:
+            server.start()
+        except OSError as error:
+            raise FatalError.from_os_error(
+                error, f"serve metrics on {metrics.host}:{metrics.port}", "metrics.port"
+            ) from error
         log.info("metrics at %s", server.url)
         return server
 
     def run(self) -> int:
-        check_memory_ordering()
-        self.install_signal_handlers()
-        metrics = self._start_metrics()
+        """Run the node until it is stopped or fails; returns the exit code of `seqd run`.
+
+        Every way it ends is an ExitCode; an operating error is logged as one line (its
+        traceback only at debug level) and sent to systemd as STATUS=.
+        """
         try:
-            return self._run()
-        finally:
-            if metrics is not None:
-                metrics.stop()
+            check_memory_ordering()
+            self.install_signal_handlers()
+            metrics = self._start_metrics()
+            try:
+                return self._run()
+            finally:
+                if metrics is not None:
+                    metrics.stop()
+        except Exception as error:
+            code = report(log, error)
+            fatal = classify(error)
+            reason = fatal.message if fatal is not None else f"unexpected {type(error).__name__}: {error}"
+            self.notifier.status(f"failed (exit {int(code)} {code.name}): {reason}")
+            return code
 
     def _run(self) -> int:
         restarts: deque[float] = deque()
         while True:
-            try:
-                stopped_cleanly = self.run_incarnation()
-            except SegmentError as error:
-                log.error("%s", error)
-                return 2
+            stopped_cleanly = self.run_incarnation()
             if self.stop_requested:
                 log.info("stopped")
-                return 0 if stopped_cleanly else 1
+                return ExitCode.OK if stopped_cleanly else ExitCode.FAILED
             if self.ready_sent:
                 self.notifier.watchdog()  # restarting is progress; the roles' heartbeats resume shortly
             now = time.monotonic()
@@ -375,9 +442,13 @@ class Supervisor:
                 restarts.popleft()
             if len(restarts) > self.config.restarts_max:
                 log.critical(
-                    "%d restarts within %.0f s: giving up (see the errors above)",
+                    "%d restarts within %.0f s, the last because %s: giving up (see the errors above; "
+                    "restarts_max and restart_window_s set the budget) (exit %d %s)",
                     len(restarts),
                     self.config.restart_window_s,
+                    self.last_failure,
+                    ExitCode.FAILED,
+                    ExitCode.FAILED.name,
                 )
-                return 1
+                return ExitCode.FAILED
             time.sleep(RESTART_BACKOFF_S)

@@ -77,6 +77,7 @@ __all__ = [
     "JournalCorruptError",
     "JournalError",
     "JournalFailedError",
+    "JournalLockedError",
     "JournalReader",
     "JournalSyncError",
     "JournalWriteError",
@@ -151,6 +152,10 @@ class JournalError(Exception):
 
 class JournalCorruptError(JournalError):
     """Damage that is not a torn tail: the journal refuses to open or read past it."""
+
+
+class JournalLockedError(JournalError):
+    """Another process holds the journal's writer lock (one journaller per node)."""
 
 
 class JournalFailedError(JournalError):
@@ -727,7 +732,7 @@ class Journal:
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise JournalError(
+            raise JournalLockedError(
                 f"journal {self.directory} is open for writing in another process (it holds "
                 f"{self.directory / LOCK_NAME}); one journaller per node. Stop the other seqd, or "
                 "use `seqd log` commands, which only read."

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+from daemon.exits import ExitCode
 from sequencer.client import Client
 from tests.fixtures.nondeterministic import Tag
 from tests.node_fixtures import node_factory, open_accounts  # noqa: F401
@@ -156,7 +157,7 @@ def test_config_errors_are_reported_before_anything_starts(tmp_dir: Path) -> Non
     path = tmp_dir / "bad.toml"
     path.write_text('[ring]\nlog_capacity_bytes = 12345\n')
     result = seqd("run", "--config", str(path))
-    assert result.returncode == 2
+    assert result.returncode == ExitCode.CONFIG
     assert "ring.log_capacity_bytes=12345" in result.stderr
     assert not list(Path("/dev/shm").glob("seqd.n1.*"))
 

@@ -111,6 +111,14 @@ def test_watchdog_is_short_and_stop_timeout_allows_a_drain(unit: Path) -> None:
     assert stop_s >= 10, stop_s
 
 
+@pytest.mark.parametrize("unit", UNITS, ids=lambda p: p.name)
+def test_failures_a_restart_cannot_cure_are_not_restarted(unit: Path) -> None:
+    from daemon.exits import ExitCode
+
+    prevented = {int(code) for code in service_section(unit)["RestartPreventExitStatus"].split()}
+    assert prevented == {ExitCode.DATAERR, ExitCode.NOPERM, ExitCode.CONFIG}
+
+
 def test_single_unit_runs_the_default_config() -> None:
     service = service_section(SINGLE_UNIT)
     assert service["ExecStart"] == "/usr/bin/seqd run --config /etc/seqd/seqd.toml"

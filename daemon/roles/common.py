@@ -6,6 +6,10 @@ creates them), records its pid, CPU and idle strategy in the counters, and runs 
 the supervisor sets its `<role>.stop` counter. Roles ignore SIGINT and SIGTERM: a Ctrl-C in a
 terminal or a signal to the process group reaches every role at once, and only the supervisor
 (whose signal handler only sets a flag, STYLE.md) may order the drain.
+
+An operating error before the role runs (a socket it may not create, an app that does not import,
+a corrupt journal met in replay) is not restarted: `report_start_failure` hands the supervisor one
+line and a fatal exit code (daemon/exits.py), and `seqd run` ends with them.
 """
 
 from __future__ import annotations
@@ -15,14 +19,17 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from daemon.config import Config
+from daemon.exits import ROLE_FATAL_CODES, classify, exit_fatal
 from daemon.layout import IDLE_CODES, RoleState, counters_name
 from ipc.counters import Counter, Counters
+from ipc.segment import SegmentError
 
-__all__ = ["ROLE_EXIT_FAIL_STOP", "RoleContext", "run_role", "start_role"]
+__all__ = ["ROLE_EXIT_FAIL_STOP", "RoleContext", "report_start_failure", "run_role", "start_role"]
 
 # A role that hits an operating error it must not retry (a failed fsync) exits with this code;
 # the supervisor then restarts the pipeline from the journal.
@@ -106,10 +113,35 @@ def start_role(role: str) -> RoleContext:
     return context
 
 
+@contextmanager
+def report_start_failure(context: RoleContext) -> Iterator[None]:
+    """Hand an operating error met before the role runs to the supervisor, as one line and a
+    fatal exit code, instead of crashing into a restart that would meet it again.
+
+    Once the role runs (or for errors that are not operating errors, or a segment of the
+    supervisor's that cannot be attached), an exception propagates as before: the role dies and
+    the supervisor restarts the pipeline from snapshot + journal.
+    """
+    try:
+        yield
+    except Exception as error:
+        if context.state.get() not in (RoleState.STARTING, RoleState.RECOVERING):
+            raise
+        if isinstance(error, SegmentError):  # between the supervisor and its roles, not the operator's
+            raise
+        fatal = classify(error)
+        if fatal is None or fatal.code not in ROLE_FATAL_CODES:
+            raise
+        log = logging.getLogger(f"seqd.{context.role}")
+        log.debug("%s cannot start", context.role, exc_info=error)
+        exit_fatal(fatal, log)
+
+
 def run_role(role: str, run: Callable[[RoleContext], int]) -> int:
     """A polling role's process: start, run its loop, detach; returns the exit code."""
     context = start_role(role)
     try:
-        return run(context)
+        with report_start_failure(context):
+            return run(context)
     finally:
         context.close()

@@ -45,8 +45,9 @@ from pathlib import Path
 import uvloop
 
 from daemon.errorlog import DistinctErrorLog, exception_key
+from daemon.exits import ExitCode, FatalError
 from daemon.layout import RoleState, egress_name, log_name
-from daemon.roles.common import RoleContext, start_role
+from daemon.roles.common import RoleContext, report_start_failure, start_role
 from ipc.idle import idle_strategy
 from ipc.ring import Ring
 from sequencer import egress
@@ -655,30 +656,49 @@ class Sequencer:
     # ---- life cycle ------------------------------------------------------------------------
 
     def bind(self) -> socket.socket:
+        """Create the listening socket at socket.path (its directory 0750, the socket 0660).
+
+        Raises:
+            FatalError: the path is taken (not a socket, or served by another process) or the
+                node may not create it; the message names the path and socket.path.
+        """
         path = Path(self.config.socket.path)
         directory = path.parent
-        if not directory.exists():
-            directory.mkdir(mode=0o750, parents=True)
-            os.chmod(directory, 0o750)
+        try:
+            if not directory.exists():
+                directory.mkdir(mode=0o750, parents=True)
+                os.chmod(directory, 0o750)
+        except OSError as error:
+            raise FatalError.from_os_error(error, f"create the socket directory {directory}", "socket.path") from error
         if path.exists() or path.is_symlink():
             if not stat.S_ISSOCK(path.lstat().st_mode):
-                raise SystemExit(f"{path} exists and is not a socket: remove it or choose another socket.path")
+                raise FatalError(
+                    ExitCode.CANTCREAT, f"{path} exists and is not a socket: remove it or choose another socket.path"
+                )
             probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
                 probe.connect(str(path))
             except OSError:
-                path.unlink()  # a stale socket of a dead daemon
+                try:
+                    path.unlink()  # a stale socket of a dead daemon
+                except OSError as error:
+                    raise FatalError.from_os_error(error, f"remove the stale socket {path}", "socket.path") from error
             else:
-                raise SystemExit(f"another process is serving {path}: stop it or choose another socket.path")
+                raise FatalError(
+                    ExitCode.CANTCREAT, f"another process is serving {path}: stop it or choose another socket.path"
+                )
             finally:
                 probe.close()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         previous = os.umask(0o117)  # the socket file is born 0660: no window with wider access
         try:
             sock.bind(str(path))
+            os.chmod(path, 0o660)
+        except OSError as error:
+            sock.close()
+            raise FatalError.from_os_error(error, f"create the socket {path}", "socket.path") from error
         finally:
             os.umask(previous)
-        os.chmod(path, 0o660)
         sock.listen(1024)
         sock.setblocking(False)
         return sock
@@ -746,17 +766,19 @@ def main() -> int:
     uvloop.install()
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
-    sequencer = Sequencer(context, loop)
-
     try:
-        loop.run_until_complete(sequencer.serve())
+        with report_start_failure(context):
+            sequencer = Sequencer(context, loop)
+            try:
+                loop.run_until_complete(sequencer.serve())
+            finally:
+                sequencer.waker_stop.set()
+                if sequencer.waker is not None:
+                    sequencer.waker.join(timeout=2.0)
+                sequencer.log_ring.close()
+                sequencer.egress_ring.close()
     finally:
-        sequencer.waker_stop.set()
-        if sequencer.waker is not None:
-            sequencer.waker.join(timeout=2.0)
         loop.close()
-        sequencer.log_ring.close()
-        sequencer.egress_ring.close()
         context.close()
     return 0
 

@@ -2,7 +2,7 @@
 
     from sequencer.client import Client
     with Client("/run/seqd/seqd.sock", client_id=stored_id, schema=Ledger.schema) as client:
-        reply = client.call(Deposit(account=1, amount=5))
+        reply = client.call(Deposit(account="alice", amount=5))
 
 See docs/client.md for the protocol, the session rules and examples.
 """

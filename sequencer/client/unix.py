@@ -894,7 +894,7 @@ class AsyncClient(_SessionView):
     """An asyncio client session with the same behaviour as `Client`; works under uvloop.
 
         async with AsyncClient(path, schema=Ledger.schema) as client:
-            reply = await client.call(Deposit(account=1, amount=5))
+            reply = await client.call(Deposit(account="alice", amount=5))
             pending = [await client.submit(c) for c in commands]   # pipelined
             replies = [await p for p in pending]
 
