@@ -53,7 +53,10 @@ def counters_name(node: str) -> str:
     return f"/seqd.{node}.counters"
 
 
-_ROLE_COUNTERS = ("pid", "cpu", "idle", "heartbeat", "state", "stop")  # stop: set by the supervisor
+# stop: set by the supervisor. start_time_ms: the role process's start time (psutil create_time,
+# ms since the epoch), set by the supervisor with the pid, so that a later supervisor can tell a
+# role left running by a killed predecessor from an unrelated process that reuses its pid.
+_ROLE_COUNTERS = ("pid", "start_time_ms", "cpu", "idle", "heartbeat", "state", "stop")
 
 COUNTER_NAMES: tuple[str, ...] = (
     # supervisor

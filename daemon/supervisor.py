@@ -5,8 +5,11 @@ One incarnation of the pipeline:
 1. Journal recovery (a torn tail is repaired once, a corrupt journal refuses to start) tells the
    last index, term and timestamp; they go into the counters for the sequencer and the blp.
 2. Shared memory is created fresh: the counters, the log ring (readers journaller and blp) and
-   the egress ring (reader sequencer). A leftover of a dead incarnation is removed and reported;
-   one whose creator still runs is refused (another seqd serves this node).
+   the egress ring (reader sequencer), all with one new random epoch that each role gets with its
+   start (see daemon/roles/common.py). A leftover of a dead incarnation is removed and reported;
+   one whose creator still runs is refused (another seqd serves this node). Before that, roles
+   that a killed supervisor left running are killed (`kill_leftover_roles`): the new node must
+   not start while a process of an older incarnation of it is alive.
 3. The journaller and the blp start; the blp restores the newest snapshot and replays the journal.
    Then the sequencer opens the socket. READY=1 goes to systemd only now, after recovery.
 4. The supervisor polls its children. If any role dies, the others are killed, the shared memory
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -36,6 +40,7 @@ from contextlib import contextmanager
 from types import FrameType
 
 import posix_ipc
+import psutil
 
 from daemon.config import ROLES, Config
 from daemon.exits import (
@@ -60,11 +65,11 @@ from daemon.layout import (
 )
 from daemon.metrics import MetricsServer
 from daemon.notify import Notifier, WatchdogGate, watchdog_interval_s
-from daemon.roles.common import ROLE_EXIT_FAIL_STOP
+from daemon.roles.common import EPOCH_ENV, ROLE_EXIT_FAIL_STOP, SUPERVISOR_PID_ENV
 from ipc.counters import Counters
 from ipc.platform import check_memory_ordering
 from ipc.ring import Ring
-from ipc.segment import remove_stale
+from ipc.segment import EPOCH_MAX, SegmentError, creator_status, remove_stale
 from sequencer.journal import Journal, read_records
 
 log = logging.getLogger("seqd.supervisor")
@@ -78,6 +83,12 @@ RESTART_BACKOFF_S = 0.5
 BLP_HASH_SEED = "0"  # the blp runs with a fixed PYTHONHASHSEED: set iteration order is part of the state
 # A role's fail-stop (restart from the journal) must not read as a fatal operating error.
 assert ROLE_EXIT_FAIL_STOP not in ROLE_FATAL_CODES, ROLE_EXIT_FAIL_STOP
+# Every role a node can have, whether or not this release starts it: a leftover of any of them
+# must be found in an older supervisor's counters.
+LEFTOVER_ROLES = ("sequencer", "journaller", "blp", "replicator")
+# A leftover killed with SIGKILL is gone within milliseconds unless it is in uninterruptible sleep
+# (a hung disk or NFS): then waiting longer does not help, and the operator must look.
+LEFTOVER_KILL_TIMEOUT_S = 10.0
 
 
 class RoleDied(Exception):
@@ -85,6 +96,85 @@ class RoleDied(Exception):
         super().__init__(f"role {role} exited with {returncode}")
         self.role = role
         self.returncode = returncode
+
+
+class LeftoverProcessError(FatalError):
+    """A process of an older incarnation of the node runs and could not be killed."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(ExitCode.CANTCREAT, message)
+
+
+def kill_leftover_roles(node: str) -> list[str]:
+    """Kill the roles that a killed supervisor of node `node` left running; return what was killed.
+
+    A role normally dies with its supervisor (parent-death signal) or exits by itself at start if
+    its supervisor is already gone (daemon/roles/common.py), but a role stopped or delayed at the
+    wrong moment, or started by an older seqd, could still be running. The dead supervisor's
+    counters segment names every role it started, with the process's start time: a pid now
+    carried by another process (its start time differs) is left alone. Nothing is done while the
+    segment's creator (the old supervisor) still runs: then `remove_stale` refuses to start.
+
+    Raises:
+        LeftoverProcessError: a leftover survived SIGKILL or belongs to another user; the message
+            names it and says what to do.
+    """
+    name = counters_name(node)
+    try:
+        leftover = Counters.attach(name, stale_ok=True)
+    except SegmentError:
+        return []  # none, or not a readable seqd segment: remove_stale reports what is wrong
+    try:
+        segment = leftover.segment
+        if creator_status(segment.creator_pid, segment.creator_start_time_s) is None:
+            return []  # the old supervisor runs: remove_stale refuses to start, naming it
+        supervisor_pid = segment.creator_pid
+        values = leftover.snapshot()
+    finally:
+        leftover.close()
+    found: list[tuple[str, int, float]] = []
+    for role in LEFTOVER_ROLES:
+        pid = values.get(f"{role}.pid", 0)
+        start_time_s = values.get(f"{role}.start_time_ms", 0) / 1000
+        # Without a recorded start time a pid cannot be told from a reused one: leave it (a role
+        # started by this release records both, and checks its own parent anyway).
+        if pid > 0 and start_time_s > 0 and creator_status(pid, start_time_s) is None:
+            found.append((role, pid, start_time_s))
+    if not found:
+        return []
+    described = [f"{role} pid {pid}" for role, pid, _ in found]
+    log.warning(
+        "node %s: the previous supervisor (pid %d) died and left %s running; killing %s",
+        node, supervisor_pid, ", ".join(described), "it" if len(found) == 1 else "them",
+    )
+    denied: set[int] = set()
+    for _role, pid, start_time_s in found:
+        try:
+            process = psutil.Process(pid)
+            if creator_status(pid, start_time_s) is None:  # still the same process
+                process.kill()
+        except psutil.NoSuchProcess:
+            pass
+        except psutil.AccessDenied:
+            denied.add(pid)
+    deadline = time.monotonic() + LEFTOVER_KILL_TIMEOUT_S
+    alive = [entry for entry in found if entry[1] not in denied]
+    while alive and time.monotonic() < deadline:
+        alive = [entry for entry in alive if creator_status(entry[1], entry[2]) is None]
+        if alive:
+            time.sleep(POLL_INTERVAL_S)
+    problems = [f"{role} pid {pid} (not ours to signal: owned by another user)" for role, pid, _ in found if pid in denied]
+    problems += [f"{role} pid {pid} (alive {LEFTOVER_KILL_TIMEOUT_S:.0f} s after SIGKILL)" for role, pid, _ in alive]
+    if problems:
+        pids = " ".join(str(pid) for pid in sorted(denied | {pid for _, pid, _ in alive}))
+        raise LeftoverProcessError(
+            f"node {node}: processes of the previous seqd (supervisor pid {supervisor_pid}, now dead) "
+            f"are still running: {', '.join(problems)}. They may still use the node's shared "
+            f"memory or socket, so this seqd does not start. Stop them (kill -9 {pids}, as root if "
+            "another user owns them; a process that survives SIGKILL is stuck in the kernel, "
+            "usually on a hung device) and start again."
+        )
+    return described
 
 
 class Supervisor:
@@ -102,6 +192,7 @@ class Supervisor:
         self.rings: list[Ring] = []
         self.ready_sent = False
         self.incarnation = 0
+        self.epoch = 0  # the epoch of this incarnation's segments, handed to each role
         self.restarts = 0  # pipeline restarts since `seqd run` began; the counters are recreated each time
         # After a failed fdatasync, the last index known durable: the next recovery drops what
         # follows (fsyncgate: the page cache may show records the disk never got).
@@ -120,6 +211,7 @@ class Supervisor:
 
     def _remove_leftovers(self) -> None:
         node = self.config.node.name
+        kill_leftover_roles(node)  # first: it reads the roles' pids from the old counters
         for name in (counters_name(node), log_name(node), egress_name(node)):
             try:
                 removed = remove_stale(name)
@@ -137,11 +229,16 @@ class Supervisor:
         config = self.config
         node = config.node.name
         self._remove_leftovers()
-        counters = Counters.create(counters_name(node), COUNTER_NAMES)
+        # One epoch for the incarnation's segments: a role started for it attaches only these.
+        epoch = secrets.randbelow(EPOCH_MAX + 1)
+        self.epoch = epoch
+        counters = Counters.create(counters_name(node), COUNTER_NAMES, epoch=epoch)
         rings: list[Ring] = []
         try:
-            rings.append(Ring.create(log_name(node), config.ring.log_capacity_bytes, readers=LOG_READERS))
-            rings.append(Ring.create(egress_name(node), config.ring.egress_capacity_bytes, readers=EGRESS_READERS))
+            rings.append(Ring.create(log_name(node), config.ring.log_capacity_bytes, readers=LOG_READERS, epoch=epoch))
+            rings.append(
+                Ring.create(egress_name(node), config.ring.egress_capacity_bytes, readers=EGRESS_READERS, epoch=epoch)
+            )
             self.counters = counters
             self.rings = rings
             yield counters
@@ -160,6 +257,8 @@ class Supervisor:
         assert self.counters is not None
         environment = dict(os.environ)
         environment["SEQD_CONFIG_JSON"] = self.config.to_json().decode()
+        environment[SUPERVISOR_PID_ENV] = str(os.getpid())
+        environment[EPOCH_ENV] = str(self.epoch)
         if role == "blp":
             environment["PYTHONHASHSEED"] = BLP_HASH_SEED
         role_config = self.config.roles.get(role)
@@ -178,6 +277,10 @@ class Supervisor:
         finally:
             os.close(fatal_write)
         self.fatal_pipes[role] = fatal_read
+        # The start time first: a pid in the counters always comes with it (kill_leftover_roles).
+        # The child cannot have been reaped yet (only this process waits for it).
+        start_time_s = psutil.Process(process.pid).create_time()
+        self.counters[f"{role}.start_time_ms"].set(round(start_time_s * 1000))
         self.counters[f"{role}.pid"].set(process.pid)
         self.processes[role] = process
         log.info("started %s as pid %d", role, process.pid)

@@ -73,8 +73,9 @@ class Counters:
         }
 
     @classmethod
-    def create(cls, name: str, counter_names: Sequence[str]) -> Counters:
-        """Create counters segment `name` holding `counter_names`, all zero.
+    def create(cls, name: str, counter_names: Sequence[str], epoch: int | None = None) -> Counters:
+        """Create counters segment `name` holding `counter_names`, all zero (`epoch`: see
+        `Segment.create`).
 
         Raises:
             ValueError: no names, too many, duplicates, or a name that is not short ASCII.
@@ -84,7 +85,7 @@ class Counters:
         names = tuple(counter_names)
         _check_names(names)
         payload_bytes = _names_bytes(len(names)) + len(names) * LINE_BYTES
-        segment = Segment.create(name, KIND, payload_bytes, capacity=len(names))
+        segment = Segment.create(name, KIND, payload_bytes, capacity=len(names), epoch=epoch)
         for slot, counter in enumerate(names):
             encoded = counter.encode("ascii")
             offset = slot * NAME_BYTES_MAX
@@ -92,14 +93,17 @@ class Counters:
         return cls(segment, names)
 
     @classmethod
-    def attach(cls, name: str) -> Counters:
+    def attach(cls, name: str, epoch: int | None = None, stale_ok: bool = False) -> Counters:
         """Attach counters segment `name` after validating its header and name table.
 
+        Args:
+            epoch, stale_ok: see `Segment.attach` (expect this epoch; read a dead creator's values).
+
         Raises:
-            SegmentError: missing, foreign, stale, wrong version or a corrupt layout.
+            SegmentError: missing, foreign, stale, another epoch, wrong version or a corrupt layout.
         """
         check_memory_ordering()
-        segment = Segment.attach(name, KIND)
+        segment = Segment.attach(name, KIND, epoch=epoch, stale_ok=stale_ok)
         try:
             count = segment.capacity
             if not 1 <= count <= COUNTERS_MAX:

@@ -194,9 +194,10 @@ class Ring:
 
     @classmethod
     def create(
-        cls, name: str, capacity_bytes: int, readers: Sequence[str] = ("journaller", "blp")
+        cls, name: str, capacity_bytes: int, readers: Sequence[str] = ("journaller", "blp"), epoch: int | None = None
     ) -> Ring:
-        """Create ring `name` with `capacity_bytes` of data and the declared reader slots.
+        """Create ring `name` with `capacity_bytes` of data and the declared reader slots
+        (`epoch`: see `Segment.create`).
 
         Raises:
             ValueError: capacity not a power of two in range, bad or duplicate reader names.
@@ -208,7 +209,7 @@ class Ring:
         names = tuple(readers)
         _check_readers(names)
         payload_bytes = _data_offset(len(names)) + capacity_bytes
-        segment = Segment.create(name, KIND, payload_bytes, capacity=capacity_bytes)
+        segment = Segment.create(name, KIND, payload_bytes, capacity=capacity_bytes, epoch=epoch)
         try:
             buffer = segment.buffer
             struct.pack_into("<Q", buffer, _META_OFFSET, len(names))
@@ -226,18 +227,21 @@ class Ring:
         return ring
 
     @classmethod
-    def attach(cls, name: str, capacity_bytes: int | None = None) -> Ring:
+    def attach(cls, name: str, capacity_bytes: int | None = None, epoch: int | None = None) -> Ring:
         """Attach ring `name` after validating its header and layout.
 
         Args:
             capacity_bytes: if given, the capacity the caller expects; a different one is refused.
+            epoch: if given, the epoch the caller expects (see `Segment.attach`); checked before
+                the caller can claim the writer or a reader slot.
 
         Raises:
-            SegmentError: missing, foreign, stale, wrong version, wrong capacity or layout.
+            SegmentError: missing, foreign, stale, another epoch, wrong version, wrong capacity
+                or layout.
             PlatformError: the memory-ordering argument does not hold on this machine.
         """
         check_memory_ordering()
-        segment = Segment.attach(name, KIND)
+        segment = Segment.attach(name, KIND, epoch=epoch)
         try:
             readers = _validate_layout(segment, capacity_bytes)
             ring = cls(segment, readers)

@@ -12,6 +12,12 @@ existing segment's creator has exited (or its pid was reused by another process,
 process start time), it is a leftover of a killed owner: `create` and `attach` say so, and
 `remove_stale(name)` removes it explicitly. The magic is written last, so a creator killed while
 initialising leaves a segment that attach refuses as half-initialised.
+
+A name can be removed and created again while an old process still means to attach to it (a
+process started for one owner of the name, delayed, then resumed after a new owner re-created it).
+The epoch tells the two apart: a creator that hands its epoch to the processes it starts lets each
+attach with `epoch=...`, and attach refuses a segment with any other epoch before the caller can
+write a byte into it.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import posix_ipc
 import psutil
 
 __all__ = [
+    "EPOCH_MAX",
     "HEADER_BYTES",
     "LAYOUT_VERSION",
     "LINE_BYTES",
@@ -52,6 +59,7 @@ KIND_BYTES_MAX = 16
 NAME_BYTES_MAX = 160
 # A payload over 4 GiB is a configuration mistake on the machines seqd targets.
 PAYLOAD_BYTES_MAX = 1 << 32
+EPOCH_MAX = (1 << 64) - 1  # the header stores the epoch as an unsigned 64-bit word
 # Creator start times are compared within this tolerance: psutil derives them from clock ticks
 # (10 ms on Linux) and a boot time, both stable for one boot.
 START_TIME_TOLERANCE_S = 0.05
@@ -131,7 +139,9 @@ class Segment:
         kind: what lays out the payload ("ring", "counters", ...).
         capacity: kind-specific size (ring: data bytes; counters: number of counters).
         payload_bytes: size of `buffer`.
-        creator_pid, epoch: who made it, and a random number unique to this incarnation.
+        creator_pid, creator_start_time_s: who made it (the start time tells the creator from a
+            later process that reuses its pid; see `creator_status`).
+        epoch: a number unique to this creation of the name (random unless the creator chose it).
         buffer: a writable memoryview of the payload area, 128-byte aligned.
     """
 
@@ -143,6 +153,7 @@ class Segment:
         capacity: int,
         payload_bytes: int,
         creator_pid: int,
+        creator_start_time_s: float,
         epoch: int,
     ) -> None:
         self.name = name
@@ -150,6 +161,7 @@ class Segment:
         self.capacity = capacity
         self.payload_bytes = payload_bytes
         self.creator_pid = creator_pid
+        self.creator_start_time_s = creator_start_time_s
         self.epoch = epoch
         self._mmap: mmap.mmap | None = memory
         self._whole = memoryview(memory)
@@ -162,7 +174,9 @@ class Segment:
         return self._mmap
 
     @classmethod
-    def create(cls, name: str, kind: str, payload_bytes: int, capacity: int | None = None) -> Segment:
+    def create(
+        cls, name: str, kind: str, payload_bytes: int, capacity: int | None = None, epoch: int | None = None
+    ) -> Segment:
         """Create segment `name` exclusively (mode 0600) with a fresh header.
 
         Args:
@@ -170,6 +184,9 @@ class Segment:
             kind: a short tag checked by `attach`, at most 16 ASCII bytes.
             payload_bytes: size of the payload area.
             capacity: kind-specific capacity for the header; defaults to `payload_bytes`.
+            epoch: the header's epoch, 0..2**64-1; random by default. A creator that makes several
+                segments for one purpose may give them one epoch and pass it to the processes
+                that attach (see `attach`).
 
         Raises:
             SegmentError: the name exists (the message says whether it is stale and how to remove
@@ -183,6 +200,8 @@ class Segment:
             raise ValueError(
                 f"payload_bytes={payload_bytes} must be in 1..PAYLOAD_BYTES_MAX={PAYLOAD_BYTES_MAX}"
             )
+        if epoch is not None and not 0 <= epoch <= EPOCH_MAX:
+            raise ValueError(f"epoch={epoch} must be in 0..EPOCH_MAX={EPOCH_MAX}")
         capacity = payload_bytes if capacity is None else capacity
         size = HEADER_BYTES + payload_bytes
         try:
@@ -199,7 +218,8 @@ class Segment:
             raise SegmentError(f"{name}: cannot map {size} bytes: {error}") from error
         shm.close_fd()
         pid = os.getpid()
-        epoch = secrets.randbits(64)
+        start_time_s = _own_start_time_s()
+        epoch = secrets.randbits(64) if epoch is None else epoch
         header = _HEADER.pack(
             b"\0" * len(MAGIC),  # written last: until then attach sees a half-initialised segment
             LAYOUT_VERSION,
@@ -207,22 +227,28 @@ class Segment:
             payload_bytes,
             capacity,
             pid,
-            _own_start_time_s(),
+            start_time_s,
             epoch,
             kind_bytes,
         )
         memory[0 : len(header)] = header
         memory[_MAGIC_OFFSET : _MAGIC_OFFSET + len(MAGIC)] = MAGIC
-        return cls(name, memory, kind, capacity, payload_bytes, pid, epoch)
+        return cls(name, memory, kind, capacity, payload_bytes, pid, start_time_s, epoch)
 
     @classmethod
-    def attach(cls, name: str, kind: str) -> Segment:
+    def attach(cls, name: str, kind: str, epoch: int | None = None, stale_ok: bool = False) -> Segment:
         """Map existing segment `name` after validating its header.
+
+        Args:
+            epoch: if given, the epoch this process was told to expect (see `create`); a segment
+                with another epoch was created since, for someone else, and is refused.
+            stale_ok: map a segment whose creator has exited, to read what it last recorded (a
+                post-mortem: do not write to it). Every other check still applies.
 
         Raises:
             SegmentError: missing, too small, wrong magic (foreign or half-initialised), wrong
-                layout version, wrong kind, size not matching the header, or stale (its creator
-                has exited).
+                layout version, wrong kind, size not matching the header, stale (its creator
+                has exited) or another epoch than `epoch`.
         """
         _check_name(name)
         try:
@@ -246,15 +272,15 @@ class Segment:
             shm.close_fd()
         try:
             fields = _HEADER.unpack_from(memory, 0)
-            problem = _validate(name, fields, kind, size)
+            problem = _validate(name, fields, kind, size, stale_ok) or _check_epoch(name, fields, epoch)
         except BaseException:
             memory.close()
             raise
         if problem is not None:
             memory.close()
             raise SegmentError(problem)
-        _, _, _, payload_bytes, capacity, pid, _, epoch, _ = fields
-        return cls(name, memory, kind, capacity, payload_bytes, pid, epoch)
+        _, _, _, payload_bytes, capacity, pid, start_time_s, found_epoch, _ = fields
+        return cls(name, memory, kind, capacity, payload_bytes, pid, start_time_s, found_epoch)
 
     def close(self) -> None:
         """Unmap the segment (the name stays; see `unlink`). Idempotent.
@@ -291,7 +317,7 @@ class Segment:
         self.close()
 
 
-def _validate(name: str, fields: tuple, kind: str, size: int) -> str | None:
+def _validate(name: str, fields: tuple, kind: str, size: int, stale_ok: bool) -> str | None:
     magic, version, header_bytes, payload_bytes, _capacity, pid, start_time_s, _epoch, kind_raw = fields
     path = _shm_path(name)
     if magic != MAGIC:
@@ -326,13 +352,25 @@ def _validate(name: str, fields: tuple, kind: str, size: int) -> str | None:
             f"{name} header says {HEADER_BYTES} + {payload_bytes} bytes but the segment is {size} "
             f"bytes: corrupt or truncated. If no seqd runs for this node, remove {path}."
         )
-    status = creator_status(pid, start_time_s)
+    status = None if stale_ok else creator_status(pid, start_time_s)
     if status is not None:
         return (
             f"{name} was created by pid {pid}, {status} (stale segment). If no seqd runs for this "
             f"node, remove {path} (or call ipc.segment.remove_stale({name!r})) and start again."
         )
     return None
+
+
+def _check_epoch(name: str, fields: tuple, epoch: int | None) -> str | None:
+    found, pid = fields[7], fields[5]
+    if epoch is None or found == epoch:
+        return None
+    return (
+        f"{name} has epoch {found:#018x}, this process expects {epoch:#018x}: the name was removed "
+        f"and created again (now by pid {pid}) since this process was started for it. Not "
+        "attaching: the segment belongs to another owner. This process is left over from an "
+        "earlier one and should exit."
+    )
 
 
 def _read_header(name: str) -> tuple | None:

@@ -75,6 +75,20 @@ def test_values_written_by_another_process_are_visible_by_name(counters):
             child.join(5)
 
 
+def test_attach_with_an_epoch_refuses_counters_created_with_another(unique):
+    name = ipc.segment_name(unique, "epoch")
+    created = Counters.create(name, NAMES, epoch=5)
+    try:
+        created["term"].set(9)
+        with pytest.raises(SegmentError, match="has epoch 0x0000000000000005"):
+            Counters.attach(name, epoch=6)
+        with Counters.attach(name, epoch=5) as attached:
+            assert attached["term"].get() == 9
+    finally:
+        created.close()
+        created.unlink()
+
+
 def test_attach_refuses_a_ring_segment(unique):
     ring = ipc.Ring.create(ipc.segment_name(unique, "ring"), 256, readers=("a",))
     try:

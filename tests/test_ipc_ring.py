@@ -211,6 +211,20 @@ def test_attach_refuses_wrong_capacity(make_ring):
     attached.close()
 
 
+def test_attach_with_another_epoch_is_refused_before_a_slot_is_claimed(unique):
+    name = ipc.segment_name(unique, "epoch")
+    ring = Ring.create(name, 1024, readers=("a",), epoch=41)
+    try:
+        with pytest.raises(SegmentError, match="this process expects 0x000000000000002a"):
+            Ring.attach(name, epoch=42)
+        attached = Ring.attach(name, epoch=41)
+        attached.reader("a").close()  # the slot is free: the refused attach claimed nothing
+        attached.close()
+    finally:
+        ring.close()
+        ring.unlink()
+
+
 def test_attach_refuses_a_corrupt_capacity(make_ring):
     ring = make_ring(1024)
     ring.segment._whole.cast("Q")[3] = 1000  # the header's capacity field: not a power of two

@@ -14,7 +14,15 @@ import pytest
 
 import ipc
 from ipc import platform as ipc_platform
-from ipc.segment import HEADER_BYTES, LAYOUT_VERSION, MAGIC, Segment, SegmentError, remove_stale
+from ipc.segment import (
+    HEADER_BYTES,
+    LAYOUT_VERSION,
+    MAGIC,
+    Segment,
+    SegmentError,
+    creator_status,
+    remove_stale,
+)
 
 SHM = Path("/dev/shm")
 FORK = multiprocessing.get_context("fork")
@@ -133,6 +141,36 @@ def test_attach_refuses_a_segment_whose_creator_pid_was_reused(name):
         _poke(name, 40, struct.pack("<d", started_s - 3600))
         with pytest.raises(SegmentError, match="pid now belongs to another process"):
             Segment.attach(name, "test")
+
+
+def test_attach_with_an_epoch_refuses_the_same_name_created_again(name):
+    with Segment.create(name, "test", 256, epoch=7) as first:
+        assert first.epoch == 7
+        with Segment.attach(name, "test", epoch=7) as attached:
+            assert attached.epoch == 7
+        first.unlink()
+    # A process told epoch 7 must never use the segment that replaced it, though it is valid.
+    with Segment.create(name, "test", 256, epoch=8) as second:
+        with pytest.raises(SegmentError, match=r"has epoch 0x0000000000000008, this process expects 0x0000000000000007"):
+            Segment.attach(name, "test", epoch=7)
+        with Segment.attach(name, "test") as unchecked:
+            assert unchecked.epoch == 8
+        second.unlink()
+
+
+def test_create_refuses_an_epoch_the_header_cannot_hold(name):
+    with pytest.raises(ValueError, match="EPOCH_MAX"):
+        Segment.create(name, "test", 256, epoch=1 << 64)
+    assert not (SHM / name[1:]).exists()
+
+
+def test_stale_ok_reads_what_a_dead_creator_left_and_says_who_it_was(name):
+    _stale(name)
+    with Segment.attach(name, "test", stale_ok=True) as leftover:
+        assert leftover.creator_pid != os.getpid()
+        assert creator_status(leftover.creator_pid, leftover.creator_start_time_s) == "which has exited"
+    with pytest.raises(SegmentError, match="stale segment"):
+        Segment.attach(name, "test")
 
 
 def test_attach_refuses_a_half_initialised_segment_of_a_dead_creator(name):

@@ -117,8 +117,8 @@ def run(context: RoleContext) -> int:
     config = context.config
     counters = context.counters
     app_class = load_app(config.node.app)
-    log_ring = Ring.attach(log_name(config.node.name))
-    egress_ring = Ring.attach(egress_name(config.node.name))
+    log_ring = Ring.attach(log_name(config.node.name), epoch=context.epoch)
+    egress_ring = Ring.attach(egress_name(config.node.name), epoch=context.epoch)
     processor = recover(context, app_class)
     reader = log_ring.reader("blp", limit=counters["commit.position"])
     writer = egress_ring.writer()

@@ -1,11 +1,20 @@
 """What every role process shares: start-up from the supervisor's hand-off, signals, pinning.
 
 The supervisor starts each role as `python -m daemon.roles.<role>` with the validated config in
-the `SEQD_CONFIG_JSON` environment variable. A role attaches to the node's segments (it never
-creates them), records its pid, CPU and idle strategy in the counters, and runs one loop until
-the supervisor sets its `<role>.stop` counter. Roles ignore SIGINT and SIGTERM: a Ctrl-C in a
-terminal or a signal to the process group reaches every role at once, and only the supervisor
-(whose signal handler only sets a flag, STYLE.md) may order the drain.
+the `SEQD_CONFIG_JSON` environment variable, its own pid in `SEQD_SUPERVISOR_PID` and the epoch of
+the shared memory it created for this incarnation in `SEQD_EPOCH`. A role attaches to the node's
+segments (it never creates them), records its pid, CPU and idle strategy in the counters, and runs
+one loop until the supervisor sets its `<role>.stop` counter. Roles ignore SIGINT and SIGTERM: a
+Ctrl-C in a terminal or a signal to the process group reaches every role at once, and only the
+supervisor (whose signal handler only sets a flag, STYLE.md) may order the drain.
+
+A role never runs without the supervisor that started it. It asks the kernel to kill it when its
+parent dies (`PR_SET_PDEATHSIG`), but that covers only a death after the request: a supervisor
+killed while the role was still in Python start-up leaves it reparented to init. So the role
+then checks that its parent is still the supervisor named in `SEQD_SUPERVISOR_PID`, and exits
+if not, before it opens anything. The epoch check on every attach is the second wall: a role
+never writes into (or claims a ring slot, or binds the socket for) shared memory that another
+incarnation of the node created.
 
 An operating error before the role runs (a socket it may not create, an app that does not import,
 a corrupt journal met in replay) is not restarted: `report_start_failure` hands the supervisor one
@@ -29,11 +38,27 @@ from daemon.layout import IDLE_CODES, RoleState, counters_name
 from ipc.counters import Counter, Counters
 from ipc.segment import SegmentError
 
-__all__ = ["ROLE_EXIT_FAIL_STOP", "RoleContext", "report_start_failure", "run_role", "start_role"]
+__all__ = [
+    "EPOCH_ENV",
+    "ROLE_EXIT_FAIL_STOP",
+    "ROLE_EXIT_ORPHANED",
+    "SUPERVISOR_PID_ENV",
+    "RoleContext",
+    "report_start_failure",
+    "run_role",
+    "start_role",
+]
 
 # A role that hits an operating error it must not retry (a failed fsync) exits with this code;
 # the supervisor then restarts the pipeline from the journal.
 ROLE_EXIT_FAIL_STOP = 3
+# A role whose supervisor has died, or that cannot attach its own incarnation's counters (they
+# belong to another incarnation), exits with this code at start, having written nothing. For an
+# orphan no one acts on the code; it tells the exit apart from a crash in logs and tests.
+ROLE_EXIT_ORPHANED = 4
+
+SUPERVISOR_PID_ENV = "SEQD_SUPERVISOR_PID"
+EPOCH_ENV = "SEQD_EPOCH"  # the epoch of every segment of the incarnation the role was started for
 
 
 @dataclass
@@ -41,6 +66,7 @@ class RoleContext:
     role: str
     config: Config
     counters: Counters
+    epoch: int  # attach every segment with it (`Ring.attach(name, epoch=context.epoch)`)
     heartbeat: Counter = field(init=False)
     state: Counter = field(init=False)
     stop: Counter = field(init=False)
@@ -66,21 +92,52 @@ class RoleContext:
 
 PR_SET_PDEATHSIG = 1
 
+log = logging.getLogger("seqd.role")
 
-def _die_with_parent() -> None:
-    """Ask the kernel to SIGKILL this role when the supervisor dies (kill -9 included).
 
-    Without it a killed supervisor would leave roles running against shared memory that the
-    next supervisor is about to remove and recreate.
+def _handoff(role: str) -> tuple[int, int]:
+    """The supervisor's pid and the incarnation's epoch, from the environment it set."""
+    try:
+        return int(os.environ[SUPERVISOR_PID_ENV]), int(os.environ[EPOCH_ENV])
+    except (KeyError, ValueError):
+        raise SystemExit(
+            f"daemon.roles.{role} is started by `seqd run`, which sets {SUPERVISOR_PID_ENV} and "
+            f"{EPOCH_ENV} (found {os.environ.get(SUPERVISOR_PID_ENV)!r} and "
+            f"{os.environ.get(EPOCH_ENV)!r}); run `seqd run` instead of starting a role by hand"
+        ) from None
+
+
+def _die_with_parent(role: str, supervisor_pid: int) -> None:
+    """Ask the kernel to SIGKILL this role when the supervisor dies (kill -9 included), then make
+    sure the supervisor had not died already.
+
+    The parent-death signal is armed for the current parent: a supervisor that died before the
+    request (while this role was in Python start-up) left the role reparented to init, and the
+    request then guards nothing. Comparing the parent with the pid the supervisor passed (not
+    with the parent seen a moment earlier, which may already be init) catches that case; any
+    death after prctl kills the role.
     """
-    parent = os.getppid()
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     except (OSError, AttributeError):
-        return
-    if os.getppid() != parent:  # the parent died before prctl took effect
-        os._exit(1)
+        pass  # not Linux: the parent check below still refuses to start an orphan
+    parent = os.getppid()
+    if parent != supervisor_pid:
+        log.warning(
+            "the supervisor that started this %s (pid %d) has died (the parent is now pid %d): "
+            "exiting without touching the node; the next supervisor starts its own roles",
+            role, supervisor_pid, parent,
+        )
+        raise SystemExit(ROLE_EXIT_ORPHANED)
+
+
+def _attach_counters(role: str, config: Config, epoch: int) -> Counters:
+    try:
+        return Counters.attach(counters_name(config.node.name), epoch=epoch)
+    except SegmentError as error:
+        log.error("not starting the %s: %s", role, error)
+        raise SystemExit(ROLE_EXIT_ORPHANED) from None
 
 
 def start_role(role: str) -> RoleContext:
@@ -92,10 +149,11 @@ def start_role(role: str) -> RoleContext:
     )
     if not __debug__:
         raise SystemExit("seqd roles rely on assertions for their invariants: do not run with -O")
-    _die_with_parent()
+    supervisor_pid, epoch = _handoff(role)
+    _die_with_parent(role, supervisor_pid)
     config = Config.from_json(os.environ["SEQD_CONFIG_JSON"])
-    counters = Counters.attach(counters_name(config.node.name))
-    context = RoleContext(role=role, config=config, counters=counters)
+    counters = _attach_counters(role, config, epoch)  # refuses another incarnation's before any write
+    context = RoleContext(role=role, config=config, counters=counters, epoch=epoch)
     # Only the supervisor decides when a role stops (see RoleContext.stop_requested); if the
     # supervisor dies, the parent-death signal takes the role with it.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)

@@ -75,7 +75,7 @@ def run(context: RoleContext) -> int:
     config = context.config
     _inject_fdatasync_failure()
     counters = context.counters
-    ring = Ring.attach(log_name(config.node.name))
+    ring = Ring.attach(log_name(config.node.name), epoch=context.epoch)
     reader = ring.reader("journaller")
     journal = Journal.open(
         config.journal_dir, segment_bytes=config.journal.segment_bytes, preallocate=config.journal.preallocate

@@ -136,8 +136,8 @@ class Sequencer:
         self.config = config
         counters = context.counters
         self.counters = counters
-        self.log_ring = Ring.attach(log_name(config.node.name))
-        self.egress_ring = Ring.attach(egress_name(config.node.name))
+        self.log_ring = Ring.attach(log_name(config.node.name), epoch=context.epoch)
+        self.egress_ring = Ring.attach(egress_name(config.node.name), epoch=context.epoch)
         self.writer = self.log_ring.writer()
         self.egress_reader = self.egress_ring.reader("sequencer")
         self.client_write_buffer_bytes_max = config.socket.client_write_buffer_bytes_max
