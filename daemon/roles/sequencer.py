@@ -351,6 +351,8 @@ class Sequencer:
         and is counted. Then the connection closes: `_process` closes it once the codec has
         seen the EOF, or after the backlog of a session waiting for ring space is claimed."""
         connection = session.connection
+        if session.transport is None or session.transport.is_closing():
+            return  # already refused or failed: nothing more to read or answer
         if connection.error is None and not connection.peer_closed:
             connection.receive_data(b"")
         if not session.backlog:
@@ -364,6 +366,7 @@ class Sequencer:
         command_type = protocol.Command
         command_bytes_max = self.command_bytes_max
         command_version_max = self.command_version_max
+        in_flight_max = IN_FLIGHT_MAX
         self._stamp()  # one clock read for everything this session sent in this pass
         try:
             frames = session.backlog or connection.next_frames()
@@ -377,7 +380,7 @@ class Sequencer:
                         if (
                             len(frame.payload) > command_bytes_max
                             or not 1 <= frame.version <= command_version_max
-                            or not 0 < frame.request_id <= frame.acked_request_id + IN_FLIGHT_MAX
+                            or not 0 < frame.request_id <= frame.acked_request_id + in_flight_max
                         ):
                             self._refuse_command(session, frame)
                             continue
