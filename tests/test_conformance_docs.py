@@ -243,3 +243,13 @@ def test_commands_built_from_the_published_schema_alone_are_decoded_and_replies_
         for event in raw.events:
             body = event.app()
             assert body["type"] in events and _conforms(body, definitions[body["type"]]), body
+
+
+def test_raw_conformance_suite_does_not_load_the_project_client() -> None:
+    """Parts 1 and 2 check the daemon against the docs, not against `sequencer.client`."""
+    script = (
+        "import sys, tests.test_conformance, tests.test_conformance_sessions\n"
+        "print([name for name in sys.modules if name.startswith('sequencer.client')])\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=ROOT, check=True)
+    assert result.stdout.strip() == "[]"
