@@ -7,6 +7,7 @@
     seqd snapshot list|verify [--config FILE]
     seqd log dump|tail|check [--config FILE] ...
     seqd verify [--config FILE]                               replay the journal under another hash seed
+    seqd schema [--app module:Class | --config FILE]          the app's message types as JSON Schema
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
-"""The operator commands of `seqd` beside `run` and `demo`: status, snapshot, log, verify.
+"""The operator commands of `seqd` beside `run` and `demo`: status, snapshot, log, verify, schema.
 
 Each reads what it needs without talking to the daemon: the counters segment (status), the journal
-and snapshot files (log, snapshot list/verify, verify), or a signal to the sequencer's pid from
-the counters (snapshot: the sequencer then sequences a SNAPSHOT record like any other input).
+and snapshot files (log, snapshot list/verify, verify), a signal to the sequencer's pid from
+the counters (snapshot: the sequencer then sequences a SNAPSHOT record like any other input), or
+the app's code (schema: its message types as JSON Schema).
 """
 
 from __future__ import annotations
@@ -174,6 +175,23 @@ def _payload_decoder(config: Config) -> Callable[[int, memoryview], Any]:
     return lambda version, data: schema.decode_command(version, bytes(data), 0)
 
 
+def command_schema(args: argparse.Namespace) -> int:
+    """Print the app's command, reply and event types as JSON Schema, for clients in any language."""
+    from sequencer.state_machine import AppLoadError, load_app
+
+    spec = args.app or _config(args).node.app
+    try:
+        app = load_app(spec)
+    except AppLoadError as error:
+        print(f"seqd: {error}", file=sys.stderr)
+        return 2
+    published = app.schema.json_schema()
+    document = {"$schema": published.pop("$schema"), "title": published.pop("title"), "x-seqd-app-class": spec}
+    document.update(published)
+    print(json.dumps(document, indent=2))
+    return 0
+
+
 def add_commands(commands: Any, add_config_arguments: Callable[[argparse.ArgumentParser], None]) -> None:
     status = commands.add_parser("status", help="show a node's roles, positions, lags and rates from shared memory")
     add_config_arguments(status)
@@ -202,6 +220,13 @@ def add_commands(commands: Any, add_config_arguments: Callable[[argparse.Argumen
     log_parser.add_argument("-f", "--follow", action="store_true", help="tail: keep printing new records")
     log_parser.add_argument("-n", "--lines", type=int, default=10, help="tail: how many of the last records")
     log_parser.set_defaults(func=command_log)
+
+    schema = commands.add_parser(
+        "schema", help="print the app's command, reply and event types as JSON Schema (for clients in other languages)"
+    )
+    add_config_arguments(schema)
+    schema.add_argument("--app", help="module:Class (default: node.app from the config, the ledger without one)")
+    schema.set_defaults(func=command_schema)
 
     verify = commands.add_parser("verify", help="replay the journal in fresh processes under two hash seeds and compare")
     add_config_arguments(verify)

@@ -123,6 +123,41 @@ class Schema:
     def __repr__(self) -> str:
         return f"Schema({self.name!r} v{self.version})"
 
+    # -- publishing -------------------------------------------------------------------------
+
+    def json_schema(self) -> dict[str, Any]:
+        """The command, reply and event types as one JSON Schema (2020-12) document.
+
+        Generated from the types themselves (`msgspec.json.schema_components`), so it cannot
+        drift from the code: what `seqd schema` prints for client writers in other languages.
+        `commands`, `replies` and `events` are tagged unions (a `discriminator` on the tag key,
+        "type" unless a type says otherwise); `$defs` holds one schema per type, each with its
+        kind and schema version (`x-seqd-kind`, `x-seqd-version`: the version that goes in the
+        COMMAND, REPLY and EVENT frames). One version covers every type of the app.
+        """
+        ref_template = "#/$defs/{name}"
+        unions: list[Any] = [self._command_type, self._reply_type]
+        if self._event_type is not None:
+            unions.append(self._event_type)
+        schemas, components = msgspec.json.schema_components(unions, ref_template=ref_template)
+        kinds = {cls.__name__: kind for kind, types in (("command", self.commands),
+                 ("reply", self.replies), ("event", self.events)) for cls in types}  # fmt: skip
+        for name, component in components.items():
+            if name in kinds:
+                component["x-seqd-kind"] = kinds[name]
+                component["x-seqd-version"] = self.version
+        return {
+            "$schema": "https://json-schema.org/draft/2020-12/schema",
+            "title": f"{self.name} v{self.version}",
+            "x-seqd-app": self.name,
+            "x-seqd-version": self.version,
+            "x-seqd-tag-fields": dict(self._tag_fields),
+            "commands": schemas[0],
+            "replies": schemas[1],
+            "events": schemas[2] if self._event_type is not None else {"not": {}},
+            "$defs": components,
+        }
+
     # -- registration -----------------------------------------------------------------------
 
     def upcaster(self, type_name: str, from_version: int) -> Callable[[Upcaster], Upcaster]:

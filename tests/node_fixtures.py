@@ -13,7 +13,9 @@ import pytest
 
 from daemon.harness import NodeProcess
 from sequencer.apps.ledger import Balance, Deposit, Ledger, OpenAccount, Transfer
-from sequencer.client import Client
+
+# `sequencer.client` is imported where it is used, so the raw-bytes conformance suite
+# (tests/test_conformance*.py) can take `node_factory` without loading the project's client.
 
 DEPOSIT = 1_000_000_000
 
@@ -37,6 +39,8 @@ def node_factory(tmp_dir: Path, unique: str) -> Iterator[Callable[..., NodeProce
 
 
 def open_accounts(socket_path: str, names: list[str]) -> None:
+    from sequencer.client import Client
+
     with Client(socket_path, schema=Ledger.schema, timeout_s=30) as client:
         pending = []
         for name in names:
@@ -47,6 +51,8 @@ def open_accounts(socket_path: str, names: list[str]) -> None:
 
 
 def balances(socket_path: str, names: list[str]) -> dict[str, int]:
+    from sequencer.client import Client
+
     with Client(socket_path, schema=Ledger.schema, timeout_s=30) as client:
         pending = {name: client.submit(Balance(name)) for name in names}
         return {name: request.result().balance for name, request in pending.items()}
@@ -76,6 +82,8 @@ class TransferDriver:
 
     def _run(self) -> None:
         import random
+
+        from sequencer.client import Client
 
         rng = random.Random(self.seed)
         try:

@@ -12,16 +12,19 @@ from hypothesis import strategies as st
 
 from sequencer.client.protocol import (
     CLOSED,
+    COMMAND_BYTES_MAX,
     FRAME_BODY_BYTES_MAX,
     FRAME_BYTES_MAX,
     FRAME_HEADER,
     FRAMES_PER_CALL_MAX,
+    IN_FLIGHT_MAX,
     NEED_DATA,
     READ_BYTES_MAX,
     RECEIVE_BUFFER_BYTES_MAX,
     Command,
     Connection,
     Error,
+    ErrorCode,
     Event,
     Frame,
     FrameKind,
@@ -444,3 +447,34 @@ def test_valid_frame_sequences_round_trip_in_any_chunking(
     for frame in to_client:
         server.send_into(server_out, frame)
     assert feed_in_chunks(client, bytes(server_out), cuts) == [WELCOME, *to_client]
+
+
+def test_welcome_without_the_limit_fields_means_the_version_1_defaults() -> None:
+    client = Connection(Side.CLIENT)
+    client.send(Hello(client_id=1))
+    body = msgspec.msgpack.encode({"session_id": 3, "node": "n1", "frame_bytes_max": FRAME_BYTES_MAX})
+    client.receive_data(header(len(body), FrameKind.WELCOME) + body)
+    welcome = client.next_frame()
+    assert isinstance(welcome, Welcome)
+    assert welcome.command_bytes_max == COMMAND_BYTES_MAX == FRAME_BODY_BYTES_MAX - 24
+    assert welcome.in_flight_max == welcome.saved_replies_max == IN_FLIGHT_MAX
+
+
+@pytest.mark.parametrize("field", ["command_bytes_max", "in_flight_max"])
+def test_welcome_with_a_limit_below_1_is_refused_as_malformed(field: str) -> None:
+    client, server = Connection(Side.CLIENT), Connection(Side.SERVER)
+    server.receive_data(client.send(Hello(client_id=1)))
+    server.next_frame()
+    welcome = msgspec.structs.replace(WELCOME, **{field: 0})
+    error = refusal(client, server.send(welcome))
+    assert error.code == ErrorCode.MALFORMED_FRAME
+    assert field in error.message
+
+
+def test_protocol_errors_carry_error_code_members_that_encode_as_their_string() -> None:
+    error = refusal(Connection(Side.SERVER), header(0, 200))
+    assert error.code is ErrorCode.UNKNOWN_KIND
+    frame = error.to_frame()
+    assert msgspec.msgpack.decode(msgspec.msgpack.encode(frame)) == {
+        "code": "unknown_kind", "message": error.message, "fatal": True
+    }  # fmt: skip

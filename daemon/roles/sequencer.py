@@ -52,6 +52,7 @@ from ipc.idle import idle_strategy
 from ipc.ring import Ring
 from sequencer import egress
 from sequencer.client import protocol
+from sequencer.processor import SAVED_REPLIES_MAX
 from sequencer.record import (
     COMMAND_PREFIX,
     RECORD_TAIL,
@@ -82,6 +83,11 @@ _EGRESS_TIMER_CANCEL = int(egress.EgressKind.TIMER_CANCEL)
 # What the codec raises when asked to frame onto a connection that failed or that we closed with
 # a fatal ERROR: the session is going away, so its outputs are dropped, not errors.
 _CONNECTION_GONE_CODES = frozenset({"connection_failed", "connection_closed"})
+# The request window advertised in WELCOME and enforced at the gateway: a command's request_id
+# may be at most acked_request_id + IN_FLIGHT_MAX. Every reply inside the window fits the blp's
+# saved replies per client, so a resend after a reconnect always finds its original reply.
+IN_FLIGHT_MAX = SAVED_REPLIES_MAX
+assert IN_FLIGHT_MAX <= SAVED_REPLIES_MAX
 
 
 class Session(asyncio.Protocol):
@@ -115,6 +121,10 @@ class Session(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.connection.receive_data(data)
         self.sequencer.on_data(self)
+
+    def eof_received(self) -> bool:
+        self.sequencer.on_eof(self)
+        return True  # on_eof closes the transport itself, after any ERROR frame it owes
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.sequencer.on_disconnect(self)
@@ -271,11 +281,11 @@ class Sequencer:
                 "allowed_gids; add it to the config if it should be allowed",
                 time.monotonic(),
             )
-            self._fail(session, "permission_denied", f"uid {uid} gid {gid} is not allowed to use this socket")
+            self._fail(session, protocol.ErrorCode.PERMISSION_DENIED, f"uid {uid} gid {gid} is not allowed to use this socket")
             return
         if not self.accepting or len(self.sessions) >= socket_config.sessions_max:
             reason = "draining" if not self.accepting else f"sessions_max={socket_config.sessions_max} reached"
-            self._fail(session, "unavailable", f"the node is not accepting sessions ({reason}); retry later")
+            self._fail(session, protocol.ErrorCode.UNAVAILABLE, f"the node is not accepting sessions ({reason}); retry later")
 
     def on_disconnect(self, session: Session) -> None:
         if session.session_id and self.sessions.pop(session.session_id, None) is session:
@@ -291,7 +301,7 @@ class Sequencer:
             self.blocked.remove(session)
         session.transport = None
 
-    def _fail(self, session: Session, code: str, message: str) -> None:
+    def _fail(self, session: Session, code: protocol.ErrorCode, message: str) -> None:
         transport = session.transport
         if transport is None or transport.is_closing():
             return
@@ -330,7 +340,11 @@ class Sequencer:
             session_id=session_id,
             node=self.config.node.name,
             frame_bytes_max=protocol.FRAME_BYTES_MAX,
+            # A single node sequences its own commands: it is the leader.
             leader=self.config.node.name,
+            command_bytes_max=self.command_bytes_max,
+            in_flight_max=IN_FLIGHT_MAX,
+            saved_replies_max=SAVED_REPLIES_MAX,
         )
         session.write(session.connection.send(welcome))
         return True
@@ -340,12 +354,28 @@ class Sequencer:
             return  # waiting for ring space; frames stay in the codec's bounded buffer
         self._process(session)
 
+    def on_eof(self, session: Session) -> None:
+        """The client shut its end. Frames it sent whole are processed as usual; a frame cut
+        short gets ERROR `truncated_frame` (the socket may still be writable after a half-close)
+        and is counted. Then the connection closes: `_process` closes it once the codec has
+        seen the EOF, or after the backlog of a session waiting for ring space is claimed."""
+        connection = session.connection
+        if session.transport is None or session.transport.is_closing():
+            return  # already refused or failed: nothing more to read or answer
+        if connection.error is None and not connection.peer_closed:
+            connection.receive_data(b"")
+        if not session.backlog:
+            self._process(session)
+
     def _process(self, session: Session) -> None:
         """Turn every complete frame of one session into records until it needs data or blocks."""
         connection = session.connection
         commands = 0
         claim_command = self._claim_command
         command_type = protocol.Command
+        command_bytes_max = self.command_bytes_max
+        command_version_max = self.command_version_max
+        in_flight_max = IN_FLIGHT_MAX
         self._stamp()  # one clock read for everything this session sent in this pass
         try:
             frames = session.backlog or connection.next_frames()
@@ -353,9 +383,14 @@ class Sequencer:
             while frames:
                 for position, frame in enumerate(frames):
                     if type(frame) is command_type:
-                        if not session.session_id:
-                            raise protocol.ProtocolError("hello_required", "send HELLO before COMMAND frames")
-                        if len(frame.payload) > self.command_bytes_max or not 1 <= frame.version <= self.command_version_max:
+                        # The codec refuses a COMMAND before HELLO, and a blocked HELLO stays
+                        # ahead of the commands in the backlog.
+                        assert session.session_id, "COMMAND before the session opened"
+                        if (
+                            len(frame.payload) > command_bytes_max
+                            or not 1 <= frame.version <= command_version_max
+                            or not 0 < frame.request_id <= frame.acked_request_id + in_flight_max
+                        ):
                             self._refuse_command(session, frame)
                             continue
                         if not claim_command(session, frame):
@@ -363,50 +398,90 @@ class Sequencer:
                             return
                         commands += 1
                     elif type(frame) is protocol.Hello:
-                        if session.session_id:
-                            raise protocol.ProtocolError("duplicate_hello", "HELLO may be sent once per connection")
+                        assert not session.session_id, "the codec refuses a second HELLO"
                         if not self._open_session(session, frame):
                             self._block(session, frames[position:])
                             return
                     elif type(frame) is protocol.Ping:
                         session.write(connection.send(protocol.Pong(nonce=frame.nonce)))
+                    elif type(frame) is protocol.Error:
+                        self._client_error(session, frame)
+                        if frame.fatal:
+                            return  # the client hangs up; nothing after its fatal ERROR counts
                     else:
-                        raise protocol.ProtocolError(
-                            "unexpected_frame", f"{type(frame).__name__} frames are not accepted by the daemon"
-                        )
+                        # The daemon sends no PING, so a PONG answers nothing: ignored, as the
+                        # docs say. The codec lets a client send only these five kinds.
+                        assert type(frame) is protocol.Pong, type(frame)
                 frames = connection.next_frames()
             if connection.peer_closed and session.transport is not None:
                 session.transport.close()
+        except protocol.LocalProtocolError:
+            raise  # the daemon misused its own codec: a bug, not the client's fault
         except protocol.ProtocolError as error:
+            code = protocol.ErrorCode(error.code)  # every code the codec raises at a peer
             self.errors_protocol.add(1)
             self.errors.record(
-                f"protocol.{error.code}",
-                f"session {session.session_id:x}: protocol error {error.code}: {error}; sent an error frame and closed it",
+                f"protocol.{code}",
+                f"session {session.session_id:x}: protocol error {code}: {error.message}; sent an error frame and closed it",
                 time.monotonic(),
             )
-            self._fail(session, error.code, str(error))
+            self._fail(session, code, error.message)
         finally:
             if commands:
                 self.commands_total.add(commands)
                 self._schedule_flush()
 
-    def _refuse_command(self, session: Session, command: protocol.Command) -> None:
-        """A command too large or of an unknown schema version is refused at the gateway.
+    def _client_error(self, session: Session, error: protocol.Error) -> None:
+        """A client says why it is unhappy: logged (once per code, with a count) and counted. A
+        fatal one is followed by the client closing, so the daemon closes its end at once."""
+        what = "closes the connection" if error.fatal else "carries on"
+        self.errors.record(
+            "client.error_frame",  # one key: the code is the client's, any string
+            f"session {session.session_id:x} (client {session.client_id}) sent ERROR "
+            f"{error.code!r}: {error.message[:200]!r}; it {what}",
+            time.monotonic(),
+        )
+        if error.fatal and session.transport is not None:
+            session.transport.close()
 
-        It gets a REJECTED reply (not a protocol error, which would make the client reconnect
-        and resend it for ever); nothing enters the log, so replicas are unaffected.
+    def _refuse_command(self, session: Session, command: protocol.Command) -> None:
+        """A command the gateway can tell is wrong without the log is refused here.
+
+        It gets a REJECTED reply with index 0 (not a protocol error, which would make the client
+        reconnect and resend it for ever); nothing enters the log, so replicas are unaffected.
+        Each check depends on the command's bytes alone, so a resend of the same command gets
+        the same answer (a resend carries an acked_request_id at least as high, so a command
+        inside the window stays inside it). The checks run in the order documented in
+        docs/client.md; the first that fails names the code.
         """
-        if len(command.payload) > self.command_bytes_max:
-            code = "command_too_large"
+        code: protocol.RejectionCode
+        if command.request_id == 0:
+            code = protocol.RejectionCode.BAD_REQUEST_ID
+            message = (
+                "request_id 0 is not a request id (0 means none): number requests 1, 2, 3, ... "
+                "per client id"
+            )
+        elif len(command.payload) > self.command_bytes_max:
+            code = protocol.RejectionCode.COMMAND_TOO_LARGE
             message = (
                 f"the command is {len(command.payload)} bytes; this node accepts at most "
-                f"socket.command_bytes_max={self.command_bytes_max}: send smaller commands"
+                f"socket.command_bytes_max={self.command_bytes_max} (WELCOME's command_bytes_max): "
+                "send smaller commands"
             )
-        else:
-            code = "unknown_version"
+        elif not 1 <= command.version <= self.command_version_max:
+            code = protocol.RejectionCode.UNKNOWN_VERSION
             message = (
                 f"the command has schema version {command.version}; this node's app speaks "
-                f"1..{self.command_version_max}: upgrade the node before sending newer commands"
+                f"1..{self.command_version_max}: versions start at 1, and a newer one needs the "
+                "node upgraded first"
+            )
+        else:
+            code = protocol.RejectionCode.WINDOW_EXCEEDED
+            message = (
+                f"request_id={command.request_id} > acked_request_id={command.acked_request_id} + "
+                f"in_flight_max={IN_FLIGHT_MAX} (WELCOME's in_flight_max): the daemon could not "
+                "keep its reply for a resend. Wait for replies (and acknowledge them) before "
+                "sending more; this request was not applied"
             )
         self.errors.record(f"client.{code}", f"session {session.session_id:x}: {message}", time.monotonic())
         payload = protocol.encode_rejection(code, message)
@@ -446,7 +521,7 @@ class Sequencer:
                 self.blocked.appendleft(session)
                 break
             self.blocked.popleft()
-            if session.transport is not None and not self.draining:
+            if session.transport is not None and not session.transport.is_closing() and not self.draining:
                 session.transport.resume_reading()
         if self.blocked:
             self._schedule_retry()
@@ -716,7 +791,9 @@ class Sequencer:
         self.waker.start()
         self.loop.add_signal_handler(signal.SIGUSR1, self.request_snapshot)
         context.set_state(RoleState.RUNNING)
-        log.info("serving %s from index %d", self.config.socket.path, self.next_index)
+        # The same number the supervisor logs: the last index in the log (this start's
+        # node_start record); the first command gets the next one.
+        log.info("serving %s from index %d", self.config.socket.path, self.next_index - 1)
         beats = 0
         while not context.stop_requested:
             beats += 1

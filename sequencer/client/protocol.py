@@ -52,6 +52,7 @@ import msgspec
 
 __all__ = [
     "CLOSED",
+    "COMMAND_BYTES_MAX",
     "COMMAND_HEADER",
     "EVENT_HEADER",
     "FRAMES_PER_CALL_MAX",
@@ -59,6 +60,7 @@ __all__ = [
     "FRAME_BYTES_MAX",
     "FRAME_HEADER",
     "FRAME_HEADER_BYTES",
+    "IN_FLIGHT_MAX",
     "NEED_DATA",
     "PROTOCOL_VERSION",
     "PROTOCOL_VERSIONS_SUPPORTED",
@@ -69,6 +71,7 @@ __all__ = [
     "Connection",
     "ControlFrame",
     "Error",
+    "ErrorCode",
     "Event",
     "Frame",
     "FrameKind",
@@ -78,6 +81,7 @@ __all__ = [
     "Pong",
     "ProtocolError",
     "Redirect",
+    "RejectionCode",
     "Reply",
     "ReplyStatus",
     "Sentinel",
@@ -119,6 +123,16 @@ _EVENT_FRAME: Final = struct.Struct("<IBBH" + "QH6x")
 
 # Identifiers are unsigned 64-bit on the wire; 0 means "none" for request ids and indexes.
 _U64_LIMIT: Final = 1 << 64
+# The largest command payload a frame can carry (1,048,544 bytes). A daemon may accept less
+# (`socket.command_bytes_max`, sent in WELCOME); this is the default a WELCOME without the field
+# means.
+COMMAND_BYTES_MAX: Final = FRAME_BODY_BYTES_MAX - COMMAND_HEADER.size
+# The request window: a command's request_id may be at most acked_request_id + in_flight_max.
+# The daemon saves the replies above acked_request_id (per client id) so a resend gets the
+# original reply; within the window they all fit, beyond it one would be forgotten and a resend
+# answered DUPLICATE. Equal to the daemon's saved replies per client
+# (`sequencer.processor.SAVED_REPLIES_MAX`); the default a WELCOME without the field means.
+IN_FLIGHT_MAX: Final = 1024
 
 assert FRAME_HEADER_BYTES == 8, FRAME_HEADER_BYTES
 assert COMMAND_HEADER.size == 24, COMMAND_HEADER.size
@@ -159,6 +173,40 @@ _KIND_EVENT: Final = int(FrameKind.EVENT)
 assert (_KIND_COMMAND, _KIND_REPLY, _KIND_EVENT) == (3, 4, 5)  # literals in next_frames
 
 
+class ErrorCode(enum.StrEnum):
+    """Every code the daemon sends in an ERROR frame. All are fatal: the daemon closes the
+    connection after the frame. docs/client.md lists each one (tests/test_conformance_docs.py
+    holds the two equal), so use these members, never a string literal, to send one."""
+
+    # Refused by the codec, as soon as the header (or body) shows it.
+    FRAME_TOO_LARGE = "frame_too_large"
+    BAD_VERSION = "bad_version"
+    BAD_FLAGS = "bad_flags"
+    UNKNOWN_KIND = "unknown_kind"
+    UNEXPECTED_KIND = "unexpected_kind"
+    HELLO_REQUIRED = "hello_required"
+    MALFORMED_FRAME = "malformed_frame"
+    TRUNCATED_FRAME = "truncated_frame"
+    # Refused by the daemon when the connection is accepted.
+    PERMISSION_DENIED = "permission_denied"
+    UNAVAILABLE = "unavailable"
+
+
+class RejectionCode(enum.StrEnum):
+    """Every code of a REJECTED reply that seqd itself (not the app) gives. The gateway's refusals
+    carry index 0 (nothing was sequenced); the others are decided by the blp at the command's
+    index, the same on every replica. docs/client.md lists each one."""
+
+    # At the gateway (the sequencer), before the log: index 0, nothing sequenced.
+    BAD_REQUEST_ID = "bad_request_id"
+    COMMAND_TOO_LARGE = "command_too_large"
+    UNKNOWN_VERSION = "unknown_version"
+    WINDOW_EXCEEDED = "window_exceeded"
+    # In the blp, at the command's log index.
+    BAD_COMMAND = "bad_command"
+    REPLY_TOO_LARGE = "reply_too_large"
+
+
 class Side(enum.Enum):
     CLIENT = "client"
     SERVER = "server"
@@ -194,6 +242,14 @@ class Welcome(msgspec.Struct, kw_only=True):
     node: str
     frame_bytes_max: int
     leader: str | None = None
+    # The limits a client must respect, so it need not guess them (defaults: what a version 1
+    # daemon that omits them enforces). A command payload larger than command_bytes_max is
+    # REJECTED `command_too_large`; a request_id above acked_request_id + in_flight_max is
+    # REJECTED `window_exceeded`; saved_replies_max is how many unacknowledged replies the daemon
+    # keeps per client id for resends (in_flight_max never exceeds it).
+    command_bytes_max: int = COMMAND_BYTES_MAX
+    in_flight_max: int = IN_FLIGHT_MAX
+    saved_replies_max: int = IN_FLIGHT_MAX
 
 
 class Error(msgspec.Struct, kw_only=True):
@@ -310,9 +366,9 @@ _KIND_NAMES: Final = {int(kind): kind.name for kind in FrameKind}
 class ProtocolError(Exception):
     """The peer broke the protocol. Send `to_frame()` to it, then close the connection.
 
-    `code` is a short stable token (`frame_too_large`, `bad_version`, `bad_flags`, `unknown_kind`,
-    `unexpected_kind`, `malformed_frame`, `hello_required`, `truncated_frame`, `connection_failed`);
-    `message` says what was wrong and what to do.
+    `code` is a short stable token: an `ErrorCode` for what the peer did (the codes that cross
+    the wire), a plain string for a `LocalProtocolError` (never sent); `message` says what was
+    wrong and what to do.
     """
 
     def __init__(self, code: str, message: str) -> None:
@@ -321,7 +377,7 @@ class ProtocolError(Exception):
         self.message = message
 
     def to_frame(self) -> Error:
-        return Error(code=self.code, message=self.message, fatal=True)
+        return Error(code=str(self.code), message=self.message, fatal=True)
 
 
 class LocalProtocolError(ProtocolError):
@@ -329,8 +385,8 @@ class LocalProtocolError(ProtocolError):
 
 
 def encode_rejection(code: str, message: str) -> bytes:
-    """The payload of a REJECTED reply."""
-    return _ENCODER.encode({"code": code, "message": message})
+    """The payload of a REJECTED reply: msgpack {"code": code, "message": message}."""
+    return _ENCODER.encode({"code": str(code), "message": message})
 
 
 _REJECTION_DECODER: Final = msgspec.msgpack.Decoder(dict[str, str])
@@ -343,7 +399,7 @@ def decode_rejection(payload: bytes) -> tuple[str, str]:
         return fields["code"], fields["message"]
     except (msgspec.DecodeError, KeyError) as error:
         raise ProtocolError(
-            "malformed_frame",
+            ErrorCode.MALFORMED_FRAME,
             f"a REJECTED reply's payload is not msgpack {{'code': str, 'message': str}} ({error}); "
             "the server is broken or not seqd: report it",
         ) from None
@@ -524,7 +580,7 @@ class Connection:
                     request_id, index, status, reply_version = unpack_reply(buffer, body)
                     if status > _REPLY_STATUS_MAX:
                         raise ProtocolError(
-                            "malformed_frame",
+                            ErrorCode.MALFORMED_FRAME,
                             f"REPLY for request {request_id} has status={status}, not one of "
                             f"{[s.value for s in ReplyStatus]}; the server speaks a different "
                             "protocol: check that client and daemon versions match",
@@ -558,7 +614,7 @@ class Connection:
         elif self._peer_closed and not frames and position < end:
             self._fail(
                 ProtocolError(
-                    "truncated_frame",
+                    ErrorCode.TRUNCATED_FRAME,
                     f"the peer closed the connection in the middle of a frame "
                     f"({end - position} bytes of it received); it crashed or is not a seqd peer",
                 )
@@ -569,27 +625,27 @@ class Connection:
         """Refuse a bad header as soon as it is seen, before buffering any of the body."""
         if version not in PROTOCOL_VERSIONS_SUPPORTED:
             raise ProtocolError(
-                "bad_version",
+                ErrorCode.BAD_VERSION,
                 f"frame has protocol_version={version}; this {self._our_side.value} speaks "
                 f"versions {list(PROTOCOL_VERSIONS_SUPPORTED)}: use a seqd client library and "
                 "daemon that share a protocol version",
             )
         if length > FRAME_BODY_BYTES_MAX:
             raise ProtocolError(
-                "frame_too_large",
+                ErrorCode.FRAME_TOO_LARGE,
                 f"frame declares {length + FRAME_HEADER_BYTES} bytes > "
                 f"FRAME_BYTES_MAX={FRAME_BYTES_MAX}: split the command, or store large data "
                 "elsewhere and send a reference to it",
             )
         if flags:
             raise ProtocolError(
-                "bad_flags",
+                ErrorCode.BAD_FLAGS,
                 f"frame has flags={flags:#06x}; protocol version 1 defines no flags and requires 0: "
                 "the peer is newer or not a seqd peer",
             )
         if kind not in _KIND_NAMES:
             raise ProtocolError(
-                "unknown_kind",
+                ErrorCode.UNKNOWN_KIND,
                 f"frame kind {kind} is not one of {sorted(_KIND_NAMES)}; the peer is not a seqd "
                 "peer, or sent garbage",
             )
@@ -597,38 +653,38 @@ class Connection:
         if kind not in self._receivable:
             peer = _OTHER_SIDE[self._our_side].value
             raise ProtocolError(
-                "unexpected_kind",
+                ErrorCode.UNEXPECTED_KIND,
                 f"a {peer} may not send {name} frames to a {self._our_side.value}: "
                 "the peer is confused about which end it is",
             )
         if self._our_side is Side.SERVER:
             if not self._handshake_received and kind != FrameKind.HELLO:
                 raise ProtocolError(
-                    "hello_required",
+                    ErrorCode.HELLO_REQUIRED,
                     f"the first frame must be HELLO, got {name}: send HELLO with your client id "
                     "before any command",
                 )
             if self._handshake_received and kind == FrameKind.HELLO:
                 raise ProtocolError(
-                    "unexpected_kind",
+                    ErrorCode.UNEXPECTED_KIND,
                     "a second HELLO on the same connection; a client says hello once per "
                     "connection: reconnect to start a new session",
                 )
         else:
             if kind == FrameKind.WELCOME and self._handshake_received:
                 raise ProtocolError(
-                    "unexpected_kind",
+                    ErrorCode.UNEXPECTED_KIND,
                     "a second WELCOME on the same connection; the server is broken: report it",
                 )
             if kind in (FrameKind.REPLY, FrameKind.EVENT) and not self._handshake_received:
                 raise ProtocolError(
-                    "unexpected_kind",
+                    ErrorCode.UNEXPECTED_KIND,
                     f"{name} before WELCOME; the server must answer HELLO first: report it",
                 )
         body_bytes_min = _BODY_BYTES_MIN.get(kind, 0)
         if length < body_bytes_min:
             raise ProtocolError(
-                "malformed_frame",
+                ErrorCode.MALFORMED_FRAME,
                 f"{name} frame body is {length} bytes, shorter than its {body_bytes_min}-byte "
                 "fixed header: the peer is not a seqd peer, or sent garbage",
             )
@@ -639,7 +695,7 @@ class Connection:
             frame = _CONTROL_DECODERS[kind].decode(bytes(buffer[body:frame_end]))
         except msgspec.DecodeError as error:  # ValidationError is a DecodeError
             raise ProtocolError(
-                "malformed_frame",
+                ErrorCode.MALFORMED_FRAME,
                 f"{name} frame body does not decode as {name.title()} ({error}): the peer is not "
                 "a seqd peer of this protocol version, or sent garbage",
             ) from None
@@ -647,14 +703,14 @@ class Connection:
             assert isinstance(frame, Hello)
             if frame.protocol_version not in PROTOCOL_VERSIONS_SUPPORTED:
                 raise ProtocolError(
-                    "bad_version",
+                    ErrorCode.BAD_VERSION,
                     f"HELLO asks for protocol_version={frame.protocol_version}; this server "
                     f"speaks versions {list(PROTOCOL_VERSIONS_SUPPORTED)}: use a seqd client "
                     "library that matches the daemon",
                 )
             if not 0 < frame.client_id < _U64_LIMIT:
                 raise ProtocolError(
-                    "malformed_frame",
+                    ErrorCode.MALFORMED_FRAME,
                     f"HELLO has client_id={frame.client_id}, outside 1..2**64-1: pick a stable "
                     "positive 64-bit client id",
                 )
@@ -663,9 +719,15 @@ class Connection:
             assert isinstance(frame, Welcome)
             if frame.frame_bytes_max < FRAME_HEADER_BYTES + COMMAND_HEADER.size:
                 raise ProtocolError(
-                    "malformed_frame",
+                    ErrorCode.MALFORMED_FRAME,
                     f"WELCOME has frame_bytes_max={frame.frame_bytes_max}, too small for any "
                     "command: the server is misconfigured",
+                )
+            if frame.command_bytes_max < 1 or frame.in_flight_max < 1:
+                raise ProtocolError(
+                    ErrorCode.MALFORMED_FRAME,
+                    f"WELCOME has command_bytes_max={frame.command_bytes_max} and in_flight_max="
+                    f"{frame.in_flight_max}; both must be >= 1: the server is misconfigured",
                 )
             self._handshake_received = True
         if self._handshake_received:

@@ -202,6 +202,13 @@ class _Session:
         self.session_id = 0
         self.node = ""
 
+    def window_full(self) -> bool:
+        """No room for the next request: the daemon refuses a request_id above acked_request_id +
+        in_flight_max (`window_exceeded`), so the window spans request ids, not only unanswered
+        requests. A request answered early (refused at the gateway) above one still unanswered
+        frees no room until the lower one is answered."""
+        return self.next_request_id > self.acked_request_id + self.in_flight_max
+
     def encode(self, command: Any) -> tuple[int, bytes]:
         if self.schema is None:
             if not isinstance(command, bytes | bytearray | memoryview):
@@ -438,9 +445,9 @@ class Client(_SessionView):
         self._check_open()
         session = self._session
         version, payload = session.encode(command)
-        if len(session.in_flight) >= session.in_flight_max:
+        if session.window_full():
             self._pump(
-                lambda: len(session.in_flight) < session.in_flight_max,
+                lambda: not session.window_full(),
                 self._deadline(timeout_s),
                 "waiting for room in the in-flight window",
             )
@@ -955,10 +962,10 @@ class AsyncClient(_SessionView):
         self._ensure_connecting()
         session = self._session
         version, payload = session.encode(command)
-        if len(session.in_flight) >= session.in_flight_max:
+        if session.window_full():
             loop = asyncio.get_running_loop()
             deadline = loop.time() + (self._timeout_s if timeout_s is None else timeout_s)
-            while len(session.in_flight) >= session.in_flight_max:
+            while session.window_full():
                 if self._window is None or self._window.done():
                     self._window = loop.create_future()
                 await self._wait(
@@ -1210,7 +1217,7 @@ class AsyncClient(_SessionView):
                     if pending is not None and not pending._future.done():
                         pending._future.set_result(frame)
                     window = self._window
-                    if window is not None and len(session.in_flight) < session.in_flight_max:
+                    if window is not None and not session.window_full():
                         self._window = None
                         if not window.done():
                             window.set_result(None)
