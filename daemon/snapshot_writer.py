@@ -9,13 +9,36 @@ the file operations live in `sequencer` (which knows no processes).
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
 from collections.abc import Callable
 
-from daemon.roles.common import _die_with_parent
 from sequencer.snapshot import SnapshotHeader, write_snapshot
 
-__all__ = ["fork_and_write_snapshot", "reap_snapshot_writer"]
+__all__ = [
+    "WRITER_EXIT_FAILED",
+    "WRITER_EXIT_OK",
+    "fork_and_write_snapshot",
+    "reap_snapshot_writer",
+]
+
+WRITER_EXIT_OK = 0  # the snapshot is written (and `after_write` ran)
+WRITER_EXIT_FAILED = 1  # the error is on stderr; the next SNAPSHOT record tries again
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """The writer must not outlive the process it was forked from: Linux clears the parent-death
+    signal on fork, and a killed blp would otherwise leave its writer running into the next
+    incarnation. Compares with the pid the parent had before the fork, not with the parent seen
+    now, which is already init if the parent died first."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass  # not Linux: the check below still stops a writer whose parent is gone
+    if os.getppid() != parent_pid:
+        os._exit(WRITER_EXIT_FAILED)
 
 
 def fork_and_write_snapshot(
@@ -25,23 +48,22 @@ def fork_and_write_snapshot(
 ) -> int:
     """Forks a child that calls `encode()` and writes the file; returns the child's pid.
 
-    The child exits with 0 on success and 1 on failure (after printing the error to stderr);
+    The child exits with WRITER_EXIT_OK, or WRITER_EXIT_FAILED after printing the error to stderr;
     it never returns into the caller's code (`os._exit`: no atexit handlers, no buffers of
     the parent flushed twice). Reap it with `reap_snapshot_writer`.
     """
+    parent_pid = os.getpid()
     pid = os.fork()
     if pid != 0:
         return pid
-    status = 1
+    status = WRITER_EXIT_FAILED
     try:
-        # Linux clears the parent-death signal on fork: without this, a killed blp would leave
-        # its writer running into the next incarnation.
-        _die_with_parent()
+        _die_with_parent(parent_pid)
         header, body = encode()
         write_snapshot(directory, header, body)
         if after_write is not None:
             after_write()  # e.g. retention: file I/O that must not stall the parent
-        status = 0
+        status = WRITER_EXIT_OK
     except BaseException as error:  # the child must reach os._exit whatever happens
         try:
             os.write(2, f"seqd snapshot writer (pid {os.getpid()}) failed: {error!r}\n".encode())
@@ -52,7 +74,7 @@ def fork_and_write_snapshot(
 
 
 def reap_snapshot_writer(pid: int) -> int | None:
-    """Non-blocking: None while the child runs, else its exit code (0 = snapshot written)."""
+    """Non-blocking: None while the child runs, else its exit code (WRITER_EXIT_OK: written)."""
     reaped, status = os.waitpid(pid, os.WNOHANG)
     if reaped == 0:
         return None
