@@ -56,6 +56,7 @@ from typing import Any
 import psutil
 
 from daemon.roles.blp import FRAMES_PER_POLL_MAX
+from daemon.snapshot_writer import fork_and_write_snapshot, reap_snapshot_writer
 from sequencer import snapshot as snapshots
 from sequencer.apps.ledger import LEDGER_SCHEMA, Deposit, Ledger, OpenAccount, Transfer
 from sequencer.journal import Journal, read_records, read_runs
@@ -319,7 +320,7 @@ def apply_loop(
                 processor.snapshot_requested = False
                 assert snapshot_dir is not None
                 before = clock()
-                child_pid = snapshots.fork_and_write_snapshot(
+                child_pid = fork_and_write_snapshot(
                     snapshot_dir, processor.snapshot_file_contents
                 )
                 child_started_ns = clock()
@@ -335,7 +336,7 @@ def apply_loop(
             previous = now
         drain()
         if child_pid:
-            code = snapshots.reap_snapshot_writer(child_pid)
+            code = reap_snapshot_writer(child_pid)
             if code is not None:
                 assert code == 0, f"the snapshot writer exited with {code}"
                 child_done_ns = clock()
@@ -374,7 +375,7 @@ def bench_pause(
 def bench_child_write(processor: Processor[Any], snapshot_dir: Path) -> float:
     """Seconds from fork to the child's exit when the parent only waits: the write alone."""
     started = time.perf_counter()
-    pid = snapshots.fork_and_write_snapshot(snapshot_dir, processor.snapshot_file_contents)
+    pid = fork_and_write_snapshot(snapshot_dir, processor.snapshot_file_contents)
     _, status = os.waitpid(pid, 0)
     elapsed = time.perf_counter() - started
     assert os.waitstatus_to_exitcode(status) == 0, status

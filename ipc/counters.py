@@ -55,6 +55,12 @@ class Counter:
         self._view[self._index] = value
         return value
 
+    @property
+    def word(self) -> tuple[memoryview, int]:
+        """(view, index) of the counter's shared word, for a hot loop that loads it without a
+        method call: `view[index]` is the same aligned 8-byte load as `get()`."""
+        return self._view, self._index
+
     def __repr__(self) -> str:
         return f"Counter({self.name!r}, {self.get()})"
 

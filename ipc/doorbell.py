@@ -90,6 +90,12 @@ class Doorbell:
         return Doorbell(self.name, self._semaphore, parked, ready)
 
     @property
+    def post(self) -> Callable[[], None]:
+        """The semaphore's post, unconditional and uncounted: for a ringer that checks the parked
+        flag itself in its hot loop (the ring writer's publish) and cannot afford a call."""
+        return self._semaphore.release  # type: ignore[no-any-return]
+
+    @property
     def parked(self) -> bool:
         """Whether the waiter says it is parked (always False for an unbound doorbell)."""
         if self._parked is None:

@@ -73,7 +73,7 @@ from sequencer.record import (
     decode_session_open,
     iter_records,
 )
-from sequencer.snapshot import SnapshotHeader
+from sequencer.snapshot_format import SnapshotHeader
 from sequencer.state_machine import Context, Rejected, StateMachine
 
 __all__ = [

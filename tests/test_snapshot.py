@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from daemon.snapshot_writer import fork_and_write_snapshot, reap_snapshot_writer
 from sequencer import snapshot as snapshots
 from sequencer.apps.ledger import LEDGER_SCHEMA, Deposit, Ledger, OpenAccount, Transfer
 from sequencer.determinism import state_hash
@@ -109,7 +110,7 @@ def wait_for_writer(pid: int) -> int:
     deadline = time.monotonic() + WAIT_S
     sleep_s = 0.001
     while True:
-        code = snapshots.reap_snapshot_writer(pid)
+        code = reap_snapshot_writer(pid)
         if code is not None:
             return code
         assert time.monotonic() < deadline, "snapshot writer did not finish"
@@ -129,7 +130,7 @@ def test_forked_writer_writes_the_state_at_the_snapshot_index_while_the_parent_g
     assert processor.snapshot_requested
     expected_hash = processor.state_hash()
     snapshot_index = processor.applied_index
-    pid = snapshots.fork_and_write_snapshot(tmp_path, processor.snapshot_file_contents)
+    pid = fork_and_write_snapshot(tmp_path, processor.snapshot_file_contents)
     processor.snapshot_requested = False
     # The parent keeps applying while the child writes.
     for request_id in range(4, 14):
@@ -148,6 +149,6 @@ def test_forked_writer_that_fails_exits_nonzero(tmp_path):
     def explode():
         raise RuntimeError("encoding failed")
 
-    pid = snapshots.fork_and_write_snapshot(tmp_path, explode)
+    pid = fork_and_write_snapshot(tmp_path, explode)
     assert wait_for_writer(pid) == 1
     assert snapshots.list_snapshots(tmp_path) == []

@@ -20,6 +20,7 @@ from typing import Any
 
 from daemon.layout import RoleState, egress_name, log_name
 from daemon.roles.common import RoleContext, run_role
+from daemon.snapshot_writer import fork_and_write_snapshot, reap_snapshot_writer
 from ipc.idle import IdleStrategy, idle_strategy
 from ipc.ring import Ring, RingWriter
 from sequencer import snapshot as snapshots
@@ -99,7 +100,7 @@ def reap_snapshot_writers(context: RoleContext, writers: dict[int, int], block: 
             _, status = os.waitpid(pid, 0)
             code: int | None = os.waitstatus_to_exitcode(status)
         else:
-            code = snapshots.reap_snapshot_writer(pid)
+            code = reap_snapshot_writer(pid)
         if code is None:
             continue
         del writers[pid]
@@ -159,7 +160,7 @@ def run(context: RoleContext) -> int:
             processor.apply_frame(kind, view)
             if processor.snapshot_requested:
                 processor.snapshot_requested = False
-                pid = snapshots.fork_and_write_snapshot(
+                pid = fork_and_write_snapshot(
                     config.snapshot_dir, processor.snapshot_file_contents, retention
                 )
                 snapshot_writers[pid] = processor.applied_index
