@@ -267,6 +267,33 @@ def test_batch_that_does_not_fit_waits_in_the_ring_and_is_written_when_space_ret
     assert report.ok, report
 
 
+def test_node_stopped_on_a_full_disk_drains_cleanly_and_clients_resend_what_was_not_written(
+    small_filesystem: SmallFilesystem, node_factory: Any  # noqa: F811
+) -> None:
+    """`systemctl stop` on a full disk: the drain does not wait for records that cannot be
+    written (they were never acknowledged); after a restart with room the client resends them
+    and each is applied once."""
+    filesystem = small_filesystem
+    node = _node(node_factory, filesystem, preallocate=False)
+    with Client(node.socket_path, schema=Ledger.schema, timeout_s=120, reconnect_timeout_s=120) as client:
+        client.call(OpenAccount("a"))
+        filesystem.fill(leave_bytes=0)
+        pending = [client.submit(Deposit("a", 1)) for _ in range(8)]
+        client.flush()
+        _wait_for(lambda: _disk_state(node) == DiskState.FULL, "the journal found no room for the batch", node)
+        assert node.stop() == 0  # a clean drain
+        text = node.log_text()
+        assert "draining on a full disk" in text
+        assert "stopping with records after index" in text
+
+        filesystem.free_space()
+        node.remove_shared_memory()
+        node.start(environment=dict(filesystem.environment))
+        for request in pending:
+            request.result()
+        assert client.call(Balance("a")).balance == len(pending)
+
+
 def test_torn_tail_on_a_full_disk_is_cut_without_a_copy_and_leaves_no_empty_evidence(
     small_filesystem: SmallFilesystem, node_factory: Any  # noqa: F811
 ) -> None:
