@@ -25,10 +25,6 @@ BALLAST_NAME = "ballast"  # not a segment name: the journal ignores it
 MOUNT_TIMEOUT_S = 30.0
 
 
-def can_mount() -> bool:
-    return os.geteuid() == 0
-
-
 @dataclass
 class SmallFilesystem:
     """Where a node's data directory goes, on a file system of SMALL_FS_BYTES."""
@@ -50,6 +46,11 @@ class SmallFilesystem:
             return LimitedDiskSpace(self._capacity_path).free_bytes(self.journal_dir)
         stats = os.statvfs(self.root)
         return stats.f_bavail * stats.f_frsize
+
+    def disk_space(self) -> LimitedDiskSpace | None:
+        """What to pass as `Journal.open(disk=...)` in this process (the node's processes get
+        `environment` instead): None for the real file system."""
+        return LimitedDiskSpace(self._capacity_path) if self.kind == "limit" else None
 
     @property
     def _capacity_path(self) -> Path:
@@ -75,11 +76,16 @@ class SmallFilesystem:
         (self.journal_dir / BALLAST_NAME).unlink(missing_ok=True)
 
 
-def _mount_tmpfs(root: Path) -> None:
-    subprocess.run(
+def _mount_tmpfs(root: Path) -> bool:
+    """Mount a tmpfs of SMALL_FS_BYTES on `root`; False where that is not allowed (not root, or a
+    container without CAP_SYS_ADMIN)."""
+    if os.geteuid() != 0:
+        return False
+    done = subprocess.run(
         ["mount", "-t", "tmpfs", "-o", f"size={SMALL_FS_BYTES},mode=0750", "tmpfs", str(root)],
-        check=True, timeout=MOUNT_TIMEOUT_S, capture_output=True,
+        timeout=MOUNT_TIMEOUT_S, capture_output=True,
     )  # fmt: skip
+    return done.returncode == 0
 
 
 def _unmount(root: Path) -> None:
@@ -93,12 +99,11 @@ def small_filesystem(tmp_dir: Path, request: pytest.FixtureRequest) -> Iterator[
     """A SMALL_FS_BYTES file system: a tmpfs as root, the journal's hook otherwise. A test that
     wants the hook even as root is parametrised indirectly with "limit"."""
     kind = getattr(request, "param", "tmpfs")
-    if kind == "tmpfs" and not can_mount():
-        kind = "limit"
     root = tmp_dir / f"fs-{uuid.uuid4().hex[:6]}"
     root.mkdir()
+    if kind == "tmpfs" and not _mount_tmpfs(root):
+        kind = "limit"
     if kind == "tmpfs":
-        _mount_tmpfs(root)
         request.addfinalizer(lambda: _unmount(root))
         filesystem = SmallFilesystem(root, kind)
     else:

@@ -209,13 +209,14 @@ def test_partial_copy_of_a_torn_tail_is_removed_when_the_disk_fills_during_it(
     """On a real file system the copy can get part of the way: that part is no evidence either."""
     directory = small_filesystem.journal_dir
     segment_bytes = 1 << 20
-    with Journal.open(directory, segment_bytes=segment_bytes) as journal:
+    disk = small_filesystem.disk_space()
+    with Journal.open(directory, segment_bytes=segment_bytes, disk=disk) as journal:
         fill_to(journal, 1024)
         last = journal.last_index
     segment = list_segments(directory)[-1][1]
     _tear(segment, 256 << 10)  # inside the preallocated segment: needs no space
     small_filesystem.fill(leave_bytes=64 << 10)  # room for a quarter of the copy
-    with Journal.open(directory, segment_bytes=segment_bytes) as journal:
+    with Journal.open(directory, segment_bytes=segment_bytes, disk=disk) as journal:
         assert journal.recovery is not None and journal.recovery.torn_tail is not None
         assert journal.recovery.torn_tail.broken_path is None
         assert journal.last_index == last
@@ -228,11 +229,7 @@ def test_first_segment_larger_than_the_file_system_is_refused_naming_both_sizes_
     small_filesystem: SmallFilesystem,  # noqa: F811
 ):
     directory = small_filesystem.journal_dir
-    disk = (
-        LimitedDiskSpace(Path(small_filesystem.environment[journal_module.FAULT_DISK_BYTES_ENV]))
-        if small_filesystem.kind == "limit"
-        else None
-    )
+    disk = small_filesystem.disk_space()
     with pytest.raises(JournalFullError) as raised:
         Journal.open(directory, segment_bytes=SEGMENT_BYTES_DEFAULT, disk=disk)
     message = str(raised.value)
