@@ -32,7 +32,12 @@ import posix_ipc
 from daemon.config import ConfigError
 from ipc.platform import PlatformError
 from ipc.segment import SegmentError
-from sequencer.journal import JournalCorruptError, JournalError, JournalLockedError
+from sequencer.journal import (
+    JournalCorruptError,
+    JournalError,
+    JournalFullError,
+    JournalLockedError,
+)
 from sequencer.state_machine import AppLoadError
 
 __all__ = [
@@ -169,6 +174,8 @@ def classify(error: BaseException) -> FatalError | None:
         return FatalError(ExitCode.DATAERR, str(error))
     if isinstance(error, JournalLockedError):
         return FatalError(ExitCode.CANTCREAT, str(error))
+    if isinstance(error, JournalFullError):  # its message names the sizes and the key to change
+        return FatalError(ExitCode.IOERR, str(error))
     if isinstance(error, JournalError):
         os_error = _os_error_in(error)
         if os_error is not None:

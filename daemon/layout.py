@@ -13,6 +13,7 @@ __all__ = [
     "EGRESS_READERS",
     "IDLE_CODES",
     "LOG_READERS",
+    "DiskState",
     "NodeState",
     "RoleState",
     "counters_name",
@@ -32,6 +33,14 @@ class NodeState(IntEnum):
     SERVING = 2
     DRAINING = 3
     STOPPED = 4
+
+
+class DiskState(IntEnum):
+    """`journal.disk_full`: whether the journal has room ahead (written by the journaller only)."""
+
+    ROOM = 0
+    SHORT = 1  # no room reserved ahead: new commands and sessions are refused (disk_full)
+    FULL = 2  # not even room for what the log ring holds: those records wait there, unacknowledged
 
 
 class RoleState(IntEnum):
@@ -81,6 +90,7 @@ COUNTER_NAMES: tuple[str, ...] = (
     "errors.protocol",
     "errors.security",
     "errors.slow_client",
+    "errors.disk_full",  # sessions and commands refused while the journal's disk is short
     "sequencer.parked",
     "timers.pending",
     "egress.consumed.position",
@@ -89,6 +99,8 @@ COUNTER_NAMES: tuple[str, ...] = (
     "journal.durable.index",
     "journal.syncs",
     "errors.journal",
+    "journal.disk_full",  # DiskState; the sequencer refuses new work while it is not ROOM
+    "journal.free_bytes",  # free bytes on the journal's file system, refreshed about every second
     # blp
     "blp.applied.position",
     "blp.applied.index",

@@ -16,6 +16,9 @@ as stopped or stale with the reason, never as a table of zeros:
 - degraded: the supervisor beats but a role is dead or its heartbeat is stuck.
 - live: every heartbeat that should move moves.
 
+Apart from liveness, a node whose journal's disk is short of space says so (`journal.disk_full`,
+written by the journaller): it is live and serves what is committed, but refuses new commands.
+
 Staleness needs two samples: one sample cannot tell a frozen counter from a live one. A
 `StatusTracker` keeps, per heartbeat, when it last changed; `seqd status` without --watch takes
 two samples `SAMPLE_GAP_S` apart, which also gives the rates per second.
@@ -37,6 +40,7 @@ from typing import Any, TextIO
 import psutil
 
 __all__ = [
+    "DISK_STATE_NAMES",
     "IDLE_NAMES",
     "NODE_STATE_NAMES",
     "RAFT_ROLE_NAMES",
@@ -48,6 +52,7 @@ __all__ = [
     "NodeStatus",
     "RoleStatus",
     "StatusTracker",
+    "disk_full_text",
     "pid_alive",
     "read_counters",
     "render_json",
@@ -59,6 +64,7 @@ __all__ = [
 ROLES = ("sequencer", "journaller", "blp", "replicator")
 NODE_STATE_NAMES = {0: "starting", 1: "recovering", 2: "serving", 3: "draining", 4: "stopped"}
 IDLE_NAMES = {0: "spin", 1: "yield", 2: "backoff", 3: "blocking"}
+DISK_STATE_NAMES = {0: "room", 1: "short", 2: "full"}  # daemon.layout.DiskState
 # raft.role as the replicator publishes it (sequencer.raft.core.RaftRole). A single node runs no
 # replicator and leaves it 0, so it is shown only for a node with a replicator or a term.
 RAFT_ROLE_NAMES = {0: "follower", 1: "pre-candidate", 2: "candidate", 3: "leader"}
@@ -139,6 +145,9 @@ class NodeStatus:
     raft_role: str | None = None
     raft_term: int | None = None
     raft_leader: int | None = None
+    disk: str | None = None  # DISK_STATE_NAMES: room, short (refusing new commands), full
+    disk_free_bytes: int | None = None
+    disk_refused: int | None = None  # sessions and commands refused with disk_full
     values: dict[str, int] = field(default_factory=dict)
 
     @property
@@ -252,6 +261,9 @@ class StatusTracker:
             else None,
             raft_term=values.get("raft.term"),
             raft_leader=values.get("raft.leader"),
+            disk=_name(DISK_STATE_NAMES, values.get("journal.disk_full")),
+            disk_free_bytes=values.get("journal.free_bytes"),
+            disk_refused=values.get("errors.disk_full"),
             errors={
                 name.removeprefix("errors."): value
                 for name, value in sorted(values.items())
@@ -369,6 +381,22 @@ class StatusTracker:
         return Liveness.LIVE, ""
 
 
+def disk_full_text(state: int | None, free_bytes: int | None) -> str | None:
+    """One line about the journal's disk while it is short of space, else None (`seqd status`
+    and the supervisor's STATUS= say the same)."""
+    if not state:
+        return None
+    free = "?" if free_bytes is None else f"{free_bytes} bytes"
+    if state == 1:
+        held = "committed work is still served"
+    else:
+        held = "records that did not fit wait in the log ring, unacknowledged"
+    return (
+        f"DISK FULL: {free} free for the journal; new commands and sessions are refused with "
+        f"disk_full until space is freed ({held}); the node resumes by itself"
+    )
+
+
 def _clustered(values: Mapping[str, int]) -> bool:
     return values.get("replicator.pid", 0) > 0 or values.get("raft.term", 0) > 0
 
@@ -420,6 +448,8 @@ def render_text(status: NodeStatus) -> str:
         header += f", {state}"
     else:
         header += f" (last state written: {state.lower()})"
+    if status.disk not in (None, "room"):
+        header += ", DISK FULL"
     header += f"  supervisor pid {_cell(status.supervisor_pid)}"
     if status.restarts:
         header += f"  restarts {status.restarts}"
@@ -428,6 +458,9 @@ def render_text(status: NodeStatus) -> str:
     lines.append(header)
     if status.reason:
         lines.append(f"  ! {status.reason}")
+    disk = disk_full_text(status.values.get("journal.disk_full"), status.disk_free_bytes)
+    if disk is not None:
+        lines.append(f"  ! {disk}")
     if status.state == "recovering" and status.current:
         lines.append(f"  recovering: {_cell(status.recovery_records)} records replayed")
     lines.append("")
@@ -524,6 +557,12 @@ def render_json(status: NodeStatus) -> dict[str, Any]:
         "snapshot": {"last_index": status.snapshot_last_index},
         "recovery": {"records": status.recovery_records},
         "raft": {"role": status.raft_role, "term": status.raft_term, "leader": status.raft_leader},
+        "disk": {
+            "state": status.disk,
+            "full": None if status.disk is None else status.disk != "room",
+            "free_bytes": status.disk_free_bytes,
+            "refused": status.disk_refused,
+        },
         "counters": dict(status.values),
     }
 

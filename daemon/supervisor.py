@@ -66,6 +66,7 @@ from daemon.layout import (
 from daemon.metrics import MetricsServer
 from daemon.notify import Notifier, WatchdogGate, watchdog_interval_s
 from daemon.roles.common import EPOCH_ENV, ROLE_EXIT_FAIL_STOP, SUPERVISOR_PID_ENV
+from daemon.status import disk_full_text
 from ipc.counters import Counters
 from ipc.platform import check_memory_ordering
 from ipc.ring import Ring
@@ -478,9 +479,14 @@ class Supervisor:
             lambda: {role: counters[f"{role}.heartbeat"].get() for role in ROLES}, self.notifier.watchdog
         )
         next_ping = time.monotonic() + (interval_s or 0)
+        disk_full, disk_seen = counters["journal.disk_full"], 0
         while not self.stop_requested:
             self._check_children()
             self._beat()
+            if disk_full.get() != disk_seen:  # STATUS= says so while the disk is full
+                disk_seen = disk_full.get()
+                text = disk_full_text(disk_seen, counters["journal.free_bytes"].get())
+                self.notifier.status(text or f"serving {self.config.socket.path}: disk space is back")
             if interval_s is not None and time.monotonic() >= next_ping:
                 gate.tick()
                 next_ping = time.monotonic() + interval_s

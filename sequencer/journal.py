@@ -25,6 +25,15 @@ renamed into place, and the directory fsynced (ALICE: a new name is durable only
 directory is), and the full segment is fdatasynced *before* the new one exists, so no crash can
 leave a later segment behind an earlier one with a lost tail.
 
+A full disk is a state, not a failure. The journal reserves room ahead of need: with preallocation
+it preallocates a spare segment file (`next.seg.tmp`) once the active segment is half full, and the
+next roll renames it into place; without, it checks that the file system keeps half a segment
+free. `reserve_space` reports a shortage (`SpaceShortage`) while half a segment of room is still
+there, so the node can stop taking new records before a write has to fail. A write that does not
+fit anyway raises `JournalFullError` before anything is written (a write that still meets ENOSPC
+is cut back to where it started); the journal stays usable and the caller retries later.
+`SEQD_FAULT_DISK_BYTES` shrinks the file system for tests (`LimitedDiskSpace`).
+
 Fail-stop. A failed fsync is never retried (fsyncgate: after a write-back error Linux may mark the
 pages clean, and a retried fsync "succeeds" over lost data). The journal raises
 `JournalSyncError` and refuses every later call; the node stops and recovers from the journal.
@@ -33,7 +42,8 @@ Recovery (`Journal.open`). Zero bytes after the last batch of a preallocated seg
 In the *last* segment, a bad batch (bad magic, implausible header, cut short, CRC mismatch) after
 which no valid batch follows is a torn tail: the writer crashed mid-append, before `sync` returned,
 so nothing in it was acknowledged. Its bytes are copied to `<segment>.broken-<offset>`, the tail is
-cut and the cut made durable, once. Anything else (a bad batch followed by a valid one, damage in a
+cut and the cut made durable, once. Recovery never needs free space: when the disk has no room for
+the copy, it cuts without one and says so (and leaves no empty or partial copy behind). Anything else (a bad batch followed by a valid one, damage in a
 non-last segment, a gap in the indexes, a bad segment header) is corruption in the middle of the
 log and `JournalCorruptError` refuses to start, naming the file and the byte offset: it cannot be a
 crash artefact, so repairing it automatically could drop acknowledged records.
@@ -46,6 +56,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import errno
 import fcntl
 import os
 import re
@@ -65,6 +76,8 @@ __all__ = [
     "BATCH_HEADER",
     "BATCH_HEADER_BYTES",
     "BATCH_MAGIC",
+    "FAULT_DISK_BYTES_ENV",
+    "RESERVE_AHEAD_AT_FRACTION",
     "SEGMENT_BYTES_DEFAULT",
     "SEGMENT_BYTES_MAX",
     "SEGMENT_BYTES_MIN",
@@ -72,19 +85,26 @@ __all__ = [
     "SEGMENT_HEADER_BYTES",
     "SEGMENT_LAYOUT_VERSION",
     "SEGMENT_MAGIC",
+    "SPARE_NAME",
+    "WRITE_SLACK_BYTES",
     "Damage",
+    "DiskSpace",
     "Journal",
     "JournalCorruptError",
     "JournalError",
     "JournalFailedError",
+    "JournalFullError",
     "JournalLockedError",
     "JournalReader",
     "JournalSyncError",
     "JournalWriteError",
+    "LimitedDiskSpace",
     "Record",
     "RecoveryReport",
     "SegmentScan",
+    "SpaceShortage",
     "TornTail",
+    "disk_space_from_environment",
     "list_segments",
     "read_records",
     "read_runs",
@@ -122,8 +142,20 @@ READ_CHUNK_BYTES = 1 << 20
 # Recovery reads the zero tail of a preallocated segment in chunks this large.
 TAIL_SCAN_CHUNK_BYTES = 4 << 20
 
+# Room is reserved for the next segment once the active one is this full, so a full disk is
+# known while the rest of the active segment (half a segment: 32 MiB at the default size, twice
+# the default log ring) can still take what the log ring holds.
+RESERVE_AHEAD_AT_FRACTION = 0.5
+# A write that grows a file (no preallocation) goes ahead only if this much more is free: the file
+# system needs blocks of its own to grow a file (extent tree, its journal).
+WRITE_SLACK_BYTES = 256 << 10
+FAULT_DISK_BYTES_ENV = "SEQD_FAULT_DISK_BYTES"
+
 SEGMENT_SUFFIX = ".seg"
 TEMP_SUFFIX = ".seg.tmp"
+# The preallocated spare that the next roll renames into place. It ends in TEMP_SUFFIX, so a seqd
+# that does not know it removes it as an unfinished roll; it never holds a record.
+SPARE_NAME = "next" + TEMP_SUFFIX
 LOCK_NAME = "journal.lock"
 _SEGMENT_NAME = re.compile(r"^(\d{20})\.seg$")
 
@@ -134,6 +166,8 @@ assert BATCH_HEADER_BYTES % 8 == 0
 assert SEGMENT_BYTES_MIN >= SEGMENT_HEADER_BYTES + BATCH_HEADER_BYTES + RECORD_HEADER_BYTES
 assert SEGMENT_BYTES_MAX < 1 << 32
 assert TAIL_SCAN_CHUNK_BYTES % 8 == 0
+assert 0 < RESERVE_AHEAD_AT_FRACTION < 1
+assert not _SEGMENT_NAME.match(SPARE_NAME)
 assert BATCH_MAGIC_BYTES == BATCH_MAGIC.to_bytes(4, "little")
 
 # length, type, index, term: what `append` validates in each record
@@ -168,6 +202,102 @@ class JournalSyncError(JournalFailedError):
 
 class JournalWriteError(JournalFailedError):
     """A write, truncate, rename or unlink failed; the file's state is unknown, so stop."""
+
+
+class JournalFullError(JournalError):
+    """The disk has no room for a write. Nothing of it was written and the journal stays usable
+    (it is not fail-stop): call again once space is freed."""
+
+    def __init__(self, message: str, needed_bytes: int, free_bytes: int) -> None:
+        super().__init__(message)
+        self.needed_bytes = needed_bytes
+        self.free_bytes = free_bytes
+
+
+def _no_space(error: OSError) -> bool:
+    return error.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+# -- disk space ----------------------------------------------------------------------------------
+
+
+class DiskSpace:
+    """The file system under a journal: how much is free, and allocating it. The one place the
+    journal asks about space, so a test can shrink the disk (`LimitedDiskSpace`)."""
+
+    def free_bytes(self, directory: Path) -> int:
+        """Bytes an unprivileged writer may still use (f_bavail: root's reserve is not counted)."""
+        stats = os.statvfs(directory)
+        return stats.f_bavail * stats.f_frsize
+
+    def total_bytes(self, directory: Path) -> int:
+        stats = os.statvfs(directory)
+        return stats.f_blocks * stats.f_frsize
+
+    def allocate(self, fd: int, directory: Path, length: int) -> None:
+        """Allocate the file's first `length` bytes (posix_fallocate).
+
+        Raises:
+            OSError: ENOSPC when the file system has no room.
+        """
+        os.posix_fallocate(fd, 0, length)
+
+    def grow(self, fd: int, directory: Path, growth_bytes: int) -> None:
+        """Called before a write that grows a file by `growth_bytes`. A real file system needs
+        nothing here: the write itself raises ENOSPC."""
+
+
+class LimitedDiskSpace(DiskSpace):
+    """A file system only as large as the number in `capacity_path` (for tests without root).
+
+    Every regular file in the journal directory counts as used with its apparent size. While
+    `capacity_path` does not exist the real file system applies, so a test frees space by
+    writing a larger number or removing the file.
+    """
+
+    def __init__(self, capacity_path: Path) -> None:
+        self.capacity_path = capacity_path
+
+    def _capacity(self) -> int | None:
+        try:
+            return int(self.capacity_path.read_text())
+        except FileNotFoundError:
+            return None
+
+    def _free(self, directory: Path, capacity: int) -> int:
+        used = 0
+        with os.scandir(directory) as entries:
+            for entry in entries:
+                if entry.is_file(follow_symlinks=False):
+                    used += entry.stat(follow_symlinks=False).st_size
+        return max(0, capacity - used)
+
+    def free_bytes(self, directory: Path) -> int:
+        capacity = self._capacity()
+        if capacity is None:
+            return super().free_bytes(directory)
+        return self._free(directory, capacity)
+
+    def total_bytes(self, directory: Path) -> int:
+        capacity = self._capacity()
+        return super().total_bytes(directory) if capacity is None else capacity
+
+    def allocate(self, fd: int, directory: Path, length: int) -> None:
+        self.grow(fd, directory, length - os.fstat(fd).st_size)
+        super().allocate(fd, directory, length)
+
+    def grow(self, fd: int, directory: Path, growth_bytes: int) -> None:
+        capacity = self._capacity()
+        if capacity is not None and growth_bytes > self._free(directory, capacity):
+            raise OSError(errno.ENOSPC, f"No space left on device (limited to {capacity} bytes by "
+                          f"{FAULT_DISK_BYTES_ENV}={self.capacity_path})")
+
+
+def disk_space_from_environment() -> DiskSpace:
+    """The real file system, or, with `SEQD_FAULT_DISK_BYTES=PATH` set, one limited to the number
+    of bytes in that file (a fault-injection hook for tests)."""
+    setting = os.environ.get(FAULT_DISK_BYTES_ENV)
+    return LimitedDiskSpace(Path(setting)) if setting else DiskSpace()
 
 
 # -- records as read back ------------------------------------------------------------------------
@@ -606,15 +736,44 @@ def _scan_tail(
 class TornTail:
     path: Path  # the segment
     offset: int  # where it was cut
-    damaged_bytes: int  # how many bytes were copied aside
-    broken_path: Path  # the copy
+    damaged_bytes: int  # how many bytes were cut off
+    broken_path: Path | None  # the copy of them; None when the disk had no room for one
     reason: str
+    copy_error: str | None = None  # why no copy was kept
 
     def __str__(self) -> str:
-        return (
-            f"torn tail in {self.path} at byte offset {self.offset} ({self.reason}): "
-            f"{self.damaged_bytes} bytes copied to {self.broken_path} and cut off"
+        where = f"torn tail in {self.path} at byte offset {self.offset} ({self.reason}): "
+        if self.broken_path is None:
+            return (
+                f"{where}{self.damaged_bytes} bytes cut off WITHOUT a copy: no room on the disk "
+                f"for one ({self.copy_error}). They were never acknowledged (a crash mid-append)."
+            )
+        return f"{where}{self.damaged_bytes} bytes copied to {self.broken_path} and cut off"
+
+
+@dataclass(frozen=True)
+class SpaceShortage:
+    """The journal could not reserve room ahead (`Journal.reserve_space`): the node should take no
+    new records until there is room. What is already in flight still fits."""
+
+    directory: Path
+    needed_bytes: int
+    free_bytes: int
+    total_bytes: int
+    segment_bytes: int
+    what: str  # what the room is for
+
+    def __str__(self) -> str:
+        text = (
+            f"journal {self.directory}: {self.free_bytes} bytes free on its file system (of "
+            f"{self.total_bytes}), {self.needed_bytes} needed to {self.what}"
         )
+        if self.total_bytes < 2 * self.segment_bytes:
+            text += (
+                f"; the file system holds fewer than two segments of {self.segment_bytes} bytes: "
+                "lower journal.segment_bytes"
+            )
+        return text + ". Free space on it; the node resumes by itself."
 
 
 @dataclass(frozen=True)
@@ -669,17 +828,23 @@ class Journal:
     the last one, and `_write_offset` is just after its last batch.
     """
 
-    def __init__(self, directory: Path, segment_bytes: int, preallocate: bool) -> None:
+    def __init__(
+        self, directory: Path, segment_bytes: int, preallocate: bool, disk: DiskSpace
+    ) -> None:
         self.directory = directory
         self.segment_bytes = segment_bytes
         self.preallocate = preallocate
+        self.disk = disk
         self.recovery: RecoveryReport | None = None
         self._segments: list[_Segment] = []
         self._segment_firsts: list[int] = []
         self._journal_id = b""
         self._fd = -1
         self._lock_fd = -1
+        self._spare_fd = -1  # the preallocated next segment (SPARE_NAME), once reserved
         self._write_offset = 0
+        # The active segment's file size: writes below it need no new space (preallocated).
+        self._allocated_bytes = 0
         self._last_index = 0
         self._last_term = 0
         self._durable_index = 0
@@ -694,11 +859,18 @@ class Journal:
         directory: Path | str,
         segment_bytes: int = SEGMENT_BYTES_DEFAULT,
         preallocate: bool = True,
+        disk: DiskSpace | None = None,
     ) -> Journal:
         """Open (creating if needed) the journal in `directory` and recover it.
 
+        Args:
+            disk: the file system's space; by default the real one, or the test hook's
+                (`disk_space_from_environment`).
+
         Raises:
             JournalCorruptError: damage other than a torn tail; names the file and offset.
+            JournalFullError: a new journal's first segment does not fit the file system; the
+                message names both sizes and the setting to change.
             JournalError: another process holds the journal, or a bad argument.
         """
         if not SEGMENT_BYTES_MIN <= segment_bytes <= SEGMENT_BYTES_MAX or segment_bytes % 8:
@@ -708,7 +880,7 @@ class Journal:
             )
         directory = Path(directory)
         directory.mkdir(mode=0o750, parents=True, exist_ok=True)
-        journal = cls(directory, segment_bytes, preallocate)
+        journal = cls(directory, segment_bytes, preallocate, disk or disk_space_from_environment())
         try:
             journal._lock()
             journal._recover()
@@ -739,6 +911,8 @@ class Journal:
             ) from None
 
     def _recover(self) -> None:
+        # A spare next segment holds no record; it is reserved again when needed.
+        (self.directory / SPARE_NAME).unlink(missing_ok=True)
         removed = []
         for temp in sorted(self.directory.glob("*" + TEMP_SUFFIX)):
             # A roll that crashed before its rename: never part of the journal.
@@ -816,39 +990,99 @@ class Journal:
         fd = os.open(damage.path, os.O_RDWR)
         try:
             damaged = os.pread(fd, damage.end_offset - damage.offset, damage.offset)
-            copy = os.open(broken, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
-            try:
-                os.write(copy, damaged)
-                os.fsync(copy)
-            finally:
-                os.close(copy)
-            _fsync_directory(self.directory)
+            copy_error = self._keep_copy(broken, damaged) if damaged else "nothing to copy"
             os.ftruncate(fd, damage.offset)
             if self.preallocate:
-                os.posix_fallocate(fd, 0, max(self.segment_bytes, damage.offset))
+                self._allocate_if_room(fd, max(self.segment_bytes, damage.offset))
             os.fsync(fd)
         finally:
             os.close(fd)
-        return TornTail(damage.path, damage.offset, len(damaged), broken, damage.reason)
+        kept = broken if copy_error is None else None
+        return TornTail(damage.path, damage.offset, len(damaged), kept, damage.reason, copy_error)
+
+    def _keep_copy(self, broken: Path, damaged: bytes) -> str | None:
+        """Write `damaged` to `broken` and make it durable. Returns None, or why there is no copy:
+        the disk had no room. Either way no empty or partial copy is left behind: it would pass
+        for evidence that is not there.
+
+        Raises:
+            OSError: the copy failed for another reason than space (the copy is removed too).
+        """
+        try:
+            copy = os.open(broken, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        except OSError as error:
+            if _no_space(error):
+                return str(error)
+            raise
+        try:
+            self.disk.grow(copy, self.directory, len(damaged))
+            written = 0
+            while written < len(damaged):
+                written += os.write(copy, damaged[written:])
+            os.fsync(copy)
+        except OSError as error:
+            os.close(copy)
+            broken.unlink(missing_ok=True)
+            _fsync_directory(self.directory)
+            if _no_space(error):
+                return str(error)
+            raise
+        os.close(copy)
+        _fsync_directory(self.directory)
+        return None
+
+    def _allocate_if_room(self, fd: int, length: int) -> None:
+        """Preallocate where recovery can do without it: on a full disk the file stays shorter and
+        `_ensure_room` allocates before a write needs the space."""
+        try:
+            self.disk.allocate(fd, self.directory, length)
+        except OSError as error:
+            if not _no_space(error):
+                raise
 
     def _open_active(self, path: Path, end_offset: int) -> None:
-        if self._fd >= 0:
+        fd = os.open(path, os.O_RDWR)
+        if self.preallocate and os.fstat(fd).st_size < self.segment_bytes:
+            self._allocate_if_room(fd, self.segment_bytes)
+        self._activate(fd, end_offset)
+
+    def _activate(self, fd: int, write_offset: int) -> None:
+        """Make `fd` the active segment, the next batch going at `write_offset`."""
+        if self._fd >= 0 and self._fd != fd:
             os.close(self._fd)
-            self._fd = -1
-        self._fd = os.open(path, os.O_RDWR)
-        self._write_offset = end_offset
-        if self.preallocate and os.fstat(self._fd).st_size < self.segment_bytes:
-            os.posix_fallocate(self._fd, 0, self.segment_bytes)
+        self._fd = fd
+        self._write_offset = write_offset
+        self._allocated_bytes = os.fstat(fd).st_size
 
     def _create_segment(self, first_index: int, prev_term: int) -> None:
-        """Temp file, header, fsync, rename, directory fsync; then it becomes the active segment."""
+        """Temp file (the preallocated spare, if reserved), header, fsync, rename, directory fsync;
+        then it becomes the active segment.
+
+        Raises:
+            JournalFullError: no room for the file; nothing is left behind.
+        """
         final = self.directory / segment_name(first_index)
         assert not final.exists(), final
-        temp = final.with_name(final.name[: -len(SEGMENT_SUFFIX)] + TEMP_SUFFIX)
-        fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o640)
+        if self._spare_fd >= 0:
+            fd, temp = self._spare_fd, self.directory / SPARE_NAME
+            self._spare_fd = -1
+        else:
+            temp = final.with_name(final.name[: -len(SEGMENT_SUFFIX)] + TEMP_SUFFIX)
+            fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o640)
+            try:
+                if self.preallocate:
+                    self.disk.allocate(fd, self.directory, self.segment_bytes)
+                else:
+                    self._check_growth(SEGMENT_HEADER_BYTES, f"creating segment {final.name}")
+            except BaseException as error:
+                os.close(fd)
+                temp.unlink(missing_ok=True)
+                if isinstance(error, OSError) and _no_space(error):
+                    raise self._full_error(
+                        f"creating segment {final.name}", self.segment_bytes
+                    ) from error
+                raise
         try:
-            if self.preallocate:
-                os.posix_fallocate(fd, 0, self.segment_bytes)
             header = _segment_header_bytes(first_index, prev_term, self._journal_id)
             os.pwrite(fd, header, 0)
             os.fsync(fd)
@@ -857,12 +1091,112 @@ class Journal:
             raise
         os.rename(temp, final)
         _fsync_directory(self.directory)
-        if self._fd >= 0:
-            os.close(self._fd)
-        self._fd = fd
-        self._write_offset = SEGMENT_HEADER_BYTES
+        self._activate(fd, SEGMENT_HEADER_BYTES)
         self._segments.append(_Segment(final, first_index, prev_term))
         self._segment_firsts.append(first_index)
+
+    # ---- space ----
+
+    def _full_error(self, what: str, needed_bytes: int) -> JournalFullError:
+        free = self.disk.free_bytes(self.directory)
+        total = self.disk.total_bytes(self.directory)
+        if not self._segments:
+            suggestion = 1 << ((total // 4).bit_length() - 1) if total >= 4 * SEGMENT_BYTES_MIN else 0
+            advice = (
+                f"lower journal.segment_bytes (for example to {suggestion}) or give the journal a "
+                "larger file system"
+                if suggestion
+                else "give the journal a larger file system"
+            )
+            return JournalFullError(
+                f"journal {self.directory} cannot create its first segment: "
+                f"journal.segment_bytes={self.segment_bytes} but its file system has {free} "
+                f"bytes free (of {total}): {advice}.",
+                needed_bytes, free,
+            )  # fmt: skip
+        return JournalFullError(
+            f"journal {self.directory}: no room for {what} ({needed_bytes} bytes needed, {free} "
+            f"free of {total}); nothing was written. Free space on the file system: the node "
+            "takes no new commands meanwhile and resumes by itself.",
+            needed_bytes, free,
+        )  # fmt: skip
+
+    def _check_growth(self, growth_bytes: int, what: str) -> None:
+        """Without preallocation: raise JournalFullError unless a write growing a file by
+        `growth_bytes` fits, with WRITE_SLACK_BYTES to spare, so ENOSPC never comes mid-batch."""
+        if self.disk.free_bytes(self.directory) < growth_bytes + WRITE_SLACK_BYTES:
+            raise self._full_error(what, growth_bytes + WRITE_SLACK_BYTES)
+
+    def _ensure_room(self, end: int, what: str) -> None:
+        """Before a write up to byte `end` of the active segment: the space is allocated, or there
+        is room to grow the file; otherwise JournalFullError, with nothing written."""
+        if end <= self._allocated_bytes:
+            return
+        if not self.preallocate:
+            self._check_growth(end - self._allocated_bytes, what)
+            return
+        try:
+            self.disk.allocate(self._fd, self.directory, max(self.segment_bytes, end))
+        except OSError as error:
+            self._allocated_bytes = os.fstat(self._fd).st_size  # a failed fallocate may keep a part
+            if _no_space(error):
+                raise self._full_error(what, end - self._allocated_bytes) from error
+            raise self._write_failed("preallocating the active segment", error) from error
+        self._allocated_bytes = os.fstat(self._fd).st_size
+
+    def reserve_space(self) -> SpaceShortage | None:
+        """Reserve room for the next segment before it is needed, so that a full disk shows while
+        there is still room to write what is in flight.
+
+        With preallocation, once the active segment is RESERVE_AHEAD_AT_FRACTION full, a spare
+        segment file is preallocated (the next roll renames it into place). Without, the file
+        system must keep that fraction of a segment (plus WRITE_SLACK_BYTES) free. Cheap when
+        nothing has changed: call it after every append, and while it reports a shortage, now
+        and then until it does not.
+
+        Returns:
+            None when the room ahead is there; otherwise what is missing. The journal still takes
+            every write that fits; `append` raises JournalFullError only for one that does not.
+
+        Raises:
+            JournalWriteError: preallocating failed for another reason than space (fail-stop).
+        """
+        self._check_usable()
+        ahead_bytes = int(self.segment_bytes * RESERVE_AHEAD_AT_FRACTION)
+        if not self.preallocate:
+            needed = ahead_bytes + WRITE_SLACK_BYTES
+            free = self.disk.free_bytes(self.directory)
+            if free >= needed:
+                return None
+            return self._shortage(needed, free, "keep room ahead for the journal")
+        if self._spare_fd >= 0 or self._write_offset < ahead_bytes:
+            return None
+        free = self.disk.free_bytes(self.directory)
+        if free >= self.segment_bytes:  # else do not even try: a failed fallocate churns blocks
+            path = self.directory / SPARE_NAME
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o640)
+            try:
+                self.disk.allocate(fd, self.directory, self.segment_bytes)
+            except OSError as error:
+                os.close(fd)
+                path.unlink(missing_ok=True)
+                if not _no_space(error):
+                    raise self._write_failed("preallocating the next segment", error) from error
+                free = self.disk.free_bytes(self.directory)
+            else:
+                self._spare_fd = fd
+                return None
+        return self._shortage(self.segment_bytes, free, "preallocate the next segment")
+
+    def _shortage(self, needed_bytes: int, free_bytes: int, what: str) -> SpaceShortage:
+        return SpaceShortage(
+            self.directory, needed_bytes, free_bytes, self.disk.total_bytes(self.directory),
+            self.segment_bytes, what,
+        )  # fmt: skip
+
+    def free_bytes(self) -> int:
+        """Free bytes on the journal's file system (as `reserve_space` counts them)."""
+        return self.disk.free_bytes(self.directory)
 
     # ---- state ----
 
@@ -931,6 +1265,9 @@ class Journal:
         Raises:
             JournalError: the bytes are not whole records, or their indexes do not continue the
                 log without gaps, or a term goes backwards (nothing is written).
+            JournalFullError: no room on the disk. Nothing was written, unless the batch was
+                larger than a segment and cut: then the records up to `last_index` were. The
+                journal stays usable; append the rest again later.
             JournalWriteError, JournalSyncError: I/O failed; the journal is stopped.
         """
         self._check_usable()
@@ -1025,9 +1362,11 @@ class Journal:
         crc = _batch_crc(length, count, first_index, last_index, view)
         header = BATCH_HEADER.pack(BATCH_MAGIC, length, crc, count, first_index, last_index)
         offset = self._write_offset
+        total = BATCH_HEADER_BYTES + length
+        what = f"records {first_index}..{last_index}"
+        self._ensure_room(offset + total, what)
         try:
             written = os.pwritev(self._fd, [header, view], offset)
-            total = BATCH_HEADER_BYTES + length
             while written < total:  # a short write: only near a full disk or on a signal
                 rest = (header + bytes(view))[written:]
                 step = os.pwrite(self._fd, rest, offset + written)
@@ -1035,9 +1374,20 @@ class Journal:
                     raise OSError(f"pwrite made no progress at offset {offset + written}")
                 written += step
         except OSError as error:
-            raise self._write_failed(
-                f"writing records {first_index}..{last_index}", error
-            ) from error
+            if not _no_space(error):
+                raise self._write_failed(f"writing {what}", error) from error
+            # The disk filled between the check and the write (another writer on the same file
+            # system). ENOSPC is not a write-back error: the bytes before `offset` are intact,
+            # so cutting the file back to `offset` undoes this write, and nothing is torn.
+            try:
+                os.ftruncate(self._fd, offset)
+            except OSError as truncate_error:
+                raise self._write_failed(
+                    f"cutting back a write of {what} that found the disk full", truncate_error
+                ) from truncate_error
+            self._allocated_bytes = offset
+            raise self._full_error(what, total) from error
+        self._allocated_bytes = max(self._allocated_bytes, offset + total)
         self._write_offset = offset + total
         self._last_index = last_index
         self._last_term = last_term
@@ -1051,7 +1401,7 @@ class Journal:
             raise self._sync_failed("fdatasync of the full segment before a roll", error) from error
         self._durable_index = self._last_index
         try:
-            self._create_segment(self._last_index + 1, self._last_term)
+            self._create_segment(self._last_index + 1, self._last_term)  # JournalFullError: retry
         except OSError as error:
             raise self._write_failed("creating a new segment", error) from error
 
@@ -1111,9 +1461,9 @@ class Journal:
                 self._fd = fd
                 os.ftruncate(fd, cut)
                 if self.preallocate:
-                    os.posix_fallocate(fd, 0, max(self.segment_bytes, cut))
+                    self._allocate_if_room(fd, max(self.segment_bytes, cut))
                 os.fsync(fd)
-                self._write_offset = cut
+                self._activate(fd, cut)
             else:
                 self._rewrite_with_prefix(segment, cut, split, index)
         except OSError as error:
@@ -1163,7 +1513,7 @@ class Journal:
         target = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o640)
         try:
             if self.preallocate:
-                os.posix_fallocate(target, 0, self.segment_bytes)
+                self.disk.allocate(target, self.directory, self.segment_bytes)
             copied = 0
             while copied < cut:
                 chunk = os.pread(source, min(READ_CHUNK_BYTES, cut - copied), copied)
@@ -1181,8 +1531,7 @@ class Journal:
         self._close_active()
         os.rename(temp, segment.path)
         _fsync_directory(self.directory)
-        self._fd = target
-        self._write_offset = end
+        self._activate(target, end)
 
     def delete_segments_before(self, index: int) -> list[Path]:
         """Retention: delete the segments whose records all come before `index` (a snapshot covers
@@ -1233,6 +1582,10 @@ class Journal:
 
     def _release(self) -> None:
         self._close_active()
+        if self._spare_fd >= 0:  # give the space back; the next writer reserves it again
+            os.close(self._spare_fd)
+            self._spare_fd = -1
+            (self.directory / SPARE_NAME).unlink(missing_ok=True)
         if self._lock_fd >= 0:
             os.close(self._lock_fd)  # releases the flock
             self._lock_fd = -1

@@ -246,6 +246,9 @@ class CheckReport:
     # start cuts it, keeping a copy. Otherwise it refuses to start.
     torn_tail: bool = False
     broken_copies: list[Path] = field(default_factory=list)  # `.broken-*` kept by earlier repairs
+    # Empty `.broken-*` files: no evidence of anything (an older seqd left them when the disk had
+    # no room for the copy); safe to delete.
+    empty_leftovers: list[Path] = field(default_factory=list)
 
     def __str__(self) -> str:
         counts = (
@@ -257,6 +260,11 @@ class CheckReport:
             if self.broken_copies
             else ""
         )
+        if self.empty_leftovers:
+            copies += (
+                f"; {len(self.empty_leftovers)} empty .broken file(s), not evidence of anything "
+                "(left when the disk had no room for a copy): delete them"
+            )
         if self.ok:
             return f"journal {self.directory}: ok, {counts}{copies}"
         verdict = (
@@ -277,7 +285,9 @@ def check(directory: Path | str) -> CheckReport:
     """
     directory = Path(directory)
     report = CheckReport(directory)
-    report.broken_copies = sorted(directory.glob("*.broken-*"))
+    for path in sorted(directory.glob("*.broken-*")):
+        empty = path.stat().st_size == 0
+        (report.empty_leftovers if empty else report.broken_copies).append(path)
     segments = list_segments(directory)
     report.segments = len(segments)
     previous: SegmentScan | None = None

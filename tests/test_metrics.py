@@ -251,3 +251,12 @@ def test_stop_closes_the_port_and_is_idempotent() -> None:
     metrics.stop()
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", port), timeout=HTTP_TIMEOUT_S).close()
+
+
+def test_full_disk_state_is_a_documented_gauge_and_its_refusals_a_counter() -> None:
+    text = render_prometheus({"journal.disk_full": 1, "journal.free_bytes": 4096, "errors.disk_full": 7})
+    families = parse_exposition(text)
+    assert families["seqd_journal_disk_full"] == ("gauge", ["seqd_journal_disk_full 1"])
+    assert families["seqd_journal_free_bytes"][0] == "gauge"
+    assert families["seqd_errors_disk_full_total"][0] == "counter"
+    assert "# HELP seqd_journal_disk_full Journal disk: 0 room, 1 short (new commands refused with disk_full)" in text

@@ -272,6 +272,21 @@ def test_recovering_node_says_how_far_it_got(tracker: StatusTracker) -> None:
     assert "recovering: 12345 records replayed" in render_text(status)
 
 
+@pytest.mark.parametrize(("state", "name"), [(1, "short"), (2, "full")])
+def test_node_short_of_disk_space_says_so_and_stays_live(tracker: StatusTracker, state: int, name: str) -> None:
+    values = live_values(**{"journal.disk_full": state, "journal.free_bytes": 524_288, "errors.disk_full": 12})
+    status = tracker.observe(values, now_s=0.0)
+    assert status.liveness == Liveness.LIVE
+    text = render_text(status)
+    assert text.splitlines()[0].startswith("seqd node n1: LIVE, SERVING, DISK FULL")
+    assert "! DISK FULL: 524288 bytes free for the journal" in text
+    assert "refused with disk_full" in text
+    assert render_json(status)["disk"] == {"state": name, "full": True, "free_bytes": 524_288, "refused": 12}
+    roomy = tracker.observe(live_values(**{"journal.disk_full": 0}), now_s=0.1)
+    assert "DISK FULL" not in render_text(roomy)
+    assert render_json(roomy)["disk"]["full"] is False
+
+
 def test_missing_counter_names_show_as_unknown_not_zero(tracker: StatusTracker) -> None:
     sparse = {"supervisor.pid": SUPERVISOR_PID, "supervisor.heartbeat": 1, "node.state": 2}
     status = tracker.observe(sparse, now_s=0.0)

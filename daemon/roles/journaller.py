@@ -11,6 +11,14 @@ covers ~75 records; under light load each record gets its own fsync and the lowe
 
 A failed fdatasync is never retried (fsyncgate): the role exits with ROLE_EXIT_FAIL_STOP and the
 supervisor restarts the node from the journal.
+
+A full disk is a state, not a failure (`DiskWatch`). After each append the journal reserves room
+for the next segment ahead of need; when it cannot, the journaller publishes
+`journal.disk_full` = SHORT and the sequencer refuses new commands and sessions (`disk_full`)
+while half a segment of room is left for what the ring already holds. If a batch does not fit
+even so (FULL), nothing of it is written: the region stays in the ring, unreleased and
+unacknowledged, and is appended again every DISK_RETRY_S. Both states end by themselves once
+space is freed; the role never exits for them.
 """
 
 from __future__ import annotations
@@ -22,18 +30,74 @@ import sys
 import time
 from pathlib import Path
 
-from daemon.layout import RoleState, log_name
+from daemon.layout import DiskState, RoleState, log_name
 from daemon.roles.common import ROLE_EXIT_FAIL_STOP, RoleContext, run_role
+from ipc.counters import Counter
 from ipc.idle import idle_strategy
 from ipc.ring import Ring
 from sequencer import snapshot as snapshots
-from sequencer.journal import Journal, JournalError
+from sequencer.journal import Journal, JournalError, JournalFullError
 
 log = logging.getLogger("seqd.journaller")
 
 REGIONS_PER_SYNC_MAX = 2
 FAULT_FDATASYNC_ENV = "SEQD_FAULT_FDATASYNC"
 SYNC_SLOW_S = 0.05  # an fdatasync slower than this is logged: replies wait for it  # a batch may straddle the ring's wrap: at most two regions
+# While the disk is short, how often room is sought again (and a batch that did not fit is
+# appended again): the node resumes at most this long after space is freed. A failed attempt
+# costs a statvfs, so ten a second are nothing.
+DISK_RETRY_S = 0.1
+FREE_BYTES_REPORT_S = 1.0  # journal.free_bytes is refreshed this often
+
+
+class DiskWatch:
+    """Publishes whether the journal has room ahead (`journal.disk_full`, a DiskState) and logs
+    each change of it once. The journaller is the only writer of both counters."""
+
+    def __init__(self, journal: Journal, state: Counter, free_bytes: Counter) -> None:
+        self.journal = journal
+        self.state_counter = state
+        self.free_counter = free_bytes
+        self.state = DiskState.ROOM
+        self.retry_at_s = 0.0
+        self.report_at_s = 0.0
+
+    def due(self, now_s: float) -> bool:
+        """True when short of space and it is time to look again."""
+        return self.state != DiskState.ROOM and now_s >= self.retry_at_s
+
+    def check(self, now_s: float) -> None:
+        """Reserve room ahead (after appends, or when due) and publish the outcome."""
+        shortage = self.journal.reserve_space()
+        self._set(now_s, DiskState.ROOM if shortage is None else DiskState.SHORT, str(shortage))
+
+    def full(self, now_s: float, error: JournalFullError) -> None:
+        """A batch did not fit: it waits in the ring until the next attempt."""
+        self._set(now_s, DiskState.FULL, str(error))
+
+    def report(self, now_s: float) -> None:
+        if now_s >= self.report_at_s:
+            self.free_counter.set(self.journal.free_bytes())
+            self.report_at_s = now_s + FREE_BYTES_REPORT_S
+
+    def _set(self, now_s: float, state: DiskState, reason: str) -> None:
+        if state != DiskState.ROOM:
+            self.retry_at_s = now_s + DISK_RETRY_S
+        if state == self.state:
+            return
+        self.report_at_s = 0.0
+        self.report(now_s)
+        if state == DiskState.ROOM:
+            log.warning("disk space is back (%d bytes free): the node takes new commands again",
+                        self.free_counter.get())
+        elif state == DiskState.SHORT:
+            log.error("disk short of space: %s The node refuses new commands and sessions "
+                      "(disk_full) and keeps serving what is committed.", reason)
+        else:
+            log.error("disk full: a batch does not fit, so it waits in the log ring, never "
+                      "acknowledged, and is written once there is room: %s", reason)
+        self.state = state
+        self.state_counter.set(int(state))
 
 
 def compact(journal: Journal, snapshot_dir: Path) -> list[Path]:
@@ -95,19 +159,41 @@ def run(context: RoleContext) -> int:
     batch_bytes_max = config.journal.batch_bytes_max
     durable_index.set(journal.last_index)
     commit_index.set(journal.last_index)
+    disk = DiskWatch(journal, counters["journal.disk_full"], counters["journal.free_bytes"])
+    disk.check(time.monotonic())  # a node restarted on a full disk refuses new work from the start
+    # A region the disk had no room for. poll_region would release it (the ring could then reuse
+    # its bytes), so it is kept, unreleased, and appended again before anything else.
+    waiting: memoryview | None = None
     context.set_state(RoleState.RUNNING)
     log.info("journal open at index %d in %s", journal.last_index, config.journal_dir)
     beats = 0
     try:
         while True:
+            now_s = time.monotonic()
             appended = 0
-            for _ in range(REGIONS_PER_SYNC_MAX):
-                _start, region = reader.poll_region(batch_bytes_max - appended)
-                if not region:
-                    break
-                journal.append(region)
-                appended += len(region)
-                reader.release()
+            due = disk.due(now_s)
+            if waiting is None or due:
+                for _ in range(REGIONS_PER_SYNC_MAX):
+                    region = waiting
+                    if region is None:
+                        _start, region = reader.poll_region(batch_bytes_max - appended)
+                        if not region:
+                            break
+                    last_index = journal.last_index
+                    try:
+                        journal.append(region)
+                    except JournalFullError as error:
+                        # batch_bytes_max <= segment_bytes / 2 (config): never cut, nothing written.
+                        assert journal.last_index == last_index, (journal.last_index, last_index)
+                        waiting = region
+                        disk.full(now_s, error)
+                        break
+                    waiting = None
+                    appended += len(region)
+                    reader.release()
+            if waiting is None and (appended or due):
+                disk.check(now_s)
+            disk.report(now_s)
             if appended:
                 sync_started = time.monotonic()
                 last_index = journal.sync()
@@ -135,6 +221,11 @@ def run(context: RoleContext) -> int:
                 # Drain: the supervisor stops us only after the sequencer has exited, so what is
                 # published now is everything there will be.
                 if reader.position >= published_position.get():
+                    break
+                if waiting is not None:
+                    log.warning("stopping with records after index %d not journaled: the disk is "
+                                "full (they were never acknowledged; clients resend them)",
+                                journal.last_index)
                     break
             idle.idle(appended)
     except JournalError as error:

@@ -19,6 +19,12 @@ on the loop; replies go to the session with that id if it is still attached to t
 to every subscribed session. A session whose unsent output passes `client_write_buffer_bytes_max`
 is a slow client: it gets an error frame and is disconnected, so it cannot stall anyone else.
 
+A full disk: while the journaller reports `journal.disk_full` (DiskState SHORT or FULL), new
+sessions and every new COMMAND get the retryable ERROR `disk_full` and their connection is closed,
+so nothing more enters the log; sessions that only wait keep their replies and events, and the
+node resumes by itself when the counter drops back. A refused client reconnects with backoff and
+resends its unanswered requests; the dedup table applies each once.
+
 Timers: TIMER_SCHEDULE outputs fill a heap keyed by deadline; when the clock passes a deadline the
 sequencer sequences TIMER_FIRED(timer_id, deadline). The blp fires only if the timer is still
 scheduled with that deadline, so a stale or duplicate fire is harmless.
@@ -46,7 +52,7 @@ import uvloop
 
 from daemon.errorlog import DistinctErrorLog, exception_key
 from daemon.exits import ExitCode, FatalError
-from daemon.layout import RoleState, egress_name, log_name
+from daemon.layout import DiskState, RoleState, egress_name, log_name
 from daemon.roles.common import RoleContext, report_start_failure, start_role
 from ipc.idle import idle_strategy
 from ipc.ring import Ring
@@ -190,6 +196,7 @@ class Sequencer:
         self.errors_protocol = counters["errors.protocol"]
         self.errors_total = counters["errors.total"]
         self.egress_consumed = counters["egress.consumed.position"]
+        self.disk_full = counters["journal.disk_full"]  # the journaller's DiskState
         # Client errors are counted every time and logged once per kind, with repeat counts, so
         # a misbehaving client cannot flood the log.
         self.errors = DistinctErrorLog(log, counter_add=self.errors_total.add)
@@ -376,6 +383,7 @@ class Sequencer:
         command_bytes_max = self.command_bytes_max
         command_version_max = self.command_version_max
         in_flight_max = IN_FLIGHT_MAX
+        refusing = self.disk_full.get() != DiskState.ROOM
         self._stamp()  # one clock read for everything this session sent in this pass
         try:
             frames = session.backlog or connection.next_frames()
@@ -386,6 +394,9 @@ class Sequencer:
                         # The codec refuses a COMMAND before HELLO, and a blocked HELLO stays
                         # ahead of the commands in the backlog.
                         assert session.session_id, "COMMAND before the session opened"
+                        if refusing:
+                            self._refuse_disk_full(session)
+                            return
                         if (
                             len(frame.payload) > command_bytes_max
                             or not 1 <= frame.version <= command_version_max
@@ -399,6 +410,9 @@ class Sequencer:
                         commands += 1
                     elif type(frame) is protocol.Hello:
                         assert not session.session_id, "the codec refuses a second HELLO"
+                        if refusing:  # a SESSION_OPEN is a record too
+                            self._refuse_disk_full(session)
+                            return
                         if not self._open_session(session, frame):
                             self._block(session, frames[position:])
                             return
@@ -488,6 +502,19 @@ class Sequencer:
         session.write(session.connection.send(
             protocol.Reply(command.request_id, 0, protocol.ReplyStatus.REJECTED, command.version, payload)
         ))
+
+    def _refuse_disk_full(self, session: Session) -> None:
+        """The journal's disk is short of space: refuse this connection's new work with the
+        retryable `disk_full` ERROR and close it. Nothing of it entered the log; the client
+        reconnects with backoff and resends."""
+        self.counters["errors.disk_full"].add(1)
+        message = (
+            f"the node's disk is full ({self.counters['journal.free_bytes'].get()} bytes free for "
+            "the journal): it takes no new commands or sessions until space is freed. Retry "
+            "later; acknowledged commands are safe, and unanswered ones are answered when resent"
+        )
+        self.errors.record("node.disk_full", f"session {session.session_id:x}: refused: {message}", time.monotonic())
+        self._fail(session, protocol.ErrorCode.DISK_FULL, message)
 
     def _block(self, session: Session, frames: list[protocol.Frame]) -> None:
         session.backlog = frames
@@ -818,6 +845,9 @@ class Sequencer:
         while time.monotonic() < deadline:
             self._drain_egress()
             if applied.get() >= self.writer.published_position and self.egress_reader.position >= egress_published.get():
+                break
+            if self.disk_full.get() == DiskState.FULL:
+                log.warning("draining on a full disk: records that did not fit were never acknowledged; clients resend them")
                 break
             self.context.heartbeat.add(1)
             await asyncio.sleep(0.005)

@@ -190,6 +190,8 @@ class ErrorCode(enum.StrEnum):
     # Refused by the daemon when the connection is accepted.
     PERMISSION_DENIED = "permission_denied"
     UNAVAILABLE = "unavailable"
+    # Refused by the daemon at HELLO or COMMAND while the journal's disk is short of space.
+    DISK_FULL = "disk_full"
 
 
 class RejectionCode(enum.StrEnum):

@@ -104,7 +104,7 @@ REDIRECTS_MAX: Final = 8
 IN_FLIGHT_LIMIT_MAX: Final = 1024
 # ERROR codes that mean "not now" (a draining node, sessions_max reached): the client backs off
 # and reconnects instead of failing.
-RETRYABLE_ERROR_CODES: Final = frozenset({"unavailable"})
+RETRYABLE_ERROR_CODES: Final = frozenset({"unavailable", "disk_full"})
 # Queued command bytes that make `submit` write at once instead of waiting for a flush or a wait:
 # about a socket buffer's worth, so one write system call carries a few hundred small commands.
 SEND_BATCH_BYTES: Final = 64 * 1024
