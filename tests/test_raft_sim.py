@@ -98,17 +98,12 @@ def _vote_ignoring_logs(self: RaftCore, message: RequestVote) -> None:
 
 
 def _commit_by_counting_any_term(self: RaftCore) -> None:
-    from sequencer.raft.quorum import quorum_index
-
-    matches = [p.match_index for p in self._progress.values()]
-    matches.append(self.stable_index)
-    index = quorum_index(matches, self.quorum)
+    index = self._tracker.committed_index(self.stable_index)
     if index > self.commit_index:
-        waiting = self.log.term_at(self.commit_index) != self.term and self._reads_waiting
+        waiting = self.log.term_at(self.commit_index) != self.term and self._reads.waiting
         self.commit_index = index
         if waiting:
-            requests, self._reads_waiting = self._reads_waiting, []
-            self._start_reads(requests)
+            self._start_reads(self._reads.take_waiting())
 
 
 @pytest.fixture
