@@ -98,7 +98,8 @@ def _vote_ignoring_logs(self: RaftCore, message: RequestVote) -> None:
 
 
 def _commit_by_counting_any_term(self: RaftCore) -> None:
-    index = self._tracker.committed_index(self.stable_index)
+    assert self._leader is not None
+    index = self._leader.tracker.committed_index(self.stable_index)
     if index > self.commit_index:
         waiting = self.log.term_at(self.commit_index) != self.term and self._reads.waiting
         self.commit_index = index

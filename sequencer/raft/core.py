@@ -41,11 +41,13 @@ Features, with the sections of the Raft paper (extended version) they implement:
 Membership is static (1, 3 or 5 voters); neither joint consensus nor single-server changes are
 implemented.
 
-Where the parts live: this module is the node itself (inputs, message handling, changes of
-standing, the ready/advance contract). It delegates to one module per concept: `config`
-(`RaftConfig`), `election` (election timer, vote tally, the voter's rule), `tracker` (the leader's
-per-follower progress and flow control, and its majority questions), `read_index` (the queue of
-ReadIndex reads), `log` (entries) and `quorum` (majority arithmetic).
+Where the parts live: this module is the node itself: its inputs, the term rules every message
+passes, the follower's handling of the leader's messages, changes of standing, the commit rule and
+the ready/advance contract. It delegates one concept to each of: `config` (`RaftConfig`),
+`election` (election timer, vote tally, the voter's rule), `leader` (what a leader sends its
+followers and how it reads their answers; one `Leader` per term led), `tracker` (each follower's
+progress and flow control, and the majority questions over them), `read_index` (the queue of
+ReadIndex reads), `log` (the entries) and `quorum` (majority arithmetic).
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ import random
 
 from sequencer.raft.config import NO_NODE, RaftConfig
 from sequencer.raft.election import ElectionTimer, VoteResult, VoteTally, vote_granted
+from sequencer.raft.leader import Leader
 from sequencer.raft.log import RaftLog
 from sequencer.raft.messages import (
     AppendEntries,
@@ -73,7 +76,6 @@ from sequencer.raft.messages import (
 )
 from sequencer.raft.quorum import quorum_size
 from sequencer.raft.read_index import ReadIndexQueue
-from sequencer.raft.tracker import PROBE, REPLICATE, Progress, ProgressTracker
 
 __all__ = [
     "NO_NODE",
@@ -149,10 +151,10 @@ class RaftCore:
         self.raft_role = FOLLOWER
         self.leader_id = NO_NODE
         self._messages: list[Message] = []
-        self._tracker = ProgressTracker((), 0, self.quorum)  # followers only while leading
+        # Invariant: _leader is not None exactly when raft_role is LEADER.
+        self._leader: Leader | None = None
         self._votes = VoteTally(self.id, self.quorum)
         self._election_timer = ElectionTimer(config.election_ticks, rng)
-        self._heartbeat_elapsed_ticks = 0
         self._reads = ReadIndexQueue()
 
         # Operating counters: messages dropped at the gateway (wrong cluster, target or sender).
@@ -191,27 +193,18 @@ class RaftCore:
         assert self._ready_outstanding is None, "advance() the outstanding ready first"
         timer = self._election_timer
         timer.elapsed_ticks += 1
-        if self.raft_role is LEADER:
-            self._tick_leader()
-        elif timer.expired():
-            self._campaign(pre_vote=True)
-
-    def _tick_leader(self) -> None:
-        config = self.config
-        timer = self._election_timer
-        if timer.elapsed_ticks >= config.election_ticks:
+        leader = self._leader
+        if leader is None:
+            if timer.expired():
+                self._campaign(pre_vote=True)
+            return
+        if timer.elapsed_ticks >= self.config.election_ticks:
             timer.elapsed_ticks = 0
-            tracker = self._tracker
-            if config.check_quorum:
-                if not tracker.quorum_active():
-                    # Thesis 6.2: a leader that cannot hear a majority may have been replaced.
-                    self._become_follower(self.term, NO_NODE)
-                    return
-                tracker.reset_recent_active()
-            tracker.tick_snapshots(config.election_ticks, config.election_ticks)
-        self._heartbeat_elapsed_ticks += 1
-        if self._heartbeat_elapsed_ticks >= config.heartbeat_ticks:
-            self._heartbeat_elapsed_ticks = 0
+            if not leader.election_timeout():
+                # Thesis 6.2: a leader that cannot hear a majority may have been replaced.
+                self._become_follower(self.term, NO_NODE)
+                return
+        if leader.heartbeat_tick():
             self._broadcast_heartbeat()
 
     def propose(self, payload: bytes) -> int:
@@ -337,17 +330,21 @@ class RaftCore:
             return
 
         if kind is AppendEntriesResponse:
-            if self.raft_role is LEADER:
+            leader = self._leader
+            if leader is not None:
                 assert isinstance(message, AppendEntriesResponse)
-                self._handle_append_response(message)
+                if leader.append_answered(message):
+                    self._maybe_commit()
         elif kind is AppendEntries:
             assert isinstance(message, AppendEntries)
             self._follow(message.source)
             self._handle_append(message)
         elif kind is HeartbeatResponse:
-            if self.raft_role is LEADER:
+            leader = self._leader
+            if leader is not None:
                 assert isinstance(message, HeartbeatResponse)
-                self._handle_heartbeat_response(message)
+                if leader.heartbeat_answered(message):
+                    self._release_reads()
         elif kind is Heartbeat:
             assert isinstance(message, Heartbeat)
             self._follow(message.source)
@@ -371,7 +368,7 @@ class RaftCore:
         """Whether `ready()` would return any work. A query: it changes nothing.
 
         The leader's AppendEntries are built by `ready()` (so every proposal until then joins
-        one batch); here the tracker is only asked whether any follower is due one.
+        one batch); here the leader is only asked whether any follower is due one.
         """
         return bool(
             self._messages
@@ -380,12 +377,7 @@ class RaftCore:
             or self.log.last_index >= self._unstable_from
             or self.commit_index > self.applied_index
             or self._hard_state_changed()
-            or (
-                self.raft_role is LEADER
-                and self._tracker.appends_due(
-                    self.log.last_index, self.commit_index, self.config.inflight_messages_max
-                )
-            )
+            or (self._leader is not None and self._leader.appends_due(self.commit_index))
         )
 
     def _hard_state_changed(self) -> bool:
@@ -399,8 +391,8 @@ class RaftCore:
     def ready(self) -> Ready:
         """Collect the work queued since the last ready; see `Ready` for what to do with it."""
         assert self._ready_outstanding is None, "advance() the outstanding ready first"
-        if self.raft_role is LEADER:
-            self._flush_appends()
+        if self._leader is not None:
+            self._leader.flush_appends(self.commit_index, self.snapshot)
         log = self.log
         ready = Ready(self._messages)
         self._messages = []
@@ -439,7 +431,8 @@ class RaftCore:
             self.applied_index = ready.committed.last_index
         assert self.applied_index <= self.commit_index, (self.applied_index, self.commit_index)
         assert self.stable_index <= self.log.last_index, (self.stable_index, self.log.last_index)
-        if self.raft_role is LEADER and ready.entries is not None:
+        assert (self._leader is not None) == (self.raft_role is LEADER), self.raft_role
+        if self._leader is not None and ready.entries is not None:
             self._maybe_commit()
 
     # ------------------------------------------------------------------------ role changes
@@ -451,7 +444,7 @@ class RaftCore:
             self.vote = NO_NODE
         self.raft_role = FOLLOWER
         self.leader_id = leader_id
-        self._tracker = ProgressTracker((), 0, self.quorum)
+        self._leader = None
         self._reads.drop_unconfirmed()
         self._election_timer.reset()
 
@@ -496,8 +489,7 @@ class RaftCore:
         self.raft_role = LEADER
         self.leader_id = self.id
         self._election_timer.elapsed_ticks = 0
-        self._heartbeat_elapsed_ticks = 0
-        self._tracker = ProgressTracker(self.peers, self.log.last_index + 1, self.quorum)
+        self._leader = Leader(self.config, self.term, self.log, self.peers, self.quorum, self._send)
         # Section 8: a no-op entry of the new term lets the leader commit what earlier terms left.
         self.log.append_run(self.term, [b""])
 
@@ -607,38 +599,12 @@ class RaftCore:
         self._send(AppendEntriesResponse(self.cluster_id, self.id, message.source, self.term,
                                          True, index, 0, 0))
 
-    # -------------------------------------------------------------------- leader replication
-
-    def _handle_append_response(self, message: AppendEntriesResponse) -> None:
-        progress = self._tracker.progress[message.source]
-        progress.recent_active = True
-        if message.success:
-            if progress.acknowledge(message.index):
-                self._maybe_commit()
-            return
-        if message.index <= progress.match_index:
-            return  # a stale rejection: a later answer already showed a longer match
-        if message.hint_term:
-            last_of_term = self.log.last_index_of_term(message.hint_term)
-            next_index = last_of_term + 1 if last_of_term else message.hint_index
-        else:
-            next_index = message.hint_index
-        progress.reject(message.index, next_index)
-
-    def _handle_heartbeat_response(self, message: HeartbeatResponse) -> None:
-        progress = self._tracker.progress[message.source]
-        progress.recent_active = True
-        progress.heartbeat_answered(self.log.last_index, self.config.inflight_messages_max)
-        if progress.acknowledge_read(message.read_sequence):
-            self._release_reads()
-
-    def _release_reads(self) -> None:
-        reads = self._reads
-        if reads.has_pending():
-            reads.confirm(self._tracker.confirmed_read_sequence(reads.sequence))
+    # ------------------------------------------------------------------------- leading
 
     def _maybe_commit(self) -> None:
-        index = self._tracker.committed_index(self.stable_index)
+        leader = self._leader
+        assert leader is not None
+        index = leader.tracker.committed_index(self.stable_index)
         if index <= self.commit_index:
             return
         # 5.4.2: "Raft never commits log entries from previous terms by counting replicas. Only
@@ -650,57 +616,17 @@ class RaftCore:
         if first_in_term and self._reads.waiting:
             self._start_reads(self._reads.take_waiting())
 
+    def _release_reads(self) -> None:
+        leader = self._leader
+        assert leader is not None
+        reads = self._reads
+        if reads.has_pending():
+            reads.confirm(leader.tracker.confirmed_read_sequence(reads.sequence))
+
     def _broadcast_heartbeat(self) -> None:
-        commit_index = self.commit_index
-        read_sequence = self._reads.sequence
-        for progress in self._tracker.progress.values():
-            self._send(Heartbeat(self.cluster_id, self.id, progress.node_id, self.term,
-                                 min(commit_index, progress.match_index), read_sequence))
-
-    def _flush_appends(self) -> None:
-        """Send what each follower is due: entries, a probe, or the new commit index.
-
-        Called only by `ready()`, so every proposal since the last ready goes out in one
-        message per follower (batching), and several messages may be in flight (pipelining).
-        It sends something exactly when `ProgressTracker.appends_due` holds.
-        """
-        last_index = self.log.last_index
-        commit_index = self.commit_index
-        window = self.config.inflight_messages_max
-        for progress in self._tracker.progress.values():
-            state = progress.state
-            if state is REPLICATE:
-                while progress.next_index <= last_index and len(progress.inflight) < window:
-                    self._send_append(progress)
-                    if progress.state is not REPLICATE:
-                        break
-                if progress.send_probe or progress.commit_sent < commit_index:
-                    if progress.state is REPLICATE and len(progress.inflight) < window:
-                        self._send_append(progress)
-            elif state is PROBE:
-                if not progress.paused:
-                    self._send_append(progress)
-
-    def _send_append(self, progress: Progress) -> None:
-        log = self.log
-        previous_index = progress.next_index - 1
-        previous_term = log.term_at(previous_index)
-        if previous_term is None:
-            self._send_snapshot(progress)
-            return
-        last_index = min(log.last_index, previous_index + self.config.entries_per_message_max)
-        terms, payloads = log.slice(previous_index + 1, last_index + 1)
-        self._send(AppendEntries(self.cluster_id, self.id, progress.node_id, self.term,
-                                 previous_index, previous_term, self.commit_index, terms,
-                                 payloads))
-        progress.sent_append(last_index, self.commit_index)
-
-    def _send_snapshot(self, progress: Progress) -> None:
-        snapshot = self.snapshot
-        assert snapshot is not None, "entries are compacted only into a snapshot"
-        progress.become_snapshot(snapshot.index)
-        self._send(InstallSnapshot(self.cluster_id, self.id, progress.node_id, self.term,
-                                   snapshot))
+        leader = self._leader
+        assert leader is not None
+        leader.broadcast_heartbeat(self.commit_index, self._reads.sequence)
 
     def _send(self, message: Message) -> None:
         self._messages.append(message)

@@ -1,9 +1,9 @@
 """The leader's view of its followers: replication progress and flow control per follower.
 
 After etcd-io/raft `tracker/` (`progress.go`, `state.go`, `tracker.go`). The leader keeps one
-`Progress` per follower, created when it wins an election and dropped when it steps down. The
-core decides what a message says; this module decides how much each follower may be sent and
-what the answers mean for the next send.
+`Progress` per follower, created when it wins an election and dropped when it steps down.
+`sequencer.raft.leader` builds and sends the messages; this module decides how much each follower
+may be sent and what its answers mean for the next send.
 
 A follower's progress is in one of three states:
 
@@ -127,7 +127,7 @@ class Progress:
     def is_due(self, last_index: int, commit_index: int, window: int) -> bool:
         """Whether the leader would send this follower an AppendEntries now (a query only).
 
-        It holds exactly when `RaftCore._flush_appends` would send at least one.
+        It holds exactly when `Leader.flush_appends` would send this follower at least one.
         """
         state = self.state
         if state is REPLICATE:
