@@ -12,6 +12,7 @@ import pytest
 
 from sequencer.raft import RaftCore, RequestVote, RequestVoteResponse
 from sequencer.raft.core import NO_NODE
+from sequencer.raft.leader import Leader
 from tests.sim import LivenessFailure, SafetyViolation, Simulation, run_seed
 from tests.sim.checks import check_persisted_before_send
 
@@ -138,6 +139,15 @@ def test_simulator_catches_a_caller_that_sends_before_persisting(
 
     monkeypatch.setattr(Simulation, "_persist", staticmethod(persist_entries_only))
     with pytest.raises(SafetyViolation, match="persist before send"):
+        run_seed(1)
+
+
+def test_simulator_catches_a_has_ready_that_misses_the_leaders_appends(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # has_ready() predicts what ready() will build; a wrong prediction must not go unnoticed.
+    monkeypatch.setattr(Leader, "appends_due", lambda self, commit_index: False)
+    with pytest.raises(SafetyViolation, match=r"ready contract: .* ready\(\) holds messages"):
         run_seed(1)
 
 
