@@ -12,6 +12,7 @@ import pytest
 
 from sequencer.raft import RaftCore, RequestVote, RequestVoteResponse
 from sequencer.raft.core import NO_NODE
+from sequencer.raft.leader import Leader
 from tests.sim import LivenessFailure, SafetyViolation, Simulation, run_seed
 from tests.sim.checks import check_persisted_before_send
 
@@ -98,17 +99,13 @@ def _vote_ignoring_logs(self: RaftCore, message: RequestVote) -> None:
 
 
 def _commit_by_counting_any_term(self: RaftCore) -> None:
-    from sequencer.raft.quorum import quorum_index
-
-    matches = [p.match_index for p in self._progress.values()]
-    matches.append(self.stable_index)
-    index = quorum_index(matches, self.quorum)
+    assert self._leader is not None
+    index = self._leader.tracker.committed_index(self.stable_index)
     if index > self.commit_index:
-        waiting = self.log.term_at(self.commit_index) != self.term and self._reads_waiting
+        waiting = self.log.term_at(self.commit_index) != self.term and self._reads.waiting
         self.commit_index = index
         if waiting:
-            requests, self._reads_waiting = self._reads_waiting, []
-            self._start_reads(requests)
+            self._start_reads(self._reads.take_waiting())
 
 
 @pytest.fixture
@@ -142,6 +139,15 @@ def test_simulator_catches_a_caller_that_sends_before_persisting(
 
     monkeypatch.setattr(Simulation, "_persist", staticmethod(persist_entries_only))
     with pytest.raises(SafetyViolation, match="persist before send"):
+        run_seed(1)
+
+
+def test_simulator_catches_a_has_ready_that_misses_the_leaders_appends(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # has_ready() predicts what ready() will build; a wrong prediction must not go unnoticed.
+    monkeypatch.setattr(Leader, "appends_due", lambda self, commit_index: False)
+    with pytest.raises(SafetyViolation, match=r"ready contract: .* ready\(\) holds messages"):
         run_seed(1)
 
 

@@ -1,4 +1,7 @@
-"""Raft consensus: a sans-I/O core (`core`), its log (`log`) and majority arithmetic (`quorum`).
+"""Raft consensus without I/O: the node (`core`), its configuration (`config`), elections
+(`election`), the leader's replication (`leader`) and per-follower progress (`tracker`), ReadIndex
+reads (`read_index`), the log (`log`), majority arithmetic (`quorum`) and the data that crosses the
+boundary (`messages`).
 
 The transport (TCP, HMAC) belongs to the replication role; see docs/consensus.md.
 """

@@ -40,15 +40,24 @@ Features, with the sections of the Raft paper (extended version) they implement:
 
 Membership is static (1, 3 or 5 voters); neither joint consensus nor single-server changes are
 implemented.
+
+Where the parts live: this module is the node itself: its inputs, the term rules every message
+passes, the follower's handling of the leader's messages, changes of standing, the commit rule and
+the ready/advance contract. It delegates one concept to each of: `config` (`RaftConfig`),
+`election` (election timer, vote tally, the voter's rule), `leader` (what a leader sends its
+followers and how it reads their answers; one `Leader` per term led), `tracker` (each follower's
+progress and flow control, and the majority questions over them), `read_index` (the queue of
+ReadIndex reads), `log` (the entries) and `quorum` (majority arithmetic).
 """
 
 from __future__ import annotations
 
 import enum
 import random
-from collections import deque
-from dataclasses import dataclass
 
+from sequencer.raft.config import NO_NODE, RaftConfig
+from sequencer.raft.election import ElectionTimer, VoteResult, VoteTally, vote_granted
+from sequencer.raft.leader import Leader
 from sequencer.raft.log import RaftLog
 from sequencer.raft.messages import (
     AppendEntries,
@@ -60,13 +69,13 @@ from sequencer.raft.messages import (
     HeartbeatResponse,
     InstallSnapshot,
     Message,
-    ReadState,
     Ready,
     RequestVote,
     RequestVoteResponse,
     Snapshot,
 )
-from sequencer.raft.quorum import VOTERS_ALLOWED, quorum_index, quorum_size
+from sequencer.raft.quorum import quorum_size
+from sequencer.raft.read_index import ReadIndexQueue
 
 __all__ = [
     "NO_NODE",
@@ -76,8 +85,6 @@ __all__ = [
     "RaftCore",
     "RaftRole",
 ]
-
-NO_NODE = 0  # node ids are positive; 0 means "nobody" (no vote, no known leader)
 
 
 class RaftRole(enum.IntEnum):
@@ -111,108 +118,6 @@ class ProposalRejected(Exception):
     """A leader refused a proposal (too many uncommitted entries, or an empty payload)."""
 
 
-@dataclass(frozen=True, slots=True)
-class RaftConfig:
-    """Static configuration of one node. Ticks are the caller's unit of time.
-
-    With a 10 ms tick the defaults give 100-200 ms election timeouts and 10 ms heartbeats.
-    """
-
-    node_id: int
-    voters: tuple[int, ...]
-    cluster_id: int = 1
-    # A follower waits election_ticks + random(0, election_ticks) without hearing from a leader
-    # before starting a PreVote; it must be well above heartbeat_ticks plus a network round trip.
-    election_ticks: int = 10
-    heartbeat_ticks: int = 1
-    # Flow control: AppendEntries messages in flight to one follower before the leader waits for
-    # an acknowledgement. 64 x 1024 entries covers ~65k entries of bandwidth-delay product
-    # (1M entries/s x 50 ms), while bounding what a lost message costs to resend.
-    inflight_messages_max: int = 64
-    # Entries per AppendEntries: bounds a message (1024 x ~200 B records ~ 200 KiB) and the work
-    # of one step on the follower.
-    entries_per_message_max: int = 1024
-    # A leader refuses proposals beyond this many uncommitted entries: when the cluster cannot
-    # commit (no majority), memory must not grow without bound. ~1 s of traffic at 1M entries/s.
-    uncommitted_entries_max: int = 1 << 20
-    check_quorum: bool = True
-
-    def __post_init__(self) -> None:
-        if len(self.voters) not in VOTERS_ALLOWED:
-            raise ValueError(
-                f"a Raft cluster has {VOTERS_ALLOWED} voters, got {len(self.voters)}: "
-                f"{self.voters}; list 1, 3 or 5 node ids"
-            )
-        if len(set(self.voters)) != len(self.voters) or min(self.voters) <= NO_NODE:
-            raise ValueError(f"voter ids must be distinct and positive, got {self.voters}")
-        if self.node_id not in self.voters:
-            raise ValueError(f"node {self.node_id} is not among the voters {self.voters}")
-        if not self.heartbeat_ticks >= 1:
-            raise ValueError(f"heartbeat_ticks={self.heartbeat_ticks} must be >= 1")
-        if not self.election_ticks > 2 * self.heartbeat_ticks:
-            raise ValueError(
-                f"election_ticks={self.election_ticks} must exceed 2 x heartbeat_ticks="
-                f"{self.heartbeat_ticks}, or followers time out between heartbeats"
-            )
-        if self.inflight_messages_max < 1 or self.entries_per_message_max < 1:
-            raise ValueError("inflight_messages_max and entries_per_message_max must be >= 1")
-
-
-# Replication progress states of one follower, as the leader sees it (etcd-io/raft tracker).
-PROBE = 0  # next_index is a guess: send one AppendEntries, then wait for the answer
-REPLICATE = 1  # the follower matches: stream AppendEntries up to the in-flight window
-SNAPSHOT = 2  # an InstallSnapshot is in flight: send nothing else until it is answered
-
-
-class Progress:
-    """The leader's view of one follower.
-
-    Invariant: match_index < next_index (entries before next_index are sent or matched).
-    """
-
-    __slots__ = (
-        "commit_sent",
-        "inflight",
-        "match_index",
-        "next_index",
-        "node_id",
-        "paused",
-        "read_sequence_acked",
-        "recent_active",
-        "send_probe",
-        "snapshot_elapsed_ticks",
-        "snapshot_index",
-        "state",
-    )
-
-    def __init__(self, node_id: int, next_index: int) -> None:
-        self.node_id = node_id
-        self.match_index = 0
-        self.next_index = next_index
-        self.state = PROBE
-        self.paused = False  # PROBE: an AppendEntries is out, wait for its answer
-        self.inflight: deque[int] = deque()  # REPLICATE: last index of each message in flight
-        self.recent_active = True
-        self.read_sequence_acked = 0
-        self.commit_sent = 0
-        self.send_probe = False  # send an AppendEntries even without entries (resync)
-        self.snapshot_index = 0
-        self.snapshot_elapsed_ticks = 0
-
-    def become_probe(self, next_index: int) -> None:
-        assert next_index > self.match_index, (next_index, self.match_index)
-        self.state = PROBE
-        self.next_index = next_index
-        self.paused = False
-        self.inflight.clear()
-
-    def become_replicate(self) -> None:
-        self.state = REPLICATE
-        self.next_index = self.match_index + 1
-        self.paused = False
-        self.inflight.clear()
-
-
 class RaftCore:
     """One Raft node. See the module docstring for the contract."""
 
@@ -224,7 +129,6 @@ class RaftCore:
         self.cluster_id = config.cluster_id
         self.peers = tuple(v for v in config.voters if v != config.node_id)
         self.quorum = quorum_size(len(config.voters))
-        self._rng = rng
 
         self.log = RaftLog()
         self.term = 0
@@ -247,23 +151,19 @@ class RaftCore:
         self.raft_role = FOLLOWER
         self.leader_id = NO_NODE
         self._messages: list[Message] = []
-        self._progress: dict[int, Progress] = {}
-        self._votes_granted: set[int] = set()
-        self._votes_rejected: set[int] = set()
-        self.election_elapsed_ticks = 0
-        self._heartbeat_elapsed_ticks = 0
-        self._election_timeout_ticks = 0
-        self._reset_election_timeout()
-
-        # ReadIndex: requests waiting for the leader's first commit in its term, requests waiting
-        # for their heartbeat round (sequence, request id, index), and confirmed ones.
-        self._read_sequence = 0
-        self._reads_waiting: list[int] = []
-        self._reads_pending: deque[tuple[int, int, int]] = deque()
-        self._reads_ready: list[ReadState] = []
+        # Invariant: _leader is not None exactly when raft_role is LEADER.
+        self._leader: Leader | None = None
+        self._votes = VoteTally(self.id, self.quorum)
+        self._election_timer = ElectionTimer(config.election_ticks, rng)
+        self._reads = ReadIndexQueue()
 
         # Operating counters: messages dropped at the gateway (wrong cluster, target or sender).
         self.messages_dropped = 0
+
+    @property
+    def election_elapsed_ticks(self) -> int:
+        """Ticks since this node last heard from its leader, granted a vote or campaigned."""
+        return self._election_timer.elapsed_ticks
 
     # ----------------------------------------------------------------------------- restore
 
@@ -291,28 +191,20 @@ class RaftCore:
     def tick(self) -> None:
         """Advance this node's clock by one tick."""
         assert self._ready_outstanding is None, "advance() the outstanding ready first"
-        self.election_elapsed_ticks += 1
-        if self.raft_role == LEADER:
-            self._tick_leader()
-        elif self.election_elapsed_ticks >= self._election_timeout_ticks:
-            self._campaign(pre_vote=True)
-
-    def _tick_leader(self) -> None:
-        if self.election_elapsed_ticks >= self.config.election_ticks:
-            self.election_elapsed_ticks = 0
-            if self.config.check_quorum and not self._quorum_active():
+        timer = self._election_timer
+        timer.elapsed_ticks += 1
+        leader = self._leader
+        if leader is None:
+            if timer.expired():
+                self._campaign(pre_vote=True)
+            return
+        if timer.elapsed_ticks >= self.config.election_ticks:
+            timer.elapsed_ticks = 0
+            if not leader.election_timeout():
                 # Thesis 6.2: a leader that cannot hear a majority may have been replaced.
                 self._become_follower(self.term, NO_NODE)
                 return
-            for progress in self._progress.values():
-                if progress.state == SNAPSHOT:
-                    progress.snapshot_elapsed_ticks += self.config.election_ticks
-                    if progress.snapshot_elapsed_ticks >= 2 * self.config.election_ticks:
-                        # The snapshot or its answer was lost: start over from a probe.
-                        progress.become_probe(progress.match_index + 1)
-        self._heartbeat_elapsed_ticks += 1
-        if self._heartbeat_elapsed_ticks >= self.config.heartbeat_ticks:
-            self._heartbeat_elapsed_ticks = 0
+        if leader.heartbeat_tick():
             self._broadcast_heartbeat()
 
     def propose(self, payload: bytes) -> int:
@@ -333,7 +225,7 @@ class RaftCore:
                 waiting to commit.
         """
         assert self._ready_outstanding is None, "advance() the outstanding ready first"
-        if self.raft_role != LEADER:
+        if self.raft_role is not LEADER:
             raise NotLeaderError(self.id, self.leader_id, self.term)
         if not all(payloads):
             raise ProposalRejected(
@@ -361,21 +253,19 @@ class RaftCore:
             NotLeaderError: this node is not the leader.
         """
         assert self._ready_outstanding is None, "advance() the outstanding ready first"
-        if self.raft_role != LEADER:
+        if self.raft_role is not LEADER:
             raise NotLeaderError(self.id, self.leader_id, self.term)
         if self.log.term_at(self.commit_index) != self.term:
             # Until its no-op commits, a new leader does not know the commit index (thesis 6.4).
-            self._reads_waiting.append(request_id)
+            self._reads.wait_for_term_commit(request_id)
             return
         self._start_reads([request_id])
 
     def _start_reads(self, request_ids: list[int]) -> None:
         if self.quorum == 1:
-            self._reads_ready.extend(ReadState(r, self.commit_index) for r in request_ids)
+            self._reads.answer(request_ids, self.commit_index)
             return
-        self._read_sequence += 1
-        for request_id in request_ids:
-            self._reads_pending.append((self._read_sequence, request_id, self.commit_index))
+        self._reads.start_round(request_ids, self.commit_index)
         self._broadcast_heartbeat()
 
     def compact(self, index: int, data: bytes) -> None:
@@ -413,7 +303,7 @@ class RaftCore:
                 if (
                     self.config.check_quorum
                     and self.leader_id != NO_NODE
-                    and self.election_elapsed_ticks < self.config.election_ticks
+                    and self._election_timer.elapsed_ticks < self.config.election_ticks
                 ):
                     # Thesis 4.2.3: within the lease of a live leader, ignore would-be leaders.
                     return
@@ -440,17 +330,21 @@ class RaftCore:
             return
 
         if kind is AppendEntriesResponse:
-            if self.raft_role == LEADER:
+            leader = self._leader
+            if leader is not None:
                 assert isinstance(message, AppendEntriesResponse)
-                self._handle_append_response(message)
+                if leader.append_answered(message):
+                    self._maybe_commit()
         elif kind is AppendEntries:
             assert isinstance(message, AppendEntries)
             self._follow(message.source)
             self._handle_append(message)
         elif kind is HeartbeatResponse:
-            if self.raft_role == LEADER:
+            leader = self._leader
+            if leader is not None:
                 assert isinstance(message, HeartbeatResponse)
-                self._handle_heartbeat_response(message)
+                if leader.heartbeat_answered(message):
+                    self._release_reads()
         elif kind is Heartbeat:
             assert isinstance(message, Heartbeat)
             self._follow(message.source)
@@ -471,16 +365,19 @@ class RaftCore:
     # ------------------------------------------------------------------------------ output
 
     def has_ready(self) -> bool:
-        """Whether `ready()` would return any work."""
-        if self.raft_role == LEADER:
-            self._flush_appends()
+        """Whether `ready()` would return any work. A query: it changes nothing.
+
+        The leader's AppendEntries are built by `ready()` (so every proposal until then joins
+        one batch); here the leader is only asked whether any follower is due one.
+        """
         return bool(
             self._messages
-            or self._reads_ready
+            or self._reads.ready
             or self._pending_snapshot is not None
             or self.log.last_index >= self._unstable_from
             or self.commit_index > self.applied_index
             or self._hard_state_changed()
+            or (self._leader is not None and self._leader.appends_due(self.commit_index))
         )
 
     def _hard_state_changed(self) -> bool:
@@ -494,8 +391,8 @@ class RaftCore:
     def ready(self) -> Ready:
         """Collect the work queued since the last ready; see `Ready` for what to do with it."""
         assert self._ready_outstanding is None, "advance() the outstanding ready first"
-        if self.raft_role == LEADER:
-            self._flush_appends()
+        if self._leader is not None:
+            self._leader.flush_appends(self.commit_index, self.snapshot)
         log = self.log
         ready = Ready(self._messages)
         self._messages = []
@@ -514,9 +411,8 @@ class RaftCore:
         if self.commit_index > applied:
             terms, payloads = log.slice(applied + 1, self.commit_index + 1)
             ready.committed = Entries(applied + 1, terms, payloads)
-        if self._reads_ready:
-            ready.reads = self._reads_ready
-            self._reads_ready = []
+        if self._reads.ready:
+            ready.reads = self._reads.take_ready()
         self._ready_outstanding = ready
         return ready
 
@@ -535,15 +431,11 @@ class RaftCore:
             self.applied_index = ready.committed.last_index
         assert self.applied_index <= self.commit_index, (self.applied_index, self.commit_index)
         assert self.stable_index <= self.log.last_index, (self.stable_index, self.log.last_index)
-        if self.raft_role == LEADER and ready.entries is not None:
+        assert (self._leader is not None) == (self.raft_role is LEADER), self.raft_role
+        if self._leader is not None and ready.entries is not None:
             self._maybe_commit()
 
     # ------------------------------------------------------------------------ role changes
-
-    def _reset_election_timeout(self) -> None:
-        self.election_elapsed_ticks = 0
-        election_ticks = self.config.election_ticks
-        self._election_timeout_ticks = election_ticks + self._rng.randrange(election_ticks)
 
     def _become_follower(self, term: int, leader_id: int) -> None:
         assert term >= self.term, (term, self.term)
@@ -552,22 +444,21 @@ class RaftCore:
             self.vote = NO_NODE
         self.raft_role = FOLLOWER
         self.leader_id = leader_id
-        self._progress = {}
-        self._reads_waiting.clear()
-        self._reads_pending.clear()
-        self._reset_election_timeout()
+        self._leader = None
+        self._reads.drop_unconfirmed()
+        self._election_timer.reset()
 
     def _follow(self, leader_id: int) -> None:
         """A message of the current term from its leader: follow it and restart the timer."""
-        if self.raft_role != FOLLOWER:
+        if self.raft_role is not FOLLOWER:
             # Election Safety makes a second leader in one term impossible.
-            assert self.raft_role != LEADER, (self.id, leader_id, self.term)
+            assert self.raft_role is not LEADER, (self.id, leader_id, self.term)
             self._become_follower(self.term, leader_id)
         self.leader_id = leader_id
-        self.election_elapsed_ticks = 0
+        self._election_timer.elapsed_ticks = 0
 
     def _campaign(self, *, pre_vote: bool) -> None:
-        self._reset_election_timeout()
+        self._election_timer.reset()
         self.leader_id = NO_NODE
         if pre_vote:
             # Thesis 9.6: ask first whether an election could be won, without raising the term.
@@ -578,9 +469,8 @@ class RaftCore:
             self.term += 1
             self.vote = self.id
             term = self.term
-        self._votes_granted = {self.id}
-        self._votes_rejected = set()
-        if len(self._votes_granted) >= self.quorum:
+        self._votes = VoteTally(self.id, self.quorum)
+        if self._votes.result() is VoteResult.WON:
             self._won_votes(pre_vote)
             return
         last_index, last_term = self.log.last_index, self.log.last_term
@@ -595,57 +485,42 @@ class RaftCore:
             self._become_leader()
 
     def _become_leader(self) -> None:
-        assert self.raft_role == CANDIDATE, self.raft_role
+        assert self.raft_role is CANDIDATE, self.raft_role
         self.raft_role = LEADER
         self.leader_id = self.id
-        self.election_elapsed_ticks = 0
-        self._heartbeat_elapsed_ticks = 0
-        next_index = self.log.last_index + 1
-        self._progress = {peer: Progress(peer, next_index) for peer in self.peers}
+        self._election_timer.elapsed_ticks = 0
+        self._leader = Leader(self.config, self.term, self.log, self.peers, self.quorum, self._send)
         # Section 8: a no-op entry of the new term lets the leader commit what earlier terms left.
         self.log.append_run(self.term, [b""])
 
     # --------------------------------------------------------------------------- elections
 
     def _handle_vote_request(self, message: RequestVote) -> None:
-        # Pre-votes are asked for term + 1; real votes arrive here with message.term == self.term.
-        can_vote = (
-            self.vote == message.source
-            or (self.vote == NO_NODE and self.leader_id == NO_NODE)
-            or (message.pre_vote and message.term > self.term)
-        )
         log = self.log
-        # 5.4.1: "the voter denies its vote if its own log is more up-to-date than that of the
-        # candidate."
-        up_to_date = message.last_term > log.last_term or (
-            message.last_term == log.last_term and message.last_index >= log.last_index
-        )
-        if can_vote and up_to_date:
+        if vote_granted(message, self.vote, self.leader_id, self.term, log.last_index,
+                        log.last_term):
             self._send(RequestVoteResponse(self.cluster_id, self.id, message.source,
                                            message.term, True, message.pre_vote))
             if not message.pre_vote:
                 self.vote = message.source
-                self.election_elapsed_ticks = 0
+                self._election_timer.elapsed_ticks = 0
         else:
             self._send(RequestVoteResponse(self.cluster_id, self.id, message.source,
                                            self.term, False, message.pre_vote))
 
     def _handle_vote_response(self, message: RequestVoteResponse) -> None:
         if message.pre_vote:
-            if self.raft_role != PRE_CANDIDATE:
+            if self.raft_role is not PRE_CANDIDATE:
                 return
             if message.granted and message.term != self.term + 1:
                 return
-        elif self.raft_role != CANDIDATE or message.term != self.term:
+        elif self.raft_role is not CANDIDATE or message.term != self.term:
             return
-        if message.granted:
-            self._votes_granted.add(message.source)
-            if len(self._votes_granted) >= self.quorum:
-                self._won_votes(message.pre_vote)
-        else:
-            self._votes_rejected.add(message.source)
-            if len(self._votes_rejected) >= self.quorum:
-                self._become_follower(self.term, NO_NODE)
+        result = self._votes.record(message.source, message.granted)
+        if result is VoteResult.WON:
+            self._won_votes(message.pre_vote)
+        elif result is VoteResult.LOST:
+            self._become_follower(self.term, NO_NODE)
 
     # ------------------------------------------------------------------ follower replication
 
@@ -724,71 +599,12 @@ class RaftCore:
         self._send(AppendEntriesResponse(self.cluster_id, self.id, message.source, self.term,
                                          True, index, 0, 0))
 
-    # -------------------------------------------------------------------- leader replication
-
-    def _handle_append_response(self, message: AppendEntriesResponse) -> None:
-        progress = self._progress[message.source]
-        progress.recent_active = True
-        if message.success:
-            index = message.index
-            if index > progress.match_index:
-                progress.match_index = index
-                if progress.next_index <= index:
-                    progress.next_index = index + 1
-                advanced = True
-            else:
-                advanced = False
-            inflight = progress.inflight
-            while inflight and inflight[0] <= index:
-                inflight.popleft()
-            if progress.state == PROBE:
-                progress.become_replicate()
-            elif progress.state == SNAPSHOT and progress.match_index >= progress.snapshot_index:
-                progress.become_replicate()
-            if advanced:
-                self._maybe_commit()
-            return
-        if message.index <= progress.match_index:
-            return  # a stale rejection: a later answer already showed a longer match
-        if message.hint_term:
-            last_of_term = self.log.last_index_of_term(message.hint_term)
-            next_index = last_of_term + 1 if last_of_term else message.hint_index
-        else:
-            next_index = message.hint_index
-        next_index = max(min(next_index, message.index), progress.match_index + 1)
-        progress.become_probe(next_index)
-
-    def _handle_heartbeat_response(self, message: HeartbeatResponse) -> None:
-        progress = self._progress[message.source]
-        progress.recent_active = True
-        if progress.state == PROBE:
-            progress.paused = False
-        elif progress.state == REPLICATE and (
-            len(progress.inflight) >= self.config.inflight_messages_max
-        ):
-            progress.inflight.popleft()  # a lost message must not stall the window for good
-        if progress.match_index < self.log.last_index:
-            # A probe (even without entries) resynchronises a follower whose messages were lost.
-            progress.send_probe = True
-        if message.read_sequence > progress.read_sequence_acked:
-            progress.read_sequence_acked = message.read_sequence
-            self._release_reads()
-
-    def _release_reads(self) -> None:
-        pending = self._reads_pending
-        if not pending:
-            return
-        acked = [p.read_sequence_acked for p in self._progress.values()]
-        acked.append(self._read_sequence)
-        confirmed = quorum_index(acked, self.quorum)
-        while pending and pending[0][0] <= confirmed:
-            _, request_id, index = pending.popleft()
-            self._reads_ready.append(ReadState(request_id, index))
+    # ------------------------------------------------------------------------- leading
 
     def _maybe_commit(self) -> None:
-        matches = [p.match_index for p in self._progress.values()]
-        matches.append(self.stable_index)
-        index = quorum_index(matches, self.quorum)
+        leader = self._leader
+        assert leader is not None
+        index = leader.tracker.committed_index(self.stable_index)
         if index <= self.commit_index:
             return
         # 5.4.2: "Raft never commits log entries from previous terms by counting replicas. Only
@@ -797,77 +613,20 @@ class RaftCore:
             return
         first_in_term = self.log.term_at(self.commit_index) != self.term
         self.commit_index = index
-        if first_in_term and self._reads_waiting:
-            waiting, self._reads_waiting = self._reads_waiting, []
-            self._start_reads(waiting)
+        if first_in_term and self._reads.waiting:
+            self._start_reads(self._reads.take_waiting())
 
-    def _quorum_active(self) -> bool:
-        active = 1
-        for progress in self._progress.values():
-            if progress.recent_active:
-                active += 1
-            progress.recent_active = False
-        return active >= self.quorum
+    def _release_reads(self) -> None:
+        leader = self._leader
+        assert leader is not None
+        reads = self._reads
+        if reads.has_pending():
+            reads.confirm(leader.tracker.confirmed_read_sequence(reads.sequence))
 
     def _broadcast_heartbeat(self) -> None:
-        commit_index = self.commit_index
-        for progress in self._progress.values():
-            self._send(Heartbeat(self.cluster_id, self.id, progress.node_id, self.term,
-                                 min(commit_index, progress.match_index), self._read_sequence))
-
-    def _flush_appends(self) -> None:
-        """Send what each follower is due: entries, a probe, or the new commit index.
-
-        Called when a ready is collected, so every proposal since the last ready goes out in one
-        message per follower (batching), and several messages may be in flight (pipelining).
-        """
-        last_index = self.log.last_index
-        commit_index = self.commit_index
-        window = self.config.inflight_messages_max
-        for progress in self._progress.values():
-            state = progress.state
-            if state == REPLICATE:
-                while progress.next_index <= last_index and len(progress.inflight) < window:
-                    self._send_append(progress)
-                    if progress.state != REPLICATE:
-                        break
-                if progress.send_probe or progress.commit_sent < commit_index:
-                    if progress.state == REPLICATE and len(progress.inflight) < window:
-                        self._send_append(progress)
-            elif state == PROBE:
-                if not progress.paused:
-                    self._send_append(progress)
-
-    def _send_append(self, progress: Progress) -> None:
-        log = self.log
-        previous_index = progress.next_index - 1
-        previous_term = log.term_at(previous_index)
-        progress.send_probe = False
-        if previous_term is None:
-            self._send_snapshot(progress)
-            return
-        last_index = min(log.last_index, previous_index + self.config.entries_per_message_max)
-        terms, payloads = log.slice(previous_index + 1, last_index + 1)
-        self._send(AppendEntries(self.cluster_id, self.id, progress.node_id, self.term,
-                                 previous_index, previous_term, self.commit_index, terms,
-                                 payloads))
-        progress.commit_sent = self.commit_index
-        if progress.state == REPLICATE:
-            if terms:
-                progress.next_index = last_index + 1
-                progress.inflight.append(last_index)
-        else:
-            progress.paused = True
-
-    def _send_snapshot(self, progress: Progress) -> None:
-        snapshot = self.snapshot
-        assert snapshot is not None, "entries are compacted only into a snapshot"
-        progress.state = SNAPSHOT
-        progress.snapshot_index = snapshot.index
-        progress.snapshot_elapsed_ticks = 0
-        progress.inflight.clear()
-        self._send(InstallSnapshot(self.cluster_id, self.id, progress.node_id, self.term,
-                                   snapshot))
+        leader = self._leader
+        assert leader is not None
+        leader.broadcast_heartbeat(self.commit_index, self._reads.sequence)
 
     def _send(self, message: Message) -> None:
         self._messages.append(message)

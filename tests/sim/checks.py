@@ -30,7 +30,7 @@ from sequencer.raft import (
     RequestVoteResponse,
 )
 
-__all__ = ["Checker", "SafetyViolation"]
+__all__ = ["Checker", "SafetyViolation", "check_nothing_ready", "check_persisted_before_send"]
 
 
 class SafetyViolation(AssertionError):
@@ -156,3 +156,32 @@ def check_persisted_before_send(
                 f"persist before send: node {message.source} acknowledges index {message.index} "
                 f"while its durable log ends at {durable_last_index}"
             )
+
+
+def check_nothing_ready(core: RaftCore) -> None:
+    """After `has_ready()` said no, a ready must be empty: the query agrees with `ready()`.
+
+    `has_ready()` only predicts (the leader builds its messages in `ready()`), so a prediction
+    that misses work would leave messages unsent until some later event. Taking and advancing an
+    empty ready changes nothing in the core.
+    """
+    assert not core.has_ready(), core.id
+    ready = core.ready()
+    work = [
+        name
+        for name, present in (
+            ("messages", bool(ready.messages)),
+            ("snapshot", ready.snapshot is not None),
+            ("entries", ready.entries is not None),
+            ("hard_state", ready.hard_state is not None),
+            ("committed", ready.committed is not None),
+            ("reads", bool(ready.reads)),
+        )
+        if present
+    ]
+    core.advance(ready)
+    if work:
+        raise SafetyViolation(
+            f"ready contract: node {core.id} said has_ready() is False, but ready() holds "
+            f"{', '.join(work)}"
+        )

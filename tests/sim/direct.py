@@ -18,7 +18,7 @@ from sequencer.raft import (
     RaftCore,
     RaftRole,
 )
-from tests.sim.checks import Checker, check_persisted_before_send
+from tests.sim.checks import Checker, check_nothing_ready, check_persisted_before_send
 
 __all__ = ["DirectCluster"]
 
@@ -106,6 +106,7 @@ class DirectCluster:
                 self.checker.check_commit(nid, before, core.commit_index)
                 if core.raft_role == RaftRole.LEADER:
                     self.checker.check_leader(nid, core.term)
+            check_nothing_ready(core)
 
     def deliver(self, drop: Callable[[Message], bool] | None = None) -> int:
         """Deliver every queued message once (unless blocked or `drop` says so)."""

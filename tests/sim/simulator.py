@@ -36,7 +36,12 @@ from sequencer.raft import (
     Ready,
     Snapshot,
 )
-from tests.sim.checks import Checker, SafetyViolation, check_persisted_before_send
+from tests.sim.checks import (
+    Checker,
+    SafetyViolation,
+    check_nothing_ready,
+    check_persisted_before_send,
+)
 
 __all__ = ["LivenessFailure", "NetworkProfile", "SimNode", "Simulation"]
 
@@ -304,6 +309,7 @@ class Simulation:
             self._apply(node, ready)
             core.advance(ready)
             self._check_node(node)
+        check_nothing_ready(core)
         self._check_node(node)
         if node.compact_every_entries and (
             core.applied_index - core.log.snapshot_index >= node.compact_every_entries

@@ -1,0 +1,58 @@
+"""Static configuration of one Raft node, validated when it is built."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sequencer.raft.quorum import VOTERS_ALLOWED
+
+__all__ = ["NO_NODE", "RaftConfig"]
+
+NO_NODE = 0  # node ids are positive; 0 means "nobody" (no vote, no known leader)
+
+
+@dataclass(frozen=True, slots=True)
+class RaftConfig:
+    """Static configuration of one node. Ticks are the caller's unit of time.
+
+    With a 10 ms tick the defaults give 100-200 ms election timeouts and 10 ms heartbeats.
+    """
+
+    node_id: int
+    voters: tuple[int, ...]
+    cluster_id: int = 1
+    # A follower waits election_ticks + random(0, election_ticks) without hearing from a leader
+    # before starting a PreVote; it must be well above heartbeat_ticks plus a network round trip.
+    election_ticks: int = 10
+    heartbeat_ticks: int = 1
+    # Flow control: AppendEntries messages in flight to one follower before the leader waits for
+    # an acknowledgement. 64 x 1024 entries covers ~65k entries of bandwidth-delay product
+    # (1M entries/s x 50 ms), while bounding what a lost message costs to resend.
+    inflight_messages_max: int = 64
+    # Entries per AppendEntries: bounds a message (1024 x ~200 B records ~ 200 KiB) and the work
+    # of one step on the follower.
+    entries_per_message_max: int = 1024
+    # A leader refuses proposals beyond this many uncommitted entries: when the cluster cannot
+    # commit (no majority), memory must not grow without bound. ~1 s of traffic at 1M entries/s.
+    uncommitted_entries_max: int = 1 << 20
+    check_quorum: bool = True
+
+    def __post_init__(self) -> None:
+        if len(self.voters) not in VOTERS_ALLOWED:
+            raise ValueError(
+                f"a Raft cluster has {VOTERS_ALLOWED} voters, got {len(self.voters)}: "
+                f"{self.voters}; list 1, 3 or 5 node ids"
+            )
+        if len(set(self.voters)) != len(self.voters) or min(self.voters) <= NO_NODE:
+            raise ValueError(f"voter ids must be distinct and positive, got {self.voters}")
+        if self.node_id not in self.voters:
+            raise ValueError(f"node {self.node_id} is not among the voters {self.voters}")
+        if not self.heartbeat_ticks >= 1:
+            raise ValueError(f"heartbeat_ticks={self.heartbeat_ticks} must be >= 1")
+        if not self.election_ticks > 2 * self.heartbeat_ticks:
+            raise ValueError(
+                f"election_ticks={self.election_ticks} must exceed 2 x heartbeat_ticks="
+                f"{self.heartbeat_ticks}, or followers time out between heartbeats"
+            )
+        if self.inflight_messages_max < 1 or self.entries_per_message_max < 1:
+            raise ValueError("inflight_messages_max and entries_per_message_max must be >= 1")

@@ -1,0 +1,176 @@
+"""What a node does while it leads a term: replicate to each follower, heartbeat, hear answers.
+
+One `Leader` exists per term the node leads: the core creates it on winning an election and drops
+it on stepping down, so what only a leader has (each follower's progress, the heartbeat clock)
+cannot outlive leadership. The core keeps what does outlive it (the log, the commit index, the
+queue of reads) and every change of standing; it passes in what it owns (the commit index, the
+snapshot, the read round) and is told what an answer means: a follower's match advanced (the
+commit index may move, 5.4.2), a read round was confirmed (reads may be answered), or no majority
+was heard from within an election timeout (step down, thesis 6.2).
+
+Sending follows etcd-io/raft (`bcastAppend`, `maybeSendAppend`): `flush_appends` runs once per
+ready and gives each follower what its `Progress` says it is due (`sequencer.raft.tracker`):
+entries from `next_index` in messages of at most `entries_per_message_max`, up to
+`inflight_messages_max` unanswered messages; one probe while the match is unknown; an empty
+AppendEntries to carry a new commit index or resynchronise; an InstallSnapshot when the entries a
+follower needs are compacted (7).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from sequencer.raft.config import RaftConfig
+from sequencer.raft.log import RaftLog
+from sequencer.raft.messages import (
+    AppendEntries,
+    AppendEntriesResponse,
+    Heartbeat,
+    HeartbeatResponse,
+    InstallSnapshot,
+    Message,
+    Snapshot,
+)
+from sequencer.raft.tracker import PROBE, REPLICATE, Progress, ProgressTracker
+
+__all__ = ["Leader"]
+
+
+class Leader:
+    """The leader of `term`: its followers' progress and the messages it sends them."""
+
+    __slots__ = ("_config", "_heartbeat_elapsed_ticks", "_log", "_send", "term", "tracker")
+
+    def __init__(
+        self,
+        config: RaftConfig,
+        term: int,
+        log: RaftLog,
+        peers: tuple[int, ...],
+        quorum: int,
+        send: Callable[[Message], None],
+    ) -> None:
+        self._config = config
+        self.term = term
+        self._log = log
+        self._send = send
+        self._heartbeat_elapsed_ticks = 0
+        # A new leader guesses that each follower has its whole log and probes from there (5.3).
+        self.tracker = ProgressTracker(peers, log.last_index + 1, quorum)
+
+    # ------------------------------------------------------------------------------ time
+
+    def election_timeout(self) -> bool:
+        """An election timeout has passed. Returns whether the node may keep leading.
+
+        With check-quorum (thesis 6.2) only if a majority was heard from during it: otherwise
+        another node may lead a later term already. An InstallSnapshot unanswered for too long
+        is taken as lost.
+        """
+        config = self._config
+        tracker = self.tracker
+        if config.check_quorum:
+            if not tracker.quorum_active():
+                return False
+            tracker.reset_recent_active()
+        tracker.tick_snapshots(config.election_ticks, config.election_ticks)
+        return True
+
+    def heartbeat_tick(self) -> bool:
+        """One tick of the heartbeat clock; returns whether heartbeats are due now."""
+        self._heartbeat_elapsed_ticks += 1
+        if self._heartbeat_elapsed_ticks >= self._config.heartbeat_ticks:
+            self._heartbeat_elapsed_ticks = 0
+            return True
+        return False
+
+    # ---------------------------------------------------------------------------- sending
+
+    def broadcast_heartbeat(self, commit_index: int, read_sequence: int) -> None:
+        """Heartbeats carry the commit index (never past what the follower matches) and the
+        latest read round, which the follower echoes back."""
+        config = self._config
+        cluster_id, node_id, term = config.cluster_id, config.node_id, self.term
+        for progress in self.tracker.progress.values():
+            self._send(Heartbeat(cluster_id, node_id, progress.node_id, term,
+                                 min(commit_index, progress.match_index), read_sequence))
+
+    def appends_due(self, commit_index: int) -> bool:
+        """Whether `flush_appends` would send anything now (a query only)."""
+        return self.tracker.appends_due(
+            self._log.last_index, commit_index, self._config.inflight_messages_max
+        )
+
+    def flush_appends(self, commit_index: int, snapshot: Snapshot | None) -> None:
+        """Send what each follower is due: entries, a probe, or the new commit index.
+
+        Called only when a ready is collected, so every proposal since the last ready goes out in
+        one message per follower (batching), and several messages may be in flight (pipelining).
+        It sends something exactly when `appends_due` holds.
+        """
+        last_index = self._log.last_index
+        window = self._config.inflight_messages_max
+        for progress in self.tracker.progress.values():
+            state = progress.state
+            if state is REPLICATE:
+                while progress.next_index <= last_index and len(progress.inflight) < window:
+                    self._send_append(progress, commit_index, snapshot)
+                    if progress.state is not REPLICATE:
+                        break
+                if progress.send_probe or progress.commit_sent < commit_index:
+                    if progress.state is REPLICATE and len(progress.inflight) < window:
+                        self._send_append(progress, commit_index, snapshot)
+            elif state is PROBE:
+                if not progress.paused:
+                    self._send_append(progress, commit_index, snapshot)
+
+    def _send_append(self, progress: Progress, commit_index: int, snapshot: Snapshot | None) -> None:
+        log = self._log
+        config = self._config
+        previous_index = progress.next_index - 1
+        previous_term = log.term_at(previous_index)
+        if previous_term is None:
+            self._send_snapshot(progress, snapshot)
+            return
+        last_index = min(log.last_index, previous_index + config.entries_per_message_max)
+        terms, payloads = log.slice(previous_index + 1, last_index + 1)
+        self._send(AppendEntries(config.cluster_id, config.node_id, progress.node_id, self.term,
+                                 previous_index, previous_term, commit_index, terms, payloads))
+        progress.sent_append(last_index, commit_index)
+
+    def _send_snapshot(self, progress: Progress, snapshot: Snapshot | None) -> None:
+        assert snapshot is not None, "entries are compacted only into a snapshot"
+        progress.become_snapshot(snapshot.index)
+        config = self._config
+        self._send(InstallSnapshot(config.cluster_id, config.node_id, progress.node_id, self.term,
+                                   snapshot))
+
+    # ---------------------------------------------------------------------------- answers
+
+    def append_answered(self, message: AppendEntriesResponse) -> bool:
+        """A follower answered an AppendEntries or InstallSnapshot of this term.
+
+        Returns:
+            Whether the follower's match advanced (then the commit index may too).
+        """
+        progress = self.tracker.progress[message.source]
+        progress.recent_active = True
+        if message.success:
+            return progress.acknowledge(message.index)
+        if message.index <= progress.match_index:
+            return False  # a stale rejection: a later answer already showed a longer match
+        # 5.3, with the follower's hint: skip the whole conflicting term at once.
+        if message.hint_term:
+            last_of_term = self._log.last_index_of_term(message.hint_term)
+            next_index = last_of_term + 1 if last_of_term else message.hint_index
+        else:
+            next_index = message.hint_index
+        progress.reject(message.index, next_index)
+        return False
+
+    def heartbeat_answered(self, message: HeartbeatResponse) -> bool:
+        """A follower answered a heartbeat. Returns whether it confirmed a new read round."""
+        progress = self.tracker.progress[message.source]
+        progress.recent_active = True
+        progress.heartbeat_answered(self._log.last_index, self._config.inflight_messages_max)
+        return progress.acknowledge_read(message.read_sequence)
