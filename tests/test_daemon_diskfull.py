@@ -38,7 +38,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "socket": {"command_bytes_max": 4096},
     # A log ring smaller than half a segment: when the journal reports the disk short, the
     # room it has left (half a segment) holds everything the ring can hold.
-    "ring": {"log_capacity_bytes": 256 << 10, "egress_capacity_bytes": 1 << 20},
+    "ring": {"log_capacity_bytes": 256 << 10, "egress_capacity_bytes": 2 << 20},
     "journal": {"segment_bytes": SEGMENT_BYTES, "batch_bytes_max": 64 << 10},
 }
 WINDOW = 64  # deposits in flight: enough to keep the journaller's batches full
