@@ -1,4 +1,5 @@
-"""The seqd client library: the wire protocol codec and blocking and asyncio clients.
+"""The seqd client library: the wire protocol codec, a sans-I/O session core, and blocking and
+asyncio clients built on it.
 
     from sequencer.client import Client
     with Client("/run/seqd/seqd.sock", client_id=stored_id, schema=Ledger.schema) as client:
@@ -7,6 +8,8 @@
 See docs/client.md for the protocol, the session rules and examples.
 """
 
+from .aio import AsyncClient, AsyncPendingRequest
+from .blocking import Client, PendingRequest
 from .errors import (
     ClientClosed,
     ClientError,
@@ -16,15 +19,9 @@ from .errors import (
     ProtocolViolation,
     TimedOut,
 )
+from .ids import new_client_id
 from .protocol import ProtocolError
-from .unix import (
-    AsyncClient,
-    AsyncPendingRequest,
-    Client,
-    ClientSchema,
-    PendingRequest,
-    new_client_id,
-)
+from .session import ClientSchema
 
 __all__ = [
     "AsyncClient",
