@@ -7,6 +7,10 @@ about one shell's own API says so and takes no `shell`.
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -30,6 +34,8 @@ from tests.test_client_fake_daemon import FakeDaemon, running_fake_daemon
 
 AnyClient = Client | AsyncShell
 SHORT_S = 0.3  # a timeout that is meant to expire
+ROOT = Path(__file__).resolve().parent.parent
+NOBODY = 65534
 
 
 class Clients:
@@ -424,3 +430,80 @@ def test_submit_on_a_dead_connection_returns_the_request_and_it_is_resent_once(t
         client.close()
         listener.close()
     assert applied == [1]
+
+
+def test_daemon_saying_not_now_is_retried_until_it_takes_the_session(
+    daemon: FakeDaemon, clients: Clients
+) -> None:
+    daemon.refuse_hellos = ["unavailable", "disk_full"]  # draining, then its disk is full
+    client = connect(clients, daemon)
+    assert client.call(b"echo:in").payload == b"in"
+    assert daemon.hellos == 3
+
+
+def test_fatal_error_answering_hello_fails_at_once_with_its_code(
+    daemon: FakeDaemon, clients: Clients
+) -> None:
+    daemon.refuse_hellos = ["permission_denied"]
+    with pytest.raises(ProtocolViolation) as caught:
+        connect(clients, daemon)
+    assert caught.value.code == "permission_denied"
+    assert daemon.hellos == 1
+
+
+def test_redirect_loop_fails_with_connection_lost_after_redirects_max(
+    daemon: FakeDaemon, clients: Clients
+) -> None:
+    daemon.redirect_to = daemon.socket_path  # a node that names itself as the leader
+    with pytest.raises(ConnectionLost) as caught:
+        connect(clients, daemon)
+    assert str(caught.value) == (
+        f"followed {session.REDIRECTS_MAX} redirects without reaching a leader (last: n2 at "
+        f"{daemon.socket_path!r}): the cluster cannot agree on a leader; check `seqd status` on "
+        "every node"
+    )
+    assert daemon.hellos == session.REDIRECTS_MAX + 1
+
+
+# Run as another user, the client must meet EACCES; the child waits far longer than this to give
+# up (reconnect_timeout_s), so only a shell that fails at once can answer before it is killed.
+_DENIED_CHILD_WAIT_S = 60.0
+_DENIED_CHILD = """
+import os, sys
+from tests.client_shells import open_client  # every import before dropping privileges
+if os.getuid() == 0:
+    os.setgroups([])
+    os.setgid({nobody})
+    os.setuid({nobody})
+try:
+    open_client(sys.argv[1], sys.argv[2], reconnect_timeout_s=10 * {wait_s})
+except Exception as error:
+    print(type(error).__name__, error)
+else:
+    print("connected")
+"""
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+def test_permission_denied_on_the_socket_fails_at_once_in_every_shell(
+    shell: str, tmp_dir: Path
+) -> None:
+    """Both shells take EACCES as final: waiting will not fix a socket's mode. (The asyncio
+    client used to retry it like a missing socket and say only ConnectionLost, 30 s later.)"""
+    path = tmp_dir / "seqd.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        listener.bind(str(path))
+        listener.listen()
+        os.chmod(tmp_dir, 0o755)
+        os.chmod(path, 0o600 if os.getuid() == 0 else 0o000)  # root's socket; nobody may not
+        child = subprocess.run(
+            [sys.executable, "-c", _DENIED_CHILD.format(nobody=NOBODY, wait_s=_DENIED_CHILD_WAIT_S),
+             shell, str(path)],
+            cwd=ROOT, capture_output=True, text=True, timeout=_DENIED_CHILD_WAIT_S, check=False,
+        )  # fmt: skip
+    finally:
+        listener.close()
+    assert child.stdout.strip() == f"PermissionError [Errno 13] Permission denied: '{path}'", (
+        child.stdout + child.stderr[-2000:]
+    )

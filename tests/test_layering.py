@@ -12,7 +12,7 @@ LAYERS = {"ipc": 0, "sequencer": 1, "daemon": 2}
 # Modules that must stay sans-I/O: no sockets, files, clocks, threads or event loops.
 SANS_IO = ["sequencer/raft/core.py", "sequencer/raft/log.py", "sequencer/raft/quorum.py",
            "sequencer/client/protocol.py", "sequencer/processor.py", "sequencer/egress.py",
-           "sequencer/record.py", "sequencer/schema.py"]
+           "sequencer/record.py", "sequencer/schema.py", "sequencer/client/session.py"]
 IO_MODULES = {"socket", "asyncio", "threading", "time", "select", "selectors", "subprocess", "uvloop",
               "mmap", "posix_ipc", "io", "shutil", "tempfile"}
 

@@ -504,11 +504,11 @@ class Session:
             self.connection.send_into(self.outgoing, Pong(nonce=frame.nonce))
         elif type(frame) is Pong:
             pass
-        elif type(frame) is Welcome:
+        elif isinstance(frame, Welcome):
             self._welcomed(frame)
-        elif type(frame) is Redirect:
+        elif isinstance(frame, Redirect):
             return self._redirected(frame, now)
-        elif type(frame) is Error:
+        elif isinstance(frame, Error):
             if frame.code in RETRYABLE_ERROR_CODES:
                 # The daemon said "not now": back off and reconnect.
                 return self._ended(ConnectionEnded(f"{frame.code}: {frame.message}"), now)
