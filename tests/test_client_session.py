@@ -339,6 +339,15 @@ def test_permission_denied_fails_at_once_naming_the_socket(daemon: Daemon, hands
     assert session.outage_started_s is None  # the next call tries afresh
 
 
+def test_an_oserror_without_errno_fails_at_once_with_its_own_message() -> None:
+    session = make_session()
+    session.begin_attempt(0.0)
+    too_long = OSError("AF_UNIX path too long")
+    action = session.connection_lost(too_long, 0.0)
+    assert isinstance(action, Fail)
+    assert str(action.error) == "AF_UNIX path too long"
+
+
 # -- what the daemon says ---------------------------------------------------------------------------
 
 

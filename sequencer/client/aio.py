@@ -278,8 +278,9 @@ class AsyncClient(SessionView):
         loop = self._loop
         assert loop is not None
         deadline = loop.time() + (self._session.timeout_s if timeout_s is None else timeout_s)
-        held, self._failure_held = self._failure_held, None
-        if held is not None:
+        held = self._failure_held
+        if held is not None and not future.done():
+            self._failure_held = None
             raise held
         while not future.done():
             self._ensure_connecting()

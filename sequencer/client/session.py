@@ -445,7 +445,7 @@ class Session:
             and not isinstance(error, TimeoutError)
             and error.errno not in RETRYABLE_ERRNOS
         ):
-            if error.filename is None:
+            if error.filename is None and error.strerror is not None:
                 error.filename = self.socket_path  # so the message names the socket
             return self._fail(error)
         return self._ended(error, now)
