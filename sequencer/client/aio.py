@@ -16,7 +16,6 @@ from typing import Any, cast
 
 from .errors import ClientClosed, ClientError, TimedOut
 from .ids import new_client_id
-from .protocol import Reply
 from .session import (
     SEND_BATCH_BYTES,
     Action,
@@ -52,11 +51,6 @@ class AsyncPendingRequest(Request):
         self._reply = None
         self._client = client
         self._future = future  # resolved when the reply arrives
-
-    def _deliver(self, reply: Reply) -> None:
-        self._reply = reply
-        if not self._future.done():
-            self._future.set_result(None)
 
     async def result(self, timeout_s: float | None = None) -> Any:
         """The decoded reply; raises as `PendingRequest.result`."""
@@ -132,6 +126,8 @@ class AsyncClient(SessionView):
             log,
         )
         self._events = self._session.events
+        self._answered: list[AsyncPendingRequest] = []  # the session fills it; _data_received wakes
+        self._session.answered = self._answered
         # The connection fed to the session (handshaking or welcomed), or None.
         self._protocol: _ClientProtocol | None = None
         self._flush_scheduled = False
@@ -392,6 +388,13 @@ class AsyncClient(SessionView):
         outgoing = session.outgoing
         queued_bytes = len(outgoing)
         action = session.receive_data(data, cast(asyncio.AbstractEventLoop, self._loop).time())
+        answered = self._answered
+        if answered:
+            for request in answered:
+                future = request._future
+                if not future.done():
+                    future.set_result(None)
+            answered.clear()
         if action is not None:
             self._abort()
             self._ended(action)

@@ -190,9 +190,9 @@ _RETRY_AT_ONCE: Final = Retry(0.0)
 
 
 class Request:
-    """A submitted request, in flight until `_deliver` hands it its reply.
+    """A submitted request, in flight until its reply arrives (in `_reply`).
 
-    The shells subclass it to wake whoever waits for the reply.
+    The shells subclass it with what their callers wait on.
     """
 
     __slots__ = ("_reply", "payload", "request_id", "version")
@@ -205,9 +205,6 @@ class Request:
 
     def done(self) -> bool:
         return self._reply is not None
-
-    def _deliver(self, reply: Reply) -> None:
-        self._reply = reply
 
 
 class _State:
@@ -289,6 +286,10 @@ class Session:
         self.node = ""
         self.events: collections.deque[Event] = collections.deque()
         self.outgoing = bytearray()
+        # A shell that wakes a waiter per reply sets a list here: receive_data appends every
+        # request it answers, and the shell takes them. None: nobody needs telling (the blocking
+        # shell looks at the request it waits for).
+        self.answered: list[Any] | None = None
         self.connection: Connection | None = None
         self.state = _State.DISCONNECTED
         # The outage: from the first attempt after a connection was lost (or the very first
@@ -343,10 +344,12 @@ class Session:
         return self.next_request_id - self.acked_request_id <= self.window
 
     def add(self, request: Request) -> None:
-        """Put `request` (numbered `next_request_id`) in flight, and its COMMAND in `outgoing`."""
+        """Put `request` in flight, and its COMMAND in `outgoing` (or held, past the window).
+
+        The request must be numbered `next_request_id` and the window must have room
+        (`has_room()`): the shells check both just before, so this once-per-request path does not.
+        """
         request_id = request.request_id
-        assert request_id == self.next_request_id, (request_id, self.next_request_id)
-        assert request_id - self.acked_request_id <= self.window, (request_id, self.window)
         self.next_request_id = request_id + 1
         self.in_flight[request_id] = request
         if self.unsent_request_id == request_id:
@@ -453,14 +456,16 @@ class Session:
     def receive_data(self, data: bytes, now: float) -> Action | None:
         """Bytes read from the current connection (not EOF: that is `connection_lost`).
 
-        Replies go to their requests (`Request._deliver`); events to `events`; PONGs, resends and
-        held commands to `outgoing`. Returns None to carry on, or how the connection ends.
+        Replies go to their requests (`Request._reply`, and `answered` when set); events to
+        `events`; PONGs, resends and held commands to `outgoing`. Returns None to carry on, or how
+        the connection ends (replies before the end are delivered all the same).
         """
         assert data, "EOF is connection_lost(None, now)"
         connection = self.connection
         assert connection is not None, "receive_data without a connection"
         connection.receive_data(data)
         in_flight = self.in_flight
+        answered = self.answered
         while True:
             try:
                 frames = connection.next_frames()
@@ -475,7 +480,9 @@ class Session:
                         # A duplicate after a resend, or a reply to a request from before a restart.
                         self.replies_ignored += 1
                         continue
-                    request._deliver(frame)
+                    request._reply = frame
+                    if answered is not None:
+                        answered.append(request)
                     if frame.request_id == self.acked_request_id + 1:
                         acked = frame.request_id
                         next_request_id = self.next_request_id
