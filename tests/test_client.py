@@ -370,6 +370,8 @@ def test_bad_arguments_are_refused_with_their_bounds(daemon: FakeDaemon, clients
         connect(clients, daemon, first_request_id=0)
     with pytest.raises(ValueError, match="timeout_s"):
         connect(clients, daemon, timeout_s=0)
+    with pytest.raises(ValueError, match="SOCKET_PATH_BYTES_MAX"):
+        clients.open("/tmp/" + "x" * 200)  # uvloop alone would call this ENOENT and retry
 
 
 def test_poll_sends_queued_commands_and_collects_replies_without_blocking(

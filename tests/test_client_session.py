@@ -457,6 +457,19 @@ def test_redirect_without_a_socket_backs_off_and_asks_the_same_node_again(daemon
     assert session.begin_attempt(0.01) == SOCKET_PATH
 
 
+def test_redirect_to_an_impossible_path_fails_naming_it(daemon: Daemon) -> None:
+    session = make_session()
+    session.begin_attempt(0.0)
+    session.connection_made()
+    daemon.read(session)
+    action = session.receive_data(daemon.send(Redirect(leader="n2", socket_path="/" + "x" * 200)), 0.0)
+    assert isinstance(action, Fail)
+    assert isinstance(action.error, ProtocolViolation)
+    assert action.error.code == "bad_redirect"
+    assert "SOCKET_PATH_BYTES_MAX" in action.error.message
+    assert session.socket_path == SOCKET_PATH
+
+
 def test_redirect_after_welcome_moves_to_the_leader_at_once(daemon: Daemon) -> None:
     session = make_session()
     handshake(session, daemon)
@@ -587,6 +600,8 @@ def test_a_command_too_large_for_the_welcomed_frame_limit_is_refused(daemon: Dae
         ("in_flight_max", 1025, "IN_FLIGHT_LIMIT_MAX"),
         ("timeout_s", 0, "timeout_s"),
         ("reconnect_timeout_s", -1, "reconnect_timeout_s"),
+        ("socket_path", "/run/" + "x" * 103, "SOCKET_PATH_BYTES_MAX=107"),
+        ("socket_path", "/run/seqd\0.sock", "NUL"),
     ],
 )
 def test_arguments_out_of_range_are_refused_naming_the_bound(option: str, value: Any, names: str) -> None:

@@ -323,7 +323,10 @@ class AsyncClient(SessionView):
         assert loop is not None
         try:
             while True:
-                action = await self._connect_once()
+                try:
+                    action: Action | None = await self._connect_once()
+                except Exception as error:  # not the session's to decide: the caller's to see
+                    action = Fail(error)
                 if action is None:
                     connected = self._connected
                     assert connected is not None
@@ -398,12 +401,12 @@ class AsyncClient(SessionView):
         if action is not None:
             self._abort()
             self._ended(action)
-            return
-        attempt = self._attempt
-        if attempt is not None and session.connected and not attempt.done():
-            attempt.set_result(None)  # welcomed
-        if len(outgoing) > queued_bytes:  # resends, PONGs
-            self._flush()
+        else:
+            attempt = self._attempt
+            if attempt is not None and session.connected and not attempt.done():
+                attempt.set_result(None)  # welcomed
+            if len(outgoing) > queued_bytes:  # resends, PONGs
+                self._flush()
         self._wake()
 
     def _connection_lost(self, protocol: _ClientProtocol, exc: Exception | None) -> None:

@@ -81,6 +81,7 @@ __all__ = [
     "RETRYABLE_ERRNOS",
     "RETRYABLE_ERROR_CODES",
     "SEND_BATCH_BYTES",
+    "SOCKET_PATH_BYTES_MAX",
     "ClientSchema",
     "ConnectionEnded",
     "Fail",
@@ -128,6 +129,10 @@ SEND_BATCH_BYTES: Final = 64 * 1024
 # counted (`events_dropped`): an application that subscribes and never reads must not grow
 # without bound, and an event carries its log index, so a reader can see the gap.
 EVENTS_BUFFERED_MAX: Final = 65536
+# A Unix socket's path lives in sockaddr_un.sun_path: 108 bytes on Linux, with the terminating NUL.
+# Checked here, because the transports disagree about a longer one (the blocking socket and asyncio
+# raise "AF_UNIX path too long", uvloop reports ENOENT, which looks like a daemon not up yet).
+SOCKET_PATH_BYTES_MAX: Final = 107
 _COMMAND_FRAME_OVERHEAD_BYTES: Final = FRAME_HEADER_BYTES + COMMAND_HEADER.size
 
 assert RECONNECT_BACKOFF_S_MIN > 0
@@ -248,6 +253,9 @@ class Session:
     ) -> None:
         if not 0 < client_id < 1 << 64:
             raise ValueError(f"client_id={client_id} must be in 1..2**64-1")
+        problem = _socket_path_problem(socket_path)
+        if problem is not None:
+            raise ValueError(problem)
         if first_request_id < 1:
             raise ValueError(f"first_request_id={first_request_id} must be >= 1")
         if not 1 <= in_flight_max <= IN_FLIGHT_LIMIT_MAX:
@@ -552,7 +560,7 @@ class Session:
         self.redirects = 0
         self.last_error = None
         # Resend everything unanswered (within the window), in request-id order; the daemon
-        # dedups. The HELLO is already written: what is in `outgoing` now is only after it.
+        # dedups. They follow whatever is queued already (the HELLO, or a PONG).
         self.unsent_request_id = self.acked_request_id + 1
         self._send_held()
 
@@ -584,6 +592,11 @@ class Session:
                 )
             )
         self.log.info("seqd redirects to leader %s at %r", redirect.leader, redirect.socket_path)
+        problem = _socket_path_problem(redirect.socket_path) if redirect.socket_path else None
+        if problem is not None:
+            return self._fail(
+                ProtocolViolation("bad_redirect", f"the daemon redirected to a bad path: {problem}")
+            )
         ended = ConnectionEnded(f"redirected to {redirect.leader}")
         if redirect.socket_path:
             self.socket_path = redirect.socket_path
@@ -644,6 +657,19 @@ class Session:
             "running and the path is right; requests in flight stay in flight and are resent by "
             "the next call, which reconnects again"
         )
+
+
+def _socket_path_problem(socket_path: str) -> str | None:
+    """What is wrong with `socket_path` as a Unix socket's path, or None."""
+    if "\0" in socket_path[1:]:  # a leading NUL names an abstract socket (Linux): allowed
+        return f"socket_path={socket_path!r} contains a NUL byte"
+    length = len(socket_path.encode("utf-8", "surrogateescape"))
+    if length > SOCKET_PATH_BYTES_MAX:
+        return (
+            f"socket_path={socket_path!r} is {length} bytes > SOCKET_PATH_BYTES_MAX="
+            f"{SOCKET_PATH_BYTES_MAX} (a Unix socket's path limit): use a shorter path"
+        )
+    return None
 
 
 class SessionView:
