@@ -22,6 +22,7 @@ import argparse
 import collections
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -97,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         server.terminate()
         server.wait(timeout=10)
-        directory.rmdir() if directory.exists() and not any(directory.iterdir()) else None
+        shutil.rmtree(directory, ignore_errors=True)
     return 0
 
 
