@@ -1,8 +1,8 @@
 """Both clients against a fake daemon on a real Unix socket (tests/test_client_fake_daemon).
 
-Each behavioural test runs against every shell (`shell`: the blocking `Client`, and the
-`AsyncClient` under asyncio and under uvloop, through tests/client_shells.py); a test that is
-about one shell's own API says so and takes no `shell`.
+Each behavioural test runs against every shell (the `clients` fixture: the blocking `Client`, and
+the `AsyncClient` under asyncio and under uvloop, through tests/client_shells.py); a test that is
+about one shell's own API says so and uses that client directly.
 """
 
 from __future__ import annotations
