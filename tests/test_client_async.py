@@ -1,4 +1,10 @@
-"""The asyncio client against a fake daemon on a real Unix socket, under asyncio and uvloop."""
+"""The asyncio client's own API against a fake daemon on a real Unix socket, under asyncio and uvloop.
+
+The behaviour both clients share (resend, timeouts, the window, errors, redirects) is tested once
+for every shell in tests/test_client.py; this file keeps what only the asyncio client has: `async
+with`, `await pending`, `async for`, several submits in one loop iteration, and `close()` failing
+the calls that wait.
+"""
 
 from __future__ import annotations
 
@@ -13,10 +19,7 @@ import uvloop
 from sequencer.client import (
     AsyncClient,
     ClientError,
-    CommandRejected,
     ConnectionLost,
-    ProtocolViolation,
-    TimedOut,
 )
 from sequencer.client.protocol import Reply
 from tests.test_client_fake_daemon import FakeDaemon, running_fake_daemon
@@ -94,65 +97,6 @@ def test_resend_after_dropped_connection_applies_every_request_exactly_once(
     assert len(daemon.applications) == 300
 
 
-def test_daemon_restart_is_survived_without_double_application(
-    daemon: FakeDaemon, run: Runner
-) -> None:
-    async def main() -> None:
-        async with make(daemon) as client:
-            await client.call(b"incr:r")
-            daemon.pause()
-            pending = [await client.submit(b"incr:r") for _ in range(5)]
-            await asyncio.sleep(0.05)  # let the commands reach the daemon
-            daemon.stop()
-            daemon.paused = False
-            daemon.restart_later(0.2)
-            assert [int((await request).payload) for request in pending] == [2, 3, 4, 5, 6]
-
-    run(main())
-    assert set(daemon.applications.values()) == {1}
-
-
-def test_timed_out_request_stays_in_flight_and_completes_later(
-    daemon: FakeDaemon, run: Runner
-) -> None:
-    async def main() -> None:
-        async with make(daemon) as client:
-            daemon.pause()
-            pending = await client.submit(b"echo:late")
-            with pytest.raises(TimedOut, match="request 1"):
-                await pending.result(SHORT_S)
-            await asyncio.get_running_loop().run_in_executor(None, daemon.resume)
-            assert (await pending).payload == b"late"
-
-    run(main())
-
-
-def test_window_full_submit_times_out(daemon: FakeDaemon, run: Runner) -> None:
-    async def main() -> None:
-        async with make(daemon, in_flight_max=3) as client:
-            daemon.pause()
-            held = [await client.submit(b"incr:w") for _ in range(3)]
-            with pytest.raises(TimedOut, match="in-flight window"):
-                await client.submit(b"incr:w", timeout_s=SHORT_S)
-            await asyncio.get_running_loop().run_in_executor(None, daemon.resume)
-            assert [(await request).payload for request in held] == [b"1", b"2", b"3"]
-            assert (await client.call(b"incr:w")).payload == b"4"
-
-    run(main())
-
-
-def test_rejected_reply_raises_command_rejected_with_its_code(
-    daemon: FakeDaemon, run: Runner
-) -> None:
-    async def main() -> None:
-        async with make(daemon) as client:
-            with pytest.raises(CommandRejected) as caught:
-                await client.call(b"reject:limit")
-            assert caught.value.code == "limit"
-
-    run(main())
-
-
 def test_events_reach_subscribed_clients_only(daemon: FakeDaemon, run: Runner) -> None:
     async def main() -> None:
         async with make(daemon, subscribe_events=True) as subscriber, make(daemon) as bystander:
@@ -167,47 +111,6 @@ def test_events_reach_subscribed_clients_only(daemon: FakeDaemon, run: Runner) -
                 await bystander.next_event(SHORT_S)
 
     run(main())
-
-
-def test_unreachable_daemon_raises_connection_lost(tmp_dir: Path, run: Runner) -> None:
-    async def main() -> None:
-        client = AsyncClient(str(tmp_dir / "nobody.sock"), reconnect_timeout_s=SHORT_S)
-        with pytest.raises(ConnectionLost, match="Check that seqd is running"):
-            await client.connect()
-        await client.close()
-
-    run(main())
-
-
-def test_garbage_from_the_daemon_raises_protocol_violation_then_recovers(
-    daemon: FakeDaemon, run: Runner
-) -> None:
-    async def main() -> None:
-        async with make(daemon) as client:
-            daemon.garbage_next_reply = True
-            pending = await client.submit(b"incr:g")
-            with pytest.raises(ProtocolViolation) as caught:
-                await pending
-            assert caught.value.code == "bad_version"
-            assert (await pending).payload == b"1"  # the resend got the saved reply
-
-    run(main())
-    assert daemon.applications.total() == 1
-
-
-def test_redirect_moves_the_client_to_the_named_socket(
-    daemon: FakeDaemon, run: Runner, tmp_dir: Path
-) -> None:
-    with running_fake_daemon(tmp_dir / "leader.sock") as leader:
-        daemon.redirect_to = leader.socket_path
-
-        async def main() -> None:
-            async with make(daemon) as client:
-                assert (await client.call(b"echo:x")).payload == b"x"
-                assert client.socket_path == leader.socket_path
-
-        run(main())
-        assert leader.applications.total() == 1
 
 
 def test_close_fails_waiters_and_refuses_new_calls(daemon: FakeDaemon, run: Runner) -> None:

@@ -11,7 +11,8 @@ the last applied request id and the replies not yet acknowledged, as docs/contra
 
 Its dedup state survives `restart()`, as the blp's survives a daemon restart (snapshot + journal).
 Faults on demand: drop the connection right after the Nth command is applied (its batch's replies
-unsent), send garbage instead of a reply, hold commands unanswered (`pause`), redirect a HELLO.
+unsent), send garbage instead of a reply, hold commands unanswered (`pause`), redirect a HELLO,
+refuse the next HELLOs with an ERROR code each (`refuse_hellos`).
 
 Commands are bytes: `incr:<key>` (reply: the new value), `echo:<text>`, `reject:<code>`,
 `publish:<text>` (an event to subscribed sessions).
@@ -99,6 +100,8 @@ class _Session(asyncio.Protocol):
                 if not self.daemon.handle(self, frame, out):
                     self.transport.abort()
                     return
+                if self.transport.is_closing():
+                    return  # refused or redirected: what it wrote goes out, then the close
         if out:
             self.transport.write(bytes(out))
 
@@ -121,6 +124,7 @@ class FakeDaemon:
         self.drop_after_commands: int | None = None  # one-shot
         self.garbage_next_reply = False  # one-shot
         self.redirect_to: str | None = None
+        self.refuse_hellos: list[str] = []  # ERROR codes for the next HELLOs, one each
         self.paused = False
         self.ping_after_welcome = False
         self._loop = asyncio.new_event_loop()
@@ -194,11 +198,13 @@ class FakeDaemon:
         """Abort every connection, and return once their sockets are closed."""
 
         async def drop() -> None:
-            for session in list(self.sessions):
+            dropped = list(self.sessions)
+            for session in dropped:
                 assert session.transport is not None
                 session.transport.abort()
             for _ in range(1000):  # connection_lost (which closes the socket) runs soon after
-                if not self.sessions:
+                # (an asyncio client may already have opened a new session: that one stays)
+                if not self.sessions.intersection(dropped):
                     return
                 await asyncio.sleep(0.001)
             raise AssertionError(f"{len(self.sessions)} sessions did not close")
@@ -225,6 +231,14 @@ class FakeDaemon:
         """Process one frame; False to drop the connection at once (unsent replies are lost)."""
         if isinstance(frame, Hello):
             self.hellos += 1
+            if self.refuse_hellos:
+                code = self.refuse_hellos.pop(0)
+                session.connection.send_into(out, Error(code=code, message=f"refused: {code}"))
+                assert session.transport is not None
+                session.transport.write(bytes(out))
+                session.transport.close()
+                out.clear()
+                return True
             if self.redirect_to is not None:
                 session.connection.send_into(
                     out, Redirect(leader="n2", socket_path=self.redirect_to)

@@ -77,7 +77,7 @@ IO_FREE: dict[str, bool] = {
     "sequencer.schema": True,
     "sequencer.snapshot_format": True,
     "sequencer.client.protocol": True,
-    "sequencer.client.session": False,  # the client session core (issue 10, item 1)
+    "sequencer.client.session": True,  # the client session core (issue 10, item 1)
     "sequencer.gateway": False,  # the sequencer's gateway core (issue 10, item 2)
 }
 # What an I/O-free module may not reach: sockets, files, clocks, threads, event loops,

@@ -1,4 +1,5 @@
-"""The seqd client library: the wire protocol codec and blocking and asyncio clients.
+"""The seqd client library: the wire protocol codec, a sans-I/O session core, and blocking and
+asyncio clients built on it.
 
     from sequencer.client import Client
     with Client("/run/seqd/seqd.sock", client_id=stored_id, schema=Ledger.schema) as client:
@@ -24,8 +25,12 @@ from .protocol import ProtocolError
 # the daemon's blp and gateway import the wire codec (`sequencer.client.protocol`) for its frame
 # limits, and must not pull I/O modules in through this package's __init__ (PEP 562).
 _LAZY = {
-    name: ".unix"
-    for name in ("AsyncClient", "AsyncPendingRequest", "Client", "ClientSchema", "PendingRequest", "new_client_id")
+    "AsyncClient": ".aio",
+    "AsyncPendingRequest": ".aio",
+    "Client": ".blocking",
+    "PendingRequest": ".blocking",
+    "ClientSchema": ".session",
+    "new_client_id": ".ids",
 }
 
 
@@ -41,14 +46,10 @@ def __getattr__(name: str) -> object:
 
 
 if TYPE_CHECKING:
-    from .unix import (
-        AsyncClient,
-        AsyncPendingRequest,
-        Client,
-        ClientSchema,
-        PendingRequest,
-        new_client_id,
-    )
+    from .aio import AsyncClient, AsyncPendingRequest
+    from .blocking import Client, PendingRequest
+    from .ids import new_client_id
+    from .session import ClientSchema
 
 __all__ = [
     "AsyncClient",
