@@ -25,6 +25,7 @@ from daemon.harness import NodeProcess
 from sequencer.processor import SAVED_REPLIES_MAX
 from tests import raw_wire as wire
 from tests.node_fixtures import node_factory  # noqa: F401 (fixture)
+from tests.small_fs import SmallFilesystem, small_filesystem  # noqa: F401
 
 NOBODY = 65534
 
@@ -212,9 +213,62 @@ ERROR_CASES: dict[str, tuple[dict[str, Any], dict[str, Run]]] = {
 }  # fmt: skip
 
 
+# Codes whose cause is a state of the node rather than a client's bytes, each with its own test.
+ERROR_STATE_CASES = {"disk_full": "test_disk_full_refuses_hello_and_command_and_the_node_serves_on_when_space_returns"}
+
+
 def test_every_documented_error_code_has_a_conformance_case() -> None:
     documented = wire.doc_codes(wire.ERROR_CODES_HEADING)
-    assert sorted(ERROR_CASES) == sorted(documented)
+    assert sorted([*ERROR_CASES, *ERROR_STATE_CASES]) == sorted(documented)
+    for test_name in ERROR_STATE_CASES.values():
+        assert callable(globals().get(test_name)), test_name
+
+
+@pytest.mark.parametrize("small_filesystem", ["limit"], indirect=True)
+def test_disk_full_refuses_hello_and_command_and_the_node_serves_on_when_space_returns(
+    node_factory, small_filesystem: SmallFilesystem  # noqa: F811
+) -> None:
+    """docs/client.md: while the disk is short, HELLO and COMMAND get the fatal ERROR `disk_full`
+    and nothing of them enters the log; once space returns the same client is served."""
+    filesystem = small_filesystem
+    settings = {
+        "node": {"data_dir": str(filesystem.data_dir)},
+        "socket": {"command_bytes_max": 4096},
+        "ring": {"log_capacity_bytes": 256 << 10, "egress_capacity_bytes": 2 << 20},
+        "journal": {"segment_bytes": 1 << 20, "batch_bytes_max": 64 << 10, "preallocate": False},
+    }
+    node = node_factory(settings, start=False)
+    node.start(environment=dict(filesystem.environment))
+    with wire.Raw(node.socket_path) as early:
+        early.open(client_id=7)  # a session opened while there is room
+        filesystem.fill(leave_bytes=0)
+        early.send(wire.command(1, wire.app("OpenAccount", account="a")))
+        deadline = time.monotonic() + 30
+        while node.read_counters()["journal.disk_full"] == 0:
+            assert time.monotonic() < deadline, "the journal did not notice the full disk"
+            time.sleep(0.01)
+        with wire.Raw(node.socket_path) as raw:
+            raw.send(wire.hello(8))
+            (error,) = raw.until_eof()
+        assert (error.kind, error.fields["code"], error.fields["fatal"]) == (wire.ERROR, "disk_full", True)
+        assert "disk" in error.fields["message"]
+        early.send(wire.command(2, wire.app("OpenAccount", account="b")))
+        frames = early.until_eof()
+        assert frames[-1].kind == wire.ERROR and frames[-1].fields["code"] == "disk_full", frames
+    filesystem.free_space()
+    deadline = time.monotonic() + 30
+    while node.read_counters()["journal.disk_full"] != 0:
+        assert time.monotonic() < deadline, "the node did not notice the freed space"
+        time.sleep(0.01)
+    with wire.Raw(node.socket_path) as raw:
+        raw.open(client_id=7)
+        replies = raw.send(wire.command(1, wire.app("OpenAccount", account="a"))).replies(1)
+        assert replies[0].fields["status"] == wire.OK  # applied once: the resend gets its reply
+        (balance,) = raw.send(wire.command(2, wire.app("Balance", account="a"), 1)).replies(1)
+        assert balance.app()["balance"] == 0
+        # The refused command never entered the log.
+        (refused,) = raw.send(wire.command(3, wire.app("Balance", account="b"), 2)).replies(1)
+        assert wire.rejection(refused) == "unknown_account"
 
 
 @pytest.mark.parametrize("code", sorted(ERROR_CASES))
