@@ -161,6 +161,15 @@ def test_an_acceptor_refuses_a_dialler_that_cannot_prove_the_secret() -> None:
     assert not accepting.authenticated
 
 
+def test_an_acceptor_refuses_its_own_proof_reflected_as_the_diallers() -> None:
+    accepting = acceptor()
+    accepting.receive_data(dialler().data_to_send())
+    events(accepting)
+    answer = accepting.data_to_send()
+    proof_a = answer[-32:]
+    refused(accepting, FRAME_HEADER.pack(32, FrameKind.AUTH, 1, 0) + proof_a, "bad_proof")
+
+
 def test_a_replayed_handshake_fails_against_the_acceptors_fresh_nonce() -> None:
     _, _, (hello, auth) = handshake()
     fresh = acceptor()
