@@ -487,11 +487,16 @@ def test_a_batch_over_the_item_bound_is_split() -> None:
     ]
 
 
-def test_one_message_over_the_frame_bound_is_a_local_error_and_the_connection_goes_on() -> None:
+def test_one_message_over_the_frame_bound_fails_its_whole_batch_and_the_connection_goes_on() -> (
+    None
+):
     dialling, accepting, _ = handshake()
+    too_large = _append_entries([b"x" * PEER_FRAME_BYTES_MAX])
     with pytest.raises(LocalPeerProtocolError) as caught:
-        dialling.send_messages([_append_entries([b"x" * PEER_FRAME_BYTES_MAX])])
+        # The first heartbeats fit in frames of their own before the large message is found.
+        dialling.send_messages([heartbeat(term=1), heartbeat(term=2), too_large, heartbeat()])
     assert caught.value.code == "message_too_large"
+    assert dialling.frames_sent == 0, "the frames built before the failure are not counted"
     accepting.receive_data(dialling.send_messages([heartbeat()]))
     assert events(accepting) == [MessageBatch([heartbeat()]), NEED_DATA]
 

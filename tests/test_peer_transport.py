@@ -6,15 +6,18 @@ import asyncio
 import socket
 from collections.abc import Callable, Coroutine
 from contextlib import AsyncExitStack
+from dataclasses import replace
 from typing import Any
 
 import pytest
 import uvloop
 
-from sequencer.raft.messages import Heartbeat, Message
+from daemon.faultproxy import FaultNetwork, FaultProxy
+from sequencer.raft.messages import AppendEntries, Heartbeat, Message
 from sequencer.raft.peer_protocol import (
     FRAME_HEADER,
     FRAME_HEADER_BYTES,
+    PEER_FRAME_BYTES_MAX,
     Authenticated,
     ClusterIdentity,
     ForwardedCommand,
@@ -184,6 +187,24 @@ def test_messages_to_a_peer_without_a_connection_are_dropped_and_counted() -> No
     run_uvloop(main())
 
 
+def test_a_batch_with_a_message_too_large_for_a_frame_is_dropped_and_the_link_goes_on() -> None:
+    async def main() -> None:
+        ports = dict(zip((1, 2), reserve_ports(2), strict=True))
+        async with AsyncExitStack() as stack:
+            nodes = await start_nodes(stack, ports)
+            sender = nodes[1].transport
+            too_large = AppendEntries(CLUSTER, 1, 2, 1, 0, 0, 0, [1], [b"x" * PEER_FRAME_BYTES_MAX])
+            sender.send([heartbeat(1, 2, term=1), too_large, heartbeat(1, 2, term=2)])
+            await asyncio.sleep(0)  # the flush runs at the end of this pass
+            sender.send([heartbeat(1, 2, term=3)])
+            await until(lambda: nodes[2].messages == [(1, heartbeat(1, 2, 3))], "the next one")
+            assert sender.counters.messages_dropped == 3
+            assert nodes[2].counters["refused_total"] == 0
+            assert sender.is_connected(2)
+
+    run_uvloop(main())
+
+
 def test_a_dialler_reconnects_after_its_peer_restarts(run: Runner) -> None:
     async def main() -> None:
         ports = dict(zip((1, 2), reserve_ports(2), strict=True))
@@ -241,6 +262,61 @@ def test_an_inbound_connection_from_a_restarted_peer_replaces_the_old_one() -> N
             assert receiver.transport.inbound_peers() == {1}
             restarted.transport.send([heartbeat(1, 2, term=9)])
             await until(lambda: receiver.messages == [(1, heartbeat(1, 2, 9))], "the message")
+
+    run_uvloop(main())
+
+
+async def nothing_arrives(received: list[tuple[int, Message]], count: int) -> bool:
+    """Watch a quiet while: no message beyond the first `count` arrives (absence stays absence
+    on a loaded machine, so this is not a timed assertion)."""
+    await asyncio.sleep(0.3)
+    return len(received) == count
+
+
+def test_a_link_blackholed_by_the_fault_proxy_holds_messages_until_healed() -> None:
+    async def main() -> None:
+        ports = dict(zip((1, 2), reserve_ports(2), strict=True))
+        with FaultProxy() as proxy:
+            network = FaultNetwork(proxy)
+            via = network.add(1, 2, ports[2])
+            async with AsyncExitStack() as stack:
+                receiver = Node(config(2, ports))
+                sender = Node(replace(config(1, ports), peers={2: ("127.0.0.1", via)}))
+                await stack.enter_async_context(receiver.transport)
+                await stack.enter_async_context(sender.transport)
+                await asyncio.wait_for(sender.transport.wait_connected([2]), WAIT_S)
+                network.cut(1, 2)
+                sender.transport.send([heartbeat(1, 2, term=5)])
+                assert await nothing_arrives(receiver.messages, 0)
+                network.heal()
+                await until(lambda: receiver.messages == [(1, heartbeat(1, 2, 5))], "the message")
+                assert sender.transport.counters.connects == 1, "the same connection carried it"
+
+    run_uvloop(main())
+
+
+def test_a_link_dropped_by_the_fault_proxy_is_redialled_once_healed() -> None:
+    async def main() -> None:
+        ports = dict(zip((1, 2), reserve_ports(2), strict=True))
+        with FaultProxy() as proxy:
+            network = FaultNetwork(proxy)
+            via = network.add(1, 2, ports[2])
+            async with AsyncExitStack() as stack:
+                receiver = Node(config(2, ports))
+                sender = Node(replace(config(1, ports), peers={2: ("127.0.0.1", via)}))
+                await stack.enter_async_context(receiver.transport)
+                await stack.enter_async_context(sender.transport)
+                await asyncio.wait_for(sender.transport.wait_connected([2]), WAIT_S)
+                network.cut(1, 2, how="drop")
+                await until(lambda: not sender.transport.is_connected(2), "the reset")
+                link = network.links[(1, 2)]
+                await until(lambda: link.stats()["connections_reset"] >= 3, "refused redials")
+                assert not sender.transport.is_connected(2)
+                network.heal()
+                await asyncio.wait_for(sender.transport.wait_connected([2]), WAIT_S)
+                sender.transport.send([heartbeat(1, 2, term=6)])
+                await until(lambda: receiver.messages == [(1, heartbeat(1, 2, 6))], "the message")
+                assert sender.transport.counters.connects == 2
 
     run_uvloop(main())
 

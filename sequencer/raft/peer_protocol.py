@@ -810,6 +810,7 @@ class PeerConnection:
         Raises:
             LocalPeerProtocolError: before the handshake completed, after a failure, or one
                 message alone is too large for a frame (the sender must keep messages smaller).
+                Nothing of the batch is produced then, and the connection stays usable.
         """
         return self._send(FrameKind.MESSAGES, messages)
 
@@ -826,8 +827,15 @@ class PeerConnection:
                 f"{_KIND_NAMES[kind]} before the handshake completed: wait for Authenticated",
             )
         out = bytearray()
-        for start in range(0, len(items), ITEMS_PER_FRAME_MAX):
-            self._append_frames(out, kind, items[start : start + ITEMS_PER_FRAME_MAX])
+        sequence_before = self._sequence_out
+        try:
+            for start in range(0, len(items), ITEMS_PER_FRAME_MAX):
+                self._append_frames(out, kind, items[start : start + ITEMS_PER_FRAME_MAX])
+        except LocalPeerProtocolError:
+            # All or nothing: the frames already built are discarded, so their sequence numbers
+            # must be reused, or the peer would refuse the next frame as out of sequence.
+            self._sequence_out = sequence_before
+            raise
         return bytes(out)
 
     def _append_frames(self, out: bytearray, kind: int, items: Sequence[object]) -> None:

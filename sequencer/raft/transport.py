@@ -18,7 +18,8 @@ writes sockets, keeps time (handshake timeouts, reconnect backoff) and counts:
   frame per peer and one `write`.
 - a message to a peer with no authenticated connection, or whose socket has more than
   `send_buffer_bytes_max` unsent bytes, is dropped and counted (`messages_dropped`): Raft resends
-  what matters after a timeout, and a slow or dead peer must not grow this node's memory;
+  what matters after a timeout, and a slow or dead peer must not grow this node's memory. So is
+  a batch holding a message too large for any frame (a caller bug, logged);
 - a refused connection (any `PeerProtocolError`, a handshake that does not finish within
   `handshake_timeout_ms`, or more than `HANDSHAKES_PENDING_MAX` unauthenticated connections) is
   counted by its code, logged the first time and at every power of two, and aborted;
@@ -59,6 +60,7 @@ from sequencer.raft.peer_protocol import (
     ClusterIdentity,
     CommandBatch,
     ForwardedCommand,
+    LocalPeerProtocolError,
     MessageBatch,
     PeerConnection,
     PeerProtocolError,
@@ -188,6 +190,7 @@ class TransportCounters:
     accepts: int = 0  # inbound connections authenticated
     connect_failures: int = 0  # TCP connects that failed or timed out
     disconnects: int = 0  # authenticated connections that ended
+    handshakes_failed: int = 0  # connections, either way, that ended before authenticating
     refused: dict[str, int] = field(
         default_factory=lambda: dict.fromkeys(TRANSPORT_REFUSAL_CODES, 0)
     )
@@ -497,15 +500,28 @@ class PeerTransport:
                 continue
             codec = stream.codec
             frames_before = codec.frames_sent
-            data = b""
+            data = bytearray()
             if messages:
-                data = codec.send_messages(messages)
-                counters.messages_out += len(messages)
+                try:
+                    data += codec.send_messages(messages)
+                    counters.messages_out += len(messages)
+                except LocalPeerProtocolError as error:
+                    counters.messages_dropped += len(messages)
+                    self._batch_refused(link.peer_id, error)
             if commands:
-                data += codec.send_commands(commands)
-                counters.commands_out += len(commands)
+                try:
+                    data += codec.send_commands(commands)
+                    counters.commands_out += len(commands)
+                except LocalPeerProtocolError as error:
+                    counters.commands_dropped += len(commands)
+                    self._batch_refused(link.peer_id, error)
             counters.frames_out += codec.frames_sent - frames_before
-            stream._write(data)
+            stream._write(bytes(data))
+
+    def _batch_refused(self, peer_id: int, error: LocalPeerProtocolError) -> None:
+        """A batch the codec would not frame (a message over PEER_FRAME_BYTES_MAX): a bug in the
+        caller. The batch is dropped and counted; the connection goes on."""
+        log.error("node %d dropped a batch for node %d: %s", self.identity.node_id, peer_id, error)
 
     # -- receiving ------------------------------------------------------------------------------
 
@@ -611,6 +627,8 @@ class PeerTransport:
         self._pending.discard(stream)
         if stream.was_authenticated:
             self.counters.disconnects += 1
+        else:
+            self.counters.handshakes_failed += 1
         link = stream.link
         if link is not None:
             if link.stream is stream:
