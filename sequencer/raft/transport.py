@@ -49,6 +49,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Final
 
+from sequencer.client.protocol import FRAME_BYTES_MAX as CLIENT_FRAME_BYTES_MAX
 from sequencer.raft.messages import Message
 from sequencer.raft.peer_protocol import (
     CLOSED,
@@ -82,6 +83,10 @@ log = logging.getLogger("seqd.peer")
 # connection is replaced), so a 5-node cluster needs at most 8; more is a port scanner or a flood,
 # and each costs a codec and up to one read of buffer: refuse beyond this.
 HANDSHAKES_PENDING_MAX: Final = 64
+# A forwarded command, or an AppendEntries carrying one largest client command, always fits a
+# peer frame, with room for its headers and a second one.
+assert PEER_FRAME_BYTES_MAX >= 2 * CLIENT_FRAME_BYTES_MAX + 4096, PEER_FRAME_BYTES_MAX
+
 # The transport's own refusals, besides the codec's.
 TRANSPORT_REFUSAL_CODES: Final = (*REFUSAL_CODES, "handshake_timeout", "handshakes_pending_full")
 
