@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -527,6 +529,16 @@ def test_reconnect_backoff_doubles_to_its_bound_with_jitter_and_resets() -> None
     assert max(delays) <= 1000
     backoff.reset()
     assert 10 <= backoff.next_delay_ms() <= 20
+
+
+def test_importing_the_raft_package_loads_no_event_loop_and_no_client() -> None:
+    # The simulator and the core import sequencer.raft; the peer protocol must not drag asyncio
+    # or the client package (sockets) in behind it.
+    code = "import sys, sequencer.raft; print(sorted({'asyncio', 'socket', 'sequencer.client'} & set(sys.modules)))"
+    loaded = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    ).stdout.strip()
+    assert loaded == "[]", loaded
 
 
 def test_the_codec_imports_no_io() -> None:
