@@ -75,7 +75,7 @@ import hmac
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Annotated, Final, Protocol
+from typing import Annotated, Final, Protocol, get_args
 
 import msgspec
 
@@ -92,9 +92,13 @@ from sequencer.raft.messages import (
 )
 
 __all__ = [
+    "AUTH_BODY",
+    "CHALLENGE_BODY",
     "CLOSED",
+    "DATA_HEADER",
     "FRAME_HEADER",
     "FRAME_HEADER_BYTES",
+    "HELLO_BODY",
     "ITEMS_PER_FRAME_MAX",
     "MAC_BYTES",
     "NEED_DATA",
@@ -258,8 +262,8 @@ class ForwardedCommand(msgspec.Struct, array_like=True, gc=False, frozen=True):
     payload: bytes
 
 
-# The union of the core's messages, as a list: one decode call per frame. A test checks that it
-# names exactly `MESSAGE_TYPES`, so a message type added to the core cannot be forgotten here.
+# The union of the core's messages, as a list: one decode call per frame. Checked at import against
+# `MESSAGE_TYPES`, so a message type added to the core cannot be forgotten here.
 _MESSAGES_DECODER: Final = msgspec.msgpack.Decoder(
     list[
         RequestVote
@@ -271,16 +275,9 @@ _MESSAGES_DECODER: Final = msgspec.msgpack.Decoder(
         | InstallSnapshot
     ]
 )
-MESSAGES_UNION_TYPES: Final = (
-    RequestVote,
-    RequestVoteResponse,
-    AppendEntries,
-    AppendEntriesResponse,
-    Heartbeat,
-    HeartbeatResponse,
-    InstallSnapshot,
+assert set(get_args(get_args(_MESSAGES_DECODER.type)[0])) == set(MESSAGE_TYPES), (
+    "the peer protocol's message union must name exactly sequencer.raft.messages.MESSAGE_TYPES"
 )
-assert set(MESSAGES_UNION_TYPES) == set(MESSAGE_TYPES)
 _COMMANDS_DECODER: Final = msgspec.msgpack.Decoder(list[ForwardedCommand])
 _ENCODER: Final = msgspec.msgpack.Encoder()
 
@@ -377,7 +374,9 @@ class PeerConnection:
 
     Invariants:
     - `_buffer[_start:]` holds received bytes not yet consumed; `_start <= len(_buffer)`.
-    - `_send_key`/`_receive_key` are set exactly when `authenticated` is true.
+    - `_expected_kind` is the handshake frame awaited next, 0 once the handshake is done.
+    - `_send_mac`/`_receive_mac` (keyed with the two directions' frame keys) are set exactly when
+      the handshake is done and no error has occurred (`authenticated`).
     - `_sequence_out` is the number of the next frame we send, `_sequence_in` the number the
       next frame received must carry; both start at 1 and only grow.
     - once `_error` is set, every call raises.
@@ -392,7 +391,6 @@ class PeerConnection:
         "_outgoing",
         "_peer_closed",
         "_peer_id",
-        "_peer_nonce",
         "_pending_keys",
         "_proof_expected",
         "_receive_mac",
@@ -416,7 +414,6 @@ class PeerConnection:
         self._outgoing = bytearray()
         self._peer_closed = False
         self._error: PeerProtocolError | None = None
-        self._peer_nonce = b""
         self._proof_expected = b""
         self._pending_keys = (b"", b"")
         # Pre-keyed HMAC objects, copied per frame: keying costs two SHA-256 blocks, a copy none.
@@ -661,10 +658,9 @@ class PeerConnection:
             raise PeerProtocolError(
                 "unknown_node",
                 f"node {dialler} dialled node {acceptor}, but this is node {identity.node_id}: "
-                "check the peer addresses in node {dialler}'s config",
+                f"check the peer addresses in node {dialler}'s config",
             )
         self._peer_id = dialler
-        self._peer_nonce = nonce_d
         proof_a, proof_d, key_d2a, key_a2d = _session_keys(
             identity, dialler, identity.node_id, nonce_d, self._nonce
         )
@@ -704,7 +700,6 @@ class PeerConnection:
                 f"node {acceptor}'s handshake proof does not verify: it holds another cluster "
                 "secret (give every node the same), or something else answers at its address",
             )
-        self._peer_nonce = nonce_a
         self._outgoing += FRAME_HEADER.pack(AUTH_BODY.size, FrameKind.AUTH, PROTOCOL_VERSION, 0)
         self._outgoing += AUTH_BODY.pack(proof_d)
         self._become_authenticated(send_key=key_d2a, receive_key=key_a2d)
