@@ -27,7 +27,6 @@ import json
 import logging
 import os
 import platform
-import socket
 import statistics
 import sys
 import time
@@ -35,6 +34,7 @@ from collections.abc import Callable
 
 import uvloop
 
+from daemon.faultproxy import free_loopback_ports
 from sequencer.raft.messages import AppendEntries, Heartbeat, Message
 from sequencer.raft.peer_protocol import ClusterIdentity, MessageBatch, PeerConnection, Side
 from sequencer.raft.transport import PeerTransport, TransportConfig
@@ -42,16 +42,6 @@ from sequencer.raft.transport import PeerTransport, TransportConfig
 CLUSTER = 1
 SECRET = os.urandom(32)
 WINDOW_PASSES = 8  # passes in flight before the sender waits: keeps the socket buffer short
-
-
-def reserve_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    for sock in sockets:
-        sock.bind(("127.0.0.1", 0))
-    ports = [sock.getsockname()[1] for sock in sockets]
-    for sock in sockets:
-        sock.close()
-    return ports
 
 
 def heartbeat(term: int) -> Message:
@@ -66,7 +56,7 @@ def append_entries(term: int) -> Message:
 
 
 async def through_transport(make: Callable[[int], Message], batch: int, total: int) -> float:
-    ports = dict(zip((1, 2), reserve_ports(2), strict=True))
+    ports = dict(zip((1, 2), free_loopback_ports(2), strict=True))
     received = 0
     wanted = 0
     progressed = asyncio.Event()

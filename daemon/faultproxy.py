@@ -66,6 +66,7 @@ __all__ = [
     "FaultNetwork",
     "FaultProxy",
     "ProxyLink",
+    "free_loopback_ports",
 ]
 
 LISTEN_HOST: Final = "127.0.0.1"
@@ -89,6 +90,19 @@ _LINGER_RESET: Final = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sen
 assert PIPE_BUFFER_BYTES_MAX >= CHUNK_BYTES
 
 T = TypeVar("T")
+
+
+def free_loopback_ports(count: int) -> list[int]:
+    """`count` distinct free ports on 127.0.0.1, for configs that must name each other's ports
+    before anything listens (a cluster's peer addresses). Another process may take one between
+    this call and the node's bind: rare on a test machine (the kernel picks from ~28k ephemeral
+    ports at random), and then the bind fails loudly with EADDRINUSE rather than misbehaving."""
+    sockets = [socket.create_server((LISTEN_HOST, 0)) for _ in range(count)]
+    try:
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 class Direction(enum.Flag):
@@ -274,9 +288,7 @@ class _LinkState:
                 for coroutine in (pipe.read_loop(), pipe.write_loop())
             ]
             # Both directions end with EOF written; an error on either side ends the connection.
-            done, _ = await asyncio.wait(
-                connection.tasks, return_when=asyncio.FIRST_EXCEPTION
-            )
+            done, _ = await asyncio.wait(connection.tasks, return_when=asyncio.FIRST_EXCEPTION)
             if any(not t.cancelled() and t.exception() is not None for t in done):
                 connection.reset()
             else:

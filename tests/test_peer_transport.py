@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import Callable, Coroutine
 from contextlib import AsyncExitStack
 from dataclasses import replace
@@ -12,7 +11,7 @@ from typing import Any
 import pytest
 import uvloop
 
-from daemon.faultproxy import FaultNetwork, FaultProxy
+from daemon.faultproxy import FaultNetwork, FaultProxy, free_loopback_ports
 from sequencer.raft.messages import AppendEntries, Heartbeat, Message
 from sequencer.raft.peer_protocol import (
     FRAME_HEADER,
@@ -50,18 +49,6 @@ def run(request: pytest.FixtureRequest) -> Runner:
 def run_uvloop(coroutine: Coroutine[Any, Any, None]) -> None:
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(asyncio.wait_for(coroutine, TEST_S))
-
-
-def reserve_ports(count: int) -> list[int]:
-    """Free loopback ports for configs that must name each other before anything listens."""
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
 
 
 async def until(condition: Callable[[], bool], what: str) -> None:
@@ -126,7 +113,7 @@ def heartbeat(source: int, target: int, term: int = 1) -> Heartbeat:
 
 def test_messages_and_commands_flow_between_every_ordered_pair_of_three_nodes(run: Runner) -> None:
     async def main() -> None:
-        ports = dict(zip((1, 2, 3), reserve_ports(3), strict=True))
+        ports = dict(zip((1, 2, 3), free_loopback_ports(3), strict=True))
         async with AsyncExitStack() as stack:
             nodes = await start_nodes(stack, ports)
             for source, node in nodes.items():
@@ -156,7 +143,7 @@ def test_messages_and_commands_flow_between_every_ordered_pair_of_three_nodes(ru
 
 def test_messages_sent_in_one_loop_pass_leave_in_one_frame_per_peer() -> None:
     async def main() -> None:
-        ports = dict(zip((1, 2), reserve_ports(2), strict=True))
+        ports = dict(zip((1, 2), free_loopback_ports(2), strict=True))
         async with AsyncExitStack() as stack:
             nodes = await start_nodes(stack, ports)
             sender = nodes[1].transport
@@ -172,7 +159,7 @@ def test_messages_sent_in_one_loop_pass_leave_in_one_frame_per_peer() -> None:
 
 def test_messages_to_a_peer_without_a_connection_are_dropped_and_counted() -> None:
     async def main() -> None:
-        ports = dict(zip((1, 2), reserve_ports(2), strict=True))
+        ports = dict(zip((1, 2), free_loopback_ports(2), strict=True))
         lonely = Node(config(1, ports))  # node 2 never starts
         async with lonely.transport:
             lonely.transport.send([heartbeat(1, 2)])
@@ -189,7 +176,7 @@ def test_messages_to_a_peer_without_a_connection_are_dropped_and_counted() -> No
 
 def test_a_batch_with_a_message_too_large_for_a_frame_is_dropped_and_the_link_goes_on() -> None:
     async def main() -> None:
-        ports = dict(zip((1, 2), reserve_ports(2), strict=True))
+        ports = dict(zip((1, 2), free_loopback_ports(2), strict=True))
         async with AsyncExitStack() as stack:
             nodes = await start_nodes(stack, ports)
             sender = nodes[1].transport
@@ -207,7 +194,7 @@ def test_a_batch_with_a_message_too_large_for_a_frame_is_dropped_and_the_link_go
 
 def test_a_dialler_reconnects_after_its_peer_restarts(run: Runner) -> None:
     async def main() -> None:
-        ports = dict(zip((1, 2), reserve_ports(2), strict=True))
+        ports = dict(zip((1, 2), free_loopback_ports(2), strict=True))
         async with AsyncExitStack() as stack:
             nodes = await start_nodes(stack, ports)
             first = nodes[1].transport
@@ -246,7 +233,7 @@ async def dial_by_hand(
 
 def test_an_inbound_connection_from_a_restarted_peer_replaces_the_old_one() -> None:
     async def main() -> None:
-        ports = dict(zip((1, 2), reserve_ports(2), strict=True))
+        ports = dict(zip((1, 2), free_loopback_ports(2), strict=True))
         async with AsyncExitStack() as stack:
             receiver = Node(config(2, ports))
             await stack.enter_async_context(receiver.transport)
@@ -275,7 +262,7 @@ async def nothing_arrives(received: list[tuple[int, Message]], count: int) -> bo
 
 def test_a_link_blackholed_by_the_fault_proxy_holds_messages_until_healed() -> None:
     async def main() -> None:
-        ports = dict(zip((1, 2), reserve_ports(2), strict=True))
+        ports = dict(zip((1, 2), free_loopback_ports(2), strict=True))
         with FaultProxy() as proxy:
             network = FaultNetwork(proxy)
             via = network.add(1, 2, ports[2])
@@ -297,7 +284,7 @@ def test_a_link_blackholed_by_the_fault_proxy_holds_messages_until_healed() -> N
 
 def test_a_link_dropped_by_the_fault_proxy_is_redialled_once_healed() -> None:
     async def main() -> None:
-        ports = dict(zip((1, 2), reserve_ports(2), strict=True))
+        ports = dict(zip((1, 2), free_loopback_ports(2), strict=True))
         with FaultProxy() as proxy:
             network = FaultNetwork(proxy)
             via = network.add(1, 2, ports[2])
@@ -321,6 +308,31 @@ def test_a_link_dropped_by_the_fault_proxy_is_redialled_once_healed() -> None:
     run_uvloop(main())
 
 
+def test_a_dialler_behind_a_blackhole_times_out_its_handshake_and_connects_once_healed() -> None:
+    async def main() -> None:
+        ports = dict(zip((1, 2), free_loopback_ports(2), strict=True))
+        with FaultProxy() as proxy:
+            network = FaultNetwork(proxy)
+            via = network.add(1, 2, ports[2])
+            network.cut(1, 2)  # before node 1 ever dials: its HELLO goes nowhere
+            async with AsyncExitStack() as stack:
+                receiver = Node(config(2, ports))
+                options = dict(peers={2: ("127.0.0.1", via)}, handshake_timeout_ms=200.0)
+                sender = Node(replace(config(1, ports), **options))
+                await stack.enter_async_context(receiver.transport)
+                await stack.enter_async_context(sender.transport)
+                await until(
+                    lambda: sender.counters["refused_handshake_timeout"] >= 2, "two timeouts"
+                )
+                assert not sender.transport.is_connected(2)
+                network.heal()
+                await asyncio.wait_for(sender.transport.wait_connected([2]), WAIT_S)
+                sender.transport.send([heartbeat(1, 2, term=7)])
+                await until(lambda: receiver.messages == [(1, heartbeat(1, 2, 7))], "the message")
+
+    run_uvloop(main())
+
+
 # -- attackers ---------------------------------------------------------------------------------
 
 
@@ -339,7 +351,7 @@ async def read_until_closed(reader: asyncio.StreamReader) -> bytes:
 
 def test_garbage_on_the_peer_port_is_refused_counted_and_injects_nothing(run: Runner) -> None:
     async def main() -> None:
-        ports = dict(zip((1, 2), reserve_ports(2), strict=True))
+        ports = dict(zip((1, 2), free_loopback_ports(2), strict=True))
         async with AsyncExitStack() as stack:
             nodes = await start_nodes(stack, ports)
             target = nodes[2]
@@ -375,7 +387,7 @@ def test_a_dialler_outside_the_cluster_is_refused_counted_and_injects_nothing(
     identity_options: dict[str, Any], dialled: int, code: str
 ) -> None:
     async def main() -> None:
-        ports = dict(zip((1, 2), reserve_ports(2), strict=True))
+        ports = dict(zip((1, 2), free_loopback_ports(2), strict=True))
         async with AsyncExitStack() as stack:
             nodes = await start_nodes(stack, ports)
             fields: dict[str, Any] = dict(
@@ -450,7 +462,7 @@ class Interceptor:
 
 def test_a_frame_replayed_into_the_live_connection_is_refused_and_the_link_recovers() -> None:
     async def main() -> None:
-        ports = dict(zip((1, 2), reserve_ports(2), strict=True))
+        ports = dict(zip((1, 2), free_loopback_ports(2), strict=True))
         interceptor = Interceptor(ports[2])
         via = await interceptor.start()
         async with AsyncExitStack() as stack:
@@ -492,7 +504,7 @@ def test_a_frame_replayed_into_the_live_connection_is_refused_and_the_link_recov
 
 def test_a_silent_connection_is_closed_after_the_handshake_timeout() -> None:
     async def main() -> None:
-        ports = dict(zip((1, 2), reserve_ports(2), strict=True))
+        ports = dict(zip((1, 2), free_loopback_ports(2), strict=True))
         async with AsyncExitStack() as stack:
             nodes = await start_nodes(stack, ports, handshake_timeout_ms=200.0)
             reader, writer = await asyncio.open_connection("127.0.0.1", ports[2])
@@ -506,7 +518,7 @@ def test_a_silent_connection_is_closed_after_the_handshake_timeout() -> None:
 
 def test_unauthenticated_connections_beyond_the_bound_are_refused_at_once() -> None:
     async def main() -> None:
-        ports = dict(zip((1, 2), reserve_ports(2), strict=True))
+        ports = dict(zip((1, 2), free_loopback_ports(2), strict=True))
         async with AsyncExitStack() as stack:
             nodes = await start_nodes(stack, ports, handshake_timeout_ms=60_000.0)
             target = nodes[2].transport
