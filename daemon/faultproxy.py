@@ -34,8 +34,9 @@ reach B while B's reach A) or one direction of one link blackholed (`blackhole(U
 The proxies run on one asyncio loop in a daemon thread of the test process. The control methods
 are plain blocking calls that return once the change is in force: after `blackhole()` returns, no
 further byte is forwarded. Living in the test process, the proxy needs no control protocol, and it
-stops by itself when the test process ends, however it ends (a daemon thread leaves no orphan
-process holding ports); `stop()` (or leaving the `with` block) closes everything sooner.
+stops by itself: when the test process ends, however it ends (a daemon thread leaves no orphan
+process holding ports), and when the test drops its last reference to the proxy and its links;
+`stop()` (or leaving the `with` block) closes everything at once.
 
 Bounds: each direction of each connection holds at most `PIPE_BUFFER_BYTES_MAX` bytes (the
 reader stops reading beyond it, so a delayed or stalled stream pushes back on its sender instead of
@@ -53,8 +54,9 @@ import ipaddress
 import socket
 import struct
 import threading
+import weakref
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from concurrent.futures import Future
 from typing import Any, Final, TypeVar
 
@@ -364,6 +366,32 @@ class ProxyLink:
         return [flow for d, flow in self._state.flows.items() if d & direction]
 
 
+def _run_loop(loop: asyncio.AbstractEventLoop, states: list[_LinkState]) -> None:
+    """The proxy thread: serve until stopped, then close every link and connection."""
+    asyncio.set_event_loop(loop)
+    try:
+        loop.run_forever()
+    finally:
+        for state in states:
+            if state.server is not None:
+                state.server.close()
+            state.reset_all()
+        tasks = asyncio.all_tasks(loop)
+        for task in tasks:
+            task.cancel()
+        loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+        loop.close()
+
+
+def _shut_down(loop: asyncio.AbstractEventLoop, thread: threading.Thread) -> None:
+    """Stop the proxy thread (it closes everything on its way out) and wait for it."""
+    if not thread.is_alive():
+        return
+    loop.call_soon_threadsafe(loop.stop)
+    if threading.current_thread() is not thread:
+        thread.join(CONTROL_TIMEOUT_S)
+
+
 class FaultProxy:
     """Proxy links on a private asyncio loop in a daemon thread. Use as a context manager.
 
@@ -376,14 +404,15 @@ class FaultProxy:
     def __init__(self) -> None:
         self._loop = asyncio.new_event_loop()
         self._links: dict[str, ProxyLink] = {}
-        self._stopped = False
-        self._thread = threading.Thread(target=self._run, name="seqd-fault-proxy", daemon=True)
+        self._states: list[_LinkState] = []
+        self._thread = threading.Thread(
+            target=_run_loop, args=(self._loop, self._states), name="seqd-fault-proxy", daemon=True
+        )
         self._thread.start()
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        self._loop.run_forever()
-        self._loop.close()
+        # Stops with the test process (a daemon thread), at stop(), or when nothing refers to the
+        # proxy any more: a test that forgets stop() does not leave ports listening all session.
+        # The finalizer holds the loop and the thread, never the proxy itself.
+        self._finalizer = weakref.finalize(self, _shut_down, self._loop, self._thread)
 
     def __enter__(self) -> FaultProxy:
         return self
@@ -419,41 +448,25 @@ class FaultProxy:
             return state.server.sockets[0].getsockname()[1]  # type: ignore[no-any-return]
 
         port = self._submit(listen())
+        self._states.append(state)
         link = ProxyLink(self, state, port)
         self._links[name] = link
         return link
 
     def stop(self) -> None:
         """Close every link and connection and end the thread; idempotent."""
-        if self._stopped:
-            return
-        self._stopped = True
+        self._finalizer()
 
-        async def close() -> None:
-            for link in self._links.values():
-                state = link._state
-                if state.server is not None:
-                    state.server.close()
-                state.reset_all()
-            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-
-        with contextlib.suppress(Exception):
-            self._submit(close())
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(CONTROL_TIMEOUT_S)
-
-    def _submit(self, coroutine: Any) -> Any:
-        if self._stopped and not self._thread.is_alive():
+    def _submit(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        """Run `coroutine` on the proxy loop and return its result."""
+        if not self._finalizer.alive:
             coroutine.close()
-            raise RuntimeError("the fault proxy was stopped")
+            raise RuntimeError("the fault proxy was stopped; create a new one")
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(CONTROL_TIMEOUT_S)
 
     def _call(self, function: Callable[[], T]) -> T:
         """Run `function` on the proxy loop and return its result once it has run."""
-        if self._stopped:
+        if not self._finalizer.alive:
             raise RuntimeError("the fault proxy was stopped; create a new one")
         future: Future[T] = Future()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import socket
 import socketserver
 import threading
@@ -290,6 +291,18 @@ def test_stop_closes_every_connection_and_the_listening_port(echo: EchoServer) -
     with pytest.raises(RuntimeError, match="stopped"):
         link.heal()
     proxy.stop()  # idempotent
+
+
+def test_a_proxy_nobody_refers_to_any_more_stops_by_itself(echo: EchoServer) -> None:
+    proxy = FaultProxy()
+    port = proxy.add_link("1->2", echo.port).port
+    thread = proxy._thread
+    del proxy  # and the link handle, which was never kept
+    gc.collect()
+    thread.join(WAIT_S)
+    assert not thread.is_alive()
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=WAIT_S)
 
 
 def test_only_loopback_targets_are_proxied(proxy: FaultProxy) -> None:
