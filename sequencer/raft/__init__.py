@@ -1,9 +1,10 @@
 """Raft consensus without I/O: the node (`core`), its configuration (`config`), elections
 (`election`), the leader's replication (`leader`) and per-follower progress (`tracker`), ReadIndex
-reads (`read_index`), the log (`log`), majority arithmetic (`quorum`) and the data that crosses the
-boundary (`messages`).
+reads (`read_index`), the log (`log`), majority arithmetic (`quorum`), the data that crosses the
+boundary (`messages`), and the peer protocol (`peer_protocol`: authenticated frames between nodes).
 
-The transport (TCP, HMAC) belongs to the replication role; see docs/consensus.md.
+The TCP shell of the peer protocol is `sequencer.raft.transport`, imported on its own so that the
+core and its simulator never load asyncio; see docs/consensus.md and docs/peer-transport.md.
 """
 
 from sequencer.raft.core import (
@@ -33,23 +34,39 @@ from sequencer.raft.messages import (
     RequestVoteResponse,
     Snapshot,
 )
+from sequencer.raft.peer_protocol import (
+    PEER_FRAME_BYTES_MAX,
+    SECRET_BYTES_MIN,
+    ClusterIdentity,
+    ForwardedCommand,
+    LocalPeerProtocolError,
+    PeerConnection,
+    PeerProtocolError,
+)
 from sequencer.raft.quorum import VOTERS_ALLOWED, quorum_index, quorum_size
 
 __all__ = [
     "MESSAGE_DECODER",
     "MESSAGE_TYPES",
     "NO_NODE",
+    "PEER_FRAME_BYTES_MAX",
+    "SECRET_BYTES_MIN",
     "VOTERS_ALLOWED",
     "AppendEntries",
     "AppendEntriesResponse",
+    "ClusterIdentity",
     "DurableState",
     "Entries",
+    "ForwardedCommand",
     "HardState",
     "Heartbeat",
     "HeartbeatResponse",
     "InstallSnapshot",
+    "LocalPeerProtocolError",
     "Message",
     "NotLeaderError",
+    "PeerConnection",
+    "PeerProtocolError",
     "ProposalRejected",
     "RaftConfig",
     "RaftCore",

@@ -1,0 +1,657 @@
+"""The peer transport: the peer protocol over TCP, on asyncio or uvloop, for the replication role.
+
+Theory of operation
+-------------------
+
+Each node dials every other member and sends its own messages to that member on the connection
+it dialled; the member dials back for its messages. So there is exactly one TCP connection per
+ordered pair of nodes, its sender owns it, and a fault proxy can cut, delay or stall the link
+A -> B without touching B -> A (`docs/peer-transport.md` weighs this against one shared
+connection per pair). An acceptor sends nothing after the handshake: what it receives goes to the
+`on_messages` / `on_commands` callbacks, tagged with the authenticated peer's id.
+
+All protocol logic is in the sans-I/O `sequencer.raft.peer_protocol`; this module reads and
+writes sockets, keeps time (handshake timeouts, reconnect backoff) and counts:
+
+- `send(messages)` routes each message to its target's outbound queue and schedules one flush for
+  the end of the loop pass (`loop.call_soon`): every message sent during a pass leaves in one
+  frame per peer and one `write`.
+- a message to a peer with no authenticated connection, or whose socket has more than
+  `send_buffer_bytes_max` unsent bytes, is dropped and counted (`messages_dropped`): Raft resends
+  what matters after a timeout, and a slow or dead peer must not grow this node's memory. So is
+  a batch holding a message too large for any frame (a caller bug, logged);
+- a refused connection (any `PeerProtocolError`, a handshake that does not finish within
+  `handshake_timeout_ms`, or more than `HANDSHAKES_PENDING_MAX` unauthenticated connections) is
+  counted by its code, logged the first time and at every power of two, and aborted;
+- a dialler whose connection fails or ends redials after `ReconnectBackoff`'s delay (doubling
+  from `reconnect_first_ms` to `reconnect_max_ms`, reset once a connection authenticates);
+- a newly authenticated inbound connection from a peer replaces the previous one (the peer
+  restarted, or its old connection is half-open).
+
+The listener binds the configured address only; a non-loopback one is refused unless the config
+says `allow_non_loopback` (a cluster spread over machines), so a test or a single-machine setup can
+never expose the peer port by accident.
+
+Callbacks run inside the protocol's `data_received`: they must not block. An exception in one is a
+bug; asyncio logs it and closes that connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import random
+import secrets
+import socket
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Final
+
+from sequencer.raft.messages import Message
+from sequencer.raft.peer_protocol import (
+    CLOSED,
+    NEED_DATA,
+    NONCE_BYTES,
+    PEER_FRAME_BYTES_MAX,
+    REFUSAL_CODES,
+    Authenticated,
+    ClusterIdentity,
+    CommandBatch,
+    ForwardedCommand,
+    LocalPeerProtocolError,
+    MessageBatch,
+    PeerConnection,
+    PeerProtocolError,
+    ReconnectBackoff,
+    Side,
+)
+
+__all__ = [
+    "HANDSHAKES_PENDING_MAX",
+    "TRANSPORT_REFUSAL_CODES",
+    "PeerTransport",
+    "TransportConfig",
+    "TransportCounters",
+]
+
+log = logging.getLogger("seqd.peer")
+
+# Unauthenticated inbound connections at once. Each member dials once (twice while a stale
+# connection is replaced), so a 5-node cluster needs at most 8; more is a port scanner or a flood,
+# and each costs a codec and up to one read of buffer: refuse beyond this.
+HANDSHAKES_PENDING_MAX: Final = 64
+# A forwarded command, or an AppendEntries carrying one largest client command, always fits a
+# peer frame, with room for its headers and a second one.
+# That a peer frame carries the largest forwarded client command is a relation between the
+# client protocol and this one, which raft may not import: tests/test_peer_transport.py holds it.
+
+# The transport's own refusals, besides the codec's.
+TRANSPORT_REFUSAL_CODES: Final = (*REFUSAL_CODES, "handshake_timeout", "handshakes_pending_full")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TransportConfig:
+    """One node's peer transport. Validated on creation.
+
+    Args:
+        cluster_id, node_id: this node; every peer must share the cluster id.
+        secret: the cluster secret, at least SECRET_BYTES_MIN random bytes, the same on every node.
+        listen_host, listen_port: the address to accept peers on: an IP literal; port 0 picks a
+            free one (tests). Loopback only unless `allow_non_loopback`.
+        peers: every other member's node id -> (host, port) to dial.
+        handshake_timeout_ms: an inbound or outbound connection that has not authenticated by
+            then is aborted. A LAN handshake takes one round trip; 2 s allows a loaded machine.
+        connect_timeout_ms: bound on one TCP connect (a blackholed SYN).
+        reconnect_first_ms, reconnect_max_ms: the dialler's backoff. 20 ms is two heartbeats; at
+            most 1 s so a restarted peer is reached again well within a failover's budget.
+        send_buffer_bytes_max: unsent bytes on one socket beyond which messages to that peer are
+            dropped: two largest frames, so a healthy link never drops and a stalled one holds
+            at most ~8 MiB.
+
+    Raises:
+        ValueError: a bad address, a non-loopback listen address without `allow_non_loopback`,
+            this node among its peers, or an identity error (see ClusterIdentity).
+    """
+
+    cluster_id: int
+    node_id: int
+    secret: bytes = field(repr=False)
+    listen_host: str
+    listen_port: int
+    peers: Mapping[int, tuple[str, int]]
+    allow_non_loopback: bool = False
+    handshake_timeout_ms: float = 2000.0
+    connect_timeout_ms: float = 1000.0
+    reconnect_first_ms: float = 20.0
+    reconnect_max_ms: float = 1000.0
+    send_buffer_bytes_max: int = 2 * PEER_FRAME_BYTES_MAX
+
+    def __post_init__(self) -> None:
+        try:
+            address = ipaddress.ip_address(self.listen_host)
+        except ValueError:
+            raise ValueError(
+                f"peer listen host {self.listen_host!r} is not an IP address: give one "
+                "(127.0.0.1 or ::1 on a single machine), so what is exposed is never a DNS guess"
+            ) from None
+        if not address.is_loopback and not self.allow_non_loopback:
+            raise ValueError(
+                f"peer listen host {self.listen_host} is not a loopback address: the peer port "
+                "would be reachable from the network. Set allow_non_loopback (cluster."
+                "allow_non_loopback) for a cluster spread over machines, or listen on 127.0.0.1"
+            )
+        if not 0 <= self.listen_port <= 65535:
+            raise ValueError(f"peer listen port {self.listen_port} is outside 0..65535")
+        if not self.peers:
+            raise ValueError("a peer transport needs at least one peer: list the other members")
+        if self.node_id in self.peers:
+            raise ValueError(
+                f"node {self.node_id} lists itself among its peers {sorted(self.peers)}: list "
+                "only the other members"
+            )
+        for peer, (host, port) in self.peers.items():
+            if not host or not 0 < port <= 65535:
+                raise ValueError(f"peer {peer} has address {host!r}:{port}: give host and port")
+        for name in ("handshake_timeout_ms", "connect_timeout_ms", "reconnect_first_ms"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be > 0")
+        if not self.send_buffer_bytes_max >= PEER_FRAME_BYTES_MAX:
+            raise ValueError(
+                f"send_buffer_bytes_max={self.send_buffer_bytes_max} < PEER_FRAME_BYTES_MAX="
+                f"{PEER_FRAME_BYTES_MAX}: a healthy link must hold one largest frame"
+            )
+        self.identity  # noqa: B018 - validates the ids and the secret now
+
+    @property
+    def identity(self) -> ClusterIdentity:
+        return ClusterIdentity(
+            cluster_id=self.cluster_id,
+            node_id=self.node_id,
+            members=frozenset({self.node_id, *self.peers}),
+            secret=self.secret,
+        )
+
+
+@dataclass(slots=True)
+class TransportCounters:
+    """What the transport did, as plain ints (the daemon copies `as_dict()` into its counters).
+
+    `refused` has one entry per code of TRANSPORT_REFUSAL_CODES, all present from the start.
+    """
+
+    frames_in: int = 0  # authenticated data frames accepted
+    frames_out: int = 0
+    bytes_in: int = 0  # every byte read from a peer socket, refused ones included
+    bytes_out: int = 0
+    messages_in: int = 0
+    messages_out: int = 0
+    commands_in: int = 0
+    commands_out: int = 0
+    messages_dropped: int = 0  # no authenticated link, or its send buffer was full
+    commands_dropped: int = 0
+    connects: int = 0  # outbound connections authenticated
+    accepts: int = 0  # inbound connections authenticated
+    connect_failures: int = 0  # TCP connects that failed or timed out
+    disconnects: int = 0  # authenticated connections that ended
+    handshakes_failed: int = 0  # connections, either way, that ended before authenticating
+    refused: dict[str, int] = field(
+        default_factory=lambda: dict.fromkeys(TRANSPORT_REFUSAL_CODES, 0)
+    )
+
+    def as_dict(self) -> dict[str, int]:
+        figures = {
+            item.name: getattr(self, item.name) for item in fields(self) if item.name != "refused"
+        }
+        figures.update({f"refused_{code}": count for code, count in self.refused.items()})
+        figures["refused_total"] = sum(self.refused.values())
+        return figures
+
+
+class _Link:
+    """This node's outbound side towards one peer."""
+
+    __slots__ = ("commands", "connected", "host", "messages", "peer_id", "port", "stream", "task")
+
+    def __init__(self, peer_id: int, host: str, port: int) -> None:
+        self.peer_id = peer_id
+        self.host = host
+        self.port = port
+        self.stream: _PeerStream | None = None  # set while an authenticated connection is up
+        self.connected = asyncio.Event()
+        self.messages: list[Message] = []  # to send at the next flush
+        self.commands: list[ForwardedCommand] = []
+        self.task: asyncio.Task[None] | None = None
+
+
+class _PeerStream(asyncio.Protocol):
+    """One TCP connection, either way: feeds the codec and hands its events to the transport."""
+
+    def __init__(self, owner: PeerTransport, codec: PeerConnection, link: _Link | None) -> None:
+        self.owner = owner
+        self.codec = codec
+        self.link = link  # the outbound link this stream serves; None for an inbound stream
+        self.transport: asyncio.Transport | None = None
+        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.was_authenticated = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._ended = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError, AttributeError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if not self.owner._stream_opened(self):
+            return
+        self._timer = asyncio.get_running_loop().call_later(
+            self.owner.config.handshake_timeout_ms / 1000, self._handshake_timed_out
+        )
+        self._write(self.codec.data_to_send())
+
+    def data_received(self, data: bytes) -> None:
+        if self._ended:
+            return
+        self.owner.counters.bytes_in += len(data)
+        self.codec.receive_data(data)
+        self._drain()
+
+    def eof_received(self) -> bool:
+        if not self._ended:
+            self.codec.receive_data(b"")
+            self._drain()
+        return False  # close our end too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._ended = True
+        if self._timer is not None:
+            self._timer.cancel()
+        self.owner._stream_closed(self)
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def abort(self) -> None:
+        self._ended = True
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _write(self, data: bytes) -> None:
+        if data and self.transport is not None:
+            self.owner.counters.bytes_out += len(data)
+            self.transport.write(data)
+
+    def _drain(self) -> None:
+        owner = self.owner
+        codec = self.codec
+        while not self._ended:
+            try:
+                event = codec.next_event()
+            except PeerProtocolError as error:
+                owner._refuse(self, error.code, error.message)
+                return
+            # The handshake's own frames go out before anything the event triggers (the
+            # dialler's AUTH before its first data frame).
+            self._write(codec.data_to_send())
+            if event is NEED_DATA:
+                return
+            if event is CLOSED:
+                assert self.transport is not None
+                self.transport.close()
+                return
+            if isinstance(event, MessageBatch):
+                owner._deliver_messages(codec.peer_id, event.messages)
+            elif isinstance(event, CommandBatch):
+                owner._deliver_commands(codec.peer_id, event.commands)
+            else:
+                assert isinstance(event, Authenticated), event
+                if self._timer is not None:
+                    self._timer.cancel()
+                    self._timer = None
+                self.was_authenticated = True
+                owner._authenticated(self)
+
+    def _handshake_timed_out(self) -> None:
+        self._timer = None
+        if not self.codec.authenticated and not self._ended:
+            self.owner._refuse(
+                self,
+                "handshake_timeout",
+                f"no authenticated handshake within {self.owner.config.handshake_timeout_ms} ms",
+            )
+
+    def describe(self) -> str:
+        if self.link is not None:
+            return f"outbound to node {self.link.peer_id} ({self.link.host}:{self.link.port})"
+        peer = self.transport.get_extra_info("peername") if self.transport is not None else None
+        claimed = f" (says node {self.codec.peer_id})" if self.codec.peer_id else ""
+        return f"inbound from {peer}{claimed}"
+
+
+MessagesCallback = Callable[[int, list[Message]], None]
+CommandsCallback = Callable[[int, list[ForwardedCommand]], None]
+
+
+class PeerTransport:
+    """This node's connections to its peers. Create it, `await start()`, `send`, `await close()`.
+
+    Args:
+        config: addresses, identity, timeouts.
+        on_messages: called with (peer id, messages) for each authenticated batch received.
+        on_commands: called with (peer id, forwarded commands); commands are dropped (counted in
+            `commands_in` only) when None.
+        random_source: for the backoff's jitter (a seeded one in tests).
+    """
+
+    def __init__(
+        self,
+        config: TransportConfig,
+        on_messages: MessagesCallback,
+        on_commands: CommandsCallback | None = None,
+        *,
+        random_source: random.Random | None = None,
+    ) -> None:
+        self.config = config
+        self.identity = config.identity
+        self.counters = TransportCounters()
+        self._on_messages = on_messages
+        self._on_commands = on_commands
+        self._random = random_source if random_source is not None else random.Random()
+        self._links = {peer: _Link(peer, host, port) for peer, (host, port) in config.peers.items()}
+        self._inbound: dict[int, _PeerStream] = {}  # authenticated inbound streams by peer id
+        self._pending: set[_PeerStream] = set()  # inbound streams still in their handshake
+        self._streams: set[_PeerStream] = set()  # every open stream, to close them all
+        self._server: asyncio.AbstractServer | None = None
+        self._flush_scheduled = False
+        self._closing = False
+        self._listen_port = 0
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Listen on the configured address and start dialling every peer.
+
+        Raises:
+            OSError: the listen address cannot be bound (in use, or not this machine's).
+        """
+        assert self._server is None, "start() once"
+        loop = asyncio.get_running_loop()
+        config = self.config
+        self._server = await loop.create_server(
+            self._accept, config.listen_host, config.listen_port, reuse_address=True
+        )
+        sockets = self._server.sockets
+        assert len(sockets) == 1, [s.getsockname() for s in sockets]
+        bound_host, self._listen_port = sockets[0].getsockname()[:2]
+        assert config.allow_non_loopback or ipaddress.ip_address(bound_host).is_loopback, bound_host
+        for link in self._links.values():
+            link.task = loop.create_task(self._dial(link), name=f"seqd-peer-dial-{link.peer_id}")
+            link.task.add_done_callback(self._dial_ended)
+
+    async def close(self) -> None:
+        """Stop dialling and listening, and abort every connection; idempotent."""
+        if self._closing:
+            return
+        self._closing = True
+        tasks = [link.task for link in self._links.values() if link.task is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self._server is not None:
+            self._server.close()
+        streams = list(self._streams)
+        for stream in streams:
+            stream.abort()
+        await asyncio.gather(*(stream.closed for stream in streams))
+        if self._server is not None:
+            await self._server.wait_closed()
+
+    async def __aenter__(self) -> PeerTransport:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    @property
+    def listen_port(self) -> int:
+        """The bound port (the one chosen, when the config says 0)."""
+        assert self._server is not None, "start() first"
+        return self._listen_port
+
+    def is_connected(self, peer_id: int) -> bool:
+        """This node's outbound connection to `peer_id` is authenticated (messages can leave)."""
+        return self._links[peer_id].stream is not None
+
+    @property
+    def pending_handshakes(self) -> int:
+        """Inbound connections not yet authenticated."""
+        return len(self._pending)
+
+    def inbound_peers(self) -> set[int]:
+        """Peers with an authenticated connection to this node (their messages can arrive)."""
+        return set(self._inbound)
+
+    async def wait_connected(self, peer_ids: Iterable[int] | None = None) -> None:
+        """Wait until the outbound connections to `peer_ids` (default: all) are authenticated.
+        Wrap it in a timeout: a peer that is down is waited for forever."""
+        for peer in self._links if peer_ids is None else peer_ids:
+            await self._links[peer].connected.wait()
+
+    # -- sending --------------------------------------------------------------------------------
+
+    def send(self, messages: Iterable[Message]) -> None:
+        """Queue messages for their targets; they leave at the end of this loop pass.
+
+        Raises:
+            ValueError: a message's target is not a peer of this node (a bug in the caller).
+        """
+        links = self._links
+        for message in messages:
+            link = links.get(message.target)
+            if link is None:
+                raise ValueError(
+                    f"a {type(message).__name__} is addressed to node {message.target}, not a "
+                    f"peer of node {self.identity.node_id} (peers: {sorted(links)})"
+                )
+            if link.stream is None:
+                self.counters.messages_dropped += 1
+                continue
+            link.messages.append(message)
+        self._schedule_flush()
+
+    def forward(self, target: int, commands: Sequence[ForwardedCommand]) -> None:
+        """Queue forwarded client commands for `target` (the leader); they leave this loop pass.
+
+        Raises:
+            ValueError: `target` is not a peer of this node.
+        """
+        link = self._links.get(target)
+        if link is None:
+            raise ValueError(
+                f"node {target} is not a peer of node {self.identity.node_id} "
+                f"(peers: {sorted(self._links)})"
+            )
+        if link.stream is None:
+            self.counters.commands_dropped += len(commands)
+            return
+        link.commands.extend(commands)
+        self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
+        if not self._flush_scheduled and not self._closing:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        """Once per loop pass: every peer's queued messages in as few frames as fit, one write."""
+        self._flush_scheduled = False
+        counters = self.counters
+        buffer_max = self.config.send_buffer_bytes_max
+        for link in self._links.values():
+            if not link.messages and not link.commands:
+                continue
+            messages, link.messages = link.messages, []
+            commands, link.commands = link.commands, []
+            stream = link.stream
+            if (
+                stream is None
+                or stream.transport is None
+                or stream.transport.get_write_buffer_size() > buffer_max
+            ):
+                counters.messages_dropped += len(messages)
+                counters.commands_dropped += len(commands)
+                continue
+            codec = stream.codec
+            frames_before = codec.frames_sent
+            data = bytearray()
+            if messages:
+                try:
+                    data += codec.send_messages(messages)
+                    counters.messages_out += len(messages)
+                except LocalPeerProtocolError as error:
+                    counters.messages_dropped += len(messages)
+                    self._batch_refused(link.peer_id, error)
+            if commands:
+                try:
+                    data += codec.send_commands(commands)
+                    counters.commands_out += len(commands)
+                except LocalPeerProtocolError as error:
+                    counters.commands_dropped += len(commands)
+                    self._batch_refused(link.peer_id, error)
+            counters.frames_out += codec.frames_sent - frames_before
+            stream._write(bytes(data))
+
+    def _batch_refused(self, peer_id: int, error: LocalPeerProtocolError) -> None:
+        """A batch the codec would not frame (a message over PEER_FRAME_BYTES_MAX): a bug in the
+        caller. The batch is dropped and counted; the connection goes on."""
+        log.error("node %d dropped a batch for node %d: %s", self.identity.node_id, peer_id, error)
+
+    # -- receiving ------------------------------------------------------------------------------
+
+    def _deliver_messages(self, peer_id: int, messages: list[Message]) -> None:
+        self.counters.frames_in += 1
+        self.counters.messages_in += len(messages)
+        self._on_messages(peer_id, messages)
+
+    def _deliver_commands(self, peer_id: int, commands: list[ForwardedCommand]) -> None:
+        self.counters.frames_in += 1
+        self.counters.commands_in += len(commands)
+        if self._on_commands is not None:
+            self._on_commands(peer_id, commands)
+
+    # -- connections ----------------------------------------------------------------------------
+
+    def _accept(self) -> _PeerStream:
+        return _PeerStream(
+            self,
+            PeerConnection(self.identity, Side.ACCEPTOR, secrets.token_bytes(NONCE_BYTES)),
+            None,
+        )
+
+    async def _dial(self, link: _Link) -> None:
+        """Keep one authenticated outbound connection to `link`'s peer, redialling with backoff."""
+        config = self.config
+        loop = asyncio.get_running_loop()
+        backoff = ReconnectBackoff(config.reconnect_first_ms, config.reconnect_max_ms, self._random)
+        failures = 0
+        while True:
+            codec = PeerConnection(
+                self.identity, Side.DIALLER, secrets.token_bytes(NONCE_BYTES), link.peer_id
+            )
+            stream = _PeerStream(self, codec, link)
+            try:
+                await asyncio.wait_for(
+                    loop.create_connection(lambda: stream, link.host, link.port),  # noqa: B023
+                    config.connect_timeout_ms / 1000,
+                )
+            except OSError as error:  # TimeoutError included
+                self.counters.connect_failures += 1
+                failures += 1
+                if failures & (failures - 1) == 0:
+                    log.warning(
+                        "node %d cannot connect to node %d at %s:%d (%s); %d failures in a row, "
+                        "retrying with backoff",
+                        self.identity.node_id, link.peer_id, link.host, link.port,
+                        error or "timed out", failures,
+                    )  # fmt: skip
+            else:
+                # Shielded: cancelling this loop must not cancel the future close() awaits.
+                await asyncio.shield(stream.closed)
+                if stream.was_authenticated:
+                    failures = 0
+                    backoff.reset()
+            await asyncio.sleep(backoff.next_delay_ms() / 1000)
+
+    def _dial_ended(self, task: asyncio.Task[None]) -> None:
+        """A dial loop ends only when cancelled; anything else is a bug that would silently stop
+        this node from ever reaching a peer again, so say so loudly."""
+        if not task.cancelled() and task.exception() is not None:
+            log.critical(
+                "node %d: the dial loop %s died; this node no longer reaches that peer",
+                self.identity.node_id, task.get_name(), exc_info=task.exception(),
+            )  # fmt: skip
+
+    def _stream_opened(self, stream: _PeerStream) -> bool:
+        """Register a new connection; False (and aborted) when it must be refused at once."""
+        if self._closing:
+            stream.abort()
+            return False
+        if stream.link is None:
+            if len(self._pending) >= HANDSHAKES_PENDING_MAX:
+                self._refuse(
+                    stream,
+                    "handshakes_pending_full",
+                    f"{len(self._pending)} inbound connections are still in their handshake "
+                    f"(HANDSHAKES_PENDING_MAX={HANDSHAKES_PENDING_MAX}): a scanner or a flood",
+                )
+                return False
+            self._pending.add(stream)
+        self._streams.add(stream)
+        return True
+
+    def _authenticated(self, stream: _PeerStream) -> None:
+        peer = stream.codec.peer_id
+        link = stream.link
+        if link is not None:
+            self.counters.connects += 1
+            link.stream = stream
+            link.connected.set()
+            log.info("node %d connected to node %d", self.identity.node_id, peer)
+            return
+        self.counters.accepts += 1
+        self._pending.discard(stream)
+        previous = self._inbound.get(peer)
+        if previous is not None:
+            previous.abort()  # the peer redialled: its old connection is dead or half-open
+        self._inbound[peer] = stream
+
+    def _stream_closed(self, stream: _PeerStream) -> None:
+        self._streams.discard(stream)
+        self._pending.discard(stream)
+        if stream.was_authenticated:
+            self.counters.disconnects += 1
+        else:
+            self.counters.handshakes_failed += 1
+        link = stream.link
+        if link is not None:
+            if link.stream is stream:
+                link.stream = None
+                link.connected.clear()
+        elif self._inbound.get(stream.codec.peer_id) is stream:
+            del self._inbound[stream.codec.peer_id]
+
+    def _refuse(self, stream: _PeerStream, code: str, message: str) -> None:
+        """Count a refused connection by `code`, log it sparingly, abort it."""
+        refused = self.counters.refused
+        refused[code] += 1
+        count = refused[code]
+        if count & (count - 1) == 0:  # the first time, then at every power of two
+            log.warning(
+                "node %d refused a peer connection, %s: %s: %s (%d so far)",
+                self.identity.node_id, stream.describe(), code, message, count,
+            )  # fmt: skip
+        # abort() reports connection_lost on a later pass; free the pending slot now.
+        self._pending.discard(stream)
+        stream.abort()
