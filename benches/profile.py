@@ -60,6 +60,14 @@ WAITING_FUNCTIONS = ("Doorbell.wait (doorbell.py)", "Condition.wait (threading.p
                      "Supervisor.monitor (supervisor.py)")  # fmt: skip
 
 
+def _cpu_percent_or_none(process: psutil.Process) -> float | None:
+    """The process's CPU share since the last call, or None once it has exited."""
+    try:
+        return process.cpu_percent(None)
+    except psutil.NoSuchProcess:
+        return None
+
+
 def role_pids(config_path: Path) -> dict[str, int]:
     """{role: pid} from `seqd status --json`, the supervisor included."""
     completed = subprocess.run(
@@ -212,7 +220,12 @@ def profile_node(args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
             outputs.append((command, spy.returncode, output.decode(errors="replace")))
         elapsed_s = time.perf_counter() - started
         cpu = {role: process.cpu_percent(None) for role, process in processes.items()}
-        clients_cpu = sum(process.cpu_percent(None) for process in clients)
+        # A client process that finished its share before the window closed cannot be read any
+        # more (the load is sized to outlast the profile, but a loaded machine skews the
+        # calibration): its CPU is left out and the summary says how many were.
+        clients_cpu_readings = [_cpu_percent_or_none(process) for process in clients]
+        clients_cpu = sum(reading for reading in clients_cpu_readings if reading is not None)
+        clients_exited = clients_cpu_readings.count(None)
         counters_after = node.read_counters()
         failed = [(command, code, text) for command, code, text in outputs if code != 0]
         if failed:
@@ -255,6 +268,7 @@ def profile_node(args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
             "calibration_per_s": round(calibration.per_s),
             "client_processes": len(clients),
             "clients_cpu_percent": round(clients_cpu),
+            "client_processes_exited_before_the_window_closed": clients_exited,
         },
         "roles": roles,
         "out_dir": str(out_dir),
