@@ -110,6 +110,7 @@ class BlpAgent(Agent):
     ) -> None:
         self.processor = processor
         self.reader = log_ring.reader("blp", limit=counters["commit.position"])
+        self.commit_index = counters["commit.index"]
         self.doorbell = self.reader.doorbell
         self.writer = egress_ring.writer()
         self.sequencer_doorbell = egress_ring.doorbell("sequencer")
@@ -152,6 +153,8 @@ class BlpAgent(Agent):
                 processor.apply_frame(kind, view)
                 if processor.snapshot_requested:
                     self._fork_snapshot_writer()
+            # The commit index is stored before the commit position (the reader's limit).
+            assert processor.applied_index <= self.commit_index.get(), (processor.applied_index, self.commit_index.get())
         reader.release()  # also moves past a padding frame that poll skipped without returning
         # Published even when only padding was passed, so a drain sees the blp caught up.
         if frames or reader.position != self.applied_position_seen:

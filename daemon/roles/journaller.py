@@ -162,7 +162,6 @@ class JournallerAgent(Agent):
         self.blp_doorbell = ring.doorbell("blp")
         self.batch_bytes_max = batch_bytes_max
         self.delete_journal = delete_journal
-        self.counters = counters
         self.durable_position = counters["journal.durable.position"]
         self.durable_index = counters["journal.durable.index"]
         self.commit_position = counters["commit.position"]
