@@ -9,36 +9,25 @@ the file operations live in `sequencer` (which knows no processes).
 
 from __future__ import annotations
 
-import ctypes
 import os
-import signal
 from collections.abc import Callable
 
+from daemon.parent_death import EXIT_ORPHANED, die_with_parent
 from sequencer.snapshot import SnapshotHeader, write_snapshot
 
 __all__ = [
     "WRITER_EXIT_FAILED",
     "WRITER_EXIT_OK",
+    "WRITER_EXIT_ORPHANED",
     "fork_and_write_snapshot",
     "reap_snapshot_writer",
 ]
 
 WRITER_EXIT_OK = 0  # the snapshot is written (and `after_write` ran)
 WRITER_EXIT_FAILED = 1  # the error is on stderr; the next SNAPSHOT record tries again
-PR_SET_PDEATHSIG = 1  # linux/prctl.h
-
-
-def _die_with_parent(parent_pid: int) -> None:
-    """The writer must not outlive the process it was forked from: Linux clears the parent-death
-    signal on fork, and a killed blp would otherwise leave its writer running into the next
-    incarnation. Compares with the pid the parent had before the fork, not with the parent seen
-    now, which is already init if the parent died first."""
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except (OSError, AttributeError):
-        pass  # not Linux: the check below still stops a writer whose parent is gone
-    if os.getppid() != parent_pid:
-        os._exit(WRITER_EXIT_FAILED)
+# The blp died between the fork and the writer's first line: the writer exits at once, writing
+# nothing, rather than run into the next incarnation.
+WRITER_EXIT_ORPHANED = EXIT_ORPHANED
 
 
 def fork_and_write_snapshot(
@@ -58,7 +47,10 @@ def fork_and_write_snapshot(
         return pid
     status = WRITER_EXIT_FAILED
     try:
-        _die_with_parent(parent_pid)
+        # Linux clears the parent-death signal on fork: a killed blp would otherwise leave its
+        # writer running into the next incarnation.
+        if not die_with_parent(parent_pid):
+            os._exit(WRITER_EXIT_ORPHANED)
         header, body = encode()
         write_snapshot(directory, header, body)
         if after_write is not None:

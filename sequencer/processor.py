@@ -40,9 +40,8 @@ propagates and crashes the blp; the supervisor restarts from snapshot + journal.
 
 from __future__ import annotations
 
-import contextlib
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Generic, TypeVar
 
 import crc32c
@@ -196,6 +195,7 @@ _state_decoder = msgspec.msgpack.Decoder(ProcessorState)
 
 
 App = TypeVar("App", bound=StateMachine)
+_Result = TypeVar("_Result")
 
 
 class ProcessorError(Exception):
@@ -217,6 +217,43 @@ class Processor(Generic[App]):
         applied_index is the index of the last applied record (0 before the first);
         every timer in the table is pending: scheduled and neither fired nor cancelled.
     """
+
+    # Slots keep every attribute load of the hot path a specialised one however many attributes
+    # there are: a plain instance past 30 attributes loses CPython's shared-key dict, and with it
+    # ~3% of a transfer (benches/processor.py, measured when the 31st was added).
+    __slots__ = (
+        "_app_apply",
+        "_app_on_session_close",
+        "_app_on_session_open",
+        "_app_on_timer",
+        "_clients",
+        "_context",
+        "_decode_command",
+        "_encode_event",
+        "_encode_reply",
+        "_idle_clients",
+        "_outputs",
+        "_sessions",
+        "_timers",
+        "_version",
+        "app",
+        "app_class",
+        "applied_index",
+        "applied_term",
+        "client_expiry_ns",
+        "clients_expired",
+        "commands_without_session",
+        "debug",
+        "events_too_large",
+        "last_timestamp_ns",
+        "node",
+        "replies_too_large",
+        "rolling_hash",
+        "schema",
+        "snapshot_requested",
+        "stale_timer_fires",
+        "unknown_admin_ops",
+    )
 
     def __init__(
         self,
@@ -255,12 +292,28 @@ class Processor(Generic[App]):
         self._timers: dict[int, int] = {}  # timer_id -> deadline_ns
         self._outputs: list[tuple[int, bytes]] = []
         self._context = Context(self)
-        self._guard: Any = guard if debug else contextlib.nullcontext
-        self._app_apply = self.app.apply
+        # The app's entry points, each under determinism.guard() in debug mode: the one debug
+        # switch, decided here once, so the hot path pays nothing for it.
+        self._app_apply = self._app_entry(self.app.apply)
+        self._app_on_timer = self._app_entry(self.app.on_timer)
+        self._app_on_session_open = self._app_entry(self.app.on_session_open)
+        self._app_on_session_close = self._app_entry(self.app.on_session_close)
         self._decode_command = self.schema.decode_command
         self._encode_reply = self.schema.encode_reply
         self._encode_event = self.schema.encode_event
         self._version = self.schema.version
+
+    def _app_entry(self, method: Callable[..., _Result]) -> Callable[..., _Result]:
+        """The app's `method` as the processor calls it: under `determinism.guard()` in debug
+        mode (clock and random sources raise), as it is otherwise."""
+        if not self.debug:
+            return method
+
+        def guarded(*args: Any) -> _Result:
+            with guard():
+                return method(*args)
+
+        return guarded
 
     # -- records in -------------------------------------------------------------------------
 
@@ -268,17 +321,22 @@ class Processor(Generic[App]):
         """Applies one record; `view` is the record after the 8-byte ring frame header.
 
         `frame_type` is record type | version << 16. Records must come gapless, in index order.
-        A COMMAND is the hot path and is handled inline here (a call with seven arguments costs
-        a measurable share of the ~3 us a transfer takes; see benches/processor.py).
+        A COMMAND is the hot path: what every command does is inline here, what only some do
+        (a resend, bytes that do not decode, a rejection, a reply too large) is a call away. A
+        call with seven arguments costs a measurable share of the ~3 us a transfer takes
+        (benches/processor.py), so the common path makes none of its own.
         """
         assert not self.snapshot_requested, "fork the snapshot writer before the next record"
         index, term, timestamp_ns, session_id, request_id = _unpack_tail(view, 0)
         assert index == self.applied_index + 1, (index, self.applied_index)
-        self.applied_index = index
-        self.applied_term = term
-        self.last_timestamp_ns = timestamp_ns
+        # The context of every call into the app for this record: its session and client are
+        # set by the caller (`_context_for`).
+        context = self._context
+        context.index = self.applied_index = index
+        context.term = self.applied_term = term
+        context.now = self.last_timestamp_ns = timestamp_ns
         if frame_type & 0xFFFF != _COMMAND:
-            self._apply_other(frame_type & 0xFFFF, view, index, term, timestamp_ns, session_id)
+            self._apply_other(frame_type & 0xFFFF, view, session_id)
             return
 
         session = self._sessions.get(session_id)
@@ -293,20 +351,13 @@ class Processor(Generic[App]):
         replies = client.replies
         if acked_request_id > client.acked_request_id:
             client.acked_request_id = acked_request_id
-            while replies:
+            while replies:  # forget the replies the client has received
                 oldest = next(iter(replies))
                 if oldest > acked_request_id:
                     break
                 del replies[oldest]
-        version = self._version
         if request_id <= client.last_request_id:
-            saved = replies.get(request_id)
-            if saved is None:
-                saved = (index, _DUPLICATE, version, b"")
-            frame = _pack_reply(session_id, request_id, *saved[:3]) + saved[3]
-            self.rolling_hash = _crc32c(frame, self.rolling_hash)
-            if session.local:
-                self._outputs.append((_REPLY, frame))
+            self._answer_resend(session, session_id, request_id, index)
             return
 
         command_version = frame_type >> 16
@@ -315,54 +366,24 @@ class Processor(Generic[App]):
             # memoryview field of the command must not point into it.
             command = self._decode_command(command_version, bytes(view[_COMMAND_OFFSET:]), index)
         except Exception as error:
-            if command_version > self._version:
-                raise  # a newer app wrote this log: this code must not replay it (VersionError)
-            # Bytes this app cannot decode (or upcast): refused the same way on every replica
-            # and every replay; the record is in the log for good, so it must never crash the
-            # blp. The message names the exception type only, not its text, which may differ
-            # between library versions on different replicas.
             status = _REJECTED
-            payload = _REJECTED_ENCODER.encode({
-                "code": BAD_COMMAND,
-                "message": f"the command at index {index} (schema version {command_version}) could "
-                f"not be decoded by {self.schema.name} v{self._version} "
-                f"({type(error).__name__}); nothing was applied",
-            })
+            payload = self._undecodable(error, command_version, index)
         else:
-            context = self._context
-            context.now = timestamp_ns
-            context.index = index
-            context.term = term
-            context.session = session_id
+            context.session = session_id  # `_context_for`, inlined
             context.client_id = session.client_id
-            outputs = self._outputs
-            outputs_before = len(outputs)
+            outputs_before = len(self._outputs)
             try:
-                if self.debug:
-                    with guard():
-                        reply = self._app_apply(context, command)
-                else:
-                    reply = self._app_apply(context, command)
+                reply = self._app_apply(context, command)
                 status = _OK
                 payload = self._encode_reply(reply)
             except Rejected as rejected:
-                if len(self._outputs) != outputs_before:
-                    raise AssertionError(
-                        f"{self.app_class.__name__}.apply raised Rejected({rejected.code!r}) after "
-                        "emitting outputs (ctx.publish/schedule/cancel) for the record at index "
-                        f"{index}: validate the whole command before mutating anything"
-                    ) from rejected
                 status = _REJECTED
-                payload = _REJECTED_ENCODER.encode(
-                    {"code": rejected.code, "message": rejected.message}
-                )
+                payload = self._rejection(rejected, outputs_before, index)
         if len(payload) > REPLY_PAYLOAD_BYTES_MAX:
-            # No client frame can carry it. Replaced here, where every replica decides the same,
-            # and saved as the reply: a resend gets this answer too.
-            payload = reply_too_large_payload(len(payload), applied=status == _OK)
+            payload = self._reply_too_large(status, payload)
             status = _REJECTED
-            self.replies_too_large += 1
         client.last_request_id = request_id
+        version = self._version
         replies[request_id] = (index, status, version, payload)
         if len(replies) > SAVED_REPLIES_MAX:
             del replies[next(iter(replies))]
@@ -371,26 +392,72 @@ class Processor(Generic[App]):
         if session.local:
             self._outputs.append((_REPLY, frame))
 
-    def _apply_other(
-        self, record_type: int, view: Any, index: int, term: int, timestamp_ns: int,
-        session_id: int,
-    ) -> None:  # fmt: skip
+    def _answer_resend(self, session: _Session, session_id: int, request_id: int, index: int) -> None:
+        """A command whose request id was applied before: the saved reply again (its original
+        index and status), or DUPLICATE once the client acknowledged it and it was forgotten.
+        Never applied twice."""
+        saved = session.client.replies.get(request_id)
+        if saved is None:
+            saved = (index, _DUPLICATE, self._version, b"")
+        frame = _pack_reply(session_id, request_id, *saved[:3]) + saved[3]
+        self.rolling_hash = _crc32c(frame, self.rolling_hash)
+        if session.local:
+            self._outputs.append((_REPLY, frame))
+
+    def _undecodable(self, error: Exception, command_version: int, index: int) -> bytes:
+        """The rejection for command bytes this app cannot decode (or upcast).
+
+        Refused the same way on every replica and every replay; the record is in the log for
+        good, so it must never crash the blp. The message names the exception type only, not
+        its text, which may differ between library versions on different replicas.
+
+        Raises:
+            the error itself when the command is of a newer version than the app: a newer app
+            wrote this log, and this code must not replay it (VersionError).
+        """
+        if command_version > self._version:
+            raise error
+        return _REJECTED_ENCODER.encode({
+            "code": BAD_COMMAND,
+            "message": f"the command at index {index} (schema version {command_version}) could "
+            f"not be decoded by {self.schema.name} v{self._version} "
+            f"({type(error).__name__}); nothing was applied",
+        })
+
+    def _rejection(self, rejected: Rejected, outputs_before: int, index: int) -> bytes:
+        """The reply payload of a `Rejected`; the app must not have emitted anything first."""
+        if len(self._outputs) != outputs_before:
+            raise AssertionError(
+                f"{self.app_class.__name__}.apply raised Rejected({rejected.code!r}) after "
+                "emitting outputs (ctx.publish/schedule/cancel) for the record at index "
+                f"{index}: validate the whole command before mutating anything"
+            ) from rejected
+        return _REJECTED_ENCODER.encode({"code": rejected.code, "message": rejected.message})
+
+    def _reply_too_large(self, status: int, payload: bytes) -> bytes:
+        """No client frame can carry `payload`. Replaced here, where every replica decides the
+        same, and saved as the reply: a resend gets this answer too (status REJECTED)."""
+        self.replies_too_large += 1
+        return reply_too_large_payload(len(payload), applied=status == _OK)
+
+    def _apply_other(self, record_type: int, view: Any, session_id: int) -> None:
         if record_type == _TIMER_FIRED:
-            self._apply_timer_fired(view, index, term, timestamp_ns)
+            self._apply_timer_fired(view)
         elif record_type == _SESSION_OPEN:
             opened = decode_session_open(view[_PAYLOAD_OFFSET:])
-            self._open_session(session_id, opened.client_id, opened.node, index, term,
-                               timestamp_ns)  # fmt: skip
+            self._open_session(session_id, opened.client_id, opened.node)
         elif record_type == _SESSION_CLOSE:
-            self._close_session(session_id, index, term, timestamp_ns)
+            self._close_session(session_id)
         elif record_type == _SNAPSHOT:
             self.snapshot_requested = True
         elif record_type == _ADMIN:
-            self._apply_admin(view, index, term, timestamp_ns)
+            self._apply_admin(view)
         elif record_type == _TERM_START:
             pass
         else:
-            raise AssertionError(f"record type {record_type} at index {index} is not applicable")
+            raise AssertionError(
+                f"record type {record_type} at index {self.applied_index} is not applicable"
+            )
 
     def apply_records(self, buffer: Any) -> int:
         """Replays a run of whole records (journal bytes, a fixture file); returns how many
@@ -427,55 +494,47 @@ class Processor(Generic[App]):
         self._outputs.clear()
         return count
 
-    def _set_context(self, index: int, term: int, timestamp_ns: int, session_id: int,
-                     client_id: int) -> Context:  # fmt: skip
+    def _context_for(self, session_id: int, client_id: int) -> Context:
+        """The context for a call into the app on behalf of `session_id` (0: none) during the
+        record being applied (apply_frame set its index, term and time)."""
         context = self._context
-        context.now = timestamp_ns
-        context.index = index
-        context.term = term
         context.session = session_id
         context.client_id = client_id
         return context
 
-    def _apply_timer_fired(self, view: Any, index: int, term: int, timestamp_ns: int) -> None:
+    def _apply_timer_fired(self, view: Any) -> None:
         timer_id, deadline_ns = TIMER_FIRED_PAYLOAD.unpack_from(view, _PAYLOAD_OFFSET)
         if self._timers.get(timer_id) != deadline_ns:
             # Cancelled, rescheduled, or already fired (a re-armed timer fired twice).
             self.stale_timer_fires += 1
             return
         del self._timers[timer_id]
-        context = self._set_context(index, term, timestamp_ns, 0, 0)
-        with self._guard():
-            self.app.on_timer(context, timer_id)
+        self._app_on_timer(self._context_for(0, 0), timer_id)
 
-    def _open_session(self, session_id: int, client_id: int, node: str, index: int, term: int,
-                      timestamp_ns: int) -> None:  # fmt: skip
+    def _open_session(self, session_id: int, client_id: int, node: str) -> None:
         client = self._clients.get(client_id)
         if client is None:
             client = self._clients[client_id] = _Client()
         client.sessions += 1
         self._idle_clients.pop(client_id, None)
-        self._expire_clients(timestamp_ns)
+        self._expire_clients(self.last_timestamp_ns)
         local = self.node is None or node == self.node
         self._sessions[session_id] = _Session(client_id, node, client, local)
-        context = self._set_context(index, term, timestamp_ns, session_id, client_id)
-        with self._guard():
-            self.app.on_session_open(context)
+        self._app_on_session_open(self._context_for(session_id, client_id))
 
-    def _close_session(self, session_id: int, index: int, term: int, timestamp_ns: int) -> None:
+    def _close_session(self, session_id: int) -> None:
         session = self._sessions.pop(session_id, None)
         if session is None:
             return  # already closed (e.g. by a node_start); closing twice is a no-op
         client = session.client
         client.sessions -= 1
         assert client.sessions >= 0, (session.client_id, client.sessions)
+        now_ns = self.last_timestamp_ns
         if client.sessions == 0:
-            client.idle_since_ns = timestamp_ns
-            self._idle_clients[session.client_id] = timestamp_ns
-        self._expire_clients(timestamp_ns)
-        context = self._set_context(index, term, timestamp_ns, session_id, session.client_id)
-        with self._guard():
-            self.app.on_session_close(context)
+            client.idle_since_ns = now_ns
+            self._idle_clients[session.client_id] = now_ns
+        self._expire_clients(now_ns)
+        self._app_on_session_close(self._context_for(session_id, session.client_id))
 
     def _expire_clients(self, now_ns: int) -> None:
         """Forget the dedup state of clients without a session for `client_expiry_ns`.
@@ -497,13 +556,13 @@ class Processor(Generic[App]):
             del self._clients[client_id]
             self.clients_expired += 1
 
-    def _apply_admin(self, view: Any, index: int, term: int, timestamp_ns: int) -> None:
+    def _apply_admin(self, view: Any) -> None:
         admin = decode_admin(view[_PAYLOAD_OFFSET:])
         if admin["op"] == ADMIN_NODE_START:
             node = admin["node"]
             lost = [sid for sid, session in self._sessions.items() if session.node == node]
             for session_id in lost:
-                self._close_session(session_id, index, term, timestamp_ns)
+                self._close_session(session_id)
         else:
             # A newer daemon's operation: ignoring it is the same decision on every replica.
             self.unknown_admin_ops += 1

@@ -147,7 +147,25 @@ def test_peer_credentials_are_checked_against_the_allow_list(node_factory, tmp_d
     assert _connect_as(NOBODY, allowed.socket_path) == "Welcome"
 
 
+# Duty cycles the blp, and heartbeats of the sequencer's loop (one per 0.1 s), that must pass with
+# a published command and no reply: each of them would have applied it and sent the reply had the
+# commit limit not held it back.
+BLP_CYCLES_WITHOUT_REPLY = 20
+SEQUENCER_BEATS_WITHOUT_REPLY = 3
+WAIT_S = 20.0  # a condition that takes longer is a hang
+
+
+def wait_until(predicate, what: str) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + WAIT_S
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.005)
+
+
 def test_replies_wait_for_the_journal_and_counters_show_a_consistent_pipeline(node_factory) -> None:  # noqa: F811
+    from sequencer.apps.ledger import Deposit, Ledger
+    from sequencer.client import Client
+
     node = node_factory()
     open_accounts(node.socket_path, ACCOUNTS)
     values = node.read_counters()
@@ -155,11 +173,36 @@ def test_replies_wait_for_the_journal_and_counters_show_a_consistent_pipeline(no
     assert values["blp.applied.index"] <= values["commit.index"] <= values["journal.durable.index"]
     assert values["journal.durable.index"] >= 2 * len(ACCOUNTS)
     assert values["sessions.total"] >= 1
+    # With the journaller stopped, a command is sequenced and the blp and the sequencer go on
+    # running, but the command is neither applied nor answered until its record is durable.
+    journaller = node.role_pid("journaller")
+    with Client(node.socket_path, schema=Ledger.schema, timeout_s=30) as client:
+        client.call(Deposit(ACCOUNTS[0], 1))  # the session is open: only the command is pending
+        published_before = node.read_counters()["log.published.index"]
+        os.kill(journaller, signal.SIGSTOP)
+        try:
+            pending = client.submit(Deposit(ACCOUNTS[0], 1))
+            client.flush()
+            wait_until(lambda: node.read_counters()["log.published.index"] > published_before, "the command published")
+            command_index = node.read_counters()["log.published.index"]
+            started = node.read_counters()
+            wait_until(lambda: node.read_counters()["blp.heartbeat"] >= started["blp.heartbeat"] + BLP_CYCLES_WITHOUT_REPLY,
+                       "blp cycles")  # fmt: skip
+            wait_until(lambda: node.read_counters()["sequencer.heartbeat"]
+                       >= started["sequencer.heartbeat"] + SEQUENCER_BEATS_WITHOUT_REPLY, "sequencer beats")  # fmt: skip
+            client.poll()
+            assert not pending.done()
+            values = node.read_counters()
+            assert values["journal.durable.index"] < command_index
+            assert values["blp.applied.index"] < command_index
+        finally:
+            os.kill(journaller, signal.SIGCONT)
+        pending.result()
+        values = node.read_counters()
+        assert values["journal.durable.index"] >= values["blp.applied.index"] >= command_index
     # Once the traffic stops, the blp catches up with everything published (session closes too).
-    deadline = time.monotonic() + 20
-    while (values := node.read_counters())["blp.applied.index"] != values["log.published.index"]:
-        assert time.monotonic() < deadline, values
-        time.sleep(0.02)
+    wait_until(lambda: (values := node.read_counters())["blp.applied.index"] == values["log.published.index"],
+               "the blp to catch up")  # fmt: skip
 
 
 def test_random_kills_under_load_never_lose_or_repeat_an_acknowledged_transfer(node_factory) -> None:  # noqa: F811

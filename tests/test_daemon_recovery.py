@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import time
 import urllib.request
 from pathlib import Path
@@ -10,9 +11,11 @@ from pathlib import Path
 import psutil
 import pytest
 
+from daemon.exits import ExitCode
 from sequencer import snapshot as snapshots
 from sequencer.apps.ledger import Balance, Ledger
 from sequencer.client import Client, ConnectionLost, TimedOut
+from sequencer.journal import BATCH_MAGIC_BYTES
 from tests.fixtures.nondeterministic import ClockReading, Tag
 from tests.node_fixtures import DEPOSIT, balances, node_factory, open_accounts  # noqa: F401
 
@@ -45,15 +48,16 @@ def test_flipped_bit_mid_log_refuses_to_start_naming_the_file_and_offset(node_fa
     segment = last_segment(node)
     data = bytearray(segment.read_bytes())
     target = data.index(b"m0")  # inside an early batch, with valid batches after it
+    batch_offset = data.rindex(BATCH_MAGIC_BYTES, 0, target)  # where the damaged batch starts
     data[target] ^= 0x10
     segment.write_bytes(bytes(data))
     node.start(wait=False)
     assert node.process is not None
-    code = node.process.wait(timeout=60)
-    assert code != 0
+    assert node.process.wait(timeout=60) == ExitCode.DATAERR
     text = node.log_text()
-    assert str(segment) in text
-    assert "offset" in text
+    named = re.search(re.escape(str(segment)) + r"[^\n0-9]*offset (\d+)", text)
+    assert named is not None, text[-2000:]
+    assert int(named.group(1)) == batch_offset
     assert not os.path.exists(node.socket_path)
 
 

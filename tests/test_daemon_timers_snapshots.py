@@ -112,12 +112,24 @@ def test_corrupt_newest_snapshot_is_reported_and_the_previous_one_used(node_fact
 
 
 def test_automatic_snapshots_every_n_records_and_retention(node_factory) -> None:  # noqa: F811
-    node = node_factory({"snapshot": {"every_records": 50, "keep": 2}})
+    every = 50
+    node = node_factory({"snapshot": {"every_records": every, "keep": 2}})
     open_accounts(node.socket_path, [f"x{number}" for number in range(100)])  # 200 commands
-    wait_for(lambda: node.read_counters()["snapshot.writes"] >= 3, what="three automatic snapshots")
-    assert node.stop() == 0
+    assert node.stop() == 0  # the blp waits for its snapshot writers before it exits
+    # The k-th SNAPSHOT record comes right after the (k * every)-th command, before the next one.
+    commands = 0
+    snapshot_indexes = []
+    for record in read_records(node.config.journal_dir):
+        if record.type == RecordType.COMMAND:
+            commands += 1
+        elif record.type == RecordType.SNAPSHOT:
+            snapshot_indexes.append(record.index)
+            assert commands == every * len(snapshot_indexes), (record.index, commands, snapshot_indexes)
+    assert commands == 200
+    assert len(snapshot_indexes) == 200 // every
+    # Written at those indexes, and only the newest `keep` retained.
     infos = snapshots.list_snapshots(node.config.snapshot_dir)
-    assert len(infos) == 2
+    assert sorted(info.index for info in infos) == snapshot_indexes[-2:]
     assert all(info.valid for info in infos)
 
 

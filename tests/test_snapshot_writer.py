@@ -59,3 +59,29 @@ def test_snapshot_writer_dies_when_its_parent_is_killed(tmp_path):
             psutil.Process(writer_pid).kill()
         if parent.stdout is not None:
             parent.stdout.close()
+
+
+def test_snapshot_writer_whose_parent_died_before_it_started_exits_orphaned_and_writes_nothing(
+    tmp_path, monkeypatch
+):
+    """The parent-death signal covers only a death after the writer asks for it; a blp that died
+    between the fork and that request leaves the writer with another parent. Simulated by making
+    the parent's pid, as noted before the fork, not the writer's parent."""
+    import os
+
+    from daemon.snapshot_writer import WRITER_EXIT_ORPHANED, fork_and_write_snapshot
+
+    real_getpid = os.getpid
+    monkeypatch.setattr(os, "getpid", lambda: real_getpid() + 1)  # never our own pid
+    called = tmp_path / "encode-called"
+
+    def encode():  # type: ignore[no-untyped-def]
+        called.touch()
+        raise AssertionError("an orphaned writer must not encode")
+
+    pid = fork_and_write_snapshot(tmp_path / "snapshots", encode)
+    monkeypatch.undo()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == WRITER_EXIT_ORPHANED
+    assert not called.exists()
+    assert not (tmp_path / "snapshots").exists()

@@ -18,7 +18,7 @@ from sequencer.determinism import NondeterminismError, first_divergence, guard
 from sequencer.processor import Processor
 from sequencer.state_machine import AppLoadError, Rejected, StateMachine, load_app
 from tests.fixtures.feeder import Feeder, feed, session_id_of
-from tests.fixtures.nondeterministic import ClockReading, SetIterating, Tag
+from tests.fixtures.nondeterministic import ClockReading, SetIterating, Tag, Tags
 
 ROOT = Path(__file__).resolve().parent.parent
 SUBPROCESS_TIMEOUT_S = 60  # a run of 60 commands takes well under a second
@@ -89,6 +89,46 @@ def test_debug_processor_stops_an_app_that_reads_the_clock_inside_apply():
     feed(processor, feeder.open_session(session, client_id=1))
     with pytest.raises(NondeterminismError, match=r"time\.time\(\) called inside the state machine"):
         feed(processor, feeder.command(session, 1, Tag("x")))
+    time.time()  # restored after the failure
+
+
+class ClockInEveryCallback(StateMachine):
+    """Schedules a timer on every command; reads the clock in the callback named by `where`."""
+
+    schema = ClockReading.schema
+    where = ""
+
+    def apply(self, ctx, command):
+        ctx.schedule(1, ctx.now + 1)
+        return Tags([])
+
+    def _maybe_read_clock(self, here: str) -> None:
+        if self.where == here:
+            time.time()
+
+    def on_session_open(self, ctx):
+        self._maybe_read_clock("on_session_open")
+
+    def on_session_close(self, ctx):
+        self._maybe_read_clock("on_session_close")
+
+    def on_timer(self, ctx, timer_id):
+        self._maybe_read_clock("on_timer")
+
+
+@pytest.mark.parametrize("where", ["on_session_open", "on_timer", "on_session_close"])
+def test_debug_processor_guards_every_call_into_the_app_not_only_apply(where):
+    app = ClockInEveryCallback()
+    app.where = where
+    processor = Processor(ClockInEveryCallback, debug=True, app=app)
+    feeder = Feeder(ClockInEveryCallback.schema)
+    session = session_id_of(1, 1)
+    records = [feeder.open_session(session, client_id=1), feeder.command(session, 1, Tag("x"))]
+    deadline_ns = feeder.now + 1  # the command's timestamp + 1
+    records += [feeder.timer_fired(1, deadline_ns), feeder.close_session(session)]
+    with pytest.raises(NondeterminismError, match=r"time\.time\(\) called inside the state machine"):
+        for record in records:
+            feed(processor, record)
     time.time()  # restored after the failure
 
 

@@ -3,8 +3,9 @@
 Start-up is recovery: the newest valid snapshot, then the journal after it up to the index the
 supervisor found at start (`recovery.last.index`); outputs of the replay are not sent (their
 sessions belong to a previous incarnation; clients resend and get the saved replies), except the
-pending timers, which are re-armed through egress. Then one loop: read the log ring up to the
-commit position, apply, write the outputs to the egress ring, publish the applied position.
+pending timers, which are re-armed through egress. Then one duty cycle (`BlpAgent`, driven by
+`daemon.agent.AgentRunner`): read the log ring up to the commit position, apply, write the
+outputs to the egress ring, publish the applied position.
 
 The blp never does I/O on the hot path, never reads the clock and never decides anything the
 record does not say. A SNAPSHOT record makes it fork: the child encodes and writes the state as
@@ -16,13 +17,15 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
+from daemon.agent import Agent
 from daemon.layout import RoleState, egress_name, log_name
-from daemon.roles.common import RoleContext, run_role
-from daemon.snapshot_writer import fork_and_write_snapshot, reap_snapshot_writer
-from ipc.idle import IdleStrategy, idle_strategy
-from ipc.ring import Ring, RingWriter
+from daemon.roles.common import RoleContext, run_agent, run_role
+from daemon.snapshot_writer import WRITER_EXIT_OK, fork_and_write_snapshot, reap_snapshot_writer
+from ipc.counters import Counters
+from ipc.ring import Ring
 from sequencer import snapshot as snapshots
 from sequencer.journal import read_runs
 from sequencer.processor import Processor
@@ -80,114 +83,168 @@ def recover(context: RoleContext, app_class: type[StateMachine]) -> Processor[An
     return processor
 
 
-def write_all(writer: RingWriter, outputs: list[tuple[int, bytes]], context: RoleContext, idle: IdleStrategy) -> None:
-    """Write every output to egress; a full egress ring waits for the sequencer (never drops)."""
-    start = 0
-    while start < len(outputs):
-        written = writer.try_write_frames(outputs[start:] if start else outputs)
-        start += written
-        if written == 0:
-            if context.stop_requested:
-                return
-            idle.idle(0)
+class BlpAgent(Agent):
+    """The blp's duty cycle: apply what the log ring holds up to the commit position, write the
+    outputs to egress, publish the applied position.
 
+    One cycle applies at most FRAMES_PER_POLL_MAX records. The reader's limit is the commit
+    position, so nothing past it is applied, and outputs (replies) leave only for what is durable.
+    A cycle never waits for the egress ring: outputs it has no room for are kept (`unwritten`)
+    and written first by the next cycles, and no record is applied until they are, so the
+    outputs held are at most one batch's.
 
-def reap_snapshot_writers(context: RoleContext, writers: dict[int, int], block: bool) -> None:
-    """Collect finished snapshot writers; count and report failures (the writer applied retention)."""
-    counters = context.counters
-    for pid, index in list(writers.items()):
-        if block:
-            _, status = os.waitpid(pid, 0)
-            code: int | None = os.waitstatus_to_exitcode(status)
-        else:
-            code = reap_snapshot_writer(pid)
-        if code is None:
-            continue
-        del writers[pid]
-        if code == 0:
-            counters["snapshot.last.index"].set(index)
-            counters["snapshot.writes"].add(1)
-            log.info("snapshot at index %d written", index)
-        else:
-            counters["errors.snapshot"].add(1)
-            counters["errors.total"].add(1)
-            log.error("snapshot writer for index %d failed with exit code %d", index, code)
+    Invariants (between cycles): the applied position is published only once every output of the
+    records below it is in the egress ring; `unwritten` is empty or the tail of one batch.
+    """
+
+    def __init__(
+        self,
+        processor: Processor[Any],
+        log_ring: Ring,
+        egress_ring: Ring,
+        counters: Counters,
+        *,
+        snapshot_dir: Path,
+        snapshot_keep: int,
+        delete_journal: bool,
+    ) -> None:
+        self.processor = processor
+        self.reader = log_ring.reader("blp", limit=counters["commit.position"])
+        self.commit_index = counters["commit.index"]
+        self.doorbell = self.reader.doorbell
+        self.writer = egress_ring.writer()
+        self.sequencer_doorbell = egress_ring.doorbell("sequencer")
+        self.snapshot_dir = snapshot_dir
+        self.snapshot_keep = snapshot_keep
+        self.delete_journal = delete_journal
+        self.counters = counters
+        self.applied_position = counters["blp.applied.position"]
+        self.applied_index = counters["blp.applied.index"]
+        self.rolling_hash = counters["blp.rolling_hash"]
+        self.clients_expired = counters["clients.expired"]
+        self.outputs_too_large = counters["outputs.too_large"]
+        self.egress_published = counters["egress.published.position"]
+        self.oldest_snapshot = counters["snapshot.oldest.index"]
+        self.snapshot_writers: dict[int, int] = {}  # pid -> index
+        self.unwritten: list[tuple[int, bytes]] = []
+        self.applied_position_seen = -1
+
+    def on_start(self) -> None:
+        processor = self.processor
+        self.applied_index.set(processor.applied_index)
+        if self.delete_journal:  # only the journaller's compaction reads it
+            initial = [info.index for info in snapshots.list_snapshots(self.snapshot_dir) if info.valid]
+            self.oldest_snapshot.set(min(initial) if initial else 0)
+        # Written by the first cycles, after the runner reports RUNNING: the supervisor starts the
+        # sequencer, egress's only reader, only then, and the re-armed timers may be more than the
+        # egress ring holds.
+        self.unwritten = processor.pending_timers()
+
+    def do_work(self, now_ns: int) -> int:
+        """Returns the records applied, or the outputs written while the egress ring was full.
+        `now_ns` is unused: the blp never reads the clock (a record's time is its timestamp)."""
+        if self.unwritten:
+            return self._write_outputs()
+        reader = self.reader
+        frames = reader.poll(FRAMES_PER_POLL_MAX)
+        if frames:
+            processor = self.processor
+            for kind, view in frames:
+                processor.apply_frame(kind, view)
+                if processor.snapshot_requested:
+                    self._fork_snapshot_writer()
+            # The commit index is stored before the commit position (the reader's limit).
+            assert processor.applied_index <= self.commit_index.get(), (processor.applied_index, self.commit_index.get())
+        reader.release()  # also moves past a padding frame that poll skipped without returning
+        # Published even when only padding was passed, so a drain sees the blp caught up.
+        if frames or reader.position != self.applied_position_seen:
+            self.unwritten = self.processor.drain_outputs()
+            self._write_outputs()
+        if self.snapshot_writers:
+            self._reap_snapshot_writers(block=False)
+        return len(frames)
+
+    def _write_outputs(self) -> int:
+        """Write what is unwritten to egress (a full ring keeps the rest for the next cycle; never
+        drops); once all is written, publish the applied position. Returns the outputs written."""
+        outputs = self.unwritten
+        written = 0
+        if outputs:
+            writer = self.writer
+            written = writer.try_write_frames(outputs)
+            if written:
+                self.egress_published.set(writer.published_position)
+                self.sequencer_doorbell.ring()
+            if written < len(outputs):
+                self.unwritten = outputs[written:]
+                return written
+            self.unwritten = []
+        processor = self.processor
+        self.applied_position_seen = self.reader.position
+        self.applied_position.set(self.applied_position_seen)
+        self.applied_index.set(processor.applied_index)
+        self.rolling_hash.set(processor.rolling_hash & 0x7FFF_FFFF_FFFF_FFFF)
+        self.clients_expired.set(processor.clients_expired)
+        self.outputs_too_large.set(processor.replies_too_large + processor.events_too_large)
+        return written
+
+    def _fork_snapshot_writer(self) -> None:
+        processor = self.processor
+        processor.snapshot_requested = False
+        pid = fork_and_write_snapshot(self.snapshot_dir, processor.snapshot_file_contents, self._retain)
+        self.snapshot_writers[pid] = processor.applied_index
+
+    def _retain(self) -> None:
+        """In the snapshot writer (a child): keep the newest snapshots, and tell the journaller
+        which is the oldest kept, so neither the blp nor the journaller reads snapshot files."""
+        snapshots.retain(self.snapshot_dir, self.snapshot_keep)
+        kept = [info.index for info in snapshots.list_snapshots(self.snapshot_dir) if info.valid]
+        if kept:
+            self.oldest_snapshot.set(min(kept))
+
+    def _reap_snapshot_writers(self, block: bool) -> None:
+        """Collect finished snapshot writers; count and report failures (the writer applied retention)."""
+        counters = self.counters
+        writers = self.snapshot_writers
+        for pid, index in list(writers.items()):
+            if block:
+                _, status = os.waitpid(pid, 0)
+                code: int | None = os.waitstatus_to_exitcode(status)
+            else:
+                code = reap_snapshot_writer(pid)
+            if code is None:
+                continue
+            del writers[pid]
+            if code == WRITER_EXIT_OK:
+                counters["snapshot.last.index"].set(index)
+                counters["snapshot.writes"].add(1)
+                log.info("snapshot at index %d written", index)
+            else:
+                counters["errors.snapshot"].add(1)
+                counters["errors.total"].add(1)
+                log.error("snapshot writer for index %d failed with exit code %d", index, code)
+
+    def on_close(self) -> None:
+        self._reap_snapshot_writers(block=True)  # a writer finishes its file; it never runs on
 
 
 def run(context: RoleContext) -> int:
     config = context.config
-    counters = context.counters
     app_class = load_app(config.node.app)
     log_ring = Ring.attach(log_name(config.node.name), epoch=context.epoch)
     egress_ring = Ring.attach(egress_name(config.node.name), epoch=context.epoch)
-    processor = recover(context, app_class)
-    reader = log_ring.reader("blp", limit=counters["commit.position"])
-    writer = egress_ring.writer()
-    sequencer_doorbell = egress_ring.doorbell("sequencer")
-    idle = idle_strategy(config.roles.blp.idle, reader.doorbell)
-    applied_position = counters["blp.applied.position"]
-    applied_index = counters["blp.applied.index"]
-    rolling_hash = counters["blp.rolling_hash"]
-    clients_expired = counters["clients.expired"]
-    outputs_too_large = counters["outputs.too_large"]
-    egress_published = counters["egress.published.position"]
-    heartbeat = context.heartbeat
-    snapshot_writers: dict[int, int] = {}  # pid -> index
-    oldest_snapshot = counters["snapshot.oldest.index"]
-
-    def retention() -> None:
-        """In the snapshot writer (a child): keep the newest snapshots, and tell the journaller
-        which is the oldest kept, so neither the blp nor the journaller reads snapshot files."""
-        snapshots.retain(config.snapshot_dir, config.snapshot.keep)
-        kept = [info.index for info in snapshots.list_snapshots(config.snapshot_dir) if info.valid]
-        if kept:
-            oldest_snapshot.set(min(kept))
-    applied_position_seen = -1
-
-    applied_index.set(processor.applied_index)
-    # RUNNING first: the supervisor starts the sequencer, egress's only reader, only now, and the
-    # re-armed timers may be more than the egress ring holds.
-    if config.snapshot.delete_journal:  # only the journaller's compaction reads it
-        initial = [info.index for info in snapshots.list_snapshots(config.snapshot_dir) if info.valid]
-        oldest_snapshot.set(min(initial) if initial else 0)
-    context.set_state(RoleState.RUNNING)
-    write_all(writer, processor.pending_timers(), context, idle)
-    egress_published.set(writer.published_position)
-    beats = 0
-    while not context.stop_requested:
-        frames = reader.poll(FRAMES_PER_POLL_MAX)
-        for kind, view in frames:
-            processor.apply_frame(kind, view)
-            if processor.snapshot_requested:
-                processor.snapshot_requested = False
-                pid = fork_and_write_snapshot(
-                    config.snapshot_dir, processor.snapshot_file_contents, retention
-                )
-                snapshot_writers[pid] = processor.applied_index
-        reader.release()  # also moves past a padding frame that poll skipped without returning
-        if frames or reader.position != applied_position_seen:
-            outputs = processor.drain_outputs()
-            if outputs:
-                write_all(writer, outputs, context, idle)
-                egress_published.set(writer.published_position)
-                sequencer_doorbell.ring()
-            # Published even when only padding was passed, so a drain sees the blp caught up.
-            applied_position_seen = reader.position
-            applied_position.set(applied_position_seen)
-            applied_index.set(processor.applied_index)
-            rolling_hash.set(processor.rolling_hash & 0x7FFF_FFFF_FFFF_FFFF)
-            clients_expired.set(processor.clients_expired)
-            outputs_too_large.set(processor.replies_too_large + processor.events_too_large)
-        if snapshot_writers:
-            reap_snapshot_writers(context, snapshot_writers, block=False)
-        beats += 1
-        heartbeat.set(beats)
-        idle.idle(len(frames))
-    reap_snapshot_writers(context, snapshot_writers, block=True)
-    context.set_state(RoleState.DRAINED)
+    try:
+        processor = recover(context, app_class)
+        agent = BlpAgent(
+            processor, log_ring, egress_ring, context.counters,
+            snapshot_dir=config.snapshot_dir, snapshot_keep=config.snapshot.keep,
+            delete_journal=config.snapshot.delete_journal,
+        )  # fmt: skip
+        run_agent(context, agent)
+    finally:
+        log_ring.close()
+        egress_ring.close()
     log.info("stopped at index %d, rolling hash %016x", processor.applied_index, processor.rolling_hash)
-    log_ring.close()
-    egress_ring.close()
     return 0
 
 

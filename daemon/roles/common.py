@@ -23,7 +23,6 @@ line and a fatal exit code (daemon/exits.py), and `seqd run` ends with them.
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import signal
@@ -32,10 +31,13 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+from daemon.agent import Agent, AgentRunner
 from daemon.config import Config
 from daemon.exits import ROLE_FATAL_CODES, classify, exit_fatal
 from daemon.layout import IDLE_CODES, RoleState, counters_name
+from daemon.parent_death import EXIT_ORPHANED, die_with_parent
 from ipc.counters import Counter, Counters
+from ipc.idle import idle_strategy
 from ipc.segment import SegmentError
 
 __all__ = [
@@ -45,6 +47,7 @@ __all__ = [
     "SUPERVISOR_PID_ENV",
     "RoleContext",
     "report_start_failure",
+    "run_agent",
     "run_role",
     "start_role",
 ]
@@ -53,9 +56,8 @@ __all__ = [
 # the supervisor then restarts the pipeline from the journal.
 ROLE_EXIT_FAIL_STOP = 3
 # A role whose supervisor has died, or that cannot attach its own incarnation's counters (they
-# belong to another incarnation), exits with this code at start, having written nothing. For an
-# orphan no one acts on the code; it tells the exit apart from a crash in logs and tests.
-ROLE_EXIT_ORPHANED = 4
+# belong to another incarnation), exits with this code at start, having written nothing.
+ROLE_EXIT_ORPHANED = EXIT_ORPHANED
 
 SUPERVISOR_PID_ENV = "SEQD_SUPERVISOR_PID"
 EPOCH_ENV = "SEQD_EPOCH"  # the epoch of every segment of the incarnation the role was started for
@@ -90,8 +92,6 @@ class RoleContext:
         self.counters.close()
 
 
-PR_SET_PDEATHSIG = 1
-
 log = logging.getLogger("seqd.role")
 
 
@@ -107,27 +107,14 @@ def _handoff(role: str) -> tuple[int, int]:
         ) from None
 
 
-def _die_with_parent(role: str, supervisor_pid: int) -> None:
-    """Ask the kernel to SIGKILL this role when the supervisor dies (kill -9 included), then make
-    sure the supervisor had not died already.
-
-    The parent-death signal is armed for the current parent: a supervisor that died before the
-    request (while this role was in Python start-up) left the role reparented to init, and the
-    request then guards nothing. Comparing the parent with the pid the supervisor passed (not
-    with the parent seen a moment earlier, which may already be init) catches that case; any
-    death after prctl kills the role.
-    """
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except (OSError, AttributeError):
-        pass  # not Linux: the parent check below still refuses to start an orphan
-    parent = os.getppid()
-    if parent != supervisor_pid:
+def _check_parent(role: str, supervisor_pid: int) -> None:
+    """Die with the supervisor from here on, and exit now if it has died already (see
+    daemon/parent_death.py: the parent is compared with the pid the supervisor passed)."""
+    if not die_with_parent(supervisor_pid):
         log.warning(
             "the supervisor that started this %s (pid %d) has died (the parent is now pid %d): "
             "exiting without touching the node; the next supervisor starts its own roles",
-            role, supervisor_pid, parent,
+            role, supervisor_pid, os.getppid(),
         )
         raise SystemExit(ROLE_EXIT_ORPHANED)
 
@@ -150,7 +137,7 @@ def start_role(role: str) -> RoleContext:
     if not __debug__:
         raise SystemExit("seqd roles rely on assertions for their invariants: do not run with -O")
     supervisor_pid, epoch = _handoff(role)
-    _die_with_parent(role, supervisor_pid)
+    _check_parent(role, supervisor_pid)
     config = Config.from_json(os.environ["SEQD_CONFIG_JSON"])
     counters = _attach_counters(role, config, epoch)  # refuses another incarnation's before any write
     context = RoleContext(role=role, config=config, counters=counters, epoch=epoch)
@@ -193,6 +180,13 @@ def report_start_failure(context: RoleContext) -> Iterator[None]:
         log = logging.getLogger(f"seqd.{context.role}")
         log.debug("%s cannot start", context.role, exc_info=error)
         exit_fatal(fatal, log)
+
+
+def run_agent(context: RoleContext, agent: Agent) -> None:
+    """Drive a polling role's agent with the role's idle strategy (`roles.<role>.idle`, parked on
+    `agent.doorbell` when blocking) until the supervisor stops the role and the agent is drained."""
+    idle = idle_strategy(context.config.roles.get(context.role).idle, agent.doorbell)
+    AgentRunner(agent, idle, context.heartbeat, context.stop, context.state).run()
 
 
 def run_role(role: str, run: Callable[[RoleContext], int]) -> int:

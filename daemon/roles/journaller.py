@@ -1,12 +1,13 @@
 """The journaller role: copy log records from the ring into the journal, fsync in groups.
 
-One loop (an Agrona-style agent): take every whole record the ring holds (bounded by
-`journal.batch_bytes_max`), append them to the journal as they are, make them durable with one
-fdatasync, and then publish the new durable position and index. On a single node the durable
-position is the commit position, so the blp may apply up to it and replies may leave.
+One duty cycle (`JournallerAgent`, an Agrona-style agent driven by `daemon.agent.AgentRunner`):
+take every whole record the ring holds (bounded by `journal.batch_bytes_max`), append them to the
+journal as they are, make them durable with one fdatasync, and then publish the new durable
+position and index. On a single node the durable position is the commit position, so the blp may
+apply up to it and replies may leave.
 
-Group commit falls out of the loop: while one fdatasync runs, the sequencer keeps publishing, and
-the next pass takes everything that arrived. At ~150 us per fdatasync and 500k records/s a pass
+Group commit falls out of the cycle: while one fdatasync runs, the sequencer keeps publishing, and
+the next cycle takes everything that arrived. At ~150 us per fdatasync and 500k records/s a pass
 covers ~75 records; under light load each record gets its own fsync and the lowest latency.
 
 A failed fdatasync is never retried (fsyncgate): the role exits with ROLE_EXIT_FAIL_STOP and the
@@ -30,19 +31,19 @@ import sys
 import time
 from pathlib import Path
 
-from daemon.layout import DiskState, RoleState, log_name
-from daemon.roles.common import ROLE_EXIT_FAIL_STOP, RoleContext, run_role
-from ipc.counters import Counter
-from ipc.idle import idle_strategy
+from daemon.agent import Agent
+from daemon.layout import DiskState, log_name
+from daemon.roles.common import ROLE_EXIT_FAIL_STOP, RoleContext, run_agent, run_role
+from ipc.counters import Counter, Counters
 from ipc.ring import Ring
 from sequencer import snapshot as snapshots
 from sequencer.journal import Journal, JournalError, JournalFullError
 
 log = logging.getLogger("seqd.journaller")
 
-REGIONS_PER_SYNC_MAX = 2
+REGIONS_PER_SYNC_MAX = 2  # a batch may straddle the ring's wrap: at most two regions
 FAULT_FDATASYNC_ENV = "SEQD_FAULT_FDATASYNC"
-SYNC_SLOW_S = 0.05  # an fdatasync slower than this is logged: replies wait for it  # a batch may straddle the ring's wrap: at most two regions
+SYNC_SLOW_S = 0.05  # an fdatasync slower than this is logged: replies wait for it
 # While the disk is short, how often room is sought again (and a batch that did not fit is
 # appended again): the node resumes at most this long after space is freed. A failed attempt
 # costs a statvfs, so ten a second are nothing.
@@ -135,99 +136,148 @@ def _inject_fdatasync_failure() -> None:
     os.fdatasync = failing  # type: ignore[assignment]
 
 
+class JournallerAgent(Agent):
+    """The journaller's duty cycle: append what the log ring holds, fdatasync, publish durable.
+
+    One cycle takes at most `batch_bytes_max` bytes in at most REGIONS_PER_SYNC_MAX regions, so
+    the durable position moves at least once per that many bytes however fast the sequencer
+    publishes. Everything it owes the node is published only after the fdatasync that covers it.
+
+    Invariant (between cycles): durable position <= the reader's position <= published position;
+    `waiting` is a region the disk had no room for, still held in the ring (unreleased).
+    """
+
+    def __init__(
+        self,
+        ring: Ring,
+        journal: Journal,
+        counters: Counters,
+        *,
+        batch_bytes_max: int,
+        delete_journal: bool,
+    ) -> None:
+        self.journal = journal
+        self.reader = ring.reader("journaller")
+        self.doorbell = self.reader.doorbell
+        self.blp_doorbell = ring.doorbell("blp")
+        self.batch_bytes_max = batch_bytes_max
+        self.delete_journal = delete_journal
+        self.durable_position = counters["journal.durable.position"]
+        self.durable_index = counters["journal.durable.index"]
+        self.commit_position = counters["commit.position"]
+        self.commit_index = counters["commit.index"]
+        self.syncs = counters["journal.syncs"]
+        self.published_position = counters["log.published.position"]
+        self.oldest_snapshot = counters["snapshot.oldest.index"]
+        self.oldest_snapshot_seen = 0
+        self.disk = DiskWatch(journal, counters["journal.disk_full"], counters["journal.free_bytes"])
+        # A region the disk had no room for. poll_region would release it (the ring could then reuse
+        # its bytes), so it is kept, unreleased, and appended again before anything else.
+        self.waiting: memoryview | None = None
+        self.appended = 0  # bytes appended by the last cycle
+
+    def on_start(self) -> None:
+        journal = self.journal
+        self.durable_index.set(journal.last_index)
+        self.commit_index.set(journal.last_index)
+        self.disk.check(time.monotonic())  # a node restarted on a full disk refuses new work from the start
+        log.info("journal open at index %d in %s", journal.last_index, journal.directory)
+
+    def do_work(self, now_ns: int) -> int:
+        """Returns the bytes appended and made durable (0: nothing, or the disk is full)."""
+        now_s = now_ns / 1e9
+        disk = self.disk
+        due = disk.due(now_s)
+        appended = self._append(now_s) if self.waiting is None or due else 0
+        if self.waiting is None and (appended or due):
+            disk.check(now_s)
+        disk.report(now_s)
+        if appended:
+            self._sync(appended)
+        if self.delete_journal and self.oldest_snapshot.get() != self.oldest_snapshot_seen:
+            self._delete_covered_segments()
+        self.appended = appended
+        return appended
+
+    def _append(self, now_s: float) -> int:
+        """Append whole ring regions (the waiting one first), at most `batch_bytes_max` bytes."""
+        journal = self.journal
+        reader = self.reader
+        appended = 0
+        for _ in range(REGIONS_PER_SYNC_MAX):
+            region = self.waiting
+            if region is None:
+                _start, region = reader.poll_region(self.batch_bytes_max - appended)
+                if not region:
+                    break
+            last_index = journal.last_index
+            try:
+                journal.append(region)
+            except JournalFullError as error:
+                # batch_bytes_max <= segment_bytes / 2 (config): never cut, nothing written.
+                assert journal.last_index == last_index, (journal.last_index, last_index)
+                self.waiting = region
+                self.disk.full(now_s, error)
+                break
+            self.waiting = None
+            appended += len(region)
+            reader.release()
+        return appended
+
+    def _sync(self, appended: int) -> None:
+        """One fdatasync for everything appended, then publish it as durable (and committed)."""
+        sync_started = time.monotonic()
+        last_index = self.journal.sync()
+        sync_s = time.monotonic() - sync_started
+        if sync_s > SYNC_SLOW_S:
+            log.warning("fdatasync took %.0f ms (%d bytes appended): the disk is slow; every "
+                        "reply waits for it", sync_s * 1000, appended)
+        position = self.reader.position
+        self.durable_position.set(position)
+        self.durable_index.set(last_index)
+        # Single node: durable is committed. The index is stored before the position so a reader
+        # that sees the position also sees an index at least as new.
+        self.commit_index.set(last_index)
+        self.commit_position.set(position)
+        self.syncs.add(1)
+        self.blp_doorbell.ring()
+
+    def _delete_covered_segments(self) -> None:
+        # The blp's snapshot writer publishes the oldest kept snapshot; no file reads here.
+        self.oldest_snapshot_seen = self.oldest_snapshot.get()
+        for path in self.journal.delete_segments_before(self.oldest_snapshot_seen + 1):
+            log.info("deleted %s: wholly before the oldest retained snapshot", path.name)
+
+    def drained(self) -> bool:
+        """The supervisor stops the journaller only after the sequencer has exited, so what is
+        published now is everything there will be: stop once it is all durable, or once the disk
+        has no room for it (it was never acknowledged)."""
+        if self.appended:
+            return False
+        if self.reader.position >= self.published_position.get():
+            return True
+        if self.waiting is not None:
+            log.warning("stopping with records after index %d not journaled: the disk is full "
+                        "(they were never acknowledged; clients resend them)", self.journal.last_index)
+            return True
+        return False
+
+
 def run(context: RoleContext) -> int:
     config = context.config
     _inject_fdatasync_failure()
     counters = context.counters
     ring = Ring.attach(log_name(config.node.name), epoch=context.epoch)
-    reader = ring.reader("journaller")
     journal = Journal.open(
         config.journal_dir, segment_bytes=config.journal.segment_bytes, preallocate=config.journal.preallocate
     )
-    durable_position = counters["journal.durable.position"]
-    durable_index = counters["journal.durable.index"]
-    commit_position = counters["commit.position"]
-    commit_index = counters["commit.index"]
-    syncs = counters["journal.syncs"]
-    published_position = counters["log.published.position"]
-    heartbeat = context.heartbeat
-    idle = idle_strategy(config.roles.journaller.idle, reader.doorbell)
-    blp_doorbell = ring.doorbell("blp")
-    oldest_snapshot = counters["snapshot.oldest.index"]
-    oldest_snapshot_seen = 0
-    delete_journal = config.snapshot.delete_journal
-    batch_bytes_max = config.journal.batch_bytes_max
-    durable_index.set(journal.last_index)
-    commit_index.set(journal.last_index)
-    disk = DiskWatch(journal, counters["journal.disk_full"], counters["journal.free_bytes"])
-    disk.check(time.monotonic())  # a node restarted on a full disk refuses new work from the start
-    # A region the disk had no room for. poll_region would release it (the ring could then reuse
-    # its bytes), so it is kept, unreleased, and appended again before anything else.
-    waiting: memoryview | None = None
-    context.set_state(RoleState.RUNNING)
-    log.info("journal open at index %d in %s", journal.last_index, config.journal_dir)
-    beats = 0
     try:
-        while True:
-            now_s = time.monotonic()
-            appended = 0
-            due = disk.due(now_s)
-            if waiting is None or due:
-                for _ in range(REGIONS_PER_SYNC_MAX):
-                    region = waiting
-                    if region is None:
-                        _start, region = reader.poll_region(batch_bytes_max - appended)
-                        if not region:
-                            break
-                    last_index = journal.last_index
-                    try:
-                        journal.append(region)
-                    except JournalFullError as error:
-                        # batch_bytes_max <= segment_bytes / 2 (config): never cut, nothing written.
-                        assert journal.last_index == last_index, (journal.last_index, last_index)
-                        waiting = region
-                        disk.full(now_s, error)
-                        break
-                    waiting = None
-                    appended += len(region)
-                    reader.release()
-            if waiting is None and (appended or due):
-                disk.check(now_s)
-            disk.report(now_s)
-            if appended:
-                sync_started = time.monotonic()
-                last_index = journal.sync()
-                sync_s = time.monotonic() - sync_started
-                if sync_s > SYNC_SLOW_S:
-                    log.warning("fdatasync took %.0f ms (%d bytes appended): the disk is slow; every "
-                                "reply waits for it", sync_s * 1000, appended)
-                position = reader.position
-                durable_position.set(position)
-                durable_index.set(last_index)
-                # Single node: durable is committed. The index is stored before the position so
-                # a reader that sees the position also sees an index at least as new.
-                commit_index.set(last_index)
-                commit_position.set(position)
-                syncs.add(1)
-                blp_doorbell.ring()
-            if delete_journal and oldest_snapshot.get() != oldest_snapshot_seen:
-                # The blp's snapshot writer publishes the oldest kept snapshot; no file reads here.
-                oldest_snapshot_seen = oldest_snapshot.get()
-                for path in journal.delete_segments_before(oldest_snapshot_seen + 1):
-                    log.info("deleted %s: wholly before the oldest retained snapshot", path.name)
-            beats += 1
-            heartbeat.set(beats)
-            if context.stop_requested and not appended:
-                # Drain: the supervisor stops us only after the sequencer has exited, so what is
-                # published now is everything there will be.
-                if reader.position >= published_position.get():
-                    break
-                if waiting is not None:
-                    log.warning("stopping with records after index %d not journaled: the disk is "
-                                "full (they were never acknowledged; clients resend them)",
-                                journal.last_index)
-                    break
-            idle.idle(appended)
+        agent = JournallerAgent(
+            ring, journal, counters,
+            batch_bytes_max=config.journal.batch_bytes_max,
+            delete_journal=config.snapshot.delete_journal,
+        )  # fmt: skip
+        run_agent(context, agent)
     except JournalError as error:
         counters["errors.journal"].add(1)
         counters["errors.total"].add(1)
@@ -236,8 +286,7 @@ def run(context: RoleContext) -> int:
     finally:
         journal.close()
         ring.close()
-    context.set_state(RoleState.DRAINED)
-    log.info("drained at index %d", durable_index.get())
+    log.info("drained at index %d", counters["journal.durable.index"].get())
     return 0
 
 
