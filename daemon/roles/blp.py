@@ -18,7 +18,25 @@ import os
 import sys
 from typing import Any
 
-from daemon.layout import RoleState, egress_name, log_name
+from daemon.layout import (
+    BLP_APPLIED_INDEX,
+    BLP_APPLIED_POSITION,
+    BLP_ROLLING_HASH,
+    CLIENTS_EXPIRED,
+    COMMIT_POSITION,
+    EGRESS_PUBLISHED_POSITION,
+    ERRORS_SNAPSHOT,
+    OUTPUTS_TOO_LARGE,
+    RECOVERY_LAST_INDEX,
+    RECOVERY_RECORDS,
+    SNAPSHOT_LAST_INDEX,
+    SNAPSHOT_OLDEST_INDEX,
+    SNAPSHOT_WRITES,
+    Role,
+    RoleState,
+    egress_name,
+    log_name,
+)
 from daemon.roles.common import RoleContext, run_role
 from daemon.snapshot_writer import fork_and_write_snapshot, reap_snapshot_writer
 from ipc.idle import IdleStrategy, idle_strategy
@@ -46,8 +64,8 @@ def recover(context: RoleContext, app_class: type[StateMachine]) -> Processor[An
     snapshots.remove_partial(config.snapshot_dir)
 
     def report(info: snapshots.SnapshotInfo) -> None:
-        counters["errors.snapshot"].add(1)
-        counters["errors.total"].add(1)
+        counters[ERRORS_SNAPSHOT].add(1)
+        context.errors.add(1)
         log.error("snapshot %s is invalid, using an older one: %s", info.path, info.error)
 
     found = snapshots.newest_valid_snapshot(config.snapshot_dir, report)
@@ -63,8 +81,8 @@ def recover(context: RoleContext, app_class: type[StateMachine]) -> Processor[An
             app_class, node=config.node.name, debug=config.node.debug_determinism,
             client_expiry_ns=config.client_expiry_ns,
         )
-    last_index = counters["recovery.last.index"].get()
-    progress = counters["recovery.records"]
+    last_index = counters[RECOVERY_LAST_INDEX].get()
+    progress = counters[RECOVERY_RECORDS]
     replayed = 0
     if last_index > processor.applied_index:
         for run in read_runs(config.journal_dir, processor.applied_index + 1, last_index):
@@ -105,12 +123,12 @@ def reap_snapshot_writers(context: RoleContext, writers: dict[int, int], block: 
             continue
         del writers[pid]
         if code == 0:
-            counters["snapshot.last.index"].set(index)
-            counters["snapshot.writes"].add(1)
+            counters[SNAPSHOT_LAST_INDEX].set(index)
+            counters[SNAPSHOT_WRITES].add(1)
             log.info("snapshot at index %d written", index)
         else:
-            counters["errors.snapshot"].add(1)
-            counters["errors.total"].add(1)
+            counters[ERRORS_SNAPSHOT].add(1)
+            context.errors.add(1)
             log.error("snapshot writer for index %d failed with exit code %d", index, code)
 
 
@@ -121,19 +139,19 @@ def run(context: RoleContext) -> int:
     log_ring = Ring.attach(log_name(config.node.name), epoch=context.epoch)
     egress_ring = Ring.attach(egress_name(config.node.name), epoch=context.epoch)
     processor = recover(context, app_class)
-    reader = log_ring.reader("blp", limit=counters["commit.position"])
+    reader = log_ring.reader("blp", limit=counters[COMMIT_POSITION])
     writer = egress_ring.writer()
     sequencer_doorbell = egress_ring.doorbell("sequencer")
-    idle = idle_strategy(config.roles.blp.idle, reader.doorbell)
-    applied_position = counters["blp.applied.position"]
-    applied_index = counters["blp.applied.index"]
-    rolling_hash = counters["blp.rolling_hash"]
-    clients_expired = counters["clients.expired"]
-    outputs_too_large = counters["outputs.too_large"]
-    egress_published = counters["egress.published.position"]
+    idle = idle_strategy(context.role_config.idle, reader.doorbell)
+    applied_position = counters[BLP_APPLIED_POSITION]
+    applied_index = counters[BLP_APPLIED_INDEX]
+    rolling_hash = counters[BLP_ROLLING_HASH]
+    clients_expired = counters[CLIENTS_EXPIRED]
+    outputs_too_large = counters[OUTPUTS_TOO_LARGE]
+    egress_published = counters[EGRESS_PUBLISHED_POSITION]
     heartbeat = context.heartbeat
     snapshot_writers: dict[int, int] = {}  # pid -> index
-    oldest_snapshot = counters["snapshot.oldest.index"]
+    oldest_snapshot = counters[SNAPSHOT_OLDEST_INDEX]
 
     def retention() -> None:
         """In the snapshot writer (a child): keep the newest snapshots, and tell the journaller
@@ -192,4 +210,4 @@ def run(context: RoleContext) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_role("blp", run))
+    sys.exit(run_role(Role.BLP, run))

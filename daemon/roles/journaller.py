@@ -30,7 +30,22 @@ import sys
 import time
 from pathlib import Path
 
-from daemon.layout import DiskState, RoleState, log_name
+from daemon.layout import (
+    COMMIT_INDEX,
+    COMMIT_POSITION,
+    ERRORS_JOURNAL,
+    JOURNAL_DISK_FULL,
+    JOURNAL_DURABLE_INDEX,
+    JOURNAL_DURABLE_POSITION,
+    JOURNAL_FREE_BYTES,
+    JOURNAL_SYNCS,
+    LOG_PUBLISHED_POSITION,
+    SNAPSHOT_OLDEST_INDEX,
+    DiskState,
+    Role,
+    RoleState,
+    log_name,
+)
 from daemon.roles.common import ROLE_EXIT_FAIL_STOP, RoleContext, run_role
 from ipc.counters import Counter
 from ipc.idle import idle_strategy
@@ -144,22 +159,22 @@ def run(context: RoleContext) -> int:
     journal = Journal.open(
         config.journal_dir, segment_bytes=config.journal.segment_bytes, preallocate=config.journal.preallocate
     )
-    durable_position = counters["journal.durable.position"]
-    durable_index = counters["journal.durable.index"]
-    commit_position = counters["commit.position"]
-    commit_index = counters["commit.index"]
-    syncs = counters["journal.syncs"]
-    published_position = counters["log.published.position"]
+    durable_position = counters[JOURNAL_DURABLE_POSITION]
+    durable_index = counters[JOURNAL_DURABLE_INDEX]
+    commit_position = counters[COMMIT_POSITION]
+    commit_index = counters[COMMIT_INDEX]
+    syncs = counters[JOURNAL_SYNCS]
+    published_position = counters[LOG_PUBLISHED_POSITION]
     heartbeat = context.heartbeat
-    idle = idle_strategy(config.roles.journaller.idle, reader.doorbell)
+    idle = idle_strategy(context.role_config.idle, reader.doorbell)
     blp_doorbell = ring.doorbell("blp")
-    oldest_snapshot = counters["snapshot.oldest.index"]
+    oldest_snapshot = counters[SNAPSHOT_OLDEST_INDEX]
     oldest_snapshot_seen = 0
     delete_journal = config.snapshot.delete_journal
     batch_bytes_max = config.journal.batch_bytes_max
     durable_index.set(journal.last_index)
     commit_index.set(journal.last_index)
-    disk = DiskWatch(journal, counters["journal.disk_full"], counters["journal.free_bytes"])
+    disk = DiskWatch(journal, counters[JOURNAL_DISK_FULL], counters[JOURNAL_FREE_BYTES])
     disk.check(time.monotonic())  # a node restarted on a full disk refuses new work from the start
     # A region the disk had no room for. poll_region would release it (the ring could then reuse
     # its bytes), so it is kept, unreleased, and appended again before anything else.
@@ -229,8 +244,8 @@ def run(context: RoleContext) -> int:
                     break
             idle.idle(appended)
     except JournalError as error:
-        counters["errors.journal"].add(1)
-        counters["errors.total"].add(1)
+        counters[ERRORS_JOURNAL].add(1)
+        context.errors.add(1)
         log.critical("journal failed, stopping the node (fail-stop, never retried): %s", error)
         return ROLE_EXIT_FAIL_STOP
     finally:
@@ -242,4 +257,4 @@ def run(context: RoleContext) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_role("journaller", run))
+    sys.exit(run_role(Role.JOURNALLER, run))
