@@ -224,8 +224,14 @@ def _declare(
     `{values}`, else after a colon."""
     assert (kind is Kind.ENUM) == (values is not None), name
     if values is not None:
-        listing = ", ".join(f"{member.value} {member.name.lower().replace('_', '-')}" for member in values)
-        help_text = help_text.format(values=listing) if "{values}" in help_text else f"{help_text}: {listing}"
+        listing = ", ".join(
+            f"{member.value} {member.name.lower().replace('_', '-')}" for member in values
+        )
+        help_text = (
+            help_text.format(values=listing)
+            if "{values}" in help_text
+            else f"{help_text}: {listing}"
+        )
     spec = CounterSpec(len(_table), name, owner, kind, help_text + ".", values)
     _table.append(spec)
     return spec
@@ -245,25 +251,37 @@ def incarnation_id(now_s: float, incarnation: int) -> int:
 # The supervisor's.
 SUPERVISOR_PID = _declare("supervisor.pid", SUPERVISOR, Kind.GAUGE, "Process id of the supervisor")
 SUPERVISOR_HEARTBEAT = _declare(
-    "supervisor.heartbeat", SUPERVISOR, Kind.COUNTER, "Turns of the supervisor's loop; stops advancing when it hangs"
+    "supervisor.heartbeat",
+    SUPERVISOR,
+    Kind.COUNTER,
+    "Turns of the supervisor's loop; stops advancing when it hangs",
 )
 SUPERVISOR_RESTARTS = _declare(
     "supervisor.restarts", SUPERVISOR, Kind.COUNTER, "Pipeline restarts since seqd run began"
 )
 NODE_STATE = _declare("node.state", SUPERVISOR, Kind.ENUM, "Node state", NodeState)
-NODE_NUMBER = _declare("node.number", SUPERVISOR, Kind.GAUGE, "Node number (node.number in the config)")
+NODE_NUMBER = _declare(
+    "node.number", SUPERVISOR, Kind.GAUGE, "Node number (node.number in the config)"
+)
 NODE_INCARNATION = _declare(
-    "node.incarnation", SUPERVISOR, Kind.GAUGE,
+    "node.incarnation",
+    SUPERVISOR,
+    Kind.GAUGE,
     f"Id of this incarnation of the pipeline ({INCARNATION_BITS} bits), part of every session id",
 )
 RECOVERY_LAST_INDEX = _declare(
-    "recovery.last.index", SUPERVISOR, Kind.GAUGE, "Index of the last record in the journal at start"
+    "recovery.last.index",
+    SUPERVISOR,
+    Kind.GAUGE,
+    "Index of the last record in the journal at start",
 )
 RECOVERY_LAST_TERM = _declare(
     "recovery.last.term", SUPERVISOR, Kind.GAUGE, "Term of the last record in the journal at start"
 )
 RECOVERY_LAST_TIMESTAMP_NS = _declare(
-    "recovery.last.timestamp_ns", SUPERVISOR, Kind.GAUGE,
+    "recovery.last.timestamp_ns",
+    SUPERVISOR,
+    Kind.GAUGE,
     "Timestamp of the last record in the journal at start (ns since the epoch)",
 )
 
@@ -288,16 +306,34 @@ def _role_block(role: Role) -> RoleCounters:
         role=role,
         pid=_declare(f"{role}.pid", SUPERVISOR, Kind.GAUGE, "Process id of the role"),
         start_time_ms=_declare(
-            f"{role}.start_time_ms", SUPERVISOR, Kind.GAUGE, "Start time of the role's process (ms since the epoch)"
+            f"{role}.start_time_ms",
+            SUPERVISOR,
+            Kind.GAUGE,
+            "Start time of the role's process (ms since the epoch)",
         ),
-        cpu=_declare(f"{role}.cpu", SUPERVISOR, Kind.GAUGE, "CPU the role is pinned to, -1 when unpinned"),
+        cpu=_declare(
+            f"{role}.cpu", SUPERVISOR, Kind.GAUGE, "CPU the role is pinned to, -1 when unpinned"
+        ),
         idle=_declare(f"{role}.idle", SUPERVISOR, Kind.ENUM, "Idle strategy of the role", IdleCode),
-        stop=_declare(f"{role}.stop", SUPERVISOR, Kind.GAUGE, "1 once the supervisor has asked the role to stop"),
+        stop=_declare(
+            f"{role}.stop",
+            SUPERVISOR,
+            Kind.GAUGE,
+            "1 once the supervisor has asked the role to stop",
+        ),
         heartbeat=_declare(
-            f"{role}.heartbeat", role, Kind.COUNTER, "Duty cycles of the role; stops advancing when the role hangs"
+            f"{role}.heartbeat",
+            role,
+            Kind.COUNTER,
+            "Duty cycles of the role; stops advancing when the role hangs",
         ),
         state=_declare(f"{role}.state", role, Kind.ENUM, "Lifecycle state of the role", RoleState),
-        errors=_declare(f"{role}.errors", role, Kind.COUNTER, "Errors of every kind the role counted since start"),
+        errors=_declare(
+            f"{role}.errors",
+            role,
+            Kind.COUNTER,
+            "Errors of every kind the role counted since start",
+        ),
     )
 
 
@@ -305,45 +341,80 @@ ROLE_COUNTERS: Mapping[Role, RoleCounters] = {role: _role_block(role) for role i
 
 # The sequencer's.
 LOG_PUBLISHED_POSITION = _declare(
-    "log.published.position", Role.SEQUENCER, Kind.GAUGE, "Bytes published to the log ring by its writer"
+    "log.published.position",
+    Role.SEQUENCER,
+    Kind.GAUGE,
+    "Bytes published to the log ring by its writer",
 )
 LOG_PUBLISHED_INDEX = _declare(
-    "log.published.index", Role.SEQUENCER, Kind.GAUGE, "Index of the last record published to the log ring"
+    "log.published.index",
+    Role.SEQUENCER,
+    Kind.GAUGE,
+    "Index of the last record published to the log ring",
 )
-SESSIONS_OPEN = _declare("sessions.open", Role.SEQUENCER, Kind.GAUGE, "Client sessions open on this node")
-SESSIONS_TOTAL = _declare("sessions.total", Role.SEQUENCER, Kind.COUNTER, "Client sessions opened since start")
-COMMANDS_TOTAL = _declare("commands.total", Role.SEQUENCER, Kind.COUNTER, "Client commands sequenced since start")
+SESSIONS_OPEN = _declare(
+    "sessions.open", Role.SEQUENCER, Kind.GAUGE, "Client sessions open on this node"
+)
+SESSIONS_TOTAL = _declare(
+    "sessions.total", Role.SEQUENCER, Kind.COUNTER, "Client sessions opened since start"
+)
+COMMANDS_TOTAL = _declare(
+    "commands.total", Role.SEQUENCER, Kind.COUNTER, "Client commands sequenced since start"
+)
 ERRORS_PROTOCOL = _declare(
-    "errors.protocol", Role.SEQUENCER, Kind.COUNTER, "Frames refused as malformed or out of the protocol"
+    "errors.protocol",
+    Role.SEQUENCER,
+    Kind.COUNTER,
+    "Frames refused as malformed or out of the protocol",
 )
 ERRORS_SECURITY = _declare(
-    "errors.security", Role.SEQUENCER, Kind.COUNTER, "Connections refused by the peer credentials check"
+    "errors.security",
+    Role.SEQUENCER,
+    Kind.COUNTER,
+    "Connections refused by the peer credentials check",
 )
 ERRORS_SLOW_CLIENT = _declare(
-    "errors.slow_client", Role.SEQUENCER, Kind.COUNTER, "Clients disconnected for not reading their replies"
+    "errors.slow_client",
+    Role.SEQUENCER,
+    Kind.COUNTER,
+    "Clients disconnected for not reading their replies",
 )
 ERRORS_DISK_FULL = _declare(
-    "errors.disk_full", Role.SEQUENCER, Kind.COUNTER,
+    "errors.disk_full",
+    Role.SEQUENCER,
+    Kind.COUNTER,
     "Sessions and commands refused with disk_full while the journal's disk was short",
 )
-TIMERS_PENDING = _declare("timers.pending", Role.SEQUENCER, Kind.GAUGE, "Timers scheduled and not yet fired")
+TIMERS_PENDING = _declare(
+    "timers.pending", Role.SEQUENCER, Kind.GAUGE, "Timers scheduled and not yet fired"
+)
 EGRESS_CONSUMED_POSITION = _declare(
     "egress.consumed.position", Role.SEQUENCER, Kind.GAUGE, "Egress position read by the sequencer"
 )
 
 # The journaller's.
 JOURNAL_DURABLE_POSITION = _declare(
-    "journal.durable.position", Role.JOURNALLER, Kind.GAUGE, "Log position made durable by the journaller (fdatasync)"
+    "journal.durable.position",
+    Role.JOURNALLER,
+    Kind.GAUGE,
+    "Log position made durable by the journaller (fdatasync)",
 )
 JOURNAL_DURABLE_INDEX = _declare(
     "journal.durable.index", Role.JOURNALLER, Kind.GAUGE, "Index of the last durable record"
 )
-JOURNAL_SYNCS = _declare("journal.syncs", Role.JOURNALLER, Kind.COUNTER, "Group commits (one fdatasync each)")
+JOURNAL_SYNCS = _declare(
+    "journal.syncs", Role.JOURNALLER, Kind.COUNTER, "Group commits (one fdatasync each)"
+)
 ERRORS_JOURNAL = _declare(
-    "errors.journal", Role.JOURNALLER, Kind.COUNTER, "Journal failures (each one stops the node: fail-stop)"
+    "errors.journal",
+    Role.JOURNALLER,
+    Kind.COUNTER,
+    "Journal failures (each one stops the node: fail-stop)",
 )
 JOURNAL_DISK_FULL = _declare(
-    "journal.disk_full", Role.JOURNALLER, Kind.ENUM,
+    "journal.disk_full",
+    Role.JOURNALLER,
+    Kind.ENUM,
     "Journal disk: {values} (short: new commands refused with disk_full; full: records wait in the ring)",
     DiskState,
 )
@@ -353,45 +424,80 @@ JOURNAL_FREE_BYTES = _declare(
 # On a single node the journal's durable position is the commit position; in a cluster the
 # replicator will own these (a new layout version).
 COMMIT_POSITION = _declare(
-    "commit.position", Role.JOURNALLER, Kind.GAUGE, "Log position safe to apply (durable here, or on a majority)"
+    "commit.position",
+    Role.JOURNALLER,
+    Kind.GAUGE,
+    "Log position safe to apply (durable here, or on a majority)",
 )
-COMMIT_INDEX = _declare("commit.index", Role.JOURNALLER, Kind.GAUGE, "Index of the last committed record")
+COMMIT_INDEX = _declare(
+    "commit.index", Role.JOURNALLER, Kind.GAUGE, "Index of the last committed record"
+)
 
 # The blp's.
 RECOVERY_RECORDS = _declare(
-    "recovery.records", Role.BLP, Kind.COUNTER, "Records replayed from the journal during the last recovery"
+    "recovery.records",
+    Role.BLP,
+    Kind.COUNTER,
+    "Records replayed from the journal during the last recovery",
 )
 BLP_APPLIED_POSITION = _declare(
-    "blp.applied.position", Role.BLP, Kind.GAUGE, "Log position applied by the business-logic process"
+    "blp.applied.position",
+    Role.BLP,
+    Kind.GAUGE,
+    "Log position applied by the business-logic process",
 )
 BLP_APPLIED_INDEX = _declare(
-    "blp.applied.index", Role.BLP, Kind.GAUGE, "Index of the last record applied by the business-logic process"
+    "blp.applied.index",
+    Role.BLP,
+    Kind.GAUGE,
+    "Index of the last record applied by the business-logic process",
 )
 BLP_ROLLING_HASH = _declare(
-    "blp.rolling_hash", Role.BLP, Kind.GAUGE, "Rolling hash of the state machine's outputs (replicas agree on it)"
+    "blp.rolling_hash",
+    Role.BLP,
+    Kind.GAUGE,
+    "Rolling hash of the state machine's outputs (replicas agree on it)",
 )
-CLIENTS_EXPIRED = _declare("clients.expired", Role.BLP, Kind.GAUGE, "Client ids forgotten by the dedup table")
+CLIENTS_EXPIRED = _declare(
+    "clients.expired", Role.BLP, Kind.GAUGE, "Client ids forgotten by the dedup table"
+)
 OUTPUTS_TOO_LARGE = _declare(
-    "outputs.too_large", Role.BLP, Kind.GAUGE,
+    "outputs.too_large",
+    Role.BLP,
+    Kind.GAUGE,
     "Replies and events no client frame can carry, replaced (replay included)",
 )
 EGRESS_PUBLISHED_POSITION = _declare(
-    "egress.published.position", Role.BLP, Kind.GAUGE, "Bytes of replies and events published to the egress ring"
+    "egress.published.position",
+    Role.BLP,
+    Kind.GAUGE,
+    "Bytes of replies and events published to the egress ring",
 )
-SNAPSHOT_LAST_INDEX = _declare("snapshot.last.index", Role.BLP, Kind.GAUGE, "Log index of the newest snapshot")
+SNAPSHOT_LAST_INDEX = _declare(
+    "snapshot.last.index", Role.BLP, Kind.GAUGE, "Log index of the newest snapshot"
+)
 # Written by the blp's snapshot writer (a fork of the blp); the journal may go before it.
 SNAPSHOT_OLDEST_INDEX = _declare(
     "snapshot.oldest.index", Role.BLP, Kind.GAUGE, "Log index of the oldest valid snapshot kept"
 )
-SNAPSHOT_WRITES = _declare("snapshot.writes", Role.BLP, Kind.COUNTER, "Snapshots written since start")
+SNAPSHOT_WRITES = _declare(
+    "snapshot.writes", Role.BLP, Kind.COUNTER, "Snapshots written since start"
+)
 ERRORS_SNAPSHOT = _declare(
-    "errors.snapshot", Role.BLP, Kind.COUNTER, "Snapshots that failed to write or were found invalid"
+    "errors.snapshot",
+    Role.BLP,
+    Kind.COUNTER,
+    "Snapshots that failed to write or were found invalid",
 )
 
 # The replicator's (cluster mode only: a single node leaves them 0).
-RAFT_ROLE = _declare("raft.role", Role.REPLICATOR, Kind.ENUM, "Raft standing of this node", RaftRole)
+RAFT_ROLE = _declare(
+    "raft.role", Role.REPLICATOR, Kind.ENUM, "Raft standing of this node", RaftRole
+)
 RAFT_TERM = _declare("raft.term", Role.REPLICATOR, Kind.GAUGE, "Current Raft term")
-RAFT_LEADER = _declare("raft.leader", Role.REPLICATOR, Kind.GAUGE, "Node number of the current leader, 0 when unknown")
+RAFT_LEADER = _declare(
+    "raft.leader", Role.REPLICATOR, Kind.GAUGE, "Node number of the current leader, 0 when unknown"
+)
 
 COUNTERS: tuple[CounterSpec, ...] = tuple(_table)
 COUNTER_NAMES: tuple[str, ...] = tuple(spec.name for spec in COUNTERS)
@@ -400,7 +506,9 @@ assert len(_BY_NAME) == len(COUNTERS), "counter names must be unique"
 assert all(spec.id == slot for slot, spec in enumerate(COUNTERS))
 # The error counters by kind, which `seqd status` lists; the node's error total is not one of
 # them but the sum of every role's `<role>.errors` (`errors_total`), shown under this name.
-ERROR_KIND_COUNTERS: tuple[CounterSpec, ...] = tuple(spec for spec in COUNTERS if spec.name.startswith("errors."))
+ERROR_KIND_COUNTERS: tuple[CounterSpec, ...] = tuple(
+    spec for spec in COUNTERS if spec.name.startswith("errors.")
+)
 ERRORS_TOTAL_NAME = "errors.total"
 assert ERRORS_TOTAL_NAME not in _BY_NAME
 # The version of this table, carried by the segment header (see the module docstring).
@@ -414,7 +522,9 @@ def counter_spec(name: str) -> CounterSpec | None:
 
 def errors_total(values: Mapping[str, int]) -> int | None:
     """The node's error total: the sum of the `<role>.errors` in `values` (None if none is)."""
-    found = [values[block.errors.name] for block in ROLE_COUNTERS.values() if block.errors.name in values]
+    found = [
+        values[block.errors.name] for block in ROLE_COUNTERS.values() if block.errors.name in values
+    ]
     return sum(found) if found else None
 
 
@@ -424,7 +534,9 @@ def errors_total(values: Mapping[str, int]) -> int | None:
 def create_counters(node: str, epoch: int | None = None) -> Counters:
     """Create node `node`'s counters segment, every counter of `COUNTERS` at zero (the
     supervisor, once per incarnation). Raises as `Counters.create`."""
-    return Counters.create(counters_name(node), COUNTER_NAMES, epoch=epoch, layout_version=COUNTERS_LAYOUT_VERSION)
+    return Counters.create(
+        counters_name(node), COUNTER_NAMES, epoch=epoch, layout_version=COUNTERS_LAYOUT_VERSION
+    )
 
 
 def attach_counters(node: str, epoch: int | None = None, stale_ok: bool = False) -> Counters:

@@ -28,9 +28,7 @@ What each counter means, who writes it and its kind come from the node's layout
 or a counter of a role the supervisor has not started (its `<role>.pid` is 0: the replicator on a
 single node, the sequencer while the blp replays). Unknown values show as '-' in text and null in
 JSON, never as 0. Errors are counted per role (`<role>.errors`); the node's total is their sum.
-
-A segment of another layout version (a `seqd status` of another release than the node's) is
-refused with `SegmentVersionError`, never misread.
+A segment of another layout version (another release's) is refused, never misread.
 """
 
 from __future__ import annotations
@@ -45,36 +43,12 @@ from typing import Any, TextIO
 
 import psutil
 
+from daemon import layout
 from daemon.layout import (
-    BLP_APPLIED_INDEX,
-    BLP_APPLIED_POSITION,
-    COMMANDS_TOTAL,
-    COMMIT_INDEX,
-    COMMIT_POSITION,
-    EGRESS_CONSUMED_POSITION,
-    EGRESS_PUBLISHED_POSITION,
     ERROR_KIND_COUNTERS,
-    ERRORS_DISK_FULL,
     ERRORS_TOTAL_NAME,
-    JOURNAL_DISK_FULL,
-    JOURNAL_DURABLE_INDEX,
-    JOURNAL_DURABLE_POSITION,
-    JOURNAL_FREE_BYTES,
-    LOG_PUBLISHED_INDEX,
-    LOG_PUBLISHED_POSITION,
-    NODE_STATE,
-    RAFT_LEADER,
-    RAFT_ROLE,
-    RAFT_TERM,
-    RECOVERY_RECORDS,
     ROLE_COUNTERS,
-    SESSIONS_OPEN,
-    SESSIONS_TOTAL,
-    SNAPSHOT_LAST_INDEX,
     SUPERVISOR,
-    SUPERVISOR_HEARTBEAT,
-    SUPERVISOR_PID,
-    SUPERVISOR_RESTARTS,
     CounterSpec,
     DiskState,
     NodeState,
@@ -192,12 +166,12 @@ class NodeStatus:
 
 # Positions (bytes) and indexes (records) along the pipeline: name -> (position, index counter).
 _STAGES: dict[str, tuple[CounterSpec, CounterSpec | None]] = {
-    "published": (LOG_PUBLISHED_POSITION, LOG_PUBLISHED_INDEX),
-    "durable": (JOURNAL_DURABLE_POSITION, JOURNAL_DURABLE_INDEX),
-    "commit": (COMMIT_POSITION, COMMIT_INDEX),
-    "applied": (BLP_APPLIED_POSITION, BLP_APPLIED_INDEX),
-    "egress.published": (EGRESS_PUBLISHED_POSITION, None),
-    "egress.consumed": (EGRESS_CONSUMED_POSITION, None),
+    "published": (layout.LOG_PUBLISHED_POSITION, layout.LOG_PUBLISHED_INDEX),
+    "durable": (layout.JOURNAL_DURABLE_POSITION, layout.JOURNAL_DURABLE_INDEX),
+    "commit": (layout.COMMIT_POSITION, layout.COMMIT_INDEX),
+    "applied": (layout.BLP_APPLIED_POSITION, layout.BLP_APPLIED_INDEX),
+    "egress.published": (layout.EGRESS_PUBLISHED_POSITION, None),
+    "egress.consumed": (layout.EGRESS_CONSUMED_POSITION, None),
 }
 # Each lag: (stage name, ahead, behind), both keys of _STAGES.
 _LAGS = (
@@ -208,14 +182,14 @@ _LAGS = (
 )
 # Rates per second: name -> counter (records/s for the indexes, bytes/s for the position).
 _RATES = {
-    "commands": COMMANDS_TOTAL.name,
-    "records": LOG_PUBLISHED_INDEX.name,
-    "bytes": LOG_PUBLISHED_POSITION.name,
-    "durable": JOURNAL_DURABLE_INDEX.name,
-    "applied": BLP_APPLIED_INDEX.name,
+    "commands": layout.COMMANDS_TOTAL.name,
+    "records": layout.LOG_PUBLISHED_INDEX.name,
+    "bytes": layout.LOG_PUBLISHED_POSITION.name,
+    "durable": layout.JOURNAL_DURABLE_INDEX.name,
+    "applied": layout.BLP_APPLIED_INDEX.name,
     "errors": ERRORS_TOTAL_NAME,
 }
-_HEARTBEATS = (SUPERVISOR_HEARTBEAT, *(ROLE_COUNTERS[role].heartbeat for role in Role))
+_HEARTBEATS = (layout.SUPERVISOR_HEARTBEAT, *(ROLE_COUNTERS[role].heartbeat for role in Role))
 
 
 def known_values(values: Mapping[str, int]) -> dict[str, int]:
@@ -237,7 +211,10 @@ def known_values(values: Mapping[str, int]) -> dict[str, int]:
     return known
 
 
-def _get(values: Mapping[str, int], spec: CounterSpec | None) -> int | None:
+Spec = CounterSpec | None
+
+
+def _get(values: Mapping[str, int], spec: Spec) -> int | None:
     return None if spec is None else values.get(spec.name)
 
 
@@ -246,50 +223,50 @@ def _name(spec: CounterSpec, values: Mapping[str, int]) -> str | None:
     return None if value is None else spec.value_name(value)
 
 
-def _difference(values: Mapping[str, int], ahead: CounterSpec | None, behind: CounterSpec | None) -> int | None:
+def _difference(values: Mapping[str, int], ahead: Spec, behind: Spec) -> int | None:
     ahead_value, behind_value = _get(values, ahead), _get(values, behind)
-    if ahead_value is None or behind_value is None:
-        return None
-    return ahead_value - behind_value
+    return None if ahead_value is None or behind_value is None else ahead_value - behind_value
 
 
 def _clustered(values: Mapping[str, int]) -> bool:
-    """Whether the node runs a replicator (or did: a term); a single node shows no Raft standing."""
-    return values.get(ROLE_COUNTERS[Role.REPLICATOR].pid.name, 0) > 0 or values.get(RAFT_TERM.name, 0) > 0
+    """Whether the node runs a replicator: a single node shows no Raft standing."""
+    return values.get(ROLE_COUNTERS[Role.REPLICATOR].pid.name, 0) > 0
 
 
 def _errors(values: Mapping[str, int]) -> dict[str, int]:
     """Error counts by kind (`errors.protocol` as "protocol"), then the node's "total"."""
-    errors = {spec.name.removeprefix("errors."): values[spec.name] for spec in ERROR_KIND_COUNTERS if spec.name in values}
-    errors = dict(sorted(errors.items()))
+    kinds = sorted(spec.name for spec in ERROR_KIND_COUNTERS if spec.name in values)
+    errors = {name.removeprefix("errors."): values[name] for name in kinds}
     if ERRORS_TOTAL_NAME in values:
         errors["total"] = values[ERRORS_TOTAL_NAME]
     return errors
 
 
-def _counters_status(node: str, sampled_s: float, raw: dict[str, int], known: Mapping[str, int]) -> NodeStatus:
+def _counters_status(
+    node: str, sampled_s: float, raw: dict[str, int], known: Mapping[str, int]
+) -> NodeStatus:
     """What one sample says by itself, before liveness, rates and roles are judged."""
     status = NodeStatus(
         node=node,
         liveness=Liveness.LIVE,
         reason="",
         sampled_s=sampled_s,
-        state=_name(NODE_STATE, known),
-        supervisor_pid=_get(known, SUPERVISOR_PID),
-        supervisor_heartbeat=_get(known, SUPERVISOR_HEARTBEAT),
-        sessions_open=_get(known, SESSIONS_OPEN),
-        sessions_total=_get(known, SESSIONS_TOTAL),
-        commands_total=_get(known, COMMANDS_TOTAL),
-        snapshot_last_index=_get(known, SNAPSHOT_LAST_INDEX),
-        recovery_records=_get(known, RECOVERY_RECORDS),
-        restarts=_get(known, SUPERVISOR_RESTARTS),
-        raft_role=_name(RAFT_ROLE, known) if _clustered(known) else None,
-        raft_term=_get(known, RAFT_TERM),
-        raft_leader=_get(known, RAFT_LEADER),
-        disk=_name(JOURNAL_DISK_FULL, known),
-        disk_state=_get(known, JOURNAL_DISK_FULL),
-        disk_free_bytes=_get(known, JOURNAL_FREE_BYTES),
-        disk_refused=_get(known, ERRORS_DISK_FULL),
+        state=_name(layout.NODE_STATE, known),
+        supervisor_pid=_get(known, layout.SUPERVISOR_PID),
+        supervisor_heartbeat=_get(known, layout.SUPERVISOR_HEARTBEAT),
+        sessions_open=_get(known, layout.SESSIONS_OPEN),
+        sessions_total=_get(known, layout.SESSIONS_TOTAL),
+        commands_total=_get(known, layout.COMMANDS_TOTAL),
+        snapshot_last_index=_get(known, layout.SNAPSHOT_LAST_INDEX),
+        recovery_records=_get(known, layout.RECOVERY_RECORDS),
+        restarts=_get(known, layout.SUPERVISOR_RESTARTS),
+        raft_role=_name(layout.RAFT_ROLE, known) if _clustered(known) else None,
+        raft_term=_get(known, layout.RAFT_TERM),
+        raft_leader=_get(known, layout.RAFT_LEADER),
+        disk=_name(layout.JOURNAL_DISK_FULL, known),
+        disk_state=_get(known, layout.JOURNAL_DISK_FULL),
+        disk_free_bytes=_get(known, layout.JOURNAL_FREE_BYTES),
+        disk_refused=_get(known, layout.ERRORS_DISK_FULL),
         errors=_errors(known),
         values=raw,
     )
@@ -300,7 +277,8 @@ def _counters_status(node: str, sampled_s: float, raw: dict[str, int], known: Ma
         ahead_position, ahead_index = _STAGES[ahead]
         behind_position, behind_index = _STAGES[behind]
         records = _difference(known, ahead_index, behind_index)
-        status.lags.append(Lag(stage=stage, records=records, bytes=_difference(known, ahead_position, behind_position)))
+        size = _difference(known, ahead_position, behind_position)
+        status.lags.append(Lag(stage=stage, records=records, bytes=size))
     return status
 
 
@@ -321,7 +299,7 @@ class StatusTracker:
         self._pid_alive = pid_alive
         self._wall_clock = wall_clock
         self._previous: Mapping[str, int] | None = None  # the last sample's known values
-        self._previous_s: float | None = None
+        self._previous_s = 0.0  # when `_previous` was sampled (monotonic)
         # heartbeat counter name -> (value, monotonic time it was first seen at that value)
         self._heartbeat_since: dict[str, tuple[int, float]] = {}
 
@@ -352,13 +330,16 @@ class StatusTracker:
             )
         known = known_values(values)
         status = _counters_status(self.node, sampled_s, dict(values), known)
-        if self._previous is not None and _get(self._previous, SUPERVISOR_PID) != status.supervisor_pid:
+        previous = self._previous
+        if previous is not None and _get(previous, layout.SUPERVISOR_PID) != status.supervisor_pid:
             self._forget()
-        elapsed_s = None if self._previous_s is None or self._previous is None else now_s - self._previous_s
+        elapsed_s = None if self._previous is None else now_s - self._previous_s
         ages = self._heartbeat_ages(known, now_s)
         status.rates = {rate: self._rate(known, name, elapsed_s) for rate, name in _RATES.items()}
-        supervisor_alive = status.supervisor_pid is not None and self._pid_alive(status.supervisor_pid)
-        status.roles = [self._role_status(role, known, ages, elapsed_s, supervisor_alive) for role in Role]
+        pid = status.supervisor_pid
+        supervisor_alive = pid is not None and self._pid_alive(pid)
+        roles = [self._role_status(role, known, ages, elapsed_s, supervisor_alive) for role in Role]
+        status.roles = roles
         status.liveness, status.reason = self._judge(status, ages, supervisor_alive)
         if not status.current:
             status.rates = dict.fromkeys(status.rates)
@@ -416,7 +397,9 @@ class StatusTracker:
             errors=_get(values, block.errors),
         )
 
-    def _judge(self, status: NodeStatus, ages: Mapping[str, float], supervisor_alive: bool) -> tuple[Liveness, str]:
+    def _judge(
+        self, status: NodeStatus, ages: Mapping[str, float], supervisor_alive: bool
+    ) -> tuple[Liveness, str]:
         pid = status.supervisor_pid
         if not pid:
             return Liveness.STOPPED, "no supervisor pid in the counters: the node never started"
@@ -425,9 +408,9 @@ class StatusTracker:
                 Liveness.STOPPED,
                 f"supervisor pid {pid} is not running: the values below are the last it wrote",
             )
-        if status.state == NODE_STATE.value_name(NodeState.STOPPED):
+        if status.state == layout.NODE_STATE.value_name(NodeState.STOPPED):
             return Liveness.STOPPED, "the node reports it has stopped"
-        supervisor_age = ages.get(SUPERVISOR_HEARTBEAT.name)
+        supervisor_age = ages.get(layout.SUPERVISOR_HEARTBEAT.name)
         if supervisor_age is not None and supervisor_age >= self.stale_after_s:
             return (
                 Liveness.STALE,

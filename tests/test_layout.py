@@ -51,7 +51,9 @@ LAYOUT_FINGERPRINTS = {1: "5303d08d3b565003"}
 WAIT_S = 60.0
 POLL_S = 0.02
 _OWNERS = (SUPERVISOR, *Role)
-_BLOCK_FIELDS = tuple(field.name for field in dataclasses.fields(RoleCounters) if field.name != "role")
+_BLOCK_FIELDS = tuple(
+    field.name for field in dataclasses.fields(RoleCounters) if field.name != "role"
+)
 
 
 # ---- the table --------------------------------------------------------------------------------
@@ -68,7 +70,10 @@ def test_every_counter_has_one_owner_a_unique_name_and_its_slot_as_id() -> None:
         assert (spec.kind is Kind.ENUM) == (spec.values is not None), spec
         if spec.values is not None:
             for member in spec.values:
-                assert f"{member.value} {spec.value_name(member.value)}" in spec.help, (spec, member)
+                assert f"{member.value} {spec.value_name(member.value)}" in spec.help, (
+                    spec,
+                    member,
+                )
 
 
 def test_each_role_has_its_block_the_supervisor_owning_the_launch_and_the_role_the_rest() -> None:
@@ -94,7 +99,10 @@ def test_errors_are_counted_per_role_and_no_counter_is_a_node_wide_total() -> No
 def test_a_changed_counter_table_comes_with_a_new_layout_version() -> None:
     """The segment header carries COUNTERS_LAYOUT_VERSION, so a reader of another release refuses
     the segment; that only works if the version changes whenever the table does."""
-    table = [(spec.id, spec.name, str(spec.owner), spec.kind.value, getattr(spec.values, "__name__", "")) for spec in COUNTERS]
+    table = [
+        (spec.id, spec.name, str(spec.owner), spec.kind.value, getattr(spec.values, "__name__", ""))
+        for spec in COUNTERS
+    ]
     fingerprint = hashlib.sha256(repr(table).encode()).hexdigest()[:16]
     assert LAYOUT_FINGERPRINTS.get(COUNTERS_LAYOUT_VERSION) == fingerprint, (
         f"the counter table (fingerprint {fingerprint}) is not the one recorded for layout version "
@@ -114,7 +122,11 @@ def _counter_name_spellings(source: str) -> list[tuple[int, str]]:
             found.append((node.lineno, node.value))
         elif isinstance(node, ast.JoinedStr) and len(node.values) >= 2:
             *_, value, suffix = node.values
-            if isinstance(value, ast.FormattedValue) and isinstance(suffix, ast.Constant) and suffix.value in suffixes:
+            if (
+                isinstance(value, ast.FormattedValue)
+                and isinstance(suffix, ast.Constant)
+                and suffix.value in suffixes
+            ):
                 found.append((node.lineno, f"{{...}}{suffix.value}"))
     return found
 
@@ -141,7 +153,10 @@ def test_roles_start_readers_first_and_drain_in_pipeline_order() -> None:
     assert drain_order(Role) == (Role.SEQUENCER, Role.JOURNALLER, Role.REPLICATOR, Role.BLP)
     single = node_roles()
     assert single == (Role.SEQUENCER, Role.JOURNALLER, Role.BLP)
-    assert max(role.start_phase for role in single if role is not Role.SEQUENCER) < Role.SEQUENCER.start_phase
+    assert (
+        max(role.start_phase for role in single if role is not Role.SEQUENCER)
+        < Role.SEQUENCER.start_phase
+    )
     assert node_roles(clustered=True) == tuple(Role)
 
 
@@ -173,7 +188,9 @@ def counters(unique: str) -> Iterator[Counters]:
     created.unlink()
 
 
-def test_a_view_hands_its_owner_plain_counters_and_every_other_one_read_only(counters: Counters) -> None:
+def test_a_view_hands_its_owner_plain_counters_and_every_other_one_read_only(
+    counters: Counters,
+) -> None:
     for owner in (*_OWNERS, None):
         view = CounterView(counters, owner)
         for spec in COUNTERS:
@@ -194,13 +211,18 @@ def test_a_role_writing_another_owners_counter_is_told_who_owns_it(counters: Cou
     sequencer_errors = ROLE_COUNTERS[Role.SEQUENCER].errors
     sequencer[sequencer_errors].add(2)
     assert blp[sequencer_errors].get() == 2
-    with pytest.raises(CounterWriteError, match="the blp may not write sequencer.errors: its one writer is the sequencer"):
+    with pytest.raises(
+        CounterWriteError,
+        match=r"the blp may not write sequencer\.errors: its one writer is the sequencer",
+    ):
         blp[sequencer_errors].add(1)
     assert sequencer[sequencer_errors].get() == 2
 
 
 def test_a_view_refuses_a_segment_that_names_other_counters(unique: str) -> None:
-    other = Counters.create(counters_name(unique), ["supervisor.pid"], layout_version=COUNTERS_LAYOUT_VERSION)
+    other = Counters.create(
+        counters_name(unique), ["supervisor.pid"], layout_version=COUNTERS_LAYOUT_VERSION
+    )
     try:
         with pytest.raises(SegmentError, match="names other counters than this seqd's table"):
             CounterView(other, Role.BLP)
@@ -219,7 +241,9 @@ def _wait_for(predicate: Callable[[], bool], what: str) -> None:
         time.sleep(POLL_S)
 
 
-def test_every_role_runs_under_a_view_that_lets_it_write_only_its_own_counters(node_factory) -> None:  # noqa: F811
+def test_every_role_runs_under_a_view_that_lets_it_write_only_its_own_counters(
+    node_factory,  # noqa: F811
+) -> None:
     """Each role meets its error paths on a real node (the blp an invalid snapshot at recovery,
     the journaller a failed fdatasync, the sequencer a bad frame), counts them in its own
     counters, and drains; a write to another process's counter would raise and kill the role."""
@@ -238,7 +262,9 @@ def test_every_role_runs_under_a_view_that_lets_it_write_only_its_own_counters(n
     flag = node.directory / "fail-fdatasync-once"
     flag.touch()
     node.start(environment={FAULT_FDATASYNC_ENV: f"2:{flag}"})
-    for number in range(40):  # one at a time: many fdatasyncs; the client resends through the restart
+    for number in range(
+        40
+    ):  # one at a time: many fdatasyncs; the client resends through the restart
         open_accounts(node.socket_path, [f"f{number}"])
         if not flag.exists():
             break
