@@ -19,11 +19,12 @@ import uuid
 from pathlib import Path
 
 from daemon.harness import NodeProcess
+from daemon.layout import node_roles
 from daemon.load import account_name, setup_accounts
 from sequencer.apps.ledger import Ledger, Transfer
 from sequencer.client import Client
 
-ROLES = ("sequencer", "journaller", "blp")
+ROLES = node_roles()
 
 
 def fdatasync_p50_us(directory: Path, samples: int = 200) -> float:

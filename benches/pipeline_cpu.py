@@ -20,9 +20,10 @@ from pathlib import Path
 import psutil
 
 from daemon.harness import NodeProcess
+from daemon.layout import COMMANDS_TOTAL, JOURNAL_SYNCS, node_roles
 from daemon.load import run_load, setup_accounts
 
-ROLES = ("sequencer", "journaller", "blp")
+ROLES = node_roles()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,14 +42,14 @@ def main(argv: list[str] | None = None) -> int:
         run_load(node.socket_path, args.clients, 2_000, args.in_flight, 100)  # warm-up
         processes = {role: psutil.Process(node.role_pid(role)) for role in ROLES}
         before = {role: sum(process.cpu_times()[:2]) for role, process in processes.items()}
-        commands_before = node.read_counters()["commands.total"]
+        commands_before = node.read_counters()[COMMANDS_TOTAL.name]
         started = time.perf_counter()
         result = run_load(node.socket_path, args.clients, args.transfers, args.in_flight, 100)
         elapsed = time.perf_counter() - started
         after = {role: sum(process.cpu_times()[:2]) for role, process in processes.items()}
         values = node.read_counters()
-        commands = values["commands.total"] - commands_before
-        print(f"{result.per_s:,.0f} transfers/s, {commands:,} commands, {values['journal.syncs']:,} fdatasyncs so far")
+        commands = values[COMMANDS_TOTAL.name] - commands_before
+        print(f"{result.per_s:,.0f} transfers/s, {commands:,} commands, {values[JOURNAL_SYNCS.name]:,} fdatasyncs so far")
         for role in ROLES:
             used = after[role] - before[role]
             print(f"  {role:<11} {1e6 * used / commands:6.2f} us CPU per command  ({100 * used / elapsed:.0f}% of a core)")

@@ -42,6 +42,7 @@ from typing import Any
 import psutil
 
 from daemon.harness import NodeProcess
+from daemon.layout import BLP_APPLIED_INDEX
 from daemon.load import LoadResult, run_load, setup_accounts
 
 OUT_DIR = Path(__file__).resolve().parent / "out" / "profile"
@@ -235,8 +236,8 @@ def profile_node(args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
                 f"exited {code}: {text.strip()[-2000:]}"
             )
         result = load.join(LOAD_JOIN_TIMEOUT_S)
-        applied = (counters_after.get("blp.applied.index", 0)
-                   - counters_before.get("blp.applied.index", 0))  # fmt: skip
+        applied = (counters_after.get(BLP_APPLIED_INDEX.name, 0)
+                   - counters_before.get(BLP_APPLIED_INDEX.name, 0))  # fmt: skip
     finally:
         for spy in spies:
             if spy.poll() is None:

@@ -33,15 +33,21 @@ def _node_name(args: argparse.Namespace) -> str:
 
 def command_status(args: argparse.Namespace) -> int:
     from daemon import status
+    from daemon.exits import ExitCode
+    from ipc.segment import SegmentVersionError
 
     node = _node_name(args)
-    if args.watch:
-        try:
-            status.watch(node, interval_s=args.interval)
-        except KeyboardInterrupt:
-            pass
-        return 0
-    observed = status.sample_status(node)
+    try:
+        if args.watch:
+            try:
+                status.watch(node, interval_s=args.interval)
+            except KeyboardInterrupt:
+                pass
+            return 0
+        observed = status.sample_status(node)
+    except SegmentVersionError as error:
+        print(f"seqd: cannot show node {node}: {error}", file=sys.stderr)
+        return ExitCode.DATAERR
     if args.json:
         print(json.dumps(status.render_json(observed), indent=2, sort_keys=True))
     else:
@@ -50,20 +56,19 @@ def command_status(args: argparse.Namespace) -> int:
 
 
 def command_snapshot(args: argparse.Namespace) -> int:
-    from daemon.layout import counters_name
-    from ipc.counters import Counters
+    from daemon.layout import ROLE_COUNTERS, CounterView, Role, attach_counters
     from ipc.segment import SegmentError
 
     config = _config(args)
     action = args.action or "take"
     if action == "take":
         try:
-            counters = Counters.attach(counters_name(config.node.name))
+            counters = CounterView(attach_counters(config.node.name), owner=None)
         except (SegmentError, FileNotFoundError) as error:
             print(f"seqd: node {config.node.name} is not running ({error})", file=sys.stderr)
             return 1
         try:
-            pid = counters["sequencer.pid"].get()
+            pid = counters[ROLE_COUNTERS[Role.SEQUENCER].pid].get()
         finally:
             counters.close()
         if pid <= 0:

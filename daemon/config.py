@@ -11,15 +11,15 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import msgspec
 
+from daemon.layout import Role, node_roles
 from ipc.ring import frame_bytes
 from sequencer.egress import EGRESS_PAYLOAD_BYTES_MAX
 
 __all__ = [
-    "ROLES",
     "Config",
     "ConfigError",
     "JournalConfig",
@@ -32,8 +32,6 @@ __all__ = [
     "SocketConfig",
     "load_config",
 ]
-
-ROLES = ("sequencer", "journaller", "blp")
 
 IdleName = Literal["spin", "yield", "backoff", "blocking"]
 
@@ -103,15 +101,21 @@ class RoleConfig(msgspec.Struct, forbid_unknown_fields=True):
     cpu: int = -1  # -1: not pinned
 
 
-class RolesConfig(msgspec.Struct, forbid_unknown_fields=True):
-    sequencer: RoleConfig = msgspec.field(default_factory=RoleConfig)
-    journaller: RoleConfig = msgspec.field(default_factory=RoleConfig)
-    blp: RoleConfig = msgspec.field(default_factory=RoleConfig)
+# `[roles.<role>]`: one section per role a single node runs, in `Role` order, made from
+# daemon.layout.Role (a struct, not a dict, so an error names the section: `$.roles.blp.idle`).
+_NODE_ROLES = node_roles()
+if TYPE_CHECKING:
 
-    def get(self, role: str) -> RoleConfig:
-        value = getattr(self, role)
-        assert isinstance(value, RoleConfig), role
-        return value
+    class RolesConfig(msgspec.Struct, forbid_unknown_fields=True):
+        """Has one `RoleConfig` field per role of `_NODE_ROLES`; use `Config.role(role)`."""
+
+else:
+    RolesConfig = msgspec.defstruct(
+        "RolesConfig",
+        [(role.value, RoleConfig, msgspec.field(default_factory=RoleConfig)) for role in _NODE_ROLES],
+        forbid_unknown_fields=True,
+        module=__name__,
+    )
 
 
 class SnapshotConfig(msgspec.Struct, forbid_unknown_fields=True):
@@ -138,6 +142,12 @@ class Config(msgspec.Struct, forbid_unknown_fields=True):
     metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
     restarts_max: int = 5  # pipeline restarts within restart_window_s before the supervisor gives up
     restart_window_s: float = 60.0
+
+    def role(self, role: Role) -> RoleConfig:
+        """The settings of `role`, a role this node runs."""
+        value = getattr(self.roles, role.value)
+        assert isinstance(value, RoleConfig), role
+        return value
 
     @property
     def client_expiry_ns(self) -> int:
@@ -218,8 +228,8 @@ def _validate(config: Config) -> Config:
             f"journal.segment_bytes={config.journal.segment_bytes}"
         )
     cpus = os.cpu_count() or 1
-    for role in ROLES:
-        cpu = config.roles.get(role).cpu
+    for role in _NODE_ROLES:
+        cpu = config.role(role).cpu
         if not -1 <= cpu < cpus:
             errors.append(f"roles.{role}.cpu={cpu}: this machine has CPUs 0..{cpus - 1} (-1: not pinned)")
     if config.node.client_expiry_s < 60:

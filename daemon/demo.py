@@ -16,6 +16,7 @@ import uuid
 from pathlib import Path
 
 from daemon.harness import NodeProcess
+from daemon.layout import JOURNAL_DURABLE_INDEX, JOURNAL_SYNCS
 from daemon.load import DEPOSIT_PER_ACCOUNT, run_load, setup_accounts, total_balance
 
 __all__ = ["run_demo"]
@@ -51,12 +52,13 @@ def run_demo(clients: int = 4, transfers: int = 20_000, accounts: int = 100, in_
         total = total_balance(node.socket_path, accounts)
         expected = accounts * DEPOSIT_PER_ACCOUNT
         counters = node.read_counters()
+        durable, syncs = counters[JOURNAL_DURABLE_INDEX.name], counters[JOURNAL_SYNCS.name]
         print(f"  throughput   {result.per_s:>12,.0f} transfers/s ({result.transfers:,} in {result.elapsed_s:.2f} s, "
               f"{result.rejected} rejected)")
         print(f"  latency      p50 {result.percentile_us(0.50):,.0f} us   p99 {result.percentile_us(0.99):,.0f} us   "
               f"p99.9 {result.percentile_us(0.999):,.0f} us   max {result.latencies_us[-1]:,.0f} us")
-        print(f"  journal      {counters['journal.durable.index']:,} records durable in {counters['journal.syncs']:,} "
-              f"fsyncs ({counters['journal.durable.index'] / max(1, counters['journal.syncs']):.1f} records per fsync)")
+        print(f"  journal      {durable:,} records durable in {syncs:,} fsyncs ({durable / max(1, syncs):.1f} records "
+              "per fsync)")
         conserved = total == expected
         print(f"  ledger       total {total:,} {'==' if conserved else '!='} deposited {expected:,}: "
               f"{'money conserved' if conserved else 'INVARIANT BROKEN'}")

@@ -17,7 +17,17 @@ from types import TracebackType
 from typing import Any
 
 from daemon.config import Config, load_config
-from daemon.layout import NodeState, counters_name, egress_name, log_name
+from daemon.layout import (
+    NODE_STATE,
+    ROLE_COUNTERS,
+    SUPERVISOR_RESTARTS,
+    NodeState,
+    Role,
+    attach_counters,
+    counters_name,
+    egress_name,
+    log_name,
+)
 from ipc.counters import Counters
 
 __all__ = ["NodeError", "NodeProcess", "write_config"]
@@ -100,7 +110,7 @@ class NodeProcess:
         return self
 
     def counters(self) -> Counters:
-        return Counters.attach(counters_name(self.node))
+        return attach_counters(self.node)
 
     def read_counters(self) -> dict[str, int]:
         counters = self.counters()
@@ -121,8 +131,8 @@ class NodeProcess:
                 values = None
             if (
                 values is not None
-                and values.get("node.state") == NodeState.SERVING
-                and (after_restarts is None or values.get("supervisor.restarts", 0) >= after_restarts)
+                and values.get(NODE_STATE.name) == NodeState.SERVING
+                and (after_restarts is None or values.get(SUPERVISOR_RESTARTS.name, 0) >= after_restarts)
                 and os.path.exists(self.socket_path)
             ):
                 return
@@ -130,7 +140,7 @@ class NodeProcess:
         raise NodeError(f"seqd did not serve within {timeout_s} s; log:\n{self.log_text()[-4000:]}")
 
     def role_pid(self, role: str) -> int:
-        return self.read_counters()[f"{role}.pid"]
+        return self.read_counters()[ROLE_COUNTERS[Role(role)].pid.name]
 
     def log_text(self) -> str:
         try:

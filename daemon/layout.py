@@ -1,38 +1,168 @@
-"""The shared-memory layout of one node: segment names, ring readers and the counter names.
+"""The shared-memory layout of one node: its roles, segment names, ring readers and counters.
 
-The supervisor creates every segment before it starts a role; roles only attach. A counter has one
-writer, named in the comment beside it; everyone else only reads it.
+Roles. `Role` names the node's processes other than the supervisor, in the order `seqd status`
+lists them, with the phase the supervisor starts each in (`start_phase`), the order it stops
+them in (`drain_rank`) and whether a single node runs it at all (`single_node`: the replicator
+runs only in a cluster). Every list of roles (the config's sections, the status rows, the metrics
+labels, the supervisor's start and drain) derives from it.
+
+Counters. `COUNTERS` declares every counter of `/seqd.<node>.counters`, in segment order: its id
+(its slot in the segment), name, owner (the one process that writes it: a role, or the
+supervisor), kind (counter: only grows while the node runs; gauge; enum: a gauge whose values are
+an IntEnum's) and help text. Status and metrics take names, kinds, help and owners from it; the
+supervisor creates the segment from it. Who owns what:
+
+- The supervisor owns its own counters, the node's state, what recovery found
+  (`recovery.last.*`, which the roles start from) and, per role, the launch block:
+  `<role>.pid`, `<role>.start_time_ms`, `<role>.cpu` and `<role>.idle` (what it started the role
+  as, written before the role runs) and `<role>.stop` (its order to stop).
+- Each role owns `<role>.heartbeat`, `<role>.state`, `<role>.errors` (every error the role counts,
+  of any kind; readers sum them into the node's total) and the counters of its stage of the
+  pipeline: the sequencer `log.published.*`, sessions and client errors; the journaller
+  `journal.*` and, on a single node, `commit.*`; the blp what it applied, its snapshots and
+  its replay progress (`recovery.records`); the replicator `raft.*` (and, in a cluster,
+  `commit.*`).
+
+The segment is fresh for each incarnation, so every counter starts at zero; a role initialises its
+own from `recovery.last.*`. Until the supervisor has started a role (`<role>.pid` set), readers
+treat the role's counters as unknown, not as zeros.
+
+One writer per counter is enforced, not hoped for: a process attaches the counters through a
+`CounterView` bound to its owner, which hands out the process's own counters as plain `Counter`s
+and every other one read-only (`set` and `add` raise `CounterWriteError` naming the owner). The
+check happens once, at attach, so an owner's writes cost what they always did. It matters because
+`Counter.add` is a load then a store: two writers of one counter lose increments.
+
+Changing the table changes the segment's layout: bump `COUNTERS_LAYOUT_VERSION`, which the
+segment header carries, so a `seqd status` of another release refuses the segment with a message
+instead of misreading it (tests/test_layout.py records the table's fingerprint per version).
 """
 
 from __future__ import annotations
 
-from enum import IntEnum
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from enum import IntEnum, StrEnum
+from typing import Final, Literal
+
+from ipc.counters import Counter, Counters
+from ipc.segment import SegmentError, segment_name
+from sequencer.raft.core import RaftRole
 
 __all__ = [
+    "COUNTERS",
+    "COUNTERS_LAYOUT_VERSION",
     "COUNTER_NAMES",
     "EGRESS_READERS",
-    "IDLE_CODES",
+    "ERRORS_TOTAL_NAME",
+    "ERROR_KIND_COUNTERS",
+    "INCARNATION_BITS",
     "LOG_READERS",
+    "ROLE_COUNTERS",
+    "SUPERVISOR",
+    "CounterSpec",
+    "CounterView",
     "DiskState",
+    "IdleCode",
+    "Kind",
     "NodeState",
+    "Owner",
+    "Role",
+    "RoleCounters",
     "RoleState",
+    "attach_counters",
+    "counter_spec",
     "counters_name",
+    "create_counters",
+    "drain_order",
     "egress_name",
+    "errors_total",
+    "incarnation_id",
     "log_name",
+    "node_roles",
 ]
 
-LOG_READERS = ("journaller", "blp")
-EGRESS_READERS = ("sequencer",)
 
-IDLE_CODES = {"spin": 0, "yield": 1, "backoff": 2, "blocking": 3}
+# ---- roles -----------------------------------------------------------------------------------
+
+
+class Role(StrEnum):
+    """A process of the node's pipeline (never the supervisor, never a Raft standing)."""
+
+    SEQUENCER = "sequencer"
+    JOURNALLER = "journaller"
+    BLP = "blp"
+    REPLICATOR = "replicator"
+
+    @property
+    def single_node(self) -> bool:
+        """Whether a single node runs this role: the replicator runs only in a cluster."""
+        return self is not Role.REPLICATOR
+
+    @property
+    def start_phase(self) -> int:
+        """0: a reader of the log ring, started first (the blp recovers before anything new is
+        sequenced); 1: the sequencer, started once every phase-0 role runs (it opens the socket)."""
+        return 1 if self is Role.SEQUENCER else 0
+
+    @property
+    def drain_rank(self) -> int:
+        """Position in the drain: the sequencer stops accepting and waits until what it sequenced
+        is applied and replied; then the journaller takes the last records and fsyncs; then the
+        replicator ships them; the blp applies up to the commit and goes last."""
+        return _DRAIN_ORDER.index(self)
+
+
+_DRAIN_ORDER = (Role.SEQUENCER, Role.JOURNALLER, Role.REPLICATOR, Role.BLP)
+assert set(_DRAIN_ORDER) == set(Role), _DRAIN_ORDER
+
+
+def node_roles(clustered: bool = False) -> tuple[Role, ...]:
+    """The roles a node runs, in `Role` order (the supervisor starts them by `start_phase`)."""
+    return tuple(role for role in Role if clustered or role.single_node)
+
+
+def drain_order(roles: Iterable[Role]) -> tuple[Role, ...]:
+    return tuple(sorted(roles, key=lambda role: role.drain_rank))
+
+
+# The readers of each ring, named after the roles that read them (a ring knows names, not roles).
+LOG_READERS: tuple[Role, ...] = (Role.JOURNALLER, Role.BLP)
+EGRESS_READERS: tuple[Role, ...] = (Role.SEQUENCER,)
+
+
+def log_name(node: str) -> str:
+    return segment_name(node, "log")
+
+
+def egress_name(node: str) -> str:
+    return segment_name(node, "egress")
+
+
+def counters_name(node: str) -> str:
+    return segment_name(node, "counters")
+
+
+# ---- what enum counters hold -----------------------------------------------------------------
 
 
 class NodeState(IntEnum):
+    """`node.state`, written by the supervisor."""
+
     STARTING = 0
     RECOVERING = 1
     SERVING = 2
     DRAINING = 3
     STOPPED = 4
+
+
+class RoleState(IntEnum):
+    """`<role>.state`, written by the role."""
+
+    STARTING = 0  # also what a fresh segment holds before the role runs
+    RECOVERING = 1
+    RUNNING = 2
+    DRAINED = 3
 
 
 class DiskState(IntEnum):
@@ -43,80 +173,425 @@ class DiskState(IntEnum):
     FULL = 2  # not even room for what the log ring holds: those records wait there, unacknowledged
 
 
-class RoleState(IntEnum):
-    STARTING = 0
-    RECOVERING = 1
-    RUNNING = 2
-    DRAINED = 3
+class IdleCode(IntEnum):
+    """`<role>.idle`: the idle strategy the supervisor started the role with (`roles.<role>.idle`)."""
+
+    SPIN = 0
+    YIELD = 1
+    BACKOFF = 2
+    BLOCKING = 3
 
 
-def log_name(node: str) -> str:
-    return f"/seqd.{node}.log"
+# ---- the counter table -----------------------------------------------------------------------
+
+SUPERVISOR: Final = "supervisor"
+Owner = Role | Literal["supervisor"]
 
 
-def egress_name(node: str) -> str:
-    return f"/seqd.{node}.egress"
+class Kind(StrEnum):
+    COUNTER = "counter"  # only grows while the node runs: totals, errors, heartbeats
+    GAUGE = "gauge"  # a level: positions, indexes, sizes, pids
+    ENUM = "enum"  # a gauge whose value is a member of the counter's `values`
 
 
-def counters_name(node: str) -> str:
-    return f"/seqd.{node}.counters"
+@dataclass(frozen=True)
+class CounterSpec:
+    """One counter of the node's counters segment."""
+
+    id: int  # its slot in the segment
+    name: str
+    owner: Owner  # the one process that writes it
+    kind: Kind
+    help: str
+    values: type[IntEnum] | None = None  # Kind.ENUM: what each value means
+
+    def value_name(self, value: int) -> str:
+        """The name of an ENUM counter's value ('serving' for node.state 2; 'pre-candidate')."""
+        assert self.values is not None, self.name
+        try:
+            return self.values(value).name.lower().replace("_", "-")
+        except ValueError:
+            return f"unknown({value})"
 
 
-# stop: set by the supervisor. start_time_ms: the role process's start time (psutil create_time,
-# ms since the epoch), set by the supervisor with the pid, so that a later supervisor can tell a
-# role left running by a killed predecessor from an unrelated process that reuses its pid.
-_ROLE_COUNTERS = ("pid", "start_time_ms", "cpu", "idle", "heartbeat", "state", "stop")
+_table: list[CounterSpec] = []
 
-COUNTER_NAMES: tuple[str, ...] = (
-    # supervisor
-    "supervisor.pid",
+
+def _declare(
+    name: str, owner: Owner, kind: Kind, help_text: str, values: type[IntEnum] | None = None
+) -> CounterSpec:
+    """Append the next counter to the table. An ENUM's help lists its values where it says
+    `{values}`, else after a colon."""
+    assert (kind is Kind.ENUM) == (values is not None), name
+    if values is not None:
+        listing = ", ".join(
+            f"{member.value} {member.name.lower().replace('_', '-')}" for member in values
+        )
+        help_text = (
+            help_text.format(values=listing)
+            if "{values}" in help_text
+            else f"{help_text}: {listing}"
+        )
+    spec = CounterSpec(len(_table), name, owner, kind, help_text + ".", values)
+    _table.append(spec)
+    return spec
+
+
+# Session ids are node number (8 bits) | incarnation id | session counter (32 bits): see
+# daemon/roles/sequencer.py. The supervisor writes `node.incarnation` already within these bits.
+INCARNATION_BITS = 24
+
+
+def incarnation_id(now_s: float, incarnation: int) -> int:
+    """The id of one incarnation of the node's pipeline: the start second xor the incarnation
+    count, so ids of recent incarnations differ, cut to `INCARNATION_BITS`."""
+    return (int(now_s) ^ incarnation) & ((1 << INCARNATION_BITS) - 1)
+
+
+# The supervisor's.
+SUPERVISOR_PID = _declare("supervisor.pid", SUPERVISOR, Kind.GAUGE, "Process id of the supervisor")
+SUPERVISOR_HEARTBEAT = _declare(
     "supervisor.heartbeat",
-    "supervisor.restarts",
-    "node.state",
-    "node.number",
-    "node.incarnation",
-    "recovery.records",
-    "recovery.last.index",
-    "recovery.last.term",
-    "recovery.last.timestamp_ns",
-    # one block per role, each written by that role (pid/cpu/idle by the supervisor before start)
-    *(f"{role}.{name}" for role in ("sequencer", "journaller", "blp", "replicator") for name in _ROLE_COUNTERS),
-    # sequencer
-    "log.published.position",
-    "log.published.index",
-    "sessions.open",
-    "sessions.total",
-    "commands.total",
-    "errors.protocol",
-    "errors.security",
-    "errors.slow_client",
-    "errors.disk_full",  # sessions and commands refused while the journal's disk is short
-    "sequencer.parked",
-    "timers.pending",
-    "egress.consumed.position",
-    # journaller
-    "journal.durable.position",
-    "journal.durable.index",
-    "journal.syncs",
-    "errors.journal",
-    "journal.disk_full",  # DiskState; the sequencer refuses new work while it is not ROOM
-    "journal.free_bytes",  # free bytes on the journal's file system, refreshed about every second
-    # blp
-    "blp.applied.position",
-    "blp.applied.index",
-    "blp.rolling_hash",
-    "clients.expired",
-    "outputs.too_large",  # replies and events no client frame can carry, replaced (replay included)
-    "egress.published.position",
-    "snapshot.last.index",
-    "snapshot.oldest.index",  # the oldest valid snapshot kept: the journal may go before it
-    "snapshot.writes",
-    "errors.snapshot",
-    # commit: on a single node the journal's durable position is the commit position
-    "commit.position",
-    "commit.index",
-    "errors.total",
-    "raft.role",
-    "raft.term",
-    "raft.leader",
+    SUPERVISOR,
+    Kind.COUNTER,
+    "Turns of the supervisor's loop; stops advancing when it hangs",
 )
+SUPERVISOR_RESTARTS = _declare(
+    "supervisor.restarts", SUPERVISOR, Kind.COUNTER, "Pipeline restarts since seqd run began"
+)
+NODE_STATE = _declare("node.state", SUPERVISOR, Kind.ENUM, "Node state", NodeState)
+NODE_NUMBER = _declare(
+    "node.number", SUPERVISOR, Kind.GAUGE, "Node number (node.number in the config)"
+)
+NODE_INCARNATION = _declare(
+    "node.incarnation",
+    SUPERVISOR,
+    Kind.GAUGE,
+    f"Id of this incarnation of the pipeline ({INCARNATION_BITS} bits), part of every session id",
+)
+RECOVERY_LAST_INDEX = _declare(
+    "recovery.last.index",
+    SUPERVISOR,
+    Kind.GAUGE,
+    "Index of the last record in the journal at start",
+)
+RECOVERY_LAST_TERM = _declare(
+    "recovery.last.term", SUPERVISOR, Kind.GAUGE, "Term of the last record in the journal at start"
+)
+RECOVERY_LAST_TIMESTAMP_NS = _declare(
+    "recovery.last.timestamp_ns",
+    SUPERVISOR,
+    Kind.GAUGE,
+    "Timestamp of the last record in the journal at start (ns since the epoch)",
+)
+
+
+@dataclass(frozen=True)
+class RoleCounters:
+    """One role's block of counters: the supervisor's launch counters, then the role's own."""
+
+    role: Role
+    pid: CounterSpec  # supervisor: set with start_time_ms, right after it starts the role
+    start_time_ms: CounterSpec  # supervisor: the process's start time, to tell a reused pid
+    cpu: CounterSpec  # supervisor, before the start
+    idle: CounterSpec  # supervisor, before the start
+    stop: CounterSpec  # supervisor: set to 1 to stop the role (roles ignore signals)
+    heartbeat: CounterSpec  # role
+    state: CounterSpec  # role
+    errors: CounterSpec  # role
+
+
+def _role_block(role: Role) -> RoleCounters:
+    return RoleCounters(
+        role=role,
+        pid=_declare(f"{role}.pid", SUPERVISOR, Kind.GAUGE, "Process id of the role"),
+        start_time_ms=_declare(
+            f"{role}.start_time_ms",
+            SUPERVISOR,
+            Kind.GAUGE,
+            "Start time of the role's process (ms since the epoch)",
+        ),
+        cpu=_declare(
+            f"{role}.cpu", SUPERVISOR, Kind.GAUGE, "CPU the role is pinned to, -1 when unpinned"
+        ),
+        idle=_declare(f"{role}.idle", SUPERVISOR, Kind.ENUM, "Idle strategy of the role", IdleCode),
+        stop=_declare(
+            f"{role}.stop",
+            SUPERVISOR,
+            Kind.GAUGE,
+            "1 once the supervisor has asked the role to stop",
+        ),
+        heartbeat=_declare(
+            f"{role}.heartbeat",
+            role,
+            Kind.COUNTER,
+            "Duty cycles of the role; stops advancing when the role hangs",
+        ),
+        state=_declare(f"{role}.state", role, Kind.ENUM, "Lifecycle state of the role", RoleState),
+        errors=_declare(
+            f"{role}.errors",
+            role,
+            Kind.COUNTER,
+            "Errors of every kind the role counted since start",
+        ),
+    )
+
+
+ROLE_COUNTERS: Mapping[Role, RoleCounters] = {role: _role_block(role) for role in Role}
+
+# The sequencer's.
+LOG_PUBLISHED_POSITION = _declare(
+    "log.published.position",
+    Role.SEQUENCER,
+    Kind.GAUGE,
+    "Bytes published to the log ring by its writer",
+)
+LOG_PUBLISHED_INDEX = _declare(
+    "log.published.index",
+    Role.SEQUENCER,
+    Kind.GAUGE,
+    "Index of the last record published to the log ring",
+)
+SESSIONS_OPEN = _declare(
+    "sessions.open", Role.SEQUENCER, Kind.GAUGE, "Client sessions open on this node"
+)
+SESSIONS_TOTAL = _declare(
+    "sessions.total", Role.SEQUENCER, Kind.COUNTER, "Client sessions opened since start"
+)
+COMMANDS_TOTAL = _declare(
+    "commands.total", Role.SEQUENCER, Kind.COUNTER, "Client commands sequenced since start"
+)
+ERRORS_PROTOCOL = _declare(
+    "errors.protocol",
+    Role.SEQUENCER,
+    Kind.COUNTER,
+    "Frames refused as malformed or out of the protocol",
+)
+ERRORS_SECURITY = _declare(
+    "errors.security",
+    Role.SEQUENCER,
+    Kind.COUNTER,
+    "Connections refused by the peer credentials check",
+)
+ERRORS_SLOW_CLIENT = _declare(
+    "errors.slow_client",
+    Role.SEQUENCER,
+    Kind.COUNTER,
+    "Clients disconnected for not reading their replies",
+)
+ERRORS_DISK_FULL = _declare(
+    "errors.disk_full",
+    Role.SEQUENCER,
+    Kind.COUNTER,
+    "Sessions and commands refused with disk_full while the journal's disk was short",
+)
+TIMERS_PENDING = _declare(
+    "timers.pending", Role.SEQUENCER, Kind.GAUGE, "Timers scheduled and not yet fired"
+)
+EGRESS_CONSUMED_POSITION = _declare(
+    "egress.consumed.position", Role.SEQUENCER, Kind.GAUGE, "Egress position read by the sequencer"
+)
+
+# The journaller's.
+JOURNAL_DURABLE_POSITION = _declare(
+    "journal.durable.position",
+    Role.JOURNALLER,
+    Kind.GAUGE,
+    "Log position made durable by the journaller (fdatasync)",
+)
+JOURNAL_DURABLE_INDEX = _declare(
+    "journal.durable.index", Role.JOURNALLER, Kind.GAUGE, "Index of the last durable record"
+)
+JOURNAL_SYNCS = _declare(
+    "journal.syncs", Role.JOURNALLER, Kind.COUNTER, "Group commits (one fdatasync each)"
+)
+ERRORS_JOURNAL = _declare(
+    "errors.journal",
+    Role.JOURNALLER,
+    Kind.COUNTER,
+    "Journal failures (each one stops the node: fail-stop)",
+)
+JOURNAL_DISK_FULL = _declare(
+    "journal.disk_full",
+    Role.JOURNALLER,
+    Kind.ENUM,
+    "Journal disk: {values} (short: new commands refused with disk_full; full: records wait in the ring)",
+    DiskState,
+)
+JOURNAL_FREE_BYTES = _declare(
+    "journal.free_bytes", Role.JOURNALLER, Kind.GAUGE, "Free bytes on the journal's file system"
+)
+# On a single node the journal's durable position is the commit position; in a cluster the
+# replicator will own these (a new layout version).
+COMMIT_POSITION = _declare(
+    "commit.position",
+    Role.JOURNALLER,
+    Kind.GAUGE,
+    "Log position safe to apply (durable here, or on a majority)",
+)
+COMMIT_INDEX = _declare(
+    "commit.index", Role.JOURNALLER, Kind.GAUGE, "Index of the last committed record"
+)
+
+# The blp's.
+RECOVERY_RECORDS = _declare(
+    "recovery.records",
+    Role.BLP,
+    Kind.COUNTER,
+    "Records replayed from the journal during the last recovery",
+)
+BLP_APPLIED_POSITION = _declare(
+    "blp.applied.position",
+    Role.BLP,
+    Kind.GAUGE,
+    "Log position applied by the business-logic process",
+)
+BLP_APPLIED_INDEX = _declare(
+    "blp.applied.index",
+    Role.BLP,
+    Kind.GAUGE,
+    "Index of the last record applied by the business-logic process",
+)
+BLP_ROLLING_HASH = _declare(
+    "blp.rolling_hash",
+    Role.BLP,
+    Kind.GAUGE,
+    "Rolling hash of the state machine's outputs (replicas agree on it)",
+)
+CLIENTS_EXPIRED = _declare(
+    "clients.expired", Role.BLP, Kind.GAUGE, "Client ids forgotten by the dedup table"
+)
+OUTPUTS_TOO_LARGE = _declare(
+    "outputs.too_large",
+    Role.BLP,
+    Kind.GAUGE,
+    "Replies and events no client frame can carry, replaced (replay included)",
+)
+EGRESS_PUBLISHED_POSITION = _declare(
+    "egress.published.position",
+    Role.BLP,
+    Kind.GAUGE,
+    "Bytes of replies and events published to the egress ring",
+)
+SNAPSHOT_LAST_INDEX = _declare(
+    "snapshot.last.index", Role.BLP, Kind.GAUGE, "Log index of the newest snapshot"
+)
+# Written by the blp's snapshot writer (a fork of the blp); the journal may go before it.
+SNAPSHOT_OLDEST_INDEX = _declare(
+    "snapshot.oldest.index", Role.BLP, Kind.GAUGE, "Log index of the oldest valid snapshot kept"
+)
+SNAPSHOT_WRITES = _declare(
+    "snapshot.writes", Role.BLP, Kind.COUNTER, "Snapshots written since start"
+)
+ERRORS_SNAPSHOT = _declare(
+    "errors.snapshot",
+    Role.BLP,
+    Kind.COUNTER,
+    "Snapshots that failed to write or were found invalid",
+)
+
+# The replicator's (cluster mode only: a single node leaves them 0).
+RAFT_ROLE = _declare(
+    "raft.role", Role.REPLICATOR, Kind.ENUM, "Raft standing of this node", RaftRole
+)
+RAFT_TERM = _declare("raft.term", Role.REPLICATOR, Kind.GAUGE, "Current Raft term")
+RAFT_LEADER = _declare(
+    "raft.leader", Role.REPLICATOR, Kind.GAUGE, "Node number of the current leader, 0 when unknown"
+)
+
+COUNTERS: tuple[CounterSpec, ...] = tuple(_table)
+COUNTER_NAMES: tuple[str, ...] = tuple(spec.name for spec in COUNTERS)
+_BY_NAME: Mapping[str, CounterSpec] = {spec.name: spec for spec in COUNTERS}
+assert len(_BY_NAME) == len(COUNTERS), "counter names must be unique"
+assert all(spec.id == slot for slot, spec in enumerate(COUNTERS))
+# The error counters by kind, which `seqd status` lists; the node's error total is not one of
+# them but the sum of every role's `<role>.errors` (`errors_total`), shown under this name.
+ERROR_KIND_COUNTERS: tuple[CounterSpec, ...] = tuple(
+    spec for spec in COUNTERS if spec.name.startswith("errors.")
+)
+ERRORS_TOTAL_NAME = "errors.total"
+assert ERRORS_TOTAL_NAME not in _BY_NAME
+# The version of this table, carried by the segment header (see the module docstring).
+COUNTERS_LAYOUT_VERSION = 1
+
+
+def counter_spec(name: str) -> CounterSpec | None:
+    """The declaration of counter `name`, or None for a name this release does not have."""
+    return _BY_NAME.get(name)
+
+
+def errors_total(values: Mapping[str, int]) -> int | None:
+    """The node's error total: the sum of the `<role>.errors` in `values` (None if none is)."""
+    found = [
+        values[block.errors.name] for block in ROLE_COUNTERS.values() if block.errors.name in values
+    ]
+    return sum(found) if found else None
+
+
+# ---- attaching -------------------------------------------------------------------------------
+
+
+def create_counters(node: str, epoch: int | None = None) -> Counters:
+    """Create node `node`'s counters segment, every counter of `COUNTERS` at zero (the
+    supervisor, once per incarnation). Raises as `Counters.create`."""
+    return Counters.create(
+        counters_name(node), COUNTER_NAMES, epoch=epoch, layout_version=COUNTERS_LAYOUT_VERSION
+    )
+
+
+def attach_counters(node: str, epoch: int | None = None, stale_ok: bool = False) -> Counters:
+    """Attach node `node`'s counters segment, refusing one of another layout version.
+
+    Raises:
+        SegmentVersionError: the segment was made by a release with another counter table.
+        SegmentError: as `Counters.attach`.
+    """
+    return Counters.attach(
+        counters_name(node), epoch=epoch, stale_ok=stale_ok, layout_version=COUNTERS_LAYOUT_VERSION
+    )
+
+
+class CounterView:
+    """The node's counters as one process may use them.
+
+    `view[SPEC]` is a plain `Counter` when the view's owner owns SPEC and a read-only one
+    otherwise (its `set` and `add` raise `CounterWriteError` naming the owner). Every handle is
+    made here, once; a process takes the handles it needs at start and keeps them.
+
+    Args:
+        counters: the attached segment (`attach_counters` or `create_counters`).
+        owner: the process this view is for; None for a reader that owns nothing (status, tools).
+
+    Raises:
+        SegmentError: the segment's names are not this release's table (a layout changed without
+            a new `COUNTERS_LAYOUT_VERSION`).
+    """
+
+    def __init__(self, counters: Counters, owner: Owner | None) -> None:
+        if counters.names != COUNTER_NAMES:
+            raise SegmentError(
+                f"{counters.name} names other counters than this seqd's table (layout version "
+                f"{COUNTERS_LAYOUT_VERSION}): the table changed without a new layout version"
+            )
+        self.counters = counters
+        self.owner = owner
+        writer = "a reader" if owner is None else f"the {owner}"
+        self._handles: tuple[Counter, ...] = tuple(
+            counters[spec.name]
+            if spec.owner == owner
+            else counters[spec.name].read_only(
+                f"{writer} may not write {spec.name}: its one writer is the {spec.owner} "
+                "(daemon/layout.py). A counter with two writers loses updates; read it here, "
+                "or move the write to its owner"
+            )
+            for spec in COUNTERS
+        )
+
+    def __getitem__(self, spec: CounterSpec) -> Counter:
+        return self._handles[spec.id]
+
+    def snapshot(self) -> dict[str, int]:
+        return self.counters.snapshot()
+
+    def close(self) -> None:
+        self.counters.close()

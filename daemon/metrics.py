@@ -3,11 +3,13 @@
 `render_prometheus` turns a snapshot of the node's counters ({"log.published.position": 4096,
 ...}) into the text exposition format 0.0.4 (prometheus.io, "Exposition formats"): for each
 metric family one `# HELP` line, one `# TYPE` line, then its samples. Names become
-`seqd_<name>` with every character outside [a-zA-Z0-9_] turned into `_`. The per-role counters
-(`blp.heartbeat`, `journaller.cpu`, ...) become one family with a `role` label
-(`seqd_role_heartbeat_total{role="blp"}`), so one query covers every role. Counters that only
-grow (totals, errors, heartbeats) are typed `counter` and end in `_total`; positions, indexes and
-states are `gauge`s.
+`seqd_<name>` with every character outside [a-zA-Z0-9_] turned into `_`. The per-process
+counters (`blp.heartbeat`, `journaller.cpu`, `supervisor.heartbeat`, ...) become one family with
+a `role` label (`seqd_role_heartbeat_total{role="blp"}`), so one query covers every role. Kinds
+and help come from the node's counter table (daemon/layout.py): counters that only grow (totals,
+errors, heartbeats) are typed `counter` and end in `_total`; positions, indexes and states are
+`gauge`s. Each role counts its own errors (`seqd_role_errors_total{role=...}`); their sum is
+served as `seqd_errors_total`.
 
 `MetricsServer` serves it from `http.server.ThreadingHTTPServer` in a daemon thread, so the
 supervisor's loop never waits on a scraper. It binds to loopback unless told otherwise: the
@@ -25,18 +27,20 @@ import threading
 from collections.abc import Callable, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from daemon.layout import ERRORS_TOTAL_NAME, SUPERVISOR, Kind, Role, counter_spec, errors_total
+
 __all__ = [
     "CONTENT_TYPE",
     "METRICS_PORT_DEFAULT",
     "REQUEST_TIMEOUT_S",
-    "ROLES",
     "MetricsServer",
     "metric_kind",
     "render_prometheus",
 ]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-ROLES = ("supervisor", "sequencer", "journaller", "blp", "replicator")
+# The processes whose `<process>.<field>` counters form one family per field, labelled by role.
+_PROCESSES = frozenset({SUPERVISOR, *Role})
 # A scraper that stops talking holds one thread; it is cut off after this. A scrape reads a few
 # dozen counters and answers in well under a millisecond.
 REQUEST_TIMEOUT_S = 5.0
@@ -51,56 +55,25 @@ STOP_TIMEOUT_S = 5.0
 
 _logger = logging.getLogger(__name__)
 
-_COUNTER_SUFFIXES = (
-    ".total",
-    ".heartbeat",
-    ".restarts",
-    ".syncs",
-    ".writes",
-    "recovery.records",
-)
-_COUNTER_PREFIXES = ("errors.",)
-
-_HELP: dict[str, str] = {
-    "supervisor.pid": "Process id of the supervisor.",
-    "node.state": "Node state: 0 starting, 1 recovering, 2 serving, 3 draining, 4 stopped.",
-    "recovery.records": "Records replayed from the journal during the last recovery.",
-    "role.pid": "Process id of the role.",
-    "role.cpu": "CPU the role is pinned to, -1 when unpinned.",
-    "role.idle": "Idle strategy of the role: 0 spin, 1 yield, 2 backoff, 3 blocking.",
-    "role.heartbeat": "Duty cycles of the role; stops advancing when the role hangs.",
-    "role.state": "Lifecycle state of the role.",
-    "log.published.position": "Bytes published to the log ring by its writer.",
-    "log.published.index": "Index of the last record published to the log ring.",
-    "journal.durable.position": "Log position made durable by the journaller (fdatasync).",
-    "journal.durable.index": "Index of the last durable record.",
-    "journal.disk_full": "Journal disk: 0 room, 1 short (new commands refused with disk_full), 2 full (records wait in the ring).",
-    "journal.free_bytes": "Free bytes on the journal's file system.",
-    "errors.disk_full": "Sessions and commands refused with disk_full while the journal's disk was short.",
-    "commit.position": "Log position safe to apply (durable here, or on a majority).",
-    "commit.index": "Index of the last committed record.",
-    "blp.applied.position": "Log position applied by the business-logic process.",
-    "blp.applied.index": "Index of the last record applied by the business-logic process.",
-    "egress.published.position": "Bytes of replies and events published to the egress ring.",
-    "egress.consumed.position": "Egress position read by the sequencer.",
-    "sessions.open": "Client sessions open on this node.",
-    "sessions.total": "Client sessions opened since start.",
-    "commands.total": "Client commands sequenced since start.",
-    "errors.total": "Errors of every kind since start.",
-    "snapshot.last.index": "Log index of the newest snapshot.",
-    "raft.role": "Raft standing of this node.",
-    "raft.term": "Current Raft term.",
-    "raft.leader": "Node number of the current leader, 0 when unknown.",
-}
+_ERRORS_TOTAL_HELP = "Errors of every kind since start, summed over the roles."
 
 _INVALID_NAME_CHARACTERS = re.compile(r"[^a-zA-Z0-9_]")
 
 
 def metric_kind(name: str) -> str:
-    """'counter' for a value that only grows while the node runs, else 'gauge'."""
-    if name.startswith(_COUNTER_PREFIXES) or name.endswith(_COUNTER_SUFFIXES):
+    """'counter' for a value that only grows while the node runs, else 'gauge' (also for a name
+    the counter table does not know)."""
+    if name == ERRORS_TOTAL_NAME:
         return "counter"
-    return "gauge"
+    spec = counter_spec(name)
+    return "counter" if spec is not None and spec.kind is Kind.COUNTER else "gauge"
+
+
+def _help(name: str, family_key: str) -> str:
+    if name == ERRORS_TOTAL_NAME:
+        return _ERRORS_TOTAL_HELP
+    spec = counter_spec(name)
+    return spec.help if spec is not None else f"seqd counter {family_key}."
 
 
 def _sanitise(name: str) -> str:
@@ -123,9 +96,9 @@ def _escape_help(text: str) -> str:
 
 def _split_role(name: str) -> tuple[str, str | None]:
     """('role.heartbeat', 'blp') for 'blp.heartbeat'; (name, None) for a node-wide counter.
-    `blp.applied.position` is node-wide: only single-field names after a role are per role."""
+    `blp.applied.position` is node-wide: only single-field names after a process are per role."""
     role, _, field = name.partition(".")
-    if role in ROLES and field and "." not in field:
+    if role in _PROCESSES and field and "." not in field:
         return f"role.{field}", role
     return name, None
 
@@ -138,7 +111,8 @@ def render_prometheus(
     """The snapshot in the Prometheus text format 0.0.4.
 
     Args:
-        snapshot: counter name -> value, as `Counters.snapshot()` returns.
+        snapshot: counter name -> value, as `Counters.snapshot()` returns. The node's error
+            total (`errors.total`) is added as the sum of the roles' `<role>.errors`.
         labels: put on every sample, e.g. {"node": "n1"}.
         kinds: 'counter' or 'gauge' for names `metric_kind` would type otherwise.
 
@@ -147,6 +121,9 @@ def render_prometheus(
     """
     labels = dict(labels or {})
     kinds = kinds or {}
+    total = errors_total(snapshot)
+    if total is not None:
+        snapshot = {**snapshot, ERRORS_TOTAL_NAME: total}
     # family name -> (kind, help, [(labels, value)]); one family's samples must be contiguous.
     families: dict[str, tuple[str, str, list[tuple[dict[str, str], int]]]] = {}
     for name in sorted(snapshot):
@@ -157,7 +134,7 @@ def render_prometheus(
         family = "seqd_" + _sanitise(family_key.replace("role.", "role_", 1))
         if kind == "counter" and not family.endswith("_total"):
             family += "_total"
-        help_text = _HELP.get(family_key, f"seqd counter {family_key}.")
+        help_text = _help(name, family_key)
         sample_labels = dict(labels)
         if role is not None:
             sample_labels["role"] = role

@@ -23,8 +23,12 @@ Staleness needs two samples: one sample cannot tell a frozen counter from a live
 `StatusTracker` keeps, per heartbeat, when it last changed; `seqd status` without --watch takes
 two samples `SAMPLE_GAP_S` apart, which also gives the rates per second.
 
-Missing counter names are tolerated (a role a node does not run, an older layout): they show as
-'-' in text and null in JSON, never as 0.
+What each counter means, who writes it and its kind come from the node's layout
+(daemon/layout.py). A counter is unknown until its writer has started: a name the segment lacks,
+or a counter of a role the supervisor has not started (its `<role>.pid` is 0: the replicator on a
+single node, the sequencer while the blp replays). Unknown values show as '-' in text and null in
+JSON, never as 0. Errors are counted per role (`<role>.errors`); the node's total is their sum.
+A segment of another layout version (another release's) is refused, never misread.
 """
 
 from __future__ import annotations
@@ -39,12 +43,21 @@ from typing import Any, TextIO
 
 import psutil
 
+from daemon import layout
+from daemon.layout import (
+    ERROR_KIND_COUNTERS,
+    ERRORS_TOTAL_NAME,
+    ROLE_COUNTERS,
+    SUPERVISOR,
+    CounterSpec,
+    DiskState,
+    NodeState,
+    Role,
+    counter_spec,
+    errors_total,
+)
+
 __all__ = [
-    "DISK_STATE_NAMES",
-    "IDLE_NAMES",
-    "NODE_STATE_NAMES",
-    "RAFT_ROLE_NAMES",
-    "ROLES",
     "SAMPLE_GAP_S",
     "STALE_AFTER_S",
     "Lag",
@@ -53,6 +66,7 @@ __all__ = [
     "RoleStatus",
     "StatusTracker",
     "disk_full_text",
+    "known_values",
     "pid_alive",
     "read_counters",
     "render_json",
@@ -60,14 +74,6 @@ __all__ = [
     "sample_status",
     "watch",
 ]
-
-ROLES = ("sequencer", "journaller", "blp", "replicator")
-NODE_STATE_NAMES = {0: "starting", 1: "recovering", 2: "serving", 3: "draining", 4: "stopped"}
-IDLE_NAMES = {0: "spin", 1: "yield", 2: "backoff", 3: "blocking"}
-DISK_STATE_NAMES = {0: "room", 1: "short", 2: "full"}  # daemon.layout.DiskState
-# raft.role as the replicator publishes it (sequencer.raft.core.RaftRole). A single node runs no
-# replicator and leaves it 0, so it is shown only for a node with a replicator or a term.
-RAFT_ROLE_NAMES = {0: "follower", 1: "pre-candidate", 2: "candidate", 3: "leader"}
 
 # Heartbeats move at least every 100 ms in a healthy node (the supervisor's loop, a role's duty
 # cycle or its blocking idle's wake-up timeout); one second without a move is ten missed beats,
@@ -110,6 +116,7 @@ class RoleStatus:
     heartbeat: int | None
     heartbeats_per_s: float | None
     stuck_s: float | None  # how long the heartbeat has not moved, once that exceeds the bound
+    errors: int | None  # every error the role counted (`<role>.errors`)
 
 
 @dataclass(frozen=True)
@@ -138,17 +145,18 @@ class NodeStatus:
     sessions_open: int | None = None
     sessions_total: int | None = None
     commands_total: int | None = None
-    errors: dict[str, int] = field(default_factory=dict)
+    errors: dict[str, int] = field(default_factory=dict)  # by kind, and "total" over the roles
     snapshot_last_index: int | None = None
     recovery_records: int | None = None
     restarts: int | None = None
     raft_role: str | None = None
     raft_term: int | None = None
     raft_leader: int | None = None
-    disk: str | None = None  # DISK_STATE_NAMES: room, short (refusing new commands), full
+    disk: str | None = None  # DiskState's name: room, short (refusing new commands), full
+    disk_state: int | None = None
     disk_free_bytes: int | None = None
     disk_refused: int | None = None  # sessions and commands refused with disk_full
-    values: dict[str, int] = field(default_factory=dict)
+    values: dict[str, int] = field(default_factory=dict)  # the raw sample, every counter read
 
     @property
     def current(self) -> bool:
@@ -157,13 +165,13 @@ class NodeStatus:
 
 
 # Positions (bytes) and indexes (records) along the pipeline: name -> (position, index counter).
-_STAGES = {
-    "published": ("log.published.position", "log.published.index"),
-    "durable": ("journal.durable.position", "journal.durable.index"),
-    "commit": ("commit.position", "commit.index"),
-    "applied": ("blp.applied.position", "blp.applied.index"),
-    "egress.published": ("egress.published.position", None),
-    "egress.consumed": ("egress.consumed.position", None),
+_STAGES: dict[str, tuple[CounterSpec, CounterSpec | None]] = {
+    "published": (layout.LOG_PUBLISHED_POSITION, layout.LOG_PUBLISHED_INDEX),
+    "durable": (layout.JOURNAL_DURABLE_POSITION, layout.JOURNAL_DURABLE_INDEX),
+    "commit": (layout.COMMIT_POSITION, layout.COMMIT_INDEX),
+    "applied": (layout.BLP_APPLIED_POSITION, layout.BLP_APPLIED_INDEX),
+    "egress.published": (layout.EGRESS_PUBLISHED_POSITION, None),
+    "egress.consumed": (layout.EGRESS_CONSUMED_POSITION, None),
 }
 # Each lag: (stage name, ahead, behind), both keys of _STAGES.
 _LAGS = (
@@ -174,19 +182,104 @@ _LAGS = (
 )
 # Rates per second: name -> counter (records/s for the indexes, bytes/s for the position).
 _RATES = {
-    "commands": "commands.total",
-    "records": "log.published.index",
-    "bytes": "log.published.position",
-    "durable": "journal.durable.index",
-    "applied": "blp.applied.index",
-    "errors": "errors.total",
+    "commands": layout.COMMANDS_TOTAL.name,
+    "records": layout.LOG_PUBLISHED_INDEX.name,
+    "bytes": layout.LOG_PUBLISHED_POSITION.name,
+    "durable": layout.JOURNAL_DURABLE_INDEX.name,
+    "applied": layout.BLP_APPLIED_INDEX.name,
+    "errors": ERRORS_TOTAL_NAME,
 }
+_HEARTBEATS = (layout.SUPERVISOR_HEARTBEAT, *(ROLE_COUNTERS[role].heartbeat for role in Role))
 
 
-def _difference(values: Mapping[str, int], ahead: str | None, behind: str | None) -> int | None:
-    if ahead is None or behind is None or ahead not in values or behind not in values:
-        return None
-    return values[ahead] - values[behind]
+def known_values(values: Mapping[str, int]) -> dict[str, int]:
+    """The counters of `values` whose writer has started, plus the node's error total.
+
+    A role's counters are dropped while its `<role>.pid` is 0 or absent (the supervisor has not
+    started it: they hold zeros, not values); the supervisor's and names this release does not
+    know are kept. The error total (`errors.total`) is the sum of the roles' `<role>.errors`.
+    """
+    started = {role for role in Role if values.get(ROLE_COUNTERS[role].pid.name, 0) > 0}
+    known: dict[str, int] = {}
+    for name, value in values.items():
+        spec = counter_spec(name)
+        if spec is None or spec.owner == SUPERVISOR or spec.owner in started:
+            known[name] = value
+    total = errors_total(known)
+    if total is not None:
+        known[ERRORS_TOTAL_NAME] = total
+    return known
+
+
+Spec = CounterSpec | None
+
+
+def _get(values: Mapping[str, int], spec: Spec) -> int | None:
+    return None if spec is None else values.get(spec.name)
+
+
+def _name(spec: CounterSpec, values: Mapping[str, int]) -> str | None:
+    value = values.get(spec.name)
+    return None if value is None else spec.value_name(value)
+
+
+def _difference(values: Mapping[str, int], ahead: Spec, behind: Spec) -> int | None:
+    ahead_value, behind_value = _get(values, ahead), _get(values, behind)
+    return None if ahead_value is None or behind_value is None else ahead_value - behind_value
+
+
+def _clustered(values: Mapping[str, int]) -> bool:
+    """Whether the node runs a replicator: a single node shows no Raft standing."""
+    return values.get(ROLE_COUNTERS[Role.REPLICATOR].pid.name, 0) > 0
+
+
+def _errors(values: Mapping[str, int]) -> dict[str, int]:
+    """Error counts by kind (`errors.protocol` as "protocol"), then the node's "total"."""
+    kinds = sorted(spec.name for spec in ERROR_KIND_COUNTERS if spec.name in values)
+    errors = {name.removeprefix("errors."): values[name] for name in kinds}
+    if ERRORS_TOTAL_NAME in values:
+        errors["total"] = values[ERRORS_TOTAL_NAME]
+    return errors
+
+
+def _counters_status(
+    node: str, sampled_s: float, raw: dict[str, int], known: Mapping[str, int]
+) -> NodeStatus:
+    """What one sample says by itself, before liveness, rates and roles are judged."""
+    status = NodeStatus(
+        node=node,
+        liveness=Liveness.LIVE,
+        reason="",
+        sampled_s=sampled_s,
+        state=_name(layout.NODE_STATE, known),
+        supervisor_pid=_get(known, layout.SUPERVISOR_PID),
+        supervisor_heartbeat=_get(known, layout.SUPERVISOR_HEARTBEAT),
+        sessions_open=_get(known, layout.SESSIONS_OPEN),
+        sessions_total=_get(known, layout.SESSIONS_TOTAL),
+        commands_total=_get(known, layout.COMMANDS_TOTAL),
+        snapshot_last_index=_get(known, layout.SNAPSHOT_LAST_INDEX),
+        recovery_records=_get(known, layout.RECOVERY_RECORDS),
+        restarts=_get(known, layout.SUPERVISOR_RESTARTS),
+        raft_role=_name(layout.RAFT_ROLE, known) if _clustered(known) else None,
+        raft_term=_get(known, layout.RAFT_TERM),
+        raft_leader=_get(known, layout.RAFT_LEADER),
+        disk=_name(layout.JOURNAL_DISK_FULL, known),
+        disk_state=_get(known, layout.JOURNAL_DISK_FULL),
+        disk_free_bytes=_get(known, layout.JOURNAL_FREE_BYTES),
+        disk_refused=_get(known, layout.ERRORS_DISK_FULL),
+        errors=_errors(known),
+        values=raw,
+    )
+    for stage, (position, index) in _STAGES.items():
+        status.positions[stage] = _get(known, position)
+        status.indexes[stage] = _get(known, index)
+    for stage, ahead, behind in _LAGS:
+        ahead_position, ahead_index = _STAGES[ahead]
+        behind_position, behind_index = _STAGES[behind]
+        records = _difference(known, ahead_index, behind_index)
+        size = _difference(known, ahead_position, behind_position)
+        status.lags.append(Lag(stage=stage, records=records, bytes=size))
+    return status
 
 
 class StatusTracker:
@@ -205,10 +298,15 @@ class StatusTracker:
         self.stale_after_s = stale_after_s
         self._pid_alive = pid_alive
         self._wall_clock = wall_clock
-        self._previous: Mapping[str, int] | None = None
-        self._previous_s: float | None = None
+        self._previous: Mapping[str, int] | None = None  # the last sample's known values
+        self._previous_s = 0.0  # when `_previous` was sampled (monotonic)
         # heartbeat counter name -> (value, monotonic time it was first seen at that value)
         self._heartbeat_since: dict[str, tuple[int, float]] = {}
+
+    def _forget(self) -> None:
+        """Another incarnation, or none: neither rates nor heartbeat ages carry over."""
+        self._previous = None
+        self._heartbeat_since.clear()
 
     def observe(
         self, values: Mapping[str, int] | None, now_s: float, missing_reason: str | None = None
@@ -223,94 +321,45 @@ class StatusTracker:
         """
         sampled_s = self._wall_clock()
         if values is None:
-            self._previous = None
-            self._heartbeat_since.clear()
+            self._forget()
             return NodeStatus(
                 node=self.node,
                 liveness=Liveness.STOPPED,
                 reason=missing_reason or f"no counters segment for node {self.node}: not running",
                 sampled_s=sampled_s,
             )
-        values = dict(values)
-        supervisor_pid = values.get("supervisor.pid")
-        if self._previous is not None and self._previous.get("supervisor.pid") != supervisor_pid:
-            # Another incarnation: neither rates nor heartbeat ages carry over.
-            self._previous = None
-            self._heartbeat_since.clear()
-        elapsed_s = (
-            None if self._previous_s is None or self._previous is None else now_s - self._previous_s
-        )
-        ages = self._heartbeat_ages(values, now_s)
-
-        status = NodeStatus(
-            node=self.node,
-            liveness=Liveness.LIVE,
-            reason="",
-            sampled_s=sampled_s,
-            state=_name(NODE_STATE_NAMES, values.get("node.state")),
-            supervisor_pid=supervisor_pid,
-            supervisor_heartbeat=values.get("supervisor.heartbeat"),
-            sessions_open=values.get("sessions.open"),
-            sessions_total=values.get("sessions.total"),
-            commands_total=values.get("commands.total"),
-            snapshot_last_index=values.get("snapshot.last.index"),
-            recovery_records=values.get("recovery.records"),
-            restarts=values.get("supervisor.restarts"),
-            raft_role=_name(RAFT_ROLE_NAMES, values.get("raft.role"))
-            if _clustered(values)
-            else None,
-            raft_term=values.get("raft.term"),
-            raft_leader=values.get("raft.leader"),
-            disk=_name(DISK_STATE_NAMES, values.get("journal.disk_full")),
-            disk_free_bytes=values.get("journal.free_bytes"),
-            disk_refused=values.get("errors.disk_full"),
-            errors={
-                name.removeprefix("errors."): value
-                for name, value in sorted(values.items())
-                if name.startswith("errors.")
-            },
-            values=values,
-        )
-        for stage, (position, index) in _STAGES.items():
-            status.positions[stage] = values.get(position)
-            status.indexes[stage] = values.get(index) if index is not None else None
-        for stage, ahead, behind in _LAGS:
-            ahead_position, ahead_index = _STAGES[ahead]
-            behind_position, behind_index = _STAGES[behind]
-            status.lags.append(
-                Lag(
-                    stage=stage,
-                    records=_difference(values, ahead_index, behind_index),
-                    bytes=_difference(values, ahead_position, behind_position),
-                )
-            )
-        for rate, name in _RATES.items():
-            status.rates[rate] = self._rate(values, name, elapsed_s)
-
-        supervisor_alive = supervisor_pid is not None and self._pid_alive(supervisor_pid)
-        for role in ROLES:
-            status.roles.append(self._role_status(role, values, ages, elapsed_s, supervisor_alive))
-
-        status.liveness, status.reason = self._judge(status, values, ages, supervisor_alive)
+        known = known_values(values)
+        status = _counters_status(self.node, sampled_s, dict(values), known)
+        previous = self._previous
+        if previous is not None and _get(previous, layout.SUPERVISOR_PID) != status.supervisor_pid:
+            self._forget()
+        elapsed_s = None if self._previous is None else now_s - self._previous_s
+        ages = self._heartbeat_ages(known, now_s)
+        status.rates = {rate: self._rate(known, name, elapsed_s) for rate, name in _RATES.items()}
+        pid = status.supervisor_pid
+        supervisor_alive = pid is not None and self._pid_alive(pid)
+        roles = [self._role_status(role, known, ages, elapsed_s, supervisor_alive) for role in Role]
+        status.roles = roles
+        status.liveness, status.reason = self._judge(status, ages, supervisor_alive)
         if not status.current:
             status.rates = dict.fromkeys(status.rates)
-        self._previous = values
+        self._previous = known
         self._previous_s = now_s
         return status
 
     def _heartbeat_ages(self, values: Mapping[str, int], now_s: float) -> dict[str, float]:
         """Seconds each heartbeat has kept its value, as far as the samples seen can tell."""
         ages: dict[str, float] = {}
-        for name in ("supervisor.heartbeat", *(f"{role}.heartbeat" for role in ROLES)):
-            if name not in values:
+        for spec in _HEARTBEATS:
+            value = values.get(spec.name)
+            if value is None:
                 continue
-            value = values[name]
-            seen = self._heartbeat_since.get(name)
+            seen = self._heartbeat_since.get(spec.name)
             if seen is None or seen[0] != value:
-                self._heartbeat_since[name] = (value, now_s)
-                ages[name] = 0.0
+                self._heartbeat_since[spec.name] = (value, now_s)
+                ages[spec.name] = 0.0
             else:
-                ages[name] = now_s - seen[1]
+                ages[spec.name] = now_s - seen[1]
         return ages
 
     def _rate(self, values: Mapping[str, int], name: str, elapsed_s: float | None) -> float | None:
@@ -322,36 +371,34 @@ class StatusTracker:
 
     def _role_status(
         self,
-        role: str,
+        role: Role,
         values: Mapping[str, int],
         ages: Mapping[str, float],
         elapsed_s: float | None,
         supervisor_alive: bool,
     ) -> RoleStatus:
-        pid = values.get(f"{role}.pid")
+        block = ROLE_COUNTERS[role]
+        pid = _get(values, block.pid)
         running: bool | None
         if pid is None or pid <= 0:
             running = None  # this node does not run the role (e.g. no replicator on one node)
         else:
             running = supervisor_alive and self._pid_alive(pid)
-        age = ages.get(f"{role}.heartbeat")
+        age = ages.get(block.heartbeat.name)
         return RoleStatus(
-            name=role,
+            name=role.value,
             pid=pid if pid else None,
             running=running,
-            cpu=values.get(f"{role}.cpu"),
-            idle=_name(IDLE_NAMES, values.get(f"{role}.idle")),
-            heartbeat=values.get(f"{role}.heartbeat"),
-            heartbeats_per_s=self._rate(values, f"{role}.heartbeat", elapsed_s),
+            cpu=_get(values, block.cpu) if running is not None else None,
+            idle=_name(block.idle, values) if running is not None else None,
+            heartbeat=_get(values, block.heartbeat),
+            heartbeats_per_s=self._rate(values, block.heartbeat.name, elapsed_s),
             stuck_s=age if age is not None and age >= self.stale_after_s else None,
+            errors=_get(values, block.errors),
         )
 
     def _judge(
-        self,
-        status: NodeStatus,
-        values: Mapping[str, int],
-        ages: Mapping[str, float],
-        supervisor_alive: bool,
+        self, status: NodeStatus, ages: Mapping[str, float], supervisor_alive: bool
     ) -> tuple[Liveness, str]:
         pid = status.supervisor_pid
         if not pid:
@@ -361,9 +408,9 @@ class StatusTracker:
                 Liveness.STOPPED,
                 f"supervisor pid {pid} is not running: the values below are the last it wrote",
             )
-        if values.get("node.state") == 4:
+        if status.state == layout.NODE_STATE.value_name(NodeState.STOPPED):
             return Liveness.STOPPED, "the node reports it has stopped"
-        supervisor_age = ages.get("supervisor.heartbeat")
+        supervisor_age = ages.get(layout.SUPERVISOR_HEARTBEAT.name)
         if supervisor_age is not None and supervisor_age >= self.stale_after_s:
             return (
                 Liveness.STALE,
@@ -387,7 +434,7 @@ def disk_full_text(state: int | None, free_bytes: int | None) -> str | None:
     if not state:
         return None
     free = "?" if free_bytes is None else f"{free_bytes} bytes"
-    if state == 1:
+    if state == DiskState.SHORT:
         held = "committed work is still served"
     else:
         held = "records that did not fit wait in the log ring, unacknowledged"
@@ -395,16 +442,6 @@ def disk_full_text(state: int | None, free_bytes: int | None) -> str | None:
         f"DISK FULL: {free} free for the journal; new commands and sessions are refused with "
         f"disk_full until space is freed ({held}); the node resumes by itself"
     )
-
-
-def _clustered(values: Mapping[str, int]) -> bool:
-    return values.get("replicator.pid", 0) > 0 or values.get("raft.term", 0) > 0
-
-
-def _name(names: Mapping[int, str], value: int | None) -> str | None:
-    if value is None:
-        return None
-    return names.get(value, f"unknown({value})")
 
 
 # --- rendering --------------------------------------------------------------------------------
@@ -437,12 +474,9 @@ def _table(rows: list[list[str]]) -> list[str]:
     ]
 
 
-def render_text(status: NodeStatus) -> str:
-    """A compact, top-like view of one node."""
-    lines: list[str] = []
+def _header(status: NodeStatus) -> list[str]:
+    """The first line (liveness, state, supervisor, Raft) and the warnings under it."""
     state = (status.state or "unknown").upper()
-    if status.liveness == Liveness.STOPPED and not status.values:
-        return f"seqd node {status.node}: STOPPED - {status.reason}\n"
     header = f"seqd node {status.node}: {status.liveness.value.upper()}"
     if status.current:
         header += f", {state}"
@@ -455,20 +489,22 @@ def render_text(status: NodeStatus) -> str:
         header += f"  restarts {status.restarts}"
     if status.raft_role is not None:
         header += f"  raft {status.raft_role} term {_cell(status.raft_term)} leader {_cell(status.raft_leader)}"
-    lines.append(header)
+    lines = [header]
     if status.reason:
         lines.append(f"  ! {status.reason}")
-    disk = disk_full_text(status.values.get("journal.disk_full"), status.disk_free_bytes)
+    disk = disk_full_text(status.disk_state, status.disk_free_bytes)
     if disk is not None:
         lines.append(f"  ! {disk}")
     if status.state == "recovering" and status.current:
         lines.append(f"  recovering: {_cell(status.recovery_records)} records replayed")
-    lines.append("")
+    return lines
 
-    rows = [["role", "pid", "cpu", "idle", "running", "heartbeat", "beats/s", ""]]
+
+def _roles_table(status: NodeStatus) -> list[str]:
+    rows = [["role", "pid", "cpu", "idle", "running", "heartbeat", "beats/s", "errors", ""]]
     for role in status.roles:
         if role.running is None and role.heartbeat in (None, 0):
-            rows.append([role.name, "-", "-", "-", "off", "-", "-", ""])
+            rows.append([role.name, "-", "-", "-", "off", "-", "-", "-", ""])
             continue
         cpu = "any" if role.cpu == -1 else _cell(role.cpu)
         note = f"STUCK {role.stuck_s:.1f}s" if role.stuck_s is not None else ""
@@ -481,48 +517,60 @@ def render_text(status: NodeStatus) -> str:
                 _cell(role.running),
                 _cell(role.heartbeat),
                 _cell(role.heartbeats_per_s),
+                _cell(role.errors),
                 note,
             ]
         )
-    lines.extend(_table(rows))
-    lines.append("")
+    return _table(rows)
 
+
+def _pipeline_tables(status: NodeStatus) -> list[str]:
+    """Positions and indexes per stage, then the lags between stages."""
     stages = list(_STAGES)
     rows = [["", *stages]]
     rows.append(["position", *(_cell(status.positions.get(s)) for s in stages)])
     rows.append(["index", *(_cell(status.indexes.get(s)) for s in stages)])
-    lines.extend(_table(rows))
+    lines = _table(rows)
     lines.append("")
-
     rows = [["lag", *(lag.stage for lag in status.lags)]]
     rows.append(["records", *(_cell(lag.records) for lag in status.lags)])
     rows.append(["bytes", *(_cell(lag.bytes) for lag in status.lags)])
     lines.extend(_table(rows))
-    lines.append("")
+    return lines
 
+
+def _totals(status: NodeStatus) -> list[str]:
+    """Rates, sessions, errors and snapshots, one line each."""
     if status.current:
         rates = "  ".join(f"{name} {_cell(value)}" for name, value in status.rates.items())
-        lines.append(f"rates/s   {rates}")
+        rates_line = f"rates/s   {rates}"
     else:
-        lines.append("rates/s   - (node not running)")
-    lines.append(
-        f"sessions  open {_cell(status.sessions_open)}  total {_cell(status.sessions_total)}"
-        f"  commands {_cell(status.commands_total)}"
-    )
+        rates_line = "rates/s   - (node not running)"
     if status.errors:
         errors = "  ".join(f"{name} {value}" for name, value in status.errors.items())
     else:
         errors = "-"
-    lines.append(f"errors    {errors}")
-    lines.append(
+    return [
+        rates_line,
+        f"sessions  open {_cell(status.sessions_open)}  total {_cell(status.sessions_total)}"
+        f"  commands {_cell(status.commands_total)}",
+        f"errors    {errors}",
         f"snapshot  last index {_cell(status.snapshot_last_index)}"
-        f"  recovery replayed {_cell(status.recovery_records)} records"
-    )
-    return "\n".join(lines) + "\n"
+        f"  recovery replayed {_cell(status.recovery_records)} records",
+    ]
+
+
+def render_text(status: NodeStatus) -> str:
+    """A compact, top-like view of one node."""
+    if status.liveness == Liveness.STOPPED and not status.values:
+        return f"seqd node {status.node}: STOPPED - {status.reason}\n"
+    sections = (_header(status), _roles_table(status), _pipeline_tables(status), _totals(status))
+    return "\n\n".join("\n".join(lines) for lines in sections) + "\n"
 
 
 def render_json(status: NodeStatus) -> dict[str, Any]:
-    """The status as plain JSON types; unknown values are None, never 0."""
+    """The status as plain JSON types; unknown values are None, never 0. The shape is documented
+    in docs/operations.md ("seqd status") and checked against it by the tests."""
     return {
         "node": status.node,
         "liveness": status.liveness.value,
@@ -544,6 +592,7 @@ def render_json(status: NodeStatus) -> dict[str, Any]:
                 "heartbeat": role.heartbeat,
                 "heartbeats_per_s": role.heartbeats_per_s,
                 "stuck_s": role.stuck_s,
+                "errors": role.errors,
             }
             for role in status.roles
         },
@@ -575,19 +624,24 @@ def read_counters(node: str) -> tuple[dict[str, int] | None, str | None]:
 
     A missing or stale segment is not an error here: it is how a stopped node looks, and ipc's
     message says what to do about it.
-    """
-    from ipc.counters import Counters
-    from ipc.segment import SegmentError, segment_name
 
-    name = segment_name(node, "counters")
+    Raises:
+        SegmentVersionError: the segment has another layout (this seqd is another release than
+            the node's): its numbers would be misread, so none are shown.
+    """
+    from daemon.layout import attach_counters, counters_name
+    from ipc.segment import SegmentError, SegmentVersionError
+
     try:
-        counters = Counters.attach(name)
+        counters = attach_counters(node)
+    except SegmentVersionError:
+        raise
     except SegmentError as error:
         return None, f"node {node} is not running: {error}"
     except PermissionError:
         return None, (
-            f"cannot read /dev/shm{name}: permission denied. Run seqd status as the node's user "
-            "(sudo -u seqd seqd status) or as root"
+            f"cannot read /dev/shm{counters_name(node)}: permission denied. Run seqd status as the "
+            "node's user (sudo -u seqd seqd status) or as root"
         )
     try:
         return counters.snapshot(), None

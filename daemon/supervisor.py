@@ -42,7 +42,7 @@ from types import FrameType
 import posix_ipc
 import psutil
 
-from daemon.config import ROLES, Config
+from daemon.config import Config
 from daemon.exits import (
     FATAL_FD_ENV,
     ROLE_FATAL_CODES,
@@ -53,15 +53,36 @@ from daemon.exits import (
     report,
 )
 from daemon.layout import (
-    COUNTER_NAMES,
     EGRESS_READERS,
-    IDLE_CODES,
+    JOURNAL_DISK_FULL,
+    JOURNAL_DURABLE_INDEX,
+    JOURNAL_FREE_BYTES,
+    LOG_PUBLISHED_INDEX,
     LOG_READERS,
+    NODE_INCARNATION,
+    NODE_NUMBER,
+    NODE_STATE,
+    RECOVERY_LAST_INDEX,
+    RECOVERY_LAST_TERM,
+    RECOVERY_LAST_TIMESTAMP_NS,
+    RECOVERY_RECORDS,
+    ROLE_COUNTERS,
+    SUPERVISOR,
+    SUPERVISOR_HEARTBEAT,
+    SUPERVISOR_PID,
+    SUPERVISOR_RESTARTS,
+    CounterView,
+    IdleCode,
     NodeState,
+    Role,
     RoleState,
     counters_name,
+    create_counters,
+    drain_order,
     egress_name,
+    incarnation_id,
     log_name,
+    node_roles,
 )
 from daemon.metrics import MetricsServer
 from daemon.notify import Notifier, WatchdogGate, watchdog_interval_s
@@ -84,9 +105,6 @@ RESTART_BACKOFF_S = 0.5
 BLP_HASH_SEED = "0"  # the blp runs with a fixed PYTHONHASHSEED: set iteration order is part of the state
 # A role's fail-stop (restart from the journal) must not read as a fatal operating error.
 assert ROLE_EXIT_FAIL_STOP not in ROLE_FATAL_CODES, ROLE_EXIT_FAIL_STOP
-# Every role a node can have, whether or not this release starts it: a leftover of any of them
-# must be found in an older supervisor's counters.
-LEFTOVER_ROLES = ("sequencer", "journaller", "blp", "replicator")
 # A leftover killed with SIGKILL is gone within milliseconds unless it is in uninterruptible sleep
 # (a hung disk or NFS): then waiting longer does not help, and the operator must look.
 LEFTOVER_KILL_TIMEOUT_S = 10.0
@@ -134,9 +152,12 @@ def kill_leftover_roles(node: str) -> list[str]:
     finally:
         leftover.close()
     found: list[tuple[str, int, float]] = []
-    for role in LEFTOVER_ROLES:
-        pid = values.get(f"{role}.pid", 0)
-        start_time_s = values.get(f"{role}.start_time_ms", 0) / 1000
+    # Every role a node can have, whether or not it ran: a leftover of any of them must be found.
+    # Read by name, whatever the old segment's layout version: its name table says where.
+    for role in Role:
+        block = ROLE_COUNTERS[role]
+        pid = values.get(block.pid.name, 0)
+        start_time_s = values.get(block.start_time_ms.name, 0) / 1000
         # Without a recorded start time a pid cannot be told from a reused one: leave it (a role
         # started by this release records both, and checks its own parent anyway).
         if pid > 0 and start_time_s > 0 and creator_status(pid, start_time_s) is None:
@@ -186,10 +207,11 @@ class Supervisor:
         self.watchdog_interval_s = watchdog_interval_s()
         self.notifier = notifier or Notifier.from_environment(unset_environment=True)
         self.stop_requested = False
-        self.processes: dict[str, subprocess.Popen[bytes]] = {}
-        self.fatal_pipes: dict[str, int] = {}  # role -> read end of the pipe it reports a fatal error on
+        self.roles = node_roles()
+        self.processes: dict[Role, subprocess.Popen[bytes]] = {}
+        self.fatal_pipes: dict[Role, int] = {}  # role -> read end of the pipe it reports a fatal error on
         self.last_failure = ""  # why the pipeline last restarted, for the message when giving up
-        self.counters: Counters | None = None
+        self.counters: CounterView | None = None  # the supervisor's view: its own counters writable
         self.rings: list[Ring] = []
         self.ready_sent = False
         self.incarnation = 0
@@ -226,14 +248,14 @@ class Supervisor:
                 log.warning("removed %s left by a previous seqd for node %s that is no longer running", name, node)
 
     @contextmanager
-    def shared_memory(self) -> Iterator[Counters]:
+    def shared_memory(self) -> Iterator[CounterView]:
         config = self.config
         node = config.node.name
         self._remove_leftovers()
         # One epoch for the incarnation's segments: a role started for it attaches only these.
         epoch = secrets.randbelow(EPOCH_MAX + 1)
         self.epoch = epoch
-        counters = Counters.create(counters_name(node), COUNTER_NAMES, epoch=epoch)
+        counters = CounterView(create_counters(node, epoch=epoch), SUPERVISOR)
         rings: list[Ring] = []
         try:
             rings.append(Ring.create(log_name(node), config.ring.log_capacity_bytes, readers=LOG_READERS, epoch=epoch))
@@ -248,24 +270,27 @@ class Supervisor:
                 ring.close()
                 ring.unlink()
             counters.close()
-            counters.unlink()
+            counters.counters.unlink()
             self.counters = None
             self.rings = []
 
     # ---- roles -----------------------------------------------------------------------------
 
-    def _spawn(self, role: str) -> subprocess.Popen[bytes]:
-        assert self.counters is not None
+    def _spawn(self, role: Role) -> subprocess.Popen[bytes]:
+        counters = self.counters
+        assert counters is not None
+        block = ROLE_COUNTERS[role]
         environment = dict(os.environ)
         environment["SEQD_CONFIG_JSON"] = self.config.to_json().decode()
         environment[SUPERVISOR_PID_ENV] = str(os.getpid())
         environment[EPOCH_ENV] = str(self.epoch)
-        if role == "blp":
+        if role is Role.BLP:
             environment["PYTHONHASHSEED"] = BLP_HASH_SEED
-        role_config = self.config.roles.get(role)
-        self.counters[f"{role}.state"].set(int(RoleState.STARTING))
-        self.counters[f"{role}.cpu"].set(role_config.cpu)
-        self.counters[f"{role}.idle"].set(IDLE_CODES[role_config.idle])
+        # The launch block is the supervisor's; `<role>.state` is the role's, STARTING (0) in the
+        # fresh segment until the role writes it.
+        role_config = self.config.role(role)
+        counters[block.cpu].set(role_config.cpu)
+        counters[block.idle].set(IdleCode[role_config.idle.upper()])
         fatal_read, fatal_write = os.pipe()
         environment[FATAL_FD_ENV] = str(fatal_write)
         try:
@@ -281,8 +306,8 @@ class Supervisor:
         # The start time first: a pid in the counters always comes with it (kill_leftover_roles).
         # The child cannot have been reaped yet (only this process waits for it).
         start_time_s = psutil.Process(process.pid).create_time()
-        self.counters[f"{role}.start_time_ms"].set(round(start_time_s * 1000))
-        self.counters[f"{role}.pid"].set(process.pid)
+        counters[block.start_time_ms].set(round(start_time_s * 1000))
+        counters[block.pid].set(process.pid)
         self.processes[role] = process
         log.info("started %s as pid %d", role, process.pid)
         return process
@@ -301,7 +326,7 @@ class Supervisor:
                 raise FatalError(ExitCode(code), message)
             raise RoleDied(role, code)
 
-    def _wait_running(self, roles: tuple[str, ...]) -> None:
+    def _wait_running(self, roles: tuple[Role, ...]) -> None:
         """Wait for the roles to run; while the blp replays, tell systemd how far it got.
 
         Recovery has no fixed length, so instead of one start timeout the supervisor extends
@@ -311,13 +336,13 @@ class Supervisor:
         counters = self.counters
         assert counters is not None
         deadline = time.monotonic() + ROLE_START_TIMEOUT_S
-        progress = counters["recovery.records"]
-        last_index = counters["recovery.last.index"].get()
+        progress = counters[RECOVERY_RECORDS]
+        last_index = counters[RECOVERY_LAST_INDEX].get()
         reported = -1
         next_report = time.monotonic()
         while True:
             self._check_children()
-            if all(counters[f"{role}.state"].get() == RoleState.RUNNING for role in roles):
+            if all(counters[ROLE_COUNTERS[role].state].get() == RoleState.RUNNING for role in roles):
                 return
             if self.stop_requested:
                 return
@@ -341,7 +366,7 @@ class Supervisor:
 
     def _beat(self) -> None:
         if self.counters is not None:
-            self.counters["supervisor.heartbeat"].add(1)
+            self.counters[SUPERVISOR_HEARTBEAT].add(1)
 
     def _kill_all(self) -> None:
         for process in self.processes.values():
@@ -357,12 +382,12 @@ class Supervisor:
             os.close(descriptor)
         self.fatal_pipes.clear()
 
-    def _stop_role(self, role: str) -> int | None:
+    def _stop_role(self, role: Role) -> int | None:
         process = self.processes.get(role)
         if process is None:
             return None
         assert self.counters is not None
-        self.counters[f"{role}.stop"].set(1)  # roles ignore signals: this is how they are stopped
+        self.counters[ROLE_COUNTERS[role].stop].set(1)  # roles ignore signals: this is how they are stopped
         try:
             code = process.wait(timeout=ROLE_STOP_TIMEOUT_S)
         except subprocess.TimeoutExpired:
@@ -376,10 +401,10 @@ class Supervisor:
     def drain(self) -> bool:
         """Stop in dependency order; True if every role exited cleanly."""
         assert self.counters is not None
-        self.counters["node.state"].set(int(NodeState.DRAINING))
+        self.counters[NODE_STATE].set(int(NodeState.DRAINING))
         self.notifier.stopping("draining: finishing committed commands")
         clean = True
-        for role in ("sequencer", "journaller", "blp"):
+        for role in drain_order(self.roles):
             code = self._stop_role(role)
             if code not in (0, None):
                 log.error("%s exited with %s while draining", role, code)
@@ -388,7 +413,9 @@ class Supervisor:
 
     # ---- recovery --------------------------------------------------------------------------
 
-    def recover_journal(self, counters: Counters) -> None:
+    def recover_journal(self, counters: CounterView) -> None:
+        """Open (and repair) the journal and publish what it ends with in `recovery.last.*`; each
+        role starts its own counters from there."""
         config = self.config
         for directory in (config.journal_dir, config.snapshot_dir):
             try:
@@ -418,40 +445,43 @@ class Supervisor:
         if last_index:
             for record in read_records(config.journal_dir, last_index, last_index):
                 last_timestamp_ns = record.timestamp_ns
-        counters["recovery.last.index"].set(last_index)
-        counters["recovery.last.term"].set(last_term)
-        counters["recovery.last.timestamp_ns"].set(last_timestamp_ns)
-        counters["log.published.index"].set(last_index)
-        counters["journal.durable.index"].set(last_index)
-        counters["commit.index"].set(last_index)
-        counters["blp.applied.index"].set(0)
+        counters[RECOVERY_LAST_INDEX].set(last_index)
+        counters[RECOVERY_LAST_TERM].set(last_term)
+        counters[RECOVERY_LAST_TIMESTAMP_NS].set(last_timestamp_ns)
         log.info("journal recovered: last index %d, term %d", last_index, last_term)
 
     # ---- main loop -------------------------------------------------------------------------
+
+    def _start_roles(self) -> None:
+        """Start the roles phase by phase (`Role.start_phase`), each phase once the one before
+        runs: the log ring's readers first (the blp recovers), then the sequencer."""
+        started: list[Role] = []
+        for phase in sorted({role.start_phase for role in self.roles}):
+            for role in self.roles:
+                if role.start_phase == phase:
+                    self._spawn(role)
+                    started.append(role)
+            self._wait_running(tuple(started))
 
     def run_incarnation(self) -> bool:
         """One pipeline from recovery to stop. True: stopped on request; False: a role died."""
         config = self.config
         self.incarnation += 1
         with self.shared_memory() as counters:
-            counters["supervisor.pid"].set(os.getpid())
-            counters["supervisor.restarts"].set(self.restarts)
-            counters["node.number"].set(config.node.number)
-            counters["node.incarnation"].set(int(time.time()) ^ self.incarnation)
-            counters["node.state"].set(int(NodeState.RECOVERING))
+            counters[SUPERVISOR_PID].set(os.getpid())
+            counters[SUPERVISOR_RESTARTS].set(self.restarts)
+            counters[NODE_NUMBER].set(config.node.number)
+            counters[NODE_INCARNATION].set(incarnation_id(time.time(), self.incarnation))
+            counters[NODE_STATE].set(int(NodeState.RECOVERING))
             self.notifier.status("recovering: reading the journal")
             try:
                 self.recover_journal(counters)
-                self.notifier.status(f"recovering: replaying up to index {counters['recovery.last.index'].get()}")
-                self._spawn("journaller")
-                self._spawn("blp")
-                self._wait_running(("journaller", "blp"))
-                self._spawn("sequencer")
-                self._wait_running(ROLES)
+                self.notifier.status(f"recovering: replaying up to index {counters[RECOVERY_LAST_INDEX].get()}")
+                self._start_roles()
                 if self.stop_requested:
                     return self.drain()
-                counters["node.state"].set(int(NodeState.SERVING))
-                status = f"serving {config.socket.path} from index {counters['log.published.index'].get()}"
+                counters[NODE_STATE].set(int(NodeState.SERVING))
+                status = f"serving {config.socket.path} from index {counters[LOG_PUBLISHED_INDEX].get()}"
                 if not self.ready_sent:
                     self.notifier.ready(status)
                     self.ready_sent = True
@@ -460,32 +490,33 @@ class Supervisor:
                 log.info("node %s %s", config.node.name, status)
                 self.monitor(counters)
                 ok = self.drain()
-                counters["node.state"].set(int(NodeState.STOPPED))
+                counters[NODE_STATE].set(int(NodeState.STOPPED))
                 return ok
             except RoleDied as died:
                 self.restarts += 1
                 self.last_failure = str(died)
-                if died.role == "journaller" and died.returncode == ROLE_EXIT_FAIL_STOP:
-                    self.durable_index_after_fail_stop = counters["journal.durable.index"].get()
+                if died.role == Role.JOURNALLER and died.returncode == ROLE_EXIT_FAIL_STOP:
+                    self.durable_index_after_fail_stop = counters[JOURNAL_DURABLE_INDEX].get()
                 log.error("%s; restarting the pipeline from the journal", died)
                 self.notifier.status(f"restarting: {died}")
                 return False
             finally:
                 self._kill_all()
 
-    def monitor(self, counters: Counters) -> None:
+    def monitor(self, counters: CounterView) -> None:
         interval_s = self.watchdog_interval_s
+        heartbeats = {role: counters[ROLE_COUNTERS[role].heartbeat] for role in self.roles}
         gate = WatchdogGate(
-            lambda: {role: counters[f"{role}.heartbeat"].get() for role in ROLES}, self.notifier.watchdog
+            lambda: {role.value: heartbeat.get() for role, heartbeat in heartbeats.items()}, self.notifier.watchdog
         )
         next_ping = time.monotonic() + (interval_s or 0)
-        disk_full, disk_seen = counters["journal.disk_full"], 0
+        disk_full, disk_seen = counters[JOURNAL_DISK_FULL], 0
         while not self.stop_requested:
             self._check_children()
             self._beat()
             if disk_full.get() != disk_seen:  # STATUS= says so while the disk is full
                 disk_seen = disk_full.get()
-                text = disk_full_text(disk_seen, counters["journal.free_bytes"].get())
+                text = disk_full_text(disk_seen, counters[JOURNAL_FREE_BYTES].get())
                 self.notifier.status(text or f"serving {self.config.socket.path}: disk space is back")
             if interval_s is not None and time.monotonic() >= next_ping:
                 gate.tick()

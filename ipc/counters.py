@@ -2,13 +2,17 @@
 
 Positions (log published, journal durable, commit, blp applied, egress published and consumed),
 the Raft standing, term, leader, heartbeats and error counts live here, so `seqd status` can read
-them without talking to the daemon. Each counter has exactly one writing process by convention
-(nothing enforces it): `add` is a load then a store, not an atomic increment, and is correct only
-because no one else stores that line. Readers see each value whole (aligned 8-byte loads, see
-`ipc.platform`).
+them without talking to the daemon. Each counter has exactly one writing process: `add` is a load
+then a store, not an atomic increment, and is correct only because no one else stores that line.
+This module does not know who owns what; its user does, and hands a process that must not write a
+counter a `read_only` handle to it, whose `set` and `add` raise (the daemon does so for every
+counter a role does not own: daemon/layout.py). Readers see each value whole (aligned 8-byte
+loads, see `ipc.platform`).
 
 Layout of the segment payload: a table of names (`NAME_BYTES_MAX` bytes each, rounded up to whole
-lines), then one 128-byte line per counter with the value in its first 8 bytes.
+lines), then one 128-byte line per counter with the value in its first 8 bytes. What the names
+mean is the user's: it declares a `layout_version` at create, which the segment header carries
+and `attach` checks when told which version it reads.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from types import TracebackType
 from ipc.platform import check_memory_ordering
 from ipc.segment import LINE_BYTES, Segment, SegmentError
 
-__all__ = ["COUNTERS_MAX", "NAME_BYTES_MAX", "Counter", "Counters"]
+__all__ = ["COUNTERS_MAX", "NAME_BYTES_MAX", "Counter", "CounterWriteError", "Counters", "ReadOnlyCounter"]
 
 KIND = "counters"
 # `seqd status` prints all of them; 256 lines is 32 KiB, far more than a node needs.
@@ -31,6 +35,10 @@ _WORDS_PER_LINE = LINE_BYTES // 8
 def _names_bytes(count: int) -> int:
     raw = count * NAME_BYTES_MAX
     return (raw + LINE_BYTES - 1) // LINE_BYTES * LINE_BYTES
+
+
+class CounterWriteError(Exception):
+    """A process wrote a counter it only may read (a programmer error: the message names both)."""
 
 
 class Counter:
@@ -61,8 +69,31 @@ class Counter:
         method call: `view[index]` is the same aligned 8-byte load as `get()`."""
         return self._view, self._index
 
+    def read_only(self, why: str) -> ReadOnlyCounter:
+        """A handle to the same word whose `set` and `add` raise `CounterWriteError(why)`, for a
+        process that reads this counter but does not own it."""
+        return ReadOnlyCounter(self.name, self._view, self._index, why)
+
     def __repr__(self) -> str:
-        return f"Counter({self.name!r}, {self.get()})"
+        return f"{type(self).__name__}({self.name!r}, {self.get()})"
+
+
+class ReadOnlyCounter(Counter):
+    """A counter another process owns: `get` and `word` as usual (`word` is for loads only),
+    `set` and `add` raise. The check costs nothing on the owner's path: the owner holds a plain
+    `Counter`."""
+
+    __slots__ = ("_why",)
+
+    def __init__(self, name: str, view: memoryview, index: int, why: str) -> None:
+        super().__init__(name, view, index)
+        self._why = why
+
+    def set(self, value: int) -> None:
+        raise CounterWriteError(self._why)
+
+    def add(self, delta: int) -> int:
+        raise CounterWriteError(self._why)
 
 
 class Counters:
@@ -79,9 +110,12 @@ class Counters:
         }
 
     @classmethod
-    def create(cls, name: str, counter_names: Sequence[str], epoch: int | None = None) -> Counters:
+    def create(
+        cls, name: str, counter_names: Sequence[str], epoch: int | None = None, layout_version: int = 0
+    ) -> Counters:
         """Create counters segment `name` holding `counter_names`, all zero (`epoch`: see
-        `Segment.create`).
+        `Segment.create`; `layout_version`: the version of the caller's table of names, stored
+        as the segment's content version).
 
         Raises:
             ValueError: no names, too many, duplicates, or a name that is not short ASCII.
@@ -91,7 +125,9 @@ class Counters:
         names = tuple(counter_names)
         _check_names(names)
         payload_bytes = _names_bytes(len(names)) + len(names) * LINE_BYTES
-        segment = Segment.create(name, KIND, payload_bytes, capacity=len(names), epoch=epoch)
+        segment = Segment.create(
+            name, KIND, payload_bytes, capacity=len(names), epoch=epoch, content_version=layout_version
+        )
         for slot, counter in enumerate(names):
             encoded = counter.encode("ascii")
             offset = slot * NAME_BYTES_MAX
@@ -99,17 +135,21 @@ class Counters:
         return cls(segment, names)
 
     @classmethod
-    def attach(cls, name: str, epoch: int | None = None, stale_ok: bool = False) -> Counters:
+    def attach(
+        cls, name: str, epoch: int | None = None, stale_ok: bool = False, layout_version: int | None = None
+    ) -> Counters:
         """Attach counters segment `name` after validating its header and name table.
 
         Args:
             epoch, stale_ok: see `Segment.attach` (expect this epoch; read a dead creator's values).
+            layout_version: if given, the version of the table of names this process reads.
 
         Raises:
-            SegmentError: missing, foreign, stale, another epoch, wrong version or a corrupt layout.
+            SegmentVersionError: another header version, or another `layout_version`.
+            SegmentError: missing, foreign, stale, another epoch or a corrupt layout.
         """
         check_memory_ordering()
-        segment = Segment.attach(name, KIND, epoch=epoch, stale_ok=stale_ok)
+        segment = Segment.attach(name, KIND, epoch=epoch, stale_ok=stale_ok, content_version=layout_version)
         try:
             count = segment.capacity
             if not 1 <= count <= COUNTERS_MAX:

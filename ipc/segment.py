@@ -1,9 +1,9 @@
 """Named POSIX shared-memory segments with a validated header.
 
 A segment is `HEADER_BYTES` of header followed by a payload area that a ring or a counters table
-lays out. The header says what the segment is (magic, layout version, kind), how big it is
-(payload bytes, kind-specific capacity) and who made it (creator pid and that process's start
-time, and a random epoch). Unrelated processes attach by name; attach validates every field and
+lays out. The header says what the segment is (magic, layout version, kind, and the version of
+what its user lays out in the payload), how big it is (payload bytes, kind-specific capacity) and
+who made it (creator pid and that process's start time, and a random epoch). Unrelated processes attach by name; attach validates every field and
 refuses a foreign, half-initialised, wrongly sized or stale segment with a `SegmentError` that says
 what was wrong and what to do.
 
@@ -41,13 +41,16 @@ __all__ = [
     "MAGIC",
     "Segment",
     "SegmentError",
+    "SegmentVersionError",
     "creator_status",
     "remove_stale",
     "segment_name",
 ]
 
 MAGIC = b"seqd.shm"
-LAYOUT_VERSION = 1
+# The header's own layout. 2: the content version field was added (and the daemon's counters
+# table changed with it, so a reader of version 1 refuses the new counters instead of misreading).
+LAYOUT_VERSION = 2
 # One line per shared word: 128 bytes, not 64, because Intel's adjacent-line prefetcher pulls
 # lines in pairs, so two writers 64 bytes apart still false-share (Disruptor pads to 128).
 LINE_BYTES = 128
@@ -60,6 +63,7 @@ NAME_BYTES_MAX = 160
 # A payload over 4 GiB is a configuration mistake on the machines seqd targets.
 PAYLOAD_BYTES_MAX = 1 << 32
 EPOCH_MAX = (1 << 64) - 1  # the header stores the epoch as an unsigned 64-bit word
+CONTENT_VERSION_MAX = (1 << 32) - 1  # and the content version as an unsigned 32-bit word
 # Creator start times are compared within this tolerance: psutil derives them from clock ticks
 # (10 ms on Linux) and a boot time, both stable for one boot.
 START_TIME_TOLERANCE_S = 0.05
@@ -67,8 +71,10 @@ START_TIME_TOLERANCE_S = 0.05
 SHM_DIRECTORY = Path("/dev/shm")
 
 # magic, layout version, header bytes, payload bytes, capacity, creator pid, creator start time
-# (seconds since the epoch, as psutil reports it), epoch, kind.
-_HEADER = struct.Struct("<8sIIQQQdQ16s")
+# (seconds since the epoch, as psutil reports it), epoch, kind, content version (the layout of the
+# payload as the kind's user defines it, e.g. the daemon's counter table; 0 when unversioned).
+# Fields only ever go at the end: `remove_stale` reads the magic and creator of any version.
+_HEADER = struct.Struct("<8sIIQQQdQ16sI")
 assert _HEADER.size <= HEADER_BYTES
 _MAGIC_OFFSET = 0
 _PID_OFFSET = 32
@@ -80,6 +86,10 @@ _NAME = re.compile(r"^/[A-Za-z0-9_.-]+$")
 
 class SegmentError(Exception):
     """A segment is missing, foreign, malformed, stale or in use; the message says what to do."""
+
+
+class SegmentVersionError(SegmentError):
+    """A segment of another layout (header or content version): made by another release."""
 
 
 def segment_name(node: str, name: str) -> str:
@@ -142,6 +152,7 @@ class Segment:
         creator_pid, creator_start_time_s: who made it (the start time tells the creator from a
             later process that reuses its pid; see `creator_status`).
         epoch: a number unique to this creation of the name (random unless the creator chose it).
+        content_version: the version of the payload's layout its creator declared (0: none).
         buffer: a writable memoryview of the payload area, 128-byte aligned.
     """
 
@@ -155,6 +166,7 @@ class Segment:
         creator_pid: int,
         creator_start_time_s: float,
         epoch: int,
+        content_version: int = 0,
     ) -> None:
         self.name = name
         self.kind = kind
@@ -163,6 +175,7 @@ class Segment:
         self.creator_pid = creator_pid
         self.creator_start_time_s = creator_start_time_s
         self.epoch = epoch
+        self.content_version = content_version
         self._mmap: mmap.mmap | None = memory
         self._whole = memoryview(memory)
         self.buffer = self._whole[HEADER_BYTES : HEADER_BYTES + payload_bytes]
@@ -175,7 +188,13 @@ class Segment:
 
     @classmethod
     def create(
-        cls, name: str, kind: str, payload_bytes: int, capacity: int | None = None, epoch: int | None = None
+        cls,
+        name: str,
+        kind: str,
+        payload_bytes: int,
+        capacity: int | None = None,
+        epoch: int | None = None,
+        content_version: int = 0,
     ) -> Segment:
         """Create segment `name` exclusively (mode 0600) with a fresh header.
 
@@ -187,6 +206,8 @@ class Segment:
             epoch: the header's epoch, 0..2**64-1; random by default. A creator that makes several
                 segments for one purpose may give them one epoch and pass it to the processes
                 that attach (see `attach`).
+            content_version: the version of what the caller lays out in the payload, 0..2**32-1,
+                checked by an `attach` that names the version it reads.
 
         Raises:
             SegmentError: the name exists (the message says whether it is stale and how to remove
@@ -202,6 +223,8 @@ class Segment:
             )
         if epoch is not None and not 0 <= epoch <= EPOCH_MAX:
             raise ValueError(f"epoch={epoch} must be in 0..EPOCH_MAX={EPOCH_MAX}")
+        if not 0 <= content_version <= CONTENT_VERSION_MAX:
+            raise ValueError(f"content_version={content_version} must be in 0..{CONTENT_VERSION_MAX}")
         capacity = payload_bytes if capacity is None else capacity
         size = HEADER_BYTES + payload_bytes
         try:
@@ -230,13 +253,21 @@ class Segment:
             start_time_s,
             epoch,
             kind_bytes,
+            content_version,
         )
         memory[0 : len(header)] = header
         memory[_MAGIC_OFFSET : _MAGIC_OFFSET + len(MAGIC)] = MAGIC
-        return cls(name, memory, kind, capacity, payload_bytes, pid, start_time_s, epoch)
+        return cls(name, memory, kind, capacity, payload_bytes, pid, start_time_s, epoch, content_version)
 
     @classmethod
-    def attach(cls, name: str, kind: str, epoch: int | None = None, stale_ok: bool = False) -> Segment:
+    def attach(
+        cls,
+        name: str,
+        kind: str,
+        epoch: int | None = None,
+        stale_ok: bool = False,
+        content_version: int | None = None,
+    ) -> Segment:
         """Map existing segment `name` after validating its header.
 
         Args:
@@ -244,11 +275,15 @@ class Segment:
                 with another epoch was created since, for someone else, and is refused.
             stale_ok: map a segment whose creator has exited, to read what it last recorded (a
                 post-mortem: do not write to it). Every other check still applies.
+            content_version: if given, the payload layout this process reads; a segment created
+                with another is refused (`SegmentVersionError`).
 
         Raises:
+            SegmentVersionError: another header layout version, or another content version than
+                `content_version`: the segment was made by another release.
             SegmentError: missing, too small, wrong magic (foreign or half-initialised), wrong
-                layout version, wrong kind, size not matching the header, stale (its creator
-                has exited) or another epoch than `epoch`.
+                kind, size not matching the header, stale (its creator has exited) or another
+                epoch than `epoch`.
         """
         _check_name(name)
         try:
@@ -278,9 +313,17 @@ class Segment:
             raise
         if problem is not None:
             memory.close()
-            raise SegmentError(problem)
-        _, _, _, payload_bytes, capacity, pid, start_time_s, found_epoch, _ = fields
-        return cls(name, memory, kind, capacity, payload_bytes, pid, start_time_s, found_epoch)
+            raise problem
+        _, _, _, payload_bytes, capacity, pid, start_time_s, found_epoch, _, found_content = fields
+        if content_version is not None and found_content != content_version:
+            memory.close()
+            raise SegmentVersionError(
+                f"{name} holds {kind} of layout version {found_content}, this seqd reads version "
+                f"{content_version}: it was made by a different seqd release. Use the seqd of the "
+                "release that runs this node; if none runs, remove "
+                f"{_shm_path(name)} and start one release."
+            )
+        return cls(name, memory, kind, capacity, payload_bytes, pid, start_time_s, found_epoch, found_content)
 
     def close(self) -> None:
         """Unmap the segment (the name stays; see `unlink`). Idempotent.
@@ -317,8 +360,17 @@ class Segment:
         self.close()
 
 
-def _validate(name: str, fields: tuple, kind: str, size: int, stale_ok: bool) -> str | None:
-    magic, version, header_bytes, payload_bytes, _capacity, pid, start_time_s, _epoch, kind_raw = fields
+def _validate(name: str, fields: tuple, kind: str, size: int, stale_ok: bool) -> SegmentError | None:
+    problem = _problem(name, fields, kind, size, stale_ok)
+    if problem is None:
+        return None
+    if fields[0] == MAGIC and fields[1] != LAYOUT_VERSION:
+        return SegmentVersionError(problem)
+    return SegmentError(problem)
+
+
+def _problem(name: str, fields: tuple, kind: str, size: int, stale_ok: bool) -> str | None:
+    magic, version, header_bytes, payload_bytes, _capacity, pid, start_time_s, _epoch, kind_raw, _ = fields
     path = _shm_path(name)
     if magic != MAGIC:
         if magic == b"\0" * len(MAGIC) and pid != 0:
@@ -361,11 +413,11 @@ def _validate(name: str, fields: tuple, kind: str, size: int, stale_ok: bool) ->
     return None
 
 
-def _check_epoch(name: str, fields: tuple, epoch: int | None) -> str | None:
+def _check_epoch(name: str, fields: tuple, epoch: int | None) -> SegmentError | None:
     found, pid = fields[7], fields[5]
     if epoch is None or found == epoch:
         return None
-    return (
+    return SegmentError(
         f"{name} has epoch {found:#018x}, this process expects {epoch:#018x}: the name was removed "
         f"and created again (now by pid {pid}) since this process was started for it. Not "
         "attaching: the segment belongs to another owner. This process is left over from an "

@@ -19,7 +19,7 @@ import pytest
 
 import ipc
 from daemon.agent import Agent, AgentRunner
-from daemon.layout import COUNTER_NAMES, EGRESS_READERS, LOG_READERS, RoleState
+from daemon.layout import COUNTER_NAMES, EGRESS_READERS, LOG_READERS, CounterView, Role, RoleState
 from daemon.roles.blp import FRAMES_PER_POLL_MAX, BlpAgent
 from daemon.roles.journaller import JournallerAgent
 from ipc.counters import Counters
@@ -119,14 +119,14 @@ class Node:
     def journaller(self, batch_bytes_max: int = 1 << 16) -> JournallerAgent:
         journal = Journal.open(self.journal_dir, segment_bytes=SEGMENT_BYTES, preallocate=False)
         self.journals.append(journal)
-        agent = JournallerAgent(self.log_ring, journal, self.counters, batch_bytes_max=batch_bytes_max,
+        agent = JournallerAgent(self.log_ring, journal, CounterView(self.counters, Role.JOURNALLER), batch_bytes_max=batch_bytes_max,
                                 delete_journal=False)  # fmt: skip
         agent.on_start()
         return agent
 
     def blp(self, processor: Processor[Any] | None = None) -> BlpAgent:
         agent = BlpAgent(processor or Processor(Ledger, node="n1"), self.log_ring, self.egress_ring,
-                         self.counters, snapshot_dir=self.snapshot_dir, snapshot_keep=2,
+                         CounterView(self.counters, Role.BLP), snapshot_dir=self.snapshot_dir, snapshot_keep=2,
                          delete_journal=False)  # fmt: skip
         agent.on_start()
         return agent

@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 
 import ipc
-from ipc.counters import Counters
-from ipc.segment import LINE_BYTES, SegmentError
+from ipc.counters import Counter, Counters, CounterWriteError, ReadOnlyCounter
+from ipc.segment import LINE_BYTES, SegmentError, SegmentVersionError
 
 FORK = multiprocessing.get_context("fork")
 NAMES = ["log.published", "journal.durable", "commit", "blp.applied", "raft_role", "term"]
@@ -104,3 +104,32 @@ def test_counter_names_are_checked(unique):
         Counters.create(ipc.segment_name(unique, "c"), ["a", "a"])
     with pytest.raises(ValueError, match="printable ASCII"):
         Counters.create(ipc.segment_name(unique, "c"), ["x" * 65])
+
+
+def test_a_read_only_handle_reads_the_same_word_and_refuses_every_write(counters):
+    owned = counters["commit"]
+    read_only = owned.read_only("the blp may not write commit: the journaller owns it")
+    assert isinstance(read_only, Counter)  # usable wherever a counter is read (a ring limit)
+    owned.set(41)
+    assert read_only.get() == 41
+    view, index = read_only.word
+    assert view[index] == 41
+    with pytest.raises(CounterWriteError, match="the blp may not write commit: the journaller owns it"):
+        read_only.set(1)
+    with pytest.raises(CounterWriteError, match="the journaller owns it"):
+        read_only.add(1)
+    assert owned.get() == 41
+    assert type(owned) is Counter and type(read_only) is ReadOnlyCounter
+
+
+def test_attach_with_a_layout_version_refuses_counters_of_another(unique):
+    name = ipc.segment_name(unique, "versioned")
+    created = Counters.create(name, NAMES, layout_version=3)
+    try:
+        with pytest.raises(SegmentVersionError, match="counters of layout version 3, this seqd reads version 4"):
+            Counters.attach(name, layout_version=4)
+        with Counters.attach(name, layout_version=3) as attached:
+            assert attached.names == tuple(NAMES)
+    finally:
+        created.close()
+        created.unlink()

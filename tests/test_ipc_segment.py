@@ -20,6 +20,7 @@ from ipc.segment import (
     MAGIC,
     Segment,
     SegmentError,
+    SegmentVersionError,
     creator_status,
     remove_stale,
 )
@@ -111,8 +112,28 @@ def test_attach_refuses_a_segment_smaller_than_a_header(name):
 def test_attach_refuses_wrong_layout_version(name):
     with Segment.create(name, "test", 256):
         _poke(name, 8, struct.pack("<I", LAYOUT_VERSION + 98))
-        with pytest.raises(SegmentError, match=f"layout version {LAYOUT_VERSION + 98}, this seqd reads version {LAYOUT_VERSION}"):
+        with pytest.raises(SegmentVersionError, match=f"layout version {LAYOUT_VERSION + 98}, this seqd reads version {LAYOUT_VERSION}"):
             Segment.attach(name, "test")
+
+
+def test_attach_refuses_a_content_version_it_does_not_read(name):
+    with Segment.create(name, "test", 256, content_version=7) as created:
+        assert created.content_version == 7
+        with pytest.raises(SegmentVersionError, match="holds test of layout version 7, this seqd reads version 8"):
+            Segment.attach(name, "test", content_version=8)
+        with Segment.attach(name, "test", content_version=7) as attached:
+            assert attached.content_version == 7
+        with Segment.attach(name, "test") as attached:  # a reader that does not care
+            assert attached.content_version == 7
+
+
+def test_remove_stale_reads_the_creator_of_a_first_version_header(name):
+    """Fields only go at the end of the header: a leftover of the previous release (version 1,
+    no content version) is still recognised as stale and removed."""
+    _stale(name)
+    _poke(name, 8, struct.pack("<I", 1))
+    _poke(name, 72, bytes(4))
+    assert remove_stale(name)
 
 
 def test_attach_refuses_wrong_kind(name):

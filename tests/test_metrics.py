@@ -28,7 +28,8 @@ SNAPSHOT = {
     "log.published.position": 8192,
     "blp.applied.position": 4096,
     "commands.total": 128,
-    "errors.total": 3,
+    "sequencer.errors": 2,
+    "blp.errors": 1,
     "errors.protocol": 2,
     "raft.term": 5,
 }
@@ -71,7 +72,35 @@ def test_rendering_is_valid_exposition_with_help_and_type_per_family() -> None:
     )
     assert families["seqd_commands_total"] == ("counter", ['seqd_commands_total{node="n1"} 128'])
     assert families["seqd_errors_protocol_total"][0] == "counter"
-    assert families["seqd_errors_total"][1] == ['seqd_errors_total{node="n1"} 3']
+    assert families["seqd_errors_total"] == ("counter", ['seqd_errors_total{node="n1"} 3'])
+
+
+def test_each_role_counts_its_errors_and_the_total_is_their_sum() -> None:
+    text = render_prometheus(SNAPSHOT)
+    families = parse_exposition(text)
+    kind, samples = families["seqd_role_errors_total"]
+    assert kind == "counter"
+    assert sorted(samples) == ['seqd_role_errors_total{role="blp"} 1', 'seqd_role_errors_total{role="sequencer"} 2']
+    assert families["seqd_errors_total"][1] == ["seqd_errors_total 3"]
+    assert "# HELP seqd_errors_total Errors of every kind since start, summed over the roles." in text
+    # No role errors in the snapshot (an older layout, say): no made-up total of 0 either.
+    assert "seqd_errors_total" not in render_prometheus({"errors.protocol": 1})
+
+
+def test_kinds_and_help_come_from_the_counter_table() -> None:
+    from daemon.layout import COUNTERS, Kind
+
+    text = render_prometheus(dict.fromkeys((spec.name for spec in COUNTERS), 0))
+    families = parse_exposition(text)
+    for spec in COUNTERS:
+        role, _, field = spec.name.partition(".")
+        per_role = role in {"supervisor", "sequencer", "journaller", "blp", "replicator"} and "." not in field
+        family = "seqd_" + (f"role_{field}" if per_role else spec.name.replace(".", "_"))
+        if spec.kind is Kind.COUNTER and not family.endswith("_total"):
+            family += "_total"
+        assert families[family][0] == ("counter" if spec.kind is Kind.COUNTER else "gauge"), spec.name
+        if not per_role:
+            assert f"# HELP {family} {spec.help}" in text, spec.name
 
 
 def test_per_role_counters_form_one_family_with_a_role_label() -> None:
@@ -96,13 +125,15 @@ def test_names_and_label_values_are_sanitised_and_escaped() -> None:
     assert 'node="a\\"b\\\\c\\nd"' in text
 
 
-def test_counters_and_gauges_are_typed_by_name() -> None:
+def test_counters_and_gauges_are_typed_by_the_table() -> None:
     assert metric_kind("errors.journal") == "counter"
     assert metric_kind("blp.heartbeat") == "counter"
     assert metric_kind("sessions.total") == "counter"
     assert metric_kind("sessions.open") == "gauge"
     assert metric_kind("commit.index") == "gauge"
     assert metric_kind("raft.role") == "gauge"
+    assert metric_kind("blp.errors") == "counter"
+    assert metric_kind("no.such.counter") == "gauge"
 
 
 def test_explicit_kinds_override_the_name_rule() -> None:
@@ -259,4 +290,4 @@ def test_full_disk_state_is_a_documented_gauge_and_its_refusals_a_counter() -> N
     assert families["seqd_journal_disk_full"] == ("gauge", ["seqd_journal_disk_full 1"])
     assert families["seqd_journal_free_bytes"][0] == "gauge"
     assert families["seqd_errors_disk_full_total"][0] == "counter"
-    assert "# HELP seqd_journal_disk_full Journal disk: 0 room, 1 short (new commands refused with disk_full)" in text
+    assert "# HELP seqd_journal_disk_full Journal disk: 0 room, 1 short, 2 full (short: new commands refused with disk_full" in text

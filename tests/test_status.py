@@ -7,9 +7,18 @@ import io
 import json
 import os
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 
+from daemon.layout import (
+    COUNTER_NAMES,
+    COUNTERS_LAYOUT_VERSION,
+    Role,
+    counters_name,
+    create_counters,
+)
 from daemon.status import (
     Liveness,
     NodeStatus,
@@ -21,6 +30,7 @@ from daemon.status import (
     watch,
 )
 
+ROOT = Path(__file__).resolve().parent.parent
 SUPERVISOR_PID = 4242
 ROLE_PIDS = {"sequencer": 4243, "journaller": 4244, "blp": 4245}
 STALE_AFTER_S = 1.0
@@ -60,7 +70,9 @@ def live_values(**overrides: int) -> dict[str, int]:
         "sessions.open": 3,
         "sessions.total": 7,
         "commands.total": 990,
-        "errors.total": 2,
+        "sequencer.errors": 2,
+        "journaller.errors": 0,
+        "blp.errors": 0,
         "errors.protocol": 2,
         "errors.journal": 0,
         "snapshot.last.index": 500,
@@ -129,7 +141,7 @@ def test_live_node_shows_roles_positions_and_rates(tracker: StatusTracker) -> No
     assert "spin" in text
     assert "backoff" in text
     replicator_row = next(line for line in text.splitlines() if line.startswith("replicator"))
-    assert replicator_row.split() == ["replicator", "-", "-", "-", "off", "-", "-"]
+    assert replicator_row.split() == ["replicator", "-", "-", "-", "off", "-", "-", "-"]
     assert "records 1.00k" in text
     assert "protocol 2" in text
     assert "last index 500" in text
@@ -319,12 +331,63 @@ def test_cluster_node_shows_its_raft_standing(tracker: StatusTracker, pids: Pids
     assert single.raft_role is None
 
 
-def test_json_is_serialisable_and_complete(tracker: StatusTracker) -> None:
-    tracker.observe(live_values(), now_s=0.0)
-    document = render_json(tracker.observe(advanced(live_values()), now_s=1.0))
-    encoded = json.loads(json.dumps(document))
-    assert encoded["liveness"] == "live"
-    assert encoded["roles"]["sequencer"] == {
+def _documented_json() -> dict[str, Any]:
+    """The `seqd status --json` example of docs/operations.md."""
+    from tests.test_doc_examples import read_blocks
+
+    examples = [
+        block for block in read_blocks(ROOT / "docs" / "operations.md")
+        if block.language == "json" and '"liveness"' in block.code
+    ]
+    assert len(examples) == 1, [block.name for block in examples]
+    document: dict[str, Any] = json.loads(examples[0].code)
+    return document
+
+
+def _shape_mismatches(documented: object, rendered: object, path: str = "$") -> list[str]:
+    """Where `rendered` differs in shape from `documented`: a key missing or undocumented, an
+    object where a value is documented, a value of another type (null fits any type)."""
+    if isinstance(documented, dict):
+        if not isinstance(rendered, dict):
+            return [f"{path}: documented an object, rendered {rendered!r}"]
+        if path == "$.counters":  # every counter of the segment, by name; abridged in the docs
+            return [f"{path}.{name}: {value!r} is not an integer" for name, value in rendered.items() if type(value) is not int]
+        if path == "$.roles":  # one entry per role, each shaped like the documented ones
+            problems = [] if set(rendered) == {role.value for role in Role} else [f"{path}: roles {sorted(rendered)}"]
+            template = next(iter(documented.values()))
+            for name, entry in documented.items():
+                problems += _shape_mismatches(template, entry, f"{path}.{name} (documented)")
+            for name, entry in rendered.items():
+                problems += _shape_mismatches(template, entry, f"{path}.{name}")
+            return problems
+        problems = [f"{path}.{key}: documented, not rendered" for key in documented.keys() - rendered.keys()]
+        problems += [f"{path}.{key}: rendered, not documented" for key in rendered.keys() - documented.keys()]
+        for key in documented.keys() & rendered.keys():
+            problems += _shape_mismatches(documented[key], rendered[key], f"{path}.{key}")
+        return problems
+    if documented is None or rendered is None:
+        return [] if not isinstance(rendered, dict | list) else [f"{path}: documented a value, rendered {rendered!r}"]
+    numbers = (int, float)
+    if isinstance(documented, bool) or isinstance(rendered, bool):
+        same = type(documented) is type(rendered)
+    elif isinstance(documented, numbers):
+        same = isinstance(rendered, numbers)
+    else:
+        same = type(documented) is type(rendered)
+    return [] if same else [f"{path}: documented {documented!r}, rendered {rendered!r}"]
+
+
+def test_json_has_exactly_the_documented_shape(tracker: StatusTracker, pids: Pids) -> None:
+    """Every key of `seqd status --json` is documented in docs/operations.md and every documented
+    key is there, with the documented type: for a live node, for a dead one (its last values),
+    and, at the top level, for a node without a counters segment (empty objects, no numbers)."""
+    documented = _documented_json()
+    values = {**dict.fromkeys(COUNTER_NAMES, 0), **live_values(**{"journal.free_bytes": 1 << 30})}
+    tracker.observe(values, now_s=0.0)
+    live = json.loads(json.dumps(render_json(tracker.observe(advanced(values), now_s=1.0))))
+    assert _shape_mismatches(documented, live) == []
+    assert live["liveness"] == "live"
+    assert live["roles"]["sequencer"] == {
         "pid": 4243,
         "running": True,
         "cpu": 2,
@@ -332,10 +395,64 @@ def test_json_is_serialisable_and_complete(tracker: StatusTracker) -> None:
         "heartbeat": 1010,
         "heartbeats_per_s": 10.0,
         "stuck_s": None,
+        "errors": 2,
     }
-    assert encoded["errors"] == {"journal": 0, "protocol": 2, "total": 2}
-    assert encoded["snapshot"] == {"last_index": 500}
-    assert encoded["counters"]["commands.total"] == 1090
+    assert live["errors"] == {
+        "disk_full": 0, "journal": 0, "protocol": 2, "security": 0, "slow_client": 0, "snapshot": 0, "total": 2
+    }
+    assert live["snapshot"] == {"last_index": 500}
+    assert live["counters"]["commands.total"] == 1090
+    pids.alive.clear()
+    dead = json.loads(json.dumps(render_json(tracker.observe(advanced(values), now_s=2.0))))
+    assert _shape_mismatches(documented, dead) == []
+    assert (dead["liveness"], dead["current"]) == ("stopped", False)
+    missing = render_json(tracker.observe(None, now_s=3.0, missing_reason="node n1 is not running"))
+    assert missing.keys() == documented.keys()
+    for key, value in missing.items():
+        if isinstance(value, dict):
+            assert set(value.values()) <= {None}, (key, value)
+
+
+def test_a_role_not_started_has_unknown_counters_not_zeros(tracker: StatusTracker) -> None:
+    """While the blp replays, the sequencer has not started: its published index is unknown,
+    so the journal and commit lags are unknown too, never a negative number."""
+    recovering = live_values(
+        **{
+            "node.state": 1,
+            "sequencer.pid": 0,
+            "sequencer.heartbeat": 0,
+            "log.published.index": 0,
+            "log.published.position": 0,
+            "commands.total": 0,
+            "blp.applied.index": 0,
+        }
+    )
+    status = tracker.observe(recovering, now_s=0.0)
+    assert status.indexes["published"] is None
+    assert status.indexes["durable"] == 1000
+    lags = {lag.stage: lag.records for lag in status.lags}
+    assert lags == {"journal": None, "commit": None, "apply": 1000, "egress": None}
+    assert status.commands_total is None
+    assert "sequencer.errors" in status.values  # the raw sample is kept as read
+    document = render_json(status)
+    assert document["roles"]["sequencer"]["errors"] is None
+    assert document["errors"]["total"] == 0  # the roles that run
+    assert (document["raft"]["term"], document["raft"]["leader"]) == (None, None)  # no replicator
+
+
+def test_errors_are_counted_per_role_and_summed_into_the_total(tracker: StatusTracker) -> None:
+    values = live_values(**{"sequencer.errors": 2, "journaller.errors": 1, "blp.errors": 4})
+    tracker.observe(values, now_s=0.0)
+    later = dict(values, **{"blp.errors": 6})
+    status = tracker.observe(advanced(later), now_s=0.5)
+    assert status.errors["total"] == 9
+    assert {role.name: role.errors for role in status.roles} == {
+        "sequencer": 2, "journaller": 1, "blp": 6, "replicator": None
+    }
+    assert status.rates["errors"] == 4.0  # two more in half a second
+    text = render_text(status)
+    assert "total 9" in text
+    assert next(line for line in text.splitlines() if line.startswith("blp")).split()[7] == "6"
 
 
 # --- sampling and --watch ---------------------------------------------------------------------
@@ -402,10 +519,7 @@ def test_watch_redraws_each_interval(pids: Pids) -> None:
 
 @pytest.fixture
 def counters_segment(unique: str) -> Iterator[tuple[str, object]]:
-    counters_module = pytest.importorskip("ipc.counters")
-    segment_module = pytest.importorskip("ipc.segment")
-    name = segment_module.segment_name(unique, "counters")
-    counters = counters_module.Counters.create(name, list(live_values()))
+    counters = create_counters(unique)
     yield unique, counters
     counters.close()
     counters.unlink()
@@ -414,6 +528,7 @@ def counters_segment(unique: str) -> Iterator[tuple[str, object]]:
 def test_read_counters_reads_a_live_segment(counters_segment: tuple[str, object]) -> None:
     node, counters = counters_segment
     counters["supervisor.pid"].set(os.getpid())  # type: ignore[index]
+    counters["sequencer.pid"].set(os.getpid())  # type: ignore[index]
     counters["log.published.index"].set(77)  # type: ignore[index]
     values, reason = read_counters(node)
     assert reason is None
@@ -422,6 +537,30 @@ def test_read_counters_reads_a_live_segment(counters_segment: tuple[str, object]
     status = StatusTracker(node).observe(values, now_s=0.0)
     assert status.liveness == Liveness.LIVE
     assert status.indexes["published"] == 77
+
+
+def test_counters_of_another_layout_version_are_refused_not_misread(unique: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """A `seqd status` of another release than the node's says so, in one line, and shows no
+    numbers: the same names may mean other things, or sit in other slots."""
+    from daemon.cli import main
+    from daemon.exits import ExitCode
+    from ipc.counters import Counters
+    from ipc.segment import SegmentVersionError
+
+    other = Counters.create(counters_name(unique), ["supervisor.pid"], layout_version=COUNTERS_LAYOUT_VERSION + 1)
+    try:
+        other["supervisor.pid"].set(os.getpid())
+        with pytest.raises(SegmentVersionError, match=f"layout version {COUNTERS_LAYOUT_VERSION + 1}, this seqd reads version {COUNTERS_LAYOUT_VERSION}"):
+            read_counters(unique)
+        assert main(["status", "--node", unique]) == ExitCode.DATAERR
+        captured = capsys.readouterr()
+        assert captured.out == ""
+        assert captured.err.count("\n") == 1
+        assert f"seqd: cannot show node {unique}:" in captured.err
+        assert "made by a different seqd release" in captured.err
+    finally:
+        other.close()
+        other.unlink()
 
 
 def test_read_counters_of_an_absent_node_says_it_is_not_running(unique: str) -> None:

@@ -21,10 +21,30 @@ from pathlib import Path
 from typing import Any
 
 from daemon.agent import Agent
-from daemon.layout import RoleState, egress_name, log_name
+from daemon.layout import (
+    BLP_APPLIED_INDEX,
+    BLP_APPLIED_POSITION,
+    BLP_ROLLING_HASH,
+    CLIENTS_EXPIRED,
+    COMMIT_INDEX,
+    COMMIT_POSITION,
+    EGRESS_PUBLISHED_POSITION,
+    ERRORS_SNAPSHOT,
+    OUTPUTS_TOO_LARGE,
+    RECOVERY_LAST_INDEX,
+    RECOVERY_RECORDS,
+    ROLE_COUNTERS,
+    SNAPSHOT_LAST_INDEX,
+    SNAPSHOT_OLDEST_INDEX,
+    SNAPSHOT_WRITES,
+    CounterView,
+    Role,
+    RoleState,
+    egress_name,
+    log_name,
+)
 from daemon.roles.common import RoleContext, run_agent, run_role
 from daemon.snapshot_writer import WRITER_EXIT_OK, fork_and_write_snapshot, reap_snapshot_writer
-from ipc.counters import Counters
 from ipc.ring import Ring
 from sequencer import snapshot as snapshots
 from sequencer.journal import read_runs
@@ -49,8 +69,8 @@ def recover(context: RoleContext, app_class: type[StateMachine]) -> Processor[An
     snapshots.remove_partial(config.snapshot_dir)
 
     def report(info: snapshots.SnapshotInfo) -> None:
-        counters["errors.snapshot"].add(1)
-        counters["errors.total"].add(1)
+        counters[ERRORS_SNAPSHOT].add(1)
+        context.errors.add(1)
         log.error("snapshot %s is invalid, using an older one: %s", info.path, info.error)
 
     found = snapshots.newest_valid_snapshot(config.snapshot_dir, report)
@@ -66,8 +86,8 @@ def recover(context: RoleContext, app_class: type[StateMachine]) -> Processor[An
             app_class, node=config.node.name, debug=config.node.debug_determinism,
             client_expiry_ns=config.client_expiry_ns,
         )
-    last_index = counters["recovery.last.index"].get()
-    progress = counters["recovery.records"]
+    last_index = counters[RECOVERY_LAST_INDEX].get()
+    progress = counters[RECOVERY_RECORDS]
     replayed = 0
     if last_index > processor.applied_index:
         for run in read_runs(config.journal_dir, processor.applied_index + 1, last_index):
@@ -102,15 +122,15 @@ class BlpAgent(Agent):
         processor: Processor[Any],
         log_ring: Ring,
         egress_ring: Ring,
-        counters: Counters,
+        counters: CounterView,
         *,
         snapshot_dir: Path,
         snapshot_keep: int,
         delete_journal: bool,
     ) -> None:
         self.processor = processor
-        self.reader = log_ring.reader("blp", limit=counters["commit.position"])
-        self.commit_index = counters["commit.index"]
+        self.reader = log_ring.reader("blp", limit=counters[COMMIT_POSITION])
+        self.commit_index = counters[COMMIT_INDEX]
         self.doorbell = self.reader.doorbell
         self.writer = egress_ring.writer()
         self.sequencer_doorbell = egress_ring.doorbell("sequencer")
@@ -118,13 +138,13 @@ class BlpAgent(Agent):
         self.snapshot_keep = snapshot_keep
         self.delete_journal = delete_journal
         self.counters = counters
-        self.applied_position = counters["blp.applied.position"]
-        self.applied_index = counters["blp.applied.index"]
-        self.rolling_hash = counters["blp.rolling_hash"]
-        self.clients_expired = counters["clients.expired"]
-        self.outputs_too_large = counters["outputs.too_large"]
-        self.egress_published = counters["egress.published.position"]
-        self.oldest_snapshot = counters["snapshot.oldest.index"]
+        self.applied_position = counters[BLP_APPLIED_POSITION]
+        self.applied_index = counters[BLP_APPLIED_INDEX]
+        self.rolling_hash = counters[BLP_ROLLING_HASH]
+        self.clients_expired = counters[CLIENTS_EXPIRED]
+        self.outputs_too_large = counters[OUTPUTS_TOO_LARGE]
+        self.egress_published = counters[EGRESS_PUBLISHED_POSITION]
+        self.oldest_snapshot = counters[SNAPSHOT_OLDEST_INDEX]
         self.snapshot_writers: dict[int, int] = {}  # pid -> index
         self.unwritten: list[tuple[int, bytes]] = []
         self.applied_position_seen = -1
@@ -216,12 +236,12 @@ class BlpAgent(Agent):
                 continue
             del writers[pid]
             if code == WRITER_EXIT_OK:
-                counters["snapshot.last.index"].set(index)
-                counters["snapshot.writes"].add(1)
+                counters[SNAPSHOT_LAST_INDEX].set(index)
+                counters[SNAPSHOT_WRITES].add(1)
                 log.info("snapshot at index %d written", index)
             else:
-                counters["errors.snapshot"].add(1)
-                counters["errors.total"].add(1)
+                counters[ERRORS_SNAPSHOT].add(1)
+                counters[ROLE_COUNTERS[Role.BLP].errors].add(1)
                 log.error("snapshot writer for index %d failed with exit code %d", index, code)
 
     def on_close(self) -> None:
@@ -249,4 +269,4 @@ def run(context: RoleContext) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_role("blp", run))
+    sys.exit(run_role(Role.BLP, run))

@@ -3,8 +3,11 @@
 The supervisor starts each role as `python -m daemon.roles.<role>` with the validated config in
 the `SEQD_CONFIG_JSON` environment variable, its own pid in `SEQD_SUPERVISOR_PID` and the epoch of
 the shared memory it created for this incarnation in `SEQD_EPOCH`. A role attaches to the node's
-segments (it never creates them), records its pid, CPU and idle strategy in the counters, and runs
-one loop until the supervisor sets its `<role>.stop` counter. Roles ignore SIGINT and SIGTERM: a
+segments (it never creates them) and runs one loop until the supervisor sets its `<role>.stop`
+counter. It attaches the counters through a view bound to its role (daemon/layout.py): its own
+counters are writable, every other one read-only, so a write to a counter of another process
+raises instead of racing with that process. Its pid, CPU and idle strategy are the supervisor's
+to record, before the role runs. Roles ignore SIGINT and SIGTERM: a
 Ctrl-C in a terminal or a signal to the process group reaches every role at once, and only the
 supervisor (whose signal handler only sets a flag, STYLE.md) may order the drain.
 
@@ -32,11 +35,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from daemon.agent import Agent, AgentRunner
-from daemon.config import Config
+from daemon.config import Config, RoleConfig
 from daemon.exits import ROLE_FATAL_CODES, classify, exit_fatal
-from daemon.layout import IDLE_CODES, RoleState, counters_name
+from daemon.layout import ROLE_COUNTERS, CounterView, Role, RoleState, attach_counters
 from daemon.parent_death import EXIT_ORPHANED, die_with_parent
-from ipc.counters import Counter, Counters
+from ipc.counters import Counter
 from ipc.idle import idle_strategy
 from ipc.segment import SegmentError
 
@@ -65,18 +68,26 @@ EPOCH_ENV = "SEQD_EPOCH"  # the epoch of every segment of the incarnation the ro
 
 @dataclass
 class RoleContext:
-    role: str
+    role: Role
     config: Config
-    counters: Counters
+    counters: CounterView  # bound to `role`: a write to another process's counter raises
     epoch: int  # attach every segment with it (`Ring.attach(name, epoch=context.epoch)`)
     heartbeat: Counter = field(init=False)
     state: Counter = field(init=False)
-    stop: Counter = field(init=False)
+    stop: Counter = field(init=False)  # the supervisor's, read-only here
+    errors: Counter = field(init=False)  # every error the role counts, of any kind
 
     def __post_init__(self) -> None:
-        self.heartbeat = self.counters[f"{self.role}.heartbeat"]
-        self.state = self.counters[f"{self.role}.state"]
-        self.stop = self.counters[f"{self.role}.stop"]
+        assert self.counters.owner is self.role, (self.counters.owner, self.role)
+        block = ROLE_COUNTERS[self.role]
+        self.heartbeat = self.counters[block.heartbeat]
+        self.state = self.counters[block.state]
+        self.stop = self.counters[block.stop]
+        self.errors = self.counters[block.errors]
+
+    @property
+    def role_config(self) -> RoleConfig:
+        return self.config.role(self.role)
 
     @property
     def stop_requested(self) -> bool:
@@ -119,15 +130,15 @@ def _check_parent(role: str, supervisor_pid: int) -> None:
         raise SystemExit(ROLE_EXIT_ORPHANED)
 
 
-def _attach_counters(role: str, config: Config, epoch: int) -> Counters:
+def _attach_counters(role: Role, config: Config, epoch: int) -> CounterView:
     try:
-        return Counters.attach(counters_name(config.node.name), epoch=epoch)
+        return CounterView(attach_counters(config.node.name, epoch=epoch), role)
     except SegmentError as error:
         log.error("not starting the %s: %s", role, error)
         raise SystemExit(ROLE_EXIT_ORPHANED) from None
 
 
-def start_role(role: str) -> RoleContext:
+def start_role(role: Role) -> RoleContext:
     """Attach to the node, install signal handlers, pin, and return the role's context."""
     logging.basicConfig(
         level=os.environ.get("SEQD_LOG_LEVEL", "INFO"),
@@ -146,14 +157,10 @@ def start_role(role: str) -> RoleContext:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
-    role_config = config.roles.get(role)
-    if role_config.cpu >= 0:
+    if context.role_config.cpu >= 0:
         from ipc.affinity import pin
 
-        pin(role_config.cpu)
-    counters[f"{role}.pid"].set(os.getpid())
-    counters[f"{role}.cpu"].set(role_config.cpu)
-    counters[f"{role}.idle"].set(IDLE_CODES[role_config.idle])
+        pin(context.role_config.cpu)
     context.set_state(RoleState.STARTING)
     return context
 
@@ -185,11 +192,11 @@ def report_start_failure(context: RoleContext) -> Iterator[None]:
 def run_agent(context: RoleContext, agent: Agent) -> None:
     """Drive a polling role's agent with the role's idle strategy (`roles.<role>.idle`, parked on
     `agent.doorbell` when blocking) until the supervisor stops the role and the agent is drained."""
-    idle = idle_strategy(context.config.roles.get(context.role).idle, agent.doorbell)
+    idle = idle_strategy(context.role_config.idle, agent.doorbell)
     AgentRunner(agent, idle, context.heartbeat, context.stop, context.state).run()
 
 
-def run_role(role: str, run: Callable[[RoleContext], int]) -> int:
+def run_role(role: Role, run: Callable[[RoleContext], int]) -> int:
     """A polling role's process: start, run its loop, detach; returns the exit code."""
     context = start_role(role)
     try:

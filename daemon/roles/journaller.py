@@ -32,9 +32,24 @@ import time
 from pathlib import Path
 
 from daemon.agent import Agent
-from daemon.layout import DiskState, log_name
+from daemon.layout import (
+    COMMIT_INDEX,
+    COMMIT_POSITION,
+    ERRORS_JOURNAL,
+    JOURNAL_DISK_FULL,
+    JOURNAL_DURABLE_INDEX,
+    JOURNAL_DURABLE_POSITION,
+    JOURNAL_FREE_BYTES,
+    JOURNAL_SYNCS,
+    LOG_PUBLISHED_POSITION,
+    SNAPSHOT_OLDEST_INDEX,
+    CounterView,
+    DiskState,
+    Role,
+    log_name,
+)
 from daemon.roles.common import ROLE_EXIT_FAIL_STOP, RoleContext, run_agent, run_role
-from ipc.counters import Counter, Counters
+from ipc.counters import Counter
 from ipc.ring import Ring
 from sequencer import snapshot as snapshots
 from sequencer.journal import Journal, JournalError, JournalFullError
@@ -151,7 +166,7 @@ class JournallerAgent(Agent):
         self,
         ring: Ring,
         journal: Journal,
-        counters: Counters,
+        counters: CounterView,
         *,
         batch_bytes_max: int,
         delete_journal: bool,
@@ -162,15 +177,15 @@ class JournallerAgent(Agent):
         self.blp_doorbell = ring.doorbell("blp")
         self.batch_bytes_max = batch_bytes_max
         self.delete_journal = delete_journal
-        self.durable_position = counters["journal.durable.position"]
-        self.durable_index = counters["journal.durable.index"]
-        self.commit_position = counters["commit.position"]
-        self.commit_index = counters["commit.index"]
-        self.syncs = counters["journal.syncs"]
-        self.published_position = counters["log.published.position"]
-        self.oldest_snapshot = counters["snapshot.oldest.index"]
+        self.durable_position = counters[JOURNAL_DURABLE_POSITION]
+        self.durable_index = counters[JOURNAL_DURABLE_INDEX]
+        self.commit_position = counters[COMMIT_POSITION]
+        self.commit_index = counters[COMMIT_INDEX]
+        self.syncs = counters[JOURNAL_SYNCS]
+        self.published_position = counters[LOG_PUBLISHED_POSITION]
+        self.oldest_snapshot = counters[SNAPSHOT_OLDEST_INDEX]
         self.oldest_snapshot_seen = 0
-        self.disk = DiskWatch(journal, counters["journal.disk_full"], counters["journal.free_bytes"])
+        self.disk = DiskWatch(journal, counters[JOURNAL_DISK_FULL], counters[JOURNAL_FREE_BYTES])
         # A region the disk had no room for. poll_region would release it (the ring could then reuse
         # its bytes), so it is kept, unreleased, and appended again before anything else.
         self.waiting: memoryview | None = None
@@ -279,16 +294,16 @@ def run(context: RoleContext) -> int:
         )  # fmt: skip
         run_agent(context, agent)
     except JournalError as error:
-        counters["errors.journal"].add(1)
-        counters["errors.total"].add(1)
+        counters[ERRORS_JOURNAL].add(1)
+        context.errors.add(1)
         log.critical("journal failed, stopping the node (fail-stop, never retried): %s", error)
         return ROLE_EXIT_FAIL_STOP
     finally:
         journal.close()
         ring.close()
-    log.info("drained at index %d", counters["journal.durable.index"].get())
+    log.info("drained at index %d", counters[JOURNAL_DURABLE_INDEX].get())
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(run_role("journaller", run))
+    sys.exit(run_role(Role.JOURNALLER, run))

@@ -52,7 +52,33 @@ import uvloop
 
 from daemon.errorlog import DistinctErrorLog, exception_key
 from daemon.exits import ExitCode, FatalError
-from daemon.layout import DiskState, RoleState, egress_name, log_name
+from daemon.layout import (
+    BLP_APPLIED_POSITION,
+    COMMANDS_TOTAL,
+    EGRESS_CONSUMED_POSITION,
+    EGRESS_PUBLISHED_POSITION,
+    ERRORS_DISK_FULL,
+    ERRORS_PROTOCOL,
+    ERRORS_SECURITY,
+    ERRORS_SLOW_CLIENT,
+    INCARNATION_BITS,
+    JOURNAL_DISK_FULL,
+    JOURNAL_FREE_BYTES,
+    LOG_PUBLISHED_INDEX,
+    LOG_PUBLISHED_POSITION,
+    NODE_INCARNATION,
+    RECOVERY_LAST_INDEX,
+    RECOVERY_LAST_TERM,
+    RECOVERY_LAST_TIMESTAMP_NS,
+    SESSIONS_OPEN,
+    SESSIONS_TOTAL,
+    TIMERS_PENDING,
+    DiskState,
+    Role,
+    RoleState,
+    egress_name,
+    log_name,
+)
 from daemon.roles.common import RoleContext, report_start_failure, start_role
 from ipc.idle import idle_strategy
 from ipc.ring import Ring
@@ -82,6 +108,7 @@ BLOCKED_RETRY_S = 0.001  # how soon a session blocked by a full ring retries its
 DRAIN_TIMEOUT_S = 10.0  # SIGTERM: how long to wait for committed work to be replied
 EGRESS_FRAMES_PER_DRAIN_MAX = 4096  # bound one drain so sessions' reads interleave with replies
 SESSION_ID_COUNTER_BITS = 32
+assert 8 + INCARNATION_BITS + SESSION_ID_COUNTER_BITS == 64  # node number | incarnation | counter
 _EGRESS_REPLY = int(egress.EgressKind.REPLY)
 _EGRESS_EVENT = int(egress.EgressKind.EVENT)
 _EGRESS_TIMER_SCHEDULE = int(egress.EgressKind.TIMER_SCHEDULE)
@@ -163,9 +190,9 @@ class Sequencer:
         self.command_version_max = load_app(config.node.app).schema.version
         self.pending_closes: deque[int] = deque()  # SESSION_CLOSE records waiting for ring space
         # Positions and stamps continue from what recovery found in the journal.
-        self.next_index = counters["recovery.last.index"].get() + 1
-        self.term = max(1, counters["recovery.last.term"].get())
-        self.last_timestamp_ns = counters["recovery.last.timestamp_ns"].get()
+        self.next_index = counters[RECOVERY_LAST_INDEX].get() + 1
+        self.term = max(1, counters[RECOVERY_LAST_TERM].get())
+        self.last_timestamp_ns = counters[RECOVERY_LAST_TIMESTAMP_NS].get()
         self.published_index = self.next_index - 1
         self.flush_scheduled = False
         self.sessions: dict[int, Session] = {}
@@ -178,7 +205,8 @@ class Sequencer:
         self.command_frame_types: dict[int, int] = {}
         self.session_counter = 0
         node_number = config.node.number
-        incarnation = counters["node.incarnation"].get() & 0xFFFFFF
+        incarnation = counters[NODE_INCARNATION].get()  # the supervisor's, within INCARNATION_BITS
+        assert 0 <= incarnation < 1 << INCARNATION_BITS, incarnation
         self.session_id_base = (node_number << 56) | (incarnation << SESSION_ID_COUNTER_BITS)
         self.records_since_snapshot = 0
         self.bytes_since_snapshot = 0
@@ -188,15 +216,16 @@ class Sequencer:
         self.accepting = True
         self.draining = False
         self.server: asyncio.AbstractServer | None = None
-        self.published_position = counters["log.published.position"]
-        self.published_index_counter = counters["log.published.index"]
-        self.commands_total = counters["commands.total"]
-        self.sessions_open = counters["sessions.open"]
-        self.sessions_total = counters["sessions.total"]
-        self.errors_protocol = counters["errors.protocol"]
-        self.errors_total = counters["errors.total"]
-        self.egress_consumed = counters["egress.consumed.position"]
-        self.disk_full = counters["journal.disk_full"]  # the journaller's DiskState
+        self.published_position = counters[LOG_PUBLISHED_POSITION]
+        self.published_index_counter = counters[LOG_PUBLISHED_INDEX]
+        self.published_index_counter.set(self.published_index)  # the journal's last, until the first publish
+        self.commands_total = counters[COMMANDS_TOTAL]
+        self.sessions_open = counters[SESSIONS_OPEN]
+        self.sessions_total = counters[SESSIONS_TOTAL]
+        self.errors_protocol = counters[ERRORS_PROTOCOL]
+        self.errors_total = context.errors
+        self.egress_consumed = counters[EGRESS_CONSUMED_POSITION]
+        self.disk_full = counters[JOURNAL_DISK_FULL]  # the journaller's DiskState
         # Client errors are counted every time and logged once per kind, with repeat counts, so
         # a misbehaving client cannot flood the log.
         self.errors = DistinctErrorLog(log, counter_add=self.errors_total.add)
@@ -281,7 +310,7 @@ class Sequencer:
         socket_config = self.config.socket
         allowed = uid == os.getuid() or uid in socket_config.allowed_uids or gid in socket_config.allowed_gids
         if not allowed:
-            self.counters["errors.security"].add(1)
+            self.counters[ERRORS_SECURITY].add(1)
             self.errors.record(
                 "security.peer_not_allowed",
                 f"refused a connection from pid {pid} uid {uid} gid {gid}: not in socket.allowed_uids/"
@@ -317,7 +346,7 @@ class Sequencer:
         transport.close()
 
     def slow_client(self, session: Session) -> None:
-        self.counters["errors.slow_client"].add(1)
+        self.counters[ERRORS_SLOW_CLIENT].add(1)
         self.errors.record(
             "client.slow",
             f"session {session.session_id:x} (client {session.client_id}) is not reading its replies: "
@@ -507,9 +536,9 @@ class Sequencer:
         """The journal's disk is short of space: refuse this connection's new work with the
         retryable `disk_full` ERROR and close it. Nothing of it entered the log; the client
         reconnects with backoff and resends."""
-        self.counters["errors.disk_full"].add(1)
+        self.counters[ERRORS_DISK_FULL].add(1)
         message = (
-            f"the node's disk is full ({self.counters['journal.free_bytes'].get()} bytes free for "
+            f"the node's disk is full ({self.counters[JOURNAL_FREE_BYTES].get()} bytes free for "
             "the journal): it takes no new commands or sessions until space is freed. Retry "
             "later; acknowledged commands are safe, and unanswered ones are answered when resent"
         )
@@ -571,7 +600,7 @@ class Sequencer:
             self.timer_handle = None
         while self.timers and self.timer_deadlines.get(self.timers[0][1]) != self.timers[0][0]:
             heapq.heappop(self.timers)  # replaced or cancelled
-        self.counters["timers.pending"].set(len(self.timer_deadlines))
+        self.counters[TIMERS_PENDING].set(len(self.timer_deadlines))
         if self.timers:
             delay_s = max(0.0, (self.timers[0][0] - time.time_ns()) / 1e9)
             self.timer_handle = self.loop.call_later(delay_s, self._fire_timers)
@@ -741,7 +770,7 @@ class Sequencer:
 
     def _waker(self) -> None:
         """Wait for egress on a thread (the loop cannot block) and hand it to the loop."""
-        idle = idle_strategy(self.config.roles.sequencer.idle, self.egress_reader.doorbell)
+        idle = idle_strategy(self.context.role_config.idle, self.egress_reader.doorbell)
         reader = self.egress_reader
         while not self.waker_stop.is_set():
             if reader.available() > 0:
@@ -839,8 +868,8 @@ class Sequencer:
             if session.transport is not None:
                 session.transport.pause_reading()
         self._flush()
-        applied = self.counters["blp.applied.position"]
-        egress_published = self.counters["egress.published.position"]
+        applied = self.counters[BLP_APPLIED_POSITION]
+        egress_published = self.counters[EGRESS_PUBLISHED_POSITION]
         deadline = time.monotonic() + DRAIN_TIMEOUT_S
         while time.monotonic() < deadline:
             self._drain_egress()
@@ -868,7 +897,7 @@ GIL_SWITCH_INTERVAL_S = 0.0005  # the waker thread gets the GIL within this, not
 
 
 def main() -> int:
-    context = start_role("sequencer")
+    context = start_role(Role.SEQUENCER)
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     uvloop.install()
     loop = asyncio.new_event_loop()
