@@ -600,7 +600,8 @@ def test_segment_header_format_is_as_documented(journal_dir):
 def test_torn_tail_is_repaired_even_when_a_payload_inside_it_looks_like_a_later_batch(tmp_path) -> None:  # type: ignore[no-untyped-def]
     """Client bytes that form a CRC-valid batch inside the torn batch must not make the torn
     tail look like mid-log corruption (which refuses to start)."""
-    from sequencer.journal import BATCH_HEADER, BATCH_MAGIC, Journal, _batch_crc
+    from sequencer.journal import BATCH_HEADER, BATCH_MAGIC, Journal
+    from sequencer.journal.format import batch_crc as _batch_crc
     from sequencer.record import RecordType, encode_command, encode_record
 
     inner = encode_record(RecordType.COMMAND, 1, 99, 1, 0, 1, 1, b"")
