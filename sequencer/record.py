@@ -27,7 +27,7 @@ from __future__ import annotations
 import enum
 import struct
 from collections.abc import Iterator
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple, overload
 
 import msgspec
 
@@ -219,16 +219,30 @@ def decode_header(buffer: bytes | bytearray | memoryview, offset: int = 0) -> Re
     return RecordHeader._make(RECORD_HEADER.unpack_from(buffer, offset))
 
 
+@overload
 def walk_records(
-    run: bytes | bytearray | memoryview, layout: struct.Struct = RECORD_HEADER
-) -> Iterator[tuple[tuple[Any, ...], int, int]]:
+    run: bytes | bytearray | memoryview,
+    layout: struct.Struct = ...,
+    *,
+    views: Literal[False] = False,
+) -> Iterator[tuple[tuple[Any, ...], int, int]]: ...
+@overload
+def walk_records(
+    run: bytes | bytearray | memoryview, layout: struct.Struct = ..., *, views: Literal[True]
+) -> Iterator[tuple[Any, ...]]: ...
+def walk_records(
+    run: bytes | bytearray | memoryview, layout: struct.Struct = RECORD_HEADER, *, views: bool = False
+) -> Iterator[Any]:
     """Each record of a run of whole records: (its first fields, its offset, the offset after it).
 
     The one walk over a run (ring regions, journal batches, replay, validation): the fields are
     `layout` unpacked at the record's offset, a layout that starts with the u32 length
     (`RECORD_HEADER`, `RECORD_KEY` or `FRAME_HEADER`); the offset after it includes the padding.
     The payload is `run[offset + RECORD_HEADER_BYTES : offset + length]`, the ring frame's body
-    `run[offset + FRAME_HEADER_BYTES : offset + length]`.
+    `run[offset + FRAME_HEADER_BYTES : offset + length]`. With `views`, each item is instead the
+    fields followed by the payload and the whole record (padding included) as views of `run`:
+    the journal's `Record`, built here because a tuple per record more costs ~8% of a journal
+    read (`benches.journal`).
 
     Every record is checked to lie inside the run (two comparisons, so bad bytes can never make
     the walk loop or read past the run); what the fields say beyond the length is the caller's.
@@ -238,6 +252,9 @@ def walk_records(
             at the end too few for a header; the message names the offset.
     """
     unpack_from = layout.unpack_from
+    header_bytes = RECORD_HEADER_BYTES  # locals: a global lookup per record is measurable
+    mask = -RECORD_ALIGNMENT
+    carry = RECORD_ALIGNMENT - 1
     position = 0
     end = len(run)
     while position < end:
@@ -246,10 +263,14 @@ def walk_records(
         except struct.error:
             raise RecordError(_walk_error(run, position)) from None
         length = fields[0]
-        after = position + ((length + RECORD_ALIGNMENT - 1) & -RECORD_ALIGNMENT)
-        if length < RECORD_HEADER_BYTES or after > end:
+        after = position + ((length + carry) & mask)
+        if length < header_bytes or after > end:
             raise RecordError(_walk_error(run, position))
-        yield fields, position, after
+        if views:
+            # Tuple concatenation: measured ~25% faster here than `(*fields, ...)` (RUF005).
+            yield fields + (run[position + header_bytes : position + length], run[position:after])  # noqa: RUF005
+        else:
+            yield fields, position, after
         position = after
 
 

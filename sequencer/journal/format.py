@@ -256,14 +256,9 @@ def batch_records(batch: Batch) -> list[Record]:
     Raises:
         JournalCorruptError: the records do not match the batch header (a writer bug).
     """
-    records = batch.records
-    out: list[Record] = []
-    append = out.append
+    out: list[Record]
     try:
-        for fields, start, after in walk_records(records):
-            # Tuple concatenation: measured ~25% faster here than `(*fields, ...)` (RUF005).
-            payload = records[start + RECORD_HEADER_BYTES : start + fields[0]]
-            append(_new_record(Record, fields + (payload, records[start:after])))  # noqa: RUF005
+        out = [_new_record(Record, item) for item in walk_records(batch.records, views=True)]
     except RecordError as error:
         raise _not_its_header(batch, str(error)) from None
     if (
