@@ -15,8 +15,8 @@ process, the same window of requests in flight):
 
 Latency is measured at a fixed offered rate of half the node's measured maximum (capped at what
 one open-loop client process can offer, LATENCY_RATE_PER_S_MAX), from each request's due time
-(coordinated omission corrected). Replay speed is the blp's recovery path:
-`read_records` + `Processor.apply_frame` over the journal the run wrote.
+(coordinated omission corrected). Replay speed is the blp's recovery path (`recovery.recover`:
+`read_runs` + `Processor.replay_run`) over the journal the run wrote.
 """
 
 from __future__ import annotations
@@ -83,16 +83,12 @@ def bench_node(directory: Path, clients: int, transfers: int, in_flight: int, ac
 
 
 def bench_replay(node: NodeProcess) -> float:
-    """The blp's recovery path: `read_runs` + `Processor.replay_run` over the run's journal."""
-    from sequencer.journal import read_runs
-    from sequencer.processor import Processor
+    """The blp's recovery path (`recovery.recover`) from genesis over the run's journal."""
+    from sequencer.recovery import recover
     from sequencer.state_machine import load_app
 
-    processor = Processor(load_app(node.config.node.app))
-    started = time.perf_counter()
-    count = sum(processor.replay_run(run) for run in read_runs(node.config.journal_dir))
-    elapsed = time.perf_counter() - started
-    return count / elapsed if elapsed else 0.0
+    recovered = recover(load_app(node.config.node.app), node.config.journal_dir, None)
+    return recovered.replayed / recovered.replay_s if recovered.replay_s else 0.0
 
 
 def bench_echo(directory: Path, clients: int, transfers: int, in_flight: int, accounts: int) -> LoadResult:

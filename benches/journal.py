@@ -95,6 +95,8 @@ def bench_replay(directory: Path) -> tuple[float, int]:
 
 
 def bench_unpack_baseline(records: int) -> float:
+    """The bare walk, inlined on purpose (not `record.walk_records`): the ceiling of any replay in
+    Python, which the walker's cost is read against."""
     data = memoryview(make_batch(1, records))
     unpack_from = RECORD_HEADER.unpack_from
     started = time.perf_counter()

@@ -8,7 +8,7 @@ Napkin math. A ledger account is a dict entry (~100 B key + 72 B struct + ~50 B 
 ~60k PTEs, a few ms; after it, the parent takes a copy-on-write fault (~1-3 us) the first time it
 writes each page, and a transfer writes refcounts and balances on ~4 pages. The child encodes the
 state (msgspec, ~50 ns per field: ~0.2 s for 1M accounts), hashes and writes ~40 MB and fsyncs.
-Replay runs the blp's recovery loop (`daemon/roles/blp.py` `recover`): `read_runs` + `replay_run`
+Replay runs the blp's recovery (`sequencer.recovery`): `read_runs` + `replay_run`
 (one view per journal batch, one header word per record). Earlier it was `read_records` (~1 us a
 record, benches/journal.py) plus `apply_frame` (~3-4 us a transfer, benches/processor.py), so
 ~200k records/s: 10M records take ~50 s from genesis, and a snapshot + 1M-record tail ~5 s plus
@@ -20,11 +20,11 @@ What runs, all in this process on the real pieces (nothing is mocked):
    for each of `accounts` accounts, then Transfers between random accounts), encoded with
    `encode_record`, appended with `Journal.append` in batches of BATCH_RECORDS, one sync. The
    state is built by applying these records, not by restoring a synthetic body.
-2. Recovery from genesis: `read_runs` + `Processor.replay_run` over the whole
-   journal, as `recover` does. At index `records - tail` the clock stops while the state is
+2. Recovery from genesis: `recovery.replay` (`read_runs` + `Processor.replay_run`) over the
+   whole journal, as `recover` does. At index `records - tail` the clock stops while the state is
    written with `write_snapshot` (in-process), then goes on.
-3. Recovery with the snapshot: `newest_valid_snapshot` + `Processor.restore` + the same loop
-   over the tail. Both end with the same rolling hash, or the run fails.
+3. Recovery with the snapshot: `newest_valid_snapshot` + `recovery.recover` (restore, then the
+   same loop over the tail), as the blp recovers. Both end with the same rolling hash, or the run fails.
 4. The snapshot pause, on the state from step 2: an apply loop of fresh transfer records in
    polls of FRAMES_PER_POLL (the blp's batch), a SNAPSHOT record in it, on which the loop forks
    `fork_and_write_snapshot` as the blp does, and goes on applying until the child has exited.
@@ -59,16 +59,18 @@ from daemon.roles.blp import FRAMES_PER_POLL_MAX
 from daemon.snapshot_writer import fork_and_write_snapshot, reap_snapshot_writer
 from sequencer import snapshot as snapshots
 from sequencer.apps.ledger import LEDGER_SCHEMA, Deposit, Ledger, OpenAccount, Transfer
-from sequencer.journal import Journal, read_records, read_runs
+from sequencer.journal import Journal, read_records
 from sequencer.processor import Processor
 from sequencer.record import (
     COMMAND_PREFIX,
+    FRAME_HEADER,
     FRAME_HEADER_BYTES,
-    RECORD_HEADER,
     RecordType,
     encode_record,
     encode_session_open,
+    walk_records,
 )
+from sequencer.recovery import recover, replay
 
 BATCH_RECORDS = 8192  # ~1 MB a journal append: what a busy journaller pass writes
 FRAMES_PER_POLL = FRAMES_PER_POLL_MAX  # the blp's batch
@@ -147,15 +149,10 @@ class RecordSource:
 def frames_of(batch: bytes) -> list[tuple[int, memoryview]]:
     """(frame type, view after the frame header) per record: what the blp's ring poll yields."""
     view = memoryview(batch)
-    unpack_from = RECORD_HEADER.unpack_from
-    frames = []
-    offset = 0
-    end = len(view)
-    while offset < end:
-        length, record_type, version = unpack_from(view, offset)[:3]
-        frames.append((record_type | version << 16, view[offset + FRAME_HEADER_BYTES : offset + length]))
-        offset += (length + 7) & -8
-    return frames
+    return [
+        (frame_type, view[start + FRAME_HEADER_BYTES : start + length])
+        for (length, frame_type), start, _after in walk_records(view, FRAME_HEADER)
+    ]
 
 
 # -- 1. the journal ------------------------------------------------------------------------------
@@ -195,11 +192,6 @@ def write_journal(directory: Path, source: RecordSource, records: int) -> dict[s
 # -- 2, 3. recovery ------------------------------------------------------------------------------
 
 
-def replay(processor: Processor[Any], journal_dir: Path, first: int, last: int) -> int:
-    """The blp's recovery loop (daemon/roles/blp.py `recover`): `read_runs` + `replay_run`."""
-    return sum(processor.replay_run(run) for run in read_runs(journal_dir, first, last))
-
-
 def recover_from_genesis(
     journal_dir: Path, snapshot_dirs: dict[int, Path], records: int
 ) -> tuple[Processor[Any], float, float]:
@@ -208,18 +200,16 @@ def recover_from_genesis(
     processor: Processor[Any] = Processor(Ledger, node="n1")
     elapsed = 0.0
     write_s = 0.0
-    first = 1
     for index in sorted(snapshot_dirs):
         started = time.perf_counter()
-        replay(processor, journal_dir, first, index)
+        replay(processor, journal_dir, index)
         elapsed += time.perf_counter() - started
         begin = time.perf_counter()
         header, body = processor.snapshot_file_contents()
         snapshots.write_snapshot(snapshot_dirs[index], header, body)
         write_s = time.perf_counter() - begin
-        first = index + 1
     started = time.perf_counter()
-    replay(processor, journal_dir, first, records)
+    replay(processor, journal_dir, records)
     elapsed += time.perf_counter() - started
     assert processor.applied_index == records, (processor.applied_index, records)
     return processor, elapsed, write_s
@@ -228,20 +218,18 @@ def recover_from_genesis(
 def recover_from_snapshot(
     journal_dir: Path, snapshot_dir: Path, records: int
 ) -> tuple[Processor[Any], dict[str, float]]:
-    """What `recover` does at start: newest valid snapshot, restore, replay the tail."""
+    """What the blp does at start: newest valid snapshot, then `recovery.recover`."""
     started = time.perf_counter()
     found = snapshots.newest_valid_snapshot(snapshot_dir)
     assert found is not None, f"no valid snapshot in {snapshot_dir}"
     read_s = time.perf_counter() - started
-    processor: Processor[Any] = Processor.restore(Ledger, found.body, node="n1")
-    restored_s = time.perf_counter() - started
-    tail = replay(processor, journal_dir, processor.applied_index + 1, records)
+    recovered = recover(Ledger, journal_dir, found, records, node="n1")
     total_s = time.perf_counter() - started
-    return processor, {
+    return recovered.processor, {
         "snapshot_read_s": read_s,
-        "snapshot_restore_s": restored_s - read_s,
-        "tail_replay_s": total_s - restored_s,
-        "tail_records": tail,
+        "snapshot_restore_s": recovered.restore_s,
+        "tail_replay_s": recovered.replay_s,
+        "tail_records": recovered.replayed,
         "recovery_snapshot_s": total_s,
     }
 

@@ -21,7 +21,6 @@ import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from daemon.config import Config
 from daemon.supervisor import BLP_HASH_SEED
@@ -33,48 +32,26 @@ _MASK = (1 << 64) - 1
 
 
 def replay_hashes(config: Config, output: Path, to_index: int | None = None, debug: bool = False) -> tuple[int, str]:
-    """Replay the journal in this process, writing (rolling hash) per record to `output`.
+    """Replay the journal in this process from its earliest start (`recovery.earliest_start`),
+    writing the rolling hash after each record to `output`.
 
     Returns:
         (last index, state hash hex).
     """
-    from sequencer.journal import read_records
-    from sequencer.record import frame_type
+    from sequencer import recovery
     from sequencer.state_machine import load_app
 
     app_class = load_app(config.node.app)
-    processor = _starting_point(config, app_class, debug)
+    start = recovery.earliest_start(config.snapshot_dir, config.journal_dir)
     pack = _HASH.pack
     with open(output, "wb", buffering=1 << 20) as sink:
-        for record in read_records(config.journal_dir, processor.applied_index + 1, to_index):
-            processor.apply_frame(frame_type(record.type, record.version), record.raw[8 : record.length])
-            processor.drain_outputs()
-            processor.snapshot_requested = False
-            sink.write(pack(processor.rolling_hash & _MASK))
+        recovered = recovery.recover(
+            app_class, config.journal_dir, start, to_index, debug=debug,
+            client_expiry_ns=config.client_expiry_ns,
+            after_each=lambda processor: sink.write(pack(processor.rolling_hash & _MASK)),
+        )  # fmt: skip
+    processor = recovered.processor
     return processor.applied_index, processor.state_hash().hex()
-
-
-def _starting_point(config: Config, app_class: Any, debug: bool) -> Any:
-    """Genesis, or the oldest snapshot that covers segments deleted by retention."""
-    from sequencer import snapshot as snapshots
-    from sequencer.journal import list_segments
-    from sequencer.processor import Processor
-
-    segments = list_segments(config.journal_dir)
-    first_index = segments[0][0] if segments else 1
-    if first_index <= 1:
-        return Processor(app_class, debug=debug, client_expiry_ns=config.client_expiry_ns)
-    usable = sorted(
-        (info for info in snapshots.list_snapshots(config.snapshot_dir) if info.valid and info.index >= first_index - 1),
-        key=lambda info: info.index,
-    )
-    if not usable:
-        raise RuntimeError(
-            f"the journal starts at index {first_index} (older segments were deleted) and no valid snapshot "
-            f"at or after index {first_index - 1} exists: nothing to replay from"
-        )
-    _, body = snapshots.read_snapshot(usable[0].path)
-    return Processor.restore(app_class, body, debug=debug, client_expiry_ns=config.client_expiry_ns)
 
 
 def _replay_in_child(config: Config, hash_seed: str, output: Path, to_index: int | None) -> tuple[int, str]:
@@ -128,9 +105,8 @@ def _first_difference(first: Path, second: Path) -> int | None:
 
 def verify_snapshots(config: Config, say: Callable[[str], object]) -> int:
     """Check each valid snapshot by rebuilding its state from the one before it (or genesis)."""
+    from sequencer import recovery
     from sequencer import snapshot as snapshots
-    from sequencer.journal import read_runs
-    from sequencer.processor import Processor
     from sequencer.state_machine import load_app
 
     app_class = load_app(config.node.app)
@@ -143,16 +119,14 @@ def verify_snapshots(config: Config, say: Callable[[str], object]) -> int:
     for position, info in enumerate(infos):
         assert info.header is not None
         base = infos[position - 1] if position else None
+        start = None
+        source = "the start of the journal"
         if base is not None:
-            _, body = snapshots.read_snapshot(base.path)
-            processor = Processor.restore(app_class, body, client_expiry_ns=config.client_expiry_ns)
+            header, body = snapshots.read_snapshot(base.path)
+            start = snapshots.LoadedSnapshot(base.path, header, body, [])
             source = f"snapshot {base.index}"
-        else:
-            processor = Processor(app_class, client_expiry_ns=config.client_expiry_ns)
-            source = "the start of the journal"
-        if processor.applied_index < info.index:
-            for run in read_runs(config.journal_dir, processor.applied_index + 1, info.index):
-                processor.replay_run(run)
+        processor = recovery.recover(app_class, config.journal_dir, start, info.index,
+                                     client_expiry_ns=config.client_expiry_ns).processor  # fmt: skip
         if processor.applied_index != info.index:
             say(f"snapshot {info.index}: the journal ends at {processor.applied_index} (segments deleted?); not checked")
             continue

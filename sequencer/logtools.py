@@ -31,6 +31,7 @@ from sequencer.journal import (
     list_segments,
     scan_segment,
 )
+from sequencer.journal.scan import segments_join
 from sequencer.record import (
     RecordType,
     decode_admin,
@@ -311,9 +312,7 @@ def check(directory: Path | str) -> CheckReport:
                 torn=False,
             )
             return report
-        if previous is not None and (
-            scan.first_index != previous.last_index + 1 or scan.prev_term != previous.last_term
-        ):
+        if previous is not None and not segments_join(previous, scan):
             _damaged(
                 report, path, 0,
                 f"starts at index {scan.first_index} (term before {scan.prev_term}) but "

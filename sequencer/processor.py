@@ -40,7 +40,6 @@ propagates and crashes the blp; the supervisor restarts from snapshot + journal.
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Callable, Iterable
 from typing import Any, Generic, TypeVar
 
@@ -64,6 +63,7 @@ from sequencer.egress import (
 from sequencer.record import (
     ADMIN_NODE_START,
     COMMAND_PREFIX,
+    FRAME_HEADER,
     FRAME_HEADER_BYTES,
     RECORD_TAIL,
     TIMER_FIRED_PAYLOAD,
@@ -71,6 +71,7 @@ from sequencer.record import (
     decode_admin,
     decode_session_open,
     iter_records,
+    walk_records,
 )
 from sequencer.snapshot_format import SnapshotHeader
 from sequencer.state_machine import Context, Rejected, StateMachine
@@ -114,7 +115,6 @@ _EVENT_OMITTED = int(EgressKind.EVENT_OMITTED)
 _PAYLOAD_OFFSET = RECORD_TAIL.size  # payload offset in a view that starts after the frame header
 _COMMAND_OFFSET = _PAYLOAD_OFFSET + COMMAND_PREFIX.size
 _REJECTED_ENCODER = msgspec.msgpack.Encoder()
-_FRAME_WORD = struct.Struct("<II")  # a record's first 8 bytes: length, type | version << 16
 _unpack_tail = RECORD_TAIL.unpack_from
 _unpack_prefix = COMMAND_PREFIX.unpack_from
 _pack_reply = REPLY_HEADER.pack
@@ -477,19 +477,19 @@ class Processor(Generic[App]):
             count += 1
         return count
 
-    def replay_run(self, run: Any) -> int:
+    def replay_run(
+        self, run: Any, after_each: Callable[[Processor[App]], object] | None = None
+    ) -> int:
         """Applies a run of whole records (`journal.read_runs`), discarding outputs; returns how
-        many. The recovery fast path: one header word per record, no per-record objects."""
-        unpack = _FRAME_WORD.unpack_from
+        many. The recovery fast path: one header word per record, no per-record objects.
+        `after_each(self)` is called after each record (`seqd verify` records the rolling hash)."""
         apply = self.apply_frame
-        position = 0
-        end = len(run)
         count = 0
-        while position < end:
-            length, frame_type = unpack(run, position)
-            apply(frame_type, run[position + FRAME_HEADER_BYTES : position + length])
+        for (length, frame_type), start, _after in walk_records(run, FRAME_HEADER):
+            apply(frame_type, run[start + FRAME_HEADER_BYTES : start + length])
             self.snapshot_requested = False  # a replay writes no snapshots
-            position += (length + 7) & -8
+            if after_each is not None:
+                after_each(self)
             count += 1
         self._outputs.clear()
         return count

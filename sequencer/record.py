@@ -27,18 +27,20 @@ from __future__ import annotations
 import enum
 import struct
 from collections.abc import Iterator
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple, overload
 
 import msgspec
 
 __all__ = [
     "ADMIN_NODE_START",
     "COMMAND_PREFIX",
+    "FRAME_HEADER",
     "FRAME_HEADER_BYTES",
     "RECORD_ALIGNMENT",
     "RECORD_BYTES_MAX",
     "RECORD_HEADER",
     "RECORD_HEADER_BYTES",
+    "RECORD_KEY",
     "RECORD_TAIL",
     "TIMER_FIRED_PAYLOAD",
     "RecordError",
@@ -61,6 +63,7 @@ __all__ = [
     "pack_record_into",
     "pack_tail_into",
     "split_frame_type",
+    "walk_records",
 ]
 
 
@@ -79,6 +82,10 @@ RECORD_HEADER = struct.Struct("<IHHQQqQQ")
 RECORD_HEADER_BYTES = 48
 RECORD_TAIL = struct.Struct("<QQqQQ")  # the 40 bytes after the ring frame header (index onwards)
 FRAME_HEADER_BYTES = 8  # the ring's `[length u32][type u32]`, the first 8 bytes of a record
+# Partial views of the header for walks that need less than all of it (`walk_records`): each
+# starts with the length, and unpacking fewer fields is measurably cheaper per record.
+FRAME_HEADER = struct.Struct("<II")  # length, frame type (record type | version << 16)
+RECORD_KEY = struct.Struct("<IH2xQQ")  # length, type, index, term: what a log check needs
 RECORD_ALIGNMENT = 8  # every record starts on an 8-byte boundary: aligned u64 loads and stores
 # The length field is a u32; a record may never reach 4 GiB. In practice the ring capacity and the
 # client frame limit (1 MiB) bound records far below this.
@@ -89,6 +96,8 @@ assert RECORD_HEADER.size == RECORD_HEADER_BYTES
 assert RECORD_TAIL.size + FRAME_HEADER_BYTES == RECORD_HEADER_BYTES
 assert RECORD_HEADER_BYTES % RECORD_ALIGNMENT == 0
 assert (int(RecordType.PADDING) | VERSION_MAX << 16) == 0xFFFF_FFFF
+assert FRAME_HEADER.size == FRAME_HEADER_BYTES
+assert RECORD_KEY.unpack(RECORD_HEADER.pack(1, 2, 3, 4, 5, 6, 7, 8)[: RECORD_KEY.size]) == (1, 2, 4, 5)
 
 
 class RecordError(ValueError):
@@ -210,6 +219,81 @@ def decode_header(buffer: bytes | bytearray | memoryview, offset: int = 0) -> Re
     return RecordHeader._make(RECORD_HEADER.unpack_from(buffer, offset))
 
 
+@overload
+def walk_records(
+    run: bytes | bytearray | memoryview,
+    layout: struct.Struct = ...,
+    *,
+    views: Literal[False] = False,
+) -> Iterator[tuple[tuple[Any, ...], int, int]]: ...
+@overload
+def walk_records(
+    run: bytes | bytearray | memoryview, layout: struct.Struct = ..., *, views: Literal[True]
+) -> Iterator[tuple[Any, ...]]: ...
+def walk_records(
+    run: bytes | bytearray | memoryview, layout: struct.Struct = RECORD_HEADER, *, views: bool = False
+) -> Iterator[Any]:
+    """Each record of a run of whole records: (its first fields, its offset, the offset after it).
+
+    The one walk over a run (ring regions, journal batches, replay, validation): the fields are
+    `layout` unpacked at the record's offset, a layout that starts with the u32 length
+    (`RECORD_HEADER`, `RECORD_KEY` or `FRAME_HEADER`); the offset after it includes the padding.
+    The payload is `run[offset + RECORD_HEADER_BYTES : offset + length]`, the ring frame's body
+    `run[offset + FRAME_HEADER_BYTES : offset + length]`. With `views`, each item is instead the
+    fields followed by the payload and the whole record (padding included) as views of `run`:
+    the journal's `Record`, built here because a tuple per record more costs ~8% of a journal
+    read (`benches.journal`).
+
+    Every record is checked to lie inside the run (two comparisons, so bad bytes can never make
+    the walk loop or read past the run); what the fields say beyond the length is the caller's.
+
+    Raises:
+        RecordError: a length below the header size, a record that runs past the end, or bytes
+            at the end too few for a header; the message names the offset.
+    """
+    unpack_from = layout.unpack_from
+    header_bytes = RECORD_HEADER_BYTES  # locals: a global lookup per record is measurable
+    mask = -RECORD_ALIGNMENT
+    carry = RECORD_ALIGNMENT - 1
+    position = 0
+    end = len(run)
+    while position < end:
+        try:
+            fields = unpack_from(run, position)
+        except struct.error:
+            raise RecordError(_walk_error(run, position)) from None
+        length = fields[0]
+        after = position + ((length + carry) & mask)
+        if length < header_bytes or after > end:
+            raise RecordError(_walk_error(run, position))
+        if views:
+            # Tuple concatenation: measured ~25% faster here than `(*fields, ...)` (RUF005).
+            yield fields + (run[position + header_bytes : position + length], run[position:after])  # noqa: RUF005
+        else:
+            yield fields, position, after
+        position = after
+
+
+def _walk_error(run: bytes | bytearray | memoryview, position: int) -> str:
+    """Why the walk stops at `position` (off the hot path: the walk found something wrong)."""
+    end = len(run)
+    if position + RECORD_HEADER_BYTES > end:
+        return (
+            f"{end - position} bytes at offset {position} are too few for a record header "
+            f"({RECORD_HEADER_BYTES} bytes): the run does not end on a record boundary"
+        )
+    (length,) = struct.unpack_from("<I", run, position)
+    if length < RECORD_HEADER_BYTES:
+        return (
+            f"record at offset {position} has length {length} < {RECORD_HEADER_BYTES} "
+            "(the header size): not a record boundary, or damaged bytes"
+        )
+    return (
+        f"record at offset {position} of length {length} ({aligned(length)} aligned) runs past "
+        f"the end of the {end}-byte run"
+    )
+
+
 def iter_records(
     buffer: bytes | bytearray | memoryview,
 ) -> Iterator[tuple[RecordHeader, memoryview, int]]:
@@ -218,35 +302,12 @@ def iter_records(
     The payload is a view into `buffer`, not a copy; it is valid as long as the buffer's bytes are.
 
     Raises:
-        RecordError: a length below the header size, or a record that runs past the end; the
-            message names the offset.
+        RecordError: as `walk_records`.
     """
     view = memoryview(buffer).cast("B")
-    end = len(view)
-    offset = 0
-    unpack_from = RECORD_HEADER.unpack_from
     make = RecordHeader._make
-    while offset < end:
-        if offset + RECORD_HEADER_BYTES > end:
-            raise RecordError(
-                f"{end - offset} bytes at offset {offset} are too few for a record header "
-                f"({RECORD_HEADER_BYTES} bytes): the run does not end on a record boundary"
-            )
-        header = make(unpack_from(view, offset))
-        length = header.length
-        if length < RECORD_HEADER_BYTES:
-            raise RecordError(
-                f"record at offset {offset} has length {length} < {RECORD_HEADER_BYTES} "
-                "(the header size): not a record boundary, or damaged bytes"
-            )
-        step = (length + 7) & -8
-        if offset + step > end:
-            raise RecordError(
-                f"record at offset {offset} of length {length} ({step} aligned) runs past the "
-                f"end of the {end}-byte run"
-            )
-        yield header, view[offset + RECORD_HEADER_BYTES : offset + length], offset
-        offset += step
+    for fields, offset, _after in walk_records(view):
+        yield make(fields), view[offset + RECORD_HEADER_BYTES : offset + fields[0]], offset
 
 
 # -- payloads the daemon defines ---------------------------------------------------------------

@@ -39,6 +39,7 @@ __all__ = [
     "SnapshotInfo",
     "list_snapshots",
     "newest_valid_snapshot",
+    "oldest_valid_index",
     "read_snapshot",
     "remove_partial",
     "retain",
@@ -175,6 +176,17 @@ def newest_valid_snapshot(
             continue
         return LoadedSnapshot(path, header, body, skipped)
     return None
+
+
+def oldest_valid_index(directory: str | os.PathLike[str]) -> int:
+    """The index of the oldest valid snapshot kept in `directory`, 0 when there is none.
+
+    The journal may go up to it (retention): recovery needs the newest valid snapshot and the
+    records after it, and keeping everything after the *oldest* one means a corrupt newest
+    snapshot can still fall back to an older one and replay from there.
+    """
+    valid = [info.index for info in list_snapshots(directory) if info.valid]
+    return min(valid) if valid else 0
 
 
 def remove_partial(directory: str | os.PathLike[str]) -> list[Path]:

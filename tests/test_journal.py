@@ -267,6 +267,51 @@ def test_reader_returns_only_complete_batches_and_picks_up_the_rest_later(journa
             assert [r.index for r in reader.read()] == list(range(9, 15))
 
 
+def test_reader_reads_any_index_range_forwards_and_backwards_across_segments(journal_dir):
+    """What a leader's replicator needs for a lagging follower: any range, in any order, as
+    records or as the raw bytes of whole records."""
+    with open_journal(journal_dir) as journal:
+        fill(journal, [1, 5, 17, 3, 9] * 8)
+        last = journal.last_index
+    assert len(list_segments(journal_dir)) > 2
+    ranges = [(40, 60), (3, 9), (last - 5, last), (1, 1), (25, 25), (2, last)]
+    with JournalReader(journal_dir) as reader:
+        for first, end in ranges:
+            reader.seek(first)
+            assert [r.index for r in reader.read(end)] == list(range(first, end + 1))
+            assert reader.next_index == end + 1
+        for first, end in reversed(ranges):
+            reader.seek(first)
+            runs = b"".join(bytes(run) for run in reader.read_runs(end))
+            assert runs == make_batch(first, end - first + 1), (first, end)
+
+
+@pytest.mark.timeout(20)
+def test_reader_refuses_a_misplaced_batch_in_a_segment_that_a_newer_one_follows(journal_dir):
+    """A CRC-valid batch with the wrong indexes at the end of a complete segment is corruption:
+    the reader raises (it once looked at it again forever)."""
+    with open_journal(journal_dir) as journal:
+        fill(journal, [10] * 12)
+    segments = list_segments(journal_dir)
+    assert len(segments) > 1
+    path = segments[0][1]
+    offset, total, _, _ = batch_offsets(path)[-1]
+    stale = make_batch(500, 1)
+    stray = batch_header_bytes(stale, 500, 500) + stale
+    assert offset + total + len(stray) <= SMALL_SEGMENT_BYTES
+    with path.open("r+b") as file:
+        file.seek(offset + total)
+        file.write(stray)
+    with pytest.raises(JournalCorruptError, match="A newer segment follows"):
+        list(read_records(journal_dir))
+
+
+def batch_header_bytes(records: bytes, first: int, last: int) -> bytes:
+    from sequencer.journal.format import batch_header
+
+    return batch_header(memoryview(records), last - first + 1, first, last)
+
+
 def test_breaking_out_of_a_read_loses_no_record(journal_dir):
     with open_journal(journal_dir) as journal:
         fill(journal, [10, 10])
@@ -600,7 +645,8 @@ def test_segment_header_format_is_as_documented(journal_dir):
 def test_torn_tail_is_repaired_even_when_a_payload_inside_it_looks_like_a_later_batch(tmp_path) -> None:  # type: ignore[no-untyped-def]
     """Client bytes that form a CRC-valid batch inside the torn batch must not make the torn
     tail look like mid-log corruption (which refuses to start)."""
-    from sequencer.journal import BATCH_HEADER, BATCH_MAGIC, Journal, _batch_crc
+    from sequencer.journal import BATCH_HEADER, BATCH_MAGIC, Journal
+    from sequencer.journal.format import batch_crc as _batch_crc
     from sequencer.record import RecordType, encode_command, encode_record
 
     inner = encode_record(RecordType.COMMAND, 1, 99, 1, 0, 1, 1, b"")

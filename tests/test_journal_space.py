@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 
-from sequencer import journal as journal_module
 from sequencer import logtools
 from sequencer.journal import (
     SEGMENT_BYTES_DEFAULT,
@@ -28,6 +27,7 @@ from sequencer.journal import (
     list_segments,
     scan_segment,
 )
+from sequencer.journal import writer as journal_module
 from tests.small_fs import SMALL_FS_BYTES, SmallFilesystem, small_filesystem  # noqa: F401
 from tests.test_journal import assert_records, make_batch
 

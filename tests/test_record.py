@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import struct
 
 import msgspec
@@ -11,9 +12,11 @@ from hypothesis import strategies as st
 
 from sequencer.record import (
     ADMIN_NODE_START,
+    FRAME_HEADER,
     FRAME_HEADER_BYTES,
     RECORD_HEADER,
     RECORD_HEADER_BYTES,
+    RECORD_KEY,
     RECORD_TAIL,
     RecordError,
     RecordHeader,
@@ -34,6 +37,7 @@ from sequencer.record import (
     pack_record_into,
     pack_tail_into,
     split_frame_type,
+    walk_records,
 )
 
 U64 = st.integers(0, (1 << 64) - 1)
@@ -118,6 +122,52 @@ def test_iter_records_returns_what_was_encoded(specs):
         assert bytes(payload) == spec[7]
         assert decode_header(run, at) == header
         offset += aligned(header.length)
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(1, 0xFFFE), st.integers(0, 0xFFFF), U64, U64,
+            st.integers(-(1 << 63), (1 << 63) - 1), U64, U64, st.binary(max_size=40),
+        ),
+        max_size=20,
+    )
+)  # fmt: skip
+def test_every_walk_over_a_run_sees_each_record_at_its_offset_with_the_fields_asked_for(specs):
+    run = memoryview(b"".join(encode_record(*spec) for spec in specs))
+    offsets = [0]
+    for spec in specs:
+        offsets.append(offsets[-1] + aligned(RECORD_HEADER_BYTES + len(spec[7])))
+    bounds = list(itertools.pairwise(offsets))
+    whole = list(walk_records(run))
+    assert [(start, after) for _fields, start, after in whole] == bounds
+    assert [fields for fields, _start, _after in whole] == [
+        (RECORD_HEADER_BYTES + len(spec[7]), *spec[:7]) for spec in specs
+    ]
+    frames = [(fields, start) for fields, start, _after in walk_records(run, FRAME_HEADER)]
+    assert frames == [
+        ((RECORD_HEADER_BYTES + len(spec[7]), frame_type(spec[0], spec[1])), start)
+        for spec, (start, _after) in zip(specs, bounds, strict=True)
+    ]
+    keys = [fields for fields, _start, _after in walk_records(run, RECORD_KEY)]
+    assert keys == [(RECORD_HEADER_BYTES + len(spec[7]), spec[0], spec[2], spec[3]) for spec in specs]
+    viewed = list(walk_records(run, views=True))
+    assert [bytes(item[-1]) for item in viewed] == [bytes(run[start:after]) for start, after in bounds]
+    assert [bytes(item[-2]) for item in viewed] == [spec[7] for spec in specs]
+    assert [item[:-2] for item in viewed] == [fields for fields, _start, _after in whole]
+
+
+@pytest.mark.parametrize("layout", [RECORD_HEADER, RECORD_KEY, FRAME_HEADER], ids=["header", "key", "frame"])
+@pytest.mark.parametrize("length", [0, 7, 8, 47])
+def test_walk_refuses_a_length_that_would_not_move_it_past_a_header(layout, length):
+    """A zeroed or damaged length can never make a walk loop in place or step inside a header."""
+    good = encode_record(RecordType.COMMAND, 1, 1, 1, 0, 0, 0, b"abc")
+    bad = bytearray(encode_record(RecordType.COMMAND, 1, 2, 1, 0, 0, 0, b"abc"))
+    struct.pack_into("<I", bad, 0, length)
+    walk = walk_records(good + bytes(bad), layout)
+    assert next(walk)[1] == 0
+    with pytest.raises(RecordError, match=f"offset {len(good)} has length {length}"):
+        next(walk)
 
 
 def test_iter_records_names_the_offset_of_a_short_length():

@@ -46,8 +46,8 @@ from daemon.layout import (
 from daemon.roles.common import RoleContext, run_agent, run_role
 from daemon.snapshot_writer import WRITER_EXIT_OK, fork_and_write_snapshot, reap_snapshot_writer
 from ipc.ring import Ring
+from sequencer import recovery
 from sequencer import snapshot as snapshots
-from sequencer.journal import read_runs
 from sequencer.processor import Processor
 from sequencer.state_machine import StateMachine, load_app
 
@@ -73,33 +73,28 @@ def recover(context: RoleContext, app_class: type[StateMachine]) -> Processor[An
         context.errors.add(1)
         log.error("snapshot %s is invalid, using an older one: %s", info.path, info.error)
 
-    found = snapshots.newest_valid_snapshot(config.snapshot_dir, report)
-    processor: Processor[Any]
-    if found is not None:
-        processor = Processor.restore(
-            app_class, found.body, node=config.node.name, debug=config.node.debug_determinism,
-            client_expiry_ns=config.client_expiry_ns,
-        )
-        log.info("restored snapshot at index %d from %s", processor.applied_index, found.path)
-    else:
-        processor = Processor(
-            app_class, node=config.node.name, debug=config.node.debug_determinism,
-            client_expiry_ns=config.client_expiry_ns,
-        )
     last_index = counters[RECOVERY_LAST_INDEX].get()
     progress = counters[RECOVERY_RECORDS]
-    replayed = 0
-    if last_index > processor.applied_index:
-        for run in read_runs(config.journal_dir, processor.applied_index + 1, last_index):
-            replayed += processor.replay_run(run)
-            if replayed - progress.get() > RECOVERY_PROGRESS_RECORDS:
-                progress.set(replayed)
-                context.heartbeat.add(1)
-    # A SNAPSHOT record met during replay was taken before the crash, or is lost with the
-    # crash; either way the next one will come: a replay writes none (replay_run clears it).
-    progress.set(replayed)
+
+    def replayed(count: int) -> None:
+        if count - progress.get() > RECOVERY_PROGRESS_RECORDS:
+            progress.set(count)
+            context.heartbeat.add(1)
+
+    found = snapshots.newest_valid_snapshot(config.snapshot_dir, report)
+    recovered = recovery.recover(
+        app_class, config.journal_dir, found, last_index, node=config.node.name,
+        debug=config.node.debug_determinism, client_expiry_ns=config.client_expiry_ns,
+        progress=replayed,
+    )  # fmt: skip
+    processor = recovered.processor
+    if found is not None:
+        log.info("restored snapshot at index %d from %s", found.header.index, found.path)
+    progress.set(recovered.replayed)
     assert processor.applied_index == last_index, (processor.applied_index, last_index)
-    log.info("recovered to index %d (%d records replayed)", processor.applied_index, replayed)
+    log.info("recovered to index %d (%d records replayed in %.3f s, restore %.3f s)",
+             processor.applied_index, recovered.replayed, recovered.replay_s,
+             recovered.restore_s)  # fmt: skip
     return processor
 
 
@@ -153,8 +148,7 @@ class BlpAgent(Agent):
         processor = self.processor
         self.applied_index.set(processor.applied_index)
         if self.delete_journal:  # only the journaller's compaction reads it
-            initial = [info.index for info in snapshots.list_snapshots(self.snapshot_dir) if info.valid]
-            self.oldest_snapshot.set(min(initial) if initial else 0)
+            self.oldest_snapshot.set(snapshots.oldest_valid_index(self.snapshot_dir))
         # Written by the first cycles, after the runner reports RUNNING: the supervisor starts the
         # sequencer, egress's only reader, only then, and the re-armed timers may be more than the
         # egress ring holds.
@@ -218,9 +212,9 @@ class BlpAgent(Agent):
         """In the snapshot writer (a child): keep the newest snapshots, and tell the journaller
         which is the oldest kept, so neither the blp nor the journaller reads snapshot files."""
         snapshots.retain(self.snapshot_dir, self.snapshot_keep)
-        kept = [info.index for info in snapshots.list_snapshots(self.snapshot_dir) if info.valid]
-        if kept:
-            self.oldest_snapshot.set(min(kept))
+        oldest = snapshots.oldest_valid_index(self.snapshot_dir)
+        if oldest:
+            self.oldest_snapshot.set(oldest)
 
     def _reap_snapshot_writers(self, block: bool) -> None:
         """Collect finished snapshot writers; count and report failures (the writer applied retention)."""

@@ -117,16 +117,12 @@ class DiskWatch:
 
 
 def compact(journal: Journal, snapshot_dir: Path) -> list[Path]:
-    """Delete the journal segments wholly covered by the oldest retained valid snapshot.
-
-    Recovery needs the newest valid snapshot and the records after it; keeping everything after
-    the *oldest* retained one means a corrupt newest snapshot can still fall back to an older
-    one and replay from there.
-    """
-    valid = [info.index for info in snapshots.list_snapshots(snapshot_dir) if info.valid]
-    if not valid:
+    """Delete the journal segments wholly covered by the oldest retained valid snapshot
+    (`snapshot.oldest_valid_index` says why the oldest)."""
+    oldest = snapshots.oldest_valid_index(snapshot_dir)
+    if not oldest:
         return []
-    return journal.delete_segments_before(min(valid) + 1)
+    return journal.delete_segments_before(oldest + 1)
 
 
 def _inject_fdatasync_failure() -> None:
