@@ -15,7 +15,7 @@ from daemon.exits import ExitCode
 from sequencer import snapshot as snapshots
 from sequencer.apps.ledger import Balance, Ledger
 from sequencer.client import Client, ConnectionLost, TimedOut
-from sequencer.journal import BATCH_MAGIC_BYTES
+from sequencer.journal.format import BATCH_MAGIC_BYTES
 from tests.fixtures.nondeterministic import ClockReading, Tag
 from tests.node_fixtures import DEPOSIT, balances, node_factory, open_accounts  # noqa: F401
 
