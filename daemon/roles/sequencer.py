@@ -325,14 +325,18 @@ class Sequencer:
         opening = not session.session_id
         disk_free_bytes = None if self.disk_full.get() == DiskState.ROOM else self.disk_free_bytes.get()
         commands = gateway.process(session, time.time_ns(), disk_free_bytes)
+        # The checks below run once per read, so they are inlined rather than calls.
         if commands:
             self.commands_total.add(commands)
         if opening and session.session_id:
             self.sessions_open.set(len(gateway.sessions))
             self.sessions_total.add(1)
-        self._claimed()
-        session.flush()
-        if gateway.waiting:
+        if not self.flush_scheduled and gateway.next_index - 1 != self.published_index:
+            self.flush_scheduled = True  # `_claimed()`
+            self.loop.call_soon(self._flush)
+        if session.out or session.closing:
+            session.flush()
+        if gateway.snapshot_pending:
             self._schedule_retry()  # a snapshot the policy asked for found the ring full
         return session.backlog is not None
 

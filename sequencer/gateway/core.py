@@ -298,6 +298,10 @@ class Gateway(Generic[S]):
         """
         if session.closing:
             return 0  # it was sent a fatal ERROR or hung up: nothing more it sends counts
+        if now_ns > self.last_timestamp_ns:  # `_begin`, inlined: this runs once per read
+            self.last_timestamp_ns = now_ns
+        timestamp_ns = self.last_timestamp_ns
+        stamping = self.stamping
         connection = session.connection
         claim = self._claim
         pack_command = _COMMAND_TAIL.pack_into
@@ -314,11 +318,11 @@ class Gateway(Generic[S]):
             frames = session.backlog or connection.next_frames()
             session.backlog = None
             while frames:
-                term = self._begin(now_ns)
-                if term == _BLOCKED:
-                    session.backlog = frames
+                stamp = stamping.begin(self.next_index)
+                if stamp.term_start_index and not self._start_term(stamp):
+                    session.backlog = frames  # the term's TERM_START first: the batch waits
                     return commands
-                timestamp_ns = self.last_timestamp_ns
+                term = stamp.term
                 session_id = session.session_id
                 for position, frame in enumerate(frames):
                     if type(frame) is command_type:
