@@ -129,7 +129,6 @@ class Gateway(Generic[S]):
     ) -> None:
         assert 1 <= config.command_version_max <= VERSION_MAX, config.command_version_max
         assert 0 <= config.command_bytes_max <= protocol.COMMAND_BYTES_MAX, config.command_bytes_max
-        assert config.sessions_max >= 1, config.sessions_max
         self.config = config
         self.stamping = stamping
         self._claim = claim
