@@ -4,8 +4,8 @@ Each egress ring frame has `type = EgressKind` and one of these payloads (little
 
     REPLY           <QQQBxH4x  session_id, request_id, index, status, version; then the payload
     EVENT           <QH6x      index, version; then the payload (the app's encoded event)
-    TIMER_SCHEDULE  <Qq        timer_id, deadline_ns
-    TIMER_CANCEL    <Q         timer_id
+    TIMER_SCHEDULE  <Qq        timer_id, deadline_ns (layout and encoder in `sequencer.timers`)
+    TIMER_CANCEL    <Q         timer_id (likewise)
     EVENT_OMITTED   <QH6x      index, version; then msgpack {"code": str, "message": str}
 
 A reply's `index` is the log index of the command that produced it (for a resent request, the
@@ -36,10 +36,20 @@ from sequencer.client.protocol import (
     FRAME_BODY_BYTES_MAX,
     FRAME_BYTES_MAX,
     ProtocolError,
+    RejectionCode,
+    ReplyStatus,
     decode_rejection,
     encode_rejection,
 )
 from sequencer.client.protocol import REPLY_HEADER as CLIENT_REPLY_HEADER
+from sequencer.timers import (
+    TIMER_CANCEL,
+    TIMER_SCHEDULE,
+    TimerCancel,
+    TimerSchedule,
+    encode_timer_cancel,
+    encode_timer_schedule,
+)
 
 __all__ = [
     "EGRESS_PAYLOAD_BYTES_MAX",
@@ -78,16 +88,12 @@ class EgressKind(enum.IntEnum):
     EVENT_OMITTED = 5  # an event too large to frame, left out: subscribers get a non-fatal ERROR
 
 
-class ReplyStatus(enum.IntEnum):
-    OK = 0
-    REJECTED = 1
-    DUPLICATE = 2
-
+# A REPLY's status is the client protocol's `ReplyStatus` (re-exported here): the sequencer copies
+# it from the egress frame into the REPLY frame without translating it. Likewise a REJECTED
+# payload is the protocol's `encode_rejection`, and the timer payloads are `sequencer.timers`'.
 
 REPLY_HEADER = struct.Struct("<QQQBxH4x")
 EVENT_HEADER = struct.Struct("<QH6x")
-TIMER_SCHEDULE = struct.Struct("<Qq")
-TIMER_CANCEL = struct.Struct("<Q")
 assert REPLY_HEADER.size == 32
 assert EVENT_HEADER.size == 16
 
@@ -109,8 +115,8 @@ assert EGRESS_PAYLOAD_BYTES_MAX >= EVENT_HEADER.size + EVENT_PAYLOAD_BYTES_MAX
 # The codes of the REJECTED replies the blp makes itself (an app's own codes come from its
 # `Rejected`; the gateway's, such as command_too_large, from the sequencer), and of the non-fatal
 # ERROR frame sent to subscribers in place of an event. docs/client.md lists every one.
-BAD_COMMAND: Final = "bad_command"
-REPLY_TOO_LARGE: Final = "reply_too_large"
+BAD_COMMAND: Final = RejectionCode.BAD_COMMAND.value
+REPLY_TOO_LARGE: Final = RejectionCode.REPLY_TOO_LARGE.value
 EVENT_TOO_LARGE: Final = "event_too_large"
 REJECTION_CODES: Final = (BAD_COMMAND, REPLY_TOO_LARGE)
 NOTICE_CODES: Final = (EVENT_TOO_LARGE,)
@@ -136,15 +142,6 @@ class EventOmitted(NamedTuple):
     version: int
     code: str
     message: str
-
-
-class TimerSchedule(NamedTuple):
-    timer_id: int
-    deadline_ns: int
-
-
-class TimerCancel(NamedTuple):
-    timer_id: int
 
 
 def encode_reply(
@@ -189,14 +186,6 @@ def encode_event_omitted(index: int, version: int, payload_bytes: int) -> bytes:
         "applied: make the app publish smaller events (a reference to large data, not the data)"
     )
     return EVENT_HEADER.pack(index, version) + encode_rejection(EVENT_TOO_LARGE, message)
-
-
-def encode_timer_schedule(timer_id: int, deadline_ns: int) -> bytes:
-    return TIMER_SCHEDULE.pack(timer_id, deadline_ns)
-
-
-def encode_timer_cancel(timer_id: int) -> bytes:
-    return TIMER_CANCEL.pack(timer_id)
 
 
 class EgressError(Exception):

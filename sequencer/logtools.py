@@ -37,8 +37,8 @@ from sequencer.record import (
     decode_admin,
     decode_command,
     decode_session_open,
-    decode_timer_fired,
 )
+from sequencer.timers import decode_timer_fired
 
 __all__ = [
     "TAIL_POLL_INTERVAL_S_MAX",

@@ -18,8 +18,8 @@ Replicas. Every node applies every record and computes every output, but emits r
 sessions attached to itself (`node`). The rolling hash covers every output before that routing,
 so all replicas have the same hash at the same index.
 
-Timers. `ctx.schedule` records (timer_id -> deadline_ns) in the state and emits TIMER_SCHEDULE;
-the sequencer keeps the wall-clock schedule and sequences TIMER_FIRED(timer_id, deadline_ns) when
+Timers (`sequencer.timers`, `PendingTimers`). `ctx.schedule` records (timer_id -> deadline_ns)
+in the state and emits TIMER_SCHEDULE; the sequencer keeps the wall-clock schedule and sequences TIMER_FIRED(timer_id, deadline_ns) when
 it passes. The fire runs `on_timer` only if that timer is still scheduled with exactly that
 deadline, so a fire that raced a cancel or a reschedule is ignored the same way on every replica.
 After recovery `pending_timers()` re-emits every pending timer; one whose deadline passed while
@@ -46,6 +46,7 @@ from typing import Any, Generic, TypeVar
 import crc32c
 import msgspec
 
+from sequencer.client.protocol import encode_rejection
 from sequencer.determinism import guard, rolling_hash_update, state_hash
 from sequencer.egress import (
     BAD_COMMAND,
@@ -53,8 +54,6 @@ from sequencer.egress import (
     EVENT_PAYLOAD_BYTES_MAX,
     REPLY_HEADER,
     REPLY_PAYLOAD_BYTES_MAX,
-    TIMER_CANCEL,
-    TIMER_SCHEDULE,
     EgressKind,
     ReplyStatus,
     encode_event_omitted,
@@ -66,7 +65,6 @@ from sequencer.record import (
     FRAME_HEADER,
     FRAME_HEADER_BYTES,
     RECORD_TAIL,
-    TIMER_FIRED_PAYLOAD,
     RecordType,
     decode_admin,
     decode_session_open,
@@ -75,6 +73,7 @@ from sequencer.record import (
 )
 from sequencer.snapshot_format import SnapshotHeader
 from sequencer.state_machine import Context, Rejected, StateMachine
+from sequencer.timers import TIMER_FIRED_PAYLOAD, PendingTimers
 
 __all__ = [
     "PROCESSOR_STATE_VERSION",
@@ -114,7 +113,6 @@ _TIMER_CANCEL = int(EgressKind.TIMER_CANCEL)
 _EVENT_OMITTED = int(EgressKind.EVENT_OMITTED)
 _PAYLOAD_OFFSET = RECORD_TAIL.size  # payload offset in a view that starts after the frame header
 _COMMAND_OFFSET = _PAYLOAD_OFFSET + COMMAND_PREFIX.size
-_REJECTED_ENCODER = msgspec.msgpack.Encoder()
 _unpack_tail = RECORD_TAIL.unpack_from
 _unpack_prefix = COMMAND_PREFIX.unpack_from
 _pack_reply = REPLY_HEADER.pack
@@ -289,7 +287,7 @@ class Processor(Generic[App]):
         self._clients: dict[int, _Client] = {}
         # Clients with no open session, oldest idle first: client_id -> idle since (log time).
         self._idle_clients: dict[int, int] = {}
-        self._timers: dict[int, int] = {}  # timer_id -> deadline_ns
+        self._timers = PendingTimers()
         self._outputs: list[tuple[int, bytes]] = []
         self._context = Context(self)
         # The app's entry points, each under determinism.guard() in debug mode: the one debug
@@ -417,12 +415,12 @@ class Processor(Generic[App]):
         """
         if command_version > self._version:
             raise error
-        return _REJECTED_ENCODER.encode({
-            "code": BAD_COMMAND,
-            "message": f"the command at index {index} (schema version {command_version}) could "
-            f"not be decoded by {self.schema.name} v{self._version} "
-            f"({type(error).__name__}); nothing was applied",
-        })
+        return encode_rejection(
+            BAD_COMMAND,
+            f"the command at index {index} (schema version {command_version}) could not be "
+            f"decoded by {self.schema.name} v{self._version} ({type(error).__name__}); nothing "
+            "was applied",
+        )
 
     def _rejection(self, rejected: Rejected, outputs_before: int, index: int) -> bytes:
         """The reply payload of a `Rejected`; the app must not have emitted anything first."""
@@ -432,7 +430,7 @@ class Processor(Generic[App]):
                 "emitting outputs (ctx.publish/schedule/cancel) for the record at index "
                 f"{index}: validate the whole command before mutating anything"
             ) from rejected
-        return _REJECTED_ENCODER.encode({"code": rejected.code, "message": rejected.message})
+        return encode_rejection(rejected.code, rejected.message)
 
     def _reply_too_large(self, status: int, payload: bytes) -> bytes:
         """No client frame can carry `payload`. Replaced here, where every replica decides the
@@ -504,11 +502,10 @@ class Processor(Generic[App]):
 
     def _apply_timer_fired(self, view: Any) -> None:
         timer_id, deadline_ns = TIMER_FIRED_PAYLOAD.unpack_from(view, _PAYLOAD_OFFSET)
-        if self._timers.get(timer_id) != deadline_ns:
+        if not self._timers.fire(timer_id, deadline_ns):
             # Cancelled, rescheduled, or already fired (a re-armed timer fired twice).
             self.stale_timer_fires += 1
             return
-        del self._timers[timer_id]
         self._app_on_timer(self._context_for(0, 0), timer_id)
 
     def _open_session(self, session_id: int, client_id: int, node: str) -> None:
@@ -570,14 +567,12 @@ class Processor(Generic[App]):
     # -- the app's outputs (called through Context) --------------------------------------------
 
     def _schedule(self, timer_id: int, deadline_ns: int) -> None:
-        # Rescheduling replaces: the old deadline's fire will not match and is ignored.
-        self._timers.pop(timer_id, None)
-        self._timers[timer_id] = deadline_ns
-        self._emit(_TIMER_SCHEDULE, TIMER_SCHEDULE.pack(timer_id, deadline_ns))
+        self._emit(_TIMER_SCHEDULE, self._timers.schedule(timer_id, deadline_ns))
 
     def _cancel(self, timer_id: int) -> None:
-        if self._timers.pop(timer_id, None) is not None:
-            self._emit(_TIMER_CANCEL, TIMER_CANCEL.pack(timer_id))
+        cancel = self._timers.cancel(timer_id)
+        if cancel is not None:
+            self._emit(_TIMER_CANCEL, cancel)
 
     def _publish(self, event: Any) -> None:
         payload = self._encode_event(event)
@@ -609,10 +604,7 @@ class Processor(Generic[App]):
 
         Not folded into the rolling hash: a re-arm is a property of a restart, not of the log.
         """
-        return [
-            (_TIMER_SCHEDULE, TIMER_SCHEDULE.pack(timer_id, deadline_ns))
-            for timer_id, deadline_ns in self._timers.items()
-        ]
+        return [(_TIMER_SCHEDULE, schedule) for schedule in self._timers.rearm()]
 
     # -- snapshots --------------------------------------------------------------------------
 
@@ -641,7 +633,7 @@ class Processor(Generic[App]):
                 )
                 for client_id, client in self._clients.items()
             ],
-            timers=list(self._timers.items()),
+            timers=self._timers.items(),
             app=msgspec.Raw(app_snapshot),
         )
         return _state_encoder.encode(state)
@@ -730,7 +722,7 @@ class Processor(Generic[App]):
             if client.sessions == 0
         )
         processor._idle_clients = {client_id: since for since, _, client_id in idle}
-        processor._timers = dict(state.timers)
+        processor._timers = PendingTimers(state.timers)
         return processor
 
     # -- inspection (tests, tools) ------------------------------------------------------------
@@ -739,7 +731,7 @@ class Processor(Generic[App]):
         return list(self._sessions)
 
     def timers(self) -> dict[int, int]:
-        return dict(self._timers)
+        return self._timers.as_dict()
 
     def saved_reply_ids(self, client_id: int) -> list[int]:
         client = self._clients.get(client_id)

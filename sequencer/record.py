@@ -18,8 +18,9 @@ The first 8 bytes are exactly a ring frame header (`[length u32][type u32]`, wit
 the journal and the replicator move those bytes verbatim: no stage re-encodes a record. The
 sequencer never decodes a COMMAND's app payload; only the blp does.
 
-The payload helpers at the end encode the payloads the daemon itself defines (sessions, timers,
-admin operations); an app's command bytes stay opaque here.
+The payload helpers at the end encode the payloads the daemon itself defines (sessions, admin
+operations; the TIMER_FIRED payload lives with the rest of the timers in `sequencer.timers`); an
+app's command bytes stay opaque here.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import msgspec
 __all__ = [
     "ADMIN_NODE_START",
     "COMMAND_PREFIX",
+    "DAEMON_RECORD_VERSION",
     "FRAME_HEADER",
     "FRAME_HEADER_BYTES",
     "RECORD_ALIGNMENT",
@@ -42,7 +44,6 @@ __all__ = [
     "RECORD_HEADER_BYTES",
     "RECORD_KEY",
     "RECORD_TAIL",
-    "TIMER_FIRED_PAYLOAD",
     "RecordError",
     "RecordHeader",
     "RecordType",
@@ -52,12 +53,10 @@ __all__ = [
     "decode_command",
     "decode_header",
     "decode_session_open",
-    "decode_timer_fired",
     "encode_admin",
     "encode_command",
     "encode_record",
     "encode_session_open",
-    "encode_timer_fired",
     "frame_type",
     "iter_records",
     "pack_record_into",
@@ -313,7 +312,10 @@ def iter_records(
 # -- payloads the daemon defines ---------------------------------------------------------------
 
 COMMAND_PREFIX = struct.Struct("<Q")  # acked_request_id: replies up to it reached the client
-TIMER_FIRED_PAYLOAD = struct.Struct("<Qq")  # timer_id, deadline_ns
+# The payload version of every record the daemon itself defines (SESSION_OPEN, SESSION_CLOSE,
+# TIMER_FIRED, SNAPSHOT, TERM_START, ADMIN); a COMMAND's version is the app's schema version. A
+# change to one of those payloads bumps this, and readers decide by it.
+DAEMON_RECORD_VERSION = 1
 ADMIN_NODE_START = "node_start"  # {"op": "node_start", "node": str}: close that node's sessions
 
 
@@ -357,24 +359,6 @@ def encode_session_open(client_id: int, node: str) -> bytes:
 def decode_session_open(payload: bytes | bytearray | memoryview) -> SessionOpen:
     """Raises msgspec.DecodeError / ValidationError on a malformed payload."""
     return _session_open_decoder.decode(payload)
-
-
-def encode_timer_fired(timer_id: int, deadline_ns: int) -> bytes:
-    return TIMER_FIRED_PAYLOAD.pack(timer_id, deadline_ns)
-
-
-def decode_timer_fired(payload: bytes | bytearray | memoryview) -> tuple[int, int]:
-    """(timer_id, deadline_ns).
-
-    Raises:
-        RecordError: the payload is not exactly 16 bytes.
-    """
-    if len(payload) != TIMER_FIRED_PAYLOAD.size:
-        raise RecordError(
-            f"TIMER_FIRED payload of {len(payload)} bytes, expected {TIMER_FIRED_PAYLOAD.size}"
-        )
-    timer_id, deadline_ns = TIMER_FIRED_PAYLOAD.unpack_from(payload, 0)
-    return timer_id, deadline_ns
 
 
 def encode_admin(op: str, **fields: Any) -> bytes:

@@ -24,7 +24,7 @@ from tests.node_fixtures import node_factory  # noqa: F401 (fixture)
 
 ROOT = wire.ROOT
 # The places a code is written for the wire: the call's code argument (position, keyword).
-CODE_CALLS = {"ProtocolError": 0, "Error": 0, "_fail": 1, "encode_rejection": 0}
+CODE_CALLS = {"ProtocolError": 0, "Error": 0, "_fail": 1, "fail": 1, "encode_rejection": 0}
 WIRE_CODES = {code.value for code in ErrorCode} | {code.value for code in RejectionCode}
 
 
@@ -35,7 +35,7 @@ def _call_name(node: ast.Call) -> str:
 
 def _codes_written(path: Path) -> list[tuple[int, str]]:
     """(line, code) for every code literal or enum member the module writes to the wire: the code
-    argument of ProtocolError/Error/_fail/encode_rejection, and the "code" value of a dict."""
+    argument of ProtocolError/Error/_fail/fail/encode_rejection, and the "code" value of a dict."""
     found: list[tuple[int, str]] = []
 
     def take(expression: ast.expr | None) -> None:
@@ -76,6 +76,7 @@ def test_daemon_and_codec_write_no_code_outside_the_documented_enums() -> None:
     ]
     scanned = {path.relative_to(ROOT).as_posix(): _codes_written(path) for path in modules}
     assert scanned["daemon/roles/sequencer.py"], "the scan found no code in the sequencer role"
+    assert scanned["sequencer/gateway/core.py"], "the scan found no code in the gateway core"
     assert scanned["sequencer/client/protocol.py"], "the scan found no code in the codec"
     unknown = [
         f"{module}:{line}: {code!r}" for module, codes in scanned.items() for line, code in codes if code not in WIRE_CODES
@@ -92,9 +93,10 @@ def test_scan_finds_an_undocumented_code_literal(tmp_path: Path) -> None:
         "Error(code='made_up_3', message='x')\n"
         "encode({'code': 'made_up_4', 'message': 'x'})\n"
         "encode_rejection(protocol.RejectionCode.BAD_COMMAND, 'x')\n"
+        "gateway.fail(session, 'made_up_5', 'x')\n"
     )
     assert [code for _line, code in _codes_written(module)] == [
-        "made_up_1", "made_up_2", "made_up_3", "made_up_4", "bad_command"
+        "made_up_1", "made_up_2", "made_up_3", "made_up_4", "bad_command", "made_up_5"
     ]  # fmt: skip
 
 

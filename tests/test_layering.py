@@ -81,7 +81,11 @@ IO_FREE: dict[str, bool] = {
     "sequencer.journal.format": True,  # a follower checks batches it received with it
     "sequencer.client.protocol": True,
     "sequencer.client.session": True,  # the client session core (issue 10, item 1)
-    "sequencer.gateway": False,  # the sequencer's gateway core (issue 10, item 2)
+    "sequencer.gateway": True,  # the sequencer's gateway core (issue 10, item 2), a package
+    "sequencer.gateway.core": True,
+    "sequencer.gateway.sessions": True,
+    "sequencer.gateway.stamping": True,
+    "sequencer.timers": True,  # both halves of the timer schedule (processor and gateway)
 }
 # What an I/O-free module may not reach: sockets, files, clocks, threads, event loops,
 # processes, shared memory. The first eight are the ones the architecture names.
@@ -284,7 +288,10 @@ def _with_line(relative: str, line: str) -> tuple[str, int]:
 
 
 def _relative_path(module: str) -> str:
-    return module.replace(".", "/") + ".py"
+    path = module.replace(".", "/")
+    if (ROOT / path / "__init__.py").exists():
+        return f"{path}/__init__.py"  # a package: its __init__ is the module
+    return path + ".py"
 
 
 PLANTED = "_planted_layering"

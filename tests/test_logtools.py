@@ -16,8 +16,8 @@ from sequencer.record import (
     encode_command,
     encode_record,
     encode_session_open,
-    encode_timer_fired,
 )
+from sequencer.timers import encode_timer_fired
 from tests.test_journal import (
     SMALL_SEGMENT_BYTES,
     batch_offsets,

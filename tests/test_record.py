@@ -26,12 +26,10 @@ from sequencer.record import (
     decode_command,
     decode_header,
     decode_session_open,
-    decode_timer_fired,
     encode_admin,
     encode_command,
     encode_record,
     encode_session_open,
-    encode_timer_fired,
     frame_type,
     iter_records,
     pack_record_into,
@@ -200,12 +198,6 @@ def test_session_open_is_a_msgpack_map_with_client_id_and_node():
     assert msgspec.msgpack.decode(payload) == {"client_id": 77, "node": "n2"}
     opened = decode_session_open(payload)
     assert (opened.client_id, opened.node) == (77, "n2")
-
-
-def test_timer_fired_round_trips_and_rejects_a_wrong_size():
-    assert decode_timer_fired(encode_timer_fired(3, -9)) == (3, -9)
-    with pytest.raises(RecordError, match="expected 16"):
-        decode_timer_fired(b"\0" * 15)
 
 
 def test_admin_is_a_msgpack_map_with_an_op():

@@ -1,40 +1,36 @@
-"""The sequencer role: client sessions in, log records out; egress in, replies and events out.
+"""The sequencer role: a thin uvloop shell around the gateway core (`sequencer.gateway`).
 
 Theory of operation
 -------------------
-One uvloop thread owns the Unix socket and every client session. It is the only writer of the
-log ring. For each frame a client sends it claims ring space and stamps the record in place with
-the next index, the term and a timestamp (the one place the clock is read; the stamp never goes
-backwards). Claims are published once per event-loop pass (`_flush`), so everything that arrived
-in one pass costs one cursor store: batching without waiting.
+What the role decides (sessions and their ids, admission, stamping, the snapshot policy, timers,
+the fan-out of egress to sessions) is decided by `sequencer.gateway.Gateway`, a sans-I/O core.
+This module does the I/O around it, on one uvloop thread:
 
-Backpressure: when the ring is full (the journaller or the blp is behind), the session whose frame
-could not be claimed stops being read (`pause_reading`) and keeps the frame aside; a retry on the
-next egress drain or timer tick claims it and resumes. Nothing is buffered without bound: the codec
-holds at most one read plus one frame per session.
-
-Egress: the blp writes replies, events and timer requests to the egress ring. A waker thread
-parks on the egress doorbell (or backs off, per the idle strategy) and schedules `_drain_egress`
-on the loop; replies go to the session with that id if it is still attached to this node, events
-to every subscribed session. A session whose unsent output passes `client_write_buffer_bytes_max`
-is a slow client: it gets an error frame and is disconnected, so it cannot stall anyone else.
-
-A full disk: while the journaller reports `journal.disk_full` (DiskState SHORT or FULL), new
-sessions and every new COMMAND get the retryable ERROR `disk_full` and their connection is closed,
-so nothing more enters the log; sessions that only wait keep their replies and events, and the
-node resumes by itself when the counter drops back. A refused client reconnects with backoff and
-resends its unanswered requests; the dedup table applies each once.
-
-Timers: TIMER_SCHEDULE outputs fill a heap keyed by deadline; when the clock passes a deadline the
-sequencer sequences TIMER_FIRED(timer_id, deadline). The blp fires only if the timer is still
-scheduled with that deadline, so a stale or duplicate fire is harmless.
+- the socket: it binds it (directory 0750, socket 0660), accepts connections and checks each
+  peer's `SO_PEERCRED` against the config before the gateway sees a byte of it;
+- the clock: read once per batch (a session's read, a timer pass, a retry) and passed in;
+- the log ring: it is the ring's only writer. The gateway claims through `writer.try_claim` and
+  stamps records in place; the claims are published once per event-loop pass (`_flush`), so
+  everything that arrived in one pass costs one cursor store: batching without waiting;
+- backpressure: when the ring is full (the journaller or the blp is behind) the gateway leaves
+  the rest of a session's batch in `session.backlog`; the shell stops reading that session
+  (`pause_reading`) and retries on the next egress drain or after BLOCKED_RETRY_S, then resumes
+  it. Nothing is buffered without bound: the codec holds at most one read plus one frame;
+- egress: a waker thread parks on the egress doorbell (or backs off, per the idle strategy) and
+  schedules `_drain_egress` on the loop, which polls the ring in bounded batches, lets the
+  gateway frame each output for its sessions and writes each session's bytes once. A session
+  whose unsent output passes `client_write_buffer_bytes_max` is a slow client: it is
+  disconnected, so it cannot stall anyone else;
+- a full disk: the journaller's `journal.disk_full` (DiskState) is read once per batch and
+  passed in; while it is not ROOM the gateway refuses new sessions and commands with the
+  retryable ERROR `disk_full`, and the node resumes by itself when the counter drops back;
+- SIGTERM (through the `sequencer.stop` counter) drains: stop accepting and reading, wait until
+  everything sequenced is applied and replied, close.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import heapq
 import logging
 import os
 import signal
@@ -84,68 +80,57 @@ from ipc.idle import idle_strategy
 from ipc.ring import Ring
 from sequencer import egress
 from sequencer.client import protocol
-from sequencer.processor import SAVED_REPLIES_MAX
-from sequencer.record import (
-    COMMAND_PREFIX,
-    RECORD_TAIL,
-    RecordType,
-    encode_admin,
-    encode_session_open,
-    encode_timer_fired,
-    frame_type,
+from sequencer.gateway import (
+    Gateway,
+    GatewayConfig,
+    GatewaySession,
+    Report,
+    SingleNodeStamping,
 )
+from sequencer.gateway.sessions import SESSION_ID_INCARNATION_BITS
 from sequencer.state_machine import load_app
 
 log = logging.getLogger("seqd.sequencer")
 
-# Record tail after the 8-byte ring frame header: index, term, timestamp, session, request.
-# A COMMAND record's tail plus the acked request id that prefixes its payload, packed in one call.
-_COMMAND_TAIL = struct.Struct("<" + RECORD_TAIL.format.lstrip("<") + COMMAND_PREFIX.format.lstrip("<"))
-assert _COMMAND_TAIL.size == RECORD_TAIL.size + COMMAND_PREFIX.size
-COMMAND_FRAME_TYPE_CACHE_MAX = 64  # distinct command schema versions whose frame type we cache
 HEARTBEAT_INTERVAL_S = 0.1
-BLOCKED_RETRY_S = 0.001  # how soon a session blocked by a full ring retries its claim
+BLOCKED_RETRY_S = 0.001  # how soon records that found the log ring full try again
 DRAIN_TIMEOUT_S = 10.0  # SIGTERM: how long to wait for committed work to be replied
+# SIGTERM: how often the drain looks at the blp's progress: short against DRAIN_TIMEOUT_S, long
+# enough that the wait costs nothing next to the blp it waits for.
+DRAIN_POLL_INTERVAL_S = 0.005
+# SIGTERM: after closing every session, how long the loop keeps running so the transports can
+# write what they hold (a close flushes on later loop iterations) before the process exits.
+TRANSPORT_CLOSE_GRACE_S = 0.05
 EGRESS_FRAMES_PER_DRAIN_MAX = 4096  # bound one drain so sessions' reads interleave with replies
-SESSION_ID_COUNTER_BITS = 32
-assert 8 + INCARNATION_BITS + SESSION_ID_COUNTER_BITS == 64  # node number | incarnation | counter
+# Connections the kernel queues before the loop accepts them: the default sessions_max, so every
+# client of a full node reconnecting at once after a restart queues instead of being refused
+# (the kernel caps it at net.core.somaxconn).
+LISTEN_BACKLOG = 1024
+# The waker waits this long for the loop to take what it handed over before it looks again: a
+# bound, so it still sees `waker_stop` if the loop is stuck.
+WAKER_HANDOFF_WAIT_S = 1.0
+# At exit: how long to wait for the waker thread, which sees `waker_stop` within one handoff
+# wait or one idle period.
+WAKER_JOIN_TIMEOUT_S = 2.0
+assert WAKER_JOIN_TIMEOUT_S > WAKER_HANDOFF_WAIT_S
+# The supervisor writes the incarnation already cut to the bits a session id holds for it.
+assert INCARNATION_BITS == SESSION_ID_INCARNATION_BITS, (INCARNATION_BITS, SESSION_ID_INCARNATION_BITS)
+_PEER_CREDENTIALS = struct.Struct("3i")  # SO_PEERCRED's struct ucred: pid, uid, gid
+# When SO_PEERCRED cannot be read: a uid and gid that no config allows, so the peer is refused.
+_PEER_UNKNOWN = (0, -1, -1)
 _EGRESS_REPLY = int(egress.EgressKind.REPLY)
-_EGRESS_EVENT = int(egress.EgressKind.EVENT)
-_EGRESS_TIMER_SCHEDULE = int(egress.EgressKind.TIMER_SCHEDULE)
-_EGRESS_TIMER_CANCEL = int(egress.EgressKind.TIMER_CANCEL)
-# What the codec raises when asked to frame onto a connection that failed or that we closed with
-# a fatal ERROR: the session is going away, so its outputs are dropped, not errors.
-_CONNECTION_GONE_CODES = frozenset({"connection_failed", "connection_closed"})
-# The request window advertised in WELCOME and enforced at the gateway: a command's request_id
-# may be at most acked_request_id + IN_FLIGHT_MAX. Every reply inside the window fits the blp's
-# saved replies per client, so a resend after a reconnect always finds its original reply.
-IN_FLIGHT_MAX = SAVED_REPLIES_MAX
-assert IN_FLIGHT_MAX <= SAVED_REPLIES_MAX
 
 
-class Session(asyncio.Protocol):
-    """One client connection: a protocol codec plus the transport it writes to."""
+class Session(GatewaySession, asyncio.Protocol):
+    """One client connection: the gateway's view of it plus the transport it writes to."""
 
-    __slots__ = (
-        "backlog",
-        "client_id",
-        "connection",
-        "peer",
-        "sequencer",
-        "session_id",
-        "subscribed",
-        "transport",
-    )
+    __slots__ = ("peer", "sequencer", "transport")
 
     def __init__(self, sequencer: Sequencer) -> None:
+        super().__init__()
         self.sequencer = sequencer
-        self.connection = protocol.Connection(protocol.Side.SERVER)
         self.transport: asyncio.Transport | None = None
-        self.session_id = 0
-        self.client_id = 0
-        self.subscribed = False
-        self.backlog: list[protocol.Frame] | None = None
-        self.peer: tuple[int, int, int] = (0, 0, 0)
+        self.peer: tuple[int, int, int] = _PEER_UNKNOWN
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is not an asyncio.Transport subclass
@@ -161,6 +146,18 @@ class Session(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.sequencer.on_disconnect(self)
+
+    def flush(self) -> None:
+        """Write what the gateway has for the client, then close if the gateway asked to."""
+        out = self.out
+        if out:
+            data = bytes(out)
+            out.clear()
+            self.write(data)
+        if self.closing:
+            transport = self.transport
+            if transport is not None and not transport.is_closing():
+                transport.close()
 
     def write(self, data: bytes) -> None:
         transport = self.transport
@@ -184,36 +181,32 @@ class Sequencer:
         self.writer = self.log_ring.writer()
         self.egress_reader = self.egress_ring.reader("sequencer")
         self.client_write_buffer_bytes_max = config.socket.client_write_buffer_bytes_max
-        self.command_bytes_max = config.socket.command_bytes_max
-        # The gateway checks a command's schema version (never its payload): a version newer than
-        # the app's is refused here, because once in the log it would stop every replay.
-        self.command_version_max = load_app(config.node.app).schema.version
-        self.pending_closes: deque[int] = deque()  # SESSION_CLOSE records waiting for ring space
-        # Positions and stamps continue from what recovery found in the journal.
-        self.next_index = counters[RECOVERY_LAST_INDEX].get() + 1
-        self.term = max(1, counters[RECOVERY_LAST_TERM].get())
-        self.last_timestamp_ns = counters[RECOVERY_LAST_TIMESTAMP_NS].get()
-        self.published_index = self.next_index - 1
+        gateway_config = GatewayConfig(
+            node_name=config.node.name,
+            node_number=config.node.number,
+            incarnation=counters[NODE_INCARNATION].get(),  # the supervisor's, within INCARNATION_BITS
+            command_bytes_max=config.socket.command_bytes_max,
+            # The gateway checks a command's schema version (never its payload): a version newer
+            # than the app's is refused there, because once in the log it would stop every replay.
+            command_version_max=load_app(config.node.app).schema.version,
+            sessions_max=config.socket.sessions_max,
+            snapshot_every_records=config.snapshot.every_records,
+            snapshot_every_bytes=config.snapshot.every_bytes,
+        )
+        # Stamps continue from what recovery found in the journal.
+        self.gateway: Gateway[Session] = Gateway(
+            gateway_config,
+            SingleNodeStamping(counters[RECOVERY_LAST_TERM].get(), config.node.name),
+            self.writer.try_claim,
+            self._report,
+            last_index=counters[RECOVERY_LAST_INDEX].get(),
+            last_timestamp_ns=counters[RECOVERY_LAST_TIMESTAMP_NS].get(),
+        )
+        self.published_index = self.gateway.next_index - 1
         self.flush_scheduled = False
-        self.sessions: dict[int, Session] = {}
-        self.subscribers: list[Session] = []  # sessions that asked for events, in opening order
-        self.blocked: deque[Session] = deque()
+        self.blocked: deque[Session] = deque()  # sessions waiting for ring space, in order
         self.blocked_retry: asyncio.TimerHandle | None = None
-        self.timers: list[tuple[int, int]] = []  # heap of (deadline_ns, timer_id)
-        self.timer_deadlines: dict[int, int] = {}  # timer_id -> current deadline
         self.timer_handle: asyncio.TimerHandle | None = None
-        self.command_frame_types: dict[int, int] = {}
-        self.session_counter = 0
-        node_number = config.node.number
-        incarnation = counters[NODE_INCARNATION].get()  # the supervisor's, within INCARNATION_BITS
-        assert 0 <= incarnation < 1 << INCARNATION_BITS, incarnation
-        self.session_id_base = (node_number << 56) | (incarnation << SESSION_ID_COUNTER_BITS)
-        self.records_since_snapshot = 0
-        self.bytes_since_snapshot = 0
-        self.snapshot_every_bytes = config.snapshot.every_bytes or (1 << 62)
-        # 0 in the config means "only on request"; a bound no run reaches keeps the hot path to one compare.
-        self.snapshot_every_records = config.snapshot.every_records or (1 << 62)
-        self.accepting = True
         self.draining = False
         self.server: asyncio.AbstractServer | None = None
         self.published_position = counters[LOG_PUBLISHED_POSITION]
@@ -223,9 +216,12 @@ class Sequencer:
         self.sessions_open = counters[SESSIONS_OPEN]
         self.sessions_total = counters[SESSIONS_TOTAL]
         self.errors_protocol = counters[ERRORS_PROTOCOL]
+        self.errors_disk_full = counters[ERRORS_DISK_FULL]
         self.errors_total = context.errors
         self.egress_consumed = counters[EGRESS_CONSUMED_POSITION]
+        self.timers_pending = counters[TIMERS_PENDING]
         self.disk_full = counters[JOURNAL_DISK_FULL]  # the journaller's DiskState
+        self.disk_free_bytes = counters[JOURNAL_FREE_BYTES]
         # Client errors are counted every time and logged once per kind, with repeat counts, so
         # a misbehaving client cannot flood the log.
         self.errors = DistinctErrorLog(log, counter_add=self.errors_total.add)
@@ -234,66 +230,45 @@ class Sequencer:
         self.drained.set()
         self.waker: threading.Thread | None = None
 
-    # ---- log ring: stamping and publishing -------------------------------------------------
+    def _report(self, kind: Report, key: str, message: str, error: BaseException | None) -> None:
+        """The gateway's reports: logged once per key with repeat counts, and counted."""
+        if kind is Report.SNAPSHOT_REQUESTED:
+            log.info("%s", message)
+            return
+        if kind is Report.SNAPSHOT_DEFERRED:
+            log.warning("%s", message)
+            return
+        if kind is Report.PROTOCOL_ERROR:
+            self.errors_protocol.add(1)
+        elif kind is Report.DISK_FULL:
+            self.errors_disk_full.add(1)
+        if error is not None:
+            # A bug: keyed by where it was raised, and its traceback logged the first time.
+            key = f"{key}.{exception_key(error)}"
+            if self.errors.observation(key) is None:
+                message += "\n" + "".join(traceback.format_exception(error)).rstrip()
+        self.errors.record(key, message, time.monotonic())
 
-    def _stamp(self) -> int:
-        now = time.time_ns()
-        if now < self.last_timestamp_ns:
-            now = self.last_timestamp_ns  # never backwards, whatever the wall clock does
-        self.last_timestamp_ns = now
-        return now
+    # ---- log ring: publishing --------------------------------------------------------------
 
-    def _schedule_flush(self) -> None:
-        if not self.flush_scheduled:
+    def _claimed(self) -> None:
+        """After a gateway call: publish at the end of this loop pass if it claimed records."""
+        if not self.flush_scheduled and self.gateway.next_index - 1 != self.published_index:
             self.flush_scheduled = True
             self.loop.call_soon(self._flush)
 
     def _flush(self) -> None:
         self.flush_scheduled = False
-        if self.published_index != self.next_index - 1:
+        last_index = self.gateway.next_index - 1
+        if self.published_index != last_index:
             self.writer.publish()
-            self.published_index = self.next_index - 1
-            self.published_index_counter.set(self.published_index)
+            self.published_index = last_index
+            self.published_index_counter.set(last_index)
             self.published_position.set(self.writer.published_position)
         # While clients keep the loop busy, serve egress from here too: the waker thread would
         # have to win the GIL from this thread first (up to sys.getswitchinterval()).
         if self.egress_reader.ready():
             self._drain_egress()
-
-    def _claim_record(self, record_type: int, version: int, session_id: int, request_id: int, payload: bytes) -> bool:
-        """Stamp and claim one record with an arbitrary payload. False when the ring is full."""
-        view = self.writer.try_claim(RECORD_TAIL.size + len(payload), frame_type(record_type, version))
-        if view is None:
-            return False
-        RECORD_TAIL.pack_into(view, 0, self.next_index, self.term, self._stamp(), session_id, request_id)
-        view[RECORD_TAIL.size :] = payload
-        self.next_index += 1
-        self._schedule_flush()
-        return True
-
-    def _claim_command(self, session: Session, command: protocol.Command) -> bool:
-        payload = command.payload
-        kind = self.command_frame_types.get(command.version)
-        if kind is None:
-            kind = frame_type(RecordType.COMMAND, command.version)
-            if len(self.command_frame_types) < COMMAND_FRAME_TYPE_CACHE_MAX:
-                self.command_frame_types[command.version] = kind
-        view = self.writer.try_claim(_COMMAND_TAIL.size + len(payload), kind)
-        if view is None:
-            return False
-        # The pass read the clock once (`_process`); a record claimed since (SESSION_OPEN,
-        # SNAPSHOT) may carry a later stamp, so take the newest: stamps never go backwards.
-        _COMMAND_TAIL.pack_into(
-            view, 0, self.next_index, self.term, self.last_timestamp_ns, session.session_id,
-            command.request_id, command.acked_request_id,
-        )
-        view[_COMMAND_TAIL.size :] = payload
-        self.next_index += 1
-        self.records_since_snapshot += 1
-        self.bytes_since_snapshot += len(payload)
-        if self.records_since_snapshot >= self.snapshot_every_records or self.bytes_since_snapshot >= self.snapshot_every_bytes:
-            self.request_snapshot()
-        return True
 
     # ---- sessions --------------------------------------------------------------------------
 
@@ -302,10 +277,11 @@ class Sequencer:
         assert transport is not None
         sock = transport.get_extra_info("socket")
         try:
-            credentials = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-            session.peer = struct.unpack("3i", credentials)
+            session.peer = _PEER_CREDENTIALS.unpack(
+                sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEER_CREDENTIALS.size)
+            )
         except OSError:
-            session.peer = (0, -1, -1)
+            session.peer = _PEER_UNKNOWN
         pid, uid, gid = session.peer
         socket_config = self.config.socket
         allowed = uid == os.getuid() or uid in socket_config.allowed_uids or gid in socket_config.allowed_gids
@@ -317,33 +293,28 @@ class Sequencer:
                 "allowed_gids; add it to the config if it should be allowed",
                 time.monotonic(),
             )
-            self._fail(session, protocol.ErrorCode.PERMISSION_DENIED, f"uid {uid} gid {gid} is not allowed to use this socket")
+            self.gateway.fail(session, protocol.ErrorCode.PERMISSION_DENIED, f"uid {uid} gid {gid} is not allowed to use this socket")
+            session.flush()
             return
-        if not self.accepting or len(self.sessions) >= socket_config.sessions_max:
-            reason = "draining" if not self.accepting else f"sessions_max={socket_config.sessions_max} reached"
-            self._fail(session, protocol.ErrorCode.UNAVAILABLE, f"the node is not accepting sessions ({reason}); retry later")
+        refusal = self.gateway.connection_refusal()
+        if refusal is not None:
+            self.gateway.fail(session, protocol.ErrorCode.UNAVAILABLE, refusal)
+            session.flush()
 
     def on_disconnect(self, session: Session) -> None:
-        if session.session_id and self.sessions.pop(session.session_id, None) is session:
-            self.sessions_open.set(len(self.sessions))
-            if session.subscribed:
-                self.subscribers.remove(session)
-            if self.pending_closes or not self._claim_record(RecordType.SESSION_CLOSE, 1, session.session_id, 0, b""):
+        gateway = self.gateway
+        was_open = session.session_id in gateway.sessions
+        gateway.close_session(session, time.time_ns())
+        if was_open:
+            self.sessions_open.set(len(gateway.sessions))
+            self._claimed()
+            if gateway.waiting:
                 # Ring full: the close waits (bounded by sessions_max) and is claimed in order
                 # once there is room, so every replica forgets the session.
-                self.pending_closes.append(session.session_id)
                 self._schedule_retry()
-        with contextlib.suppress(ValueError):
+        if session in self.blocked:
             self.blocked.remove(session)
         session.transport = None
-
-    def _fail(self, session: Session, code: protocol.ErrorCode, message: str) -> None:
-        transport = session.transport
-        if transport is None or transport.is_closing():
-            return
-        with contextlib.suppress(Exception):
-            transport.write(session.connection.send(protocol.Error(code=code, message=message, fatal=True)))
-        transport.close()
 
     def slow_client(self, session: Session) -> None:
         self.counters[ERRORS_SLOW_CLIENT].add(1)
@@ -358,195 +329,48 @@ class Sequencer:
         if transport is not None:
             transport.abort()
 
-    def _open_session(self, session: Session, hello: protocol.Hello) -> bool:
-        session_id = self.session_id_base | (self.session_counter & 0xFFFF_FFFF)
-        payload = encode_session_open(hello.client_id, self.config.node.name)
-        if not self._claim_record(RecordType.SESSION_OPEN, 1, session_id, 0, payload):
-            return False
-        self.session_counter += 1
-        session.session_id = session_id
-        session.client_id = hello.client_id
-        session.subscribed = hello.subscribe_events
-        self.sessions[session_id] = session
-        if session.subscribed:
-            self.subscribers.append(session)
-        self.sessions_open.set(len(self.sessions))
-        self.sessions_total.add(1)
-        welcome = protocol.Welcome(
-            session_id=session_id,
-            node=self.config.node.name,
-            frame_bytes_max=protocol.FRAME_BYTES_MAX,
-            # A single node sequences its own commands: it is the leader.
-            leader=self.config.node.name,
-            command_bytes_max=self.command_bytes_max,
-            in_flight_max=IN_FLIGHT_MAX,
-            saved_replies_max=SAVED_REPLIES_MAX,
-        )
-        session.write(session.connection.send(welcome))
-        return True
-
     def on_data(self, session: Session) -> None:
         if session.backlog:
             return  # waiting for ring space; frames stay in the codec's bounded buffer
-        self._process(session)
+        if self._process(session):
+            self._block(session)
 
     def on_eof(self, session: Session) -> None:
         """The client shut its end. Frames it sent whole are processed as usual; a frame cut
         short gets ERROR `truncated_frame` (the socket may still be writable after a half-close)
-        and is counted. Then the connection closes: `_process` closes it once the codec has
-        seen the EOF, or after the backlog of a session waiting for ring space is claimed."""
+        and is counted. Then the connection closes: once the gateway has seen the EOF, or after
+        the backlog of a session waiting for ring space is claimed."""
         connection = session.connection
         if session.transport is None or session.transport.is_closing():
             return  # already refused or failed: nothing more to read or answer
         if connection.error is None and not connection.peer_closed:
             connection.receive_data(b"")
-        if not session.backlog:
-            self._process(session)
+        if not session.backlog and self._process(session):
+            self._block(session)
 
-    def _process(self, session: Session) -> None:
-        """Turn every complete frame of one session into records until it needs data or blocks."""
-        connection = session.connection
-        commands = 0
-        claim_command = self._claim_command
-        command_type = protocol.Command
-        command_bytes_max = self.command_bytes_max
-        command_version_max = self.command_version_max
-        in_flight_max = IN_FLIGHT_MAX
-        refusing = self.disk_full.get() != DiskState.ROOM
-        self._stamp()  # one clock read for everything this session sent in this pass
-        try:
-            frames = session.backlog or connection.next_frames()
-            session.backlog = None
-            while frames:
-                for position, frame in enumerate(frames):
-                    if type(frame) is command_type:
-                        # The codec refuses a COMMAND before HELLO, and a blocked HELLO stays
-                        # ahead of the commands in the backlog.
-                        assert session.session_id, "COMMAND before the session opened"
-                        if refusing:
-                            self._refuse_disk_full(session)
-                            return
-                        if (
-                            len(frame.payload) > command_bytes_max
-                            or not 1 <= frame.version <= command_version_max
-                            or not 0 < frame.request_id <= frame.acked_request_id + in_flight_max
-                        ):
-                            self._refuse_command(session, frame)
-                            continue
-                        if not claim_command(session, frame):
-                            self._block(session, frames[position:])
-                            return
-                        commands += 1
-                    elif type(frame) is protocol.Hello:
-                        assert not session.session_id, "the codec refuses a second HELLO"
-                        if refusing:  # a SESSION_OPEN is a record too
-                            self._refuse_disk_full(session)
-                            return
-                        if not self._open_session(session, frame):
-                            self._block(session, frames[position:])
-                            return
-                    elif type(frame) is protocol.Ping:
-                        session.write(connection.send(protocol.Pong(nonce=frame.nonce)))
-                    elif type(frame) is protocol.Error:
-                        self._client_error(session, frame)
-                        if frame.fatal:
-                            return  # the client hangs up; nothing after its fatal ERROR counts
-                    else:
-                        # The daemon sends no PING, so a PONG answers nothing: ignored, as the
-                        # docs say. The codec lets a client send only these five kinds.
-                        assert type(frame) is protocol.Pong, type(frame)
-                frames = connection.next_frames()
-            if connection.peer_closed and session.transport is not None:
-                session.transport.close()
-        except protocol.LocalProtocolError:
-            raise  # the daemon misused its own codec: a bug, not the client's fault
-        except protocol.ProtocolError as error:
-            code = protocol.ErrorCode(error.code)  # every code the codec raises at a peer
-            self.errors_protocol.add(1)
-            self.errors.record(
-                f"protocol.{code}",
-                f"session {session.session_id:x}: protocol error {code}: {error.message}; sent an error frame and closed it",
-                time.monotonic(),
-            )
-            self._fail(session, code, error.message)
-        finally:
-            if commands:
-                self.commands_total.add(commands)
-                self._schedule_flush()
+    def _process(self, session: Session) -> bool:
+        """Hand one session's frames to the gateway and write its answers. True when the
+        session must wait for ring space (its remaining frames are in its backlog)."""
+        gateway = self.gateway
+        opening = not session.session_id
+        disk_free_bytes = None if self.disk_full.get() == DiskState.ROOM else self.disk_free_bytes.get()
+        commands = gateway.process(session, time.time_ns(), disk_free_bytes)
+        # The checks below run once per read, so they are inlined rather than calls.
+        if commands:
+            self.commands_total.add(commands)
+        if opening and session.session_id:
+            self.sessions_open.set(len(gateway.sessions))
+            self.sessions_total.add(1)
+        if not self.flush_scheduled and gateway.next_index - 1 != self.published_index:
+            self.flush_scheduled = True  # `_claimed()`
+            self.loop.call_soon(self._flush)
+        if session.out or session.closing:
+            session.flush()
+        if gateway.snapshot_pending:
+            self._schedule_retry()  # a snapshot the policy asked for found the ring full
+        return session.backlog is not None
 
-    def _client_error(self, session: Session, error: protocol.Error) -> None:
-        """A client says why it is unhappy: logged (once per code, with a count) and counted. A
-        fatal one is followed by the client closing, so the daemon closes its end at once."""
-        what = "closes the connection" if error.fatal else "carries on"
-        self.errors.record(
-            "client.error_frame",  # one key: the code is the client's, any string
-            f"session {session.session_id:x} (client {session.client_id}) sent ERROR "
-            f"{error.code!r}: {error.message[:200]!r}; it {what}",
-            time.monotonic(),
-        )
-        if error.fatal and session.transport is not None:
-            session.transport.close()
-
-    def _refuse_command(self, session: Session, command: protocol.Command) -> None:
-        """A command the gateway can tell is wrong without the log is refused here.
-
-        It gets a REJECTED reply with index 0 (not a protocol error, which would make the client
-        reconnect and resend it for ever); nothing enters the log, so replicas are unaffected.
-        Each check depends on the command's bytes alone, so a resend of the same command gets
-        the same answer (a resend carries an acked_request_id at least as high, so a command
-        inside the window stays inside it). The checks run in the order documented in
-        docs/client.md; the first that fails names the code.
-        """
-        code: protocol.RejectionCode
-        if command.request_id == 0:
-            code = protocol.RejectionCode.BAD_REQUEST_ID
-            message = (
-                "request_id 0 is not a request id (0 means none): number requests 1, 2, 3, ... "
-                "per client id"
-            )
-        elif len(command.payload) > self.command_bytes_max:
-            code = protocol.RejectionCode.COMMAND_TOO_LARGE
-            message = (
-                f"the command is {len(command.payload)} bytes; this node accepts at most "
-                f"socket.command_bytes_max={self.command_bytes_max} (WELCOME's command_bytes_max): "
-                "send smaller commands"
-            )
-        elif not 1 <= command.version <= self.command_version_max:
-            code = protocol.RejectionCode.UNKNOWN_VERSION
-            message = (
-                f"the command has schema version {command.version}; this node's app speaks "
-                f"1..{self.command_version_max}: versions start at 1, and a newer one needs the "
-                "node upgraded first"
-            )
-        else:
-            code = protocol.RejectionCode.WINDOW_EXCEEDED
-            message = (
-                f"request_id={command.request_id} > acked_request_id={command.acked_request_id} + "
-                f"in_flight_max={IN_FLIGHT_MAX} (WELCOME's in_flight_max): the daemon could not "
-                "keep its reply for a resend. Wait for replies (and acknowledge them) before "
-                "sending more; this request was not applied"
-            )
-        self.errors.record(f"client.{code}", f"session {session.session_id:x}: {message}", time.monotonic())
-        payload = protocol.encode_rejection(code, message)
-        session.write(session.connection.send(
-            protocol.Reply(command.request_id, 0, protocol.ReplyStatus.REJECTED, command.version, payload)
-        ))
-
-    def _refuse_disk_full(self, session: Session) -> None:
-        """The journal's disk is short of space: refuse this connection's new work with the
-        retryable `disk_full` ERROR and close it. Nothing of it entered the log; the client
-        reconnects with backoff and resends."""
-        self.counters[ERRORS_DISK_FULL].add(1)
-        message = (
-            f"the node's disk is full ({self.counters[JOURNAL_FREE_BYTES].get()} bytes free for "
-            "the journal): it takes no new commands or sessions until space is freed. Retry "
-            "later; acknowledged commands are safe, and unanswered ones are answered when resent"
-        )
-        self.errors.record("node.disk_full", f"session {session.session_id:x}: refused: {message}", time.monotonic())
-        self._fail(session, protocol.ErrorCode.DISK_FULL, message)
-
-    def _block(self, session: Session, frames: list[protocol.Frame]) -> None:
-        session.backlog = frames
+    def _block(self, session: Session) -> None:
         if session.transport is not None:
             session.transport.pause_reading()
         self.blocked.append(session)
@@ -558,65 +382,53 @@ class Sequencer:
 
     def _retry_blocked(self) -> None:
         self.blocked_retry = None
-        self._flush()
-        while self.pending_closes:
-            if not self._claim_record(RecordType.SESSION_CLOSE, 1, self.pending_closes[0], 0, b""):
-                self._schedule_retry()
-                return
-            self.pending_closes.popleft()
-        while self.blocked:
-            session = self.blocked[0]
+        self._flush()  # readers cannot pass unpublished claims: publish before waiting on them
+        gateway = self.gateway
+        retried = gateway.retry(time.time_ns())
+        self._claimed()
+        if not retried:
+            self._schedule_retry()
+            return
+        blocked = self.blocked
+        while blocked:
+            session = blocked[0]
             if session.transport is None:
-                self.blocked.popleft()
+                blocked.popleft()
                 continue
-            self._process(session)
-            if session.backlog:
-                # Still no room: _block appended it again at the back; keep the order fair.
-                with contextlib.suppress(ValueError):
-                    self.blocked.remove(session)
-                self.blocked.appendleft(session)
-                break
-            self.blocked.popleft()
+            if self._process(session):
+                break  # still no room: it keeps its place at the front
+            blocked.popleft()
             if session.transport is not None and not session.transport.is_closing() and not self.draining:
                 session.transport.resume_reading()
-        if self.blocked:
+        if blocked:
             self._schedule_retry()
 
     # ---- snapshots and timers --------------------------------------------------------------
 
     def request_snapshot(self) -> None:
-        """Sequence a SNAPSHOT record: every replica snapshots the same state at its index."""
-        self.records_since_snapshot = 0
-        self.bytes_since_snapshot = 0
-        if self._claim_record(RecordType.SNAPSHOT, 1, 0, 0, b""):
-            log.info("snapshot requested at index %d", self.next_index - 1)
-        else:
-            log.warning("ring full: snapshot request deferred")
-            self.loop.call_later(BLOCKED_RETRY_S, self.request_snapshot)
+        """SIGUSR1 (`seqd snapshot`): sequence a SNAPSHOT record."""
+        if not self.gateway.request_snapshot(time.time_ns()):
+            self._schedule_retry()
+        self._claimed()
 
     def _arm_timers(self) -> None:
         if self.timer_handle is not None:
             self.timer_handle.cancel()
             self.timer_handle = None
-        while self.timers and self.timer_deadlines.get(self.timers[0][1]) != self.timers[0][0]:
-            heapq.heappop(self.timers)  # replaced or cancelled
-        self.counters[TIMERS_PENDING].set(len(self.timer_deadlines))
-        if self.timers:
-            delay_s = max(0.0, (self.timers[0][0] - time.time_ns()) / 1e9)
+        timers = self.gateway.timers
+        deadline_ns = timers.next_deadline_ns()
+        self.timers_pending.set(len(timers))
+        if deadline_ns is not None:
+            delay_s = max(0.0, (deadline_ns - time.time_ns()) / 1e9)
             self.timer_handle = self.loop.call_later(delay_s, self._fire_timers)
 
     def _fire_timers(self) -> None:
         self.timer_handle = None
-        now = time.time_ns()
-        while self.timers and self.timers[0][0] <= now:
-            deadline_ns, timer_id = self.timers[0]
-            if self.timer_deadlines.get(timer_id) == deadline_ns:
-                payload = encode_timer_fired(timer_id, deadline_ns)
-                if not self._claim_record(RecordType.TIMER_FIRED, 1, 0, timer_id, payload):
-                    self.timer_handle = self.loop.call_later(BLOCKED_RETRY_S, self._fire_timers)
-                    return
-                del self.timer_deadlines[timer_id]
-            heapq.heappop(self.timers)
+        fired_all = self.gateway.fire_due_timers(time.time_ns())
+        self._claimed()
+        if not fired_all:
+            self.timer_handle = self.loop.call_later(BLOCKED_RETRY_S, self._fire_timers)
+            return
         self._arm_timers()
 
     # ---- egress ----------------------------------------------------------------------------
@@ -624,143 +436,34 @@ class Sequencer:
     def _drain_egress(self) -> None:
         """Send the egress ring's replies and events to their sessions; take its timer requests.
 
-        Each output is handled on its own: one that cannot be framed or sent is counted and
-        costs only itself, never the rest of the batch. That matters because the reader moves
-        past the batch either way, and nothing reads an output twice: an exception escaping
-        here would lose every reply, event and timer request of the batch, not delay them.
+        The gateway frames each output on its own, and each session's bytes are written on their
+        own: one output or one session that fails is reported and costs only itself, never the
+        rest of the batch. That matters because the reader moves past the batch either way, and
+        nothing reads an output twice: an exception escaping here would lose every reply, event
+        and timer request of the batch, not delay them.
         """
         reader = self.egress_reader
-        sessions = self.sessions
-        reply_kind = _EGRESS_REPLY
-        unpack_reply = egress.REPLY_HEADER.unpack_from
-        reply_header_bytes = egress.REPLY_HEADER.size
-        subscribers = self.subscribers
-        pending: dict[Session, bytearray] = {}
+        gateway = self.gateway
+        dirty: list[Session] = []
         timers_changed = False
         frames = reader.poll(EGRESS_FRAMES_PER_DRAIN_MAX)
         while frames:
-            for kind, view in frames:
-                try:
-                    if kind == reply_kind:
-                        session_id, request_id, index, status, version = unpack_reply(view, 0)
-                        session = sessions.get(session_id)
-                        if session is not None:
-                            out = pending.get(session)
-                            if out is None:
-                                out = pending[session] = bytearray()
-                            try:
-                                session.connection.send_reply_into(
-                                    out, request_id, index, status, version, view[reply_header_bytes:]
-                                )
-                            except protocol.LocalProtocolError as error:
-                                self._reply_not_framed(session, out, view, error)
-                    elif kind == _EGRESS_EVENT:
-                        if subscribers:  # nobody listens: not even decoded
-                            self._send_event(pending, view)
-                    elif kind == _EGRESS_TIMER_SCHEDULE:
-                        timer = egress.decode(kind, view)
-                        assert isinstance(timer, egress.TimerSchedule)
-                        self.timer_deadlines[timer.timer_id] = timer.deadline_ns
-                        heapq.heappush(self.timers, (timer.deadline_ns, timer.timer_id))
-                        timers_changed = True
-                    elif kind == _EGRESS_TIMER_CANCEL:
-                        cancel = egress.decode(kind, view)
-                        assert isinstance(cancel, egress.TimerCancel)
-                        self.timer_deadlines.pop(cancel.timer_id, None)
-                        timers_changed = True
-                    else:
-                        self._send_event_omitted(pending, view, kind)
-                except Exception as error:  # one output's failure must not cost the batch
-                    self._egress_output_failed(kind, error)
+            if gateway.route_egress(frames, dirty):
+                timers_changed = True
             reader.release()
             if len(frames) < EGRESS_FRAMES_PER_DRAIN_MAX:
                 break
             frames = reader.poll(EGRESS_FRAMES_PER_DRAIN_MAX)
-        for session, out in pending.items():
+        for session in dirty:
             try:
-                session.write(bytes(out))
+                session.flush()
             except Exception as error:  # one session's failure must not cost the others
-                self._egress_output_failed(_EGRESS_REPLY, error)
+                gateway.output_failed(_EGRESS_REPLY, error)
         self.egress_consumed.set(reader.position)
         if timers_changed:
             self._arm_timers()
-        if (self.blocked or self.pending_closes) and self.blocked_retry is None:
+        if (self.blocked or gateway.waiting) and self.blocked_retry is None:
             self._retry_blocked()
-
-    def _reply_not_framed(
-        self, session: Session, out: bytearray, view: memoryview, error: protocol.LocalProtocolError
-    ) -> None:
-        """A reply the session's codec refused: too large, or the connection is going away."""
-        if error.code in _CONNECTION_GONE_CODES:
-            # The connection failed or we sent it a fatal ERROR: it is closing, so the reply
-            # would be dropped by `Session.write` too. The client reconnects and resends, and
-            # gets the saved reply then.
-            return
-        if error.code != "frame_too_large":
-            raise error
-        # The blp replaces every reply too large to frame (sequencer.egress); this one was saved
-        # by an older seqd (a snapshot or journal from before it did). The requester still gets
-        # a clear error, the one the blp would have made.
-        reply = egress.decode(_EGRESS_REPLY, view)
-        assert isinstance(reply, egress.Reply)
-        payload_bytes = len(reply.payload)
-        self.errors.record(
-            "egress.reply_too_large",
-            f"the reply to request {reply.request_id} of session {session.session_id:x} (client "
-            f"{session.client_id}) at index {reply.index} is {payload_bytes} bytes, over "
-            f"REPLY_PAYLOAD_BYTES_MAX={egress.REPLY_PAYLOAD_BYTES_MAX}: sent it a REJECTED "
-            f"{egress.REPLY_TOO_LARGE} instead. The reply was saved by an older seqd; nothing to do",
-            time.monotonic(),
-        )
-        session.connection.send_reply_into(
-            out, reply.request_id, reply.index, protocol.ReplyStatus.REJECTED, reply.version,
-            egress.reply_too_large_payload(payload_bytes, applied=reply.status == protocol.ReplyStatus.OK),
-        )
-
-    def _send_event(self, pending: dict[Session, bytearray], view: memoryview) -> None:
-        event = egress.decode(_EGRESS_EVENT, view)
-        assert isinstance(event, egress.Event)
-        for session in self.subscribers:
-            out = pending.get(session)
-            if out is None:
-                out = pending[session] = bytearray()
-            try:
-                session.connection.send_event_into(out, event.index, event.version, event.payload)
-            except protocol.LocalProtocolError as error:
-                if error.code in _CONNECTION_GONE_CODES:
-                    continue  # closing: events are not resent after a reconnect anyway
-                # The blp replaces events too large to frame (EVENT_OMITTED); count one that
-                # came through anyway and carry on with the other subscribers and outputs.
-                self._egress_output_failed(_EGRESS_EVENT, error)
-
-    def _send_event_omitted(self, pending: dict[Session, bytearray], view: memoryview, kind: int) -> None:
-        """An event the blp left out (too large to frame): each subscriber gets a non-fatal
-        ERROR in its place, so it learns at which index an event is missing."""
-        omitted = egress.decode(kind, view)  # raises EgressError for an unknown kind
-        assert isinstance(omitted, egress.EventOmitted), omitted
-        self.errors.record(f"egress.{omitted.code}", f"an app bug: {omitted.message}", time.monotonic())
-        notice = protocol.Error(code=omitted.code, message=omitted.message, fatal=False)
-        for session in self.subscribers:
-            out = pending.get(session)
-            if out is None:
-                out = pending[session] = bytearray()
-            try:
-                session.connection.send_into(out, notice)
-            except protocol.LocalProtocolError as error:
-                if error.code not in _CONNECTION_GONE_CODES:
-                    self._egress_output_failed(kind, error)
-
-    def _egress_output_failed(self, kind: int, error: Exception) -> None:
-        """Count one output that could not be sent; it costs only itself."""
-        key = f"egress.output_failed.{exception_key(error)}"
-        message = (
-            f"could not send an egress output of kind {kind} ({type(error).__name__}: {error}); "
-            "skipped it alone, the rest of its batch was sent. This is a seqd bug: report it "
-            "with this log"
-        )
-        if self.errors.observation(key) is None:
-            message += "\n" + "".join(traceback.format_exception(error)).rstrip()
-        self.errors.record(key, message, time.monotonic())
 
     def _on_egress_signal(self) -> None:
         try:
@@ -779,7 +482,7 @@ class Sequencer:
                     self.loop.call_soon_threadsafe(self._on_egress_signal)
                 except RuntimeError:
                     return  # loop closed
-                self.drained.wait(1.0)
+                self.drained.wait(WAKER_HANDOFF_WAIT_S)
                 idle.reset()
                 continue
             idle.idle(0)
@@ -830,7 +533,7 @@ class Sequencer:
             raise FatalError.from_os_error(error, f"create the socket {path}", "socket.path") from error
         finally:
             os.umask(previous)
-        sock.listen(1024)
+        sock.listen(LISTEN_BACKLOG)
         sock.setblocking(False)
         return sock
 
@@ -838,7 +541,7 @@ class Sequencer:
         context = self.context
         # Sessions of a previous incarnation of this node are closed by a record, so every replica
         # forgets them at the same index.
-        while not self._claim_record(RecordType.ADMIN, 1, 0, 0, encode_admin("node_start", node=self.config.node.name, number=self.config.node.number)):
+        while not self.gateway.sequence_node_start(time.time_ns()):
             await asyncio.sleep(BLOCKED_RETRY_S)
         self._flush()
         sock = self.bind()
@@ -849,7 +552,7 @@ class Sequencer:
         context.set_state(RoleState.RUNNING)
         # The same number the supervisor logs: the last index in the log (this start's
         # node_start record); the first command gets the next one.
-        log.info("serving %s from index %d", self.config.socket.path, self.next_index - 1)
+        log.info("serving %s from index %d", self.config.socket.path, self.gateway.next_index - 1)
         beats = 0
         while not context.stop_requested:
             beats += 1
@@ -860,11 +563,11 @@ class Sequencer:
 
     async def drain(self) -> None:
         """SIGTERM: stop accepting, finish what is committed and reply to it, then close."""
-        self.accepting = False
+        self.gateway.accepting = False
         self.draining = True
         if self.server is not None:
             self.server.close()
-        for session in list(self.sessions.values()):
+        for session in list(self.gateway.sessions.values()):
             if session.transport is not None:
                 session.transport.pause_reading()
         self._flush()
@@ -879,18 +582,18 @@ class Sequencer:
                 log.warning("draining on a full disk: records that did not fit were never acknowledged; clients resend them")
                 break
             self.context.heartbeat.add(1)
-            await asyncio.sleep(0.005)
+            await asyncio.sleep(DRAIN_POLL_INTERVAL_S)
         else:
             log.warning("drain timed out after %.0f s; unreplied commands will be resent by clients", DRAIN_TIMEOUT_S)
-        for session in list(self.sessions.values()):
+        for session in list(self.gateway.sessions.values()):
             if session.transport is not None:
                 session.transport.close()
-        await asyncio.sleep(0.05)  # let the transports flush what they hold
+        await asyncio.sleep(TRANSPORT_CLOSE_GRACE_S)
         Path(self.config.socket.path).unlink(missing_ok=True)
         self.waker_stop.set()
         self.drained.set()
         self.context.set_state(RoleState.DRAINED)
-        log.info("drained at index %d", self.next_index - 1)
+        log.info("drained at index %d", self.gateway.next_index - 1)
 
 
 GIL_SWITCH_INTERVAL_S = 0.0005  # the waker thread gets the GIL within this, not CPython's 5 ms
@@ -910,7 +613,7 @@ def main() -> int:
             finally:
                 sequencer.waker_stop.set()
                 if sequencer.waker is not None:
-                    sequencer.waker.join(timeout=2.0)
+                    sequencer.waker.join(timeout=WAKER_JOIN_TIMEOUT_S)
                 sequencer.log_ring.close()
                 sequencer.egress_ring.close()
     finally:
