@@ -72,13 +72,21 @@ IO_FREE: dict[str, bool] = {
     "sequencer.raft.leader": True,
     "sequencer.raft.read_index": True,
     "sequencer.raft.peer_protocol": True,
+    "sequencer.raft.peer_wire": True,  # the peer protocol, split by concept (issue 10)
+    "sequencer.raft.peer_handshake": True,
+    "sequencer.raft.backoff": True,
     "sequencer.processor": True,
     "sequencer.record": True,
     "sequencer.egress": True,
     "sequencer.schema": True,
     "sequencer.snapshot_format": True,
     "sequencer.client.protocol": True,
+    "sequencer.client.wire": True,  # the client protocol, split by concept (issue 10)
+    "sequencer.client.frames": True,
+    "sequencer.client.connection": True,
     "sequencer.client.session": True,  # the client session core (issue 10, item 1)
+    "sequencer.client.reconnect": True,
+    "sequencer.client.view": True,
     "sequencer.gateway": False,  # the sequencer's gateway core (issue 10, item 2)
 }
 # What an I/O-free module may not reach: sockets, files, clocks, threads, event loops,
