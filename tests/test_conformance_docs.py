@@ -77,7 +77,7 @@ def test_daemon_and_codec_write_no_code_outside_the_documented_enums() -> None:
     scanned = {path.relative_to(ROOT).as_posix(): _codes_written(path) for path in modules}
     assert scanned["daemon/roles/sequencer.py"], "the scan found no code in the sequencer role"
     assert scanned["sequencer/gateway/core.py"], "the scan found no code in the gateway core"
-    assert scanned["sequencer/client/protocol.py"], "the scan found no code in the codec"
+    assert scanned["sequencer/client/connection.py"], "the scan found no code in the codec"
     unknown = [
         f"{module}:{line}: {code!r}" for module, codes in scanned.items() for line, code in codes if code not in WIRE_CODES
     ]
@@ -270,4 +270,5 @@ def test_raw_conformance_suite_does_not_load_the_project_client() -> None:
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=ROOT, check=True)
     loaded = set(ast.literal_eval(result.stdout.strip()))
-    assert loaded <= {"sequencer.client", "sequencer.client.protocol", "sequencer.client.errors"}, loaded
+    codec = {"sequencer.client.protocol", "sequencer.client.wire", "sequencer.client.frames", "sequencer.client.connection"}
+    assert loaded <= {"sequencer.client", "sequencer.client.errors", *codec}, loaded

@@ -72,6 +72,9 @@ IO_FREE: dict[str, bool] = {
     "sequencer.raft.leader": True,
     "sequencer.raft.read_index": True,
     "sequencer.raft.peer_protocol": True,
+    "sequencer.raft.peer_wire": True,  # the peer protocol, split by concept (issue 10)
+    "sequencer.raft.peer_handshake": True,
+    "sequencer.raft.backoff": True,
     "sequencer.processor": True,
     "sequencer.record": True,
     "sequencer.egress": True,
@@ -80,7 +83,12 @@ IO_FREE: dict[str, bool] = {
     "sequencer.journal.errors": True,
     "sequencer.journal.format": True,  # a follower checks batches it received with it
     "sequencer.client.protocol": True,
+    "sequencer.client.wire": True,  # the client protocol, split by concept (issue 10)
+    "sequencer.client.frames": True,
+    "sequencer.client.connection": True,
     "sequencer.client.session": True,  # the client session core (issue 10, item 1)
+    "sequencer.client.reconnect": True,
+    "sequencer.client.view": True,
     "sequencer.gateway": True,  # the sequencer's gateway core (issue 10, item 2), a package
     "sequencer.gateway.core": True,
     "sequencer.gateway.sessions": True,

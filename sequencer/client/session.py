@@ -48,7 +48,6 @@ advertises a smaller window, the requests beyond it are held and sent as replies
 from __future__ import annotations
 
 import collections
-import errno
 from typing import Any, Final, Protocol
 
 from .errors import CommandRejected, ConnectionLost, Duplicate, ProtocolViolation, TimedOut
@@ -71,6 +70,20 @@ from .protocol import (
     Welcome,
     decode_rejection,
 )
+from .reconnect import (
+    RECONNECT_BACKOFF_S_MAX,
+    RECONNECT_BACKOFF_S_MIN,
+    REDIRECTS_MAX,
+    RETRYABLE_ERRNOS,
+    RETRYABLE_ERROR_CODES,
+    SOCKET_PATH_BYTES_MAX,
+    Action,
+    ConnectionEnded,
+    Fail,
+    Retry,
+    socket_path_problem,
+)
+from .view import SessionView
 
 __all__ = [
     "EVENTS_BUFFERED_MAX",
@@ -82,6 +95,7 @@ __all__ = [
     "RETRYABLE_ERROR_CODES",
     "SEND_BATCH_BYTES",
     "SOCKET_PATH_BYTES_MAX",
+    "Action",
     "ClientSchema",
     "ConnectionEnded",
     "Fail",
@@ -91,37 +105,12 @@ __all__ = [
     "SessionView",
 ]
 
-# First and largest pause between reconnect attempts. A restarting daemon is back within a second
-# or so (snapshot + journal replay), so retrying every 10 ms at first catches a quick restart, and
-# a probe per second of a dead socket costs nothing.
-RECONNECT_BACKOFF_S_MIN: Final = 0.01
-RECONNECT_BACKOFF_S_MAX: Final = 1.0
-# Redirects followed within one outage: a cluster has at most 5 nodes, so a correct one never
-# needs more than a couple of hops; more means the nodes disagree about the leader.
-REDIRECTS_MAX: Final = 8
 # Each in-flight request is kept (payload included) until its reply arrives, for resending; the
 # window bounds that memory and the daemon's saved replies per client. The daemon keeps at most
 # this many unacknowledged replies per client (the blp's dedup table,
 # `sequencer.processor.SAVED_REPLIES_MAX`); a larger window could lose a reply across a reconnect:
 # the resent request would find its reply forgotten and get DUPLICATE instead.
 IN_FLIGHT_LIMIT_MAX: Final = 1024
-# ERROR codes that mean "not now": the node is draining or at sessions_max (`unavailable`), or its
-# journal's disk is full (`disk_full`). The client backs off and reconnects instead of failing;
-# its requests stay in flight and are resent once the node takes them again.
-RETRYABLE_ERROR_CODES: Final = frozenset({"unavailable", "disk_full"})
-# errnos that mean "the daemon is not there (yet)": retry, with backoff. Any other OSError while
-# connecting (EACCES on the socket, a path that is not a socket) will not cure itself: fail at once.
-RETRYABLE_ERRNOS: Final = frozenset(
-    {
-        errno.ENOENT,
-        errno.ECONNREFUSED,
-        errno.ECONNRESET,
-        errno.EPIPE,
-        errno.EAGAIN,
-        errno.ENOTCONN,
-        errno.ECONNABORTED,
-    }
-)
 # Queued command bytes that make `submit` write at once instead of waiting for a flush or a wait:
 # about a socket buffer's worth, so one write system call carries a few hundred small commands.
 SEND_BATCH_BYTES: Final = 64 * 1024
@@ -129,17 +118,9 @@ SEND_BATCH_BYTES: Final = 64 * 1024
 # counted (`events_dropped`): an application that subscribes and never reads must not grow
 # without bound, and an event carries its log index, so a reader can see the gap.
 EVENTS_BUFFERED_MAX: Final = 65536
-# A Unix socket's path lives in sockaddr_un.sun_path: 108 bytes on Linux, with the terminating NUL.
-# Checked here, because the transports disagree about a longer one (the blocking socket and asyncio
-# raise "AF_UNIX path too long", uvloop reports ENOENT, which looks like a daemon not up yet).
-SOCKET_PATH_BYTES_MAX: Final = 107
 _COMMAND_FRAME_OVERHEAD_BYTES: Final = FRAME_HEADER_BYTES + COMMAND_HEADER.size
 
-assert RECONNECT_BACKOFF_S_MIN > 0
-assert RECONNECT_BACKOFF_S_MIN <= RECONNECT_BACKOFF_S_MAX
 assert SEND_BATCH_BYTES <= FRAME_BYTES_MAX
-assert "unavailable" in RETRYABLE_ERROR_CODES
-assert "disk_full" in RETRYABLE_ERROR_CODES
 
 
 class ClientSchema(Protocol):
@@ -160,36 +141,6 @@ class Log(Protocol):
     def warning(self, message: str, /, *args: object) -> None: ...
 
 
-class ConnectionEnded(Exception):
-    """Why a connection ended without an OSError (EOF, a redirect, "retry later"): a last error."""
-
-
-class Retry:
-    """Close the socket, wait `delay_s`, then `begin_attempt` again."""
-
-    __slots__ = ("delay_s",)
-
-    def __init__(self, delay_s: float) -> None:
-        assert delay_s >= 0, delay_s
-        self.delay_s = delay_s
-
-    def __repr__(self) -> str:
-        return f"Retry(delay_s={self.delay_s})"
-
-
-class Fail:
-    """Close the socket and raise (or report) `error`; the outage is over."""
-
-    __slots__ = ("error",)
-
-    def __init__(self, error: Exception) -> None:
-        self.error = error
-
-    def __repr__(self) -> str:
-        return f"Fail({self.error!r})"
-
-
-Action = Retry | Fail
 # A connection that was up ended: reconnect at once, the outage has only just begun.
 _RETRY_AT_ONCE: Final = Retry(0.0)
 
@@ -253,7 +204,7 @@ class Session:
     ) -> None:
         if not 0 < client_id < 1 << 64:
             raise ValueError(f"client_id={client_id} must be in 1..2**64-1")
-        problem = _socket_path_problem(socket_path)
+        problem = socket_path_problem(socket_path)
         if problem is not None:
             raise ValueError(problem)
         if first_request_id < 1:
@@ -588,7 +539,7 @@ class Session:
                 )
             )
         self.log.info("seqd redirects to leader %s at %r", redirect.leader, redirect.socket_path)
-        problem = _socket_path_problem(redirect.socket_path) if redirect.socket_path else None
+        problem = socket_path_problem(redirect.socket_path) if redirect.socket_path else None
         if problem is not None:
             return self._fail(
                 ProtocolViolation("bad_redirect", f"the daemon redirected to a bad path: {problem}")
@@ -653,58 +604,3 @@ class Session:
             "running and the path is right; requests in flight stay in flight and are resent by "
             "the next call, which reconnects again"
         )
-
-
-def _socket_path_problem(socket_path: str) -> str | None:
-    """What is wrong with `socket_path` as a Unix socket's path, or None."""
-    if "\0" in socket_path[1:]:  # a leading NUL names an abstract socket (Linux): allowed
-        return f"socket_path={socket_path!r} contains a NUL byte"
-    length = len(socket_path.encode("utf-8", "surrogateescape"))
-    if length > SOCKET_PATH_BYTES_MAX:
-        return (
-            f"socket_path={socket_path!r} is {length} bytes > SOCKET_PATH_BYTES_MAX="
-            f"{SOCKET_PATH_BYTES_MAX} (a Unix socket's path limit): use a shorter path"
-        )
-    return None
-
-
-class SessionView:
-    """What both clients expose of their session (they differ only in how they do I/O)."""
-
-    _session: Session
-
-    @property
-    def client_id(self) -> int:
-        return self._session.client_id
-
-    @property
-    def session_id(self) -> int:
-        """The daemon's id for the current connection's session (changes on reconnect)."""
-        return self._session.session_id
-
-    @property
-    def socket_path(self) -> str:
-        """The socket in use (changes when the daemon redirects)."""
-        return self._session.socket_path
-
-    @property
-    def acked_request_id(self) -> int:
-        return self._session.acked_request_id
-
-    @property
-    def next_request_id(self) -> int:
-        return self._session.next_request_id
-
-    @property
-    def in_flight(self) -> int:
-        return len(self._session.in_flight)
-
-    @property
-    def stats(self) -> dict[str, int]:
-        """Counters: reconnects, stale replies ignored, events dropped."""
-        session = self._session
-        return {
-            "reconnects": session.reconnects,
-            "replies_ignored": session.replies_ignored,
-            "events_dropped": session.events_dropped,
-        }

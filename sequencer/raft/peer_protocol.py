@@ -3,41 +3,14 @@
 Theory of operation
 -------------------
 
-Every directed pair of nodes has its own TCP connection: node A dials node B to send A's messages
-to B, and B dials A for its own (`docs/peer-transport.md` says why). Each connection opens with a
-three-frame challenge-response handshake, and from then on every frame carries a sequence number
-and an HMAC-SHA256 over the frame.
-
-    dialler D                                              acceptor A
-    HELLO      cluster_id, D, A, nonce_d           ->
-               <- CHALLENGE  cluster_id, A, D, nonce_a, proof_a
-    AUTH       proof_d                             ->
-    MESSAGES / COMMANDS  sequence 1, 2, ... + MAC  ->      (either way; the transport's
-                                                           acceptors send none)
-
-Both ends derive one session key from the cluster secret and the whole transcript (protocol label,
-cluster id, the dialler's and the acceptor's node ids, both nonces), then four keys from it, each
-with its own label: the acceptor's proof, the dialler's proof, the dialler-to-acceptor frame key,
-the acceptor-to-dialler frame key. So:
-
-- a proof or a frame from one connection is worthless on another (fresh nonces from both ends
-  give a fresh session key);
-- a proof or frame reflected back to its sender fails (each direction and each role has its own
-  label, hence its own key);
-- a replayed, dropped or reordered frame fails: each direction numbers its frames 1, 2, ... and
-  the receiver accepts only the next number (TCP delivers in order, so any other number is an
-  attack or a bug). The sequence number is in the header and covered by the MAC, so the receiver
-  can tell a replay (`replayed_frame`) from tampering (`bad_mac`);
-- the dialler proves nothing until the acceptor has proved it holds the secret, so a process that
-  answers a node's dial learns nothing from it; the acceptor's proof, given to anyone who dials,
-  lets an eavesdropper or a dialler test guesses of the secret offline, which is why the secret
-  must be random and at least `SECRET_BYTES_MIN` bytes (not a password).
-
-Before the handshake completes the codec accepts only the next handshake frame, of its exact
-size, so an unauthenticated process can make it buffer no more than one read and can never reach
-a decoder: it is refused at the 8-byte header or at the proof. The frames carry integrity, not
-secrecy: run the peer network on a private network or under WireGuard/IPsec if the commands are
-confidential.
+Every directed pair of nodes has its own TCP connection, opened by a three-frame
+challenge-response handshake (HELLO, CHALLENGE, AUTH: `sequencer.raft.peer_handshake` describes
+it and why it resists reflection, replay and offline guessing). From then on every frame carries
+a sequence number and an HMAC-SHA256 under its direction's frame key, and the receiver accepts
+only the next number: a replayed, dropped or reordered frame fails (`replayed_frame`), and so
+does one tampered with or injected from another connection (`bad_mac`). The frames carry
+integrity, not secrecy: run the peer network on a private network or under WireGuard/IPsec if the
+commands are confidential.
 
 Frames
 ------
@@ -65,36 +38,68 @@ Bounds
     frame, header included   <= PEER_FRAME_BYTES_MAX       (a longer declared frame is refused)
     receive buffer           <= RECEIVE_BUFFER_BYTES_MAX   (a partial frame + one read)
     items in one frame       <= ITEMS_PER_FRAME_MAX        (the sender splits a longer batch)
+
+Where it lives: `peer_wire` (kinds, layouts, bounds, refusals, what frames carry),
+`peer_handshake` (identity, keys, one function per step), `backoff` (the dialler's delays); this
+module holds `PeerConnection` (state, handshake sequencing, authenticated framing) and re-exports
+the public names of the others, so `sequencer.raft.peer_protocol` stays the one import.
 """
 
 from __future__ import annotations
 
-import enum
 import hashlib
 import hmac
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Annotated, Final, Protocol, get_args
+from typing import Final
 
 import msgspec
 
-from sequencer.raft.messages import (
-    MESSAGE_TYPES,
-    AppendEntries,
-    AppendEntriesResponse,
-    Heartbeat,
-    HeartbeatResponse,
-    InstallSnapshot,
-    Message,
-    RequestVote,
-    RequestVoteResponse,
+from sequencer.raft import peer_wire
+from sequencer.raft.backoff import ReconnectBackoff
+from sequencer.raft.messages import Message
+from sequencer.raft.peer_handshake import (
+    AUTH_BODY,
+    CHALLENGE_BODY,
+    CLUSTER_ID_MAX,
+    HELLO_BODY,
+    NODE_ID_MAX,
+    NONCE_BYTES,
+    SECRET_BYTES_MIN,
+    ClusterIdentity,
+    answer_challenge,
+    answer_hello,
+    check_auth,
+    hello_frame,
+)
+from sequencer.raft.peer_wire import (
+    CLOSED,
+    FRAME_HEADER_BYTES,
+    ITEMS_PER_FRAME_MAX,
+    MAC_BYTES,
+    NEED_DATA,
+    PEER_FRAME_BYTES_MAX,
+    PROTOCOL_VERSION,
+    READ_BYTES_MAX,
+    RECEIVE_BUFFER_BYTES_MAX,
+    REFUSAL_CODES,
+    Authenticated,
+    CommandBatch,
+    ForwardedCommand,
+    FrameKind,
+    LocalPeerProtocolError,
+    MessageBatch,
+    PeerEvent,
+    PeerProtocolError,
+    Sentinel,
+    Side,
 )
 
 __all__ = [
     "AUTH_BODY",
     "CHALLENGE_BODY",
     "CLOSED",
+    "CLUSTER_ID_MAX",
     "DATA_HEADER",
     "FRAME_HEADER",
     "FRAME_HEADER_BYTES",
@@ -102,6 +107,7 @@ __all__ = [
     "ITEMS_PER_FRAME_MAX",
     "MAC_BYTES",
     "NEED_DATA",
+    "NODE_ID_MAX",
     "NONCE_BYTES",
     "PEER_FRAME_BYTES_MAX",
     "PROTOCOL_VERSION",
@@ -124,65 +130,15 @@ __all__ = [
     "Side",
 ]
 
-PROTOCOL_VERSION: Final = 1
+# Assigned, not imported, on purpose: CPython 3.11 compiles `NAME.method()` on an imported NAME
+# without LOAD_METHOD (~0.2 us slower per call), and these are called once per frame.
+DATA_HEADER: Final = peer_wire.DATA_HEADER
+FRAME_HEADER: Final = peer_wire.FRAME_HEADER
+_COMMANDS_DECODER: Final = peer_wire.COMMANDS_DECODER
+_MESSAGES_DECODER: Final = peer_wire.MESSAGES_DECODER
 
-FRAME_HEADER: Final = struct.Struct("<IBBH")  # body length, kind, version, flags
-FRAME_HEADER_BYTES: Final = FRAME_HEADER.size
-# Data frame body header: the direction's frame sequence number, then the MAC.
-DATA_HEADER: Final = struct.Struct("<Q32s")
-MAC_BYTES: Final = 32  # HMAC-SHA256, untruncated
-NONCE_BYTES: Final = 32  # 256 random bits from each end: a repeated nonce pair is never seen
-# A captured handshake lets anyone test guesses of the secret offline (the acceptor's proof is a
-# function of the secret and public values), so the secret must be a random 256-bit key, the
-# strength of HMAC-SHA256 itself; a short or human-chosen secret would fall to a dictionary.
-SECRET_BYTES_MIN: Final = 32
-NODE_ID_MAX: Final = (1 << 32) - 1  # u32 on the wire
-CLUSTER_ID_MAX: Final = (1 << 64) - 1  # u64 on the wire
-
-HELLO_BODY: Final = struct.Struct("<QII32s")  # cluster_id, dialler id, acceptor id, nonce_d
-CHALLENGE_BODY: Final = struct.Struct("<QII32s32s")  # cluster_id, acceptor, dialler, nonce_a, proof
-AUTH_BODY: Final = struct.Struct("<32s")  # the dialler's proof
-_TRANSCRIPT_IDS: Final = struct.Struct("<QII")  # cluster_id, dialler id, acceptor id
-_TRANSCRIPT_LABEL: Final = b"seqd peer protocol v1"
-
-# Largest frame, header included. One AppendEntries must carry at least one largest record (a
-# client command is at most the client protocol's FRAME_BYTES_MAX = 1 MiB, plus its 48-byte record
-# header and msgpack framing), with room to batch: 4 MiB holds four of them, and thousands of
-# ordinary records (asserted in `sequencer.raft.transport`, so this module need not import the
-# client package). Larger would stall the loop: the whole frame is MACed before any of it is
-# used, at ~1.4 GB/s for SHA-256 here (2.9 ms for 4 MiB), which stays below a 10 ms heartbeat.
-# Memory: a receiver holds at most one partial frame + one read per inbound peer (4 peers of a
-# 5-node cluster: ~17 MiB). The replicator must keep AppendEntries and snapshot chunks under it.
-PEER_FRAME_BYTES_MAX: Final = 4 << 20
 _BODY_BYTES_MAX: Final = PEER_FRAME_BYTES_MAX - FRAME_HEADER_BYTES
 _DATA_BODY_BYTES_MIN: Final = DATA_HEADER.size + 1  # a payload is at least a msgpack array header
-# Bytes a shell passes to receive_data per call: asyncio's stream read size (uvloop reads 256000).
-READ_BYTES_MAX: Final = 256 * 1024
-# At most one incomplete frame plus one read, when the shell drains next_event() until NEED_DATA
-# before each receive_data(). Anything more is a shell bug, not a peer's.
-RECEIVE_BUFFER_BYTES_MAX: Final = PEER_FRAME_BYTES_MAX + READ_BYTES_MAX
-# Messages or commands in one frame. msgspec decodes ~1-2 M small structs/s, so 4096 keeps one
-# frame's decode and the callback's list to a few milliseconds; the core sends far fewer per loop
-# pass (one AppendEntries per follower carries up to 1024 entries as two lists, one message).
-ITEMS_PER_FRAME_MAX: Final = 4096
-
-assert FRAME_HEADER_BYTES == 8, FRAME_HEADER_BYTES
-assert DATA_HEADER.size == 8 + MAC_BYTES, DATA_HEADER.size
-assert HELLO_BODY.size == 48, HELLO_BODY.size
-assert CHALLENGE_BODY.size == 80, CHALLENGE_BODY.size
-assert AUTH_BODY.size == MAC_BYTES, AUTH_BODY.size
-assert RECEIVE_BUFFER_BYTES_MAX >= PEER_FRAME_BYTES_MAX + READ_BYTES_MAX
-assert ITEMS_PER_FRAME_MAX >= 1
-
-
-class FrameKind(enum.IntEnum):
-    HELLO = 1
-    CHALLENGE = 2
-    AUTH = 3
-    MESSAGES = 4
-    COMMANDS = 5
-
-
 _KIND_NAMES: Final = {int(kind): kind.name for kind in FrameKind}
 _HANDSHAKE_BODY_BYTES: Final[dict[int, int]] = {
     FrameKind.HELLO: HELLO_BODY.size,
@@ -190,175 +146,7 @@ _HANDSHAKE_BODY_BYTES: Final[dict[int, int]] = {
     FrameKind.AUTH: AUTH_BODY.size,
 }
 
-
-class Side(enum.Enum):
-    DIALLER = "dialler"
-    ACCEPTOR = "acceptor"
-
-
-class Sentinel(enum.Enum):
-    """What `next_event` returns when it has no event: wait for bytes, or the peer has gone."""
-
-    NEED_DATA = "NEED_DATA"
-    CLOSED = "CLOSED"
-
-
-NEED_DATA: Final = Sentinel.NEED_DATA
-CLOSED: Final = Sentinel.CLOSED
-
-# Every code PeerProtocolError carries, so a counter set can be laid out before any is seen.
-REFUSAL_CODES: Final = (
-    "bad_version",  # the peer speaks another protocol version
-    "bad_flags",  # non-zero reserved flags
-    "unknown_kind",  # not a FrameKind: garbage, or not a seqd peer
-    "unexpected_kind",  # a frame this side may not receive now (data before the handshake, ...)
-    "frame_too_large",  # a declared length over the bound, refused before buffering the body
-    "malformed_frame",  # wrong handshake size, undecodable payload, a message not for this link
-    "truncated_frame",  # EOF in the middle of a frame
-    "wrong_cluster",  # the peer belongs to another cluster id
-    "unknown_node",  # the peer's node id is not in the membership, or not the one dialled
-    "bad_proof",  # the handshake proof does not verify: another secret, or a replayed handshake
-    "bad_mac",  # a data frame's MAC does not verify: tampered, or from another connection
-    "replayed_frame",  # a genuine frame of this connection, out of sequence: replayed or reordered
-)
-
-
-class PeerProtocolError(Exception):
-    """The peer broke the protocol or failed authentication: count `code`, close the socket.
-
-    `code` is one of `REFUSAL_CODES`; `message` says what was wrong and what to do.
-    """
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message
-
-
-class LocalPeerProtocolError(PeerProtocolError):
-    """Our own side tried something the protocol forbids: a bug in the caller, not the peer."""
-
-
-# -- what travels --------------------------------------------------------------------------------
-
-# msgpack integers stop at 2**64-1 by format, so `ge=0` makes a u64 (msgspec takes no bound
-# beyond int64 in a constraint).
-_U64 = Annotated[int, msgspec.Meta(ge=0)]
-_U16 = Annotated[int, msgspec.Meta(ge=0, le=0xFFFF)]
-
-
-class ForwardedCommand(msgspec.Struct, array_like=True, gc=False, frozen=True):
-    """A client command a follower forwards to the leader, to be sequenced with its session's id.
-
-    The transport carries it opaquely; the replication role fills and reads it. `payload` is the
-    client's command bytes, never decoded on the way. gc=False is safe: ints and bytes only.
-    """
-
-    session_id: _U64
-    client_id: _U64
-    request_id: _U64
-    acked_request_id: _U64
-    version: _U16
-    payload: bytes
-
-
-# The union of the core's messages, as a list: one decode call per frame. Checked at import against
-# `MESSAGE_TYPES`, so a message type added to the core cannot be forgotten here.
-_MESSAGES_DECODER: Final = msgspec.msgpack.Decoder(
-    list[
-        RequestVote
-        | RequestVoteResponse
-        | AppendEntries
-        | AppendEntriesResponse
-        | Heartbeat
-        | HeartbeatResponse
-        | InstallSnapshot
-    ]
-)
-assert set(get_args(get_args(_MESSAGES_DECODER.type)[0])) == set(MESSAGE_TYPES), (
-    "the peer protocol's message union must name exactly sequencer.raft.messages.MESSAGE_TYPES"
-)
-_COMMANDS_DECODER: Final = msgspec.msgpack.Decoder(list[ForwardedCommand])
 _ENCODER: Final = msgspec.msgpack.Encoder()
-
-
-@dataclass(frozen=True, slots=True)
-class Authenticated:
-    """The handshake is done: `peer_id` proved it holds the cluster secret; data may flow."""
-
-    peer_id: int
-
-
-@dataclass(frozen=True, slots=True)
-class MessageBatch:
-    """Raft messages from the peer, in the order sent; each is addressed from it, to us."""
-
-    messages: list[Message]
-
-
-@dataclass(frozen=True, slots=True)
-class CommandBatch:
-    """Forwarded client commands from the peer, in the order sent."""
-
-    commands: list[ForwardedCommand]
-
-
-PeerEvent = Authenticated | MessageBatch | CommandBatch
-
-
-@dataclass(frozen=True, slots=True)
-class ClusterIdentity:
-    """Who this node is, who may talk to it, and the secret they share. Validated on creation.
-
-    Raises:
-        ValueError: an id out of range, this node not a member, or a secret too short.
-    """
-
-    cluster_id: int
-    node_id: int
-    members: frozenset[int]
-    secret: bytes = field(repr=False)
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.cluster_id <= CLUSTER_ID_MAX:
-            raise ValueError(f"cluster id {self.cluster_id} is outside 0..2**64-1")
-        bad = sorted(m for m in self.members if not 0 < m <= NODE_ID_MAX)
-        if bad:
-            raise ValueError(f"node ids {bad} are outside 1..2**32-1: use small positive ids")
-        if self.node_id not in self.members:
-            raise ValueError(
-                f"node {self.node_id} is not among the members {sorted(self.members)}: "
-                "list every node of the cluster, this one included"
-            )
-        if len(self.secret) < SECRET_BYTES_MIN:
-            raise ValueError(
-                f"the cluster secret is {len(self.secret)} bytes < SECRET_BYTES_MIN="
-                f"{SECRET_BYTES_MIN}: generate a random one (python -c 'import secrets; "
-                "print(secrets.token_hex(32))') and give every node the same"
-            )
-
-
-def _session_keys(
-    identity: ClusterIdentity, dialler: int, acceptor: int, nonce_d: bytes, nonce_a: bytes
-) -> tuple[bytes, bytes, bytes, bytes]:
-    """(acceptor proof, dialler proof, dialler->acceptor frame key, acceptor->dialler frame key).
-
-    The session key binds the protocol, the cluster, both node ids in their roles (so the
-    direction of the connection) and both nonces; each derived value has a label of its own.
-    """
-    transcript = (
-        _TRANSCRIPT_LABEL
-        + _TRANSCRIPT_IDS.pack(identity.cluster_id, dialler, acceptor)
-        + nonce_d
-        + nonce_a
-    )
-    session_key = hmac.digest(identity.secret, transcript, "sha256")
-    return (
-        hmac.digest(session_key, b"acceptor proof", "sha256"),
-        hmac.digest(session_key, b"dialler proof", "sha256"),
-        hmac.digest(session_key, b"frames dialler to acceptor", "sha256"),
-        hmac.digest(session_key, b"frames acceptor to dialler", "sha256"),
-    )
 
 
 class PeerConnection:
@@ -429,12 +217,7 @@ class PeerConnection:
                 )
             self._peer_id = peer_id
             self._expected_kind: int = FrameKind.CHALLENGE
-            self._outgoing += FRAME_HEADER.pack(
-                HELLO_BODY.size, FrameKind.HELLO, PROTOCOL_VERSION, 0
-            )
-            self._outgoing += HELLO_BODY.pack(
-                identity.cluster_id, identity.node_id, peer_id, self._nonce
-            )
+            self._outgoing += hello_frame(identity, peer_id, self._nonce)
         else:
             assert peer_id == 0, "an acceptor learns the peer's id from its HELLO"
             self._peer_id = 0
@@ -633,87 +416,23 @@ class PeerConnection:
         assert kind == FrameKind.AUTH, kind
         return self._handle_auth(buffer, body)
 
-    def _check_cluster(self, cluster_id: int, peer_name: str) -> None:
-        if cluster_id != self._identity.cluster_id:
-            raise PeerProtocolError(
-                "wrong_cluster",
-                f"{peer_name} belongs to cluster {cluster_id}, this node {self._identity.node_id}"
-                f" to cluster {self._identity.cluster_id}: check [cluster] id in both configs and "
-                "the peer addresses",
-            )
-
     def _handle_hello(self, buffer: bytearray, body: int) -> None:
-        identity = self._identity
-        cluster_id, dialler, acceptor, nonce_d = HELLO_BODY.unpack_from(buffer, body)
-        self._check_cluster(cluster_id, f"a node calling itself {dialler}")
-        if dialler not in identity.members or dialler == identity.node_id:
-            raise PeerProtocolError(
-                "unknown_node",
-                f"node {dialler} dialled, but the members of cluster {identity.cluster_id} other "
-                f"than this node {identity.node_id} are "
-                f"{sorted(identity.members - {identity.node_id})}: check the dialler's node id "
-                "and the membership in both configs",
-            )
-        if acceptor != identity.node_id:
-            raise PeerProtocolError(
-                "unknown_node",
-                f"node {dialler} dialled node {acceptor}, but this is node {identity.node_id}: "
-                f"check the peer addresses in node {dialler}'s config",
-            )
-        self._peer_id = dialler
-        proof_a, proof_d, key_d2a, key_a2d = _session_keys(
-            identity, dialler, identity.node_id, nonce_d, self._nonce
-        )
-        self._proof_expected = proof_d
-        self._outgoing += FRAME_HEADER.pack(
-            CHALLENGE_BODY.size, FrameKind.CHALLENGE, PROTOCOL_VERSION, 0
-        )
-        self._outgoing += CHALLENGE_BODY.pack(
-            identity.cluster_id, identity.node_id, dialler, self._nonce, proof_a
-        )
+        answer = answer_hello(self._identity, self._nonce, buffer, body)
+        self._peer_id = answer.dialler
+        self._proof_expected = answer.proof_expected
+        self._outgoing += answer.challenge
         # Kept until AUTH verifies; nothing is sent or received under them before.
-        self._pending_keys = (key_a2d, key_d2a)
+        self._pending_keys = (answer.send_key, answer.receive_key)
         self._expected_kind = FrameKind.AUTH
 
     def _handle_challenge(self, buffer: bytearray, body: int) -> PeerEvent:
-        identity = self._identity
-        cluster_id, acceptor, dialler, nonce_a, proof_a = CHALLENGE_BODY.unpack_from(buffer, body)
-        self._check_cluster(cluster_id, f"the node answering at node {self._peer_id}'s address")
-        if acceptor != self._peer_id:
-            raise PeerProtocolError(
-                "unknown_node",
-                f"node {acceptor} answered at the address configured for node {self._peer_id}: "
-                "check the peer addresses in this node's config",
-            )
-        if dialler != identity.node_id:
-            raise PeerProtocolError(
-                "unknown_node",
-                f"node {acceptor} answered a dial from node {dialler}, but this is node "
-                f"{identity.node_id}: the peer is broken or replaying another handshake",
-            )
-        expected_a, proof_d, key_d2a, key_a2d = _session_keys(
-            identity, identity.node_id, acceptor, self._nonce, nonce_a
-        )
-        if not hmac.compare_digest(proof_a, expected_a):
-            raise PeerProtocolError(
-                "bad_proof",
-                f"node {acceptor}'s handshake proof does not verify: it holds another cluster "
-                "secret (give every node the same), or something else answers at its address",
-            )
-        self._outgoing += FRAME_HEADER.pack(AUTH_BODY.size, FrameKind.AUTH, PROTOCOL_VERSION, 0)
-        self._outgoing += AUTH_BODY.pack(proof_d)
-        self._become_authenticated(send_key=key_d2a, receive_key=key_a2d)
+        answer = answer_challenge(self._identity, self._peer_id, self._nonce, buffer, body)
+        self._outgoing += answer.auth
+        self._become_authenticated(send_key=answer.send_key, receive_key=answer.receive_key)
         return Authenticated(self._peer_id)
 
     def _handle_auth(self, buffer: bytearray, body: int) -> PeerEvent:
-        (proof_d,) = AUTH_BODY.unpack_from(buffer, body)
-        if not hmac.compare_digest(proof_d, self._proof_expected):
-            raise PeerProtocolError(
-                "bad_proof",
-                f"the dialler calling itself node {self._peer_id} failed the handshake proof: it "
-                "holds another cluster secret (give every node the same), or it replays a "
-                "captured handshake",
-            )
+        check_auth(self._proof_expected, self._peer_id, buffer, body)
         send_key, receive_key = self._pending_keys
         self._become_authenticated(send_key=send_key, receive_key=receive_key)
         return Authenticated(self._peer_id)
@@ -878,38 +597,3 @@ class PeerConnection:
         self._receive_mac = None
         self._buffer.clear()
         self._start = 0
-
-
-class _Uniform(Protocol):
-    """What ReconnectBackoff needs of a random source (random.Random has it)."""
-
-    def uniform(self, a: float, b: float) -> float: ...
-
-
-class ReconnectBackoff:
-    """Delays between a dialler's attempts: doubling from `first_ms` to `max_ms`, with jitter.
-
-    Each delay is drawn from [base/2, base] ("equal jitter"), so nodes that lost a peer at the same
-    moment do not redial in lockstep, and never waits less than half the base. `reset()` after a
-    connection authenticates. The random source is passed in (a seeded one in tests).
-    """
-
-    __slots__ = ("_base_ms", "_first_ms", "_max_ms", "_random")
-
-    def __init__(self, first_ms: float, max_ms: float, random_source: _Uniform) -> None:
-        if not 0 < first_ms <= max_ms:
-            raise ValueError(f"need 0 < first_ms={first_ms} <= max_ms={max_ms}")
-        self._first_ms = first_ms
-        self._max_ms = max_ms
-        self._base_ms = first_ms
-        self._random = random_source
-
-    def next_delay_ms(self) -> float:
-        base = self._base_ms
-        self._base_ms = min(base * 2, self._max_ms)
-        delay = self._random.uniform(base / 2, base)
-        assert delay <= self._max_ms, (delay, self._max_ms)
-        return delay
-
-    def reset(self) -> None:
-        self._base_ms = self._first_ms
