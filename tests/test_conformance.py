@@ -239,10 +239,14 @@ def test_disk_full_refuses_hello_and_command_and_the_node_serves_on_when_space_r
     }
     node = node_factory(settings, start=False)
     node.start(environment=dict(filesystem.environment))
-    with wire.Raw(node.socket_path) as early:
-        early.open(client_id=7)  # a session opened while there is room
+    with wire.Raw(node.socket_path) as early, wire.Raw(node.socket_path) as trigger:
+        early.open(client_id=7)  # sessions opened while there is room
+        trigger.open(client_id=9)
         filesystem.fill(leave_bytes=0)
-        deadline = time.monotonic() + 30  # the journaller checks the space by itself, often
+        # A parked journaller checks the space when it has work: give it some, on another
+        # session (that command may be written later, or refused: either is documented).
+        trigger.send(wire.command(1, wire.app("OpenAccount", account="trigger")))
+        deadline = time.monotonic() + 30
         while node.read_counters()["journal.disk_full"] == 0:
             assert time.monotonic() < deadline, "the journal did not notice the full disk"
             time.sleep(0.01)
