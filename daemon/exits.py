@@ -194,7 +194,11 @@ def classify(error: BaseException) -> FatalError | None:
                 "(ls -l /dev/shm/seqd.*), or remove it if no seqd runs for the node.",
             )
         if isinstance(cause, OSError) and cause.errno is not None:
-            return FatalError.from_os_error(cause, f"create shared memory ({error})")
+            return FatalError.from_os_error(
+                cause, f"create shared memory ({error})",
+                space_hint="The rings live in /dev/shm: grow it (its size= mount option; docker run "
+                "--shm-size) or lower ring.log_capacity_bytes and ring.egress_capacity_bytes.",
+            )
         return FatalError(ExitCode.CANTCREAT, str(error))
     if isinstance(error, posix_ipc.PermissionsError):
         return FatalError(

@@ -22,6 +22,7 @@ write a byte into it.
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import re
@@ -69,6 +70,7 @@ CONTENT_VERSION_MAX = (1 << 32) - 1  # and the content version as an unsigned 32
 START_TIME_TOLERANCE_S = 0.05
 
 SHM_DIRECTORY = Path("/dev/shm")
+_NO_ROOM = frozenset({errno.ENOSPC, errno.ENOMEM})  # what a full tmpfs (or its memory limit) says
 
 # magic, layout version, header bytes, payload bytes, capacity, creator pid, creator start time
 # (seconds since the epoch, as psutil reports it), epoch, kind, content version (the layout of the
@@ -233,6 +235,16 @@ class Segment:
             raise SegmentError(_describe_existing(name)) from None
         except (OSError, posix_ipc.Error) as error:
             raise SegmentError(f"{name}: cannot create shared memory of {size} bytes: {error}") from error
+        try:
+            # Allocate every page now: on a /dev/shm too small for the segment a process would
+            # otherwise get SIGBUS at the first write past the room left, long after the start.
+            os.posix_fallocate(shm.fd, 0, size)
+        except OSError as error:
+            # Any other errno: a file system without fallocate; its pages come as they are written.
+            if error.errno in _NO_ROOM:
+                shm.close_fd()
+                posix_ipc.unlink_shared_memory(name)
+                raise SegmentError(f"{name}: /dev/shm has no room for {size} bytes of shared memory") from error
         try:
             memory = mmap.mmap(shm.fd, size)
         except OSError as error:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import os
 import resource
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -48,15 +49,17 @@ class Ended:
 
 
 def seqd_run(
-    config_path: Path, log_level: str | None = None, extra_environment: dict[str, str] | None = None, **popen: Any
+    config_path: Path, log_level: str | None = None, extra_environment: dict[str, str] | None = None,
+    wrapper: tuple[str, ...] = (), **popen: Any,
 ) -> Ended:
-    """`seqd run --config` in a subprocess, at the default log level unless told."""
+    """`seqd run --config` in a subprocess (run through `wrapper`, if any, which must exec it),
+    at the default log level unless told."""
     environment = {key: value for key, value in os.environ.items() if key not in ("SEQD_LOG_LEVEL", "NOTIFY_SOCKET")}
     environment.update(extra_environment or {})
     if log_level is not None:
         environment["SEQD_LOG_LEVEL"] = log_level
     result = subprocess.run(
-        [sys.executable, "-m", "daemon.cli", "run", "--config", str(config_path)],
+        [*wrapper, sys.executable, "-m", "daemon.cli", "run", "--config", str(config_path)],
         capture_output=True, text=True, timeout=RUN_TIMEOUT_S, check=False, env=environment,
         cwd=Path(__file__).resolve().parent.parent, **popen,
     )
@@ -287,6 +290,33 @@ def test_stale_shared_memory_of_another_user_is_one_line_with_exit_noperm(
         assert_one_line(ended, ExitCode.NOPERM, name, "owns it")
     finally:
         (Path("/dev/shm") / name[1:]).unlink()
+
+
+RING_BYTES = 16 << 20  # the default size of each ring
+SMALL_SHM_BYTES = RING_BYTES // 2  # holds the counters, not one ring
+
+
+def test_dev_shm_too_small_for_the_rings_is_one_line_with_exit_ioerr(
+    node_config: Callable[..., NodeProcess],
+) -> None:
+    """A /dev/shm smaller than the rings (docker's default is 64 MiB) ends the start with one line;
+    it used to start and then crash-loop under load, each role dying of SIGBUS (exit -7) at the
+    first write past the room /dev/shm had."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("needs root and unshare(1) to give the node a /dev/shm of its own")
+    node = node_config({"ring": {"log_capacity_bytes": RING_BYTES, "egress_capacity_bytes": RING_BYTES}})
+    # A private mount namespace with a small tmpfs on /dev/shm: the host's is untouched, and the
+    # node's segments vanish with the namespace.
+    small_shm = (
+        "unshare", "--mount", "sh", "-c",
+        f"mount --make-rprivate / && mount -t tmpfs -o size={SMALL_SHM_BYTES} tmpfs /dev/shm && exec \"$@\"",
+        "sh",
+    )
+    ended = seqd_run(node.config_path, wrapper=small_shm)
+    assert_one_line(
+        ended, ExitCode.IOERR, log_name(node.node), "/dev/shm has no room", "ring.log_capacity_bytes", "--shm-size",
+    )
+    assert "started blp" not in ended.stderr
 
 
 # ---- what is not an operating error ----------------------------------------------------------------
