@@ -463,7 +463,9 @@ class Sequencer:
         if timers_changed:
             self._arm_timers()
         if (self.blocked or gateway.waiting) and self.blocked_retry is None:
-            self._retry_blocked()
+            # On the next loop pass, not from here: retrying flushes, and a flush drains egress,
+            # which would call back into this method as deep as the egress keeps coming.
+            self.blocked_retry = self.loop.call_later(0, self._retry_blocked)
 
     def _on_egress_signal(self) -> None:
         try:
