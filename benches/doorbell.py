@@ -8,14 +8,14 @@ without a ring. A miss is silent except for time: the reader sleeps until its ti
 the work. So this bench makes hand-offs land while the reader is parking, millions of them, and
 counts `doorbell_timeout_wakes_with_work` (`BlockingIdleStrategy.timeouts_with_work`): it must be 0.
 
-Shape: two rings between two processes on two CPUs. The *parker* publishes a ping, then reads the
-pong ring with the blocking idle strategy, parking on the first empty poll. The *echo* busy-polls
-the ping ring, waits a random 0..`PAUSE_NS_MAX` ns, and publishes the pong: the ringer. The
-parker's park (store the flag, fence, re-check, wait) runs ~0.5-3 us after its ping, and the echo
-answers ~0.5 us + the pause after it, so the pause sweeps the pong's publish across every point of
-the park: before the flag, between the flag and the re-check (the race a missing fence loses),
-and during the wait. The parker publishes nothing more until its pong arrives, so a missed ring
-is never rescued by a later publish: it costs the whole timeout and is counted.
+Shape: two rings between two processes on two CPUs. The *parker* publishes a ping, spins a random
+0..`PAUSE_NS_MAX` ns, then reads the pong ring with the blocking idle strategy, parking on the
+first empty poll. The *echo* busy-polls the ping ring, spins its own random pause, and publishes
+the pong: the ringer. Both take ~1-2 us of their own between the ping and their park or pong, so
+the two pauses put the pong's publish anywhere from a few microseconds before the park to a few
+after: before the flag, between the flag and the re-check (the race a missing fence loses), and
+during the wait. The parker publishes nothing more until its pong arrives, so a missed ring is
+never rescued by a later publish: it costs the whole timeout and is counted.
 
 `TIMEOUT_MS` is long so that only a missed ring is counted: an echo preempted for a moment
 between its publish and its ring delays the ring, but not by half a second.
@@ -42,7 +42,7 @@ from ipc.platform import store_load_fences
 
 CONTEXT = multiprocessing.get_context("fork")
 JOIN_TIMEOUT_S = 60.0  # beyond the run's own length: a run that takes longer is hung
-PAUSE_NS_MAX = 4_000  # the echo's random pause before it answers (see the module docstring)
+PAUSE_NS_MAX = 4_000  # each side's random pause (see the module docstring)
 TIMEOUT_MS = 500.0  # the parker's wait: a miss costs this, a late ring never does
 SPINS_BEFORE_YIELD = 256  # the echo yields now and then, so a shared machine keeps moving
 DATA = 1
@@ -61,8 +61,16 @@ def _cpus() -> tuple[int | None, int | None]:
     return (cpus[0], cpus[1]) if len(cpus) >= 2 else (None, None)
 
 
-def parker(ping_name: str, pong_name: str, handoffs_max: int, seconds: float, cpu: int | None, report: Any) -> None:
-    """Ping, then park until the pong; repeat for `seconds` or `handoffs_max` hand-offs."""
+def parker(
+    ping_name: str,
+    pong_name: str,
+    handoffs_max: int,
+    seconds: float,
+    seed: int,
+    cpu: int | None,
+    report: Any,
+) -> None:
+    """Ping, pause, then park until the pong; repeat for `seconds` or `handoffs_max` hand-offs."""
     _pin(cpu)
     ping_ring = ipc.Ring.attach(ping_name)
     pong_ring = ipc.Ring.attach(pong_name)
@@ -71,6 +79,8 @@ def parker(ping_name: str, pong_name: str, handoffs_max: int, seconds: float, cp
         reader = pong_ring.reader("parker")
         idle = ipc.BlockingIdleStrategy(reader.doorbell, TIMEOUT_MS, yields_before_park=0)
         read = reader.read
+        pauses = random.Random(seed)
+        clock = time.perf_counter_ns
         early = 0  # parks that found the pong at the re-check and did not wait
         handoffs = 0
         started = time.perf_counter()
@@ -79,6 +89,9 @@ def parker(ping_name: str, pong_name: str, handoffs_max: int, seconds: float, cp
             if not handoffs & 0xFF and time.perf_counter() >= deadline:
                 break
             assert writer.try_write(PAYLOAD, DATA)  # one in flight: the ring is never full
+            until = clock() + pauses.randrange(PAUSE_NS_MAX)
+            while clock() < until:
+                pass
             while read() is None:
                 waits = idle.wakes + idle.timeouts
                 idle.idle(0)
@@ -134,14 +147,16 @@ def echo(ping_name: str, pong_name: str, seed: int, cpu: int | None) -> None:
         pong_ring.close()
 
 
-def stress(handoffs_max: int, seconds: float, token: str | None = None, seed: int = 1) -> dict[str, Any]:
+def stress(
+    handoffs_max: int, seconds: float, token: str | None = None, seed: int = 1
+) -> dict[str, Any]:
     """Run the parker and the echo in their own processes; return the parker's counts.
 
     Args:
         handoffs_max: stop after this many hand-offs (a test's bound) ...
         seconds: ... or after this long (the bench's).
         token: a unique part for the ring names (tests pass theirs, so leaks are found).
-        seed: the echo's pauses.
+        seed: the pauses (the echo's; the parker's from `seed + 1`).
     """
     node = token or f"dbell{os.getpid()}"
     ping = ipc.Ring.create(ipc.segment_name(node, "ping"), RING_CAPACITY_BYTES, readers=("echo",))
@@ -153,13 +168,16 @@ def stress(handoffs_max: int, seconds: float, token: str | None = None, seed: in
         processes = [
             CONTEXT.Process(target=echo, args=(ping.name, pong.name, seed, echo_cpu)),
             CONTEXT.Process(
-                target=parker, args=(ping.name, pong.name, handoffs_max, seconds, parker_cpu, sender)
+                target=parker,
+                args=(ping.name, pong.name, handoffs_max, seconds, seed + 1, parker_cpu, sender),
             ),
         ]
         for process in processes:
             process.start()
         if not receiver.poll(seconds + JOIN_TIMEOUT_S):
-            raise TimeoutError(f"the doorbell stress run did not report within {seconds + JOIN_TIMEOUT_S:.0f} s")
+            raise TimeoutError(
+                f"the doorbell stress run did not report within {seconds + JOIN_TIMEOUT_S:.0f} s"
+            )
         result: dict[str, Any] = receiver.recv()
         for process in processes:
             process.join(JOIN_TIMEOUT_S)
