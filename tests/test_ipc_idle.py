@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -144,6 +146,42 @@ def test_store_load_fences_follow_the_environment(monkeypatch):
     assert fences.kind in ("membarrier", "lock")
     assert (fences.ringer is None) == (fences.kind == "membarrier")
     fences.parker()  # a working fence: membarrier returned 0, or the lock was free
+
+
+REGISTERED_PROBE = """
+import ctypes, sys
+import ipc
+ring = ipc.Ring.attach(sys.argv[1])
+syscall = ctypes.CDLL(None).syscall
+syscall.restype = ctypes.c_long
+print(syscall(324, 1 << 9, 0, 0))  # membarrier(MEMBARRIER_CMD_GET_REGISTRATIONS), Linux 6.3+
+ring.close()
+"""
+
+
+def test_a_process_that_attaches_a_ring_is_registered_for_membarrier_before_it_can_ring(
+    unique, monkeypatch
+):
+    # With membarrier the ringers take no fence of their own: a parker's membarrier reaches only
+    # processes registered for it, so every process that can ring must be. A fresh interpreter,
+    # not a fork: a forked child would inherit this process's registration.
+    monkeypatch.delenv(ipc.platform.FENCES_ENV, raising=False)
+    if ipc.platform._choose_fences("auto").kind != "membarrier":
+        pytest.skip("membarrier is not available here")
+    name = ipc.segment_name(unique, "ring")
+    ring = ipc.Ring.create(name, 1024, readers=("r",))
+    try:
+        probe = subprocess.run(
+            [sys.executable, "-c", REGISTERED_PROBE, name],
+            capture_output=True, text=True, timeout=60, check=True,
+        )  # fmt: skip
+    finally:
+        ring.close()
+        ring.unlink()
+    registrations = int(probe.stdout)
+    if registrations < 0:
+        pytest.skip("this kernel cannot report membarrier registrations (Linux 6.3+)")
+    assert registrations & ipc.platform._MEMBARRIER_CMD_REGISTER_GLOBAL_EXPEDITED, registrations
 
 
 def test_bound_doorbell_rings_only_a_parked_waiter(doorbell):
