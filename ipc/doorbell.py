@@ -23,15 +23,18 @@ counter such as the commit position); a reader has work when its cursors say so 
     P4  wait on the semaphore (with a timeout)        R4  post the semaphore
     P5  store parked = 0
 
-Claim: a reader never sleeps in P4 past a publish it did not see in P3 without that publish's
-ringer posting. Either R3 reads P1's store, and R4 posts: the semaphore counts the post, so a
-wait that starts before or after it returns at once; or R3 reads an older 0, and then R1 was
-globally visible before P3 (the fences of `ipc.platform.store_load_fences` forbid the one
-reordering x86-64 allows, R3 passing R1 and P3 passing P1, on both sides at once), so P3 sees the
-work and the reader does not wait. Without the fences, store buffering lets R3 read 0 and P3 read
-the old cursor in the same run: a missed ring, found by `tests/test_doorbell_protocol.py` on a
-modelled store buffer. A post that lands after P3 saw the work, or after P5, only makes a later
-wait return early (a spurious wake, which re-polls and parks again).
+Claim: a reader never sleeps in P4 past a publish it did not see in P3 unless that publish's
+ringer is still to post. The fences (`ipc.platform.store_load_fences`) make each side's store
+globally visible before its load executes (P1 before P3, R1 before R3). If R3 loads 1, R4 posts;
+the semaphore counts the post, so the wait returns whether it began before the post or after. If
+R3 loads 0, R3 ran before P1 was visible, hence before P3, and R1 was visible before R3, hence
+before P3: P3 sees the work and the reader does not wait. Without the fences x86-64 lets R3 pass
+R1 and P3 pass P1 in the same run (store buffering): both load the old values and the ring is
+missed, which `tests/test_doorbell_protocol.py` finds on a modelled store buffer. A post that lands
+after P3 saw the work, or after P5, only makes a later wait return early (a spurious wake, which
+re-polls and parks again). The drain after a wake swallows only posts already made, each after
+its R1 (a post is a locked instruction), and the caller polls after the drain, so it sees their
+work.
 
 Every ringer of a reader must follow R1-R4: the ring's writer does on each publish, and a role
 that advances a reader's limit counter rings through `Ring.doorbell(reader).ring()` (the
