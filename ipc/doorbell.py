@@ -131,13 +131,9 @@ class Doorbell:
     def post(self) -> Callable[[], None]:
         """The semaphore's post, unconditional and uncounted: for a ringer that checks the parked
         flag itself in its hot loop (the ring writer's publish) and cannot afford a call. Such a
-        ringer must call `ringer_fence` (if not None) between its store and its load of the flag."""
+        ringer must call `ipc.platform.store_load_fences().ringer`, unless None, between its store
+        and its load of the flag (R2 of the protocol, module docstring)."""
         return self._semaphore.release  # type: ignore[no-any-return]
-
-    @property
-    def ringer_fence(self) -> Callable[[], None] | None:
-        """What a ringer calls between storing its cursor and loading the parked flag (R2)."""
-        return self._ringer_fence
 
     @property
     def parked(self) -> bool:
