@@ -1,7 +1,7 @@
 """Stress: hand-offs to a reader that is parking, counting the wakes by timeout that found work.
 
     python -m benches.doorbell --quick --json      # 3 s of hand-offs
-    python -m benches.doorbell                     # 60 s: millions of hand-offs
+    python -m benches.doorbell                     # 300 s: millions of hand-offs
 
 The park/wake protocol (`ipc.doorbell`) is correct if no reader ever sleeps past published work
 without a ring. A miss is silent except for time: the reader sleeps until its timeout, then finds
@@ -20,9 +20,12 @@ never rescued by a later publish: it costs the whole timeout and is counted.
 `TIMEOUT_MS` is long so that only a missed ring is counted: an echo preempted for a moment
 between its publish and its ring delays the ring, but not by half a second.
 
-Napkin math: a hand-off costs the parker a poll, a park (a membarrier, ~1-2 us) and mostly a
-futex wait and wake (a context switch each, ~10-30 us on a VM), so ~30-60k hand-offs/s; 60 s is
-then 2-4 M hand-offs, of which a large share meet the reader between its flag and its re-check.
+Napkin math: a hand-off costs the parker a poll, a park (a membarrier, ~1 us) and often a futex
+wait and wake (a context switch each, ~10-30 us on a VM), so ~20-50k hand-offs/s on two free
+cores; on the 2-core VM shared with other work (load average ~10) it measured 3-4k/s, so the
+full run's 300 s is 1 M hand-offs there and several million on a quiet machine. Measured there,
+300 s each: the protocol without fences (seqd before this bench) 16 timeout wakes with work in
+859k hand-offs; membarrier fences 0 in 1.01 M; lock fences 0 in 1.32 M.
 """
 
 from __future__ import annotations
@@ -195,7 +198,7 @@ def stress(
 
 
 def run(quick: bool, seconds: float | None = None) -> dict[str, Any]:
-    measured_s = seconds if seconds is not None else (3.0 if quick else 60.0)
+    measured_s = seconds if seconds is not None else (3.0 if quick else 300.0)
     counts = stress(handoffs_max=1 << 62, seconds=measured_s)
     return {
         "doorbell_timeout_wakes_with_work": counts["timeouts_with_work"],
@@ -214,7 +217,7 @@ def run(quick: bool, seconds: float | None = None) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="3 s of hand-offs instead of 60 s")
+    parser.add_argument("--quick", action="store_true", help="3 s of hand-offs instead of 300 s")
     parser.add_argument("--seconds", type=float, help="how long to run (overrides --quick)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of lines")
     args = parser.parse_args(argv)
