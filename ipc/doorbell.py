@@ -9,9 +9,41 @@ post is a single atomic instruction in glibc unless a waiter sleeps, when it is 
 
 A doorbell may be bound to a *parked flag*, a word in shared memory written only by the waiting
 reader. The ringer then rings only while the flag is set, so a busy reader costs the writer one
-load per publish and no system call. The waiter sets the flag, re-checks for work (`ready`), and
-waits with a timeout: because x86-64 may let the ringer's load of the flag pass its earlier store
-of the cursor (see `ipc.platform`), a ring can be missed, and the timeout bounds what that costs.
+load per publish and no system call.
+
+The park/wake protocol
+----------------------
+Work is "published" by a store to a shared word (the ring's `published` cursor, or a limit
+counter such as the commit position); a reader has work when its cursors say so (`ready`).
+
+    reader (park, ipc.idle.BlockingIdleStrategy)     ringer (RingWriter.publish, Doorbell.ring)
+    P1  store parked = 1                              R1  store the cursor or counter
+    P2  parker fence                                  R2  ringer fence (none with membarrier)
+    P3  load the cursors: work? then unpark, return   R3  load parked: 0? then done
+    P4  wait on the semaphore (with a timeout)        R4  post the semaphore
+    P5  store parked = 0
+
+Claim: a reader never sleeps in P4 past a publish it did not see in P3 unless that publish's
+ringer is still to post. The fences (`ipc.platform.store_load_fences`) make each side's store
+globally visible before its load executes (P1 before P3, R1 before R3). If R3 loads 1, R4 posts;
+the semaphore counts the post, so the wait returns whether it began before the post or after. If
+R3 loads 0, R3 ran before P1 was visible, hence before P3, and R1 was visible before R3, hence
+before P3: P3 sees the work and the reader does not wait. Without the fences x86-64 lets R3 pass
+R1 and P3 pass P1 in the same run (store buffering): both load the old values and the ring is
+missed, which `tests/test_doorbell_protocol.py` finds on a modelled store buffer. A post that lands
+after P3 saw the work, or after P5, only makes a later wait return early (a spurious wake, which
+re-polls and parks again). The drain after a wake swallows only posts already made, each after
+its R1 (a post is a locked instruction), and the caller polls after the drain, so it sees their
+work.
+
+Every ringer of a reader must follow R1-R4: the ring's writer does on each publish, and a role
+that advances a reader's limit counter rings through `Ring.doorbell(reader).ring()` (the
+journaller for the blp). A reader bounded by an upstream reader is not rung when that reader
+moves; it relies on the writer's next ring or the timeout.
+
+The timeout is a safety net for a ringer that dies between R1 and R4 or stalls there for longer
+than the timeout; `BlockingIdleStrategy.timeouts_with_work` counts the timeouts that found work
+waiting, and the stress test (`benches/doorbell.py`) checks they stay at zero.
 """
 
 from __future__ import annotations
@@ -20,6 +52,8 @@ from collections.abc import Callable
 from types import TracebackType
 
 import posix_ipc
+
+from ipc.platform import store_load_fences
 
 __all__ = ["DRAIN_MAX", "Doorbell", "bell_name"]
 
@@ -61,6 +95,10 @@ class Doorbell:
         self._parked = parked
         self.ready: Callable[[], bool] = ready or _never_ready
         self.rings = 0
+        self.interruptions = 0  # waits a signal ended early
+        fences = store_load_fences()  # the first call registers this process (ipc.platform)
+        self._parker_fence = fences.parker
+        self._ringer_fence = fences.ringer
 
     @classmethod
     def create(cls, name: str) -> Doorbell:
@@ -92,7 +130,9 @@ class Doorbell:
     @property
     def post(self) -> Callable[[], None]:
         """The semaphore's post, unconditional and uncounted: for a ringer that checks the parked
-        flag itself in its hot loop (the ring writer's publish) and cannot afford a call."""
+        flag itself in its hot loop (the ring writer's publish) and cannot afford a call. Such a
+        ringer must call `ipc.platform.store_load_fences().ringer`, unless None, between its store
+        and its load of the flag (R2 of the protocol, module docstring)."""
         return self._semaphore.release  # type: ignore[no-any-return]
 
     @property
@@ -104,8 +144,13 @@ class Doorbell:
         return view[index] != 0
 
     def ring(self) -> bool:
-        """Wake the waiter if it is parked (always, for an unbound doorbell). True if rung."""
+        """Wake the waiter if it is parked (always, for an unbound doorbell). True if rung.
+
+        Call it after the store that published the work (R1 of the protocol, module docstring).
+        """
         if self._parked is not None:
+            if self._ringer_fence is not None:
+                self._ringer_fence()
             view, index = self._parked
             if not view[index]:
                 return False
@@ -114,10 +159,13 @@ class Doorbell:
         return True
 
     def park(self) -> None:
-        """Announce that the waiter is about to block (sets the parked flag, if bound)."""
+        """Announce that the waiter is about to block: set the parked flag, then fence, so the
+        caller's next check for work is ordered after the flag (P1, P2; module docstring). An
+        unbound doorbell is rung unconditionally and needs neither."""
         if self._parked is not None:
             view, index = self._parked
             view[index] = 1
+            self._parker_fence()
 
     def unpark(self) -> None:
         if self._parked is not None:
@@ -125,7 +173,8 @@ class Doorbell:
             view[index] = 0
 
     def wait(self, timeout_ms: float) -> bool:
-        """Block until rung or `timeout_ms` passes. True if rung, False on timeout."""
+        """Block until rung or `timeout_ms` passes. True if rung; False on timeout, or when a
+        signal interrupted the wait (then `interruptions` counts it)."""
         assert timeout_ms >= 0, timeout_ms
         try:
             self._semaphore.acquire(timeout_ms / 1000.0)
@@ -134,6 +183,7 @@ class Doorbell:
         except posix_ipc.SignalError:
             # A signal (SIGTERM: stop) interrupted the wait; its handler has set a flag the
             # caller's loop reads, so this is just an early wake-up.
+            self.interruptions += 1
             return False
         self.drain()
         return True

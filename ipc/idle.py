@@ -10,7 +10,7 @@ process (the LMAX users' first complaint is 100% CPU from busy-spin everywhere):
   ~1000 wakeups/s; the first message after a long idle waits up to 1 ms (plus timer slack).
 - `BlockingIdleStrategy(doorbell)`: yield a few times, then park on a doorbell that the writer
   rings only when the reader is parked (see `ipc.doorbell`). Near-zero idle cost; the wake-up
-  costs a futex wake and a context switch (tens of microseconds).
+  costs a futex wake and a context switch (tens of microseconds), the park a fence (~1 us).
 """
 
 from __future__ import annotations
@@ -36,8 +36,10 @@ BACKOFF_SPINS_MAX = 10
 BACKOFF_YIELDS_MAX = 5
 BACKOFF_SLEEP_NS_MIN = 1_000
 BACKOFF_SLEEP_NS_MAX = 1_000_000
-# A parked reader wakes at least this often even if no ring comes: a ring can be missed (store
-# buffering, see ipc.platform), and this bounds what a miss costs. 100 wakeups/s idle is nothing.
+# A parked reader wakes at least this often even if no ring comes. No ring is missed (the park/wake
+# protocol in ipc.doorbell), so this only bounds what a ringer that died or stalled between its
+# store and its ring costs, and how long a thread that is stopped by a flag (the sequencer's
+# egress waker) takes to notice. 100 wakeups/s idle is nothing.
 BLOCKING_TIMEOUT_MS_DEFAULT = 10.0
 # Cycles without work before parking: a reader that parks on every empty poll pays a system call
 # per message at moderate rates; a yield first keeps a busy pipeline out of the kernel. One, not
@@ -123,9 +125,13 @@ class BackoffIdleStrategy(IdleStrategy):
 class BlockingIdleStrategy(IdleStrategy):
     """Yield a few empty cycles, then park on `doorbell` until rung or `timeout_ms` passes.
 
-    Parking sets the doorbell's parked flag, re-checks `doorbell.ready()` (work may have been
-    published just before the flag was visible) and only then waits. `wakes` and `timeouts`
-    count how each wait ended.
+    Parking sets the doorbell's parked flag and fences (`Doorbell.park`), re-checks
+    `doorbell.ready()` (work may have been published before the flag was visible; the ringer then
+    did not ring) and only then waits: the protocol argued in `ipc.doorbell`. `wakes` and
+    `timeouts` count how each wait ended (a signal's early wake-up counts as a timeout);
+    `timeouts_with_work` counts the timeouts after which work was waiting, each one a ring that
+    never came (zero unless a ringer died or stalled for the whole timeout between publishing and
+    ringing).
     """
 
     name = "blocking"
@@ -143,6 +149,7 @@ class BlockingIdleStrategy(IdleStrategy):
         self.empty_cycles = 0
         self.wakes = 0
         self.timeouts = 0
+        self.timeouts_with_work = 0
 
     def reset(self) -> None:
         self.empty_cycles = 0
@@ -160,10 +167,13 @@ class BlockingIdleStrategy(IdleStrategy):
         try:
             if doorbell.ready():
                 return
+            interruptions = doorbell.interruptions
             if doorbell.wait(self.timeout_ms):
                 self.wakes += 1
             else:
                 self.timeouts += 1
+                if doorbell.interruptions == interruptions and doorbell.ready():
+                    self.timeouts_with_work += 1
         finally:
             doorbell.unpark()
 

@@ -54,13 +54,13 @@ from __future__ import annotations
 
 import os
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from itertools import repeat
 from types import TracebackType
 
 from ipc.counters import Counter
 from ipc.doorbell import Doorbell, bell_name
-from ipc.platform import check_memory_ordering
+from ipc.platform import check_memory_ordering, store_load_fences
 from ipc.segment import HEADER_BYTES, LINE_BYTES, Segment, SegmentError
 
 __all__ = [
@@ -105,6 +105,7 @@ _READERS_OFFSET = _WRITER_OFFSET + LINE_BYTES
 _READER_STRIDE = 2 * LINE_BYTES
 assert _WRITER_OFFSET % LINE_BYTES == 0
 _WORD = 8
+_READER_COUNT = _META_OFFSET // _WORD  # >= 1 for the life of the segment
 _PUBLISHED = _WRITER_OFFSET // _WORD
 _WRITER_PID = _PUBLISHED + 1
 
@@ -478,9 +479,19 @@ class RingWriter:
         self._capacity = ring.capacity
         self._mask = ring.capacity - 1
         self._cursor_words = tuple(_cursor_word(slot) for slot in range(len(ring.readers)))
-        self._bells = tuple(
+        bells: tuple[tuple[int, Callable[[], None]], ...] = tuple(
             (_parked_word(slot), ring._bells[reader].post) for slot, reader in enumerate(ring.readers)
         )
+        # The writer is the ringer of the park/wake protocol (ipc.doorbell): after storing
+        # `published` and before loading a parked flag it must fence, where this process needs a
+        # fence of its own (lock fences; with membarrier the parker's fence covers it). The fence
+        # rides in the bells loop as a first bell whose word, the reader count, is never 0, so it
+        # always "rings": the loop in `publish` and `try_write` is then the same either way, and
+        # with membarrier a publish pays nothing for the protocol.
+        ringer_fence = store_load_fences().ringer
+        if ringer_fence is not None:
+            bells = ((_READER_COUNT, ringer_fence), *bells)
+        self._bells = bells
         # Resume after the last published frame: anything a dead writer claimed but did not
         # publish was never visible and is overwritten.
         self._claim_position = self._control[_PUBLISHED]
@@ -568,7 +579,8 @@ class RingWriter:
         return self._data[index + FRAME_HEADER_BYTES : index + FRAME_HEADER_BYTES + length]
 
     def publish(self) -> None:
-        """Make every claimed frame visible with one cursor store; wake parked readers."""
+        """Make every claimed frame visible with one cursor store; wake parked readers (the
+        ringer's side of the park/wake protocol, `ipc.doorbell`)."""
         control = self._control
         control[_PUBLISHED] = self._claim_position
         for parked, post in self._bells:

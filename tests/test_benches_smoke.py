@@ -61,3 +61,11 @@ def test_profile_bench_writes_a_flame_graph_and_speedscope_file_per_role(
         assert main_thread["top_self"], role
     assert summary["load"]["per_s"] > 0
     assert (out / "summary.json").exists()
+
+
+def test_doorbell_bench_reports_the_timeout_wakes_with_work_and_its_hand_offs() -> None:
+    results = run_json(["-m", "benches.doorbell", "--seconds", "0.5"])
+    assert results["doorbell_timeout_wakes_with_work"] == 0, results
+    assert results["doorbell_handoffs"] > 0
+    assert results["doorbell_handoffs_per_s"] > 0
+    assert results["doorbell_fences"] in ("membarrier", "lock")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -11,6 +14,7 @@ import pytest
 import ipc
 from ipc.doorbell import Doorbell, bell_name
 from ipc.idle import BackoffIdleStrategy, BlockingIdleStrategy
+from ipc.platform import lock_fence
 
 
 @pytest.fixture
@@ -79,6 +83,105 @@ def test_blocking_does_not_wait_when_work_arrived_while_parking(doorbell):
     idle.idle(0)
     assert (idle.wakes, idle.timeouts) == (0, 0)
     assert not ready.parked  # unparked again
+
+
+def test_a_timeout_that_finds_work_waiting_is_counted_as_a_missed_ring(doorbell):
+    # Work appears after the re-check and nobody rings: exactly the wake a missed ring causes.
+    checks = iter([False, True])
+    missed = doorbell.bind(parked=(memoryview(bytearray(8)).cast("q"), 0), ready=lambda: next(checks))
+    idle = BlockingIdleStrategy(missed, timeout_ms=1, yields_before_park=0)
+    idle.idle(0)
+    assert (idle.wakes, idle.timeouts, idle.timeouts_with_work) == (0, 1, 1)
+    nothing = doorbell.bind(parked=(memoryview(bytearray(8)).cast("q"), 0), ready=lambda: False)
+    idle = BlockingIdleStrategy(nothing, timeout_ms=1, yields_before_park=0)
+    idle.idle(0)
+    assert (idle.wakes, idle.timeouts, idle.timeouts_with_work) == (0, 1, 0)
+
+
+class RecordingWord:
+    """A parked flag that records every load and store, in order, with the fences."""
+
+    def __init__(self, events: list[str]) -> None:
+        self.events = events
+        self.value = 0
+
+    def __getitem__(self, index: int) -> int:
+        self.events.append("load flag")
+        return self.value
+
+    def __setitem__(self, index: int, value: int) -> None:
+        self.events.append(f"store flag = {value}")
+        self.value = value
+
+
+def test_park_fences_after_setting_the_flag_and_ring_fences_before_loading_it(doorbell, monkeypatch):
+    # Each side's order in the park/wake protocol (ipc.doorbell, P1-P2 and R2-R3); that the order
+    # is enough is proved in tests/test_doorbell_protocol.py.
+    events: list[str] = []
+    fences = ipc.platform.StoreLoadFences(
+        "lock", lambda: events.append("parker fence"), lambda: events.append("ringer fence")
+    )
+    monkeypatch.setattr(ipc.platform, "_chosen", (os.getpid(), fences))
+    bound = doorbell.bind(parked=(RecordingWord(events), 0))
+    bound.park()
+    assert events == ["store flag = 1", "parker fence"]
+    events.clear()
+    assert bound.ring()
+    assert events == ["ringer fence", "load flag"]
+    bound.unpark()
+
+
+def test_store_load_fences_follow_the_environment(monkeypatch):
+    monkeypatch.setattr(ipc.platform, "_chosen", None)
+    monkeypatch.setenv(ipc.platform.FENCES_ENV, "lock")
+    fences = ipc.platform.store_load_fences()
+    assert (fences.kind, fences.parker, fences.ringer) == ("lock", lock_fence, lock_fence)
+    monkeypatch.setattr(ipc.platform, "_chosen", None)
+    monkeypatch.setenv(ipc.platform.FENCES_ENV, "fast")
+    with pytest.raises(ipc.PlatformError, match="SEQD_STORE_LOAD_FENCES='fast' is not one of"):
+        ipc.platform.store_load_fences()
+    monkeypatch.setattr(ipc.platform, "_chosen", None)
+    monkeypatch.delenv(ipc.platform.FENCES_ENV)
+    fences = ipc.platform.store_load_fences()
+    assert fences.kind in ("membarrier", "lock")
+    assert (fences.ringer is None) == (fences.kind == "membarrier")
+    fences.parker()  # a working fence: membarrier returned 0, or the lock was free
+
+
+REGISTERED_PROBE = """
+import ctypes, sys
+import ipc
+ring = ipc.Ring.attach(sys.argv[1])
+syscall = ctypes.CDLL(None).syscall
+syscall.restype = ctypes.c_long
+print(syscall(324, 1 << 9, 0, 0))  # membarrier(MEMBARRIER_CMD_GET_REGISTRATIONS), Linux 6.3+
+ring.close()
+"""
+
+
+def test_a_process_that_attaches_a_ring_is_registered_for_membarrier_before_it_can_ring(
+    unique, monkeypatch
+):
+    # With membarrier the ringers take no fence of their own: a parker's membarrier reaches only
+    # processes registered for it, so every process that can ring must be. A fresh interpreter,
+    # not a fork: a forked child would inherit this process's registration.
+    monkeypatch.delenv(ipc.platform.FENCES_ENV, raising=False)
+    if ipc.platform._choose_fences("auto").kind != "membarrier":
+        pytest.skip("membarrier is not available here")
+    name = ipc.segment_name(unique, "ring")
+    ring = ipc.Ring.create(name, 1024, readers=("r",))
+    try:
+        probe = subprocess.run(
+            [sys.executable, "-c", REGISTERED_PROBE, name],
+            capture_output=True, text=True, timeout=60, check=True,
+        )  # fmt: skip
+    finally:
+        ring.close()
+        ring.unlink()
+    registrations = int(probe.stdout)
+    if registrations < 0:
+        pytest.skip("this kernel cannot report membarrier registrations (Linux 6.3+)")
+    assert registrations & ipc.platform._MEMBARRIER_CMD_REGISTER_GLOBAL_EXPEDITED, registrations
 
 
 def test_bound_doorbell_rings_only_a_parked_waiter(doorbell):
