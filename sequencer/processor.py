@@ -7,12 +7,10 @@ every app (sessions, the per-client dedup table, timers), calls the app, and que
 socket or file: time enters as the records' timestamps, so a replay of the same records in
 another process computes the same state and the same outputs, bit for bit.
 
-Exactly-once. Each client numbers its requests. Per client id (stable across reconnects and
-failovers) we keep the last applied request id and the replies not yet acknowledged; a command
-whose request id is not above the last applied is a resend: it gets the saved reply (status and
-payload of the original, the original index) or, once the client has acknowledged that reply
-(`acked_request_id` in the COMMAND payload prefix) and it was pruned, status DUPLICATE. It is
-never applied twice. The table is part of the state, so it survives snapshots and failover.
+Exactly-once (`sequencer.dedup`, `ClientTable`). Per client id the last applied request id and
+the unacknowledged replies are kept; a resend gets the saved reply (or DUPLICATE once it was
+acknowledged and pruned) and is never applied twice. The table is part of the state. A COMMAND
+is checked against it inline here (the hot path); sessions and client expiry are the table's.
 
 Replicas. Every node applies every record and computes every output, but emits replies only to
 sessions attached to itself (`node`). The rolling hash covers every output before that routing,
@@ -27,7 +25,8 @@ the node was down fires once, as soon as the sequencer sees it.
 
 Snapshots. A SNAPSHOT record sets `snapshot_requested`; the role must fork the snapshot writer
 (`snapshot_file_contents` runs in the child) before the next `apply_frame`, then clear the flag:
-the state at the fork is the state at the SNAPSHOT record's index on every replica.
+the state at the fork is the state at the SNAPSHOT record's index on every replica. The body's
+layout, encoding and restore checks are `sequencer.processor_state`'s.
 
 Outputs too large to frame. A reply or event payload a client frame cannot carry is replaced
 here, where every replica decides the same from protocol constants (see `sequencer.egress`): a
@@ -44,9 +43,14 @@ from collections.abc import Callable, Iterable
 from typing import Any, Generic, TypeVar
 
 import crc32c
-import msgspec
 
 from sequencer.client.protocol import encode_rejection
+from sequencer.dedup import (
+    CLIENT_EXPIRY_NS_DEFAULT,
+    SAVED_REPLIES_MAX,
+    ClientTable,
+    SessionEntry,
+)
 from sequencer.determinism import guard, rolling_hash_update, state_hash
 from sequencer.egress import (
     BAD_COMMAND,
@@ -58,6 +62,17 @@ from sequencer.egress import (
     ReplyStatus,
     encode_event_omitted,
     reply_too_large_payload,
+)
+from sequencer.processor_state import (
+    PROCESSOR_STATE_VERSION,
+    ClientState,
+    ProcessorError,
+    ProcessorState,
+    SavedReply,
+    SessionState,
+    decode_state,
+    encode_state,
+    restore_table,
 )
 from sequencer.record import (
     ADMIN_NODE_START,
@@ -76,25 +91,17 @@ from sequencer.state_machine import Context, Rejected, StateMachine
 from sequencer.timers import TIMER_FIRED_PAYLOAD, PendingTimers
 
 __all__ = [
+    "CLIENT_EXPIRY_NS_DEFAULT",
     "PROCESSOR_STATE_VERSION",
     "SAVED_REPLIES_MAX",
+    "ClientState",
     "Processor",
     "ProcessorError",
     "ProcessorState",
+    "SavedReply",
+    "SessionState",
     "replay",
 ]
-
-# A client may pipeline requests; the replies it has not acknowledged are kept so a resend after a
-# reconnect gets the original reply. A well-behaved client acks as replies arrive, so it holds a
-# handful; the bound stops a client that never acks from growing the state without limit. Beyond
-# it the oldest saved reply is dropped, and a resend of that request gets DUPLICATE (it was
-# applied; its reply is gone). 1024 covers the client library's in-flight window with room.
-CLIENT_EXPIRY_NS_DEFAULT = 24 * 3600 * 1_000_000_000  # a day without a session: forget the client
-SAVED_REPLIES_MAX = 1024  # per client; the client library caps its window at this (IN_FLIGHT_LIMIT_MAX)
-
-# The layout of the processor's part of the snapshot body (ProcessorState); the app's part is
-# versioned by the app's schema version.
-PROCESSOR_STATE_VERSION = 1
 
 _COMMAND = int(RecordType.COMMAND)
 _SESSION_OPEN = int(RecordType.SESSION_OPEN)
@@ -122,82 +129,8 @@ _crc32c = crc32c.crc32c
 assert rolling_hash_update(1, b"x") == _crc32c(b"x", 1)
 
 
-class _Client:
-    """The dedup entry of one client id."""
-
-    __slots__ = ("acked_request_id", "idle_since_ns", "last_request_id", "replies", "sessions")
-
-    def __init__(self) -> None:
-        self.last_request_id = 0
-        self.acked_request_id = 0
-        self.sessions = 0  # open sessions of this client id (a reconnect race can make two)
-        self.idle_since_ns = 0  # log time its last session closed; meaningful when sessions == 0
-        # request_id -> (index, status, version, payload), ascending request_id (insertion order).
-        # Invariant: every key is > acked_request_id and <= last_request_id.
-        self.replies: dict[int, tuple[int, int, int, bytes]] = {}
-
-
-class _Session:
-    __slots__ = ("client", "client_id", "local", "node")
-
-    def __init__(self, client_id: int, node: str, client: _Client, local: bool) -> None:
-        self.client_id = client_id
-        self.node = node
-        self.client = client
-        self.local = local  # replies to it are emitted by this node
-
-
-# -- the snapshot body ----------------------------------------------------------------------
-
-
-class SessionState(msgspec.Struct, array_like=True, gc=False):
-    session_id: int
-    client_id: int
-    node: str
-
-
-class SavedReply(msgspec.Struct, array_like=True, gc=False):
-    request_id: int
-    index: int
-    status: int
-    version: int
-    payload: bytes
-
-
-class ClientState(msgspec.Struct, array_like=True, gc=False):
-    client_id: int
-    last_request_id: int
-    acked_request_id: int
-    replies: list[SavedReply]
-    idle_since_ns: int = 0  # added later: older snapshots decode with 0 (idle since the snapshot)
-
-
-class ProcessorState(msgspec.Struct, array_like=True):
-    """The snapshot body: the processor's bookkeeping and the app's encoded state."""
-
-    state_version: int
-    app_name: str
-    app_version: int
-    applied_index: int
-    applied_term: int
-    last_timestamp_ns: int
-    rolling_hash: int
-    sessions: list[SessionState]
-    clients: list[ClientState]
-    timers: list[tuple[int, int]]  # (timer_id, deadline_ns) in scheduling order
-    app: msgspec.Raw  # the app's snapshot, encoded at app_version
-
-
-_state_encoder = msgspec.msgpack.Encoder()
-_state_decoder = msgspec.msgpack.Decoder(ProcessorState)
-
-
 App = TypeVar("App", bound=StateMachine)
 _Result = TypeVar("_Result")
-
-
-class ProcessorError(Exception):
-    """A snapshot body cannot be restored by this processor."""
 
 
 class Processor(Generic[App]):
@@ -224,22 +157,19 @@ class Processor(Generic[App]):
         "_app_on_session_close",
         "_app_on_session_open",
         "_app_on_timer",
-        "_clients",
         "_context",
         "_decode_command",
         "_encode_event",
         "_encode_reply",
-        "_idle_clients",
         "_outputs",
         "_sessions",
+        "_table",
         "_timers",
         "_version",
         "app",
         "app_class",
         "applied_index",
         "applied_term",
-        "client_expiry_ns",
-        "clients_expired",
         "commands_without_session",
         "debug",
         "events_too_large",
@@ -262,11 +192,7 @@ class Processor(Generic[App]):
         app: App | None = None,
         client_expiry_ns: int = CLIENT_EXPIRY_NS_DEFAULT,
     ) -> None:
-        assert client_expiry_ns > 0, client_expiry_ns
         self.app_class = app_class
-        # Every replica and every replay must use the same expiry: it decides what is deduplicated.
-        self.client_expiry_ns = client_expiry_ns
-        self.clients_expired = 0
         self.schema = app_class.schema
         self.app: App = app if app is not None else app_class()
         self.node = node
@@ -283,10 +209,9 @@ class Processor(Generic[App]):
         # Outputs too large for a client frame, replaced (see sequencer.egress).
         self.replies_too_large = 0
         self.events_too_large = 0
-        self._sessions: dict[int, _Session] = {}
-        self._clients: dict[int, _Client] = {}
-        # Clients with no open session, oldest idle first: client_id -> idle since (log time).
-        self._idle_clients: dict[int, int] = {}
+        # Every replica and every replay must use the same expiry: it decides what is deduplicated.
+        self._table = ClientTable(node, client_expiry_ns)
+        self._sessions = self._table.sessions  # the hot path's; the table never rebinds it
         self._timers = PendingTimers()
         self._outputs: list[tuple[int, bytes]] = []
         self._context = Context(self)
@@ -390,7 +315,9 @@ class Processor(Generic[App]):
         if session.local:
             self._outputs.append((_REPLY, frame))
 
-    def _answer_resend(self, session: _Session, session_id: int, request_id: int, index: int) -> None:
+    def _answer_resend(
+        self, session: SessionEntry, session_id: int, request_id: int, index: int
+    ) -> None:
         """A command whose request id was applied before: the saved reply again (its original
         index and status), or DUPLICATE once the client acknowledged it and it was forgotten.
         Never applied twice."""
@@ -509,56 +436,18 @@ class Processor(Generic[App]):
         self._app_on_timer(self._context_for(0, 0), timer_id)
 
     def _open_session(self, session_id: int, client_id: int, node: str) -> None:
-        client = self._clients.get(client_id)
-        if client is None:
-            client = self._clients[client_id] = _Client()
-        client.sessions += 1
-        self._idle_clients.pop(client_id, None)
-        self._expire_clients(self.last_timestamp_ns)
-        local = self.node is None or node == self.node
-        self._sessions[session_id] = _Session(client_id, node, client, local)
+        self._table.open(session_id, client_id, node, self.last_timestamp_ns)
         self._app_on_session_open(self._context_for(session_id, client_id))
 
     def _close_session(self, session_id: int) -> None:
-        session = self._sessions.pop(session_id, None)
-        if session is None:
-            return  # already closed (e.g. by a node_start); closing twice is a no-op
-        client = session.client
-        client.sessions -= 1
-        assert client.sessions >= 0, (session.client_id, client.sessions)
-        now_ns = self.last_timestamp_ns
-        if client.sessions == 0:
-            client.idle_since_ns = now_ns
-            self._idle_clients[session.client_id] = now_ns
-        self._expire_clients(now_ns)
-        self._app_on_session_close(self._context_for(session_id, session.client_id))
-
-    def _expire_clients(self, now_ns: int) -> None:
-        """Forget the dedup state of clients without a session for `client_expiry_ns`.
-
-        Without this the table grows with every client id ever seen (a client that takes a
-        random id per process makes one per run). The queue is in idle-time order (log time is
-        non-decreasing), so each check looks at its head only. A client that comes back after
-        expiry with requests it never saw answered could have them applied twice: the expiry
-        (a day by default) must be far longer than any client's reconnect timeout. Kafka's
-        idempotent producer makes the same trade (`producer.id.expiration.ms`).
-        """
-        idle = self._idle_clients
-        deadline = now_ns - self.client_expiry_ns
-        while idle:
-            client_id = next(iter(idle))
-            if idle[client_id] > deadline:
-                break
-            del idle[client_id]
-            del self._clients[client_id]
-            self.clients_expired += 1
+        session = self._table.close(session_id, self.last_timestamp_ns)
+        if session is not None:
+            self._app_on_session_close(self._context_for(session_id, session.client_id))
 
     def _apply_admin(self, view: Any) -> None:
         admin = decode_admin(view[_PAYLOAD_OFFSET:])
         if admin["op"] == ADMIN_NODE_START:
-            node = admin["node"]
-            lost = [sid for sid, session in self._sessions.items() if session.node == node]
-            for session_id in lost:
+            for session_id in self._table.sessions_on(admin["node"]):
                 self._close_session(session_id)
         else:
             # A newer daemon's operation: ignoring it is the same decision on every replica.
@@ -610,33 +499,17 @@ class Processor(Generic[App]):
 
     def snapshot_bytes(self) -> bytes:
         """The compact snapshot body: app state, sessions, dedup table, timers, position."""
-        app_snapshot = self.schema.encode_snapshot(self.app.snapshot())
-        state = ProcessorState(
-            state_version=PROCESSOR_STATE_VERSION,
+        return encode_state(
             app_name=self.schema.name,
             app_version=self._version,
             applied_index=self.applied_index,
             applied_term=self.applied_term,
             last_timestamp_ns=self.last_timestamp_ns,
             rolling_hash=self.rolling_hash,
-            sessions=[
-                SessionState(session_id, session.client_id, session.node)
-                for session_id, session in self._sessions.items()
-            ],
-            clients=[
-                ClientState(
-                    client_id,
-                    client.last_request_id,
-                    client.acked_request_id,
-                    [SavedReply(rid, *saved) for rid, saved in client.replies.items()],
-                    client.idle_since_ns,
-                )
-                for client_id, client in self._clients.items()
-            ],
+            table=self._table,
             timers=self._timers.items(),
-            app=msgspec.Raw(app_snapshot),
+            app_snapshot=self.schema.encode_snapshot(self.app.snapshot()),
         )
-        return _state_encoder.encode(state)
 
     def state_hash(self) -> bytes:
         """BLAKE2b-128 of `snapshot_bytes()`: equal states have equal hashes."""
@@ -671,61 +544,31 @@ class Processor(Generic[App]):
             ProcessorError: the body belongs to another app or a newer processor layout.
             schema.VersionError: the app state was written by a newer version of the app.
         """
-        state = _state_decoder.decode(body)
-        schema = app_class.schema
-        if state.state_version > PROCESSOR_STATE_VERSION:
-            raise ProcessorError(
-                f"snapshot at index {state.applied_index} has processor state version "
-                f"{state.state_version} but this seqd reads up to {PROCESSOR_STATE_VERSION}: "
-                "upgrade seqd"
-            )
-        if state.app_name != schema.name:
-            raise ProcessorError(
-                f"snapshot at index {state.applied_index} holds the state of app "
-                f"{state.app_name!r}, but the configured app is {schema.name!r} "
-                f"({app_class.__module__}:{app_class.__qualname__})"
-            )
-        app_snapshot = schema.decode_snapshot(state.app_version, state.app, state.applied_index)
+        state = decode_state(body, app_class)
+        app_snapshot = app_class.schema.decode_snapshot(
+            state.app_version, state.app, state.applied_index
+        )
         app = app_class.restore(app_snapshot)
         processor = cls(app_class, node, debug=debug, app=app, client_expiry_ns=client_expiry_ns)
         processor.applied_index = state.applied_index
         processor.applied_term = state.applied_term
         processor.last_timestamp_ns = state.last_timestamp_ns
         processor.rolling_hash = state.rolling_hash
-        for saved_client in state.clients:
-            client = _Client()
-            client.last_request_id = saved_client.last_request_id
-            client.acked_request_id = saved_client.acked_request_id
-            client.replies = {
-                r.request_id: (r.index, r.status, r.version, r.payload)
-                for r in saved_client.replies
-            }
-            client.idle_since_ns = saved_client.idle_since_ns
-            processor._clients[saved_client.client_id] = client
-        for saved_session in state.sessions:
-            session_client = processor._clients.get(saved_session.client_id)
-            if session_client is None:
-                session_client = processor._clients[saved_session.client_id] = _Client()
-            session_client.sessions += 1
-            local = node is None or saved_session.node == node
-            processor._sessions[saved_session.session_id] = _Session(
-                saved_session.client_id, saved_session.node, session_client, local
-            )
-        # The idle queue in the order the live processor built it: by idle time, ties in the
-        # clients' order (the order of eviction among ties does not change what is evicted).
-        for client in processor._clients.values():
-            if client.sessions == 0 and client.idle_since_ns == 0:
-                client.idle_since_ns = state.last_timestamp_ns  # a snapshot from before expiry
-        idle = sorted(
-            (client.idle_since_ns, position, client_id)
-            for position, (client_id, client) in enumerate(processor._clients.items())
-            if client.sessions == 0
-        )
-        processor._idle_clients = {client_id: since for since, _, client_id in idle}
+        restore_table(processor._table, state)
         processor._timers = PendingTimers(state.timers)
         return processor
 
     # -- inspection (tests, tools) ------------------------------------------------------------
+
+    @property
+    def client_expiry_ns(self) -> int:
+        """How long a client id without a session is remembered (log time)."""
+        return self._table.expiry_ns
+
+    @property
+    def clients_expired(self) -> int:
+        """Client ids forgotten after `client_expiry_ns` without a session, so far."""
+        return self._table.expired
 
     def session_ids(self) -> list[int]:
         return list(self._sessions)
@@ -734,7 +577,7 @@ class Processor(Generic[App]):
         return self._timers.as_dict()
 
     def saved_reply_ids(self, client_id: int) -> list[int]:
-        client = self._clients.get(client_id)
+        client = self._table.clients.get(client_id)
         return [] if client is None else list(client.replies)
 
 

@@ -20,6 +20,7 @@ import pytest
 
 from sequencer.client.connection import Connection
 from sequencer.client.session import Session
+from sequencer.processor import Processor
 from sequencer.raft.peer_protocol import PeerConnection
 
 HOT_METHODS: list[tuple[type, tuple[str, ...]]] = [
@@ -29,6 +30,8 @@ HOT_METHODS: list[tuple[type, tuple[str, ...]]] = [
     ),
     (Session, ("add", "receive_data", "_send_held", "_control")),
     (PeerConnection, ("next_event", "_check_header", "_handle_data", "_append_frames")),
+    # The blp's per-record paths (the processor split by concept keeps their names module-local).
+    (Processor, ("apply_frame", "replay_run", "apply_records", "_answer_resend", "_publish", "_emit")),
 ]
 
 

@@ -76,6 +76,8 @@ IO_FREE: dict[str, bool] = {
     "sequencer.raft.peer_handshake": True,
     "sequencer.raft.backoff": True,
     "sequencer.processor": True,
+    "sequencer.dedup": True,  # the processor, split by concept (issue 10)
+    "sequencer.processor_state": True,
     "sequencer.record": True,
     "sequencer.egress": True,
     "sequencer.schema": True,

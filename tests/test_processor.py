@@ -450,5 +450,5 @@ def test_clients_without_a_session_for_the_expiry_are_forgotten_deterministicall
         processor.apply_records(records[5])
         assert processor.clients_expired == 1  # idle for the whole expiry at index 6
         assert processor.saved_reply_ids(101) == []
-        assert sorted(processor._clients) == [202, 303, 404]  # 202 has a session: kept
+        assert sorted(processor._table.clients) == [202, 303, 404]  # 202 has a session: kept
     assert live.state_hash() == restored.state_hash()

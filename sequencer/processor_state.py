@@ -1,0 +1,157 @@
+"""The processor's snapshot body: its layout, its encoding and the checks before a restore
+(sans-I/O).
+
+The body (`ProcessorState`, compact msgpack arrays) holds the processor's position (applied
+index, term and time, rolling hash), the client table (`sequencer.dedup`: sessions, dedup
+entries), the pending timers and the app's own snapshot, encoded by the app's schema at its
+version. The file around it (header, checksum) is `sequencer.snapshot_format`'s.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from sequencer.dedup import ClientTable
+from sequencer.state_machine import StateMachine
+
+__all__ = [
+    "PROCESSOR_STATE_VERSION",
+    "ClientState",
+    "ProcessorError",
+    "ProcessorState",
+    "SavedReply",
+    "SessionState",
+    "decode_state",
+    "encode_state",
+    "restore_table",
+]
+
+# The layout of the processor's part of the snapshot body (ProcessorState); the app's part is
+# versioned by the app's schema version.
+PROCESSOR_STATE_VERSION = 1
+
+
+class ProcessorError(Exception):
+    """A snapshot body cannot be restored by this processor."""
+
+
+class SessionState(msgspec.Struct, array_like=True, gc=False):
+    session_id: int
+    client_id: int
+    node: str
+
+
+class SavedReply(msgspec.Struct, array_like=True, gc=False):
+    request_id: int
+    index: int
+    status: int
+    version: int
+    payload: bytes
+
+
+class ClientState(msgspec.Struct, array_like=True, gc=False):
+    client_id: int
+    last_request_id: int
+    acked_request_id: int
+    replies: list[SavedReply]
+    idle_since_ns: int = 0  # added later: older snapshots decode with 0 (idle since the snapshot)
+
+
+class ProcessorState(msgspec.Struct, array_like=True):
+    """The snapshot body: the processor's bookkeeping and the app's encoded state."""
+
+    state_version: int
+    app_name: str
+    app_version: int
+    applied_index: int
+    applied_term: int
+    last_timestamp_ns: int
+    rolling_hash: int
+    sessions: list[SessionState]
+    clients: list[ClientState]
+    timers: list[tuple[int, int]]  # (timer_id, deadline_ns) in scheduling order
+    app: msgspec.Raw  # the app's snapshot, encoded at app_version
+
+
+_state_encoder = msgspec.msgpack.Encoder()
+_state_decoder = msgspec.msgpack.Decoder(ProcessorState)
+
+
+def encode_state(
+    *,
+    app_name: str,
+    app_version: int,
+    applied_index: int,
+    applied_term: int,
+    last_timestamp_ns: int,
+    rolling_hash: int,
+    table: ClientTable,
+    timers: list[tuple[int, int]],
+    app_snapshot: bytes,
+) -> bytes:
+    """The snapshot body of a processor at this position, with this table, timers and app."""
+    state = ProcessorState(
+        state_version=PROCESSOR_STATE_VERSION,
+        app_name=app_name,
+        app_version=app_version,
+        applied_index=applied_index,
+        applied_term=applied_term,
+        last_timestamp_ns=last_timestamp_ns,
+        rolling_hash=rolling_hash,
+        sessions=[
+            SessionState(session_id, session.client_id, session.node)
+            for session_id, session in table.sessions.items()
+        ],
+        clients=[
+            ClientState(
+                client_id,
+                client.last_request_id,
+                client.acked_request_id,
+                [SavedReply(rid, *saved) for rid, saved in client.replies.items()],
+                client.idle_since_ns,
+            )
+            for client_id, client in table.clients.items()
+        ],
+        timers=timers,
+        app=msgspec.Raw(app_snapshot),
+    )
+    return _state_encoder.encode(state)
+
+
+def decode_state(body: bytes, app_class: type[StateMachine]) -> ProcessorState:
+    """The state in a snapshot body, checked to be restorable as `app_class`.
+
+    Raises:
+        ProcessorError: the body belongs to another app or a newer processor layout.
+    """
+    state = _state_decoder.decode(body)
+    schema = app_class.schema
+    if state.state_version > PROCESSOR_STATE_VERSION:
+        raise ProcessorError(
+            f"snapshot at index {state.applied_index} has processor state version "
+            f"{state.state_version} but this seqd reads up to {PROCESSOR_STATE_VERSION}: "
+            "upgrade seqd"
+        )
+    if state.app_name != schema.name:
+        raise ProcessorError(
+            f"snapshot at index {state.applied_index} holds the state of app "
+            f"{state.app_name!r}, but the configured app is {schema.name!r} "
+            f"({app_class.__module__}:{app_class.__qualname__})"
+        )
+    return state
+
+
+def restore_table(table: ClientTable, state: ProcessorState) -> None:
+    """Fills an empty `table` with the clients and sessions saved in `state`, in their order."""
+    assert not table.clients and not table.sessions, "restore into an empty table"
+    for saved_client in state.clients:
+        client = table.client(saved_client.client_id)
+        client.last_request_id = saved_client.last_request_id
+        client.acked_request_id = saved_client.acked_request_id
+        client.replies = {
+            r.request_id: (r.index, r.status, r.version, r.payload) for r in saved_client.replies
+        }
+        client.idle_since_ns = saved_client.idle_since_ns
+    for saved_session in state.sessions:
+        table.attach(saved_session.session_id, saved_session.client_id, saved_session.node)
+    table.rebuild_idle(state.last_timestamp_ns)
