@@ -14,6 +14,7 @@ One module per concept; every public name is re-exported here, so `from sequence
     scan.py     reading segment files and diagnosing damage (torn tail or corruption)
     space.py    room on the file system: reserved ahead, a full disk is a state
     reader.py   reading an index range back: replay, `seqd log`, entries for followers
+    log_storage.py  the journal as the Raft log's storage: entries and terms by index
     truncate.py crash-safe truncation of the tail (a Raft follower's conflict): an intent, redone
                 at open
     writer.py   `Journal`: recovery at open, append, group commit, roll, truncation, retention
@@ -46,6 +47,7 @@ from sequencer.journal.format import (
     Record,
     segment_name,
 )
+from sequencer.journal.log_storage import JournalLogStorage
 from sequencer.journal.reader import JournalReader, read_records, read_runs
 from sequencer.journal.repair import RecoveryReport, TornTail
 from sequencer.journal.scan import Damage, SegmentScan, list_segments, scan_segment
@@ -87,6 +89,7 @@ __all__ = [
     "JournalFailedError",
     "JournalFullError",
     "JournalLockedError",
+    "JournalLogStorage",
     "JournalReader",
     "JournalSyncError",
     "JournalWriteError",
