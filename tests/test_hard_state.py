@@ -1,5 +1,5 @@
 """The Raft hard state file: durable and atomic before `save` returns, checked when read, never
-going backwards (sequencer/raft/hard_state_file.py).
+going backwards (sequencer/hard_state.py).
 
 "Persistent state on all servers (Updated on stable storage before responding to RPCs):
 currentTerm, votedFor" (Raft paper, Figure 2). A crash at any step of a save leaves the old state
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from sequencer.raft.hard_state_file import (
+from sequencer.hard_state import (
     HARD_STATE_NAME,
     HARD_STATE_STEPS,
     HARD_STATE_TEMP_NAME,
@@ -33,7 +33,7 @@ NEW = HardState(term=4, vote=1, commit_index=41)
 
 CHILD = f"""
 import os, sys
-from sequencer.raft.hard_state_file import HardStateFile
+from sequencer.hard_state import HardStateFile
 from sequencer.raft.messages import HardState
 
 state = HardStateFile.open(sys.argv[1])

@@ -17,9 +17,10 @@ A missing file is a new node (term 0, no vote, commit index 0). Deleting the fil
 has voted can make it vote twice in one term: to reset a node, remove its whole data directory
 (journal included) and let it catch up from the leader.
 
-The I/O-free core never sees this module: the replication role calls `save(ready.hard_state)`
+It lives outside `sequencer/raft/` because that package is the I/O-free core (and the transport
+shell). The core never sees this module: the replication role calls `save(ready.hard_state)`
 before sending the ready's messages (persist before send), and builds the core's `DurableState`
-from `load`.
+from `HardStateFile.open`.
 """
 
 from __future__ import annotations
