@@ -8,7 +8,9 @@ segment or socket exists.
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import stat
 import tomllib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -18,11 +20,14 @@ import msgspec
 from daemon.layout import Role, node_roles
 from ipc.ring import frame_bytes
 from sequencer.egress import EGRESS_PAYLOAD_BYTES_MAX
+from sequencer.raft.peer_protocol import CLUSTER_ID_MAX, SECRET_BYTES_MIN
 
 __all__ = [
+    "ClusterConfig",
     "Config",
     "ConfigError",
     "JournalConfig",
+    "MemberConfig",
     "MetricsConfig",
     "NodeConfig",
     "RingConfig",
@@ -52,6 +57,13 @@ RECORD_OVERHEAD_BYTES_MAX = 48 + 8 + 7
 EGRESS_CAPACITY_BYTES_MIN = 2 << 20
 assert frame_bytes(EGRESS_PAYLOAD_BYTES_MAX) <= EGRESS_CAPACITY_BYTES_MIN, EGRESS_PAYLOAD_BYTES_MAX
 assert EGRESS_CAPACITY_BYTES_MIN <= RING_CAPACITY_BYTES_MAX
+# Raft's static membership (docs/cluster.md): 3 tolerates one node down, 5 two; 1 is no
+# cluster (leave `[cluster]` out) and an even count adds a node without adding tolerance.
+CLUSTER_MEMBERS_ALLOWED = (3, 5)
+# The replicator's clock granularity bounds: a tick below 1 ms is below what an asyncio timer
+# keeps on a loaded machine; above 100 ms a LAN failover could not stay within a second.
+TICK_MS_MIN = 1
+TICK_MS_MAX = 100
 
 
 class ConfigError(Exception):
@@ -132,6 +144,53 @@ class MetricsConfig(msgspec.Struct, forbid_unknown_fields=True):
     allow_remote: bool = False  # serve on a non-loopback address (the counters are not secret, but say so)
 
 
+class MemberConfig(msgspec.Struct, forbid_unknown_fields=True):
+    """One node of the cluster: `[[cluster.members]]`."""
+
+    id: int  # its node.number
+    peer_address: str  # "host:port" the other nodes dial ("[::1]:7101" for IPv6)
+    # The member's client socket, for tools on a machine that runs several members (tests, a
+    # demo); "" when each member runs on its own machine at socket.path.
+    socket_path: str = ""
+
+
+class ClusterConfig(msgspec.Struct, forbid_unknown_fields=True):
+    """`[cluster]`: present only in cluster mode; a node without it runs alone, as before.
+
+    Times are in ms. The replicator ticks its Raft core every `tick_ms`; a leader sends a
+    heartbeat every `heartbeat_ms`; a follower that hears nothing for a random time in
+    [election_timeout_ms, 2 x election_timeout_ms) starts an election (Raft 5.2; the core's rule).
+    """
+
+    cluster_id: int = 1
+    members: list[MemberConfig] = msgspec.field(default_factory=list)
+    # A file holding the cluster secret (at least SECRET_BYTES_MIN bytes, mode 0600), the same
+    # on every node; its path, never the secret, is in the config.
+    secret_file: str = "/etc/seqd/cluster.secret"
+    # "host:port" to accept peers on; "": this node's peer_address.
+    peer_listen: str = ""
+    allow_non_loopback: bool = False  # accept peers on a non-loopback address (the real cluster)
+    tick_ms: int = 10
+    heartbeat_ms: int = 50
+    election_timeout_ms: int = 300
+
+    def member(self, node_id: int) -> MemberConfig:
+        """The member with `node_id` (validated to exist for this node's number)."""
+        return next(m for m in self.members if m.id == node_id)
+
+    def read_secret(self) -> bytes:
+        """The secret's bytes (the file's content without a trailing newline)."""
+        return Path(self.secret_file).read_bytes().rstrip(b"\r\n")
+
+    @property
+    def heartbeat_ticks(self) -> int:
+        return self.heartbeat_ms // self.tick_ms
+
+    @property
+    def election_ticks(self) -> int:
+        return self.election_timeout_ms // self.tick_ms
+
+
 class Config(msgspec.Struct, forbid_unknown_fields=True):
     node: NodeConfig = msgspec.field(default_factory=NodeConfig)
     socket: SocketConfig = msgspec.field(default_factory=SocketConfig)
@@ -140,6 +199,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True):
     roles: RolesConfig = msgspec.field(default_factory=RolesConfig)
     snapshot: SnapshotConfig = msgspec.field(default_factory=SnapshotConfig)
     metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
+    cluster: ClusterConfig | None = None  # None: a single node, no replicator
     restarts_max: int = 5  # pipeline restarts within restart_window_s before the supervisor gives up
     restart_window_s: float = 60.0
 
@@ -247,9 +307,151 @@ def _validate(config: Config) -> Config:
         errors.append(f"metrics.port={config.metrics.port}: must be 1..65535")
     if config.socket.sessions_max < 1:
         errors.append("socket.sessions_max must be >= 1")
+    if config.cluster is not None:
+        errors.extend(_cluster_errors(config.cluster, node.number))
     if errors:
         raise ConfigError("invalid configuration: " + "; ".join(errors))  # one line: journald, systemctl status
     return config
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    """("host", port) from "host:port" or "[v6]:port".
+
+    Raises:
+        ValueError: no port, or a port outside 1..65535.
+    """
+    host, colon, port_text = text.rpartition(":")
+    if not colon or not host or not port_text.isdigit():
+        raise ValueError("expected host:port, e.g. 127.0.0.1:7101 or [::1]:7101")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    port = int(port_text)
+    if not 0 < port < 65536:
+        raise ValueError(f"port {port} is outside 1..65535")
+    return host, port
+
+
+def _cluster_errors(cluster: ClusterConfig, node_number: int) -> list[str]:
+    errors: list[str] = []
+    if not 0 <= cluster.cluster_id <= CLUSTER_ID_MAX:
+        errors.append(f"cluster.cluster_id={cluster.cluster_id}: must be 0..2**64-1")
+    ids = [member.id for member in cluster.members]
+    if len(ids) not in CLUSTER_MEMBERS_ALLOWED:
+        errors.append(
+            f"cluster.members lists {len(ids)} node(s): a cluster has 3 or 5 (3 survives one "
+            "node down, 5 two); for a single node leave [cluster] out"
+        )
+    bad_ids = sorted(i for i in ids if not 1 <= i <= NODE_NUMBER_MAX)
+    if bad_ids:
+        errors.append(f"cluster.members ids {bad_ids}: must be 1..{NODE_NUMBER_MAX} (each node's node.number)")
+    duplicates = sorted({i for i in ids if ids.count(i) > 1})
+    if duplicates:
+        errors.append(f"cluster.members ids {duplicates} appear more than once: give each node its own id")
+    if node_number not in ids:
+        errors.append(
+            f"node.number={node_number} is not among cluster.members ids {ids}: set node.number "
+            "to this node's id in the membership (every node has the same [cluster] table)"
+        )
+    addresses: list[tuple[str, int]] = []
+    for member in cluster.members:
+        try:
+            addresses.append(parse_address(member.peer_address))
+        except ValueError as error:
+            errors.append(f"cluster.members id {member.id} peer_address={member.peer_address!r}: {error}")
+        socket_bytes = len(os.fsencode(member.socket_path))
+        if socket_bytes > SOCKET_PATH_BYTES_MAX:
+            errors.append(
+                f"cluster.members id {member.id} socket_path is {socket_bytes} bytes > "
+                f"{SOCKET_PATH_BYTES_MAX} (the limit of a Unix socket address): choose a shorter path"
+            )
+    repeated = sorted({f"{h}:{p}" for h, p in addresses if addresses.count((h, p)) > 1})
+    if repeated:
+        errors.append(f"cluster.members peer_address {repeated} given to more than one member: each node needs its own")
+    errors.extend(_listen_errors(cluster, node_number))
+    errors.extend(_secret_errors(cluster.secret_file))
+    errors.extend(_timeout_errors(cluster))
+    return errors
+
+
+def _listen_errors(cluster: ClusterConfig, node_number: int) -> list[str]:
+    listen = cluster.peer_listen
+    field = "cluster.peer_listen"
+    if not listen:
+        own = [m for m in cluster.members if m.id == node_number]
+        if not own:
+            return []  # reported as node.number not among the members
+        listen = own[0].peer_address
+        field = f"cluster.members id {node_number} peer_address (this node listens there)"
+    try:
+        host, _port = parse_address(listen)
+    except ValueError as error:
+        return [f"{field}={listen!r}: {error}"] if field == "cluster.peer_listen" else []
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return [
+            f"{field}={listen!r}: the host must be an IP address (127.0.0.1 on one machine), so "
+            "what is exposed is never a DNS guess; or set cluster.peer_listen"
+        ]
+    if not address.is_loopback and not cluster.allow_non_loopback:
+        return [
+            f"{field}={listen!r} is not a loopback address: the peer port would be reachable "
+            "from the network. For nodes on several machines set cluster.allow_non_loopback = "
+            "true (and keep the peer network private)"
+        ]
+    return []
+
+
+def _secret_errors(secret_file: str) -> list[str]:
+    field = f"cluster.secret_file={secret_file!r}"
+    create = (
+        "create it with: python3 -c 'import secrets; print(secrets.token_hex(32))' > FILE; "
+        "chmod 600 FILE; the same file on every node"
+    )
+    try:
+        status = os.stat(secret_file)
+    except FileNotFoundError:
+        return [f"{field} does not exist: {create}"]
+    except OSError as error:
+        return [f"{field} cannot be read ({error.strerror}): run seqd as the user that owns it"]
+    if not stat.S_ISREG(status.st_mode):
+        return [f"{field} is not a regular file: {create}"]
+    if status.st_mode & 0o077:
+        return [
+            f"{field} has mode {stat.S_IMODE(status.st_mode):04o}: other users could read the "
+            "secret and impersonate any node; chmod 600 it (0600 or stricter)"
+        ]
+    try:
+        size = len(Path(secret_file).read_bytes().rstrip(b"\r\n"))
+    except OSError as error:
+        return [f"{field} cannot be read ({error.strerror}): run seqd as the user that owns it"]
+    if size < SECRET_BYTES_MIN:
+        return [
+            f"{field} holds {size} bytes < {SECRET_BYTES_MIN}: anyone who dials a node sees a proof "
+            f"made from the secret, so a short one could be guessed offline; {create}"
+        ]
+    return []
+
+
+def _timeout_errors(cluster: ClusterConfig) -> list[str]:
+    errors: list[str] = []
+    if not TICK_MS_MIN <= cluster.tick_ms <= TICK_MS_MAX:
+        errors.append(f"cluster.tick_ms={cluster.tick_ms}: must be {TICK_MS_MIN}..{TICK_MS_MAX}")
+        return errors
+    for name in ("heartbeat_ms", "election_timeout_ms"):
+        value = getattr(cluster, name)
+        if value < cluster.tick_ms or value % cluster.tick_ms:
+            errors.append(
+                f"cluster.{name}={value}: must be a positive multiple of cluster.tick_ms="
+                f"{cluster.tick_ms} (the replicator counts time in ticks)"
+            )
+    if cluster.election_timeout_ms <= 2 * cluster.heartbeat_ms:
+        errors.append(
+            f"cluster.election_timeout_ms={cluster.election_timeout_ms} must exceed 2 x "
+            f"cluster.heartbeat_ms={cluster.heartbeat_ms}, or followers start elections between "
+            "heartbeats (on a LAN: heartbeat tens of ms, election timeout a few hundred)"
+        )
+    return errors
 
 
 def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:

@@ -32,6 +32,7 @@ from sequencer.journal import (
     scan_segment,
 )
 from sequencer.journal.scan import segments_join
+from sequencer.journal.truncate import INTENT_NAME, decode_intent
 from sequencer.record import (
     RecordType,
     decode_admin,
@@ -250,6 +251,9 @@ class CheckReport:
     # Empty `.broken-*` files: no evidence of anything (an older seqd left them when the disk had
     # no room for the copy); safe to delete.
     empty_leftovers: list[Path] = field(default_factory=list)
+    # A truncation interrupted after its commit point (journal/truncate.py): the index it keeps
+    # up to. The node's next start finishes it before it reads a segment.
+    truncation_pending: int | None = None
 
     def __str__(self) -> str:
         counts = (
@@ -265,6 +269,11 @@ class CheckReport:
             copies += (
                 f"; {len(self.empty_leftovers)} empty .broken file(s), not evidence of anything "
                 "(left when the disk had no room for a copy): delete them"
+            )
+        if self.truncation_pending is not None:
+            copies += (
+                f"; an interrupted truncation after index {self.truncation_pending} is pending: "
+                "the next start finishes it (and rewrites the bytes after the cut)"
             )
         if self.ok:
             return f"journal {self.directory}: ok, {counts}{copies}"
@@ -289,6 +298,13 @@ def check(directory: Path | str) -> CheckReport:
     for path in sorted(directory.glob("*.broken-*")):
         empty = path.stat().st_size == 0
         (report.empty_leftovers if empty else report.broken_copies).append(path)
+    intent_path = directory / INTENT_NAME
+    if intent_path.exists():
+        try:
+            report.truncation_pending = decode_intent(intent_path.read_bytes(), str(intent_path)).index
+        except JournalError as error:
+            _damaged(report, intent_path, 0, str(error), torn=False)
+            return report
     segments = list_segments(directory)
     report.segments = len(segments)
     previous: SegmentScan | None = None

@@ -14,6 +14,9 @@ One module per concept; every public name is re-exported here, so `from sequence
     scan.py     reading segment files and diagnosing damage (torn tail or corruption)
     space.py    room on the file system: reserved ahead, a full disk is a state
     reader.py   reading an index range back: replay, `seqd log`, entries for followers
+    log_storage.py  the journal as the Raft log's storage: entries and terms by index
+    truncate.py crash-safe truncation of the tail (a Raft follower's conflict): an intent, redone
+                at open
     writer.py   `Journal`: recovery at open, append, group commit, roll, truncation, retention
 
 Readers use no lock and only ever return complete, CRC-valid batches, so they can follow a
@@ -44,6 +47,7 @@ from sequencer.journal.format import (
     Record,
     segment_name,
 )
+from sequencer.journal.log_storage import JournalLogStorage
 from sequencer.journal.reader import JournalReader, read_records, read_runs
 from sequencer.journal.repair import RecoveryReport, TornTail
 from sequencer.journal.scan import Damage, SegmentScan, list_segments, scan_segment
@@ -56,6 +60,7 @@ from sequencer.journal.space import (
     SpaceShortage,
     disk_space_from_environment,
 )
+from sequencer.journal.truncate import INTENT_NAME, INTENT_TEMP_NAME, TRUNCATION_STEPS
 from sequencer.journal.writer import Journal
 
 __all__ = [
@@ -63,6 +68,8 @@ __all__ = [
     "BATCH_HEADER_BYTES",
     "BATCH_MAGIC",
     "FAULT_DISK_BYTES_ENV",
+    "INTENT_NAME",
+    "INTENT_TEMP_NAME",
     "RESERVE_AHEAD_AT_FRACTION",
     "SEGMENT_BYTES_DEFAULT",
     "SEGMENT_BYTES_MAX",
@@ -72,6 +79,7 @@ __all__ = [
     "SEGMENT_LAYOUT_VERSION",
     "SEGMENT_MAGIC",
     "SPARE_NAME",
+    "TRUNCATION_STEPS",
     "WRITE_SLACK_BYTES",
     "Damage",
     "DiskSpace",
@@ -81,6 +89,7 @@ __all__ = [
     "JournalFailedError",
     "JournalFullError",
     "JournalLockedError",
+    "JournalLogStorage",
     "JournalReader",
     "JournalSyncError",
     "JournalWriteError",

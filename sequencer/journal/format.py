@@ -84,7 +84,7 @@ ZERO_BATCH_HEADER = bytes(BATCH_HEADER_BYTES)
 SEGMENT_BYTES_DEFAULT = 64 << 20  # etcd's size: a roll (fsync + rename + dir fsync) every 64 MiB
 SEGMENT_BYTES_MIN = 4096  # a header and a few small batches: the floor for tests
 # The batch length field is a u32 and a batch never spans segments; 1 GiB keeps a segment's
-# recovery scan and a truncate_after copy bounded.
+# recovery scan and a truncation intent (at most one batch) bounded.
 SEGMENT_BYTES_MAX = 1 << 30
 
 SEGMENT_SUFFIX = ".seg"

@@ -64,6 +64,12 @@ class JournalReader:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
+    def on_deleted_segment(self) -> bool:
+        """The segment this reader has open was deleted since (retention, or a truncation that
+        removed it; a new segment may now have its name): its bytes are no longer the journal's,
+        so `seek` before reading on."""
+        return self._fd >= 0 and os.fstat(self._fd).st_nlink == 0
+
     def seek(self, index: int) -> None:
         """Read from record `index` next, before or after where this reader is.
 

@@ -62,6 +62,8 @@ class RecoveryReport:
     created: bool  # the directory held no segment: a new journal was started
     torn_tail: TornTail | None
     removed_temp_files: list[Path] = field(default_factory=list)
+    # An interrupted truncation this open finished (truncate.py): the index it kept up to.
+    truncation_finished: int | None = None
 
     def __str__(self) -> str:
         text = (
@@ -76,6 +78,8 @@ class RecoveryReport:
             text += (
                 f"; removed unfinished segment files {[str(p) for p in self.removed_temp_files]}"
             )
+        if self.truncation_finished is not None:
+            text += f"; finished an interrupted truncation after index {self.truncation_finished}"
         return text
 
 

@@ -69,12 +69,20 @@ from sequencer.journal.format import (
 )
 from sequencer.journal.reader import JournalReader, read_records
 from sequencer.journal.repair import RecoveryReport, fsync_directory, recover_segments
-from sequencer.journal.scan import READ_CHUNK_BYTES, FileWindow
+from sequencer.journal.scan import FileWindow
 from sequencer.journal.space import (
     DiskSpace,
     SpaceReservation,
     SpaceShortage,
     disk_space_from_environment,
+)
+from sequencer.journal.truncate import (
+    StepHook,
+    TruncationIntent,
+    encode_intent,
+    finish_interrupted_truncation,
+    finish_truncation,
+    write_intent,
 )
 
 __all__ = ["Journal"]
@@ -85,6 +93,10 @@ class _Segment:
     path: Path
     first_index: int
     prev_term: int
+
+
+def _no_hook(step: str) -> None:
+    pass
 
 
 def _temp_path(final: Path) -> Path:
@@ -118,6 +130,9 @@ class Journal:
         self._durable_index = 0
         self._failure: JournalFailedError | None = None
         self._closed = False
+        # Called after each step of a truncation (truncate.TRUNCATION_STEPS): crash-injection
+        # tests raise or exit there.
+        self.truncation_hook: StepHook = _no_hook
 
     # ---- opening and recovery ----
 
@@ -179,6 +194,9 @@ class Journal:
             ) from None
 
     def _recover(self) -> None:
+        # Before any segment is scanned: a truncation interrupted mid-way leaves bytes that only
+        # its intent explains (truncate.py).
+        truncated = finish_interrupted_truncation(self.directory)
         scans, torn, removed = recover_segments(self.directory, self._space)
         if not scans:
             self._journal_id = secrets.token_bytes(JOURNAL_ID_BYTES)
@@ -199,7 +217,7 @@ class Journal:
         self._durable_index = self._last_index
         self.recovery = RecoveryReport(
             self.directory, [s.path for s in scans], scans[0].first_index, self._last_index,
-            self._last_term, False, torn, removed,
+            self._last_term, False, torn, removed, truncated,
         )  # fmt: skip
 
     def _open_active(self, path: Path, end_offset: int) -> None:
@@ -454,14 +472,19 @@ class Journal:
 
     def truncate_after(self, index: int) -> None:
         """Drop every record after `index` (a Raft follower whose log conflicts with the leader's),
-        durably, before returning.
+        durably and atomically, before returning.
 
-        Later segments are deleted newest first, each deletion fsynced, so a crash leaves a prefix
-        of the old log. Cutting inside a batch rewrites the segment into a temp file that is
-        renamed over it: the records up to `index` are never at risk.
+        Crash-safe at every step (`truncate.py`): an intent naming the cut, and holding the kept
+        records of a batch cut inside, is made durable first; a crash after that point is
+        finished by the next `Journal.open`, a crash before it leaves the old log whole. Records
+        up to `index` are never at risk, and no record after it comes back once this returns.
 
         Raises:
             JournalError: `index` is before the first record the journal still holds.
+            JournalFullError: no room for the intent (at most one batch); nothing changed, the
+                journal stays usable: free space and call again.
+            JournalWriteError: I/O failed; the journal is stopped (the next open finishes or
+                forgets the truncation).
         """
         self._check_usable()
         if index >= self._last_index:
@@ -474,35 +497,44 @@ class Journal:
         target = index + 1
         position = bisect.bisect_right(self._segment_firsts, target) - 1
         assert position >= 0, (target, self._segment_firsts)
+        segment = self._segments[position]
+        cut, split, term_before = self._locate(segment, target)
+        replacement = b""
+        if split is not None:
+            kept = batch_records(split)[: index - split.first_index + 1]
+            payload = b"".join(bytes(r.raw) for r in kept)
+            replacement = batch_header(memoryview(payload), len(kept), split.first_index, index)
+            replacement += payload
+        intent = TruncationIntent(
+            index, term_before, segment.first_index, cut, self._journal_id, replacement
+        )
         try:
-            while len(self._segments) > position + 1:
-                doomed = self._segments.pop()
-                self._segment_firsts.pop()
-                self._close_active()
-                doomed.path.unlink()
-                fsync_directory(self.directory)
-            segment = self._segments[position]
-            cut, split, term_before = self._locate(segment, target)
-            if split is None:
-                self._cut_at(segment, cut)
-            else:
-                self._rewrite_with_prefix(segment, cut, split, index)
+            write_intent(self.directory, intent, self.disk, self.truncation_hook)
+        except OSError as error:
+            if no_space(error):
+                raise self._space.full_error(f"the truncation after index {index}",
+                                             len(encode_intent(intent))) from error  # fmt: skip
+            raise self._write_failed(f"writing the intent to truncate after {index}", error) from error
+        # The commit point is behind us: from here a failure leaves the next open to finish.
+        self._close_active()
+        del self._segments[position + 1 :]
+        del self._segment_firsts[position + 1 :]
+        try:
+            finish_truncation(self.directory, intent, self.truncation_hook)
+            fd = os.open(segment.path, os.O_RDWR)
         except OSError as error:
             raise self._write_failed(f"truncating after index {index}", error) from error
+        if self.preallocate:
+            try:
+                self._space.allocate_if_room(fd, max(self.segment_bytes, intent.end_offset))
+            except OSError as error:
+                os.close(fd)
+                raise self._write_failed("preallocating the cut segment", error) from error
+        self._activate(fd, intent.end_offset)
         self._last_index = index
         self._last_term = term_before
-        self._durable_index = min(self._durable_index, index)
-
-    def _cut_at(self, segment: _Segment, cut: int) -> None:
-        """Cut `segment` at a batch boundary, durably; it becomes the active segment."""
-        fd = os.open(segment.path, os.O_RDWR)
-        self._close_active()
-        self._fd = fd
-        os.ftruncate(fd, cut)
-        if self.preallocate:
-            self._space.allocate_if_room(fd, max(self.segment_bytes, cut))
-        os.fsync(fd)
-        self._activate(fd, cut)
+        # The cut segment was fsynced whole and every earlier one before its successor existed.
+        self._durable_index = index
 
     def _close_active(self) -> None:
         if self._fd >= 0:
@@ -529,37 +561,6 @@ class Journal:
                 offset = batch.end
         finally:
             os.close(fd)
-
-    def _rewrite_with_prefix(self, segment: _Segment, cut: int, batch: Batch, index: int) -> None:
-        """Replace `segment` by a copy holding everything before `cut` plus the records of `batch`
-        up to `index`, via temp file + fsync + rename + directory fsync."""
-        kept = batch_records(batch)[: index - batch.first_index + 1]
-        payload = b"".join(bytes(r.raw) for r in kept)
-        header = batch_header(memoryview(payload), len(kept), batch.first_index, index)
-        temp = _temp_path(segment.path)
-        source = os.open(segment.path, os.O_RDONLY)
-        target = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o640)
-        try:
-            if self.preallocate:
-                self.disk.allocate(target, self.directory, self.segment_bytes)
-            copied = 0
-            while copied < cut:
-                chunk = os.pread(source, min(READ_CHUNK_BYTES, cut - copied), copied)
-                assert chunk, (segment.path, copied)
-                os.pwrite(target, chunk, copied)
-                copied += len(chunk)
-            end = cut + len(header) + len(payload)
-            os.pwritev(target, [header, payload], cut)
-            os.fsync(target)
-        except BaseException:
-            os.close(target)
-            raise
-        finally:
-            os.close(source)
-        self._close_active()
-        os.rename(temp, segment.path)
-        fsync_directory(self.directory)
-        self._activate(target, end)
 
     def delete_segments_before(self, index: int) -> list[Path]:
         """Retention: delete the segments whose records all come before `index` (a snapshot covers

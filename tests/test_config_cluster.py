@@ -1,0 +1,187 @@
+"""`[cluster]`: cluster mode's settings, each bad value refused with one line naming it and why.
+
+A config without `[cluster]` is a single node, as before (`Config.cluster` is None).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from daemon.config import ClusterConfig, Config, ConfigError, MemberConfig, load_config
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "systemd" / "seqd.toml.example"
+SECRET = "8f" * 32  # 64 bytes of hex text, as `secrets.token_hex(32)` prints
+
+
+@pytest.fixture
+def secret_file(tmp_path: Path) -> Path:
+    path = tmp_path / "cluster.secret"
+    path.write_text(SECRET + "\n")
+    path.chmod(0o600)
+    return path
+
+
+def cluster_toml(secret_file: Path, members: int = 3, node_number: int = 1, **settings: object) -> str:
+    lines = [f"[node]\nnumber = {node_number}\n", "[cluster]", f'secret_file = "{secret_file}"']
+    lines += [f"{key} = {value!r}".replace("'", '"') for key, value in settings.items()]
+    for number in range(1, members + 1):
+        lines += ["[[cluster.members]]", f"id = {number}", f'peer_address = "127.0.0.1:{7100 + number}"']
+    return "\n".join(lines) + "\n"
+
+
+def load_text(tmp_path: Path, text: str) -> Config:
+    path = tmp_path / "seqd.toml"
+    path.write_text(text)
+    return load_config(path)
+
+
+def refused(tmp_path: Path, text: str) -> str:
+    with pytest.raises(ConfigError) as raised:
+        load_text(tmp_path, text)
+    message = str(raised.value)
+    assert "\n" not in message  # one line: journald, systemctl status
+    return message
+
+
+def test_a_config_without_cluster_is_a_single_node() -> None:
+    assert load_config().cluster is None
+
+
+def test_a_three_node_cluster_loads_with_lan_defaults(tmp_path: Path, secret_file: Path) -> None:
+    config = load_text(tmp_path, cluster_toml(secret_file, node_number=2))
+    cluster = config.cluster
+    assert cluster is not None
+    assert [m.id for m in cluster.members] == [1, 2, 3]
+    assert cluster.member(2).peer_address == "127.0.0.1:7102"
+    assert (cluster.heartbeat_ms, cluster.election_timeout_ms) == (50, 300)
+    assert (cluster.heartbeat_ticks, cluster.election_ticks) == (5, 30)
+    assert cluster.read_secret() == SECRET.encode()
+    assert Config.from_json(config.to_json()) == config
+    assert SECRET not in config.to_json().decode()  # the path travels, never the secret
+
+
+def test_five_members_are_allowed(tmp_path: Path, secret_file: Path) -> None:
+    assert len(load_text(tmp_path, cluster_toml(secret_file, members=5)).cluster.members) == 5
+
+
+def test_the_example_states_every_cluster_default(tmp_path: Path, secret_file: Path) -> None:
+    """The commented [cluster] block of systemd/seqd.toml.example, uncommented, is valid and
+    states every default of ClusterConfig and MemberConfig."""
+    text = EXAMPLE.read_text()
+    block = text[text.index("# [cluster]") :]
+    uncommented = "\n".join(line[2:] if line.startswith("# ") else "" for line in block.splitlines())
+    uncommented = uncommented.replace("/etc/seqd/cluster.secret", str(secret_file))
+    config = load_text(tmp_path, uncommented)
+    cluster = config.cluster
+    assert cluster is not None
+    defaults = ClusterConfig()
+    for field in msgspec.structs.fields(ClusterConfig):
+        stated = "[[cluster.members]]" if field.name == "members" else f"{field.name} ="
+        assert stated in block, f"cluster.{field.name} is missing from the example"
+        if field.name not in ("members", "secret_file"):
+            assert getattr(cluster, field.name) == getattr(defaults, field.name), field.name
+    for field in msgspec.structs.fields(MemberConfig):
+        assert f"{field.name} =" in block, f"cluster.members.{field.name} is missing from the example"
+    assert all(m.socket_path == "" for m in cluster.members)
+
+
+@pytest.mark.parametrize(
+    ("members", "number", "expected"),
+    [
+        (1, 1, "cluster.members lists 1 node(s): a cluster has 3 or 5"),
+        (4, 1, "cluster.members lists 4 node(s)"),
+        (3, 4, "node.number=4 is not among cluster.members ids [1, 2, 3]"),
+    ],
+)
+def test_membership_size_and_this_node_are_checked(tmp_path, secret_file, members, number, expected) -> None:
+    assert expected in refused(tmp_path, cluster_toml(secret_file, members=members, node_number=number))
+
+
+@pytest.mark.parametrize(
+    ("replace", "expected"),
+    [
+        (("id = 3", "id = 2"), "cluster.members ids [2] appear more than once"),
+        (("id = 3", "id = 300"), "cluster.members ids [300]: must be 1..255"),
+        (('"127.0.0.1:7103"', '"127.0.0.1:7102"'), "peer_address ['127.0.0.1:7102'] given to more than one"),
+        (('"127.0.0.1:7103"', '"127.0.0.1"'), "id 3 peer_address='127.0.0.1': expected host:port"),
+        (('"127.0.0.1:7103"', '"127.0.0.1:70000"'), "port 70000 is outside 1..65535"),
+        (("id = 3", 'id = 3\nsocket_path = "/' + "s" * 120 + '"'), "id 3 socket_path is 121 bytes > 107"),
+        (("id = 3", "id = 3\nbogus = 1"), "bogus"),
+    ],
+)
+def test_bad_members_are_refused(tmp_path, secret_file, replace, expected) -> None:
+    text = cluster_toml(secret_file).replace(*replace)
+    assert expected in refused(tmp_path, text)
+
+
+def test_a_missing_secret_file_says_how_to_make_one(tmp_path: Path) -> None:
+    message = refused(tmp_path, cluster_toml(tmp_path / "absent"))
+    assert "does not exist" in message and "secrets.token_hex(32)" in message and "chmod 600" in message
+
+
+def test_a_secret_readable_by_others_is_refused(tmp_path: Path, secret_file: Path) -> None:
+    secret_file.chmod(0o640)
+    message = refused(tmp_path, cluster_toml(secret_file))
+    assert "mode 0640" in message and "impersonate" in message and "0600 or stricter" in message
+
+
+def test_a_stricter_secret_mode_is_accepted(tmp_path: Path, secret_file: Path) -> None:
+    secret_file.chmod(0o400)
+    assert load_text(tmp_path, cluster_toml(secret_file)).cluster is not None
+
+
+def test_a_short_secret_is_refused_saying_why(tmp_path: Path, secret_file: Path) -> None:
+    secret_file.write_text("hunter2\n")
+    message = refused(tmp_path, cluster_toml(secret_file))
+    assert "holds 7 bytes < 32" in message and "guessed offline" in message
+
+
+def test_a_secret_that_is_not_a_regular_file_is_refused(tmp_path: Path) -> None:
+    directory = tmp_path / "secret.d"
+    directory.mkdir(mode=0o700)
+    assert "is not a regular file" in refused(tmp_path, cluster_toml(directory))
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file")
+def test_an_unreadable_secret_is_refused(tmp_path: Path, secret_file: Path) -> None:
+    secret_file.chmod(0o000)
+    assert "cannot be read" in refused(tmp_path, cluster_toml(secret_file))
+
+
+@pytest.mark.parametrize(
+    ("settings", "expected"),
+    [
+        ({"peer_listen": "0.0.0.0:7101"}, "cluster.peer_listen='0.0.0.0:7101' is not a loopback address"),
+        ({"peer_listen": "localhost:7101"}, "the host must be an IP address"),
+        ({"peer_listen": "7101"}, "cluster.peer_listen='7101': expected host:port"),
+        ({"tick_ms": 0}, "cluster.tick_ms=0: must be 1..100"),
+        ({"heartbeat_ms": 55}, "cluster.heartbeat_ms=55: must be a positive multiple of cluster.tick_ms=10"),
+        ({"election_timeout_ms": 0}, "cluster.election_timeout_ms=0: must be a positive multiple"),
+        ({"election_timeout_ms": 100}, "cluster.election_timeout_ms=100 must exceed 2 x cluster.heartbeat_ms=50"),
+        ({"cluster_id": -1}, "cluster.cluster_id=-1: must be 0..2**64-1"),
+    ],
+)
+def test_bad_listen_address_and_timeouts_are_refused(tmp_path, secret_file, settings, expected) -> None:
+    assert expected in refused(tmp_path, cluster_toml(secret_file, **settings))
+
+
+def test_a_node_listening_on_its_non_loopback_peer_address_needs_allow_non_loopback(
+    tmp_path: Path, secret_file: Path
+) -> None:
+    text = cluster_toml(secret_file).replace("127.0.0.1:7101", "10.0.0.1:7101")
+    assert "cluster.members id 1 peer_address" in refused(tmp_path, text)
+    assert "allow_non_loopback = true" in refused(tmp_path, text)
+    allowed = text.replace("[cluster]\n", "[cluster]\nallow_non_loopback = true\n")
+    assert load_text(tmp_path, allowed).cluster.allow_non_loopback
+    # Another member's network address needs nothing: this node only dials it.
+    other = cluster_toml(secret_file).replace("127.0.0.1:7102", "10.0.0.2:7102")
+    assert load_text(tmp_path, other).cluster.member(2).peer_address == "10.0.0.2:7102"
+
+
+def test_ipv6_peer_addresses_are_understood(tmp_path: Path, secret_file: Path) -> None:
+    text = cluster_toml(secret_file).replace("127.0.0.1:7101", "[::1]:7101")
+    assert load_text(tmp_path, text).cluster.member(1).peer_address == "[::1]:7101"
