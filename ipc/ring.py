@@ -36,37 +36,55 @@ the ring and stay valid until the reader's next `poll`/`poll_region`/`read`/`rel
 does its cursor move past them, and only then may the writer reuse their bytes. `read` returns a
 copy. Why this is safe across processes without locks is argued in `ipc.platform`.
 
+Modules: this one holds the `Ring` (creating, attaching and validating the segment; handing out
+the writer and reader slots) and re-exports the ring's public names; `ipc.ring_layout` holds the
+segment layout and the frame format (`frame_bytes`), `ipc.ring_writer` the `RingWriter` (its
+ordering half, the one `_claim` path, the doorbell fence) and `ipc.ring_reader` the `RingReader`
+(its ordering half).
+
 Readers are declared by name when the ring is created (a declared reader that never attaches still
 holds the writer back: that is the point). A reader may depend on other readers (`upstream`), so
 the business-logic reader never overtakes the journaller, and on an external limit counter (the
 commit position).
 
-Layout of the segment payload (offsets in bytes):
-
-    0                     meta line: reader count
-    128                   reader names, READERS_MAX x 32 bytes
-    640                   writer line: published, writer pid
-    768 + 256 i           reader i: cursor line [cursor], parked line [parked, reader pid]
-    768 + 256 n           data area, `capacity` bytes
+The layout of the segment and of a frame is in `ipc.ring_layout`.
 """
 
 from __future__ import annotations
 
 import os
 import struct
-from collections.abc import Callable, Iterable, Sequence
-from itertools import repeat
+from collections.abc import Sequence
 from types import TracebackType
 
+from ipc import ring_layout, ring_writer
 from ipc.counters import Counter
 from ipc.doorbell import Doorbell, bell_name
-from ipc.platform import check_memory_ordering, store_load_fences
-from ipc.segment import HEADER_BYTES, LINE_BYTES, Segment, SegmentError
+from ipc.platform import check_memory_ordering
+from ipc.ring_layout import (
+    CAPACITY_BYTES_MAX,
+    CAPACITY_BYTES_MIN,
+    FRAME_ALIGNMENT,
+    FRAME_HEADER,
+    FRAME_HEADER_BYTES,
+    PADDING_TYPE,
+    READER_NAME_BYTES_MAX,
+    READERS_MAX,
+    RecordTooLarge,
+    frame_bytes,
+)
+from ipc.ring_reader import RingReader
+from ipc.ring_writer import FRAME_HEADERS_CACHED_MAX, RingWriter
+from ipc.segment import HEADER_BYTES as HEADER_BYTES  # importable from here as before the split
+from ipc.segment import LINE_BYTES as LINE_BYTES
+from ipc.segment import Segment, SegmentError
 
 __all__ = [
     "CAPACITY_BYTES_MAX",
     "CAPACITY_BYTES_MIN",
+    "FRAME_ALIGNMENT",
     "FRAME_HEADER",
+    "FRAME_HEADERS_CACHED_MAX",
     "FRAME_HEADER_BYTES",
     "PADDING_TYPE",
     "READERS_MAX",
@@ -80,110 +98,33 @@ __all__ = [
 ]
 
 KIND = "ring"
-FRAME_HEADER_BYTES = 8
-FRAME_HEADER = struct.Struct("<II")
-assert FRAME_HEADER.size == FRAME_HEADER_BYTES
-FRAME_ALIGNMENT = 8
-PADDING_TYPE = 0xFFFF_FFFF
-_PADDING_WORD = PADDING_TYPE << 32
-_Payload = bytes | bytearray | memoryview
-_LENGTH_MASK = 0xFFFF_FFFF
-
-# The writer reads every reader's cursor on a gate refresh and every parked flag on each publish,
-# so each reader costs the writer; a fan-out wider than this belongs in a second stage.
-READERS_MAX = 16
-READER_NAME_BYTES_MAX = 32
-# The smallest ring that holds a useful frame plus the padding before a wrap (tests use tiny rings
-# to force many wraps). The largest keeps frame lengths in u32 and the segment in one mapping.
-CAPACITY_BYTES_MIN = 64
-CAPACITY_BYTES_MAX = 1 << 30
-
-_META_OFFSET = 0
-_NAMES_OFFSET = LINE_BYTES
-_WRITER_OFFSET = _NAMES_OFFSET + READERS_MAX * READER_NAME_BYTES_MAX
-_READERS_OFFSET = _WRITER_OFFSET + LINE_BYTES
-_READER_STRIDE = 2 * LINE_BYTES
-assert _WRITER_OFFSET % LINE_BYTES == 0
-_WORD = 8
-_READER_COUNT = _META_OFFSET // _WORD  # >= 1 for the life of the segment
-_PUBLISHED = _WRITER_OFFSET // _WORD
-_WRITER_PID = _PUBLISHED + 1
-
-
-def _cursor_word(slot: int) -> int:
-    return (_READERS_OFFSET + slot * _READER_STRIDE) // _WORD
-
-
-def _parked_word(slot: int) -> int:
-    return (_READERS_OFFSET + slot * _READER_STRIDE + LINE_BYTES) // _WORD
-
-
-def _data_offset(reader_count: int) -> int:
-    return _READERS_OFFSET + reader_count * _READER_STRIDE
-
-
-def frame_bytes(payload_bytes: int) -> int:
-    """Bytes a frame with `payload_bytes` of payload occupies in the ring (header, pad).
-
-    The one definition of a frame's size. The per-record paths inline it, where a call costs
-    ~20 ns: `(payload_bytes + 15) & -8` from a payload length, `(length + 7) & -8` from a frame's
-    length field (which counts the header); the assertion below ties both to this definition.
-    """
-    return (payload_bytes + FRAME_HEADER_BYTES + FRAME_ALIGNMENT - 1) & -FRAME_ALIGNMENT
-
-
-# The inlined spellings of `frame_bytes`: a payload length + 15, a length field + 7, then & -8.
-assert FRAME_HEADER_BYTES + FRAME_ALIGNMENT - 1 == 15
-assert FRAME_ALIGNMENT - 1 == 7
-assert -FRAME_ALIGNMENT == -8
-
-
-_SEVEN = 7
-# Headers of frames by payload length, per frame type, so a batch's headers are C-level lookups.
-# Lengths seen are few in practice; the bound keeps a stream of distinct lengths from growing it.
-FRAME_HEADERS_CACHED_MAX = 4096
-
-
-class _FrameHeaders(dict[int, bytes]):
-    """payload length -> the 8-byte frame header for `type`, built on first use."""
-
-    def __init__(self, type: int) -> None:
-        super().__init__()
-        self.type = type
-
-    def __missing__(self, length: int) -> bytes:
-        if len(self) >= FRAME_HEADERS_CACHED_MAX:
-            self.clear()
-        header = FRAME_HEADER.pack(length + FRAME_HEADER_BYTES, self.type)
-        self[length] = header
-        return header
-
-
-class _Pads(dict[int, bytes]):
-    """payload length -> the zero bytes that pad its frame to 8."""
-
-    def __missing__(self, length: int) -> bytes:
-        return _PAD_BY_REMAINDER[length & 7]
-
-
-_PAD_BY_REMAINDER = tuple(b"\0" * ((-r) & 7) for r in range(8))
-_PADS = _Pads()
+# The layout's words under the names the ring's code (and the protocol tests) use.
+_META_OFFSET = ring_layout.META_OFFSET
+_NAMES_OFFSET = ring_layout.NAMES_OFFSET
+_WRITER_OFFSET = ring_layout.WRITER_OFFSET
+_READERS_OFFSET = ring_layout.READERS_OFFSET
+_READER_STRIDE = ring_layout.READER_STRIDE
+_WORD = ring_layout.WORD
+_READER_COUNT = ring_layout.READER_COUNT
+_PUBLISHED = ring_layout.PUBLISHED
+_WRITER_PID = ring_layout.WRITER_PID
+_PADDING_WORD = ring_layout.PADDING_WORD
+_LENGTH_MASK = ring_layout.LENGTH_MASK
+_cursor_word = ring_layout.cursor_word
+_parked_word = ring_layout.parked_word
+_data_offset = ring_layout.data_offset
+_too_large = ring_layout.too_large
+_Payload = ring_layout.Payload
+_SEVEN = ring_writer._SEVEN
+_FrameHeaders = ring_writer._FrameHeaders
+_Pads = ring_writer._Pads
+_PAD_BY_REMAINDER = ring_writer._PAD_BY_REMAINDER
+_PADS = ring_writer._PADS
 
 
 class RingError(SegmentError):
     """A ring is misconfigured or misused (unknown reader, reader already attached, ...)."""
 
-
-class RecordTooLarge(ValueError):
-    """A frame can never fit in the ring, however far the readers advance."""
-
-
-def _too_large(name: str, payload_bytes: int, capacity: int) -> RecordTooLarge:
-    return RecordTooLarge(
-        f"a frame of {frame_bytes(payload_bytes)} bytes (payload {payload_bytes} + "
-        f"{FRAME_HEADER_BYTES} header, 8-aligned) can never fit ring {name} of capacity "
-        f"{capacity} bytes; split the payload or create the ring with a larger capacity."
-    )
 
 
 class Ring:
@@ -443,495 +384,3 @@ def _claim_owner(control: memoryview, word: int, what: str) -> None:
         if alive:
             raise RingError(f"{what} is already held by pid {owner}, which is running; stop it first")
     control[word] = me
-
-
-class RingWriter:
-    """The one writer of a ring. Not thread-safe; use from one thread.
-
-    `try_claim`/`try_write`/`try_write_batch`/`try_write_frames` return a falsy result when the
-    slowest reader gates the writer; the caller idles and retries.
-
-    Every write path claims its bytes through `_claim`, the one place that gates and pads; the
-    wrappers only build frames. `try_write` inlines `_claim`'s common case (no wrap, below the
-    cached gate): it is the per-record hot path, where the call would cost ~50 ns, ~8% of a
-    `try_write` (measured in one process, before and after).
-    """
-
-    __slots__ = (
-        "_bells",
-        "_capacity",
-        "_claim_limit",
-        "_claim_position",
-        "_control",
-        "_cursor_words",
-        "_data",
-        "_headers",
-        "_mask",
-        "_name",
-        "_words",
-    )
-
-    def __init__(self, ring: Ring) -> None:
-        self._name = ring.name
-        self._control = ring._control
-        self._data = ring._data
-        self._words = ring._data_words
-        self._capacity = ring.capacity
-        self._mask = ring.capacity - 1
-        self._cursor_words = tuple(_cursor_word(slot) for slot in range(len(ring.readers)))
-        bells: tuple[tuple[int, Callable[[], None]], ...] = tuple(
-            (_parked_word(slot), ring._bells[reader].post) for slot, reader in enumerate(ring.readers)
-        )
-        # The writer is the ringer of the park/wake protocol (ipc.doorbell): after storing
-        # `published` and before loading a parked flag it must fence, where this process needs a
-        # fence of its own (lock fences; with membarrier the parker's fence covers it). The fence
-        # rides in the bells loop as a first bell whose word, the reader count, is never 0, so it
-        # always "rings": the loop in `publish` and `try_write` is then the same either way, and
-        # with membarrier a publish pays nothing for the protocol.
-        ringer_fence = store_load_fences().ringer
-        if ringer_fence is not None:
-            bells = ((_READER_COUNT, ringer_fence), *bells)
-        self._bells = bells
-        # Resume after the last published frame: anything a dead writer claimed but did not
-        # publish was never visible and is overwritten.
-        self._claim_position = self._control[_PUBLISHED]
-        self._headers: dict[int, _FrameHeaders] = {}
-        # Invariant: claim_position <= claim_limit <= min(reader cursors) + capacity. The limit
-        # is cached (Disruptor's `cachedGatingSequence`); `_ungated` refreshes it.
-        gate = self._min_cursor()
-        assert gate <= self._claim_position, (gate, self._claim_position)
-        self._claim_limit = gate + self._capacity
-
-    @property
-    def published_position(self) -> int:
-        return self._control[_PUBLISHED]
-
-    @property
-    def claim_position(self) -> int:
-        """End of everything claimed, published or not."""
-        return self._claim_position
-
-    def _min_cursor(self) -> int:
-        control = self._control
-        return min([control[word] for word in self._cursor_words])
-
-    def _ungated(self, end: int) -> bool:
-        """Whether claiming up to `end` overwrites nothing unread; refreshes the cached limit."""
-        self._claim_limit = self._min_cursor() + self._capacity
-        return end <= self._claim_limit
-
-    def _claim(self, size: int) -> int:
-        """Claim `size` bytes (one or more whole frames) for the caller to fill.
-
-        The one place that gates and pads. A claim that would cross the end of the data area is
-        preceded by a padding frame that fills the rest of the lap; the padding is claimed on its
-        own (padding and frame together may exceed the capacity and would then never fit) and,
-        when nothing else is pending, published at once: readers could otherwise never pass it
-        and free the space the frame waits for.
-
-        Args:
-            size: bytes to claim, a multiple of 8, at most the capacity.
-
-        Returns:
-            The offset of the claimed bytes in the data area, or -1 when the slowest reader gates
-            the claim (then nothing is claimed beyond a padding frame, which a caller publishes
-            before idling).
-        """
-        capacity = self._capacity
-        position = self._claim_position
-        index = position & self._mask
-        room = capacity - index
-        if size > room:
-            if position + room > self._claim_limit and not self._ungated(position + room):
-                return -1
-            self._words[index >> 3] = _PADDING_WORD | room
-            self._claim_position = position + room
-            if self._control[_PUBLISHED] == position:
-                self.publish()
-            position += room
-            index = 0
-        end = position + size
-        if end > self._claim_limit and not self._ungated(end):
-            return -1
-        self._claim_position = end
-        return index
-
-    def try_claim(self, length: int, type: int) -> memoryview | None:
-        """Claim a frame of `length` payload bytes; returns the payload view to fill, or None.
-
-        The frame is invisible to readers until `publish()`. The view is valid until then.
-        After None, publish what you have claimed before idling: readers cannot pass an
-        unpublished claim, so the space the writer waits for would never be freed.
-
-        Raises:
-            RecordTooLarge: the frame is larger than the ring.
-        """
-        assert 0 <= type < PADDING_TYPE, type
-        size = frame_bytes(length)
-        if size > self._capacity:
-            raise _too_large(self._name, length, self._capacity)
-        index = self._claim(size)
-        if index < 0:
-            return None
-        words = self._words
-        words[(index + size - 8) >> 3] = 0  # the zero pad (the payload overwrites the rest)
-        words[index >> 3] = (type << 32) | (length + FRAME_HEADER_BYTES)
-        return self._data[index + FRAME_HEADER_BYTES : index + FRAME_HEADER_BYTES + length]
-
-    def publish(self) -> None:
-        """Make every claimed frame visible with one cursor store; wake parked readers (the
-        ringer's side of the park/wake protocol, `ipc.doorbell`)."""
-        control = self._control
-        control[_PUBLISHED] = self._claim_position
-        for parked, post in self._bells:
-            if control[parked]:
-                post()
-
-    def try_write(self, payload: _Payload, type: int) -> bool:
-        """Write and publish one frame. False if gated (nothing written).
-
-        Raises:
-            RecordTooLarge: the frame is larger than the ring.
-        """
-        assert 0 <= type < PADDING_TYPE, type
-        length = len(payload)
-        size = (length + 15) & -8  # frame_bytes(length), inlined
-        position = self._claim_position
-        index = position & self._mask
-        end = position + size
-        # `_claim`'s common case, inlined: no wrap and below the cached limit. Anything else (the
-        # wrap, a limit refresh, a frame too large) goes through `_claim` itself.
-        if index + size > self._capacity or end > self._claim_limit:
-            return self._write_each(((type, payload),)) == 1
-        words = self._words
-        if length & 7:
-            words[(index + size - 8) >> 3] = 0  # the zero pad (the payload overwrites the rest)
-        words[index >> 3] = (type << 32) | (length + 8)
-        self._data[index + 8 : index + 8 + length] = payload
-        self._claim_position = end
-        # publish(), inlined for the same reason.
-        control = self._control
-        control[_PUBLISHED] = end
-        for parked, post in self._bells:
-            if control[parked]:
-                post()
-        return True
-
-    def try_write_batch(self, payloads: Sequence[_Payload], type: int) -> int:
-        """Write as many of `payloads` as fit, in order, then publish once.
-
-        The common case (the batch fits before the wrap and below the gate) is one claim, one
-        join of headers, payloads and pads, one copy into the ring and one cursor store, with no
-        per-record Python bytecode.
-
-        Returns:
-            How many payloads were written (a prefix of `payloads`); 0 if gated.
-
-        Raises:
-            RecordTooLarge: some payload can never fit (nothing is written).
-        """
-        assert 0 <= type < PADDING_TYPE, type
-        count = len(payloads)
-        if count == 0:
-            return 0
-        lengths = list(map(len, payloads))
-        longest = max(lengths)
-        if frame_bytes(longest) > self._capacity:
-            raise _too_large(self._name, longest, self._capacity)
-        headers = self._headers.get(type)
-        if headers is None:
-            headers = self._headers[type] = _FrameHeaders(type)
-        if any(map(_SEVEN.__and__, lengths)):
-            pieces: list[_Payload] = [b""] * (3 * count)
-            pieces[0::3] = map(headers.__getitem__, lengths)
-            pieces[1::3] = payloads
-            pieces[2::3] = map(_PADS.__getitem__, lengths)
-        else:
-            pieces = [b""] * (2 * count)
-            pieces[0::2] = map(headers.__getitem__, lengths)
-            pieces[1::2] = payloads
-        if self._write_joined(b"".join(pieces)):
-            return count
-        return self._write_each(zip(repeat(type), payloads))
-
-    def try_write_frames(self, frames: Sequence[tuple[int, _Payload]]) -> int:
-        """Like `try_write_batch` for frames of mixed types: `(type, payload)` pairs, one publish.
-
-        The common case (no wrap, below the gate) builds every header with one `pack` each,
-        joins and copies once.
-
-        Returns:
-            How many frames were written (a prefix of `frames`); 0 if gated.
-
-        Raises:
-            RecordTooLarge: some payload can never fit (nothing is written).
-        """
-        if not frames:
-            return 0
-        pack = FRAME_HEADER.pack
-        pieces: list[_Payload] = []
-        append = pieces.append
-        longest = 0
-        for type, payload in frames:
-            length = len(payload)
-            if length > longest:
-                longest = length
-            append(pack(length + FRAME_HEADER_BYTES, type))
-            append(payload)
-            if length & 7:
-                append(_PAD_BY_REMAINDER[length & 7])
-        if frame_bytes(longest) > self._capacity:
-            raise _too_large(self._name, longest, self._capacity)
-        if self._write_joined(b"".join(pieces)):
-            return len(frames)
-        return self._write_each(frames)
-
-    def _write_joined(self, frames: bytes) -> bool:
-        """Claim, copy and publish whole frames joined in one buffer, if they fit before the wrap
-        and below the gate. False (nothing written) otherwise: the caller writes them one by one,
-        so a batch fills the lap before the padding and a gated batch writes what fits."""
-        size = len(frames)
-        if (self._claim_position & self._mask) + size > self._capacity:
-            return False
-        index = self._claim(size)
-        if index < 0:
-            return False
-        self._data[index : index + size] = frames
-        self.publish()
-        return True
-
-    def _write_each(self, frames: Iterable[tuple[int, _Payload]]) -> int:
-        """Frame by frame through `try_claim` until one is gated, then publish once (with any
-        padding claimed before the gated frame). Returns how many frames were written.
-
-        The slow path of the batch writes (a batch that crosses the wrap, or of which only a
-        prefix fits below the gate): ~1-2% of the frames in `benches.ring`'s batch runs.
-        """
-        written = 0
-        claim = self.try_claim
-        for type, payload in frames:
-            view = claim(len(payload), type)
-            if view is None:
-                break
-            view[:] = payload
-            written += 1
-        if self._claim_position != self._control[_PUBLISHED]:
-            self.publish()
-        return written
-
-
-class RingReader:
-    """One named reader of a ring. Not thread-safe; use from one thread.
-
-    Views returned by `poll` and `poll_region` are valid until the next `poll`, `poll_region`,
-    `read` or `release` of this reader (each of which first moves the cursor past them); copy
-    anything you keep longer.
-    """
-
-    __slots__ = (
-        "__weakref__",
-        "_available",
-        "_capacity",
-        "_closed",
-        "_control",
-        "_cursor",
-        "_data",
-        "_data_offset",
-        "_direct",
-        "_limit",
-        "_mask",
-        "_mmap",
-        "_pending",
-        "_position",
-        "_ring",
-        "_slot",
-        "_upstream",
-        "_words",
-        "doorbell",
-        "name",
-    )
-
-    def __init__(
-        self,
-        ring: Ring,
-        name: str,
-        slot: int,
-        upstream_slots: tuple[int, ...],
-        limit: Counter | None,
-    ) -> None:
-        self.name = name
-        self._ring = ring
-        self._slot = slot
-        self._closed = False
-        self._control = ring._control
-        self._data = ring._data
-        self._words = ring._data_words
-        self._mmap = ring.segment.mmap
-        self._data_offset = HEADER_BYTES + ring._data_offset  # of the data area in the mmap
-        self._capacity = ring.capacity
-        self._mask = ring.capacity - 1
-        self._cursor = _cursor_word(slot)
-        self._upstream = tuple(_cursor_word(s) for s in upstream_slots)
-        self._limit = limit.word if limit is not None else None
-        self._direct = not self._upstream and limit is None  # bounded by `published` alone
-        self._position = self._control[self._cursor]
-        self._pending = self._position
-        self._available = self._position
-        self.doorbell = ring._bells[name].bind((self._control, _parked_word(slot)), self.ready)
-
-    @property
-    def position(self) -> int:
-        """This reader's cursor: it has finished with every frame below it."""
-        return self._position
-
-    def _refresh(self) -> int:
-        control = self._control
-        available = control[_PUBLISHED]
-        for word in self._upstream:
-            cursor = control[word]
-            if cursor < available:
-                available = cursor
-        if self._limit is not None:
-            view, index = self._limit
-            limit = view[index]
-            if limit < available:
-                available = limit
-        self._available = available
-        return available
-
-    def available(self) -> int:
-        """Bytes readable beyond what was already returned (re-reads the cursors)."""
-        return self._refresh() - self._pending
-
-    def ready(self) -> bool:
-        """Whether anything is readable now (the blocking idle strategy's re-check)."""
-        return self._refresh() > self._pending
-
-    def release(self) -> None:
-        """Move the cursor past everything returned so far, letting the writer reuse it."""
-        if self._pending != self._position:
-            self._position = self._pending
-            self._control[self._cursor] = self._pending
-
-    def read(self) -> tuple[int, bytes] | None:
-        """The next frame as (type, payload copy), advancing past it; None if none is readable."""
-        if self._pending != self._position:  # frames of a poll are still held: release them
-            self.release()
-        position = self._pending
-        available = self._available
-        if position >= available:
-            if self._direct:
-                available = self._available = self._control[_PUBLISHED]
-            else:
-                available = self._refresh()
-            if position >= available:
-                return None
-        words = self._words
-        index = position & self._mask
-        word = words[index >> 3]
-        if word >= _PADDING_WORD:
-            position += word & _LENGTH_MASK
-            if position >= available:
-                self._position = self._pending = position
-                self._control[self._cursor] = position
-                return None
-            index = 0
-            word = words[0]
-        length = word & _LENGTH_MASK
-        end = position + ((length + 7) & -8)
-        if end > available:
-            return None  # a limit inside a frame: wait for it to move past the frame
-        start = self._data_offset + index
-        payload = self._mmap[start + 8 : start + length]
-        self._position = self._pending = end
-        self._control[self._cursor] = end
-        return word >> 32, payload
-
-    def poll(self, max_frames: int) -> list[tuple[int, memoryview]]:
-        """Up to `max_frames` frames as (type, zero-copy payload view); padding is skipped.
-
-        Releases the frames of the previous poll first, and never crosses the wrap (the next poll
-        continues from the start of the data area). The views are valid until the next `poll`,
-        `poll_region`, `read` or `release`.
-        """
-        self.release()
-        position = self._pending
-        available = self._refresh()
-        if position >= available:
-            return []
-        index = position & self._mask
-        base = position - index
-        limit = available - base
-        if limit > self._capacity:
-            limit = self._capacity
-        frames: list[tuple[int, memoryview]] = []
-        append = frames.append
-        words = self._words
-        data = self._data
-        # Per frame: one word load, one view, one tuple. Padding can only be the last frame of a
-        # lap and a frame can cross only a limit that is not on a frame boundary, so both are
-        # checked once, after the loop.
-        for _ in range(max_frames):
-            if index >= limit:
-                break
-            word = words[index >> 3]
-            length = word & 0xFFFF_FFFF
-            append((word >> 32, data[index + 8 : index + length]))
-            index += (length + 7) & -8
-        if index > limit:
-            _, view = frames.pop()
-            index -= frame_bytes(len(view))
-        if frames and frames[-1][0] == PADDING_TYPE:
-            frames.pop()
-        self._pending = base + index
-        return frames
-
-    def poll_region(self, max_bytes: int) -> tuple[int, memoryview]:
-        """A contiguous run of whole frames, at most `max_bytes`, as (start position, view).
-
-        Padding is excluded (a region never crosses the wrap). An empty view means nothing is
-        readable, or the next frame is larger than `max_bytes`. Releases the previous poll first;
-        `release()` moves the cursor past the region.
-        """
-        self.release()
-        position = self._pending
-        available = self._refresh()
-        words = self._words
-        mask = self._mask
-        if position < available:
-            word = words[(position & mask) >> 3]
-            if word >= _PADDING_WORD:
-                position += word & _LENGTH_MASK
-                self._pending = self._position = position
-                self._control[self._cursor] = position
-        start = position
-        index = start & mask
-        lap_end = start - index + self._capacity
-        end_max = min(available, start + max_bytes, lap_end)
-        if end_max <= start:
-            end = start
-        elif end_max == available and available != lap_end and self._limit is None:
-            # The whole readable run lies inside this lap, so it holds no padding, and it ends
-            # on a frame boundary (cursors always do; a limit counter might not).
-            end = end_max
-        else:
-            end = start
-            while end < end_max:
-                word = words[(end & mask) >> 3]
-                if word >= _PADDING_WORD:
-                    break
-                frame_end = end + (((word & _LENGTH_MASK) + 7) & -8)
-                if frame_end > end_max:
-                    break
-                end = frame_end
-        self._pending = end
-        return start, self._data[index : index + (end - start)]
-
-    def close(self) -> None:
-        """Give up this reader slot (its cursor stays where it is). Idempotent."""
-        if self._closed:
-            return
-        self._closed = True
-        self._control[_parked_word(self._slot)] = 0
-        self._control[_parked_word(self._slot) + 1] = 0
-        self._ring._open_readers.pop(self.name, None)

@@ -4,7 +4,8 @@ CPython compiles `NAME.method(...)` to LOAD_METHOD (no bound method built) unles
 an import in the module, where it compiles an attribute load and a call instead: a module split
 that turns `EVENT_HEADER = struct.Struct(...)` into `from .wire import EVENT_HEADER` slows every
 frame without changing a line of the method. So the codec modules bind such names by assignment
-(`EVENT_HEADER: Final = wire.EVENT_HEADER`); this test fails if one is imported again. Modules
+(`EVENT_HEADER: Final = wire.EVENT_HEADER`; the ring's writer and reader likewise bind the
+`ipc.ring_layout` names they use); this test fails if one is imported again. Modules
 (`hmac.compare_digest`) are exempt: an attribute of a module is a plain function, not a method.
 """
 
@@ -18,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from ipc.ring import RingReader, RingWriter
 from sequencer.client.connection import Connection
 from sequencer.client.session import Session
 from sequencer.processor import Processor
@@ -32,6 +34,8 @@ HOT_METHODS: list[tuple[type, tuple[str, ...]]] = [
     (PeerConnection, ("next_event", "_check_header", "_handle_data", "_append_frames")),
     # The blp's per-record paths (the processor split by concept keeps their names module-local).
     (Processor, ("apply_frame", "replay_run", "apply_records", "_answer_resend", "_publish", "_emit")),
+    (RingWriter, ("try_write", "try_claim", "publish", "_claim")),
+    (RingReader, ("poll", "poll_region", "release", "read")),
 ]
 
 

@@ -15,11 +15,10 @@ PACKAGES = ("ipc", "sequencer", "daemon")
 # Issue 10's bound ("the largest module is under 700 lines"): one concept per module fits well
 # under it, with its theory of operation and its errors that say what to do.
 MODULE_LINES_MAX = 700
-# Temporary: modules over the bound that are being split by concept now (issue 10): the ring after
-# the doorbell change lands (ipc/ring.py). Remove an entry when its split lands; never add one.
-OVERSIZED_WHILE_BEING_SPLIT = frozenset({
-    "ipc/ring.py",
-})  # fmt: skip
+# Modules over the bound while they were being split by concept (issue 10). Every split has
+# landed; the list stays (and may only shrink) so a module that must be let over the bound for a
+# while is named here with its reason, never silently.
+OVERSIZED_WHILE_BEING_SPLIT: frozenset[str] = frozenset()
 
 
 def module_lines(root: Path = ROOT) -> dict[str, int]:
