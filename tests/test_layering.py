@@ -71,6 +71,7 @@ IO_FREE: dict[str, bool] = {
     "sequencer.raft.tracker": True,
     "sequencer.raft.leader": True,
     "sequencer.raft.read_index": True,
+    "sequencer.raft.storage": True,
     "sequencer.processor": True,
     "sequencer.record": True,
     "sequencer.egress": True,

@@ -1,7 +1,7 @@
 """Raft consensus without I/O: the node (`core`), its configuration (`config`), elections
 (`election`), the leader's replication (`leader`) and per-follower progress (`tracker`), ReadIndex
-reads (`read_index`), the log (`log`), majority arithmetic (`quorum`) and the data that crosses the
-boundary (`messages`).
+reads (`read_index`), the log (`log`) and where its older part is read back from (`storage`),
+majority arithmetic (`quorum`) and the data that crosses the boundary (`messages`).
 
 The transport (TCP, HMAC) belongs to the replication role; see docs/consensus.md.
 """
@@ -13,6 +13,7 @@ from sequencer.raft.core import (
     RaftConfig,
     RaftCore,
     RaftRole,
+    StampMismatch,
 )
 from sequencer.raft.log import RaftLog
 from sequencer.raft.messages import (
@@ -32,8 +33,10 @@ from sequencer.raft.messages import (
     RequestVote,
     RequestVoteResponse,
     Snapshot,
+    TermStart,
 )
 from sequencer.raft.quorum import VOTERS_ALLOWED, quorum_index, quorum_size
+from sequencer.raft.storage import LogStorage, MemoryLogStorage
 
 __all__ = [
     "MESSAGE_DECODER",
@@ -48,6 +51,8 @@ __all__ = [
     "Heartbeat",
     "HeartbeatResponse",
     "InstallSnapshot",
+    "LogStorage",
+    "MemoryLogStorage",
     "Message",
     "NotLeaderError",
     "ProposalRejected",
@@ -60,6 +65,8 @@ __all__ = [
     "RequestVote",
     "RequestVoteResponse",
     "Snapshot",
+    "StampMismatch",
+    "TermStart",
     "quorum_index",
     "quorum_size",
 ]

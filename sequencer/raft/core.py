@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import enum
 import random
+from collections import deque
 
 from sequencer.raft.config import NO_NODE, RaftConfig
 from sequencer.raft.election import ElectionTimer, VoteResult, VoteTally, vote_granted
@@ -73,9 +74,11 @@ from sequencer.raft.messages import (
     RequestVote,
     RequestVoteResponse,
     Snapshot,
+    TermStart,
 )
 from sequencer.raft.quorum import quorum_size
 from sequencer.raft.read_index import ReadIndexQueue
+from sequencer.raft.storage import LogStorage
 
 __all__ = [
     "NO_NODE",
@@ -84,6 +87,7 @@ __all__ = [
     "RaftConfig",
     "RaftCore",
     "RaftRole",
+    "StampMismatch",
 ]
 
 
@@ -118,11 +122,34 @@ class ProposalRejected(Exception):
     """A leader refused a proposal (too many uncommitted entries, or an empty payload)."""
 
 
+class StampMismatch(ProposalRejected):
+    """Records stamped with a term and indexes the core would not give them.
+
+    The leader's sequencer stamps records before the core sees them (one log); a stamp is stale
+    when the core's term moved on (it lost and maybe regained leadership) or its log did.
+    """
+
+    def __init__(self, stamped_term: int, stamped_index: int, term: int, next_index: int) -> None:
+        self.stamped_term = stamped_term
+        self.stamped_index = stamped_index
+        self.term = term
+        self.next_index = next_index
+        super().__init__(
+            f"records stamped term {stamped_term} from index {stamped_index}, but the leader is "
+            f"in term {term} and its next index is {next_index}: discard the stamped records "
+            "after the last one the core accepted and restamp from the next TermStart"
+        )
+
+
 class RaftCore:
     """One Raft node. See the module docstring for the contract."""
 
     def __init__(
-        self, config: RaftConfig, rng: random.Random, durable: DurableState | None = None
+        self,
+        config: RaftConfig,
+        rng: random.Random,
+        durable: DurableState | None = None,
+        storage: LogStorage | None = None,
     ) -> None:
         self.config = config
         self.id = config.node_id
@@ -130,7 +157,8 @@ class RaftCore:
         self.peers = tuple(v for v in config.voters if v != config.node_id)
         self.quorum = quorum_size(len(config.voters))
 
-        self.log = RaftLog()
+        # With a storage, the log keeps only its tail in memory (`log_retention_entries`).
+        self.log = RaftLog(storage=storage)
         self.term = 0
         self.vote = NO_NODE
         # Invariant: applied_index <= commit_index <= log.last_index.
@@ -140,8 +168,24 @@ class RaftCore:
             self._restore(durable)
         # Invariant: log.snapshot_index <= applied_index (compaction only covers applied entries).
         self.applied_index = self.log.snapshot_index
-        # The last index the caller has made durable; a leader counts itself up to here.
+        # The durable log agrees with `log` up to here: a leader counts itself toward a majority
+        # only up to here, a follower acknowledges only up to here, and only entries up to here
+        # are handed out to apply. Invariant: stable_index <= log.last_index.
         self.stable_index = self.log.last_index
+        # The entry writes handed out in readies and not yet reported durable, oldest first:
+        # [last index, last term, agreed index]. The agreed index is how far the write will agree
+        # with `log` once durable: its last index, lowered when a later change of the log (a
+        # conflict truncation) begins at or below it. Writes complete in order, so when one is
+        # reported durable, every write before it is too.
+        self._writes: deque[list[int]] = deque()
+        # A follower's successful AppendEntriesResponse waits until what it acknowledges is
+        # durable: the highest index owed to `_ack_leader` in this term (0: none), and the last
+        # index a deferred acknowledgement reported.
+        self._ack_pending_index = 0
+        self._ack_sent_index = 0
+        self._ack_leader = NO_NODE
+        # The start of the term this node leads, announced in the next ready (then None).
+        self._term_start: TermStart | None = None
         # Entries from here on have not yet been handed out in a ready.
         self._unstable_from = self.log.last_index + 1
         self._persisted_hard_state = HardState(self.term, self.vote, self.commit_index)
@@ -183,8 +227,11 @@ class RaftCore:
         else:
             self.term = hard.term
             self.vote = hard.vote
-        self.commit_index = max(hard.commit_index, self.log.snapshot_index)
-        assert self.commit_index <= self.log.last_index, (self.commit_index, self.log.last_index)
+        # The hard state may be durable ahead of entries still being written when the node
+        # crashed: the commit index is only a hint (the leader repeats it), so it is clamped.
+        self.commit_index = min(
+            max(hard.commit_index, self.log.snapshot_index), self.log.last_index
+        )
 
     # ------------------------------------------------------------------------------ inputs
 
@@ -211,8 +258,21 @@ class RaftCore:
         """Append one client payload; returns its index. See `propose_batch`."""
         return self.propose_batch([payload])
 
-    def propose_batch(self, payloads: list[bytes]) -> int:
+    def next_index(self) -> int:
+        """The index the next proposed entry gets (on a leader; a follower's log may change)."""
+        return self.log.last_index + 1
+
+    def propose_batch(
+        self, payloads: list[bytes], *, first_index: int = 0, term: int = 0
+    ) -> int:
         """Append client payloads as entries of the current term, in order.
+
+        Args:
+            payloads: the entries, opaque and non-empty (the daemon's stamped records).
+            first_index: with `term`, the stamp: the index the caller already gave the first
+                payload (one log: the sequencer stamps records before the core sees them). The
+                core appends them only at exactly that index in exactly that term.
+            term: the term the caller stamped them with (0: not stamped).
 
         Returns:
             The index of the first one (the rest follow consecutively). An entry is committed when
@@ -221,12 +281,17 @@ class RaftCore:
 
         Raises:
             NotLeaderError: this node is not the leader.
+            StampMismatch: the stamp is not (this term, `next_index()`).
             ProposalRejected: an empty payload (reserved for the no-op) or too many entries are
                 waiting to commit.
         """
         assert self._ready_outstanding is None, "advance() the outstanding ready first"
         if self.raft_role is not LEADER:
             raise NotLeaderError(self.id, self.leader_id, self.term)
+        if (first_index or term) and (
+            first_index != self.log.last_index + 1 or term != self.term
+        ):
+            raise StampMismatch(term, first_index, self.term, self.log.last_index + 1)
         if not all(payloads):
             raise ProposalRejected(
                 "an empty payload is reserved for the Raft no-op entry; send a non-empty payload"
@@ -374,8 +439,9 @@ class RaftCore:
             self._messages
             or self._reads.ready
             or self._pending_snapshot is not None
+            or self._term_start is not None
             or self.log.last_index >= self._unstable_from
-            or self.commit_index > self.applied_index
+            or min(self.commit_index, self.stable_index) > self.applied_index
             or self._hard_state_changed()
             or (self._leader is not None and self._leader.appends_due(self.commit_index))
         )
@@ -399,52 +465,142 @@ class RaftCore:
         snapshot = self._pending_snapshot
         if snapshot is not None:
             ready.snapshot = snapshot
+            ready.sync_before_send = True
             self._pending_snapshot = None
         last_index = log.last_index
         if last_index >= self._unstable_from:
             terms, payloads = log.slice(self._unstable_from, last_index + 1)
             ready.entries = Entries(self._unstable_from, terms, payloads)
             self._unstable_from = last_index + 1
+            assert not self._writes or self._writes[-1][2] < ready.entries.first_index, (
+                self._writes[-1], ready.entries.first_index
+            )
+            self._writes.append([last_index, terms[-1], last_index])
         if self._hard_state_changed():
+            persisted = self._persisted_hard_state
             ready.hard_state = HardState(self.term, self.vote, self.commit_index)
+            if persisted.term != self.term or persisted.vote != self.vote:
+                # Every message carries the term, and a granted vote is a promise (Figure 2:
+                # "updated on stable storage before responding to RPCs"). The commit index alone
+                # is a hint and needs no sync.
+                ready.sync_before_send = True
         applied = self.applied_index if snapshot is None else max(self.applied_index, snapshot.index)
-        if self.commit_index > applied:
-            terms, payloads = log.slice(applied + 1, self.commit_index + 1)
+        # Only durable entries are applied: a leader may commit by its followers' disks before
+        # its own write lands, but what this node applies (and may snapshot) it holds.
+        limit = min(self.commit_index, self.stable_index)
+        if limit > applied:
+            terms, payloads = log.slice(applied + 1, limit + 1)
             ready.committed = Entries(applied + 1, terms, payloads)
         if self._reads.ready:
             ready.reads = self._reads.take_ready()
+        if self._term_start is not None:
+            ready.term_start = self._term_start
+            self._term_start = None
         self._ready_outstanding = ready
         return ready
 
-    def advance(self, ready: Ready) -> None:
-        """Acknowledge that the caller has done everything `ready` asked."""
+    def advance(self, ready: Ready, *, entries_durable: bool = True) -> None:
+        """Acknowledge that the caller has done everything `ready` asked.
+
+        Args:
+            ready: the ready returned last.
+            entries_durable: whether its entries are durable already (a synchronous caller). An
+                asynchronous caller passes False and reports them later with `durable()`.
+        """
         assert ready is self._ready_outstanding, "advance() takes the ready returned last"
         self._ready_outstanding = None
         if ready.snapshot is not None:
             self.applied_index = max(self.applied_index, ready.snapshot.index)
             self.stable_index = max(self.stable_index, ready.snapshot.index)
-        if ready.entries is not None:
-            self.stable_index = ready.entries.last_index
         if ready.hard_state is not None:
             self._persisted_hard_state = ready.hard_state
         if ready.committed is not None:
             self.applied_index = ready.committed.last_index
+        entries = ready.entries
+        if entries is not None and entries_durable:
+            found = self._entries_durable(entries.last_index, entries.terms[-1])
+            assert found, (self.id, entries.last_index)
+        elif ready.snapshot is not None:
+            self._stable_advanced()
         assert self.applied_index <= self.commit_index, (self.applied_index, self.commit_index)
         assert self.stable_index <= self.log.last_index, (self.stable_index, self.log.last_index)
         assert (self._leader is not None) == (self.raft_role is LEADER), self.raft_role
-        if self._leader is not None and ready.entries is not None:
+        if ready.committed is not None and self.log.storage is not None:
+            self._release_memory()
+
+    def durable(self, index: int, term: int) -> bool:
+        """The entry write that ended at (`index`, `term`) is durable, and so is every write
+        handed out before it (writes complete in order; a caller may report only the last of
+        several).
+
+        A leader then counts itself toward a majority up to what the write left agreeing with its
+        log; a follower sends the acknowledgements that waited for it.
+
+        Returns:
+            Whether an outstanding write ended there. False for a report the core no longer
+            waits for (a snapshot replaced the log since): the caller may ignore it.
+        """
+        assert self._ready_outstanding is None, "advance() the outstanding ready first"
+        return self._entries_durable(index, term)
+
+    def _entries_durable(self, index: int, term: int) -> bool:
+        writes = self._writes
+        count = 0
+        for write in writes:
+            count += 1
+            if write[0] == index and write[1] == term:
+                break
+        else:
+            return False
+        for _ in range(count):
+            write = writes.popleft()
+        agreed_index = write[2]
+        if agreed_index > self.stable_index:
+            self.stable_index = agreed_index
+            self._stable_advanced()
+        return True
+
+    def _stable_advanced(self) -> None:
+        if self._leader is not None:
             self._maybe_commit()
+            return
+        pending = self._ack_pending_index
+        if pending:
+            index = min(pending, self.stable_index)
+            if index > self._ack_sent_index:
+                self._ack_sent_index = index
+                self._send(AppendEntriesResponse(self.cluster_id, self.id, self._ack_leader,
+                                                 self.term, True, index, 0, 0))
+            if index == pending:
+                self._ack_pending_index = 0
+
+    def _acknowledge(self, leader_id: int, index: int) -> None:
+        """Tell the leader the log matches its own up to `index`, once that is durable."""
+        if index <= self.stable_index:
+            self._send(AppendEntriesResponse(self.cluster_id, self.id, leader_id, self.term,
+                                             True, index, 0, 0))
+        elif index > self._ack_pending_index:
+            self._ack_pending_index = index
+            self._ack_leader = leader_id
+
+    def _release_memory(self) -> None:
+        """Drop from memory what is applied, durable and past the retention window."""
+        retained = self.config.log_retention_entries
+        floor = min(self.applied_index, self.stable_index) - retained
+        if floor - self.log.offset_index >= max(retained, 1):
+            self.log.drop_to(floor)
 
     # ------------------------------------------------------------------------ role changes
 
     def _become_follower(self, term: int, leader_id: int) -> None:
         assert term >= self.term, (term, self.term)
         if term > self.term:
-            self.term = term
+            self._new_term(term)
             self.vote = NO_NODE
         self.raft_role = FOLLOWER
         self.leader_id = leader_id
         self._leader = None
+        self._term_start = None
         self._reads.drop_unconfirmed()
         self._election_timer.reset()
 
@@ -466,7 +622,7 @@ class RaftCore:
             term = self.term + 1
         else:
             self.raft_role = CANDIDATE
-            self.term += 1
+            self._new_term(self.term + 1)
             self.vote = self.id
             term = self.term
         self._votes = VoteTally(self.id, self.quorum)
@@ -477,6 +633,13 @@ class RaftCore:
         for peer in self.peers:
             self._send(RequestVote(self.cluster_id, self.id, peer, term, last_index, last_term,
                                    pre_vote))
+
+    def _new_term(self, term: int) -> None:
+        """Enter `term`: acknowledgements owed to the last term's leader are void."""
+        self.term = term
+        self._ack_pending_index = 0
+        self._ack_sent_index = 0
+        self._ack_leader = NO_NODE
 
     def _won_votes(self, pre_vote: bool) -> None:
         if pre_vote:
@@ -491,7 +654,11 @@ class RaftCore:
         self._election_timer.elapsed_ticks = 0
         self._leader = Leader(self.config, self.term, self.log, self.peers, self.quorum, self._send)
         # Section 8: a no-op entry of the new term lets the leader commit what earlier terms left.
-        self.log.append_run(self.term, [b""])
+        # The caller learns where it is from the next ready (`Ready.term_start`); with
+        # `term_start_from_shell` the caller proposes it there itself (a TERM_START record).
+        self._term_start = TermStart(self.term, self.log.last_index + 1)
+        if not self.config.term_start_from_shell:
+            self.log.append_run(self.term, [b""])
 
     # --------------------------------------------------------------------------- elections
 
@@ -536,8 +703,7 @@ class RaftCore:
             # (Leader Completeness); skip them: they may be compacted here.
             skip = commit_index - previous_index
             if skip >= len(terms):
-                self._send(AppendEntriesResponse(self.cluster_id, self.id, message.source,
-                                                 self.term, True, commit_index, 0, 0))
+                self._acknowledge(message.source, commit_index)
                 return
             assert terms[skip - 1] == log.term_at(commit_index), (self.id, commit_index)
             previous_index = commit_index
@@ -563,14 +729,20 @@ class RaftCore:
                 self._unstable_from = changed
             if changed <= self.stable_index:
                 self.stable_index = changed - 1
+            # Writes in progress that reach `changed` will be overwritten by the write of the new
+            # entries: once durable, they agree with the log only below it (the "ABA" case of
+            # etcd-io/raft's asynchronous writes: the same (index, term) may be written again).
+            for write in self._writes:
+                if write[2] >= changed:
+                    write[2] = changed - 1
         last_new_index = previous_index + len(terms)
         if message.commit_index > commit_index:
             # Figure 2: "commitIndex = min(leaderCommit, index of last new entry)".
             new_commit = min(message.commit_index, last_new_index)
             if new_commit > commit_index:
                 self.commit_index = new_commit
-        self._send(AppendEntriesResponse(self.cluster_id, self.id, message.source, self.term,
-                                         True, last_new_index, 0, 0))
+        # A follower acknowledges only what is durable: the answer waits for `durable()` if need be.
+        self._acknowledge(message.source, last_new_index)
 
     def _handle_heartbeat(self, message: Heartbeat) -> None:
         # The leader sends at most the index this node acknowledged as durable and matching.
@@ -584,20 +756,25 @@ class RaftCore:
         snapshot = message.snapshot
         log = self.log
         if snapshot.index <= self.commit_index:
-            index = self.commit_index
+            self._acknowledge(message.source, self.commit_index)
         elif log.term_at(snapshot.index) == snapshot.term:
             # Section 7: "If the follower has an entry that matches the snapshot's last included
             # index and term, it can retain the entries following it": only the commit moves.
-            self.commit_index = index = snapshot.index
+            self.commit_index = snapshot.index
+            self._acknowledge(message.source, snapshot.index)
         else:
             log.restore(snapshot.index, snapshot.term)
             self.snapshot = snapshot
             self._pending_snapshot = snapshot
-            self.commit_index = index = snapshot.index
+            self.commit_index = snapshot.index
             self._unstable_from = snapshot.index + 1
             self.stable_index = min(self.stable_index, snapshot.index)
-        self._send(AppendEntriesResponse(self.cluster_id, self.id, message.source, self.term,
-                                         True, index, 0, 0))
+            # The snapshot replaces the log; writes still in progress are superseded (the caller
+            # finishes them before it writes the snapshot, and their reports no longer count).
+            self._writes.clear()
+            # The snapshot is durable before this leaves (`Ready.sync_before_send`).
+            self._send(AppendEntriesResponse(self.cluster_id, self.id, message.source, self.term,
+                                             True, snapshot.index, 0, 0))
 
     # ------------------------------------------------------------------------- leading
 
@@ -635,9 +812,19 @@ class RaftCore:
 
     def durable_state(self) -> DurableState:
         """What a caller that persisted every ready holds (for tests and the benchmark)."""
-        return DurableState(
-            HardState(self.term, self.vote, self.commit_index),
-            self.snapshot,
-            list(self.log.terms),
-            list(self.log.payloads),
-        )
+        log = self.log
+        terms: list[int] = []
+        payloads: list[bytes] = []
+        index = log.snapshot_index + 1
+        while index <= log.last_index:
+            more_terms, more_payloads = log.read(index, log.last_index + 1,
+                                                 self.config.storage_read_bytes_max)
+            terms.extend(more_terms)
+            payloads.extend(more_payloads)
+            index += len(more_terms)
+        return DurableState(HardState(self.term, self.vote, self.commit_index), self.snapshot,
+                            terms, payloads)
+
+    def term_at(self, index: int) -> int | None:
+        """The term of the entry at `index` (from storage if dropped from memory), or None."""
+        return self.log.term_at(index)

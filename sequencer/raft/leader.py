@@ -13,7 +13,12 @@ ready and gives each follower what its `Progress` says it is due (`sequencer.raf
 entries from `next_index` in messages of at most `entries_per_message_max`, up to
 `inflight_messages_max` unanswered messages; one probe while the match is unknown; an empty
 AppendEntries to carry a new commit index or resynchronise; an InstallSnapshot when the entries a
-follower needs are compacted (7).
+follower needs are compacted (7). Entries the core has dropped from memory are read back from its
+`LogStorage` (a follower that lags behind the retention window).
+
+The leader's AppendEntries may carry entries its own disk does not hold yet (Raft thesis 10.2.1:
+the leader writes in parallel with its followers); the core counts the leader itself toward a
+majority only up to its own durable (stable) index.
 """
 
 from __future__ import annotations
@@ -132,8 +137,10 @@ class Leader:
         if previous_term is None:
             self._send_snapshot(progress, snapshot)
             return
-        last_index = min(log.last_index, previous_index + config.entries_per_message_max)
-        terms, payloads = log.slice(previous_index + 1, last_index + 1)
+        end_index = min(log.last_index, previous_index + config.entries_per_message_max) + 1
+        # Entries dropped from memory come from storage, bounded by bytes: maybe fewer of them.
+        terms, payloads = log.read(previous_index + 1, end_index, config.storage_read_bytes_max)
+        last_index = previous_index + len(terms)
         self._send(AppendEntries(config.cluster_id, config.node_id, progress.node_id, self.term,
                                  previous_index, previous_term, commit_index, terms, payloads))
         progress.sent_append(last_index, commit_index)

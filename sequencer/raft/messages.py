@@ -33,6 +33,7 @@ __all__ = [
     "RequestVote",
     "RequestVoteResponse",
     "Snapshot",
+    "TermStart",
 ]
 
 
@@ -90,6 +91,18 @@ class DurableState(msgspec.Struct, gc=False):
     snapshot: Snapshot | None = None
     terms: list[int] = msgspec.field(default_factory=list)
     payloads: list[bytes] = msgspec.field(default_factory=list)
+
+
+class TermStart(msgspec.Struct, array_like=True, gc=False, frozen=True):
+    """This node leads `term` from now on, and the term's first entry (its no-op, Raft paper 8)
+    is at `index`.
+
+    The leader's sequencer stamps from here: a TERM_START record at `index`, then the term's
+    records at `index + 1, ...` (docs/contracts.md, "one log").
+    """
+
+    term: int
+    index: int
 
 
 class ReadState(msgspec.Struct, array_like=True, gc=False, frozen=True):
@@ -192,15 +205,22 @@ MESSAGE_DECODER = msgspec.msgpack.Decoder(
 class Ready(msgspec.Struct, gc=False):
     """One batch of work for the caller, in the order it must be done.
 
-    1. `snapshot`: persist it, discard the durable log, restore the state machine from it.
-    2. `entries`: truncate the durable log after `entries.first_index - 1`, append them.
-    3. `hard_state`: persist it (after the entries).
-       Make all three durable (fsync) before step 4.
-    4. `messages`: send them (after persisting: a vote or an acknowledgement is a promise about
-       durable state).
-    5. `committed`: apply them in order (entries with an empty payload are no-ops).
+    1. `snapshot`: persist it, discard the durable log, restore the state machine from it (after
+       the entry writes still in progress: writes are done in the order they are handed out).
+    2. `hard_state`: persist it. When `sync_before_send` is set (the term or vote changed, or a
+       snapshot came), make it and the snapshot durable (fsync) before step 4: every message
+       carries the term, and a vote is a promise.
+    3. `entries`: start the write: truncate the durable log after `entries.first_index - 1`,
+       append them. Writes complete in the order they are handed out. The write need not be
+       durable before step 4 (Raft thesis 10.2.1): nothing in `messages` promises these entries
+       (a follower's acknowledgement comes from the core only once they are durable).
+    4. `messages`: send them.
+    5. `committed`: apply them in order (an entry with an empty payload is the core's no-op).
     6. `reads`: answer each once the state machine has applied its index.
-    7. Call `core.advance(ready)`.
+    7. `term_start`: this node now leads a new term; stamp from its index on.
+    8. Call `core.advance(ready)` if the entries' write is durable by now (a synchronous caller),
+       or `core.advance(ready, entries_durable=False)` and, once it is,
+       `core.durable(entries.last_index, entries.terms[-1])`.
     """
 
     messages: list[Message]
@@ -209,3 +229,5 @@ class Ready(msgspec.Struct, gc=False):
     hard_state: HardState | None = None
     committed: Entries | None = None
     reads: list[ReadState] | None = None
+    sync_before_send: bool = False
+    term_start: TermStart | None = None
