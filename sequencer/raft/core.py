@@ -227,11 +227,9 @@ class RaftCore:
         else:
             self.term = hard.term
             self.vote = hard.vote
-        # The hard state may be durable ahead of entries still being written when the node
-        # crashed: the commit index is only a hint (the leader repeats it), so it is clamped.
-        self.commit_index = min(
-            max(hard.commit_index, self.log.snapshot_index), self.log.last_index
-        )
+        # The persisted commit index never passes the durable log (see `ready`).
+        self.commit_index = max(hard.commit_index, self.log.snapshot_index)
+        assert self.commit_index <= self.log.last_index, (self.commit_index, self.log.last_index)
 
     # ------------------------------------------------------------------------------ inputs
 
@@ -451,7 +449,7 @@ class RaftCore:
         return (
             persisted.term != self.term
             or persisted.vote != self.vote
-            or persisted.commit_index != self.commit_index
+            or persisted.commit_index != min(self.commit_index, self.stable_index)
         )
 
     def ready(self) -> Ready:
@@ -478,7 +476,12 @@ class RaftCore:
             self._writes.append([last_index, terms[-1], last_index])
         if self._hard_state_changed():
             persisted = self._persisted_hard_state
-            ready.hard_state = HardState(self.term, self.vote, self.commit_index)
+            # The commit index on disk never passes the durable log that agrees with this one:
+            # the hard state may land before entry writes still in progress, and a node that
+            # restarted with a commit index over stale entries (a deposed leader's, which a lost
+            # write was replacing) would apply them (simulator seed 198).
+            ready.hard_state = HardState(self.term, self.vote,
+                                         min(self.commit_index, self.stable_index))
             if persisted.term != self.term or persisted.vote != self.vote:
                 # Every message carries the term, and a granted vote is a promise (Figure 2:
                 # "updated on stable storage before responding to RPCs"). The commit index alone
