@@ -321,3 +321,31 @@ def test_memory_storage_reads_stop_after_the_byte_bound() -> None:
 def test_entries_round_trip_as_one_run() -> None:
     entries = Entries(5, [1, 2], [b"a", b"b"])
     assert list(entries.items()) == [(5, 1, b"a"), (6, 2, b"b")] and entries.last_index == 6
+
+
+def test_a_restart_loads_only_the_tail_and_reads_committed_entries_back_from_storage() -> None:
+    storage = MemoryLogStorage()
+    storage.write(1, [1] * 6, [b"a", b"b", b"c", b"d", b"e", b"f"])
+    durable = DurableState(HardState(1, 1, 5), None, [1, 1], [b"e", b"f"], first_index=5)
+    config = RaftConfig(2, (1, 2, 3), cluster_id=CLUSTER, storage_read_bytes_max=2)
+    core = RaftCore(config, random.Random(0), durable, storage)
+    assert (core.log.offset_index, core.log.terms, core.log.last_index) == (4, [1, 1], 6)
+    applied: list[bytes] = []
+    while core.has_ready():
+        ready = core.ready()
+        if ready.committed is not None:
+            assert ready.committed.first_index == len(applied) + 1
+            applied.extend(ready.committed.payloads)
+        core.advance(ready)
+    assert applied == [b"a", b"b", b"c", b"d", b"e"]  # bounded reads of 2 bytes, in order
+
+
+@pytest.mark.parametrize(("first_index", "storage"), [(7, True), (5, False)])
+def test_a_restart_may_leave_only_committed_entries_in_storage(
+    first_index: int, storage: bool
+) -> None:
+    disk = MemoryLogStorage()
+    disk.write(1, [1] * 6, [b"x"] * 6)
+    durable = DurableState(HardState(1, 1, 5), None, [], [], first_index=first_index)
+    with pytest.raises(ValueError, match=f"first_index={first_index} leaves entries in storage"):
+        RaftCore(RaftConfig(2, (1, 2, 3)), random.Random(0), durable, disk if storage else None)

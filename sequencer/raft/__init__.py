@@ -34,6 +34,7 @@ from sequencer.raft.messages import (
     RequestVoteResponse,
     Snapshot,
     TermStart,
+    TimeoutNow,
 )
 from sequencer.raft.quorum import VOTERS_ALLOWED, quorum_index, quorum_size
 from sequencer.raft.storage import LogStorage, MemoryLogStorage
@@ -67,6 +68,7 @@ __all__ = [
     "Snapshot",
     "StampMismatch",
     "TermStart",
+    "TimeoutNow",
     "quorum_index",
     "quorum_size",
 ]

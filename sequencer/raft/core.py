@@ -9,16 +9,45 @@ in-memory state and queue work. The caller then collects the work with `ready()`
 the order documented on `Ready`:
 
     ready = core.ready()
-    persist(ready.snapshot, ready.entries, ready.hard_state)   # fsync before the next line
-    send(ready.messages)
+    persist(ready.snapshot, ready.hard_state)   # fsync first if ready.sync_before_send
+    start_write(ready.entries)                  # truncate after first_index - 1, append
+    send(ready.messages)                        # need not wait for the entries' write
     apply(ready.committed); answer(ready.reads)
-    core.advance(ready)
+    core.advance(ready, entries_durable=False)
+    ...
+    core.durable(last_index, last_term)         # when the entries' write is durable
 
-Persist-before-send is the contract that makes a message a promise: a granted vote means the vote
-is on disk, a successful AppendEntriesResponse means the entries are. The core never steps,
-ticks or proposes while a ready is outstanding (asserted), so nothing it says in a ready can be
-contradicted before the caller has made it durable. The deterministic simulator (`tests/sim`)
-checks this contract on every message it sends.
+A synchronous caller writes the entries before sending and calls `core.advance(ready)`, which
+means the same as reporting them durable at once.
+
+A message is a promise about durable state, and the core keeps each promise by what it puts in a
+ready, not by the caller's timing. The term and vote (and a snapshot) must be durable before the
+ready's messages leave (`sync_before_send`): every message carries the term, and a granted vote
+is a vote cast. The entries need not be (Raft thesis 10.2.1): the leader ships its AppendEntries
+while its own write runs and counts itself toward a majority only up to `stable_index`, the index
+up to which the caller reported its durable log agrees with the core's; a follower's successful
+AppendEntriesResponse is produced only once what it acknowledges is durable (a retransmission of
+durable entries is answered at once, anything else waits for `durable()`). Writes complete in the
+order they are handed out; each one outstanding is remembered with how far it will still agree
+with the log once it lands, lowered when a conflict truncates the log below its end, so a late
+report of a write that a newer one overwrites vouches only for what survives (etcd-io/raft's "ABA"
+case). Only durable committed entries are handed out to apply, and the persisted commit index
+never passes `stable_index`, so a restart never applies entries its disk holds from a deposed
+leader. The core never steps, ticks or proposes while a ready is outstanding (asserted: `advance`
+comes right after sending), so nothing it says in a ready is contradicted before the caller acts
+on it. The deterministic simulator (`tests/sim`) checks every promise on every message it sends,
+with disks whose writes land long after the messages, or never.
+
+One log: the core assigns every index. A leader announces where its term starts
+(`Ready.term_start`: the no-op's index); the daemon's sequencer stamps a TERM_START record there
+(the caller proposes it itself with `term_start_from_shell`) and stamps its records from
+`next_index()`, handing them over with `propose_batch(records, first_index=..., term=...)`, which
+refuses a stale stamp (`StampMismatch`).
+
+Bounded memory: given a `LogStorage`, the log keeps in memory only what is not yet applied and
+durable plus `log_retention_entries` below it; older entries are read back from storage in reads
+of at most `storage_read_bytes_max` bytes when a lagging follower needs them, and a restart may
+load only the tail of the log (`DurableState.first_index`).
 
 Randomness (election timeouts) comes only from the `random.Random` the caller passes in, so a
 seeded caller gets an exactly reproducible core.
@@ -36,7 +65,9 @@ Features, with the sections of the Raft paper (extended version) they implement:
   messages in flight per follower (flow control);
 - InstallSnapshot (7) for a follower that needs entries the leader has compacted;
 - linearizable reads through ReadIndex (8, thesis 6.4): the leader records its commit index and
-  answers only after a heartbeat round confirms a majority still follows it.
+  answers only after a heartbeat round confirms a majority still follows it;
+- leadership transfer (thesis 3.10): the leader stops taking proposals, catches the target up and
+  sends it TimeoutNow; the target campaigns at once with a vote that overrides the voters' lease.
 
 Membership is static (1, 3 or 5 voters); neither joint consensus nor single-server changes are
 implemented.
@@ -47,7 +78,8 @@ the ready/advance contract. It delegates one concept to each of: `config` (`Raft
 `election` (election timer, vote tally, the voter's rule), `leader` (what a leader sends its
 followers and how it reads their answers; one `Leader` per term led), `tracker` (each follower's
 progress and flow control, and the majority questions over them), `read_index` (the queue of
-ReadIndex reads), `log` (the entries) and `quorum` (majority arithmetic).
+ReadIndex reads), `log` (the entries in memory), `storage` (the `LogStorage` interface for the
+rest) and `quorum` (majority arithmetic).
 """
 
 from __future__ import annotations
@@ -75,6 +107,7 @@ from sequencer.raft.messages import (
     RequestVoteResponse,
     Snapshot,
     TermStart,
+    TimeoutNow,
 )
 from sequencer.raft.quorum import quorum_size
 from sequencer.raft.read_index import ReadIndexQueue
@@ -213,14 +246,31 @@ class RaftCore:
 
     def _restore(self, durable: DurableState) -> None:
         snapshot = durable.snapshot
+        log = self.log
         if snapshot is not None:
-            self.log.restore(snapshot.index, snapshot.term)
+            log.restore(snapshot.index, snapshot.term)
             self.snapshot = snapshot
-        self.log.append(list(durable.terms), list(durable.payloads))
         hard = durable.hard_state
-        # A crash between writing a ready's entries and its hard state can leave entries of a
-        # term the hard state has not reached. Adopting that term (with no vote) is what the
-        # node had done in memory; it had sent nothing from that ready, so it promised nothing.
+        first_index = durable.first_index or log.snapshot_index + 1
+        if first_index != log.snapshot_index + 1:
+            # A bounded restart: the committed entries before `first_index` stay in storage.
+            if log.storage is None or not log.snapshot_index < first_index - 1 <= (
+                hard.commit_index
+            ):
+                raise ValueError(
+                    f"DurableState.first_index={first_index} leaves entries in storage, which "
+                    f"needs a LogStorage and committed entries only: snapshot index "
+                    f"{log.snapshot_index}, commit index {hard.commit_index}, storage "
+                    f"{log.storage!r}; load the log from snapshot_index + 1 instead"
+                )
+            term = log.storage.term(first_index - 1)
+            assert term is not None, ("storage lacks a committed entry", first_index - 1)
+            log.start_after(first_index - 1, term)
+        log.append(list(durable.terms), list(durable.payloads))
+        # A crash between writing a ready's entries and its hard state (a caller that writes the
+        # entries first) can leave entries of a term the hard state has not reached. Adopting that
+        # term (with no vote) is what the node had done in memory; it had sent nothing from that
+        # ready, so it promised nothing.
         if self.log.last_term > hard.term:
             self.term = self.log.last_term
             self.vote = NO_NODE
@@ -243,6 +293,7 @@ class RaftCore:
             if timer.expired():
                 self._campaign(pre_vote=True)
             return
+        leader.transfer_tick()
         if timer.elapsed_ticks >= self.config.election_ticks:
             timer.elapsed_ticks = 0
             if not leader.election_timeout():
@@ -290,6 +341,14 @@ class RaftCore:
             first_index != self.log.last_index + 1 or term != self.term
         ):
             raise StampMismatch(term, first_index, self.term, self.log.last_index + 1)
+        leader = self._leader
+        assert leader is not None
+        if leader.transfer_target:
+            # Thesis 3.10: "The prior leader stops accepting new client requests."
+            raise ProposalRejected(
+                f"node {self.id} is handing leadership to node {leader.transfer_target}; retry at "
+                "the new leader, or here after an election timeout if the transfer fails"
+            )
         if not all(payloads):
             raise ProposalRejected(
                 "an empty payload is reserved for the Raft no-op entry; send a non-empty payload"
@@ -305,6 +364,28 @@ class RaftCore:
         first_index = log.last_index + 1
         log.append_run(self.term, payloads)
         return first_index
+
+    def transfer_leadership(self, target: int) -> None:
+        """Hand leadership to `target` (a rolling restart: move it off a node before stopping it).
+
+        Thesis 3.10: the leader stops accepting proposals, brings the target's log up to date
+        with normal replication, then sends it TimeoutNow: the target campaigns at once, with a
+        real vote that voters grant even while they still hear from this leader. If no new
+        leader appears within an election timeout, this leader takes proposals again.
+
+        Raises:
+            NotLeaderError: this node is not the leader.
+            ValueError: `target` is not another voter.
+        """
+        assert self._ready_outstanding is None, "advance() the outstanding ready first"
+        leader = self._leader
+        if leader is None:
+            raise NotLeaderError(self.id, self.leader_id, self.term)
+        if target not in self.peers:
+            raise ValueError(
+                f"cannot hand leadership to node {target}: the other voters are {self.peers}"
+            )
+        leader.transfer_to(target)
 
     def read_index(self, request_id: int) -> None:
         """Ask for a linearizable read point; it arrives as a `ReadState` in a later ready.
@@ -365,6 +446,7 @@ class RaftCore:
                 assert isinstance(message, RequestVote)
                 if (
                     self.config.check_quorum
+                    and not message.transfer
                     and self.leader_id != NO_NODE
                     and self._election_timer.elapsed_ticks < self.config.election_ticks
                 ):
@@ -398,6 +480,8 @@ class RaftCore:
                 assert isinstance(message, AppendEntriesResponse)
                 if leader.append_answered(message):
                     self._maybe_commit()
+                    if message.source == leader.transfer_target:
+                        leader.maybe_send_timeout_now()
         elif kind is AppendEntries:
             assert isinstance(message, AppendEntries)
             self._follow(message.source)
@@ -422,6 +506,11 @@ class RaftCore:
             assert isinstance(message, InstallSnapshot)
             self._follow(message.source)
             self._handle_install_snapshot(message)
+        elif kind is TimeoutNow:
+            # Thesis 3.10: "the same effect as the target server's election timer firing", with
+            # no pre-vote: the leader asked, so this node's log is up to date.
+            if self.raft_role is FOLLOWER and message.source == self.leader_id:
+                self._campaign(pre_vote=False, transfer=True)
         else:
             raise AssertionError(f"unknown message type {kind.__name__}")
 
@@ -492,7 +581,9 @@ class RaftCore:
         # its own write lands, but what this node applies (and may snapshot) it holds.
         limit = min(self.commit_index, self.stable_index)
         if limit > applied:
-            terms, payloads = log.slice(applied + 1, limit + 1)
+            # Entries left in storage (after a bounded restart) come in bounded reads: the rest
+            # follows in the next ready.
+            terms, payloads = log.read(applied + 1, limit + 1, self.config.storage_read_bytes_max)
             ready.committed = Entries(applied + 1, terms, payloads)
         if self._reads.ready:
             ready.reads = self._reads.take_ready()
@@ -616,7 +707,7 @@ class RaftCore:
         self.leader_id = leader_id
         self._election_timer.elapsed_ticks = 0
 
-    def _campaign(self, *, pre_vote: bool) -> None:
+    def _campaign(self, *, pre_vote: bool, transfer: bool = False) -> None:
         self._election_timer.reset()
         self.leader_id = NO_NODE
         if pre_vote:
@@ -635,7 +726,7 @@ class RaftCore:
         last_index, last_term = self.log.last_index, self.log.last_term
         for peer in self.peers:
             self._send(RequestVote(self.cluster_id, self.id, peer, term, last_index, last_term,
-                                   pre_vote))
+                                   pre_vote, transfer))
 
     def _new_term(self, term: int) -> None:
         """Enter `term`: acknowledgements owed to the last term's leader are void."""

@@ -35,6 +35,7 @@ from sequencer.raft.messages import (
     InstallSnapshot,
     Message,
     Snapshot,
+    TimeoutNow,
 )
 from sequencer.raft.tracker import PROBE, REPLICATE, Progress, ProgressTracker
 
@@ -44,7 +45,17 @@ __all__ = ["Leader"]
 class Leader:
     """The leader of `term`: its followers' progress and the messages it sends them."""
 
-    __slots__ = ("_config", "_heartbeat_elapsed_ticks", "_log", "_send", "term", "tracker")
+    __slots__ = (
+        "_config",
+        "_heartbeat_elapsed_ticks",
+        "_log",
+        "_send",
+        "_timeout_now_sent",
+        "_transfer_elapsed_ticks",
+        "term",
+        "tracker",
+        "transfer_target",
+    )
 
     def __init__(
         self,
@@ -60,6 +71,10 @@ class Leader:
         self._log = log
         self._send = send
         self._heartbeat_elapsed_ticks = 0
+        # Leadership transfer (thesis 3.10): the follower being handed leadership, or NO_NODE.
+        self.transfer_target = 0
+        self._transfer_elapsed_ticks = 0
+        self._timeout_now_sent = False
         # A new leader guesses that each follower has its whole log and probes from there (5.3).
         self.tracker = ProgressTracker(peers, log.last_index + 1, quorum)
 
@@ -80,6 +95,40 @@ class Leader:
             tracker.reset_recent_active()
         tracker.tick_snapshots(config.election_ticks, config.election_ticks)
         return True
+
+    def transfer_tick(self) -> None:
+        """One tick of a transfer in progress: abandon it after an election timeout.
+
+        Thesis 3.10: "If the transfer does not complete within [an election timeout], the prior
+        leader aborts the transfer and resumes accepting client requests."
+        """
+        if self.transfer_target:
+            self._transfer_elapsed_ticks += 1
+            if self._transfer_elapsed_ticks >= self._config.election_ticks:
+                self.transfer_target = 0
+
+    def transfer_to(self, target: int) -> None:
+        """Start handing leadership to `target`: catch its log up, then send TimeoutNow."""
+        self.transfer_target = target
+        self._transfer_elapsed_ticks = 0
+        self._timeout_now_sent = False
+        progress = self.tracker.progress[target]
+        if progress.match_index < self._log.last_index:
+            # Catch it up now rather than at the next heartbeat answer: an AppendEntries goes
+            # out in the next ready even if the window's messages were lost.
+            progress.send_probe = True
+            progress.paused = False
+        self.maybe_send_timeout_now()
+
+    def maybe_send_timeout_now(self) -> None:
+        """Send TimeoutNow once the target's (durable) log matches the leader's whole log."""
+        target = self.transfer_target
+        if not target or self._timeout_now_sent:
+            return
+        if self.tracker.progress[target].match_index == self._log.last_index:
+            config = self._config
+            self._send(TimeoutNow(config.cluster_id, config.node_id, target, self.term))
+            self._timeout_now_sent = True
 
     def heartbeat_tick(self) -> bool:
         """One tick of the heartbeat clock; returns whether heartbeats are due now."""

@@ -200,6 +200,15 @@ class RaftLog:
         self.offset_index = index
         self.offset_term = term
 
+    def start_after(self, index: int, term: int) -> None:
+        """Begin the in-memory part after `index` (of `term`), leaving what precedes in storage:
+        a restart that loads only the tail of the durable log."""
+        assert self.storage is not None, index
+        assert not self.terms, len(self.terms)
+        assert index >= self.snapshot_index, (index, self.snapshot_index)
+        self.offset_index = index
+        self.offset_term = term
+
     def restore(self, snapshot_index: int, snapshot_term: int) -> None:
         """Discard the whole log: a snapshot at `snapshot_index` replaces it."""
         assert snapshot_index >= 0, snapshot_index

@@ -34,6 +34,7 @@ __all__ = [
     "RequestVoteResponse",
     "Snapshot",
     "TermStart",
+    "TimeoutNow",
 ]
 
 
@@ -84,13 +85,18 @@ class Entries(msgspec.Struct, array_like=True, gc=False):
 class DurableState(msgspec.Struct, gc=False):
     """What a node finds on its disk after a crash, to build a core from.
 
-    `terms`/`payloads` are the durable entries after the snapshot (from index 1 without one).
+    `terms`/`payloads` are the durable entries from `first_index` to the end of the log. With the
+    default `first_index` (0) they start right after the snapshot (at index 1 without one). A
+    caller with a `LogStorage` may load only the tail: entries from the snapshot up to
+    `first_index - 1` stay in storage, and must all be committed (`first_index - 1 <=
+    hard_state.commit_index`), so a restart reads a bounded amount whatever the journal holds.
     """
 
     hard_state: HardState
     snapshot: Snapshot | None = None
     terms: list[int] = msgspec.field(default_factory=list)
     payloads: list[bytes] = msgspec.field(default_factory=list)
+    first_index: int = 0
 
 
 class TermStart(msgspec.Struct, array_like=True, gc=False, frozen=True):
@@ -122,11 +128,16 @@ class Message(msgspec.Struct, tag=True, array_like=True, gc=False, frozen=True):
 
 
 class RequestVote(Message, frozen=True):
-    """A (pre-)candidate asks for a vote in `term` (for a PreVote, the term it would start)."""
+    """A (pre-)candidate asks for a vote in `term` (for a PreVote, the term it would start).
+
+    `transfer`: the candidate campaigns because the leader asked it to (TimeoutNow), so voters
+    that still hear from that leader grant it anyway (thesis 3.10, 4.2.3).
+    """
 
     last_index: int
     last_term: int
     pre_vote: bool
+    transfer: bool = False
 
 
 class RequestVoteResponse(Message, frozen=True):
@@ -181,6 +192,11 @@ class InstallSnapshot(Message, frozen=True):
     snapshot: Snapshot
 
 
+class TimeoutNow(Message, frozen=True):
+    """The leader hands over leadership: the target, whose log matches the leader's, starts an
+    election at once, as if its election timer had fired (thesis 3.10)."""
+
+
 MESSAGE_TYPES = (
     RequestVote,
     RequestVoteResponse,
@@ -189,6 +205,7 @@ MESSAGE_TYPES = (
     Heartbeat,
     HeartbeatResponse,
     InstallSnapshot,
+    TimeoutNow,
 )
 
 MESSAGE_DECODER = msgspec.msgpack.Decoder(
@@ -199,6 +216,7 @@ MESSAGE_DECODER = msgspec.msgpack.Decoder(
     | Heartbeat
     | HeartbeatResponse
     | InstallSnapshot
+    | TimeoutNow
 )
 
 

@@ -36,6 +36,7 @@ FAULTS = (
     "crash-all",
     "pause",
     "network",
+    "transfer",
 )
 
 
@@ -248,6 +249,10 @@ def run_seed(
         elif kind == "network":
             simulation.network = _network(rng)
             note(f"network {simulation.network}")
+        elif kind == "transfer" and len(ids) > 1:
+            target = rng.choice(ids)
+            if simulation.transfer(target):
+                note(f"transfer leadership to n{target}")
         simulation.at_ms(rng.randint(50, 600), fault)
 
     try:

@@ -234,9 +234,18 @@ class Simulation:
             storage_read_bytes_max=64,
             term_start_from_shell=self.term_start_from_shell,
         )
+        storage = disk.log if retention is not None else None
         durable = DurableState(disk.hard_state, disk.snapshot, list(disk.log.terms),
                                list(disk.log.payloads))
-        storage = disk.log if retention is not None else None
+        if storage is not None:
+            # A bounded restart: load only a tail of the log, leaving committed entries on disk.
+            base = storage.snapshot_index
+            # (A snapshot installed in a ready is on disk before that ready's commit index.)
+            committed = max(base, min(disk.hard_state.commit_index, storage.last_index))
+            first_index = self.rng.randint(base + 1, committed + 1)
+            durable.first_index = first_index
+            del durable.terms[: first_index - base - 1]
+            del durable.payloads[: first_index - base - 1]
         node.core = RaftCore(config, random.Random(self.rng.getrandbits(64)), durable, storage)
         node.applied = (
             list(STATE_DECODER.decode(disk.snapshot.data)) if disk.snapshot is not None else []
@@ -649,6 +658,18 @@ class Simulation:
             self._drain(node)
             return len(payloads)
         return 0
+
+    def transfer(self, target: int) -> bool:
+        """The leader (if any) hands leadership to `target` (a rolling restart's first step)."""
+        leader = self.leader()
+        if leader is None or leader == target:
+            return False
+        node = self.nodes[leader]
+        assert node.core is not None
+        node.core.transfer_leadership(target)
+        self._record(f"transfer n{leader} -> n{target}")
+        self._drain(node)
+        return True
 
     def read(self) -> bool:
         """Ask a random node that believes it leads (a deposed leader too) for a read point."""
