@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from sequencer.raft.config import RaftConfig
+from sequencer.raft.config import NO_NODE, RaftConfig
 from sequencer.raft.log import RaftLog
 from sequencer.raft.messages import (
     AppendEntries,
@@ -72,7 +72,7 @@ class Leader:
         self._send = send
         self._heartbeat_elapsed_ticks = 0
         # Leadership transfer (thesis 3.10): the follower being handed leadership, or NO_NODE.
-        self.transfer_target = 0
+        self.transfer_target = NO_NODE
         self._transfer_elapsed_ticks = 0
         self._timeout_now_sent = False
         # A new leader guesses that each follower has its whole log and probes from there (5.3).
@@ -105,7 +105,7 @@ class Leader:
         if self.transfer_target:
             self._transfer_elapsed_ticks += 1
             if self._transfer_elapsed_ticks >= self._config.election_ticks:
-                self.transfer_target = 0
+                self.transfer_target = NO_NODE
 
     def transfer_to(self, target: int) -> None:
         """Start handing leadership to `target`: catch its log up, then send TimeoutNow."""
