@@ -152,6 +152,21 @@ def test_follower_acknowledges_durable_entries_at_once() -> None:
     assert ack.index == 2
 
 
+def test_follower_acknowledges_a_retransmission_below_its_commit_only_once_durable() -> None:
+    # The follower learned commit index 3 before its write of 2..3 landed; an older AppendEntries
+    # arriving again (entries it holds, below its commit index) is answered with the commit
+    # index, which it must hold durably first.
+    follower = follower_with([1], 1)
+    follower.step(AppendEntries(CLUSTER, 1, 2, 1, 1, 1, 3, [1, 1], [b"a", b"b"]))
+    take(follower)
+    assert follower.commit_index == 3 and follower.stable_index == 1
+    follower.step(AppendEntries(CLUSTER, 1, 2, 1, 1, 1, 3, [1], [b"a"]))
+    assert not acks(take(follower))
+    assert follower.durable(3, 1)
+    (ack,) = acks(take(follower))
+    assert ack.index == 3
+
+
 def test_a_durable_write_that_a_later_write_overwrites_counts_only_below_the_overwrite() -> None:
     # etcd-io/raft's "ABA" case of asynchronous writes: the durable report of an older write must
     # not vouch for entries a newer leader's write, still in progress, replaces.

@@ -522,23 +522,22 @@ class RaftCore:
         The leader's AppendEntries are built by `ready()` (so every proposal until then joins
         one batch); here the leader is only asked whether any follower is due one.
         """
+        if self._messages:
+            return True
+        commit_index = self.commit_index
+        # The highest committed index this node holds durably: what it may apply and persist.
+        durable_commit_index = min(commit_index, self.stable_index)
+        persisted = self._persisted_hard_state
         return bool(
-            self._messages
-            or self._reads.ready
+            self._reads.ready
             or self._pending_snapshot is not None
             or self._term_start is not None
             or self.log.last_index >= self._unstable_from
-            or min(self.commit_index, self.stable_index) > self.applied_index
-            or self._hard_state_changed()
-            or (self._leader is not None and self._leader.appends_due(self.commit_index))
-        )
-
-    def _hard_state_changed(self) -> bool:
-        persisted = self._persisted_hard_state
-        return (
-            persisted.term != self.term
+            or durable_commit_index > self.applied_index
+            or persisted.commit_index != durable_commit_index
+            or persisted.term != self.term
             or persisted.vote != self.vote
-            or persisted.commit_index != min(self.commit_index, self.stable_index)
+            or (self._leader is not None and self._leader.appends_due(commit_index))
         )
 
     def ready(self) -> Ready:
@@ -559,18 +558,18 @@ class RaftCore:
             terms, payloads = log.slice(self._unstable_from, last_index + 1)
             ready.entries = Entries(self._unstable_from, terms, payloads)
             self._unstable_from = last_index + 1
-            assert not self._writes or self._writes[-1][2] < ready.entries.first_index, (
-                self._writes[-1], ready.entries.first_index
-            )
-            self._writes.append([last_index, terms[-1], last_index])
-        if self._hard_state_changed():
-            persisted = self._persisted_hard_state
+        durable_commit_index = min(self.commit_index, self.stable_index)
+        persisted = self._persisted_hard_state
+        if (
+            persisted.commit_index != durable_commit_index
+            or persisted.term != self.term
+            or persisted.vote != self.vote
+        ):
             # The commit index on disk never passes the durable log that agrees with this one:
             # the hard state may land before entry writes still in progress, and a node that
             # restarted with a commit index over stale entries (a deposed leader's, which a lost
             # write was replacing) would apply them (simulator seed 198).
-            ready.hard_state = HardState(self.term, self.vote,
-                                         min(self.commit_index, self.stable_index))
+            ready.hard_state = HardState(self.term, self.vote, durable_commit_index)
             if persisted.term != self.term or persisted.vote != self.vote:
                 # Every message carries the term, and a granted vote is a promise (Figure 2:
                 # "updated on stable storage before responding to RPCs"). The commit index alone
@@ -579,11 +578,14 @@ class RaftCore:
         applied = self.applied_index if snapshot is None else max(self.applied_index, snapshot.index)
         # Only durable entries are applied: a leader may commit by its followers' disks before
         # its own write lands, but what this node applies (and may snapshot) it holds.
-        limit = min(self.commit_index, self.stable_index)
-        if limit > applied:
-            # Entries left in storage (after a bounded restart) come in bounded reads: the rest
-            # follows in the next ready.
-            terms, payloads = log.read(applied + 1, limit + 1, self.config.storage_read_bytes_max)
+        if durable_commit_index > applied:
+            if applied >= log.offset_index:
+                terms, payloads = log.slice(applied + 1, durable_commit_index + 1)
+            else:
+                # Entries left in storage (after a bounded restart) come in bounded reads: the
+                # rest follows in the next ready.
+                terms, payloads = log.read(applied + 1, durable_commit_index + 1,
+                                           self.config.storage_read_bytes_max)
             ready.committed = Entries(applied + 1, terms, payloads)
         if self._reads.ready:
             ready.reads = self._reads.take_ready()
@@ -611,9 +613,20 @@ class RaftCore:
         if ready.committed is not None:
             self.applied_index = ready.committed.last_index
         entries = ready.entries
-        if entries is not None and entries_durable:
-            found = self._entries_durable(entries.last_index, entries.terms[-1])
-            assert found, (self.id, entries.last_index)
+        if entries is not None:
+            writes = self._writes
+            # Nothing changed the log since `ready()` (nothing steps while it is outstanding), so
+            # the write agrees with the log up to its last index; a later change lowers that.
+            assert not writes or writes[-1][2] < entries.first_index, (writes[-1], entries)
+            if entries_durable:
+                # A synchronous caller: durable now, and so is every write before it (writes
+                # complete in order), so the durable log is the log, up to its last index.
+                writes.clear()
+                self.stable_index = entries.last_index
+                self._stable_advanced()
+            else:
+                last_index = entries.last_index
+                writes.append([last_index, entries.terms[-1], last_index])
         elif ready.snapshot is not None:
             self._stable_advanced()
         assert self.applied_index <= self.commit_index, (self.applied_index, self.commit_index)
@@ -639,6 +652,16 @@ class RaftCore:
 
     def _entries_durable(self, index: int, term: int) -> bool:
         writes = self._writes
+        if len(writes) == 1:
+            # The common case (a synchronous caller, or an idle moment): no search.
+            write = writes[0]
+            if write[0] != index or write[1] != term:
+                return False
+            writes.clear()
+            if write[2] > self.stable_index:
+                self.stable_index = write[2]
+                self._stable_advanced()
+            return True
         count = 0
         for write in writes:
             count += 1
@@ -836,7 +859,13 @@ class RaftCore:
             if new_commit > commit_index:
                 self.commit_index = new_commit
         # A follower acknowledges only what is durable: the answer waits for `durable()` if need be.
-        self._acknowledge(message.source, last_new_index)
+        if last_new_index > self.stable_index:
+            if last_new_index > self._ack_pending_index:
+                self._ack_pending_index = last_new_index
+                self._ack_leader = message.source
+            return
+        self._send(AppendEntriesResponse(self.cluster_id, self.id, message.source, self.term,
+                                         True, last_new_index, 0, 0))
 
     def _handle_heartbeat(self, message: Heartbeat) -> None:
         # The leader sends at most the index this node acknowledged as durable and matching.

@@ -186,10 +186,17 @@ class Leader:
         if previous_term is None:
             self._send_snapshot(progress, snapshot)
             return
-        end_index = min(log.last_index, previous_index + config.entries_per_message_max) + 1
-        # Entries dropped from memory come from storage, bounded by bytes: maybe fewer of them.
-        terms, payloads = log.read(previous_index + 1, end_index, config.storage_read_bytes_max)
-        last_index = previous_index + len(terms)
+        last_index = previous_index + config.entries_per_message_max
+        log_last_index = log.last_index
+        if last_index > log_last_index:
+            last_index = log_last_index
+        if previous_index >= log.offset_index:
+            terms, payloads = log.slice(previous_index + 1, last_index + 1)
+        else:
+            # Entries dropped from memory come from storage, bounded by bytes: maybe fewer.
+            terms, payloads = log.read(previous_index + 1, last_index + 1,
+                                       config.storage_read_bytes_max)
+            last_index = previous_index + len(terms)
         self._send(AppendEntries(config.cluster_id, config.node_id, progress.node_id, self.term,
                                  previous_index, previous_term, commit_index, terms, payloads))
         progress.sent_append(last_index, commit_index)
