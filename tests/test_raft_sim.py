@@ -38,7 +38,7 @@ REGRESSION_SEEDS = {
     "to entries committed in term 2; Leader Completeness binds only later terms",
 }
 # The planted bug below (a leader that counts its unsynced entries) is caught within this many
-# seeds of the crash-before-durable fault; the first catching seed is printed (16 when written).
+# seeds of the crash-before-durable fault; the first catching seed is printed (9 at commit f0acc1d).
 UNSYNCED_CATCH_SEEDS_MAX = 200
 SAFETY_PROPERTIES = "Election Safety|Leader Completeness|Log Matching|State Machine Safety|read"
 
