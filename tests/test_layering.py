@@ -75,6 +75,7 @@ IO_FREE: dict[str, bool] = {
     "sequencer.raft.peer_wire": True,  # the peer protocol, split by concept (issue 10)
     "sequencer.raft.peer_handshake": True,
     "sequencer.raft.backoff": True,
+    "sequencer.raft.storage": True,
     "sequencer.processor": True,
     "sequencer.dedup": True,  # the processor, split by concept (issue 10)
     "sequencer.processor_state": True,

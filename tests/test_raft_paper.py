@@ -34,6 +34,7 @@ from sequencer.raft import (
     RequestVote,
     RequestVoteResponse,
     Snapshot,
+    TimeoutNow,
     quorum_index,
 )
 from tests.sim.direct import DirectCluster
@@ -358,6 +359,53 @@ def test_read_index_waits_for_the_first_commit_of_the_term() -> None:
     assert core.commit_index == 1
 
 
+# -------------------------------------------------------------------- leadership transfer
+
+
+def test_leadership_transfer_catches_the_target_up_then_it_wins_the_next_term() -> None:
+    # Thesis 3.10: "The prior leader fully updates the target server's log to match its own ...
+    # The prior leader sends a TimeoutNow request to the target server. This request has the same
+    # effect as the target server's election timer firing: the target server starts a new election
+    # (incrementing its term and becoming a candidate)."
+    cluster = DirectCluster(3)
+    cluster.elect(1)
+    cluster.isolate(3)
+    leader = cluster.core(1)
+    leader.propose_batch([b"a", b"b"])
+    cluster.stabilize()
+    cluster.heal()
+    leader.transfer_leadership(3)
+    cluster.stabilize()
+    timeouts = [m for m in cluster.sent if isinstance(m, TimeoutNow)]
+    assert [(m.source, m.target, m.term) for m in timeouts] == [(1, 3, 1)]
+    # Node 2 heard from node 1 within its lease, yet grants the transfer's vote (4.2.3 yields).
+    assert cluster.leader() == 3 and cluster.core(3).term == 2
+    assert leader.raft_role == RaftRole.FOLLOWER
+    cluster.core(3).propose(b"c")
+    cluster.stabilize()
+    cluster.tick(3)
+    cluster.stabilize()
+    assert cluster.applied[1] == [b"", b"a", b"b", b"", b"c"]
+
+
+def test_leader_refuses_proposals_during_a_transfer_and_resumes_after_an_election_timeout() -> None:
+    # Thesis 3.10: "The prior leader stops accepting new client requests"; "If the transfer does
+    # not complete within [an election timeout], the prior leader aborts the transfer and resumes
+    # accepting client requests."
+    cluster = DirectCluster(3, check_quorum=False)
+    cluster.elect(1)
+    cluster.isolate(3)
+    leader = cluster.core(1)
+    leader.transfer_leadership(3)
+    with pytest.raises(ProposalRejected, match="handing leadership to node 3"):
+        leader.propose(b"x")
+    cluster.tick(1, 10)
+    assert leader.raft_role == RaftRole.LEADER
+    assert leader.propose(b"x") == 2
+    with pytest.raises(ValueError, match="the other voters are"):
+        leader.transfer_leadership(1)
+
+
 # ------------------------------------------------------------------------- the contract
 
 
@@ -420,6 +468,8 @@ def test_every_message_round_trips_through_msgpack() -> None:
         Heartbeat(1, 1, 2, 3, 4, 5),
         HeartbeatResponse(1, 2, 1, 3, 5),
         InstallSnapshot(1, 1, 2, 3, Snapshot(10, 2, b"state")),
+        TimeoutNow(1, 1, 2, 3),
+        RequestVote(1, 1, 2, 3, 4, 5, False, True),
     ]
     for message in messages:
         assert MESSAGE_DECODER.decode(msgspec.msgpack.encode(message)) == message

@@ -13,7 +13,7 @@ import pytest
 
 from sequencer.raft import RaftRole
 from tests.sim import NetworkProfile, Simulation
-from tests.sim.simulator import MS
+from tests.sim.simulator import MS, DiskProfile
 
 CONVERGE_MS = 5000
 
@@ -189,6 +189,33 @@ def test_persistence_across_crashes_keeps_every_acknowledged_entry() -> None:
         simulation.restart(victim)
     simulation.await_convergence(CONVERGE_MS)
     assert len(simulation.acked) > 50
+
+
+@pytest.mark.parametrize("seed", [7, 8, 9])
+def test_leader_that_crashes_before_its_write_is_durable_loses_no_committed_entry(
+    seed: int,
+) -> None:
+    # Thesis 10.2.1: "The leader may even commit an entry before it has been written to its own
+    # disk, if a majority of followers have written it to their disks; this is still safe." The
+    # leader's disk stalls; its followers' writes land; it commits and dies with its write lost.
+    simulation = Simulation(seed, 3, disk_profiles=[DiskProfile(100, 500)] * 3)
+    leader = elect(simulation)
+    node = simulation.nodes[leader]
+    node.disk_profile = DiskProfile(200 * MS, 200 * MS)
+    assert simulation.propose(5, node_id=leader) == 5
+    core = node.core
+    assert core is not None
+    assert simulation.run_until(lambda: core.commit_index > core.stable_index, 100, step_ms=1)
+    committed = {index: core.log.payloads[index - core.log.offset_index - 1]
+                 for index in range(core.stable_index + 1, core.commit_index + 1)}
+    assert node.writes  # sent and committed, not yet on its own disk
+    simulation.crash(leader)
+    simulation.run_for_ms(300)
+    simulation.restart(leader)
+    simulation.await_convergence(CONVERGE_MS)
+    for node_id in simulation.ids:
+        applied = simulation.nodes[node_id].applied
+        assert {index: applied[index - 1] for index in committed} == committed, node_id
 
 
 @pytest.mark.parametrize("seed", range(5))

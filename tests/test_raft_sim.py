@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from sequencer.raft import RaftCore, RequestVote, RequestVoteResponse
+from sequencer.raft import AppendEntriesResponse, RaftCore, RequestVote, RequestVoteResponse
 from sequencer.raft.core import NO_NODE
 from sequencer.raft.leader import Leader
 from tests.sim import LivenessFailure, SafetyViolation, Simulation, run_seed
@@ -23,15 +24,22 @@ ROOT = Path(__file__).resolve().parent.parent
 CI_SEEDS = 400
 CHUNK_SEEDS = 50
 
-# Seeds that caught a bug, kept so the bug stays caught. Each maps to what it caught. The real
-# core has not yet failed a seed; these caught deliberately broken cores (see the tests below),
-# which shows the sweep reaches the paths they guard.
+# Seeds that caught a bug, kept so the bug stays caught. Each maps to what it caught: 198 caught
+# the real core; the others caught deliberately broken cores (see the tests below), which shows
+# the sweep reaches the paths they guard.
 REGRESSION_SEEDS = {
     0: "a voter that grants two votes in one term, or ignores the up-to-date rule of 5.4.1",
-    17: "a leader that commits old-term entries by counting (5.4.2): a stale read follows",
+    243: "a leader that commits old-term entries by counting (5.4.2): a stale read follows "
+    "(seed 17 caught it before the simulator's disks became asynchronous)",
+    198: "asynchronous writes: a follower persisted its hard state (commit 715) while the write "
+    "replacing a deposed leader's entries was in progress, crashed, and on restart applied the "
+    "stale entries; the persisted commit index is now at most the stable index",
     3455: "a checker bug: a late leader of term 1 (votes queued behind a 508 ms pause) was held "
     "to entries committed in term 2; Leader Completeness binds only later terms",
 }
+# The planted bug below (a leader that counts its unsynced entries) is caught within this many
+# seeds of the crash-before-durable fault; the first catching seed is printed (9 at commit f0acc1d).
+UNSYNCED_CATCH_SEEDS_MAX = 200
 SAFETY_PROPERTIES = "Election Safety|Leader Completeness|Log Matching|State Machine Safety|read"
 
 
@@ -118,7 +126,7 @@ def broken(monkeypatch: pytest.MonkeyPatch) -> Iterator[pytest.MonkeyPatch]:
     [
         (0, "_handle_vote_request", _vote_for_anyone, SAFETY_PROPERTIES),
         (0, "_handle_vote_request", _vote_ignoring_logs, SAFETY_PROPERTIES),
-        (17, "_maybe_commit", _commit_by_counting_any_term, SAFETY_PROPERTIES),
+        (243, "_maybe_commit", _commit_by_counting_any_term, SAFETY_PROPERTIES),
     ],
 )
 def test_simulator_catches_a_broken_core(
@@ -127,6 +135,47 @@ def test_simulator_catches_a_broken_core(
     broken.setattr(RaftCore, method, replacement)
     with pytest.raises((SafetyViolation, LivenessFailure, AssertionError), match=violation):
         run_seed(seed)
+
+
+def _commit_counting_unsynced_entries(self: RaftCore) -> None:
+    """The planted bug: the leader counts its whole log, durable or not, toward the majority."""
+    assert self._leader is not None
+    index = self._leader.tracker.committed_index(self.log.last_index)
+    if index > self.commit_index and self.log.term_at(index) == self.term:
+        waiting = self.log.term_at(self.commit_index) != self.term and self._reads.waiting
+        self.commit_index = index
+        if waiting:
+            self._start_reads(self._reads.take_waiting())
+
+
+def test_simulator_catches_a_leader_that_counts_its_unsynced_entries(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Thesis 10.2.1: the leader may send before its own write is durable, so it may count itself
+    # only up to its durable index. One that counts more commits with a minority's disks; when
+    # it dies before its write lands, a new leader lacks what was committed.
+    monkeypatch.setattr(RaftCore, "_maybe_commit", _commit_counting_unsynced_entries)
+    for seed in range(UNSYNCED_CATCH_SEEDS_MAX):
+        try:
+            run_seed(seed, faults=("crash-unsynced", "heal"))
+        except SafetyViolation as violation:
+            print(f"seed {seed} caught the leader counting its unsynced entries: {violation}")
+            assert re.search(SAFETY_PROPERTIES, str(violation)), violation
+            return
+    pytest.fail(f"no seed below {UNSYNCED_CATCH_SEEDS_MAX} caught the planted bug")
+
+
+def test_simulator_catches_a_follower_that_acknowledges_before_its_write_is_durable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def acknowledge_at_once(self: RaftCore, leader_id: int, index: int) -> None:
+        self._send(AppendEntriesResponse(self.cluster_id, self.id, leader_id, self.term, True,
+                                         index, 0, 0))
+
+    monkeypatch.setattr(RaftCore, "_acknowledge", acknowledge_at_once)
+    with pytest.raises(SafetyViolation, match=r"persist before send: .* acknowledges index"):
+        for seed in range(20):
+            run_seed(seed)
 
 
 def test_simulator_catches_a_caller_that_sends_before_persisting(

@@ -1,7 +1,8 @@
 """Raft consensus without I/O: the node (`core`), its configuration (`config`), elections
 (`election`), the leader's replication (`leader`) and per-follower progress (`tracker`), ReadIndex
-reads (`read_index`), the log (`log`), majority arithmetic (`quorum`), the data that crosses the
-boundary (`messages`), and the peer protocol (`peer_protocol`: authenticated frames between nodes).
+reads (`read_index`), the log (`log`) and where its older part is read back from (`storage`),
+majority arithmetic (`quorum`), the data that crosses the boundary (`messages`), and the peer
+protocol (`peer_protocol`: authenticated frames between nodes).
 
 The TCP shell of the peer protocol is `sequencer.raft.transport`, imported on its own so that the
 core and its simulator never load asyncio; see docs/consensus.md and docs/peer-transport.md.
@@ -14,6 +15,7 @@ from sequencer.raft.core import (
     RaftConfig,
     RaftCore,
     RaftRole,
+    StampMismatch,
 )
 from sequencer.raft.log import RaftLog
 from sequencer.raft.messages import (
@@ -33,6 +35,8 @@ from sequencer.raft.messages import (
     RequestVote,
     RequestVoteResponse,
     Snapshot,
+    TermStart,
+    TimeoutNow,
 )
 from sequencer.raft.peer_protocol import (
     PEER_FRAME_BYTES_MAX,
@@ -44,6 +48,7 @@ from sequencer.raft.peer_protocol import (
     PeerProtocolError,
 )
 from sequencer.raft.quorum import VOTERS_ALLOWED, quorum_index, quorum_size
+from sequencer.raft.storage import LogStorage, MemoryLogStorage
 
 __all__ = [
     "MESSAGE_DECODER",
@@ -63,6 +68,8 @@ __all__ = [
     "HeartbeatResponse",
     "InstallSnapshot",
     "LocalPeerProtocolError",
+    "LogStorage",
+    "MemoryLogStorage",
     "Message",
     "NotLeaderError",
     "PeerConnection",
@@ -77,6 +84,9 @@ __all__ = [
     "RequestVote",
     "RequestVoteResponse",
     "Snapshot",
+    "StampMismatch",
+    "TermStart",
+    "TimeoutNow",
     "quorum_index",
     "quorum_size",
 ]

@@ -36,6 +36,20 @@ class RaftConfig:
     # commit (no majority), memory must not grow without bound. ~1 s of traffic at 1M entries/s.
     uncommitted_entries_max: int = 1 << 20
     check_quorum: bool = True
+    # With a LogStorage, entries committed, applied and durable are kept in memory this far below
+    # the applied index, then dropped and read back from storage when a follower needs them. A
+    # follower within the window (~65k entries: 65 ms at 1M entries/s) is served from memory;
+    # one further behind is catching up and can afford the disk. Memory is ~2x this (entries are
+    # dropped in chunks of this size) plus what is not yet committed.
+    log_retention_entries: int = 1 << 16
+    # One read of old entries from storage returns about this many payload bytes at most, which
+    # bounds an AppendEntries built from storage (1 MiB: the size of a client frame).
+    storage_read_bytes_max: int = 1 << 20
+    # The core appends an empty no-op at the start of each term (Raft paper 8). With this set it
+    # appends nothing: the caller proposes the term's first entry itself at `Ready.term_start`'s
+    # index (the leader's sequencer stamps a TERM_START record there, so the journal and the Raft
+    # log hold the same bytes at every index).
+    term_start_from_shell: bool = False
 
     def __post_init__(self) -> None:
         if len(self.voters) not in VOTERS_ALLOWED:
@@ -56,3 +70,8 @@ class RaftConfig:
             )
         if self.inflight_messages_max < 1 or self.entries_per_message_max < 1:
             raise ValueError("inflight_messages_max and entries_per_message_max must be >= 1")
+        if self.log_retention_entries < 0 or self.storage_read_bytes_max < 1:
+            raise ValueError(
+                f"log_retention_entries={self.log_retention_entries} must be >= 0 and "
+                f"storage_read_bytes_max={self.storage_read_bytes_max} >= 1"
+            )

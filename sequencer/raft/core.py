@@ -9,16 +9,45 @@ in-memory state and queue work. The caller then collects the work with `ready()`
 the order documented on `Ready`:
 
     ready = core.ready()
-    persist(ready.snapshot, ready.entries, ready.hard_state)   # fsync before the next line
-    send(ready.messages)
+    persist(ready.snapshot, ready.hard_state)   # fsync first if ready.sync_before_send
+    start_write(ready.entries)                  # truncate after first_index - 1, append
+    send(ready.messages)                        # need not wait for the entries' write
     apply(ready.committed); answer(ready.reads)
-    core.advance(ready)
+    core.advance(ready, entries_durable=False)
+    ...
+    core.durable(last_index, last_term)         # when the entries' write is durable
 
-Persist-before-send is the contract that makes a message a promise: a granted vote means the vote
-is on disk, a successful AppendEntriesResponse means the entries are. The core never steps,
-ticks or proposes while a ready is outstanding (asserted), so nothing it says in a ready can be
-contradicted before the caller has made it durable. The deterministic simulator (`tests/sim`)
-checks this contract on every message it sends.
+A synchronous caller writes the entries before sending and calls `core.advance(ready)`, which
+means the same as reporting them durable at once.
+
+A message is a promise about durable state, and the core keeps each promise by what it puts in a
+ready, not by the caller's timing. The term and vote (and a snapshot) must be durable before the
+ready's messages leave (`sync_before_send`): every message carries the term, and a granted vote
+is a vote cast. The entries need not be (Raft thesis 10.2.1): the leader ships its AppendEntries
+while its own write runs and counts itself toward a majority only up to `stable_index`, the index
+up to which the caller reported its durable log agrees with the core's; a follower's successful
+AppendEntriesResponse is produced only once what it acknowledges is durable (a retransmission of
+durable entries is answered at once, anything else waits for `durable()`). Writes complete in the
+order they are handed out; each one outstanding is remembered with how far it will still agree
+with the log once it lands, lowered when a conflict truncates the log below its end, so a late
+report of a write that a newer one overwrites vouches only for what survives (etcd-io/raft's "ABA"
+case). Only durable committed entries are handed out to apply, and the persisted commit index
+never passes `stable_index`, so a restart never applies entries its disk holds from a deposed
+leader. The core never steps, ticks or proposes while a ready is outstanding (asserted: `advance`
+comes right after sending), so nothing it says in a ready is contradicted before the caller acts
+on it. The deterministic simulator (`tests/sim`) checks every promise on every message it sends,
+with disks whose writes land long after the messages, or never.
+
+One log: the core assigns every index. A leader announces where its term starts
+(`Ready.term_start`: the no-op's index); the daemon's sequencer stamps a TERM_START record there
+(the caller proposes it itself with `term_start_from_shell`) and stamps its records from
+`next_index()`, handing them over with `propose_batch(records, first_index=..., term=...)`, which
+refuses a stale stamp (`StampMismatch`).
+
+Bounded memory: given a `LogStorage`, the log keeps in memory only what is not yet applied and
+durable plus `log_retention_entries` below it; older entries are read back from storage in reads
+of at most `storage_read_bytes_max` bytes when a lagging follower needs them, and a restart may
+load only the tail of the log (`DurableState.first_index`).
 
 Randomness (election timeouts) comes only from the `random.Random` the caller passes in, so a
 seeded caller gets an exactly reproducible core.
@@ -36,7 +65,9 @@ Features, with the sections of the Raft paper (extended version) they implement:
   messages in flight per follower (flow control);
 - InstallSnapshot (7) for a follower that needs entries the leader has compacted;
 - linearizable reads through ReadIndex (8, thesis 6.4): the leader records its commit index and
-  answers only after a heartbeat round confirms a majority still follows it.
+  answers only after a heartbeat round confirms a majority still follows it;
+- leadership transfer (thesis 3.10): the leader stops taking proposals, catches the target up and
+  sends it TimeoutNow; the target campaigns at once with a vote that overrides the voters' lease.
 
 Membership is static (1, 3 or 5 voters); neither joint consensus nor single-server changes are
 implemented.
@@ -47,13 +78,15 @@ the ready/advance contract. It delegates one concept to each of: `config` (`Raft
 `election` (election timer, vote tally, the voter's rule), `leader` (what a leader sends its
 followers and how it reads their answers; one `Leader` per term led), `tracker` (each follower's
 progress and flow control, and the majority questions over them), `read_index` (the queue of
-ReadIndex reads), `log` (the entries) and `quorum` (majority arithmetic).
+ReadIndex reads), `log` (the entries in memory), `storage` (the `LogStorage` interface for the
+rest) and `quorum` (majority arithmetic).
 """
 
 from __future__ import annotations
 
 import enum
 import random
+from collections import deque
 
 from sequencer.raft.config import NO_NODE, RaftConfig
 from sequencer.raft.election import ElectionTimer, VoteResult, VoteTally, vote_granted
@@ -73,9 +106,12 @@ from sequencer.raft.messages import (
     RequestVote,
     RequestVoteResponse,
     Snapshot,
+    TermStart,
+    TimeoutNow,
 )
 from sequencer.raft.quorum import quorum_size
 from sequencer.raft.read_index import ReadIndexQueue
+from sequencer.raft.storage import LogStorage
 
 __all__ = [
     "NO_NODE",
@@ -84,6 +120,7 @@ __all__ = [
     "RaftConfig",
     "RaftCore",
     "RaftRole",
+    "StampMismatch",
 ]
 
 
@@ -118,11 +155,34 @@ class ProposalRejected(Exception):
     """A leader refused a proposal (too many uncommitted entries, or an empty payload)."""
 
 
+class StampMismatch(ProposalRejected):
+    """Records stamped with a term and indexes the core would not give them.
+
+    The leader's sequencer stamps records before the core sees them (one log); a stamp is stale
+    when the core's term moved on (it lost and maybe regained leadership) or its log did.
+    """
+
+    def __init__(self, stamped_term: int, stamped_index: int, term: int, next_index: int) -> None:
+        self.stamped_term = stamped_term
+        self.stamped_index = stamped_index
+        self.term = term
+        self.next_index = next_index
+        super().__init__(
+            f"records stamped term {stamped_term} from index {stamped_index}, but the leader is "
+            f"in term {term} and its next index is {next_index}: discard the stamped records "
+            "after the last one the core accepted and restamp from the next TermStart"
+        )
+
+
 class RaftCore:
     """One Raft node. See the module docstring for the contract."""
 
     def __init__(
-        self, config: RaftConfig, rng: random.Random, durable: DurableState | None = None
+        self,
+        config: RaftConfig,
+        rng: random.Random,
+        durable: DurableState | None = None,
+        storage: LogStorage | None = None,
     ) -> None:
         self.config = config
         self.id = config.node_id
@@ -130,7 +190,8 @@ class RaftCore:
         self.peers = tuple(v for v in config.voters if v != config.node_id)
         self.quorum = quorum_size(len(config.voters))
 
-        self.log = RaftLog()
+        # With a storage, the log keeps only its tail in memory (`log_retention_entries`).
+        self.log = RaftLog(storage=storage)
         self.term = 0
         self.vote = NO_NODE
         # Invariant: applied_index <= commit_index <= log.last_index.
@@ -140,8 +201,24 @@ class RaftCore:
             self._restore(durable)
         # Invariant: log.snapshot_index <= applied_index (compaction only covers applied entries).
         self.applied_index = self.log.snapshot_index
-        # The last index the caller has made durable; a leader counts itself up to here.
+        # The durable log agrees with `log` up to here: a leader counts itself toward a majority
+        # only up to here, a follower acknowledges only up to here, and only entries up to here
+        # are handed out to apply. Invariant: stable_index <= log.last_index.
         self.stable_index = self.log.last_index
+        # The entry writes handed out in readies and not yet reported durable, oldest first:
+        # [last index, last term, agreed index]. The agreed index is how far the write will agree
+        # with `log` once durable: its last index, lowered when a later change of the log (a
+        # conflict truncation) begins at or below it. Writes complete in order, so when one is
+        # reported durable, every write before it is too.
+        self._writes: deque[list[int]] = deque()
+        # A follower's successful AppendEntriesResponse waits until what it acknowledges is
+        # durable: the highest index owed to `_ack_leader` in this term (0: none), and the last
+        # index a deferred acknowledgement reported.
+        self._ack_pending_index = 0
+        self._ack_sent_index = 0
+        self._ack_leader = NO_NODE
+        # The start of the term this node leads, announced in the next ready (then None).
+        self._term_start: TermStart | None = None
         # Entries from here on have not yet been handed out in a ready.
         self._unstable_from = self.log.last_index + 1
         self._persisted_hard_state = HardState(self.term, self.vote, self.commit_index)
@@ -169,20 +246,38 @@ class RaftCore:
 
     def _restore(self, durable: DurableState) -> None:
         snapshot = durable.snapshot
+        log = self.log
         if snapshot is not None:
-            self.log.restore(snapshot.index, snapshot.term)
+            log.restore(snapshot.index, snapshot.term)
             self.snapshot = snapshot
-        self.log.append(list(durable.terms), list(durable.payloads))
         hard = durable.hard_state
-        # A crash between writing a ready's entries and its hard state can leave entries of a
-        # term the hard state has not reached. Adopting that term (with no vote) is what the
-        # node had done in memory; it had sent nothing from that ready, so it promised nothing.
+        first_index = durable.first_index or log.snapshot_index + 1
+        if first_index != log.snapshot_index + 1:
+            # A bounded restart: the committed entries before `first_index` stay in storage.
+            if log.storage is None or not log.snapshot_index < first_index - 1 <= (
+                hard.commit_index
+            ):
+                raise ValueError(
+                    f"DurableState.first_index={first_index} leaves entries in storage, which "
+                    f"needs a LogStorage and committed entries only: snapshot index "
+                    f"{log.snapshot_index}, commit index {hard.commit_index}, storage "
+                    f"{log.storage!r}; load the log from snapshot_index + 1 instead"
+                )
+            term = log.storage.term(first_index - 1)
+            assert term is not None, ("storage lacks a committed entry", first_index - 1)
+            log.start_after(first_index - 1, term)
+        log.append(list(durable.terms), list(durable.payloads))
+        # A crash between writing a ready's entries and its hard state (a caller that writes the
+        # entries first) can leave entries of a term the hard state has not reached. Adopting that
+        # term (with no vote) is what the node had done in memory; it had sent nothing from that
+        # ready, so it promised nothing.
         if self.log.last_term > hard.term:
             self.term = self.log.last_term
             self.vote = NO_NODE
         else:
             self.term = hard.term
             self.vote = hard.vote
+        # The persisted commit index never passes the durable log (see `ready`).
         self.commit_index = max(hard.commit_index, self.log.snapshot_index)
         assert self.commit_index <= self.log.last_index, (self.commit_index, self.log.last_index)
 
@@ -198,6 +293,7 @@ class RaftCore:
             if timer.expired():
                 self._campaign(pre_vote=True)
             return
+        leader.transfer_tick()
         if timer.elapsed_ticks >= self.config.election_ticks:
             timer.elapsed_ticks = 0
             if not leader.election_timeout():
@@ -211,8 +307,21 @@ class RaftCore:
         """Append one client payload; returns its index. See `propose_batch`."""
         return self.propose_batch([payload])
 
-    def propose_batch(self, payloads: list[bytes]) -> int:
+    def next_index(self) -> int:
+        """The index the next proposed entry gets (on a leader; a follower's log may change)."""
+        return self.log.last_index + 1
+
+    def propose_batch(
+        self, payloads: list[bytes], *, first_index: int = 0, term: int = 0
+    ) -> int:
         """Append client payloads as entries of the current term, in order.
+
+        Args:
+            payloads: the entries, opaque and non-empty (the daemon's stamped records).
+            first_index: with `term`, the stamp: the index the caller already gave the first
+                payload (one log: the sequencer stamps records before the core sees them). The
+                core appends them only at exactly that index in exactly that term.
+            term: the term the caller stamped them with (0: not stamped).
 
         Returns:
             The index of the first one (the rest follow consecutively). An entry is committed when
@@ -221,12 +330,25 @@ class RaftCore:
 
         Raises:
             NotLeaderError: this node is not the leader.
+            StampMismatch: the stamp is not (this term, `next_index()`).
             ProposalRejected: an empty payload (reserved for the no-op) or too many entries are
                 waiting to commit.
         """
         assert self._ready_outstanding is None, "advance() the outstanding ready first"
         if self.raft_role is not LEADER:
             raise NotLeaderError(self.id, self.leader_id, self.term)
+        if (first_index or term) and (
+            first_index != self.log.last_index + 1 or term != self.term
+        ):
+            raise StampMismatch(term, first_index, self.term, self.log.last_index + 1)
+        leader = self._leader
+        assert leader is not None
+        if leader.transfer_target:
+            # Thesis 3.10: "The prior leader stops accepting new client requests."
+            raise ProposalRejected(
+                f"node {self.id} is handing leadership to node {leader.transfer_target}; retry at "
+                "the new leader, or here after an election timeout if the transfer fails"
+            )
         if not all(payloads):
             raise ProposalRejected(
                 "an empty payload is reserved for the Raft no-op entry; send a non-empty payload"
@@ -242,6 +364,28 @@ class RaftCore:
         first_index = log.last_index + 1
         log.append_run(self.term, payloads)
         return first_index
+
+    def transfer_leadership(self, target: int) -> None:
+        """Hand leadership to `target` (a rolling restart: move it off a node before stopping it).
+
+        Thesis 3.10: the leader stops accepting proposals, brings the target's log up to date
+        with normal replication, then sends it TimeoutNow: the target campaigns at once, with a
+        real vote that voters grant even while they still hear from this leader. If no new
+        leader appears within an election timeout, this leader takes proposals again.
+
+        Raises:
+            NotLeaderError: this node is not the leader.
+            ValueError: `target` is not another voter.
+        """
+        assert self._ready_outstanding is None, "advance() the outstanding ready first"
+        leader = self._leader
+        if leader is None:
+            raise NotLeaderError(self.id, self.leader_id, self.term)
+        if target not in self.peers:
+            raise ValueError(
+                f"cannot hand leadership to node {target}: the other voters are {self.peers}"
+            )
+        leader.transfer_to(target)
 
     def read_index(self, request_id: int) -> None:
         """Ask for a linearizable read point; it arrives as a `ReadState` in a later ready.
@@ -302,6 +446,7 @@ class RaftCore:
                 assert isinstance(message, RequestVote)
                 if (
                     self.config.check_quorum
+                    and not message.transfer
                     and self.leader_id != NO_NODE
                     and self._election_timer.elapsed_ticks < self.config.election_ticks
                 ):
@@ -335,6 +480,8 @@ class RaftCore:
                 assert isinstance(message, AppendEntriesResponse)
                 if leader.append_answered(message):
                     self._maybe_commit()
+                    if message.source == leader.transfer_target:
+                        leader.maybe_send_timeout_now()
         elif kind is AppendEntries:
             assert isinstance(message, AppendEntries)
             self._follow(message.source)
@@ -359,6 +506,11 @@ class RaftCore:
             assert isinstance(message, InstallSnapshot)
             self._follow(message.source)
             self._handle_install_snapshot(message)
+        elif kind is TimeoutNow:
+            # Thesis 3.10: "the same effect as the target server's election timer firing", with
+            # no pre-vote: the leader asked, so this node's log is up to date.
+            if self.raft_role is FOLLOWER and message.source == self.leader_id:
+                self._campaign(pre_vote=False, transfer=True)
         else:
             raise AssertionError(f"unknown message type {kind.__name__}")
 
@@ -370,22 +522,22 @@ class RaftCore:
         The leader's AppendEntries are built by `ready()` (so every proposal until then joins
         one batch); here the leader is only asked whether any follower is due one.
         """
-        return bool(
-            self._messages
-            or self._reads.ready
-            or self._pending_snapshot is not None
-            or self.log.last_index >= self._unstable_from
-            or self.commit_index > self.applied_index
-            or self._hard_state_changed()
-            or (self._leader is not None and self._leader.appends_due(self.commit_index))
-        )
-
-    def _hard_state_changed(self) -> bool:
+        if self._messages:
+            return True
+        commit_index = self.commit_index
+        # The highest committed index this node holds durably: what it may apply and persist.
+        durable_commit_index = min(commit_index, self.stable_index)
         persisted = self._persisted_hard_state
-        return (
-            persisted.term != self.term
+        return bool(
+            self._reads.ready
+            or self._pending_snapshot is not None
+            or self._term_start is not None
+            or self.log.last_index >= self._unstable_from
+            or durable_commit_index > self.applied_index
+            or persisted.commit_index != durable_commit_index
+            or persisted.term != self.term
             or persisted.vote != self.vote
-            or persisted.commit_index != self.commit_index
+            or (self._leader is not None and self._leader.appends_due(commit_index))
         )
 
     def ready(self) -> Ready:
@@ -399,52 +551,173 @@ class RaftCore:
         snapshot = self._pending_snapshot
         if snapshot is not None:
             ready.snapshot = snapshot
+            ready.sync_before_send = True
             self._pending_snapshot = None
         last_index = log.last_index
         if last_index >= self._unstable_from:
             terms, payloads = log.slice(self._unstable_from, last_index + 1)
             ready.entries = Entries(self._unstable_from, terms, payloads)
             self._unstable_from = last_index + 1
-        if self._hard_state_changed():
-            ready.hard_state = HardState(self.term, self.vote, self.commit_index)
+        durable_commit_index = min(self.commit_index, self.stable_index)
+        persisted = self._persisted_hard_state
+        if (
+            persisted.commit_index != durable_commit_index
+            or persisted.term != self.term
+            or persisted.vote != self.vote
+        ):
+            # The commit index on disk never passes the durable log that agrees with this one:
+            # the hard state may land before entry writes still in progress, and a node that
+            # restarted with a commit index over stale entries (a deposed leader's, which a lost
+            # write was replacing) would apply them (simulator seed 198).
+            ready.hard_state = HardState(self.term, self.vote, durable_commit_index)
+            if persisted.term != self.term or persisted.vote != self.vote:
+                # Every message carries the term, and a granted vote is a promise (Figure 2:
+                # "updated on stable storage before responding to RPCs"). The commit index alone
+                # is a hint and needs no sync.
+                ready.sync_before_send = True
         applied = self.applied_index if snapshot is None else max(self.applied_index, snapshot.index)
-        if self.commit_index > applied:
-            terms, payloads = log.slice(applied + 1, self.commit_index + 1)
+        # Only durable entries are applied: a leader may commit by its followers' disks before
+        # its own write lands, but what this node applies (and may snapshot) it holds.
+        if durable_commit_index > applied:
+            if applied >= log.offset_index:
+                terms, payloads = log.slice(applied + 1, durable_commit_index + 1)
+            else:
+                # Entries left in storage (after a bounded restart) come in bounded reads: the
+                # rest follows in the next ready.
+                terms, payloads = log.read(applied + 1, durable_commit_index + 1,
+                                           self.config.storage_read_bytes_max)
             ready.committed = Entries(applied + 1, terms, payloads)
         if self._reads.ready:
             ready.reads = self._reads.take_ready()
+        if self._term_start is not None:
+            ready.term_start = self._term_start
+            self._term_start = None
         self._ready_outstanding = ready
         return ready
 
-    def advance(self, ready: Ready) -> None:
-        """Acknowledge that the caller has done everything `ready` asked."""
+    def advance(self, ready: Ready, *, entries_durable: bool = True) -> None:
+        """Acknowledge that the caller has done everything `ready` asked.
+
+        Args:
+            ready: the ready returned last.
+            entries_durable: whether its entries are durable already (a synchronous caller). An
+                asynchronous caller passes False and reports them later with `durable()`.
+        """
         assert ready is self._ready_outstanding, "advance() takes the ready returned last"
         self._ready_outstanding = None
         if ready.snapshot is not None:
             self.applied_index = max(self.applied_index, ready.snapshot.index)
             self.stable_index = max(self.stable_index, ready.snapshot.index)
-        if ready.entries is not None:
-            self.stable_index = ready.entries.last_index
         if ready.hard_state is not None:
             self._persisted_hard_state = ready.hard_state
         if ready.committed is not None:
             self.applied_index = ready.committed.last_index
+        entries = ready.entries
+        if entries is not None:
+            writes = self._writes
+            # Nothing changed the log since `ready()` (nothing steps while it is outstanding), so
+            # the write agrees with the log up to its last index; a later change lowers that.
+            assert not writes or writes[-1][2] < entries.first_index, (writes[-1], entries)
+            if entries_durable:
+                # A synchronous caller: durable now, and so is every write before it (writes
+                # complete in order), so the durable log is the log, up to its last index.
+                writes.clear()
+                self.stable_index = entries.last_index
+                self._stable_advanced()
+            else:
+                last_index = entries.last_index
+                writes.append([last_index, entries.terms[-1], last_index])
+        elif ready.snapshot is not None:
+            self._stable_advanced()
         assert self.applied_index <= self.commit_index, (self.applied_index, self.commit_index)
         assert self.stable_index <= self.log.last_index, (self.stable_index, self.log.last_index)
         assert (self._leader is not None) == (self.raft_role is LEADER), self.raft_role
-        if self._leader is not None and ready.entries is not None:
+        if ready.committed is not None and self.log.storage is not None:
+            self._release_memory()
+
+    def durable(self, index: int, term: int) -> bool:
+        """The entry write that ended at (`index`, `term`) is durable, and so is every write
+        handed out before it (writes complete in order; a caller may report only the last of
+        several).
+
+        A leader then counts itself toward a majority up to what the write left agreeing with its
+        log; a follower sends the acknowledgements that waited for it.
+
+        Returns:
+            Whether an outstanding write ended there. False for a report the core no longer
+            waits for (a snapshot replaced the log since): the caller may ignore it.
+        """
+        assert self._ready_outstanding is None, "advance() the outstanding ready first"
+        return self._entries_durable(index, term)
+
+    def _entries_durable(self, index: int, term: int) -> bool:
+        writes = self._writes
+        if len(writes) == 1:
+            # The common case (a synchronous caller, or an idle moment): no search.
+            write = writes[0]
+            if write[0] != index or write[1] != term:
+                return False
+            writes.clear()
+            if write[2] > self.stable_index:
+                self.stable_index = write[2]
+                self._stable_advanced()
+            return True
+        count = 0
+        for write in writes:
+            count += 1
+            if write[0] == index and write[1] == term:
+                break
+        else:
+            return False
+        for _ in range(count):
+            write = writes.popleft()
+        agreed_index = write[2]
+        if agreed_index > self.stable_index:
+            self.stable_index = agreed_index
+            self._stable_advanced()
+        return True
+
+    def _stable_advanced(self) -> None:
+        if self._leader is not None:
             self._maybe_commit()
+            return
+        pending = self._ack_pending_index
+        if pending:
+            index = min(pending, self.stable_index)
+            if index > self._ack_sent_index:
+                self._ack_sent_index = index
+                self._send(AppendEntriesResponse(self.cluster_id, self.id, self._ack_leader,
+                                                 self.term, True, index, 0, 0))
+            if index == pending:
+                self._ack_pending_index = 0
+
+    def _acknowledge(self, leader_id: int, index: int) -> None:
+        """Tell the leader the log matches its own up to `index`, once that is durable."""
+        if index <= self.stable_index:
+            self._send(AppendEntriesResponse(self.cluster_id, self.id, leader_id, self.term,
+                                             True, index, 0, 0))
+        elif index > self._ack_pending_index:
+            self._ack_pending_index = index
+            self._ack_leader = leader_id
+
+    def _release_memory(self) -> None:
+        """Drop from memory what is applied, durable and past the retention window."""
+        retained = self.config.log_retention_entries
+        floor = min(self.applied_index, self.stable_index) - retained
+        if floor - self.log.offset_index >= max(retained, 1):
+            self.log.drop_to(floor)
 
     # ------------------------------------------------------------------------ role changes
 
     def _become_follower(self, term: int, leader_id: int) -> None:
         assert term >= self.term, (term, self.term)
         if term > self.term:
-            self.term = term
+            self._new_term(term)
             self.vote = NO_NODE
         self.raft_role = FOLLOWER
         self.leader_id = leader_id
         self._leader = None
+        self._term_start = None
         self._reads.drop_unconfirmed()
         self._election_timer.reset()
 
@@ -457,7 +730,7 @@ class RaftCore:
         self.leader_id = leader_id
         self._election_timer.elapsed_ticks = 0
 
-    def _campaign(self, *, pre_vote: bool) -> None:
+    def _campaign(self, *, pre_vote: bool, transfer: bool = False) -> None:
         self._election_timer.reset()
         self.leader_id = NO_NODE
         if pre_vote:
@@ -466,7 +739,7 @@ class RaftCore:
             term = self.term + 1
         else:
             self.raft_role = CANDIDATE
-            self.term += 1
+            self._new_term(self.term + 1)
             self.vote = self.id
             term = self.term
         self._votes = VoteTally(self.id, self.quorum)
@@ -476,7 +749,14 @@ class RaftCore:
         last_index, last_term = self.log.last_index, self.log.last_term
         for peer in self.peers:
             self._send(RequestVote(self.cluster_id, self.id, peer, term, last_index, last_term,
-                                   pre_vote))
+                                   pre_vote, transfer))
+
+    def _new_term(self, term: int) -> None:
+        """Enter `term`: acknowledgements owed to the last term's leader are void."""
+        self.term = term
+        self._ack_pending_index = 0
+        self._ack_sent_index = 0
+        self._ack_leader = NO_NODE
 
     def _won_votes(self, pre_vote: bool) -> None:
         if pre_vote:
@@ -491,7 +771,11 @@ class RaftCore:
         self._election_timer.elapsed_ticks = 0
         self._leader = Leader(self.config, self.term, self.log, self.peers, self.quorum, self._send)
         # Section 8: a no-op entry of the new term lets the leader commit what earlier terms left.
-        self.log.append_run(self.term, [b""])
+        # The caller learns where it is from the next ready (`Ready.term_start`); with
+        # `term_start_from_shell` the caller proposes it there itself (a TERM_START record).
+        self._term_start = TermStart(self.term, self.log.last_index + 1)
+        if not self.config.term_start_from_shell:
+            self.log.append_run(self.term, [b""])
 
     # --------------------------------------------------------------------------- elections
 
@@ -536,8 +820,7 @@ class RaftCore:
             # (Leader Completeness); skip them: they may be compacted here.
             skip = commit_index - previous_index
             if skip >= len(terms):
-                self._send(AppendEntriesResponse(self.cluster_id, self.id, message.source,
-                                                 self.term, True, commit_index, 0, 0))
+                self._acknowledge(message.source, commit_index)
                 return
             assert terms[skip - 1] == log.term_at(commit_index), (self.id, commit_index)
             previous_index = commit_index
@@ -563,12 +846,24 @@ class RaftCore:
                 self._unstable_from = changed
             if changed <= self.stable_index:
                 self.stable_index = changed - 1
+            # Writes in progress that reach `changed` will be overwritten by the write of the new
+            # entries: once durable, they agree with the log only below it (the "ABA" case of
+            # etcd-io/raft's asynchronous writes: the same (index, term) may be written again).
+            for write in self._writes:
+                if write[2] >= changed:
+                    write[2] = changed - 1
         last_new_index = previous_index + len(terms)
         if message.commit_index > commit_index:
             # Figure 2: "commitIndex = min(leaderCommit, index of last new entry)".
             new_commit = min(message.commit_index, last_new_index)
             if new_commit > commit_index:
                 self.commit_index = new_commit
+        # A follower acknowledges only what is durable: the answer waits for `durable()` if need be.
+        if last_new_index > self.stable_index:
+            if last_new_index > self._ack_pending_index:
+                self._ack_pending_index = last_new_index
+                self._ack_leader = message.source
+            return
         self._send(AppendEntriesResponse(self.cluster_id, self.id, message.source, self.term,
                                          True, last_new_index, 0, 0))
 
@@ -584,20 +879,25 @@ class RaftCore:
         snapshot = message.snapshot
         log = self.log
         if snapshot.index <= self.commit_index:
-            index = self.commit_index
+            self._acknowledge(message.source, self.commit_index)
         elif log.term_at(snapshot.index) == snapshot.term:
             # Section 7: "If the follower has an entry that matches the snapshot's last included
             # index and term, it can retain the entries following it": only the commit moves.
-            self.commit_index = index = snapshot.index
+            self.commit_index = snapshot.index
+            self._acknowledge(message.source, snapshot.index)
         else:
             log.restore(snapshot.index, snapshot.term)
             self.snapshot = snapshot
             self._pending_snapshot = snapshot
-            self.commit_index = index = snapshot.index
+            self.commit_index = snapshot.index
             self._unstable_from = snapshot.index + 1
             self.stable_index = min(self.stable_index, snapshot.index)
-        self._send(AppendEntriesResponse(self.cluster_id, self.id, message.source, self.term,
-                                         True, index, 0, 0))
+            # The snapshot replaces the log; writes still in progress are superseded (the caller
+            # finishes them before it writes the snapshot, and their reports no longer count).
+            self._writes.clear()
+            # The snapshot is durable before this leaves (`Ready.sync_before_send`).
+            self._send(AppendEntriesResponse(self.cluster_id, self.id, message.source, self.term,
+                                             True, snapshot.index, 0, 0))
 
     # ------------------------------------------------------------------------- leading
 
@@ -635,9 +935,19 @@ class RaftCore:
 
     def durable_state(self) -> DurableState:
         """What a caller that persisted every ready holds (for tests and the benchmark)."""
-        return DurableState(
-            HardState(self.term, self.vote, self.commit_index),
-            self.snapshot,
-            list(self.log.terms),
-            list(self.log.payloads),
-        )
+        log = self.log
+        terms: list[int] = []
+        payloads: list[bytes] = []
+        index = log.snapshot_index + 1
+        while index <= log.last_index:
+            more_terms, more_payloads = log.read(index, log.last_index + 1,
+                                                 self.config.storage_read_bytes_max)
+            terms.extend(more_terms)
+            payloads.extend(more_payloads)
+            index += len(more_terms)
+        return DurableState(HardState(self.term, self.vote, self.commit_index), self.snapshot,
+                            terms, payloads)
+
+    def term_at(self, index: int) -> int | None:
+        """The term of the entry at `index` (from storage if dropped from memory), or None."""
+        return self.log.term_at(index)

@@ -13,14 +13,19 @@ ready and gives each follower what its `Progress` says it is due (`sequencer.raf
 entries from `next_index` in messages of at most `entries_per_message_max`, up to
 `inflight_messages_max` unanswered messages; one probe while the match is unknown; an empty
 AppendEntries to carry a new commit index or resynchronise; an InstallSnapshot when the entries a
-follower needs are compacted (7).
+follower needs are compacted (7). Entries the core has dropped from memory are read back from its
+`LogStorage` (a follower that lags behind the retention window).
+
+The leader's AppendEntries may carry entries its own disk does not hold yet (Raft thesis 10.2.1:
+the leader writes in parallel with its followers); the core counts the leader itself toward a
+majority only up to its own durable (stable) index.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from sequencer.raft.config import RaftConfig
+from sequencer.raft.config import NO_NODE, RaftConfig
 from sequencer.raft.log import RaftLog
 from sequencer.raft.messages import (
     AppendEntries,
@@ -30,6 +35,7 @@ from sequencer.raft.messages import (
     InstallSnapshot,
     Message,
     Snapshot,
+    TimeoutNow,
 )
 from sequencer.raft.tracker import PROBE, REPLICATE, Progress, ProgressTracker
 
@@ -39,7 +45,17 @@ __all__ = ["Leader"]
 class Leader:
     """The leader of `term`: its followers' progress and the messages it sends them."""
 
-    __slots__ = ("_config", "_heartbeat_elapsed_ticks", "_log", "_send", "term", "tracker")
+    __slots__ = (
+        "_config",
+        "_heartbeat_elapsed_ticks",
+        "_log",
+        "_send",
+        "_timeout_now_sent",
+        "_transfer_elapsed_ticks",
+        "term",
+        "tracker",
+        "transfer_target",
+    )
 
     def __init__(
         self,
@@ -55,6 +71,10 @@ class Leader:
         self._log = log
         self._send = send
         self._heartbeat_elapsed_ticks = 0
+        # Leadership transfer (thesis 3.10): the follower being handed leadership, or NO_NODE.
+        self.transfer_target = NO_NODE
+        self._transfer_elapsed_ticks = 0
+        self._timeout_now_sent = False
         # A new leader guesses that each follower has its whole log and probes from there (5.3).
         self.tracker = ProgressTracker(peers, log.last_index + 1, quorum)
 
@@ -75,6 +95,40 @@ class Leader:
             tracker.reset_recent_active()
         tracker.tick_snapshots(config.election_ticks, config.election_ticks)
         return True
+
+    def transfer_tick(self) -> None:
+        """One tick of a transfer in progress: abandon it after an election timeout.
+
+        Thesis 3.10: "If the transfer does not complete within [an election timeout], the prior
+        leader aborts the transfer and resumes accepting client requests."
+        """
+        if self.transfer_target:
+            self._transfer_elapsed_ticks += 1
+            if self._transfer_elapsed_ticks >= self._config.election_ticks:
+                self.transfer_target = NO_NODE
+
+    def transfer_to(self, target: int) -> None:
+        """Start handing leadership to `target`: catch its log up, then send TimeoutNow."""
+        self.transfer_target = target
+        self._transfer_elapsed_ticks = 0
+        self._timeout_now_sent = False
+        progress = self.tracker.progress[target]
+        if progress.match_index < self._log.last_index:
+            # Catch it up now rather than at the next heartbeat answer: an AppendEntries goes
+            # out in the next ready even if the window's messages were lost.
+            progress.send_probe = True
+            progress.paused = False
+        self.maybe_send_timeout_now()
+
+    def maybe_send_timeout_now(self) -> None:
+        """Send TimeoutNow once the target's (durable) log matches the leader's whole log."""
+        target = self.transfer_target
+        if not target or self._timeout_now_sent:
+            return
+        if self.tracker.progress[target].match_index == self._log.last_index:
+            config = self._config
+            self._send(TimeoutNow(config.cluster_id, config.node_id, target, self.term))
+            self._timeout_now_sent = True
 
     def heartbeat_tick(self) -> bool:
         """One tick of the heartbeat clock; returns whether heartbeats are due now."""
@@ -132,8 +186,17 @@ class Leader:
         if previous_term is None:
             self._send_snapshot(progress, snapshot)
             return
-        last_index = min(log.last_index, previous_index + config.entries_per_message_max)
-        terms, payloads = log.slice(previous_index + 1, last_index + 1)
+        last_index = previous_index + config.entries_per_message_max
+        log_last_index = log.last_index
+        if last_index > log_last_index:
+            last_index = log_last_index
+        if previous_index >= log.offset_index:
+            terms, payloads = log.slice(previous_index + 1, last_index + 1)
+        else:
+            # Entries dropped from memory come from storage, bounded by bytes: maybe fewer.
+            terms, payloads = log.read(previous_index + 1, last_index + 1,
+                                       config.storage_read_bytes_max)
+            last_index = previous_index + len(terms)
         self._send(AppendEntries(config.cluster_id, config.node_id, progress.node_id, self.term,
                                  previous_index, previous_term, commit_index, terms, payloads))
         progress.sent_append(last_index, commit_index)

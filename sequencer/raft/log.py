@@ -1,21 +1,33 @@
-"""The in-memory Raft log: entry terms and payloads after a snapshot boundary.
+"""The Raft log: the tail held in memory, the rest read back from the caller's storage.
 
-The log is two parallel lists, `terms` and `payloads`, for the indices `snapshot_index + 1 ..
-last_index`. Parallel lists instead of one object per entry keep the hot paths (append a batch,
-slice a batch for a message, compare a run of terms) inside C: `list.extend`, slicing and `==` on
-lists. An entry is `(index, term, payload)`; its index is implied by its position.
+The in-memory part is two parallel lists, `terms` and `payloads`, for the indices
+`offset_index + 1 .. last_index`. Parallel lists instead of one object per entry keep the hot paths
+(append a batch, slice a batch for a message, compare a run of terms) inside C: `list.extend`,
+slicing and `==` on lists. An entry is `(index, term, payload)`; its index is implied by its
+position.
+
+Three boundaries, in order, `snapshot_index <= offset_index <= last_index`:
+- up to `snapshot_index` the entries are compacted into the caller's snapshot; the entry at
+  `snapshot_index` is known only by its term (`snapshot_term`);
+- `snapshot_index + 1 .. offset_index` are durable and dropped from memory (`drop_to`): the
+  caller's `LogStorage` holds them, and `term_at` and `read` go there for them;
+- `offset_index + 1 .. last_index` are in memory (the entry at `offset_index` is known by its
+  term, `offset_term`, for the consistency check of the next one).
+Without a storage nothing is ever dropped, and `offset_index` follows `snapshot_index`.
 
 Invariants (asserted where they are established):
 - terms never decrease along the log (Raft: a leader only appends entries of its current term, and
   terms only grow), so the first and last index of a term are found by bisection;
 - `terms` and `payloads` have the same length;
-- the entry at `snapshot_index` is known only by its term (`snapshot_term`); entries at or before it
-  are compacted into the caller's snapshot.
+- only the in-memory part changes (`merge`, `append`): the core drops from memory only entries that
+  are committed, applied and durable, which never change again.
 """
 
 from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
+
+from sequencer.raft.storage import LogStorage
 
 __all__ = ["RaftLog"]
 
@@ -23,40 +35,78 @@ __all__ = ["RaftLog"]
 class RaftLog:
     """Entries `snapshot_index + 1 .. last_index`; `index` 1-based, 0 meaning none."""
 
-    __slots__ = ("payloads", "snapshot_index", "snapshot_term", "terms")
+    __slots__ = (
+        "offset_index",
+        "offset_term",
+        "payloads",
+        "snapshot_index",
+        "snapshot_term",
+        "storage",
+        "terms",
+    )
 
-    def __init__(self, snapshot_index: int = 0, snapshot_term: int = 0) -> None:
+    def __init__(
+        self, snapshot_index: int = 0, snapshot_term: int = 0, storage: LogStorage | None = None
+    ) -> None:
         assert snapshot_index >= 0, snapshot_index
         assert snapshot_term >= 0, snapshot_term
         self.snapshot_index = snapshot_index
         self.snapshot_term = snapshot_term
+        self.offset_index = snapshot_index
+        self.offset_term = snapshot_term
+        self.storage = storage
         self.terms: list[int] = []
         self.payloads: list[bytes] = []
 
     @property
     def last_index(self) -> int:
-        return self.snapshot_index + len(self.terms)
+        return self.offset_index + len(self.terms)
 
     @property
     def last_term(self) -> int:
-        return self.terms[-1] if self.terms else self.snapshot_term
+        return self.terms[-1] if self.terms else self.offset_term
 
     def term_at(self, index: int) -> int | None:
         """The term of the entry at `index`, or None when it is compacted or beyond the end."""
-        offset = index - self.snapshot_index
+        offset = index - self.offset_index
+        if offset > 0:
+            return self.terms[offset - 1] if offset <= len(self.terms) else None
         if offset == 0:
+            return self.offset_term
+        if index == self.snapshot_index:
             return self.snapshot_term
-        if offset < 0 or offset > len(self.terms):
+        if index < self.snapshot_index:
             return None
-        return self.terms[offset - 1]
+        assert self.storage is not None, (index, self.offset_index)
+        term = self.storage.term(index)
+        assert term is not None, ("storage lost a durable entry", index, self.offset_index)
+        return term
 
     def slice(self, start_index: int, end_index: int) -> tuple[list[int], list[bytes]]:
-        """Terms and payloads of the entries `start_index .. end_index - 1` (copies)."""
-        assert start_index > self.snapshot_index, (start_index, self.snapshot_index)
+        """Terms and payloads of the in-memory entries `start_index .. end_index - 1` (copies)."""
+        assert start_index > self.offset_index, (start_index, self.offset_index)
         assert end_index <= self.last_index + 1, (end_index, self.last_index)
-        low = start_index - self.snapshot_index - 1
-        high = end_index - self.snapshot_index - 1
+        low = start_index - self.offset_index - 1
+        high = end_index - self.offset_index - 1
         return self.terms[low:high], self.payloads[low:high]
+
+    def read(
+        self, start_index: int, end_index: int, bytes_max: int
+    ) -> tuple[list[int], list[bytes]]:
+        """Entries from `start_index`, at most up to `end_index - 1`, from memory or storage.
+
+        From memory it returns them all (a message is bounded by entry count); from storage at
+        least one and at most about `bytes_max` payload bytes, stopping where memory begins, so the
+        caller sends what it got and continues from there.
+        """
+        if start_index > self.offset_index:
+            return self.slice(start_index, end_index)
+        assert start_index > self.snapshot_index, (start_index, self.snapshot_index)
+        assert self.storage is not None, (start_index, self.offset_index)
+        last_index = min(end_index - 1, self.offset_index)
+        terms, payloads = self.storage.entries(start_index, last_index, bytes_max)
+        assert 0 < len(terms) <= last_index - start_index + 1, (start_index, len(terms))
+        return terms, payloads
 
     def append(self, terms: list[int], payloads: list[bytes]) -> None:
         assert len(terms) == len(payloads), (len(terms), len(payloads))
@@ -82,13 +132,13 @@ class RaftLog:
         Returns:
             The first index that changed, or 0 when the log already held every entry.
         """
-        assert previous_index >= self.snapshot_index, (previous_index, self.snapshot_index)
+        assert previous_index >= self.offset_index, (previous_index, self.offset_index)
         assert previous_index <= self.last_index, (previous_index, self.last_index)
         assert len(terms) == len(payloads), (len(terms), len(payloads))
         count = len(terms)
         if count == 0:
             return 0
-        start = previous_index - self.snapshot_index
+        start = previous_index - self.offset_index
         held = len(self.terms)
         if start == held:
             self.append(terms, payloads)
@@ -107,42 +157,62 @@ class RaftLog:
         self.append(terms[first:], payloads[first:])
         return previous_index + 1 + first
 
-    def truncate_after(self, index: int) -> None:
-        """Drop the entries after `index`."""
-        assert index >= self.snapshot_index, (index, self.snapshot_index)
-        keep = index - self.snapshot_index
-        del self.terms[keep:]
-        del self.payloads[keep:]
-
     def first_index_of_term(self, term: int) -> int:
-        """The first retained index whose term is `term` (the log must hold one)."""
+        """The first in-memory index whose term is `term` (memory must hold one)."""
         position = bisect_left(self.terms, term)
         assert position < len(self.terms), (term, self.last_term)
         assert self.terms[position] == term, (term, self.terms[position])
-        return self.snapshot_index + 1 + position
+        return self.offset_index + 1 + position
 
     def last_index_of_term(self, term: int) -> int:
-        """The last retained index whose term is `term`, or 0 when the log holds none."""
+        """The last index of `term` in memory (or at `offset_index`), or 0 when there is none.
+
+        0 also when the term ends below the in-memory part; the caller then falls back to a
+        slower but still correct guess (5.3: any next index above the match works).
+        """
         position = bisect_right(self.terms, term)
-        if position == 0 or self.terms[position - 1] != term:
+        if position == 0:
+            return self.offset_index if self.offset_term == term and self.offset_index else 0
+        if self.terms[position - 1] != term:
             return 0
-        return self.snapshot_index + position
+        return self.offset_index + position
+
+    def drop_to(self, index: int) -> None:
+        """Forget the in-memory entries up to `index`: durable, read back from storage if needed."""
+        assert self.storage is not None, index
+        assert self.offset_index < index <= self.last_index, (index, self.offset_index)
+        self._forget(index, self.terms[index - self.offset_index - 1])
 
     def compact(self, index: int) -> None:
         """Forget the entries up to `index` (the caller's snapshot now covers them)."""
         assert self.snapshot_index < index <= self.last_index, (index, self.snapshot_index)
         term = self.term_at(index)
         assert term is not None, index
-        drop = index - self.snapshot_index
-        del self.terms[:drop]
-        del self.payloads[:drop]
+        if index > self.offset_index:
+            self._forget(index, term)
         self.snapshot_index = index
         self.snapshot_term = term
+
+    def _forget(self, index: int, term: int) -> None:
+        drop = index - self.offset_index
+        del self.terms[:drop]
+        del self.payloads[:drop]
+        self.offset_index = index
+        self.offset_term = term
+
+    def start_after(self, index: int, term: int) -> None:
+        """Begin the in-memory part after `index` (of `term`), leaving what precedes in storage:
+        a restart that loads only the tail of the durable log."""
+        assert self.storage is not None, index
+        assert not self.terms, len(self.terms)
+        assert index >= self.snapshot_index, (index, self.snapshot_index)
+        self.offset_index = index
+        self.offset_term = term
 
     def restore(self, snapshot_index: int, snapshot_term: int) -> None:
         """Discard the whole log: a snapshot at `snapshot_index` replaces it."""
         assert snapshot_index >= 0, snapshot_index
         self.terms.clear()
         self.payloads.clear()
-        self.snapshot_index = snapshot_index
-        self.snapshot_term = snapshot_term
+        self.snapshot_index = self.offset_index = snapshot_index
+        self.snapshot_term = self.offset_term = snapshot_term

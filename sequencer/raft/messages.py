@@ -33,6 +33,8 @@ __all__ = [
     "RequestVote",
     "RequestVoteResponse",
     "Snapshot",
+    "TermStart",
+    "TimeoutNow",
 ]
 
 
@@ -83,13 +85,30 @@ class Entries(msgspec.Struct, array_like=True, gc=False):
 class DurableState(msgspec.Struct, gc=False):
     """What a node finds on its disk after a crash, to build a core from.
 
-    `terms`/`payloads` are the durable entries after the snapshot (from index 1 without one).
+    `terms`/`payloads` are the durable entries from `first_index` to the end of the log. With the
+    default `first_index` (0) they start right after the snapshot (at index 1 without one). A
+    caller with a `LogStorage` may load only the tail: entries from the snapshot up to
+    `first_index - 1` stay in storage, and must all be committed (`first_index - 1 <=
+    hard_state.commit_index`), so a restart reads a bounded amount whatever the journal holds.
     """
 
     hard_state: HardState
     snapshot: Snapshot | None = None
     terms: list[int] = msgspec.field(default_factory=list)
     payloads: list[bytes] = msgspec.field(default_factory=list)
+    first_index: int = 0
+
+
+class TermStart(msgspec.Struct, array_like=True, gc=False, frozen=True):
+    """This node leads `term` from now on, and the term's first entry (its no-op, Raft paper 8)
+    is at `index`.
+
+    The leader's sequencer stamps from here: a TERM_START record at `index`, then the term's
+    records at `index + 1, ...` (docs/contracts.md, "one log").
+    """
+
+    term: int
+    index: int
 
 
 class ReadState(msgspec.Struct, array_like=True, gc=False, frozen=True):
@@ -109,11 +128,16 @@ class Message(msgspec.Struct, tag=True, array_like=True, gc=False, frozen=True):
 
 
 class RequestVote(Message, frozen=True):
-    """A (pre-)candidate asks for a vote in `term` (for a PreVote, the term it would start)."""
+    """A (pre-)candidate asks for a vote in `term` (for a PreVote, the term it would start).
+
+    `transfer`: the candidate campaigns because the leader asked it to (TimeoutNow), so voters
+    that still hear from that leader grant it anyway (thesis 3.10, 4.2.3).
+    """
 
     last_index: int
     last_term: int
     pre_vote: bool
+    transfer: bool = False
 
 
 class RequestVoteResponse(Message, frozen=True):
@@ -168,6 +192,11 @@ class InstallSnapshot(Message, frozen=True):
     snapshot: Snapshot
 
 
+class TimeoutNow(Message, frozen=True):
+    """The leader hands over leadership: the target, whose log matches the leader's, starts an
+    election at once, as if its election timer had fired (thesis 3.10)."""
+
+
 MESSAGE_TYPES = (
     RequestVote,
     RequestVoteResponse,
@@ -176,6 +205,7 @@ MESSAGE_TYPES = (
     Heartbeat,
     HeartbeatResponse,
     InstallSnapshot,
+    TimeoutNow,
 )
 
 MESSAGE_DECODER = msgspec.msgpack.Decoder(
@@ -186,21 +216,29 @@ MESSAGE_DECODER = msgspec.msgpack.Decoder(
     | Heartbeat
     | HeartbeatResponse
     | InstallSnapshot
+    | TimeoutNow
 )
 
 
 class Ready(msgspec.Struct, gc=False):
     """One batch of work for the caller, in the order it must be done.
 
-    1. `snapshot`: persist it, discard the durable log, restore the state machine from it.
-    2. `entries`: truncate the durable log after `entries.first_index - 1`, append them.
-    3. `hard_state`: persist it (after the entries).
-       Make all three durable (fsync) before step 4.
-    4. `messages`: send them (after persisting: a vote or an acknowledgement is a promise about
-       durable state).
-    5. `committed`: apply them in order (entries with an empty payload are no-ops).
+    1. `snapshot`: persist it, discard the durable log, restore the state machine from it (after
+       the entry writes still in progress: writes are done in the order they are handed out).
+    2. `hard_state`: persist it. When `sync_before_send` is set (the term or vote changed, or a
+       snapshot came), make it and the snapshot durable (fsync) before step 4: every message
+       carries the term, and a vote is a promise.
+    3. `entries`: start the write: truncate the durable log after `entries.first_index - 1`,
+       append them. Writes complete in the order they are handed out. The write need not be
+       durable before step 4 (Raft thesis 10.2.1): nothing in `messages` promises these entries
+       (a follower's acknowledgement comes from the core only once they are durable).
+    4. `messages`: send them.
+    5. `committed`: apply them in order (an entry with an empty payload is the core's no-op).
     6. `reads`: answer each once the state machine has applied its index.
-    7. Call `core.advance(ready)`.
+    7. `term_start`: this node now leads a new term; stamp from its index on.
+    8. Call `core.advance(ready)` if the entries' write is durable by now (a synchronous caller),
+       or `core.advance(ready, entries_durable=False)` and, once it is,
+       `core.durable(entries.last_index, entries.terms[-1])`.
     """
 
     messages: list[Message]
@@ -209,3 +247,5 @@ class Ready(msgspec.Struct, gc=False):
     hard_state: HardState | None = None
     committed: Entries | None = None
     reads: list[ReadState] | None = None
+    sync_before_send: bool = False
+    term_start: TermStart | None = None

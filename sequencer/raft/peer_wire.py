@@ -25,6 +25,7 @@ from sequencer.raft.messages import (
     Message,
     RequestVote,
     RequestVoteResponse,
+    TimeoutNow,
 )
 
 __all__ = [
@@ -177,6 +178,7 @@ MESSAGES_DECODER: Final = msgspec.msgpack.Decoder(
         | Heartbeat
         | HeartbeatResponse
         | InstallSnapshot
+        | TimeoutNow
     ]
 )
 assert set(get_args(get_args(MESSAGES_DECODER.type)[0])) == set(MESSAGE_TYPES), (

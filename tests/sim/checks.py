@@ -16,10 +16,13 @@ O(entries touched) per step rather than O(log):
   simulated clients never resend, so that would be a double application).
 - commit_index never goes backwards within one incarnation of a node.
 - Persist before send: every message is backed by the sender's durable state (see
-  `check_persisted_before_send`).
+  `check_persisted_before_send`): the term and vote, and for a follower's acknowledgement the
+  entries themselves, while a leader's own entry writes may still be in progress (thesis 10.2.1).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 from sequencer.raft import (
     AppendEntriesResponse,
@@ -126,14 +129,21 @@ class Checker:
 
 
 def check_persisted_before_send(
-    message: Message, durable_term: int, durable_vote: int, durable_last_index: int
+    message: Message,
+    durable_term: int,
+    durable_vote: int,
+    durable_last_index: int,
+    durable_term_at: Callable[[int], int | None] | None = None,
+    log_term_at: Callable[[int], int | None] | None = None,
 ) -> None:
     """A message may promise only what the sender's disk already holds.
 
     - A message of term T goes out only once T is durable (a pre-vote asks about term + 1 without
       adopting it, so it and a granted pre-vote are exempt).
     - A granted vote is durable as the vote of that term.
-    - A successful AppendEntriesResponse acknowledges only entries on disk.
+    - A successful AppendEntriesResponse acknowledges only entries on disk; given the disk's and
+      the log's terms, the disk holds the very entry the log does at the acknowledged index (not
+      an older one at that index that a write in progress will replace).
     """
     kind = type(message)
     exempt = (kind is RequestVote and message.pre_vote) or (  # type: ignore[attr-defined]
@@ -156,6 +166,14 @@ def check_persisted_before_send(
                 f"persist before send: node {message.source} acknowledges index {message.index} "
                 f"while its durable log ends at {durable_last_index}"
             )
+        if durable_term_at is not None and log_term_at is not None:
+            on_disk = durable_term_at(message.index)
+            if on_disk is not None and on_disk != log_term_at(message.index):
+                raise SafetyViolation(
+                    f"persist before send: node {message.source} acknowledges index "
+                    f"{message.index} of term {log_term_at(message.index)} while its disk holds "
+                    f"term {on_disk} there"
+                )
 
 
 def check_nothing_ready(core: RaftCore) -> None:

@@ -25,6 +25,37 @@ __all__ = ["DirectCluster"]
 STABILIZE_ROUNDS_MAX = 1000  # a quiet cluster settles in a few rounds; more means a livelock
 
 
+class DiskStorage:
+    """The `LogStorage` of a node whose disk is a `DurableState` (entries after its snapshot)."""
+
+    def __init__(self, disk: DurableState) -> None:
+        self.disk = disk
+        self.reads = 0  # entries read back, for assertions
+
+    def _base(self) -> int:
+        return self.disk.snapshot.index if self.disk.snapshot is not None else 0
+
+    def term(self, index: int) -> int | None:
+        offset = index - self._base()
+        if offset <= 0 or offset > len(self.disk.terms):
+            return None
+        return self.disk.terms[offset - 1]
+
+    def entries(
+        self, first_index: int, last_index: int, bytes_max: int
+    ) -> tuple[list[int], list[bytes]]:
+        low = first_index - self._base() - 1
+        high = last_index - self._base()
+        assert 0 <= low < high <= len(self.disk.terms), (first_index, last_index)
+        end = low
+        total_bytes = 0
+        while end < high and total_bytes < bytes_max:
+            total_bytes += len(self.disk.payloads[end])
+            end += 1
+        self.reads += end - low
+        return self.disk.terms[low:end], self.disk.payloads[low:end]
+
+
 class DirectCluster:
     def __init__(
         self, node_count: int = 3, *, seed: int = 0, durable: dict[int, DurableState] | None = None,
@@ -40,6 +71,8 @@ class DirectCluster:
         self.outbox: list[Message] = []
         self.blocked: set[tuple[int, int]] = set()
         self.sent: list[Message] = []  # every message ever sent, for assertions
+        # With a retention window configured, each core reads what it dropped from its disk.
+        self.storages: dict[int, DiskStorage] = {}
         for node_id in self.ids:
             self.disks[node_id] = (durable or {}).get(node_id) or DurableState(HardState(0, 0, 0))
             self.start(node_id)
@@ -49,7 +82,11 @@ class DirectCluster:
         config = RaftConfig(node_id, self.ids, **self.config)  # type: ignore[arg-type]
         durable = DurableState(disk.hard_state, disk.snapshot, list(disk.terms),
                                list(disk.payloads))
-        self.cores[node_id] = RaftCore(config, random.Random(self.rng.getrandbits(32)), durable)
+        storage = None
+        if "log_retention_entries" in self.config:
+            storage = self.storages[node_id] = DiskStorage(disk)
+        self.cores[node_id] = RaftCore(config, random.Random(self.rng.getrandbits(32)), durable,
+                                       storage)
         self.applied[node_id] = []
 
     def crash(self, node_id: int) -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-from tests.sim.simulator import MS, NetworkProfile, Simulation
+from tests.sim.simulator import MS, DiskProfile, NetworkProfile, Simulation
 
 __all__ = ["CONVERGENCE_MS_MAX", "SeedResult", "run_seed"]
 
@@ -32,9 +32,11 @@ FAULTS = (
     "heal",
     "crash",
     "crash-torn",
+    "crash-unsynced",
     "crash-all",
     "pause",
     "network",
+    "transfer",
 )
 
 
@@ -59,6 +61,20 @@ def _network(rng: random.Random) -> NetworkProfile:
     )
 
 
+# Each node's disk: synchronous (the shell persists entries before sending), or an fsync stream
+# whose latency ranges from an NVMe flush (~20-200 us) to a loaded spinning disk (~1-20 ms), so
+# the leader's own write lands before, with or well after its followers' acknowledgements.
+DISK_PROFILES = (
+    None,
+    DiskProfile(20, 200),
+    DiskProfile(100, 2 * MS),
+    DiskProfile(1 * MS, 20 * MS),
+)
+# A stalled disk (a full device queue, a journal commit in the file system): every fsync takes
+# 20-200 ms, far longer than a LAN round trip, until the node restarts.
+DISK_STALL = DiskProfile(20 * MS, 200 * MS)
+
+
 def build(seed: int) -> tuple[Simulation, random.Random, int]:
     """The cluster, the scenario's random stream and the fault phase length for `seed`."""
     rng = random.Random(seed)
@@ -73,22 +89,35 @@ def build(seed: int) -> tuple[Simulation, random.Random, int]:
         # rules (5.4.2) and flow control are tested hardest.
         entries_per_message_max=rng.choice((1, 2, 5, 64, 1024)),
         inflight_messages_max=rng.choice((1, 2, 8, 64)),
+        disk_profiles=[rng.choice(DISK_PROFILES) for _ in range(node_count)],
+        # None keeps every entry in memory; 0 drops all that is applied and durable, so lagging
+        # followers are fed from storage (the journal, in the daemon).
+        log_retention_entries=rng.choice((None, 0, 8, 64)),
+        term_start_from_shell=rng.random() < 0.5,
         rng=rng,
     )
     fault_ms = rng.randint(1000, 4000)
     return simulation, rng, fault_ms
 
 
-def run_seed(seed: int, *, trace: bool = False) -> tuple[Simulation, SeedResult]:
-    """Run the randomized scenario of `seed`; raises on any violated check."""
+def run_seed(
+    seed: int, *, trace: bool = False, faults: tuple[str, ...] = FAULTS
+) -> tuple[Simulation, SeedResult]:
+    """Run the randomized scenario of `seed`; raises on any violated check.
+
+    `faults` narrows the mix of faults (a test aiming at one of them); the default is all.
+    """
+    unknown = set(faults) - set(FAULTS)
+    assert not unknown, f"unknown faults {sorted(unknown)}; choose from {FAULTS}"
     simulation, rng, fault_ms = build(seed)
     simulation.trace_all = trace
     fault_end_us = fault_ms * MS
     ids = simulation.ids
-    faults: list[str] = []
+    fault_kinds = faults
+    faults_seen: list[str] = []
 
     def note(text: str) -> None:
-        faults.append(f"{simulation.now_us // MS}ms {text}")
+        faults_seen.append(f"{simulation.now_us // MS}ms {text}")
         simulation._record(f"fault {text}")
 
     def client() -> None:
@@ -101,6 +130,18 @@ def run_seed(seed: int, *, trace: bool = False) -> tuple[Simulation, SeedResult]
 
     def restart_later(node_id: int) -> None:
         simulation.at_ms(rng.randint(20, 800), lambda: simulation.restart(node_id))
+
+    def restart_when_down(node_id: int) -> None:
+        """Restart a node armed to crash once it has crashed; until then keep it armed."""
+
+        def check() -> None:
+            node = simulation.nodes[node_id]
+            if node.core is None:
+                simulation.restart(node_id)
+            elif node.crash_after_send and simulation.now_us < fault_end_us:
+                simulation.at_ms(rng.randint(20, 200), check)
+
+        simulation.at_ms(rng.randint(20, 200), check)
 
     def swizzle(order: list[int]) -> None:
         clogged: list[int] = []
@@ -136,7 +177,7 @@ def run_seed(seed: int, *, trace: bool = False) -> tuple[Simulation, SeedResult]
     def fault() -> None:
         if simulation.now_us >= fault_end_us:
             return
-        kind = rng.choice(FAULTS)
+        kind = rng.choice(fault_kinds)
         if kind == "partition" and len(ids) > 1:
             shuffled = list(ids)
             rng.shuffle(shuffled)
@@ -179,6 +220,22 @@ def run_seed(seed: int, *, trace: bool = False) -> tuple[Simulation, SeedResult]
                 simulation.crash(node_id, torn=kind == "crash-torn")
                 note(f"{kind} n{node_id}")
                 restart_later(node_id)
+        elif kind == "crash-unsynced" and len(ids) > 1:
+            # The leader's disk stalls and it loses its link to all but a bare majority (itself
+            # included); it sends its next entries and dies once it has committed past its own
+            # durable log. Only a minority then holds what it committed, so a leader that counted
+            # its unsynced entries would lose committed entries (thesis 10.2.1).
+            leader = simulation.leader()
+            if leader is not None:
+                followers = [n for n in ids if n != leader]
+                quorum = len(ids) // 2 + 1
+                cut = rng.sample(followers, len(followers) - (quorum - 1))
+                for target in cut:
+                    simulation.cut(leader, target)
+                simulation.nodes[leader].disk_profile = DISK_STALL
+                simulation.crash(leader, after_send=True)
+                note(f"crash-unsynced n{leader} (disk stalls, cut from {cut})")
+                restart_when_down(leader)
         elif kind == "crash-all":
             for node_id in simulation.live():
                 simulation.crash(node_id, torn=rng.random() < 0.5)
@@ -192,6 +249,10 @@ def run_seed(seed: int, *, trace: bool = False) -> tuple[Simulation, SeedResult]
         elif kind == "network":
             simulation.network = _network(rng)
             note(f"network {simulation.network}")
+        elif kind == "transfer" and len(ids) > 1:
+            target = rng.choice(ids)
+            if simulation.transfer(target):
+                note(f"transfer leadership to n{target}")
         simulation.at_ms(rng.randint(50, 600), fault)
 
     try:
@@ -205,13 +266,12 @@ def run_seed(seed: int, *, trace: bool = False) -> tuple[Simulation, SeedResult]
         for node_id in ids:
             node = simulation.nodes[node_id]
             node.paused_until_us = 0
-            node.crash_at_next_ready = False
             simulation.restart(node_id)
         note("faults stop")
         simulation.await_convergence(CONVERGENCE_MS_MAX)
     except Exception as error:
         # The minimal trace: the scenario's faults, then the last events before the failure.
-        error.add_note(f"seed {seed}: {len(ids)} nodes, faults: " + "; ".join(faults))
+        error.add_note(f"seed {seed}: {len(ids)} nodes, faults: " + "; ".join(faults_seen))
         error.add_note("last events:\n  " + "\n  ".join(simulation.trace))
         raise
     result = SeedResult(
@@ -222,6 +282,6 @@ def run_seed(seed: int, *, trace: bool = False) -> tuple[Simulation, SeedResult]
         acked=len(simulation.acked),
         reads=simulation.reads_done,
         messages=simulation.messages_sent,
-        faults=faults,
+        faults=faults_seen,
     )
     return simulation, result

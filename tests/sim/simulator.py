@@ -1,10 +1,12 @@
 """A deterministic simulator that runs a whole Raft cluster in one process.
 
 One `random.Random(seed)` drives everything: the network (per-link delay, loss, duplication and
-the reordering that random delays cause; partitions of every shape), the disks (a crash loses the
-ready being persisted and may tear it: a prefix of its entries reaches the disk), the clocks (each
-node ticks at its own drifting rate; pauses stop a node while messages queue for it), the clients
-(proposals and linearizable reads) and the seeds of each core's election timer. Nothing reads the
+the reordering that random delays cause; partitions of every shape), the disks (each node's entry
+writes complete in order after a random fsync latency, while its messages are already out, as the
+replication role does it; a crash loses the writes in progress, or lets a prefix of them land, and
+may tear the ready being persisted), the clocks (each node ticks at its own drifting rate; pauses
+stop a node while messages queue for it), the clients (proposals and linearizable reads) and the
+seeds of each core's election timer. Nothing reads the
 wall clock or iterates a hash-ordered collection of strings or bytes, so a seed replays exactly:
 same events, same trace hash, under any PYTHONHASHSEED.
 
@@ -19,7 +21,8 @@ import hashlib
 import heapq
 import random
 from collections import deque
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import msgspec
 
@@ -27,6 +30,7 @@ from sequencer.raft import (
     MESSAGE_DECODER,
     DurableState,
     HardState,
+    MemoryLogStorage,
     Message,
     NotLeaderError,
     ProposalRejected,
@@ -43,7 +47,7 @@ from tests.sim.checks import (
     check_persisted_before_send,
 )
 
-__all__ = ["LivenessFailure", "NetworkProfile", "SimNode", "Simulation"]
+__all__ = ["DiskProfile", "LivenessFailure", "NetworkProfile", "SimNode", "Simulation"]
 
 MS = 1000  # microseconds per millisecond
 TICK_US = 10 * MS  # nominal tick: 10 ms, so elections take 100-200 ms (RaftConfig defaults)
@@ -67,53 +71,73 @@ class NetworkProfile:
 
 
 @dataclass
+class DiskProfile:
+    """How long one entry write takes to become durable (uniform in the range), or None: the
+    node's shell writes synchronously (persist, then send, then `advance`)."""
+
+    fsync_min_us: int = 0
+    fsync_max_us: int = 0
+
+
 class Disk:
-    """What survives a crash: the hard state, the snapshot and the entries after it."""
+    """What survives a crash: the hard state, the snapshot and the durable entries after it.
 
-    hard_state: HardState = field(default_factory=lambda: HardState(0, 0, 0))
-    snapshot: Snapshot | None = None
-    terms: list[int] = field(default_factory=list)
-    payloads: list[bytes] = field(default_factory=list)
+    The entries are a `MemoryLogStorage`, which is also the core's `LogStorage` (read back when it
+    has dropped entries from memory): the simulator's disk is the Raft log's storage, as the
+    journal is the daemon's.
+    """
 
-    @property
-    def snapshot_index(self) -> int:
-        return self.snapshot.index if self.snapshot is not None else 0
+    def __init__(self) -> None:
+        self.hard_state = HardState(0, 0, 0)
+        self.snapshot: Snapshot | None = None
+        self.log = MemoryLogStorage()
 
     @property
     def last_index(self) -> int:
-        return self.snapshot_index + len(self.terms)
+        return self.log.last_index
+
+    def term_at(self, index: int) -> int | None:
+        if self.snapshot is not None and index == self.snapshot.index:
+            return self.snapshot.term
+        return self.log.term(index)
 
     def write_snapshot(self, snapshot: Snapshot) -> None:
         self.snapshot = snapshot
-        self.terms = []
-        self.payloads = []
+        self.log.restore(snapshot.index)
 
     def write_entries(self, first_index: int, terms: list[int], payloads: list[bytes]) -> None:
-        keep = first_index - 1 - self.snapshot_index
-        assert 0 <= keep <= len(self.terms), (first_index, self.snapshot_index, len(self.terms))
-        del self.terms[keep:]
-        del self.payloads[keep:]
-        self.terms.extend(terms)
-        self.payloads.extend(payloads)
+        self.log.write(first_index, terms, payloads)
 
     def compact(self, snapshot: Snapshot) -> None:
-        drop = snapshot.index - self.snapshot_index
-        assert 0 < drop <= len(self.terms), (snapshot.index, self.snapshot_index)
-        del self.terms[:drop]
-        del self.payloads[:drop]
+        self.log.compact(snapshot.index)
         self.snapshot = snapshot
 
 
+@dataclass
+class Write:
+    """An entry write in progress: durable at `done_us`, lost (or partly landed) in a crash."""
+
+    first_index: int
+    terms: list[int]
+    payloads: list[bytes]
+    done_us: int
+
+
 class SimNode:
-    def __init__(self, node_id: int, tick_us: int) -> None:
+    def __init__(self, node_id: int, tick_us: int, disk_profile: DiskProfile | None) -> None:
         self.id = node_id
         self.core: RaftCore | None = None
         self.disk = Disk()
+        self.disk_profile_at_start = disk_profile
+        self.disk_profile = disk_profile  # a fault may change it until the next restart
+        self.writes: deque[Write] = deque()  # in progress, oldest first
+        self.unreported: tuple[int, int] | None = None  # durable, not yet told to the core
         self.applied: list[bytes] = []  # the state machine: payloads by index - 1
         self.tick_us = tick_us
         self.paused_until_us = 0
         self.incarnation = 0
         self.crash_at_next_ready = False
+        self.crash_after_send = False
         self.commit_seen = 0
         self.role_seen = RaftRole.FOLLOWER
         self.compact_every_entries = 0  # 0: never compact
@@ -136,6 +160,9 @@ class Simulation:
         election_ticks: int = 10,
         entries_per_message_max: int = 1024,
         inflight_messages_max: int = 64,
+        disk_profiles: Sequence[DiskProfile | None] = (),
+        log_retention_entries: int | None = None,
+        term_start_from_shell: bool = False,
         rng: random.Random | None = None,
     ) -> None:
         self.seed = seed
@@ -153,10 +180,14 @@ class Simulation:
         self.election_ticks = election_ticks
         self.entries_per_message_max = entries_per_message_max
         self.inflight_messages_max = inflight_messages_max
+        # None: no storage, the cores keep their whole log in memory.
+        self.log_retention_entries = log_retention_entries
+        self.term_start_from_shell = term_start_from_shell
         self.nodes: dict[int, SimNode] = {}
         for node_id in self.ids:
             skew = 1.0 + self.rng.uniform(-drift, drift)
-            node = SimNode(node_id, int(TICK_US * skew))
+            profile = disk_profiles[node_id - 1] if disk_profiles else None
+            node = SimNode(node_id, int(TICK_US * skew), profile)
             node.compact_every_entries = compact_every_entries
             self.nodes[node_id] = node
             self._start(node)
@@ -190,6 +221,7 @@ class Simulation:
     def _start(self, node: SimNode) -> None:
         """Build a core from the node's disk (a first start or a restart after a crash)."""
         disk = node.disk
+        retention = self.log_retention_entries
         config = RaftConfig(
             node.id,
             self.ids,
@@ -197,15 +229,33 @@ class Simulation:
             election_ticks=self.election_ticks,
             entries_per_message_max=self.entries_per_message_max,
             inflight_messages_max=self.inflight_messages_max,
+            log_retention_entries=retention if retention is not None else 0,
+            # Small reads from storage, so an AppendEntries built from it is often cut short.
+            storage_read_bytes_max=64,
+            term_start_from_shell=self.term_start_from_shell,
         )
-        durable = DurableState(disk.hard_state, disk.snapshot, list(disk.terms),
-                               list(disk.payloads))
-        node.core = RaftCore(config, random.Random(self.rng.getrandbits(64)), durable)
+        storage = disk.log if retention is not None else None
+        durable = DurableState(disk.hard_state, disk.snapshot, list(disk.log.terms),
+                               list(disk.log.payloads))
+        if storage is not None:
+            # A bounded restart: load only a tail of the log, leaving committed entries on disk.
+            base = storage.snapshot_index
+            # (A snapshot installed in a ready is on disk before that ready's commit index.)
+            committed = max(base, min(disk.hard_state.commit_index, storage.last_index))
+            first_index = self.rng.randint(base + 1, committed + 1)
+            durable.first_index = first_index
+            del durable.terms[: first_index - base - 1]
+            del durable.payloads[: first_index - base - 1]
+        node.core = RaftCore(config, random.Random(self.rng.getrandbits(64)), durable, storage)
         node.applied = (
             list(STATE_DECODER.decode(disk.snapshot.data)) if disk.snapshot is not None else []
         )
         node.incarnation += 1
         node.crash_at_next_ready = False
+        node.crash_after_send = False
+        node.writes.clear()
+        node.unreported = None
+        node.disk_profile = node.disk_profile_at_start
         node.commit_seen = node.core.commit_index
         node.role_seen = RaftRole.FOLLOWER
         self._schedule(self.now_us + self.rng.randrange(node.tick_us), TICK, node.id)
@@ -226,6 +276,8 @@ class Simulation:
                 self._on_deliver(payload)  # type: ignore[arg-type]
             elif kind == ACTION:
                 payload()  # type: ignore[operator]
+            elif kind == DURABLE:
+                self._on_durable(payload)  # type: ignore[arg-type]
         self.now_us = max(self.now_us, end_us)
 
     def run_for_ms(self, duration_ms: float) -> None:
@@ -266,6 +318,31 @@ class Simulation:
         node.core.step(message)
         self._drain(node)
 
+    def _on_durable(self, item: tuple[int, int]) -> None:
+        """Entry writes of a node reach their fsync: the disk holds them; the core is told."""
+        node_id, incarnation = item
+        node = self.nodes[node_id]
+        core = node.core
+        if core is None or node.incarnation != incarnation:
+            return  # the writes were lost with the crash
+        writes = node.writes
+        while writes and writes[0].done_us <= self.now_us:
+            write = writes.popleft()
+            node.disk.write_entries(write.first_index, write.terms, write.payloads)
+            node.unreported = (write.first_index + len(write.terms) - 1, write.terms[-1])
+        if node.unreported is None:
+            return
+        if self.now_us < node.paused_until_us:
+            # Durable on disk, but a stopped process learns it only when it runs again.
+            self._schedule(node.paused_until_us, DURABLE, item)
+            return
+        index, term = node.unreported
+        node.unreported = None
+        # One report may stand for several writes (the shell saw them complete together).
+        core.durable(index, term)
+        self._record(f"durable n{node_id} {index}")
+        self._drain(node)
+
     def _send(self, message: Message) -> None:
         self.messages_sent += 1
         self._record(
@@ -287,28 +364,50 @@ class Simulation:
     # ------------------------------------------------------------------ the node's loop
 
     def _drain(self, node: SimNode) -> None:
-        """Do every ready the node has, as the replication role would: persist, send, apply."""
+        """Do every ready the node has, as the replication role would: persist the hard state
+        (and a snapshot) before sending, start the entry write (a synchronous node finishes it
+        first), send, apply, advance."""
         core = node.core
         assert core is not None
+        synchronous = node.disk_profile is None
         while core.has_ready():
             ready = core.ready()
-            if ready.entries is not None:
-                previous_term = core.log.term_at(ready.entries.first_index - 1)
-                self.checker.check_written(node.id, previous_term, ready.entries)
+            entries = ready.entries
+            if entries is not None:
+                previous_term = core.term_at(entries.first_index - 1)
+                self.checker.check_written(node.id, previous_term, entries)
             if node.crash_at_next_ready:
                 self._persist_torn(node, ready)
                 self._crash_now(node, "torn")
                 return
+            if ready.snapshot is not None:
+                # Writes complete in order: the ones in progress land before the snapshot.
+                self._finish_writes(node)
             self._persist(node.disk, ready)
+            if entries is not None:
+                if synchronous:
+                    node.disk.write_entries(entries.first_index, entries.terms, entries.payloads)
+                else:
+                    self._start_write(node, entries.first_index, entries.terms, entries.payloads)
             disk = node.disk
             durable_term, durable_vote = disk.hard_state.term, disk.hard_state.vote
-            durable_last = disk.last_index
             for message in ready.messages:
-                check_persisted_before_send(message, durable_term, durable_vote, durable_last)
+                check_persisted_before_send(message, durable_term, durable_vote,
+                                            disk.last_index, disk.term_at, core.term_at)
                 self._send(message)
             self._apply(node, ready)
-            core.advance(ready)
+            core.advance(ready, entries_durable=synchronous)
+            if ready.term_start is not None and self.term_start_from_shell:
+                self._propose_term_start(node, ready.term_start.term, ready.term_start.index)
             self._check_node(node)
+            if node.crash_after_send and node.writes and ready.messages and (
+                core.commit_index > core.stable_index or core.raft_role != RaftRole.LEADER
+            ):
+                # A node that sent, then crashed before its write was durable (thesis 10.2.1);
+                # a leader once it has sent a commit index past its own durable log, the moment
+                # when counting its unsynced entries would have mattered.
+                self._crash_now(node, "before its write was durable")
+                return
         check_nothing_ready(core)
         self._check_node(node)
         if node.compact_every_entries and (
@@ -321,13 +420,38 @@ class Simulation:
             node.disk.compact(core.snapshot)
             self._record(f"compact n{node.id} to {index}")
 
+    def _propose_term_start(self, node: SimNode, term: int, index: int) -> None:
+        """The leader's sequencer stamps a TERM_START record at the term's first index."""
+        core = node.core
+        assert core is not None
+        record = b"TERM_START n%d t%d i%d" % (node.id, term, index)
+        assert core.propose_batch([record], first_index=index, term=term) == index
+        self._record(f"term-start n{node.id} t{term} at {index}")
+
+    def _start_write(
+        self, node: SimNode, first_index: int, terms: list[int], payloads: list[bytes]
+    ) -> None:
+        profile = node.disk_profile
+        assert profile is not None
+        done_us = self.now_us + self.rng.randint(profile.fsync_min_us, profile.fsync_max_us)
+        if node.writes:
+            done_us = max(done_us, node.writes[-1].done_us)  # one fsync stream, in order
+        node.writes.append(Write(first_index, terms, payloads, done_us))
+        self._schedule(done_us, DURABLE, (node.id, node.incarnation))
+
+    @staticmethod
+    def _finish_writes(node: SimNode) -> None:
+        """Wait for the writes in progress (the core no longer needs their reports)."""
+        while node.writes:
+            write = node.writes.popleft()
+            node.disk.write_entries(write.first_index, write.terms, write.payloads)
+        node.unreported = None
+
     @staticmethod
     def _persist(disk: Disk, ready: Ready) -> None:
+        """The part of a ready that is durable before its messages leave."""
         if ready.snapshot is not None:
             disk.write_snapshot(ready.snapshot)
-        if ready.entries is not None:
-            entries = ready.entries
-            disk.write_entries(entries.first_index, entries.terms, entries.payloads)
         if ready.hard_state is not None:
             disk.hard_state = ready.hard_state
 
@@ -338,13 +462,20 @@ class Simulation:
         if ready.snapshot is not None:
             if rng.random() < 0.5:
                 return
+            self._finish_writes(node)
             disk.write_snapshot(ready.snapshot)
         if ready.entries is not None:
             entries = ready.entries
-            kept = rng.randint(0, len(entries))
-            disk.write_entries(entries.first_index, entries.terms[:kept], entries.payloads[:kept])
-            if kept < len(entries):
-                return
+            if node.disk_profile is not None:
+                # Queued behind the writes in progress; the crash lets a prefix of them land.
+                node.writes.append(Write(entries.first_index, entries.terms, entries.payloads,
+                                         self.now_us))
+            else:
+                kept = rng.randint(0, len(entries))
+                disk.write_entries(entries.first_index, entries.terms[:kept],
+                                   entries.payloads[:kept])
+                if kept < len(entries):
+                    return
         if ready.hard_state is not None and rng.random() < 0.5:
             disk.hard_state = ready.hard_state
 
@@ -404,27 +535,48 @@ class Simulation:
 
     # ------------------------------------------------------------------------- faults
 
-    def crash(self, node_id: int, *, torn: bool = False) -> None:
-        """Crash a node now, or (torn) in the middle of persisting its next ready."""
+    def crash(self, node_id: int, *, torn: bool = False, after_send: bool = False) -> None:
+        """Crash a node now, or (torn) in the middle of persisting its next ready, or (after_send)
+        once it has sent a ready while an entry write is still in progress."""
         node = self.nodes[node_id]
         if node.core is None:
             return
-        if torn:
+        if after_send:
+            node.crash_after_send = True
+            self._record(f"crash-after-send-armed n{node_id}")
+        elif torn:
             node.crash_at_next_ready = True
             self._record(f"crash-armed n{node_id}")
         else:
             self._crash_now(node, "clean")
 
     def _crash_now(self, node: SimNode, how: str) -> None:
+        """The process dies: writes in progress are lost, except that a prefix of them (in
+        order, the last one maybe torn) may have reached the disk unsynced."""
+        writes = node.writes
+        landed = 0
+        if writes and self.rng.random() < 0.5:
+            for write in writes:
+                kept = self.rng.randint(0, len(write.terms))
+                node.disk.write_entries(write.first_index, write.terms[:kept],
+                                        write.payloads[:kept])
+                landed += kept
+                if kept < len(write.terms):
+                    break
+        lost = sum(len(write.terms) for write in writes) - landed
+        writes.clear()
+        node.unreported = None
         node.core = None
         node.crash_at_next_ready = False
-        self._record(f"crash n{node.id} {how}")
+        node.crash_after_send = False
+        self._record(f"crash n{node.id} {how} (unsynced entries lost: {lost})")
 
     def restart(self, node_id: int) -> None:
         """Start a crashed node from its disk (a live node only loses an armed torn crash)."""
         node = self.nodes[node_id]
         if node.core is not None:
             node.crash_at_next_ready = False
+            node.crash_after_send = False
             return
         self._start(node)
 
@@ -488,7 +640,12 @@ class Simulation:
             if core is None:
                 return 0
             try:
-                first_index = core.propose_batch(payloads)
+                if self.term_start_from_shell and core.raft_role == RaftRole.LEADER:
+                    # As the leader's sequencer does: stamp, then hand the stamped records over.
+                    first_index = core.propose_batch(payloads, first_index=core.next_index(),
+                                                     term=core.term)
+                else:
+                    first_index = core.propose_batch(payloads)
             except NotLeaderError as error:
                 if error.leader_id and node_id is None:
                     target = error.leader_id
@@ -501,6 +658,18 @@ class Simulation:
             self._drain(node)
             return len(payloads)
         return 0
+
+    def transfer(self, target: int) -> bool:
+        """The leader (if any) hands leadership to `target` (a rolling restart's first step)."""
+        leader = self.leader()
+        if leader is None or leader == target:
+            return False
+        node = self.nodes[leader]
+        assert node.core is not None
+        node.core.transfer_leadership(target)
+        self._record(f"transfer n{leader} -> n{target}")
+        self._drain(node)
+        return True
 
     def read(self) -> bool:
         """Ask a random node that believes it leads (a deposed leader too) for a read point."""
@@ -583,3 +752,4 @@ class Simulation:
 TICK = 0
 DELIVER = 1
 ACTION = 2
+DURABLE = 3

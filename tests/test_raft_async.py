@@ -1,0 +1,366 @@
+"""The core's contract for the replication role: asynchronous writes, one log, a bounded log.
+
+- Asynchronous writes (Ongaro's dissertation, 10.2.1, "Writing to the leader's disk in
+  parallel"): the leader ships entries while its own write runs and counts itself only up to what
+  the caller reports durable; a follower acknowledges only durable entries; the term and vote are
+  synced before any message leaves.
+- One log: the leader's sequencer stamps records with the term and indexes the core assigns, with
+  a TERM_START record at the start of each term (docs/contracts.md).
+- A bounded log: what is committed, applied and durable leaves memory past a retention window and
+  is read back through the caller's `LogStorage`.
+
+Driven message by message, like tests/test_raft_paper.py.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from sequencer.raft import (
+    AppendEntries,
+    AppendEntriesResponse,
+    DurableState,
+    Entries,
+    HardState,
+    MemoryLogStorage,
+    RaftConfig,
+    RaftCore,
+    Ready,
+    RequestVote,
+    RequestVoteResponse,
+    StampMismatch,
+    TermStart,
+)
+from tests.sim.direct import DirectCluster
+
+CLUSTER = 1
+
+
+def leader_of_three(**config: int) -> tuple[DirectCluster, RaftCore]:
+    cluster = DirectCluster(3, **config)
+    cluster.elect(1)
+    cluster.tick(1)
+    cluster.stabilize()
+    return cluster, cluster.core(1)
+
+
+def take(core: RaftCore) -> Ready:
+    """One ready, advanced as an asynchronous caller does: entries not yet durable."""
+    ready = core.ready()
+    core.advance(ready, entries_durable=False)
+    return ready
+
+
+def appends(ready: Ready, target: int) -> list[AppendEntries]:
+    return [m for m in ready.messages if isinstance(m, AppendEntries) and m.target == target]
+
+
+def acks(ready: Ready) -> list[AppendEntriesResponse]:
+    return [m for m in ready.messages if isinstance(m, AppendEntriesResponse) and m.success]
+
+
+# ----------------------------------------------------------------------- the leader's disk
+
+
+def test_leader_ships_entries_while_its_own_write_is_in_progress() -> None:
+    # 10.2.1, "Writing to the leader's disk in parallel": the entries to write and the
+    # AppendEntries that carry them leave in one ready; the write's durability is reported later.
+    _, leader = leader_of_three()
+    leader.propose_batch([b"a", b"b"])
+    ready = take(leader)
+    assert ready.entries is not None and ready.entries.payloads == [b"a", b"b"]
+    assert [m.payloads for m in appends(ready, 2)] == [[b"a", b"b"]]
+    assert not ready.sync_before_send
+    assert leader.stable_index == 1 and leader.log.last_index == 3
+
+
+def test_leader_commits_on_a_majority_of_followers_before_its_own_write_lands() -> None:
+    # 10.2.1: "The leader may even commit an entry before it has been written to its own disk, if
+    # a majority of followers have written it to their disks; this is still safe."
+    _, leader = leader_of_three()
+    leader.propose(b"a")
+    take(leader)
+    for follower in (2, 3):
+        leader.step(AppendEntriesResponse(CLUSTER, follower, 1, 1, True, 2, 0, 0))
+    assert leader.commit_index == 2 and leader.stable_index == 1
+    # What a node applies it holds: the entry is handed out once the leader's own write lands.
+    ready = take(leader)
+    assert ready.committed is None
+    assert leader.durable(2, 1)
+    ready = take(leader)
+    assert ready.committed is not None and ready.committed.payloads == [b"a"]
+
+
+def test_leader_counts_itself_only_up_to_its_own_durable_index() -> None:
+    # 10.2.1: "the leader uses its own match index to indicate the latest entry to have been
+    # durably written to its disk". One follower and the leader's unsynced write are not a
+    # majority of three.
+    _, leader = leader_of_three()
+    leader.propose(b"a")
+    take(leader)
+    leader.step(AppendEntriesResponse(CLUSTER, 2, 1, 1, True, 2, 0, 0))
+    assert leader.commit_index == 1
+    assert leader.durable(2, 1)
+    assert leader.commit_index == 2
+
+
+def test_one_durable_report_covers_every_write_before_it() -> None:
+    # Writes complete in the order they are handed out, so the caller may report the last of
+    # several at once.
+    cluster = DirectCluster(1)
+    cluster.elect(1)
+    core = cluster.core(1)
+    for payload in (b"a", b"b", b"c"):
+        core.propose(payload)
+        take(core)
+    assert core.commit_index == 1
+    assert core.durable(4, 1)
+    assert core.commit_index == 4 and core.stable_index == 4
+    assert not core.durable(2, 1)  # no longer outstanding: the caller may ignore the answer
+
+
+# --------------------------------------------------------------------------- the follower
+
+
+def follower_with(terms: list[int], term: int) -> RaftCore:
+    payloads = [b"%d" % t for t in terms]
+    durable = DurableState(HardState(term, 0, 0), None, terms, payloads)
+    return RaftCore(RaftConfig(2, (1, 2, 3), cluster_id=CLUSTER), random.Random(0), durable)
+
+
+def test_follower_acknowledges_entries_only_once_they_are_durable() -> None:
+    # Figure 2: persistent state is "updated on stable storage before responding to RPCs"; the
+    # leader counts a follower's acknowledgement as a durable copy.
+    follower = follower_with([1], 1)
+    follower.step(AppendEntries(CLUSTER, 1, 2, 1, 1, 1, 1, [1, 1], [b"a", b"b"]))
+    ready = take(follower)
+    assert ready.entries is not None and not acks(ready)
+    assert not follower.has_ready()
+    assert follower.durable(3, 1)
+    (ack,) = acks(take(follower))
+    assert (ack.target, ack.term, ack.index) == (1, 1, 3)
+
+
+def test_follower_acknowledges_durable_entries_at_once() -> None:
+    # An AppendEntries whose entries the follower already holds durably (a retransmission) is
+    # answered in the same ready: nothing waits on the disk.
+    follower = follower_with([1, 1, 1], 1)
+    follower.step(AppendEntries(CLUSTER, 1, 2, 1, 1, 1, 0, [1], [b"1"]))
+    (ack,) = acks(take(follower))
+    assert ack.index == 2
+
+
+def test_follower_acknowledges_a_retransmission_below_its_commit_only_once_durable() -> None:
+    # The follower learned commit index 3 before its write of 2..3 landed; an older AppendEntries
+    # arriving again (entries it holds, below its commit index) is answered with the commit
+    # index, which it must hold durably first.
+    follower = follower_with([1], 1)
+    follower.step(AppendEntries(CLUSTER, 1, 2, 1, 1, 1, 3, [1, 1], [b"a", b"b"]))
+    take(follower)
+    assert follower.commit_index == 3 and follower.stable_index == 1
+    follower.step(AppendEntries(CLUSTER, 1, 2, 1, 1, 1, 3, [1], [b"a"]))
+    assert not acks(take(follower))
+    assert follower.durable(3, 1)
+    (ack,) = acks(take(follower))
+    assert ack.index == 3
+
+
+def test_a_durable_write_that_a_later_write_overwrites_counts_only_below_the_overwrite() -> None:
+    # etcd-io/raft's "ABA" case of asynchronous writes: the durable report of an older write must
+    # not vouch for entries a newer leader's write, still in progress, replaces.
+    follower = follower_with([1], 1)
+    follower.step(AppendEntries(CLUSTER, 1, 2, 1, 1, 1, 0, [1, 1, 1], [b"x", b"y", b"z"]))
+    take(follower)  # write 1: indexes 2..4 of term 1, in progress
+    follower.step(AppendEntries(CLUSTER, 3, 2, 2, 2, 1, 0, [2], [b"new"]))
+    ready = take(follower)  # write 2: index 3 of term 2 replaces 3..4
+    assert ready.entries is not None and ready.entries.first_index == 3
+    assert follower.durable(4, 1)  # write 1 lands: it agrees with the log only up to index 2
+    assert follower.stable_index == 2
+    assert [ack.index for ack in acks(take(follower))] == [2]  # what is durable, no more
+    assert follower.durable(3, 2)
+    (ack,) = acks(take(follower))
+    assert (ack.target, ack.index) == (3, 3)
+
+
+# ---------------------------------------------------------------------- term and vote sync
+
+
+def test_a_vote_is_synced_before_it_is_sent() -> None:
+    # Figure 2: currentTerm and votedFor are "updated on stable storage before responding to
+    # RPCs"; only the entries' write may run behind the messages.
+    follower = follower_with([], 0)
+    follower.step(RequestVote(CLUSTER, 1, 2, 1, 0, 0, False))
+    ready = take(follower)
+    assert ready.hard_state == HardState(1, 1, 0) and ready.sync_before_send
+    assert any(isinstance(m, RequestVoteResponse) and m.granted for m in ready.messages)
+
+
+def test_a_campaign_syncs_its_term_before_asking_for_votes() -> None:
+    core = follower_with([], 0)
+    core.step(RequestVote(CLUSTER, 3, 2, 1, 0, 0, True))  # a pre-vote changes nothing durable
+    assert not take(core).sync_before_send
+    while not any(isinstance(m, RequestVote) and not m.pre_vote for m in core._messages):
+        if core.has_ready():
+            take(core)
+        core.tick()
+        for peer in (1, 3):
+            core.step(RequestVoteResponse(CLUSTER, peer, 2, core.term + 1, True, True))
+    ready = take(core)
+    assert ready.sync_before_send and ready.hard_state == HardState(1, 2, 0)
+
+
+def test_a_commit_index_alone_needs_no_sync_and_never_passes_the_durable_log() -> None:
+    follower = follower_with([1], 1)
+    follower.step(AppendEntries(CLUSTER, 1, 2, 1, 1, 1, 3, [1, 1], [b"a", b"b"]))
+    ready = take(follower)
+    assert follower.commit_index == 3
+    # A crash after this hard state but before the entries land must not restart with a commit
+    # index over entries it does not hold (simulator seed 198 caught the first version).
+    assert ready.hard_state == HardState(1, 0, 1)
+    assert not ready.sync_before_send
+    follower.durable(3, 1)
+    ready = take(follower)
+    assert ready.hard_state == HardState(1, 0, 3) and not ready.sync_before_send
+
+
+# ------------------------------------------------------------------------------- one log
+
+
+def test_new_leader_announces_where_its_term_starts() -> None:
+    # Section 8: "each leader commit[s] a blank no-op entry into the log at the start of its term";
+    # the caller learns its index so the sequencer stamps a TERM_START record there.
+    cluster = DirectCluster(3)
+    core = cluster.core(1)
+    seen: list[TermStart] = []
+    while core.raft_role.name != "LEADER" or not seen:
+        core.tick()
+        cluster.deliver()
+        for node_id in cluster.ids:
+            node = cluster.core(node_id)
+            while node.has_ready():
+                ready = node.ready()
+                if ready.term_start is not None:
+                    seen.append(ready.term_start)
+                cluster.outbox.extend(ready.messages)
+                node.advance(ready)
+    assert seen == [TermStart(1, 1)]
+    assert core.log.payloads == [b""] and core.next_index() == 2
+
+
+def test_shell_writes_the_term_start_record_at_the_index_the_core_dictates() -> None:
+    # One log: with term_start_from_shell the core appends no no-op of its own; the leader's
+    # sequencer proposes its TERM_START record at `TermStart.index`, stamped, and every record
+    # after it at the next index.
+    cluster = DirectCluster(3, term_start_from_shell=True)
+    leader = cluster.core(1)
+    while leader.raft_role.name != "LEADER":
+        leader.tick()
+        cluster.process()
+        cluster.deliver()
+    ready = leader.ready()
+    leader.advance(ready)
+    assert ready.term_start == TermStart(1, 1) and leader.log.last_index == 0
+    assert leader.propose_batch([b"TERM_START t1"], first_index=1, term=1) == 1
+    assert leader.propose_batch([b"cmd"], first_index=leader.next_index(), term=1) == 2
+    cluster.stabilize()
+    cluster.tick(1)
+    cluster.stabilize()
+    for node_id in cluster.ids:
+        assert cluster.applied[node_id] == [b"TERM_START t1", b"cmd"]
+
+
+@pytest.mark.parametrize(("first_index", "term"), [(5, 1), (2, 2), (2, 0)])
+def test_records_stamped_for_another_index_or_term_are_refused(first_index: int, term: int) -> None:
+    _, leader = leader_of_three()
+    assert leader.next_index() == 2
+    with pytest.raises(StampMismatch, match=f"stamped term {term} from index {first_index}, "
+                       "but the leader is in term 1 and its next index is 2") as caught:
+        leader.propose_batch([b"x"], first_index=first_index, term=term)
+    assert caught.value.next_index == 2 and leader.log.last_index == 1
+
+
+# ----------------------------------------------------------------------- the bounded log
+
+
+def test_applied_durable_entries_past_the_retention_window_leave_memory() -> None:
+    cluster, leader = leader_of_three(log_retention_entries=4)
+    for _ in range(10):
+        leader.propose_batch([b"p"] * 5)
+        cluster.stabilize()
+    cluster.tick(1)
+    cluster.stabilize()
+    last = leader.log.last_index
+    assert last == 51 and leader.applied_index == last
+    for node_id in cluster.ids:
+        log = cluster.core(node_id).log
+        assert log.snapshot_index == 0
+        # Dropped in chunks of the window: at most 2 x 4 applied entries stay in memory.
+        assert last - 2 * 4 <= log.offset_index <= last - 4, (node_id, log.offset_index)
+        assert len(log.terms) == last - log.offset_index
+        assert cluster.core(node_id).term_at(3) == 1  # read back from storage
+
+
+def test_a_follower_behind_the_window_is_fed_from_storage_in_bounded_reads() -> None:
+    cluster, leader = leader_of_three(log_retention_entries=2, storage_read_bytes_max=10)
+    cluster.isolate(3)
+    for _ in range(6):
+        leader.propose_batch([b"12345"] * 3)  # 5-byte payloads: two per storage read
+        cluster.stabilize()
+    dropped_index = leader.log.offset_index
+    assert dropped_index > 3
+    sent_before = len(cluster.sent)
+    cluster.heal()
+    cluster.tick(1)
+    cluster.stabilize()
+    storage = cluster.storages[1]
+    assert storage.reads > 0
+    from_storage = [m for m in cluster.sent[sent_before:] if isinstance(m, AppendEntries)
+                    and m.target == 3 and m.terms and m.previous_index < dropped_index]
+    assert from_storage and all(len(m.terms) <= 2 for m in from_storage)
+    assert cluster.applied[3] == cluster.applied[1]
+    assert cluster.disks[3].terms == cluster.disks[1].terms
+
+
+def test_memory_storage_reads_stop_after_the_byte_bound() -> None:
+    storage = MemoryLogStorage()
+    storage.write(1, [1, 1, 1, 2], [b"aaaa", b"bb", b"cccc", b"d"])
+    assert storage.entries(1, 4, 5) == ([1, 1], [b"aaaa", b"bb"])
+    assert storage.entries(2, 2, 1) == ([1], [b"bb"])
+    assert storage.entries(3, 4, 1 << 20) == ([1, 2], [b"cccc", b"d"])
+    storage.write(3, [3], [b"e"])
+    assert (storage.last_index, storage.term(3), storage.term(4)) == (3, 3, None)
+
+
+def test_entries_round_trip_as_one_run() -> None:
+    entries = Entries(5, [1, 2], [b"a", b"b"])
+    assert list(entries.items()) == [(5, 1, b"a"), (6, 2, b"b")] and entries.last_index == 6
+
+
+def test_a_restart_loads_only_the_tail_and_reads_committed_entries_back_from_storage() -> None:
+    storage = MemoryLogStorage()
+    storage.write(1, [1] * 6, [b"a", b"b", b"c", b"d", b"e", b"f"])
+    durable = DurableState(HardState(1, 1, 5), None, [1, 1], [b"e", b"f"], first_index=5)
+    config = RaftConfig(2, (1, 2, 3), cluster_id=CLUSTER, storage_read_bytes_max=2)
+    core = RaftCore(config, random.Random(0), durable, storage)
+    assert (core.log.offset_index, core.log.terms, core.log.last_index) == (4, [1, 1], 6)
+    applied: list[bytes] = []
+    while core.has_ready():
+        ready = core.ready()
+        if ready.committed is not None:
+            assert ready.committed.first_index == len(applied) + 1
+            applied.extend(ready.committed.payloads)
+        core.advance(ready)
+    assert applied == [b"a", b"b", b"c", b"d", b"e"]  # bounded reads of 2 bytes, in order
+
+
+@pytest.mark.parametrize(("first_index", "storage"), [(7, True), (5, False)])
+def test_a_restart_may_leave_only_committed_entries_in_storage(
+    first_index: int, storage: bool
+) -> None:
+    disk = MemoryLogStorage()
+    disk.write(1, [1] * 6, [b"x"] * 6)
+    durable = DurableState(HardState(1, 1, 5), None, [], [], first_index=first_index)
+    with pytest.raises(ValueError, match=f"first_index={first_index} leaves entries in storage"):
+        RaftCore(RaftConfig(2, (1, 2, 3)), random.Random(0), durable, disk if storage else None)
