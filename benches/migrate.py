@@ -77,7 +77,8 @@ def write_source(directory: Path, accounts: int, records: int) -> float:
     return time.perf_counter() - started
 
 
-def run(accounts: int, records: int, runs: int, directory: Path | None) -> dict[str, Any]:
+def run(accounts: int, records: int, runs: int, directory: Path | None,
+        measure_s_min: float = MEASURE_S_MIN) -> dict[str, Any]:
     root = Path(tempfile.mkdtemp(prefix="seqd-bench-migrate-", dir=directory))
     results: dict[str, Any] = {"source_records": records, "accounts": accounts}
     try:
@@ -86,7 +87,7 @@ def run(accounts: int, records: int, runs: int, directory: Path | None) -> dict[
         migrate_s: list[float] = []
         verify_s: list[float] = []
         report = None
-        while len(migrate_s) < max(runs, RUNS_MIN) or sum(migrate_s) < MEASURE_S_MIN:
+        while len(migrate_s) < max(runs, RUNS_MIN) or sum(migrate_s) < measure_s_min:
             target = root / f"new-{len(migrate_s)}"
             report = migrate(root / "old", target, FromLedgerV1(), say=lambda line: None)
             migrate_s.append(report.migrate_s)
@@ -121,6 +122,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--accounts", type=int, default=None, help="ledger accounts")
     parser.add_argument("--runs", type=int, default=None, help="migrations (at least; see MEASURE_S_MIN)")
     parser.add_argument("--dir", type=Path, default=None, help="where to write (default /tmp)")
+    parser.add_argument("--min-seconds", type=float, default=MEASURE_S_MIN,
+                        help=f"repeat until this much migration was measured (default {MEASURE_S_MIN})")
     args = parser.parse_args(argv)
     if args.quick:
         accounts, records, runs = 10_000, 500_000, 1
@@ -131,7 +134,7 @@ def main(argv: list[str]) -> int:
     runs = args.runs or runs
     if records < 2 * accounts + 2:
         parser.error(f"--records={records} must exceed the setup: 2 * accounts + 2 = {2 * accounts + 2}")
-    results = run(accounts, records, runs, args.dir)
+    results = run(accounts, records, runs, args.dir, args.min_seconds)
     if args.json:
         print(json.dumps(results))
     else:

@@ -145,6 +145,16 @@ class MergePairs(Transform):
         return () if self.waiting is None else (self.waiting,)
 
 
+class Twice(Transform):
+    """Note(v) becomes Note(v), Note(v + 100): a refused Note(-1) stops before its second part."""
+
+    source = Notes
+    target = Notes
+
+    def command(self, command: Any, origin: Origin) -> Iterable[Any]:
+        return (command, Note(command.value + 100))
+
+
 class SplitNotes(Transform):
     """Note(v) becomes Note(v) then Note(-1) then Note(v): the second part is always refused."""
 
@@ -329,6 +339,29 @@ def test_resends_commands_without_a_session_and_snapshot_records_are_dropped(tmp
     assert replay_journal(tmp_path / "new", Notes).app.applied == [(11, 1)]
 
 
+def test_command_parts_follow_the_processors_rules(tmp_path: Path) -> None:
+    """A request's parts: the first starts it, a later one continues it (also after a part with no
+    command), a rejected one stops it; a part of an older request changes nothing."""
+    journal = JournalBuilder(NOTES_SCHEMA)
+    journal.open(SESSION, client_id=11)
+
+    def part(request_id: int, command: Note | None) -> None:
+        data = b"" if command is None else NOTES_SCHEMA.encode_command(command)[1]
+        journal._add(RecordType.COMMAND_PART, 1, SESSION, request_id, encode_command(0, data))
+
+    part(1, None)
+    part(1, Note(1))  # continues request 1 after its empty first part
+    part(2, Note(2))
+    part(2, Note(-1))  # refused: stops request 2
+    part(2, Note(3))
+    part(1, Note(4))  # request 1 is over
+    processor = Processor(Notes)
+    processor.apply_records(b"".join(journal.records))
+    assert processor.app.applied == [(11, 1), (11, 2)]
+    assert processor.command_parts_skipped == 2
+    assert resend(processor, 11, 2, Note(9), NOTES_SCHEMA).status == egress.ReplyStatus.REJECTED
+
+
 # -- the dedup decisions follow the old node's processor ---------------------------------------------
 
 EXPIRY_NS = 60 * 1_000_000_000
@@ -369,16 +402,18 @@ def session_histories(draw: st.DrawFn) -> JournalBuilder:
 @settings(max_examples=150, deadline=None)
 @given(session_histories())
 def test_the_migration_applies_exactly_the_requests_the_old_node_applied(journal: JournalBuilder) -> None:
-    """The identity migration drops resends and session-less commands by following the
-    processor's dedup decisions; any disagreement shows as a different list of applied notes."""
+    """The migration drops resends and session-less commands by following the processor's dedup
+    decisions, and splits each request the old node applied in two: a resend taken for a new
+    request, or a new one taken for a resend, shows as a different list of applied notes."""
     old = Processor(Notes, client_expiry_ns=EXPIRY_NS)
     run = b"".join(journal.records)
     old.apply_records(run)
-    migration = Migration(SameNotes(), client_expiry_ns=EXPIRY_NS)
+    migration = Migration(Twice(), client_expiry_ns=EXPIRY_NS)
     new_run = migration.feed(run) + migration.finish()
     new = Processor(Notes, client_expiry_ns=EXPIRY_NS)
     new.apply_records(new_run)
-    assert new.app.applied == old.app.applied
+    assert new.app.applied == [note for client_id, value in old.app.applied
+                               for note in ((client_id, value), (client_id, value + 100))]  # fmt: skip
     assert new.commands_without_session == 0
 
 
