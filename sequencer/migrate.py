@@ -73,7 +73,9 @@ __all__ = [
     "Transform",
     "TransformError",
     "TransformLoadError",
+    "check_transform",
     "load_transform",
+    "transform_name",
 ]
 
 # A request becomes a handful of commands; more is a transform gone wrong (returning a string

@@ -576,6 +576,31 @@ def test_migrate_refuses_a_journal_that_does_not_start_at_index_1(tmp_path: Path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["old"]
 
 
+def test_a_torn_tail_is_left_out_and_reported_but_damage_before_valid_records_is_refused(tmp_path: Path) -> None:
+    journal = ledger_with_timers()
+    old = journal.write(tmp_path / "old")
+    segment = next(old.glob("*.seg"))
+    intact = segment.read_bytes()
+    torn = intact + b"SQBT" + bytes(60)  # a batch header cut short: the writer died mid-append
+    segment.write_bytes(torn)
+    report = run_migration(old, tmp_path / "new", FromLedgerV1())
+    assert report.source_last_index == journal.index
+    assert report.torn_tail is not None and "torn tail" in report.torn_tail
+    assert segment.read_bytes() == torn  # the source is only read
+    # Damage in a batch that a valid batch follows is no torn tail: refused.
+    with Journal.open(tmp_path / "two", segment_bytes=SEGMENT_BYTES, preallocate=False) as writer:
+        writer.append(b"".join(journal.records[:4]))
+        writer.append(b"".join(journal.records[4:]))
+        writer.sync()
+    segment = next((tmp_path / "two").glob("*.seg"))
+    damaged = bytearray(segment.read_bytes())
+    damaged[200] ^= 0xFF  # inside the first batch
+    segment.write_bytes(bytes(damaged))
+    with pytest.raises(MigrationFailed, match=r"the source journal is damaged: .* a valid batch follows"):
+        run_migration(tmp_path / "two", tmp_path / "again", FromLedgerV1())
+    assert not (tmp_path / "again").exists()
+
+
 def seqd_cli(*arguments: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "daemon.cli", *arguments], capture_output=True,
                           text=True, timeout=CLI_TIMEOUT_S, check=False)  # fmt: skip
