@@ -10,7 +10,8 @@ old journal, writes the new one, and refuses whatever could lose or overwrite da
    source is only read; a shared flock on its lock file, held throughout, keeps a node from
    starting on it meanwhile.
 2. Write the new journal into a temporary directory beside the target (same file system), with
-   the journal writer, one fdatasync at the end; then the index map and `migration.json`.
+   the journal writer in a child process (`daemon.journal_pipe`), one fdatasync at the end; then
+   the index map and `migration.json`.
 3. Verify the temporary journal: `seqd log check`'s walk of every CRC and index; a replay under
    the target app through the blp's recovery path (`read_runs` + `Processor.replay_run`) for the
    state hash; and a replay of the old journal under the source app, so that the number of timer
@@ -29,21 +30,18 @@ import fcntl
 import json
 import os
 import shutil
-import struct
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 from daemon.exits import ExitCode
+from daemon.journal_pipe import JournalWriterProcess
 from sequencer import logtools
 from sequencer.journal import (
     SEGMENT_BYTES_DEFAULT,
-    Journal,
     JournalCorruptError,
     JournalError,
     JournalReader,
@@ -76,9 +74,6 @@ __all__ = [
 # module does not export its name, so it is repeated here.
 JOURNAL_LOCK_NAME = "journal.lock"
 REPORT_FILE = "migration.json"  # beside the new journal: what was migrated, how, and the hashes
-_WRITER_FRAME = struct.Struct("<Q")  # a batch's length on the pipe to the journal writer
-# The writer's last step is one fdatasync of the new journal; minutes would mean a stuck disk.
-WRITER_CLOSE_TIMEOUT_S = 600.0
 
 
 class MigrationFailed(Exception):
@@ -322,7 +317,7 @@ def _write(source: Path, temporary: Path, transform: Transform, client_expiry_ns
     migration = Migration(transform, client_expiry_ns)
     reader = JournalReader(source)
     try:
-        with _JournalWriter(temporary, segment_bytes, preallocate) as journal:
+        with JournalWriterProcess(temporary, segment_bytes, preallocate) as journal:
             for run in reader.read_runs():
                 records = migration.feed(run)
                 if records:
@@ -358,81 +353,6 @@ def _write(source: Path, temporary: Path, transform: Transform, client_expiry_ns
     report.index_map_runs = len(index_map.runs)
     report.migrate_s = time.perf_counter() - started
     return index_map
-
-
-class _JournalWriter:
-    """The new journal's writer, in a child process (`python -m daemon.migrate write`).
-
-    The journal writer checks every record's header in Python (~0.3 us a record: a fifth of a
-    migration's time), so it runs beside the transform, on the other core, fed through a pipe
-    (`<Q length>` then the records). The child appends each batch, and on end of input fdatasyncs,
-    prints the last index and exits 0; on an error it prints it to stderr and exits 1.
-    """
-
-    def __init__(self, directory: Path, segment_bytes: int, preallocate: bool) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "daemon.migrate", "write", str(directory), str(segment_bytes),
-             "1" if preallocate else "0"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        )  # fmt: skip
-        assert self.process.stdin is not None
-        self._stdin = self.process.stdin
-
-    def append(self, records: bytes) -> None:
-        try:
-            self._stdin.write(_WRITER_FRAME.pack(len(records)))
-            self._stdin.write(records)
-        except BrokenPipeError:
-            self.close()  # raises the child's error
-            raise AssertionError("the journal writer closed its input but exited 0") from None
-
-    def close(self) -> int:
-        """Ends the input, waits for the fdatasync; returns the new journal's last index.
-
-        Raises:
-            JournalError: the child failed (its message).
-        """
-        try:
-            output, errors = self.process.communicate(timeout=WRITER_CLOSE_TIMEOUT_S)  # closes stdin
-        except subprocess.TimeoutExpired:
-            self._kill()
-            raise JournalError(
-                f"the journal writer did not finish within {WRITER_CLOSE_TIMEOUT_S} s (a stuck disk?)"
-            ) from None
-        if self.process.returncode != 0:
-            raise JournalError(errors.decode(errors="replace").strip() or f"exit {self.process.returncode}")
-        return int(output)
-
-    def __enter__(self) -> _JournalWriter:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        if self.process.returncode is None:  # an error in the parent: stop the child, keep nothing
-            self._kill()
-
-    def _kill(self) -> None:
-        self.process.kill()
-        for stream in (self.process.stdin, self.process.stdout, self.process.stderr):
-            if stream is not None:
-                with contextlib.suppress(OSError):
-                    stream.close()
-        self.process.wait(timeout=WRITER_CLOSE_TIMEOUT_S)
-
-
-def _write_journal_from(stream: BinaryIO, directory: Path, segment_bytes: int, preallocate: bool) -> int:
-    """The child's side of `_JournalWriter`: returns the last index, synced."""
-    with Journal.open(directory, segment_bytes=segment_bytes, preallocate=preallocate) as journal:
-        while True:
-            frame = stream.read(_WRITER_FRAME.size)
-            if not frame:
-                break
-            (length,) = _WRITER_FRAME.unpack(frame)
-            records = stream.read(length)
-            if len(records) != length:
-                raise JournalError(f"the migration stopped mid-batch ({len(records)} of {length} bytes)")
-            journal.append(records)
-        journal.sync()
-        return journal.last_index
 
 
 def _verify(source: Path, temporary: Path, transform: Transform, client_expiry_ns: int,
@@ -491,22 +411,3 @@ def _fsync_path(path: Path) -> None:
     finally:
         os.close(fd)
 
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m daemon.migrate write DIR SEGMENT_BYTES PREALLOCATE`: `_JournalWriter`'s child."""
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 4 or args[0] != "write":
-        print("usage: python -m daemon.migrate write DIR SEGMENT_BYTES 0|1 (run by seqd log migrate)",
-              file=sys.stderr)  # fmt: skip
-        return ExitCode.USAGE
-    try:
-        last_index = _write_journal_from(sys.stdin.buffer, Path(args[1]), int(args[2]), args[3] == "1")
-    except (JournalError, OSError) as error:
-        print(f"{type(error).__name__}: {error}", file=sys.stderr)
-        return 1
-    print(last_index)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
