@@ -24,6 +24,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from daemon.harness import NodeProcess
+from daemon.journal_pipe import JournalWriterProcess
 from daemon.migrate import (
     INDEX_MAP_FILE,
     REPORT_FILE,
@@ -45,7 +46,7 @@ from sequencer.apps.ledger import (
 )
 from sequencer.apps.ledger_v2 import Account, Credit, Credited, Debit, FromLedgerV1, LedgerV2
 from sequencer.client import Client, CommandRejected, Duplicate
-from sequencer.journal import Journal, read_records
+from sequencer.journal import Journal, JournalError, read_records
 from sequencer.migrate import (
     COMMANDS_PER_REQUEST_MAX,
     IndexMap,
@@ -599,6 +600,19 @@ def test_a_torn_tail_is_left_out_and_reported_but_damage_before_valid_records_is
     with pytest.raises(MigrationFailed, match=r"the source journal is damaged: .* a valid batch follows"):
         run_migration(tmp_path / "two", tmp_path / "again", FromLedgerV1())
     assert not (tmp_path / "again").exists()
+
+
+def test_the_journal_writer_child_reports_its_error_and_a_bad_batch(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("not a directory")
+    with JournalWriterProcess(tmp_path / "file" / "journal", SEGMENT_BYTES, False) as writer:
+        with pytest.raises(JournalError, match="journal"):
+            writer.append(b"x" * 64)
+            writer.close()
+    with JournalWriterProcess(tmp_path / "journal", SEGMENT_BYTES, False) as writer:
+        writer.append(b"".join(ledger_with_timers().records))
+        writer.append(bytes(48))  # not a record continuing the log
+        with pytest.raises(JournalError, match="index 0, expected 9"):
+            writer.close()
 
 
 def seqd_cli(*arguments: str) -> subprocess.CompletedProcess[str]:
