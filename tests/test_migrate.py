@@ -720,7 +720,7 @@ def test_worked_example_ledger_v1_to_v2_on_real_nodes(tmp_dir: Path, unique: str
         with Client(v1.socket_path, schema=Ledger.schema, timeout_s=30) as client:
             expected = {name: client.call(Balance(name)).balance for name in names}
             # Left pending at the migration: its timer must fire under v2.
-            client.call(Reserve(2, "alice", "bob", 7, timeout_ms=8000))
+            client.call(Reserve(2, "alice", "bob", 7, timeout_ms=15_000))
         v1.stop()
 
         old_journal = v1.config.journal_dir
