@@ -627,7 +627,7 @@ class Migration:
         them); returns the next new index."""
         length, _record_type, version, index, term, timestamp_ns, session_id, request_id = header
         if type(outputs) is not tuple and type(outputs) is not list:
-            outputs = self._as_list(outputs, index)
+            outputs = self._as_list(outputs, index, command)
         if len(outputs) > COMMANDS_PER_REQUEST_MAX:
             raise TransformError(
                 f"the transform {self.name} returned {len(outputs)} commands for the record at "
@@ -684,14 +684,17 @@ class Migration:
     def _count(counts: dict[Any, int], key: Any) -> None:
         counts[key] = counts.get(key, 0) + 1
 
-    def _as_list(self, outputs: Any, index: int) -> list[Any]:
+    def _as_list(self, outputs: Any, index: int, command: Any) -> list[Any]:
         if isinstance(outputs, msgspec.Struct) or outputs is None or isinstance(outputs, str | bytes):
             raise TransformError(
                 f"the transform {self.name} returned {outputs!r:.200} for the record at old index "
                 f"{index}: return an iterable of commands (e.g. `return [command]`, or `return []` "
                 "to drop it)", index,
             )  # fmt: skip
-        return list(outputs)
+        try:
+            return list(outputs)  # a generator runs here
+        except Exception as error:
+            raise self._failure(error, index, command) from error
 
     def _failure(self, error: Exception, index: int, command: Any) -> TransformError:
         where = f"the record at old index {index}" if index else "finish()"

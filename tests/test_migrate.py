@@ -499,6 +499,13 @@ class TooMany(FromLedgerV1):
         return super().command(command, origin)
 
 
+class Generates(FromLedgerV1):
+    def command(self, command: Any, origin: Origin) -> Iterable[Any]:
+        yield from super().command(command, origin)
+        if type(command) is Transfer:
+            raise ValueError("half a transfer")
+
+
 class NotIterable(FromLedgerV1):
     def command(self, command: Any, origin: Origin) -> Any:
         return command  # forgot the list
@@ -511,7 +518,8 @@ class NotIterable(FromLedgerV1):
                 f"(Transfer(source='alice', target='bob', amount=30)), more than COMMANDS_PER_REQUEST_MAX"),
     (NotIterable(), "returned OpenAccount(account='alice', allow_negative=False) for the record at old "
                     "index 2: return an iterable of commands"),
-], ids=["foreign type", "more than the bound", "not a list"])  # fmt: skip
+    (Generates(), "raised ValueError: half a transfer on the record at old index 6 (Transfer("),
+], ids=["foreign type", "more than the bound", "not a list", "a generator that raises"])  # fmt: skip
 def test_what_a_transform_returns_is_checked_and_the_error_names_the_old_index(
     tmp_path: Path, transform: Transform, message: str
 ) -> None:
