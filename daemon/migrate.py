@@ -29,6 +29,7 @@ import errno
 import fcntl
 import json
 import os
+import resource
 import shutil
 import tempfile
 import time
@@ -108,7 +109,9 @@ class MigrationReport:
     timer_fires: int = 0
     timer_fires_ignored: int = 0  # under the target app (the source app's figure must be equal)
     command_parts_skipped: int = 0  # parts after a rejected part of their request
-    migrate_s: float = 0.0
+    migrate_s: float = 0.0  # wall clock: read, transform, write, fdatasync, index map
+    migrate_cpu_s: float = 0.0  # of that, the CPU time of this process (the transform's side)
+    writer_cpu_s: float = 0.0  # and of the journal writer's child process
     verify_s: float = 0.0
 
     def lines(self) -> list[str]:
@@ -314,6 +317,8 @@ def _make_parents(directory: Path) -> list[Path]:
 def _write(source: Path, temporary: Path, transform: Transform, client_expiry_ns: int,
            segment_bytes: int, preallocate: bool, report: MigrationReport) -> IndexMap:  # fmt: skip
     started = time.perf_counter()
+    cpu_started = time.process_time()
+    children_started = _children_cpu_s()
     migration = Migration(transform, client_expiry_ns)
     reader = JournalReader(source)
     try:
@@ -352,6 +357,8 @@ def _write(source: Path, temporary: Path, transform: Transform, client_expiry_ns
     report.counts_in, report.counts_out = migration.counts()
     report.index_map_runs = len(index_map.runs)
     report.migrate_s = time.perf_counter() - started
+    report.migrate_cpu_s = time.process_time() - cpu_started
+    report.writer_cpu_s = _children_cpu_s() - children_started
     return index_map
 
 
@@ -402,6 +409,11 @@ def _replay(directory: Path, app_class: type[StateMachine], client_expiry_ns: in
             "it cannot apply): `seqd log dump --journal DIR --decode` shows the records",
             ExitCode.DATAERR,
         ) from error
+
+
+def _children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _fsync_path(path: Path) -> None:
