@@ -6,6 +6,7 @@
     seqd snapshot [--config FILE]                             sequence a SNAPSHOT record now
     seqd snapshot list|verify [--config FILE]
     seqd log dump|tail|check [--config FILE] ...
+    seqd log migrate --from DIR --to DIR --transform MODULE:NAME   copy-and-transform a journal
     seqd verify [--config FILE]                               replay the journal under another hash seed
     seqd schema [--app module:Class | --config FILE]          the app's message types as JSON Schema
 """

@@ -154,6 +154,33 @@ def command_log(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_log_migrate(args: argparse.Namespace) -> int:
+    """`seqd log migrate`: daemon/migrate.py does the work; this maps its failures to one line
+    and an exit code (daemon.exits.ExitCode)."""
+    from daemon.exits import ExitCode
+    from daemon.migrate import MigrationFailed, migrate
+    from sequencer.migrate import TransformLoadError, load_transform
+
+    config = _config(args)
+    try:
+        transform = load_transform(args.transform)
+    except TransformLoadError as error:
+        print(f"seqd: {error}", file=sys.stderr)
+        return ExitCode.CONFIG
+    try:
+        migrate(args.source, args.target, transform, client_expiry_ns=config.client_expiry_ns,
+                segment_bytes=config.journal.segment_bytes, preallocate=config.journal.preallocate,
+                say=lambda line: print(line, flush=True))  # fmt: skip
+    except MigrationFailed as error:
+        print(f"seqd: log migrate: {error}", file=sys.stderr)
+        if error.exit_code == ExitCode.SOFTWARE and error.__cause__ is not None and error.__cause__.__cause__:
+            import traceback  # the transform's own error: where in its code it raised
+
+            print("".join(traceback.format_exception(error.__cause__.__cause__)), file=sys.stderr, end="")
+        return error.exit_code
+    return 0
+
+
 def _json_default(value: Any) -> Any:
     if isinstance(value, bytes | bytearray | memoryview):
         return bytes(value).hex()
@@ -211,20 +238,37 @@ def add_commands(commands: Any, add_config_arguments: Callable[[argparse.Argumen
     snapshot.add_argument("action", nargs="?", choices=("take", "list", "verify"))
     snapshot.set_defaults(func=command_snapshot)
 
-    log_parser = commands.add_parser("log", help="dump, follow or check the journal")
-    add_config_arguments(log_parser)
-    log_parser.add_argument("action", choices=("dump", "tail", "check", "compact"),
-                            help="compact: delete segments before the oldest retained snapshot (node stopped)")
-    log_parser.add_argument("--journal", help="journal directory (default: <data_dir>/journal from the config)")
-    log_parser.add_argument("--from", dest="from_index", type=int, default=1, help="first index")
-    log_parser.add_argument("--to", dest="to_index", type=int, default=None, help="last index")
-    log_parser.add_argument("--type", action="append", help="only records of this type (repeatable)")
-    log_parser.add_argument("--session", type=lambda text: int(text, 0), default=None, help="only this session id")
-    log_parser.add_argument("--decode", action="store_true", help="decode payloads with the configured app's types")
-    log_parser.add_argument("--json", action="store_true", help="one JSON object per record")
-    log_parser.add_argument("-f", "--follow", action="store_true", help="tail: keep printing new records")
-    log_parser.add_argument("-n", "--lines", type=int, default=10, help="tail: how many of the last records")
-    log_parser.set_defaults(func=command_log)
+    log_parser = commands.add_parser("log", help="dump, follow, check, compact or migrate the journal")
+    log_actions = log_parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for action_name, action_help in (
+        ("dump", "print records"),
+        ("tail", "print the last records; -f follows"),
+        ("check", "verify every CRC and index"),
+        ("compact", "delete segments before the oldest retained snapshot (node stopped)"),
+    ):
+        action = log_actions.add_parser(action_name, help=action_help)
+        add_config_arguments(action)
+        action.add_argument("--journal", help="journal directory (default: <data_dir>/journal from the config)")
+        action.add_argument("--from", dest="from_index", type=int, default=1, help="first index")
+        action.add_argument("--to", dest="to_index", type=int, default=None, help="last index")
+        action.add_argument("--type", action="append", help="only records of this type (repeatable)")
+        action.add_argument("--session", type=lambda text: int(text, 0), default=None, help="only this session id")
+        action.add_argument("--decode", action="store_true", help="decode payloads with the configured app's types")
+        action.add_argument("--json", action="store_true", help="one JSON object per record")
+        action.add_argument("-f", "--follow", action="store_true", help="tail: keep printing new records")
+        action.add_argument("-n", "--lines", type=int, default=10, help="tail: how many of the last records")
+        action.set_defaults(func=command_log)
+    migrate = log_actions.add_parser(
+        "migrate", help="copy-and-transform a stopped node's journal into a new one (docs/evolution.md)"
+    )
+    add_config_arguments(migrate)
+    migrate.add_argument("--from", dest="source", required=True, metavar="DIR",
+                         help="the old journal directory (of a stopped node, or a copy)")
+    migrate.add_argument("--to", dest="target", required=True, metavar="DIR",
+                         help="the new journal directory; must not exist, or be empty")
+    migrate.add_argument("--transform", required=True, metavar="MODULE:NAME",
+                         help="a sequencer.migrate.Transform subclass (or a function returning one)")
+    migrate.set_defaults(func=command_log_migrate)
 
     schema = commands.add_parser(
         "schema", help="print the app's command, reply and event types as JSON Schema (for clients in other languages)"

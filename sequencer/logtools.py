@@ -83,10 +83,12 @@ def _payload(record: Record, decode: CommandDecoder | None) -> Any:
     payload = record.payload
     record_type = record.type
     try:
-        if record_type == RecordType.COMMAND:
+        if record_type == RecordType.COMMAND or record_type == RecordType.COMMAND_PART:
             acked_request_id, command = decode_command(payload)
             body: Any = (
-                command.hex()
+                None  # a COMMAND_PART without a command: a request that became none
+                if not len(command)
+                else command.hex()
                 if decode is None
                 else msgspec.to_builtins(decode(record.version, command))
             )

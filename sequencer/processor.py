@@ -33,6 +33,16 @@ here, where every replica decides the same from protocol constants (see `sequenc
 reply by a REJECTED `reply_too_large` (saved in the dedup table like any reply, so a resend gets
 it too; the command's effects stay applied), an event by an EVENT_OMITTED marker.
 
+Migrated requests. A copy-and-transform of the journal (`sequencer.migrate`) can turn one client
+request into zero or several commands. They are written back to back as COMMAND_PART records,
+all with the request's session and request id. The first (request id above the client's last)
+starts the request like a COMMAND; each later one (request id equal to the client's last) is
+applied too and its reply replaces the saved one, unless a part before it was rejected: then it
+is skipped (counted in `command_parts_skipped`), so a request stops at its first rejection, as
+the original command was refused whole. A part without command bytes applies nothing; as the
+first part it records the request id as applied with no saved reply, so a resend of a request
+that became no command gets DUPLICATE. No live node sequences this type.
+
 Failure. `Rejected` from the app is a reply. Any other exception is a bug in the app: it
 propagates and crashes the blp; the supervisor restarts from snapshot + journal.
 """
@@ -110,6 +120,7 @@ _TIMER_FIRED = int(RecordType.TIMER_FIRED)
 _SNAPSHOT = int(RecordType.SNAPSHOT)
 _TERM_START = int(RecordType.TERM_START)
 _ADMIN = int(RecordType.ADMIN)
+_COMMAND_PART = int(RecordType.COMMAND_PART)
 _OK = int(ReplyStatus.OK)
 _REJECTED = int(ReplyStatus.REJECTED)
 _DUPLICATE = int(ReplyStatus.DUPLICATE)
@@ -170,6 +181,7 @@ class Processor(Generic[App]):
         "app_class",
         "applied_index",
         "applied_term",
+        "command_parts_skipped",
         "commands_without_session",
         "debug",
         "events_too_large",
@@ -206,6 +218,7 @@ class Processor(Generic[App]):
         self.commands_without_session = 0
         self.stale_timer_fires = 0
         self.unknown_admin_ops = 0
+        self.command_parts_skipped = 0  # parts of a migrated request after a rejected part
         # Outputs too large for a client frame, replaced (see sequencer.egress).
         self.replies_too_large = 0
         self.events_too_large = 0
@@ -258,9 +271,14 @@ class Processor(Generic[App]):
         context.index = self.applied_index = index
         context.term = self.applied_term = term
         context.now = self.last_timestamp_ns = timestamp_ns
-        if frame_type & 0xFFFF != _COMMAND:
-            self._apply_other(frame_type & 0xFFFF, view, session_id)
-            return
+        record_type = frame_type & 0xFFFF
+        if record_type != _COMMAND:
+            if record_type != _COMMAND_PART:
+                self._apply_other(record_type, view, session_id)
+                return
+            if not self._start_command_part(view, session_id, request_id):
+                return
+            # Else the part is applied below, as a command of its request.
 
         session = self._sessions.get(session_id)
         if session is None:
@@ -328,6 +346,30 @@ class Processor(Generic[App]):
         self.rolling_hash = _crc32c(frame, self.rolling_hash)
         if session.local:
             self._outputs.append((_REPLY, frame))
+
+    def _start_command_part(self, view: Any, session_id: int, request_id: int) -> bool:
+        """The rules of a COMMAND_PART record (module docstring, "Migrated requests"); True when
+        its command is to be applied by the COMMAND path, which then records the request id and
+        saves the reply."""
+        session = self._sessions.get(session_id)
+        if session is None:
+            return True  # the COMMAND path counts it as a command without a session
+        client = session.client
+        last_request_id = client.last_request_id
+        if request_id > last_request_id:  # the request's first part
+            if len(view) > _COMMAND_OFFSET:
+                return True
+            client.last_request_id = request_id  # no command: only the request id is recorded
+            return False
+        saved = client.replies.get(request_id)
+        if request_id < last_request_id or (saved is not None and saved[1] != _OK):
+            self.command_parts_skipped += 1  # after a rejected part of its request
+            return False
+        if len(view) <= _COMMAND_OFFSET:
+            return False
+        # A later part: let the COMMAND path's dedup test pass for this one record.
+        client.last_request_id = request_id - 1
+        return True
 
     def _undecodable(self, error: Exception, command_version: int, index: int) -> bytes:
         """The rejection for command bytes this app cannot decode (or upcast).

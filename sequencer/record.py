@@ -74,6 +74,9 @@ class RecordType(enum.IntEnum):
     SNAPSHOT = 5
     TERM_START = 6  # the Raft no-op a new leader appends at the start of its term
     ADMIN = 7
+    # One of the commands a client request became in a copy-and-transform of the journal
+    # (sequencer.migrate); never sequenced by a live node. See the Processor for its rules.
+    COMMAND_PART = 8
     PADDING = 0xFFFF  # with version 0xFFFF this is the ring's PADDING_TYPE 0xFFFF_FFFF
 
 

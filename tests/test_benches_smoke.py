@@ -69,3 +69,13 @@ def test_doorbell_bench_reports_the_timeout_wakes_with_work_and_its_hand_offs() 
     assert results["doorbell_handoffs"] > 0
     assert results["doorbell_handoffs_per_s"] > 0
     assert results["doorbell_fences"] in ("membarrier", "lock")
+
+
+def test_migrate_bench_reports_its_figures_and_cleans_up(tmp_dir: Path) -> None:
+    results = run_json(["-m", "benches.migrate", "--records", "3000", "--accounts", "100", "--runs", "1",
+                        "--min-seconds", "0", "--dir", str(tmp_dir)])  # fmt: skip
+    for key in ("migrate_records_per_s", "verify_records_per_s", "migrate_s", "verify_s", "target_met"):
+        assert key in results, key
+    assert results["source_records"] == 3000
+    assert results["counts_out"]["COMMAND_PART Debit"] == results["counts_in"]["COMMAND Transfer"]
+    assert list(tmp_dir.iterdir()) == []

@@ -5,7 +5,8 @@ The conventions, in the Markdown:
 
 - A fenced `python` block is an example. It runs as a script in a fresh interpreter; if it names
   the documented socket path `/run/seqd/seqd.sock`, a node of its own is started first and the
-  path is replaced by that node's. It passes if it exits 0, so an example asserts what it claims.
+  path is replaced by that node's, as is the documented data directory `/var/lib/seqd`. It
+  passes if it exits 0, so an example asserts what it claims.
 - `<!-- not-run: reason -->` on the line before the fence skips a block (an abridged excerpt of
   code the tests run elsewhere). Keep these rare: NOT_RUN_MAX bounds them.
 - `<!-- app: module:Class -->` before a block makes it a state machine: it is saved as
@@ -34,6 +35,7 @@ from tests.node_fixtures import node_factory  # noqa: F401
 ROOT = Path(__file__).resolve().parent.parent
 DOCUMENTS = (ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")))
 DOCUMENTED_SOCKET_PATH = "/run/seqd/seqd.sock"
+DOCUMENTED_DATA_DIR = "/var/lib/seqd"
 # Blocks that may be skipped: today the ledger and tally excerpts and the Raft outline (code whose own
 # tests run it). Raising this needs a reason as good.
 NOT_RUN_MAX = 4
@@ -121,6 +123,7 @@ def test_example_runs_against_a_real_node(
     if DOCUMENTED_SOCKET_PATH in code:
         node = node_factory(settings, environment=environment)
         code = code.replace(DOCUMENTED_SOCKET_PATH, node.socket_path)
+        code = code.replace(DOCUMENTED_DATA_DIR, node.config.node.data_dir)
     script = tmp_dir / "example.py"
     script.write_text(code)
     result = subprocess.run(
