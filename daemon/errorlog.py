@@ -63,7 +63,7 @@ class DistinctErrorLog:
     ) -> None:
         """Args:
         logger: where lines go.
-        counter_add: adds to a shared-memory error counter, e.g. `counters["errors.protocol"].add`;
+        counter_add: adds to a shared-memory error counter, e.g. `counters[ERRORS_PROTOCOL].add`;
             called with 1 on every occurrence.
         window_s: the shortest time between two lines for one key.
         keys_max: distinct keys remembered before new ones are pooled under OVERFLOW_KEY.

@@ -49,7 +49,7 @@ propagates and crashes the blp; the supervisor restarts from snapshot + journal.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
 import crc32c
@@ -110,7 +110,6 @@ __all__ = [
     "ProcessorState",
     "SavedReply",
     "SessionState",
-    "replay",
 ]
 
 _COMMAND = int(RecordType.COMMAND)
@@ -621,15 +620,3 @@ class Processor(Generic[App]):
     def saved_reply_ids(self, client_id: int) -> list[int]:
         client = self._table.clients.get(client_id)
         return [] if client is None else list(client.replies)
-
-
-def replay(
-    app_class: type[App], buffers: Iterable[Any], body: bytes | None = None
-) -> Processor[App]:
-    """A processor restored from `body` (or empty) after applying every record in `buffers`;
-    outputs are discarded. For tools and tests."""
-    processor = Processor.restore(app_class, body) if body is not None else Processor(app_class)
-    for buffer in buffers:
-        processor.apply_records(buffer)
-        processor.drain_outputs()
-    return processor

@@ -9,7 +9,7 @@ import pytest
 
 from sequencer import snapshot as snapshots
 from sequencer.egress import ReplyStatus
-from sequencer.processor import Processor, replay
+from sequencer.processor import Processor
 from sequencer.record import iter_records
 from sequencer.schema import Schema, SchemaError, VersionError
 from tests.fixtures import make_v1_fixtures, tally_v1, tally_v2
@@ -22,6 +22,13 @@ EXPECTED = tally_v2.TallySnapshot(
     counts=make_v1_fixtures.EXPECTED_COUNTS,
     grand_total=sum(make_v1_fixtures.EXPECTED_COUNTS.values()),
 )
+
+
+def replayed_under_v2() -> Processor[tally_v2.Tally]:
+    """The v1 journal fixture replayed from genesis by v2 code."""
+    processor = Processor(tally_v2.Tally)
+    processor.apply_records(JOURNAL)
+    return processor
 
 
 def v2_native_state() -> bytes:
@@ -55,7 +62,7 @@ def test_committed_v1_fixtures_are_what_the_generator_makes():
 
 
 def test_v1_journal_replayed_under_v2_gives_the_state_v2_would_have_built():
-    processor = replay(tally_v2.Tally, [JOURNAL])
+    processor = replayed_under_v2()
     assert processor.app.snapshot() == EXPECTED
     assert tally_v2.SCHEMA.encode_snapshot(processor.app.snapshot()) == v2_native_state()
 
@@ -66,7 +73,7 @@ def test_v1_snapshot_plus_journal_under_v2_gives_the_same_state_as_a_full_replay
     restored = Processor.restore(tally_v2.Tally, loaded.body)
     assert restored.app.grand_total == 3 + 5 + 4 + 1
     assert restored.apply_records(JOURNAL) == len(list(iter_records(JOURNAL))) - loaded.header.index
-    full = replay(tally_v2.Tally, [JOURNAL])
+    full = replayed_under_v2()
     assert restored.app.snapshot() == full.app.snapshot() == EXPECTED
     # The bookkeeping matches too. The hashes do not, by design: the replies saved before the
     # snapshot were encoded by v1 (and the rolling hash covers v1 outputs up to it), while the
@@ -101,7 +108,7 @@ def test_v2_journal_under_v1_code_is_refused_with_a_clear_message():
 
 
 def test_v2_snapshot_under_v1_code_is_refused():
-    processor = replay(tally_v2.Tally, [JOURNAL])
+    processor = replayed_under_v2()
     with pytest.raises(VersionError, match=r"snapshot at index 10 has schema version 2 .* knows up to 1"):
         Processor.restore(tally_v1.Tally, processor.snapshot_bytes())
 

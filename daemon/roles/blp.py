@@ -124,11 +124,11 @@ class BlpAgent(Agent):
         delete_journal: bool,
     ) -> None:
         self.processor = processor
-        self.reader = log_ring.reader("blp", limit=counters[COMMIT_POSITION])
+        self.reader = log_ring.reader(Role.BLP, limit=counters[COMMIT_POSITION])
         self.commit_index = counters[COMMIT_INDEX]
         self.doorbell = self.reader.doorbell
         self.writer = egress_ring.writer()
-        self.sequencer_doorbell = egress_ring.doorbell("sequencer")
+        self.sequencer_doorbell = egress_ring.doorbell(Role.SEQUENCER)
         self.snapshot_dir = snapshot_dir
         self.snapshot_keep = snapshot_keep
         self.delete_journal = delete_journal

@@ -168,9 +168,9 @@ class JournallerAgent(Agent):
         delete_journal: bool,
     ) -> None:
         self.journal = journal
-        self.reader = ring.reader("journaller")
+        self.reader = ring.reader(Role.JOURNALLER)
         self.doorbell = self.reader.doorbell
-        self.blp_doorbell = ring.doorbell("blp")
+        self.blp_doorbell = ring.doorbell(Role.BLP)
         self.batch_bytes_max = batch_bytes_max
         self.delete_journal = delete_journal
         self.durable_position = counters[JOURNAL_DURABLE_POSITION]

@@ -179,7 +179,7 @@ class Sequencer:
         self.log_ring = Ring.attach(log_name(config.node.name), epoch=context.epoch)
         self.egress_ring = Ring.attach(egress_name(config.node.name), epoch=context.epoch)
         self.writer = self.log_ring.writer()
-        self.egress_reader = self.egress_ring.reader("sequencer")
+        self.egress_reader = self.egress_ring.reader(Role.SEQUENCER)
         self.client_write_buffer_bytes_max = config.socket.client_write_buffer_bytes_max
         gateway_config = GatewayConfig(
             node_name=config.node.name,
