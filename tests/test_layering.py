@@ -97,6 +97,12 @@ IO_FREE: dict[str, bool] = {
     "sequencer.gateway.sessions": True,
     "sequencer.gateway.stamping": True,
     "sequencer.timers": True,  # both halves of the timer schedule (processor and gateway)
+    "sequencer.migrate": True,  # the copy-and-transform core (issue 16), split by concept
+    "sequencer.migrate.errors": True,
+    "sequencer.migrate.transform": True,
+    "sequencer.migrate.dedup_mirror": True,
+    "sequencer.migrate.index_map": True,
+    "sequencer.migrate.migration": True,
 }
 # What an I/O-free module may not reach: sockets, files, clocks, threads, event loops,
 # processes, shared memory. The first eight are the ones the architecture names.

@@ -1,50 +1,21 @@
-"""Copy-and-transform of the journal: a new journal from an old one, through a transform.
+"""The migration loop: `Migration`, the sans-I/O core of a copy-and-transform of the journal.
 
-Theory of operation. Upcasting (`sequencer.schema`) turns one old message into one new message
-on replay. What it cannot do (rename a command into several, merge several into one, drop one)
-needs a new journal: every record of the old one is read in index order, each client request's
-command is handed to a `Transform`, and what it returns is written as the new journal's records,
-with new indexes dense from 1. Everything else is carried over so that exactly-once and time
-still hold after the migration (docs/evolution.md has the long form):
-
-- Sessions and client ids: SESSION_OPEN, SESSION_CLOSE and ADMIN records are copied, so every
-  command keeps its session, and through it its client id.
-- Request ids: every command the transform returns for a request carries that request's session,
-  request id and acked request id. One command is written as a COMMAND; zero or several as
-  COMMAND_PART records back to back (`sequencer.processor`, "Migrated requests"): the request is
-  deduplicated as one request on a resend, its parts stop at the first rejected one, and its
-  saved reply is the last part's (or the rejection). A request that became no command is a part
-  without command bytes: it records the request id, so a resend gets DUPLICATE, never a second
-  application.
-- Resends: a command the old node deduplicated (its request id was not above the client's last)
-  changed nothing, and is dropped. To know which those are, `_DedupMirror` follows the processor's
-  dedup decisions (sessions, last request id per client, client expiry) without running the app.
-  A command without a session (the processor drops those) is dropped too.
-- Time: each new record has the timestamp and term of the old record it came from, so time never
-  goes backwards. TIMER_FIRED records are copied (or changed by `Transform.timer_fired`): their
-  timer id and deadline must match what the new app scheduled, which the verification checks.
-- SNAPSHOT records are dropped: a snapshot of the old app is no state of the new one, and the
-  new journal's indexes differ. The new node starts from the new journal alone.
-- At the end, the transform's `finish()` commands (a merge still open) are written on a session
-  of the migration itself (client id 0, as a timer has), and every session still open is closed,
-  as the old node's next start would have done with its `node_start` record.
-
-`Migration` is the sans-I/O core: `feed(run)` takes a run of whole old records (a journal batch)
-and returns the new records' bytes, `finish()` the last ones; `index_map()` then says where each
-old index went. Reading, writing, locking and verifying are in `daemon/migrate.py`.
+`feed(run)` takes a run of whole old records (a journal batch) and returns the new records'
+bytes, `finish()` the last ones; `index_map()` then says where each old index went. How each
+record type is carried over, and why, is the theory of operation in `sequencer.migrate`.
 """
 
 from __future__ import annotations
 
-import bisect
-import importlib
 import struct
-from collections.abc import Iterable
-from typing import Any, ClassVar, Union
+from typing import Any, Union
 
-import crc32c
 import msgspec
 
+from sequencer.migrate.dedup_mirror import DedupMirror
+from sequencer.migrate.errors import MigrationError, TransformError
+from sequencer.migrate.index_map import IndexMap
+from sequencer.migrate.transform import Origin, Transform, check_transform, transform_name
 from sequencer.processor import CLIENT_EXPIRY_NS_DEFAULT
 from sequencer.record import (
     ADMIN_NODE_START,
@@ -56,26 +27,14 @@ from sequencer.record import (
     decode_session_open,
     encode_session_open,
 )
-from sequencer.schema import Schema
-from sequencer.state_machine import StateMachine
 from sequencer.timers import TIMER_FIRED_PAYLOAD
 
 __all__ = [
     "COMMANDS_PER_REQUEST_MAX",
-    "INDEX_MAP_FILE",
     "MIGRATION_CLIENT_ID",
     "MIGRATION_NODE",
     "MIGRATION_SESSION_ID",
-    "IndexMap",
     "Migration",
-    "MigrationError",
-    "Origin",
-    "Transform",
-    "TransformError",
-    "TransformLoadError",
-    "check_transform",
-    "load_transform",
-    "transform_name",
 ]
 
 # A request becomes a handful of commands; more is a transform gone wrong (returning a string
@@ -87,7 +46,6 @@ COMMANDS_PER_REQUEST_MAX = 1024
 MIGRATION_SESSION_ID = 1
 MIGRATION_CLIENT_ID = 0
 MIGRATION_NODE = "@migration"  # no node is named so: a node_start record never closes it
-INDEX_MAP_FILE = "migration.index-map"  # beside the new journal's segments
 
 _COMMAND = int(RecordType.COMMAND)
 _COMMAND_PART = int(RecordType.COMMAND_PART)
@@ -108,252 +66,14 @@ _unpack_prefix = COMMAND_PREFIX.unpack_from
 assert _COMMAND_HEADER.size == _COMMAND_START
 _unpack_header = RECORD_HEADER.unpack_from
 _NO_OUTPUTS: tuple[Any, ...] = ()
-# How a request's commands are written (see the module docstring).
+# How a request's commands are written (see `sequencer.migrate`'s docstring).
 _WHOLE = 0  # a COMMAND: the whole request
 _FIRST = 1  # the first COMMAND_PART of a migrated request (a journal migrated before)
 _LATER = 2  # a later COMMAND_PART of the same request
 
 
-class MigrationError(Exception):
-    """The old journal cannot be migrated as it is; the message says why and what to do."""
-
-
-class TransformError(MigrationError):
-    """The transform raised, or returned something that is not commands of the target app.
-
-    Attributes:
-        index: the old index of the record being transformed (0: in `finish`).
-    """
-
-    def __init__(self, message: str, index: int) -> None:
-        super().__init__(message)
-        self.index = index
-
-
-class TransformLoadError(Exception):
-    """The transform named on the command line cannot be loaded."""
-
-
-class Origin:
-    """Where the command being transformed came from: the old record's header and its client.
-
-    One Origin is reused for every record (an allocation per record costs throughput): read
-    what you need during the call, do not keep it.
-
-    Attributes:
-        index, term, timestamp_ns: the old record's.
-        session_id, client_id, request_id: the request (0 for a timer fire).
-        version: the schema version the command was written at (it reaches the transform
-            upcast to the source app's current version).
-    """
-
-    __slots__ = ("_header", "client_id")
-
-    def __init__(self, index: int = 0, term: int = 0, timestamp_ns: int = 0, session_id: int = 0,
-                 client_id: int = 0, request_id: int = 0, version: int = 0) -> None:  # fmt: skip
-        # The old record's header tuple as unpacked (RECORD_HEADER's fields): the migration
-        # swaps in a new one per record instead of setting seven attributes.
-        self._header: tuple[int, ...] = (0, 0, version, index, term, timestamp_ns, session_id,
-                                         request_id)  # fmt: skip
-        self.client_id = client_id
-
-    @property
-    def index(self) -> int:
-        return self._header[3]
-
-    @property
-    def term(self) -> int:
-        return self._header[4]
-
-    @property
-    def timestamp_ns(self) -> int:
-        return self._header[5]
-
-    @property
-    def session_id(self) -> int:
-        return self._header[6]
-
-    @property
-    def request_id(self) -> int:
-        return self._header[7]
-
-    @property
-    def version(self) -> int:
-        return self._header[2]
-
-    def __repr__(self) -> str:
-        return (f"Origin(index={self.index}, term={self.term}, timestamp_ns={self.timestamp_ns}, "
-                f"session_id={self.session_id:#x}, client_id={self.client_id}, "
-                f"request_id={self.request_id}, version={self.version})")  # fmt: skip
-
-
-class Transform:
-    """What a migration does to each command. Subclass it, set `source` and `target`, override
-    `command` (and `timer_fired` or `finish` when needed).
-
-    A transform is deterministic and pure in what it returns: the same old journal must give the
-    same new journal. It may keep state in `self` (a merge waits for the rest of its inputs);
-    `seqd log migrate` makes one instance per run.
-
-    Attributes:
-        source: the app that wrote the old journal; its schema decodes (and upcasts) the commands.
-        target: the app the new journal is for; its schema encodes what `command` returns, and
-            the verification replays the new journal under it.
-    """
-
-    source: ClassVar[type[StateMachine]]
-    target: ClassVar[type[StateMachine]]
-
-    def command(self, command: Any, origin: Origin) -> Iterable[Any]:
-        """The commands of the target app that `command` (a new client request, never a
-        resend) becomes; called once per request, in log order.
-
-        Return one to rename or change it, none to drop it, several to split it (they are
-        applied in order; the first rejected one stops the rest, so put the one that validates
-        everything first), or none now and the merged command with a later request (merge). A
-        request's commands keep its client, session and request id and its old timestamp.
-        """
-        return (command,)
-
-    def timer_fired(self, timer_id: int, deadline_ns: int, origin: Origin) -> tuple[int, int] | None:
-        """The (timer_id, deadline_ns) a TIMER_FIRED record carries in the new journal, or None to
-        drop it. A fire runs `on_timer` only if the new app scheduled exactly that timer with
-        that deadline: change this only together with how the target schedules its timers."""
-        return timer_id, deadline_ns
-
-    def finish(self) -> Iterable[Any]:
-        """Commands still held at the end of the old journal (a merge that never completed).
-        They are written on the migration's own session (client id 0)."""
-        return ()
-
-
-def load_transform(spec: str) -> Transform:
-    """A transform named `"package.module:name"`: a Transform subclass, or a function that
-    returns a Transform (a factory, for one that takes arguments).
-
-    Raises:
-        TransformLoadError: the name is malformed, cannot be imported, or is not a transform
-            with a source and a target app.
-    """
-    module_name, colon, name = spec.partition(":")
-    if not colon or not module_name or not name:
-        raise TransformLoadError(
-            f"transform {spec!r} is not of the form 'package.module:name' (e.g. "
-            "'sequencer.apps.ledger_v2:FromLedgerV1')"
-        )
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as error:
-        raise TransformLoadError(
-            f"cannot import module {module_name!r} of transform {spec!r}: {error}. Is it on "
-            "PYTHONPATH, or installed in the environment seqd runs in?"
-        ) from error
-    factory = getattr(module, name, None)
-    if factory is None:
-        raise TransformLoadError(f"module {module_name!r} has no {name!r} (transform {spec!r})")
-    transform = factory() if callable(factory) else factory
-    if not isinstance(transform, Transform):
-        raise TransformLoadError(
-            f"{spec} gives {transform!r}, not a sequencer.migrate.Transform: name a Transform "
-            "subclass or a function that returns an instance of one"
-        )
-    check_transform(transform, spec)
-    return transform
-
-
-def check_transform(transform: Transform, name: str) -> None:
-    """Raises TransformLoadError unless `transform` names a source and a target app."""
-    for role in ("source", "target"):
-        app = getattr(transform, role, None)
-        if not (isinstance(app, type) and issubclass(app, StateMachine)
-                and isinstance(getattr(app, "schema", None), Schema)):  # fmt: skip
-            raise TransformLoadError(
-                f"transform {name} has {role}={app!r}: set the class attribute `{role}` to the "
-                f"StateMachine subclass {'that wrote the old journal' if role == 'source' else 'the new journal is for'}"
-            )
-
-
-def transform_name(transform: Transform) -> str:
-    kind = type(transform)
-    return f"{kind.__module__}:{kind.__qualname__}"
-
-
-# -- following the old node's dedup decisions ------------------------------------------------------
-
-
-class _Client:
-    __slots__ = ("last_request_id", "sessions")
-
-    def __init__(self) -> None:
-        self.last_request_id = 0
-        self.sessions = 0
-
-
-class _Session:
-    __slots__ = ("client", "client_id", "node")
-
-    def __init__(self, client_id: int, node: str, client: _Client) -> None:
-        self.client_id = client_id
-        self.node = node
-        self.client = client
-
-
-class _DedupMirror:
-    """The processor's session and dedup bookkeeping, without the app and the saved replies.
-
-    It must decide exactly as `sequencer.processor.Processor` did which commands were applied:
-    the same session table (SESSION_OPEN/CLOSE, `node_start` closing a node's sessions), the
-    same last request id per client, the same client expiry in log time (a client without a
-    session for `client_expiry_ns` is forgotten, so its next request id counts as new).
-    tests/test_migrate.py checks the two against each other.
-    """
-
-    def __init__(self, client_expiry_ns: int) -> None:
-        self.client_expiry_ns = client_expiry_ns
-        self.sessions: dict[int, _Session] = {}
-        self.clients: dict[int, _Client] = {}
-        self.idle: dict[int, int] = {}  # client id -> idle since, oldest first
-
-    def open(self, session_id: int, client_id: int, node: str, timestamp_ns: int) -> None:
-        client = self.clients.get(client_id)
-        if client is None:
-            client = self.clients[client_id] = _Client()
-        client.sessions += 1
-        self.idle.pop(client_id, None)
-        self._expire(timestamp_ns)
-        self.sessions[session_id] = _Session(client_id, node, client)
-
-    def close(self, session_id: int, timestamp_ns: int) -> bool:
-        session = self.sessions.pop(session_id, None)
-        if session is None:
-            return False
-        client = session.client
-        client.sessions -= 1
-        if client.sessions == 0:
-            self.idle[session.client_id] = timestamp_ns
-        self._expire(timestamp_ns)
-        return True
-
-    def close_node(self, node: str, timestamp_ns: int) -> None:
-        for session_id in [sid for sid, session in self.sessions.items() if session.node == node]:
-            self.close(session_id, timestamp_ns)
-
-    def _expire(self, now_ns: int) -> None:
-        idle = self.idle
-        deadline = now_ns - self.client_expiry_ns
-        while idle:
-            client_id = next(iter(idle))
-            if idle[client_id] > deadline:
-                break
-            del idle[client_id]
-            del self.clients[client_id]
-
-
-# -- the migration ---------------------------------------------------------------------------------
-
-
 class Migration:
-    """Turns the old journal's records into the new journal's (see the module docstring).
+    """Turns the old journal's records into the new journal's (see `sequencer.migrate`).
 
     Args:
         transform: the Transform (with `source` and `target` apps).
@@ -376,7 +96,7 @@ class Migration:
         self.source_last_index = 0
         self.target_last_index = 0
         self.finished = False
-        self._dedup = _DedupMirror(client_expiry_ns)
+        self._dedup = DedupMirror(client_expiry_ns)
         self._origin = Origin()
         self._decode = source_schema.decode_command
         # The source's current version decodes with one C call; the target's commands encode so.
@@ -827,118 +547,3 @@ def _named(counts: dict[Any, int]) -> dict[str, int]:
         label = f"{name} {detail}" if detail else name
         named[label] = named.get(label, 0) + count
     return dict(sorted(named.items()))
-
-
-# -- the index map -------------------------------------------------------------------------------
-
-# magic, layout version, header bytes, crc32c of the file with this field zeroed, old last index,
-# new last index, run count; then the runs.
-_MAP_HEADER = struct.Struct("<8sHHIQQQ")
-# old first index, new first index, old count, new records per old record
-_MAP_RUN = struct.Struct("<QQII")
-_MAP_MAGIC = b"SEQDIMAP"
-_MAP_LAYOUT_VERSION = 1
-_MAP_CRC_OFFSET = 12
-_RUN_COUNT_MAX = (1 << 32) - 1  # old_count is a u32: a longer run is stored as several
-
-
-class IndexMap:
-    """Where each old index went in a migration: old index -> the new indexes of its records.
-
-    Stored as runs (old first, new first, old count, new records per old record): a stretch of
-    records copied one for one is one run, a stretch of transfers split in two another. The file
-    (`INDEX_MAP_FILE`, beside the new journal's segments) is a 40-byte header (magic
-    `SEQDIMAP`, layout version, header bytes, CRC-32C of the file with this field zeroed, old
-    last index, new last index, run count), then 24 bytes per run (`<QQII`), little-endian.
-
-    Args:
-        runs: (old_first, new_first, old_count, per_old), ascending and contiguous from old 1.
-        source_last_index: the old journal's last index.
-        target_last_index: the new journal's last index (records after `covering(
-            source_last_index)` were added by the migration itself).
-    """
-
-    def __init__(self, runs: list[tuple[int, int, int, int]], source_last_index: int,
-                 target_last_index: int) -> None:  # fmt: skip
-        self.runs = runs
-        self.source_last_index = source_last_index
-        self.target_last_index = target_last_index
-        self._old_firsts = [run[0] for run in runs]
-        expected_old, expected_new = 1, 1
-        for old_first, new_first, old_count, per_old in runs:
-            assert old_first == expected_old, (old_first, expected_old)
-            assert new_first == expected_new, (new_first, expected_new)
-            assert old_count > 0, old_count
-            expected_old += old_count
-            expected_new += old_count * per_old
-        assert expected_old == source_last_index + 1, (expected_old, source_last_index)
-        assert expected_new <= target_last_index + 1, (expected_new, target_last_index)
-        self._carried = [run for run in runs if run[3] > 0]
-        self._new_firsts = [run[1] for run in self._carried]
-
-    def targets(self, old_index: int) -> range:
-        """The new indexes of the records old record `old_index` became: one for a copy, several
-        for a split, none for a dropped record or a request merged into a later one (the empty
-        range then starts where its records would have been).
-
-        Raises:
-            KeyError: `old_index` is not in 1..source_last_index.
-        """
-        if not 1 <= old_index <= self.source_last_index:
-            raise KeyError(f"old index {old_index} is outside the migrated journal (1..{self.source_last_index})")
-        old_first, new_first, _old_count, per_old = self.runs[bisect.bisect_right(self._old_firsts, old_index) - 1]
-        start = new_first + (old_index - old_first) * per_old
-        return range(start, start + per_old)
-
-    def covering(self, old_index: int) -> int:
-        """The last new index whose records all come from old indexes up to `old_index`: a
-        follower that had applied the old journal to `old_index` resumes after this (0: none)."""
-        return self.targets(old_index).stop - 1
-
-    def source(self, new_index: int) -> int | None:
-        """The old index a new record came from; None for a record the migration added at the end.
-
-        Raises:
-            KeyError: `new_index` is not in 1..target_last_index.
-        """
-        if not 1 <= new_index <= self.target_last_index:
-            raise KeyError(f"new index {new_index} is outside the new journal (1..{self.target_last_index})")
-        position = bisect.bisect_right(self._new_firsts, new_index) - 1
-        if position < 0:
-            return None
-        old_first, new_first, old_count, per_old = self._carried[position]
-        offset = (new_index - new_first) // per_old
-        return old_first + offset if offset < old_count else None
-
-    def to_bytes(self) -> bytes:
-        runs = []
-        for old_first, new_first, old_count, per_old in self.runs:
-            while old_count > _RUN_COUNT_MAX:
-                runs.append(_MAP_RUN.pack(old_first, new_first, _RUN_COUNT_MAX, per_old))
-                old_first += _RUN_COUNT_MAX
-                new_first += _RUN_COUNT_MAX * per_old
-                old_count -= _RUN_COUNT_MAX
-            runs.append(_MAP_RUN.pack(old_first, new_first, old_count, per_old))
-        header = _MAP_HEADER.pack(_MAP_MAGIC, _MAP_LAYOUT_VERSION, _MAP_HEADER.size, 0,
-                                  self.source_last_index, self.target_last_index, len(runs))  # fmt: skip
-        body = b"".join(runs)
-        crc = crc32c.crc32c(body, crc32c.crc32c(header))
-        return header[:_MAP_CRC_OFFSET] + struct.pack("<I", crc) + header[_MAP_CRC_OFFSET + 4 :] + body
-
-    @classmethod
-    def from_bytes(cls, data: bytes, name: str = "index map") -> IndexMap:
-        """Raises MigrationError on a damaged or foreign file (`name` says which, in the message)."""
-        if len(data) < _MAP_HEADER.size:
-            raise MigrationError(f"{name} is {len(data)} bytes, too short for its header: not an index map")
-        magic, layout, header_bytes, crc, source_last, target_last, count = _MAP_HEADER.unpack_from(data)
-        if magic != _MAP_MAGIC:
-            raise MigrationError(f"{name} does not start with {_MAP_MAGIC!r}: not a seqd index map")
-        if layout != _MAP_LAYOUT_VERSION or header_bytes != _MAP_HEADER.size:
-            raise MigrationError(f"{name} has layout version {layout}; this seqd reads {_MAP_LAYOUT_VERSION}")
-        if len(data) != header_bytes + count * _MAP_RUN.size:
-            raise MigrationError(f"{name} is {len(data)} bytes but its header says {count} runs: cut short?")
-        zeroed = data[:_MAP_CRC_OFFSET] + bytes(4) + data[_MAP_CRC_OFFSET + 4 : header_bytes]
-        if crc32c.crc32c(data[header_bytes:], crc32c.crc32c(zeroed)) != crc:
-            raise MigrationError(f"{name} fails its CRC-32C: the file is damaged")
-        runs = [_MAP_RUN.unpack_from(data, header_bytes + n * _MAP_RUN.size) for n in range(count)]
-        return cls(runs, source_last, target_last)
