@@ -83,12 +83,12 @@ wait for durability), `durability` (the entry writes in progress and the durable
 
 from __future__ import annotations
 
-import enum
 import random
 
+from sequencer.raft.candidate import Elections
 from sequencer.raft.config import NO_NODE, RaftConfig
 from sequencer.raft.durability import DurableWrites
-from sequencer.raft.election import ElectionTimer, VoteResult, VoteTally, vote_granted
+from sequencer.raft.election import ElectionTimer, VoteTally
 from sequencer.raft.errors import NotLeaderError, ProposalRejected, StampMismatch
 from sequencer.raft.follower import Follower
 from sequencer.raft.leader import Leader
@@ -111,6 +111,7 @@ from sequencer.raft.messages import (
     TimeoutNow,
 )
 from sequencer.raft.quorum import quorum_size
+from sequencer.raft.raft_role import CANDIDATE, FOLLOWER, LEADER, RaftRole
 from sequencer.raft.read_index import ReadIndexQueue
 from sequencer.raft.restart import restore
 from sequencer.raft.storage import LogStorage
@@ -126,20 +127,9 @@ __all__ = [
 ]
 
 
-class RaftRole(enum.IntEnum):
-    FOLLOWER = 0
-    PRE_CANDIDATE = 1
-    CANDIDATE = 2
-    LEADER = 3
 
 
-FOLLOWER = RaftRole.FOLLOWER
-PRE_CANDIDATE = RaftRole.PRE_CANDIDATE
-CANDIDATE = RaftRole.CANDIDATE
-LEADER = RaftRole.LEADER
-
-
-class RaftCore:
+class RaftCore(Elections):
     """One Raft node. See the module docstring for the contract."""
 
     def __init__(
@@ -604,38 +594,6 @@ class RaftCore:
         self.leader_id = leader_id
         self._election_timer.elapsed_ticks = 0
 
-    def _campaign(self, *, pre_vote: bool, transfer: bool = False) -> None:
-        self._election_timer.reset()
-        self.leader_id = NO_NODE
-        if pre_vote:
-            # Thesis 9.6: ask first whether an election could be won, without raising the term.
-            self.raft_role = PRE_CANDIDATE
-            term = self.term + 1
-        else:
-            self.raft_role = CANDIDATE
-            self._new_term(self.term + 1)
-            self.vote = self.id
-            term = self.term
-        self._votes = VoteTally(self.id, self.quorum)
-        if self._votes.result() is VoteResult.WON:
-            self._won_votes(pre_vote)
-            return
-        last_index, last_term = self.log.last_index, self.log.last_term
-        for peer in self.peers:
-            self._send(RequestVote(self.cluster_id, self.id, peer, term, last_index, last_term,
-                                   pre_vote, transfer))
-
-    def _new_term(self, term: int) -> None:
-        """Enter `term`: acknowledgements owed to the last term's leader are void."""
-        self.term = term
-        self._follower.new_term()
-
-    def _won_votes(self, pre_vote: bool) -> None:
-        if pre_vote:
-            self._campaign(pre_vote=False)
-        else:
-            self._become_leader()
-
     def _become_leader(self) -> None:
         assert self.raft_role is CANDIDATE, self.raft_role
         self.raft_role = LEADER
@@ -648,35 +606,6 @@ class RaftCore:
         self._term_start = TermStart(self.term, self.log.last_index + 1)
         if not self.config.term_start_from_shell:
             self.log.append_run(self.term, [b""])
-
-    # --------------------------------------------------------------------------- elections
-
-    def _handle_vote_request(self, message: RequestVote) -> None:
-        log = self.log
-        if vote_granted(message, self.vote, self.leader_id, self.term, log.last_index,
-                        log.last_term):
-            self._send(RequestVoteResponse(self.cluster_id, self.id, message.source,
-                                           message.term, True, message.pre_vote))
-            if not message.pre_vote:
-                self.vote = message.source
-                self._election_timer.elapsed_ticks = 0
-        else:
-            self._send(RequestVoteResponse(self.cluster_id, self.id, message.source,
-                                           self.term, False, message.pre_vote))
-
-    def _handle_vote_response(self, message: RequestVoteResponse) -> None:
-        if message.pre_vote:
-            if self.raft_role is not PRE_CANDIDATE:
-                return
-            if message.granted and message.term != self.term + 1:
-                return
-        elif self.raft_role is not CANDIDATE or message.term != self.term:
-            return
-        result = self._votes.record(message.source, message.granted)
-        if result is VoteResult.WON:
-            self._won_votes(message.pre_vote)
-        elif result is VoteResult.LOST:
-            self._become_follower(self.term, NO_NODE)
 
     # ------------------------------------------------------------------ follower replication
 
