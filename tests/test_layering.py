@@ -75,7 +75,13 @@ IO_FREE: dict[str, bool] = {
     "sequencer.raft.peer_wire": True,  # the peer protocol, split by concept (issue 10)
     "sequencer.raft.peer_handshake": True,
     "sequencer.raft.backoff": True,
+    "sequencer.raft.candidate": True,
+    "sequencer.raft.raft_role": True,
     "sequencer.raft.storage": True,
+    "sequencer.raft.errors": True,  # the core, split by concept again (issue 10)
+    "sequencer.raft.durability": True,
+    "sequencer.raft.follower": True,
+    "sequencer.raft.restart": True,
     "sequencer.processor": True,
     "sequencer.dedup": True,  # the processor, split by concept (issue 10)
     "sequencer.processor_state": True,

@@ -13,6 +13,7 @@ import pytest
 
 from sequencer.raft import AppendEntriesResponse, RaftCore, RequestVote, RequestVoteResponse
 from sequencer.raft.core import NO_NODE
+from sequencer.raft.follower import Follower
 from sequencer.raft.leader import Leader
 from tests.sim import LivenessFailure, SafetyViolation, Simulation, run_seed
 from tests.sim.checks import check_persisted_before_send
@@ -168,11 +169,11 @@ def test_simulator_catches_a_leader_that_counts_its_unsynced_entries(
 def test_simulator_catches_a_follower_that_acknowledges_before_its_write_is_durable(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    def acknowledge_at_once(self: RaftCore, leader_id: int, index: int) -> None:
-        self._send(AppendEntriesResponse(self.cluster_id, self.id, leader_id, self.term, True,
+    def acknowledge_at_once(self: Follower, leader_id: int, index: int, term: int) -> None:
+        self._send(AppendEntriesResponse(self.cluster_id, self.id, leader_id, term, True,
                                          index, 0, 0))
 
-    monkeypatch.setattr(RaftCore, "_acknowledge", acknowledge_at_once)
+    monkeypatch.setattr(Follower, "acknowledge", acknowledge_at_once)
     with pytest.raises(SafetyViolation, match=r"persist before send: .* acknowledges index"):
         for seed in range(20):
             run_seed(seed)

@@ -27,13 +27,10 @@ is a vote cast. The entries need not be (Raft thesis 10.2.1): the leader ships i
 while its own write runs and counts itself toward a majority only up to `stable_index`, the index
 up to which the caller reported its durable log agrees with the core's; a follower's successful
 AppendEntriesResponse is produced only once what it acknowledges is durable (a retransmission of
-durable entries is answered at once, anything else waits for `durable()`). Writes complete in the
-order they are handed out; each one outstanding is remembered with how far it will still agree
-with the log once it lands, lowered when a conflict truncates the log below its end, so a late
-report of a write that a newer one overwrites vouches only for what survives (etcd-io/raft's "ABA"
-case). Only durable committed entries are handed out to apply, and the persisted commit index
-never passes `stable_index`, so a restart never applies entries its disk holds from a deposed
-leader. The core never steps, ticks or proposes while a ready is outstanding (asserted: `advance`
+durable entries is answered at once, anything else waits for `durable()`; `durability` tracks
+the writes in progress, `follower` the acknowledgements that wait for them). Only durable
+committed entries are handed out to apply, and the persisted commit index never passes
+`stable_index`, so a restart never applies entries its disk holds from a deposed leader. The core never steps, ticks or proposes while a ready is outstanding (asserted: `advance`
 comes right after sending), so nothing it says in a ready is contradicted before the caller acts
 on it. The deterministic simulator (`tests/sim`) checks every promise on every message it sends,
 with disks whose writes land long after the messages, or never.
@@ -73,23 +70,27 @@ Membership is static (1, 3 or 5 voters); neither joint consensus nor single-serv
 implemented.
 
 Where the parts live: this module is the node itself: its inputs, the term rules every message
-passes, the follower's handling of the leader's messages, changes of standing, the commit rule and
-the ready/advance contract. It delegates one concept to each of: `config` (`RaftConfig`),
-`election` (election timer, vote tally, the voter's rule), `leader` (what a leader sends its
-followers and how it reads their answers; one `Leader` per term led), `tracker` (each follower's
-progress and flow control, and the majority questions over them), `read_index` (the queue of
-ReadIndex reads), `log` (the entries in memory), `storage` (the `LogStorage` interface for the
-rest) and `quorum` (majority arithmetic).
+passes, changes of standing, the commit rule and the ready/advance contract. It delegates one
+concept to each of: `config` (`RaftConfig`), `errors` (what the caller is refused with),
+`restart` (the state a restart loads), `election` (election timer, vote tally, the voter's rule),
+`leader` (what a leader sends its followers and how it reads their answers; one `Leader` per term
+led), `tracker` (each follower's progress and flow control, and the majority questions over
+them), `follower` (the follower's handling of its leader's messages, and acknowledgements that
+wait for durability), `durability` (the entry writes in progress and the durable index, with the
+"ABA" rule), `read_index` (the queue of ReadIndex reads), `log` (the entries in memory),
+`storage` (the `LogStorage` interface for the rest) and `quorum` (majority arithmetic).
 """
 
 from __future__ import annotations
 
-import enum
 import random
-from collections import deque
 
+from sequencer.raft.candidate import Elections
 from sequencer.raft.config import NO_NODE, RaftConfig
-from sequencer.raft.election import ElectionTimer, VoteResult, VoteTally, vote_granted
+from sequencer.raft.durability import DurableWrites
+from sequencer.raft.election import ElectionTimer, VoteTally
+from sequencer.raft.errors import NotLeaderError, ProposalRejected, StampMismatch
+from sequencer.raft.follower import Follower
 from sequencer.raft.leader import Leader
 from sequencer.raft.log import RaftLog
 from sequencer.raft.messages import (
@@ -110,7 +111,9 @@ from sequencer.raft.messages import (
     TimeoutNow,
 )
 from sequencer.raft.quorum import quorum_size
+from sequencer.raft.raft_role import CANDIDATE, FOLLOWER, LEADER, RaftRole
 from sequencer.raft.read_index import ReadIndexQueue
+from sequencer.raft.restart import restore
 from sequencer.raft.storage import LogStorage
 
 __all__ = [
@@ -124,57 +127,9 @@ __all__ = [
 ]
 
 
-class RaftRole(enum.IntEnum):
-    FOLLOWER = 0
-    PRE_CANDIDATE = 1
-    CANDIDATE = 2
-    LEADER = 3
 
 
-FOLLOWER = RaftRole.FOLLOWER
-PRE_CANDIDATE = RaftRole.PRE_CANDIDATE
-CANDIDATE = RaftRole.CANDIDATE
-LEADER = RaftRole.LEADER
-
-
-class NotLeaderError(Exception):
-    """A proposal or read went to a node that is not the leader."""
-
-    def __init__(self, node_id: int, leader_id: int, term: int) -> None:
-        self.node_id = node_id
-        self.leader_id = leader_id
-        self.term = term
-        hint = f"node {leader_id}" if leader_id != NO_NODE else "unknown (election under way)"
-        super().__init__(
-            f"node {node_id} is not the Raft leader in term {term} (leader: {hint}); "
-            "send the request to the leader, or retry after the election"
-        )
-
-
-class ProposalRejected(Exception):
-    """A leader refused a proposal (too many uncommitted entries, or an empty payload)."""
-
-
-class StampMismatch(ProposalRejected):
-    """Records stamped with a term and indexes the core would not give them.
-
-    The leader's sequencer stamps records before the core sees them (one log); a stamp is stale
-    when the core's term moved on (it lost and maybe regained leadership) or its log did.
-    """
-
-    def __init__(self, stamped_term: int, stamped_index: int, term: int, next_index: int) -> None:
-        self.stamped_term = stamped_term
-        self.stamped_index = stamped_index
-        self.term = term
-        self.next_index = next_index
-        super().__init__(
-            f"records stamped term {stamped_term} from index {stamped_index}, but the leader is "
-            f"in term {term} and its next index is {next_index}: discard the stamped records "
-            "after the last one the core accepted and restamp from the next TermStart"
-        )
-
-
-class RaftCore:
+class RaftCore(Elections):
     """One Raft node. See the module docstring for the contract."""
 
     def __init__(
@@ -198,25 +153,11 @@ class RaftCore:
         self.commit_index = 0
         self.snapshot: Snapshot | None = None  # the latest snapshot, sent to lagging followers
         if durable is not None:
-            self._restore(durable)
+            self.term, self.vote, self.commit_index, self.snapshot = restore(self.log, durable)
         # Invariant: log.snapshot_index <= applied_index (compaction only covers applied entries).
         self.applied_index = self.log.snapshot_index
-        # The durable log agrees with `log` up to here: a leader counts itself toward a majority
-        # only up to here, a follower acknowledges only up to here, and only entries up to here
-        # are handed out to apply. Invariant: stable_index <= log.last_index.
-        self.stable_index = self.log.last_index
-        # The entry writes handed out in readies and not yet reported durable, oldest first:
-        # [last index, last term, agreed index]. The agreed index is how far the write will agree
-        # with `log` once durable: its last index, lowered when a later change of the log (a
-        # conflict truncation) begins at or below it. Writes complete in order, so when one is
-        # reported durable, every write before it is too.
-        self._writes: deque[list[int]] = deque()
-        # A follower's successful AppendEntriesResponse waits until what it acknowledges is
-        # durable: the highest index owed to `_ack_leader` in this term (0: none), and the last
-        # index a deferred acknowledgement reported.
-        self._ack_pending_index = 0
-        self._ack_sent_index = 0
-        self._ack_leader = NO_NODE
+        # How far the durable log agrees with `log` (`stable_index`), and the writes in progress.
+        self._durable = DurableWrites(self.log.last_index)
         # The start of the term this node leads, announced in the next ready (then None).
         self._term_start: TermStart | None = None
         # Entries from here on have not yet been handed out in a ready.
@@ -233,53 +174,22 @@ class RaftCore:
         self._votes = VoteTally(self.id, self.quorum)
         self._election_timer = ElectionTimer(config.election_ticks, rng)
         self._reads = ReadIndexQueue()
+        self._follower = Follower(config, self.log, self._durable, self._send)
 
         # Operating counters: messages dropped at the gateway (wrong cluster, target or sender).
         self.messages_dropped = 0
 
     @property
+    def stable_index(self) -> int:
+        """The durable log agrees with `log` up to here: a leader counts itself toward a majority
+        only up to here, a follower acknowledges only up to here, and only entries up to here are
+        applied. Invariant: stable_index <= log.last_index."""
+        return self._durable.stable_index
+
+    @property
     def election_elapsed_ticks(self) -> int:
         """Ticks since this node last heard from its leader, granted a vote or campaigned."""
         return self._election_timer.elapsed_ticks
-
-    # ----------------------------------------------------------------------------- restore
-
-    def _restore(self, durable: DurableState) -> None:
-        snapshot = durable.snapshot
-        log = self.log
-        if snapshot is not None:
-            log.restore(snapshot.index, snapshot.term)
-            self.snapshot = snapshot
-        hard = durable.hard_state
-        first_index = durable.first_index or log.snapshot_index + 1
-        if first_index != log.snapshot_index + 1:
-            # A bounded restart: the committed entries before `first_index` stay in storage.
-            if log.storage is None or not log.snapshot_index < first_index - 1 <= (
-                hard.commit_index
-            ):
-                raise ValueError(
-                    f"DurableState.first_index={first_index} leaves entries in storage, which "
-                    f"needs a LogStorage and committed entries only: snapshot index "
-                    f"{log.snapshot_index}, commit index {hard.commit_index}, storage "
-                    f"{log.storage!r}; load the log from snapshot_index + 1 instead"
-                )
-            term = log.storage.term(first_index - 1)
-            assert term is not None, ("storage lacks a committed entry", first_index - 1)
-            log.start_after(first_index - 1, term)
-        log.append(list(durable.terms), list(durable.payloads))
-        # A crash between writing a ready's entries and its hard state (a caller that writes the
-        # entries first) can leave entries of a term the hard state has not reached. Adopting that
-        # term (with no vote) is what the node had done in memory; it had sent nothing from that
-        # ready, so it promised nothing.
-        if self.log.last_term > hard.term:
-            self.term = self.log.last_term
-            self.vote = NO_NODE
-        else:
-            self.term = hard.term
-            self.vote = hard.vote
-        # The persisted commit index never passes the durable log (see `ready`).
-        self.commit_index = max(hard.commit_index, self.log.snapshot_index)
-        assert self.commit_index <= self.log.last_index, (self.commit_index, self.log.last_index)
 
     # ------------------------------------------------------------------------------ inputs
 
@@ -495,7 +405,7 @@ class RaftCore:
         elif kind is Heartbeat:
             assert isinstance(message, Heartbeat)
             self._follow(message.source)
-            self._handle_heartbeat(message)
+            self.commit_index = self._follower.heartbeat(message, self.commit_index, self.term)
         elif kind is RequestVote:
             assert isinstance(message, RequestVote)
             self._handle_vote_request(message)
@@ -607,26 +517,18 @@ class RaftCore:
         self._ready_outstanding = None
         if ready.snapshot is not None:
             self.applied_index = max(self.applied_index, ready.snapshot.index)
-            self.stable_index = max(self.stable_index, ready.snapshot.index)
+            self._durable.snapshot_durable(ready.snapshot.index)
         if ready.hard_state is not None:
             self._persisted_hard_state = ready.hard_state
         if ready.committed is not None:
             self.applied_index = ready.committed.last_index
         entries = ready.entries
         if entries is not None:
-            writes = self._writes
-            # Nothing changed the log since `ready()` (nothing steps while it is outstanding), so
-            # the write agrees with the log up to its last index; a later change lowers that.
-            assert not writes or writes[-1][2] < entries.first_index, (writes[-1], entries)
             if entries_durable:
-                # A synchronous caller: durable now, and so is every write before it (writes
-                # complete in order), so the durable log is the log, up to its last index.
-                writes.clear()
-                self.stable_index = entries.last_index
+                self._durable.written(entries.first_index, entries.last_index)
                 self._stable_advanced()
             else:
-                last_index = entries.last_index
-                writes.append([last_index, entries.terms[-1], last_index])
+                self._durable.started(entries.first_index, entries.last_index, entries.terms[-1])
         elif ready.snapshot is not None:
             self._stable_advanced()
         assert self.applied_index <= self.commit_index, (self.applied_index, self.commit_index)
@@ -648,57 +550,19 @@ class RaftCore:
             waits for (a snapshot replaced the log since): the caller may ignore it.
         """
         assert self._ready_outstanding is None, "advance() the outstanding ready first"
-        return self._entries_durable(index, term)
-
-    def _entries_durable(self, index: int, term: int) -> bool:
-        writes = self._writes
-        if len(writes) == 1:
-            # The common case (a synchronous caller, or an idle moment): no search.
-            write = writes[0]
-            if write[0] != index or write[1] != term:
-                return False
-            writes.clear()
-            if write[2] > self.stable_index:
-                self.stable_index = write[2]
-                self._stable_advanced()
-            return True
-        count = 0
-        for write in writes:
-            count += 1
-            if write[0] == index and write[1] == term:
-                break
-        else:
+        durable = self._durable
+        stable_index = durable.stable_index
+        if not durable.landed(index, term):
             return False
-        for _ in range(count):
-            write = writes.popleft()
-        agreed_index = write[2]
-        if agreed_index > self.stable_index:
-            self.stable_index = agreed_index
+        if durable.stable_index > stable_index:
             self._stable_advanced()
         return True
 
     def _stable_advanced(self) -> None:
         if self._leader is not None:
             self._maybe_commit()
-            return
-        pending = self._ack_pending_index
-        if pending:
-            index = min(pending, self.stable_index)
-            if index > self._ack_sent_index:
-                self._ack_sent_index = index
-                self._send(AppendEntriesResponse(self.cluster_id, self.id, self._ack_leader,
-                                                 self.term, True, index, 0, 0))
-            if index == pending:
-                self._ack_pending_index = 0
-
-    def _acknowledge(self, leader_id: int, index: int) -> None:
-        """Tell the leader the log matches its own up to `index`, once that is durable."""
-        if index <= self.stable_index:
-            self._send(AppendEntriesResponse(self.cluster_id, self.id, leader_id, self.term,
-                                             True, index, 0, 0))
-        elif index > self._ack_pending_index:
-            self._ack_pending_index = index
-            self._ack_leader = leader_id
+        else:
+            self._follower.stable_advanced(self.term)
 
     def _release_memory(self) -> None:
         """Drop from memory what is applied, durable and past the retention window."""
@@ -730,40 +594,6 @@ class RaftCore:
         self.leader_id = leader_id
         self._election_timer.elapsed_ticks = 0
 
-    def _campaign(self, *, pre_vote: bool, transfer: bool = False) -> None:
-        self._election_timer.reset()
-        self.leader_id = NO_NODE
-        if pre_vote:
-            # Thesis 9.6: ask first whether an election could be won, without raising the term.
-            self.raft_role = PRE_CANDIDATE
-            term = self.term + 1
-        else:
-            self.raft_role = CANDIDATE
-            self._new_term(self.term + 1)
-            self.vote = self.id
-            term = self.term
-        self._votes = VoteTally(self.id, self.quorum)
-        if self._votes.result() is VoteResult.WON:
-            self._won_votes(pre_vote)
-            return
-        last_index, last_term = self.log.last_index, self.log.last_term
-        for peer in self.peers:
-            self._send(RequestVote(self.cluster_id, self.id, peer, term, last_index, last_term,
-                                   pre_vote, transfer))
-
-    def _new_term(self, term: int) -> None:
-        """Enter `term`: acknowledgements owed to the last term's leader are void."""
-        self.term = term
-        self._ack_pending_index = 0
-        self._ack_sent_index = 0
-        self._ack_leader = NO_NODE
-
-    def _won_votes(self, pre_vote: bool) -> None:
-        if pre_vote:
-            self._campaign(pre_vote=False)
-        else:
-            self._become_leader()
-
     def _become_leader(self) -> None:
         assert self.raft_role is CANDIDATE, self.raft_role
         self.raft_role = LEADER
@@ -777,127 +607,20 @@ class RaftCore:
         if not self.config.term_start_from_shell:
             self.log.append_run(self.term, [b""])
 
-    # --------------------------------------------------------------------------- elections
-
-    def _handle_vote_request(self, message: RequestVote) -> None:
-        log = self.log
-        if vote_granted(message, self.vote, self.leader_id, self.term, log.last_index,
-                        log.last_term):
-            self._send(RequestVoteResponse(self.cluster_id, self.id, message.source,
-                                           message.term, True, message.pre_vote))
-            if not message.pre_vote:
-                self.vote = message.source
-                self._election_timer.elapsed_ticks = 0
-        else:
-            self._send(RequestVoteResponse(self.cluster_id, self.id, message.source,
-                                           self.term, False, message.pre_vote))
-
-    def _handle_vote_response(self, message: RequestVoteResponse) -> None:
-        if message.pre_vote:
-            if self.raft_role is not PRE_CANDIDATE:
-                return
-            if message.granted and message.term != self.term + 1:
-                return
-        elif self.raft_role is not CANDIDATE or message.term != self.term:
-            return
-        result = self._votes.record(message.source, message.granted)
-        if result is VoteResult.WON:
-            self._won_votes(message.pre_vote)
-        elif result is VoteResult.LOST:
-            self._become_follower(self.term, NO_NODE)
-
     # ------------------------------------------------------------------ follower replication
 
     def _handle_append(self, message: AppendEntries) -> None:
-        log = self.log
-        previous_index = message.previous_index
-        previous_term = message.previous_term
-        terms = message.terms
-        payloads = message.payloads
-        commit_index = self.commit_index
-        if previous_index < commit_index:
-            # Entries up to our commit index are committed, hence identical to the leader's
-            # (Leader Completeness); skip them: they may be compacted here.
-            skip = commit_index - previous_index
-            if skip >= len(terms):
-                self._acknowledge(message.source, commit_index)
-                return
-            assert terms[skip - 1] == log.term_at(commit_index), (self.id, commit_index)
-            previous_index = commit_index
-            previous_term = terms[skip - 1]
-            terms = terms[skip:]
-            payloads = payloads[skip:]
-        term_there = log.term_at(previous_index)
-        if term_there != previous_term:
-            # 5.3: "If a follower's log does not contain an entry at prevLogIndex whose term
-            # matches prevLogTerm, it rejects", with the hint for fast backtracking.
-            if term_there is None:
-                hint_index, hint_term = log.last_index + 1, 0
-            else:
-                hint_term = term_there
-                hint_index = max(log.first_index_of_term(term_there), commit_index + 1)
-            self._send(AppendEntriesResponse(self.cluster_id, self.id, message.source, self.term,
-                                             False, message.previous_index, hint_index, hint_term))
-            return
-        changed = log.merge(previous_index, terms, payloads)
-        if changed:
-            assert changed > commit_index, (self.id, changed, commit_index)
-            if changed < self._unstable_from:
-                self._unstable_from = changed
-            if changed <= self.stable_index:
-                self.stable_index = changed - 1
-            # Writes in progress that reach `changed` will be overwritten by the write of the new
-            # entries: once durable, they agree with the log only below it (the "ABA" case of
-            # etcd-io/raft's asynchronous writes: the same (index, term) may be written again).
-            for write in self._writes:
-                if write[2] >= changed:
-                    write[2] = changed - 1
-        last_new_index = previous_index + len(terms)
-        if message.commit_index > commit_index:
-            # Figure 2: "commitIndex = min(leaderCommit, index of last new entry)".
-            new_commit = min(message.commit_index, last_new_index)
-            if new_commit > commit_index:
-                self.commit_index = new_commit
-        # A follower acknowledges only what is durable: the answer waits for `durable()` if need be.
-        if last_new_index > self.stable_index:
-            if last_new_index > self._ack_pending_index:
-                self._ack_pending_index = last_new_index
-                self._ack_leader = message.source
-            return
-        self._send(AppendEntriesResponse(self.cluster_id, self.id, message.source, self.term,
-                                         True, last_new_index, 0, 0))
-
-    def _handle_heartbeat(self, message: Heartbeat) -> None:
-        # The leader sends at most the index this node acknowledged as durable and matching.
-        if message.commit_index > self.commit_index:
-            assert message.commit_index <= self.log.last_index, (self.id, message.commit_index)
-            self.commit_index = message.commit_index
-        self._send(HeartbeatResponse(self.cluster_id, self.id, message.source, self.term,
-                                     message.read_sequence))
+        self.commit_index, changed = self._follower.append(message, self.commit_index, self.term)
+        if changed and changed < self._unstable_from:
+            self._unstable_from = changed
 
     def _handle_install_snapshot(self, message: InstallSnapshot) -> None:
         snapshot = message.snapshot
-        log = self.log
-        if snapshot.index <= self.commit_index:
-            self._acknowledge(message.source, self.commit_index)
-        elif log.term_at(snapshot.index) == snapshot.term:
-            # Section 7: "If the follower has an entry that matches the snapshot's last included
-            # index and term, it can retain the entries following it": only the commit moves.
-            self.commit_index = snapshot.index
-            self._acknowledge(message.source, snapshot.index)
-        else:
-            log.restore(snapshot.index, snapshot.term)
+        if self._follower.install_snapshot(message, self.commit_index, self.term):
             self.snapshot = snapshot
             self._pending_snapshot = snapshot
-            self.commit_index = snapshot.index
             self._unstable_from = snapshot.index + 1
-            self.stable_index = min(self.stable_index, snapshot.index)
-            # The snapshot replaces the log; writes still in progress are superseded (the caller
-            # finishes them before it writes the snapshot, and their reports no longer count).
-            self._writes.clear()
-            # The snapshot is durable before this leaves (`Ready.sync_before_send`).
-            self._send(AppendEntriesResponse(self.cluster_id, self.id, message.source, self.term,
-                                             True, snapshot.index, 0, 0))
+        self.commit_index = max(self.commit_index, snapshot.index)
 
     # ------------------------------------------------------------------------- leading
 

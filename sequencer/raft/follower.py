@@ -1,0 +1,163 @@
+"""What a follower does with its leader's messages: match and merge entries, move the commit index,
+and acknowledge only what is durable.
+
+AppendEntries (Raft paper 5.3): entries up to the follower's commit index are skipped (committed,
+hence identical to the leader's, and maybe compacted here); a log that does not match at the
+previous index is refused with a hint for fast backtracking (the first index of the conflicting
+term); otherwise the entries are merged, truncating a conflicting suffix, and the commit index
+moves to min(leaderCommit, index of the last new entry) (Figure 2). InstallSnapshot (7) replaces
+the log unless the follower holds the snapshot's last entry already.
+
+A successful AppendEntriesResponse is a promise that the follower holds the entries durably
+(thesis 10.2.1). It is sent at once when they are (a retransmission), else it waits: the highest
+index owed to the term's leader is remembered and acknowledged when the core reports the write
+durable (`stable_advanced`). A new term voids what was owed to the last term's leader.
+
+The core keeps the node's standing, its commit index and what it hands out in readies; this module
+is told the commit index and the term and returns what changed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from sequencer.raft.config import NO_NODE, RaftConfig
+from sequencer.raft.durability import DurableWrites
+from sequencer.raft.log import RaftLog
+from sequencer.raft.messages import (
+    AppendEntries,
+    AppendEntriesResponse,
+    Heartbeat,
+    HeartbeatResponse,
+    InstallSnapshot,
+    Message,
+)
+
+__all__ = ["Follower"]
+
+
+class Follower:
+    """A node's handling of its leader's messages and its deferred acknowledgements."""
+
+    __slots__ = ("_log", "_send", "_writes", "ack_leader", "ack_pending_index", "ack_sent_index",
+                 "cluster_id", "id")
+
+    def __init__(self, config: RaftConfig, log: RaftLog, writes: DurableWrites,
+                 send: Callable[[Message], None]) -> None:
+        self.cluster_id = config.cluster_id
+        self.id = config.node_id
+        self._log = log
+        self._writes = writes
+        self._send = send
+        # The highest index owed to `ack_leader` in this term (0: none), and the last index a
+        # deferred acknowledgement reported.
+        self.ack_pending_index = 0
+        self.ack_sent_index = 0
+        self.ack_leader = NO_NODE
+
+    def new_term(self) -> None:
+        """Acknowledgements owed to the last term's leader are void."""
+        self.ack_pending_index = 0
+        self.ack_sent_index = 0
+        self.ack_leader = NO_NODE
+
+    def acknowledge(self, leader_id: int, index: int, term: int) -> None:
+        """Tell the leader the log matches its own up to `index`, once that is durable."""
+        if index <= self._writes.stable_index:
+            self._send(AppendEntriesResponse(self.cluster_id, self.id, leader_id, term, True,
+                                             index, 0, 0))
+        elif index > self.ack_pending_index:
+            self.ack_pending_index = index
+            self.ack_leader = leader_id
+
+    def stable_advanced(self, term: int) -> None:
+        """The durable index rose: send the acknowledgement that waited for it."""
+        pending = self.ack_pending_index
+        if pending:
+            index = min(pending, self._writes.stable_index)
+            if index > self.ack_sent_index:
+                self.ack_sent_index = index
+                self._send(AppendEntriesResponse(self.cluster_id, self.id, self.ack_leader,
+                                                 term, True, index, 0, 0))
+            if index == pending:
+                self.ack_pending_index = 0
+
+    def append(self, message: AppendEntries, commit_index: int, term: int) -> tuple[int, int]:
+        """Handle the leader's AppendEntries.
+
+        Returns:
+            The new commit index, and the first index where the log changed (0: none).
+        """
+        log = self._log
+        previous_index = message.previous_index
+        previous_term = message.previous_term
+        terms = message.terms
+        payloads = message.payloads
+        if previous_index < commit_index:
+            # Entries up to our commit index are committed, hence identical to the leader's
+            # (Leader Completeness); skip them: they may be compacted here.
+            skip = commit_index - previous_index
+            if skip >= len(terms):
+                self.acknowledge(message.source, commit_index, term)
+                return commit_index, 0
+            assert terms[skip - 1] == log.term_at(commit_index), (self.id, commit_index)
+            previous_index = commit_index
+            previous_term = terms[skip - 1]
+            terms = terms[skip:]
+            payloads = payloads[skip:]
+        term_there = log.term_at(previous_index)
+        if term_there != previous_term:
+            # 5.3: "If a follower's log does not contain an entry at prevLogIndex whose term
+            # matches prevLogTerm, it rejects", with the hint for fast backtracking.
+            if term_there is None:
+                hint_index, hint_term = log.last_index + 1, 0
+            else:
+                hint_term = term_there
+                hint_index = max(log.first_index_of_term(term_there), commit_index + 1)
+            self._send(AppendEntriesResponse(self.cluster_id, self.id, message.source, term,
+                                             False, message.previous_index, hint_index, hint_term))
+            return commit_index, 0
+        changed = log.merge(previous_index, terms, payloads)
+        if changed:
+            assert changed > commit_index, (self.id, changed, commit_index)
+            self._writes.overwritten_from(changed)
+        last_new_index = previous_index + len(terms)
+        if message.commit_index > commit_index:
+            # Figure 2: "commitIndex = min(leaderCommit, index of last new entry)".
+            commit_index = max(commit_index, min(message.commit_index, last_new_index))
+        # A follower acknowledges only what is durable: the answer waits for `durable()` if need be.
+        self.acknowledge(message.source, last_new_index, term)
+        return commit_index, changed
+
+    def heartbeat(self, message: Heartbeat, commit_index: int, term: int) -> int:
+        """Answer the leader's heartbeat; returns the new commit index."""
+        # The leader sends at most the index this node acknowledged as durable and matching.
+        if message.commit_index > commit_index:
+            assert message.commit_index <= self._log.last_index, (self.id, message.commit_index)
+            commit_index = message.commit_index
+        self._send(HeartbeatResponse(self.cluster_id, self.id, message.source, term,
+                                     message.read_sequence))
+        return commit_index
+
+    def install_snapshot(self, message: InstallSnapshot, commit_index: int,
+                         term: int) -> bool:
+        """Handle the leader's InstallSnapshot; returns whether the snapshot replaced the log.
+
+        Either way the commit index is then at least the snapshot's index (the caller moves it).
+        """
+        snapshot = message.snapshot
+        log = self._log
+        if snapshot.index <= commit_index:
+            self.acknowledge(message.source, commit_index, term)
+            return False
+        if log.term_at(snapshot.index) == snapshot.term:
+            # Section 7: "If the follower has an entry that matches the snapshot's last included
+            # index and term, it can retain the entries following it": only the commit moves.
+            self.acknowledge(message.source, snapshot.index, term)
+            return False
+        log.restore(snapshot.index, snapshot.term)
+        self._writes.superseded(snapshot.index)
+        # The snapshot is durable before this leaves (`Ready.sync_before_send`).
+        self._send(AppendEntriesResponse(self.cluster_id, self.id, message.source, term, True,
+                                         snapshot.index, 0, 0))
+        return True
