@@ -34,6 +34,7 @@ from collections.abc import Callable
 
 import uvloop
 
+from benches._measure import MEASURE_S_MIN, repeat_for, timed
 from daemon.faultproxy import free_loopback_ports
 from sequencer.raft.messages import AppendEntries, Heartbeat, Message
 from sequencer.raft.peer_protocol import ClusterIdentity, MessageBatch, PeerConnection, Side
@@ -41,6 +42,7 @@ from sequencer.raft.transport import PeerTransport, TransportConfig
 
 CLUSTER = 1
 SECRET = os.urandom(32)
+MEASURED_S: list[float] = []  # seconds measured per figure, for the JSON
 WINDOW_PASSES = 8  # passes in flight before the sender waits: keeps the socket buffer short
 
 
@@ -124,8 +126,11 @@ def codec_alone(make: Callable[[int], Message], batch: int, total: int) -> float
 
 
 def median_of(runs: int, measure: Callable[[], float]) -> float:
+    """Median of at least `runs` runs and MEASURE_S_MIN seconds of them (call wall time)."""
     measure()  # warm-up, discarded
-    return statistics.median(measure() for _ in range(runs))
+    figures, measured_s = repeat_for(timed(measure), runs, MEASURE_S_MIN)
+    MEASURED_S.append(measured_s)
+    return statistics.median(figures)
 
 
 def main() -> None:
@@ -155,6 +160,7 @@ def main() -> None:
             runs, lambda: codec_alone(append_entries, batch, appends)
         ),
     }
+    results["measured_s_min_per_figure"] = min(MEASURED_S)
     results["append_entries_records_per_s"] = results["append_entries_per_s"] * 64
     results.update(
         batch=batch, runs=runs, python=sys.version.split()[0], machine=platform.machine(),

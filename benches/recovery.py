@@ -55,6 +55,7 @@ from typing import Any
 
 import psutil
 
+from benches._measure import MEASURE_S_MIN
 from daemon.roles.blp import FRAMES_PER_POLL_MAX
 from daemon.snapshot_writer import fork_and_write_snapshot, reap_snapshot_writer
 from sequencer import snapshot as snapshots
@@ -79,6 +80,7 @@ CLIENT_ID = 7
 DEPOSIT = 1_000_000_000
 TRANSFER_AMOUNT_MAX = 10  # deposits of 10^9 never run out: every transfer is applied
 PAUSE_TARGET_MS = 5.0
+STALL_ACCOUNTS = (1_000_000, 5_000_000)  # issue 13's snapshot_stall_ms_1m and _5m
 SPEEDUP_TARGET = 10.0
 # The pause loop runs at least this long after the child exits, so a late copy-on-write storm or
 # the reap is inside the window; and the baseline runs as many polls as the snapshot window.
@@ -282,6 +284,7 @@ def apply_loop(
     source: RecordSource,
     snapshot_dir: Path | None,
     polls_min: int,
+    seconds_min: float = 0.0,
 ) -> PauseRun:
     """Applies polls of fresh transfers; with `snapshot_dir`, a SNAPSHOT record leads the
     second poll and the loop runs until the forked writer has exited plus AFTER_CHILD_S."""
@@ -337,7 +340,7 @@ def apply_loop(
         active_ns += clock() - poll_started
         run.applied += len(frames)
         polls += 1
-        if polls < polls_min:
+        if polls < polls_min or active_ns / 1e9 < seconds_min:
             continue
         if snapshot_dir is None:
             break
@@ -368,6 +371,51 @@ def bench_child_write(processor: Processor[Any], snapshot_dir: Path) -> float:
     elapsed = time.perf_counter() - started
     assert os.waitstatus_to_exitcode(status) == 0, status
     return elapsed
+
+
+def build_state(accounts: int) -> tuple[Processor[Any], RecordSource]:
+    """A ledger of `accounts` accounts built by applying their OpenAccount + Deposit records."""
+    processor: Processor[Any] = Processor(Ledger, node="n1")
+    source = RecordSource(accounts)
+    apply_frame = processor.apply_frame
+    for kind, view in frames_of(source.session_open()):
+        apply_frame(kind, view)
+    for first in range(0, accounts, BATCH_RECORDS // 2):
+        for kind, view in frames_of(source.setup(first, min(BATCH_RECORDS // 2, accounts - first))):
+            apply_frame(kind, view)
+        processor.drain_outputs()
+    return processor, source
+
+
+def stall_label(accounts: int) -> str:
+    """1_000_000 -> "1m", 5_000_000 -> "5m", 2_000 -> "2k": the suffix of snapshot_stall_ms_*."""
+    for divisor, suffix in ((1_000_000, "m"), (1_000, "k")):
+        if accounts % divisor == 0:
+            return f"{accounts // divisor}{suffix}"
+    return str(accounts)
+
+
+def bench_stall(accounts: int, snapshot_dir: Path, seconds_min: float) -> dict[str, Any]:
+    """The blp's snapshot stall at a state of `accounts` accounts: the longest gap between two
+    applies of an apply loop that forks the snapshot writer (as `bench_pause`), measured for at
+    least `seconds_min` of applying."""
+    started = time.perf_counter()
+    processor, source = build_state(accounts)
+    build_s = time.perf_counter() - started
+    apply_loop(processor, source, None, 4)  # warm-up, discarded
+    run = apply_loop(processor, source, snapshot_dir, 2, seconds_min)
+    label = stall_label(accounts)
+    figures = {
+        f"snapshot_stall_ms_{label}": run.max_gap_ms,
+        f"snapshot_stall_fork_ms_{label}": run.fork_ms,
+        f"snapshot_stall_measured_s_{label}": run.elapsed_s,
+        f"snapshot_stall_build_s_{label}": build_s,
+    }
+    del processor, source
+    gc.collect()
+    for path in snapshot_dir.iterdir():
+        path.unlink()
+    return figures
 
 
 # -- 5. restore ----------------------------------------------------------------------------------
@@ -406,7 +454,8 @@ def anon_huge_mib() -> float:
 # -- the run -------------------------------------------------------------------------------------
 
 
-def run(accounts: int, records: int, tail: int, runs: int, base: Path | None) -> dict[str, Any]:
+def run(accounts: int, records: int, tail: int, runs: int, base: Path | None,
+        stall_accounts: tuple[int, ...] = STALL_ACCOUNTS, seconds_min: float = MEASURE_S_MIN) -> dict[str, Any]:
     assert 0 < tail < records, (tail, records)
     # The main tail, and shorter ones: the speed-up is bounded by records / tail, so how it
     # grows as the tail shrinks says what a snapshot interval buys.
@@ -490,6 +539,12 @@ def run(accounts: int, records: int, tail: int, runs: int, base: Path | None) ->
         results["snapshot_read_s"] = read_s
         results["processor_restore_s"] = restore_s
         results["restore_s"] = read_s + restore_s
+
+        # Issue 13: the stall at fixed state sizes, whatever --accounts is, one state at a time.
+        stall_dir = root / "snapshots-stall"
+        stall_dir.mkdir()
+        for count in stall_accounts:
+            results.update(bench_stall(count, stall_dir, seconds_min))
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
@@ -517,7 +572,15 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--tail", type=int, default=None, help="records after the snapshot")
     parser.add_argument("--runs", type=int, default=None, help="pause and restore runs")
     parser.add_argument("--dir", type=Path, default=None, help="where to write (default /tmp)")
+    parser.add_argument("--stall-accounts", default=",".join(map(str, STALL_ACCOUNTS)),
+                        help="state sizes of the snapshot_stall_ms_* figures, comma-separated")
+    parser.add_argument("--min-seconds", type=float, default=MEASURE_S_MIN,
+                        help=f"apply at least this long around each stall (default {MEASURE_S_MIN}; 0 for a smoke run)")
     args = parser.parse_args(argv)
+    try:
+        stall_accounts = tuple(int(count) for count in args.stall_accounts.split(",") if count)
+    except ValueError:
+        parser.error(f"--stall-accounts={args.stall_accounts!r}: give account counts separated by commas, e.g. 1000000,5000000")
     if args.quick:
         accounts, records, tail, runs = 200_000, 1_000_000, 100_000, 3
     else:
@@ -526,7 +589,7 @@ def main(argv: list[str]) -> int:
     records = args.records or records
     tail = args.tail or tail
     runs = args.runs or runs
-    results = run(accounts, records, tail, runs, args.dir)
+    results = run(accounts, records, tail, runs, args.dir, stall_accounts, args.min_seconds)
     if args.json:
         print(json.dumps(results))
     else:

@@ -38,6 +38,7 @@ from typing import Any
 
 import ipc
 from benches import _ring_workers as workers
+from benches._measure import MEASURE_S_MIN
 
 CONTEXT = multiprocessing.get_context("fork")
 JOIN_TIMEOUT_S = 60.0  # a run that takes longer than this is hung: kill it and fail loudly
@@ -238,7 +239,7 @@ def machine() -> dict[str, Any]:
 
 
 def run(quick: bool) -> dict[str, Any]:
-    duration_s, warmup_s, repeats = (1.0, 0.25, 1) if quick else (3.0, 0.5, 3)
+    duration_s, warmup_s, repeats = (MEASURE_S_MIN, 0.25, 1) if quick else (3.0, 0.5, 3)  # each figure >= 2 s
     rtt_round_trips, rtt_warmup = (20_000, 2_000) if quick else (200_000, 20_000)
     benches: dict[str, Callable[[], float | None]] = {
         "ring_msgs_per_s": lambda: bench_ring(duration_s, warmup_s, False, 1, "spin"),
@@ -273,6 +274,7 @@ def run(quick: bool) -> dict[str, Any]:
     }
     result["targets"] = ratios
     result["mode"] = "quick" if quick else "full"
+    result["measured_s_per_figure"] = duration_s * repeats
     result["payload_bytes"] = workers.PAYLOAD_BYTES
     result["machine"] = machine()
     result["wall_s"] = round(time.perf_counter() - started_s, 1)

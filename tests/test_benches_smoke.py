@@ -23,6 +23,21 @@ RECOVERY_KEYS = (
     "baseline_max_gap_ms",
     "pause_target_met",
     "speedup_target_met",
+    "snapshot_stall_ms_2k",
+    "snapshot_stall_measured_s_2k",
+)
+
+E2E_KEYS = (  # issue 13's "Done when" keys beside the earlier ones
+    "node_cmds_per_s",
+    "node_measured_s",
+    "node_cpu_us_per_cmd",
+    "node_p50_us",
+    "node_p999_us",
+    "node_half_max_p99_us",
+    "fdatasync_p50_us",
+    "fdatasync_measured_s",
+    "echo_msgs_per_s",
+    "replay_records_per_s",
 )
 
 
@@ -37,7 +52,8 @@ def run_json(arguments: list[str]) -> dict:  # type: ignore[type-arg]
 
 def test_recovery_bench_reports_every_figure_and_both_recoveries_agree(tmp_dir: Path) -> None:
     results = run_json(["-m", "benches.recovery", "--accounts", "2000", "--records", "20000",
-                        "--tail", "2000", "--runs", "1", "--dir", str(tmp_dir)])  # fmt: skip
+                        "--tail", "2000", "--runs", "1", "--stall-accounts", "2000",
+                        "--min-seconds", "0", "--dir", str(tmp_dir)])  # fmt: skip
     missing = [key for key in RECOVERY_KEYS if key not in results]
     assert not missing, missing
     assert results["journal_records"] == 20000
@@ -79,3 +95,13 @@ def test_migrate_bench_reports_its_figures_and_cleans_up(tmp_dir: Path) -> None:
     assert results["source_records"] == 3000
     assert results["counts_out"]["COMMAND_PART Debit"] == results["counts_in"]["COMMAND Transfer"]
     assert list(tmp_dir.iterdir()) == []
+
+
+def test_e2e_bench_reports_cpu_per_command_fdatasync_and_half_max_latency() -> None:
+    results = run_json(["-m", "benches.e2e", "--quick", "--clients", "2", "--in-flight", "16", "--min-seconds", "0"])
+    missing = [key for key in E2E_KEYS if key not in results]
+    assert not missing, missing
+    assert results["node_cpu_us_per_cmd"] > 0, results
+    assert set(results["node_cpu_us_per_cmd_by_role"]) >= {"sequencer", "journaller", "blp"}
+    assert results["fdatasync_p50_us"] > 0
+    assert results["node_half_max_offered_per_s"] > 0
