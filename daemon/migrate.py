@@ -49,6 +49,7 @@ from sequencer.journal import (
     list_segments,
     read_runs,
 )
+from sequencer.journal.format import LOCK_NAME
 from sequencer.migrate import (
     INDEX_MAP_FILE,
     IndexMap,
@@ -62,7 +63,6 @@ from sequencer.processor import CLIENT_EXPIRY_NS_DEFAULT, Processor
 from sequencer.state_machine import StateMachine
 
 __all__ = [
-    "JOURNAL_LOCK_NAME",
     "REPORT_FILE",
     "MigrationFailed",
     "MigrationReport",
@@ -71,9 +71,6 @@ __all__ = [
     "replay_journal",
 ]
 
-# The journal writer's lock file (sequencer.journal, docs/journal.md "Files"); the journal
-# module does not export its name, so it is repeated here.
-JOURNAL_LOCK_NAME = "journal.lock"
 REPORT_FILE = "migration.json"  # beside the new journal: what was migrated, how, and the hashes
 
 
@@ -281,7 +278,7 @@ def _check_paths(source: Path, target: Path) -> None:
 def _shared_lock(source: Path) -> Iterator[None]:
     """Holds a shared flock on the source's writer lock file, if it has one; refuses when a
     running node holds it."""
-    lock_path = source / JOURNAL_LOCK_NAME
+    lock_path = source / LOCK_NAME  # the journal writer's lock file
     try:
         fd = os.open(lock_path, os.O_RDONLY)
     except FileNotFoundError:
