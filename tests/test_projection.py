@@ -55,7 +55,7 @@ ROOT = Path(__file__).resolve().parent.parent
 ACCOUNTS = [f"acct{number}" for number in range(20)]
 TRANSFERS = 2500  # ~5000 events: a projector with small batches takes about a second
 PROJECTOR_TIMEOUT_S = 120.0
-KILLS = 6  # SIGKILLs at seeded random moments in the random-points test
+KILLS = 6  # SIGKILLs at seeded random points in the random-points test
 
 
 @pytest.fixture(scope="module")
@@ -260,18 +260,22 @@ def test_sigkill_at_random_points_then_restart_equals_a_rebuild_from_scratch(
     expected = _expected(database, journal_dir)
     target = database()
     config = _projector_config(tmp_dir, target, journal_dir, batch_events_max=rng.choice([3, 7, 20]))
+    last = _journal_events(journal_dir)
+    targets = sorted(rng.sample(range(1, last.index), KILLS))
     store = _store(target)
     try:
         positions = []
-        for kill in range(KILLS):
+        for kill, target_index in enumerate(targets):
             process = _start_projector(config, "--until-caught-up")
-            # Let it get past start-up (or not: a kill during start-up is a point too).
-            time.sleep(rng.uniform(0.0, 1.5))
-            if process.poll() is not None:
-                break  # it finished first: nothing left to interrupt
+            # Kill once it has passed a random index, a random moment later: between batches,
+            # inside a transaction, during the commit, wherever that falls.
+            _wait_for(lambda: process.poll() is not None or (store.position("balances") or Position(0, 0)).index >= target_index,  # noqa: B023
+                      f"seed {seed}: the projector to pass index {target_index}")  # fmt: skip
+            time.sleep(rng.uniform(0.0, 0.05))
+            assert process.poll() is None, f"seed {seed}: finished before kill {kill}: {_finish(process)}"
             _kill(process)
             positions.append(store.position("balances"))
-            assert positions[-1] is None or read_model(store) == _expected(database, journal_dir, positions[-1]), (
+            assert read_model(store) == _expected(database, journal_dir, positions[-1]), (
                 f"seed {seed}: after kill {kill} the read model is not the projection of the "
                 f"events up to its position {positions[-1]}")  # fmt: skip
         code, output = _finish(_start_projector(config, "--until-caught-up"))
@@ -374,7 +378,7 @@ def test_rebuild_switches_atomically_while_a_live_projector_and_readers_run(
     try:
         node.start()
         open_accounts(node.socket_path, ACCOUNTS)
-        driver = TransferDriver(node.socket_path, ACCOUNTS, seed=7, in_flight=8).start()
+        driver = TransferDriver(node.socket_path, ACCOUNTS, seed=7, in_flight=1).start()
         driver.wait_acknowledged(300)
         live = _start_projector(config)
         store = _store(target)
