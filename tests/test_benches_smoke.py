@@ -4,9 +4,12 @@ figure RESULTS.md quotes. Speed is not checked here (benches/ is where speed is 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 RUN_TIMEOUT_S = 90.0  # each run takes a few seconds; this only stops a hang
 
@@ -105,3 +108,21 @@ def test_e2e_bench_reports_cpu_per_command_fdatasync_and_half_max_latency() -> N
     assert set(results["node_cpu_us_per_cmd_by_role"]) >= {"sequencer", "journaller", "blp"}
     assert results["fdatasync_p50_us"] > 0
     assert results["node_half_max_offered_per_s"] > 0
+
+
+PROJECTION_KEYS = ("projection_sqlite_per_s", "projection_pg_per_s", "projection_naive_pg_per_s",
+                   "projection_sqlite_measured_s", "projection_pg_measured_s",
+                   "projection_naive_pg_measured_s")  # fmt: skip
+
+
+def test_projection_bench_reports_sqlite_postgresql_and_naive_figures_from_one_run() -> None:
+    from benches._postgres import NO_BINARY, find_bindir
+
+    if find_bindir() is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{NO_BINARY}; CI must run the PostgreSQL tests", pytrace=False)
+        pytest.skip(NO_BINARY)
+    results = run_json(["-m", "benches.projection", "--min-seconds", "0", "--events", "2000"])
+    missing = [key for key in PROJECTION_KEYS if key not in results]
+    assert not missing, missing
+    assert results["events_naive_pg"] == 100
