@@ -10,11 +10,14 @@ The projector's config (its own small TOML file; the node's config says where th
     database = "sqlite:////var/lib/seqd/read-model.db"       # or "postgresql://user@host/db"
     node_config = "/etc/seqd/seqd.toml"                       # the node whose log to project
     batch_events_max = 500
+    source = "journal"                                        # or "subscription"
 
-Events come from the node's journal, applied in-process (`JournalSource`), read only up to the
-node's commit index while the node runs (its counters segment); a stopped single node's journal
-is read to its end. A cluster node must be running: past its commit index a record may yet be
-replaced by a new leader.
+`source = "journal"`: the node's journal, applied in-process (`JournalSource`), read only up to
+the node's commit index while the node runs (its counters segment); a stopped single node's
+journal is read to its end. A cluster node must be running: past its commit index a record may
+yet be replaced by a new leader. `source = "subscription"`: the node's catch-up subscription,
+served by its query replicas (`[replicas] count >= 1` in the node's config;
+`SubscriptionSource`). A rebuild reads the same source from index 1.
 
 Exit codes: 0 stopped on request or caught up (the rebuild: switched), 1 the projection failed
 on an event (the message names its index), 78 a bad config.
@@ -29,7 +32,7 @@ import sys
 import tomllib
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 
@@ -45,6 +48,8 @@ from sequencer.projection import (
     ProjectionError,
     ProjectionFailed,
     Projector,
+    Source,
+    SubscriptionSource,
     open_store,
 )
 from sequencer.state_machine import load_app
@@ -59,6 +64,7 @@ class ProjectorConfig(msgspec.Struct, forbid_unknown_fields=True):
     database: str  # "sqlite:///path", a path, or a PostgreSQL DSN/URI
     node_config: str = ""  # the node's seqd.toml ("": the built-in defaults)
     batch_events_max: int = BATCH_EVENTS_DEFAULT
+    source: Literal["journal", "subscription"] = "journal"
 
 
 def load_projector_config(path: str | Path) -> ProjectorConfig:
@@ -116,10 +122,12 @@ def _commit_index(node: str, clustered: bool) -> Callable[[], int | None]:
 def make_projector(
     config: ProjectorConfig, follow: bool,
     on_commit: Callable[[Generation, Position], object] | None = None,
-) -> tuple[Projector, JournalSource]:  # fmt: skip
+) -> tuple[Projector, Source]:  # fmt: skip
     node = load_config(config.node_config or None)
     projector = Projector(load_projection(config.projection), open_store(config.database),
                           config.batch_events_max, on_commit)  # fmt: skip
+    if config.source == "subscription":
+        return projector, SubscriptionSource(node.socket.path, load_app(node.node.app).schema)
     source = JournalSource(
         load_app(node.node.app),
         node.journal_dir,

@@ -469,3 +469,52 @@ class _Reader:
             self.error = error
         finally:
             store.close()
+
+
+# -- the live path: a catch-up subscription ----------------------------------------------------------
+
+
+def _has_subscriptions() -> bool:
+    from sequencer.client import Client
+
+    return hasattr(Client, "subscribe")
+
+
+@pytest.mark.skipif(not _has_subscriptions(), reason="catch-up subscriptions (issue 14 part 1) are not on this branch yet")
+def test_projector_on_the_subscription_resumes_exactly_once_after_sigkill(
+    database: Callable[[], str], tmp_dir: Path, unique: str
+) -> None:
+    """`source = "subscription"`: the projector follows a live node through its query replica;
+    killed with SIGKILL while transfers go on and restarted, it ends equal to a rebuild of the
+    node's journal from scratch."""
+    node = NodeProcess(tmp_dir, unique, {"replicas": {"count": 1}})
+    target = database()
+    config = write_config(tmp_dir / "projector.toml", {"": {
+        "projection": "sequencer.apps.ledger_projection:Balances", "database": target,
+        "node_config": str(node.config_path), "batch_events_max": 20, "source": "subscription"}})  # fmt: skip
+    live = None
+    try:
+        node.start()
+        open_accounts(node.socket_path, ACCOUNTS)
+        driver = TransferDriver(node.socket_path, ACCOUNTS, seed=3, in_flight=2).start()
+        driver.wait_acknowledged(200)
+        store = _store(target)
+        for kill in range(3):
+            live = _start_projector(config)
+            reached = (store.position("balances") or Position(0, 0)).index + 100
+            _wait_for(lambda: live.poll() is not None or (store.position("balances") or Position(0, 0)).index >= reached,  # noqa: B023
+                      f"the projector to pass index {reached} (run {kill})")  # fmt: skip
+            assert live.poll() is None, _finish(live)
+            _kill(live)
+        live = _start_projector(config)
+        driver.stop()
+        last = _journal_events(node.config.journal_dir)
+        _wait_for(lambda: store.position("balances") == last, "the projector to reach the end of the log")
+        assert read_model(store) == _expected(database, node.config.journal_dir)
+        store.close()
+    finally:
+        if live is not None and live.poll() is None:
+            live.terminate()
+            _finish(live)
+        node.stop()
+        node.remove_shared_memory()

@@ -14,6 +14,7 @@ One module per concept (docs/query-side.md, "Projections", has the long form):
                        transaction, generations, the atomic switch
     projector.py       the loop: source -> batches -> store; resume, rebuild and switch
     journal_source.py  events from the journal, by applying it in-process
+    subscription_source.py  events from the node's catch-up subscription (the live path)
 """
 
 from sequencer.projection.journal_source import POLL_S_DEFAULT, JournalSource
@@ -36,6 +37,7 @@ from sequencer.projection.store import (
     open_store,
     physical_table,
 )
+from sequencer.projection.subscription_source import SubscriptionSource
 
 __all__ = [
     "BATCH_EVENTS_DEFAULT",
@@ -55,6 +57,7 @@ __all__ = [
     "Source",
     "SourceEvent",
     "Store",
+    "SubscriptionSource",
     "Write",
     "open_store",
     "physical_table",
