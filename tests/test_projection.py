@@ -261,7 +261,8 @@ def test_sigkill_at_random_points_then_restart_equals_a_rebuild_from_scratch(
     target = database()
     config = _projector_config(tmp_dir, target, journal_dir, batch_events_max=rng.choice([3, 7, 20]))
     last = _journal_events(journal_dir)
-    targets = sorted(rng.sample(range(1, last.index), KILLS))
+    # In the first 80% of the log, so the projector is still busy when the kill comes.
+    targets = sorted(rng.sample(range(1, last.index * 4 // 5), KILLS))
     store = _store(target)
     try:
         positions = []
@@ -272,7 +273,10 @@ def test_sigkill_at_random_points_then_restart_equals_a_rebuild_from_scratch(
             _wait_for(lambda: process.poll() is not None or (store.position("balances") or Position(0, 0)).index >= target_index,  # noqa: B023
                       f"seed {seed}: the projector to pass index {target_index}")  # fmt: skip
             time.sleep(rng.uniform(0.0, 0.05))
-            assert process.poll() is None, f"seed {seed}: finished before kill {kill}: {_finish(process)}"
+            if process.poll() is not None:  # a loaded machine stalled the test, not the projector
+                code, output = _finish(process)
+                assert code == 0 and kill > 0, f"seed {seed}: finished before kill {kill}: {output}"
+                break
             _kill(process)
             positions.append(store.position("balances"))
             assert read_model(store) == _expected(database, journal_dir, positions[-1]), (
