@@ -60,9 +60,10 @@ KILLS = 6  # SIGKILLs at seeded random points in the random-points test
 
 @pytest.fixture(scope="module")
 def journal_dir() -> Iterator[Path]:
-    """A ledger journal written by a real node: accounts, deposits, transfers; node stopped."""
+    """A ledger journal written by a real node: accounts, deposits, transfers, a snapshot every
+    1000 records; node stopped."""
     directory = Path(tempfile.mkdtemp(prefix="seqd-pj-", dir="/tmp"))
-    node = NodeProcess(directory, f"t{uuid.uuid4().hex[:10]}")
+    node = NodeProcess(directory, f"t{uuid.uuid4().hex[:10]}", {"snapshot": {"every_records": 1000}})
     try:
         node.start()
         open_accounts(node.socket_path, ACCOUNTS)
@@ -476,6 +477,33 @@ class _Reader:
 
 
 # -- the live path: a catch-up subscription ----------------------------------------------------------
+
+
+def test_journal_source_started_from_a_snapshot_yields_what_a_replay_from_index_1_does(journal_dir: Path) -> None:
+    from sequencer.snapshot import list_snapshots
+
+    snapshot_dir = journal_dir.parent / "snapshots"
+    snapshots = [info.index for info in list_snapshots(snapshot_dir) if info.valid]
+    assert snapshots, "the node wrote no snapshot"
+    everything = list(_events(journal_dir))
+    for from_index in (snapshots[0] + 1, snapshots[-1], snapshots[-1] + 7):
+        source = JournalSource(Ledger, journal_dir, snapshot_dir)
+        assert source._start(from_index).applied_index == from_index - 1
+        started = [item for item in source.read(from_index) if item is not None]
+        assert started == [item for item in everything if item.index >= from_index]
+
+
+def test_sqlite_busy_or_failing_is_not_blamed_on_an_event(tmp_dir: Path) -> None:
+    import sqlite3
+
+    store = open_store(f"sqlite://{tmp_dir / 'model.db'}")
+    try:
+        assert store.is_write_error(sqlite3.OperationalError("no such table: balances_g1"))
+        assert store.is_write_error(sqlite3.IntegrityError("NOT NULL constraint failed"))
+        assert not store.is_write_error(sqlite3.OperationalError("database is locked"))
+        assert not store.is_write_error(sqlite3.OperationalError("disk I/O error"))
+    finally:
+        store.close()
 
 
 def _has_subscriptions() -> bool:

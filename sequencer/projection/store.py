@@ -135,6 +135,11 @@ class Store:
         """`sql` with `?` parameters in this dialect's style."""
         return sql
 
+    def is_write_error(self, error: Exception) -> bool:
+        """The database refused a write for what it is (the projection's fault, so an event is
+        to blame), rather than failing (busy, disk, connection: retry the same batch later)."""
+        return isinstance(error, self.write_errors)
+
     def _lock_suffix(self) -> str:
         return ""
 
@@ -256,8 +261,10 @@ class Store:
                 )
             try:
                 self._run_writes(generation, writes)
-            except self.write_errors as error:
-                raise WriteFailed(error) from error
+            except Exception as error:
+                if self.is_write_error(error):
+                    raise WriteFailed(error) from error
+                raise
             self.execute(self._param(
                 f"UPDATE {POSITIONS_TABLE} SET last_index = ?, events_at_index = ? "
                 "WHERE name = ? AND generation = ?"),
@@ -339,6 +346,14 @@ class SQLiteStore(Store):
 
     def close(self) -> None:
         self.connection.close()
+
+    def is_write_error(self, error: Exception) -> bool:
+        # OperationalError is both a bad statement ("no such table", a syntax error) and the
+        # database failing ("database is locked", "disk I/O error"): only the first is a write's.
+        if isinstance(error, sqlite3.OperationalError):
+            text = str(error).lower()
+            return not any(word in text for word in ("locked", "busy", "disk", "i/o", "full", "readonly"))
+        return isinstance(error, self.write_errors)
 
     @contextlib.contextmanager
     def transaction(self, schema: bool = False) -> Iterator[None]:
