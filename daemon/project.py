@@ -142,7 +142,17 @@ def run_project(config_path: str, rebuild: bool = False, until_caught_up: bool =
     """`seqd project`; returns the exit code."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s seqd[project:%(process)d] %(levelname)s %(message)s")
     config = load_projector_config(config_path)
-    projector, source = make_projector(config, follow=not until_caught_up or rebuild)
+    try:
+        projector, source = make_projector(config, follow=not until_caught_up or rebuild)
+    except ConfigError:
+        raise  # `seqd` prints it and exits with ExitCode.CONFIG
+    except ProjectionError as error:
+        log.error("%s", error)
+        return ExitCode.FAILED
+    except Exception as error:  # the database driver's own errors: the message is what matters
+        log.error("cannot open the read model's database (database = ... in %s): %s: %s",
+                  config_path, type(error).__name__, error)  # fmt: skip
+        return ExitCode.FAILED
 
     def on_signal(signum: int, _frame: Any) -> None:
         projector.stop()  # only a flag: the loop ends after committing its batch

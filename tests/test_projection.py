@@ -390,8 +390,12 @@ def test_rebuild_switches_atomically_while_a_live_projector_and_readers_run(
         _wait_for(lambda: (store.position("balances") or Position(0, 0)).index > 100, "the live projector")
         readers = [_Reader(target).start() for _ in range(2)]
         _wait_for(lambda: all(reader.reads > 20 for reader in readers), "the readers")
-        code, output = _finish(_start_projector(config, "--rebuild"))
+        rebuild = _start_projector(config, "--rebuild")
+        reads_before = [reader.reads for reader in readers]
+        code, output = _finish(rebuild)
         assert code == 0, output
+        # The readers read on while the rebuild ran (the old generation served them).
+        assert all(reader.reads > before for reader, before in zip(readers, reads_before, strict=True))
         generations = {g.generation: g.state for g in store.generations("balances")}
         assert generations == {1: "retired", 2: "serving"}, generations
         reads_at_switch = [reader.reads for reader in readers]
@@ -506,6 +510,39 @@ def test_sqlite_busy_or_failing_is_not_blamed_on_an_event(tmp_dir: Path) -> None
         store.close()
 
 
+class _BalancesV2(Balances):
+    """The next version of the read model: the same balances, and when each account first moved."""
+
+    version = 2
+    tables = {"balances": ["CREATE TABLE {balances} (account TEXT PRIMARY KEY, balance BIGINT NOT NULL, "
+                           "movements BIGINT NOT NULL, last_index BIGINT NOT NULL, first_index BIGINT)"]}  # fmt: skip
+
+    def project(self, index: int, timestamp_ns: int, event: Any) -> Iterator[Write]:
+        for write in super().project(index, timestamp_ns, event):
+            yield write
+            yield Write("UPDATE {balances} SET first_index = coalesce(first_index, ?) WHERE account = ?",
+                        (index, write.params[0]))  # fmt: skip
+
+
+def test_a_new_version_is_deployed_by_a_rebuild_and_the_old_code_refuses_to_write_it(
+    journal_dir: Path, database: Callable[[], str]
+) -> None:
+    store = _store(database())
+    try:
+        Projector(Balances(), store).run(JournalSource(Ledger, journal_dir), until_caught_up=True)
+        with pytest.raises(ProjectionError, match=r"built by version 1 .* this is version 2\. Rebuild it"):
+            Projector(_BalancesV2(), store).run(JournalSource(Ledger, journal_dir))
+        generation = Projector(_BalancesV2(), store).rebuild(JournalSource(Ledger, journal_dir))
+        assert (generation.generation, generation.state, generation.version) == (2, "serving", 2)
+        with pytest.raises(ProjectionError, match="A rebuild switched to a newer version"):
+            Projector(Balances(), store).run(JournalSource(Ledger, journal_dir))
+        rows = store.execute("SELECT account, balance, first_index FROM balances ORDER BY account")
+        assert [(a, b) for a, b, _first in rows] == [(a, b) for a, b, _m, _i in _expected(database, journal_dir)]
+        assert all(first is not None for _a, _b, first in rows)
+    finally:
+        store.close()
+
+
 def _has_subscriptions() -> bool:
     from sequencer.client import Client
 
@@ -550,3 +587,16 @@ def test_projector_on_the_subscription_resumes_exactly_once_after_sigkill(
             _finish(live)
         node.stop()
         node.remove_shared_memory()
+
+
+def test_seqd_project_says_what_is_wrong_with_its_config_or_database(tmp_dir: Path) -> None:
+    bad_projection = write_config(tmp_dir / "bad.toml", {"": {"projection": "nope:Missing", "database": str(tmp_dir / "m.db")}})
+    code, output = _finish(_start_projector(bad_projection))
+    assert code == 78, output
+    assert "projection = 'nope:Missing' cannot be loaded" in output, output
+    no_server = write_config(tmp_dir / "down.toml", {"": {
+        "projection": "sequencer.apps.ledger_projection:Balances",
+        "database": f"host={tmp_dir / 'no-server'} dbname=x user=x"}})  # fmt: skip
+    code, output = _finish(_start_projector(no_server, "--until-caught-up"))
+    assert code == 1, output
+    assert "cannot open the read model's database" in output, output

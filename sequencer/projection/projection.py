@@ -107,10 +107,14 @@ class Projection:
             `seqd_projections`), an IDENTIFIER.
         tables: table name -> the statements that create it and its indexes, with `{name}` for
             each table (`{balances}`); every table is created anew for each rebuild.
+        version: bump it when `project` or `tables` change what the read model holds: a
+            projector refuses to write a generation another version built, so the new code is
+            deployed by a rebuild (`seqd project --rebuild`) while the old projector serves.
     """
 
     name: ClassVar[str]
     tables: ClassVar[Mapping[str, Sequence[str]]]
+    version: ClassVar[int] = 1
 
     def project(self, index: int, timestamp_ns: int, event: Any) -> Iterable[Write]:
         """The writes for one event (none for an event the read model ignores).
@@ -135,6 +139,9 @@ def check_projection(projection: Projection) -> None:
             f"projection {name!r} declares no tables: set tables = {{'name': ['CREATE TABLE "
             "{name} (...)']}"
         )
+    version = getattr(projection, "version", None)
+    if not isinstance(version, int) or version < 1:
+        raise ProjectionError(f"projection {name!r}: version = {version!r} must be an integer >= 1")
     for table in tables:
         if not IDENTIFIER.fullmatch(table):
             raise ProjectionError(

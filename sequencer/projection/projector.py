@@ -84,6 +84,7 @@ class Projector:
         self.batch_events_max = batch_events_max
         self.on_commit = on_commit
         self.name = projection.name
+        self.version = projection.version
         self.tables = {table: list(statements) for table, statements in projection.tables.items()}
         self.stopping = False  # set (e.g. from a signal handler) to end `run` after its batch
 
@@ -91,9 +92,23 @@ class Projector:
         self.stopping = True
 
     def serving(self) -> Generation:
-        """The serving generation, created (empty, at index 0) if there is none."""
+        """The serving generation, created (empty, at index 0) if there is none.
+
+        Raises:
+            ProjectionError: another version of the projection built it.
+        """
         found = self.store.serving(self.name)
-        return found if found is not None else self.store.create_generation(self.name, self.tables, serving=True)
+        if found is None:
+            found = self.store.create_generation(self.name, self.tables, serving=True, version=self.version)
+        if found.version != self.version:
+            raise ProjectionError(
+                f"the serving generation {found.generation} of projection {self.name!r} was built "
+                f"by version {found.version} of the projection; this is version {self.version}. "
+                + ("Rebuild it with this code (seqd project --rebuild) while the old projector "
+                   "keeps it up to date, then start this one" if found.version < self.version else
+                   "A rebuild switched to a newer version: run the projector of that version")
+            )
+        return found
 
     def run(self, source: Source, until_caught_up: bool = False) -> Position:
         """Apply the source's events to the serving generation until `stop()` (or, with
@@ -112,7 +127,8 @@ class Projector:
                 continue  # a rebuild switched: carry on with the generation it made serving
 
     def rebuild(self, source: Source) -> Generation:
-        """Build a new generation from index 1 (or resume an interrupted rebuild) while the
+        """Build a new generation from index 1 (or resume an interrupted rebuild of this
+        version; one of another version is dropped and started again) while the
         serving one serves, then switch to it; returns it, now serving. Stops early, not
         switched unless already caught up, on `stop()`.
 
@@ -120,9 +136,7 @@ class Projector:
             ProjectionFailed, ProjectionError: as `run`; ProjectionError also when the source
                 ends behind the serving generation (it was fed from another log).
         """
-        generation = self.store.building(self.name)
-        if generation is None:
-            generation = self.store.create_generation(self.name, self.tables, serving=False)
+        generation = self.store.create_generation(self.name, self.tables, serving=False, version=self.version)
         self._follow(source, generation, until_caught_up=False, switch=True)
         return self.store.serving(self.name) or generation
 

@@ -65,6 +65,7 @@ _CREATE_POSITIONS = f"""CREATE TABLE IF NOT EXISTS {POSITIONS_TABLE} (
     last_index BIGINT NOT NULL,
     events_at_index BIGINT NOT NULL,
     tables TEXT NOT NULL,
+    version INTEGER NOT NULL,
     PRIMARY KEY (name, generation))"""
 
 
@@ -76,6 +77,7 @@ class Generation(NamedTuple):
     state: str  # "building", "serving" or "retired"
     position: Position
     tables: tuple[str, ...]
+    version: int  # the projection's version that builds it
 
 
 class GenerationRetired(ProjectionError):
@@ -151,7 +153,7 @@ class Store:
 
     def generations(self, name: str) -> list[Generation]:
         rows = self.execute(
-            self._param(f"SELECT name, generation, state, last_index, events_at_index, tables "
+            self._param(f"SELECT name, generation, state, last_index, events_at_index, tables, version "
                         f"FROM {POSITIONS_TABLE} WHERE name = ? ORDER BY generation"), (name,))  # fmt: skip
         return [_generation(row) for row in rows]
 
@@ -170,37 +172,50 @@ class Store:
         serving = self.serving(name)
         return None if serving is None else serving.position
 
-    def create_generation(self, name: str, tables: Mapping[str, Sequence[str]], serving: bool) -> Generation:
-        """A new generation with empty tables: serving (the views point at it) only when asked
-        and no generation serves yet; else building. A concurrent creator's wins: it is
-        returned instead."""
+    def create_generation(
+        self, name: str, tables: Mapping[str, Sequence[str]], serving: bool, version: int = 1
+    ) -> Generation:
+        """A new generation with empty tables, built by `version` of the projection: serving
+        (the views point at it) only when asked and no generation serves yet; else building.
+
+        An existing generation in the wanted state is returned instead (a concurrent creator's,
+        or an interrupted rebuild's to resume), except a building one of another version: an
+        interrupted rebuild by other code is dropped and started again.
+        """
         assert IDENTIFIER.fullmatch(name), name
+        state = "serving" if serving else "building"
         with self.transaction(schema=True):
             existing = self._locked_generations(name)
-            wanted = "serving" if serving else "building"
             for generation in existing:
-                if generation.state == wanted:
+                if generation.state == state and (serving or generation.version == version):
                     return generation
-            if serving and any(g.state == "serving" for g in existing):
-                raise ProjectionError(f"projection {name!r} already has a serving generation")
+                if generation.state == state:
+                    self._drop(generation)
             number = max((g.generation for g in existing), default=0) + 1
             physical = {table: physical_table(table, number) for table in tables}
             for statements in tables.values():
                 for statement in statements:
                     self.execute(statement.format(**physical))
-            names = " ".join(tables)
-            state = "serving" if serving else "building"
             self.execute(self._param(
                 f"INSERT INTO {POSITIONS_TABLE} (name, generation, state, last_index, "
-                "events_at_index, tables) VALUES (?, ?, ?, 0, 0, ?)"), (name, number, state, names))  # fmt: skip
+                "events_at_index, tables, version) VALUES (?, ?, ?, 0, 0, ?, ?)"),
+                (name, number, state, " ".join(tables), version))  # fmt: skip
             if serving:
                 for table in tables:
                     self._create_view(table, number)
-        return Generation(name, number, state, Position(0, 0), tuple(tables))
+        return Generation(name, number, state, Position(0, 0), tuple(tables), version)
+
+    def _drop(self, generation: Generation) -> None:
+        """Drops a generation that does not serve: its tables and its row (in a transaction)."""
+        assert generation.state != "serving", generation
+        for table in generation.tables:
+            self.execute(f"DROP TABLE IF EXISTS {physical_table(table, generation.generation)}")
+        self.execute(self._param(f"DELETE FROM {POSITIONS_TABLE} WHERE name = ? AND generation = ?"),
+                     (generation.name, generation.generation))  # fmt: skip
 
     def _locked_generations(self, name: str) -> list[Generation]:
         rows = self.execute(self._param(
-            f"SELECT name, generation, state, last_index, events_at_index, tables FROM "
+            f"SELECT name, generation, state, last_index, events_at_index, tables, version FROM "
             f"{POSITIONS_TABLE} WHERE name = ? ORDER BY generation{self._lock_suffix()}"), (name,))  # fmt: skip
         return [_generation(row) for row in rows]
 
@@ -322,9 +337,9 @@ class Store:
 
 
 def _generation(row: Sequence[Any]) -> Generation:
-    name, number, state, last_index, events, tables = row
+    name, number, state, last_index, events, tables, version = row
     return Generation(name, int(number), state, Position(int(last_index), int(events)),
-                      tuple(tables.split()))  # fmt: skip
+                      tuple(tables.split()), int(version))  # fmt: skip
 
 
 class SQLiteStore(Store):
