@@ -23,9 +23,3 @@ def postgres_server() -> Iterator[PostgresServer]:
         yield server
     finally:
         server.stop()
-
-
-@pytest.fixture
-def postgres_dsn(postgres_server: PostgresServer) -> str:
-    """A fresh database of the session's server, for one test."""
-    return postgres_server.create_database()

@@ -40,7 +40,7 @@ from sequencer.projection import (
     open_store,
 )
 from tests.node_fixtures import DEPOSIT, TransferDriver, open_accounts
-from tests.pg_server import postgres_dsn, postgres_server  # noqa: F401  (fixtures)
+from tests.pg_server import postgres_server  # noqa: F401  (the fixture)
 from tests.projection_apps import (
     BAD_WRITE_AT_ENV,
     RAISE_AT_ENV,
@@ -80,7 +80,8 @@ def journal_dir() -> Iterator[Path]:
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def database(request: pytest.FixtureRequest, tmp_dir: Path) -> Callable[[], str]:
-    """Makes a new empty database of the parametrised kind; returns its connection string."""
+    """Makes new empty databases of the parametrised kind (each call one); PostgreSQL's on the
+    session's server (tests/pg_server.py)."""
     if request.param == "sqlite":
         return lambda: f"sqlite://{tmp_dir / f'{uuid.uuid4().hex[:8]}.db'}"
     server = request.getfixturevalue("postgres_server")
