@@ -601,3 +601,21 @@ def test_seqd_project_says_what_is_wrong_with_its_config_or_database(tmp_dir: Pa
     code, output = _finish(_start_projector(no_server, "--until-caught-up"))
     assert code == 1, output
     assert "cannot open the read model's database" in output, output
+
+
+def test_a_rebuild_stopped_before_it_caught_up_does_not_switch_and_resumes_later(journal_dir: Path, tmp_dir: Path) -> None:
+    store = open_store(f"sqlite://{tmp_dir / 'model.db'}")
+    try:
+        Projector(Balances(), store).run(JournalSource(Ledger, journal_dir), until_caught_up=True)
+        served = read_model(store)
+        rebuilder = Projector(Balances(), store, batch_events_max=100)
+        rebuilder.on_commit = lambda _generation, _position: rebuilder.stop()
+        stopped = rebuilder.rebuild(JournalSource(Ledger, journal_dir))
+        assert (stopped.generation, stopped.state) == (2, "building")
+        assert Position(0, 0) < stopped.position < _journal_events(journal_dir)
+        assert read_model(store) == served  # generation 1 still serves
+        finished = Projector(Balances(), store, batch_events_max=100).rebuild(JournalSource(Ledger, journal_dir))
+        assert (finished.generation, finished.state) == (2, "serving")
+        assert read_model(store) == served
+    finally:
+        store.close()

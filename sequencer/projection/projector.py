@@ -129,8 +129,8 @@ class Projector:
     def rebuild(self, source: Source) -> Generation:
         """Build a new generation from index 1 (or resume an interrupted rebuild of this
         version; one of another version is dropped and started again) while the
-        serving one serves, then switch to it; returns it, now serving. Stops early, not
-        switched unless already caught up, on `stop()`.
+        serving one serves, then switch to it; returns it (serving, or still building if
+        `stop()` came before it caught up).
 
         Raises:
             ProjectionFailed, ProjectionError: as `run`; ProjectionError also when the source
@@ -138,7 +138,9 @@ class Projector:
         """
         generation = self.store.create_generation(self.name, self.tables, serving=False, version=self.version)
         self._follow(source, generation, until_caught_up=False, switch=True)
-        return self.store.serving(self.name) or generation
+        found = [g for g in self.store.generations(self.name) if g.generation == generation.generation]
+        assert found, generation  # only a switch retires it, and only this rebuild switches it
+        return found[0]
 
     # -- the loop --------------------------------------------------------------------------------
 
