@@ -97,9 +97,9 @@ class PostgresServer:
                    "-c client_connection_check_interval=100ms -c max_connections=50")  # fmt: skip
         # pg_ctl detaches the server (it is not our child, so the per-test check for leaked
         # child processes leaves it alone) and -w waits until it accepts connections.
+        self.started = True  # before: a start that times out may still have left a server running
         self._run(str(self.bindir / "pg_ctl"), "start", "-w", "-t", str(int(SERVER_START_TIMEOUT_S)),
                   "-D", str(data), "-l", str(self.directory / "server.log"), "-o", options)  # fmt: skip
-        self.started = True
 
     def log(self) -> str:
         path = self.directory / "server.log"
@@ -107,7 +107,7 @@ class PostgresServer:
 
     def stop(self) -> None:
         try:
-            if self.started:
+            if self.started and (self.directory / "data" / "postmaster.pid").exists():
                 self._run(str(self.bindir / "pg_ctl"), "stop", "-w", "-m", "immediate",
                           "-D", str(self.directory / "data"), timeout_s=SERVER_STOP_TIMEOUT_S)  # fmt: skip
         finally:
@@ -134,13 +134,13 @@ def start_server(fsync: bool = False) -> PostgresServer:
         raise RuntimeError(NO_BINARY)
     user = _server_user()
     directory = Path(tempfile.mkdtemp(prefix="seqd-pg-", dir="/tmp"))
-    if user is not None:
-        entry = pwd.getpwnam(user)
-        os.chown(directory, entry.pw_uid, entry.pw_gid)
     server = PostgresServer(directory, bindir, user, fsync)
     try:
+        if user is not None:
+            entry = pwd.getpwnam(user)
+            os.chown(directory, entry.pw_uid, entry.pw_gid)
         server.start()
     except BaseException:
-        server.stop()
+        server.stop()  # removes the directory, and stops the server if pg_ctl started it
         raise
     return server
