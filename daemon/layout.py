@@ -243,9 +243,16 @@ INCARNATION_BITS = 24
 
 
 def incarnation_id(now_s: float, incarnation: int) -> int:
-    """The id of one incarnation of the node's pipeline: the start second xor the incarnation
-    count, so ids of recent incarnations differ, cut to `INCARNATION_BITS`."""
-    return (int(now_s) ^ incarnation) & ((1 << INCARNATION_BITS) - 1)
+    """The id of one incarnation of the node's pipeline: the start time in ms plus the
+    incarnation count, cut to `INCARNATION_BITS`.
+
+    Consecutive incarnations never share an id: both terms grow from one start to the next (an
+    id taken as the second xor the count did repeat, e.g. second 2 count 4 and second 3 count 5).
+    It matters beyond session ids: a node_start naming an incarnation already started is taken
+    for a second copy and closes nothing (sequencer/dedup.py). Two starts share an id only when
+    they fall a multiple of 2^24 ms (4.7 hours) apart to the millisecond, less the counts'
+    difference: the blp remembers the last few starts of a node, not hours of them."""
+    return (int(now_s * 1000) + incarnation) & ((1 << INCARNATION_BITS) - 1)
 
 
 # The supervisor's.

@@ -177,6 +177,15 @@ def test_incarnation_ids_fit_the_bits_session_ids_give_them() -> None:
     assert incarnation_id(1.7e9, 1) != incarnation_id(1.7e9, 2)
 
 
+def test_consecutive_incarnations_never_share_an_id() -> None:
+    # A restart loop: each incarnation a little later than the one before, within the same
+    # second or seconds apart (the old formula, second xor count, repeated at seconds 2 and 3).
+    for start_s in (2.0, 1.7e9, 1.7e9 + 0.999):
+        for gap_s in (0.0, 0.001, 0.25, 1.0, 7.0):
+            ids = [incarnation_id(start_s + count * gap_s, count) for count in range(1, 64)]
+            assert len(set(ids)) == len(ids), (start_s, gap_s)
+
+
 # ---- views over real shared memory ------------------------------------------------------------
 
 
