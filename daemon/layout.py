@@ -58,6 +58,7 @@ __all__ = [
     "ERROR_KIND_COUNTERS",
     "INCARNATION_BITS",
     "LOG_READERS",
+    "PROPOSAL_READERS",
     "ROLE_COUNTERS",
     "SUPERVISOR",
     "CounterSpec",
@@ -80,6 +81,7 @@ __all__ = [
     "incarnation_id",
     "log_name",
     "node_roles",
+    "proposal_name",
 ]
 
 
@@ -129,6 +131,7 @@ def drain_order(roles: Iterable[Role]) -> tuple[Role, ...]:
 # The readers of each ring, named after the roles that read them (a ring knows names, not roles).
 LOG_READERS: tuple[Role, ...] = (Role.JOURNALLER, Role.BLP)
 EGRESS_READERS: tuple[Role, ...] = (Role.SEQUENCER,)
+PROPOSAL_READERS: tuple[Role, ...] = (Role.REPLICATOR,)
 
 
 def log_name(node: str) -> str:
@@ -137,6 +140,12 @@ def log_name(node: str) -> str:
 
 def egress_name(node: str) -> str:
     return segment_name(node, "egress")
+
+
+def proposal_name(node: str) -> str:
+    """Cluster mode: the ring the sequencer writes its records to (unstamped), which the
+    replicator reads and proposes (leader) or forwards (follower)."""
+    return segment_name(node, "proposal")
 
 
 def counters_name(node: str) -> str:
