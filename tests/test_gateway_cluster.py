@@ -73,21 +73,34 @@ def test_a_follower_keeps_due_timers_and_fires_them_once_it_leads():
     assert gateway.timers.next_deadline_ns() is None
 
 
-def test_only_the_leader_sequences_automatic_snapshots_but_a_request_is_sequenced_anywhere():
+def test_only_the_leader_requests_automatic_snapshots_counting_the_log_its_blp_applied():
     ring = FakeRing()
     standing = Standing(False, 2)
-    gateway = make_gateway(ring, stamping=standing.policy(), snapshot_every_records=2)
+    gateway = make_gateway(ring, stamping=standing.policy(), snapshot_every_records=100, snapshot_every_bytes=10_000)
     client = open_session(gateway)
-    client.send(*(command(request_id) for request_id in range(1, 6)))
-    gateway.process(client.session, 2_000)
+    client.send(*(command(request_id) for request_id in range(1, 150)))
+    gateway.process(client.session, 2_000)  # this node's own commands do not count in a cluster
     assert ring.of_type(RecordType.SNAPSHOT) == []
-    standing.is_leading = True
-    client.send(command(6), command(7))
-    gateway.process(client.session, 3_000)
-    assert len(ring.of_type(RecordType.SNAPSHOT)) == 1
+
+    def snapshots() -> int:
+        return len(ring.of_type(RecordType.SNAPSHOT))
+
+    # A follower requests none, however much it applies (other nodes' commands included).
+    assert not gateway.log_applied(3_000, applied_index=500, applied_position=5_000, snapshot_index=0)
+    standing.is_leading = True  # elected: it counts from here
+    assert not gateway.log_applied(3_001, applied_index=599, applied_position=5_500, snapshot_index=0)
+    assert gateway.log_applied(3_002, applied_index=600, applied_position=5_600, snapshot_index=0)
+    assert snapshots() == 1
+    assert not gateway.log_applied(3_003, applied_index=650, applied_position=6_000, snapshot_index=0)
+    # A snapshot written at 660 (another leader's request, say) restarts the count there.
+    assert not gateway.log_applied(3_004, applied_index=740, applied_position=6_500, snapshot_index=660)
+    assert gateway.log_applied(3_005, applied_index=760, applied_position=6_600, snapshot_index=660)
+    # Bytes count too: ring bytes applied since the last request.
+    assert gateway.log_applied(3_006, applied_index=770, applied_position=16_600, snapshot_index=660)
+    assert snapshots() == 3
     standing.is_leading = False
     assert gateway.request_snapshot(4_000)  # `seqd snapshot` on a follower: forwarded like any record
-    assert len(ring.of_type(RecordType.SNAPSHOT)) == 2
+    assert snapshots() == 4
 
 
 def test_welcome_names_the_leader_the_replicator_reports():

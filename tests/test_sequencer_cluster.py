@@ -20,9 +20,17 @@ from typing import Any
 
 import pytest
 
-from daemon.config import ClusterConfig, Config, MemberConfig, NodeConfig, SocketConfig
+from daemon.config import (
+    ClusterConfig,
+    Config,
+    MemberConfig,
+    NodeConfig,
+    SnapshotConfig,
+    SocketConfig,
+)
 from daemon.exits import FATAL_FD_ENV
 from daemon.layout import (
+    BLP_APPLIED_INDEX,
     EGRESS_READERS,
     NODE_INCARNATION,
     PROPOSAL_READERS,
@@ -78,6 +86,7 @@ class ClusterSequencer:
             node=NodeConfig(name=node, number=1, data_dir=str(directory / "data")),
             socket=SocketConfig(path=self.socket_path),
             cluster=ClusterConfig(members=members, secret_file=str(directory / "secret")),
+            snapshot=SnapshotConfig(every_records=100),
         )
         self.epoch = secrets.randbits(63)
         self.counters = create_counters(node, epoch=self.epoch)
@@ -170,7 +179,9 @@ def test_a_cluster_sequencer_proposes_unstamped_records_and_fires_timers_only_wh
     assert proposed[0].session_id == opened[0].session_id == welcome["session_id"]
     assert {(header.index, header.term) for header, _ in sequencer.take()} == {(0, 0)}
 
-    # A timer the blp scheduled is due at once, but a follower does not fire it.
+    # The blp applies a lot of log (other nodes' commands): a follower requests no snapshot.
+    sequencer.counters[BLP_APPLIED_INDEX.name].set(500)
+    # A timer the blp scheduled is due at once, but a follower does not fire it either.
     deadline_ns = time.time_ns() - 1_000_000_000
     assert sequencer.egress.writer().try_write(encode_timer_schedule(5, deadline_ns), int(EgressKind.TIMER_SCHEDULE))
     wait_for(lambda: sequencer.counters[TIMERS_PENDING.name].get() == 1, "the sequencer to take the timer")
@@ -178,12 +189,17 @@ def test_a_cluster_sequencer_proposes_unstamped_records_and_fires_timers_only_wh
     beats = sequencer.counters[SEQUENCER.heartbeat.name].get()
     wait_for(lambda: sequencer.counters[SEQUENCER.heartbeat.name].get() >= beats + 3, "three heartbeats")
     assert sequencer.of_type(RecordType.TIMER_FIRED) == []
+    assert sequencer.of_type(RecordType.SNAPSHOT) == []
     assert sequencer.counters[TIMERS_PENDING.name].get() == 1
 
     sequencer.standing(RaftRole.LEADER, 1)  # this node is elected: it fires what is due
     ((fired, payload),) = wait_for(lambda: sequencer.of_type(RecordType.TIMER_FIRED), "the TIMER_FIRED")
     assert decode_timer_fired(payload) == (5, deadline_ns)
     assert (fired.index, fired.term) == (0, 0)
+    # The leader counts from its election: 100 more records applied, one snapshot request.
+    sequencer.counters[BLP_APPLIED_INDEX.name].set(600)
+    ((requested, _),) = wait_for(lambda: sequencer.of_type(RecordType.SNAPSHOT), "the SNAPSHOT request")
+    assert (requested.index, requested.term) == (0, 0)
     with Raw(sequencer.socket_path) as client:
         assert client.open(client_id=42)["leader"] == sequencer.node
     sequencer.stop()

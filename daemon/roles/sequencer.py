@@ -17,7 +17,9 @@ This module does the I/O around it, on one uvloop thread:
   leader's replicator stamps and proposes them, a follower's forwards them to the leader. The
   replicator owns the Raft standing; this shell only reads it (`raft.role`, `raft.leader`): only
   while this node leads are due timers fired and automatic snapshots requested (a follower looks
-  again every LEADERSHIP_POLL_S while a timer is due), and WELCOME names the leader;
+  again every LEADERSHIP_POLL_S while a timer is due), and WELCOME names the leader. The
+  automatic snapshot policy counts the log this node's blp applied, checked every heartbeat
+  (`Gateway.log_applied`): no sequencer sees every command of a cluster;
 - backpressure: when the ring is full (the journaller or the blp is behind) the gateway leaves
   the rest of a session's batch in `session.backlog`; the shell stops reading that session
   (`pause_reading`) and retries on the next egress drain or after BLOCKED_RETRY_S, then resumes
@@ -55,6 +57,7 @@ import uvloop
 from daemon.errorlog import DistinctErrorLog, exception_key
 from daemon.exits import ExitCode, FatalError
 from daemon.layout import (
+    BLP_APPLIED_INDEX,
     BLP_APPLIED_POSITION,
     COMMANDS_TOTAL,
     EGRESS_CONSUMED_POSITION,
@@ -76,6 +79,7 @@ from daemon.layout import (
     RECOVERY_LAST_TIMESTAMP_NS,
     SESSIONS_OPEN,
     SESSIONS_TOTAL,
+    SNAPSHOT_LAST_INDEX,
     TIMERS_PENDING,
     DiskState,
     Role,
@@ -449,6 +453,18 @@ class Sequencer:
             self._schedule_retry()
         self._claimed()
 
+    def _log_snapshot_policy(self) -> None:
+        """Cluster mode: the leader requests a snapshot by the log its blp applied."""
+        counters = self.counters
+        requested = self.gateway.log_applied(
+            time.time_ns(), counters[BLP_APPLIED_INDEX].get(), counters[BLP_APPLIED_POSITION].get(),
+            counters[SNAPSHOT_LAST_INDEX].get(),
+        )  # fmt: skip
+        if requested:
+            self._claimed()
+            if self.gateway.snapshot_pending:
+                self._schedule_retry()
+
     def _arm_timers(self) -> None:
         if self.timer_handle is not None:
             self.timer_handle.cancel()
@@ -599,9 +615,13 @@ class Sequencer:
             # node_start record); the first command gets the next one.
             log.info("serving %s from index %d", self.config.socket.path, self.gateway.next_index - 1)
         beats = 0
+        snapshot_config = self.config.snapshot
+        log_snapshots = self.clustered and bool(snapshot_config.every_records or snapshot_config.every_bytes)
         while not context.stop_requested:
             beats += 1
             context.heartbeat.set(beats)
+            if log_snapshots:
+                self._log_snapshot_policy()
             self.errors.flush(time.monotonic())
             await asyncio.sleep(HEARTBEAT_INTERVAL_S)
         await self.drain()

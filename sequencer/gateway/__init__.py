@@ -17,7 +17,8 @@ thread, so tests drive it with bytes and a bytearray for a ring:
   The timestamp is the clock value the caller passes in, read once per batch, but never less
   than the last one stamped: timestamps never go backwards, whatever the wall clock does.
 - snapshot policy: a SNAPSHOT record after every `snapshot_every_records` commands or
-  `snapshot_every_bytes` command payload bytes (and on request).
+  `snapshot_every_bytes` command payload bytes (and on request); in a cluster the leader counts
+  the log its blp applied instead (`log_applied`).
 - timers: the blp's TIMER_SCHEDULE/TIMER_CANCEL outputs fill a `TimerQueue`; each deadline the
   caller's clock passes is sequenced as TIMER_FIRED, in deadline order.
 - egress fan-out: a reply goes to its session if it is attached here, an event to every

@@ -150,8 +150,18 @@ class Gateway(Generic[S]):
         self.snapshot_pending = False
         self.records_since_snapshot = 0
         self.bytes_since_snapshot = 0
-        self._snapshot_every_records = config.snapshot_every_records or SNAPSHOT_EVERY_NEVER
-        self._snapshot_every_bytes = config.snapshot_every_bytes or SNAPSHOT_EVERY_NEVER
+        # The snapshot policy. A single node counts the commands it sequences (`process`, inline).
+        # In a cluster no node sees every command it would count, so the leader counts the log
+        # as its blp applies it (`log_applied`), and the per-command check never fires.
+        every_records = config.snapshot_every_records or SNAPSHOT_EVERY_NEVER
+        every_bytes = config.snapshot_every_bytes or SNAPSHOT_EVERY_NEVER
+        self._log_every_records = every_records
+        self._log_every_bytes = every_bytes
+        self._log_mark = (0, 0)  # (applied index, position) at the last request or in office since
+        if not stamping.stamps_indexes:
+            every_records = every_bytes = SNAPSHOT_EVERY_NEVER
+        self._snapshot_every_records = every_records
+        self._snapshot_every_bytes = every_bytes
 
     # -- stamping ---------------------------------------------------------------------------
 
@@ -369,7 +379,7 @@ class Gateway(Generic[S]):
                         self.records_since_snapshot += 1
                         self.bytes_since_snapshot += payload_bytes
                         if self.records_since_snapshot >= every_records or self.bytes_since_snapshot >= every_bytes:
-                            self._automatic_snapshot(term)
+                            self._sequence_snapshot(term)
                     elif type(frame) is protocol.Hello:
                         assert not session_id, "the codec refuses a second HELLO"
                         if disk_free_bytes is not None:  # a SESSION_OPEN is a record too
@@ -458,15 +468,30 @@ class Gateway(Generic[S]):
             return False
         return self._sequence_snapshot(term)
 
-    def _automatic_snapshot(self, term: int) -> None:
-        """The snapshot policy's threshold is reached: a SNAPSHOT record, if this gateway
-        sequences automatic ones (in a cluster only the leader's does; a follower starts
-        counting again)."""
-        if self.stamping.sequences_timers:
-            self._sequence_snapshot(term)
-            return
-        self.records_since_snapshot = 0
-        self.bytes_since_snapshot = 0
+    def log_applied(self, now_ns: int, applied_index: int, applied_position: int, snapshot_index: int) -> bool:
+        """Cluster mode's automatic snapshot policy: the leader requests a SNAPSHOT after every
+        `snapshot_every_records` records or `snapshot_every_bytes` bytes of log its blp applied
+        (ring bytes: records with their headers) since the last snapshot, its own last request or
+        its taking office, whichever is latest. A follower requests none; it only keeps the mark
+        moving, so a new leader counts from its election, not from records the old leader covered.
+
+        Args:
+            applied_index, applied_position: this node's blp's progress (`blp.applied.*`).
+            snapshot_index: the index of the newest snapshot its blp wrote (`snapshot.last.index`).
+
+        Returns:
+            Whether a SNAPSHOT record was requested (it may wait for ring space: `retry`).
+        """
+        mark_index, mark_position = self._log_mark
+        if not self.stamping.sequences_timers:
+            self._log_mark = (applied_index, applied_position)
+            return False
+        since_records = applied_index - max(mark_index, snapshot_index)
+        if since_records < self._log_every_records and applied_position - mark_position < self._log_every_bytes:
+            return False
+        self._log_mark = (applied_index, applied_position)
+        self.request_snapshot(now_ns)
+        return True
 
     def _sequence_snapshot(self, term: int) -> bool:
         self.records_since_snapshot = 0
