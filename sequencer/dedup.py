@@ -15,16 +15,24 @@ rest: opening and closing sessions, and forgetting clients idle past the expiry.
 Every record is idempotent (cluster mode). A follower's replicator resends every record it
 forwarded and has not yet seen in its log when the leader changes, so a record may reach the log
 twice; a second copy must change nothing. A COMMAND is deduplicated by its request id (above); a
-SESSION_CLOSE of a closed session is a no-op; a SESSION_OPEN of a session id already open is a
-no-op (`open` returns False: the app is not told twice); an ADMIN node_start that names an
-incarnation of its node already started is a no-op (`node_start`), so it never closes the
-sessions that incarnation opened after its first copy. The processor makes a TIMER_FIRED of a
+SESSION_CLOSE of a closed session is a no-op; a SESSION_OPEN of a session its node's incarnation
+opened already, open or closed since, is a no-op (`open` returns False: the app is not told
+twice); an ADMIN node_start that names an incarnation of its node already started is a no-op
+(`node_start`), so it never closes the sessions that incarnation opened after its first copy.
+
+How a second SESSION_OPEN is told from a new one: a session id is [node number][incarnation]
+[counter], and the gateway of one incarnation hands out counters in increasing order (wrapping
+after 2^32, skipping ids still open). So, per started incarnation, the table keeps the highest
+counter opened, and an open at or behind it (serial-number arithmetic, RFC 1982, so the wrap is a
+step forward) is a second copy. A copy is never more than a resend window behind, far less than
+2^31 sessions. An incarnation whose node_start carried no incarnation (an older seqd's) is not
+tracked: its opens are judged by the open sessions alone, as before. The processor makes a TIMER_FIRED of a
 timer no longer pending a no-op, and a SNAPSHOT twice is two snapshots of the same state.
 """
 
 from __future__ import annotations
 
-from sequencer.record import session_node_number
+from sequencer.record import SESSION_ID_COUNTER_BITS, session_incarnation, session_node_number
 
 __all__ = [
     "CLIENT_EXPIRY_NS_DEFAULT",
@@ -49,6 +57,8 @@ SAVED_REPLIES_MAX = (
 # incarnation): a copy of one more than a start or two back would need a forward to survive in
 # flight across several restarts of its node. 8 is far past that, and costs 8 ints per node.
 NODE_STARTS_REMEMBERED = 8
+_COUNTER_MASK = (1 << SESSION_ID_COUNTER_BITS) - 1
+_COUNTER_HALF = 1 << (SESSION_ID_COUNTER_BITS - 1)  # serial-number arithmetic's "behind"
 
 
 class ClientEntry:
@@ -99,9 +109,10 @@ class ClientTable:
         self.node = node
         # Set by `emit_for`: then a session is local when its id carries this node number.
         self.node_number: int | None = None
-        # node number -> its incarnations whose node_start was applied, oldest first (at most
-        # NODE_STARTS_REMEMBERED). Part of the state: it decides what a node_start closes.
-        self.node_starts: dict[int, list[int]] = {}
+        # node number -> {incarnation whose node_start was applied: the highest session counter
+        # it opened, -1 for none}, oldest start first, at most NODE_STARTS_REMEMBERED. Part of the
+        # state: it decides what a node_start closes and which opens are second copies.
+        self.node_starts: dict[int, dict[int, int]] = {}
         self.expiry_ns = expiry_ns
         self.expired = 0  # client ids forgotten so far
         self.sessions: dict[int, SessionEntry] = {}
@@ -137,9 +148,19 @@ class ClientTable:
 
     def open(self, session_id: int, client_id: int, node: str, now_ns: int) -> bool:
         """A SESSION_OPEN at log time `now_ns`: the client is no longer idle. False, changing
-        nothing, when `session_id` is open already (a second copy of its SESSION_OPEN)."""
+        nothing, for a second copy of a SESSION_OPEN: the session is open, or its incarnation
+        opened it (or a later one) before (module docstring)."""
         if session_id in self.sessions:
             return False
+        started = self.node_starts.get(session_node_number(session_id))
+        if started is not None:
+            incarnation = session_incarnation(session_id)
+            highest = started.get(incarnation)
+            if highest is not None:
+                counter = session_id & _COUNTER_MASK
+                if highest >= 0 and (highest - counter) & _COUNTER_MASK < _COUNTER_HALF:
+                    return False  # at or behind the highest opened: a second copy
+                started[incarnation] = counter
         self.attach(session_id, client_id, node)
         self.idle.pop(client_id, None)
         self.expire(now_ns)
@@ -169,12 +190,12 @@ class ClientTable:
         sessions it closes (every session of that node, in opening order: they were opened by
         its earlier starts), or None when that incarnation started already (a second copy of its
         node_start: the sessions it has opened since stay open)."""
-        started = self.node_starts.setdefault(node_number, [])
+        started = self.node_starts.setdefault(node_number, {})
         if incarnation in started:
             return None
-        started.append(incarnation)
+        started[incarnation] = -1
         if len(started) > NODE_STARTS_REMEMBERED:
-            del started[0]
+            del started[next(iter(started))]
         return [sid for sid in self.sessions if session_node_number(sid) == node_number]
 
     def expire(self, now_ns: int) -> None:

@@ -59,6 +59,32 @@ def test_a_second_copy_of_a_session_open_changes_nothing():
     assert 7 in processor._table.idle
 
 
+def test_a_second_copy_of_a_session_open_after_its_close_does_not_reopen_it():
+    # A resent suffix holds the open and the close: the copies come after the first close.
+    processor, feeder = started()
+    feed(processor, node_start(feeder, LATER))
+    first, second = session(1, LATER, 1), session(1, LATER, 2)
+    opening = feeder.open_session(first, client_id=7)
+    feed(processor, opening)
+    feed(processor, feeder.close_session(first))
+    feed(processor, feeder._record(RecordType.SESSION_OPEN, 1, first, 0, opening[48:].rstrip(b"\0")))
+    assert processor.session_ids() == []
+    assert processor.duplicate_records == 1
+    assert 7 in processor._table.idle  # the client stays idle: nothing reopened it
+    feed(processor, feeder.open_session(second, client_id=7))  # the next session opens
+    assert processor.session_ids() == [second]
+
+
+def test_session_counters_that_wrap_open_new_sessions():
+    processor, feeder = started()
+    feed(processor, node_start(feeder, LATER))
+    last = session(1, LATER, (1 << 32) - 1)
+    feed(processor, feeder.open_session(last, client_id=7))
+    feed(processor, feeder.open_session(session(1, LATER, 0), client_id=8))  # the counter wrapped
+    assert processor.session_ids() == [last, session(1, LATER, 0)]
+    assert processor.duplicate_records == 0
+
+
 def test_a_second_copy_of_a_node_start_keeps_the_sessions_its_incarnation_opened_since():
     processor, feeder = started()
     old = session(1, EARLIER, 1)
