@@ -56,6 +56,7 @@ from daemon.layout import (
     counter_spec,
     errors_total,
 )
+from daemon.status_raft import RaftStatus, raft_json, raft_lines, raft_status
 
 __all__ = [
     "SAMPLE_GAP_S",
@@ -63,7 +64,6 @@ __all__ = [
     "Lag",
     "Liveness",
     "NodeStatus",
-    "RaftFollower",
     "RoleStatus",
     "StatusTracker",
     "disk_full_text",
@@ -129,15 +129,6 @@ class Lag:
     bytes: int | None
 
 
-@dataclass(frozen=True)
-class RaftFollower:
-    """On a cluster's leader: how far one follower's log agrees with the leader's."""
-
-    node: int  # its node number
-    match_index: int | None  # the last index it holds durably in agreement with the leader
-    lag: int | None  # records behind the leader's last index
-
-
 @dataclass
 class NodeStatus:
     node: str
@@ -159,13 +150,7 @@ class NodeStatus:
     snapshot_last_index: int | None = None
     recovery_records: int | None = None
     restarts: int | None = None
-    raft_role: str | None = None
-    raft_term: int | None = None
-    raft_leader: int | None = None
-    raft_commit_index: int | None = None
-    raft_last_index: int | None = None
-    raft_pending_forwards: int | None = None
-    raft_followers: list[RaftFollower] | None = None  # None: not a cluster (or not yet known)
+    raft: RaftStatus = field(default_factory=RaftStatus)  # all None on a single node
     disk: str | None = None  # DiskState's name: room, short (refusing new commands), full
     disk_state: int | None = None
     disk_free_bytes: int | None = None
@@ -242,30 +227,6 @@ def _difference(values: Mapping[str, int], ahead: Spec, behind: Spec) -> int | N
     return None if ahead_value is None or behind_value is None else ahead_value - behind_value
 
 
-# The replicator's counters beyond raft.role/term/leader, by name: the replicator's branch declares
-# them in daemon/layout.py (a counters layout of its own); a segment without them shows them as
-# unknown. Per follower, slot k = 1.. holds `raft.peer<k>.node` (its node number, 0 for none)
-# and `raft.peer<k>.match_index`.
-_RAFT_COMMIT_INDEX = "raft.commit.index"
-_RAFT_LAST_INDEX = "raft.last_index"
-_RAFT_PENDING_FORWARDS = "raft.pending_forwards"
-_RAFT_PEER_SLOTS_MAX = 4  # a 5-node cluster's followers
-
-
-def _raft_followers(values: Mapping[str, int]) -> list[RaftFollower]:
-    """The followers the leader's replicator reports, in slot order (none on a follower)."""
-    last_index = values.get(_RAFT_LAST_INDEX)
-    followers = []
-    for slot in range(1, _RAFT_PEER_SLOTS_MAX + 1):
-        node = values.get(f"raft.peer{slot}.node")
-        if not node:
-            continue
-        match_index = values.get(f"raft.peer{slot}.match_index")
-        lag = None if last_index is None or match_index is None else last_index - match_index
-        followers.append(RaftFollower(node, match_index, lag))
-    return followers
-
-
 def _clustered(values: Mapping[str, int]) -> bool:
     """Whether the node runs a replicator: a single node shows no Raft standing."""
     return values.get(ROLE_COUNTERS[Role.REPLICATOR].pid.name, 0) > 0
@@ -298,13 +259,7 @@ def _counters_status(
         snapshot_last_index=_get(known, layout.SNAPSHOT_LAST_INDEX),
         recovery_records=_get(known, layout.RECOVERY_RECORDS),
         restarts=_get(known, layout.SUPERVISOR_RESTARTS),
-        raft_role=_name(layout.RAFT_ROLE, known) if _clustered(known) else None,
-        raft_term=_get(known, layout.RAFT_TERM),
-        raft_leader=_get(known, layout.RAFT_LEADER),
-        raft_commit_index=known.get(_RAFT_COMMIT_INDEX),
-        raft_last_index=known.get(_RAFT_LAST_INDEX),
-        raft_pending_forwards=known.get(_RAFT_PENDING_FORWARDS),
-        raft_followers=_raft_followers(known) if _clustered(known) else None,
+        raft=raft_status(known, _clustered(known)),
         disk=_name(layout.JOURNAL_DISK_FULL, known),
         disk_state=_get(known, layout.JOURNAL_DISK_FULL),
         disk_free_bytes=_get(known, layout.JOURNAL_FREE_BYTES),
@@ -529,18 +484,8 @@ def _header(status: NodeStatus) -> list[str]:
     header += f"  supervisor pid {_cell(status.supervisor_pid)}"
     if status.restarts:
         header += f"  restarts {status.restarts}"
-    if status.raft_role is not None:
-        header += f"  raft {status.raft_role} term {_cell(status.raft_term)} leader {_cell(status.raft_leader)}"
-    lines = [header]
-    if status.raft_role is not None:
-        lines.append(
-            f"  raft commit {_cell(status.raft_commit_index)}  last {_cell(status.raft_last_index)}"
-            f"  pending forwards {_cell(status.raft_pending_forwards)}"
-        )
-        for follower in status.raft_followers or ():
-            lines.append(
-                f"  follower {follower.node}: match {_cell(follower.match_index)}  lag {_cell(follower.lag)}"
-            )
+    raft_header, raft_below = raft_lines(status.raft, _cell)
+    lines = [header + raft_header, *raft_below]
     if status.reason:
         lines.append(f"  ! {status.reason}")
     disk = disk_full_text(status.disk_state, status.disk_free_bytes)
@@ -656,17 +601,7 @@ def render_json(status: NodeStatus) -> dict[str, Any]:
         "errors": dict(status.errors),
         "snapshot": {"last_index": status.snapshot_last_index},
         "recovery": {"records": status.recovery_records},
-        "raft": {
-            "role": status.raft_role,
-            "term": status.raft_term,
-            "leader": status.raft_leader,
-            "commit_index": status.raft_commit_index,
-            "last_index": status.raft_last_index,
-            "pending_forwards": status.raft_pending_forwards,
-            "followers": None if status.raft_followers is None else [
-                {"node": f.node, "match_index": f.match_index, "lag": f.lag} for f in status.raft_followers
-            ],
-        },
+        "raft": raft_json(status.raft),
         "disk": {
             "state": status.disk,
             "full": None if status.disk is None else status.disk != "room",

@@ -325,10 +325,10 @@ def test_cluster_node_shows_its_raft_standing(tracker: StatusTracker, pids: Pids
         }
     )
     status = tracker.observe(values, now_s=0.0)
-    assert (status.raft_role, status.raft_term, status.raft_leader) == ("leader", 7, 1)
+    assert (status.raft.role, status.raft.term, status.raft.leader) == ("leader", 7, 1)
     assert "raft leader term 7 leader 1" in render_text(status)
     single = tracker.observe(live_values(), now_s=0.1)
-    assert single.raft_role is None
+    assert single.raft.role is None
 
 
 def test_a_cluster_leader_shows_its_commit_and_each_followers_match_and_lag(

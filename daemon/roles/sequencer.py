@@ -12,14 +12,11 @@ This module does the I/O around it, on one uvloop thread:
 - the log ring: it is the ring's only writer. The gateway claims through `writer.try_claim` and
   stamps records in place; the claims are published once per event-loop pass (`_flush`), so
   everything that arrived in one pass costs one cursor store: batching without waiting;
-- cluster mode (the config has `[cluster]`): the same records go unstamped (index 0, term 0,
-  `ClusterStamping`) into the proposal ring instead, whose one reader is the replicator: the
-  leader's replicator stamps and proposes them, a follower's forwards them to the leader. The
-  replicator owns the Raft standing; this shell only reads it (`raft.role`, `raft.leader`): only
-  while this node leads are due timers fired and automatic snapshots requested (a follower looks
-  again every LEADERSHIP_POLL_S while a timer is due), and WELCOME names the leader. The
-  automatic snapshot policy counts the log this node's blp applied, checked every heartbeat
-  (`Gateway.log_applied`): no sequencer sees every command of a cluster;
+- cluster mode (`[cluster]`): the same records go unstamped (`ClusterStamping`) into the
+  proposal ring, whose one reader, the replicator, stamps them (leader) or forwards them. This
+  shell reads the Raft standing (`raft.role`, `raft.leader`): only the leader fires due timers
+  (a follower looks again every LEADERSHIP_POLL_S) and requests automatic snapshots, by the log
+  its blp applied, every heartbeat (`Gateway.log_applied`); WELCOME names the leader;
 - backpressure: when the ring is full (the journaller or the blp is behind) the gateway leaves
   the rest of a session's batch in `session.backlog`; the shell stops reading that session
   (`pause_reading`) and retries on the next egress drain or after BLOCKED_RETRY_S, then resumes
