@@ -10,9 +10,10 @@ and help come from the node's counter table (daemon/layout.py): counters that on
 errors, heartbeats) are typed `counter` and end in `_total`; positions, indexes and states are
 `gauge`s. Each role counts its own errors (`seqd_role_errors_total{role=...}`); their sum is
 served as `seqd_errors_total`. In a cluster the leader's per-follower slots
-(`raft.peer<k>.node`, `raft.peer<k>.match_index`) become two families labelled by the follower's
-node number, `seqd_raft_follower_match_index{follower="2"}` and `seqd_raft_follower_lag{...}`
-(records behind the leader's `raft.last_index`); an empty slot gives no sample.
+(`raft.peer<k>.node`, `raft.peer<k>.match_index`, served as they are) are also served as two
+families labelled by the follower's node number, `seqd_raft_follower_match_index{follower="2"}`
+and `seqd_raft_follower_lag{...}` (records behind the leader's `raft.last_index`), so a query
+needs no join with the slots; an empty slot gives no sample.
 
 `MetricsServer` serves it from `http.server.ThreadingHTTPServer` in a daemon thread, so the
 supervisor's loop never waits on a scraper. It binds to loopback unless told otherwise: the
@@ -30,7 +31,17 @@ import threading
 from collections.abc import Callable, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from daemon.layout import ERRORS_TOTAL_NAME, SUPERVISOR, Kind, Role, counter_spec, errors_total
+from daemon.layout import (
+    ERRORS_TOTAL_NAME,
+    RAFT_LAST_INDEX,
+    RAFT_PEER_MATCH_INDEX,
+    RAFT_PEER_NODE,
+    SUPERVISOR,
+    Kind,
+    Role,
+    counter_spec,
+    errors_total,
+)
 
 __all__ = [
     "CONTENT_TYPE",
@@ -97,7 +108,6 @@ def _escape_help(text: str) -> str:
     return text.replace("\\", "\\\\").replace("\n", "\\n")
 
 
-_PEER_SLOT = re.compile(r"raft\.peer(\d+)\.")
 _FOLLOWER_HELP = {
     "seqd_raft_follower_match_index": "On the leader: the last index the follower holds durably in agreement with it.",
     "seqd_raft_follower_lag": "On the leader: records the follower's log is behind the leader's last index.",
@@ -107,16 +117,14 @@ _FOLLOWER_HELP = {
 def _follower_samples(snapshot: Mapping[str, int]) -> dict[str, list[tuple[str, int]]]:
     """family -> [(follower node number, value)] from the leader's per-follower slots."""
     families: dict[str, list[tuple[str, int]]] = {family: [] for family in _FOLLOWER_HELP}
-    last_index = snapshot.get("raft.last_index")
-    slot = 1
-    while f"raft.peer{slot}.node" in snapshot:
-        node = snapshot[f"raft.peer{slot}.node"]
-        match_index = snapshot.get(f"raft.peer{slot}.match_index")
+    last_index = snapshot.get(RAFT_LAST_INDEX.name)
+    for node_spec, match_spec in zip(RAFT_PEER_NODE, RAFT_PEER_MATCH_INDEX, strict=True):
+        node = snapshot.get(node_spec.name)
+        match_index = snapshot.get(match_spec.name)
         if node and match_index is not None:
             families["seqd_raft_follower_match_index"].append((str(node), match_index))
             if last_index is not None:
                 families["seqd_raft_follower_lag"].append((str(node), last_index - match_index))
-        slot += 1
     return families
 
 
@@ -157,8 +165,6 @@ def render_prometheus(
             samples = [({**labels, "follower": node}, value) for node, value in by_node]
             families[follower_family] = ("gauge", _FOLLOWER_HELP[follower_family], samples)
     for name in sorted(snapshot):
-        if _PEER_SLOT.match(name):
-            continue  # in the follower families above
         value = snapshot[name]
         family_key, role = _split_role(name)
         kind = kinds.get(name, metric_kind(name))

@@ -1,10 +1,9 @@
 """`seqd status` in a cluster: the node's Raft standing, its commit, and the leader's followers.
 
 Every value is the replicator's (its `raft.*` counters, daemon/layout.py); `daemon.status` calls
-`raft_status` on a sample and renders the result with `raft_lines` and `raft_json`. The counters
-beyond `raft.role`, `raft.term` and `raft.leader` are looked up by name, so a segment without
-them (an older layout) shows them as unknown. On the leader, follower slot k = 1.. holds
-`raft.peer<k>.node` (its node number, 0 for an empty slot) and `raft.peer<k>.match_index`.
+`raft_status` on a sample and renders the result with `raft_lines` and `raft_json`. On the
+leader, follower slot k = 1.. holds `raft.peer<k>.node` (its node number, 0 for an empty slot)
+and `raft.peer<k>.match_index`.
 """
 
 from __future__ import annotations
@@ -16,11 +15,6 @@ from typing import Any
 from daemon import layout
 
 __all__ = ["RaftFollower", "RaftStatus", "raft_json", "raft_lines", "raft_status"]
-
-COMMIT_INDEX = "raft.commit.index"
-LAST_INDEX = "raft.last_index"
-PENDING_FORWARDS = "raft.pending_forwards"
-PEER_SLOTS_MAX = 4  # the followers of a 5-node cluster
 
 
 @dataclass(frozen=True)
@@ -46,13 +40,13 @@ class RaftStatus:
 
 
 def _followers(values: Mapping[str, int]) -> list[RaftFollower]:
-    last_index = values.get(LAST_INDEX)
+    last_index = values.get(layout.RAFT_LAST_INDEX.name)
     followers = []
-    for slot in range(1, PEER_SLOTS_MAX + 1):
-        node = values.get(f"raft.peer{slot}.node")
+    for node_spec, match_spec in zip(layout.RAFT_PEER_NODE, layout.RAFT_PEER_MATCH_INDEX, strict=True):
+        node = values.get(node_spec.name)
         if not node:
             continue
-        match_index = values.get(f"raft.peer{slot}.match_index")
+        match_index = values.get(match_spec.name)
         lag = None if last_index is None or match_index is None else last_index - match_index
         followers.append(RaftFollower(node, match_index, lag))
     return followers
@@ -67,9 +61,9 @@ def raft_status(known: Mapping[str, int], clustered: bool) -> RaftStatus:
         role=None if role is None else layout.RAFT_ROLE.value_name(role),
         term=known.get(layout.RAFT_TERM.name),
         leader=known.get(layout.RAFT_LEADER.name),
-        commit_index=known.get(COMMIT_INDEX),
-        last_index=known.get(LAST_INDEX),
-        pending_forwards=known.get(PENDING_FORWARDS),
+        commit_index=known.get(layout.RAFT_COMMIT_INDEX.name),
+        last_index=known.get(layout.RAFT_LAST_INDEX.name),
+        pending_forwards=known.get(layout.RAFT_PENDING_FORWARDS.name),
         followers=_followers(known),
     )
 

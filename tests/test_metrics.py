@@ -133,7 +133,7 @@ def test_a_leader_serves_each_followers_match_and_lag_labelled_by_its_node_numbe
     assert families["seqd_raft_follower_lag"][1] == [
         'seqd_raft_follower_lag{node="n1",follower="2"} 20', 'seqd_raft_follower_lag{node="n1",follower="3"} 0',
     ]  # fmt: skip
-    assert not [name for name in families if "peer" in name]  # the slots are not families of their own
+    assert families["seqd_raft_peer1_node"][1] == ['seqd_raft_peer1_node{node="n1"} 2']  # the slots too
     assert families["seqd_raft_role"][1] == ['seqd_raft_role{node="n1"} 3']
     assert "seqd_raft_follower_lag" not in parse_exposition(render_prometheus(SNAPSHOT))
 
