@@ -88,6 +88,9 @@ def recover(context: RoleContext, app_class: type[StateMachine]) -> Processor[An
         progress=replayed,
     )  # fmt: skip
     processor = recovered.processor
+    # Replies go out only for this node's sessions (by the node number in their ids); in a
+    # cluster the sequencer of every node also learns of each timer fired (any node may lead).
+    processor.emit_for(config.node.number, cluster=config.cluster is not None)
     if found is not None:
         log.info("restored snapshot at index %d from %s", found.header.index, found.path)
     progress.set(recovered.replayed)
