@@ -1,7 +1,7 @@
 """What the doorbell's store-load fences cost: one park, one publish, one park/wake round trip,
 with membarrier fences and with lock fences (`SEQD_STORE_LOAD_FENCES`, `ipc.platform`).
 
-    python -m benches.doorbell_park [--quick] [--json]
+    python -m benches.doorbell_park [--quick | --smoke] [--json]
 
 Each mode runs in its own processes (a process chooses its fences once). Figures per mode:
 
@@ -105,11 +105,20 @@ def _echo(ping_name: str, pong_name: str) -> None:
         pong.close()
 
 
-def measure(mode: str, quick: bool, report: Any) -> None:
+# (calls per timed loop, timed loops, seconds of the neighbour's rate, round trips) per size
+SIZES = {"smoke": (1_000, 3, 0.2, 100), "quick": (20_000, 7, 1.0, 2_000), "full": (100_000, 15, 3.0, 20_000)}
+
+
+def measure(mode: str, size: str, report: Any) -> None:
     """In a fresh process with SEQD_STORE_LOAD_FENCES=mode: every figure of that mode."""
     os.environ[ipc.platform.FENCES_ENV] = mode
     _pin(0)
-    calls, repeats = (20_000, 7) if quick else (100_000, 15)
+    try:
+        ipc.platform.store_load_fences()
+    except ipc.platform.PlatformError as error:  # no membarrier here (kernel, seccomp)
+        report.put({"mode": mode, "fences": None, "unavailable": str(error)})
+        return
+    calls, repeats, spin_seconds, rounds = SIZES[size]
     token = f"dpark{os.getpid()}"
     ring = ipc.Ring.create(ipc.segment_name(token, "park"), RING_CAPACITY_BYTES, readers=("reader",))
     ping = ipc.Ring.create(ipc.segment_name(token, "ping"), RING_CAPACITY_BYTES, readers=("echo",))
@@ -133,8 +142,7 @@ def measure(mode: str, quick: bool, report: Any) -> None:
         neighbour = CONTEXT.Process(target=_neighbour, args=(ring.name, stop, rates))
         neighbour.start()
         try:
-            spin_seconds = 1.0 if quick else 3.0
-            _spin_rate(rates, 0.5)  # warm-up
+            _spin_rate(rates, spin_seconds / 2)  # warm-up
             alone = _spin_rate(rates, spin_seconds)
             park_busy_ns = _per_call_ns(park, calls, repeats)
             parking = _spin_rate_while(rates, park, spin_seconds)
@@ -148,7 +156,6 @@ def measure(mode: str, quick: bool, report: Any) -> None:
             ping_writer = ping.writer()
             pong_reader = pong.reader("parker")
             idle = ipc.BlockingIdleStrategy(pong_reader.doorbell, yields_before_park=0)
-            rounds = 2_000 if quick else 20_000
             started = time.perf_counter_ns()
             for _ in range(rounds):
                 assert ping_writer.try_write(b"ping", 1)
@@ -187,11 +194,11 @@ def _spin_rate_while(rates: Any, work: Any, seconds: float) -> float:
     return statistics.median(samples) if samples else float("nan")
 
 
-def run(quick: bool) -> dict[str, Any]:
-    result: dict[str, Any] = {"mode": "quick" if quick else "full", "machine": machine()}
+def run(size: str) -> dict[str, Any]:
+    result: dict[str, Any] = {"mode": size, "machine": machine()}
     for mode in MODES:
         report = CONTEXT.Queue()
-        process = CONTEXT.Process(target=measure, args=(mode, quick, report))
+        process = CONTEXT.Process(target=measure, args=(mode, size, report))
         process.start()
         figures = report.get(timeout=JOIN_TIMEOUT_S)
         process.join(JOIN_TIMEOUT_S)
@@ -204,9 +211,10 @@ def run(quick: bool) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--smoke", action="store_true", help="a second per mode: for tests")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
-    result = run(args.quick)
+    result = run("smoke" if args.smoke else "quick" if args.quick else "full")
     if args.json:
         print(json.dumps(result, sort_keys=True))
     else:

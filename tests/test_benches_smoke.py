@@ -105,3 +105,15 @@ def test_e2e_bench_reports_cpu_per_command_fdatasync_and_half_max_latency() -> N
     assert set(results["node_cpu_us_per_cmd_by_role"]) >= {"sequencer", "journaller", "blp"}
     assert results["fdatasync_p50_us"] > 0
     assert results["node_half_max_offered_per_s"] > 0
+
+
+def test_doorbell_park_bench_reports_each_figure_for_both_fence_kinds() -> None:
+    results = run_json(["-m", "benches.doorbell_park", "--smoke"])
+    assert results["lock_fences"] == "lock"
+    for mode in ("membarrier", "lock"):
+        if results[f"{mode}_fences"] is None:  # membarrier is unavailable on this machine
+            assert mode == "membarrier" and results[f"{mode}_unavailable"], results
+            continue
+        assert results[f"{mode}_fences"] == mode
+        for figure in ("park_ns", "park_busy_ns", "publish_ns", "roundtrip_us", "neighbour_slowdown"):
+            assert results[f"{mode}_{figure}"] > 0, (mode, figure, results)
