@@ -57,6 +57,7 @@ _KIND_OF_TYPE: Final = KIND_OF_TYPE
 _COMMAND_FRAME: Final = struct.Struct("<IBBH" + "QQH6x")
 _REPLY_FRAME: Final = struct.Struct("<IBBH" + "QQBxH4x")
 _EVENT_FRAME: Final = struct.Struct("<IBBH" + "QH6x")
+_REPLY_FRAME_HEADER: Final = wire.FRAME_HEADER.pack
 
 # Identifiers are unsigned 64-bit on the wire; 0 means "none" for request ids and indexes.
 _U64_LIMIT: Final = 1 << 64
@@ -551,6 +552,20 @@ class Connection:
             length, FrameKind.REPLY, PROTOCOL_VERSION, 0, request_id, index, status, version
         )
         out += payload
+
+    def send_reply_body_into(self, out: bytearray, body: bytes | bytearray | memoryview) -> None:
+        """Append one REPLY frame whose body (the REPLY_HEADER fields, then the payload) is
+        already encoded: the server's path for the blp's replies, whose egress frames carry the
+        body as it goes on the wire after the session id (`sequencer.egress.REPLY_HEADER`), so
+        nothing is unpacked and packed again."""
+        if _KIND_REPLY not in self._hot_sendable:
+            self._check_usable()
+            self._check_sendable(FrameKind.REPLY)
+        length = len(body)
+        if length > FRAME_BODY_BYTES_MAX:
+            self._check_body_size(length, FrameKind.REPLY)
+        out += _REPLY_FRAME_HEADER(length, 4, 1, 0)  # REPLY, PROTOCOL_VERSION, no flags
+        out += body
 
     def send_event_into(
         self, out: bytearray, index: int, version: int, payload: bytes | bytearray | memoryview
