@@ -117,3 +117,9 @@ def test_doorbell_park_bench_reports_each_figure_for_both_fence_kinds() -> None:
         assert results[f"{mode}_fences"] == mode
         for figure in ("park_ns", "park_busy_ns", "publish_ns", "roundtrip_us", "neighbour_slowdown"):
             assert results[f"{mode}_{figure}"] > 0, (mode, figure, results)
+
+
+def test_hot_paths_bench_reports_each_loop_per_command() -> None:
+    results = run_json(["-m", "benches.hot_paths", "--commands", "700", "--runs", "1"])
+    for loop in ("gateway_ingress", "gateway_egress", "processor"):
+        assert results[f"{loop}_cpu_us_per_cmd"] > 0, (loop, results)
