@@ -38,10 +38,10 @@ from pathlib import Path
 
 import uvloop
 
+from benches import _redis
 from sequencer.client import AsyncClient, Client
 
 PAYLOAD = b"c" * 64
-REDIS_START_TIMEOUT_S = 10.0
 
 
 def run_blocking(path: str, requests: int, in_flight: int) -> tuple[float, float]:
@@ -108,7 +108,7 @@ def run_redis(path: str, requests: int, in_flight: int, parser: str) -> tuple[fl
 
 def _redis_runs() -> list[tuple[str, str]]:
     """(name, parser) of the redis-py variants this machine can run; none without redis-server."""
-    if shutil.which("redis-server") is None:
+    if not _redis.available():
         return []
     try:
         import redis  # noqa: F401
@@ -120,6 +120,13 @@ def _redis_runs() -> list[tuple[str, str]]:
     except ImportError:
         return runs
     return [*runs, ("redis-py+hiredis", "hiredis")]
+
+
+def _report(name: str, runs: list[tuple[float, float]]) -> None:
+    rates, cpu_us = [rate for rate, _ in runs], [cpu for _, cpu in runs]
+    print(f"{name:<17} median {statistics.median(rates):>9,.0f} requests/s   "
+          f"best {max(rates):>9,.0f}   client CPU median {statistics.median(cpu_us):.2f} "
+          f"us/request, best {min(cpu_us):.2f}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -134,41 +141,23 @@ def main(argv: list[str] | None = None) -> int:
         [sys.executable, "-m", "benches._echo_server", path], stdout=subprocess.PIPE, text=True
     )
     redis_runs = _redis_runs()
-    redis_path = str(directory / "redis.sock")
-    redis_server = None
-    if redis_runs:
-        redis_server = subprocess.Popen(
-            ["redis-server", "--port", "0", "--unixsocket", redis_path, "--dir", str(directory),
-             "--appendonly", "no", "--save", ""],
-            stdout=subprocess.DEVNULL,
-        )  # fmt: skip
     try:
         assert server.stdout is not None
         assert server.stdout.readline().strip() == "ready"
         print(f"python {platform.python_version()}, {os.cpu_count()} cpus, "
               f"load {os.getloadavg()[0]:.1f}, {args.requests} requests, in flight {args.in_flight}")
-        variants = [("Client", run_blocking, path, ""), ("AsyncClient", run_async, path, "")]
-        if redis_server is not None:
-            deadline = time.monotonic() + REDIS_START_TIMEOUT_S
-            while not os.path.exists(redis_path):
-                assert time.monotonic() < deadline, "redis-server did not start"
-                time.sleep(0.05)
-            variants += [(name, run_redis, redis_path, parser) for name, parser in redis_runs]
-        else:
+        for name, run in (("Client", run_blocking), ("AsyncClient", run_async)):
+            _report(name, [run(path, args.requests, args.in_flight) for _ in range(args.runs + 1)][1:])
+        if not redis_runs:
             print("redis-server or redis-py is not installed: the redis-py comparison is skipped")
-        for name, run, socket_path, *extra in variants:
-            runs = [run(socket_path, args.requests, args.in_flight, *[e for e in extra if e])
-                    for _ in range(args.runs + 1)][1:]  # fmt: skip
-            rates, cpu_us = [rate for rate, _ in runs], [cpu for _, cpu in runs]
-            print(f"{name:<17} median {statistics.median(rates):>9,.0f} requests/s   "
-                  f"best {max(rates):>9,.0f}   client CPU median {statistics.median(cpu_us):.2f} "
-                  f"us/request, best {min(cpu_us):.2f}")
+            return 0
+        with _redis.redis_server(directory, fsync_always=False) as redis_path:
+            for name, parser in redis_runs:
+                _report(name, [run_redis(redis_path, args.requests, args.in_flight, parser)
+                               for _ in range(args.runs + 1)][1:])  # fmt: skip
     finally:
         server.terminate()
         server.wait(timeout=10)
-        if redis_server is not None:
-            redis_server.terminate()
-            redis_server.wait(timeout=10)
         shutil.rmtree(directory, ignore_errors=True)
     return 0
 
