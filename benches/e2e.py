@@ -11,7 +11,8 @@ process, the same window of requests in flight):
 - echo: a uvloop Unix-socket server that answers each COMMAND frame at once with the same codec
   (no sequencing, no journal, no logic): the ceiling of the transport and the client library;
 - redis: `XADD` to a stream on a `redis-server` with `appendonly yes` and `appendfsync always`
-  over a Unix socket, pipelined to the same depth (skipped with a note when redis-server is absent).
+  over a Unix socket, pipelined to the same depth (skipped with a note when redis-server is absent,
+  or with `--no-redis`; Debian: `apt-get install redis-server`, for benchmarks only).
 
 Latency is measured at a fixed offered rate of half the node's measured maximum (capped at what
 one open-loop client process can offer, LATENCY_RATE_PER_S_MAX), from each request's due time
