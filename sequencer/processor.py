@@ -176,8 +176,11 @@ class Processor(Generic[App]):
         "_app_on_timer",
         "_context",
         "_decode_command",
+        "_decode_current_command",
+        "_encode",
         "_encode_event",
         "_encode_reply",
+        "_event_types",
         "_outputs",
         "_sessions",
         "_table",
@@ -247,9 +250,14 @@ class Processor(Generic[App]):
         self._app_on_session_open = self._app_entry(self.app.on_session_open)
         self._app_on_session_close = self._app_entry(self.app.on_session_close)
         self._decode_command = self.schema.decode_command
-        self._encode_reply = self.schema.encode_reply
         self._encode_event = self.schema.encode_event
         self._version = self.schema.version
+        # The hot path calls msgspec directly: a call through the schema's method is a Python
+        # frame per command, reply and event (benches/RESULTS.md, issue 13).
+        codec = self.schema.hot_codec()
+        self._decode_current_command = codec.decode_command
+        self._encode_reply = self._encode = codec.encode
+        self._event_types = codec.event_types
 
     def _app_entry(self, method: Callable[..., _Result]) -> Callable[..., _Result]:
         """The app's `method` as the processor calls it: under `determinism.guard()` in debug
@@ -317,7 +325,11 @@ class Processor(Generic[App]):
         try:
             # bytes(): the view is shared memory that the ring reuses; a msgspec.Raw or
             # memoryview field of the command must not point into it.
-            command = self._decode_command(command_version, bytes(view[_COMMAND_OFFSET:]), index)
+            data = bytes(view[_COMMAND_OFFSET:])
+            if command_version == self._version:
+                command = self._decode_current_command(data)
+            else:
+                command = self._decode_command(command_version, data, index)  # upcast, or refuse
         except Exception as error:
             status = _REJECTED
             payload = self._undecodable(error, command_version, index)
@@ -534,7 +546,10 @@ class Processor(Generic[App]):
             self._emit(_TIMER_CANCEL, cancel)
 
     def _publish(self, event: Any) -> None:
-        payload = self._encode_event(event)
+        if type(event) in self._event_types:
+            payload = self._encode(event)
+        else:
+            payload = self._encode_event(event)  # raises the TypeError that names the schema
         if len(payload) > EVENT_PAYLOAD_BYTES_MAX:
             # No client frame can carry it: subscribers are told it was left out, in its place.
             frame = encode_event_omitted(self.applied_index, self._version, len(payload))

@@ -61,6 +61,8 @@ _EGRESS_REPLY: Final = int(egress.EgressKind.REPLY)
 _EGRESS_EVENT: Final = int(egress.EgressKind.EVENT)
 _EGRESS_TIMER_SCHEDULE: Final = int(egress.EgressKind.TIMER_SCHEDULE)
 _EGRESS_TIMER_CANCEL: Final = int(egress.EgressKind.TIMER_CANCEL)
+_SESSION_ID: Final = struct.Struct("<Q")  # the first field of egress.REPLY_HEADER
+assert egress.REPLY_HEADER.format.startswith(_SESSION_ID.format), egress.REPLY_HEADER.format
 
 Claim = Callable[[int, int], "memoryview | None"]
 
@@ -545,22 +547,20 @@ class Gateway(Generic[S]):
         """
         sessions = self.sessions
         subscribers = self.subscribers
-        unpack_reply = egress.REPLY_HEADER.unpack_from
-        reply_header_bytes = egress.REPLY_HEADER.size
+        unpack_session_id = _SESSION_ID.unpack_from
         timers_changed = False
         for kind, view in frames:
             try:
                 if kind == _EGRESS_REPLY:
-                    session_id, request_id, index, status, version = unpack_reply(view, 0)
+                    (session_id,) = unpack_session_id(view, 0)
                     session = sessions.get(session_id)
                     if session is not None:
                         out = session.out
                         if not out:
                             dirty.append(session)
                         try:
-                            session.connection.send_reply_into(
-                                out, request_id, index, status, version, view[reply_header_bytes:]
-                            )
+                            # After its session id a reply is the client frame's body as is.
+                            session.connection.send_reply_body_into(out, view[8:])
                         except protocol.LocalProtocolError as error:
                             self._reply_not_framed(session, view, error)
                 elif kind == _EGRESS_EVENT:
