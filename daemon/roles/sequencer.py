@@ -74,6 +74,7 @@ from daemon.layout import (
     RoleState,
     egress_name,
     log_name,
+    proposal_name,
 )
 from daemon.roles.common import RoleContext, report_start_failure, start_role
 from ipc.idle import idle_strategy
@@ -176,7 +177,11 @@ class Sequencer:
         self.config = config
         counters = context.counters
         self.counters = counters
-        self.log_ring = Ring.attach(log_name(config.node.name), epoch=context.epoch)
+        # Cluster mode: the replicator writes the log ring; this sequencer's records go to the
+        # proposal ring, and the leader's replicator stamps them (docs/cluster.md). (A minimal
+        # stand-in until the gateway's ClusterStamping: the stamps written here are overwritten.)
+        ring_name = log_name(config.node.name) if config.cluster is None else proposal_name(config.node.name)
+        self.log_ring = Ring.attach(ring_name, epoch=context.epoch)
         self.egress_ring = Ring.attach(egress_name(config.node.name), epoch=context.epoch)
         self.writer = self.log_ring.writer()
         self.egress_reader = self.egress_ring.reader(Role.SEQUENCER)

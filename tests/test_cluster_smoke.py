@@ -1,0 +1,170 @@
+"""Three real nodes (`seqd run` each, loopback peer ports, their own data directories) form a Raft
+cluster: a leader is elected, commands committed through it are applied on every node with the
+same state, a kill -9 of the leader's whole node elects another that clients carry on with, and
+the killed node catches up when it comes back."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from daemon.harness import NodeProcess
+from daemon.layout import (
+    BLP_APPLIED_INDEX,
+    BLP_ROLLING_HASH,
+    RAFT_COMMIT_INDEX,
+    RAFT_LEADER,
+    RAFT_ROLE,
+    RAFT_TERM,
+)
+from sequencer.journal import read_records
+from sequencer.raft.raft_role import RaftRole
+from tests.node_fixtures import TransferDriver, balances, expected_balances, open_accounts
+
+ACCOUNTS = ["alice", "bob", "carol", "dave"]
+CLUSTER_TIMEOUT_S = 60.0
+
+
+def _free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+class Cluster:
+    """Three nodes of one cluster in `directory`, node numbers 1..3."""
+
+    def __init__(self, directory: Path, unique: str) -> None:
+        secret = directory / "cluster.secret"
+        secret.write_text(secrets.token_hex(32) + "\n")
+        os.chmod(secret, 0o600)
+        ports = _free_ports(3)
+        members = [{"id": k + 1, "peer_address": f"127.0.0.1:{ports[k]}"} for k in range(3)]
+        self.nodes: list[NodeProcess] = []
+        for k in range(3):
+            node_dir = directory / f"n{k + 1}"
+            node_dir.mkdir()
+            settings: dict[str, dict[str, Any]] = {
+                "node": {"number": k + 1},
+                "cluster": {
+                    "members": members,
+                    "secret_file": str(secret),
+                    "tick_ms": 10,
+                    "heartbeat_ms": 50,
+                    "election_timeout_ms": 300,
+                },
+            }
+            self.nodes.append(NodeProcess(node_dir, f"{unique}c{k + 1}", settings))
+
+    def start(self) -> None:
+        for node in self.nodes:
+            node.start(wait=False)
+        for node in self.nodes:
+            node.wait_serving()
+
+    def values(self, node: NodeProcess) -> dict[str, int]:
+        return node.read_counters()
+
+    def wait_leader(self, alive: list[NodeProcess], timeout_s: float = CLUSTER_TIMEOUT_S) -> NodeProcess:
+        """The node every live node follows, once they agree on one in one term."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            values = [self.values(node) for node in alive]
+            leaders = {v[RAFT_LEADER.name] for v in values}
+            terms = {v[RAFT_TERM.name] for v in values}
+            if len(leaders) == 1 and len(terms) == 1 and 0 not in leaders:
+                (leader,) = leaders
+                chosen = self.nodes[leader - 1]
+                if chosen in alive and self.values(chosen)[RAFT_ROLE.name] == RaftRole.LEADER:
+                    return chosen
+            time.sleep(0.02)
+        raise AssertionError(f"no leader within {timeout_s} s: {[self.values(n) for n in alive]}")
+
+    def wait_converged(self, alive: list[NodeProcess], timeout_s: float = CLUSTER_TIMEOUT_S) -> tuple[int, int]:
+        """Every live node has applied the same index with the same rolling hash; returns them."""
+        deadline = time.monotonic() + timeout_s
+        last: list[tuple[int, int, int]] = []
+        while time.monotonic() < deadline:
+            last = []
+            for node in alive:
+                v = self.values(node)
+                last.append((v[BLP_APPLIED_INDEX.name], v[BLP_ROLLING_HASH.name], v[RAFT_COMMIT_INDEX.name]))
+            if len({(applied, hashed) for applied, hashed, _ in last}) == 1 and last[0][0] == max(c for _, _, c in last):
+                return last[0][0], last[0][1]
+            time.sleep(0.05)
+        raise AssertionError(f"nodes did not converge within {timeout_s} s: (applied, hash, commit) {last}")
+
+
+@pytest.fixture
+def cluster(tmp_dir: Path, unique: str) -> Iterator[Cluster]:
+    made = Cluster(tmp_dir, unique)
+    try:
+        yield made
+    finally:
+        for node in made.nodes:
+            node.kill()
+            node.remove_shared_memory()
+
+
+def _journals_agree(nodes: list[NodeProcess], last_index: int) -> None:
+    """The journals hold byte-identical records 1..last_index (one log)."""
+    copies = []
+    for node in nodes:
+        records = list(read_records(node.config.journal_dir, 1, last_index))
+        assert [r.index for r in records] == list(range(1, last_index + 1)), node.node
+        copies.append([bytes(r.raw) for r in records])
+    assert copies[0] == copies[1] == copies[-1]
+
+
+def _wait(predicate: Callable[[], bool], what: str, timeout_s: float = CLUSTER_TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def test_three_nodes_elect_a_leader_replicate_fail_over_and_catch_up(cluster: Cluster) -> None:
+    cluster.start()
+    nodes = cluster.nodes
+    leader = cluster.wait_leader(nodes)
+    open_accounts(leader.socket_path, ACCOUNTS)
+    on_leader = TransferDriver(leader.socket_path, ACCOUNTS, seed=1).start()
+    on_leader.wait_acknowledged(300)
+    on_leader.stop()
+    applied, _hash = cluster.wait_converged(nodes)
+    assert applied > 300
+    _journals_agree(nodes, applied)
+    assert balances(leader.socket_path, ACCOUNTS) == expected_balances(ACCOUNTS, [on_leader])
+
+    # A client on a follower: its commands are forwarded to the leader, its replies come from
+    # its own node. Then the leader's whole node is killed (kill -9) while it runs.
+    survivors = [node for node in nodes if node is not leader]
+    on_follower = TransferDriver(survivors[0].socket_path, ACCOUNTS, seed=2).start()
+    on_follower.wait_acknowledged(100)
+    leader.kill()
+    leader.remove_shared_memory()
+    new_leader = cluster.wait_leader(survivors)
+    assert new_leader is not leader
+    count = len(on_follower.acknowledged)
+    on_follower.wait_acknowledged(count + 200)
+    on_follower.stop()
+    cluster.wait_converged(survivors)
+    assert balances(survivors[1].socket_path, ACCOUNTS) == expected_balances(ACCOUNTS, [on_leader, on_follower])
+
+    # The killed node comes back and catches up from its journal and the new leader.
+    leader.start()
+    applied, _hash = cluster.wait_converged(nodes)
+    _journals_agree(nodes, applied)
+    assert balances(leader.socket_path, ACCOUNTS) == expected_balances(ACCOUNTS, [on_leader, on_follower])
