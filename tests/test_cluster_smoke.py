@@ -168,3 +168,4 @@ def test_three_nodes_elect_a_leader_replicate_fail_over_and_catch_up(cluster: Cl
     applied, _hash = cluster.wait_converged(nodes)
     _journals_agree(nodes, applied)
     assert balances(leader.socket_path, ACCOUNTS) == expected_balances(ACCOUNTS, [on_leader, on_follower])
+
