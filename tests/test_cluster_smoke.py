@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import socket
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,55 +14,59 @@ from typing import Any
 
 import pytest
 
+from daemon.faultproxy import FaultNetwork, FaultProxy, free_loopback_ports
 from daemon.harness import NodeProcess
 from daemon.layout import (
     BLP_APPLIED_INDEX,
     BLP_ROLLING_HASH,
     RAFT_COMMIT_INDEX,
+    RAFT_LAST_INDEX,
     RAFT_LEADER,
+    RAFT_PEER_MATCH_INDEX,
+    RAFT_PEER_NODE,
     RAFT_ROLE,
     RAFT_TERM,
+    SUPERVISOR_RESTARTS,
 )
 from sequencer.journal import read_records
 from sequencer.raft.raft_role import RaftRole
-from tests.node_fixtures import TransferDriver, balances, expected_balances, open_accounts
+from tests.node_fixtures import DEPOSIT, TransferDriver, balances, expected_balances, open_accounts
 
 ACCOUNTS = ["alice", "bob", "carol", "dave"]
 CLUSTER_TIMEOUT_S = 60.0
 
 
-def _free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
-
-
 class Cluster:
-    """Three nodes of one cluster in `directory`, node numbers 1..3."""
+    """Three nodes of one cluster in `directory`, node numbers 1..3. With a `network`, node k
+    reaches node j through the fault proxy's link k -> j (its config names the proxy's port as
+    j's peer address, and k listens on its own real port)."""
 
-    def __init__(self, directory: Path, unique: str) -> None:
+    def __init__(
+        self, directory: Path, unique: str, network: FaultNetwork | None = None, election_timeout_ms: int = 300
+    ) -> None:
         secret = directory / "cluster.secret"
         secret.write_text(secrets.token_hex(32) + "\n")
         os.chmod(secret, 0o600)
-        ports = _free_ports(3)
-        members = [{"id": k + 1, "peer_address": f"127.0.0.1:{ports[k]}"} for k in range(3)]
+        ports = free_loopback_ports(3)
         self.nodes: list[NodeProcess] = []
         for k in range(3):
             node_dir = directory / f"n{k + 1}"
             node_dir.mkdir()
+            addresses = {j + 1: ports[j] for j in range(3)}
+            if network is not None:
+                for j in range(3):
+                    if j != k:
+                        addresses[j + 1] = network.add(k + 1, j + 1, ports[j])
+            members = [{"id": j, "peer_address": f"127.0.0.1:{port}"} for j, port in addresses.items()]
             settings: dict[str, dict[str, Any]] = {
                 "node": {"number": k + 1},
                 "cluster": {
                     "members": members,
+                    "peer_listen": f"127.0.0.1:{ports[k]}",
                     "secret_file": str(secret),
                     "tick_ms": 10,
                     "heartbeat_ms": 50,
-                    "election_timeout_ms": 300,
+                    "election_timeout_ms": election_timeout_ms,
                 },
             }
             self.nodes.append(NodeProcess(node_dir, f"{unique}c{k + 1}", settings))
@@ -107,15 +110,34 @@ class Cluster:
         raise AssertionError(f"nodes did not converge within {timeout_s} s: (applied, hash, commit) {last}")
 
 
+def _stop(made: Cluster) -> None:
+    for node in made.nodes:
+        print(f"---- {node.node} (node {node.config.node.number}) log, last lines ----")  # shown on failure
+        print(node.log_text()[-3000:])
+        node.kill()
+        node.remove_shared_memory()
+
+
 @pytest.fixture
 def cluster(tmp_dir: Path, unique: str) -> Iterator[Cluster]:
     made = Cluster(tmp_dir, unique)
     try:
         yield made
     finally:
-        for node in made.nodes:
-            node.kill()
-            node.remove_shared_memory()
+        _stop(made)
+
+
+@pytest.fixture
+def proxied_cluster(tmp_dir: Path, unique: str) -> Iterator[tuple[Cluster, FaultNetwork]]:
+    with FaultProxy() as proxy:
+        network = FaultNetwork(proxy)
+        # A longer election timeout: the old leader must still lead when it is cut off, on a
+        # machine where a loaded process may stall for a few hundred milliseconds.
+        made = Cluster(tmp_dir, unique, network, election_timeout_ms=1500)
+        try:
+            yield made, network
+        finally:
+            _stop(made)
 
 
 def _journals_agree(nodes: list[NodeProcess], last_index: int) -> None:
@@ -146,6 +168,15 @@ def test_three_nodes_elect_a_leader_replicate_fail_over_and_catch_up(cluster: Cl
     applied, _hash = cluster.wait_converged(nodes)
     assert applied > 300
     _journals_agree(nodes, applied)
+    # `seqd status` per follower: the leader's view of how far each holds its log.
+    followers = {node.config.node.number for node in nodes if node is not leader}
+
+    def every_follower_matches_the_leaders_log() -> bool:
+        values = cluster.values(leader)
+        matches = {values[node.name]: values[match.name] for node, match in zip(RAFT_PEER_NODE, RAFT_PEER_MATCH_INDEX, strict=True)}
+        return matches == dict.fromkeys(followers, values[RAFT_LAST_INDEX.name]) | {0: 0}
+
+    _wait(every_follower_matches_the_leaders_log, "raft.peer<k>.match_index = the leader's last index")
     assert balances(leader.socket_path, ACCOUNTS) == expected_balances(ACCOUNTS, [on_leader])
 
     # A client on a follower: its commands are forwarded to the leader, its replies come from
@@ -169,3 +200,45 @@ def test_three_nodes_elect_a_leader_replicate_fail_over_and_catch_up(cluster: Cl
     _journals_agree(nodes, applied)
     assert balances(leader.socket_path, ACCOUNTS) == expected_balances(ACCOUNTS, [on_leader, on_follower])
 
+
+
+def test_a_deposed_leader_cuts_the_entries_it_could_not_commit_and_catches_up(
+    proxied_cluster: tuple[Cluster, FaultNetwork],
+) -> None:
+    """Raft 5.3: a follower's conflicting entries are replaced by the leader's. Here they are
+    already in the deposed leader's ring and journal, so its pipeline restarts with the journal
+    cut after the last matching entry (raft.truncate), and nothing acknowledged is lost."""
+    from sequencer.apps.ledger import Ledger, Transfer
+    from sequencer.client import Client
+
+    cluster, network = proxied_cluster
+    cluster.start()
+    nodes = cluster.nodes
+    open_accounts(cluster.wait_leader(nodes).socket_path, ACCOUNTS)
+    old = cluster.wait_leader(nodes)
+    number = old.config.node.number
+    with Client(old.socket_path, schema=Ledger.schema, timeout_s=120, reconnect_timeout_s=120) as client:
+        client.submit(Transfer("alice", "bob", 1)).result()  # the session is open and committed
+        committed, _hash = cluster.wait_converged(nodes)
+        assert cluster.wait_leader(nodes) is old
+        network.isolate(number, how="drop")
+        transfers = [client.submit(Transfer("alice", "bob", 2)) for _ in range(20)]
+        client.poll()  # send them now (submit batches until the next blocking call)
+        # The isolated leader appends them (and journals them) but cannot commit them.
+        _wait(lambda: cluster.values(old)[RAFT_LAST_INDEX.name] > committed + 2, "uncommitted entries on the old leader")
+        others = [node for node in nodes if node is not old]
+        new = cluster.wait_leader(others)
+        # Its TERM_START commits at the index where the old leader's first transfer sits.
+        _wait(lambda: cluster.values(new)[RAFT_COMMIT_INDEX.name] > committed, "a commit by the new leader")
+        restarts = cluster.values(old)[SUPERVISOR_RESTARTS.name]
+        network.heal()
+        old.wait_serving(after_restarts=restarts + 1)  # it restarted to cut its journal
+        for transfer in transfers:  # resent by the client after the restart: applied once each
+            transfer.result()
+    applied, _hash = cluster.wait_converged(nodes)
+    _journals_agree(nodes, applied)
+    expected = dict.fromkeys(ACCOUNTS, DEPOSIT)
+    expected["alice"] -= 1 + 2 * len(transfers)
+    expected["bob"] += 1 + 2 * len(transfers)
+    assert balances(new.socket_path, ACCOUNTS) == expected
+    assert not (Path(old.config.node.data_dir) / "raft.truncate").exists()

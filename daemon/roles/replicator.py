@@ -297,7 +297,11 @@ class Replicator:
         self.loop.call_later(self.tick_s, self._tick)
         context.heartbeat.add(1)
         self.core.tick()
-        if self.pending and time.monotonic() - self.pending_progress_s > RESEND_AFTER_S:
+        if (
+            self.pending
+            and self.core.leader_id != NO_NODE
+            and time.monotonic() - self.pending_progress_s > RESEND_AFTER_S
+        ):
             self.outbox = self.pending.records()
             self.pending_progress_s = time.monotonic()
             log.info("resending %d pending records: none committed for %.1f s", len(self.outbox), RESEND_AFTER_S)
@@ -372,6 +376,8 @@ class Replicator:
             frames = self.proposals.poll(PROPOSALS_PER_PASS_MAX)
             if frames:
                 pending = self.pending
+                if not pending:
+                    self.pending_progress_s = time.monotonic()  # the resend clock starts now
                 for frame_type, view in frames:
                     record = record_from_frame(frame_type, view)
                     pending.add(record)
