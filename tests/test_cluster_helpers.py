@@ -104,6 +104,19 @@ def test_identical_pending_records_are_released_one_commit_each_and_resent_in_or
     assert pending.records() == [command(1), snapshot]
 
 
+def test_a_pending_record_seen_in_this_nodes_log_is_not_sent_again() -> None:
+    # In the log it either commits (the new leader holds every committed entry) or is cut by a
+    # conflict, which restarts the node and its sessions: resending it would only duplicate it.
+    pending = PendingForwards()
+    pending.add(command(1))
+    pending.add(command(2))
+    assert pending.logged(RecordStamper(0).stamp(command(1), index=5, term=2))
+    assert pending.records() == [command(2)]
+    pending.unlogged(command(1))  # replaced in the log before it reached the ring
+    assert pending.records() == [command(1), command(2)]
+    assert not pending.logged(command(3))
+
+
 def test_pending_forwards_say_full_at_their_bound() -> None:
     pending = PendingForwards()
     for request_id in range(PENDING_RECORDS_MAX - 1):

@@ -25,13 +25,14 @@ follower) or counts them toward the majority (the leader). The commit the core h
 (`RingPositions`) that limits the blp.
 
 Proposals: the sequencer writes its records, unstamped, to the proposal ring. Each is kept in
-`PendingForwards` until seen committed. The leader stamps (`RecordStamper`) and proposes them, and
+`PendingForwards` until seen committed (and marked once seen in this node's log: only records
+that never reached it are sent again). The leader stamps (`RecordStamper`) and proposes them, and
 the records followers forward; a follower forwards them, raw, to the leader it knows, and holds
 them while it knows none (it then stops reading the proposal ring: backpressure through the
 ring). When the leader changes, or nothing pending committed for RESEND_AFTER_S, every pending
-record is sent again (proposed again on a new leader) in order; a duplicate in the log is
-harmless (the blp's idempotence rules). A new leader proposes nothing before its TERM_START
-commits.
+record not in this node's log is sent again (proposed again on a new leader) in order; a
+duplicate in the log is harmless (the blp's idempotence rules). A new leader proposes nothing
+before its TERM_START commits.
 
 Restart: the blp replays the journal only up to `recovery.commit.index` (what is known
 committed). The journal's tail after it is loaded into the core (durable) and written first into
@@ -103,6 +104,11 @@ log = logging.getLogger("seqd.replicator")
 # Records taken from the proposal ring (or forwarded to the leader) per pass: one pass stays a
 # few milliseconds, so ticks and peer messages interleave.
 PROPOSALS_PER_PASS_MAX = 4096
+# Entries waiting for room in the log ring (the blp or the journaller is behind) beyond which the
+# leader takes no new proposals: the backpressure reaches the sequencer through the proposal ring
+# instead of growing this process. A follower's queue is bounded by the leader's flow control (it
+# acknowledges only what is durable, hence written).
+UNWRITTEN_ENTRIES_MAX = 1 << 16
 # Records forwarded by followers held on the leader until its next pass; beyond, dropped and
 # counted (the followers resend them: they are pending there).
 INBOX_RECORDS_MAX = 1 << 16
@@ -367,7 +373,9 @@ class Replicator:
             ready_to_propose = self.term_start_index != 0 and self.commit_known >= self.term_start_index
         else:
             ready_to_propose = leader != NO_NODE
-        self.want_proposals = ready_to_propose and not self.pending.full()
+        self.want_proposals = (
+            ready_to_propose and not self.pending.full() and len(self.unwritten) < UNWRITTEN_ENTRIES_MAX
+        )
         if not ready_to_propose:
             return
         records = self.outbox
@@ -450,12 +458,16 @@ class Replicator:
             assert first_index > self.positions.commit_index, (first_index, self.positions.commit_index)
             raise TruncateRequired(first_index - 1)
         unwritten = self.unwritten
+        pending = self.pending
         while unwritten and unwritten[-1][0] >= first_index:
-            unwritten.pop()  # replaced before it reached the ring
+            _index, replaced = unwritten.pop()  # replaced before it reached the ring
+            pending.unlogged(replaced)
         observe = self.stamper.observe
         for index, _term, payload in entries.items():
             unwritten.append((index, payload))
             observe(payload)
+            if pending:
+                pending.logged(payload)
         self.writes.append((entries.last_index, entries.terms[-1]))
 
     def _write_ring(self) -> None:
