@@ -200,6 +200,17 @@ def test_three_nodes_elect_a_leader_replicate_fail_over_and_catch_up(cluster: Cl
     _journals_agree(nodes, applied)
     assert balances(leader.socket_path, ACCOUNTS) == expected_balances(ACCOUNTS, [on_leader, on_follower])
 
+    # Every node killed at once and restarted: each recovers from its journal and hard state,
+    # they elect a leader again, and nothing acknowledged is lost.
+    for node in nodes:
+        node.kill()
+    cluster.start()
+    cluster.wait_leader(nodes)
+    assert balances(nodes[0].socket_path, ACCOUNTS) == expected_balances(ACCOUNTS, [on_leader, on_follower])
+    applied_again, _hash = cluster.wait_converged(nodes)
+    assert applied_again > applied
+    _journals_agree(nodes, applied_again)
+
 
 
 def test_a_deposed_leader_cuts_the_entries_it_could_not_commit_and_catches_up(
