@@ -271,6 +271,8 @@ class Replicator:
     # ---- inputs --------------------------------------------------------------------------------
 
     def _on_messages(self, peer: int, messages: list[Message]) -> None:
+        if self.finished.done():
+            return  # stopping (a ready may be left outstanding by a truncation)
         core = self.core
         for message in messages:
             core.step(message)
@@ -302,6 +304,9 @@ class Replicator:
             return
         self.loop.call_later(self.tick_s, self._tick)
         context.heartbeat.add(1)
+        self._process(tick=True)
+
+    def _on_tick(self) -> None:
         self.core.tick()
         if (
             self.pending
@@ -311,7 +316,6 @@ class Replicator:
             self.outbox = self.pending.records()
             self.pending_progress_s = time.monotonic()
             log.info("resending %d pending records: none committed for %.1f s", len(self.outbox), RESEND_AFTER_S)
-        self._process()
 
     def _schedule(self) -> None:
         if not self.process_scheduled:
@@ -320,11 +324,13 @@ class Replicator:
 
     # ---- the one path through the core -------------------------------------------------------
 
-    def _process(self) -> None:
+    def _process(self, tick: bool = False) -> None:
         self.process_scheduled = False
         if self.finished.done():
             return
         try:
+            if tick:
+                self._on_tick()
             self._process_once()
         except BaseException as error:
             self.finished.set_exception(error)
