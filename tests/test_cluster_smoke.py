@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 import secrets
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -28,6 +30,7 @@ from daemon.layout import (
     RAFT_TERM,
     SUPERVISOR_RESTARTS,
 )
+from sequencer.hard_state import HardStateFile
 from sequencer.journal import read_records
 from sequencer.raft.raft_role import RaftRole
 from tests.node_fixtures import DEPOSIT, TransferDriver, balances, expected_balances, open_accounts
@@ -161,6 +164,9 @@ def test_three_nodes_elect_a_leader_replicate_fail_over_and_catch_up(cluster: Cl
     cluster.start()
     nodes = cluster.nodes
     leader = cluster.wait_leader(nodes)
+    for node in nodes:  # the term (and vote) reached the disk before any message of it left
+        term = HardStateFile.open(node.config.node.data_dir).hard_state.term
+        assert term == cluster.values(node)[RAFT_TERM.name] >= 1, node.node
     open_accounts(leader.socket_path, ACCOUNTS)
     on_leader = TransferDriver(leader.socket_path, ACCOUNTS, seed=1).start()
     on_leader.wait_acknowledged(300)
@@ -210,6 +216,16 @@ def test_three_nodes_elect_a_leader_replicate_fail_over_and_catch_up(cluster: Cl
     applied_again, _hash = cluster.wait_converged(nodes)
     assert applied_again > applied
     _journals_agree(nodes, applied_again)
+
+    # A clean stop of every node (SIGTERM drains), and `seqd log check` finds each journal clean.
+    for node in nodes:
+        assert node.stop() == 0, node.log_text()[-3000:]
+    for node in nodes:
+        check = subprocess.run(
+            [sys.executable, "-m", "daemon.cli", "log", "check", "--config", str(node.config_path)],
+            capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
+        assert check.returncode == 0, check.stdout + check.stderr
 
 
 
