@@ -30,6 +30,7 @@ from daemon.layout import (
     RAFT_TERM,
     SUPERVISOR_RESTARTS,
 )
+from ipc.segment import SegmentError
 from sequencer.hard_state import HardStateFile
 from sequencer.journal import read_records
 from sequencer.raft.raft_role import RaftRole
@@ -80,8 +81,16 @@ class Cluster:
         for node in self.nodes:
             node.wait_serving()
 
-    def values(self, node: NodeProcess) -> dict[str, int]:
-        return node.read_counters()
+    def values(self, node: NodeProcess, timeout_s: float = CLUSTER_TIMEOUT_S) -> dict[str, int]:
+        """The node's counters; waits while its pipeline restarts (its counters are recreated)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                return node.read_counters()
+            except SegmentError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
 
     def wait_leader(self, alive: list[NodeProcess], timeout_s: float = CLUSTER_TIMEOUT_S) -> NodeProcess:
         """The node every live node follows, once they agree on one in one term."""
@@ -269,3 +278,51 @@ def test_a_deposed_leader_cuts_the_entries_it_could_not_commit_and_catches_up(
     expected["bob"] += 1 + 2 * len(transfers)
     assert balances(new.socket_path, ACCOUNTS) == expected
     assert not (Path(old.config.node.data_dir) / "raft.truncate").exists()
+
+
+def test_a_node_that_leads_again_proposes_only_after_its_new_terms_start_commits(
+    proxied_cluster: tuple[Cluster, FaultNetwork],
+) -> None:
+    """A node that led an earlier term and wins a later one, with records of its clients waiting,
+    writes the new term's TERM_START first (Raft 8: the no-op at the start of the term) and
+    sequences nothing before it commits: no role dies, the clients carry on."""
+    from sequencer.apps.ledger import Ledger, Transfer
+    from sequencer.client import Client
+
+    cluster, network = proxied_cluster
+    cluster.start()
+    nodes = cluster.nodes
+    first = cluster.wait_leader(nodes)
+    open_accounts(first.socket_path, ACCOUNTS)
+    driver = TransferDriver(first.socket_path, ACCOUNTS, seed=3).start()
+    driver.wait_acknowledged(50)
+    leader = first
+    waiting = []
+    with Client(first.socket_path, schema=Ledger.schema, timeout_s=120, reconnect_timeout_s=120) as client:
+        client.submit(Transfer("carol", "dave", 1)).result()
+        for _round in range(12):  # each round the first leader wins again with probability ~1/2
+            network.isolate(leader.config.node.number, how="drop")
+            # Sequenced on the first leader while its leader is cut off: pending there, never in
+            # its log, so it holds records to propose if it wins.
+            waiting.append(client.submit(Transfer("carol", "dave", 1)))
+            client.poll()
+            others = [node for node in nodes if node is not leader]
+            leader = cluster.wait_leader(others)
+            network.heal()
+            if leader is first:
+                break
+        assert leader is first, "the first leader never led again: rerun (12 elections, each ~1/2)"
+        for transfer in waiting:
+            transfer.result()
+    count = len(driver.acknowledged)
+    driver.wait_acknowledged(count + 50)
+    driver.stop()
+    cluster.wait_converged(nodes)
+    # A cut-off leader's uncommitted entries may cost its node a restart (raft.truncate), but no
+    # role may have died.
+    for node in nodes:
+        assert "exited with" not in node.log_text(), node.log_text()[-3000:]
+    expected = expected_balances(ACCOUNTS, [driver])
+    expected["carol"] -= 1 + len(waiting)
+    expected["dave"] += 1 + len(waiting)
+    assert balances(first.socket_path, ACCOUNTS) == expected

@@ -229,7 +229,8 @@ class Replicator:
         self.outbox: list[bytes] = []  # pending records to send (or propose) at the next chance
         self.inbox: list[bytes] = []  # records followers forwarded (on the leader)
         self.standing = (-1, -1)  # (term, leader id) last seen, to notice a change of leader
-        self.term_start_index = 0  # the leader's TERM_START; it proposes once that commits
+        # The term this node last led and its TERM_START's index: it proposes once that commits.
+        self.term_started = (0, 0)
         self.pending_progress_s = time.monotonic()
         self.hard_state_unsaved: HardState | None = None
         self.hard_state_saved_s = time.monotonic()
@@ -376,7 +377,10 @@ class Replicator:
         leading = core.raft_role is LEADER
         if leading:
             # Thesis 6.4 / plan: a new leader sequences only after its TERM_START commits.
-            ready_to_propose = self.term_start_index != 0 and self.commit_known >= self.term_start_index
+            # Only for the term it leads now: a node that led an earlier term must not take its
+            # old TERM_START for this term's (its proposals would take the new one's index).
+            term, index = self.term_started
+            ready_to_propose = term == core.term and self.commit_known >= index
         else:
             ready_to_propose = leader != NO_NODE
         self.want_proposals = (
@@ -454,7 +458,7 @@ class Replicator:
         if term_start is not None:
             record = self.stamper.term_start(term_start.index, term_start.term, time.time_ns())
             core.propose_batch([record], first_index=term_start.index, term=term_start.term)
-            self.term_start_index = term_start.index
+            self.term_started = (term_start.term, term_start.index)
             self.inbox.clear()
             log.info("leading term %d from index %d", term_start.term, term_start.index)
 
