@@ -27,6 +27,7 @@ from sequencer.cluster import (
     PendingForwards,
     RecordStamper,
     RingPositions,
+    may_propose,
     record_from_frame,
     record_index,
     record_term,
@@ -131,6 +132,22 @@ def test_a_forwarded_record_must_be_whole_and_not_a_leaders_or_the_rings() -> No
     assert not whole_record(command(1)[:-8])  # cut short: its length says more
     assert not whole_record(command(1)[:40])
     assert not whole_record(encode_record(RecordType.TERM_START, 0, 0, 0, 0, 0, 0))
+
+
+# ---- when to propose ------------------------------------------------------------------------------
+
+
+def test_a_leader_proposes_only_once_the_start_of_the_term_it_leads_now_has_committed() -> None:
+    # Raft 8: the no-op at the start of the term comes first, and commits first.
+    assert not may_propose(True, term=4, leader_id=1, term_started=(4, 18), commit_index=17)
+    assert may_propose(True, term=4, leader_id=1, term_started=(4, 18), commit_index=18)
+    # It led term 2 before: that term's start (long committed) says nothing about term 4's.
+    assert not may_propose(True, term=4, leader_id=1, term_started=(2, 10), commit_index=17)
+
+
+def test_a_follower_forwards_only_to_a_leader_it_knows() -> None:
+    assert may_propose(False, term=4, leader_id=2, term_started=(0, 0), commit_index=0)
+    assert not may_propose(False, term=4, leader_id=0, term_started=(2, 10), commit_index=99)
 
 
 # ---- ring positions --------------------------------------------------------------------------------

@@ -280,12 +280,14 @@ def test_a_deposed_leader_cuts_the_entries_it_could_not_commit_and_catches_up(
     assert not (Path(old.config.node.data_dir) / "raft.truncate").exists()
 
 
-def test_a_node_that_leads_again_proposes_only_after_its_new_terms_start_commits(
+def test_leadership_moving_until_the_first_leader_leads_again_loses_no_client_request(
     proxied_cluster: tuple[Cluster, FaultNetwork],
 ) -> None:
-    """A node that led an earlier term and wins a later one, with records of its clients waiting,
-    writes the new term's TERM_START first (Raft 8: the no-op at the start of the term) and
-    sequences nothing before it commits: no role dies, the clients carry on."""
+    """The leader is cut off again and again until the first one leads again, while a client of
+    that node sequences a request each time its leader is cut off (pending there, resent to the
+    next leader): every request is applied once, no role dies, a client carries on after. (That a
+    node leading again proposes only after its new term's TERM_START commits is proven in
+    tests/test_cluster_helpers.py: which node leads when, here, is up to the elections.)"""
     from sequencer.apps.ledger import Ledger, Transfer
     from sequencer.client import Client
 

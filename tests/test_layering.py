@@ -107,6 +107,7 @@ IO_FREE: dict[str, bool] = {
     "sequencer.cluster.forwards": True,
     "sequencer.cluster.positions": True,
     "sequencer.cluster.ring_entries": True,
+    "sequencer.cluster.gate": True,
     "sequencer.timers": True,  # both halves of the timer schedule (processor and gateway)
     "sequencer.migrate": True,  # the copy-and-transform core (issue 16), split by concept
     "sequencer.migrate.errors": True,

@@ -87,7 +87,13 @@ from daemon.roles.common import (
     start_role,
 )
 from ipc.ring import Ring
-from sequencer.cluster import PendingForwards, RecordStamper, RingPositions, record_from_frame
+from sequencer.cluster import (
+    PendingForwards,
+    RecordStamper,
+    RingPositions,
+    may_propose,
+    record_from_frame,
+)
 from sequencer.hard_state import HardStateFile
 from sequencer.journal import JournalLogStorage
 from sequencer.raft.config import NO_NODE, RaftConfig
@@ -375,14 +381,7 @@ class Replicator:
         core = self.core
         leader = core.leader_id
         leading = core.raft_role is LEADER
-        if leading:
-            # Thesis 6.4 / plan: a new leader sequences only after its TERM_START commits.
-            # Only for the term it leads now: a node that led an earlier term must not take its
-            # old TERM_START for this term's (its proposals would take the new one's index).
-            term, index = self.term_started
-            ready_to_propose = term == core.term and self.commit_known >= index
-        else:
-            ready_to_propose = leader != NO_NODE
+        ready_to_propose = may_propose(leading, core.term, leader, self.term_started, self.commit_known)
         self.want_proposals = (
             ready_to_propose and not self.pending.full() and len(self.unwritten) < UNWRITTEN_ENTRIES_MAX
         )
