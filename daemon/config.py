@@ -113,9 +113,9 @@ class RoleConfig(msgspec.Struct, forbid_unknown_fields=True):
     cpu: int = -1  # -1: not pinned
 
 
-# `[roles.<role>]`: one section per role a single node runs, in `Role` order, made from
+# `[roles.<role>]`: one section per role, in `Role` order (the replicator's is read only in a cluster), made from
 # daemon.layout.Role (a struct, not a dict, so an error names the section: `$.roles.blp.idle`).
-_NODE_ROLES = node_roles()
+_NODE_ROLES = node_roles(clustered=True)
 if TYPE_CHECKING:
 
     class RolesConfig(msgspec.Struct, forbid_unknown_fields=True):
