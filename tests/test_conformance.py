@@ -189,13 +189,16 @@ ERROR_CASES: dict[str, tuple[dict[str, Any], dict[str, Run]]] = {
     "bad_flags": ({}, {"flags_not_0": _bytes_case(wire.HEADER.pack(0, wire.HELLO, 1, 1))}),
     "unknown_kind": ({}, {
         "kind_0": _bytes_case(wire.HEADER.pack(0, 0, 1, 0)),
-        "kind_10": _bytes_case(_HELLO + wire.HEADER.pack(0, 10, 1, 0)),
+        "kind_14": _bytes_case(_HELLO + wire.HEADER.pack(0, 14, 1, 0)),
     }),
     "unexpected_kind": ({}, {
         "reply_from_a_client": _bytes_case(_HELLO + wire.frame(wire.REPLY_KIND, bytes(24))),
         "welcome_from_a_client": _bytes_case(
             _HELLO + wire.control(wire.WELCOME, session_id=1, node="x", frame_bytes_max=1 << 20)),
         "second_hello": _bytes_case(_HELLO + _HELLO),
+        # A query replica's kinds, sent to the node's socket (docs/client.md).
+        "subscribe_to_the_node": _bytes_case(_HELLO + wire.control(10, from_index=1)),
+        "query_to_the_node": _bytes_case(_HELLO + wire.control(12, query_id=1, name="balance")),
     }),
     "hello_required": ({}, {
         "command_first": _bytes_case(wire.command(1, b"")),

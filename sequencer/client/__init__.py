@@ -31,6 +31,13 @@ _LAZY = {
     "PendingRequest": ".blocking",
     "ClientSchema": ".session",
     "new_client_id": ".ids",
+    "Subscription": ".subscription",
+    "ReplicaQueries": ".subscription",
+    "SubscriptionItem": ".replica",
+    "QueryResult": ".replica",
+    "QueryError": ".replica",
+    "SubscriptionError": ".replica",
+    "Consistency": ".replica",
 }
 
 
@@ -49,7 +56,15 @@ if TYPE_CHECKING:
     from .aio import AsyncClient, AsyncPendingRequest
     from .blocking import Client, PendingRequest
     from .ids import new_client_id
+    from .replica import (
+        Consistency,
+        QueryError,
+        QueryResult,
+        SubscriptionError,
+        SubscriptionItem,
+    )
     from .session import ClientSchema
+    from .subscription import ReplicaQueries, Subscription
 
 __all__ = [
     "AsyncClient",
@@ -60,10 +75,17 @@ __all__ = [
     "ClientSchema",
     "CommandRejected",
     "ConnectionLost",
+    "Consistency",
     "Duplicate",
     "PendingRequest",
     "ProtocolError",
     "ProtocolViolation",
+    "QueryError",
+    "QueryResult",
+    "ReplicaQueries",
+    "Subscription",
+    "SubscriptionError",
+    "SubscriptionItem",
     "TimedOut",
     "new_client_id",
 ]
