@@ -58,6 +58,8 @@ __all__ = [
     "ERROR_KIND_COUNTERS",
     "INCARNATION_BITS",
     "LOG_READERS",
+    "REPLICAS_MAX",
+    "REPLICA_COUNTERS",
     "ROLE_COUNTERS",
     "SUPERVISOR",
     "CounterSpec",
@@ -67,6 +69,7 @@ __all__ = [
     "Kind",
     "NodeState",
     "Owner",
+    "ReplicaCounters",
     "Role",
     "RoleCounters",
     "RoleState",
@@ -80,6 +83,7 @@ __all__ = [
     "incarnation_id",
     "log_name",
     "node_roles",
+    "replica_owner",
 ]
 
 
@@ -185,7 +189,8 @@ class IdleCode(IntEnum):
 # ---- the counter table -----------------------------------------------------------------------
 
 SUPERVISOR: Final = "supervisor"
-Owner = Role | Literal["supervisor"]
+# A query replica's counters are written by that replica process: owner "replica<k>".
+Owner = Role | Literal["supervisor"] | str
 
 
 class Kind(StrEnum):
@@ -499,6 +504,87 @@ RAFT_LEADER = _declare(
     "raft.leader", Role.REPLICATOR, Kind.GAUGE, "Node number of the current leader, 0 when unknown"
 )
 
+
+# The query replicas' (`[replicas] count`, daemon/roles/replica.py): a fixed block per slot, so
+# the table does not depend on the config. A replica owns its block but the launch counters.
+# Four: each replica is a process holding its own copy of the state; on a machine with few cores
+# more than that would take CPU from the pipeline they follow.
+REPLICAS_MAX: Final = 4
+
+
+def replica_owner(number: int) -> str:
+    """The owner name of replica `number`'s counters (and its row in `seqd status`)."""
+    return f"replica{number}"
+
+
+@dataclass(frozen=True)
+class ReplicaCounters:
+    """One query replica's block: the supervisor's launch counters, then the replica's own."""
+
+    number: int
+    owner: str
+    pid: CounterSpec  # supervisor
+    start_time_ms: CounterSpec  # supervisor
+    stop: CounterSpec  # supervisor: 1 to stop it
+    restarts: CounterSpec  # supervisor: how often it died and was started again
+    heartbeat: CounterSpec  # replica
+    applied_index: CounterSpec  # replica
+    subscribers: CounterSpec  # replica
+    queries: CounterSpec  # replica
+    items_sent: CounterSpec  # replica
+    errors: CounterSpec  # replica
+
+
+def _replica_block(number: int) -> ReplicaCounters:
+    owner = replica_owner(number)
+    return ReplicaCounters(
+        number=number,
+        owner=owner,
+        pid=_declare(f"{owner}.pid", SUPERVISOR, Kind.GAUGE, "Process id of the query replica"),
+        start_time_ms=_declare(
+            f"{owner}.start_time_ms",
+            SUPERVISOR,
+            Kind.GAUGE,
+            "Start time of the query replica's process (ms since the epoch)",
+        ),
+        stop=_declare(
+            f"{owner}.stop", SUPERVISOR, Kind.GAUGE, "1 once the supervisor has asked it to stop"
+        ),
+        restarts=_declare(
+            f"{owner}.restarts",
+            SUPERVISOR,
+            Kind.COUNTER,
+            "Times the query replica died and was started again (the pipeline never waits for it)",
+        ),
+        heartbeat=_declare(
+            f"{owner}.heartbeat", owner, Kind.COUNTER, "Turns of the query replica's loop"
+        ),
+        applied_index=_declare(
+            f"{owner}.applied.index",
+            owner,
+            Kind.GAUGE,
+            "Index of the last committed record the query replica applied",
+        ),
+        subscribers=_declare(
+            f"{owner}.subscribers", owner, Kind.GAUGE, "Catch-up subscriptions open on it"
+        ),
+        queries=_declare(f"{owner}.queries", owner, Kind.COUNTER, "Queries answered"),
+        items_sent=_declare(
+            f"{owner}.items_sent", owner, Kind.COUNTER, "Subscription items sent (events, records)"
+        ),
+        errors=_declare(
+            f"{owner}.errors",
+            owner,
+            Kind.COUNTER,
+            "Errors the query replica counted (subscribers dropped, failed queries, refusals)",
+        ),
+    )
+
+
+REPLICA_COUNTERS: tuple[ReplicaCounters, ...] = tuple(
+    _replica_block(number) for number in range(REPLICAS_MAX)
+)
+
 COUNTERS: tuple[CounterSpec, ...] = tuple(_table)
 COUNTER_NAMES: tuple[str, ...] = tuple(spec.name for spec in COUNTERS)
 _BY_NAME: Mapping[str, CounterSpec] = {spec.name: spec for spec in COUNTERS}
@@ -512,7 +598,7 @@ ERROR_KIND_COUNTERS: tuple[CounterSpec, ...] = tuple(
 ERRORS_TOTAL_NAME = "errors.total"
 assert ERRORS_TOTAL_NAME not in _BY_NAME
 # The version of this table, carried by the segment header (see the module docstring).
-COUNTERS_LAYOUT_VERSION = 1
+COUNTERS_LAYOUT_VERSION = 2
 
 
 def counter_spec(name: str) -> CounterSpec | None:
