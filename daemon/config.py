@@ -361,11 +361,8 @@ def _replicas_errors(config: Config, cpus: int) -> list[str]:
             )
     if not -1 <= replicas.cpu < cpus:
         errors.append(f"replicas.cpu={replicas.cpu}: this machine has CPUs 0..{cpus - 1} (-1: not pinned)")
-    if replicas.recent_bytes_max < 1 << 20:
-        errors.append(
-            f"replicas.recent_bytes_max={replicas.recent_bytes_max}: at least 1 MiB (one record "
-            "may be that large)"
-        )
+    if replicas.recent_bytes_max < 4096:
+        errors.append(f"replicas.recent_bytes_max={replicas.recent_bytes_max}: at least 4096")
     if replicas.subscribers_max < 1:
         errors.append(f"replicas.subscribers_max={replicas.subscribers_max}: must be >= 1")
     if not 0.1 <= replicas.poll_ms <= 1000:
