@@ -47,6 +47,7 @@ from daemon import layout
 from daemon.layout import (
     ERROR_KIND_COUNTERS,
     ERRORS_TOTAL_NAME,
+    REPLICA_COUNTERS,
     ROLE_COUNTERS,
     SUPERVISOR,
     CounterSpec,
@@ -63,6 +64,7 @@ __all__ = [
     "Lag",
     "Liveness",
     "NodeStatus",
+    "ReplicaStatus",
     "RoleStatus",
     "StatusTracker",
     "disk_full_text",
@@ -120,6 +122,21 @@ class RoleStatus:
 
 
 @dataclass(frozen=True)
+class ReplicaStatus:
+    """A query replica (`[replicas]`): how far it has applied and what it serves."""
+
+    name: str  # replica<k>
+    pid: int | None
+    running: bool | None
+    applied_index: int | None
+    lag_records: int | None  # commit.index - applied index
+    subscribers: int | None
+    queries: int | None
+    restarts: int | None
+    errors: int | None
+
+
+@dataclass(frozen=True)
 class Lag:
     """How far one stage is behind the one that feeds it."""
 
@@ -138,6 +155,7 @@ class NodeStatus:
     supervisor_pid: int | None = None
     supervisor_heartbeat: int | None = None
     roles: list[RoleStatus] = field(default_factory=list)
+    replicas: list[ReplicaStatus] = field(default_factory=list)
     positions: dict[str, int | None] = field(default_factory=dict)
     indexes: dict[str, int | None] = field(default_factory=dict)
     lags: list[Lag] = field(default_factory=list)
@@ -199,7 +217,8 @@ def known_values(values: Mapping[str, int]) -> dict[str, int]:
     started it: they hold zeros, not values); the supervisor's and names this release does not
     know are kept. The error total (`errors.total`) is the sum of the roles' `<role>.errors`.
     """
-    started = {role for role in Role if values.get(ROLE_COUNTERS[role].pid.name, 0) > 0}
+    started: set[str] = {role for role in Role if values.get(ROLE_COUNTERS[role].pid.name, 0) > 0}
+    started |= {block.owner for block in REPLICA_COUNTERS if values.get(block.pid.name, 0) > 0}
     known: dict[str, int] = {}
     for name, value in values.items():
         spec = counter_spec(name)
@@ -340,6 +359,11 @@ class StatusTracker:
         supervisor_alive = pid is not None and self._pid_alive(pid)
         roles = [self._role_status(role, known, ages, elapsed_s, supervisor_alive) for role in Role]
         status.roles = roles
+        status.replicas = [
+            self._replica_status(block, known, supervisor_alive)
+            for block in REPLICA_COUNTERS
+            if known.get(block.pid.name, 0) > 0 or known.get(block.restarts.name, 0) > 0
+        ]
         status.liveness, status.reason = self._judge(status, ages, supervisor_alive)
         if not status.current:
             status.rates = dict.fromkeys(status.rates)
@@ -395,6 +419,25 @@ class StatusTracker:
             heartbeats_per_s=self._rate(values, block.heartbeat.name, elapsed_s),
             stuck_s=age if age is not None and age >= self.stale_after_s else None,
             errors=_get(values, block.errors),
+        )
+
+    def _replica_status(
+        self, block: layout.ReplicaCounters, values: Mapping[str, int], supervisor_alive: bool
+    ) -> ReplicaStatus:
+        pid = _get(values, block.pid)
+        running = None if not pid else supervisor_alive and self._pid_alive(pid)
+        applied = _get(values, block.applied_index) if pid else None
+        commit = _get(values, layout.COMMIT_INDEX)
+        return ReplicaStatus(
+            name=block.owner,
+            pid=pid if pid else None,
+            running=running,
+            applied_index=applied,
+            lag_records=None if applied is None or commit is None else max(commit - applied, 0),
+            subscribers=_get(values, block.subscribers) if pid else None,
+            queries=_get(values, block.queries) if pid else None,
+            restarts=_get(values, block.restarts),
+            errors=_get(values, block.errors) if pid else None,
         )
 
     def _judge(
@@ -524,6 +567,19 @@ def _roles_table(status: NodeStatus) -> list[str]:
     return _table(rows)
 
 
+def _replicas_table(status: NodeStatus) -> list[str]:
+    if not status.replicas:
+        return []
+    rows = [["replica", "pid", "running", "applied", "lag", "subscribers", "queries", "restarts", "errors"]]
+    for replica in status.replicas:
+        rows.append([
+            replica.name, _cell(replica.pid), _cell(replica.running), _cell(replica.applied_index),
+            _cell(replica.lag_records), _cell(replica.subscribers), _cell(replica.queries),
+            _cell(replica.restarts), _cell(replica.errors),
+        ])  # fmt: skip
+    return _table(rows)
+
+
 def _pipeline_tables(status: NodeStatus) -> list[str]:
     """Positions and indexes per stage, then the lags between stages."""
     stages = list(_STAGES)
@@ -564,8 +620,9 @@ def render_text(status: NodeStatus) -> str:
     """A compact, top-like view of one node."""
     if status.liveness == Liveness.STOPPED and not status.values:
         return f"seqd node {status.node}: STOPPED - {status.reason}\n"
-    sections = (_header(status), _roles_table(status), _pipeline_tables(status), _totals(status))
-    return "\n\n".join("\n".join(lines) for lines in sections) + "\n"
+    sections = (_header(status), _roles_table(status), _replicas_table(status),
+                _pipeline_tables(status), _totals(status))  # fmt: skip
+    return "\n\n".join("\n".join(lines) for lines in sections if lines) + "\n"
 
 
 def render_json(status: NodeStatus) -> dict[str, Any]:
@@ -595,6 +652,19 @@ def render_json(status: NodeStatus) -> dict[str, Any]:
                 "errors": role.errors,
             }
             for role in status.roles
+        },
+        "replicas": {
+            replica.name: {
+                "pid": replica.pid,
+                "running": replica.running,
+                "applied_index": replica.applied_index,
+                "lag_records": replica.lag_records,
+                "subscribers": replica.subscribers,
+                "queries": replica.queries,
+                "restarts": replica.restarts,
+                "errors": replica.errors,
+            }
+            for replica in status.replicas
         },
         "positions": dict(status.positions),
         "indexes": dict(status.indexes),

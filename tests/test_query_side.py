@@ -244,3 +244,45 @@ def test_the_node_socket_refuses_subscribe_with_a_pointer_to_the_replicas(node_f
         assert client.replicas == []
         with pytest.raises(ValueError, match="replicas"):
             client.subscribe()
+
+
+def test_status_shows_each_replicas_applied_index_and_lag(node_factory: Any) -> None:  # noqa: F811
+    from daemon.status import StatusTracker, render_json, render_text
+
+    node = node_factory({"replicas": {"count": 2}})
+    open_accounts(node.socket_path, ["a", "b"])
+    commit = commit_index(node)
+    wait_for(lambda: all(node.read_counters()[f"replica{n}.applied.index"] >= commit for n in (0, 1)),
+             "both replicas to apply what is committed")  # fmt: skip
+    status = StatusTracker(node.config.node.name).observe(node.read_counters(), now_s=time.time())
+    replicas = render_json(status)["replicas"]
+    assert sorted(replicas) == ["replica0", "replica1"]
+    for entry in replicas.values():
+        assert entry["running"] is True
+        assert entry["applied_index"] >= commit and entry["lag_records"] == 0
+    assert "replica1" in render_text(status)
+
+
+def test_seqd_replica_serves_a_stopped_nodes_data_directory(node_factory: Any, tmp_dir: Path) -> None:  # noqa: F811
+    import subprocess
+    import sys
+
+    from sequencer.client import ReplicaQueries, Subscription
+
+    node = node_factory()
+    open_accounts(node.socket_path, ["a", "b"])
+    assert node.stop() == 0
+    config_path = next(Path(node.directory).glob("*.toml"))
+    socket_path = str(tmp_dir / "by-hand.sock")
+    process = subprocess.Popen([sys.executable, "-m", "daemon.cli", "replica", "--config", str(config_path),
+                                "--socket", socket_path])  # fmt: skip
+    try:
+        queries = ReplicaQueries(socket_path, timeout_s=WAIT_S)
+        assert queries.query("balance", {"account": "b"}).value["balance"] == DEPOSIT
+        queries.close()
+        with Subscription(socket_path, from_index=1) as subscription:
+            events = subscription.items(1.0)
+        assert len(events) == 2 and {event.index for event in events} <= set(range(1, 100))
+    finally:
+        process.kill()
+        process.wait(timeout=WAIT_S)

@@ -35,7 +35,6 @@ at most `replicas.recent_bytes_max`), and every connection is served from there:
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import collections
 import contextlib
@@ -48,7 +47,7 @@ from typing import Final, Protocol
 
 import msgspec
 
-from daemon.config import Config, load_config
+from daemon.config import Config
 from daemon.layout import (
     COMMIT_INDEX,
     REPLICA_COUNTERS,
@@ -511,34 +510,25 @@ def main_supervised() -> int:
     return 0
 
 
-def main_standalone(argv: list[str] | None = None) -> int:
+def run_standalone(config: Config, socket_path: str | None = None, number: int = 0) -> int:
     """`seqd replica --config FILE [--socket PATH]`: a replica of a node's data directory, run by
     hand. It follows the node's commit index while the node runs, else the journal's end."""
-    parser = argparse.ArgumentParser(prog="seqd replica", description=main_standalone.__doc__)
-    parser.add_argument("--config", help="the node's config file (TOML)")
-    parser.add_argument("--socket", help="where to listen (default: beside the node's socket, replica<N>)")
-    parser.add_argument("--number", type=int, default=0, help="N in the default socket name (default 0)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
-    args = parser.parse_args(argv)
     logging.basicConfig(level=os.environ.get("SEQD_LOG_LEVEL", "INFO"),
                         format="%(asctime)s seqd[replica:%(process)d] %(levelname)s %(message)s")  # fmt: skip
-    config = load_config(args.config, args.set)
     commit: CommitSource
+    view: CounterView | None
     try:
-        view: CounterView | None = CounterView(attach_counters(config.node.name), None)
-        assert view is not None
+        view = CounterView(attach_counters(config.node.name), None)
         commit = CountersCommit(view[COMMIT_INDEX])
         log.info("following node %s's commit index", config.node.name)
     except SegmentError:
         view = None
         commit = JournalEnd()
         log.info("node %s is not running: following the journal's end", config.node.name)
-    socket_path = args.socket or config.replica_socket_path(args.number)
-    server = ReplicaServer(load_app(config.node.app), config, socket_path, commit, None, None, None)
+    path = socket_path or config.replica_socket_path(number)
+    server = ReplicaServer(load_app(config.node.app), config, path, commit, None, None, None)
     try:
         _run(server)
-    except KeyboardInterrupt:
-        pass
     finally:
         if view is not None:
             view.close()
@@ -546,13 +536,13 @@ def main_standalone(argv: list[str] | None = None) -> int:
 
 
 def main() -> int:
-    if REPLICA_NUMBER_ENV in os.environ:
-        return main_supervised()
-    return main_standalone()
+    if REPLICA_NUMBER_ENV not in os.environ:
+        raise SystemExit("daemon.roles.replica is started by `seqd run` ([replicas] count); by hand, run `seqd replica --config FILE`")
+    return main_supervised()
 
 
 if __name__ == "__main__":
     sys.exit(main())
 
 
-__all__ = ["CATCHUPS_MAX", "CATCHUP_STALL_S", "ReplicaServer", "main", "main_standalone"]
+__all__ = ["CATCHUPS_MAX", "CATCHUP_STALL_S", "ReplicaServer", "main", "run_standalone"]
