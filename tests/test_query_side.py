@@ -194,6 +194,10 @@ def test_a_query_after_the_clients_last_reply_sees_its_own_write(ledger_node: No
             result = client.query("balance", {"account": "a"})  # consistency "after" by default
             assert result.index >= client.last_index
             assert result.value["balance"] == balance, (amount, result)
+        # A query after an index not yet committed waits for it, and says so when it does not come.
+        with pytest.raises(QueryError) as not_yet:
+            client.query("balance", {"account": "a"}, after_index=client.last_index + 1000, timeout_s=0.5)
+        assert not_yet.value.code == "not_applied_in_time"
         local = client.query("accounts", consistency="local")
         assert local.value == ["a", "b"]
         with pytest.raises(QueryError) as unknown:
@@ -286,3 +290,39 @@ def test_seqd_replica_serves_a_stopped_nodes_data_directory(node_factory: Any, t
     finally:
         process.kill()
         process.wait(timeout=WAIT_S)
+
+
+def test_the_asyncio_client_subscribes_resumes_and_queries_like_the_blocking_one(ledger_node: NodeProcess) -> None:
+    import uvloop
+
+    from sequencer.client import AsyncClient
+
+    node = ledger_node
+
+    async def main() -> tuple[list[SubscriptionItem], int]:
+        async with AsyncClient(node.socket_path, schema=Ledger.schema, reconnect_timeout_s=WAIT_S) as client:
+            for _ in range(50):
+                await client.submit(Transfer("a", "b", 1))
+            await client.call(Deposit("b", 7))
+            balance = await client.query("balance", {"account": "b"})
+            assert balance.index >= client.last_index
+            assert balance.value["balance"] == DEPOSIT + 50 + 7
+            subscription = await client.subscribe(from_index=1, records=True, reconnect_timeout_s=WAIT_S)
+            taken = [await subscription.next(WAIT_S) for _ in range(40)]
+            pid = node.read_counters()["replica0.pid"]
+            os.kill(pid, signal.SIGKILL)
+            for _ in range(50):
+                await client.submit(Transfer("a", "b", 1))
+            await client.call(Transfer("a", "b", 1))
+            last = client.last_index
+            async for item in subscription:
+                taken.append(item)
+                if item.index >= last:
+                    break
+            taken.extend(await subscription.items(0.3))
+            assert subscription.reconnects >= 2
+            subscription.close()
+            return taken, last
+
+    taken, last = uvloop.run(main())
+    assert [key(item) for item in taken] == expected_items(node, 1, last, True)

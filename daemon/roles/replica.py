@@ -38,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import itertools
 import logging
 import os
 import sys
@@ -379,8 +380,9 @@ class ReplicaServer:
             if next_index > self.applied_index:
                 await self.changed.wait()
             elif next_index >= first_recent:
-                start = next_index - first_recent
-                batch = [recent[position] for position in range(start, min(start + ITEMS_PER_TURN_MAX, len(recent)))]
+                start = next_index - first_recent  # `recent` holds consecutive indexes
+                # islice walks the deque once (indexing one would walk it per item).
+                batch = list(itertools.islice(recent, start, start + ITEMS_PER_TURN_MAX))
                 next_index = await self._send(connection, writer, batch, records, None)
             else:
                 next_index = await self._catch_up(connection, writer, next_index, records)

@@ -32,12 +32,15 @@ _LAZY = {
     "ClientSchema": ".session",
     "new_client_id": ".ids",
     "Subscription": ".subscription",
+    "AsyncSubscription": ".aio_subscription",
+    "AsyncReplicaQueries": ".aio_subscription",
     "ReplicaQueries": ".subscription",
     "SubscriptionItem": ".replica",
     "QueryResult": ".replica",
     "QueryError": ".replica",
     "SubscriptionError": ".replica",
     "Consistency": ".replica",
+    "ItemKind": ".replica",
 }
 
 
@@ -54,10 +57,12 @@ def __getattr__(name: str) -> object:
 
 if TYPE_CHECKING:
     from .aio import AsyncClient, AsyncPendingRequest
+    from .aio_subscription import AsyncReplicaQueries, AsyncSubscription
     from .blocking import Client, PendingRequest
     from .ids import new_client_id
     from .replica import (
         Consistency,
+        ItemKind,
         QueryError,
         QueryResult,
         SubscriptionError,
@@ -69,6 +74,8 @@ if TYPE_CHECKING:
 __all__ = [
     "AsyncClient",
     "AsyncPendingRequest",
+    "AsyncReplicaQueries",
+    "AsyncSubscription",
     "Client",
     "ClientClosed",
     "ClientError",
@@ -77,6 +84,7 @@ __all__ = [
     "ConnectionLost",
     "Consistency",
     "Duplicate",
+    "ItemKind",
     "PendingRequest",
     "ProtocolError",
     "ProtocolViolation",

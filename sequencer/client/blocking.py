@@ -287,16 +287,6 @@ class Client(SessionView):
             result_type=result_type,
         )  # fmt: skip
 
-    @property
-    def last_index(self) -> int:
-        """The highest log index of a reply received: what a query waits for by default."""
-        return self._session.last_index
-
-    @property
-    def replicas(self) -> list[str]:
-        """The node's query replica sockets, from its WELCOME (empty: it runs none)."""
-        return list(self._session.replicas)
-
     def _replica_paths(self, replicas: list[str] | None) -> list[str]:
         return list(replicas) if replicas is not None else list(self._session.replicas)
 
