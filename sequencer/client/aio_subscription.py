@@ -16,7 +16,7 @@ from .errors import ClientClosed, ConnectionLost, TimedOut
 from .ids import new_client_id
 from .protocol import READ_BYTES_MAX
 from .reconnect import RECONNECT_BACKOFF_S_MAX, RECONNECT_BACKOFF_S_MIN, RETRYABLE_ERRNOS
-from .replica import Consistency, QueryResult, ReplicaSession, SubscriptionItem
+from .replica import Consistency, QueryResult, ReplicaSession, SubscriptionItem, replica_wait_ms
 
 __all__ = ["AsyncReplicaQueries", "AsyncSubscription"]
 
@@ -223,7 +223,7 @@ class AsyncReplicaQueries:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         session = self._session
-        query = session.query_frame(name, args, consistency, after_index, max(1, int(timeout_s * 1000)))
+        query = session.query_frame(name, args, consistency, after_index, replica_wait_ms(timeout_s))
         link = self._link
         async with self._lock:
             sent_on: object = None

@@ -64,6 +64,7 @@ from .reconnect import SOCKET_PATH_BYTES_MAX
 
 __all__ = [
     "CONSISTENCY_LEVELS",
+    "QUERY_ANSWER_MARGIN_S",
     "RETRYABLE_SUBSCRIPTION_CODES",
     "Consistency",
     "ItemKind",
@@ -72,7 +73,18 @@ __all__ = [
     "ReplicaSession",
     "SubscriptionError",
     "SubscriptionItem",
+    "replica_wait_ms",
 ]
+
+
+# An `after` query waits at the replica this much less than the caller's timeout, so the
+# replica's `not_applied_in_time` arrives before the caller gives up with a bare TimedOut.
+QUERY_ANSWER_MARGIN_S: Final = 0.1
+
+
+def replica_wait_ms(timeout_s: float) -> int:
+    """How long the replica may wait for `after_index` within a caller's `timeout_s`."""
+    return max(1, int(max(timeout_s - QUERY_ANSWER_MARGIN_S, timeout_s / 2) * 1000))
 
 
 class Consistency(enum.StrEnum):

@@ -18,15 +18,11 @@ from .errors import ClientClosed, ConnectionLost, TimedOut
 from .ids import new_client_id
 from .protocol import READ_BYTES_MAX
 from .reconnect import RECONNECT_BACKOFF_S_MAX, RECONNECT_BACKOFF_S_MIN, RETRYABLE_ERRNOS
-from .replica import Consistency, QueryResult, ReplicaSession, SubscriptionItem
+from .replica import Consistency, QueryResult, ReplicaSession, SubscriptionItem, replica_wait_ms
 
 __all__ = ["ReplicaQueries", "Subscription"]
 
 log = logging.getLogger("sequencer.client")
-
-# How long a query may wait at the replica for `after_index` to be applied, when the caller gives
-# no timeout: the client's default timeout covers it.
-_QUERY_WAIT_MS_DEFAULT = 10_000
 
 
 class _Link:
@@ -276,8 +272,7 @@ class ReplicaQueries:
         timeout_s = self.timeout_s if timeout_s is None else timeout_s
         deadline = time.monotonic() + timeout_s
         session = self._session
-        wait_ms = max(1, int(timeout_s * 1000))
-        query = session.query_frame(name, args, consistency, after_index, wait_ms)
+        query = session.query_frame(name, args, consistency, after_index, replica_wait_ms(timeout_s))
         link = self._link
         sent_on: object = None
         while True:
