@@ -105,3 +105,22 @@ def test_e2e_bench_reports_cpu_per_command_fdatasync_and_half_max_latency() -> N
     assert set(results["node_cpu_us_per_cmd_by_role"]) >= {"sequencer", "journaller", "blp"}
     assert results["fdatasync_p50_us"] > 0
     assert results["node_half_max_offered_per_s"] > 0
+
+
+QUERY_KEYS = (
+    "query_per_s",
+    "query_per_s_2_replicas",
+    "node_cmds_per_s_with_queries",
+    "node_cmds_per_s_with_queries_2_replicas",
+    "node_cmds_per_s_alone",
+    "live_event_delay_ms_p50",
+    "live_event_delay_ms_p99",
+)
+
+
+def test_query_bench_reports_every_figure_and_the_replicas_keep_up() -> None:
+    results = run_json(["-m", "benches.query", "--quick", "--min-seconds", "0"])
+    missing = [key for key in QUERY_KEYS if key not in results]
+    assert not missing, missing
+    assert results["query_per_s"] > 0 and results["query_per_s_2_replicas"] > 0
+    assert results["replica_lag_records_at_end"] == 0
