@@ -153,6 +153,9 @@ class ReplicasConfig(msgspec.Struct, forbid_unknown_fields=True):
     # The commit counter is read this often while nothing is new (the journal is in the page
     # cache; a poll costs microseconds): the delay a live subscriber sees at most, beyond commit.
     poll_ms: float = 2.0
+    # A subscriber fed from the journal (by a follower of its own) that reads nothing for this
+    # long is dropped with `subscriber_too_slow`, so its follower goes to another; it resumes.
+    catchup_stall_s: float = 10.0
 
 
 class MetricsConfig(msgspec.Struct, forbid_unknown_fields=True):
@@ -365,6 +368,8 @@ def _replicas_errors(config: Config, cpus: int) -> list[str]:
         errors.append(f"replicas.recent_bytes_max={replicas.recent_bytes_max}: at least 4096")
     if replicas.subscribers_max < 1:
         errors.append(f"replicas.subscribers_max={replicas.subscribers_max}: must be >= 1")
+    if not 0.1 <= replicas.catchup_stall_s <= 3600:
+        errors.append(f"replicas.catchup_stall_s={replicas.catchup_stall_s}: must be 0.1..3600")
     if not 0.1 <= replicas.poll_ms <= 1000:
         errors.append(f"replicas.poll_ms={replicas.poll_ms}: must be 0.1..1000")
     return errors

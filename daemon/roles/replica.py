@@ -26,7 +26,7 @@ at most `replicas.recent_bytes_max`), and every connection is served from there:
   applies the journal with it and sends what it publishes, until its cursor reaches `recent`;
   the hand-over is by index, so nothing is missed or sent twice. A subscriber that does not read
   costs a socket buffer (writes wait for `drain`), never more; one that stalls while holding a
-  follower of its own (at most `CATCHUPS_MAX` exist) for `CATCHUP_STALL_S` is dropped with
+  follower of its own (at most `CATCHUPS_MAX` exist) for `replicas.catchup_stall_s` is dropped with
   `subscriber_too_slow` (the client library resumes it from where it was).
 - a **query** runs the app's `@query` handler on the replica's state between two batches, after
   waiting (at most its `wait_ms`) until the replica has applied `after_index`; the answer carries
@@ -100,9 +100,9 @@ log = logging.getLogger("seqd.replica")
 # Followers of their own (subscribers behind `recent`) at one time: each holds a copy of the
 # state, and two already keep a 2-core machine busy replaying; more wait their turn.
 CATCHUPS_MAX: Final = 2
-# A subscriber that holds a follower of its own and does not read for this long is dropped
-# (`subscriber_too_slow`) so the slot goes to another; it resumes from where it was.
-CATCHUP_STALL_S: Final = 10.0
+# A dropped subscriber's connection is closed (its ERROR queued behind what it has not read) and
+# aborted this long after if it still has not read it: its socket buffer is freed either way.
+DROPPED_CLOSE_GRACE_S: Final = 10.0
 # Records a subscriber is sent per turn before the event loop serves others (and per write).
 ITEMS_PER_TURN_MAX: Final = 1024
 # Records applied per turn of the apply loop before the loop serves sockets.
@@ -403,7 +403,7 @@ class ReplicaServer:
                     if not batch:
                         return next_index
                     assert batch[0].index == next_index, (batch[0].index, next_index)
-                    next_index = await self._send(connection, writer, batch, records, CATCHUP_STALL_S)
+                    next_index = await self._send(connection, writer, batch, records, self.config.replicas.catchup_stall_s)
             finally:
                 follower.close()
         return next_index
@@ -432,9 +432,11 @@ class ReplicaServer:
             except TimeoutError:
                 self._add("errors")
                 self._fail(connection, writer, ErrorCode.SUBSCRIBER_TOO_SLOW,
-                           f"this subscriber read nothing for {stall_s:.0f} s while the replica fed it "
-                           f"from the journal (at index {batch[-1].index}); resume from your last index")  # fmt: skip
-                writer.transport.abort()
+                           f"this subscriber read nothing for {stall_s} s while the replica fed it "
+                           f"from the journal (up to index {batch[-1].index}); resume from your last index")  # fmt: skip
+                transport = writer.transport
+                transport.close()  # the ERROR goes out once the subscriber reads what is before it
+                asyncio.get_running_loop().call_later(DROPPED_CLOSE_GRACE_S, transport.abort)
                 raise ConnectionResetError("subscriber too slow") from None
         return batch[-1].index + 1
 
@@ -547,4 +549,4 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-__all__ = ["CATCHUPS_MAX", "CATCHUP_STALL_S", "ReplicaServer", "main", "run_standalone"]
+__all__ = ["CATCHUPS_MAX", "ReplicaServer", "main", "run_standalone"]
