@@ -36,6 +36,7 @@ from typing import Any
 from benches._measure import MEASURE_S_MIN, sized_for
 from benches.e2e import machine
 from daemon.harness import NodeProcess
+from daemon.layout import COMMIT_INDEX, REPLICA_COUNTERS
 from daemon.load import LoadResult, account_name, run_load, setup_accounts
 
 TRANSFERS_PER_CLIENT_MAX = 2_000_000
@@ -141,8 +142,8 @@ def main(argv: list[str] | None = None) -> int:
             "live_event_delay_ms_p50": round(statistics.median(delays), 3),
             "live_event_delay_ms_p99": round(delays[min(len(delays) - 1, int(len(delays) * 0.99))], 3),
             "replica_poll_ms": node.config.replicas.poll_ms,
-            "replica_lag_records_at_end": values["commit.index"] - min(
-                values["replica0.applied.index"], values["replica1.applied.index"]),
+            "replica_lag_records_at_end": values[COMMIT_INDEX.name] - min(
+                values[block.applied_index.name] for block in REPLICA_COUNTERS[:2]),
         })
     finally:
         node.stop()

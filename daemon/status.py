@@ -57,6 +57,9 @@ from daemon.layout import (
     counter_spec,
     errors_total,
 )
+from daemon.replica_status import ReplicaStatus, replica_statuses, replicas_json, replicas_table
+from daemon.text_table import cell as _cell
+from daemon.text_table import table as _table
 
 __all__ = [
     "SAMPLE_GAP_S",
@@ -119,21 +122,6 @@ class RoleStatus:
     heartbeats_per_s: float | None
     stuck_s: float | None  # how long the heartbeat has not moved, once that exceeds the bound
     errors: int | None  # every error the role counted (`<role>.errors`)
-
-
-@dataclass(frozen=True)
-class ReplicaStatus:
-    """A query replica (`[replicas]`): how far it has applied and what it serves."""
-
-    name: str  # replica<k>
-    pid: int | None
-    running: bool | None
-    applied_index: int | None
-    lag_records: int | None  # commit.index - applied index
-    subscribers: int | None
-    queries: int | None
-    restarts: int | None
-    errors: int | None
 
 
 @dataclass(frozen=True)
@@ -359,11 +347,7 @@ class StatusTracker:
         supervisor_alive = pid is not None and self._pid_alive(pid)
         roles = [self._role_status(role, known, ages, elapsed_s, supervisor_alive) for role in Role]
         status.roles = roles
-        status.replicas = [
-            self._replica_status(block, known, supervisor_alive)
-            for block in REPLICA_COUNTERS
-            if known.get(block.pid.name, 0) > 0 or known.get(block.restarts.name, 0) > 0
-        ]
+        status.replicas = replica_statuses(known, supervisor_alive, self._pid_alive)
         status.liveness, status.reason = self._judge(status, ages, supervisor_alive)
         if not status.current:
             status.rates = dict.fromkeys(status.rates)
@@ -421,25 +405,6 @@ class StatusTracker:
             errors=_get(values, block.errors),
         )
 
-    def _replica_status(
-        self, block: layout.ReplicaCounters, values: Mapping[str, int], supervisor_alive: bool
-    ) -> ReplicaStatus:
-        pid = _get(values, block.pid)
-        running = None if not pid else supervisor_alive and self._pid_alive(pid)
-        applied = _get(values, block.applied_index) if pid else None
-        commit = _get(values, layout.COMMIT_INDEX)
-        return ReplicaStatus(
-            name=block.owner,
-            pid=pid if pid else None,
-            running=running,
-            applied_index=applied,
-            lag_records=None if applied is None or commit is None else max(commit - applied, 0),
-            subscribers=_get(values, block.subscribers) if pid else None,
-            queries=_get(values, block.queries) if pid else None,
-            restarts=_get(values, block.restarts),
-            errors=_get(values, block.errors) if pid else None,
-        )
-
     def _judge(
         self, status: NodeStatus, ages: Mapping[str, float], supervisor_alive: bool
     ) -> tuple[Liveness, str]:
@@ -488,33 +453,6 @@ def disk_full_text(state: int | None, free_bytes: int | None) -> str | None:
 
 
 # --- rendering --------------------------------------------------------------------------------
-
-
-def _cell(value: object) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, bool):
-        return "yes" if value else "NO"
-    if isinstance(value, float):
-        return _si(value)
-    return str(value)
-
-
-def _si(value: float) -> str:
-    """1234567.0 -> '1.23M': rates fit a column."""
-    magnitude = abs(value)
-    for threshold, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if magnitude >= threshold:
-            return f"{value / threshold:.2f}{suffix}"
-    return f"{value:.1f}"
-
-
-def _table(rows: list[list[str]]) -> list[str]:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return [
-        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
-        for row in rows
-    ]
 
 
 def _header(status: NodeStatus) -> list[str]:
@@ -567,19 +505,6 @@ def _roles_table(status: NodeStatus) -> list[str]:
     return _table(rows)
 
 
-def _replicas_table(status: NodeStatus) -> list[str]:
-    if not status.replicas:
-        return []
-    rows = [["replica", "pid", "running", "applied", "lag", "subscribers", "queries", "restarts", "errors"]]
-    for replica in status.replicas:
-        rows.append([
-            replica.name, _cell(replica.pid), _cell(replica.running), _cell(replica.applied_index),
-            _cell(replica.lag_records), _cell(replica.subscribers), _cell(replica.queries),
-            _cell(replica.restarts), _cell(replica.errors),
-        ])  # fmt: skip
-    return _table(rows)
-
-
 def _pipeline_tables(status: NodeStatus) -> list[str]:
     """Positions and indexes per stage, then the lags between stages."""
     stages = list(_STAGES)
@@ -620,7 +545,7 @@ def render_text(status: NodeStatus) -> str:
     """A compact, top-like view of one node."""
     if status.liveness == Liveness.STOPPED and not status.values:
         return f"seqd node {status.node}: STOPPED - {status.reason}\n"
-    sections = (_header(status), _roles_table(status), _replicas_table(status),
+    sections = (_header(status), _roles_table(status), replicas_table(status.replicas),
                 _pipeline_tables(status), _totals(status))  # fmt: skip
     return "\n\n".join("\n".join(lines) for lines in sections if lines) + "\n"
 
@@ -653,19 +578,7 @@ def render_json(status: NodeStatus) -> dict[str, Any]:
             }
             for role in status.roles
         },
-        "replicas": {
-            replica.name: {
-                "pid": replica.pid,
-                "running": replica.running,
-                "applied_index": replica.applied_index,
-                "lag_records": replica.lag_records,
-                "subscribers": replica.subscribers,
-                "queries": replica.queries,
-                "restarts": replica.restarts,
-                "errors": replica.errors,
-            }
-            for replica in status.replicas
-        },
+        "replicas": replicas_json(status.replicas),
         "positions": dict(status.positions),
         "indexes": dict(status.indexes),
         "lags": {lag.stage: {"records": lag.records, "bytes": lag.bytes} for lag in status.lags},
