@@ -368,6 +368,11 @@ class ReplicaServer:
             writer.close()
         except (ConnectionError, OSError):
             pass
+        except Exception:  # a bug (or an app that fails replaying): this subscriber only
+            self._add("errors")
+            log.exception("subscription from index %d failed; closing its connection (the client "
+                          "resumes, and meets it again if the cause stays)", subscribe.from_index)  # fmt: skip
+            writer.close()
         finally:
             self._add("subscribers", -1)
 

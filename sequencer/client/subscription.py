@@ -286,6 +286,7 @@ class ReplicaQueries:
                 link.lost(error)
                 continue
             answer = session.answers.pop(query.query_id, None)
+            session.answers.clear()  # late answers to queries that timed out
             if answer is not None:
                 return session.result(query, answer, result_type)
 
