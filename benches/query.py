@@ -107,10 +107,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--clients", type=int, default=2)
     parser.add_argument("--in-flight", type=int, default=64)
+    parser.add_argument("--transfers", type=int, default=0, help="per client, at least (default: 2000 quick, 20000)")
     parser.add_argument("--min-seconds", type=float, default=MEASURE_S_MIN,
                         help=f"measure each figure at least this long (default {MEASURE_S_MIN}; 0 for a smoke run)")
     args = parser.parse_args(argv)
-    transfers = 2_000 if args.quick else 20_000
+    transfers = args.transfers or (2_000 if args.quick else 20_000)
     accounts = 100
     directory = Path(tempfile.mkdtemp(prefix="seqd-bench-", dir="/tmp"))
     results: dict[str, Any] = {"machine": machine(), "clients": args.clients, "in_flight": args.in_flight,

@@ -3,9 +3,9 @@
 
 from __future__ import annotations
 
+import socket
 import struct
 import time
-from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -26,8 +26,20 @@ def _wait(condition: Any, what: str) -> None:
 
 
 def _replica(node: NodeProcess) -> str:
+    """Replica 0's socket, once it accepts connections (it binds after its recovery)."""
     socket_path = node.config.replica_socket_path(0)
-    _wait(lambda: Path(socket_path).exists(), "the replica's socket")
+
+    def accepting() -> bool:
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(socket_path)
+        except OSError:
+            return False
+        finally:
+            probe.close()
+        return True
+
+    _wait(accepting, "the replica's socket")
     return socket_path
 
 
@@ -97,6 +109,7 @@ def test_a_subscriber_that_stalls_while_fed_from_the_journal_gets_subscriber_too
         _wait(lambda: node.read_counters()["replica0.errors"] >= 1, "the replica to drop the subscriber")
         frames = raw.until_eof()
     assert frames[-1].kind == wire.ERROR and frames[-1].fields["code"] == "subscriber_too_slow"
+    assert node.read_counters()["replica0.restarts"] == 0
     assert "resume" in frames[-1].fields["message"]
     items = frames[:-1]
     assert [item.fields["index"] for item in items] == sorted(item.fields["index"] for item in items)
