@@ -9,6 +9,10 @@ One ledger node with `[replicas] count = 2`, in one run:
   process each, one query in flight, consistency `local`, the ledger's `balance`) ask replica 0
   only; `query_per_s_2_replicas` / `node_cmds_per_s_with_queries_2_replicas`: the query clients
   spread over both replicas;
+- `replica_idle_cpu_percent`: a replica with nothing to follow (polling the commit counter);
+- `replica_cpu_us_per_record` (following the log, replica 1 in the one-replica run) and
+  `replica_cpu_us_per_query` (replica 0's CPU beyond that, per query answered): process CPU
+  time, which the load of a shared machine disturbs less than the rates;
 - `live_event_delay_ms_p50` / `_p99`: a subscriber at the live end, how long after a command's
   reply its event arrives (one command at a time): what tailing the journal, with the commit
   counter polled every `replicas.poll_ms`, costs a live subscriber over the reply itself.
@@ -33,6 +37,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from benches._measure import MEASURE_S_MIN, sized_for
 from benches.e2e import machine
 from daemon.harness import NodeProcess
@@ -42,6 +48,7 @@ from daemon.load import LoadResult, account_name, run_load, setup_accounts
 TRANSFERS_PER_CLIENT_MAX = 2_000_000
 QUERY_CLIENTS = 2  # processes asking queries during the loaded runs
 LIVE_DELAY_COMMANDS = 300
+IDLE_MEASURE_S = 2.0  # a replica with nothing to follow, measured this long
 
 
 def _query_worker(socket_paths: list[str], accounts: int, stop: Any, results: Any) -> None:
@@ -127,7 +134,17 @@ def main(argv: list[str] | None = None) -> int:
             lambda result: result.elapsed_s, transfers, TRANSFERS_PER_CLIENT_MAX, args.min_seconds,
         )  # fmt: skip
         count = alone.transfers // args.clients
+        processes = [psutil.Process(node.read_counters()[block.pid.name]) for block in REPLICA_COUNTERS[:2]]
+        idle_started = sum(processes[1].cpu_times()[:2])
+        time.sleep(IDLE_MEASURE_S)  # nothing to follow: what polling the commit counter costs
+        idle_percent = (sum(processes[1].cpu_times()[:2]) - idle_started) * 100 / IDLE_MEASURE_S
+        before = [sum(process.cpu_times()[:2]) for process in processes]
+        counters_before = node.read_counters()
         one, one_qps = loaded_run(node, replicas[:1], args.clients, count, args.in_flight, accounts)
+        counters_after = node.read_counters()
+        cpu_s = [sum(process.cpu_times()[:2]) - start for process, start in zip(processes, before, strict=True)]
+        queries = counters_after[REPLICA_COUNTERS[0].queries.name] - counters_before[REPLICA_COUNTERS[0].queries.name]
+        records = counters_after[COMMIT_INDEX.name] - counters_before[COMMIT_INDEX.name]
         two, two_qps = loaded_run(node, replicas, args.clients, count, args.in_flight, accounts)
         delays = live_delays_ms(node, LIVE_DELAY_COMMANDS if args.min_seconds else 30)
         values = node.read_counters()
@@ -137,6 +154,10 @@ def main(argv: list[str] | None = None) -> int:
             "query_per_s": round(one_qps),
             "node_cmds_per_s_with_queries": round(one.per_s),
             "with_queries_measured_s": round(one.elapsed_s, 3),
+            # Replica 1 only followed the log in that run; replica 0 followed it and answered.
+            "replica_idle_cpu_percent": round(idle_percent, 2),
+            "replica_cpu_us_per_record": round(cpu_s[1] * 1e6 / max(records, 1), 2),
+            "replica_cpu_us_per_query": round((cpu_s[0] - cpu_s[1]) * 1e6 / max(queries, 1), 2),
             "query_per_s_2_replicas": round(two_qps),
             "node_cmds_per_s_with_queries_2_replicas": round(two.per_s),
             "with_queries_2_replicas_measured_s": round(two.elapsed_s, 3),
