@@ -327,3 +327,30 @@ def test_the_asyncio_client_subscribes_resumes_and_queries_like_the_blocking_one
 
     taken, last = uvloop.run(main())
     assert [key(item) for item in taken] == expected_items(node, 1, last, True)
+
+
+def test_seqd_replica_beside_a_running_node_follows_it_across_a_restart(node_factory: Any, tmp_dir: Path) -> None:  # noqa: F811
+    import subprocess
+    import sys
+
+    from sequencer.client import ReplicaQueries
+
+    node = node_factory()
+    open_accounts(node.socket_path, ["a", "b"])
+    config_path = next(Path(node.directory).glob("*.toml"))
+    socket_path = str(tmp_dir / "beside.sock")
+    process = subprocess.Popen([sys.executable, "-m", "daemon.cli", "replica", "--config", str(config_path),
+                                "--socket", socket_path])  # fmt: skip
+    try:
+        queries = ReplicaQueries(socket_path, timeout_s=WAIT_S)
+        assert node.stop() == 0
+        node.start()  # new counters (a new incarnation): the replica must find them
+        with Client(node.socket_path, schema=Ledger.schema) as client:
+            client.call(Deposit("b", 5))
+            last = client.last_index
+        result = queries.query("balance", {"account": "b"}, consistency="after", after_index=last)
+        assert result.value["balance"] == DEPOSIT + 5 and result.index >= last
+        queries.close()
+    finally:
+        process.kill()
+        process.wait(timeout=WAIT_S)

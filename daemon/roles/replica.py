@@ -129,6 +129,52 @@ class CountersCommit:
         return self.commit.get()
 
 
+class NodeCommit:
+    """`seqd replica` beside a running node: its commit index, from whichever incarnation of the
+    node's counters exists (a pipeline restart makes new ones); while none does, the last index
+    seen (the node is down: nothing new is committed)."""
+
+    REATTACH_S: Final = 1.0  # how often the counters' incarnation is checked
+
+    def __init__(self, node: str) -> None:
+        self.node = node
+        self.view: CounterView | None = None
+        self.commit: Counter | None = None
+        self.last = 0
+        self.checked_at = 0.0
+        self._attach()
+
+    def _attach(self) -> None:
+        self.checked_at = time.monotonic()
+        try:
+            counters = attach_counters(self.node)
+        except SegmentError:
+            return
+        if self.view is not None and self.view.counters.segment.epoch == counters.segment.epoch:
+            counters.close()
+            return
+        if self.view is not None:
+            self.view.close()
+        self.view = CounterView(counters, None)
+        self.commit = self.view[COMMIT_INDEX]
+
+    @property
+    def attached(self) -> bool:
+        return self.view is not None
+
+    def commit_index(self) -> int:
+        if time.monotonic() - self.checked_at >= self.REATTACH_S:
+            self._attach()
+        if self.commit is not None:
+            # A new incarnation's counters start at 0 until its journaller publishes.
+            self.last = max(self.last, self.commit.get())
+        return self.last
+
+    def close(self) -> None:
+        if self.view is not None:
+            self.view.close()
+
+
 class JournalEnd:
     """No node runs: every complete batch of the journal is taken as committed (`seqd replica`
     against a stopped node's data directory; docs/query-side.md says what that means)."""
@@ -524,14 +570,11 @@ def run_standalone(config: Config, socket_path: str | None = None, number: int =
     hand. It follows the node's commit index while the node runs, else the journal's end."""
     logging.basicConfig(level=os.environ.get("SEQD_LOG_LEVEL", "INFO"),
                         format="%(asctime)s seqd[replica:%(process)d] %(levelname)s %(message)s")  # fmt: skip
-    commit: CommitSource
-    view: CounterView | None
-    try:
-        view = CounterView(attach_counters(config.node.name), None)
-        commit = CountersCommit(view[COMMIT_INDEX])
+    node_commit = NodeCommit(config.node.name)
+    commit: CommitSource = node_commit
+    if node_commit.attached:
         log.info("following node %s's commit index", config.node.name)
-    except SegmentError:
-        view = None
+    else:
         commit = JournalEnd()
         log.info("node %s is not running: following the journal's end", config.node.name)
     path = socket_path or config.replica_socket_path(number)
@@ -539,8 +582,7 @@ def run_standalone(config: Config, socket_path: str | None = None, number: int =
     try:
         _run(server)
     finally:
-        if view is not None:
-            view.close()
+        node_commit.close()
     return 0
 
 
