@@ -27,7 +27,7 @@ from typing import Any, Final, NamedTuple
 import msgspec
 
 from sequencer import snapshot as snapshots
-from sequencer.egress import EgressKind
+from sequencer.egress import EVENT_HEADER, EgressKind
 from sequencer.journal import JournalReader, list_segments
 from sequencer.processor import CLIENT_EXPIRY_NS_DEFAULT, Processor
 from sequencer.record import FRAME_HEADER_BYTES, RECORD_HEADER, walk_records
@@ -55,7 +55,8 @@ _NO_NODE: Final = "\0follower"
 _EVENT: Final = int(EgressKind.EVENT)
 _EVENT_OMITTED: Final = int(EgressKind.EVENT_OMITTED)
 _unpack_header = RECORD_HEADER.unpack_from
-_EVENT_PREFIX_BYTES: Final = 16  # the egress EVENT header: index u64, version u16, 6 zero bytes
+_EVENT_PREFIX_BYTES: Final = EVENT_HEADER.size  # the egress EVENT header: index, version
+_unpack_event = EVENT_HEADER.unpack_from
 
 
 class FollowedRecord(NamedTuple):
@@ -131,20 +132,23 @@ class LogFollower:
         if reader.next_index != processor.applied_index + 1 or reader.on_deleted_segment():
             reader.seek(processor.applied_index + 1)
         apply = processor.apply_frame
-        drain = processor.drain_outputs
         append = followed.append
         for run in reader.read_runs(last):
-            for (length, _type, version, index, _term, timestamp_ns, _session, _request), start, _end in walk_records(run, RECORD_HEADER):
-                frame_type = _type | version << 16
-                apply(frame_type, run[start + FRAME_HEADER_BYTES : start + length])
+            first = len(followed)
+            for (length, record_type, version, index, _term, timestamp_ns, _session, _request), start, _end in walk_records(run, RECORD_HEADER):
+                apply(record_type | version << 16, run[start + FRAME_HEADER_BYTES : start + length])
                 processor.snapshot_requested = False  # a follower writes no snapshots
-                events = [
-                    (kind, int.from_bytes(frame[8:10], "little"), frame[_EVENT_PREFIX_BYTES:])
-                    for kind, frame in drain()
-                    if kind == _EVENT or kind == _EVENT_OMITTED
-                ]
-                append(FollowedRecord(index, timestamp_ns, _type, version,
-                                      bytes(run[start : start + length]), events))  # fmt: skip
+                append(FollowedRecord(index, timestamp_ns, record_type, version,
+                                      bytes(run[start : start + length]), []))  # fmt: skip
+            # One drain per batch: an event frame starts with its record's index, and the
+            # indexes of a batch are consecutive, so each event finds its record by arithmetic.
+            base = followed[first].index - first if first < len(followed) else 0
+            for kind, frame in processor.drain_outputs():
+                if kind == _EVENT or kind == _EVENT_OMITTED:
+                    event_index, event_version = _unpack_event(frame)
+                    followed[event_index - base].events.append(
+                        (kind, event_version, frame[_EVENT_PREFIX_BYTES:])
+                    )
         assert processor.applied_index <= to_index, (processor.applied_index, to_index)
         return followed
 

@@ -21,8 +21,9 @@ from daemon.harness import NodeProcess
 from sequencer.apps.ledger import Deposit, Ledger, Transfer
 from sequencer.client import Client
 from sequencer.client.replica import ItemKind, QueryError, SubscriptionError, SubscriptionItem
-from sequencer.egress import EgressKind
-from sequencer.follow import start_follower
+from sequencer.egress import EVENT_HEADER, EgressKind
+from sequencer.journal import read_records
+from sequencer.processor import Processor
 from sequencer.record import decode_header
 from tests.node_fixtures import DEPOSIT, node_factory, open_accounts  # noqa: F401
 
@@ -37,19 +38,23 @@ _ITEM_KIND = {EgressKind.EVENT: ItemKind.EVENT, EgressKind.EVENT_OMITTED: ItemKi
 
 
 def expected_items(node: NodeProcess, from_index: int, to_index: int, records: bool) -> list[Key]:
-    """What a subscription from `from_index` must deliver up to `to_index`: a replay of the
-    journal from scratch, record by record, with the events each published."""
-    follower = start_follower(Ledger, node.config.journal_dir, node.config.snapshot_dir, 1)
+    """What a subscription from `from_index` must deliver up to `to_index`: the journal's records
+    applied one by one from genesis by a plain `Processor` (not `sequencer.follow`, which serves
+    the subscriptions), with the events each one's application published."""
+    processor = Processor(Ledger)
     items: list[Key] = []
-    while follower.applied_index < to_index:
-        for record in follower.follow(to_index):
-            if record.index < from_index:
-                continue
-            if records:
-                items.append((record.index, ItemKind.RECORD, record.record_type, record.record))
-            items.extend((record.index, _ITEM_KIND[kind], 0, payload)
-                         for kind, _version, payload in record.events)  # fmt: skip
-    follower.close()
+    for record in read_records(node.config.journal_dir, 1, to_index):
+        processor.apply_frame(record.type | record.version << 16, record.raw[8 : record.length])
+        processor.snapshot_requested = False
+        outputs = processor.drain_outputs()
+        if record.index < from_index:
+            continue
+        if records:
+            items.append((record.index, ItemKind.RECORD, record.type, bytes(record.raw[: record.length])))
+        for kind, frame in outputs:
+            if kind in _ITEM_KIND:
+                assert EVENT_HEADER.unpack_from(frame)[0] == record.index
+                items.append((record.index, _ITEM_KIND[kind], 0, bytes(frame[EVENT_HEADER.size :])))
     return items
 
 
