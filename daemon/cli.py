@@ -75,6 +75,12 @@ def command_project(args: argparse.Namespace) -> int:
     return run_project(args.config, rebuild=args.rebuild, until_caught_up=args.until_caught_up)
 
 
+def command_replica(args: argparse.Namespace) -> int:
+    from daemon.roles.replica import run_standalone
+
+    return run_standalone(_load(args), args.socket or None, args.number)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="seqd", description="seqd: a sequencer daemon for event-log architectures")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -82,6 +88,15 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="run a node in the foreground (under systemd or a terminal)")
     _add_config_arguments(run)
     run.set_defaults(func=command_run)
+
+    replica = commands.add_parser(
+        "replica",
+        help="run a query replica of a node's data directory by hand (docs/query-side.md)",
+    )
+    _add_config_arguments(replica)
+    replica.add_argument("--socket", default="", help="where to listen (default: beside socket.path, replica<N>)")
+    replica.add_argument("--number", type=int, default=0, help="N of the default socket name (default 0)")
+    replica.set_defaults(func=command_replica)
 
     demo = commands.add_parser("demo", help="start a node on the ledger app in a temporary directory and drive it")
     demo.add_argument("--clients", type=int, default=4, help="client processes (default 4)")

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import msgspec
 
-from daemon.layout import Role, node_roles
+from daemon.layout import REPLICAS_MAX, Role, node_roles
 from ipc.ring import frame_bytes
 from sequencer.egress import EGRESS_PAYLOAD_BYTES_MAX
 from sequencer.raft.peer_protocol import CLUSTER_ID_MAX, SECRET_BYTES_MIN
@@ -30,6 +30,7 @@ __all__ = [
     "MemberConfig",
     "MetricsConfig",
     "NodeConfig",
+    "ReplicasConfig",
     "RingConfig",
     "RoleConfig",
     "RolesConfig",
@@ -137,6 +138,26 @@ class SnapshotConfig(msgspec.Struct, forbid_unknown_fields=True):
     delete_journal: bool = False  # delete journal segments wholly before the oldest kept snapshot
 
 
+class ReplicasConfig(msgspec.Struct, forbid_unknown_fields=True):
+    """`[replicas]`: query replicas (docs/query-side.md), processes that follow the committed
+    journal, answer queries and serve catch-up subscriptions; the pipeline never waits for them."""
+
+    count: int = 0  # 0..REPLICAS_MAX
+    # Replica k listens on `<socket_dir>/<socket stem>.replica<k>.sock`; "": beside socket.path.
+    socket_dir: str = ""
+    cpu: int = -1  # -1: not pinned (a replica never busy-spins)
+    # Committed items (records and their events) kept in memory for live subscribers; one further
+    # behind is fed from the journal instead (it re-applies from a snapshot).
+    recent_bytes_max: int = 8 << 20
+    subscribers_max: int = 256  # subscriptions and query connections per replica
+    # The commit counter is read this often while nothing is new (the journal is in the page
+    # cache; a poll costs microseconds): the delay a live subscriber sees at most, beyond commit.
+    poll_ms: float = 2.0
+    # A subscriber fed from the journal (by a follower of its own) that reads nothing for this
+    # long is dropped with `subscriber_too_slow`, so its follower goes to another; it resumes.
+    catchup_stall_s: float = 10.0
+
+
 class MetricsConfig(msgspec.Struct, forbid_unknown_fields=True):
     enabled: bool = False
     host: str = "127.0.0.1"
@@ -201,6 +222,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True):
     roles: RolesConfig = msgspec.field(default_factory=RolesConfig)
     snapshot: SnapshotConfig = msgspec.field(default_factory=SnapshotConfig)
     metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
+    replicas: ReplicasConfig = msgspec.field(default_factory=ReplicasConfig)
     cluster: ClusterConfig | None = None  # None: a single node, no replicator
     restarts_max: int = 5  # pipeline restarts within restart_window_s before the supervisor gives up
     restart_window_s: float = 60.0
@@ -222,6 +244,15 @@ class Config(msgspec.Struct, forbid_unknown_fields=True):
     @property
     def snapshot_dir(self) -> Path:
         return Path(self.node.data_dir) / "snapshots"
+
+    def replica_socket_path(self, number: int) -> str:
+        """Where query replica `number` listens (`[replicas] socket_dir`, or beside socket.path)."""
+        socket_path = Path(self.socket.path)
+        directory = Path(self.replicas.socket_dir) if self.replicas.socket_dir else socket_path.parent
+        return str(directory / f"{socket_path.stem}.replica{number}.sock")
+
+    def replica_socket_paths(self) -> list[str]:
+        return [self.replica_socket_path(number) for number in range(self.replicas.count)]
 
     def to_json(self) -> bytes:
         return msgspec.json.encode(self)
@@ -309,11 +340,41 @@ def _validate(config: Config) -> Config:
         errors.append(f"metrics.port={config.metrics.port}: must be 1..65535")
     if config.socket.sessions_max < 1:
         errors.append("socket.sessions_max must be >= 1")
+    errors.extend(_replicas_errors(config, cpus))
     if config.cluster is not None:
         errors.extend(_cluster_errors(config.cluster, node.number, node.name))
     if errors:
         raise ConfigError("invalid configuration: " + "; ".join(errors))  # one line: journald, systemctl status
     return config
+
+
+def _replicas_errors(config: Config, cpus: int) -> list[str]:
+    replicas = config.replicas
+    errors: list[str] = []
+    if not 0 <= replicas.count <= REPLICAS_MAX:
+        errors.append(
+            f"replicas.count={replicas.count}: must be 0..{REPLICAS_MAX} (each replica is a process "
+            "with its own copy of the state)"
+        )
+        return errors
+    if replicas.count:
+        last = config.replica_socket_path(replicas.count - 1)
+        if len(os.fsencode(last)) > SOCKET_PATH_BYTES_MAX:
+            errors.append(
+                f"the replica socket {last!r} is over {SOCKET_PATH_BYTES_MAX} bytes (the limit of a "
+                "Unix socket address): set a shorter replicas.socket_dir or socket.path"
+            )
+    if not -1 <= replicas.cpu < cpus:
+        errors.append(f"replicas.cpu={replicas.cpu}: this machine has CPUs 0..{cpus - 1} (-1: not pinned)")
+    if replicas.recent_bytes_max < 4096:
+        errors.append(f"replicas.recent_bytes_max={replicas.recent_bytes_max}: at least 4096")
+    if replicas.subscribers_max < 1:
+        errors.append(f"replicas.subscribers_max={replicas.subscribers_max}: must be >= 1")
+    if not 0.1 <= replicas.catchup_stall_s <= 3600:
+        errors.append(f"replicas.catchup_stall_s={replicas.catchup_stall_s}: must be 0.1..3600")
+    if not 0.1 <= replicas.poll_ms <= 1000:
+        errors.append(f"replicas.poll_ms={replicas.poll_ms}: must be 0.1..1000")
+    return errors
 
 
 def parse_address(text: str) -> tuple[str, int]:

@@ -60,6 +60,8 @@ __all__ = [
     "LOG_READERS",
     "PROPOSAL_READERS",
     "RAFT_PEER_SLOTS",
+    "REPLICAS_MAX",
+    "REPLICA_COUNTERS",
     "ROLE_COUNTERS",
     "SUPERVISOR",
     "CounterSpec",
@@ -69,6 +71,7 @@ __all__ = [
     "Kind",
     "NodeState",
     "Owner",
+    "ReplicaCounters",
     "Role",
     "RoleCounters",
     "RoleState",
@@ -83,6 +86,7 @@ __all__ = [
     "log_name",
     "node_roles",
     "proposal_name",
+    "replica_owner",
 ]
 
 
@@ -195,7 +199,8 @@ class IdleCode(IntEnum):
 # ---- the counter table -----------------------------------------------------------------------
 
 SUPERVISOR: Final = "supervisor"
-Owner = Role | Literal["supervisor"]
+# A query replica's counters are written by that replica process: owner "replica<k>".
+Owner = Role | Literal["supervisor"] | str
 
 
 class Kind(StrEnum):
@@ -567,6 +572,87 @@ RAFT_PEER_MATCH_INDEX = tuple(
         f"On the leader: last index peer slot {k} holds durably in agreement with it",
     )
     for k in range(1, RAFT_PEER_SLOTS + 1)
+)
+
+
+# The query replicas' (`[replicas] count`, daemon/roles/replica.py): a fixed block per slot, so
+# the table does not depend on the config. A replica owns its block but the launch counters.
+# Four: each replica is a process holding its own copy of the state; on a machine with few cores
+# more than that would take CPU from the pipeline they follow.
+REPLICAS_MAX: Final = 4
+
+
+def replica_owner(number: int) -> str:
+    """The owner name of replica `number`'s counters (and its row in `seqd status`)."""
+    return f"replica{number}"
+
+
+@dataclass(frozen=True)
+class ReplicaCounters:
+    """One query replica's block: the supervisor's launch counters, then the replica's own."""
+
+    number: int
+    owner: str
+    pid: CounterSpec  # supervisor
+    start_time_ms: CounterSpec  # supervisor
+    stop: CounterSpec  # supervisor: 1 to stop it
+    restarts: CounterSpec  # supervisor: how often it died and was started again
+    heartbeat: CounterSpec  # replica
+    applied_index: CounterSpec  # replica
+    subscribers: CounterSpec  # replica
+    queries: CounterSpec  # replica
+    items_sent: CounterSpec  # replica
+    errors: CounterSpec  # replica
+
+
+def _replica_block(number: int) -> ReplicaCounters:
+    owner = replica_owner(number)
+    return ReplicaCounters(
+        number=number,
+        owner=owner,
+        pid=_declare(f"{owner}.pid", SUPERVISOR, Kind.GAUGE, "Process id of the query replica"),
+        start_time_ms=_declare(
+            f"{owner}.start_time_ms",
+            SUPERVISOR,
+            Kind.GAUGE,
+            "Start time of the query replica's process (ms since the epoch)",
+        ),
+        stop=_declare(
+            f"{owner}.stop", SUPERVISOR, Kind.GAUGE, "1 once the supervisor has asked it to stop"
+        ),
+        restarts=_declare(
+            f"{owner}.restarts",
+            SUPERVISOR,
+            Kind.COUNTER,
+            "Times the query replica died and was started again (the pipeline never waits for it)",
+        ),
+        heartbeat=_declare(
+            f"{owner}.heartbeat", owner, Kind.COUNTER, "Turns of the query replica's loop"
+        ),
+        applied_index=_declare(
+            f"{owner}.applied.index",
+            owner,
+            Kind.GAUGE,
+            "Index of the last committed record the query replica applied",
+        ),
+        subscribers=_declare(
+            f"{owner}.subscribers", owner, Kind.GAUGE, "Catch-up subscriptions open on it"
+        ),
+        queries=_declare(f"{owner}.queries", owner, Kind.COUNTER, "Queries answered"),
+        items_sent=_declare(
+            f"{owner}.items_sent", owner, Kind.COUNTER, "Subscription items sent (events, records)"
+        ),
+        errors=_declare(
+            f"{owner}.errors",
+            owner,
+            Kind.COUNTER,
+            "Errors the query replica counted (subscribers dropped, failed queries, refusals)",
+        ),
+    )
+
+
+REPLICA_COUNTERS: tuple[ReplicaCounters, ...] = tuple(
+    _replica_block(number) for number in range(REPLICAS_MAX)
 )
 
 COUNTERS: tuple[CounterSpec, ...] = tuple(_table)

@@ -47,6 +47,7 @@ from daemon import layout
 from daemon.layout import (
     ERROR_KIND_COUNTERS,
     ERRORS_TOTAL_NAME,
+    REPLICA_COUNTERS,
     ROLE_COUNTERS,
     SUPERVISOR,
     CounterSpec,
@@ -56,7 +57,10 @@ from daemon.layout import (
     counter_spec,
     errors_total,
 )
+from daemon.replica_status import ReplicaStatus, replica_statuses, replicas_json, replicas_table
 from daemon.status_raft import RaftStatus, raft_json, raft_lines, raft_status
+from daemon.text_table import cell as _cell
+from daemon.text_table import table as _table
 
 __all__ = [
     "SAMPLE_GAP_S",
@@ -64,6 +68,7 @@ __all__ = [
     "Lag",
     "Liveness",
     "NodeStatus",
+    "ReplicaStatus",
     "RoleStatus",
     "StatusTracker",
     "disk_full_text",
@@ -139,6 +144,7 @@ class NodeStatus:
     supervisor_pid: int | None = None
     supervisor_heartbeat: int | None = None
     roles: list[RoleStatus] = field(default_factory=list)
+    replicas: list[ReplicaStatus] = field(default_factory=list)
     positions: dict[str, int | None] = field(default_factory=dict)
     indexes: dict[str, int | None] = field(default_factory=dict)
     lags: list[Lag] = field(default_factory=list)
@@ -198,7 +204,8 @@ def known_values(values: Mapping[str, int]) -> dict[str, int]:
     started it: they hold zeros, not values); the supervisor's and names this release does not
     know are kept. The error total (`errors.total`) is the sum of the roles' `<role>.errors`.
     """
-    started = {role for role in Role if values.get(ROLE_COUNTERS[role].pid.name, 0) > 0}
+    started: set[str] = {role for role in Role if values.get(ROLE_COUNTERS[role].pid.name, 0) > 0}
+    started |= {block.owner for block in REPLICA_COUNTERS if values.get(block.pid.name, 0) > 0}
     known: dict[str, int] = {}
     for name, value in values.items():
         spec = counter_spec(name)
@@ -337,6 +344,7 @@ class StatusTracker:
         supervisor_alive = pid is not None and self._pid_alive(pid)
         roles = [self._role_status(role, known, ages, elapsed_s, supervisor_alive) for role in Role]
         status.roles = roles
+        status.replicas = replica_statuses(known, supervisor_alive, self._pid_alive)
         status.liveness, status.reason = self._judge(status, ages, supervisor_alive)
         if not status.current:
             status.rates = dict.fromkeys(status.rates)
@@ -444,33 +452,6 @@ def disk_full_text(state: int | None, free_bytes: int | None) -> str | None:
 # --- rendering --------------------------------------------------------------------------------
 
 
-def _cell(value: object) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, bool):
-        return "yes" if value else "NO"
-    if isinstance(value, float):
-        return _si(value)
-    return str(value)
-
-
-def _si(value: float) -> str:
-    """1234567.0 -> '1.23M': rates fit a column."""
-    magnitude = abs(value)
-    for threshold, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if magnitude >= threshold:
-            return f"{value / threshold:.2f}{suffix}"
-    return f"{value:.1f}"
-
-
-def _table(rows: list[list[str]]) -> list[str]:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return [
-        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
-        for row in rows
-    ]
-
-
 def _header(status: NodeStatus) -> list[str]:
     """The first line (liveness, state, supervisor, Raft) and the warnings under it."""
     state = (status.state or "unknown").upper()
@@ -560,8 +541,9 @@ def render_text(status: NodeStatus) -> str:
     """A compact, top-like view of one node."""
     if status.liveness == Liveness.STOPPED and not status.values:
         return f"seqd node {status.node}: STOPPED - {status.reason}\n"
-    sections = (_header(status), _roles_table(status), _pipeline_tables(status), _totals(status))
-    return "\n\n".join("\n".join(lines) for lines in sections) + "\n"
+    sections = (_header(status), _roles_table(status), replicas_table(status.replicas),
+                _pipeline_tables(status), _totals(status))  # fmt: skip
+    return "\n\n".join("\n".join(lines) for lines in sections if lines) + "\n"
 
 
 def render_json(status: NodeStatus) -> dict[str, Any]:
@@ -592,6 +574,7 @@ def render_json(status: NodeStatus) -> dict[str, Any]:
             }
             for role in status.roles
         },
+        "replicas": replicas_json(status.replicas),
         "positions": dict(status.positions),
         "indexes": dict(status.indexes),
         "lags": {lag.stage: {"records": lag.records, "bytes": lag.bytes} for lag in status.lags},

@@ -68,6 +68,7 @@ from daemon.layout import (
     RECOVERY_LAST_TERM,
     RECOVERY_LAST_TIMESTAMP_NS,
     RECOVERY_RECORDS,
+    REPLICA_COUNTERS,
     ROLE_COUNTERS,
     SUPERVISOR,
     SUPERVISOR_HEARTBEAT,
@@ -90,6 +91,7 @@ from daemon.layout import (
 from daemon.metrics import MetricsServer
 from daemon.notify import Notifier, WatchdogGate, watchdog_interval_s
 from daemon.raft_truncate import read_truncate_request, remove_truncate_request
+from daemon.replicas import ReplicaSet
 from daemon.roles.common import (
     EPOCH_ENV,
     ROLE_EXIT_FAIL_STOP,
@@ -166,10 +168,11 @@ def kill_leftover_roles(node: str) -> list[str]:
     found: list[tuple[str, int, float]] = []
     # Every role a node can have, whether or not it ran: a leftover of any of them must be found.
     # Read by name, whatever the old segment's layout version: its name table says where.
-    for role in Role:
-        block = ROLE_COUNTERS[role]
-        pid = values.get(block.pid.name, 0)
-        start_time_s = values.get(block.start_time_ms.name, 0) / 1000
+    launches = [(str(role), ROLE_COUNTERS[role].pid, ROLE_COUNTERS[role].start_time_ms) for role in Role]
+    launches += [(replica.owner, replica.pid, replica.start_time_ms) for replica in REPLICA_COUNTERS]
+    for role, pid_spec, start_time_spec in launches:
+        pid = values.get(pid_spec.name, 0)
+        start_time_s = values.get(start_time_spec.name, 0) / 1000
         # Without a recorded start time a pid cannot be told from a reused one: leave it (a role
         # started by this release records both, and checks its own parent anyway).
         if pid > 0 and start_time_s > 0 and creator_status(pid, start_time_s) is None:
@@ -226,6 +229,7 @@ class Supervisor:
         self.last_failure = ""  # why the pipeline last restarted, for the message when giving up
         self.counters: CounterView | None = None  # the supervisor's view: its own counters writable
         self.rings: list[Ring] = []
+        self.replicas: ReplicaSet | None = None  # the query replicas of the running incarnation
         self.ready_sent = False
         self.incarnation = 0
         self.epoch = 0  # the epoch of this incarnation's segments, handed to each role
@@ -390,6 +394,9 @@ class Supervisor:
             self.counters[SUPERVISOR_HEARTBEAT].add(1)
 
     def _kill_all(self) -> None:
+        if self.replicas is not None:
+            self.replicas.kill()
+            self.replicas = None
         for process in self.processes.values():
             if process.poll() is None:
                 process.kill()
@@ -424,6 +431,9 @@ class Supervisor:
         assert self.counters is not None
         self.counters[NODE_STATE].set(int(NodeState.DRAINING))
         self.notifier.stopping("draining: finishing committed commands")
+        if self.replicas is not None:  # not part of the pipeline: their clients resume elsewhere
+            self.replicas.stop()
+            self.replicas = None
         clean = True
         for role in drain_order(self.roles):
             code = self._stop_role(role)
@@ -539,6 +549,9 @@ class Supervisor:
                 self._start_roles()
                 if self.stop_requested:
                     return self.drain()
+                # After the pipeline runs (the commit index is published); never waited for.
+                self.replicas = ReplicaSet(config, counters, self.epoch)
+                self.replicas.start()
                 counters[NODE_STATE].set(int(NodeState.SERVING))
                 status = f"serving {config.socket.path} from index {counters[LOG_PUBLISHED_INDEX].get()}"
                 if not self.ready_sent:
@@ -576,6 +589,8 @@ class Supervisor:
         disk_full, disk_seen = counters[JOURNAL_DISK_FULL], 0
         while not self.stop_requested:
             self._check_children()
+            if self.replicas is not None:
+                self.replicas.check(time.monotonic())
             self._beat()
             if disk_full.get() != disk_seen:  # STATUS= says so while the disk is full
                 disk_seen = disk_full.get()

@@ -26,11 +26,12 @@ See docs/state-machine.md for the rules and a worked example.
 from __future__ import annotations
 
 import importlib
-from typing import Any, ClassVar, Protocol, Self
+from collections.abc import Callable
+from typing import Any, ClassVar, Protocol, Self, TypeVar
 
 from sequencer.schema import Schema
 
-__all__ = ["AppLoadError", "Context", "Rejected", "StateMachine", "load_app"]
+__all__ = ["AppLoadError", "Context", "Rejected", "StateMachine", "load_app", "query"]
 
 
 class Rejected(Exception):
@@ -97,6 +98,31 @@ class Context:
         self._sink._publish(event)
 
 
+_Handler = TypeVar("_Handler", bound=Callable[..., Any])
+_QUERY_ATTRIBUTE = "__seqd_query__"
+
+
+def query(name: str | None = None) -> Callable[[_Handler], _Handler]:
+    """Declare a method of a StateMachine as the query handler `name` (default: its own name).
+
+        @query("balance")
+        def query_balance(self, account: str) -> AccountBalance: ...
+
+    Query replicas call it as `method(**args)` with the query's arguments (a msgpack map) and
+    send back its return value (anything msgspec encodes). It runs on a replica's copy of the
+    state, never on the blp, between two records: it must only read the state (no mutation, no
+    `ctx`: there is none), and the determinism rules of `apply` hold (no clock, no randomness, no
+    I/O), so every replica at the same index answers the same. `Rejected(code, message)` refuses
+    it: the client gets `QueryError` with that code. docs/state-machine.md, "Queries".
+    """
+
+    def mark(method: _Handler) -> _Handler:
+        setattr(method, _QUERY_ATTRIBUTE, name or method.__name__)
+        return method
+
+    return mark
+
+
 class StateMachine:
     """Base class of an app. Subclasses set `schema` and override `apply` at least.
 
@@ -138,6 +164,26 @@ class StateMachine:
         """Builds an instance from a `schema.snapshot_type` (already upcast to the current
         version): the exact state that produced it, including the order of dicts."""
         raise NotImplementedError(f"{cls.__name__}.restore is not implemented")
+
+    @classmethod
+    def query_handlers(cls) -> dict[str, str]:
+        """The app's query handlers (`@query`): query name -> method name, sorted by name.
+
+        Raises:
+            TypeError: two methods declare the same query name.
+        """
+        handlers: dict[str, str] = {}
+        for attribute in dir(cls):
+            name = getattr(getattr(cls, attribute, None), _QUERY_ATTRIBUTE, None)
+            if name is None:
+                continue
+            if name in handlers:
+                raise TypeError(
+                    f"{cls.__name__}: query {name!r} is declared by both {handlers[name]} and "
+                    f"{attribute}: give each query its own name"
+                )
+            handlers[name] = attribute
+        return dict(sorted(handlers.items()))
 
 
 class AppLoadError(Exception):

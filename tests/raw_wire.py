@@ -27,8 +27,12 @@ REPLY = struct.Struct("<QQBxH4x")  # request_id, index, status, version
 EVENT = struct.Struct("<QH6x")  # index, version
 FRAME_BYTES_MAX = 1 << 20
 HELLO, WELCOME, COMMAND_KIND, REPLY_KIND, EVENT_KIND, ERROR, REDIRECT, PING, PONG = range(1, 10)
+# docs/client.md, "Catch-up subscriptions and queries": a query replica's kinds.
+SUBSCRIBE, ITEM_KIND, QUERY, ANSWER = range(10, 14)
+ITEM = struct.Struct("<QqBBH4x")  # index, timestamp_ns, kind, record_type, version
+ITEM_RECORD, ITEM_EVENT, ITEM_EVENT_OMITTED = 1, 2, 3
 OK, REJECTED, DUPLICATE = 0, 1, 2
-CONTROL_KINDS = {HELLO, WELCOME, ERROR, REDIRECT, PING, PONG}
+CONTROL_KINDS = {HELLO, WELCOME, ERROR, REDIRECT, PING, PONG, SUBSCRIBE, QUERY, ANSWER}
 READ_TIMEOUT_S = 10.0
 
 
@@ -89,6 +93,12 @@ def parse(data: bytes) -> tuple[list[Frame], bytes]:
         elif kind == EVENT_KIND:
             index, event_version = EVENT.unpack_from(body)
             frames.append(Frame(kind, {"index": index, "version": event_version}, body[EVENT.size :]))
+        elif kind == ITEM_KIND:
+            index, timestamp_ns, item_kind, record_type, item_version = ITEM.unpack_from(body)
+            assert body[20:24] == bytes(4), "ITEM padding is not zero"
+            frames.append(Frame(kind, {"index": index, "timestamp_ns": timestamp_ns, "kind": item_kind,
+                                       "record_type": record_type, "version": item_version},
+                                body[ITEM.size :]))  # fmt: skip
         else:
             raise AssertionError(f"the daemon sent a frame of kind {kind}")
         offset = end

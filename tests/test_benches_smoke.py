@@ -149,6 +149,8 @@ def test_hot_paths_bench_reports_each_loop_per_command() -> None:
 
 
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed (benches only)")
+
+
 def test_a_benchmark_killed_mid_run_leaves_no_redis_server_behind(tmp_dir: Path) -> None:
     script = (
         "import sys, pathlib\n"
@@ -172,3 +174,19 @@ def test_a_benchmark_killed_mid_run_leaves_no_redis_server_behind(tmp_dir: Path)
     except psutil.TimeoutExpired:
         server[0].kill()  # the test's own cleanup; the failure is that it had to
         raise AssertionError("redis-server outlived the benchmark that started it") from None
+QUERY_KEYS = (
+    "query_per_s",
+    "query_per_s_2_replicas",
+    "node_cmds_per_s_with_queries",
+    "node_cmds_per_s_with_queries_2_replicas",
+    "node_cmds_per_s_alone",
+    "live_event_delay_ms_p50",
+    "live_event_delay_ms_p99",
+)
+
+
+def test_query_bench_reports_every_figure() -> None:
+    results = run_json(["-m", "benches.query", "--quick", "--transfers", "300", "--min-seconds", "0"])
+    missing = [key for key in QUERY_KEYS if key not in results]
+    assert not missing, missing
+    assert results["query_per_s"] > 0 and results["query_per_s_2_replicas"] > 0

@@ -189,13 +189,16 @@ ERROR_CASES: dict[str, tuple[dict[str, Any], dict[str, Run]]] = {
     "bad_flags": ({}, {"flags_not_0": _bytes_case(wire.HEADER.pack(0, wire.HELLO, 1, 1))}),
     "unknown_kind": ({}, {
         "kind_0": _bytes_case(wire.HEADER.pack(0, 0, 1, 0)),
-        "kind_10": _bytes_case(_HELLO + wire.HEADER.pack(0, 10, 1, 0)),
+        "kind_14": _bytes_case(_HELLO + wire.HEADER.pack(0, 14, 1, 0)),
     }),
     "unexpected_kind": ({}, {
         "reply_from_a_client": _bytes_case(_HELLO + wire.frame(wire.REPLY_KIND, bytes(24))),
         "welcome_from_a_client": _bytes_case(
             _HELLO + wire.control(wire.WELCOME, session_id=1, node="x", frame_bytes_max=1 << 20)),
         "second_hello": _bytes_case(_HELLO + _HELLO),
+        # A query replica's kinds, sent to the node's socket (docs/client.md).
+        "subscribe_to_the_node": _bytes_case(_HELLO + wire.control(10, from_index=1)),
+        "query_to_the_node": _bytes_case(_HELLO + wire.control(12, query_id=1, name="balance")),
     }),
     "hello_required": ({}, {
         "command_first": _bytes_case(wire.command(1, b"")),
@@ -213,15 +216,25 @@ ERROR_CASES: dict[str, tuple[dict[str, Any], dict[str, Run]]] = {
 }  # fmt: skip
 
 
-# Codes whose cause is a state of the node rather than a client's bytes, each with its own test.
-ERROR_STATE_CASES = {"disk_full": "test_disk_full_refuses_hello_and_command_and_the_node_serves_on_when_space_returns"}
+# Codes whose cause is a state of the node rather than a client's bytes, each with its own test
+# (in this module, or "module:test" for the query replicas' codes).
+ERROR_STATE_CASES = {
+    "disk_full": "test_disk_full_refuses_hello_and_command_and_the_node_serves_on_when_space_returns",
+    "index_below_retention": "tests.test_conformance_replica:test_a_subscribe_below_retention_gets_index_below_retention",
+    "subscriber_too_slow": "tests.test_conformance_replica:test_a_subscriber_that_stalls_while_fed_from_the_journal_gets_subscriber_too_slow",
+    "replica_stopping": "tests.test_conformance_replica:test_a_stopping_replica_tells_its_subscribers_replica_stopping",
+}
 
 
 def test_every_documented_error_code_has_a_conformance_case() -> None:
+    import importlib
+
     documented = wire.doc_codes(wire.ERROR_CODES_HEADING)
     assert sorted([*ERROR_CASES, *ERROR_STATE_CASES]) == sorted(documented)
     for test_name in ERROR_STATE_CASES.values():
-        assert callable(globals().get(test_name)), test_name
+        module, _, name = test_name.rpartition(":")
+        scope = vars(importlib.import_module(module)) if module else globals()
+        assert callable(scope.get(name)), test_name
 
 
 @pytest.mark.parametrize("small_filesystem", ["limit"], indirect=True)

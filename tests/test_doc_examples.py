@@ -119,6 +119,8 @@ def test_example_runs_against_a_real_node(
         environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(apps), environment.get("PYTHONPATH")]))
         settings = {"node": {"app": spec}}
     code = block.code
+    if ".subscribe(" in code or ".query(" in code:  # the query side: the node runs a replica
+        settings = {**settings, "replicas": {"count": 1}}
     node: NodeProcess | None = None
     if DOCUMENTED_SOCKET_PATH in code:
         node = node_factory(settings, environment=environment)

@@ -92,6 +92,7 @@ IO_FREE: dict[str, bool] = {
     "sequencer.journal.errors": True,
     "sequencer.journal.format": True,  # a follower checks batches it received with it
     "sequencer.client.protocol": True,
+    "sequencer.client.replica": True,  # subscriptions and queries, the sans-I/O core
     "sequencer.client.wire": True,  # the client protocol, split by concept (issue 10)
     "sequencer.client.frames": True,
     "sequencer.client.connection": True,

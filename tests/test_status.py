@@ -383,6 +383,10 @@ def _shape_mismatches(documented: object, rendered: object, path: str = "$") -> 
             return [f"{path}: documented an object, rendered {rendered!r}"]
         if path == "$.counters":  # every counter of the segment, by name; abridged in the docs
             return [f"{path}.{name}: {value!r} is not an integer" for name, value in rendered.items() if type(value) is not int]
+        if path == "$.replicas":  # one entry per replica the node runs, shaped like the documented one
+            template = next(iter(documented.values()))
+            return [problem for name, entry in rendered.items()
+                    for problem in _shape_mismatches(template, entry, f"{path}.{name}")]  # fmt: skip
         if path == "$.roles":  # one entry per role, each shaped like the documented ones
             problems = [] if set(rendered) == {role.value for role in Role} else [f"{path}: roles {sorted(rendered)}"]
             template = next(iter(documented.values()))

@@ -40,7 +40,6 @@ import logging
 import os
 import signal
 import socket
-import stat
 import struct
 import sys
 import threading
@@ -52,7 +51,6 @@ from pathlib import Path
 import uvloop
 
 from daemon.errorlog import DistinctErrorLog, exception_key
-from daemon.exits import ExitCode, FatalError
 from daemon.layout import (
     BLP_APPLIED_INDEX,
     BLP_APPLIED_POSITION,
@@ -86,6 +84,7 @@ from daemon.layout import (
     proposal_name,
 )
 from daemon.roles.common import RoleContext, report_start_failure, start_role
+from daemon.unix_socket import bind_unix_socket
 from ipc.idle import idle_strategy
 from ipc.ring import Ring
 from sequencer import egress
@@ -214,6 +213,7 @@ class Sequencer:
             sessions_max=config.socket.sessions_max,
             snapshot_every_records=config.snapshot.every_records,
             snapshot_every_bytes=config.snapshot.every_bytes,
+            replicas=tuple(config.replica_socket_paths()),
         )
         # Stamps continue from what recovery found in the journal.
         self.gateway: Gateway[Session] = Gateway(
@@ -548,49 +548,9 @@ class Sequencer:
         """Create the listening socket at socket.path (its directory 0750, the socket 0660).
 
         Raises:
-            FatalError: the path is taken (not a socket, or served by another process) or the
-                node may not create it; the message names the path and socket.path.
+            FatalError: as `daemon.unix_socket.bind_unix_socket`.
         """
-        path = Path(self.config.socket.path)
-        directory = path.parent
-        try:
-            if not directory.exists():
-                directory.mkdir(mode=0o750, parents=True)
-                os.chmod(directory, 0o750)
-        except OSError as error:
-            raise FatalError.from_os_error(error, f"create the socket directory {directory}", "socket.path") from error
-        if path.exists() or path.is_symlink():
-            if not stat.S_ISSOCK(path.lstat().st_mode):
-                raise FatalError(
-                    ExitCode.CANTCREAT, f"{path} exists and is not a socket: remove it or choose another socket.path"
-                )
-            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                probe.connect(str(path))
-            except OSError:
-                try:
-                    path.unlink()  # a stale socket of a dead daemon
-                except OSError as error:
-                    raise FatalError.from_os_error(error, f"remove the stale socket {path}", "socket.path") from error
-            else:
-                raise FatalError(
-                    ExitCode.CANTCREAT, f"another process is serving {path}: stop it or choose another socket.path"
-                )
-            finally:
-                probe.close()
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        previous = os.umask(0o117)  # the socket file is born 0660: no window with wider access
-        try:
-            sock.bind(str(path))
-            os.chmod(path, 0o660)
-        except OSError as error:
-            sock.close()
-            raise FatalError.from_os_error(error, f"create the socket {path}", "socket.path") from error
-        finally:
-            os.umask(previous)
-        sock.listen(LISTEN_BACKLOG)
-        sock.setblocking(False)
-        return sock
+        return bind_unix_socket(Path(self.config.socket.path), "socket.path", LISTEN_BACKLOG)
 
     async def serve(self) -> None:
         context = self.context

@@ -24,7 +24,7 @@ from typing import Any
 import msgspec
 
 from sequencer.schema import Schema
-from sequencer.state_machine import Context, Rejected, StateMachine
+from sequencer.state_machine import Context, Rejected, StateMachine, query
 
 __all__ = [
     "AMOUNT_MAX",
@@ -352,6 +352,21 @@ class Ledger(StateMachine):
                 "or expired)",
             )
         return reservation
+
+    # -- queries (answered by query replicas, never by the blp) ------------------------------
+
+    @query("balance")
+    def query_balance(self, account: str) -> AccountBalance:
+        """An account's balance and held amount, read from a replica."""
+        state = self.accounts.get(account)
+        if state is None:
+            raise Rejected("unknown_account", f"account {account!r} is not open")
+        return AccountBalance(account, state.balance, state.held)
+
+    @query("accounts")
+    def query_accounts(self) -> list[str]:
+        """The open accounts' names, in the order they were opened (the mint left out)."""
+        return [name for name in self.accounts if name != MINT]
 
     # -- snapshots --------------------------------------------------------------------------
 

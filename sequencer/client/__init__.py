@@ -31,6 +31,16 @@ _LAZY = {
     "PendingRequest": ".blocking",
     "ClientSchema": ".session",
     "new_client_id": ".ids",
+    "Subscription": ".subscription",
+    "AsyncSubscription": ".aio_subscription",
+    "AsyncReplicaQueries": ".aio_subscription",
+    "ReplicaQueries": ".subscription",
+    "SubscriptionItem": ".replica",
+    "QueryResult": ".replica",
+    "QueryError": ".replica",
+    "SubscriptionError": ".replica",
+    "Consistency": ".replica",
+    "ItemKind": ".replica",
 }
 
 
@@ -47,23 +57,43 @@ def __getattr__(name: str) -> object:
 
 if TYPE_CHECKING:
     from .aio import AsyncClient, AsyncPendingRequest
+    from .aio_subscription import AsyncReplicaQueries, AsyncSubscription
     from .blocking import Client, PendingRequest
     from .ids import new_client_id
+    from .replica import (
+        Consistency,
+        ItemKind,
+        QueryError,
+        QueryResult,
+        SubscriptionError,
+        SubscriptionItem,
+    )
     from .session import ClientSchema
+    from .subscription import ReplicaQueries, Subscription
 
 __all__ = [
     "AsyncClient",
     "AsyncPendingRequest",
+    "AsyncReplicaQueries",
+    "AsyncSubscription",
     "Client",
     "ClientClosed",
     "ClientError",
     "ClientSchema",
     "CommandRejected",
     "ConnectionLost",
+    "Consistency",
     "Duplicate",
+    "ItemKind",
     "PendingRequest",
     "ProtocolError",
     "ProtocolViolation",
+    "QueryError",
+    "QueryResult",
+    "ReplicaQueries",
+    "Subscription",
+    "SubscriptionError",
+    "SubscriptionItem",
     "TimedOut",
     "new_client_id",
 ]

@@ -14,8 +14,10 @@ import math
 from collections.abc import AsyncIterator, Generator
 from typing import Any, cast
 
+from .aio_subscription import AsyncReplicaQueries, AsyncSubscription
 from .errors import ClientClosed, ClientError, TimedOut
 from .ids import new_client_id
+from .replica import Consistency, QueryResult
 from .session import (
     SEND_BATCH_BYTES,
     Action,
@@ -147,6 +149,7 @@ class AsyncClient(SessionView):
         self._connected: asyncio.Future[None] | None = None
         self._window: asyncio.Future[None] | None = None  # room in the in-flight window
         self._event_arrived: asyncio.Future[None] | None = None
+        self._queries: AsyncReplicaQueries | None = None
 
     # -- public API ----------------------------------------------------------------------------
 
@@ -229,11 +232,57 @@ class AsyncClient(SessionView):
             except TimedOut:
                 return
 
+    async def subscribe(
+        self,
+        from_index: int = 1,
+        records: bool = False,
+        *,
+        replicas: list[str] | None = None,
+        reconnect_timeout_s: float | None = None,
+    ) -> AsyncSubscription:
+        """As `Client.subscribe`, for asyncio (connecting first, to learn the node's replicas):
+        `async for item in await client.subscribe(from_index=1)`."""
+        if replicas is None:
+            await self.connect()
+        return AsyncSubscription(
+            list(replicas) if replicas is not None else list(self._session.replicas),
+            from_index, records, self._session.schema, self.client_id,
+            self._session.reconnect_timeout_s if reconnect_timeout_s is None else reconnect_timeout_s,
+        )  # fmt: skip
+
+    async def query(
+        self,
+        name: str,
+        args: dict[str, Any] | None = None,
+        *,
+        consistency: str = Consistency.AFTER,
+        after_index: int | None = None,
+        timeout_s: float | None = None,
+        result_type: Any = Any,
+        replicas: list[str] | None = None,
+    ) -> QueryResult:
+        """As `Client.query`, for asyncio."""
+        if self._queries is None:
+            if replicas is None:
+                await self.connect()
+            self._queries = AsyncReplicaQueries(
+                list(replicas) if replicas is not None else list(self._session.replicas),
+                self.client_id, self._session.timeout_s, self._session.reconnect_timeout_s,
+            )  # fmt: skip
+        if after_index is None:
+            after_index = self._session.last_index
+        return await self._queries.query(
+            name, args, consistency=consistency, after_index=after_index, timeout_s=timeout_s,
+            result_type=result_type,
+        )  # fmt: skip
+
     async def close(self) -> None:
         """Write what is queued, close the connection, and fail every waiter. Idempotent."""
         if self._closed:
             return
         self._closed = True
+        if self._queries is not None:
+            self._queries.close()
         task = self._reconnect_task
         if task is not None:
             task.cancel()

@@ -20,6 +20,7 @@ from typing import Any
 from .errors import ClientClosed, ClientError, TimedOut
 from .ids import new_client_id
 from .protocol import READ_BYTES_MAX
+from .replica import Consistency, QueryResult
 from .session import (
     SEND_BATCH_BYTES,
     Action,
@@ -29,6 +30,7 @@ from .session import (
     Session,
     SessionView,
 )
+from .subscription import ReplicaQueries, Subscription
 
 __all__ = ["Client", "PendingRequest"]
 
@@ -122,6 +124,7 @@ class Client(SessionView):
         self._socket: socket.socket | None = None  # connected and welcomed, or None
         self._poller = select.poll()
         self._closed = False
+        self._queries: ReplicaQueries | None = None
         self._reconnect(math.inf, "connecting")
 
     # -- public API ----------------------------------------------------------------------------
@@ -213,11 +216,87 @@ class Client(SessionView):
             except TimedOut:
                 return
 
+    def subscribe(
+        self,
+        from_index: int = 1,
+        records: bool = False,
+        *,
+        replicas: list[str] | None = None,
+        reconnect_timeout_s: float | None = None,
+    ) -> Subscription:
+        """A catch-up subscription to the node's committed stream, served by its query replicas.
+
+        Iterate over it for `SubscriptionItem`s (index, timestamp_ns, kind, version, payload,
+        event decoded by this client's schema): every event published from `from_index` on
+        (with `records`, every record too, before its events), then live. It resumes on its own
+        across disconnects and restarts, without gap or duplicate (docs/query-side.md).
+
+        Args:
+            from_index: the first log index wanted (0 and 1: from the beginning).
+            records: also every committed record, whole.
+            replicas: the replica sockets; default: the node's, from its WELCOME.
+
+        Raises:
+            ValueError: the node runs no query replica and none was given.
+        """
+        self._check_open()
+        return Subscription(
+            self._replica_paths(replicas), from_index, records, self._session.schema,
+            self.client_id,
+            self._session.reconnect_timeout_s if reconnect_timeout_s is None else reconnect_timeout_s,
+        )  # fmt: skip
+
+    def query(
+        self,
+        name: str,
+        args: dict[str, Any] | None = None,
+        *,
+        consistency: str = Consistency.AFTER,
+        after_index: int | None = None,
+        timeout_s: float | None = None,
+        result_type: Any = Any,
+        replicas: list[str] | None = None,
+    ) -> QueryResult:
+        """Run the app's query `name(**args)` on a query replica, never on the blp.
+
+        Args:
+            consistency: "after" (default): answered once the replica has applied
+                `after_index`, by default the index of this client's last reply, so a query
+                sees this client's own writes; "local": whatever the replica has applied;
+                "linearizable": cluster only (refused on a single node).
+            result_type: the type to decode the result into (default: plain msgpack values).
+
+        Returns:
+            QueryResult(value, index): the result and the log index of the state it reflects.
+
+        Raises:
+            QueryError: the replica refused or failed it (`unknown_query`, `bad_query_args`,
+                `query_failed`, `not_applied_in_time`, `consistency_unavailable`).
+            TimedOut, ConnectionLost: as for commands.
+        """
+        self._check_open()
+        if self._queries is None:
+            self._queries = ReplicaQueries(
+                self._replica_paths(replicas), self.client_id, self._session.timeout_s,
+                self._session.reconnect_timeout_s,
+            )  # fmt: skip
+        if after_index is None:
+            after_index = self._session.last_index
+        return self._queries.query(
+            name, args, consistency=consistency, after_index=after_index, timeout_s=timeout_s,
+            result_type=result_type,
+        )  # fmt: skip
+
+    def _replica_paths(self, replicas: list[str] | None) -> list[str]:
+        return list(replicas) if replicas is not None else list(self._session.replicas)
+
     def close(self) -> None:
         """Write what is queued if the socket takes it now, and close. Idempotent."""
         if self._closed:
             return
         self._closed = True
+        if self._queries is not None:
+            self._queries.close()
         if self._socket is not None:
             try:
                 self._write_some()

@@ -19,6 +19,7 @@ from .frames import (
     Event,
     Frame,
     Hello,
+    Item,
     LocalProtocolError,
     ProtocolError,
     Reply,
@@ -41,6 +42,7 @@ from .wire import (
     FrameKind,
     ReplyStatus,
     Sentinel,
+    Service,
     Side,
 )
 
@@ -58,6 +60,8 @@ _COMMAND_FRAME: Final = struct.Struct("<IBBH" + "QQH6x")
 _REPLY_FRAME: Final = struct.Struct("<IBBH" + "QQBxH4x")
 _EVENT_FRAME: Final = struct.Struct("<IBBH" + "QH6x")
 _REPLY_FRAME_HEADER: Final = wire.FRAME_HEADER.pack
+_ITEM_FRAME: Final = struct.Struct("<IBBH" + "QqBBH4x")
+ITEM_HEADER: Final = wire.ITEM_HEADER
 
 # Identifiers are unsigned 64-bit on the wire; 0 means "none" for request ids and indexes.
 _U64_LIMIT: Final = 1 << 64
@@ -69,27 +73,26 @@ _REPLY_STATUS_MAX: Final = max(ReplyStatus)
 _KIND_COMMAND: Final = int(FrameKind.COMMAND)
 _KIND_REPLY: Final = int(FrameKind.REPLY)
 _KIND_EVENT: Final = int(FrameKind.EVENT)
+_KIND_ITEM: Final = int(FrameKind.ITEM)
 assert (_KIND_COMMAND, _KIND_REPLY, _KIND_EVENT) == (3, 4, 5)  # literals in next_frames
+assert int(FrameKind.ITEM) == 11  # a literal in next_frames
 
 _ENCODER: Final = msgspec.msgpack.Encoder()
 
-# Which kinds each side may send. ERROR, PING and PONG go both ways: a client may say why it hangs
-# up, and either side may probe a quiet connection.
-_SENT_BY: Final[dict[Side, frozenset[int]]] = {
-    Side.CLIENT: frozenset(
-        {FrameKind.HELLO, FrameKind.COMMAND, FrameKind.ERROR, FrameKind.PING, FrameKind.PONG}
-    ),
-    Side.SERVER: frozenset(
-        {
-            FrameKind.WELCOME,
-            FrameKind.REPLY,
-            FrameKind.EVENT,
-            FrameKind.ERROR,
-            FrameKind.REDIRECT,
-            FrameKind.PING,
-            FrameKind.PONG,
-        }
-    ),
+# Which kinds each side may send, per service. ERROR, PING and PONG go both ways: a client may
+# say why it hangs up, and either side may probe a quiet connection. A query replica takes
+# SUBSCRIBE and QUERY instead of COMMAND, and sends ITEM and ANSWER instead of REPLY and EVENT.
+_BOTH_WAYS: Final = frozenset({FrameKind.ERROR, FrameKind.PING, FrameKind.PONG})
+_SENT_BY_SERVICE: Final[dict[Service, dict[Side, frozenset[int]]]] = {
+    Service.NODE: {
+        Side.CLIENT: _BOTH_WAYS | {FrameKind.HELLO, FrameKind.COMMAND},
+        Side.SERVER: _BOTH_WAYS
+        | {FrameKind.WELCOME, FrameKind.REPLY, FrameKind.EVENT, FrameKind.REDIRECT},
+    },
+    Service.REPLICA: {
+        Side.CLIENT: _BOTH_WAYS | {FrameKind.HELLO, FrameKind.SUBSCRIBE, FrameKind.QUERY},
+        Side.SERVER: _BOTH_WAYS | {FrameKind.WELCOME, FrameKind.ITEM, FrameKind.ANSWER},
+    },
 }
 _OTHER_SIDE: Final = {Side.CLIENT: Side.SERVER, Side.SERVER: Side.CLIENT}
 # Minimum body bytes per kind: the fixed body header of the hot frames.
@@ -97,8 +100,13 @@ _BODY_BYTES_MIN: Final[dict[int, int]] = {
     FrameKind.COMMAND: COMMAND_HEADER.size,
     FrameKind.REPLY: REPLY_HEADER.size,
     FrameKind.EVENT: EVENT_HEADER.size,
+    FrameKind.ITEM: ITEM_HEADER.size,
 }
 _KIND_NAMES: Final = {int(kind): kind.name for kind in FrameKind}
+# What a server sends only once the session is open (after WELCOME).
+_AFTER_WELCOME: Final = frozenset(
+    {FrameKind.REPLY, FrameKind.EVENT, FrameKind.ITEM, FrameKind.ANSWER}
+)
 
 
 class Connection:
@@ -123,16 +131,19 @@ class Connection:
         "_pending_error",
         "_receivable",
         "_sendable",
+        "_service",
         "_start",
         "_we_closed",
     )
 
-    def __init__(self, our_side: Side) -> None:
+    def __init__(self, our_side: Side, service: Service = Service.NODE) -> None:
         self._our_side = our_side
+        self._service = service
         self._buffer = bytearray()
         self._start = 0
-        self._receivable = _SENT_BY[_OTHER_SIDE[our_side]]
-        self._sendable = _SENT_BY[our_side]
+        sent_by = _SENT_BY_SERVICE[service]
+        self._receivable = sent_by[_OTHER_SIDE[our_side]]
+        self._sendable = sent_by[our_side]
         # Server: HELLO received / WELCOME sent. Client: WELCOME received / HELLO sent.
         self._handshake_received = False
         self._handshake_sent = False
@@ -314,6 +325,16 @@ class Connection:
                             else bytes(buffer[body + 16 : frame_end]),
                         )
                     )
+                elif kind == 11:  # ITEM
+                    index, timestamp_ns, item_kind, record_type, item_version = (
+                        ITEM_HEADER.unpack_from(buffer, body)
+                    )
+                    payload = (
+                        data[body + 24 - base : frame_end - base]
+                        if data
+                        else bytes(buffer[body + 24 : frame_end])
+                    )
+                    append(Item(index, timestamp_ns, item_kind, record_type, item_version, payload))
                 else:
                     append(self._decode_control(kind, buffer, body, frame_end))
                     hot_body_bytes_min = self._hot_body_bytes_min
@@ -369,6 +390,17 @@ class Connection:
         name = _KIND_NAMES[kind]
         if kind not in self._receivable:
             peer = _OTHER_SIDE[self._our_side].value
+            other_service = Service.REPLICA if self._service is Service.NODE else Service.NODE
+            if kind in _SENT_BY_SERVICE[other_service][_OTHER_SIDE[self._our_side]]:
+                where = (
+                    "a query replica's socket" if other_service is Service.REPLICA
+                    else "the node's socket"
+                )
+                raise ProtocolError(
+                    ErrorCode.UNEXPECTED_KIND,
+                    f"{name} frames go to {where}, not to a {self._service.value} "
+                    f"{self._our_side.value}: connect there instead",
+                )
             raise ProtocolError(
                 ErrorCode.UNEXPECTED_KIND,
                 f"a {peer} may not send {name} frames to a {self._our_side.value}: "
@@ -393,7 +425,7 @@ class Connection:
                     ErrorCode.UNEXPECTED_KIND,
                     "a second WELCOME on the same connection; the server is broken: report it",
                 )
-            if kind in (FrameKind.REPLY, FrameKind.EVENT) and not self._handshake_received:
+            if kind in _AFTER_WELCOME and not self._handshake_received:
                 raise ProtocolError(
                     ErrorCode.UNEXPECTED_KIND,
                     f"{name} before WELCOME; the server must answer HELLO first: report it",
@@ -496,6 +528,12 @@ class Connection:
             elif kind == FrameKind.EVENT:
                 assert isinstance(frame, Event)
                 self.send_event_into(out, frame.index, frame.version, frame.payload)
+            elif kind == FrameKind.ITEM:
+                assert isinstance(frame, Item)
+                self.send_item_into(
+                    out, frame.index, frame.timestamp_ns, frame.kind, frame.record_type,
+                    frame.version, frame.payload,
+                )  # fmt: skip
             else:
                 body = _ENCODER.encode(frame)
                 self._check_body_size(len(body), kind)
@@ -580,6 +618,29 @@ class Connection:
         out += _EVENT_FRAME.pack(length, FrameKind.EVENT, PROTOCOL_VERSION, 0, index, version)
         out += payload
 
+    def send_item_into(
+        self,
+        out: bytearray,
+        index: int,
+        timestamp_ns: int,
+        kind: int,
+        record_type: int,
+        version: int,
+        payload: bytes | bytearray | memoryview,
+    ) -> None:
+        """Append one ITEM frame to `out` (a query replica's subscription)."""
+        if _KIND_ITEM not in self._hot_sendable:
+            self._check_usable()
+            self._check_sendable(FrameKind.ITEM)
+        length = ITEM_HEADER.size + len(payload)
+        if length > FRAME_BODY_BYTES_MAX:
+            self._check_body_size(length, FrameKind.ITEM)
+        out += _ITEM_FRAME.pack(
+            length, FrameKind.ITEM, PROTOCOL_VERSION, 0, index, timestamp_ns, kind, record_type,
+            version,
+        )  # fmt: skip
+        out += payload
+
     def _check_sendable(self, kind: int) -> None:
         name = _KIND_NAMES[kind]
         if kind not in self._sendable:
@@ -604,7 +665,7 @@ class Connection:
                 raise LocalProtocolError(
                     "hello_required", f"{name} answers a HELLO, and none has been received"
                 )
-            if kind in (FrameKind.REPLY, FrameKind.EVENT) and not self._handshake_sent:
+            if kind in _AFTER_WELCOME and not self._handshake_sent:
                 raise LocalProtocolError("welcome_required", f"send WELCOME before any {name}")
 
     def _check_body_size(self, body_bytes: int, kind: int) -> None:

@@ -10,7 +10,7 @@ A REJECTED reply's payload is encoded and decoded here too. The numbers are in
 
 from __future__ import annotations
 
-from typing import Final
+from typing import Any, Final
 
 import msgspec
 
@@ -19,18 +19,22 @@ from .wire import COMMAND_BYTES_MAX, IN_FLIGHT_MAX, PROTOCOL_VERSION, ErrorCode,
 __all__ = [
     "CONTROL_DECODERS",
     "KIND_OF_TYPE",
+    "Answer",
     "Command",
     "ControlFrame",
     "Error",
     "Event",
     "Frame",
     "Hello",
+    "Item",
     "LocalProtocolError",
     "Ping",
     "Pong",
     "ProtocolError",
+    "Query",
     "Redirect",
     "Reply",
+    "Subscribe",
     "decode_rejection",
     "encode_rejection",
 ]
@@ -62,6 +66,10 @@ class Welcome(msgspec.Struct, kw_only=True):
     command_bytes_max: int = COMMAND_BYTES_MAX
     in_flight_max: int = IN_FLIGHT_MAX
     saved_replies_max: int = IN_FLIGHT_MAX
+    # The sockets of this node's query replicas (`[replicas]`), where a client subscribes and
+    # queries; empty when it runs none. A query replica's own WELCOME names its node here.
+    replicas: list[str] = msgspec.field(default_factory=list)
+    applied_index: int = 0  # a query replica's WELCOME: what it had applied when it answered
 
 
 class Error(msgspec.Struct, kw_only=True):
@@ -85,6 +93,44 @@ class Ping(msgspec.Struct, kw_only=True):
 
 class Pong(msgspec.Struct, kw_only=True):
     nonce: int
+
+
+# A query replica's control frames (docs/client.md, "Catch-up subscriptions and queries").
+
+
+class Subscribe(msgspec.Struct, kw_only=True):
+    """Start this connection's subscription: every item from `from_index` (0 and 1 both mean
+    the first record), then live. Events always; every record too when `records`."""
+
+    from_index: int
+    records: bool = False
+
+
+class Query(msgspec.Struct, kw_only=True):
+    """Ask a query replica to run the app's query `name` with keyword arguments `args`.
+
+    `consistency` is "local" (what the replica has applied), "after" (wait until it has applied
+    `after_index`, at most `wait_ms`) or "linearizable" (a cluster's ReadIndex; refused on a
+    single node). `query_id` is the client's, echoed in the ANSWER.
+    """
+
+    query_id: int
+    name: str
+    args: dict[str, Any] = msgspec.field(default_factory=dict)
+    consistency: str = "local"
+    after_index: int = 0
+    wait_ms: int = 10_000
+
+
+class Answer(msgspec.Struct, kw_only=True):
+    """A query replica's answer to QUERY `query_id`: the result (msgpack of the handler's return
+    value) as of log `index`, or, when `code` is not empty, why there is none."""
+
+    query_id: int
+    index: int
+    result: msgspec.Raw = msgspec.Raw(b"\xc0")  # msgpack nil
+    code: str = ""
+    message: str = ""
 
 
 # Hot frames: msgspec structs are used here only as slotted records (no msgspec decoding); they
@@ -120,8 +166,23 @@ class Event(msgspec.Struct, gc=False):
     payload: bytes
 
 
-ControlFrame = Hello | Welcome | Error | Redirect | Ping | Pong
-Frame = Hello | Welcome | Command | Reply | Event | Error | Redirect | Ping | Pong
+class Item(msgspec.Struct, gc=False):
+    """One item of a catch-up subscription (`ItemKind`): a record, whole, or an event published
+    while applying the record at `index` (stamped `timestamp_ns`)."""
+
+    index: int
+    timestamp_ns: int
+    kind: int
+    record_type: int
+    version: int
+    payload: bytes
+
+
+ControlFrame = Hello | Welcome | Error | Redirect | Ping | Pong | Subscribe | Query | Answer
+Frame = (
+    Hello | Welcome | Command | Reply | Event | Error | Redirect | Ping | Pong
+    | Subscribe | Item | Query | Answer
+)
 
 
 # Each frame type's kind, and the decoder of each control kind's body.
@@ -132,6 +193,9 @@ _CONTROL_TYPES: Final[dict[int, type]] = {
     FrameKind.REDIRECT: Redirect,
     FrameKind.PING: Ping,
     FrameKind.PONG: Pong,
+    FrameKind.SUBSCRIBE: Subscribe,
+    FrameKind.QUERY: Query,
+    FrameKind.ANSWER: Answer,
 }
 CONTROL_DECODERS: Final[dict[int, msgspec.msgpack.Decoder]] = {  # type: ignore[type-arg]
     kind: msgspec.msgpack.Decoder(struct_type) for kind, struct_type in _CONTROL_TYPES.items()
@@ -146,6 +210,10 @@ KIND_OF_TYPE: Final[dict[type, int]] = {
     Redirect: FrameKind.REDIRECT,
     Ping: FrameKind.PING,
     Pong: FrameKind.PONG,
+    Subscribe: FrameKind.SUBSCRIBE,
+    Item: FrameKind.ITEM,
+    Query: FrameKind.QUERY,
+    Answer: FrameKind.ANSWER,
 }
 
 

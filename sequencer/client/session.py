@@ -243,6 +243,10 @@ class Session:
         self.frame_bytes_max = FRAME_BYTES_MAX
         self.session_id = 0
         self.node = ""
+        # The node's query replicas (WELCOME) and the highest log index of a reply received:
+        # a query's default consistency waits until a replica has applied it (read-your-writes).
+        self.replicas: list[str] = []
+        self.last_index = 0
         self.events: collections.deque[Event] = collections.deque()
         self.outgoing = bytearray()
         # A shell that wakes a waiter per reply sets a list here: receive_data appends every
@@ -440,6 +444,8 @@ class Session:
                         self.replies_ignored += 1
                         continue
                     request._reply = frame
+                    if frame.index > self.last_index:
+                        self.last_index = frame.index
                     if answered is not None:
                         answered.append(request)
                     if frame.request_id == self.acked_request_id + 1:
@@ -490,6 +496,7 @@ class Session:
         self.state = _State.CONNECTED
         self.session_id = welcome.session_id
         self.node = welcome.node
+        self.replicas = list(welcome.replicas)
         self.frame_bytes_max = min(FRAME_BYTES_MAX, welcome.frame_bytes_max)
         # The node's advertised window caps ours (a WELCOME without the key decodes to the
         # default a version 1 daemon enforces).

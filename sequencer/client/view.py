@@ -46,6 +46,16 @@ class SessionView:
         return len(self._session.in_flight)
 
     @property
+    def last_index(self) -> int:
+        """The highest log index of a reply received: what a query waits for by default."""
+        return self._session.last_index
+
+    @property
+    def replicas(self) -> list[str]:
+        """The node's query replica sockets, from its WELCOME (empty: it runs none)."""
+        return list(self._session.replicas)
+
+    @property
     def stats(self) -> dict[str, int]:
         """Counters: reconnects, stale replies ignored, events dropped."""
         session = self._session

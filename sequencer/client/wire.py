@@ -23,6 +23,7 @@ __all__ = [
     "FRAME_HEADER",
     "FRAME_HEADER_BYTES",
     "IN_FLIGHT_MAX",
+    "ITEM_HEADER",
     "NEED_DATA",
     "PROTOCOL_VERSION",
     "PROTOCOL_VERSIONS_SUPPORTED",
@@ -31,9 +32,11 @@ __all__ = [
     "REPLY_HEADER",
     "ErrorCode",
     "FrameKind",
+    "ItemKind",
     "RejectionCode",
     "ReplyStatus",
     "Sentinel",
+    "Service",
     "Side",
 ]
 
@@ -63,6 +66,9 @@ FRAMES_PER_CALL_MAX: Final = 4096
 COMMAND_HEADER: Final = struct.Struct("<QQH6x")  # request_id, acked_request_id, version
 REPLY_HEADER: Final = struct.Struct("<QQBxH4x")  # request_id, index, status, version
 EVENT_HEADER: Final = struct.Struct("<QH6x")  # index, version
+# A catch-up subscription's item (replica sockets only): index, timestamp_ns, ItemKind, the
+# record's type (RECORD items; 0 otherwise), version (the event's, or the record's).
+ITEM_HEADER: Final = struct.Struct("<QqBBH4x")
 
 # The largest command payload a frame can carry (1,048,544 bytes). A daemon may accept less
 # (`socket.command_bytes_max`, sent in WELCOME); this is the default a WELCOME without the field
@@ -79,6 +85,7 @@ assert FRAME_HEADER_BYTES == 8, FRAME_HEADER_BYTES
 assert COMMAND_HEADER.size == 24, COMMAND_HEADER.size
 assert REPLY_HEADER.size == 24, REPLY_HEADER.size
 assert EVENT_HEADER.size == 16, EVENT_HEADER.size
+assert ITEM_HEADER.size == 24, ITEM_HEADER.size
 assert RECEIVE_BUFFER_BYTES_MAX >= FRAME_BYTES_MAX + READ_BYTES_MAX
 assert FRAMES_PER_CALL_MAX >= 1
 
@@ -93,6 +100,22 @@ class FrameKind(enum.IntEnum):
     REDIRECT = 7
     PING = 8
     PONG = 9
+    # A query replica's socket only (docs/client.md, "Catch-up subscriptions and queries"): a
+    # node's sequencer refuses them as `unexpected_kind`.
+    SUBSCRIBE = 10
+    ITEM = 11
+    QUERY = 12
+    ANSWER = 13
+
+
+class ItemKind(enum.IntEnum):
+    """What an ITEM frame carries."""
+
+    RECORD = 1  # a committed record, whole as in the journal (48-byte header, then the payload)
+    EVENT = 2  # an event the state machine published while applying the record at `index`
+    # An event too large for a frame was published here and left out (payload: msgpack
+    # {"code": "event_too_large", "message": ...}), so a subscriber sees where it was.
+    EVENT_OMITTED = 3
 
 
 class ReplyStatus(enum.IntEnum):
@@ -124,6 +147,10 @@ class ErrorCode(enum.StrEnum):
     UNAVAILABLE = "unavailable"
     # Refused by the daemon at HELLO or COMMAND while the journal's disk is short of space.
     DISK_FULL = "disk_full"
+    # Sent by a query replica to a subscriber (docs/client.md, "Catch-up subscriptions").
+    INDEX_BELOW_RETENTION = "index_below_retention"
+    SUBSCRIBER_TOO_SLOW = "subscriber_too_slow"
+    REPLICA_STOPPING = "replica_stopping"
 
 
 class RejectionCode(enum.StrEnum):
@@ -144,6 +171,14 @@ class RejectionCode(enum.StrEnum):
 class Side(enum.Enum):
     CLIENT = "client"
     SERVER = "server"
+
+
+class Service(enum.Enum):
+    """What the server end of a connection is: a node's sequencer (commands, replies, live
+    events) or a query replica (catch-up subscriptions and queries). Each takes its own kinds."""
+
+    NODE = "node"
+    REPLICA = "replica"
 
 
 class Sentinel(enum.Enum):

@@ -93,6 +93,8 @@ class GatewayConfig:
     sessions_max: int
     snapshot_every_records: int = 0  # 0: only on request
     snapshot_every_bytes: int = 0  # command payload bytes between snapshots; 0: only on request
+    # The node's query replica sockets, told to every client in WELCOME (docs/query-side.md).
+    replicas: tuple[str, ...] = ()
 
 
 # -- the gateway -------------------------------------------------------------------------------
@@ -257,6 +259,7 @@ class Gateway(Generic[S]):
             command_bytes_max=config.command_bytes_max,
             in_flight_max=IN_FLIGHT_MAX,
             saved_replies_max=SAVED_REPLIES_MAX,
+            replicas=list(config.replicas),
         )
         session.connection.send_into(session.out, welcome)
         return True
