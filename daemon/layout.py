@@ -76,6 +76,8 @@ __all__ = [
     "RoleCounters",
     "RoleState",
     "attach_counters",
+    "commit_index_counter",
+    "committed_index",
     "counter_spec",
     "counters_name",
     "create_counters",
@@ -654,6 +656,19 @@ def _replica_block(number: int) -> ReplicaCounters:
 REPLICA_COUNTERS: tuple[ReplicaCounters, ...] = tuple(
     _replica_block(number) for number in range(REPLICAS_MAX)
 )
+
+def commit_index_counter(clustered: bool) -> CounterSpec:
+    """The node's commit index: the journaller's `commit.index` on a single node, the
+    replicator's `raft.commit.index` in a cluster (the other one stays 0)."""
+    return RAFT_COMMIT_INDEX if clustered else COMMIT_INDEX
+
+
+def committed_index(values: Mapping[str, int]) -> int | None:
+    """The commit index from a reading of the counters, whichever role owns it on this node;
+    None when neither was read."""
+    found = [values[spec.name] for spec in (COMMIT_INDEX, RAFT_COMMIT_INDEX) if spec.name in values]
+    return max(found) if found else None
+
 
 COUNTERS: tuple[CounterSpec, ...] = tuple(_table)
 COUNTER_NAMES: tuple[str, ...] = tuple(spec.name for spec in COUNTERS)

@@ -102,7 +102,7 @@ def load_projection(spec: str) -> Projection:
 def _commit_index(node: str, clustered: bool) -> Callable[[], int | None]:
     """The node's commit index, read from its counters at each call; None (no limit) while a
     single node is stopped."""
-    from daemon.layout import COMMIT_INDEX
+    from daemon.layout import committed_index
     from daemon.status import read_counters
 
     def commit_index() -> int | None:
@@ -114,7 +114,7 @@ def _commit_index(node: str, clustered: bool) -> Callable[[], int | None]:
                     "start the node before its projector"
                 )
             return None
-        return values.get(COMMIT_INDEX.name)
+        return committed_index(values)
 
     return commit_index
 

@@ -10,7 +10,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from daemon.layout import COMMIT_INDEX, REPLICA_COUNTERS, ReplicaCounters
+from daemon.layout import REPLICA_COUNTERS, ReplicaCounters, committed_index
 from daemon.text_table import cell, table
 
 __all__ = ["ReplicaStatus", "replica_statuses", "replicas_json", "replicas_table"]
@@ -42,7 +42,7 @@ def _status(
         return values.get(name) if pid is not None else None
 
     applied = own(block.applied_index.name)
-    commit = values.get(COMMIT_INDEX.name)
+    commit = committed_index(values)
     return ReplicaStatus(
         name=block.owner,
         pid=pid,

@@ -46,7 +46,8 @@ class Cluster:
     j's peer address, and k listens on its own real port)."""
 
     def __init__(
-        self, directory: Path, unique: str, network: FaultNetwork | None = None, election_timeout_ms: int = 300
+        self, directory: Path, unique: str, network: FaultNetwork | None = None, election_timeout_ms: int = 300,
+        extra: dict[str, dict[str, Any]] | None = None,
     ) -> None:
         secret = directory / "cluster.secret"
         secret.write_text(secrets.token_hex(32) + "\n")
@@ -73,7 +74,7 @@ class Cluster:
                     "election_timeout_ms": election_timeout_ms,
                 },
             }
-            self.nodes.append(NodeProcess(node_dir, f"{unique}c{k + 1}", settings))
+            self.nodes.append(NodeProcess(node_dir, f"{unique}c{k + 1}", settings | (extra or {})))
 
     def start(self) -> None:
         for node in self.nodes:
@@ -328,3 +329,43 @@ def test_leadership_moving_until_the_first_leader_leads_again_loses_no_client_re
     expected["carol"] -= 1 + len(waiting)
     expected["dave"] += 1 + len(waiting)
     assert balances(first.socket_path, ACCOUNTS) == expected
+
+
+@pytest.fixture
+def cluster_with_replicas(tmp_dir: Path, unique: str) -> Iterator[Cluster]:
+    made = Cluster(tmp_dir, unique, extra={"replicas": {"count": 1, "poll_ms": 1.0}})
+    try:
+        yield made
+    finally:
+        _stop(made)
+
+
+def test_a_query_replica_on_a_follower_follows_the_clusters_commit(cluster_with_replicas: Cluster) -> None:
+    """A cluster node's journaller publishes no `commit.index` (the replicator owns the commit):
+    a replica that followed it would never apply anything."""
+    from sequencer.apps.ledger import Ledger
+    from sequencer.client import Client
+
+    cluster = cluster_with_replicas
+    cluster.start()
+    leader = cluster.wait_leader(cluster.nodes)
+    follower = next(node for node in cluster.nodes if node is not leader)
+    open_accounts(leader.socket_path, ACCOUNTS)
+    driver = TransferDriver(leader.socket_path, ACCOUNTS, seed=3).start()
+    driver.wait_acknowledged(100)
+    driver.stop()
+    applied, _hash = cluster.wait_converged(cluster.nodes)
+    expected = expected_balances(ACCOUNTS, [driver])
+    with Client(follower.socket_path, schema=Ledger.schema) as client:
+        for account in ACCOUNTS:
+            result = client.query("balance", {"account": account}, after_index=applied, timeout_s=CLUSTER_TIMEOUT_S)
+            assert result.index >= applied
+            assert result.value["balance"] == expected[account], (account, result)
+        items = client.subscribe(from_index=1, records=True)
+        indexes = []
+        for item in items:
+            indexes.append(item.index)
+            if item.index >= applied:
+                break
+        items.close()
+    assert set(indexes) == set(range(1, applied + 1))

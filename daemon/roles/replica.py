@@ -50,11 +50,11 @@ import msgspec
 
 from daemon.config import Config
 from daemon.layout import (
-    COMMIT_INDEX,
     REPLICA_COUNTERS,
     CounterView,
     ReplicaCounters,
     attach_counters,
+    commit_index_counter,
     replica_owner,
 )
 from daemon.parent_death import EXIT_ORPHANED, die_with_parent
@@ -136,8 +136,9 @@ class NodeCommit:
 
     REATTACH_S: Final = 1.0  # how often the counters' incarnation is checked
 
-    def __init__(self, node: str) -> None:
+    def __init__(self, node: str, clustered: bool = False) -> None:
         self.node = node
+        self.commit_spec = commit_index_counter(clustered)
         self.view: CounterView | None = None
         self.commit: Counter | None = None
         self.last = 0
@@ -156,7 +157,7 @@ class NodeCommit:
         if self.view is not None:
             self.view.close()
         self.view = CounterView(counters, None)
-        self.commit = self.view[COMMIT_INDEX]
+        self.commit = self.view[self.commit_spec]
 
     @property
     def attached(self) -> bool:
@@ -556,7 +557,7 @@ def main_supervised() -> int:
     block = REPLICA_COUNTERS[number]
     server = ReplicaServer(
         load_app(config.node.app), config, config.replica_socket_path(number),
-        CountersCommit(view[COMMIT_INDEX]), block, view, view[block.stop],
+        CountersCommit(view[commit_index_counter(config.cluster is not None)]), block, view, view[block.stop],
     )  # fmt: skip
     try:
         _run(server)
@@ -570,7 +571,7 @@ def run_standalone(config: Config, socket_path: str | None = None, number: int =
     hand. It follows the node's commit index while the node runs, else the journal's end."""
     logging.basicConfig(level=os.environ.get("SEQD_LOG_LEVEL", "INFO"),
                         format="%(asctime)s seqd[replica:%(process)d] %(levelname)s %(message)s")  # fmt: skip
-    node_commit = NodeCommit(config.node.name)
+    node_commit = NodeCommit(config.node.name, config.cluster is not None)
     commit: CommitSource = node_commit
     if node_commit.attached:
         log.info("following node %s's commit index", config.node.name)
