@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 RUN_TIMEOUT_S = 90.0  # each run takes a few seconds; this only stops a hang
 
 RECOVERY_KEYS = (
@@ -105,3 +107,17 @@ def test_e2e_bench_reports_cpu_per_command_fdatasync_and_half_max_latency() -> N
     assert set(results["node_cpu_us_per_cmd_by_role"]) >= {"sequencer", "journaller", "blp"}
     assert results["fdatasync_p50_us"] > 0
     assert results["node_half_max_offered_per_s"] > 0
+
+
+CLUSTER_PYSYNCOBJ_KEYS = ("pysyncobj3_ops_per_s", "pysyncobj3_window", "pysyncobj3_measured_s",
+                          "pysyncobj3_ops_per_s_by_window", "pysyncobj3_note")  # fmt: skip
+
+
+def test_cluster_bench_measures_pysyncobj_and_says_it_does_not_fsync() -> None:
+    pytest.importorskip("pysyncobj", reason="the bench extras (pip install -e .[bench]) bring PySyncObj")
+    results = run_json(["-m", "benches.cluster", "--only", "pysyncobj", "--min-seconds", "0"])
+    missing = [key for key in CLUSTER_PYSYNCOBJ_KEYS if key not in results]
+    assert not missing, missing
+    assert results["pysyncobj3_ops_per_s"] > 0
+    assert results["pysyncobj3_failed"] == 0
+    assert "no fsync" in results["pysyncobj3_note"]
