@@ -447,23 +447,24 @@ class Cluster:
         return "\n  ".join(["cluster:", *lines])
 
     def wait_leader(self, timeout_s: float = LEADER_TIMEOUT_S, among: Iterable[int] | None = None,
-                    term_above: int = 0) -> RaftView:  # fmt: skip
-        """Wait until a majority of the cluster agrees on a leader (among the given nodes, if
-        given, at a term above `term_above`); returns the leader's view.
+                    term_above: int = 0, agreeing: int | None = None) -> RaftView:  # fmt: skip
+        """Wait until a majority of the cluster (or `agreeing` nodes) agrees on a leader (among
+        the given nodes, if given, at a term above `term_above`); returns the leader's view.
 
         Raises:
             ClusterError: no such leader within `timeout_s`; names every node's view.
         """
         chosen = set(self.nodes if among is None else among)
+        needed = self.quorum if agreeing is None else agreeing
         deadline = time.monotonic() + timeout_s
         while True:
             views = self.views()
-            leader = agreed_leader([views[n] for n in chosen], self.quorum)
+            leader = agreed_leader([views[n] for n in chosen], needed)
             if leader is not None and (leader.term or 0) > term_above:
                 return leader
             if time.monotonic() >= deadline:
                 raise ClusterError(
-                    f"no leader agreed by {self.quorum} of nodes {sorted(chosen)} at a term above "
+                    f"no leader agreed by {needed} of nodes {sorted(chosen)} at a term above "
                     f"{term_above} within {timeout_s} s; {self.describe()}"
                 )
             time.sleep(POLL_S)
