@@ -49,7 +49,7 @@ def _toml_value(value: Any) -> str:
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    if isinstance(value, dict):  # an inline table: `members = [{id = 1, ...}, ...]`
+    if isinstance(value, dict):  # an inline table ([cluster] members = [{id = 1, ...}, ...])
         return "{" + ", ".join(f"{key} = {_toml_value(v)}" for key, v in value.items()) + "}"
     raise TypeError(f"cannot write {value!r} as TOML")
 
