@@ -48,18 +48,23 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
+import random
 import secrets
 import shutil
 import signal
+import socket
+import subprocess
 import tempfile
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Final
 
-from daemon.faultproxy import FaultNetwork, FaultProxy, free_loopback_ports
+import psutil
+
+from daemon.faultproxy import FaultNetwork, FaultProxy
 from daemon.harness import NodeError, NodeProcess
 from daemon.layout import (
     BLP_APPLIED_INDEX,
@@ -87,6 +92,8 @@ __all__ = [
     "RaftView",
     "agreed_leader",
     "cluster_settings",
+    "ephemeral_port_range",
+    "listen_ports",
     "node_shm_paths",
     "write_secret",
 ]
@@ -99,6 +106,13 @@ LEADER_TIMEOUT_S: Final = 30.0
 # Followers catch up with the leader's commit within seconds; 60 s bounds a hang, not a speed.
 CONVERGE_TIMEOUT_S: Final = 60.0
 POLL_S: Final = 0.02
+EPHEMERAL_RANGE_FILE: Final = Path("/proc/sys/net/ipv4/ip_local_port_range")
+# Peer ports are drawn from [LISTEN_PORT_MIN, start of the ephemeral range): above the ports
+# services usually take, below what the kernel hands to outgoing connections.
+LISTEN_PORT_MIN: Final = 20000
+LISTEN_PORT_ATTEMPTS_MAX: Final = 1000  # random draws before giving up (a machine out of ports)
+# A signal reaches every process of a node within milliseconds; 10 s bounds a hang.
+SIGNAL_TIMEOUT_S: Final = 10.0
 # The replicator's commit counter (cluster mode; the plan's name). Looked up by name, so the
 # harness reads a node of a release without it as "unknown" rather than failing to import.
 RAFT_COMMIT_INDEX_NAME: Final = "raft.commit.index"
@@ -121,6 +135,48 @@ def write_secret(path: Path) -> Path:
     with os.fdopen(descriptor, "w") as file:
         file.write(secrets.token_hex(SECRET_BYTES) + "\n")
     return path
+
+
+def ephemeral_port_range(path: Path = EPHEMERAL_RANGE_FILE) -> tuple[int, int]:
+    """The kernel's range for the local ports of outgoing connections (Linux's default if the
+    file cannot be read)."""
+    try:
+        low, high = (int(part) for part in path.read_text().split())
+    except (OSError, ValueError):
+        return 32768, 60999
+    return low, high
+
+
+def listen_ports(count: int, rng: random.Random | None = None) -> list[int]:
+    """`count` distinct loopback ports, free now, below the ephemeral range.
+
+    A node's peer port is chosen before the node binds it, seconds later (the configs name every
+    member's port first). A port from the ephemeral range (what binding port 0 gives) can be taken
+    meanwhile by any outgoing connection on the machine (the fault proxy's own dials, other
+    tests); below the range only a process binding that port explicitly can take it.
+
+    Raises:
+        ClusterError: no free ports found (the range below the ephemeral one is exhausted).
+    """
+    rng = rng or random.Random()
+    high = ephemeral_port_range()[0] - 1
+    low = LISTEN_PORT_MIN if high >= LISTEN_PORT_MIN + 1000 else 1024  # a tuned-down range: any
+    chosen: list[int] = []
+    for _attempt in range(LISTEN_PORT_ATTEMPTS_MAX):
+        if len(chosen) == count:
+            return chosen
+        port = rng.randint(low, high)
+        if port in chosen:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        chosen.append(port)
+    if len(chosen) == count:
+        return chosen
+    raise ClusterError(f"found only {len(chosen)} of {count} free loopback ports in {low}..{high}")
 
 
 def cluster_settings(
@@ -280,16 +336,51 @@ class ClusterNode(NodeProcess):
         a VM migration); its sockets stay open and its counters readable."""
         self.signal_group(signal.SIGSTOP)
         self.paused = True
+        self._wait_group(lambda status: status in (psutil.STATUS_STOPPED, psutil.STATUS_ZOMBIE), "stopped")
 
     def resume(self) -> None:
         self.signal_group(signal.SIGCONT)
         self.paused = False
+        self._wait_group(lambda status: status != psutil.STATUS_STOPPED, "resumed")
 
-    def stop(self, timeout_s: float = 30.0) -> int | None:
+    def _wait_group(self, condition: Callable[[str], bool], what: str) -> None:
+        """Wait until every process of the node (supervisor and roles) is in the state a signal
+        asked for: a signal is delivered asynchronously, and the test's next step assumes it."""
+        assert self.process is not None
+        deadline = time.monotonic() + SIGNAL_TIMEOUT_S
+        while True:
+            try:
+                supervisor = psutil.Process(self.process.pid)
+                group = [supervisor, *supervisor.children(recursive=True)]
+                if all(condition(process.status()) for process in group):
+                    return
+            except psutil.NoSuchProcess:
+                return  # it died meanwhile: nothing left to wait for
+            if time.monotonic() > deadline:
+                raise NodeError(f"node {self.number} was not {what} within {SIGNAL_TIMEOUT_S} s")
+            time.sleep(0.001)
+
+    def stop(self, timeout_s: float = 30.0, signalled: bool = False) -> int | None:
+        """As NodeProcess.stop; `signalled`: its SIGTERM was sent already (`terminate`), so wait
+        for it instead of sending another. A second SIGTERM can land after the supervisor has
+        returned, while the interpreter finalises with the default handler back: it would end a
+        clean stop with -15."""
         if self.paused and self.running:
             self.resume()  # a stopped process cannot take its SIGTERM
         self.paused = False
+        if signalled and self.process is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(timeout_s)
         return super().stop(timeout_s)
+
+    def terminate(self) -> None:
+        """SIGTERM to the supervisor only (it drains its roles), without waiting."""
+        if self.paused and self.running:
+            self.resume()
+        process = self.process
+        if process is not None and process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                process.send_signal(signal.SIGTERM)
 
     def kill(self) -> None:
         super().kill()
@@ -364,7 +455,7 @@ class Cluster:
     def _build(self, prefix: str, proxied: bool, cluster: Mapping[str, Any] | None,
                settings: Mapping[str, Mapping[str, Any]] | None) -> None:  # fmt: skip
         numbers = list(range(1, self.size + 1))
-        peer_ports = dict(zip(numbers, free_loopback_ports(self.size), strict=True))
+        peer_ports = dict(zip(numbers, listen_ports(self.size), strict=True))
         dial_ports: dict[tuple[int, int], int] = {}
         if proxied:
             self.proxy = FaultProxy()
@@ -403,11 +494,8 @@ class Cluster:
         be killed)."""
         chosen = [n for n in (list(self.nodes) if numbers is None else numbers) if self.nodes[n].running]
         for number in chosen:
-            node = self.nodes[number]
-            if node.paused:
-                node.resume()
-            _terminate(node)
-        return {number: self.nodes[number].stop(timeout_s) for number in chosen}
+            self.nodes[number].terminate()
+        return {number: self.nodes[number].stop(timeout_s, signalled=True) for number in chosen}
 
     def kill(self, numbers: int | Iterable[int]) -> None:
         """kill -9 of whole nodes (supervisor and roles), all signalled before any is waited for."""
@@ -504,12 +592,10 @@ class Cluster:
         running = [node for node in self.nodes.values() if node.running]
         for node in running:
             with _collect(errors):
-                if node.paused:
-                    node.resume()
-                _terminate(node)
+                node.terminate()
         for node in self.nodes.values():
             with _collect(errors):
-                node.stop(timeout_s=15.0)
+                node.stop(timeout_s=15.0, signalled=node in running)
         for node in self.nodes.values():
             with _collect(errors):
                 node.remove_shared_memory()
@@ -527,14 +613,6 @@ class Cluster:
     def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
                  traceback: TracebackType | None) -> None:  # fmt: skip
         self.close()
-
-
-def _terminate(node: ClusterNode) -> None:
-    """SIGTERM to the supervisor only (it drains its roles), without waiting."""
-    process = node.process
-    if process is not None and process.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            process.send_signal(signal.SIGTERM)
 
 
 @contextlib.contextmanager

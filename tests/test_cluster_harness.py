@@ -4,6 +4,8 @@ it decides that a leader is agreed, and that it cleans up whatever state the nod
 from __future__ import annotations
 
 import os
+import random
+import socket
 import stat
 from pathlib import Path
 
@@ -15,6 +17,8 @@ from daemon.cluster_harness import (
     RaftView,
     agreed_leader,
     cluster_settings,
+    ephemeral_port_range,
+    listen_ports,
     node_shm_paths,
     write_secret,
 )
@@ -168,3 +172,21 @@ def test_a_cluster_without_a_directory_removes_its_own(unique: str) -> None:
         assert cluster.network is None
         assert os.path.exists(cluster.secret_file)
     assert not directory.exists()
+
+
+def test_peer_ports_are_free_distinct_and_below_the_ephemeral_range() -> None:
+    low, _high = ephemeral_port_range()
+    ports = listen_ports(5, random.Random(7))
+    assert len(set(ports)) == 5
+    assert all(port < low for port in ports)  # never one an outgoing connection may take meanwhile
+    for port in ports:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", port))
+
+
+def test_stop_drains_every_node_and_each_exits_0(tmp_dir: Path, unique: str) -> None:
+    with Cluster(tmp_dir, unique, proxied=False) as cluster:
+        cluster.start()
+        cluster.kill_role(2, Role.JOURNALLER)  # a node whose pipeline restarted stops cleanly too
+        cluster[2].wait_serving(after_restarts=1)
+        assert cluster.stop() == {1: 0, 2: 0, 3: 0}
