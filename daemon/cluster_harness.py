@@ -568,6 +568,11 @@ class Cluster:
         chosen = sorted(self.nodes if numbers is None else numbers)
         deadline = time.monotonic() + timeout_s
         while True:
+            exited = [n for n in chosen if not self.nodes[n].running]
+            if exited:  # it will never converge: say so now, with why it ended
+                node = self.nodes[exited[0]]
+                raise ClusterError(f"node {exited[0]} is not running (exit {node.process and node.process.returncode}); "
+                                   f"{self.describe()}\nits log:\n{node.log_text()[-3000:]}")  # fmt: skip
             views = [self.nodes[n].view() for n in chosen]
             if all(v is not None and v.applied_index is not None for v in views):
                 applied = {v.applied_index for v in views if v is not None}

@@ -309,3 +309,77 @@ def test_a_leader_paused_past_the_election_timeout_steps_down_on_resume(scenario
         assert view.number != leader or (view.term or 0) > term
         scenario.progress(ACKS)
     scenario.finish()
+
+
+# -- a wiped data directory ------------------------------------------------------------------------
+
+
+def test_a_follower_wiped_while_down_rejoins_from_the_leaders_journal(scenario: Scenario) -> None:
+    """A follower's data directory (journal, snapshots, Raft state) is removed while it is down;
+    restarted empty, it gets the whole log from the leader, which still holds it from index 1."""
+    cluster = scenario.cluster
+    scenario.begin()
+    for _ in range(ROUNDS):
+        leader, _term = scenario.leader()
+        follower = next(n for n in cluster.nodes if n != leader)
+        cluster.kill(follower)
+        cluster[follower].wipe_data()
+        scenario.progress(ACKS, [n for n in cluster.nodes if n != follower])
+        cluster.start([follower])
+        scenario.progress(ACKS)
+    scenario.finish()
+
+
+COMPACTING = {
+    # A snapshot every 1000 records, only the newest kept, and the journal segments before it
+    # deleted: with 1 MiB segments (the least allowed) the leader's journal loses index 1 after
+    # some 10k records, so a wiped follower can no longer be fed from it.
+    "snapshot": {"every_records": 1000, "keep": 1, "delete_journal": True},
+    "journal": {"segment_bytes": 1 << 20, "batch_bytes_max": 256 << 10},
+}
+COMPACTION_TIMEOUT_S = 120.0
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="needs InstallSnapshot in the replicator (a follower behind the leader's journal gets "
+    "the latest snapshot streamed, issue 11 'Catch-up'); the replicator raises "
+    "NotImplementedError when the core hands it a snapshot",
+)
+def test_a_follower_wiped_while_down_rejoins_through_a_snapshot_once_the_leader_compacted(
+    make_scenario: Callable[..., Scenario],
+) -> None:
+    """As above, but the leader has deleted the journal before its latest snapshot, so the only
+    way back is the snapshot, then the journal after it. The journals no longer start at index 1,
+    so instead of the checker: the three converge live (same applied index and rolling hash), the
+    wiped node's snapshots have the leader's state hashes at the same indexes, and `seqd log check`
+    passes everywhere."""
+    from sequencer.journal.scan import list_segments
+    from tests.nemesis.checker import read_snapshot_hashes
+
+    scenario = make_scenario(COMPACTING)
+    cluster = scenario.cluster
+    leader = scenario.begin()
+    follower = next(n for n in cluster.nodes if n != leader)
+    cluster.kill(follower)
+    cluster[follower].wipe_data()
+    journal = cluster[leader].config.journal_dir
+    deadline = time.monotonic() + COMPACTION_TIMEOUT_S
+    while list_segments(journal)[0][0] <= 1:
+        assert time.monotonic() < deadline, f"the leader's journal was not compacted; {cluster.describe()}"
+        scenario.progress(ACKS, [n for n in cluster.nodes if n != follower])
+    cluster.start([follower])
+    scenario.progress(ACKS)
+    assert scenario.workload is not None
+    scenario.workload.stop()
+    cluster.wait_converged()
+    codes = cluster.stop(timeout_s=STOP_TIMEOUT_S)
+    assert codes == {1: 0, 2: 0, 3: 0}, codes
+    for number, node in cluster.nodes.items():
+        report = logtools.check(node.config.journal_dir)
+        assert report.ok, (number, str(report))
+    ours = read_snapshot_hashes(cluster[follower].config.snapshot_dir)
+    theirs = read_snapshot_hashes(cluster[leader].config.snapshot_dir)
+    common = set(ours) & set(theirs)
+    assert common, (sorted(ours), sorted(theirs))
+    assert all(ours[index] == theirs[index] for index in common)
