@@ -439,6 +439,7 @@ class Cluster:
             raise ValueError(f"size={size}: a cluster has {' or '.join(map(str, CLUSTER_SIZES))} nodes")
         self._owns_directory = directory is None
         self.directory = Path(tempfile.mkdtemp(prefix="seqd-cluster-", dir="/tmp")) if directory is None else Path(directory)
+        self.directory.mkdir(mode=0o750, parents=True, exist_ok=True)
         self.size = size
         self.quorum = size // 2 + 1
         self.nodes: dict[int, ClusterNode] = {}
