@@ -129,7 +129,7 @@ CLUSTER_KEYS = ("cluster3_cmds_per_s", "cluster3_follower_cmds_per_s", "single_c
 CLUSTER_RUN_TIMEOUT_S = 300.0  # a single node, three nodes, a kill and a catch-up on 2 cores
 
 
-def test_cluster_bench_reports_issue_11s_keys(tmp_dir: Path) -> None:
+def test_cluster_bench_reports_issue_11s_keys() -> None:
     import importlib.util
 
     if importlib.util.find_spec("daemon.roles.replicator") is None:

@@ -42,6 +42,7 @@ ACKS = 150 if LONG else 25  # acknowledgements per client before a fault, during
 # The config's defaults (docs/cluster.md): what a user runs, faults and all.
 TIMEOUTS = {"tick_ms": 10, "heartbeat_ms": 50, "election_timeout_ms": 300}
 STOP_TIMEOUT_S = 30.0
+RAFT_COMMIT_POSITION_NAME = "raft.commit.position"  # the replicator's (daemon/layout.py, cluster mode)
 
 pytestmark = pytest.mark.timeout(600 if LONG else 240)
 
@@ -324,6 +325,35 @@ def test_a_leader_paused_past_the_election_timeout_steps_down_on_resume(scenario
         view = cluster.wait_leader(agreeing=cluster.size)
         assert view.number != leader or (view.term or 0) > term
         scenario.progress(ACKS)
+    scenario.finish()
+
+
+BEHIND_RINGS = 2  # how many log rings' worth of records a follower misses while down
+CATCH_UP_TIMEOUT_S = 120.0
+
+
+def test_a_follower_behind_by_more_than_its_log_ring_catches_up(scenario: Scenario) -> None:
+    """Catch-up: a follower down while the others committed more than twice what its log ring
+    holds is fed from the leader's journal when it returns, through its ring in pieces (the
+    ring cannot hold what it missed at once), and converges with the others."""
+    cluster = scenario.cluster
+    scenario.begin()
+    leader, _term = scenario.leader()
+    follower = next(n for n in cluster.nodes if n != leader)
+    ring_bytes = cluster[follower].config.ring.log_capacity_bytes
+    cluster.kill(follower)
+    others = [n for n in cluster.nodes if n != follower]
+
+    def committed_bytes() -> int:
+        return cluster[leader].read_counters()[RAFT_COMMIT_POSITION_NAME]
+
+    start = committed_bytes()
+    deadline = time.monotonic() + CATCH_UP_TIMEOUT_S
+    while committed_bytes() - start < BEHIND_RINGS * ring_bytes:
+        assert time.monotonic() < deadline, f"too slow to build a backlog; {cluster.describe()}"
+        scenario.progress(ACKS, others)
+    cluster.start([follower])
+    scenario.progress(ACKS)
     scenario.finish()
 
 
