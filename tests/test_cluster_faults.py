@@ -15,7 +15,7 @@ After each scenario (`Scenario.finish`), with the cluster healed and every node 
 Scenario by scenario, what else is proved is named in each test's docstring.
 
 CI runs one round of each fault with a few dozen acknowledgements per client around it (the
-file takes a few minutes on 2 cores). `SEQD_FAULTS_LONG=1` runs ROUNDS_LONG rounds of each fault
+file takes a few minutes on 2 cores). `SEQD_FAULTS_LONG=1` runs three rounds of each fault
 with more traffic between them.
 """
 
