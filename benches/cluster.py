@@ -6,8 +6,8 @@
 
 In one run, on this machine (three nodes share its cores, as the issue says):
 
-- single: one seqd node on the ledger app (`daemon.harness.NodeProcess`, default config: fsync
-  group commit), the same load generator as `benches.e2e` (`daemon.load`: client processes with a
+- single: one seqd node on the ledger app (`daemon.harness.NodeProcess` with the config's default
+  ring sizes, 16 MiB, as every seqd node here: fsync group commit), the same load generator as `benches.e2e` (`daemon.load`: client processes with a
   window of requests in flight) -> `single_cmds_per_s`;
 - cluster3: three seqd nodes on loopback (`daemon.cluster_harness.Cluster`, direct peer links,
   no fault proxy), fsync on every node, default timeouts; the same load from clients on the
@@ -56,11 +56,16 @@ from typing import Any
 from benches._measure import MEASURE_S_MIN, sized_for
 from benches.e2e import machine
 from daemon.cluster_harness import Cluster, ClusterError
+from daemon.config import RingConfig
 from daemon.harness import NodeProcess
 from daemon.load import LoadResult, account_name, run_load, setup_accounts
 
 LATENCY_RATE_PER_S_MAX = 5_000  # one open-loop client on a 2-core machine that runs three nodes
 TRANSFERS_PER_CLIENT_MAX = 2_000_000
+# Every seqd node here (the single one too) runs with the config's ring sizes, what a user runs,
+# not the 1 MiB rings of the test harness's defaults.
+RINGS = {"ring": {"log_capacity_bytes": RingConfig().log_capacity_bytes,
+                  "egress_capacity_bytes": RingConfig().egress_capacity_bytes}}  # fmt: skip
 PROBE_TIMEOUT_S = 60.0  # a failover takes ~1 s; a probe call waiting a minute is a hung cluster
 READY_TIMEOUT_S = 60.0  # PySyncObj nodes find each other and elect within a few seconds
 # Commands outstanding in PySyncObj's leader: beyond 16k its rate stopped growing on 2 cores.
@@ -183,7 +188,7 @@ def closed_loop(socket_path: str, clients: int, transfers: int, in_flight: int, 
 def bench_single(directory: Path, clients: int, transfers: int, in_flight: int, accounts: int,
                  seconds_min: float) -> LoadResult:  # fmt: skip
     directory.mkdir()
-    node = NodeProcess(directory, f"bcs{uuid.uuid4().hex[:6]}")
+    node = NodeProcess(directory, f"bcs{uuid.uuid4().hex[:6]}", RINGS)
     try:
         node.start()
         setup_accounts(node.socket_path, accounts)
@@ -300,7 +305,7 @@ def bench_cluster(directory: Path, clients: int, transfers: int, in_flight: int,
                   seconds_min: float, kills: int, catchup_records: int) -> dict[str, Any]:  # fmt: skip
     require_cluster_mode()
     results: dict[str, Any] = {}
-    with Cluster(directory, f"bcl{uuid.uuid4().hex[:6]}", proxied=False) as cluster:
+    with Cluster(directory, f"bcl{uuid.uuid4().hex[:6]}", proxied=False, settings=RINGS) as cluster:
         cluster.start()
         leader = cluster.wait_leader().number
         follower = next(n for n in cluster.nodes if n != leader)
