@@ -9,6 +9,7 @@
     seqd log migrate --from DIR --to DIR --transform MODULE:NAME   copy-and-transform a journal
     seqd verify [--config FILE]                               replay the journal under another hash seed
     seqd schema [--app module:Class | --config FILE]          the app's message types as JSON Schema
+    seqd project --config FILE [--rebuild | --until-caught-up]  a projection into SQLite/PostgreSQL
 """
 
 from __future__ import annotations
@@ -68,6 +69,12 @@ def command_demo(args: argparse.Namespace) -> int:
     )
 
 
+def command_project(args: argparse.Namespace) -> int:
+    from daemon.project import run_project
+
+    return run_project(args.config, rebuild=args.rebuild, until_caught_up=args.until_caught_up)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="seqd", description="seqd: a sequencer daemon for event-log architectures")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -83,6 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--in-flight", type=int, default=64, help="pipelined requests per client (default 64)")
     demo.add_argument("--keep", action="store_true", help="keep the temporary directory for inspection")
     demo.set_defaults(func=command_demo)
+
+    project = commands.add_parser("project", help="run a projection of the node's events into SQLite or PostgreSQL")
+    project.add_argument("--config", "-c", required=True, help="the projector's TOML file (daemon/project.py)")
+    mode = project.add_mutually_exclusive_group()
+    mode.add_argument("--rebuild", action="store_true", help="rebuild from index 1 into new tables, then switch")
+    mode.add_argument("--until-caught-up", action="store_true", help="apply what the journal holds, then exit")
+    project.set_defaults(func=command_project)
 
     try:
         from daemon import cli_tools

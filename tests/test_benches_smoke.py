@@ -4,6 +4,7 @@ figure RESULTS.md quotes. Speed is not checked here (benches/ is where speed is 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -145,3 +146,20 @@ def test_cluster_bench_reports_issue_11s_keys() -> None:
     assert not missing, missing
     assert results["failover_kills"] == 1
     assert results["catchup_records"] >= 2000
+
+PROJECTION_KEYS = ("projection_sqlite_per_s", "projection_pg_per_s", "projection_naive_pg_per_s",
+                   "projection_sqlite_measured_s", "projection_pg_measured_s",
+                   "projection_naive_pg_measured_s")  # fmt: skip
+
+
+def test_projection_bench_reports_sqlite_postgresql_and_naive_figures_from_one_run() -> None:
+    from benches._postgres import NO_BINARY, find_bindir
+
+    if find_bindir() is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{NO_BINARY}; CI must run the PostgreSQL tests", pytrace=False)
+        pytest.skip(NO_BINARY)
+    results = run_json(["-m", "benches.projection", "--min-seconds", "0", "--events", "2000"])
+    missing = [key for key in PROJECTION_KEYS if key not in results]
+    assert not missing, missing
+    assert results["events_naive_pg"] == 100

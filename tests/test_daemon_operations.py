@@ -168,5 +168,6 @@ def test_demo_runs_end_to_end_and_cleans_up() -> None:
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "money conserved" in result.stdout
     assert "transfers/s" in result.stdout
+    assert "balances equal to the ledger's" in result.stdout  # the live read model (seqd project)
     leftovers = {name for name in set(os.listdir("/dev/shm")) - before if "demo" in name}
     assert not leftovers

@@ -103,6 +103,7 @@ IO_FREE: dict[str, bool] = {
     "sequencer.gateway.sessions": True,
     "sequencer.gateway.stamping": True,
     "sequencer.timers": True,  # both halves of the timer schedule (processor and gateway)
+    "sequencer.projection.projection": True,  # what a projection returns, positions (issue 14)
     "sequencer.migrate": True,  # the copy-and-transform core (issue 16), split by concept
     "sequencer.migrate.errors": True,
     "sequencer.migrate.transform": True,
