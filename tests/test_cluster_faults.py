@@ -21,6 +21,7 @@ with more traffic between them.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -44,7 +45,13 @@ TIMEOUTS = {"tick_ms": 10, "heartbeat_ms": 50, "election_timeout_ms": 300}
 STOP_TIMEOUT_S = 30.0
 RAFT_COMMIT_POSITION_NAME = "raft.commit.position"  # the replicator's (daemon/layout.py, cluster mode)
 
-pytestmark = pytest.mark.timeout(600 if LONG else 240)
+pytestmark = [
+    pytest.mark.timeout(600 if LONG else 240),
+    # Until the replication role is merged a [cluster] config runs three unconnected single nodes:
+    # there is no cluster to put faults on.
+    pytest.mark.skipif(importlib.util.find_spec("daemon.roles.replicator") is None,
+                       reason="cluster mode (daemon/roles/replicator.py) is not built on this branch"),
+]
 
 
 def _log_tails(cluster: Cluster, chars: int = 2500) -> str:
