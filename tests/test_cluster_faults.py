@@ -80,9 +80,9 @@ class Scenario:
         self.progress(ACKS)
         return leader
 
-    def progress(self, count: int = ACKS, numbers: Any = None) -> None:
+    def progress(self, count: int = ACKS, numbers: Any = None, timeout_s: float = 90.0) -> None:
         assert self.workload is not None
-        self.workload.wait_progress(count, numbers, describe=self.cluster.describe)
+        self.workload.wait_progress(count, numbers, timeout_s, describe=self.cluster.describe)
 
     def leader(self, among: Any = None, term_above: int = 0) -> tuple[int, int]:
         view = self.cluster.wait_leader(among=among, term_above=term_above)
@@ -391,6 +391,7 @@ COMPACTING = {
     "journal": {"segment_bytes": 1 << 20, "batch_bytes_max": 256 << 10},
 }
 COMPACTION_TIMEOUT_S = 120.0
+SNAPSHOT_REJOIN_TIMEOUT_S = 30.0  # a snapshot and some 10k records: seconds; 30 s bounds a hang
 
 
 @pytest.mark.xfail(
@@ -422,7 +423,7 @@ def test_a_follower_wiped_while_down_rejoins_through_a_snapshot_once_the_leader_
         assert time.monotonic() < deadline, f"the leader's journal was not compacted; {cluster.describe()}"
         scenario.progress(ACKS, [n for n in cluster.nodes if n != follower])
     cluster.start([follower])
-    scenario.progress(ACKS)
+    scenario.progress(ACKS, timeout_s=SNAPSHOT_REJOIN_TIMEOUT_S)
     assert scenario.workload is not None
     scenario.workload.stop()
     cluster.wait_converged()
