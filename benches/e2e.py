@@ -11,7 +11,8 @@ process, the same window of requests in flight):
 - echo: a uvloop Unix-socket server that answers each COMMAND frame at once with the same codec
   (no sequencing, no journal, no logic): the ceiling of the transport and the client library;
 - redis: `XADD` to a stream on a `redis-server` with `appendonly yes` and `appendfsync always`
-  over a Unix socket, pipelined to the same depth (skipped with a note when redis-server is absent).
+  over a Unix socket, pipelined to the same depth (skipped with a note when redis-server is absent,
+  or with `--no-redis`; Debian: `apt-get install redis-server`, for benchmarks only).
 
 Latency is measured at a fixed offered rate of half the node's measured maximum (capped at what
 one open-loop client process can offer, LATENCY_RATE_PER_S_MAX), from each request's due time
@@ -45,6 +46,7 @@ from typing import Any
 
 import psutil
 
+from benches import _redis
 from benches._measure import MEASURE_S_MIN, repeat_for, sized_for
 from benches.call_rtt import fdatasync_p50_us
 from daemon.harness import NodeProcess
@@ -185,17 +187,10 @@ def _redis_worker(path: str, count: int, depth: int, results: Any) -> None:
 def bench_redis(directory: Path, clients: int, transfers: int, in_flight: int,
                 seconds_min: float) -> tuple[float, float] | None:
     """(XADDs/s, seconds measured), or None without redis-server."""
-    server_binary = shutil.which("redis-server")
-    if server_binary is None:
+    if not _redis.available():
         return None
-    path = str(directory / "redis.sock")
-    server = subprocess.Popen(
-        [server_binary, "--port", "0", "--unixsocket", path, "--dir", str(directory), "--appendonly", "yes",
-         "--appendfsync", "always", "--save", ""],
-        stdout=subprocess.DEVNULL,
-    )
 
-    def measure(count: int) -> tuple[float, float]:
+    def measure(path: str, count: int) -> tuple[float, float]:
         context = multiprocessing.get_context("spawn")
         results = context.Queue()
         workers = [context.Process(target=_redis_worker, args=(path, count, in_flight, results)) for _ in range(clients)]
@@ -206,16 +201,10 @@ def bench_redis(directory: Path, clients: int, transfers: int, in_flight: int,
             worker.join()
         return clients * count / elapsed, elapsed
 
-    try:
-        deadline = time.monotonic() + 10
-        while not os.path.exists(path):
-            assert time.monotonic() < deadline, "redis-server did not start"
-            time.sleep(0.05)
-        measure(max(200, transfers // 10))  # warm-up, discarded
-        return sized_for(measure, lambda figure: figure[1], transfers, TRANSFERS_PER_CLIENT_MAX, seconds_min)
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
+    with _redis.redis_server(directory, fsync_always=True) as path:
+        measure(path, max(200, transfers // 10))  # warm-up, discarded
+        return sized_for(lambda count: measure(path, count), lambda figure: figure[1], transfers,
+                         TRANSFERS_PER_CLIENT_MAX, seconds_min)  # fmt: skip
 
 
 def scale(directory: Path, in_flight: int, accounts: int) -> dict[str, Any]:
@@ -257,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--in-flight", type=int, default=64)
     parser.add_argument("--min-seconds", type=float, default=MEASURE_S_MIN,
                         help=f"measure each figure at least this long (default {MEASURE_S_MIN}; 0 for a smoke run)")
+    parser.add_argument("--no-redis", action="store_true", help="skip the Redis peer (smoke runs)")
     args = parser.parse_args(argv)
     transfers = 3_000 if args.quick else 25_000  # per client, at least: runs grow to --min-seconds
     accounts = 100
@@ -271,7 +261,8 @@ def main(argv: list[str] | None = None) -> int:
             node = bench_node(directory / "node", args.clients, transfers, args.in_flight, accounts, args.min_seconds)
             maximum, latency, half_max = node.maximum, node.latency, node.half_max
             echo = bench_echo(directory, args.clients, transfers, args.in_flight, accounts, args.min_seconds)
-            redis = bench_redis(directory, args.clients, transfers, args.in_flight, args.min_seconds)
+            redis = None if args.no_redis else bench_redis(directory, args.clients, transfers, args.in_flight,
+                                                              args.min_seconds)  # fmt: skip
             redis_rate = redis[0] if redis else None
             results.update({
                 "node_cmds_per_s": round(maximum.per_s),
@@ -283,7 +274,8 @@ def main(argv: list[str] | None = None) -> int:
                 "echo_measured_s": round(echo.elapsed_s, 3),
                 "redis_xadd_per_s": round(redis_rate) if redis_rate else None,
                 "redis_measured_s": round(redis[1], 3) if redis else None,
-                "redis_note": None if redis_rate else "redis-server is not installed: skipped",
+                "redis_note": None if redis_rate else
+                "--no-redis: skipped" if args.no_redis else "redis-server is not installed: skipped",
                 "latency_offered_per_s": round(node.latency_offered_per_s),
                 "latency_achieved_per_s": round(latency.per_s),
                 "latency_measured_s": round(latency.elapsed_s, 3),

@@ -113,9 +113,9 @@ class RoleConfig(msgspec.Struct, forbid_unknown_fields=True):
     cpu: int = -1  # -1: not pinned
 
 
-# `[roles.<role>]`: one section per role a single node runs, in `Role` order, made from
+# `[roles.<role>]`: one section per role, in `Role` order (the replicator's is read only in a cluster), made from
 # daemon.layout.Role (a struct, not a dict, so an error names the section: `$.roles.blp.idle`).
-_NODE_ROLES = node_roles()
+_NODE_ROLES = node_roles(clustered=True)
 if TYPE_CHECKING:
 
     class RolesConfig(msgspec.Struct, forbid_unknown_fields=True):
@@ -152,6 +152,8 @@ class MemberConfig(msgspec.Struct, forbid_unknown_fields=True):
     # The member's client socket, for tools on a machine that runs several members (tests, a
     # demo); "" when each member runs on its own machine at socket.path.
     socket_path: str = ""
+    # Its node.name, which WELCOME's `leader` shows while it leads; "": its id is shown instead.
+    name: str = ""
 
 
 class ClusterConfig(msgspec.Struct, forbid_unknown_fields=True):
@@ -308,7 +310,7 @@ def _validate(config: Config) -> Config:
     if config.socket.sessions_max < 1:
         errors.append("socket.sessions_max must be >= 1")
     if config.cluster is not None:
-        errors.extend(_cluster_errors(config.cluster, node.number))
+        errors.extend(_cluster_errors(config.cluster, node.number, node.name))
     if errors:
         raise ConfigError("invalid configuration: " + "; ".join(errors))  # one line: journald, systemctl status
     return config
@@ -331,7 +333,7 @@ def parse_address(text: str) -> tuple[str, int]:
     return host, port
 
 
-def _cluster_errors(cluster: ClusterConfig, node_number: int) -> list[str]:
+def _cluster_errors(cluster: ClusterConfig, node_number: int, node_name: str) -> list[str]:
     errors: list[str] = []
     if not 0 <= cluster.cluster_id <= CLUSTER_ID_MAX:
         errors.append(f"cluster.cluster_id={cluster.cluster_id}: must be 0..2**64-1")
@@ -352,6 +354,12 @@ def _cluster_errors(cluster: ClusterConfig, node_number: int) -> list[str]:
             f"node.number={node_number} is not among cluster.members ids {ids}: set node.number "
             "to this node's id in the membership (every node has the same [cluster] table)"
         )
+    for member in cluster.members:
+        if member.id == node_number and member.name and member.name != node_name:
+            errors.append(
+                f"cluster.members id {member.id} name={member.name!r} but this node's "
+                f"node.name={node_name!r}: give the member this node's name, or leave name out"
+            )
     addresses: list[tuple[str, int]] = []
     for member in cluster.members:
         try:

@@ -27,6 +27,7 @@ from daemon.layout import (
     counters_name,
     egress_name,
     log_name,
+    proposal_name,
 )
 from ipc.counters import Counters
 
@@ -198,7 +199,7 @@ class NodeProcess:
         """Remove segments a killed node left behind (a stopped node removes its own)."""
         from ipc.segment import remove_stale
 
-        for name in (counters_name(self.node), log_name(self.node), egress_name(self.node)):
+        for name in (counters_name(self.node), log_name(self.node), egress_name(self.node), proposal_name(self.node)):
             try:
                 remove_stale(name)
             except Exception:

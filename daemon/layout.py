@@ -58,6 +58,8 @@ __all__ = [
     "ERROR_KIND_COUNTERS",
     "INCARNATION_BITS",
     "LOG_READERS",
+    "PROPOSAL_READERS",
+    "RAFT_PEER_SLOTS",
     "ROLE_COUNTERS",
     "SUPERVISOR",
     "CounterSpec",
@@ -80,6 +82,7 @@ __all__ = [
     "incarnation_id",
     "log_name",
     "node_roles",
+    "proposal_name",
 ]
 
 
@@ -129,6 +132,7 @@ def drain_order(roles: Iterable[Role]) -> tuple[Role, ...]:
 # The readers of each ring, named after the roles that read them (a ring knows names, not roles).
 LOG_READERS: tuple[Role, ...] = (Role.JOURNALLER, Role.BLP)
 EGRESS_READERS: tuple[Role, ...] = (Role.SEQUENCER,)
+PROPOSAL_READERS: tuple[Role, ...] = (Role.REPLICATOR,)
 
 
 def log_name(node: str) -> str:
@@ -137,6 +141,12 @@ def log_name(node: str) -> str:
 
 def egress_name(node: str) -> str:
     return segment_name(node, "egress")
+
+
+def proposal_name(node: str) -> str:
+    """Cluster mode: the ring the sequencer writes its records to (unstamped), which the
+    replicator reads and proposes (leader) or forwards (follower)."""
+    return segment_name(node, "proposal")
 
 
 def counters_name(node: str) -> str:
@@ -243,9 +253,16 @@ INCARNATION_BITS = 24
 
 
 def incarnation_id(now_s: float, incarnation: int) -> int:
-    """The id of one incarnation of the node's pipeline: the start second xor the incarnation
-    count, so ids of recent incarnations differ, cut to `INCARNATION_BITS`."""
-    return (int(now_s) ^ incarnation) & ((1 << INCARNATION_BITS) - 1)
+    """The id of one incarnation of the node's pipeline: the start time in ms plus the
+    incarnation count, cut to `INCARNATION_BITS`.
+
+    Consecutive incarnations never share an id: both terms grow from one start to the next (an
+    id taken as the second xor the count did repeat, e.g. second 2 count 4 and second 3 count 5).
+    It matters beyond session ids: a node_start naming an incarnation already started is taken
+    for a second copy and closes nothing (sequencer/dedup.py). Two starts share an id only when
+    they fall a multiple of 2^24 ms (4.7 hours) apart to the millisecond, less the counts'
+    difference: the blp remembers the last few starts of a node, not hours of them."""
+    return (int(now_s * 1000) + incarnation) & ((1 << INCARNATION_BITS) - 1)
 
 
 # The supervisor's.
@@ -422,7 +439,7 @@ JOURNAL_FREE_BYTES = _declare(
     "journal.free_bytes", Role.JOURNALLER, Kind.GAUGE, "Free bytes on the journal's file system"
 )
 # On a single node the journal's durable position is the commit position; in a cluster the
-# replicator will own these (a new layout version).
+# commit is the replicator's (`raft.commit.*`) and these stay 0.
 COMMIT_POSITION = _declare(
     "commit.position",
     Role.JOURNALLER,
@@ -498,6 +515,59 @@ RAFT_TERM = _declare("raft.term", Role.REPLICATOR, Kind.GAUGE, "Current Raft ter
 RAFT_LEADER = _declare(
     "raft.leader", Role.REPLICATOR, Kind.GAUGE, "Node number of the current leader, 0 when unknown"
 )
+# What recovery replays in cluster mode: the journal may end with entries that are not known to
+# be committed (a conflict may still truncate them), so the blp replays only up to here and the
+# replicator hands it the rest through the log ring once committed. A single node: the journal's
+# last index (everything durable is committed).
+RECOVERY_COMMIT_INDEX = _declare(
+    "recovery.commit.index",
+    SUPERVISOR,
+    Kind.GAUGE,
+    "Index the blp replays the journal up to at start (known committed)",
+)
+# In a cluster the commit is the replicator's: the index a majority holds durably (of the
+# leader's term), cut to what this node holds durably and has written to its log ring. The
+# blp's ring reader is limited by the position (the index is stored first).
+RAFT_COMMIT_INDEX = _declare(
+    "raft.commit.index",
+    Role.REPLICATOR,
+    Kind.GAUGE,
+    "Index of the last record committed by Raft and held durably here",
+)
+RAFT_COMMIT_POSITION = _declare(
+    "raft.commit.position",
+    Role.REPLICATOR,
+    Kind.GAUGE,
+    "Log ring position of the end of the record at raft.commit.index (the blp's limit)",
+)
+RAFT_LAST_INDEX = _declare(
+    "raft.last_index",
+    Role.REPLICATOR,
+    Kind.GAUGE,
+    "Last index of this node's Raft log (a follower's lag is this minus its match index)",
+)
+RAFT_PENDING_FORWARDS = _declare(
+    "raft.pending_forwards",
+    Role.REPLICATOR,
+    Kind.GAUGE,
+    "Records this node sequenced that are not yet committed (resent on a change of leader)",
+)
+# Per follower, on the leader (0 elsewhere): the slot k = 1.. is the k-th other member in the
+# config's order (`raft.peer<k>.node` names it); 4 slots hold the followers of a 5-node cluster.
+RAFT_PEER_SLOTS = 4
+RAFT_PEER_NODE = tuple(
+    _declare(f"raft.peer{k}.node", Role.REPLICATOR, Kind.GAUGE, f"Node number of peer slot {k}")
+    for k in range(1, RAFT_PEER_SLOTS + 1)
+)
+RAFT_PEER_MATCH_INDEX = tuple(
+    _declare(
+        f"raft.peer{k}.match_index",
+        Role.REPLICATOR,
+        Kind.GAUGE,
+        f"On the leader: last index peer slot {k} holds durably in agreement with it",
+    )
+    for k in range(1, RAFT_PEER_SLOTS + 1)
+)
 
 COUNTERS: tuple[CounterSpec, ...] = tuple(_table)
 COUNTER_NAMES: tuple[str, ...] = tuple(spec.name for spec in COUNTERS)
@@ -512,7 +582,7 @@ ERROR_KIND_COUNTERS: tuple[CounterSpec, ...] = tuple(
 ERRORS_TOTAL_NAME = "errors.total"
 assert ERRORS_TOTAL_NAME not in _BY_NAME
 # The version of this table, carried by the segment header (see the module docstring).
-COUNTERS_LAYOUT_VERSION = 1
+COUNTERS_LAYOUT_VERSION = 2
 
 
 def counter_spec(name: str) -> CounterSpec | None:

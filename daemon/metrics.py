@@ -9,7 +9,11 @@ a `role` label (`seqd_role_heartbeat_total{role="blp"}`), so one query covers ev
 and help come from the node's counter table (daemon/layout.py): counters that only grow (totals,
 errors, heartbeats) are typed `counter` and end in `_total`; positions, indexes and states are
 `gauge`s. Each role counts its own errors (`seqd_role_errors_total{role=...}`); their sum is
-served as `seqd_errors_total`.
+served as `seqd_errors_total`. In a cluster the leader's per-follower slots
+(`raft.peer<k>.node`, `raft.peer<k>.match_index`, served as they are) are also served as two
+families labelled by the follower's node number, `seqd_raft_follower_match_index{follower="2"}`
+and `seqd_raft_follower_lag{...}` (records behind the leader's `raft.last_index`), so a query
+needs no join with the slots; an empty slot gives no sample.
 
 `MetricsServer` serves it from `http.server.ThreadingHTTPServer` in a daemon thread, so the
 supervisor's loop never waits on a scraper. It binds to loopback unless told otherwise: the
@@ -27,7 +31,17 @@ import threading
 from collections.abc import Callable, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from daemon.layout import ERRORS_TOTAL_NAME, SUPERVISOR, Kind, Role, counter_spec, errors_total
+from daemon.layout import (
+    ERRORS_TOTAL_NAME,
+    RAFT_LAST_INDEX,
+    RAFT_PEER_MATCH_INDEX,
+    RAFT_PEER_NODE,
+    SUPERVISOR,
+    Kind,
+    Role,
+    counter_spec,
+    errors_total,
+)
 
 __all__ = [
     "CONTENT_TYPE",
@@ -94,6 +108,26 @@ def _escape_help(text: str) -> str:
     return text.replace("\\", "\\\\").replace("\n", "\\n")
 
 
+_FOLLOWER_HELP = {
+    "seqd_raft_follower_match_index": "On the leader: the last index the follower holds durably in agreement with it.",
+    "seqd_raft_follower_lag": "On the leader: records the follower's log is behind the leader's last index.",
+}
+
+
+def _follower_samples(snapshot: Mapping[str, int]) -> dict[str, list[tuple[str, int]]]:
+    """family -> [(follower node number, value)] from the leader's per-follower slots."""
+    families: dict[str, list[tuple[str, int]]] = {family: [] for family in _FOLLOWER_HELP}
+    last_index = snapshot.get(RAFT_LAST_INDEX.name)
+    for node_spec, match_spec in zip(RAFT_PEER_NODE, RAFT_PEER_MATCH_INDEX, strict=True):
+        node = snapshot.get(node_spec.name)
+        match_index = snapshot.get(match_spec.name)
+        if node and match_index is not None:
+            families["seqd_raft_follower_match_index"].append((str(node), match_index))
+            if last_index is not None:
+                families["seqd_raft_follower_lag"].append((str(node), last_index - match_index))
+    return families
+
+
 def _split_role(name: str) -> tuple[str, str | None]:
     """('role.heartbeat', 'blp') for 'blp.heartbeat'; (name, None) for a node-wide counter.
     `blp.applied.position` is node-wide: only single-field names after a process are per role."""
@@ -126,6 +160,10 @@ def render_prometheus(
         snapshot = {**snapshot, ERRORS_TOTAL_NAME: total}
     # family name -> (kind, help, [(labels, value)]); one family's samples must be contiguous.
     families: dict[str, tuple[str, str, list[tuple[dict[str, str], int]]]] = {}
+    for follower_family, by_node in _follower_samples(snapshot).items():
+        if by_node:
+            samples = [({**labels, "follower": node}, value) for node, value in by_node]
+            families[follower_family] = ("gauge", _FOLLOWER_HELP[follower_family], samples)
     for name in sorted(snapshot):
         value = snapshot[name]
         family_key, role = _split_role(name)

@@ -56,6 +56,7 @@ from daemon.layout import (
     counter_spec,
     errors_total,
 )
+from daemon.status_raft import RaftStatus, raft_json, raft_lines, raft_status
 
 __all__ = [
     "SAMPLE_GAP_S",
@@ -149,9 +150,7 @@ class NodeStatus:
     snapshot_last_index: int | None = None
     recovery_records: int | None = None
     restarts: int | None = None
-    raft_role: str | None = None
-    raft_term: int | None = None
-    raft_leader: int | None = None
+    raft: RaftStatus = field(default_factory=RaftStatus)  # all None on a single node
     disk: str | None = None  # DiskState's name: room, short (refusing new commands), full
     disk_state: int | None = None
     disk_free_bytes: int | None = None
@@ -260,9 +259,7 @@ def _counters_status(
         snapshot_last_index=_get(known, layout.SNAPSHOT_LAST_INDEX),
         recovery_records=_get(known, layout.RECOVERY_RECORDS),
         restarts=_get(known, layout.SUPERVISOR_RESTARTS),
-        raft_role=_name(layout.RAFT_ROLE, known) if _clustered(known) else None,
-        raft_term=_get(known, layout.RAFT_TERM),
-        raft_leader=_get(known, layout.RAFT_LEADER),
+        raft=raft_status(known, _clustered(known)),
         disk=_name(layout.JOURNAL_DISK_FULL, known),
         disk_state=_get(known, layout.JOURNAL_DISK_FULL),
         disk_free_bytes=_get(known, layout.JOURNAL_FREE_BYTES),
@@ -487,9 +484,8 @@ def _header(status: NodeStatus) -> list[str]:
     header += f"  supervisor pid {_cell(status.supervisor_pid)}"
     if status.restarts:
         header += f"  restarts {status.restarts}"
-    if status.raft_role is not None:
-        header += f"  raft {status.raft_role} term {_cell(status.raft_term)} leader {_cell(status.raft_leader)}"
-    lines = [header]
+    raft_header, raft_below = raft_lines(status.raft, _cell)
+    lines = [header + raft_header, *raft_below]
     if status.reason:
         lines.append(f"  ! {status.reason}")
     disk = disk_full_text(status.disk_state, status.disk_free_bytes)
@@ -605,7 +601,7 @@ def render_json(status: NodeStatus) -> dict[str, Any]:
         "errors": dict(status.errors),
         "snapshot": {"last_index": status.snapshot_last_index},
         "recovery": {"records": status.recovery_records},
-        "raft": {"role": status.raft_role, "term": status.raft_term, "leader": status.raft_leader},
+        "raft": raft_json(status.raft),
         "disk": {
             "state": status.disk,
             "full": None if status.disk is None else status.disk != "room",

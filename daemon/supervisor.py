@@ -62,6 +62,8 @@ from daemon.layout import (
     NODE_INCARNATION,
     NODE_NUMBER,
     NODE_STATE,
+    PROPOSAL_READERS,
+    RECOVERY_COMMIT_INDEX,
     RECOVERY_LAST_INDEX,
     RECOVERY_LAST_TERM,
     RECOVERY_LAST_TIMESTAMP_NS,
@@ -83,15 +85,24 @@ from daemon.layout import (
     incarnation_id,
     log_name,
     node_roles,
+    proposal_name,
 )
 from daemon.metrics import MetricsServer
 from daemon.notify import Notifier, WatchdogGate, watchdog_interval_s
-from daemon.roles.common import EPOCH_ENV, ROLE_EXIT_FAIL_STOP, SUPERVISOR_PID_ENV
+from daemon.raft_truncate import read_truncate_request, remove_truncate_request
+from daemon.roles.common import (
+    EPOCH_ENV,
+    ROLE_EXIT_FAIL_STOP,
+    ROLE_EXIT_RAFT_TRUNCATE,
+    SUPERVISOR_PID_ENV,
+)
 from daemon.status import disk_full_text
 from ipc.counters import Counters
 from ipc.platform import check_memory_ordering
 from ipc.ring import Ring
 from ipc.segment import EPOCH_MAX, SegmentError, creator_status, remove_stale
+from sequencer import snapshot as snapshots
+from sequencer.hard_state import HardStateFile
 from sequencer.journal import Journal, read_records
 
 log = logging.getLogger("seqd.supervisor")
@@ -105,6 +116,7 @@ RESTART_BACKOFF_S = 0.5
 BLP_HASH_SEED = "0"  # the blp runs with a fixed PYTHONHASHSEED: set iteration order is part of the state
 # A role's fail-stop (restart from the journal) must not read as a fatal operating error.
 assert ROLE_EXIT_FAIL_STOP not in ROLE_FATAL_CODES, ROLE_EXIT_FAIL_STOP
+assert ROLE_EXIT_RAFT_TRUNCATE not in ROLE_FATAL_CODES, ROLE_EXIT_RAFT_TRUNCATE
 # A leftover killed with SIGKILL is gone within milliseconds unless it is in uninterruptible sleep
 # (a hung disk or NFS): then waiting longer does not help, and the operator must look.
 LEFTOVER_KILL_TIMEOUT_S = 10.0
@@ -207,7 +219,8 @@ class Supervisor:
         self.watchdog_interval_s = watchdog_interval_s()
         self.notifier = notifier or Notifier.from_environment(unset_environment=True)
         self.stop_requested = False
-        self.roles = node_roles()
+        self.clustered = config.cluster is not None
+        self.roles = node_roles(self.clustered)
         self.processes: dict[Role, subprocess.Popen[bytes]] = {}
         self.fatal_pipes: dict[Role, int] = {}  # role -> read end of the pipe it reports a fatal error on
         self.last_failure = ""  # why the pipeline last restarted, for the message when giving up
@@ -235,7 +248,7 @@ class Supervisor:
     def _remove_leftovers(self) -> None:
         node = self.config.node.name
         kill_leftover_roles(node)  # first: it reads the roles' pids from the old counters
-        for name in (counters_name(node), log_name(node), egress_name(node)):
+        for name in (counters_name(node), log_name(node), egress_name(node), proposal_name(node)):
             try:
                 removed = remove_stale(name)
             except (OSError, posix_ipc.Error) as error:  # a segment of another user
@@ -262,6 +275,14 @@ class Supervisor:
             rings.append(
                 Ring.create(egress_name(node), config.ring.egress_capacity_bytes, readers=EGRESS_READERS, epoch=epoch)
             )
+            if self.clustered:
+                # The sequencer's records, unstamped, for the replicator to propose or forward:
+                # as large as the log ring, which they all end up in.
+                rings.append(
+                    Ring.create(
+                        proposal_name(node), config.ring.log_capacity_bytes, readers=PROPOSAL_READERS, epoch=epoch
+                    )
+                )
             self.counters = counters
             self.rings = rings
             yield counters
@@ -429,6 +450,8 @@ class Supervisor:
             report = journal.recovery
             if report is not None and getattr(report, "torn_tail", None):
                 log.warning("journal: %s", report)
+            if self.clustered:
+                self._truncate_on_request(journal)
             durable = self.durable_index_after_fail_stop
             if durable is not None and journal.last_index > durable:
                 log.warning(
@@ -445,10 +468,46 @@ class Supervisor:
         if last_index:
             for record in read_records(config.journal_dir, last_index, last_index):
                 last_timestamp_ns = record.timestamp_ns
+        commit_index = self._recovered_commit_index(last_index) if self.clustered else last_index
         counters[RECOVERY_LAST_INDEX].set(last_index)
         counters[RECOVERY_LAST_TERM].set(last_term)
         counters[RECOVERY_LAST_TIMESTAMP_NS].set(last_timestamp_ns)
-        log.info("journal recovered: last index %d, term %d", last_index, last_term)
+        counters[RECOVERY_COMMIT_INDEX].set(commit_index)
+        if commit_index == last_index:
+            log.info("journal recovered: last index %d, term %d", last_index, last_term)
+        else:
+            log.info(
+                "journal recovered: last index %d, term %d; known committed up to %d (the rest is "
+                "applied once the cluster commits it)", last_index, last_term, commit_index,
+            )
+
+    def _truncate_on_request(self, journal: Journal) -> None:
+        """Cluster mode: cut the journal where the replicator asked (`raft.truncate`), before
+        anything reads it; then forget the request."""
+        data_dir = self.config.node.data_dir
+        index = read_truncate_request(data_dir)
+        if index is None:
+            return
+        if index < journal.last_index:
+            log.warning(
+                "journal: dropping records %d..%d: they conflict with the Raft leader's log (never "
+                "committed, never applied)", index + 1, journal.last_index,
+            )
+            journal.truncate_after(index)
+        remove_truncate_request(data_dir)
+
+    def _recovered_commit_index(self, last_index: int) -> int:
+        """Cluster mode: how far the journal is known committed, which the blp replays at start.
+
+        The journal may end with entries a conflict may still cut (not committed), so replay
+        stops at the commit index the hard state holds, or at the newest snapshot if that is later
+        (a snapshot is taken only of applied, so committed, records). The replicator writes the
+        rest to the log ring, and the blp applies it once the cluster commits it.
+        """
+        config = self.config
+        commit_index = HardStateFile.open(config.node.data_dir).hard_state.commit_index
+        newest_snapshot = snapshots.newest_snapshot_index(config.snapshot_dir)
+        return min(last_index, max(commit_index, newest_snapshot))
 
     # ---- main loop -------------------------------------------------------------------------
 
@@ -497,7 +556,11 @@ class Supervisor:
                 self.last_failure = str(died)
                 if died.role == Role.JOURNALLER and died.returncode == ROLE_EXIT_FAIL_STOP:
                     self.durable_index_after_fail_stop = counters[JOURNAL_DURABLE_INDEX].get()
-                log.error("%s; restarting the pipeline from the journal", died)
+                if died.role == Role.REPLICATOR and died.returncode == ROLE_EXIT_RAFT_TRUNCATE:
+                    log.warning("the replicator asked for a journal cut (a Raft log conflict); "
+                                "restarting the pipeline from the journal")
+                else:
+                    log.error("%s; restarting the pipeline from the journal", died)
                 self.notifier.status(f"restarting: {died}")
                 return False
             finally:

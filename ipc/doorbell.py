@@ -61,6 +61,7 @@ __all__ = ["DRAIN_MAX", "Doorbell", "bell_name"]
 # really blocks. A writer rings at most once per publish while the flag is set, so the pile is
 # small; the bound keeps a runaway ringer from holding the waiter here.
 DRAIN_MAX = 4096
+_VALUE_SUPPORTED = posix_ipc.SEMAPHORE_VALUE_SUPPORTED
 
 
 def bell_name(segment_name: str, reader: str) -> str:
@@ -189,11 +190,18 @@ class Doorbell:
         return True
 
     def drain(self) -> int:
-        """Swallow pending rings without blocking; returns how many."""
+        """Swallow pending rings without blocking; returns how many.
+
+        The count is read first (`sem_getvalue`, which keeps the GIL): usually one ring is
+        pending after a wake, and a try-wait that finds none costs an exception and a release
+        and retake of the GIL, which in a threaded process (the sequencer's egress waker) means
+        waiting for the other thread to give it back.
+        """
+        semaphore = self._semaphore
         drained = 0
-        while drained < DRAIN_MAX:
+        while drained < DRAIN_MAX and (not _VALUE_SUPPORTED or semaphore.value > 0):
             try:
-                self._semaphore.acquire(0)
+                semaphore.acquire(0)
             except posix_ipc.BusyError:
                 break
             drained += 1

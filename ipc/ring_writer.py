@@ -197,16 +197,26 @@ class RingWriter:
             RecordTooLarge: the frame is larger than the ring.
         """
         assert 0 <= type < PADDING_TYPE, type
-        size = frame_bytes(length)
-        if size > self._capacity:
-            raise _too_large(self._name, length, self._capacity)
-        index = self._claim(size)
-        if index < 0:
-            return None
+        size = (length + 15) & -8  # frame_bytes(length), inlined
+        position = self._claim_position
+        index = position & self._mask
+        end = position + size
+        # `_claim`'s common case, inlined (the sequencer claims once per command): no wrap and
+        # below the cached limit. The wrap, a limit refresh and a frame too large go through
+        # `_claim` itself.
+        if index + size > self._capacity or end > self._claim_limit:
+            if size > self._capacity:
+                raise _too_large(self._name, length, self._capacity)
+            index = self._claim(size)
+            if index < 0:
+                return None
+        else:
+            self._claim_position = end
         words = self._words
-        words[(index + size - 8) >> 3] = 0  # the zero pad (the payload overwrites the rest)
-        words[index >> 3] = (type << 32) | (length + FRAME_HEADER_BYTES)
-        return self._data[index + FRAME_HEADER_BYTES : index + FRAME_HEADER_BYTES + length]
+        if length & 7:
+            words[(index + size - 8) >> 3] = 0  # the zero pad (the payload overwrites the rest)
+        words[index >> 3] = (type << 32) | (length + 8)
+        return self._data[index + 8 : index + 8 + length]
 
     def publish(self) -> None:
         """Make every claimed frame visible with one cursor store; wake parked readers (the

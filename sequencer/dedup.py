@@ -11,12 +11,32 @@ never applied twice. The table is part of the state, so it survives snapshots an
 The processor applies a COMMAND against these entries inline (`Processor.apply_frame`, the hot
 path, reads `ClientTable.sessions` and a `ClientEntry`'s fields directly); this module owns the
 rest: opening and closing sessions, and forgetting clients idle past the expiry.
+
+Every record is idempotent (cluster mode). A follower's replicator resends every record it
+forwarded and has not yet seen in its log when the leader changes, so a record may reach the log
+twice; a second copy must change nothing. A COMMAND is deduplicated by its request id (above); a
+SESSION_CLOSE of a closed session is a no-op; a SESSION_OPEN of a session its node's incarnation
+opened already, open or closed since, is a no-op (`open` returns False: the app is not told
+twice); an ADMIN node_start that names an incarnation of its node already started is a no-op
+(`node_start`), so it never closes the sessions that incarnation opened after its first copy.
+
+How a second SESSION_OPEN is told from a new one: a session id is [node number][incarnation]
+[counter], and the gateway of one incarnation hands out counters in increasing order (wrapping
+after 2^32, skipping ids still open). So, per started incarnation, the table keeps the highest
+counter opened, and an open at or behind it (serial-number arithmetic, RFC 1982, so the wrap is a
+step forward) is a second copy. A copy is never more than a resend window behind, far less than
+2^31 sessions. An incarnation whose node_start carried no incarnation (an older seqd's) is not
+tracked: its opens are judged by the open sessions alone, as before. The processor makes a TIMER_FIRED of a
+timer no longer pending a no-op, and a SNAPSHOT twice is two snapshots of the same state.
 """
 
 from __future__ import annotations
 
+from sequencer.record import SESSION_ID_COUNTER_BITS, session_incarnation, session_node_number
+
 __all__ = [
     "CLIENT_EXPIRY_NS_DEFAULT",
+    "NODE_STARTS_REMEMBERED",
     "SAVED_REPLIES_MAX",
     "ClientEntry",
     "ClientTable",
@@ -32,6 +52,13 @@ CLIENT_EXPIRY_NS_DEFAULT = 24 * 3600 * 1_000_000_000  # a day without a session:
 SAVED_REPLIES_MAX = (
     1024  # per client; the client library caps its window at this (IN_FLIGHT_LIMIT_MAX)
 )
+# The incarnations of each node whose node_start is remembered, newest last. A second copy of a
+# node_start comes from a replicator's resend, which ends with the replicator (that is, with its
+# incarnation): a copy of one more than a start or two back would need a forward to survive in
+# flight across several restarts of its node. 8 is far past that, and costs 8 ints per node.
+NODE_STARTS_REMEMBERED = 8
+_COUNTER_MASK = (1 << SESSION_ID_COUNTER_BITS) - 1
+_COUNTER_HALF = 1 << (SESSION_ID_COUNTER_BITS - 1)  # serial-number arithmetic's "behind"
 
 
 class ClientEntry:
@@ -75,11 +102,17 @@ class ClientTable:
     `idle` holds exactly the clients with no open session, oldest idle first.
     """
 
-    __slots__ = ("clients", "expired", "expiry_ns", "idle", "node", "sessions")
+    __slots__ = ("clients", "expired", "expiry_ns", "idle", "node", "node_number", "node_starts", "sessions")
 
     def __init__(self, node: str | None, expiry_ns: int) -> None:
         assert expiry_ns > 0, expiry_ns
         self.node = node
+        # Set by `emit_for`: then a session is local when its id carries this node number.
+        self.node_number: int | None = None
+        # node number -> {incarnation whose node_start was applied: the highest session counter
+        # it opened, -1 for none}, oldest start first, at most NODE_STARTS_REMEMBERED. Part of the
+        # state: it decides what a node_start closes and which opens are second copies.
+        self.node_starts: dict[int, dict[int, int]] = {}
         self.expiry_ns = expiry_ns
         self.expired = 0  # client ids forgotten so far
         self.sessions: dict[int, SessionEntry] = {}
@@ -94,18 +127,44 @@ class ClientTable:
             client = self.clients[client_id] = ClientEntry()
         return client
 
+    def _local(self, session_id: int, node: str) -> bool:
+        """Whether this node emits the replies of a session opened on `node` as `session_id`."""
+        if self.node_number is not None:
+            return session_node_number(session_id) == self.node_number
+        return self.node is None or node == self.node
+
+    def emit_for(self, node_number: int) -> None:
+        """From now on a session is local when its id carries `node_number` (the node numbers of
+        a cluster are unique; its node names need not be)."""
+        self.node_number = node_number
+        for session_id, session in self.sessions.items():
+            session.local = self._local(session_id, session.node)
+
     def attach(self, session_id: int, client_id: int, node: str) -> None:
         """Records an open session of `client_id` on `node` (no expiry: restore uses it too)."""
         client = self.client(client_id)
         client.sessions += 1
-        local = self.node is None or node == self.node
-        self.sessions[session_id] = SessionEntry(client_id, node, client, local)
+        self.sessions[session_id] = SessionEntry(client_id, node, client, self._local(session_id, node))
 
-    def open(self, session_id: int, client_id: int, node: str, now_ns: int) -> None:
-        """A SESSION_OPEN at log time `now_ns`: the client is no longer idle."""
+    def open(self, session_id: int, client_id: int, node: str, now_ns: int) -> bool:
+        """A SESSION_OPEN at log time `now_ns`: the client is no longer idle. False, changing
+        nothing, for a second copy of a SESSION_OPEN: the session is open, or its incarnation
+        opened it (or a later one) before (module docstring)."""
+        if session_id in self.sessions:
+            return False
+        started = self.node_starts.get(session_node_number(session_id))
+        if started is not None:
+            incarnation = session_incarnation(session_id)
+            highest = started.get(incarnation)
+            if highest is not None:
+                counter = session_id & _COUNTER_MASK
+                if highest >= 0 and (highest - counter) & _COUNTER_MASK < _COUNTER_HALF:
+                    return False  # at or behind the highest opened: a second copy
+                started[incarnation] = counter
         self.attach(session_id, client_id, node)
         self.idle.pop(client_id, None)
         self.expire(now_ns)
+        return True
 
     def close(self, session_id: int, now_ns: int) -> SessionEntry | None:
         """A SESSION_CLOSE at log time `now_ns`: the closed session, or None if it was not open
@@ -125,6 +184,19 @@ class ClientTable:
     def sessions_on(self, node: str) -> list[int]:
         """The ids of the sessions opened on `node`, in opening order."""
         return [sid for sid, session in self.sessions.items() if session.node == node]
+
+    def node_start(self, node_number: int, incarnation: int) -> list[int] | None:
+        """An ADMIN node_start of node `node_number`'s incarnation `incarnation`: the ids of the
+        sessions it closes (every session of that node, in opening order: they were opened by
+        its earlier starts), or None when that incarnation started already (a second copy of its
+        node_start: the sessions it has opened since stay open)."""
+        started = self.node_starts.setdefault(node_number, {})
+        if incarnation in started:
+            return None
+        started[incarnation] = -1
+        if len(started) > NODE_STARTS_REMEMBERED:
+            del started[next(iter(started))]
+        return [sid for sid in self.sessions if session_node_number(sid) == node_number]
 
     def expire(self, now_ns: int) -> None:
         """Forget the dedup state of clients without a session for `expiry_ns`.

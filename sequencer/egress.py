@@ -95,6 +95,9 @@ class EgressKind(enum.IntEnum):
 REPLY_HEADER = struct.Struct("<QQQBxH4x")
 EVENT_HEADER = struct.Struct("<QH6x")
 assert REPLY_HEADER.size == 32
+# After the session id, a REPLY output is the client's REPLY frame body byte for byte: the
+# gateway frames it without unpacking it (`Connection.send_reply_body_into`).
+assert REPLY_HEADER.format == "<Q" + CLIENT_REPLY_HEADER.format.lstrip("<"), REPLY_HEADER.format
 assert EVENT_HEADER.size == 16
 
 # The largest payloads a client REPLY and EVENT frame can carry (1,048,544 and 1,048,552 bytes).

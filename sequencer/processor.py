@@ -13,8 +13,15 @@ acknowledged and pruned) and is never applied twice. The table is part of the st
 is checked against it inline here (the hot path); sessions and client expiry are the table's.
 
 Replicas. Every node applies every record and computes every output, but emits replies only to
-sessions attached to itself (`node`). The rolling hash covers every output before that routing,
-so all replicas have the same hash at the same index.
+sessions attached to itself: those whose id carries its node number (`emit_for`; without it,
+those opened under its name `node`). Events and timer requests go out on every node. The rolling
+hash covers every output before that routing, so all replicas have the same hash at the same
+index: the routing changes what a node emits, never the state or the hash.
+
+Duplicates (cluster mode). A record may reach the log twice (a follower resends what it
+forwarded when the leader changes); every type is idempotent, so the second copy changes nothing
+(`sequencer.dedup`, "Every record is idempotent"). Second copies are counted in
+`duplicate_records`; a COMMAND's is answered with its saved reply, like any resend.
 
 Timers (`sequencer.timers`, `PendingTimers`). `ctx.schedule` records (timer_id -> deadline_ns)
 in the state and emits TIMER_SCHEDULE; the sequencer keeps the wall-clock schedule and sequences TIMER_FIRED(timer_id, deadline_ns) when
@@ -98,7 +105,7 @@ from sequencer.record import (
 )
 from sequencer.snapshot_format import SnapshotHeader
 from sequencer.state_machine import Context, Rejected, StateMachine
-from sequencer.timers import TIMER_FIRED_PAYLOAD, PendingTimers
+from sequencer.timers import TIMER_FIRED_PAYLOAD, PendingTimers, encode_timer_cancel
 
 __all__ = [
     "CLIENT_EXPIRY_NS_DEFAULT",
@@ -169,8 +176,11 @@ class Processor(Generic[App]):
         "_app_on_timer",
         "_context",
         "_decode_command",
+        "_decode_current_command",
+        "_encode",
         "_encode_event",
         "_encode_reply",
+        "_event_types",
         "_outputs",
         "_sessions",
         "_table",
@@ -183,6 +193,7 @@ class Processor(Generic[App]):
         "command_parts_skipped",
         "commands_without_session",
         "debug",
+        "duplicate_records",
         "events_too_large",
         "last_timestamp_ns",
         "node",
@@ -191,6 +202,7 @@ class Processor(Generic[App]):
         "schema",
         "snapshot_requested",
         "stale_timer_fires",
+        "timer_fired_notices",
         "unknown_admin_ops",
     )
 
@@ -218,6 +230,10 @@ class Processor(Generic[App]):
         self.stale_timer_fires = 0
         self.unknown_admin_ops = 0
         self.command_parts_skipped = 0  # parts of a migrated request after a rejected part
+        self.duplicate_records = 0  # second copies of a SESSION_OPEN or node_start: no-ops
+        # Cluster mode (`emit_for`): a TIMER_CANCEL on egress for each timer fired, so the
+        # sequencer of every node, not only the one that sequenced the fire, drops it.
+        self.timer_fired_notices = False
         # Outputs too large for a client frame, replaced (see sequencer.egress).
         self.replies_too_large = 0
         self.events_too_large = 0
@@ -234,9 +250,14 @@ class Processor(Generic[App]):
         self._app_on_session_open = self._app_entry(self.app.on_session_open)
         self._app_on_session_close = self._app_entry(self.app.on_session_close)
         self._decode_command = self.schema.decode_command
-        self._encode_reply = self.schema.encode_reply
         self._encode_event = self.schema.encode_event
         self._version = self.schema.version
+        # The hot path calls msgspec directly: a call through the schema's method is a Python
+        # frame per command, reply and event (benches/RESULTS.md, issue 13).
+        codec = self.schema.hot_codec()
+        self._decode_current_command = codec.decode_command
+        self._encode_reply = self._encode = codec.encode
+        self._event_types = codec.event_types
 
     def _app_entry(self, method: Callable[..., _Result]) -> Callable[..., _Result]:
         """The app's `method` as the processor calls it: under `determinism.guard()` in debug
@@ -304,7 +325,11 @@ class Processor(Generic[App]):
         try:
             # bytes(): the view is shared memory that the ring reuses; a msgspec.Raw or
             # memoryview field of the command must not point into it.
-            command = self._decode_command(command_version, bytes(view[_COMMAND_OFFSET:]), index)
+            data = bytes(view[_COMMAND_OFFSET:])
+            if command_version == self._version:
+                command = self._decode_current_command(data)
+            else:
+                command = self._decode_command(command_version, data, index)  # upcast, or refuse
         except Exception as error:
             status = _REJECTED
             payload = self._undecodable(error, command_version, index)
@@ -471,13 +496,20 @@ class Processor(Generic[App]):
     def _apply_timer_fired(self, view: Any) -> None:
         timer_id, deadline_ns = TIMER_FIRED_PAYLOAD.unpack_from(view, _PAYLOAD_OFFSET)
         if not self._timers.fire(timer_id, deadline_ns):
-            # Cancelled, rescheduled, or already fired (a re-armed timer fired twice).
+            # Cancelled, rescheduled, or already fired (a re-armed timer fired twice, or a
+            # second copy of the record in a cluster).
             self.stale_timer_fires += 1
             return
+        if self.timer_fired_notices:
+            # Before on_timer, whose reschedule of the same id must come after it. Not in the
+            # rolling hash: like a re-arm, it is this node's plumbing, not an output of the log.
+            self._outputs.append((_TIMER_CANCEL, encode_timer_cancel(timer_id)))
         self._app_on_timer(self._context_for(0, 0), timer_id)
 
     def _open_session(self, session_id: int, client_id: int, node: str) -> None:
-        self._table.open(session_id, client_id, node, self.last_timestamp_ns)
+        if not self._table.open(session_id, client_id, node, self.last_timestamp_ns):
+            self.duplicate_records += 1  # a second copy: the session is open, its app told
+            return
         self._app_on_session_open(self._context_for(session_id, client_id))
 
     def _close_session(self, session_id: int) -> None:
@@ -488,7 +520,16 @@ class Processor(Generic[App]):
     def _apply_admin(self, view: Any) -> None:
         admin = decode_admin(view[_PAYLOAD_OFFSET:])
         if admin["op"] == ADMIN_NODE_START:
-            for session_id in self._table.sessions_on(admin["node"]):
+            incarnation = admin.get("incarnation")
+            if incarnation is None:
+                # An older seqd's record: every session opened under that node name.
+                closing: list[int] | None = self._table.sessions_on(admin["node"])
+            else:
+                closing = self._table.node_start(admin["number"], incarnation)
+            if closing is None:
+                self.duplicate_records += 1  # a second copy of this incarnation's start
+                return
+            for session_id in closing:
                 self._close_session(session_id)
         else:
             # A newer daemon's operation: ignoring it is the same decision on every replica.
@@ -505,7 +546,10 @@ class Processor(Generic[App]):
             self._emit(_TIMER_CANCEL, cancel)
 
     def _publish(self, event: Any) -> None:
-        payload = self._encode_event(event)
+        if type(event) in self._event_types:
+            payload = self._encode(event)
+        else:
+            payload = self._encode_event(event)  # raises the TypeError that names the schema
         if len(payload) > EVENT_PAYLOAD_BYTES_MAX:
             # No client frame can carry it: subscribers are told it was left out, in its place.
             frame = encode_event_omitted(self.applied_index, self._version, len(payload))
@@ -522,6 +566,13 @@ class Processor(Generic[App]):
         self._outputs.append((kind, frame))
 
     # -- outputs out ------------------------------------------------------------------------
+
+    def emit_for(self, node_number: int, *, cluster: bool) -> None:
+        """Emit replies only for sessions whose id carries `node_number` (the blp's node), and
+        in a cluster a TIMER_CANCEL for each timer fired (`timer_fired_notices`). Changes what
+        this processor emits, never its state or its rolling hash."""
+        self._table.emit_for(node_number)
+        self.timer_fired_notices = cluster
 
     def drain_outputs(self) -> list[tuple[int, bytes]]:
         """The outputs since the last drain, in order: (EgressKind, frame payload bytes)."""

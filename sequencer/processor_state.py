@@ -71,6 +71,12 @@ class ProcessorState(msgspec.Struct, array_like=True):
     clients: list[ClientState]
     timers: list[tuple[int, int]]  # (timer_id, deadline_ns) in scheduling order
     app: msgspec.Raw  # the app's snapshot, encoded at app_version
+    # Added later (cluster mode), at the end so older bodies decode with none: per node number,
+    # the incarnations whose node_start was applied, each with the highest session counter it
+    # opened (`ClientTable.node_starts`), oldest first. Written only when there is one
+    # (`encode_state`), so the body of a log without them is byte for byte what an older seqd
+    # wrote (its snapshots still verify), and an older seqd ignores the field.
+    node_starts: list[tuple[int, list[tuple[int, int]]]] = []
 
 
 _state_encoder = msgspec.msgpack.Encoder()
@@ -114,7 +120,12 @@ def encode_state(
         ],
         timers=timers,
         app=msgspec.Raw(app_snapshot),
+        node_starts=[(number, list(started.items())) for number, started in table.node_starts.items()],
     )
+    if not state.node_starts:
+        # The array without its last element: the layout an older seqd wrote (an array-like
+        # struct encodes as the array of its fields, so the bytes are the same).
+        return _state_encoder.encode(msgspec.structs.astuple(state)[:-1])
     return _state_encoder.encode(state)
 
 
@@ -154,4 +165,5 @@ def restore_table(table: ClientTable, state: ProcessorState) -> None:
         client.idle_since_ns = saved_client.idle_since_ns
     for saved_session in state.sessions:
         table.attach(saved_session.session_id, saved_session.client_id, saved_session.node)
+    table.node_starts.update((number, dict(started)) for number, started in state.node_starts)
     table.rebuild_idle(state.last_timestamp_ns)

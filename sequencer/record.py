@@ -44,6 +44,10 @@ __all__ = [
     "RECORD_HEADER_BYTES",
     "RECORD_KEY",
     "RECORD_TAIL",
+    "SESSION_ID_COUNTER_BITS",
+    "SESSION_ID_INCARNATION_BITS",
+    "SESSION_ID_NODE_BITS",
+    "SESSION_ID_NODE_SHIFT",
     "RecordError",
     "RecordHeader",
     "RecordType",
@@ -61,6 +65,8 @@ __all__ = [
     "iter_records",
     "pack_record_into",
     "pack_tail_into",
+    "session_incarnation",
+    "session_node_number",
     "split_frame_type",
     "walk_records",
 ]
@@ -319,7 +325,31 @@ COMMAND_PREFIX = struct.Struct("<Q")  # acked_request_id: replies up to it reach
 # TIMER_FIRED, SNAPSHOT, TERM_START, ADMIN); a COMMAND's version is the app's schema version. A
 # change to one of those payloads bumps this, and readers decide by it.
 DAEMON_RECORD_VERSION = 1
-ADMIN_NODE_START = "node_start"  # {"op": "node_start", "node": str}: close that node's sessions
+# {"op": "node_start", "node": str, "number": int, "incarnation": int}: a node's sequencer started;
+# close that node's sessions of its earlier starts (sequencer/dedup.py). A record of an older seqd
+# has only "node" (and maybe "number"): it closes every session opened on that node name.
+ADMIN_NODE_START = "node_start"
+
+# Session ids (the record header's session_id): [node number: 8 bits][incarnation: 24 bits]
+# [counter: 32 bits]. The gateway makes them (`sequencer.gateway.session_id_base`); the blp reads
+# the node number to emit only its own node's replies, and the incarnation to tell which start
+# of a node a session belongs to.
+SESSION_ID_NODE_BITS = 8
+SESSION_ID_INCARNATION_BITS = 24
+SESSION_ID_COUNTER_BITS = 32
+assert SESSION_ID_NODE_BITS + SESSION_ID_INCARNATION_BITS + SESSION_ID_COUNTER_BITS == 64
+SESSION_ID_NODE_SHIFT = SESSION_ID_INCARNATION_BITS + SESSION_ID_COUNTER_BITS
+_SESSION_INCARNATION_MASK = (1 << SESSION_ID_INCARNATION_BITS) - 1
+
+
+def session_node_number(session_id: int) -> int:
+    """The number of the node that opened session `session_id`."""
+    return session_id >> SESSION_ID_NODE_SHIFT
+
+
+def session_incarnation(session_id: int) -> int:
+    """The incarnation bits of session `session_id`: which start of its node opened it."""
+    return (session_id >> SESSION_ID_COUNTER_BITS) & _SESSION_INCARNATION_MASK
 
 
 class SessionOpen(msgspec.Struct, frozen=True):

@@ -27,11 +27,11 @@ and events with the same types and the same version rules.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Union
+from typing import Any, NamedTuple, Union
 
 import msgspec
 
-__all__ = ["SCHEMA_VERSION_MAX", "Schema", "SchemaError", "Upcaster", "VersionError"]
+__all__ = ["SCHEMA_VERSION_MAX", "HotCodec", "Schema", "SchemaError", "Upcaster", "VersionError"]
 
 # The record header and the egress frames carry the version in a u16.
 SCHEMA_VERSION_MAX = 0xFFFF
@@ -40,6 +40,14 @@ SCHEMA_VERSION_MAX = 0xFFFF
 # a list for an `array_like` one) and returns its form at version v + 1.
 Upcaster = Callable[[Any], Any]
 
+
+
+class HotCodec(NamedTuple):
+    """`Schema.hot_codec()`: the schema's msgspec functions for the processor's hot path."""
+
+    decode_command: Callable[[Any], Any]
+    encode: Callable[[Any], bytes]
+    event_types: frozenset[type]
 
 class SchemaError(Exception):
     """A schema is badly declared (found when the app is loaded, never while applying)."""
@@ -186,6 +194,13 @@ class Schema:
                 f"{self.name!r}"
             )
         self._upcasters[key] = function
+
+    def hot_codec(self) -> HotCodec:
+        """The codec for a processor's hot path, each function one C call (no Python frame):
+        `decode_command` for commands of the current version only, `encode` for replies and
+        for events whose type is in `event_types` (anything else goes through `encode_event`,
+        which names the mistake)."""
+        return HotCodec(self._command_decoder.decode, self._encoder.encode, self._event_types)
 
     # -- commands ---------------------------------------------------------------------------
 

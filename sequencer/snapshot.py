@@ -38,6 +38,7 @@ __all__ = [
     "SnapshotHeader",
     "SnapshotInfo",
     "list_snapshots",
+    "newest_snapshot_index",
     "newest_valid_snapshot",
     "oldest_valid_index",
     "read_snapshot",
@@ -140,6 +141,16 @@ def _snapshot_files(directory: Path) -> list[tuple[int, Path]]:
             found.append((int(digits), path))
     found.sort(reverse=True)
     return found
+
+
+def newest_snapshot_index(directory: str | os.PathLike[str]) -> int:
+    """The index in the name of the newest snapshot file in `directory` (0: none), unread: every
+    snapshot is of applied records, so its index is a lower bound of the commit index."""
+    path = Path(directory)
+    if not path.is_dir():
+        return 0
+    found = _snapshot_files(path)
+    return found[0][0] if found else 0
 
 
 def list_snapshots(directory: str | os.PathLike[str]) -> list[SnapshotInfo]:

@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 
 RUN_TIMEOUT_S = 90.0  # each run takes a few seconds; this only stops a hang
+REDIS_EXIT_TIMEOUT_S = 10.0  # the kernel kills it at once; this is scheduling slack
 
 RECOVERY_KEYS = (
     "snapshot_pause_ms",
@@ -101,7 +104,8 @@ def test_migrate_bench_reports_its_figures_and_cleans_up(tmp_dir: Path) -> None:
 
 
 def test_e2e_bench_reports_cpu_per_command_fdatasync_and_half_max_latency() -> None:
-    results = run_json(["-m", "benches.e2e", "--quick", "--clients", "2", "--in-flight", "16", "--min-seconds", "0"])
+    results = run_json(["-m", "benches.e2e", "--quick", "--clients", "2", "--in-flight", "16", "--min-seconds", "0",
+                        "--no-redis"])  # fmt: skip
     missing = [key for key in E2E_KEYS if key not in results]
     assert not missing, missing
     assert results["node_cpu_us_per_cmd"] > 0, results
@@ -163,3 +167,45 @@ def test_projection_bench_reports_sqlite_postgresql_and_naive_figures_from_one_r
     missing = [key for key in PROJECTION_KEYS if key not in results]
     assert not missing, missing
     assert results["events_naive_pg"] == 100
+def test_doorbell_park_bench_reports_each_figure_for_both_fence_kinds() -> None:
+    results = run_json(["-m", "benches.doorbell_park", "--smoke"])
+    assert results["lock_fences"] == "lock"
+    for mode in ("membarrier", "lock"):
+        if results[f"{mode}_fences"] is None:  # membarrier is unavailable on this machine
+            assert mode == "membarrier" and results[f"{mode}_unavailable"], results
+            continue
+        assert results[f"{mode}_fences"] == mode
+        for figure in ("park_ns", "park_busy_ns", "publish_ns", "roundtrip_us", "neighbour_slowdown"):
+            assert results[f"{mode}_{figure}"] > 0, (mode, figure, results)
+
+
+def test_hot_paths_bench_reports_each_loop_per_command() -> None:
+    results = run_json(["-m", "benches.hot_paths", "--commands", "700", "--runs", "1"])
+    for loop in ("gateway_ingress", "gateway_egress", "processor"):
+        assert results[f"{loop}_cpu_us_per_cmd"] > 0, (loop, results)
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed (benches only)")
+def test_a_benchmark_killed_mid_run_leaves_no_redis_server_behind(tmp_dir: Path) -> None:
+    script = (
+        "import sys, pathlib\n"
+        "from benches._redis import redis_server\n"
+        "with redis_server(pathlib.Path(sys.argv[1]), fsync_always=False) as path:\n"
+        "    print(path, flush=True)\n"
+        "    sys.stdin.read()\n"
+    )
+    bench = subprocess.Popen([sys.executable, "-c", script, str(tmp_dir)], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert bench.stdout is not None
+        assert bench.stdout.readline().strip().endswith("redis.sock")
+        server = [child for child in psutil.Process(bench.pid).children() if "redis" in child.name()]
+        assert len(server) == 1, server
+    finally:
+        bench.kill()  # as a timeout would: no finally block of the benchmark runs
+        bench.wait(timeout=RUN_TIMEOUT_S)
+    try:
+        server[0].wait(timeout=REDIS_EXIT_TIMEOUT_S)
+    except psutil.TimeoutExpired:
+        server[0].kill()  # the test's own cleanup; the failure is that it had to
+        raise AssertionError("redis-server outlived the benchmark that started it") from None

@@ -118,6 +118,14 @@ def test_bad_members_are_refused(tmp_path, secret_file, replace, expected) -> No
     assert expected in refused(tmp_path, text)
 
 
+def test_a_member_name_must_be_this_nodes_name(tmp_path: Path, secret_file: Path) -> None:
+    text = cluster_toml(secret_file).replace('[node]\n', '[node]\nname = "east"\n')
+    named = text.replace("id = 1\n", 'id = 1\nname = "west"\n').replace("id = 2\n", 'id = 2\nname = "b"\n')
+    assert "cluster.members id 1 name='west' but this node's node.name='east'" in refused(tmp_path, named)
+    config = load_text(tmp_path, named.replace('name = "west"', 'name = "east"'))
+    assert config.cluster is not None and [m.name for m in config.cluster.members] == ["east", "b", ""]
+
+
 def test_a_missing_secret_file_says_how_to_make_one(tmp_path: Path) -> None:
     message = refused(tmp_path, cluster_toml(tmp_path / "absent"))
     assert "does not exist" in message and "secrets.token_hex(32)" in message and "chmod 600" in message

@@ -240,6 +240,11 @@ class ModelSemaphore:
     def acquire(self, timeout_s: float) -> None:
         self.machine.step("acquire", self, timeout_s)
 
+    @property
+    def value(self) -> int:
+        """sem_getvalue: the count, read without waiting (the doorbell's drain reads it first)."""
+        return self.count
+
     def close(self) -> None:
         pass
 

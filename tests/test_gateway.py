@@ -481,7 +481,9 @@ def test_node_start_closes_the_previous_incarnations_sessions_by_a_record():
     assert gateway.sequence_node_start(1_000)
     (record,) = ring.records()
     assert record.type == RecordType.ADMIN and record.index == 11
-    assert decode_admin(record.payload) == {"op": "node_start", "node": NODE, "number": 4}
+    assert decode_admin(record.payload) == {
+        "op": "node_start", "node": NODE, "number": 4, "incarnation": INCARNATION,
+    }  # fmt: skip
 
 
 # -- snapshot policy -----------------------------------------------------------------------------

@@ -28,7 +28,8 @@ from sequencer.raft.peer_protocol import PeerConnection
 HOT_METHODS: list[tuple[type, tuple[str, ...]]] = [
     (
         Connection,
-        ("next_frames", "send_command_into", "send_reply_into", "send_event_into", "send_into"),
+        ("next_frames", "send_command_into", "send_reply_into", "send_reply_body_into", "send_event_into",
+         "send_into"),
     ),
     (Session, ("add", "receive_data", "_send_held", "_control")),
     (PeerConnection, ("next_event", "_check_header", "_handle_data", "_append_frames")),

@@ -102,6 +102,12 @@ IO_FREE: dict[str, bool] = {
     "sequencer.gateway.core": True,
     "sequencer.gateway.sessions": True,
     "sequencer.gateway.stamping": True,
+    "sequencer.cluster": True,  # the replicator's helpers (issue 11), a package
+    "sequencer.cluster.stamper": True,
+    "sequencer.cluster.forwards": True,
+    "sequencer.cluster.positions": True,
+    "sequencer.cluster.ring_entries": True,
+    "sequencer.cluster.gate": True,
     "sequencer.timers": True,  # both halves of the timer schedule (processor and gateway)
     "sequencer.projection.projection": True,  # what a projection returns, positions (issue 14)
     "sequencer.migrate": True,  # the copy-and-transform core (issue 16), split by concept

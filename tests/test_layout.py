@@ -46,7 +46,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # Each layout version and the fingerprint of the table it names. A change of the table (a counter
 # added, removed, renamed, moved, or given to another owner or kind) is a new layout: bump
 # COUNTERS_LAYOUT_VERSION and record the new fingerprint here.
-LAYOUT_FINGERPRINTS = {1: "5303d08d3b565003"}
+LAYOUT_FINGERPRINTS = {1: "5303d08d3b565003", 2: "67f3e5bf14b1cb9d"}
 # Bounds every wait on a real node; a healthy run meets each condition within a second or two.
 WAIT_S = 60.0
 POLL_S = 0.02
@@ -160,12 +160,12 @@ def test_roles_start_readers_first_and_drain_in_pipeline_order() -> None:
     assert node_roles(clustered=True) == tuple(Role)
 
 
-def test_the_config_has_a_section_for_each_role_a_single_node_runs() -> None:
+def test_the_config_has_a_section_for_each_role_a_node_can_run() -> None:
+    # [roles.replicator] sets the replicator's CPU and idle strategy; only a cluster reads it.
     import msgspec
 
     sections = [field.name for field in msgspec.structs.fields(type(Config().roles))]
-    assert sections == [role.value for role in node_roles()]
-    assert "replicator" not in sections
+    assert sections == [role.value for role in node_roles(clustered=True)]
 
 
 def test_incarnation_ids_fit_the_bits_session_ids_give_them() -> None:
@@ -175,6 +175,15 @@ def test_incarnation_ids_fit_the_bits_session_ids_give_them() -> None:
         for incarnation in (1, 2, 1 << 30):
             assert 0 <= incarnation_id(now_s, incarnation) < 1 << INCARNATION_BITS
     assert incarnation_id(1.7e9, 1) != incarnation_id(1.7e9, 2)
+
+
+def test_consecutive_incarnations_never_share_an_id() -> None:
+    # A restart loop: each incarnation a little later than the one before, within the same
+    # second or seconds apart (the old formula, second xor count, repeated at seconds 2 and 3).
+    for start_s in (2.0, 1.7e9, 1.7e9 + 0.999):
+        for gap_s in (0.0, 0.001, 0.25, 1.0, 7.0):
+            ids = [incarnation_id(start_s + count * gap_s, count) for count in range(1, 64)]
+            assert len(set(ids)) == len(ids), (start_s, gap_s)
 
 
 # ---- views over real shared memory ------------------------------------------------------------

@@ -117,6 +117,27 @@ def test_per_role_counters_form_one_family_with_a_role_label() -> None:
     assert "seqd_blp_applied_position" in families
 
 
+def test_a_leader_serves_each_followers_match_and_lag_labelled_by_its_node_number() -> None:
+    leader = {
+        **SNAPSHOT, "raft.role": 3, "raft.leader": 1, "raft.last_index": 1500,
+        "raft.peer1.node": 2, "raft.peer1.match_index": 1480,
+        "raft.peer2.node": 3, "raft.peer2.match_index": 1500,
+        "raft.peer3.node": 0, "raft.peer3.match_index": 0,  # an empty slot
+    }  # fmt: skip
+    families = parse_exposition(render_prometheus(leader, labels={"node": "n1"}))
+    assert families["seqd_raft_follower_match_index"] == (
+        "gauge",
+        ['seqd_raft_follower_match_index{node="n1",follower="2"} 1480',
+         'seqd_raft_follower_match_index{node="n1",follower="3"} 1500'],
+    )  # fmt: skip
+    assert families["seqd_raft_follower_lag"][1] == [
+        'seqd_raft_follower_lag{node="n1",follower="2"} 20', 'seqd_raft_follower_lag{node="n1",follower="3"} 0',
+    ]  # fmt: skip
+    assert families["seqd_raft_peer1_node"][1] == ['seqd_raft_peer1_node{node="n1"} 2']  # the slots too
+    assert families["seqd_raft_role"][1] == ['seqd_raft_role{node="n1"} 3']
+    assert "seqd_raft_follower_lag" not in parse_exposition(render_prometheus(SNAPSHOT))
+
+
 def test_names_and_label_values_are_sanitised_and_escaped() -> None:
     text = render_prometheus({"odd-name.x/y": 1, "9lives": 2}, labels={"node": 'a"b\\c\nd'})
     families = parse_exposition(text)

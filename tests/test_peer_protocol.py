@@ -35,8 +35,7 @@ from sequencer.raft.peer_protocol import (
     SECRET_BYTES_MIN,
     Authenticated,
     ClusterIdentity,
-    CommandBatch,
-    ForwardedCommand,
+    ForwardedRecord,
     FrameKind,
     LocalPeerProtocolError,
     MessageBatch,
@@ -44,9 +43,11 @@ from sequencer.raft.peer_protocol import (
     PeerEvent,
     PeerProtocolError,
     ReconnectBackoff,
+    RecordBatch,
     Sentinel,
     Side,
 )
+from sequencer.record import RecordType, encode_record
 
 SECRET = bytes(range(32))
 OTHER_SECRET = bytes(range(1, 33))
@@ -134,9 +135,9 @@ def test_handshake_authenticates_both_ends_and_batches_flow_both_ways() -> None:
     answer: list[Message] = [HeartbeatResponse(CLUSTER, 2, 1, 3, 0)]
     dialling.receive_data(accepting.send_messages(answer))
     assert events(dialling) == [MessageBatch(answer), NEED_DATA]
-    commands = [ForwardedCommand(9, 1234, 5, 4, 2, b"payload")]
-    accepting.receive_data(dialling.send_commands(commands))
-    assert events(accepting) == [CommandBatch(commands), NEED_DATA]
+    records = [ForwardedRecord(encode_record(RecordType.COMMAND, 2, 0, 0, 7, 9, 5, b"payload"))]
+    accepting.receive_data(dialling.send_records(records))
+    assert events(accepting) == [RecordBatch(records), NEED_DATA]
     assert (dialling.frames_sent, accepting.frames_received) == (2, 2)
 
 
@@ -376,10 +377,10 @@ def test_a_peer_cannot_speak_for_another_node_even_with_the_secret() -> None:
     assert "from node 3" in error.message
 
 
-def test_a_forwarded_command_with_an_out_of_range_field_is_refused() -> None:
+def test_a_forwarded_record_shorter_than_a_record_header_is_refused() -> None:
     dialling, accepting, _ = handshake()
-    bad = ForwardedCommand(-1, 1, 1, 0, 1, b"x")
-    refused(accepting, dialling.send_commands([bad]), "malformed_frame")
+    bad = ForwardedRecord(b"x" * 47)
+    refused(accepting, dialling.send_records([bad]), "malformed_frame")
 
 
 def test_a_frame_with_more_items_than_the_bound_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -395,7 +396,7 @@ def test_an_authenticated_frame_that_does_not_decode_is_refused() -> None:
     # A COMMANDS frame carrying messages, MACed as an honest sender would: only the decoder
     # can object.
     frame = bytearray(dialling.send_messages([heartbeat()]))
-    frame[4] = FrameKind.COMMANDS
+    frame[4] = FrameKind.RECORDS
     refused(accepting, _remac(dialling, bytes(frame)), "malformed_frame")
 
 
@@ -566,10 +567,7 @@ _messages = st.one_of(
         _u63, _u63, st.binary(max_size=200),
     ),
 )  # fmt: skip
-_commands = st.builds(
-    ForwardedCommand,
-    _u63, _u63, _u63, _u63, st.integers(0, 0xFFFF), st.binary(max_size=100),
-)  # fmt: skip
+_commands = st.builds(ForwardedRecord, st.binary(min_size=48, max_size=200))
 
 
 @settings(max_examples=150, deadline=None)
@@ -585,13 +583,13 @@ _commands = st.builds(
     cuts=st.lists(st.integers(min_value=1, max_value=300), max_size=30),
 )
 def test_batches_round_trip_in_order_however_the_stream_is_cut(
-    batches: list[list[Message] | list[ForwardedCommand]], cuts: list[int]
+    batches: list[list[Message] | list[ForwardedRecord]], cuts: list[int]
 ) -> None:
     dialling, accepting, _ = handshake()
     stream = bytearray()
     for batch in batches:
-        if isinstance(batch[0], ForwardedCommand):
-            stream += dialling.send_commands(batch)  # type: ignore[arg-type]
+        if isinstance(batch[0], ForwardedRecord):
+            stream += dialling.send_records(batch)  # type: ignore[arg-type]
         else:
             stream += dialling.send_messages(batch)  # type: ignore[arg-type]
     received: list[list[object]] = []
@@ -602,8 +600,8 @@ def test_batches_round_trip_in_order_however_the_stream_is_cut(
         for event in events(accepting):
             if isinstance(event, MessageBatch):
                 received.append(list(event.messages))
-            elif isinstance(event, CommandBatch):
-                received.append(list(event.commands))
+            elif isinstance(event, RecordBatch):
+                received.append(list(event.records))
         if position >= len(stream):
             break
     assert received == batches

@@ -19,13 +19,14 @@ from sequencer.raft.peer_protocol import (
     PEER_FRAME_BYTES_MAX,
     Authenticated,
     ClusterIdentity,
-    ForwardedCommand,
+    ForwardedRecord,
     FrameKind,
     PeerConnection,
     PeerProtocolError,
     Side,
 )
 from sequencer.raft.transport import HANDSHAKES_PENDING_MAX, PeerTransport, TransportConfig
+from sequencer.record import RecordType, encode_record
 
 SECRET = bytes(range(32))
 CLUSTER = 7
@@ -66,13 +67,13 @@ class Node:
 
     def __init__(self, config: TransportConfig) -> None:
         self.messages: list[tuple[int, Message]] = []
-        self.commands: list[tuple[int, ForwardedCommand]] = []
-        self.transport = PeerTransport(config, self._on_messages, self._on_commands)
+        self.commands: list[tuple[int, ForwardedRecord]] = []
+        self.transport = PeerTransport(config, self._on_messages, self._on_records)
 
     def _on_messages(self, peer: int, messages: list[Message]) -> None:
         self.messages.extend((peer, message) for message in messages)
 
-    def _on_commands(self, peer: int, commands: list[ForwardedCommand]) -> None:
+    def _on_records(self, peer: int, commands: list[ForwardedRecord]) -> None:
         self.commands.extend((peer, command) for command in commands)
 
     @property
@@ -120,7 +121,7 @@ def test_messages_and_commands_flow_between_every_ordered_pair_of_three_nodes(ru
                 node.transport.send(
                     heartbeat(source, target) for target in ports if target != source
                 )
-            command = ForwardedCommand(11, 1234, 5, 4, 1, b"transfer")
+            command = ForwardedRecord(encode_record(RecordType.COMMAND, 1, 0, 0, 3, 11, 5, b"transfer"))
             nodes[2].transport.forward(1, [command])
             await until(lambda: all(len(n.messages) == 2 for n in nodes.values()), "messages")
             await until(lambda: nodes[1].commands == [(2, command)], "the forwarded command")
@@ -132,7 +133,7 @@ def test_messages_and_commands_flow_between_every_ordered_pair_of_three_nodes(ru
                 key: sum(n.counters[key] for n in nodes.values()) for key in nodes[1].counters
             }
             assert totals["messages_out"] == totals["messages_in"] == 6
-            assert totals["commands_out"] == totals["commands_in"] == 1
+            assert totals["records_out"] == totals["records_in"] == 1
             assert totals["frames_out"] == totals["frames_in"] == 7
             assert totals["connects"] == totals["accepts"] == 6  # one per ordered pair
             assert totals["refused_total"] == totals["messages_dropped"] == 0
@@ -163,10 +164,10 @@ def test_messages_to_a_peer_without_a_connection_are_dropped_and_counted() -> No
         lonely = Node(config(1, ports))  # node 2 never starts
         async with lonely.transport:
             lonely.transport.send([heartbeat(1, 2)])
-            lonely.transport.forward(2, [ForwardedCommand(1, 1, 1, 0, 1, b"x")])
+            lonely.transport.forward(2, [ForwardedRecord(encode_record(RecordType.COMMAND, 1, 0, 0, 0, 1, 1, b"x"))])
             assert not lonely.transport.is_connected(2)
             assert lonely.counters["messages_dropped"] == 1
-            assert lonely.counters["commands_dropped"] == 1
+            assert lonely.counters["records_dropped"] == 1
             await until(lambda: lonely.counters["connect_failures"] >= 2, "redials")
             with pytest.raises(ValueError, match="not a peer"):
                 lonely.transport.send([heartbeat(1, 3)])

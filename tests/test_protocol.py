@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from sequencer import egress
 from sequencer.client.protocol import (
     CLOSED,
     COMMAND_BYTES_MAX,
@@ -478,3 +479,23 @@ def test_protocol_errors_carry_error_code_members_that_encode_as_their_string() 
     assert msgspec.msgpack.decode(msgspec.msgpack.encode(frame)) == {
         "code": "unknown_kind", "message": error.message, "fatal": True
     }  # fmt: skip
+
+
+@given(
+    session_id=st.integers(1, 2**64 - 1),
+    request_id=st.integers(1, 2**64 - 1),
+    index=st.integers(1, 2**64 - 1),
+    status=st.sampled_from(list(ReplyStatus)),
+    version=st.integers(1, 2**16 - 1),
+    payload=st.binary(max_size=64),
+)
+def test_a_reply_framed_from_its_egress_output_is_the_reply_framed_from_its_fields(
+    session_id: int, request_id: int, index: int, status: int, version: int, payload: bytes
+) -> None:
+    # The gateway frames a blp reply from the egress bytes after the session id, unparsed.
+    _, server = open_pair()
+    output = egress.REPLY_HEADER.pack(session_id, request_id, index, status, version) + payload
+    from_output, from_fields = bytearray(), bytearray()
+    server.send_reply_body_into(from_output, memoryview(output)[8:])
+    server.send_reply_into(from_fields, request_id, index, status, version, payload)
+    assert from_output == from_fields

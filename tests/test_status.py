@@ -325,10 +325,41 @@ def test_cluster_node_shows_its_raft_standing(tracker: StatusTracker, pids: Pids
         }
     )
     status = tracker.observe(values, now_s=0.0)
-    assert (status.raft_role, status.raft_term, status.raft_leader) == ("leader", 7, 1)
+    assert (status.raft.role, status.raft.term, status.raft.leader) == ("leader", 7, 1)
     assert "raft leader term 7 leader 1" in render_text(status)
     single = tracker.observe(live_values(), now_s=0.1)
-    assert single.raft_role is None
+    assert single.raft.role is None
+
+
+def test_a_cluster_leader_shows_its_commit_and_each_followers_match_and_lag(
+    tracker: StatusTracker, pids: Pids
+) -> None:
+    pids.alive.add(4246)
+    replicator = {"replicator.pid": 4246, "replicator.heartbeat": 5, "raft.term": 7, "raft.leader": 1}
+    raft = {
+        "raft.commit.index": 1490, "raft.last_index": 1500, "raft.pending_forwards": 3,
+        "raft.peer1.node": 2, "raft.peer1.match_index": 1480,
+        "raft.peer2.node": 3, "raft.peer2.match_index": 1500,
+        "raft.peer3.node": 0, "raft.peer3.match_index": 0,  # an empty slot (a 3-node cluster)
+    }  # fmt: skip
+    leader = tracker.observe(live_values(**replicator, **raft, **{"raft.role": 3}), now_s=0.0)
+    text = render_text(leader)
+    assert "raft commit 1490  last 1500  pending forwards 3" in text
+    assert "follower 2: match 1480  lag 20" in text and "follower 3: match 1500  lag 0" in text
+    document = render_json(leader)["raft"]
+    assert (document["commit_index"], document["last_index"], document["pending_forwards"]) == (1490, 1500, 3)
+    assert document["followers"] == [
+        {"node": 2, "match_index": 1480, "lag": 20}, {"node": 3, "match_index": 1500, "lag": 0},
+    ]  # fmt: skip
+    follower_values = {**raft, **{f"raft.peer{k}.node": 0 for k in (1, 2, 3)}}
+    follower = tracker.observe(live_values(**replicator, **follower_values, **{"raft.role": 0}), now_s=0.1)
+    assert render_json(follower)["raft"]["followers"] == []
+    assert "follower 2" not in render_text(follower)
+    # A segment whose replicator publishes only its standing (an older layout): the rest unknown.
+    standing_only = tracker.observe(live_values(**replicator, **{"raft.role": 3}), now_s=0.2)
+    assert "raft commit -  last -  pending forwards -" in render_text(standing_only)
+    single = render_json(tracker.observe(live_values(), now_s=0.3))["raft"]
+    assert single["followers"] is None and single["commit_index"] is None
 
 
 def _documented_json() -> dict[str, Any]:

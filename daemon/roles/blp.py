@@ -31,7 +31,9 @@ from daemon.layout import (
     EGRESS_PUBLISHED_POSITION,
     ERRORS_SNAPSHOT,
     OUTPUTS_TOO_LARGE,
-    RECOVERY_LAST_INDEX,
+    RAFT_COMMIT_INDEX,
+    RAFT_COMMIT_POSITION,
+    RECOVERY_COMMIT_INDEX,
     RECOVERY_RECORDS,
     ROLE_COUNTERS,
     SNAPSHOT_LAST_INDEX,
@@ -62,7 +64,8 @@ RECOVERY_PROGRESS_RECORDS = 4096  # publish replay progress (and a heartbeat) th
 
 
 def recover(context: RoleContext, app_class: type[StateMachine]) -> Processor[Any]:
-    """Newest valid snapshot, then the journal after it up to the index found at start."""
+    """Newest valid snapshot, then the journal after it up to the index known committed at start
+    (a single node: the journal's last; a cluster: see `recovery.commit.index`)."""
     config = context.config
     counters = context.counters
     context.set_state(RoleState.RECOVERING)
@@ -73,7 +76,7 @@ def recover(context: RoleContext, app_class: type[StateMachine]) -> Processor[An
         context.errors.add(1)
         log.error("snapshot %s is invalid, using an older one: %s", info.path, info.error)
 
-    last_index = counters[RECOVERY_LAST_INDEX].get()
+    last_index = counters[RECOVERY_COMMIT_INDEX].get()
     progress = counters[RECOVERY_RECORDS]
 
     def replayed(count: int) -> None:
@@ -88,6 +91,9 @@ def recover(context: RoleContext, app_class: type[StateMachine]) -> Processor[An
         progress=replayed,
     )  # fmt: skip
     processor = recovered.processor
+    # Replies go out only for this node's sessions (by the node number in their ids); in a
+    # cluster the sequencer of every node also learns of each timer fired (any node may lead).
+    processor.emit_for(config.node.number, cluster=config.cluster is not None)
     if found is not None:
         log.info("restored snapshot at index %d from %s", found.header.index, found.path)
     progress.set(recovered.replayed)
@@ -122,10 +128,16 @@ class BlpAgent(Agent):
         snapshot_dir: Path,
         snapshot_keep: int,
         delete_journal: bool,
+        clustered: bool = False,
     ) -> None:
         self.processor = processor
-        self.reader = log_ring.reader(Role.BLP, limit=counters[COMMIT_POSITION])
-        self.commit_index = counters[COMMIT_INDEX]
+        # A single node applies what its journal made durable; a cluster what Raft committed (a
+        # majority durable), which the replicator cuts to what this node holds durably.
+        commit_position, commit_index = (
+            (RAFT_COMMIT_POSITION, RAFT_COMMIT_INDEX) if clustered else (COMMIT_POSITION, COMMIT_INDEX)
+        )
+        self.reader = log_ring.reader(Role.BLP, limit=counters[commit_position])
+        self.commit_index = counters[commit_index]
         self.doorbell = self.reader.doorbell
         self.writer = egress_ring.writer()
         self.sequencer_doorbell = egress_ring.doorbell(Role.SEQUENCER)
@@ -252,7 +264,7 @@ def run(context: RoleContext) -> int:
         agent = BlpAgent(
             processor, log_ring, egress_ring, context.counters,
             snapshot_dir=config.snapshot_dir, snapshot_keep=config.snapshot.keep,
-            delete_journal=config.snapshot.delete_journal,
+            delete_journal=config.snapshot.delete_journal, clustered=config.cluster is not None,
         )  # fmt: skip
         run_agent(context, agent)
     finally:

@@ -47,6 +47,7 @@ __all__ = [
     "EPOCH_ENV",
     "ROLE_EXIT_FAIL_STOP",
     "ROLE_EXIT_ORPHANED",
+    "ROLE_EXIT_RAFT_TRUNCATE",
     "SUPERVISOR_PID_ENV",
     "RoleContext",
     "report_start_failure",
@@ -58,6 +59,10 @@ __all__ = [
 # A role that hits an operating error it must not retry (a failed fsync) exits with this code;
 # the supervisor then restarts the pipeline from the journal.
 ROLE_EXIT_FAIL_STOP = 3
+# Cluster mode: the replicator met a log conflict that cuts entries it already wrote to the log
+# ring; it wrote `<data_dir>/raft.truncate` and exits with this code, and the supervisor restarts
+# the pipeline, cutting the journal first (daemon/raft_truncate.py).
+ROLE_EXIT_RAFT_TRUNCATE = 5
 # A role whose supervisor has died, or that cannot attach its own incarnation's counters (they
 # belong to another incarnation), exits with this code at start, having written nothing.
 ROLE_EXIT_ORPHANED = EXIT_ORPHANED

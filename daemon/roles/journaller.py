@@ -10,6 +10,13 @@ Group commit falls out of the cycle: while one fdatasync runs, the sequencer kee
 the next cycle takes everything that arrived. At ~150 us per fdatasync and 500k records/s a pass
 covers ~75 records; under light load each record gets its own fsync and the lowest latency.
 
+Cluster mode (docs/cluster.md): the replicator writes the log ring, and the commit is its
+(`raft.commit.*`), so the journaller publishes only `journal.durable.*` and rings the replicator's
+doorbell after each fdatasync (the replicator reports durable entries to Raft). At start the
+replicator writes the journal's own uncommitted tail into the ring again (the blp replays the
+journal only up to the commit); those records are already here, so the journaller skips records
+at or below its last index (`_skip_journaled`).
+
 A failed fdatasync is never retried (fsyncgate): the role exits with ROLE_EXIT_FAIL_STOP and the
 supervisor restarts the node from the journal.
 
@@ -47,12 +54,15 @@ from daemon.layout import (
     DiskState,
     Role,
     log_name,
+    proposal_name,
 )
 from daemon.roles.common import ROLE_EXIT_FAIL_STOP, RoleContext, run_agent, run_role
 from ipc.counters import Counter
+from ipc.doorbell import Doorbell
 from ipc.ring import Ring
 from sequencer import snapshot as snapshots
 from sequencer.journal import Journal, JournalError, JournalFullError
+from sequencer.record import RECORD_KEY, aligned
 
 log = logging.getLogger("seqd.journaller")
 
@@ -166,8 +176,13 @@ class JournallerAgent(Agent):
         *,
         batch_bytes_max: int,
         delete_journal: bool,
+        replicator_doorbell: Doorbell | None = None,
     ) -> None:
         self.journal = journal
+        self.ring = ring
+        # Cluster mode: the replicator writes the ring, and waits on this for durable entries.
+        self.clustered = replicator_doorbell is not None
+        self.replicator_doorbell = replicator_doorbell
         self.reader = ring.reader(Role.JOURNALLER)
         self.doorbell = self.reader.doorbell
         self.blp_doorbell = ring.doorbell(Role.BLP)
@@ -190,7 +205,8 @@ class JournallerAgent(Agent):
     def on_start(self) -> None:
         journal = self.journal
         self.durable_index.set(journal.last_index)
-        self.commit_index.set(journal.last_index)
+        if not self.clustered:
+            self.commit_index.set(journal.last_index)
         self.disk.check(time.monotonic())  # a node restarted on a full disk refuses new work from the start
         log.info("journal open at index %d in %s", journal.last_index, journal.directory)
 
@@ -221,6 +237,11 @@ class JournallerAgent(Agent):
                 _start, region = reader.poll_region(self.batch_bytes_max - appended)
                 if not region:
                     break
+                if self.clustered:
+                    region = self._skip_journaled(region)
+                    if not region:
+                        reader.release()
+                        continue
             last_index = journal.last_index
             try:
                 journal.append(region)
@@ -246,12 +267,28 @@ class JournallerAgent(Agent):
         position = self.reader.position
         self.durable_position.set(position)
         self.durable_index.set(last_index)
+        self.syncs.add(1)
+        if self.replicator_doorbell is not None:
+            self.replicator_doorbell.ring()  # the replicator tells Raft, which decides the commit
+            return
         # Single node: durable is committed. The index is stored before the position so a reader
         # that sees the position also sees an index at least as new.
         self.commit_index.set(last_index)
         self.commit_position.set(position)
-        self.syncs.add(1)
         self.blp_doorbell.ring()
+
+    def _skip_journaled(self, region: memoryview) -> memoryview:
+        """Cluster mode: the region without its leading records at or below the journal's last
+        index (the uncommitted tail the replicator wrote into the ring again at start)."""
+        last_index = self.journal.last_index
+        offset = 0
+        size = len(region)
+        while offset < size:
+            length, _type, index, _term = RECORD_KEY.unpack_from(region, offset)
+            if index > last_index:
+                break
+            offset += aligned(length)
+        return region[offset:] if offset else region
 
     def _delete_covered_segments(self) -> None:
         # The blp's snapshot writer publishes the oldest kept snapshot; no file reads here.
@@ -265,7 +302,9 @@ class JournallerAgent(Agent):
         has no room for it (it was never acknowledged)."""
         if self.appended:
             return False
-        if self.reader.position >= self.published_position.get():
+        # In a cluster the replicator writes the ring; it stops before the journaller does.
+        published = self.ring.published_position if self.clustered else self.published_position.get()
+        if self.reader.position >= published:
             return True
         if self.waiting is not None:
             log.warning("stopping with records after index %d not journaled: the disk is full "
@@ -282,11 +321,15 @@ def run(context: RoleContext) -> int:
     journal = Journal.open(
         config.journal_dir, segment_bytes=config.journal.segment_bytes, preallocate=config.journal.preallocate
     )
+    proposal_ring = None
+    if config.cluster is not None:
+        proposal_ring = Ring.attach(proposal_name(config.node.name), epoch=context.epoch)
     try:
         agent = JournallerAgent(
             ring, journal, counters,
             batch_bytes_max=config.journal.batch_bytes_max,
             delete_journal=config.snapshot.delete_journal,
+            replicator_doorbell=None if proposal_ring is None else proposal_ring.doorbell(Role.REPLICATOR),
         )  # fmt: skip
         run_agent(context, agent)
     except JournalError as error:
@@ -297,6 +340,8 @@ def run(context: RoleContext) -> int:
     finally:
         journal.close()
         ring.close()
+        if proposal_ring is not None:
+            proposal_ring.close()
     log.info("drained at index %d", counters[JOURNAL_DURABLE_INDEX].get())
     return 0
 

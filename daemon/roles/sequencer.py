@@ -12,6 +12,11 @@ This module does the I/O around it, on one uvloop thread:
 - the log ring: it is the ring's only writer. The gateway claims through `writer.try_claim` and
   stamps records in place; the claims are published once per event-loop pass (`_flush`), so
   everything that arrived in one pass costs one cursor store: batching without waiting;
+- cluster mode (`[cluster]`): the same records go unstamped (`ClusterStamping`) into the
+  proposal ring, whose one reader, the replicator, stamps them (leader) or forwards them. This
+  shell reads the Raft standing (`raft.role`, `raft.leader`): only the leader fires due timers
+  (a follower looks again every LEADERSHIP_POLL_S) and requests automatic snapshots, by the log
+  its blp applied, every heartbeat (`Gateway.log_applied`); WELCOME names the leader;
 - backpressure: when the ring is full (the journaller or the blp is behind) the gateway leaves
   the rest of a session's batch in `session.backlog`; the shell stops reading that session
   (`pause_reading`) and retries on the next egress drain or after BLOCKED_RETRY_S, then resumes
@@ -49,6 +54,7 @@ import uvloop
 from daemon.errorlog import DistinctErrorLog, exception_key
 from daemon.exits import ExitCode, FatalError
 from daemon.layout import (
+    BLP_APPLIED_INDEX,
     BLP_APPLIED_POSITION,
     COMMANDS_TOTAL,
     EGRESS_CONSUMED_POSITION,
@@ -63,17 +69,21 @@ from daemon.layout import (
     LOG_PUBLISHED_INDEX,
     LOG_PUBLISHED_POSITION,
     NODE_INCARNATION,
+    RAFT_LEADER,
+    RAFT_ROLE,
     RECOVERY_LAST_INDEX,
     RECOVERY_LAST_TERM,
     RECOVERY_LAST_TIMESTAMP_NS,
     SESSIONS_OPEN,
     SESSIONS_TOTAL,
+    SNAPSHOT_LAST_INDEX,
     TIMERS_PENDING,
     DiskState,
     Role,
     RoleState,
     egress_name,
     log_name,
+    proposal_name,
 )
 from daemon.roles.common import RoleContext, report_start_failure, start_role
 from ipc.idle import idle_strategy
@@ -81,19 +91,27 @@ from ipc.ring import Ring
 from sequencer import egress
 from sequencer.client import protocol
 from sequencer.gateway import (
+    ClusterStamping,
     Gateway,
     GatewayConfig,
     GatewaySession,
     Report,
     SingleNodeStamping,
+    StampingPolicy,
 )
 from sequencer.gateway.sessions import SESSION_ID_INCARNATION_BITS
+from sequencer.raft import RaftRole
 from sequencer.state_machine import load_app
 
 log = logging.getLogger("seqd.sequencer")
 
 HEARTBEAT_INTERVAL_S = 0.1
 BLOCKED_RETRY_S = 0.001  # how soon records that found the log ring full try again
+# Cluster mode: while a timer is due and this node does not lead, how often it looks whether it
+# leads now. A new leader fires what is due within this of taking office, which is small next to
+# an election (hundreds of ms); a follower wakes this often only while a timer is due and the
+# leader's fire has not yet reached its own blp (which then drops it from the schedule).
+LEADERSHIP_POLL_S = 0.01
 DRAIN_TIMEOUT_S = 10.0  # SIGTERM: how long to wait for committed work to be replied
 # SIGTERM: how often the drain looks at the blp's progress: short against DRAIN_TIMEOUT_S, long
 # enough that the wait costs nothing next to the blp it waits for.
@@ -176,7 +194,11 @@ class Sequencer:
         self.config = config
         counters = context.counters
         self.counters = counters
-        self.log_ring = Ring.attach(log_name(config.node.name), epoch=context.epoch)
+        # The ring this sequencer writes: the log ring on a single node; in cluster mode the
+        # proposal ring (the replicator writes the log ring and stamps what it takes from here).
+        self.clustered = config.cluster is not None
+        ring_name = proposal_name(config.node.name) if self.clustered else log_name(config.node.name)
+        self.log_ring = Ring.attach(ring_name, epoch=context.epoch)
         self.egress_ring = Ring.attach(egress_name(config.node.name), epoch=context.epoch)
         self.writer = self.log_ring.writer()
         self.egress_reader = self.egress_ring.reader(Role.SEQUENCER)
@@ -196,13 +218,14 @@ class Sequencer:
         # Stamps continue from what recovery found in the journal.
         self.gateway: Gateway[Session] = Gateway(
             gateway_config,
-            SingleNodeStamping(counters[RECOVERY_LAST_TERM].get(), config.node.name),
+            self._stamping(),
             self.writer.try_claim,
             self._report,
             last_index=counters[RECOVERY_LAST_INDEX].get(),
             last_timestamp_ns=counters[RECOVERY_LAST_TIMESTAMP_NS].get(),
         )
         self.published_index = self.gateway.next_index - 1
+        self.published_claim = self.writer.claim_position  # the end of what was published
         self.flush_scheduled = False
         self.blocked: deque[Session] = deque()  # sessions waiting for ring space, in order
         self.blocked_retry: asyncio.TimerHandle | None = None
@@ -211,7 +234,8 @@ class Sequencer:
         self.server: asyncio.AbstractServer | None = None
         self.published_position = counters[LOG_PUBLISHED_POSITION]
         self.published_index_counter = counters[LOG_PUBLISHED_INDEX]
-        self.published_index_counter.set(self.published_index)  # the journal's last, until the first publish
+        if not self.clustered:  # in a cluster the replicator writes the log, not this role
+            self.published_index_counter.set(self.published_index)  # the journal's last, until the first publish
         self.commands_total = counters[COMMANDS_TOTAL]
         self.sessions_open = counters[SESSIONS_OPEN]
         self.sessions_total = counters[SESSIONS_TOTAL]
@@ -229,6 +253,18 @@ class Sequencer:
         self.drained = threading.Event()
         self.drained.set()
         self.waker: threading.Thread | None = None
+
+    def _stamping(self) -> StampingPolicy:
+        """A single node stamps its records itself; in a cluster the leader's replicator does,
+        and the Raft standing is read from the replicator's counters when the gateway asks."""
+        config = self.config
+        if config.cluster is None:
+            return SingleNodeStamping(self.counters[RECOVERY_LAST_TERM].get(), config.node.name)
+        raft_role = self.counters[RAFT_ROLE]
+        leader = int(RaftRole.LEADER)
+        names = {member.id: member.name for member in config.cluster.members if member.name}
+        names[config.node.number] = config.node.name
+        return ClusterStamping(self.counters[RAFT_LEADER].get, lambda: raft_role.get() == leader, names)
 
     def _report(self, kind: Report, key: str, message: str, error: BaseException | None) -> None:
         """The gateway's reports: logged once per key with repeat counts, and counted."""
@@ -253,18 +289,21 @@ class Sequencer:
 
     def _claimed(self) -> None:
         """After a gateway call: publish at the end of this loop pass if it claimed records."""
-        if not self.flush_scheduled and self.gateway.next_index - 1 != self.published_index:
+        if not self.flush_scheduled and self.writer.claim_position != self.published_claim:
             self.flush_scheduled = True
             self.loop.call_soon(self._flush)
 
     def _flush(self) -> None:
         self.flush_scheduled = False
-        last_index = self.gateway.next_index - 1
-        if self.published_index != last_index:
-            self.writer.publish()
-            self.published_index = last_index
-            self.published_index_counter.set(last_index)
-            self.published_position.set(self.writer.published_position)
+        writer = self.writer
+        if writer.claim_position != self.published_claim:
+            writer.publish()
+            self.published_claim = writer.claim_position
+            if not self.clustered:  # the log ring's: its indexes are the ones the gateway stamped
+                last_index = self.gateway.next_index - 1
+                self.published_index = last_index
+                self.published_index_counter.set(last_index)
+                self.published_position.set(self.published_claim)
         # While clients keep the loop busy, serve egress from here too: the waker thread would
         # have to win the GIL from this thread first (up to sys.getswitchinterval()).
         if self.egress_reader.ready():
@@ -361,7 +400,7 @@ class Sequencer:
         if opening and session.session_id:
             self.sessions_open.set(len(gateway.sessions))
             self.sessions_total.add(1)
-        if not self.flush_scheduled and gateway.next_index - 1 != self.published_index:
+        if not self.flush_scheduled and self.writer.claim_position != self.published_claim:
             self.flush_scheduled = True  # `_claimed()`
             self.loop.call_soon(self._flush)
         if session.out or session.closing:
@@ -411,6 +450,18 @@ class Sequencer:
             self._schedule_retry()
         self._claimed()
 
+    def _log_snapshot_policy(self) -> None:
+        """Cluster mode: the leader requests a snapshot by the log its blp applied."""
+        counters = self.counters
+        requested = self.gateway.log_applied(
+            time.time_ns(), counters[BLP_APPLIED_INDEX].get(), counters[BLP_APPLIED_POSITION].get(),
+            counters[SNAPSHOT_LAST_INDEX].get(),
+        )  # fmt: skip
+        if requested:
+            self._claimed()
+            if self.gateway.snapshot_pending:
+                self._schedule_retry()
+
     def _arm_timers(self) -> None:
         if self.timer_handle is not None:
             self.timer_handle.cancel()
@@ -420,6 +471,8 @@ class Sequencer:
         self.timers_pending.set(len(timers))
         if deadline_ns is not None:
             delay_s = max(0.0, (deadline_ns - time.time_ns()) / 1e9)
+            if not self.gateway.stamping.sequences_timers:
+                delay_s = max(delay_s, LEADERSHIP_POLL_S)  # a follower fires nothing: look later
             self.timer_handle = self.loop.call_later(delay_s, self._fire_timers)
 
     def _fire_timers(self) -> None:
@@ -552,13 +605,20 @@ class Sequencer:
         self.waker.start()
         self.loop.add_signal_handler(signal.SIGUSR1, self.request_snapshot)
         context.set_state(RoleState.RUNNING)
-        # The same number the supervisor logs: the last index in the log (this start's
-        # node_start record); the first command gets the next one.
-        log.info("serving %s from index %d", self.config.socket.path, self.gateway.next_index - 1)
+        if self.clustered:
+            log.info("serving %s in cluster mode: proposing to the replicator", self.config.socket.path)
+        else:
+            # The same number the supervisor logs: the last index in the log (this start's
+            # node_start record); the first command gets the next one.
+            log.info("serving %s from index %d", self.config.socket.path, self.gateway.next_index - 1)
         beats = 0
+        snapshot_config = self.config.snapshot
+        log_snapshots = self.clustered and bool(snapshot_config.every_records or snapshot_config.every_bytes)
         while not context.stop_requested:
             beats += 1
             context.heartbeat.set(beats)
+            if log_snapshots:
+                self._log_snapshot_policy()
             self.errors.flush(time.monotonic())
             await asyncio.sleep(HEARTBEAT_INTERVAL_S)
         await self.drain()
@@ -578,7 +638,7 @@ class Sequencer:
         deadline = time.monotonic() + DRAIN_TIMEOUT_S
         while time.monotonic() < deadline:
             self._drain_egress()
-            if applied.get() >= self.writer.published_position and self.egress_reader.position >= egress_published.get():
+            if self._sequenced_is_applied(applied.get()) and self.egress_reader.position >= egress_published.get():
                 break
             if self.disk_full.get() == DiskState.FULL:
                 log.warning("draining on a full disk: records that did not fit were never acknowledged; clients resend them")
@@ -595,7 +655,18 @@ class Sequencer:
         self.waker_stop.set()
         self.drained.set()
         self.context.set_state(RoleState.DRAINED)
-        log.info("drained at index %d", self.gateway.next_index - 1)
+        if self.clustered:
+            log.info("drained: every proposal handed to the replicator")
+        else:
+            log.info("drained at index %d", self.gateway.next_index - 1)
+
+    def _sequenced_is_applied(self, applied_position: int) -> bool:
+        """Drain: whether what this sequencer wrote is past its ring's reader. A single node: the
+        blp applied it (this ring is the log). A cluster: the replicator took every proposal;
+        the replicator, drained after this role, sees them committed before it stops."""
+        if not self.clustered:
+            return applied_position >= self.writer.published_position
+        return self.log_ring.cursor(Role.REPLICATOR) >= self.writer.published_position
 
 
 GIL_SWITCH_INTERVAL_S = 0.0005  # the waker thread gets the GIL within this, not CPython's 5 ms

@@ -17,7 +17,8 @@ thread, so tests drive it with bytes and a bytearray for a ring:
   The timestamp is the clock value the caller passes in, read once per batch, but never less
   than the last one stamped: timestamps never go backwards, whatever the wall clock does.
 - snapshot policy: a SNAPSHOT record after every `snapshot_every_records` commands or
-  `snapshot_every_bytes` command payload bytes (and on request).
+  `snapshot_every_bytes` command payload bytes (and on request); in a cluster the leader counts
+  the log its blp applied instead (`log_applied`).
 - timers: the blp's TIMER_SCHEDULE/TIMER_CANCEL outputs fill a `TimerQueue`; each deadline the
   caller's clock passes is sequenced as TIMER_FIRED, in deadline order.
 - egress fan-out: a reply goes to its session if it is attached here, an event to every
@@ -38,12 +39,12 @@ Bytes for a client are appended to its session's `out`, which the shell writes a
 `session.closing` asks the shell to close the connection once `out` is written.
 
 The cluster seam. Which index and term a record gets is a `StampingPolicy`, asked once per batch
-(never per record). `SingleNodeStamping` is the only one built: the gateway's own counter,
-continuing from the journal, and the recovered term. In cluster mode the leader's policy takes
-the term from Raft and, at the first batch of a new term, the index of the term's no-op entry,
-where the gateway writes a TERM_START record before anything else; a follower's policy makes the
-gateway forward commands to the leader instead of stamping them (docs/architecture.md, "The
-gateway and cluster mode").
+(never per record). On a single node (`SingleNodeStamping`) it is the gateway's own counter,
+continuing from the journal, and the recovered term. In cluster mode (`ClusterStamping`) the
+gateway writes the same records with index 0 and term 0 into the proposal ring (the `claim`
+port is that ring's) and the leader's replicator stamps them and writes each term's TERM_START;
+only while this node leads does the gateway sequence timer fires and automatic snapshot
+requests (docs/architecture.md, "Cluster mode: the sequencer and the blp").
 
 Hot path. `process` handles a whole list of frames per call and does admission, claim and stamp
 inline, with no method call per command; rare frames (HELLO, PING, ERROR, refusals) take calls.
@@ -70,8 +71,10 @@ from sequencer.gateway.sessions import (
     admission_refusal,
     next_session_id,
     session_id_base,
+    session_incarnation,
+    session_node_number,
 )
-from sequencer.gateway.stamping import SingleNodeStamping, Stamp, StampingPolicy
+from sequencer.gateway.stamping import ClusterStamping, SingleNodeStamping, Stamp, StampingPolicy
 
 __all__ = [
     "IN_FLIGHT_MAX",
@@ -81,6 +84,7 @@ __all__ = [
     "SESSION_ID_NODE_BITS",
     "SNAPSHOT_EVERY_NEVER",
     "Claim",
+    "ClusterStamping",
     "Gateway",
     "GatewayConfig",
     "GatewaySession",
@@ -92,4 +96,6 @@ __all__ = [
     "admission_refusal",
     "next_session_id",
     "session_id_base",
+    "session_incarnation",
+    "session_node_number",
 ]

@@ -21,6 +21,7 @@ from sequencer.gateway.sessions import (
     admission_refusal,
     next_session_id,
     session_id_base,
+    session_incarnation,
 )
 from sequencer.gateway.stamping import Stamp, StampingPolicy
 from sequencer.processor import SAVED_REPLIES_MAX
@@ -60,6 +61,8 @@ _EGRESS_REPLY: Final = int(egress.EgressKind.REPLY)
 _EGRESS_EVENT: Final = int(egress.EgressKind.EVENT)
 _EGRESS_TIMER_SCHEDULE: Final = int(egress.EgressKind.TIMER_SCHEDULE)
 _EGRESS_TIMER_CANCEL: Final = int(egress.EgressKind.TIMER_CANCEL)
+_SESSION_ID: Final = struct.Struct("<Q")  # the first field of egress.REPLY_HEADER
+assert egress.REPLY_HEADER.format.startswith(_SESSION_ID.format), egress.REPLY_HEADER.format
 
 Claim = Callable[[int, int], "memoryview | None"]
 
@@ -133,7 +136,10 @@ class Gateway(Generic[S]):
         self.stamping = stamping
         self._claim = claim
         self._report = report
-        self.next_index = last_index + 1
+        # 1: records carry the indexes counted here; 0 (cluster mode): index 0 on every record,
+        # for the leader's replicator to stamp, and `next_index` stays 0.
+        self._index_step = 1 if stamping.stamps_indexes else 0
+        self.next_index = last_index + 1 if stamping.stamps_indexes else 0
         self.last_timestamp_ns = last_timestamp_ns
         self.sessions: dict[int, S] = {}
         self.subscribers: list[S] = []
@@ -146,8 +152,18 @@ class Gateway(Generic[S]):
         self.snapshot_pending = False
         self.records_since_snapshot = 0
         self.bytes_since_snapshot = 0
-        self._snapshot_every_records = config.snapshot_every_records or SNAPSHOT_EVERY_NEVER
-        self._snapshot_every_bytes = config.snapshot_every_bytes or SNAPSHOT_EVERY_NEVER
+        # The snapshot policy. A single node counts the commands it sequences (`process`, inline).
+        # In a cluster no node sees every command it would count, so the leader counts the log
+        # as its blp applies it (`log_applied`), and the per-command check never fires.
+        every_records = config.snapshot_every_records or SNAPSHOT_EVERY_NEVER
+        every_bytes = config.snapshot_every_bytes or SNAPSHOT_EVERY_NEVER
+        self._log_every_records = every_records
+        self._log_every_bytes = every_bytes
+        self._log_mark = (0, 0)  # (applied index, position) at the last request or in office since
+        if not stamping.stamps_indexes:
+            every_records = every_bytes = SNAPSHOT_EVERY_NEVER
+        self._snapshot_every_records = every_records
+        self._snapshot_every_bytes = every_bytes
 
     # -- stamping ---------------------------------------------------------------------------
 
@@ -164,6 +180,7 @@ class Gateway(Generic[S]):
 
     def _start_term(self, stamp: Stamp) -> bool:
         assert stamp.term_start_index >= 1, stamp
+        assert self._index_step, "a policy that does not stamp indexes starts no term"
         view = self._claim(RECORD_TAIL.size, int(RecordType.TERM_START) | _DAEMON_VERSION_BITS)
         if view is None:
             return False
@@ -180,15 +197,22 @@ class Gateway(Generic[S]):
             return False
         RECORD_TAIL.pack_into(view, 0, self.next_index, term, self.last_timestamp_ns, session_id, request_id)
         view[RECORD_TAIL.size :] = payload
-        self.next_index += 1
+        self.next_index += self._index_step
         return True
 
     def sequence_node_start(self, now_ns: int) -> bool:
         """Sequence the ADMIN `node_start` record that closes this node's sessions of its previous
-        incarnation, at one index on every replica. False when the ring is full (try again)."""
+        incarnations, at one index on every replica. False when the ring is full (try again).
+
+        It names this incarnation (the bits of it every session id of this start carries), so a
+        copy of it that reaches the log twice (a follower resends what it forwarded when the
+        leader changes) closes nothing the second time (`sequencer.dedup`, "node_start")."""
         term = self._begin(now_ns)
         config = self.config
-        payload = encode_admin(ADMIN_NODE_START, node=config.node_name, number=config.node_number)
+        payload = encode_admin(
+            ADMIN_NODE_START, node=config.node_name, number=config.node_number,
+            incarnation=session_incarnation(self._session_id_base),
+        )  # fmt: skip
         return term != _BLOCKED and self._sequence(RecordType.ADMIN, 0, 0, payload, term)
 
     # -- sessions -----------------------------------------------------------------------------
@@ -312,6 +336,7 @@ class Gateway(Generic[S]):
         in_flight_max = IN_FLIGHT_MAX
         every_records = self._snapshot_every_records
         every_bytes = self._snapshot_every_bytes
+        index_step = self._index_step
         commands = 0
         try:
             frames = session.backlog or connection.next_frames()
@@ -351,7 +376,7 @@ class Gateway(Generic[S]):
                         index = self.next_index
                         pack_command(view, 0, index, term, timestamp_ns, session_id, request_id, acked_request_id)
                         view[command_tail_bytes:] = payload
-                        self.next_index = index + 1
+                        self.next_index = index + index_step
                         commands += 1
                         self.records_since_snapshot += 1
                         self.bytes_since_snapshot += payload_bytes
@@ -445,12 +470,38 @@ class Gateway(Generic[S]):
             return False
         return self._sequence_snapshot(term)
 
+    def log_applied(self, now_ns: int, applied_index: int, applied_position: int, snapshot_index: int) -> bool:
+        """Cluster mode's automatic snapshot policy: the leader requests a SNAPSHOT after every
+        `snapshot_every_records` records or `snapshot_every_bytes` bytes of log its blp applied
+        (ring bytes: records with their headers) since the last snapshot, its own last request or
+        its taking office, whichever is latest. A follower requests none; it only keeps the mark
+        moving, so a new leader counts from its election, not from records the old leader covered.
+
+        Args:
+            applied_index, applied_position: this node's blp's progress (`blp.applied.*`).
+            snapshot_index: the index of the newest snapshot its blp wrote (`snapshot.last.index`).
+
+        Returns:
+            Whether a SNAPSHOT record was requested (it may wait for ring space: `retry`).
+        """
+        mark_index, mark_position = self._log_mark
+        if not self.stamping.sequences_timers:
+            self._log_mark = (applied_index, applied_position)
+            return False
+        since_records = applied_index - max(mark_index, snapshot_index)
+        if since_records < self._log_every_records and applied_position - mark_position < self._log_every_bytes:
+            return False
+        self._log_mark = (applied_index, applied_position)
+        self.request_snapshot(now_ns)
+        return True
+
     def _sequence_snapshot(self, term: int) -> bool:
         self.records_since_snapshot = 0
         self.bytes_since_snapshot = 0
         if self._sequence(RecordType.SNAPSHOT, 0, 0, b"", term):
             self.snapshot_pending = False
-            self._report(Report.SNAPSHOT_REQUESTED, "snapshot.requested", f"snapshot requested at index {self.next_index - 1}", None)
+            where = f"at index {self.next_index - 1}" if self._index_step else "(the leader stamps its index)"
+            self._report(Report.SNAPSHOT_REQUESTED, "snapshot.requested", f"snapshot requested {where}", None)
             return True
         if not self.snapshot_pending:
             self.snapshot_pending = True
@@ -458,14 +509,16 @@ class Gateway(Generic[S]):
         return False
 
     def fire_due_timers(self, now_ns: int) -> bool:
-        """Sequence TIMER_FIRED for every timer due at `now_ns`, in deadline order.
+        """Sequence TIMER_FIRED for every timer due at `now_ns`, in deadline order. Nothing while
+        this gateway does not sequence timers (a cluster's follower): they stay due, for the
+        moment it leads (`StampingPolicy.sequences_timers`).
 
         Returns:
             False when the ring filled first: the timers not fired stay due; call again soon.
         """
         timers = self.timers
         due = timers.next_due(now_ns)
-        if due is None:
+        if due is None or not self.stamping.sequences_timers:
             return True
         term = self._begin(now_ns)  # the stamp is now_ns or later: never before the deadline
         if term == _BLOCKED:
@@ -494,22 +547,20 @@ class Gateway(Generic[S]):
         """
         sessions = self.sessions
         subscribers = self.subscribers
-        unpack_reply = egress.REPLY_HEADER.unpack_from
-        reply_header_bytes = egress.REPLY_HEADER.size
+        unpack_session_id = _SESSION_ID.unpack_from
         timers_changed = False
         for kind, view in frames:
             try:
                 if kind == _EGRESS_REPLY:
-                    session_id, request_id, index, status, version = unpack_reply(view, 0)
+                    (session_id,) = unpack_session_id(view, 0)
                     session = sessions.get(session_id)
                     if session is not None:
                         out = session.out
                         if not out:
                             dirty.append(session)
                         try:
-                            session.connection.send_reply_into(
-                                out, request_id, index, status, version, view[reply_header_bytes:]
-                            )
+                            # After its session id a reply is the client frame's body as is.
+                            session.connection.send_reply_body_into(out, view[8:])
                         except protocol.LocalProtocolError as error:
                             self._reply_not_framed(session, view, error)
                 elif kind == _EGRESS_EVENT:

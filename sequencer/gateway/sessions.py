@@ -11,6 +11,13 @@ from typing import Final
 
 from sequencer.client import protocol
 from sequencer.processor import SAVED_REPLIES_MAX
+from sequencer.record import (
+    SESSION_ID_COUNTER_BITS,
+    SESSION_ID_INCARNATION_BITS,
+    SESSION_ID_NODE_BITS,
+    session_incarnation,
+    session_node_number,
+)
 
 __all__ = [
     "CLIENT_MESSAGE_LOGGED_CHARS_MAX",
@@ -23,21 +30,20 @@ __all__ = [
     "admission_refusal",
     "next_session_id",
     "session_id_base",
+    "session_incarnation",
+    "session_node_number",
 ]
 
-# Session ids: [node number: 8 bits][incarnation: 24 bits][counter: 32 bits].
-# The node number lets each node of a cluster route only the replies of its own sessions (the
-# processor emits replies for sessions opened on its node). The incarnation (the low 24 bits of
-# the id the supervisor draws at each start) keeps ids from repeating across restarts, so a
-# record of a session of an earlier incarnation is never taken for a new session's. The counter
-# allows 2^32 sessions per incarnation; after that it wraps, skipping ids still open.
-SESSION_ID_NODE_BITS: Final = 8
-SESSION_ID_INCARNATION_BITS: Final = 24
-SESSION_ID_COUNTER_BITS: Final = 32
+# Session ids: [node number: 8 bits][incarnation: 24 bits][counter: 32 bits] (the layout is
+# `sequencer.record`'s, which the blp reads too). The node number lets each node of a cluster
+# emit only the replies of its own sessions (the processor routes by it). The incarnation (the id
+# the supervisor draws at each start, within 24 bits) keeps ids from repeating across restarts,
+# so a record of a session of an earlier incarnation is never taken for a new session's, and
+# tells a duplicated node_start from a new one. The counter allows 2^32 sessions per
+# incarnation; after that it wraps, skipping ids still open.
 NODE_NUMBER_MAX: Final = (1 << SESSION_ID_NODE_BITS) - 1  # node numbers are 1..255
 _INCARNATION_MASK: Final = (1 << SESSION_ID_INCARNATION_BITS) - 1
 _COUNTER_MASK: Final = (1 << SESSION_ID_COUNTER_BITS) - 1
-assert SESSION_ID_NODE_BITS + SESSION_ID_INCARNATION_BITS + SESSION_ID_COUNTER_BITS == 64
 
 # The request window advertised in WELCOME and enforced here: a command's request_id may be at
 # most acked_request_id + IN_FLIGHT_MAX. Every reply inside the window fits the blp's saved

@@ -671,6 +671,13 @@ class RaftCore(Elections):
         return DurableState(HardState(self.term, self.vote, self.commit_index), self.snapshot,
                             terms, payloads)
 
+    def match_index(self, peer: int) -> int:
+        """On a leader: the last index `peer` holds durably in agreement with it; 0 elsewhere."""
+        leader = self._leader
+        if leader is None:
+            return 0
+        return leader.tracker.progress[peer].match_index
+
     def term_at(self, index: int) -> int | None:
         """The term of the entry at `index` (from storage if dropped from memory), or None."""
         return self.log.term_at(index)

@@ -22,7 +22,7 @@ Frames
     offset 8  body
 
 Handshake bodies are fixed binary structs. A data frame's body is `u64 sequence`, a 32-byte MAC,
-then a msgpack array: of the Raft core's messages (MESSAGES) or of `ForwardedCommand`s (COMMANDS).
+then a msgpack array: of the Raft core's messages (MESSAGES) or of `ForwardedRecord`s (RECORDS).
 The MAC covers the 8-byte header, the sequence and the payload, under the direction's frame key.
 
 `PeerConnection(identity, side, nonce, peer_id)` holds the bytes received and what is needed to
@@ -84,13 +84,13 @@ from sequencer.raft.peer_wire import (
     RECEIVE_BUFFER_BYTES_MAX,
     REFUSAL_CODES,
     Authenticated,
-    CommandBatch,
-    ForwardedCommand,
+    ForwardedRecord,
     FrameKind,
     LocalPeerProtocolError,
     MessageBatch,
     PeerEvent,
     PeerProtocolError,
+    RecordBatch,
     Sentinel,
     Side,
 )
@@ -117,8 +117,7 @@ __all__ = [
     "SECRET_BYTES_MIN",
     "Authenticated",
     "ClusterIdentity",
-    "CommandBatch",
-    "ForwardedCommand",
+    "ForwardedRecord",
     "FrameKind",
     "LocalPeerProtocolError",
     "MessageBatch",
@@ -126,6 +125,7 @@ __all__ = [
     "PeerEvent",
     "PeerProtocolError",
     "ReconnectBackoff",
+    "RecordBatch",
     "Sentinel",
     "Side",
 ]
@@ -134,7 +134,7 @@ __all__ = [
 # without LOAD_METHOD (~0.2 us slower per call), and these are called once per frame.
 DATA_HEADER: Final = peer_wire.DATA_HEADER
 FRAME_HEADER: Final = peer_wire.FRAME_HEADER
-_COMMANDS_DECODER: Final = peer_wire.COMMANDS_DECODER
+_RECORDS_DECODER: Final = peer_wire.RECORDS_DECODER
 _MESSAGES_DECODER: Final = peer_wire.MESSAGES_DECODER
 
 _BODY_BYTES_MAX: Final = PEER_FRAME_BYTES_MAX - FRAME_HEADER_BYTES
@@ -383,7 +383,7 @@ class PeerConnection:
                     f"{_HANDSHAKE_BODY_BYTES[kind]}: the peer is not a seqd peer of this version",
                 )
             return
-        if kind != FrameKind.MESSAGES and kind != FrameKind.COMMANDS:
+        if kind != FrameKind.MESSAGES and kind != FrameKind.RECORDS:
             raise PeerProtocolError(
                 "unexpected_kind",
                 f"{_KIND_NAMES[kind]} after the handshake completed; the peer is broken or "
@@ -406,7 +406,7 @@ class PeerConnection:
     def _handle_frame(
         self, kind: int, buffer: bytearray, position: int, body: int, frame_end: int
     ) -> PeerEvent | None:
-        if kind == FrameKind.MESSAGES or kind == FrameKind.COMMANDS:
+        if kind == FrameKind.MESSAGES or kind == FrameKind.RECORDS:
             return self._handle_data(kind, buffer, position, body, frame_end)
         if kind == FrameKind.HELLO:
             self._handle_hello(buffer, body)
@@ -475,9 +475,9 @@ class PeerConnection:
                     self._check_items(messages, kind)
                     self._check_addresses(messages)
                     return MessageBatch(messages)
-                commands = _COMMANDS_DECODER.decode(view[payload:frame_end])
-                self._check_items(commands, kind)
-                return CommandBatch(commands)
+                records = _RECORDS_DECODER.decode(view[payload:frame_end])
+                self._check_items(records, kind)
+                return RecordBatch(records)
         except msgspec.DecodeError as error:  # ValidationError is a DecodeError
             raise PeerProtocolError(
                 "malformed_frame",
@@ -526,10 +526,10 @@ class PeerConnection:
         """
         return self._send(FrameKind.MESSAGES, messages)
 
-    def send_commands(self, commands: Sequence[ForwardedCommand]) -> bytes:
-        """The bytes of one or more COMMANDS frames carrying `commands`, in order (split as for
+    def send_records(self, records: Sequence[ForwardedRecord]) -> bytes:
+        """The bytes of one or more RECORDS frames carrying `records`, in order (split as for
         `send_messages`)."""
-        return self._send(FrameKind.COMMANDS, commands)
+        return self._send(FrameKind.RECORDS, records)
 
     def _send(self, kind: int, items: Sequence[object]) -> bytes:
         self._check_usable()

@@ -22,7 +22,6 @@ from sequencer.raft.messages import (
 
 __all__ = [
     "CLOSED",
-    "COMMANDS_DECODER",
     "DATA_HEADER",
     "FRAME_HEADER",
     "FRAME_HEADER_BYTES",
@@ -34,15 +33,16 @@ __all__ = [
     "PROTOCOL_VERSION",
     "READ_BYTES_MAX",
     "RECEIVE_BUFFER_BYTES_MAX",
+    "RECORDS_DECODER",
     "REFUSAL_CODES",
     "Authenticated",
-    "CommandBatch",
-    "ForwardedCommand",
+    "ForwardedRecord",
     "FrameKind",
     "LocalPeerProtocolError",
     "MessageBatch",
     "PeerEvent",
     "PeerProtocolError",
+    "RecordBatch",
     "Sentinel",
     "Side",
 ]
@@ -69,7 +69,7 @@ READ_BYTES_MAX: Final = 256 * 1024
 # At most one incomplete frame plus one read, when the shell drains next_event() until NEED_DATA
 # before each receive_data(). Anything more is a shell bug, not a peer's.
 RECEIVE_BUFFER_BYTES_MAX: Final = PEER_FRAME_BYTES_MAX + READ_BYTES_MAX
-# Messages or commands in one frame. msgspec decodes ~1-2 M small structs/s, so 4096 keeps one
+# Messages or forwarded records in one frame. msgspec decodes ~1-2 M small structs/s, so 4096 keeps one
 # frame's decode and the callback's list to a few milliseconds; the core sends far fewer per loop
 # pass (one AppendEntries per follower carries up to 1024 entries as two lists, one message).
 ITEMS_PER_FRAME_MAX: Final = 4096
@@ -85,7 +85,7 @@ class FrameKind(enum.IntEnum):
     CHALLENGE = 2
     AUTH = 3
     MESSAGES = 4
-    COMMANDS = 5
+    RECORDS = 5
 
 
 class Side(enum.Enum):
@@ -138,31 +138,27 @@ class LocalPeerProtocolError(PeerProtocolError):
 
 # -- what the frames carry, and what the codec yields --------------------------------------------
 
-# msgpack integers stop at 2**64-1 by format, so `ge=0` makes a u64 (msgspec takes no bound
-# beyond int64 in a constraint).
-_U64 = Annotated[int, msgspec.Meta(ge=0)]
-_U16 = Annotated[int, msgspec.Meta(ge=0, le=0xFFFF)]
+# A forwarded record is at least a record header (48 bytes), whole records are 8-byte aligned.
+_RECORD_BYTES_MIN = 48
+_RecordBytes = Annotated[bytes, msgspec.Meta(min_length=_RECORD_BYTES_MIN)]
 
 
-class ForwardedCommand(msgspec.Struct, array_like=True, gc=False, frozen=True):
-    """A client command a follower forwards to the leader, to be sequenced with its session's id.
+class ForwardedRecord(msgspec.Struct, array_like=True, gc=False, frozen=True):
+    """A record a follower's sequencer wrote, forwarded to the leader to be stamped and proposed.
 
-    The transport carries it opaquely; the replication role fills and reads it. `payload` is the
-    client's command bytes, never decoded on the way. gc=False is safe: ints and bytes only.
+    `record` is the whole record (48-byte header, payload, zero padding to 8 bytes) as the
+    sequencer wrote it to its proposal ring, unstamped (index 0, term 0; the leader's replicator
+    sets index, term and timestamp). The transport carries it opaquely; the replicator checks it
+    is a whole record before proposing it. gc=False is safe: bytes only.
     """
 
-    session_id: _U64
-    client_id: _U64
-    request_id: _U64
-    acked_request_id: _U64
-    version: _U16
-    payload: bytes
+    record: _RecordBytes
 
 
 # The union of the core's messages, as a list: one decode call per frame. Built from the core's
 # `MESSAGE_TYPES`, so a message type added to the core cannot be forgotten here.
 MESSAGES_DECODER: Final = msgspec.msgpack.Decoder(list[Union[MESSAGE_TYPES]])  # type: ignore[valid-type]  # noqa: UP007
-COMMANDS_DECODER: Final = msgspec.msgpack.Decoder(list[ForwardedCommand])
+RECORDS_DECODER: Final = msgspec.msgpack.Decoder(list[ForwardedRecord])
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,10 +176,10 @@ class MessageBatch:
 
 
 @dataclass(frozen=True, slots=True)
-class CommandBatch:
-    """Forwarded client commands from the peer, in the order sent."""
+class RecordBatch:
+    """Forwarded records from the peer, in the order sent."""
 
-    commands: list[ForwardedCommand]
+    records: list[ForwardedRecord]
 
 
-PeerEvent = Authenticated | MessageBatch | CommandBatch
+PeerEvent = Authenticated | MessageBatch | RecordBatch

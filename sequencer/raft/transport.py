@@ -8,7 +8,7 @@ it dialled; the member dials back for its messages. So there is exactly one TCP 
 ordered pair of nodes, its sender owns it, and a fault proxy can cut, delay or stall the link
 A -> B without touching B -> A (`docs/peer-transport.md` weighs this against one shared
 connection per pair). An acceptor sends nothing after the handshake: what it receives goes to the
-`on_messages` / `on_commands` callbacks, tagged with the authenticated peer's id.
+`on_messages` / `on_records` callbacks, tagged with the authenticated peer's id.
 
 All protocol logic is in the sans-I/O `sequencer.raft.peer_protocol`; this module reads and
 writes sockets, keeps time (handshake timeouts, reconnect backoff) and counts:
@@ -58,13 +58,13 @@ from sequencer.raft.peer_protocol import (
     REFUSAL_CODES,
     Authenticated,
     ClusterIdentity,
-    CommandBatch,
-    ForwardedCommand,
+    ForwardedRecord,
     LocalPeerProtocolError,
     MessageBatch,
     PeerConnection,
     PeerProtocolError,
     ReconnectBackoff,
+    RecordBatch,
     Side,
 )
 
@@ -187,10 +187,10 @@ class TransportCounters:
     bytes_out: int = 0
     messages_in: int = 0
     messages_out: int = 0
-    commands_in: int = 0
-    commands_out: int = 0
+    records_in: int = 0
+    records_out: int = 0
     messages_dropped: int = 0  # no authenticated link, or its send buffer was full
-    commands_dropped: int = 0
+    records_dropped: int = 0
     connects: int = 0  # outbound connections authenticated
     accepts: int = 0  # inbound connections authenticated
     connect_failures: int = 0  # TCP connects that failed or timed out
@@ -212,7 +212,7 @@ class TransportCounters:
 class _Link:
     """This node's outbound side towards one peer."""
 
-    __slots__ = ("commands", "connected", "host", "messages", "peer_id", "port", "stream", "task")
+    __slots__ = ("connected", "host", "messages", "peer_id", "port", "records", "stream", "task")
 
     def __init__(self, peer_id: int, host: str, port: int) -> None:
         self.peer_id = peer_id
@@ -221,7 +221,7 @@ class _Link:
         self.stream: _PeerStream | None = None  # set while an authenticated connection is up
         self.connected = asyncio.Event()
         self.messages: list[Message] = []  # to send at the next flush
-        self.commands: list[ForwardedCommand] = []
+        self.records: list[ForwardedRecord] = []
         self.task: asyncio.Task[None] | None = None
 
 
@@ -302,8 +302,8 @@ class _PeerStream(asyncio.Protocol):
                 return
             if isinstance(event, MessageBatch):
                 owner._deliver_messages(codec.peer_id, event.messages)
-            elif isinstance(event, CommandBatch):
-                owner._deliver_commands(codec.peer_id, event.commands)
+            elif isinstance(event, RecordBatch):
+                owner._deliver_records(codec.peer_id, event.records)
             else:
                 assert isinstance(event, Authenticated), event
                 if self._timer is not None:
@@ -330,7 +330,7 @@ class _PeerStream(asyncio.Protocol):
 
 
 MessagesCallback = Callable[[int, list[Message]], None]
-CommandsCallback = Callable[[int, list[ForwardedCommand]], None]
+RecordsCallback = Callable[[int, list[ForwardedRecord]], None]
 
 
 class PeerTransport:
@@ -339,8 +339,8 @@ class PeerTransport:
     Args:
         config: addresses, identity, timeouts.
         on_messages: called with (peer id, messages) for each authenticated batch received.
-        on_commands: called with (peer id, forwarded commands); commands are dropped (counted in
-            `commands_in` only) when None.
+        on_records: called with (peer id, forwarded records); records are dropped (counted in
+            `records_in` only) when None.
         random_source: for the backoff's jitter (a seeded one in tests).
     """
 
@@ -348,7 +348,7 @@ class PeerTransport:
         self,
         config: TransportConfig,
         on_messages: MessagesCallback,
-        on_commands: CommandsCallback | None = None,
+        on_records: RecordsCallback | None = None,
         *,
         random_source: random.Random | None = None,
     ) -> None:
@@ -356,7 +356,7 @@ class PeerTransport:
         self.identity = config.identity
         self.counters = TransportCounters()
         self._on_messages = on_messages
-        self._on_commands = on_commands
+        self._on_records = on_records
         self._random = random_source if random_source is not None else random.Random()
         self._links = {peer: _Link(peer, host, port) for peer, (host, port) in config.peers.items()}
         self._inbound: dict[int, _PeerStream] = {}  # authenticated inbound streams by peer id
@@ -461,8 +461,8 @@ class PeerTransport:
             link.messages.append(message)
         self._schedule_flush()
 
-    def forward(self, target: int, commands: Sequence[ForwardedCommand]) -> None:
-        """Queue forwarded client commands for `target` (the leader); they leave this loop pass.
+    def forward(self, target: int, records: Sequence[ForwardedRecord]) -> None:
+        """Queue forwarded records for `target` (the leader); they leave this loop pass.
 
         Raises:
             ValueError: `target` is not a peer of this node.
@@ -474,9 +474,9 @@ class PeerTransport:
                 f"(peers: {sorted(self._links)})"
             )
         if link.stream is None:
-            self.counters.commands_dropped += len(commands)
+            self.counters.records_dropped += len(records)
             return
-        link.commands.extend(commands)
+        link.records.extend(records)
         self._schedule_flush()
 
     def _schedule_flush(self) -> None:
@@ -490,10 +490,10 @@ class PeerTransport:
         counters = self.counters
         buffer_max = self.config.send_buffer_bytes_max
         for link in self._links.values():
-            if not link.messages and not link.commands:
+            if not link.messages and not link.records:
                 continue
             messages, link.messages = link.messages, []
-            commands, link.commands = link.commands, []
+            records, link.records = link.records, []
             stream = link.stream
             if (
                 stream is None
@@ -501,7 +501,7 @@ class PeerTransport:
                 or stream.transport.get_write_buffer_size() > buffer_max
             ):
                 counters.messages_dropped += len(messages)
-                counters.commands_dropped += len(commands)
+                counters.records_dropped += len(records)
                 continue
             codec = stream.codec
             frames_before = codec.frames_sent
@@ -513,12 +513,12 @@ class PeerTransport:
                 except LocalPeerProtocolError as error:
                     counters.messages_dropped += len(messages)
                     self._batch_refused(link.peer_id, error)
-            if commands:
+            if records:
                 try:
-                    data += codec.send_commands(commands)
-                    counters.commands_out += len(commands)
+                    data += codec.send_records(records)
+                    counters.records_out += len(records)
                 except LocalPeerProtocolError as error:
-                    counters.commands_dropped += len(commands)
+                    counters.records_dropped += len(records)
                     self._batch_refused(link.peer_id, error)
             counters.frames_out += codec.frames_sent - frames_before
             stream._write(bytes(data))
@@ -535,11 +535,11 @@ class PeerTransport:
         self.counters.messages_in += len(messages)
         self._on_messages(peer_id, messages)
 
-    def _deliver_commands(self, peer_id: int, commands: list[ForwardedCommand]) -> None:
+    def _deliver_records(self, peer_id: int, records: list[ForwardedRecord]) -> None:
         self.counters.frames_in += 1
-        self.counters.commands_in += len(commands)
-        if self._on_commands is not None:
-            self._on_commands(peer_id, commands)
+        self.counters.records_in += len(records)
+        if self._on_records is not None:
+            self._on_records(peer_id, records)
 
     # -- connections ----------------------------------------------------------------------------
 

@@ -1,0 +1,170 @@
+"""The per-command hot paths of the sequencer and the blp, in one process, on real rings.
+
+    python -m benches.hot_paths [--commands 100000] [--batch 35] [--json]
+    python -m benches.hot_paths --only gateway_ingress --commands 200   # for callgrind, below
+
+Each loop drives the real code a running node runs per command, without sockets, threads or
+other processes, so its cost per command is measured apart from scheduling and the machine's
+load:
+
+- `gateway_ingress`: `batch` pipelined COMMAND frames in one read -> `Connection.receive_data` ->
+  `Gateway.process` (parse, admit, claim, stamp) -> `RingWriter.publish`; the journaller's and
+  the blp's readers release the records (as `poll_region` would).
+- `gateway_egress`: the blp's outputs for those commands (a REPLY and an EVENT each) written with
+  `try_write_frames`, then `RingReader.poll` -> `Gateway.route_egress` -> the session's bytes.
+- `processor`: `Processor.apply_frame` of ledger transfers between 100 accounts, drained every
+  16 records (the blp's `FRAMES_PER_POLL_MAX`).
+
+Figures are thread CPU time per command (`time.thread_time`), median of `--runs`. On a shared
+machine even CPU time moves by 10-20% with the load; instruction counts do not. For a
+before/after comparison count instructions with callgrind at two sizes and subtract, so the
+start-up cancels (benches/RESULTS.md, issue 13):
+
+    valgrind --tool=callgrind --callgrind-out-file=/dev/null \\
+        python -m benches.hot_paths --only processor --commands 5000 --runs 1
+    (the same with --commands 10000; the difference / 5000 is instructions per command)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import ipc
+from benches.processor import setup
+from daemon.layout import EGRESS_READERS, LOG_READERS
+from sequencer import egress
+from sequencer.apps.ledger import LEDGER_SCHEMA, Transfer, TransferMade, Transferred
+from sequencer.client.protocol import Connection, Hello, Side
+from sequencer.gateway import Gateway, GatewayConfig, GatewaySession, SingleNodeStamping
+
+RING_CAPACITY_BYTES = 1 << 22  # a few thousand batches: the loops wrap it many times
+ACCOUNTS = 100
+DRAIN_EVERY_RECORDS = 16  # the blp drains its outputs once per poll of this many records
+LOOPS = ("gateway_ingress", "gateway_egress", "processor")
+
+
+class GatewayRig:
+    """A gateway with one open session on real log and egress rings."""
+
+    def __init__(self, batch: int) -> None:
+        token = uuid.uuid4().hex[:8]
+        self.log_ring = ipc.Ring.create(ipc.segment_name(token, "log"), RING_CAPACITY_BYTES, readers=LOG_READERS)
+        self.egress_ring = ipc.Ring.create(ipc.segment_name(token, "egress"), RING_CAPACITY_BYTES,
+                                           readers=EGRESS_READERS)  # fmt: skip
+        self.writer = self.log_ring.writer()
+        self.log_readers = [self.log_ring.reader(name) for name in LOG_READERS]
+        self.egress_writer = self.egress_ring.writer()
+        self.egress_reader = self.egress_ring.reader(EGRESS_READERS[0])
+        config = GatewayConfig(node_name="n1", node_number=1, incarnation=1, command_bytes_max=1 << 16,
+                               command_version_max=LEDGER_SCHEMA.version, sessions_max=16)  # fmt: skip
+        self.gateway: Gateway[GatewaySession] = Gateway(
+            config, SingleNodeStamping(1, "n1"), self.writer.try_claim, lambda *_: None,
+            last_index=0, last_timestamp_ns=0,
+        )  # fmt: skip
+        self.session = GatewaySession()
+        client = Connection(Side.CLIENT)
+        self.session.connection.receive_data(client.send(Hello(client_id=7)))
+        self.gateway.process(self.session, 1)
+        client.receive_data(bytes(self.session.out))
+        self.session.out.clear()
+        client.next_frames()
+        self.writer.publish()
+        self.now_ns = 1
+        # The gateway does not deduplicate (the blp does), so one read can be sent again and again.
+        _, command = LEDGER_SCHEMA.encode_command(Transfer("acct-1", "acct-2", 1))
+        read = bytearray()
+        for request_id in range(1, batch + 1):
+            client.send_command_into(read, request_id, 0, LEDGER_SCHEMA.version, command)
+        self.read = bytes(read)
+        reply = LEDGER_SCHEMA.encode_reply(Transferred("acct-1", "acct-2", 1, 5))
+        event = LEDGER_SCHEMA.encode_event(TransferMade("acct-1", "acct-2", 1))
+        session_id = self.session.session_id
+        self.outputs: list[tuple[int, bytes]] = []
+        for request_id in range(1, batch + 1):
+            index = 100 + request_id
+            self.outputs.append((int(egress.EgressKind.REPLY),
+                                 egress.REPLY_HEADER.pack(session_id, request_id, index, 0, 1) + reply))  # fmt: skip
+            self.outputs.append((int(egress.EgressKind.EVENT), egress.EVENT_HEADER.pack(index, 1) + event))
+
+    def ingress(self) -> None:
+        self.session.connection.receive_data(self.read)
+        self.now_ns += 1
+        self.gateway.process(self.session, self.now_ns)
+        self.writer.publish()
+        for reader in self.log_readers:
+            reader.poll_region(RING_CAPACITY_BYTES)
+            reader.release()
+
+    def egress(self) -> None:
+        assert self.egress_writer.try_write_frames(self.outputs) == len(self.outputs)
+        dirty: list[GatewaySession] = []
+        self.gateway.route_egress(self.egress_reader.poll(len(self.outputs)), dirty)
+        self.egress_reader.release()
+        for session in dirty:
+            bytes(session.out)
+            session.out.clear()
+
+    def close(self) -> None:
+        for ring in (self.log_ring, self.egress_ring):
+            ring.close()
+            ring.unlink()
+
+
+def _timed(step: Callable[[], None], steps: int) -> float:
+    started = time.thread_time()
+    for _ in range(steps):
+        step()
+    return time.thread_time() - started
+
+
+def measure(loop: str, commands: int, batch: int) -> float:
+    """Thread CPU microseconds of `loop` per command, over about `commands` commands."""
+    if loop == "processor":
+        processor, feeder = setup(ACCOUNTS)
+        frames = [feeder.command(Transfer(f"acct-{n % ACCOUNTS}", f"acct-{(n * 7 + 1) % ACCOUNTS}", 1))
+                  for n in range(commands)]  # fmt: skip
+        apply_frame = processor.apply_frame
+        drain = processor.drain_outputs
+        started = time.thread_time()
+        for n, (kind, view) in enumerate(frames):
+            apply_frame(kind, view)
+            if n % DRAIN_EVERY_RECORDS == DRAIN_EVERY_RECORDS - 1:
+                drain()
+        return 1e6 * (time.thread_time() - started) / commands
+    rig = GatewayRig(batch)
+    try:
+        steps = max(1, commands // batch)
+        return 1e6 * _timed(rig.ingress if loop == "gateway_ingress" else rig.egress, steps) / (steps * batch)
+    finally:
+        rig.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benches.hot_paths")
+    parser.add_argument("--commands", type=int, default=100_000)
+    parser.add_argument("--batch", type=int, default=35, help="commands per read (the node's ~35)")
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--only", choices=LOOPS, action="append", help="run these loops only")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    results: dict[str, Any] = {"commands": args.commands, "batch": args.batch}
+    for loop in args.only or LOOPS:
+        runs = [measure(loop, args.commands, args.batch) for _ in range(args.runs)]
+        results[f"{loop}_cpu_us_per_cmd"] = round(statistics.median(runs), 3)
+    if args.json:
+        print(json.dumps(results, sort_keys=True))
+    else:
+        for key, value in results.items():
+            print(f"{key:34} {value}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,617 @@
+"""The replicator role (cluster mode only): Raft for this node, and the one writer of its log ring.
+
+Theory of operation
+-------------------
+The replicator drives the sans-I/O `RaftCore` on one uvloop thread: its clock (a tick every
+`cluster.tick_ms`), its sockets (`PeerTransport`), its disk (the hard state file; the journal is
+the journaller's). Everything that moves the core goes through one method, `_process`, which runs
+to the end without waiting, so no ready is ever outstanding while a peer's message is stepped:
+
+    report durable entries      journal.durable.index -> core.durable(...)
+    take proposals              proposal ring (+ records forwarded by followers, on the leader)
+    for each ready:             save hard state (fsync first when the term or vote changed),
+                                queue its entries for the log ring, send its messages,
+                                note its committed entries, advance, stamp a TERM_START
+    write the log ring          queued entries, as far as the ring has room
+    publish the commit          raft.commit.index, then raft.commit.position; ring the blp
+
+One writer (docs/cluster.md): the replicator writes the log ring on every node, leader or
+follower, so nothing changes hands when the Raft standing does. A leader's own proposals come
+back to it as `ready.entries` like a follower's replicated entries: one path. The journaller
+journals the ring as before and rings this role's doorbell (on the proposal ring) after each
+fdatasync; the entries it made durable are reported to the core, which acknowledges them (a
+follower) or counts them toward the majority (the leader). The commit the core hands out
+(`ready.committed`: committed and durable here) is turned into a ring position
+(`RingPositions`) that limits the blp.
+
+Proposals: the sequencer writes its records, unstamped, to the proposal ring. Each is kept in
+`PendingForwards` until seen committed (and marked once seen in this node's log: only records
+that never reached it are sent again). The leader stamps (`RecordStamper`) and proposes them, and
+the records followers forward; a follower forwards them, raw, to the leader it knows, and holds
+them while it knows none (it then stops reading the proposal ring: backpressure through the
+ring). When the leader changes, or nothing pending committed for RESEND_AFTER_S, every pending
+record not in this node's log is sent again (proposed again on a new leader) in order; a
+duplicate in the log is harmless (the blp's idempotence rules). A new leader proposes nothing
+before its TERM_START commits.
+
+Restart: the blp replays the journal only up to `recovery.commit.index` (what is known
+committed). The journal's tail after it is loaded into the core (durable) and written first into
+the new log ring (the journaller skips records it holds), so the blp applies it once committed.
+
+Conflicts: entries the leader replaces that this node already holds (in the ring or the journal)
+cannot be cut in place; the role writes `raft.truncate` and exits with ROLE_EXIT_RAFT_TRUNCATE,
+and the next incarnation cuts the journal before recovery (daemon/raft_truncate.py).
+
+Not built: InstallSnapshot (a follower that needs entries the leader's journal no longer holds);
+the core never compacts here, so a leader never sends one, and such a follower fails loudly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import sys
+import threading
+import time
+from collections import deque
+
+import uvloop
+
+from daemon.config import Config, parse_address
+from daemon.layout import (
+    JOURNAL_DURABLE_INDEX,
+    RAFT_COMMIT_INDEX,
+    RAFT_COMMIT_POSITION,
+    RAFT_LAST_INDEX,
+    RAFT_LEADER,
+    RAFT_PEER_MATCH_INDEX,
+    RAFT_PEER_NODE,
+    RAFT_PEER_SLOTS,
+    RAFT_PENDING_FORWARDS,
+    RAFT_ROLE,
+    RAFT_TERM,
+    RECOVERY_COMMIT_INDEX,
+    RECOVERY_LAST_INDEX,
+    RECOVERY_LAST_TIMESTAMP_NS,
+    Role,
+    RoleState,
+    log_name,
+    proposal_name,
+)
+from daemon.raft_truncate import write_truncate_request
+from daemon.roles.common import (
+    ROLE_EXIT_RAFT_TRUNCATE,
+    RoleContext,
+    report_start_failure,
+    start_role,
+)
+from ipc.ring import Ring
+from sequencer.cluster import (
+    PendingForwards,
+    RecordStamper,
+    RingPositions,
+    may_propose,
+    record_from_frame,
+)
+from sequencer.hard_state import HardStateFile
+from sequencer.journal import JournalLogStorage
+from sequencer.raft.config import NO_NODE, RaftConfig
+from sequencer.raft.core import RaftCore
+from sequencer.raft.errors import ProposalRejected
+from sequencer.raft.messages import DurableState, Entries, HardState, Message, Ready
+from sequencer.raft.peer_protocol import ForwardedRecord
+from sequencer.raft.raft_role import LEADER
+from sequencer.raft.transport import PeerTransport, TransportConfig
+from sequencer.record import FRAME_HEADER, RECORD_HEADER_BYTES, RecordType, aligned
+
+log = logging.getLogger("seqd.replicator")
+
+# Records taken from the proposal ring (or forwarded to the leader) per pass: one pass stays a
+# few milliseconds, so ticks and peer messages interleave.
+PROPOSALS_PER_PASS_MAX = 4096
+# Entries waiting for room in the log ring (the blp or the journaller is behind) beyond which the
+# leader takes no new proposals: the backpressure reaches the sequencer through the proposal ring
+# instead of growing this process. A follower's queue is bounded by the leader's flow control (it
+# acknowledges only what is durable, hence written).
+UNWRITTEN_ENTRIES_MAX = 1 << 16
+# Records forwarded by followers held on the leader until its next pass; beyond, dropped and
+# counted (the followers resend them: they are pending there).
+INBOX_RECORDS_MAX = 1 << 16
+# Nothing pending committed for this long (a dropped forward, a leader that lost them): send every
+# pending record again. Several election timeouts, so a healthy cluster never resends.
+RESEND_AFTER_S = 2.0
+# A commit index alone is a hint (Raft keeps it only to save a restart some replay), so it is
+# saved at most this often; a change of term or vote is saved (fsync) before any message leaves.
+HARD_STATE_COMMIT_SAVE_S = 1.0
+# The waker sleeps at most this long without a ring: a bound, so it sees its stop flag.
+WAKE_TIMEOUT_MS = 100.0
+WAKER_HANDOFF_WAIT_S = 1.0
+WAKER_JOIN_TIMEOUT_S = 2.0
+assert WAKER_JOIN_TIMEOUT_S > WAKER_HANDOFF_WAIT_S
+# Entries read back from the journal per read at start (bounded memory per read).
+STORAGE_READ_BYTES_MAX = 1 << 20
+
+_TERM_START = int(RecordType.TERM_START)
+_PADDING = int(RecordType.PADDING)
+
+
+class TruncateRequired(Exception):
+    """A conflict replaces entries this node already holds after `index`: exit, cut, restart."""
+
+    def __init__(self, index: int) -> None:
+        super().__init__(f"the leader's log conflicts with this node's after index {index}")
+        self.index = index
+
+
+def _raft_config(config: Config) -> RaftConfig:
+    cluster = config.cluster
+    assert cluster is not None
+    return RaftConfig(
+        node_id=config.node.number,
+        voters=tuple(member.id for member in cluster.members),
+        cluster_id=cluster.cluster_id,
+        election_ticks=cluster.election_ticks,
+        heartbeat_ticks=cluster.heartbeat_ticks,
+        term_start_from_shell=True,
+        storage_read_bytes_max=STORAGE_READ_BYTES_MAX,
+    )
+
+
+def _transport_config(config: Config) -> TransportConfig:
+    cluster = config.cluster
+    assert cluster is not None
+    number = config.node.number
+    host, port = parse_address(cluster.peer_listen or cluster.member(number).peer_address)
+    return TransportConfig(
+        cluster_id=cluster.cluster_id,
+        node_id=number,
+        secret=cluster.read_secret(),
+        listen_host=host,
+        listen_port=port,
+        peers={m.id: parse_address(m.peer_address) for m in cluster.members if m.id != number},
+        allow_non_loopback=cluster.allow_non_loopback,
+    )
+
+
+def whole_record(record: bytes) -> bool:
+    """A forwarded record is one whole record, 8-byte aligned, and not one only a leader or the
+    ring makes (TERM_START, PADDING)."""
+    if len(record) < RECORD_HEADER_BYTES or len(record) % 8:
+        return False
+    length, frame_type = FRAME_HEADER.unpack_from(record)
+    record_type = frame_type & 0xFFFF
+    return aligned(length) == len(record) and record_type != _TERM_START and record_type != _PADDING
+
+
+class Replicator:
+    def __init__(self, context: RoleContext, loop: asyncio.AbstractEventLoop) -> None:
+        self.context = context
+        self.loop = loop
+        config = context.config
+        cluster = config.cluster
+        assert cluster is not None, "the replicator runs only in cluster mode"
+        self.config = config
+        self.tick_s = cluster.tick_ms / 1000
+        counters = context.counters
+        node = config.node.name
+        self.log_ring = Ring.attach(log_name(node), epoch=context.epoch)
+        self.proposal_ring = Ring.attach(proposal_name(node), epoch=context.epoch)
+        self.writer = self.log_ring.writer()
+        self.proposals = self.proposal_ring.reader(Role.REPLICATOR)
+        self.blp_doorbell = self.log_ring.doorbell(Role.BLP)
+        self.durable_index = counters[JOURNAL_DURABLE_INDEX]  # the journaller's
+        self.commit_index_counter = counters[RAFT_COMMIT_INDEX]
+        self.commit_position_counter = counters[RAFT_COMMIT_POSITION]
+        self.role_counter = counters[RAFT_ROLE]
+        self.term_counter = counters[RAFT_TERM]
+        self.leader_counter = counters[RAFT_LEADER]
+        self.last_index_counter = counters[RAFT_LAST_INDEX]
+        self.pending_counter = counters[RAFT_PENDING_FORWARDS]
+        self.peers = tuple(m.id for m in cluster.members if m.id != config.node.number)
+        assert len(self.peers) <= RAFT_PEER_SLOTS, self.peers
+        for slot, peer in enumerate(self.peers):
+            counters[RAFT_PEER_NODE[slot]].set(peer)
+        self.match_counters = tuple(counters[RAFT_PEER_MATCH_INDEX[slot]] for slot in range(len(self.peers)))
+
+        self.hard_state_file = HardStateFile.open(config.node.data_dir)
+        self.storage = JournalLogStorage(config.journal_dir)
+        commit_index = counters[RECOVERY_COMMIT_INDEX].get()
+        last_index = counters[RECOVERY_LAST_INDEX].get()
+        self.stamper = RecordStamper(counters[RECOVERY_LAST_TIMESTAMP_NS].get())
+        # Entries waiting for room in the log ring, in index order: (index, record).
+        self.unwritten: deque[tuple[int, bytes]] = deque()
+        durable = self._load(commit_index, last_index)
+        self.core = RaftCore(_raft_config(config), random.Random(), durable, storage=self.storage)
+        # The ring starts after the entry at the recovered commit (the blp replayed up to it).
+        self.positions = RingPositions(commit_index, 0)
+        # The last index this node holds in its ring or its journal: a change of the log at or
+        # below it is a conflict that needs the journal cut.
+        self.stored_index = last_index
+        self.commit_known = commit_index  # the highest committed, durable index the core gave
+        # Entry writes handed to the ring and not yet reported durable: (last index, last term).
+        self.writes: deque[tuple[int, int]] = deque()
+        self.pending = PendingForwards()
+        self.outbox: list[bytes] = []  # pending records to send (or propose) at the next chance
+        self.inbox: list[bytes] = []  # records followers forwarded (on the leader)
+        self.standing = (-1, -1)  # (term, leader id) last seen, to notice a change of leader
+        # The term this node last led and its TERM_START's index: it proposes once that commits.
+        self.term_started = (0, 0)
+        self.pending_progress_s = time.monotonic()
+        self.hard_state_unsaved: HardState | None = None
+        self.hard_state_saved_s = time.monotonic()
+        self.records_dropped = 0
+        self.transport = PeerTransport(_transport_config(config), self._on_messages, self._on_records)
+        self.process_scheduled = False
+        self.finished: asyncio.Future[int] = loop.create_future()
+        self.durable_seen = -1
+        self.want_proposals = False  # read by the waker: wake for proposals only when taken
+        self.waker_stop = threading.Event()
+        self.handoff = threading.Event()
+        self.handoff.set()
+        self.waker: threading.Thread | None = None
+
+    def _load(self, commit_index: int, last_index: int) -> DurableState:
+        """The core's state at start: the hard state, and the journal's entries after the
+        recovered commit (bounded by what the journal holds past the commit), which also go to the
+        ring first, for the blp to apply once committed."""
+        hard = self.hard_state_file.hard_state
+        terms: list[int] = []
+        payloads: list[bytes] = []
+        index = commit_index + 1
+        while index <= last_index:
+            more_terms, more_payloads = self.storage.entries(index, last_index, STORAGE_READ_BYTES_MAX)
+            for offset, payload in enumerate(more_payloads):
+                self.unwritten.append((index + offset, payload))
+                self.stamper.observe(payload)
+            terms.extend(more_terms)
+            payloads.extend(more_payloads)
+            index += len(more_terms)
+        if commit_index:
+            log.info("Raft log: committed up to %d, %d entries after it from the journal; term %d",
+                     commit_index, len(terms), hard.term)
+        return DurableState(
+            HardState(hard.term, hard.vote, max(hard.commit_index, commit_index)),
+            terms=terms, payloads=payloads, first_index=commit_index + 1 if commit_index else 0,
+        )  # fmt: skip
+
+    # ---- inputs --------------------------------------------------------------------------------
+
+    def _on_messages(self, peer: int, messages: list[Message]) -> None:
+        if self.finished.done():
+            return  # stopping (a ready may be left outstanding by a truncation)
+        core = self.core
+        for message in messages:
+            core.step(message)
+        self._schedule()
+
+    def _on_records(self, peer: int, records: list[ForwardedRecord]) -> None:
+        if self.core.raft_role is not LEADER:
+            self.records_dropped += len(records)  # the follower resends them to the real leader
+            return
+        inbox = self.inbox
+        for forwarded in records:
+            record = forwarded.record
+            if not whole_record(record):
+                self.context.errors.add(1)
+                log.error("node %d forwarded a malformed record of %d bytes; dropped", peer, len(record))
+                continue
+            if len(inbox) >= INBOX_RECORDS_MAX:
+                self.records_dropped += 1
+                continue
+            inbox.append(record)
+        self._schedule()
+
+    def _tick(self) -> None:
+        context = self.context
+        if self.finished.done():
+            return
+        if context.stop_requested:
+            self.finished.set_result(0)
+            return
+        self.loop.call_later(self.tick_s, self._tick)
+        context.heartbeat.add(1)
+        self._process(tick=True)
+
+    def _on_tick(self) -> None:
+        self.core.tick()
+        if (
+            self.pending
+            and self.core.leader_id != NO_NODE
+            and time.monotonic() - self.pending_progress_s > RESEND_AFTER_S
+        ):
+            self.outbox = self.pending.records()
+            self.pending_progress_s = time.monotonic()
+            log.info("resending %d pending records: none committed for %.1f s", len(self.outbox), RESEND_AFTER_S)
+
+    def _schedule(self) -> None:
+        if not self.process_scheduled:
+            self.process_scheduled = True
+            self.loop.call_soon(self._process)
+
+    # ---- the one path through the core -------------------------------------------------------
+
+    def _process(self, tick: bool = False) -> None:
+        self.process_scheduled = False
+        if self.finished.done():
+            return
+        try:
+            if tick:
+                self._on_tick()
+            self._process_once()
+        except BaseException as error:
+            self.finished.set_exception(error)
+
+    def _process_once(self) -> None:
+        core = self.core
+        self._report_durable()
+        self._check_standing()
+        self._take_proposals()
+        while core.has_ready():
+            self._handle_ready(core.ready())
+            self._check_standing()
+        self._write_ring()
+        self._publish()
+
+    def _report_durable(self) -> None:
+        durable = self.durable_index.get()
+        self.durable_seen = durable
+        writes = self.writes
+        last: tuple[int, int] | None = None
+        while writes and writes[0][0] <= durable:
+            last = writes.popleft()
+        if last is not None:
+            self.core.durable(*last)
+
+    def _check_standing(self) -> None:
+        core = self.core
+        standing = (core.term, core.leader_id)
+        if standing == self.standing:
+            return
+        self.standing = standing
+        if core.raft_role is not LEADER:
+            self.inbox.clear()  # forwarded to a node that no longer leads: their senders resend
+        if standing[1] != NO_NODE:
+            log.info("term %d: leader is node %d%s", standing[0], standing[1],
+                     " (this node)" if standing[1] == core.id else "")
+            # Everything not yet committed goes to the new leader (or is proposed again here).
+            self.outbox = self.pending.records()
+
+    def _take_proposals(self) -> None:
+        core = self.core
+        leader = core.leader_id
+        leading = core.raft_role is LEADER
+        ready_to_propose = may_propose(leading, core.term, leader, self.term_started, self.commit_known)
+        self.want_proposals = (
+            ready_to_propose and not self.pending.full() and len(self.unwritten) < UNWRITTEN_ENTRIES_MAX
+        )
+        if not ready_to_propose:
+            return
+        records = self.outbox
+        self.outbox = []
+        if self.want_proposals:
+            frames = self.proposals.poll(PROPOSALS_PER_PASS_MAX)
+            if frames:
+                pending = self.pending
+                if not pending:
+                    self.pending_progress_s = time.monotonic()  # the resend clock starts now
+                for frame_type, view in frames:
+                    record = record_from_frame(frame_type, view)
+                    pending.add(record)
+                    records.append(record)
+                self.proposals.release()
+        if leading:
+            if self.inbox:
+                records.extend(self.inbox)
+                self.inbox = []
+            if records:
+                self._propose(records)
+        elif records:
+            self.transport.forward(leader, [ForwardedRecord(record) for record in records])
+
+    def _propose(self, records: list[bytes]) -> None:
+        core = self.core
+        first_index = core.next_index()
+        term = core.term
+        stamp = self.stamper.stamp
+        stamped = [stamp(record, first_index + offset, term) for offset, record in enumerate(records)]
+        try:
+            core.propose_batch(stamped, first_index=first_index, term=term)
+        except ProposalRejected as error:
+            # Too much uncommitted (no majority) or a leadership transfer: retry on a later pass.
+            log.warning("proposals refused, retrying later: %s", error)
+            self.outbox = records + self.outbox
+
+    def _handle_ready(self, ready: Ready) -> None:
+        core = self.core
+        if ready.snapshot is not None:
+            raise NotImplementedError(
+                "the leader sent a snapshot (InstallSnapshot), which this seqd cannot install yet: "
+                "this node needs entries the leader's journal no longer holds"
+            )
+        hard_state = ready.hard_state
+        if hard_state is not None:
+            if ready.sync_before_send:
+                self.hard_state_file.save(hard_state)  # the term and vote: durable before sending
+                self.hard_state_unsaved = None
+                self.hard_state_saved_s = time.monotonic()
+            else:
+                self.hard_state_unsaved = hard_state
+        if ready.entries is not None:
+            self._queue_entries(ready.entries)
+        if ready.messages:
+            self.transport.send(ready.messages)
+        committed = ready.committed
+        if committed is not None:
+            self.commit_known = committed.last_index
+            pending = self.pending
+            if pending:
+                released = False
+                for payload in committed.payloads:
+                    if pending.committed(payload):
+                        released = True
+                if released:
+                    self.pending_progress_s = time.monotonic()
+        core.advance(ready, entries_durable=False)
+        term_start = ready.term_start
+        if term_start is not None:
+            record = self.stamper.term_start(term_start.index, term_start.term, time.time_ns())
+            core.propose_batch([record], first_index=term_start.index, term=term_start.term)
+            self.term_started = (term_start.term, term_start.index)
+            self.inbox.clear()
+            log.info("leading term %d from index %d", term_start.term, term_start.index)
+
+    def _queue_entries(self, entries: Entries) -> None:
+        first_index = entries.first_index
+        if first_index <= self.stored_index:
+            assert first_index > self.positions.commit_index, (first_index, self.positions.commit_index)
+            raise TruncateRequired(first_index - 1)
+        unwritten = self.unwritten
+        pending = self.pending
+        while unwritten and unwritten[-1][0] >= first_index:
+            _index, replaced = unwritten.pop()  # replaced before it reached the ring
+            pending.unlogged(replaced)
+        observe = self.stamper.observe
+        for index, _term, payload in entries.items():
+            unwritten.append((index, payload))
+            observe(payload)
+            if pending:
+                pending.logged(payload)
+        self.writes.append((entries.last_index, entries.terms[-1]))
+
+    def _write_ring(self) -> None:
+        unwritten = self.unwritten
+        if not unwritten:
+            return
+        writer = self.writer
+        positions = self.positions
+        claim = writer.try_claim
+        wrote = False
+        while unwritten:
+            index, record = unwritten[0]
+            length, frame_type = FRAME_HEADER.unpack_from(record)
+            view = claim(length - 8, frame_type)
+            if view is None:
+                break  # the ring is full (the blp or the journaller is behind): next pass
+            view[:] = record[8:length]
+            unwritten.popleft()
+            positions.wrote(index, writer.claim_position)
+            wrote = True
+        if wrote:
+            writer.publish()
+            if positions.written_index > self.stored_index:
+                self.stored_index = positions.written_index
+
+    def _publish(self) -> None:
+        positions = self.positions
+        if positions.commit(self.commit_known):
+            # The index first: a reader that sees the position sees an index at least as new.
+            self.commit_index_counter.set(positions.commit_index)
+            self.commit_position_counter.set(positions.commit_position)
+            self.blp_doorbell.ring()
+        core = self.core
+        self.role_counter.set(int(core.raft_role))
+        self.term_counter.set(core.term)
+        self.leader_counter.set(core.leader_id)
+        self.last_index_counter.set(core.log.last_index)
+        self.pending_counter.set(len(self.pending))
+        for counter, peer in zip(self.match_counters, self.peers, strict=True):
+            counter.set(core.match_index(peer))
+        unsaved = self.hard_state_unsaved
+        if unsaved is not None and time.monotonic() - self.hard_state_saved_s >= HARD_STATE_COMMIT_SAVE_S:
+            self._save_hard_state(unsaved)
+
+    def _save_hard_state(self, hard_state: HardState) -> None:
+        self.hard_state_file.save(hard_state)
+        self.hard_state_unsaved = None
+        self.hard_state_saved_s = time.monotonic()
+
+    # ---- wake-ups from the other processes ---------------------------------------------------
+
+    def _waker_has_work(self) -> bool:
+        if self.durable_index.get() != self.durable_seen:
+            return True
+        return self.want_proposals and self.proposals.ready()
+
+    def _waker_main(self) -> None:
+        """Wait for proposals or durable entries on a thread (the loop cannot block) and hand the
+        work to the loop. The journaller rings this doorbell after each fdatasync."""
+        bell = self.proposals.doorbell
+        while not self.waker_stop.is_set():
+            if self._waker_has_work():
+                self.handoff.clear()
+                try:
+                    self.loop.call_soon_threadsafe(self._wake)
+                except RuntimeError:
+                    return  # loop closed
+                self.handoff.wait(WAKER_HANDOFF_WAIT_S)
+                continue
+            bell.park()
+            try:
+                if not self._waker_has_work():
+                    bell.wait(WAKE_TIMEOUT_MS)
+            finally:
+                bell.unpark()
+
+    def _wake(self) -> None:
+        try:
+            self._process()
+        finally:
+            self.handoff.set()
+
+    # ---- life cycle ----------------------------------------------------------------------------
+
+    async def serve(self) -> int:
+        context = self.context
+        await self.transport.start()
+        self.waker = threading.Thread(target=self._waker_main, name="replicator-waker", daemon=True)
+        self.waker.start()
+        self._process()  # the tail of the journal into the ring, counters
+        context.set_state(RoleState.RUNNING)
+        log.info("node %d replicating with %s, term %d, last index %d", self.core.id, self.peers,
+                 self.core.term, self.core.log.last_index)
+        self.loop.call_later(self.tick_s, self._tick)
+        try:
+            return await self.finished
+        except TruncateRequired as truncate:
+            path = write_truncate_request(self.config.node.data_dir, truncate.index)
+            log.warning("%s: wrote %s; restarting the node's pipeline to cut the journal", truncate, path)
+            return ROLE_EXIT_RAFT_TRUNCATE
+        finally:
+            unsaved = self.hard_state_unsaved
+            if unsaved is not None:
+                self._save_hard_state(unsaved)
+            await self.transport.close()
+
+    def close(self) -> None:
+        self.waker_stop.set()
+        self.handoff.set()
+        if self.waker is not None:
+            self.waker.join(timeout=WAKER_JOIN_TIMEOUT_S)
+        self.storage.close()
+        self.log_ring.close()
+        self.proposal_ring.close()
+
+
+def main() -> int:
+    context = start_role(Role.REPLICATOR)
+    uvloop.install()
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    try:
+        with report_start_failure(context):
+            replicator = Replicator(context, loop)
+            try:
+                code = loop.run_until_complete(replicator.serve())
+            finally:
+                replicator.close()
+        if code == 0:
+            context.set_state(RoleState.DRAINED)
+        return code
+    finally:
+        loop.close()
+        context.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,238 @@
+"""The replicator's I/O-free helpers (`sequencer/cluster/`), its record checks, the journaller's
+cluster mode and the supervisor's journal cut on a replicator's request, each alone."""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import pytest
+
+import ipc
+from daemon.config import ClusterConfig, Config, MemberConfig, NodeConfig
+from daemon.layout import (
+    RECOVERY_COMMIT_INDEX,
+    RECOVERY_LAST_INDEX,
+    SUPERVISOR,
+    CounterView,
+    create_counters,
+)
+from daemon.raft_truncate import TRUNCATE_NAME, read_truncate_request, write_truncate_request
+from daemon.roles.journaller import JournallerAgent
+from daemon.roles.replicator import whole_record
+from daemon.supervisor import Supervisor
+from ipc.ring import Ring
+from sequencer.cluster import (
+    PENDING_RECORDS_MAX,
+    PendingForwards,
+    RecordStamper,
+    RingPositions,
+    may_propose,
+    record_from_frame,
+    record_index,
+    record_term,
+)
+from sequencer.cluster.ring_entries import record_timestamp_ns
+from sequencer.hard_state import HardStateFile
+from sequencer.journal import Journal, read_records
+from sequencer.raft.messages import HardState
+from sequencer.record import (
+    FRAME_HEADER_BYTES,
+    RECORD_HEADER_BYTES,
+    RecordType,
+    encode_record,
+    frame_type,
+)
+from tests.test_agents import NOW_NS, SEGMENT_BYTES, Node, make_node
+
+
+def command(request_id: int, timestamp_ns: int = 0, payload: bytes = b"x", index: int = 0, term: int = 0) -> bytes:
+    return encode_record(RecordType.COMMAND, 1, index, term, timestamp_ns, 99, request_id, payload)
+
+
+# ---- stamping ------------------------------------------------------------------------------------
+
+
+def test_the_leader_stamps_index_and_term_and_a_timestamp_that_never_goes_back() -> None:
+    stamper = RecordStamper(last_timestamp_ns=1_000)
+    first = stamper.stamp(command(1, timestamp_ns=5_000), index=7, term=3)
+    # A follower's sequencer whose clock is behind: its record keeps the log's last time.
+    behind = stamper.stamp(command(2, timestamp_ns=4_000), index=8, term=3)
+    assert (record_index(first), record_term(first), record_timestamp_ns(first)) == (7, 3, 5_000)
+    assert (record_index(behind), record_term(behind), record_timestamp_ns(behind)) == (8, 3, 5_000)
+    assert first[32:] == command(1)[32:]  # session, request and payload untouched
+
+
+def test_a_new_leader_continues_from_the_timestamps_it_observed_in_its_log() -> None:
+    stamper = RecordStamper(last_timestamp_ns=0)
+    stamper.observe(command(1, timestamp_ns=9_000, index=1, term=1))  # another leader's record
+    term_start = stamper.term_start(index=2, term=2, now_ns=8_000)  # this node's clock is behind
+    assert record_timestamp_ns(term_start) == 9_000
+    assert struct.unpack_from("<IH", term_start)[1] == RecordType.TERM_START
+    assert record_timestamp_ns(stamper.stamp(command(2, timestamp_ns=1), 3, 2)) == 9_000
+
+
+def test_a_ring_frame_becomes_the_whole_record_again() -> None:
+    record = command(1, payload=b"abc")  # 51 bytes of record, padded to 56
+    length = RECORD_HEADER_BYTES + 3
+    rebuilt = record_from_frame(frame_type(RecordType.COMMAND, 1), memoryview(record)[FRAME_HEADER_BYTES:length])
+    assert rebuilt == record
+
+
+# ---- pending forwards ------------------------------------------------------------------------------
+
+
+def test_a_pending_record_is_released_by_its_stamped_copy_committed_in_the_log() -> None:
+    pending = PendingForwards()
+    record = command(1, timestamp_ns=10)
+    pending.add(record)
+    pending.add(command(2))
+    stamped = RecordStamper(50).stamp(record, index=12, term=4)
+    assert not pending.committed(command(3))  # another record: nothing released
+    assert pending.committed(stamped)
+    assert pending.records() == [command(2)]
+    assert pending.bytes == len(command(2))
+
+
+def test_identical_pending_records_are_released_one_commit_each_and_resent_in_order() -> None:
+    pending = PendingForwards()
+    snapshot = encode_record(RecordType.SNAPSHOT, 0, 0, 0, 0, 0, 0)
+    pending.add(command(1))
+    pending.add(snapshot)
+    pending.add(snapshot)
+    assert pending.records() == [command(1), snapshot, snapshot]
+    assert pending.committed(snapshot)
+    assert pending.records() == [command(1), snapshot]
+
+
+def test_a_pending_record_seen_in_this_nodes_log_is_not_sent_again() -> None:
+    # In the log it either commits (the new leader holds every committed entry) or is cut by a
+    # conflict, which restarts the node and its sessions: resending it would only duplicate it.
+    pending = PendingForwards()
+    pending.add(command(1))
+    pending.add(command(2))
+    assert pending.logged(RecordStamper(0).stamp(command(1), index=5, term=2))
+    assert pending.records() == [command(2)]
+    pending.unlogged(command(1))  # replaced in the log before it reached the ring
+    assert pending.records() == [command(1), command(2)]
+    assert not pending.logged(command(3))
+
+
+def test_pending_forwards_say_full_at_their_bound() -> None:
+    pending = PendingForwards()
+    for request_id in range(PENDING_RECORDS_MAX - 1):
+        pending.add(command(request_id))
+    assert not pending.full()
+    pending.add(command(PENDING_RECORDS_MAX))
+    assert pending.full()
+
+
+def test_a_forwarded_record_must_be_whole_and_not_a_leaders_or_the_rings() -> None:
+    assert whole_record(command(1))
+    assert not whole_record(command(1)[:-8])  # cut short: its length says more
+    assert not whole_record(command(1)[:40])
+    assert not whole_record(encode_record(RecordType.TERM_START, 0, 0, 0, 0, 0, 0))
+
+
+# ---- when to propose ------------------------------------------------------------------------------
+
+
+def test_a_leader_proposes_only_once_the_start_of_the_term_it_leads_now_has_committed() -> None:
+    # Raft 8: the no-op at the start of the term comes first, and commits first.
+    assert not may_propose(True, term=4, leader_id=1, term_started=(4, 18), commit_index=17)
+    assert may_propose(True, term=4, leader_id=1, term_started=(4, 18), commit_index=18)
+    # It led term 2 before: that term's start (long committed) says nothing about term 4's.
+    assert not may_propose(True, term=4, leader_id=1, term_started=(2, 10), commit_index=17)
+
+
+def test_a_follower_forwards_only_to_a_leader_it_knows() -> None:
+    assert may_propose(False, term=4, leader_id=2, term_started=(0, 0), commit_index=0)
+    assert not may_propose(False, term=4, leader_id=0, term_started=(2, 10), commit_index=99)
+
+
+# ---- ring positions --------------------------------------------------------------------------------
+
+
+def test_the_commit_position_moves_only_to_the_end_of_committed_entries_written_to_the_ring() -> None:
+    positions = RingPositions(start_index=10, start_position=0)
+    assert not positions.commit(12)  # committed, but not in the ring yet: the blp must wait
+    positions.wrote(11, 64)
+    positions.wrote(12, 128)
+    positions.wrote(13, 200)
+    assert positions.commit(12)
+    assert (positions.commit_index, positions.commit_position) == (12, 128)
+    positions.drop_after(12)
+    positions.wrote(13, 256)
+    assert positions.commit(20)
+    assert (positions.commit_index, positions.commit_position) == (13, 256)
+
+
+# ---- the journaller in a cluster -------------------------------------------------------------------
+
+
+@pytest.fixture
+def node(unique: str, tmp_path: Path):  # type: ignore[no-untyped-def]
+    yield from make_node(unique, tmp_path, 1 << 16)
+
+
+def test_the_journaller_skips_the_journal_tail_written_again_and_leaves_the_commit_to_raft(node: Node, unique: str) -> None:
+    proposal_ring = Ring.create(ipc.segment_name(unique, "proposal"), 1 << 16, readers=("replicator",))
+    try:
+        journal = Journal.open(node.journal_dir, segment_bytes=SEGMENT_BYTES, preallocate=False)
+        node.journals.append(journal)
+        agent = JournallerAgent(node.log_ring, journal, CounterView(node.counters, "journaller"),  # type: ignore[arg-type]
+                                batch_bytes_max=1 << 16, delete_journal=False,
+                                replicator_doorbell=proposal_ring.doorbell("replicator"))  # fmt: skip
+        agent.on_start()
+        writer = node.sequencer.writer
+
+        def write(index: int) -> None:
+            record = command(index, timestamp_ns=index, index=index, term=1)
+            assert writer.try_write(record[FRAME_HEADER_BYTES : RECORD_HEADER_BYTES + 1], frame_type(RecordType.COMMAND, 1))
+
+        for index in (1, 2, 3):
+            write(index)
+        agent.do_work(NOW_NS)
+        # A restart: the replicator writes the journal's uncommitted tail (2, 3) into the ring
+        # again before the new entries; the journaller holds them already.
+        for index in (2, 3, 4, 5):
+            write(index)
+        agent.do_work(NOW_NS)
+        assert [r.index for r in read_records(node.journal_dir, 1, 5)] == [1, 2, 3, 4, 5]
+        assert node["journal.durable.index"] == 5
+        assert (node["commit.index"], node["commit.position"]) == (0, 0)  # Raft's, not the journal's
+        assert agent.do_work(NOW_NS) == 0
+        assert agent.drained()  # everything the ring's writer published is journaled
+    finally:
+        proposal_ring.close()
+        proposal_ring.unlink()
+
+
+# ---- the supervisor cuts the journal where the replicator asked ------------------------------------
+
+
+def test_recovery_cuts_the_journal_where_the_replicator_asked_and_replays_only_what_is_committed(
+    tmp_path: Path, unique: str
+) -> None:
+    data_dir = tmp_path / "data"
+    config = Config(
+        node=NodeConfig(name=unique, number=1, data_dir=str(data_dir)),
+        cluster=ClusterConfig(members=[MemberConfig(id=k, peer_address=f"127.0.0.1:{7000 + k}") for k in (1, 2, 3)]),
+    )
+    config.journal_dir.mkdir(parents=True)
+    with Journal.open(config.journal_dir, segment_bytes=SEGMENT_BYTES, preallocate=False) as journal:
+        journal.append(b"".join(command(i, index=i, term=1) for i in range(1, 11)))
+        journal.sync()
+    HardStateFile.open(data_dir).save(HardState(term=1, vote=1, commit_index=4))
+    write_truncate_request(data_dir, 6)
+    counters = CounterView(create_counters(unique), SUPERVISOR)
+    try:
+        Supervisor(config).recover_journal(counters)
+        assert counters[RECOVERY_LAST_INDEX].get() == 6
+        assert counters[RECOVERY_COMMIT_INDEX].get() == 4  # the blp replays only what is committed
+    finally:
+        counters.close()
+        counters.counters.unlink()
+    assert [r.index for r in read_records(config.journal_dir, 1)] == [1, 2, 3, 4, 5, 6]
+    assert read_truncate_request(data_dir) is None
+    assert not (data_dir / TRUNCATE_NAME).exists()
