@@ -262,7 +262,13 @@ def test_a_leader_partitioned_from_both_followers_acknowledges_nothing_and_steps
                     request.result(0.5)
                 heal_ns = time.monotonic_ns()
                 cluster.network.heal()
-                request.result(CLIENT_TIMEOUT_S)  # after the heal it is applied, once (checker)
+                try:
+                    request.result(CLIENT_TIMEOUT_S)  # after the heal it is applied, once (checker)
+                except TimedOut:
+                    raise AssertionError(
+                        f"the command sent to the isolated leader got no reply within "
+                        f"{CLIENT_TIMEOUT_S} s of the heal; {cluster.describe()}"
+                    ) from None
         assert scenario.workload is not None
         minority = read_history(scenario.workload.histories[leader])
         early = [op for op in minority if op.outcome == "ok" and op.invoke_ns >= cut_ns
