@@ -72,6 +72,7 @@ from daemon.layout import (
     COMMIT_INDEX,
     JOURNAL_DURABLE_INDEX,
     NODE_STATE,
+    RAFT_COMMIT_INDEX,
     RAFT_LEADER,
     RAFT_ROLE,
     RAFT_TERM,
@@ -113,9 +114,7 @@ LISTEN_PORT_MIN: Final = 20000
 LISTEN_PORT_ATTEMPTS_MAX: Final = 1000  # random draws before giving up (a machine out of ports)
 # A signal reaches every process of a node within milliseconds; 10 s bounds a hang.
 SIGNAL_TIMEOUT_S: Final = 10.0
-# The replicator's commit counter (cluster mode; the plan's name). Looked up by name, so the
-# harness reads a node of a release without it as "unknown" rather than failing to import.
-RAFT_COMMIT_INDEX_NAME: Final = "raft.commit.index"
+RAFT_COMMIT_INDEX_NAME: Final = RAFT_COMMIT_INDEX.name  # the replicator's, in a cluster
 
 
 class ClusterError(Exception):

@@ -31,7 +31,7 @@ from typing import Any
 import pytest
 
 from daemon.cluster_harness import Cluster
-from daemon.layout import SUPERVISOR_RESTARTS, Role
+from daemon.layout import RAFT_COMMIT_POSITION, SUPERVISOR_RESTARTS, Role
 from sequencer import logtools
 from tests.cluster_workload import CLIENT_TIMEOUT_S, LedgerWorkload, open_accounts
 from tests.nemesis.checker import check_files
@@ -43,7 +43,7 @@ ACKS = 150 if LONG else 25  # acknowledgements per client before a fault, during
 # The config's defaults (docs/cluster.md): what a user runs, faults and all.
 TIMEOUTS = {"tick_ms": 10, "heartbeat_ms": 50, "election_timeout_ms": 300}
 STOP_TIMEOUT_S = 30.0
-RAFT_COMMIT_POSITION_NAME = "raft.commit.position"  # the replicator's (daemon/layout.py, cluster mode)
+RAFT_COMMIT_POSITION_NAME = RAFT_COMMIT_POSITION.name  # the replicator's, in a cluster
 
 pytestmark = [
     pytest.mark.timeout(600 if LONG else 240),
