@@ -372,6 +372,10 @@ def _run_loop(loop: asyncio.AbstractEventLoop, states: list[_LinkState]) -> None
     try:
         loop.run_forever()
     finally:
+        # Cancelling a connection's task makes asyncio's stream callback call exception() on it,
+        # which raises CancelledError and is logged as an "Exception in callback": a stop is no
+        # error, so only that is silenced.
+        loop.set_exception_handler(_ignore_cancelled)
         for state in states:
             if state.server is not None:
                 state.server.close()
@@ -381,6 +385,11 @@ def _run_loop(loop: asyncio.AbstractEventLoop, states: list[_LinkState]) -> None
             task.cancel()
         loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
         loop.close()
+
+
+def _ignore_cancelled(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    if not isinstance(context.get("exception"), asyncio.CancelledError):
+        loop.default_exception_handler(context)
 
 
 def _shut_down(loop: asyncio.AbstractEventLoop, thread: threading.Thread) -> None:

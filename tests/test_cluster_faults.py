@@ -1,0 +1,444 @@
+"""Cluster mode under faults (issue 11): three real nodes on this machine, a fault proxy on every
+directed peer link, a ledger workload from a client on every node, and after each fault the
+history checker over every node's journal.
+
+After each scenario (`Scenario.finish`), with the cluster healed and every node back:
+- a leader is agreed by all three nodes and every client makes progress again;
+- the nodes converge: the same applied index, equal to the commit index, with the same rolling
+  hash (live, from the counters);
+- every node's journal passes `seqd log check` (after a SIGTERM of the three);
+- `tests.nemesis.checker` finds no violation over every client's history and every node's
+  journal and snapshots: every acknowledged command is in the log once at the index its reply
+  named, with the reply the replay gives; the journals agree record for record and replay to the
+  same rolling hashes; log time never goes backwards; money is conserved.
+
+Scenario by scenario, what else is proved is named in each test's docstring.
+
+CI runs one round of each fault with a few dozen acknowledgements per client around it (the
+file takes a few minutes on 2 cores). `SEQD_FAULTS_LONG=1` runs three rounds of each fault
+with more traffic between them.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from daemon.cluster_harness import Cluster
+from daemon.layout import RAFT_COMMIT_POSITION, SUPERVISOR_RESTARTS, Role
+from sequencer import logtools
+from tests.cluster_workload import CLIENT_TIMEOUT_S, LedgerWorkload, open_accounts
+from tests.nemesis.checker import check_files
+from tests.nemesis.history import HistoryWriter, RecordingClient, read_history
+
+LONG = os.environ.get("SEQD_FAULTS_LONG", "") not in ("", "0")
+ROUNDS = 3 if LONG else 1  # faults per scenario
+ACKS = 150 if LONG else 25  # acknowledgements per client before a fault, during it, and after it
+# The config's defaults (docs/cluster.md): what a user runs, faults and all.
+TIMEOUTS = {"tick_ms": 10, "heartbeat_ms": 50, "election_timeout_ms": 300}
+STOP_TIMEOUT_S = 30.0
+RAFT_COMMIT_POSITION_NAME = RAFT_COMMIT_POSITION.name  # the replicator's, in a cluster
+
+pytestmark = [
+    pytest.mark.timeout(600 if LONG else 240),
+    # Until the replication role is merged a [cluster] config runs three unconnected single nodes:
+    # there is no cluster to put faults on.
+    pytest.mark.skipif(importlib.util.find_spec("daemon.roles.replicator") is None,
+                       reason="cluster mode (daemon/roles/replicator.py) is not built on this branch"),
+]
+
+
+def _log_tails(cluster: Cluster, chars: int = 2500) -> str:
+    return "\n".join(f"--- node {n} log ---\n{node.log_text()[-chars:]}" for n, node in cluster.nodes.items())
+
+
+class Scenario:
+    """A cluster, its workload and the checks every fault scenario ends with."""
+
+    def __init__(self, cluster: Cluster, directory: Path) -> None:
+        self.cluster = cluster
+        self.directory = directory
+        self.workload: LedgerWorkload | None = None
+        self.extra_histories: list[Path] = []
+        self.stop_codes: dict[int, int | None] = {}
+
+    def begin(self) -> int:
+        """Start the nodes, open the accounts, start a client on every node; returns the leader."""
+        cluster = self.cluster
+        cluster.start()
+        leader = cluster.wait_leader().number
+        open_accounts(cluster[leader].socket_path, self.directory / "setup.jsonl")
+        self.extra_histories.append(self.directory / "setup.jsonl")
+        self.workload = LedgerWorkload({n: node.socket_path for n, node in cluster.nodes.items()},
+                                       self.directory)  # fmt: skip
+        self.progress(ACKS)
+        return leader
+
+    def progress(self, count: int = ACKS, numbers: Any = None, timeout_s: float = 90.0) -> None:
+        assert self.workload is not None
+        self.workload.wait_progress(count, numbers, timeout_s, describe=self.cluster.describe)
+
+    def leader(self, among: Any = None, term_above: int = 0) -> tuple[int, int]:
+        view = self.cluster.wait_leader(among=among, term_above=term_above)
+        return view.number, view.term or 0
+
+    def finish(self) -> None:
+        """The end of every scenario: see the module docstring."""
+        cluster, workload = self.cluster, self.workload
+        assert workload is not None
+        assert all(node.running and not node.paused for node in cluster.nodes.values()), cluster.describe()
+        cluster.wait_leader(agreeing=cluster.size)
+        self.progress(ACKS)
+        histories = workload.stop() + self.extra_histories
+        applied = cluster.wait_converged()
+        # Stopped for the journals to be read whole; how cleanly a whole cluster stops is a test
+        # of its own (test_the_whole_cluster_stopped_together_drains_and_exits_0).
+        self.stop_codes = cluster.stop(timeout_s=STOP_TIMEOUT_S)
+        problems = []
+        for number, node in cluster.nodes.items():
+            report = logtools.check(node.config.journal_dir)
+            if not report.ok:
+                problems.append(f"seqd log check on node {number}: {report}")
+        verdict = check_files(
+            histories,
+            {f"n{n}": node.config.journal_dir for n, node in cluster.nodes.items()},
+            {f"n{n}": node.config.snapshot_dir for n, node in cluster.nodes.items()},
+        )
+        if not verdict.ok:
+            problems.append(f"checker: {verdict}")
+        assert min(verdict.records.values()) >= applied, (verdict.records, applied)
+        operations = [op for path in histories for op in read_history(path)]
+        assert sum(op.outcome == "ok" for op in operations) >= 3 * ACKS * 2, "too little traffic to judge"
+        assert not problems, "\n".join(problems) + "\n" + _log_tails(cluster)
+
+
+@pytest.fixture
+def make_scenario(tmp_dir: Path, unique: str) -> Iterator[Callable[..., Scenario]]:
+    made: list[Scenario] = []
+
+    def make(settings: dict[str, dict[str, Any]] | None = None) -> Scenario:
+        scenario = Scenario(Cluster(tmp_dir, unique, cluster=TIMEOUTS, settings=settings), tmp_dir)
+        made.append(scenario)
+        return scenario
+
+    yield make
+    for scenario in made:
+        if scenario.workload is not None:
+            scenario.workload.kill()
+        scenario.cluster.close()
+
+
+@pytest.fixture
+def scenario(make_scenario: Callable[..., Scenario]) -> Scenario:
+    return make_scenario()
+
+
+# -- no fault: the end every scenario shares ------------------------------------------------------
+
+
+def test_the_whole_cluster_stopped_together_drains_and_exits_0(scenario: Scenario) -> None:
+    """SIGTERM to all three nodes at once under load (what stopping every machine does): each
+    drains and `seqd run` exits 0 on every node, and the checker passes."""
+    scenario.begin()
+    scenario.finish()
+    assert scenario.stop_codes == {1: 0, 2: 0, 3: 0}, (
+        f"exit codes {scenario.stop_codes} (None: killed after {STOP_TIMEOUT_S} s)\n"
+        + _log_tails(scenario.cluster)
+    )
+
+
+# -- crashes -------------------------------------------------------------------------------------
+
+
+def test_kill_9_of_the_leaders_node_elects_another_and_loses_no_acknowledged_command(
+    scenario: Scenario,
+) -> None:
+    """The survivors elect a leader of a higher term and their clients carry on while the old
+    leader is down; it restarts and catches up."""
+    cluster = scenario.cluster
+    leader = scenario.begin()
+    for _ in range(ROUNDS):
+        leader, term = scenario.leader()
+        survivors = [n for n in cluster.nodes if n != leader]
+        cluster.kill(leader)
+        new_leader, _ = scenario.leader(among=survivors, term_above=term)
+        assert new_leader != leader
+        scenario.progress(ACKS, survivors)
+        cluster.start([leader])
+        scenario.progress(ACKS)
+    scenario.finish()
+
+
+def test_kill_9_of_a_followers_node_keeps_the_cluster_serving_and_it_catches_up(scenario: Scenario) -> None:
+    """With one follower down, the leader and the other follower commit (a majority); the
+    follower restarts and catches up."""
+    cluster = scenario.cluster
+    scenario.begin()
+    for _ in range(ROUNDS):
+        leader, _term = scenario.leader()
+        follower = next(n for n in cluster.nodes if n != leader)
+        cluster.kill(follower)
+        scenario.progress(ACKS, [n for n in cluster.nodes if n != follower])
+        cluster.start([follower])
+        scenario.progress(ACKS)
+    scenario.finish()
+
+
+@pytest.mark.parametrize("role", [Role.SEQUENCER, Role.JOURNALLER, Role.BLP, Role.REPLICATOR])
+def test_kill_9_of_one_role_of_the_leader_restarts_its_pipeline_and_loses_nothing(
+    scenario: Scenario, role: Role
+) -> None:
+    """The leader's supervisor sees the role die and restarts its pipeline from the journal; the
+    cluster (under this leader or another) carries on with no acknowledged command lost."""
+    cluster = scenario.cluster
+    scenario.begin()
+    for round_number in range(1, ROUNDS + 1):
+        leader, _term = scenario.leader()
+        restarts = cluster[leader].read_counters()[SUPERVISOR_RESTARTS.name]
+        cluster.kill_role(leader, role)
+        cluster[leader].wait_serving(after_restarts=restarts + 1)
+        scenario.leader()
+        scenario.progress(ACKS)
+        assert cluster[leader].read_counters()[SUPERVISOR_RESTARTS.name] >= restarts + 1, round_number
+    scenario.finish()
+
+
+def test_all_three_nodes_killed_at_once_and_restarted_lose_no_acknowledged_command(
+    scenario: Scenario,
+) -> None:
+    """The promise of fsync-before-ack on a majority: whatever was acknowledged before the power
+    cut is in the log after it."""
+    cluster = scenario.cluster
+    scenario.begin()
+    for _ in range(ROUNDS):
+        cluster.kill(list(cluster.nodes))
+        cluster.start()
+        scenario.leader()
+        scenario.progress(ACKS)
+    scenario.finish()
+
+
+# -- partitions ------------------------------------------------------------------------------------
+
+
+def test_a_leader_partitioned_from_both_followers_acknowledges_nothing_and_steps_down(
+    scenario: Scenario,
+) -> None:
+    """No write is acknowledged by a minority leader: a command sent to the isolated leader after
+    the cut gets no reply while the partition lasts (the majority elects a new leader and commits
+    meanwhile), and none of its node's client's commands sent after the cut completes before the
+    heal. After the heal the old leader follows the new term and that command completes once."""
+    cluster = scenario.cluster
+    assert cluster.network is not None
+    scenario.begin()
+    for round_number in range(ROUNDS):
+        leader, term = scenario.leader()
+        majority = [n for n in cluster.nodes if n != leader]
+        probe_history = scenario.directory / f"probe-{round_number}.jsonl"
+        scenario.extra_histories.append(probe_history)
+        with HistoryWriter(probe_history) as sink:
+            from sequencer.apps.ledger import Deposit, Ledger
+            from sequencer.client import Client, TimedOut
+
+            probe = RecordingClient(Client(cluster[leader].socket_path, schema=Ledger.schema,
+                                           timeout_s=CLIENT_TIMEOUT_S, reconnect_timeout_s=CLIENT_TIMEOUT_S),
+                                    f"probe{round_number}", sink)  # fmt: skip
+            with probe:
+                cluster.network.isolate(leader)
+                cut_ns = time.monotonic_ns()
+                request = probe.submit(Deposit("alice", 1))
+                new_leader, _ = scenario.leader(among=majority, term_above=term)
+                assert new_leader != leader
+                scenario.progress(ACKS, majority)
+                # Still partitioned: the isolated node must not have answered (result pumps the
+                # socket; TimedOut means no reply yet).
+                with pytest.raises(TimedOut):
+                    request.result(0.5)
+                heal_ns = time.monotonic_ns()
+                cluster.network.heal()
+                try:
+                    request.result(CLIENT_TIMEOUT_S)  # after the heal it is applied, once (checker)
+                except TimedOut:
+                    raise AssertionError(
+                        f"the command sent to the isolated leader got no reply within "
+                        f"{CLIENT_TIMEOUT_S} s of the heal; {cluster.describe()}"
+                    ) from None
+        assert scenario.workload is not None
+        minority = read_history(scenario.workload.histories[leader])
+        early = [op for op in minority if op.outcome == "ok" and op.invoke_ns >= cut_ns
+                 and op.complete_ns is not None and op.complete_ns < heal_ns]  # fmt: skip
+        assert not early, f"acknowledged by the minority leader: {[op.describe() for op in early]}"
+        cluster.wait_leader(agreeing=cluster.size)
+        scenario.progress(ACKS)
+    scenario.finish()
+
+
+def test_a_follower_partitioned_and_healed_catches_up(scenario: Scenario) -> None:
+    """The leader and the other follower carry on; once healed the follower converges with them
+    (the finish checks its journal record by record)."""
+    cluster = scenario.cluster
+    assert cluster.network is not None
+    scenario.begin()
+    for _ in range(ROUNDS):
+        leader, _term = scenario.leader()
+        follower = next(n for n in cluster.nodes if n != leader)
+        cluster.network.isolate(follower)
+        scenario.progress(ACKS, [n for n in cluster.nodes if n != follower])
+        cluster.network.heal()
+        cluster.wait_leader(agreeing=cluster.size)
+        scenario.progress(ACKS)
+    scenario.finish()
+
+
+@pytest.mark.parametrize("direction", ["leader_to_follower", "follower_to_leader"])
+def test_a_one_way_partition_between_leader_and_follower_keeps_the_majority_serving(
+    scenario: Scenario, direction: str
+) -> None:
+    """One direction of one leader-follower link is cut: the leader and the other follower
+    still form a majority and commit; once healed, all three converge."""
+    cluster = scenario.cluster
+    assert cluster.network is not None
+    scenario.begin()
+    for _ in range(ROUNDS):
+        leader, _term = scenario.leader()
+        follower = next(n for n in cluster.nodes if n != leader)
+        other = next(n for n in cluster.nodes if n not in (leader, follower))
+        if direction == "leader_to_follower":
+            cluster.network.cut(leader, follower)
+        else:
+            cluster.network.cut(follower, leader)
+        # Clients on the node that still reaches the majority both ways keep being served.
+        scenario.progress(ACKS, [other])
+        cluster.network.heal()
+        cluster.wait_leader(agreeing=cluster.size)
+        scenario.progress(ACKS)
+    scenario.finish()
+
+
+def test_a_leader_paused_past_the_election_timeout_steps_down_on_resume(scenario: Scenario) -> None:
+    """SIGSTOP of the leader's whole node for longer than the election timeout: the others elect
+    a leader of a higher term and commit; on SIGCONT the old leader follows the new term, and what
+    it had not committed is never acknowledged as if it had been (the checker: nothing lost)."""
+    cluster = scenario.cluster
+    scenario.begin()
+    for _ in range(ROUNDS):
+        leader, term = scenario.leader()
+        others = [n for n in cluster.nodes if n != leader]
+        cluster.pause(leader)
+        new_leader, _ = scenario.leader(among=others, term_above=term)
+        assert new_leader != leader
+        scenario.progress(ACKS, others)
+        cluster.resume(leader)
+        view = cluster.wait_leader(agreeing=cluster.size)
+        assert view.number != leader or (view.term or 0) > term
+        scenario.progress(ACKS)
+    scenario.finish()
+
+
+BEHIND_RINGS = 2  # how many log rings' worth of records a follower misses while down
+CATCH_UP_TIMEOUT_S = 120.0
+
+
+def test_a_follower_behind_by_more_than_its_log_ring_catches_up(scenario: Scenario) -> None:
+    """Catch-up: a follower down while the others committed more than twice what its log ring
+    holds is fed from the leader's journal when it returns, through its ring in pieces (the
+    ring cannot hold what it missed at once), and converges with the others."""
+    cluster = scenario.cluster
+    scenario.begin()
+    leader, _term = scenario.leader()
+    follower = next(n for n in cluster.nodes if n != leader)
+    ring_bytes = cluster[follower].config.ring.log_capacity_bytes
+    cluster.kill(follower)
+    others = [n for n in cluster.nodes if n != follower]
+
+    def committed_bytes() -> int:
+        return cluster[leader].read_counters()[RAFT_COMMIT_POSITION_NAME]
+
+    start = committed_bytes()
+    deadline = time.monotonic() + CATCH_UP_TIMEOUT_S
+    while committed_bytes() - start < BEHIND_RINGS * ring_bytes:
+        assert time.monotonic() < deadline, f"too slow to build a backlog; {cluster.describe()}"
+        scenario.progress(ACKS, others)
+    cluster.start([follower])
+    scenario.progress(ACKS)
+    scenario.finish()
+
+
+# -- a wiped data directory ------------------------------------------------------------------------
+
+
+def test_a_follower_wiped_while_down_rejoins_from_the_leaders_journal(scenario: Scenario) -> None:
+    """A follower's data directory (journal, snapshots, Raft state) is removed while it is down;
+    restarted empty, it gets the whole log from the leader, which still holds it from index 1."""
+    cluster = scenario.cluster
+    scenario.begin()
+    for _ in range(ROUNDS):
+        leader, _term = scenario.leader()
+        follower = next(n for n in cluster.nodes if n != leader)
+        cluster.kill(follower)
+        cluster[follower].wipe_data()
+        scenario.progress(ACKS, [n for n in cluster.nodes if n != follower])
+        cluster.start([follower])
+        scenario.progress(ACKS)
+    scenario.finish()
+
+
+COMPACTING = {
+    # A snapshot every 1000 records, only the newest kept, and the journal segments before it
+    # deleted: with 1 MiB segments (the least allowed) the leader's journal loses index 1 after
+    # some 10k records, so a wiped follower can no longer be fed from it.
+    "snapshot": {"every_records": 1000, "keep": 1, "delete_journal": True},
+    "journal": {"segment_bytes": 1 << 20, "batch_bytes_max": 256 << 10},
+}
+COMPACTION_TIMEOUT_S = 120.0
+SNAPSHOT_REJOIN_TIMEOUT_S = 30.0  # a snapshot and some 10k records: seconds; 30 s bounds a hang
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="needs InstallSnapshot in the replicator (a follower behind the leader's journal gets "
+    "the latest snapshot streamed, issue 11 'Catch-up'); the replicator raises "
+    "NotImplementedError when the core hands it a snapshot",
+)
+def test_a_follower_wiped_while_down_rejoins_through_a_snapshot_once_the_leader_compacted(
+    make_scenario: Callable[..., Scenario],
+) -> None:
+    """As above, but the leader has deleted the journal before its latest snapshot, so the only
+    way back is the snapshot, then the journal after it. The journals no longer start at index 1,
+    so instead of the checker: the three converge live (same applied index and rolling hash), the
+    wiped node's snapshots have the leader's state hashes at the same indexes, and `seqd log check`
+    passes everywhere."""
+    from sequencer.journal.scan import list_segments
+    from tests.nemesis.checker import read_snapshot_hashes
+
+    scenario = make_scenario(COMPACTING)
+    cluster = scenario.cluster
+    leader = scenario.begin()
+    follower = next(n for n in cluster.nodes if n != leader)
+    cluster.kill(follower)
+    cluster[follower].wipe_data()
+    journal = cluster[leader].config.journal_dir
+    deadline = time.monotonic() + COMPACTION_TIMEOUT_S
+    while list_segments(journal)[0][0] <= 1:
+        assert time.monotonic() < deadline, f"the leader's journal was not compacted; {cluster.describe()}"
+        scenario.progress(ACKS, [n for n in cluster.nodes if n != follower])
+    cluster.start([follower])
+    scenario.progress(ACKS, timeout_s=SNAPSHOT_REJOIN_TIMEOUT_S)
+    assert scenario.workload is not None
+    scenario.workload.stop()
+    cluster.wait_converged()
+    cluster.stop(timeout_s=STOP_TIMEOUT_S)
+    for number, node in cluster.nodes.items():
+        report = logtools.check(node.config.journal_dir)
+        assert report.ok, (number, str(report))
+    ours = read_snapshot_hashes(cluster[follower].config.snapshot_dir)
+    theirs = read_snapshot_hashes(cluster[leader].config.snapshot_dir)
+    common = set(ours) & set(theirs)
+    assert common, (sorted(ours), sorted(theirs))
+    assert all(ours[index] == theirs[index] for index in common)
