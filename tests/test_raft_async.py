@@ -364,3 +364,20 @@ def test_a_restart_may_leave_only_committed_entries_in_storage(
     durable = DurableState(HardState(1, 1, 5), None, [], [], first_index=first_index)
     with pytest.raises(ValueError, match=f"first_index={first_index} leaves entries in storage"):
         RaftCore(RaftConfig(2, (1, 2, 3)), random.Random(0), durable, disk if storage else None)
+
+
+def test_a_durable_report_inside_a_write_makes_that_part_durable() -> None:
+    # The daemon's storage reports durable positions, not whole writes: a write larger than the
+    # log ring's free space lands in pieces, and waiting for its end before acknowledging would
+    # deadlock (the ring frees only as committed entries are applied).
+    follower = follower_with([1], 1)
+    follower.step(AppendEntries(CLUSTER, 1, 2, 1, 1, 1, 0, [1, 1, 1, 1], [b"a", b"b", b"c", b"d"]))
+    take(follower)
+    assert follower.durable(3, 1)  # entries 2..3 of the write 2..5
+    (ack,) = acks(take(follower))
+    assert ack.index == 3 and follower.stable_index == 3
+    assert not follower.durable(3, 1)  # no news
+    assert not follower.durable(4, 2)  # not the entry's term: ignored
+    assert follower.durable(5, 1)  # the rest, reported as the write's end
+    (ack,) = acks(take(follower))
+    assert ack.index == 5 and follower.stable_index == 5

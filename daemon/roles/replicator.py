@@ -360,8 +360,16 @@ class Replicator:
         last: tuple[int, int] | None = None
         while writes and writes[0][0] <= durable:
             last = writes.popleft()
+        core = self.core
         if last is not None:
-            self.core.durable(*last)
+            core.durable(*last)
+        if writes and durable > core.stable_index:
+            # Part of the oldest write is durable: one write may carry more entries than the log
+            # ring has room for, and its tail goes in only once the blp frees the ring, which it
+            # does only as far as the commit, which needs this part acknowledged.
+            term = core.log.term_at(durable)
+            if term is not None:
+                core.durable(durable, term)
 
     def _check_standing(self) -> None:
         core = self.core

@@ -540,7 +540,8 @@ class RaftCore(Elections):
     def durable(self, index: int, term: int) -> bool:
         """The entry write that ended at (`index`, `term`) is durable, and so is every write
         handed out before it (writes complete in order; a caller may report only the last of
-        several).
+        several). A report inside the oldest outstanding write (`index` below its end, `term` the
+        entry's) says that part of it is durable: the write stays outstanding.
 
         A leader then counts itself toward a majority up to what the write left agreeing with its
         log; a follower sends the acknowledgements that waited for it.
@@ -553,7 +554,9 @@ class RaftCore(Elections):
         durable = self._durable
         stable_index = durable.stable_index
         if not durable.landed(index, term):
-            return False
+            # A report inside the oldest outstanding write: that part of it is durable.
+            if self.log.term_at(index) != term or not durable.landed_within(index):
+                return False
         if durable.stable_index > stable_index:
             self._stable_advanced()
         return True

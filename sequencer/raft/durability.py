@@ -78,6 +78,20 @@ class DurableWrites:
             self.stable_index = write[2]
         return True
 
+    def landed_within(self, index: int) -> bool:
+        """Part of the oldest outstanding write is durable, up to `index` inside it (a caller
+        whose storage reports durable positions, not whole writes: a write too large for its
+        buffer lands in pieces). Raises `stable_index` to what that part leaves agreeing with the
+        log; the write stays outstanding. The caller checked the entry's term at `index`."""
+        writes = self._writes
+        if not writes or index >= writes[0][0] or index <= self.stable_index:
+            return False
+        agreed = min(index, writes[0][2])
+        if agreed <= self.stable_index:
+            return False
+        self.stable_index = agreed
+        return True
+
     def overwritten_from(self, changed: int) -> None:
         """The log changed from index `changed` on (a conflict truncated it there)."""
         if changed <= self.stable_index:

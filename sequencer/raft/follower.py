@@ -131,10 +131,15 @@ class Follower:
 
     def heartbeat(self, message: Heartbeat, commit_index: int, term: int) -> int:
         """Answer the leader's heartbeat; returns the new commit index."""
-        # The leader sends at most the index this node acknowledged as durable and matching.
+        # The leader sends at most the index this node acknowledged as durable and matching, but
+        # a node that lost its log (a wiped data directory) acknowledged it before it lost it: the
+        # commit moves only as far as this log is known to match the leader's, that is up to its
+        # last entry when that entry is of the leader's term (Log Matching), else not at all.
         if message.commit_index > commit_index:
-            assert message.commit_index <= self._log.last_index, (self.id, message.commit_index)
-            commit_index = message.commit_index
+            log = self._log
+            last_index = log.last_index
+            if log.term_at(last_index) == term:
+                commit_index = max(commit_index, min(message.commit_index, last_index))
         self._send(HeartbeatResponse(self.cluster_id, self.id, message.source, term,
                                      message.read_sequence))
         return commit_index
