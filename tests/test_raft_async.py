@@ -24,6 +24,7 @@ from sequencer.raft import (
     DurableState,
     Entries,
     HardState,
+    Heartbeat,
     MemoryLogStorage,
     RaftConfig,
     RaftCore,
@@ -381,3 +382,19 @@ def test_a_durable_report_inside_a_write_makes_that_part_durable() -> None:
     assert follower.durable(5, 1)  # the rest, reported as the write's end
     (ack,) = acks(take(follower))
     assert ack.index == 5 and follower.stable_index == 5
+
+
+def test_a_heartbeat_moves_the_commit_only_as_far_as_the_log_is_known_to_match() -> None:
+    # A follower that lost its log (a wiped data directory) acknowledged entries before: the
+    # leader's heartbeat may carry a commit index past its log. It must neither crash nor commit
+    # entries it does not hold; with an entry of the leader's term at its end, its log matches the
+    # leader's up to there (Log Matching).
+    wiped = follower_with([], 2)
+    wiped.step(Heartbeat(CLUSTER, 1, 2, 2, 5, 0))
+    assert wiped.commit_index == 0
+    follower = follower_with([1, 2, 2], 2)
+    follower.step(Heartbeat(CLUSTER, 1, 2, 2, 5, 0))
+    assert follower.commit_index == 3
+    behind = follower_with([1, 1], 2)  # its last entry is of an older term: not known to match
+    behind.step(Heartbeat(CLUSTER, 1, 2, 2, 5, 0))
+    assert behind.commit_index == 0
