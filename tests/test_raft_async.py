@@ -143,6 +143,40 @@ def test_follower_acknowledges_entries_only_once_they_are_durable() -> None:
     assert (ack.target, ack.term, ack.index) == (1, 1, 3)
 
 
+def test_follower_acknowledges_and_applies_the_durable_part_of_a_write_that_lands_in_parts() -> None:
+    # The replicator writes a ready's entries into a bounded ring as room allows, and the blp
+    # frees room only up to the commit: a write longer than the room lands in parts. Each part
+    # must count, or a follower whose ring is full of uncommitted entries waits for itself (a
+    # restarted node catching up, tests/test_cluster_smoke.py).
+    follower = follower_with([1], 1)
+    follower.step(AppendEntries(CLUSTER, 1, 2, 1, 1, 1, 4, [1, 1, 1], [b"a", b"b", b"c"]))
+    take(follower)
+    follower.durable_through(1)  # before the write: nothing changes
+    assert follower.stable_index == 1 and not follower.has_ready()
+    follower.durable_through(3)
+    ready = take(follower)
+    (ack,) = acks(ready)
+    assert ack.index == 3 and follower.stable_index == 3
+    assert ready.committed is not None and ready.committed.payloads == [b"a", b"b"]
+    assert follower.durable(4, 1)  # the write's end: it is no longer outstanding
+    ready = take(follower)
+    (ack,) = acks(ready)
+    assert ack.index == 4
+    assert ready.committed is not None and ready.committed.payloads == [b"c"]
+
+
+def test_a_part_of_a_write_counts_only_below_a_later_overwrite() -> None:
+    # The ABA rule holds for parts too: entries 3..4 of the first write were replaced (a new
+    # leader's term 2) before it landed; its part up to 4 vouches only for index 2.
+    follower = follower_with([1], 1)
+    follower.step(AppendEntries(CLUSTER, 1, 2, 1, 1, 1, 0, [1, 1, 1, 1], [b"a", b"b", b"c", b"d"]))
+    take(follower)
+    follower.step(AppendEntries(CLUSTER, 3, 2, 2, 2, 1, 0, [2], [b"x"]))
+    take(follower)
+    follower.durable_through(4)
+    assert follower.stable_index == 2
+
+
 def test_follower_acknowledges_durable_entries_at_once() -> None:
     # An AppendEntries whose entries the follower already holds durably (a retransmission) is
     # answered in the same ready: nothing waits on the disk.

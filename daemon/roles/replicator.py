@@ -245,6 +245,7 @@ class Replicator:
         self.process_scheduled = False
         self.finished: asyncio.Future[int] = loop.create_future()
         self.durable_seen = -1
+        self.durable_reported = -1  # the journal's durable index last told to the core
         self.want_proposals = False  # read by the waker: wake for proposals only when taken
         self.waker_stop = threading.Event()
         self.handoff = threading.Event()
@@ -362,6 +363,12 @@ class Replicator:
             last = writes.popleft()
         if last is not None:
             self.core.durable(*last)
+        if writes and durable > self.durable_reported:
+            # A write longer than the ring's free room lands in parts; the core must hear of each
+            # part, or a follower whose ring is full of uncommitted entries (the blp reads only
+            # up to the commit) would wait for itself for good.
+            self.core.durable_through(durable)
+        self.durable_reported = durable
 
     def _check_standing(self) -> None:
         core = self.core

@@ -558,6 +558,22 @@ class RaftCore(Elections):
             self._stable_advanced()
         return True
 
+    def durable_through(self, index: int) -> None:
+        """The oldest entry write in progress is durable up to `index`, short of its end (a
+        caller that writes a ready's entries in parts, as room allows, and learns of them in
+        parts). Every write before it must have been reported with `durable` first.
+
+        Without this a follower whose write cannot land whole until the entries it holds are
+        committed (a bounded ring that the applier drains only up to the commit) would wait for
+        itself: nothing acknowledged, nothing committed.
+        """
+        assert self._ready_outstanding is None, "advance() the outstanding ready first"
+        durable = self._durable
+        stable_index = durable.stable_index
+        durable.landed_through(index)
+        if durable.stable_index > stable_index:
+            self._stable_advanced()
+
     def _stable_advanced(self) -> None:
         if self._leader is not None:
             self._maybe_commit()
