@@ -134,7 +134,8 @@ class HardStateFile:
     @classmethod
     def open(cls, directory: Path | str) -> HardStateFile:
         """Read the hard state in `directory` (created if missing): a new node's when there is
-        no file. Removes a temp file left by a `save` that crashed before its rename.
+        no file. Removes a temp file left by a `save` that crashed before its rename, so only
+        the node that saves may open it (an observer of a running node uses `read`).
 
         Raises:
             HardStateError: the file is damaged or foreign, or cannot be read.
@@ -156,6 +157,27 @@ class HardStateFile:
                 "permissions and the disk."
             ) from error
         return cls(directory, decode_hard_state(data, str(path)))
+
+    @staticmethod
+    def read(directory: Path | str) -> HardState:
+        """The hard state on disk, read only: for an observer (a test, a tool) while the node
+        runs. Unlike `open` it leaves a temp file alone: that may be the running node's save in
+        progress, whose rename would then fail and stop the node.
+
+        Raises:
+            HardStateError: the file is damaged or foreign, or cannot be read.
+        """
+        path = Path(directory) / HARD_STATE_NAME
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return HardState(term=0, vote=NO_NODE, commit_index=0)
+        except OSError as error:
+            raise HardStateError(
+                f"reading Raft hard state {path} failed: {error}. Check the data directory's "
+                "permissions."
+            ) from error
+        return decode_hard_state(data, str(path))
 
     def save(self, hard_state: HardState) -> None:
         """Make `hard_state` durable, atomically, before returning (persist before send).

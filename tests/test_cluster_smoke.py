@@ -124,9 +124,22 @@ class Cluster:
 
 
 def _stop(made: Cluster) -> None:
+    # Every node's state is read before any is killed: a leader left alone steps down.
     for node in made.nodes:
         print(f"---- {node.node} (node {node.config.node.number}) log, last lines ----")  # shown on failure
         print(node.log_text()[-3000:])
+        try:
+            values = node.read_counters()
+        except Exception:  # killed: its counters are gone
+            values = {}
+        print("counters:", {name: value for name, value in values.items() if value})
+        if values:  # the journal's tail: index, term, type, session, request id
+            try:
+                for r in read_records(node.config.journal_dir, max(1, values.get(RAFT_LAST_INDEX.name, 0) - 45)):
+                    print(f"  {r.index} t{r.term} type {r.type} session {r.session_id:x} request {r.request_id}")
+            except Exception as error:  # a diagnostic only
+                print("journal:", error)
+    for node in made.nodes:
         node.kill()
         node.remove_shared_memory()
 
@@ -175,7 +188,7 @@ def test_three_nodes_elect_a_leader_replicate_fail_over_and_catch_up(cluster: Cl
     nodes = cluster.nodes
     leader = cluster.wait_leader(nodes)
     for node in nodes:  # the term (and vote) reached the disk before any message of it left
-        term = HardStateFile.open(node.config.node.data_dir).hard_state.term
+        term = HardStateFile.read(node.config.node.data_dir).term
         assert term == cluster.values(node)[RAFT_TERM.name] >= 1, node.node
     open_accounts(leader.socket_path, ACCOUNTS)
     on_leader = TransferDriver(leader.socket_path, ACCOUNTS, seed=1).start()

@@ -146,3 +146,19 @@ def test_a_failed_write_stops_the_file_for_good(tmp_dir):
     with pytest.raises(HardStateError, match="earlier failure"):
         state.save(NEW)
     assert HardStateFile.open(tmp_dir).hard_state == OLD
+
+
+def test_reading_the_state_of_a_running_node_leaves_its_save_in_progress_alone(tmp_dir):
+    state = HardStateFile.open(tmp_dir)
+    state.save(OLD)
+    seen: list[HardState] = []
+
+    def observe(step: str) -> None:  # an observer reads between the temp file and the rename
+        if step == "temp_written":
+            seen.append(HardStateFile.read(tmp_dir))
+
+    state.step_hook = observe
+    state.save(NEW)  # raised HardStateError when the read removed the temp file
+    assert seen == [OLD]
+    assert HardStateFile.read(tmp_dir) == NEW
+    assert HardStateFile.read(tmp_dir / "none") == HardState(term=0, vote=0, commit_index=0)

@@ -144,6 +144,40 @@ def test_follower_acknowledges_entries_only_once_they_are_durable() -> None:
     assert (ack.target, ack.term, ack.index) == (1, 1, 3)
 
 
+def test_follower_acknowledges_and_applies_the_durable_part_of_a_write_that_lands_in_parts() -> None:
+    # The replicator writes a ready's entries into a bounded ring as room allows, and the blp
+    # frees room only up to the commit: a write longer than the room lands in parts. Each part
+    # must count, or a follower whose ring is full of uncommitted entries waits for itself (a
+    # restarted node catching up, tests/test_cluster_smoke.py).
+    follower = follower_with([1], 1)
+    follower.step(AppendEntries(CLUSTER, 1, 2, 1, 1, 1, 4, [1, 1, 1], [b"a", b"b", b"c"]))
+    take(follower)
+    follower.durable_through(1)  # before the write: nothing changes
+    assert follower.stable_index == 1 and not follower.has_ready()
+    follower.durable_through(3)
+    ready = take(follower)
+    (ack,) = acks(ready)
+    assert ack.index == 3 and follower.stable_index == 3
+    assert ready.committed is not None and ready.committed.payloads == [b"a", b"b"]
+    assert follower.durable(4, 1)  # the write's end: it is no longer outstanding
+    ready = take(follower)
+    (ack,) = acks(ready)
+    assert ack.index == 4
+    assert ready.committed is not None and ready.committed.payloads == [b"c"]
+
+
+def test_a_part_of_a_write_counts_only_below_a_later_overwrite() -> None:
+    # The ABA rule holds for parts too: entries 3..4 of the first write were replaced (a new
+    # leader's term 2) before it landed; its part up to 4 vouches only for index 2.
+    follower = follower_with([1], 1)
+    follower.step(AppendEntries(CLUSTER, 1, 2, 1, 1, 1, 0, [1, 1, 1, 1], [b"a", b"b", b"c", b"d"]))
+    take(follower)
+    follower.step(AppendEntries(CLUSTER, 3, 2, 2, 2, 1, 0, [2], [b"x"]))
+    take(follower)
+    follower.durable_through(4)
+    assert follower.stable_index == 2
+
+
 def test_follower_acknowledges_durable_entries_at_once() -> None:
     # An AppendEntries whose entries the follower already holds durably (a retransmission) is
     # answered in the same ready: nothing waits on the disk.
@@ -365,23 +399,6 @@ def test_a_restart_may_leave_only_committed_entries_in_storage(
     durable = DurableState(HardState(1, 1, 5), None, [], [], first_index=first_index)
     with pytest.raises(ValueError, match=f"first_index={first_index} leaves entries in storage"):
         RaftCore(RaftConfig(2, (1, 2, 3)), random.Random(0), durable, disk if storage else None)
-
-
-def test_a_durable_report_inside_a_write_makes_that_part_durable() -> None:
-    # The daemon's storage reports durable positions, not whole writes: a write larger than the
-    # log ring's free space lands in pieces, and waiting for its end before acknowledging would
-    # deadlock (the ring frees only as committed entries are applied).
-    follower = follower_with([1], 1)
-    follower.step(AppendEntries(CLUSTER, 1, 2, 1, 1, 1, 0, [1, 1, 1, 1], [b"a", b"b", b"c", b"d"]))
-    take(follower)
-    assert follower.durable(3, 1)  # entries 2..3 of the write 2..5
-    (ack,) = acks(take(follower))
-    assert ack.index == 3 and follower.stable_index == 3
-    assert not follower.durable(3, 1)  # no news
-    assert not follower.durable(4, 2)  # not the entry's term: ignored
-    assert follower.durable(5, 1)  # the rest, reported as the write's end
-    (ack,) = acks(take(follower))
-    assert ack.index == 5 and follower.stable_index == 5
 
 
 def test_a_heartbeat_moves_the_commit_only_as_far_as_the_log_is_known_to_match() -> None:

@@ -245,6 +245,7 @@ class Replicator:
         self.process_scheduled = False
         self.finished: asyncio.Future[int] = loop.create_future()
         self.durable_seen = -1
+        self.durable_reported = -1  # the journal's durable index last told to the core
         self.want_proposals = False  # read by the waker: wake for proposals only when taken
         self.waker_stop = threading.Event()
         self.handoff = threading.Event()
@@ -360,16 +361,14 @@ class Replicator:
         last: tuple[int, int] | None = None
         while writes and writes[0][0] <= durable:
             last = writes.popleft()
-        core = self.core
         if last is not None:
-            core.durable(*last)
-        if writes and durable > core.stable_index:
-            # Part of the oldest write is durable: one write may carry more entries than the log
-            # ring has room for, and its tail goes in only once the blp frees the ring, which it
-            # does only as far as the commit, which needs this part acknowledged.
-            term = core.log.term_at(durable)
-            if term is not None:
-                core.durable(durable, term)
+            self.core.durable(*last)
+        if writes and durable > self.durable_reported:
+            # A write longer than the ring's free room lands in parts; the core must hear of each
+            # part, or a follower whose ring is full of uncommitted entries (the blp reads only
+            # up to the commit) would wait for itself for good.
+            self.core.durable_through(durable)
+        self.durable_reported = durable
 
     def _check_standing(self) -> None:
         core = self.core

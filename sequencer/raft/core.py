@@ -540,8 +540,7 @@ class RaftCore(Elections):
     def durable(self, index: int, term: int) -> bool:
         """The entry write that ended at (`index`, `term`) is durable, and so is every write
         handed out before it (writes complete in order; a caller may report only the last of
-        several). A report inside the oldest outstanding write (`index` below its end, `term` the
-        entry's) says that part of it is durable: the write stays outstanding.
+        several).
 
         A leader then counts itself toward a majority up to what the write left agreeing with its
         log; a follower sends the acknowledgements that waited for it.
@@ -554,12 +553,26 @@ class RaftCore(Elections):
         durable = self._durable
         stable_index = durable.stable_index
         if not durable.landed(index, term):
-            # A report inside the oldest outstanding write: that part of it is durable.
-            if self.log.term_at(index) != term or not durable.landed_within(index):
-                return False
+            return False
         if durable.stable_index > stable_index:
             self._stable_advanced()
         return True
+
+    def durable_through(self, index: int) -> None:
+        """The oldest entry write in progress is durable up to `index`, short of its end (a
+        caller that writes a ready's entries in parts, as room allows, and learns of them in
+        parts). Every write before it must have been reported with `durable` first.
+
+        Without this a follower whose write cannot land whole until the entries it holds are
+        committed (a bounded ring that the applier drains only up to the commit) would wait for
+        itself: nothing acknowledged, nothing committed.
+        """
+        assert self._ready_outstanding is None, "advance() the outstanding ready first"
+        durable = self._durable
+        stable_index = durable.stable_index
+        durable.landed_through(index)
+        if durable.stable_index > stable_index:
+            self._stable_advanced()
 
     def _stable_advanced(self) -> None:
         if self._leader is not None:

@@ -29,7 +29,7 @@ class DurableWrites:
     def __init__(self, stable_index: int) -> None:
         # Invariant: stable_index <= the log's last index.
         self.stable_index = stable_index
-        # Oldest first: [last index, last term, agreed index].
+        # Oldest first: [last index, last term, agreed index, first index].
         self._writes: deque[list[int]] = deque()
 
     def started(self, first_index: int, last_index: int, last_term: int) -> None:
@@ -39,7 +39,7 @@ class DurableWrites:
         # outstanding), so the write agrees with the log up to its last index; a later change
         # lowers that.
         assert not writes or writes[-1][2] < first_index, (writes[-1], first_index)
-        writes.append([last_index, last_term, last_index])
+        writes.append([last_index, last_term, last_index, first_index])
 
     def written(self, first_index: int, last_index: int) -> None:
         """A synchronous caller wrote entries `first_index`..`last_index` durably: so is every
@@ -78,19 +78,21 @@ class DurableWrites:
             self.stable_index = write[2]
         return True
 
-    def landed_within(self, index: int) -> bool:
-        """Part of the oldest outstanding write is durable, up to `index` inside it (a caller
-        whose storage reports durable positions, not whole writes: a write too large for its
-        buffer lands in pieces). Raises `stable_index` to what that part leaves agreeing with the
-        log; the write stays outstanding. The caller checked the entry's term at `index`."""
+    def landed_through(self, index: int) -> None:
+        """The oldest write in progress is durable up to `index`, not yet to its end (every write
+        before it was reported with `landed`): a caller whose writes land in parts.
+
+        Raises `stable_index` to what that part left agreeing with the log; the write stays
+        outstanding. A report outside the oldest write's entries changes nothing.
+        """
         writes = self._writes
-        if not writes or index >= writes[0][0] or index <= self.stable_index:
-            return False
-        agreed = min(index, writes[0][2])
-        if agreed <= self.stable_index:
-            return False
-        self.stable_index = agreed
-        return True
+        if not writes:
+            return
+        last_index, _term, agreed_index, first_index = writes[0]
+        if first_index <= index < last_index:
+            reached = min(index, agreed_index)
+            if reached > self.stable_index:
+                self.stable_index = reached
 
     def overwritten_from(self, changed: int) -> None:
         """The log changed from index `changed` on (a conflict truncated it there)."""
