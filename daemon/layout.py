@@ -1,37 +1,14 @@
 """The shared-memory layout of one node: its roles, segment names, ring readers and counters.
 
-Roles. `Role` names the node's processes other than the supervisor, in the order `seqd status`
-lists them, with the phase the supervisor starts each in (`start_phase`), the order it stops
-them in (`drain_rank`) and whether a single node runs it at all (`single_node`: the replicator
-runs only in a cluster). Every list of roles (the config's sections, the status rows, the metrics
-labels, the supervisor's start and drain) derives from it.
-
-Counters. `COUNTERS` declares every counter of `/seqd.<node>.counters`, in segment order: its id
-(its slot in the segment), name, owner (the one process that writes it: a role, or the
-supervisor), kind (counter: only grows while the node runs; gauge; enum: a gauge whose values are
-an IntEnum's) and help text. Status and metrics take names, kinds, help and owners from it; the
-supervisor creates the segment from it. Who owns what:
-
-- The supervisor owns its own counters, the node's state, what recovery found
-  (`recovery.last.*`, which the roles start from) and, per role, the launch block:
-  `<role>.pid`, `<role>.start_time_ms`, `<role>.cpu` and `<role>.idle` (what it started the role
-  as, written before the role runs) and `<role>.stop` (its order to stop).
-- Each role owns `<role>.heartbeat`, `<role>.state`, `<role>.errors` (every error the role counts,
-  of any kind; readers sum them into the node's total) and the counters of its stage of the
-  pipeline: the sequencer `log.published.*`, sessions and client errors; the journaller
-  `journal.*` and, on a single node, `commit.*`; the blp what it applied, its snapshots and
-  its replay progress (`recovery.records`); the replicator `raft.*` (and, in a cluster,
-  `commit.*`).
-
-The segment is fresh for each incarnation, so every counter starts at zero; a role initialises its
-own from `recovery.last.*`. Until the supervisor has started a role (`<role>.pid` set), readers
-treat the role's counters as unknown, not as zeros.
-
-One writer per counter is enforced, not hoped for: a process attaches the counters through a
-`CounterView` bound to its owner, which hands out the process's own counters as plain `Counter`s
-and every other one read-only (`set` and `add` raise `CounterWriteError` naming the owner). The
-check happens once, at attach, so an owner's writes cost what they always did. It matters because
-`Counter.add` is a load then a store: two writers of one counter lose increments.
+`Role` names the node's processes other than the supervisor, with their start phase, drain rank
+and whether a single node runs them; every list of roles (config sections, status rows, metrics
+labels, the supervisor's start and drain) derives from it. `COUNTERS` declares every counter of
+`/seqd.<node>.counters` in segment order: id, name, owner (the one process that writes it: a role
+or the supervisor), kind (counter, gauge, enum) and help; status, metrics and the supervisor take
+everything from it. A process attaches the counters through a `CounterView` bound to its owner,
+which hands out every other owner's counters read-only, so one writer per counter is enforced
+(`Counter.add` is a load then a store: two writers lose increments). Who owns what, and why the
+segment is fresh per incarnation: docs/architecture.md, "The node's layout".
 
 Changing the table changes the segment's layout: bump `COUNTERS_LAYOUT_VERSION`, which the
 segment header carries, so a `seqd status` of another release refuses the segment with a message
@@ -45,50 +22,19 @@ from dataclasses import dataclass
 from enum import IntEnum, StrEnum
 from typing import Final, Literal
 
+from daemon.counter_states import DiskState, IdleCode, NodeState, RoleState
 from ipc.counters import Counter, Counters
 from ipc.segment import SegmentError, segment_name
 from sequencer.raft.core import RaftRole
 
 __all__ = [
-    "COUNTERS",
-    "COUNTERS_LAYOUT_VERSION",
-    "COUNTER_NAMES",
-    "EGRESS_READERS",
-    "ERRORS_TOTAL_NAME",
-    "ERROR_KIND_COUNTERS",
-    "INCARNATION_BITS",
-    "LOG_READERS",
-    "PROPOSAL_READERS",
-    "RAFT_PEER_SLOTS",
-    "REPLICAS_MAX",
-    "REPLICA_COUNTERS",
-    "ROLE_COUNTERS",
-    "SUPERVISOR",
-    "CounterSpec",
-    "CounterView",
-    "DiskState",
-    "IdleCode",
-    "Kind",
-    "NodeState",
-    "Owner",
-    "ReplicaCounters",
-    "Role",
-    "RoleCounters",
-    "RoleState",
-    "attach_counters",
-    "commit_index_counter",
-    "committed_index",
-    "counter_spec",
-    "counters_name",
-    "create_counters",
-    "drain_order",
-    "egress_name",
-    "errors_total",
-    "incarnation_id",
-    "log_name",
-    "node_roles",
-    "proposal_name",
-    "replica_owner",
+    "COUNTERS", "COUNTERS_LAYOUT_VERSION", "COUNTER_NAMES", "EGRESS_READERS", "ERRORS_TOTAL_NAME",
+    "ERROR_KIND_COUNTERS", "INCARNATION_BITS", "LOG_READERS", "PROPOSAL_READERS", "RAFT_PEER_SLOTS",
+    "REPLICAS_MAX", "REPLICA_COUNTERS", "ROLE_COUNTERS", "SUPERVISOR", "CounterSpec", "CounterView",
+    "DiskState", "IdleCode", "Kind", "NodeState", "Owner", "ReplicaCounters", "Role",
+    "RoleCounters", "RoleState", "attach_counters", "commit_index_counter", "committed_index",
+    "counter_spec", "counters_name", "create_counters", "drain_order", "egress_name",
+    "errors_total", "incarnation_id", "log_name", "node_roles", "proposal_name", "replica_owner",
 ]
 
 
@@ -157,45 +103,6 @@ def proposal_name(node: str) -> str:
 
 def counters_name(node: str) -> str:
     return segment_name(node, "counters")
-
-
-# ---- what enum counters hold -----------------------------------------------------------------
-
-
-class NodeState(IntEnum):
-    """`node.state`, written by the supervisor."""
-
-    STARTING = 0
-    RECOVERING = 1
-    SERVING = 2
-    DRAINING = 3
-    STOPPED = 4
-
-
-class RoleState(IntEnum):
-    """`<role>.state`, written by the role."""
-
-    STARTING = 0  # also what a fresh segment holds before the role runs
-    RECOVERING = 1
-    RUNNING = 2
-    DRAINED = 3
-
-
-class DiskState(IntEnum):
-    """`journal.disk_full`: whether the journal has room ahead (written by the journaller only)."""
-
-    ROOM = 0
-    SHORT = 1  # no room reserved ahead: new commands and sessions are refused (disk_full)
-    FULL = 2  # not even room for what the log ring holds: those records wait there, unacknowledged
-
-
-class IdleCode(IntEnum):
-    """`<role>.idle`: the idle strategy the supervisor started the role with (`roles.<role>.idle`)."""
-
-    SPIN = 0
-    YIELD = 1
-    BACKOFF = 2
-    BLOCKING = 3
 
 
 # ---- the counter table -----------------------------------------------------------------------

@@ -1,0 +1,47 @@
+"""The values of the node's enum counters (`daemon/layout.py` declares which counter holds which).
+
+`Kind.ENUM` counters hold an IntEnum's values: `seqd status` and the metrics print their names.
+Re-exported by `daemon.layout`.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+__all__ = ["DiskState", "IdleCode", "NodeState", "RoleState"]
+
+
+class NodeState(IntEnum):
+    """`node.state`, written by the supervisor."""
+
+    STARTING = 0
+    RECOVERING = 1
+    SERVING = 2
+    DRAINING = 3
+    STOPPED = 4
+
+
+class RoleState(IntEnum):
+    """`<role>.state`, written by the role."""
+
+    STARTING = 0  # also what a fresh segment holds before the role runs
+    RECOVERING = 1
+    RUNNING = 2
+    DRAINED = 3
+
+
+class DiskState(IntEnum):
+    """`journal.disk_full`: whether the journal has room ahead (written by the journaller only)."""
+
+    ROOM = 0
+    SHORT = 1  # no room reserved ahead: new commands and sessions are refused (disk_full)
+    FULL = 2  # not even room for what the log ring holds: those records wait there, unacknowledged
+
+
+class IdleCode(IntEnum):
+    """`<role>.idle`: the idle strategy the supervisor started the role with (`roles.<role>.idle`)."""
+
+    SPIN = 0
+    YIELD = 1
+    BACKOFF = 2
+    BLOCKING = 3
