@@ -244,8 +244,7 @@ class Replicator:
         self.transport = PeerTransport(_transport_config(config), self._on_messages, self._on_records)
         self.process_scheduled = False
         self.finished: asyncio.Future[int] = loop.create_future()
-        self.durable_seen = -1
-        self.durable_reported = -1  # the journal's durable index last told to the core
+        self.durable_seen = -1  # the journal's durable index last told to the core
         self.want_proposals = False  # read by the waker: wake for proposals only when taken
         self.waker_stop = threading.Event()
         self.handoff = threading.Event()
@@ -356,19 +355,18 @@ class Replicator:
 
     def _report_durable(self) -> None:
         durable = self.durable_index.get()
-        self.durable_seen = durable
+        previous, self.durable_seen = self.durable_seen, durable
         writes = self.writes
         last: tuple[int, int] | None = None
         while writes and writes[0][0] <= durable:
             last = writes.popleft()
         if last is not None:
             self.core.durable(*last)
-        if writes and durable > self.durable_reported:
+        if writes and durable > previous:
             # A write longer than the ring's free room lands in parts; the core must hear of each
             # part, or a follower whose ring is full of uncommitted entries (the blp reads only
             # up to the commit) would wait for itself for good.
             self.core.durable_through(durable)
-        self.durable_reported = durable
 
     def _check_standing(self) -> None:
         core = self.core
