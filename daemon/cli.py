@@ -10,6 +10,7 @@
     seqd verify [--config FILE]                               replay the journal under another hash seed
     seqd schema [--app module:Class | --config FILE]          the app's message types as JSON Schema
     seqd project --config FILE [--rebuild | --until-caught-up]  a projection into SQLite/PostgreSQL
+    seqd export --config FILE [--until-caught-up]             the events into NATS JetStream, exactly once
 """
 
 from __future__ import annotations
@@ -75,6 +76,12 @@ def command_project(args: argparse.Namespace) -> int:
     return run_project(args.config, rebuild=args.rebuild, until_caught_up=args.until_caught_up)
 
 
+def command_export(args: argparse.Namespace) -> int:
+    from daemon.export import run_export
+
+    return run_export(args.config, until_caught_up=args.until_caught_up)
+
+
 def command_replica(args: argparse.Namespace) -> int:
     from daemon.roles.replica import run_standalone
 
@@ -112,6 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--rebuild", action="store_true", help="rebuild from index 1 into new tables, then switch")
     mode.add_argument("--until-caught-up", action="store_true", help="apply what the journal holds, then exit")
     project.set_defaults(func=command_project)
+
+    export = commands.add_parser("export", help="publish the node's events to NATS JetStream, exactly once")
+    export.add_argument("--config", "-c", required=True, help="the exporter's TOML file (daemon/export.py)")
+    export.add_argument("--until-caught-up", action="store_true", help="export what the journal holds, then exit")
+    export.set_defaults(func=command_export)
 
     try:
         from daemon import cli_tools

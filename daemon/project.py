@@ -36,7 +36,7 @@ from typing import Any, Literal
 
 import msgspec
 
-from daemon.config import ConfigError, load_config
+from daemon.config import Config, ConfigError, load_config
 from daemon.exits import ExitCode
 from sequencer.projection import (
     BATCH_EVENTS_DEFAULT,
@@ -54,7 +54,7 @@ from sequencer.projection import (
 )
 from sequencer.state_machine import load_app
 
-__all__ = ["ProjectorConfig", "load_projector_config", "make_projector", "run_project"]
+__all__ = ["ProjectorConfig", "load_projector_config", "make_projector", "make_source", "run_project"]
 
 log = logging.getLogger("seqd.project")
 
@@ -119,6 +119,21 @@ def _commit_index(node: str, clustered: bool) -> Callable[[], int | None]:
     return commit_index
 
 
+def make_source(node: Config, kind: Literal["journal", "subscription"], follow: bool) -> Source:
+    """The node's committed events: its journal applied in-process, read up to its commit index
+    (`JournalSource`), or its catch-up subscription (`SubscriptionSource`). The projector and
+    the exporter (daemon/export.py) read them the same way."""
+    if kind == "subscription":
+        return SubscriptionSource(node.socket.path, load_app(node.node.app).schema)
+    return JournalSource(
+        load_app(node.node.app),
+        node.journal_dir,
+        node.snapshot_dir,
+        follow=follow,
+        commit_index=_commit_index(node.node.name, node.cluster is not None),
+    )
+
+
 def make_projector(
     config: ProjectorConfig, follow: bool,
     on_commit: Callable[[Generation, Position], object] | None = None,
@@ -126,16 +141,7 @@ def make_projector(
     node = load_config(config.node_config or None)
     projector = Projector(load_projection(config.projection), open_store(config.database),
                           config.batch_events_max, on_commit)  # fmt: skip
-    if config.source == "subscription":
-        return projector, SubscriptionSource(node.socket.path, load_app(node.node.app).schema)
-    source = JournalSource(
-        load_app(node.node.app),
-        node.journal_dir,
-        node.snapshot_dir,
-        follow=follow,
-        commit_index=_commit_index(node.node.name, node.cluster is not None),
-    )
-    return projector, source
+    return projector, make_source(node, config.source, follow)
 
 
 def run_project(config_path: str, rebuild: bool = False, until_caught_up: bool = False) -> int:

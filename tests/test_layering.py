@@ -117,6 +117,7 @@ IO_FREE: dict[str, bool] = {
     "sequencer.migrate.dedup_mirror": True,
     "sequencer.migrate.index_map": True,
     "sequencer.migrate.migration": True,
+    "sequencer.export.message": True,  # the exporter's ids, headers and resume rule (issue 15)
 }
 # What an I/O-free module may not reach: sockets, files, clocks, threads, event loops,
 # processes, shared memory. The first eight are the ones the architecture names.

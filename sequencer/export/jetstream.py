@@ -1,0 +1,412 @@
+"""The exporter: the committed event stream into a NATS JetStream stream, exactly once.
+
+    exporter = JetStreamExporter(["nats://127.0.0.1:4222"], stream="LEDGER",
+                                 subject_prefix="seqd.ledger", log_id="n1")
+    exporter.run(JournalSource(Ledger, journal_dir, follow=True, commit_index=...))
+
+Theory of operation. A session connects (no automatic reconnect: a connection lost is a session
+ended), makes sure the stream exists with a large enough duplicate window, reads the stream's
+last message and resumes from the position its headers record (`message.resume_position`): the
+stream is the only record of how far the export got. It then reads the source from that index,
+skips the events of it already exported, and publishes one message per event with
+`publish_async`, up to `in_flight_max` awaiting their acks; the loop yields to the event loop
+every `batch_events_max` messages so acks are read while it publishes.
+
+Three things make each event land once and in order, whatever dies when:
+
+1. The stream says where to resume, so an exporter that restarts (or reconnects) never skips
+   what the stream lacks: a message lost with nats-server (killed before it wrote its buffer, or
+   a power loss with lazy fsync) is published again, with the same content at the same stream
+   sequence.
+2. Every message carries `Nats-Expected-Last-Sequence`: the stream sequence its predecessor must
+   have. The exporter owns the stream, so it knows each message's sequence in advance; a message
+   whose predecessor is missing (lost in flight, refused) is refused by the server instead of
+   being stored after a gap. The exporter sees the refusal in the ack and starts a new session,
+   which resumes from the stream.
+3. Every message carries `Nats-Msg-Id` (`<log>:<index>:<ordinal>`). A message can be stored
+   after the session that sent it ended: the server still reads what the dead connection had
+   sent. The new session may have read the stream's last message before that, and sends the
+   same message again; JetStream drops it as a duplicate (its dedup check comes before the
+   sequence check) and acks it with `duplicate`. The dedup window must cover that overlap: the
+   copies of one message are at most one session restart apart (the reconnect wait plus an ack
+   timeout, seconds), so the exporter requires a window of at least DUPLICATE_WINDOW_S_MIN and
+   creates the stream with JetStream's default, 2 minutes. A resend after the window cannot
+   happen: by then the original is in the stream and the resume reads past it.
+
+Every ack is checked against the sequence the exporter predicted; a mismatch means something
+else writes to the stream, and stops the exporter (ExportError) rather than guessing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from sequencer.export.message import (
+    LOG_ID,
+    SUBJECT_TOKEN,
+    ExportError,
+    encode_message,
+    resume_position,
+)
+from sequencer.projection.projection import Position, SourceEvent
+from sequencer.projection.projector import Source
+
+__all__ = [
+    "ACK_TIMEOUT_S_DEFAULT",
+    "BATCH_EVENTS_DEFAULT",
+    "DUPLICATE_WINDOW_S_DEFAULT",
+    "DUPLICATE_WINDOW_S_MIN",
+    "IN_FLIGHT_DEFAULT",
+    "IN_FLIGHT_MAX",
+    "NATS_MISSING",
+    "JetStreamExporter",
+]
+
+log = logging.getLogger("seqd.export")
+
+NATS_MISSING = "the exporter needs nats-py: pip install 'seqd[export]'"
+
+# Publishes awaiting their ack. A local JetStream ack takes ~0.1-1 ms; at 10-50k messages/s a
+# window of 1024 covers 20-100 ms of round trip, so the exporter never waits on one ack. Each
+# message in flight holds its future and headers (~1 KiB): IN_FLIGHT_MAX bounds that to 64 MiB.
+IN_FLIGHT_DEFAULT = 1024
+IN_FLIGHT_MAX = 65_536
+# Messages published before the loop yields to the event loop (which then writes them and reads
+# the acks): small enough that acks flow while a long backlog is published.
+BATCH_EVENTS_DEFAULT = 256
+BATCH_EVENTS_MAX = IN_FLIGHT_MAX
+# See the module docstring, point 3: a window covers the resend of one session restart, which
+# takes seconds (RECONNECT_WAIT_S_MAX + an ack timeout + a stream read); 60 s is ten times that.
+DUPLICATE_WINDOW_S_MIN = 60.0
+DUPLICATE_WINDOW_S_DEFAULT = 120.0  # JetStream's own default
+ACK_TIMEOUT_S_DEFAULT = 5.0  # no ack for this long: the session is dead, start another
+API_TIMEOUT_S = 5.0  # a stream info or message get
+CONNECT_TIMEOUT_S = 2
+RECONNECT_WAIT_S_MIN = 0.05
+RECONNECT_WAIT_S_MAX = 1.0  # doubling between failed sessions, up to this
+EXPECTED_LAST_SEQUENCE = "Nats-Expected-Last-Sequence"
+EXPECTED_STREAM = "Nats-Expected-Stream"
+assert ACK_TIMEOUT_S_DEFAULT + RECONNECT_WAIT_S_MAX + API_TIMEOUT_S < DUPLICATE_WINDOW_S_MIN / 4
+assert BATCH_EVENTS_DEFAULT <= IN_FLIGHT_DEFAULT
+
+
+class _SessionLost(Exception):
+    """The connection or the stream failed: end the session, start another."""
+
+
+class JetStreamExporter:
+    """See the module docstring.
+
+    Args:
+        servers: NATS URLs.
+        stream: the JetStream stream, the exporter's own (nothing else may publish into it).
+        subject_prefix: each event goes to `<subject_prefix>.<event type>`; the stream's
+            subjects must be `<subject_prefix>.>`.
+        log_id: names the log in message ids and headers (the node's name, or `cluster-<id>`).
+        create_stream: create the stream if it does not exist (file storage, `replicas`).
+        replicas: the stream's replicas when it is created.
+        duplicate_window_s: its duplicate window when it is created (>= DUPLICATE_WINDOW_S_MIN).
+        from_index: where the export starts when the stream is empty.
+        in_flight_max: publishes awaiting their ack, 1 to IN_FLIGHT_MAX.
+        batch_events_max: messages published between two turns of the event loop.
+        ack_timeout_s: an ack that takes longer ends the session.
+        on_ack: called with the position of each acknowledged message, in order.
+    """
+
+    def __init__(
+        self,
+        servers: list[str],
+        stream: str,
+        subject_prefix: str,
+        log_id: str,
+        *,
+        create_stream: bool = True,
+        replicas: int = 1,
+        duplicate_window_s: float = DUPLICATE_WINDOW_S_DEFAULT,
+        from_index: int = 1,
+        in_flight_max: int = IN_FLIGHT_DEFAULT,
+        batch_events_max: int = BATCH_EVENTS_DEFAULT,
+        ack_timeout_s: float = ACK_TIMEOUT_S_DEFAULT,
+        on_ack: Callable[[Position], object] | None = None,
+    ) -> None:
+        problems = []
+        if not servers:
+            problems.append("servers is empty: name at least one NATS URL, e.g. nats://127.0.0.1:4222")
+        if not SUBJECT_TOKEN.fullmatch(stream):
+            problems.append(f"stream = {stream!r}: a stream name is letters, digits, '_' and '-'")
+        tokens = subject_prefix.split(".")
+        if not all(SUBJECT_TOKEN.fullmatch(token) for token in tokens):
+            problems.append(f"subject_prefix = {subject_prefix!r}: tokens of letters, digits, '_' and '-' "
+                            "joined by '.', e.g. 'seqd.ledger'")  # fmt: skip
+        if not LOG_ID.fullmatch(log_id):
+            problems.append(f"log_id = {log_id!r}: 1-64 letters, digits, '_' and '-'")
+        if duplicate_window_s < DUPLICATE_WINDOW_S_MIN:
+            problems.append(f"duplicate_window_s = {duplicate_window_s} < DUPLICATE_WINDOW_S_MIN = "
+                            f"{DUPLICATE_WINDOW_S_MIN}: the window must cover a session restart's resend")  # fmt: skip
+        if not 1 <= in_flight_max <= IN_FLIGHT_MAX:
+            problems.append(f"in_flight_max = {in_flight_max}: must be 1 to {IN_FLIGHT_MAX}")
+        if not 1 <= batch_events_max <= BATCH_EVENTS_MAX:
+            problems.append(f"batch_events_max = {batch_events_max}: must be 1 to {BATCH_EVENTS_MAX}")
+        if from_index < 1:
+            problems.append(f"from_index = {from_index}: log indexes start at 1")
+        if not 0 < ack_timeout_s < DUPLICATE_WINDOW_S_MIN / 4:
+            problems.append(f"ack_timeout_s = {ack_timeout_s}: must be above 0 and below "
+                            f"{DUPLICATE_WINDOW_S_MIN / 4} (a quarter of the smallest duplicate window)")  # fmt: skip
+        if problems:
+            raise ExportError("; ".join(problems))
+        self.servers = list(servers)
+        self.stream = stream
+        self.subject_prefix = subject_prefix
+        self.log_id = log_id
+        self.create_stream = create_stream
+        self.replicas = replicas
+        self.duplicate_window_s = duplicate_window_s
+        self.from_index = from_index
+        self.in_flight_max = in_flight_max
+        self.batch_events_max = batch_events_max
+        self.ack_timeout_s = ack_timeout_s
+        self.on_ack = on_ack
+        self.stopping = False  # set (e.g. from a signal handler) to end `run` once its acks are in
+        self.acked: Position | None = None  # the position of the last message acknowledged
+        self.published = 0  # messages published, acknowledged or not
+        self.duplicates = 0  # acks that said "duplicate": resends the window caught
+        self.sessions = 0  # sessions started; more than one: a failure was recovered from
+
+    def stop(self) -> None:
+        self.stopping = True
+
+    def run(self, source: Source, until_caught_up: bool = False) -> Position:
+        """Export the source's events until `stop()` (or, with `until_caught_up`, until the
+        source has nothing more for now and every message is acknowledged); returns the
+        position the stream holds. Failures of NATS (a lost connection, a server restarting, a
+        refused message) start a new session after a short wait, for ever.
+
+        Raises:
+            ExportError: the stream is not this log's, cannot be created, has too small a
+                duplicate window, or another writer publishes into it.
+        """
+        return asyncio.run(self.run_async(source, until_caught_up))
+
+    async def run_async(self, source: Source, until_caught_up: bool = False) -> Position:
+        """`run`, inside an event loop of your own."""
+        try:
+            import nats  # noqa: F401
+        except ImportError:
+            raise ExportError(NATS_MISSING) from None
+        wait_s = RECONNECT_WAIT_S_MIN
+        while True:
+            self.sessions += 1
+            try:
+                return await self._session(source, until_caught_up)
+            except _SessionLost as lost:
+                log.warning("export session %d to %s ended: %s; starting another in %.2f s",
+                            self.sessions, self.stream, lost, wait_s)  # fmt: skip
+            if self.stopping:
+                return self.acked or Position(0, 0)
+            await asyncio.sleep(wait_s)
+            wait_s = min(RECONNECT_WAIT_S_MAX, wait_s * 2)
+
+    # -- one session ----------------------------------------------------------------------------
+
+    async def _session(self, source: Source, until_caught_up: bool) -> Position:
+        import nats
+        import nats.errors
+        import nats.js.errors
+
+        pending: deque[tuple[asyncio.Future[Any], Position, int]] = deque()
+
+        async def on_closed() -> None:
+            # The connection is gone for good (no reconnect): fail what awaits an ack now
+            # rather than at its timeout.
+            for future, _position, _sequence in pending:
+                if not future.done():
+                    future.set_exception(_SessionLost("the connection to NATS closed"))
+
+        async def on_error(error: Exception) -> None:
+            log.debug("nats: %r", error)
+
+        try:
+            connection = await nats.connect(
+                self.servers, allow_reconnect=False, connect_timeout=CONNECT_TIMEOUT_S,
+                max_reconnect_attempts=0, closed_cb=on_closed, disconnected_cb=on_closed,
+                error_cb=on_error,
+            )  # fmt: skip
+        except (TimeoutError, nats.errors.Error, OSError) as error:
+            raise _SessionLost(f"cannot connect to {self.servers}: {error!r}") from None
+        try:
+            js = connection.jetstream(timeout=API_TIMEOUT_S, publish_async_max_pending=self.in_flight_max + 1)
+            position, sequence = await self._resume(js)
+            log.info("exporting log %s into stream %s from index %d (%d events there already), "
+                     "stream sequence %d", self.log_id, self.stream, *position, sequence)  # fmt: skip
+            return await self._publish(js, source, position, sequence, pending, until_caught_up)
+        except nats.js.errors.APIError as error:
+            raise _SessionLost(f"JetStream refused: {error}") from None
+        except (TimeoutError, nats.errors.Error, OSError) as error:
+            raise _SessionLost(repr(error)) from None
+        finally:
+            for future, _position, _sequence in pending:  # a session lost leaves its acks unread
+                if future.done():
+                    future.exception()
+                else:
+                    future.cancel()
+            pending.clear()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(connection.close(), API_TIMEOUT_S)
+
+    async def _resume(self, js: Any) -> tuple[Position, int]:
+        """(the position the stream holds, its last sequence); the stream created if allowed."""
+        import nats.js.api
+        import nats.js.errors
+
+        try:
+            info = await js.stream_info(self.stream)
+        except nats.js.errors.NotFoundError:
+            if not self.create_stream:
+                raise ExportError(
+                    f"stream {self.stream!r} does not exist: create it with subjects "
+                    f"['{self.subject_prefix}.>'] and a duplicate window of at least "
+                    f"{DUPLICATE_WINDOW_S_MIN:.0f} s, or set create_stream = true"
+                ) from None
+            config = nats.js.api.StreamConfig(
+                name=self.stream, subjects=[f"{self.subject_prefix}.>"],
+                storage=nats.js.api.StorageType.FILE, num_replicas=self.replicas,
+                duplicate_window=self.duplicate_window_s,
+                description=f"seqd events of log {self.log_id} (seqd export)",
+            )  # fmt: skip
+            info = await js.add_stream(config)
+        window_s = float(info.config.duplicate_window or 0)
+        if window_s < DUPLICATE_WINDOW_S_MIN:
+            raise ExportError(
+                f"stream {self.stream!r} has a duplicate window of {window_s:g} s < "
+                f"DUPLICATE_WINDOW_S_MIN = {DUPLICATE_WINDOW_S_MIN:g} s: a resend after a "
+                "session restart could be stored twice. Raise it (nats stream edit "
+                f"{self.stream} --dupe-window 2m)"
+            )
+        subjects = list(info.config.subjects or [])
+        if f"{self.subject_prefix}.>" not in subjects:
+            raise ExportError(
+                f"stream {self.stream!r} takes the subjects {subjects}, not "
+                f"'{self.subject_prefix}.>': set subject_prefix to the stream's, or export into "
+                "a stream of its own"
+            )
+        state = info.state
+        if state.last_seq == 0:
+            return Position(self.from_index, 0), 0
+        if state.messages == 0:
+            raise ExportError(
+                f"stream {self.stream!r} holds no message, but its last sequence is "
+                f"{state.last_seq}: its messages were removed (age or size limits, a purge), so "
+                "it no longer records how far the export got. Give the stream limits that keep "
+                "its last message, and start again with a new stream (set from_index to the "
+                "first index it should hold)"
+            )
+        try:
+            last = await js.get_msg(self.stream, seq=state.last_seq)
+        except nats.js.errors.NotFoundError:
+            raise ExportError(
+                f"the last message of stream {self.stream!r} (sequence {state.last_seq}) was "
+                "deleted, so the stream no longer records how far the export got; start a new "
+                "stream (with from_index set to the first index it should hold)"
+            ) from None
+        return resume_position(last.headers, self.log_id, self.stream, state.last_seq), state.last_seq
+
+    async def _publish(
+        self, js: Any, source: Source, position: Position, sequence: int,
+        pending: deque[tuple[asyncio.Future[Any], Position, int]], until_caught_up: bool,
+    ) -> Position:  # fmt: skip
+        self.acked = position
+        resume = position
+        skip = position.events
+        items: Iterator[SourceEvent | None] = iter(source.read(max(1, position.index)))
+        batch = 0
+        try:
+            for item in items:
+                if item is None or self.stopping:
+                    await self._settle(pending, 0)
+                    if until_caught_up or self.stopping:
+                        return self.acked
+                    continue
+                if skip:
+                    if item.index != resume.index:
+                        raise ExportError(
+                            f"stream {self.stream!r} holds {resume.events} events of index "
+                            f"{resume.index}, but the source has only {resume.events - skip} "
+                            "there: the source is not the log this stream was exported from"
+                        )
+                    skip -= 1
+                    continue
+                message = encode_message(self.log_id, self.subject_prefix, position, item.index,
+                                         item.timestamp_ns, item.event)  # fmt: skip
+                headers = message.headers
+                headers[EXPECTED_LAST_SEQUENCE] = str(sequence)
+                headers[EXPECTED_STREAM] = self.stream
+                sequence += 1
+                position = message.position
+                if len(pending) >= self.in_flight_max:
+                    await self._settle(pending, self.in_flight_max - 1)
+                    if self.stopping:  # said while it waited (a signal, on_ack)
+                        break
+                future = await js.publish_async(message.subject, message.payload, headers=headers,
+                                                wait_stall=self.ack_timeout_s)  # fmt: skip
+                pending.append((future, position, sequence))
+                self.published += 1
+                batch += 1
+                if batch >= self.batch_events_max:
+                    batch = 0
+                    await asyncio.sleep(0)  # the connection writes what is queued, reads acks
+                    await self._settle(pending, len(pending))
+            await self._settle(pending, 0)
+            return self.acked
+        finally:
+            close = getattr(items, "close", None)
+            if close is not None:
+                close()
+
+    async def _settle(self, pending: deque[tuple[asyncio.Future[Any], Position, int]], keep: int) -> None:
+        """Take the acks of the oldest messages until at most `keep` await theirs (and every
+        ack already in, whatever `keep`), checking each.
+
+        Raises:
+            _SessionLost: an ack did not come within ack_timeout_s, or the server refused a
+                message (a missing predecessor, the stream unavailable).
+            ExportError: an ack names another stream or sequence than predicted.
+        """
+        import nats.js.errors
+
+        while pending:
+            future, position, sequence = pending[0]
+            if not future.done():
+                if len(pending) <= keep:
+                    return
+                try:
+                    await asyncio.wait_for(asyncio.shield(future), self.ack_timeout_s)
+                except TimeoutError:
+                    raise _SessionLost(f"no ack for the message at {tuple(position)} in "
+                                       f"{self.ack_timeout_s} s") from None  # fmt: skip
+                except Exception:
+                    pass  # read below
+            pending.popleft()
+            try:
+                ack = future.result()
+            except _SessionLost:
+                raise
+            except nats.js.errors.APIError as error:
+                raise _SessionLost(f"the message at {tuple(position)} was refused: {error}") from None
+            except Exception as error:
+                raise _SessionLost(f"the message at {tuple(position)} failed: {error!r}") from None
+            if ack.stream != self.stream or ack.seq != sequence:
+                raise ExportError(
+                    f"the message at {tuple(position)} was stored in stream {ack.stream!r} at "
+                    f"sequence {ack.seq}, not in {self.stream!r} at {sequence}: something else "
+                    "publishes into the stream. Give the exporter a stream of its own"
+                )
+            if ack.duplicate:
+                self.duplicates += 1
+            self.acked = position
+            if self.on_ack is not None:
+                self.on_ack(position)
