@@ -49,6 +49,7 @@ ROOT = Path(__file__).resolve().parent.parent
 ACCOUNTS = [f"acct{number}" for number in range(10)]
 STREAM = "LEDGER"
 PREFIX = "seqd.ledger"
+GROWTH = 150  # messages the stream gains between two faults: each lands while events flow
 FAULTS = 6  # kill -9s, of the exporter or of nats-server, at seeded points of the workload
 SEED = int(os.environ.get("SEQD_EXPORT_SEED", "15"))
 EXPORTER_TIMEOUT_S = 60.0
@@ -184,13 +185,15 @@ def test_stream_holds_each_committed_event_once_in_index_order_across_kill_9_of_
     open_accounts(node.socket_path, ACCOUNTS)
     config = exporter_config(tmp_dir, node, nats_server.url)
     exporters.append(start_exporter(config))
-    driver = TransferDriver(node.socket_path, ACCOUNTS, seed=SEED).start()
+    # Two transfers in flight: a few hundred a second, so the faults come among a few thousand
+    # events rather than tens of thousands (the test's time goes on checking them).
+    driver = TransferDriver(node.socket_path, ACCOUNTS, seed=SEED, in_flight=2).start()
     faults = []
     try:
         for fault in range(FAULTS):
             # Each fault lands while the exporter publishes: the stream has grown since the last.
             before = last_stored(nats_server.url)[0]
-            _wait_for(lambda before=before: last_stored(nats_server.url)[0] > before + 200,
+            _wait_for(lambda before=before: last_stored(nats_server.url)[0] > before + GROWTH,
                       f"the stream to grow past {before} before fault {fault} (faults so far: {faults})")  # fmt: skip
             time.sleep(rng.uniform(0.0, 0.3))
             if rng.random() < 0.5:

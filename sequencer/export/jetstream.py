@@ -323,49 +323,48 @@ class JetStreamExporter:
         resume = position
         skip = position.events
         items: Iterator[SourceEvent | None] = iter(source.read(max(1, position.index)))
-        batch = 0
+        loop = asyncio.get_running_loop()
         try:
-            for item in items:
-                if item is None or self.stopping:
-                    await self._settle(pending, 0)
-                    if until_caught_up or self.stopping:
-                        return self.acked
-                    continue
-                if skip:
-                    if item.index != resume.index:
-                        raise ExportError(
-                            f"stream {self.stream!r} holds {resume.events} events of index "
-                            f"{resume.index}, but the source has only {resume.events - skip} "
-                            "there: the source is not the log this stream was exported from"
-                        )
-                    skip -= 1
-                    continue
-                message = encode_message(self.log_id, self.subject_prefix, position, item.index,
-                                         item.timestamp_ns, item.event)  # fmt: skip
-                headers = message.headers
-                headers[EXPECTED_LAST_SEQUENCE] = str(sequence)
-                headers[EXPECTED_STREAM] = self.stream
-                sequence += 1
-                position = message.position
-                if len(pending) >= self.in_flight_max:
-                    await self._settle(pending, self.in_flight_max - 1)
+            while not self.stopping:
+                # The source may block (a live journal sleeps between polls): it runs in a
+                # thread, a batch per call, so the event loop reads acks meanwhile.
+                batch, after = await loop.run_in_executor(None, _take, items, self.batch_events_max)
+                for item in batch:
+                    if skip:
+                        if item.index != resume.index:
+                            raise ExportError(
+                                f"stream {self.stream!r} holds {resume.events} events of index "
+                                f"{resume.index}, but the source has only {resume.events - skip} "
+                                "there: the source is not the log this stream was exported from"
+                            )
+                        skip -= 1
+                        continue
+                    if len(pending) >= self.in_flight_max:
+                        await self._settle(pending, self.in_flight_max - 1)
                     if self.stopping:  # said while it waited (a signal, on_ack)
                         break
-                future = await js.publish_async(message.subject, message.payload, headers=headers,
-                                                wait_stall=self.ack_timeout_s)  # fmt: skip
-                pending.append((future, position, sequence))
-                self.published += 1
-                batch += 1
-                if batch >= self.batch_events_max:
-                    batch = 0
-                    await asyncio.sleep(0)  # the connection writes what is queued, reads acks
-                    await self._settle(pending, len(pending))
+                    message = encode_message(self.log_id, self.subject_prefix, position, item.index,
+                                             item.timestamp_ns, item.event)  # fmt: skip
+                    headers = message.headers
+                    headers[EXPECTED_LAST_SEQUENCE] = str(sequence)
+                    headers[EXPECTED_STREAM] = self.stream
+                    future = await js.publish_async(message.subject, message.payload, headers=headers,
+                                                    wait_stall=self.ack_timeout_s)  # fmt: skip
+                    sequence += 1
+                    position = message.position
+                    pending.append((future, position, sequence))
+                    self.published += 1
+                if after == _ENDED or (after == _IDLE and until_caught_up):
+                    break
+                await asyncio.sleep(0)  # the connection writes what is queued, reads acks
+                await self._settle(pending, len(pending))  # the acks already in
             await self._settle(pending, 0)
             return self.acked
         finally:
             close = getattr(items, "close", None)
             if close is not None:
-                close()
+                with contextlib.suppress(ValueError):  # still running in its thread: let it be
+                    close()
 
     async def _settle(self, pending: deque[tuple[asyncio.Future[Any], Position, int]], keep: int) -> None:
         """Take the acks of the oldest messages until at most `keep` await theirs (and every
@@ -410,3 +409,18 @@ class JetStreamExporter:
             self.acked = position
             if self.on_ack is not None:
                 self.on_ack(position)
+
+
+_MORE, _IDLE, _ENDED = 0, 1, 2  # after a batch the source has more, has nothing for now, ended
+
+
+def _take(items: Iterator[SourceEvent | None], count_max: int) -> tuple[list[SourceEvent], int]:
+    """Up to `count_max` events from the source, and what it has after them."""
+    batch: list[SourceEvent] = []
+    for item in items:
+        if item is None:
+            return batch, _IDLE
+        batch.append(item)
+        if len(batch) >= count_max:
+            return batch, _MORE
+    return batch, _ENDED
