@@ -127,9 +127,13 @@ def expected_messages(journal_dir: Path, log_id: str) -> list[Stored]:
     return expected
 
 
-def _wait_for(condition: Callable[[], bool], what: str, timeout_s: float = 60.0) -> None:
+def _wait_for(condition: Callable[[], bool], what: str, timeout_s: float = 60.0,
+              exporter: subprocess.Popen[str] | None = None) -> None:  # fmt: skip
     deadline = time.monotonic() + timeout_s
     while not condition():
+        if exporter is not None and exporter.poll() is not None:
+            raise AssertionError(f"the exporter exited with {exporter.returncode} while waiting for "
+                                 f"{what}:\n{exporter.communicate()[0]}")  # fmt: skip
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.02)
 
@@ -194,7 +198,8 @@ def test_stream_holds_each_committed_event_once_in_index_order_across_kill_9_of_
             # Each fault lands while the exporter publishes: the stream has grown since the last.
             before = last_stored(nats_server.url)[0]
             _wait_for(lambda before=before: last_stored(nats_server.url)[0] > before + GROWTH,
-                      f"the stream to grow past {before} before fault {fault} (faults so far: {faults})")  # fmt: skip
+                      f"the stream to grow past {before} before fault {fault} (faults so far: {faults})",
+                      exporter=exporters[-1])  # fmt: skip
             time.sleep(rng.uniform(0.0, 0.3))
             if rng.random() < 0.5:
                 faults.append("exporter")
@@ -212,7 +217,8 @@ def test_stream_holds_each_committed_event_once_in_index_order_across_kill_9_of_
     # Every transfer acknowledged is durable: the journal's events are what the stream must hold.
     expected = expected_messages(node.config.journal_dir, node.node)
     last_index = int(expected[-1].headers[HEADER_INDEX])
-    _wait_for(lambda: last_stored(nats_server.url)[1] >= last_index, f"the export to reach index {last_index}")
+    _wait_for(lambda: last_stored(nats_server.url)[1] >= last_index, f"the export to reach index {last_index}",
+              exporter=exporters[-1])
     exporters[-1].send_signal(signal.SIGTERM)
     code, output = finish(exporters[-1])
     assert code == 0, output
@@ -285,7 +291,9 @@ def test_a_resend_of_what_the_stream_holds_is_dropped_as_a_duplicate(nats_server
         return Position(2, 1), sequence - 5  # the 5 messages after (2, 1) were "not yet" in
 
     stale._resume = resume_as_if_read_too_early  # type: ignore[method-assign]
-    assert stale.run(source, until_caught_up=True) == Position(4, 2)
+    # Bounded: without the dedup id each resend would be refused and the session restarted.
+    position = asyncio.run(asyncio.wait_for(stale.run_async(source, until_caught_up=True), EXPORTER_TIMEOUT_S))
+    assert position == Position(4, 2)
     assert (stale.published, stale.duplicates) == (5, 5)
     assert read_stream(nats_server.url) == before
 
