@@ -102,6 +102,10 @@ class NatsServer:
                 raise RuntimeError(f"nats-server did not accept connections in {SERVER_START_TIMEOUT_S} s:\n{self.log()}")
             time.sleep(0.02)
 
+    def version(self) -> str:
+        result = subprocess.run([self.binary, "--version"], capture_output=True, text=True, timeout=10, check=False)
+        return result.stdout.strip().removeprefix("nats-server: ")
+
     def kill(self) -> None:
         """SIGKILL: whatever it had not written to its files is gone."""
         if self.process is not None and self.process.poll() is None:

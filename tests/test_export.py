@@ -283,7 +283,7 @@ def test_a_resend_of_what_the_stream_holds_is_dropped_as_a_duplicate(nats_server
     source = _ListSource([2, 3, 1, 2])
     JetStreamExporter([nats_server.url], STREAM, PREFIX, "n1").run(source, until_caught_up=True)
     before = read_stream(nats_server.url)
-    stale = JetStreamExporter([nats_server.url], STREAM, PREFIX, "n1")
+    stale = JetStreamExporter([nats_server.url], STREAM, PREFIX, "n1", batch_events_max=1)  # an ack each
     real_resume = stale._resume
 
     async def resume_as_if_read_too_early(js: Any) -> tuple[Position, int]:
