@@ -230,3 +230,20 @@ def test_query_bench_reports_every_figure() -> None:
     missing = [key for key in QUERY_KEYS if key not in results]
     assert not missing, missing
     assert results["query_per_s"] > 0 and results["query_per_s_2_replicas"] > 0
+
+
+EXPORT_KEYS = ("export_events_per_s", "export_one_at_a_time_events_per_s", "export_cpu_us_per_event",
+               "export_measured_s", "export_one_at_a_time_measured_s", "nats_server")  # fmt: skip
+
+
+def test_export_bench_reports_batched_and_one_at_a_time_figures_from_one_run() -> None:
+    from benches._nats import NO_BINARY, find_binary
+
+    if find_binary() is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{NO_BINARY}; CI must run the JetStream export tests", pytrace=False)
+        pytest.skip(NO_BINARY)
+    results = run_json(["-m", "benches.export", "--min-seconds", "0", "--events", "2000"])
+    missing = [key for key in EXPORT_KEYS if key not in results]
+    assert not missing, missing
+    assert (results["events"], results["events_one_at_a_time"]) == (2000, 200)

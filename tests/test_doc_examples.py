@@ -30,12 +30,14 @@ from pathlib import Path
 import pytest
 
 from daemon.harness import NodeProcess
+from tests.nats_server import nats_server  # noqa: F401  (the fixture, for the exporter's example)
 from tests.node_fixtures import node_factory  # noqa: F401
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCUMENTS = (ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")))
 DOCUMENTED_SOCKET_PATH = "/run/seqd/seqd.sock"
 DOCUMENTED_DATA_DIR = "/var/lib/seqd"
+DOCUMENTED_NATS_URL = "nats://127.0.0.1:4222"  # an example naming it gets a nats-server of its own
 # Blocks that may be skipped: today the ledger and tally excerpts and the Raft outline (code whose own
 # tests run it). Raising this needs a reason as good.
 NOT_RUN_MAX = 4
@@ -108,6 +110,7 @@ def test_the_documents_have_examples_to_run() -> None:
 @pytest.mark.parametrize("block", EXAMPLES, ids=lambda block: block.name)
 def test_example_runs_against_a_real_node(
     block: Block, node_factory: Callable[..., NodeProcess], tmp_dir: Path,  # noqa: F811
+    request: pytest.FixtureRequest,
 ) -> None:
     environment = dict(os.environ)
     settings: dict[str, dict[str, object]] = {}
@@ -126,6 +129,8 @@ def test_example_runs_against_a_real_node(
         node = node_factory(settings, environment=environment)
         code = code.replace(DOCUMENTED_SOCKET_PATH, node.socket_path)
         code = code.replace(DOCUMENTED_DATA_DIR, node.config.node.data_dir)
+    if DOCUMENTED_NATS_URL in code:  # docs/integration.md: the JetStream exporter
+        code = code.replace(DOCUMENTED_NATS_URL, request.getfixturevalue("nats_server").url)
     script = tmp_dir / "example.py"
     script.write_text(code)
     result = subprocess.run(

@@ -24,6 +24,7 @@ from sequencer.export.jetstream import (
     IN_FLIGHT_MAX,
     NATS_MISSING,
     JetStreamExporter,
+    sequence_of_index,
 )
 from sequencer.export.message import (
     HEADER_INDEX,
@@ -61,4 +62,5 @@ __all__ = [
     "event_type_name",
     "message_id",
     "resume_position",
+    "sequence_of_index",
 ]

@@ -52,6 +52,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 from sequencer.export.message import (
+    HEADER_INDEX,
     LOG_ID,
     SUBJECT_TOKEN,
     ExportError,
@@ -70,6 +71,7 @@ __all__ = [
     "IN_FLIGHT_MAX",
     "NATS_MISSING",
     "JetStreamExporter",
+    "sequence_of_index",
 ]
 
 log = logging.getLogger("seqd.export")
@@ -451,3 +453,24 @@ def _take(items: Iterator[SourceEvent | None], count_max: int) -> tuple[list[Sou
         if len(batch) >= count_max:
             return batch, _MORE
     return batch, _ENDED
+
+
+async def sequence_of_index(js: Any, stream: str, index: int) -> int:
+    """The stream sequence of the first message whose event is at log index >= `index` (the
+    stream's last sequence + 1 if there is none yet): where a consumer that stored the log index
+    it reached resumes (a consumer with `opt_start_seq`). A binary search over the `Seqd-Index`
+    headers, which grow with the sequence: ~log2(messages) message reads.
+
+    Args:
+        js: a nats-py JetStream context (`connection.jetstream()`).
+    """
+    state = (await js.stream_info(stream)).state
+    low, high = max(1, state.first_seq), state.last_seq + 1  # the answer is in [low, high]
+    while low < high:
+        middle = (low + high) // 2
+        message = await js.get_msg(stream, seq=middle)
+        if int(message.headers[HEADER_INDEX]) < index:
+            low = middle + 1
+        else:
+            high = middle
+    return low
