@@ -15,8 +15,9 @@ and with `in_flight_max=1` (the same code awaiting each ack), fed from a list of
 events made up front (the exporter and JetStream alone; the journal source costs the replay rate,
 see "Recovery" in RESULTS.md), into a new file-storage stream per run on a nats-server the bench
 starts in /tmp (the Debian package's). Each figure is one run that measured at least
-MEASURE_S_MIN seconds (`sized_for`), with the process CPU per event beside it (the figure that
-holds under the machine's load).
+MEASURE_S_MIN seconds (`sized_for`), with the CPU per event of the exporter's process and of
+nats-server beside it (the figures that hold under the machine's load: on 2 shared cores the two
+processes' CPU, not the round trip, bounds the batched rate).
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ import sys
 import time
 from collections.abc import Iterator
 from typing import Any
+
+import psutil
 
 from benches._measure import MEASURE_S_MIN, sized_for
 from benches._nats import NatsServer
@@ -58,23 +61,31 @@ class Bench:
         self.server = server
         self.streams = 0
 
-    def measure(self, in_flight_max: int, events: int) -> tuple[float, float, int, float]:
-        """(events/s, seconds, events, CPU us per event) of one export into a new stream."""
+    def server_cpu_s(self) -> float:
+        assert self.server.process is not None
+        times = psutil.Process(self.server.process.pid).cpu_times()
+        return float(times.user + times.system)
+
+    def measure(self, in_flight_max: int, events: int) -> tuple[float, float, int, float, float]:
+        """(events/s, seconds, events, exporter CPU us per event, nats-server CPU us per event)
+        of one export into a new stream."""
         source = ListSource(events)
         self.streams += 1
         exporter = JetStreamExporter([self.server.url], f"BENCH{self.streams}", f"bench{self.streams}", "bench",
                                      in_flight_max=in_flight_max,
                                      batch_events_max=min(BATCH_EVENTS_DEFAULT, in_flight_max))  # fmt: skip
         cpu_started = time.process_time()
+        server_cpu_started = self.server_cpu_s()
         started = time.perf_counter()
         position = exporter.run(source, until_caught_up=True)
         seconds = time.perf_counter() - started
         cpu_s = time.process_time() - cpu_started
+        server_cpu_s = self.server_cpu_s() - server_cpu_started
         assert position == Position(events, 1), (position, events)
         assert exporter.published == events and exporter.duplicates == 0, exporter.__dict__
-        return events / seconds, seconds, events, cpu_s / events * 1e6
+        return events / seconds, seconds, events, cpu_s / events * 1e6, server_cpu_s / events * 1e6
 
-    def figure(self, in_flight_max: int, count_min: int, seconds_min: float) -> tuple[float, float, int, float]:
+    def figure(self, in_flight_max: int, count_min: int, seconds_min: float) -> tuple[float, float, int, float, float]:
         return sized_for(lambda count: self.measure(in_flight_max, count), lambda result: result[1],
                          count_min, EVENTS_MAX, seconds_min)  # fmt: skip
 
@@ -84,8 +95,10 @@ def run(seconds_min: float, events_min: int = 20_000) -> dict[str, Any]:
     try:
         bench = Bench(server)
         bench.measure(IN_FLIGHT_DEFAULT, 1000)  # warm-up: imports, the first connection
-        async_per_s, async_s, async_events, async_cpu_us = bench.figure(IN_FLIGHT_DEFAULT, events_min, seconds_min)
-        sync_per_s, sync_s, sync_events, sync_cpu_us = bench.figure(1, max(1, events_min // 10), seconds_min)
+        async_per_s, async_s, async_events, async_cpu_us, async_server_us = bench.figure(
+            IN_FLIGHT_DEFAULT, events_min, seconds_min)
+        sync_per_s, sync_s, sync_events, sync_cpu_us, sync_server_us = bench.figure(
+            1, max(1, events_min // 10), seconds_min)
         version = server.version()
     finally:
         server.stop()
@@ -95,6 +108,8 @@ def run(seconds_min: float, events_min: int = 20_000) -> dict[str, Any]:
         "export_async_acks_speedup": round(async_per_s / sync_per_s, 1),
         "export_cpu_us_per_event": round(async_cpu_us, 1),
         "export_one_at_a_time_cpu_us_per_event": round(sync_cpu_us, 1),
+        "nats_server_cpu_us_per_event": round(async_server_us, 1),
+        "nats_server_one_at_a_time_cpu_us_per_event": round(sync_server_us, 1),
         "export_measured_s": round(async_s, 2),
         "export_one_at_a_time_measured_s": round(sync_s, 2),
         "events": async_events,

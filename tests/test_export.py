@@ -50,7 +50,9 @@ ACCOUNTS = [f"acct{number}" for number in range(10)]
 STREAM = "LEDGER"
 PREFIX = "seqd.ledger"
 GROWTH = 150  # messages the stream gains between two faults: each lands while events flow
-FAULTS = 6  # kill -9s, of the exporter or of nats-server, at seeded points of the workload
+# kill -9s, of the exporter or of nats-server, at seeded points of the workload; SEQD_EXPORT_LONG=1
+# runs more (the CI budget allows ~6 here), SEQD_EXPORT_SEED=N another schedule.
+FAULTS = 30 if os.environ.get("SEQD_EXPORT_LONG") == "1" else 6
 SEED = int(os.environ.get("SEQD_EXPORT_SEED", "15"))
 EXPORTER_TIMEOUT_S = 60.0
 NATS_TIMEOUT_S = 5.0
