@@ -329,6 +329,21 @@ def test_a_stream_that_cannot_hold_the_export_exactly_once_is_refused(
         JetStreamExporter([nats_server.url], STREAM, PREFIX, "n1").run(_ListSource([1]), until_caught_up=True)
 
 
+def test_an_event_too_large_for_the_stream_stops_the_export_before_it_not_after(
+    nats_server: NatsServer,  # noqa: F811
+) -> None:
+    """A message the stream would refuse is never skipped: the exporter stops with an error naming
+    the event, and the stream holds exactly the events before it."""
+    _stream_problem(nats_server.url, subjects=[f"{PREFIX}.>"], duplicate_window=120.0, max_msg_size=2048)()
+    source = _ListSource([1, 2, 1])
+    source.items.insert(3, SourceEvent(3, 3000, TransferMade("x" * 4000, "y", 7)))
+    exporter = JetStreamExporter([nats_server.url], STREAM, PREFIX, "n1")
+    with pytest.raises(ExportError, match=r"the event at index 3 .* over the 2048 bytes"):  # not a retry for ever
+        asyncio.run(asyncio.wait_for(exporter.run_async(source, until_caught_up=True), EXPORTER_TIMEOUT_S))
+    stored = read_stream(nats_server.url)
+    assert [(m.headers[HEADER_INDEX], m.headers[HEADER_ORDINAL]) for m in stored] == [("1", "0"), ("2", "0"), ("2", "1")]
+
+
 def test_a_stream_of_another_log_or_with_its_last_message_gone_is_refused(nats_server: NatsServer) -> None:  # noqa: F811
     source = _ListSource([1, 2])
     JetStreamExporter([nats_server.url], STREAM, PREFIX, "n1").run(source, until_caught_up=True)

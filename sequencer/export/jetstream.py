@@ -194,6 +194,7 @@ class JetStreamExporter:
         self.duplicates = 0  # acks that said "duplicate": resends the window caught
         self.sessions = 0  # sessions started; more than one: a failure was recovered from
         self.in_flight = 0  # messages published in this session whose ack is not yet read
+        self._message_bytes_max: int | None = None  # the stream's max_msg_size, if it has one
 
     def stop(self) -> None:
         self.stopping = True
@@ -298,6 +299,8 @@ class JetStreamExporter:
                 description=f"seqd events of log {self.log_id} (seqd export)",
             )  # fmt: skip
             info = await js.add_stream(config)
+        stream_bytes_max = info.config.max_msg_size
+        self._message_bytes_max = stream_bytes_max if stream_bytes_max and stream_bytes_max > 0 else None
         window_s = float(info.config.duplicate_window or 0)
         if window_s < DUPLICATE_WINDOW_S_MIN:
             raise ExportError(
@@ -344,6 +347,7 @@ class JetStreamExporter:
         items: Iterator[SourceEvent | None] = iter(source.read(max(1, position.index)))
         loop = asyncio.get_running_loop()
         publish = connection.publish
+        bytes_max = min(connection.max_payload, self._message_bytes_max or connection.max_payload)
         try:
             while not self.stopping:
                 # The source may block (a live journal sleeps between polls): it runs in a
@@ -372,6 +376,14 @@ class JetStreamExporter:
                         headers = message.headers
                         headers[EXPECTED_LAST_SEQUENCE] = str(sequence)
                         headers[EXPECTED_STREAM] = self.stream
+                        size = len(message.payload) + sum(len(k) + len(v) + 4 for k, v in headers.items()) + 12
+                        if size > bytes_max:  # refused, it would stop the export there for ever
+                            raise ExportError(
+                                f"the event at index {item.index} ({type(item.event).__name__}) makes a "
+                                f"message of {size} bytes, over the {bytes_max} bytes that stream "
+                                f"{self.stream!r} and the server take (max_msg_size, max_payload): "
+                                "raise the limit; the exporter never skips an event"
+                            )
                         sequence += 1
                         position = message.position
                         if number < last:  # stored without an ack: the last one's ack covers it
