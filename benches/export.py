@@ -3,15 +3,16 @@ publish at a time (issue 15, part 4).
 
     python -m benches.export [--quick] [--json] [--events N] [--min-seconds S]
 
-Napkin math. A JetStream publish from nats-py costs the client ~30-60 us of Python (the headers
-encoded, a future and its callback, the PUB written) and the server a file-store append (~2-5 us,
-no fsync: JetStream syncs every 2 minutes by default). One publish at a time pays a round trip
-through two processes' event loops per event, ~100-300 us on this VM: ~3-10k events/s. With up to
-1024 publishes in flight the round trip is hidden and the client's CPU is the bound: ~15-30k
-events/s, about what a node applies, so one exporter keeps up with a node.
+Napkin math. A JetStream publish from nats-py that asks for an ack costs the client ~30-60 us of
+Python (the headers encoded, a reply subject, a future and its callback, the ack parsed) and the
+server a file-store append (~2-5 us, no fsync: JetStream syncs every 2 minutes by default). One
+publish at a time adds a round trip through two processes' event loops per event, ~100-300 us on
+this VM: ~3-10k events/s. The exporter asks an ack of a batch's last message only (256 by
+default), so the others cost a header encoding and a buffer append, ~10-20 us, and the round
+trips overlap (1024 messages in flight): ~30-50k events/s if each process has a core.
 
-What runs: `sequencer.export.JetStreamExporter` with its defaults (1024 in flight, batches of 256)
-and with `in_flight_max=1` (the same code awaiting each ack), fed from a list of `TransferMade`
+What runs: `sequencer.export.JetStreamExporter` with its defaults (1024 in flight, batches of 256,
+one ack per batch) and with `in_flight_max=1` (the same code awaiting each ack), fed from a list of `TransferMade`
 events made up front (the exporter and JetStream alone; the journal source costs the replay rate,
 see "Recovery" in RESULTS.md), into a new file-storage stream per run on a nats-server the bench
 starts in /tmp (the Debian package's). Each figure is one run that measured at least

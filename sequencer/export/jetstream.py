@@ -271,7 +271,8 @@ class JetStreamExporter:
         finally:
             for future, *_rest in pending:  # a session lost leaves its acks unread
                 if future.done():
-                    future.exception()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        future.exception()
                 else:
                     future.cancel()
             pending.clear()
