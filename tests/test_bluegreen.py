@@ -21,10 +21,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from daemon.harness import NodeProcess
+import pytest
+
+from daemon.config import load_config
+from daemon.exits import ExitCode, FatalError
+from daemon.harness import NodeProcess, write_config
 from daemon.layout import NODE_STATE, NodeState
 from daemon.migrate import read_index_map, replay_journal
-from daemon.standby import SWITCH_REQUEST_FILE, SWITCHED_FILE
+from daemon.standby import SWITCH_REQUEST_FILE, SWITCHED_FILE, Standby, SwitchError, switch
 from sequencer.apps.ledger import (
     LEDGER_SCHEMA,
     Balance,
@@ -219,3 +223,35 @@ def test_green_takes_over_under_load_and_every_request_is_applied_exactly_once(t
     assert {name: replayed.accounts[name].balance for name in ACCOUNTS} == {
         name: blue_state.accounts[name].balance for name in ACCOUNTS
     }
+
+
+def standby_configs(tmp_path: Path, green_app: str = "sequencer.apps.ledger_v2:LedgerV2",
+                    green_socket: str | None = None) -> tuple[Any, Any]:  # fmt: skip
+    blue_path = write_config(tmp_path / "blue.toml", {
+        "node": {"name": "bgblue", "data_dir": str(tmp_path / "blue")},
+        "socket": {"path": str(tmp_path / "seqd.sock")},
+    })  # fmt: skip
+    green_path = write_config(tmp_path / "green.toml", {
+        "node": {"name": "bggreen", "data_dir": str(tmp_path / "green"), "app": green_app},
+        "socket": {"path": green_socket or str(tmp_path / "seqd.sock")},
+        "standby": {"blue_config": str(blue_path), "transform": TRANSFORM},
+    })  # fmt: skip
+    return load_config(blue_path), load_config(green_path)
+
+
+def test_green_refuses_to_stand_by_for_a_blue_its_transform_or_socket_does_not_fit(tmp_path: Path) -> None:
+    _blue, green = standby_configs(tmp_path, green_app="sequencer.apps.ledger:Ledger",
+                                   green_socket=str(tmp_path / "other.sock"))  # fmt: skip
+    with pytest.raises(FatalError) as refused:
+        Standby(green, 0)
+    message = str(refused.value)
+    assert "the transform's target is LedgerV2, but green runs sequencer.apps.ledger:Ledger" in message
+    assert "green's socket.path" in message and "set it to blue's" in message
+    assert refused.value.code == ExitCode.CONFIG
+
+
+def test_switch_refuses_when_green_does_not_run_and_asks_nothing_of_blue(tmp_path: Path) -> None:
+    blue, green = standby_configs(tmp_path)
+    with pytest.raises(SwitchError, match="does not run: start it first"):
+        switch(blue, green, say=lambda line: None)
+    assert not (tmp_path / "green" / SWITCH_REQUEST_FILE).exists()
