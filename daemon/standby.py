@@ -343,6 +343,7 @@ class GreenPipeline:
     flush: Callable[[], None]  # publish what was claimed, up to the gateway's next_index - 1
     stop_requested: Callable[[], bool]
     durable_index: Callable[[], int]  # green's journal.durable index
+    beat: Callable[[], object]  # the role's heartbeat: the supervisor's watchdog gate reads it
 
 
 async def stand_by(standby: Standby, gateway: Gateway[Any], green: GreenPipeline) -> bool:
@@ -378,6 +379,7 @@ async def _follow(standby: Standby, publish: Publish, green: GreenPipeline) -> b
     log.info("standing by for %s: following its journal %s through %s", standby.blue.node.name,
              standby.blue.journal_dir, standby.migration.name)  # fmt: skip
     while not green.stop_requested():
+        green.beat()
         blue = standby.look()
         if standby.switch_requested() and (blue.final_index is not None or not blue.running):
             return await _take_over(standby, publish, green, blue)
@@ -385,8 +387,9 @@ async def _follow(standby: Standby, publish: Publish, green: GreenPipeline) -> b
         data = standby.records(blue.commit_index if blue.running else None)
         if data:
             await _write(data, publish, green)
-        if standby.source_index == before:
-            await asyncio.sleep(standby.poll_s)
+        # Nothing new: wait a poll. Else yield once, so egress (the blp's timer requests) is
+        # drained between passes while green catches up.
+        await asyncio.sleep(standby.poll_s if standby.source_index == before else 0)
     return False
 
 
@@ -394,6 +397,7 @@ async def _take_over(standby: Standby, publish: Publish, green: GreenPipeline, b
     started = time.monotonic()
     final_index = blue.final_index
     while final_index is not None:  # blue drained: everything it sequenced becomes durable
+        green.beat()
         look = standby.look()
         if not look.running or (look.commit_index or 0) >= final_index:
             break

@@ -26,7 +26,7 @@ import pytest
 from daemon.config import load_config
 from daemon.exits import ExitCode, FatalError
 from daemon.harness import NodeProcess, write_config
-from daemon.layout import NODE_STATE, NodeState
+from daemon.layout import NODE_STATE, ROLE_COUNTERS, NodeState, Role
 from daemon.migrate import read_index_map, replay_journal
 from daemon.standby import SWITCH_REQUEST_FILE, SWITCHED_FILE, Standby, SwitchError, switch
 from sequencer.apps.ledger import (
@@ -139,6 +139,10 @@ def test_green_takes_over_under_load_and_every_request_is_applied_exactly_once(t
             client.call(Transfer("alice", "bob", 100))  # split by the transform into two postings
             client.call(Balance("bob"))  # dropped by the transform
         green.start()  # catches up from blue's index 1 while blue serves
+        # Standing by, its sequencer still beats (the supervisor's watchdog gate reads it).
+        heartbeat = ROLE_COUNTERS[Role.SEQUENCER].heartbeat.name
+        first_beat = green.read_counters()[heartbeat]
+        wait_for(lambda: green.read_counters()[heartbeat] > first_beat + 10, "green's heartbeat while standing by")
         drivers = [DepositDriver(blue.socket_path, name).start() for name in ACCOUNTS]
         try:
             wait_for(lambda: all(d.acknowledged >= 50 for d in drivers), "deposits on blue")

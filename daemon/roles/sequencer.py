@@ -567,7 +567,7 @@ class Sequencer:
         self._start_waker()  # the blp's timer requests come through egress meanwhile
         self.context.set_state(RoleState.RUNNING)
         green = GreenPipeline(self.writer.try_claim, self._flush, lambda: self.context.stop_requested,
-                              self.counters[JOURNAL_DURABLE_INDEX].get)  # fmt: skip
+                              self.counters[JOURNAL_DURABLE_INDEX].get, lambda: self.context.heartbeat.add(1))  # fmt: skip
         taken_over = await stand_by(self.standby, self.gateway, green)
         self.standby = None
         if taken_over:
