@@ -143,6 +143,12 @@ def test_green_takes_over_under_load_and_every_request_is_applied_exactly_once(t
         heartbeat = ROLE_COUNTERS[Role.SEQUENCER].heartbeat.name
         first_beat = green.read_counters()[heartbeat]
         wait_for(lambda: green.read_counters()[heartbeat] > first_beat + 10, "green's heartbeat while standing by")
+        # `seqd snapshot` is refused while standing by (the journal must be blue's, transformed),
+        # and does not kill the sequencer (SIGUSR1's default action).
+        sequencer_pid = green.role_pid("sequencer")
+        assert seqd_cli("snapshot", "--config", str(green.config_path)).returncode == 0
+        wait_for(lambda: "standing by: no snapshot before the switch" in green.log_text(), "the refusal")
+        assert green.role_pid("sequencer") == sequencer_pid and not list(green.config.snapshot_dir.glob("*"))
         drivers = [DepositDriver(blue.socket_path, name).start() for name in ACCOUNTS]
         try:
             wait_for(lambda: all(d.acknowledged >= 50 for d in drivers), "deposits on blue")

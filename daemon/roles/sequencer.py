@@ -565,6 +565,8 @@ class Sequencer:
         blue (serve now), False when stopped while standing by."""
         assert self.standby is not None
         self._start_waker()  # the blp's timer requests come through egress meanwhile
+        # A SNAPSHOT record now would be green's own, in a journal that must be blue's, transformed.
+        self.loop.add_signal_handler(signal.SIGUSR1, log.warning, "standing by: no snapshot before the switch")
         self.context.set_state(RoleState.RUNNING)
         green = GreenPipeline(self.writer.try_claim, self._flush, lambda: self.context.stop_requested,
                               self.counters[JOURNAL_DURABLE_INDEX].get, lambda: self.context.heartbeat.add(1))  # fmt: skip
