@@ -7,6 +7,7 @@
     seqd snapshot list|verify [--config FILE]
     seqd log dump|tail|check [--config FILE] ...
     seqd log migrate --from DIR --to DIR --transform MODULE:NAME   copy-and-transform a journal
+    seqd bluegreen switch --blue FILE --green FILE            hand blue's socket to green (docs/evolution.md)
     seqd verify [--config FILE]                               replay the journal under another hash seed
     seqd schema [--app module:Class | --config FILE]          the app's message types as JSON Schema
     seqd project --config FILE [--rebuild | --until-caught-up]  a projection into SQLite/PostgreSQL
@@ -88,6 +89,19 @@ def command_replica(args: argparse.Namespace) -> int:
     return run_standalone(_load(args), args.socket or None, args.number)
 
 
+def command_bluegreen_switch(args: argparse.Namespace) -> int:
+    """`seqd bluegreen switch`: daemon/standby.py does the work."""
+    from daemon.standby import SwitchError, switch
+
+    blue, green = load_config(args.blue), load_config(args.green)
+    try:
+        switch(blue, green, timeout_s=args.timeout)
+    except SwitchError as error:
+        print(f"seqd: bluegreen switch: {error}", file=sys.stderr)
+        return ExitCode.FAILED
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="seqd", description="seqd: a sequencer daemon for event-log architectures")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -124,6 +138,15 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--config", "-c", required=True, help="the exporter's TOML file (daemon/export.py)")
     export.add_argument("--until-caught-up", action="store_true", help="export what the journal holds, then exit")
     export.set_defaults(func=command_export)
+    bluegreen = commands.add_parser("bluegreen", help="blue-green switch-over on one machine (docs/evolution.md)")
+    bluegreen_actions = bluegreen.add_subparsers(dest="action", required=True)
+    switch = bluegreen_actions.add_parser(
+        "switch", help="stop blue (it drains) and let green, standing by, take over its socket"
+    )
+    switch.add_argument("--blue", required=True, help="the config file of the serving node")
+    switch.add_argument("--green", required=True, help="the config file of the node standing by ([standby])")
+    switch.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for green (default 60)")
+    switch.set_defaults(func=command_bluegreen_switch)
 
     try:
         from daemon import cli_tools

@@ -36,6 +36,7 @@ __all__ = [
     "RolesConfig",
     "SnapshotConfig",
     "SocketConfig",
+    "StandbyConfig",
     "load_config",
 ]
 
@@ -158,6 +159,18 @@ class ReplicasConfig(msgspec.Struct, forbid_unknown_fields=True):
     catchup_stall_s: float = 10.0
 
 
+class StandbyConfig(msgspec.Struct, forbid_unknown_fields=True):
+    """`[standby]`: this node is the green of a blue-green switch-over (docs/evolution.md): it
+    follows the running node of `blue_config` (blue) by transforming blue's committed records
+    into its own journal, and takes over blue's socket when `seqd bluegreen switch` asks."""
+
+    blue_config: str = ""  # the config file blue runs with (its journal, counters and socket)
+    transform: str = ""  # "package.module:Name", as `seqd log migrate --transform`
+    # Blue's commit counter is read this often while nothing is new: the delay green adds to
+    # following, and to noticing a switch request (a stat of one file).
+    poll_ms: float = 1.0
+
+
 class MetricsConfig(msgspec.Struct, forbid_unknown_fields=True):
     enabled: bool = False
     host: str = "127.0.0.1"
@@ -224,6 +237,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True):
     metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
     replicas: ReplicasConfig = msgspec.field(default_factory=ReplicasConfig)
     cluster: ClusterConfig | None = None  # None: a single node, no replicator
+    standby: StandbyConfig | None = None  # None: not the green of a blue-green switch-over
     restarts_max: int = 5  # pipeline restarts within restart_window_s before the supervisor gives up
     restart_window_s: float = 60.0
 
@@ -343,6 +357,8 @@ def _validate(config: Config) -> Config:
     errors.extend(_replicas_errors(config, cpus))
     if config.cluster is not None:
         errors.extend(_cluster_errors(config.cluster, node.number, node.name))
+    if config.standby is not None:
+        errors.extend(_standby_errors(config))
     if errors:
         raise ConfigError("invalid configuration: " + "; ".join(errors))  # one line: journald, systemctl status
     return config
@@ -374,6 +390,25 @@ def _replicas_errors(config: Config, cpus: int) -> list[str]:
         errors.append(f"replicas.catchup_stall_s={replicas.catchup_stall_s}: must be 0.1..3600")
     if not 0.1 <= replicas.poll_ms <= 1000:
         errors.append(f"replicas.poll_ms={replicas.poll_ms}: must be 0.1..1000")
+    return errors
+
+
+def _standby_errors(config: Config) -> list[str]:
+    """What `[standby]` needs that can be checked without blue's config (the sequencer checks
+    blue's when it starts: `daemon.standby`)."""
+    standby = config.standby
+    assert standby is not None
+    errors = []
+    if not standby.blue_config:
+        errors.append("standby.blue_config is empty: name the config file of the node to follow (blue)")
+    if ":" not in standby.transform:
+        errors.append(f"standby.transform={standby.transform!r}: expected 'package.module:Name', "
+                      "e.g. 'sequencer.apps.ledger_v2:FromLedgerV1'")  # fmt: skip
+    if config.cluster is not None:
+        errors.append("[standby] and [cluster] together: a blue-green switch-over is for a single node; "
+                      "upgrade a cluster node by node")  # fmt: skip
+    if not 0 < standby.poll_ms <= 1000:
+        errors.append(f"standby.poll_ms={standby.poll_ms}: must be in (0, 1000]")
     return errors
 
 

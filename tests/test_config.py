@@ -71,5 +71,5 @@ def test_the_example_config_is_valid_and_states_every_default() -> None:
     for section in msgspec.structs.fields(Config):
         fields = getattr(section.type, "__struct_fields__", (section.name,))
         for field in fields:
-            if section.name not in ("roles", "cluster"):
+            if section.name not in ("roles", "cluster", "standby"):  # optional tables: commented out
                 assert f"{field} =" in text, f"{section.name}.{field} is missing from the example"

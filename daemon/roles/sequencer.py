@@ -30,7 +30,9 @@ This module does the I/O around it, on one uvloop thread:
   passed in; while it is not ROOM the gateway refuses new sessions and commands with the
   retryable ERROR `disk_full`, and the node resumes by itself when the counter drops back;
 - SIGTERM (through the `sequencer.stop` counter) drains: stop accepting and reading, wait until
-  everything sequenced is applied and replied, close.
+  everything sequenced is applied and replied, close;
+- `[standby]` (green of a blue-green switch-over, `daemon.standby`): no socket; it writes blue's
+  transformed records into the log ring until the switch, then serves blue's socket path.
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ from daemon.layout import (
     ERRORS_SLOW_CLIENT,
     INCARNATION_BITS,
     JOURNAL_DISK_FULL,
+    JOURNAL_DURABLE_INDEX,
     JOURNAL_FREE_BYTES,
     LOG_PUBLISHED_INDEX,
     LOG_PUBLISHED_POSITION,
@@ -84,6 +87,7 @@ from daemon.layout import (
     proposal_name,
 )
 from daemon.roles.common import RoleContext, report_start_failure, start_role
+from daemon.standby import GreenPipeline, Standby, stand_by, switched
 from daemon.unix_socket import bind_unix_socket
 from ipc.idle import idle_strategy
 from ipc.ring import Ring
@@ -253,6 +257,10 @@ class Sequencer:
         self.drained = threading.Event()
         self.drained.set()
         self.waker: threading.Thread | None = None
+        # Blue-green (`daemon.standby`): green follows blue and binds no socket until the switch.
+        self.standby: Standby | None = None
+        if config.standby is not None and not switched(config):
+            self.standby = Standby(config, counters[RECOVERY_LAST_INDEX].get())
 
     def _stamping(self) -> StampingPolicy:
         """A single node stamps its records itself; in a cluster the leader's replicator does,
@@ -552,8 +560,32 @@ class Sequencer:
         """
         return bind_unix_socket(Path(self.config.socket.path), "socket.path", LISTEN_BACKLOG)
 
+    async def _stand_by(self) -> bool:
+        """Green of a blue-green switch-over (`daemon.standby`): True once it has taken over from
+        blue (serve now), False when stopped while standing by."""
+        assert self.standby is not None
+        self._start_waker()  # the blp's timer requests come through egress meanwhile
+        # A SNAPSHOT record now would be green's own, in a journal that must be blue's, transformed.
+        self.loop.add_signal_handler(signal.SIGUSR1, log.warning, "standing by: no snapshot before the switch")
+        self.context.set_state(RoleState.RUNNING)
+        green = GreenPipeline(self.writer.try_claim, self._flush, lambda: self.context.stop_requested,
+                              self.counters[JOURNAL_DURABLE_INDEX].get, lambda: self.context.heartbeat.add(1))  # fmt: skip
+        taken_over = await stand_by(self.standby, self.gateway, green)
+        self.standby = None
+        if taken_over:
+            self._arm_timers()
+        return taken_over
+
+    def _start_waker(self) -> None:
+        if self.waker is None:
+            self.waker = threading.Thread(target=self._waker, name="egress-waker", daemon=True)
+            self.waker.start()
+
     async def serve(self) -> None:
         context = self.context
+        if self.standby is not None and not await self._stand_by():
+            self.context.set_state(RoleState.DRAINED)  # no session, no socket (blue's path!)
+            return
         # Sessions of a previous incarnation of this node are closed by a record, so every replica
         # forgets them at the same index.
         while not self.gateway.sequence_node_start(time.time_ns()):
@@ -561,8 +593,7 @@ class Sequencer:
         self._flush()
         sock = self.bind()
         self.server = await self.loop.create_unix_server(lambda: Session(self), sock=sock)
-        self.waker = threading.Thread(target=self._waker, name="egress-waker", daemon=True)
-        self.waker.start()
+        self._start_waker()
         self.loop.add_signal_handler(signal.SIGUSR1, self.request_snapshot)
         context.set_state(RoleState.RUNNING)
         if self.clustered:

@@ -65,6 +65,13 @@ _pack_command_header = _COMMAND_HEADER.pack
 _unpack_prefix = COMMAND_PREFIX.unpack_from
 assert _COMMAND_HEADER.size == _COMMAND_START
 _unpack_header = RECORD_HEADER.unpack_from
+# A record header's first fields, the ones that differ between the records one request becomes:
+# length, type, version, index. The rest (term, timestamp, session id, request id, and a
+# command's acked request id) is the old record's, copied as bytes.
+_HEAD = struct.Struct(RECORD_HEADER.format[:5])
+_HEAD_BYTES = _HEAD.size
+_HEAD_SPACE = bytes(_HEAD_BYTES)
+assert _HEAD.format == "<IHHQ" and _HEAD_BYTES == 16, _HEAD.format
 _NO_OUTPUTS: tuple[Any, ...] = ()
 # How a request's commands are written (see `sequencer.migrate`'s docstring).
 _WHOLE = 0  # a COMMAND: the whole request
@@ -101,7 +108,9 @@ class Migration:
         self._decode = source_schema.decode_command
         # The source's current version decodes with one C call; the target's commands encode so.
         self._decode_current = msgspec.msgpack.Decoder(Union[source_schema.commands]).decode  # noqa: UP007
-        self._encoder_encode = msgspec.msgpack.Encoder().encode
+        encoder = msgspec.msgpack.Encoder()
+        self._encoder_encode = encoder.encode
+        self._encoder_encode_into = encoder.encode_into
         self._target_types = frozenset(target_schema.commands)
         self._source_version = source_schema.version
         self._target_version = target_schema.version
@@ -111,10 +120,14 @@ class Migration:
         self._timer_hook = type(transform).timer_fired is not Transform.timer_fired
         self._in: dict[Any, int] = {}  # record type or (record type, detail) -> records read
         self._out: dict[Any, int] = {}  # record type or (record type, detail) -> records written
-        self._in_commands: dict[type, int] = {}  # COMMAND records read, by command type
+        # COMMAND records read, by command type (every source type a key, as for the written)
+        self._in_commands: dict[type, int] = dict.fromkeys(source_schema.commands, 0)
         self._in_parts: dict[type, int] = {}  # COMMAND_PART records read (a journal migrated before)
-        self._out_commands: dict[type, int] = {}  # COMMAND records written, by command type
-        self._out_parts: dict[type, int] = {}  # COMMAND_PART records written, by command type
+        # COMMAND and COMMAND_PART records written, by command type: every type of the target
+        # is a key from the start (so the hot path counts with one `+= 1`, and a type that is
+        # not the target's is a KeyError); `counts` leaves out the zeros.
+        self._out_commands: dict[type, int] = dict.fromkeys(target_schema.commands, 0)
+        self._out_parts: dict[type, int] = dict.fromkeys(target_schema.commands, 0)
         self._runs: list[tuple[int, int, int, int]] = []  # closed index-map runs
         self._run_old_first = 1  # the open run: old indexes from here map to `_run_per` each
         self._run_new_first = 1
@@ -138,8 +151,8 @@ class Migration:
         # reader reuses its buffer.
         view = memoryview(bytes(run))
         end = len(view)
-        pieces: list[Any] = []
-        append = pieces.append
+        out = bytearray()  # the new records, written in place
+        append = out.extend
         count_in = self._in
         count_out = self._out
         in_commands = self._in_commands
@@ -149,8 +162,8 @@ class Migration:
         origin = self._origin
         decode_current = self._decode_current
         transform_command = self._transform_command
-        encode = self._encoder_encode
-        target_types = self._target_types
+        encode_into = self._encoder_encode_into
+        pack_head_into = _HEAD.pack_into
         shared_types = self._shared_types
         source_version = self._source_version
         target_version = self._target_version
@@ -182,7 +195,7 @@ class Migration:
                                                   new_index, append)  # fmt: skip
                     else:
                         kind = type(command)
-                        in_commands[kind] = in_commands.get(kind, 0) + 1
+                        in_commands[kind] += 1  # the decoder gives the source's types only
                         origin._header = header
                         origin.client_id = session.client_id
                         try:
@@ -199,19 +212,24 @@ class Migration:
                             new_index += 1
                         elif 0 < count <= COMMANDS_PER_REQUEST_MAX:
                             out_type, counts = (_COMMAND, out_commands) if count == 1 else (_COMMAND_PART, out_parts)
-                            (acked_request_id,) = _unpack_prefix(view, position + RECORD_HEADER_BYTES)
+                            # Every new record of the request has the old one's term, timestamp,
+                            # session, request id and acked id: its header's last 40 bytes.
+                            tail = view[position + _HEAD_BYTES : position + _COMMAND_START]
                             for output in outputs:
-                                output_kind = type(output)
-                                if output_kind not in target_types:
-                                    raise self._not_a_target_command(output, index, command)
-                                counts[output_kind] = counts.get(output_kind, 0) + 1
-                                data = encode(output)
-                                record_length = _COMMAND_START + len(data)
-                                append(_pack_command_header(record_length, out_type, target_version, new_index,
-                                                            term, timestamp_ns, session_id, request_id,
-                                                            acked_request_id))  # fmt: skip
-                                append(data)
-                                append(_PADS[-record_length & 7])
+                                try:
+                                    counts[type(output)] += 1  # holds the target's types only
+                                except KeyError:
+                                    raise self._not_a_target_command(output, index, command) from None
+                                # Written in place, the command encoded after its header, whose
+                                # length, type, version and index are packed in once the length
+                                # is known: no bytes object per record, and no join.
+                                start = len(out)
+                                out += _HEAD_SPACE
+                                out += tail
+                                encode_into(output, out, -1)
+                                record_length = len(out) - start
+                                pack_head_into(out, start, record_length, out_type, target_version, new_index)
+                                out += _PADS[-record_length & 7]
                                 new_index += 1
                         else:
                             new_index = self._emit(outputs, command, view, position, header, _WHOLE,
@@ -257,7 +275,7 @@ class Migration:
             self.source_last_index = expected - 1
             self.target_last_index = new_index - 1
             self._last = (term, timestamp_ns)
-        return b"".join(pieces)
+        return bytes(out)
 
     def _gap(self, index: int, expected: int) -> MigrationError:
         if expected == 1:
@@ -521,7 +539,8 @@ class Migration:
                                            (written, _COMMAND, self._out_commands),
                                            (written, _COMMAND_PART, self._out_parts)):
             for kind, count in kinds.items():
-                counts[(record_type, kind)] = count
+                if count:
+                    counts[(record_type, kind)] = count
         return _named(read), _named(written)
 
     def index_map(self) -> IndexMap:
