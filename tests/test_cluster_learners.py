@@ -1,0 +1,132 @@
+"""Learners and linearizable queries on a real cluster: three voters and one learner (`seqd run`
+each, loopback peer ports through the fault proxy), every node with a query replica.
+
+- The learner follows and applies the log: it converges with the voters at the same index with
+  the same rolling hash, and never leads.
+- A write acknowledged on any node is seen by a linearizable query issued after the
+  acknowledgement on any node (the leader, a follower, the learner): each reader is a client of
+  its own that never wrote, so read-your-writes (`after` its own last reply) would not see it.
+- Killing the learner never affects availability; killing one voter leaves a quorum of voters
+  (writes and linearizable queries go on); with two voters down there is no quorum, and a
+  linearizable query is refused with `no_quorum` instead of answering stale.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from daemon.cluster_harness import Cluster
+from daemon.layout import RAFT_ROLE
+from sequencer.apps.ledger import Deposit, Ledger
+from sequencer.raft.raft_role import RaftRole
+from tests.node_fixtures import DEPOSIT, TransferDriver, open_accounts
+
+ACCOUNTS = ["alice", "bob", "carol", "dave"]
+TIMEOUTS = {"tick_ms": 10, "heartbeat_ms": 50, "election_timeout_ms": 300}
+REPLICAS = {"replicas": {"count": 1, "poll_ms": 1.0}}
+QUERY_TIMEOUT_S = 20.0
+LEARNER = 4
+
+pytestmark = [
+    pytest.mark.timeout(240),
+    pytest.mark.skipif(importlib.util.find_spec("daemon.roles.replicator") is None,
+                       reason="cluster mode is not built on this branch"),
+]
+
+
+@pytest.fixture
+def cluster(tmp_dir: Path, unique: str) -> Iterator[Cluster]:
+    made = Cluster(tmp_dir, unique, 3, learners=1, cluster=TIMEOUTS, settings=REPLICAS)
+    try:
+        made.start()
+        yield made
+    finally:
+        made.close()
+
+
+def _client(cluster: Cluster, number: int):  # type: ignore[no-untyped-def]
+    from sequencer.client import Client
+
+    return Client(cluster[number].socket_path, schema=Ledger.schema, timeout_s=QUERY_TIMEOUT_S,
+                  reconnect_timeout_s=QUERY_TIMEOUT_S)  # fmt: skip
+
+
+def _linearizable_balance(client, account: str) -> int:  # type: ignore[no-untyped-def]
+    result = client.query("balance", {"account": account}, consistency="linearizable",
+                          timeout_s=QUERY_TIMEOUT_S)  # fmt: skip
+    return int(result.value["balance"])
+
+
+def test_a_learner_applies_the_log_with_the_voters_state_hash_and_never_leads(cluster: Cluster) -> None:
+    leader = cluster.wait_leader().number
+    assert leader != LEARNER
+    open_accounts(cluster[LEARNER].socket_path, ACCOUNTS)  # a learner's clients write too
+    driver = TransferDriver(cluster[leader].socket_path, ACCOUNTS, seed=1).start()
+    driver.wait_acknowledged(200)
+    driver.stop()
+    applied = cluster.wait_converged()  # all four: the same index, hash, and commit
+    views = cluster.views()
+    learner = views[LEARNER]
+    assert learner is not None and learner.applied_index == applied
+    assert learner.raft_role is RaftRole.FOLLOWER
+    counters = cluster[LEARNER].read_counters()
+    assert counters["raft.learner"] == 1 and counters[RAFT_ROLE.name] == int(RaftRole.FOLLOWER)
+    assert cluster[leader].read_counters()["raft.learner"] == 0
+
+
+def test_a_write_acknowledged_anywhere_is_seen_by_a_linearizable_query_on_any_node(cluster: Cluster) -> None:
+    leader = cluster.wait_leader().number
+    open_accounts(cluster[leader].socket_path, ACCOUNTS)
+    numbers = sorted(cluster.nodes)
+    writers = {number: _client(cluster, number) for number in numbers}
+    readers = {number: _client(cluster, number) for number in numbers}
+    try:
+        balance = DEPOSIT
+        for step in range(24):
+            writer = numbers[step % len(numbers)]
+            reader = numbers[(step * 3 + 1) % len(numbers)]
+            writers[writer].call(Deposit("alice", step + 1))
+            balance += step + 1
+            # Issued after the acknowledgement: it must see the deposit, wherever it ran.
+            seen = _linearizable_balance(readers[reader], "alice")
+            assert seen == balance, (step, writer, reader, seen, balance)
+    finally:
+        for client in (*writers.values(), *readers.values()):
+            client.close()
+
+
+def test_killing_the_learner_or_one_voter_keeps_the_cluster_available_and_two_voters_make_no_quorum(
+    cluster: Cluster,
+) -> None:
+    from sequencer.client import QueryError
+
+    leader = cluster.wait_leader().number
+    open_accounts(cluster[leader].socket_path, ACCOUNTS)
+    cluster.kill(LEARNER)
+    with _client(cluster, leader) as client:
+        client.call(Deposit("bob", 5))
+        assert _linearizable_balance(client, "bob") == DEPOSIT + 5
+    voters = [n for n in cluster.nodes if n not in cluster.learners]
+    follower = next(n for n in voters if n != leader)
+    cluster.kill(follower)  # two voters of three remain: a quorum
+    survivor = next(n for n in voters if n not in (leader, follower))
+    with _client(cluster, survivor) as client:
+        client.call(Deposit("bob", 7))
+        assert _linearizable_balance(client, "bob") == DEPOSIT + 12
+    cluster.start([LEARNER])
+    with _client(cluster, LEARNER) as client:  # back, caught up, asking the leader
+        assert _linearizable_balance(client, "bob") == DEPOSIT + 12
+    cluster.kill(leader)  # one voter and the learner: no quorum, whatever the learner holds
+    with _client(cluster, LEARNER) as client, pytest.raises(QueryError) as refused:
+        client.query("balance", {"account": "bob"}, consistency="linearizable", timeout_s=3.0)
+    assert refused.value.code == "no_quorum", refused.value
+    assert "majority" in refused.value.message
+    cluster.start([leader, follower])
+    cluster.wait_leader()
+    with _client(cluster, LEARNER) as client:
+        assert _linearizable_balance(client, "bob") == DEPOSIT + 12
+    cluster.wait_converged()
