@@ -2,7 +2,8 @@
 each, loopback peer ports through the fault proxy), every node with a query replica.
 
 - The learner follows and applies the log: it converges with the voters at the same index with
-  the same rolling hash, and never leads.
+  the same rolling hash, and never leads; a backup taken from it under load restores into a
+  fresh single node with the cluster's hashes at the backup's index.
 - A write acknowledged on any node is seen by a linearizable query issued after the
   acknowledgement on any node (the leader, a follower, the learner): each reader is a client of
   its own that never wrote, so read-your-writes (`after` its own last reply) would not see it.
@@ -14,20 +15,24 @@ each, loopback peer ports through the fault proxy), every node with a query repl
 from __future__ import annotations
 
 import importlib.util
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from daemon.backup import take_backup
 from daemon.cluster_harness import Cluster
-from daemon.layout import RAFT_ROLE
+from daemon.harness import NodeProcess
+from daemon.layout import BLP_APPLIED_INDEX, RAFT_ROLE
+from daemon.verify import replay_hashes
 from sequencer.apps.ledger import Deposit, Ledger
 from sequencer.raft.raft_role import RaftRole
 from tests.node_fixtures import DEPOSIT, TransferDriver, open_accounts
 
 ACCOUNTS = ["alice", "bob", "carol", "dave"]
 TIMEOUTS = {"tick_ms": 10, "heartbeat_ms": 50, "election_timeout_ms": 300}
-REPLICAS = {"replicas": {"count": 1, "poll_ms": 1.0}}
+SETTINGS = {"replicas": {"count": 1, "poll_ms": 1.0}, "snapshot": {"every_records": 150}}
 QUERY_TIMEOUT_S = 20.0
 LEARNER = 4
 
@@ -40,7 +45,7 @@ pytestmark = [
 
 @pytest.fixture
 def cluster(tmp_dir: Path, unique: str) -> Iterator[Cluster]:
-    made = Cluster(tmp_dir, unique, 3, learners=1, cluster=TIMEOUTS, settings=REPLICAS)
+    made = Cluster(tmp_dir, unique, 3, learners=1, cluster=TIMEOUTS, settings=SETTINGS)
     try:
         made.start()
         yield made
@@ -61,21 +66,49 @@ def _linearizable_balance(client, account: str) -> int:  # type: ignore[no-untyp
     return int(result.value["balance"])
 
 
-def test_a_learner_applies_the_log_with_the_voters_state_hash_and_never_leads(cluster: Cluster) -> None:
+def test_a_learner_applies_the_log_and_a_backup_taken_from_it_under_load_restores_that_state(
+    cluster: Cluster, tmp_dir: Path, unique: str
+) -> None:
+    """The learner converges with the voters (same index, hash and commit) and never leads. A
+    backup taken from it while clients write (`seqd backup`: its newest snapshot and the journal
+    after it, cut at its commit index) restored into a fresh single node gives the cluster's
+    rolling hash and state hash at that index."""
     leader = cluster.wait_leader().number
     assert leader != LEARNER
     open_accounts(cluster[LEARNER].socket_path, ACCOUNTS)  # a learner's clients write too
     driver = TransferDriver(cluster[leader].socket_path, ACCOUNTS, seed=1).start()
-    driver.wait_acknowledged(200)
+    driver.wait_acknowledged(300)  # past a snapshot or two (snapshot.every_records)
+    backup = take_backup(cluster[LEARNER].config, tmp_dir / "backup")  # under load
+    driver.wait_acknowledged(len(driver.acknowledged) + 50)
     driver.stop()
     applied = cluster.wait_converged()  # all four: the same index, hash, and commit
+    assert applied > backup.index > backup.snapshot_index > 0, (applied, backup)
     views = cluster.views()
     learner = views[LEARNER]
-    assert learner is not None and learner.applied_index == applied
-    assert learner.raft_role is RaftRole.FOLLOWER
+    assert learner is not None and learner.raft_role is RaftRole.FOLLOWER
     counters = cluster[LEARNER].read_counters()
     assert counters["raft.learner"] == 1 and counters[RAFT_ROLE.name] == int(RaftRole.FOLLOWER)
     assert cluster[leader].read_counters()["raft.learner"] == 0
+
+    # The cluster's hashes at the backup's index: the leader's journal replayed up to it.
+    rolling = tmp_dir / "rolling.bin"
+    index, state_hash = replay_hashes(cluster[leader].config, rolling, to_index=backup.index)
+    assert index == backup.index
+    rolling_hash = int.from_bytes(rolling.read_bytes()[-8:], "little")
+
+    (tmp_dir / "restored").mkdir(mode=0o750)
+    restored = NodeProcess(tmp_dir / "restored", f"{unique}r", {"snapshot": {"every_records": 0}})
+    try:
+        shutil.copytree(tmp_dir / "backup", restored.config.node.data_dir)
+        restored.start()  # recovers from the snapshot and the journal, then records its start
+        assert restored.read_counters()[BLP_APPLIED_INDEX.name] > backup.index
+    finally:
+        restored.stop()
+        restored.remove_shared_memory()
+    # What the restored node holds at the backup's index is the cluster's state there.
+    restored_rolling = tmp_dir / "restored.bin"
+    assert replay_hashes(restored.config, restored_rolling, to_index=backup.index) == (backup.index, state_hash)
+    assert int.from_bytes(restored_rolling.read_bytes()[-8:], "little") == rolling_hash
 
 
 def test_a_write_acknowledged_anywhere_is_seen_by_a_linearizable_query_on_any_node(cluster: Cluster) -> None:
