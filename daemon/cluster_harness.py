@@ -208,7 +208,8 @@ def cluster_settings(
     learner_set = set(learners)
     voters = [n for n in numbers if n not in learner_set]
     if len(voters) not in CLUSTER_SIZES:
-        raise ValueError(f"{len(voters)} voters: a cluster has {' or '.join(map(str, CLUSTER_SIZES))}")
+        besides = " besides the learners" if learner_set else ""
+        raise ValueError(f"{len(voters)} nodes{besides}: a cluster has {' or '.join(map(str, CLUSTER_SIZES))} voters")
     missing = [(s, t) for s in numbers for t in numbers if s != t and (s, t) not in dial_ports]
     if missing:
         raise ValueError(f"no port to dial for the links {missing}: give every directed link one")
