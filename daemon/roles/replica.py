@@ -29,8 +29,9 @@ at most `replicas.recent_bytes_max`), and every connection is served from there:
   follower of its own (at most `CATCHUPS_MAX` exist) for `replicas.catchup_stall_s` is dropped with
   `subscriber_too_slow` (the client library resumes it from where it was).
 - a **query** runs the app's `@query` handler on the replica's state between two batches, after
-  waiting (at most its `wait_ms`) until the replica has applied `after_index`; the answer carries
-  the index it reflects.
+  waiting (at most its `wait_ms`) until the replica has applied `after_index` (`after`), or a read
+  index it asked for (`linearizable`: `daemon/read_rounds.py`); the answer carries the index it
+  reflects.
 """
 
 from __future__ import annotations

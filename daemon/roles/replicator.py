@@ -42,6 +42,10 @@ Conflicts: entries the leader replaces that this node already holds (in the ring
 cannot be cut in place; the role writes `raft.truncate` and exits with ROLE_EXIT_RAFT_TRUNCATE,
 and the next incarnation cuts the journal before recovery (daemon/raft_truncate.py).
 
+Linearizable queries: each pass also gives the core a ReadIndex request for every query replica
+that asked a read round (`daemon/read_rounds.py`), and publishes the read points the core hands
+out in `ready.reads`. A learner (`learner = true`) runs the same role; its core never campaigns.
+
 Not built: InstallSnapshot (a follower that needs entries the leader's journal no longer holds);
 the core never compacts here, so a leader never sends one, and such a follower fails loudly.
 """
