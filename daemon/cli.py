@@ -99,6 +99,15 @@ def command_bluegreen_switch(args: argparse.Namespace) -> int:
     except SwitchError as error:
         print(f"seqd: bluegreen switch: {error}", file=sys.stderr)
         return ExitCode.FAILED
+def command_backup(args: argparse.Namespace) -> int:
+    from daemon.backup import BackupError, take_backup
+
+    try:
+        backup = take_backup(_load(args), args.to)
+    except BackupError as error:
+        print(f"seqd backup: {error}", file=sys.stderr)
+        return 1
+    print(f"backed up node {backup.node} at index {backup.index} (snapshot {backup.snapshot_index}) to {args.to}")
     return 0
 
 
@@ -118,6 +127,13 @@ def build_parser() -> argparse.ArgumentParser:
     replica.add_argument("--socket", default="", help="where to listen (default: beside socket.path, replica<N>)")
     replica.add_argument("--number", type=int, default=0, help="N of the default socket name (default 0)")
     replica.set_defaults(func=command_replica)
+
+    backup = commands.add_parser(
+        "backup", help="copy a running node's snapshot and journal, cut at its commit index (docs/operations.md)"
+    )
+    _add_config_arguments(backup)
+    backup.add_argument("--to", required=True, help="a new directory: the data_dir of a restored single node")
+    backup.set_defaults(func=command_backup)
 
     demo = commands.add_parser("demo", help="start a node on the ledger app in a temporary directory and drive it")
     demo.add_argument("--clients", type=int, default=4, help="client processes (default 4)")

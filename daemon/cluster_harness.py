@@ -186,6 +186,7 @@ def cluster_settings(
     secret_file: Path,
     cluster: Mapping[str, Any] | None = None,
     extra: Mapping[str, Mapping[str, Any]] | None = None,
+    learners: Iterable[int] = (),
 ) -> dict[int, dict[str, dict[str, Any]]]:
     """Each node's config sections ({section: {key: value}}, as `daemon.harness.write_config`).
 
@@ -198,13 +199,17 @@ def cluster_settings(
         secret_file: the cluster secret (the same file for every node).
         cluster: `[cluster]` settings over the defaults (timeouts, cluster id).
         extra: other sections merged into every node's config (`{"snapshot": {...}}`).
+        learners: the node numbers that are learners (non-voting members).
 
     Raises:
-        ValueError: not 3 or 5 nodes, or a directed link without a port to dial.
+        ValueError: not 3 or 5 voters, or a directed link without a port to dial.
     """
     numbers = sorted(directories)
-    if len(numbers) not in CLUSTER_SIZES:
-        raise ValueError(f"{len(numbers)} nodes: a cluster has {' or '.join(map(str, CLUSTER_SIZES))}")
+    learner_set = set(learners)
+    voters = [n for n in numbers if n not in learner_set]
+    if len(voters) not in CLUSTER_SIZES:
+        besides = " besides the learners" if learner_set else ""
+        raise ValueError(f"{len(voters)} nodes{besides}: a cluster has {' or '.join(map(str, CLUSTER_SIZES))} voters")
     missing = [(s, t) for s in numbers for t in numbers if s != t and (s, t) not in dial_ports]
     if missing:
         raise ValueError(f"no port to dial for the links {missing}: give every directed link one")
@@ -215,6 +220,7 @@ def cluster_settings(
                 "id": member,
                 "peer_address": f"127.0.0.1:{peer_ports[member] if member == number else dial_ports[(number, member)]}",
                 "socket_path": str(directories[member] / "seqd.sock"),
+                **({"learner": True} if member in learner_set else {}),
             }
             for member in numbers
         ]
@@ -425,7 +431,8 @@ class Cluster:
         directory: where the nodes' directories and the secret go (a short path: client socket
             paths are limited to 107 bytes); None: a new temporary directory, removed at close.
         prefix: unique per test or run (it names the shared-memory segments).
-        size: 3 or 5.
+        size: 3 or 5 voters, numbered 1..size.
+        learners: learners (non-voting members) besides, numbered size + 1 on.
         proxied: put a fault-proxy link on every directed peer link (`network`).
         cluster: `[cluster]` settings over the defaults (e.g. `{"election_timeout_ms": 500}`).
         settings: other config sections for every node (merged over NodeProcess's defaults).
@@ -433,13 +440,14 @@ class Cluster:
 
     def __init__(self, directory: Path | None, prefix: str, size: int = 3, *, proxied: bool = True,
                  cluster: Mapping[str, Any] | None = None,
-                 settings: Mapping[str, Mapping[str, Any]] | None = None) -> None:  # fmt: skip
+                 settings: Mapping[str, Mapping[str, Any]] | None = None, learners: int = 0) -> None:  # fmt: skip
         if size not in CLUSTER_SIZES:
             raise ValueError(f"size={size}: a cluster has {' or '.join(map(str, CLUSTER_SIZES))} nodes")
         self._owns_directory = directory is None
         self.directory = Path(tempfile.mkdtemp(prefix="seqd-cluster-", dir="/tmp")) if directory is None else Path(directory)
         self.directory.mkdir(mode=0o750, parents=True, exist_ok=True)
         self.size = size
+        self.learners = tuple(range(size + 1, size + learners + 1))
         self.quorum = size // 2 + 1
         self.nodes: dict[int, ClusterNode] = {}
         self.proxy: FaultProxy | None = None
@@ -454,8 +462,8 @@ class Cluster:
 
     def _build(self, prefix: str, proxied: bool, cluster: Mapping[str, Any] | None,
                settings: Mapping[str, Mapping[str, Any]] | None) -> None:  # fmt: skip
-        numbers = list(range(1, self.size + 1))
-        peer_ports = dict(zip(numbers, listen_ports(self.size), strict=True))
+        numbers = list(range(1, self.size + len(self.learners) + 1))
+        peer_ports = dict(zip(numbers, listen_ports(len(numbers)), strict=True))
         dial_ports: dict[tuple[int, int], int] = {}
         if proxied:
             self.proxy = FaultProxy()
@@ -470,7 +478,7 @@ class Cluster:
         directories = {number: self.directory / f"n{number}" for number in numbers}
         names = {number: f"{prefix}n{number}" for number in numbers}
         every = cluster_settings(directories, names, peer_ports, dial_ports, self.secret_file,
-                                 cluster, settings)  # fmt: skip
+                                 cluster, settings, self.learners)  # fmt: skip
         for number in numbers:
             self.nodes[number] = ClusterNode(directories[number], names[number], number,
                                              peer_ports[number], every[number])  # fmt: skip

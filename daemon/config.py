@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import msgspec
 
-from daemon.layout import REPLICAS_MAX, Role, node_roles
+from daemon.layout import RAFT_PEER_SLOTS, REPLICAS_MAX, Role, node_roles
 from ipc.ring import frame_bytes
 from sequencer.egress import EGRESS_PAYLOAD_BYTES_MAX
 from sequencer.raft.peer_protocol import CLUSTER_ID_MAX, SECRET_BYTES_MIN
@@ -61,7 +61,9 @@ assert frame_bytes(EGRESS_PAYLOAD_BYTES_MAX) <= EGRESS_CAPACITY_BYTES_MIN, EGRES
 assert EGRESS_CAPACITY_BYTES_MIN <= RING_CAPACITY_BYTES_MAX
 # Raft's static membership (docs/cluster.md): 3 tolerates one node down, 5 two; 1 is no
 # cluster (leave `[cluster]` out) and an even count adds a node without adding tolerance.
-CLUSTER_MEMBERS_ALLOWED = (3, 5)
+CLUSTER_MEMBERS_ALLOWED = (3, 5)  # voters; learners come on top
+# Voters and learners together: a node shows each other member in a slot of its counters.
+CLUSTER_MEMBERS_MAX = 1 + RAFT_PEER_SLOTS
 # The replicator's clock granularity bounds: a tick below 1 ms is below what an asyncio timer
 # keeps on a loaded machine; above 100 ms a LAN failover could not stay within a second.
 TICK_MS_MIN = 1
@@ -188,6 +190,9 @@ class MemberConfig(msgspec.Struct, forbid_unknown_fields=True):
     socket_path: str = ""
     # Its node.name, which WELCOME's `leader` shows while it leads; "": its id is shown instead.
     name: str = ""
+    # A learner: a non-voting member that receives the log and applies it, but never votes,
+    # never leads and never counts toward a majority (docs/cluster.md, "Learners").
+    learner: bool = False
 
 
 class ClusterConfig(msgspec.Struct, forbid_unknown_fields=True):
@@ -209,6 +214,14 @@ class ClusterConfig(msgspec.Struct, forbid_unknown_fields=True):
     tick_ms: int = 10
     heartbeat_ms: int = 50
     election_timeout_ms: int = 300
+
+    @property
+    def voters(self) -> tuple[int, ...]:
+        return tuple(m.id for m in self.members if not m.learner)
+
+    @property
+    def learners(self) -> tuple[int, ...]:
+        return tuple(m.id for m in self.members if m.learner)
 
     def member(self, node_id: int) -> MemberConfig:
         """The member with `node_id` (validated to exist for this node's number)."""
@@ -434,10 +447,18 @@ def _cluster_errors(cluster: ClusterConfig, node_number: int, node_name: str) ->
     if not 0 <= cluster.cluster_id <= CLUSTER_ID_MAX:
         errors.append(f"cluster.cluster_id={cluster.cluster_id}: must be 0..2**64-1")
     ids = [member.id for member in cluster.members]
-    if len(ids) not in CLUSTER_MEMBERS_ALLOWED:
+    voters, learners = cluster.voters, cluster.learners
+    if len(voters) not in CLUSTER_MEMBERS_ALLOWED:
+        listed = f"{len(ids)} node(s)" + (f", {len(learners)} of them learners" if learners else "")
         errors.append(
-            f"cluster.members lists {len(ids)} node(s): a cluster has 3 or 5 (3 survives one "
+            f"cluster.members lists {listed}: a cluster has 3 or 5 voters (3 survives one "
             "node down, 5 two); for a single node leave [cluster] out"
+        )
+    if len(ids) > CLUSTER_MEMBERS_MAX:
+        errors.append(
+            f"cluster.members lists {len(voters)} voters and {len(learners)} learners: at most "
+            f"{CLUSTER_MEMBERS_MAX} members in all (a node has {RAFT_PEER_SLOTS} slots of counters "
+            "for the others): 3 voters and up to 2 learners, or 5 voters"
         )
     bad_ids = sorted(i for i in ids if not 1 <= i <= NODE_NUMBER_MAX)
     if bad_ids:

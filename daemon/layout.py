@@ -30,8 +30,8 @@ from sequencer.raft.core import RaftRole
 __all__ = [
     "COUNTERS", "COUNTERS_LAYOUT_VERSION", "COUNTER_NAMES", "EGRESS_READERS", "ERRORS_TOTAL_NAME",
     "ERROR_KIND_COUNTERS", "INCARNATION_BITS", "LOG_READERS", "PROPOSAL_READERS", "RAFT_PEER_SLOTS",
-    "REPLICAS_MAX", "REPLICA_COUNTERS", "ROLE_COUNTERS", "SUPERVISOR", "CounterSpec", "CounterView",
-    "DiskState", "IdleCode", "Kind", "NodeState", "Owner", "ReplicaCounters", "Role",
+    "READ_ROUND_COUNTERS", "REPLICAS_MAX", "REPLICA_COUNTERS", "ROLE_COUNTERS", "SUPERVISOR", "CounterSpec", "CounterView",
+    "DiskState", "IdleCode", "Kind", "NodeState", "Owner", "ReadRoundCounters", "ReplicaCounters", "Role",
     "RoleCounters", "RoleState", "attach_counters", "commit_index_counter", "committed_index",
     "counter_spec", "counters_name", "create_counters", "drain_order", "egress_name",
     "errors_total", "incarnation_id", "log_name", "node_roles", "proposal_name", "replica_owner",
@@ -564,6 +564,27 @@ REPLICA_COUNTERS: tuple[ReplicaCounters, ...] = tuple(
     _replica_block(number) for number in range(REPLICAS_MAX)
 )
 
+# Linearizable queries on a cluster (daemon/read_rounds.py): replica k raises its `asked` round;
+# the replicator gets a read index for it (ReadIndex through the leader), sets `index`, then
+# `answered` to the round. One writer each.
+@dataclass(frozen=True)
+class ReadRoundCounters:
+    asked: CounterSpec  # replica k
+    index: CounterSpec  # replicator: the read index of round `answered` (or a later one)
+    answered: CounterSpec  # replicator
+
+
+READ_ROUND_COUNTERS: tuple[ReadRoundCounters, ...] = tuple(
+    ReadRoundCounters(
+        _declare(f"replica{k}.read.asked", f"replica{k}", Kind.GAUGE, "Latest read round asked"),
+        _declare(f"raft.read{k}.index", Role.REPLICATOR, Kind.GAUGE, "Read index of that round"),
+        _declare(f"raft.read{k}.answered", Role.REPLICATOR, Kind.GAUGE, "Latest round answered"),
+    )
+    for k in range(REPLICAS_MAX)
+)
+RAFT_LEARNER = _declare("raft.learner", Role.REPLICATOR, Kind.GAUGE, "1 on a learner, else 0")
+
+
 def commit_index_counter(clustered: bool) -> CounterSpec:
     """The node's commit index: the journaller's `commit.index` on a single node, the
     replicator's `raft.commit.index` in a cluster (the other one stays 0)."""
@@ -590,7 +611,7 @@ ERROR_KIND_COUNTERS: tuple[CounterSpec, ...] = tuple(
 ERRORS_TOTAL_NAME = "errors.total"
 assert ERRORS_TOTAL_NAME not in _BY_NAME
 # The version of this table, carried by the segment header (see the module docstring).
-COUNTERS_LAYOUT_VERSION = 2
+COUNTERS_LAYOUT_VERSION = 3
 
 
 def counter_spec(name: str) -> CounterSpec | None:

@@ -193,3 +193,29 @@ def test_a_node_listening_on_its_non_loopback_peer_address_needs_allow_non_loopb
 def test_ipv6_peer_addresses_are_understood(tmp_path: Path, secret_file: Path) -> None:
     text = cluster_toml(secret_file).replace("127.0.0.1:7101", "[::1]:7101")
     assert load_text(tmp_path, text).cluster.member(1).peer_address == "[::1]:7101"
+
+
+def _with_learners(secret_file: Path, voters: int, learners: int, node_number: int = 1) -> str:
+    text = cluster_toml(secret_file, members=voters, node_number=node_number)
+    for number in range(voters + 1, voters + learners + 1):
+        text += f'[[cluster.members]]\nid = {number}\npeer_address = "127.0.0.1:{7100 + number}"\nlearner = true\n'
+    return text
+
+
+def test_a_learner_member_loads_and_is_no_voter(tmp_path: Path, secret_file: Path) -> None:
+    config = load_text(tmp_path, _with_learners(secret_file, 3, 2, node_number=5))
+    cluster = config.cluster
+    assert cluster is not None
+    assert (cluster.voters, cluster.learners) == ((1, 2, 3), (4, 5))
+
+
+@pytest.mark.parametrize(
+    ("voters", "learners", "expected"),
+    [
+        (2, 1, "cluster.members lists 3 node(s), 1 of them learners: a cluster has 3 or 5 voters"),
+        (3, 3, "cluster.members lists 3 voters and 3 learners: at most 5 members in all"),
+        (5, 1, "at most 5 members in all"),
+    ],
+)
+def test_voters_and_learners_are_counted_apart(tmp_path, secret_file, voters, learners, expected) -> None:
+    assert expected in refused(tmp_path, _with_learners(secret_file, voters, learners))

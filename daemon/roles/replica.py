@@ -29,8 +29,9 @@ at most `replicas.recent_bytes_max`), and every connection is served from there:
   follower of its own (at most `CATCHUPS_MAX` exist) for `replicas.catchup_stall_s` is dropped with
   `subscriber_too_slow` (the client library resumes it from where it was).
 - a **query** runs the app's `@query` handler on the replica's state between two batches, after
-  waiting (at most its `wait_ms`) until the replica has applied `after_index`; the answer carries
-  the index it reflects.
+  waiting (at most its `wait_ms`) until the replica has applied `after_index` (`after`), or a read
+  index it asked for (`linearizable`: `daemon/read_rounds.py`); the answer carries the index it
+  reflects.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ import msgspec
 
 from daemon.config import Config
 from daemon.layout import (
+    READ_ROUND_COUNTERS,
     REPLICA_COUNTERS,
     CounterView,
     ReplicaCounters,
@@ -58,6 +60,12 @@ from daemon.layout import (
     replica_owner,
 )
 from daemon.parent_death import EXIT_ORPHANED, die_with_parent
+from daemon.read_rounds import (
+    ClusterReadPoint,
+    CommitReadPoint,
+    ReadIndexUnavailable,
+    ReadPoint,
+)
 from daemon.replicas import REPLICA_NUMBER_ENV
 from daemon.roles.common import EPOCH_ENV, SUPERVISOR_PID_ENV
 from daemon.unix_socket import bind_unix_socket, peer_allowed, peer_credentials
@@ -196,8 +204,12 @@ class ReplicaServer:
         counters: ReplicaCounters | None,
         view: CounterView | None,
         stop: Counter | None,
+        read_point: ReadPoint | None = None,
     ) -> None:
         self.app_class = app_class
+        # Where a linearizable query's read index comes from (daemon/read_rounds.py); None: a
+        # replica run by hand beside a cluster node, or on a stopped node's journal.
+        self.read_point = read_point
         self.config = config
         self.socket_path = socket_path
         self.commit = commit
@@ -372,19 +384,8 @@ class ReplicaServer:
             writer.write(connection.send(Error(code=code, message=message, fatal=True)))
 
     async def answer(self, connection: Connection, writer: asyncio.StreamWriter, query: Query) -> None:
-        if query.consistency == "linearizable":
-            reply = Answer(query_id=query.query_id, index=self.applied_index, code="consistency_unavailable",
-                           message="linearizable queries need cluster mode (a ReadIndex through the leader), "
-                           "which this node does not run; use consistency 'after' (read-your-writes) or 'local'")  # fmt: skip
-        elif query.consistency not in ("local", "after"):
-            reply = Answer(query_id=query.query_id, index=self.applied_index, code="bad_consistency",
-                           message=f"consistency {query.consistency!r} is not one of local, after, linearizable")  # fmt: skip
-        elif query.consistency == "after" and not await self.wait_applied(query.after_index, query.wait_ms / 1000):
-            reply = Answer(query_id=query.query_id, index=self.applied_index, code="not_applied_in_time",
-                           message=f"the replica had applied index {self.applied_index}, not yet "
-                           f"{query.after_index}, after {query.wait_ms} ms: it is behind (seqd status shows "
-                           "its lag); wait and ask again, or ask for 'local'")  # fmt: skip
-        else:
+        reply = await self._wait_for_consistency(query)
+        if reply is None:
             assert self.follower is not None
             index = self.applied_index
             try:
@@ -396,6 +397,36 @@ class ReplicaServer:
         self._add("queries")
         writer.write(connection.send(reply))
         await writer.drain()
+
+    async def _wait_for_consistency(self, query: Query) -> Answer | None:
+        """Wait until the replica may answer `query` at its consistency; an Answer refusing it
+        when it cannot (None: run it now)."""
+        consistency = query.consistency
+        if consistency == "local":
+            return None
+        if consistency not in ("after", "linearizable"):
+            return Answer(query_id=query.query_id, index=self.applied_index, code="bad_consistency",
+                          message=f"consistency {consistency!r} is not one of local, after, linearizable")  # fmt: skip
+        deadline = time.monotonic() + query.wait_ms / 1000
+        after_index = query.after_index
+        if consistency == "linearizable":
+            if self.read_point is None:
+                return Answer(query_id=query.query_id, index=self.applied_index, code="consistency_unavailable",
+                              message="this replica was started by hand (seqd replica) beside a cluster node, or "
+                              "on a stopped node's journal: it cannot ask the leader for a read index. Ask "
+                              "a replica the node runs ([replicas] count), or use 'after' or 'local'")  # fmt: skip
+            try:
+                after_index = await self.read_point.read_index(query.wait_ms / 1000)
+            except ReadIndexUnavailable as unavailable:
+                self._add("errors")
+                return Answer(query_id=query.query_id, index=self.applied_index, code=unavailable.code,
+                              message=unavailable.message)  # fmt: skip
+        if not await self.wait_applied(after_index, max(0.0, deadline - time.monotonic())):
+            return Answer(query_id=query.query_id, index=self.applied_index, code="not_applied_in_time",
+                          message=f"the replica had applied index {self.applied_index}, not yet "
+                          f"{after_index}, after {query.wait_ms} ms: it is behind (seqd status shows "
+                          "its lag); wait and ask again, or ask for 'local'")  # fmt: skip
+        return None
 
     async def serve_subscription(
         self, connection: Connection, writer: asyncio.StreamWriter, subscribe: Subscribe
@@ -555,9 +586,14 @@ def main_supervised() -> int:
 
         pin(config.replicas.cpu)
     block = REPLICA_COUNTERS[number]
+    commit = CountersCommit(view[commit_index_counter(config.cluster is not None)])
+    read_point: ReadPoint = CommitReadPoint(commit)
+    if config.cluster is not None:
+        rounds = READ_ROUND_COUNTERS[number]
+        read_point = ClusterReadPoint(view[rounds.asked], view[rounds.index], view[rounds.answered])
     server = ReplicaServer(
         load_app(config.node.app), config, config.replica_socket_path(number),
-        CountersCommit(view[commit_index_counter(config.cluster is not None)]), block, view, view[block.stop],
+        commit, block, view, view[block.stop], read_point,
     )  # fmt: skip
     try:
         _run(server)
@@ -579,7 +615,9 @@ def run_standalone(config: Config, socket_path: str | None = None, number: int =
         commit = JournalEnd()
         log.info("node %s is not running: following the journal's end", config.node.name)
     path = socket_path or config.replica_socket_path(number)
-    server = ReplicaServer(load_app(config.node.app), config, path, commit, None, None, None)
+    # A single node's commit index is its read index; a cluster's needs the node's replicator.
+    read_point = CommitReadPoint(node_commit) if node_commit.attached and config.cluster is None else None
+    server = ReplicaServer(load_app(config.node.app), config, path, commit, None, None, None, read_point)
     try:
         _run(server)
     finally:

@@ -42,6 +42,10 @@ Conflicts: entries the leader replaces that this node already holds (in the ring
 cannot be cut in place; the role writes `raft.truncate` and exits with ROLE_EXIT_RAFT_TRUNCATE,
 and the next incarnation cuts the journal before recovery (daemon/raft_truncate.py).
 
+Linearizable queries: each pass also gives the core a ReadIndex request for every query replica
+that asked a read round (`daemon/read_rounds.py`), and publishes the read points the core hands
+out in `ready.reads`. A learner (`learner = true`) runs the same role; its core never campaigns.
+
 Not built: InstallSnapshot (a follower that needs entries the leader's journal no longer holds);
 the core never compacts here, so a leader never sends one, and such a follower fails loudly.
 """
@@ -65,12 +69,14 @@ from daemon.layout import (
     RAFT_COMMIT_POSITION,
     RAFT_LAST_INDEX,
     RAFT_LEADER,
+    RAFT_LEARNER,
     RAFT_PEER_MATCH_INDEX,
     RAFT_PEER_NODE,
     RAFT_PEER_SLOTS,
     RAFT_PENDING_FORWARDS,
     RAFT_ROLE,
     RAFT_TERM,
+    READ_ROUND_COUNTERS,
     RECOVERY_COMMIT_INDEX,
     RECOVERY_LAST_INDEX,
     RECOVERY_LAST_TIMESTAMP_NS,
@@ -80,6 +86,7 @@ from daemon.layout import (
     proposal_name,
 )
 from daemon.raft_truncate import write_truncate_request
+from daemon.read_rounds import ReadRounds
 from daemon.roles.common import (
     ROLE_EXIT_RAFT_TRUNCATE,
     RoleContext,
@@ -149,7 +156,8 @@ def _raft_config(config: Config) -> RaftConfig:
     assert cluster is not None
     return RaftConfig(
         node_id=config.node.number,
-        voters=tuple(member.id for member in cluster.members),
+        voters=cluster.voters,
+        learners=cluster.learners,
         cluster_id=cluster.cluster_id,
         election_ticks=cluster.election_ticks,
         heartbeat_ticks=cluster.heartbeat_ticks,
@@ -213,6 +221,15 @@ class Replicator:
         for slot, peer in enumerate(self.peers):
             counters[RAFT_PEER_NODE[slot]].set(peer)
         self.match_counters = tuple(counters[RAFT_PEER_MATCH_INDEX[slot]] for slot in range(len(self.peers)))
+        counters[RAFT_LEARNER].set(int(config.node.number in cluster.learners))
+        # Linearizable queries of this node's replicas (daemon/read_rounds.py); a round lost with
+        # a leader is asked again after an election timeout.
+        self.read_rounds = ReadRounds(
+            [counters[block.asked] for block in READ_ROUND_COUNTERS],
+            [counters[block.index] for block in READ_ROUND_COUNTERS],
+            [counters[block.answered] for block in READ_ROUND_COUNTERS],
+            retry_s=cluster.election_timeout_ms / 1000,
+        )
 
         self.hard_state_file = HardStateFile.open(config.node.data_dir)
         self.storage = JournalLogStorage(config.journal_dir)
@@ -347,6 +364,7 @@ class Replicator:
         self._report_durable()
         self._check_standing()
         self._take_proposals()
+        self.read_rounds.ask(core, time.monotonic())
         while core.has_ready():
             self._handle_ready(core.ready())
             self._check_standing()
@@ -446,6 +464,8 @@ class Replicator:
             self._queue_entries(ready.entries)
         if ready.messages:
             self.transport.send(ready.messages)
+        if ready.reads:
+            self.read_rounds.answer(ready.reads)
         committed = ready.committed
         if committed is not None:
             self.commit_known = committed.last_index

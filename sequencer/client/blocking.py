@@ -263,7 +263,8 @@ class Client(SessionView):
             consistency: "after" (default): answered once the replica has applied
                 `after_index`, by default the index of this client's last reply, so a query
                 sees this client's own writes; "local": whatever the replica has applied;
-                "linearizable": cluster only (refused on a single node).
+                "linearizable": every write acknowledged before the query, on any node (a read
+                index: the leader's, through ReadIndex, on a cluster; `no_quorum` without one).
             result_type: the type to decode the result into (default: plain msgpack values).
 
         Returns:
@@ -271,7 +272,7 @@ class Client(SessionView):
 
         Raises:
             QueryError: the replica refused or failed it (`unknown_query`, `bad_query_args`,
-                `query_failed`, `not_applied_in_time`, `consistency_unavailable`).
+                `query_failed`, `not_applied_in_time`, `no_quorum`, `consistency_unavailable`).
             TimedOut, ConnectionLost: as for commands.
         """
         self._check_open()

@@ -110,8 +110,9 @@ class Query(msgspec.Struct, kw_only=True):
     """Ask a query replica to run the app's query `name` with keyword arguments `args`.
 
     `consistency` is "local" (what the replica has applied), "after" (wait until it has applied
-    `after_index`, at most `wait_ms`) or "linearizable" (a cluster's ReadIndex; refused on a
-    single node). `query_id` is the client's, echoed in the ANSWER.
+    `after_index`, at most `wait_ms`) or "linearizable" (wait, at most `wait_ms`, for a read
+    index: a cluster's ReadIndex, a single node's commit index). `query_id` is the client's,
+    echoed in the ANSWER.
     """
 
     query_id: int

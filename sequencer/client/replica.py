@@ -92,7 +92,7 @@ class Consistency(enum.StrEnum):
 
     LOCAL = "local"  # whatever the replica has applied
     AFTER = "after"  # at or after `after_index` (read-your-writes: the client's last reply)
-    LINEARIZABLE = "linearizable"  # a cluster's ReadIndex; refused on a single node
+    LINEARIZABLE = "linearizable"  # after a read index: a cluster's ReadIndex, a node's commit
 
 
 CONSISTENCY_LEVELS: Final = frozenset(level.value for level in Consistency)

@@ -8,6 +8,7 @@ The TCP shell of the peer protocol is `sequencer.raft.transport`, imported on it
 core and its simulator never load asyncio; see docs/consensus.md and docs/peer-transport.md.
 """
 
+from sequencer.raft.config import LEARNERS_MAX
 from sequencer.raft.core import (
     NO_NODE,
     NotLeaderError,
@@ -30,6 +31,8 @@ from sequencer.raft.messages import (
     HeartbeatResponse,
     InstallSnapshot,
     Message,
+    ReadIndexRequest,
+    ReadIndexResponse,
     ReadState,
     Ready,
     RequestVote,
@@ -51,6 +54,7 @@ from sequencer.raft.quorum import VOTERS_ALLOWED, quorum_index, quorum_size
 from sequencer.raft.storage import LogStorage, MemoryLogStorage
 
 __all__ = [
+    "LEARNERS_MAX",
     "MESSAGE_DECODER",
     "MESSAGE_TYPES",
     "NO_NODE",
@@ -79,6 +83,8 @@ __all__ = [
     "RaftCore",
     "RaftLog",
     "RaftRole",
+    "ReadIndexRequest",
+    "ReadIndexResponse",
     "ReadState",
     "Ready",
     "RequestVote",

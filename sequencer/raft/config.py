@@ -6,9 +6,13 @@ from dataclasses import dataclass
 
 from sequencer.raft.quorum import VOTERS_ALLOWED
 
-__all__ = ["NO_NODE", "RaftConfig"]
+__all__ = ["LEARNERS_MAX", "NO_NODE", "RaftConfig"]
 
 NO_NODE = 0  # node ids are positive; 0 means "nobody" (no vote, no known leader)
+# Learners (non-voting members) one cluster may have: each is one more follower the leader
+# replicates to, so one more copy of every byte on the leader's link; a few cover backups, query
+# replicas and a machine being added.
+LEARNERS_MAX = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,6 +25,11 @@ class RaftConfig:
     node_id: int
     voters: tuple[int, ...]
     cluster_id: int = 1
+    # Non-voting members (Raft thesis 4.2.1, "non-voting members"; etcd's learners): they receive
+    # the log like followers but never vote, never campaign and never count toward any majority
+    # (commit, election, check-quorum, ReadIndex), so adding or losing one never touches the
+    # quorum. `node_id` may be one of them.
+    learners: tuple[int, ...] = ()
     # A follower waits election_ticks + random(0, election_ticks) without hearing from a leader
     # before starting a PreVote; it must be well above heartbeat_ticks plus a network round trip.
     election_ticks: int = 10
@@ -51,6 +60,16 @@ class RaftConfig:
     # log hold the same bytes at every index).
     term_start_from_shell: bool = False
 
+    @property
+    def members(self) -> tuple[int, ...]:
+        """Every node of the cluster: the voters, then the learners."""
+        return self.voters + self.learners
+
+    @property
+    def is_learner(self) -> bool:
+        """Whether this node is a learner: it follows the log and never votes or campaigns."""
+        return self.node_id in self.learners
+
     def __post_init__(self) -> None:
         if len(self.voters) not in VOTERS_ALLOWED:
             raise ValueError(
@@ -59,8 +78,25 @@ class RaftConfig:
             )
         if len(set(self.voters)) != len(self.voters) or min(self.voters) <= NO_NODE:
             raise ValueError(f"voter ids must be distinct and positive, got {self.voters}")
-        if self.node_id not in self.voters:
-            raise ValueError(f"node {self.node_id} is not among the voters {self.voters}")
+        if len(self.learners) > LEARNERS_MAX:
+            raise ValueError(
+                f"{len(self.learners)} learners {self.learners} > LEARNERS_MAX={LEARNERS_MAX}: "
+                "each one is another copy of the log on the leader's link; list fewer"
+            )
+        if len(set(self.learners)) != len(self.learners) or (
+            self.learners and min(self.learners) <= NO_NODE
+        ):
+            raise ValueError(f"learner ids must be distinct and positive, got {self.learners}")
+        both = sorted(set(self.voters) & set(self.learners))
+        if both:
+            raise ValueError(
+                f"nodes {both} are listed as voters and as learners: a member is one or the other"
+            )
+        if self.node_id not in self.voters and self.node_id not in self.learners:
+            raise ValueError(
+                f"node {self.node_id} is not among the voters {self.voters} nor the learners "
+                f"{self.learners}"
+            )
         if not self.heartbeat_ticks >= 1:
             raise ValueError(f"heartbeat_ticks={self.heartbeat_ticks} must be >= 1")
         if not self.election_ticks > 2 * self.heartbeat_ticks:

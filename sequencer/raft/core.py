@@ -66,8 +66,9 @@ Features, with the sections of the Raft paper (extended version) they implement:
 - leadership transfer (thesis 3.10): the leader stops taking proposals, catches the target up and
   sends it TimeoutNow; the target campaigns at once with a vote that overrides the voters' lease.
 
-Membership is static (1, 3 or 5 voters); neither joint consensus nor single-server changes are
-implemented.
+Membership is static: 1, 3 or 5 voters, and up to `LEARNERS_MAX` learners (non-voting members,
+thesis 4.2.1) that receive the log but never vote, campaign or count toward a majority; neither
+joint consensus nor single-server changes are implemented.
 
 Where the parts live: this module is the node itself: its inputs, the term rules every message
 passes, changes of standing, the commit rule and the ready/advance contract. It delegates one
@@ -103,6 +104,8 @@ from sequencer.raft.messages import (
     HeartbeatResponse,
     InstallSnapshot,
     Message,
+    ReadIndexRequest,
+    ReadIndexResponse,
     Ready,
     RequestVote,
     RequestVoteResponse,
@@ -112,7 +115,7 @@ from sequencer.raft.messages import (
 )
 from sequencer.raft.quorum import quorum_size
 from sequencer.raft.raft_role import CANDIDATE, FOLLOWER, LEADER, RaftRole
-from sequencer.raft.read_index import ReadIndexQueue
+from sequencer.raft.read_index import ReadIndexQueue, Reads
 from sequencer.raft.restart import restore
 from sequencer.raft.storage import LogStorage
 
@@ -129,7 +132,7 @@ __all__ = [
 
 
 
-class RaftCore(Elections):
+class RaftCore(Elections, Reads):
     """One Raft node. See the module docstring for the contract."""
 
     def __init__(
@@ -142,7 +145,10 @@ class RaftCore(Elections):
         self.config = config
         self.id = config.node_id
         self.cluster_id = config.cluster_id
-        self.peers = tuple(v for v in config.voters if v != config.node_id)
+        self.peers = tuple(v for v in config.voters if v != config.node_id)  # voters only
+        self._members = frozenset(config.members)
+        self._learners = frozenset(config.learners)
+        self.is_learner = config.is_learner
         self.quorum = quorum_size(len(config.voters))
 
         # With a storage, the log keeps only its tail in memory (`log_retention_entries`).
@@ -201,7 +207,11 @@ class RaftCore(Elections):
         leader = self._leader
         if leader is None:
             if timer.expired():
-                self._campaign(pre_vote=True)
+                if not self.is_learner:
+                    self._campaign(pre_vote=True)
+                else:  # a learner never campaigns; it only stops naming a leader it lost
+                    self.leader_id = NO_NODE
+                    timer.reset()
             return
         leader.transfer_tick()
         if timer.elapsed_ticks >= self.config.election_ticks:
@@ -297,31 +307,6 @@ class RaftCore(Elections):
             )
         leader.transfer_to(target)
 
-    def read_index(self, request_id: int) -> None:
-        """Ask for a linearizable read point; it arrives as a `ReadState` in a later ready.
-
-        The caller answers the read after applying up to the returned index. A read is lost if
-        leadership changes before it is confirmed; the caller retries it after a timeout.
-
-        Raises:
-            NotLeaderError: this node is not the leader.
-        """
-        assert self._ready_outstanding is None, "advance() the outstanding ready first"
-        if self.raft_role is not LEADER:
-            raise NotLeaderError(self.id, self.leader_id, self.term)
-        if self.log.term_at(self.commit_index) != self.term:
-            # Until its no-op commits, a new leader does not know the commit index (thesis 6.4).
-            self._reads.wait_for_term_commit(request_id)
-            return
-        self._start_reads([request_id])
-
-    def _start_reads(self, request_ids: list[int]) -> None:
-        if self.quorum == 1:
-            self._reads.answer(request_ids, self.commit_index)
-            return
-        self._reads.start_round(request_ids, self.commit_index)
-        self._broadcast_heartbeat()
-
     def compact(self, index: int, data: bytes) -> None:
         """Record the caller's snapshot of the state at `index` and drop the log up to it.
 
@@ -341,15 +326,19 @@ class RaftCore(Elections):
     def step(self, message: Message) -> None:
         """Handle one message from a peer."""
         assert self._ready_outstanding is None, "advance() the outstanding ready first"
+        kind = type(message)
         if (
             message.cluster_id != self.cluster_id
             or message.target != self.id
-            or message.source not in self.config.voters
+            or message.source not in self._members
             or message.source == self.id
+            # A learner never campaigns nor votes (thesis 4.2.1): an election message from or to
+            # one is a misconfigured peer's; it must not move anyone's term or vote.
+            or ((kind is RequestVote or kind is RequestVoteResponse)
+                and (self.is_learner or message.source in self._learners))
         ):
             self.messages_dropped += 1
             return
-        kind = type(message)
         term = message.term
         if term > self.term:
             if kind is RequestVote:
@@ -419,8 +408,15 @@ class RaftCore(Elections):
         elif kind is TimeoutNow:
             # Thesis 3.10: "the same effect as the target server's election timer firing", with
             # no pre-vote: the leader asked, so this node's log is up to date.
-            if self.raft_role is FOLLOWER and message.source == self.leader_id:
+            if (self.raft_role is FOLLOWER and message.source == self.leader_id
+                    and not self.is_learner):
                 self._campaign(pre_vote=False, transfer=True)
+        elif kind is ReadIndexRequest:
+            assert isinstance(message, ReadIndexRequest)
+            self._handle_read_request(message)
+        elif kind is ReadIndexResponse:
+            assert isinstance(message, ReadIndexResponse)
+            self._handle_read_response(message)
         else:
             raise AssertionError(f"unknown message type {kind.__name__}")
 
@@ -660,7 +656,8 @@ class RaftCore(Elections):
         assert leader is not None
         reads = self._reads
         if reads.has_pending():
-            reads.confirm(leader.tracker.confirmed_read_sequence(reads.sequence))
+            reads.confirm(leader.tracker.confirmed_read_sequence(reads.sequence), self.id)
+            self._send_confirmed_reads()
 
     def _broadcast_heartbeat(self) -> None:
         leader = self._leader

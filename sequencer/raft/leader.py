@@ -76,7 +76,8 @@ class Leader:
         self._transfer_elapsed_ticks = 0
         self._timeout_now_sent = False
         # A new leader guesses that each follower has its whole log and probes from there (5.3).
-        self.tracker = ProgressTracker(peers, log.last_index + 1, quorum)
+        # Learners are replicated to like voters, and never counted (`ProgressTracker`).
+        self.tracker = ProgressTracker(peers, log.last_index + 1, quorum, config.learners)
 
     # ------------------------------------------------------------------------------ time
 

@@ -28,6 +28,8 @@ __all__ = [
     "HeartbeatResponse",
     "InstallSnapshot",
     "Message",
+    "ReadIndexRequest",
+    "ReadIndexResponse",
     "ReadState",
     "Ready",
     "RequestVote",
@@ -197,6 +199,22 @@ class TimeoutNow(Message, frozen=True):
     election at once, as if its election timer had fired (thesis 3.10)."""
 
 
+class ReadIndexRequest(Message, frozen=True):
+    """A follower or learner asks its leader for a read point (thesis 6.4: "the follower issues
+    a request to the leader to obtain the current readIndex"); `request_id` is the asker's."""
+
+    request_id: int
+
+
+class ReadIndexResponse(Message, frozen=True):
+    """The leader's answer: its commit index when the request arrived, confirmed by a heartbeat
+    round that a majority of voters answered after that. The asker answers its read once it has
+    applied `index`."""
+
+    request_id: int
+    index: int
+
+
 MESSAGE_TYPES = (
     RequestVote,
     RequestVoteResponse,
@@ -206,6 +224,8 @@ MESSAGE_TYPES = (
     HeartbeatResponse,
     InstallSnapshot,
     TimeoutNow,
+    ReadIndexRequest,
+    ReadIndexResponse,
 )
 
 MESSAGE_DECODER = msgspec.msgpack.Decoder(
@@ -217,6 +237,8 @@ MESSAGE_DECODER = msgspec.msgpack.Decoder(
     | HeartbeatResponse
     | InstallSnapshot
     | TimeoutNow
+    | ReadIndexRequest
+    | ReadIndexResponse
 )
 
 

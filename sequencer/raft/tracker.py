@@ -23,7 +23,8 @@ A follower's progress is in one of three states:
 - SNAPSHOT: the entries the follower needs are compacted; one InstallSnapshot is in flight and
   nothing else is sent until it is answered or times out.
 
-The tracker also answers the leader's majority questions over the followers plus itself: the
+The tracker also answers the leader's majority questions over the voting followers plus itself
+(learners are tracked for replication but never counted): the
 highest index a majority has made durable (the commit candidate, 5.4.2 still applies), the highest
 read round a majority has confirmed (ReadIndex), and whether a majority was heard from lately
 (check-quorum, thesis 6.2).
@@ -209,10 +210,15 @@ class ProgressTracker:
     A follower or candidate holds an empty tracker (no peers): progress exists only while leading.
     """
 
-    __slots__ = ("progress", "quorum")
+    __slots__ = ("_voters", "progress", "quorum")
 
-    def __init__(self, peers: tuple[int, ...], next_index: int, quorum: int) -> None:
-        self.progress = {peer: Progress(peer, next_index) for peer in peers}
+    def __init__(self, peers: tuple[int, ...], next_index: int, quorum: int,
+                 learners: tuple[int, ...] = ()) -> None:
+        self.progress = {peer: Progress(peer, next_index) for peer in peers + learners}
+        # The other voters' progress: only they count toward a majority. A learner's progress is
+        # in `progress` (it is replicated to, heartbeated, caught up) but never in a majority
+        # question: counting one would let a minority of voters commit (thesis 4.2.1).
+        self._voters = tuple(self.progress[peer] for peer in peers)
         self.quorum = quorum
 
     def appends_due(self, last_index: int, commit_index: int, window: int) -> bool:
@@ -224,20 +230,20 @@ class ProgressTracker:
 
     def committed_index(self, own_stable_index: int) -> int:
         """The highest index a majority (the leader counting its durable entries) has matched."""
-        matches = [progress.match_index for progress in self.progress.values()]
+        matches = [progress.match_index for progress in self._voters]
         matches.append(own_stable_index)
         return quorum_index(matches, self.quorum)
 
     def confirmed_read_sequence(self, own_read_sequence: int) -> int:
         """The highest ReadIndex round a majority (the leader's own round included) confirmed."""
-        acked = [progress.read_sequence_acked for progress in self.progress.values()]
+        acked = [progress.read_sequence_acked for progress in self._voters]
         acked.append(own_read_sequence)
         return quorum_index(acked, self.quorum)
 
     def quorum_active(self) -> bool:
         """Whether a majority (the leader included) was heard from since `reset_recent_active`."""
         active = 1
-        for progress in self.progress.values():
+        for progress in self._voters:
             if progress.recent_active:
                 active += 1
         return active >= self.quorum

@@ -75,10 +75,12 @@ DISK_PROFILES = (
 DISK_STALL = DiskProfile(20 * MS, 200 * MS)
 
 
-def build(seed: int) -> tuple[Simulation, random.Random, int]:
+def build(seed: int, learners: bool = False) -> tuple[Simulation, random.Random, int]:
     """The cluster, the scenario's random stream and the fault phase length for `seed`."""
     rng = random.Random(seed)
     node_count = rng.choice((3, 3, 3, 5, 5, 1))
+    # Drawn only for a run with learners, so every other seed keeps its scenario.
+    learner_count = rng.randint(1, 2) if learners else 0
     simulation = Simulation(
         seed,
         node_count,
@@ -89,27 +91,30 @@ def build(seed: int) -> tuple[Simulation, random.Random, int]:
         # rules (5.4.2) and flow control are tested hardest.
         entries_per_message_max=rng.choice((1, 2, 5, 64, 1024)),
         inflight_messages_max=rng.choice((1, 2, 8, 64)),
-        disk_profiles=[rng.choice(DISK_PROFILES) for _ in range(node_count)],
+        disk_profiles=[rng.choice(DISK_PROFILES) for _ in range(node_count + learner_count)],
         # None keeps every entry in memory; 0 drops all that is applied and durable, so lagging
         # followers are fed from storage (the journal, in the daemon).
         log_retention_entries=rng.choice((None, 0, 8, 64)),
         term_start_from_shell=rng.random() < 0.5,
         rng=rng,
+        learner_count=learner_count,
     )
     fault_ms = rng.randint(1000, 4000)
     return simulation, rng, fault_ms
 
 
 def run_seed(
-    seed: int, *, trace: bool = False, faults: tuple[str, ...] = FAULTS
+    seed: int, *, trace: bool = False, faults: tuple[str, ...] = FAULTS, learners: bool = False
 ) -> tuple[Simulation, SeedResult]:
     """Run the randomized scenario of `seed`; raises on any violated check.
 
     `faults` narrows the mix of faults (a test aiming at one of them); the default is all.
+    `learners`: the cluster also has one or two learners, and reads are asked of any node
+    (followers and learners ask their leader), another scenario for the same seed.
     """
     unknown = set(faults) - set(FAULTS)
     assert not unknown, f"unknown faults {sorted(unknown)}; choose from {FAULTS}"
-    simulation, rng, fault_ms = build(seed)
+    simulation, rng, fault_ms = build(seed, learners)
     simulation.trace_all = trace
     fault_end_us = fault_ms * MS
     ids = simulation.ids
@@ -125,7 +130,10 @@ def run_seed(
             return
         simulation.propose(rng.randint(1, 8))
         if rng.random() < 0.2:
-            simulation.read()
+            if learners:
+                simulation.read_anywhere()
+            else:
+                simulation.read()
         simulation.at_ms(rng.randint(2, 30), client)
 
     def restart_later(node_id: int) -> None:
@@ -227,9 +235,11 @@ def run_seed(
             # its unsynced entries would lose committed entries (thesis 10.2.1).
             leader = simulation.leader()
             if leader is not None:
-                followers = [n for n in ids if n != leader]
-                quorum = len(ids) // 2 + 1
+                voters = simulation.voters
+                followers = [n for n in voters if n != leader]
+                quorum = len(voters) // 2 + 1
                 cut = rng.sample(followers, len(followers) - (quorum - 1))
+                cut += simulation.learners  # they hold entries but never count
                 for target in cut:
                     simulation.cut(leader, target)
                 simulation.nodes[leader].disk_profile = DISK_STALL
@@ -250,7 +260,7 @@ def run_seed(
             simulation.network = _network(rng)
             note(f"network {simulation.network}")
         elif kind == "transfer" and len(ids) > 1:
-            target = rng.choice(ids)
+            target = rng.choice(simulation.voters)  # a learner cannot lead
             if simulation.transfer(target):
                 note(f"transfer leadership to n{target}")
         simulation.at_ms(rng.randint(50, 600), fault)

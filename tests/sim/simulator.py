@@ -38,6 +38,8 @@ from sequencer.raft import (
     RaftCore,
     RaftRole,
     Ready,
+    RequestVote,
+    RequestVoteResponse,
     Snapshot,
 )
 from tests.sim.checks import (
@@ -164,6 +166,7 @@ class Simulation:
         log_retention_entries: int | None = None,
         term_start_from_shell: bool = False,
         rng: random.Random | None = None,
+        learner_count: int = 0,
     ) -> None:
         self.seed = seed
         self.rng = rng if rng is not None else random.Random(seed)
@@ -175,7 +178,10 @@ class Simulation:
         self._hash = hashlib.blake2b(digest_size=16)
         self.trace: deque[str] = deque(maxlen=TRACE_LINES_MAX)
         self.trace_all = False
-        self.ids = tuple(range(1, node_count + 1))
+        # Voters 1..node_count, then learners (non-voting members) after them.
+        self.voters = tuple(range(1, node_count + 1))
+        self.learners = tuple(range(node_count + 1, node_count + learner_count + 1))
+        self.ids = self.voters + self.learners
         self.blocked: set[tuple[int, int]] = set()
         self.election_ticks = election_ticks
         self.entries_per_message_max = entries_per_message_max
@@ -224,7 +230,8 @@ class Simulation:
         retention = self.log_retention_entries
         config = RaftConfig(
             node.id,
-            self.ids,
+            self.voters,
+            learners=self.learners,
             cluster_id=7,
             election_ticks=self.election_ticks,
             entries_per_message_max=self.entries_per_message_max,
@@ -344,6 +351,12 @@ class Simulation:
         self._drain(node)
 
     def _send(self, message: Message) -> None:
+        if message.source in self.learners and isinstance(message, (RequestVote,
+                                                                     RequestVoteResponse)):
+            raise SafetyViolation(
+                f"learner: node {message.source} sends {type(message).__name__} to node "
+                f"{message.target}; a learner never campaigns nor votes"
+            )
         self.messages_sent += 1
         self._record(
             f"send {type(message).__name__} n{message.source}->n{message.target} t{message.term}"
@@ -526,6 +539,8 @@ class Simulation:
         if role == RaftRole.LEADER and core.commit_index > node.commit_seen:
             checker.record_leader_commit(core, node.commit_seen, core.commit_index)
         node.commit_seen = core.commit_index
+        if role != RaftRole.FOLLOWER and node.id in self.learners:
+            raise SafetyViolation(f"learner: node {node.id} became {role.name} in term {core.term}")
         if role != node.role_seen:
             self._record(f"role n{node.id} {role.name} term={core.term}")
             if role == RaftRole.LEADER:
@@ -685,6 +700,23 @@ class Simulation:
         self.read_count += 1
         self.reads[self.read_count] = (leader, node.incarnation, self.checker.commit_index_max)
         node.core.read_index(self.read_count)
+        self._drain(node)
+        return True
+
+    def read_anywhere(self) -> bool:
+        """Ask a random live node (a follower or learner asks its leader) for a read point."""
+        live = self.live()
+        if not live:
+            return False
+        node_id = self.rng.choice(live)
+        node = self.nodes[node_id]
+        assert node.core is not None
+        self.read_count += 1
+        try:
+            node.core.read_index(self.read_count)
+        except NotLeaderError:
+            return False  # no leader known: the client asks again later
+        self.reads[self.read_count] = (node_id, node.incarnation, self.checker.commit_index_max)
         self._drain(node)
         return True
 
