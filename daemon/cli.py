@@ -99,6 +99,9 @@ def command_bluegreen_switch(args: argparse.Namespace) -> int:
     except SwitchError as error:
         print(f"seqd: bluegreen switch: {error}", file=sys.stderr)
         return ExitCode.FAILED
+    return 0
+
+
 def command_backup(args: argparse.Namespace) -> int:
     from daemon.backup import BackupError, take_backup
 
