@@ -373,13 +373,6 @@ def test_a_follower_behind_by_more_than_its_log_ring_catches_up(scenario: Scenar
 # -- a wiped data directory ------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the leader drops the wiped follower's rejections as stale (its match index predates "
-    "the wipe), so it never feeds the follower's empty log again; a rule that lowers the match on "
-    "such a rejection broke liveness in the simulator (reordered stale rejections), see the "
-    "closing note of issue 11. The follower no longer crashes on the heartbeat's commit index.",
-)
 def test_a_follower_wiped_while_down_rejoins_from_the_leaders_journal(scenario: Scenario) -> None:
     """A follower's data directory (journal, snapshots, Raft state) is removed while it is down;
     restarted empty, it gets the whole log from the leader, which still holds it from index 1."""

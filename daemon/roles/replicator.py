@@ -155,6 +155,12 @@ def _raft_config(config: Config) -> RaftConfig:
         heartbeat_ticks=cluster.heartbeat_ticks,
         term_start_from_shell=True,
         storage_read_bytes_max=STORAGE_READ_BYTES_MAX,
+        # Grows from one start of this role to the next, even after the data directory was
+        # wiped (which resets every file): a leader tells this start's answers from an earlier
+        # one's (sequencer/raft/tracker.py, "Incarnations"). A wall clock stepped back by more
+        # than the time between two starts would make a start look older: its answers would be
+        # dropped until the leader changes.
+        incarnation=time.time_ns(),
     )
 
 

@@ -218,6 +218,8 @@ class Leader:
         """
         progress = self.tracker.progress[message.source]
         progress.recent_active = True
+        if not progress.heard_from(message.incarnation, message.last_index, self._log.last_index):
+            return False  # from an earlier start of the follower: about a log maybe lost
         if message.success:
             return progress.acknowledge(message.index)
         if message.index <= progress.match_index:
@@ -235,5 +237,7 @@ class Leader:
         """A follower answered a heartbeat. Returns whether it confirmed a new read round."""
         progress = self.tracker.progress[message.source]
         progress.recent_active = True
+        if not progress.heard_from(message.incarnation, message.last_index, self._log.last_index):
+            return False
         progress.heartbeat_answered(self._log.last_index, self._config.inflight_messages_max)
         return progress.acknowledge_read(message.read_sequence)

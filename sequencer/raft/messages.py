@@ -164,12 +164,19 @@ class AppendEntriesResponse(Message, frozen=True):
     the term of the conflicting entry and the first index it stores for that term"):
     `hint_term` is the follower's term at `index` (0 when its log is shorter) and `hint_index` the
     first index it holds of that term (or its last index + 1 when shorter).
+
+    `last_index` is the last index of the follower's log when it answered and `incarnation` the
+    start of the follower that answered (`RaftConfig.incarnation`): a follower that restarted with
+    less than it had acknowledged (its data was lost) tells its leader so, and an answer from an
+    earlier start is told from a current one (`sequencer.raft.tracker`, "Incarnations").
     """
 
     success: bool
     index: int
     hint_index: int
     hint_term: int
+    last_index: int = 0
+    incarnation: int = 0
 
 
 class Heartbeat(Message, frozen=True):
@@ -183,7 +190,11 @@ class Heartbeat(Message, frozen=True):
 
 
 class HeartbeatResponse(Message, frozen=True):
+    """`last_index` and `incarnation` as in `AppendEntriesResponse`."""
+
     read_sequence: int
+    last_index: int = 0
+    incarnation: int = 0
 
 
 class InstallSnapshot(Message, frozen=True):
