@@ -563,6 +563,13 @@ def _replica_block(number: int) -> ReplicaCounters:
 REPLICA_COUNTERS: tuple[ReplicaCounters, ...] = tuple(
     _replica_block(number) for number in range(REPLICAS_MAX)
 )
+RAFT_RETAIN_INDEX = _declare(
+    "raft.retain.index",
+    Role.REPLICATOR,
+    Kind.GAUGE,
+    "On the leader: the journaller keeps records from here (a follower catching up after a "
+    "snapshot needs them); 0: no hold",
+)
 
 def commit_index_counter(clustered: bool) -> CounterSpec:
     """The node's commit index: the journaller's `commit.index` on a single node, the
@@ -590,7 +597,7 @@ ERROR_KIND_COUNTERS: tuple[CounterSpec, ...] = tuple(
 ERRORS_TOTAL_NAME = "errors.total"
 assert ERRORS_TOTAL_NAME not in _BY_NAME
 # The version of this table, carried by the segment header (see the module docstring).
-COUNTERS_LAYOUT_VERSION = 2
+COUNTERS_LAYOUT_VERSION = 3
 
 
 def counter_spec(name: str) -> CounterSpec | None:

@@ -400,12 +400,6 @@ COMPACTION_TIMEOUT_S = 120.0
 SNAPSHOT_REJOIN_TIMEOUT_S = 30.0  # a snapshot and some 10k records: seconds; 30 s bounds a hang
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs InstallSnapshot in the replicator (a follower behind the leader's journal gets "
-    "the latest snapshot streamed, issue 11 'Catch-up'); the replicator raises "
-    "NotImplementedError when the core hands it a snapshot",
-)
 def test_a_follower_wiped_while_down_rejoins_through_a_snapshot_once_the_leader_compacted(
     make_scenario: Callable[..., Scenario],
 ) -> None:

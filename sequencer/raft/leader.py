@@ -202,7 +202,12 @@ class Leader:
         progress.sent_append(last_index, commit_index)
 
     def _send_snapshot(self, progress: Progress, snapshot: Snapshot | None) -> None:
-        assert snapshot is not None, "entries are compacted only into a snapshot"
+        if snapshot is None:
+            # The caller's storage let the entries go (retention) before the caller told the core
+            # (`RaftCore.compact`): wait for the next heartbeat answer, by which it will have.
+            progress.become_probe(progress.next_index)
+            progress.paused = True
+            return
         progress.become_snapshot(snapshot.index)
         config = self._config
         self._send(InstallSnapshot(config.cluster_id, config.node_id, progress.node_id, self.term,

@@ -19,6 +19,7 @@ import msgspec
 __all__ = [
     "MESSAGE_DECODER",
     "MESSAGE_TYPES",
+    "TRANSFER_MESSAGE_TYPES",
     "AppendEntries",
     "AppendEntriesResponse",
     "DurableState",
@@ -33,6 +34,8 @@ __all__ = [
     "RequestVote",
     "RequestVoteResponse",
     "Snapshot",
+    "SnapshotChunk",
+    "SnapshotChunkAck",
     "TermStart",
     "TimeoutNow",
 ]
@@ -207,6 +210,34 @@ class TimeoutNow(Message, frozen=True):
     """The leader hands over leadership: the target, whose log matches the leader's, starts an
     election at once, as if its election timer had fired (thesis 3.10)."""
 
+
+class SnapshotChunk(Message, frozen=True):
+    """A piece of the leader's snapshot file, for a follower the core sent an InstallSnapshot.
+
+    The core's InstallSnapshot names a snapshot; the replication role, not the core, moves the
+    file: in chunks of bounded size, a bounded number unacknowledged (daemon/snapshot_install.py).
+    `index`, `snapshot_term` and `file_bytes` name the transfer; the chunk holds the file's bytes
+    from `offset`.
+    """
+
+    index: int
+    snapshot_term: int
+    file_bytes: int
+    offset: int
+    data: bytes
+
+
+class SnapshotChunkAck(Message, frozen=True):
+    """The follower holds the first `received_bytes` bytes of the snapshot file at `index` (all of
+    them: the transfer is done, or the follower needs that snapshot no longer)."""
+
+    index: int
+    received_bytes: int
+
+
+# Messages between replication roles that the core never sees (the transport carries them with
+# the core's: authenticated the same way).
+TRANSFER_MESSAGE_TYPES = (SnapshotChunk, SnapshotChunkAck)
 
 MESSAGE_TYPES = (
     RequestVote,
