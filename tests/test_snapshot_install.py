@@ -30,9 +30,9 @@ from daemon.snapshot_install import (
 )
 from sequencer import logtools
 from sequencer import snapshot as snapshots
+from sequencer.determinism import STATE_HASH_BYTES
 from sequencer.journal import Journal, read_records
 from sequencer.raft.messages import Message, SnapshotChunk, SnapshotChunkAck
-from sequencer.determinism import STATE_HASH_BYTES
 from sequencer.snapshot import SnapshotHeader
 from tests.test_journal import SMALL_SEGMENT_BYTES, fill, make_batch, open_journal
 
