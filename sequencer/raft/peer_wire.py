@@ -48,7 +48,9 @@ __all__ = [
     "Side",
 ]
 
-PROTOCOL_VERSION: Final = 1
+# 2: a follower's answers carry its incarnation and last index; snapshot chunks (issue 11). A node
+# refuses frames of another version (`bad_version`): a cluster runs one seqd version.
+PROTOCOL_VERSION: Final = 2
 
 FRAME_HEADER: Final = struct.Struct("<IBBH")  # body length, kind, version, flags
 FRAME_HEADER_BYTES: Final = FRAME_HEADER.size
