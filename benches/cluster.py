@@ -3,6 +3,7 @@
     python -m benches.cluster --quick --json     # each figure measured >= 2 s; a few minutes on 2 cores
     python -m benches.cluster                     # bigger runs: 20 leader kills, a follower 1M records behind
     python -m benches.cluster --only pysyncobj    # the baseline alone
+    python -m benches.cluster --only catchup --quick --json   # the catch-up figure alone
 
 In one run, on this machine (three nodes share its cores, as the issue says):
 
@@ -23,7 +24,8 @@ In one run, on this machine (three nodes share its cores, as the issue says):
 - catch-up: a follower is stopped, the other two commit about `catchup_records` more records,
   and the follower is started again: `catchup_records_per_s` is the records it was behind over
   the time from when it had recovered its own journal until it had applied the leader's commit
-  index (`catchup_total_s` adds its start-up);
+  index (`catchup_total_s` adds its start-up). Quick mode: 200k records behind (at ~80-100k
+  records/s, 2 s or more measured); a full run: 1M;
 - pysyncobj3: PySyncObj (`pysyncobj` on PyPI), three processes on loopback, a replicated counter
   with its default configuration: the log in memory, **no journal file and no fsync** (so it is
   not durable on any node), commands submitted inside the leader's process (PySyncObj has no
@@ -301,6 +303,19 @@ def bench_catchup(cluster: Cluster, records: int, clients: int, in_flight: int, 
             "per_s": behind / max(done - running_at[0], 1e-9)}
 
 
+def bench_catchup_alone(directory: Path, clients: int, in_flight: int, accounts: int,
+                        records: int) -> dict[str, Any]:
+    """The catch-up figure alone, on a fresh cluster (what `bench_cluster` measures last)."""
+    require_cluster_mode()
+    with Cluster(directory, f"bcl{uuid.uuid4().hex[:6]}", proxied=False, settings=RINGS) as cluster:
+        cluster.start()
+        setup_accounts(cluster[cluster.wait_leader().number].socket_path, accounts)
+        catchup = bench_catchup(cluster, records, clients, in_flight, accounts)
+    return {"catchup_records": catchup["records"], "catchup_s": round(catchup["seconds"], 3),
+            "catchup_total_s": round(catchup["total_s"], 3),
+            "catchup_records_per_s": round(catchup["per_s"])}
+
+
 def bench_cluster(directory: Path, clients: int, transfers: int, in_flight: int, accounts: int,
                   seconds_min: float, kills: int, catchup_records: int) -> dict[str, Any]:  # fmt: skip
     require_cluster_mode()
@@ -346,18 +361,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benches.cluster")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--json", action="store_true")
-    parser.add_argument("--only", choices=("all", "pysyncobj", "seqd"), default="all")
+    parser.add_argument("--only", choices=("all", "pysyncobj", "seqd", "catchup"), default="all")
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--in-flight", type=int, default=64)
     parser.add_argument("--kills", type=int, default=None, help="leader kills (default 10 quick, 20 full)")
     parser.add_argument("--catchup-records", type=int, default=None,
-                        help="records a follower is behind (default 20,000 quick, 1,000,000 full)")
+                        help="records a follower is behind (default 200,000 quick, 1,000,000 full)")
     parser.add_argument("--min-seconds", type=float, default=MEASURE_S_MIN,
                         help=f"measure each figure at least this long (default {MEASURE_S_MIN}; 0 for a smoke run)")
     args = parser.parse_args(argv)
     transfers = 2_000 if args.quick else 20_000  # per client, at least: runs grow to --min-seconds
     kills = args.kills if args.kills is not None else (10 if args.quick else 20)
-    catchup_records = args.catchup_records or (20_000 if args.quick else 1_000_000)
+    catchup_records = args.catchup_records or (200_000 if args.quick else 1_000_000)
     accounts = 100
     results: dict[str, Any] = {"machine": machine(), "clients": args.clients, "in_flight": args.in_flight,
                                "measure_s_min": args.min_seconds}  # fmt: skip
@@ -396,6 +411,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"benches.cluster: {error}", file=sys.stderr)
             results["cluster_error"] = str(error)
             code = 2
+        finally:
+            shutil.rmtree(directory, ignore_errors=True)
+    if args.only == "catchup":
+        directory = Path(tempfile.mkdtemp(prefix="seqd-bcl-", dir="/tmp"))
+        try:
+            results.update(bench_catchup_alone(directory, args.clients, args.in_flight, accounts,
+                                               catchup_records))  # fmt: skip
         finally:
             shutil.rmtree(directory, ignore_errors=True)
     results["machine"]["load_average_after"] = os.getloadavg()[0]

@@ -539,18 +539,11 @@ def _replica_block(number: int) -> ReplicaCounters:
             f"{owner}.heartbeat", owner, Kind.COUNTER, "Turns of the query replica's loop"
         ),
         applied_index=_declare(
-            f"{owner}.applied.index",
-            owner,
-            Kind.GAUGE,
-            "Index of the last committed record the query replica applied",
+            f"{owner}.applied.index", owner, Kind.GAUGE, "Index of the last committed record the query replica applied"
         ),
-        subscribers=_declare(
-            f"{owner}.subscribers", owner, Kind.GAUGE, "Catch-up subscriptions open on it"
-        ),
+        subscribers=_declare(f"{owner}.subscribers", owner, Kind.GAUGE, "Catch-up subscriptions open on it"),
         queries=_declare(f"{owner}.queries", owner, Kind.COUNTER, "Queries answered"),
-        items_sent=_declare(
-            f"{owner}.items_sent", owner, Kind.COUNTER, "Subscription items sent (events, records)"
-        ),
+        items_sent=_declare(f"{owner}.items_sent", owner, Kind.COUNTER, "Subscription items sent (events, records)"),
         errors=_declare(
             f"{owner}.errors",
             owner,
@@ -562,6 +555,13 @@ def _replica_block(number: int) -> ReplicaCounters:
 
 REPLICA_COUNTERS: tuple[ReplicaCounters, ...] = tuple(
     _replica_block(number) for number in range(REPLICAS_MAX)
+)
+RAFT_RETAIN_INDEX = _declare(
+    "raft.retain.index",
+    Role.REPLICATOR,
+    Kind.GAUGE,
+    "On the leader: the journaller keeps records from here (a follower catching up after a "
+    "snapshot needs them); 0: no hold",
 )
 
 # Linearizable queries on a cluster (daemon/read_rounds.py): replica k raises its `asked` round;

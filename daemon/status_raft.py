@@ -37,6 +37,9 @@ class RaftStatus:
     last_index: int | None = None  # the last index of this node's log
     pending_forwards: int | None = None  # records this node sequenced, not yet seen committed
     followers: list[RaftFollower] | None = None  # the leader's; empty elsewhere
+    # On the leader: the journal is held from here for a follower catching up after a snapshot
+    # (0: no hold).
+    retain_index: int | None = None
 
 
 def _followers(values: Mapping[str, int]) -> list[RaftFollower]:
@@ -65,6 +68,7 @@ def raft_status(known: Mapping[str, int], clustered: bool) -> RaftStatus:
         last_index=known.get(layout.RAFT_LAST_INDEX.name),
         pending_forwards=known.get(layout.RAFT_PENDING_FORWARDS.name),
         followers=_followers(known),
+        retain_index=known.get(layout.RAFT_RETAIN_INDEX.name),
     )
 
 
@@ -76,6 +80,7 @@ def raft_lines(raft: RaftStatus, cell: Callable[[object], str]) -> tuple[str, li
     lines = [
         f"  raft commit {cell(raft.commit_index)}  last {cell(raft.last_index)}"
         f"  pending forwards {cell(raft.pending_forwards)}"
+        + (f"  journal held from {raft.retain_index}" if raft.retain_index else "")
     ]
     lines += [f"  follower {f.node}: match {cell(f.match_index)}  lag {cell(f.lag)}" for f in raft.followers or ()]
     return header, lines
@@ -90,6 +95,7 @@ def raft_json(raft: RaftStatus) -> dict[str, Any]:
         "commit_index": raft.commit_index,
         "last_index": raft.last_index,
         "pending_forwards": raft.pending_forwards,
+        "retain_index": raft.retain_index,
         "followers": None if followers is None else [
             {"node": f.node, "match_index": f.match_index, "lag": f.lag} for f in followers
         ],

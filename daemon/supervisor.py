@@ -98,6 +98,7 @@ from daemon.roles.common import (
     ROLE_EXIT_RAFT_TRUNCATE,
     SUPERVISOR_PID_ENV,
 )
+from daemon.snapshot_install import finish_install_request
 from daemon.status import disk_full_text
 from ipc.counters import Counters
 from ipc.platform import check_memory_ordering
@@ -462,6 +463,10 @@ class Supervisor:
                 log.warning("journal: %s", report)
             if self.clustered:
                 self._truncate_on_request(journal)
+                installed = finish_install_request(config.node.data_dir, config.snapshot_dir, journal)
+                if installed is not None:
+                    log.warning("installed the leader's snapshot at index %d; the journal now starts "
+                                "after it", installed)
             durable = self.durable_index_after_fail_stop
             if durable is not None and journal.last_index > durable:
                 log.warning(
@@ -472,10 +477,11 @@ class Supervisor:
                 journal.truncate_after(durable)
             self.durable_index_after_fail_stop = None
             last_index, last_term = journal.last_index, journal.last_term
+            first_index = journal.first_index
         finally:
             journal.close()
         last_timestamp_ns = 0
-        if last_index:
+        if last_index >= first_index:  # else a restarted journal, empty after a snapshot
             for record in read_records(config.journal_dir, last_index, last_index):
                 last_timestamp_ns = record.timestamp_ns
         commit_index = self._recovered_commit_index(last_index) if self.clustered else last_index
@@ -570,8 +576,8 @@ class Supervisor:
                 if died.role == Role.JOURNALLER and died.returncode == ROLE_EXIT_FAIL_STOP:
                     self.durable_index_after_fail_stop = counters[JOURNAL_DURABLE_INDEX].get()
                 if died.role == Role.REPLICATOR and died.returncode == ROLE_EXIT_RAFT_TRUNCATE:
-                    log.warning("the replicator asked for a journal cut (a Raft log conflict); "
-                                "restarting the pipeline from the journal")
+                    log.warning("the replicator asked for a journal cut (a Raft log conflict) or a "
+                                "snapshot install; restarting the pipeline from the journal")
                 else:
                     log.error("%s; restarting the pipeline from the journal", died)
                 self.notifier.status(f"restarting: {died}")

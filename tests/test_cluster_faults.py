@@ -373,13 +373,6 @@ def test_a_follower_behind_by_more_than_its_log_ring_catches_up(scenario: Scenar
 # -- a wiped data directory ------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the leader drops the wiped follower's rejections as stale (its match index predates "
-    "the wipe), so it never feeds the follower's empty log again; a rule that lowers the match on "
-    "such a rejection broke liveness in the simulator (reordered stale rejections), see the "
-    "closing note of issue 11. The follower no longer crashes on the heartbeat's commit index.",
-)
 def test_a_follower_wiped_while_down_rejoins_from_the_leaders_journal(scenario: Scenario) -> None:
     """A follower's data directory (journal, snapshots, Raft state) is removed while it is down;
     restarted empty, it gets the whole log from the leader, which still holds it from index 1."""
@@ -407,12 +400,6 @@ COMPACTION_TIMEOUT_S = 120.0
 SNAPSHOT_REJOIN_TIMEOUT_S = 30.0  # a snapshot and some 10k records: seconds; 30 s bounds a hang
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs InstallSnapshot in the replicator (a follower behind the leader's journal gets "
-    "the latest snapshot streamed, issue 11 'Catch-up'); the replicator raises "
-    "NotImplementedError when the core hands it a snapshot",
-)
 def test_a_follower_wiped_while_down_rejoins_through_a_snapshot_once_the_leader_compacted(
     make_scenario: Callable[..., Scenario],
 ) -> None:

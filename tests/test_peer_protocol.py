@@ -31,6 +31,7 @@ from sequencer.raft.peer_protocol import (
     ITEMS_PER_FRAME_MAX,
     NEED_DATA,
     PEER_FRAME_BYTES_MAX,
+    PROTOCOL_VERSION,
     RECEIVE_BUFFER_BYTES_MAX,
     SECRET_BYTES_MIN,
     Authenticated,
@@ -157,7 +158,7 @@ def test_an_acceptor_refuses_a_dialler_that_cannot_prove_the_secret() -> None:
     accepting.receive_data(hello)
     events(accepting)
     assert accepting.data_to_send()  # its CHALLENGE
-    forged_auth = FRAME_HEADER.pack(32, FrameKind.AUTH, 1, 0) + bytes(32)
+    forged_auth = FRAME_HEADER.pack(32, FrameKind.AUTH, PROTOCOL_VERSION, 0) + bytes(32)
     refused(accepting, forged_auth, "bad_proof")
     assert not accepting.authenticated
 
@@ -168,7 +169,7 @@ def test_an_acceptor_refuses_its_own_proof_reflected_as_the_diallers() -> None:
     events(accepting)
     answer = accepting.data_to_send()
     proof_a = answer[-32:]
-    refused(accepting, FRAME_HEADER.pack(32, FrameKind.AUTH, 1, 0) + proof_a, "bad_proof")
+    refused(accepting, FRAME_HEADER.pack(32, FrameKind.AUTH, PROTOCOL_VERSION, 0) + proof_a, "bad_proof")
 
 
 def test_a_replayed_handshake_fails_against_the_acceptors_fresh_nonce() -> None:
@@ -204,14 +205,14 @@ def test_an_acceptor_refuses_a_hello_from_outside_the_cluster(
 
 def test_an_acceptor_refuses_a_hello_claiming_to_be_itself() -> None:
     # A dialler cannot be built for that, so forge the HELLO.
-    hello = FRAME_HEADER.pack(HELLO_BODY.size, FrameKind.HELLO, 1, 0)
+    hello = FRAME_HEADER.pack(HELLO_BODY.size, FrameKind.HELLO, PROTOCOL_VERSION, 0)
     hello += HELLO_BODY.pack(CLUSTER, 2, 2, nonce())
     refused(acceptor(), hello, "unknown_node")
 
 
 def challenge(cluster: int, acceptor_id: int, dialler_id: int) -> bytes:
     """A CHALLENGE as an acceptor would answer (its proof is checked after the ids)."""
-    frame = FRAME_HEADER.pack(CHALLENGE_BODY.size, FrameKind.CHALLENGE, 1, 0)
+    frame = FRAME_HEADER.pack(CHALLENGE_BODY.size, FrameKind.CHALLENGE, PROTOCOL_VERSION, 0)
     return frame + CHALLENGE_BODY.pack(cluster, acceptor_id, dialler_id, nonce(), bytes(32))
 
 
@@ -248,14 +249,14 @@ def test_no_data_frame_is_accepted_before_the_handshake_completes() -> None:
     ("garbage", "code"),
     [
         pytest.param(b"GET / HTTP/1.1\r\n\r\n", "bad_version", id="http"),
-        pytest.param(FRAME_HEADER.pack(48, FrameKind.HELLO, 1, 1), "bad_flags", id="flags"),
-        pytest.param(FRAME_HEADER.pack(48, 99, 1, 0), "unknown_kind", id="kind"),
-        pytest.param(FRAME_HEADER.pack(48, FrameKind.HELLO, 2, 0), "bad_version", id="version"),
+        pytest.param(FRAME_HEADER.pack(48, FrameKind.HELLO, PROTOCOL_VERSION, 1), "bad_flags", id="flags"),
+        pytest.param(FRAME_HEADER.pack(48, 99, PROTOCOL_VERSION, 0), "unknown_kind", id="kind"),
+        pytest.param(FRAME_HEADER.pack(48, FrameKind.HELLO, PROTOCOL_VERSION + 1, 0), "bad_version", id="version"),
         pytest.param(
-            FRAME_HEADER.pack(1 << 30, FrameKind.HELLO, 1, 0), "malformed_frame", id="huge"
+            FRAME_HEADER.pack(1 << 30, FrameKind.HELLO, PROTOCOL_VERSION, 0), "malformed_frame", id="huge"
         ),
-        pytest.param(FRAME_HEADER.pack(47, FrameKind.HELLO, 1, 0), "malformed_frame", id="short"),
-        pytest.param(FRAME_HEADER.pack(48, FrameKind.HELLO, 1, 0)[:5], "truncated_frame", id="eof"),
+        pytest.param(FRAME_HEADER.pack(47, FrameKind.HELLO, PROTOCOL_VERSION, 0), "malformed_frame", id="short"),
+        pytest.param(FRAME_HEADER.pack(48, FrameKind.HELLO, PROTOCOL_VERSION, 0)[:5], "truncated_frame", id="eof"),
     ],
 )
 def test_an_unauthenticated_peer_is_refused_at_the_header(garbage: bytes, code: str) -> None:
@@ -267,7 +268,7 @@ def test_an_unauthenticated_peer_is_refused_at_the_header(garbage: bytes, code: 
 def test_a_large_declared_frame_is_refused_before_its_body_is_buffered() -> None:
     _, accepting, _ = handshake()
     header = FRAME_HEADER.pack(
-        PEER_FRAME_BYTES_MAX - FRAME_HEADER_BYTES + 1, FrameKind.MESSAGES, 1, 0
+        PEER_FRAME_BYTES_MAX - FRAME_HEADER_BYTES + 1, FrameKind.MESSAGES, PROTOCOL_VERSION, 0
     )
     accepting.receive_data(header)
     with pytest.raises(PeerProtocolError) as caught:

@@ -17,6 +17,7 @@ from sequencer.raft.peer_protocol import (
     FRAME_HEADER,
     FRAME_HEADER_BYTES,
     PEER_FRAME_BYTES_MAX,
+    PROTOCOL_VERSION,
     Authenticated,
     ClusterIdentity,
     ForwardedRecord,
@@ -358,8 +359,8 @@ def test_garbage_on_the_peer_port_is_refused_counted_and_injects_nothing(run: Ru
             target = nodes[2]
             for garbage, code in [
                 (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", "bad_version"),
-                (FRAME_HEADER.pack(1 << 30, FrameKind.MESSAGES, 1, 0), "unexpected_kind"),
-                (FRAME_HEADER.pack(48, FrameKind.HELLO, 1, 0) + bytes(48), "wrong_cluster"),
+                (FRAME_HEADER.pack(1 << 30, FrameKind.MESSAGES, PROTOCOL_VERSION, 0), "unexpected_kind"),
+                (FRAME_HEADER.pack(48, FrameKind.HELLO, PROTOCOL_VERSION, 0) + bytes(48), "wrong_cluster"),
             ]:
                 reader, writer = await asyncio.open_connection("127.0.0.1", ports[2])
                 writer.write(garbage)
@@ -405,8 +406,8 @@ def test_a_dialler_outside_the_cluster_is_refused_counted_and_injects_nothing(
                 intruder.receive_data(answer)
                 with pytest.raises(PeerProtocolError):
                     intruder.next_event()
-                writer.write(FRAME_HEADER.pack(32, FrameKind.AUTH, 1, 0) + bytes(32))
-                writer.write(FRAME_HEADER.pack(41, FrameKind.MESSAGES, 1, 0) + bytes(41))
+                writer.write(FRAME_HEADER.pack(32, FrameKind.AUTH, PROTOCOL_VERSION, 0) + bytes(32))
+                writer.write(FRAME_HEADER.pack(41, FrameKind.MESSAGES, PROTOCOL_VERSION, 0) + bytes(41))
             await read_until_closed(reader)
             writer.close()
             await until(lambda: nodes[2].counters[f"refused_{code}"] == 1, code)

@@ -415,3 +415,41 @@ def test_a_heartbeat_moves_the_commit_only_as_far_as_the_log_is_known_to_match()
     behind = follower_with([1, 1], 2)  # its last entry is of an older term: not known to match
     behind.step(Heartbeat(CLUSTER, 1, 2, 2, 5, 0))
     assert behind.commit_index == 0
+
+
+class _RetainedFrom:
+    """A journal whose retention deleted every entry before `first_index` (all of term 1)."""
+
+    def __init__(self, first_index: int) -> None:
+        self.first_index = first_index
+
+    def term(self, index: int) -> int | None:
+        return 1 if index >= self.first_index - 1 else None
+
+    def entries(self, first_index: int, last_index: int, bytes_max: int) -> tuple[list[int], list[bytes]]:
+        assert first_index >= self.first_index, first_index
+        return [1] * (last_index - first_index + 1), [b"x"] * (last_index - first_index + 1)
+
+
+def test_a_leader_whose_storage_dropped_entries_before_it_was_told_waits_instead_of_crashing() -> None:
+    # The daemon's journaller deletes segments (retention) and the replicator tells the core
+    # (`compact`) on its next pass: in between, a follower may need a deleted entry while the core
+    # has no snapshot to send. The leader then waits for the next heartbeat answer.
+    from sequencer.raft.leader import Leader
+    from sequencer.raft.log import RaftLog
+    from sequencer.raft.messages import InstallSnapshot, Snapshot
+    from sequencer.raft.tracker import PROBE
+
+    log = RaftLog(storage=_RetainedFrom(11))
+    log.start_after(10, 1)
+    log.append_run(1, [b"x"] * 5)  # 11..15 in memory; 1..9 deleted from storage
+    sent: list[object] = []
+    leader = Leader(RaftConfig(1, (1, 2, 3), cluster_id=CLUSTER), 1, log, (2, 3), 2, sent.append)
+    progress = leader.tracker.progress[2]
+    progress.become_probe(5)  # it needs entry 5 on: gone
+    leader.tracker.progress[3].paused = True
+    leader.flush_appends(15, None)
+    assert sent == [] and progress.state is PROBE and progress.paused
+    progress.heartbeat_answered(15, 64)  # the next heartbeat answer; the caller has compacted
+    leader.flush_appends(15, Snapshot(10, 1, b""))
+    assert [type(m) for m in sent] == [InstallSnapshot] and sent[0].target == 2  # type: ignore[attr-defined]

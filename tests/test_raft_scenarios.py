@@ -55,10 +55,12 @@ def test_re_election_after_leader_failure() -> None:
 
 
 def test_many_elections_with_two_of_five_nodes_down_at_a_time() -> None:
+    # The leader is always one of the two: a random pair held it only some of the time, so how
+    # many elections ran (what the last line checks) depended on the seed's draws, not on Raft.
     simulation = Simulation(3, 5)
     for _ in range(10):
-        elect(simulation)
-        down = simulation.rng.sample(simulation.ids, 2)
+        leader = elect(simulation)
+        down = [leader, simulation.rng.choice([n for n in simulation.ids if n != leader])]
         for node_id in down:
             simulation.crash(node_id)
         elect(simulation)
@@ -66,7 +68,7 @@ def test_many_elections_with_two_of_five_nodes_down_at_a_time() -> None:
         for node_id in down:
             simulation.restart(node_id)
     simulation.await_convergence(CONVERGE_MS)
-    assert len(simulation.checker.leader_of_term) >= 5
+    assert len(simulation.checker.leader_of_term) >= 11  # the first leader, then one per round
 
 
 def test_basic_agreement_every_node_applies_every_acknowledged_proposal() -> None:
@@ -277,6 +279,33 @@ def test_snapshot_install_after_compaction() -> None:
     simulation.restart(lagging)
     simulation.await_convergence(CONVERGE_MS)
     assert simulation.snapshots_installed[lagging] >= 1
+
+
+@pytest.mark.parametrize(
+    ("seed", "compact_every_entries", "log_retention_entries"),
+    [(31, 0, None), (32, 0, 16), (33, 8, None), (34, 8, 16)],
+)
+def test_a_follower_whose_disk_was_wiped_while_down_rejoins_and_converges(
+    seed: int, compact_every_entries: int, log_retention_entries: int | None
+) -> None:
+    """A follower restarts with nothing (no term, vote or log) while the leader still holds the
+    match it acknowledged before: the leader learns from its new incarnation that it lost them and
+    feeds it again, from the log or, once compacted, through a snapshot. Without incarnations the
+    leader drops its rejections as stale (below the old match) and it never catches up."""
+    simulation = Simulation(seed, 3, compact_every_entries=compact_every_entries,
+                            log_retention_entries=log_retention_entries)
+    for _ in range(3):
+        leader = elect(simulation)
+        propose_over(simulation, 100)
+        follower = next(n for n in simulation.ids if n != leader)
+        simulation.crash(follower)
+        simulation.wipe(follower)
+        propose_over(simulation, 100)
+        simulation.restart(follower)
+        simulation.await_convergence(CONVERGE_MS)
+    assert len(simulation.acked) > 50
+    if compact_every_entries:
+        assert sum(simulation.snapshots_installed.values()) >= 1
 
 
 def test_all_nodes_crash_and_restart() -> None:

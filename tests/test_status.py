@@ -360,6 +360,11 @@ def test_a_cluster_leader_shows_its_commit_and_each_followers_match_and_lag(
     assert "raft commit -  last -  pending forwards -" in render_text(standing_only)
     single = render_json(tracker.observe(live_values(), now_s=0.3))["raft"]
     assert single["followers"] is None and single["commit_index"] is None
+    assert "journal held" not in text  # no follower catching up after a snapshot
+    holding = tracker.observe(live_values(**replicator, **raft, **{"raft.role": 3, "raft.retain.index": 1201}),
+                              now_s=0.4)  # fmt: skip
+    assert "pending forwards 3  journal held from 1201" in render_text(holding)
+    assert render_json(holding)["raft"]["retain_index"] == 1201
 
 
 def _documented_json() -> dict[str, Any]:

@@ -61,7 +61,9 @@ __all__ = [
 ROLE_EXIT_FAIL_STOP = 3
 # Cluster mode: the replicator met a log conflict that cuts entries it already wrote to the log
 # ring; it wrote `<data_dir>/raft.truncate` and exits with this code, and the supervisor restarts
-# the pipeline, cutting the journal first (daemon/raft_truncate.py).
+# the pipeline, cutting the journal first (daemon/raft_truncate.py). Also after it received a
+# snapshot the core took (`<data_dir>/raft.install`): the supervisor installs it and restarts the
+# journal after it first (daemon/snapshot_install.py).
 ROLE_EXIT_RAFT_TRUNCATE = 5
 # A role whose supervisor has died, or that cannot attach its own incarnation's counters (they
 # belong to another incarnation), exits with this code at start, having written nothing.

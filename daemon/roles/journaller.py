@@ -49,6 +49,7 @@ from daemon.layout import (
     JOURNAL_FREE_BYTES,
     JOURNAL_SYNCS,
     LOG_PUBLISHED_POSITION,
+    RAFT_RETAIN_INDEX,
     SNAPSHOT_OLDEST_INDEX,
     CounterView,
     DiskState,
@@ -196,6 +197,10 @@ class JournallerAgent(Agent):
         self.published_position = counters[LOG_PUBLISHED_POSITION]
         self.oldest_snapshot = counters[SNAPSHOT_OLDEST_INDEX]
         self.oldest_snapshot_seen = 0
+        # Cluster mode: the leader's replicator holds the records a follower catching up after a
+        # snapshot still needs (0: no hold; always 0 on a single node).
+        self.retain_index = counters[RAFT_RETAIN_INDEX]
+        self.retain_seen = 0
         self.disk = DiskWatch(journal, counters[JOURNAL_DISK_FULL], counters[JOURNAL_FREE_BYTES])
         # A region the disk had no room for. poll_region would release it (the ring could then reuse
         # its bytes), so it is kept, unreleased, and appended again before anything else.
@@ -221,7 +226,10 @@ class JournallerAgent(Agent):
         disk.report(now_s)
         if appended:
             self._sync(appended)
-        if self.delete_journal and self.oldest_snapshot.get() != self.oldest_snapshot_seen:
+        if self.delete_journal and (
+            self.oldest_snapshot.get() != self.oldest_snapshot_seen
+            or self.retain_index.get() != self.retain_seen
+        ):
             self._delete_covered_segments()
         self.appended = appended
         return appended
@@ -293,7 +301,11 @@ class JournallerAgent(Agent):
     def _delete_covered_segments(self) -> None:
         # The blp's snapshot writer publishes the oldest kept snapshot; no file reads here.
         self.oldest_snapshot_seen = self.oldest_snapshot.get()
-        for path in self.journal.delete_segments_before(self.oldest_snapshot_seen + 1):
+        self.retain_seen = self.retain_index.get()
+        before = self.oldest_snapshot_seen + 1
+        if self.retain_seen:
+            before = min(before, self.retain_seen)
+        for path in self.journal.delete_segments_before(before):
             log.info("deleted %s: wholly before the oldest retained snapshot", path.name)
 
     def drained(self) -> bool:

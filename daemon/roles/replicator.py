@@ -46,14 +46,18 @@ Linearizable queries: each pass also gives the core a ReadIndex request for ever
 that asked a read round (`daemon/read_rounds.py`), and publishes the read points the core hands
 out in `ready.reads`. A learner (`learner = true`) runs the same role; its core never campaigns.
 
-Not built: InstallSnapshot (a follower that needs entries the leader's journal no longer holds);
-the core never compacts here, so a leader never sends one, and such a follower fails loudly.
+Snapshots: the core is told where the journal now starts (`_note_compaction`: retention deleted
+the segments before it), so a leader sends InstallSnapshot to a follower that needs entries before
+it; the file moves in chunks (daemon/snapshot_install.py), and a follower that takes it writes
+`raft.install` and exits with ROLE_EXIT_RAFT_TRUNCATE like a conflict, the supervisor installing
+it before the next recovery.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
 import sys
 import threading
@@ -62,7 +66,6 @@ from collections import deque
 
 import uvloop
 
-from daemon.config import Config, parse_address
 from daemon.layout import (
     JOURNAL_DURABLE_INDEX,
     RAFT_COMMIT_INDEX,
@@ -74,6 +77,7 @@ from daemon.layout import (
     RAFT_PEER_NODE,
     RAFT_PEER_SLOTS,
     RAFT_PENDING_FORWARDS,
+    RAFT_RETAIN_INDEX,
     RAFT_ROLE,
     RAFT_TERM,
     READ_ROUND_COUNTERS,
@@ -93,6 +97,8 @@ from daemon.roles.common import (
     report_start_failure,
     start_role,
 )
+from daemon.roles.replicator_setup import raft_config, transport_config, whole_record
+from daemon.snapshot_install import SnapshotReceiver, SnapshotSender, write_install_request
 from ipc.ring import Ring
 from sequencer.cluster import (
     PendingForwards,
@@ -103,14 +109,24 @@ from sequencer.cluster import (
 )
 from sequencer.hard_state import HardStateFile
 from sequencer.journal import JournalLogStorage
-from sequencer.raft.config import NO_NODE, RaftConfig
+from sequencer.raft.config import NO_NODE
 from sequencer.raft.core import RaftCore
 from sequencer.raft.errors import ProposalRejected
-from sequencer.raft.messages import DurableState, Entries, HardState, Message, Ready
+from sequencer.raft.messages import (
+    DurableState,
+    Entries,
+    HardState,
+    InstallSnapshot,
+    Message,
+    Ready,
+    Snapshot,
+    SnapshotChunk,
+    SnapshotChunkAck,
+)
 from sequencer.raft.peer_protocol import ForwardedRecord
 from sequencer.raft.raft_role import LEADER
-from sequencer.raft.transport import PeerTransport, TransportConfig
-from sequencer.record import FRAME_HEADER, RECORD_HEADER_BYTES, RecordType, aligned
+from sequencer.raft.transport import PeerTransport
+from sequencer.record import FRAME_HEADER
 
 log = logging.getLogger("seqd.replicator")
 
@@ -139,8 +155,13 @@ assert WAKER_JOIN_TIMEOUT_S > WAKER_HANDOFF_WAIT_S
 # Entries read back from the journal per read at start (bounded memory per read).
 STORAGE_READ_BYTES_MAX = 1 << 20
 
-_TERM_START = int(RecordType.TERM_START)
-_PADDING = int(RecordType.PADDING)
+
+class InstallRequired(Exception):
+    """The core took a snapshot from the leader: exit, install it, restart on it."""
+
+    def __init__(self, index: int) -> None:
+        super().__init__(f"the leader's snapshot at index {index} replaces this node's log")
+        self.index = index
 
 
 class TruncateRequired(Exception):
@@ -149,47 +170,6 @@ class TruncateRequired(Exception):
     def __init__(self, index: int) -> None:
         super().__init__(f"the leader's log conflicts with this node's after index {index}")
         self.index = index
-
-
-def _raft_config(config: Config) -> RaftConfig:
-    cluster = config.cluster
-    assert cluster is not None
-    return RaftConfig(
-        node_id=config.node.number,
-        voters=cluster.voters,
-        learners=cluster.learners,
-        cluster_id=cluster.cluster_id,
-        election_ticks=cluster.election_ticks,
-        heartbeat_ticks=cluster.heartbeat_ticks,
-        term_start_from_shell=True,
-        storage_read_bytes_max=STORAGE_READ_BYTES_MAX,
-    )
-
-
-def _transport_config(config: Config) -> TransportConfig:
-    cluster = config.cluster
-    assert cluster is not None
-    number = config.node.number
-    host, port = parse_address(cluster.peer_listen or cluster.member(number).peer_address)
-    return TransportConfig(
-        cluster_id=cluster.cluster_id,
-        node_id=number,
-        secret=cluster.read_secret(),
-        listen_host=host,
-        listen_port=port,
-        peers={m.id: parse_address(m.peer_address) for m in cluster.members if m.id != number},
-        allow_non_loopback=cluster.allow_non_loopback,
-    )
-
-
-def whole_record(record: bytes) -> bool:
-    """A forwarded record is one whole record, 8-byte aligned, and not one only a leader or the
-    ring makes (TERM_START, PADDING)."""
-    if len(record) < RECORD_HEADER_BYTES or len(record) % 8:
-        return False
-    length, frame_type = FRAME_HEADER.unpack_from(record)
-    record_type = frame_type & 0xFFFF
-    return aligned(length) == len(record) and record_type != _TERM_START and record_type != _PADDING
 
 
 class Replicator:
@@ -216,6 +196,7 @@ class Replicator:
         self.leader_counter = counters[RAFT_LEADER]
         self.last_index_counter = counters[RAFT_LAST_INDEX]
         self.pending_counter = counters[RAFT_PENDING_FORWARDS]
+        self.retain_counter = counters[RAFT_RETAIN_INDEX]
         self.peers = tuple(m.id for m in cluster.members if m.id != config.node.number)
         assert len(self.peers) <= RAFT_PEER_SLOTS, self.peers
         for slot, peer in enumerate(self.peers):
@@ -239,7 +220,7 @@ class Replicator:
         # Entries waiting for room in the log ring, in index order: (index, record).
         self.unwritten: deque[tuple[int, bytes]] = deque()
         durable = self._load(commit_index, last_index)
-        self.core = RaftCore(_raft_config(config), random.Random(), durable, storage=self.storage)
+        self.core = RaftCore(raft_config(config, STORAGE_READ_BYTES_MAX), random.Random(), durable, storage=self.storage)
         # The ring starts after the entry at the recovered commit (the blp replayed up to it).
         self.positions = RingPositions(commit_index, 0)
         # The last index this node holds in its ring or its journal: a change of the log at or
@@ -258,7 +239,7 @@ class Replicator:
         self.hard_state_unsaved: HardState | None = None
         self.hard_state_saved_s = time.monotonic()
         self.records_dropped = 0
-        self.transport = PeerTransport(_transport_config(config), self._on_messages, self._on_records)
+        self.transport = PeerTransport(transport_config(config), self._on_messages, self._on_records)
         self.process_scheduled = False
         self.finished: asyncio.Future[int] = loop.create_future()
         self.durable_seen = -1  # the journal's durable index last told to the core
@@ -267,6 +248,10 @@ class Replicator:
         self.handoff = threading.Event()
         self.handoff.set()
         self.waker: threading.Thread | None = None
+        self.snapshot_sender = SnapshotSender(cluster.cluster_id, config.node.number, config.snapshot_dir,
+                                              self.transport.send)
+        self.snapshot_receiver = SnapshotReceiver(config.snapshot_dir)
+        self.journal_dir_mtime_ns = -1  # the journal directory's, when the core last heard of it
 
     def _load(self, commit_index: int, last_index: int) -> DurableState:
         """The core's state at start: the hard state, and the journal's entries after the
@@ -287,9 +272,18 @@ class Replicator:
         if commit_index:
             log.info("Raft log: committed up to %d, %d entries after it from the journal; term %d",
                      commit_index, len(terms), hard.term)
+        # Retention (or an installed snapshot) deleted the journal before `compacted`: the core
+        # starts with a snapshot there (its bytes are the snapshot files', never in the core).
+        compacted = self.storage.first_index() - 1
+        snapshot = None
+        if compacted:
+            term = self.storage.term(compacted)
+            assert term is not None, compacted
+            snapshot = Snapshot(compacted, term, b"")
         return DurableState(
-            HardState(hard.term, hard.vote, max(hard.commit_index, commit_index)),
-            terms=terms, payloads=payloads, first_index=commit_index + 1 if commit_index else 0,
+            HardState(hard.term, hard.vote, max(hard.commit_index, commit_index)), snapshot,
+            terms=terms, payloads=payloads,
+            first_index=commit_index + 1 if commit_index > compacted else 0,
         )  # fmt: skip
 
     # ---- inputs --------------------------------------------------------------------------------
@@ -299,8 +293,33 @@ class Replicator:
             return  # stopping (a ready may be left outstanding by a truncation)
         core = self.core
         for message in messages:
-            core.step(message)
+            kind = type(message)
+            if kind is SnapshotChunk:
+                assert isinstance(message, SnapshotChunk)
+                self._on_snapshot_chunk(message)
+            elif kind is SnapshotChunkAck:
+                assert isinstance(message, SnapshotChunkAck)
+                self.snapshot_sender.acknowledged(message, time.monotonic())
+            else:
+                core.step(message)
         self._schedule()
+
+    def _on_snapshot_chunk(self, chunk: SnapshotChunk) -> None:
+        core = self.core
+        if chunk.term < core.term or core.raft_role is LEADER:
+            return  # from a deposed leader
+        if chunk.index <= core.commit_index:
+            received = chunk.file_bytes  # needed no longer: the leader ends the stream
+        else:
+            received = self.snapshot_receiver.chunk(chunk)
+        self.transport.send([SnapshotChunkAck(chunk.cluster_id, core.id, chunk.source, chunk.term,
+                                              chunk.index, received)])
+        if self.snapshot_receiver.complete_index == chunk.index and received == chunk.file_bytes:
+            # The file is durable and valid: the core decides (term rules, a log that covers it).
+            core.step(InstallSnapshot(chunk.cluster_id, chunk.source, core.id, chunk.term,
+                                      Snapshot(chunk.index, chunk.snapshot_term, b"")))
+            if not core.has_ready():
+                self.snapshot_receiver.discard()
 
     def _on_records(self, peer: int, records: list[ForwardedRecord]) -> None:
         if self.core.raft_role is not LEADER:
@@ -328,6 +347,7 @@ class Replicator:
             return
         self.loop.call_later(self.tick_s, self._tick)
         context.heartbeat.add(1)
+        self.snapshot_sender.tick(time.monotonic())
         self._process(tick=True)
 
     def _on_tick(self) -> None:
@@ -361,6 +381,7 @@ class Replicator:
 
     def _process_once(self) -> None:
         core = self.core
+        self._note_compaction()
         self._report_durable()
         self._check_standing()
         self._take_proposals()
@@ -386,6 +407,20 @@ class Replicator:
             # up to the commit) would wait for itself for good.
             self.core.durable_through(durable)
 
+    def _note_compaction(self) -> None:
+        """Tell the core where the journal now starts once retention deleted segments (a stat per
+        pass: the directory changes only when a segment is created or deleted)."""
+        mtime_ns = os.stat(self.config.journal_dir).st_mtime_ns
+        if mtime_ns == self.journal_dir_mtime_ns:
+            return
+        core = self.core
+        compacted = self.storage.first_index() - 1
+        if compacted > core.applied_index:
+            return  # not yet applied here (the core compacts only applied entries): next pass
+        self.journal_dir_mtime_ns = mtime_ns
+        if compacted > core.log.snapshot_index:
+            core.compact(compacted, b"")
+
     def _check_standing(self) -> None:
         core = self.core
         standing = (core.term, core.leader_id)
@@ -394,6 +429,7 @@ class Replicator:
         self.standing = standing
         if core.raft_role is not LEADER:
             self.inbox.clear()  # forwarded to a node that no longer leads: their senders resend
+            self.snapshot_sender.stop_all()
         if standing[1] != NO_NODE:
             log.info("term %d: leader is node %d%s", standing[0], standing[1],
                      " (this node)" if standing[1] == core.id else "")
@@ -447,12 +483,15 @@ class Replicator:
 
     def _handle_ready(self, ready: Ready) -> None:
         core = self.core
-        if ready.snapshot is not None:
-            raise NotImplementedError(
-                "the leader sent a snapshot (InstallSnapshot), which this seqd cannot install yet: "
-                "this node needs entries the leader's journal no longer holds"
-            )
         hard_state = ready.hard_state
+        snapshot = ready.snapshot
+        if snapshot is not None:
+            # Only the InstallSnapshot `_on_snapshot_chunk` steps, once its file is whole.
+            assert self.snapshot_receiver.complete_index == snapshot.index, snapshot.index
+            if hard_state is not None:
+                self._save_hard_state(hard_state)
+            write_install_request(self.config.node.data_dir, snapshot.index, snapshot.term)
+            raise InstallRequired(snapshot.index)
         if hard_state is not None:
             if ready.sync_before_send:
                 self.hard_state_file.save(hard_state)  # the term and vote: durable before sending
@@ -462,8 +501,14 @@ class Replicator:
                 self.hard_state_unsaved = hard_state
         if ready.entries is not None:
             self._queue_entries(ready.entries)
-        if ready.messages:
-            self.transport.send(ready.messages)
+        messages = ready.messages
+        if messages:
+            for message in messages:
+                if type(message) is InstallSnapshot:  # the file goes in chunks instead
+                    self.snapshot_sender.start(message.target, message.term, time.monotonic())
+                    messages = [m for m in messages if type(m) is not InstallSnapshot]
+                    break
+            self.transport.send(messages)
         if ready.reads:
             self.read_rounds.answer(ready.reads)
         committed = ready.committed
@@ -542,6 +587,8 @@ class Replicator:
         self.pending_counter.set(len(self.pending))
         for counter, peer in zip(self.match_counters, self.peers, strict=True):
             counter.set(core.match_index(peer))
+        self.retain_counter.set(self.snapshot_sender.retain_index(core.match_index, core.commit_index,
+                                                                  time.monotonic()))
         unsaved = self.hard_state_unsaved
         if unsaved is not None and time.monotonic() - self.hard_state_saved_s >= HARD_STATE_COMMIT_SAVE_S:
             self._save_hard_state(unsaved)
@@ -602,6 +649,9 @@ class Replicator:
             path = write_truncate_request(self.config.node.data_dir, truncate.index)
             log.warning("%s: wrote %s; restarting the node's pipeline to cut the journal", truncate, path)
             return ROLE_EXIT_RAFT_TRUNCATE
+        except InstallRequired as install:
+            log.warning("%s: restarting the node's pipeline on it", install)
+            return ROLE_EXIT_RAFT_TRUNCATE
         finally:
             unsaved = self.hard_state_unsaved
             if unsaved is not None:
@@ -613,6 +663,8 @@ class Replicator:
         self.handoff.set()
         if self.waker is not None:
             self.waker.join(timeout=WAKER_JOIN_TIMEOUT_S)
+        self.snapshot_sender.stop_all()
+        self.snapshot_receiver.close()
         self.storage.close()
         self.log_ring.close()
         self.proposal_ring.close()

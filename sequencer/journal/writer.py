@@ -562,6 +562,39 @@ class Journal:
         finally:
             os.close(fd)
 
+    def restart_after(self, index: int, term: int) -> None:
+        """Discard every record and begin the journal after `index` (the entry of `term`): a
+        follower that installed a snapshot at `index` from its leader (docs/cluster.md, "Catch-up
+        through a snapshot").
+
+        Not atomic by itself: the caller holds a durable request (`raft.install`) and calls this
+        again after a crash, so each step only has to leave a journal that opens. The segments go
+        newest first (what is left is always a valid journal, a prefix of the old one), then the
+        new one is created (temp file, rename, directory fsync). Done already: nothing happens.
+
+        Raises:
+            JournalFullError: no room for the new segment; call again once there is.
+            JournalWriteError: I/O failed (fail-stop).
+        """
+        self._check_usable()
+        segments = self._segments
+        if (len(segments) == 1 and segments[0].first_index == index + 1
+                and segments[0].prev_term == term and self._last_index == index):
+            return
+        self._close_active()
+        try:
+            while segments:
+                doomed = segments.pop()
+                self._segment_firsts.pop()
+                doomed.path.unlink(missing_ok=True)
+                fsync_directory(self.directory)
+            self._create_segment(index + 1, term)
+        except OSError as error:
+            raise self._write_failed(f"restarting the journal after index {index}", error) from error
+        self._last_index = index
+        self._last_term = term
+        self._durable_index = index
+
     def delete_segments_before(self, index: int) -> list[Path]:
         """Retention: delete the segments whose records all come before `index` (a snapshot covers
         them), oldest first; never the active segment. Returns the deleted paths."""

@@ -59,6 +59,12 @@ class RaftConfig:
     # index (the leader's sequencer stamps a TERM_START record there, so the journal and the Raft
     # log hold the same bytes at every index).
     term_start_from_shell: bool = False
+    # This start of the node: a number that grows from one start to the next, even across a loss
+    # of its data (the daemon: the wall clock in ns when its replicator starts). Every answer to
+    # a leader carries it, so a leader tells a follower that restarted, maybe with its log lost,
+    # from stale answers of an earlier start (`sequencer.raft.tracker`, "Incarnations"). 0 for a
+    # caller whose nodes never lose their data.
+    incarnation: int = 0
 
     @property
     def members(self) -> tuple[int, ...]:

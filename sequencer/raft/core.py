@@ -364,8 +364,7 @@ class RaftCore(Elections, Reads):
         elif term < self.term:
             if kind is AppendEntries or kind is Heartbeat or kind is InstallSnapshot:
                 # Tell the stale leader about the newer term so it steps down.
-                self._send(AppendEntriesResponse(self.cluster_id, self.id, message.source,
-                                                 self.term, False, 0, 0, 0))
+                self._follower.answer(message.source, self.term, False, 0)
             elif kind is RequestVote:
                 assert isinstance(message, RequestVote)
                 if message.pre_vote:

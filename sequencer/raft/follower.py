@@ -40,12 +40,13 @@ class Follower:
     """A node's handling of its leader's messages and its deferred acknowledgements."""
 
     __slots__ = ("_log", "_send", "_writes", "ack_leader", "ack_pending_index", "ack_sent_index",
-                 "cluster_id", "id")
+                 "cluster_id", "id", "incarnation")
 
     def __init__(self, config: RaftConfig, log: RaftLog, writes: DurableWrites,
                  send: Callable[[Message], None]) -> None:
         self.cluster_id = config.cluster_id
         self.id = config.node_id
+        self.incarnation = config.incarnation
         self._log = log
         self._writes = writes
         self._send = send
@@ -64,11 +65,17 @@ class Follower:
     def acknowledge(self, leader_id: int, index: int, term: int) -> None:
         """Tell the leader the log matches its own up to `index`, once that is durable."""
         if index <= self._writes.stable_index:
-            self._send(AppendEntriesResponse(self.cluster_id, self.id, leader_id, term, True,
-                                             index, 0, 0))
+            self.answer(leader_id, term, True, index)
         elif index > self.ack_pending_index:
             self.ack_pending_index = index
             self.ack_leader = leader_id
+
+    def answer(self, leader_id: int, term: int, success: bool, index: int, hint_index: int = 0,
+               hint_term: int = 0) -> None:
+        """Send an AppendEntriesResponse, with this log's last index and this start's incarnation."""
+        self._send(AppendEntriesResponse(self.cluster_id, self.id, leader_id, term, success, index,
+                                         hint_index, hint_term, self._log.last_index,
+                                         self.incarnation))
 
     def stable_advanced(self, term: int) -> None:
         """The durable index rose: send the acknowledgement that waited for it."""
@@ -77,8 +84,7 @@ class Follower:
             index = min(pending, self._writes.stable_index)
             if index > self.ack_sent_index:
                 self.ack_sent_index = index
-                self._send(AppendEntriesResponse(self.cluster_id, self.id, self.ack_leader,
-                                                 term, True, index, 0, 0))
+                self.answer(self.ack_leader, term, True, index)
             if index == pending:
                 self.ack_pending_index = 0
 
@@ -114,8 +120,7 @@ class Follower:
             else:
                 hint_term = term_there
                 hint_index = max(log.first_index_of_term(term_there), commit_index + 1)
-            self._send(AppendEntriesResponse(self.cluster_id, self.id, message.source, term,
-                                             False, message.previous_index, hint_index, hint_term))
+            self.answer(message.source, term, False, message.previous_index, hint_index, hint_term)
             return commit_index, 0
         changed = log.merge(previous_index, terms, payloads)
         if changed:
@@ -141,7 +146,7 @@ class Follower:
             if log.term_at(last_index) == term:
                 commit_index = max(commit_index, min(message.commit_index, last_index))
         self._send(HeartbeatResponse(self.cluster_id, self.id, message.source, term,
-                                     message.read_sequence))
+                                     message.read_sequence, self._log.last_index, self.incarnation))
         return commit_index
 
     def install_snapshot(self, message: InstallSnapshot, commit_index: int,
@@ -163,6 +168,5 @@ class Follower:
         log.restore(snapshot.index, snapshot.term)
         self._writes.superseded(snapshot.index)
         # The snapshot is durable before this leaves (`Ready.sync_before_send`).
-        self._send(AppendEntriesResponse(self.cluster_id, self.id, message.source, term, True,
-                                         snapshot.index, 0, 0))
+        self.answer(message.source, term, True, snapshot.index)
         return True

@@ -203,7 +203,12 @@ class Leader:
         progress.sent_append(last_index, commit_index)
 
     def _send_snapshot(self, progress: Progress, snapshot: Snapshot | None) -> None:
-        assert snapshot is not None, "entries are compacted only into a snapshot"
+        if snapshot is None:
+            # The caller's storage let the entries go (retention) before the caller told the core
+            # (`RaftCore.compact`): wait for the next heartbeat answer, by which it will have.
+            progress.become_probe(progress.next_index)
+            progress.paused = True
+            return
         progress.become_snapshot(snapshot.index)
         config = self._config
         self._send(InstallSnapshot(config.cluster_id, config.node_id, progress.node_id, self.term,
@@ -219,6 +224,8 @@ class Leader:
         """
         progress = self.tracker.progress[message.source]
         progress.recent_active = True
+        if not progress.heard_from(message.incarnation, message.last_index, self._log.last_index):
+            return False  # from an earlier start of the follower: about a log maybe lost
         if message.success:
             return progress.acknowledge(message.index)
         if message.index <= progress.match_index:
@@ -236,5 +243,7 @@ class Leader:
         """A follower answered a heartbeat. Returns whether it confirmed a new read round."""
         progress = self.tracker.progress[message.source]
         progress.recent_active = True
+        if not progress.heard_from(message.incarnation, message.last_index, self._log.last_index):
+            return False
         progress.heartbeat_answered(self._log.last_index, self._config.inflight_messages_max)
         return progress.acknowledge_read(message.read_sequence)

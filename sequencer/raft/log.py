@@ -78,9 +78,9 @@ class RaftLog:
         if index < self.snapshot_index:
             return None
         assert self.storage is not None, (index, self.offset_index)
-        term = self.storage.term(index)
-        assert term is not None, ("storage lost a durable entry", index, self.offset_index)
-        return term
+        # None: the caller's retention deleted it (a snapshot covers it) before the caller told
+        # the core (`RaftCore.compact`); a leader then waits for that (`Leader._send_snapshot`).
+        return self.storage.term(index)
 
     def slice(self, start_index: int, end_index: int) -> tuple[list[int], list[bytes]]:
         """Terms and payloads of the in-memory entries `start_index .. end_index - 1` (copies)."""

@@ -19,6 +19,7 @@ import msgspec
 __all__ = [
     "MESSAGE_DECODER",
     "MESSAGE_TYPES",
+    "TRANSFER_MESSAGE_TYPES",
     "AppendEntries",
     "AppendEntriesResponse",
     "DurableState",
@@ -35,6 +36,8 @@ __all__ = [
     "RequestVote",
     "RequestVoteResponse",
     "Snapshot",
+    "SnapshotChunk",
+    "SnapshotChunkAck",
     "TermStart",
     "TimeoutNow",
 ]
@@ -166,12 +169,19 @@ class AppendEntriesResponse(Message, frozen=True):
     the term of the conflicting entry and the first index it stores for that term"):
     `hint_term` is the follower's term at `index` (0 when its log is shorter) and `hint_index` the
     first index it holds of that term (or its last index + 1 when shorter).
+
+    `last_index` is the last index of the follower's log when it answered and `incarnation` the
+    start of the follower that answered (`RaftConfig.incarnation`): a follower that restarted with
+    less than it had acknowledged (its data was lost) tells its leader so, and an answer from an
+    earlier start is told from a current one (`sequencer.raft.tracker`, "Incarnations").
     """
 
     success: bool
     index: int
     hint_index: int
     hint_term: int
+    last_index: int = 0
+    incarnation: int = 0
 
 
 class Heartbeat(Message, frozen=True):
@@ -185,7 +195,11 @@ class Heartbeat(Message, frozen=True):
 
 
 class HeartbeatResponse(Message, frozen=True):
+    """`last_index` and `incarnation` as in `AppendEntriesResponse`."""
+
     read_sequence: int
+    last_index: int = 0
+    incarnation: int = 0
 
 
 class InstallSnapshot(Message, frozen=True):
@@ -214,6 +228,34 @@ class ReadIndexResponse(Message, frozen=True):
     request_id: int
     index: int
 
+
+class SnapshotChunk(Message, frozen=True):
+    """A piece of the leader's snapshot file, for a follower the core sent an InstallSnapshot.
+
+    The core's InstallSnapshot names a snapshot; the replication role, not the core, moves the
+    file: in chunks of bounded size, a bounded number unacknowledged (daemon/snapshot_install.py).
+    `index`, `snapshot_term` and `file_bytes` name the transfer; the chunk holds the file's bytes
+    from `offset`.
+    """
+
+    index: int
+    snapshot_term: int
+    file_bytes: int
+    offset: int
+    data: bytes
+
+
+class SnapshotChunkAck(Message, frozen=True):
+    """The follower holds the first `received_bytes` bytes of the snapshot file at `index` (all of
+    them: the transfer is done, or the follower needs that snapshot no longer)."""
+
+    index: int
+    received_bytes: int
+
+
+# Messages between replication roles that the core never sees (the transport carries them with
+# the core's: authenticated the same way).
+TRANSFER_MESSAGE_TYPES = (SnapshotChunk, SnapshotChunkAck)
 
 MESSAGE_TYPES = (
     RequestVote,

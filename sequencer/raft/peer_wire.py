@@ -17,6 +17,7 @@ import msgspec
 
 from sequencer.raft.messages import (
     MESSAGE_TYPES,
+    TRANSFER_MESSAGE_TYPES,
     Message,
 )
 
@@ -47,7 +48,9 @@ __all__ = [
     "Side",
 ]
 
-PROTOCOL_VERSION: Final = 1
+# 2: a follower's answers carry its incarnation and last index; snapshot chunks (issue 11). A node
+# refuses frames of another version (`bad_version`): a cluster runs one seqd version.
+PROTOCOL_VERSION: Final = 2
 
 FRAME_HEADER: Final = struct.Struct("<IBBH")  # body length, kind, version, flags
 FRAME_HEADER_BYTES: Final = FRAME_HEADER.size
@@ -155,9 +158,11 @@ class ForwardedRecord(msgspec.Struct, array_like=True, gc=False, frozen=True):
     record: _RecordBytes
 
 
-# The union of the core's messages, as a list: one decode call per frame. Built from the core's
-# `MESSAGE_TYPES`, so a message type added to the core cannot be forgotten here.
-MESSAGES_DECODER: Final = msgspec.msgpack.Decoder(list[Union[MESSAGE_TYPES]])  # type: ignore[valid-type]  # noqa: UP007
+# The union of the core's messages and the replication roles' own (snapshot chunks), as a list:
+# one decode call per frame. Built from `MESSAGE_TYPES`, so a message type added to the core
+# cannot be forgotten here.
+_WIRE_MESSAGE_TYPES: Final = (*MESSAGE_TYPES, *TRANSFER_MESSAGE_TYPES)
+MESSAGES_DECODER: Final = msgspec.msgpack.Decoder(list[Union[_WIRE_MESSAGE_TYPES]])  # type: ignore[valid-type]  # noqa: UP007
 RECORDS_DECODER: Final = msgspec.msgpack.Decoder(list[ForwardedRecord])
 
 

@@ -23,6 +23,22 @@ A follower's progress is in one of three states:
 - SNAPSHOT: the entries the follower needs are compacted; one InstallSnapshot is in flight and
   nothing else is sent until it is answered or times out.
 
+Incarnations. A follower's durable log never shrinks below what it acknowledged to a leader of
+the current term, so within one start of the follower an answer that shows less (a rejection
+below the match) is stale, sent before a later answer that arrived first, and is dropped: it must
+lower nothing. But a node whose data directory was wiped restarts with an empty log while the
+leader still holds its old match; its rejections then look stale too, and the leader would never
+feed it again. Every answer therefore carries the follower's incarnation (a number that grows with
+each start, `RaftConfig.incarnation`) and its last index. The first answer of a newer
+incarnation is the follower starting again: what was in flight to the last start is lost, so the
+leader probes again from the follower's last index, and if that index is below the match, the
+entries it acknowledged are lost too and the match drops to 0 (the commit index, a fact about a
+majority's past, never moves back). An answer of an older incarnation is dropped whole: it speaks
+of a log that may be gone. Within one incarnation nothing lowers the match, so reordered
+rejections cannot do what they did to the rule that lowered it on any rejection (the simulator's
+`test_many_elections_with_two_of_five_nodes_down_at_a_time` lost liveness). etcd-io/raft has no
+equivalent: it treats a lost log as corruption (`commitTo` panics).
+
 The tracker also answers the leader's majority questions over the voting followers plus itself
 (learners are tracked for replication but never counted): the
 highest index a majority has made durable (the commit candidate, 5.4.2 still applies), the highest
@@ -73,6 +89,7 @@ class Progress:
 
     __slots__ = (
         "commit_sent",
+        "incarnation",
         "inflight",
         "match_index",
         "next_index",
@@ -99,6 +116,7 @@ class Progress:
         self.send_probe = False  # send an AppendEntries even without entries (resync)
         self.snapshot_index = 0  # SNAPSHOT: the index of the snapshot in flight
         self.snapshot_elapsed_ticks = 0
+        self.incarnation = 0  # the newest start of the follower heard from (module docstring)
 
     # ------------------------------------------------------------------------- transitions
 
@@ -156,6 +174,24 @@ class Progress:
             self.paused = True
 
     # ---------------------------------------------------------------------------- answers
+
+    def heard_from(self, incarnation: int, last_index: int, leader_last_index: int) -> bool:
+        """An answer came from the follower's start `incarnation`, whose log ended at
+        `last_index`. Returns whether to handle it (False: it is from an earlier start).
+
+        Args:
+            leader_last_index: the leader's last index (a probe never starts past it).
+        """
+        if incarnation == self.incarnation:
+            return True
+        if incarnation < self.incarnation:
+            return False
+        self.incarnation = incarnation
+        if last_index < self.match_index:
+            # It lost entries it acknowledged (its data was lost): nothing is known to match.
+            self.match_index = 0
+        self.become_probe(min(last_index, leader_last_index) + 1)
+        return True
 
     def acknowledge(self, index: int) -> bool:
         """The follower's log matches the leader's up to `index` (a successful answer).

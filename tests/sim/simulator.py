@@ -240,6 +240,7 @@ class Simulation:
             # Small reads from storage, so an AppendEntries built from it is often cut short.
             storage_read_bytes_max=64,
             term_start_from_shell=self.term_start_from_shell,
+            incarnation=node.incarnation + 1,
         )
         storage = disk.log if retention is not None else None
         durable = DurableState(disk.hard_state, disk.snapshot, list(disk.log.terms),
@@ -585,6 +586,16 @@ class Simulation:
         node.crash_at_next_ready = False
         node.crash_after_send = False
         self._record(f"crash n{node.id} {how} (unsynced entries lost: {lost})")
+
+    def wipe(self, node_id: int) -> None:
+        """Lose a crashed node's whole disk (its data directory removed): it restarts empty, with
+        no term, vote or log, and must be fed everything again (a snapshot if the others have
+        compacted). Raft assumes disks are never lost; a wiped node is safe only while the others
+        hold every committed entry on a majority without it, which the scenarios that wipe keep."""
+        node = self.nodes[node_id]
+        assert node.core is None, f"crash node {node_id} before wiping its disk"
+        node.disk = Disk()
+        self._record(f"wipe n{node_id}")
 
     def restart(self, node_id: int) -> None:
         """Start a crashed node from its disk (a live node only loses an armed torn crash)."""

@@ -1,0 +1,64 @@
+"""The replicator's configuration from the node's (the Raft core's and the peer transport's), and
+the check on a record a follower forwards: the parts of `daemon/roles/replicator.py` that do no I/O
+of their own."""
+
+from __future__ import annotations
+
+import time
+
+from daemon.config import Config, parse_address
+from sequencer.raft.config import RaftConfig
+from sequencer.raft.transport import TransportConfig
+from sequencer.record import FRAME_HEADER, RECORD_HEADER_BYTES, RecordType, aligned
+
+__all__ = ["raft_config", "transport_config", "whole_record"]
+
+_TERM_START = int(RecordType.TERM_START)
+_PADDING = int(RecordType.PADDING)
+
+
+def raft_config(config: Config, storage_read_bytes_max: int) -> RaftConfig:
+    cluster = config.cluster
+    assert cluster is not None
+    return RaftConfig(
+        node_id=config.node.number,
+        voters=cluster.voters,
+        learners=cluster.learners,
+        cluster_id=cluster.cluster_id,
+        election_ticks=cluster.election_ticks,
+        heartbeat_ticks=cluster.heartbeat_ticks,
+        term_start_from_shell=True,
+        storage_read_bytes_max=storage_read_bytes_max,
+        # Grows from one start of this role to the next, even after the data directory was
+        # wiped (which resets every file): a leader tells this start's answers from an earlier
+        # one's (sequencer/raft/tracker.py, "Incarnations"). A wall clock stepped back by more
+        # than the time between two starts would make a start look older: its answers would be
+        # dropped until the leader changes.
+        incarnation=time.time_ns(),
+    )
+
+
+def transport_config(config: Config) -> TransportConfig:
+    cluster = config.cluster
+    assert cluster is not None
+    number = config.node.number
+    host, port = parse_address(cluster.peer_listen or cluster.member(number).peer_address)
+    return TransportConfig(
+        cluster_id=cluster.cluster_id,
+        node_id=number,
+        secret=cluster.read_secret(),
+        listen_host=host,
+        listen_port=port,
+        peers={m.id: parse_address(m.peer_address) for m in cluster.members if m.id != number},
+        allow_non_loopback=cluster.allow_non_loopback,
+    )
+
+
+def whole_record(record: bytes) -> bool:
+    """A forwarded record is one whole record, 8-byte aligned, and not one only a leader or the
+    ring makes (TERM_START, PADDING)."""
+    if len(record) < RECORD_HEADER_BYTES or len(record) % 8:
+        return False
+    length, frame_type = FRAME_HEADER.unpack_from(record)
+    record_type = frame_type & 0xFFFF
+    return aligned(length) == len(record) and record_type != _TERM_START and record_type != _PADDING
