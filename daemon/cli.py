@@ -9,6 +9,7 @@
     seqd log migrate --from DIR --to DIR --transform MODULE:NAME   copy-and-transform a journal
     seqd verify [--config FILE]                               replay the journal under another hash seed
     seqd schema [--app module:Class | --config FILE]          the app's message types as JSON Schema
+    seqd cluster transfer-leader [--config FILE] [--to N]      hand leadership from this node to another
     seqd project --config FILE [--rebuild | --until-caught-up]  a projection into SQLite/PostgreSQL
 """
 

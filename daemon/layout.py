@@ -22,19 +22,53 @@ from dataclasses import dataclass
 from enum import IntEnum, StrEnum
 from typing import Final, Literal
 
-from daemon.counter_states import DiskState, IdleCode, NodeState, RoleState
+from daemon.counter_states import DiskState, IdleCode, NodeState, RoleState, TransferOutcome
 from ipc.counters import Counter, Counters
 from ipc.segment import SegmentError, segment_name
 from sequencer.raft.core import RaftRole
 
 __all__ = [
-    "COUNTERS", "COUNTERS_LAYOUT_VERSION", "COUNTER_NAMES", "EGRESS_READERS", "ERRORS_TOTAL_NAME",
-    "ERROR_KIND_COUNTERS", "INCARNATION_BITS", "LOG_READERS", "PROPOSAL_READERS", "RAFT_PEER_SLOTS",
-    "REPLICAS_MAX", "REPLICA_COUNTERS", "ROLE_COUNTERS", "SUPERVISOR", "CounterSpec", "CounterView",
-    "DiskState", "IdleCode", "Kind", "NodeState", "Owner", "ReplicaCounters", "Role",
-    "RoleCounters", "RoleState", "attach_counters", "commit_index_counter", "committed_index",
-    "counter_spec", "counters_name", "create_counters", "drain_order", "egress_name",
-    "errors_total", "incarnation_id", "log_name", "node_roles", "proposal_name", "replica_owner",
+    "COUNTERS",
+    "COUNTERS_LAYOUT_VERSION",
+    "COUNTER_NAMES",
+    "EGRESS_READERS",
+    "ERRORS_TOTAL_NAME",
+    "ERROR_KIND_COUNTERS",
+    "INCARNATION_BITS",
+    "LOG_READERS",
+    "OPERATOR",
+    "PROPOSAL_READERS",
+    "RAFT_PEER_SLOTS",
+    "REPLICAS_MAX",
+    "REPLICA_COUNTERS",
+    "ROLE_COUNTERS",
+    "SUPERVISOR",
+    "CounterSpec",
+    "CounterView",
+    "DiskState",
+    "IdleCode",
+    "Kind",
+    "NodeState",
+    "Owner",
+    "ReplicaCounters",
+    "Role",
+    "RoleCounters",
+    "RoleState",
+    "TransferOutcome",
+    "attach_counters",
+    "commit_index_counter",
+    "committed_index",
+    "counter_spec",
+    "counters_name",
+    "create_counters",
+    "drain_order",
+    "egress_name",
+    "errors_total",
+    "incarnation_id",
+    "log_name",
+    "node_roles",
+    "proposal_name",
+    "replica_owner",
 ]
 
 
@@ -108,6 +142,9 @@ def counters_name(node: str) -> str:
 # ---- the counter table -----------------------------------------------------------------------
 
 SUPERVISOR: Final = "supervisor"
+# The operator's commands (`seqd cluster transfer-leader`): a request counter written by the tool,
+# never by the daemon, so the request and its answer (the replicator's) each have one writer.
+OPERATOR: Final = "operator"
 # A query replica's counters are written by that replica process: owner "replica<k>".
 Owner = Role | Literal["supervisor"] | str
 
@@ -564,6 +601,21 @@ REPLICA_COUNTERS: tuple[ReplicaCounters, ...] = tuple(
     _replica_block(number) for number in range(REPLICAS_MAX)
 )
 
+# Operating a cluster (docs/cluster.md, "Operating a cluster"). A leadership transfer is asked for
+# by writing `raft.transfer.request` (request number << 8 | target node, 0: the best follower); the
+# replicator sets the outcome, then copies the value it acted on to `raft.transfer.handled`.
+RAFT_TRANSFER_TARGET_BITS = 8
+RAFT_TRANSFER_REQUEST = _declare("raft.transfer.request", OPERATOR, Kind.GAUGE, "Leadership transfer asked for by seqd cluster transfer-leader: number << 8 | target (0: best follower)")
+RAFT_TRANSFER_HANDLED = _declare("raft.transfer.handled", Role.REPLICATOR, Kind.GAUGE, "The raft.transfer.request value the replicator last acted on")
+RAFT_TRANSFER_OUTCOME = _declare("raft.transfer.outcome", Role.REPLICATOR, Kind.ENUM, "What became of the last leadership transfer", TransferOutcome)
+RAFT_ELECTIONS = _declare("raft.elections", Role.REPLICATOR, Kind.COUNTER, "Elections this node stood in (as candidate)")
+RAFT_STEP_DOWNS = _declare("raft.step_downs", Role.REPLICATOR, Kind.COUNTER, "Times this node stopped leading")
+ERRORS_PEER_REFUSED = _declare("errors.peer_refused", Role.REPLICATOR, Kind.COUNTER, "Peer connections and frames refused (bad proof or HMAC, another cluster, malformed)")
+RAFT_PEER_LAST_CONTACT_MS = tuple(
+    _declare(f"raft.peer{k}.last_contact_ms", Role.REPLICATOR, Kind.GAUGE, f"When a message from peer slot {k} last arrived (ms since the epoch, 0: never)")
+    for k in range(1, RAFT_PEER_SLOTS + 1)
+)  # fmt: skip
+
 def commit_index_counter(clustered: bool) -> CounterSpec:
     """The node's commit index: the journaller's `commit.index` on a single node, the
     replicator's `raft.commit.index` in a cluster (the other one stays 0)."""
@@ -590,7 +642,7 @@ ERROR_KIND_COUNTERS: tuple[CounterSpec, ...] = tuple(
 ERRORS_TOTAL_NAME = "errors.total"
 assert ERRORS_TOTAL_NAME not in _BY_NAME
 # The version of this table, carried by the segment header (see the module docstring).
-COUNTERS_LAYOUT_VERSION = 2
+COUNTERS_LAYOUT_VERSION = 3
 
 
 def counter_spec(name: str) -> CounterSpec | None:

@@ -52,6 +52,7 @@ from daemon.exits import (
     read_fatal,
     report,
 )
+from daemon.handover import hand_over_leadership
 from daemon.layout import (
     EGRESS_READERS,
     JOURNAL_DISK_FULL,
@@ -434,6 +435,8 @@ class Supervisor:
         if self.replicas is not None:  # not part of the pipeline: their clients resume elsewhere
             self.replicas.stop()
             self.replicas = None
+        if self.clustered and Role.REPLICATOR in self.processes:
+            hand_over_leadership(self.counters, self.config)  # a leader: first, bounded
         clean = True
         for role in drain_order(self.roles):
             code = self._stop_role(role)

@@ -86,6 +86,7 @@ from daemon.roles.common import (
     report_start_failure,
     start_role,
 )
+from daemon.roles.replicator_ops import ReplicatorOperations
 from ipc.ring import Ring
 from sequencer.cluster import (
     PendingForwards,
@@ -213,6 +214,8 @@ class Replicator:
         for slot, peer in enumerate(self.peers):
             counters[RAFT_PEER_NODE[slot]].set(peer)
         self.match_counters = tuple(counters[RAFT_PEER_MATCH_INDEX[slot]] for slot in range(len(self.peers)))
+        self.operations = ReplicatorOperations(counters, self.peers, cluster.election_timeout_ms / 1000 + self.tick_s,
+                                               context.errors)  # fmt: skip
 
         self.hard_state_file = HardStateFile.open(config.node.data_dir)
         self.storage = JournalLogStorage(config.journal_dir)
@@ -280,6 +283,7 @@ class Replicator:
     def _on_messages(self, peer: int, messages: list[Message]) -> None:
         if self.finished.done():
             return  # stopping (a ready may be left outstanding by a truncation)
+        self.operations.heard_from(peer, time.monotonic())
         core = self.core
         for message in messages:
             core.step(message)
@@ -346,6 +350,7 @@ class Replicator:
         core = self.core
         self._report_durable()
         self._check_standing()
+        self.operations.check(core, time.monotonic())  # a leadership transfer: docs/cluster.md
         self._take_proposals()
         while core.has_ready():
             self._handle_ready(core.ready())
@@ -374,6 +379,7 @@ class Replicator:
         if standing == self.standing:
             return
         self.standing = standing
+        self.operations.role_changed(core)
         if core.raft_role is not LEADER:
             self.inbox.clear()  # forwarded to a node that no longer leads: their senders resend
         if standing[1] != NO_NODE:
@@ -390,7 +396,8 @@ class Replicator:
         self.want_proposals = (
             ready_to_propose and not self.pending.full() and len(self.unwritten) < UNWRITTEN_ENTRIES_MAX
         )
-        if not ready_to_propose:
+        if not ready_to_propose or self.operations.holding_proposals(core):
+            self.want_proposals = False  # a transfer: they wait in the ring for the new leader
             return
         records = self.outbox
         self.outbox = []
@@ -404,6 +411,7 @@ class Replicator:
                     record = record_from_frame(frame_type, view)
                     pending.add(record)
                     records.append(record)
+                self.pending_counter.set(len(pending))  # before the release: the drain reads both
                 self.proposals.release()
         if leading:
             if self.inbox:
@@ -522,6 +530,7 @@ class Replicator:
         self.pending_counter.set(len(self.pending))
         for counter, peer in zip(self.match_counters, self.peers, strict=True):
             counter.set(core.match_index(peer))
+        self.operations.publish(sum(self.transport.counters.refused.values()))
         unsaved = self.hard_state_unsaved
         if unsaved is not None and time.monotonic() - self.hard_state_saved_s >= HARD_STATE_COMMIT_SAVE_S:
             self._save_hard_state(unsaved)

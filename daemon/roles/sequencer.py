@@ -67,7 +67,9 @@ from daemon.layout import (
     LOG_PUBLISHED_INDEX,
     LOG_PUBLISHED_POSITION,
     NODE_INCARNATION,
+    RAFT_COMMIT_INDEX,
     RAFT_LEADER,
+    RAFT_PENDING_FORWARDS,
     RAFT_ROLE,
     RECOVERY_LAST_INDEX,
     RECOVERY_LAST_TERM,
@@ -231,6 +233,7 @@ class Sequencer:
         self.blocked_retry: asyncio.TimerHandle | None = None
         self.timer_handle: asyncio.TimerHandle | None = None
         self.draining = False
+        self.drain_commit_index: int | None = None  # a cluster's drain: what the blp must reach
         self.server: asyncio.AbstractServer | None = None
         self.published_position = counters[LOG_PUBLISHED_POSITION]
         self.published_index_counter = counters[LOG_PUBLISHED_INDEX]
@@ -621,12 +624,20 @@ class Sequencer:
             log.info("drained at index %d", self.gateway.next_index - 1)
 
     def _sequenced_is_applied(self, applied_position: int) -> bool:
-        """Drain: whether what this sequencer wrote is past its ring's reader. A single node: the
-        blp applied it (this ring is the log). A cluster: the replicator took every proposal;
-        the replicator, drained after this role, sees them committed before it stops."""
+        """Drain: whether what this sequencer wrote is applied, so its replies are in egress. A
+        single node: the blp applied it (this ring is the log). A cluster: the replicator took
+        every proposal and saw each one committed (`raft.pending_forwards` 0, stored before it
+        releases the proposal ring), and the blp applied up to the commit index read after that
+        (a committed record is durable and in this node's log ring, so the index covers them)."""
         if not self.clustered:
             return applied_position >= self.writer.published_position
-        return self.log_ring.cursor(Role.REPLICATOR) >= self.writer.published_position
+        if self.log_ring.cursor(Role.REPLICATOR) < self.writer.published_position:
+            return False
+        if self.drain_commit_index is None:
+            if self.counters[RAFT_PENDING_FORWARDS].get():
+                return False
+            self.drain_commit_index = self.counters[RAFT_COMMIT_INDEX].get()
+        return self.counters[BLP_APPLIED_INDEX].get() >= self.drain_commit_index
 
 
 GIL_SWITCH_INTERVAL_S = 0.0005  # the waker thread gets the GIL within this, not CPython's 5 ms
