@@ -19,12 +19,13 @@ import pytest
 
 from daemon.cli_cluster import EXIT_FAILED, EXIT_OK, transfer_leader
 from daemon.cluster_harness import Cluster
-from daemon.layout import RAFT_STEP_DOWNS, RAFT_TRANSFER_OUTCOME, TransferOutcome
+from daemon.layout import COMMANDS_TOTAL, RAFT_STEP_DOWNS, RAFT_TRANSFER_OUTCOME, TransferOutcome
 from tests.nemesis.history import read_history
 from tests.test_cluster_faults import ACKS, STOP_TIMEOUT_S, TIMEOUTS, Scenario, _log_tails
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.timeout(300)
+COMMANDS_IN_FLIGHT = 20
 CLI_TIMEOUT_S = 60.0  # a subprocess `seqd cluster transfer-leader` (its own wait is 10 s)
 
 
@@ -44,26 +45,11 @@ def _transfer_cli(config_path: Path, *arguments: str) -> subprocess.CompletedPro
     )  # fmt: skip
 
 
-def test_transfer_leader_hands_leadership_to_the_named_follower(tmp_dir: Path, unique: str) -> None:
+def test_transfer_leader_hands_leadership_over_and_refuses_what_it_cannot_do(tmp_dir: Path, unique: str) -> None:
     """`seqd cluster transfer-leader --to N` on the leader's machine: N leads the next term, the
-    old leader follows it, and the command says so and exits 0."""
-    with Cluster(tmp_dir, unique, proxied=False, cluster=TIMEOUTS) as cluster:
-        cluster.start()
-        leader = cluster.wait_leader()
-        target = next(n for n in cluster.nodes if n != leader.number)
-        done = _transfer_cli(cluster[leader.number].config_path, "--to", str(target))
-        assert done.returncode == 0, (done.stdout, done.stderr, cluster.describe())
-        assert f"leadership moved from node {leader.number} to node {target}" in done.stdout, done.stdout
-        now = cluster.wait_leader(term_above=leader.term or 0, agreeing=cluster.size)
-        assert now.number == target, cluster.describe()
-        counters = cluster[leader.number].read_counters()
-        assert counters[RAFT_TRANSFER_OUTCOME.name] == TransferOutcome.DONE, counters[RAFT_TRANSFER_OUTCOME.name]
-        assert counters[RAFT_STEP_DOWNS.name] >= 1
-
-
-def test_transfer_leader_refuses_on_a_follower_and_for_an_unknown_target(tmp_dir: Path, unique: str) -> None:
-    """Each failure exits non-zero with a line saying what is wrong and what to do; leadership
-    does not move."""
+    old leader follows it, the command says so and exits 0; without --to the best follower takes
+    over. Each refusal (run on a follower, an unknown target, this node) exits 1 with a line
+    saying what is wrong and what to do, and leadership does not move."""
     with Cluster(tmp_dir, unique, proxied=False, cluster=TIMEOUTS) as cluster:
         cluster.start()
         leader = cluster.wait_leader(agreeing=cluster.size)
@@ -79,53 +65,92 @@ def test_transfer_leader_refuses_on_a_follower_and_for_an_unknown_target(tmp_dir
         refused = _transfer_cli(cluster[follower].config_path)
         assert refused.returncode == EXIT_FAILED and "is not the leader" in refused.stderr, refused
         assert cluster.wait_leader(agreeing=cluster.size).number == leader.number, cluster.describe()
-        # Best follower: no --to.
-        assert transfer_leader(cluster[leader.number].config, 0, 10.0, lines.append) == EXIT_OK, lines
+
+        done = _transfer_cli(cluster[leader.number].config_path, "--to", str(follower))
+        assert done.returncode == EXIT_OK, (done.stdout, done.stderr, cluster.describe())
+        assert f"leadership moved from node {leader.number} to node {follower}" in done.stdout, done.stdout
+        now = cluster.wait_leader(term_above=leader.term or 0, agreeing=cluster.size)
+        assert now.number == follower, cluster.describe()
+        counters = cluster[leader.number].read_counters()
+        assert counters[RAFT_TRANSFER_OUTCOME.name] == TransferOutcome.DONE, counters[RAFT_TRANSFER_OUTCOME.name]
+        assert counters[RAFT_STEP_DOWNS.name] >= 1
+
+        assert transfer_leader(cluster[follower].config, 0, 10.0, lines.append) == EXIT_OK, lines  # best follower
+        assert cluster.wait_leader(term_above=now.term or 0, agreeing=cluster.size).number != follower
 
 
-def test_sigterm_of_the_leader_under_load_hands_over_before_it_stops(scenario: Scenario) -> None:
-    """systemd stop of the leader's node: it hands leadership over before it drains (a new leader
-    leads before the old node's process has exited), exits 0, and its own client, which waits
-    and resends through the restart, loses and fails nothing."""
-    cluster = scenario.cluster
-    scenario.begin()
-    leader, term = scenario.leader()
-    codes = cluster.stop([leader], timeout_s=STOP_TIMEOUT_S)
-    assert codes == {leader: 0}, (codes, _log_tails(cluster))
-    # Read at once: without the hand-over the others would still follow the stopped node here,
-    # for an election timeout.
-    views = [view for number, view in cluster.views().items() if number != leader and view is not None]
-    leaders = {view.leader for view in views}
-    assert len(leaders) == 1 and leader not in leaders and 0 not in leaders, cluster.describe()
-    assert "leadership handed over" in cluster[leader].log_text(), _log_tails(cluster)
-    assert max(view.term or 0 for view in views) > term
-    survivors = [n for n in cluster.nodes if n != leader]
-    scenario.progress(ACKS, survivors)
-    cluster.start([leader])
-    scenario.progress(ACKS)
-    scenario.finish()
-    _assert_every_request_ok(scenario)
+def test_a_draining_follower_answers_the_commands_its_clients_sent_before_closing(tmp_dir: Path, unique: str) -> None:
+    """SIGTERM of a follower whose clients' commands are forwarded but not yet committed (the
+    leader is paused, so they commit only once the other node takes over): the drain waits until
+    they are committed and applied here and their replies sent, so the client gets every reply
+    without reconnecting (its reconnect timeout is shorter than the node is down for good)."""
+    from sequencer.apps.ledger import Deposit, Ledger, OpenAccount
+    from sequencer.client import Client, TimedOut
+
+    with Cluster(tmp_dir, unique, proxied=False, cluster=TIMEOUTS) as cluster:
+        cluster.start()
+        leader = cluster.wait_leader(agreeing=cluster.size).number
+        follower = next(n for n in cluster.nodes if n != leader)
+        node = cluster[follower]
+        with Client(node.socket_path, schema=Ledger.schema, timeout_s=30.0, reconnect_timeout_s=2.0) as client:
+            client.call(OpenAccount("alice"))
+            sequenced = node.read_counters()[COMMANDS_TOTAL.name]
+            cluster.pause(leader)
+            try:
+                pending = [client.submit(Deposit("alice", 1)) for _ in range(COMMANDS_IN_FLIGHT)]
+                with pytest.raises(TimedOut):
+                    pending[0].result(timeout_s=0.05)  # sends them; nothing commits while paused
+                deadline = time.monotonic() + 30.0
+                while node.read_counters()[COMMANDS_TOTAL.name] < sequenced + COMMANDS_IN_FLIGHT:
+                    assert time.monotonic() < deadline, node.read_counters()
+                    time.sleep(0.01)
+                node.terminate()  # the drain waits for the other follower to take over and commit
+                try:
+                    replies = [request.result() for request in pending]
+                except Exception:
+                    print(_log_tails(cluster, 6000))
+                    raise
+            finally:
+                cluster.resume(leader)
+        assert len(replies) == COMMANDS_IN_FLIGHT
+        assert node.stop(STOP_TIMEOUT_S, signalled=True) == 0, _log_tails(cluster)
 
 
 def test_rolling_restart_under_load_fails_no_request(scenario: Scenario) -> None:
     """The rolling restart of docs/cluster.md, node by node under load from a client on every
-    node: move leadership away (`seqd cluster transfer-leader`) if the node leads, stop it with
-    SIGTERM, start it, wait until it has caught up and its client goes on. Every request of every
-    client completes ok (only latency); the checker finds nothing; the hashes agree."""
+    node: stop it with SIGTERM (systemd stop), start it, wait until it has caught up and its
+    client goes on. The first node is the leader, moved away with `seqd cluster transfer-leader`
+    first; the second is the new leader, stopped with SIGTERM alone: it hands leadership over
+    before it drains (another node leads before its process has exited). Every node exits 0;
+    every request of every client completes ok (only latency: each client waits for its node and
+    resends); the checker finds nothing; the hashes agree."""
     cluster = scenario.cluster
     scenario.begin()
-    for number in cluster.nodes:
-        leader, _term = scenario.leader()
-        if leader == number:
+    restarted: list[int] = []
+    for step in range(cluster.size):
+        leader, term = scenario.leader()
+        if step == 0:
+            number = leader
             moved = _transfer_cli(cluster[number].config_path)
             assert moved.returncode == 0, (moved.stdout, moved.stderr, cluster.describe())
-            scenario.leader(among=[n for n in cluster.nodes if n != number])
-        started = time.monotonic()
+            leader, term = scenario.leader(term_above=term)
+            assert leader != number
+        elif step == 1:
+            number = leader  # the hand-over on SIGTERM
+        else:
+            number = next(n for n in cluster.nodes if n not in restarted)
         assert cluster.stop([number], timeout_s=STOP_TIMEOUT_S) == {number: 0}, _log_tails(cluster)
+        if step == 1:
+            # Read at once: without the hand-over the others would still follow the stopped node
+            # here, for an election timeout.
+            views = [v for n, v in cluster.views().items() if n != number and v is not None]
+            assert {v.leader for v in views} - {number, 0} and number not in {v.leader for v in views}, cluster.describe()
+            assert "leadership handed over" in cluster[number].log_text(), _log_tails(cluster)
+        restarted.append(number)
         scenario.progress(ACKS, [n for n in cluster.nodes if n != number])
         cluster.start([number])
         scenario.progress(ACKS)  # its client reconnected, resent, and goes on
-        assert time.monotonic() - started < STOP_TIMEOUT_S * 4, cluster.describe()
+    assert sorted(restarted) == sorted(cluster.nodes)
     scenario.finish()
     _assert_every_request_ok(scenario)
 

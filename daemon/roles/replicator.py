@@ -350,7 +350,8 @@ class Replicator:
         core = self.core
         self._report_durable()
         self._check_standing()
-        self.operations.check(core, time.monotonic())  # a leadership transfer: docs/cluster.md
+        settled = may_propose(core.raft_role is LEADER, core.term, core.leader_id, self.term_started, self.commit_known)
+        self.operations.check(core, time.monotonic(), settled)  # a leadership transfer: docs/cluster.md
         self._take_proposals()
         while core.has_ready():
             self._handle_ready(core.ready())

@@ -115,8 +115,15 @@ class ReplicatorOperations:
 
     # ---- the transfer ---------------------------------------------------------------------------
 
-    def check(self, core: RaftCore, now_s: float) -> None:
-        """Follow a transfer under way; start one an operator asked for, or the drain needs."""
+    def check(self, core: RaftCore, now_s: float, settled: bool) -> None:
+        """Follow a transfer under way; start one an operator asked for, or the drain needs.
+
+        Args:
+            settled: this node leads and its term's TERM_START has committed (`may_propose`).
+                A new leader hands nothing over before: its TERM_START must still be proposed
+                (which a transfer under way would refuse), and a transfer right after an
+                election would only start another. A request waits until then.
+        """
         leading = core.raft_role is LEADER
         if self.target:
             if not leading:
@@ -124,6 +131,8 @@ class ReplicatorOperations:
             elif now_s >= self.deadline_s:
                 self.retry_s = now_s  # a drain tries again at once (another follower may do)
                 self._finish(core, TransferOutcome.ABORTED)
+        if leading and not settled:
+            return
         request = self.request.get()
         if request != self.request_seen:
             self.request_seen = request
