@@ -74,6 +74,12 @@ def test_transfer_leader_hands_leadership_over_and_refuses_what_it_cannot_do(tmp
         counters = cluster[leader.number].read_counters()
         assert counters[RAFT_TRANSFER_OUTCOME.name] == TransferOutcome.DONE, counters[RAFT_TRANSFER_OUTCOME.name]
         assert counters[RAFT_STEP_DOWNS.name] >= 1
+        from daemon import status
+
+        shown = status.render_json(status.sample_status(cluster[follower].node))["raft"]
+        assert shown["role"] == "leader" and shown["elections"] >= 1, shown
+        assert sorted(shown["members"]) == sorted(cluster.nodes) and shown["members"][0] == follower, shown
+        assert all(f["last_contact_ms"] is not None and f["last_contact_ms"] < 60_000 for f in shown["followers"]), shown
 
         assert transfer_leader(cluster[follower].config, 0, 10.0, lines.append) == EXIT_OK, lines  # best follower
         assert cluster.wait_leader(term_above=now.term or 0, agreeing=cluster.size).number != follower
