@@ -10,6 +10,7 @@
     seqd verify [--config FILE]                               replay the journal under another hash seed
     seqd schema [--app module:Class | --config FILE]          the app's message types as JSON Schema
     seqd cluster transfer-leader [--config FILE] [--to N]      hand leadership from this node to another
+    seqd cluster raise-version [--config FILE] [--to V]        activate a new app version on every node
     seqd project --config FILE [--rebuild | --until-caught-up]  a projection into SQLite/PostgreSQL
 """
 

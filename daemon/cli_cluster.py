@@ -1,6 +1,7 @@
 """`seqd cluster ...`: operating a cluster from the machine of one of its nodes.
 
     seqd cluster transfer-leader [--config FILE] [--to N] [--timeout S]
+    seqd cluster raise-version [--config FILE] [--to V] [--timeout S]
 
 Like `seqd status` and `seqd snapshot`, the tool talks to its local node through shared memory,
 never a socket: it writes `raft.transfer.request` (its one writer is this tool, owner `operator`
@@ -11,6 +12,12 @@ the counters: the request needs no reply beyond what the counters show anyway, i
 replicator without a new listener or a new frame in the client protocol, and it works when the
 node's socket is busy or its sessions are full. Two operators asking at the same moment: the
 later request replaces the earlier (one counter), and the earlier tool says so.
+
+`raise-version` works the same way (`app.version.raise_request`, owner `operator`): the
+sequencer sequences an ADMIN raise_version record (like any input, so it takes effect at one
+index on every node), echoes the request in `app.version.raise_handled`, and the tool waits for
+the blp's `app.version.active` to reach the version, or for `app.version.raises_refused` to grow
+(a member's code does not know it: the node's log names which). docs/evolution.md.
 """
 
 from __future__ import annotations
@@ -23,6 +30,10 @@ from typing import Any
 
 from daemon.config import Config, load_config
 from daemon.layout import (
+    APP_VERSION_ACTIVE,
+    APP_VERSION_RAISE_HANDLED,
+    APP_VERSION_RAISE_REQUEST,
+    APP_VERSION_RAISES_REFUSED,
     OPERATOR,
     RAFT_LEADER,
     RAFT_ROLE,
@@ -38,7 +49,9 @@ from daemon.layout import (
 from ipc.segment import SegmentError
 from sequencer.raft.raft_role import RaftRole
 
-__all__ = ["TRANSFER_POLL_S", "TRANSFER_TIMEOUT_S", "add_cluster_commands", "transfer_leader"]
+__all__ = ["TRANSFER_POLL_S", "TRANSFER_TIMEOUT_S", "add_cluster_commands", "raise_version", "transfer_leader"]
+
+_VERSION_BITS = 16  # app.version.raise_request: number << 16 | version (VERSION_MAX is 0xFFFF)
 
 # A transfer takes a catch-up round trip and an election round; the replicator gives it up after
 # an election timeout (300..600 ms by default). The default wait covers a slow catch-up on a
@@ -137,6 +150,58 @@ def _not_leader(number: int, role: int, term: int, leader: int) -> str:
             f"term {term}); {where}")
 
 
+def raise_version(config: Config, version: int, timeout_s: float, say: Callable[[str], None],
+                  clock: Callable[[], float] = time.monotonic) -> int:  # fmt: skip
+    """Make app schema `version` (0: this node's app's) active on the whole log, through this
+    node. Returns EXIT_OK once it is active here, else EXIT_FAILED with one line."""
+    from sequencer.state_machine import load_app
+
+    node = config.node.name
+    code_version = load_app(config.node.app).schema.version
+    version = version or code_version
+    if version > code_version:
+        say(f"seqd: node {node}'s app knows versions up to {code_version}: install the app version that "
+            f"knows version {version} on every node first")
+        return EXIT_FAILED
+    try:
+        counters = CounterView(attach_counters(node), owner=OPERATOR)
+    except (SegmentError, FileNotFoundError) as error:
+        say(f"seqd: node {node} is not running ({error})")
+        return EXIT_FAILED
+    try:
+        active, refused = counters[APP_VERSION_ACTIVE], counters[APP_VERSION_RAISES_REFUSED]
+        if active.get() >= version:
+            say(f"app version {active.get()} is active already (asked for {version}): nothing to do")
+            return EXIT_OK
+        refused_before = refused.get()
+        request_counter = counters[APP_VERSION_RAISE_REQUEST]
+        request = (((request_counter.get() >> _VERSION_BITS) + 1) << _VERSION_BITS) | version
+        request_counter.set(request)
+        handled = counters[APP_VERSION_RAISE_HANDLED]
+        deadline = clock() + timeout_s
+        while clock() < deadline:
+            if active.get() >= version:
+                say(f"app version {version} is active on node {node} (and from the same index on every node)")
+                return EXIT_OK
+            if handled.get() == request and refused.get() > refused_before:
+                say(f"seqd: the raise to version {version} was refused: not every member's code knows it "
+                    f"(node {node}'s log names the nodes). Upgrade and restart them, then raise again")
+                return EXIT_FAILED
+            time.sleep(TRANSFER_POLL_S)
+        say(f"seqd: version {version} was not active after {timeout_s:g} s "
+            f"({'sequenced' if handled.get() == request else 'not even sequenced'}: does the cluster have a "
+            "leader? see `seqd status`)")
+        return EXIT_FAILED
+    finally:
+        counters.close()
+
+
+def command_raise_version(args: argparse.Namespace) -> int:
+    config = load_config(args.config, args.overrides)
+    return raise_version(config, args.to, args.timeout, lambda line: print(
+        line, file=sys.stderr if line.startswith("seqd:") else sys.stdout))
+
+
 def command_transfer_leader(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     return transfer_leader(config, args.to, args.timeout, lambda line: print(
@@ -155,3 +220,12 @@ def add_cluster_commands(commands: Any, add_config_arguments: Callable[[argparse
     transfer.add_argument("--timeout", type=float, default=TRANSFER_TIMEOUT_S, metavar="S",
                           help=f"give up after this many seconds (default {TRANSFER_TIMEOUT_S:g})")
     transfer.set_defaults(func=command_transfer_leader)
+    raising = actions.add_parser(
+        "raise-version", help="make a new app version active on every node, once every node runs code that knows it"
+    )
+    add_config_arguments(raising)
+    raising.add_argument("--to", type=int, default=0, metavar="V",
+                         help="the app schema version (default: the version of this node's app)")
+    raising.add_argument("--timeout", type=float, default=TRANSFER_TIMEOUT_S, metavar="S",
+                         help=f"give up after this many seconds (default {TRANSFER_TIMEOUT_S:g})")
+    raising.set_defaults(func=command_raise_version)

@@ -28,47 +28,13 @@ from ipc.segment import SegmentError, segment_name
 from sequencer.raft.core import RaftRole
 
 __all__ = [
-    "COUNTERS",
-    "COUNTERS_LAYOUT_VERSION",
-    "COUNTER_NAMES",
-    "EGRESS_READERS",
-    "ERRORS_TOTAL_NAME",
-    "ERROR_KIND_COUNTERS",
-    "INCARNATION_BITS",
-    "LOG_READERS",
-    "OPERATOR",
-    "PROPOSAL_READERS",
-    "RAFT_PEER_SLOTS",
-    "REPLICAS_MAX",
-    "REPLICA_COUNTERS",
-    "ROLE_COUNTERS",
-    "SUPERVISOR",
-    "CounterSpec",
-    "CounterView",
-    "DiskState",
-    "IdleCode",
-    "Kind",
-    "NodeState",
-    "Owner",
-    "ReplicaCounters",
-    "Role",
-    "RoleCounters",
-    "RoleState",
-    "TransferOutcome",
-    "attach_counters",
-    "commit_index_counter",
-    "committed_index",
-    "counter_spec",
-    "counters_name",
-    "create_counters",
-    "drain_order",
-    "egress_name",
-    "errors_total",
-    "incarnation_id",
-    "log_name",
-    "node_roles",
-    "proposal_name",
-    "replica_owner",
+    "COUNTERS", "COUNTERS_LAYOUT_VERSION", "COUNTER_NAMES", "EGRESS_READERS", "ERRORS_TOTAL_NAME",
+    "ERROR_KIND_COUNTERS", "INCARNATION_BITS", "LOG_READERS", "OPERATOR", "PROPOSAL_READERS",
+    "RAFT_PEER_SLOTS", "REPLICAS_MAX", "REPLICA_COUNTERS", "ROLE_COUNTERS", "SUPERVISOR", "CounterSpec",
+    "CounterView", "DiskState", "IdleCode", "Kind", "NodeState", "Owner", "ReplicaCounters", "Role",
+    "RoleCounters", "RoleState", "TransferOutcome", "attach_counters", "commit_index_counter",
+    "committed_index", "counter_spec", "counters_name", "create_counters", "drain_order", "egress_name",
+    "errors_total", "incarnation_id", "log_name", "node_roles", "proposal_name", "replica_owner",
 ]
 
 
@@ -615,6 +581,13 @@ RAFT_PEER_LAST_CONTACT_MS = tuple(
     _declare(f"raft.peer{k}.last_contact_ms", Role.REPLICATOR, Kind.GAUGE, f"When a message from peer slot {k} last arrived (ms since the epoch, 0: never)")
     for k in range(1, RAFT_PEER_SLOTS + 1)
 )  # fmt: skip
+
+# Rolling upgrades (sequencer/app_versions.py): `seqd cluster raise-version` asks (number << 16 | version).
+APP_VERSION_RAISE_REQUEST = _declare("app.version.raise_request", OPERATOR, Kind.GAUGE, "App version raise asked for by seqd cluster raise-version: number << 16 | version")
+APP_VERSION_RAISE_HANDLED = _declare("app.version.raise_handled", Role.SEQUENCER, Kind.GAUGE, "The app.version.raise_request value the sequencer last sequenced")
+APP_VERSION_ACTIVE = _declare("app.version.active", Role.BLP, Kind.GAUGE, "App schema version active at the applied index (0: none reported yet)")
+APP_VERSION_RAISES_REFUSED = _declare("app.version.raises_refused", Role.BLP, Kind.COUNTER, "Raises of the app version refused (a member's code does not know it)")
+
 
 def commit_index_counter(clustered: bool) -> CounterSpec:
     """The node's commit index: the journaller's `commit.index` on a single node, the

@@ -52,6 +52,9 @@ import uvloop
 
 from daemon.errorlog import DistinctErrorLog, exception_key
 from daemon.layout import (
+    APP_VERSION_ACTIVE,
+    APP_VERSION_RAISE_HANDLED,
+    APP_VERSION_RAISE_REQUEST,
     BLP_APPLIED_INDEX,
     BLP_APPLIED_POSITION,
     COMMANDS_TOTAL,
@@ -216,6 +219,7 @@ class Sequencer:
             snapshot_every_records=config.snapshot.every_records,
             snapshot_every_bytes=config.snapshot.every_bytes,
             replicas=tuple(config.replica_socket_paths()),
+            members=tuple(member.id for member in config.cluster.members) if config.cluster else (),
         )
         # Stamps continue from what recovery found in the journal.
         self.gateway: Gateway[Session] = Gateway(
@@ -234,6 +238,7 @@ class Sequencer:
         self.timer_handle: asyncio.TimerHandle | None = None
         self.draining = False
         self.drain_commit_index: int | None = None  # a cluster's drain: what the blp must reach
+        self.raise_seen = counters[APP_VERSION_RAISE_REQUEST].get()
         self.server: asyncio.AbstractServer | None = None
         self.published_position = counters[LOG_PUBLISHED_POSITION]
         self.published_index_counter = counters[LOG_PUBLISHED_INDEX]
@@ -453,6 +458,18 @@ class Sequencer:
             self._schedule_retry()
         self._claimed()
 
+    def _check_app_version(self) -> None:
+        """Rolling upgrades (sequencer/app_versions.py): in a cluster, admit commands only up to
+        the log's active app version; sequence the raise `seqd cluster raise-version` asked for."""
+        counters = self.counters
+        if self.clustered:
+            self.gateway.limit_command_version(counters[APP_VERSION_ACTIVE].get())
+        request = counters[APP_VERSION_RAISE_REQUEST].get()
+        if request != self.raise_seen and self.gateway.sequence_raise_version(time.time_ns(), request & 0xFFFF):
+            self.raise_seen = request
+            self._claimed()
+            counters[APP_VERSION_RAISE_HANDLED].set(request)
+
     def _log_snapshot_policy(self) -> None:
         """Cluster mode: the leader requests a snapshot by the log its blp applied."""
         counters = self.counters
@@ -563,6 +580,7 @@ class Sequencer:
             await asyncio.sleep(BLOCKED_RETRY_S)
         self._flush()
         sock = self.bind()
+        self._check_app_version()
         self.server = await self.loop.create_unix_server(lambda: Session(self), sock=sock)
         self.waker = threading.Thread(target=self._waker, name="egress-waker", daemon=True)
         self.waker.start()
@@ -582,6 +600,7 @@ class Sequencer:
             context.heartbeat.set(beats)
             if log_snapshots:
                 self._log_snapshot_policy()
+            self._check_app_version()
             self.errors.flush(time.monotonic())
             await asyncio.sleep(HEARTBEAT_INTERVAL_S)
         await self.drain()
