@@ -19,6 +19,10 @@ class NodeState(IntEnum):
     SERVING = 2
     DRAINING = 3
     STOPPED = 4
+    # Cluster mode, before DRAINING: a leader's replicator hands leadership over while the node
+    # is in this state, and only then (daemon/handover.py): were it for the whole drain, nodes
+    # stopped together would hand it to each other for as long as their drains last.
+    HANDING_OVER = 5
 
 
 class RoleState(IntEnum):

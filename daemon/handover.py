@@ -3,7 +3,7 @@
 
 A leader that simply stopped would leave the cluster leaderless for an election timeout and an
 election (300..600 ms and a round, by default), and every client of every node would wait that
-long. So the supervisor's drain first marks the node DRAINING, which the replicator reads: while
+long. So the supervisor's drain first marks the node HANDING_OVER, which the replicator reads: while
 it leads, it hands leadership to its most caught-up follower (daemon/roles/replicator_ops.py).
 The supervisor waits here until the node no longer leads, bounded, then drains as always (the
 sequencer stops accepting and answers what its clients sent; the journaller, the replicator and
@@ -41,7 +41,7 @@ def handover_wait_s(config: Config) -> float:
 
 def hand_over_leadership(counters: CounterView, config: Config) -> bool:
     """Wait (bounded) until this node, draining, no longer leads; True if it did not lead or
-    leadership moved, False when the wait ran out. `node.state` must be DRAINING already."""
+    leadership moved, False when the wait ran out. `node.state` must be HANDING_OVER already."""
     role, term, leader = counters[RAFT_ROLE], counters[RAFT_TERM], counters[RAFT_LEADER]
     if role.get() != RaftRole.LEADER:
         return True

@@ -6,9 +6,9 @@ ways, both through the counters, so neither needs a socket into the daemon:
 - an operator runs `seqd cluster transfer-leader [--to N]`, which writes `raft.transfer.request`
   (a request number << 8 | the target, 0: the best follower; its one writer is the tool) and
   waits for `raft.transfer.handled` to echo it, then for the outcome;
-- the supervisor drains a node on SIGTERM (`node.state` DRAINING): while this node leads, it
-  hands leadership to the best follower, again after each attempt that found no follower or
-  timed out, until it no longer leads; the supervisor waits for that (bounded) before it stops
+- the supervisor drains a node on SIGTERM and first sets `node.state` HANDING_OVER: then, while
+  this node leads, it hands leadership to the best follower, again after each attempt that found
+  no follower or timed out, until it no longer leads; the supervisor waits for that (bounded) before it stops
   the roles (daemon/handover.py).
 
 While a transfer runs the replicator takes nothing from the proposal ring: the sequencer's
@@ -138,7 +138,7 @@ class ReplicatorOperations:
             self.request_seen = request
             self.outcome.set(int(self._start(core, request & _TARGET_MASK, now_s)))
             self.handled.set(request)  # after the outcome: the tool reads the outcome next
-        elif leading and not self.target and now_s >= self.retry_s and self.node_state.get() == NodeState.DRAINING:
+        elif leading and not self.target and now_s >= self.retry_s and self.node_state.get() == NodeState.HANDING_OVER:
             self.outcome.set(int(self._start(core, NO_NODE, now_s)))
 
     def _finish(self, core: RaftCore, outcome: TransferOutcome) -> None:
