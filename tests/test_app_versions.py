@@ -14,7 +14,7 @@ from sequencer.egress import Reply
 from sequencer.processor import Processor
 from sequencer.record import ADMIN_NODE_START, ADMIN_RAISE_VERSION, RecordType, encode_admin
 from tests.fixtures.feeder import Feeder, feed
-from tests.fixtures.ledger_v2 import LEDGER_V2_SCHEMA, LedgerV2, TransferAll
+from tests.fixtures.ledger_v2_additive import LEDGER_V2_SCHEMA, LedgerV2, TransferAll
 
 MEMBERS = [1, 2, 3]
 

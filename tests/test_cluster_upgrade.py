@@ -1,6 +1,6 @@
 """Rolling upgrade of a cluster's app (issue 16 part 3; docs/evolution.md, "Rolling upgrades of a
 cluster"): three real nodes running the ledger v1 under a client on every node are upgraded one
-at a time to ledger v2 (tests/fixtures/ledger_v2.py: one new command), leadership moved away
+at a time to ledger v2 (tests/fixtures/ledger_v2_additive.py: one new command), leadership moved away
 before each restart. The new command is refused until `seqd cluster raise-version` makes v2
 active at one index on every node, then accepted; the nodes converge with equal rolling hashes
 and equal snapshot state hashes; a node started again with the old code stops at the raise.
@@ -34,7 +34,7 @@ pytestmark = [
                        reason="a whole cluster scenario: set SEQD_FAULTS_LONG=1"),
 ]
 V1 = "sequencer.apps.ledger:Ledger"
-V2 = "tests.fixtures.ledger_v2:LedgerV2"
+V2 = "tests.fixtures.ledger_v2_additive:LedgerV2"
 EXIT_DATAERR = 65
 WAIT_S = 60.0
 
@@ -69,7 +69,7 @@ def test_a_cluster_upgraded_node_by_node_under_load_activates_the_new_version_at
 ) -> None:
     from sequencer.apps.ledger import Deposit
     from sequencer.client import Client, CommandRejected
-    from tests.fixtures.ledger_v2 import LEDGER_V2_SCHEMA, TransferAll
+    from tests.fixtures.ledger_v2_additive import LEDGER_V2_SCHEMA, TransferAll
     from tests.nemesis.history import read_history
 
     cluster = scenario.cluster
