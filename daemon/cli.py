@@ -10,6 +10,8 @@
     seqd bluegreen switch --blue FILE --green FILE            hand blue's socket to green (docs/evolution.md)
     seqd verify [--config FILE]                               replay the journal under another hash seed
     seqd schema [--app module:Class | --config FILE]          the app's message types as JSON Schema
+    seqd cluster transfer-leader [--config FILE] [--to N]      hand leadership from this node to another
+    seqd cluster raise-version [--config FILE] [--to V]        activate a new app version on every node
     seqd project --config FILE [--rebuild | --until-caught-up]  a projection into SQLite/PostgreSQL
     seqd export --config FILE [--until-caught-up]             the events into NATS JetStream, exactly once
 """

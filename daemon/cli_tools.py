@@ -281,3 +281,7 @@ def add_commands(commands: Any, add_config_arguments: Callable[[argparse.Argumen
     add_config_arguments(verify)
     verify.add_argument("--hash-seed", type=int, default=12345, help="the second PYTHONHASHSEED (the blp uses 0)")
     verify.set_defaults(func=command_verify)
+
+    from daemon.cli_cluster import add_cluster_commands
+
+    add_cluster_commands(commands, add_config_arguments)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from enum import IntEnum
 
-__all__ = ["DiskState", "IdleCode", "NodeState", "RoleState"]
+__all__ = ["DiskState", "IdleCode", "NodeState", "RoleState", "TransferOutcome"]
 
 
 class NodeState(IntEnum):
@@ -19,6 +19,10 @@ class NodeState(IntEnum):
     SERVING = 2
     DRAINING = 3
     STOPPED = 4
+    # Cluster mode, before DRAINING: a leader's replicator hands leadership over while the node
+    # is in this state, and only then (daemon/handover.py): were it for the whole drain, nodes
+    # stopped together would hand it to each other for as long as their drains last.
+    HANDING_OVER = 5
 
 
 class RoleState(IntEnum):
@@ -45,3 +49,16 @@ class IdleCode(IntEnum):
     YIELD = 1
     BACKOFF = 2
     BLOCKING = 3
+
+
+class TransferOutcome(IntEnum):
+    """`raft.transfer.outcome`: what became of the last leadership transfer the replicator was
+    asked for (`seqd cluster transfer-leader`, or its own node's drain), written by the replicator."""
+
+    NONE = 0
+    STARTED = 1  # catching the target up, then TimeoutNow; proposals wait meanwhile
+    DONE = 2  # this node no longer leads
+    NOT_LEADER = 3  # refused: this node did not lead when asked
+    UNKNOWN_TARGET = 4  # refused: the target is not another member
+    ABORTED = 5  # no new leader within an election timeout: this node leads again and accepts
+    NO_FOLLOWER = 6  # refused: no other member is connected to hand over to

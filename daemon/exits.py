@@ -32,6 +32,7 @@ import posix_ipc
 from daemon.config import ConfigError
 from ipc.platform import PlatformError
 from ipc.segment import SegmentError
+from sequencer.app_versions import AppVersionError
 from sequencer.journal import (
     JournalCorruptError,
     JournalError,
@@ -170,7 +171,7 @@ def classify(error: BaseException) -> FatalError | None:
         return FatalError(ExitCode.CONFIG, f"node.app: {error}")
     if isinstance(error, PlatformError):
         return FatalError(ExitCode.FAILED, str(error))
-    if isinstance(error, JournalCorruptError):
+    if isinstance(error, JournalCorruptError | AppVersionError):
         return FatalError(ExitCode.DATAERR, str(error))
     if isinstance(error, JournalLockedError):
         return FatalError(ExitCode.CANTCREAT, str(error))

@@ -22,19 +22,19 @@ from dataclasses import dataclass
 from enum import IntEnum, StrEnum
 from typing import Final, Literal
 
-from daemon.counter_states import DiskState, IdleCode, NodeState, RoleState
-from ipc.counters import Counter, Counters
-from ipc.segment import SegmentError, segment_name
+from daemon.counter_states import DiskState, IdleCode, NodeState, RoleState, TransferOutcome
+from ipc.segment import segment_name
 from sequencer.raft.core import RaftRole
 
 __all__ = [
     "COUNTERS", "COUNTERS_LAYOUT_VERSION", "COUNTER_NAMES", "EGRESS_READERS", "ERRORS_TOTAL_NAME",
-    "ERROR_KIND_COUNTERS", "INCARNATION_BITS", "LOG_READERS", "PROPOSAL_READERS", "RAFT_PEER_SLOTS",
-    "READ_ROUND_COUNTERS", "REPLICAS_MAX", "REPLICA_COUNTERS", "ROLE_COUNTERS", "SUPERVISOR", "CounterSpec", "CounterView",
-    "DiskState", "IdleCode", "Kind", "NodeState", "Owner", "ReadRoundCounters", "ReplicaCounters", "Role",
-    "RoleCounters", "RoleState", "attach_counters", "commit_index_counter", "committed_index",
-    "counter_spec", "counters_name", "create_counters", "drain_order", "egress_name",
-    "errors_total", "incarnation_id", "log_name", "node_roles", "proposal_name", "replica_owner",
+    "ERROR_KIND_COUNTERS", "INCARNATION_BITS", "LOG_READERS", "OPERATOR", "PROPOSAL_READERS",
+    "RAFT_PEER_SLOTS", "READ_ROUND_COUNTERS", "REPLICAS_MAX", "REPLICA_COUNTERS", "ROLE_COUNTERS",
+    "SUPERVISOR", "CounterSpec", "CounterView", "DiskState", "IdleCode", "Kind", "NodeState",
+    "Owner", "ReadRoundCounters", "ReplicaCounters", "Role", "RoleCounters", "RoleState",
+    "TransferOutcome", "attach_counters", "commit_index_counter", "committed_index", "counter_spec",
+    "counters_name", "create_counters", "drain_order", "egress_name", "errors_total",
+    "incarnation_id", "log_name", "node_roles", "proposal_name", "replica_owner",
 ]
 
 
@@ -108,6 +108,9 @@ def counters_name(node: str) -> str:
 # ---- the counter table -----------------------------------------------------------------------
 
 SUPERVISOR: Final = "supervisor"
+# The operator's commands (`seqd cluster transfer-leader`): a request counter written by the tool,
+# never by the daemon, so the request and its answer (the replicator's) each have one writer.
+OPERATOR: Final = "operator"
 # A query replica's counters are written by that replica process: owner "replica<k>".
 Owner = Role | Literal["supervisor"] | str
 
@@ -585,6 +588,28 @@ READ_ROUND_COUNTERS: tuple[ReadRoundCounters, ...] = tuple(
 RAFT_LEARNER = _declare("raft.learner", Role.REPLICATOR, Kind.GAUGE, "1 on a learner, else 0")
 
 
+# Operating a cluster (docs/cluster.md, "Operating a cluster"). A leadership transfer is asked for
+# by writing `raft.transfer.request` (request number << 8 | target node, 0: the best follower); the
+# replicator sets the outcome, then copies the value it acted on to `raft.transfer.handled`.
+RAFT_TRANSFER_TARGET_BITS = 8
+RAFT_TRANSFER_REQUEST = _declare("raft.transfer.request", OPERATOR, Kind.GAUGE, "Leadership transfer asked for by seqd cluster transfer-leader: number << 8 | target (0: best follower)")
+RAFT_TRANSFER_HANDLED = _declare("raft.transfer.handled", Role.REPLICATOR, Kind.GAUGE, "The raft.transfer.request value the replicator last acted on")
+RAFT_TRANSFER_OUTCOME = _declare("raft.transfer.outcome", Role.REPLICATOR, Kind.ENUM, "What became of the last leadership transfer", TransferOutcome)
+RAFT_ELECTIONS = _declare("raft.elections", Role.REPLICATOR, Kind.COUNTER, "Elections this node stood in (as candidate)")
+RAFT_STEP_DOWNS = _declare("raft.step_downs", Role.REPLICATOR, Kind.COUNTER, "Times this node stopped leading")
+ERRORS_PEER_REFUSED = _declare("errors.peer_refused", Role.REPLICATOR, Kind.COUNTER, "Peer connections and frames refused (bad proof or HMAC, another cluster, malformed)")
+RAFT_PEER_LAST_CONTACT_MS = tuple(
+    _declare(f"raft.peer{k}.last_contact_ms", Role.REPLICATOR, Kind.GAUGE, f"When a message from peer slot {k} last arrived (ms since the epoch, 0: never)")
+    for k in range(1, RAFT_PEER_SLOTS + 1)
+)  # fmt: skip
+
+# Rolling upgrades (sequencer/app_versions.py): `seqd cluster raise-version` asks (number << 16 | version).
+APP_VERSION_RAISE_REQUEST = _declare("app.version.raise_request", OPERATOR, Kind.GAUGE, "App version raise asked for by seqd cluster raise-version: number << 16 | version")
+APP_VERSION_RAISE_HANDLED = _declare("app.version.raise_handled", Role.SEQUENCER, Kind.GAUGE, "The app.version.raise_request value the sequencer last sequenced")
+APP_VERSION_ACTIVE = _declare("app.version.active", Role.BLP, Kind.GAUGE, "App schema version active at the applied index (0: none reported yet)")
+APP_VERSION_RAISES_REFUSED = _declare("app.version.raises_refused", Role.BLP, Kind.COUNTER, "Raises of the app version refused (a member's code does not know it)")
+
+
 def commit_index_counter(clustered: bool) -> CounterSpec:
     """The node's commit index: the journaller's `commit.index` on a single node, the
     replicator's `raft.commit.index` in a cluster (the other one stays 0)."""
@@ -627,70 +652,6 @@ def errors_total(values: Mapping[str, int]) -> int | None:
     return sum(found) if found else None
 
 
-# ---- attaching -------------------------------------------------------------------------------
+# ---- attaching: daemon/counter_view.py (re-exported here; it reads the table above) ----------
 
-
-def create_counters(node: str, epoch: int | None = None) -> Counters:
-    """Create node `node`'s counters segment, every counter of `COUNTERS` at zero (the
-    supervisor, once per incarnation). Raises as `Counters.create`."""
-    return Counters.create(
-        counters_name(node), COUNTER_NAMES, epoch=epoch, layout_version=COUNTERS_LAYOUT_VERSION
-    )
-
-
-def attach_counters(node: str, epoch: int | None = None, stale_ok: bool = False) -> Counters:
-    """Attach node `node`'s counters segment, refusing one of another layout version.
-
-    Raises:
-        SegmentVersionError: the segment was made by a release with another counter table.
-        SegmentError: as `Counters.attach`.
-    """
-    return Counters.attach(
-        counters_name(node), epoch=epoch, stale_ok=stale_ok, layout_version=COUNTERS_LAYOUT_VERSION
-    )
-
-
-class CounterView:
-    """The node's counters as one process may use them.
-
-    `view[SPEC]` is a plain `Counter` when the view's owner owns SPEC and a read-only one
-    otherwise (its `set` and `add` raise `CounterWriteError` naming the owner). Every handle is
-    made here, once; a process takes the handles it needs at start and keeps them.
-
-    Args:
-        counters: the attached segment (`attach_counters` or `create_counters`).
-        owner: the process this view is for; None for a reader that owns nothing (status, tools).
-
-    Raises:
-        SegmentError: the segment's names are not this release's table (a layout changed without
-            a new `COUNTERS_LAYOUT_VERSION`).
-    """
-
-    def __init__(self, counters: Counters, owner: Owner | None) -> None:
-        if counters.names != COUNTER_NAMES:
-            raise SegmentError(
-                f"{counters.name} names other counters than this seqd's table (layout version "
-                f"{COUNTERS_LAYOUT_VERSION}): the table changed without a new layout version"
-            )
-        self.counters = counters
-        self.owner = owner
-        writer = "a reader" if owner is None else f"the {owner}"
-        self._handles: tuple[Counter, ...] = tuple(
-            counters[spec.name]
-            if spec.owner == owner
-            else counters[spec.name].read_only(
-                f"{writer} may not write {spec.name}: its one writer is the {spec.owner} "
-                "(daemon/layout.py). A counter with two writers loses updates; read it here, "
-                "or move the write to its owner"
-            )
-            for spec in COUNTERS
-        )
-
-    def __getitem__(self, spec: CounterSpec) -> Counter:
-        return self._handles[spec.id]
-
-    def snapshot(self) -> dict[str, int]:
-        return self.counters.snapshot()
-
-    def close(self) -> None:
-        self.counters.close()
+from daemon.counter_view import CounterView, attach_counters, create_counters  # noqa: E402

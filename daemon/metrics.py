@@ -34,6 +34,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from daemon.layout import (
     ERRORS_TOTAL_NAME,
     RAFT_LAST_INDEX,
+    RAFT_PEER_LAST_CONTACT_MS,
     RAFT_PEER_MATCH_INDEX,
     RAFT_PEER_NODE,
     SUPERVISOR,
@@ -111,6 +112,7 @@ def _escape_help(text: str) -> str:
 _FOLLOWER_HELP = {
     "seqd_raft_follower_match_index": "On the leader: the last index the follower holds durably in agreement with it.",
     "seqd_raft_follower_lag": "On the leader: records the follower's log is behind the leader's last index.",
+    "seqd_raft_follower_last_contact_ms": "When this node last heard from that member (ms since the epoch, 0: never).",
 }
 
 
@@ -118,9 +120,13 @@ def _follower_samples(snapshot: Mapping[str, int]) -> dict[str, list[tuple[str, 
     """family -> [(follower node number, value)] from the leader's per-follower slots."""
     families: dict[str, list[tuple[str, int]]] = {family: [] for family in _FOLLOWER_HELP}
     last_index = snapshot.get(RAFT_LAST_INDEX.name)
-    for node_spec, match_spec in zip(RAFT_PEER_NODE, RAFT_PEER_MATCH_INDEX, strict=True):
+    for node_spec, match_spec, contact_spec in zip(RAFT_PEER_NODE, RAFT_PEER_MATCH_INDEX,
+                                                   RAFT_PEER_LAST_CONTACT_MS, strict=True):  # fmt: skip
         node = snapshot.get(node_spec.name)
         match_index = snapshot.get(match_spec.name)
+        contact_ms = snapshot.get(contact_spec.name)
+        if node and contact_ms is not None:
+            families["seqd_raft_follower_last_contact_ms"].append((str(node), contact_ms))
         if node and match_index is not None:
             families["seqd_raft_follower_match_index"].append((str(node), match_index))
             if last_index is not None:

@@ -266,7 +266,7 @@ def _counters_status(
         snapshot_last_index=_get(known, layout.SNAPSHOT_LAST_INDEX),
         recovery_records=_get(known, layout.RECOVERY_RECORDS),
         restarts=_get(known, layout.SUPERVISOR_RESTARTS),
-        raft=raft_status(known, _clustered(known)),
+        raft=raft_status(known, _clustered(known), int(sampled_s * 1000)),
         disk=_name(layout.JOURNAL_DISK_FULL, known),
         disk_state=_get(known, layout.JOURNAL_DISK_FULL),
         disk_free_bytes=_get(known, layout.JOURNAL_FREE_BYTES),

@@ -3,11 +3,15 @@
 Every value is the replicator's (its `raft.*` counters, daemon/layout.py); `daemon.status` calls
 `raft_status` on a sample and renders the result with `raft_lines` and `raft_json`. On the
 leader, follower slot k = 1.. holds `raft.peer<k>.node` (its node number, 0 for an empty slot)
-and `raft.peer<k>.match_index`.
+and `raft.peer<k>.match_index`; every node, `raft.peer<k>.last_contact_ms` (when that member
+was last heard from, wall clock). The members are this node (`node.number`) and the slots'.
+Elections, step-downs, peer refusals and the last leadership transfer's outcome are counters of
+the replicator too (docs/cluster.md, "Operating a cluster").
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +28,7 @@ class RaftFollower:
     node: int  # its node number
     match_index: int | None  # the last index it holds durably in agreement with the leader
     lag: int | None  # records behind the leader's last index
+    last_contact_ms: int | None = None  # how long ago the leader last heard from it; None: never
 
 
 @dataclass(frozen=True)
@@ -40,26 +45,45 @@ class RaftStatus:
     # On the leader: the journal is held from here for a follower catching up after a snapshot
     # (0: no hold).
     retain_index: int | None = None
+    members: list[int] | None = None  # node numbers, this node's first
+    elections: int | None = None  # elections this node stood in since it started
+    step_downs: int | None = None  # times it stopped leading
+    peer_refused: int | None = None  # peer connections and frames refused (errors.peer_refused)
+    transfer_outcome: str | None = None  # of the last leadership transfer: started, done, ...
 
 
-def _followers(values: Mapping[str, int]) -> list[RaftFollower]:
+def _followers(values: Mapping[str, int], now_ms: int) -> list[RaftFollower]:
     last_index = values.get(layout.RAFT_LAST_INDEX.name)
     followers = []
-    for node_spec, match_spec in zip(layout.RAFT_PEER_NODE, layout.RAFT_PEER_MATCH_INDEX, strict=True):
+    for node_spec, match_spec, contact_spec in zip(layout.RAFT_PEER_NODE, layout.RAFT_PEER_MATCH_INDEX,
+                                                   layout.RAFT_PEER_LAST_CONTACT_MS, strict=True):  # fmt: skip
         node = values.get(node_spec.name)
         if not node:
             continue
         match_index = values.get(match_spec.name)
         lag = None if last_index is None or match_index is None else last_index - match_index
-        followers.append(RaftFollower(node, match_index, lag))
+        contact_ms = values.get(contact_spec.name)
+        ago_ms = max(0, now_ms - contact_ms) if contact_ms else None
+        followers.append(RaftFollower(node, match_index, lag, ago_ms))
     return followers
 
 
-def raft_status(known: Mapping[str, int], clustered: bool) -> RaftStatus:
-    """The Raft status in a sample whose unknown counters are left out (`known_values`)."""
+def _members(values: Mapping[str, int]) -> list[int] | None:
+    number = values.get(layout.NODE_NUMBER.name)
+    if number is None:
+        return None
+    return [number, *(node for spec in layout.RAFT_PEER_NODE if (node := values.get(spec.name)))]
+
+
+def raft_status(known: Mapping[str, int], clustered: bool, now_ms: int | None = None) -> RaftStatus:
+    """The Raft status in a sample whose unknown counters are left out (`known_values`), taken
+    at wall-clock `now_ms` (default: now)."""
     if not clustered:
         return RaftStatus()
+    if now_ms is None:
+        now_ms = time.time_ns() // 1_000_000
     role = known.get(layout.RAFT_ROLE.name)
+    outcome = known.get(layout.RAFT_TRANSFER_OUTCOME.name)
     return RaftStatus(
         role=None if role is None else layout.RAFT_ROLE.value_name(role),
         term=known.get(layout.RAFT_TERM.name),
@@ -67,8 +91,13 @@ def raft_status(known: Mapping[str, int], clustered: bool) -> RaftStatus:
         commit_index=known.get(layout.RAFT_COMMIT_INDEX.name),
         last_index=known.get(layout.RAFT_LAST_INDEX.name),
         pending_forwards=known.get(layout.RAFT_PENDING_FORWARDS.name),
-        followers=_followers(known),
         retain_index=known.get(layout.RAFT_RETAIN_INDEX.name),
+        followers=_followers(known, now_ms),
+        members=_members(known),
+        elections=known.get(layout.RAFT_ELECTIONS.name),
+        step_downs=known.get(layout.RAFT_STEP_DOWNS.name),
+        peer_refused=known.get(layout.ERRORS_PEER_REFUSED.name),
+        transfer_outcome=None if outcome is None else layout.RAFT_TRANSFER_OUTCOME.value_name(outcome),
     )
 
 
@@ -82,7 +111,11 @@ def raft_lines(raft: RaftStatus, cell: Callable[[object], str]) -> tuple[str, li
         f"  pending forwards {cell(raft.pending_forwards)}"
         + (f"  journal held from {raft.retain_index}" if raft.retain_index else "")
     ]
-    lines += [f"  follower {f.node}: match {cell(f.match_index)}  lag {cell(f.lag)}" for f in raft.followers or ()]
+    members = "-" if raft.members is None else ", ".join(map(str, raft.members))
+    lines.append(f"  raft members {members}  elections {cell(raft.elections)}  step-downs {cell(raft.step_downs)}"
+                 f"  peer refusals {cell(raft.peer_refused)}  last transfer {cell(raft.transfer_outcome)}")
+    lines += [f"  follower {f.node}: match {cell(f.match_index)}  lag {cell(f.lag)}  last contact "
+              + ("never" if f.last_contact_ms is None else f"{f.last_contact_ms} ms ago") for f in raft.followers or ()]
     return header, lines
 
 
@@ -97,6 +130,12 @@ def raft_json(raft: RaftStatus) -> dict[str, Any]:
         "pending_forwards": raft.pending_forwards,
         "retain_index": raft.retain_index,
         "followers": None if followers is None else [
-            {"node": f.node, "match_index": f.match_index, "lag": f.lag} for f in followers
+            {"node": f.node, "match_index": f.match_index, "lag": f.lag, "last_contact_ms": f.last_contact_ms}
+            for f in followers
         ],
+        "members": raft.members,
+        "elections": raft.elections,
+        "step_downs": raft.step_downs,
+        "peer_refused": raft.peer_refused,
+        "transfer_outcome": raft.transfer_outcome,
     }  # fmt: skip

@@ -52,6 +52,7 @@ from daemon.exits import (
     read_fatal,
     report,
 )
+from daemon.handover import hand_over_leadership
 from daemon.layout import (
     EGRESS_READERS,
     JOURNAL_DISK_FULL,
@@ -435,6 +436,10 @@ class Supervisor:
         if self.replicas is not None:  # not part of the pipeline: their clients resume elsewhere
             self.replicas.stop()
             self.replicas = None
+        if self.clustered and Role.REPLICATOR in self.processes:  # a leader hands over first, bounded
+            self.counters[NODE_STATE].set(int(NodeState.HANDING_OVER))
+            hand_over_leadership(self.counters, self.config)
+            self.counters[NODE_STATE].set(int(NodeState.DRAINING))
         clean = True
         for role in drain_order(self.roles):
             code = self._stop_role(role)

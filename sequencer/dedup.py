@@ -32,6 +32,7 @@ timer no longer pending a no-op, and a SNAPSHOT twice is two snapshots of the sa
 
 from __future__ import annotations
 
+from sequencer.app_versions import AppVersions
 from sequencer.record import SESSION_ID_COUNTER_BITS, session_incarnation, session_node_number
 
 __all__ = [
@@ -102,7 +103,7 @@ class ClientTable:
     `idle` holds exactly the clients with no open session, oldest idle first.
     """
 
-    __slots__ = ("clients", "expired", "expiry_ns", "idle", "node", "node_number", "node_starts", "sessions")
+    __slots__ = ("clients", "expired", "expiry_ns", "idle", "node", "node_number", "node_starts", "sessions", "versions")
 
     def __init__(self, node: str | None, expiry_ns: int) -> None:
         assert expiry_ns > 0, expiry_ns
@@ -113,6 +114,8 @@ class ClientTable:
         # it opened, -1 for none}, oldest start first, at most NODE_STARTS_REMEMBERED. Part of the
         # state: it decides what a node_start closes and which opens are second copies.
         self.node_starts: dict[int, dict[int, int]] = {}
+        # What each node's node_start reported of its app's version, and the active one (state).
+        self.versions = AppVersions()
         self.expiry_ns = expiry_ns
         self.expired = 0  # client ids forgotten so far
         self.sessions: dict[int, SessionEntry] = {}

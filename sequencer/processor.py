@@ -61,6 +61,7 @@ from typing import Any, Generic, TypeVar
 
 import crc32c
 
+from sequencer.app_versions import AppVersions
 from sequencer.client.protocol import encode_rejection
 from sequencer.dedup import (
     CLIENT_EXPIRY_NS_DEFAULT,
@@ -93,6 +94,7 @@ from sequencer.processor_state import (
 )
 from sequencer.record import (
     ADMIN_NODE_START,
+    ADMIN_RAISE_VERSION,
     COMMAND_PREFIX,
     FRAME_HEADER,
     FRAME_HEADER_BYTES,
@@ -181,6 +183,7 @@ class Processor(Generic[App]):
         "_encode_event",
         "_encode_reply",
         "_event_types",
+        "_output_version",
         "_outputs",
         "_sessions",
         "_table",
@@ -252,6 +255,7 @@ class Processor(Generic[App]):
         self._decode_command = self.schema.decode_command
         self._encode_event = self.schema.encode_event
         self._version = self.schema.version
+        self._output_version = self._context.app_version = self._version  # the active one: app_versions
         # The hot path calls msgspec directly: a call through the schema's method is a Python
         # frame per command, reply and event (benches/RESULTS.md, issue 13).
         codec = self.schema.hot_codec()
@@ -348,7 +352,7 @@ class Processor(Generic[App]):
             payload = self._reply_too_large(status, payload)
             status = _REJECTED
         client.last_request_id = request_id
-        version = self._version
+        version = self._output_version
         replies[request_id] = (index, status, version, payload)
         if len(replies) > SAVED_REPLIES_MAX:
             del replies[next(iter(replies))]
@@ -365,7 +369,7 @@ class Processor(Generic[App]):
         Never applied twice."""
         saved = session.client.replies.get(request_id)
         if saved is None:
-            saved = (index, _DUPLICATE, self._version, b"")
+            saved = (index, _DUPLICATE, self._output_version, b"")
         frame = _pack_reply(session_id, request_id, *saved[:3]) + saved[3]
         self.rolling_hash = _crc32c(frame, self.rolling_hash)
         if session.local:
@@ -519,7 +523,14 @@ class Processor(Generic[App]):
 
     def _apply_admin(self, view: Any) -> None:
         admin = decode_admin(view[_PAYLOAD_OFFSET:])
+        try:
+            self._apply_admin_op(admin)
+        finally:  # also when a raise stops this node: the version it reached is the state's
+            self._output_version = self._context.app_version = self._table.versions.output_version(self._version)
+
+    def _apply_admin_op(self, admin: dict[str, Any]) -> None:
         if admin["op"] == ADMIN_NODE_START:
+            self._table.versions.node_started(admin.get("number"), admin.get("app_version"), admin.get("members"))
             incarnation = admin.get("incarnation")
             if incarnation is None:
                 # An older seqd's record: every session opened under that node name.
@@ -531,6 +542,8 @@ class Processor(Generic[App]):
                 return
             for session_id in closing:
                 self._close_session(session_id)
+        elif admin["op"] == ADMIN_RAISE_VERSION:
+            self._table.versions.raise_to(admin["version"], admin["members"], self._version, self.applied_index)
         else:
             # A newer daemon's operation: ignoring it is the same decision on every replica.
             self.unknown_admin_ops += 1
@@ -552,12 +565,12 @@ class Processor(Generic[App]):
             payload = self._encode_event(event)  # raises the TypeError that names the schema
         if len(payload) > EVENT_PAYLOAD_BYTES_MAX:
             # No client frame can carry it: subscribers are told it was left out, in its place.
-            frame = encode_event_omitted(self.applied_index, self._version, len(payload))
+            frame = encode_event_omitted(self.applied_index, self._output_version, len(payload))
             self.events_too_large += 1
             self.rolling_hash = _crc32c(frame, self.rolling_hash)
             self._outputs.append((_EVENT_OMITTED, frame))
             return
-        frame = _pack_event(self.applied_index, self._version) + payload
+        frame = _pack_event(self.applied_index, self._output_version) + payload
         self.rolling_hash = _crc32c(frame, self.rolling_hash)
         self._outputs.append((_EVENT, frame))
 
@@ -647,10 +660,17 @@ class Processor(Generic[App]):
         processor.last_timestamp_ns = state.last_timestamp_ns
         processor.rolling_hash = state.rolling_hash
         restore_table(processor._table, state)
+        processor._output_version = processor._context.app_version = processor._table.versions.output_version(
+            processor._version)
         processor._timers = PendingTimers(state.timers)
         return processor
 
     # -- inspection (tests, tools) ------------------------------------------------------------
+
+    @property
+    def app_versions(self) -> AppVersions:
+        """The active app version and each node's report (sequencer/app_versions.py)."""
+        return self._table.versions
 
     @property
     def client_expiry_ns(self) -> int:

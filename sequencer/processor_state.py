@@ -77,9 +77,14 @@ class ProcessorState(msgspec.Struct, array_like=True):
     # (`encode_state`), so the body of a log without them is byte for byte what an older seqd
     # wrote (its snapshots still verify), and an older seqd ignores the field.
     node_starts: list[tuple[int, list[tuple[int, int]]]] = []
+    # Added with rolling upgrades (sequencer/app_versions.py), the same way: the active app
+    # version (0: none reported yet) and each node's last reported version.
+    app_version_active: int = 0
+    app_versions_known: list[tuple[int, int]] = []
 
 
 _state_encoder = msgspec.msgpack.Encoder()
+_FIELDS_BEFORE_ADDITIONS = 11  # state_version .. app: what the first seqd wrote
 _state_decoder = msgspec.msgpack.Decoder(ProcessorState)
 
 
@@ -121,12 +126,16 @@ def encode_state(
         timers=timers,
         app=msgspec.Raw(app_snapshot),
         node_starts=[(number, list(started.items())) for number, started in table.node_starts.items()],
+        app_version_active=table.versions.active,
+        app_versions_known=sorted(table.versions.known.items()),
     )
-    if not state.node_starts:
-        # The array without its last element: the layout an older seqd wrote (an array-like
-        # struct encodes as the array of its fields, so the bytes are the same).
-        return _state_encoder.encode(msgspec.structs.astuple(state)[:-1])
-    return _state_encoder.encode(state)
+    # Without the trailing fields still at their defaults: the layout an older seqd wrote (an
+    # array-like struct encodes as the array of its fields, so the bytes are the same).
+    fields = msgspec.structs.astuple(state)
+    kept = len(fields)
+    while kept > _FIELDS_BEFORE_ADDITIONS and fields[kept - 1] in ([], 0):
+        kept -= 1
+    return _state_encoder.encode(fields[:kept])
 
 
 def decode_state(body: bytes, app_class: type[StateMachine]) -> ProcessorState:
@@ -166,4 +175,5 @@ def restore_table(table: ClientTable, state: ProcessorState) -> None:
     for saved_session in state.sessions:
         table.attach(saved_session.session_id, saved_session.client_id, saved_session.node)
     table.node_starts.update((number, dict(started)) for number, started in state.node_starts)
+    table.versions.restore(state.app_version_active, state.app_versions_known)
     table.rebuild_idle(state.last_timestamp_ns)

@@ -34,6 +34,7 @@ import msgspec
 
 __all__ = [
     "ADMIN_NODE_START",
+    "ADMIN_RAISE_VERSION",
     "COMMAND_PREFIX",
     "DAEMON_RECORD_VERSION",
     "FRAME_HEADER",
@@ -329,6 +330,11 @@ DAEMON_RECORD_VERSION = 1
 # close that node's sessions of its earlier starts (sequencer/dedup.py). A record of an older seqd
 # has only "node" (and maybe "number"): it closes every session opened on that node name.
 ADMIN_NODE_START = "node_start"
+# {"op": "raise_version", "version": int, "members": [int, ...]}: make app schema `version` the
+# active one from this index on, if every member's last node_start reported code that knows it
+# (sequencer/app_versions.py). A node_start also carries "app_version" (what its code knows) and
+# "members" (the node numbers of its cluster, itself alone on a single node).
+ADMIN_RAISE_VERSION = "raise_version"
 
 # Session ids (the record header's session_id): [node number: 8 bits][incarnation: 24 bits]
 # [counter: 32 bits]. The gateway makes them (`sequencer.gateway.session_id_base`); the blp reads

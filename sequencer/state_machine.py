@@ -68,9 +68,12 @@ class Context:
         term: the record's Raft term.
         session: the session id the command came on (0 for a timer).
         client_id: the stable id of the client that sent it (0 for a timer).
+        app_version: the app schema version active at this index (docs/evolution.md, "Rolling
+            upgrades of a cluster"): new behaviour of `apply` for old commands keys on it, so
+            it starts at the same index on every node. The app's own version until a log says.
     """
 
-    __slots__ = ("_sink", "client_id", "index", "now", "session", "term")
+    __slots__ = ("_sink", "app_version", "client_id", "index", "now", "session", "term")
 
     def __init__(self, sink: _Sink) -> None:
         self._sink = sink
@@ -79,6 +82,7 @@ class Context:
         self.term = 0
         self.session = 0
         self.client_id = 0
+        self.app_version = 0
 
     def schedule(self, timer_id: int, deadline_ns: int) -> None:
         """Arms (or re-arms: the new deadline replaces the old) timer `timer_id`.

@@ -483,6 +483,7 @@ def test_node_start_closes_the_previous_incarnations_sessions_by_a_record():
     assert record.type == RecordType.ADMIN and record.index == 11
     assert decode_admin(record.payload) == {
         "op": "node_start", "node": NODE, "number": 4, "incarnation": INCARNATION,
+        "app_version": 2, "members": [4],  # what its code knows, its cluster (itself alone)
     }  # fmt: skip
 
 
@@ -661,3 +662,29 @@ def test_egress_and_the_protocol_share_reply_status_and_rejection_codes():
     assert egress.reply_too_large_payload(egress.REPLY_PAYLOAD_BYTES_MAX + 1, applied=True) == protocol.encode_rejection(
         egress.REPLY_TOO_LARGE, msgspec.msgpack.decode(egress.reply_too_large_payload(egress.REPLY_PAYLOAD_BYTES_MAX + 1, applied=True))["message"]
     )
+
+
+def test_in_a_cluster_a_version_the_app_knows_is_refused_until_the_log_makes_it_active():
+    """Issue 16 part 3: the gateway admits commands up to the log's active app version (the
+    blp's `app.version.active`), saying how to activate a newer one the app knows; the raise
+    record it sequences names the cluster's members."""
+    ring = FakeRing()
+    gateway = make_gateway(ring, command_version_max=2, members=(1, 2, 3))
+    gateway.limit_command_version(1)
+    client = open_session(gateway)
+    records_before = len(ring.records())
+    client.send(command(1, b"new", version=2), command(2, b"old", version=1))
+    assert gateway.process(client.session, 2_000) == 1
+    (refused,) = client.received()
+    code, message = rejection(refused)
+    assert code == protocol.RejectionCode.UNKNOWN_VERSION
+    assert "not made active yet (active: 1)" in message and "seqd cluster raise-version --to 2" in message
+    assert gateway.sequence_raise_version(3_000, 2)
+    assert decode_admin(ring.records()[-1].payload) == {"op": "raise_version", "version": 2, "members": [1, 2, 3]}
+    gateway.limit_command_version(2)  # the blp applied the raise
+    client.send(command(3, b"new", version=2))
+    assert gateway.process(client.session, 4_000) == 1
+    assert [record.payload[COMMAND_PREFIX.size :] for record in ring.records()[records_before:]
+            if record.type == RecordType.COMMAND] == [b"old", b"new"]  # fmt: skip
+    gateway.limit_command_version(0)  # nothing reported yet (a wiped node replaying): version 1 only
+    assert gateway.command_version_max == 1

@@ -84,6 +84,7 @@ IO_FREE: dict[str, bool] = {
     "sequencer.raft.restart": True,
     "sequencer.processor": True,
     "sequencer.dedup": True,  # the processor, split by concept (issue 10)
+    "sequencer.app_versions": True,  # the active app version of a log (issue 16, rolling upgrades)
     "sequencer.processor_state": True,
     "sequencer.record": True,
     "sequencer.egress": True,

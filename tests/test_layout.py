@@ -23,6 +23,7 @@ from daemon.layout import (
     COUNTERS_LAYOUT_VERSION,
     ERROR_KIND_COUNTERS,
     ERRORS_TOTAL_NAME,
+    OPERATOR,
     REPLICA_COUNTERS,
     ROLE_COUNTERS,
     SUPERVISOR,
@@ -51,7 +52,7 @@ LAYOUT_FINGERPRINTS = {1: "5303d08d3b565003", 2: "6e89ba6aacfd2344", 3: "fb18339
 # Bounds every wait on a real node; a healthy run meets each condition within a second or two.
 WAIT_S = 60.0
 POLL_S = 0.02
-_OWNERS = (SUPERVISOR, *Role, *(block.owner for block in REPLICA_COUNTERS))
+_OWNERS = (SUPERVISOR, OPERATOR, *Role, *(block.owner for block in REPLICA_COUNTERS))
 _BLOCK_FIELDS = tuple(
     field.name for field in dataclasses.fields(RoleCounters) if field.name != "role"
 )

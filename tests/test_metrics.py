@@ -312,3 +312,22 @@ def test_full_disk_state_is_a_documented_gauge_and_its_refusals_a_counter() -> N
     assert families["seqd_journal_free_bytes"][0] == "gauge"
     assert families["seqd_errors_disk_full_total"][0] == "counter"
     assert "# HELP seqd_journal_disk_full Journal disk: 0 room, 1 short, 2 full (short: new commands refused with disk_full" in text
+
+
+def test_a_cluster_node_serves_last_contacts_elections_step_downs_and_peer_refusals() -> None:
+    """Issue 12: what the error log counts (elections, step-downs, peer refusals) and when each
+    member was last heard from are served, the contacts labelled by the member's node number."""
+    node = {
+        **SNAPSHOT, "raft.role": 0, "raft.leader": 2,
+        "raft.peer1.node": 2, "raft.peer1.last_contact_ms": 1_700_000_000_000,
+        "raft.peer2.node": 3, "raft.peer2.last_contact_ms": 0,
+        "raft.elections": 3, "raft.step_downs": 1, "errors.peer_refused": 5,
+    }  # fmt: skip
+    families = parse_exposition(render_prometheus(node, labels={"node": "n1"}))
+    assert families["seqd_raft_follower_last_contact_ms"][1] == [
+        'seqd_raft_follower_last_contact_ms{node="n1",follower="2"} 1700000000000',
+        'seqd_raft_follower_last_contact_ms{node="n1",follower="3"} 0',
+    ]  # fmt: skip
+    assert families["seqd_raft_elections_total"] == ("counter", ['seqd_raft_elections_total{node="n1"} 3'])
+    assert families["seqd_raft_step_downs_total"][1] == ['seqd_raft_step_downs_total{node="n1"} 1']
+    assert families["seqd_errors_peer_refused_total"][1] == ['seqd_errors_peer_refused_total{node="n1"} 5']

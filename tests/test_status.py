@@ -349,7 +349,8 @@ def test_a_cluster_leader_shows_its_commit_and_each_followers_match_and_lag(
     document = render_json(leader)["raft"]
     assert (document["commit_index"], document["last_index"], document["pending_forwards"]) == (1490, 1500, 3)
     assert document["followers"] == [
-        {"node": 2, "match_index": 1480, "lag": 20}, {"node": 3, "match_index": 1500, "lag": 0},
+        {"node": 2, "match_index": 1480, "lag": 20, "last_contact_ms": None},
+        {"node": 3, "match_index": 1500, "lag": 0, "last_contact_ms": None},
     ]  # fmt: skip
     follower_values = {**raft, **{f"raft.peer{k}.node": 0 for k in (1, 2, 3)}}
     follower = tracker.observe(live_values(**replicator, **follower_values, **{"raft.role": 0}), now_s=0.1)
@@ -365,6 +366,34 @@ def test_a_cluster_leader_shows_its_commit_and_each_followers_match_and_lag(
                               now_s=0.4)  # fmt: skip
     assert "pending forwards 3  journal held from 1201" in render_text(holding)
     assert render_json(holding)["raft"]["retain_index"] == 1201
+
+
+def test_a_cluster_node_shows_its_members_elections_step_downs_refusals_and_last_contacts(
+    tracker: StatusTracker, pids: Pids
+) -> None:
+    """Issue 12: the cluster view has the members, each follower's last contact (as an age, from
+    the wall-clock time the replicator stored), and the counts of elections, step-downs and peer
+    refusals, in the text and in --json; the refusals count among the node's errors."""
+    pids.alive.add(4246)
+    now_ms = int(1.7e9 * 1000)  # the tracker's wall clock
+    values = live_values(**{
+        "replicator.pid": 4246, "replicator.heartbeat": 5, "raft.role": 3, "raft.term": 7, "raft.leader": 1,
+        "node.number": 1, "raft.last_index": 1500,
+        "raft.peer1.node": 2, "raft.peer1.match_index": 1480, "raft.peer1.last_contact_ms": now_ms - 12,
+        "raft.peer2.node": 3, "raft.peer2.match_index": 1500, "raft.peer2.last_contact_ms": 0,
+        "raft.elections": 2, "raft.step_downs": 1, "errors.peer_refused": 4, "raft.transfer.outcome": 2,
+    })  # fmt: skip
+    status = tracker.observe(values, now_s=0.0)
+    text = render_text(status)
+    assert "raft members 1, 2, 3  elections 2  step-downs 1  peer refusals 4  last transfer done" in text, text
+    assert "follower 2: match 1480  lag 20  last contact 12 ms ago" in text, text
+    assert "follower 3: match 1500  lag 0  last contact never" in text, text
+    document = render_json(status)
+    raft = document["raft"]
+    assert (raft["members"], raft["elections"], raft["step_downs"], raft["peer_refused"]) == ([1, 2, 3], 2, 1, 4)
+    assert raft["transfer_outcome"] == "done"
+    assert [f["last_contact_ms"] for f in raft["followers"]] == [12, None]
+    assert document["errors"]["peer_refused"] == 4, document["errors"]
 
 
 def _documented_json() -> dict[str, Any]:

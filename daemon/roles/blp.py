@@ -21,7 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from daemon.agent import Agent
+from daemon.exits import ExitCode, FatalError, exit_fatal
 from daemon.layout import (
+    APP_VERSION_ACTIVE,
+    APP_VERSION_RAISES_REFUSED,
     BLP_APPLIED_INDEX,
     BLP_APPLIED_POSITION,
     BLP_ROLLING_HASH,
@@ -50,6 +53,7 @@ from daemon.snapshot_writer import WRITER_EXIT_OK, fork_and_write_snapshot, reap
 from ipc.ring import Ring
 from sequencer import recovery
 from sequencer import snapshot as snapshots
+from sequencer.app_versions import AppVersionError
 from sequencer.processor import Processor
 from sequencer.state_machine import StateMachine, load_app
 
@@ -155,10 +159,13 @@ class BlpAgent(Agent):
         self.snapshot_writers: dict[int, int] = {}  # pid -> index
         self.unwritten: list[tuple[int, bytes]] = []
         self.applied_position_seen = -1
+        self.app_version_active = counters[APP_VERSION_ACTIVE]
+        self.raises_refused = counters[APP_VERSION_RAISES_REFUSED]
 
     def on_start(self) -> None:
         processor = self.processor
         self.applied_index.set(processor.applied_index)
+        self._publish_versions()
         if self.delete_journal:  # only the journaller's compaction reads it
             self.oldest_snapshot.set(snapshots.oldest_valid_index(self.snapshot_dir))
         # Written by the first cycles, after the runner reports RUNNING: the supervisor starts the
@@ -181,6 +188,7 @@ class BlpAgent(Agent):
                     self._fork_snapshot_writer()
             # The commit index is stored before the commit position (the reader's limit).
             assert processor.applied_index <= self.commit_index.get(), (processor.applied_index, self.commit_index.get())
+            self._publish_versions()
         reader.release()  # also moves past a padding frame that poll skipped without returning
         # Published even when only padding was passed, so a drain sees the blp caught up.
         if frames or reader.position != self.applied_position_seen:
@@ -189,6 +197,15 @@ class BlpAgent(Agent):
         if self.snapshot_writers:
             self._reap_snapshot_writers(block=False)
         return len(frames)
+
+    def _publish_versions(self) -> None:
+        """The active app version (the sequencer's gateway limit in a cluster) and refused raises,
+        each refusal logged once with its reason (sequencer/app_versions.py)."""
+        versions = self.processor.app_versions
+        self.app_version_active.set(versions.active)
+        if versions.raises_refused != self.raises_refused.get():
+            self.raises_refused.set(versions.raises_refused)
+            log.warning("%s", versions.last_refusal)
 
     def _write_outputs(self) -> int:
         """Write what is unwritten to egress (a full ring keeps the rest for the next cycle; never
@@ -266,7 +283,10 @@ def run(context: RoleContext) -> int:
             snapshot_dir=config.snapshot_dir, snapshot_keep=config.snapshot.keep,
             delete_journal=config.snapshot.delete_journal, clustered=config.cluster is not None,
         )  # fmt: skip
-        run_agent(context, agent)
+        try:
+            run_agent(context, agent)
+        except AppVersionError as error:  # not a crash to restart from: it would meet it again
+            exit_fatal(FatalError(ExitCode.DATAERR, str(error)), log)
     finally:
         log_ring.close()
         egress_ring.close()

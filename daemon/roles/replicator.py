@@ -97,6 +97,7 @@ from daemon.roles.common import (
     report_start_failure,
     start_role,
 )
+from daemon.roles.replicator_ops import ReplicatorOperations
 from daemon.roles.replicator_setup import raft_config, transport_config, whole_record
 from daemon.snapshot_install import SnapshotReceiver, SnapshotSender, write_install_request
 from ipc.ring import Ring
@@ -211,6 +212,8 @@ class Replicator:
             [counters[block.answered] for block in READ_ROUND_COUNTERS],
             retry_s=cluster.election_timeout_ms / 1000,
         )
+        self.operations = ReplicatorOperations(counters, self.peers, cluster.election_timeout_ms / 1000 + self.tick_s,
+                                               context.errors)  # fmt: skip
 
         self.hard_state_file = HardStateFile.open(config.node.data_dir)
         self.storage = JournalLogStorage(config.journal_dir)
@@ -291,6 +294,7 @@ class Replicator:
     def _on_messages(self, peer: int, messages: list[Message]) -> None:
         if self.finished.done():
             return  # stopping (a ready may be left outstanding by a truncation)
+        self.operations.heard_from(peer, time.monotonic())
         core = self.core
         for message in messages:
             kind = type(message)
@@ -384,6 +388,8 @@ class Replicator:
         self._note_compaction()
         self._report_durable()
         self._check_standing()
+        settled = may_propose(core.raft_role is LEADER, core.term, core.leader_id, self.term_started, self.commit_known)
+        self.operations.check(core, time.monotonic(), settled)  # a leadership transfer: docs/cluster.md
         self._take_proposals()
         self.read_rounds.ask(core, time.monotonic())
         while core.has_ready():
@@ -427,6 +433,7 @@ class Replicator:
         if standing == self.standing:
             return
         self.standing = standing
+        self.operations.role_changed(core)
         if core.raft_role is not LEADER:
             self.inbox.clear()  # forwarded to a node that no longer leads: their senders resend
             self.snapshot_sender.stop_all()
@@ -444,7 +451,8 @@ class Replicator:
         self.want_proposals = (
             ready_to_propose and not self.pending.full() and len(self.unwritten) < UNWRITTEN_ENTRIES_MAX
         )
-        if not ready_to_propose:
+        if not ready_to_propose or self.operations.holding_proposals(core):
+            self.want_proposals = False  # a transfer: they wait in the ring for the new leader
             return
         records = self.outbox
         self.outbox = []
@@ -458,6 +466,7 @@ class Replicator:
                     record = record_from_frame(frame_type, view)
                     pending.add(record)
                     records.append(record)
+                self.pending_counter.set(len(pending))  # before the release: the drain reads both
                 self.proposals.release()
         if leading:
             if self.inbox:
@@ -589,6 +598,7 @@ class Replicator:
             counter.set(core.match_index(peer))
         self.retain_counter.set(self.snapshot_sender.retain_index(core.match_index, core.commit_index,
                                                                   time.monotonic()))
+        self.operations.publish(sum(self.transport.counters.refused.values()))
         unsaved = self.hard_state_unsaved
         if unsaved is not None and time.monotonic() - self.hard_state_saved_s >= HARD_STATE_COMMIT_SAVE_S:
             self._save_hard_state(unsaved)

@@ -54,6 +54,9 @@ import uvloop
 
 from daemon.errorlog import DistinctErrorLog, exception_key
 from daemon.layout import (
+    APP_VERSION_ACTIVE,
+    APP_VERSION_RAISE_HANDLED,
+    APP_VERSION_RAISE_REQUEST,
     BLP_APPLIED_INDEX,
     BLP_APPLIED_POSITION,
     COMMANDS_TOTAL,
@@ -70,7 +73,9 @@ from daemon.layout import (
     LOG_PUBLISHED_INDEX,
     LOG_PUBLISHED_POSITION,
     NODE_INCARNATION,
+    RAFT_COMMIT_INDEX,
     RAFT_LEADER,
+    RAFT_PENDING_FORWARDS,
     RAFT_ROLE,
     RECOVERY_LAST_INDEX,
     RECOVERY_LAST_TERM,
@@ -218,6 +223,7 @@ class Sequencer:
             snapshot_every_records=config.snapshot.every_records,
             snapshot_every_bytes=config.snapshot.every_bytes,
             replicas=tuple(config.replica_socket_paths()),
+            members=tuple(member.id for member in config.cluster.members) if config.cluster else (),
         )
         # Stamps continue from what recovery found in the journal.
         self.gateway: Gateway[Session] = Gateway(
@@ -235,6 +241,8 @@ class Sequencer:
         self.blocked_retry: asyncio.TimerHandle | None = None
         self.timer_handle: asyncio.TimerHandle | None = None
         self.draining = False
+        self.drain_commit_index: int | None = None  # a cluster's drain: what the blp must reach
+        self.raise_seen = counters[APP_VERSION_RAISE_REQUEST].get()
         self.server: asyncio.AbstractServer | None = None
         self.published_position = counters[LOG_PUBLISHED_POSITION]
         self.published_index_counter = counters[LOG_PUBLISHED_INDEX]
@@ -458,6 +466,18 @@ class Sequencer:
             self._schedule_retry()
         self._claimed()
 
+    def _check_app_version(self) -> None:
+        """Rolling upgrades (sequencer/app_versions.py): in a cluster, admit commands only up to
+        the log's active app version; sequence the raise `seqd cluster raise-version` asked for."""
+        counters = self.counters
+        if self.clustered:
+            self.gateway.limit_command_version(counters[APP_VERSION_ACTIVE].get())
+        request = counters[APP_VERSION_RAISE_REQUEST].get()
+        if request != self.raise_seen and self.gateway.sequence_raise_version(time.time_ns(), request & 0xFFFF):
+            self.raise_seen = request
+            self._claimed()
+            counters[APP_VERSION_RAISE_HANDLED].set(request)
+
     def _log_snapshot_policy(self) -> None:
         """Cluster mode: the leader requests a snapshot by the log its blp applied."""
         counters = self.counters
@@ -592,6 +612,7 @@ class Sequencer:
             await asyncio.sleep(BLOCKED_RETRY_S)
         self._flush()
         sock = self.bind()
+        self._check_app_version()
         self.server = await self.loop.create_unix_server(lambda: Session(self), sock=sock)
         self._start_waker()
         self.loop.add_signal_handler(signal.SIGUSR1, self.request_snapshot)
@@ -610,6 +631,7 @@ class Sequencer:
             context.heartbeat.set(beats)
             if log_snapshots:
                 self._log_snapshot_policy()
+            self._check_app_version()
             self.errors.flush(time.monotonic())
             await asyncio.sleep(HEARTBEAT_INTERVAL_S)
         await self.drain()
@@ -652,12 +674,20 @@ class Sequencer:
             log.info("drained at index %d", self.gateway.next_index - 1)
 
     def _sequenced_is_applied(self, applied_position: int) -> bool:
-        """Drain: whether what this sequencer wrote is past its ring's reader. A single node: the
-        blp applied it (this ring is the log). A cluster: the replicator took every proposal;
-        the replicator, drained after this role, sees them committed before it stops."""
+        """Drain: whether what this sequencer wrote is applied, so its replies are in egress. A
+        single node: the blp applied it (this ring is the log). A cluster: the replicator took
+        every proposal and saw each one committed (`raft.pending_forwards` 0, stored before it
+        releases the proposal ring), and the blp applied up to the commit index read after that
+        (a committed record is durable and in this node's log ring, so the index covers them)."""
         if not self.clustered:
             return applied_position >= self.writer.published_position
-        return self.log_ring.cursor(Role.REPLICATOR) >= self.writer.published_position
+        if self.log_ring.cursor(Role.REPLICATOR) < self.writer.published_position:
+            return False
+        if self.drain_commit_index is None:
+            if self.counters[RAFT_PENDING_FORWARDS].get():
+                return False
+            self.drain_commit_index = self.counters[RAFT_COMMIT_INDEX].get()
+        return self.counters[BLP_APPLIED_INDEX].get() >= self.drain_commit_index
 
 
 GIL_SWITCH_INTERVAL_S = 0.0005  # the waker thread gets the GIL within this, not CPython's 5 ms

@@ -27,6 +27,7 @@ from sequencer.gateway.stamping import Stamp, StampingPolicy
 from sequencer.processor import SAVED_REPLIES_MAX
 from sequencer.record import (
     ADMIN_NODE_START,
+    ADMIN_RAISE_VERSION,
     COMMAND_PREFIX,
     DAEMON_RECORD_VERSION,
     RECORD_TAIL,
@@ -95,6 +96,8 @@ class GatewayConfig:
     snapshot_every_bytes: int = 0  # command payload bytes between snapshots; 0: only on request
     # The node's query replica sockets, told to every client in WELCOME (docs/query-side.md).
     replicas: tuple[str, ...] = ()
+    # The node numbers of the cluster, reported in node_start (empty: this node alone).
+    members: tuple[int, ...] = ()
 
 
 # -- the gateway -------------------------------------------------------------------------------
@@ -133,6 +136,9 @@ class Gateway(Generic[S]):
         last_timestamp_ns: int,
     ) -> None:
         assert 1 <= config.command_version_max <= VERSION_MAX, config.command_version_max
+        # Newer commands are refused: the app's version, or in a cluster the log's active one
+        # while it is lower (`limit_command_version`, sequencer/app_versions.py).
+        self.command_version_max = config.command_version_max
         assert 0 <= config.command_bytes_max <= protocol.COMMAND_BYTES_MAX, config.command_bytes_max
         self.config = config
         self.stamping = stamping
@@ -214,8 +220,23 @@ class Gateway(Generic[S]):
         payload = encode_admin(
             ADMIN_NODE_START, node=config.node_name, number=config.node_number,
             incarnation=session_incarnation(self._session_id_base),
+            app_version=config.command_version_max, members=list(config.members or (config.node_number,)),
         )  # fmt: skip
         return term != _BLOCKED and self._sequence(RecordType.ADMIN, 0, 0, payload, term)
+
+    def sequence_raise_version(self, now_ns: int, version: int) -> bool:
+        """Sequence an ADMIN `raise_version` to `version` naming this cluster's members (the
+        processor accepts it only if each reported code that knows it). False: the ring is full."""
+        term = self._begin(now_ns)
+        config = self.config
+        payload = encode_admin(ADMIN_RAISE_VERSION, version=version,
+                               members=list(config.members or (config.node_number,)))  # fmt: skip
+        return term != _BLOCKED and self._sequence(RecordType.ADMIN, 0, 0, payload, term)
+
+    def limit_command_version(self, active: int) -> None:
+        """In a cluster: admit commands only up to the log's active app version (0: none known
+        yet, so only version 1, which every build of the app reads) and the app's own."""
+        self.command_version_max = min(self.config.command_version_max, max(active, 1))
 
     # -- sessions -----------------------------------------------------------------------------
 
@@ -335,7 +356,7 @@ class Gateway(Generic[S]):
         command_type = protocol.Command
         config = self.config
         command_bytes_max = config.command_bytes_max
-        command_version_max = config.command_version_max
+        command_version_max = self.command_version_max
         in_flight_max = IN_FLIGHT_MAX
         every_records = self._snapshot_every_records
         every_bytes = self._snapshot_every_bytes
@@ -440,7 +461,8 @@ class Gateway(Generic[S]):
         index 0 (not a protocol error, which would make the client reconnect and resend it for
         ever); nothing enters the log, so replicas are unaffected."""
         config = self.config
-        refusal = admission_refusal(command, config.command_bytes_max, config.command_version_max)
+        refusal = admission_refusal(command, config.command_bytes_max, self.command_version_max,
+                                    config.command_version_max)  # fmt: skip
         assert refusal is not None, command  # the inline check and admission_refusal agree
         code, message = refusal
         self._report(Report.CLIENT_ERROR, f"client.{code}", f"session {session.session_id:x}: {message}", None)

@@ -96,7 +96,7 @@ class GatewaySession:
 
 
 def admission_refusal(
-    command: protocol.Command, command_bytes_max: int, command_version_max: int
+    command: protocol.Command, command_bytes_max: int, command_version_max: int, app_version: int = 0
 ) -> tuple[protocol.RejectionCode, str] | None:
     """Why the gateway refuses `command` before the log, or None to sequence it.
 
@@ -115,6 +115,13 @@ def admission_refusal(
             f"the command is {len(command.payload)} bytes; this node accepts at most "
             f"socket.command_bytes_max={command_bytes_max} (WELCOME's command_bytes_max): send "
             "smaller commands"
+        )
+    if command_version_max < command.version <= app_version:
+        return protocol.RejectionCode.UNKNOWN_VERSION, (
+            f"the command has schema version {command.version}, which this node's app knows but "
+            f"its cluster has not made active yet (active: {command_version_max}): once every node "
+            f"runs the new app, `seqd cluster raise-version --to {command.version}` activates it "
+            "at one index on every node (docs/evolution.md); send the old version meanwhile"
         )
     if not 1 <= command.version <= command_version_max:
         return protocol.RejectionCode.UNKNOWN_VERSION, (
