@@ -98,7 +98,13 @@ from daemon.roles.common import (
     start_role,
 )
 from daemon.roles.replicator_ops import ReplicatorOperations
-from daemon.roles.replicator_setup import raft_config, transport_config, whole_record
+from daemon.roles.replicator_setup import (
+    InstallRequired,
+    TruncateRequired,
+    raft_config,
+    transport_config,
+    whole_record,
+)
 from daemon.snapshot_install import SnapshotReceiver, SnapshotSender, write_install_request
 from ipc.ring import Ring
 from sequencer.cluster import (
@@ -155,22 +161,6 @@ WAKER_JOIN_TIMEOUT_S = 2.0
 assert WAKER_JOIN_TIMEOUT_S > WAKER_HANDOFF_WAIT_S
 # Entries read back from the journal per read at start (bounded memory per read).
 STORAGE_READ_BYTES_MAX = 1 << 20
-
-
-class InstallRequired(Exception):
-    """The core took a snapshot from the leader: exit, install it, restart on it."""
-
-    def __init__(self, index: int) -> None:
-        super().__init__(f"the leader's snapshot at index {index} replaces this node's log")
-        self.index = index
-
-
-class TruncateRequired(Exception):
-    """A conflict replaces entries this node already holds after `index`: exit, cut, restart."""
-
-    def __init__(self, index: int) -> None:
-        super().__init__(f"the leader's log conflicts with this node's after index {index}")
-        self.index = index
 
 
 class Replicator:

@@ -1,6 +1,6 @@
 """The replicator's configuration from the node's (the Raft core's and the peer transport's), and
-the check on a record a follower forwards: the parts of `daemon/roles/replicator.py` that do no I/O
-of their own."""
+the check on a record a follower forwards, and the exits that restart the pipeline (a truncation,
+a snapshot install): the parts of `daemon/roles/replicator.py` that do no I/O of their own."""
 
 from __future__ import annotations
 
@@ -62,3 +62,19 @@ def whole_record(record: bytes) -> bool:
     length, frame_type = FRAME_HEADER.unpack_from(record)
     record_type = frame_type & 0xFFFF
     return aligned(length) == len(record) and record_type != _TERM_START and record_type != _PADDING
+
+
+class InstallRequired(Exception):
+    """The core took a snapshot from the leader: exit, install it, restart on it."""
+
+    def __init__(self, index: int) -> None:
+        super().__init__(f"the leader's snapshot at index {index} replaces this node's log")
+        self.index = index
+
+
+class TruncateRequired(Exception):
+    """A conflict replaces entries this node already holds after `index`: exit, cut, restart."""
+
+    def __init__(self, index: int) -> None:
+        super().__init__(f"the leader's log conflicts with this node's after index {index}")
+        self.index = index

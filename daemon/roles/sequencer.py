@@ -92,6 +92,7 @@ from daemon.layout import (
     proposal_name,
 )
 from daemon.roles.common import RoleContext, report_start_failure, start_role
+from daemon.roles.sequencer_session import PEER_UNKNOWN, Session
 from daemon.standby import GreenPipeline, Standby, stand_by, switched
 from daemon.unix_socket import bind_unix_socket
 from ipc.idle import idle_strategy
@@ -102,7 +103,6 @@ from sequencer.gateway import (
     ClusterStamping,
     Gateway,
     GatewayConfig,
-    GatewaySession,
     Report,
     SingleNodeStamping,
     StampingPolicy,
@@ -142,56 +142,7 @@ assert WAKER_JOIN_TIMEOUT_S > WAKER_HANDOFF_WAIT_S
 # The supervisor writes the incarnation already cut to the bits a session id holds for it.
 assert INCARNATION_BITS == SESSION_ID_INCARNATION_BITS, (INCARNATION_BITS, SESSION_ID_INCARNATION_BITS)
 _PEER_CREDENTIALS = struct.Struct("3i")  # SO_PEERCRED's struct ucred: pid, uid, gid
-# When SO_PEERCRED cannot be read: a uid and gid that no config allows, so the peer is refused.
-_PEER_UNKNOWN = (0, -1, -1)
 _EGRESS_REPLY = int(egress.EgressKind.REPLY)
-
-
-class Session(GatewaySession, asyncio.Protocol):
-    """One client connection: the gateway's view of it plus the transport it writes to."""
-
-    __slots__ = ("peer", "sequencer", "transport")
-
-    def __init__(self, sequencer: Sequencer) -> None:
-        super().__init__()
-        self.sequencer = sequencer
-        self.transport: asyncio.Transport | None = None
-        self.peer: tuple[int, int, int] = _PEER_UNKNOWN
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]  # uvloop's is not an asyncio.Transport subclass
-        self.sequencer.on_connect(self)
-
-    def data_received(self, data: bytes) -> None:
-        self.connection.receive_data(data)
-        self.sequencer.on_data(self)
-
-    def eof_received(self) -> bool:
-        self.sequencer.on_eof(self)
-        return True  # on_eof closes the transport itself, after any ERROR frame it owes
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.sequencer.on_disconnect(self)
-
-    def flush(self) -> None:
-        """Write what the gateway has for the client, then close if the gateway asked to."""
-        out = self.out
-        if out:
-            data = bytes(out)
-            out.clear()
-            self.write(data)
-        if self.closing:
-            transport = self.transport
-            if transport is not None and not transport.is_closing():
-                transport.close()
-
-    def write(self, data: bytes) -> None:
-        transport = self.transport
-        if transport is None or transport.is_closing():
-            return
-        transport.write(data)
-        if transport.get_write_buffer_size() > self.sequencer.client_write_buffer_bytes_max:
-            self.sequencer.slow_client(self)
 
 
 class Sequencer:
@@ -336,7 +287,7 @@ class Sequencer:
                 sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEER_CREDENTIALS.size)
             )
         except OSError:
-            session.peer = _PEER_UNKNOWN
+            session.peer = PEER_UNKNOWN
         pid, uid, gid = session.peer
         socket_config = self.config.socket
         allowed = uid == os.getuid() or uid in socket_config.allowed_uids or gid in socket_config.allowed_gids
