@@ -39,6 +39,7 @@ import time
 from pathlib import Path
 
 from daemon.agent import Agent
+from daemon.fault_hooks import SyncedIndexFile, install_fsync_delay
 from daemon.layout import (
     COMMIT_INDEX,
     COMMIT_POSITION,
@@ -193,6 +194,7 @@ class JournallerAgent(Agent):
         self.commit_position = counters[COMMIT_POSITION]
         self.commit_index = counters[COMMIT_INDEX]
         self.syncs = counters[JOURNAL_SYNCS]
+        self.synced_index_file = SyncedIndexFile.from_environment()  # a fault hook: None in use
         self.published_position = counters[LOG_PUBLISHED_POSITION]
         self.oldest_snapshot = counters[SNAPSHOT_OLDEST_INDEX]
         self.oldest_snapshot_seen = 0
@@ -264,6 +266,8 @@ class JournallerAgent(Agent):
         if sync_s > SYNC_SLOW_S:
             log.warning("fdatasync took %.0f ms (%d bytes appended): the disk is slow; every "
                         "reply waits for it", sync_s * 1000, appended)
+        if self.synced_index_file is not None:
+            self.synced_index_file.write(last_index)  # before anyone can rely on it
         position = self.reader.position
         self.durable_position.set(position)
         self.durable_index.set(last_index)
@@ -316,6 +320,7 @@ class JournallerAgent(Agent):
 def run(context: RoleContext) -> int:
     config = context.config
     _inject_fdatasync_failure()
+    install_fsync_delay()
     counters = context.counters
     ring = Ring.attach(log_name(config.node.name), epoch=context.epoch)
     journal = Journal.open(
