@@ -187,12 +187,17 @@ class Nemesis:
             self._write(leader, FAULT_CLOCK_OFFSET_ENV, -fault.amount)
             return lambda: self._write(leader, FAULT_CLOCK_OFFSET_ENV, 0)
         if kind == "power_cut":
+            # The cut lands while every disk is slow (fdatasync delayed `amount` ms): each node
+            # then holds written, unsynced records, which a correct node never acknowledged.
             numbers = [n for n, node in cluster.nodes.items() if node.running]
+            for number in numbers:
+                self._write(number, FAULT_FSYNC_DELAY_ENV, fault.amount)
+            time.sleep(3 * fault.amount / 1000)
             cluster.kill(numbers)
             self.down.update(numbers)
             for number in numbers:
                 self._lose_unsynced(number)
-            return lambda: [self.start(number) for number in numbers] and None
+            return lambda: self._restart(numbers)
         if kind == "wipe":
             if cluster[fault.node].running:
                 cluster.kill(fault.node)
@@ -227,6 +232,11 @@ class Nemesis:
                 node.resume()
             if not node.running:
                 self.start(number)
+
+    def _restart(self, numbers: list[int]) -> None:
+        for number in numbers:
+            self._write(number, FAULT_FSYNC_DELAY_ENV, 0)
+            self.start(number)
 
     def _write(self, number: int, env: str, value: int) -> None:
         path = self.hooks[number][env]

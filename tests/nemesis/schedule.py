@@ -35,7 +35,8 @@ FAULT_KINDS: Final = (
     "slow_disk",       # one node's fdatasync delayed `amount` ms (SEQD_FAULT_FSYNC_DELAY)
     "disk_full",       # a follower's journal disk full (SEQD_FAULT_DISK_BYTES)
     "clock_back",      # the leader's wall clock `amount` ms behind (SEQD_FAULT_CLOCK_OFFSET)
-    "power_cut",       # every node killed at once, each losing what it had not fdatasynced
+    "power_cut",       # every node killed at once while fdatasync is `amount` ms slow, each
+                       # losing what it had not fdatasynced (SEQD_FAULT_SYNCED_INDEX)
     "wipe",            # a node killed, its data directory removed, restarted (off by default)
 )  # fmt: skip
 ROLES: Final = ("sequencer", "journaller", "replicator", "blp")
@@ -118,7 +119,7 @@ def make_schedule(seed: int, duration_s: float, nodes: int, *, wipe: bool = Fals
             fault = _with(fault, node=node, role=rng.choice(ROLES))
         elif kind == "delay":
             fault = _with(fault, amount=rng.randrange(20, 200))
-        elif kind == "slow_disk":
+        elif kind in ("slow_disk", "power_cut"):
             fault = _with(fault, amount=rng.randrange(20, 300))
         elif kind == "clock_back":
             fault = _with(fault, amount=rng.randrange(1_000, 3_600_000))
