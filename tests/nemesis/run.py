@@ -86,10 +86,8 @@ class NemesisResult:
         return not self.problems and self.report is not None and self.report.ok
 
     def violations(self) -> list[str]:
-        found = list(self.problems)
-        if self.report is not None:
-            found += [str(violation) for violation in self.report.violations]
-        return found
+        found = [str(violation) for violation in self.report.violations] if self.report is not None else []
+        return found + self.problems
 
     def summary(self) -> str:
         head = (f"nemesis seed {self.seed}: {self.nodes} nodes, {self.elapsed_s:.1f} s, faults "
@@ -108,6 +106,7 @@ class NemesisResult:
             "elapsed_s": round(self.elapsed_s, 2), "ok": self.ok,
             "faults": [fault.to_json() for fault in self.faults], "applied": dict(self.applied),
             "skipped": self.skipped, "violations": self.violations(),
+            "kinds": dict(Counter(v.kind for v in self.report.violations)) if self.report else {},
             "operations": self.report.operations if self.report else {},
         }  # fmt: skip
 
@@ -266,16 +265,17 @@ class Nemesis:
 
 
 def run_nemesis(seed: int, duration_s: float, nodes: int = 3, directory: Path | None = None, *,
-                wipe: bool = False, kinds: tuple[str, ...] | None = None,
+                wipe: bool = False, kinds: tuple[str, ...] | None = None, prefix: str | None = None,
                 log: Callable[[str], None] = print) -> NemesisResult:  # fmt: skip
     """One seed: see the module docstring. `directory` holds the nodes, the histories and
-    `summary.json` (a new temporary directory if None; the caller removes it)."""
+    `summary.json` (a new temporary directory if None; the caller removes it). `prefix` names the
+    nodes' shared memory (unique per run; a random one if None)."""
     directory = Path(tempfile.mkdtemp(prefix=f"seqd-nemesis-{seed}-", dir="/tmp")) if directory is None else directory
     directory.mkdir(parents=True, exist_ok=True)
     faults = make_schedule(seed, duration_s, nodes, wipe=wipe, kinds=kinds)
     result = NemesisResult(seed, nodes, duration_s, directory, faults)
     started = time.monotonic()
-    prefix = f"nm{uuid.uuid4().hex[:6]}"
+    prefix = prefix or f"nm{uuid.uuid4().hex[:6]}"
     cluster = Cluster(directory, prefix, size=nodes, cluster=TIMEOUTS, settings=SETTINGS)
     workload: LedgerWorkload | None = None
     try:
