@@ -30,7 +30,7 @@ from tests.nemesis.run import run_nemesis
 from tests.nemesis.schedule import FAULT_KINDS, make_schedule
 
 SEEDS = int(os.environ.get("SEQD_NEMESIS_SEEDS", "2"))
-DURATION_S = float(os.environ.get("SEQD_NEMESIS_DURATION", "5"))
+DURATION_S = float(os.environ.get("SEQD_NEMESIS_DURATION", "4"))
 HOUR_MS = 3_600_000
 WAIT_S = 30.0  # a single node answers within a second; this bounds a hang
 

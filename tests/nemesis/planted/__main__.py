@@ -39,8 +39,10 @@ def copy_with_patch(bug: str, target: Path) -> None:
         raise SystemExit(f"{patch.name} does not apply to this tree (refresh it): {applied.stdout}{applied.stderr}")
 
 
-def hunt(bug: str, seeds: range, duration_s: float, nodes: int) -> dict[str, object]:
-    """Run seeds against a patched copy until one finds a violation."""
+def hunt(bug: str, seeds: range, duration_s: float, nodes: int, every: bool = False) -> dict[str, object]:
+    """Run seeds against a patched copy until one finds a violation (with `every`, all of them;
+    the first that caught is returned)."""
+    caught: dict[str, object] | None = None
     with tempfile.TemporaryDirectory(prefix=f"seqd-planted-{bug}-", dir="/tmp") as scratch:
         tree = Path(scratch) / "src"
         tree.mkdir()
@@ -67,10 +69,12 @@ def hunt(bug: str, seeds: range, duration_s: float, nodes: int) -> dict[str, obj
                 kinds = summary["kinds"] if summary else {}
                 print(f"    violations by kind {kinds}; liveness problems "
                       f"{len(violations) - sum(kinds.values())}", flush=True)  # fmt: skip
-                return {"bug": bug, "seed": seed, "caught": True, "violations": violations,
-                        "applied": summary["applied"] if summary else {}}  # fmt: skip
+                caught = caught or {"bug": bug, "seed": seed, "caught": True, "violations": violations,
+                                    "applied": summary["applied"] if summary else {}}  # fmt: skip
+                if not every:
+                    return caught
             shutil.rmtree(out, ignore_errors=True)
-    return {"bug": bug, "seed": None, "caught": False, "violations": [], "applied": {}}
+    return caught or {"bug": bug, "seed": None, "caught": False, "violations": [], "applied": {}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=5, help="seeds to try per bug (default 5)")
     parser.add_argument("--duration", type=float, default=20.0, help="seconds of faults per seed (default 20)")
     parser.add_argument("--nodes", type=int, choices=(3, 5), default=3)
+    parser.add_argument("--all", action="store_true", help="run every seed, not only until one catches the bug")
     args = parser.parse_args(argv)
     unknown = [bug for bug in args.bugs if bug not in KINDS]
     if unknown:
@@ -87,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     missed = []
     for bug in args.bugs:
         print(f"{bug}: seeds {args.seed}..{args.seed + args.seeds - 1}, kinds {KINDS[bug]}", flush=True)
-        found = hunt(bug, range(args.seed, args.seed + args.seeds), args.duration, args.nodes)
+        found = hunt(bug, range(args.seed, args.seed + args.seeds), args.duration, args.nodes, args.all)
         if found["caught"]:
             first = str(found["violations"][0])  # type: ignore[index]
             print(f"CAUGHT {bug} with seed {found['seed']}: {first[:1500]}", flush=True)
