@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import signal
 import sys
 from pathlib import Path
 
@@ -31,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kinds", help=f"comma-separated fault kinds to draw from ({', '.join(FAULT_KINDS)})")
     parser.add_argument("--schedule", action="store_true", help="print the seed's schedule and exit")
     args = parser.parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C, so the cluster's cleanup runs (nodes, shared memory, clients).
+    signal.signal(signal.SIGTERM, lambda _signal, _frame: sys.exit(143))
     kinds = tuple(args.kinds.split(",")) if args.kinds else None
     try:
         make_schedule(args.seed, args.duration, args.nodes, wipe=args.wipe, kinds=kinds)

@@ -56,7 +56,10 @@ __all__ = ["NemesisResult", "run_nemesis"]
 # The config's defaults (docs/cluster.md): what a user runs.
 TIMEOUTS: Final = {"tick_ms": 10, "heartbeat_ms": 50, "election_timeout_ms": 300}
 # Small segments so that runs roll segments too (batch_bytes_max must be at most half of one).
-SETTINGS: Final = {"journal": {"segment_bytes": 8 << 20, "batch_bytes_max": 1 << 20}}
+# No preallocation: a preallocated segment takes writes until it is full whatever the disk's
+# free space, so a full disk would bite only at a segment's roll, seconds of traffic away; without
+# it every append grows the file and meets the full disk at once.
+SETTINGS: Final = {"journal": {"segment_bytes": 4 << 20, "batch_bytes_max": 1 << 20, "preallocate": False}}
 # Acknowledgements every client must get after the heal: proof the cluster is live again.
 ACKS_AFTER_HEAL: Final = 20
 # After the heal: a leader, then every client's progress, within these (a hang is a violation of
