@@ -15,5 +15,8 @@ temporary directory, applies one patch there (the working tree is never touched)
 caught which bug with the first violation. Each bug draws from the fault kinds that can expose it
 (`KINDS`): an fdatasync that comes late matters only when the power goes, so ack_before_fsync
 runs power cuts (with slow disks and kills beside them); the other two need a leader cut off
-from the majority with clients on its side.
+from the majority (isolated, in a minority, or killed) while its clients are sending. With every
+kind drawn they are caught too, but fewer seeds show it: a lone leader steps down within an
+election timeout (CheckQuorum), and on a loaded machine its clients may get no reply in that
+window.
 """
