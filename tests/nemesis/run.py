@@ -49,7 +49,7 @@ from sequencer.history import Report, check_files, read_history
 from sequencer.journal import FAULT_DISK_BYTES_ENV, Journal
 from tests.cluster_workload import LedgerWorkload, open_accounts
 
-from .schedule import Fault, make_schedule
+from .schedule import WARM_UP_S, Fault, make_schedule
 
 __all__ = ["NemesisResult", "run_nemesis"]
 
@@ -60,7 +60,10 @@ TIMEOUTS: Final = {"tick_ms": 10, "heartbeat_ms": 50, "election_timeout_ms": 300
 # free space, so a full disk would bite only at a segment's roll, seconds of traffic away; without
 # it every append grows the file and meets the full disk at once.
 SETTINGS: Final = {"journal": {"segment_bytes": 4 << 20, "batch_bytes_max": 1 << 20, "preallocate": False}}
-# Acknowledgements every client must get after the heal: proof the cluster is live again.
+# Acknowledgements every client must get before the first fault (a client process takes seconds
+# to start on a loaded machine: a fault before its traffic tests nothing), and after the heal:
+# proof the cluster is live again.
+ACKS_BEFORE_FAULTS: Final = 10
 ACKS_AFTER_HEAL: Final = 20
 # After the heal: a leader, then every client's progress, within these (a hang is a violation of
 # liveness worth reporting, not a wait to extend).
@@ -290,7 +293,8 @@ def run_nemesis(seed: int, duration_s: float, nodes: int = 3, directory: Path | 
         leader = cluster.wait_leader().number
         open_accounts(cluster[leader].socket_path, directory / "setup.jsonl")
         workload = LedgerWorkload({n: node.socket_path for n, node in cluster.nodes.items()}, directory, seed)
-        begin = time.monotonic()
+        workload.wait_progress(ACKS_BEFORE_FAULTS, timeout_s=HEAL_PROGRESS_TIMEOUT_S, describe=cluster.describe)
+        begin = time.monotonic() - WARM_UP_S  # the warm-up was the wait for every client's traffic
         for fault in faults:
             time.sleep(max(0.0, begin + fault.start_s - time.monotonic()))
             log(f"  {fault.describe()}")

@@ -49,7 +49,7 @@ DURATION_S_MAX: Final = 3.0
 # Between a heal and the next fault: time for the cluster to recover and the clients to progress.
 GAP_S_MIN: Final = 0.5
 GAP_S_MAX: Final = 1.5
-WARM_UP_S: Final = 1.0  # traffic before the first fault
+WARM_UP_S: Final = 1.0  # the first fault's planned time, counted from when every client has traffic
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -86,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nodes", type=int, choices=(3, 5), default=3)
     parser.add_argument("--all", action="store_true", help="run every seed, not only until one catches the bug")
     args = parser.parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C: the running seed is stopped and the copy removed.
+    signal.signal(signal.SIGTERM, lambda _signal, _frame: sys.exit(143))
     unknown = [bug for bug in args.bugs if bug not in KINDS]
     if unknown:
         parser.error(f"unknown bugs {unknown}: choose among {', '.join(KINDS)}")
