@@ -44,6 +44,7 @@ from daemon.fault_hooks import (
 )
 from daemon.harness import NodeError
 from daemon.layout import Role
+from ipc.segment import SegmentError
 from sequencer import logtools
 from sequencer.history import Report, check_files, read_history
 from sequencer.journal import FAULT_DISK_BYTES_ENV, Journal
@@ -69,6 +70,9 @@ ACKS_AFTER_HEAL: Final = 20
 # liveness worth reporting, not a wait to extend).
 HEAL_LEADER_TIMEOUT_S: Final = 60.0
 HEAL_PROGRESS_TIMEOUT_S: Final = 120.0
+# A node restarted by a heal serves within seconds; a fault aimed at one of its roles waits this
+# long for it, then is skipped (and reported).
+SERVING_TIMEOUT_S: Final = 30.0
 LOSS_RESET_S: Final = (0.05, 0.3)  # a lossy link's connections reset every so often
 _HOOK_FILES: Final = {FAULT_FSYNC_DELAY_ENV: "fault.fsync_delay_ms", FAULT_CLOCK_OFFSET_ENV: "fault.clock_offset_ms",
                       FAULT_SYNCED_INDEX_ENV: "fault.synced_index", FAULT_DISK_BYTES_ENV: "fault.disk_bytes"}  # fmt: skip
@@ -152,6 +156,8 @@ class Nemesis:
         if kind == "kill_role":
             if not cluster[fault.node].running:
                 raise NodeError(f"node {fault.node} is not running")
+            # A node restarted by the last heal may still be starting (no counters yet).
+            cluster[fault.node].wait_serving(timeout_s=SERVING_TIMEOUT_S)
             cluster.kill_role(fault.node, Role(fault.role))
             return lambda: None
         if kind == "pause":
@@ -300,7 +306,7 @@ def run_nemesis(seed: int, duration_s: float, nodes: int = 3, directory: Path | 
             log(f"  {fault.describe()}")
             try:
                 heal = nemesis.apply(fault)
-            except (NodeError, ClusterError) as error:
+            except (NodeError, ClusterError, SegmentError) as error:
                 result.skipped.append(f"{fault.describe()}: {str(error).splitlines()[0]}")
                 continue
             result.applied[fault.kind] += 1
