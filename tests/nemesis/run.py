@@ -296,7 +296,7 @@ def run_nemesis(seed: int, duration_s: float, nodes: int = 3, directory: Path | 
             nemesis.start(number)
         for node in cluster.nodes.values():
             node.wait_serving()
-        leader = cluster.wait_leader().number
+        leader = cluster.wait_leader(timeout_s=HEAL_LEADER_TIMEOUT_S).number  # a starved machine is slow
         open_accounts(cluster[leader].socket_path, directory / "setup.jsonl")
         workload = LedgerWorkload({n: node.socket_path for n, node in cluster.nodes.items()}, directory, seed)
         workload.wait_progress(ACKS_BEFORE_FAULTS, timeout_s=HEAL_PROGRESS_TIMEOUT_S, describe=cluster.describe)
