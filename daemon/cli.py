@@ -2,6 +2,7 @@
 
     seqd run [--config FILE] [--set section.key=value ...]   run a node in the foreground
     seqd demo [--clients N] [--transfers N]                   a node on the ledger app, driven by clients
+    seqd demo --cluster 3 [--duration S]                     a local cluster, its leader killed mid-run
     seqd status [--config FILE | --node NAME] [--json] [--watch]
     seqd snapshot [--config FILE]                             sequence a SNAPSHOT record now
     seqd snapshot list|verify [--config FILE]
@@ -62,6 +63,10 @@ def command_run(args: argparse.Namespace) -> int:
 
 
 def command_demo(args: argparse.Namespace) -> int:
+    if args.cluster:
+        from daemon.demo_cluster import run_cluster_demo
+
+        return run_cluster_demo(nodes=args.cluster, duration_s=args.duration, keep=args.keep)
     from daemon.demo import run_demo
 
     return run_demo(
@@ -146,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--accounts", type=int, default=100, help="ledger accounts (default 100)")
     demo.add_argument("--in-flight", type=int, default=64, help="pipelined requests per client (default 64)")
     demo.add_argument("--keep", action="store_true", help="keep the temporary directory for inspection")
+    demo.add_argument("--cluster", type=int, choices=(3, 5), help="run a local cluster of 3 or 5 nodes instead, "
+                      "kill its leader mid-run and check the clients' histories")
+    demo.add_argument("--duration", type=float, default=10.0, help="with --cluster: seconds of load (default 10)")
     demo.set_defaults(func=command_demo)
 
     project = commands.add_parser("project", help="run a projection of the node's events into SQLite or PostgreSQL")

@@ -1,8 +1,8 @@
 """A ledger workload for cluster tests: one recording client per node, each in its own process.
 
-Each client (`tests.nemesis.history.RecordingClient`) sends pipelined Deposits and Transfers to
+Each client (`sequencer.history.RecordingClient`) sends pipelined Deposits and Transfers to
 its node's socket and writes every operation to its own JSON-lines history, which the checker
-(`tests.nemesis.checker`) judges against every node's journal afterwards. The clients run in
+(`sequencer.history.checker`) judges against every node's journal afterwards. The clients run in
 processes, not threads of the test: the test process also runs the fault proxy, whose links must
 not wait on the GIL behind the clients' encoding work (a slow proxy looks like a slow network and
 starts elections the test did not ask for). They are plain subprocesses
@@ -53,7 +53,7 @@ def _take(request: Any) -> None:
 def run_client(socket_path: str, name: str, history: str, seed: int) -> None:
     """Send until SIGTERM, then take every reply still due and return."""
     from sequencer.client import Client
-    from tests.nemesis.history import HistoryWriter, RecordingClient
+    from sequencer.history.recorder import HistoryWriter, RecordingClient
 
     stopping = [False]
 
@@ -84,7 +84,7 @@ def run_client(socket_path: str, name: str, history: str, seed: int) -> None:
 def open_accounts(socket_path: str, history: Path) -> None:
     """Open and fund ACCOUNTS through one node, recorded (the checker counts the deposits)."""
     from sequencer.client import Client
-    from tests.nemesis.history import HistoryWriter, RecordingClient
+    from sequencer.history.recorder import HistoryWriter, RecordingClient
 
     with HistoryWriter(history) as sink, RecordingClient(
         Client(socket_path, schema=Ledger.schema, timeout_s=CLIENT_TIMEOUT_S), "setup", sink

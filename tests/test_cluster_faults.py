@@ -7,7 +7,7 @@ After each scenario (`Scenario.finish`), with the cluster healed and every node 
 - the nodes converge: the same applied index, equal to the commit index, with the same rolling
   hash (live, from the counters);
 - every node's journal passes `seqd log check` (after a SIGTERM of the three);
-- `tests.nemesis.checker` finds no violation over every client's history and every node's
+- `sequencer.history.checker` finds no violation over every client's history and every node's
   journal and snapshots: every acknowledged command is in the log once at the index its reply
   named, with the reply the replay gives; the journals agree record for record and replay to the
   same rolling hashes; log time never goes backwards; money is conserved.
@@ -33,9 +33,9 @@ import pytest
 from daemon.cluster_harness import Cluster
 from daemon.layout import RAFT_COMMIT_POSITION, SUPERVISOR_RESTARTS, Role
 from sequencer import logtools
+from sequencer.history.checker import check_files
+from sequencer.history.recorder import HistoryWriter, RecordingClient, read_history
 from tests.cluster_workload import CLIENT_TIMEOUT_S, LedgerWorkload, open_accounts
-from tests.nemesis.checker import check_files
-from tests.nemesis.history import HistoryWriter, RecordingClient, read_history
 
 LONG = os.environ.get("SEQD_FAULTS_LONG", "") not in ("", "0")
 ROUNDS = 3 if LONG else 1  # faults per scenario
@@ -408,8 +408,8 @@ def test_a_follower_wiped_while_down_rejoins_through_a_snapshot_once_the_leader_
     so instead of the checker: the three converge live (same applied index and rolling hash), the
     wiped node's snapshots have the leader's state hashes at the same indexes, and `seqd log check`
     passes everywhere."""
+    from sequencer.history.checker import read_snapshot_hashes
     from sequencer.journal.scan import list_segments
-    from tests.nemesis.checker import read_snapshot_hashes
 
     scenario = make_scenario(COMPACTING)
     cluster = scenario.cluster

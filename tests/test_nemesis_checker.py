@@ -13,6 +13,8 @@ from daemon.harness import NodeProcess
 from sequencer.apps.ledger import AccountState, Deposit, Ledger, OpenAccount, Transfer
 from sequencer.client import Client
 from sequencer.egress import REPLY_HEADER, EgressKind
+from sequencer.history.checker import Report, check, check_files
+from sequencer.history.recorder import HistoryWriter, Operation, RecordingClient, read_history
 from sequencer.processor import Processor
 from sequencer.record import (
     RECORD_HEADER,
@@ -23,8 +25,6 @@ from sequencer.record import (
     encode_session_open,
 )
 from sequencer.state_machine import Context
-from tests.nemesis.checker import Report, check, check_files
-from tests.nemesis.history import HistoryWriter, Operation, RecordingClient, read_history
 from tests.node_fixtures import node_factory  # noqa: F401 (fixture)
 
 ACCOUNTS = ["alice", "bob", "carol"]

@@ -39,6 +39,7 @@ import time
 from pathlib import Path
 
 from daemon.agent import Agent
+from daemon.fault_hooks import SyncedIndexFile, install_fsync_delay
 from daemon.layout import (
     COMMIT_INDEX,
     COMMIT_POSITION,
@@ -194,6 +195,7 @@ class JournallerAgent(Agent):
         self.commit_position = counters[COMMIT_POSITION]
         self.commit_index = counters[COMMIT_INDEX]
         self.syncs = counters[JOURNAL_SYNCS]
+        self.synced_index_file = SyncedIndexFile.from_environment()  # a fault hook: None in use
         self.published_position = counters[LOG_PUBLISHED_POSITION]
         self.oldest_snapshot = counters[SNAPSHOT_OLDEST_INDEX]
         self.oldest_snapshot_seen = 0
@@ -272,6 +274,7 @@ class JournallerAgent(Agent):
         if sync_s > SYNC_SLOW_S:
             log.warning("fdatasync took %.0f ms (%d bytes appended): the disk is slow; every "
                         "reply waits for it", sync_s * 1000, appended)
+        self._note_synced()
         position = self.reader.position
         self.durable_position.set(position)
         self.durable_index.set(last_index)
@@ -284,6 +287,12 @@ class JournallerAgent(Agent):
         self.commit_index.set(last_index)
         self.commit_position.set(position)
         self.blp_doorbell.ring()
+
+    def _note_synced(self) -> None:
+        # A fault hook (SEQD_FAULT_SYNCED_INDEX): what the fdatasyncs have covered, written
+        # before it is published, so a simulated power cut never drops what a peer relied on.
+        if self.synced_index_file is not None:
+            self.synced_index_file.write(self.journal.durable_index)
 
     def _skip_journaled(self, region: memoryview) -> memoryview:
         """Cluster mode: the region without its leading records at or below the journal's last
@@ -328,6 +337,7 @@ class JournallerAgent(Agent):
 def run(context: RoleContext) -> int:
     config = context.config
     _inject_fdatasync_failure()
+    install_fsync_delay()
     counters = context.counters
     ring = Ring.attach(log_name(config.node.name), epoch=context.epoch)
     journal = Journal.open(

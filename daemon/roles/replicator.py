@@ -66,6 +66,7 @@ from collections import deque
 
 import uvloop
 
+from daemon.fault_hooks import wall_clock_ns
 from daemon.layout import (
     JOURNAL_DURABLE_INDEX,
     RAFT_COMMIT_INDEX,
@@ -524,7 +525,7 @@ class Replicator:
         core.advance(ready, entries_durable=False)
         term_start = ready.term_start
         if term_start is not None:
-            record = self.stamper.term_start(term_start.index, term_start.term, time.time_ns())
+            record = self.stamper.term_start(term_start.index, term_start.term, wall_clock_ns())
             core.propose_batch([record], first_index=term_start.index, term=term_start.term)
             self.term_started = (term_start.term, term_start.index)
             self.inbox.clear()

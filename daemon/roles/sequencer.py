@@ -53,6 +53,7 @@ from pathlib import Path
 import uvloop
 
 from daemon.errorlog import DistinctErrorLog, exception_key
+from daemon.fault_hooks import wall_clock_ns
 from daemon.layout import (
     APP_VERSION_ACTIVE,
     APP_VERSION_RAISE_HANDLED,
@@ -310,7 +311,7 @@ class Sequencer:
     def on_disconnect(self, session: Session) -> None:
         gateway = self.gateway
         was_open = session.session_id in gateway.sessions
-        gateway.close_session(session, time.time_ns())
+        gateway.close_session(session, wall_clock_ns())
         if was_open:
             self.sessions_open.set(len(gateway.sessions))
             self._claimed()
@@ -360,7 +361,7 @@ class Sequencer:
         gateway = self.gateway
         opening = not session.session_id
         disk_free_bytes = None if self.disk_full.get() == DiskState.ROOM else self.disk_free_bytes.get()
-        commands = gateway.process(session, time.time_ns(), disk_free_bytes)
+        commands = gateway.process(session, wall_clock_ns(), disk_free_bytes)
         # The checks below run once per read, so they are inlined rather than calls.
         if commands:
             self.commands_total.add(commands)
@@ -390,7 +391,7 @@ class Sequencer:
         self.blocked_retry = None
         self._flush()  # readers cannot pass unpublished claims: publish before waiting on them
         gateway = self.gateway
-        retried = gateway.retry(time.time_ns())
+        retried = gateway.retry(wall_clock_ns())
         self._claimed()
         if not retried:
             self._schedule_retry()
@@ -413,7 +414,7 @@ class Sequencer:
 
     def request_snapshot(self) -> None:
         """SIGUSR1 (`seqd snapshot`): sequence a SNAPSHOT record."""
-        if not self.gateway.request_snapshot(time.time_ns()):
+        if not self.gateway.request_snapshot(wall_clock_ns()):
             self._schedule_retry()
         self._claimed()
 
@@ -433,7 +434,7 @@ class Sequencer:
         """Cluster mode: the leader requests a snapshot by the log its blp applied."""
         counters = self.counters
         requested = self.gateway.log_applied(
-            time.time_ns(), counters[BLP_APPLIED_INDEX].get(), counters[BLP_APPLIED_POSITION].get(),
+            wall_clock_ns(), counters[BLP_APPLIED_INDEX].get(), counters[BLP_APPLIED_POSITION].get(),
             counters[SNAPSHOT_LAST_INDEX].get(),
         )  # fmt: skip
         if requested:
@@ -449,14 +450,14 @@ class Sequencer:
         deadline_ns = timers.next_deadline_ns()
         self.timers_pending.set(len(timers))
         if deadline_ns is not None:
-            delay_s = max(0.0, (deadline_ns - time.time_ns()) / 1e9)
+            delay_s = max(0.0, (deadline_ns - wall_clock_ns()) / 1e9)
             if not self.gateway.stamping.sequences_timers:
                 delay_s = max(delay_s, LEADERSHIP_POLL_S)  # a follower fires nothing: look later
             self.timer_handle = self.loop.call_later(delay_s, self._fire_timers)
 
     def _fire_timers(self) -> None:
         self.timer_handle = None
-        fired_all = self.gateway.fire_due_timers(time.time_ns())
+        fired_all = self.gateway.fire_due_timers(wall_clock_ns())
         self._claimed()
         if not fired_all:
             self.timer_handle = self.loop.call_later(BLOCKED_RETRY_S, self._fire_timers)
@@ -559,7 +560,7 @@ class Sequencer:
             return
         # Sessions of a previous incarnation of this node are closed by a record, so every replica
         # forgets them at the same index.
-        while not self.gateway.sequence_node_start(time.time_ns()):
+        while not self.gateway.sequence_node_start(wall_clock_ns()):
             await asyncio.sleep(BLOCKED_RETRY_S)
         self._flush()
         sock = self.bind()

@@ -1,0 +1,356 @@
+"""The nemesis: a real cluster, a recorded ledger workload, a seeded fault schedule, the checker.
+
+    result = run_nemesis(seed=7, duration_s=30, nodes=3, directory=Path("/tmp/nem7"))
+    print(result.summary()); assert result.ok
+
+Theory of operation. `Cluster` (daemon/cluster_harness.py) runs the nodes on loopback with a
+fault-proxy link on every directed peer link. Every node starts with the fault hooks set
+(`daemon.fault_hooks`, `SEQD_FAULT_DISK_BYTES`), each naming a file in the node's directory that
+does not exist yet: the hooks are inert until a fault writes its file. `LedgerWorkload`
+(tests/cluster_workload.py) runs one recording client per node in its own process, each writing
+its history as JSON lines. The schedule (`schedule.make_schedule`) is applied one fault at a
+time: apply, hold, heal. At the end everything is healed (the network, paused and killed nodes,
+every hook file), the run waits until all nodes agree on a leader and every client has
+progressed again, stops the clients (each takes every reply still due), waits until the nodes
+converge, stops them (SIGTERM), and judges: `seqd log check` on every journal, then the checker
+over every history and every node's journal and snapshots.
+
+A power cut kills every node at once and then, on each, drops the journal's records after the
+index its journaller last reported fdatasynced (SEQD_FAULT_SYNCED_INDEX, written after each
+fdatasync and before the index is published): what a lost page cache loses. A kill -9 alone loses
+nothing the journaller wrote (the page cache survives the process), so this is the fault that
+tells an fdatasync apart from a write.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import tempfile
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+from daemon.cluster_harness import Cluster, ClusterError
+from daemon.fault_hooks import (
+    FAULT_CLOCK_OFFSET_ENV,
+    FAULT_FSYNC_DELAY_ENV,
+    FAULT_SYNCED_INDEX_ENV,
+    synced_index,
+)
+from daemon.harness import NodeError
+from daemon.layout import Role
+from ipc.segment import SegmentError
+from sequencer import logtools
+from sequencer.history import Report, check_files, read_history
+from sequencer.journal import FAULT_DISK_BYTES_ENV, Journal
+from tests.cluster_workload import LedgerWorkload, open_accounts
+
+from .schedule import WARM_UP_S, Fault, make_schedule
+
+__all__ = ["NemesisResult", "run_nemesis"]
+
+# The config's defaults (docs/cluster.md): what a user runs.
+TIMEOUTS: Final = {"tick_ms": 10, "heartbeat_ms": 50, "election_timeout_ms": 300}
+# Small segments so that runs roll segments too (batch_bytes_max must be at most half of one).
+# No preallocation: a preallocated segment takes writes until it is full whatever the disk's
+# free space, so a full disk would bite only at a segment's roll, seconds of traffic away; without
+# it every append grows the file and meets the full disk at once.
+SETTINGS: Final = {"journal": {"segment_bytes": 4 << 20, "batch_bytes_max": 1 << 20, "preallocate": False}}
+# Acknowledgements every client must get before the first fault (a client process takes seconds
+# to start on a loaded machine: a fault before its traffic tests nothing), and after the heal:
+# proof the cluster is live again.
+ACKS_BEFORE_FAULTS: Final = 10
+ACKS_AFTER_HEAL: Final = 20
+# After the heal: a leader, then every client's progress, within these (a hang is a violation of
+# liveness worth reporting, not a wait to extend).
+HEAL_LEADER_TIMEOUT_S: Final = 60.0
+HEAL_PROGRESS_TIMEOUT_S: Final = 120.0
+# A node restarted by a heal serves within seconds; a fault aimed at one of its roles waits this
+# long for it, then is skipped (and reported).
+SERVING_TIMEOUT_S: Final = 30.0
+LOSS_RESET_S: Final = (0.05, 0.3)  # a lossy link's connections reset every so often
+_HOOK_FILES: Final = {FAULT_FSYNC_DELAY_ENV: "fault.fsync_delay_ms", FAULT_CLOCK_OFFSET_ENV: "fault.clock_offset_ms",
+                      FAULT_SYNCED_INDEX_ENV: "fault.synced_index", FAULT_DISK_BYTES_ENV: "fault.disk_bytes"}  # fmt: skip
+
+
+@dataclass
+class NemesisResult:
+    seed: int
+    nodes: int
+    duration_s: float
+    directory: Path
+    faults: list[Fault]
+    applied: Counter[str] = field(default_factory=Counter)
+    skipped: list[str] = field(default_factory=list)  # faults that could not be applied, and why
+    problems: list[str] = field(default_factory=list)  # liveness failures, log check failures
+    report: Report | None = None
+    elapsed_s: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems and self.report is not None and self.report.ok
+
+    def violations(self) -> list[str]:
+        found = [str(violation) for violation in self.report.violations] if self.report is not None else []
+        return found + self.problems
+
+    def summary(self) -> str:
+        head = (f"nemesis seed {self.seed}: {self.nodes} nodes, {self.elapsed_s:.1f} s, faults "
+                f"{dict(sorted(self.applied.items()))}")  # fmt: skip
+        if self.report is not None:
+            head += f"; operations {self.report.operations}; journals {self.report.records}"
+        verdict = "no violation" if self.ok else f"{len(self.violations())} VIOLATIONS"
+        lines = [head, f"  verdict: {verdict}"]
+        lines += [f"  skipped {text}" for text in self.skipped]
+        lines += ["  " + text.replace("\n", "\n  ") for text in self.violations()]
+        return "\n".join(lines)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "seed": self.seed, "nodes": self.nodes, "duration_s": self.duration_s,
+            "elapsed_s": round(self.elapsed_s, 2), "ok": self.ok,
+            "faults": [fault.to_json() for fault in self.faults], "applied": dict(self.applied),
+            "skipped": self.skipped, "violations": self.violations(),
+            "kinds": dict(Counter(v.kind for v in self.report.violations)) if self.report else {},
+            "operations": self.report.operations if self.report else {},
+        }  # fmt: skip
+
+
+class Nemesis:
+    """Applies and heals faults on a running cluster (one at a time)."""
+
+    def __init__(self, cluster: Cluster, seed: int, log: Callable[[str], None]) -> None:
+        self.cluster = cluster
+        self.log = log
+        self.seed = seed
+        self.hooks = {number: {env: node.directory / name for env, name in _HOOK_FILES.items()}
+                      for number, node in cluster.nodes.items()}  # fmt: skip
+        self.down: set[int] = set()  # killed, to restart at the heal
+
+    def environment(self, number: int) -> dict[str, str]:
+        return {env: str(path) for env, path in self.hooks[number].items()}
+
+    def start(self, number: int) -> None:
+        node = self.cluster[number]
+        node.remove_shared_memory()  # a killed node's segments are stale
+        node.start(wait=False, environment=self.environment(number))
+        self.down.discard(number)
+
+    def leader(self) -> int:
+        return self.cluster.wait_leader(timeout_s=HEAL_LEADER_TIMEOUT_S).number
+
+    def apply(self, fault: Fault) -> Callable[[], None]:
+        """Apply `fault`; returns its heal. Raises NodeError/ClusterError when it cannot apply."""
+        cluster, network = self.cluster, self.cluster.network
+        assert network is not None
+        kind = fault.kind
+        if kind == "kill_node":
+            cluster.kill(fault.node)
+            self.down.add(fault.node)
+            return lambda: self.start(fault.node)
+        if kind == "kill_role":
+            if not cluster[fault.node].running:
+                raise NodeError(f"node {fault.node} is not running")
+            # A node restarted by the last heal may still be starting (no counters yet).
+            cluster[fault.node].wait_serving(timeout_s=SERVING_TIMEOUT_S)
+            cluster.kill_role(fault.node, Role(fault.role))
+            return lambda: None
+        if kind == "pause":
+            cluster.pause(fault.node)
+            return lambda: cluster.resume(fault.node)
+        if kind == "partition":
+            network.partition(*fault.groups)
+            return network.heal
+        if kind == "isolate_leader":
+            network.isolate(self.leader())
+            return network.heal
+        if kind == "bridge":
+            first, second, _bridge = fault.groups
+            for a in first:
+                for b in second:
+                    network.cut(a, b)
+                    network.cut(b, a)
+            return network.heal
+        if kind == "one_way":
+            for other in cluster.nodes:
+                if other != fault.node:
+                    network.cut(fault.node, other)
+            return network.heal
+        if kind == "delay":
+            for (source, target), link in network.links.items():
+                if fault.node in (source, target):
+                    link.delay(fault.amount)
+            return network.heal
+        if kind == "slow_disk":
+            self._write(fault.node, FAULT_FSYNC_DELAY_ENV, fault.amount)
+            return lambda: self._write(fault.node, FAULT_FSYNC_DELAY_ENV, 0)
+        if kind == "disk_full":
+            follower = self._follower(fault)
+            self._write(follower, FAULT_DISK_BYTES_ENV, 0)
+            return lambda: self.hooks[follower][FAULT_DISK_BYTES_ENV].unlink(missing_ok=True)
+        if kind == "clock_back":
+            leader = self.leader()
+            self._write(leader, FAULT_CLOCK_OFFSET_ENV, -fault.amount)
+            return lambda: self._write(leader, FAULT_CLOCK_OFFSET_ENV, 0)
+        if kind == "power_cut":
+            # The cut lands while every disk is slow (fdatasync delayed `amount` ms): each node
+            # then holds written, unsynced records, which a correct node never acknowledged.
+            numbers = [n for n, node in cluster.nodes.items() if node.running]
+            for number in numbers:
+                self._write(number, FAULT_FSYNC_DELAY_ENV, fault.amount)
+            time.sleep(3 * fault.amount / 1000)
+            cluster.kill(numbers)
+            self.down.update(numbers)
+            for number in numbers:
+                self._lose_unsynced(number)
+            return lambda: self._restart(numbers)
+        if kind == "wipe":
+            if cluster[fault.node].running:
+                cluster.kill(fault.node)
+            self.down.add(fault.node)
+            cluster[fault.node].wipe_data()
+            return lambda: self.start(fault.node)
+        if kind == "loss":
+            return lambda: None  # applied while held: see `hold`
+        raise ValueError(f"unknown fault kind {kind!r}")
+
+    def hold(self, fault: Fault, until: float) -> None:
+        """Wait out the fault; a lossy link resets its connections meanwhile."""
+        assert self.cluster.network is not None
+        rng = random.Random(self.seed * 1_000_003 + fault.number)
+        links = [link for (s, t), link in sorted(self.cluster.network.links.items()) if fault.node in (s, t)]
+        while (left := until - time.monotonic()) > 0:
+            if fault.kind != "loss":
+                time.sleep(left)
+                return
+            rng.choice(links).reset()
+            time.sleep(min(left, rng.uniform(*LOSS_RESET_S)))
+
+    def heal_all(self) -> None:
+        """Everything back: the network, paused and killed nodes, every hook file."""
+        assert self.cluster.network is not None
+        self.cluster.network.heal()
+        for number, node in self.cluster.nodes.items():
+            for env, path in self.hooks[number].items():
+                if env != FAULT_SYNCED_INDEX_ENV:
+                    path.unlink(missing_ok=True)
+            if node.paused:
+                node.resume()
+            if not node.running:
+                self.start(number)
+
+    def _restart(self, numbers: list[int]) -> None:
+        for number in numbers:
+            self._write(number, FAULT_FSYNC_DELAY_ENV, 0)
+            self.start(number)
+
+    def _write(self, number: int, env: str, value: int) -> None:
+        path = self.hooks[number][env]
+        temporary = path.with_suffix(".tmp")
+        temporary.write_text(str(value))
+        temporary.replace(path)  # a hook never reads half a number
+
+    def _follower(self, fault: Fault) -> int:
+        leader = self.leader()
+        followers = sorted(n for n in self.cluster.nodes if n != leader)
+        return followers[fault.pick % len(followers)]
+
+    def _lose_unsynced(self, number: int) -> None:
+        """Drop what the node's journal holds after its last fdatasync (the page cache's loss)."""
+        node = self.cluster[number]
+        synced = synced_index(self.hooks[number][FAULT_SYNCED_INDEX_ENV])
+        if synced is None or not node.config.journal_dir.exists():
+            return
+        journal = Journal.open(node.config.journal_dir, segment_bytes=node.config.journal.segment_bytes,
+                               preallocate=node.config.journal.preallocate)  # fmt: skip
+        try:
+            if synced < journal.last_index and synced >= journal.first_index - 1:
+                self.log(f"  power cut: node {number} loses indexes {synced + 1}..{journal.last_index}")
+                journal.truncate_after(synced)
+        finally:
+            journal.close()
+
+
+def run_nemesis(seed: int, duration_s: float, nodes: int = 3, directory: Path | None = None, *,
+                wipe: bool = False, kinds: tuple[str, ...] | None = None, prefix: str | None = None,
+                log: Callable[[str], None] = print) -> NemesisResult:  # fmt: skip
+    """One seed: see the module docstring. `directory` holds the nodes, the histories and
+    `summary.json` (a new temporary directory if None; the caller removes it). `prefix` names the
+    nodes' shared memory (unique per run; a random one if None)."""
+    directory = Path(tempfile.mkdtemp(prefix=f"seqd-nemesis-{seed}-", dir="/tmp")) if directory is None else directory
+    directory.mkdir(parents=True, exist_ok=True)
+    faults = make_schedule(seed, duration_s, nodes, wipe=wipe, kinds=kinds)
+    result = NemesisResult(seed, nodes, duration_s, directory, faults)
+    started = time.monotonic()
+    prefix = prefix or f"nm{uuid.uuid4().hex[:6]}"
+    cluster = Cluster(directory, prefix, size=nodes, cluster=TIMEOUTS, settings=SETTINGS)
+    workload: LedgerWorkload | None = None
+    try:
+        nemesis = Nemesis(cluster, seed, log)
+        for number in cluster.nodes:
+            nemesis.start(number)
+        for node in cluster.nodes.values():
+            node.wait_serving()
+        leader = cluster.wait_leader(timeout_s=HEAL_LEADER_TIMEOUT_S).number  # a starved machine is slow
+        open_accounts(cluster[leader].socket_path, directory / "setup.jsonl")
+        workload = LedgerWorkload({n: node.socket_path for n, node in cluster.nodes.items()}, directory, seed)
+        workload.wait_progress(ACKS_BEFORE_FAULTS, timeout_s=HEAL_PROGRESS_TIMEOUT_S, describe=cluster.describe)
+        begin = time.monotonic() - WARM_UP_S  # the warm-up was the wait for every client's traffic
+        for fault in faults:
+            time.sleep(max(0.0, begin + fault.start_s - time.monotonic()))
+            log(f"  {fault.describe()}")
+            try:
+                heal = nemesis.apply(fault)
+            except (NodeError, ClusterError, SegmentError) as error:
+                result.skipped.append(f"{fault.describe()}: {str(error).splitlines()[0]}")
+                continue
+            result.applied[fault.kind] += 1
+            nemesis.hold(fault, time.monotonic() + fault.duration_s)
+            heal()
+        _heal_and_judge(cluster, nemesis, workload, result)
+    finally:
+        if workload is not None:
+            workload.kill()
+        cluster.close()
+        result.elapsed_s = time.monotonic() - started
+        (directory / "summary.json").write_text(json.dumps(result.to_json(), indent=1))
+    return result
+
+
+def _heal_and_judge(cluster: Cluster, nemesis: Nemesis, workload: LedgerWorkload, result: NemesisResult) -> None:
+    nemesis.heal_all()
+    try:
+        for node in cluster.nodes.values():
+            node.wait_serving()
+        cluster.wait_leader(timeout_s=HEAL_LEADER_TIMEOUT_S, agreeing=cluster.size)
+        workload.wait_progress(ACKS_AFTER_HEAL, timeout_s=HEAL_PROGRESS_TIMEOUT_S, describe=cluster.describe)
+        histories = workload.stop()
+        cluster.wait_converged()
+    except (AssertionError, NodeError, ClusterError) as error:
+        result.problems.append(f"liveness: after the heal, {error}")
+        workload.kill()
+        histories = list(workload.histories.values())
+    histories.append(result.directory / "setup.jsonl")
+    cluster.stop()
+    for number, node in cluster.nodes.items():
+        report = logtools.check(node.config.journal_dir)
+        if not report.ok:
+            result.problems.append(f"seqd log check on node {number}: {report}")
+    result.report = check_files(
+        histories,
+        {f"n{n}": node.config.journal_dir for n, node in cluster.nodes.items()},
+        {f"n{n}": node.config.snapshot_dir for n, node in cluster.nodes.items()},
+    )
+    operations = [op for path in histories for op in read_history(path)]
+    acknowledged = sum(op.outcome == "ok" for op in operations)
+    if acknowledged == 0:
+        result.problems.append("no operation was acknowledged: nothing to judge")
+
+
+
+

@@ -1,0 +1,100 @@
+"""The nemesis (tests/nemesis/): a seeded fault schedule against a real cluster, judged by the
+history checker (docs/cluster.md, "The nemesis").
+
+CI runs SEEDS short seeds (each: three nodes, a recorded client on every node, a few faults, the
+heal, the checker over every history and journal). More by flag: `SEQD_NEMESIS_SEEDS=N` runs N
+seeds and `SEQD_NEMESIS_DURATION=S` gives each S seconds of faults; `python -m tests.nemesis`
+runs any seed outside pytest. That the checker catches real bugs in such runs is shown by
+`python -m tests.nemesis.planted` (benches/RESULTS.md, "Nemesis").
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+
+from daemon.fault_hooks import (
+    FAULT_CLOCK_OFFSET_ENV,
+    FAULT_FSYNC_DELAY_ENV,
+    FAULT_SYNCED_INDEX_ENV,
+    synced_index,
+)
+from daemon.harness import NodeProcess
+from sequencer.apps.ledger import Deposit, Ledger, OpenAccount
+from sequencer.client import Client
+from sequencer.journal import read_records
+from tests.nemesis.run import run_nemesis
+from tests.nemesis.schedule import FAULT_KINDS, make_schedule
+
+SEEDS = int(os.environ.get("SEQD_NEMESIS_SEEDS", "2"))
+DURATION_S = float(os.environ.get("SEQD_NEMESIS_DURATION", "4"))
+HOUR_MS = 3_600_000
+WAIT_S = 30.0  # a single node answers within a second; this bounds a hang
+
+needs_cluster = pytest.mark.skipif(importlib.util.find_spec("daemon.roles.replicator") is None,
+                                   reason="cluster mode is not built on this branch")  # fmt: skip
+
+
+def test_the_same_seed_gives_the_same_schedule_and_another_seed_another() -> None:
+    first = make_schedule(11, 60, 3)
+    assert first == make_schedule(11, 60, 3)
+    assert first != make_schedule(12, 60, 3)
+    assert all(fault.start_s + fault.duration_s <= 60 for fault in first)
+    assert [f.start_s for f in first] == sorted(f.start_s for f in first)  # one at a time
+
+
+def test_schedules_draw_every_kind_and_wipe_only_when_asked() -> None:
+    drawn = {fault.kind for seed in range(40) for fault in make_schedule(seed, 60, 5)}
+    assert drawn == set(FAULT_KINDS) - {"wipe"}
+    assert "wipe" in {fault.kind for seed in range(40) for fault in make_schedule(seed, 60, 5, wipe=True)}
+    with pytest.raises(ValueError, match="choose among"):
+        make_schedule(1, 10, 3, kinds=("meteor",))
+
+
+def test_fault_hooks_slow_the_disk_jump_the_clock_back_and_note_the_synced_index(tmp_dir: Path, unique: str) -> None:
+    """The hooks the nemesis drives, on one real node: a delayed fdatasync is logged as slow; a
+    clock jumped an hour back (across a restart, so no timing is involved) never stamps the log
+    below what it holds: every record after the jump carries the last timestamp before it, where
+    a working clock would have moved on; the synced index is what the journal made durable."""
+    hooks = {env: tmp_dir / env.lower() for env in (FAULT_FSYNC_DELAY_ENV, FAULT_CLOCK_OFFSET_ENV, FAULT_SYNCED_INDEX_ENV)}
+    environment = {env: str(path) for env, path in hooks.items()}
+    hooks[FAULT_FSYNC_DELAY_ENV].write_text("120")  # > the journaller's 50 ms "slow" threshold
+    node = NodeProcess(tmp_dir, unique)
+    try:
+        node.start(environment=environment)
+        with Client(node.socket_path, schema=Ledger.schema, timeout_s=WAIT_S) as client:
+            client.call(OpenAccount("alice"))
+            client.call(Deposit("alice", 1))
+        node.stop()
+        before = len(list(read_records(node.config.journal_dir)))
+        hooks[FAULT_CLOCK_OFFSET_ENV].write_text(str(-HOUR_MS))
+        node.start(environment=environment)
+        with Client(node.socket_path, schema=Ledger.schema, timeout_s=WAIT_S) as client:
+            for _ in range(3):
+                client.call(Deposit("alice", 1))
+    finally:
+        node.stop()
+    assert "fdatasync took" in node.log_text()
+    records = list(read_records(node.config.journal_dir))
+    timestamps = [record.timestamp_ns for record in records]
+    assert len(timestamps) > before + 3, (len(timestamps), before)
+    assert timestamps[before:] == [timestamps[before - 1]] * (len(timestamps) - before), timestamps
+    assert synced_index(hooks[FAULT_SYNCED_INDEX_ENV]) == records[-1].index  # a clean stop syncs all
+
+
+@needs_cluster
+@pytest.mark.timeout(300 + 120 * SEEDS)
+@pytest.mark.parametrize("seed", range(1, SEEDS + 1))
+def test_a_nemesis_seed_finds_no_violation(seed: int, tmp_dir: Path, unique: str) -> None:
+    """Faults drawn from every kind but the wipe; after the heal the cluster is live (a leader
+    agreed by all, every client progressing), every journal passes `seqd log check`, and the
+    checker finds every acknowledged command once at its index with the replay's reply, equal
+    journals, log time never going back and money conserved."""
+    result = run_nemesis(seed, DURATION_S, 3, tmp_dir, prefix=unique)
+    print(result.summary())
+    assert result.ok, result.summary()
+    assert sum(result.applied.values()) >= 1, result.summary()
+    assert result.report is not None and result.report.operations["ok"] > 0
