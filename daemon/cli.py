@@ -10,6 +10,7 @@
     seqd verify [--config FILE]                               replay the journal under another hash seed
     seqd schema [--app module:Class | --config FILE]          the app's message types as JSON Schema
     seqd project --config FILE [--rebuild | --until-caught-up]  a projection into SQLite/PostgreSQL
+    seqd integration --config FILE                            a gateway to an external system
 """
 
 from __future__ import annotations
@@ -75,6 +76,12 @@ def command_project(args: argparse.Namespace) -> int:
     return run_project(args.config, rebuild=args.rebuild, until_caught_up=args.until_caught_up)
 
 
+def command_integration(args: argparse.Namespace) -> int:
+    from daemon.integration import run_integration
+
+    return run_integration(args.config)
+
+
 def command_replica(args: argparse.Namespace) -> int:
     from daemon.roles.replica import run_standalone
 
@@ -112,6 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--rebuild", action="store_true", help="rebuild from index 1 into new tables, then switch")
     mode.add_argument("--until-caught-up", action="store_true", help="apply what the journal holds, then exit")
     project.set_defaults(func=command_project)
+
+    integration = commands.add_parser(
+        "integration", help="run an integration gateway to an external system (docs/integration.md)"
+    )
+    integration.add_argument("--config", "-c", required=True, help="the gateway's TOML file (daemon/integration.py)")
+    integration.set_defaults(func=command_integration)
 
     try:
         from daemon import cli_tools

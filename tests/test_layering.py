@@ -117,6 +117,8 @@ IO_FREE: dict[str, bool] = {
     "sequencer.migrate.dedup_mirror": True,
     "sequencer.migrate.index_map": True,
     "sequencer.migrate.migration": True,
+    "sequencer.integration.keys": True,  # integration requests: the state machine's half (issue 15)
+    "sequencer.apps.withdrawals": True,  # a state machine: its reactions are a function of the log
 }
 # What an I/O-free module may not reach: sockets, files, clocks, threads, event loops,
 # processes, shared memory. The first eight are the ones the architecture names.
