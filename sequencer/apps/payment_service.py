@@ -137,7 +137,7 @@ def _handler(store: PaymentStore, faults: _Faults) -> type[BaseHTTPRequestHandle
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
-        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (the base's name)
+        def log_message(self, format: str, *args: Any) -> None:
             pass  # a line per request would drown the test logs
 
         def _send(self, status: int, body: Any) -> None:

@@ -33,7 +33,7 @@ class PaymentService(ExternalSystem):
     timeout_s: each HTTP call's timeout (connect and read).
     """
 
-    request_types: ClassVar[tuple[type, ...]] = (PayoutRequested, PayoutCancelRequested)
+    request_types: ClassVar[tuple[type[Any], ...]] = (PayoutRequested, PayoutCancelRequested)
     pending_query: ClassVar[str] = "pending_payouts"
 
     def __init__(self, base_url: str, timeout_s: float = CALL_TIMEOUT_S_DEFAULT) -> None:

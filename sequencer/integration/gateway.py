@@ -70,7 +70,7 @@ class ExternalSystem:
             the current request of each pending action, in key order.
     """
 
-    request_types: ClassVar[tuple[type, ...]] = ()
+    request_types: ClassVar[tuple[type[Any], ...]] = ()
     pending_query: ClassVar[str] = ""
 
     def recall(self, keys: list[int]) -> dict[int, Any]:
@@ -183,9 +183,10 @@ class IntegrationGateway:
         requests: list[Any] = []
         start_index: int | None = None
         after_key = 0
+        result_type: Any = list[self._request_union]  # type: ignore[name-defined]
         for _ in range(PENDING_PAGES_MAX):
             page = client.query(self.system.pending_query, {"after_key": after_key},
-                                consistency="local", result_type=list[self._request_union])  # fmt: skip
+                                consistency="local", result_type=result_type)  # fmt: skip
             start_index = page.index if start_index is None else min(start_index, page.index)
             if not page.value:
                 break
@@ -210,9 +211,10 @@ class IntegrationGateway:
                 item = stream.next(min(closes_at - now, IDLE_WAIT_S))
             except TimedOut:
                 continue
-            if item.kind == ItemKind.EVENT and isinstance(item.event, self.system.request_types):
-                latest.pop(item.event.key, None)
-                latest[item.event.key] = item.event
+            request: Any = item.event
+            if item.kind == ItemKind.EVENT and isinstance(request, self.system.request_types):
+                latest.pop(request.key, None)
+                latest[request.key] = request
                 closes_at = min(closes_at, time.monotonic() + BATCH_WAIT_S_MAX)
         return list(latest.values())
 
