@@ -29,7 +29,7 @@ from daemon.config import ConfigError, load_config
 from daemon.exits import ExitCode
 from sequencer.client import ClientError
 from sequencer.integration import ExternalSystem, IntegrationGateway
-from sequencer.state_machine import load_app
+from sequencer.state_machine import AppLoadError, load_app
 
 __all__ = ["IntegrationConfig", "load_integration_config", "run_integration"]
 
@@ -82,8 +82,11 @@ def run_integration(config_path: str) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s seqd[integration:%(process)d] %(levelname)s %(message)s")
     config = load_integration_config(config_path)
     node = load_config(config.node_config or None)
-    gateway = IntegrationGateway(node.socket.path, load_app(node.node.app).schema,
-                                 load_system(config.system, config.options),
+    try:
+        schema = load_app(node.node.app).schema
+    except AppLoadError as error:
+        raise ConfigError(f"integration config {config_path}: the node's app: {error}") from None
+    gateway = IntegrationGateway(node.socket.path, schema, load_system(config.system, config.options),
                                  reconnect_timeout_s=config.reconnect_timeout_s)  # fmt: skip
 
     def on_signal(signum: int, _frame: Any) -> None:
