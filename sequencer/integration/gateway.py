@@ -57,7 +57,9 @@ BATCH_WAIT_S_MAX = 0.02
 # with calls of ~50 ms, 16 at once carry ~300 requests/s, well past the example's rate.
 CALLS_IN_FLIGHT_MAX = 16
 PENDING_PAGES_MAX = 10_000  # pending_query pages at start-up (x its page size: 10M requests)
-ANSWERS_IN_FLIGHT_MAX = 256  # answer commands submitted before the gateway waits for replies
+# Answer commands submitted before the gateway waits for their replies: inside the client's
+# window (in_flight_max, 256 by default), so a batch never stalls on window room.
+ANSWERS_IN_FLIGHT_MAX = 128
 IDLE_WAIT_S = 0.5  # the longest wait for an item before `stop` is looked at again
 
 
@@ -143,6 +145,7 @@ class IntegrationGateway:
         self._request_union: Any = Union[system.request_types]  # noqa: UP007 (a runtime value)
         self._answers: list[tuple[Any, Any]] = []
         self._calls = concurrent.futures.ThreadPoolExecutor(CALLS_IN_FLIGHT_MAX, "integration-call")
+        self._ran = False
 
     def stop(self) -> None:
         """Asks `run` to return after the batch in hand (safe from a signal handler)."""
@@ -155,6 +158,8 @@ class IntegrationGateway:
             ConnectionLost: the node or its replicas were unreachable for reconnect_timeout_s.
             SubscriptionError, QueryError: the node cannot serve the stream or the query.
         """
+        assert not self._ran, "an IntegrationGateway runs once; make a new one to run again"
+        self._ran = True
         client_id = new_client_id()  # per run: see the module docstring, "Answers are commands"
         with Client(self.socket_path, client_id=client_id, schema=self.schema,
                     timeout_s=self.reconnect_timeout_s,
