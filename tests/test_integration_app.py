@@ -81,6 +81,10 @@ def test_a_withdrawal_holds_the_amount_and_its_key_is_its_log_index() -> None:
     assert run.alice() == (1000, 100)
     assert request_timer_id(key) in run.processor.timers()
     assert run.send(Withdraw("alice", 901, "acct-1", TIMEOUT_MS))[0] == "insufficient_funds"
+    assert run.send(Withdraw("alice", 0, "acct-1", TIMEOUT_MS))[0] == "bad_amount"
+    assert run.send(Withdraw("alice", 1, "", TIMEOUT_MS))[0] == "bad_destination"
+    assert run.send(Withdraw("@mint", 1, "acct-1", TIMEOUT_MS))[0] == "system_account"
+    assert run.alice() == (1000, 100)  # a refused withdrawal holds nothing
     run.ledger.invariants()
 
 

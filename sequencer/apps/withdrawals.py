@@ -47,6 +47,7 @@ from sequencer.apps.ledger import (
     Reservation,
     Reserve,
     Reserved,
+    _check_amount,
 )
 from sequencer.integration.keys import KEY_MAX, request_key_of_timer, request_timer_id
 from sequencer.schema import Schema
@@ -227,7 +228,8 @@ class WithdrawalLedger(Ledger):
         if command.account == MINT:
             raise Rejected("system_account", "cannot withdraw from the mint")
         account = self._account(command.account)
-        if not 0 < command.amount <= account.balance - account.held:
+        _check_amount(command.amount)
+        if command.amount > account.balance - account.held:
             raise Rejected(
                 "insufficient_funds",
                 f"account {command.account!r} has {account.balance - account.held} available; "
