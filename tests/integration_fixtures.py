@@ -27,9 +27,11 @@ class _Child:
         self.log_path = log_path
         self.process: subprocess.Popen[bytes] | None = None
         self.starts = 0
+        self.log_offset = 0  # where the latest start's lines begin
 
     def _spawn(self, argv: list[str]) -> None:
         assert self.process is None, "already running"
+        self.log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self.starts += 1
@@ -119,7 +121,7 @@ class GatewayProcess(_Child):
     def wait_following(self, timeout_s: float = 60.0) -> None:
         """Until the latest start has agreed on the pending requests and follows the stream."""
         deadline = time.monotonic() + timeout_s
-        while self.log_text().count("; following from ") < self.starts:
+        while b"; following from " not in self.log_path.read_bytes()[self.log_offset :]:
             assert self.running, f"the gateway exited; log:\n{self.log_text()[-3000:]}"
             assert time.monotonic() < deadline, f"the gateway did not start; log:\n{self.log_text()[-3000:]}"
             time.sleep(0.05)
