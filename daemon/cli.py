@@ -15,6 +15,7 @@
     seqd cluster raise-version [--config FILE] [--to V]        activate a new app version on every node
     seqd project --config FILE [--rebuild | --until-caught-up]  a projection into SQLite/PostgreSQL
     seqd export --config FILE [--until-caught-up]             the events into NATS JetStream, exactly once
+    seqd integration --config FILE                            a gateway to an external system
 """
 
 from __future__ import annotations
@@ -88,6 +89,12 @@ def command_export(args: argparse.Namespace) -> int:
     from daemon.export import run_export
 
     return run_export(args.config, until_caught_up=args.until_caught_up)
+
+
+def command_integration(args: argparse.Namespace) -> int:
+    from daemon.integration import run_integration
+
+    return run_integration(args.config)
 
 
 def command_replica(args: argparse.Namespace) -> int:
@@ -176,6 +183,11 @@ def build_parser() -> argparse.ArgumentParser:
     switch.add_argument("--green", required=True, help="the config file of the node standing by ([standby])")
     switch.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for green (default 60)")
     switch.set_defaults(func=command_bluegreen_switch)
+    integration = commands.add_parser(
+        "integration", help="run an integration gateway to an external system (docs/integration.md)"
+    )
+    integration.add_argument("--config", "-c", required=True, help="the gateway's TOML file (daemon/integration.py)")
+    integration.set_defaults(func=command_integration)
 
     try:
         from daemon import cli_tools

@@ -119,6 +119,8 @@ IO_FREE: dict[str, bool] = {
     "sequencer.migrate.index_map": True,
     "sequencer.migrate.migration": True,
     "sequencer.export.message": True,  # the exporter's ids, headers and resume rule (issue 15)
+    "sequencer.integration.keys": True,  # integration requests: the state machine's half (issue 15)
+    "sequencer.apps.withdrawals": True,  # a state machine: its reactions are a function of the log
 }
 # What an I/O-free module may not reach: sockets, files, clocks, threads, event loops,
 # processes, shared memory. The first eight are the ones the architecture names.

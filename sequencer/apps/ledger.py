@@ -386,11 +386,7 @@ class Ledger(StateMachine):
             AssertionError: naming the account or the sum that is wrong.
         """
         total = 0
-        held_by_account: dict[str, int] = {}
-        for reservation in self.reservations.values():
-            held_by_account[reservation.source] = (
-                held_by_account.get(reservation.source, 0) + reservation.amount
-            )
+        held_by_account = self.holds()
         for name, account in self.accounts.items():
             total += account.balance
             assert account.held == held_by_account.get(name, 0), (name, account.held)
@@ -399,6 +395,16 @@ class Ledger(StateMachine):
                 assert account.balance - account.held >= 0, (name, account.balance, account.held)
         assert total == 0, f"the balances sum to {total}, not 0: money was created or destroyed"
         return total
+
+    def holds(self) -> dict[str, int]:
+        """The amount each account should have held: the sum of its pending holds (an app built
+        on the ledger that holds money for other reasons adds its own)."""
+        held_by_account: dict[str, int] = {}
+        for reservation in self.reservations.values():
+            held_by_account[reservation.source] = (
+                held_by_account.get(reservation.source, 0) + reservation.amount
+            )
+        return held_by_account
 
     def circulating(self) -> int:
         """The money deposited so far (it never leaves): minus the mint's balance."""
