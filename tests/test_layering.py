@@ -117,6 +117,9 @@ IO_FREE: dict[str, bool] = {
     "sequencer.migrate.dedup_mirror": True,
     "sequencer.migrate.index_map": True,
     "sequencer.migrate.migration": True,
+    "sequencer.bridge": True,  # a bridge target's inbox (issue 15); the loop is bridge.bridge
+    "sequencer.bridge.inbox": True,
+    "sequencer.apps.sharded_ledger": True,  # an app: runs on the blp
 }
 # What an I/O-free module may not reach: sockets, files, clocks, threads, event loops,
 # processes, shared memory. The first eight are the ones the architecture names.
