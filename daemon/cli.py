@@ -10,6 +10,7 @@
     seqd verify [--config FILE]                               replay the journal under another hash seed
     seqd schema [--app module:Class | --config FILE]          the app's message types as JSON Schema
     seqd project --config FILE [--rebuild | --until-caught-up]  a projection into SQLite/PostgreSQL
+    seqd bridge run|status --config FILE [--json]             one node's events as another's commands
 """
 
 from __future__ import annotations
@@ -75,6 +76,14 @@ def command_project(args: argparse.Namespace) -> int:
     return run_project(args.config, rebuild=args.rebuild, until_caught_up=args.until_caught_up)
 
 
+def command_bridge(args: argparse.Namespace) -> int:
+    from daemon.bridge import run_bridge, show_status
+
+    if args.action == "status":
+        return show_status(args.config, args.json)
+    return run_bridge(args.config)
+
+
 def command_replica(args: argparse.Namespace) -> int:
     from daemon.roles.replica import run_standalone
 
@@ -112,6 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--rebuild", action="store_true", help="rebuild from index 1 into new tables, then switch")
     mode.add_argument("--until-caught-up", action="store_true", help="apply what the journal holds, then exit")
     project.set_defaults(func=command_project)
+
+    bridge = commands.add_parser("bridge", help="deliver one node's events as commands to another (docs/integration.md)")
+    bridge.add_argument("action", choices=("run", "status"), help="run the bridge, or show its status")
+    bridge.add_argument("--config", "-c", required=True, help="the bridge's TOML file (daemon/bridge.py)")
+    bridge.add_argument("--json", action="store_true", help="status as JSON")
+    bridge.set_defaults(func=command_bridge)
 
     try:
         from daemon import cli_tools

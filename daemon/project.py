@@ -36,7 +36,7 @@ from typing import Any, Literal
 
 import msgspec
 
-from daemon.config import ConfigError, load_config
+from daemon.config import Config, ConfigError, load_config
 from daemon.exits import ExitCode
 from sequencer.projection import (
     BATCH_EVENTS_DEFAULT,
@@ -54,7 +54,7 @@ from sequencer.projection import (
 )
 from sequencer.state_machine import load_app
 
-__all__ = ["ProjectorConfig", "load_projector_config", "make_projector", "run_project"]
+__all__ = ["ProjectorConfig", "load_projector_config", "make_projector", "make_source", "run_project"]
 
 log = logging.getLogger("seqd.project")
 
@@ -126,16 +126,21 @@ def make_projector(
     node = load_config(config.node_config or None)
     projector = Projector(load_projection(config.projection), open_store(config.database),
                           config.batch_events_max, on_commit)  # fmt: skip
-    if config.source == "subscription":
-        return projector, SubscriptionSource(node.socket.path, load_app(node.node.app).schema)
-    source = JournalSource(
+    return projector, make_source(node, config.source, follow)
+
+
+def make_source(node: Config, kind: Literal["journal", "subscription"], follow: bool) -> Source:
+    """The events of `node`: its journal applied in-process, or its catch-up subscription (the
+    module docstring); a projector's and a bridge's (daemon/bridge.py)."""
+    if kind == "subscription":
+        return SubscriptionSource(node.socket.path, load_app(node.node.app).schema)
+    return JournalSource(
         load_app(node.node.app),
         node.journal_dir,
         node.snapshot_dir,
         follow=follow,
         commit_index=_commit_index(node.node.name, node.cluster is not None),
     )
-    return projector, source
 
 
 def run_project(config_path: str, rebuild: bool = False, until_caught_up: bool = False) -> int:

@@ -12,6 +12,7 @@ from typing import Any
 import msgspec
 import pytest
 
+from sequencer.apps.ledger import Balance, Deposit, OpenAccount, Transfer
 from sequencer.apps.sharded_ledger import (
     SHARDED_LEDGER_SCHEMA,
     TRANSFER_TIMER_BASE,
@@ -26,7 +27,6 @@ from sequencer.apps.sharded_ledger import (
     shard_of,
     stream_name,
 )
-from sequencer.apps.ledger import Balance, Deposit, OpenAccount, Transfer
 from sequencer.egress import Event, Reply, ReplyStatus
 from sequencer.processor import Processor
 from tests.fixtures.feeder import Feeder, feed, session_id_of

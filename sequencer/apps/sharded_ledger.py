@@ -49,7 +49,6 @@ from sequencer.apps.ledger import (
     LEDGER_SCHEMA,
     MINT,
     RESERVATION_TIMEOUT_MS_MAX,
-    AccountBalance,
     AccountOpened,
     AccountState,
     Ledger,
@@ -64,8 +63,8 @@ from sequencer.schema import Schema
 from sequencer.state_machine import Context, Rejected, query
 
 __all__ = [
-    "SHARDS_MAX",
     "SHARDED_LEDGER_SCHEMA",
+    "SHARDS_MAX",
     "TRANSFER_TIMER_BASE",
     "Credit",
     "CreditAnswer",

@@ -41,8 +41,8 @@ from sequencer.bridge.inbox import STREAM_BYTES_MAX, BridgePosition, stream_clie
 from sequencer.projection.projection import SourceEvent
 
 __all__ = [
-    "IN_FLIGHT_DEFAULT",
     "GATEWAY_REFUSALS",
+    "IN_FLIGHT_DEFAULT",
     "Bridge",
     "BridgeError",
     "BridgeProgress",
@@ -63,6 +63,9 @@ GATEWAY_REFUSALS = frozenset({"bad_request_id", "command_too_large", "unknown_ve
 # How long one wait on the target lasts before the bridge reports its progress and checks for a
 # stop (it then waits again: nothing in flight is given up).
 WAIT_SLICE_S = 1.0
+# The wait on the oldest command in flight while the source has nothing new: short, since a new
+# event waits behind it (the source's own idle wait is 10-50 ms).
+IDLE_WAIT_S = 0.02
 
 
 class BridgeError(Exception):
@@ -184,7 +187,7 @@ class Bridge:
                     client_name=f"bridge {self.stream}") as client:  # fmt: skip
             for item in source.read(resume + 1):
                 if item is None:
-                    self._poll(client)
+                    self._wait_a_little(client, pending)
                     self._harvest(pending, last_sent)
                     self._report()
                     if stop():
@@ -226,13 +229,20 @@ class Bridge:
                 if stop():
                     return None
 
-    def _poll(self, client: Any) -> None:
+    def _wait_a_little(self, client: Any, pending: collections.deque[tuple[int, Any]]) -> None:
+        """The source is idle: send what is queued and take replies; with commands in flight,
+        a short blocking wait, which is what reconnects to a restarted target and resends them
+        (`poll` only drops a lost connection)."""
         from sequencer.client import ClientError
 
         try:
-            client.poll()
-        except ClientError as error:  # the next blocking call reconnects and resends
-            log.info("bridge %s: %s", self.stream, error)
+            if pending:
+                pending[0][1].result(IDLE_WAIT_S)
+            else:
+                client.poll()
+        except ClientError as error:  # a rejection is settled by _harvest; a timeout waits on
+            if not pending or not pending[0][1].done():
+                log.debug("bridge %s: %s", self.stream, error)
 
     def _harvest(self, pending: collections.deque[tuple[int, Any]], last_sent: int) -> None:
         """Take the replies that have come, in order."""
