@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from daemon.shard_harness import ShardSystem
+from daemon.shard_harness import BridgeProcess, ShardSystem
 from sequencer.apps.ledger import Balance, Deposit, OpenAccount, Transfer, Transferred
 from sequencer.apps.sharded_ledger import (
     SendTransfer,
@@ -133,7 +133,9 @@ def wait_delivering(bridge: Any, timeout_s: float = 60.0) -> None:
 
 
 def test_bridge_delivers_exactly_once_across_kill_9_of_source_target_and_bridge(tmp_dir: Path, unique: str) -> None:
-    with ShardSystem(tmp_dir, unique, shard_count=2) as system:
+    with ShardSystem(tmp_dir, unique, shard_count=2) as system, contextlib.ExitStack() as stack:
+        second = BridgeProcess(tmp_dir / "second", system.nodes[0], system.nodes[1], 0, 1)
+        stack.callback(second.stop)
         with system.client(timeout_s=120, reconnect_timeout_s=120) as client:
             workload = Workload(client, seed=1)
             workload.open_accounts()
@@ -147,6 +149,9 @@ def test_bridge_delivers_exactly_once_across_kill_9_of_source_target_and_bridge(
                     code, text = bridge_status_text(system, (0, 1))
                     assert code == 3 and "shard0>shard1: dead" in text, text
                     system.bridges[(0, 1)].start()
+                    # And a second bridge for the same stream from now on (an operator's mistake,
+                    # or the old session of a killed bridge): every command is delivered twice.
+                    second.start()
                 else:
                     node = system.nodes[1 if victim == "target" else 0]
                     node.kill()
