@@ -21,8 +21,8 @@ counters) for the lag. Its own command rather than a section of the target's `se
 one target may have bridges from many sources, a bridge may run on a host where neither node's
 status is read, and `seqd status` reads one node's shared memory only.
 
-Exit codes: 0 stopped on request, 1 the bridge cannot deliver in order (`BridgeError`, the
-message says why), 78 a bad config.
+Exit codes: 0 stopped on request, 65 (DATAERR) the bridge cannot deliver in order
+(`BridgeError`, the message says why; systemd does not restart it), 78 a bad config.
 """
 
 from __future__ import annotations
@@ -126,11 +126,13 @@ class _StatusWriter:
         self.written_at = 0.0
         self.state = "starting"
 
+    def due(self) -> bool:
+        return time.monotonic() - self.written_at >= STATUS_INTERVAL_S
+
     def __call__(self, progress: BridgeProgress, force: bool = False) -> None:
-        now = time.monotonic()
-        if not force and now - self.written_at < STATUS_INTERVAL_S:
+        if not force and not self.due():
             return
-        self.written_at = now
+        self.written_at = time.monotonic()
         record = {"pid": os.getpid(), "state": self.state, "written_at_s": time.time(),
                   **dataclasses.asdict(progress)}  # fmt: skip
         temporary = self.path.with_name(self.path.name + ".tmp")
@@ -159,10 +161,11 @@ def run_bridge(config_path: str) -> int:
 
     def on_progress(progress: BridgeProgress) -> None:
         nonlocal ready
-        if progress.resumed_after or progress.read_index or progress.delivered:
-            writer.state = "running"
-        if writer.state == "running" and not ready:
+        if not writer.due():
+            return  # called per event: the file and the watchdog at most every interval
+        if bridge.resumed and not ready:
             ready = True
+            writer.state = "running"
             notifier.ready(f"bridge {progress.stream} delivering")
         notifier.watchdog()
         writer(progress)
@@ -175,7 +178,7 @@ def run_bridge(config_path: str) -> int:
         writer.state = "failed"
         writer(bridge.progress, force=True)
         log.error("%s", error)
-        return 1
+        return ExitCode.DATAERR
     writer.state = "stopped"
     writer(bridge.progress, force=True)
     notifier.stopping()

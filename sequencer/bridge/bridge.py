@@ -114,7 +114,8 @@ class Bridge:
         in_flight_max: commands in flight (the window, in request ids).
         reconnect_timeout_s: how long one wait for the target lasts before the bridge reports
             and waits again.
-        on_progress: called with the progress whenever the source is idle and after each wait.
+        on_progress: called with the progress after each event read, whenever the source is
+            idle and after each wait (often: it decides itself how often to act).
     """
 
     def __init__(
@@ -138,6 +139,7 @@ class Bridge:
         self.reconnect_timeout_s = reconnect_timeout_s
         self.on_progress = on_progress
         self.progress = BridgeProgress(stream, stream_client_id(stream))
+        self.resumed = False  # the target's position is known and the source is being read
 
     def position(self, stop: Callable[[], bool] = lambda: False) -> int:
         """The last source index the target applied for this stream (waits for the target).
@@ -177,6 +179,7 @@ class Bridge:
             return self.progress
         progress = self.progress
         progress.resumed_after = progress.read_index = progress.delivered_index = resume
+        self.resumed = True
         log.info("bridge %s: the target has applied up to source index %d; reading from %d",
                  self.stream, resume, resume + 1)  # fmt: skip
         pending: collections.deque[tuple[int, Any]] = collections.deque()
@@ -194,6 +197,7 @@ class Bridge:
                         break
                     continue
                 progress.read_index = item.index
+                self._report()  # on_progress is called per event: it keeps its own pace
                 command = self.route.command_for(self.stream, item.index, item.event)
                 if command is None:
                     continue
