@@ -161,6 +161,9 @@ def test_bridge_delivers_exactly_once_across_kill_9_of_source_target_and_bridge(
         code, text = bridge_status_text(system, (0, 1))
         assert code == 0 and "bridge shard0>shard1: running" in text, text
         assert system.bridges[(0, 1)].status()["delivered_index"] > 0
+        assert system.bridges[(0, 1)].stop() == 0  # SIGTERM: a clean stop
+        code, text = bridge_status_text(system, (0, 1))
+        assert code == 3 and "shard0>shard1: stopped" in text, text
     assert kinds["TransferCommitted"] > 0, kinds
 
 
