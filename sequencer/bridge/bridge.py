@@ -172,8 +172,6 @@ class Bridge:
             BridgeError: a command cannot be delivered in order (see the module docstring).
             Whatever the source raises (its node no longer holds the index, a bad event).
         """
-        from sequencer.client import Client
-
         resume = self.position(stop)
         if resume < 0:
             return self.progress
@@ -184,10 +182,10 @@ class Bridge:
                  self.stream, resume, resume + 1)  # fmt: skip
         pending: collections.deque[tuple[int, Any]] = collections.deque()
         last_sent = resume
-        with Client(self.target_socket, client_id=progress.client_id, schema=self.target_schema,
-                    first_request_id=resume + 1, in_flight_max=self.in_flight_max,
-                    timeout_s=WAIT_SLICE_S, reconnect_timeout_s=self.reconnect_timeout_s,
-                    client_name=f"bridge {self.stream}") as client:  # fmt: skip
+        client = self._connect(resume + 1, stop)
+        if client is None:
+            return progress
+        with client:
             for item in source.read(resume + 1):
                 if item is None:
                     self._wait_a_little(client, pending)
@@ -218,6 +216,22 @@ class Bridge:
         return progress
 
     # -- inside ----------------------------------------------------------------------------------
+
+    def _connect(self, first_request_id: int, stop: Callable[[], bool]) -> Any:
+        """The stream's client, connected (waits for the target); None if `stop()` first."""
+        from sequencer.client import Client, ClientError
+
+        while not stop():
+            try:
+                return Client(self.target_socket, client_id=self.progress.client_id,
+                              schema=self.target_schema, first_request_id=first_request_id,
+                              in_flight_max=self.in_flight_max, timeout_s=WAIT_SLICE_S,
+                              reconnect_timeout_s=self.reconnect_timeout_s,
+                              client_name=f"bridge {self.stream}")  # fmt: skip
+            except (ClientError, OSError) as error:
+                log.info("bridge %s: cannot reach the target yet (%s); waiting", self.stream, error)
+                self._report()
+        return None
 
     def _submit(self, client: Any, command: Any, source_index: int, stop: Callable[[], bool]) -> Any:
         from sequencer.client import ConnectionLost, TimedOut
