@@ -260,3 +260,13 @@ def test_a_shard_mid_saga_survives_a_snapshot_round_trip() -> None:
         restored = ShardedLedger.restore(msgspec.msgpack.decode(data, type=ShardedLedgerSnapshot))
         assert msgspec.msgpack.encode(restored.snapshot()) == data
         restored.invariants()
+
+
+def test_a_bridge_on_a_stream_of_another_name_is_refused() -> None:
+    shards = Shards(2)
+    shards.send(0, SendTransfer(shards.accounts[0][0], shards.accounts[1][0], 300))
+    _, credit = shards.bridges[(0, 1)][0]
+    assert shards.send(1, msgspec.structs.replace(credit, stream="shard0-to-shard1"))[0] == "wrong_stream"
+    shards.quiesce()
+    assert shards.balance(shards.accounts[1][0]) == DEPOSIT + 300
+    shards.check_conserved()

@@ -376,7 +376,16 @@ class ShardedLedger(Ledger):
                                     command.target, command.amount))  # fmt: skip
         return TransferPending(transfer_id, target_shard, deadline_ns)
 
+    def _check_stream(self, stream: str, source_shard: int) -> None:
+        """One stream per ordered pair of shards: a bridge configured with another name would
+        deliver the pair's commands a second time under a position of its own."""
+        expected = stream_name(source_shard, self.shard)
+        if stream != expected:
+            raise Rejected("wrong_stream", f"commands from shard {source_shard} come on stream "
+                           f"{expected!r}, not {stream!r}: fix the bridge's `stream`")  # fmt: skip
+
     def credit(self, ctx: Context, command: Credit) -> None:
+        self._check_stream(command.stream, command.source_shard)
         if not self.inbox.fresh(command.stream, command.source_index):
             return None  # a redelivery: applied before
         answer = CreditAnswered(command.transfer_id, command.source_shard, self.shard, True)
@@ -397,6 +406,9 @@ class ShardedLedger(Ledger):
         return None
 
     def credit_answer(self, ctx: Context, command: CreditAnswer) -> None:
+        transfer = self.outgoing.get(command.transfer_id)
+        if transfer is not None:
+            self._check_stream(command.stream, transfer.target_shard)
         if not self.inbox.fresh(command.stream, command.source_index):
             return None
         transfer = self.outgoing.pop(command.transfer_id, None)
@@ -422,6 +434,7 @@ class ShardedLedger(Ledger):
         return None
 
     def settle(self, ctx: Context, command: Settle) -> None:
+        self._check_stream(command.stream, command.source_shard)
         if not self.inbox.fresh(command.stream, command.source_index):
             return None
         held = self.incoming.pop(f"{command.source_shard}/{command.transfer_id}", None)
