@@ -16,6 +16,7 @@
     seqd project --config FILE [--rebuild | --until-caught-up]  a projection into SQLite/PostgreSQL
     seqd export --config FILE [--until-caught-up]             the events into NATS JetStream, exactly once
     seqd integration --config FILE                            a gateway to an external system
+    seqd bridge run|status --config FILE [--json]             one node's events as another's commands
 """
 
 from __future__ import annotations
@@ -95,6 +96,14 @@ def command_integration(args: argparse.Namespace) -> int:
     from daemon.integration import run_integration
 
     return run_integration(args.config)
+
+
+def command_bridge(args: argparse.Namespace) -> int:
+    from daemon.bridge import run_bridge, show_status
+
+    if args.action == "status":
+        return show_status(args.config, args.json)
+    return run_bridge(args.config)
 
 
 def command_replica(args: argparse.Namespace) -> int:
@@ -188,6 +197,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     integration.add_argument("--config", "-c", required=True, help="the gateway's TOML file (daemon/integration.py)")
     integration.set_defaults(func=command_integration)
+    bridge = commands.add_parser("bridge", help="deliver one node's events as commands to another (docs/integration.md)")
+    bridge.add_argument("action", choices=("run", "status"), help="run the bridge, or show its status")
+    bridge.add_argument("--config", "-c", required=True, help="the bridge's TOML file (daemon/bridge.py)")
+    bridge.add_argument("--json", action="store_true", help="status as JSON")
+    bridge.set_defaults(func=command_bridge)
 
     try:
         from daemon import cli_tools

@@ -122,7 +122,7 @@ def _commit_index(node: str, clustered: bool) -> Callable[[], int | None]:
 def make_source(node: Config, kind: Literal["journal", "subscription"], follow: bool) -> Source:
     """The node's committed events: its journal applied in-process, read up to its commit index
     (`JournalSource`), or its catch-up subscription (`SubscriptionSource`). The projector and
-    the exporter (daemon/export.py) read them the same way."""
+    the exporter (daemon/export.py) and a bridge (daemon/bridge.py) read them the same way."""
     if kind == "subscription":
         return SubscriptionSource(node.socket.path, load_app(node.node.app).schema)
     return JournalSource(

@@ -247,3 +247,11 @@ def test_export_bench_reports_batched_and_one_at_a_time_figures_from_one_run() -
     missing = [key for key in EXPORT_KEYS if key not in results]
     assert not missing, missing
     assert (results["events"], results["events_one_at_a_time"]) == (2000, 200)
+def test_shards_bench_reports_each_shard_count_and_cross_share_with_an_estimate() -> None:
+    results = run_json(["-m", "benches.shards", "--shards", "2", "--min-seconds", "0"])
+    assert results["machine"]["cores"] == os.cpu_count()
+    for share in (0, 10, 50):
+        figures = results[f"shards2_cross{share}"]
+        assert figures["transfers_per_s"] > 0 and figures["transfers"] >= 500, figures
+        assert figures["cpu_us_per_transfer"] >= figures["busiest_us_per_transfer"] >= 0, figures
+    assert "ESTIMATE" in results["note"]

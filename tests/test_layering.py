@@ -121,6 +121,9 @@ IO_FREE: dict[str, bool] = {
     "sequencer.export.message": True,  # the exporter's ids, headers and resume rule (issue 15)
     "sequencer.integration.keys": True,  # integration requests: the state machine's half (issue 15)
     "sequencer.apps.withdrawals": True,  # a state machine: its reactions are a function of the log
+    "sequencer.bridge": True,  # a bridge target's inbox (issue 15); the loop is bridge.bridge
+    "sequencer.bridge.inbox": True,
+    "sequencer.apps.sharded_ledger": True,  # an app: runs on the blp
 }
 # What an I/O-free module may not reach: sockets, files, clocks, threads, event loops,
 # processes, shared memory. The first eight are the ones the architecture names.

@@ -135,16 +135,24 @@ class Client(SessionView):
         pending = self.submit(command, timeout_s)
         return pending.result(max(deadline - time.monotonic(), 1e-9))
 
-    def submit(self, command: Any, timeout_s: float | None = None) -> PendingRequest:
+    def submit(
+        self, command: Any, timeout_s: float | None = None, request_id: int | None = None
+    ) -> PendingRequest:
         """Queue one command for sending and return at once, unless the window is full.
+
+        `request_id`: number it so instead of `next_request_id` (at least that; the ids skipped
+        are never used). A bridge sends the source's log index (docs/integration.md).
 
         Raises:
             TimedOut: the window stayed full for timeout_s; the command was not submitted.
-            TypeError, ValueError: the command cannot be encoded or is too large.
+            TypeError, ValueError: the command cannot be encoded or is too large, or
+                `request_id` is below `next_request_id`.
         """
         self._check_open()
         session = self._session
         version, payload = session.encode(command)
+        if request_id is not None:
+            session.skip_to(request_id)
         if not session.has_room():
             self._pump(
                 session.has_room,

@@ -306,6 +306,25 @@ class Session:
         """Whether the window admits the next request (`add` may be called)."""
         return self.next_request_id - self.acked_request_id <= self.window
 
+    def skip_to(self, request_id: int) -> None:
+        """Number the next request `request_id`, leaving the ids between unused: a bridge numbers
+        its requests by the source's log index (docs/integration.md). An unused id needs no reply,
+        so `acked_request_id` passes over it like over an answered one.
+
+        Raises:
+            ValueError: `request_id` is below `next_request_id` (ids only go up).
+        """
+        if request_id < self.next_request_id:
+            raise ValueError(
+                f"request_id={request_id} is below next_request_id={self.next_request_id}: "
+                "request ids only go up (a lower one would be a resend of another command)"
+            )
+        if self.acked_request_id == self.next_request_id - 1:  # nothing in flight
+            self.acked_request_id = request_id - 1
+        if self.unsent_request_id == self.next_request_id:  # welcomed, nothing held
+            self.unsent_request_id = request_id
+        self.next_request_id = request_id
+
     def add(self, request: Request) -> None:
         """Put `request` in flight, and its COMMAND in `outgoing` (or held, past the window).
 
