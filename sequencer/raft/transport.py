@@ -82,6 +82,10 @@ log = logging.getLogger("seqd.peer")
 # connection is replaced), so a 5-node cluster needs at most 8; more is a port scanner or a flood,
 # and each costs a codec and up to one read of buffer: refuse beyond this.
 HANDSHAKES_PENDING_MAX: Final = 64
+# close(): how long to wait for aborted connections and the server to finish closing. An abort
+# closes a socket at once; the wait only lets their callbacks run. A role stops after it even if
+# one never reports closed (a stop must not hang on a peer: the supervisor would kill the role).
+CLOSE_WAIT_S: Final = 2.0
 # A forwarded command, or an AppendEntries carrying one largest client command, always fits a
 # peer frame, with room for its headers and a second one.
 # That a peer frame carries the largest forwarded client command is a relation between the
@@ -403,9 +407,18 @@ class PeerTransport:
         streams = list(self._streams)
         for stream in streams:
             stream.abort()
-        await asyncio.gather(*(stream.closed for stream in streams))
-        if self._server is not None:
-            await self._server.wait_closed()
+        server = self._server
+        try:
+            await asyncio.wait_for(
+                asyncio.gather(
+                    *(stream.closed for stream in streams),
+                    *(() if server is None else (server.wait_closed(),)),
+                ),
+                CLOSE_WAIT_S,
+            )
+        except TimeoutError:
+            log.warning("node %d: peer connections not closed within %.0f s of close(); stopping anyway",
+                        self.identity.node_id, CLOSE_WAIT_S)  # fmt: skip
 
     async def __aenter__(self) -> PeerTransport:
         await self.start()
