@@ -27,8 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nodes", type=int, choices=(3, 5), default=3)
     parser.add_argument("--out", type=Path, help="keep each seed's directory under OUT/seed-N")
     parser.add_argument("--wipe", action="store_true",
-                        help="include wiping a stopped node's data directory (off by default: a wiped "
-                             "follower rejoins only once InstallSnapshot is built, docs/cluster.md)")
+                        help="include wiping a stopped node's data directory (off by default: safe only "
+                             "while the others hold every committed entry, docs/cluster.md)")
     parser.add_argument("--kinds", help=f"comma-separated fault kinds to draw from ({', '.join(FAULT_KINDS)})")
     parser.add_argument("--schedule", action="store_true", help="print the seed's schedule and exit")
     args = parser.parse_args(argv)

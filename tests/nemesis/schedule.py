@@ -91,8 +91,8 @@ def make_schedule(seed: int, duration_s: float, nodes: int, *, wipe: bool = Fals
     """The faults of one run: as many as fit in `duration_s`.
 
     Args:
-        wipe: include "wipe" (a wiped node can rejoin only once followers take InstallSnapshot;
-            off until then, docs/cluster.md).
+        wipe: include "wipe" (off by default: a wipe is safe only while the other nodes hold
+            every committed entry on a majority, which overlapping faults may break; docs/cluster.md).
         kinds: draw only these kinds (default every kind, "wipe" only with `wipe`).
 
     Raises:
