@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib.util
 import shutil
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,7 +27,7 @@ import pytest
 from daemon.backup import take_backup
 from daemon.cluster_harness import Cluster
 from daemon.harness import NodeProcess
-from daemon.layout import BLP_APPLIED_INDEX, RAFT_ROLE
+from daemon.layout import BLP_APPLIED_INDEX, RAFT_ROLE, SNAPSHOT_LAST_INDEX
 from daemon.verify import replay_hashes
 from ipc.segment import SHM_DIRECTORY
 from sequencer.apps.ledger import Deposit, Ledger
@@ -38,6 +39,7 @@ TIMEOUTS = {"tick_ms": 10, "heartbeat_ms": 50, "election_timeout_ms": 300}
 SETTINGS = {"replicas": {"count": 1, "poll_ms": 1.0}, "snapshot": {"every_records": 150}}
 QUERY_TIMEOUT_S = 20.0
 LEARNER = 4
+SNAPSHOT_WAIT_S = 60.0  # bounds the wait for the learner's first snapshot
 
 pytestmark = [
     pytest.mark.timeout(240),
@@ -99,6 +101,13 @@ def test_a_learner_applies_the_log_and_a_backup_taken_from_it_under_load_restore
         client.call(Deposit("carol", 1))  # a learner's clients write too (forwarded to the leader)
     driver = TransferDriver(cluster[leader].socket_path, ACCOUNTS, seed=1).start()
     driver.wait_acknowledged(300)  # past a snapshot or two (snapshot.every_records)
+    # The learner writes its snapshot when it applies the leader's SNAPSHOT record: on a loaded
+    # machine that can come after the 300th acknowledgement. The backup is of a snapshot plus
+    # the journal after it, so wait for one (bounded; a learner that never snapshots fails here).
+    deadline = time.monotonic() + SNAPSHOT_WAIT_S
+    while cluster[LEARNER].read_counters()[SNAPSHOT_LAST_INDEX.name] == 0:
+        assert time.monotonic() < deadline, f"the learner wrote no snapshot within {SNAPSHOT_WAIT_S} s"
+        time.sleep(0.05)
     backup = take_backup(cluster[LEARNER].config, tmp_dir / "backup")  # under load
     driver.wait_acknowledged(len(driver.acknowledged) + 50)
     driver.stop()
