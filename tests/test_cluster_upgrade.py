@@ -25,14 +25,10 @@ from sequencer import snapshot as snapshots
 from tests.cluster_workload import CLIENT_TIMEOUT_S
 from tests.test_cluster_faults import ACKS, STOP_TIMEOUT_S, TIMEOUTS, Scenario, _log_tails
 
-# A whole cluster scenario (~25 s on a quiet 2-core machine, minutes under load): with the long
-# fault runs, to keep the suite within its CI budget; the processor and gateway rules it rests on
-# are tested in every run (tests/test_app_versions.py, tests/test_gateway.py).
-pytestmark = [
-    pytest.mark.timeout(300),
-    pytest.mark.skipif(os.environ.get("SEQD_FAULTS_LONG", "") in ("", "0"),
-                       reason="a whole cluster scenario: set SEQD_FAULTS_LONG=1"),
-]
+# A whole cluster scenario (~20 s on a quiet 2-core machine, minutes under load); the processor
+# and gateway rules it rests on are tested on their own too (tests/test_app_versions.py,
+# tests/test_gateway.py).
+pytestmark = [pytest.mark.timeout(300)]
 V1 = "sequencer.apps.ledger:Ledger"
 V2 = "tests.fixtures.ledger_v2_additive:LedgerV2"
 EXIT_DATAERR = 65
