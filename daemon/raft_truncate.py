@@ -27,20 +27,25 @@ TRUNCATE_NAME = "raft.truncate"
 _TEMP_NAME = "raft.truncate.tmp"
 
 
-def write_truncate_request(data_dir: Path | str, index: int) -> Path:
-    """Ask the next incarnation to cut the journal after `index`; durable before returning."""
-    directory = Path(data_dir)
-    temp = directory / _TEMP_NAME
-    path = directory / TRUNCATE_NAME
+def write_request_file(directory: Path, name: str, temp_name: str, text: str) -> Path:
+    """Write `text` to `directory/name` atomically and durably (a temp file fsynced, renamed, the
+    directory fsynced): a request to the next start that a crash leaves whole or absent."""
+    temp = directory / temp_name
+    path = directory / name
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
     try:
-        os.write(fd, f"{index}\n".encode())
+        os.write(fd, text.encode())
         os.fsync(fd)
     finally:
         os.close(fd)
     os.rename(temp, path)
     fsync_directory(directory)
     return path
+
+
+def write_truncate_request(data_dir: Path | str, index: int) -> Path:
+    """Ask the next incarnation to cut the journal after `index`; durable before returning."""
+    return write_request_file(Path(data_dir), TRUNCATE_NAME, _TEMP_NAME, f"{index}\n")
 
 
 def read_truncate_request(data_dir: Path | str) -> int | None:

@@ -46,6 +46,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from daemon.raft_truncate import write_request_file
 from sequencer import snapshot as snapshots
 from sequencer.journal import Journal
 from sequencer.journal.repair import fsync_directory
@@ -352,18 +353,7 @@ def write_install_request(data_dir: Path | str, index: int, term: int) -> Path:
     """Ask the next start to install the received snapshot at `index` (whose entry is of `term`)
     and restart the journal after it; durable before returning. The snapshot file must be durable
     first (`SnapshotReceiver` fsyncs it when it completes)."""
-    directory = Path(data_dir)
-    temp = directory / _INSTALL_TEMP_NAME
-    path = directory / INSTALL_NAME
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
-    try:
-        os.write(fd, f"{index} {term}\n".encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.rename(temp, path)
-    fsync_directory(directory)
-    return path
+    return write_request_file(Path(data_dir), INSTALL_NAME, _INSTALL_TEMP_NAME, f"{index} {term}\n")
 
 
 def read_install_request(data_dir: Path | str) -> tuple[int, int] | None:
