@@ -63,6 +63,21 @@ EXIT_OK = 0
 EXIT_FAILED = 1  # not the leader, unknown target, timed out, aborted: the message says which
 
 
+def _attach_as_operator(node: str, say: Callable[[str], None]) -> CounterView | None:
+    """The node's counters as the operator tools' owner, or None (said why) if it is not running."""
+    try:
+        return CounterView(attach_counters(node), owner=OPERATOR)
+    except (SegmentError, FileNotFoundError) as error:
+        say(f"seqd: node {node} is not running ({error})")
+        return None
+
+
+def _next_request(previous: int, value_bits: int, value: int) -> int:
+    """An operator request counter's next value: the request number above the previous one,
+    shifted past the `value_bits` that carry `value` (so each request is told from the last)."""
+    return (((previous >> value_bits) + 1) << value_bits) | value
+
+
 def transfer_leader(config: Config, target: int, timeout_s: float, say: Callable[[str], None],
                     clock: Callable[[], float] = time.monotonic) -> int:  # fmt: skip
     """Hand the leadership of the cluster from this node to `target` (0: the most caught-up
@@ -78,10 +93,8 @@ def transfer_leader(config: Config, target: int, timeout_s: float, say: Callable
         say(f"seqd: cannot hand leadership to node {target}: "
             f"{'that is this node' if target == number else 'it is not a member'}; the other members are {others}")
         return EXIT_FAILED
-    try:
-        counters = CounterView(attach_counters(node), owner=OPERATOR)
-    except (SegmentError, FileNotFoundError) as error:
-        say(f"seqd: node {node} is not running ({error})")
+    counters = _attach_as_operator(node, say)
+    if counters is None:
         return EXIT_FAILED
     try:
         return _transfer(counters, number, target, timeout_s, say, clock)
@@ -96,7 +109,7 @@ def _transfer(counters: CounterView, number: int, target: int, timeout_s: float,
         say(_not_leader(number, role.get(), term.get(), leader.get()))
         return EXIT_FAILED
     request_counter = counters[RAFT_TRANSFER_REQUEST]
-    request = (((request_counter.get() >> RAFT_TRANSFER_TARGET_BITS) + 1) << RAFT_TRANSFER_TARGET_BITS) | target
+    request = _next_request(request_counter.get(), RAFT_TRANSFER_TARGET_BITS, target)
     start_term = term.get()
     request_counter.set(request)
     handled, outcome = counters[RAFT_TRANSFER_HANDLED], counters[RAFT_TRANSFER_OUTCOME]
@@ -163,10 +176,8 @@ def raise_version(config: Config, version: int, timeout_s: float, say: Callable[
         say(f"seqd: node {node}'s app knows versions up to {code_version}: install the app version that "
             f"knows version {version} on every node first")
         return EXIT_FAILED
-    try:
-        counters = CounterView(attach_counters(node), owner=OPERATOR)
-    except (SegmentError, FileNotFoundError) as error:
-        say(f"seqd: node {node} is not running ({error})")
+    counters = _attach_as_operator(node, say)
+    if counters is None:
         return EXIT_FAILED
     try:
         active, refused = counters[APP_VERSION_ACTIVE], counters[APP_VERSION_RAISES_REFUSED]
@@ -175,7 +186,7 @@ def raise_version(config: Config, version: int, timeout_s: float, say: Callable[
             return EXIT_OK
         refused_before = refused.get()
         request_counter = counters[APP_VERSION_RAISE_REQUEST]
-        request = (((request_counter.get() >> _VERSION_BITS) + 1) << _VERSION_BITS) | version
+        request = _next_request(request_counter.get(), _VERSION_BITS, version)
         request_counter.set(request)
         handled = counters[APP_VERSION_RAISE_HANDLED]
         deadline = clock() + timeout_s
