@@ -3,6 +3,7 @@
     python -m benches.compiled build [--tree build/compiled] [--modules sequencer/processor.py ...]
     python -m benches.compiled compare [--tree build/compiled] [--pairs 3] [--commands 50000]
     python -m benches.compiled compare --callgrind --commands 5000     # instruction counts
+    python -m benches.compiled pipeline [--pairs 3] [--transfers 40000]    # a live node each way
 
 Issue 13 asks whether Python itself is the limit of the per-command loops and what compiling
 them would give; docs/dependencies.md ("A compiled helper") weighs the answer. This is the
@@ -20,6 +21,10 @@ pair by pair, and prints each side's figures: thread CPU us per command (median 
 runs), or with `--callgrind` instructions per command (exact and repeatable under any load;
 `hot_paths` runs each loop in its own thread, so `--toggle-collect=thread_run` counts the loop
 alone). It also checks that both trees reach the same rolling hash over the same records.
+
+`pipeline` runs `benches.pipeline_cpu` (a live node, its roles in their own processes) from each
+tree, alternated; the compiled node's roles get the tree first on PYTHONPATH, and the figures
+count only if every role was seen to map the tree's extension modules while it ran.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +62,9 @@ HOT_MODULES = (
 )
 LOOPS = ("gateway_ingress", "gateway_egress", "processor", "replay")
 COLLECTED = re.compile(r"Collected : (\d+)")
+PIPELINE_RATE = re.compile(r"^([\d,]+) transfers/s", re.M)
+PIPELINE_ROLE = re.compile(r"^  (\w+) +([\d.]+) us CPU per command", re.M)
+ROLE_MODULE = "daemon.roles."  # a role process's command line: python -m daemon.roles.<role>
 HASH_RECORDS = 5_000  # transfers replayed by each tree for the rolling-hash check
 
 
@@ -135,9 +144,66 @@ def compare(tree: Path, loops: list[str], pairs: int, commands: int, runs: int, 
     return results
 
 
+def _roles_mapping(tree: Path, parent: int) -> set[str]:
+    """The roles under `parent` that have an extension module of `tree` mapped."""
+    import psutil
+
+    roles = set()
+    for process in psutil.Process(parent).children(recursive=True):
+        try:
+            command = " ".join(process.cmdline())
+            if ROLE_MODULE in command and str(tree) in Path(f"/proc/{process.pid}/maps").read_text():
+                roles.add(command.split(ROLE_MODULE)[1].split()[0])
+        except (psutil.Error, OSError):
+            continue  # exited between the listing and the read
+    return roles
+
+
+def _pipeline(tree: Path | None, transfers: int) -> dict[str, float]:
+    """One `benches.pipeline_cpu` run, compiled from `tree` or pure (None): transfers/s and each
+    role's CPU us per command, and how many roles mapped the compiled modules."""
+    environment = dict(os.environ)
+    if tree is not None:
+        environment["PYTHONPATH"] = str(tree)
+    command = [sys.executable, "-m", "benches.pipeline_cpu", "--transfers", str(transfers)]
+    process = subprocess.Popen(command, cwd=tree or REPO, env=environment, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)  # fmt: skip
+    compiled_roles: set[str] = set()
+    while process.poll() is None:
+        if tree is not None:
+            compiled_roles |= _roles_mapping(tree, process.pid)
+        time.sleep(0.5)
+    stdout, stderr = process.communicate()
+    rate = PIPELINE_RATE.search(stdout)
+    if process.returncode != 0 or rate is None:
+        raise SystemExit(f"{' '.join(command)} failed ({process.returncode}):\n{stdout}{stderr[-4000:]}")
+    figures = {f"{role}_cpu_us": float(cpu) for role, cpu in PIPELINE_ROLE.findall(stdout)}
+    figures["total_cpu_us"] = round(sum(figures.values()), 2)
+    figures["transfers_per_s"] = float(rate.group(1).replace(",", ""))
+    figures["compiled_roles"] = len(compiled_roles)
+    return figures
+
+
+def pipeline(tree: Path, pairs: int, transfers: int) -> dict[str, Any]:
+    results: dict[str, Any] = {"transfers": transfers, "pairs": pairs, "load_average": os.getloadavg()[0]}
+    runs: dict[str, list[dict[str, float]]] = {"pure": [], "compiled": []}
+    for _ in range(pairs):
+        runs["pure"].append(_pipeline(None, transfers))
+        runs["compiled"].append(_pipeline(tree, transfers))
+    roles_seen = min(run["compiled_roles"] for run in runs["compiled"])
+    assert roles_seen >= 3, f"a compiled run's roles did not all map {tree}'s modules: {runs['compiled']}"
+    for side, side_runs in runs.items():
+        for key in side_runs[0]:
+            if key != "compiled_roles":
+                results[f"{side}_{key}"] = statistics.median(run[key] for run in side_runs)
+        results[f"{side}_total_runs"] = [run["total_cpu_us"] for run in side_runs]
+    results["load_average_after"] = os.getloadavg()[0]
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benches.compiled")
-    parser.add_argument("action", choices=("build", "compare"))
+    parser.add_argument("action", choices=("build", "compare", "pipeline"))
     parser.add_argument("--tree", type=Path, default=REPO / "build" / "compiled")
     parser.add_argument("--modules", nargs="+", default=list(HOT_MODULES), help="paths to compile")
     parser.add_argument("--only", choices=LOOPS, action="append", help="compare these loops only")
@@ -145,14 +211,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--commands", type=int, default=50_000)
     parser.add_argument("--runs", type=int, default=3, help="hot_paths runs per side per pair")
     parser.add_argument("--callgrind", action="store_true", help="instructions, not CPU time")
+    parser.add_argument("--transfers", type=int, default=40_000, help="pipeline: per run")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     if args.action == "build":
         build(args.tree.resolve(), args.modules)
         return 0
-    runs = 1 if args.callgrind else args.runs
-    results = compare(args.tree.resolve(), args.only or list(LOOPS), args.pairs, args.commands, runs,
-                      args.callgrind)  # fmt: skip
+    if args.action == "pipeline":
+        results = pipeline(args.tree.resolve(), args.pairs, args.transfers)
+    else:
+        runs = 1 if args.callgrind else args.runs
+        results = compare(args.tree.resolve(), args.only or list(LOOPS), args.pairs, args.commands, runs,
+                          args.callgrind)  # fmt: skip
     if args.json:
         print(json.dumps(results, sort_keys=True))
     else:
