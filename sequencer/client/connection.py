@@ -546,7 +546,7 @@ class Connection:
         if kind == FrameKind.HELLO or kind == FrameKind.WELCOME:
             self._handshake_sent = True
             # Not `self._sendable & keys()`: that makes a set, though typed frozenset (mypyc checks).
-            self._hot_sendable = frozenset(kind for kind in self._sendable if kind in _BODY_BYTES_MIN)
+            self._hot_sendable = frozenset(sent for sent in self._sendable if sent in _BODY_BYTES_MIN)
         elif kind == FrameKind.ERROR and frame.fatal:  # type: ignore[union-attr]
             self._we_closed = True
             self._hot_sendable = frozenset()
