@@ -14,15 +14,21 @@ load:
   `try_write_frames`, then `RingReader.poll` -> `Gateway.route_egress` -> the session's bytes.
 - `processor`: `Processor.apply_frame` of ledger transfers between 100 accounts, drained every
   16 records (the blp's `FRAMES_PER_POLL_MAX`).
+- `replay`: `Processor.replay_run` of the same transfers as one run of whole records, the
+  recovery's loop after `read_runs` (the record walk, then `apply_frame` per record).
 
 Figures are thread CPU time per command (`time.thread_time`), median of `--runs`. On a shared
-machine even CPU time moves by 10-20% with the load; instruction counts do not. For a
-before/after comparison count instructions with callgrind at two sizes and subtract, so the
-start-up cancels (benches/RESULTS.md, issue 13):
+machine even CPU time moves by 10-20% with the load; instruction counts do not. Each measured
+loop runs alone in a thread of its own (its set-up, the rings and the encoded records, in the
+main thread), so callgrind can count the loop and nothing else (benches/RESULTS.md, issue 13):
 
-    valgrind --tool=callgrind --callgrind-out-file=/dev/null \\
+    valgrind --tool=callgrind --toggle-collect=thread_run --callgrind-out-file=/dev/null \\
         python -m benches.hot_paths --only processor --commands 5000 --runs 1
-    (the same with --commands 10000; the difference / 5000 is instructions per command)
+    (the "Collected" total / 5000 is instructions per command; `thread_run` is CPython's
+    thread entry point, so only the measured loop is counted)
+
+`python -m benches.compiled` runs these loops on a mypyc-compiled copy of the tree beside the
+pure one (docs/dependencies.md, "A compiled helper").
 """
 
 from __future__ import annotations
@@ -31,10 +37,11 @@ import argparse
 import json
 import statistics
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import ipc
 from benches.processor import setup
@@ -47,7 +54,8 @@ from sequencer.gateway import Gateway, GatewayConfig, GatewaySession, SingleNode
 RING_CAPACITY_BYTES = 1 << 22  # a few thousand batches: the loops wrap it many times
 ACCOUNTS = 100
 DRAIN_EVERY_RECORDS = 16  # the blp drains its outputs once per poll of this many records
-LOOPS = ("gateway_ingress", "gateway_egress", "processor")
+_Encoded = TypeVar("_Encoded")
+LOOPS = ("gateway_ingress", "gateway_egress", "processor", "replay")
 
 
 class GatewayRig:
@@ -117,27 +125,59 @@ class GatewayRig:
             ring.unlink()
 
 
+def _in_thread(loop: Callable[[], float]) -> float:
+    """`loop()` run in a thread of its own: what callgrind's `--toggle-collect=thread_run` counts."""
+    result: list[float] = []
+    thread = threading.Thread(target=lambda: result.append(loop()), name="measured-loop")
+    thread.start()
+    thread.join()
+    assert result, "the measured loop raised (its traceback is above)"
+    return result[0]
+
+
 def _timed(step: Callable[[], None], steps: int) -> float:
-    started = time.thread_time()
-    for _ in range(steps):
-        step()
-    return time.thread_time() - started
+    def loop() -> float:
+        started = time.thread_time()
+        for _ in range(steps):
+            step()
+        return time.thread_time() - started
+
+    return _in_thread(loop)
+
+
+def _transfers(encode: Callable[[Transfer], _Encoded], commands: int) -> list[_Encoded]:
+    """`commands` ledger transfers between ACCOUNTS accounts, each encoded by `encode`."""
+    return [encode(Transfer(f"acct-{n % ACCOUNTS}", f"acct-{(n * 7 + 1) % ACCOUNTS}", 1))
+            for n in range(commands)]  # fmt: skip
 
 
 def measure(loop: str, commands: int, batch: int) -> float:
     """Thread CPU microseconds of `loop` per command, over about `commands` commands."""
+    if loop == "replay":
+        processor, feeder = setup(ACCOUNTS)
+        run = memoryview(b"".join(_transfers(feeder.command_record, commands)))
+
+        def replay() -> float:
+            started = time.thread_time()
+            assert processor.replay_run(run) == commands
+            return time.thread_time() - started
+
+        return 1e6 * _in_thread(replay) / commands
     if loop == "processor":
         processor, feeder = setup(ACCOUNTS)
-        frames = [feeder.command(Transfer(f"acct-{n % ACCOUNTS}", f"acct-{(n * 7 + 1) % ACCOUNTS}", 1))
-                  for n in range(commands)]  # fmt: skip
+        frames = _transfers(feeder.command, commands)
         apply_frame = processor.apply_frame
         drain = processor.drain_outputs
-        started = time.thread_time()
-        for n, (kind, view) in enumerate(frames):
-            apply_frame(kind, view)
-            if n % DRAIN_EVERY_RECORDS == DRAIN_EVERY_RECORDS - 1:
-                drain()
-        return 1e6 * (time.thread_time() - started) / commands
+
+        def loop() -> float:
+            started = time.thread_time()
+            for n, (kind, view) in enumerate(frames):
+                apply_frame(kind, view)
+                if n % DRAIN_EVERY_RECORDS == DRAIN_EVERY_RECORDS - 1:
+                    drain()
+            return time.thread_time() - started
+
+        return 1e6 * _in_thread(loop) / commands
     rig = GatewayRig(batch)
     try:
         steps = max(1, commands // batch)

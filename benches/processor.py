@@ -45,17 +45,28 @@ class Feeder:
 
     def record(self, record_type: int, version: int, payload: bytes, session_id: int = SESSION_ID,
                request_id: int = 0) -> tuple[int, memoryview]:  # fmt: skip
-        self.index += 1
-        data = encode_record(record_type, version, self.index, 1, 1_000_000 + self.index,
-                             session_id, request_id, payload)  # fmt: skip
+        data = self.encoded(record_type, version, payload, session_id, request_id)
         length = 48 + len(payload)
         return frame_type(record_type, version), memoryview(data)[FRAME_HEADER_BYTES:length]
 
+    def encoded(self, record_type: int, version: int, payload: bytes, session_id: int = SESSION_ID,
+                request_id: int = 0) -> bytes:  # fmt: skip
+        """The next whole record, as the journal holds it (the ring's frame is its tail)."""
+        self.index += 1
+        return encode_record(record_type, version, self.index, 1, 1_000_000 + self.index,
+                             session_id, request_id, payload)  # fmt: skip
+
     def command(self, command: object) -> tuple[int, memoryview]:
+        return self.record(*self._command(command))
+
+    def command_record(self, command: object) -> bytes:
+        """The next COMMAND as a whole record (a replay's run is these back to back)."""
+        return self.encoded(*self._command(command))
+
+    def _command(self, command: object) -> tuple[int, int, bytes, int, int]:
         self.request_id += 1
         version, data = LEDGER_SCHEMA.encode_command(command)
-        return self.record(RecordType.COMMAND, version, encode_command(self.request_id - 1, data),
-                           request_id=self.request_id)  # fmt: skip
+        return RecordType.COMMAND, version, encode_command(self.request_id - 1, data), SESSION_ID, self.request_id
 
 
 def setup(accounts: int) -> tuple[Processor, Feeder]:

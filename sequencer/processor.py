@@ -57,7 +57,7 @@ propagates and crashes the blp; the supervisor restarts from snapshot + journal.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Generic, TypeVar
+from typing import Any, Final, Generic, TypeVar
 
 import crc32c
 
@@ -121,30 +121,30 @@ __all__ = [
     "SessionState",
 ]
 
-_COMMAND = int(RecordType.COMMAND)
-_SESSION_OPEN = int(RecordType.SESSION_OPEN)
-_SESSION_CLOSE = int(RecordType.SESSION_CLOSE)
-_TIMER_FIRED = int(RecordType.TIMER_FIRED)
-_SNAPSHOT = int(RecordType.SNAPSHOT)
-_TERM_START = int(RecordType.TERM_START)
-_ADMIN = int(RecordType.ADMIN)
-_COMMAND_PART = int(RecordType.COMMAND_PART)
-_OK = int(ReplyStatus.OK)
-_REJECTED = int(ReplyStatus.REJECTED)
-_DUPLICATE = int(ReplyStatus.DUPLICATE)
-_REPLY = int(EgressKind.REPLY)
-_EVENT = int(EgressKind.EVENT)
-_TIMER_SCHEDULE = int(EgressKind.TIMER_SCHEDULE)
-_TIMER_CANCEL = int(EgressKind.TIMER_CANCEL)
-_EVENT_OMITTED = int(EgressKind.EVENT_OMITTED)
-_PAYLOAD_OFFSET = RECORD_TAIL.size  # payload offset in a view that starts after the frame header
-_COMMAND_OFFSET = _PAYLOAD_OFFSET + COMMAND_PREFIX.size
-_unpack_tail = RECORD_TAIL.unpack_from
-_unpack_prefix = COMMAND_PREFIX.unpack_from
-_pack_reply = REPLY_HEADER.pack
-_pack_event = EVENT_HEADER.pack
+_COMMAND: Final = int(RecordType.COMMAND)
+_SESSION_OPEN: Final = int(RecordType.SESSION_OPEN)
+_SESSION_CLOSE: Final = int(RecordType.SESSION_CLOSE)
+_TIMER_FIRED: Final = int(RecordType.TIMER_FIRED)
+_SNAPSHOT: Final = int(RecordType.SNAPSHOT)
+_TERM_START: Final = int(RecordType.TERM_START)
+_ADMIN: Final = int(RecordType.ADMIN)
+_COMMAND_PART: Final = int(RecordType.COMMAND_PART)
+_OK: Final = int(ReplyStatus.OK)
+_REJECTED: Final = int(ReplyStatus.REJECTED)
+_DUPLICATE: Final = int(ReplyStatus.DUPLICATE)
+_REPLY: Final = int(EgressKind.REPLY)
+_EVENT: Final = int(EgressKind.EVENT)
+_TIMER_SCHEDULE: Final = int(EgressKind.TIMER_SCHEDULE)
+_TIMER_CANCEL: Final = int(EgressKind.TIMER_CANCEL)
+_EVENT_OMITTED: Final = int(EgressKind.EVENT_OMITTED)
+_PAYLOAD_OFFSET: Final = RECORD_TAIL.size  # payload offset in a view that starts after the frame header
+_COMMAND_OFFSET: Final = _PAYLOAD_OFFSET + COMMAND_PREFIX.size
+_unpack_tail: Final = RECORD_TAIL.unpack_from
+_unpack_prefix: Final = COMMAND_PREFIX.unpack_from
+_pack_reply: Final = REPLY_HEADER.pack
+_pack_event: Final = EVENT_HEADER.pack
 # The rolling hash: determinism.rolling_hash_update, bound here to spare a call per output.
-_crc32c = crc32c.crc32c
+_crc32c: Final = crc32c.crc32c
 assert rolling_hash_update(1, b"x") == _crc32c(b"x", 1)
 
 

@@ -545,7 +545,8 @@ class Connection:
             ) from None
         if kind == FrameKind.HELLO or kind == FrameKind.WELCOME:
             self._handshake_sent = True
-            self._hot_sendable = self._sendable & _BODY_BYTES_MIN.keys()
+            # Not `self._sendable & keys()`: that makes a set, though typed frozenset (mypyc checks).
+            self._hot_sendable = frozenset(sent for sent in self._sendable if sent in _BODY_BYTES_MIN)
         elif kind == FrameKind.ERROR and frame.fatal:  # type: ignore[union-attr]
             self._we_closed = True
             self._hot_sendable = frozenset()
