@@ -53,9 +53,10 @@ from types import TracebackType
 
 import posix_ipc
 
+from ipc.doorbell_fifo import FifoBell, unlink_fifo
 from ipc.platform import store_load_fences
 
-__all__ = ["DRAIN_MAX", "Doorbell", "bell_name"]
+__all__ = ["DRAIN_MAX", "Doorbell", "bell_name", "unlink_bell"]
 
 # After a wake the waiter swallows the rings that piled up while it was waking, so the next park
 # really blocks. A writer rings at most once per publish while the flag is set, so the pile is
@@ -78,7 +79,8 @@ class Doorbell:
 
     Args:
         name: the semaphore's POSIX name.
-        semaphore: the open posix_ipc semaphore.
+        semaphore: the open posix_ipc semaphore, or a `FifoBell` (the same interface) for a
+            reader in an event loop (`ipc.doorbell_fifo`).
         parked: (word view, index) of the parked flag, or None for an unconditional doorbell (e.g.
             one rung by the journaller each time it advances a counter).
         ready: called after parking and before waiting; True means work arrived, do not wait.
@@ -87,12 +89,13 @@ class Doorbell:
     def __init__(
         self,
         name: str,
-        semaphore: posix_ipc.Semaphore,
+        semaphore: posix_ipc.Semaphore | FifoBell,
         parked: tuple[memoryview, int] | None = None,
         ready: Callable[[], bool] | None = None,
     ) -> None:
         self.name = name
         self._semaphore = semaphore
+        self._fifo = semaphore if isinstance(semaphore, FifoBell) else None
         self._parked = parked
         self.ready: Callable[[], bool] = ready or _never_ready
         self.rings = 0
@@ -102,20 +105,26 @@ class Doorbell:
         self._ringer_fence = fences.ringer
 
     @classmethod
-    def create(cls, name: str) -> Doorbell:
-        """Create (or reuse and drain) the semaphore `name`, mode 0600."""
+    def create(cls, name: str, pollable: bool = False) -> Doorbell:
+        """Create (or reuse and drain) the semaphore `name`, mode 0600; with `pollable`, the FIFO
+        `name` instead (`ipc.doorbell_fifo`: a reader in an event loop watches its descriptor)."""
+        if pollable:
+            return cls(name, FifoBell.create(name))
         semaphore = posix_ipc.Semaphore(name, posix_ipc.O_CREAT, mode=0o600, initial_value=0)
         bell = cls(name, semaphore)
         bell.drain()
         return bell
 
     @classmethod
-    def attach(cls, name: str) -> Doorbell:
-        """Open the existing semaphore `name`.
+    def attach(cls, name: str, pollable: bool = False) -> Doorbell:
+        """Open the existing semaphore `name` (with `pollable`, the FIFO `name`).
 
         Raises:
             FileNotFoundError: no such doorbell; its creator has not run yet.
+            PermissionError: (pollable) the FIFO's path is not a FIFO of this user.
         """
+        if pollable:
+            return cls(name, FifoBell.open(name))
         try:
             semaphore = posix_ipc.Semaphore(name)
         except posix_ipc.ExistentialError:
@@ -127,6 +136,24 @@ class Doorbell:
     def bind(self, parked: tuple[memoryview, int], ready: Callable[[], bool] | None = None) -> Doorbell:
         """A doorbell on the same semaphore bound to a parked flag (and a readiness check)."""
         return Doorbell(self.name, self._semaphore, parked, ready)
+
+    @property
+    def pollable(self) -> bool:
+        """Whether this doorbell is a FIFO an event loop can watch (`fileno`)."""
+        return self._fifo is not None
+
+    def fileno(self) -> int:
+        """The FIFO's descriptor, for `loop.add_reader` (`ipc.doorbell_fifo.LoopWaiter`).
+
+        Raises:
+            ValueError: a semaphore doorbell, which no event loop can watch.
+        """
+        if self._fifo is None:
+            raise ValueError(
+                f"doorbell {self.name} is a semaphore, which an event loop cannot watch; create "
+                "its ring with this reader in Ring.create(pollable=...)"
+            )
+        return self._fifo.fileno()
 
     @property
     def post(self) -> Callable[[], None]:
@@ -186,7 +213,8 @@ class Doorbell:
             # caller's loop reads, so this is just an early wake-up.
             self.interruptions += 1
             return False
-        self.drain()
+        if self._fifo is None:  # a FIFO's wait has swallowed every pending ring already
+            self.drain()
         return True
 
     def drain(self) -> int:
@@ -197,6 +225,8 @@ class Doorbell:
         and retake of the GIL, which in a threaded process (the sequencer's egress waker) means
         waiting for the other thread to give it back.
         """
+        if self._fifo is not None:
+            return self._fifo.drain()
         semaphore = self._semaphore
         drained = 0
         while drained < DRAIN_MAX and (not _VALUE_SUPPORTED or semaphore.value > 0):
@@ -215,11 +245,8 @@ class Doorbell:
             pass
 
     def unlink(self) -> None:
-        """Remove the name. Idempotent."""
-        try:
-            posix_ipc.unlink_semaphore(self.name)
-        except posix_ipc.ExistentialError:
-            pass
+        """Remove the name (the semaphore's, or the FIFO's). Idempotent."""
+        unlink_bell(self.name)
 
     def __enter__(self) -> Doorbell:
         return self
@@ -231,3 +258,12 @@ class Doorbell:
         traceback: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def unlink_bell(name: str) -> None:
+    """Remove the doorbell `name` of either kind (a semaphore, a FIFO). Idempotent."""
+    try:
+        posix_ipc.unlink_semaphore(name)
+    except posix_ipc.ExistentialError:
+        pass
+    unlink_fifo(name)
