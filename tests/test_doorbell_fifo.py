@@ -145,7 +145,7 @@ def test_a_file_planted_at_a_fifo_doorbells_path_is_refused(unique: str) -> None
 
 
 def test_the_sequencer_serves_egress_from_its_event_loop_without_a_thread(
-    node_factory: Callable[..., Any],
+    node_factory: Callable[..., Any],  # noqa: F811 (the fixture)
 ) -> None:
     # Issue 13: the egress waker thread cost 1.1-1.4 us of CPU per command in GIL hand-offs.
     node = node_factory()
