@@ -6,6 +6,9 @@ attach to shared memory *by name*, unrelated to each other (a `seqd status` or a
 attaches later), so the doorbell must be nameable too. A POSIX named semaphore
 (`sem_open`, via posix_ipc) is: `sem_post` is the ring, `sem_timedwait` the wait, and an uncontended
 post is a single atomic instruction in glibc unless a waiter sleeps, when it is one futex wake.
+A reader that lives in an event loop cannot block in `sem_timedwait`; its doorbell is a named FIFO
+instead (`ipc.doorbell_fifo`, `Ring.create(pollable=...)`), with the same interface here, whose
+descriptor the loop watches: the same protocol, with the loop's `epoll_wait` as P4.
 
 A doorbell may be bound to a *parked flag*, a word in shared memory written only by the waiting
 reader. The ringer then rings only while the flag is set, so a busy reader costs the writer one
@@ -222,7 +225,7 @@ class Doorbell:
 
         The count is read first (`sem_getvalue`, which keeps the GIL): usually one ring is
         pending after a wake, and a try-wait that finds none costs an exception and a release
-        and retake of the GIL, which in a threaded process (the sequencer's egress waker) means
+        and retake of the GIL, which in a threaded process (the replicator's waker) means
         waiting for the other thread to give it back.
         """
         if self._fifo is not None:
