@@ -64,6 +64,7 @@ from daemon.layout import (
     NODE_INCARNATION,
     NODE_NUMBER,
     NODE_STATE,
+    PROPOSAL_POLLABLE,
     PROPOSAL_READERS,
     RECOVERY_COMMIT_INDEX,
     RECOVERY_LAST_INDEX,
@@ -288,7 +289,8 @@ class Supervisor:
                 # as large as the log ring, which they all end up in.
                 rings.append(
                     Ring.create(
-                        proposal_name(node), config.ring.log_capacity_bytes, readers=PROPOSAL_READERS, epoch=epoch
+                        proposal_name(node), config.ring.log_capacity_bytes, readers=PROPOSAL_READERS, epoch=epoch,
+                        pollable=PROPOSAL_POLLABLE,
                     )
                 )
             self.counters = counters
