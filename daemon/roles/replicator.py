@@ -19,9 +19,9 @@ One writer (docs/cluster.md): the replicator writes the log ring on every node, 
 follower, so nothing changes hands when the Raft standing does. A leader's own proposals come
 back to it as `ready.entries` like a follower's replicated entries: one path. The journaller
 journals the ring as before and rings this role's doorbell (on the proposal ring) after each
-fdatasync; the doorbell is a FIFO the loop itself watches (`ipc.doorbell_fifo.LoopWaiter`, no
-thread), rung by the sequencer's proposals too; the entries it made durable are reported to the core, which acknowledges them (a
-follower) or counts them toward the majority (the leader). The commit the core hands out
+fdatasync (the doorbell is a FIFO the loop itself watches, `ipc.doorbell_fifo.LoopWaiter`, with no
+thread; the sequencer's proposals ring it too); the entries it made durable are reported to the
+core, which acknowledges them (a follower) or counts them toward the majority (the leader). The commit the core hands out
 (`ready.committed`: committed and durable here) is turned into a ring position
 (`RingPositions`) that limits the blp.
 
