@@ -148,7 +148,7 @@ def _loop_parker(writer: Any, reader: Any, handoffs_max: int, seconds: float, se
         if not future.done():
             future.set_result(False)
 
-    loop_waiter = LoopWaiter(loop, reader.doorbell, on_ready)
+    loop_waiter = LoopWaiter(loop, reader.doorbell, on_ready, timeout_ms=0)  # the ring alone: no safety net
     counts = {"waits": 0, "timeouts": 0, "timeouts_with_work": 0, "early": 0}
 
     async def run() -> int:

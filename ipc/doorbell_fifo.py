@@ -41,7 +41,7 @@ from typing import Any, Protocol
 
 import posix_ipc
 
-__all__ = ["FIFO_SUFFIX", "READ_BYTES_MAX", "FifoBell", "LoopWaiter", "fifo_path"]
+__all__ = ["FIFO_SUFFIX", "LOOP_TIMEOUT_MS_DEFAULT", "READ_BYTES_MAX", "FifoBell", "LoopWaiter", "fifo_path"]
 
 FIFO_SUFFIX = ".fifo"
 SHM_DIRECTORY = Path("/dev/shm")
@@ -160,9 +160,16 @@ def unlink_fifo(name: str) -> None:
     fifo_path(name).unlink(missing_ok=True)
 
 
+# As a blocking wait's timeout (`ipc.idle.BLOCKING_TIMEOUT_MS_DEFAULT`): no ring is missed, so
+# this only bounds what a ringer that died or stalled between its publish and its ring costs;
+# 100 timer wakes a second when idle is nothing.
+LOOP_TIMEOUT_MS_DEFAULT = 10.0
+
+
 class _Loop(Protocol):
     def add_reader(self, fd: int, callback: Callable[..., Any], *args: Any) -> None: ...
     def remove_reader(self, fd: int) -> bool: ...
+    def call_later(self, delay: float, callback: Callable[..., Any], *args: Any) -> Any: ...
 
 
 class _Bell(Protocol):
@@ -189,23 +196,37 @@ class LoopWaiter:
     once more: no publish is missed.
 
     The price of never unparking is a ring on every publish, a `write(2)` by the writer even while
-    the reader is busy (~1 us, once per blp cycle, not per record); unparking while busy would
-    cost a fence (a membarrier, ~1.5 us) at every re-park instead, and the loop would still have
-    to re-park before every sleep it cannot see coming.
+    the reader is busy (~0.5 us of CPU, once per blp cycle, not per record); unparking while busy
+    would cost a fence (a membarrier, ~1.5 us) at every re-park instead, and the loop would still
+    have to re-park before every sleep it cannot see coming.
+
+    The safety net of a blocking wait's timeout (`ipc.idle`), kept: every `timeout_ms` the waiter
+    looks at the ring itself, so a ringer that died or stalled between its publish and its ring
+    costs at most that; `timeouts_with_work` counts the looks that found work waiting, each one a
+    ring that never came (zero unless a ringer died or stalled: the stress test checks it).
 
     Args:
-        loop: the event loop (`add_reader`/`remove_reader`).
+        loop: the event loop (`add_reader`/`remove_reader`/`call_later`).
         doorbell: the reader's doorbell, bound to its parked flag and its `ready`, on a FIFO.
         on_ready: called in the loop when work may be waiting: it must poll the ring.
+        timeout_ms: how often the waiter looks without a ring (0: never, for tests of the ring).
     """
 
-    def __init__(self, loop: _Loop, doorbell: _Bell, on_ready: Callable[[], None]) -> None:
+    def __init__(
+        self, loop: _Loop, doorbell: _Bell, on_ready: Callable[[], None], timeout_ms: float = LOOP_TIMEOUT_MS_DEFAULT
+    ) -> None:
+        assert timeout_ms >= 0, timeout_ms
         self.loop = loop
         self.doorbell = doorbell
         self.on_ready = on_ready
+        self.timeout_s = timeout_ms / 1000
         self.fd = doorbell.fileno()
         self.wakes = 0
+        self.timeouts = 0
+        self.timeouts_with_work = 0
         self.started = False
+        self._rung = False  # a wake since the last timeout
+        self._timer: Any = None
 
     def start(self) -> None:
         """Park (flag, fence), watch the descriptor, then re-check for work published before."""
@@ -213,17 +234,35 @@ class LoopWaiter:
         doorbell.park()
         self.loop.add_reader(self.fd, self._on_readable)
         self.started = True
+        if self.timeout_s:
+            self._timer = self.loop.call_later(self.timeout_s, self._on_timeout)
         if doorbell.ready():
             self.on_ready()
 
     def _on_readable(self) -> None:
         self.wakes += 1
+        self._rung = True
         self.doorbell.drain()  # first: a ring after this leaves the descriptor readable
         self.on_ready()
+
+    def _on_timeout(self) -> None:
+        if not self.started:
+            return
+        self._timer = self.loop.call_later(self.timeout_s, self._on_timeout)
+        if self._rung:  # woken in this period: the ring works, nothing to look for
+            self._rung = False
+            return
+        self.timeouts += 1
+        if self.doorbell.ready():
+            self.timeouts_with_work += 1
+            self.on_ready()
 
     def stop(self) -> None:
         """Stop watching and unpark (a stopped reader is not rung). Idempotent."""
         if self.started:
             self.started = False
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
             self.loop.remove_reader(self.fd)
             self.doorbell.unpark()

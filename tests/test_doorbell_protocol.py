@@ -369,7 +369,7 @@ def run_once(
 
         def loop_reader() -> None:
             # The sequencer's shape: park once and watch the FIFO; each wake reads it, then polls.
-            loop_waiter = LoopWaiter(ModelLoop(), reader.doorbell, consume)
+            loop_waiter = LoopWaiter(ModelLoop(), reader.doorbell, consume, timeout_ms=0)  # the ring alone
             loop_waiter.start()
             while sum(seen) < frames_expected:
                 try:

@@ -571,6 +571,7 @@ class Sequencer:
             # node_start record); the first command gets the next one.
             log.info("serving %s from index %d", self.config.socket.path, self.gateway.next_index - 1)
         beats = 0
+        missed_rings = 0
         snapshot_config = self.config.snapshot
         log_snapshots = self.clustered and bool(snapshot_config.every_records or snapshot_config.every_bytes)
         while not context.stop_requested:
@@ -580,6 +581,11 @@ class Sequencer:
                 self._log_snapshot_policy()
             self._check_app_version()
             self.errors.flush(time.monotonic())
+            if self.egress_waiter.timeouts_with_work != missed_rings:
+                missed_rings = self.egress_waiter.timeouts_with_work
+                log.warning("egress: %d looks found replies waiting without a ring (a ringer that stalled "
+                            "or died between its publish and its ring; each cost up to %.0f ms)", missed_rings,
+                            self.egress_waiter.timeout_s * 1000)
             await asyncio.sleep(HEARTBEAT_INTERVAL_S)
         await self.drain()
 
