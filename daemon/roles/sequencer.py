@@ -477,13 +477,14 @@ class Sequencer:
         dirty: list[Session] = []
         timers_changed = False
         frames = reader.poll(EGRESS_FRAMES_PER_DRAIN_MAX)
-        while frames:
+        # Until nothing is left: a poll stops at the ring's wrap (and one that met only the
+        # padding returns nothing), and no ring comes for what the blp already published.
+        while frames or reader.ready():
             if gateway.route_egress(frames, dirty):
                 timers_changed = True
             reader.release()
-            if len(frames) < EGRESS_FRAMES_PER_DRAIN_MAX:
-                break
             frames = reader.poll(EGRESS_FRAMES_PER_DRAIN_MAX)
+        reader.release()  # past a padding frame the last poll skipped
         for session in dirty:
             try:
                 session.flush()
