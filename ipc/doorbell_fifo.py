@@ -1,8 +1,8 @@
 """A doorbell an event loop can poll: a named FIFO, for a reader that lives in an asyncio loop.
 
 Why: the semaphore doorbell (`ipc.doorbell`) is waited on by a blocking `sem_timedwait`, which an
-event loop cannot do, so a reader in a loop (the sequencer, egress's reader) used to park a
-*waker thread* on it that handed each wake to the loop through `call_soon_threadsafe`. That
+event loop cannot do, so a reader in a loop (the sequencer, egress's reader; the replicator, the
+proposal ring's) used to park a *waker thread* on it that handed each wake to the loop through `call_soon_threadsafe`. That
 costs a thread hand-off per wake (the GIL taken back from the busy loop thread after the
 semaphore wait and after the hand-off wait: ~7 futex calls, 1.1-1.4 us of the sequencer's CPU per
 command, issue 13) and adds two thread switches to every reply's latency. A FIFO is a file

@@ -584,9 +584,9 @@ class Sequencer:
             self.errors.flush(time.monotonic())
             if self.egress_waiter.timeouts_with_work != missed_rings:
                 missed_rings = self.egress_waiter.timeouts_with_work
-                log.warning("egress: %d looks found replies waiting without a ring (a ringer that stalled "
-                            "or died between its publish and its ring; each cost up to %.0f ms)", missed_rings,
-                            self.egress_waiter.timeout_s * 1000)
+                log.warning("egress: %d looks found replies waiting without a ring (a ring still on its way, "
+                            "or a blp that stalled or died between its publish and its ring; each cost up to "
+                            "%.0f ms)", missed_rings, self.egress_waiter.timeout_s * 1000)
             await asyncio.sleep(HEARTBEAT_INTERVAL_S)
         await self.drain()
 
