@@ -2,6 +2,7 @@
 
     python -m benches.doorbell --quick --json      # 3 s of hand-offs
     python -m benches.doorbell                     # 300 s: millions of hand-offs
+    python -m benches.doorbell --waiter loop       # the reader in an event loop, on a FIFO
 
 The park/wake protocol (`ipc.doorbell`) is correct if no reader ever sleeps past published work
 without a ring. A miss is silent except for time: the reader sleeps until its timeout, then finds
@@ -17,6 +18,11 @@ after: before the flag, between the flag and the re-check (the race a missing fe
 during the wait. The parker publishes nothing more until its pong arrives, so a missed ring is
 never rescued by a later publish: it costs the whole timeout and is counted.
 
+`--waiter` chooses the reader's doorbell and wait: `idle` (the semaphore under the blocking idle
+strategy: the blp, the journaller), `idle_fifo` (the same strategy on the FIFO doorbell,
+`ipc.doorbell_fifo`) or `loop` (the sequencer's shape: a uvloop event loop whose `LoopWaiter`
+parks once and watches the FIFO; each hand-off awaits the pong with the same timeout).
+
 `TIMEOUT_MS` is long so that only a missed ring is counted: an echo preempted for a moment
 between its publish and its ring delays the ring, but not by half a second.
 
@@ -31,6 +37,7 @@ full run's 300 s is 1 M hand-offs there and several million on a quiet machine. 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import multiprocessing
 import os
@@ -41,6 +48,7 @@ from typing import Any
 
 import ipc
 from benches.ring import machine
+from ipc.doorbell_fifo import LoopWaiter
 from ipc.platform import store_load_fences
 
 CONTEXT = multiprocessing.get_context("fork")
@@ -52,6 +60,7 @@ DATA = 1
 STOP = 2
 RING_CAPACITY_BYTES = 1 << 16
 PAYLOAD = b"hand-off"
+WAITERS = ("idle", "idle_fifo", "loop")
 
 
 def _pin(cpu: int | None) -> None:
@@ -72,6 +81,7 @@ def parker(
     seed: int,
     cpu: int | None,
     report: Any,
+    waiter: str = "idle",
 ) -> None:
     """Ping, pause, then park until the pong; repeat for `seconds` or `handoffs_max` hand-offs."""
     _pin(cpu)
@@ -80,6 +90,9 @@ def parker(
     try:
         writer = ping_ring.writer()
         reader = pong_ring.reader("parker")
+        if waiter == "loop":
+            report.send(_loop_parker(writer, reader, handoffs_max, seconds, seed))
+            return
         idle = ipc.BlockingIdleStrategy(reader.doorbell, TIMEOUT_MS, yields_before_park=0)
         read = reader.read
         pauses = random.Random(seed)
@@ -119,6 +132,68 @@ def parker(
         pong_ring.close()
 
 
+def _loop_parker(writer: Any, reader: Any, handoffs_max: int, seconds: float, seed: int) -> dict[str, Any]:
+    """`parker` with the reader in a uvloop event loop (the sequencer's shape): parked once by a
+    `LoopWaiter`, each pong awaited with the same timeout, and counted as in `parker`."""
+    import uvloop
+
+    loop = uvloop.new_event_loop()
+    waiting: list[asyncio.Future[bool]] = []
+
+    def on_ready() -> None:
+        if waiting and not waiting[0].done() and reader.ready():
+            waiting[0].set_result(True)
+
+    def on_timeout(future: asyncio.Future[bool]) -> None:
+        if not future.done():
+            future.set_result(False)
+
+    loop_waiter = LoopWaiter(loop, reader.doorbell, on_ready, timeout_ms=0)  # the ring alone: no safety net
+    counts = {"waits": 0, "timeouts": 0, "timeouts_with_work": 0, "early": 0}
+
+    async def run() -> int:
+        loop_waiter.start()
+        read = reader.read
+        pauses = random.Random(seed)
+        clock = time.perf_counter_ns
+        handoffs = 0
+        deadline = time.perf_counter() + seconds
+        while handoffs < handoffs_max:
+            if not handoffs & 0xFF and time.perf_counter() >= deadline:
+                break
+            assert writer.try_write(PAYLOAD, DATA)
+            until = clock() + pauses.randrange(PAUSE_NS_MAX)
+            while clock() < until:
+                pass
+            if read() is not None:
+                counts["early"] += 1
+            else:
+                while read() is None:
+                    future = loop.create_future()
+                    waiting[:] = [future]
+                    timer = loop.call_later(TIMEOUT_MS / 1000, on_timeout, future)
+                    counts["waits"] += 1
+                    if not await future:
+                        counts["timeouts"] += 1
+                        if reader.ready():
+                            counts["timeouts_with_work"] += 1
+                    timer.cancel()
+            handoffs += 1
+        loop_waiter.stop()
+        return handoffs
+
+    started = time.perf_counter()
+    try:
+        handoffs = loop.run_until_complete(run())
+    finally:
+        loop.close()
+    elapsed = time.perf_counter() - started
+    while not writer.try_write(b"", STOP):
+        time.sleep(0.001)
+    return {"handoffs": handoffs, "seconds": elapsed, "wakes": loop_waiter.wakes,
+            "fences": store_load_fences().kind, **counts}  # fmt: skip
+
+
 def echo(ping_name: str, pong_name: str, seed: int, cpu: int | None) -> None:
     """Busy-poll pings; answer each with a pong after a random pause (the ringer)."""
     _pin(cpu)
@@ -151,7 +226,7 @@ def echo(ping_name: str, pong_name: str, seed: int, cpu: int | None) -> None:
 
 
 def stress(
-    handoffs_max: int, seconds: float, token: str | None = None, seed: int = 1
+    handoffs_max: int, seconds: float, token: str | None = None, seed: int = 1, waiter: str = "idle"
 ) -> dict[str, Any]:
     """Run the parker and the echo in their own processes; return the parker's counts.
 
@@ -160,10 +235,13 @@ def stress(
         seconds: ... or after this long (the bench's).
         token: a unique part for the ring names (tests pass theirs, so leaks are found).
         seed: the pauses (the echo's; the parker's from `seed + 1`).
+        waiter: one of WAITERS (module docstring).
     """
+    assert waiter in WAITERS, waiter
     node = token or f"dbell{os.getpid()}"
     ping = ipc.Ring.create(ipc.segment_name(node, "ping"), RING_CAPACITY_BYTES, readers=("echo",))
-    pong = ipc.Ring.create(ipc.segment_name(node, "pong"), RING_CAPACITY_BYTES, readers=("parker",))
+    pong = ipc.Ring.create(ipc.segment_name(node, "pong"), RING_CAPACITY_BYTES, readers=("parker",),
+                           pollable=("parker",) if waiter != "idle" else ())  # fmt: skip
     processes: list[Any] = []
     try:
         parker_cpu, echo_cpu = _cpus()
@@ -172,7 +250,7 @@ def stress(
             CONTEXT.Process(target=echo, args=(ping.name, pong.name, seed, echo_cpu)),
             CONTEXT.Process(
                 target=parker,
-                args=(ping.name, pong.name, handoffs_max, seconds, seed + 1, parker_cpu, sender),
+                args=(ping.name, pong.name, handoffs_max, seconds, seed + 1, parker_cpu, sender, waiter),
             ),
         ]
         for process in processes:
@@ -197,9 +275,9 @@ def stress(
             ring.unlink()
 
 
-def run(quick: bool, seconds: float | None = None) -> dict[str, Any]:
+def run(quick: bool, seconds: float | None = None, waiter: str = "idle") -> dict[str, Any]:
     measured_s = seconds if seconds is not None else (3.0 if quick else 300.0)
-    counts = stress(handoffs_max=1 << 62, seconds=measured_s)
+    counts = stress(handoffs_max=1 << 62, seconds=measured_s, waiter=waiter)
     return {
         "doorbell_timeout_wakes_with_work": counts["timeouts_with_work"],
         "doorbell_handoffs": counts["handoffs"],
@@ -209,6 +287,7 @@ def run(quick: bool, seconds: float | None = None) -> dict[str, Any]:
         "doorbell_parks_without_wait": counts["early"],
         "doorbell_timeouts": counts["timeouts"],
         "doorbell_fences": counts["fences"],
+        "doorbell_waiter": waiter,
         "doorbell_seconds": round(counts["seconds"], 2),
         "mode": "quick" if quick else "full",
         "machine": machine(),
@@ -220,8 +299,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="3 s of hand-offs instead of 300 s")
     parser.add_argument("--seconds", type=float, help="how long to run (overrides --quick)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of lines")
+    parser.add_argument("--waiter", choices=WAITERS, default="idle", help="the reader's doorbell and wait")
     args = parser.parse_args(argv)
-    result = run(args.quick, args.seconds)
+    result = run(args.quick, args.seconds, args.waiter)
     if args.json:
         print(json.dumps(result, sort_keys=True))
     else:

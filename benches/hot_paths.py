@@ -45,7 +45,7 @@ from typing import Any, TypeVar
 
 import ipc
 from benches.processor import setup
-from daemon.layout import EGRESS_READERS, LOG_READERS
+from daemon.layout import EGRESS_POLLABLE, EGRESS_READERS, LOG_READERS
 from sequencer import egress
 from sequencer.apps.ledger import LEDGER_SCHEMA, Transfer, TransferMade, Transferred
 from sequencer.client.protocol import Connection, Hello, Side
@@ -65,7 +65,7 @@ class GatewayRig:
         token = uuid.uuid4().hex[:8]
         self.log_ring = ipc.Ring.create(ipc.segment_name(token, "log"), RING_CAPACITY_BYTES, readers=LOG_READERS)
         self.egress_ring = ipc.Ring.create(ipc.segment_name(token, "egress"), RING_CAPACITY_BYTES,
-                                           readers=EGRESS_READERS)  # fmt: skip
+                                           readers=EGRESS_READERS, pollable=EGRESS_POLLABLE)  # fmt: skip
         self.writer = self.log_ring.writer()
         self.log_readers = [self.log_ring.reader(name) for name in LOG_READERS]
         self.egress_writer = self.egress_ring.writer()

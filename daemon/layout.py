@@ -27,8 +27,8 @@ from ipc.segment import segment_name
 from sequencer.raft.core import RaftRole
 
 __all__ = [
-    "COUNTERS", "COUNTERS_LAYOUT_VERSION", "COUNTER_NAMES", "EGRESS_READERS", "ERRORS_TOTAL_NAME",
-    "ERROR_KIND_COUNTERS", "INCARNATION_BITS", "LOG_READERS", "OPERATOR", "PROPOSAL_READERS",
+    "COUNTERS", "COUNTERS_LAYOUT_VERSION", "COUNTER_NAMES", "EGRESS_POLLABLE", "EGRESS_READERS", "ERRORS_TOTAL_NAME",
+    "ERROR_KIND_COUNTERS", "INCARNATION_BITS", "LOG_READERS", "OPERATOR", "PROPOSAL_POLLABLE", "PROPOSAL_READERS",
     "RAFT_PEER_SLOTS", "READ_ROUND_COUNTERS", "REPLICAS_MAX", "REPLICA_COUNTERS", "ROLE_COUNTERS",
     "SUPERVISOR", "CounterSpec", "CounterView", "DiskState", "IdleCode", "Kind", "NodeState",
     "Owner", "ReadRoundCounters", "ReplicaCounters", "Role", "RoleCounters", "RoleState",
@@ -84,6 +84,10 @@ def drain_order(roles: Iterable[Role]) -> tuple[Role, ...]:
 # The readers of each ring, named after the roles that read them (a ring knows names, not roles).
 LOG_READERS: tuple[Role, ...] = (Role.JOURNALLER, Role.BLP)
 EGRESS_READERS: tuple[Role, ...] = (Role.SEQUENCER,)
+# Readers that wait in an event loop, so their doorbell is a FIFO the loop watches
+# (`ipc.doorbell_fifo`): the sequencer, egress's reader, and the replicator, the proposals'.
+EGRESS_POLLABLE: tuple[Role, ...] = (Role.SEQUENCER,)
+PROPOSAL_POLLABLE: tuple[Role, ...] = (Role.REPLICATOR,)
 PROPOSAL_READERS: tuple[Role, ...] = (Role.REPLICATOR,)
 
 

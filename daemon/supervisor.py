@@ -54,6 +54,7 @@ from daemon.exits import (
 )
 from daemon.handover import hand_over_leadership
 from daemon.layout import (
+    EGRESS_POLLABLE,
     EGRESS_READERS,
     JOURNAL_DISK_FULL,
     JOURNAL_DURABLE_INDEX,
@@ -63,6 +64,7 @@ from daemon.layout import (
     NODE_INCARNATION,
     NODE_NUMBER,
     NODE_STATE,
+    PROPOSAL_POLLABLE,
     PROPOSAL_READERS,
     RECOVERY_COMMIT_INDEX,
     RECOVERY_LAST_INDEX,
@@ -279,14 +281,16 @@ class Supervisor:
         try:
             rings.append(Ring.create(log_name(node), config.ring.log_capacity_bytes, readers=LOG_READERS, epoch=epoch))
             rings.append(
-                Ring.create(egress_name(node), config.ring.egress_capacity_bytes, readers=EGRESS_READERS, epoch=epoch)
+                Ring.create(egress_name(node), config.ring.egress_capacity_bytes, readers=EGRESS_READERS, epoch=epoch,
+                            pollable=EGRESS_POLLABLE)
             )
             if self.clustered:
                 # The sequencer's records, unstamped, for the replicator to propose or forward:
                 # as large as the log ring, which they all end up in.
                 rings.append(
                     Ring.create(
-                        proposal_name(node), config.ring.log_capacity_bytes, readers=PROPOSAL_READERS, epoch=epoch
+                        proposal_name(node), config.ring.log_capacity_bytes, readers=PROPOSAL_READERS, epoch=epoch,
+                        pollable=PROPOSAL_POLLABLE,
                     )
                 )
             self.counters = counters

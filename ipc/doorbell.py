@@ -6,6 +6,9 @@ attach to shared memory *by name*, unrelated to each other (a `seqd status` or a
 attaches later), so the doorbell must be nameable too. A POSIX named semaphore
 (`sem_open`, via posix_ipc) is: `sem_post` is the ring, `sem_timedwait` the wait, and an uncontended
 post is a single atomic instruction in glibc unless a waiter sleeps, when it is one futex wake.
+A reader that lives in an event loop cannot block in `sem_timedwait`; its doorbell is a named FIFO
+instead (`ipc.doorbell_fifo`, `Ring.create(pollable=...)`), with the same interface here, whose
+descriptor the loop watches: the same protocol, with the loop's `epoll_wait` as P4.
 
 A doorbell may be bound to a *parked flag*, a word in shared memory written only by the waiting
 reader. The ringer then rings only while the flag is set, so a busy reader costs the writer one
@@ -53,9 +56,10 @@ from types import TracebackType
 
 import posix_ipc
 
+from ipc.doorbell_fifo import FifoBell, unlink_fifo
 from ipc.platform import store_load_fences
 
-__all__ = ["DRAIN_MAX", "Doorbell", "bell_name"]
+__all__ = ["DRAIN_MAX", "Doorbell", "bell_name", "unlink_bell"]
 
 # After a wake the waiter swallows the rings that piled up while it was waking, so the next park
 # really blocks. A writer rings at most once per publish while the flag is set, so the pile is
@@ -78,7 +82,8 @@ class Doorbell:
 
     Args:
         name: the semaphore's POSIX name.
-        semaphore: the open posix_ipc semaphore.
+        semaphore: the open posix_ipc semaphore, or a `FifoBell` (the same interface) for a
+            reader in an event loop (`ipc.doorbell_fifo`).
         parked: (word view, index) of the parked flag, or None for an unconditional doorbell (e.g.
             one rung by the journaller each time it advances a counter).
         ready: called after parking and before waiting; True means work arrived, do not wait.
@@ -87,12 +92,13 @@ class Doorbell:
     def __init__(
         self,
         name: str,
-        semaphore: posix_ipc.Semaphore,
+        semaphore: posix_ipc.Semaphore | FifoBell,
         parked: tuple[memoryview, int] | None = None,
         ready: Callable[[], bool] | None = None,
     ) -> None:
         self.name = name
         self._semaphore = semaphore
+        self._fifo = semaphore if isinstance(semaphore, FifoBell) else None
         self._parked = parked
         self.ready: Callable[[], bool] = ready or _never_ready
         self.rings = 0
@@ -102,20 +108,26 @@ class Doorbell:
         self._ringer_fence = fences.ringer
 
     @classmethod
-    def create(cls, name: str) -> Doorbell:
-        """Create (or reuse and drain) the semaphore `name`, mode 0600."""
+    def create(cls, name: str, pollable: bool = False) -> Doorbell:
+        """Create (or reuse and drain) the semaphore `name`, mode 0600; with `pollable`, the FIFO
+        `name` instead (`ipc.doorbell_fifo`: a reader in an event loop watches its descriptor)."""
+        if pollable:
+            return cls(name, FifoBell.create(name))
         semaphore = posix_ipc.Semaphore(name, posix_ipc.O_CREAT, mode=0o600, initial_value=0)
         bell = cls(name, semaphore)
         bell.drain()
         return bell
 
     @classmethod
-    def attach(cls, name: str) -> Doorbell:
-        """Open the existing semaphore `name`.
+    def attach(cls, name: str, pollable: bool = False) -> Doorbell:
+        """Open the existing semaphore `name` (with `pollable`, the FIFO `name`).
 
         Raises:
             FileNotFoundError: no such doorbell; its creator has not run yet.
+            PermissionError: (pollable) the FIFO's path is not a FIFO of this user.
         """
+        if pollable:
+            return cls(name, FifoBell.open(name))
         try:
             semaphore = posix_ipc.Semaphore(name)
         except posix_ipc.ExistentialError:
@@ -127,6 +139,24 @@ class Doorbell:
     def bind(self, parked: tuple[memoryview, int], ready: Callable[[], bool] | None = None) -> Doorbell:
         """A doorbell on the same semaphore bound to a parked flag (and a readiness check)."""
         return Doorbell(self.name, self._semaphore, parked, ready)
+
+    @property
+    def pollable(self) -> bool:
+        """Whether this doorbell is a FIFO an event loop can watch (`fileno`)."""
+        return self._fifo is not None
+
+    def fileno(self) -> int:
+        """The FIFO's descriptor, for `loop.add_reader` (`ipc.doorbell_fifo.LoopWaiter`).
+
+        Raises:
+            ValueError: a semaphore doorbell, which no event loop can watch.
+        """
+        if self._fifo is None:
+            raise ValueError(
+                f"doorbell {self.name} is a semaphore, which an event loop cannot watch; create "
+                "its ring with this reader in Ring.create(pollable=...)"
+            )
+        return self._fifo.fileno()
 
     @property
     def post(self) -> Callable[[], None]:
@@ -186,7 +216,8 @@ class Doorbell:
             # caller's loop reads, so this is just an early wake-up.
             self.interruptions += 1
             return False
-        self.drain()
+        if self._fifo is None:  # a FIFO's wait has swallowed every pending ring already
+            self.drain()
         return True
 
     def drain(self) -> int:
@@ -194,9 +225,11 @@ class Doorbell:
 
         The count is read first (`sem_getvalue`, which keeps the GIL): usually one ring is
         pending after a wake, and a try-wait that finds none costs an exception and a release
-        and retake of the GIL, which in a threaded process (the sequencer's egress waker) means
+        and retake of the GIL, which in a threaded process (the replicator's waker) means
         waiting for the other thread to give it back.
         """
+        if self._fifo is not None:
+            return self._fifo.drain()
         semaphore = self._semaphore
         drained = 0
         while drained < DRAIN_MAX and (not _VALUE_SUPPORTED or semaphore.value > 0):
@@ -215,11 +248,8 @@ class Doorbell:
             pass
 
     def unlink(self) -> None:
-        """Remove the name. Idempotent."""
-        try:
-            posix_ipc.unlink_semaphore(self.name)
-        except posix_ipc.ExistentialError:
-            pass
+        """Remove the name (the semaphore's, or the FIFO's). Idempotent."""
+        unlink_bell(self.name)
 
     def __enter__(self) -> Doorbell:
         return self
@@ -231,3 +261,12 @@ class Doorbell:
         traceback: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def unlink_bell(name: str) -> None:
+    """Remove the doorbell `name` of either kind (a semaphore, a FIFO). Idempotent."""
+    try:
+        posix_ipc.unlink_semaphore(name)
+    except posix_ipc.ExistentialError:
+        pass
+    unlink_fifo(name)

@@ -38,8 +38,8 @@ BACKOFF_SLEEP_NS_MIN = 1_000
 BACKOFF_SLEEP_NS_MAX = 1_000_000
 # A parked reader wakes at least this often even if no ring comes. No ring is missed (the park/wake
 # protocol in ipc.doorbell), so this only bounds what a ringer that died or stalled between its
-# store and its ring costs, and how long a thread that is stopped by a flag (the sequencer's
-# egress waker) takes to notice. 100 wakeups/s idle is nothing.
+# store and its ring costs, and how long a thread that is stopped by a flag (the replicator's
+# waker) takes to notice. 100 wakeups/s idle is nothing.
 BLOCKING_TIMEOUT_MS_DEFAULT = 10.0
 # Cycles without work before parking: a reader that parks on every empty poll pays a system call
 # per message at moderate rates; a yield first keeps a busy pipeline out of the kernel. One, not

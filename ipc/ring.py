@@ -59,7 +59,7 @@ from types import TracebackType
 
 from ipc import ring_layout, ring_writer
 from ipc.counters import Counter
-from ipc.doorbell import Doorbell, bell_name
+from ipc.doorbell import Doorbell, bell_name, unlink_bell
 from ipc.platform import check_memory_ordering
 from ipc.ring_layout import (
     CAPACITY_BYTES_MAX,
@@ -106,6 +106,7 @@ _READERS_OFFSET = ring_layout.READERS_OFFSET
 _READER_STRIDE = ring_layout.READER_STRIDE
 _WORD = ring_layout.WORD
 _READER_COUNT = ring_layout.READER_COUNT
+_POLLABLE_READERS = ring_layout.POLLABLE_READERS
 _PUBLISHED = ring_layout.PUBLISHED
 _WRITER_PID = ring_layout.WRITER_PID
 _PADDING_WORD = ring_layout.PADDING_WORD
@@ -151,13 +152,23 @@ class Ring:
 
     @classmethod
     def create(
-        cls, name: str, capacity_bytes: int, readers: Sequence[str] = ("journaller", "blp"), epoch: int | None = None
+        cls,
+        name: str,
+        capacity_bytes: int,
+        readers: Sequence[str] = ("journaller", "blp"),
+        epoch: int | None = None,
+        pollable: Sequence[str] = (),
     ) -> Ring:
         """Create ring `name` with `capacity_bytes` of data and the declared reader slots
         (`epoch`: see `Segment.create`).
 
+        Args:
+            pollable: readers that wait in an event loop: their doorbell is a FIFO whose
+                descriptor the loop watches (`ipc.doorbell_fifo`), the others' a semaphore.
+
         Raises:
-            ValueError: capacity not a power of two in range, bad or duplicate reader names.
+            ValueError: capacity not a power of two in range, bad or duplicate reader names, a
+                pollable reader that is not declared.
             SegmentError: the name exists (stale or in use; the message says which).
             PlatformError: the memory-ordering argument does not hold on this machine.
         """
@@ -165,21 +176,29 @@ class Ring:
         _check_capacity(name, capacity_bytes)
         names = tuple(readers)
         _check_readers(names)
+        unknown = [reader for reader in pollable if reader not in names]
+        if unknown:
+            raise ValueError(f"pollable readers {unknown} are not among the declared readers {list(names)}")
         payload_bytes = _data_offset(len(names)) + capacity_bytes
         segment = Segment.create(name, KIND, payload_bytes, capacity=capacity_bytes, epoch=epoch)
+        ring: Ring | None = None
         try:
             buffer = segment.buffer
-            struct.pack_into("<Q", buffer, _META_OFFSET, len(names))
+            struct.pack_into("<QQ", buffer, _META_OFFSET, len(names), _pollable_mask(names, pollable))
             for slot, reader in enumerate(names):
                 encoded = reader.encode("ascii")
                 offset = _NAMES_OFFSET + slot * READER_NAME_BYTES_MAX
                 buffer[offset : offset + len(encoded)] = encoded
             ring = cls(segment, names)
             for reader in names:
-                ring._bells[reader] = Doorbell.create(bell_name(name, reader))
+                ring._bells[reader] = Doorbell.create(bell_name(name, reader), reader in pollable)
         except BaseException:
+            for bell in ring._bells.values() if ring is not None else ():
+                bell.close()
             segment.close()
             segment.unlink()
+            for reader in names:
+                unlink_bell(bell_name(name, reader))
             raise
         return ring
 
@@ -199,16 +218,19 @@ class Ring:
         """
         check_memory_ordering()
         segment = Segment.attach(name, KIND, epoch=epoch)
+        ring: Ring | None = None
         try:
             readers = _validate_layout(segment, capacity_bytes)
             ring = cls(segment, readers)
+            pollable = ring.pollable
             for reader in readers:
-                ring._bells[reader] = Doorbell.attach(bell_name(name, reader))
-        except FileNotFoundError as error:
+                ring._bells[reader] = Doorbell.attach(bell_name(name, reader), reader in pollable)
+        except BaseException as error:
+            for bell in ring._bells.values() if ring is not None else ():
+                bell.close()
             segment.close()
-            raise SegmentError(f"{name}: {error} (the ring's creator died while creating it?)") from None
-        except BaseException:
-            segment.close()
+            if isinstance(error, FileNotFoundError):
+                raise SegmentError(f"{name}: {error} (the ring's creator died while creating it?)") from None
             raise
         return ring
 
@@ -258,6 +280,12 @@ class Ring:
         slot = self._slot(reader)
         return self._bells[reader].bind((self._control, _parked_word(slot)))
 
+    @property
+    def pollable(self) -> tuple[str, ...]:
+        """The readers whose doorbell is a FIFO (`Ring.create(pollable=...)`)."""
+        mask = self._control[_POLLABLE_READERS]
+        return tuple(reader for slot, reader in enumerate(self.readers) if mask >> slot & 1)
+
     def cursor(self, reader: str) -> int:
         """Reader `reader`'s cursor (for monitoring)."""
         return self._control[_cursor_word(self._slot(reader))]
@@ -297,7 +325,7 @@ class Ring:
         """Remove the ring's name and its doorbells. Idempotent."""
         self.segment.unlink()
         for reader in self.readers:
-            Doorbell(bell_name(self.name, reader), None).unlink()  # type: ignore[arg-type]
+            unlink_bell(bell_name(self.name, reader))
 
     def __enter__(self) -> Ring:
         return self
@@ -332,6 +360,10 @@ def _check_readers(names: tuple[str, ...]) -> None:
                 f"reader name {reader!r} must be an ASCII identifier of at most "
                 f"{READER_NAME_BYTES_MAX} bytes"
             )
+
+
+def _pollable_mask(names: tuple[str, ...], pollable: Sequence[str]) -> int:
+    return sum(1 << slot for slot, reader in enumerate(names) if reader in pollable)
 
 
 def _validate_layout(segment: Segment, capacity_expected: int | None) -> tuple[str, ...]:

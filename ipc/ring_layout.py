@@ -6,7 +6,7 @@ operation.
 
 Layout of the segment payload (offsets in bytes):
 
-    0                     meta line: reader count
+    0                     meta line: reader count, pollable readers (a bit per slot)
     128                   reader names, READERS_MAX x 32 bytes
     640                   writer line: published, writer pid
     768 + 256 i           reader i: cursor line [cursor], parked line [parked, reader pid]
@@ -54,6 +54,9 @@ assert WRITER_OFFSET % LINE_BYTES == 0
 WORD = 8
 # Indexes of the control words, in 8-byte words from the start of the payload.
 READER_COUNT = META_OFFSET // WORD  # >= 1 for the life of the segment
+# Bit i set: reader i's doorbell is a FIFO an event loop watches (`ipc.doorbell_fifo`), not a
+# semaphore. Written once at creation; 0 in a ring created before the FIFO doorbell existed.
+POLLABLE_READERS = READER_COUNT + 1
 PUBLISHED = WRITER_OFFSET // WORD
 WRITER_PID = PUBLISHED + 1
 

@@ -475,12 +475,13 @@ def _describe_existing(name: str) -> str:
 
 def _companion_paths(name: str) -> list[Path]:
     # A ring's doorbells are named semaphores `<name>.<reader>.bell`, stored by glibc as
-    # /dev/shm/sem.<name without the slash>.<reader>.bell.
-    return sorted(SHM_DIRECTORY.glob(f"sem.{name[1:]}.*.bell"))
+    # /dev/shm/sem.<name without the slash>.<reader>.bell, or FIFOs /dev/shm/<name without the
+    # slash>.<reader>.bell.fifo for readers in an event loop (`ipc.doorbell_fifo`).
+    return sorted([*SHM_DIRECTORY.glob(f"sem.{name[1:]}.*.bell"), *SHM_DIRECTORY.glob(f"{name[1:]}.*.bell.fifo")])
 
 
 def remove_stale(name: str) -> bool:
-    """Remove segment `name` (and its doorbell semaphores) if its creator has exited.
+    """Remove segment `name` (and its doorbells) if its creator has exited.
 
     Returns:
         True if a stale segment was removed, False if there was none.

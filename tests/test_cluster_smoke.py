@@ -197,6 +197,13 @@ def test_three_nodes_elect_a_leader_replicate_fail_over_and_catch_up(cluster: Cl
     applied, _hash = cluster.wait_converged(nodes)
     assert applied > 300
     _journals_agree(nodes, applied)
+    # Issue 13: the sequencer's and the replicator's event loops watch their FIFO doorbells
+    # themselves; no waker thread hands wakes over (each hand-off cost GIL round trips).
+    # (uvloop's resolver runs in libuv's own worker threads: not Python's, not counted.)
+    for role in ("sequencer", "replicator"):
+        tasks = Path(f"/proc/{leader.role_pid(role)}/task")
+        names = [(task / "comm").read_text().strip() for task in tasks.iterdir()]
+        assert len([name for name in names if not name.startswith("libuv")]) == 1, (role, names)
     # `seqd status` per follower: the leader's view of how far each holds its log.
     followers = {node.config.node.number for node in nodes if node is not leader}
 

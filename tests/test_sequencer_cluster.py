@@ -31,6 +31,7 @@ from daemon.config import (
 from daemon.exits import FATAL_FD_ENV
 from daemon.layout import (
     BLP_APPLIED_INDEX,
+    EGRESS_POLLABLE,
     EGRESS_READERS,
     NODE_INCARNATION,
     PROPOSAL_READERS,
@@ -92,7 +93,8 @@ class ClusterSequencer:
         self.counters = create_counters(node, epoch=self.epoch)
         self.counters[NODE_INCARNATION.name].set(INCARNATION)
         self.proposals = Ring.create(proposal_name(node), RING_BYTES, readers=PROPOSAL_READERS, epoch=self.epoch)
-        self.egress = Ring.create(egress_name(node), EGRESS_BYTES, readers=EGRESS_READERS, epoch=self.epoch)
+        self.egress = Ring.create(egress_name(node), EGRESS_BYTES, readers=EGRESS_READERS, epoch=self.epoch,
+                                  pollable=EGRESS_POLLABLE)
         self.reader = self.proposals.reader(Role.REPLICATOR)
         self.records: list[tuple[Any, bytes]] = []
         self.process: subprocess.Popen[bytes] | None = None

@@ -144,7 +144,6 @@ class BlpAgent(Agent):
         self.commit_index = counters[commit_index]
         self.doorbell = self.reader.doorbell
         self.writer = egress_ring.writer()
-        self.sequencer_doorbell = egress_ring.doorbell(Role.SEQUENCER)
         self.snapshot_dir = snapshot_dir
         self.snapshot_keep = snapshot_keep
         self.delete_journal = delete_journal
@@ -215,9 +214,8 @@ class BlpAgent(Agent):
         if outputs:
             writer = self.writer
             written = writer.try_write_frames(outputs)
-            if written:
+            if written:  # the writer's publish rang the sequencer's doorbell
                 self.egress_published.set(writer.published_position)
-                self.sequencer_doorbell.ring()
             if written < len(outputs):
                 self.unwritten = outputs[written:]
                 return written

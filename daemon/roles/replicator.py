@@ -19,8 +19,9 @@ One writer (docs/cluster.md): the replicator writes the log ring on every node, 
 follower, so nothing changes hands when the Raft standing does. A leader's own proposals come
 back to it as `ready.entries` like a follower's replicated entries: one path. The journaller
 journals the ring as before and rings this role's doorbell (on the proposal ring) after each
-fdatasync; the entries it made durable are reported to the core, which acknowledges them (a
-follower) or counts them toward the majority (the leader). The commit the core hands out
+fdatasync (the doorbell is a FIFO the loop itself watches, `ipc.doorbell_fifo.LoopWaiter`, with no
+thread; the sequencer's proposals ring it too); the entries it made durable are reported to the
+core, which acknowledges them (a follower) or counts them toward the majority (the leader). The commit the core hands out
 (`ready.committed`: committed and durable here) is turned into a ring position
 (`RingPositions`) that limits the blp.
 
@@ -60,7 +61,6 @@ import logging
 import os
 import random
 import sys
-import threading
 import time
 from collections import deque
 
@@ -107,6 +107,7 @@ from daemon.roles.replicator_setup import (
     whole_record,
 )
 from daemon.snapshot_install import SnapshotReceiver, SnapshotSender, write_install_request
+from ipc.doorbell_fifo import LoopWaiter
 from ipc.ring import Ring
 from sequencer.cluster import (
     PendingForwards,
@@ -155,11 +156,6 @@ RESEND_AFTER_S = 2.0
 # A commit index alone is a hint (Raft keeps it only to save a restart some replay), so it is
 # saved at most this often; a change of term or vote is saved (fsync) before any message leaves.
 HARD_STATE_COMMIT_SAVE_S = 1.0
-# The waker sleeps at most this long without a ring: a bound, so it sees its stop flag.
-WAKE_TIMEOUT_MS = 100.0
-WAKER_HANDOFF_WAIT_S = 1.0
-WAKER_JOIN_TIMEOUT_S = 2.0
-assert WAKER_JOIN_TIMEOUT_S > WAKER_HANDOFF_WAIT_S
 # Entries read back from the journal per read at start (bounded memory per read).
 STORAGE_READ_BYTES_MAX = 1 << 20
 
@@ -179,6 +175,13 @@ class Replicator:
         self.proposal_ring = Ring.attach(proposal_name(node), epoch=context.epoch)
         self.writer = self.log_ring.writer()
         self.proposals = self.proposal_ring.reader(Role.REPLICATOR)
+        if not self.proposals.doorbell.pollable:
+            raise RuntimeError(
+                f"{self.proposal_ring.name}: the replicator's doorbell is a semaphore, which the event "
+                "loop cannot watch; the proposal ring must be created with pollable=PROPOSAL_POLLABLE "
+                "(daemon.layout). Restart the node with this seqd."
+            )
+        self.bell_waiter = LoopWaiter(loop, self.proposals.doorbell, self._on_bell)
         self.blp_doorbell = self.log_ring.doorbell(Role.BLP)
         self.durable_index = counters[JOURNAL_DURABLE_INDEX]  # the journaller's
         self.commit_index_counter = counters[RAFT_COMMIT_INDEX]
@@ -237,11 +240,7 @@ class Replicator:
         self.process_scheduled = False
         self.finished: asyncio.Future[int] = loop.create_future()
         self.durable_seen = -1  # the journal's durable index last told to the core
-        self.want_proposals = False  # read by the waker: wake for proposals only when taken
-        self.waker_stop = threading.Event()
-        self.handoff = threading.Event()
-        self.handoff.set()
-        self.waker: threading.Thread | None = None
+        self.want_proposals = False  # proposals wake `_process` only while it takes them
         self.snapshot_sender = SnapshotSender(cluster.cluster_id, config.node.number, config.snapshot_dir,
                                               self.transport.send)
         self.snapshot_receiver = SnapshotReceiver(config.snapshot_dir)
@@ -373,6 +372,9 @@ class Replicator:
             self._process_once()
         except BaseException as error:
             self.finished.set_exception(error)
+            return
+        if self._has_work_outside():  # more than one pass takes (PROPOSALS_PER_PASS_MAX), or new
+            self._schedule()
 
     def _process_once(self) -> None:
         core = self.core
@@ -601,45 +603,24 @@ class Replicator:
 
     # ---- wake-ups from the other processes ---------------------------------------------------
 
-    def _waker_has_work(self) -> bool:
+    def _has_work_outside(self) -> bool:
+        """Entries made durable since the last pass, or proposals this node takes now."""
         if self.durable_index.get() != self.durable_seen:
             return True
         return self.want_proposals and self.proposals.ready()
 
-    def _waker_main(self) -> None:
-        """Wait for proposals or durable entries on a thread (the loop cannot block) and hand the
-        work to the loop. The journaller rings this doorbell after each fdatasync."""
-        bell = self.proposals.doorbell
-        while not self.waker_stop.is_set():
-            if self._waker_has_work():
-                self.handoff.clear()
-                try:
-                    self.loop.call_soon_threadsafe(self._wake)
-                except RuntimeError:
-                    return  # loop closed
-                self.handoff.wait(WAKER_HANDOFF_WAIT_S)
-                continue
-            bell.park()
-            try:
-                if not self._waker_has_work():
-                    bell.wait(WAKE_TIMEOUT_MS)
-            finally:
-                bell.unpark()
-
-    def _wake(self) -> None:
-        try:
+    def _on_bell(self) -> None:
+        """The doorbell rang (the journaller after an fdatasync, the sequencer's proposals)."""
+        if not self.process_scheduled and self._has_work_outside():
             self._process()
-        finally:
-            self.handoff.set()
 
     # ---- life cycle ----------------------------------------------------------------------------
 
     async def serve(self) -> int:
         context = self.context
         await self.transport.start()
-        self.waker = threading.Thread(target=self._waker_main, name="replicator-waker", daemon=True)
-        self.waker.start()
         self._process()  # the tail of the journal into the ring, counters
+        self.bell_waiter.start()
         context.set_state(RoleState.RUNNING)
         log.info("node %d replicating with %s, term %d, last index %d", self.core.id, self.peers,
                  self.core.term, self.core.log.last_index)
@@ -660,10 +641,7 @@ class Replicator:
             await self.transport.close()
 
     def close(self) -> None:
-        self.waker_stop.set()
-        self.handoff.set()
-        if self.waker is not None:
-            self.waker.join(timeout=WAKER_JOIN_TIMEOUT_S)
+        self.bell_waiter.stop()
         self.snapshot_sender.stop_all()
         self.snapshot_receiver.close()
         self.storage.close()

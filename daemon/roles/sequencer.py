@@ -21,8 +21,9 @@ This module does the I/O around it, on one uvloop thread:
   the rest of a session's batch in `session.backlog`; the shell stops reading that session
   (`pause_reading`) and retries on the next egress drain or after BLOCKED_RETRY_S, then resumes
   it. Nothing is buffered without bound: the codec holds at most one read plus one frame;
-- egress: a waker thread parks on the egress doorbell (or backs off, per the idle strategy) and
-  schedules `_drain_egress` on the loop, which polls the ring in bounded batches, lets the
+- egress: the loop itself watches the egress doorbell, a FIFO the blp's publish rings
+  (`ipc.doorbell_fifo.LoopWaiter`: no thread, no hand-off), and after each pass that published
+  it polls egress anyway; `_drain_egress` polls the ring in bounded batches, lets the
   gateway frame each output for its sessions and writes each session's bytes once. A session
   whose unsent output passes `client_write_buffer_bytes_max` is a slow client: it is
   disconnected, so it cannot stall anyone else;
@@ -44,7 +45,6 @@ import signal
 import socket
 import struct
 import sys
-import threading
 import time
 import traceback
 from collections import deque
@@ -96,7 +96,7 @@ from daemon.roles.common import RoleContext, report_start_failure, start_role
 from daemon.roles.sequencer_session import PEER_UNKNOWN, Session
 from daemon.standby import GreenPipeline, Standby, stand_by, switched
 from daemon.unix_socket import bind_unix_socket
-from ipc.idle import idle_strategy
+from ipc.doorbell_fifo import LoopWaiter
 from ipc.ring import Ring
 from sequencer import egress
 from sequencer.client import protocol
@@ -133,13 +133,6 @@ EGRESS_FRAMES_PER_DRAIN_MAX = 4096  # bound one drain so sessions' reads interle
 # client of a full node reconnecting at once after a restart queues instead of being refused
 # (the kernel caps it at net.core.somaxconn).
 LISTEN_BACKLOG = 1024
-# The waker waits this long for the loop to take what it handed over before it looks again: a
-# bound, so it still sees `waker_stop` if the loop is stuck.
-WAKER_HANDOFF_WAIT_S = 1.0
-# At exit: how long to wait for the waker thread, which sees `waker_stop` within one handoff
-# wait or one idle period.
-WAKER_JOIN_TIMEOUT_S = 2.0
-assert WAKER_JOIN_TIMEOUT_S > WAKER_HANDOFF_WAIT_S
 # The supervisor writes the incarnation already cut to the bits a session id holds for it.
 assert INCARNATION_BITS == SESSION_ID_INCARNATION_BITS, (INCARNATION_BITS, SESSION_ID_INCARNATION_BITS)
 _PEER_CREDENTIALS = struct.Struct("3i")  # SO_PEERCRED's struct ucred: pid, uid, gid
@@ -162,6 +155,14 @@ class Sequencer:
         self.egress_ring = Ring.attach(egress_name(config.node.name), epoch=context.epoch)
         self.writer = self.log_ring.writer()
         self.egress_reader = self.egress_ring.reader(Role.SEQUENCER)
+        if not self.egress_reader.doorbell.pollable:
+            raise RuntimeError(
+                f"{self.egress_ring.name}: the sequencer's egress doorbell is a semaphore, which the "
+                "event loop cannot watch; the egress ring must be created with "
+                "pollable=EGRESS_POLLABLE (daemon.layout). Restart the node with this seqd."
+            )
+        self.egress_waiter = LoopWaiter(loop, self.egress_reader.doorbell, self._drain_egress)
+        self.egress_polling = False  # `_watch_egress`
         self.client_write_buffer_bytes_max = config.socket.client_write_buffer_bytes_max
         gateway_config = GatewayConfig(
             node_name=config.node.name,
@@ -213,10 +214,6 @@ class Sequencer:
         # Client errors are counted every time and logged once per kind, with repeat counts, so
         # a misbehaving client cannot flood the log.
         self.errors = DistinctErrorLog(log, counter_add=self.errors_total.add)
-        self.waker_stop = threading.Event()
-        self.drained = threading.Event()
-        self.drained.set()
-        self.waker: threading.Thread | None = None
         # Blue-green (`daemon.standby`): green follows blue and binds no socket until the switch.
         self.standby: Standby | None = None
         if config.standby is not None and not switched(config):
@@ -272,8 +269,8 @@ class Sequencer:
                 self.published_index = last_index
                 self.published_index_counter.set(last_index)
                 self.published_position.set(self.published_claim)
-        # While clients keep the loop busy, serve egress from here too: the waker thread would
-        # have to win the GIL from this thread first (up to sys.getswitchinterval()).
+        # While clients keep the loop busy, serve egress from here too: the doorbell's wake comes
+        # on a later pass of the loop.
         if self.egress_reader.ready():
             self._drain_egress()
 
@@ -480,13 +477,14 @@ class Sequencer:
         dirty: list[Session] = []
         timers_changed = False
         frames = reader.poll(EGRESS_FRAMES_PER_DRAIN_MAX)
-        while frames:
+        # Until nothing is left: a poll stops at the ring's wrap (and one that met only the
+        # padding returns nothing), and no ring comes for what the blp already published.
+        while frames or reader.ready():
             if gateway.route_egress(frames, dirty):
                 timers_changed = True
             reader.release()
-            if len(frames) < EGRESS_FRAMES_PER_DRAIN_MAX:
-                break
             frames = reader.poll(EGRESS_FRAMES_PER_DRAIN_MAX)
+        reader.release()  # past a padding frame the last poll skipped
         for session in dirty:
             try:
                 session.flush()
@@ -499,28 +497,6 @@ class Sequencer:
             # On the next loop pass, not from here: retrying flushes, and a flush drains egress,
             # which would call back into this method as deep as the egress keeps coming.
             self.blocked_retry = self.loop.call_later(0, self._retry_blocked)
-
-    def _on_egress_signal(self) -> None:
-        try:
-            self._drain_egress()
-        finally:
-            self.drained.set()
-
-    def _waker(self) -> None:
-        """Wait for egress on a thread (the loop cannot block) and hand it to the loop."""
-        idle = idle_strategy(self.context.role_config.idle, self.egress_reader.doorbell)
-        reader = self.egress_reader
-        while not self.waker_stop.is_set():
-            if reader.available() > 0:
-                self.drained.clear()
-                try:
-                    self.loop.call_soon_threadsafe(self._on_egress_signal)
-                except RuntimeError:
-                    return  # loop closed
-                self.drained.wait(WAKER_HANDOFF_WAIT_S)
-                idle.reset()
-                continue
-            idle.idle(0)
 
     # ---- life cycle ------------------------------------------------------------------------
 
@@ -536,7 +512,7 @@ class Sequencer:
         """Green of a blue-green switch-over (`daemon.standby`): True once it has taken over from
         blue (serve now), False when stopped while standing by."""
         assert self.standby is not None
-        self._start_waker()  # the blp's timer requests come through egress meanwhile
+        self._watch_egress()  # the blp's timer requests come through egress meanwhile
         # A SNAPSHOT record now would be green's own, in a journal that must be blue's, transformed.
         self.loop.add_signal_handler(signal.SIGUSR1, log.warning, "standing by: no snapshot before the switch")
         self.context.set_state(RoleState.RUNNING)
@@ -548,10 +524,30 @@ class Sequencer:
             self._arm_timers()
         return taken_over
 
-    def _start_waker(self) -> None:
-        if self.waker is None:
-            self.waker = threading.Thread(target=self._waker, name="egress-waker", daemon=True)
-            self.waker.start()
+    def _watch_egress(self) -> None:
+        """Serve egress as it comes: the loop watches the doorbell (`[roles.sequencer] idle`
+        blocking or backoff), or polls egress on every pass (spin, yield: the latency profile,
+        a core of its own; the loop then never sleeps and the blp never rings)."""
+        if self.egress_polling or self.egress_waiter.started:
+            return
+        if self.context.role_config.idle in ("spin", "yield"):
+            self.egress_polling = True
+            self.loop.call_soon(self._poll_egress)
+        else:
+            self.egress_waiter.start()
+
+    def _poll_egress(self) -> None:
+        if not self.egress_polling:
+            return
+        if self.egress_reader.ready():
+            self._drain_egress()
+        elif self.context.role_config.idle == "yield":
+            os.sched_yield()
+        self.loop.call_soon(self._poll_egress)
+
+    def _stop_egress(self) -> None:
+        self.egress_polling = False
+        self.egress_waiter.stop()
 
     async def serve(self) -> None:
         context = self.context
@@ -566,7 +562,7 @@ class Sequencer:
         sock = self.bind()
         self._check_app_version()
         self.server = await self.loop.create_unix_server(lambda: Session(self), sock=sock)
-        self._start_waker()
+        self._watch_egress()
         self.loop.add_signal_handler(signal.SIGUSR1, self.request_snapshot)
         context.set_state(RoleState.RUNNING)
         if self.clustered:
@@ -576,6 +572,7 @@ class Sequencer:
             # node_start record); the first command gets the next one.
             log.info("serving %s from index %d", self.config.socket.path, self.gateway.next_index - 1)
         beats = 0
+        missed_rings = 0
         snapshot_config = self.config.snapshot
         log_snapshots = self.clustered and bool(snapshot_config.every_records or snapshot_config.every_bytes)
         while not context.stop_requested:
@@ -585,6 +582,11 @@ class Sequencer:
                 self._log_snapshot_policy()
             self._check_app_version()
             self.errors.flush(time.monotonic())
+            if self.egress_waiter.timeouts_with_work != missed_rings:
+                missed_rings = self.egress_waiter.timeouts_with_work
+                log.warning("egress: %d looks found replies waiting without a ring (a ring still on its way, "
+                            "or a blp that stalled or died between its publish and its ring; each cost up to "
+                            "%.0f ms)", missed_rings, self.egress_waiter.timeout_s * 1000)
             await asyncio.sleep(HEARTBEAT_INTERVAL_S)
         await self.drain()
 
@@ -617,8 +619,7 @@ class Sequencer:
                 session.transport.close()
         await asyncio.sleep(TRANSPORT_CLOSE_GRACE_S)
         Path(self.config.socket.path).unlink(missing_ok=True)
-        self.waker_stop.set()
-        self.drained.set()
+        self._stop_egress()
         self.context.set_state(RoleState.DRAINED)
         if self.clustered:
             log.info("drained: every proposal handed to the replicator")
@@ -642,12 +643,8 @@ class Sequencer:
         return self.counters[BLP_APPLIED_INDEX].get() >= self.drain_commit_index
 
 
-GIL_SWITCH_INTERVAL_S = 0.0005  # the waker thread gets the GIL within this, not CPython's 5 ms
-
-
 def main() -> int:
     context = start_role(Role.SEQUENCER)
-    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     uvloop.install()
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
@@ -657,9 +654,7 @@ def main() -> int:
             try:
                 loop.run_until_complete(sequencer.serve())
             finally:
-                sequencer.waker_stop.set()
-                if sequencer.waker is not None:
-                    sequencer.waker.join(timeout=WAKER_JOIN_TIMEOUT_S)
+                sequencer._stop_egress()
                 sequencer.log_ring.close()
                 sequencer.egress_ring.close()
     finally:

@@ -3,7 +3,7 @@
 Theory of operation
 -------------------
 The sequencer role (`daemon/roles/sequencer.py`) is a thin uvloop shell: the socket, peer
-credentials, backpressure (pausing a session's reads), the egress waker thread and the drain.
+credentials, backpressure (pausing a session's reads), the egress doorbell the event loop watches and the drain.
 What it decides about the log and the sessions is decided here, with no socket, clock, file or
 thread, so tests drive it with bytes and a bytearray for a ring:
 
