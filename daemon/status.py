@@ -57,7 +57,16 @@ from daemon.layout import (
     counter_spec,
     errors_total,
 )
-from daemon.replica_status import ReplicaStatus, replica_statuses, replicas_json, replicas_table
+from daemon.replica_status import (
+    ReplicaStatus,
+    SnapshotterStatus,
+    replica_statuses,
+    replicas_json,
+    replicas_table,
+    snapshotter_json,
+    snapshotter_status,
+    snapshotter_table,
+)
 from daemon.status_raft import RaftStatus, raft_json, raft_lines, raft_status
 from daemon.text_table import cell as _cell
 from daemon.text_table import table as _table
@@ -145,6 +154,7 @@ class NodeStatus:
     supervisor_heartbeat: int | None = None
     roles: list[RoleStatus] = field(default_factory=list)
     replicas: list[ReplicaStatus] = field(default_factory=list)
+    snapshotter: SnapshotterStatus | None = None  # snapshot.writer = "replica"
     positions: dict[str, int | None] = field(default_factory=dict)
     indexes: dict[str, int | None] = field(default_factory=dict)
     lags: list[Lag] = field(default_factory=list)
@@ -263,7 +273,7 @@ def _counters_status(
         sessions_open=_get(known, layout.SESSIONS_OPEN),
         sessions_total=_get(known, layout.SESSIONS_TOTAL),
         commands_total=_get(known, layout.COMMANDS_TOTAL),
-        snapshot_last_index=_get(known, layout.SNAPSHOT_LAST_INDEX),
+        snapshot_last_index=layout.snapshot_last_index(known) if layout.SNAPSHOT_LAST_INDEX.name in known else None,
         recovery_records=_get(known, layout.RECOVERY_RECORDS),
         restarts=_get(known, layout.SUPERVISOR_RESTARTS),
         raft=raft_status(known, _clustered(known), int(sampled_s * 1000)),
@@ -345,6 +355,7 @@ class StatusTracker:
         roles = [self._role_status(role, known, ages, elapsed_s, supervisor_alive) for role in Role]
         status.roles = roles
         status.replicas = replica_statuses(known, supervisor_alive, self._pid_alive)
+        status.snapshotter = snapshotter_status(known, supervisor_alive, self._pid_alive)
         status.liveness, status.reason = self._judge(status, ages, supervisor_alive)
         if not status.current:
             status.rates = dict.fromkeys(status.rates)
@@ -542,7 +553,7 @@ def render_text(status: NodeStatus) -> str:
     if status.liveness == Liveness.STOPPED and not status.values:
         return f"seqd node {status.node}: STOPPED - {status.reason}\n"
     sections = (_header(status), _roles_table(status), replicas_table(status.replicas),
-                _pipeline_tables(status), _totals(status))  # fmt: skip
+                snapshotter_table(status.snapshotter), _pipeline_tables(status), _totals(status))  # fmt: skip
     return "\n\n".join("\n".join(lines) for lines in sections if lines) + "\n"
 
 
@@ -582,7 +593,7 @@ def render_json(status: NodeStatus) -> dict[str, Any]:
         "sessions": {"open": status.sessions_open, "total": status.sessions_total},
         "commands_total": status.commands_total,
         "errors": dict(status.errors),
-        "snapshot": {"last_index": status.snapshot_last_index},
+        "snapshot": {"last_index": status.snapshot_last_index, "snapshotter": snapshotter_json(status.snapshotter)},
         "recovery": {"records": status.recovery_records},
         "raft": raft_json(status.raft),
         "disk": {

@@ -469,7 +469,7 @@ def test_json_has_exactly_the_documented_shape(tracker: StatusTracker, pids: Pid
     assert live["errors"] == {
         "disk_full": 0, "journal": 0, "protocol": 2, "security": 0, "slow_client": 0, "snapshot": 0, "total": 2
     }
-    assert live["snapshot"] == {"last_index": 500}
+    assert live["snapshot"] == {"last_index": 500, "snapshotter": None}
     assert live["counters"]["commands.total"] == 1090
     pids.alive.clear()
     dead = json.loads(json.dumps(render_json(tracker.observe(advanced(values), now_s=2.0))))
