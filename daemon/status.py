@@ -216,6 +216,8 @@ def known_values(values: Mapping[str, int]) -> dict[str, int]:
     """
     started: set[str] = {role for role in Role if values.get(ROLE_COUNTERS[role].pid.name, 0) > 0}
     started |= {block.owner for block in REPLICA_COUNTERS if values.get(block.pid.name, 0) > 0}
+    if values.get(layout.SNAPSHOTTER_COUNTERS.pid.name, 0) > 0:
+        started.add(layout.SNAPSHOTTER)
     known: dict[str, int] = {}
     for name, value in values.items():
         spec = counter_spec(name)

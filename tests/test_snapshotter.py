@@ -1,0 +1,142 @@
+"""`snapshot.writer = "replica"`: the snapshotter, a follower of the committed journal, writes the
+snapshot files; the blp forks nothing. Real nodes: processes, shared memory, journal, socket."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from daemon.fault_hooks import FAULT_SNAPSHOT_HOLD_ENV
+from daemon.harness import NodeProcess
+from daemon.layout import SNAPSHOTTER_COUNTERS
+from sequencer import recovery
+from sequencer import snapshot as snapshots
+from sequencer.apps.ledger import Ledger
+from sequencer.follow import start_follower
+from sequencer.processor import Processor
+from sequencer.snapshot_format import encode_header
+from tests.node_fixtures import DEPOSIT, TransferDriver, balances, node_factory, open_accounts  # noqa: F401
+
+WAIT_S = 60.0
+ACCOUNTS = [f"s{number}" for number in range(8)]
+
+
+def wait_for(predicate: Any, what: str, timeout_s: float = WAIT_S) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def snapshot_under_load(node: NodeProcess, written: str) -> tuple[int, TransferDriver]:
+    """A SNAPSHOT record sequenced while a client's transfers stream in (so the records after it
+    share its journal batch); the index once the counter `written` shows it written."""
+    open_accounts(node.socket_path, ACCOUNTS)
+    driver = TransferDriver(node.socket_path, ACCOUNTS, seed=13).start()
+    driver.wait_acknowledged(200)
+    os.kill(node.role_pid("sequencer"), signal.SIGUSR1)  # what `seqd snapshot` does
+    wait_for(lambda: node.read_counters()[written] > 0, f"{written} > 0")
+    index = node.read_counters()[written]
+    acknowledged = len(driver.acknowledged)
+    driver.wait_acknowledged(acknowledged + 200)  # the log goes on past the snapshot
+    return index, driver
+
+
+def blp_state_file(node: NodeProcess, index: int) -> bytes:
+    """The snapshot file the blp's code makes of its state at `index`: its recovery path (a replay
+    of the journal with the node's name), encoded as its fork encodes it."""
+    recovered = recovery.recover(Ledger, node.config.journal_dir, None, index, node=node.config.node.name)
+    assert recovered.processor.applied_index == index
+    return file_bytes(recovered.processor)
+
+
+def file_bytes(processor: Processor[Any]) -> bytes:
+    header, body = processor.snapshot_file_contents()
+    return encode_header(header, body) + body
+
+
+def test_a_follower_of_the_journal_writes_the_snapshot_the_blps_fork_wrote_byte_for_byte(node_factory, tmp_dir: Path) -> None:  # noqa: F811
+    """Fork mode: the live blp's fork writes snapshot N. The snapshotter's way (a follower of the
+    same journal, `LogFollower.advance`, writing at each SNAPSHOT record) writes the same bytes."""
+    node = node_factory()
+    index, driver = snapshot_under_load(node, "snapshot.last.index")
+    driver.stop()
+    assert node.stop() == 0
+    forked = snapshots.snapshot_path(node.config.snapshot_dir, index).read_bytes()
+
+    replica_dir = tmp_dir / "replica-snapshots"
+    replica_dir.mkdir()
+    follower = start_follower(Ledger, node.config.journal_dir, replica_dir, 1)
+    written: list[int] = []
+
+    def write(processor: Processor[Any]) -> None:
+        written.append(processor.applied_index)
+        snapshots.write_snapshot(replica_dir, *processor.snapshot_file_contents())
+
+    try:
+        while follower.advance(1 << 62, 1000, write):
+            pass
+    finally:
+        follower.close()
+    assert written == [index]
+    assert follower.applied_index > index  # the records after it were applied after the write
+    assert snapshots.snapshot_path(replica_dir, index).read_bytes() == forked
+
+
+def test_in_replica_mode_the_blp_forks_nothing_and_the_snapshotter_writes_the_blps_state(node_factory) -> None:  # noqa: F811
+    node = node_factory({"snapshot": {"writer": "replica"}})
+    index, driver = snapshot_under_load(node, SNAPSHOTTER_COUNTERS.snapshot_index.name)
+    values = node.read_counters()
+    assert values["snapshot.writes"] == 0 and values["snapshot.last.index"] == 0  # no fork of the blp
+    assert values[SNAPSHOTTER_COUNTERS.writes.name] == 1
+    assert [info.index for info in snapshots.list_snapshots(node.config.snapshot_dir)] == [index]
+    assert snapshots.snapshot_path(node.config.snapshot_dir, index).read_bytes() == blp_state_file(node, index)
+
+    result = subprocess.run([sys.executable, "-m", "daemon.cli", "status", "--config", str(node.config_path), "--json"],
+                            capture_output=True, text=True, timeout=60, check=True)  # fmt: skip
+    status = json.loads(result.stdout)["snapshot"]
+    assert status["last_index"] == index
+    snapshotter = status["snapshotter"]
+    assert snapshotter["running"] is True and snapshotter["snapshot_index"] == index
+    assert snapshotter["applied_index"] > index and snapshotter["lag_records"] >= 0
+    driver.stop()
+    assert node.stop() == 0
+
+
+def test_a_snapshotter_killed_mid_write_leaves_no_torn_snapshot_and_writes_it_when_restarted(node_factory, tmp_dir: Path) -> None:  # noqa: F811
+    hold = tmp_dir / "snapshot-hold"
+    hold.write_text("1")
+    node = node_factory({"snapshot": {"writer": "replica"}}, environment={FAULT_SNAPSHOT_HOLD_ENV: str(hold)})
+    directory = node.config.snapshot_dir
+    open_accounts(node.socket_path, ACCOUNTS)
+    os.kill(node.role_pid("sequencer"), signal.SIGUSR1)
+    held = Path(f"{hold}.held")
+    wait_for(held.exists, "the snapshotter to hold before its rename")
+    index = int(held.read_text())
+    final = snapshots.snapshot_path(directory, index)
+    assert final.with_name(final.name + snapshots.TMP_SUFFIX).exists() and not final.exists()
+    # The blp goes on while the snapshot is being written: nothing waits for the snapshotter.
+    open_accounts(node.socket_path, ["during"])
+    assert node.read_counters()["blp.applied.index"] > index
+
+    values = node.read_counters()
+    os.kill(values[SNAPSHOTTER_COUNTERS.pid.name], signal.SIGKILL)
+    hold.write_text("0")
+    wait_for(lambda: node.read_counters()[SNAPSHOTTER_COUNTERS.restarts.name] == 1, "the snapshotter's restart")
+    # Restarted from the newest snapshot (none) and the journal, it writes the SNAPSHOT record's file.
+    wait_for(lambda: node.read_counters()[SNAPSHOTTER_COUNTERS.snapshot_index.name] == index, "the snapshot's rewrite")
+    assert sorted(path.name for path in directory.iterdir()) == [final.name]  # no *.tmp left
+    assert final.read_bytes() == blp_state_file(node, index)
+    assert node.read_counters()["supervisor.restarts"] == 0  # the pipeline never noticed
+
+    node.kill()
+    node.start()
+    assert f"restored snapshot at index {index}" in node.log_text()
+    names = [*ACCOUNTS, "during"]
+    assert balances(node.socket_path, names) == dict.fromkeys(names, DEPOSIT)
