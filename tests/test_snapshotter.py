@@ -17,9 +17,18 @@ from daemon.harness import NodeProcess
 from daemon.layout import SNAPSHOTTER_COUNTERS
 from sequencer import recovery
 from sequencer import snapshot as snapshots
-from sequencer.apps.ledger import Ledger
+from sequencer.apps.ledger import Deposit, Ledger, OpenAccount, Transfer
 from sequencer.follow import start_follower
+from sequencer.journal import Journal
 from sequencer.processor import Processor
+from sequencer.record import (
+    FRAME_HEADER_BYTES,
+    RecordType,
+    encode_command,
+    encode_record,
+    encode_session_open,
+    iter_records,
+)
 from sequencer.snapshot_format import encode_header
 from tests.node_fixtures import DEPOSIT, TransferDriver, balances, node_factory, open_accounts  # noqa: F401
 
@@ -59,6 +68,54 @@ def blp_state_file(node: NodeProcess, index: int) -> bytes:
 def file_bytes(processor: Processor[Any]) -> bytes:
     header, body = processor.snapshot_file_contents()
     return encode_header(header, body) + body
+
+
+def test_advance_calls_on_snapshot_with_the_state_of_the_snapshot_records_index_mid_batch(tmp_dir: Path) -> None:
+    """A SNAPSHOT record in the middle of a journal batch (and of a turn's `records_max`): the
+    state handed to `on_snapshot` is the state right after it, as a record-by-record apply has it
+    (what the blp's fork encodes), not the state at the end of the batch."""
+    records = [encode_record(RecordType.SESSION_OPEN, 1, 1, 1, 1, 5, 0, encode_session_open(9, "n1"))]
+    commands = [OpenAccount("a"), OpenAccount("b"), Deposit("a", 10_000)]
+    commands += [Transfer("a", "b", 1 + number % 7) for number in range(60)]
+    snapshot_at = {17, 40, 41}  # mid-batch, and two in a row
+    request = 0
+    for command in commands:
+        index = len(records) + 1
+        while index in snapshot_at:
+            records.append(encode_record(RecordType.SNAPSHOT, 1, index, 1, index, 0, 0))
+            index += 1
+        request += 1
+        version, payload = Ledger.schema.encode_command(command)
+        records.append(encode_record(RecordType.COMMAND, version, index, 1, index, 5, request, encode_command(request, payload)))
+    journal_dir = tmp_dir / "journal"
+    with Journal.open(journal_dir, segment_bytes=1 << 20) as journal:
+        for start in range(0, len(records), 25):  # batches of 25 records
+            journal.append(b"".join(records[start : start + 25]))
+        journal.sync()
+    expected: dict[int, bytes] = {}
+    genesis = Processor(Ledger)
+    for index, record in enumerate(records, start=1):
+        genesis.apply_frame(*_frame(record))
+        if genesis.snapshot_requested:
+            genesis.snapshot_requested = False
+            expected[index] = file_bytes(genesis)
+        genesis.drain_outputs()
+    assert sorted(expected) == sorted(snapshot_at)
+
+    follower = start_follower(Ledger, journal_dir, tmp_dir, 1)
+    written: dict[int, bytes] = {}
+    try:
+        while follower.advance(len(records), 7, lambda processor: written.setdefault(processor.applied_index, file_bytes(processor))):
+            pass
+    finally:
+        follower.close()
+    assert follower.applied_index == len(records)
+    assert written == expected
+
+
+def _frame(record: bytes) -> tuple[int, memoryview]:
+    (header, _payload, offset), = iter_records(memoryview(record))
+    return header.type | header.version << 16, memoryview(record)[offset + FRAME_HEADER_BYTES : offset + header.length]
 
 
 def test_a_follower_of_the_journal_writes_the_snapshot_the_blps_fork_wrote_byte_for_byte(node_factory, tmp_dir: Path) -> None:  # noqa: F811
