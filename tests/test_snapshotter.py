@@ -12,6 +12,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+from daemon.cluster_harness import Cluster
+from daemon.config import load_config
 from daemon.fault_hooks import FAULT_SNAPSHOT_HOLD_ENV
 from daemon.harness import NodeProcess
 from daemon.layout import SNAPSHOTTER_COUNTERS
@@ -197,3 +201,41 @@ def test_a_snapshotter_killed_mid_write_leaves_no_torn_snapshot_and_writes_it_wh
     assert f"restored snapshot at index {index}" in node.log_text()
     names = [*ACCOUNTS, "during"]
     assert balances(node.socket_path, names) == dict.fromkeys(names, DEPOSIT)
+
+
+@pytest.mark.timeout(240)
+def test_in_a_cluster_fork_and_replica_writers_write_the_same_snapshot_files(tmp_dir: Path, unique: str) -> None:
+    """Three nodes over one log: node 1's blp forks its writer, nodes 2 and 3 run snapshotters
+    (each node chooses). At each SNAPSHOT record every node writes the same file, byte for byte."""
+    cluster = Cluster(tmp_dir / "cluster", unique, 3, cluster={"tick_ms": 10, "heartbeat_ms": 50, "election_timeout_ms": 300},
+                      settings={"snapshot": {"every_records": 150}})  # fmt: skip
+    try:
+        for number in (2, 3):
+            node = cluster[number]
+            text = node.config_path.read_text()
+            assert "[snapshot]\n" in text
+            node.config_path.write_text(text.replace("[snapshot]\n", '[snapshot]\nwriter = "replica"\n'))
+            node.config = load_config(node.config_path)
+            assert node.config.snapshot.writer == "replica"
+        cluster.start()
+        leader = cluster.wait_leader().number
+        open_accounts(cluster[leader].socket_path, ACCOUNTS)
+        driver = TransferDriver(cluster[leader].socket_path, ACCOUNTS, seed=3).start()
+        driver.wait_acknowledged(400)
+        driver.stop()
+        cluster.wait_converged()
+        directories = [cluster[number].config.snapshot_dir for number in (1, 2, 3)]
+
+        def newest() -> set[int]:
+            return {snapshots.newest_snapshot_index(directory) for directory in directories}
+
+        wait_for(lambda: len(newest()) == 1 and newest() != {0}, "every node's snapshot of the last SNAPSHOT record")
+        assert cluster[1].read_counters()["snapshot.writes"] > 0
+        for number in (2, 3):
+            values = cluster[number].read_counters()
+            assert values["snapshot.writes"] == 0 and values[SNAPSHOTTER_COUNTERS.writes.name] > 0
+        (index,) = newest()
+        files = {snapshots.snapshot_path(directory, index).read_bytes() for directory in directories}
+        assert len(files) == 1
+    finally:
+        cluster.close()
