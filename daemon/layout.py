@@ -37,7 +37,6 @@ __all__ = [
     "TransferOutcome", "attach_counters", "commit_index_counter", "committed_index", "counter_spec",
     "counters_name", "create_counters", "drain_order", "egress_name", "errors_total",
     "incarnation_id", "log_name", "node_roles", "proposal_name", "replica_owner",
-    "snapshot_last_index",
 ]
 
 
@@ -613,27 +612,27 @@ APP_VERSION_ACTIVE = _declare("app.version.active", Role.BLP, Kind.GAUGE, "App s
 APP_VERSION_RAISES_REFUSED = _declare("app.version.raises_refused", Role.BLP, Kind.COUNTER, "Raises of the app version refused (a member's code does not know it)")
 
 
-# The snapshotter (`snapshot.writer = "replica"`, daemon/roles/snapshotter.py): a follower of the
-# committed journal that writes the snapshot files instead of a fork of the blp. Its block has the
-# launch counters of a query replica's (the supervisor's), so `daemon.replicas` runs it as one.
+# The snapshotter (`snapshot.writer = "replica"`, daemon/roles/snapshotter.py) writes the snapshot
+# files instead of a fork of the blp; `daemon.replicas` runs it as it runs a query replica.
 SNAPSHOTTER: Final = "snapshotter"
 
 
 @dataclass(frozen=True)
 class SnapshotterCounters:
-    """The snapshotter's block: the supervisor's launch counters, then the snapshotter's own."""
+    """The supervisor's launch counters (pid, start_time_ms, stop, restarts), then the
+    snapshotter's own; `oldest_index` is the journaller's cue, as `snapshot.oldest.index`."""
 
     owner: str
-    pid: CounterSpec  # supervisor
-    start_time_ms: CounterSpec  # supervisor
-    stop: CounterSpec  # supervisor: 1 to stop it
-    restarts: CounterSpec  # supervisor
-    heartbeat: CounterSpec  # snapshotter
-    applied_index: CounterSpec  # snapshotter
-    snapshot_index: CounterSpec  # snapshotter: the newest snapshot it wrote
-    oldest_index: CounterSpec  # snapshotter: the oldest valid snapshot kept (the journaller's cue)
-    writes: CounterSpec  # snapshotter
-    errors: CounterSpec  # snapshotter
+    pid: CounterSpec
+    start_time_ms: CounterSpec
+    stop: CounterSpec
+    restarts: CounterSpec
+    heartbeat: CounterSpec
+    applied_index: CounterSpec
+    snapshot_index: CounterSpec
+    oldest_index: CounterSpec
+    writes: CounterSpec
+    errors: CounterSpec
 
 
 SNAPSHOTTER_COUNTERS = SnapshotterCounters(
@@ -649,12 +648,6 @@ SNAPSHOTTER_COUNTERS = SnapshotterCounters(
     writes=_declare("snapshotter.writes", SNAPSHOTTER, Kind.COUNTER, "Snapshots the snapshotter wrote since start"),
     errors=_declare("snapshotter.errors", SNAPSHOTTER, Kind.COUNTER, "Snapshots the snapshotter failed to write"),
 )  # fmt: skip
-
-
-def snapshot_last_index(values: Mapping[str, int]) -> int:
-    """The newest snapshot written on this node, by whichever writer it runs (the blp's fork:
-    `snapshot.last.index`; the snapshotter: `snapshotter.snapshot.index`; the other stays 0)."""
-    return max(values.get(SNAPSHOT_LAST_INDEX.name, 0), values.get(SNAPSHOTTER_COUNTERS.snapshot_index.name, 0))
 
 
 def commit_index_counter(clustered: bool) -> CounterSpec:

@@ -275,7 +275,9 @@ def _counters_status(
         sessions_open=_get(known, layout.SESSIONS_OPEN),
         sessions_total=_get(known, layout.SESSIONS_TOTAL),
         commands_total=_get(known, layout.COMMANDS_TOTAL),
-        snapshot_last_index=layout.snapshot_last_index(known) if layout.SNAPSHOT_LAST_INDEX.name in known else None,
+        # The newest snapshot written here, by whichever writer the node runs (the other's is 0).
+        snapshot_last_index=None if layout.SNAPSHOT_LAST_INDEX.name not in known else max(
+            known[layout.SNAPSHOT_LAST_INDEX.name], known.get(layout.SNAPSHOTTER_COUNTERS.snapshot_index.name, 0)),
         recovery_records=_get(known, layout.RECOVERY_RECORDS),
         restarts=_get(known, layout.SUPERVISOR_RESTARTS),
         raft=raft_status(known, _clustered(known), int(sampled_s * 1000)),

@@ -472,12 +472,8 @@ class Processor(Generic[App]):
             count += 1
         return count
 
-    def replay_run(
-        self,
-        run: Any,
-        after_each: Callable[[Processor[App]], object] | None = None,
-        on_snapshot: Callable[[Processor[App]], object] | None = None,
-    ) -> int:
+    def replay_run(self, run: Any, after_each: Callable[[Processor[App]], object] | None = None,
+                   on_snapshot: Callable[[Processor[App]], object] | None = None) -> int:  # fmt: skip
         """Applies a run of whole records (`journal.read_runs`), discarding outputs; returns how
         many. The recovery fast path: one header word per record, no per-record objects.
         `after_each(self)` is called after each record (`seqd verify` records the rolling hash);
