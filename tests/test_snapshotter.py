@@ -122,34 +122,6 @@ def _frame(record: bytes) -> tuple[int, memoryview]:
     return header.type | header.version << 16, memoryview(record)[offset + FRAME_HEADER_BYTES : offset + header.length]
 
 
-def test_a_follower_of_the_journal_writes_the_snapshot_the_blps_fork_wrote_byte_for_byte(node_factory, tmp_dir: Path) -> None:  # noqa: F811
-    """Fork mode: the live blp's fork writes snapshot N. The snapshotter's way (a follower of the
-    same journal, `LogFollower.advance`, writing at each SNAPSHOT record) writes the same bytes."""
-    node = node_factory()
-    index, driver = snapshot_under_load(node, "snapshot.last.index")
-    driver.stop()
-    assert node.stop() == 0
-    forked = snapshots.snapshot_path(node.config.snapshot_dir, index).read_bytes()
-
-    replica_dir = tmp_dir / "replica-snapshots"
-    replica_dir.mkdir()
-    follower = start_follower(Ledger, node.config.journal_dir, replica_dir, 1)
-    written: list[int] = []
-
-    def write(processor: Processor[Any]) -> None:
-        written.append(processor.applied_index)
-        snapshots.write_snapshot(replica_dir, *processor.snapshot_file_contents())
-
-    try:
-        while follower.advance(1 << 62, 1000, write):
-            pass
-    finally:
-        follower.close()
-    assert written == [index]
-    assert follower.applied_index > index  # the records after it were applied after the write
-    assert snapshots.snapshot_path(replica_dir, index).read_bytes() == forked
-
-
 def test_in_replica_mode_the_blp_forks_nothing_and_the_snapshotter_writes_the_blps_state(node_factory) -> None:  # noqa: F811
     node = node_factory({"snapshot": {"writer": "replica"}})
     index, driver = snapshot_under_load(node, SNAPSHOTTER_COUNTERS.snapshot_index.name)
