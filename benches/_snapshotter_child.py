@@ -24,12 +24,15 @@ from benches.recovery import FEED_LENGTH, build_state
 from sequencer import snapshot as snapshots
 from sequencer.processor import Processor
 
+FOLLOWER_NODE = "\0follower"  # sequencer.follow's: no session is on it
 FEED_POLL_S = 0.0005  # at the end of the feed: the blp has not written the next run yet
 
 
 def main(argv: list[str]) -> int:
     feed_path, snapshot_dir, accounts, ready_path, result_path = argv
-    processor, source = build_state(int(accounts))  # the same records as the blp's (seed 1)
+    # The same records as the blp's (seed 1), on a processor of no node's, as the snapshotter's
+    # (it builds no reply frames; the state is the same: the two hashes are compared at the end).
+    processor, source = build_state(int(accounts), FOLLOWER_NODE)
     del source
     Path(ready_path).write_text("ready")
     write_cpu_s = 0.0

@@ -407,9 +407,10 @@ def bench_child_write(processor: Processor[Any], snapshot_dir: Path) -> float:
     return elapsed
 
 
-def build_state(accounts: int) -> tuple[Processor[Any], RecordSource]:
-    """A ledger of `accounts` accounts built by applying their OpenAccount + Deposit records."""
-    processor: Processor[Any] = Processor(Ledger, node="n1")
+def build_state(accounts: int, node: str = "n1") -> tuple[Processor[Any], RecordSource]:
+    """A ledger of `accounts` accounts built by applying their OpenAccount + Deposit records
+    (`node`: the processor's, "n1" the blp's, whose session the records are)."""
+    processor: Processor[Any] = Processor(Ledger, node=node)
     source = RecordSource(accounts)
     apply_frame = processor.apply_frame
     for kind, view in frames_of(source.session_open()):
