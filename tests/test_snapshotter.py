@@ -15,10 +15,11 @@ from typing import Any
 import pytest
 
 from daemon.cluster_harness import Cluster
-from daemon.config import load_config
+from daemon.config import Config, NodeConfig, load_config
 from daemon.fault_hooks import FAULT_SNAPSHOT_HOLD_ENV
 from daemon.harness import NodeProcess
-from daemon.layout import SNAPSHOTTER_COUNTERS
+from daemon.layout import SNAPSHOTTER, SNAPSHOTTER_COUNTERS, CounterView, create_counters
+from daemon.roles.snapshotter import Snapshotter
 from sequencer import recovery
 from sequencer import snapshot as snapshots
 from sequencer.apps.ledger import Deposit, Ledger, OpenAccount, Transfer
@@ -211,3 +212,37 @@ def test_in_a_cluster_fork_and_replica_writers_write_the_same_snapshot_files(tmp
         assert len(files) == 1
     finally:
         cluster.close()
+
+
+def test_a_snapshot_that_fails_to_encode_or_write_is_counted_and_the_snapshotter_goes_on(tmp_dir: Path, unique: str) -> None:
+    """As a forked writer's failure: counted in `snapshotter.errors`, no file, and the next
+    SNAPSHOT record writes one (a bug in the app's snapshot() must not crash-loop the process)."""
+    data_dir = tmp_dir / "data"
+    config = Config(node=NodeConfig(name=unique, data_dir=str(data_dir)))
+    config.snapshot_dir.mkdir(parents=True)
+    view = CounterView(create_counters(unique), SNAPSHOTTER)
+    try:
+        snapshotter = Snapshotter(None, config, view[SNAPSHOTTER_COUNTERS.applied_index], view)  # type: ignore[arg-type]
+
+        class Broken:
+            applied_index = 7
+
+            def snapshot_file_contents(self) -> Any:
+                raise RuntimeError("the app's snapshot() is broken")
+
+        snapshotter.write(Broken())  # type: ignore[arg-type]
+        assert view[SNAPSHOTTER_COUNTERS.errors].get() == 1 and list(config.snapshot_dir.iterdir()) == []
+        processor = Processor(Ledger)
+        processor.applied_index = 7
+        config.snapshot_dir.rmdir()
+        config.snapshot_dir.write_bytes(b"")  # not a directory: the write fails with an OSError
+        snapshotter.write(processor)
+        assert view[SNAPSHOTTER_COUNTERS.errors].get() == 2
+        config.snapshot_dir.unlink()
+        config.snapshot_dir.mkdir()
+        snapshotter.write(processor)
+        assert view[SNAPSHOTTER_COUNTERS.snapshot_index].get() == 7
+        assert [info.index for info in snapshots.list_snapshots(config.snapshot_dir) if info.valid] == [7]
+    finally:
+        view.close()
+        view.counters.unlink()

@@ -110,6 +110,11 @@ class Snapshotter:
             log.error("snapshot at index %d not written (%s); the next SNAPSHOT record tries again. "
                       "Check the snapshot directory %s (space, permissions)", index, error, self.snapshot_dir)  # fmt: skip
             return
+        except Exception:  # the app's snapshot() failed: as a forked writer's failure, not a crash loop
+            self.errors.add(1)
+            log.exception("snapshot at index %d not written: encoding the state failed (a bug in the "
+                          "app's snapshot()?); the next SNAPSHOT record tries again", index)  # fmt: skip
+            return
         self.snapshot_index.set(index)
         self.writes.add(1)
         log.info("snapshot at index %d written (%d bytes, %.3f s)", index, len(body), time.monotonic() - started_s)
