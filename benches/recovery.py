@@ -46,6 +46,8 @@ import os
 import random
 import shutil
 import statistics
+import struct
+import subprocess
 import sys
 import tempfile
 import time
@@ -86,6 +88,11 @@ SPEEDUP_TARGET = 10.0
 # the reap is inside the window; and the baseline runs as many polls as the snapshot window.
 AFTER_CHILD_S = 0.2
 CHILD_TIMEOUT_S = 300.0  # a 1M-account snapshot takes ~2 s; far beyond means a stuck child
+# The replica writer's feed to the snapshotter process: a u32 length before each run of records.
+FEED_LENGTH = struct.Struct("<I")
+# Building 5M accounts takes the snapshotter process as long as the blp (~1-2 min on 2 loaded cores).
+SNAPSHOTTER_READY_TIMEOUT_S = 600.0
+STALL_WRITERS = ("fork", "replica")
 
 _COMMAND = int(RecordType.COMMAND)
 _COMMAND_VERSION = LEDGER_SCHEMA.version
@@ -102,6 +109,9 @@ class RecordSource:
         self.request_id = 0
         self.timestamp_ns = 1_700_000_000_000_000_000
         self.rng = random.Random(seed)
+        # The replica writer's bench: every record made after `feed` is set is also appended to
+        # it (length-prefixed runs), for the snapshotter process to apply (`_snapshotter_child`).
+        self.feed: Any = None
         # No list of names: this object lives in the blp's process here, and its memory would
         # count in the fork's page tables (1M names are ~60 MB).
 
@@ -124,7 +134,13 @@ class RecordSource:
         return self._record(int(RecordType.SESSION_OPEN), encode_session_open(CLIENT_ID, "n1"))
 
     def snapshot(self) -> bytes:
-        return self._record(int(RecordType.SNAPSHOT), b"", session_id=0)
+        return self._fed(self._record(int(RecordType.SNAPSHOT), b"", session_id=0))
+
+    def _fed(self, run: bytes) -> bytes:
+        if self.feed is not None:
+            self.feed.write(FEED_LENGTH.pack(len(run)) + run)
+            self.feed.flush()
+        return run
 
     def setup(self, first: int, count: int) -> bytes:
         """OpenAccount + Deposit for accounts first..first+count-1 (2 * count records)."""
@@ -145,7 +161,7 @@ class RecordSource:
             amount = 1 + randrange(TRANSFER_AMOUNT_MAX)
             transfer = Transfer(f"acct-{source:07d}", f"acct-{target:07d}", amount)
             parts.append(self._command(transfer))
-        return b"".join(parts)
+        return self._fed(b"".join(parts))
 
 
 def frames_of(batch: bytes) -> list[tuple[int, memoryview]]:
@@ -285,9 +301,13 @@ def apply_loop(
     snapshot_dir: Path | None,
     polls_min: int,
     seconds_min: float = 0.0,
+    writer: str = "fork",
 ) -> PauseRun:
     """Applies polls of fresh transfers; with `snapshot_dir`, a SNAPSHOT record leads the
-    second poll and the loop runs until the forked writer has exited plus AFTER_CHILD_S."""
+    second poll and the loop runs until the forked writer has exited plus AFTER_CHILD_S.
+    `writer="replica"`: the loop forks nothing at the SNAPSHOT record (the blp with
+    `snapshot.writer = "replica"`); the snapshotter process, fed the same records, writes the
+    file, and the loop runs until the file is there plus AFTER_CHILD_S."""
     run = PauseRun()
     gaps = run.gaps_ns
     apply_frame = processor.apply_frame
@@ -307,7 +327,13 @@ def apply_loop(
         poll_started = previous = clock()
         for kind, view in frames:
             apply_frame(kind, view)
-            if processor.snapshot_requested:
+            if processor.snapshot_requested and writer == "replica":
+                processor.snapshot_requested = False
+                run.snapshot_index = processor.applied_index
+                child_started_ns = clock()
+                child_pid = -1  # the snapshotter's file is awaited below
+                fork_before_ns = previous  # fork_to_next_apply_ms: this record and the next
+            elif processor.snapshot_requested:
                 processor.snapshot_requested = False
                 assert snapshot_dir is not None
                 before = clock()
@@ -326,7 +352,15 @@ def apply_loop(
             gaps.append(now - previous)
             previous = now
         drain()
-        if child_pid:
+        if child_pid == -1:
+            assert snapshot_dir is not None
+            if snapshots.snapshot_path(snapshot_dir, run.snapshot_index).exists():  # renamed: whole
+                child_done_ns = clock()
+                run.child_s = (child_done_ns - child_started_ns) / 1e9
+                child_pid = 0
+            elif (clock() - child_started_ns) / 1e9 > CHILD_TIMEOUT_S:
+                raise RuntimeError(f"the snapshotter wrote no snapshot within {CHILD_TIMEOUT_S} s")
+        elif child_pid:
             code = reap_snapshot_writer(child_pid)
             if code is not None:
                 assert code == 0, f"the snapshot writer exited with {code}"
@@ -373,9 +407,10 @@ def bench_child_write(processor: Processor[Any], snapshot_dir: Path) -> float:
     return elapsed
 
 
-def build_state(accounts: int) -> tuple[Processor[Any], RecordSource]:
-    """A ledger of `accounts` accounts built by applying their OpenAccount + Deposit records."""
-    processor: Processor[Any] = Processor(Ledger, node="n1")
+def build_state(accounts: int, node: str = "n1") -> tuple[Processor[Any], RecordSource]:
+    """A ledger of `accounts` accounts built by applying their OpenAccount + Deposit records
+    (`node`: the processor's, "n1" the blp's, whose session the records are)."""
+    processor: Processor[Any] = Processor(Ledger, node=node)
     source = RecordSource(accounts)
     apply_frame = processor.apply_frame
     for kind, view in frames_of(source.session_open()):
@@ -404,14 +439,77 @@ def bench_stall(accounts: int, snapshot_dir: Path, seconds_min: float) -> dict[s
     build_s = time.perf_counter() - started
     apply_loop(processor, source, None, 4)  # warm-up, discarded
     run = apply_loop(processor, source, snapshot_dir, 2, seconds_min)
+    baseline = apply_loop(processor, source, None, max(2, run.applied // FRAMES_PER_POLL))
     label = stall_label(accounts)
     figures = {
         f"snapshot_stall_ms_{label}": run.max_gap_ms,
+        f"snapshot_stall_baseline_ms_{label}": baseline.max_gap_ms,  # as long, no snapshot
         f"snapshot_stall_fork_ms_{label}": run.fork_ms,
         f"snapshot_stall_measured_s_{label}": run.elapsed_s,
         f"snapshot_stall_build_s_{label}": build_s,
     }
     del processor, source
+    gc.collect()
+    for path in snapshot_dir.iterdir():
+        path.unlink()
+    return figures
+
+
+def bench_stall_replica(accounts: int, snapshot_dir: Path, seconds_min: float) -> dict[str, Any]:
+    """The blp's snapshot stall with `snapshot.writer = "replica"` at `accounts` accounts: the
+    longest gap between two applies while the snapshotter, a second process with its own copy
+    of the state fed the same records, writes the snapshot (`benches._snapshotter_child`); and
+    its cost: the second apply's CPU per record, the second copy's memory. Both copies end with
+    the same state hash, or the run fails."""
+    label = stall_label(accounts)
+    work = snapshot_dir.parent / f"snapshotter-{label}"
+    work.mkdir()
+    feed_path, ready, result = work / "feed.bin", work / "ready", work / "result.json"
+    feed = open(feed_path, "wb")  # closed in the finally below
+    # Started before the blp's state is built: the two build at once, on the two cores.
+    child = subprocess.Popen([sys.executable, "-m", "benches._snapshotter_child", str(feed_path),
+                              str(snapshot_dir), str(accounts), str(ready), str(result)])  # fmt: skip
+    try:
+        started = time.perf_counter()
+        processor, source = build_state(accounts)
+        build_s = time.perf_counter() - started
+        deadline = time.monotonic() + SNAPSHOTTER_READY_TIMEOUT_S
+        while not ready.exists():
+            if child.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the snapshotter process did not build its state (exit {child.poll()})")
+            time.sleep(0.05)
+        source.feed = feed
+        warm = apply_loop(processor, source, None, 4)  # warm-up, discarded; fed to the snapshotter too
+        run = apply_loop(processor, source, snapshot_dir, 2, seconds_min, writer="replica")
+        baseline = apply_loop(processor, source, None, max(2, run.applied // FRAMES_PER_POLL))
+        blp_rss_mib = psutil.Process().memory_info().rss / 2**20
+        feed.write(FEED_LENGTH.pack(0))
+        feed.flush()
+        child.wait(timeout=CHILD_TIMEOUT_S)
+        assert child.returncode == 0, f"the snapshotter process exited with {child.returncode}"
+        child_figures = json.loads(result.read_text())
+        assert child_figures["written"] == [run.snapshot_index], (child_figures["written"], run.snapshot_index)
+        assert child_figures["state_hash"] == processor.state_hash().hex(), "the two copies of the state disagree"
+        figures = {
+            f"snapshot_stall_replica_ms_{label}": run.max_gap_ms,
+            f"snapshot_stall_replica_baseline_ms_{label}": baseline.max_gap_ms,  # the snapshotter only following
+            f"snapshot_stall_replica_at_record_ms_{label}": run.fork_to_next_apply_ms,  # the SNAPSHOT record and the next
+            f"snapshot_stall_replica_measured_s_{label}": run.elapsed_s,
+            f"snapshot_stall_replica_write_s_{label}": run.child_s,  # SNAPSHOT applied -> file renamed
+            f"snapshotter_encode_write_s_{label}": child_figures["write_wall_s"],
+            f"snapshotter_apply_us_per_record_{label}": 1e6 * child_figures["apply_cpu_s"] / child_figures["records"],
+            f"blp_apply_us_per_record_{label}": 1e6 / warm.per_s,
+            f"snapshotter_rss_mib_{label}": child_figures["rss_mib"],
+            f"blp_rss_mib_{label}": blp_rss_mib,
+            f"snapshot_stall_replica_build_s_{label}": build_s,
+        }
+        del processor, source
+    finally:
+        feed.close()
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+        shutil.rmtree(work, ignore_errors=True)
     gc.collect()
     for path in snapshot_dir.iterdir():
         path.unlink()
@@ -455,7 +553,8 @@ def anon_huge_mib() -> float:
 
 
 def run(accounts: int, records: int, tail: int, runs: int, base: Path | None,
-        stall_accounts: tuple[int, ...] = STALL_ACCOUNTS, seconds_min: float = MEASURE_S_MIN) -> dict[str, Any]:
+        stall_accounts: tuple[int, ...] = STALL_ACCOUNTS, seconds_min: float = MEASURE_S_MIN,
+        stall_writers: tuple[str, ...] = STALL_WRITERS) -> dict[str, Any]:
     assert 0 < tail < records, (tail, records)
     # The main tail, and shorter ones: the speed-up is bounded by records / tail, so how it
     # grows as the tail shrinks says what a snapshot interval buys.
@@ -543,8 +642,12 @@ def run(accounts: int, records: int, tail: int, runs: int, base: Path | None,
         # Issue 13: the stall at fixed state sizes, whatever --accounts is, one state at a time.
         stall_dir = root / "snapshots-stall"
         stall_dir.mkdir()
+        results["snapshot_stall_ms_writer"] = "fork"  # snapshot_stall_ms_*; the replica's: *_replica_*
         for count in stall_accounts:
-            results.update(bench_stall(count, stall_dir, seconds_min))
+            if "fork" in stall_writers:
+                results.update(bench_stall(count, stall_dir, seconds_min))
+            if "replica" in stall_writers:
+                results.update(bench_stall_replica(count, stall_dir, seconds_min))
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
@@ -574,6 +677,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--dir", type=Path, default=None, help="where to write (default /tmp)")
     parser.add_argument("--stall-accounts", default=",".join(map(str, STALL_ACCOUNTS)),
                         help="state sizes of the snapshot_stall_ms_* figures, comma-separated")
+    parser.add_argument("--stall-writers", default=",".join(STALL_WRITERS),
+                        help="snapshot.writer modes of the stall figures: fork (snapshot_stall_ms_*), "
+                        "replica (snapshot_stall_replica_ms_*), comma-separated")
     parser.add_argument("--min-seconds", type=float, default=MEASURE_S_MIN,
                         help=f"apply at least this long around each stall (default {MEASURE_S_MIN}; 0 for a smoke run)")
     args = parser.parse_args(argv)
@@ -589,7 +695,10 @@ def main(argv: list[str]) -> int:
     records = args.records or records
     tail = args.tail or tail
     runs = args.runs or runs
-    results = run(accounts, records, tail, runs, args.dir, stall_accounts, args.min_seconds)
+    stall_writers = tuple(writer for writer in args.stall_writers.split(",") if writer)
+    if not set(stall_writers) <= set(STALL_WRITERS):
+        parser.error(f"--stall-writers={args.stall_writers!r}: give {' and/or '.join(STALL_WRITERS)}, separated by commas")
+    results = run(accounts, records, tail, runs, args.dir, stall_accounts, args.min_seconds, stall_writers)
     if args.json:
         print(json.dumps(results))
     else:

@@ -14,6 +14,9 @@ switched on and off at run time without talking to the node; while the file is a
                                    fdatasync and before it publishes it, so a test can cut the
                                    power: kill -9 the node, then drop the journal after that
                                    index (what a lost page cache drops); see `synced_index`
+    SEQD_FAULT_SNAPSHOT_HOLD=PATH  while PATH holds 1, the snapshotter stops before the rename
+                                   of each snapshot it writes (its temp file whole) and writes the
+                                   index to PATH.held, so a test can kill -9 it mid-write
 
 A hook re-reads its file at most every HOOK_REREAD_S, so a fault takes effect within that.
 """
@@ -29,9 +32,11 @@ from typing import Final
 __all__ = [
     "FAULT_CLOCK_OFFSET_ENV",
     "FAULT_FSYNC_DELAY_ENV",
+    "FAULT_SNAPSHOT_HOLD_ENV",
     "FAULT_SYNCED_INDEX_ENV",
     "SyncedIndexFile",
     "install_fsync_delay",
+    "snapshot_hold",
     "synced_index",
     "wall_clock_ns",
 ]
@@ -39,6 +44,7 @@ __all__ = [
 FAULT_FSYNC_DELAY_ENV: Final = "SEQD_FAULT_FSYNC_DELAY"
 FAULT_CLOCK_OFFSET_ENV: Final = "SEQD_FAULT_CLOCK_OFFSET"
 FAULT_SYNCED_INDEX_ENV: Final = "SEQD_FAULT_SYNCED_INDEX"
+FAULT_SNAPSHOT_HOLD_ENV: Final = "SEQD_FAULT_SNAPSHOT_HOLD"
 # How stale a hook's view of its file may be: faults last seconds, so 50 ms is immediate enough,
 # and at most 20 small reads a second cost nothing next to the work they slow down.
 HOOK_REREAD_S: Final = 0.05
@@ -83,6 +89,23 @@ def install_fsync_delay() -> None:
         real(fd)
 
     os.fdatasync = slow  # type: ignore[assignment]
+
+
+def snapshot_hold() -> Callable[[int], None] | None:
+    """With SEQD_FAULT_SNAPSHOT_HOLD set, what the snapshotter calls before each rename
+    (`hold(index)`): while the file holds 1, say so in PATH.held and wait (for a kill -9)."""
+    setting = os.environ.get(FAULT_SNAPSHOT_HOLD_ENV)
+    if not setting:
+        return None
+    hold = _FileValue(Path(setting))
+
+    def held(index: int) -> None:
+        if hold.get() == 1:
+            Path(setting + ".held").write_text(str(index))
+            while hold.get() == 1:
+                time.sleep(HOOK_REREAD_S)
+
+    return held
 
 
 def _clock() -> Callable[[], int]:

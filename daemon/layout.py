@@ -30,8 +30,10 @@ __all__ = [
     "COUNTERS", "COUNTERS_LAYOUT_VERSION", "COUNTER_NAMES", "EGRESS_POLLABLE", "EGRESS_READERS", "ERRORS_TOTAL_NAME",
     "ERROR_KIND_COUNTERS", "INCARNATION_BITS", "LOG_READERS", "OPERATOR", "PROPOSAL_POLLABLE", "PROPOSAL_READERS",
     "RAFT_PEER_SLOTS", "READ_ROUND_COUNTERS", "REPLICAS_MAX", "REPLICA_COUNTERS", "ROLE_COUNTERS",
+    "SNAPSHOTTER", "SNAPSHOTTER_COUNTERS",
     "SUPERVISOR", "CounterSpec", "CounterView", "DiskState", "IdleCode", "Kind", "NodeState",
     "Owner", "ReadRoundCounters", "ReplicaCounters", "Role", "RoleCounters", "RoleState",
+    "SnapshotterCounters",
     "TransferOutcome", "attach_counters", "commit_index_counter", "committed_index", "counter_spec",
     "counters_name", "create_counters", "drain_order", "egress_name", "errors_total",
     "incarnation_id", "log_name", "node_roles", "proposal_name", "replica_owner",
@@ -614,6 +616,44 @@ APP_VERSION_ACTIVE = _declare("app.version.active", Role.BLP, Kind.GAUGE, "App s
 APP_VERSION_RAISES_REFUSED = _declare("app.version.raises_refused", Role.BLP, Kind.COUNTER, "Raises of the app version refused (a member's code does not know it)")
 
 
+# The snapshotter (`snapshot.writer = "replica"`, daemon/roles/snapshotter.py) writes the snapshot
+# files instead of a fork of the blp; `daemon.replicas` runs it as it runs a query replica.
+SNAPSHOTTER: Final = "snapshotter"
+
+
+@dataclass(frozen=True)
+class SnapshotterCounters:
+    """The supervisor's launch counters (pid, start_time_ms, stop, restarts), then the
+    snapshotter's own; `oldest_index` is the journaller's cue, as `snapshot.oldest.index`."""
+
+    owner: str
+    pid: CounterSpec
+    start_time_ms: CounterSpec
+    stop: CounterSpec
+    restarts: CounterSpec
+    heartbeat: CounterSpec
+    applied_index: CounterSpec
+    snapshot_index: CounterSpec
+    oldest_index: CounterSpec
+    writes: CounterSpec
+    errors: CounterSpec
+
+
+SNAPSHOTTER_COUNTERS = SnapshotterCounters(
+    owner=SNAPSHOTTER,
+    pid=_declare("snapshotter.pid", SUPERVISOR, Kind.GAUGE, "Process id of the snapshotter (snapshot.writer = replica)"),
+    start_time_ms=_declare("snapshotter.start_time_ms", SUPERVISOR, Kind.GAUGE, "Start time of the snapshotter's process (ms since the epoch)"),
+    stop=_declare("snapshotter.stop", SUPERVISOR, Kind.GAUGE, "1 once the supervisor has asked it to stop"),
+    restarts=_declare("snapshotter.restarts", SUPERVISOR, Kind.COUNTER, "Times the snapshotter died and was started again (the pipeline never waits for it)"),
+    heartbeat=_declare("snapshotter.heartbeat", SNAPSHOTTER, Kind.COUNTER, "Turns of the snapshotter's loop"),
+    applied_index=_declare("snapshotter.applied.index", SNAPSHOTTER, Kind.GAUGE, "Index of the last committed record the snapshotter applied"),
+    snapshot_index=_declare("snapshotter.snapshot.index", SNAPSHOTTER, Kind.GAUGE, "Log index of the newest snapshot the snapshotter wrote"),
+    oldest_index=_declare("snapshotter.oldest.index", SNAPSHOTTER, Kind.GAUGE, "Log index of the oldest valid snapshot kept, after the snapshotter's retention"),
+    writes=_declare("snapshotter.writes", SNAPSHOTTER, Kind.COUNTER, "Snapshots the snapshotter wrote since start"),
+    errors=_declare("snapshotter.errors", SNAPSHOTTER, Kind.COUNTER, "Snapshots the snapshotter failed to write"),
+)  # fmt: skip
+
+
 def commit_index_counter(clustered: bool) -> CounterSpec:
     """The node's commit index: the journaller's `commit.index` on a single node, the
     replicator's `raft.commit.index` in a cluster (the other one stays 0)."""
@@ -640,7 +680,7 @@ ERROR_KIND_COUNTERS: tuple[CounterSpec, ...] = tuple(
 ERRORS_TOTAL_NAME = "errors.total"
 assert ERRORS_TOTAL_NAME not in _BY_NAME
 # The version of this table, carried by the segment header (see the module docstring).
-COUNTERS_LAYOUT_VERSION = 3
+COUNTERS_LAYOUT_VERSION = 4
 
 
 def counter_spec(name: str) -> CounterSpec | None:

@@ -1,4 +1,6 @@
-"""The supervisor's query replicas (`[replicas] count`): started, watched, restarted, stopped.
+"""The supervisor's query replicas (`[replicas] count`), and the snapshotter (`snapshot.writer =
+"replica"`, daemon/roles/snapshotter.py), which is run the same way: started, watched, restarted,
+stopped.
 
 Replicas are not roles of the pipeline: nothing the pipeline does waits for them (they read the
 journal and the commit counter, nothing else), so one that dies is started again alone, after a
@@ -16,12 +18,12 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Protocol
 
 import psutil
 
-from daemon.config import Config
-from daemon.layout import REPLICA_COUNTERS, CounterView
+from daemon.config import SNAPSHOT_WRITER_REPLICA, Config
+from daemon.layout import REPLICA_COUNTERS, SNAPSHOTTER_COUNTERS, CounterSpec, CounterView
 from daemon.roles.common import EPOCH_ENV, SUPERVISOR_PID_ENV
 
 __all__ = ["REPLICA_NUMBER_ENV", "REPLICA_RESTART_BACKOFF_S_MAX", "ReplicaSet"]
@@ -38,9 +40,25 @@ REPLICA_NUMBER_ENV: Final = "SEQD_REPLICA_NUMBER"  # which slot a started replic
 _HASH_SEED: Final = "0"
 
 
+class _LaunchCounters(Protocol):
+    """The supervisor's counters of a process it runs beside the pipeline."""
+
+    @property
+    def pid(self) -> CounterSpec: ...
+    @property
+    def start_time_ms(self) -> CounterSpec: ...
+    @property
+    def stop(self) -> CounterSpec: ...
+    @property
+    def restarts(self) -> CounterSpec: ...
+
+
 @dataclass
 class _Slot:
-    number: int
+    number: int  # a query replica's slot; -1: the snapshotter
+    block: _LaunchCounters
+    module: str  # what `python -m` runs
+    name: str  # in the log: "query replica 0", "snapshotter"
     process: subprocess.Popen[bytes] | None = None
     restart_at: float = 0.0
     backoff_s: float = REPLICA_RESTART_BACKOFF_S_MIN
@@ -53,23 +71,29 @@ class ReplicaSet:
         self.config = config
         self.counters = counters
         self.epoch = epoch
-        self.slots = [_Slot(number) for number in range(config.replicas.count)]
+        self.slots = [
+            _Slot(number, REPLICA_COUNTERS[number], "daemon.roles.replica", f"query replica {number}")
+            for number in range(config.replicas.count)
+        ]
+        if config.snapshot.writer == SNAPSHOT_WRITER_REPLICA:
+            self.slots.append(_Slot(-1, SNAPSHOTTER_COUNTERS, "daemon.roles.snapshotter", "snapshotter"))
 
     def _spawn(self, slot: _Slot) -> None:
-        block = REPLICA_COUNTERS[slot.number]
+        block = slot.block
         environment = dict(os.environ)
         environment["SEQD_CONFIG_JSON"] = self.config.to_json().decode()
         environment[SUPERVISOR_PID_ENV] = str(os.getpid())
         environment[EPOCH_ENV] = str(self.epoch)
-        environment[REPLICA_NUMBER_ENV] = str(slot.number)
+        if slot.number >= 0:
+            environment[REPLICA_NUMBER_ENV] = str(slot.number)
         environment["PYTHONHASHSEED"] = _HASH_SEED
         self.counters[block.stop].set(0)
-        process = subprocess.Popen([sys.executable, "-m", "daemon.roles.replica"], env=environment)
+        process = subprocess.Popen([sys.executable, "-m", slot.module], env=environment)
         start_time_s = psutil.Process(process.pid).create_time()
         self.counters[block.start_time_ms].set(round(start_time_s * 1000))
         self.counters[block.pid].set(process.pid)
         slot.process = process
-        log.info("started query replica %d as pid %d", slot.number, process.pid)
+        log.info("started %s as pid %d", slot.name, process.pid)
 
     def start(self) -> None:
         for slot in self.slots:
@@ -83,15 +107,15 @@ class ReplicaSet:
                 code = process.poll()
                 if code is None:
                     continue
-                block = REPLICA_COUNTERS[slot.number]
+                block = slot.block
                 self.counters[block.restarts].add(1)
                 self.counters[block.pid].set(0)
                 slot.process = None
                 slot.restart_at = now + slot.backoff_s
                 log.error(
-                    "query replica %d (pid %d) exited with %s; starting it again in %.1f s "
-                    "(the pipeline goes on; its subscribers resume)",
-                    slot.number, process.pid, code, slot.backoff_s,
+                    "%s (pid %d) exited with %s; starting it again in %.1f s "
+                    "(the pipeline goes on; a replica's subscribers resume)",
+                    slot.name, process.pid, code, slot.backoff_s,
                 )  # fmt: skip
                 slot.backoff_s = min(slot.backoff_s * 2, REPLICA_RESTART_BACKOFF_S_MAX)
             elif now >= slot.restart_at:
@@ -102,7 +126,7 @@ class ReplicaSet:
         what has not stopped within REPLICA_STOP_TIMEOUT_S."""
         for slot in self.slots:
             if slot.process is not None:
-                self.counters[REPLICA_COUNTERS[slot.number].stop].set(1)
+                self.counters[slot.block.stop].set(1)
         deadline = time.monotonic() + REPLICA_STOP_TIMEOUT_S
         for slot in self.slots:
             if slot.process is None:
@@ -110,7 +134,7 @@ class ReplicaSet:
             try:
                 slot.process.wait(timeout=max(deadline - time.monotonic(), 0.01))
             except subprocess.TimeoutExpired:
-                log.error("query replica %d did not stop; killing it", slot.number)
+                log.error("%s did not stop; killing it", slot.name)
         self.kill()
 
     def kill(self) -> None:
@@ -122,5 +146,5 @@ class ReplicaSet:
                 try:
                     slot.process.wait(timeout=REPLICA_STOP_TIMEOUT_S)
                 except subprocess.TimeoutExpired:
-                    log.error("query replica pid %d did not die after SIGKILL", slot.process.pid)
+                    log.error("%s pid %d did not die after SIGKILL", slot.name, slot.process.pid)
                 slot.process = None

@@ -57,7 +57,16 @@ from daemon.layout import (
     counter_spec,
     errors_total,
 )
-from daemon.replica_status import ReplicaStatus, replica_statuses, replicas_json, replicas_table
+from daemon.replica_status import (
+    ReplicaStatus,
+    SnapshotterStatus,
+    replica_statuses,
+    replicas_json,
+    replicas_table,
+    snapshotter_json,
+    snapshotter_status,
+    snapshotter_table,
+)
 from daemon.status_raft import RaftStatus, raft_json, raft_lines, raft_status
 from daemon.text_table import cell as _cell
 from daemon.text_table import table as _table
@@ -145,6 +154,7 @@ class NodeStatus:
     supervisor_heartbeat: int | None = None
     roles: list[RoleStatus] = field(default_factory=list)
     replicas: list[ReplicaStatus] = field(default_factory=list)
+    snapshotter: SnapshotterStatus | None = None  # snapshot.writer = "replica"
     positions: dict[str, int | None] = field(default_factory=dict)
     indexes: dict[str, int | None] = field(default_factory=dict)
     lags: list[Lag] = field(default_factory=list)
@@ -206,6 +216,8 @@ def known_values(values: Mapping[str, int]) -> dict[str, int]:
     """
     started: set[str] = {role for role in Role if values.get(ROLE_COUNTERS[role].pid.name, 0) > 0}
     started |= {block.owner for block in REPLICA_COUNTERS if values.get(block.pid.name, 0) > 0}
+    if values.get(layout.SNAPSHOTTER_COUNTERS.pid.name, 0) > 0:
+        started.add(layout.SNAPSHOTTER)
     known: dict[str, int] = {}
     for name, value in values.items():
         spec = counter_spec(name)
@@ -263,7 +275,9 @@ def _counters_status(
         sessions_open=_get(known, layout.SESSIONS_OPEN),
         sessions_total=_get(known, layout.SESSIONS_TOTAL),
         commands_total=_get(known, layout.COMMANDS_TOTAL),
-        snapshot_last_index=_get(known, layout.SNAPSHOT_LAST_INDEX),
+        # The newest snapshot written here, by whichever writer the node runs (the other's is 0).
+        snapshot_last_index=None if layout.SNAPSHOT_LAST_INDEX.name not in known else max(
+            known[layout.SNAPSHOT_LAST_INDEX.name], known.get(layout.SNAPSHOTTER_COUNTERS.snapshot_index.name, 0)),
         recovery_records=_get(known, layout.RECOVERY_RECORDS),
         restarts=_get(known, layout.SUPERVISOR_RESTARTS),
         raft=raft_status(known, _clustered(known), int(sampled_s * 1000)),
@@ -345,6 +359,7 @@ class StatusTracker:
         roles = [self._role_status(role, known, ages, elapsed_s, supervisor_alive) for role in Role]
         status.roles = roles
         status.replicas = replica_statuses(known, supervisor_alive, self._pid_alive)
+        status.snapshotter = snapshotter_status(known, supervisor_alive, self._pid_alive)
         status.liveness, status.reason = self._judge(status, ages, supervisor_alive)
         if not status.current:
             status.rates = dict.fromkeys(status.rates)
@@ -542,7 +557,7 @@ def render_text(status: NodeStatus) -> str:
     if status.liveness == Liveness.STOPPED and not status.values:
         return f"seqd node {status.node}: STOPPED - {status.reason}\n"
     sections = (_header(status), _roles_table(status), replicas_table(status.replicas),
-                _pipeline_tables(status), _totals(status))  # fmt: skip
+                snapshotter_table(status.snapshotter), _pipeline_tables(status), _totals(status))  # fmt: skip
     return "\n\n".join("\n".join(lines) for lines in sections if lines) + "\n"
 
 
@@ -582,7 +597,7 @@ def render_json(status: NodeStatus) -> dict[str, Any]:
         "sessions": {"open": status.sessions_open, "total": status.sessions_total},
         "commands_total": status.commands_total,
         "errors": dict(status.errors),
-        "snapshot": {"last_index": status.snapshot_last_index},
+        "snapshot": {"last_index": status.snapshot_last_index, "snapshotter": snapshotter_json(status.snapshotter)},
         "recovery": {"records": status.recovery_records},
         "raft": raft_json(status.raft),
         "disk": {

@@ -73,6 +73,7 @@ from daemon.layout import (
     RECOVERY_RECORDS,
     REPLICA_COUNTERS,
     ROLE_COUNTERS,
+    SNAPSHOTTER_COUNTERS,
     SUPERVISOR,
     SUPERVISOR_HEARTBEAT,
     SUPERVISOR_PID,
@@ -174,6 +175,7 @@ def kill_leftover_roles(node: str) -> list[str]:
     # Read by name, whatever the old segment's layout version: its name table says where.
     launches = [(str(role), ROLE_COUNTERS[role].pid, ROLE_COUNTERS[role].start_time_ms) for role in Role]
     launches += [(replica.owner, replica.pid, replica.start_time_ms) for replica in REPLICA_COUNTERS]
+    launches.append((SNAPSHOTTER_COUNTERS.owner, SNAPSHOTTER_COUNTERS.pid, SNAPSHOTTER_COUNTERS.start_time_ms))
     for role, pid_spec, start_time_spec in launches:
         pid = values.get(pid_spec.name, 0)
         start_time_s = values.get(start_time_spec.name, 0) / 1000

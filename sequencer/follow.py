@@ -20,7 +20,7 @@ Queries (`run_query`) call an app's `@query` handler on a follower's state betwe
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Final, NamedTuple
 
@@ -128,12 +128,9 @@ class LogFollower:
         followed: list[FollowedRecord] = []
         if last <= processor.applied_index:
             return followed
-        reader = self.reader
-        if reader.next_index != processor.applied_index + 1 or reader.on_deleted_segment():
-            reader.seek(processor.applied_index + 1)
         apply = processor.apply_frame
         append = followed.append
-        for run in reader.read_runs(last):
+        for run in self._runs(last):
             first = len(followed)
             for (length, record_type, version, index, _term, timestamp_ns, _session, _request), start, _end in walk_records(run, RECORD_HEADER):
                 apply(record_type | version << 16, run[start + FRAME_HEADER_BYTES : start + length])
@@ -151,6 +148,38 @@ class LogFollower:
                     )
         assert processor.applied_index <= to_index, (processor.applied_index, to_index)
         return followed
+
+    def advance(
+        self,
+        to_index: int,
+        records_max: int = FOLLOW_RECORDS_MAX,
+        on_snapshot: Callable[[Processor[Any]], object] | None = None,
+    ) -> int:
+        """`follow` without keeping anything: apply the next committed records up to `to_index`
+        (at most `records_max`) on the recovery fast path, outputs discarded; returns how many.
+        `on_snapshot(processor)` is called right after each SNAPSHOT record, with the state of
+        that record's index (the snapshotter, daemon/roles/snapshotter.py, writes it).
+
+        Raises:
+            As `follow`.
+        """
+        processor = self.processor
+        last = min(to_index, processor.applied_index + records_max)
+        applied = 0
+        for run in self._runs(last):
+            applied += processor.replay_run(run, None, on_snapshot)
+        assert processor.applied_index <= to_index, (processor.applied_index, to_index)
+        return applied
+
+    def _runs(self, last: int) -> Iterator[memoryview]:
+        """The journal's runs of complete records after `applied_index` up to `last`."""
+        processor = self.processor
+        if last <= processor.applied_index:
+            return iter(())
+        reader = self.reader
+        if reader.next_index != processor.applied_index + 1 or reader.on_deleted_segment():
+            reader.seek(processor.applied_index + 1)
+        return reader.read_runs(last)
 
 
 def oldest_servable_index(journal_dir: Path | str, snapshot_dir: Path | str) -> int:

@@ -472,17 +472,21 @@ class Processor(Generic[App]):
             count += 1
         return count
 
-    def replay_run(
-        self, run: Any, after_each: Callable[[Processor[App]], object] | None = None
-    ) -> int:
+    def replay_run(self, run: Any, after_each: Callable[[Processor[App]], object] | None = None,
+                   on_snapshot: Callable[[Processor[App]], object] | None = None) -> int:  # fmt: skip
         """Applies a run of whole records (`journal.read_runs`), discarding outputs; returns how
         many. The recovery fast path: one header word per record, no per-record objects.
-        `after_each(self)` is called after each record (`seqd verify` records the rolling hash)."""
+        `after_each(self)` is called after each record (`seqd verify` records the rolling hash);
+        `on_snapshot(self)` right after a SNAPSHOT record, before the next one (the snapshotter
+        writes the state of that index; a replay without it writes no snapshots)."""
         apply = self.apply_frame
         count = 0
         for (length, frame_type), start, _after in walk_records(run, FRAME_HEADER):
             apply(frame_type, run[start + FRAME_HEADER_BYTES : start + length])
-            self.snapshot_requested = False  # a replay writes no snapshots
+            if self.snapshot_requested:
+                self.snapshot_requested = False
+                if on_snapshot is not None:
+                    on_snapshot(self)
             if after_each is not None:
                 after_each(self)
             count += 1

@@ -78,9 +78,13 @@ def snapshot_path(directory: str | os.PathLike[str], index: int) -> Path:
 
 
 def write_snapshot(
-    directory: str | os.PathLike[str], header: SnapshotHeader, body: bytes
+    directory: str | os.PathLike[str],
+    header: SnapshotHeader,
+    body: bytes,
+    before_rename: Callable[[int], object] | None = None,
 ) -> Path:
-    """Writes a snapshot atomically and durably; returns its path.
+    """Writes a snapshot atomically and durably; returns its path. `before_rename(index)` is
+    called with the temp file whole and synced (a fault hook: a kill there leaves only it).
 
     Raises:
         OSError: the write or an fsync failed. Never retry an fsync (fsyncgate): the caller
@@ -102,6 +106,8 @@ def write_snapshot(
         os.fsync(fd)
     finally:
         os.close(fd)
+    if before_rename is not None:
+        before_rename(header.index)
     os.rename(tmp, final)
     directory_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:

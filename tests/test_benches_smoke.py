@@ -31,6 +31,10 @@ RECOVERY_KEYS = (
     "speedup_target_met",
     "snapshot_stall_ms_2k",
     "snapshot_stall_measured_s_2k",
+    "snapshot_stall_ms_writer",
+    "snapshot_stall_replica_ms_2k",
+    "snapshotter_apply_us_per_record_2k",
+    "snapshotter_rss_mib_2k",
 )
 
 E2E_KEYS = (  # issue 13's "Done when" keys beside the earlier ones

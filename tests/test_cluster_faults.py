@@ -400,8 +400,14 @@ COMPACTION_TIMEOUT_S = 120.0
 SNAPSHOT_REJOIN_TIMEOUT_S = 30.0  # a snapshot and some 10k records: seconds; 30 s bounds a hang
 
 
+@pytest.mark.parametrize("writer", [
+    "fork",
+    pytest.param("replica", marks=pytest.mark.skipif(
+        os.environ.get("SEQD_SNAPSHOTTER_LONG") != "1",
+        reason="snapshot.writer = replica on every node: ~1 min; set SEQD_SNAPSHOTTER_LONG=1")),
+])  # fmt: skip
 def test_a_follower_wiped_while_down_rejoins_through_a_snapshot_once_the_leader_compacted(
-    make_scenario: Callable[..., Scenario],
+    make_scenario: Callable[..., Scenario], writer: str,
 ) -> None:
     """As above, but the leader has deleted the journal before its latest snapshot, so the only
     way back is the snapshot, then the journal after it. The journals no longer start at index 1,
@@ -411,7 +417,7 @@ def test_a_follower_wiped_while_down_rejoins_through_a_snapshot_once_the_leader_
     from sequencer.history.checker import read_snapshot_hashes
     from sequencer.journal.scan import list_segments
 
-    scenario = make_scenario(COMPACTING)
+    scenario = make_scenario({**COMPACTING, "snapshot": {**COMPACTING["snapshot"], "writer": writer}})
     cluster = scenario.cluster
     leader = scenario.begin()
     follower = next(n for n in cluster.nodes if n != leader)

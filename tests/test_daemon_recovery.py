@@ -61,15 +61,20 @@ def test_flipped_bit_mid_log_refuses_to_start_naming_the_file_and_offset(node_fa
     assert not os.path.exists(node.socket_path)
 
 
-def test_journal_segments_wholly_before_the_oldest_retained_snapshot_are_deleted(node_factory) -> None:  # noqa: F811
+@pytest.mark.parametrize("writer", ["fork", "replica"])
+def test_journal_segments_wholly_before_the_oldest_retained_snapshot_are_deleted(node_factory, writer: str) -> None:  # noqa: F811
+    """Whichever process writes the snapshots (`snapshot.writer`: the blp's fork, or the
+    snapshotter, which may be behind the blp), the journal keeps every record after the oldest
+    snapshot kept."""
     node = node_factory({
         "journal": {"segment_bytes": 1 << 20, "batch_bytes_max": 256 << 10, "preallocate": False},
-        "snapshot": {"keep": 1, "delete_journal": True, "every_records": 10000},
+        "snapshot": {"keep": 1, "delete_journal": True, "every_records": 10000, "writer": writer},
     })
     names = [f"r{number}" for number in range(15000)]
     open_accounts(node.socket_path, names)  # 30000 records of ~88 bytes: three segments
     deadline = time.monotonic() + 60
-    while node.read_counters()["snapshot.writes"] < 2:
+    writes = "snapshot.writes" if writer == "fork" else "snapshotter.writes"
+    while node.read_counters()[writes] < 2:
         assert time.monotonic() < deadline, "no snapshots"
         time.sleep(0.05)
 

@@ -147,6 +147,25 @@ def test_live_node_shows_roles_positions_and_rates(tracker: StatusTracker) -> No
     assert "last index 500" in text
 
 
+def test_a_node_with_a_snapshotter_shows_its_lag_and_last_snapshot(tracker: StatusTracker, pids: Pids) -> None:
+    """snapshot.writer = "replica": the blp writes no snapshot (its counter stays 0); the
+    snapshotter's row says how far behind the commit index it is and which snapshot it wrote."""
+    pids.alive.add(4300)
+    values = live_values(**{"snapshot.last.index": 0, "snapshotter.pid": 4300, "snapshotter.applied.index": 940,
+                            "snapshotter.snapshot.index": 900, "snapshotter.writes": 2, "snapshotter.restarts": 0,
+                            "snapshotter.errors": 0})  # fmt: skip
+    status = tracker.observe(values, now_s=10.0)
+    assert status.snapshot_last_index == 900
+    snapshotter = render_json(status)["snapshot"]["snapshotter"]
+    assert snapshotter["running"] is True
+    assert (snapshotter["applied_index"], snapshotter["lag_records"], snapshotter["snapshot_index"]) == (940, 60, 900)
+    header, row = [line for line in render_text(status).splitlines() if line.startswith("snapshotter")]
+    assert header.split()[3:6] == ["applied", "lag", "snapshot"]
+    assert row.split() == ["snapshotter", "4300", "yes", "940", "60", "900", "2", "0", "0"]
+    without = tracker.observe(live_values(), now_s=11.0)
+    assert render_json(without)["snapshot"]["snapshotter"] is None
+
+
 def test_first_sample_has_no_rates_rather_than_zero_rates(tracker: StatusTracker) -> None:
     status = tracker.observe(live_values(), now_s=0.0)
     assert status.liveness == Liveness.LIVE
@@ -469,7 +488,7 @@ def test_json_has_exactly_the_documented_shape(tracker: StatusTracker, pids: Pid
     assert live["errors"] == {
         "disk_full": 0, "journal": 0, "protocol": 2, "security": 0, "slow_client": 0, "snapshot": 0, "total": 2
     }
-    assert live["snapshot"] == {"last_index": 500}
+    assert live["snapshot"] == {"last_index": 500, "snapshotter": None}
     assert live["counters"]["commands.total"] == 1090
     pids.alive.clear()
     dead = json.loads(json.dumps(render_json(tracker.observe(advanced(values), now_s=2.0))))

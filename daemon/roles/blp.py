@@ -8,8 +8,10 @@ pending timers, which are re-armed through egress. Then one duty cycle (`BlpAgen
 outputs to the egress ring, publish the applied position.
 
 The blp never does I/O on the hot path, never reads the clock and never decides anything the
-record does not say. A SNAPSHOT record makes it fork: the child encodes and writes the state as
-of that record while the parent goes on (the pause is the fork).
+record does not say. A SNAPSHOT record makes it fork (`snapshot.writer = "fork"`): the child
+encodes and writes the state as of that record while the parent goes on (the pause is the fork).
+With `snapshot.writer = "replica"` it applies the record and forks nothing: the snapshotter
+(daemon/roles/snapshotter.py), a follower of the journal with its own state, writes the file.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from daemon.agent import Agent
+from daemon.config import SNAPSHOT_WRITER_FORK
 from daemon.exits import ExitCode, FatalError, exit_fatal
 from daemon.layout import (
     APP_VERSION_ACTIVE,
@@ -133,8 +136,12 @@ class BlpAgent(Agent):
         snapshot_keep: int,
         delete_journal: bool,
         clustered: bool = False,
+        fork_snapshots: bool = True,
     ) -> None:
         self.processor = processor
+        # False (snapshot.writer = "replica"): the snapshotter writes the files; a SNAPSHOT
+        # record changes nothing here but the applied index and the rolling hash, as any record.
+        self.fork_snapshots = fork_snapshots
         # A single node applies what its journal made durable; a cluster what Raft committed (a
         # majority durable), which the replicator cuts to what this node holds durably.
         commit_position, commit_index = (
@@ -184,7 +191,10 @@ class BlpAgent(Agent):
             for kind, view in frames:
                 processor.apply_frame(kind, view)
                 if processor.snapshot_requested:
-                    self._fork_snapshot_writer()
+                    if self.fork_snapshots:
+                        self._fork_snapshot_writer()
+                    else:
+                        processor.snapshot_requested = False
             # The commit index is stored before the commit position (the reader's limit).
             assert processor.applied_index <= self.commit_index.get(), (processor.applied_index, self.commit_index.get())
             self._publish_versions()
@@ -280,6 +290,7 @@ def run(context: RoleContext) -> int:
             processor, log_ring, egress_ring, context.counters,
             snapshot_dir=config.snapshot_dir, snapshot_keep=config.snapshot.keep,
             delete_journal=config.snapshot.delete_journal, clustered=config.cluster is not None,
+            fork_snapshots=config.snapshot.writer == SNAPSHOT_WRITER_FORK,
         )  # fmt: skip
         try:
             run_agent(context, agent)

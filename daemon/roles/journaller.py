@@ -39,6 +39,7 @@ import time
 from pathlib import Path
 
 from daemon.agent import Agent
+from daemon.config import SNAPSHOT_WRITER_REPLICA
 from daemon.fault_hooks import SyncedIndexFile, install_fsync_delay
 from daemon.layout import (
     COMMIT_INDEX,
@@ -52,6 +53,7 @@ from daemon.layout import (
     LOG_PUBLISHED_POSITION,
     RAFT_RETAIN_INDEX,
     SNAPSHOT_OLDEST_INDEX,
+    SNAPSHOTTER_COUNTERS,
     CounterView,
     DiskState,
     Role,
@@ -179,6 +181,7 @@ class JournallerAgent(Agent):
         batch_bytes_max: int,
         delete_journal: bool,
         replicator_doorbell: Doorbell | None = None,
+        snapshotter: bool = False,
     ) -> None:
         self.journal = journal
         self.ring = ring
@@ -197,7 +200,9 @@ class JournallerAgent(Agent):
         self.syncs = counters[JOURNAL_SYNCS]
         self.synced_index_file = SyncedIndexFile.from_environment()  # a fault hook: None in use
         self.published_position = counters[LOG_PUBLISHED_POSITION]
-        self.oldest_snapshot = counters[SNAPSHOT_OLDEST_INDEX]
+        # The oldest snapshot kept, from whichever process writes them (snapshot.writer): the
+        # blp's fork, or the snapshotter.
+        self.oldest_snapshot = counters[SNAPSHOTTER_COUNTERS.oldest_index if snapshotter else SNAPSHOT_OLDEST_INDEX]
         self.oldest_snapshot_seen = 0
         # Cluster mode: the leader's replicator holds the records a follower catching up after a
         # snapshot still needs (0: no hold; always 0 on a single node).
@@ -308,7 +313,7 @@ class JournallerAgent(Agent):
         return region[offset:] if offset else region
 
     def _delete_covered_segments(self) -> None:
-        # The blp's snapshot writer publishes the oldest kept snapshot; no file reads here.
+        # The snapshot writer publishes the oldest kept snapshot; no file reads here.
         self.oldest_snapshot_seen = self.oldest_snapshot.get()
         self.retain_seen = self.retain_index.get()
         before = self.oldest_snapshot_seen + 1
@@ -352,6 +357,7 @@ def run(context: RoleContext) -> int:
             batch_bytes_max=config.journal.batch_bytes_max,
             delete_journal=config.snapshot.delete_journal,
             replicator_doorbell=None if proposal_ring is None else proposal_ring.doorbell(Role.REPLICATOR),
+            snapshotter=config.snapshot.writer == SNAPSHOT_WRITER_REPLICA,
         )  # fmt: skip
         run_agent(context, agent)
     except JournalError as error:

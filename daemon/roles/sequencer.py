@@ -84,6 +84,7 @@ from daemon.layout import (
     SESSIONS_OPEN,
     SESSIONS_TOTAL,
     SNAPSHOT_LAST_INDEX,
+    SNAPSHOTTER_COUNTERS,
     TIMERS_PENDING,
     DiskState,
     Role,
@@ -432,7 +433,7 @@ class Sequencer:
         counters = self.counters
         requested = self.gateway.log_applied(
             wall_clock_ns(), counters[BLP_APPLIED_INDEX].get(), counters[BLP_APPLIED_POSITION].get(),
-            counters[SNAPSHOT_LAST_INDEX].get(),
+            max(counters[SNAPSHOT_LAST_INDEX].get(), counters[SNAPSHOTTER_COUNTERS.snapshot_index].get()),
         )  # fmt: skip
         if requested:
             self._claimed()

@@ -504,7 +504,8 @@ class Gateway(Generic[S]):
 
         Args:
             applied_index, applied_position: this node's blp's progress (`blp.applied.*`).
-            snapshot_index: the index of the newest snapshot its blp wrote (`snapshot.last.index`).
+            snapshot_index: the index of the newest snapshot this node wrote (`snapshot.last.index`,
+                or `snapshotter.snapshot.index` with `snapshot.writer = "replica"`).
 
         Returns:
             Whether a SNAPSHOT record was requested (it may wait for ring space: `retry`).
