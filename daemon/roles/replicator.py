@@ -70,6 +70,8 @@ import uvloop
 from daemon.fault_hooks import wall_clock_ns
 from daemon.layout import (
     JOURNAL_DURABLE_INDEX,
+    LOG_PUBLISHED_INDEX,
+    LOG_PUBLISHED_POSITION,
     RAFT_COMMIT_INDEX,
     RAFT_COMMIT_POSITION,
     RAFT_LAST_INDEX,
@@ -223,6 +225,12 @@ class Replicator:
         self.core = RaftCore(raft_config(config, STORAGE_READ_BYTES_MAX), random.Random(), durable, storage=self.storage)
         # The ring starts after the entry at the recovered commit (the blp replayed up to it).
         self.positions = RingPositions(commit_index, 0)
+        # This role writes the log ring in a cluster, so it publishes `log.published.*` (what
+        # `seqd status` shows as "published"): the last index written and the ring's cursor.
+        self.published_index_counter = counters[LOG_PUBLISHED_INDEX]
+        self.published_position_counter = counters[LOG_PUBLISHED_POSITION]
+        self.published_index_counter.set(commit_index)
+        self.published_position_counter.set(self.writer.published_position)
         # The last index this node holds in its ring or its journal: a change of the log at or
         # below it is a conflict that needs the journal cut.
         self.stored_index = last_index
@@ -596,8 +604,12 @@ class Replicator:
                 positions.wrote(self.unwritten_index, writer.claim_position)
                 self.unwritten_index += 1
                 wrote = True
-            if wrote:
-                writer.publish()
+            if not wrote:
+                return
+            writer.publish()
+        # The index first: a reader that sees the position sees an index at least as new.
+        self.published_index_counter.set(positions.written_index)
+        self.published_position_counter.set(writer.published_position)
         if positions.written_index > self.stored_index:
             self.stored_index = positions.written_index
 
