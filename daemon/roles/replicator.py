@@ -63,7 +63,6 @@ import sys
 import threading
 import time
 from collections import deque
-from itertools import islice
 
 import uvloop
 
@@ -102,6 +101,7 @@ from daemon.roles.common import (
     start_role,
 )
 from daemon.roles.replicator_ops import ReplicatorOperations
+from daemon.roles.replicator_ring import RingFeed
 from daemon.roles.replicator_setup import (
     InstallRequired,
     TruncateRequired,
@@ -137,7 +137,6 @@ from sequencer.raft.messages import (
 from sequencer.raft.peer_protocol import ForwardedRecord
 from sequencer.raft.raft_role import LEADER
 from sequencer.raft.transport import PeerTransport
-from sequencer.record import FRAME_HEADER
 
 log = logging.getLogger("seqd.replicator")
 
@@ -149,9 +148,6 @@ PROPOSALS_PER_PASS_MAX = 4096
 # instead of growing this process. A follower's queue is bounded by the leader's flow control (it
 # acknowledges only what is durable, hence written).
 UNWRITTEN_ENTRIES_MAX = 1 << 16
-# Records joined into one copy into the log ring: 512 records of ~100-200 bytes is under 128 KiB
-# (a log ring holds MiBs), several group commits' worth under load.
-WRITE_RUN_RECORDS_MAX = 512
 # Records forwarded by followers held on the leader until its next pass; beyond, dropped and
 # counted (the followers resend them: they are pending there).
 INBOX_RECORDS_MAX = 1 << 16
@@ -217,20 +213,13 @@ class Replicator:
         commit_index = counters[RECOVERY_COMMIT_INDEX].get()
         last_index = counters[RECOVERY_LAST_INDEX].get()
         self.stamper = RecordStamper(counters[RECOVERY_LAST_TIMESTAMP_NS].get())
-        # Entries waiting for room in the log ring: whole records of consecutive indexes from
-        # `unwritten_index` (the recovered commit's next; then the written index's next).
-        self.unwritten: deque[bytes] = deque()
-        self.unwritten_index = commit_index + 1
-        durable = self._load(commit_index, last_index)
-        self.core = RaftCore(raft_config(config, STORAGE_READ_BYTES_MAX), random.Random(), durable, storage=self.storage)
         # The ring starts after the entry at the recovered commit (the blp replayed up to it).
         self.positions = RingPositions(commit_index, 0)
-        # This role writes the log ring in a cluster, so it publishes `log.published.*` (what
-        # `seqd status` shows as "published"): the last index written and the ring's cursor.
-        self.published_index_counter = counters[LOG_PUBLISHED_INDEX]
-        self.published_position_counter = counters[LOG_PUBLISHED_POSITION]
-        self.published_index_counter.set(commit_index)
-        self.published_position_counter.set(self.writer.published_position)
+        # Entries waiting for room in the log ring; this role writes `log.published.*` there.
+        self.feed = RingFeed(self.writer, self.positions, counters[LOG_PUBLISHED_INDEX],
+                             counters[LOG_PUBLISHED_POSITION])  # fmt: skip
+        durable = self._load(commit_index, last_index)
+        self.core = RaftCore(raft_config(config, STORAGE_READ_BYTES_MAX), random.Random(), durable, storage=self.storage)
         # The last index this node holds in its ring or its journal: a change of the log at or
         # below it is a conflict that needs the journal cut.
         self.stored_index = last_index
@@ -272,7 +261,7 @@ class Replicator:
         index = commit_index + 1
         while index <= last_index:
             more_terms, more_payloads = self.storage.entries(index, last_index, STORAGE_READ_BYTES_MAX)
-            self.unwritten.extend(more_payloads)
+            self.feed.extend(more_payloads)
             for payload in more_payloads:
                 self.stamper.observe(payload)
             terms.extend(more_terms)
@@ -458,7 +447,7 @@ class Replicator:
         leading = core.raft_role is LEADER
         ready_to_propose = may_propose(leading, core.term, leader, self.term_started, self.commit_known)
         self.want_proposals = (
-            ready_to_propose and not self.pending.full() and len(self.unwritten) < UNWRITTEN_ENTRIES_MAX
+            ready_to_propose and not self.pending.full() and len(self.feed) < UNWRITTEN_ENTRIES_MAX
         )
         if not ready_to_propose or self.operations.holding_proposals(core):
             self.want_proposals = False  # a transfer: they wait in the ring for the new leader
@@ -554,14 +543,13 @@ class Replicator:
         if first_index <= self.stored_index:
             assert first_index > self.positions.commit_index, (first_index, self.positions.commit_index)
             raise TruncateRequired(first_index - 1)
-        unwritten = self.unwritten
+        feed = self.feed
         pending = self.pending
-        while unwritten and self.unwritten_index + len(unwritten) > first_index:
-            replaced = unwritten.pop()  # replaced before it reached the ring
-            pending.unlogged(replaced)
-        assert self.unwritten_index + len(unwritten) == first_index, (self.unwritten_index, len(unwritten), first_index)
+        while feed and feed.end_index > first_index:
+            pending.unlogged(feed.pop_last())  # replaced before it reached the ring
+        assert feed.end_index == first_index, (feed.end_index, first_index)
         payloads = entries.payloads
-        unwritten.extend(payloads)
+        feed.extend(payloads)
         # The log's timestamps never go back (every leader stamps at or after what it observed),
         # so its last entry's is the largest: one observation per run, not per entry.
         self.stamper.observe(payloads[-1])
@@ -572,45 +560,8 @@ class Replicator:
         self.writes.append((entries.last_index, entries.terms[-1]))
 
     def _write_ring(self) -> None:
-        unwritten = self.unwritten
-        if not unwritten:
-            return
-        writer = self.writer
         positions = self.positions
-        # The common case: a run of whole records (the ring's own frames, padded) joined and
-        # copied at once, with no per-record Python; a run that crosses the wrap or the gate goes
-        # record by record up to there.
-        run = list(islice(unwritten, WRITE_RUN_RECORDS_MAX))
-        start = writer.claim_position
-        if writer.try_write_joined(b"".join(run)):
-            if len(run) == len(unwritten):
-                unwritten.clear()
-            else:
-                for _ in range(len(run)):
-                    unwritten.popleft()
-            positions.wrote_run(self.unwritten_index, start, map(len, run))
-            self.unwritten_index += len(run)
-        else:
-            claim = writer.try_claim
-            wrote = False
-            while unwritten:
-                record = unwritten[0]
-                length, frame_type = FRAME_HEADER.unpack_from(record)
-                view = claim(length - 8, frame_type)
-                if view is None:
-                    break  # the ring is full (the blp or the journaller is behind): next pass
-                view[:] = record[8:length]
-                unwritten.popleft()
-                positions.wrote(self.unwritten_index, writer.claim_position)
-                self.unwritten_index += 1
-                wrote = True
-            if not wrote:
-                return
-            writer.publish()
-        # The index first: a reader that sees the position sees an index at least as new.
-        self.published_index_counter.set(positions.written_index)
-        self.published_position_counter.set(writer.published_position)
-        if positions.written_index > self.stored_index:
+        if self.feed.write() and positions.written_index > self.stored_index:
             self.stored_index = positions.written_index
 
     def _publish(self) -> None:
