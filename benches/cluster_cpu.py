@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
             cluster.start()
             leader = cluster.wait_leader().number
             setup_accounts(cluster[leader].socket_path, ACCOUNTS)
-            run_load(cluster[leader].socket_path, args.clients, 2_000, args.in_flight, ACCOUNTS)  # warm-up
+            run_load(cluster[leader].socket_path, args.clients, min(2_000, args.transfers), args.in_flight, ACCOUNTS)  # warm-up
             runs = []
             for run in range(args.runs):
                 spy = args.py_spy if run == args.runs - 1 else None
