@@ -45,13 +45,15 @@ class CounterView:
     Args:
         counters: the attached segment (`attach_counters` or `create_counters`).
         owner: the process this view is for; None for a reader that owns nothing (status, tools).
+        clustered: the node runs in cluster mode (a few counters have another writer there:
+            `CounterSpec.cluster_owner`).
 
     Raises:
         SegmentError: the segment's names are not this release's table (a layout changed without
             a new `COUNTERS_LAYOUT_VERSION`).
     """
 
-    def __init__(self, counters: Counters, owner: Owner | None) -> None:
+    def __init__(self, counters: Counters, owner: Owner | None, clustered: bool = False) -> None:
         if counters.names != COUNTER_NAMES:
             raise SegmentError(
                 f"{counters.name} names other counters than this seqd's table (layout version "
@@ -62,9 +64,9 @@ class CounterView:
         writer = "a reader" if owner is None else f"the {owner}"
         self._handles: tuple[Counter, ...] = tuple(
             counters[spec.name]
-            if spec.owner == owner
+            if spec.writer(clustered) == owner
             else counters[spec.name].read_only(
-                f"{writer} may not write {spec.name}: its one writer is the {spec.owner} "
+                f"{writer} may not write {spec.name}: its one writer is the {spec.writer(clustered)} "
                 "(daemon/layout.py). A counter with two writers loses updates; read it here, "
                 "or move the write to its owner"
             )

@@ -136,6 +136,13 @@ class CounterSpec:
     kind: Kind
     help: str
     values: type[IntEnum] | None = None  # Kind.ENUM: what each value means
+    # Its one writer in cluster mode, where that is another process (the log ring's writer is the
+    # replicator there, not the sequencer); None: `owner` in both modes.
+    cluster_owner: Owner | None = None
+
+    def writer(self, clustered: bool) -> Owner:
+        """The one process that writes this counter on a node of that mode."""
+        return self.cluster_owner if clustered and self.cluster_owner is not None else self.owner
 
     def value_name(self, value: int) -> str:
         """The name of an ENUM counter's value ('serving' for node.state 2; 'pre-candidate')."""
@@ -150,7 +157,8 @@ _table: list[CounterSpec] = []
 
 
 def _declare(
-    name: str, owner: Owner, kind: Kind, help_text: str, values: type[IntEnum] | None = None
+    name: str, owner: Owner, kind: Kind, help_text: str, values: type[IntEnum] | None = None,
+    cluster_owner: Owner | None = None,
 ) -> CounterSpec:
     """Append the next counter to the table. An ENUM's help lists its values where it says
     `{values}`, else after a colon."""
@@ -164,7 +172,7 @@ def _declare(
             if "{values}" in help_text
             else f"{help_text}: {listing}"
         )
-    spec = CounterSpec(len(_table), name, owner, kind, help_text + ".", values)
+    spec = CounterSpec(len(_table), name, owner, kind, help_text + ".", values, cluster_owner)
     _table.append(spec)
     return spec
 
@@ -278,18 +286,20 @@ def _role_block(role: Role) -> RoleCounters:
 
 ROLE_COUNTERS: Mapping[Role, RoleCounters] = {role: _role_block(role) for role in Role}
 
-# The sequencer's.
+# The sequencer's (the log ring's writer's: the replicator's in cluster mode).
 LOG_PUBLISHED_POSITION = _declare(
     "log.published.position",
     Role.SEQUENCER,
     Kind.GAUGE,
     "Bytes published to the log ring by its writer",
+    cluster_owner=Role.REPLICATOR,
 )
 LOG_PUBLISHED_INDEX = _declare(
     "log.published.index",
     Role.SEQUENCER,
     Kind.GAUGE,
     "Index of the last record published to the log ring",
+    cluster_owner=Role.REPLICATOR,
 )
 SESSIONS_OPEN = _declare(
     "sessions.open", Role.SEQUENCER, Kind.GAUGE, "Client sessions open on this node"

@@ -218,10 +218,11 @@ def known_values(values: Mapping[str, int]) -> dict[str, int]:
     started |= {block.owner for block in REPLICA_COUNTERS if values.get(block.pid.name, 0) > 0}
     if values.get(layout.SNAPSHOTTER_COUNTERS.pid.name, 0) > 0:
         started.add(layout.SNAPSHOTTER)
+    clustered = _clustered(values)
     known: dict[str, int] = {}
     for name, value in values.items():
         spec = counter_spec(name)
-        if spec is None or spec.owner == SUPERVISOR or spec.owner in started:
+        if spec is None or spec.owner == SUPERVISOR or spec.writer(clustered) in started:
             known[name] = value
     total = errors_total(known)
     if total is not None:

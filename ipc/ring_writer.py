@@ -326,6 +326,14 @@ class RingWriter:
             return len(frames)
         return self._write_each(frames)
 
+    def try_write_joined(self, frames: bytes) -> bool:
+        """Write and publish whole frames already laid out as the ring holds them (each an 8-byte
+        header, its payload and its zero pad; e.g. records copied from another ring or a journal)
+        with one copy, if they fit before the wrap and below the gate. False (nothing written)
+        otherwise: the caller writes them one by one through `try_claim`."""
+        assert len(frames) & 7 == 0, len(frames)
+        return self._write_joined(frames)
+
     def _write_joined(self, frames: bytes) -> bool:
         """Claim, copy and publish whole frames joined in one buffer, if they fit before the wrap
         and below the gate. False (nothing written) otherwise: the caller writes them one by one,

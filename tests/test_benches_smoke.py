@@ -158,6 +158,22 @@ def test_cluster_bench_reports_issue_11s_keys() -> None:
     assert results["catchup_records"] > 1000
     assert results["catchup_records_per_s"] > 0
 
+
+def test_cluster_cpu_bench_reports_cpu_and_wake_ups_of_every_process_of_three_nodes() -> None:
+    completed = subprocess.run(
+        [sys.executable, "-m", "benches.cluster_cpu", "--clients", "2", "--transfers", "300", "--in-flight", "16"],
+        capture_output=True, text=True, timeout=CLUSTER_RUN_TIMEOUT_S, check=False,
+    )  # fmt: skip
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    figures = {line.rsplit(None, 1)[0].strip(): float(line.rsplit(None, 1)[1].replace(",", ""))
+               for line in completed.stdout.splitlines()[1:]}  # fmt: skip
+    for role in ("sequencer", "journaller", "blp", "replicator"):
+        named = [name for name in figures if name.endswith(f".{role}")]
+        assert len(named) == 3 and sum(name.startswith("n") and "L." in name for name in named) == 1, named
+    assert figures["total"] > 0 and figures["per_s"] > 0, figures
+    assert figures["total wakes/kcmd"] > 0, figures
+
+
 PROJECTION_KEYS = ("projection_sqlite_per_s", "projection_pg_per_s", "projection_naive_pg_per_s",
                    "projection_sqlite_measured_s", "projection_pg_measured_s",
                    "projection_naive_pg_measured_s")  # fmt: skip

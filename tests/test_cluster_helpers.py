@@ -167,6 +167,24 @@ def test_the_commit_position_moves_only_to_the_end_of_committed_entries_written_
     assert (positions.commit_index, positions.commit_position) == (13, 256)
 
 
+
+def test_a_run_of_entries_written_at_once_ends_where_each_written_alone_would() -> None:
+    lengths = [64, 48, 200, 8, 136]
+    alone = RingPositions(start_index=10, start_position=0)
+    end = 4096
+    for offset, length in enumerate(lengths):
+        end += length
+        alone.wrote(11 + offset, end)
+    run = RingPositions(start_index=10, start_position=0)
+    run.wrote_run(11, 4096, lengths)
+    assert run.written_index == alone.written_index == 15
+    for index in (12, 13, 15):
+        assert run.commit(index) == alone.commit(index)
+        assert (run.commit_index, run.commit_position) == (alone.commit_index, alone.commit_position)
+    run.wrote_run(16, end, [])  # an empty run writes nothing
+    assert run.written_index == 15
+
+
 # ---- the journaller in a cluster -------------------------------------------------------------------
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from daemon import status
 from daemon.faultproxy import FaultNetwork, FaultProxy, free_loopback_ports
 from daemon.harness import NodeProcess
 from daemon.layout import (
@@ -204,6 +205,12 @@ def test_three_nodes_elect_a_leader_replicate_fail_over_and_catch_up(cluster: Cl
         tasks = Path(f"/proc/{leader.role_pid(role)}/task")
         names = [(task / "comm").read_text().strip() for task in tasks.iterdir()]
         assert len([name for name in names if not name.startswith("libuv")]) == 1, (role, names)
+    # `seqd status` on every node: the replicator writes the log ring in a cluster, so it writes
+    # `log.published.*`; quiet and converged, each node has published exactly what it applied.
+    for node in nodes:
+        shown = status.sample_status(node.node)
+        assert shown.indexes["published"] == shown.indexes["applied"] == applied, (node.node, shown.indexes)
+        assert shown.positions["published"] == shown.positions["applied"] > 0, (node.node, shown.positions)
     # `seqd status` per follower: the leader's view of how far each holds its log.
     followers = {node.config.node.number for node in nodes if node is not leader}
 

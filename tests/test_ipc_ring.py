@@ -346,3 +346,42 @@ def test_mixed_type_batch_is_read_back_in_order_across_wraps(unique: str) -> Non
     finally:
         ring.close()
         ring.unlink()
+
+
+def test_whole_frames_written_joined_read_back_as_written_and_never_cross_the_wrap(unique: str) -> None:
+    """try_write_joined: frames laid out as the ring holds them (a journal's or another ring's
+    records) are written with one copy when they fit before the wrap and below the gate; otherwise
+    nothing is written and False says to write them one by one."""
+    import random
+
+    from ipc.ring import Ring
+    from sequencer.record import FRAME_HEADER, aligned
+
+    rng = random.Random(7)
+    ring = Ring.create(f"/seqd.{unique}.joined", 1024, readers=("r",))
+    try:
+        writer = ring.writer()
+        reader = ring.reader("r")
+        expected: list[tuple[int, bytes]] = []
+        seen: list[tuple[int, bytes]] = []
+        refused = 0
+        for round_number in range(200):
+            frames = [(rng.randrange(1, 5), bytes([round_number % 256]) * rng.randrange(0, 60)) for _ in range(rng.randrange(1, 4))]
+            whole = b"".join(FRAME_HEADER.pack(len(payload) + 8, kind) + payload + bytes(aligned(len(payload) + 8) - len(payload) - 8)
+                             for kind, payload in frames)  # fmt: skip
+            position = writer.published_position
+            if writer.try_write_joined(whole):
+                assert writer.published_position == position + len(whole)
+                expected.extend(frames)
+            else:
+                refused += 1
+                assert writer.published_position == position  # nothing written
+                assert writer.try_write_frames(frames) == len(frames)  # one by one, over the wrap
+                expected.extend(frames)
+            while (item := reader.read()) is not None:
+                seen.append(item)
+        assert seen == expected
+        assert refused > 10  # the wrap was met, and the run went one by one there
+    finally:
+        ring.close()
+        ring.unlink()

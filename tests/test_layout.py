@@ -23,6 +23,8 @@ from daemon.layout import (
     COUNTERS_LAYOUT_VERSION,
     ERROR_KIND_COUNTERS,
     ERRORS_TOTAL_NAME,
+    LOG_PUBLISHED_INDEX,
+    LOG_PUBLISHED_POSITION,
     OPERATOR,
     REPLICA_COUNTERS,
     ROLE_COUNTERS,
@@ -215,6 +217,22 @@ def test_a_view_hands_its_owner_plain_counters_and_every_other_one_read_only(
                 with pytest.raises(CounterWriteError):
                     handle.set(1)
     assert set(counters.snapshot().values()) == {0}  # no refused write reached the segment
+
+
+def test_the_log_rings_writer_writes_log_published_on_a_single_node_and_in_a_cluster(
+    counters: Counters,
+) -> None:
+    """The sequencer writes the log ring on a single node, the replicator in a cluster: each is
+    the one writer of `log.published.*` in its mode, and the other is refused."""
+    for clustered, writer, other in ((False, Role.SEQUENCER, Role.REPLICATOR), (True, Role.REPLICATOR, Role.SEQUENCER)):
+        for spec in (LOG_PUBLISHED_INDEX, LOG_PUBLISHED_POSITION):
+            assert spec.writer(clustered) == writer
+            CounterView(counters, writer, clustered=clustered)[spec].set(7)
+            with pytest.raises(CounterWriteError, match=f"its one writer is the {writer}"):
+                CounterView(counters, other, clustered=clustered)[spec].set(1)
+    for spec in COUNTERS:  # every other counter has the same writer in both modes
+        if spec not in (LOG_PUBLISHED_INDEX, LOG_PUBLISHED_POSITION):
+            assert spec.writer(True) == spec.writer(False) == spec.owner, spec.name
 
 
 def test_a_role_writing_another_owners_counter_is_told_who_owns_it(counters: Counters) -> None:

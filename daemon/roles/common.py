@@ -139,7 +139,7 @@ def _check_parent(role: str, supervisor_pid: int) -> None:
 
 def _attach_counters(role: Role, config: Config, epoch: int) -> CounterView:
     try:
-        return CounterView(attach_counters(config.node.name, epoch=epoch), role)
+        return CounterView(attach_counters(config.node.name, epoch=epoch), role, clustered=config.cluster is not None)
     except SegmentError as error:
         log.error("not starting the %s: %s", role, error)
         raise SystemExit(ROLE_EXIT_ORPHANED) from None

@@ -69,6 +69,8 @@ import uvloop
 from daemon.fault_hooks import wall_clock_ns
 from daemon.layout import (
     JOURNAL_DURABLE_INDEX,
+    LOG_PUBLISHED_INDEX,
+    LOG_PUBLISHED_POSITION,
     RAFT_COMMIT_INDEX,
     RAFT_COMMIT_POSITION,
     RAFT_LAST_INDEX,
@@ -99,6 +101,7 @@ from daemon.roles.common import (
     start_role,
 )
 from daemon.roles.replicator_ops import ReplicatorOperations
+from daemon.roles.replicator_ring import RingFeed
 from daemon.roles.replicator_setup import (
     InstallRequired,
     TruncateRequired,
@@ -135,7 +138,6 @@ from sequencer.raft.messages import (
 from sequencer.raft.peer_protocol import ForwardedRecord
 from sequencer.raft.raft_role import LEADER
 from sequencer.raft.transport import PeerTransport
-from sequencer.record import FRAME_HEADER
 
 log = logging.getLogger("seqd.replicator")
 
@@ -214,12 +216,13 @@ class Replicator:
         commit_index = counters[RECOVERY_COMMIT_INDEX].get()
         last_index = counters[RECOVERY_LAST_INDEX].get()
         self.stamper = RecordStamper(counters[RECOVERY_LAST_TIMESTAMP_NS].get())
-        # Entries waiting for room in the log ring, in index order: (index, record).
-        self.unwritten: deque[tuple[int, bytes]] = deque()
-        durable = self._load(commit_index, last_index)
-        self.core = RaftCore(raft_config(config, STORAGE_READ_BYTES_MAX), random.Random(), durable, storage=self.storage)
         # The ring starts after the entry at the recovered commit (the blp replayed up to it).
         self.positions = RingPositions(commit_index, 0)
+        # Entries waiting for room in the log ring; this role writes `log.published.*` there.
+        self.feed = RingFeed(self.writer, self.positions, counters[LOG_PUBLISHED_INDEX],
+                             counters[LOG_PUBLISHED_POSITION])  # fmt: skip
+        durable = self._load(commit_index, last_index)
+        self.core = RaftCore(raft_config(config, STORAGE_READ_BYTES_MAX), random.Random(), durable, storage=self.storage)
         # The last index this node holds in its ring or its journal: a change of the log at or
         # below it is a conflict that needs the journal cut.
         self.stored_index = last_index
@@ -245,6 +248,7 @@ class Replicator:
                                               self.transport.send)
         self.snapshot_receiver = SnapshotReceiver(config.snapshot_dir)
         self.journal_dir_mtime_ns = -1  # the journal directory's, when the core last heard of it
+        self.journal_dir = str(config.journal_dir)  # a str: stat'ed once a tick, no Path to build
 
     def _load(self, commit_index: int, last_index: int) -> DurableState:
         """The core's state at start: the hard state, and the journal's entries after the
@@ -256,8 +260,8 @@ class Replicator:
         index = commit_index + 1
         while index <= last_index:
             more_terms, more_payloads = self.storage.entries(index, last_index, STORAGE_READ_BYTES_MAX)
-            for offset, payload in enumerate(more_payloads):
-                self.unwritten.append((index + offset, payload))
+            self.feed.extend(more_payloads)
+            for payload in more_payloads:
                 self.stamper.observe(payload)
             terms.extend(more_terms)
             payloads.extend(more_payloads)
@@ -369,16 +373,17 @@ class Replicator:
         try:
             if tick:
                 self._on_tick()
-            self._process_once()
+            self._process_once(tick)
         except BaseException as error:
             self.finished.set_exception(error)
             return
         if self._has_work_outside():  # more than one pass takes (PROPOSALS_PER_PASS_MAX), or new
             self._schedule()
 
-    def _process_once(self) -> None:
+    def _process_once(self, tick: bool) -> None:
         core = self.core
-        self._note_compaction()
+        if tick or self.journal_dir_mtime_ns < 0:
+            self._note_compaction()
         self._report_durable()
         self._check_standing()
         settled = may_propose(core.raft_role is LEADER, core.term, core.leader_id, self.term_started, self.commit_known)
@@ -408,8 +413,10 @@ class Replicator:
 
     def _note_compaction(self) -> None:
         """Tell the core where the journal now starts once retention deleted segments (a stat per
-        pass: the directory changes only when a segment is created or deleted)."""
-        mtime_ns = os.stat(self.config.journal_dir).st_mtime_ns
+        tick, not per pass: under load a pass runs for every proposal batch and every ack, and the
+        stat was a tenth of the leader's CPU; the directory changes only when a segment is created
+        or deleted, and retention never deletes what the leader holds for a follower)."""
+        mtime_ns = os.stat(self.journal_dir).st_mtime_ns
         if mtime_ns == self.journal_dir_mtime_ns:
             return
         core = self.core
@@ -442,7 +449,7 @@ class Replicator:
         leading = core.raft_role is LEADER
         ready_to_propose = may_propose(leading, core.term, leader, self.term_started, self.commit_known)
         self.want_proposals = (
-            ready_to_propose and not self.pending.full() and len(self.unwritten) < UNWRITTEN_ENTRIES_MAX
+            ready_to_propose and not self.pending.full() and len(self.feed) < UNWRITTEN_ENTRIES_MAX
         )
         if not ready_to_propose or self.operations.holding_proposals(core):
             self.want_proposals = False  # a transfer: they wait in the ring for the new leader
@@ -538,41 +545,26 @@ class Replicator:
         if first_index <= self.stored_index:
             assert first_index > self.positions.commit_index, (first_index, self.positions.commit_index)
             raise TruncateRequired(first_index - 1)
-        unwritten = self.unwritten
+        feed = self.feed
         pending = self.pending
-        while unwritten and unwritten[-1][0] >= first_index:
-            _index, replaced = unwritten.pop()  # replaced before it reached the ring
-            pending.unlogged(replaced)
-        observe = self.stamper.observe
-        for index, _term, payload in entries.items():
-            unwritten.append((index, payload))
-            observe(payload)
-            if pending:
-                pending.logged(payload)
+        while feed and feed.end_index > first_index:
+            pending.unlogged(feed.pop_last())  # replaced before it reached the ring
+        assert feed.end_index == first_index, (feed.end_index, first_index)
+        payloads = entries.payloads
+        feed.extend(payloads)
+        # The log's timestamps never go back (every leader stamps at or after what it observed),
+        # so its last entry's is the largest: one observation per run, not per entry.
+        self.stamper.observe(payloads[-1])
+        if pending:
+            logged = pending.logged
+            for payload in payloads:
+                logged(payload)
         self.writes.append((entries.last_index, entries.terms[-1]))
 
     def _write_ring(self) -> None:
-        unwritten = self.unwritten
-        if not unwritten:
-            return
-        writer = self.writer
         positions = self.positions
-        claim = writer.try_claim
-        wrote = False
-        while unwritten:
-            index, record = unwritten[0]
-            length, frame_type = FRAME_HEADER.unpack_from(record)
-            view = claim(length - 8, frame_type)
-            if view is None:
-                break  # the ring is full (the blp or the journaller is behind): next pass
-            view[:] = record[8:length]
-            unwritten.popleft()
-            positions.wrote(index, writer.claim_position)
-            wrote = True
-        if wrote:
-            writer.publish()
-            if positions.written_index > self.stored_index:
-                self.stored_index = positions.written_index
+        if self.feed.write() and positions.written_index > self.stored_index:
+            self.stored_index = positions.written_index
 
     def _publish(self) -> None:
         positions = self.positions

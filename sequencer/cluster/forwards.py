@@ -15,7 +15,6 @@ proposal ring, which backpressures the sequencer through the ring, and so the cl
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from typing import Any
 
 from sequencer.record import RECORD_HEADER_BYTES
@@ -34,6 +33,8 @@ _STAMP_END = 32
 def record_key(record: bytes | bytearray | memoryview) -> bytes:
     """A record without its stamp: what identifies it before and after the leader stamped it."""
     assert len(record) >= RECORD_HEADER_BYTES, len(record)
+    if type(record) is bytes:  # every record the replicator holds: slices are bytes already
+        return record[:_STAMP_START] + record[_STAMP_END:]
     return bytes(record[:_STAMP_START]) + bytes(record[_STAMP_END:])
 
 
@@ -52,8 +53,8 @@ class PendingForwards:
     __slots__ = ("_records", "bytes")
 
     def __init__(self) -> None:
-        # key -> [record, pending count, of which seen in the log]
-        self._records: OrderedDict[bytes, list[Any]] = OrderedDict()
+        # key -> [record, pending count, of which seen in the log]; a dict keeps insertion order
+        self._records: dict[bytes, list[Any]] = {}
         self.bytes = 0
 
     def __len__(self) -> int:

@@ -11,6 +11,8 @@ Bounded: it holds only entries written and not yet committed, at most what the r
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Iterable
+from itertools import accumulate, count, islice
 
 __all__ = ["RingPositions"]
 
@@ -33,6 +35,15 @@ class RingPositions:
         assert index == self.written_index + 1, (index, self.written_index)
         self.written_index = index
         self._ends.append((index, end_position))
+
+    def wrote_run(self, first_index: int, start_position: int, lengths: Iterable[int]) -> None:
+        """Entries `first_index`, ... of these byte lengths are written back to back from
+        `start_position` (one copy of a run: no per-entry Python)."""
+        assert first_index == self.written_index + 1, (first_index, self.written_index)
+        ends = self._ends
+        held = len(ends)
+        ends.extend(zip(count(first_index), islice(accumulate(lengths, initial=start_position), 1, None)))
+        self.written_index = first_index + len(ends) - held - 1
 
     def commit(self, index: int) -> bool:
         """The Raft commit is at least `index`: move the commit to the highest written entry up to

@@ -6,18 +6,19 @@ from __future__ import annotations
 
 import struct
 
-from sequencer.record import FRAME_HEADER, RECORD_HEADER_BYTES, aligned
+from sequencer.record import FRAME_HEADER, RECORD_HEADER_BYTES
 
-__all__ = ["record_from_frame", "record_index", "record_term", "record_timestamp_ns"]
+__all__ = ["record_from_frame", "record_index", "record_term", "record_timestamp_ns", "stamped"]
 
 _INDEX_TERM_TIMESTAMP = struct.Struct("<QQq")  # at offset 8 of a record
+_PADS = tuple(bytes(-length & 7) for length in range(8))  # the zero pad after `length` bytes
 
 
 def record_from_frame(frame_type: int, view: bytes | memoryview) -> bytes:
-    """The whole record (header, payload, zero padding to 8 bytes) of a ring frame."""
+    """The whole record (header, payload, zero padding to 8 bytes) of a ring frame: one copy."""
     length = len(view) + FRAME_HEADER.size
     assert length >= RECORD_HEADER_BYTES, length
-    return FRAME_HEADER.pack(length, frame_type) + bytes(view) + bytes(aligned(length) - length)
+    return b"".join((FRAME_HEADER.pack(length, frame_type), view, _PADS[length & 7]))
 
 
 def record_index(record: bytes | bytearray | memoryview) -> int:
@@ -37,3 +38,12 @@ def record_timestamp_ns(record: bytes | bytearray | memoryview) -> int:
 
 def stamp_into(record: bytearray, index: int, term: int, timestamp_ns: int) -> None:
     _INDEX_TERM_TIMESTAMP.pack_into(record, 8, index, term, timestamp_ns)
+
+
+def stamped(record: bytes | bytearray | memoryview, index: int, term: int, timestamp_ns: int) -> bytes:
+    """A copy of `record` with this index, term and timestamp. Slices of bytes joined by `+`:
+    for records of ~100-200 bytes cheaper than a bytearray copy stamped in place and copied back
+    (0.79 against 1.11 us in a loop here) or a join of memoryview slices (1.37 us)."""
+    if type(record) is not bytes:
+        record = bytes(record)
+    return record[:8] + _INDEX_TERM_TIMESTAMP.pack(index, term, timestamp_ns) + record[32:]

@@ -14,7 +14,7 @@ to its log), so a node that becomes leader continues from the log's last timesta
 
 from __future__ import annotations
 
-from sequencer.cluster.ring_entries import record_timestamp_ns, stamp_into
+from sequencer.cluster.ring_entries import record_timestamp_ns, stamped
 from sequencer.record import RecordType, encode_record
 
 __all__ = ["RecordStamper"]
@@ -39,13 +39,11 @@ class RecordStamper:
         """A copy of `record` with `index`, `term` and its timestamp made monotonic."""
         assert index >= 1, index
         assert term >= 1, term
-        stamped = bytearray(record)
-        timestamp_ns = record_timestamp_ns(stamped)
+        timestamp_ns = record_timestamp_ns(record)
         if timestamp_ns < self.last_timestamp_ns:
             timestamp_ns = self.last_timestamp_ns
         self.last_timestamp_ns = timestamp_ns
-        stamp_into(stamped, index, term, timestamp_ns)
-        return bytes(stamped)
+        return stamped(record, index, term, timestamp_ns)
 
     def term_start(self, index: int, term: int, now_ns: int) -> bytes:
         """The TERM_START record (the term's Raft no-op, section 8) at `index`: timestamped with

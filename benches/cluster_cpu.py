@@ -1,0 +1,136 @@
+"""CPU per committed command of every process of a 3-node cluster, under a closed-loop load.
+
+    python -m benches.cluster_cpu [--clients 4] [--transfers 10000] [--in-flight 64] [--runs 1]
+    python -m benches.cluster_cpu --py-spy /tmp/spy      # also py-spy each replicator and sequencer
+
+Three nodes of four or five processes share this machine's cores, so the cluster's throughput is
+its total CPU per command across every process plus the hand-offs between them; throughput moves
+with the machine's load, CPU per command much less. So this is the figure a change to the cluster
+path is judged by (`benches.pipeline_cpu` is the same for one node): psutil reads each role's CPU
+time on each node before and after a closed-loop ledger load on the leader (`daemon.load`), divided
+by the commands the leader committed. The nodes are `benches.cluster`'s (the config's ring sizes,
+fsync on every node, direct peer links).
+
+With `--py-spy DIR`, `py-spy record --format raw` samples every replicator and the leader's
+sequencer during the last measured run (every node's: a follower's sequencer does work too) (DIR/<role>-n<node>-<raft role>.txt: collapsed stacks for
+a flame graph or `sort -k2`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import psutil
+
+from benches.cluster import RINGS
+from daemon.cluster_harness import Cluster
+from daemon.layout import RAFT_COMMIT_INDEX, Role, node_roles
+from daemon.load import run_load, setup_accounts
+
+ROLES = node_roles(clustered=True)
+ACCOUNTS = 100
+PY_SPY_RATE_HZ = 500  # samples per second: ~2% overhead on the sampled process
+PY_SPY_ROLES = (Role.REPLICATOR, Role.SEQUENCER)
+PY_SPY_STOP_TIMEOUT_S = 60.0  # it writes its profile within seconds of SIGINT
+
+
+def cpu_seconds(process: psutil.Process) -> float:
+    """User + system CPU time of one role process."""
+    return sum(process.cpu_times()[:2])
+
+
+def context_switches(process: psutil.Process) -> int:
+    """Voluntary context switches of every thread of a role process: its wake-ups."""
+    return sum(psutil.Process(thread.id).num_ctx_switches().voluntary for thread in process.threads())
+
+
+def start_py_spy(directory: Path, pid: int, name: str) -> subprocess.Popen[bytes]:
+    """py-spy sampling `pid` until it is sent SIGINT (then it writes its profile)."""
+    py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    return subprocess.Popen(
+        [py_spy, "record", "--pid", str(pid), "--rate", str(PY_SPY_RATE_HZ), "--format", "raw",
+         "--output", str(directory / f"{name}.txt")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+
+
+def measure(cluster: Cluster, clients: int, transfers: int, in_flight: int,
+            py_spy: Path | None) -> dict[str, float]:  # fmt: skip
+    """One closed-loop run on the leader: {"n<node>.<role>": us CPU per command, ..., "per_s": rate}."""
+    leader = cluster.wait_leader().number
+    processes = {f"n{n}{'L' if n == leader else ''}.{role}": psutil.Process(cluster[n].role_pid(role))
+                 for n in cluster.nodes for role in ROLES}  # fmt: skip
+    spies = []
+    if py_spy is not None:
+        for n in cluster.nodes:
+            for role in PY_SPY_ROLES:
+                standing = "leader" if n == leader else "follower"
+                spies.append(start_py_spy(py_spy, cluster[n].role_pid(role), f"{role}-n{n}-{standing}"))
+    switches = {name: context_switches(process) for name, process in processes.items()}
+    before = {name: cpu_seconds(process) for name, process in processes.items()}
+    commit_before = cluster[leader].read_counters()[RAFT_COMMIT_INDEX.name]
+    started = time.perf_counter()
+    result = run_load(cluster[leader].socket_path, clients, transfers, in_flight, ACCOUNTS)
+    elapsed = time.perf_counter() - started
+    after = {name: cpu_seconds(process) for name, process in processes.items()}
+    switches = {name: context_switches(process) - switches[name] for name, process in processes.items()}
+    commands = cluster[leader].read_counters()[RAFT_COMMIT_INDEX.name] - commit_before
+    for spy in spies:
+        spy.send_signal(signal.SIGINT)
+    for spy in spies:
+        spy.wait(timeout=PY_SPY_STOP_TIMEOUT_S)
+    figures = {name: 1e6 * (after[name] - before[name]) / commands for name in processes}
+    figures["total"] = sum(figures.values())
+    for name in processes:
+        figures[f"{name} wakes/kcmd"] = 1000 * switches[name] / commands
+    figures["total wakes/kcmd"] = 1000 * sum(switches.values()) / commands
+    figures["per_s"] = result.per_s
+    figures["cores"] = figures["total"] * result.per_s / 1e6  # at the load's rate
+    figures["elapsed_s"] = elapsed
+    return figures
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benches.cluster_cpu")
+    parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--transfers", type=int, default=10_000, help="per client, per run")
+    parser.add_argument("--in-flight", type=int, default=64)
+    parser.add_argument("--runs", type=int, default=1)
+    parser.add_argument("--py-spy", type=Path, default=None, help="directory for py-spy's raw profiles")
+    args = parser.parse_args(argv)
+    directory = Path(tempfile.mkdtemp(prefix="seqd-ccpu-", dir="/tmp"))
+    if args.py_spy is not None:
+        args.py_spy.mkdir(parents=True, exist_ok=True)
+    load_before = os.getloadavg()[0]
+    try:
+        with Cluster(directory / "cluster", f"ccp{uuid.uuid4().hex[:6]}", proxied=False, settings=RINGS) as cluster:
+            cluster.start()
+            leader = cluster.wait_leader().number
+            setup_accounts(cluster[leader].socket_path, ACCOUNTS)
+            run_load(cluster[leader].socket_path, args.clients, min(2_000, args.transfers), args.in_flight, ACCOUNTS)  # warm-up
+            runs = []
+            for run in range(args.runs):
+                spy = args.py_spy if run == args.runs - 1 else None
+                runs.append(measure(cluster, args.clients, args.transfers, args.in_flight, spy))
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+    names = list(runs[0])
+    print(f"load average {load_before:.2f} before, {os.getloadavg()[0]:.2f} after; us CPU per committed command")
+    for name in names:
+        values = [run[name] for run in runs]
+        fmt = "{:10,.0f}" if name == "per_s" else "{:10.2f}"
+        print(f"  {name:<28}" + "".join(fmt.format(v) for v in values))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
