@@ -287,20 +287,8 @@ def _role_block(role: Role) -> RoleCounters:
 ROLE_COUNTERS: Mapping[Role, RoleCounters] = {role: _role_block(role) for role in Role}
 
 # The sequencer's (the log ring's writer's: the replicator's in cluster mode).
-LOG_PUBLISHED_POSITION = _declare(
-    "log.published.position",
-    Role.SEQUENCER,
-    Kind.GAUGE,
-    "Bytes published to the log ring by its writer",
-    cluster_owner=Role.REPLICATOR,
-)
-LOG_PUBLISHED_INDEX = _declare(
-    "log.published.index",
-    Role.SEQUENCER,
-    Kind.GAUGE,
-    "Index of the last record published to the log ring",
-    cluster_owner=Role.REPLICATOR,
-)
+LOG_PUBLISHED_POSITION = _declare("log.published.position", Role.SEQUENCER, Kind.GAUGE, "Bytes published to the log ring by its writer", cluster_owner=Role.REPLICATOR)  # fmt: skip
+LOG_PUBLISHED_INDEX = _declare("log.published.index", Role.SEQUENCER, Kind.GAUGE, "Index of the last record published to the log ring", cluster_owner=Role.REPLICATOR)  # fmt: skip
 SESSIONS_OPEN = _declare(
     "sessions.open", Role.SEQUENCER, Kind.GAUGE, "Client sessions open on this node"
 )
