@@ -388,6 +388,26 @@ def test_poll_sends_queued_commands_and_collects_replies_without_blocking(
         assert client.poll() == 0
 
 
+def test_poll_with_a_wait_takes_a_reply_that_arrives_during_the_wait(daemon: FakeDaemon) -> None:
+    """`poll(wait_s)` blocks on the socket until the daemon's bytes arrive (the open-loop
+    generator's wait: a reply is timed when it arrives); `poll()` alone never waits."""
+    import threading
+
+    with Client(daemon.socket_path) as client:
+        daemon.pause()
+        pending = client.submit(b"x")
+        client.poll()  # sent; the paused daemon holds the reply
+        assert not pending.done()
+        resumer = threading.Timer(0.2, daemon.resume)
+        resumer.start()
+        try:
+            client.poll(wait_s=30.0)  # one call: returns once the reply is in, not after 30 s
+            assert pending.done(), "poll(wait_s) returned without waiting for the reply"
+        finally:
+            resumer.cancel()
+            resumer.join()
+
+
 def test_submit_on_a_dead_connection_returns_the_request_and_it_is_resent_once(tmp_dir: Path) -> None:
     """A submit whose eager write meets a dead socket must not raise (the request is already in
     flight and will be resent); raising would invite the caller to submit it a second time.

@@ -170,13 +170,16 @@ class Client(SessionView):
                 self._lost(lost)
         return pending
 
-    def poll(self) -> int:
-        """Send what is queued and take the replies already received, without blocking.
+    def poll(self, wait_s: float = 0.0) -> int:
+        """Send what is queued and take the replies received, waiting at most `wait_s` for the
+        daemon's next bytes when none are there yet (0, the default: never block).
 
         For a caller with its own schedule (an open-loop load generator, an event loop of its
         own): `submit` batches commands until `SEND_BATCH_BYTES` or the next blocking call, and
-        `poll` sends them now. A lost connection is dropped here and re-established, with every
-        unanswered request resent, by the next blocking call.
+        `poll` sends them now. A generator that waits with `poll(until_next_due_s)` takes each
+        reply as it arrives, where a sleep would take it only when the sleep ends. A lost
+        connection is dropped here and re-established, with every unanswered request resent, by
+        the next blocking call.
 
         Returns:
             How many requests are still in flight.
@@ -186,6 +189,9 @@ class Client(SessionView):
             try:
                 if self._session.outgoing:
                     self._write_some()
+                if wait_s > 0:
+                    # select, not the poller: poll(2) counts milliseconds, select microseconds.
+                    select.select([self._socket], [], [], wait_s)
                 self._read_some()
             except _Disconnected as lost:
                 self._lost(lost)
