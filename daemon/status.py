@@ -188,6 +188,7 @@ _STAGES: dict[str, tuple[CounterSpec, CounterSpec | None]] = {
     "egress.published": (layout.EGRESS_PUBLISHED_POSITION, None),
     "egress.consumed": (layout.EGRESS_CONSUMED_POSITION, None),
 }
+_CLUSTER_COMMIT = {"commit": (layout.RAFT_COMMIT_POSITION, layout.RAFT_COMMIT_INDEX)}  # Raft's, in a cluster
 # Each lag: (stage name, ahead, behind), both keys of _STAGES.
 _LAGS = (
     ("journal", "published", "durable"),
@@ -289,12 +290,13 @@ def _counters_status(
         errors=_errors(known),
         values=raw,
     )
-    for stage, (position, index) in _STAGES.items():
+    stages = _STAGES | _CLUSTER_COMMIT if _clustered(known) else _STAGES
+    for stage, (position, index) in stages.items():
         status.positions[stage] = _get(known, position)
         status.indexes[stage] = _get(known, index)
     for stage, ahead, behind in _LAGS:
-        ahead_position, ahead_index = _STAGES[ahead]
-        behind_position, behind_index = _STAGES[behind]
+        ahead_position, ahead_index = stages[ahead]
+        behind_position, behind_index = stages[behind]
         records = _difference(known, ahead_index, behind_index)
         size = _difference(known, ahead_position, behind_position)
         status.lags.append(Lag(stage=stage, records=records, bytes=size))
