@@ -248,8 +248,7 @@ class BlpAgent(Agent):
     def _retain(self) -> None:
         """In the snapshot writer (a child): keep the newest snapshots, and tell the journaller
         which is the oldest kept, so neither the blp nor the journaller reads snapshot files."""
-        snapshots.retain(self.snapshot_dir, self.snapshot_keep)
-        oldest = snapshots.oldest_valid_index(self.snapshot_dir)
+        oldest = snapshots.retain_oldest(self.snapshot_dir, self.snapshot_keep)
         if oldest:
             self.oldest_snapshot.set(oldest)
 

@@ -103,8 +103,7 @@ class Snapshotter:
         try:
             header, body = processor.snapshot_file_contents()
             snapshots.write_snapshot(self.snapshot_dir, header, body, self.hold)
-            snapshots.retain(self.snapshot_dir, self.keep)
-            self.oldest_index.set(snapshots.oldest_valid_index(self.snapshot_dir))
+            self.oldest_index.set(snapshots.retain_oldest(self.snapshot_dir, self.keep))
         except OSError as error:
             self.errors.add(1)
             log.error("snapshot at index %d not written (%s); the next SNAPSHOT record tries again. "
