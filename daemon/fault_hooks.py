@@ -14,6 +14,9 @@ switched on and off at run time without talking to the node; while the file is a
                                    fdatasync and before it publishes it, so a test can cut the
                                    power: kill -9 the node, then drop the journal after that
                                    index (what a lost page cache drops); see `synced_index`
+    SEQD_FAULT_LOSE_ADMIN_FORWARDS=PATH  while PATH holds 1, a follower's replicator loses every
+                                   ADMIN record it forwards (its node_start) as a lost frame
+                                   would: it stays pending and goes again with the next resend
     SEQD_FAULT_SNAPSHOT_HOLD=PATH  while PATH holds 1, the snapshotter stops before the rename
                                    of each snapshot it writes (its temp file whole) and writes the
                                    index to PATH.held, so a test can kill -9 it mid-write
@@ -32,10 +35,12 @@ from typing import Final
 __all__ = [
     "FAULT_CLOCK_OFFSET_ENV",
     "FAULT_FSYNC_DELAY_ENV",
+    "FAULT_LOSE_ADMIN_FORWARDS_ENV",
     "FAULT_SNAPSHOT_HOLD_ENV",
     "FAULT_SYNCED_INDEX_ENV",
     "SyncedIndexFile",
     "install_fsync_delay",
+    "lose_admin_forwards",
     "snapshot_hold",
     "synced_index",
     "wall_clock_ns",
@@ -45,6 +50,7 @@ FAULT_FSYNC_DELAY_ENV: Final = "SEQD_FAULT_FSYNC_DELAY"
 FAULT_CLOCK_OFFSET_ENV: Final = "SEQD_FAULT_CLOCK_OFFSET"
 FAULT_SYNCED_INDEX_ENV: Final = "SEQD_FAULT_SYNCED_INDEX"
 FAULT_SNAPSHOT_HOLD_ENV: Final = "SEQD_FAULT_SNAPSHOT_HOLD"
+FAULT_LOSE_ADMIN_FORWARDS_ENV: Final = "SEQD_FAULT_LOSE_ADMIN_FORWARDS"
 # How stale a hook's view of its file may be: faults last seconds, so 50 ms is immediate enough,
 # and at most 20 small reads a second cost nothing next to the work they slow down.
 HOOK_REREAD_S: Final = 0.05
@@ -106,6 +112,16 @@ def snapshot_hold() -> Callable[[int], None] | None:
                 time.sleep(HOOK_REREAD_S)
 
     return held
+
+
+def lose_admin_forwards() -> Callable[[], bool] | None:
+    """With SEQD_FAULT_LOSE_ADMIN_FORWARDS set, whether the replicator loses the ADMIN records it
+    forwards now (the file holds 1)."""
+    setting = os.environ.get(FAULT_LOSE_ADMIN_FORWARDS_ENV)
+    if not setting:
+        return None
+    lose = _FileValue(Path(setting))
+    return lambda: lose.get() == 1
 
 
 def _clock() -> Callable[[], int]:

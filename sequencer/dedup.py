@@ -18,7 +18,9 @@ twice; a second copy must change nothing. A COMMAND is deduplicated by its reque
 SESSION_CLOSE of a closed session is a no-op; a SESSION_OPEN of a session its node's incarnation
 opened already, open or closed since, is a no-op (`open` returns False: the app is not told
 twice); an ADMIN node_start that names an incarnation of its node already started is a no-op
-(`node_start`), so it never closes the sessions that incarnation opened after its first copy.
+(`node_start`), so it never closes the sessions that incarnation opened after its first copy;
+and even a first copy closes only the sessions of the node's earlier incarnations, never one of
+its own that reached the log before it (its forward was lost and resent).
 
 How a second SESSION_OPEN is told from a new one: a session id is [node number][incarnation]
 [counter], and the gateway of one incarnation hands out counters in increasing order (wrapping
@@ -190,16 +192,30 @@ class ClientTable:
 
     def node_start(self, node_number: int, incarnation: int) -> list[int] | None:
         """An ADMIN node_start of node `node_number`'s incarnation `incarnation`: the ids of the
-        sessions it closes (every session of that node, in opening order: they were opened by
-        its earlier starts), or None when that incarnation started already (a second copy of its
-        node_start: the sessions it has opened since stay open)."""
+        sessions it closes (every session of that node that an earlier start opened, in opening
+        order), or None when that incarnation started already (a second copy of its node_start:
+        the sessions it has opened since stay open).
+
+        A session of this very incarnation stays open even when its SESSION_OPEN reached the log
+        first: a node_start whose first forward was lost (sent before the peer link to the leader
+        was up) is resent later, after its node's first clients' records, and closing their live
+        sessions would drop their commands (`commands_without_session`) with no reply and no
+        resend (issue 11: a client on a follower stalled for good after a leader change)."""
         started = self.node_starts.setdefault(node_number, {})
         if incarnation in started:
             return None
-        started[incarnation] = -1
+        closing: list[int] = []
+        highest = -1  # the counter of the last session this incarnation opened before its start
+        for sid in self.sessions:
+            if session_node_number(sid) == node_number:
+                if session_incarnation(sid) == incarnation:
+                    highest = sid & _COUNTER_MASK  # opening order: the last one is the highest
+                else:
+                    closing.append(sid)
+        started[incarnation] = highest
         if len(started) > NODE_STARTS_REMEMBERED:
             del started[next(iter(started))]
-        return [sid for sid in self.sessions if session_node_number(sid) == node_number]
+        return closing
 
     def expire(self, now_ns: int) -> None:
         """Forget the dedup state of clients without a session for `expiry_ns`.

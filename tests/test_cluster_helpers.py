@@ -118,6 +118,37 @@ def test_a_pending_record_seen_in_this_nodes_log_is_not_sent_again() -> None:
     assert not pending.logged(command(3))
 
 
+def test_a_lost_forward_is_resent_after_the_timeout_while_later_records_commit() -> None:
+    # Issue 11: a follower's node_start forward was lost (sent before its link to the leader was
+    # up); its clients' records kept committing, which kept a "nothing committed for 2 s" clock
+    # from ever firing, so the node_start went again only at the next leader change, after the
+    # client's session open, and closed that session. The age is the oldest record's own.
+    pending = PendingForwards()
+    lost, later = command(1), command(2)
+    pending.add(lost, now_s=10.0)
+    for step in range(1, 5):  # a record every half second, each committed at once
+        pending.add(later, now_s=10.0 + step / 2)
+        assert pending.committed(later)
+    assert not pending.overdue(now_s=11.9, after_s=2.0)
+    assert pending.overdue(now_s=12.1, after_s=2.0)
+    assert pending.resend(now_s=12.1) == [lost]
+    assert not pending.overdue(now_s=14.0, after_s=2.0)  # the timeout restarts at each resend
+    assert pending.overdue(now_s=14.2, after_s=2.0)
+    assert pending.committed(lost)
+    assert not pending.overdue(now_s=100.0, after_s=2.0)  # nothing pending: nothing to resend
+
+
+def test_a_resend_sends_every_pending_record_not_in_the_log_in_order() -> None:
+    pending = PendingForwards()
+    for request_id in range(1, 4):
+        pending.add(command(request_id), now_s=float(request_id))
+    assert pending.logged(RecordStamper(0).stamp(command(2), index=5, term=2))
+    assert pending.overdue(now_s=3.5, after_s=2.0)  # the oldest, command 1, is 2.5 s old
+    assert pending.resend(now_s=3.5) == [command(1), command(3)]
+    pending.add(command(4), now_s=4.0)
+    assert not pending.overdue(now_s=5.0, after_s=2.0)
+
+
 def test_pending_forwards_say_full_at_their_bound() -> None:
     pending = PendingForwards()
     for request_id in range(PENDING_RECORDS_MAX - 1):

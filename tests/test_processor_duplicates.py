@@ -102,6 +102,29 @@ def test_a_second_copy_of_a_node_start_keeps_the_sessions_its_incarnation_opened
     assert reply.status == ReplyStatus.OK  # applied: the session is open
 
 
+def test_a_node_start_that_reaches_the_log_after_its_own_sessions_keeps_them_open():
+    # Issue 11: a follower's node_start was forwarded before its peer link to the leader was up
+    # (dropped), and resent at the next leader change after its first client's open and
+    # commands. Closing that live session would drop its later commands with no reply and no
+    # resend (the client is still connected): the client stalled for good.
+    processor, feeder = started()
+    old, mine = session(1, EARLIER, 1), session(1, LATER, 1)
+    feed(processor, node_start(feeder, EARLIER))
+    feed(processor, feeder.open_session(old, client_id=7))
+    feed(processor, feeder.open_session(mine, client_id=8))  # LATER's start not in the log yet
+    (first,) = replies(feed(processor, feeder.command(mine, 1, OpenAccount("alice"))))
+    feed(processor, node_start(feeder, LATER))  # its first copy, late
+    assert processor.session_ids() == [mine]  # the earlier start's session closed, not its own
+    (reply,) = replies(feed(processor, feeder.command(mine, 2, Deposit("alice", 5))))
+    assert (first.status, reply.status) == (ReplyStatus.OK, ReplyStatus.OK)
+    assert processor.commands_without_session == 0
+    # A copy of the early open, even after its session closed, is still a second copy.
+    feed(processor, feeder.close_session(mine))
+    feed(processor, feeder.open_session(mine, client_id=8))
+    assert processor.session_ids() == []
+    assert processor.duplicate_records == 1
+
+
 def test_a_node_start_closes_only_its_own_nodes_sessions_whatever_the_names():
     # Three machines may all keep the default node name: the node number tells them apart.
     processor, feeder = started()
@@ -137,7 +160,8 @@ def test_the_started_incarnations_survive_a_snapshot_and_old_bodies_keep_their_b
     assert restored.state_hash() == processor.state_hash()
     feeder.index = restored.applied_index
     feed(restored, node_start(feeder, LATER))  # a second copy after the restart from snapshot
-    assert restored.session_ids() == [session(1, LATER, 2)]
+    # s1 is LATER's own session (it reached the log before LATER's node_start): it stays open.
+    assert restored.session_ids() == [s1, session(1, LATER, 2)]
 
 
 def test_a_second_copy_of_a_command_gets_the_saved_reply_on_its_session_and_applies_once():

@@ -30,7 +30,7 @@ Proposals: the sequencer writes its records, unstamped, to the proposal ring. Ea
 that never reached it are sent again). The leader stamps (`RecordStamper`) and proposes them, and
 the records followers forward; a follower forwards them, raw, to the leader it knows, and holds
 them while it knows none (it then stops reading the proposal ring: backpressure through the
-ring). When the leader changes, or nothing pending committed for RESEND_AFTER_S, every pending
+ring). When the leader changes, or the oldest pending record has waited RESEND_AFTER_S, every pending
 record not in this node's log is sent again (proposed again on a new leader) in order; a
 duplicate in the log is harmless (the blp's idempotence rules). A new leader proposes nothing
 before its TERM_START commits.
@@ -66,7 +66,7 @@ from collections import deque
 
 import uvloop
 
-from daemon.fault_hooks import wall_clock_ns
+from daemon.fault_hooks import lose_admin_forwards, wall_clock_ns
 from daemon.layout import (
     JOURNAL_DURABLE_INDEX,
     LOG_PUBLISHED_INDEX,
@@ -105,6 +105,7 @@ from daemon.roles.replicator_ring import RingFeed
 from daemon.roles.replicator_setup import (
     InstallRequired,
     TruncateRequired,
+    is_admin,
     raft_config,
     transport_config,
     whole_record,
@@ -152,8 +153,10 @@ UNWRITTEN_ENTRIES_MAX = 1 << 16
 # Records forwarded by followers held on the leader until its next pass; beyond, dropped and
 # counted (the followers resend them: they are pending there).
 INBOX_RECORDS_MAX = 1 << 16
-# Nothing pending committed for this long (a dropped forward, a leader that lost them): send every
-# pending record again. Several election timeouts, so a healthy cluster never resends.
+# The oldest pending record not committed this long after it was sent (a dropped forward, a leader
+# that lost it): send every pending record again. Several election timeouts, so a healthy cluster
+# never resends; the age is the oldest record's own, so other records committing meanwhile do not
+# hold a lost one back (sequencer/cluster/forwards.py).
 RESEND_AFTER_S = 2.0
 # A commit index alone is a hint (Raft keeps it only to save a restart some replay), so it is
 # saved at most this often; a change of term or vote is saved (fsync) before any message leaves.
@@ -235,11 +238,11 @@ class Replicator:
         self.standing = (-1, -1)  # (term, leader id) last seen, to notice a change of leader
         # The term this node last led and its TERM_START's index: it proposes once that commits.
         self.term_started = (0, 0)
-        self.pending_progress_s = time.monotonic()
         self.hard_state_unsaved: HardState | None = None
         self.hard_state_saved_s = time.monotonic()
         self.records_dropped = 0
         self.transport = PeerTransport(transport_config(config), self._on_messages, self._on_records)
+        self.lose_admin_forwards = lose_admin_forwards()  # a fault hook (tests): None when unset
         self.process_scheduled = False
         self.finished: asyncio.Future[int] = loop.create_future()
         self.durable_seen = -1  # the journal's durable index last told to the core
@@ -350,14 +353,11 @@ class Replicator:
 
     def _on_tick(self) -> None:
         self.core.tick()
-        if (
-            self.pending
-            and self.core.leader_id != NO_NODE
-            and time.monotonic() - self.pending_progress_s > RESEND_AFTER_S
-        ):
-            self.outbox = self.pending.records()
-            self.pending_progress_s = time.monotonic()
-            log.info("resending %d pending records: none committed for %.1f s", len(self.outbox), RESEND_AFTER_S)
+        now_s = time.monotonic()
+        if self.core.leader_id != NO_NODE and self.pending.overdue(now_s, RESEND_AFTER_S):
+            self.outbox = self.pending.resend(now_s)
+            log.info("resending %d pending records: the oldest not committed %.1f s after it was sent",
+                     len(self.outbox), RESEND_AFTER_S)
 
     def _schedule(self) -> None:
         if not self.process_scheduled:
@@ -441,7 +441,7 @@ class Replicator:
             log.info("term %d: leader is node %d%s", standing[0], standing[1],
                      " (this node)" if standing[1] == core.id else "")
             # Everything not yet committed goes to the new leader (or is proposed again here).
-            self.outbox = self.pending.records()
+            self.outbox = self.pending.resend(time.monotonic())
 
     def _take_proposals(self) -> None:
         core = self.core
@@ -460,11 +460,10 @@ class Replicator:
             frames = self.proposals.poll(PROPOSALS_PER_PASS_MAX)
             if frames:
                 pending = self.pending
-                if not pending:
-                    self.pending_progress_s = time.monotonic()  # the resend clock starts now
+                now_s = time.monotonic()  # the resend clock of each record starts now
                 for frame_type, view in frames:
                     record = record_from_frame(frame_type, view)
-                    pending.add(record)
+                    pending.add(record, now_s)
                     records.append(record)
                 self.pending_counter.set(len(pending))  # before the release: the drain reads both
                 self.proposals.release()
@@ -475,6 +474,9 @@ class Replicator:
             if records:
                 self._propose(records)
         elif records:
+            lose = self.lose_admin_forwards
+            if lose is not None and lose():
+                records = [record for record in records if not is_admin(record)]  # lost on the way
             self.transport.forward(leader, [ForwardedRecord(record) for record in records])
 
     def _propose(self, records: list[bytes]) -> None:
@@ -525,12 +527,8 @@ class Replicator:
             self.commit_known = committed.last_index
             pending = self.pending
             if pending:
-                released = False
                 for payload in committed.payloads:
-                    if pending.committed(payload):
-                        released = True
-                if released:
-                    self.pending_progress_s = time.monotonic()
+                    pending.committed(payload)
         core.advance(ready, entries_durable=False)
         term_start = ready.term_start
         if term_start is not None:

@@ -11,10 +11,11 @@ from sequencer.raft.config import RaftConfig
 from sequencer.raft.transport import TransportConfig
 from sequencer.record import FRAME_HEADER, RECORD_HEADER_BYTES, RecordType, aligned
 
-__all__ = ["raft_config", "transport_config", "whole_record"]
+__all__ = ["is_admin", "raft_config", "transport_config", "whole_record"]
 
 _TERM_START = int(RecordType.TERM_START)
 _PADDING = int(RecordType.PADDING)
+_ADMIN = int(RecordType.ADMIN)
 
 
 def raft_config(config: Config, storage_read_bytes_max: int) -> RaftConfig:
@@ -62,6 +63,12 @@ def whole_record(record: bytes) -> bool:
     length, frame_type = FRAME_HEADER.unpack_from(record)
     record_type = frame_type & 0xFFFF
     return aligned(length) == len(record) and record_type != _TERM_START and record_type != _PADDING
+
+
+def is_admin(record: bytes) -> bool:
+    """An ADMIN record (a node_start, a raise_version): what the SEQD_FAULT_LOSE_ADMIN_FORWARDS
+    hook loses."""
+    return FRAME_HEADER.unpack_from(record)[1] & 0xFFFF == _ADMIN
 
 
 class InstallRequired(Exception):

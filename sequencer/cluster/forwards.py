@@ -9,6 +9,14 @@ reached this node's log is sent again, in order, to the new leader (or proposed 
 node that became leader): one that the old leader had committed after all then reaches the log
 twice, which every record type tolerates (the blp's dedup table and idempotence rules).
 
+Not only on that edge: a forward can be lost with no change of leader (sent before the peer link
+to the leader was up, dropped by a full socket, refused by a node that no longer leads). So
+each record also carries when it was last sent (`since_s`), and once the oldest has waited longer
+than the replicator's resend timeout (`overdue`), every record not in this node's log is sent
+again (`resend`). The age is the oldest record's own, not the time since anything committed: a
+node whose other clients keep committing must still resend the one record that was lost (issue
+11: a lost node_start, resent only at the next leader change, after its node's first client).
+
 Bounded (`PENDING_RECORDS_MAX`, `PENDING_BYTES_MAX`): when full the replicator stops reading the
 proposal ring, which backpressures the sequencer through the ring, and so the clients.
 """
@@ -53,7 +61,9 @@ class PendingForwards:
     __slots__ = ("_records", "bytes")
 
     def __init__(self) -> None:
-        # key -> [record, pending count, of which seen in the log]; a dict keeps insertion order
+        # key -> [record, pending count, of which seen in the log, last sent (s)]; a dict keeps
+        # insertion order, and `resend` stamps every record at once, so the first record has the
+        # oldest `since_s` (invariant): `overdue` looks at it alone.
         self._records: dict[bytes, list[Any]] = {}
         self.bytes = 0
 
@@ -63,11 +73,12 @@ class PendingForwards:
     def full(self) -> bool:
         return len(self._records) >= PENDING_RECORDS_MAX or self.bytes >= PENDING_BYTES_MAX
 
-    def add(self, record: bytes) -> None:
+    def add(self, record: bytes, now_s: float = 0.0) -> None:
+        """A record taken from the proposal ring at `now_s`, about to be sent (or proposed)."""
         key = record_key(record)
         held = self._records.get(key)
         if held is None:
-            self._records[key] = [record, 1, 0]
+            self._records[key] = [record, 1, 0, now_s]
         else:
             held[1] += 1
         self.bytes += len(record)
@@ -97,7 +108,7 @@ class PendingForwards:
         held = self._records.get(key)
         if held is None:
             return False
-        pending, count, logged = held
+        pending, count, logged, _since_s = held
         if count == 1:
             del self._records[key]
         else:
@@ -110,7 +121,20 @@ class PendingForwards:
         """Every pending record not seen in this node's log, oldest first (a duplicate as often
         as it is counted): what goes (again) to a new leader."""
         out: list[bytes] = []
-        for record, count, logged in self._records.values():
+        for record, count, logged, _since_s in self._records.values():
             if count > logged:
                 out.extend([record] * (count - logged))
         return out
+
+    def overdue(self, now_s: float, after_s: float) -> bool:
+        """Whether the oldest pending record was sent more than `after_s` before `now_s` and is
+        still not committed: time to `resend`."""
+        for held in self._records.values():
+            return now_s - held[3] > after_s
+        return False
+
+    def resend(self, now_s: float) -> list[bytes]:
+        """`records()`, to be sent again now: the resend timeout restarts for every record."""
+        for held in self._records.values():
+            held[3] = now_s
+        return self.records()

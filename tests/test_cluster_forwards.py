@@ -1,0 +1,81 @@
+"""A follower's forwarded records on real nodes: one lost on the way is sent again, while the
+node's other records keep committing, and its late arrival harms no live session (issue 11).
+
+The flake this reproduces: a follower's sequencer writes its node_start (the ADMIN record that
+closes its sessions of earlier starts) before its peer link to the leader is up, so the forward
+is lost. Its first client's records then commit; the replicator resent only when nothing had
+committed for 2 s, so the node_start stayed pending until the next change of leader, reached the
+log after the client's SESSION_OPEN and closed that live session: its later commands were
+dropped (`commands_without_session`) with no reply and no resend, and the client stalled for
+good. The fault hook SEQD_FAULT_LOSE_ADMIN_FORWARDS loses the node_start on purpose, so the
+order (session open first, node_start after) is forced rather than hoped for.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from daemon.cluster_harness import Cluster
+from daemon.fault_hooks import FAULT_LOSE_ADMIN_FORWARDS_ENV
+from sequencer.logtools import dump
+from sequencer.record import ADMIN_NODE_START
+from tests.node_fixtures import TransferDriver, open_accounts
+
+ACCOUNTS = ["alice", "bob", "carol", "dave"]
+WAIT_S = 60.0  # a loaded 2-core machine; each wait ends as soon as its condition holds
+
+
+@pytest.fixture
+def cluster(tmp_dir: Path, unique: str) -> Iterator[Cluster]:
+    made = Cluster(tmp_dir, unique, proxied=False, cluster={"election_timeout_ms": 300})
+    try:
+        yield made
+    finally:
+        made.close()
+
+
+def _node_starts_in_log(journal_dir: Path, number: int) -> int:
+    return sum(
+        1
+        for row in dump(journal_dir, types=["ADMIN"])
+        if row["payload"].get("op") == ADMIN_NODE_START and row["payload"].get("number") == number
+    )
+
+
+def test_a_lost_node_start_is_resent_while_traffic_commits_and_keeps_the_live_session_open(
+    cluster: Cluster, tmp_dir: Path
+) -> None:
+    lose = tmp_dir / "lose-admin-forwards"
+    lose.write_text("1")
+    for node in cluster.nodes.values():
+        node.start(wait=False, environment={FAULT_LOSE_ADMIN_FORWARDS_ENV: str(lose)})
+    for node in cluster.nodes.values():
+        node.wait_serving()
+    leader = cluster.wait_leader(timeout_s=WAIT_S).number
+    follower = cluster[next(n for n in cluster.nodes if n != leader)]
+    journal_dir = follower.config.journal_dir
+    open_accounts(cluster[leader].socket_path, ACCOUNTS)
+    # A client on the follower opens its session and commits while the node_start is lost.
+    driver = TransferDriver(follower.socket_path, ACCOUNTS, seed=1).start()
+    try:
+        driver.wait_acknowledged(50, timeout_s=WAIT_S)
+        assert _node_starts_in_log(journal_dir, follower.number) == 0, "the hook lost nothing"
+        lose.write_text("0")  # the link is good again: only a resend brings the node_start now
+        # It goes again while the client's records keep committing (a resend only after 2 s
+        # with nothing committed would never come while the driver runs).
+        deadline = time.monotonic() + WAIT_S
+        while _node_starts_in_log(journal_dir, follower.number) == 0:
+            assert driver.error is None, driver.error
+            assert time.monotonic() < deadline, (
+                f"node {follower.number}'s node_start was not resent within {WAIT_S} s while its "
+                f"client committed ({len(driver.acknowledged)} acks)"
+            )
+            time.sleep(0.05)
+        # Its late arrival closed no live session: the client carries on.
+        driver.wait_acknowledged(len(driver.acknowledged) + 100, timeout_s=WAIT_S)
+    finally:
+        driver.stop(timeout_s=WAIT_S)
