@@ -475,7 +475,8 @@ class Replicator:
                     keys.append(add(record))
                     records.append(record)
                 taken = len(frames)
-                self.pending_counter.set(len(pending))  # before the release: the drain reads both
+                self.pending_published = len(pending)
+                self.pending_counter.set(self.pending_published)  # before the release: the drain reads both
                 self.proposals.release()
         if leading:
             start = len(records) - taken
