@@ -233,10 +233,8 @@ class Replicator:
         self.outbox: list[bytes] = []  # pending records to send (or propose) at the next chance
         self.inbox: list[bytes] = []  # records followers forwarded (on the leader)
         self.standing = (-1, -1)  # (term, leader id) last seen, to notice a change of leader
-        # What `_publish` last wrote (None, -1: nothing yet), so a pass writes only what changed.
-        self.standing_published: tuple[int, int, int] | None = None
-        self.pending_published = -1
-        self.retain_published = -1
+        self.standing_published: tuple[int, int, int] | None = None  # what `_publish` last wrote
+        self.pending_published = self.retain_published = -1
         # The term this node last led and its TERM_START's index: it proposes once that commits.
         self.term_started = (0, 0)
         self.pending_progress_s = time.monotonic()
@@ -461,8 +459,7 @@ class Replicator:
             return
         records = self.outbox
         self.outbox = []
-        taken = 0  # records[-taken:] are new from the proposal ring, `keys` their pending keys
-        keys: list[bytes] = []
+        taken, keys = 0, []  # records[-taken:] are new from the proposal ring, `keys` their pending keys
         if self.want_proposals:
             frames = self.proposals.poll(PROPOSALS_PER_PASS_MAX)
             if frames:
@@ -585,12 +582,9 @@ class Replicator:
             self.stored_index = positions.written_index
 
     def _publish(self, tick: bool) -> None:
-        """The commit for the blp, and the counters others read. Under load a pass runs for every
-        proposal batch, every fdatasync and every acknowledgement (~100 passes per 1,000
-        commands over the three replicators), so each pass writes only what it must: the commit
-        and a changed standing (the sequencer's gate reads it) or pending count (a drain reads
-        it); what only `seqd status` and the metrics read (last index, matches, contact times,
-        refusals) and the hard state's save deadline move once a tick (`cluster.tick_ms`)."""
+        """The commit for the blp, and a changed standing (the sequencer's gate), pending count (a
+        drain) or retain index. What only `seqd status` and the metrics read, and the hard state's
+        save deadline, once a tick: a pass runs per proposal batch, fdatasync and ack."""
         positions = self.positions
         if positions.commit(self.commit_known):
             # The index first: a reader that sees the position sees an index at least as new.
