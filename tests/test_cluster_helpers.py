@@ -147,6 +147,39 @@ def test_a_resend_sends_every_pending_record_not_in_the_log_in_order() -> None:
     assert pending.resend(now_s=3.5) == [command(1), command(3)]
     pending.add(command(4), now_s=4.0)
     assert not pending.overdue(now_s=5.0, after_s=2.0)
+def test_a_stamped_copy_is_logged_and_released_alike_with_its_key_remembered_or_forgotten() -> None:
+    # The leader remembers its stamped copies' keys only to save building them again: the
+    # records seen logged, resent and released must be the same either way.
+    stamper = RecordStamper(0)
+    for forget in (False, True):
+        pending = PendingForwards()
+        records = [command(1), command(2), command(3)]
+        keys = [pending.add(record) for record in records]
+        copies = [stamper.stamp(record, index=10 + offset, term=2) for offset, record in enumerate(records)]
+        pending.stamped(copies, keys)
+        if forget:
+            pending.forget_stamped()  # a change of leader
+        assert pending.logged(copies[0])
+        assert pending.records() == [command(2), command(3)]
+        assert pending.committed(copies[1])
+        assert pending.records() == [command(3)]
+        assert pending.committed(copies[0])
+        assert pending.committed(copies[2])
+        assert not pending and pending.bytes == 0
+        assert not pending.committed(copies[2])  # released once
+
+
+def test_the_remembered_keys_of_stamped_copies_stay_under_the_pending_bound() -> None:
+    pending = PendingForwards()
+    stamper = RecordStamper(0)
+    pending.add(command(0))  # never committed: the copies below are released by other records
+    for start in range(0, PENDING_RECORDS_MAX + 1024, 1024):
+        records = [command(request_id) for request_id in range(start + 1, start + 1025)]
+        keys = [pending.add(record) for record in records]
+        pending.stamped([stamper.stamp(record, index=1 + i, term=1) for i, record in enumerate(records)], keys)
+        for record in records:
+            assert pending.committed(record)  # an equal record committed, not the copy
+    assert len(pending._keys) <= PENDING_RECORDS_MAX, len(pending._keys)
 
 
 def test_pending_forwards_say_full_at_their_bound() -> None:

@@ -236,6 +236,8 @@ class Replicator:
         self.outbox: list[bytes] = []  # pending records to send (or propose) at the next chance
         self.inbox: list[bytes] = []  # records followers forwarded (on the leader)
         self.standing = (-1, -1)  # (term, leader id) last seen, to notice a change of leader
+        self.standing_published: tuple[int, int, int] | None = None  # what `_publish` last wrote
+        self.pending_published = self.retain_published = -1
         # The term this node last led and its TERM_START's index: it proposes once that commits.
         self.term_started = (0, 0)
         self.hard_state_unsaved: HardState | None = None
@@ -394,7 +396,7 @@ class Replicator:
             self._handle_ready(core.ready())
             self._check_standing()
         self._write_ring()
-        self._publish()
+        self._publish(tick or self.standing_published is None)
 
     def _report_durable(self) -> None:
         durable = self.durable_index.get()
@@ -437,6 +439,7 @@ class Replicator:
         if core.raft_role is not LEADER:
             self.inbox.clear()  # forwarded to a node that no longer leads: their senders resend
             self.snapshot_sender.stop_all()
+        self.pending.forget_stamped()  # copies of another term's proposals may never come back
         if standing[1] != NO_NODE:
             log.info("term %d: leader is node %d%s", standing[0], standing[1],
                      " (this node)" if standing[1] == core.id else "")
@@ -456,30 +459,37 @@ class Replicator:
             return
         records = self.outbox
         self.outbox = []
+        taken, keys = 0, []  # records[-taken:] are new from the proposal ring, `keys` their pending keys
         if self.want_proposals:
             frames = self.proposals.poll(PROPOSALS_PER_PASS_MAX)
             if frames:
                 pending = self.pending
                 now_s = time.monotonic()  # the resend clock of each record starts now
+                add = pending.add
                 for frame_type, view in frames:
                     record = record_from_frame(frame_type, view)
-                    pending.add(record, now_s)
+                    keys.append(add(record, now_s))
                     records.append(record)
-                self.pending_counter.set(len(pending))  # before the release: the drain reads both
+                taken = len(frames)
+                self.pending_published = len(pending)
+                self.pending_counter.set(self.pending_published)  # before the release: the drain reads both
                 self.proposals.release()
         if leading:
-            if self.inbox:
+            start = len(records) - taken
+            if self.inbox:  # forwarded by followers: pending there, not here
                 records.extend(self.inbox)
                 self.inbox = []
             if records:
-                self._propose(records)
+                self._propose(records, start, keys)
         elif records:
             lose = self.lose_admin_forwards
             if lose is not None and lose():
                 records = [record for record in records if not is_admin(record)]  # lost on the way
             self.transport.forward(leader, [ForwardedRecord(record) for record in records])
 
-    def _propose(self, records: list[bytes]) -> None:
+    def _propose(self, records: list[bytes], start: int, keys: list[bytes]) -> None:
+        """Stamp and propose `records`, of which those from `start` on are pending here under
+        `keys`, in order (`keys` may be empty)."""
         core = self.core
         first_index = core.next_index()
         term = core.term
@@ -491,6 +501,11 @@ class Replicator:
             # Too much uncommitted (no majority) or a leadership transfer: retry on a later pass.
             log.warning("proposals refused, retrying later: %s", error)
             self.outbox = records + self.outbox
+            return
+        if keys:
+            # Their keys, for the two times the core hands the copies back (`_queue_entries`,
+            # the commit): a lookup instead of a key built again each time.
+            self.pending.stamped(stamped[start : start + len(keys)], keys)
 
     def _handle_ready(self, ready: Ready) -> None:
         core = self.core
@@ -564,7 +579,10 @@ class Replicator:
         if self.feed.write() and positions.written_index > self.stored_index:
             self.stored_index = positions.written_index
 
-    def _publish(self) -> None:
+    def _publish(self, tick: bool) -> None:
+        """The commit for the blp, and a changed standing (the sequencer's gate), pending count (a
+        drain) or retain index. What only `seqd status` and the metrics read, and the hard state's
+        save deadline, once a tick: a pass runs per proposal batch, fdatasync and ack."""
         positions = self.positions
         if positions.commit(self.commit_known):
             # The index first: a reader that sees the position sees an index at least as new.
@@ -572,15 +590,28 @@ class Replicator:
             self.commit_position_counter.set(positions.commit_position)
             self.blp_doorbell.ring()
         core = self.core
-        self.role_counter.set(int(core.raft_role))
-        self.term_counter.set(core.term)
-        self.leader_counter.set(core.leader_id)
+        standing = (core.raft_role, core.term, core.leader_id)
+        if standing != self.standing_published:
+            self.standing_published = standing
+            self.role_counter.set(int(core.raft_role))
+            self.term_counter.set(core.term)
+            self.leader_counter.set(core.leader_id)
+        pending = len(self.pending)
+        if pending != self.pending_published:
+            self.pending_published = pending
+            self.pending_counter.set(pending)
+        sender = self.snapshot_sender
+        if sender.holds or self.retain_published:
+            # A hold keeps the journal for a follower the snapshot stream feeds: published at once.
+            retain = sender.retain_index(core.match_index, core.commit_index, time.monotonic())
+            if retain != self.retain_published:
+                self.retain_published = retain
+                self.retain_counter.set(retain)
+        if not tick:
+            return
         self.last_index_counter.set(core.log.last_index)
-        self.pending_counter.set(len(self.pending))
         for counter, peer in zip(self.match_counters, self.peers, strict=True):
             counter.set(core.match_index(peer))
-        self.retain_counter.set(self.snapshot_sender.retain_index(core.match_index, core.commit_index,
-                                                                  time.monotonic()))
         self.operations.publish(sum(self.transport.counters.refused.values()))
         unsaved = self.hard_state_unsaved
         if unsaved is not None and time.monotonic() - self.hard_state_saved_s >= HARD_STATE_COMMIT_SAVE_S:

@@ -58,7 +58,7 @@ class PendingForwards:
     counted, so each commit of one releases one.
     """
 
-    __slots__ = ("_records", "bytes")
+    __slots__ = ("_keys", "_records", "bytes")
 
     def __init__(self) -> None:
         # key -> [record, pending count, of which seen in the log, last sent (s)]; a dict keeps
@@ -66,6 +66,14 @@ class PendingForwards:
         # oldest `since_s` (invariant): `overdue` looks at it alone.
         self._records: dict[bytes, list[Any]] = {}
         self.bytes = 0
+        # A leader's stamped copy of a pending record -> the record's key, until the copy is
+        # seen committed (`stamped`): the copy comes back from the Raft core as the same bytes
+        # object, twice (logged, committed), so its key is looked up (its hash is cached in the
+        # object) instead of built again from two slices each time. A lookup only saves work: the
+        # key it gives is `record_key` of the copy. Bounded: one per pending record (`add`
+        # refuses nothing, but the caller stops taking proposals when `full`), emptied by
+        # `forget_stamped` when this node stops leading or a proposal is refused.
+        self._keys: dict[bytes, bytes] = {}
 
     def __len__(self) -> int:
         return len(self._records)
@@ -73,8 +81,9 @@ class PendingForwards:
     def full(self) -> bool:
         return len(self._records) >= PENDING_RECORDS_MAX or self.bytes >= PENDING_BYTES_MAX
 
-    def add(self, record: bytes, now_s: float = 0.0) -> None:
-        """A record taken from the proposal ring at `now_s`, about to be sent (or proposed)."""
+    def add(self, record: bytes, now_s: float = 0.0) -> bytes:
+        """Hold `record`, taken from the proposal ring at `now_s` and about to be sent (or
+        proposed), until it is seen committed; returns its key (for `stamped`)."""
         key = record_key(record)
         held = self._records.get(key)
         if held is None:
@@ -82,12 +91,33 @@ class PendingForwards:
         else:
             held[1] += 1
         self.bytes += len(record)
+        return key
+
+    def stamped(self, copies: list[bytes], keys: list[bytes]) -> None:
+        """A leader proposed `copies`, the stamped copies of the pending records whose keys
+        `add` returned (in the same order)."""
+        known = self._keys
+        if len(known) >= PENDING_RECORDS_MAX:
+            known.clear()  # copies released by equal records committed elsewhere: start afresh
+        known.update(zip(copies, keys, strict=True))
+
+    def forget_stamped(self) -> None:
+        """The stamped copies will not all come back (this node stops leading, or the core
+        refused them): their keys are built again if they do."""
+        self._keys.clear()
+
+    def _key(self, record: bytes | bytearray | memoryview) -> bytes:
+        if type(record) is bytes:
+            key = self._keys.get(record)
+            if key is not None:
+                return key
+        return record_key(record)
 
     def logged(self, record: bytes | bytearray | memoryview) -> bool:
         """A record was written to this node's log (uncommitted): mark a pending one like it."""
         if not self._records:
             return False
-        held = self._records.get(record_key(record))
+        held = self._records.get(self._key(record))
         if held is None or held[2] >= held[1]:
             return False
         held[2] += 1
@@ -96,15 +126,19 @@ class PendingForwards:
     def unlogged(self, record: bytes | bytearray | memoryview) -> None:
         """A record marked `logged` left the log before it committed (replaced before it reached
         the ring): it is sent again at the next change of leader."""
-        held = self._records.get(record_key(record)) if self._records else None
+        held = self._records.get(self._key(record)) if self._records else None
         if held is not None and held[2] > 0:
             held[2] -= 1
 
     def committed(self, record: bytes | bytearray | memoryview) -> bool:
         """A record of the log is committed: release the pending one like it, if any."""
         if not self._records:
+            if self._keys:
+                self._keys.clear()  # nothing pending: no copy's key is needed
             return False
-        key = record_key(record)
+        key = self._keys.pop(record, None) if type(record) is bytes else None
+        if key is None:
+            key = record_key(record)
         held = self._records.get(key)
         if held is None:
             return False

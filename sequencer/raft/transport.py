@@ -370,6 +370,9 @@ class PeerTransport:
         self._flush_scheduled = False
         self._closing = False
         self._listen_port = 0
+        # The loop that runs the transport, found once: `asyncio.get_running_loop()` costs a
+        # getpid() system call each time (a fork check), and a flush is scheduled every pass.
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -495,7 +498,10 @@ class PeerTransport:
     def _schedule_flush(self) -> None:
         if not self._flush_scheduled and not self._closing:
             self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
+            loop = self._loop
+            if loop is None:
+                loop = self._loop = asyncio.get_running_loop()
+            loop.call_soon(self._flush)
 
     def _flush(self) -> None:
         """Once per loop pass: every peer's queued messages in as few frames as fit, one write."""
