@@ -44,8 +44,8 @@ that advances a reader's limit counter rings through `Ring.doorbell(reader).ring
 journaller for the blp). A reader bounded by a limit parks with the flag
 `ipc.ring_layout.PARKED_ON_LIMIT` (< 0), which the writer's publish does not ring (it rings flags
 > 0) and `ring()` does: a publish below the limit is no work for it, and only the limit's move
-is (the claim above, with R1 the limit's store). A reader bounded by an upstream reader is not rung when that reader
-moves; it relies on the writer's next ring or the timeout.
+is (the claim above, with R1 the limit's store). A reader bounded by an upstream reader is not
+rung when that reader moves; it relies on the writer's next ring or the timeout.
 
 The timeout is a safety net for a ringer that dies between R1 and R4 or stalls there for longer
 than the timeout; `BlockingIdleStrategy.timeouts_with_work` counts the timeouts that found work

@@ -9,8 +9,9 @@ process (the LMAX users' first complaint is 100% CPU from busy-spin everywhere):
 - `BackoffIdleStrategy`: spin, then yield, then sleep from 1 us doubling to 1 ms. Idle cost is
   ~1000 wakeups/s; the first message after a long idle waits up to 1 ms (plus timer slack).
 - `BlockingIdleStrategy(doorbell)`: park (after `yields_before_park` yields, none by default) on
-  a doorbell that the writer rings only when the reader is parked (see `ipc.doorbell`). Near-zero idle cost; the wake-up
-  costs a futex wake and a context switch (tens of microseconds), the park a fence (~1 us).
+  a doorbell that the writer rings only when the reader is parked (see `ipc.doorbell`).
+  Near-zero idle cost; the wake-up costs a futex wake and a context switch (tens of
+  microseconds), the park a fence (~1 us).
 """
 
 from __future__ import annotations
