@@ -21,7 +21,10 @@ never rescued by a later publish: it costs the whole timeout and is counted.
 `--waiter` chooses the reader's doorbell and wait: `idle` (the semaphore under the blocking idle
 strategy: the blp, the journaller), `idle_fifo` (the same strategy on the FIFO doorbell,
 `ipc.doorbell_fifo`) or `loop` (the sequencer's shape: a uvloop event loop whose `LoopWaiter`
-parks once and watches the FIFO; each hand-off awaits the pong with the same timeout).
+parks once and watches the FIFO; each hand-off awaits the pong with the same timeout) or `limit`
+(the blp's shape: the semaphore under the blocking strategy, the pong reader bounded by a limit
+counter that the echo advances after each pong and then rings through `Ring.doorbell`; the
+publish itself does not ring such a reader, so the limit's ring is the only one).
 
 `TIMEOUT_MS` is long so that only a missed ring is counted: an echo preempted for a moment
 between its publish and its ring delays the ring, but not by half a second.
@@ -60,7 +63,8 @@ DATA = 1
 STOP = 2
 RING_CAPACITY_BYTES = 1 << 16
 PAYLOAD = b"hand-off"
-WAITERS = ("idle", "idle_fifo", "loop")
+LIMIT = "limit"  # the pong reader's limit counter (waiter "limit")
+WAITERS = ("idle", "idle_fifo", "loop", "limit")
 
 
 def _pin(cpu: int | None) -> None:
@@ -87,9 +91,10 @@ def parker(
     _pin(cpu)
     ping_ring = ipc.Ring.attach(ping_name)
     pong_ring = ipc.Ring.attach(pong_name)
+    limit = ipc.Counters.attach(_limit_name(pong_name)) if waiter == "limit" else None
     try:
         writer = ping_ring.writer()
-        reader = pong_ring.reader("parker")
+        reader = pong_ring.reader("parker", limit=None if limit is None else limit[LIMIT])
         if waiter == "loop":
             report.send(_loop_parker(writer, reader, handoffs_max, seconds, seed))
             return
@@ -130,6 +135,8 @@ def parker(
     finally:
         ping_ring.close()
         pong_ring.close()
+        if limit is not None:
+            limit.close()
 
 
 def _loop_parker(writer: Any, reader: Any, handoffs_max: int, seconds: float, seed: int) -> dict[str, Any]:
@@ -194,14 +201,22 @@ def _loop_parker(writer: Any, reader: Any, handoffs_max: int, seconds: float, se
             "fences": store_load_fences().kind, **counts}  # fmt: skip
 
 
-def echo(ping_name: str, pong_name: str, seed: int, cpu: int | None) -> None:
+def _limit_name(pong_name: str) -> str:
+    return f"{pong_name}.limit"
+
+
+def echo(ping_name: str, pong_name: str, seed: int, cpu: int | None, waiter: str = "idle") -> None:
     """Busy-poll pings; answer each with a pong after a random pause (the ringer)."""
     _pin(cpu)
     ping_ring = ipc.Ring.attach(ping_name)
     pong_ring = ipc.Ring.attach(pong_name)
+    limit = ipc.Counters.attach(_limit_name(pong_name)) if waiter == "limit" else None
     try:
         reader = ping_ring.reader("echo")
         writer = pong_ring.writer()
+        if limit is not None:  # the blp's shape: the journaller advances its limit, then rings
+            limit_counter = limit[LIMIT]
+            limit_bell = pong_ring.doorbell("parker")
         pauses = random.Random(seed)
         clock = time.perf_counter_ns
         read = reader.read
@@ -220,9 +235,15 @@ def echo(ping_name: str, pong_name: str, seed: int, cpu: int | None) -> None:
             while clock() < until:
                 pass
             assert writer.try_write(PAYLOAD, DATA)
+            if limit is not None:
+                limit_counter.set(writer.published_position)
+                limit_bell.ring()
     finally:
         ping_ring.close()
         pong_ring.close()
+        if limit is not None:
+            limit_bell.close()
+            limit.close()
 
 
 def stress(
@@ -241,13 +262,14 @@ def stress(
     node = token or f"dbell{os.getpid()}"
     ping = ipc.Ring.create(ipc.segment_name(node, "ping"), RING_CAPACITY_BYTES, readers=("echo",))
     pong = ipc.Ring.create(ipc.segment_name(node, "pong"), RING_CAPACITY_BYTES, readers=("parker",),
-                           pollable=("parker",) if waiter != "idle" else ())  # fmt: skip
+                           pollable=("parker",) if waiter in ("idle_fifo", "loop") else ())  # fmt: skip
+    limit = ipc.Counters.create(_limit_name(pong.name), [LIMIT]) if waiter == "limit" else None
     processes: list[Any] = []
     try:
         parker_cpu, echo_cpu = _cpus()
         receiver, sender = CONTEXT.Pipe(duplex=False)
         processes = [
-            CONTEXT.Process(target=echo, args=(ping.name, pong.name, seed, echo_cpu)),
+            CONTEXT.Process(target=echo, args=(ping.name, pong.name, seed, echo_cpu, waiter)),
             CONTEXT.Process(
                 target=parker,
                 args=(ping.name, pong.name, handoffs_max, seconds, seed + 1, parker_cpu, sender, waiter),
@@ -273,6 +295,9 @@ def stress(
         for ring in (ping, pong):
             ring.close()
             ring.unlink()
+        if limit is not None:
+            limit.close()
+            limit.unlink()
 
 
 def run(quick: bool, seconds: float | None = None, waiter: str = "idle") -> dict[str, Any]:

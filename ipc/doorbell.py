@@ -41,8 +41,11 @@ work.
 
 Every ringer of a reader must follow R1-R4: the ring's writer does on each publish, and a role
 that advances a reader's limit counter rings through `Ring.doorbell(reader).ring()` (the
-journaller for the blp). A reader bounded by an upstream reader is not rung when that reader
-moves; it relies on the writer's next ring or the timeout.
+journaller for the blp). A reader bounded by a limit parks with the flag
+`ipc.ring_layout.PARKED_ON_LIMIT` (< 0), which the writer's publish does not ring (it rings flags
+> 0) and `ring()` does: a publish below the limit is no work for it, and only the limit's move
+is (the claim above, with R1 the limit's store). A reader bounded by an upstream reader is not
+rung when that reader moves; it relies on the writer's next ring or the timeout.
 
 The timeout is a safety net for a ringer that dies between R1 and R4 or stalls there for longer
 than the timeout; `BlockingIdleStrategy.timeouts_with_work` counts the timeouts that found work
@@ -87,6 +90,9 @@ class Doorbell:
         parked: (word view, index) of the parked flag, or None for an unconditional doorbell (e.g.
             one rung by the journaller each time it advances a counter).
         ready: called after parking and before waiting; True means work arrived, do not wait.
+        parked_value: what `park` stores in the flag (any value but 0 means parked; a ring's
+            reader bounded by a limit counter parks with `ipc.ring_layout.PARKED_ON_LIMIT`, which
+            the ring's writer does not ring).
     """
 
     def __init__(
@@ -95,11 +101,14 @@ class Doorbell:
         semaphore: posix_ipc.Semaphore | FifoBell,
         parked: tuple[memoryview, int] | None = None,
         ready: Callable[[], bool] | None = None,
+        parked_value: int = 1,
     ) -> None:
+        assert parked_value != 0, "0 means not parked"
         self.name = name
         self._semaphore = semaphore
         self._fifo = semaphore if isinstance(semaphore, FifoBell) else None
         self._parked = parked
+        self._parked_value = parked_value
         self.ready: Callable[[], bool] = ready or _never_ready
         self.rings = 0
         self.interruptions = 0  # waits a signal ended early
@@ -136,9 +145,12 @@ class Doorbell:
             ) from None
         return cls(name, semaphore)
 
-    def bind(self, parked: tuple[memoryview, int], ready: Callable[[], bool] | None = None) -> Doorbell:
-        """A doorbell on the same semaphore bound to a parked flag (and a readiness check)."""
-        return Doorbell(self.name, self._semaphore, parked, ready)
+    def bind(
+        self, parked: tuple[memoryview, int], ready: Callable[[], bool] | None = None, parked_value: int = 1
+    ) -> Doorbell:
+        """A doorbell on the same semaphore bound to a parked flag (and a readiness check; and
+        the value `park` stores in the flag, any but 0)."""
+        return Doorbell(self.name, self._semaphore, parked, ready, parked_value)
 
     @property
     def pollable(self) -> bool:
@@ -195,7 +207,7 @@ class Doorbell:
         unbound doorbell is rung unconditionally and needs neither."""
         if self._parked is not None:
             view, index = self._parked
-            view[index] = 1
+            view[index] = self._parked_value
             self._parker_fence()
 
     def unpark(self) -> None:

@@ -8,9 +8,10 @@ process (the LMAX users' first complaint is 100% CPU from busy-spin everywhere):
 - `YieldIdleStrategy`: `sched_yield()`. Lets other runnable threads in; still 100% CPU when idle.
 - `BackoffIdleStrategy`: spin, then yield, then sleep from 1 us doubling to 1 ms. Idle cost is
   ~1000 wakeups/s; the first message after a long idle waits up to 1 ms (plus timer slack).
-- `BlockingIdleStrategy(doorbell)`: yield a few times, then park on a doorbell that the writer
-  rings only when the reader is parked (see `ipc.doorbell`). Near-zero idle cost; the wake-up
-  costs a futex wake and a context switch (tens of microseconds), the park a fence (~1 us).
+- `BlockingIdleStrategy(doorbell)`: park (after `yields_before_park` yields, none by default) on
+  a doorbell that the writer rings only when the reader is parked (see `ipc.doorbell`).
+  Near-zero idle cost; the wake-up costs a futex wake and a context switch (tens of
+  microseconds), the park a fence (~1 us).
 """
 
 from __future__ import annotations
@@ -41,11 +42,15 @@ BACKOFF_SLEEP_NS_MAX = 1_000_000
 # store and its ring costs, and how long a thread that is stopped by a flag (the replicator's
 # waker) takes to notice. 100 wakeups/s idle is nothing.
 BLOCKING_TIMEOUT_MS_DEFAULT = 10.0
-# Cycles without work before parking: a reader that parks on every empty poll pays a system call
-# per message at moderate rates; a yield first keeps a busy pipeline out of the kernel. One, not
-# more: profiled on 2 cores under load (benches/profile.py), 4 yields put 36% of the blp's working
-# time and 21% of the journaller's in sched_yield, taking the core from the role it waits for.
-BLOCKING_YIELDS_BEFORE_PARK = 1
+# Cycles without work (each ending in a sched_yield) before parking. None: a yield is a system
+# call and, on a busy machine, a context switch to whatever else is runnable and back, and at a
+# low rate it never finds work, so it only adds to each wake-up's cost (benches.wake_cost at
+# 1,000 calls/s: one involuntary switch less per call for the journaller and the blp; under full
+# load, where a cycle rarely comes up empty, CPU per command did not change; benches/RESULTS.md,
+# "Target 1: each role's cost per wake-up"). Earlier, profiled on 2 cores under load
+# (benches/profile.py), 4 yields put 36% of the blp's working time and 21% of the journaller's in
+# sched_yield, taking the core from the role it waits for.
+BLOCKING_YIELDS_BEFORE_PARK = 0
 assert BACKOFF_SLEEP_NS_MIN <= BACKOFF_SLEEP_NS_MAX
 
 
@@ -123,7 +128,8 @@ class BackoffIdleStrategy(IdleStrategy):
 
 
 class BlockingIdleStrategy(IdleStrategy):
-    """Yield a few empty cycles, then park on `doorbell` until rung or `timeout_ms` passes.
+    """Yield `yields_before_park` empty cycles (none by default), then park on `doorbell` until
+    rung or `timeout_ms` passes.
 
     Parking sets the doorbell's parked flag and fences (`Doorbell.park`), re-checks
     `doorbell.ready()` (work may have been published before the flag was visible; the ringer then

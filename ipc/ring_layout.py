@@ -67,8 +67,18 @@ def cursor_word(slot: int) -> int:
 
 
 def parked_word(slot: int) -> int:
-    """Index of reader `slot`'s parked flag (its pid is the next word)."""
+    """Index of reader `slot`'s parked flag (its pid is the next word); values below."""
     return (READERS_OFFSET + slot * READER_STRIDE + LINE_BYTES) // WORD
+
+
+# A reader's parked flag: 0 while it runs; PARKED while it blocks on its doorbell, and the
+# writer's publish rings it (a publish rings every flag > 0). A reader bounded by a limit counter
+# (`Ring.reader(limit=...)`: the blp on the commit position) parks with PARKED_ON_LIMIT instead: a
+# publish gives it nothing to read until the limit moves, and whoever moves the limit rings it
+# (`Ring.doorbell`, which rings any flag != 0). Rung on publish as well, it woke twice per record
+# at a low rate, once for nothing (benches/RESULTS.md, "Target 1: each role's cost per wake-up").
+PARKED = 1
+PARKED_ON_LIMIT = -1
 
 
 def data_offset(reader_count: int) -> int:

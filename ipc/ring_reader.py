@@ -94,7 +94,9 @@ class RingReader:
         self._position = self._control[self._cursor]
         self._pending = self._position
         self._available = self._position
-        self.doorbell = ring._bells[name].bind((self._control, _parked_word(slot)), self.ready)
+        # A reader with a limit is rung by the limit's advancer only, not on every publish.
+        parked_value = ring_layout.PARKED if limit is None else ring_layout.PARKED_ON_LIMIT
+        self.doorbell = ring._bells[name].bind((self._control, _parked_word(slot)), self.ready, parked_value)
 
     @property
     def position(self) -> int:

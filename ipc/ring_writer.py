@@ -35,6 +35,7 @@ FRAME_HEADER: Final = ring_layout.FRAME_HEADER
 PADDING_TYPE: Final = ring_layout.PADDING_TYPE
 _PADDING_WORD: Final = ring_layout.PADDING_WORD
 _READER_COUNT: Final = ring_layout.READER_COUNT
+assert ring_layout.PARKED > 0 >= ring_layout.PARKED_ON_LIMIT  # the bells loop rings flags > 0
 _PUBLISHED: Final = ring_layout.PUBLISHED
 _cursor_word: Final = ring_layout.cursor_word
 _parked_word: Final = ring_layout.parked_word
@@ -115,9 +116,10 @@ class RingWriter:
         # The writer is the ringer of the park/wake protocol (ipc.doorbell): after storing
         # `published` and before loading a parked flag it must fence, where this process needs a
         # fence of its own (lock fences; with membarrier the parker's fence covers it). The fence
-        # rides in the bells loop as a first bell whose word, the reader count, is never 0, so it
-        # always "rings": the loop in `publish` and `try_write` is then the same either way, and
-        # with membarrier a publish pays nothing for the protocol.
+        # rides in the bells loop as a first bell whose word, the reader count, is always > 0, so
+        # it always "rings": the loop in `publish` and `try_write` is then the same either way, and
+        # with membarrier a publish pays nothing for the protocol. A reader parked on its limit
+        # (flag PARKED_ON_LIMIT < 0, ipc.ring_layout) is left to the limit's advancer.
         ringer_fence = store_load_fences().ringer
         if ringer_fence is not None:
             bells = ((_READER_COUNT, ringer_fence), *bells)
@@ -224,7 +226,7 @@ class RingWriter:
         control = self._control
         control[_PUBLISHED] = self._claim_position
         for parked, post in self._bells:
-            if control[parked]:
+            if control[parked] > 0:
                 post()
 
     def try_write(self, payload: _Payload, type: int) -> bool:
@@ -253,7 +255,7 @@ class RingWriter:
         control = self._control
         control[_PUBLISHED] = end
         for parked, post in self._bells:
-            if control[parked]:
+            if control[parked] > 0:
                 post()
         return True
 

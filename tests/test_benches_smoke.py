@@ -275,3 +275,14 @@ def test_shards_bench_reports_each_shard_count_and_cross_share_with_an_estimate(
         assert figures["transfers_per_s"] > 0 and figures["transfers"] >= 500, figures
         assert figures["cpu_us_per_transfer"] >= figures["busiest_us_per_transfer"] >= 0, figures
     assert "ESTIMATE" in results["note"]
+
+
+def test_wake_cost_bench_reports_each_roles_cpu_and_switches_per_call_and_the_open_loop_latency() -> None:
+    results = run_json(["-m", "benches.wake_cost", "--rate", "200", "--seconds", "0.5", "--open-rate", "500"])
+    for phase in ("paced", "open"):
+        assert set(results[phase]) >= {"sequencer", "journaller", "blp"}, results[phase]
+        for role, figures in results[phase].items():
+            assert figures["cpu_us"] > 0 and figures["voluntary"] >= 0, (phase, role, figures)
+    assert results["paced_calls"] > 0 and results["paced_p50_us"] > 0, results
+    for key in ("open_p50_us", "open_p99_us", "open_p999_us", "fdatasync_p50_us"):
+        assert results[key] > 0, (key, results)

@@ -198,8 +198,10 @@ def test_replies_wait_for_the_journal_and_counters_show_a_consistent_pipeline(no
         finally:
             os.kill(journaller, signal.SIGCONT)
         pending.result()
-        values = node.read_counters()
-        assert values["journal.durable.index"] >= values["blp.applied.index"] >= command_index
+        # Applied read before durable: one snapshot reads durable first, and a record made durable
+        # and applied between the two reads looked like applied > durable (seen under load 22).
+        applied = node.read_counters()["blp.applied.index"]
+        assert node.read_counters()["journal.durable.index"] >= applied >= command_index
     # Once the traffic stops, the blp catches up with everything published (session closes too).
     wait_until(lambda: (values := node.read_counters())["blp.applied.index"] == values["log.published.index"],
                "the blp to catch up")  # fmt: skip

@@ -24,14 +24,21 @@ RUN_S_MAX = 150.0  # only a guard against a hang: the run is bounded by its hand
 
 
 # The FIFO doorbell (`ipc.doorbell_fifo`), under the blocking strategy and in an event loop (the
-# sequencer's shape), with the default fences: fewer hand-offs, the CI budget is shared.
+# sequencer's shape), and a reader parked on its limit counter (the blp's shape), with the default
+# fences: fewer hand-offs, the CI budget is shared.
 HANDOFFS_FIFO = 20_000
 
 
 @pytest.mark.timeout(RUN_S_MAX + 30)
 @pytest.mark.parametrize(
     ("fences", "waiter"),
-    [("membarrier", "idle"), ("lock", "idle"), ("membarrier", "idle_fifo"), ("membarrier", "loop")],
+    [
+        ("membarrier", "idle"),
+        ("lock", "idle"),
+        ("membarrier", "idle_fifo"),
+        ("membarrier", "loop"),
+        ("membarrier", "limit"),
+    ],
 )
 def test_no_hand_off_to_a_parking_reader_waits_out_the_timeout(
     unique: str, monkeypatch: pytest.MonkeyPatch, fences: str, waiter: str

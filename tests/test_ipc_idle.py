@@ -85,6 +85,18 @@ def test_blocking_does_not_wait_when_work_arrived_while_parking(doorbell):
     assert not ready.parked  # unparked again
 
 
+def test_the_default_blocking_strategy_parks_at_the_first_empty_cycle_without_a_yield(doorbell):
+    # A yield before parking is a system call (and on a busy machine a switch away and back) that
+    # at a low rate never finds work: one more per wake-up (benches/RESULTS.md, "per wake-up").
+    checks = []
+    flag = memoryview(bytearray(8)).cast("q")
+    ready = doorbell.bind(parked=(flag, 0), ready=lambda: checks.append(flag[0]) or True)
+    idle = BlockingIdleStrategy(ready)
+    idle.idle(0)
+    assert checks == [1], "the first empty cycle did not park (and re-check while parked)"
+    assert (idle.wakes, idle.timeouts) == (0, 0)
+
+
 def test_a_timeout_that_finds_work_waiting_is_counted_as_a_missed_ring(doorbell):
     # Work appears after the re-check and nobody rings: exactly the wake a missed ring causes.
     checks = iter([False, True])

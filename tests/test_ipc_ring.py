@@ -159,6 +159,37 @@ def test_reader_never_passes_its_limit_counter(make_ring, unique):
         counters.unlink()
 
 
+def test_a_parked_reader_with_a_limit_is_rung_by_the_limits_advancer_not_by_each_publish(make_ring, unique):
+    # The blp parks on the commit position: a publish below it is no work, so waking it for
+    # each publish cost a second wake-up per command (benches/RESULTS.md, "per wake-up").
+    counters = ipc.Counters.create(ipc.segment_name(unique, "counters"), ["commit"])
+    try:
+        commit = counters["commit"]
+        ring = make_ring(1024, readers=("limited", "plain"))
+        writer = ring.writer()
+        limited = ring.reader("limited", limit=commit)
+        plain = ring.reader("plain")
+        limited.doorbell.park()
+        plain.doorbell.park()
+        assert not limited.doorbell.ready()
+        assert writer.try_write(b"one", 1)
+        assert plain.doorbell.drain() == 1, "an unbounded parked reader is rung by the publish"
+        assert limited.doorbell.drain() == 0, "the publish rang a reader it gave nothing to read"
+        assert not limited.doorbell.ready()
+        commit.set(writer.published_position)
+        advancer = ring.doorbell("limited")
+        assert advancer.parked
+        assert advancer.ring()
+        assert limited.doorbell.drain() == 1
+        assert limited.doorbell.ready()
+        limited.doorbell.unpark()
+        assert not advancer.ring(), "rung while running"
+        advancer.close()
+    finally:
+        counters.close()
+        counters.unlink()
+
+
 def test_poll_views_stay_valid_until_the_next_poll_releases_them(make_ring):
     ring = make_ring(256)
     writer, reader = ring.writer(), ring.reader("a")
