@@ -1,0 +1,206 @@
+"""Events reach the sessions that subscribed, and only they cost anything (docs/contracts.md,
+"Events reach the sessions that subscribed"): the sequencer counts the sessions attached to its
+node that subscribed (`gateway.event_subscribers`), raising the count before it sequences or
+forwards anything of such a session, and the blp writes EVENT frames to egress only while the
+count it reads after the records it applies is above 0. Real nodes, real shared memory, real
+sockets; the egress ring is read as the blp wrote it."""
+
+from __future__ import annotations
+
+import collections
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from daemon.cluster_harness import Cluster
+from daemon.harness import NodeProcess
+from daemon.layout import (
+    BLP_APPLIED_INDEX,
+    BLP_ROLLING_HASH,
+    EGRESS_CONSUMED_POSITION,
+    GATEWAY_EVENT_SUBSCRIBERS,
+    egress_name,
+)
+from ipc.ring import Ring
+from ipc.ring_layout import FRAME_HEADER, PADDING_TYPE, data_offset, frame_bytes
+from sequencer import recovery
+from sequencer.apps.ledger import Ledger, Transfer, TransferMade
+from sequencer.egress import EgressKind
+from tests.node_fixtures import node_factory, open_accounts  # noqa: F401
+
+ROOT = Path(__file__).resolve().parent.parent
+# Bounds every wait on a real node; a healthy run meets each condition within a second or two.
+WAIT_S = 60.0
+POLL_S = 0.02
+CLIENT_TIMEOUT_S = 30.0
+TRANSFERS = 20  # per client: enough to fill several blp batches, few enough to stay quick
+
+
+def _wait_until(condition: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + WAIT_S
+    while not condition():
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"not within {WAIT_S} s: {what}")
+        time.sleep(POLL_S)
+
+
+def _subscribers(node: NodeProcess) -> int:
+    return node.read_counters()[GATEWAY_EVENT_SUBSCRIBERS.name]
+
+
+def egress_kinds(node: NodeProcess) -> collections.Counter[int]:
+    """The kinds of every frame the blp wrote to the node's egress ring since it started, read
+    from the ring's bytes (no reader slot is taken). The ring must not have wrapped yet."""
+    ring = Ring.attach(egress_name(node.node))
+    try:
+        published = ring.published_position
+        assert published <= ring.capacity, "the egress ring wrapped: use fewer commands"
+        start = data_offset(len(ring.readers))
+        data = ring.segment.buffer[start : start + ring.capacity]
+        kinds: collections.Counter[int] = collections.Counter()
+        position = 0
+        while position < published:
+            length, kind = FRAME_HEADER.unpack_from(data, position)
+            if kind != PADDING_TYPE:
+                kinds[kind & 0xFFFF] += 1
+            position += frame_bytes(length - FRAME_HEADER.size)
+        assert position == published, (position, published)
+        del data
+        return kinds
+    finally:
+        ring.close()
+
+
+def _quiescent(node: NodeProcess) -> tuple[int, int]:
+    """(applied index, rolling hash) once the blp has applied everything and egress is drained."""
+    seen: list[tuple[int, int]] = []
+
+    def settled() -> bool:
+        values = node.read_counters()
+        current = (values[BLP_APPLIED_INDEX.name], values[BLP_ROLLING_HASH.name], values[EGRESS_CONSUMED_POSITION.name])
+        seen.append(current[:2])
+        return len(seen) > 1 and seen[-1] == seen[-2] and current[0] > 0
+
+    _wait_until(settled, f"node {node.node}'s blp settles")
+    return seen[-1]
+
+
+def _replayed_hash(node: NodeProcess, index: int) -> int:
+    """The rolling hash of a replay of the node's journal to `index` by a processor that emits
+    every event (as replicas, tools and recovery do)."""
+    replayed = recovery.recover(Ledger, node.config.journal_dir, None, index).processor
+    assert replayed.emit_events
+    return replayed.rolling_hash & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def _transfer_made(payload: Transfer) -> TransferMade:
+    return TransferMade(payload.source, payload.target, payload.amount)
+
+
+def test_without_a_subscriber_egress_carries_no_event_and_the_hash_is_a_full_replays(node_factory) -> None:  # noqa: F811
+    from sequencer.client import Client
+
+    node = node_factory()
+    open_accounts(node.socket_path, ["a", "b"])  # 4 commands, each publishing a TransferMade
+    with Client(node.socket_path, schema=Ledger.schema, timeout_s=CLIENT_TIMEOUT_S) as client:
+        pending = [client.submit(Transfer("a", "b", 1)) for _ in range(TRANSFERS)]
+        replies = [request.result() for request in pending]
+    assert len(replies) == TRANSFERS
+    assert _subscribers(node) == 0
+    kinds = egress_kinds(node)
+    assert kinds[EgressKind.REPLY] >= 4 + TRANSFERS, kinds
+    assert kinds[EgressKind.EVENT] == 0, kinds
+    # The blp hashed the events it did not write: a replay that emits them agrees.
+    index, rolling_hash = _quiescent(node)
+    assert _replayed_hash(node, index) == rolling_hash
+
+
+def test_a_subscriber_gets_its_own_events_before_their_replies_and_later_ones_of_others(node_factory) -> None:  # noqa: F811
+    from sequencer.client import Client
+
+    node = node_factory()
+    open_accounts(node.socket_path, ["a", "b"])
+    with (
+        Client(node.socket_path, schema=Ledger.schema, subscribe_events=True, timeout_s=CLIENT_TIMEOUT_S) as subscriber,
+        Client(node.socket_path, schema=Ledger.schema, timeout_s=CLIENT_TIMEOUT_S) as other,
+    ):
+        assert _subscribers(node) == 1
+        # Its first command right after its HELLO: the event is in before the reply.
+        subscriber.call(Transfer("a", "b", 7))
+        assert subscriber.next_event(timeout_s=0) == TransferMade("a", "b", 7)
+        for request in [other.submit(Transfer("b", "a", amount)) for amount in range(1, TRANSFERS + 1)]:
+            request.result()
+        received = [subscriber.next_event(timeout_s=CLIENT_TIMEOUT_S) for _ in range(TRANSFERS)]
+        assert received == [TransferMade("b", "a", amount) for amount in range(1, TRANSFERS + 1)]
+    _wait_until(lambda: _subscribers(node) == 0, "the count falls back to 0 after the subscriber closed")
+    kinds = egress_kinds(node)
+    assert kinds[EgressKind.EVENT] == 1 + TRANSFERS, kinds
+    index, rolling_hash = _quiescent(node)
+    assert _replayed_hash(node, index) == rolling_hash
+
+
+_KILLED_SUBSCRIBER = """
+import sys, time
+from sequencer.apps.ledger import Ledger
+from sequencer.client import Client
+client = Client(sys.argv[1], schema=Ledger.schema, subscribe_events=True, timeout_s=30)  # welcomed
+print("subscribed", flush=True)
+time.sleep(120)
+"""
+
+
+def test_the_count_falls_when_a_subscriber_is_killed(node_factory) -> None:  # noqa: F811
+    node = node_factory()
+    environment = {**os.environ, "PYTHONPATH": str(ROOT)}
+    process = subprocess.Popen(
+        [sys.executable, "-c", _KILLED_SUBSCRIBER, node.socket_path],
+        stdout=subprocess.PIPE, text=True, env=environment,
+    )  # fmt: skip
+    try:
+        assert process.stdout is not None
+        assert process.stdout.readline().strip() == "subscribed"
+        _wait_until(lambda: _subscribers(node) == 1, "the subscriber is counted")
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=WAIT_S)
+        _wait_until(lambda: _subscribers(node) == 0, "the count falls after the subscriber was killed")
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=WAIT_S)
+        if process.stdout is not None:
+            process.stdout.close()
+
+
+def test_a_subscriber_on_a_follower_gets_its_own_and_the_leaders_events_and_only_it_pays(tmp_dir: Path, unique: str) -> None:
+    from sequencer.client import Client
+
+    with Cluster(tmp_dir, unique, proxied=False) as cluster:
+        cluster.start()
+        leader = cluster.wait_leader(agreeing=cluster.size).number
+        follower, quiet = (n for n in cluster.nodes if n != leader)
+        open_accounts(cluster[follower].socket_path, ["a", "b"])
+        with (
+            Client(cluster[follower].socket_path, schema=Ledger.schema, subscribe_events=True,
+                   timeout_s=CLIENT_TIMEOUT_S) as subscriber,
+            Client(cluster[leader].socket_path, schema=Ledger.schema, timeout_s=CLIENT_TIMEOUT_S) as other,
+        ):  # fmt: skip
+            assert _subscribers(cluster[follower]) == 1
+            # Forwarded to the leader and back through the replicator: still before its reply.
+            subscriber.call(Transfer("a", "b", 7))
+            assert subscriber.next_event(timeout_s=0) == TransferMade("a", "b", 7)
+            for request in [other.submit(Transfer("b", "a", amount)) for amount in range(1, TRANSFERS + 1)]:
+                request.result()
+            received = [subscriber.next_event(timeout_s=CLIENT_TIMEOUT_S) for _ in range(TRANSFERS)]
+            assert received == [TransferMade("b", "a", amount) for amount in range(1, TRANSFERS + 1)]
+        _wait_until(lambda: _subscribers(cluster[follower]) == 0, "the follower's count falls after the close")
+        cluster.wait_converged()  # the same rolling hash on every node, whatever each emitted
+        assert egress_kinds(cluster[follower])[EgressKind.EVENT] == 1 + TRANSFERS
+        leader_kinds = egress_kinds(cluster[leader])
+        assert leader_kinds[EgressKind.REPLY] >= TRANSFERS, leader_kinds  # `other`'s
+        for number in (leader, quiet):
+            assert _subscribers(cluster[number]) == 0
+            assert egress_kinds(cluster[number])[EgressKind.EVENT] == 0, number
