@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -19,9 +20,6 @@ from pathlib import Path
 from daemon.cluster_harness import Cluster
 from daemon.harness import NodeProcess
 from daemon.layout import (
-    BLP_APPLIED_INDEX,
-    BLP_ROLLING_HASH,
-    EGRESS_CONSUMED_POSITION,
     GATEWAY_EVENT_SUBSCRIBERS,
     egress_name,
 )
@@ -30,7 +28,7 @@ from ipc.ring_layout import FRAME_HEADER, PADDING_TYPE, data_offset, frame_bytes
 from sequencer import recovery
 from sequencer.apps.ledger import Ledger, Transfer, TransferMade
 from sequencer.egress import EgressKind
-from tests.node_fixtures import node_factory, open_accounts  # noqa: F401
+from tests.node_fixtures import DEPOSIT, balances, node_factory, open_accounts  # noqa: F401
 
 ROOT = Path(__file__).resolve().parent.parent
 # Bounds every wait on a real node; a healthy run meets each condition within a second or two.
@@ -60,33 +58,27 @@ def egress_kinds(node: NodeProcess) -> collections.Counter[int]:
         published = ring.published_position
         assert published <= ring.capacity, "the egress ring wrapped: use fewer commands"
         start = data_offset(len(ring.readers))
-        data = ring.segment.buffer[start : start + ring.capacity]
         kinds: collections.Counter[int] = collections.Counter()
-        position = 0
-        while position < published:
-            length, kind = FRAME_HEADER.unpack_from(data, position)
-            if kind != PADDING_TYPE:
-                kinds[kind & 0xFFFF] += 1
-            position += frame_bytes(length - FRAME_HEADER.size)
+        with ring.segment.buffer[start : start + ring.capacity] as data:
+            position = 0
+            while position < published:
+                length, kind = FRAME_HEADER.unpack_from(data, position)
+                if kind != PADDING_TYPE:
+                    kinds[kind & 0xFFFF] += 1
+                position += frame_bytes(length - FRAME_HEADER.size)
         assert position == published, (position, published)
-        del data
         return kinds
     finally:
         ring.close()
 
 
-def _quiescent(node: NodeProcess) -> tuple[int, int]:
-    """(applied index, rolling hash) once the blp has applied everything and egress is drained."""
-    seen: list[tuple[int, int]] = []
-
-    def settled() -> bool:
-        values = node.read_counters()
-        current = (values[BLP_APPLIED_INDEX.name], values[BLP_ROLLING_HASH.name], values[EGRESS_CONSUMED_POSITION.name])
-        seen.append(current[:2])
-        return len(seen) > 1 and seen[-1] == seen[-2] and current[0] > 0
-
-    _wait_until(settled, f"node {node.node}'s blp settles")
-    return seen[-1]
+def _stopped_hash(node: NodeProcess) -> tuple[int, int]:
+    """Stop the node; (index, rolling hash) its blp logged when it stopped, read together."""
+    assert node.stop() == 0
+    found = re.findall(r"seqd\[blp:.*stopped at index (\d+), rolling hash ([0-9a-f]{16})", node.log_text())
+    assert found, node.log_text()[-3000:]
+    index, rolling_hash = found[-1]
+    return int(index), int(rolling_hash, 16)
 
 
 def _replayed_hash(node: NodeProcess, index: int) -> int:
@@ -94,18 +86,14 @@ def _replayed_hash(node: NodeProcess, index: int) -> int:
     every event (as replicas, tools and recovery do)."""
     replayed = recovery.recover(Ledger, node.config.journal_dir, None, index).processor
     assert replayed.emit_events
-    return replayed.rolling_hash & 0x7FFF_FFFF_FFFF_FFFF
-
-
-def _transfer_made(payload: Transfer) -> TransferMade:
-    return TransferMade(payload.source, payload.target, payload.amount)
+    return replayed.rolling_hash
 
 
 def test_without_a_subscriber_egress_carries_no_event_and_the_hash_is_a_full_replays(node_factory) -> None:  # noqa: F811
     from sequencer.client import Client
 
     node = node_factory()
-    open_accounts(node.socket_path, ["a", "b"])  # 4 commands, each publishing a TransferMade
+    open_accounts(node.socket_path, ["a", "b"])  # each deposit publishes a TransferMade
     with Client(node.socket_path, schema=Ledger.schema, timeout_s=CLIENT_TIMEOUT_S) as client:
         pending = [client.submit(Transfer("a", "b", 1)) for _ in range(TRANSFERS)]
         replies = [request.result() for request in pending]
@@ -114,8 +102,10 @@ def test_without_a_subscriber_egress_carries_no_event_and_the_hash_is_a_full_rep
     kinds = egress_kinds(node)
     assert kinds[EgressKind.REPLY] >= 4 + TRANSFERS, kinds
     assert kinds[EgressKind.EVENT] == 0, kinds
-    # The blp hashed the events it did not write: a replay that emits them agrees.
-    index, rolling_hash = _quiescent(node)
+    assert balances(node.socket_path, ["a", "b"]) == {"a": DEPOSIT - TRANSFERS, "b": DEPOSIT + TRANSFERS}
+    # The blp hashed the events it did not write (the hash covers the replies too): a replay
+    # that emits every event agrees.
+    index, rolling_hash = _stopped_hash(node)
     assert _replayed_hash(node, index) == rolling_hash
 
 
@@ -139,7 +129,7 @@ def test_a_subscriber_gets_its_own_events_before_their_replies_and_later_ones_of
     _wait_until(lambda: _subscribers(node) == 0, "the count falls back to 0 after the subscriber closed")
     kinds = egress_kinds(node)
     assert kinds[EgressKind.EVENT] == 1 + TRANSFERS, kinds
-    index, rolling_hash = _quiescent(node)
+    index, rolling_hash = _stopped_hash(node)
     assert _replayed_hash(node, index) == rolling_hash
 
 
