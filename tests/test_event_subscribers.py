@@ -16,11 +16,13 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 from daemon.cluster_harness import Cluster
 from daemon.harness import NodeProcess
 from daemon.layout import (
     GATEWAY_EVENT_SUBSCRIBERS,
+    DiskState,
     egress_name,
 )
 from ipc.ring import Ring
@@ -194,3 +196,72 @@ def test_a_subscriber_on_a_follower_gets_its_own_and_the_leaders_events_and_only
         for number in (leader, quiet):
             assert _subscribers(cluster[number]) == 0
             assert egress_kinds(cluster[number])[EgressKind.EVENT] == 0, number
+
+
+class _Gauge:
+    def __init__(self) -> None:
+        self.value = 0
+
+    def set(self, value: int) -> None:
+        self.value = value
+
+    def add(self, value: int) -> None:
+        self.value += value
+
+    def get(self) -> int:
+        return self.value
+
+
+class _Writer:
+    """The log ring's writer as `Sequencer._flush` uses it; notes the count at each publish."""
+
+    def __init__(self, subscribers: _Gauge) -> None:
+        self.claim_position = 0
+        self.subscribers = subscribers
+        self.counts_at_publish: list[int] = []
+
+    def publish(self) -> None:
+        self.counts_at_publish.append(self.subscribers.get())
+
+
+class _SubscribingGateway:
+    """A gateway whose `process` opens a subscribing session and claims its records (a HELLO and
+    a COMMAND in one read), unpublished until the shell's `_flush`."""
+
+    def __init__(self, writer: _Writer) -> None:
+        self.writer = writer
+        self.sessions: dict[int, object] = {}
+        self.subscribers: list[object] = []
+        self.snapshot_pending = False
+        self.waiting = False
+        self.next_index = 1
+
+    def process(self, session: SimpleNamespace, now_ns: int, disk_free_bytes: int | None) -> int:
+        session.session_id = 7
+        self.sessions[7] = session
+        self.subscribers.append(session)
+        self.writer.claim_position += 128
+        self.next_index += 2
+        return 1
+
+
+def test_the_sequencer_stores_the_count_before_it_publishes_the_subscribers_records() -> None:
+    # The half of the ordering a real node cannot show deterministically (the blp is far slower
+    # than the store it races): the shell's own order of the count's store and the ring's publish.
+    from daemon.roles.sequencer import Sequencer
+
+    subscribers = _Gauge()
+    writer = _Writer(subscribers)
+    scheduled: list[Callable[[], None]] = []
+    shell = SimpleNamespace(
+        gateway=_SubscribingGateway(writer), writer=writer, published_claim=0, flush_scheduled=False,
+        disk_full=SimpleNamespace(get=lambda: DiskState.ROOM), disk_free_bytes=_Gauge(), commands_total=_Gauge(),
+        sessions_open=_Gauge(), sessions_total=_Gauge(), event_subscribers=subscribers, clustered=True,
+        loop=SimpleNamespace(call_soon=scheduled.append), egress_reader=SimpleNamespace(ready=lambda: False),
+    )  # fmt: skip
+    shell._flush = lambda: Sequencer._flush(shell)  # type: ignore[arg-type]
+    session = SimpleNamespace(session_id=0, out=bytearray(), closing=False, backlog=None, flush=lambda: None)
+    assert Sequencer._process(shell, session) is False  # type: ignore[arg-type]
+    assert writer.counts_at_publish == [] and len(scheduled) == 1  # published once per loop pass
+    scheduled.pop()()
+    assert writer.counts_at_publish == [1]
