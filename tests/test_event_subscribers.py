@@ -265,3 +265,27 @@ def test_the_sequencer_stores_the_count_before_it_publishes_the_subscribers_reco
     assert writer.counts_at_publish == [] and len(scheduled) == 1  # published once per loop pass
     scheduled.pop()()
     assert writer.counts_at_publish == [1]
+
+
+def test_the_blp_reads_the_count_after_the_records_it_applies() -> None:
+    # The other half: a count stored before a record's publish is seen by the blp that read the
+    # record, because it reads the count after its poll. The poll here is where the sequencer's
+    # store lands, as it may in a real node between two cycles.
+    from daemon.roles.blp import BlpAgent
+
+    subscribers = _Gauge()
+    emitting: list[bool] = []
+
+    def poll(frames_max: int) -> list[tuple[int, bytes]]:
+        subscribers.set(1)  # stored before the record below was published
+        return [(0, b"record")]
+
+    processor = SimpleNamespace(emit_events=False, snapshot_requested=False, applied_index=1,
+                                drain_outputs=list, apply_frame=lambda kind, view: emitting.append(processor.emit_events))  # fmt: skip
+    shell = SimpleNamespace(
+        unwritten=[], processor=processor, event_subscribers=subscribers, commit_index=SimpleNamespace(get=lambda: 1),
+        reader=SimpleNamespace(poll=poll, release=lambda: None, position=64), applied_position_seen=0,
+        snapshot_writers={}, _publish_versions=lambda: None, _write_outputs=lambda: 0,
+    )  # fmt: skip
+    assert BlpAgent.do_work(shell, 0) == 1  # type: ignore[arg-type]
+    assert emitting == [True]
