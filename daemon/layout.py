@@ -1,7 +1,8 @@
 """The shared-memory layout of one node: its roles, segment names, ring readers and counters.
 
-`Role` names the node's processes other than the supervisor, with their start phase, drain rank
-and whether a single node runs them; every list of roles (config sections, status rows, metrics
+`Role` (daemon/node_roles.py, with the ring readers and segment names; re-exported here) names
+the node's processes other than the supervisor, with their start phase, drain rank and whether a
+single node runs them; every list of roles (config sections, status rows, metrics
 labels, the supervisor's start and drain) derives from it. `COUNTERS` declares every counter of
 `/seqd.<node>.counters` in segment order: id, name, owner (the one process that writes it: a role
 or the supervisor), kind (counter, gauge, enum) and help; status, metrics and the supervisor take
@@ -17,13 +18,26 @@ instead of misreading it (tests/test_layout.py records the table's fingerprint p
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import IntEnum, StrEnum
 from typing import Final, Literal
 
 from daemon.counter_states import DiskState, IdleCode, NodeState, RoleState, TransferOutcome
-from ipc.segment import segment_name
+from daemon.node_roles import (
+    EGRESS_POLLABLE,
+    EGRESS_READERS,
+    LOG_READERS,
+    PROPOSAL_POLLABLE,
+    PROPOSAL_READERS,
+    Role,
+    counters_name,
+    drain_order,
+    egress_name,
+    log_name,
+    node_roles,
+    proposal_name,
+)
 from sequencer.raft.core import RaftRole
 
 __all__ = [
@@ -37,77 +51,6 @@ __all__ = [
     "counters_name", "create_counters", "drain_order", "egress_name", "errors_total",
     "incarnation_id", "log_name", "node_roles", "proposal_name", "replica_owner",
 ]
-
-
-# ---- roles -----------------------------------------------------------------------------------
-
-
-class Role(StrEnum):
-    """A process of the node's pipeline (never the supervisor, never a Raft standing)."""
-
-    SEQUENCER = "sequencer"
-    JOURNALLER = "journaller"
-    BLP = "blp"
-    REPLICATOR = "replicator"
-
-    @property
-    def single_node(self) -> bool:
-        """Whether a single node runs this role: the replicator runs only in a cluster."""
-        return self is not Role.REPLICATOR
-
-    @property
-    def start_phase(self) -> int:
-        """0: a reader of the log ring, started first (the blp recovers before anything new is
-        sequenced); 1: the sequencer, started once every phase-0 role runs (it opens the socket)."""
-        return 1 if self is Role.SEQUENCER else 0
-
-    @property
-    def drain_rank(self) -> int:
-        """Position in the drain: the sequencer stops accepting and waits until what it sequenced
-        is applied and replied; then the journaller takes the last records and fsyncs; then the
-        replicator ships them; the blp applies up to the commit and goes last."""
-        return _DRAIN_ORDER.index(self)
-
-
-_DRAIN_ORDER = (Role.SEQUENCER, Role.JOURNALLER, Role.REPLICATOR, Role.BLP)
-assert set(_DRAIN_ORDER) == set(Role), _DRAIN_ORDER
-
-
-def node_roles(clustered: bool = False) -> tuple[Role, ...]:
-    """The roles a node runs, in `Role` order (the supervisor starts them by `start_phase`)."""
-    return tuple(role for role in Role if clustered or role.single_node)
-
-
-def drain_order(roles: Iterable[Role]) -> tuple[Role, ...]:
-    return tuple(sorted(roles, key=lambda role: role.drain_rank))
-
-
-# The readers of each ring, named after the roles that read them (a ring knows names, not roles).
-LOG_READERS: tuple[Role, ...] = (Role.JOURNALLER, Role.BLP)
-EGRESS_READERS: tuple[Role, ...] = (Role.SEQUENCER,)
-# Readers that wait in an event loop, so their doorbell is a FIFO the loop watches
-# (`ipc.doorbell_fifo`): the sequencer, egress's reader, and the replicator, the proposals'.
-EGRESS_POLLABLE: tuple[Role, ...] = (Role.SEQUENCER,)
-PROPOSAL_POLLABLE: tuple[Role, ...] = (Role.REPLICATOR,)
-PROPOSAL_READERS: tuple[Role, ...] = (Role.REPLICATOR,)
-
-
-def log_name(node: str) -> str:
-    return segment_name(node, "log")
-
-
-def egress_name(node: str) -> str:
-    return segment_name(node, "egress")
-
-
-def proposal_name(node: str) -> str:
-    """Cluster mode: the ring the sequencer writes its records to (unstamped), which the
-    replicator reads and proposes (leader) or forwards (follower)."""
-    return segment_name(node, "proposal")
-
-
-def counters_name(node: str) -> str:
-    return segment_name(node, "counters")
 
 
 # ---- the counter table -----------------------------------------------------------------------
@@ -650,6 +593,12 @@ SNAPSHOTTER_COUNTERS = SnapshotterCounters(
     errors=_declare("snapshotter.errors", SNAPSHOTTER, Kind.COUNTER, "Snapshots the snapshotter failed to write"),
 )  # fmt: skip
 
+# Events are written to egress only while a session attached to this node subscribed to them
+# (docs/contracts.md, "Events reach the sessions that subscribed"): the sequencer raises this
+# before it sequences or forwards anything of a subscribing session; the blp reads it after the
+# records it applies.
+GATEWAY_EVENT_SUBSCRIBERS = _declare("gateway.event_subscribers", Role.SEQUENCER, Kind.GAUGE, "Sessions attached to this node that subscribed to events (0: the blp writes no events to egress)")  # fmt: skip
+
 
 def commit_index_counter(clustered: bool) -> CounterSpec:
     """The node's commit index: the journaller's `commit.index` on a single node, the
@@ -677,7 +626,7 @@ ERROR_KIND_COUNTERS: tuple[CounterSpec, ...] = tuple(
 ERRORS_TOTAL_NAME = "errors.total"
 assert ERRORS_TOTAL_NAME not in _BY_NAME
 # The version of this table, carried by the segment header (see the module docstring).
-COUNTERS_LAYOUT_VERSION = 4
+COUNTERS_LAYOUT_VERSION = 5
 
 
 def counter_spec(name: str) -> CounterSpec | None:

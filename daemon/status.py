@@ -161,6 +161,7 @@ class NodeStatus:
     rates: dict[str, float | None] = field(default_factory=dict)
     sessions_open: int | None = None
     sessions_total: int | None = None
+    sessions_subscribed: int | None = None  # to events (gateway.event_subscribers)
     commands_total: int | None = None
     errors: dict[str, int] = field(default_factory=dict)  # by kind, and "total" over the roles
     snapshot_last_index: int | None = None
@@ -276,6 +277,7 @@ def _counters_status(
         supervisor_heartbeat=_get(known, layout.SUPERVISOR_HEARTBEAT),
         sessions_open=_get(known, layout.SESSIONS_OPEN),
         sessions_total=_get(known, layout.SESSIONS_TOTAL),
+        sessions_subscribed=_get(known, layout.GATEWAY_EVENT_SUBSCRIBERS),
         commands_total=_get(known, layout.COMMANDS_TOTAL),
         # The newest snapshot written here, by whichever writer the node runs (the other's is 0).
         snapshot_last_index=None if layout.SNAPSHOT_LAST_INDEX.name not in known else max(
@@ -548,7 +550,7 @@ def _totals(status: NodeStatus) -> list[str]:
     return [
         rates_line,
         f"sessions  open {_cell(status.sessions_open)}  total {_cell(status.sessions_total)}"
-        f"  commands {_cell(status.commands_total)}",
+        f"  subscribed {_cell(status.sessions_subscribed)}  commands {_cell(status.commands_total)}",
         f"errors    {errors}",
         f"snapshot  last index {_cell(status.snapshot_last_index)}"
         f"  recovery replayed {_cell(status.recovery_records)} records",
@@ -597,7 +599,7 @@ def render_json(status: NodeStatus) -> dict[str, Any]:
         "indexes": dict(status.indexes),
         "lags": {lag.stage: {"records": lag.records, "bytes": lag.bytes} for lag in status.lags},
         "rates_per_s": dict(status.rates),
-        "sessions": {"open": status.sessions_open, "total": status.sessions_total},
+        "sessions": {"open": status.sessions_open, "total": status.sessions_total, "subscribed": status.sessions_subscribed},
         "commands_total": status.commands_total,
         "errors": dict(status.errors),
         "snapshot": {"last_index": status.snapshot_last_index, "snapshotter": snapshotter_json(status.snapshotter)},

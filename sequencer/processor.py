@@ -14,9 +14,9 @@ is checked against it inline here (the hot path); sessions and client expiry are
 
 Replicas. Every node applies every record and computes every output, but emits replies only to
 sessions attached to itself: those whose id carries its node number (`emit_for`; without it,
-those opened under its name `node`). Events and timer requests go out on every node. The rolling
-hash covers every output before that routing, so all replicas have the same hash at the same
-index: the routing changes what a node emits, never the state or the hash.
+those opened under its name `node`). Events and timer requests go out on every node, events only
+while `emit_events` (the blp clears it while no session on its node subscribes). The rolling
+hash covers every output before that routing: it changes what a node emits, never the hash.
 
 Duplicates (cluster mode). A record may reach the log twice (a follower resends what it
 forwarded when the leader changes); every type is idempotent, so the second copy changes nothing
@@ -197,6 +197,7 @@ class Processor(Generic[App]):
         "commands_without_session",
         "debug",
         "duplicate_records",
+        "emit_events",
         "events_too_large",
         "last_timestamp_ns",
         "node",
@@ -237,6 +238,7 @@ class Processor(Generic[App]):
         # Cluster mode (`emit_for`): a TIMER_CANCEL on egress for each timer fired, so the
         # sequencer of every node, not only the one that sequenced the fire, drops it.
         self.timer_fired_notices = False
+        self.emit_events = True  # False: events are hashed, not output (the blp: no subscriber)
         # Outputs too large for a client frame, replaced (see sequencer.egress).
         self.replies_too_large = 0
         self.events_too_large = 0
@@ -569,14 +571,13 @@ class Processor(Generic[App]):
             payload = self._encode_event(event)  # raises the TypeError that names the schema
         if len(payload) > EVENT_PAYLOAD_BYTES_MAX:
             # No client frame can carry it: subscribers are told it was left out, in its place.
-            frame = encode_event_omitted(self.applied_index, self._output_version, len(payload))
+            kind, frame = _EVENT_OMITTED, encode_event_omitted(self.applied_index, self._output_version, len(payload))
             self.events_too_large += 1
-            self.rolling_hash = _crc32c(frame, self.rolling_hash)
-            self._outputs.append((_EVENT_OMITTED, frame))
-            return
-        frame = _pack_event(self.applied_index, self._output_version) + payload
-        self.rolling_hash = _crc32c(frame, self.rolling_hash)
-        self._outputs.append((_EVENT, frame))
+        else:
+            kind, frame = _EVENT, _pack_event(self.applied_index, self._output_version) + payload
+        self.rolling_hash = _crc32c(frame, self.rolling_hash)  # hashed whether emitted or not
+        if self.emit_events:
+            self._outputs.append((kind, frame))
 
     def _emit(self, kind: int, frame: bytes) -> None:
         self.rolling_hash = _crc32c(frame, self.rolling_hash)

@@ -5,7 +5,9 @@ supervisor found at start (`recovery.last.index`); outputs of the replay are not
 sessions belong to a previous incarnation; clients resend and get the saved replies), except the
 pending timers, which are re-armed through egress. Then one duty cycle (`BlpAgent`, driven by
 `daemon.agent.AgentRunner`): read the log ring up to the commit position, apply, write the
-outputs to the egress ring, publish the applied position.
+outputs to the egress ring, publish the applied position. Events are written to egress only while
+the sequencer counts a session on this node that subscribed (`gateway.event_subscribers`); they
+are hashed either way.
 
 The blp never does I/O on the hot path, never reads the clock and never decides anything the
 record does not say. A SNAPSHOT record makes it fork (`snapshot.writer = "fork"`): the child
@@ -36,6 +38,7 @@ from daemon.layout import (
     COMMIT_POSITION,
     EGRESS_PUBLISHED_POSITION,
     ERRORS_SNAPSHOT,
+    GATEWAY_EVENT_SUBSCRIBERS,
     OUTPUTS_TOO_LARGE,
     RAFT_COMMIT_INDEX,
     RAFT_COMMIT_POSITION,
@@ -161,6 +164,7 @@ class BlpAgent(Agent):
         self.clients_expired = counters[CLIENTS_EXPIRED]
         self.outputs_too_large = counters[OUTPUTS_TOO_LARGE]
         self.egress_published = counters[EGRESS_PUBLISHED_POSITION]
+        self.event_subscribers = counters[GATEWAY_EVENT_SUBSCRIBERS]  # the sequencer's
         self.oldest_snapshot = counters[SNAPSHOT_OLDEST_INDEX]
         self.snapshot_writers: dict[int, int] = {}  # pid -> index
         self.unwritten: list[tuple[int, bytes]] = []
@@ -188,6 +192,9 @@ class BlpAgent(Agent):
         frames = reader.poll(FRAMES_PER_POLL_MAX)
         if frames:
             processor = self.processor
+            # Read after the records (docs/contracts.md, "Events reach the sessions that
+            # subscribed"): a session that subscribed before any of them was sequenced is counted.
+            processor.emit_events = self.event_subscribers.get() > 0
             for kind, view in frames:
                 processor.apply_frame(kind, view)
                 if processor.snapshot_requested:

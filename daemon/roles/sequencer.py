@@ -67,6 +67,7 @@ from daemon.layout import (
     ERRORS_PROTOCOL,
     ERRORS_SECURITY,
     ERRORS_SLOW_CLIENT,
+    GATEWAY_EVENT_SUBSCRIBERS,
     INCARNATION_BITS,
     JOURNAL_DISK_FULL,
     JOURNAL_DURABLE_INDEX,
@@ -205,6 +206,9 @@ class Sequencer:
         self.commands_total = counters[COMMANDS_TOTAL]
         self.sessions_open = counters[SESSIONS_OPEN]
         self.sessions_total = counters[SESSIONS_TOTAL]
+        # Raised before anything of a subscribing session is published to the ring, so the blp,
+        # which reads it after the records it applies, writes their events (docs/contracts.md).
+        self.event_subscribers = counters[GATEWAY_EVENT_SUBSCRIBERS]
         self.errors_protocol = counters[ERRORS_PROTOCOL]
         self.errors_disk_full = counters[ERRORS_DISK_FULL]
         self.errors_total = context.errors
@@ -312,6 +316,7 @@ class Sequencer:
         gateway.close_session(session, wall_clock_ns())
         if was_open:
             self.sessions_open.set(len(gateway.sessions))
+            self.event_subscribers.set(len(gateway.subscribers))
             self._claimed()
             if gateway.waiting:
                 # Ring full: the close waits (bounded by sessions_max) and is claimed in order
@@ -366,6 +371,7 @@ class Sequencer:
         if opening and session.session_id:
             self.sessions_open.set(len(gateway.sessions))
             self.sessions_total.add(1)
+            self.event_subscribers.set(len(gateway.subscribers))  # before `_flush` publishes
         if not self.flush_scheduled and self.writer.claim_position != self.published_claim:
             self.flush_scheduled = True  # `_claimed()`
             self.loop.call_soon(self._flush)
