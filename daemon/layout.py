@@ -619,7 +619,7 @@ _BY_NAME: Mapping[str, CounterSpec] = {spec.name: spec for spec in COUNTERS}
 assert len(_BY_NAME) == len(COUNTERS), "counter names must be unique"
 assert all(spec.id == slot for slot, spec in enumerate(COUNTERS))
 # The error counters by kind, which `seqd status` lists; the node's error total is not one of
-# them but the sum of every role's `<role>.errors` (`errors_total`), shown under this name.
+# them but the sum of every process's `.errors` (`errors_total`), shown under this name.
 ERROR_KIND_COUNTERS: tuple[CounterSpec, ...] = tuple(
     spec for spec in COUNTERS if spec.name.startswith("errors.")
 )
@@ -634,11 +634,19 @@ def counter_spec(name: str) -> CounterSpec | None:
     return _BY_NAME.get(name)
 
 
+# Every process's own error counter: the pipeline's roles', the snapshotter's and each query
+# replica's. A process outside the pipeline that fails (a snapshot it could not write) is an error
+# of the node as much as a role's is.
+ERROR_COUNTER_NAMES: tuple[str, ...] = (
+    *(block.errors.name for block in ROLE_COUNTERS.values()),
+    SNAPSHOTTER_COUNTERS.errors.name,
+    *(replica.errors.name for replica in REPLICA_COUNTERS),
+)
+
+
 def errors_total(values: Mapping[str, int]) -> int | None:
-    """The node's error total: the sum of the `<role>.errors` in `values` (None if none is)."""
-    found = [
-        values[block.errors.name] for block in ROLE_COUNTERS.values() if block.errors.name in values
-    ]
+    """The node's error total: the sum of the `ERROR_COUNTER_NAMES` in `values` (None if none is)."""
+    found = [values[name] for name in ERROR_COUNTER_NAMES if name in values]
     return sum(found) if found else None
 
 

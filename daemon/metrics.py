@@ -8,8 +8,8 @@ counters (`blp.heartbeat`, `journaller.cpu`, `supervisor.heartbeat`, ...) become
 a `role` label (`seqd_role_heartbeat_total{role="blp"}`), so one query covers every role. Kinds
 and help come from the node's counter table (daemon/layout.py): counters that only grow (totals,
 errors, heartbeats) are typed `counter` and end in `_total`; positions, indexes and states are
-`gauge`s. Each role counts its own errors (`seqd_role_errors_total{role=...}`); their sum is
-served as `seqd_errors_total`. In a cluster the leader's per-follower slots
+`gauge`s. Each role counts its own errors (`seqd_role_errors_total{role=...}`); their sum, with
+the snapshotter's and the query replicas', is served as `seqd_errors_total`. In a cluster the leader's per-follower slots
 (`raft.peer<k>.node`, `raft.peer<k>.match_index`, served as they are) are also served as two
 families labelled by the follower's node number, `seqd_raft_follower_match_index{follower="2"}`
 and `seqd_raft_follower_lag{...}` (records behind the leader's `raft.last_index`), so a query
@@ -152,7 +152,7 @@ def render_prometheus(
 
     Args:
         snapshot: counter name -> value, as `Counters.snapshot()` returns. The node's error
-            total (`errors.total`) is added as the sum of the roles' `<role>.errors`.
+            total (`errors.total`) is added as the sum of every process's `.errors` (`errors_total`).
         labels: put on every sample, e.g. {"node": "n1"}.
         kinds: 'counter' or 'gauge' for names `metric_kind` would type otherwise.
 

@@ -214,7 +214,7 @@ def known_values(values: Mapping[str, int]) -> dict[str, int]:
 
     A role's counters are dropped while its `<role>.pid` is 0 or absent (the supervisor has not
     started it: they hold zeros, not values); the supervisor's and names this release does not
-    know are kept. The error total (`errors.total`) is the sum of the roles' `<role>.errors`.
+    know are kept. The error total (`errors.total`) is the sum of every process's `.errors`.
     """
     started: set[str] = {role for role in Role if values.get(ROLE_COUNTERS[role].pid.name, 0) > 0}
     started |= {block.owner for block in REPLICA_COUNTERS if values.get(block.pid.name, 0) > 0}

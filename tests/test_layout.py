@@ -29,6 +29,7 @@ from daemon.layout import (
     REPLICA_COUNTERS,
     ROLE_COUNTERS,
     SNAPSHOTTER,
+    SNAPSHOTTER_COUNTERS,
     SUPERVISOR,
     CounterView,
     Kind,
@@ -37,6 +38,7 @@ from daemon.layout import (
     counters_name,
     create_counters,
     drain_order,
+    errors_total,
     incarnation_id,
     node_roles,
 )
@@ -99,6 +101,16 @@ def test_errors_are_counted_per_role_and_no_counter_is_a_node_wide_total() -> No
     assert {block.errors.owner for block in ROLE_COUNTERS.values()} == set(Role)
     assert all(block.errors.kind is Kind.COUNTER for block in ROLE_COUNTERS.values())
     assert {spec.owner for spec in ERROR_KIND_COUNTERS} <= set(Role)
+
+
+def test_the_error_total_counts_every_process_that_has_an_error_counter() -> None:
+    # The snapshotter (snapshot.writer = replica) and the query replicas are processes of the node
+    # as much as the roles are: a snapshot the snapshotter failed to write is in the total.
+    error_counters = [spec.name for spec in COUNTERS if spec.name.endswith(".errors")]
+    values = dict.fromkeys(error_counters, 1)
+    assert errors_total(values) == len(error_counters)
+    assert errors_total({SNAPSHOTTER_COUNTERS.errors.name: 2, REPLICA_COUNTERS[0].errors.name: 3}) == 5
+    assert errors_total({}) is None
 
 
 def test_a_changed_counter_table_comes_with_a_new_layout_version() -> None:
