@@ -1,5 +1,6 @@
 """A follower's forwarded records on real nodes: one lost on the way is sent again, while the
-node's other records keep committing, and its late arrival harms no live session (issue 11).
+node's other records keep committing, and its late arrival harms no live session (issue 11); a
+command dropped mid-stream is sent again before any later one, so it is applied, once, in order.
 
 The flake this reproduces: a follower's sequencer writes its node_start (the ADMIN record that
 closes its sessions of earlier starts) before its peer link to the leader is up, so the forward
@@ -20,13 +21,16 @@ from pathlib import Path
 import pytest
 
 from daemon.cluster_harness import Cluster
-from daemon.fault_hooks import FAULT_LOSE_ADMIN_FORWARDS_ENV
+from daemon.fault_hooks import FAULT_DROP_COMMAND_FORWARD_ENV, FAULT_LOSE_ADMIN_FORWARDS_ENV
 from sequencer.logtools import dump
 from sequencer.record import ADMIN_NODE_START
-from tests.node_fixtures import TransferDriver, open_accounts
+from tests.node_fixtures import TransferDriver, balances, expected_balances, open_accounts
 
 ACCOUNTS = ["alice", "bob", "carol", "dave"]
 WAIT_S = 60.0  # a loaded 2-core machine; each wait ends as soon as its condition holds
+# The follower's COMMAND forward its replicator drops: well into the client's pipelined stream, so
+# later commands of the same session are in flight behind it.
+DROPPED_COMMAND = 40
 
 
 @pytest.fixture
@@ -79,3 +83,38 @@ def test_a_lost_node_start_is_resent_while_traffic_commits_and_keeps_the_live_se
         driver.wait_acknowledged(len(driver.acknowledged) + 100, timeout_s=WAIT_S)
     finally:
         driver.stop(timeout_s=WAIT_S)
+
+
+def test_a_command_forward_dropped_mid_stream_is_applied_once_before_the_later_ones(
+    cluster: Cluster, tmp_dir: Path
+) -> None:
+    """The defect: the transport dropped one forwarded COMMAND (a full socket) and sent the later
+    ones of its session, which committed; the dropped one, resent 2 s later, came after a later
+    request id of its client, so the blp answered it DUPLICATE without ever applying it (the
+    driver fails on that reply). Now a drop breaks the link's forward stream until the replicator
+    restarts it with every pending record in order."""
+    drop = tmp_dir / "drop-command-forward"
+    drop.write_text(str(DROPPED_COMMAND))
+    for node in cluster.nodes.values():
+        node.start(wait=False, environment={FAULT_DROP_COMMAND_FORWARD_ENV: str(drop)})
+    for node in cluster.nodes.values():
+        node.wait_serving()
+    leader = cluster[cluster.wait_leader(timeout_s=WAIT_S).number]
+    follower = cluster[next(n for n in cluster.nodes if n != leader.number)]
+    open_accounts(leader.socket_path, ACCOUNTS)
+    driver = TransferDriver(follower.socket_path, ACCOUNTS, seed=2).start()
+    try:
+        driver.wait_acknowledged(DROPPED_COMMAND + 200, timeout_s=WAIT_S)
+    finally:
+        driver.stop(timeout_s=WAIT_S)  # fails on a DUPLICATE reply: a command never applied
+    assert Path(f"{drop}.lost").read_text() == str(DROPPED_COMMAND), "the hook dropped nothing"
+    # Every acknowledged transfer applied exactly once (the balances are a command: linearizable).
+    assert balances(leader.socket_path, ACCOUNTS) == expected_balances(ACCOUNTS, [driver])
+    # And in order: in every session, each request id first reaches the log after the one
+    # before it (a resent copy after its first is harmless; one first seen late is the defect).
+    first_seen: dict[int, dict[int, None]] = {}
+    for row in dump(leader.config.journal_dir, types=["COMMAND"]):
+        first_seen.setdefault(row["session_id"], {}).setdefault(row["request_id"], None)
+    assert sum(len(ids) for ids in first_seen.values()) >= DROPPED_COMMAND + 200
+    for session_id, ids in first_seen.items():
+        assert list(ids) == sorted(ids), f"session {session_id}: a command reached the log late"

@@ -66,7 +66,7 @@ from collections import deque
 
 import uvloop
 
-from daemon.fault_hooks import lose_admin_forwards, wall_clock_ns
+from daemon.fault_hooks import command_forward_dropper, lose_admin_forwards, wall_clock_ns
 from daemon.layout import (
     JOURNAL_DURABLE_INDEX,
     LOG_PUBLISHED_INDEX,
@@ -106,6 +106,7 @@ from daemon.roles.replicator_setup import (
     InstallRequired,
     TruncateRequired,
     is_admin,
+    is_command,
     raft_config,
     transport_config,
     whole_record,
@@ -114,6 +115,8 @@ from daemon.snapshot_install import SnapshotReceiver, SnapshotSender, write_inst
 from ipc.doorbell_fifo import LoopWaiter
 from ipc.ring import Ring
 from sequencer.cluster import (
+    ForwardInbox,
+    ForwardStream,
     PendingForwards,
     RecordStamper,
     RingPositions,
@@ -150,9 +153,6 @@ PROPOSALS_PER_PASS_MAX = 4096
 # instead of growing this process. A follower's queue is bounded by the leader's flow control (it
 # acknowledges only what is durable, hence written).
 UNWRITTEN_ENTRIES_MAX = 1 << 16
-# Records forwarded by followers held on the leader until its next pass; beyond, dropped and
-# counted (the followers resend them: they are pending there).
-INBOX_RECORDS_MAX = 1 << 16
 # The oldest pending record not committed this long after it was sent (a dropped forward, a leader
 # that lost it): send every pending record again. Several election timeouts, so a healthy cluster
 # never resends; the age is the oldest record's own, so other records committing meanwhile do not
@@ -234,15 +234,16 @@ class Replicator:
         self.writes: deque[tuple[int, int]] = deque()
         self.pending = PendingForwards()
         self.outbox: list[bytes] = []  # pending records to send (or propose) at the next chance
-        self.inbox: list[bytes] = []  # records followers forwarded (on the leader)
+        self.inbox = ForwardInbox()  # records followers forwarded (on the leader)
+        self.forward_stream = ForwardStream()  # this node's gapless stream of forwards to the leader
         self.standing = (-1, -1)  # (term, leader id) last seen, to notice a change of leader
         # The term this node last led and its TERM_START's index: it proposes once that commits.
         self.term_started = (0, 0)
         self.hard_state_unsaved: HardState | None = None
         self.hard_state_saved_s = time.monotonic()
-        self.records_dropped = 0
         self.transport = PeerTransport(transport_config(config), self._on_messages, self._on_records)
         self.lose_admin_forwards = lose_admin_forwards()  # a fault hook (tests): None when unset
+        self.drop_command_forward = command_forward_dropper()  # a fault hook (tests)
         self.process_scheduled = False
         self.finished: asyncio.Future[int] = loop.create_future()
         self.durable_seen = -1  # the journal's durable index last told to the core
@@ -322,22 +323,19 @@ class Replicator:
             if not core.has_ready():
                 self.snapshot_receiver.discard()
 
-    def _on_records(self, peer: int, records: list[ForwardedRecord]) -> None:
-        if self.core.raft_role is not LEADER:
-            self.records_dropped += len(records)  # the follower resends them to the real leader
-            return
-        inbox = self.inbox
-        for forwarded in records:
-            record = forwarded.record
+    def _on_records(self, peer: int, records: list[ForwardedRecord]) -> bool:
+        """Take a batch whole or refuse it (not leading, inbox full, a malformed record): the
+        transport then closes its connection, and the follower resends from it in order."""
+        batch = [forwarded.record for forwarded in records]
+        for record in batch:
             if not whole_record(record):
                 self.context.errors.add(1)
-                log.error("node %d forwarded a malformed record of %d bytes; dropped", peer, len(record))
-                continue
-            if len(inbox) >= INBOX_RECORDS_MAX:
-                self.records_dropped += 1
-                continue
-            inbox.append(record)
+                log.error("node %d forwarded a malformed record of %d bytes; refused", peer, len(record))
+                return False
+        if not self.inbox.take(peer, batch, self.core.raft_role is LEADER):
+            return False
         self._schedule()
+        return True
 
     def _tick(self) -> None:
         context = self.context
@@ -435,7 +433,8 @@ class Replicator:
         self.standing = standing
         self.operations.role_changed(core)
         if core.raft_role is not LEADER:
-            self.inbox.clear()  # forwarded to a node that no longer leads: their senders resend
+            # Forwarded to a node that no longer leads: their senders restart their streams.
+            self.transport.close_forwards_from(self.inbox.clear())
             self.snapshot_sender.stop_all()
         if standing[1] != NO_NODE:
             log.info("term %d: leader is node %d%s", standing[0], standing[1],
@@ -468,29 +467,48 @@ class Replicator:
                 self.pending_counter.set(len(pending))  # before the release: the drain reads both
                 self.proposals.release()
         if leading:
-            if self.inbox:
-                records.extend(self.inbox)
-                self.inbox = []
-            if records:
-                self._propose(records)
-        elif records:
+            forwarded = self.inbox.drain()
+            if records or forwarded:
+                self._propose(records, forwarded)
+            return
+        # Gapless (sequencer/cluster/forwards.py): on a new stream, every pending record first.
+        transport = self.transport
+        stream = transport.forward_stream(leader)
+        send = self.forward_stream.records_to_send(leader, stream, transport.forward_writable(leader),
+                                                   self.pending, records, time.monotonic())  # fmt: skip
+        if send:
             lose = self.lose_admin_forwards
             if lose is not None and lose():
-                records = [record for record in records if not is_admin(record)]  # lost on the way
-            self.transport.forward(leader, [ForwardedRecord(record) for record in records])
+                send = [record for record in send if not is_admin(record)]  # lost on the way
+            self._forward(leader, stream, send)
 
-    def _propose(self, records: list[bytes]) -> None:
+    def _forward(self, leader: int, stream: int, records: list[bytes]) -> None:
+        transport = self.transport
+        drop = self.drop_command_forward
+        if drop is not None:  # the fault hook: one COMMAND dropped as a full socket drops it
+            for offset, record in enumerate(records):
+                if is_command(record) and drop():
+                    transport.forward(leader, [ForwardedRecord(before) for before in records[:offset]], stream)
+                    transport.drop_forwards(leader, 1)
+                    records = records[offset + 1 :]
+                    break
+        transport.forward(leader, [ForwardedRecord(record) for record in records], stream)
+
+    def _propose(self, records: list[bytes], forwarded: list[bytes]) -> None:
         core = self.core
         first_index = core.next_index()
         term = core.term
         stamp = self.stamper.stamp
-        stamped = [stamp(record, first_index + offset, term) for offset, record in enumerate(records)]
+        batch = records + forwarded if forwarded else records
+        stamped = [stamp(record, first_index + offset, term) for offset, record in enumerate(batch)]
         try:
             core.propose_batch(stamped, first_index=first_index, term=term)
         except ProposalRejected as error:
             # Too much uncommitted (no majority) or a leadership transfer: retry on a later pass.
+            # Followers' records go back to the inbox, which closes their connections if dropped.
             log.warning("proposals refused, retrying later: %s", error)
             self.outbox = records + self.outbox
+            self.inbox.put_back(forwarded)
 
     def _handle_ready(self, ready: Ready) -> None:
         core = self.core
@@ -535,7 +553,7 @@ class Replicator:
             record = self.stamper.term_start(term_start.index, term_start.term, wall_clock_ns())
             core.propose_batch([record], first_index=term_start.index, term=term_start.term)
             self.term_started = (term_start.term, term_start.index)
-            self.inbox.clear()
+            self.transport.close_forwards_from(self.inbox.clear())
             log.info("leading term %d from index %d", term_start.term, term_start.index)
 
     def _queue_entries(self, entries: Entries) -> None:

@@ -11,11 +11,12 @@ from sequencer.raft.config import RaftConfig
 from sequencer.raft.transport import TransportConfig
 from sequencer.record import FRAME_HEADER, RECORD_HEADER_BYTES, RecordType, aligned
 
-__all__ = ["is_admin", "raft_config", "transport_config", "whole_record"]
+__all__ = ["is_admin", "is_command", "raft_config", "transport_config", "whole_record"]
 
 _TERM_START = int(RecordType.TERM_START)
 _PADDING = int(RecordType.PADDING)
 _ADMIN = int(RecordType.ADMIN)
+_COMMAND = int(RecordType.COMMAND)
 
 
 def raft_config(config: Config, storage_read_bytes_max: int) -> RaftConfig:
@@ -69,6 +70,11 @@ def is_admin(record: bytes) -> bool:
     """An ADMIN record (a node_start, a raise_version): what the SEQD_FAULT_LOSE_ADMIN_FORWARDS
     hook loses."""
     return FRAME_HEADER.unpack_from(record)[1] & 0xFFFF == _ADMIN
+
+
+def is_command(record: bytes) -> bool:
+    """A COMMAND record: what the SEQD_FAULT_DROP_COMMAND_FORWARD hook drops."""
+    return FRAME_HEADER.unpack_from(record)[1] & 0xFFFF == _COMMAND
 
 
 class InstallRequired(Exception):
