@@ -33,7 +33,10 @@ them while it knows none (it then stops reading the proposal ring: backpressure 
 ring). When the leader changes, or the oldest pending record has waited RESEND_AFTER_S, every pending
 record not in this node's log is sent again (proposed again on a new leader) in order; a
 duplicate in the log is harmless (the blp's idempotence rules). A new leader proposes nothing
-before its TERM_START commits.
+before its TERM_START commits. The forwards on one connection are a gapless stream
+(sequencer/cluster/forwards.py): a dropped record or a new connection restarts it with every
+pending record first (`ForwardStream`), and a leader that cannot take a batch closes its
+connection (`ForwardInbox`).
 
 Restart: the blp replays the journal only up to `recovery.commit.index` (what is known
 committed). The journal's tail after it is loaded into the core (durable) and written first into

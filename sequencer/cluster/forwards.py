@@ -10,8 +10,8 @@ node that became leader): one that the old leader had committed after all then r
 twice, which every record type tolerates (the blp's dedup table and idempotence rules).
 
 Not only on that edge: a forward can be lost with no change of leader (sent before the peer link
-to the leader was up, dropped by a full socket, refused by a node that no longer leads). So
-each record also carries when it was last sent (`since_s`), and once the oldest has waited longer
+to the leader was up, dropped by a full socket, refused by a node that no longer leads: each of
+these now also restarts the stream, below). So each record also carries when it was last sent (`since_s`), and once the oldest has waited longer
 than the replicator's resend timeout (`overdue`), every record not in this node's log is sent
 again (`resend`). The age is the oldest record's own, not the time since anything committed: a
 node whose other clients keep committing must still resend the one record that was lost (issue
