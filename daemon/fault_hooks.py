@@ -22,6 +22,9 @@ switched on and off at run time without talking to the node; while the file is a
                                    absent: none) as its peer transport drops one on a full
                                    socket, while the records after it go on; it writes N to
                                    PATH.lost when it does (`command_forward_dropper`)
+    SEQD_FAULT_REFUSE_COMMAND_FORWARDS=PATH  the leader's replicator refuses the N-th batch of
+                                   forwarded records holding a COMMAND that it receives, as a
+                                   full inbox does; it writes N to PATH.lost when it does
     SEQD_FAULT_SNAPSHOT_HOLD=PATH  while PATH holds 1, the snapshotter stops before the rename
                                    of each snapshot it writes (its temp file whole) and writes the
                                    index to PATH.held, so a test can kill -9 it mid-write
@@ -42,6 +45,7 @@ __all__ = [
     "FAULT_DROP_COMMAND_FORWARD_ENV",
     "FAULT_FSYNC_DELAY_ENV",
     "FAULT_LOSE_ADMIN_FORWARDS_ENV",
+    "FAULT_REFUSE_COMMAND_FORWARDS_ENV",
     "FAULT_SNAPSHOT_HOLD_ENV",
     "FAULT_SYNCED_INDEX_ENV",
     "SyncedIndexFile",
@@ -59,6 +63,7 @@ FAULT_SYNCED_INDEX_ENV: Final = "SEQD_FAULT_SYNCED_INDEX"
 FAULT_SNAPSHOT_HOLD_ENV: Final = "SEQD_FAULT_SNAPSHOT_HOLD"
 FAULT_LOSE_ADMIN_FORWARDS_ENV: Final = "SEQD_FAULT_LOSE_ADMIN_FORWARDS"
 FAULT_DROP_COMMAND_FORWARD_ENV: Final = "SEQD_FAULT_DROP_COMMAND_FORWARD"
+FAULT_REFUSE_COMMAND_FORWARDS_ENV: Final = "SEQD_FAULT_REFUSE_COMMAND_FORWARDS"
 # How stale a hook's view of its file may be: faults last seconds, so 50 ms is immediate enough,
 # and at most 20 small reads a second cost nothing next to the work they slow down.
 HOOK_REREAD_S: Final = 0.05
@@ -132,11 +137,12 @@ def lose_admin_forwards() -> Callable[[], bool] | None:
     return lambda: lose.get() == 1
 
 
-def command_forward_dropper() -> Callable[[], bool] | None:
+def command_forward_dropper(variable: str = FAULT_DROP_COMMAND_FORWARD_ENV) -> Callable[[], bool] | None:
     """With SEQD_FAULT_DROP_COMMAND_FORWARD set, what the replicator calls for each COMMAND record
     it forwards: True for the N-th (PATH's number, read once now), which it then drops; None
-    when unset or 0."""
-    setting = os.environ.get(FAULT_DROP_COMMAND_FORWARD_ENV)
+    when unset or 0. With `variable` SEQD_FAULT_REFUSE_COMMAND_FORWARDS, the same for each batch
+    holding a COMMAND that it receives forwarded (the N-th refused)."""
+    setting = os.environ.get(variable)
     if not setting:
         return None
     nth = _FileValue(Path(setting)).get()

@@ -69,7 +69,12 @@ from collections import deque
 
 import uvloop
 
-from daemon.fault_hooks import command_forward_dropper, lose_admin_forwards, wall_clock_ns
+from daemon.fault_hooks import (
+    FAULT_REFUSE_COMMAND_FORWARDS_ENV,
+    command_forward_dropper,
+    lose_admin_forwards,
+    wall_clock_ns,
+)
 from daemon.layout import (
     JOURNAL_DURABLE_INDEX,
     LOG_PUBLISHED_INDEX,
@@ -247,6 +252,7 @@ class Replicator:
         self.transport = PeerTransport(transport_config(config), self._on_messages, self._on_records)
         self.lose_admin_forwards = lose_admin_forwards()  # a fault hook (tests): None when unset
         self.drop_command_forward = command_forward_dropper()  # a fault hook (tests)
+        self.refuse_command_forwards = command_forward_dropper(FAULT_REFUSE_COMMAND_FORWARDS_ENV)
         self.process_scheduled = False
         self.finished: asyncio.Future[int] = loop.create_future()
         self.durable_seen = -1  # the journal's durable index last told to the core
@@ -335,6 +341,10 @@ class Replicator:
                 self.context.errors.add(1)
                 log.error("node %d forwarded a malformed record of %d bytes; refused", peer, len(record))
                 return False
+        refuse = self.refuse_command_forwards  # a fault hook: a full inbox, once
+        if refuse is not None and any(is_command(record) for record in batch) and refuse():
+            self.inbox.records_dropped += len(batch)
+            return False
         if not self.inbox.take(peer, batch, self.core.raft_role is LEADER):
             return False
         self._schedule()
