@@ -17,6 +17,14 @@ switched on and off at run time without talking to the node; while the file is a
     SEQD_FAULT_LOSE_ADMIN_FORWARDS=PATH  while PATH holds 1, a follower's replicator loses every
                                    ADMIN record it forwards (its node_start) as a lost frame
                                    would: it stays pending and goes again with the next resend
+    SEQD_FAULT_DROP_COMMAND_FORWARD=PATH  a follower's replicator drops the N-th COMMAND record
+                                   it forwards (N: what PATH holds when the role starts; 0 or
+                                   absent: none) as its peer transport drops one on a full
+                                   socket, while the records after it go on; it writes N to
+                                   PATH.lost when it does (`command_forward_dropper`)
+    SEQD_FAULT_REFUSE_COMMAND_FORWARDS=PATH  the leader's replicator refuses the N-th batch of
+                                   forwarded records holding a COMMAND that it receives, as a
+                                   full inbox does; it writes N to PATH.lost when it does
     SEQD_FAULT_SNAPSHOT_HOLD=PATH  while PATH holds 1, the snapshotter stops before the rename
                                    of each snapshot it writes (its temp file whole) and writes the
                                    index to PATH.held, so a test can kill -9 it mid-write
@@ -34,11 +42,14 @@ from typing import Final
 
 __all__ = [
     "FAULT_CLOCK_OFFSET_ENV",
+    "FAULT_DROP_COMMAND_FORWARD_ENV",
     "FAULT_FSYNC_DELAY_ENV",
     "FAULT_LOSE_ADMIN_FORWARDS_ENV",
+    "FAULT_REFUSE_COMMAND_FORWARDS_ENV",
     "FAULT_SNAPSHOT_HOLD_ENV",
     "FAULT_SYNCED_INDEX_ENV",
     "SyncedIndexFile",
+    "command_forward_dropper",
     "install_fsync_delay",
     "lose_admin_forwards",
     "snapshot_hold",
@@ -51,6 +62,8 @@ FAULT_CLOCK_OFFSET_ENV: Final = "SEQD_FAULT_CLOCK_OFFSET"
 FAULT_SYNCED_INDEX_ENV: Final = "SEQD_FAULT_SYNCED_INDEX"
 FAULT_SNAPSHOT_HOLD_ENV: Final = "SEQD_FAULT_SNAPSHOT_HOLD"
 FAULT_LOSE_ADMIN_FORWARDS_ENV: Final = "SEQD_FAULT_LOSE_ADMIN_FORWARDS"
+FAULT_DROP_COMMAND_FORWARD_ENV: Final = "SEQD_FAULT_DROP_COMMAND_FORWARD"
+FAULT_REFUSE_COMMAND_FORWARDS_ENV: Final = "SEQD_FAULT_REFUSE_COMMAND_FORWARDS"
 # How stale a hook's view of its file may be: faults last seconds, so 50 ms is immediate enough,
 # and at most 20 small reads a second cost nothing next to the work they slow down.
 HOOK_REREAD_S: Final = 0.05
@@ -122,6 +135,30 @@ def lose_admin_forwards() -> Callable[[], bool] | None:
         return None
     lose = _FileValue(Path(setting))
     return lambda: lose.get() == 1
+
+
+def command_forward_dropper(variable: str = FAULT_DROP_COMMAND_FORWARD_ENV) -> Callable[[], bool] | None:
+    """With SEQD_FAULT_DROP_COMMAND_FORWARD set, what the replicator calls for each COMMAND record
+    it forwards: True for the N-th (PATH's number, read once now), which it then drops; None
+    when unset or 0. With `variable` SEQD_FAULT_REFUSE_COMMAND_FORWARDS, the same for each batch
+    holding a COMMAND that it receives forwarded (the N-th refused)."""
+    setting = os.environ.get(variable)
+    if not setting:
+        return None
+    nth = _FileValue(Path(setting)).get()
+    if nth <= 0:
+        return None
+    seen = 0
+
+    def drop() -> bool:
+        nonlocal seen
+        seen += 1
+        if seen != nth:
+            return False
+        Path(setting + ".lost").write_text(str(nth))
+        return True
+
+    return drop
 
 
 def _clock() -> Callable[[], int]:

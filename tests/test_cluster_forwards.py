@@ -1,5 +1,6 @@
 """A follower's forwarded records on real nodes: one lost on the way is sent again, while the
-node's other records keep committing, and its late arrival harms no live session (issue 11).
+node's other records keep committing, and its late arrival harms no live session (issue 11); a
+command dropped mid-stream is sent again before any later one, so it is applied, once, in order.
 
 The flake this reproduces: a follower's sequencer writes its node_start (the ADMIN record that
 closes its sessions of earlier starts) before its peer link to the leader is up, so the forward
@@ -20,13 +21,24 @@ from pathlib import Path
 import pytest
 
 from daemon.cluster_harness import Cluster
-from daemon.fault_hooks import FAULT_LOSE_ADMIN_FORWARDS_ENV
+from daemon.fault_hooks import (
+    FAULT_DROP_COMMAND_FORWARD_ENV,
+    FAULT_LOSE_ADMIN_FORWARDS_ENV,
+    FAULT_REFUSE_COMMAND_FORWARDS_ENV,
+)
 from sequencer.logtools import dump
 from sequencer.record import ADMIN_NODE_START
-from tests.node_fixtures import TransferDriver, open_accounts
+from tests.node_fixtures import TransferDriver, balances, expected_balances, open_accounts
 
 ACCOUNTS = ["alice", "bob", "carol", "dave"]
 WAIT_S = 60.0  # a loaded 2-core machine; each wait ends as soon as its condition holds
+# The follower's COMMAND forward its replicator drops: well into the client's pipelined stream, so
+# later commands of the same session are in flight behind it (the same batch carries them).
+DROPPED_COMMAND = 40
+# The batch of forwards holding a COMMAND the leader refuses: one in the client's first burst of
+# REFUSAL_IN_FLIGHT commands, which several forwarded batches carry, so later ones follow it.
+REFUSED_BATCH = 2
+REFUSAL_IN_FLIGHT = 256
 
 
 @pytest.fixture
@@ -79,3 +91,52 @@ def test_a_lost_node_start_is_resent_while_traffic_commits_and_keeps_the_live_se
         driver.wait_acknowledged(len(driver.acknowledged) + 100, timeout_s=WAIT_S)
     finally:
         driver.stop(timeout_s=WAIT_S)
+
+
+@pytest.mark.parametrize(
+    ("hook", "nth", "in_flight"),
+    [
+        (FAULT_DROP_COMMAND_FORWARD_ENV, DROPPED_COMMAND, 16),
+        (FAULT_REFUSE_COMMAND_FORWARDS_ENV, REFUSED_BATCH, REFUSAL_IN_FLIGHT),
+    ],
+    ids=["dropped-by-the-follower", "refused-by-the-leader"],
+)
+def test_a_command_forward_lost_mid_stream_is_applied_once_before_the_later_ones(
+    cluster: Cluster, tmp_dir: Path, hook: str, nth: int, in_flight: int
+) -> None:
+    """The defect: the follower's transport dropped one forwarded COMMAND (a full socket), or the
+    leader refused a batch (its inbox full, or it no longer led), and the later commands of the
+    session went through and committed; the lost one, resent 2 s later, came after a later
+    request id of its client, so the blp answered it DUPLICATE without ever applying it (the
+    driver fails on that reply). Now a drop breaks the link's forward stream, and a refusal
+    closes the connection, until the follower restarts it with every pending record in order."""
+    lose = tmp_dir / "lose-command-forward"
+    lose.write_text(str(nth))
+    for node in cluster.nodes.values():
+        node.start(wait=False, environment={hook: str(lose)})
+    for node in cluster.nodes.values():
+        node.wait_serving()
+    leader = cluster[cluster.wait_leader(timeout_s=WAIT_S).number]
+    follower = cluster[next(n for n in cluster.nodes if n != leader.number)]
+    open_accounts(leader.socket_path, ACCOUNTS)
+    lost = Path(f"{lose}.lost")  # written by the node when its hook loses the forward
+    driver = TransferDriver(follower.socket_path, ACCOUNTS, seed=2, in_flight=in_flight).start()
+    try:
+        deadline = time.monotonic() + WAIT_S
+        while not lost.exists():
+            assert driver.error is None, driver.error
+            assert time.monotonic() < deadline, f"the hook lost nothing within {WAIT_S} s"
+            time.sleep(0.02)
+        driver.wait_acknowledged(len(driver.acknowledged) + 200, timeout_s=WAIT_S)
+    finally:
+        driver.stop(timeout_s=WAIT_S)  # fails on a DUPLICATE reply: a command never applied
+    # Every acknowledged transfer applied exactly once (the balances are a command: linearizable).
+    assert balances(leader.socket_path, ACCOUNTS) == expected_balances(ACCOUNTS, [driver])
+    # And in order: in every session, each request id first reaches the log after the one
+    # before it (a resent copy after its first is harmless; one first seen late is the defect).
+    first_seen: dict[int, dict[int, None]] = {}
+    for row in dump(leader.config.journal_dir, types=["COMMAND"]):
+        first_seen.setdefault(row["session_id"], {}).setdefault(row["request_id"], None)
+    assert sum(len(ids) for ids in first_seen.values()) >= len(driver.acknowledged)
+    for session_id, ids in first_seen.items():
+        assert list(ids) == sorted(ids), f"session {session_id}: a command reached the log late"

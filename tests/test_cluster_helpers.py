@@ -24,6 +24,8 @@ from daemon.supervisor import Supervisor
 from ipc.ring import Ring
 from sequencer.cluster import (
     PENDING_RECORDS_MAX,
+    ForwardInbox,
+    ForwardStream,
     PendingForwards,
     RecordStamper,
     RingPositions,
@@ -32,6 +34,7 @@ from sequencer.cluster import (
     record_index,
     record_term,
 )
+from sequencer.cluster.forwards import RESTART_DELAY_MAX_S, RESTART_QUIET_S
 from sequencer.cluster.ring_entries import record_timestamp_ns
 from sequencer.hard_state import HardStateFile
 from sequencer.journal import Journal, read_records
@@ -180,6 +183,76 @@ def test_the_remembered_keys_of_stamped_copies_stay_under_the_pending_bound() ->
         for record in records:
             assert pending.committed(record)  # an equal record committed, not the copy
     assert len(pending._keys) <= PENDING_RECORDS_MAX, len(pending._keys)
+
+
+def test_a_record_taken_after_a_drop_is_not_sent_before_the_ordered_restart() -> None:
+    # The defect (issue 11): the transport dropped command 2 (a full socket) and sent command 3,
+    # which committed first; command 2, resent later, was answered DUPLICATE and never applied.
+    # A drop gives the link a new stream number: nothing goes on it but the restart, which
+    # sends every pending record not in the log, in order, before anything new.
+    pending, stream = PendingForwards(), ForwardStream()
+    for request_id in (1, 2):
+        pending.add(command(request_id), now_s=1.0)
+    assert stream.records_to_send(5, 0, True, pending, [command(1), command(2)], now_s=1.0) == [
+        command(1), command(2)]  # the first stream of the link: every pending record
+    assert pending.logged(RecordStamper(0).stamp(command(1), index=3, term=1))
+    pending.add(command(3), now_s=1.1)
+    assert stream.records_to_send(5, 0, True, pending, [command(3)], now_s=1.1) == [command(3)]
+    # Command 3 was dropped on the way: the link's stream is now 1. While the link is full,
+    # nothing goes (command 4 stays pending); once writable, the restart comes first.
+    pending.add(command(4), now_s=1.2)
+    assert stream.records_to_send(5, 1, False, pending, [command(4)], now_s=1.2) is None
+    assert stream.records_to_send(5, 1, True, pending, [], now_s=1.3) == [
+        command(2), command(3), command(4)]
+    assert stream.records_to_send(5, 1, True, pending, [command(5)], now_s=1.3) == [command(5)]
+
+
+def test_a_new_connection_or_a_new_leader_restarts_the_stream_with_every_pending_record() -> None:
+    pending, stream = PendingForwards(), ForwardStream()
+    pending.add(command(1), now_s=0.0)
+    assert stream.records_to_send(5, 3, True, pending, [command(1)], now_s=0.0) == [command(1)]
+    pending.add(command(2), now_s=5.0)
+    # Another leader, then the same leader on a new connection: each a restart, in order.
+    assert stream.records_to_send(6, 3, True, pending, [command(2)], now_s=5.0) == [command(1), command(2)]
+    assert stream.records_to_send(6, 4, True, pending, [], now_s=10.0) == [command(1), command(2)]
+    assert stream.restarts == 3
+
+
+def test_restarts_that_follow_each_other_closely_back_off_and_a_quiet_one_goes_at_once() -> None:
+    # A leader whose inbox stays full closes every new connection: each restart would resend
+    # everything pending again, tens of times a second, without the back-off.
+    pending, stream = PendingForwards(), ForwardStream()
+    pending.add(command(1))
+    now_s = 100.0
+    assert stream.records_to_send(5, 1, True, pending, [], now_s) == [command(1)]  # at once
+    delays = []
+    for new_stream in range(2, 12):
+        waited = now_s
+        while stream.records_to_send(5, new_stream, True, pending, [], now_s) is None:
+            now_s += 0.001
+        delays.append(round(now_s - waited, 3))
+    assert delays[0] <= RESTART_DELAY_MAX_S / 50  # the second restart barely waits
+    assert delays == sorted(delays) and delays[-1] == pytest.approx(RESTART_DELAY_MAX_S, abs=0.002)
+    now_s += RESTART_QUIET_S  # quiet for a while: the next restart goes at once
+    assert stream.records_to_send(5, 12, True, pending, [], now_s) == [command(1)]
+
+
+def test_the_leaders_inbox_takes_a_batch_whole_or_refuses_it_and_names_whom_to_close() -> None:
+    inbox = ForwardInbox(records_max=3)
+    assert not inbox.take(2, [command(1)], leading=False)  # not leading: refused, counted
+    assert inbox.take(2, [command(1), command(2)], leading=True)
+    assert not inbox.take(3, [command(7), command(8)], leading=True)  # no room for the whole batch
+    assert inbox.records_dropped == 3
+    drained = inbox.drain()
+    assert drained == [command(1), command(2)] and not inbox
+    assert inbox.take(3, [command(7)], leading=True)
+    inbox.put_back(drained)  # the core refused the proposal: first again
+    assert inbox.records == [command(1), command(2), command(7)]
+    assert inbox.clear() == {2, 3}  # stepped down holding them: both senders must restart
+    assert inbox.records_dropped == 6
+    assert inbox.take(2, [command(3)], leading=True)
+    inbox.drain()
+    assert inbox.clear() == set()  # nothing held: no connection to close
 
 
 def test_pending_forwards_say_full_at_their_bound() -> None:

@@ -74,8 +74,9 @@ class Node:
     def _on_messages(self, peer: int, messages: list[Message]) -> None:
         self.messages.extend((peer, message) for message in messages)
 
-    def _on_records(self, peer: int, commands: list[ForwardedRecord]) -> None:
+    def _on_records(self, peer: int, commands: list[ForwardedRecord]) -> bool:
         self.commands.extend((peer, command) for command in commands)
+        return True
 
     @property
     def counters(self) -> dict[str, int]:
@@ -123,7 +124,7 @@ def test_messages_and_commands_flow_between_every_ordered_pair_of_three_nodes(ru
                     heartbeat(source, target) for target in ports if target != source
                 )
             command = ForwardedRecord(encode_record(RecordType.COMMAND, 1, 0, 0, 3, 11, 5, b"transfer"))
-            nodes[2].transport.forward(1, [command])
+            nodes[2].transport.forward(1, [command], nodes[2].transport.forward_stream(1))
             await until(lambda: all(len(n.messages) == 2 for n in nodes.values()), "messages")
             await until(lambda: nodes[1].commands == [(2, command)], "the forwarded command")
             for target, node in nodes.items():
@@ -165,7 +166,8 @@ def test_messages_to_a_peer_without_a_connection_are_dropped_and_counted() -> No
         lonely = Node(config(1, ports))  # node 2 never starts
         async with lonely.transport:
             lonely.transport.send([heartbeat(1, 2)])
-            lonely.transport.forward(2, [ForwardedRecord(encode_record(RecordType.COMMAND, 1, 0, 0, 0, 1, 1, b"x"))])
+            record = ForwardedRecord(encode_record(RecordType.COMMAND, 1, 0, 0, 0, 1, 1, b"x"))
+            lonely.transport.forward(2, [record], lonely.transport.forward_stream(2))
             assert not lonely.transport.is_connected(2)
             assert lonely.counters["messages_dropped"] == 1
             assert lonely.counters["records_dropped"] == 1

@@ -30,10 +30,12 @@ Proposals: the sequencer writes its records, unstamped, to the proposal ring. Ea
 that never reached it are sent again). The leader stamps (`RecordStamper`) and proposes them, and
 the records followers forward; a follower forwards them, raw, to the leader it knows, and holds
 them while it knows none (it then stops reading the proposal ring: backpressure through the
-ring). When the leader changes, or the oldest pending record has waited RESEND_AFTER_S, every pending
-record not in this node's log is sent again (proposed again on a new leader) in order; a
+ring). On a change of leader, or once the oldest pending record waited RESEND_AFTER_S, every
+pending record not in this node's log is sent again (proposed again on a new leader) in order; a
 duplicate in the log is harmless (the blp's idempotence rules). A new leader proposes nothing
-before its TERM_START commits.
+before its TERM_START commits. Forwards on one connection are a gapless stream (forwards.py): a
+dropped record or a new connection restarts it with every pending record first
+(`ForwardStream`); a leader that cannot take a batch closes its connection (`ForwardInbox`).
 
 Restart: the blp replays the journal only up to `recovery.commit.index` (what is known
 committed). The journal's tail after it is loaded into the core (durable) and written first into
@@ -66,7 +68,7 @@ from collections import deque
 
 import uvloop
 
-from daemon.fault_hooks import lose_admin_forwards, wall_clock_ns
+from daemon.fault_hooks import wall_clock_ns
 from daemon.layout import (
     JOURNAL_DURABLE_INDEX,
     LOG_PUBLISHED_INDEX,
@@ -94,18 +96,14 @@ from daemon.layout import (
 )
 from daemon.raft_truncate import write_truncate_request
 from daemon.read_rounds import ReadRounds
-from daemon.roles.common import (
-    ROLE_EXIT_RAFT_TRUNCATE,
-    RoleContext,
-    report_start_failure,
-    start_role,
-)
+from daemon.roles.common import ROLE_EXIT_RAFT_TRUNCATE as EXIT_TRUNCATE
+from daemon.roles.common import RoleContext, report_start_failure, start_role
 from daemon.roles.replicator_ops import ReplicatorOperations
 from daemon.roles.replicator_ring import RingFeed
 from daemon.roles.replicator_setup import (
+    ForwardFaults,
     InstallRequired,
     TruncateRequired,
-    is_admin,
     raft_config,
     transport_config,
     whole_record,
@@ -114,6 +112,8 @@ from daemon.snapshot_install import SnapshotReceiver, SnapshotSender, write_inst
 from ipc.doorbell_fifo import LoopWaiter
 from ipc.ring import Ring
 from sequencer.cluster import (
+    ForwardInbox,
+    ForwardStream,
     PendingForwards,
     RecordStamper,
     RingPositions,
@@ -150,9 +150,6 @@ PROPOSALS_PER_PASS_MAX = 4096
 # instead of growing this process. A follower's queue is bounded by the leader's flow control (it
 # acknowledges only what is durable, hence written).
 UNWRITTEN_ENTRIES_MAX = 1 << 16
-# Records forwarded by followers held on the leader until its next pass; beyond, dropped and
-# counted (the followers resend them: they are pending there).
-INBOX_RECORDS_MAX = 1 << 16
 # The oldest pending record not committed this long after it was sent (a dropped forward, a leader
 # that lost it): send every pending record again. Several election timeouts, so a healthy cluster
 # never resends; the age is the oldest record's own, so other records committing meanwhile do not
@@ -234,7 +231,8 @@ class Replicator:
         self.writes: deque[tuple[int, int]] = deque()
         self.pending = PendingForwards()
         self.outbox: list[bytes] = []  # pending records to send (or propose) at the next chance
-        self.inbox: list[bytes] = []  # records followers forwarded (on the leader)
+        self.inbox = ForwardInbox()  # records followers forwarded (on the leader)
+        self.forward_stream = ForwardStream()  # this node's gapless stream of forwards to the leader
         self.standing = (-1, -1)  # (term, leader id) last seen, to notice a change of leader
         self.standing_published: tuple[int, int, int] | None = None  # what `_publish` last wrote
         self.pending_published = self.retain_published = -1
@@ -242,9 +240,8 @@ class Replicator:
         self.term_started = (0, 0)
         self.hard_state_unsaved: HardState | None = None
         self.hard_state_saved_s = time.monotonic()
-        self.records_dropped = 0
         self.transport = PeerTransport(transport_config(config), self._on_messages, self._on_records)
-        self.lose_admin_forwards = lose_admin_forwards()  # a fault hook (tests): None when unset
+        self.faults = ForwardFaults()  # the fault hooks on forwarded records (tests)
         self.process_scheduled = False
         self.finished: asyncio.Future[int] = loop.create_future()
         self.durable_seen = -1  # the journal's durable index last told to the core
@@ -324,22 +321,22 @@ class Replicator:
             if not core.has_ready():
                 self.snapshot_receiver.discard()
 
-    def _on_records(self, peer: int, records: list[ForwardedRecord]) -> None:
-        if self.core.raft_role is not LEADER:
-            self.records_dropped += len(records)  # the follower resends them to the real leader
-            return
-        inbox = self.inbox
-        for forwarded in records:
-            record = forwarded.record
+    def _on_records(self, peer: int, records: list[ForwardedRecord]) -> bool:
+        """Take a batch whole or refuse it (not leading, inbox full, a malformed record): the
+        transport then closes its connection, and the follower resends from it in order."""
+        batch = [forwarded.record for forwarded in records]
+        for record in batch:
             if not whole_record(record):
                 self.context.errors.add(1)
-                log.error("node %d forwarded a malformed record of %d bytes; dropped", peer, len(record))
-                continue
-            if len(inbox) >= INBOX_RECORDS_MAX:
-                self.records_dropped += 1
-                continue
-            inbox.append(record)
+                log.error("node %d forwarded a malformed record of %d bytes; refused", peer, len(record))
+                return False
+        if self.faults.refuses(batch):  # a fault hook: a full inbox, once
+            self.inbox.records_dropped += len(batch)
+            return False
+        if not self.inbox.take(peer, batch, self.core.raft_role is LEADER):
+            return False
         self._schedule()
+        return True
 
     def _tick(self) -> None:
         context = self.context
@@ -437,7 +434,8 @@ class Replicator:
         self.standing = standing
         self.operations.role_changed(core)
         if core.raft_role is not LEADER:
-            self.inbox.clear()  # forwarded to a node that no longer leads: their senders resend
+            # Forwarded to a node that no longer leads: their senders restart their streams.
+            self.transport.close_forwards_from(self.inbox.clear())
             self.snapshot_sender.stop_all()
         self.pending.forget_stamped()  # copies of another term's proposals may never come back
         if standing[1] != NO_NODE:
@@ -476,31 +474,35 @@ class Replicator:
                 self.proposals.release()
         if leading:
             start = len(records) - taken
-            if self.inbox:  # forwarded by followers: pending there, not here
-                records.extend(self.inbox)
-                self.inbox = []
-            if records:
-                self._propose(records, start, keys)
-        elif records:
-            lose = self.lose_admin_forwards
-            if lose is not None and lose():
-                records = [record for record in records if not is_admin(record)]  # lost on the way
-            self.transport.forward(leader, [ForwardedRecord(record) for record in records])
+            forwarded = self.inbox.drain()  # forwarded by followers: pending there, not here
+            if records or forwarded:
+                self._propose(records, forwarded, start, keys)
+            return
+        # Gapless (sequencer/cluster/forwards.py): on a new stream, every pending record first.
+        transport = self.transport
+        stream = transport.forward_stream(leader)
+        send = self.forward_stream.records_to_send(leader, stream, transport.forward_writable(leader),
+                                                   self.pending, records, time.monotonic())  # fmt: skip
+        if send:
+            self.faults.forward(transport, leader, stream, send)
 
-    def _propose(self, records: list[bytes], start: int, keys: list[bytes]) -> None:
-        """Stamp and propose `records`, of which those from `start` on are pending here under
-        `keys`, in order (`keys` may be empty)."""
+    def _propose(self, records: list[bytes], forwarded: list[bytes], start: int, keys: list[bytes]) -> None:
+        """Stamp and propose `records`, then `forwarded` (followers' records); those of `records`
+        from `start` on are pending here under `keys`, in order (`keys` may be empty)."""
         core = self.core
         first_index = core.next_index()
         term = core.term
         stamp = self.stamper.stamp
-        stamped = [stamp(record, first_index + offset, term) for offset, record in enumerate(records)]
+        batch = records + forwarded if forwarded else records
+        stamped = [stamp(record, first_index + offset, term) for offset, record in enumerate(batch)]
         try:
             core.propose_batch(stamped, first_index=first_index, term=term)
         except ProposalRejected as error:
             # Too much uncommitted (no majority) or a leadership transfer: retry on a later pass.
+            # Followers' records go back to the inbox, which closes their connections if dropped.
             log.warning("proposals refused, retrying later: %s", error)
             self.outbox = records + self.outbox
+            self.inbox.put_back(forwarded)
             return
         if keys:
             # Their keys, for the two times the core hands the copies back (`_queue_entries`,
@@ -550,7 +552,7 @@ class Replicator:
             record = self.stamper.term_start(term_start.index, term_start.term, wall_clock_ns())
             core.propose_batch([record], first_index=term_start.index, term=term_start.term)
             self.term_started = (term_start.term, term_start.index)
-            self.inbox.clear()
+            self.transport.close_forwards_from(self.inbox.clear())
             log.info("leading term %d from index %d", term_start.term, term_start.index)
 
     def _queue_entries(self, entries: Entries) -> None:
@@ -651,10 +653,10 @@ class Replicator:
         except TruncateRequired as truncate:
             path = write_truncate_request(self.config.node.data_dir, truncate.index)
             log.warning("%s: wrote %s; restarting the node's pipeline to cut the journal", truncate, path)
-            return ROLE_EXIT_RAFT_TRUNCATE
+            return EXIT_TRUNCATE
         except InstallRequired as install:
             log.warning("%s: restarting the node's pipeline on it", install)
-            return ROLE_EXIT_RAFT_TRUNCATE
+            return EXIT_TRUNCATE
         finally:
             unsaved = self.hard_state_unsaved
             if unsaved is not None:

@@ -1,7 +1,8 @@
 """Cluster mode's I/O-free helpers for the replicator role (`daemon/roles/replicator.py`).
 
     stamper.py     the leader stamps proposals: index, term, a timestamp that never goes back
-    forwards.py    records this node sequenced, kept until they commit, resent on a leader change
+    forwards.py    records this node sequenced, kept until they commit, resent on a leader change;
+                   the gapless forward stream (sender and leader sides)
     positions.py   where each written entry ends in the log ring: commit index -> ring position
     ring_entries.py  records as ring frames and back (a record is a ring frame, see record.py)
     gate.py        when the replicator may take proposals (a leader: once its term's start commits)
@@ -11,8 +12,11 @@ in, so each is tested alone (tests/test_cluster_helpers.py).
 """
 
 from sequencer.cluster.forwards import (
+    INBOX_RECORDS_MAX,
     PENDING_BYTES_MAX,
     PENDING_RECORDS_MAX,
+    ForwardInbox,
+    ForwardStream,
     PendingForwards,
     record_key,
 )
@@ -22,8 +26,11 @@ from sequencer.cluster.ring_entries import record_from_frame, record_index, reco
 from sequencer.cluster.stamper import RecordStamper
 
 __all__ = [
+    "INBOX_RECORDS_MAX",
     "PENDING_BYTES_MAX",
     "PENDING_RECORDS_MAX",
+    "ForwardInbox",
+    "ForwardStream",
     "PendingForwards",
     "RecordStamper",
     "RingPositions",

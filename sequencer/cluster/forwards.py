@@ -10,8 +10,8 @@ node that became leader): one that the old leader had committed after all then r
 twice, which every record type tolerates (the blp's dedup table and idempotence rules).
 
 Not only on that edge: a forward can be lost with no change of leader (sent before the peer link
-to the leader was up, dropped by a full socket, refused by a node that no longer leads). So
-each record also carries when it was last sent (`since_s`), and once the oldest has waited longer
+to the leader was up, dropped by a full socket, refused by a node that no longer leads: each of
+these now also restarts the stream, below). So each record also carries when it was last sent (`since_s`), and once the oldest has waited longer
 than the replicator's resend timeout (`overdue`), every record not in this node's log is sent
 again (`resend`). The age is the oldest record's own, not the time since anything committed: a
 node whose other clients keep committing must still resend the one record that was lost (issue
@@ -19,6 +19,21 @@ node whose other clients keep committing must still resend the one record that w
 
 Bounded (`PENDING_RECORDS_MAX`, `PENDING_BYTES_MAX`): when full the replicator stops reading the
 proposal ring, which backpressures the sequencer through the ring, and so the clients.
+
+A resend alone cannot repair a record lost while later ones of its session went through: those
+commit first, and the resent record, behind a later request id of its client, is answered from the
+blp's dedup table (DUPLICATE) without being applied. So the records forwarded on one connection
+form a gapless, ordered stream, and every break restarts it with an ordered resend:
+
+- the sender (`ForwardStream`): the peer transport numbers each link's forward stream and starts a
+  new one on every authenticated connection and after every record it drops (no connection, a full
+  socket); a record sent on an older stream is dropped. Before anything new goes on a new stream
+  the replicator sends every pending record not in its log, in order (`resend`), once the link is
+  writable; so nothing behind a dropped record reaches the leader before it.
+- the receiver (`ForwardInbox`): a leader that cannot take a forwarded record (it no longer
+  leads, its inbox is full) takes nothing more from that connection and closes it, and one that
+  discards records it had taken (it stepped down, or started a term) closes their senders'
+  connections: the sender reconnects, which starts a new stream with the ordered resend.
 """
 
 from __future__ import annotations
@@ -27,12 +42,34 @@ from typing import Any
 
 from sequencer.record import RECORD_HEADER_BYTES
 
-__all__ = ["PENDING_BYTES_MAX", "PENDING_RECORDS_MAX", "PendingForwards", "record_key"]
+__all__ = [
+    "INBOX_RECORDS_MAX",
+    "PENDING_BYTES_MAX",
+    "PENDING_RECORDS_MAX",
+    "RESTART_DELAY_MAX_S",
+    "ForwardInbox",
+    "ForwardStream",
+    "PendingForwards",
+    "record_key",
+]
 
 # About one second of a busy node's records (tens of thousands per second), and what a leader
 # change must resend at once: 16 MiB is one log ring's worth, 64k records a few peer frames each.
 PENDING_RECORDS_MAX = 1 << 16
 PENDING_BYTES_MAX = 16 << 20
+
+# Records followers forwarded held on the leader until its next pass: one follower's whole resend
+# (PENDING_RECORDS_MAX) fits. Beyond, the connection that brought more is closed (its sender
+# restarts its stream once the leader's pass made room).
+INBOX_RECORDS_MAX = PENDING_RECORDS_MAX
+# Restarts of a forward stream that follow each other closely (a leader whose inbox stays full, a
+# node that no longer leads and closes every new connection until the follower learns the new
+# leader) wait from RESTART_DELAY_FIRST_S doubling to this, so a resend of up to PENDING_BYTES_MAX
+# is not repeated every reconnect (tens a second); a restart after a quiet RESTART_QUIET_S is
+# immediate.
+RESTART_DELAY_FIRST_S = 0.01
+RESTART_DELAY_MAX_S = 1.0
+RESTART_QUIET_S = 2.0
 
 _STAMP_START = 8  # index, term, timestamp: what the leader sets
 _STAMP_END = 32
@@ -172,3 +209,89 @@ class PendingForwards:
         for held in self._records.values():
             held[3] = now_s
         return self.records()
+
+
+class ForwardStream:
+    """The follower's side of the gapless forward stream (module docstring): what to send to the
+    leader now, given the link's current forward stream number.
+
+    `records_to_send` answers the records themselves while the stream is the one this node
+    restarted last; on a new stream, every pending record not in the log (`PendingForwards.resend`),
+    once the link is writable and the restart delay has passed; else None (nothing goes: the
+    records stay pending and go with the restart).
+    """
+
+    __slots__ = ("_delay_s", "_restarted_s", "_stream", "restarts")
+
+    def __init__(self) -> None:
+        self._stream: tuple[int, int] = (-1, -1)  # (leader, stream number) restarted last
+        self._restarted_s = float("-inf")
+        self._delay_s = 0.0
+        self.restarts = 0
+
+    def records_to_send(
+        self, leader: int, stream: int, writable: bool, pending: PendingForwards,
+        records: list[bytes], now_s: float,
+    ) -> list[bytes] | None:  # fmt: skip
+        if (leader, stream) == self._stream:
+            return records
+        if not writable or now_s - self._restarted_s < self._delay_s:
+            return None
+        if now_s - self._restarted_s >= RESTART_QUIET_S:
+            self._delay_s = 0.0  # the first restart in a while goes at once
+        else:
+            self._delay_s = min(max(self._delay_s * 2, RESTART_DELAY_FIRST_S), RESTART_DELAY_MAX_S)
+        self._stream = (leader, stream)
+        self._restarted_s = now_s
+        self.restarts += 1
+        return pending.resend(now_s)
+
+
+class ForwardInbox:
+    """The leader's side: records followers forwarded, held until its next pass proposes them.
+
+    `take` takes a batch whole or not at all: False (the batch dropped and counted in
+    `records_dropped`) when this node does not lead or the inbox has no room for it, and the
+    caller then closes the connection it came on, so nothing later from that connection is taken
+    after a record it dropped. `clear` discards what is held and names the senders whose
+    connections must be closed for the same reason.
+    """
+
+    __slots__ = ("_senders", "records", "records_dropped", "records_max")
+
+    def __init__(self, records_max: int = INBOX_RECORDS_MAX) -> None:
+        self.records: list[bytes] = []
+        self.records_max = records_max
+        self.records_dropped = 0
+        self._senders: set[int] = set()
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def take(self, sender: int, records: list[bytes], leading: bool) -> bool:
+        if not leading or len(self.records) + len(records) > self.records_max:
+            self.records_dropped += len(records)
+            return False
+        self.records.extend(records)
+        self._senders.add(sender)
+        return True
+
+    def drain(self) -> list[bytes]:
+        """Everything held, oldest first, to propose now (`put_back` if the proposal is refused)."""
+        records, self.records = self.records, []
+        return records
+
+    def put_back(self, records: list[bytes]) -> None:
+        """Drained records the core refused (too much uncommitted): first again at the next pass."""
+        self.records[:0] = records
+
+    def clear(self) -> set[int]:
+        """Discard what is held (this node stopped leading, or starts a term): the senders whose
+        connections to close, so each restarts its stream with the records discarded here (every
+        sender since the last `clear` while any record is held: a superset, which costs a
+        reconnect)."""
+        senders = self._senders if self.records else set()
+        self.records_dropped += len(self.records)
+        self.records = []
+        self._senders = set()
+        return senders

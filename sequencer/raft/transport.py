@@ -20,6 +20,13 @@ writes sockets, keeps time (handshake timeouts, reconnect backoff) and counts:
   `send_buffer_bytes_max` unsent bytes, is dropped and counted (`messages_dropped`): Raft resends
   what matters after a timeout, and a slow or dead peer must not grow this node's memory. So is
   a batch holding a message too large for any frame (a caller bug, logged);
+- forwarded records (`forward`) are dropped the same way, but each link's records form a stream
+  that must stay gapless (sequencer/cluster/forwards.py): the link numbers its forward stream
+  (`forward_stream`), and every authenticated connection and every dropped record starts a new
+  one; records sent on an older stream are dropped (counted), so nothing behind a dropped record
+  leaves until the caller restarts the stream, with its ordered resend, on the new number. On the
+  receiving side, `on_records` answers False when it did not take a batch: that connection is
+  closed at once (nothing after the refused batch is read), and its dialler reconnects;
 - a refused connection (any `PeerProtocolError`, a handshake that does not finish within
   `handshake_timeout_ms`, or more than `HANDSHAKES_PENDING_MAX` unauthenticated connections) is
   counted by its code, logged the first time and at every power of two, and aborted;
@@ -45,8 +52,7 @@ import logging
 import random
 import secrets
 import socket
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from collections.abc import Callable, Iterable, Sequence
 from typing import Final
 
 from sequencer.raft.messages import Message
@@ -54,10 +60,7 @@ from sequencer.raft.peer_protocol import (
     CLOSED,
     NEED_DATA,
     NONCE_BYTES,
-    PEER_FRAME_BYTES_MAX,
-    REFUSAL_CODES,
     Authenticated,
-    ClusterIdentity,
     ForwardedRecord,
     LocalPeerProtocolError,
     MessageBatch,
@@ -66,6 +69,11 @@ from sequencer.raft.peer_protocol import (
     ReconnectBackoff,
     RecordBatch,
     Side,
+)
+from sequencer.raft.transport_config import (
+    TRANSPORT_REFUSAL_CODES,
+    TransportConfig,
+    TransportCounters,
 )
 
 __all__ = [
@@ -91,132 +99,12 @@ CLOSE_WAIT_S: Final = 2.0
 # That a peer frame carries the largest forwarded client command is a relation between the
 # client protocol and this one, which raft may not import: tests/test_peer_transport.py holds it.
 
-# The transport's own refusals, besides the codec's.
-TRANSPORT_REFUSAL_CODES: Final = (*REFUSAL_CODES, "handshake_timeout", "handshakes_pending_full")
-
-
-@dataclass(frozen=True, kw_only=True)
-class TransportConfig:
-    """One node's peer transport. Validated on creation.
-
-    Args:
-        cluster_id, node_id: this node; every peer must share the cluster id.
-        secret: the cluster secret, at least SECRET_BYTES_MIN random bytes, the same on every node.
-        listen_host, listen_port: the address to accept peers on: an IP literal; port 0 picks a
-            free one (tests). Loopback only unless `allow_non_loopback`.
-        peers: every other member's node id -> (host, port) to dial.
-        handshake_timeout_ms: an inbound or outbound connection that has not authenticated by
-            then is aborted. A LAN handshake takes one round trip; 2 s allows a loaded machine.
-        connect_timeout_ms: bound on one TCP connect (a blackholed SYN).
-        reconnect_first_ms, reconnect_max_ms: the dialler's backoff. 20 ms is two heartbeats; at
-            most 1 s so a restarted peer is reached again well within a failover's budget.
-        send_buffer_bytes_max: unsent bytes on one socket beyond which messages to that peer are
-            dropped: two largest frames, so a healthy link never drops and a stalled one holds
-            at most ~8 MiB.
-
-    Raises:
-        ValueError: a bad address, a non-loopback listen address without `allow_non_loopback`,
-            this node among its peers, or an identity error (see ClusterIdentity).
-    """
-
-    cluster_id: int
-    node_id: int
-    secret: bytes = field(repr=False)
-    listen_host: str
-    listen_port: int
-    peers: Mapping[int, tuple[str, int]]
-    allow_non_loopback: bool = False
-    handshake_timeout_ms: float = 2000.0
-    connect_timeout_ms: float = 1000.0
-    reconnect_first_ms: float = 20.0
-    reconnect_max_ms: float = 1000.0
-    send_buffer_bytes_max: int = 2 * PEER_FRAME_BYTES_MAX
-
-    def __post_init__(self) -> None:
-        try:
-            address = ipaddress.ip_address(self.listen_host)
-        except ValueError:
-            raise ValueError(
-                f"peer listen host {self.listen_host!r} is not an IP address: give one "
-                "(127.0.0.1 or ::1 on a single machine), so what is exposed is never a DNS guess"
-            ) from None
-        if not address.is_loopback and not self.allow_non_loopback:
-            raise ValueError(
-                f"peer listen host {self.listen_host} is not a loopback address: the peer port "
-                "would be reachable from the network. Set allow_non_loopback (cluster."
-                "allow_non_loopback) for a cluster spread over machines, or listen on 127.0.0.1"
-            )
-        if not 0 <= self.listen_port <= 65535:
-            raise ValueError(f"peer listen port {self.listen_port} is outside 0..65535")
-        if not self.peers:
-            raise ValueError("a peer transport needs at least one peer: list the other members")
-        if self.node_id in self.peers:
-            raise ValueError(
-                f"node {self.node_id} lists itself among its peers {sorted(self.peers)}: list "
-                "only the other members"
-            )
-        for peer, (host, port) in self.peers.items():
-            if not host or not 0 < port <= 65535:
-                raise ValueError(f"peer {peer} has address {host!r}:{port}: give host and port")
-        for name in ("handshake_timeout_ms", "connect_timeout_ms", "reconnect_first_ms"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name}={getattr(self, name)} must be > 0")
-        if not self.send_buffer_bytes_max >= PEER_FRAME_BYTES_MAX:
-            raise ValueError(
-                f"send_buffer_bytes_max={self.send_buffer_bytes_max} < PEER_FRAME_BYTES_MAX="
-                f"{PEER_FRAME_BYTES_MAX}: a healthy link must hold one largest frame"
-            )
-        self.identity  # noqa: B018 - validates the ids and the secret now
-
-    @property
-    def identity(self) -> ClusterIdentity:
-        return ClusterIdentity(
-            cluster_id=self.cluster_id,
-            node_id=self.node_id,
-            members=frozenset({self.node_id, *self.peers}),
-            secret=self.secret,
-        )
-
-
-@dataclass(slots=True)
-class TransportCounters:
-    """What the transport did, as plain ints (the daemon copies `as_dict()` into its counters).
-
-    `refused` has one entry per code of TRANSPORT_REFUSAL_CODES, all present from the start.
-    """
-
-    frames_in: int = 0  # authenticated data frames accepted
-    frames_out: int = 0
-    bytes_in: int = 0  # every byte read from a peer socket, refused ones included
-    bytes_out: int = 0
-    messages_in: int = 0
-    messages_out: int = 0
-    records_in: int = 0
-    records_out: int = 0
-    messages_dropped: int = 0  # no authenticated link, or its send buffer was full
-    records_dropped: int = 0
-    connects: int = 0  # outbound connections authenticated
-    accepts: int = 0  # inbound connections authenticated
-    connect_failures: int = 0  # TCP connects that failed or timed out
-    disconnects: int = 0  # authenticated connections that ended
-    handshakes_failed: int = 0  # connections, either way, that ended before authenticating
-    refused: dict[str, int] = field(
-        default_factory=lambda: dict.fromkeys(TRANSPORT_REFUSAL_CODES, 0)
-    )
-
-    def as_dict(self) -> dict[str, int]:
-        figures = {
-            item.name: getattr(self, item.name) for item in fields(self) if item.name != "refused"
-        }
-        figures.update({f"refused_{code}": count for code, count in self.refused.items()})
-        figures["refused_total"] = sum(self.refused.values())
-        return figures
-
 
 class _Link:
     """This node's outbound side towards one peer."""
 
-    __slots__ = ("connected", "host", "messages", "peer_id", "port", "records", "stream", "task")
+    __slots__ = ("connected", "forward_stream", "host", "messages", "peer_id", "port", "records",
+                 "stream", "task")  # fmt: skip
 
     def __init__(self, peer_id: int, host: str, port: int) -> None:
         self.peer_id = peer_id
@@ -225,7 +113,8 @@ class _Link:
         self.stream: _PeerStream | None = None  # set while an authenticated connection is up
         self.connected = asyncio.Event()
         self.messages: list[Message] = []  # to send at the next flush
-        self.records: list[ForwardedRecord] = []
+        self.records: list[ForwardedRecord] = []  # of the current forward stream only
+        self.forward_stream = 0  # a new number per connection and per dropped record
         self.task: asyncio.Task[None] | None = None
 
 
@@ -307,7 +196,7 @@ class _PeerStream(asyncio.Protocol):
             if isinstance(event, MessageBatch):
                 owner._deliver_messages(codec.peer_id, event.messages)
             elif isinstance(event, RecordBatch):
-                owner._deliver_records(codec.peer_id, event.records)
+                owner._deliver_records(self, event.records)
             else:
                 assert isinstance(event, Authenticated), event
                 if self._timer is not None:
@@ -334,7 +223,7 @@ class _PeerStream(asyncio.Protocol):
 
 
 MessagesCallback = Callable[[int, list[Message]], None]
-RecordsCallback = Callable[[int, list[ForwardedRecord]], None]
+RecordsCallback = Callable[[int, list[ForwardedRecord]], bool]
 
 
 class PeerTransport:
@@ -343,8 +232,9 @@ class PeerTransport:
     Args:
         config: addresses, identity, timeouts.
         on_messages: called with (peer id, messages) for each authenticated batch received.
-        on_records: called with (peer id, forwarded records); records are dropped (counted in
-            `records_in` only) when None.
+        on_records: called with (peer id, forwarded records); answers whether it took them all:
+            False closes that connection (nothing after the batch is read). Records are dropped
+            (counted in `records_in` only) when None.
         random_source: for the backoff's jitter (a seeded one in tests).
     """
 
@@ -477,23 +367,77 @@ class PeerTransport:
             link.messages.append(message)
         self._schedule_flush()
 
-    def forward(self, target: int, records: Sequence[ForwardedRecord]) -> None:
-        """Queue forwarded records for `target` (the leader); they leave this loop pass.
+    def forward(self, target: int, records: Sequence[ForwardedRecord], stream: int) -> None:
+        """Queue forwarded records for `target` (the leader) on its forward stream `stream`
+        (`forward_stream`); they leave this loop pass. Dropped (counted) when `stream` is not the
+        link's current one; when the link has no connection, dropped and the stream ended.
 
         Raises:
             ValueError: `target` is not a peer of this node.
         """
+        link = self._link(target)
+        if stream != link.forward_stream:
+            self.counters.records_dropped += len(records)
+        elif link.stream is None:
+            self._break_forwards(link, len(records))
+        elif records:
+            link.records.extend(records)
+            self._schedule_flush()
+
+    def forward_stream(self, target: int) -> int:
+        """The number of the link's current forward stream: new with every authenticated
+        connection and after every dropped record (module docstring)."""
+        return self._link(target).forward_stream
+
+    def forward_writable(self, target: int) -> bool:
+        """The link to `target` is connected and its socket holds under half the unsent bytes at
+        which it drops: a restart's resend has room to leave."""
+        stream = self._links[target].stream
+        if stream is None or stream.transport is None:
+            return False
+        return stream.transport.get_write_buffer_size() <= self.config.send_buffer_bytes_max // 2
+
+    def drop_forwards(self, target: int, count: int) -> None:
+        """`count` records forwarded to `target` were dropped on the way (the replicator's fault
+        hook SEQD_FAULT_DROP_COMMAND_FORWARD): counted, and the stream ended, like any drop."""
+        self._break_forwards(self._link(target), count)
+
+    def close_forwards_from(self, peer_ids: Iterable[int]) -> None:
+        """Close the inbound connections of `peer_ids`: records they forwarded were discarded here
+        (this node stopped leading), so each must restart its stream (module docstring)."""
+        for peer in peer_ids:
+            stream = self._inbound.get(peer)
+            if stream is not None:
+                self._refuse_forwards(stream)
+
+    def _link(self, target: int) -> _Link:
         link = self._links.get(target)
         if link is None:
             raise ValueError(
                 f"node {target} is not a peer of node {self.identity.node_id} "
                 f"(peers: {sorted(self._links)})"
             )
-        if link.stream is None:
-            self.counters.records_dropped += len(records)
-            return
-        link.records.extend(records)
-        self._schedule_flush()
+        return link
+
+    def _break_forwards(self, link: _Link, dropped: int) -> None:
+        """`dropped` records to `link` were dropped: so are the ones queued behind them, and the
+        stream ends (a new number: whatever is sent on the old one is dropped too)."""
+        self.counters.records_dropped += dropped + len(link.records)
+        self.counters.forward_streams_broken += 1
+        link.records = []
+        link.forward_stream += 1
+
+    def _refuse_forwards(self, stream: _PeerStream) -> None:
+        """The receiver did not take records from `stream`: close it before anything later on it
+        is read, so its sender restarts its forward stream on a new connection."""
+        counters = self.counters
+        counters.forward_streams_refused += 1
+        count = counters.forward_streams_refused
+        if count & (count - 1) == 0:  # the first time, then at every power of two
+            log.info("node %d closed the connection from node %d: forwarded records not taken "
+                     "(it resends them on a new connection); %d so far",
+                     self.identity.node_id, stream.codec.peer_id, count)  # fmt: skip
+        stream.abort()
 
     def _schedule_flush(self) -> None:
         if not self._flush_scheduled and not self._closing:
@@ -520,7 +464,8 @@ class PeerTransport:
                 or stream.transport.get_write_buffer_size() > buffer_max
             ):
                 counters.messages_dropped += len(messages)
-                counters.records_dropped += len(records)
+                if records:
+                    self._break_forwards(link, len(records))
                 continue
             codec = stream.codec
             frames_before = codec.frames_sent
@@ -537,7 +482,7 @@ class PeerTransport:
                     data += codec.send_records(records)
                     counters.records_out += len(records)
                 except LocalPeerProtocolError as error:
-                    counters.records_dropped += len(records)
+                    self._break_forwards(link, len(records))
                     self._batch_refused(link.peer_id, error)
             counters.frames_out += codec.frames_sent - frames_before
             stream._write(bytes(data))
@@ -554,11 +499,11 @@ class PeerTransport:
         self.counters.messages_in += len(messages)
         self._on_messages(peer_id, messages)
 
-    def _deliver_records(self, peer_id: int, records: list[ForwardedRecord]) -> None:
+    def _deliver_records(self, stream: _PeerStream, records: list[ForwardedRecord]) -> None:
         self.counters.frames_in += 1
         self.counters.records_in += len(records)
-        if self._on_records is not None:
-            self._on_records(peer_id, records)
+        if self._on_records is not None and not self._on_records(stream.codec.peer_id, records):
+            self._refuse_forwards(stream)
 
     # -- connections ----------------------------------------------------------------------------
 
@@ -635,6 +580,9 @@ class PeerTransport:
         link = stream.link
         if link is not None:
             self.counters.connects += 1
+            self.counters.records_dropped += len(link.records)  # none: flushed in their pass
+            link.records = []
+            link.forward_stream += 1  # a new stream: the caller restarts it with its resend
             link.stream = stream
             link.connected.set()
             log.info("node %d connected to node %d", self.identity.node_id, peer)
