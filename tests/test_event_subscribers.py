@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
+from typing import TYPE_CHECKING
 
 from daemon.cluster_harness import Cluster
 from daemon.harness import NodeProcess
@@ -31,6 +32,9 @@ from sequencer import recovery
 from sequencer.apps.ledger import Ledger, Transfer, TransferMade
 from sequencer.egress import EgressKind
 from tests.node_fixtures import DEPOSIT, balances, node_factory, open_accounts  # noqa: F401
+
+if TYPE_CHECKING:
+    from sequencer.client import Client
 
 ROOT = Path(__file__).resolve().parent.parent
 # Bounds every wait on a real node; a healthy run meets each condition within a second or two.
@@ -91,6 +95,17 @@ def _replayed_hash(node: NodeProcess, index: int) -> int:
     return replayed.rolling_hash
 
 
+def _own_event_before_its_reply_then_the_others(subscriber: Client, other: Client) -> None:
+    """The subscriber's own transfer's event is in when its reply is; then it gets the event of
+    each of `other`'s TRANSFERS transfers, in order."""
+    subscriber.call(Transfer("a", "b", 7))
+    assert subscriber.next_event(timeout_s=0) == TransferMade("a", "b", 7)
+    for request in [other.submit(Transfer("b", "a", amount)) for amount in range(1, TRANSFERS + 1)]:
+        request.result()
+    received = [subscriber.next_event(timeout_s=CLIENT_TIMEOUT_S) for _ in range(TRANSFERS)]
+    assert received == [TransferMade("b", "a", amount) for amount in range(1, TRANSFERS + 1)]
+
+
 def test_without_a_subscriber_egress_carries_no_event_and_the_hash_is_a_full_replays(node_factory) -> None:  # noqa: F811
     from sequencer.client import Client
 
@@ -122,12 +137,7 @@ def test_a_subscriber_gets_its_own_events_before_their_replies_and_later_ones_of
     ):
         assert _subscribers(node) == 1
         # Its first command right after its HELLO: the event is in before the reply.
-        subscriber.call(Transfer("a", "b", 7))
-        assert subscriber.next_event(timeout_s=0) == TransferMade("a", "b", 7)
-        for request in [other.submit(Transfer("b", "a", amount)) for amount in range(1, TRANSFERS + 1)]:
-            request.result()
-        received = [subscriber.next_event(timeout_s=CLIENT_TIMEOUT_S) for _ in range(TRANSFERS)]
-        assert received == [TransferMade("b", "a", amount) for amount in range(1, TRANSFERS + 1)]
+        _own_event_before_its_reply_then_the_others(subscriber, other)
     _wait_until(lambda: _subscribers(node) == 0, "the count falls back to 0 after the subscriber closed")
     kinds = egress_kinds(node)
     assert kinds[EgressKind.EVENT] == 1 + TRANSFERS, kinds
@@ -182,12 +192,7 @@ def test_a_subscriber_on_a_follower_gets_its_own_and_the_leaders_events_and_only
         ):  # fmt: skip
             assert _subscribers(cluster[follower]) == 1
             # Forwarded to the leader and back through the replicator: still before its reply.
-            subscriber.call(Transfer("a", "b", 7))
-            assert subscriber.next_event(timeout_s=0) == TransferMade("a", "b", 7)
-            for request in [other.submit(Transfer("b", "a", amount)) for amount in range(1, TRANSFERS + 1)]:
-                request.result()
-            received = [subscriber.next_event(timeout_s=CLIENT_TIMEOUT_S) for _ in range(TRANSFERS)]
-            assert received == [TransferMade("b", "a", amount) for amount in range(1, TRANSFERS + 1)]
+            _own_event_before_its_reply_then_the_others(subscriber, other)
         _wait_until(lambda: _subscribers(cluster[follower]) == 0, "the follower's count falls after the close")
         cluster.wait_converged()  # the same rolling hash on every node, whatever each emitted
         assert egress_kinds(cluster[follower])[EgressKind.EVENT] == 1 + TRANSFERS
