@@ -218,6 +218,27 @@ def test_a_new_connection_or_a_new_leader_restarts_the_stream_with_every_pending
     assert stream.restarts == 3
 
 
+def test_a_record_in_this_followers_log_goes_again_to_another_leader_not_to_the_same_one() -> None:
+    # Found in review (issue 11): five voters; a client on this follower pipelines 1 and 2; the
+    # old leader's first AppendEntries here carries only 1 (logged here), then it dies before any
+    # other node has 1. Left out of the restart, 1 would never reach the new leader: 2 commits
+    # there, this node cuts 1 on the conflict and restarts, and its client's resend of 1, behind
+    # its committed 2, is answered DUPLICATE without ever being applied.
+    pending, stream = PendingForwards(), ForwardStream()
+    for request_id in (1, 2):
+        pending.add(command(request_id), now_s=1.0)
+    assert stream.records_to_send(5, 0, True, pending, [command(1), command(2)], now_s=1.0) == [
+        command(1), command(2)]
+    assert pending.logged(RecordStamper(0).stamp(command(1), index=7, term=3))
+    # The same leader on a new connection: 1 is in its log, which it commits.
+    assert stream.records_to_send(5, 1, True, pending, [], now_s=1.1) == [command(2)]
+    # Another leader: its log may lack 1, so 1 goes again, first.
+    assert stream.records_to_send(6, 1, True, pending, [], now_s=9.0) == [command(1), command(2)]
+    # The replicator's own resend on a change of standing says the same (`with_logged`).
+    assert pending.resend(now_s=9.0, with_logged=True) == [command(1), command(2)]
+    assert pending.resend(now_s=9.0) == [command(2)]
+
+
 def test_restarts_that_follow_each_other_closely_back_off_and_a_quiet_one_goes_at_once() -> None:
     # A leader whose inbox stays full closes every new connection: each restart would resend
     # everything pending again, tens of times a second, without the back-off.

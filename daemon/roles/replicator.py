@@ -26,12 +26,12 @@ core, which acknowledges them (a follower) or counts them toward the majority (t
 (`RingPositions`) that limits the blp.
 
 Proposals: the sequencer writes its records, unstamped, to the proposal ring. Each is kept in
-`PendingForwards` until seen committed (and marked once seen in this node's log: only records
-that never reached it are sent again). The leader stamps (`RecordStamper`) and proposes them, and
-the records followers forward; a follower forwards them, raw, to the leader it knows, and holds
-them while it knows none (it then stops reading the proposal ring: backpressure through the
-ring). On a change of leader, or once the oldest pending record waited RESEND_AFTER_S, every
-pending record not in this node's log is sent again (proposed again on a new leader) in order; a
+`PendingForwards` until seen committed (and marked once seen in this node's log). The leader
+stamps (`RecordStamper`) and proposes them, and the records followers forward; a follower
+forwards them, raw, to the leader it knows, and holds them while it knows none (it then stops
+reading the proposal ring: backpressure through the ring). Once the oldest pending record waited
+RESEND_AFTER_S, every one not in this node's log goes again in order; on a change of leader or
+term, every one (a follower's log may hold what the next leader's lacks) goes again in order; a
 duplicate in the log is harmless (the blp's idempotence rules). A new leader proposes nothing
 before its TERM_START commits. Forwards on one connection are a gapless stream (forwards.py): a
 dropped record or a new connection restarts it with every pending record first
@@ -442,7 +442,7 @@ class Replicator:
             log.info("term %d: leader is node %d%s", standing[0], standing[1],
                      " (this node)" if standing[1] == core.id else "")
             # Everything not yet committed goes to the new leader (or is proposed again here).
-            self.outbox = self.pending.resend(time.monotonic())
+            self.outbox = self.pending.resend(time.monotonic(), with_logged=standing[1] != core.id)
 
     def _take_proposals(self) -> None:
         core = self.core

@@ -4,16 +4,17 @@ changes (cluster mode, docs/cluster.md).
 The replicator takes each record its sequencer wrote to the proposal ring and keeps it here until
 it sees the same record committed in its own log. A record is recognised by everything but its
 stamp (index, term, timestamp, which the leader sets): its length, type, version, session id,
-request id and payload (`record_key`). When the leader changes, every record still held that never
-reached this node's log is sent again, in order, to the new leader (or proposed again, on the
-node that became leader): one that the old leader had committed after all then reaches the log
-twice, which every record type tolerates (the blp's dedup table and idempotence rules).
+request id and payload (`record_key`). When the leader (or its term) changes, every record still
+held is sent again, in order, to the new leader, those already in this node's log included
+(`PendingForwards`); a node that became leader proposes again those not in its log: one that the
+old leader had committed after all then reaches the log twice, which every record type tolerates
+(the blp's dedup table and idempotence rules).
 
 Not only on that edge: a forward can be lost with no change of leader (sent before the peer link
 to the leader was up, dropped by a full socket, refused by a node that no longer leads: each of
-these now also restarts the stream, below). So each record also carries when it was last sent (`since_s`), and once the oldest has waited longer
-than the replicator's resend timeout (`overdue`), every record not in this node's log is sent
-again (`resend`). The age is the oldest record's own, not the time since anything committed: a
+these now also restarts the stream, below). So each record also carries when it was last sent
+(`since_s`), and once the oldest has waited longer than the replicator's resend timeout
+(`overdue`), every record not in this node's log is sent again (`resend`). The age is the oldest record's own, not the time since anything committed: a
 node whose other clients keep committing must still resend the one record that was lost (issue
 11: a lost node_start, resent only at the next leader change, after its node's first client).
 
@@ -86,13 +87,17 @@ def record_key(record: bytes | bytearray | memoryview) -> bytes:
 class PendingForwards:
     """Records taken from the proposal ring and not yet seen committed, oldest first.
 
-    Each is also marked once seen in this node's log (`logged`): such a record is not sent
-    again, because it is either committed in time (Raft: the new leader holds every committed
-    entry) or cut from this log by a conflict, which restarts this node's pipeline and its
-    clients' sessions anyway (they resend). So a change of leader resends only what never reached
-    this node's log, which keeps duplicates rare (a record the old leader committed and this node
-    had not yet learned committed is in its log: not resent). Identical records (the same key) are
-    counted, so each commit of one releases one.
+    Each is also marked once seen in this node's log (`logged`). Under the leader that sent it
+    such a record is not sent again (it is in that leader's log, which that leader commits). On a
+    change of term or leader it is (`with_logged`): it may be in this follower's log and not in the
+    next leader's (five voters, or three and a learner: the old leader reached this node and no
+    other before it died), and a conflict would then cut it here and restart this node's
+    pipeline; its client's resend of it would come behind a later request of the same client that
+    did commit, and be answered DUPLICATE without ever being applied (found in review, issue 11).
+    A node that leads itself leaves its logged records out (its own log is what it commits).
+    Duplicates in the log are harmless (the blp's idempotence rules; the client ignores a reply
+    it no longer waits for). Identical records (the same key) are counted, so each commit of one
+    releases one.
     """
 
     __slots__ = ("_keys", "_records", "bytes")
@@ -188,13 +193,14 @@ class PendingForwards:
         self.bytes -= len(pending)
         return True
 
-    def records(self) -> list[bytes]:
-        """Every pending record not seen in this node's log, oldest first (a duplicate as often
-        as it is counted): what goes (again) to a new leader."""
+    def records(self, with_logged: bool = False) -> list[bytes]:
+        """Every pending record not seen in this node's log (`with_logged`: every pending record),
+        oldest first, a duplicate as often as it is counted: what goes (again) to the leader."""
         out: list[bytes] = []
         for record, count, logged, _since_s in self._records.values():
-            if count > logged:
-                out.extend([record] * (count - logged))
+            times = count if with_logged else count - logged
+            if times > 0:
+                out.extend([record] * times)
         return out
 
     def overdue(self, now_s: float, after_s: float) -> bool:
@@ -204,11 +210,12 @@ class PendingForwards:
             return now_s - held[3] > after_s
         return False
 
-    def resend(self, now_s: float) -> list[bytes]:
-        """`records()`, to be sent again now: the resend timeout restarts for every record."""
+    def resend(self, now_s: float, with_logged: bool = False) -> list[bytes]:
+        """`records(with_logged)`, to be sent again now: the resend timeout restarts for every
+        record."""
         for held in self._records.values():
             held[3] = now_s
-        return self.records()
+        return self.records(with_logged)
 
 
 class ForwardStream:
@@ -216,7 +223,8 @@ class ForwardStream:
     leader now, given the link's current forward stream number.
 
     `records_to_send` answers the records themselves while the stream is the one this node
-    restarted last; on a new stream, every pending record not in the log (`PendingForwards.resend`),
+    restarted last; on a new stream, every pending record not in the log (`PendingForwards.resend`;
+    with those in the log too when the leader is another one),
     once the link is writable and the restart delay has passed; else None (nothing goes: the
     records stay pending and go with the restart).
     """
@@ -241,10 +249,11 @@ class ForwardStream:
             self._delay_s = 0.0  # the first restart in a while goes at once
         else:
             self._delay_s = min(max(self._delay_s * 2, RESTART_DELAY_FIRST_S), RESTART_DELAY_MAX_S)
+        another_leader = leader != self._stream[0]  # its log may lack what this node logged
         self._stream = (leader, stream)
         self._restarted_s = now_s
         self.restarts += 1
-        return pending.resend(now_s)
+        return pending.resend(now_s, with_logged=another_leader)
 
 
 class ForwardInbox:
