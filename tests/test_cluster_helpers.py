@@ -412,3 +412,57 @@ def test_recovery_cuts_the_journal_where_the_replicator_asked_and_replays_only_w
     assert [r.index for r in read_records(config.journal_dir, 1)] == [1, 2, 3, 4, 5, 6]
     assert read_truncate_request(data_dir) is None
     assert not (data_dir / TRUNCATE_NAME).exists()
+
+
+# ---- the replicator's feed into the log ring -------------------------------------------------------
+
+
+def test_a_feed_that_meets_the_wrap_writes_one_run_and_publishes_it_not_its_whole_queue(unique: str) -> None:
+    """A follower catching up queues tens of thousands of entries. Where a run meets the end of
+    the ring it goes entry by entry; it went on through the whole queue in one write, holding the
+    replicator's loop and publishing nothing until the ring was full while the journaller and the
+    blp idled. One write is one run at most; the queue still arrives whole and in order."""
+    from daemon.roles.replicator_ring import WRITE_RUN_RECORDS_MAX, RingFeed
+    from ipc.counters import Counter
+
+    record_bytes = 64
+    capacity = 1 << 16  # 1024 records a lap
+    ring = Ring.create(f"/seqd.{unique}.feed", capacity, readers=("journaller", "blp"))
+    try:
+        words = memoryview(bytearray(16)).cast("q")
+        positions = RingPositions(start_index=0, start_position=0)
+        feed = RingFeed(ring.writer(), positions, Counter("index", words, 0), Counter("position", words, 1))
+        readers = [ring.reader("journaller"), ring.reader("blp")]
+        seen: list[int] = []
+
+        def records(first: int, count: int) -> list[bytes]:
+            return [struct.pack("<IIQ", record_bytes, 7, index) + bytes(record_bytes - 16)
+                    for index in range(first, first + count)]  # fmt: skip
+
+        def drain() -> None:
+            for reader in readers:
+                frames = reader.poll(capacity)
+                if reader is readers[0]:
+                    seen.extend(struct.unpack_from("<Q", view)[0] for _, view in frames)
+                reader.release()
+
+        lap = capacity // record_bytes
+        feed.extend(records(1, lap - 3))  # the next run meets the wrap after 3 entries
+        while feed.write():
+            drain()
+        assert len(feed) == 0
+        queued = 4 * WRITE_RUN_RECORDS_MAX
+        feed.extend(records(lap - 2, queued))
+        published = words[1]
+        assert feed.write()
+        assert words[0] == lap - 3 + WRITE_RUN_RECORDS_MAX  # one run, published
+        assert words[1] > published
+        assert len(feed) == queued - WRITE_RUN_RECORDS_MAX
+        drain()
+        while feed.write():
+            drain()
+        assert len(feed) == 0
+        assert seen == list(range(1, lap - 2 + queued))
+    finally:
+        ring.close()
+        ring.unlink()

@@ -358,6 +358,28 @@ def test_a_follower_behind_the_window_is_fed_from_storage_in_bounded_reads() -> 
     assert cluster.disks[3].terms == cluster.disks[1].terms
 
 
+def test_a_leader_feeding_a_follower_from_storage_asks_no_term_it_just_read() -> None:
+    """Each AppendEntries carries the term of the entry before its first, the last entry the
+    previous storage read returned: the log answers it, not the storage (the journal seeked from
+    the start of its segment for each, which made a catch-up quadratic in the follower's lag)."""
+    cluster, leader = leader_of_three(log_retention_entries=2, storage_read_bytes_max=10)
+    cluster.isolate(3)
+    for _ in range(10):
+        leader.propose_batch([b"12345"] * 3)  # 5-byte payloads: two per storage read
+        cluster.stabilize()
+    storage = cluster.storages[1]
+    term_reads_before, sent_before = storage.term_reads, len(cluster.sent)
+    cluster.heal()
+    cluster.tick(1)
+    cluster.stabilize()
+    from_storage = [m for m in cluster.sent[sent_before:] if isinstance(m, AppendEntries)
+                    and m.target == 3 and m.terms and m.previous_index < leader.log.offset_index]
+    assert len(from_storage) > 5
+    assert storage.term_reads - term_reads_before <= 1  # the follower's match, once
+    assert cluster.applied[3] == cluster.applied[1]
+    assert cluster.disks[3].terms == cluster.disks[1].terms
+
+
 def test_memory_storage_reads_stop_after_the_byte_bound() -> None:
     storage = MemoryLogStorage()
     storage.write(1, [1, 1, 1, 2], [b"aaaa", b"bb", b"cccc", b"d"])

@@ -246,6 +246,7 @@ class Replicator:
         self.finished: asyncio.Future[int] = loop.create_future()
         self.durable_seen = -1  # the journal's durable index last told to the core
         self.want_proposals = False  # proposals wake `_process` only while it takes them
+        self.feed_flowing = False  # the last pass wrote to the ring and entries still wait
         self.snapshot_sender = SnapshotSender(cluster.cluster_id, config.node.number, config.snapshot_dir,
                                               self.transport.send)
         self.snapshot_receiver = SnapshotReceiver(config.snapshot_dir)
@@ -376,8 +377,8 @@ class Replicator:
         except BaseException as error:
             self.finished.set_exception(error)
             return
-        if self._has_work_outside():  # more than one pass takes (PROPOSALS_PER_PASS_MAX), or new
-            self._schedule()
+        if self._has_work_outside() or self.feed_flowing:  # more than one pass takes (a run of the
+            self._schedule()  # feed, PROPOSALS_PER_PASS_MAX), or new work
 
     def _process_once(self, tick: bool) -> None:
         core = self.core
@@ -578,8 +579,11 @@ class Replicator:
 
     def _write_ring(self) -> None:
         positions = self.positions
-        if self.feed.write() and positions.written_index > self.stored_index:
+        feed = self.feed
+        wrote = feed.write()  # one run at most: the loop stays responsive, the rest next pass
+        if wrote and positions.written_index > self.stored_index:
             self.stored_index = positions.written_index
+        self.feed_flowing = wrote and len(feed) > 0  # a full ring waits for a bell, ack or tick
 
     def _publish(self, tick: bool) -> None:
         """The commit for the blp, and a changed standing (the sequencer's gate), pending count (a

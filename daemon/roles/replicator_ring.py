@@ -7,7 +7,9 @@ proposal keeps its record's length, a forwarded record is checked whole (`whole_
 journal read returns each record's raw bytes with their pad. So a run of them is copied into the
 ring with one join and one copy (`RingWriter.try_write_joined`) and its ring ends recorded without
 per-entry Python (`RingPositions.wrote_run`); only a run that meets the wrap or the gate goes entry
-by entry up to there. This was ~15.7k instructions per entry entry by entry, ~2.1k in runs.
+by entry up to there. One `write` writes one run at most, so a long queue is written over several
+passes of the replicator's loop (it schedules the next pass itself while entries wait and the ring
+takes them), each published at once for the journaller and the blp. This was ~15.7k instructions per entry entry by entry, ~2.1k in runs.
 
 The log ring's writer owns `log.published.*` (`CounterSpec.cluster_owner`), so this is where they
 are written: the index written last, then the ring's cursor.
@@ -81,21 +83,25 @@ class RingFeed:
             positions.wrote_run(self.next_index, start, map(len, run))
             self.next_index += len(run)
         else:
+            # The run meets the wrap or the gate: entry by entry, this run only. Going on through
+            # the whole queue (a follower catching up holds tens of thousands of entries) held the
+            # replicator's loop for a large part of a second and published nothing until the ring
+            # was full, while the journaller and the blp idled (benches/RESULTS.md, "Catch-up").
             claim = writer.try_claim
-            wrote = False
-            while records:
-                record = records[0]
+            written = 0
+            for record in run:
                 length, frame_type = FRAME_HEADER.unpack_from(record)
                 view = claim(length - 8, frame_type)
                 if view is None:
                     break  # the ring is full (the blp or the journaller is behind): next pass
                 view[:] = record[8:length]
-                records.popleft()
                 positions.wrote(self.next_index, writer.claim_position)
                 self.next_index += 1
-                wrote = True
-            if not wrote:
+                written += 1
+            if not written:
                 return False
+            for _ in range(written):
+                records.popleft()
             writer.publish()
         # The index first: a reader that sees the position sees an index at least as new.
         self.index_counter.set(positions.written_index)

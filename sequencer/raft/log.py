@@ -21,6 +21,13 @@ Invariants (asserted where they are established):
 - `terms` and `payloads` have the same length;
 - only the in-memory part changes (`merge`, `append`): the core drops from memory only entries that
   are committed, applied and durable, which never change again.
+
+So the term of the last entry read from storage is kept (`stored_last`): a leader feeding a
+lagging follower sends range after range, and each AppendEntries needs the term of the entry
+before its first, the last one the previous read returned. Asking the storage for it again cost the
+journal a seek per message (`sequencer.journal.log_storage`: batch headers, each checksummed, from
+the start of the segment), so a catch-up was quadratic in the follower's lag and blocked the
+leader's loop for longer than an election timeout (benches/RESULTS.md, "Catch-up").
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ class RaftLog:
         "snapshot_index",
         "snapshot_term",
         "storage",
+        "stored_last",
         "terms",
     )
 
@@ -55,6 +63,9 @@ class RaftLog:
         self.offset_index = snapshot_index
         self.offset_term = snapshot_term
         self.storage = storage
+        # (index, term) of the last entry `read` returned from storage (committed: it never
+        # changes); (0, 0) before any read.
+        self.stored_last = (0, 0)
         self.terms: list[int] = []
         self.payloads: list[bytes] = []
 
@@ -77,6 +88,9 @@ class RaftLog:
             return self.snapshot_term
         if index < self.snapshot_index:
             return None
+        stored_index, stored_term = self.stored_last
+        if index == stored_index:
+            return stored_term
         assert self.storage is not None, (index, self.offset_index)
         # None: the caller's retention deleted it (a snapshot covers it) before the caller told
         # the core (`RaftCore.compact`); a leader then waits for that (`Leader._send_snapshot`).
@@ -106,6 +120,7 @@ class RaftLog:
         last_index = min(end_index - 1, self.offset_index)
         terms, payloads = self.storage.entries(start_index, last_index, bytes_max)
         assert 0 < len(terms) <= last_index - start_index + 1, (start_index, len(terms))
+        self.stored_last = (start_index + len(terms) - 1, terms[-1])
         return terms, payloads
 
     def append(self, terms: list[int], payloads: list[bytes]) -> None:
@@ -216,3 +231,4 @@ class RaftLog:
         self.payloads.clear()
         self.snapshot_index = self.offset_index = snapshot_index
         self.snapshot_term = self.offset_term = snapshot_term
+        self.stored_last = (0, 0)  # the storage now holds nothing below the snapshot

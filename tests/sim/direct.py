@@ -31,11 +31,13 @@ class DiskStorage:
     def __init__(self, disk: DurableState) -> None:
         self.disk = disk
         self.reads = 0  # entries read back, for assertions
+        self.term_reads = 0  # terms asked for one by one, for assertions
 
     def _base(self) -> int:
         return self.disk.snapshot.index if self.disk.snapshot is not None else 0
 
     def term(self, index: int) -> int | None:
+        self.term_reads += 1
         offset = index - self._base()
         if offset <= 0 or offset > len(self.disk.terms):
             return None
