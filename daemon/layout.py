@@ -548,6 +548,13 @@ RAFT_PEER_LAST_CONTACT_MS = tuple(
     _declare(f"raft.peer{k}.last_contact_ms", Role.REPLICATOR, Kind.GAUGE, f"When a message from peer slot {k} last arrived (ms since the epoch, 0: never)")
     for k in range(1, RAFT_PEER_SLOTS + 1)
 )  # fmt: skip
+# The gapless forward stream (sequencer/cluster/forwards.py, docs/cluster.md "Forwards"): the
+# transport's figures and the replicator's resends, copied once a tick, so an operator can see and
+# alert on forwards that are dropped and restarted, or a leader that refuses them.
+RAFT_FORWARDS_DROPPED = _declare("raft.forwards_dropped", Role.REPLICATOR, Kind.COUNTER, "Forwarded records dropped: not sent on a broken forward stream (a follower), or not taken (the leader); each goes again with a restart or resend")
+RAFT_FORWARD_STREAMS_BROKEN = _declare("raft.forward_streams_broken", Role.REPLICATOR, Kind.COUNTER, "This node's forward streams to the leader ended by a dropped record (each restarts with an ordered resend)")
+RAFT_FORWARD_STREAMS_REFUSED = _declare("raft.forward_streams_refused", Role.REPLICATOR, Kind.COUNTER, "Connections from followers this node closed: a forwarded batch not taken (not leading, inbox full)")
+RAFT_FORWARDS_RESENT = _declare("raft.forwards_resent", Role.REPLICATOR, Kind.COUNTER, "Pending records sent (or proposed) again: at a change of leader, or not committed within the resend age")
 
 # Rolling upgrades (sequencer/app_versions.py): `seqd cluster raise-version` asks (number << 16 | version).
 APP_VERSION_RAISE_REQUEST = _declare("app.version.raise_request", OPERATOR, Kind.GAUGE, "App version raise asked for by seqd cluster raise-version: number << 16 | version")
@@ -626,7 +633,7 @@ ERROR_KIND_COUNTERS: tuple[CounterSpec, ...] = tuple(
 ERRORS_TOTAL_NAME = "errors.total"
 assert ERRORS_TOTAL_NAME not in _BY_NAME
 # The version of this table, carried by the segment header (see the module docstring).
-COUNTERS_LAYOUT_VERSION = 5
+COUNTERS_LAYOUT_VERSION = 6
 
 
 def counter_spec(name: str) -> CounterSpec | None:

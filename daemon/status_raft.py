@@ -6,7 +6,9 @@ leader, follower slot k = 1.. holds `raft.peer<k>.node` (its node number, 0 for 
 and `raft.peer<k>.match_index`; every node, `raft.peer<k>.last_contact_ms` (when that member
 was last heard from, wall clock). The members are this node (`node.number`) and the slots'.
 Elections, step-downs, peer refusals and the last leadership transfer's outcome are counters of
-the replicator too (docs/cluster.md, "Operating a cluster").
+the replicator too (docs/cluster.md, "Operating a cluster"), as are the forward stream's faults:
+records dropped and resent, streams broken (this node's, to the leader) and refused (followers',
+by this node as leader); docs/cluster.md, "What the failure modes look like in `seqd status`".
 """
 
 from __future__ import annotations
@@ -50,6 +52,10 @@ class RaftStatus:
     step_downs: int | None = None  # times it stopped leading
     peer_refused: int | None = None  # peer connections and frames refused (errors.peer_refused)
     transfer_outcome: str | None = None  # of the last leadership transfer: started, done, ...
+    forwards_dropped: int | None = None  # forwarded records dropped (sent on a broken stream, not taken)
+    forward_streams_broken: int | None = None  # this node's forward streams ended by a drop
+    forward_streams_refused: int | None = None  # followers' connections closed: a batch not taken
+    forwards_resent: int | None = None  # pending records sent again (new leader, resend age)
 
 
 def _followers(values: Mapping[str, int], now_ms: int) -> list[RaftFollower]:
@@ -98,6 +104,10 @@ def raft_status(known: Mapping[str, int], clustered: bool, now_ms: int | None = 
         step_downs=known.get(layout.RAFT_STEP_DOWNS.name),
         peer_refused=known.get(layout.ERRORS_PEER_REFUSED.name),
         transfer_outcome=None if outcome is None else layout.RAFT_TRANSFER_OUTCOME.value_name(outcome),
+        forwards_dropped=known.get(layout.RAFT_FORWARDS_DROPPED.name),
+        forward_streams_broken=known.get(layout.RAFT_FORWARD_STREAMS_BROKEN.name),
+        forward_streams_refused=known.get(layout.RAFT_FORWARD_STREAMS_REFUSED.name),
+        forwards_resent=known.get(layout.RAFT_FORWARDS_RESENT.name),
     )
 
 
@@ -114,6 +124,9 @@ def raft_lines(raft: RaftStatus, cell: Callable[[object], str]) -> tuple[str, li
     members = "-" if raft.members is None else ", ".join(map(str, raft.members))
     lines.append(f"  raft members {members}  elections {cell(raft.elections)}  step-downs {cell(raft.step_downs)}"
                  f"  peer refusals {cell(raft.peer_refused)}  last transfer {cell(raft.transfer_outcome)}")
+    lines.append(f"  raft forwards dropped {cell(raft.forwards_dropped)}  resent {cell(raft.forwards_resent)}"
+                 f"  streams broken {cell(raft.forward_streams_broken)}"
+                 f"  refused {cell(raft.forward_streams_refused)}")
     lines += [f"  follower {f.node}: match {cell(f.match_index)}  lag {cell(f.lag)}  last contact "
               + ("never" if f.last_contact_ms is None else f"{f.last_contact_ms} ms ago") for f in raft.followers or ()]
     return header, lines
@@ -138,4 +151,8 @@ def raft_json(raft: RaftStatus) -> dict[str, Any]:
         "step_downs": raft.step_downs,
         "peer_refused": raft.peer_refused,
         "transfer_outcome": raft.transfer_outcome,
+        "forwards_dropped": raft.forwards_dropped,
+        "forward_streams_broken": raft.forward_streams_broken,
+        "forward_streams_refused": raft.forward_streams_refused,
+        "forwards_resent": raft.forwards_resent,
     }  # fmt: skip

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.cluster_harness import Cluster
+from daemon.cluster_harness import Cluster, ClusterNode
 from daemon.fault_hooks import (
     FAULT_DROP_COMMAND_FORWARD_ENV,
     FAULT_LOSE_ADMIN_FORWARDS_ENV,
@@ -48,6 +48,21 @@ def cluster(tmp_dir: Path, unique: str) -> Iterator[Cluster]:
         yield made
     finally:
         made.close()
+
+
+def _wait_counters_at_least(node: ClusterNode, least: dict[str, int]) -> dict[str, int]:
+    """The node's counters once each of `least` reached its value (the replicator publishes its
+    forward figures once a tick)."""
+    deadline = time.monotonic() + WAIT_S
+    while True:
+        values = node.read_counters()
+        if all(values[name] >= value for name, value in least.items()):
+            return values
+        assert time.monotonic() < deadline, (
+            f"node {node.number}'s counters did not reach {least} within {WAIT_S} s: "
+            f"{ {name: values[name] for name in least} }"
+        )
+        time.sleep(0.02)
 
 
 def _node_starts_in_log(journal_dir: Path, number: int) -> int:
@@ -91,25 +106,30 @@ def test_a_lost_node_start_is_resent_while_traffic_commits_and_keeps_the_live_se
         driver.wait_acknowledged(len(driver.acknowledged) + 100, timeout_s=WAIT_S)
     finally:
         driver.stop(timeout_s=WAIT_S)
+    # The resend is counted where an operator sees it (`seqd status`, the metrics); the hook lost
+    # the record silently (nothing dropped by the transport), so only its age sent it again.
+    _wait_counters_at_least(follower, {"raft.forwards_resent": 1})
 
 
 @pytest.mark.parametrize(
-    ("hook", "nth", "in_flight"),
+    ("hook", "nth", "in_flight", "counted_by"),
     [
-        (FAULT_DROP_COMMAND_FORWARD_ENV, DROPPED_COMMAND, 16),
-        (FAULT_REFUSE_COMMAND_FORWARDS_ENV, REFUSED_BATCH, REFUSAL_IN_FLIGHT),
+        (FAULT_DROP_COMMAND_FORWARD_ENV, DROPPED_COMMAND, 16, "follower"),
+        (FAULT_REFUSE_COMMAND_FORWARDS_ENV, REFUSED_BATCH, REFUSAL_IN_FLIGHT, "leader"),
     ],
     ids=["dropped-by-the-follower", "refused-by-the-leader"],
 )
 def test_a_command_forward_lost_mid_stream_is_applied_once_before_the_later_ones(
-    cluster: Cluster, tmp_dir: Path, hook: str, nth: int, in_flight: int
+    cluster: Cluster, tmp_dir: Path, hook: str, nth: int, in_flight: int, counted_by: str
 ) -> None:
     """The defect: the follower's transport dropped one forwarded COMMAND (a full socket), or the
     leader refused a batch (its inbox full, or it no longer led), and the later commands of the
     session went through and committed; the lost one, resent 2 s later, came after a later
     request id of its client, so the blp answered it DUPLICATE without ever applying it (the
     driver fails on that reply). Now a drop breaks the link's forward stream, and a refusal
-    closes the connection, until the follower restarts it with every pending record in order."""
+    closes the connection, until the follower restarts it with every pending record in order.
+    The operator sees it in the node's counters (`seqd status`, the metrics): the follower's
+    broken stream, or the leader's refused one, and the records dropped."""
     lose = tmp_dir / "lose-command-forward"
     lose.write_text(str(nth))
     for node in cluster.nodes.values():
@@ -140,3 +160,8 @@ def test_a_command_forward_lost_mid_stream_is_applied_once_before_the_later_ones
     assert sum(len(ids) for ids in first_seen.values()) >= len(driver.acknowledged)
     for session_id, ids in first_seen.items():
         assert list(ids) == sorted(ids), f"session {session_id}: a command reached the log late"
+    # Published in the counters segment, on the node that lost the forward.
+    if counted_by == "follower":
+        _wait_counters_at_least(follower, {"raft.forward_streams_broken": 1, "raft.forwards_dropped": 1})
+    else:
+        _wait_counters_at_least(leader, {"raft.forward_streams_refused": 1, "raft.forwards_dropped": 1})

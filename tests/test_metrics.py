@@ -331,3 +331,21 @@ def test_a_cluster_node_serves_last_contacts_elections_step_downs_and_peer_refus
     assert families["seqd_raft_elections_total"] == ("counter", ['seqd_raft_elections_total{node="n1"} 3'])
     assert families["seqd_raft_step_downs_total"][1] == ['seqd_raft_step_downs_total{node="n1"} 1']
     assert families["seqd_errors_peer_refused_total"][1] == ['seqd_errors_peer_refused_total{node="n1"} 5']
+
+
+def test_a_cluster_node_serves_its_forward_streams_dropped_resent_broken_and_refused() -> None:
+    """Issue 11: the forward stream's faults are served as counters (they only grow), so an
+    operator can alert on a follower's forwards dropped and restarted or a leader's refusals."""
+    node = {
+        **SNAPSHOT, "raft.role": 0, "raft.forwards_dropped": 17, "raft.forwards_resent": 230,
+        "raft.forward_streams_broken": 3, "raft.forward_streams_refused": 1,
+    }  # fmt: skip
+    families = parse_exposition(render_prometheus(node, labels={"node": "n1"}))
+    assert families["seqd_raft_forwards_dropped_total"] == ("counter", ['seqd_raft_forwards_dropped_total{node="n1"} 17'])
+    assert families["seqd_raft_forwards_resent_total"] == ("counter", ['seqd_raft_forwards_resent_total{node="n1"} 230'])
+    assert families["seqd_raft_forward_streams_broken_total"] == (
+        "counter", ['seqd_raft_forward_streams_broken_total{node="n1"} 3']
+    )  # fmt: skip
+    assert families["seqd_raft_forward_streams_refused_total"] == (
+        "counter", ['seqd_raft_forward_streams_refused_total{node="n1"} 1']
+    )  # fmt: skip

@@ -415,6 +415,26 @@ def test_a_cluster_node_shows_its_members_elections_step_downs_refusals_and_last
     assert document["errors"]["peer_refused"] == 4, document["errors"]
 
 
+def test_a_cluster_node_shows_its_forward_streams_dropped_resent_broken_and_refused(
+    tracker: StatusTracker, pids: Pids
+) -> None:
+    """Issue 11: the forward stream's faults (the replicator's `raft.forward*` counters) are in the
+    cluster view, in the text and in --json: an operator sees a follower's forwards dropped and
+    restarted, and a leader that refuses batches."""
+    pids.alive.add(4246)
+    values = live_values(**{
+        "replicator.pid": 4246, "replicator.heartbeat": 5, "raft.role": 0, "raft.term": 7, "raft.leader": 2,
+        "node.number": 1, "raft.forwards_dropped": 17, "raft.forwards_resent": 230,
+        "raft.forward_streams_broken": 3, "raft.forward_streams_refused": 1,
+    })  # fmt: skip
+    status = tracker.observe(values, now_s=0.0)
+    text = render_text(status)
+    assert "raft forwards dropped 17  resent 230  streams broken 3  refused 1" in text, text
+    raft = render_json(status)["raft"]
+    assert (raft["forwards_dropped"], raft["forwards_resent"]) == (17, 230)
+    assert (raft["forward_streams_broken"], raft["forward_streams_refused"]) == (3, 1)
+
+
 def _documented_json() -> dict[str, Any]:
     """The `seqd status --json` example of docs/operations.md."""
     from tests.test_doc_examples import read_blocks

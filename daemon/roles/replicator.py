@@ -356,8 +356,7 @@ class Replicator:
         now_s = time.monotonic()
         if self.core.leader_id != NO_NODE and self.pending.overdue(now_s, RESEND_AFTER_S):
             self.outbox = self.pending.resend(now_s)
-            log.info("resending %d pending records: the oldest not committed %.1f s after it was sent",
-                     len(self.outbox), RESEND_AFTER_S)
+            self.operations.resent(len(self.outbox), f"the oldest not committed {RESEND_AFTER_S} s after it was sent")
 
     def _schedule(self) -> None:
         if not self.process_scheduled:
@@ -444,6 +443,7 @@ class Replicator:
                      " (this node)" if standing[1] == core.id else "")
             # Everything not yet committed goes to the new leader (or is proposed again here).
             self.outbox = self.pending.resend(time.monotonic(), with_logged=standing[1] != core.id)
+            self.operations.resent(len(self.outbox), f"a new leader, node {standing[1]}")
 
     def _take_proposals(self) -> None:
         core = self.core
@@ -618,7 +618,7 @@ class Replicator:
         self.last_index_counter.set(core.log.last_index)
         for counter, peer in zip(self.match_counters, self.peers, strict=True):
             counter.set(core.match_index(peer))
-        self.operations.publish(sum(self.transport.counters.refused.values()))
+        self.operations.publish(self.transport.counters, self.inbox.records_dropped)
         unsaved = self.hard_state_unsaved
         if unsaved is not None and time.monotonic() - self.hard_state_saved_s >= HARD_STATE_COMMIT_SAVE_S:
             self._save_hard_state(unsaved)

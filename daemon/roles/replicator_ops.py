@@ -23,8 +23,10 @@ election timeout: it needs the least catching up, and a silent one (down, partit
 only make the transfer time out.
 
 Also here: elections and step-downs counted and logged once each (`raft.elections`,
-`raft.step_downs`), the peer transport's refusals (`errors.peer_refused`), and when each peer
-was last heard from (`raft.peer<k>.last_contact_ms`).
+`raft.step_downs`), the peer transport's refusals (`errors.peer_refused`), when each peer
+was last heard from (`raft.peer<k>.last_contact_ms`), and the forward stream's faults: records
+dropped, streams broken and refused (the transport's `TransportCounters` and the leader's
+`ForwardInbox`), records resent (`raft.forwards_*`, `raft.forward_streams_*`).
 """
 
 from __future__ import annotations
@@ -37,6 +39,10 @@ from daemon.layout import (
     ERRORS_PEER_REFUSED,
     NODE_STATE,
     RAFT_ELECTIONS,
+    RAFT_FORWARD_STREAMS_BROKEN,
+    RAFT_FORWARD_STREAMS_REFUSED,
+    RAFT_FORWARDS_DROPPED,
+    RAFT_FORWARDS_RESENT,
     RAFT_PEER_LAST_CONTACT_MS,
     RAFT_STEP_DOWNS,
     RAFT_TRANSFER_HANDLED,
@@ -51,6 +57,7 @@ from ipc.counters import Counter
 from sequencer.raft.config import NO_NODE
 from sequencer.raft.core import RaftCore
 from sequencer.raft.raft_role import CANDIDATE, LEADER
+from sequencer.raft.transport_config import TransportCounters
 
 __all__ = ["ReplicatorOperations"]
 
@@ -79,6 +86,11 @@ class ReplicatorOperations:
         self.elections = counters[RAFT_ELECTIONS]
         self.step_downs = counters[RAFT_STEP_DOWNS]
         self.peer_refused = counters[ERRORS_PEER_REFUSED]
+        self.forwards_dropped = counters[RAFT_FORWARDS_DROPPED]
+        self.streams_broken = counters[RAFT_FORWARD_STREAMS_BROKEN]
+        self.streams_refused = counters[RAFT_FORWARD_STREAMS_REFUSED]
+        self.forwards_resent = counters[RAFT_FORWARDS_RESENT]
+        self.records_resent = 0  # published once a tick, as the transport's figures
         self.node_state = counters[NODE_STATE]  # the supervisor's
         self.request = counters[RAFT_TRANSFER_REQUEST]  # the operator's
         self.handled = counters[RAFT_TRANSFER_HANDLED]
@@ -108,6 +120,12 @@ class ReplicatorOperations:
         if previous == LEADER and role != LEADER:
             self.step_downs.add(1)
             log.warning("stepped down in term %d (leader now: %s)", core.term, core.leader_id or "unknown")
+
+    def resent(self, count: int, why: str) -> None:
+        """`count` pending records go again (sent to the leader, or proposed here): counted, logged."""
+        self.records_resent += count
+        if count:
+            log.info("resending %d pending records: %s", count, why)
 
     def holding_proposals(self, core: RaftCore) -> bool:
         """Whether the leader must leave the proposal ring alone: a transfer is under way."""
@@ -178,11 +196,17 @@ class ReplicatorOperations:
 
     # ---- counters -------------------------------------------------------------------------------
 
-    def publish(self, refused_total: int) -> None:
-        """Each pass: when each peer was last heard from, and the transport's refusals."""
+    def publish(self, transport: TransportCounters, inbox_dropped: int) -> None:
+        """Once a tick: when each peer was last heard from, the transport's refusals, and the
+        forward stream's figures (`inbox_dropped`: records the leader's `ForwardInbox` dropped)."""
         heard_ms = self.heard_ms
         for counter, peer in zip(self.contact_counters, self.peers, strict=True):
             counter.set(heard_ms.get(peer, 0))
+        self.forwards_dropped.set(transport.records_dropped + inbox_dropped)
+        self.streams_broken.set(transport.forward_streams_broken)
+        self.streams_refused.set(transport.forward_streams_refused)
+        self.forwards_resent.set(self.records_resent)
+        refused_total = sum(transport.refused.values())
         if refused_total != self.refused_seen:
             self.errors.add(refused_total - self.refused_seen)
             self.peer_refused.set(refused_total)
