@@ -198,8 +198,11 @@ def test_replies_wait_for_the_journal_and_counters_show_a_consistent_pipeline(no
         finally:
             os.kill(journaller, signal.SIGCONT)
         pending.result()
-        # Applied read before durable: one snapshot reads durable first, and a record made durable
-        # and applied between the two reads looked like applied > durable (seen under load 22).
+        # The blp publishes its applied index after the batch's replies are in egress, so the
+        # reply can arrive first (seen under load): wait for it. Applied is read before durable:
+        # one snapshot reads durable first, and a record made durable and applied between the two
+        # reads looked like applied > durable (seen under load 22).
+        wait_until(lambda: node.read_counters()["blp.applied.index"] >= command_index, "the command applied")
         applied = node.read_counters()["blp.applied.index"]
         assert node.read_counters()["journal.durable.index"] >= applied >= command_index
     # Once the traffic stops, the blp catches up with everything published (session closes too).
