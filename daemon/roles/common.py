@@ -26,6 +26,7 @@ line and a fatal exit code (daemon/exits.py), and `seqd run` ends with them.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import signal
@@ -40,6 +41,8 @@ from daemon.exits import ROLE_FATAL_CODES, classify, exit_fatal
 from daemon.layout import ROLE_COUNTERS, CounterView, Role, RoleState, attach_counters
 from daemon.parent_death import EXIT_ORPHANED, die_with_parent
 from ipc.counters import Counter
+from ipc.doorbell import Doorbell
+from ipc.doorbell_fifo import LoopWaiter
 from ipc.idle import idle_strategy
 from ipc.segment import SegmentError
 
@@ -50,6 +53,7 @@ __all__ = [
     "ROLE_EXIT_RAFT_TRUNCATE",
     "SUPERVISOR_PID_ENV",
     "RoleContext",
+    "loop_waiter",
     "report_start_failure",
     "run_agent",
     "run_role",
@@ -194,6 +198,26 @@ def report_start_failure(context: RoleContext) -> Iterator[None]:
         log = logging.getLogger(f"seqd.{context.role}")
         log.debug("%s cannot start", context.role, exc_info=error)
         exit_fatal(fatal, log)
+
+
+def loop_waiter(
+    loop: asyncio.AbstractEventLoop, doorbell: Doorbell, on_ready: Callable[[], None], *,
+    ring_name: str, whose: str, setting: str,
+) -> LoopWaiter:  # fmt: skip
+    """A `LoopWaiter` on `doorbell`, a ring reader's in a role's event loop (the sequencer's
+    egress, the replicator's proposals). The ring must have been created with that reader's
+    doorbell a FIFO (`setting`, a name in daemon.layout): a semaphore no loop can watch.
+
+    Raises:
+        RuntimeError: the doorbell is a semaphore (the ring was created by another seqd).
+    """
+    if not doorbell.pollable:
+        raise RuntimeError(
+            f"{ring_name}: the {whose} doorbell is a semaphore, which the event loop cannot "
+            f"watch; the ring must be created with pollable={setting} (daemon.layout). Restart "
+            "the node with this seqd."
+        )
+    return LoopWaiter(loop, doorbell, on_ready)
 
 
 def run_agent(context: RoleContext, agent: Agent) -> None:

@@ -96,8 +96,13 @@ from daemon.layout import (
 )
 from daemon.raft_truncate import write_truncate_request
 from daemon.read_rounds import ReadRounds
-from daemon.roles.common import ROLE_EXIT_RAFT_TRUNCATE as EXIT_TRUNCATE
-from daemon.roles.common import RoleContext, report_start_failure, start_role
+from daemon.roles.common import (
+    ROLE_EXIT_RAFT_TRUNCATE,
+    RoleContext,
+    loop_waiter,
+    report_start_failure,
+    start_role,
+)
 from daemon.roles.replicator_ops import ReplicatorOperations
 from daemon.roles.replicator_ring import RingFeed
 from daemon.roles.replicator_setup import (
@@ -109,7 +114,6 @@ from daemon.roles.replicator_setup import (
     whole_record,
 )
 from daemon.snapshot_install import SnapshotReceiver, SnapshotSender, write_install_request
-from ipc.doorbell_fifo import LoopWaiter
 from ipc.ring import Ring
 from sequencer.cluster import (
     ForwardInbox,
@@ -177,13 +181,8 @@ class Replicator:
         self.proposal_ring = Ring.attach(proposal_name(node), epoch=context.epoch)
         self.writer = self.log_ring.writer()
         self.proposals = self.proposal_ring.reader(Role.REPLICATOR)
-        if not self.proposals.doorbell.pollable:
-            raise RuntimeError(
-                f"{self.proposal_ring.name}: the replicator's doorbell is a semaphore, which the event "
-                "loop cannot watch; the proposal ring must be created with pollable=PROPOSAL_POLLABLE "
-                "(daemon.layout). Restart the node with this seqd."
-            )
-        self.bell_waiter = LoopWaiter(loop, self.proposals.doorbell, self._on_bell)
+        self.bell_waiter = loop_waiter(loop, self.proposals.doorbell, self._on_bell, ring_name=self.proposal_ring.name,
+                                       whose="replicator's", setting="PROPOSAL_POLLABLE")  # fmt: skip
         self.blp_doorbell = self.log_ring.doorbell(Role.BLP)
         self.durable_index = counters[JOURNAL_DURABLE_INDEX]  # the journaller's
         self.commit_index_counter = counters[RAFT_COMMIT_INDEX]
@@ -657,10 +656,10 @@ class Replicator:
         except TruncateRequired as truncate:
             path = write_truncate_request(self.config.node.data_dir, truncate.index)
             log.warning("%s: wrote %s; restarting the node's pipeline to cut the journal", truncate, path)
-            return EXIT_TRUNCATE
+            return ROLE_EXIT_RAFT_TRUNCATE
         except InstallRequired as install:
             log.warning("%s: restarting the node's pipeline on it", install)
-            return EXIT_TRUNCATE
+            return ROLE_EXIT_RAFT_TRUNCATE
         finally:
             unsaved = self.hard_state_unsaved
             if unsaved is not None:

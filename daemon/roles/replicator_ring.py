@@ -9,7 +9,8 @@ ring with one join and one copy (`RingWriter.try_write_joined`) and its ring end
 per-entry Python (`RingPositions.wrote_run`); only a run that meets the wrap or the gate goes entry
 by entry up to there. One `write` writes one run at most, so a long queue is written over several
 passes of the replicator's loop (it schedules the next pass itself while entries wait and the ring
-takes them), each published at once for the journaller and the blp. This was ~15.7k instructions per entry entry by entry, ~2.1k in runs.
+takes them), each published at once for the journaller and the blp. This was ~15.7k instructions
+per entry written entry by entry, ~2.1k in runs.
 
 The log ring's writer owns `log.published.*` (`CounterSpec.cluster_owner`), so this is where they
 are written: the index written last, then the ring's cursor.

@@ -94,11 +94,10 @@ from daemon.layout import (
     log_name,
     proposal_name,
 )
-from daemon.roles.common import RoleContext, report_start_failure, start_role
+from daemon.roles.common import RoleContext, loop_waiter, report_start_failure, start_role
 from daemon.roles.sequencer_session import PEER_UNKNOWN, Session
 from daemon.standby import GreenPipeline, Standby, stand_by, switched
 from daemon.unix_socket import bind_unix_socket
-from ipc.doorbell_fifo import LoopWaiter
 from ipc.ring import Ring
 from sequencer import egress
 from sequencer.client import protocol
@@ -157,13 +156,9 @@ class Sequencer:
         self.egress_ring = Ring.attach(egress_name(config.node.name), epoch=context.epoch)
         self.writer = self.log_ring.writer()
         self.egress_reader = self.egress_ring.reader(Role.SEQUENCER)
-        if not self.egress_reader.doorbell.pollable:
-            raise RuntimeError(
-                f"{self.egress_ring.name}: the sequencer's egress doorbell is a semaphore, which the "
-                "event loop cannot watch; the egress ring must be created with "
-                "pollable=EGRESS_POLLABLE (daemon.layout). Restart the node with this seqd."
-            )
-        self.egress_waiter = LoopWaiter(loop, self.egress_reader.doorbell, self._drain_egress)
+        self.egress_waiter = loop_waiter(loop, self.egress_reader.doorbell, self._drain_egress,
+                                         ring_name=self.egress_ring.name, whose="sequencer's egress",
+                                         setting="EGRESS_POLLABLE")  # fmt: skip
         self.egress_polling = False  # `_watch_egress`
         self.client_write_buffer_bytes_max = config.socket.client_write_buffer_bytes_max
         gateway_config = GatewayConfig(
