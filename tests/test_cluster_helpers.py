@@ -3,6 +3,7 @@ cluster mode and the supervisor's journal cut on a replicator's request, each al
 
 from __future__ import annotations
 
+import random
 import struct
 from pathlib import Path
 
@@ -341,6 +342,40 @@ def test_a_run_of_entries_written_at_once_ends_where_each_written_alone_would() 
         assert (run.commit_index, run.commit_position) == (alone.commit_index, alone.commit_position)
     run.wrote_run(16, end, [])  # an empty run writes nothing
     assert run.written_index == 15
+
+
+def test_the_commit_position_held_by_runs_moves_as_one_entry_at_a_time_would() -> None:
+    """Runs of entries written, cut by a conflict and committed part-way, in a random order:
+    the commit index and position always match a map of each entry's end."""
+    rng = random.Random(11)
+    for _ in range(200):
+        positions = RingPositions(start_index=5, start_position=640)
+        ends = {5: 640}  # index -> end position: the model
+        commit = 5
+        for _ in range(40):
+            step = rng.random()
+            written = positions.written_index
+            if step < 0.4:
+                lengths = [rng.choice((48, 64, 136)) for _ in range(rng.randint(0, 6))]
+                end = ends[written]
+                positions.wrote_run(written + 1, end, lengths)
+                for offset, length in enumerate(lengths):
+                    end += length
+                    ends[written + 1 + offset] = end
+            elif step < 0.55:
+                positions.wrote(written + 1, ends[written] + 56)
+                ends[written + 1] = ends[written] + 56
+            elif step < 0.7:
+                cut = rng.randint(positions.commit_index, written)
+                positions.drop_after(cut)
+                ends = {index: end for index, end in ends.items() if index <= cut}
+            else:
+                index = rng.randint(commit - 1, written + 2)
+                expected = min(max(commit, index), written)
+                assert positions.commit(index) == (expected > commit)
+                commit = expected
+            assert positions.written_index == max(ends)
+            assert (positions.commit_index, positions.commit_position) == (commit, ends[commit])
 
 
 # ---- the journaller in a cluster -------------------------------------------------------------------
