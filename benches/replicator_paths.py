@@ -30,7 +30,7 @@ import time
 from typing import Any
 
 from benches.hot_paths import _in_thread
-from sequencer.cluster import PendingForwards, RecordStamper, RingPositions, record_from_frame
+from sequencer.cluster import PendingForwards, RecordStamper, RingPositions, records_from_frames
 from sequencer.record import FRAME_HEADER, RecordType, encode_record
 
 LOOPS = ("positions", "leader_records")
@@ -70,25 +70,12 @@ def leader_records_loop(records: int, batch: int) -> float:
         stamper = RecordStamper(0)
         started = time.thread_time()
         for start in range(0, records, batch):
-            # _take_proposals
-            keys = []
-            taken = []
-            now_s = 1.0
-            add = pending.add
-            for frame_type, view in frames[start : start + batch]:
-                record = record_from_frame(frame_type, view)
-                keys.append(add(record, now_s))
-                taken.append(record)
-            # _propose
-            stamp = stamper.stamp
-            stamped = [stamp(record, 1 + start + offset, 1) for offset, record in enumerate(taken)]
+            taken = records_from_frames(frames[start : start + batch])  # _take_proposals
+            keys = pending.add_all(taken, 1.0)
+            stamped = stamper.stamp_all(taken, 1 + start, 1)  # _propose
             pending.stamped(stamped, keys)
-            # _queue_entries, then the commit in _handle_ready
-            logged = pending.logged
-            for payload in stamped:
-                logged(payload)
-            for payload in stamped:
-                pending.committed(payload)
+            pending.logged_all(stamped)  # _queue_entries
+            pending.committed_all(stamped)  # _handle_ready
         assert not len(pending), len(pending)
         return time.thread_time() - started
 

@@ -173,6 +173,40 @@ def test_a_stamped_copy_is_logged_and_released_alike_with_its_key_remembered_or_
         assert not pending.committed(copies[2])  # released once
 
 
+def test_a_batch_is_held_stamped_logged_and_released_as_one_record_at_a_time_would() -> None:
+    """The leader's batch calls (`add_all`, `stamp_all`, `logged_all`, `committed_all`) against
+    the same records one at a time: duplicates, records stamped by another leader (no
+    remembered key), timestamps that go back."""
+    rng = random.Random(7)
+    for _ in range(50):
+        one, batch = PendingForwards(), PendingForwards()
+        stamper_one, stamper_batch = RecordStamper(500), RecordStamper(500)
+        index = 1
+        for _ in range(6):
+            records = [command(rng.randint(1, 12), timestamp_ns=rng.randint(495, 505)) for _ in range(rng.randint(0, 8))]
+            keys = [one.add(record, 1.0) for record in records]
+            assert batch.add_all(records, 1.0) == keys
+            copies = [stamper_one.stamp(record, index + offset, 2) for offset, record in enumerate(records)]
+            assert stamper_batch.stamp_all(records, index, 2) == copies
+            assert stamper_batch.last_timestamp_ns == stamper_one.last_timestamp_ns
+            index += len(records)
+            one.stamped(copies, keys)
+            batch.stamped(list(copies), keys)
+            elsewhere = [RecordStamper(0).stamp(command(rng.randint(1, 12)), index=99, term=1) for _ in range(2)]
+            logged = copies + elsewhere
+            for record in logged:
+                one.logged(record)
+            batch.logged_all(logged)
+            committed = rng.sample(logged, rng.randint(0, len(logged)))
+            for record in committed:
+                one.committed(record)
+            batch.committed_all(committed)
+            assert (len(batch), batch.bytes) == (len(one), one.bytes)
+            assert batch._records == one._records  # each record's count, logged count, clock
+            assert batch.records() == one.records()
+            assert batch.records(with_logged=True) == one.records(with_logged=True)
+
+
 def test_the_remembered_keys_of_stamped_copies_stay_under_the_pending_bound() -> None:
     pending = PendingForwards()
     stamper = RecordStamper(0)

@@ -122,7 +122,7 @@ from sequencer.cluster import (
     RecordStamper,
     RingPositions,
     may_propose,
-    record_from_frame,
+    records_from_frames,
 )
 from sequencer.hard_state import HardStateFile
 from sequencer.journal import JournalLogStorage
@@ -462,12 +462,9 @@ class Replicator:
             frames = self.proposals.poll(PROPOSALS_PER_PASS_MAX)
             if frames:
                 pending = self.pending
-                now_s = time.monotonic()  # the resend clock of each record starts now
-                add = pending.add
-                for frame_type, view in frames:
-                    record = record_from_frame(frame_type, view)
-                    keys.append(add(record, now_s))
-                    records.append(record)
+                taken_records = records_from_frames(frames)
+                keys = pending.add_all(taken_records, time.monotonic())  # each one's resend clock starts now
+                records += taken_records
                 taken = len(frames)
                 self.pending_published = len(pending)
                 self.pending_counter.set(self.pending_published)  # before the release: the drain reads both
@@ -492,9 +489,7 @@ class Replicator:
         core = self.core
         first_index = core.next_index()
         term = core.term
-        stamp = self.stamper.stamp
-        batch = records + forwarded if forwarded else records
-        stamped = [stamp(record, first_index + offset, term) for offset, record in enumerate(batch)]
+        stamped = self.stamper.stamp_all(records + forwarded if forwarded else records, first_index, term)
         try:
             core.propose_batch(stamped, first_index=first_index, term=term)
         except ProposalRejected as error:
@@ -542,10 +537,7 @@ class Replicator:
         committed = ready.committed
         if committed is not None:
             self.commit_known = committed.last_index
-            pending = self.pending
-            if pending:
-                for payload in committed.payloads:
-                    pending.committed(payload)
+            self.pending.committed_all(committed.payloads)
         core.advance(ready, entries_durable=False)
         term_start = ready.term_start
         if term_start is not None:
@@ -570,10 +562,7 @@ class Replicator:
         # The log's timestamps never go back (every leader stamps at or after what it observed),
         # so its last entry's is the largest: one observation per run, not per entry.
         self.stamper.observe(payloads[-1])
-        if pending:
-            logged = pending.logged
-            for payload in payloads:
-                logged(payload)
+        pending.logged_all(payloads)
         self.writes.append((entries.last_index, entries.terms[-1]))
 
     def _write_ring(self) -> None:
