@@ -241,7 +241,7 @@ class Replicator:
         self.hard_state_saved_s = time.monotonic()
         self.transport = PeerTransport(transport_config(config), self._on_messages, self._on_records)
         self.faults = ForwardFaults()  # the fault hooks on forwarded records (tests)
-        self.process_scheduled = False
+        self.process_scheduled: asyncio.Handle | None = None  # a pass `_schedule` asked for
         self.finished: asyncio.Future[int] = loop.create_future()
         self.durable_seen = -1  # the journal's durable index last told to the core
         self.want_proposals = False  # proposals wake `_process` only while it takes them
@@ -358,14 +358,18 @@ class Replicator:
             self.operations.resent(len(self.outbox), f"the oldest not committed {RESEND_AFTER_S} s after it was sent")
 
     def _schedule(self) -> None:
-        if not self.process_scheduled:
-            self.process_scheduled = True
-            self.loop.call_soon(self._process)
+        """A pass at the end of this loop iteration: whatever else is ready in it (peer messages,
+        the doorbell) is read first and goes through the same pass."""
+        if self.process_scheduled is None:
+            self.process_scheduled = self.loop.call_soon(self._process)
 
     # ---- the one path through the core -------------------------------------------------------
 
     def _process(self, tick: bool = False) -> None:
-        self.process_scheduled = False
+        scheduled = self.process_scheduled
+        if scheduled is not None:  # this pass (a tick's) does what the scheduled one would
+            scheduled.cancel()
+            self.process_scheduled = None
         if self.finished.done():
             return
         try:
@@ -626,8 +630,8 @@ class Replicator:
 
     def _on_bell(self) -> None:
         """The doorbell rang (the journaller after an fdatasync, the sequencer's proposals)."""
-        if not self.process_scheduled and self._has_work_outside():
-            self._process()
+        if self._has_work_outside():
+            self._schedule()
 
     # ---- life cycle ----------------------------------------------------------------------------
 
