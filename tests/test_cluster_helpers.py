@@ -3,6 +3,7 @@ cluster mode and the supervisor's journal cut on a replicator's request, each al
 
 from __future__ import annotations
 
+import random
 import struct
 from pathlib import Path
 
@@ -170,6 +171,40 @@ def test_a_stamped_copy_is_logged_and_released_alike_with_its_key_remembered_or_
         assert pending.committed(copies[2])
         assert not pending and pending.bytes == 0
         assert not pending.committed(copies[2])  # released once
+
+
+def test_a_batch_is_held_stamped_logged_and_released_as_one_record_at_a_time_would() -> None:
+    """The leader's batch calls (`add_all`, `stamp_all`, `logged_all`, `committed_all`) against
+    the same records one at a time: duplicates, records stamped by another leader (no
+    remembered key), timestamps that go back."""
+    rng = random.Random(7)
+    for _ in range(50):
+        one, batch = PendingForwards(), PendingForwards()
+        stamper_one, stamper_batch = RecordStamper(500), RecordStamper(500)
+        index = 1
+        for _ in range(6):
+            records = [command(rng.randint(1, 12), timestamp_ns=rng.randint(495, 505)) for _ in range(rng.randint(0, 8))]
+            keys = [one.add(record, 1.0) for record in records]
+            assert batch.add_all(records, 1.0) == keys
+            copies = [stamper_one.stamp(record, index + offset, 2) for offset, record in enumerate(records)]
+            assert stamper_batch.stamp_all(records, index, 2) == copies
+            assert stamper_batch.last_timestamp_ns == stamper_one.last_timestamp_ns
+            index += len(records)
+            one.stamped(copies, keys)
+            batch.stamped(list(copies), keys)
+            elsewhere = [RecordStamper(0).stamp(command(rng.randint(1, 12)), index=99, term=1) for _ in range(2)]
+            logged = copies + elsewhere
+            for record in logged:
+                one.logged(record)
+            batch.logged_all(logged)
+            committed = rng.sample(logged, rng.randint(0, len(logged)))
+            for record in committed:
+                one.committed(record)
+            batch.committed_all(committed)
+            assert (len(batch), batch.bytes) == (len(one), one.bytes)
+            assert batch._records == one._records  # each record's count, logged count, clock
+            assert batch.records() == one.records()
+            assert batch.records(with_logged=True) == one.records(with_logged=True)
 
 
 def test_the_remembered_keys_of_stamped_copies_stay_under_the_pending_bound() -> None:
@@ -341,6 +376,40 @@ def test_a_run_of_entries_written_at_once_ends_where_each_written_alone_would() 
         assert (run.commit_index, run.commit_position) == (alone.commit_index, alone.commit_position)
     run.wrote_run(16, end, [])  # an empty run writes nothing
     assert run.written_index == 15
+
+
+def test_the_commit_position_held_by_runs_moves_as_one_entry_at_a_time_would() -> None:
+    """Runs of entries written, cut by a conflict and committed part-way, in a random order:
+    the commit index and position always match a map of each entry's end."""
+    rng = random.Random(11)
+    for _ in range(200):
+        positions = RingPositions(start_index=5, start_position=640)
+        ends = {5: 640}  # index -> end position: the model
+        commit = 5
+        for _ in range(40):
+            step = rng.random()
+            written = positions.written_index
+            if step < 0.4:
+                lengths = [rng.choice((48, 64, 136)) for _ in range(rng.randint(0, 6))]
+                end = ends[written]
+                positions.wrote_run(written + 1, end, lengths)
+                for offset, length in enumerate(lengths):
+                    end += length
+                    ends[written + 1 + offset] = end
+            elif step < 0.55:
+                positions.wrote(written + 1, ends[written] + 56)
+                ends[written + 1] = ends[written] + 56
+            elif step < 0.7:
+                cut = rng.randint(positions.commit_index, written)
+                positions.drop_after(cut)
+                ends = {index: end for index, end in ends.items() if index <= cut}
+            else:
+                index = rng.randint(commit - 1, written + 2)
+                expected = min(max(commit, index), written)
+                assert positions.commit(index) == (expected > commit)
+                commit = expected
+            assert positions.written_index == max(ends)
+            assert (positions.commit_index, positions.commit_position) == (commit, ends[commit])
 
 
 # ---- the journaller in a cluster -------------------------------------------------------------------

@@ -122,7 +122,7 @@ from sequencer.cluster import (
     RecordStamper,
     RingPositions,
     may_propose,
-    record_from_frame,
+    records_from_frames,
 )
 from sequencer.hard_state import HardStateFile
 from sequencer.journal import JournalLogStorage
@@ -241,7 +241,7 @@ class Replicator:
         self.hard_state_saved_s = time.monotonic()
         self.transport = PeerTransport(transport_config(config), self._on_messages, self._on_records)
         self.faults = ForwardFaults()  # the fault hooks on forwarded records (tests)
-        self.process_scheduled = False
+        self.process_scheduled: asyncio.Handle | None = None  # a pass `_schedule` asked for
         self.finished: asyncio.Future[int] = loop.create_future()
         self.durable_seen = -1  # the journal's durable index last told to the core
         self.want_proposals = False  # proposals wake `_process` only while it takes them
@@ -358,14 +358,18 @@ class Replicator:
             self.operations.resent(len(self.outbox), f"the oldest not committed {RESEND_AFTER_S} s after it was sent")
 
     def _schedule(self) -> None:
-        if not self.process_scheduled:
-            self.process_scheduled = True
-            self.loop.call_soon(self._process)
+        """A pass at the end of this loop iteration: whatever else is ready in it (peer messages,
+        the doorbell) is read first and goes through the same pass."""
+        if self.process_scheduled is None:
+            self.process_scheduled = self.loop.call_soon(self._process)
 
     # ---- the one path through the core -------------------------------------------------------
 
     def _process(self, tick: bool = False) -> None:
-        self.process_scheduled = False
+        scheduled = self.process_scheduled
+        if scheduled is not None:  # this pass (a tick's) does what the scheduled one would
+            scheduled.cancel()
+            self.process_scheduled = None
         if self.finished.done():
             return
         try:
@@ -462,12 +466,9 @@ class Replicator:
             frames = self.proposals.poll(PROPOSALS_PER_PASS_MAX)
             if frames:
                 pending = self.pending
-                now_s = time.monotonic()  # the resend clock of each record starts now
-                add = pending.add
-                for frame_type, view in frames:
-                    record = record_from_frame(frame_type, view)
-                    keys.append(add(record, now_s))
-                    records.append(record)
+                taken_records = records_from_frames(frames)
+                keys = pending.add_all(taken_records, time.monotonic())  # each one's resend clock starts now
+                records += taken_records
                 taken = len(frames)
                 self.pending_published = len(pending)
                 self.pending_counter.set(self.pending_published)  # before the release: the drain reads both
@@ -492,9 +493,7 @@ class Replicator:
         core = self.core
         first_index = core.next_index()
         term = core.term
-        stamp = self.stamper.stamp
-        batch = records + forwarded if forwarded else records
-        stamped = [stamp(record, first_index + offset, term) for offset, record in enumerate(batch)]
+        stamped = self.stamper.stamp_all(records + forwarded if forwarded else records, first_index, term)
         try:
             core.propose_batch(stamped, first_index=first_index, term=term)
         except ProposalRejected as error:
@@ -542,10 +541,7 @@ class Replicator:
         committed = ready.committed
         if committed is not None:
             self.commit_known = committed.last_index
-            pending = self.pending
-            if pending:
-                for payload in committed.payloads:
-                    pending.committed(payload)
+            self.pending.committed_all(committed.payloads)
         core.advance(ready, entries_durable=False)
         term_start = ready.term_start
         if term_start is not None:
@@ -570,10 +566,7 @@ class Replicator:
         # The log's timestamps never go back (every leader stamps at or after what it observed),
         # so its last entry's is the largest: one observation per run, not per entry.
         self.stamper.observe(payloads[-1])
-        if pending:
-            logged = pending.logged
-            for payload in payloads:
-                logged(payload)
+        pending.logged_all(payloads)
         self.writes.append((entries.last_index, entries.terms[-1]))
 
     def _write_ring(self) -> None:
@@ -637,8 +630,8 @@ class Replicator:
 
     def _on_bell(self) -> None:
         """The doorbell rang (the journaller after an fdatasync, the sequencer's proposals)."""
-        if not self.process_scheduled and self._has_work_outside():
-            self._process()
+        if self._has_work_outside():
+            self._schedule()
 
     # ---- life cycle ----------------------------------------------------------------------------
 

@@ -22,7 +22,12 @@ from sequencer.cluster.forwards import (
 )
 from sequencer.cluster.gate import may_propose
 from sequencer.cluster.positions import RingPositions
-from sequencer.cluster.ring_entries import record_from_frame, record_index, record_term
+from sequencer.cluster.ring_entries import (
+    record_from_frame,
+    record_index,
+    record_term,
+    records_from_frames,
+)
 from sequencer.cluster.stamper import RecordStamper
 
 __all__ = [
@@ -39,4 +44,5 @@ __all__ = [
     "record_index",
     "record_key",
     "record_term",
+    "records_from_frames",
 ]

@@ -135,6 +135,21 @@ class PendingForwards:
         self.bytes += len(record)
         return key
 
+    def add_all(self, records: list[bytes], now_s: float) -> list[bytes]:
+        """`add` of each of `records` (a batch from the proposal ring), in one loop; their keys."""
+        assert not records or min(map(len, records)) >= RECORD_HEADER_BYTES, records
+        held_records = self._records
+        get = held_records.get
+        keys = [record[:_STAMP_START] + record[_STAMP_END:] for record in records]  # record_key
+        for record, key in zip(records, keys, strict=True):
+            held = get(key)
+            if held is None:
+                held_records[key] = [record, 1, 0, now_s]
+            else:
+                held[1] += 1
+        self.bytes += sum(map(len, records))
+        return keys
+
     def stamped(self, copies: list[bytes], keys: list[bytes]) -> None:
         """A leader proposed `copies`, the stamped copies of the pending records whose keys
         `add` returned (in the same order)."""
@@ -165,6 +180,18 @@ class PendingForwards:
         held[2] += 1
         return True
 
+    def logged_all(self, records: list[bytes]) -> None:
+        """`logged` of each of `records` (entries written to this node's log), in one loop."""
+        held_records = self._records
+        if not held_records:
+            return
+        get = held_records.get
+        key_of = self._keys.get
+        for record in records:
+            held = get(key_of(record) or record_key(record))
+            if held is not None and held[2] < held[1]:
+                held[2] += 1
+
     def unlogged(self, record: bytes | bytearray | memoryview) -> None:
         """A record marked `logged` left the log before it committed (replaced before it reached
         the ring): it is sent again at the next change of leader."""
@@ -192,6 +219,29 @@ class PendingForwards:
             held[2] = max(0, logged - 1)
         self.bytes -= len(pending)
         return True
+
+    def committed_all(self, records: list[bytes]) -> None:
+        """`committed` of each of `records` (entries committed in this node's log), in one loop."""
+        if not self._records:
+            self._keys.clear()  # nothing pending: no copy's key is needed
+            return
+        held_records = self._records
+        get = held_records.get
+        key_of = self._keys.pop
+        released = 0
+        for record in records:
+            key = key_of(record, None) or record_key(record)
+            held = get(key)
+            if held is None:
+                continue
+            count = held[1]
+            if count == 1:
+                del held_records[key]
+            else:
+                held[1] = count - 1
+                held[2] = max(0, held[2] - 1)
+            released += len(held[0])
+        self.bytes -= released
 
     def records(self, with_logged: bool = False) -> list[bytes]:
         """Every pending record not seen in this node's log (`with_logged`: every pending record),

@@ -14,7 +14,7 @@ to its log), so a node that becomes leader continues from the log's last timesta
 
 from __future__ import annotations
 
-from sequencer.cluster.ring_entries import record_timestamp_ns, stamped
+from sequencer.cluster.ring_entries import record_timestamp_ns, stamped, stamped_run
 from sequencer.record import RecordType, encode_record
 
 __all__ = ["RecordStamper"]
@@ -44,6 +44,14 @@ class RecordStamper:
             timestamp_ns = self.last_timestamp_ns
         self.last_timestamp_ns = timestamp_ns
         return stamped(record, index, term, timestamp_ns)
+
+    def stamp_all(self, records: list[bytes], first_index: int, term: int) -> list[bytes]:
+        """`stamp` of each of `records` at `first_index`, `first_index + 1`, ... (a proposal batch,
+        in one loop)."""
+        assert first_index >= 1, first_index
+        assert term >= 1, term
+        out, self.last_timestamp_ns = stamped_run(records, first_index, term, self.last_timestamp_ns)
+        return out
 
     def term_start(self, index: int, term: int, now_ns: int) -> bytes:
         """The TERM_START record (the term's Raft no-op, section 8) at `index`: timestamped with

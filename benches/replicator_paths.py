@@ -1,0 +1,155 @@
+"""The replicator's per-entry paths, in one process: what each cut of the replicators is judged by.
+
+    python -m benches.replicator_paths [--records 64000] [--batch 64] [--json]
+    valgrind --tool=callgrind --toggle-collect=thread_run --callgrind-out-file=/dev/null \\
+        python -m benches.replicator_paths --only positions --records 6400 --runs 1
+    (the "Collected" total / records is instructions per entry, as in benches/hot_paths.py)
+
+Each loop drives the real code a running replicator runs for every entry, in batches of `batch`
+(a leader's proposal batch, a follower's AppendEntries: ~40-110 entries under the closed loop of
+`benches.cluster_cpu`), without sockets or other processes:
+
+- `positions` (every node): the ends of a run of entries written to the log ring recorded
+  (`RingPositions.wrote_run`), then the commit moved past them (`RingPositions.commit`): the blp's
+  limit, once per pass.
+- `frames` (both ends of a link): an AppendEntries of `batch` entries framed and MAC'd by the
+  leader's codec (`PeerConnection.send_messages`), checked and decoded by the follower's
+  (`receive_data`, `next_event`), and its AppendEntriesResponse the other way.
+- `leader_records` (the leader): a batch of ledger commands taken from the proposal ring (the ring
+  frame made a record again, held pending), stamped and proposed (`PendingForwards.stamped`), then
+  seen in the log (`logged`) and committed (`committed`), as `daemon/roles/replicator.py` does.
+
+Figures are thread CPU time per entry (`time.thread_time`), median of `--runs`; under callgrind,
+instructions per entry (exact under any load). Not for `frames`: about half its time is the
+HMAC-SHA256 of each frame, which OpenSSL runs with the CPU's SHA instructions natively and in
+software under valgrind (whose CPU has none), so its instruction count overstates the MAC.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from typing import Any
+
+from benches.hot_paths import _in_thread
+from sequencer.cluster import PendingForwards, RecordStamper, RingPositions, records_from_frames
+from sequencer.raft.messages import AppendEntries, AppendEntriesResponse
+from sequencer.raft.peer_protocol import (
+    NEED_DATA,
+    Authenticated,
+    ClusterIdentity,
+    MessageBatch,
+    PeerConnection,
+    Side,
+)
+from sequencer.record import FRAME_HEADER, RecordType, encode_record
+
+LOOPS = ("positions", "leader_records", "frames")
+PAYLOAD_BYTES = 96  # a ledger transfer's payload is of this order
+
+
+def _frames(records: int) -> list[tuple[int, memoryview]]:
+    """Ring frames (type, view after the frame header) of `records` distinct unstamped commands."""
+    frames = []
+    for n in range(records):
+        record = encode_record(RecordType.COMMAND, 1, 0, 0, 1_000 + n, 1 + n % 4, n, bytes(PAYLOAD_BYTES))
+        length, frame_type = FRAME_HEADER.unpack_from(record)
+        frames.append((frame_type, memoryview(record)[FRAME_HEADER.size : length]))
+    return frames
+
+
+def positions_loop(records: int, batch: int) -> float:
+    lengths = [PAYLOAD_BYTES + 48] * batch
+    run_bytes = sum(lengths)
+
+    def loop() -> float:
+        positions = RingPositions(0, 0)
+        started = time.thread_time()
+        for first in range(1, records + 1, batch):
+            positions.wrote_run(first, (first - 1) // batch * run_bytes, lengths)
+            positions.commit(first + batch - 1)
+        return time.thread_time() - started
+
+    return _in_thread(loop)
+
+
+def leader_records_loop(records: int, batch: int) -> float:
+    frames = _frames(records)
+
+    def loop() -> float:
+        pending = PendingForwards()
+        stamper = RecordStamper(0)
+        started = time.thread_time()
+        for start in range(0, records, batch):
+            taken = records_from_frames(frames[start : start + batch])  # _take_proposals
+            keys = pending.add_all(taken, 1.0)
+            stamped = stamper.stamp_all(taken, 1 + start, 1)  # _propose
+            pending.stamped(stamped, keys)
+            pending.logged_all(stamped)  # _queue_entries
+            pending.committed_all(stamped)  # _handle_ready
+        assert not len(pending), len(pending)
+        return time.thread_time() - started
+
+    return _in_thread(loop)
+
+
+def _link(dialler_id: int, acceptor_id: int) -> tuple[PeerConnection, PeerConnection]:
+    """Two ends of an authenticated peer connection, in memory (the codec is sans-I/O)."""
+    members = frozenset({1, 2, 3})
+    secret = bytes(range(32))
+    dialling = PeerConnection(ClusterIdentity(7, dialler_id, members, secret), Side.DIALLER, bytes(32), acceptor_id)
+    accepting = PeerConnection(ClusterIdentity(7, acceptor_id, members, secret), Side.ACCEPTOR, bytes(range(1, 33)))
+    accepting.receive_data(dialling.data_to_send())
+    assert accepting.next_event() is NEED_DATA
+    dialling.receive_data(accepting.data_to_send())
+    assert isinstance(dialling.next_event(), Authenticated)
+    accepting.receive_data(dialling.data_to_send())
+    assert isinstance(accepting.next_event(), Authenticated)
+    return dialling, accepting
+
+
+def frames_loop(records: int, batch: int) -> float:
+    payloads = [bytes(PAYLOAD_BYTES + 48)] * batch
+    leader_out, follower_in = _link(1, 2)
+    follower_out, leader_in = _link(2, 1)
+
+    def loop() -> float:
+        started = time.thread_time()
+        for first in range(1, records + 1, batch):
+            append = AppendEntries(7, 1, 2, 3, first - 1, 3, first - 1, [3] * batch, payloads)
+            follower_in.receive_data(leader_out.send_messages([append]))
+            assert type(follower_in.next_event()) is MessageBatch
+            answer = AppendEntriesResponse(7, 2, 1, 3, True, first + batch - 1, 0, 0, first + batch - 1, 1)
+            leader_in.receive_data(follower_out.send_messages([answer]))
+            assert type(leader_in.next_event()) is MessageBatch
+        return time.thread_time() - started
+
+    return _in_thread(loop)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benches.replicator_paths")
+    parser.add_argument("--records", type=int, default=64_000)
+    parser.add_argument("--batch", type=int, default=64, help="entries per pass")
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--only", choices=LOOPS, action="append", help="run these loops only")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    results: dict[str, Any] = {"records": args.records, "batch": args.batch}
+    loops = {"positions": positions_loop, "leader_records": leader_records_loop, "frames": frames_loop}
+    for name in args.only or LOOPS:
+        runs = [loops[name](args.records, args.batch) for _ in range(args.runs)]
+        results[f"{name}_cpu_us_per_entry"] = round(1e6 * statistics.median(runs) / args.records, 3)
+    if args.json:
+        print(json.dumps(results, sort_keys=True))
+    else:
+        for key, value in results.items():
+            print(f"{key:34} {value}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
