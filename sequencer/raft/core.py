@@ -59,7 +59,7 @@ Features, with the sections of the Raft paper (extended version) they implement:
   earlier terms and learns the commit index;
 - log replication with conflict back-off by term (5.3), commit of current-term entries only by
   counting (5.4.2, Figure 8), batching and pipelining of AppendEntries with a bounded window of
-  messages in flight per follower (flow control);
+  messages and payload bytes in flight per follower (flow control);
 - InstallSnapshot (7) for a follower that needs entries the leader has compacted;
 - linearizable reads through ReadIndex (8, thesis 6.4): the leader records its commit index and
   answers only after a heartbeat round confirms a majority still follows it;
