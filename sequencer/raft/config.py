@@ -6,13 +6,15 @@ from dataclasses import dataclass
 
 from sequencer.raft.quorum import VOTERS_ALLOWED
 
-__all__ = ["LEARNERS_MAX", "NO_NODE", "RaftConfig"]
+__all__ = ["INFLIGHT_BYTES_MAX_DEFAULT", "LEARNERS_MAX", "NO_NODE", "RaftConfig"]
 
 NO_NODE = 0  # node ids are positive; 0 means "nobody" (no vote, no known leader)
 # Learners (non-voting members) one cluster may have: each is one more follower the leader
 # replicates to, so one more copy of every byte on the leader's link; a few cover backups, query
 # replicas and a machine being added.
 LEARNERS_MAX = 4
+# `RaftConfig.inflight_bytes_max`'s default (the reasons are beside the field).
+INFLIGHT_BYTES_MAX_DEFAULT = 4 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,7 +52,7 @@ class RaftConfig:
     # bandwidth-delay product with the follower's fdatasync (~5 ms at 1M entries/s of ~200 B:
     # ~1 MiB) fits four times over. Soft: a message goes out while fewer bytes are in flight, so
     # one entry larger than the window still goes (alone).
-    inflight_bytes_max: int = 4 << 20
+    inflight_bytes_max: int = INFLIGHT_BYTES_MAX_DEFAULT
     # A leader refuses proposals beyond this many uncommitted entries: when the cluster cannot
     # commit (no majority), memory must not grow without bound. ~1 s of traffic at 1M entries/s.
     uncommitted_entries_max: int = 1 << 20

@@ -130,8 +130,6 @@ __all__ = [
 ]
 
 
-
-
 class RaftCore(Elections, Reads):
     """One Raft node. See the module docstring for the contract."""
 
@@ -689,6 +687,11 @@ class RaftCore(Elections, Reads):
         if leader is None:
             return 0
         return leader.tracker.progress[peer].match_index
+
+    def inflight_bytes_peak(self, peer: int) -> int:
+        """On a leader: the most payload bytes `peer` had unanswered at once; 0 elsewhere."""
+        leader = self._leader
+        return 0 if leader is None else leader.tracker.progress[peer].inflight_bytes_peak
 
     def term_at(self, index: int) -> int | None:
         """The term of the entry at `index` (from storage if dropped from memory), or None."""

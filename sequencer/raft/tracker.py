@@ -102,6 +102,7 @@ class Progress:
         "incarnation",
         "inflight",
         "inflight_bytes",
+        "inflight_bytes_peak",
         "match_index",
         "next_index",
         "node_id",
@@ -124,6 +125,7 @@ class Progress:
         # Invariant: inflight_bytes == sum of the bytes in `inflight`.
         self.inflight: deque[tuple[int, int]] = deque()
         self.inflight_bytes = 0
+        self.inflight_bytes_peak = 0  # the most inflight_bytes ever held (operators, tests)
         self.recent_active = True  # heard from since the last check-quorum round
         self.read_sequence_acked = 0  # the highest ReadIndex round this follower confirmed
         self.commit_sent = 0  # the commit index the last AppendEntries carried
@@ -201,6 +203,8 @@ class Progress:
                 self.next_index = last_index + 1
                 self.inflight.append((last_index, payload_bytes))
                 self.inflight_bytes += payload_bytes
+                if self.inflight_bytes > self.inflight_bytes_peak:
+                    self.inflight_bytes_peak = self.inflight_bytes
         else:
             self.paused = True
 
