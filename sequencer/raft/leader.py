@@ -54,6 +54,7 @@ class Leader:
         "_heartbeat_elapsed_ticks",
         "_log",
         "_send",
+        "_sized",
         "_storage_bytes_left",
         "_timeout_now_sent",
         "_transfer_elapsed_ticks",
@@ -83,6 +84,9 @@ class Leader:
         # What this pass may still read from storage (the module docstring); refilled by `tick`s
         # and answers.
         self._storage_bytes_left = config.storage_read_bytes_per_pass_max
+        # (first index, last index, payload bytes) of the last in-memory run sent: followers in
+        # step are sent the same run, which is summed once (a leader's entries never change).
+        self._sized = (0, 0, 0)
         # A new leader guesses that each follower has its whole log and probes from there (5.3).
         # Learners are replicated to like voters, and never counted (`ProgressTracker`).
         self.tracker = ProgressTracker(peers, log.last_index + 1, quorum, config.learners)
@@ -162,14 +166,12 @@ class Leader:
     def appends_due(self, commit_index: int) -> bool:
         """Whether `flush_appends` would send anything now (a query only)."""
         config = self._config
-        return self.tracker.appends_due(self._log.last_index, commit_index,
-                                        config.inflight_messages_max, config.inflight_bytes_max,
-                                        self._stored_through())
-
-    def _stored_through(self) -> int:
-        """Entries up to here are not sent now: they need a storage read and this pass's budget
-        is spent (0: it is not)."""
-        return 0 if self._storage_bytes_left > 0 else self._log.offset_index
+        log = self._log
+        # Entries up to `stored_through` are not sent now: they need a storage read and this
+        # pass's budget is spent (0: it is not).
+        stored_through = 0 if self._storage_bytes_left > 0 else log.offset_index
+        return self.tracker.appends_due(log.last_index, commit_index, config.inflight_messages_max,
+                                        config.inflight_bytes_max, stored_through)
 
     def flush_appends(self, commit_index: int, snapshot: Snapshot | None) -> None:
         """Send what each follower is due: entries, a probe, or the new commit index.
@@ -178,24 +180,31 @@ class Leader:
         one message per follower (batching), and several messages may be in flight (pipelining).
         It sends something exactly when `appends_due` holds.
         """
-        last_index = self._log.last_index
-        window = self._config.inflight_messages_max
-        bytes_max = self._config.inflight_bytes_max
+        log = self._log
+        last_index = log.last_index
+        offset_index = log.offset_index  # entries up to here need a storage read
+        config = self._config
+        window = config.inflight_messages_max
+        bytes_max = config.inflight_bytes_max
         for progress in self.tracker.progress.values():
             state = progress.state
             if state is REPLICATE:
-                while (progress.next_index <= last_index and progress.has_room(window, bytes_max)
-                       and progress.next_index > self._stored_through()):
+                inflight = progress.inflight
+                # Inline `Progress.is_due` (the hot path: once per follower per ready).
+                while (progress.next_index <= last_index and len(inflight) < window
+                       and progress.inflight_bytes < bytes_max
+                       and (progress.next_index > offset_index or self._storage_bytes_left > 0)):
                     self._send_append(progress, commit_index, snapshot)
                     if progress.state is not REPLICATE:
                         break
                 if progress.send_probe or progress.commit_sent < commit_index:
+                    stored_through = 0 if self._storage_bytes_left > 0 else offset_index
                     if progress.state is REPLICATE and progress.is_due(
-                            last_index, commit_index, window, bytes_max, self._stored_through()):
+                            last_index, commit_index, window, bytes_max, stored_through):
                         self._send_append(progress, commit_index, snapshot)
             elif state is PROBE:
-                if progress.is_due(last_index, commit_index, window, bytes_max,
-                                   self._stored_through()):
+                stored_through = 0 if self._storage_bytes_left > 0 else offset_index
+                if progress.is_due(last_index, commit_index, window, bytes_max, stored_through):
                     self._send_append(progress, commit_index, snapshot)
 
     def _send_append(self, progress: Progress, commit_index: int, snapshot: Snapshot | None) -> None:
@@ -212,7 +221,12 @@ class Leader:
             last_index = log_last_index
         if previous_index >= log.offset_index:
             terms, payloads = log.slice(previous_index + 1, last_index + 1)
-            payload_bytes = sum(map(len, payloads))
+            sized = self._sized
+            if sized[0] == previous_index and sized[1] == last_index:
+                payload_bytes = sized[2]
+            else:
+                payload_bytes = sum(map(len, payloads))
+                self._sized = (previous_index, last_index, payload_bytes)
         else:
             # Entries dropped from memory come from storage, bounded by bytes: maybe fewer.
             terms, payloads = log.read(previous_index + 1, last_index + 1,
