@@ -242,6 +242,8 @@ class Simulation:
             log_retention_entries=retention if retention is not None else 0,
             # Small reads from storage, so an AppendEntries built from it is often cut short.
             storage_read_bytes_max=64,
+            # And two of them per pass for all followers: catch-ups wait for answers and ticks.
+            storage_read_bytes_per_pass_max=128,
             term_start_from_shell=self.term_start_from_shell,
             incarnation=node.incarnation + 1,
         )
