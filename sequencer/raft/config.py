@@ -69,10 +69,10 @@ class RaftConfig:
     # What a leader reads from storage for all its followers together in one pass: between two
     # inputs that refill it (a tick, a follower's answer), a `ready()` sends no AppendEntries that
     # needs a storage read once this many bytes were read (soft, like the window: the read that
-    # crosses it completes). The journal reads ~1 MiB of ~200 B records in ~10 ms (benches/
-    # RESULTS.md, "Flow control by bytes"), so a pass that catches up several followers holds the
-    # leader's loop ~40 ms plus one read, far under the 300 ms election timeout it must not
-    # outlast.
+    # crosses it completes). The journal reads 1 MiB of ~200 B records in ~9 ms of CPU, so a pass
+    # that catches up any number of followers holds the leader's loop ~60 ms (benches/RESULTS.md,
+    # "Flow control by bytes"; 375 ms for two followers before), far under the 300 ms election
+    # timeout it must not outlast.
     storage_read_bytes_per_pass_max: int = 4 << 20
     # The core appends an empty no-op at the start of each term (Raft paper 8). With this set it
     # appends nothing: the caller proposes the term's first entry itself at `Ready.term_start`'s
