@@ -20,7 +20,8 @@ import msgspec
 from daemon.layout import RAFT_PEER_SLOTS, REPLICAS_MAX, Role, node_roles
 from ipc.ring import frame_bytes
 from sequencer.egress import EGRESS_PAYLOAD_BYTES_MAX
-from sequencer.raft.peer_protocol import CLUSTER_ID_MAX, SECRET_BYTES_MIN
+from sequencer.raft.config import INFLIGHT_BYTES_MAX_DEFAULT
+from sequencer.raft.peer_protocol import CLUSTER_ID_MAX, PEER_FRAME_BYTES_MAX, SECRET_BYTES_MIN
 
 __all__ = [
     "SNAPSHOT_WRITERS",
@@ -71,6 +72,13 @@ CLUSTER_MEMBERS_MAX = 1 + RAFT_PEER_SLOTS
 # keeps on a loaded machine; above 100 ms a LAN failover could not stay within a second.
 TICK_MS_MIN = 1
 TICK_MS_MAX = 100
+# A leader's payload bytes in flight to one follower (`cluster.inflight_bytes_max`). Above this,
+# the window plus the one message that may cross it (a peer frame at most) would not fit the peer
+# transport's send buffer of two frames (`TransportConfig.send_buffer_bytes_max`), which drops what
+# it cannot hold; below the floor a catch-up waits a round trip per few records.
+INFLIGHT_BYTES_LIMIT = PEER_FRAME_BYTES_MAX  # a send buffer of two frames, less one frame
+INFLIGHT_BYTES_FLOOR = 64 << 10
+assert INFLIGHT_BYTES_FLOOR <= INFLIGHT_BYTES_MAX_DEFAULT <= INFLIGHT_BYTES_LIMIT
 
 
 class ConfigError(Exception):
@@ -228,6 +236,9 @@ class ClusterConfig(msgspec.Struct, forbid_unknown_fields=True):
     tick_ms: int = 10
     heartbeat_ms: int = 50
     election_timeout_ms: int = 300
+    # Flow control: payload bytes a leader has in unanswered AppendEntries to one follower before
+    # it waits for an answer (sequencer/raft/config.py, `RaftConfig.inflight_bytes_max`).
+    inflight_bytes_max: int = INFLIGHT_BYTES_MAX_DEFAULT
 
     @property
     def voters(self) -> tuple[int, ...]:
@@ -512,6 +523,13 @@ def _cluster_errors(cluster: ClusterConfig, node_number: int, node_name: str) ->
     errors.extend(_listen_errors(cluster, node_number))
     errors.extend(_secret_errors(cluster.secret_file))
     errors.extend(_timeout_errors(cluster))
+    if not INFLIGHT_BYTES_FLOOR <= cluster.inflight_bytes_max <= INFLIGHT_BYTES_LIMIT:
+        errors.append(
+            f"cluster.inflight_bytes_max={cluster.inflight_bytes_max}: must be "
+            f"{INFLIGHT_BYTES_FLOOR}..{INFLIGHT_BYTES_LIMIT} bytes (above, the window and the message "
+            "that crosses it overflow the peer transport's send buffer, which drops them; below, "
+            f"a catch-up waits a round trip every few records); the default is {INFLIGHT_BYTES_MAX_DEFAULT}"
+        )
     return errors
 
 

@@ -555,6 +555,11 @@ RAFT_FORWARDS_DROPPED = _declare("raft.forwards_dropped", Role.REPLICATOR, Kind.
 RAFT_FORWARD_STREAMS_BROKEN = _declare("raft.forward_streams_broken", Role.REPLICATOR, Kind.COUNTER, "This node's forward streams to the leader ended by a dropped record (each restarts with an ordered resend)")
 RAFT_FORWARD_STREAMS_REFUSED = _declare("raft.forward_streams_refused", Role.REPLICATOR, Kind.COUNTER, "Connections from followers this node closed: a forwarded batch not taken (not leading, inbox full)")
 RAFT_FORWARDS_RESENT = _declare("raft.forwards_resent", Role.REPLICATOR, Kind.COUNTER, "Pending records sent (or proposed) again: at a change of leader, or not committed within the resend age")
+# Flow control by bytes (docs/cluster.md, "Catch-up"): the window's high-water mark per follower.
+RAFT_PEER_INFLIGHT_BYTES_PEAK = tuple(
+    _declare(f"raft.peer{k}.inflight_bytes_peak", Role.REPLICATOR, Kind.GAUGE, f"On the leader: the most payload bytes of AppendEntries peer slot {k} had unanswered at once, in this term (bounded by cluster.inflight_bytes_max plus one message)")
+    for k in range(1, RAFT_PEER_SLOTS + 1)
+)  # fmt: skip
 
 # Rolling upgrades (sequencer/app_versions.py): `seqd cluster raise-version` asks (number << 16 | version).
 APP_VERSION_RAISE_REQUEST = _declare("app.version.raise_request", OPERATOR, Kind.GAUGE, "App version raise asked for by seqd cluster raise-version: number << 16 | version")
@@ -633,7 +638,7 @@ ERROR_KIND_COUNTERS: tuple[CounterSpec, ...] = tuple(
 ERRORS_TOTAL_NAME = "errors.total"
 assert ERRORS_TOTAL_NAME not in _BY_NAME
 # The version of this table, carried by the segment header (see the module docstring).
-COUNTERS_LAYOUT_VERSION = 6
+COUNTERS_LAYOUT_VERSION = 7
 
 
 def counter_spec(name: str) -> CounterSpec | None:

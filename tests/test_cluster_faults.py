@@ -122,8 +122,9 @@ class Scenario:
 def make_scenario(tmp_dir: Path, unique: str) -> Iterator[Callable[..., Scenario]]:
     made: list[Scenario] = []
 
-    def make(settings: dict[str, dict[str, Any]] | None = None) -> Scenario:
-        scenario = Scenario(Cluster(tmp_dir, unique, cluster=TIMEOUTS, settings=settings), tmp_dir)
+    def make(settings: dict[str, dict[str, Any]] | None = None, cluster: dict[str, Any] | None = None) -> Scenario:
+        scenario = Scenario(Cluster(tmp_dir, unique, cluster={**TIMEOUTS, **(cluster or {})}, settings=settings),
+                            tmp_dir)  # fmt: skip
         made.append(scenario)
         return scenario
 
@@ -343,12 +344,20 @@ def test_a_leader_paused_past_the_election_timeout_steps_down_on_resume(scenario
 
 BEHIND_RINGS = 2  # how many log rings' worth of records a follower misses while down
 CATCH_UP_TIMEOUT_S = 120.0
+# The least byte window allowed (daemon/config.py), far below the ~2 MiB the follower misses, so
+# the catch-up runs against it; one AppendEntries may cross it, and one holds at most 1024 records
+# or a storage read of 1 MiB plus one record (a ledger record is a few hundred bytes).
+CATCH_UP_WINDOW_BYTES = 64 << 10
+MESSAGE_BYTES_BOUND = (1 << 20) + 1024
 
 
-def test_a_follower_behind_by_more_than_its_log_ring_catches_up(scenario: Scenario) -> None:
+def test_a_follower_behind_by_more_than_its_log_ring_catches_up(make_scenario: Callable[..., Scenario]) -> None:
     """Catch-up: a follower down while the others committed more than twice what its log ring
     holds is fed from the leader's journal when it returns, through its ring in pieces (the
-    ring cannot hold what it missed at once), and converges with the others."""
+    ring cannot hold what it missed at once), and converges with the others. Flow control: the
+    leader never had more than `inflight_bytes_max` (plus the one message that crossed it)
+    unanswered toward it (`raft.peer<k>.inflight_bytes_peak`), and the window was reached."""
+    scenario = make_scenario(cluster={"inflight_bytes_max": CATCH_UP_WINDOW_BYTES})
     cluster = scenario.cluster
     scenario.begin()
     leader, _term = scenario.leader()
@@ -367,6 +376,11 @@ def test_a_follower_behind_by_more_than_its_log_ring_catches_up(scenario: Scenar
         scenario.progress(ACKS, others)
     cluster.start([follower])
     scenario.progress(ACKS)
+    assert scenario.leader()[0] == leader, "the leader changed: its window is another term's"
+    counters = cluster[leader].read_counters()
+    slot = next(k for k in range(1, 5) if counters[f"raft.peer{k}.node"] == follower)
+    peak = counters[f"raft.peer{slot}.inflight_bytes_peak"]
+    assert CATCH_UP_WINDOW_BYTES <= peak <= CATCH_UP_WINDOW_BYTES + MESSAGE_BYTES_BOUND, peak
     scenario.finish()
 
 

@@ -171,10 +171,21 @@ def test_an_unreadable_secret_is_refused(tmp_path: Path, secret_file: Path) -> N
         ({"election_timeout_ms": 0}, "cluster.election_timeout_ms=0: must be a positive multiple"),
         ({"election_timeout_ms": 100}, "cluster.election_timeout_ms=100 must exceed 2 x cluster.heartbeat_ms=50"),
         ({"cluster_id": -1}, "cluster.cluster_id=-1: must be 0..2**64-1"),
+        ({"inflight_bytes_max": 0}, "cluster.inflight_bytes_max=0: must be 65536..4194304 bytes"),
+        ({"inflight_bytes_max": 8 << 20}, "cluster.inflight_bytes_max=8388608: must be 65536..4194304"),
     ],
 )
 def test_bad_listen_address_and_timeouts_are_refused(tmp_path, secret_file, settings, expected) -> None:
     assert expected in refused(tmp_path, cluster_toml(secret_file, **settings))
+
+
+def test_the_byte_window_reaches_the_raft_core(tmp_path: Path, secret_file: Path) -> None:
+    from daemon.roles.replicator_setup import raft_config
+
+    config = load_text(tmp_path, cluster_toml(secret_file, inflight_bytes_max=1 << 20))
+    assert raft_config(config, 1 << 20).inflight_bytes_max == 1 << 20
+    default = load_text(tmp_path, cluster_toml(secret_file))
+    assert raft_config(default, 1 << 20).inflight_bytes_max == 4 << 20
 
 
 def test_a_node_listening_on_its_non_loopback_peer_address_needs_allow_non_loopback(

@@ -472,6 +472,6 @@ def test_a_leader_whose_storage_dropped_entries_before_it_was_told_waits_instead
     leader.tracker.progress[3].paused = True
     leader.flush_appends(15, None)
     assert sent == [] and progress.state is PROBE and progress.paused
-    progress.heartbeat_answered(15, 64)  # the next heartbeat answer; the caller has compacted
+    progress.heartbeat_answered(15, 64, 1 << 20)  # the next heartbeat answer; the caller compacted
     leader.flush_appends(15, Snapshot(10, 1, b""))
     assert [type(m) for m in sent] == [InstallSnapshot] and sent[0].target == 2  # type: ignore[attr-defined]

@@ -610,7 +610,7 @@ class Replicator:
         self.last_index_counter.set(core.log.last_index)
         for counter, peer in zip(self.match_counters, self.peers, strict=True):
             counter.set(core.match_index(peer))
-        self.operations.publish(self.transport.counters, self.inbox.records_dropped)
+        self.operations.publish(core, self.transport.counters, self.inbox.records_dropped)
         unsaved = self.hard_state_unsaved
         if unsaved is not None and time.monotonic() - self.hard_state_saved_s >= HARD_STATE_COMMIT_SAVE_S:
             self._save_hard_state(unsaved)

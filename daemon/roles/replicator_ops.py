@@ -24,7 +24,8 @@ only make the transfer time out.
 
 Also here: elections and step-downs counted and logged once each (`raft.elections`,
 `raft.step_downs`), the peer transport's refusals (`errors.peer_refused`), when each peer
-was last heard from (`raft.peer<k>.last_contact_ms`), and the forward stream's faults: records
+was last heard from (`raft.peer<k>.last_contact_ms`), the peak of each follower's byte window
+(`raft.peer<k>.inflight_bytes_peak`), and the forward stream's faults: records
 dropped, streams broken and refused (the transport's `TransportCounters` and the leader's
 `ForwardInbox`), records resent (`raft.forwards_*`, `raft.forward_streams_*`).
 """
@@ -43,6 +44,7 @@ from daemon.layout import (
     RAFT_FORWARD_STREAMS_REFUSED,
     RAFT_FORWARDS_DROPPED,
     RAFT_FORWARDS_RESENT,
+    RAFT_PEER_INFLIGHT_BYTES_PEAK,
     RAFT_PEER_LAST_CONTACT_MS,
     RAFT_STEP_DOWNS,
     RAFT_TRANSFER_HANDLED,
@@ -83,6 +85,7 @@ class ReplicatorOperations:
         self.election_timeout_s = election_timeout_s
         self.errors = errors
         self.contact_counters = tuple(counters[RAFT_PEER_LAST_CONTACT_MS[slot]] for slot in range(len(peers)))
+        self.peak_counters = tuple(counters[RAFT_PEER_INFLIGHT_BYTES_PEAK[slot]] for slot in range(len(peers)))
         self.elections = counters[RAFT_ELECTIONS]
         self.step_downs = counters[RAFT_STEP_DOWNS]
         self.peer_refused = counters[ERRORS_PEER_REFUSED]
@@ -196,12 +199,14 @@ class ReplicatorOperations:
 
     # ---- counters -------------------------------------------------------------------------------
 
-    def publish(self, transport: TransportCounters, inbox_dropped: int) -> None:
-        """Once a tick: when each peer was last heard from, the transport's refusals, and the
-        forward stream's figures (`inbox_dropped`: records the leader's `ForwardInbox` dropped)."""
+    def publish(self, core: RaftCore, transport: TransportCounters, inbox_dropped: int) -> None:
+        """Once a tick: when each peer was last heard from and its byte window's peak, the
+        transport's refusals, and the forward stream's figures (`inbox_dropped`: records the
+        leader's `ForwardInbox` dropped)."""
         heard_ms = self.heard_ms
-        for counter, peer in zip(self.contact_counters, self.peers, strict=True):
+        for counter, peak, peer in zip(self.contact_counters, self.peak_counters, self.peers, strict=True):
             counter.set(heard_ms.get(peer, 0))
+            peak.set(core.inflight_bytes_peak(peer))
         self.forwards_dropped.set(transport.records_dropped + inbox_dropped)
         self.streams_broken.set(transport.forward_streams_broken)
         self.streams_refused.set(transport.forward_streams_refused)

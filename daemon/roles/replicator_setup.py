@@ -35,6 +35,7 @@ def raft_config(config: Config, storage_read_bytes_max: int) -> RaftConfig:
         cluster_id=cluster.cluster_id,
         election_ticks=cluster.election_ticks,
         heartbeat_ticks=cluster.heartbeat_ticks,
+        inflight_bytes_max=cluster.inflight_bytes_max,
         term_start_from_shell=True,
         storage_read_bytes_max=storage_read_bytes_max,
         # Grows from one start of this role to the next, even after the data directory was

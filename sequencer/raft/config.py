@@ -6,13 +6,15 @@ from dataclasses import dataclass
 
 from sequencer.raft.quorum import VOTERS_ALLOWED
 
-__all__ = ["LEARNERS_MAX", "NO_NODE", "RaftConfig"]
+__all__ = ["INFLIGHT_BYTES_MAX_DEFAULT", "LEARNERS_MAX", "NO_NODE", "RaftConfig"]
 
 NO_NODE = 0  # node ids are positive; 0 means "nobody" (no vote, no known leader)
 # Learners (non-voting members) one cluster may have: each is one more follower the leader
 # replicates to, so one more copy of every byte on the leader's link; a few cover backups, query
 # replicas and a machine being added.
 LEARNERS_MAX = 4
+# `RaftConfig.inflight_bytes_max`'s default (the reasons are beside the field).
+INFLIGHT_BYTES_MAX_DEFAULT = 4 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +43,16 @@ class RaftConfig:
     # Entries per AppendEntries: bounds a message (1024 x ~200 B records ~ 200 KiB) and the work
     # of one step on the follower.
     entries_per_message_max: int = 1024
+    # Flow control by bytes (etcd-io/raft `MaxInflightBytes`): payload bytes in unanswered
+    # AppendEntries to one follower before the leader waits. The message window alone allowed
+    # 64 x 1 MiB from storage (64 MiB toward one follower, most of it dropped by the peer
+    # transport's 8 MiB send buffer, `TransportConfig.send_buffer_bytes_max`). 4 MiB plus the one
+    # message that may cross it (<= storage_read_bytes_max + one entry) stays under that buffer
+    # and is a quarter of the default 16 MiB log ring the follower writes it into, while a LAN's
+    # bandwidth-delay product with the follower's fdatasync (~5 ms at 1M entries/s of ~200 B:
+    # ~1 MiB) fits four times over. Soft: a message goes out while fewer bytes are in flight, so
+    # one entry larger than the window still goes (alone).
+    inflight_bytes_max: int = INFLIGHT_BYTES_MAX_DEFAULT
     # A leader refuses proposals beyond this many uncommitted entries: when the cluster cannot
     # commit (no majority), memory must not grow without bound. ~1 s of traffic at 1M entries/s.
     uncommitted_entries_max: int = 1 << 20
@@ -54,6 +66,14 @@ class RaftConfig:
     # One read of old entries from storage returns about this many payload bytes at most, which
     # bounds an AppendEntries built from storage (1 MiB: the size of a client frame).
     storage_read_bytes_max: int = 1 << 20
+    # What a leader reads from storage for all its followers together in one pass: between two
+    # inputs that refill it (a tick, a follower's answer), a `ready()` sends no AppendEntries that
+    # needs a storage read once this many bytes were read (soft, like the window: the read that
+    # crosses it completes). The journal reads 1 MiB of ~200 B records in ~9 ms of CPU, so a pass
+    # that catches up any number of followers holds the leader's loop ~60 ms (benches/RESULTS.md,
+    # "Flow control by bytes"; 375 ms for two followers before), far under the 300 ms election
+    # timeout it must not outlast.
+    storage_read_bytes_per_pass_max: int = 4 << 20
     # The core appends an empty no-op at the start of each term (Raft paper 8). With this set it
     # appends nothing: the caller proposes the term's first entry itself at `Ready.term_start`'s
     # index (the leader's sequencer stamps a TERM_START record there, so the journal and the Raft
@@ -117,3 +137,6 @@ class RaftConfig:
                 f"log_retention_entries={self.log_retention_entries} must be >= 0 and "
                 f"storage_read_bytes_max={self.storage_read_bytes_max} >= 1"
             )
+        for name in ("inflight_bytes_max", "storage_read_bytes_per_pass_max"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1 (bytes)")

@@ -59,7 +59,7 @@ Features, with the sections of the Raft paper (extended version) they implement:
   earlier terms and learns the commit index;
 - log replication with conflict back-off by term (5.3), commit of current-term entries only by
   counting (5.4.2, Figure 8), batching and pipelining of AppendEntries with a bounded window of
-  messages in flight per follower (flow control);
+  messages and payload bytes in flight per follower (flow control);
 - InstallSnapshot (7) for a follower that needs entries the leader has compacted;
 - linearizable reads through ReadIndex (8, thesis 6.4): the leader records its commit index and
   answers only after a heartbeat round confirms a majority still follows it;
@@ -128,8 +128,6 @@ __all__ = [
     "RaftRole",
     "StampMismatch",
 ]
-
-
 
 
 class RaftCore(Elections, Reads):
@@ -689,6 +687,11 @@ class RaftCore(Elections, Reads):
         if leader is None:
             return 0
         return leader.tracker.progress[peer].match_index
+
+    def inflight_bytes_peak(self, peer: int) -> int:
+        """On a leader: the most payload bytes `peer` had unanswered at once; 0 elsewhere."""
+        leader = self._leader
+        return 0 if leader is None else leader.tracker.progress[peer].inflight_bytes_peak
 
     def term_at(self, index: int) -> int | None:
         """The term of the entry at `index` (from storage if dropped from memory), or None."""

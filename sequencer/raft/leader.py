@@ -10,11 +10,15 @@ was heard from within an election timeout (step down, thesis 6.2).
 
 Sending follows etcd-io/raft (`bcastAppend`, `maybeSendAppend`): `flush_appends` runs once per
 ready and gives each follower what its `Progress` says it is due (`sequencer.raft.tracker`):
-entries from `next_index` in messages of at most `entries_per_message_max`, up to
-`inflight_messages_max` unanswered messages; one probe while the match is unknown; an empty
-AppendEntries to carry a new commit index or resynchronise; an InstallSnapshot when the entries a
-follower needs are compacted (7). Entries the core has dropped from memory are read back from its
-`LogStorage` (a follower that lags behind the retention window).
+entries from `next_index` in messages of at most `entries_per_message_max`, while fewer than
+`inflight_messages_max` messages and `inflight_bytes_max` payload bytes are unanswered; one probe
+while the match is unknown; an empty AppendEntries to carry a new commit index or resynchronise;
+an InstallSnapshot when the entries a follower needs are compacted (7). Entries the core has
+dropped from memory are read back from its `LogStorage` (a follower that lags behind the retention
+window), at most `storage_read_bytes_per_pass_max` bytes for all followers together between two
+refills of that budget (each tick, each answer from a follower): one pass of the caller's loop,
+which runs readies until none is due, cannot be held long by catch-ups, and a follower waiting
+for the budget is served at the next answer or tick.
 
 The leader's AppendEntries may carry entries its own disk does not hold yet (Raft thesis 10.2.1:
 the leader writes in parallel with its followers); the core counts the leader itself toward a
@@ -50,6 +54,8 @@ class Leader:
         "_heartbeat_elapsed_ticks",
         "_log",
         "_send",
+        "_sized",
+        "_storage_bytes_left",
         "_timeout_now_sent",
         "_transfer_elapsed_ticks",
         "term",
@@ -75,6 +81,12 @@ class Leader:
         self.transfer_target = NO_NODE
         self._transfer_elapsed_ticks = 0
         self._timeout_now_sent = False
+        # What this pass may still read from storage (the module docstring); refilled by `tick`s
+        # and answers.
+        self._storage_bytes_left = config.storage_read_bytes_per_pass_max
+        # (first index, last index, payload bytes) of the last in-memory run sent: followers in
+        # step are sent the same run, which is summed once (a leader's entries never change).
+        self._sized = (0, 0, 0)
         # A new leader guesses that each follower has its whole log and probes from there (5.3).
         # Learners are replicated to like voters, and never counted (`ProgressTracker`).
         self.tracker = ProgressTracker(peers, log.last_index + 1, quorum, config.learners)
@@ -134,6 +146,7 @@ class Leader:
     def heartbeat_tick(self) -> bool:
         """One tick of the heartbeat clock; returns whether heartbeats are due now."""
         self._heartbeat_elapsed_ticks += 1
+        self._storage_bytes_left = self._config.storage_read_bytes_per_pass_max  # a new pass
         if self._heartbeat_elapsed_ticks >= self._config.heartbeat_ticks:
             self._heartbeat_elapsed_ticks = 0
             return True
@@ -152,9 +165,13 @@ class Leader:
 
     def appends_due(self, commit_index: int) -> bool:
         """Whether `flush_appends` would send anything now (a query only)."""
-        return self.tracker.appends_due(
-            self._log.last_index, commit_index, self._config.inflight_messages_max
-        )
+        config = self._config
+        log = self._log
+        # Entries up to `stored_through` are not sent now: they need a storage read and this
+        # pass's budget is spent (0: it is not).
+        stored_through = 0 if self._storage_bytes_left > 0 else log.offset_index
+        return self.tracker.appends_due(log.last_index, commit_index, config.inflight_messages_max,
+                                        config.inflight_bytes_max, stored_through)
 
     def flush_appends(self, commit_index: int, snapshot: Snapshot | None) -> None:
         """Send what each follower is due: entries, a probe, or the new commit index.
@@ -163,20 +180,31 @@ class Leader:
         one message per follower (batching), and several messages may be in flight (pipelining).
         It sends something exactly when `appends_due` holds.
         """
-        last_index = self._log.last_index
-        window = self._config.inflight_messages_max
+        log = self._log
+        last_index = log.last_index
+        offset_index = log.offset_index  # entries up to here need a storage read
+        config = self._config
+        window = config.inflight_messages_max
+        bytes_max = config.inflight_bytes_max
         for progress in self.tracker.progress.values():
             state = progress.state
             if state is REPLICATE:
-                while progress.next_index <= last_index and len(progress.inflight) < window:
+                inflight = progress.inflight
+                # Inline `Progress.is_due` (the hot path: once per follower per ready).
+                while (progress.next_index <= last_index and len(inflight) < window
+                       and progress.inflight_bytes < bytes_max
+                       and (progress.next_index > offset_index or self._storage_bytes_left > 0)):
                     self._send_append(progress, commit_index, snapshot)
                     if progress.state is not REPLICATE:
                         break
                 if progress.send_probe or progress.commit_sent < commit_index:
-                    if progress.state is REPLICATE and len(progress.inflight) < window:
+                    stored_through = 0 if self._storage_bytes_left > 0 else offset_index
+                    if progress.state is REPLICATE and progress.is_due(
+                            last_index, commit_index, window, bytes_max, stored_through):
                         self._send_append(progress, commit_index, snapshot)
             elif state is PROBE:
-                if not progress.paused:
+                stored_through = 0 if self._storage_bytes_left > 0 else offset_index
+                if progress.is_due(last_index, commit_index, window, bytes_max, stored_through):
                     self._send_append(progress, commit_index, snapshot)
 
     def _send_append(self, progress: Progress, commit_index: int, snapshot: Snapshot | None) -> None:
@@ -193,14 +221,22 @@ class Leader:
             last_index = log_last_index
         if previous_index >= log.offset_index:
             terms, payloads = log.slice(previous_index + 1, last_index + 1)
+            sized = self._sized
+            if sized[0] == previous_index and sized[1] == last_index:
+                payload_bytes = sized[2]
+            else:
+                payload_bytes = sum(map(len, payloads))
+                self._sized = (previous_index, last_index, payload_bytes)
         else:
             # Entries dropped from memory come from storage, bounded by bytes: maybe fewer.
             terms, payloads = log.read(previous_index + 1, last_index + 1,
                                        config.storage_read_bytes_max)
             last_index = previous_index + len(terms)
+            payload_bytes = sum(map(len, payloads))
+            self._storage_bytes_left -= payload_bytes
         self._send(AppendEntries(config.cluster_id, config.node_id, progress.node_id, self.term,
                                  previous_index, previous_term, commit_index, terms, payloads))
-        progress.sent_append(last_index, commit_index)
+        progress.sent_append(last_index, commit_index, payload_bytes)
 
     def _send_snapshot(self, progress: Progress, snapshot: Snapshot | None) -> None:
         if snapshot is None:
@@ -224,6 +260,7 @@ class Leader:
         """
         progress = self.tracker.progress[message.source]
         progress.recent_active = True
+        self._storage_bytes_left = self._config.storage_read_bytes_per_pass_max  # a new pass
         if not progress.heard_from(message.incarnation, message.last_index, self._log.last_index):
             return False  # from an earlier start of the follower: about a log maybe lost
         if message.success:
@@ -243,7 +280,10 @@ class Leader:
         """A follower answered a heartbeat. Returns whether it confirmed a new read round."""
         progress = self.tracker.progress[message.source]
         progress.recent_active = True
+        config = self._config
+        self._storage_bytes_left = config.storage_read_bytes_per_pass_max  # a new pass
         if not progress.heard_from(message.incarnation, message.last_index, self._log.last_index):
             return False
-        progress.heartbeat_answered(self._log.last_index, self._config.inflight_messages_max)
+        progress.heartbeat_answered(self._log.last_index, config.inflight_messages_max,
+                                    config.inflight_bytes_max)
         return progress.acknowledge_read(message.read_sequence)

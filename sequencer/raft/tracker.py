@@ -17,11 +17,21 @@ A follower's progress is in one of three states:
   answer or the next heartbeat answer, so a follower far behind is not flooded with entries it
   will refuse.
 - REPLICATE: the follower's log matches up to `match_index`. The leader streams AppendEntries
-  optimistically, advancing `next_index` as it sends, up to `inflight_messages_max` unanswered
-  messages (`inflight` holds the last index of each): batching and pipelining with a bounded
-  window.
+  optimistically, advancing `next_index` as it sends, while fewer than `inflight_messages_max`
+  messages and fewer than `inflight_bytes_max` payload bytes are unanswered (`inflight` holds the
+  last index and the payload bytes of each, `inflight_bytes` their sum): batching and pipelining
+  with a window bounded twice, so a slow or dead follower costs the leader at most that many
+  bytes of reads and of send buffer (etcd-io/raft `tracker/inflights.go`, `MaxInflightBytes`).
+  The byte bound is soft: a message goes out while the bytes in flight are under it, so one entry
+  larger than the window still goes, alone.
 - SNAPSHOT: the entries the follower needs are compacted; one InstallSnapshot is in flight and
   nothing else is sent until it is answered or times out.
+
+Every transition empties the window (`inflight`, `inflight_bytes`): what was in flight before a
+rejection, a restart of the follower or a snapshot is either answered later (an answer acknowledges
+by index, whatever window it finds) or lost, and must not hold the new state's window. An answer
+frees the messages it covers, a heartbeat answer to a full window (by messages or by bytes) frees
+the oldest one: a lost message must not stall the follower for good.
 
 Incarnations. A follower's durable log never shrinks below what it acknowledged to a leader of
 the current term, so within one start of the follower an answer that shows less (a rejection
@@ -91,6 +101,8 @@ class Progress:
         "commit_sent",
         "incarnation",
         "inflight",
+        "inflight_bytes",
+        "inflight_bytes_peak",
         "match_index",
         "next_index",
         "node_id",
@@ -109,7 +121,11 @@ class Progress:
         self.next_index = next_index
         self.state = PROBE
         self.paused = False  # PROBE: an AppendEntries is out, wait for its answer
-        self.inflight: deque[int] = deque()  # REPLICATE: last index of each message in flight
+        # REPLICATE: (last index, payload bytes) of each message in flight, oldest first.
+        # Invariant: inflight_bytes == sum of the bytes in `inflight`.
+        self.inflight: deque[tuple[int, int]] = deque()
+        self.inflight_bytes = 0
+        self.inflight_bytes_peak = 0  # the most inflight_bytes ever held (operators, tests)
         self.recent_active = True  # heard from since the last check-quorum round
         self.read_sequence_acked = 0  # the highest ReadIndex round this follower confirmed
         self.commit_sent = 0  # the commit index the last AppendEntries carried
@@ -126,12 +142,14 @@ class Progress:
         self.next_index = next_index
         self.paused = False
         self.inflight.clear()
+        self.inflight_bytes = 0
 
     def become_replicate(self) -> None:
         self.state = REPLICATE
         self.next_index = self.match_index + 1
         self.paused = False
         self.inflight.clear()
+        self.inflight_bytes = 0
 
     def become_snapshot(self, snapshot_index: int) -> None:
         """An InstallSnapshot of `snapshot_index` goes out now."""
@@ -140,36 +158,53 @@ class Progress:
         self.snapshot_index = snapshot_index
         self.snapshot_elapsed_ticks = 0
         self.inflight.clear()
+        self.inflight_bytes = 0
 
     # ------------------------------------------------------------------------------ sends
 
-    def is_due(self, last_index: int, commit_index: int, window: int) -> bool:
+    def has_room(self, window: int, bytes_max: int) -> bool:
+        """Whether the window (`window` messages, `bytes_max` payload bytes) takes one more."""
+        return len(self.inflight) < window and self.inflight_bytes < bytes_max
+
+    def is_due(self, last_index: int, commit_index: int, window: int, bytes_max: int,
+               stored_through: int) -> bool:
         """Whether the leader would send this follower an AppendEntries now (a query only).
 
         It holds exactly when `Leader.flush_appends` would send this follower at least one.
+
+        Args:
+            stored_through: entries up to here need a storage read the leader will not make now
+                (its pass's budget is spent; 0 when it is not): a follower whose next entry is
+                among them waits.
         """
+        if self.next_index <= stored_through and self.next_index <= last_index:
+            return False
         state = self.state
         if state is REPLICATE:
-            return len(self.inflight) < window and (
+            return len(self.inflight) < window and self.inflight_bytes < bytes_max and (
                 self.next_index <= last_index or self.send_probe or self.commit_sent < commit_index
             )
         if state is PROBE:
             return not self.paused
         return False
 
-    def sent_append(self, last_index: int, commit_index: int) -> None:
+    def sent_append(self, last_index: int, commit_index: int, payload_bytes: int) -> None:
         """An AppendEntries with the entries up to `last_index` went out.
 
         Args:
             last_index: the index of its last entry, or `next_index - 1` if it carries none.
             commit_index: the commit index it carries.
+            payload_bytes: the payload bytes of its entries (what the byte window counts).
         """
         self.send_probe = False
         self.commit_sent = commit_index
         if self.state is REPLICATE:
             if last_index >= self.next_index:
                 self.next_index = last_index + 1
-                self.inflight.append(last_index)
+                self.inflight.append((last_index, payload_bytes))
+                self.inflight_bytes += payload_bytes
+                if self.inflight_bytes > self.inflight_bytes_peak:
+                    self.inflight_bytes_peak = self.inflight_bytes
         else:
             self.paused = True
 
@@ -205,8 +240,8 @@ class Progress:
             if self.next_index <= index:
                 self.next_index = index + 1
         inflight = self.inflight
-        while inflight and inflight[0] <= index:
-            inflight.popleft()
+        while inflight and inflight[0][0] <= index:
+            self.inflight_bytes -= inflight.popleft()[1]
         state = self.state
         if state is PROBE or (state is SNAPSHOT and self.match_index >= self.snapshot_index):
             self.become_replicate()
@@ -221,13 +256,14 @@ class Progress:
         assert rejected_index > self.match_index, (rejected_index, self.match_index)
         self.become_probe(max(min(hint_next_index, rejected_index), self.match_index + 1))
 
-    def heartbeat_answered(self, last_index: int, window: int) -> None:
+    def heartbeat_answered(self, last_index: int, window: int, bytes_max: int) -> None:
         """The follower answered a heartbeat: it is reachable, so unblock what waits for it."""
         state = self.state
         if state is PROBE:
             self.paused = False
-        elif state is REPLICATE and len(self.inflight) >= window:
-            self.inflight.popleft()  # a lost message must not stall the window for good
+        elif state is REPLICATE and not self.has_room(window, bytes_max):
+            # A lost message must not stall the window for good.
+            self.inflight_bytes -= self.inflight.popleft()[1]
         if self.match_index < last_index:
             # A probe (even without entries) resynchronises a follower whose messages were lost.
             self.send_probe = True
@@ -257,10 +293,11 @@ class ProgressTracker:
         self._voters = tuple(self.progress[peer] for peer in peers)
         self.quorum = quorum
 
-    def appends_due(self, last_index: int, commit_index: int, window: int) -> bool:
-        """Whether any follower is due an AppendEntries now (a query only)."""
+    def appends_due(self, last_index: int, commit_index: int, window: int, bytes_max: int,
+                    stored_through: int) -> bool:
+        """Whether any follower is due an AppendEntries now (a query only; `Progress.is_due`)."""
         return any(
-            progress.is_due(last_index, commit_index, window)
+            progress.is_due(last_index, commit_index, window, bytes_max, stored_through)
             for progress in self.progress.values()
         )
 

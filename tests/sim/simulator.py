@@ -162,6 +162,7 @@ class Simulation:
         election_ticks: int = 10,
         entries_per_message_max: int = 1024,
         inflight_messages_max: int = 64,
+        inflight_bytes_max: int = 4 << 20,
         disk_profiles: Sequence[DiskProfile | None] = (),
         log_retention_entries: int | None = None,
         term_start_from_shell: bool = False,
@@ -186,6 +187,7 @@ class Simulation:
         self.election_ticks = election_ticks
         self.entries_per_message_max = entries_per_message_max
         self.inflight_messages_max = inflight_messages_max
+        self.inflight_bytes_max = inflight_bytes_max
         # None: no storage, the cores keep their whole log in memory.
         self.log_retention_entries = log_retention_entries
         self.term_start_from_shell = term_start_from_shell
@@ -236,9 +238,12 @@ class Simulation:
             election_ticks=self.election_ticks,
             entries_per_message_max=self.entries_per_message_max,
             inflight_messages_max=self.inflight_messages_max,
+            inflight_bytes_max=self.inflight_bytes_max,
             log_retention_entries=retention if retention is not None else 0,
             # Small reads from storage, so an AppendEntries built from it is often cut short.
             storage_read_bytes_max=64,
+            # And two of them per pass for all followers: catch-ups wait for answers and ticks.
+            storage_read_bytes_per_pass_max=128,
             term_start_from_shell=self.term_start_from_shell,
             incarnation=node.incarnation + 1,
         )
