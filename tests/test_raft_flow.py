@@ -231,3 +231,20 @@ def test_a_ready_sends_nothing_from_storage_once_the_pass_budget_is_spent() -> N
     progress.become_replicate()
     leader.flush_appends(0, None)
     assert appends_to(sent, 3) and not appends_to(sent, 2)
+
+
+def test_a_message_from_memory_is_cut_at_the_read_bound_so_large_entries_fit_a_peer_frame() -> None:
+    # 1024 entries of a few KiB (or five 1 MiB commands) in memory made one AppendEntries larger
+    # than PEER_FRAME_BYTES_MAX: the transport dropped it, and the leader sent it again, forever.
+    cluster = DirectCluster(3, entries_per_message_max=100, storage_read_bytes_max=25)
+    cluster.elect(1)
+    cluster.tick(1)
+    cluster.stabilize()
+    leader = cluster.core(1)
+    sent_before = len(cluster.sent)
+    leader.propose_batch([PAYLOAD] * 10)
+    cluster.stabilize()
+    sent = appends_to(cluster.sent[sent_before:], 2)
+    # 10 + 10 + 10 reaches 25 at the third entry: messages of three entries (30 bytes), then one.
+    assert [len(m.terms) for m in sent] == [3, 3, 3, 1]
+    assert cluster.core(2).log.last_index == leader.log.last_index

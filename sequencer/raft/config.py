@@ -63,8 +63,9 @@ class RaftConfig:
     # one further behind is catching up and can afford the disk. Memory is ~2x this (entries are
     # dropped in chunks of this size) plus what is not yet committed.
     log_retention_entries: int = 1 << 16
-    # One read of old entries from storage returns about this many payload bytes at most, which
-    # bounds an AppendEntries built from storage (1 MiB: the size of a client frame).
+    # One read of old entries from storage returns about this many payload bytes at most, and an
+    # AppendEntries from memory is cut at the same bound (the entry that reaches it included), so
+    # a message stays under the peer frame's 4 MiB with commands of up to 1 MiB (a client frame).
     storage_read_bytes_max: int = 1 << 20
     # What a leader reads from storage for all its followers together in one pass: between two
     # inputs that refill it (a tick, a follower's answer), a `ready()` sends no AppendEntries that

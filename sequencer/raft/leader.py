@@ -227,6 +227,12 @@ class Leader:
             else:
                 payload_bytes = sum(map(len, payloads))
                 self._sized = (previous_index, last_index, payload_bytes)
+            if payload_bytes > config.storage_read_bytes_max and len(payloads) > 1:
+                # Bounded by bytes as a storage read is: a message of 1024 large entries (a
+                # command may be 1 MiB) would not fit a peer frame and be dropped at every resend.
+                terms, payloads, payload_bytes = _prefix_by_bytes(
+                    terms, payloads, config.storage_read_bytes_max)
+                last_index = previous_index + len(terms)
         else:
             # Entries dropped from memory come from storage, bounded by bytes: maybe fewer.
             terms, payloads = log.read(previous_index + 1, last_index + 1,
@@ -287,3 +293,16 @@ class Leader:
         progress.heartbeat_answered(self._log.last_index, config.inflight_messages_max,
                                     config.inflight_bytes_max)
         return progress.acknowledge_read(message.read_sequence)
+
+
+def _prefix_by_bytes(
+    terms: list[int], payloads: list[bytes], bytes_max: int
+) -> tuple[list[int], list[bytes], int]:
+    """The first entries through the one whose payload reaches `bytes_max` (at least one), and
+    their payload bytes: what a storage read of `bytes_max` returns (`LogStorage.entries`)."""
+    total = 0
+    for count, payload in enumerate(payloads, 1):
+        total += len(payload)
+        if total >= bytes_max:
+            return terms[:count], payloads[:count], total
+    return terms, payloads, total
