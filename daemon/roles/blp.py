@@ -66,11 +66,16 @@ from sequencer.state_machine import StateMachine, load_app
 
 log = logging.getLogger("seqd.blp")
 
-# Bound a batch so the applied position and replies move steadily: a small batch lets the
-# sequencer reply to the first records (on the other core) while the blp applies the rest.
-# Measured on 2 cores, 4 clients x 64 in flight (closed loop, 3 runs each): 16 gave 62-74k
-# transfers/s, 64 gave 52-63k, 256 gave 51-65k.
-FRAMES_PER_POLL_MAX = 16
+# Records applied per duty cycle. A cycle's fixed work (poll, the outputs' write and publish,
+# the counters, the sequencer's doorbell) is ~30k instructions, about one transfer's, so the
+# bound is what amortises it; against that, a batch delays its first reply by its apply time
+# (64 transfers ~0.2 ms) and holds at most its outputs when egress is full. 64 takes a cluster's
+# Raft commit (~47 records) in one cycle and one node's fdatasync (~80) in two
+# (benches.hot_paths --only blp_cycle: 16 -> 64 is -1.2k instructions a transfer on one node,
+# -0.9k on a follower; live pairs in benches/RESULTS.md, "The blp's duty cycle"). Earlier, on
+# another machine and before the FIFO doorbell, the closed loop's rate chose 16 (62-74k
+# transfers/s against 52-63k for 64).
+FRAMES_PER_POLL_MAX = 64
 RECOVERY_PROGRESS_RECORDS = 4096  # publish replay progress (and a heartbeat) this often
 
 
