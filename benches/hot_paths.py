@@ -13,9 +13,18 @@ load:
 - `gateway_egress`: the blp's outputs for those commands (a REPLY and an EVENT each) written with
   `try_write_frames`, then `RingReader.poll` -> `Gateway.route_egress` -> the session's bytes.
 - `processor`: `Processor.apply_frame` of ledger transfers between 100 accounts, drained every
-  16 records (the blp's `FRAMES_PER_POLL_MAX`).
+  16 records (the blp's `FRAMES_PER_POLL_MAX` until branch blpcycle made it 64; kept at 16 so the
+  figures stay comparable).
 - `replay`: `Processor.replay_run` of the same transfers as one run of whole records, the
   recovery's loop after `read_runs` (the record walk, then `apply_frame` per record).
+- `blp_cycle`: the blp's whole duty cycle around the processor: the real `BlpAgent` driven by
+  the real `AgentRunner` and `BlockingIdleStrategy` over a log ring that holds every transfer,
+  its limit (the commit position) advanced `--limit-step` records at a time, as the journaller
+  (one fdatasync: ~80 on one node) or the replicator (a Raft commit: ~47 in a cluster) moves
+  it. Each step: cycles until one finds nothing, then the park (flag, fence, re-check, which
+  finds the next step's limit already moved, so it never waits). `--follower`: the session is
+  another node's, so no reply is written (a follower's blp). Minus `processor` per command, this
+  is the cycle's cost: poll, outputs to egress, counters, the park.
 
 Figures are thread CPU time per command (`time.thread_time`), median of `--runs`. On a shared
 machine even CPU time moves by 10-20% with the load; instruction counts do not. Each measured
@@ -41,21 +50,38 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import ipc
-from benches.processor import setup
-from daemon.layout import EGRESS_POLLABLE, EGRESS_READERS, LOG_READERS
+from benches.processor import SESSION_ID, setup
+from daemon.agent import AgentRunner
+from daemon.layout import (
+    COMMIT_INDEX,
+    COMMIT_POSITION,
+    COUNTER_NAMES,
+    EGRESS_POLLABLE,
+    EGRESS_READERS,
+    LOG_READERS,
+    ROLE_COUNTERS,
+    CounterView,
+    Role,
+)
+from daemon.roles.blp import BlpAgent
+from ipc.counters import Counters
+from ipc.idle import BlockingIdleStrategy, IdleStrategy
 from sequencer import egress
 from sequencer.apps.ledger import LEDGER_SCHEMA, Transfer, TransferMade, Transferred
 from sequencer.client.protocol import Connection, Hello, Side
 from sequencer.gateway import Gateway, GatewayConfig, GatewaySession, SingleNodeStamping
+from sequencer.record import session_node_number
 
 RING_CAPACITY_BYTES = 1 << 22  # a few thousand batches: the loops wrap it many times
 ACCOUNTS = 100
 DRAIN_EVERY_RECORDS = 16  # the blp drains its outputs once per poll of this many records
 _Encoded = TypeVar("_Encoded")
-LOOPS = ("gateway_ingress", "gateway_egress", "processor", "replay")
+LOOPS = ("gateway_ingress", "gateway_egress", "processor", "replay", "blp_cycle")
+LIMIT_STEP_RECORDS = 80  # records per fdatasync on one node under the closed loop (RESULTS.md)
 
 
 class GatewayRig:
@@ -63,7 +89,9 @@ class GatewayRig:
 
     def __init__(self, batch: int) -> None:
         token = uuid.uuid4().hex[:8]
-        self.log_ring = ipc.Ring.create(ipc.segment_name(token, "log"), RING_CAPACITY_BYTES, readers=LOG_READERS)
+        self.log_ring = ipc.Ring.create(
+            ipc.segment_name(token, "log"), RING_CAPACITY_BYTES, readers=LOG_READERS
+        )
         self.egress_ring = ipc.Ring.create(ipc.segment_name(token, "egress"), RING_CAPACITY_BYTES,
                                            readers=EGRESS_READERS, pollable=EGRESS_POLLABLE)  # fmt: skip
         self.writer = self.log_ring.writer()
@@ -99,7 +127,9 @@ class GatewayRig:
             index = 100 + request_id
             self.outputs.append((int(egress.EgressKind.REPLY),
                                  egress.REPLY_HEADER.pack(session_id, request_id, index, 0, 1) + reply))  # fmt: skip
-            self.outputs.append((int(egress.EgressKind.EVENT), egress.EVENT_HEADER.pack(index, 1) + event))
+            self.outputs.append(
+                (int(egress.EgressKind.EVENT), egress.EVENT_HEADER.pack(index, 1) + event)
+            )
 
     def ingress(self) -> None:
         self.session.connection.receive_data(self.read)
@@ -123,6 +153,72 @@ class GatewayRig:
         for ring in (self.log_ring, self.egress_ring):
             ring.close()
             ring.unlink()
+
+
+class BlpCycleRig:
+    """A `BlpAgent` on real rings and counters whose log ring already holds `commands` transfers
+    (after the accounts, applied in set-up), with the limit at the first record."""
+
+    def __init__(self, commands: int, limit_step: int, follower: bool) -> None:
+        token = uuid.uuid4().hex[:8]
+        self.counters = Counters.create(ipc.segment_name(token, "counters"), COUNTER_NAMES)
+        record_bytes = 128  # a transfer's frame is ~100 bytes; every record stays in the ring
+        capacity = 1 << max(20, (commands * record_bytes).bit_length())
+        self.log_ring = ipc.Ring.create(
+            ipc.segment_name(token, "log"), capacity, readers=LOG_READERS
+        )
+        self.egress_ring = ipc.Ring.create(ipc.segment_name(token, "egress"), capacity,
+                                           readers=EGRESS_READERS, pollable=EGRESS_POLLABLE)  # fmt: skip
+        processor, feeder = setup(ACCOUNTS)
+        node_number = session_node_number(SESSION_ID)
+        processor.emit_for(node_number + 1 if follower else node_number, cluster=follower)
+        writer = self.log_ring.writer()
+        self.limits: list[tuple[int, int]] = []  # (commit index, commit position) per step
+        for n, (kind, view) in enumerate(_transfers(feeder.command, commands)):
+            assert writer.try_write(view, kind)
+            if n % limit_step == limit_step - 1 or n == commands - 1:
+                self.limits.append((feeder.index, writer.published_position))
+        self.limits.reverse()  # popped from the end
+        self.commit_index = self.counters[COMMIT_INDEX.name]
+        self.commit_position = self.counters[COMMIT_POSITION.name]
+        self.commit_index.set(processor.applied_index)
+        self.agent = BlpAgent(processor, self.log_ring, self.egress_ring, CounterView(self.counters, Role.BLP), snapshot_dir=Path("/nonexistent"),
+                              snapshot_keep=1, delete_journal=False, clustered=False)  # fmt: skip
+        role = ROLE_COUNTERS[Role.BLP]
+        assert self.agent.doorbell is not None
+        self.stop = self.counters[role.stop.name]
+        self.runner = AgentRunner(self.agent, _StepIdle(self, BlockingIdleStrategy(self.agent.doorbell)),
+                                  self.counters[role.heartbeat.name], self.stop, self.counters[role.state.name])  # fmt: skip
+
+    def advance(self) -> None:
+        """The limit's advancer (journaller or replicator): the next step committed, or stop."""
+        if not self.limits:
+            self.stop.set(1)
+            return
+        index, position = self.limits.pop()
+        self.commit_index.set(index)  # before the position, as the journaller stores them
+        self.commit_position.set(position)
+
+    def close(self) -> None:
+        for ring in (self.log_ring, self.egress_ring):
+            ring.close()
+            ring.unlink()
+        self.counters.close()
+        self.counters.unlink()
+
+
+class _StepIdle(IdleStrategy):
+    """The blocking strategy, with the limit moved after each empty cycle (before the park's
+    re-check, which then finds work and returns without waiting)."""
+
+    def __init__(self, rig: BlpCycleRig, idle: BlockingIdleStrategy) -> None:
+        self.rig = rig
+        self.inner = idle.idle
+
+    def idle(self, work_count: int) -> None:
+        if work_count <= 0:
+            self.rig.advance()
+        self.inner(work_count)
 
 
 def _in_thread(loop: Callable[[], float]) -> float:
@@ -151,7 +247,8 @@ def _transfers(encode: Callable[[Transfer], _Encoded], commands: int) -> list[_E
             for n in range(commands)]  # fmt: skip
 
 
-def measure(loop: str, commands: int, batch: int) -> float:
+def measure(loop: str, commands: int, batch: int, limit_step: int = LIMIT_STEP_RECORDS,
+            follower: bool = False) -> float:  # fmt: skip
     """Thread CPU microseconds of `loop` per command, over about `commands` commands."""
     if loop == "replay":
         processor, feeder = setup(ACCOUNTS)
@@ -163,6 +260,22 @@ def measure(loop: str, commands: int, batch: int) -> float:
             return time.thread_time() - started
 
         return 1e6 * _in_thread(replay) / commands
+    if loop == "blp_cycle":
+        cycle_rig = BlpCycleRig(commands, limit_step, follower)
+        try:
+
+            def cycle() -> float:
+                started = time.thread_time()
+                cycle_rig.runner.run()
+                return time.thread_time() - started
+
+            spent = _in_thread(cycle)
+            assert cycle_rig.agent.processor.applied_index == cycle_rig.commit_index.get(), (
+                "the loop stopped early"
+            )
+            return 1e6 * spent / commands
+        finally:
+            cycle_rig.close()
     if loop == "processor":
         processor, feeder = setup(ACCOUNTS)
         frames = _transfers(feeder.command, commands)
@@ -181,7 +294,11 @@ def measure(loop: str, commands: int, batch: int) -> float:
     rig = GatewayRig(batch)
     try:
         steps = max(1, commands // batch)
-        return 1e6 * _timed(rig.ingress if loop == "gateway_ingress" else rig.egress, steps) / (steps * batch)
+        return (
+            1e6
+            * _timed(rig.ingress if loop == "gateway_ingress" else rig.egress, steps)
+            / (steps * batch)
+        )
     finally:
         rig.close()
 
@@ -191,12 +308,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--commands", type=int, default=100_000)
     parser.add_argument("--batch", type=int, default=35, help="commands per read (the node's ~35)")
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument(
+        "--limit-step",
+        type=int,
+        default=LIMIT_STEP_RECORDS,
+        help="blp_cycle: records per move of the limit (a cluster's commit: ~47)",
+    )
+    parser.add_argument(
+        "--follower", action="store_true", help="blp_cycle: write no replies (a follower's blp)"
+    )
     parser.add_argument("--only", choices=LOOPS, action="append", help="run these loops only")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     results: dict[str, Any] = {"commands": args.commands, "batch": args.batch}
     for loop in args.only or LOOPS:
-        runs = [measure(loop, args.commands, args.batch) for _ in range(args.runs)]
+        runs = [
+            measure(loop, args.commands, args.batch, args.limit_step, args.follower)
+            for _ in range(args.runs)
+        ]
         results[f"{loop}_cpu_us_per_cmd"] = round(statistics.median(runs), 3)
     if args.json:
         print(json.dumps(results, sort_keys=True))

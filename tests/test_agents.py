@@ -30,9 +30,12 @@ from sequencer.apps.ledger import LEDGER_SCHEMA, Deposit, Ledger, OpenAccount, R
 from sequencer.journal import Journal, JournalError, read_records
 from sequencer.processor import Processor
 from sequencer.record import (
+    ADMIN_NODE_START,
+    ADMIN_RAISE_VERSION,
     FRAME_HEADER_BYTES,
     RECORD_HEADER_BYTES,
     RecordType,
+    encode_admin,
     encode_command,
     encode_record,
     encode_session_open,
@@ -258,6 +261,22 @@ def test_blp_applies_at_most_frames_per_poll_max_records_per_cycle(node):
         assert count <= FRAMES_PER_POLL_MAX
         applied.append(node["blp.applied.index"])
     assert applied == [FRAMES_PER_POLL_MAX, 2 * FRAMES_PER_POLL_MAX, last]
+
+
+def test_blp_publishes_the_active_app_version_and_a_refused_raise_in_the_cycle_that_applies_them(node):
+    # The blp stores them only when they change (not every cycle): each change still shows.
+    blp = node.blp()
+    node.sequencer.open_session()
+    node.commit(node.sequencer.open_accounts(2))
+    blp.do_work(NOW_NS)
+    assert (node["app.version.active"], node["app.version.raises_refused"]) == (0, 0)
+    node.commit(node.sequencer.write(RecordType.ADMIN, encode_admin(ADMIN_NODE_START, node="n1", number=1,
+                                                                     app_version=1, members=[1])))  # fmt: skip
+    blp.do_work(NOW_NS)
+    assert (node["app.version.active"], node["app.version.raises_refused"]) == (1, 0)
+    node.commit(node.sequencer.write(RecordType.ADMIN, encode_admin(ADMIN_RAISE_VERSION, version=1, members=[1])))
+    blp.do_work(NOW_NS)
+    assert (node["app.version.active"], node["app.version.raises_refused"]) == (1, 1)
 
 
 def test_blp_with_a_full_egress_ring_keeps_the_outputs_applies_nothing_more_and_publishes_after(small_egress_node):

@@ -204,7 +204,7 @@ def test_doorbell_park_bench_reports_each_figure_for_both_fence_kinds() -> None:
 
 def test_hot_paths_bench_reports_each_loop_per_command() -> None:
     results = run_json(["-m", "benches.hot_paths", "--commands", "700", "--runs", "1"])
-    for loop in ("gateway_ingress", "gateway_egress", "processor", "replay"):
+    for loop in ("gateway_ingress", "gateway_egress", "processor", "replay", "blp_cycle"):
         assert results[f"{loop}_cpu_us_per_cmd"] > 0, (loop, results)
 
 

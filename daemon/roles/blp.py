@@ -56,6 +56,7 @@ from daemon.layout import (
 )
 from daemon.roles.common import RoleContext, run_agent, run_role
 from daemon.snapshot_writer import WRITER_EXIT_OK, fork_and_write_snapshot, reap_snapshot_writer
+from ipc.counters import Counter
 from ipc.ring import Ring
 from sequencer import recovery
 from sequencer import snapshot as snapshots
@@ -65,11 +66,16 @@ from sequencer.state_machine import StateMachine, load_app
 
 log = logging.getLogger("seqd.blp")
 
-# Bound a batch so the applied position and replies move steadily: a small batch lets the
-# sequencer reply to the first records (on the other core) while the blp applies the rest.
-# Measured on 2 cores, 4 clients x 64 in flight (closed loop, 3 runs each): 16 gave 62-74k
-# transfers/s, 64 gave 52-63k, 256 gave 51-65k.
-FRAMES_PER_POLL_MAX = 16
+# Records applied per duty cycle. A cycle's fixed work (poll, the outputs' write and publish,
+# the counters, the sequencer's doorbell) is ~30k instructions, about one transfer's, so the
+# bound is what amortises it; against that, a batch delays its first reply by its apply time
+# (64 transfers ~0.2 ms) and holds at most its outputs when egress is full. 64 takes a cluster's
+# Raft commit (~47 records) in one cycle and one node's fdatasync (~80) in two
+# (benches.hot_paths --only blp_cycle: 16 -> 64 is -1.2k instructions a transfer on one node,
+# -0.9k on a follower; live pairs in benches/RESULTS.md, "The blp's duty cycle"). Earlier, on
+# another machine and before the FIFO doorbell, the closed loop's rate chose 16 (62-74k
+# transfers/s against 52-63k for 64).
+FRAMES_PER_POLL_MAX = 64
 RECOVERY_PROGRESS_RECORDS = 4096  # publish replay progress (and a heartbeat) this often
 
 
@@ -151,26 +157,40 @@ class BlpAgent(Agent):
             (RAFT_COMMIT_POSITION, RAFT_COMMIT_INDEX) if clustered else (COMMIT_POSITION, COMMIT_INDEX)
         )
         self.reader = log_ring.reader(Role.BLP, limit=counters[commit_position])
-        self.commit_index = counters[commit_index]
         self.doorbell = self.reader.doorbell
         self.writer = egress_ring.writer()
         self.snapshot_dir = snapshot_dir
         self.snapshot_keep = snapshot_keep
         self.delete_journal = delete_journal
         self.counters = counters
-        self.applied_position = counters[BLP_APPLIED_POSITION]
         self.applied_index = counters[BLP_APPLIED_INDEX]
-        self.rolling_hash = counters[BLP_ROLLING_HASH]
-        self.clients_expired = counters[CLIENTS_EXPIRED]
-        self.outputs_too_large = counters[OUTPUTS_TOO_LARGE]
-        self.egress_published = counters[EGRESS_PUBLISHED_POSITION]
-        self.event_subscribers = counters[GATEWAY_EVENT_SUBSCRIBERS]  # the sequencer's
         self.oldest_snapshot = counters[SNAPSHOT_OLDEST_INDEX]
         self.snapshot_writers: dict[int, int] = {}  # pid -> index
         self.unwritten: list[tuple[int, bytes]] = []
         self.applied_position_seen = -1
         self.app_version_active = counters[APP_VERSION_ACTIVE]
         self.raises_refused = counters[APP_VERSION_RAISES_REFUSED]
+        # The table's versions object is never rebound (restore fills it in place).
+        self.versions = processor.app_versions
+        self.versions_seen = (-1, -1)  # (active, raises_refused) last stored
+        # The counters of every cycle as words of the one counters view: a store is a subscript
+        # rather than a method call, ~0.3 us less each (benches/RESULTS.md, "The blp's duty cycle").
+        self.values, _ = counters[BLP_APPLIED_POSITION].word
+        (
+            self.applied_position_word, self.applied_index_word, self.rolling_hash_word,
+            self.clients_expired_word, self.outputs_too_large_word, self.egress_published_word,
+            self.event_subscribers_word, self.commit_index_word,
+        ) = (
+            self._word(counters[spec]) for spec in (
+                BLP_APPLIED_POSITION, BLP_APPLIED_INDEX, BLP_ROLLING_HASH, CLIENTS_EXPIRED, OUTPUTS_TOO_LARGE,
+                EGRESS_PUBLISHED_POSITION, GATEWAY_EVENT_SUBSCRIBERS, commit_index,  # the last two: loads only
+            )
+        )  # fmt: skip
+
+    def _word(self, counter: Counter) -> int:
+        view, index = counter.word
+        assert view is self.values, f"counter {counter.name} is not in the counters view"
+        return index
 
     def on_start(self) -> None:
         processor = self.processor
@@ -192,19 +212,23 @@ class BlpAgent(Agent):
         frames = reader.poll(FRAMES_PER_POLL_MAX)
         if frames:
             processor = self.processor
+            values = self.values
             # Read after the records (docs/contracts.md, "Events reach the sessions that
             # subscribed"): a session that subscribed before any of them was sequenced is counted.
-            processor.emit_events = self.event_subscribers.get() > 0
+            processor.emit_events = values[self.event_subscribers_word] > 0
+            apply_frame = processor.apply_frame
             for kind, view in frames:
-                processor.apply_frame(kind, view)
+                apply_frame(kind, view)
                 if processor.snapshot_requested:
                     if self.fork_snapshots:
                         self._fork_snapshot_writer()
                     else:
                         processor.snapshot_requested = False
             # The commit index is stored before the commit position (the reader's limit).
-            assert processor.applied_index <= self.commit_index.get(), (processor.applied_index, self.commit_index.get())
-            self._publish_versions()
+            assert processor.applied_index <= values[self.commit_index_word], processor.applied_index
+            versions = self.versions
+            if (versions.active, versions.raises_refused) != self.versions_seen:
+                self._publish_versions()
         reader.release()  # also moves past a padding frame that poll skipped without returning
         # Published even when only padding was passed, so a drain sees the blp caught up.
         if frames or reader.position != self.applied_position_seen:
@@ -217,7 +241,8 @@ class BlpAgent(Agent):
     def _publish_versions(self) -> None:
         """The active app version (the sequencer's gateway limit in a cluster) and refused raises,
         each refusal logged once with its reason (sequencer/app_versions.py)."""
-        versions = self.processor.app_versions
+        versions = self.versions
+        self.versions_seen = (versions.active, versions.raises_refused)
         self.app_version_active.set(versions.active)
         if versions.raises_refused != self.raises_refused.get():
             self.raises_refused.set(versions.raises_refused)
@@ -228,22 +253,23 @@ class BlpAgent(Agent):
         drops); once all is written, publish the applied position. Returns the outputs written."""
         outputs = self.unwritten
         written = 0
+        values = self.values
         if outputs:
             writer = self.writer
             written = writer.try_write_frames(outputs)
             if written:  # the writer's publish rang the sequencer's doorbell
-                self.egress_published.set(writer.published_position)
+                values[self.egress_published_word] = writer.published_position
             if written < len(outputs):
                 self.unwritten = outputs[written:]
                 return written
             self.unwritten = []
         processor = self.processor
-        self.applied_position_seen = self.reader.position
-        self.applied_position.set(self.applied_position_seen)
-        self.applied_index.set(processor.applied_index)
-        self.rolling_hash.set(processor.rolling_hash & 0x7FFF_FFFF_FFFF_FFFF)
-        self.clients_expired.set(processor.clients_expired)
-        self.outputs_too_large.set(processor.replies_too_large + processor.events_too_large)
+        position = self.applied_position_seen = self.reader.position
+        values[self.applied_position_word] = position
+        values[self.applied_index_word] = processor.applied_index
+        values[self.rolling_hash_word] = processor.rolling_hash & 0x7FFF_FFFF_FFFF_FFFF
+        values[self.clients_expired_word] = processor.clients_expired
+        values[self.outputs_too_large_word] = processor.replies_too_large + processor.events_too_large
         return written
 
     def _fork_snapshot_writer(self) -> None:
