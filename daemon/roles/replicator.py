@@ -450,14 +450,10 @@ class Replicator:
 
     def _take_proposals(self) -> None:
         core = self.core
-        leader = core.leader_id
-        leading = core.raft_role is LEADER
-        ready_to_propose = may_propose(leading, core.term, leader, self.term_started, self.commit_known)
-        self.want_proposals = (
-            ready_to_propose and not self.pending.full() and len(self.feed) < UNWRITTEN_ENTRIES_MAX
-        )
-        if not ready_to_propose or self.operations.holding_proposals(core):
-            self.want_proposals = False  # a transfer: they wait in the ring for the new leader
+        leader, leading = core.leader_id, core.raft_role is LEADER
+        self.want_proposals = self._proposals_wanted()
+        if not self.want_proposals and (self.operations.holding_proposals(core) or not may_propose(
+                leading, core.term, leader, self.term_started, self.commit_known)):
             return
         records = self.outbox
         self.outbox = []
@@ -622,11 +618,23 @@ class Replicator:
 
     # ---- wake-ups from the other processes ---------------------------------------------------
 
+    def _proposals_wanted(self) -> bool:
+        """Whether a pass takes proposals now (not during a transfer: they wait in the ring)."""
+        core = self.core
+        return (may_propose(core.raft_role is LEADER, core.term, core.leader_id, self.term_started,
+                            self.commit_known) and not self.pending.full()
+                and len(self.feed) < UNWRITTEN_ENTRIES_MAX and not self.operations.holding_proposals(core))
+
     def _has_work_outside(self) -> bool:
-        """Entries made durable since the last pass, or proposals this node takes now."""
+        """Entries made durable since the last pass, or proposals this node takes now (asked again:
+        the term's first entry or a commit freeing the pending set may have come in the pass)."""
         if self.durable_index.get() != self.durable_seen:
             return True
-        return self.want_proposals and self.proposals.ready()
+        if not self.proposals.ready():
+            return False
+        if not self.want_proposals:
+            self.want_proposals = self._proposals_wanted()
+        return self.want_proposals
 
     def _on_bell(self) -> None:
         """The doorbell rang (the journaller after an fdatasync, the sequencer's proposals)."""
