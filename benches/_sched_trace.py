@@ -118,32 +118,20 @@ class SchedTrace:
                 spent[generation] += overlap / 1e6
         return dict(spent)
 
-    def cause(self, pid: int, start_ns: int, end_ns: int, names: dict[int, str] | None = None) -> str:
-        """What kept process `pid` from applying during [start_ns, end_ns] (see the docstring);
-        `names`: what to call some pids (else their command name and pid)."""
-        known = names or {}
+    def off_cpu(self, pid: int, start_ns: int, end_ns: int, names: dict[int, str]) -> OffCpu:
+        """Process `pid`'s time off its CPU inside [start_ns, end_ns], and who ran there meanwhile
+        (by `names`, else command name and pid; "idle": no one)."""
+        off = OffCpu()
+        if not self.switches:
+            return off
 
         def label(switch: Switch) -> str:
             if switch.next_pid == 0:
                 return "idle"
-            return known.get(switch.next_pid) or f"{switch.next_comm}:{switch.next_pid}"
+            return names.get(switch.next_pid) or f"{switch.next_comm}:{switch.next_pid}"
 
-        def described(name: str) -> str:  # a python's module, while it still runs
-            number = name.rpartition(":")[2]
-            if not number.isdigit():
-                return name
-            try:
-                argv = Path(f"/proc/{number}/cmdline").read_bytes().split(b"\0")
-            except OSError:
-                return name
-            module = argv[argv.index(b"-m") + 1].decode(errors="replace") if b"-m" in argv else ""
-            return f"{name} ({module})" if module else name
-
-        parts = [f"gc gen{generation} {ms:.2f} ms" for generation, ms in sorted(self.gc_ms(start_ns, end_ns).items())]
-        if not self.switches:
-            return "; ".join(parts) or "no collection (no scheduler trace: needs root and tracefs)"
         first = bisect.bisect_left(self.stamps_ns, start_ns)
-        # Where `pid` was when the gap began: off its CPU since its last switch-out, or on it.
+        # Where `pid` was when the span began: off its CPU since its last switch-out, or on it.
         cpu, running, since_ns, out_ns = -1, "", start_ns, start_ns
         for switch in reversed(self.switches[:first]):
             if switch.prev_pid == pid:
@@ -151,37 +139,72 @@ class SchedTrace:
                 break
             if switch.next_pid == pid:
                 break
-        if cpu >= 0:  # off since before the gap: what its CPU ran when the gap began
+        if cpu >= 0:  # off since before the span: what its CPU ran when the span began
             running = next(label(switch) for switch in reversed(self.switches[:first]) if switch.cpu == cpu)
-        off_ns = 0
-        states: set[str] = set()
-        ran: dict[str, int] = defaultdict(int)
+
+        def ran(until_ns: int) -> None:
+            stretch = until_ns - since_ns
+            off.ran_ns[running] += stretch
+            off.longest_ns[running] = max(off.longest_ns[running], stretch)
+
         for switch in self.switches[first:]:
             if switch.at_ns > end_ns:
                 break
             if switch.prev_pid == pid:
                 cpu, running, since_ns, out_ns = switch.cpu, label(switch), switch.at_ns, switch.at_ns
-                states.add(switch.prev_state)
+                off.states.add(switch.prev_state)
                 continue
             if cpu < 0:
                 continue
             if switch.cpu == cpu:  # while it is off: who its CPU ran
-                ran[running] += switch.at_ns - since_ns
+                ran(switch.at_ns)
                 running, since_ns = label(switch), switch.at_ns
             if switch.next_pid == pid:  # back, on this CPU or another
                 if switch.cpu != cpu:
-                    ran[running] += switch.at_ns - since_ns
-                off_ns += switch.at_ns - out_ns
+                    ran(switch.at_ns)
+                off.off_ns += switch.at_ns - out_ns
                 cpu = -1
-        if cpu >= 0:  # still off at the gap's end
-            ran[running] += end_ns - since_ns
-            off_ns += end_ns - out_ns
+        if cpu >= 0:  # still off at the span's end
+            ran(end_ns)
+            off.off_ns += end_ns - out_ns
+        return off
+
+    def cause(self, pid: int, start_ns: int, end_ns: int, names: dict[int, str] | None = None) -> str:
+        """What kept process `pid` from applying during [start_ns, end_ns] (see the docstring);
+        `names`: what to call some pids (else their command name and pid)."""
+        parts = [f"gc gen{generation} {ms:.2f} ms" for generation, ms in sorted(self.gc_ms(start_ns, end_ns).items())]
+        if not self.switches:
+            return "; ".join(parts) or "no collection (no scheduler trace: needs root and tracefs)"
+        off = self.off_cpu(pid, start_ns, end_ns, names or {})
         gap_ms = (end_ns - start_ns) / 1e6
-        if not ran:
+        if not off.ran_ns:
             parts.append(f"on its CPU all {gap_ms:.2f} ms (its own work, page faults, interrupts)")
             return "; ".join(parts)
-        kind = "preempted" if states <= {"R", "R+"} else f"off its CPU ({'/'.join(sorted(states))})"
-        shown = sorted(((ns, comm) for comm, ns in ran.items()), reverse=True)[:TASKS_SHOWN_MAX]
-        tasks = ", ".join(f"{described(comm)} {ns / 1e6:.2f}" for ns, comm in shown)
-        parts.append(f"{kind} {off_ns / 1e6:.2f} of {gap_ms:.2f} ms; on its CPU meanwhile (ms): {tasks}")
+        kind = "preempted" if off.states <= {"R", "R+"} else f"off its CPU ({'/'.join(sorted(off.states))})"
+        shown = sorted(((ns, name) for name, ns in off.ran_ns.items()), reverse=True)[:TASKS_SHOWN_MAX]
+        tasks = ", ".join(f"{described(name)} {ns / 1e6:.2f}" for ns, name in shown)
+        parts.append(f"{kind} {off.off_ns / 1e6:.2f} of {gap_ms:.2f} ms; on its CPU meanwhile (ms): {tasks}")
         return "; ".join(parts)
+
+
+@dataclass
+class OffCpu:
+    """A process's time off its CPU in a span, and who ran on that CPU meanwhile, by name."""
+
+    off_ns: int = 0
+    states: set[str] = field(default_factory=set)  # how it left: R (preempted), S, D
+    ran_ns: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    longest_ns: dict[str, int] = field(default_factory=lambda: defaultdict(int))  # the longest stretch
+
+
+def described(name: str) -> str:
+    """"python:123" -> "python:123 (daemon.roles.blp)": a python's module, while it still runs."""
+    number = name.rpartition(":")[2]
+    if not number.isdigit():
+        return name
+    try:
+        argv = Path(f"/proc/{number}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return name
+    module = argv[argv.index(b"-m") + 1].decode(errors="replace") if b"-m" in argv else ""
+    return f"{name} ({module})" if module else name

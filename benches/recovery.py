@@ -95,6 +95,7 @@ FEED_LENGTH = struct.Struct("<I")
 SNAPSHOTTER_READY_TIMEOUT_S = 600.0
 STALL_WRITERS = ("fork", "replica")
 SNAPSHOTTER_POLICIES = ("idle", "normal")  # the real snapshotter's first
+SNAPSHOTTER_NAME = "snapshotter"  # the child, in the scheduler trace's causes
 
 _COMMAND = int(RecordType.COMMAND)
 _COMMAND_VERSION = LEDGER_SCHEMA.version
@@ -275,6 +276,10 @@ class PauseRun:
         self.ends_ns = array("q")  # when each gap ended (time.perf_counter_ns)
         self.cause = ""  # what the longest gap was, when a SchedTrace watched the loop
         self.gc_ms_max = 0.0  # the longest collection in the loop, when a SchedTrace watched it
+        # The replica writer's: CPU time the snapshotter took on this process's CPU while this
+        # process was off it in the loop, in all and its longest stretch (a SchedTrace's).
+        self.snapshotter_took_ms = 0.0
+        self.snapshotter_took_ms_max = 0.0
         self.applied = 0
         self.elapsed_s = 0.0
         self.fork_ms = 0.0
@@ -292,6 +297,9 @@ class PauseRun:
         end_ns = self.ends_ns[longest]
         self.cause = trace.cause(os.getpid(), end_ns - self.gaps_ns[longest], end_ns, names)
         self.gc_ms_max = max((ended - begun for _, begun, ended in trace.collections), default=0) / 1e6
+        off = trace.off_cpu(os.getpid(), self.ends_ns[0] - self.gaps_ns[0], self.ends_ns[-1], names)
+        self.snapshotter_took_ms = off.ran_ns.get(SNAPSHOTTER_NAME, 0) / 1e6
+        self.snapshotter_took_ms_max = off.longest_ns.get(SNAPSHOTTER_NAME, 0) / 1e6
 
     def percentile_gap_us(self, fraction: float) -> float:
         ordered = sorted(self.gaps_ns)
@@ -493,6 +501,14 @@ def causes(writer: str, label: str, run: PauseRun, baseline: PauseRun) -> dict[s
         f"snapshot_stall{writer}_baseline_cause_{label}": baseline.cause,
         f"snapshot_stall{writer}_gc_ms_max_{label}": run.gc_ms_max,
         f"snapshot_stall{writer}_baseline_gc_ms_max_{label}": baseline.gc_ms_max,
+        **({} if not writer else {
+            # What the snapshotter itself took from the blp: its CPU on the blp's CPU while the
+            # blp waited, over the window and in its longest stretch (the baseline's: following).
+            f"snapshotter_took_ms_{label}": run.snapshotter_took_ms,
+            f"snapshotter_took_ms_max_{label}": run.snapshotter_took_ms_max,
+            f"snapshotter_took_baseline_ms_{label}": baseline.snapshotter_took_ms,
+            f"snapshotter_took_baseline_ms_max_{label}": baseline.snapshotter_took_ms_max,
+        }),
     }
 
 
@@ -510,6 +526,9 @@ def stall_summary(results: dict[str, Any], stall_accounts: tuple[int, ...],
                 "cause": results.get(f"snapshot_stall{infix}_cause_{label}", ""),
                 "baseline_cause": results.get(f"snapshot_stall{infix}_baseline_cause_{label}", ""),
             }
+            if writer == "replica" and f"snapshotter_took_ms_{label}" in results:
+                summary[f"{writer} {label}"]["snapshotter_took_ms"] = round(results[f"snapshotter_took_ms_{label}"], 3)
+                summary[f"{writer} {label}"]["snapshotter_took_ms_max"] = round(results[f"snapshotter_took_ms_max_{label}"], 3)
     return summary
 
 
@@ -541,7 +560,7 @@ def bench_stall_replica(accounts: int, snapshot_dir: Path, seconds_min: float,
             time.sleep(0.05)
         source.feed = feed
         warm = apply_loop(processor, source, None, 4)  # warm-up, discarded; fed to the snapshotter too
-        names = {child.pid: "snapshotter"}
+        names = {child.pid: SNAPSHOTTER_NAME}
         run = apply_loop(processor, source, snapshot_dir, 2, seconds_min, writer="replica", trace=trace, names=names)
         baseline = apply_loop(processor, source, None, max(2, run.applied // FRAMES_PER_POLL), trace=trace, names=names)
         blp_rss_mib = psutil.Process().memory_info().rss / 2**20
@@ -789,7 +808,9 @@ def print_stall_summary(summary: dict[str, dict[str, Any]]) -> None:
     """The stall figures a reader compares, on stderr (stdout stays one JSON object with --json)."""
     for name, figures in summary.items():
         print(f"{name:>10}: stall {figures['stall_ms']:8.3f} ms ({figures['cause'] or 'no trace'})\n"
-              f"{'':>10}  baseline {figures['baseline_ms']:8.3f} ms ({figures['baseline_cause'] or 'no trace'})",
+              f"{'':>10}  baseline {figures['baseline_ms']:8.3f} ms ({figures['baseline_cause'] or 'no trace'})"
+              + (f"\n{'':>10}  the snapshotter on the blp's CPU while the blp waited: {figures['snapshotter_took_ms']:.3f} ms "
+                 f"in all, {figures['snapshotter_took_ms_max']:.3f} ms at most at once" if "snapshotter_took_ms" in figures else ""),
               file=sys.stderr)  # fmt: skip
 
 

@@ -144,16 +144,20 @@ def test_in_replica_mode_the_blp_forks_nothing_and_the_snapshotter_writes_the_bl
     assert node.stop() == 0
 
 
-def test_the_snapshotter_runs_at_sched_idle_so_it_never_takes_a_cpu_from_the_pipelines_roles(node_factory) -> None:  # noqa: F811
-    node = node_factory({"snapshot": {"writer": "replica"}})
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="keeping off the blp's CPU needs another CPU")
+def test_the_snapshotter_runs_at_sched_idle_and_off_a_pinned_blps_cpu_so_it_never_takes_the_pipelines_cpu_time(node_factory) -> None:  # noqa: F811
+    node = node_factory({"snapshot": {"writer": "replica"}, "roles": {"blp": {"cpu": 0}}})
     wait_for(lambda: node.read_counters()[SNAPSHOTTER_COUNTERS.pid.name] > 0, "the snapshotter's start")
     pid = node.read_counters()[SNAPSHOTTER_COUNTERS.pid.name]
-    # It sets its policy itself, first thing: wait for it rather than race its start.
+    # It sets its policy and CPUs itself, first thing: wait for them rather than race its start.
     wait_for(lambda: os.sched_getscheduler(pid) == os.SCHED_IDLE, f"the snapshotter (pid {pid}) at SCHED_IDLE")
-    wait_for(lambda: "running at SCHED_IDLE" in node.log_text(), "the snapshotter's log of its policy")
+    wait_for(lambda: "running on CPUs" in node.log_text(), "the snapshotter's log of its CPUs")
+    assert "running at SCHED_IDLE" in node.log_text()
+    assert os.sched_getaffinity(node.role_pid("blp")) == {0}
+    assert os.sched_getaffinity(pid) == set(range(1, os.cpu_count() or 1)) & os.sched_getaffinity(0)
     for role in ("sequencer", "journaller", "blp"):  # the pipeline keeps the normal policy
         assert os.sched_getscheduler(node.role_pid(role)) == os.SCHED_OTHER, role
-    open_accounts(node.socket_path, ACCOUNTS)  # and at SCHED_IDLE it still writes its snapshots
+    open_accounts(node.socket_path, ACCOUNTS)  # and so placed it still writes its snapshots
     os.kill(node.role_pid("sequencer"), signal.SIGUSR1)
     wait_for(lambda: node.read_counters()[SNAPSHOTTER_COUNTERS.writes.name] == 1, "the snapshotter's write")
     assert node.stop() == 0

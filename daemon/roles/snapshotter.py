@@ -33,7 +33,12 @@ the process itself before anything else: no privilege needed on Linux; where it 
 nice 19 with a warning). A CPU that has a pipeline role (or anything else at normal priority) to
 run runs that first, and a task woken on a CPU that is running only idle-policy work takes it at
 once, so the snapshotter's second apply and its encode, write and fsync of the whole state never
-delay the blp (benches/RESULTS.md, "the snapshotter at SCHED_IDLE"). The price: when the
+delay a role that wakes (the sequencer, the journaller, a parked blp). What SCHED_IDLE cannot
+stop: a busy role that stays runnable is never woken, and the scheduler still gives an idle-policy
+task on its CPU a tiny share (weight 3 against 1024), a stretch at a time that lasts up to the
+next tick (4 ms at HZ=250): a gap in the blp's loop (benches/RESULTS.md, "the snapshotter at
+SCHED_IDLE"). So when the blp is pinned (`roles.blp.cpu`) the snapshotter keeps off that CPU
+(`keep_off_the_blps_cpu`): a pinned blp never shares its CPU with it. The price: when the
 machine has no idle CPU time it gets only a sliver of a CPU (SCHED_IDLE's weight is 3 against
 1024 for a nice-0 task), so under a sustained load that keeps every core busy its lag
 (`seqd status`: applied index against the commit index) grows without bound until the load
@@ -60,6 +65,7 @@ from daemon.layout import (
     SNAPSHOTTER,
     SNAPSHOTTER_COUNTERS,
     CounterView,
+    Role,
     attach_counters,
     commit_index_counter,
 )
@@ -72,7 +78,7 @@ from sequencer.follow import LogFollower, start_follower
 from sequencer.processor import Processor
 from sequencer.state_machine import load_app
 
-__all__ = ["RECORDS_PER_TURN_MAX", "Snapshotter", "main", "run_at_idle_priority"]
+__all__ = ["RECORDS_PER_TURN_MAX", "Snapshotter", "keep_off_the_blps_cpu", "main", "run_at_idle_priority"]
 
 log = logging.getLogger("seqd.snapshotter")
 
@@ -81,6 +87,20 @@ RECORDS_PER_TURN_MAX: Final = 4096
 HEARTBEAT_INTERVAL_S: Final = 0.1
 # Where SCHED_IDLE is refused: the lowest priority a process may give itself.
 NICE_FALLBACK: Final = 19
+
+
+def keep_off_the_blps_cpu(config: Config) -> list[int]:
+    """Restricts this process to every CPU it may use but the blp's, when the blp is pinned and
+    another CPU is left; returns the CPUs it now runs on (unchanged otherwise)."""
+    from ipc.affinity import available_cpus, pin
+
+    allowed = available_cpus()
+    blp_cpu = config.role(Role.BLP).cpu
+    others = [cpu for cpu in allowed if cpu != blp_cpu]
+    if blp_cpu >= 0 and others and others != allowed:
+        pin(others)
+        return others
+    return allowed
 
 
 def run_at_idle_priority() -> str:
@@ -193,6 +213,7 @@ def main() -> int:
         return EXIT_ORPHANED
     log.info("running at %s: background work, never ahead of the pipeline's roles", run_at_idle_priority())
     config = Config.from_json(os.environ["SEQD_CONFIG_JSON"])
+    log.info("running on CPUs %s (the blp's: %d; -1 not pinned)", keep_off_the_blps_cpu(config), config.role(Role.BLP).cpu)
     try:
         view = CounterView(attach_counters(config.node.name, epoch=epoch), SNAPSHOTTER)
     except SegmentError as error:
