@@ -9,7 +9,8 @@ the page cache), applying them on the same fast path (`Processor.replay_run`, wh
 FEED holds length-prefixed runs of records (`benches.recovery.FEED_LENGTH`); a length of 0 ends
 it. READY is created once the state is built; RESULT gets the figures as JSON. POLICY "idle":
 once its state is built it runs at SCHED_IDLE, as the real snapshotter does
-(`daemon.roles.snapshotter.run_at_idle_priority`); "normal": at the bench's own priority.
+(`daemon.roles.snapshotter.run_at_idle_priority`); "idle-off:N": that, and on every CPU but N,
+the blp's (`keep_off_the_blps_cpu`); "normal": at the bench's own priority.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import psutil
 
 from benches.recovery import FEED_LENGTH, build_state
 from daemon.roles.snapshotter import run_at_idle_priority
+from ipc.affinity import available_cpus, pin
 from sequencer import snapshot as snapshots
 from sequencer.processor import Processor
 
@@ -38,7 +40,11 @@ def main(argv: list[str]) -> int:
     processor, source = build_state(int(accounts), FOLLOWER_NODE)
     del source
     # After the build: at SCHED_IDLE from the start it would build only on a CPU no one wants.
-    scheduling = run_at_idle_priority() if policy == "idle" else "normal"
+    scheduling = run_at_idle_priority() if policy.startswith("idle") else "normal"
+    if policy.startswith("idle-off:"):  # the blp pinned there: as keep_off_the_blps_cpu does
+        blp_cpu = int(policy.partition(":")[2])
+        pin([cpu for cpu in available_cpus() if cpu != blp_cpu])
+        scheduling += f", off CPU {blp_cpu}"
     Path(ready_path).write_text("ready")
     write_cpu_s = 0.0
     write_wall_s = 0.0

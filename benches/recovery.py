@@ -61,6 +61,7 @@ from benches._measure import MEASURE_S_MIN
 from benches._sched_trace import SchedTrace
 from daemon.roles.blp import FRAMES_PER_POLL_MAX
 from daemon.snapshot_writer import fork_and_write_snapshot, reap_snapshot_writer
+from ipc.affinity import available_cpus, pin
 from sequencer import snapshot as snapshots
 from sequencer.apps.ledger import LEDGER_SCHEMA, Deposit, Ledger, OpenAccount, Transfer
 from sequencer.journal import Journal, read_records
@@ -94,7 +95,9 @@ FEED_LENGTH = struct.Struct("<I")
 # Building 5M accounts takes the snapshotter process as long as the blp (~1-2 min on 2 loaded cores).
 SNAPSHOTTER_READY_TIMEOUT_S = 600.0
 STALL_WRITERS = ("fork", "replica")
-SNAPSHOTTER_POLICIES = ("idle", "normal")  # the real snapshotter's first
+# The real snapshotter's first; "pinned": the blp (this process) pinned to a CPU, the snapshotter
+# at SCHED_IDLE on the others, as a node with `roles.blp.cpu` set runs them.
+SNAPSHOTTER_POLICIES = ("idle", "normal", "pinned")
 SNAPSHOTTER_NAME = "snapshotter"  # the child, in the scheduler trace's causes
 
 _COMMAND = int(RecordType.COMMAND)
@@ -539,8 +542,13 @@ def bench_stall_replica(accounts: int, snapshot_dir: Path, seconds_min: float,
     of the state fed the same records, writes the snapshot (`benches._snapshotter_child`); and
     its cost: the second apply's CPU per record, the second copy's memory. Both copies end with
     the same state hash, or the run fails. `policy`: the snapshotter's scheduling, "idle" (as
-    the real one, `run_at_idle_priority`) or "normal" (as it was before)."""
+    the real one, `run_at_idle_priority`), "normal" (as it was before) or "pinned" (this process
+    pinned to its first CPU, the snapshotter at SCHED_IDLE on the others)."""
     label = stall_label(accounts)
+    unpinned = available_cpus()
+    pinned = policy == "pinned"
+    if pinned:
+        policy = f"idle-off:{unpinned[0]}"  # what the child does (benches._snapshotter_child)
     work = snapshot_dir.parent / f"snapshotter-{label}"
     work.mkdir()
     feed_path, ready, result = work / "feed.bin", work / "ready", work / "result.json"
@@ -548,6 +556,8 @@ def bench_stall_replica(accounts: int, snapshot_dir: Path, seconds_min: float,
     # Started before the blp's state is built: the two build at once, on the two cores.
     child = subprocess.Popen([sys.executable, "-m", "benches._snapshotter_child", str(feed_path),
                               str(snapshot_dir), str(accounts), str(ready), str(result), policy])  # fmt: skip
+    if pinned:  # after the child's start, which would inherit it
+        pin(unpinned[0])
     trace = SchedTrace.open()
     try:
         started = time.perf_counter()
@@ -590,6 +600,7 @@ def bench_stall_replica(accounts: int, snapshot_dir: Path, seconds_min: float,
     finally:
         if trace is not None:
             trace.close()
+        pin(unpinned)
         feed.close()
         if child.poll() is None:
             child.kill()
@@ -770,7 +781,8 @@ def main(argv: list[str]) -> int:
                         "replica (snapshot_stall_replica_ms_*), comma-separated")
     parser.add_argument("--snapshotter-policy", choices=SNAPSHOTTER_POLICIES, default=SNAPSHOTTER_POLICIES[0],
                         help="the replica writer's snapshotter process: idle (SCHED_IDLE, as the real "
-                        "snapshotter runs) or normal (as it ran before; for before/after runs)")
+                        "snapshotter runs), normal (as it ran before; for before/after runs) or pinned (this process, the blp, "
+                        "pinned to a CPU and the snapshotter at SCHED_IDLE on the others, as with roles.blp.cpu set)")
     parser.add_argument("--min-seconds", type=float, default=MEASURE_S_MIN,
                         help=f"apply at least this long around each stall (default {MEASURE_S_MIN}; 0 for a smoke run)")
     args = parser.parse_args(argv)
