@@ -188,7 +188,8 @@ def test_a_snapshotter_killed_mid_write_leaves_no_torn_snapshot_and_writes_it_wh
     assert final.with_name(final.name + snapshots.TMP_SUFFIX).exists() and not final.exists()
     # The blp goes on while the snapshot is being written: nothing waits for the snapshotter.
     open_accounts(node.socket_path, ["during"])
-    assert node.read_counters()["blp.applied.index"] > index
+    # (The blp publishes its applied index after the batch's replies: wait, a reply can come first.)
+    wait_for(lambda: node.read_counters()["blp.applied.index"] > index, "the blp past the snapshot's index")
 
     values = node.read_counters()
     os.kill(values[SNAPSHOTTER_COUNTERS.pid.name], signal.SIGKILL)
