@@ -4,10 +4,13 @@ the blp's, fed every later record through a file (the real snapshotter reads the
 the page cache), applying them on the same fast path (`Processor.replay_run`, what
 `LogFollower.advance` calls) and writing the snapshot file at the SNAPSHOT record.
 
-    python -m benches._snapshotter_child FEED SNAPSHOT_DIR ACCOUNTS READY RESULT
+    python -m benches._snapshotter_child FEED SNAPSHOT_DIR ACCOUNTS READY RESULT POLICY
 
 FEED holds length-prefixed runs of records (`benches.recovery.FEED_LENGTH`); a length of 0 ends
-it. READY is created once the state is built; RESULT gets the figures as JSON.
+it. READY is created once the state is built; RESULT gets the figures as JSON. POLICY "idle":
+once its state is built it runs at SCHED_IDLE, as the real snapshotter does
+(`daemon.roles.snapshotter.run_at_idle_priority`); "idle-off:N": that, and on every CPU but N,
+the blp's (`keep_off_the_blps_cpu`); "normal": at the bench's own priority.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from typing import Any
 import psutil
 
 from benches.recovery import FEED_LENGTH, build_state
+from daemon.roles.snapshotter import run_at_idle_priority
+from ipc.affinity import available_cpus, pin
 from sequencer import snapshot as snapshots
 from sequencer.processor import Processor
 
@@ -29,11 +34,17 @@ FEED_POLL_S = 0.0005  # at the end of the feed: the blp has not written the next
 
 
 def main(argv: list[str]) -> int:
-    feed_path, snapshot_dir, accounts, ready_path, result_path = argv
+    feed_path, snapshot_dir, accounts, ready_path, result_path, policy = argv
     # The same records as the blp's (seed 1), on a processor of no node's, as the snapshotter's
     # (it builds no reply frames; the state is the same: the two hashes are compared at the end).
     processor, source = build_state(int(accounts), FOLLOWER_NODE)
     del source
+    # After the build: at SCHED_IDLE from the start it would build only on a CPU no one wants.
+    scheduling = run_at_idle_priority() if policy.startswith("idle") else "normal"
+    if policy.startswith("idle-off:"):  # the blp pinned there: as keep_off_the_blps_cpu does
+        blp_cpu = int(policy.partition(":")[2])
+        pin([cpu for cpu in available_cpus() if cpu != blp_cpu])
+        scheduling += f", off CPU {blp_cpu}"
     Path(ready_path).write_text("ready")
     write_cpu_s = 0.0
     write_wall_s = 0.0
@@ -70,6 +81,7 @@ def main(argv: list[str]) -> int:
         "write_cpu_s": write_cpu_s,
         "write_wall_s": write_wall_s,
         "written": written,
+        "scheduling": scheduling,
         "rss_mib": psutil.Process().memory_info().rss / 2**20,
         "state_hash": processor.state_hash().hex(),
     }))

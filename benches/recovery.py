@@ -58,8 +58,10 @@ from typing import Any
 import psutil
 
 from benches._measure import MEASURE_S_MIN
+from benches._sched_trace import SchedTrace
 from daemon.roles.blp import FRAMES_PER_POLL_MAX
 from daemon.snapshot_writer import fork_and_write_snapshot, reap_snapshot_writer
+from ipc.affinity import available_cpus, pin
 from sequencer import snapshot as snapshots
 from sequencer.apps.ledger import LEDGER_SCHEMA, Deposit, Ledger, OpenAccount, Transfer
 from sequencer.journal import Journal, read_records
@@ -93,6 +95,10 @@ FEED_LENGTH = struct.Struct("<I")
 # Building 5M accounts takes the snapshotter process as long as the blp (~1-2 min on 2 loaded cores).
 SNAPSHOTTER_READY_TIMEOUT_S = 600.0
 STALL_WRITERS = ("fork", "replica")
+# The real snapshotter's first; "pinned": the blp (this process) pinned to a CPU, the snapshotter
+# at SCHED_IDLE on the others, as a node with `roles.blp.cpu` set runs them.
+SNAPSHOTTER_POLICIES = ("idle", "normal", "pinned")
+SNAPSHOTTER_NAME = "snapshotter"  # the child, in the scheduler trace's causes
 
 _COMMAND = int(RecordType.COMMAND)
 _COMMAND_VERSION = LEDGER_SCHEMA.version
@@ -270,6 +276,13 @@ class PauseRun:
 
     def __init__(self) -> None:
         self.gaps_ns = array("q")
+        self.ends_ns = array("q")  # when each gap ended (time.perf_counter_ns)
+        self.cause = ""  # what the longest gap was, when a SchedTrace watched the loop
+        self.gc_ms_max = 0.0  # the longest collection in the loop, when a SchedTrace watched it
+        # The replica writer's: CPU time the snapshotter took on this process's CPU while this
+        # process was off it in the loop, in all and its longest stretch (a SchedTrace's).
+        self.snapshotter_took_ms = 0.0
+        self.snapshotter_took_ms_max = 0.0
         self.applied = 0
         self.elapsed_s = 0.0
         self.fork_ms = 0.0
@@ -280,6 +293,16 @@ class PauseRun:
     @property
     def max_gap_ms(self) -> float:
         return max(self.gaps_ns) / 1e6
+
+    def explain(self, trace: SchedTrace, names: dict[int, str]) -> None:
+        """The longest gap's cause and the longest collection, from `trace` of this loop."""
+        longest = max(range(len(self.gaps_ns)), key=self.gaps_ns.__getitem__)
+        end_ns = self.ends_ns[longest]
+        self.cause = trace.cause(os.getpid(), end_ns - self.gaps_ns[longest], end_ns, names)
+        self.gc_ms_max = max((ended - begun for _, begun, ended in trace.collections), default=0) / 1e6
+        off = trace.off_cpu(os.getpid(), self.ends_ns[0] - self.gaps_ns[0], self.ends_ns[-1], names)
+        self.snapshotter_took_ms = off.ran_ns.get(SNAPSHOTTER_NAME, 0) / 1e6
+        self.snapshotter_took_ms_max = off.longest_ns.get(SNAPSHOTTER_NAME, 0) / 1e6
 
     def percentile_gap_us(self, fraction: float) -> float:
         ordered = sorted(self.gaps_ns)
@@ -302,14 +325,18 @@ def apply_loop(
     polls_min: int,
     seconds_min: float = 0.0,
     writer: str = "fork",
+    trace: SchedTrace | None = None,
+    names: dict[int, str] | None = None,
 ) -> PauseRun:
     """Applies polls of fresh transfers; with `snapshot_dir`, a SNAPSHOT record leads the
     second poll and the loop runs until the forked writer has exited plus AFTER_CHILD_S.
     `writer="replica"`: the loop forks nothing at the SNAPSHOT record (the blp with
     `snapshot.writer = "replica"`); the snapshotter process, fed the same records, writes the
-    file, and the loop runs until the file is there plus AFTER_CHILD_S."""
+    file, and the loop runs until the file is there plus AFTER_CHILD_S. With `trace`, the run
+    says what its longest gap was (`names`: what to call some pids in it)."""
     run = PauseRun()
     gaps = run.gaps_ns
+    ends = run.ends_ns
     apply_frame = processor.apply_frame
     drain = processor.drain_outputs
     clock = time.perf_counter_ns
@@ -319,6 +346,8 @@ def apply_loop(
     fork_before_ns = 0
     polls = 0
     active_ns = 0
+    if trace is not None:
+        trace.start()
     while True:
         # Encoding the poll's records is the sequencer's work: off the clock.
         head = source.snapshot() if snapshot_dir is not None and polls == 1 else b""
@@ -350,6 +379,7 @@ def apply_loop(
                 fork_before_ns = 0
             now = clock()
             gaps.append(now - previous)
+            ends.append(now)
             previous = now
         drain()
         if child_pid == -1:
@@ -381,6 +411,9 @@ def apply_loop(
         if child_done_ns and (clock() - child_done_ns) / 1e9 >= AFTER_CHILD_S:
             break
     run.elapsed_s = active_ns / 1e9
+    if trace is not None:
+        trace.stop()
+        run.explain(trace, names or {})
     return run
 
 
@@ -438,12 +471,18 @@ def bench_stall(accounts: int, snapshot_dir: Path, seconds_min: float) -> dict[s
     processor, source = build_state(accounts)
     build_s = time.perf_counter() - started
     apply_loop(processor, source, None, 4)  # warm-up, discarded
-    run = apply_loop(processor, source, snapshot_dir, 2, seconds_min)
-    baseline = apply_loop(processor, source, None, max(2, run.applied // FRAMES_PER_POLL))
+    trace = SchedTrace.open()
+    try:
+        run = apply_loop(processor, source, snapshot_dir, 2, seconds_min, trace=trace)
+        baseline = apply_loop(processor, source, None, max(2, run.applied // FRAMES_PER_POLL), trace=trace)
+    finally:
+        if trace is not None:
+            trace.close()
     label = stall_label(accounts)
     figures = {
         f"snapshot_stall_ms_{label}": run.max_gap_ms,
         f"snapshot_stall_baseline_ms_{label}": baseline.max_gap_ms,  # as long, no snapshot
+        **causes("", label, run, baseline),
         f"snapshot_stall_fork_ms_{label}": run.fork_ms,
         f"snapshot_stall_measured_s_{label}": run.elapsed_s,
         f"snapshot_stall_build_s_{label}": build_s,
@@ -455,20 +494,71 @@ def bench_stall(accounts: int, snapshot_dir: Path, seconds_min: float) -> dict[s
     return figures
 
 
-def bench_stall_replica(accounts: int, snapshot_dir: Path, seconds_min: float) -> dict[str, Any]:
+def causes(writer: str, label: str, run: PauseRun, baseline: PauseRun) -> dict[str, Any]:
+    """What the longest gaps of a stall window and of its baseline were, and the longest
+    collection in each (empty without a SchedTrace)."""
+    if not run.cause:
+        return {}
+    return {
+        f"snapshot_stall{writer}_cause_{label}": run.cause,
+        f"snapshot_stall{writer}_baseline_cause_{label}": baseline.cause,
+        f"snapshot_stall{writer}_gc_ms_max_{label}": run.gc_ms_max,
+        f"snapshot_stall{writer}_baseline_gc_ms_max_{label}": baseline.gc_ms_max,
+        **({} if not writer else {
+            # What the snapshotter itself took from the blp: its CPU on the blp's CPU while the
+            # blp waited, over the window and in its longest stretch (the baseline's: following).
+            f"snapshotter_took_ms_{label}": run.snapshotter_took_ms,
+            f"snapshotter_took_ms_max_{label}": run.snapshotter_took_ms_max,
+            f"snapshotter_took_baseline_ms_{label}": baseline.snapshotter_took_ms,
+            f"snapshotter_took_baseline_ms_max_{label}": baseline.snapshotter_took_ms_max,
+        }),
+    }
+
+
+def stall_summary(results: dict[str, Any], stall_accounts: tuple[int, ...],
+                  stall_writers: tuple[str, ...]) -> dict[str, dict[str, Any]]:  # fmt: skip
+    """Per writer and size ("replica 5m"): the stall, its baseline and what each longest gap was."""
+    summary = {}
+    for count in stall_accounts:
+        label = stall_label(count)
+        for writer in stall_writers:
+            infix = "" if writer == "fork" else "_replica"
+            summary[f"{writer} {label}"] = {
+                "stall_ms": round(results[f"snapshot_stall{infix}_ms_{label}"], 3),
+                "baseline_ms": round(results[f"snapshot_stall{infix}_baseline_ms_{label}"], 3),
+                "cause": results.get(f"snapshot_stall{infix}_cause_{label}", ""),
+                "baseline_cause": results.get(f"snapshot_stall{infix}_baseline_cause_{label}", ""),
+            }
+            if writer == "replica" and f"snapshotter_took_ms_{label}" in results:
+                summary[f"{writer} {label}"]["snapshotter_took_ms"] = round(results[f"snapshotter_took_ms_{label}"], 3)
+                summary[f"{writer} {label}"]["snapshotter_took_ms_max"] = round(results[f"snapshotter_took_ms_max_{label}"], 3)
+    return summary
+
+
+def bench_stall_replica(accounts: int, snapshot_dir: Path, seconds_min: float,
+                        policy: str = SNAPSHOTTER_POLICIES[0]) -> dict[str, Any]:  # fmt: skip
     """The blp's snapshot stall with `snapshot.writer = "replica"` at `accounts` accounts: the
     longest gap between two applies while the snapshotter, a second process with its own copy
     of the state fed the same records, writes the snapshot (`benches._snapshotter_child`); and
     its cost: the second apply's CPU per record, the second copy's memory. Both copies end with
-    the same state hash, or the run fails."""
+    the same state hash, or the run fails. `policy`: the snapshotter's scheduling, "idle" (as
+    the real one, `run_at_idle_priority`), "normal" (as it was before) or "pinned" (this process
+    pinned to its first CPU, the snapshotter at SCHED_IDLE on the others)."""
     label = stall_label(accounts)
+    unpinned = available_cpus()
+    pinned = policy == "pinned"
+    if pinned:
+        policy = f"idle-off:{unpinned[0]}"  # what the child does (benches._snapshotter_child)
     work = snapshot_dir.parent / f"snapshotter-{label}"
     work.mkdir()
     feed_path, ready, result = work / "feed.bin", work / "ready", work / "result.json"
     feed = open(feed_path, "wb")  # closed in the finally below
     # Started before the blp's state is built: the two build at once, on the two cores.
     child = subprocess.Popen([sys.executable, "-m", "benches._snapshotter_child", str(feed_path),
-                              str(snapshot_dir), str(accounts), str(ready), str(result)])  # fmt: skip
+                              str(snapshot_dir), str(accounts), str(ready), str(result), policy])  # fmt: skip
+    if pinned:  # after the child's start, which would inherit it
+        pin(unpinned[0])
+    trace = SchedTrace.open()
     try:
         started = time.perf_counter()
         processor, source = build_state(accounts)
@@ -480,8 +570,9 @@ def bench_stall_replica(accounts: int, snapshot_dir: Path, seconds_min: float) -
             time.sleep(0.05)
         source.feed = feed
         warm = apply_loop(processor, source, None, 4)  # warm-up, discarded; fed to the snapshotter too
-        run = apply_loop(processor, source, snapshot_dir, 2, seconds_min, writer="replica")
-        baseline = apply_loop(processor, source, None, max(2, run.applied // FRAMES_PER_POLL))
+        names = {child.pid: SNAPSHOTTER_NAME}
+        run = apply_loop(processor, source, snapshot_dir, 2, seconds_min, writer="replica", trace=trace, names=names)
+        baseline = apply_loop(processor, source, None, max(2, run.applied // FRAMES_PER_POLL), trace=trace, names=names)
         blp_rss_mib = psutil.Process().memory_info().rss / 2**20
         feed.write(FEED_LENGTH.pack(0))
         feed.flush()
@@ -493,6 +584,7 @@ def bench_stall_replica(accounts: int, snapshot_dir: Path, seconds_min: float) -
         figures = {
             f"snapshot_stall_replica_ms_{label}": run.max_gap_ms,
             f"snapshot_stall_replica_baseline_ms_{label}": baseline.max_gap_ms,  # the snapshotter only following
+            **causes("_replica", label, run, baseline),
             f"snapshot_stall_replica_at_record_ms_{label}": run.fork_to_next_apply_ms,  # the SNAPSHOT record and the next
             f"snapshot_stall_replica_measured_s_{label}": run.elapsed_s,
             f"snapshot_stall_replica_write_s_{label}": run.child_s,  # SNAPSHOT applied -> file renamed
@@ -500,11 +592,15 @@ def bench_stall_replica(accounts: int, snapshot_dir: Path, seconds_min: float) -
             f"snapshotter_apply_us_per_record_{label}": 1e6 * child_figures["apply_cpu_s"] / child_figures["records"],
             f"blp_apply_us_per_record_{label}": 1e6 / warm.per_s,
             f"snapshotter_rss_mib_{label}": child_figures["rss_mib"],
+            f"snapshotter_scheduling_{label}": child_figures["scheduling"],  # what the child got: SCHED_IDLE or the fallback
             f"blp_rss_mib_{label}": blp_rss_mib,
             f"snapshot_stall_replica_build_s_{label}": build_s,
         }
         del processor, source
     finally:
+        if trace is not None:
+            trace.close()
+        pin(unpinned)
         feed.close()
         if child.poll() is None:
             child.kill()
@@ -554,7 +650,8 @@ def anon_huge_mib() -> float:
 
 def run(accounts: int, records: int, tail: int, runs: int, base: Path | None,
         stall_accounts: tuple[int, ...] = STALL_ACCOUNTS, seconds_min: float = MEASURE_S_MIN,
-        stall_writers: tuple[str, ...] = STALL_WRITERS) -> dict[str, Any]:
+        stall_writers: tuple[str, ...] = STALL_WRITERS,
+        snapshotter_policy: str = SNAPSHOTTER_POLICIES[0]) -> dict[str, Any]:
     assert 0 < tail < records, (tail, records)
     # The main tail, and shorter ones: the speed-up is bounded by records / tail, so how it
     # grows as the tail shrinks says what a snapshot interval buys.
@@ -647,7 +744,9 @@ def run(accounts: int, records: int, tail: int, runs: int, base: Path | None,
             if "fork" in stall_writers:
                 results.update(bench_stall(count, stall_dir, seconds_min))
             if "replica" in stall_writers:
-                results.update(bench_stall_replica(count, stall_dir, seconds_min))
+                results.update(bench_stall_replica(count, stall_dir, seconds_min, snapshotter_policy))
+        results["snapshotter_policy"] = snapshotter_policy
+        results["snapshot_stall_summary"] = stall_summary(results, stall_accounts, stall_writers)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
@@ -680,6 +779,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--stall-writers", default=",".join(STALL_WRITERS),
                         help="snapshot.writer modes of the stall figures: fork (snapshot_stall_ms_*), "
                         "replica (snapshot_stall_replica_ms_*), comma-separated")
+    parser.add_argument("--snapshotter-policy", choices=SNAPSHOTTER_POLICIES, default=SNAPSHOTTER_POLICIES[0],
+                        help="the replica writer's snapshotter process: idle (SCHED_IDLE, as the real "
+                        "snapshotter runs), normal (as it ran before; for before/after runs) or pinned (this process, the blp, "
+                        "pinned to a CPU and the snapshotter at SCHED_IDLE on the others, as with roles.blp.cpu set)")
     parser.add_argument("--min-seconds", type=float, default=MEASURE_S_MIN,
                         help=f"apply at least this long around each stall (default {MEASURE_S_MIN}; 0 for a smoke run)")
     args = parser.parse_args(argv)
@@ -698,15 +801,29 @@ def main(argv: list[str]) -> int:
     stall_writers = tuple(writer for writer in args.stall_writers.split(",") if writer)
     if not set(stall_writers) <= set(STALL_WRITERS):
         parser.error(f"--stall-writers={args.stall_writers!r}: give {' and/or '.join(STALL_WRITERS)}, separated by commas")
-    results = run(accounts, records, tail, runs, args.dir, stall_accounts, args.min_seconds, stall_writers)
+    results = run(accounts, records, tail, runs, args.dir, stall_accounts, args.min_seconds, stall_writers,
+                  args.snapshotter_policy)
     if args.json:
         print(json.dumps(results))
     else:
         for key, value in results.items():
+            if key == "snapshot_stall_summary":
+                continue
             shown = f"{value:>16,}" if isinstance(value, int) and not isinstance(value, bool) else (
                 f"{value:>16,.4f}" if isinstance(value, float) else f"{value!s:>16}")
             print(f"{key:36} {shown}")
+    print_stall_summary(results.get("snapshot_stall_summary", {}))
     return 0
+
+
+def print_stall_summary(summary: dict[str, dict[str, Any]]) -> None:
+    """The stall figures a reader compares, on stderr (stdout stays one JSON object with --json)."""
+    for name, figures in summary.items():
+        print(f"{name:>10}: stall {figures['stall_ms']:8.3f} ms ({figures['cause'] or 'no trace'})\n"
+              f"{'':>10}  baseline {figures['baseline_ms']:8.3f} ms ({figures['baseline_cause'] or 'no trace'})"
+              + (f"\n{'':>10}  the snapshotter on the blp's CPU while the blp waited: {figures['snapshotter_took_ms']:.3f} ms "
+                 f"in all, {figures['snapshotter_took_ms_max']:.3f} ms at most at once" if "snapshotter_took_ms" in figures else ""),
+              file=sys.stderr)  # fmt: skip
 
 
 if __name__ == "__main__":

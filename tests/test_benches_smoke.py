@@ -35,6 +35,8 @@ RECOVERY_KEYS = (
     "snapshot_stall_replica_ms_2k",
     "snapshotter_apply_us_per_record_2k",
     "snapshotter_rss_mib_2k",
+    "snapshotter_scheduling_2k",
+    "snapshot_stall_summary",
 )
 
 E2E_KEYS = (  # issue 13's "Done when" keys beside the earlier ones
@@ -70,6 +72,28 @@ def test_recovery_bench_reports_every_figure_and_both_recoveries_agree(tmp_dir: 
     assert results["tail_records"] == 2000
     # The bench cleans up its temp dir.
     assert list(tmp_dir.iterdir()) == []
+
+
+def test_the_sched_trace_names_who_ran_on_the_blps_cpu_during_a_gap_and_for_how_long() -> None:
+    from benches._sched_trace import SchedTrace, Switch
+
+    trace = SchedTrace(Path("/nonexistent"))
+    blp, snapshotter, other = 100, 200, 300
+    trace.switches = [  # the blp on CPU 0, preempted by the snapshotter, then another task; back on CPU 1
+        Switch(0, 1_000_000, "python", blp, "R", "python", snapshotter),
+        Switch(1, 1_500_000, "bash", 7, "S", "kworker", other),
+        Switch(0, 3_000_000, "python", snapshotter, "R", "kworker", other),
+        Switch(1, 3_500_000, "kworker", other, "S", "python", blp),
+    ]
+    trace.stamps_ns = [switch.at_ns for switch in trace.switches]
+    trace.collections = [(0, 3_600_000, 3_700_000)]
+    off = trace.off_cpu(blp, 500_000, 4_000_000, {snapshotter: "snapshotter"})
+    assert off.off_ns == 2_500_000 and off.states == {"R"}
+    assert dict(off.ran_ns) == {"snapshotter": 2_000_000, "kworker:300": 500_000}
+    assert off.longest_ns["snapshotter"] == 2_000_000
+    cause = trace.cause(blp, 500_000, 4_000_000, {snapshotter: "snapshotter"})
+    assert cause.startswith("gc gen0 0.10 ms; preempted 2.50 of 3.50 ms") and "snapshotter 2.00" in cause
+    assert trace.cause(blp, 3_600_000, 4_000_000).endswith("on its CPU all 0.40 ms (its own work, page faults, interrupts)")
 
 
 def test_profile_bench_writes_a_flame_graph_and_speedscope_file_per_role(

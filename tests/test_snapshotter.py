@@ -144,6 +144,36 @@ def test_in_replica_mode_the_blp_forks_nothing_and_the_snapshotter_writes_the_bl
     assert node.stop() == 0
 
 
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="keeping off the blp's CPU needs another CPU")
+def test_the_snapshotter_runs_at_sched_idle_and_off_a_pinned_blps_cpu_so_it_never_takes_the_pipelines_cpu_time(node_factory) -> None:  # noqa: F811
+    node = node_factory({"snapshot": {"writer": "replica"}, "roles": {"blp": {"cpu": 0}}})
+    wait_for(lambda: node.read_counters()[SNAPSHOTTER_COUNTERS.pid.name] > 0, "the snapshotter's start")
+    pid = node.read_counters()[SNAPSHOTTER_COUNTERS.pid.name]
+    # It sets its policy and CPUs itself, first thing: wait for them rather than race its start.
+    wait_for(lambda: os.sched_getscheduler(pid) == os.SCHED_IDLE, f"the snapshotter (pid {pid}) at SCHED_IDLE")
+    wait_for(lambda: "running on CPUs" in node.log_text(), "the snapshotter's log of its CPUs")
+    assert "running at SCHED_IDLE" in node.log_text()
+    assert os.sched_getaffinity(node.role_pid("blp")) == {0}
+    assert os.sched_getaffinity(pid) == set(range(1, os.cpu_count() or 1)) & os.sched_getaffinity(0)
+    for role in ("sequencer", "journaller", "blp"):  # the pipeline keeps the normal policy
+        assert os.sched_getscheduler(node.role_pid(role)) == os.SCHED_OTHER, role
+    open_accounts(node.socket_path, ACCOUNTS)  # and so placed it still writes its snapshots
+    os.kill(node.role_pid("sequencer"), signal.SIGUSR1)
+    wait_for(lambda: node.read_counters()[SNAPSHOTTER_COUNTERS.writes.name] == 1, "the snapshotter's write")
+    assert node.stop() == 0
+
+
+def test_where_sched_idle_is_refused_the_snapshotter_runs_at_nice_19_and_says_so() -> None:
+    refused = ("import os, sys\n"
+               "def refuse(*args): raise PermissionError(1, 'Operation not permitted')\n"
+               "os.sched_setscheduler = refuse\n"
+               "from daemon.roles.snapshotter import run_at_idle_priority\n"
+               "print(run_at_idle_priority(), os.nice(0), os.sched_getscheduler(0) == os.SCHED_OTHER)\n")  # fmt: skip
+    result = subprocess.run([sys.executable, "-c", refused], capture_output=True, text=True, timeout=60, check=True)
+    assert result.stdout.split() == ["nice", "19", "19", "True"]
+    assert "SCHED_IDLE refused" in result.stderr and "nice 19" in result.stderr
+
+
 def test_a_snapshotter_killed_mid_write_leaves_no_torn_snapshot_and_writes_it_when_restarted(node_factory, tmp_dir: Path) -> None:  # noqa: F811
     hold = tmp_dir / "snapshot-hold"
     hold.write_text("1")
@@ -158,7 +188,8 @@ def test_a_snapshotter_killed_mid_write_leaves_no_torn_snapshot_and_writes_it_wh
     assert final.with_name(final.name + snapshots.TMP_SUFFIX).exists() and not final.exists()
     # The blp goes on while the snapshot is being written: nothing waits for the snapshotter.
     open_accounts(node.socket_path, ["during"])
-    assert node.read_counters()["blp.applied.index"] > index
+    # (The blp publishes its applied index after the batch's replies: wait, a reply can come first.)
+    wait_for(lambda: node.read_counters()["blp.applied.index"] > index, "the blp past the snapshot's index")
 
     values = node.read_counters()
     os.kill(values[SNAPSHOTTER_COUNTERS.pid.name], signal.SIGKILL)

@@ -27,6 +27,27 @@ snapshot in the directory, and the snapshotter starts from the newest.
 
 The supervisor runs it like a query replica (`daemon.replicas`): started once the pipeline
 runs, restarted alone after a backoff if it dies, stopped with the incarnation; never waited for.
+
+Scheduling: it is background work, so it runs at `SCHED_IDLE` (`run_at_idle_priority`, set by
+the process itself before anything else: no privilege needed on Linux; where it is refused,
+nice 19 with a warning). A CPU that has a pipeline role (or anything else at normal priority) to
+run runs that first, and a task woken on a CPU that is running only idle-policy work takes it at
+once, so the snapshotter's second apply and its encode, write and fsync of the whole state never
+delay a role that wakes (the sequencer, the journaller, a parked blp). What SCHED_IDLE cannot
+stop: a busy role that stays runnable is never woken, and the scheduler still gives an idle-policy
+task on its CPU a tiny share (weight 3 against 1024), a stretch at a time that lasts up to the
+next tick (4 ms at HZ=250): a gap in the blp's loop (benches/RESULTS.md, "the snapshotter at
+SCHED_IDLE"). So when the blp is pinned (`roles.blp.cpu`) the snapshotter keeps off that CPU
+(`keep_off_the_blps_cpu`): a pinned blp never shares its CPU with it. The price: when the
+machine has no idle CPU time it gets only a sliver of a CPU (SCHED_IDLE's weight is 3 against
+1024 for a nice-0 task), so under a sustained load that keeps every core busy its lag
+(`seqd status`: applied index against the commit index) grows without bound until the load
+drops, and the snapshots, and with them the journaller's deletion of covered segments, come
+late: the journal on disk grows, recovery after a crash replays a longer tail; nothing is wrong
+and its memory does not grow (it reads the journal from the files, its state is one copy). Its
+I/O keeps the default priority: with the disk's mq-deadline scheduler only the idle class would
+differ, and an idle-class write of the snapshot can hold the journaller's fdatasync behind it
+through the filesystem's journal (ext4 ordered mode commits the data it covers).
 """
 
 from __future__ import annotations
@@ -44,6 +65,7 @@ from daemon.layout import (
     SNAPSHOTTER,
     SNAPSHOTTER_COUNTERS,
     CounterView,
+    Role,
     attach_counters,
     commit_index_counter,
 )
@@ -56,13 +78,42 @@ from sequencer.follow import LogFollower, start_follower
 from sequencer.processor import Processor
 from sequencer.state_machine import load_app
 
-__all__ = ["RECORDS_PER_TURN_MAX", "Snapshotter", "main"]
+__all__ = ["RECORDS_PER_TURN_MAX", "Snapshotter", "keep_off_the_blps_cpu", "main", "run_at_idle_priority"]
 
 log = logging.getLogger("seqd.snapshotter")
 
 # Records applied between two looks at the stop flag and the heartbeat: ~10 ms of a ledger.
 RECORDS_PER_TURN_MAX: Final = 4096
 HEARTBEAT_INTERVAL_S: Final = 0.1
+# Where SCHED_IDLE is refused: the lowest priority a process may give itself.
+NICE_FALLBACK: Final = 19
+
+
+def keep_off_the_blps_cpu(config: Config) -> list[int]:
+    """Restricts this process to every CPU it may use but the blp's, when the blp is pinned and
+    another CPU is left; returns the CPUs it now runs on (unchanged otherwise)."""
+    from ipc.affinity import available_cpus, pin
+
+    allowed = available_cpus()
+    blp_cpu = config.role(Role.BLP).cpu
+    others = [cpu for cpu in allowed if cpu != blp_cpu]
+    if blp_cpu >= 0 and others and others != allowed:
+        pin(others)
+        return others
+    return allowed
+
+
+def run_at_idle_priority() -> str:
+    """Puts the calling process (all of it: it must not have started threads) at SCHED_IDLE, or,
+    where that is refused or missing, at nice NICE_FALLBACK with a warning. Returns what it did."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        return "SCHED_IDLE"
+    except (AttributeError, OSError) as error:  # not Linux, or a sandbox's seccomp policy
+        os.nice(NICE_FALLBACK - os.nice(0))
+        log.warning("SCHED_IDLE refused (%s): running at nice %d instead, so the snapshotter's encode and "
+                    "write may still take CPU time from the pipeline's roles", error, NICE_FALLBACK)  # fmt: skip
+        return f"nice {NICE_FALLBACK}"
 
 
 class Snapshotter:
@@ -160,7 +211,9 @@ def main() -> int:
     supervisor_pid, epoch = int(os.environ[SUPERVISOR_PID_ENV]), int(os.environ[EPOCH_ENV])
     if not die_with_parent(supervisor_pid):
         return EXIT_ORPHANED
+    log.info("running at %s: background work, never ahead of the pipeline's roles", run_at_idle_priority())
     config = Config.from_json(os.environ["SEQD_CONFIG_JSON"])
+    log.info("running on CPUs %s (the blp's: %d; -1 not pinned)", keep_off_the_blps_cpu(config), config.role(Role.BLP).cpu)
     try:
         view = CounterView(attach_counters(config.node.name, epoch=epoch), SNAPSHOTTER)
     except SegmentError as error:
