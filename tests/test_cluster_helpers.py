@@ -19,7 +19,12 @@ from daemon.layout import (
 )
 from daemon.raft_truncate import TRUNCATE_NAME, read_truncate_request, write_truncate_request
 from daemon.roles.journaller import JournallerAgent
-from daemon.roles.replicator_setup import MalformedProposal, check_proposals, malformed, whole_record
+from daemon.roles.replicator_setup import (
+    MalformedProposal,
+    check_proposals,
+    malformed,
+    whole_record,
+)
 from daemon.supervisor import Supervisor
 from ipc.ring import Ring
 from sequencer.cluster import (

@@ -38,16 +38,22 @@ def test_every_acknowledged_transfer_is_applied_exactly_once_across_kills_of_eac
     open_accounts(node.socket_path, ACCOUNTS)
     drivers = [TransferDriver(node.socket_path, ACCOUNTS, seed).start() for seed in range(3)]
     acknowledged = 200
+    starts = [node.read_counters()["node.incarnation"]]
     for role in ("sequencer", "journaller", "blp"):
         for driver in drivers:
             driver.wait_acknowledged(acknowledged)
         kill_role(node, role)
+        starts.append(node.read_counters()["node.incarnation"])
         acknowledged += 200
     for driver in drivers:
         driver.wait_acknowledged(acknowledged)
     # The whole daemon: supervisor and roles die at once; a new one starts on the same journal.
     node.kill()
     node.start()
+    # Each start's id is the one before + 1, kept in the data directory across `seqd run`s, so
+    # none repeats whatever the clock does (daemon/incarnation.py).
+    starts.append(node.read_counters()["node.incarnation"])
+    assert starts == list(range(starts[0], starts[0] + len(starts))), starts
     acknowledged += 200
     for driver in drivers:
         driver.wait_acknowledged(acknowledged)

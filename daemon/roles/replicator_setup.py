@@ -5,6 +5,7 @@ restart the pipeline (a truncation, a snapshot install): parts of `daemon/roles/
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 from daemon.config import Config, parse_address
 from daemon.fault_hooks import (
@@ -13,6 +14,7 @@ from daemon.fault_hooks import (
     command_forward_dropper,
     lose_admin_forwards,
 )
+from daemon.incarnation import next_raft_incarnation
 from sequencer.cluster import record_from_frame
 from sequencer.raft.config import RaftConfig
 from sequencer.raft.peer_protocol import ForwardedRecord
@@ -43,11 +45,10 @@ def raft_config(config: Config, storage_read_bytes_max: int) -> RaftConfig:
         term_start_from_shell=True,
         storage_read_bytes_max=storage_read_bytes_max,
         # Grows from one start of this role to the next, even after the data directory was
-        # wiped (which resets every file): a leader tells this start's answers from an earlier
-        # one's (sequencer/raft/tracker.py, "Incarnations"). A wall clock stepped back by more
-        # than the time between two starts would make a start look older: its answers would be
-        # dropped until the leader changes.
-        incarnation=time.time_ns(),
+        # wiped (which resets every file: then the wall clock's) or the clock stepped back (the
+        # last start's + 1): a leader tells this start's answers from an earlier one's
+        # (sequencer/raft/tracker.py, "Incarnations"; daemon/incarnation.py).
+        incarnation=next_raft_incarnation(Path(config.node.data_dir), time.time_ns()),
     )
 
 
