@@ -33,7 +33,9 @@ from daemon.exits import FatalError
 from daemon.layout import INCARNATION_BITS, incarnation_id
 from sequencer.journal.repair import fsync_directory
 
-__all__ = ["INCARNATION_NAME", "RAFT_INCARNATION_NAME", "next_incarnation_id", "next_raft_incarnation"]
+__all__ = [
+    "INCARNATION_NAME", "RAFT_INCARNATION_NAME", "next_incarnation_id", "next_raft_incarnation", "write_durably",
+]  # fmt: skip
 
 INCARNATION_NAME = "incarnation"  # <data_dir>/incarnation: the session incarnation of the last start
 RAFT_INCARNATION_NAME = "raft.incarnation"  # <data_dir>/raft.incarnation: the replicator's last
@@ -58,21 +60,19 @@ def _write(path: Path, value: int) -> None:
             repeat).
     """
     try:
-        _write_durably(path, value)
+        write_durably(path, f"{value}\n".encode("ascii"))
     except OSError as error:
         raise FatalError.from_os_error(error, f"record this start's id in {path}", "node.data_dir") from error
 
 
-def _write_durably(path: Path, value: int) -> None:
+def write_durably(path: Path, data: bytes) -> None:
+    """`data` as the whole of `path`, durable before returning: a temp file written and fsynced,
+    renamed over `path`, the directory fsynced (raises OSError)."""
     temp = path.with_name(path.name + ".tmp")
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
-    try:
-        data = f"{value}\n".encode("ascii")
-        if os.write(fd, data) != len(data):
-            raise OSError(f"short write to {temp}")
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    with open(temp, "wb") as file:
+        file.write(data)
+        file.flush()
+        os.fsync(file.fileno())
     os.rename(temp, path)
     fsync_directory(path.parent)
 
