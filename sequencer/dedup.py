@@ -47,6 +47,14 @@ that runs, W an earlier one of the same node, s a session of X):
 - an incarnation whose node_start carried none (an older seqd's) is not tracked; neither is any
   open before the first node_start that carries one (a log an older seqd wrote keeps its
   snapshots' bytes): such opens are judged by the open sessions alone, as before.
+What the rules rely on: the first copies of one incarnation's records reach the log in the order
+its gateway wrote them (a follower's forward stream is gapless and every break restarts it with an
+ordered resend: sequencer/cluster/forwards.py); only copies come out of order. And incarnation ids
+never repeat (daemon/incarnation.py): a start that took the id of one of its node's remembered
+starts would be taken for it. What they cannot tell: a node_start of an incarnation never seen
+before (no open, no start) after a later start of its node is taken for a new start and closes
+that start's sessions (only a forward of a stopped start surviving in flight past its node's next
+start could make one), and a start ended more than NODE_STARTS_REMEMBERED starts back is forgotten.
 The processor makes a TIMER_FIRED of a timer no longer pending a no-op, and a SNAPSHOT twice is
 two snapshots of the same state.
 """
