@@ -34,33 +34,34 @@ from daemon.layout import INCARNATION_BITS, incarnation_id
 from sequencer.journal.repair import fsync_directory
 
 __all__ = [
-    "INCARNATION_NAME", "RAFT_INCARNATION_NAME", "next_incarnation_id", "next_raft_incarnation", "write_durably",
+    "INCARNATION_NAME", "RAFT_INCARNATION_NAME", "next_incarnation_id", "next_raft_incarnation", "previous_incarnation",
+    "write_durably",
 ]  # fmt: skip
 
-INCARNATION_NAME = "incarnation"  # <data_dir>/incarnation: the session incarnation of the last start
+# <data_dir>/incarnation: the session incarnation id of the last start, then the one's before it.
+INCARNATION_NAME = "incarnation"
 RAFT_INCARNATION_NAME = "raft.incarnation"  # <data_dir>/raft.incarnation: the replicator's last
 _INCARNATION_MASK = (1 << INCARNATION_BITS) - 1
 
 
-def _read(path: Path) -> int | None:
-    """The number `path` holds; None when it is absent, empty or not a number (a torn write of
-    an older seqd cannot be: the file is replaced whole)."""
+def _read(path: Path) -> list[int]:
+    """The numbers `path` holds, none when it is absent (it is replaced whole, never torn)."""
     try:
-        text = path.read_text(encoding="ascii").strip()
+        text = path.read_text(encoding="ascii")
     except FileNotFoundError:
-        return None
-    return int(text) if text.isdigit() else None
+        return []
+    return [int(word) for word in text.split() if word.isdigit()]
 
 
-def _write(path: Path, value: int) -> None:
-    """`value` in `path`, durably and whole, before returning.
+def _write(path: Path, *values: int) -> None:
+    """`values` in `path`, durably and whole, before returning.
 
     Raises:
         FatalError: it could not be written (the start stops: an id it could not record might
             repeat).
     """
     try:
-        write_durably(path, f"{value}\n".encode("ascii"))
+        write_durably(path, (" ".join(map(str, values)) + "\n").encode("ascii"))
     except OSError as error:
         raise FatalError.from_os_error(error, f"record this start's id in {path}", "node.data_dir") from error
 
@@ -79,20 +80,28 @@ def write_durably(path: Path, data: bytes) -> None:
 
 def next_incarnation_id(data_dir: Path, now_s: float, incarnation: int) -> int:
     """The session incarnation id of this start of the pipeline (`incarnation`: its count since
-    `seqd run`), durable in `data_dir` before it returns: the last start's + 1, within
-    `INCARNATION_BITS`; the clock's (`incarnation_id`) when no start before is recorded."""
+    `seqd run`), durable in `data_dir` before it returns, with the id of the start before: the
+    last start's + 1, within `INCARNATION_BITS`; the clock's (`incarnation_id`) when no start
+    before is recorded."""
     path = data_dir / INCARNATION_NAME
-    last = _read(path)
-    chosen = incarnation_id(now_s, incarnation) if last is None else (last + 1) & _INCARNATION_MASK
-    _write(path, chosen)
+    last = _read(path)[:1]
+    chosen = (last[0] + 1) & _INCARNATION_MASK if last else incarnation_id(now_s, incarnation)
+    _write(path, chosen, *last)
     return chosen
+
+
+def previous_incarnation(data_dir: Path, incarnation: int) -> int | None:
+    """The id of the start before `incarnation`, this start's (what its node_start names:
+    sequencer/dedup.py); None when not known (a data directory's first start)."""
+    ids = _read(data_dir / INCARNATION_NAME)
+    return ids[1] if len(ids) == 2 and ids[0] == incarnation else None
 
 
 def next_raft_incarnation(data_dir: Path, now_ns: int) -> int:
     """The Raft incarnation of this start of the replicator, durable in `data_dir` before it
     returns: the wall clock in ns, or the last start's + 1 when the clock is not past it."""
     path = data_dir / RAFT_INCARNATION_NAME
-    last = _read(path)
-    chosen = now_ns if last is None else max(now_ns, last + 1)
+    last = _read(path)[:1]
+    chosen = max(now_ns, last[0] + 1) if last else now_ns
     _write(path, chosen)
     return chosen

@@ -42,8 +42,12 @@ that runs, W an earlier one of the same node, s a session of X):
   node_start: the same (X's highest was kept from the first open; the node_start keeps s open).
 - the node_start of X closes every session of W, and W is remembered as ended: an open of W
   (one of W's records arriving after X started, or a copy) is refused, and a node_start of W
-  closes nothing. An incarnation whose node_start never reached the log but whose opens did
-  (it stopped before a resend) is ended the same way by the next start of its node.
+  closes nothing. A node_start names the start before it (`previous`, kept in the data
+  directory with the ids: daemon/incarnation.py), which ends there too, even if its own
+  node_start never reached the log or is still on its way: a forward of a stopped start can
+  arrive after its node's next start (its TCP segment retransmitted after a loss while the node
+  restarted), and its node_start would otherwise close the live start's sessions, its opens
+  stay open for good.
 - an incarnation whose node_start carried none (an older seqd's) is not tracked; neither is any
   open before the first node_start that carries one (a log an older seqd wrote keeps its
   snapshots' bytes): such opens are judged by the open sessions alone, as before.
@@ -51,10 +55,10 @@ What the rules rely on: the first copies of one incarnation's records reach the 
 its gateway wrote them (a follower's forward stream is gapless and every break restarts it with an
 ordered resend: sequencer/cluster/forwards.py); only copies come out of order. And incarnation ids
 never repeat (daemon/incarnation.py): a start that took the id of one of its node's remembered
-starts would be taken for it. What they cannot tell: a node_start of an incarnation never seen
-before (no open, no start) after a later start of its node is taken for a new start and closes
-that start's sessions (only a forward of a stopped start surviving in flight past its node's next
-start could make one), and a start ended more than NODE_STARTS_REMEMBERED starts back is forgotten.
+starts would be taken for it. What they cannot tell: a late node_start of a start that no later
+start names (a data directory wiped, or an older seqd's node_start without `previous`) is taken
+for a new start and closes the live start's sessions, and a start ended more than
+NODE_STARTS_REMEMBERED starts back is forgotten.
 The processor makes a TIMER_FIRED of a timer no longer pending a no-op, and a SNAPSHOT twice is
 two snapshots of the same state.
 """
@@ -233,12 +237,12 @@ class ClientTable:
         """The ids of the sessions opened on `node`, in opening order."""
         return [sid for sid, session in self.sessions.items() if session.node == node]
 
-    def node_start(self, node_number: int, incarnation: int) -> list[int] | None:
-        """An ADMIN node_start of node `node_number`'s incarnation `incarnation`: the ids of the
-        sessions it closes (every session of that node that another start opened, in opening
-        order), or None when that incarnation started already (a second copy of its node_start:
-        the sessions it has opened since stay open) or ended (a later start of its node came
-        first).
+    def node_start(self, node_number: int, incarnation: int, previous: int | None = None) -> list[int] | None:
+        """An ADMIN node_start of node `node_number`'s incarnation `incarnation`, which follows its
+        start `previous` (None: not known): the ids of the sessions it closes (every session of
+        that node that another start opened, in opening order), or None when that incarnation
+        started already (a second copy of its node_start: the sessions it has opened since stay
+        open) or ended (a later start of its node came first).
 
         A session of this very incarnation stays open even when its SESSION_OPEN reached the log
         first: a node_start whose first forward was lost (sent before the peer link to the leader
@@ -246,7 +250,9 @@ class ClientTable:
         sessions would drop their commands (`commands_without_session`) with no reply and no
         resend (issue 11: a client on a follower stalled for good after a leader change). The
         highest counter it opened before comes with it (`opened_early`), so a copy of one of
-        those opens stays a copy; every other incarnation with early opens ends here."""
+        those opens stays a copy. The start it follows ends here, even if its own node_start
+        never came or is still to come: that one's late first copy, and its late opens, then
+        change nothing (no live session closed, no session open for good)."""
         started = self.node_starts.setdefault(node_number, {})
         if incarnation in started:
             return None
@@ -258,9 +264,11 @@ class ClientTable:
                     highest = sid & _COUNTER_MASK  # opening order: the last one is the highest
                 else:
                     closing.append(sid)
-        early = self.opened_early.pop(node_number, {})
-        highest = early.pop(incarnation, highest)  # every open since tracking began: the newest
-        started.update(early)  # starts whose node_start never came: ended
+        early = self.opened_early.get(node_number)
+        if early:
+            highest = early.pop(incarnation, highest)  # every open since tracking began: the newest
+        if previous is not None and previous != incarnation and previous not in started:
+            started[previous] = early.pop(previous, -1) if early else -1  # ended before it started
         started[incarnation] = highest
         while len(started) > NODE_STARTS_REMEMBERED:
             del started[next(iter(started))]

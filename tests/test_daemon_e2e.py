@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import stat
@@ -14,6 +15,8 @@ import pytest
 
 from daemon.harness import NodeProcess
 from daemon.layout import counters_name, egress_name, log_name
+from sequencer.logtools import dump
+from sequencer.record import ADMIN_NODE_START
 from tests.node_fixtures import (
     TransferDriver,
     balances,
@@ -54,6 +57,11 @@ def test_every_acknowledged_transfer_is_applied_exactly_once_across_kills_of_eac
     # none repeats whatever the clock does (daemon/incarnation.py).
     starts.append(node.read_counters()["node.incarnation"])
     assert starts == list(range(starts[0], starts[0] + len(starts))), starts
+    # And each start's node_start names the start before it (sequencer/dedup.py: that one's late
+    # records then change nothing).
+    named = [(row["payload"]["incarnation"], row["payload"].get("previous"))
+             for row in dump(node.config.journal_dir, types=["ADMIN"]) if row["payload"]["op"] == ADMIN_NODE_START]
+    assert named == [(starts[0], None)] + [(now, before) for before, now in itertools.pairwise(starts)], named
     acknowledged += 200
     for driver in drivers:
         driver.wait_acknowledged(acknowledged)

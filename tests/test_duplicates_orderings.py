@@ -21,7 +21,7 @@ from sequencer.record import RecordType
 from tests.fixtures.feeder import Feeder, feed
 from tests.test_processor_duplicates import node_start, replies, session, started
 
-W, X = 0x000111, 0x000222  # two starts of node 1, W first
+W, X, Y = 0x000111, 0x000222, 0x000333  # three starts of node 1, in this order
 OTHER_NODE = 2  # a node whose start makes the log one that carries incarnations
 
 
@@ -101,12 +101,12 @@ def test_a_record_of_an_ended_start_opens_no_session():
 
 def test_a_start_whose_node_start_never_came_ends_with_the_next_start_of_its_node():
     # W's sessions reached the log but its node_start never did (W stopped before a resend). X's
-    # start closes them and ends W: W's late open is refused and its late node_start closes none
-    # of X's live sessions.
+    # start, which names W as the start before it, closes them and ends W: W's late open is
+    # refused and its late node_start closes none of X's live sessions.
     processor, feeder = carrying_incarnations()
     w1, w2, x1 = session(1, W, 1), session(1, W, 2), session(1, X, 1)
     feed(processor, feeder.open_session(w1, client_id=7))
-    feed(processor, node_start(feeder, X))
+    feed(processor, node_start(feeder, X, previous=W))
     feed(processor, feeder.open_session(x1, client_id=8))
     feed(processor, feeder.open_session(w2, client_id=7))
     feed(processor, node_start(feeder, W))
@@ -135,3 +135,23 @@ def test_early_opens_survive_a_snapshot_and_old_bodies_still_load():
     older = Processor.restore(Ledger, msgspec.msgpack.encode(fields[:14]))
     assert older._table.opened_early == {}
     assert older.session_ids() == restored.session_ids() == []
+
+
+def test_a_late_node_start_of_the_start_before_closes_none_of_the_live_starts_sessions():
+    # X's forwards were still on their way (a TCP segment retransmitted after a loss) when its
+    # node restarted as Y. Y's node_start names X (`previous`): X's late node_start and opens then
+    # change nothing. Before, X's node_start closed Y's live sessions (their commands dropped
+    # with no reply), and X's open stayed open for good.
+    processor, feeder = carrying_incarnations()
+    feed(processor, node_start(feeder, W))
+    feed(processor, feeder.open_session(session(1, W, 1), client_id=7))
+    feed(processor, node_start(feeder, Y, previous=X))
+    y1 = session(1, Y, 1)
+    feed(processor, feeder.open_session(y1, client_id=8))
+    feed(processor, node_start(feeder, X, previous=W))  # late
+    feed(processor, feeder.open_session(session(1, X, 1), client_id=9))  # late
+    assert processor.session_ids() == [y1]
+    assert processor.duplicate_records == 2
+    (reply,) = replies(feed(processor, feeder.command(y1, 1, OpenAccount("alice"))))
+    assert reply.status == ReplyStatus.OK
+    assert processor.commands_without_session == 0

@@ -13,6 +13,7 @@ from daemon.incarnation import (
     RAFT_INCARNATION_NAME,
     next_incarnation_id,
     next_raft_incarnation,
+    previous_incarnation,
 )
 from daemon.layout import INCARNATION_BITS, incarnation_id
 
@@ -24,11 +25,16 @@ def test_a_clock_stepped_back_neither_repeats_nor_lowers_a_start_id(tmp_path: Pa
     # the very millisecond of the first (NTP, a VM restored): the clock's id would repeat it.
     ids = [next_incarnation_id(tmp_path, now_s, 1) for now_s in (NOW_S, NOW_S + 3600.0, NOW_S)]
     assert ids == [ids[0], ids[0] + 1, ids[0] + 2]
-    assert (tmp_path / INCARNATION_NAME).read_text() == f"{ids[2]}\n"
+    # Each start knows the one before (its node_start names it: sequencer/dedup.py).
+    assert (tmp_path / INCARNATION_NAME).read_text() == f"{ids[2]} {ids[1]}\n"
+    assert previous_incarnation(tmp_path, ids[2]) == ids[1]
+    assert previous_incarnation(tmp_path, ids[1]) is None  # not the last start: not known
 
 
 def test_the_first_start_takes_the_clocks_id_and_the_ids_wrap_within_their_bits(tmp_path: Path) -> None:
-    assert next_incarnation_id(tmp_path, NOW_S, 3) == incarnation_id(NOW_S, 3)  # no start before
+    first = next_incarnation_id(tmp_path, NOW_S, 3)
+    assert first == incarnation_id(NOW_S, 3)  # no start before
+    assert previous_incarnation(tmp_path, first) is None
     (tmp_path / INCARNATION_NAME).write_text(f"{(1 << INCARNATION_BITS) - 1}\n")
     assert next_incarnation_id(tmp_path, NOW_S, 1) == 0
 
