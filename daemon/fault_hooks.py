@@ -25,6 +25,10 @@ switched on and off at run time without talking to the node; while the file is a
     SEQD_FAULT_REFUSE_COMMAND_FORWARDS=PATH  the leader's replicator refuses the N-th batch of
                                    forwarded records holding a COMMAND that it receives, as a
                                    full inbox does; it writes N to PATH.lost when it does
+    SEQD_FAULT_MALFORM_COMMAND_PROPOSAL=PATH  the replicator gives the N-th COMMAND record it
+                                   takes from its proposal ring the type TERM_START, as memory
+                                   corruption would; it writes N to PATH.lost when it does, and
+                                   once that file exists no later start of the role does again
     SEQD_FAULT_SNAPSHOT_HOLD=PATH  while PATH holds 1, the snapshotter stops before the rename
                                    of each snapshot it writes (its temp file whole) and writes the
                                    index to PATH.held, so a test can kill -9 it mid-write
@@ -45,6 +49,7 @@ __all__ = [
     "FAULT_DROP_COMMAND_FORWARD_ENV",
     "FAULT_FSYNC_DELAY_ENV",
     "FAULT_LOSE_ADMIN_FORWARDS_ENV",
+    "FAULT_MALFORM_COMMAND_PROPOSAL_ENV",
     "FAULT_REFUSE_COMMAND_FORWARDS_ENV",
     "FAULT_SNAPSHOT_HOLD_ENV",
     "FAULT_SYNCED_INDEX_ENV",
@@ -64,6 +69,7 @@ FAULT_SNAPSHOT_HOLD_ENV: Final = "SEQD_FAULT_SNAPSHOT_HOLD"
 FAULT_LOSE_ADMIN_FORWARDS_ENV: Final = "SEQD_FAULT_LOSE_ADMIN_FORWARDS"
 FAULT_DROP_COMMAND_FORWARD_ENV: Final = "SEQD_FAULT_DROP_COMMAND_FORWARD"
 FAULT_REFUSE_COMMAND_FORWARDS_ENV: Final = "SEQD_FAULT_REFUSE_COMMAND_FORWARDS"
+FAULT_MALFORM_COMMAND_PROPOSAL_ENV: Final = "SEQD_FAULT_MALFORM_COMMAND_PROPOSAL"
 # How stale a hook's view of its file may be: faults last seconds, so 50 ms is immediate enough,
 # and at most 20 small reads a second cost nothing next to the work they slow down.
 HOOK_REREAD_S: Final = 0.05
@@ -137,13 +143,17 @@ def lose_admin_forwards() -> Callable[[], bool] | None:
     return lambda: lose.get() == 1
 
 
-def command_forward_dropper(variable: str = FAULT_DROP_COMMAND_FORWARD_ENV) -> Callable[[], bool] | None:
+def command_forward_dropper(
+    variable: str = FAULT_DROP_COMMAND_FORWARD_ENV, once: bool = False
+) -> Callable[[], bool] | None:
     """With SEQD_FAULT_DROP_COMMAND_FORWARD set, what the replicator calls for each COMMAND record
     it forwards: True for the N-th (PATH's number, read once now), which it then drops; None
     when unset or 0. With `variable` SEQD_FAULT_REFUSE_COMMAND_FORWARDS, the same for each batch
-    holding a COMMAND that it receives forwarded (the N-th refused)."""
+    holding a COMMAND that it receives forwarded (the N-th refused); with
+    SEQD_FAULT_MALFORM_COMMAND_PROPOSAL, for each COMMAND it takes from its proposal ring (the
+    N-th made malformed). `once`: None as well when PATH.lost exists (a start before this one did it)."""
     setting = os.environ.get(variable)
-    if not setting:
+    if not setting or (once and Path(setting + ".lost").exists()):
         return None
     nth = _FileValue(Path(setting)).get()
     if nth <= 0:

@@ -126,15 +126,16 @@ INCARNATION_BITS = 24
 
 
 def incarnation_id(now_s: float, incarnation: int) -> int:
-    """The id of one incarnation of the node's pipeline: the start time in ms plus the
-    incarnation count, cut to `INCARNATION_BITS`.
+    """The id of one incarnation of the node's pipeline from the clock: the start time in ms plus
+    the incarnation count, cut to `INCARNATION_BITS`. Only the first start of a data directory
+    takes it; every later one takes the one before + 1, kept in the data directory
+    (daemon/incarnation.py), because two clock ids can repeat: starts 2^24 ms (4.7 hours) apart
+    to the millisecond, or a clock stepped back, and the blp takes a node_start naming one of a
+    node's last starts for a second copy (sequencer/dedup.py).
 
-    Consecutive incarnations never share an id: both terms grow from one start to the next (an
-    id taken as the second xor the count did repeat, e.g. second 2 count 4 and second 3 count 5).
-    It matters beyond session ids: a node_start naming an incarnation already started is taken
-    for a second copy and closes nothing (sequencer/dedup.py). Two starts share an id only when
-    they fall a multiple of 2^24 ms (4.7 hours) apart to the millisecond, less the counts'
-    difference: the blp remembers the last few starts of a node, not hours of them."""
+    Consecutive incarnations of one `seqd run` never share an id: both terms grow from one start
+    to the next (an id taken as the second xor the count did repeat, e.g. second 2 count 4 and
+    second 3 count 5)."""
     return (int(now_s * 1000) + incarnation) & ((1 << INCARNATION_BITS) - 1)
 
 

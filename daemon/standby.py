@@ -67,6 +67,7 @@ from typing import Any
 
 from daemon.config import Config, ConfigError, load_config
 from daemon.exits import ExitCode, FatalError
+from daemon.incarnation import write_durably
 from daemon.layout import (
     COMMIT_INDEX,
     JOURNAL_DURABLE_INDEX,
@@ -255,7 +256,7 @@ class Standby:
         """The index map and `switched.json`, durable, in green's data directory: the takeover
         is done, and a restart of green serves as a normal node."""
         index_map = self.migration.index_map()
-        _write_durably(self.config.journal_dir / INDEX_MAP_FILE, index_map.to_bytes())
+        write_durably(self.config.journal_dir / INDEX_MAP_FILE, index_map.to_bytes())
         record = {
             "blue": self.blue.node.name,
             "blue_last_index": blue_last_index,
@@ -263,7 +264,7 @@ class Standby:
             "transform": self.config.standby.transform if self.config.standby else "",
             "switched_at_ns": time.time_ns(),
         }
-        _write_durably(self.data_dir / SWITCHED_FILE, (json.dumps(record, indent=2) + "\n").encode())
+        write_durably(self.data_dir / SWITCHED_FILE, (json.dumps(record, indent=2) + "\n").encode())
         (self.data_dir / SWITCH_REQUEST_FILE).unlink(missing_ok=True)
 
 
@@ -305,20 +306,6 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def _write_durably(path: Path, data: bytes) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    with open(temporary, "wb") as file:
-        file.write(data)
-        file.flush()
-        os.fsync(file.fileno())
-    os.rename(temporary, path)
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
 
 
 # -- the sequencer's standby loop ------------------------------------------------------------------
@@ -480,7 +467,7 @@ def switch(blue_config: Config, green_config: Config, say: Callable[[str], objec
         say(f"switching {blue_config.socket.path} from {blue_config.node.name} (pid {blue_pid}, "
             f"index {lag}) to {green_config.node.name}")  # fmt: skip
         request = Path(green_config.node.data_dir) / SWITCH_REQUEST_FILE
-        _write_durably(request, f"{blue_config.node.name}\n".encode())
+        write_durably(request, f"{blue_config.node.name}\n".encode())
         started = time.monotonic()
         os.kill(blue_pid, signal.SIGTERM)
         deadline = started + timeout_s

@@ -37,6 +37,7 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from types import FrameType
 
 import posix_ipc
@@ -53,6 +54,7 @@ from daemon.exits import (
     report,
 )
 from daemon.handover import hand_over_leadership
+from daemon.incarnation import next_incarnation_id
 from daemon.layout import (
     EGRESS_POLLABLE,
     EGRESS_READERS,
@@ -87,7 +89,6 @@ from daemon.layout import (
     create_counters,
     drain_order,
     egress_name,
-    incarnation_id,
     log_name,
     node_roles,
     proposal_name,
@@ -557,11 +558,11 @@ class Supervisor:
             counters[SUPERVISOR_PID].set(os.getpid())
             counters[SUPERVISOR_RESTARTS].set(self.restarts)
             counters[NODE_NUMBER].set(config.node.number)
-            counters[NODE_INCARNATION].set(incarnation_id(time.time(), self.incarnation))
             counters[NODE_STATE].set(int(NodeState.RECOVERING))
             self.notifier.status("recovering: reading the journal")
             try:
-                self.recover_journal(counters)
+                self.recover_journal(counters)  # the data directory exists from here on
+                counters[NODE_INCARNATION].set(next_incarnation_id(Path(config.node.data_dir), time.time(), self.incarnation))
                 self.notifier.status(f"recovering: replaying up to index {counters[RECOVERY_LAST_INDEX].get()}")
                 self._start_roles()
                 if self.stop_requested:

@@ -24,12 +24,43 @@ its own that reached the log before it (its forward was lost and resent).
 
 How a second SESSION_OPEN is told from a new one: a session id is [node number][incarnation]
 [counter], and the gateway of one incarnation hands out counters in increasing order (wrapping
-after 2^32, skipping ids still open). So, per started incarnation, the table keeps the highest
-counter opened, and an open at or behind it (serial-number arithmetic, RFC 1982, so the wrap is a
-step forward) is a second copy. A copy is never more than a resend window behind, far less than
-2^31 sessions. An incarnation whose node_start carried no incarnation (an older seqd's) is not
-tracked: its opens are judged by the open sessions alone, as before. The processor makes a TIMER_FIRED of a
-timer no longer pending a no-op, and a SNAPSHOT twice is two snapshots of the same state.
+after 2^32, skipping ids still open). So the table keeps, per incarnation, the highest counter
+opened, and an open at or behind it (serial-number arithmetic, RFC 1982, so the wrap is a step
+forward) is a second copy. A copy is never more than a resend window behind, far less than 2^31
+sessions. The highest is kept from an incarnation's first open, not from its node_start: a
+node_start may reach the log after its incarnation's first sessions opened, and closed (its forward
+was lost and resent), and a copy of such an open resent after the node_start must not open the
+session again, for good (nothing would close it: its client never idle, its entry never expiring,
+on every replica). Before its node_start, an incarnation's highest is in `opened_early`; the
+node_start moves it to `node_starts`.
+
+Every ordering of one node's records and their copies, and what each does (X the incarnation
+that runs, W an earlier one of the same node, s a session of X):
+- X's node_start first, then s opens, closes, and copies of any of them: the copies change
+  nothing (the open is at or behind X's highest; the close finds nothing; the node_start is X's).
+- s opens (and maybe closes) before X's node_start, copies of the open before or after that
+  node_start: the same (X's highest was kept from the first open; the node_start keeps s open).
+- the node_start of X closes every session of W, and W is remembered as ended: an open of W
+  (one of W's records arriving after X started, or a copy) is refused, and a node_start of W
+  closes nothing. A node_start names the start before it (`previous`, kept in the data
+  directory with the ids: daemon/incarnation.py), which ends there too, even if its own
+  node_start never reached the log or is still on its way: a forward of a stopped start can
+  arrive after its node's next start (its TCP segment retransmitted after a loss while the node
+  restarted), and its node_start would otherwise close the live start's sessions, its opens
+  stay open for good.
+- an incarnation whose node_start carried none (an older seqd's) is not tracked; neither is any
+  open before the first node_start that carries one (a log an older seqd wrote keeps its
+  snapshots' bytes): such opens are judged by the open sessions alone, as before.
+What the rules rely on: the first copies of one incarnation's records reach the log in the order
+its gateway wrote them (a follower's forward stream is gapless and every break restarts it with an
+ordered resend: sequencer/cluster/forwards.py); only copies come out of order. And incarnation ids
+never repeat (daemon/incarnation.py): a start that took the id of one of its node's remembered
+starts would be taken for it. What they cannot tell: a late node_start of a start that no later
+start names (a data directory wiped, or an older seqd's node_start without `previous`) is taken
+for a new start and closes the live start's sessions, and a start ended more than
+NODE_STARTS_REMEMBERED starts back is forgotten.
+The processor makes a TIMER_FIRED of a timer no longer pending a no-op, and a SNAPSHOT twice is
+two snapshots of the same state.
 """
 
 from __future__ import annotations
@@ -105,7 +136,10 @@ class ClientTable:
     `idle` holds exactly the clients with no open session, oldest idle first.
     """
 
-    __slots__ = ("clients", "expired", "expiry_ns", "idle", "node", "node_number", "node_starts", "sessions", "versions")
+    __slots__ = (
+        "clients", "expired", "expiry_ns", "idle", "node", "node_number", "node_starts", "opened_early", "sessions",
+        "versions",
+    )  # fmt: skip
 
     def __init__(self, node: str | None, expiry_ns: int) -> None:
         assert expiry_ns > 0, expiry_ns
@@ -113,9 +147,13 @@ class ClientTable:
         # Set by `emit_for`: then a session is local when its id carries this node number.
         self.node_number: int | None = None
         # node number -> {incarnation whose node_start was applied: the highest session counter
-        # it opened, -1 for none}, oldest start first, at most NODE_STARTS_REMEMBERED. Part of the
-        # state: it decides what a node_start closes and which opens are second copies.
+        # it opened, -1 for none}, oldest start first, at most NODE_STARTS_REMEMBERED; the last
+        # is the node's running start, the others ended. Part of the state: it decides what a
+        # node_start closes and which opens are second copies.
         self.node_starts: dict[int, dict[int, int]] = {}
+        # node number -> {incarnation with opens but no node_start applied yet: the highest
+        # counter it opened}, at most NODE_STARTS_REMEMBERED (state, as `node_starts`).
+        self.opened_early: dict[int, dict[int, int]] = {}
         # What each node's node_start reported of its app's version, and the active one (state).
         self.versions = AppVersions()
         self.expiry_ns = expiry_ns
@@ -153,19 +191,28 @@ class ClientTable:
 
     def open(self, session_id: int, client_id: int, node: str, now_ns: int) -> bool:
         """A SESSION_OPEN at log time `now_ns`: the client is no longer idle. False, changing
-        nothing, for a second copy of a SESSION_OPEN: the session is open, or its incarnation
-        opened it (or a later one) before (module docstring)."""
+        nothing, for a second copy of a SESSION_OPEN (the session is open, or its incarnation
+        opened it, or a later one, before) or an open of an ended incarnation (module
+        docstring)."""
         if session_id in self.sessions:
             return False
-        started = self.node_starts.get(session_node_number(session_id))
-        if started is not None:
+        if self.node_starts:  # tracked once the log carries incarnations (module docstring)
+            number = session_node_number(session_id)
             incarnation = session_incarnation(session_id)
-            highest = started.get(incarnation)
-            if highest is not None:
-                counter = session_id & _COUNTER_MASK
-                if highest >= 0 and (highest - counter) & _COUNTER_MASK < _COUNTER_HALF:
-                    return False  # at or behind the highest opened: a second copy
-                started[incarnation] = counter
+            started = self.node_starts.get(number)
+            if started is not None and incarnation in started:
+                if incarnation != next(reversed(started)):
+                    return False  # an ended start: a later one of its node closed its sessions
+                highests = started
+            else:
+                highests = self.opened_early.setdefault(number, {})
+            counter = session_id & _COUNTER_MASK
+            highest = highests.get(incarnation, -1)
+            if highest >= 0 and (highest - counter) & _COUNTER_MASK < _COUNTER_HALF:
+                return False  # at or behind the highest opened: a second copy
+            highests[incarnation] = counter
+            if len(highests) > NODE_STARTS_REMEMBERED:
+                del highests[next(iter(highests))]
         self.attach(session_id, client_id, node)
         self.idle.pop(client_id, None)
         self.expire(now_ns)
@@ -190,17 +237,22 @@ class ClientTable:
         """The ids of the sessions opened on `node`, in opening order."""
         return [sid for sid, session in self.sessions.items() if session.node == node]
 
-    def node_start(self, node_number: int, incarnation: int) -> list[int] | None:
-        """An ADMIN node_start of node `node_number`'s incarnation `incarnation`: the ids of the
-        sessions it closes (every session of that node that an earlier start opened, in opening
-        order), or None when that incarnation started already (a second copy of its node_start:
-        the sessions it has opened since stay open).
+    def node_start(self, node_number: int, incarnation: int, previous: int | None = None) -> list[int] | None:
+        """An ADMIN node_start of node `node_number`'s incarnation `incarnation`, which follows its
+        start `previous` (None: not known): the ids of the sessions it closes (every session of
+        that node that another start opened, in opening order), or None when that incarnation
+        started already (a second copy of its node_start: the sessions it has opened since stay
+        open) or ended (a later start of its node came first).
 
         A session of this very incarnation stays open even when its SESSION_OPEN reached the log
         first: a node_start whose first forward was lost (sent before the peer link to the leader
         was up) is resent later, after its node's first clients' records, and closing their live
         sessions would drop their commands (`commands_without_session`) with no reply and no
-        resend (issue 11: a client on a follower stalled for good after a leader change)."""
+        resend (issue 11: a client on a follower stalled for good after a leader change). The
+        highest counter it opened before comes with it (`opened_early`), so a copy of one of
+        those opens stays a copy. The start it follows ends here, even if its own node_start
+        never came or is still to come: that one's late first copy, and its late opens, then
+        change nothing (no live session closed, no session open for good)."""
         started = self.node_starts.setdefault(node_number, {})
         if incarnation in started:
             return None
@@ -212,8 +264,13 @@ class ClientTable:
                     highest = sid & _COUNTER_MASK  # opening order: the last one is the highest
                 else:
                     closing.append(sid)
+        early = self.opened_early.get(node_number)
+        if early:
+            highest = early.pop(incarnation, highest)  # every open since tracking began: the newest
+        if previous is not None and previous != incarnation and previous not in started:
+            started[previous] = early.pop(previous, -1) if early else -1  # ended before it started
         started[incarnation] = highest
-        if len(started) > NODE_STARTS_REMEMBERED:
+        while len(started) > NODE_STARTS_REMEMBERED:
             del started[next(iter(started))]
         return closing
 

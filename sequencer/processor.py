@@ -542,7 +542,7 @@ class Processor(Generic[App]):
                 # An older seqd's record: every session opened under that node name.
                 closing: list[int] | None = self._table.sessions_on(admin["node"])
             else:
-                closing = self._table.node_start(admin["number"], incarnation)
+                closing = self._table.node_start(admin["number"], incarnation, admin.get("previous"))
             if closing is None:
                 self.duplicate_records += 1  # a second copy of this incarnation's start
                 return

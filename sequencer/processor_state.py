@@ -81,6 +81,11 @@ class ProcessorState(msgspec.Struct, array_like=True):
     # version (0: none reported yet) and each node's last reported version.
     app_version_active: int = 0
     app_versions_known: list[tuple[int, int]] = []
+    # Added with the early opens' tracking, the same way: per node number, the incarnations whose
+    # sessions opened before their node_start was applied, each with the highest counter opened
+    # (`ClientTable.opened_early`). An older seqd ignores it (it then takes a copy of such an
+    # open for a new session, as it always did).
+    opened_early: list[tuple[int, list[tuple[int, int]]]] = []
 
 
 _state_encoder = msgspec.msgpack.Encoder()
@@ -128,6 +133,7 @@ def encode_state(
         node_starts=[(number, list(started.items())) for number, started in table.node_starts.items()],
         app_version_active=table.versions.active,
         app_versions_known=sorted(table.versions.known.items()),
+        opened_early=[(number, list(early.items())) for number, early in table.opened_early.items() if early],
     )
     # Without the trailing fields still at their defaults: the layout an older seqd wrote (an
     # array-like struct encodes as the array of its fields, so the bytes are the same).
@@ -175,5 +181,6 @@ def restore_table(table: ClientTable, state: ProcessorState) -> None:
     for saved_session in state.sessions:
         table.attach(saved_session.session_id, saved_session.client_id, saved_session.node)
     table.node_starts.update((number, dict(started)) for number, started in state.node_starts)
+    table.opened_early.update((number, dict(early)) for number, early in state.opened_early)
     table.versions.restore(state.app_version_active, state.app_versions_known)
     table.rebuild_idle(state.last_timestamp_ns)

@@ -326,8 +326,9 @@ COMMAND_PREFIX = struct.Struct("<Q")  # acked_request_id: replies up to it reach
 # TIMER_FIRED, SNAPSHOT, TERM_START, ADMIN); a COMMAND's version is the app's schema version. A
 # change to one of those payloads bumps this, and readers decide by it.
 DAEMON_RECORD_VERSION = 1
-# {"op": "node_start", "node": str, "number": int, "incarnation": int}: a node's sequencer started;
-# close that node's sessions of its earlier starts (sequencer/dedup.py). A record of an older seqd
+# {"op": "node_start", "node": str, "number": int, "incarnation": int, "previous": int}: a node's
+# sequencer started; close that node's sessions of its earlier starts, and end the start before
+# it, `previous` (absent when not known) (sequencer/dedup.py). A record of an older seqd
 # has only "node" (and maybe "number"): it closes every session opened on that node name.
 ADMIN_NODE_START = "node_start"
 # {"op": "raise_version", "version": int, "members": [int, ...]}: make app schema `version` the

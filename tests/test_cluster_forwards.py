@@ -24,6 +24,7 @@ from daemon.cluster_harness import Cluster, ClusterNode
 from daemon.fault_hooks import (
     FAULT_DROP_COMMAND_FORWARD_ENV,
     FAULT_LOSE_ADMIN_FORWARDS_ENV,
+    FAULT_MALFORM_COMMAND_PROPOSAL_ENV,
     FAULT_REFUSE_COMMAND_FORWARDS_ENV,
 )
 from sequencer.logtools import dump
@@ -165,3 +166,36 @@ def test_a_command_forward_lost_mid_stream_is_applied_once_before_the_later_ones
         _wait_counters_at_least(follower, {"raft.forward_streams_broken": 1, "raft.forwards_dropped": 1})
     else:
         _wait_counters_at_least(leader, {"raft.forward_streams_refused": 1, "raft.forwards_dropped": 1})
+
+
+def test_a_malformed_proposal_restarts_its_node_and_stalls_no_client(cluster: Cluster, tmp_dir: Path) -> None:
+    """The defect: a record in a follower's proposal ring that is no whole record (a bug or
+    memory corruption on that node) was forwarded; the leader refused the batch and closed the
+    connection, the follower restarted its stream with the same record first, refused again,
+    for good: every client of the follower stalled. Now the follower's replicator checks what it
+    takes from its proposal ring and stops on such a record (fail-stop): its pipeline restarts
+    from the journal, its clients reconnect and resend in order, and nothing acknowledged is lost.
+    The hook makes the N-th COMMAND a node's replicator takes from its ring a TERM_START (the
+    leader's client sends fewer: only the follower's is hit), once per node."""
+    malform = tmp_dir / "malform-command-proposal"
+    malform.write_text(str(DROPPED_COMMAND))
+    for node in cluster.nodes.values():
+        node.start(wait=False, environment={FAULT_MALFORM_COMMAND_PROPOSAL_ENV: str(malform)})
+    for node in cluster.nodes.values():
+        node.wait_serving()
+    leader = cluster[cluster.wait_leader(timeout_s=WAIT_S).number]
+    follower = cluster[next(n for n in cluster.nodes if n != leader.number)]
+    open_accounts(leader.socket_path, ACCOUNTS)
+    hit = Path(f"{malform}.lost")
+    driver = TransferDriver(follower.socket_path, ACCOUNTS, seed=3, in_flight=16).start()
+    try:
+        deadline = time.monotonic() + WAIT_S
+        while not hit.exists():
+            assert time.monotonic() < deadline, f"the hook changed nothing within {WAIT_S} s"
+            time.sleep(0.02)
+        driver.wait_acknowledged(len(driver.acknowledged) + 200, timeout_s=WAIT_S)
+    finally:
+        driver.stop(timeout_s=WAIT_S)
+    assert balances(leader.socket_path, ACCOUNTS) == expected_balances(ACCOUNTS, [driver])
+    assert "malformed record to its proposal ring" in follower.log_text()
+    _wait_counters_at_least(follower, {"supervisor.restarts": 1})

@@ -20,7 +20,12 @@ from daemon.layout import (
 )
 from daemon.raft_truncate import TRUNCATE_NAME, read_truncate_request, write_truncate_request
 from daemon.roles.journaller import JournallerAgent
-from daemon.roles.replicator import whole_record
+from daemon.roles.replicator_setup import (
+    MalformedProposal,
+    check_proposals,
+    malformed,
+    whole_record,
+)
 from daemon.supervisor import Supervisor
 from ipc.ring import Ring
 from sequencer.cluster import (
@@ -325,6 +330,27 @@ def test_a_forwarded_record_must_be_whole_and_not_a_leaders_or_the_rings() -> No
     assert not whole_record(command(1)[:-8])  # cut short: its length says more
     assert not whole_record(command(1)[:40])
     assert not whole_record(encode_record(RecordType.TERM_START, 0, 0, 0, 0, 0, 0))
+
+
+def test_a_malformed_record_is_named_with_what_is_wrong() -> None:
+    assert malformed(command(1)) is None
+    assert malformed(command(1)[:40]) == "40 bytes, shorter than a record header (48 bytes)"
+    assert malformed(command(1)[:-8]) == "its header says 49 bytes, but it holds 48"
+    assert malformed(command(1) + b"\0") == "57 bytes, not a multiple of 8"
+    assert "TERM_START" in str(malformed(encode_record(RecordType.TERM_START, 0, 0, 0, 0, 0, 0)))
+
+
+def test_a_record_no_follower_may_forward_stops_the_proposals_with_its_session_and_request() -> None:
+    good = command(1)
+    bad = encode_record(RecordType.TERM_START, 0, 0, 0, 0, 99, 5, b"")
+
+    def frames(*records: bytes) -> list[tuple[int, memoryview]]:
+        return [(struct.unpack_from("<II", r)[1], memoryview(r)[FRAME_HEADER_BYTES:struct.unpack_from("<I", r)[0]])
+                for r in records]  # fmt: skip
+
+    check_proposals(frames(good, good), node=2)  # nothing wrong: nothing raised
+    with pytest.raises(MalformedProposal, match=r"node 2's sequencer .* TERM_START .* session 0x63, request 5"):
+        check_proposals(frames(good, bad), node=2)
 
 
 # ---- when to propose ------------------------------------------------------------------------------

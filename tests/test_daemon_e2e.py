@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import stat
@@ -14,6 +15,8 @@ import pytest
 
 from daemon.harness import NodeProcess
 from daemon.layout import counters_name, egress_name, log_name
+from sequencer.logtools import dump
+from sequencer.record import ADMIN_NODE_START
 from tests.node_fixtures import (
     TransferDriver,
     balances,
@@ -38,16 +41,27 @@ def test_every_acknowledged_transfer_is_applied_exactly_once_across_kills_of_eac
     open_accounts(node.socket_path, ACCOUNTS)
     drivers = [TransferDriver(node.socket_path, ACCOUNTS, seed).start() for seed in range(3)]
     acknowledged = 200
+    starts = [node.read_counters()["node.incarnation"]]
     for role in ("sequencer", "journaller", "blp"):
         for driver in drivers:
             driver.wait_acknowledged(acknowledged)
         kill_role(node, role)
+        starts.append(node.read_counters()["node.incarnation"])
         acknowledged += 200
     for driver in drivers:
         driver.wait_acknowledged(acknowledged)
     # The whole daemon: supervisor and roles die at once; a new one starts on the same journal.
     node.kill()
     node.start()
+    # Each start's id is the one before + 1, kept in the data directory across `seqd run`s, so
+    # none repeats whatever the clock does (daemon/incarnation.py).
+    starts.append(node.read_counters()["node.incarnation"])
+    assert starts == list(range(starts[0], starts[0] + len(starts))), starts
+    # And each start's node_start names the start before it (sequencer/dedup.py: that one's late
+    # records then change nothing).
+    named = [(row["payload"]["incarnation"], row["payload"].get("previous"))
+             for row in dump(node.config.journal_dir, types=["ADMIN"]) if row["payload"]["op"] == ADMIN_NODE_START]
+    assert named == [(starts[0], None)] + [(now, before) for before, now in itertools.pairwise(starts)], named
     acknowledged += 200
     for driver in drivers:
         driver.wait_acknowledged(acknowledged)

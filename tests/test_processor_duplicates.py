@@ -28,9 +28,12 @@ def session(node_number: int, incarnation: int, counter: int) -> int:
     return node_number << 56 | incarnation << 32 | counter
 
 
-def node_start(feeder: Feeder, incarnation: int, node: str = "n1", number: int = NODE_NUMBER) -> bytes:
-    """A node_start as today's gateway writes it: with its incarnation."""
-    payload = encode_admin(ADMIN_NODE_START, node=node, number=number, incarnation=incarnation)
+def node_start(
+    feeder: Feeder, incarnation: int, node: str = "n1", number: int = NODE_NUMBER, previous: int | None = None
+) -> bytes:
+    """A node_start as today's gateway writes it: with its incarnation (and the one before)."""
+    extra = {} if previous is None else {"previous": previous}
+    payload = encode_admin(ADMIN_NODE_START, node=node, number=number, incarnation=incarnation, **extra)
     return feeder._record(RecordType.ADMIN, 1, 0, 0, payload)
 
 

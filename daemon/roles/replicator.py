@@ -109,9 +109,9 @@ from daemon.roles.replicator_setup import (
     ForwardFaults,
     InstallRequired,
     TruncateRequired,
+    malformed,
     raft_config,
     transport_config,
-    whole_record,
 )
 from daemon.snapshot_install import SnapshotReceiver, SnapshotSender, write_install_request
 from ipc.ring import Ring
@@ -240,7 +240,7 @@ class Replicator:
         self.hard_state_unsaved: HardState | None = None
         self.hard_state_saved_s = time.monotonic()
         self.transport = PeerTransport(transport_config(config), self._on_messages, self._on_records)
-        self.faults = ForwardFaults()  # the fault hooks on forwarded records (tests)
+        self.faults = ForwardFaults(config.node.number)  # the proposals' check, the forwards' fault hooks
         self.process_scheduled: asyncio.Handle | None = None  # a pass `_schedule` asked for
         self.finished: asyncio.Future[int] = loop.create_future()
         self.durable_seen = -1  # the journal's durable index last told to the core
@@ -322,13 +322,12 @@ class Replicator:
                 self.snapshot_receiver.discard()
 
     def _on_records(self, peer: int, records: list[ForwardedRecord]) -> bool:
-        """Take a batch whole or refuse it (not leading, inbox full, a malformed record): the
-        transport then closes its connection, and the follower resends from it in order."""
+        """Take a batch whole or refuse it (not leading, inbox full, malformed: `check_proposals`)."""
         batch = [forwarded.record for forwarded in records]
         for record in batch:
-            if not whole_record(record):
+            if (wrong := malformed(record)) is not None:
                 self.context.errors.add(1)
-                log.error("node %d forwarded a malformed record of %d bytes; refused", peer, len(record))
+                log.error("node %d forwarded a malformed record (%s), refused: check it runs this seqd build", peer, wrong)
                 return False
         if self.faults.refuses(batch):  # a fault hook: a full inbox, once
             self.inbox.records_dropped += len(batch)
@@ -461,6 +460,7 @@ class Replicator:
         if self.want_proposals:
             frames = self.proposals.poll(PROPOSALS_PER_PASS_MAX)
             if frames:
+                self.faults.check(frames)  # a malformed one stops the role (`check_proposals`)
                 pending = self.pending
                 taken_records = records_from_frames(frames)
                 keys = pending.add_all(taken_records, time.monotonic())  # each one's resend clock starts now

@@ -5,19 +5,26 @@ restart the pipeline (a truncation, a snapshot install): parts of `daemon/roles/
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 from daemon.config import Config, parse_address
 from daemon.fault_hooks import (
+    FAULT_MALFORM_COMMAND_PROPOSAL_ENV,
     FAULT_REFUSE_COMMAND_FORWARDS_ENV,
     command_forward_dropper,
     lose_admin_forwards,
 )
+from daemon.incarnation import next_raft_incarnation
+from sequencer.cluster import record_from_frame
 from sequencer.raft.config import RaftConfig
 from sequencer.raft.peer_protocol import ForwardedRecord
 from sequencer.raft.transport import PeerTransport, TransportConfig
-from sequencer.record import FRAME_HEADER, RECORD_HEADER_BYTES, RecordType, aligned
+from sequencer.record import FRAME_HEADER, RECORD_HEADER, RECORD_HEADER_BYTES, RecordType, aligned
 
-__all__ = ["ForwardFaults", "is_admin", "is_command", "raft_config", "transport_config", "whole_record"]
+__all__ = [
+    "ForwardFaults", "MalformedProposal", "check_proposals", "is_admin", "is_command", "malformed", "raft_config",
+    "transport_config", "whole_record",
+]  # fmt: skip
 
 _TERM_START = int(RecordType.TERM_START)
 _PADDING = int(RecordType.PADDING)
@@ -39,11 +46,10 @@ def raft_config(config: Config, storage_read_bytes_max: int) -> RaftConfig:
         term_start_from_shell=True,
         storage_read_bytes_max=storage_read_bytes_max,
         # Grows from one start of this role to the next, even after the data directory was
-        # wiped (which resets every file): a leader tells this start's answers from an earlier
-        # one's (sequencer/raft/tracker.py, "Incarnations"). A wall clock stepped back by more
-        # than the time between two starts would make a start look older: its answers would be
-        # dropped until the leader changes.
-        incarnation=time.time_ns(),
+        # wiped (which resets every file: then the wall clock's) or the clock stepped back (the
+        # last start's + 1): a leader tells this start's answers from an earlier one's
+        # (sequencer/raft/tracker.py, "Incarnations"; daemon/incarnation.py).
+        incarnation=next_raft_incarnation(Path(config.node.data_dir), time.time_ns()),
     )
 
 
@@ -63,14 +69,62 @@ def transport_config(config: Config) -> TransportConfig:
     )
 
 
-def whole_record(record: bytes) -> bool:
-    """A forwarded record is one whole record, 8-byte aligned, and not one only a leader or the
-    ring makes (TERM_START, PADDING)."""
-    if len(record) < RECORD_HEADER_BYTES or len(record) % 8:
-        return False
+def malformed(record: bytes) -> str | None:
+    """What makes `record` no record a follower may forward, None when it is one: one whole
+    record, 8-byte aligned, and not one only a leader or the ring makes (TERM_START, PADDING).
+    The leader checks every forwarded record with it, and every node every record it takes from
+    its proposal ring (`check_proposals`), so a node of the same build never forwards one that
+    its leader refuses."""
+    if len(record) < RECORD_HEADER_BYTES:
+        return f"{len(record)} bytes, shorter than a record header ({RECORD_HEADER_BYTES} bytes)"
+    if len(record) % 8:
+        return f"{len(record)} bytes, not a multiple of 8"
     length, frame_type = FRAME_HEADER.unpack_from(record)
+    if aligned(length) != len(record):
+        return f"its header says {length} bytes, but it holds {len(record)}"
     record_type = frame_type & 0xFFFF
-    return aligned(length) == len(record) and record_type != _TERM_START and record_type != _PADDING
+    if record_type == _TERM_START or record_type == _PADDING:
+        return f"a {RecordType(record_type).name} record, which only a leader or the ring writes"
+    return None
+
+
+def whole_record(record: bytes) -> bool:
+    """`record` may be forwarded (`malformed` finds nothing)."""
+    return malformed(record) is None
+
+
+class MalformedProposal(Exception):
+    """A record this node's sequencer wrote to its proposal ring is malformed (`malformed`)."""
+
+
+_LEADER_ONLY = frozenset((_TERM_START, _PADDING))
+_VIEW_BYTES_MIN = RECORD_HEADER_BYTES - FRAME_HEADER.size  # a ring frame's bytes after its header
+
+
+def check_proposals(frames: list[tuple[int, memoryview]], node: int) -> None:
+    """Raises MalformedProposal for a frame of the proposal ring that is not a record a follower
+    may forward. A ring frame keeps its record's length (`record_from_frame`), so only a frame
+    too short for a header or of a leader's or the ring's type can be one.
+
+    Only this node's sequencer writes the ring, after checking each client frame, so such a
+    record is a bug or memory corruption on this node. Forwarded, the leader would refuse it,
+    and the stream it is in, again at every resend: every client of the node would stall, for
+    good. Dropped, the later records of its session would be applied before it, and a resend of
+    it answered DUPLICATE without ever being applied. So the replicator stops (fail-stop): the
+    supervisor restarts the node's pipeline from the journal with a new proposal ring, the
+    clients reconnect and resend what was not acknowledged, in order, and nothing acknowledged
+    is lost (supervisor.restarts counts it; the log says what was wrong)."""
+    for frame_type, view in frames:
+        if len(view) < _VIEW_BYTES_MIN or frame_type & 0xFFFF in _LEADER_ONLY:
+            record = record_from_frame(frame_type, view)
+            session_id, request_id = RECORD_HEADER.unpack_from(record)[6:] if len(record) >= RECORD_HEADER_BYTES else (0, 0)
+            raise MalformedProposal(
+                f"node {node}'s sequencer wrote a malformed record to its proposal ring ({malformed(record)}; "
+                f"session {session_id:#x}, request {request_id}): a bug or memory corruption on this node. "
+                "The replicator stops rather than forward it (the leader would refuse it, and every record "
+                "behind it, at each resend): the node's pipeline restarts from its journal, and its clients "
+                "reconnect and resend what was not acknowledged. If it happens again, report it with this log"
+            )
 
 
 def is_admin(record: bytes) -> bool:
@@ -89,10 +143,23 @@ class ForwardFaults:
     a follower that loses its ADMIN forwards or drops one COMMAND forward as a full socket would,
     a leader that refuses one batch holding a COMMAND as a full inbox would."""
 
-    def __init__(self) -> None:
+    def __init__(self, node: int = 0) -> None:
+        self.node = node  # named in a MalformedProposal
         self.lose_admin = lose_admin_forwards()
         self.drop_command = command_forward_dropper()
         self.refuse_command = command_forward_dropper(FAULT_REFUSE_COMMAND_FORWARDS_ENV)
+        self.malform_command = command_forward_dropper(FAULT_MALFORM_COMMAND_PROPOSAL_ENV, once=True)
+
+    def check(self, frames: list[tuple[int, memoryview]]) -> None:
+        """`check_proposals` of the frames taken from the proposal ring, one of them made a
+        TERM_START first by the SEQD_FAULT_MALFORM_COMMAND_PROPOSAL hook (a short one would stop
+        the role as well: `record_key` asserts a whole header)."""
+        malform = self.malform_command
+        if malform is not None:
+            for offset, (frame_type, view) in enumerate(frames):
+                if frame_type & 0xFFFF == _COMMAND and malform():
+                    frames[offset] = (frame_type ^ _COMMAND ^ _TERM_START, view)
+        check_proposals(frames, self.node)
 
     def refuses(self, batch: list[bytes]) -> bool:
         refuse = self.refuse_command

@@ -54,6 +54,7 @@ import uvloop
 
 from daemon.errorlog import DistinctErrorLog, exception_key
 from daemon.fault_hooks import wall_clock_ns
+from daemon.incarnation import previous_incarnation
 from daemon.layout import (
     APP_VERSION_ACTIVE,
     APP_VERSION_RAISE_HANDLED,
@@ -165,6 +166,7 @@ class Sequencer:
             node_name=config.node.name,
             node_number=config.node.number,
             incarnation=counters[NODE_INCARNATION].get(),  # the supervisor's, within INCARNATION_BITS
+            previous_incarnation=previous_incarnation(Path(config.node.data_dir), counters[NODE_INCARNATION].get()),
             command_bytes_max=config.socket.command_bytes_max,
             # The gateway checks a command's schema version (never its payload): a version newer
             # than the app's is refused there, because once in the log it would stop every replay.

@@ -98,6 +98,9 @@ class GatewayConfig:
     replicas: tuple[str, ...] = ()
     # The node numbers of the cluster, reported in node_start (empty: this node alone).
     members: tuple[int, ...] = ()
+    # The start of the node before this one (its incarnation id), named in node_start so that
+    # start's late records change nothing (sequencer/dedup.py); None: not known.
+    previous_incarnation: int | None = None
 
 
 # -- the gateway -------------------------------------------------------------------------------
@@ -221,6 +224,7 @@ class Gateway(Generic[S]):
             ADMIN_NODE_START, node=config.node_name, number=config.node_number,
             incarnation=session_incarnation(self._session_id_base),
             app_version=config.command_version_max, members=list(config.members or (config.node_number,)),
+            **({} if config.previous_incarnation is None else {"previous": config.previous_incarnation}),
         )  # fmt: skip
         return term != _BLOCKED and self._sequence(RecordType.ADMIN, 0, 0, payload, term)
 

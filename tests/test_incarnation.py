@@ -1,0 +1,49 @@
+"""A node's start ids never repeat nor go back across restarts, whatever the wall clock does
+(daemon/incarnation.py): a repeated session incarnation would be taken by the blp for a copy of
+an earlier start's node_start (its sessions left open for good, the new start's opens refused,
+its clients stalled: sequencer/dedup.py), and a Raft incarnation gone back would make a leader
+drop every answer of the new start (sequencer/raft/tracker.py, "Incarnations")."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from daemon.incarnation import (
+    INCARNATION_NAME,
+    RAFT_INCARNATION_NAME,
+    next_incarnation_id,
+    next_raft_incarnation,
+    previous_incarnation,
+)
+from daemon.layout import INCARNATION_BITS, incarnation_id
+
+NOW_S = 1.7e9
+
+
+def test_a_clock_stepped_back_neither_repeats_nor_lowers_a_start_id(tmp_path: Path) -> None:
+    # Each start a new `seqd run` (count 1); the third after the clock stepped back an hour, to
+    # the very millisecond of the first (NTP, a VM restored): the clock's id would repeat it.
+    ids = [next_incarnation_id(tmp_path, now_s, 1) for now_s in (NOW_S, NOW_S + 3600.0, NOW_S)]
+    assert ids == [ids[0], ids[0] + 1, ids[0] + 2]
+    # Each start knows the one before (its node_start names it: sequencer/dedup.py).
+    assert (tmp_path / INCARNATION_NAME).read_text() == f"{ids[2]} {ids[1]}\n"
+    assert previous_incarnation(tmp_path, ids[2]) == ids[1]
+    assert previous_incarnation(tmp_path, ids[1]) is None  # not the last start: not known
+
+
+def test_the_first_start_takes_the_clocks_id_and_the_ids_wrap_within_their_bits(tmp_path: Path) -> None:
+    first = next_incarnation_id(tmp_path, NOW_S, 3)
+    assert first == incarnation_id(NOW_S, 3)  # no start before
+    assert previous_incarnation(tmp_path, first) is None
+    (tmp_path / INCARNATION_NAME).write_text(f"{(1 << INCARNATION_BITS) - 1}\n")
+    assert next_incarnation_id(tmp_path, NOW_S, 1) == 0
+
+
+def test_the_raft_incarnation_grows_even_when_the_clock_steps_back_and_after_a_wipe(tmp_path: Path) -> None:
+    now_ns = int(NOW_S * 1e9)
+    first = next_raft_incarnation(tmp_path, now_ns)
+    assert first == now_ns
+    assert next_raft_incarnation(tmp_path, now_ns - 5_000_000_000) == first + 1  # stepped back 5 s
+    assert next_raft_incarnation(tmp_path, now_ns + 10) == now_ns + 10  # the clock is past it again
+    (tmp_path / RAFT_INCARNATION_NAME).unlink()  # a wiped data directory: the clock, newer than all
+    assert next_raft_incarnation(tmp_path, now_ns + 20) == now_ns + 20
