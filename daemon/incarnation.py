@@ -29,7 +29,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from daemon.exits import FatalError
+from daemon.exits import ExitCode, FatalError
 from daemon.layout import INCARNATION_BITS, incarnation_id
 from sequencer.journal.repair import fsync_directory
 
@@ -50,7 +50,16 @@ def _read(path: Path) -> list[int]:
         text = path.read_text(encoding="ascii")
     except FileNotFoundError:
         return []
-    return [int(word) for word in text.split() if word.isdigit()]
+    except OSError as error:
+        raise FatalError.from_os_error(error, f"read this node's start ids from {path}", "node.data_dir") from error
+    except UnicodeDecodeError as error:
+        raise FatalError(ExitCode.DATAERR, f"{path} cannot be read as this node's start ids ({error}): if the file is "
+                         "damaged, remove it; the next start takes its id from the clock") from error
+    words = text.split()
+    if not words or not all(word.isdigit() for word in words):
+        raise FatalError(ExitCode.DATAERR, f"{path} holds {text[:40]!r}, not this node's start ids (decimal numbers): "
+                         "if the file is damaged, remove it; the next start takes its id from the clock")
+    return [int(word) for word in words]
 
 
 def _write(path: Path, *values: int) -> None:

@@ -269,6 +269,10 @@ class ClientTable:
             highest = early.pop(incarnation, highest)  # every open since tracking began: the newest
         if previous is not None and previous != incarnation and previous not in started:
             started[previous] = early.pop(previous, -1) if early else -1  # ended before it started
+        if early is not None and not early:
+            # Never kept empty: a snapshot leaves empty ones out, and a replica restored from it
+            # would re-create the node's entry elsewhere in the order, and encode other bytes.
+            del self.opened_early[node_number]
         started[incarnation] = highest
         while len(started) > NODE_STARTS_REMEMBERED:
             del started[next(iter(started))]

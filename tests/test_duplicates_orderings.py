@@ -155,3 +155,22 @@ def test_a_late_node_start_of_the_start_before_closes_none_of_the_live_starts_se
     (reply,) = replies(feed(processor, feeder.command(y1, 1, OpenAccount("alice"))))
     assert reply.status == ReplyStatus.OK
     assert processor.commands_without_session == 0
+
+
+def test_a_replica_restored_while_a_node_start_had_emptied_its_early_opens_encodes_the_same_bytes():
+    # Node 1's session opened before its node_start, which then took the early open over: the
+    # node's early entry was left empty in the live table but not written to the snapshot, so a
+    # replica restored from it re-created the entry elsewhere in the order when the node's next
+    # start opened early again, and the two replicas' snapshots (and state hashes) differed.
+    live, feeder = carrying_incarnations()
+    feed(live, feeder.open_session(session(1, X, 1), client_id=7))
+    feed(live, node_start(feeder, X))
+    restored = Processor.restore(Ledger, live.snapshot_bytes())
+    records = [feeder.open_session(session(OTHER_NODE, 0x000999, 1), client_id=8),
+               feeder.open_session(session(3, 0x000444, 1), client_id=9),  # a third node, early
+               feeder.open_session(session(1, Y, 1), client_id=10)]  # node 1 restarted, early
+    for record in records:
+        feed(live, record)
+        feed(restored, record)
+    assert restored.snapshot_bytes() == live.snapshot_bytes()
+    assert restored.state_hash() == live.state_hash()

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
+from daemon.exits import ExitCode, FatalError
 from daemon.incarnation import (
     INCARNATION_NAME,
     RAFT_INCARNATION_NAME,
@@ -47,3 +50,16 @@ def test_the_raft_incarnation_grows_even_when_the_clock_steps_back_and_after_a_w
     assert next_raft_incarnation(tmp_path, now_ns + 10) == now_ns + 10  # the clock is past it again
     (tmp_path / RAFT_INCARNATION_NAME).unlink()  # a wiped data directory: the clock, newer than all
     assert next_raft_incarnation(tmp_path, now_ns + 20) == now_ns + 20
+
+
+@pytest.mark.parametrize("damage", [b"12\xff 11\n", b"\0\0\0\0\n", b"twelve\n", b""])
+def test_a_damaged_start_id_file_stops_the_start_with_an_error_naming_it_and_the_remedy(
+    tmp_path: Path, damage: bytes
+) -> None:
+    # Taken for "no file", the clock's id would come back without a word: the never-repeat rule
+    # silently gone. Undecodable, it ended the start with "unexpected UnicodeDecodeError".
+    (tmp_path / INCARNATION_NAME).write_bytes(damage)
+    with pytest.raises(FatalError) as raised:
+        next_incarnation_id(tmp_path, NOW_S, 1)
+    assert raised.value.code is ExitCode.DATAERR
+    assert str(tmp_path / INCARNATION_NAME) in raised.value.message and "remove it" in raised.value.message
