@@ -74,19 +74,26 @@ def _node_starts_in_log(journal_dir: Path, number: int) -> int:
     )
 
 
+def _start_with_hook(cluster: Cluster, hook: str, path: Path, value: object) -> tuple[ClusterNode, ClusterNode]:
+    """Every node started with the fault hook `hook` reading `path` (which holds `value`), and
+    ACCOUNTS opened through the leader: the leader and one follower."""
+    path.write_text(str(value))
+    for node in cluster.nodes.values():
+        node.start(wait=False, environment={hook: str(path)})
+    for node in cluster.nodes.values():
+        node.wait_serving()
+    leader = cluster[cluster.wait_leader(timeout_s=WAIT_S).number]
+    follower = cluster[next(n for n in cluster.nodes if n != leader.number)]
+    open_accounts(leader.socket_path, ACCOUNTS)
+    return leader, follower
+
+
 def test_a_lost_node_start_is_resent_while_traffic_commits_and_keeps_the_live_session_open(
     cluster: Cluster, tmp_dir: Path
 ) -> None:
     lose = tmp_dir / "lose-admin-forwards"
-    lose.write_text("1")
-    for node in cluster.nodes.values():
-        node.start(wait=False, environment={FAULT_LOSE_ADMIN_FORWARDS_ENV: str(lose)})
-    for node in cluster.nodes.values():
-        node.wait_serving()
-    leader = cluster.wait_leader(timeout_s=WAIT_S).number
-    follower = cluster[next(n for n in cluster.nodes if n != leader)]
+    _, follower = _start_with_hook(cluster, FAULT_LOSE_ADMIN_FORWARDS_ENV, lose, 1)
     journal_dir = follower.config.journal_dir
-    open_accounts(cluster[leader].socket_path, ACCOUNTS)
     # A client on the follower opens its session and commits while the node_start is lost.
     driver = TransferDriver(follower.socket_path, ACCOUNTS, seed=1).start()
     try:
@@ -132,14 +139,7 @@ def test_a_command_forward_lost_mid_stream_is_applied_once_before_the_later_ones
     The operator sees it in the node's counters (`seqd status`, the metrics): the follower's
     broken stream, or the leader's refused one, and the records dropped."""
     lose = tmp_dir / "lose-command-forward"
-    lose.write_text(str(nth))
-    for node in cluster.nodes.values():
-        node.start(wait=False, environment={hook: str(lose)})
-    for node in cluster.nodes.values():
-        node.wait_serving()
-    leader = cluster[cluster.wait_leader(timeout_s=WAIT_S).number]
-    follower = cluster[next(n for n in cluster.nodes if n != leader.number)]
-    open_accounts(leader.socket_path, ACCOUNTS)
+    leader, follower = _start_with_hook(cluster, hook, lose, nth)
     lost = Path(f"{lose}.lost")  # written by the node when its hook loses the forward
     driver = TransferDriver(follower.socket_path, ACCOUNTS, seed=2, in_flight=in_flight).start()
     try:
@@ -178,14 +178,7 @@ def test_a_malformed_proposal_restarts_its_node_and_stalls_no_client(cluster: Cl
     The hook makes the N-th COMMAND a node's replicator takes from its ring a TERM_START (the
     leader's client sends fewer: only the follower's is hit), once per node."""
     malform = tmp_dir / "malform-command-proposal"
-    malform.write_text(str(DROPPED_COMMAND))
-    for node in cluster.nodes.values():
-        node.start(wait=False, environment={FAULT_MALFORM_COMMAND_PROPOSAL_ENV: str(malform)})
-    for node in cluster.nodes.values():
-        node.wait_serving()
-    leader = cluster[cluster.wait_leader(timeout_s=WAIT_S).number]
-    follower = cluster[next(n for n in cluster.nodes if n != leader.number)]
-    open_accounts(leader.socket_path, ACCOUNTS)
+    leader, follower = _start_with_hook(cluster, FAULT_MALFORM_COMMAND_PROPOSAL_ENV, malform, DROPPED_COMMAND)
     hit = Path(f"{malform}.lost")
     driver = TransferDriver(follower.socket_path, ACCOUNTS, seed=3, in_flight=16).start()
     try:
