@@ -40,7 +40,9 @@ that runs, W an earlier one of the same node, s a session of X):
   nothing (the open is at or behind X's highest; the close finds nothing; the node_start is X's).
 - s opens (and maybe closes) before X's node_start, copies of the open before or after that
   node_start: the same (X's highest was kept from the first open; the node_start keeps s open).
-- the node_start of X closes every session of W, and W is remembered as ended: an open of W
+- the node_start of X closes every session of W (not of a start up to NODE_STARTS_REMEMBERED ids
+  after X: then X's node_start is late, behind the next start's first opens, and that start's
+  own node_start, which names X, closes what X opened), and W is remembered as ended: an open of W
   (one of W's records arriving after X started, or a copy) is refused, and a node_start of W
   closes nothing. A node_start names the start before it (`previous`, kept in the data
   directory with the ids: daemon/incarnation.py), which ends there too, even if its own
@@ -66,7 +68,12 @@ two snapshots of the same state.
 from __future__ import annotations
 
 from sequencer.app_versions import AppVersions
-from sequencer.record import SESSION_ID_COUNTER_BITS, session_incarnation, session_node_number
+from sequencer.record import (
+    SESSION_ID_COUNTER_BITS,
+    SESSION_ID_INCARNATION_BITS,
+    session_incarnation,
+    session_node_number,
+)
 
 __all__ = [
     "CLIENT_EXPIRY_NS_DEFAULT",
@@ -93,6 +100,7 @@ SAVED_REPLIES_MAX = (
 NODE_STARTS_REMEMBERED = 8
 _COUNTER_MASK = (1 << SESSION_ID_COUNTER_BITS) - 1
 _COUNTER_HALF = 1 << (SESSION_ID_COUNTER_BITS - 1)  # serial-number arithmetic's "behind"
+_INCARNATION_MASK = (1 << SESSION_ID_INCARNATION_BITS) - 1
 
 
 class ClientEntry:
@@ -260,8 +268,13 @@ class ClientTable:
         highest = -1  # the counter of the last session this incarnation opened before its start
         for sid in self.sessions:
             if session_node_number(sid) == node_number:
-                if session_incarnation(sid) == incarnation:
+                opened_by = session_incarnation(sid)
+                if opened_by == incarnation:
                     highest = sid & _COUNTER_MASK  # opening order: the last one is the highest
+                elif 0 < (opened_by - incarnation) & _INCARNATION_MASK <= NODE_STARTS_REMEMBERED:
+                    # A later start's (ids go up by one a start: daemon/incarnation.py), whose own
+                    # node_start is still to come: this one is late, and not the one to close it.
+                    continue
                 else:
                     closing.append(sid)
         early = self.opened_early.get(node_number)

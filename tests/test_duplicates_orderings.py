@@ -174,3 +174,22 @@ def test_a_replica_restored_while_a_node_start_had_emptied_its_early_opens_encod
         feed(restored, record)
     assert restored.snapshot_bytes() == live.snapshot_bytes()
     assert restored.state_hash() == live.state_hash()
+
+
+def test_a_late_node_start_of_an_earlier_start_before_the_live_starts_own_closes_none_of_its_sessions():
+    # W ran; X started, its node_start still on its way when X died; Y started, and its own
+    # node_start was lost and resent behind its first open (issue 11's case). X's late node_start
+    # landed between Y's open and Y's node_start, and closed Y's live session: its client's
+    # commands were dropped with no reply (found in review). Ids go up by one a start.
+    w, x, y = 0x000111, 0x000112, 0x000113
+    processor, feeder = carrying_incarnations()
+    feed(processor, node_start(feeder, w))
+    s = session(1, y, 1)
+    feed(processor, feeder.open_session(s, client_id=7))
+    feed(processor, node_start(feeder, x, previous=w))  # late
+    assert processor.session_ids() == [s]
+    feed(processor, node_start(feeder, y, previous=x))
+    assert processor.session_ids() == [s]
+    (reply,) = replies(feed(processor, feeder.command(s, 1, OpenAccount("alice"))))
+    assert reply.status == ReplyStatus.OK
+    assert processor.commands_without_session == 0
