@@ -182,9 +182,11 @@ def test_bad_listen_address_and_timeouts_are_refused(tmp_path, secret_file, sett
 def test_the_byte_window_reaches_the_raft_core(tmp_path: Path, secret_file: Path) -> None:
     from daemon.roles.replicator_setup import raft_config
 
-    config = load_text(tmp_path, cluster_toml(secret_file, inflight_bytes_max=1 << 20))
+    # raft_config takes the start's Raft incarnation, kept in the data directory: a temporary one.
+    in_tmp = f'[node]\ndata_dir = "{tmp_path}"\n'
+    config = load_text(tmp_path, cluster_toml(secret_file, inflight_bytes_max=1 << 20).replace("[node]\n", in_tmp))
     assert raft_config(config, 1 << 20).inflight_bytes_max == 1 << 20
-    default = load_text(tmp_path, cluster_toml(secret_file))
+    default = load_text(tmp_path, cluster_toml(secret_file).replace("[node]\n", in_tmp))
     assert raft_config(default, 1 << 20).inflight_bytes_max == 4 << 20
 
 

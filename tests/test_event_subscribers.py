@@ -278,19 +278,21 @@ def test_the_blp_reads_the_count_after_the_records_it_applies() -> None:
     # store lands, as it may in a real node between two cycles.
     from daemon.roles.blp import BlpAgent
 
-    subscribers = _Gauge()
+    values = [0, 1]  # the counters' words the blp reads: event subscribers, the commit index
     emitting: list[bool] = []
 
     def poll(frames_max: int) -> list[tuple[int, bytes]]:
-        subscribers.set(1)  # stored before the record below was published
+        values[0] = 1  # the count, stored before the record below was published
         return [(0, b"record")]
 
     processor = SimpleNamespace(emit_events=False, snapshot_requested=False, applied_index=1,
                                 drain_outputs=list, apply_frame=lambda kind, view: emitting.append(processor.emit_events))  # fmt: skip
+    versions = SimpleNamespace(active=0, raises_refused=0)
     shell = SimpleNamespace(
-        unwritten=[], processor=processor, event_subscribers=subscribers, commit_index=SimpleNamespace(get=lambda: 1),
+        unwritten=[], processor=processor, values=values, event_subscribers_word=0, commit_index_word=1,
         reader=SimpleNamespace(poll=poll, release=lambda: None, position=64), applied_position_seen=0,
-        snapshot_writers={}, _publish_versions=lambda: None, _write_outputs=lambda: 0,
+        snapshot_writers={}, _publish_versions=lambda: None, _write_outputs=lambda: 0, fork_snapshots=False,
+        versions=versions, versions_seen=(0, 0),
     )  # fmt: skip
     assert BlpAgent.do_work(shell, 0) == 1  # type: ignore[arg-type]
     assert emitting == [True]
