@@ -107,6 +107,20 @@ async def start_nodes(
     return nodes
 
 
+async def through_proxy(
+    stack: AsyncExitStack, ports: dict[int, int], via: int, connect: bool = True, **options: Any
+) -> tuple[Node, Node]:
+    """Node 2, and node 1 (its transport built with `options`) dialling it through the fault
+    proxy's port `via`, both started; connected unless `connect` is False."""
+    receiver = Node(config(2, ports))
+    sender = Node(replace(config(1, ports, **options), peers={2: ("127.0.0.1", via)}))
+    await stack.enter_async_context(receiver.transport)
+    await stack.enter_async_context(sender.transport)
+    if connect:
+        await asyncio.wait_for(sender.transport.wait_connected([2]), WAIT_S)
+    return receiver, sender
+
+
 def heartbeat(source: int, target: int, term: int = 1) -> Heartbeat:
     return Heartbeat(CLUSTER, source, target, term, 0, 0)
 
@@ -271,11 +285,7 @@ def test_a_link_blackholed_by_the_fault_proxy_holds_messages_until_healed() -> N
             network = FaultNetwork(proxy)
             via = network.add(1, 2, ports[2])
             async with AsyncExitStack() as stack:
-                receiver = Node(config(2, ports))
-                sender = Node(replace(config(1, ports), peers={2: ("127.0.0.1", via)}))
-                await stack.enter_async_context(receiver.transport)
-                await stack.enter_async_context(sender.transport)
-                await asyncio.wait_for(sender.transport.wait_connected([2]), WAIT_S)
+                receiver, sender = await through_proxy(stack, ports, via)
                 network.cut(1, 2)
                 sender.transport.send([heartbeat(1, 2, term=5)])
                 assert await nothing_arrives(receiver.messages, 0)
@@ -293,11 +303,7 @@ def test_a_link_dropped_by_the_fault_proxy_is_redialled_once_healed() -> None:
             network = FaultNetwork(proxy)
             via = network.add(1, 2, ports[2])
             async with AsyncExitStack() as stack:
-                receiver = Node(config(2, ports))
-                sender = Node(replace(config(1, ports), peers={2: ("127.0.0.1", via)}))
-                await stack.enter_async_context(receiver.transport)
-                await stack.enter_async_context(sender.transport)
-                await asyncio.wait_for(sender.transport.wait_connected([2]), WAIT_S)
+                receiver, sender = await through_proxy(stack, ports, via)
                 network.cut(1, 2, how="drop")
                 await until(lambda: not sender.transport.is_connected(2), "the reset")
                 link = network.links[(1, 2)]
@@ -320,11 +326,8 @@ def test_a_dialler_behind_a_blackhole_times_out_its_handshake_and_connects_once_
             via = network.add(1, 2, ports[2])
             network.cut(1, 2)  # before node 1 ever dials: its HELLO goes nowhere
             async with AsyncExitStack() as stack:
-                receiver = Node(config(2, ports))
-                options = dict(peers={2: ("127.0.0.1", via)}, handshake_timeout_ms=200.0)
-                sender = Node(replace(config(1, ports), **options))
-                await stack.enter_async_context(receiver.transport)
-                await stack.enter_async_context(sender.transport)
+                receiver, sender = await through_proxy(stack, ports, via, connect=False,
+                                                       handshake_timeout_ms=200.0)
                 await until(
                     lambda: sender.counters["refused_handshake_timeout"] >= 2, "two timeouts"
                 )

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 from contextlib import AsyncExitStack
-from dataclasses import replace
 
 from daemon.faultproxy import FaultNetwork, FaultProxy, free_loopback_ports
 from sequencer.raft.peer_protocol import PEER_FRAME_BYTES_MAX, ForwardedRecord
@@ -19,6 +18,7 @@ from tests.test_peer_transport import (
     heartbeat,
     run_uvloop,
     start_nodes,
+    through_proxy,
     until,
 )
 
@@ -94,13 +94,9 @@ def test_a_full_socket_ends_the_stream_and_the_restart_waits_until_the_link_drai
             network = FaultNetwork(proxy)
             via = network.add(1, 2, ports[2])
             async with AsyncExitStack() as stack:
-                receiver = Node(config(2, ports))
-                sender_node = Node(replace(config(1, ports, send_buffer_bytes_max=PEER_FRAME_BYTES_MAX),
-                                           peers={2: ("127.0.0.1", via)}))  # fmt: skip
+                receiver, sender_node = await through_proxy(stack, ports, via,
+                                                            send_buffer_bytes_max=PEER_FRAME_BYTES_MAX)
                 sender = sender_node.transport
-                await stack.enter_async_context(receiver.transport)
-                await stack.enter_async_context(sender)
-                await asyncio.wait_for(sender.wait_connected([2]), WAIT_S)
                 network.cut(1, 2)
                 stream = sender.forward_stream(2)
                 payload = b"p" * FILL_PAYLOAD_BYTES
