@@ -24,8 +24,7 @@ from typing import Any
 import psutil
 
 from benches.recovery import FEED_LENGTH, build_state
-from daemon.roles.snapshotter import run_at_idle_priority
-from ipc.affinity import available_cpus, pin
+from daemon.roles.snapshotter import keep_off_the_blps_cpu, run_at_idle_priority
 from sequencer import snapshot as snapshots
 from sequencer.processor import Processor
 
@@ -41,9 +40,9 @@ def main(argv: list[str]) -> int:
     del source
     # After the build: at SCHED_IDLE from the start it would build only on a CPU no one wants.
     scheduling = run_at_idle_priority() if policy.startswith("idle") else "normal"
-    if policy.startswith("idle-off:"):  # the blp pinned there: as keep_off_the_blps_cpu does
+    if policy.startswith("idle-off:"):  # the blp pinned there
         blp_cpu = int(policy.partition(":")[2])
-        pin([cpu for cpu in available_cpus() if cpu != blp_cpu])
+        keep_off_the_blps_cpu(blp_cpu)
         scheduling += f", off CPU {blp_cpu}"
     Path(ready_path).write_text("ready")
     write_cpu_s = 0.0

@@ -24,7 +24,6 @@ from daemon.roles.replicator_setup import (
     MalformedProposal,
     check_proposals,
     malformed,
-    whole_record,
 )
 from daemon.supervisor import Supervisor
 from ipc.ring import Ring
@@ -326,10 +325,10 @@ def test_pending_forwards_say_full_at_their_bound() -> None:
 
 
 def test_a_forwarded_record_must_be_whole_and_not_a_leaders_or_the_rings() -> None:
-    assert whole_record(command(1))
-    assert not whole_record(command(1)[:-8])  # cut short: its length says more
-    assert not whole_record(command(1)[:40])
-    assert not whole_record(encode_record(RecordType.TERM_START, 0, 0, 0, 0, 0, 0))
+    assert malformed(command(1)) is None
+    assert malformed(command(1)[:-8]) is not None  # cut short: its length says more
+    assert malformed(command(1)[:40]) is not None
+    assert malformed(encode_record(RecordType.TERM_START, 0, 0, 0, 0, 0, 0)) is not None
 
 
 def test_a_malformed_record_is_named_with_what_is_wrong() -> None:

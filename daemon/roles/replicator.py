@@ -448,11 +448,8 @@ class Replicator:
             self.operations.resent(len(self.outbox), f"a new leader, node {standing[1]}")
 
     def _take_proposals(self) -> None:
-        core = self.core
-        leader, leading = core.leader_id, core.raft_role is LEADER
-        self.want_proposals = self._proposals_wanted()
-        if not self.want_proposals and (self.operations.holding_proposals(core) or not may_propose(
-                leading, core.term, leader, self.term_started, self.commit_known)):
+        self.want_proposals = self._proposals_wanted(ready := self._ready_to_propose())
+        if not ready:
             return
         records = self.outbox
         self.outbox = []
@@ -469,14 +466,14 @@ class Replicator:
                 self.pending_published = len(pending)
                 self.pending_counter.set(self.pending_published)  # before the release: the drain reads both
                 self.proposals.release()
-        if leading:
+        if self.core.raft_role is LEADER:
             start = len(records) - taken
             forwarded = self.inbox.drain()  # forwarded by followers: pending there, not here
             if records or forwarded:
                 self._propose(records, forwarded, start, keys)
             return
         # Gapless (sequencer/cluster/forwards.py): on a new stream, every pending record first.
-        transport = self.transport
+        transport, leader = self.transport, self.core.leader_id
         stream = transport.forward_stream(leader)
         send = self.forward_stream.records_to_send(leader, stream, transport.forward_writable(leader),
                                                    self.pending, records, time.monotonic())  # fmt: skip
@@ -618,12 +615,15 @@ class Replicator:
 
     # ---- wake-ups from the other processes ---------------------------------------------------
 
-    def _proposals_wanted(self) -> bool:
-        """Whether a pass takes proposals now (not during a transfer: they wait in the ring)."""
+    def _ready_to_propose(self) -> bool:
+        """Whether this node proposes or forwards (not during a transfer: they wait in the ring)."""
         core = self.core
-        return (may_propose(core.raft_role is LEADER, core.term, core.leader_id, self.term_started,
-                            self.commit_known) and not self.pending.full()
-                and len(self.feed) < UNWRITTEN_ENTRIES_MAX and not self.operations.holding_proposals(core))
+        return may_propose(core.raft_role is LEADER, core.term, core.leader_id, self.term_started,
+                           self.commit_known) and not self.operations.holding_proposals(core)
+
+    def _proposals_wanted(self, ready: bool) -> bool:
+        """Whether a pass takes proposals from the ring now: `ready` and room to hold them."""
+        return ready and not self.pending.full() and len(self.feed) < UNWRITTEN_ENTRIES_MAX
 
     def _has_work_outside(self) -> bool:
         """Entries made durable since the last pass, or proposals this node takes now (asked again:
@@ -633,7 +633,7 @@ class Replicator:
         if not self.proposals.ready():
             return False
         if not self.want_proposals:
-            self.want_proposals = self._proposals_wanted()
+            self.want_proposals = self._proposals_wanted(self._ready_to_propose())
         return self.want_proposals
 
     def _on_bell(self) -> None:

@@ -3,7 +3,7 @@
 In cluster mode the replicator is the log ring's one writer (docs/cluster.md). Every entry the core
 hands out (its own stamped proposals on a leader, a leader's entries on a follower, the journal's
 tail at start) is a whole record, padded to 8 bytes, exactly as the ring holds it: a stamped
-proposal keeps its record's length, a forwarded record is checked whole (`whole_record`), a
+proposal keeps its record's length, a forwarded record is checked whole (`malformed`), a
 journal read returns each record's raw bytes with their pad. So a run of them is copied into the
 ring with one join and one copy (`RingWriter.try_write_joined`) and its ring ends recorded without
 per-entry Python (`RingPositions.wrote_run`); only a run that meets the wrap or the gate goes entry

@@ -23,7 +23,7 @@ from sequencer.record import FRAME_HEADER, RECORD_HEADER, RECORD_HEADER_BYTES, R
 
 __all__ = [
     "ForwardFaults", "MalformedProposal", "check_proposals", "is_admin", "is_command", "malformed", "raft_config",
-    "transport_config", "whole_record",
+    "transport_config",
 ]  # fmt: skip
 
 _TERM_START = int(RecordType.TERM_START)
@@ -86,11 +86,6 @@ def malformed(record: bytes) -> str | None:
     if record_type == _TERM_START or record_type == _PADDING:
         return f"a {RecordType(record_type).name} record, which only a leader or the ring writes"
     return None
-
-
-def whole_record(record: bytes) -> bool:
-    """`record` may be forwarded (`malformed` finds nothing)."""
-    return malformed(record) is None
 
 
 class MalformedProposal(Exception):

@@ -89,13 +89,12 @@ HEARTBEAT_INTERVAL_S: Final = 0.1
 NICE_FALLBACK: Final = 19
 
 
-def keep_off_the_blps_cpu(config: Config) -> list[int]:
-    """Restricts this process to every CPU it may use but the blp's, when the blp is pinned and
-    another CPU is left; returns the CPUs it now runs on (unchanged otherwise)."""
+def keep_off_the_blps_cpu(blp_cpu: int) -> list[int]:
+    """Restricts this process to every CPU it may use but `blp_cpu`, the blp's (-1: not pinned),
+    when another CPU is left; returns the CPUs it now runs on (unchanged otherwise)."""
     from ipc.affinity import available_cpus, pin
 
     allowed = available_cpus()
-    blp_cpu = config.role(Role.BLP).cpu
     others = [cpu for cpu in allowed if cpu != blp_cpu]
     if blp_cpu >= 0 and others and others != allowed:
         pin(others)
@@ -213,7 +212,8 @@ def main() -> int:
         return EXIT_ORPHANED
     log.info("running at %s: background work, never ahead of the pipeline's roles", run_at_idle_priority())
     config = Config.from_json(os.environ["SEQD_CONFIG_JSON"])
-    log.info("running on CPUs %s (the blp's: %d; -1 not pinned)", keep_off_the_blps_cpu(config), config.role(Role.BLP).cpu)
+    blp_cpu = config.role(Role.BLP).cpu
+    log.info("running on CPUs %s (the blp's: %d; -1 not pinned)", keep_off_the_blps_cpu(blp_cpu), blp_cpu)
     try:
         view = CounterView(attach_counters(config.node.name, epoch=epoch), SNAPSHOTTER)
     except SegmentError as error:

@@ -166,12 +166,13 @@ class Leader:
     def appends_due(self, commit_index: int) -> bool:
         """Whether `flush_appends` would send anything now (a query only)."""
         config = self._config
-        log = self._log
-        # Entries up to `stored_through` are not sent now: they need a storage read and this
-        # pass's budget is spent (0: it is not).
-        stored_through = 0 if self._storage_bytes_left > 0 else log.offset_index
-        return self.tracker.appends_due(log.last_index, commit_index, config.inflight_messages_max,
-                                        config.inflight_bytes_max, stored_through)
+        return self.tracker.appends_due(self._log.last_index, commit_index, config.inflight_messages_max,
+                                        config.inflight_bytes_max, self._stored_through())
+
+    def _stored_through(self) -> int:
+        """Entries up to here are not sent now: they need a storage read and this pass's budget is
+        spent (0: it is not)."""
+        return 0 if self._storage_bytes_left > 0 else self._log.offset_index
 
     def flush_appends(self, commit_index: int, snapshot: Snapshot | None) -> None:
         """Send what each follower is due: entries, a probe, or the new commit index.
@@ -198,13 +199,11 @@ class Leader:
                     if progress.state is not REPLICATE:
                         break
                 if progress.send_probe or progress.commit_sent < commit_index:
-                    stored_through = 0 if self._storage_bytes_left > 0 else offset_index
                     if progress.state is REPLICATE and progress.is_due(
-                            last_index, commit_index, window, bytes_max, stored_through):
+                            last_index, commit_index, window, bytes_max, self._stored_through()):
                         self._send_append(progress, commit_index, snapshot)
             elif state is PROBE:
-                stored_through = 0 if self._storage_bytes_left > 0 else offset_index
-                if progress.is_due(last_index, commit_index, window, bytes_max, stored_through):
+                if progress.is_due(last_index, commit_index, window, bytes_max, self._stored_through()):
                     self._send_append(progress, commit_index, snapshot)
 
     def _send_append(self, progress: Progress, commit_index: int, snapshot: Snapshot | None) -> None:

@@ -181,7 +181,7 @@ class Progress:
             return False
         state = self.state
         if state is REPLICATE:
-            return len(self.inflight) < window and self.inflight_bytes < bytes_max and (
+            return self.has_room(window, bytes_max) and (
                 self.next_index <= last_index or self.send_probe or self.commit_sent < commit_index
             )
         if state is PROBE:
