@@ -71,9 +71,9 @@ def test_a_damaged_start_id_file_stops_the_start_with_an_error_naming_it_and_the
     assert str(tmp_path / INCARNATION_NAME) in raised.value.message and "remove it" in raised.value.message
 
 
-def cluster_config(data_dir: Path) -> Config:
+def cluster_config(data_dir: Path, **cluster: Any) -> Config:
     members = [MemberConfig(id=number, peer_address=f"127.0.0.1:{7100 + number}") for number in (1, 2, 3)]
-    return Config(node=NodeConfig(number=1, data_dir=str(data_dir)), cluster=ClusterConfig(members=members))
+    return Config(node=NodeConfig(number=1, data_dir=str(data_dir)), cluster=ClusterConfig(members=members, **cluster))
 
 
 _audited: list[str] | None = None  # the audit events seen while a test listens, else None
@@ -111,6 +111,8 @@ def test_the_replicators_core_carries_the_raft_incarnation_it_made_durable_first
     first = start_raft_core(cluster_config(tmp_path), 1 << 20, durable, None).config.incarnation
     assert (tmp_path / RAFT_INCARNATION_NAME).read_text() == f"{first}\n"
     (tmp_path / RAFT_INCARNATION_NAME).write_text(f"{first + 10**12}\n")  # a start "ahead" of the clock
-    second = start_raft_core(cluster_config(tmp_path), 1 << 20, durable, None).config.incarnation
+    core = start_raft_core(cluster_config(tmp_path, storage_read_bytes_per_pass_max=2 << 20), 1 << 20, durable, None)
+    second = core.config.incarnation
     assert second == first + 10**12 + 1  # max(clock, last + 1)
+    assert core.config.storage_read_bytes_per_pass_max == 2 << 20  # [cluster]'s budget, in the core
     assert (tmp_path / RAFT_INCARNATION_NAME).read_text() == f"{second}\n"
