@@ -20,7 +20,10 @@ import msgspec
 from daemon.layout import RAFT_PEER_SLOTS, REPLICAS_MAX, Role, node_roles
 from ipc.ring import frame_bytes
 from sequencer.egress import EGRESS_PAYLOAD_BYTES_MAX
-from sequencer.raft.config import INFLIGHT_BYTES_MAX_DEFAULT
+from sequencer.raft.config import (
+    INFLIGHT_BYTES_MAX_DEFAULT,
+    STORAGE_READ_BYTES_PER_PASS_MAX_DEFAULT,
+)
 from sequencer.raft.peer_protocol import CLUSTER_ID_MAX, PEER_FRAME_BYTES_MAX, SECRET_BYTES_MIN
 
 __all__ = [
@@ -79,6 +82,17 @@ TICK_MS_MAX = 100
 INFLIGHT_BYTES_LIMIT = PEER_FRAME_BYTES_MAX  # a send buffer of two frames, less one frame
 INFLIGHT_BYTES_FLOOR = 64 << 10
 assert INFLIGHT_BYTES_FLOOR <= INFLIGHT_BYTES_MAX_DEFAULT <= INFLIGHT_BYTES_LIMIT
+# What a leader reads from its journal for all its followers together in one pass of its loop
+# (`cluster.storage_read_bytes_per_pass_max`). The floor is one storage read (the replicator's
+# `STORAGE_READ_BYTES_MAX`, 1 MiB): the read that crosses the budget completes, so a pass reads
+# that much whatever the budget, and a smaller one would promise what it cannot keep. The limit:
+# a pass holds the leader's loop, its heartbeats with it, ~10 ms of CPU per MiB read and sent
+# (benches/RESULTS.md, "Flow control by bytes"), so 16 MiB plus the read that crosses it is
+# ~170 ms, over half the default 300 ms election timeout; more and a catch-up could hold the
+# heartbeats until a follower starts an election.
+STORAGE_READ_BYTES_PER_PASS_FLOOR = 1 << 20
+STORAGE_READ_BYTES_PER_PASS_LIMIT = 16 << 20
+assert STORAGE_READ_BYTES_PER_PASS_FLOOR <= STORAGE_READ_BYTES_PER_PASS_MAX_DEFAULT <= STORAGE_READ_BYTES_PER_PASS_LIMIT
 
 
 class ConfigError(Exception):
@@ -239,6 +253,10 @@ class ClusterConfig(msgspec.Struct, forbid_unknown_fields=True):
     # Flow control: payload bytes a leader has in unanswered AppendEntries to one follower before
     # it waits for an answer (sequencer/raft/config.py, `RaftConfig.inflight_bytes_max`).
     inflight_bytes_max: int = INFLIGHT_BYTES_MAX_DEFAULT
+    # What a leader reads from its journal for all its lagging followers together between two
+    # ticks or answers: a bound on how long catch-ups hold its loop (sequencer/raft/config.py,
+    # `RaftConfig.storage_read_bytes_per_pass_max`).
+    storage_read_bytes_per_pass_max: int = STORAGE_READ_BYTES_PER_PASS_MAX_DEFAULT
 
     @property
     def voters(self) -> tuple[int, ...]:
@@ -529,6 +547,15 @@ def _cluster_errors(cluster: ClusterConfig, node_number: int, node_name: str) ->
             f"{INFLIGHT_BYTES_FLOOR}..{INFLIGHT_BYTES_LIMIT} bytes (above, the window and the message "
             "that crosses it overflow the peer transport's send buffer, which drops them; below, "
             f"a catch-up waits a round trip every few records); the default is {INFLIGHT_BYTES_MAX_DEFAULT}"
+        )
+    budget = cluster.storage_read_bytes_per_pass_max
+    if not STORAGE_READ_BYTES_PER_PASS_FLOOR <= budget <= STORAGE_READ_BYTES_PER_PASS_LIMIT:
+        errors.append(
+            f"cluster.storage_read_bytes_per_pass_max={budget}: must be {STORAGE_READ_BYTES_PER_PASS_FLOOR}.."
+            f"{STORAGE_READ_BYTES_PER_PASS_LIMIT} bytes (above, one pass of catch-up reads, ~10 ms of CPU a MiB, "
+            "could hold the leader's heartbeats past a follower's election timeout; below, a pass still reads "
+            f"one whole read of {STORAGE_READ_BYTES_PER_PASS_FLOOR} bytes); the default is "
+            f"{STORAGE_READ_BYTES_PER_PASS_MAX_DEFAULT}"
         )
     return errors
 

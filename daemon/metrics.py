@@ -10,10 +10,12 @@ and help come from the node's counter table (daemon/layout.py): counters that on
 errors, heartbeats) are typed `counter` and end in `_total`; positions, indexes and states are
 `gauge`s. Each role counts its own errors (`seqd_role_errors_total{role=...}`); their sum, with
 the snapshotter's and the query replicas', is served as `seqd_errors_total`. In a cluster the leader's per-follower slots
-(`raft.peer<k>.node`, `raft.peer<k>.match_index`, served as they are) are also served as two
-families labelled by the follower's node number, `seqd_raft_follower_match_index{follower="2"}`
-and `seqd_raft_follower_lag{...}` (records behind the leader's `raft.last_index`), so a query
-needs no join with the slots; an empty slot gives no sample.
+(`raft.peer<k>.node`, `raft.peer<k>.match_index`, `raft.peer<k>.inflight_bytes_peak`, served as
+they are) are also served as families labelled by the follower's node number,
+`seqd_raft_follower_match_index{follower="2"}`, `seqd_raft_follower_lag{...}` (records behind the
+leader's `raft.last_index`) and `seqd_raft_follower_inflight_bytes_peak{...}`, so a query needs no
+join with the slots; an empty slot gives no sample, and a node that does not lead none of these
+three (its slots say 0: it tracks no match). Every node serves its peers' last contact the same way.
 
 `MetricsServer` serves it from `http.server.ThreadingHTTPServer` in a daemon thread, so the
 supervisor's loop never waits on a scraper. It binds to loopback unless told otherwise: the
@@ -34,15 +36,18 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from daemon.layout import (
     ERRORS_TOTAL_NAME,
     RAFT_LAST_INDEX,
+    RAFT_PEER_INFLIGHT_BYTES_PEAK,
     RAFT_PEER_LAST_CONTACT_MS,
     RAFT_PEER_MATCH_INDEX,
     RAFT_PEER_NODE,
+    RAFT_ROLE,
     SUPERVISOR,
     Kind,
     Role,
     counter_spec,
     errors_total,
 )
+from sequencer.raft.raft_role import RaftRole
 
 __all__ = [
     "CONTENT_TYPE",
@@ -113,24 +118,33 @@ _FOLLOWER_HELP = {
     "seqd_raft_follower_match_index": "On the leader: the last index the follower holds durably in agreement with it.",
     "seqd_raft_follower_lag": "On the leader: records the follower's log is behind the leader's last index.",
     "seqd_raft_follower_last_contact_ms": "When this node last heard from that member (ms since the epoch, 0: never).",
+    "seqd_raft_follower_inflight_bytes_peak": "On the leader: the most payload bytes of AppendEntries the follower had unanswered at once, this term.",
 }
 
 
 def _follower_samples(snapshot: Mapping[str, int]) -> dict[str, list[tuple[str, int]]]:
-    """family -> [(follower node number, value)] from the leader's per-follower slots."""
+    """family -> [(follower node number, value)] from the per-member slots: every node's last
+    contacts, and the leader's matches, lags and window peaks."""
     families: dict[str, list[tuple[str, int]]] = {family: [] for family in _FOLLOWER_HELP}
     last_index = snapshot.get(RAFT_LAST_INDEX.name)
-    for node_spec, match_spec, contact_spec in zip(RAFT_PEER_NODE, RAFT_PEER_MATCH_INDEX,
-                                                   RAFT_PEER_LAST_CONTACT_MS, strict=True):  # fmt: skip
+    leads = snapshot.get(RAFT_ROLE.name) == RaftRole.LEADER
+    for node_spec, match_spec, contact_spec, peak_spec in zip(
+            RAFT_PEER_NODE, RAFT_PEER_MATCH_INDEX, RAFT_PEER_LAST_CONTACT_MS, RAFT_PEER_INFLIGHT_BYTES_PEAK,
+            strict=True):  # fmt: skip
         node = snapshot.get(node_spec.name)
         match_index = snapshot.get(match_spec.name)
         contact_ms = snapshot.get(contact_spec.name)
+        peak = snapshot.get(peak_spec.name)
         if node and contact_ms is not None:
             families["seqd_raft_follower_last_contact_ms"].append((str(node), contact_ms))
-        if node and match_index is not None:
+        if not (node and leads):
+            continue
+        if match_index is not None:
             families["seqd_raft_follower_match_index"].append((str(node), match_index))
             if last_index is not None:
                 families["seqd_raft_follower_lag"].append((str(node), last_index - match_index))
+        if peak is not None:
+            families["seqd_raft_follower_inflight_bytes_peak"].append((str(node), peak))
     return families
 
 

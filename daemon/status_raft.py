@@ -1,14 +1,18 @@
 """`seqd status` in a cluster: the node's Raft standing, its commit, and the leader's followers.
 
 Every value is the replicator's (its `raft.*` counters, daemon/layout.py); `daemon.status` calls
-`raft_status` on a sample and renders the result with `raft_lines` and `raft_json`. On the
-leader, follower slot k = 1.. holds `raft.peer<k>.node` (its node number, 0 for an empty slot)
-and `raft.peer<k>.match_index`; every node, `raft.peer<k>.last_contact_ms` (when that member
-was last heard from, wall clock). The members are this node (`node.number`) and the slots'.
+`raft_status` on a sample and renders the result with `raft_lines` and `raft_json`. Slot k = 1..
+holds `raft.peer<k>.node` (another member's node number, 0 for an empty slot) and
+`raft.peer<k>.last_contact_ms` (when that member was last heard from, wall clock) on every node;
+on the leader also `raft.peer<k>.match_index` and `raft.peer<k>.inflight_bytes_peak` (the most
+payload bytes it had unanswered at once this term: how close its catch-up came to
+`cluster.inflight_bytes_max`). Only a leader tracks matches (a follower's slots say 0), so only a
+leader's status lists followers with a match and a lag; every node lists its peers' last
+contacts. The members are this node (`node.number`) and the slots'.
 Elections, step-downs, peer refusals and the last leadership transfer's outcome are counters of
 the replicator too (docs/cluster.md, "Operating a cluster"), as are the forward stream's faults:
 records dropped and resent, streams broken (this node's, to the leader) and refused (followers',
-by this node as leader); docs/cluster.md, "What the failure modes look like in `seqd status`".
+by this node as leader); docs/cluster.md, "What failures look like in `seqd status`".
 """
 
 from __future__ import annotations
@@ -19,8 +23,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from daemon import layout
+from sequencer.raft.raft_role import RaftRole
 
-__all__ = ["RaftFollower", "RaftStatus", "raft_json", "raft_lines", "raft_status"]
+__all__ = ["RaftFollower", "RaftPeer", "RaftStatus", "raft_json", "raft_lines", "raft_status"]
+
+_LEADER = layout.RAFT_ROLE.value_name(RaftRole.LEADER)  # as `raft_status` shows it
 
 
 @dataclass(frozen=True)
@@ -31,6 +38,17 @@ class RaftFollower:
     match_index: int | None  # the last index it holds durably in agreement with the leader
     lag: int | None  # records behind the leader's last index
     last_contact_ms: int | None = None  # how long ago the leader last heard from it; None: never
+    # The most payload bytes it had in unanswered AppendEntries at once, this term: at most
+    # cluster.inflight_bytes_max plus one message (a catch-up that reached the window).
+    inflight_bytes_peak: int | None = None
+
+
+@dataclass(frozen=True)
+class RaftPeer:
+    """Another member, as any node sees it: when it was last heard from."""
+
+    node: int  # its node number
+    last_contact_ms: int | None  # how long ago this node last heard from it; None: never
 
 
 @dataclass(frozen=True)
@@ -44,6 +62,7 @@ class RaftStatus:
     last_index: int | None = None  # the last index of this node's log
     pending_forwards: int | None = None  # records this node sequenced, not yet seen committed
     followers: list[RaftFollower] | None = None  # the leader's; empty elsewhere
+    peers: list[RaftPeer] | None = None  # the other members, on every node of a cluster
     # On the leader: the journal is held from here for a follower catching up after a snapshot
     # (0: no hold).
     retain_index: int | None = None
@@ -58,11 +77,14 @@ class RaftStatus:
     forwards_resent: int | None = None  # pending records sent again (new leader, resend age)
 
 
-def _followers(values: Mapping[str, int], now_ms: int) -> list[RaftFollower]:
+def _slots(values: Mapping[str, int], now_ms: int) -> list[RaftFollower]:
+    """Every occupied peer slot, its match and lag as the counters say (0 and the whole log when
+    this node does not lead)."""
     last_index = values.get(layout.RAFT_LAST_INDEX.name)
-    followers = []
-    for node_spec, match_spec, contact_spec in zip(layout.RAFT_PEER_NODE, layout.RAFT_PEER_MATCH_INDEX,
-                                                   layout.RAFT_PEER_LAST_CONTACT_MS, strict=True):  # fmt: skip
+    slots = []
+    for node_spec, match_spec, contact_spec, peak_spec in zip(
+            layout.RAFT_PEER_NODE, layout.RAFT_PEER_MATCH_INDEX, layout.RAFT_PEER_LAST_CONTACT_MS,
+            layout.RAFT_PEER_INFLIGHT_BYTES_PEAK, strict=True):  # fmt: skip
         node = values.get(node_spec.name)
         if not node:
             continue
@@ -70,8 +92,8 @@ def _followers(values: Mapping[str, int], now_ms: int) -> list[RaftFollower]:
         lag = None if last_index is None or match_index is None else last_index - match_index
         contact_ms = values.get(contact_spec.name)
         ago_ms = max(0, now_ms - contact_ms) if contact_ms else None
-        followers.append(RaftFollower(node, match_index, lag, ago_ms))
-    return followers
+        slots.append(RaftFollower(node, match_index, lag, ago_ms, values.get(peak_spec.name)))
+    return slots
 
 
 def _members(values: Mapping[str, int]) -> list[int] | None:
@@ -88,17 +110,20 @@ def raft_status(known: Mapping[str, int], clustered: bool, now_ms: int | None = 
         return RaftStatus()
     if now_ms is None:
         now_ms = time.time_ns() // 1_000_000
-    role = known.get(layout.RAFT_ROLE.name)
+    role_value = known.get(layout.RAFT_ROLE.name)
+    role = None if role_value is None else layout.RAFT_ROLE.value_name(role_value)
     outcome = known.get(layout.RAFT_TRANSFER_OUTCOME.name)
+    slots = _slots(known, now_ms)
     return RaftStatus(
-        role=None if role is None else layout.RAFT_ROLE.value_name(role),
+        role=role,
         term=known.get(layout.RAFT_TERM.name),
         leader=known.get(layout.RAFT_LEADER.name),
         commit_index=known.get(layout.RAFT_COMMIT_INDEX.name),
         last_index=known.get(layout.RAFT_LAST_INDEX.name),
         pending_forwards=known.get(layout.RAFT_PENDING_FORWARDS.name),
         retain_index=known.get(layout.RAFT_RETAIN_INDEX.name),
-        followers=_followers(known, now_ms),
+        followers=slots if role == _LEADER else [],
+        peers=[RaftPeer(slot.node, slot.last_contact_ms) for slot in slots],
         members=_members(known),
         elections=known.get(layout.RAFT_ELECTIONS.name),
         step_downs=known.get(layout.RAFT_STEP_DOWNS.name),
@@ -128,7 +153,12 @@ def raft_lines(raft: RaftStatus, cell: Callable[[object], str]) -> tuple[str, li
                  f"  streams broken {cell(raft.forward_streams_broken)}"
                  f"  refused {cell(raft.forward_streams_refused)}")
     lines += [f"  follower {f.node}: match {cell(f.match_index)}  lag {cell(f.lag)}  last contact "
-              + ("never" if f.last_contact_ms is None else f"{f.last_contact_ms} ms ago") for f in raft.followers or ()]
+              + ("never" if f.last_contact_ms is None else f"{f.last_contact_ms} ms ago")
+              + f"  in flight peak {cell(f.inflight_bytes_peak)} bytes" for f in raft.followers or ()]
+    if raft.role != _LEADER and raft.peers:
+        lines.append("  raft heard from " + ", ".join(
+            f"node {p.node} " + ("never" if p.last_contact_ms is None else f"{p.last_contact_ms} ms ago")
+            for p in raft.peers))  # fmt: skip
     return header, lines
 
 
@@ -143,8 +173,12 @@ def raft_json(raft: RaftStatus) -> dict[str, Any]:
         "pending_forwards": raft.pending_forwards,
         "retain_index": raft.retain_index,
         "followers": None if followers is None else [
-            {"node": f.node, "match_index": f.match_index, "lag": f.lag, "last_contact_ms": f.last_contact_ms}
+            {"node": f.node, "match_index": f.match_index, "lag": f.lag, "last_contact_ms": f.last_contact_ms,
+             "inflight_bytes_peak": f.inflight_bytes_peak}
             for f in followers
+        ],
+        "peers": None if raft.peers is None else [
+            {"node": p.node, "last_contact_ms": p.last_contact_ms} for p in raft.peers
         ],
         "members": raft.members,
         "elections": raft.elections,

@@ -173,21 +173,32 @@ def test_an_unreadable_secret_is_refused(tmp_path: Path, secret_file: Path) -> N
         ({"cluster_id": -1}, "cluster.cluster_id=-1: must be 0..2**64-1"),
         ({"inflight_bytes_max": 0}, "cluster.inflight_bytes_max=0: must be 65536..4194304 bytes"),
         ({"inflight_bytes_max": 8 << 20}, "cluster.inflight_bytes_max=8388608: must be 65536..4194304"),
+        ({"storage_read_bytes_per_pass_max": 4096},
+         "cluster.storage_read_bytes_per_pass_max=4096: must be 1048576..16777216 bytes"),
+        ({"storage_read_bytes_per_pass_max": 64 << 20},
+         "cluster.storage_read_bytes_per_pass_max=67108864: must be 1048576..16777216 bytes (above, one pass"),
     ],
 )
 def test_bad_listen_address_and_timeouts_are_refused(tmp_path, secret_file, settings, expected) -> None:
     assert expected in refused(tmp_path, cluster_toml(secret_file, **settings))
 
 
-def test_the_byte_window_reaches_the_raft_core(tmp_path: Path, secret_file: Path) -> None:
+def test_the_byte_window_and_the_pass_budget_reach_the_raft_core(tmp_path: Path, secret_file: Path) -> None:
     from daemon.roles.replicator_setup import raft_config
 
-    # raft_config takes the start's Raft incarnation, kept in the data directory: a temporary one.
-    in_tmp = f'[node]\ndata_dir = "{tmp_path}"\n'
-    config = load_text(tmp_path, cluster_toml(secret_file, inflight_bytes_max=1 << 20).replace("[node]\n", in_tmp))
-    assert raft_config(config, 1 << 20).inflight_bytes_max == 1 << 20
-    default = load_text(tmp_path, cluster_toml(secret_file).replace("[node]\n", in_tmp))
-    assert raft_config(default, 1 << 20).inflight_bytes_max == 4 << 20
+    settings = {"inflight_bytes_max": 1 << 20, "storage_read_bytes_per_pass_max": 2 << 20}
+    raft = raft_config(load_text(tmp_path, cluster_toml(secret_file, **settings)), 1 << 20, 7)
+    assert (raft.inflight_bytes_max, raft.storage_read_bytes_per_pass_max, raft.incarnation) == (1 << 20, 2 << 20, 7)
+    default = raft_config(load_text(tmp_path, cluster_toml(secret_file)), 1 << 20, 7)
+    assert (default.inflight_bytes_max, default.storage_read_bytes_per_pass_max) == (4 << 20, 4 << 20)
+
+
+def test_the_pass_budgets_floor_is_the_replicators_one_storage_read() -> None:
+    # The read that crosses the budget completes: below one read, a pass reads one all the same.
+    from daemon.config import STORAGE_READ_BYTES_PER_PASS_FLOOR
+    from daemon.roles.replicator import STORAGE_READ_BYTES_MAX
+
+    assert STORAGE_READ_BYTES_PER_PASS_FLOOR == STORAGE_READ_BYTES_MAX
 
 
 def test_a_node_listening_on_its_non_loopback_peer_address_needs_allow_non_loopback(

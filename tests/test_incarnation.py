@@ -6,10 +6,14 @@ drop every answer of the new start (sequencer/raft/tracker.py, "Incarnations")."
 
 from __future__ import annotations
 
+import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from daemon.config import ClusterConfig, Config, MemberConfig, NodeConfig
 from daemon.exits import ExitCode, FatalError
 from daemon.incarnation import (
     INCARNATION_NAME,
@@ -19,6 +23,8 @@ from daemon.incarnation import (
     previous_incarnation,
 )
 from daemon.layout import INCARNATION_BITS, incarnation_id
+from daemon.roles.replicator_setup import raft_config, start_raft_core
+from sequencer.raft.messages import DurableState, HardState
 
 NOW_S = 1.7e9
 
@@ -63,3 +69,50 @@ def test_a_damaged_start_id_file_stops_the_start_with_an_error_naming_it_and_the
         next_incarnation_id(tmp_path, NOW_S, 1)
     assert raised.value.code is ExitCode.DATAERR
     assert str(tmp_path / INCARNATION_NAME) in raised.value.message and "remove it" in raised.value.message
+
+
+def cluster_config(data_dir: Path, **cluster: Any) -> Config:
+    members = [MemberConfig(id=number, peer_address=f"127.0.0.1:{7100 + number}") for number in (1, 2, 3)]
+    return Config(node=NodeConfig(number=1, data_dir=str(data_dir)), cluster=ClusterConfig(members=members, **cluster))
+
+
+_audited: list[str] | None = None  # the audit events seen while a test listens, else None
+
+
+def _audit(event: str, args: tuple[Any, ...]) -> None:
+    if _audited is not None and (event == "open" or event.startswith(("os.", "shutil."))):
+        _audited.append(event)
+
+
+def test_raft_config_is_pure_it_opens_no_file_and_reads_no_clock(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # It took the start's Raft incarnation itself, writing <data_dir>/raft.incarnation: a config
+    # test then tried /var/lib/seqd. The replicator's start-up takes it (`start_raft_core`).
+    global _audited
+    config = cluster_config(tmp_path / "absent")
+
+    def no_clock() -> int:
+        raise AssertionError("raft_config read the clock")
+
+    monkeypatch.setattr(time, "time_ns", no_clock)
+    sys.addaudithook(_audit)  # for the rest of the process: it records only while listening
+    _audited = []
+    try:
+        raft = raft_config(config, 1 << 20, 42)
+        events, _audited = _audited, None
+    finally:
+        _audited = None
+    assert events == []
+    assert raft.incarnation == 42
+    assert not (tmp_path / "absent").exists()
+
+
+def test_the_replicators_core_carries_the_raft_incarnation_it_made_durable_first(tmp_path: Path) -> None:
+    durable = DurableState(HardState(0, 0, 0))
+    first = start_raft_core(cluster_config(tmp_path), 1 << 20, durable, None).config.incarnation
+    assert (tmp_path / RAFT_INCARNATION_NAME).read_text() == f"{first}\n"
+    (tmp_path / RAFT_INCARNATION_NAME).write_text(f"{first + 10**12}\n")  # a start "ahead" of the clock
+    core = start_raft_core(cluster_config(tmp_path, storage_read_bytes_per_pass_max=2 << 20), 1 << 20, durable, None)
+    second = core.config.incarnation
+    assert second == first + 10**12 + 1  # max(clock, last + 1)
+    assert core.config.storage_read_bytes_per_pass_max == 2 << 20  # [cluster]'s budget, in the core
+    assert (tmp_path / RAFT_INCARNATION_NAME).read_text() == f"{second}\n"

@@ -117,11 +117,11 @@ def test_per_role_counters_form_one_family_with_a_role_label() -> None:
     assert "seqd_blp_applied_position" in families
 
 
-def test_a_leader_serves_each_followers_match_and_lag_labelled_by_its_node_number() -> None:
+def test_a_leader_serves_each_followers_match_lag_and_window_peak_labelled_by_its_node_number() -> None:
     leader = {
         **SNAPSHOT, "raft.role": 3, "raft.leader": 1, "raft.last_index": 1500,
-        "raft.peer1.node": 2, "raft.peer1.match_index": 1480,
-        "raft.peer2.node": 3, "raft.peer2.match_index": 1500,
+        "raft.peer1.node": 2, "raft.peer1.match_index": 1480, "raft.peer1.inflight_bytes_peak": 108416,
+        "raft.peer2.node": 3, "raft.peer2.match_index": 1500, "raft.peer2.inflight_bytes_peak": 3392,
         "raft.peer3.node": 0, "raft.peer3.match_index": 0,  # an empty slot
     }  # fmt: skip
     families = parse_exposition(render_prometheus(leader, labels={"node": "n1"}))
@@ -135,7 +135,23 @@ def test_a_leader_serves_each_followers_match_and_lag_labelled_by_its_node_numbe
     ]  # fmt: skip
     assert families["seqd_raft_peer1_node"][1] == ['seqd_raft_peer1_node{node="n1"} 2']  # the slots too
     assert families["seqd_raft_role"][1] == ['seqd_raft_role{node="n1"} 3']
+    assert families["seqd_raft_follower_inflight_bytes_peak"] == (
+        "gauge",
+        ['seqd_raft_follower_inflight_bytes_peak{node="n1",follower="2"} 108416',
+         'seqd_raft_follower_inflight_bytes_peak{node="n1",follower="3"} 3392'],
+    )  # fmt: skip
     assert "seqd_raft_follower_lag" not in parse_exposition(render_prometheus(SNAPSHOT))
+    # A follower's replicator fills the same slots with the other members and tracks no match
+    # (0 in each): served as they are by slot, never as a follower's match of 0 and a lag of the
+    # whole log. Its last contacts are served.
+    follower = {**leader, "raft.role": 0, "raft.leader": 2, "raft.peer1.node": 2, "raft.peer1.match_index": 0,
+                "raft.peer2.match_index": 0, "raft.peer1.inflight_bytes_peak": 0, "raft.peer2.inflight_bytes_peak": 0,
+                "raft.peer1.last_contact_ms": 1_700_000_000_000, "raft.peer2.last_contact_ms": 0}  # fmt: skip
+    families = parse_exposition(render_prometheus(follower, labels={"node": "n1"}))
+    for family in ("seqd_raft_follower_match_index", "seqd_raft_follower_lag", "seqd_raft_follower_inflight_bytes_peak"):
+        assert family not in families, families[family]
+    assert len(families["seqd_raft_follower_last_contact_ms"][1]) == 2
+    assert families["seqd_raft_peer1_match_index"][1] == ['seqd_raft_peer1_match_index{node="n1"} 0']
 
 
 def test_names_and_label_values_are_sanitised_and_escaped() -> None:

@@ -350,36 +350,45 @@ def test_cluster_node_shows_its_raft_standing(tracker: StatusTracker, pids: Pids
     assert single.raft.role is None
 
 
-def test_a_cluster_leader_shows_its_commit_and_each_followers_match_and_lag(
+def test_a_cluster_leader_shows_its_commit_and_each_followers_match_lag_and_window_peak(
     tracker: StatusTracker, pids: Pids
 ) -> None:
     pids.alive.add(4246)
     replicator = {"replicator.pid": 4246, "replicator.heartbeat": 5, "raft.term": 7, "raft.leader": 1}
     raft = {
         "raft.commit.index": 1490, "raft.last_index": 1500, "raft.pending_forwards": 3,
-        "raft.peer1.node": 2, "raft.peer1.match_index": 1480,
-        "raft.peer2.node": 3, "raft.peer2.match_index": 1500,
+        "raft.peer1.node": 2, "raft.peer1.match_index": 1480, "raft.peer1.inflight_bytes_peak": 108416,
+        "raft.peer2.node": 3, "raft.peer2.match_index": 1500, "raft.peer2.inflight_bytes_peak": 3392,
         "raft.peer3.node": 0, "raft.peer3.match_index": 0,  # an empty slot (a 3-node cluster)
     }  # fmt: skip
     leader = tracker.observe(live_values(**replicator, **raft, **{"raft.role": 3}), now_s=0.0)
     text = render_text(leader)
     assert "raft commit 1490  last 1500  pending forwards 3" in text
-    assert "follower 2: match 1480  lag 20" in text and "follower 3: match 1500  lag 0" in text
+    assert "follower 2: match 1480  lag 20  last contact never  in flight peak 108416 bytes" in text, text
+    assert "follower 3: match 1500  lag 0  last contact never  in flight peak 3392 bytes" in text, text
+    assert "raft heard from" not in text  # the leader's follower lines say it
     document = render_json(leader)["raft"]
     assert (document["commit_index"], document["last_index"], document["pending_forwards"]) == (1490, 1500, 3)
     assert document["followers"] == [
-        {"node": 2, "match_index": 1480, "lag": 20, "last_contact_ms": None},
-        {"node": 3, "match_index": 1500, "lag": 0, "last_contact_ms": None},
+        {"node": 2, "match_index": 1480, "lag": 20, "last_contact_ms": None, "inflight_bytes_peak": 108416},
+        {"node": 3, "match_index": 1500, "lag": 0, "last_contact_ms": None, "inflight_bytes_peak": 3392},
     ]  # fmt: skip
-    follower_values = {**raft, **{f"raft.peer{k}.node": 0 for k in (1, 2, 3)}}
+    assert document["peers"] == [{"node": 2, "last_contact_ms": None}, {"node": 3, "last_contact_ms": None}]
+    # A follower's replicator fills the same slots (the other members), but tracks no match: they
+    # say 0, which is no follower's match (its lag would be the whole log). It lists no follower,
+    # only when it last heard from each member.
+    follower_values = {**raft, "raft.peer1.node": 1, "raft.peer1.match_index": 0, "raft.peer2.match_index": 0,
+                       "raft.peer1.last_contact_ms": int(1.7e9 * 1000) - 9}  # fmt: skip
     follower = tracker.observe(live_values(**replicator, **follower_values, **{"raft.role": 0}), now_s=0.1)
     assert render_json(follower)["raft"]["followers"] == []
-    assert "follower 2" not in render_text(follower)
+    assert render_json(follower)["raft"]["peers"] == [{"node": 1, "last_contact_ms": 9}, {"node": 3, "last_contact_ms": None}]
+    assert "follower 1" not in render_text(follower) and "follower 3" not in render_text(follower)
+    assert "raft heard from node 1 9 ms ago, node 3 never" in render_text(follower), render_text(follower)
     # A segment whose replicator publishes only its standing (an older layout): the rest unknown.
     standing_only = tracker.observe(live_values(**replicator, **{"raft.role": 3}), now_s=0.2)
     assert "raft commit -  last -  pending forwards -" in render_text(standing_only)
     single = render_json(tracker.observe(live_values(), now_s=0.3))["raft"]
-    assert single["followers"] is None and single["commit_index"] is None
+    assert single["followers"] is None and single["peers"] is None and single["commit_index"] is None
     assert "journal held" not in text  # no follower catching up after a snapshot
     holding = tracker.observe(live_values(**replicator, **raft, **{"raft.role": 3, "raft.retain.index": 1201}),
                               now_s=0.4)  # fmt: skip

@@ -61,7 +61,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import random
 import sys
 import time
 from collections import deque
@@ -110,7 +109,7 @@ from daemon.roles.replicator_setup import (
     InstallRequired,
     TruncateRequired,
     malformed,
-    raft_config,
+    start_raft_core,
     transport_config,
 )
 from daemon.snapshot_install import SnapshotReceiver, SnapshotSender, write_install_request
@@ -127,7 +126,6 @@ from sequencer.cluster import (
 from sequencer.hard_state import HardStateFile
 from sequencer.journal import JournalLogStorage
 from sequencer.raft.config import NO_NODE
-from sequencer.raft.core import RaftCore
 from sequencer.raft.errors import ProposalRejected
 from sequencer.raft.messages import (
     DurableState,
@@ -221,7 +219,8 @@ class Replicator:
         self.feed = RingFeed(self.writer, self.positions, counters[LOG_PUBLISHED_INDEX],
                              counters[LOG_PUBLISHED_POSITION])  # fmt: skip
         durable = self._load(commit_index, last_index)
-        self.core = RaftCore(raft_config(config, STORAGE_READ_BYTES_MAX), random.Random(), durable, storage=self.storage)
+        # This start's Raft incarnation, durable before `serve` lets any message leave, then the core.
+        self.core = start_raft_core(config, STORAGE_READ_BYTES_MAX, durable, self.storage)
         # The last index this node holds in its ring or its journal: a change of the log at or
         # below it is a conflict that needs the journal cut.
         self.stored_index = last_index

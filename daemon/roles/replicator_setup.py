@@ -4,6 +4,7 @@ restart the pipeline (a truncation, a snapshot install): parts of `daemon/roles/
 
 from __future__ import annotations
 
+import random
 import time
 from pathlib import Path
 
@@ -17,13 +18,16 @@ from daemon.fault_hooks import (
 from daemon.incarnation import next_raft_incarnation
 from sequencer.cluster import record_from_frame
 from sequencer.raft.config import RaftConfig
+from sequencer.raft.core import RaftCore
+from sequencer.raft.messages import DurableState
 from sequencer.raft.peer_protocol import ForwardedRecord
+from sequencer.raft.storage import LogStorage
 from sequencer.raft.transport import PeerTransport, TransportConfig
 from sequencer.record import FRAME_HEADER, RECORD_HEADER, RECORD_HEADER_BYTES, RecordType, aligned
 
 __all__ = [
     "ForwardFaults", "MalformedProposal", "check_proposals", "is_admin", "is_command", "malformed", "raft_config",
-    "transport_config",
+    "start_raft_core", "transport_config",
 ]  # fmt: skip
 
 _TERM_START = int(RecordType.TERM_START)
@@ -32,7 +36,9 @@ _ADMIN = int(RecordType.ADMIN)
 _COMMAND = int(RecordType.COMMAND)
 
 
-def raft_config(config: Config, storage_read_bytes_max: int) -> RaftConfig:
+def raft_config(config: Config, storage_read_bytes_max: int, incarnation: int) -> RaftConfig:
+    """The Raft core's configuration from the node's: pure (no file, no clock), so it can be built
+    anywhere; `incarnation` is this start's (`start_raft_core` takes it)."""
     cluster = config.cluster
     assert cluster is not None
     return RaftConfig(
@@ -45,12 +51,27 @@ def raft_config(config: Config, storage_read_bytes_max: int) -> RaftConfig:
         inflight_bytes_max=cluster.inflight_bytes_max,
         term_start_from_shell=True,
         storage_read_bytes_max=storage_read_bytes_max,
-        # Grows from one start of this role to the next, even after the data directory was
-        # wiped (which resets every file: then the wall clock's) or the clock stepped back (the
-        # last start's + 1): a leader tells this start's answers from an earlier one's
-        # (sequencer/raft/tracker.py, "Incarnations"; daemon/incarnation.py).
-        incarnation=next_raft_incarnation(Path(config.node.data_dir), time.time_ns()),
+        storage_read_bytes_per_pass_max=cluster.storage_read_bytes_per_pass_max,
+        incarnation=incarnation,
     )
+
+
+def start_raft_core(
+    config: Config, storage_read_bytes_max: int, durable: DurableState, storage: LogStorage
+) -> RaftCore:
+    """This start's Raft core, in two steps. First the start's Raft incarnation, durable in the
+    data directory before it returns: the wall clock's, or the last start's + 1 when the clock is
+    not past it, so it grows from one start to the next even after the data directory was wiped
+    or the clock stepped back, and a leader tells this start's answers from an earlier one's
+    (sequencer/raft/tracker.py, "Incarnations"; daemon/incarnation.py). Then the core, on
+    `raft_config`. The core exists only after the first step, so no message carrying the
+    incarnation can leave before it is durable.
+
+    Raises:
+        FatalError: the incarnation file is damaged or cannot be written (the start stops).
+    """
+    incarnation = next_raft_incarnation(Path(config.node.data_dir), time.time_ns())
+    return RaftCore(raft_config(config, storage_read_bytes_max, incarnation), random.Random(), durable, storage=storage)
 
 
 def transport_config(config: Config) -> TransportConfig:

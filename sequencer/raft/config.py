@@ -6,7 +6,9 @@ from dataclasses import dataclass
 
 from sequencer.raft.quorum import VOTERS_ALLOWED
 
-__all__ = ["INFLIGHT_BYTES_MAX_DEFAULT", "LEARNERS_MAX", "NO_NODE", "RaftConfig"]
+__all__ = [
+    "INFLIGHT_BYTES_MAX_DEFAULT", "LEARNERS_MAX", "NO_NODE", "STORAGE_READ_BYTES_PER_PASS_MAX_DEFAULT", "RaftConfig",
+]  # fmt: skip
 
 NO_NODE = 0  # node ids are positive; 0 means "nobody" (no vote, no known leader)
 # Learners (non-voting members) one cluster may have: each is one more follower the leader
@@ -15,6 +17,8 @@ NO_NODE = 0  # node ids are positive; 0 means "nobody" (no vote, no known leader
 LEARNERS_MAX = 4
 # `RaftConfig.inflight_bytes_max`'s default (the reasons are beside the field).
 INFLIGHT_BYTES_MAX_DEFAULT = 4 << 20
+# `RaftConfig.storage_read_bytes_per_pass_max`'s default (the reasons are beside the field).
+STORAGE_READ_BYTES_PER_PASS_MAX_DEFAULT = 4 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,7 +78,7 @@ class RaftConfig:
     # that catches up any number of followers holds the leader's loop ~60 ms (benches/RESULTS.md,
     # "Flow control by bytes"; 375 ms for two followers before), far under the 300 ms election
     # timeout it must not outlast.
-    storage_read_bytes_per_pass_max: int = 4 << 20
+    storage_read_bytes_per_pass_max: int = STORAGE_READ_BYTES_PER_PASS_MAX_DEFAULT
     # The core appends an empty no-op at the start of each term (Raft paper 8). With this set it
     # appends nothing: the caller proposes the term's first entry itself at `Ready.term_start`'s
     # index (the leader's sequencer stamps a TERM_START record there, so the journal and the Raft
