@@ -334,7 +334,9 @@ ADMIN_NODE_START = "node_start"
 # {"op": "raise_version", "version": int, "members": [int, ...]}: make app schema `version` the
 # active one from this index on, if every member's last node_start reported code that knows it
 # (sequencer/app_versions.py). A node_start also carries "app_version" (what its code knows) and
-# "members" (the node numbers of its cluster, itself alone on a single node).
+# "members" (the node numbers of its cluster, itself alone on a single node), and "rules_version"
+# (the session rules its seqd applies; absent: 1), active once every member reports it
+# (sequencer/rules_versions.py).
 ADMIN_RAISE_VERSION = "raise_version"
 
 # Session ids (the record header's session_id): [node number: 8 bits][incarnation: 24 bits]
