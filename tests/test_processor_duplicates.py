@@ -31,7 +31,7 @@ def session(node_number: int, incarnation: int, counter: int) -> int:
 
 def node_start(
     feeder: Feeder, incarnation: int, node: str = "n1", number: int = NODE_NUMBER, previous: int | None = None,
-    rules_version: int | None = RULES_VERSION, members: list[int] | None = None,
+    rules_version: int | None = RULES_VERSION, members: list[int] | None = None, app_version: int | None = None,
 ) -> bytes:
     """A node_start as today's gateway writes it: with its incarnation (and the one before), its
     members (by default itself alone: then it makes its rules active at once) and the session
@@ -42,6 +42,8 @@ def node_start(
         extra["previous"] = previous
     if rules_version is not None:
         extra["rules_version"] = rules_version
+    if app_version is not None:
+        extra["app_version"] = app_version
     payload = encode_admin(ADMIN_NODE_START, node=node, number=number, incarnation=incarnation, **extra)
     return feeder._record(RecordType.ADMIN, 1, 0, 0, payload)
 
