@@ -22,6 +22,7 @@ from typing import Any
 import msgspec
 import pytest
 
+from daemon.exits import ExitCode, classify
 from daemon.harness import NodeProcess
 from sequencer.apps.ledger import Ledger, OpenAccount
 from sequencer.determinism import state_hash
@@ -241,6 +242,8 @@ def test_a_node_whose_code_knows_only_older_rules_stops_at_the_switch_and_on_a_l
         "applies session rules only up to version 1: it would read the records that follow differently from "
         "the other nodes. Install the seqd the cluster was upgraded to on this node, then start it again"
     )
+    fatal = classify(stopped.value)  # raised while recovering; the blp's loop exits the same way
+    assert fatal is not None and fatal.code == ExitCode.DATAERR  # 65, not a crash to restart from
     body = replayed(records[:SWITCH]).snapshot_bytes()
     with pytest.raises(RulesVersionError, match=f"the snapshot at index {SWITCH} was taken under session rules "
                        "version 2, but this node's seqd applies session rules only up to version 1"):  # fmt: skip
