@@ -173,8 +173,8 @@ class ClientTable:
         self.opened_early: dict[int, dict[int, int]] = {}
         # What each node's node_start reported of its app's version, and the active one (state).
         self.versions = AppVersions()
-        # The session rules version the log made active, and each node's report (state): these
-        # rules (`open`, `node_start`) from version 2 on, sequencer/dedup_rules1.py's before.
+        # The session rules version the log made active (state), and each node's report (not
+        # state): these rules (`open`, `node_start`) from version 2 on, dedup_rules1.py's before.
         self.rules = RulesVersions(rules_version)
         self.expiry_ns = expiry_ns
         self.expired = 0  # client ids forgotten so far
@@ -260,24 +260,20 @@ class ClientTable:
         """The ids of the sessions opened on `node`, in opening order."""
         return [sid for sid, session in self.sessions.items() if session.node == node]
 
-    def node_start_record(self, admin: dict[str, Any], index: int) -> list[int] | None:
-        """The ADMIN node_start record `admin` at `index`: its report of the session rules its
-        node's code applies (which may make a version active from this record on), then what
-        `node_start` says under the active rules. A node_start without `incarnation` (an older
-        seqd's) closes every session opened under its node name.
-
-        Raises:
-            RulesVersionError: the report made a version active that this code does not know.
-        """
+    def node_start_record(self, admin: dict[str, Any]) -> list[int] | None:
+        """The ADMIN node_start record `admin`: its report of the session rules its node's code
+        applies (sequencer/rules_versions.py), then what `node_start` says under the active
+        rules. A node_start without `incarnation` (an older seqd's) closes every session opened
+        under its node name."""
         incarnation = admin.get("incarnation")
         if incarnation is None:
             if "number" in admin:
-                self.rules.node_started(admin["number"], None, admin.get("members"), index)
+                self.rules.node_started(admin["number"], None, admin.get("members"))
             return self.sessions_on(admin["node"])
         number: int = admin["number"]  # always with an incarnation
         if incarnation in self.node_starts.get(number, ()):
             return None  # a start already seen, or ended (both rules): a copy, its report with it
-        self.rules.node_started(number, admin.get("rules_version"), admin.get("members"), index)
+        self.rules.node_started(number, admin.get("rules_version"), admin.get("members"))
         if self.rules.active < 2:
             return node_start_rules1(self, number, incarnation, NODE_STARTS_REMEMBERED)
         return self.node_start(number, incarnation, admin.get("previous"))

@@ -95,6 +95,7 @@ from sequencer.processor_state import (
 from sequencer.record import (
     ADMIN_NODE_START,
     ADMIN_RAISE_VERSION,
+    ADMIN_RULES_VERSION,
     COMMAND_PREFIX,
     FRAME_HEADER,
     FRAME_HEADER_BYTES,
@@ -511,7 +512,7 @@ class Processor(Generic[App]):
     def _apply_admin_op(self, admin: dict[str, Any]) -> None:
         if admin["op"] == ADMIN_NODE_START:
             self._table.versions.node_started(admin.get("number"), admin.get("app_version"), admin.get("members"))
-            closing = self._table.node_start_record(admin, self.applied_index)  # under the active rules
+            closing = self._table.node_start_record(admin)  # under the active session rules
             if closing is None:
                 self.duplicate_records += 1  # a second copy of this incarnation's start
                 return
@@ -519,6 +520,8 @@ class Processor(Generic[App]):
                 self._close_session(session_id)
         elif admin["op"] == ADMIN_RAISE_VERSION:
             self._table.versions.raise_to(admin["version"], admin["members"], self._version, self.applied_index)
+        elif admin["op"] == ADMIN_RULES_VERSION:
+            self._table.rules.switch(admin["version"], self.applied_index)
         else:
             # A newer daemon's operation: ignoring it is the same decision on every replica.
             self.unknown_admin_ops += 1

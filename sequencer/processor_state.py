@@ -87,11 +87,10 @@ class ProcessorState(msgspec.Struct, array_like=True):
     # open for a new session, as it always did).
     opened_early: list[tuple[int, list[tuple[int, int]]]] = []
     # Added with session rules versions (sequencer/rules_versions.py), the same way: the active
-    # rules version and each node's last report above 1. A body without them was taken under
-    # rules 1: every seqd before them applied those (the builds between the new rules and their
-    # version, which applied rules 2 unmarked, were never released). An older seqd ignores them.
+    # rules version (1 is written as nothing). A body without it was taken under rules 1, which
+    # every seqd before it applied (development builds between the new rules and their version
+    # applied rules 2 unmarked). An older seqd ignores it.
     rules_version_active: int = 1
-    rules_versions_known: list[tuple[int, int]] = []
 
 
 _state_encoder = msgspec.msgpack.Encoder()
@@ -145,7 +144,6 @@ def encode_state(
         app_versions_known=sorted(table.versions.known.items()),
         opened_early=[(number, list(early.items())) for number, early in table.opened_early.items() if early],
         rules_version_active=table.rules.active,
-        rules_versions_known=sorted(table.rules.known.items()),
     )
     # Without the trailing fields still at their defaults: the layout an older seqd wrote (an
     # array-like struct encodes as the array of its fields, so the bytes are the same).
@@ -199,5 +197,5 @@ def restore_table(table: ClientTable, state: ProcessorState) -> None:
     table.node_starts.update((number, dict(started)) for number, started in state.node_starts)
     table.opened_early.update((number, dict(early)) for number, early in state.opened_early)
     table.versions.restore(state.app_version_active, state.app_versions_known)
-    table.rules.restore(state.rules_version_active, state.rules_versions_known, state.applied_index)
+    table.rules.restore(state.rules_version_active, state.applied_index)
     table.rebuild_idle(state.last_timestamp_ns)

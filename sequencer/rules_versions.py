@@ -6,31 +6,35 @@ replay of a journal gives the state its writer computed only if it applies the r
 did. The rules that decide what an ADMIN node_start closes and which SESSION_OPEN is a second copy
 changed (version 2); in a rolling upgrade builds of both run side by side, and a journal written
 under the old rules is replayed by the new build. So the rules, like the app's schema version
-(sequencer/app_versions.py), change at one log index on every node, by records, never by a
+(sequencer/app_versions.py), change at one log index on every node, by a record, never by a
 node's restart:
 
 - every node_start reports `rules_version`, the newest rules its code applies (none: an older
-  seqd's, which means 1). The state keeps each node's last report (`known`), taken from the first
-  copy of a start only (a copy of a start already seen, or ended, changes nothing, its report
-  included).
-- version v is active from the first node_start at which every member that node_start names has
-  last reported code that knows v: every replica decides it at the same record, from records
-  alone. That node_start is itself applied under v. On a single node (its members: itself) its
-  own node_start switches it. A member that never started since it was upgraded holds the whole
-  log on the older rules, which is safe (both builds apply them), only without the newer
-  rules' fixes.
+  seqd's, which means 1). Each replica keeps the last report of each node (`known`, from the first
+  copy of a start only: a copy of a start already seen, or ended, reports nothing) and the members
+  the last node_start named.
+- once every member has reported code that knows a version above the active one (`due`), the
+  node's sequencer sequences an ADMIN `rules_version` record (the blp publishes `due` in the
+  counters); every replica makes that version active at that record, whatever it knows itself,
+  and a later one asking for no more than the active version changes nothing (several nodes may
+  ask). On a single node its own start is every member's report.
+- the decision is in a record, not in the reports, because the reports are not all in every
+  replica's state: a node upgraded second restores its own snapshot, taken by the previous seqd
+  (which keeps no reports) after the first upgraded node reported, so it never learns that
+  report; deciding at "the node_start that completes the reports" it would switch later than the
+  others, in the ordinary upgrade procedure. So `known` is not state either (not in snapshots,
+  not in the state hash): it only decides when to ask, and a replica that misses a report asks
+  later or not at all while another asks. The active version is state.
 - no operator command (unlike the app's `raise_version`): the rules change nothing a client sees
-  or sends (no schema, no reply bytes), so nothing needs timing against clients, and every
-  member's code applies the new rules by then. What a command would add is a window in which a
-  rollback to the previous build stays safe; it closes when the last member is upgraded instead.
+  or sends (no schema, no reply bytes), so nothing needs timing against clients, and every member
+  applies the new rules by then. A command would only keep a rollback window open longer.
 - a node whose code does not know the active version stops (`RulesVersionError`) rather than
   apply records it would read differently: only a node started with older (version-aware) code
   after it reported the newer, or an older build replaying another node's journal. A build from
-  before rules versions cannot tell: it applies rules 1 whatever the log says (docs/evolution.md).
+  before rules versions cannot tell: it ignores the record (an unknown ADMIN op) and applies
+  rules 1 whatever the log says (docs/evolution.md).
 
-The active version and the reports are part of the processor's state (its snapshots). A report of
-1 is kept as no report (the two decide the same), so the state of a log written under rules 1
-alone is byte for byte what the previous seqd's was.
+A log that only rules 1 applied has state bodies byte for byte the previous seqd's.
 
 Versions:
 1. what every seqd before rules versions did (sequencer/dedup_rules1.py): per started incarnation
@@ -60,43 +64,59 @@ class RulesVersionError(VersionError):
 
 
 class RulesVersions:
-    """The active rules version and each node's last report; see the module docstring.
+    """The active rules version, and each node's last report; see the module docstring.
 
     Args:
         code_version: the newest rules this node's code applies (RULES_VERSION; a test stands in
             for an older build with a lower one).
 
     Invariants: `active` never decreases and is never above `code_version` once a call returned;
-    every value in `known` is above RULES_VERSION_UNREPORTED.
+    every value in `known` is above RULES_VERSION_UNREPORTED; `due` is 0 or above `active`.
     """
 
-    __slots__ = ("active", "code_version", "known")
+    __slots__ = ("active", "code_version", "due", "known", "members")
 
     def __init__(self, code_version: int = RULES_VERSION) -> None:
         assert RULES_VERSION_UNREPORTED <= code_version <= RULES_VERSION, code_version
         self.code_version = code_version
-        self.active = RULES_VERSION_UNREPORTED
+        self.active = RULES_VERSION_UNREPORTED  # state: what the log's records made active
+        # Not state (module docstring): what this replica saw since it started.
         self.known: dict[int, int] = {}  # node number -> the rules its last start's code applies
+        self.members: tuple[int, ...] = ()  # the members the last node_start named
+        # The version every member last reported code that knows, when it is above the active
+        # one: what this node asks the log to make active; 0: none. Kept, not computed, for the
+        # blp's duty cycle, which reads it with every batch.
+        self.due = 0
 
-    def node_started(self, number: int, reported: int | None, members: Iterable[int] | None, index: int) -> None:
-        """The report of a first copy of node `number`'s node_start at `index` (`reported` None:
-        an older seqd's), naming its cluster's `members` (None: an older seqd's).
-
-        Raises:
-            RulesVersionError: it made a version active that this node's code does not know.
-        """
+    def node_started(self, number: int, reported: int | None, members: Iterable[int] | None) -> None:
+        """The report of a first copy of node `number`'s node_start (`reported` None: an older
+        seqd's), naming its cluster's `members` (None: an older seqd's)."""
         reported = RULES_VERSION_UNREPORTED if reported is None else reported
         if reported > RULES_VERSION_UNREPORTED:
             self.known[number] = reported
         else:
             self.known.pop(number, None)
-        if not members:
-            return
-        floor = min(self.known.get(member, RULES_VERSION_UNREPORTED) for member in members)
-        if floor <= self.active:
-            return
-        self.active = floor
-        self.check(f"the node_start at index {index} made every member's rules version {floor} active")
+        if members:
+            self.members = tuple(members)
+        self._update_due()
+
+    def _update_due(self) -> None:
+        floor = min((self.known.get(member, RULES_VERSION_UNREPORTED) for member in self.members), default=0)
+        self.due = floor if floor > self.active else 0
+
+    def switch(self, version: int, index: int) -> bool:
+        """An ADMIN rules_version record at `index`: `version` is active from it on (True), or the
+        active one is that or newer already (False, nothing changes).
+
+        Raises:
+            RulesVersionError: it made a version active that this node's code does not know.
+        """
+        if version <= self.active:
+            return False
+        self.active = version
+        self._update_due()
+        self.check(f"the log makes session rules version {version} active at index {index}")
+        return True
 
     def check(self, how: str) -> None:
         """Raises RulesVersionError (saying `how` the version became active) when this node's
@@ -108,12 +128,12 @@ class RulesVersions:
                 "the cluster was upgraded to on this node, then start it again"
             )
 
-    def restore(self, active: int, known: Iterable[tuple[int, int]], index: int) -> None:
-        """The active version and reports a snapshot at `index` holds.
+    def restore(self, active: int, index: int) -> None:
+        """The active version a snapshot at `index` holds.
 
         Raises:
             RulesVersionError: this node's code does not know the snapshot's active version.
         """
         self.active = active
-        self.known = dict(known)
+        self._update_due()
         self.check(f"the snapshot at index {index} was taken under session rules version {active}")

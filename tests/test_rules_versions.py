@@ -28,6 +28,7 @@ from sequencer.apps.ledger import Ledger, OpenAccount
 from sequencer.determinism import state_hash
 from sequencer.journal import Journal
 from sequencer.processor import Processor
+from sequencer.record import ADMIN_RULES_VERSION, RecordType, encode_admin
 from sequencer.rules_versions import RULES_VERSION, RulesVersionError
 from tests.fixtures.feeder import feed
 from tests.node_fixtures import node_factory  # noqa: F401
@@ -101,7 +102,7 @@ def test_a_journal_the_previous_seqd_wrote_replays_to_the_state_it_computed() ->
 
 def body_as_the_previous_seqd_wrote(body: bytes) -> bytes:
     """A snapshot body without the fields the previous seqd did not have (the early opens, the
-    rules version and reports), trimmed as it trimmed its trailing defaults."""
+    rules version), trimmed as it trimmed its trailing defaults."""
     fields = msgspec.msgpack.decode(body)[:14]
     while len(fields) > 11 and fields[-1] in ([], 0):
         fields.pop()
@@ -118,7 +119,13 @@ def test_the_previous_seqds_body_is_what_it_wrote_byte_for_byte() -> None:
 MEMBERS = [1, 2, 3]
 A1, A2, A3 = 0x000201, 0x000202, 0x000203  # starts of node 1
 B1, B2, C1, C2 = 0x000301, 0x000302, 0x000401, 0x000402  # of nodes 2 and 3
-SWITCH = 10  # the index of the last member's node_start reporting rules 2 in `mixed_cluster_log`
+REPORTED = 10  # the index of the last member's node_start reporting rules 2 in `mixed_cluster_log`
+SWITCH = 11  # the index of the rules_version record a node's sequencer asked for then
+
+
+def rules_version_record(feeder: Any, version: int) -> bytes:
+    """An ADMIN rules_version, as a node's sequencer writes it (`Gateway.sequence_rules_version`)."""
+    return feeder._record(RecordType.ADMIN, 1, 0, 0, encode_admin(ADMIN_RULES_VERSION, version=version))
 
 
 def mixed_cluster_log() -> tuple[list[bytes], int]:
@@ -136,15 +143,17 @@ def mixed_cluster_log() -> tuple[list[bytes], int]:
     records = [
         start(1, A1, upgraded=False), start(2, B1, upgraded=False), start(3, C1, upgraded=False),
         feeder.open_session(a1, client_id=7), feeder.command(a1, 1, OpenAccount("alice")),
-        start(1, A2, previous=A1),  # node 1 upgraded: closes a1, ends A1 (under rules 2)
+        start(1, A2, previous=A1),  # node 1 upgraded: closes a1 (A1 not ended: rules 1)
         start(2, B2, previous=B1),  # node 2 upgraded; node 3 still runs the previous seqd
         feeder.open_session(a2, client_id=8),  # A1's late open: rules 1 open it, as node 3 does
         feeder.command(a2, 1, OpenAccount("bob")),
     ]
     before_switch = len(records)
     records += [
-        start(3, C2, previous=C1),  # the last member upgraded: rules 2 from here
-        feeder.open_session(a3, client_id=9),  # A1's late open: now refused (A1 ended)
+        start(3, C2, previous=C1),  # the last member upgraded: every member reported rules 2
+        rules_version_record(feeder, 2),  # asked for by the nodes' sequencers: rules 2 from here
+        rules_version_record(feeder, 2),  # another node asked too: nothing changes
+        feeder.open_session(a3, client_id=9),  # A1's late open: now refused (A2's start ended A1)
         feeder.command(a3, 1, OpenAccount("carol")),
         start(1, A3, upgraded=False),  # node 1 rolled back: the active rules never go back
     ]  # fmt: skip
@@ -170,61 +179,77 @@ def switch_index(processor: Processor[Ledger], records: list[bytes]) -> int:
 
 def test_a_mixed_cluster_keeps_rules_1_until_every_member_reports_2_and_switches_at_one_index() -> None:
     records, before_switch = mixed_cluster_log()
-    assert before_switch + 1 == SWITCH
-    # Three replicas of the new build: one from the start, one restored from a snapshot taken
-    # while only node 1 had reported rules 2, and node 3's (its own replies only).
+    assert (before_switch + 1, before_switch + 2) == (REPORTED, SWITCH)
+    # Four replicas of the new build: one from the start; node 3's (its own replies only); one
+    # restored from a snapshot taken while only node 1 had reported rules 2; and node 2 upgraded
+    # on a snapshot its previous seqd took after that (no reports in it: it never learns node
+    # 1's, and deciding by the reports it would switch later than the others).
     fresh = Processor(Ledger)
-    snapshot_at = 6  # node 1's new start
-    restored = Processor.restore(Ledger, replayed(records[:snapshot_at]).snapshot_bytes())
     node3 = Processor(Ledger, "n3")
     node3.emit_for(3, cluster=True)
-    switched = [switch_index(fresh, records), switch_index(restored, records[snapshot_at:]),
-                switch_index(node3, records)]  # fmt: skip
-    assert switched == [SWITCH] * 3
-    assert len({p.state_hash() for p in (fresh, restored, node3)}) == 1
-    assert len({p.rolling_hash for p in (fresh, restored, node3)}) == 1
+    restored = Processor.restore(Ledger, replayed(records[:6]).snapshot_bytes())  # at node 1's new start
+    previous_body = body_as_the_previous_seqd_wrote(replayed(records[:6]).snapshot_bytes())
+    node2 = Processor.restore(Ledger, previous_body, "n2")
+    switched = [switch_index(fresh, records), switch_index(node3, records),
+                switch_index(restored, records[6:]), switch_index(node2, records[6:])]  # fmt: skip
+    assert switched == [SWITCH] * 4
+    assert len({p.state_hash() for p in (fresh, node3, restored, node2)}) == 1
+    assert len({p.rolling_hash for p in (fresh, node3, restored, node2)}) == 1
     # Before the switch, A1's late open opened its session (rules 1, what node 3's previous seqd
-    # did); after it, A1's next late open is refused (rules 2: A2's start ended A1).
+    # did); after it, A1's next late open is refused (rules 2).
     assert "bob" in fresh.app.accounts and "carol" not in fresh.app.accounts
     assert fresh.duplicate_records == 1 and fresh.commands_without_session == 1
-    # The rollback's node_start reports rules 1 again: rules 2 stay active.
-    assert fresh.rules_versions.active == 2
+    # The rollback's node_start reports rules 1 again: rules 2 stay active, none is due.
+    assert (fresh.rules_versions.active, fresh.rules_versions.due) == (2, 0)
     assert fresh.rules_versions.known == {2: 2, 3: 2}
-    assert fresh.session_ids() == []  # node 1's new start closed A1's session bob used
+    assert fresh.session_ids() == []  # node 1's latest start closed A1's session bob used
 
 
-def test_until_the_switch_a_new_build_computes_the_previous_seqds_state() -> None:
+def test_a_node_asks_for_the_rules_every_member_reported_and_one_that_missed_a_report_does_not() -> None:
     records, before_switch = mixed_cluster_log()
-    processor = replayed(records[:before_switch])
+    fresh = replayed(records[:before_switch])
+    assert fresh.rules_versions.due == 0  # node 3 runs the previous seqd
+    feed(fresh, records[before_switch])  # node 3's new start
+    assert (fresh.rules_versions.active, fresh.rules_versions.due) == (1, 2)  # its sequencer asks
+    # A replica restored after node 1 reported did not see the report: it does not ask (another
+    # node does), and still switches at the record.
+    late = Processor.restore(Ledger, replayed(records[:6]).snapshot_bytes())
+    late.apply_records(b"".join(records[6 : before_switch + 1]))
+    assert late.rules_versions.due == 0
+    assert late.state_hash() == fresh.state_hash()  # what it knows is not state
+
+
+def test_until_the_switch_a_new_build_computes_the_previous_seqds_state_byte_for_byte() -> None:
+    records, before_switch = mixed_cluster_log()
+    processor = replayed(records[: before_switch + 1])  # node 3's report included
     assert processor.rules_versions.active == 1
-    assert processor.rules_versions.known == {1: 2, 2: 2}  # node 3 has not reported 2
     assert processor.session_ids() == [session(1, A1, 2)]
-    body = body_as_the_previous_seqd_wrote(processor.snapshot_bytes())
-    assert state_hash(body).hex() == PREVIOUS_SEQD_MIXED_STATE_HASH
+    # Its body has the previous seqd's bytes: what node 3 computed before its upgrade.
+    assert state_hash(replayed(records[:before_switch]).snapshot_bytes()).hex() == PREVIOUS_SEQD_MIXED_STATE_HASH
 
 
-def test_the_active_rules_and_the_reports_survive_a_snapshot_and_an_older_body_loads_as_rules_1() -> None:
-    records, before_switch = mixed_cluster_log()
-    for count, active, known in ((before_switch, 1, {1: 2, 2: 2}), (SWITCH, 2, {1: 2, 2: 2, 3: 2})):
+def test_the_active_rules_survive_a_snapshot_and_an_older_body_loads_as_rules_1() -> None:
+    records, _ = mixed_cluster_log()
+    for count, active in ((SWITCH - 1, 1), (SWITCH, 2)):
         processor = replayed(records[:count])
         body = processor.snapshot_bytes()
         fields = msgspec.msgpack.decode(body)
-        assert fields[15:] == [active, [[number, version] for number, version in known.items()]]
+        assert fields[15:] == ([] if active == 1 else [2])  # rules 1: the previous seqd's layout
         restored = Processor.restore(Ledger, body)
-        assert (restored.rules_versions.active, restored.rules_versions.known) == (active, known)
+        assert restored.rules_versions.active == active
         assert restored.state_hash() == processor.state_hash()
-        # Both go on the same: the next start's report, a late open of A1 (refused by rules 2).
+        # Both go on the same: the switch (again), a late open of A1 (refused by rules 2).
         _, feeder = started()
         feeder.index = processor.applied_index
-        tail = [node_start(feeder, C2 + 1, node="n3", number=3, members=MEMBERS, previous=C2),
-                feeder.open_session(session(1, A1, 4), client_id=12)]  # fmt: skip
+        tail = [rules_version_record(feeder, 2), feeder.open_session(session(1, A1, 4), client_id=12)]
         for record in tail:
             feed(processor, record)
             feed(restored, record)
         assert restored.state_hash() == processor.state_hash()
-    # A body without the rules fields (the previous seqd's, which applied rules 1) loads as rules 1.
+        assert processor.session_ids() == [session(1, A1, 2)]  # A1's open under rules 1 only
+    # A body without the rules version (the previous seqd's, which applied rules 1) loads as 1.
     older = Processor.restore(Ledger, body_as_the_previous_seqd_wrote(body))
-    assert (older.rules_versions.active, older.rules_versions.known) == (1, {})
+    assert older.rules_versions.active == 1
 
 
 def test_a_node_whose_code_knows_only_older_rules_stops_at_the_switch_and_on_a_later_snapshot() -> None:
@@ -238,9 +263,9 @@ def test_a_node_whose_code_knows_only_older_rules_stops_at_the_switch_and_on_a_l
         older.apply_records(b"".join(records[before_switch:]))
     assert older.applied_index == SWITCH
     assert str(stopped.value) == (
-        f"the node_start at index {SWITCH} made every member's rules version 2 active, but this node's seqd "
-        "applies session rules only up to version 1: it would read the records that follow differently from "
-        "the other nodes. Install the seqd the cluster was upgraded to on this node, then start it again"
+        f"the log makes session rules version 2 active at index {SWITCH}, but this node's seqd applies session "
+        "rules only up to version 1: it would read the records that follow differently from the other nodes. "
+        "Install the seqd the cluster was upgraded to on this node, then start it again"
     )
     fatal = classify(stopped.value)  # raised while recovering; the blp's loop exits the same way
     assert fatal is not None and fatal.code == ExitCode.DATAERR  # 65, not a crash to restart from
@@ -250,18 +275,19 @@ def test_a_node_whose_code_knows_only_older_rules_stops_at_the_switch_and_on_a_l
         Processor.restore(Ledger, body, rules_version=1)
 
 
-def test_a_single_nodes_own_start_switches_its_rules_and_a_late_copy_of_an_earlier_start_reports_nothing() -> None:
+def test_a_single_nodes_own_start_makes_its_rules_due_and_a_late_copy_of_an_earlier_start_reports_nothing() -> None:
     processor, feeder = started()
     feed(processor, node_start(feeder, W, rules_version=None))  # its previous seqd's start
-    assert processor.rules_versions.active == 1
+    assert (processor.rules_versions.active, processor.rules_versions.due) == (1, 0)
     feed(processor, node_start(feeder, X, previous=W))  # upgraded: its members are itself alone
-    assert processor.rules_versions.active == 2
-    assert processor.rules_versions.known == {1: 2}
+    assert (processor.rules_versions.active, processor.rules_versions.due) == (1, 2)
     # A late copy of the start before (its forward resent after the node restarted) is no
     # report: the node runs the new build.
     feed(processor, node_start(feeder, W, rules_version=None))
     assert processor.rules_versions.known == {1: 2}
     assert processor.duplicate_records == 1
+    feed(processor, rules_version_record(feeder, 2))
+    assert (processor.rules_versions.active, processor.rules_versions.due) == (2, 0)
 
 
 def test_a_real_node_restarted_on_the_previous_seqds_journal_replays_it_under_rules_1_then_its_start_switches(
@@ -273,13 +299,16 @@ def test_a_real_node_restarted_on_the_previous_seqds_journal_replays_it_under_ru
         journal.append(b"".join(records))
         journal.sync()
     node.start()
-    # Its own node_start (a single node: its members are itself) makes rules 2 active after the
-    # replay; it closes no session with an output, so the rolling hash is the replay's.
+    # Its own node_start (a single node: its members are itself) makes rules 2 due after the
+    # replay, and its sequencer asks the log to make them active; neither record has an output,
+    # so the rolling hash is the replay's.
     deadline = time.monotonic() + 30
     while "session rules version 2 active" not in node.log_text():
         assert time.monotonic() < deadline, node.log_text()[-4000:]
         time.sleep(0.02)
     log = node.log_text()
     assert f"session rules version 1 active (applied up to index {len(records)})" in log
-    assert node.read_counters()["blp.rolling_hash"] == PREVIOUS_SEQD_ROLLING_HASH & 0x7FFF_FFFF_FFFF_FFFF
+    values = node.read_counters()
+    assert values["blp.rolling_hash"] == PREVIOUS_SEQD_ROLLING_HASH & 0x7FFF_FFFF_FFFF_FFFF
+    assert (values["rules.version.active"], values["rules.version.due"]) == (2, 0)
     assert node.stop() == 0

@@ -83,6 +83,7 @@ from daemon.layout import (
     RECOVERY_LAST_INDEX,
     RECOVERY_LAST_TERM,
     RECOVERY_LAST_TIMESTAMP_NS,
+    RULES_VERSION_DUE,
     SESSIONS_OPEN,
     SESSIONS_TOTAL,
     SNAPSHOT_LAST_INDEX,
@@ -195,6 +196,7 @@ class Sequencer:
         self.draining = False
         self.drain_commit_index: int | None = None  # a cluster's drain: what the blp must reach
         self.raise_seen = counters[APP_VERSION_RAISE_REQUEST].get()
+        self.rules_asked = 0  # the session rules version this start asked the log to make active
         self.server: asyncio.AbstractServer | None = None
         self.published_position = counters[LOG_PUBLISHED_POSITION]
         self.published_index_counter = counters[LOG_PUBLISHED_INDEX]
@@ -421,7 +423,9 @@ class Sequencer:
 
     def _check_app_version(self) -> None:
         """Rolling upgrades (sequencer/app_versions.py): in a cluster, admit commands only up to
-        the log's active app version; sequence the raise `seqd cluster raise-version` asked for."""
+        the log's active app version; sequence the raise `seqd cluster raise-version` asked for;
+        ask the log once to make active the session rules every member reported
+        (sequencer/rules_versions.py: the other nodes may ask too, and a second ask is a no-op)."""
         counters = self.counters
         if self.clustered:
             self.gateway.limit_command_version(counters[APP_VERSION_ACTIVE].get())
@@ -430,6 +434,10 @@ class Sequencer:
             self.raise_seen = request
             self._claimed()
             counters[APP_VERSION_RAISE_HANDLED].set(request)
+        due = counters[RULES_VERSION_DUE].get()
+        if due > self.rules_asked and self.gateway.sequence_rules_version(time.time_ns(), due):
+            self.rules_asked = due
+            self._claimed()
 
     def _log_snapshot_policy(self) -> None:
         """Cluster mode: the leader requests a snapshot by the log its blp applied."""

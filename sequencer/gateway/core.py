@@ -28,6 +28,7 @@ from sequencer.processor import SAVED_REPLIES_MAX
 from sequencer.record import (
     ADMIN_NODE_START,
     ADMIN_RAISE_VERSION,
+    ADMIN_RULES_VERSION,
     COMMAND_PREFIX,
     DAEMON_RECORD_VERSION,
     RECORD_TAIL,
@@ -239,6 +240,14 @@ class Gateway(Generic[S]):
         config = self.config
         payload = encode_admin(ADMIN_RAISE_VERSION, version=version,
                                members=list(config.members or (config.node_number,)))  # fmt: skip
+        return term != _BLOCKED and self._sequence(RecordType.ADMIN, 0, 0, payload, term)
+
+    def sequence_rules_version(self, now_ns: int, version: int) -> bool:
+        """Sequence an ADMIN `rules_version` making seqd's session rules `version` active (the blp
+        reported that every member's code applies it: sequencer/rules_versions.py). False: the
+        ring is full."""
+        term = self._begin(now_ns)
+        payload = encode_admin(ADMIN_RULES_VERSION, version=version)
         return term != _BLOCKED and self._sequence(RecordType.ADMIN, 0, 0, payload, term)
 
     def limit_command_version(self, active: int) -> None:
