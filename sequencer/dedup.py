@@ -64,10 +64,11 @@ NODE_STARTS_REMEMBERED starts back is forgotten.
 The processor makes a TIMER_FIRED of a timer no longer pending a no-op, and a SNAPSHOT twice is
 two snapshots of the same state.
 
-These are session rules version 2. A log applies them only from the first node_start at which
-every member reports code that applies them (sequencer/rules_versions.py); before, it applies
-version 1, what every seqd before them did (sequencer/dedup_rules1.py), so that replicas of both
-builds agree during a rolling upgrade and a journal the previous seqd wrote replays to its state.
+These are session rules version 2. A log applies them only from the ADMIN rules_version record
+a node asks for once every member reported code that applies them (sequencer/rules_versions.py);
+before, it applies version 1, what every seqd before them did (sequencer/dedup_rules1.py), so that
+replicas of both builds agree during a rolling upgrade and a journal the previous seqd wrote
+replays to its state.
 """
 
 from __future__ import annotations
