@@ -34,9 +34,9 @@ def node_start(
     rules_version: int | None = RULES_VERSION, members: list[int] | None = None, app_version: int | None = None,
 ) -> bytes:
     """A node_start as today's gateway writes it: with its incarnation (and the one before), its
-    members (by default itself alone: then it makes its rules active at once) and the session
-    rules its seqd applies (sequencer/rules_versions.py). `rules_version` None: as the seqd before
-    rules versions wrote it (with no `previous` either, then)."""
+    members (by default itself alone: then its report makes its rules due) and the session rules
+    its seqd applies (sequencer/rules_versions.py). `rules_version` None: as the seqd before rules
+    versions wrote it (with no `previous` either, then)."""
     extra: dict[str, Any] = {"members": [number] if members is None else members}
     if previous is not None:
         extra["previous"] = previous
