@@ -21,7 +21,9 @@ hash covers every output before that routing: it changes what a node emits, neve
 Duplicates (cluster mode). A record may reach the log twice (a follower resends what it
 forwarded when the leader changes); every type is idempotent, so the second copy changes nothing
 (`sequencer.dedup`, "Every record is idempotent"). Second copies are counted in
-`duplicate_records`; a COMMAND's is answered with its saved reply, like any resend.
+`duplicate_records`; a COMMAND's is answered with its saved reply, like any resend. What a
+SESSION_OPEN and a node_start do is the log's active session rules version's (an ADMIN
+rules_version record switches it at one index on every replica: sequencer/rules_versions.py).
 
 Timers (`sequencer.timers`, `PendingTimers`). `ctx.schedule` records (timer_id -> deadline_ns)
 in the state and emits TIMER_SCHEDULE; the sequencer keeps the wall-clock schedule and sequences TIMER_FIRED(timer_id, deadline_ns) when
