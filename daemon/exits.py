@@ -39,6 +39,7 @@ from sequencer.journal import (
     JournalFullError,
     JournalLockedError,
 )
+from sequencer.rules_versions import RulesVersionError
 from sequencer.state_machine import AppLoadError
 
 __all__ = [
@@ -171,7 +172,7 @@ def classify(error: BaseException) -> FatalError | None:
         return FatalError(ExitCode.CONFIG, f"node.app: {error}")
     if isinstance(error, PlatformError):
         return FatalError(ExitCode.FAILED, str(error))
-    if isinstance(error, JournalCorruptError | AppVersionError):
+    if isinstance(error, JournalCorruptError | AppVersionError | RulesVersionError):
         return FatalError(ExitCode.DATAERR, str(error))
     if isinstance(error, JournalLockedError):
         return FatalError(ExitCode.CANTCREAT, str(error))

@@ -612,6 +612,11 @@ SNAPSHOTTER_COUNTERS = SnapshotterCounters(
 # records it applies.
 GATEWAY_EVENT_SUBSCRIBERS = _declare("gateway.event_subscribers", Role.SEQUENCER, Kind.GAUGE, "Sessions attached to this node that subscribed to events (0: the blp writes no events to egress)")  # fmt: skip
 
+# seqd's own session rules (sequencer/rules_versions.py): the blp publishes the active version and
+# the one every member reported (`due`); the sequencer asks the log to make `due` active.
+RULES_VERSION_ACTIVE = _declare("rules.version.active", Role.BLP, Kind.GAUGE, "seqd's session rules version active at the applied index (1: the rules before versions)")  # fmt: skip
+RULES_VERSION_DUE = _declare("rules.version.due", Role.BLP, Kind.GAUGE, "A session rules version every member reported, above the active one, that this node's sequencer asks the log to make active (0: none)")  # fmt: skip
+
 
 def commit_index_counter(clustered: bool) -> CounterSpec:
     """The node's commit index: the journaller's `commit.index` on a single node, the
@@ -639,7 +644,7 @@ ERROR_KIND_COUNTERS: tuple[CounterSpec, ...] = tuple(
 ERRORS_TOTAL_NAME = "errors.total"
 assert ERRORS_TOTAL_NAME not in _BY_NAME
 # The version of this table, carried by the segment header (see the module docstring).
-COUNTERS_LAYOUT_VERSION = 7
+COUNTERS_LAYOUT_VERSION = 8
 
 
 def counter_spec(name: str) -> CounterSpec | None:

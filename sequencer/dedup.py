@@ -63,17 +63,27 @@ for a new start and closes the live start's sessions, and a start ended more tha
 NODE_STARTS_REMEMBERED starts back is forgotten.
 The processor makes a TIMER_FIRED of a timer no longer pending a no-op, and a SNAPSHOT twice is
 two snapshots of the same state.
+
+These are session rules version 2. A log applies them only from the ADMIN rules_version record
+a node asks for once every member reported code that applies them (sequencer/rules_versions.py);
+before, it applies version 1, what every seqd before them did (sequencer/dedup_rules1.py), so that
+replicas of both builds agree during a rolling upgrade and a journal the previous seqd wrote
+replays to its state.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 from sequencer.app_versions import AppVersions
+from sequencer.dedup_rules1 import node_start_rules1, open_is_new_rules1
 from sequencer.record import (
     SESSION_ID_COUNTER_BITS,
     SESSION_ID_INCARNATION_BITS,
     session_incarnation,
     session_node_number,
 )
+from sequencer.rules_versions import RULES_VERSION, RulesVersions
 
 __all__ = [
     "CLIENT_EXPIRY_NS_DEFAULT",
@@ -145,11 +155,11 @@ class ClientTable:
     """
 
     __slots__ = (
-        "clients", "expired", "expiry_ns", "idle", "node", "node_number", "node_starts", "opened_early", "sessions",
-        "versions",
+        "clients", "expired", "expiry_ns", "idle", "node", "node_number", "node_starts", "opened_early", "rules",
+        "sessions", "versions",
     )  # fmt: skip
 
-    def __init__(self, node: str | None, expiry_ns: int) -> None:
+    def __init__(self, node: str | None, expiry_ns: int, rules_version: int = RULES_VERSION) -> None:
         assert expiry_ns > 0, expiry_ns
         self.node = node
         # Set by `emit_for`: then a session is local when its id carries this node number.
@@ -164,6 +174,9 @@ class ClientTable:
         self.opened_early: dict[int, dict[int, int]] = {}
         # What each node's node_start reported of its app's version, and the active one (state).
         self.versions = AppVersions()
+        # The session rules version the log made active (state), and each node's report (not
+        # state): these rules (`open`, `node_start`) from version 2 on, dedup_rules1.py's before.
+        self.rules = RulesVersions(rules_version)
         self.expiry_ns = expiry_ns
         self.expired = 0  # client ids forgotten so far
         self.sessions: dict[int, SessionEntry] = {}
@@ -204,7 +217,10 @@ class ClientTable:
         docstring)."""
         if session_id in self.sessions:
             return False
-        if self.node_starts:  # tracked once the log carries incarnations (module docstring)
+        if self.rules.active < 2:
+            if not open_is_new_rules1(self, session_id):
+                return False
+        elif self.node_starts:  # tracked once the log carries incarnations (module docstring)
             number = session_node_number(session_id)
             incarnation = session_incarnation(session_id)
             started = self.node_starts.get(number)
@@ -244,6 +260,24 @@ class ClientTable:
     def sessions_on(self, node: str) -> list[int]:
         """The ids of the sessions opened on `node`, in opening order."""
         return [sid for sid, session in self.sessions.items() if session.node == node]
+
+    def node_start_record(self, admin: dict[str, Any]) -> list[int] | None:
+        """The ADMIN node_start record `admin`: its report of the session rules its node's code
+        applies (sequencer/rules_versions.py), then what `node_start` says under the active
+        rules. A node_start without `incarnation` (an older seqd's) closes every session opened
+        under its node name."""
+        incarnation = admin.get("incarnation")
+        if incarnation is None:
+            if "number" in admin:
+                self.rules.node_started(admin["number"], None, admin.get("members"))
+            return self.sessions_on(admin["node"])
+        number: int = admin["number"]  # always with an incarnation
+        if incarnation in self.node_starts.get(number, ()):
+            return None  # a start already seen, or ended (both rules): a copy, its report with it
+        self.rules.node_started(number, admin.get("rules_version"), admin.get("members"))
+        if self.rules.active < 2:
+            return node_start_rules1(self, number, incarnation, NODE_STARTS_REMEMBERED)
+        return self.node_start(number, incarnation, admin.get("previous"))
 
     def node_start(self, node_number: int, incarnation: int, previous: int | None = None) -> list[int] | None:
         """An ADMIN node_start of node `node_number`'s incarnation `incarnation`, which follows its

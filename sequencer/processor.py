@@ -21,7 +21,9 @@ hash covers every output before that routing: it changes what a node emits, neve
 Duplicates (cluster mode). A record may reach the log twice (a follower resends what it
 forwarded when the leader changes); every type is idempotent, so the second copy changes nothing
 (`sequencer.dedup`, "Every record is idempotent"). Second copies are counted in
-`duplicate_records`; a COMMAND's is answered with its saved reply, like any resend.
+`duplicate_records`; a COMMAND's is answered with its saved reply, like any resend. What a
+SESSION_OPEN and a node_start do is the log's active session rules version's (an ADMIN
+rules_version record switches it at one index on every replica: sequencer/rules_versions.py).
 
 Timers (`sequencer.timers`, `PendingTimers`). `ctx.schedule` records (timer_id -> deadline_ns)
 in the state and emits TIMER_SCHEDULE; the sequencer keeps the wall-clock schedule and sequences TIMER_FIRED(timer_id, deadline_ns) when
@@ -95,6 +97,7 @@ from sequencer.processor_state import (
 from sequencer.record import (
     ADMIN_NODE_START,
     ADMIN_RAISE_VERSION,
+    ADMIN_RULES_VERSION,
     COMMAND_PREFIX,
     FRAME_HEADER,
     FRAME_HEADER_BYTES,
@@ -105,6 +108,7 @@ from sequencer.record import (
     iter_records,
     walk_records,
 )
+from sequencer.rules_versions import RULES_VERSION, RulesVersions
 from sequencer.snapshot_format import SnapshotHeader
 from sequencer.state_machine import Context, Rejected, StateMachine
 from sequencer.timers import TIMER_FIRED_PAYLOAD, PendingTimers, encode_timer_cancel
@@ -162,6 +166,8 @@ class Processor(Generic[App]):
         debug: run every call into the app under `determinism.guard()` (clock and random
             sources raise). Slower; for development and `seqd verify`.
         app: an existing app instance (restore); default `app_class()`.
+        rules_version: the newest session rules this code applies (sequencer/rules_versions.py;
+            a test stands in for an older build with a lower one).
 
     Invariants (between calls):
         applied_index is the index of the last applied record (0 before the first);
@@ -172,43 +178,13 @@ class Processor(Generic[App]):
     # there are: a plain instance past 30 attributes loses CPython's shared-key dict, and with it
     # ~3% of a transfer (benches/processor.py, measured when the 31st was added).
     __slots__ = (
-        "_app_apply",
-        "_app_on_session_close",
-        "_app_on_session_open",
-        "_app_on_timer",
-        "_context",
-        "_decode_command",
-        "_decode_current_command",
-        "_encode",
-        "_encode_event",
-        "_encode_reply",
-        "_event_types",
-        "_output_version",
-        "_outputs",
-        "_sessions",
-        "_table",
-        "_timers",
-        "_version",
-        "app",
-        "app_class",
-        "applied_index",
-        "applied_term",
-        "command_parts_skipped",
-        "commands_without_session",
-        "debug",
-        "duplicate_records",
-        "emit_events",
-        "events_too_large",
-        "last_timestamp_ns",
-        "node",
-        "replies_too_large",
-        "rolling_hash",
-        "schema",
-        "snapshot_requested",
-        "stale_timer_fires",
-        "timer_fired_notices",
-        "unknown_admin_ops",
-    )
+        "_app_apply", "_app_on_session_close", "_app_on_session_open", "_app_on_timer", "_context", "_decode_command",
+        "_decode_current_command", "_encode", "_encode_event", "_encode_reply", "_event_types", "_output_version",
+        "_outputs", "_sessions", "_table", "_timers", "_version", "app", "app_class", "applied_index", "applied_term",
+        "command_parts_skipped", "commands_without_session", "debug", "duplicate_records", "emit_events",
+        "events_too_large", "last_timestamp_ns", "node", "replies_too_large", "rolling_hash", "schema",
+        "snapshot_requested", "stale_timer_fires", "timer_fired_notices", "unknown_admin_ops",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -218,6 +194,7 @@ class Processor(Generic[App]):
         debug: bool = False,
         app: App | None = None,
         client_expiry_ns: int = CLIENT_EXPIRY_NS_DEFAULT,
+        rules_version: int = RULES_VERSION,
     ) -> None:
         self.app_class = app_class
         self.schema = app_class.schema
@@ -243,7 +220,7 @@ class Processor(Generic[App]):
         self.replies_too_large = 0
         self.events_too_large = 0
         # Every replica and every replay must use the same expiry: it decides what is deduplicated.
-        self._table = ClientTable(node, client_expiry_ns)
+        self._table = ClientTable(node, client_expiry_ns, rules_version)
         self._sessions = self._table.sessions  # the hot path's; the table never rebinds it
         self._timers = PendingTimers()
         self._outputs: list[tuple[int, bytes]] = []
@@ -537,12 +514,7 @@ class Processor(Generic[App]):
     def _apply_admin_op(self, admin: dict[str, Any]) -> None:
         if admin["op"] == ADMIN_NODE_START:
             self._table.versions.node_started(admin.get("number"), admin.get("app_version"), admin.get("members"))
-            incarnation = admin.get("incarnation")
-            if incarnation is None:
-                # An older seqd's record: every session opened under that node name.
-                closing: list[int] | None = self._table.sessions_on(admin["node"])
-            else:
-                closing = self._table.node_start(admin["number"], incarnation, admin.get("previous"))
+            closing = self._table.node_start_record(admin)  # under the active session rules
             if closing is None:
                 self.duplicate_records += 1  # a second copy of this incarnation's start
                 return
@@ -550,6 +522,8 @@ class Processor(Generic[App]):
                 self._close_session(session_id)
         elif admin["op"] == ADMIN_RAISE_VERSION:
             self._table.versions.raise_to(admin["version"], admin["members"], self._version, self.applied_index)
+        elif admin["op"] == ADMIN_RULES_VERSION:
+            self._table.rules.switch(admin["version"], self.applied_index)
         else:
             # A newer daemon's operation: ignoring it is the same decision on every replica.
             self.unknown_admin_ops += 1
@@ -647,19 +621,22 @@ class Processor(Generic[App]):
         *,
         debug: bool = False,
         client_expiry_ns: int = CLIENT_EXPIRY_NS_DEFAULT,
+        rules_version: int = RULES_VERSION,
     ) -> Processor[App]:
         """Rebuilds a processor from a snapshot body, upcasting an older app state.
 
         Raises:
             ProcessorError: the body belongs to another app or a newer processor layout.
-            schema.VersionError: the app state was written by a newer version of the app.
+            schema.VersionError: the app state was written by a newer version of the app, or
+                under session rules this code does not know (RulesVersionError).
         """
         state = decode_state(body, app_class)
         app_snapshot = app_class.schema.decode_snapshot(
             state.app_version, state.app, state.applied_index
         )
         app = app_class.restore(app_snapshot)
-        processor = cls(app_class, node, debug=debug, app=app, client_expiry_ns=client_expiry_ns)
+        processor = cls(app_class, node, debug=debug, app=app, client_expiry_ns=client_expiry_ns,
+                        rules_version=rules_version)  # fmt: skip
         processor.applied_index = state.applied_index
         processor.applied_term = state.applied_term
         processor.last_timestamp_ns = state.last_timestamp_ns
@@ -676,6 +653,11 @@ class Processor(Generic[App]):
     def app_versions(self) -> AppVersions:
         """The active app version and each node's report (sequencer/app_versions.py)."""
         return self._table.versions
+
+    @property
+    def rules_versions(self) -> RulesVersions:
+        """The active session rules version and each node's report (sequencer/rules_versions.py)."""
+        return self._table.rules
 
     @property
     def client_expiry_ns(self) -> int:

@@ -86,10 +86,19 @@ class ProcessorState(msgspec.Struct, array_like=True):
     # (`ClientTable.opened_early`). An older seqd ignores it (it then takes a copy of such an
     # open for a new session, as it always did).
     opened_early: list[tuple[int, list[tuple[int, int]]]] = []
+    # Added with session rules versions (sequencer/rules_versions.py), the same way: the active
+    # rules version (1 is written as nothing). A body without it was taken under rules 1, which
+    # every seqd before it applied (development builds between the new rules and their version
+    # applied rules 2 unmarked). An older seqd ignores it.
+    rules_version_active: int = 1
 
 
 _state_encoder = msgspec.msgpack.Encoder()
 _FIELDS_BEFORE_ADDITIONS = 11  # state_version .. app: what the first seqd wrote
+_FIELD_DEFAULTS = tuple(  # a list's default is a factory
+    field.default_factory() if field.default_factory is not msgspec.NODEFAULT else field.default
+    for field in msgspec.structs.fields(ProcessorState)
+)
 _state_decoder = msgspec.msgpack.Decoder(ProcessorState)
 
 
@@ -134,12 +143,13 @@ def encode_state(
         app_version_active=table.versions.active,
         app_versions_known=sorted(table.versions.known.items()),
         opened_early=[(number, list(early.items())) for number, early in table.opened_early.items() if early],
+        rules_version_active=table.rules.active,
     )
     # Without the trailing fields still at their defaults: the layout an older seqd wrote (an
     # array-like struct encodes as the array of its fields, so the bytes are the same).
     fields = msgspec.structs.astuple(state)
     kept = len(fields)
-    while kept > _FIELDS_BEFORE_ADDITIONS and fields[kept - 1] in ([], 0):
+    while kept > _FIELDS_BEFORE_ADDITIONS and fields[kept - 1] == _FIELD_DEFAULTS[kept - 1]:
         kept -= 1
     return _state_encoder.encode(fields[:kept])
 
@@ -168,7 +178,11 @@ def decode_state(body: bytes, app_class: type[StateMachine]) -> ProcessorState:
 
 
 def restore_table(table: ClientTable, state: ProcessorState) -> None:
-    """Fills an empty `table` with the clients and sessions saved in `state`, in their order."""
+    """Fills an empty `table` with the clients and sessions saved in `state`, in their order.
+
+    Raises:
+        RulesVersionError: `state` was taken under session rules the table's code does not know.
+    """
     assert not table.clients and not table.sessions, "restore into an empty table"
     for saved_client in state.clients:
         client = table.client(saved_client.client_id)
@@ -183,4 +197,5 @@ def restore_table(table: ClientTable, state: ProcessorState) -> None:
     table.node_starts.update((number, dict(started)) for number, started in state.node_starts)
     table.opened_early.update((number, dict(early)) for number, early in state.opened_early)
     table.versions.restore(state.app_version_active, state.app_versions_known)
+    table.rules.restore(state.rules_version_active, state.applied_index)
     table.rebuild_idle(state.last_timestamp_ns)

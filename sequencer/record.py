@@ -35,6 +35,7 @@ import msgspec
 __all__ = [
     "ADMIN_NODE_START",
     "ADMIN_RAISE_VERSION",
+    "ADMIN_RULES_VERSION",
     "COMMAND_PREFIX",
     "DAEMON_RECORD_VERSION",
     "FRAME_HEADER",
@@ -334,8 +335,13 @@ ADMIN_NODE_START = "node_start"
 # {"op": "raise_version", "version": int, "members": [int, ...]}: make app schema `version` the
 # active one from this index on, if every member's last node_start reported code that knows it
 # (sequencer/app_versions.py). A node_start also carries "app_version" (what its code knows) and
-# "members" (the node numbers of its cluster, itself alone on a single node).
+# "members" (the node numbers of its cluster, itself alone on a single node), and "rules_version"
+# (the session rules its seqd applies; absent: 1).
 ADMIN_RAISE_VERSION = "raise_version"
+# {"op": "rules_version", "version": int}: seqd's session rules `version` are active from this
+# index on (a no-op if that or a newer one is); a node's sequencer asks for it once every member's
+# last node_start reported code that applies it (sequencer/rules_versions.py).
+ADMIN_RULES_VERSION = "rules_version"
 
 # Session ids (the record header's session_id): [node number: 8 bits][incarnation: 24 bits]
 # [counter: 32 bits]. The gateway makes them (`sequencer.gateway.session_id_base`); the blp reads

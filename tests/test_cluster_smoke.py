@@ -35,6 +35,7 @@ from ipc.segment import SegmentError
 from sequencer.hard_state import HardStateFile
 from sequencer.journal import read_records
 from sequencer.raft.raft_role import RaftRole
+from sequencer.rules_versions import RULES_VERSION
 from tests.node_fixtures import DEPOSIT, TransferDriver, balances, expected_balances, open_accounts
 
 ACCOUNTS = ["alice", "bob", "carol", "dave"]
@@ -198,6 +199,10 @@ def test_three_nodes_elect_a_leader_replicate_fail_over_and_catch_up(cluster: Cl
     applied, _hash = cluster.wait_converged(nodes)
     assert applied > 300
     _journals_agree(nodes, applied)
+    # Every start reported today's session rules, so the nodes asked the log to make them active:
+    # every node applies them from one record on (sequencer/rules_versions.py).
+    _wait(lambda: all(cluster.values(node)["rules.version.active"] == RULES_VERSION for node in nodes),
+          "today's session rules active on every node")  # fmt: skip
     # Issue 13: the sequencer's and the replicator's event loops watch their FIFO doorbells
     # themselves; no waker thread hands wakes over (each hand-off cost GIL round trips).
     # (uvloop's resolver runs in libuv's own worker threads: not Python's, not counted.)

@@ -17,7 +17,8 @@ import msgspec
 from sequencer.apps.ledger import Ledger, OpenAccount
 from sequencer.egress import ReplyStatus
 from sequencer.processor import Processor
-from sequencer.record import RecordType
+from sequencer.record import ADMIN_RULES_VERSION, RecordType, encode_admin
+from sequencer.rules_versions import RULES_VERSION
 from tests.fixtures.feeder import Feeder, feed
 from tests.test_processor_duplicates import node_start, replies, session, started
 
@@ -31,10 +32,12 @@ def copy_of(feeder: Feeder, opening: bytes, session_id: int) -> bytes:
 
 
 def carrying_incarnations() -> tuple[Processor[Ledger], Feeder]:
-    """A processor whose log already carries incarnations (another node started), as in any
-    cluster of today's seqd."""
+    """A processor whose log already carries incarnations (another node started) and applies
+    today's session rules (sequencer/rules_versions.py), as in any cluster of today's seqd."""
     processor, feeder = started()
     feed(processor, node_start(feeder, 0x000999, node="n2", number=OTHER_NODE))
+    feed(processor, feeder._record(RecordType.ADMIN, 1, 0, 0, encode_admin(ADMIN_RULES_VERSION, version=RULES_VERSION)))
+    assert processor.rules_versions.active == RULES_VERSION
     return processor, feeder
 
 
@@ -123,7 +126,7 @@ def test_early_opens_survive_a_snapshot_and_old_bodies_still_load():
     feed(processor, opening)
     feed(processor, feeder.close_session(s))
     body = processor.snapshot_bytes()
-    assert len(msgspec.msgpack.decode(body)) == 15  # the early opens: the last field
+    assert len(msgspec.msgpack.decode(body)[14]) == 1  # the early opens (then the rules version)
     restored = Processor.restore(Ledger, body)
     assert restored.state_hash() == processor.state_hash()
     feeder.index = restored.applied_index

@@ -41,6 +41,7 @@ from sequencer.record import (
     decode_session_open,
     split_frame_type,
 )
+from sequencer.rules_versions import RULES_VERSION
 from sequencer.timers import decode_timer_fired, encode_timer_cancel, encode_timer_schedule
 
 NODE = "n1"
@@ -484,6 +485,7 @@ def test_node_start_closes_the_previous_incarnations_sessions_by_a_record():
     assert decode_admin(record.payload) == {
         "op": "node_start", "node": NODE, "number": 4, "incarnation": INCARNATION,
         "app_version": 2, "members": [4],  # what its code knows, its cluster (itself alone)
+        "rules_version": RULES_VERSION,  # the session rules its seqd applies
     }  # fmt: skip
 
 

@@ -85,6 +85,8 @@ IO_FREE: dict[str, bool] = {
     "sequencer.processor": True,
     "sequencer.dedup": True,  # the processor, split by concept (issue 10)
     "sequencer.app_versions": True,  # the active app version of a log (issue 16, rolling upgrades)
+    "sequencer.rules_versions": True,  # the active session rules of a log (issue 11)
+    "sequencer.dedup_rules1": True,
     "sequencer.processor_state": True,
     "sequencer.record": True,
     "sequencer.egress": True,

@@ -16,6 +16,7 @@ from sequencer.apps.ledger import LEDGER_SCHEMA, Deposit, Ledger, OpenAccount, R
 from sequencer.egress import Reply, ReplyStatus, TimerCancel, TimerSchedule
 from sequencer.processor import Processor
 from sequencer.record import ADMIN_NODE_START, RecordType, encode_admin
+from sequencer.rules_versions import RULES_VERSION
 from tests.fixtures.feeder import Feeder, feed
 
 NODE_NUMBER = 1
@@ -29,10 +30,20 @@ def session(node_number: int, incarnation: int, counter: int) -> int:
 
 
 def node_start(
-    feeder: Feeder, incarnation: int, node: str = "n1", number: int = NODE_NUMBER, previous: int | None = None
+    feeder: Feeder, incarnation: int, node: str = "n1", number: int = NODE_NUMBER, previous: int | None = None,
+    rules_version: int | None = RULES_VERSION, members: list[int] | None = None, app_version: int | None = None,
 ) -> bytes:
-    """A node_start as today's gateway writes it: with its incarnation (and the one before)."""
-    extra = {} if previous is None else {"previous": previous}
+    """A node_start as today's gateway writes it: with its incarnation (and the one before), its
+    members (by default itself alone: then its report makes its rules due) and the session rules
+    its seqd applies (sequencer/rules_versions.py). `rules_version` None: as the seqd before rules
+    versions wrote it (with no `previous` either, then)."""
+    extra: dict[str, Any] = {"members": [number] if members is None else members}
+    if previous is not None:
+        extra["previous"] = previous
+    if rules_version is not None:
+        extra["rules_version"] = rules_version
+    if app_version is not None:
+        extra["app_version"] = app_version
     payload = encode_admin(ADMIN_NODE_START, node=node, number=number, incarnation=incarnation, **extra)
     return feeder._record(RecordType.ADMIN, 1, 0, 0, payload)
 
@@ -155,7 +166,7 @@ def test_the_started_incarnations_survive_a_snapshot_and_old_bodies_keep_their_b
     feed(processor, feeder.open_session(s1, client_id=7))
     # No node_start with an incarnation yet: the body has the layout an older seqd wrote.
     assert len(msgspec.msgpack.decode(processor.snapshot_bytes())) == 11
-    feed(processor, node_start(feeder, LATER))
+    feed(processor, node_start(feeder, LATER, rules_version=None))  # as the seqd before rules versions
     feed(processor, feeder.open_session(session(1, LATER, 2), client_id=8))
     body = processor.snapshot_bytes()
     assert len(msgspec.msgpack.decode(body)) == 12

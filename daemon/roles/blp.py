@@ -45,6 +45,8 @@ from daemon.layout import (
     RECOVERY_COMMIT_INDEX,
     RECOVERY_RECORDS,
     ROLE_COUNTERS,
+    RULES_VERSION_ACTIVE,
+    RULES_VERSION_DUE,
     SNAPSHOT_LAST_INDEX,
     SNAPSHOT_OLDEST_INDEX,
     SNAPSHOT_WRITES,
@@ -62,6 +64,7 @@ from sequencer import recovery
 from sequencer import snapshot as snapshots
 from sequencer.app_versions import AppVersionError
 from sequencer.processor import Processor
+from sequencer.rules_versions import RulesVersionError
 from sequencer.state_machine import StateMachine, load_app
 
 log = logging.getLogger("seqd.blp")
@@ -172,7 +175,11 @@ class BlpAgent(Agent):
         self.raises_refused = counters[APP_VERSION_RAISES_REFUSED]
         # The table's versions object is never rebound (restore fills it in place).
         self.versions = processor.app_versions
-        self.versions_seen = (-1, -1)  # (active, raises_refused) last stored
+        self.rules = processor.rules_versions  # never rebound either
+        self.rules_active = counters[RULES_VERSION_ACTIVE]
+        self.rules_due = counters[RULES_VERSION_DUE]
+        # (active, raises_refused, the rules' active and due) last stored
+        self.versions_seen = (-1, -1, -1, -1)
         # The counters of every cycle as words of the one counters view: a store is a subscript
         # rather than a method call, ~0.3 us less each (benches/RESULTS.md, "The blp's duty cycle").
         self.values, _ = counters[BLP_APPLIED_POSITION].word
@@ -226,8 +233,8 @@ class BlpAgent(Agent):
                         processor.snapshot_requested = False
             # The commit index is stored before the commit position (the reader's limit).
             assert processor.applied_index <= values[self.commit_index_word], processor.applied_index
-            versions = self.versions
-            if (versions.active, versions.raises_refused) != self.versions_seen:
+            versions, rules = self.versions, self.rules
+            if (versions.active, versions.raises_refused, rules.active, rules.due) != self.versions_seen:
                 self._publish_versions()
         reader.release()  # also moves past a padding frame that poll skipped without returning
         # Published even when only padding was passed, so a drain sees the blp caught up.
@@ -240,9 +247,15 @@ class BlpAgent(Agent):
 
     def _publish_versions(self) -> None:
         """The active app version (the sequencer's gateway limit in a cluster) and refused raises,
-        each refusal logged once with its reason (sequencer/app_versions.py)."""
-        versions = self.versions
-        self.versions_seen = (versions.active, versions.raises_refused)
+        each refusal logged once with its reason (sequencer/app_versions.py); the active session
+        rules version, logged when it changes, and the one due (sequencer/rules_versions.py)."""
+        versions, rules_active, rules_due = self.versions, self.rules.active, self.rules.due
+        if rules_active != self.versions_seen[2]:
+            log.info("session rules version %d active (applied up to index %d)", rules_active,
+                     self.processor.applied_index)  # fmt: skip
+        self.rules_active.set(rules_active)
+        self.rules_due.set(rules_due)  # the sequencer asks for it
+        self.versions_seen = (versions.active, versions.raises_refused, rules_active, rules_due)
         self.app_version_active.set(versions.active)
         if versions.raises_refused != self.raises_refused.get():
             self.raises_refused.set(versions.raises_refused)
@@ -326,7 +339,7 @@ def run(context: RoleContext) -> int:
         )  # fmt: skip
         try:
             run_agent(context, agent)
-        except AppVersionError as error:  # not a crash to restart from: it would meet it again
+        except (AppVersionError, RulesVersionError) as error:  # not a crash to restart from: it would meet it again
             exit_fatal(FatalError(ExitCode.DATAERR, str(error)), log)
     finally:
         log_ring.close()

@@ -83,6 +83,7 @@ from daemon.layout import (
     RECOVERY_LAST_INDEX,
     RECOVERY_LAST_TERM,
     RECOVERY_LAST_TIMESTAMP_NS,
+    RULES_VERSION_DUE,
     SESSIONS_OPEN,
     SESSIONS_TOTAL,
     SNAPSHOT_LAST_INDEX,
@@ -123,6 +124,10 @@ BLOCKED_RETRY_S = 0.001  # how soon records that found the log ring full try aga
 # an election (hundreds of ms); a follower wakes this often only while a timer is due and the
 # leader's fire has not yet reached its own blp (which then drops it from the schedule).
 LEADERSHIP_POLL_S = 0.01
+# A session rules version every member reported but the log has not made active yet is asked for
+# again after this long: the record this node sequenced may have been cut with its leader's term
+# (a second one changes nothing). Far above a commit's round trip, so a slow blp seldom asks twice.
+RULES_ASK_AGAIN_S = 10.0
 DRAIN_TIMEOUT_S = 10.0  # SIGTERM: how long to wait for committed work to be replied
 # SIGTERM: how often the drain looks at the blp's progress: short against DRAIN_TIMEOUT_S, long
 # enough that the wait costs nothing next to the blp it waits for.
@@ -195,6 +200,7 @@ class Sequencer:
         self.draining = False
         self.drain_commit_index: int | None = None  # a cluster's drain: what the blp must reach
         self.raise_seen = counters[APP_VERSION_RAISE_REQUEST].get()
+        self.rules_asked = (0, 0.0)  # the session rules version this start last asked for, and when
         self.server: asyncio.AbstractServer | None = None
         self.published_position = counters[LOG_PUBLISHED_POSITION]
         self.published_index_counter = counters[LOG_PUBLISHED_INDEX]
@@ -421,7 +427,9 @@ class Sequencer:
 
     def _check_app_version(self) -> None:
         """Rolling upgrades (sequencer/app_versions.py): in a cluster, admit commands only up to
-        the log's active app version; sequence the raise `seqd cluster raise-version` asked for."""
+        the log's active app version; sequence the raise `seqd cluster raise-version` asked for;
+        ask the log to make active the session rules every member reported, again while it has
+        not (sequencer/rules_versions.py: the other nodes ask too, and a second ask is a no-op)."""
         counters = self.counters
         if self.clustered:
             self.gateway.limit_command_version(counters[APP_VERSION_ACTIVE].get())
@@ -430,6 +438,12 @@ class Sequencer:
             self.raise_seen = request
             self._claimed()
             counters[APP_VERSION_RAISE_HANDLED].set(request)
+        due, (asked, asked_at) = counters[RULES_VERSION_DUE].get(), self.rules_asked
+        if due and (due != asked or time.monotonic() - asked_at > RULES_ASK_AGAIN_S) and (
+            self.gateway.sequence_rules_version(time.time_ns(), due)
+        ):
+            self.rules_asked = (due, time.monotonic())
+            self._claimed()
 
     def _log_snapshot_policy(self) -> None:
         """Cluster mode: the leader requests a snapshot by the log its blp applied."""

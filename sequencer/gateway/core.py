@@ -28,6 +28,7 @@ from sequencer.processor import SAVED_REPLIES_MAX
 from sequencer.record import (
     ADMIN_NODE_START,
     ADMIN_RAISE_VERSION,
+    ADMIN_RULES_VERSION,
     COMMAND_PREFIX,
     DAEMON_RECORD_VERSION,
     RECORD_TAIL,
@@ -36,6 +37,7 @@ from sequencer.record import (
     encode_admin,
     encode_session_open,
 )
+from sequencer.rules_versions import RULES_VERSION
 from sequencer.timers import TimerCancel, TimerQueue, TimerSchedule, encode_timer_fired
 
 __all__ = [
@@ -217,13 +219,16 @@ class Gateway(Generic[S]):
 
         It names this incarnation (the bits of it every session id of this start carries), so a
         copy of it that reaches the log twice (a follower resends what it forwarded when the
-        leader changes) closes nothing the second time (`sequencer.dedup`, "node_start")."""
+        leader changes) closes nothing the second time (`sequencer.dedup`, "node_start"). It
+        reports the app's schema version and the session rules this code applies, which the log
+        makes active once every member reports them (sequencer/app_versions.py, rules_versions.py)."""
         term = self._begin(now_ns)
         config = self.config
         payload = encode_admin(
             ADMIN_NODE_START, node=config.node_name, number=config.node_number,
             incarnation=session_incarnation(self._session_id_base),
             app_version=config.command_version_max, members=list(config.members or (config.node_number,)),
+            rules_version=RULES_VERSION,
             **({} if config.previous_incarnation is None else {"previous": config.previous_incarnation}),
         )  # fmt: skip
         return term != _BLOCKED and self._sequence(RecordType.ADMIN, 0, 0, payload, term)
@@ -235,6 +240,14 @@ class Gateway(Generic[S]):
         config = self.config
         payload = encode_admin(ADMIN_RAISE_VERSION, version=version,
                                members=list(config.members or (config.node_number,)))  # fmt: skip
+        return term != _BLOCKED and self._sequence(RecordType.ADMIN, 0, 0, payload, term)
+
+    def sequence_rules_version(self, now_ns: int, version: int) -> bool:
+        """Sequence an ADMIN `rules_version` making seqd's session rules `version` active (the blp
+        reported that every member's code applies it: sequencer/rules_versions.py). False: the
+        ring is full."""
+        term = self._begin(now_ns)
+        payload = encode_admin(ADMIN_RULES_VERSION, version=version)
         return term != _BLOCKED and self._sequence(RecordType.ADMIN, 0, 0, payload, term)
 
     def limit_command_version(self, active: int) -> None:
