@@ -80,12 +80,15 @@ def start_strace(pid: int) -> tuple[subprocess.Popen[bytes], Path]:
 
 
 def strace_counts(output: Path) -> dict[str, int]:
-    """System calls by name from an `strace -c` summary (and the file removed)."""
+    """System calls by name from an `strace -c` summary (and the file removed); "<name> errors"
+    counts those that failed (a futex wait's ETIMEDOUT: a park that timed out)."""
     counts = {}
     for line in output.read_text().splitlines():
         fields = line.split()
         if len(fields) >= 5 and fields[3].isdigit() and fields[-1] != "total":
             counts[fields[-1]] = int(fields[3])
+            if len(fields) == 6 and fields[4].isdigit():
+                counts[f"{fields[-1]} errors"] = int(fields[4])
     output.unlink()
     return counts
 
