@@ -2,6 +2,8 @@
 
     python -m benches.cluster_cpu [--clients 4] [--transfers 10000] [--in-flight 64] [--runs 1]
     python -m benches.cluster_cpu --py-spy /tmp/spy      # also py-spy each replicator and sequencer
+    python -m benches.cluster_cpu --py-spy /tmp/spy --py-spy-role journaller   # other roles
+    python -m benches.cluster_cpu --strace journaller    # system calls per 1,000 commands
 
 Three nodes of four or five processes share this machine's cores, so the cluster's throughput is
 its total CPU per command across every process plus the hand-offs between them; throughput moves
@@ -13,7 +15,11 @@ fsync on every node, direct peer links).
 
 With `--py-spy DIR`, `py-spy record --format raw` samples every replicator and the leader's
 sequencer during the last measured run (every node's: a follower's sequencer does work too) (DIR/<role>-n<node>-<raft role>.txt: collapsed stacks for
-a flame graph or `sort -k2`).
+a flame graph or `sort -k2`). `--py-spy-role ROLE` (repeatable) samples those roles instead.
+
+With `--strace ROLE`, the last run goes under `strace -c -f` of that role on every node and the
+figures gain its system calls per 1,000 committed commands, by name (strace slows the role: read
+the counts, not the times or the CPU of that run).
 """
 
 from __future__ import annotations
@@ -41,6 +47,8 @@ ACCOUNTS = 100
 PY_SPY_RATE_HZ = 500  # samples per second: ~2% overhead on the sampled process
 PY_SPY_ROLES = (Role.REPLICATOR, Role.SEQUENCER)
 PY_SPY_STOP_TIMEOUT_S = 60.0  # it writes its profile within seconds of SIGINT
+STRACE_ATTACH_S = 0.5  # strace attaches to every thread in this time (it prints nothing when ready)
+STRACE_STOP_TIMEOUT_S = 10.0
 
 
 def cpu_seconds(process: psutil.Process) -> float:
@@ -63,8 +71,30 @@ def start_py_spy(directory: Path, pid: int, name: str) -> subprocess.Popen[bytes
     )  # fmt: skip
 
 
-def measure(cluster: Cluster, clients: int, transfers: int, in_flight: int,
-            py_spy: Path | None) -> dict[str, float]:  # fmt: skip
+def start_strace(pid: int) -> tuple[subprocess.Popen[bytes], Path]:
+    """`strace -c -f` of `pid` until it is sent SIGINT, and the file its summary goes to."""
+    output = Path(tempfile.mkstemp(prefix="seqd-strace-", suffix=".txt")[1])
+    tracer = subprocess.Popen(["strace", "-c", "-f", "-o", str(output), "-p", str(pid)],
+                              stderr=subprocess.DEVNULL)  # fmt: skip
+    return tracer, output
+
+
+def strace_counts(output: Path) -> dict[str, int]:
+    """System calls by name from an `strace -c` summary (and the file removed); "<name> errors"
+    counts those that failed (a futex wait's ETIMEDOUT: a park that timed out)."""
+    counts = {}
+    for line in output.read_text().splitlines():
+        fields = line.split()
+        if len(fields) >= 5 and fields[3].isdigit() and fields[-1] != "total":
+            counts[fields[-1]] = int(fields[3])
+            if len(fields) == 6 and fields[4].isdigit():
+                counts[f"{fields[-1]} errors"] = int(fields[4])
+    output.unlink()
+    return counts
+
+
+def measure(cluster: Cluster, clients: int, transfers: int, in_flight: int, py_spy: Path | None,
+            py_spy_roles: tuple[str, ...] = PY_SPY_ROLES, strace: str | None = None) -> dict[str, float]:  # fmt: skip
     """One closed-loop run on the leader: {"n<node>.<role>": us CPU per command, ..., "per_s": rate}."""
     leader = cluster.wait_leader().number
     processes = {f"n{n}{'L' if n == leader else ''}.{role}": psutil.Process(cluster[n].role_pid(role))
@@ -72,9 +102,14 @@ def measure(cluster: Cluster, clients: int, transfers: int, in_flight: int,
     spies = []
     if py_spy is not None:
         for n in cluster.nodes:
-            for role in PY_SPY_ROLES:
+            for role in py_spy_roles:
                 standing = "leader" if n == leader else "follower"
                 spies.append(start_py_spy(py_spy, cluster[n].role_pid(role), f"{role}-n{n}-{standing}"))
+    tracers = {}
+    if strace is not None:
+        tracers = {f"n{n}{'L' if n == leader else ''}.{strace}": start_strace(cluster[n].role_pid(strace))
+                   for n in cluster.nodes}  # fmt: skip
+        time.sleep(STRACE_ATTACH_S)
     switches = {name: context_switches(process) for name, process in processes.items()}
     before = {name: cpu_seconds(process) for name, process in processes.items()}
     commit_before = cluster[leader].read_counters()[RAFT_COMMIT_INDEX.name]
@@ -88,7 +123,13 @@ def measure(cluster: Cluster, clients: int, transfers: int, in_flight: int,
         spy.send_signal(signal.SIGINT)
     for spy in spies:
         spy.wait(timeout=PY_SPY_STOP_TIMEOUT_S)
+    for tracer, _output in tracers.values():
+        tracer.send_signal(signal.SIGINT)
     figures = {name: 1e6 * (after[name] - before[name]) / commands for name in processes}
+    for name, (tracer, output) in tracers.items():
+        tracer.wait(timeout=STRACE_STOP_TIMEOUT_S)
+        for call, count in sorted(strace_counts(output).items(), key=lambda item: -item[1]):
+            figures[f"{name} {call}/kcmd"] = 1000 * count / commands
     figures["total"] = sum(figures.values())
     for name in processes:
         figures[f"{name} wakes/kcmd"] = 1000 * switches[name] / commands
@@ -106,6 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--in-flight", type=int, default=64)
     parser.add_argument("--runs", type=int, default=1)
     parser.add_argument("--py-spy", type=Path, default=None, help="directory for py-spy's raw profiles")
+    parser.add_argument("--py-spy-role", choices=ROLES, action="append",
+                        help="roles --py-spy samples (default: replicator and sequencer)")  # fmt: skip
+    parser.add_argument("--strace", choices=ROLES, help="count this role's system calls (last run)")
     args = parser.parse_args(argv)
     directory = Path(tempfile.mkdtemp(prefix="seqd-ccpu-", dir="/tmp"))
     if args.py_spy is not None:
@@ -119,14 +163,16 @@ def main(argv: list[str] | None = None) -> int:
             run_load(cluster[leader].socket_path, args.clients, min(2_000, args.transfers), args.in_flight, ACCOUNTS)  # warm-up
             runs = []
             for run in range(args.runs):
-                spy = args.py_spy if run == args.runs - 1 else None
-                runs.append(measure(cluster, args.clients, args.transfers, args.in_flight, spy))
+                last = run == args.runs - 1
+                spy = args.py_spy if last else None
+                runs.append(measure(cluster, args.clients, args.transfers, args.in_flight, spy,
+                                    tuple(args.py_spy_role or PY_SPY_ROLES), args.strace if last else None))  # fmt: skip
     finally:
         shutil.rmtree(directory, ignore_errors=True)
-    names = list(runs[0])
+    names = list(dict.fromkeys(name for run in runs for name in run))
     print(f"load average {load_before:.2f} before, {os.getloadavg()[0]:.2f} after; us CPU per committed command")
     for name in names:
-        values = [run[name] for run in runs]
+        values = [run.get(name, float("nan")) for run in runs]
         fmt = "{:10,.0f}" if name == "per_s" else "{:10.2f}"
         print(f"  {name:<28}" + "".join(fmt.format(v) for v in values))
     return 0

@@ -25,6 +25,16 @@ load:
   finds the next step's limit already moved, so it never waits). `--follower`: the session is
   another node's, so no reply is written (a follower's blp). Minus `processor` per command, this
   is the cycle's cost: poll, outputs to egress, counters, the park.
+- `journaller_cycle`: the journaller's whole duty cycle: the real `JournallerAgent` (a real
+  `Journal` in a temporary directory, fdatasync included) driven by the real `AgentRunner` and
+  `BlockingIdleStrategy` over a log ring that holds every transfer, its published cursor moved
+  `--limit-step` records at a time (one sequencer publish per fdatasync; the records are written
+  in set-up, so the loop counts none of the writer's work). Each step: a cycle that appends and
+  syncs, one that finds nothing, then the park (flag, fence, re-check, which finds the next
+  step already published). `--follower` runs it in cluster mode (no commit counters, the
+  replicator's doorbell rung after each fdatasync instead of the blp's). Per command this is
+  the append (the records' check, the CRC, the write), the sync, the counters and the park; the
+  fdatasync's own time is kernel time, which callgrind does not count.
 
 Figures are thread CPU time per command (`time.thread_time`), median of `--runs`. On a shared
 machine even CPU time moves by 10-20% with the load; instruction counts do not. Each measured
@@ -44,8 +54,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -54,7 +66,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import ipc
-from benches.processor import SESSION_ID, setup
+from benches.processor import SESSION_ID, Feeder, setup
 from daemon.agent import AgentRunner
 from daemon.layout import (
     COMMIT_INDEX,
@@ -63,24 +75,28 @@ from daemon.layout import (
     EGRESS_POLLABLE,
     EGRESS_READERS,
     LOG_READERS,
+    PROPOSAL_READERS,
     ROLE_COUNTERS,
     CounterView,
     Role,
 )
 from daemon.roles.blp import BlpAgent
+from daemon.roles.journaller import JournallerAgent
+from ipc import ring_layout
 from ipc.counters import Counters
 from ipc.idle import BlockingIdleStrategy, IdleStrategy
 from sequencer import egress
 from sequencer.apps.ledger import LEDGER_SCHEMA, Transfer, TransferMade, Transferred
 from sequencer.client.protocol import Connection, Hello, Side
 from sequencer.gateway import Gateway, GatewayConfig, GatewaySession, SingleNodeStamping
+from sequencer.journal import Journal
 from sequencer.record import session_node_number
 
 RING_CAPACITY_BYTES = 1 << 22  # a few thousand batches: the loops wrap it many times
 ACCOUNTS = 100
 DRAIN_EVERY_RECORDS = 16  # the blp drains its outputs once per poll of this many records
 _Encoded = TypeVar("_Encoded")
-LOOPS = ("gateway_ingress", "gateway_egress", "processor", "replay", "blp_cycle")
+LOOPS = ("gateway_ingress", "gateway_egress", "processor", "replay", "blp_cycle", "journaller_cycle")
 LIMIT_STEP_RECORDS = 80  # records per fdatasync on one node under the closed loop (RESULTS.md)
 
 
@@ -207,11 +223,65 @@ class BlpCycleRig:
         self.counters.unlink()
 
 
+class JournallerCycleRig:
+    """A `JournallerAgent` on a real log ring, counters and journal whose ring holds `commands`
+    transfers (indexes from 1), written in set-up and published `limit_step` records at a time."""
+
+    def __init__(self, commands: int, limit_step: int, follower: bool) -> None:
+        token = uuid.uuid4().hex[:8]
+        self.directory = Path(tempfile.mkdtemp(prefix="seqd-hot-journal-"))
+        self.counters = Counters.create(ipc.segment_name(token, "counters"), COUNTER_NAMES)
+        record_bytes = 128  # a transfer's frame is ~100 bytes; every record stays in the ring
+        capacity = 1 << max(20, (commands * record_bytes).bit_length())
+        self.log_ring = ipc.Ring.create(ipc.segment_name(token, "log"), capacity, readers=LOG_READERS)
+        # Cluster mode: the replicator's doorbell (never parked here, so never posted).
+        self.proposal_ring = ipc.Ring.create(ipc.segment_name(token, "proposal"), 1 << 16,
+                                             readers=PROPOSAL_READERS) if follower else None  # fmt: skip
+        writer = self.log_ring.writer()
+        feeder = Feeder()
+        self.steps: list[int] = []  # published position per step
+        for n, (kind, view) in enumerate(_transfers(feeder.command, commands)):
+            assert writer.try_write(view, kind)
+            if n % limit_step == limit_step - 1 or n == commands - 1:
+                self.steps.append(writer.published_position)
+        self.steps.reverse()  # popped from the end
+        self.control = self.log_ring._control
+        self.control[ring_layout.PUBLISHED] = 0  # nothing published yet; `advance` publishes
+        self.journal = Journal.open(self.directory / "journal")
+        self.agent = JournallerAgent(
+            self.log_ring, self.journal, CounterView(self.counters, Role.JOURNALLER, clustered=follower),
+            batch_bytes_max=1 << 20, delete_journal=False,
+            replicator_doorbell=None if self.proposal_ring is None else self.proposal_ring.doorbell(Role.REPLICATOR),
+        )  # fmt: skip
+        role = ROLE_COUNTERS[Role.JOURNALLER]
+        assert self.agent.doorbell is not None
+        self.stop = self.counters[role.stop.name]
+        self.runner = AgentRunner(self.agent, _StepIdle(self, BlockingIdleStrategy(self.agent.doorbell)),
+                                  self.counters[role.heartbeat.name], self.stop, self.counters[role.state.name])  # fmt: skip
+
+    def advance(self) -> None:
+        """The sequencer's publish of the next step (the records are in the ring), or stop."""
+        if not self.steps:
+            self.stop.set(1)
+            return
+        self.control[ring_layout.PUBLISHED] = self.steps.pop()
+
+    def close(self) -> None:
+        self.journal.close()
+        rings = [self.log_ring] if self.proposal_ring is None else [self.log_ring, self.proposal_ring]
+        for ring in rings:
+            ring.close()
+            ring.unlink()
+        self.counters.close()
+        self.counters.unlink()
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
 class _StepIdle(IdleStrategy):
     """The blocking strategy, with the limit moved after each empty cycle (before the park's
     re-check, which then finds work and returns without waiting)."""
 
-    def __init__(self, rig: BlpCycleRig, idle: BlockingIdleStrategy) -> None:
+    def __init__(self, rig: BlpCycleRig | JournallerCycleRig, idle: BlockingIdleStrategy) -> None:
         self.rig = rig
         self.inner = idle.idle
 
@@ -276,6 +346,21 @@ def measure(loop: str, commands: int, batch: int, limit_step: int = LIMIT_STEP_R
             return 1e6 * spent / commands
         finally:
             cycle_rig.close()
+    if loop == "journaller_cycle":
+        journal_rig = JournallerCycleRig(commands, limit_step, follower)
+        try:
+
+            def journal_cycle() -> float:
+                started = time.thread_time()
+                journal_rig.runner.run()
+                return time.thread_time() - started
+
+            spent = _in_thread(journal_cycle)
+            assert journal_rig.journal.durable_index == commands, (
+                "the loop stopped early", journal_rig.journal.durable_index, commands)
+            return 1e6 * spent / commands
+        finally:
+            journal_rig.close()
     if loop == "processor":
         processor, feeder = setup(ACCOUNTS)
         frames = _transfers(feeder.command, commands)
@@ -312,10 +397,12 @@ def main(argv: list[str] | None = None) -> int:
         "--limit-step",
         type=int,
         default=LIMIT_STEP_RECORDS,
-        help="blp_cycle: records per move of the limit (a cluster's commit: ~47)",
+        help="blp_cycle: records per move of the limit (a cluster's commit: ~47); "
+        "journaller_cycle: records per publish",
     )
     parser.add_argument(
-        "--follower", action="store_true", help="blp_cycle: write no replies (a follower's blp)"
+        "--follower", action="store_true",
+        help="blp_cycle: write no replies (a follower's blp); journaller_cycle: cluster mode",
     )
     parser.add_argument("--only", choices=LOOPS, action="append", help="run these loops only")
     parser.add_argument("--json", action="store_true")

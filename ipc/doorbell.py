@@ -232,6 +232,22 @@ class Doorbell:
             self.drain()
         return True
 
+    def take_pending(self) -> bool:
+        """Swallow the rings already pending, without a system call; True if there were any.
+
+        A ring that lands after the waiter's wake-up drain, from a ringer that loaded the parked
+        flag before the waiter unparked, is pending with no work behind it that the waiter has
+        not seen (each post follows its R1, and the waiter polls after this). A waiter about to
+        park takes it here instead, and polls again, rather than pay a park's fence (membarrier:
+        an IPI to every CPU) for a wait that returns at once. Only a semaphore's count can be
+        read without a system call; for a FIFO (or where `sem_getvalue` is missing) this is
+        always False, and the wait swallows the pending rings as before.
+        """
+        if self._fifo is not None or not _VALUE_SUPPORTED or self._semaphore.value <= 0:
+            return False
+        self.drain()
+        return True
+
     def drain(self) -> int:
         """Swallow pending rings without blocking; returns how many.
 

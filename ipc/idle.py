@@ -137,7 +137,10 @@ class BlockingIdleStrategy(IdleStrategy):
     `timeouts` count how each wait ended (a signal's early wake-up counts as a timeout);
     `timeouts_with_work` counts the timeouts after which work was waiting, each one a ring that
     never came (zero unless a ringer died or stalled for the whole timeout between publishing and
-    ringing).
+    ringing). A ring already pending when a cycle found no work (a late ring from a ringer that
+    saw the flag before the last unpark) is taken instead of parking (`Doorbell.take_pending`):
+    the caller polls once more, and the park's fence and a wait that would return at once are
+    saved; `pending_taken` counts those.
     """
 
     name = "blocking"
@@ -156,6 +159,7 @@ class BlockingIdleStrategy(IdleStrategy):
         self.wakes = 0
         self.timeouts = 0
         self.timeouts_with_work = 0
+        self.pending_taken = 0
 
     def reset(self) -> None:
         self.empty_cycles = 0
@@ -169,6 +173,9 @@ class BlockingIdleStrategy(IdleStrategy):
             os.sched_yield()
             return
         doorbell = self.doorbell
+        if doorbell.take_pending():
+            self.pending_taken += 1
+            return
         doorbell.park()
         try:
             if doorbell.ready():

@@ -196,6 +196,25 @@ def test_a_process_that_attaches_a_ring_is_registered_for_membarrier_before_it_c
     assert registrations & ipc.platform._MEMBARRIER_CMD_REGISTER_GLOBAL_EXPEDITED, registrations
 
 
+def test_a_ring_left_pending_is_taken_without_parking_and_the_next_empty_cycle_parks(doorbell, monkeypatch):
+    # A ringer that loaded the flag before the last unpark posts late: the semaphore holds a
+    # ring with no work behind it the reader has not polled. Taking it costs no fence (a
+    # membarrier: an IPI to every CPU) and no wait; the caller polls once more, then parks.
+    events: list[str] = []
+    fences = ipc.platform.StoreLoadFences("lock", lambda: events.append("parker fence"), None)
+    monkeypatch.setattr(ipc.platform, "_chosen", (os.getpid(), fences))
+    bound = doorbell.bind(parked=(RecordingWord(events), 0), ready=lambda: events.append("ready?") or False)
+    doorbell.ring()
+    doorbell.ring()
+    idle = BlockingIdleStrategy(bound, timeout_ms=1, yields_before_park=0)
+    idle.idle(0)
+    assert events == [], "parked although a ring was pending"
+    assert (idle.pending_taken, idle.wakes, idle.timeouts) == (1, 0, 0)
+    idle.idle(0)  # both rings were taken: this one parks and times out
+    assert events == ["store flag = 1", "parker fence", "ready?", "ready?", "store flag = 0"]
+    assert (idle.pending_taken, idle.wakes, idle.timeouts) == (1, 0, 1)
+
+
 def test_bound_doorbell_rings_only_a_parked_waiter(doorbell):
     flag = memoryview(bytearray(8)).cast("q")
     bound = doorbell.bind(parked=(flag, 0))
