@@ -181,8 +181,13 @@ class RaftCore(Elections, Reads, Readies):
         self._reads = ReadIndexQueue()
         self._follower = Follower(config, self.log, self._durable, self._send)
 
-        # Operating counters: messages dropped at the gateway (wrong cluster, target or sender).
+        # Operating counters: messages dropped at the gateway (wrong cluster, target or sender);
+        # AppendEntries sent, of them commit notices (`RaftConfig.defer_commit_notices`), and
+        # AppendEntriesResponses sent: how many messages replication costs per command.
         self.messages_dropped = 0
+        self.appends_sent = 0
+        self.commit_notices_sent = 0
+        self.append_answers_sent = 0
 
     @property
     def election_elapsed_ticks(self) -> int:
@@ -206,6 +211,7 @@ class RaftCore(Elections, Reads, Readies):
                     timer.reset()
             return
         leader.transfer_tick()
+        leader.send_commit_notices(self.commit_index)  # a held commit waits at most a tick
         if timer.elapsed_ticks >= self.config.election_ticks:
             timer.elapsed_ticks = 0
             if not leader.election_timeout():
@@ -494,6 +500,32 @@ class RaftCore(Elections, Reads, Readies):
 
     def _send(self, message: Message) -> None:
         self._messages.append(message)
+        kind = type(message)
+        if kind is AppendEntries:
+            self.appends_sent += 1
+            if message.notice:  # type: ignore[attr-defined]
+                self.commit_notices_sent += 1
+        elif kind is AppendEntriesResponse:
+            self.append_answers_sent += 1
+
+    def send_commit_notices(self) -> None:
+        """On a leader: send the commit index it holds back (`RaftConfig.defer_commit_notices`)
+        to every follower that lacks it, in the next ready. The caller's bound on how long a
+        follower waits for a commit with no entries to ride on; no-op elsewhere."""
+        assert self._ready_outstanding is None, "advance() the outstanding ready first"
+        if self._leader is not None:
+            self._leader.send_commit_notices(self.commit_index)
+
+    def commit_notices_held(self) -> bool:
+        """Whether a leader holds its commit index back from a follower with no entries due: the
+        caller then calls `send_commit_notices` within its bound (a query; a tick sends them too)."""
+        leader = self._leader
+        return leader is not None and leader.commit_notices_held(self.commit_index)
+
+    @property
+    def notices_unanswered(self) -> int:
+        """Commit notices this node, following, left unanswered (an operating counter)."""
+        return self._follower.notices_unanswered
 
     # ------------------------------------------------------------------------- inspection
 
