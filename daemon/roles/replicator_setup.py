@@ -44,6 +44,7 @@ def raft_config(config: Config, storage_read_bytes_max: int) -> RaftConfig:
         heartbeat_ticks=cluster.heartbeat_ticks,
         inflight_bytes_max=cluster.inflight_bytes_max,
         term_start_from_shell=True,
+        defer_commit_notices=True,  # the bound: daemon/roles/commit_notices.py
         storage_read_bytes_max=storage_read_bytes_max,
         # Grows from one start of this role to the next, even after the data directory was
         # wiped (which resets every file: then the wall clock's) or the clock stepped back (the
