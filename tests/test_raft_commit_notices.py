@@ -88,14 +88,21 @@ def test_a_held_commit_rides_on_the_next_appendentries_with_entries() -> None:
     assert all(cluster.core(n).commit_index == commit_index for n in FOLLOWERS)
 
 
-def test_a_tick_sends_a_held_commit_whatever_the_caller_does() -> None:
+def test_a_heartbeat_carries_a_held_commit_and_no_notice_follows() -> None:
     cluster = leading()
     leader = cluster.core(1)
     committed_with_the_notices_held(cluster)
-    leader.tick()
+    leader.tick()  # heartbeat_ticks=1: heartbeats now, with the commit up to each one's match
     cluster.process(1)
     for node in FOLLOWERS:
-        assert [m.notice for m in appends(cluster.outbox, node)] == [True]
+        (heartbeat,) = [m for m in cluster.outbox if m.target == node]
+        assert isinstance(heartbeat, Heartbeat) and heartbeat.commit_index == leader.commit_index
+    assert not leader.commit_notices_held()
+    cluster.deliver()
+    assert all(cluster.core(n).commit_index == leader.commit_index for n in FOLLOWERS)
+    leader.send_commit_notices()  # the caller's bound, after: nothing is held
+    cluster.process(1)
+    assert appends(cluster.outbox, 2) == [] and appends(cluster.outbox, 3) == []
 
 
 def test_a_follower_does_not_answer_a_notice_that_repeats_its_acknowledgement() -> None:
@@ -205,7 +212,7 @@ def test_held_commit_notices_send_fewer_messages_and_the_cluster_still_converges
         appends_sent = sum(core.appends_sent for core in cores if core is not None)
         answered = sum(core.append_answers_sent for core in cores if core is not None)
         counts[delay_us] = (appends_sent, answered, simulation.messages_sent)
-    sent_at_once, held_500us, held_tick = counts[None], counts[500], counts[0]
+    sent_at_once, held_500us, held_for_heartbeats = counts[None], counts[500], counts[0]
     # Commit-only AppendEntries are most of what holding them saves, and their answers.
-    assert held_500us[0] < sent_at_once[0] and held_tick[0] < held_500us[0]
+    assert held_500us[0] < sent_at_once[0] and held_for_heartbeats[0] < held_500us[0]
     assert held_500us[1] < sent_at_once[1]

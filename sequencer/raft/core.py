@@ -211,7 +211,6 @@ class RaftCore(Elections, Reads, Readies):
                     timer.reset()
             return
         leader.transfer_tick()
-        leader.send_commit_notices(self.commit_index)  # a held commit waits at most a tick
         if timer.elapsed_ticks >= self.config.election_ticks:
             timer.elapsed_ticks = 0
             if not leader.election_timeout():
@@ -518,7 +517,7 @@ class RaftCore(Elections, Reads, Readies):
 
     def commit_notices_held(self) -> bool:
         """Whether a leader holds its commit index back from a follower with no entries due: the
-        caller then calls `send_commit_notices` within its bound (a query; a tick sends them too)."""
+        caller then calls `send_commit_notices` within its bound (a query)."""
         leader = self._leader
         return leader is not None and leader.commit_notices_held(self.commit_index)
 

@@ -79,8 +79,8 @@ class Leader:
         self._send = send
         self._heartbeat_elapsed_ticks = 0
         # With `defer_commit_notices`: a follower whose last AppendEntries carried a commit index
-        # below this is sent the commit alone (the caller asked, or a tick passed, when the
-        # commit was here); one that lacks only a later commit waits (`notices_through`).
+        # below this is sent the commit alone (the caller asked when the commit was here); one
+        # that lacks only a later commit waits (`notices_through`).
         self._notices_through = 0
         # Leadership transfer (thesis 3.10): the follower being handed leadership, or NO_NODE.
         self.transfer_target = NO_NODE
@@ -161,12 +161,17 @@ class Leader:
 
     def broadcast_heartbeat(self, commit_index: int, read_sequence: int) -> None:
         """Heartbeats carry the commit index (never past what the follower matches) and the
-        latest read round, which the follower echoes back."""
+        latest read round, which the follower echoes back. With `defer_commit_notices` a commit
+        a heartbeat carried is held back from that follower no longer: it has been sent."""
         config = self._config
         cluster_id, node_id, term = config.cluster_id, config.node_id, self.term
+        deferring = config.defer_commit_notices
         for progress in self.tracker.progress.values():
-            self._send(Heartbeat(cluster_id, node_id, progress.node_id, term,
-                                 min(commit_index, progress.match_index), read_sequence))
+            carried = min(commit_index, progress.match_index)
+            self._send(Heartbeat(cluster_id, node_id, progress.node_id, term, carried,
+                                 read_sequence))
+            if deferring and progress.commit_sent < carried:
+                progress.commit_sent = carried
 
     def appends_due(self, commit_index: int) -> bool:
         """Whether `flush_appends` would send anything now (a query only)."""
@@ -178,7 +183,7 @@ class Leader:
     def notices_through(self, commit_index: int) -> int:
         """A follower whose last AppendEntries carried a commit below this is due one now, even
         with no entries to send it: the commit index, or with `defer_commit_notices` what it was
-        when the caller last asked (`send_commit_notices`) or a tick passed."""
+        when the caller last asked (`send_commit_notices`)."""
         if self._config.defer_commit_notices and self._notices_through < commit_index:
             return self._notices_through
         return commit_index
@@ -189,7 +194,7 @@ class Leader:
 
     def commit_notices_held(self, commit_index: int) -> bool:
         """Whether a follower lacks `commit_index` and is sent it alone only once the caller asks
-        (`send_commit_notices`) or a tick passes, unless entries carry it first (a query only)."""
+        (`send_commit_notices`), unless entries or a heartbeat carry it first (a query only)."""
         config = self._config
         return (config.defer_commit_notices and self._notices_through < commit_index
                 and self.tracker.notices_held(commit_index, config.inflight_messages_max,

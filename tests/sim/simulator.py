@@ -195,7 +195,7 @@ class Simulation:
         self.term_start_from_shell = term_start_from_shell
         # None: the cores send a new commit index at once. Else they hold it back
         # (`RaftConfig.defer_commit_notices`) and a leader's shell asks for it this long after
-        # it was first held, as the replicator's timer does (0: no timer, only the ticks).
+        # it was first held, as the replicator's timer does (0: no timer, only the heartbeats).
         self.commit_notice_delay_us = commit_notice_delay_us
         self.nodes: dict[int, SimNode] = {}
         for node_id in self.ids:
@@ -454,7 +454,7 @@ class Simulation:
         """The leader's commit notice timer fires (`_drain` armed it)."""
         node.notice_timer = False
         if node.core is not core or self.now_us < node.paused_until_us:
-            return  # crashed since (a new core arms its own), or stopped: its next tick sends them
+            return  # crashed since (a new core arms its own), or stopped: heartbeats carry them
         core.send_commit_notices()
         self._record(f"commit-notices n{node.id}")
         self._drain(node)
