@@ -38,6 +38,7 @@ from daemon.layout import (
     RAFT_APPENDS_SENT,
     RAFT_COMMIT_INDEX,
     RAFT_COMMIT_NOTICES_SENT,
+    RAFT_EMPTY_APPENDS_SENT,
     RAFT_NOTICES_UNANSWERED,
     Role,
     node_roles,
@@ -50,8 +51,8 @@ PY_SPY_RATE_HZ = 500  # samples per second: ~2% overhead on the sampled process
 PY_SPY_ROLES = (Role.REPLICATOR, Role.SEQUENCER)
 PY_SPY_STOP_TIMEOUT_S = 60.0  # it writes its profile within seconds of SIGINT
 # Peer messages per 1,000 commands (the replicators copy these once a tick: a reading waits one).
-MESSAGE_COUNTERS = (RAFT_APPENDS_SENT, RAFT_COMMIT_NOTICES_SENT, RAFT_APPEND_ANSWERS_SENT,
-                    RAFT_NOTICES_UNANSWERED)
+MESSAGE_COUNTERS = (RAFT_APPENDS_SENT, RAFT_EMPTY_APPENDS_SENT, RAFT_COMMIT_NOTICES_SENT,
+                    RAFT_APPEND_ANSWERS_SENT, RAFT_NOTICES_UNANSWERED)
 COUNTERS_SETTLE_S = 0.05
 
 

@@ -43,6 +43,7 @@ from daemon.layout import (
     RAFT_APPENDS_SENT,
     RAFT_COMMIT_NOTICES_SENT,
     RAFT_ELECTIONS,
+    RAFT_EMPTY_APPENDS_SENT,
     RAFT_FORWARD_STREAMS_BROKEN,
     RAFT_FORWARD_STREAMS_REFUSED,
     RAFT_FORWARDS_DROPPED,
@@ -99,7 +100,8 @@ class ReplicatorOperations:
         self.forwards_resent = counters[RAFT_FORWARDS_RESENT]
         self.records_resent = 0  # published once a tick, as the transport's figures
         self.message_counters = tuple(counters[spec] for spec in (
-            RAFT_APPENDS_SENT, RAFT_COMMIT_NOTICES_SENT, RAFT_APPEND_ANSWERS_SENT, RAFT_NOTICES_UNANSWERED))
+            RAFT_APPENDS_SENT, RAFT_EMPTY_APPENDS_SENT, RAFT_COMMIT_NOTICES_SENT, RAFT_APPEND_ANSWERS_SENT,
+            RAFT_NOTICES_UNANSWERED))
         self.node_state = counters[NODE_STATE]  # the supervisor's
         self.request = counters[RAFT_TRANSFER_REQUEST]  # the operator's
         self.handled = counters[RAFT_TRANSFER_HANDLED]
@@ -217,7 +219,7 @@ class ReplicatorOperations:
         self.streams_broken.set(transport.forward_streams_broken)
         self.streams_refused.set(transport.forward_streams_refused)
         self.forwards_resent.set(self.records_resent)
-        for counter, value in zip(self.message_counters, (core.appends_sent, core.commit_notices_sent,
+        for counter, value in zip(self.message_counters, (core.appends_sent, core.empty_appends_sent, core.commit_notices_sent,
                                   core.append_answers_sent, core.notices_unanswered), strict=True):
             counter.set(value)
         refused_total = sum(transport.refused.values())

@@ -182,10 +182,12 @@ class RaftCore(Elections, Reads, Readies):
         self._follower = Follower(config, self.log, self._durable, self._send)
 
         # Operating counters: messages dropped at the gateway (wrong cluster, target or sender);
-        # AppendEntries sent, of them commit notices (`RaftConfig.defer_commit_notices`), and
-        # AppendEntriesResponses sent: how many messages replication costs per command.
+        # AppendEntries sent, of them those with no entries (probes, commits) and of those the
+        # commit notices (`RaftConfig.defer_commit_notices`), and AppendEntriesResponses sent:
+        # how many messages replication costs per command.
         self.messages_dropped = 0
         self.appends_sent = 0
+        self.empty_appends_sent = 0
         self.commit_notices_sent = 0
         self.append_answers_sent = 0
 
@@ -502,8 +504,10 @@ class RaftCore(Elections, Reads, Readies):
         kind = type(message)
         if kind is AppendEntries:
             self.appends_sent += 1
-            if message.notice:  # type: ignore[attr-defined]
-                self.commit_notices_sent += 1
+            if not message.terms:  # type: ignore[attr-defined]
+                self.empty_appends_sent += 1
+                if message.notice:  # type: ignore[attr-defined]
+                    self.commit_notices_sent += 1
         elif kind is AppendEntriesResponse:
             self.append_answers_sent += 1
 
