@@ -487,8 +487,7 @@ class Replicator:
         """Stamp and propose `records`, then `forwarded` (followers' records); those of `records`
         from `start` on are pending here under `keys`, in order (`keys` may be empty)."""
         core = self.core
-        first_index = core.next_index()
-        term = core.term
+        first_index, term = core.next_index(), core.term
         stamped = self.stamper.stamp_all(records + forwarded if forwarded else records, first_index, term)
         try:
             core.propose_batch(stamped, first_index=first_index, term=term)
@@ -499,6 +498,7 @@ class Replicator:
             self.outbox = records + self.outbox
             self.inbox.put_back(forwarded)
             return
+        self.notice_timer.forwarded(first_index + len(records), len(forwarded))  # their commit: at once
         if keys:
             # Their keys, for the two times the core hands the copies back (`_queue_entries`,
             # the commit): a lookup instead of a key built again each time.
