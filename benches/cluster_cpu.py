@@ -39,7 +39,16 @@ import psutil
 
 from benches.cluster import RINGS
 from daemon.cluster_harness import Cluster
-from daemon.layout import RAFT_COMMIT_INDEX, Role, node_roles
+from daemon.layout import (
+    RAFT_APPEND_ANSWERS_SENT,
+    RAFT_APPENDS_SENT,
+    RAFT_COMMIT_INDEX,
+    RAFT_COMMIT_NOTICES_SENT,
+    RAFT_EMPTY_APPENDS_SENT,
+    RAFT_NOTICES_UNANSWERED,
+    Role,
+    node_roles,
+)
 from daemon.load import run_load, setup_accounts
 
 ROLES = node_roles(clustered=True)
@@ -49,6 +58,17 @@ PY_SPY_ROLES = (Role.REPLICATOR, Role.SEQUENCER)
 PY_SPY_STOP_TIMEOUT_S = 60.0  # it writes its profile within seconds of SIGINT
 STRACE_ATTACH_S = 0.5  # strace attaches to every thread in this time (it prints nothing when ready)
 STRACE_STOP_TIMEOUT_S = 10.0
+# Peer messages per 1,000 commands (the replicators copy these once a tick: a reading waits one).
+MESSAGE_COUNTERS = (RAFT_APPENDS_SENT, RAFT_EMPTY_APPENDS_SENT, RAFT_COMMIT_NOTICES_SENT,
+                    RAFT_APPEND_ANSWERS_SENT, RAFT_NOTICES_UNANSWERED)
+COUNTERS_SETTLE_S = 0.05
+
+
+def message_counts(cluster: Cluster) -> dict[str, int]:
+    """Each message counter summed over the nodes."""
+    time.sleep(COUNTERS_SETTLE_S)
+    readings = [cluster[n].read_counters() for n in cluster.nodes]
+    return {spec.name: sum(reading[spec.name] for reading in readings) for spec in MESSAGE_COUNTERS}
 
 
 def cpu_seconds(process: psutil.Process) -> float:
@@ -113,12 +133,14 @@ def measure(cluster: Cluster, clients: int, transfers: int, in_flight: int, py_s
     switches = {name: context_switches(process) for name, process in processes.items()}
     before = {name: cpu_seconds(process) for name, process in processes.items()}
     commit_before = cluster[leader].read_counters()[RAFT_COMMIT_INDEX.name]
+    messages_before = message_counts(cluster)
     started = time.perf_counter()
     result = run_load(cluster[leader].socket_path, clients, transfers, in_flight, ACCOUNTS)
     elapsed = time.perf_counter() - started
     after = {name: cpu_seconds(process) for name, process in processes.items()}
     switches = {name: context_switches(process) - switches[name] for name, process in processes.items()}
     commands = cluster[leader].read_counters()[RAFT_COMMIT_INDEX.name] - commit_before
+    messages = message_counts(cluster)
     for spy in spies:
         spy.send_signal(signal.SIGINT)
     for spy in spies:
@@ -134,6 +156,8 @@ def measure(cluster: Cluster, clients: int, transfers: int, in_flight: int, py_s
     for name in processes:
         figures[f"{name} wakes/kcmd"] = 1000 * switches[name] / commands
     figures["total wakes/kcmd"] = 1000 * sum(switches.values()) / commands
+    for name, count in messages.items():
+        figures[f"{name.removeprefix('raft.')}/kcmd"] = 1000 * (count - messages_before[name]) / commands
     figures["per_s"] = result.per_s
     figures["cores"] = figures["total"] * result.per_s / 1e6  # at the load's rate
     figures["elapsed_s"] = elapsed

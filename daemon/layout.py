@@ -611,6 +611,13 @@ SNAPSHOTTER_COUNTERS = SnapshotterCounters(
 # before it sequences or forwards anything of a subscribing session; the blp reads it after the
 # records it applies.
 GATEWAY_EVENT_SUBSCRIBERS = _declare("gateway.event_subscribers", Role.SEQUENCER, Kind.GAUGE, "Sessions attached to this node that subscribed to events (0: the blp writes no events to egress)")  # fmt: skip
+# What replication costs in messages (sequencer/raft/config.py, `defer_commit_notices`), copied
+# once a tick: per command, they are what a change to the leader's sending is judged by.
+RAFT_APPENDS_SENT = _declare("raft.appends_sent", Role.REPLICATOR, Kind.COUNTER, "AppendEntries this node sent as leader (with entries, probes and commit notices)")  # fmt: skip
+RAFT_EMPTY_APPENDS_SENT = _declare("raft.empty_appends_sent", Role.REPLICATOR, Kind.COUNTER, "AppendEntries this node sent as leader with no entries: probes and commits alone")  # fmt: skip
+RAFT_COMMIT_NOTICES_SENT = _declare("raft.commit_notices_sent", Role.REPLICATOR, Kind.COUNTER, "AppendEntries this node sent as leader for a commit index alone (held back until no entries carried it)")  # fmt: skip
+RAFT_APPEND_ANSWERS_SENT = _declare("raft.append_answers_sent", Role.REPLICATOR, Kind.COUNTER, "AppendEntriesResponses this node sent as follower")  # fmt: skip
+RAFT_NOTICES_UNANSWERED = _declare("raft.notices_unanswered", Role.REPLICATOR, Kind.COUNTER, "Commit notices this node, following, left unanswered: it had acknowledged that far already")  # fmt: skip
 
 # seqd's own session rules (sequencer/rules_versions.py): the blp publishes the active version and
 # the one every member reported (`due`); the sequencer asks the log to make `due` active.

@@ -23,8 +23,10 @@ from daemon.layout import (
     BLP_APPLIED_INDEX,
     BLP_ROLLING_HASH,
     RAFT_COMMIT_INDEX,
+    RAFT_COMMIT_NOTICES_SENT,
     RAFT_LAST_INDEX,
     RAFT_LEADER,
+    RAFT_NOTICES_UNANSWERED,
     RAFT_PEER_MATCH_INDEX,
     RAFT_PEER_NODE,
     RAFT_ROLE,
@@ -203,6 +205,14 @@ def test_three_nodes_elect_a_leader_replicate_fail_over_and_catch_up(cluster: Cl
     # every node applies them from one record on (sequencer/rules_versions.py).
     _wait(lambda: all(cluster.values(node)["rules.version.active"] == RULES_VERSION for node in nodes),
           "today's session rules active on every node")  # fmt: skip
+    # Commit notices (sequencer/raft/config.py, `defer_commit_notices`): the leader held back
+    # commits with no entries to ride on and sent some alone within its bound (the last one at
+    # least, unless a heartbeat carried it), marked, and the followers left those that repeated
+    # an acknowledgement unanswered.
+    followers = [node for node in nodes if node is not leader]
+    _wait(lambda: cluster.values(leader)[RAFT_COMMIT_NOTICES_SENT.name] > 0
+          and sum(cluster.values(node)[RAFT_NOTICES_UNANSWERED.name] for node in followers) > 0,
+          "commit notices sent by the leader and left unanswered by its followers")
     # Issue 13: the sequencer's and the replicator's event loops watch their FIFO doorbells
     # themselves; no waker thread hands wakes over (each hand-off cost GIL round trips).
     # (uvloop's resolver runs in libuv's own worker threads: not Python's, not counted.)

@@ -82,6 +82,7 @@ IO_FREE: dict[str, bool] = {
     "sequencer.raft.durability": True,
     "sequencer.raft.follower": True,
     "sequencer.raft.restart": True,
+    "sequencer.raft.readies": True,  # the core's ready/advance side (commitcoal)
     "sequencer.processor": True,
     "sequencer.dedup": True,  # the processor, split by concept (issue 10)
     "sequencer.app_versions": True,  # the active app version of a log (issue 16, rolling upgrades)

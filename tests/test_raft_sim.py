@@ -169,7 +169,8 @@ def test_simulator_catches_a_leader_that_counts_its_unsynced_entries(
 def test_simulator_catches_a_follower_that_acknowledges_before_its_write_is_durable(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    def acknowledge_at_once(self: Follower, leader_id: int, index: int, term: int) -> None:
+    def acknowledge_at_once(self: Follower, leader_id: int, index: int, term: int,
+                            notice: bool = False) -> None:
         self._send(AppendEntriesResponse(self.cluster_id, self.id, leader_id, term, True,
                                          index, 0, 0))
 

@@ -95,6 +95,7 @@ from daemon.layout import (
 )
 from daemon.raft_truncate import write_truncate_request
 from daemon.read_rounds import ReadRounds
+from daemon.roles.commit_notices import CommitNoticeTimer
 from daemon.roles.common import (
     ROLE_EXIT_RAFT_TRUNCATE,
     RoleContext,
@@ -242,6 +243,7 @@ class Replicator:
         self.faults = ForwardFaults(config.node.number)  # the proposals' check, the forwards' fault hooks
         self.process_scheduled: asyncio.Handle | None = None  # a pass `_schedule` asked for
         self.finished: asyncio.Future[int] = loop.create_future()
+        self.notice_timer = CommitNoticeTimer(loop, self.core, self.finished, self._process)  # a held commit's bound
         self.durable_seen = -1  # the journal's durable index last told to the core
         self.want_proposals = False  # proposals wake `_process` only while it takes them
         self.feed_flowing = False  # the last pass wrote to the ring and entries still wait
@@ -377,6 +379,7 @@ class Replicator:
         except BaseException as error:
             self.finished.set_exception(error)
             return
+        self.notice_timer.arm()
         if self._has_work_outside() or self.feed_flowing:  # more than one pass takes (a run of the
             self._schedule()  # feed, PROPOSALS_PER_PASS_MAX), or new work
 
@@ -483,8 +486,7 @@ class Replicator:
         """Stamp and propose `records`, then `forwarded` (followers' records); those of `records`
         from `start` on are pending here under `keys`, in order (`keys` may be empty)."""
         core = self.core
-        first_index = core.next_index()
-        term = core.term
+        first_index, term = core.next_index(), core.term
         stamped = self.stamper.stamp_all(records + forwarded if forwarded else records, first_index, term)
         try:
             core.propose_batch(stamped, first_index=first_index, term=term)
@@ -495,6 +497,7 @@ class Replicator:
             self.outbox = records + self.outbox
             self.inbox.put_back(forwarded)
             return
+        self.notice_timer.forwarded(first_index + len(records), len(forwarded))  # their commit: at once
         if keys:
             # Their keys, for the two times the core hands the copies back (`_queue_entries`,
             # the commit): a lookup instead of a key built again each time.
@@ -513,9 +516,7 @@ class Replicator:
             raise InstallRequired(snapshot.index)
         if hard_state is not None:
             if ready.sync_before_send:
-                self.hard_state_file.save(hard_state)  # the term and vote: durable before sending
-                self.hard_state_unsaved = None
-                self.hard_state_saved_s = time.monotonic()
+                self._save_hard_state(hard_state)  # the term and vote: durable before sending
             else:
                 self.hard_state_unsaved = hard_state
         if ready.entries is not None:
@@ -661,9 +662,8 @@ class Replicator:
             log.warning("%s: restarting the node's pipeline on it", install)
             return ROLE_EXIT_RAFT_TRUNCATE
         finally:
-            unsaved = self.hard_state_unsaved
-            if unsaved is not None:
-                self._save_hard_state(unsaved)
+            if self.hard_state_unsaved is not None:
+                self._save_hard_state(self.hard_state_unsaved)
             await self.transport.close()
 
     def close(self) -> None:

@@ -39,11 +39,16 @@ from collections.abc import Callable
 from daemon.layout import (
     ERRORS_PEER_REFUSED,
     NODE_STATE,
+    RAFT_APPEND_ANSWERS_SENT,
+    RAFT_APPENDS_SENT,
+    RAFT_COMMIT_NOTICES_SENT,
     RAFT_ELECTIONS,
+    RAFT_EMPTY_APPENDS_SENT,
     RAFT_FORWARD_STREAMS_BROKEN,
     RAFT_FORWARD_STREAMS_REFUSED,
     RAFT_FORWARDS_DROPPED,
     RAFT_FORWARDS_RESENT,
+    RAFT_NOTICES_UNANSWERED,
     RAFT_PEER_INFLIGHT_BYTES_PEAK,
     RAFT_PEER_LAST_CONTACT_MS,
     RAFT_STEP_DOWNS,
@@ -94,6 +99,9 @@ class ReplicatorOperations:
         self.streams_refused = counters[RAFT_FORWARD_STREAMS_REFUSED]
         self.forwards_resent = counters[RAFT_FORWARDS_RESENT]
         self.records_resent = 0  # published once a tick, as the transport's figures
+        self.message_counters = tuple(counters[spec] for spec in (
+            RAFT_APPENDS_SENT, RAFT_EMPTY_APPENDS_SENT, RAFT_COMMIT_NOTICES_SENT, RAFT_APPEND_ANSWERS_SENT,
+            RAFT_NOTICES_UNANSWERED))
         self.node_state = counters[NODE_STATE]  # the supervisor's
         self.request = counters[RAFT_TRANSFER_REQUEST]  # the operator's
         self.handled = counters[RAFT_TRANSFER_HANDLED]
@@ -211,6 +219,9 @@ class ReplicatorOperations:
         self.streams_broken.set(transport.forward_streams_broken)
         self.streams_refused.set(transport.forward_streams_refused)
         self.forwards_resent.set(self.records_resent)
+        for counter, value in zip(self.message_counters, (core.appends_sent, core.empty_appends_sent, core.commit_notices_sent,
+                                  core.append_answers_sent, core.notices_unanswered), strict=True):
+            counter.set(value)
         refused_total = sum(transport.refused.values())
         if refused_total != self.refused_seen:
             self.errors.add(refused_total - self.refused_seen)

@@ -50,6 +50,7 @@ def raft_config(config: Config, storage_read_bytes_max: int, incarnation: int) -
         heartbeat_ticks=cluster.heartbeat_ticks,
         inflight_bytes_max=cluster.inflight_bytes_max,
         term_start_from_shell=True,
+        defer_commit_notices=True,  # the bound: daemon/roles/commit_notices.py
         storage_read_bytes_max=storage_read_bytes_max,
         storage_read_bytes_per_pass_max=cluster.storage_read_bytes_per_pass_max,
         incarnation=incarnation,

@@ -11,7 +11,9 @@ the log unless the follower holds the snapshot's last entry already.
 A successful AppendEntriesResponse is a promise that the follower holds the entries durably
 (thesis 10.2.1). It is sent at once when they are (a retransmission), else it waits: the highest
 index owed to the term's leader is remembered and acknowledged when the core reports the write
-durable (`stable_advanced`). A new term voids what was owed to the last term's leader.
+durable (`stable_advanced`). A new term voids what was owed to the last term's leader. A commit
+notice (`AppendEntries.notice`: no entries, sent only for its commit index) that would repeat an
+answer already sent to this term's leader is not answered.
 
 The core keeps the node's standing, its commit index and what it hands out in readies; this module
 is told the commit index and the term and returns what changed.
@@ -40,7 +42,7 @@ class Follower:
     """A node's handling of its leader's messages and its deferred acknowledgements."""
 
     __slots__ = ("_log", "_send", "_writes", "ack_leader", "ack_pending_index", "ack_sent_index",
-                 "cluster_id", "id", "incarnation")
+                 "acked_index", "cluster_id", "id", "incarnation", "notices_unanswered")
 
     def __init__(self, config: RaftConfig, log: RaftLog, writes: DurableWrites,
                  send: Callable[[Message], None]) -> None:
@@ -55,15 +57,24 @@ class Follower:
         self.ack_pending_index = 0
         self.ack_sent_index = 0
         self.ack_leader = NO_NODE
+        # The highest index a successful answer reported to this term's leader, at once or
+        # deferred: a commit notice that would report no more is not answered.
+        self.acked_index = 0
+        self.notices_unanswered = 0  # commit notices left unanswered (an operating counter)
 
     def new_term(self) -> None:
         """Acknowledgements owed to the last term's leader are void."""
         self.ack_pending_index = 0
         self.ack_sent_index = 0
         self.ack_leader = NO_NODE
+        self.acked_index = 0
 
-    def acknowledge(self, leader_id: int, index: int, term: int) -> None:
-        """Tell the leader the log matches its own up to `index`, once that is durable."""
+    def acknowledge(self, leader_id: int, index: int, term: int, notice: bool = False) -> None:
+        """Tell the leader the log matches its own up to `index`, once that is durable; for a
+        commit notice (`AppendEntries.notice`) only if no answer said so already."""
+        if notice and index <= self.acked_index:
+            self.notices_unanswered += 1
+            return
         if index <= self._writes.stable_index:
             self.answer(leader_id, term, True, index)
         elif index > self.ack_pending_index:
@@ -73,6 +84,8 @@ class Follower:
     def answer(self, leader_id: int, term: int, success: bool, index: int, hint_index: int = 0,
                hint_term: int = 0) -> None:
         """Send an AppendEntriesResponse, with this log's last index and this start's incarnation."""
+        if success and index > self.acked_index:
+            self.acked_index = index
         self._send(AppendEntriesResponse(self.cluster_id, self.id, leader_id, term, success, index,
                                          hint_index, hint_term, self._log.last_index,
                                          self.incarnation))
@@ -104,7 +117,7 @@ class Follower:
             # (Leader Completeness); skip them: they may be compacted here.
             skip = commit_index - previous_index
             if skip >= len(terms):
-                self.acknowledge(message.source, commit_index, term)
+                self.acknowledge(message.source, commit_index, term, message.notice)
                 return commit_index, 0
             assert terms[skip - 1] == log.term_at(commit_index), (self.id, commit_index)
             previous_index = commit_index
@@ -131,7 +144,7 @@ class Follower:
             # Figure 2: "commitIndex = min(leaderCommit, index of last new entry)".
             commit_index = max(commit_index, min(message.commit_index, last_new_index))
         # A follower acknowledges only what is durable: the answer waits for `durable()` if need be.
-        self.acknowledge(message.source, last_new_index, term)
+        self.acknowledge(message.source, last_new_index, term, message.notice)
         return commit_index, changed
 
     def heartbeat(self, message: Heartbeat, commit_index: int, term: int) -> int:

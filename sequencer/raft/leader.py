@@ -53,6 +53,7 @@ class Leader:
         "_config",
         "_heartbeat_elapsed_ticks",
         "_log",
+        "_notices_through",
         "_send",
         "_sized",
         "_storage_bytes_left",
@@ -77,6 +78,10 @@ class Leader:
         self._log = log
         self._send = send
         self._heartbeat_elapsed_ticks = 0
+        # With `defer_commit_notices`: a follower whose last AppendEntries carried a commit index
+        # below this is sent the commit alone (the caller asked when the commit was here); one
+        # that lacks only a later commit waits (`notices_through`).
+        self._notices_through = 0
         # Leadership transfer (thesis 3.10): the follower being handed leadership, or NO_NODE.
         self.transfer_target = NO_NODE
         self._transfer_elapsed_ticks = 0
@@ -156,18 +161,44 @@ class Leader:
 
     def broadcast_heartbeat(self, commit_index: int, read_sequence: int) -> None:
         """Heartbeats carry the commit index (never past what the follower matches) and the
-        latest read round, which the follower echoes back."""
+        latest read round, which the follower echoes back. With `defer_commit_notices` a commit
+        a heartbeat carried is held back from that follower no longer: it has been sent."""
         config = self._config
         cluster_id, node_id, term = config.cluster_id, config.node_id, self.term
+        deferring = config.defer_commit_notices
         for progress in self.tracker.progress.values():
-            self._send(Heartbeat(cluster_id, node_id, progress.node_id, term,
-                                 min(commit_index, progress.match_index), read_sequence))
+            carried = min(commit_index, progress.match_index)
+            self._send(Heartbeat(cluster_id, node_id, progress.node_id, term, carried,
+                                 read_sequence))
+            if deferring and progress.commit_sent < carried:
+                progress.commit_sent = carried
 
     def appends_due(self, commit_index: int) -> bool:
         """Whether `flush_appends` would send anything now (a query only)."""
         config = self._config
-        return self.tracker.appends_due(self._log.last_index, commit_index, config.inflight_messages_max,
-                                        config.inflight_bytes_max, self._stored_through())
+        return self.tracker.appends_due(self._log.last_index, self.notices_through(commit_index),
+                                        config.inflight_messages_max, config.inflight_bytes_max,
+                                        self._stored_through())
+
+    def notices_through(self, commit_index: int) -> int:
+        """A follower whose last AppendEntries carried a commit below this is due one now, even
+        with no entries to send it: the commit index, or with `defer_commit_notices` what it was
+        when the caller last asked (`send_commit_notices`)."""
+        if self._config.defer_commit_notices and self._notices_through < commit_index:
+            return self._notices_through
+        return commit_index
+
+    def send_commit_notices(self, commit_index: int) -> None:
+        """Make `commit_index` due to every follower that lacks it (sent in the next ready)."""
+        self._notices_through = commit_index
+
+    def commit_notices_held(self, commit_index: int) -> bool:
+        """Whether a follower lacks `commit_index` and is sent it alone only once the caller asks
+        (`send_commit_notices`), unless entries or a heartbeat carry it first (a query only)."""
+        config = self._config
+        return (config.defer_commit_notices and self._notices_through < commit_index
+                and self.tracker.notices_held(commit_index, config.inflight_messages_max,
+                                              config.inflight_bytes_max))
 
     def _stored_through(self) -> int:
         """Entries up to here are not sent now: they need a storage read and this pass's budget is
@@ -187,6 +218,8 @@ class Leader:
         config = self._config
         window = config.inflight_messages_max
         bytes_max = config.inflight_bytes_max
+        deferring = config.defer_commit_notices
+        notices_through = self.notices_through(commit_index)
         for progress in self.tracker.progress.values():
             state = progress.state
             if state is REPLICATE:
@@ -198,15 +231,18 @@ class Leader:
                     self._send_append(progress, commit_index, snapshot)
                     if progress.state is not REPLICATE:
                         break
-                if progress.send_probe or progress.commit_sent < commit_index:
+                if progress.send_probe or progress.commit_sent < notices_through:
                     if progress.state is REPLICATE and progress.is_due(
-                            last_index, commit_index, window, bytes_max, self._stored_through()):
-                        self._send_append(progress, commit_index, snapshot)
+                            last_index, notices_through, window, bytes_max, self._stored_through()):
+                        # No entries (the loop above sent all it could): a probe, or a notice.
+                        self._send_append(progress, commit_index, snapshot,
+                                          deferring and not progress.send_probe)
             elif state is PROBE:
-                if progress.is_due(last_index, commit_index, window, bytes_max, self._stored_through()):
+                if progress.is_due(last_index, notices_through, window, bytes_max, self._stored_through()):
                     self._send_append(progress, commit_index, snapshot)
 
-    def _send_append(self, progress: Progress, commit_index: int, snapshot: Snapshot | None) -> None:
+    def _send_append(self, progress: Progress, commit_index: int, snapshot: Snapshot | None,
+                     notice: bool = False) -> None:
         log = self._log
         config = self._config
         previous_index = progress.next_index - 1
@@ -240,7 +276,8 @@ class Leader:
             payload_bytes = sum(map(len, payloads))
             self._storage_bytes_left -= payload_bytes
         self._send(AppendEntries(config.cluster_id, config.node_id, progress.node_id, self.term,
-                                 previous_index, previous_term, commit_index, terms, payloads))
+                                 previous_index, previous_term, commit_index, terms, payloads,
+                                 notice and not terms))
         progress.sent_append(last_index, commit_index, payload_bytes)
 
     def _send_snapshot(self, progress: Progress, snapshot: Snapshot | None) -> None:

@@ -151,13 +151,25 @@ class RequestVoteResponse(Message, frozen=True):
 
 
 class AppendEntries(Message, frozen=True):
-    """Entries after `previous_index`; with no entries, a probe that carries the commit index."""
+    """Entries after `previous_index`; with no entries, a probe that carries the commit index.
+
+    `notice`: it carries no entries and was sent only for its commit index, to a follower the
+    leader streams to (not a probe, not a resynchronisation after a heartbeat showed the follower
+    behind). A follower whose log matches at `previous_index` and who has acknowledged that far
+    already does not answer it: the answer would repeat one it sent. One that has not (its write
+    is still in progress) answers as to any AppendEntries, and one whose log does not match
+    refuses it as any. If the acknowledgement it repeats was lost, the next heartbeat's answer
+    finds the follower's match short of the leader's log, and the leader's resynchronising probe
+    (no notice) is answered. Last, with a default, so a node of an earlier release decodes it (and
+    answers it, as it always did).
+    """
 
     previous_index: int
     previous_term: int
     commit_index: int
     terms: list[int]
     payloads: list[bytes]
+    notice: bool = False
 
 
 class AppendEntriesResponse(Message, frozen=True):

@@ -301,6 +301,15 @@ class ProgressTracker:
             for progress in self.progress.values()
         )
 
+    def notices_held(self, commit_index: int, window: int, bytes_max: int) -> bool:
+        """Whether a follower streamed to lacks `commit_index` and has room for a commit notice
+        (`RaftConfig.defer_commit_notices`; a query only)."""
+        return any(
+            progress.state is REPLICATE and progress.commit_sent < commit_index
+            and progress.has_room(window, bytes_max)
+            for progress in self.progress.values()
+        )
+
     def committed_index(self, own_stable_index: int) -> int:
         """The highest index a majority (the leader counting its durable entries) has matched."""
         matches = [progress.match_index for progress in self._voters]

@@ -75,6 +75,11 @@ DISK_PROFILES = (
 DISK_STALL = DiskProfile(20 * MS, 200 * MS)
 
 
+# Each seed's commit notices (`build`): None sends them at once; a delay holds them for the
+# leader's timer (the replicator's is a few milliseconds); 0 for the heartbeats alone.
+COMMIT_NOTICE_DELAYS_US = (None, 500, 3 * MS, 0)
+
+
 def build(seed: int, learners: bool = False) -> tuple[Simulation, random.Random, int]:
     """The cluster, the scenario's random stream and the fault phase length for `seed`."""
     rng = random.Random(seed)
@@ -101,6 +106,10 @@ def build(seed: int, learners: bool = False) -> tuple[Simulation, random.Random,
         term_start_from_shell=rng.random() < 0.5,
         rng=rng,
         learner_count=learner_count,
+        # Commit notices sent at once, or held (`RaftConfig.defer_commit_notices`) for the
+        # leader's timer (0.5 ms, 3 ms) or for the heartbeats alone (0): from the seed, not
+        # drawn, like the byte window.
+        commit_notice_delay_us=COMMIT_NOTICE_DELAYS_US[seed % len(COMMIT_NOTICE_DELAYS_US)],
     )
     fault_ms = rng.randint(1000, 4000)
     return simulation, rng, fault_ms

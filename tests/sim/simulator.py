@@ -143,6 +143,7 @@ class SimNode:
         self.commit_seen = 0
         self.role_seen = RaftRole.FOLLOWER
         self.compact_every_entries = 0  # 0: never compact
+        self.notice_timer = False  # the leader's commit notice timer is armed
 
 
 class Simulation:
@@ -168,6 +169,7 @@ class Simulation:
         term_start_from_shell: bool = False,
         rng: random.Random | None = None,
         learner_count: int = 0,
+        commit_notice_delay_us: int | None = None,
     ) -> None:
         self.seed = seed
         self.rng = rng if rng is not None else random.Random(seed)
@@ -191,6 +193,10 @@ class Simulation:
         # None: no storage, the cores keep their whole log in memory.
         self.log_retention_entries = log_retention_entries
         self.term_start_from_shell = term_start_from_shell
+        # None: the cores send a new commit index at once. Else they hold it back
+        # (`RaftConfig.defer_commit_notices`) and a leader's shell asks for it this long after
+        # it was first held, as the replicator's timer does (0: no timer, only the heartbeats).
+        self.commit_notice_delay_us = commit_notice_delay_us
         self.nodes: dict[int, SimNode] = {}
         for node_id in self.ids:
             skew = 1.0 + self.rng.uniform(-drift, drift)
@@ -246,6 +252,7 @@ class Simulation:
             storage_read_bytes_per_pass_max=128,
             term_start_from_shell=self.term_start_from_shell,
             incarnation=node.incarnation + 1,
+            defer_commit_notices=self.commit_notice_delay_us is not None,
         )
         storage = disk.log if retention is not None else None
         durable = DurableState(disk.hard_state, disk.snapshot, list(disk.log.terms),
@@ -429,6 +436,10 @@ class Simulation:
                 return
         check_nothing_ready(core)
         self._check_node(node)
+        if self.commit_notice_delay_us and not node.notice_timer and core.commit_notices_held():
+            node.notice_timer = True
+            self._schedule(self.now_us + self.commit_notice_delay_us, ACTION,
+                           lambda: self._send_commit_notices(node, core))
         if node.compact_every_entries and (
             core.applied_index - core.log.snapshot_index >= node.compact_every_entries
         ):
@@ -438,6 +449,15 @@ class Simulation:
             assert core.snapshot is not None
             node.disk.compact(core.snapshot)
             self._record(f"compact n{node.id} to {index}")
+
+    def _send_commit_notices(self, node: SimNode, core: RaftCore) -> None:
+        """The leader's commit notice timer fires (`_drain` armed it)."""
+        node.notice_timer = False
+        if node.core is not core or self.now_us < node.paused_until_us:
+            return  # crashed since (a new core arms its own), or stopped: heartbeats carry them
+        core.send_commit_notices()
+        self._record(f"commit-notices n{node.id}")
+        self._drain(node)
 
     def _propose_term_start(self, node: SimNode, term: int, index: int) -> None:
         """The leader's sequencer stamps a TERM_START record at the term's first index."""

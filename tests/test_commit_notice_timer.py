@@ -1,0 +1,76 @@
+"""The replicator's bound on a held commit notice (daemon/roles/commit_notices.py), on a real
+event loop and a real leader core: a commit of the leader's own clients' records waits for
+entries to ride on or for `COMMIT_NOTICE_DELAY_S`; one that covers a record a follower forwarded
+(its client waits for that follower to learn the commit) goes at the end of the loop iteration."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import pytest
+
+from daemon.roles.commit_notices import COMMIT_NOTICE_DELAY_S, CommitNoticeTimer
+from sequencer.raft import AppendEntries
+from tests.sim.direct import DirectCluster
+
+FOLLOWERS = (2, 3)
+
+
+@pytest.fixture
+def loop() -> Iterator[asyncio.AbstractEventLoop]:
+    made = asyncio.new_event_loop()
+    yield made
+    made.close()
+
+
+def notices_sent(cluster: DirectCluster) -> list[AppendEntries]:
+    return [m for m in cluster.outbox if isinstance(m, AppendEntries) and m.notice]
+
+
+def commit(cluster: DirectCluster, payload: bytes) -> int:
+    """Node 1 proposes and commits one entry; the commit is held from both followers."""
+    leader = cluster.core(1)
+    index = leader.propose_batch([payload])
+    cluster.process(1)
+    cluster.deliver()
+    for node in FOLLOWERS:
+        cluster.process(node)
+    cluster.deliver()
+    cluster.process(1)
+    assert leader.commit_index == index and leader.commit_notices_held()
+    return index
+
+
+def test_a_commit_waits_the_bound_unless_it_covers_a_forwarded_record(
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    cluster = DirectCluster(3, defer_commit_notices=True)
+    cluster.elect(1)
+    cluster.tick(1)
+    cluster.stabilize()
+    leader = cluster.core(1)
+    passes: list[int] = []
+
+    def process() -> None:  # the replicator's pass
+        passes.append(leader.commit_index)
+        cluster.process(1)
+
+    timer = CommitNoticeTimer(loop, leader, loop.create_future(), process)
+    own = commit(cluster, b"the leader's own client")
+    timer.arm()
+    loop.run_until_complete(asyncio.sleep(0))  # the end of this iteration: still held
+    assert passes == [] and notices_sent(cluster) == []
+    loop.run_until_complete(asyncio.sleep(5 * COMMIT_NOTICE_DELAY_S))  # the bound passed
+    assert passes == [own] and len(notices_sent(cluster)) == 2
+    cluster.stabilize()
+
+    first = leader.next_index()
+    forwarded = commit(cluster, b"a follower's client")
+    timer.forwarded(first, 1)
+    timer.arm()
+    loop.run_until_complete(asyncio.sleep(0))
+    assert passes == [own, forwarded] and len(notices_sent(cluster)) == 2
+    timer.arm()  # nothing held now: nothing armed
+    loop.run_until_complete(asyncio.sleep(5 * COMMIT_NOTICE_DELAY_S))
+    assert passes == [own, forwarded]
