@@ -4,7 +4,6 @@ restart the pipeline (a truncation, a snapshot install): parts of `daemon/roles/
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 from daemon.config import Config, parse_address
@@ -13,6 +12,7 @@ from daemon.fault_hooks import (
     FAULT_REFUSE_COMMAND_FORWARDS_ENV,
     command_forward_dropper,
     lose_admin_forwards,
+    wall_clock_ns,
 )
 from daemon.incarnation import next_raft_incarnation
 from sequencer.cluster import record_from_frame
@@ -49,7 +49,7 @@ def raft_config(config: Config, storage_read_bytes_max: int) -> RaftConfig:
         # wiped (which resets every file: then the wall clock's) or the clock stepped back (the
         # last start's + 1): a leader tells this start's answers from an earlier one's
         # (sequencer/raft/tracker.py, "Incarnations"; daemon/incarnation.py).
-        incarnation=next_raft_incarnation(Path(config.node.data_dir), time.time_ns()),
+        incarnation=next_raft_incarnation(Path(config.node.data_dir), wall_clock_ns()),
     )
 
 

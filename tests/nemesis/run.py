@@ -43,14 +43,22 @@ from daemon.fault_hooks import (
     synced_index,
 )
 from daemon.harness import NodeError
-from daemon.layout import Role
+from daemon.incarnation import INCARNATION_NAME, RAFT_INCARNATION_NAME
+from daemon.layout import INCARNATION_BITS, Role
 from ipc.segment import SegmentError
 from sequencer import logtools
 from sequencer.history import Report, check_files, read_history
-from sequencer.journal import FAULT_DISK_BYTES_ENV, Journal
+from sequencer.journal import FAULT_DISK_BYTES_ENV, Journal, JournalError, read_records
+from sequencer.record import (
+    ADMIN_NODE_START,
+    RecordType,
+    decode_admin,
+    session_incarnation,
+    session_node_number,
+)
 from tests.cluster_workload import LedgerWorkload, open_accounts
 
-from .schedule import WARM_UP_S, Fault, make_schedule
+from .schedule import BURST_GAP_S, WARM_UP_S, Fault, make_schedule
 
 __all__ = ["NemesisResult", "run_nemesis"]
 
@@ -87,6 +95,8 @@ class NemesisResult:
     faults: list[Fault]
     applied: Counter[str] = field(default_factory=Counter)
     skipped: list[str] = field(default_factory=list)  # faults that could not be applied, and why
+    # What the faults were seen to do (a fault kind's proof that it exercised what it aims at).
+    evidence: Counter[str] = field(default_factory=Counter)
     problems: list[str] = field(default_factory=list)  # liveness failures, log check failures
     report: Report | None = None
     elapsed_s: float = 0.0
@@ -106,6 +116,8 @@ class NemesisResult:
             head += f"; operations {self.report.operations}; journals {self.report.records}"
         verdict = "no violation" if self.ok else f"{len(self.violations())} VIOLATIONS"
         lines = [head, f"  verdict: {verdict}"]
+        if self.evidence:
+            lines.append(f"  evidence {dict(sorted(self.evidence.items()))}")
         lines += [f"  skipped {text}" for text in self.skipped]
         lines += ["  " + text.replace("\n", "\n  ") for text in self.violations()]
         return "\n".join(lines)
@@ -115,6 +127,7 @@ class NemesisResult:
             "seed": self.seed, "nodes": self.nodes, "duration_s": self.duration_s,
             "elapsed_s": round(self.elapsed_s, 2), "ok": self.ok,
             "faults": [fault.to_json() for fault in self.faults], "applied": dict(self.applied),
+            "evidence": dict(self.evidence),
             "skipped": self.skipped, "violations": self.violations(),
             "kinds": dict(Counter(v.kind for v in self.report.violations)) if self.report else {},
             "operations": self.report.operations if self.report else {},
@@ -124,13 +137,16 @@ class NemesisResult:
 class Nemesis:
     """Applies and heals faults on a running cluster (one at a time)."""
 
-    def __init__(self, cluster: Cluster, seed: int, log: Callable[[str], None]) -> None:
+    def __init__(self, cluster: Cluster, seed: int, log: Callable[[str], None],
+                 evidence: Counter[str] | None = None) -> None:  # fmt: skip
         self.cluster = cluster
+        self.evidence: Counter[str] = Counter() if evidence is None else evidence
         self.log = log
         self.seed = seed
         self.hooks = {number: {env: node.directory / name for env, name in _HOOK_FILES.items()}
                       for number, node in cluster.nodes.items()}  # fmt: skip
         self.down: set[int] = set()  # killed, to restart at the heal
+        self.burst_starts: set[tuple[int, int]] = set()  # (node, session incarnation) of a burst's starts
 
     def environment(self, number: int) -> dict[str, str]:
         return {env: str(path) for env, path in self.hooks[number].items()}
@@ -153,6 +169,15 @@ class Nemesis:
             cluster.kill(fault.node)
             self.down.add(fault.node)
             return lambda: self.start(fault.node)
+        if kind == "kill_leader":
+            leader = self.leader()
+            cluster.kill(leader)
+            self.down.add(leader)
+            return lambda: self._note_leader_change(leader)
+        if kind == "restart_clock_back":
+            return self._restart_clock_back(fault)
+        if kind == "restart_burst":
+            return self._restart_burst(fault)
         if kind == "kill_role":
             if not cluster[fault.node].running:
                 raise NodeError(f"node {fault.node} is not running")
@@ -244,6 +269,129 @@ class Nemesis:
             if not node.running:
                 self.start(number)
 
+    def _note_leader_change(self, killed: int) -> None:
+        """The heal of kill_leader: note whether another node led meanwhile, restart the killed one."""
+        views = [view for number, view in self.cluster.views().items() if number != killed and view is not None]
+        if any(view.leader not in (None, 0, killed) for view in views):
+            self.evidence["kill_leader: another node led before the heal"] += 1
+        self.start(killed)
+
+    def _restart_clock_back(self, fault: Fault) -> Callable[[], None]:
+        """Step the node's clock back, kill -9 it and restart it; its heal waits until it serves,
+        notes whether its start ids went up from the recorded ones although the clock was behind
+        them, and puts the clock right."""
+        number = fault.node
+        before = self._start_ids(number)
+        self._write(number, FAULT_CLOCK_OFFSET_ENV, -fault.amount)
+        self.cluster.kill(number)
+        self.start(number)
+
+        def heal() -> None:
+            try:
+                self.cluster[number].wait_serving(timeout_s=SERVING_TIMEOUT_S)
+            except NodeError as error:
+                self.log(f"  restart_clock_back: node {number} not serving, start ids not checked: "
+                         f"{str(error).splitlines()[0]}")  # fmt: skip
+            else:
+                self._note_start_ids(number, before, "restart_clock_back")
+            self._write(number, FAULT_CLOCK_OFFSET_ENV, 0)
+
+        return heal
+
+    def _restart_burst(self, fault: Fault) -> Callable[[], None]:
+        """kill -9 and restart the node `fault.amount` times, not waiting for it to serve: each
+        start is killed BURST_GAP_S after it took its start id (its recovery done, its node_start
+        about to go or gone, its clients reconnecting), so the node_starts and opens of several
+        starts interleave (a kill during the recovery would test nothing new); its heal waits
+        until it serves and notes how many starts took a start id."""
+        number = fault.node
+        rng = random.Random(self.seed * 1_000_003 + fault.number)
+        before = last = self._start_ids(number)
+        for restart in range(fault.amount):
+            if restart:
+                self._wait_start_id(number, last[0][:1], time.monotonic() + SERVING_TIMEOUT_S)
+                time.sleep(rng.uniform(*BURST_GAP_S))
+            self.cluster.kill(number)
+            last = self._start_ids(number)
+            self.start(number)
+            self.evidence["restart_burst: kill -9 and restart"] += 1
+
+        def heal() -> None:
+            try:
+                self.cluster[number].wait_serving(timeout_s=SERVING_TIMEOUT_S)
+            except NodeError as error:
+                self.log(f"  restart_burst: node {number} not serving: {str(error).splitlines()[0]}")
+            else:
+                self._note_start_ids(number, before, "restart_burst")
+                sessions, sessions_before = self._start_ids(number)[0], before[0]
+                if sessions and sessions_before:
+                    taken = (sessions[0] - sessions_before[0]) % (1 << INCARNATION_BITS)
+                    self.burst_starts.update((number, (sessions[0] - k) % (1 << INCARNATION_BITS)) for k in range(taken))
+
+        return heal
+
+    def note_burst_starts_in_log(self, journal_dir: Path) -> None:
+        """Evidence from a journal that the bursts' starts reached the log: how many of them had
+        their node_start committed, and how many opened a client session (so node_starts and
+        opens of starts killed moments later were sequenced and applied)."""
+        if not self.burst_starts:
+            return
+        started: set[tuple[int, int]] = set()
+        opened: set[tuple[int, int]] = set()
+        try:
+            for record in read_records(journal_dir):
+                if record.type == RecordType.ADMIN:
+                    admin = decode_admin(record.payload)
+                    if admin["op"] == ADMIN_NODE_START and "incarnation" in admin:
+                        started.add((admin["number"], admin["incarnation"]))
+                elif record.type == RecordType.SESSION_OPEN:
+                    opened.add((session_node_number(record.session_id), session_incarnation(record.session_id)))
+        except JournalError as error:  # its start went with retention: `seqd log check` judges it
+            self.log(f"  no burst evidence from {journal_dir}: {error}")
+            return
+        self.evidence["restart_burst: starts whose node_start is in the log"] += len(self.burst_starts & started)
+        self.evidence["restart_burst: starts that opened a session"] += len(self.burst_starts & opened)
+
+    def _wait_start_id(self, number: int, last: list[int], deadline: float) -> None:
+        """Until the node's start takes a session id after `last` (or the deadline passes)."""
+        while self._start_ids(number)[0][:1] == last and time.monotonic() < deadline:
+            if not self.cluster[number].running:
+                return  # it exited (a fatal start): nothing to wait for
+            time.sleep(0.01)
+
+    def _start_ids(self, number: int) -> tuple[list[int], int | None]:
+        """The node's recorded start ids: its last session incarnations (newest first) and its
+        last Raft incarnation (daemon/incarnation.py); empty/None when not recorded yet."""
+        data_dir = Path(self.cluster[number].config.node.data_dir)
+        ids = []
+        for name in (INCARNATION_NAME, RAFT_INCARNATION_NAME):
+            try:
+                ids.append([int(word) for word in (data_dir / name).read_text().split()])
+            except (FileNotFoundError, ValueError):
+                ids.append([])
+        return ids[0], (ids[1][0] if ids[1] else None)
+
+    def _note_start_ids(self, number: int, before: tuple[list[int], int | None], kind: str) -> None:
+        """Evidence that the node's starts since `before` took ids from the recorded ones: the
+        session id went up (by the starts that got as far as taking one), the newest names the
+        one before it, and the Raft id is the last one + 1 when the clock was behind it."""
+        (sessions, raft), (sessions_before, raft_before) = self._start_ids(number), before
+        if sessions and sessions_before:
+            starts = (sessions[0] - sessions_before[0]) % (1 << INCARNATION_BITS)
+            self.evidence[f"{kind}: starts that took a session id"] += starts
+            if starts and len(sessions) == 2 and (sessions[1] + 1) % (1 << INCARNATION_BITS) == sessions[0]:
+                self.evidence[f"{kind}: newest start id = the one before + 1"] += 1
+        if raft is not None and raft_before is not None and raft > raft_before:
+            clock_ns = time.time_ns() + self.clock_offset_ms(number) * 1_000_000
+            if raft > clock_ns:  # the clock is behind the id taken: it came from the recorded one
+                self.evidence[f"{kind}: Raft id from the recorded one (clock behind)"] += 1
+
+    def clock_offset_ms(self, number: int) -> int:
+        try:
+            return int(self.hooks[number][FAULT_CLOCK_OFFSET_ENV].read_text())
+        except (FileNotFoundError, ValueError):
+            return 0
+
     def _restart(self, numbers: list[int]) -> None:
         for number in numbers:
             self._write(number, FAULT_FSYNC_DELAY_ENV, 0)
@@ -291,7 +439,7 @@ def run_nemesis(seed: int, duration_s: float, nodes: int = 3, directory: Path | 
     cluster = Cluster(directory, prefix, size=nodes, cluster=TIMEOUTS, settings=SETTINGS)
     workload: LedgerWorkload | None = None
     try:
-        nemesis = Nemesis(cluster, seed, log)
+        nemesis = Nemesis(cluster, seed, log, result.evidence)
         for number in cluster.nodes:
             nemesis.start(number)
         for node in cluster.nodes.values():
@@ -337,6 +485,7 @@ def _heal_and_judge(cluster: Cluster, nemesis: Nemesis, workload: LedgerWorkload
         histories = list(workload.histories.values())
     histories.append(result.directory / "setup.jsonl")
     cluster.stop()
+    nemesis.note_burst_starts_in_log(cluster[1].config.journal_dir)
     for number, node in cluster.nodes.items():
         report = logtools.check(node.config.journal_dir)
         if not report.ok:
