@@ -38,7 +38,9 @@ from typing import Any, Final
 from daemon.cluster_harness import Cluster, ClusterError
 from daemon.fault_hooks import (
     FAULT_CLOCK_OFFSET_ENV,
+    FAULT_DROP_COMMAND_FORWARD_ENV,
     FAULT_FSYNC_DELAY_ENV,
+    FAULT_MALFORM_COMMAND_PROPOSAL_ENV,
     FAULT_SYNCED_INDEX_ENV,
     synced_index,
 )
@@ -58,7 +60,7 @@ from sequencer.record import (
 )
 from tests.cluster_workload import LedgerWorkload, open_accounts
 
-from .schedule import BURST_GAP_S, WARM_UP_S, Fault, make_schedule
+from .schedule import BURST_GAP_S, PROPOSAL_FAULTS, WARM_UP_S, Fault, make_schedule
 
 __all__ = ["NemesisResult", "run_nemesis"]
 
@@ -81,9 +83,20 @@ HEAL_PROGRESS_TIMEOUT_S: Final = 120.0
 # A node restarted by a heal serves within seconds; a fault aimed at one of its roles waits this
 # long for it, then is skipped (and reported).
 SERVING_TIMEOUT_S: Final = 30.0
+# How long a proposal_fault's heal waits for its hook to fire (the pipeline's restart, then the
+# N-th command: seconds on a loaded machine); then it disarms the hook and says it did not fire.
+PROPOSAL_FAULT_WAIT_S: Final = 20.0
 LOSS_RESET_S: Final = (0.05, 0.3)  # a lossy link's connections reset every so often
 _HOOK_FILES: Final = {FAULT_FSYNC_DELAY_ENV: "fault.fsync_delay_ms", FAULT_CLOCK_OFFSET_ENV: "fault.clock_offset_ms",
-                      FAULT_SYNCED_INDEX_ENV: "fault.synced_index", FAULT_DISK_BYTES_ENV: "fault.disk_bytes"}  # fmt: skip
+                      FAULT_SYNCED_INDEX_ENV: "fault.synced_index", FAULT_DISK_BYTES_ENV: "fault.disk_bytes",
+                      FAULT_MALFORM_COMMAND_PROPOSAL_ENV: "fault.malform_proposal",
+                      FAULT_DROP_COMMAND_FORWARD_ENV: "fault.drop_forward"}  # fmt: skip
+# proposal_fault's variants (schedule.PROPOSAL_FAULTS): the hook, and whom it is aimed at.
+# (The leader's refusal of a forwarded batch, SEQD_FAULT_REFUSE_COMMAND_FORWARDS, is not one: its
+# hook is read when the replicator starts, and a leader's replicator restarted to read it is
+# seldom the leader again when the batches come: 0 of 1 fired in a trial.)
+_PROPOSAL_FAULTS: Final = ((FAULT_MALFORM_COMMAND_PROPOSAL_ENV, "node"), (FAULT_DROP_COMMAND_FORWARD_ENV, "follower"))
+assert [env.removeprefix("SEQD_FAULT_").lower() for env, _ in _PROPOSAL_FAULTS] == list(PROPOSAL_FAULTS)
 
 
 @dataclass
@@ -178,6 +191,8 @@ class Nemesis:
             return self._restart_clock_back(fault)
         if kind == "restart_burst":
             return self._restart_burst(fault)
+        if kind == "proposal_fault":
+            return self._proposal_fault(fault)
         if kind == "kill_role":
             if not cluster[fault.node].running:
                 raise NodeError(f"node {fault.node} is not running")
@@ -268,6 +283,34 @@ class Nemesis:
                 node.resume()
             if not node.running:
                 self.start(number)
+
+    def _proposal_fault(self, fault: Fault) -> Callable[[], None]:
+        """Arm one of the proposal hooks with `fault.amount` (the N-th command is hit) and restart
+        the target's pipeline (kill -9 of its replicator) so its next replicator reads it: a
+        malformed proposal (any node: fail-stop, its clients resend) or a follower's forward
+        dropped as a full socket drops one (the gapless stream's resend). The heal waits for it
+        to fire (bounded), disarms it and notes whether it fired."""
+        env, target = _PROPOSAL_FAULTS[fault.pick % len(_PROPOSAL_FAULTS)]
+        number = fault.node if target == "node" else self._follower(fault)
+        if not self.cluster[number].running:
+            raise NodeError(f"node {number} is not running")
+        self.cluster[number].wait_serving(timeout_s=SERVING_TIMEOUT_S)
+        path = self.hooks[number][env]
+        fired = path.with_name(path.name + ".lost")
+        fired.unlink(missing_ok=True)  # re-arms the malformed proposal's once-per-node
+        self._write(number, env, fault.amount)
+        self.cluster.kill_role(number, Role.REPLICATOR)
+        name = env.removeprefix("SEQD_FAULT_").lower()
+
+        def heal() -> None:
+            # The restarted pipeline may take seconds to start and to see its N-th command here.
+            deadline = time.monotonic() + PROPOSAL_FAULT_WAIT_S
+            while not fired.exists() and time.monotonic() < deadline and self.cluster[number].running:
+                time.sleep(0.05)
+            path.unlink(missing_ok=True)  # later starts are not armed (this one stays, until it fires)
+            self.evidence[f"proposal_fault: {name} {'fired' if fired.exists() else 'armed, not fired'}"] += 1
+
+        return heal
 
     def _note_leader_change(self, killed: int) -> None:
         """The heal of kill_leader: note whether another node led meanwhile, restart the killed one."""
