@@ -57,8 +57,8 @@ _WEIGHTS: Final = {kind: 1.0 for kind in FAULT_KINDS} | {"power_cut": 0.5}
 # clients to run into it, short enough that a 30 s seed sees several.
 DURATION_S_MIN: Final = 0.5
 DURATION_S_MAX: Final = 3.0
-# A burst's restarts, and how long after a start takes its start id it is killed (s): around its
-# node_start, its clients' reconnection and opens, and the resends of what they had in flight.
+# A burst's restarts, and how long after a start serves it is killed (s): around its node_start's
+# commit, its clients' reconnection and opens, and the resends of what they had in flight.
 BURST_RESTARTS_MIN: Final = 2
 BURST_RESTARTS_MAX: Final = 5
 BURST_GAP_S: Final = (0.0, 1.0)
