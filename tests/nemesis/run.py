@@ -347,7 +347,7 @@ class Nemesis:
         after it serves (its node_start written, on its way to the leader or committed, its
         clients reconnecting and resending), so the node_starts and opens of several starts
         interleave (a kill during the recovery or the roles' start, before the node_start, would
-        test nothing new: in a trial 1 of 4 such starts had its node_start in the log); its heal
+        test nothing new: in seeds 6100-6200, 6 of 20 such starts had it in the log); its heal
         waits until it serves and notes how many starts took a start id."""
         number = fault.node
         rng = random.Random(self.seed * 1_000_003 + fault.number)
