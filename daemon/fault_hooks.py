@@ -9,7 +9,9 @@ switched on and off at run time without talking to the node; while the file is a
                                    fdatasync (a slow disk: every acknowledgement waits for it)
     SEQD_FAULT_CLOCK_OFFSET=PATH   the sequencer's and replicator's wall clock is off by PATH's
                                    milliseconds (negative: jumped backwards); log timestamps must
-                                   still never go back (`sequencer.cluster.stamper`)
+                                   still never go back (`sequencer.cluster.stamper`), nor the
+                                   start ids a start takes (the supervisor's and the replicator's
+                                   clocks, daemon/incarnation.py)
     SEQD_FAULT_SYNCED_INDEX=PATH   the journaller writes its durable index to PATH after each
                                    fdatasync and before it publishes it, so a test can cut the
                                    power: kill -9 the node, then drop the journal after that

@@ -53,6 +53,7 @@ from daemon.exits import (
     read_fatal,
     report,
 )
+from daemon.fault_hooks import wall_clock_ns
 from daemon.handover import hand_over_leadership
 from daemon.incarnation import next_incarnation_id
 from daemon.layout import (
@@ -562,7 +563,10 @@ class Supervisor:
             self.notifier.status("recovering: reading the journal")
             try:
                 self.recover_journal(counters)  # the data directory exists from here on
-                counters[NODE_INCARNATION].set(next_incarnation_id(Path(config.node.data_dir), time.time(), self.incarnation))
+                # The wall clock the nemesis can step back (SEQD_FAULT_CLOCK_OFFSET): a start id
+                # must not depend on it while <data_dir>/incarnation is there.
+                now_s = wall_clock_ns() / 1e9
+                counters[NODE_INCARNATION].set(next_incarnation_id(Path(config.node.data_dir), now_s, self.incarnation))
                 self.notifier.status(f"recovering: replaying up to index {counters[RECOVERY_LAST_INDEX].get()}")
                 self._start_roles()
                 if self.stop_requested:

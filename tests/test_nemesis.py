@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,8 @@ from daemon.fault_hooks import (
     synced_index,
 )
 from daemon.harness import NodeProcess
+from daemon.incarnation import INCARNATION_NAME
+from daemon.layout import INCARNATION_BITS, incarnation_id
 from sequencer.apps.ledger import Deposit, Ledger, OpenAccount
 from sequencer.client import Client
 from sequencer.journal import read_records
@@ -58,7 +61,9 @@ def test_fault_hooks_slow_the_disk_jump_the_clock_back_and_note_the_synced_index
     """The hooks the nemesis drives, on one real node: a delayed fdatasync is logged as slow; a
     clock jumped an hour back (across a restart, so no timing is involved) never stamps the log
     below what it holds: every record after the jump carries the last timestamp before it, where
-    a working clock would have moved on; the synced index is what the journal made durable."""
+    a working clock would have moved on, and a start with no recorded start id takes the
+    stepped-back clock's (the nemesis's restart_clock_back relies on it); the synced index is
+    what the journal made durable."""
     hooks = {env: tmp_dir / env.lower() for env in (FAULT_FSYNC_DELAY_ENV, FAULT_CLOCK_OFFSET_ENV, FAULT_SYNCED_INDEX_ENV)}
     environment = {env: str(path) for env, path in hooks.items()}
     hooks[FAULT_FSYNC_DELAY_ENV].write_text("120")  # > the journaller's 50 ms "slow" threshold
@@ -71,13 +76,20 @@ def test_fault_hooks_slow_the_disk_jump_the_clock_back_and_note_the_synced_index
         node.stop()
         before = len(list(read_records(node.config.journal_dir)))
         hooks[FAULT_CLOCK_OFFSET_ENV].write_text(str(-HOUR_MS))
+        # Without a recorded start id the start takes the clock's: the stepped-back one.
+        (Path(node.config.node.data_dir) / INCARNATION_NAME).unlink()
+        started_s = time.time()
         node.start(environment=environment)
+        start_s = time.time() - started_s
         with Client(node.socket_path, schema=Ledger.schema, timeout_s=WAIT_S) as client:
             for _ in range(3):
                 client.call(Deposit("alice", 1))
     finally:
         node.stop()
     assert "fdatasync took" in node.log_text()
+    start_id = int((Path(node.config.node.data_dir) / INCARNATION_NAME).read_text().split()[0])
+    after_clock_ms = (start_id - incarnation_id(started_s - HOUR_MS / 1000, 1)) % (1 << INCARNATION_BITS)
+    assert after_clock_ms <= start_s * 1000 + 1, (start_id, after_clock_ms, start_s)
     records = list(read_records(node.config.journal_dir))
     timestamps = [record.timestamp_ns for record in records]
     assert len(timestamps) > before + 3, (len(timestamps), before)

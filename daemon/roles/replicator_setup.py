@@ -5,7 +5,6 @@ restart the pipeline (a truncation, a snapshot install): parts of `daemon/roles/
 from __future__ import annotations
 
 import random
-import time
 from pathlib import Path
 
 from daemon.config import Config, parse_address
@@ -14,6 +13,7 @@ from daemon.fault_hooks import (
     FAULT_REFUSE_COMMAND_FORWARDS_ENV,
     command_forward_dropper,
     lose_admin_forwards,
+    wall_clock_ns,
 )
 from daemon.incarnation import next_raft_incarnation
 from sequencer.cluster import record_from_frame
@@ -71,7 +71,7 @@ def start_raft_core(
     Raises:
         FatalError: the incarnation file is damaged or cannot be written (the start stops).
     """
-    incarnation = next_raft_incarnation(Path(config.node.data_dir), time.time_ns())
+    incarnation = next_raft_incarnation(Path(config.node.data_dir), wall_clock_ns())
     return RaftCore(raft_config(config, storage_read_bytes_max, incarnation), random.Random(), durable, storage=storage)
 
 

@@ -24,6 +24,7 @@ tells an fdatasync apart from a write.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import tempfile
@@ -38,19 +39,29 @@ from typing import Any, Final
 from daemon.cluster_harness import Cluster, ClusterError
 from daemon.fault_hooks import (
     FAULT_CLOCK_OFFSET_ENV,
+    FAULT_DROP_COMMAND_FORWARD_ENV,
     FAULT_FSYNC_DELAY_ENV,
+    FAULT_MALFORM_COMMAND_PROPOSAL_ENV,
     FAULT_SYNCED_INDEX_ENV,
     synced_index,
 )
 from daemon.harness import NodeError
-from daemon.layout import Role
+from daemon.incarnation import INCARNATION_NAME, RAFT_INCARNATION_NAME
+from daemon.layout import INCARNATION_BITS, Role
 from ipc.segment import SegmentError
 from sequencer import logtools
 from sequencer.history import Report, check_files, read_history
-from sequencer.journal import FAULT_DISK_BYTES_ENV, Journal
+from sequencer.journal import FAULT_DISK_BYTES_ENV, Journal, JournalError, read_records
+from sequencer.record import (
+    ADMIN_NODE_START,
+    RecordType,
+    decode_admin,
+    session_incarnation,
+    session_node_number,
+)
 from tests.cluster_workload import LedgerWorkload, open_accounts
 
-from .schedule import WARM_UP_S, Fault, make_schedule
+from .schedule import BURST_GAP_S, PROPOSAL_FAULTS, WARM_UP_S, Fault, make_schedule
 
 __all__ = ["NemesisResult", "run_nemesis"]
 
@@ -73,9 +84,20 @@ HEAL_PROGRESS_TIMEOUT_S: Final = 120.0
 # A node restarted by a heal serves within seconds; a fault aimed at one of its roles waits this
 # long for it, then is skipped (and reported).
 SERVING_TIMEOUT_S: Final = 30.0
+# How long a proposal_fault's heal waits for its hook to fire (the pipeline's restart, then the
+# N-th command: seconds on a loaded machine); then it disarms the hook and says it did not fire.
+PROPOSAL_FAULT_WAIT_S: Final = 20.0
 LOSS_RESET_S: Final = (0.05, 0.3)  # a lossy link's connections reset every so often
 _HOOK_FILES: Final = {FAULT_FSYNC_DELAY_ENV: "fault.fsync_delay_ms", FAULT_CLOCK_OFFSET_ENV: "fault.clock_offset_ms",
-                      FAULT_SYNCED_INDEX_ENV: "fault.synced_index", FAULT_DISK_BYTES_ENV: "fault.disk_bytes"}  # fmt: skip
+                      FAULT_SYNCED_INDEX_ENV: "fault.synced_index", FAULT_DISK_BYTES_ENV: "fault.disk_bytes",
+                      FAULT_MALFORM_COMMAND_PROPOSAL_ENV: "fault.malform_proposal",
+                      FAULT_DROP_COMMAND_FORWARD_ENV: "fault.drop_forward"}  # fmt: skip
+# proposal_fault's variants (schedule.PROPOSAL_FAULTS): the hook, and whom it is aimed at.
+# (The leader's refusal of a forwarded batch, SEQD_FAULT_REFUSE_COMMAND_FORWARDS, is not one: its
+# hook is read when the replicator starts, and a leader's replicator restarted to read it is
+# seldom the leader again when the batches come: 0 of 1 fired in a trial.)
+_PROPOSAL_FAULTS: Final = ((FAULT_MALFORM_COMMAND_PROPOSAL_ENV, "node"), (FAULT_DROP_COMMAND_FORWARD_ENV, "follower"))
+assert [env.removeprefix("SEQD_FAULT_").lower() for env, _ in _PROPOSAL_FAULTS] == list(PROPOSAL_FAULTS)
 
 
 @dataclass
@@ -87,6 +109,8 @@ class NemesisResult:
     faults: list[Fault]
     applied: Counter[str] = field(default_factory=Counter)
     skipped: list[str] = field(default_factory=list)  # faults that could not be applied, and why
+    # What the faults were seen to do (a fault kind's proof that it exercised what it aims at).
+    evidence: Counter[str] = field(default_factory=Counter)
     problems: list[str] = field(default_factory=list)  # liveness failures, log check failures
     report: Report | None = None
     elapsed_s: float = 0.0
@@ -106,6 +130,8 @@ class NemesisResult:
             head += f"; operations {self.report.operations}; journals {self.report.records}"
         verdict = "no violation" if self.ok else f"{len(self.violations())} VIOLATIONS"
         lines = [head, f"  verdict: {verdict}"]
+        if self.evidence:
+            lines.append(f"  evidence {dict(sorted(self.evidence.items()))}")
         lines += [f"  skipped {text}" for text in self.skipped]
         lines += ["  " + text.replace("\n", "\n  ") for text in self.violations()]
         return "\n".join(lines)
@@ -115,6 +141,7 @@ class NemesisResult:
             "seed": self.seed, "nodes": self.nodes, "duration_s": self.duration_s,
             "elapsed_s": round(self.elapsed_s, 2), "ok": self.ok,
             "faults": [fault.to_json() for fault in self.faults], "applied": dict(self.applied),
+            "evidence": dict(self.evidence),
             "skipped": self.skipped, "violations": self.violations(),
             "kinds": dict(Counter(v.kind for v in self.report.violations)) if self.report else {},
             "operations": self.report.operations if self.report else {},
@@ -124,13 +151,16 @@ class NemesisResult:
 class Nemesis:
     """Applies and heals faults on a running cluster (one at a time)."""
 
-    def __init__(self, cluster: Cluster, seed: int, log: Callable[[str], None]) -> None:
+    def __init__(self, cluster: Cluster, seed: int, log: Callable[[str], None],
+                 evidence: Counter[str] | None = None) -> None:  # fmt: skip
         self.cluster = cluster
+        self.evidence: Counter[str] = Counter() if evidence is None else evidence
         self.log = log
         self.seed = seed
         self.hooks = {number: {env: node.directory / name for env, name in _HOOK_FILES.items()}
                       for number, node in cluster.nodes.items()}  # fmt: skip
         self.down: set[int] = set()  # killed, to restart at the heal
+        self.burst_starts: set[tuple[int, int]] = set()  # (node, session incarnation) of a burst's starts
 
     def environment(self, number: int) -> dict[str, str]:
         return {env: str(path) for env, path in self.hooks[number].items()}
@@ -153,6 +183,17 @@ class Nemesis:
             cluster.kill(fault.node)
             self.down.add(fault.node)
             return lambda: self.start(fault.node)
+        if kind == "kill_leader":
+            leader = self.leader()
+            cluster.kill(leader)
+            self.down.add(leader)
+            return lambda: self._note_leader_change(leader)
+        if kind == "restart_clock_back":
+            return self._restart_clock_back(fault)
+        if kind == "restart_burst":
+            return self._restart_burst(fault)
+        if kind == "proposal_fault":
+            return self._proposal_fault(fault)
         if kind == "kill_role":
             if not cluster[fault.node].running:
                 raise NodeError(f"node {fault.node} is not running")
@@ -244,6 +285,145 @@ class Nemesis:
             if not node.running:
                 self.start(number)
 
+    def _proposal_fault(self, fault: Fault) -> Callable[[], None]:
+        """Arm one of the proposal hooks with `fault.amount` (the N-th command is hit) and restart
+        the target's pipeline (kill -9 of its replicator) so its next replicator reads it: a
+        malformed proposal (any node: fail-stop, its clients resend) or a follower's forward
+        dropped as a full socket drops one (the gapless stream's resend). The heal waits for it
+        to fire (bounded), disarms it and notes whether it fired."""
+        env, target = _PROPOSAL_FAULTS[fault.pick % len(_PROPOSAL_FAULTS)]
+        number = fault.node if target == "node" else self._follower(fault)
+        if not self.cluster[number].running:
+            raise NodeError(f"node {number} is not running")
+        self.cluster[number].wait_serving(timeout_s=SERVING_TIMEOUT_S)
+        path = self.hooks[number][env]
+        fired = path.with_name(path.name + ".lost")
+        fired.unlink(missing_ok=True)  # re-arms the malformed proposal's once-per-node
+        self._write(number, env, fault.amount)
+        self.cluster.kill_role(number, Role.REPLICATOR)
+        name = env.removeprefix("SEQD_FAULT_").lower()
+
+        def heal() -> None:
+            # The restarted pipeline may take seconds to start and to see its N-th command here.
+            deadline = time.monotonic() + PROPOSAL_FAULT_WAIT_S
+            while not fired.exists() and time.monotonic() < deadline and self.cluster[number].running:
+                time.sleep(0.05)
+            path.unlink(missing_ok=True)  # later starts are not armed (this one stays, until it fires)
+            self.evidence[f"proposal_fault: {name} {'fired' if fired.exists() else 'armed, not fired'}"] += 1
+
+        return heal
+
+    def _note_leader_change(self, killed: int) -> None:
+        """The heal of kill_leader: note whether another node led meanwhile, restart the killed one."""
+        views = [view for number, view in self.cluster.views().items() if number != killed and view is not None]
+        if any(view.leader not in (None, 0, killed) for view in views):
+            self.evidence["kill_leader: another node led before the heal"] += 1
+        self.start(killed)
+
+    def _restart_clock_back(self, fault: Fault) -> Callable[[], None]:
+        """Step the node's clock back, kill -9 it and restart it; its heal waits until it serves,
+        notes whether its start ids went up from the recorded ones although the clock was behind
+        them, and puts the clock right."""
+        number = fault.node
+        before = self._start_ids(number)
+        self._write(number, FAULT_CLOCK_OFFSET_ENV, -fault.amount)
+        self.cluster.kill(number)
+        self.start(number)
+
+        def heal() -> None:
+            try:
+                self.cluster[number].wait_serving(timeout_s=SERVING_TIMEOUT_S)
+            except NodeError as error:
+                self.log(f"  restart_clock_back: node {number} not serving, start ids not checked: "
+                         f"{str(error).splitlines()[0]}")  # fmt: skip
+            else:
+                self._note_start_ids(number, before, "restart_clock_back")
+            self._write(number, FAULT_CLOCK_OFFSET_ENV, 0)
+
+        return heal
+
+    def _restart_burst(self, fault: Fault) -> Callable[[], None]:
+        """kill -9 and restart the node `fault.amount` times: each start is killed BURST_GAP_S
+        after it serves (its node_start written, on its way to the leader or committed, its
+        clients reconnecting and resending), so the node_starts and opens of several starts
+        interleave (a kill during the recovery or the roles' start, before the node_start, would
+        test nothing new: in seeds 6100-6200, 6 of 20 such starts had it in the log); its heal
+        waits until it serves and notes how many starts took a start id."""
+        number = fault.node
+        rng = random.Random(self.seed * 1_000_003 + fault.number)
+        before = self._start_ids(number)
+        for restart in range(fault.amount):
+            if restart:
+                with contextlib.suppress(NodeError):  # not serving in time: kill it where it is
+                    self.cluster[number].wait_serving(timeout_s=SERVING_TIMEOUT_S)
+                time.sleep(rng.uniform(*BURST_GAP_S))
+            self.cluster.kill(number)
+            self.start(number)
+            self.evidence["restart_burst: kill -9 and restart"] += 1
+
+        def heal() -> None:
+            try:
+                self.cluster[number].wait_serving(timeout_s=SERVING_TIMEOUT_S)
+            except NodeError as error:
+                self.log(f"  restart_burst: node {number} not serving: {str(error).splitlines()[0]}")
+            else:
+                self._note_start_ids(number, before, "restart_burst")
+                sessions, sessions_before = self._start_ids(number)[0], before[0]
+                if sessions and sessions_before:
+                    taken = (sessions[0] - sessions_before[0]) % (1 << INCARNATION_BITS)
+                    self.burst_starts.update((number, (sessions[0] - k) % (1 << INCARNATION_BITS)) for k in range(taken))
+
+        return heal
+
+    def note_burst_starts_in_log(self, journal_dir: Path) -> None:
+        """Evidence from a journal that the bursts' starts reached the log: how many of them had
+        their node_start committed, and how many opened a client session (so node_starts and
+        opens of starts killed moments later were sequenced and applied)."""
+        if not self.burst_starts:
+            return
+        started: set[tuple[int, int]] = set()
+        opened: set[tuple[int, int]] = set()
+        try:
+            for record in read_records(journal_dir):
+                if record.type == RecordType.ADMIN:
+                    admin = decode_admin(record.payload)
+                    if admin["op"] == ADMIN_NODE_START and "incarnation" in admin:
+                        started.add((admin["number"], admin["incarnation"]))
+                elif record.type == RecordType.SESSION_OPEN:
+                    opened.add((session_node_number(record.session_id), session_incarnation(record.session_id)))
+        except JournalError as error:  # its start went with retention: `seqd log check` judges it
+            self.log(f"  no burst evidence from {journal_dir}: {error}")
+            return
+        self.evidence["restart_burst: starts whose node_start is in the log"] += len(self.burst_starts & started)
+        self.evidence["restart_burst: starts that opened a session"] += len(self.burst_starts & opened)
+
+    def _start_ids(self, number: int) -> tuple[list[int], int | None]:
+        """The node's recorded start ids: its last session incarnations (newest first) and its
+        last Raft incarnation (daemon/incarnation.py); empty/None when not recorded yet."""
+        data_dir = Path(self.cluster[number].config.node.data_dir)
+        ids = []
+        for name in (INCARNATION_NAME, RAFT_INCARNATION_NAME):
+            try:
+                ids.append([int(word) for word in (data_dir / name).read_text().split()])
+            except (FileNotFoundError, ValueError):
+                ids.append([])
+        return ids[0], (ids[1][0] if ids[1] else None)
+
+    def _note_start_ids(self, number: int, before: tuple[list[int], int | None], kind: str) -> None:
+        """Evidence that the node's starts since `before` took ids from the recorded ones: the
+        session id went up (by the starts that got as far as taking one), the newest names the
+        one before it, and the Raft id is the last one + 1 when the clock was behind it."""
+        (sessions, raft), (sessions_before, raft_before) = self._start_ids(number), before
+        if sessions and sessions_before:
+            starts = (sessions[0] - sessions_before[0]) % (1 << INCARNATION_BITS)
+            self.evidence[f"{kind}: starts that took a session id"] += starts
+            if starts and len(sessions) == 2 and (sessions[1] + 1) % (1 << INCARNATION_BITS) == sessions[0]:
+                self.evidence[f"{kind}: newest start id = the one before + 1"] += 1
+        if raft is not None and raft_before is not None and raft == raft_before + 1:
+            # Not the clock's (ns, and the real clock is minutes past the recorded id): the
+            # replicator's clock was the stepped-back one, and the recorded id won.
+            self.evidence[f"{kind}: Raft id = the recorded one + 1 (clock behind)"] += 1
+
     def _restart(self, numbers: list[int]) -> None:
         for number in numbers:
             self._write(number, FAULT_FSYNC_DELAY_ENV, 0)
@@ -291,7 +471,7 @@ def run_nemesis(seed: int, duration_s: float, nodes: int = 3, directory: Path | 
     cluster = Cluster(directory, prefix, size=nodes, cluster=TIMEOUTS, settings=SETTINGS)
     workload: LedgerWorkload | None = None
     try:
-        nemesis = Nemesis(cluster, seed, log)
+        nemesis = Nemesis(cluster, seed, log, result.evidence)
         for number in cluster.nodes:
             nemesis.start(number)
         for node in cluster.nodes.values():
@@ -337,6 +517,7 @@ def _heal_and_judge(cluster: Cluster, nemesis: Nemesis, workload: LedgerWorkload
         histories = list(workload.histories.values())
     histories.append(result.directory / "setup.jsonl")
     cluster.stop()
+    nemesis.note_burst_starts_in_log(cluster[1].config.journal_dir)
     for number, node in cluster.nodes.items():
         report = logtools.check(node.config.journal_dir)
         if not report.ok:

@@ -19,7 +19,7 @@ import random
 from dataclasses import asdict, dataclass
 from typing import Any, Final
 
-__all__ = ["FAULT_KINDS", "ROLES", "Fault", "make_schedule"]
+__all__ = ["FAULT_KINDS", "PROPOSAL_FAULTS", "ROLES", "Fault", "make_schedule"]
 
 # What each kind does (tests/nemesis/run.py applies it; docs/cluster.md, "The nemesis"):
 FAULT_KINDS: Final = (
@@ -38,14 +38,30 @@ FAULT_KINDS: Final = (
     "power_cut",       # every node killed at once while fdatasync is `amount` ms slow, each
                        # losing what it had not fdatasynced (SEQD_FAULT_SYNCED_INDEX)
     "wipe",            # a node killed, its data directory removed, restarted (off by default)
+    "kill_leader",     # kill -9 of the current leader's whole node (the followers' clients' forwarded
+                       # commands go again to the next leader); restarted at the heal
+    "restart_clock_back",  # a node's wall clock `amount` ms behind, then the node killed and restarted:
+                       # its start ids must still go up (daemon/incarnation.py), its stamps never back
+    "restart_burst",   # a node killed and restarted `amount` times in quick succession, not waiting for
+                       # it to serve: node_starts, opens and resends of several starts interleave
+    "proposal_fault",  # the `amount`-th command hit on its way to the log (a hook armed, the target's
+                       # replicator restarted to read it): malformed on any node (fail-stop), or a
+                       # follower's forward dropped (the forward stream's resend)
 )  # fmt: skip
 ROLES: Final = ("sequencer", "journaller", "replicator", "blp")
+# proposal_fault's variants, `Fault.pick` choosing: on any node, on a follower.
+PROPOSAL_FAULTS: Final = ("malform_command_proposal", "drop_command_forward")
 # The weights of the kinds drawn (a power cut takes the whole cluster down: rarer).
 _WEIGHTS: Final = {kind: 1.0 for kind in FAULT_KINDS} | {"power_cut": 0.5}
 # Each fault is held this long (s): long enough for an election (300 ms timeout) and for the
 # clients to run into it, short enough that a 30 s seed sees several.
 DURATION_S_MIN: Final = 0.5
 DURATION_S_MAX: Final = 3.0
+# A burst's restarts, and how long after a start serves it is killed (s): around its node_start's
+# commit, its clients' reconnection and opens, and the resends of what they had in flight.
+BURST_RESTARTS_MIN: Final = 2
+BURST_RESTARTS_MAX: Final = 5
+BURST_GAP_S: Final = (0.0, 1.0)
 # Between a heal and the next fault: time for the cluster to recover and the clients to progress.
 GAP_S_MIN: Final = 0.5
 GAP_S_MAX: Final = 1.5
@@ -66,7 +82,7 @@ class Fault:
     duration_s: float
     node: int = 0  # 0: none, or aimed at run time (leader, follower)
     role: str = ""
-    amount: int = 0  # ms: delay, fsync delay, clock offset
+    amount: int = 0  # ms: delay, fsync delay, clock offset; a burst's restarts; which command
     groups: tuple[tuple[int, ...], ...] = ()
     pick: int = 0  # a seeded choice made at run time (which follower, which links)
 
@@ -77,7 +93,10 @@ class Fault:
         if self.role:
             parts.append(f"role {self.role}")
         if self.amount:
-            parts.append(f"{self.amount} ms")
+            if self.kind == "proposal_fault":
+                parts.append(f"{PROPOSAL_FAULTS[self.pick % len(PROPOSAL_FAULTS)]} of command {self.amount}")
+            else:
+                parts.append(f"{self.amount} {'restarts' if self.kind == 'restart_burst' else 'ms'}")
         if self.groups:
             parts.append(" | ".join(",".join(map(str, group)) for group in self.groups))
         return " ".join(parts)
@@ -113,7 +132,8 @@ def make_schedule(seed: int, duration_s: float, nodes: int, *, wipe: bool = Fals
             break
         node = rng.choice(numbers)
         fault = Fault(len(faults) + 1, round(at_s, 2), kind, duration, pick=rng.randrange(1 << 16))
-        if kind in ("kill_node", "pause", "one_way", "delay", "loss", "slow_disk", "wipe"):
+        if kind in ("kill_node", "pause", "one_way", "delay", "loss", "slow_disk", "wipe", "restart_clock_back",
+                    "restart_burst"):
             fault = _with(fault, node=node)
         if kind == "kill_role":
             fault = _with(fault, node=node, role=rng.choice(ROLES))
@@ -123,6 +143,13 @@ def make_schedule(seed: int, duration_s: float, nodes: int, *, wipe: bool = Fals
             fault = _with(fault, amount=rng.randrange(20, 300))
         elif kind == "clock_back":
             fault = _with(fault, amount=rng.randrange(1_000, 3_600_000))
+        elif kind == "restart_clock_back":  # farther back than a restart takes: the clock is behind
+            fault = _with(fault, amount=rng.randrange(60_000, 3_600_000))  # the start ids recorded
+        elif kind == "proposal_fault":
+            on_any_node = PROPOSAL_FAULTS[fault.pick % len(PROPOSAL_FAULTS)] == "malform_command_proposal"
+            fault = _with(fault, node=node if on_any_node else 0, amount=rng.randint(1, 20))  # else a follower
+        elif kind == "restart_burst":
+            fault = _with(fault, amount=rng.randint(BURST_RESTARTS_MIN, BURST_RESTARTS_MAX))
         elif kind in ("partition", "bridge"):
             shuffled = rng.sample(numbers, len(numbers))
             if kind == "partition":

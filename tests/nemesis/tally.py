@@ -13,12 +13,14 @@ from pathlib import Path
 def tally(paths: list[Path]) -> str:
     summaries = [json.loads(path.read_text()) for path in paths]
     faults: Counter[str] = Counter()
+    evidence: Counter[str] = Counter()
     operations: Counter[str] = Counter()
     sizes: Counter[int] = Counter()
     skipped = violations = 0
     failed = []
     for summary in summaries:
         faults.update(summary["applied"])
+        evidence.update(summary.get("evidence", {}))  # older summaries have none
         operations.update(summary["operations"])
         sizes[summary["nodes"]] += 1
         skipped += len(summary["skipped"])
@@ -33,6 +35,7 @@ def tally(paths: list[Path]) -> str:
         f"by cluster size {dict(sorted(sizes.items()))}",
         f"time: {elapsed_s / 60:.1f} min of runs ({faulted_s / 60:.1f} min of fault schedules)",
         f"faults applied: {sum(faults.values())} {dict(sorted(faults.items()))}; skipped {skipped}",
+        f"evidence: {dict(sorted(evidence.items()))}",
         f"operations: {dict(sorted(operations.items()))}",
         f"violations: {violations}" + (f" (seeds {failed})" if failed else ""),
     ])  # fmt: skip

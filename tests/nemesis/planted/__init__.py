@@ -8,6 +8,10 @@ Each `*.patch` here breaks one safety rule in a few lines:
                                      fdatasync, so followers acknowledge and leaders commit them
     follower_skips_truncation.patch  a follower whose log conflicts with the leader's keeps its
                                      conflicting suffix in the journal (Raft 5.3, step 3)
+    raft_id_from_clock.patch         a replicator's start takes its Raft incarnation from the wall
+                                     clock alone, not past the recorded one (daemon/incarnation.py):
+                                     behind after the clock stepped back, so the leader drops the
+                                     new start's answers as an older start's
 
 `python -m tests.nemesis.planted [--seeds N] [--duration S] [BUG...]` copies the source tree to a
 temporary directory, applies one patch there (the working tree is never touched), runs seeds of

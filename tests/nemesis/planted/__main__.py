@@ -22,6 +22,7 @@ KINDS: Final = {
     "commit_on_leader_alone": "isolate_leader,partition,kill_node",
     "ack_before_fsync": "power_cut,slow_disk,kill_node",
     "follower_skips_truncation": "isolate_leader,partition,kill_node",
+    "raft_id_from_clock": "restart_clock_back",
 }
 SEED_TIMEOUT_S: Final = 600.0  # one seed of the nemesis runs ~2x its duration; this bounds a hang
 
