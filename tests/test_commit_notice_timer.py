@@ -56,12 +56,22 @@ def test_a_commit_waits_the_bound_unless_it_covers_a_forwarded_record(
         passes.append(leader.commit_index)
         cluster.process(1)
 
+    # A bound far longer than the test: a loaded machine that stalls the test between the arm and
+    # the loop's turn cannot make the held commit go early.
+    held = CommitNoticeTimer(loop, leader, loop.create_future(), process, delay_s=3600.0)
+    commit(cluster, b"the leader's own client, held")
+    held.arm()
+    loop.run_until_complete(asyncio.sleep(0.05))  # iterations go by: still held
+    assert passes == [] and notices_sent(cluster) == []
+    assert leader.commit_notices_held()
+    cluster.stabilize()
+
     timer = CommitNoticeTimer(loop, leader, loop.create_future(), process)
     own = commit(cluster, b"the leader's own client")
     timer.arm()
-    loop.run_until_complete(asyncio.sleep(0))  # the end of this iteration: still held
-    assert passes == [] and notices_sent(cluster) == []
-    loop.run_until_complete(asyncio.sleep(5 * COMMIT_NOTICE_DELAY_S))  # the bound passed
+    deadline = loop.time() + 10.0  # the bound passes (a bound on the wait, not a timed assertion)
+    while not passes and loop.time() < deadline:
+        loop.run_until_complete(asyncio.sleep(COMMIT_NOTICE_DELAY_S))
     assert passes == [own] and len(notices_sent(cluster)) == 2
     cluster.stabilize()
 

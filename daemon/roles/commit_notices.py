@@ -3,10 +3,10 @@
 A leader's core holds back a commit index that has no entries to ride on: the next AppendEntries
 with entries carries it, for nothing. Under load that is most of them; when none comes (an idle
 cluster, the last batch of a burst) the replicator asks the core for the notices once
-`COMMIT_NOTICE_DELAY_S` has passed since a pass first left one held. The tick would send them too,
-but a tick is 10 ms, and a client attached to a follower waits for its reply until that
-follower's blp learns the commit: the bound is what such a client may lose when nothing else
-carries the commit. So a commit that covers a record some follower forwarded (its client's
+`COMMIT_NOTICE_DELAY_S` has passed since a pass first left one held. Otherwise only the next
+heartbeat (every `heartbeat_ms`) would carry it, and a client attached to a follower waits for its
+reply until that follower's blp learns the commit: the bound is what such a client may lose when
+nothing else carries the commit. So a commit that covers a record some follower forwarded (its client's
 command: the leader proposes forwarded records after its own in each batch) is sent at once,
 at the end of the pass's loop iteration: only commits of the leader's own clients' records wait.
 """
@@ -27,8 +27,8 @@ __all__ = ["COMMIT_NOTICE_DELAY_S", "CommitNoticeTimer"]
 # flight at ~30k/s) and a fraction of an idle one's (a follower's fdatasync and two peer hops,
 # ~1-2 ms here); a loaded leader proposes every ~2-10 ms (benches/RESULTS.md, "Cluster CPU per
 # command, round 3": 442 batches per 40k commands at ~10k/s), so a longer bound would catch more
-# batches for the notices to ride on, at the cost of those clients. Under the 10 ms tick, which
-# sends held notices anyway.
+# batches for the notices to ride on, at the cost of those clients. Far under the heartbeat, the
+# only other carrier of a held commit when no entries come.
 COMMIT_NOTICE_DELAY_S = 0.002
 
 
@@ -36,11 +36,12 @@ class CommitNoticeTimer:
     """Armed after a pass that left a commit held; fires once, then the next pass may arm it.
     Once the replicator has finished it does nothing (its loop closes with it: no cancel)."""
 
-    __slots__ = ("_core", "_finished", "_forwarded", "_handle", "_loop", "_process", "_urgent")
+    __slots__ = ("_core", "_delay_s", "_finished", "_forwarded", "_handle", "_loop", "_process", "_urgent")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, core: RaftCore,
-                 finished: asyncio.Future[int], process: Callable[[], None]) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, core: RaftCore, finished: asyncio.Future[int],
+                 process: Callable[[], None], delay_s: float = COMMIT_NOTICE_DELAY_S) -> None:  # fmt: skip
         self._loop = loop
+        self._delay_s = delay_s
         self._core = core
         self._finished = finished  # the replicator's end: no pass after it
         self._process = process  # the replicator's pass
@@ -72,7 +73,7 @@ class CommitNoticeTimer:
                     self._handle.cancel()
                 self._handle, self._urgent = self._loop.call_soon(self._fire), True
         elif self._handle is None:
-            self._handle = self._loop.call_later(COMMIT_NOTICE_DELAY_S, self._fire)
+            self._handle = self._loop.call_later(self._delay_s, self._fire)
 
     def _fire(self) -> None:
         self._handle, self._urgent = None, False
