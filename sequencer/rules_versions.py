@@ -43,7 +43,8 @@ Versions:
 2. the highest counter kept from an incarnation's first open, before its node_start too
    (`opened_early`); a node_start ends the start it names as the one before it (`previous`); an
    open or node_start of an ended start changes nothing; a node_start closes no session of a start
-   up to NODE_STARTS_REMEMBERED ids after its own (sequencer/dedup.py).
+   up to NODE_STARTS_REMEMBERED ids after its own, and one up to that many ids behind a started
+   one is ended; the running start is the newest by the ids' order (sequencer/dedup.py).
 """
 
 from __future__ import annotations
