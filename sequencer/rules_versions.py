@@ -11,8 +11,9 @@ node's restart:
 
 - every node_start reports `rules_version`, the newest rules its code applies (none: an older
   seqd's, which means 1). Each replica keeps the last report of each node (`known`, from the first
-  copy of a start only: a copy of a start already seen, or ended, reports nothing) and the members
-  the last node_start named.
+  copy of a start only: a copy of a start already seen, or ended, reports nothing, and neither
+  does a late first copy of a start earlier than the one that last reported) and the members the
+  last node_start named.
 - once every member has reported code that knows a version above the active one (`due`), the
   node's sequencer sequences an ADMIN `rules_version` record (the blp publishes `due` in the
   counters); every replica makes that version active at that record, whatever it knows itself,
@@ -51,12 +52,15 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from sequencer.record import SESSION_ID_INCARNATION_BITS
 from sequencer.schema import VersionError
 
 __all__ = ["RULES_VERSION", "RULES_VERSION_UNREPORTED", "RulesVersionError", "RulesVersions"]
 
 RULES_VERSION = 2  # the newest rules this code applies; a node_start reports it
 RULES_VERSION_UNREPORTED = 1  # what a node_start without `rules_version` (an older seqd's) means
+_INCARNATION_MASK = (1 << SESSION_ID_INCARNATION_BITS) - 1
+_INCARNATION_HALF = 1 << (SESSION_ID_INCARNATION_BITS - 1)  # serial-number arithmetic's "behind"
 
 
 class RulesVersionError(VersionError):
@@ -75,7 +79,7 @@ class RulesVersions:
     every value in `known` is above RULES_VERSION_UNREPORTED; `due` is 0 or above `active`.
     """
 
-    __slots__ = ("active", "code_version", "due", "known", "members")
+    __slots__ = ("active", "code_version", "due", "known", "members", "reported_by")
 
     def __init__(self, code_version: int = RULES_VERSION) -> None:
         assert RULES_VERSION_UNREPORTED <= code_version <= RULES_VERSION, code_version
@@ -84,14 +88,26 @@ class RulesVersions:
         # Not state (module docstring): what this replica saw since it started.
         self.known: dict[int, int] = {}  # node number -> the rules its last start's code applies
         self.members: tuple[int, ...] = ()  # the members the last node_start named
+        self.reported_by: dict[int, int] = {}  # node number -> the incarnation of its last report
         # The version every member last reported code that knows, when it is above the active
         # one: what this node asks the log to make active; 0: none. Kept, not computed, for the
         # blp's duty cycle, which reads it with every batch.
         self.due = 0
 
-    def node_started(self, number: int, reported: int | None, members: Iterable[int] | None) -> None:
-        """The report of a first copy of node `number`'s node_start (`reported` None: an older
-        seqd's), naming its cluster's `members` (None: an older seqd's)."""
+    def node_started(
+        self, number: int, reported: int | None, members: Iterable[int] | None, incarnation: int | None = None
+    ) -> None:
+        """The report of a first copy of node `number`'s start `incarnation` (None: not known),
+        `reported` None: an older seqd's, naming its cluster's `members` (None: an older seqd's).
+        The late first copy of an earlier start's node_start than the one that last reported
+        (rules 1 take it for new: they ignore `previous`) reports nothing: it would erase the
+        node's newer report, and the cluster would stay on the old rules."""
+        last = self.reported_by.get(number)
+        if incarnation is not None and last is not None:
+            if 0 < (last - incarnation) & _INCARNATION_MASK < _INCARNATION_HALF:
+                return  # an earlier start's (serial-number order, RFC 1982: ids go up by one a start)
+        if incarnation is not None:
+            self.reported_by[number] = incarnation
         reported = RULES_VERSION_UNREPORTED if reported is None else reported
         if reported > RULES_VERSION_UNREPORTED:
             self.known[number] = reported

@@ -290,6 +290,22 @@ def test_a_single_nodes_own_start_makes_its_rules_due_and_a_late_copy_of_an_earl
     assert (processor.rules_versions.active, processor.rules_versions.due) == (2, 0)
 
 
+def test_a_late_first_copy_of_an_earlier_start_leaves_the_newer_starts_report() -> None:
+    # X names W, but rules 1 ignore `previous`: W's late node_start (its forward lost, an older
+    # seqd's, no report) is a first copy. It once erased X's report of rules 2: none was due, and
+    # the cluster stayed on rules 1.
+    processor, feeder = started()
+    feed(processor, node_start(feeder, X, previous=W))
+    assert (processor.rules_versions.active, processor.rules_versions.due) == (1, 2)
+    feed(processor, node_start(feeder, W, rules_version=None))  # late, first copy
+    assert processor.duplicate_records == 0  # rules 1 took it for a new start
+    assert processor.rules_versions.known == {1: 2}
+    assert (processor.rules_versions.active, processor.rules_versions.due) == (1, 2)
+    # The node's next start reports again, whatever it reports.
+    feed(processor, node_start(feeder, Y, previous=X, rules_version=None))
+    assert (processor.rules_versions.known, processor.rules_versions.due) == ({}, 0)
+
+
 def test_a_real_node_restarted_on_the_previous_seqds_journal_replays_it_under_rules_1_then_its_start_switches(
     node_factory: Any,  # noqa: F811
 ) -> None:
