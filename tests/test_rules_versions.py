@@ -27,7 +27,7 @@ from daemon.harness import NodeProcess
 from sequencer.apps.ledger import Ledger, OpenAccount
 from sequencer.determinism import state_hash
 from sequencer.journal import Journal
-from sequencer.processor import Processor
+from sequencer.processor import Processor, ProcessorError
 from sequencer.record import ADMIN_RULES_VERSION, RecordType, encode_admin
 from sequencer.rules_versions import RULES_VERSION, RulesVersionError
 from tests.fixtures.feeder import feed
@@ -250,6 +250,21 @@ def test_the_active_rules_survive_a_snapshot_and_an_older_body_loads_as_rules_1(
     # A body without the rules version (the previous seqd's, which applied rules 1) loads as 1.
     older = Processor.restore(Ledger, body_as_the_previous_seqd_wrote(body))
     assert older.rules_versions.active == 1
+
+
+def test_a_development_builds_body_with_early_opens_and_no_rules_version_is_refused() -> None:
+    # Builds between the early opens' tracking and rules versions applied rules 2 unmarked: such a
+    # body loads as rules 1 with early opens, and went on to other bytes than a replay of its log.
+    processor, feeder = started()
+    feed(processor, node_start(feeder, W, rules_version=None))
+    feed(processor, rules_version_record(feeder, 2))
+    feed(processor, feeder.open_session(session(1, X, 1), client_id=7))  # X's, early
+    fields = msgspec.msgpack.decode(processor.snapshot_bytes())
+    assert fields[14] and fields[15:] == [2]
+    development = msgspec.msgpack.encode(fields[:15])  # the same without the rules version
+    with pytest.raises(ProcessorError, match=f"the snapshot at index {processor.applied_index} holds early "
+                       "session opens but no session rules version.*Delete that snapshot file"):  # fmt: skip
+        Processor.restore(Ledger, development)
 
 
 def test_a_node_whose_code_knows_only_older_rules_stops_at_the_switch_and_on_a_later_snapshot() -> None:
