@@ -309,7 +309,8 @@ class ClientTable:
         number: int = admin["number"]  # always with an incarnation
         if incarnation in self.node_starts.get(number, ()):
             return None  # a start already seen, or ended (both rules): a copy, its report with it
-        self.rules.node_started(number, admin.get("rules_version"), admin.get("members"), incarnation)
+        self.rules.node_started(number, admin.get("rules_version"), admin.get("members"), incarnation,
+                                NODE_STARTS_REMEMBERED)  # fmt: skip
         if self.rules.active < 2:
             return node_start_rules1(self, number, incarnation, NODE_STARTS_REMEMBERED)
         return self.node_start(number, incarnation, admin.get("previous"))

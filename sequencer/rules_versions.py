@@ -55,12 +55,11 @@ from collections.abc import Iterable
 from sequencer.record import SESSION_ID_INCARNATION_BITS
 from sequencer.schema import VersionError
 
-__all__ = ["RULES_VERSION", "RULES_VERSION_UNREPORTED", "RulesVersionError", "RulesVersions"]
+__all__ = ["RULES_VERSION", "RULES_VERSION_UNREPORTED", "RulesAsks", "RulesVersionError", "RulesVersions"]
 
 RULES_VERSION = 2  # the newest rules this code applies; a node_start reports it
 RULES_VERSION_UNREPORTED = 1  # what a node_start without `rules_version` (an older seqd's) means
 _INCARNATION_MASK = (1 << SESSION_ID_INCARNATION_BITS) - 1
-_INCARNATION_HALF = 1 << (SESSION_ID_INCARNATION_BITS - 1)  # serial-number arithmetic's "behind"
 
 
 class RulesVersionError(VersionError):
@@ -95,17 +94,19 @@ class RulesVersions:
         self.due = 0
 
     def node_started(
-        self, number: int, reported: int | None, members: Iterable[int] | None, incarnation: int | None = None
+        self, number: int, reported: int | None, members: Iterable[int] | None, incarnation: int | None = None,
+        remembered: int = 0,
     ) -> None:
         """The report of a first copy of node `number`'s start `incarnation` (None: not known),
         `reported` None: an older seqd's, naming its cluster's `members` (None: an older seqd's).
-        The late first copy of an earlier start's node_start than the one that last reported
-        (rules 1 take it for new: they ignore `previous`) reports nothing: it would erase the
-        node's newer report, and the cluster would stay on the old rules."""
+        The late first copy of the node_start of a start up to `remembered` ids before the one
+        that last reported (ids go up by one a start; rules 1 take it for new: they ignore
+        `previous`) reports nothing: it would erase the node's newer report, and the cluster
+        would stay on the old rules. Ids further apart are not ordered (a data directory wiped
+        takes one from the clock): the later report wins."""
         last = self.reported_by.get(number)
-        if incarnation is not None and last is not None:
-            if 0 < (last - incarnation) & _INCARNATION_MASK < _INCARNATION_HALF:
-                return  # an earlier start's (serial-number order, RFC 1982: ids go up by one a start)
+        if incarnation is not None and last is not None and 0 < (last - incarnation) & _INCARNATION_MASK <= remembered:
+            return  # an earlier start's
         if incarnation is not None:
             self.reported_by[number] = incarnation
         reported = RULES_VERSION_UNREPORTED if reported is None else reported
@@ -154,3 +155,29 @@ class RulesVersions:
         self.active = active
         self._update_due()
         self.check(f"the snapshot at index {index} was taken under session rules version {active}")
+
+
+class RulesAsks:
+    """When a node's sequencer asks the log to make the `due` rules version active: as soon as it
+    is due (or another is), then again every `again_s` while it stays due, since the record it
+    sequenced may have been cut with its leader's term (a second one changes nothing).
+
+    Args:
+        again_s: the time between two asks for the same version (RULES_ASK_AGAIN_S).
+    """
+
+    __slots__ = ("again_s", "asked", "asked_at_s")
+
+    def __init__(self, again_s: float) -> None:
+        assert again_s > 0, again_s
+        self.again_s = again_s
+        self.asked = 0  # the version last asked for (0: none)
+        self.asked_at_s = 0.0  # when (monotonic clock)
+
+    def should_ask(self, due: int, now_s: float) -> bool:
+        """Whether to ask for `due` (0: none due) at monotonic time `now_s`."""
+        return bool(due) and (due != self.asked or now_s - self.asked_at_s > self.again_s)
+
+    def asked_for(self, due: int, now_s: float) -> None:
+        """The ask for `due` was sequenced at `now_s`."""
+        self.asked, self.asked_at_s = due, now_s
