@@ -232,3 +232,20 @@ def test_a_late_node_start_of_the_start_before_applied_around_the_switch_leaves_
         feed(restored, record)
     assert restored.snapshot_bytes() == processor.snapshot_bytes()
     assert processor.session_ids() == [x1, session(1, x, 2)]
+
+
+def test_a_late_node_start_of_the_start_before_closes_its_own_sessions_rules_1_opened():
+    # x named w, but rules 1 ignore `previous`: w's late open opened its session. After the switch
+    # w's late node_start ends w there, and closes that session (nothing else would: a zombie).
+    w, x = 0x000111, 0x000112
+    processor, feeder = started()
+    feed(processor, node_start(feeder, 0x000999, node="n2", number=OTHER_NODE))
+    feed(processor, node_start(feeder, x, previous=w))
+    feed(processor, feeder.open_session(session(1, w, 1), client_id=7))  # late, rules 1 open it
+    feed(processor, feeder._record(RecordType.ADMIN, 1, 0, 0, encode_admin(ADMIN_RULES_VERSION, version=RULES_VERSION)))
+    x1 = session(1, x, 1)
+    feed(processor, feeder.open_session(x1, client_id=8))
+    feed(processor, node_start(feeder, w))  # late
+    assert processor.session_ids() == [x1]
+    client = processor._table.clients[7]
+    assert client.sessions == 0 and 7 in processor._table.idle  # idle, so its entry expires
