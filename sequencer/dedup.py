@@ -50,6 +50,11 @@ that runs, W an earlier one of the same node, s a session of X):
   arrive after its node's next start (its TCP segment retransmitted after a loss while the node
   restarted), and its node_start would otherwise close the live start's sessions, its opens
   stay open for good.
+- which start runs is decided by the ids' order (ids go up by one a start), not by the order the
+  node_starts were applied: a table built under rules 1 (which ignore `previous`) may have applied
+  W's late node_start after X's. A first copy of a node_start up to NODE_STARTS_REMEMBERED ids
+  behind a started one is ended there (it closes only its own sessions still open), and an open
+  is judged against the node's newest start.
 - an incarnation whose node_start carried none (an older seqd's) is not tracked; neither is any
   open before the first node_start that carries one (a log an older seqd wrote keeps its
   snapshots' bytes): such opens are judged by the open sessions alone, as before.
@@ -113,6 +118,36 @@ _COUNTER_HALF = 1 << (SESSION_ID_COUNTER_BITS - 1)  # serial-number arithmetic's
 _INCARNATION_MASK = (1 << SESSION_ID_INCARNATION_BITS) - 1
 
 
+def _behind(incarnation: int, later: int) -> bool:
+    """Whether `incarnation` is a start up to NODE_STARTS_REMEMBERED starts before `later` (ids go
+    up by one a start, wrapping: daemon/incarnation.py)."""
+    return 0 < (later - incarnation) & _INCARNATION_MASK <= NODE_STARTS_REMEMBERED
+
+
+def _ended(started: dict[int, int], incarnation: int) -> bool:
+    """Whether one of the node's `started` incarnations came after `incarnation`: it ended."""
+    return any(_behind(incarnation, later) for later in started)
+
+
+def _newest(started: dict[int, int]) -> int:
+    """The node's running start among its non-empty `started`: the newest by the ids' serial order,
+    not the last applied (a table built under rules 1 may have applied an earlier start's late
+    node_start last). The last applied when no other is up to NODE_STARTS_REMEMBERED after it
+    (ids not one a start apart: an older seqd's, or a data directory wiped)."""
+    newest = last = next(reversed(started))
+    for incarnation in started:
+        if _behind(newest, incarnation) and _behind(last, incarnation):
+            newest = incarnation
+    return newest
+
+
+def _forget_oldest(started: dict[int, int]) -> None:
+    """Keeps the NODE_STARTS_REMEMBERED starts last applied, and always the running one."""
+    while len(started) > NODE_STARTS_REMEMBERED:
+        newest = _newest(started)
+        del started[next(incarnation for incarnation in started if incarnation != newest)]
+
+
 class ClientEntry:
     """The dedup entry of one client id."""
 
@@ -165,8 +200,8 @@ class ClientTable:
         # Set by `emit_for`: then a session is local when its id carries this node number.
         self.node_number: int | None = None
         # node number -> {incarnation whose node_start was applied: the highest session counter
-        # it opened, -1 for none}, oldest start first, at most NODE_STARTS_REMEMBERED; the last
-        # is the node's running start, the others ended. Part of the state: it decides what a
+        # it opened, -1 for none}, in the order applied, at most NODE_STARTS_REMEMBERED; the
+        # newest by the ids' order is the node's running start (`_newest`), the others ended. Part of the state: it decides what a
         # node_start closes and which opens are second copies.
         self.node_starts: dict[int, dict[int, int]] = {}
         # node number -> {incarnation with opens but no node_start applied yet: the highest
@@ -224,10 +259,10 @@ class ClientTable:
             number = session_node_number(session_id)
             incarnation = session_incarnation(session_id)
             started = self.node_starts.get(number)
-            if started is not None and incarnation in started:
-                if incarnation != next(reversed(started)):
-                    return False  # an ended start: a later one of its node closed its sessions
+            if started is not None and incarnation == _newest(started):
                 highests = started
+            elif started is not None and (incarnation in started or _ended(started, incarnation)):
+                return False  # an ended start: a later one of its node closed its sessions
             else:
                 highests = self.opened_early.setdefault(number, {})
             counter = session_id & _COUNTER_MASK
@@ -274,7 +309,8 @@ class ClientTable:
         number: int = admin["number"]  # always with an incarnation
         if incarnation in self.node_starts.get(number, ()):
             return None  # a start already seen, or ended (both rules): a copy, its report with it
-        self.rules.node_started(number, admin.get("rules_version"), admin.get("members"))
+        self.rules.node_started(number, admin.get("rules_version"), admin.get("members"), incarnation,
+                                NODE_STARTS_REMEMBERED)  # fmt: skip
         if self.rules.active < 2:
             return node_start_rules1(self, number, incarnation, NODE_STARTS_REMEMBERED)
         return self.node_start(number, incarnation, admin.get("previous"))
@@ -298,6 +334,8 @@ class ClientTable:
         started = self.node_starts.setdefault(node_number, {})
         if incarnation in started:
             return None
+        if _ended(started, incarnation):
+            return self._ended_start(node_number, started, incarnation)
         closing: list[int] = []
         highest = -1  # the counter of the last session this incarnation opened before its start
         for sid in self.sessions:
@@ -305,7 +343,7 @@ class ClientTable:
                 opened_by = session_incarnation(sid)
                 if opened_by == incarnation:
                     highest = sid & _COUNTER_MASK  # opening order: the last one is the highest
-                elif 0 < (opened_by - incarnation) & _INCARNATION_MASK <= NODE_STARTS_REMEMBERED:
+                elif _behind(incarnation, opened_by):
                     # A later start's (ids go up by one a start: daemon/incarnation.py), whose own
                     # node_start is still to come: this one is late, and not the one to close it.
                     continue
@@ -316,14 +354,31 @@ class ClientTable:
             highest = early.pop(incarnation, highest)  # every open since tracking began: the newest
         if previous is not None and previous != incarnation and previous not in started:
             started[previous] = early.pop(previous, -1) if early else -1  # ended before it started
-        if early is not None and not early:
-            # Never kept empty: a snapshot leaves empty ones out, and a replica restored from it
-            # would re-create the node's entry elsewhere in the order, and encode other bytes.
-            del self.opened_early[node_number]
+        self._drop_if_empty(node_number)
         started[incarnation] = highest
-        while len(started) > NODE_STARTS_REMEMBERED:
-            del started[next(iter(started))]
+        _forget_oldest(started)
         return closing
+
+    def _ended_start(self, node_number: int, started: dict[int, int], incarnation: int) -> list[int]:
+        """The late first copy of the node_start of `incarnation`, up to NODE_STARTS_REMEMBERED
+        starts behind one of its node's started ones: it ends there, not made the running start
+        (a table built under rules 1, which ignore `previous`, never marked it ended). It closes
+        only its own sessions still open (opened under rules 1, which took its late opens for
+        new): nothing else would close them."""
+        early = self.opened_early.get(node_number)
+        started[incarnation] = early.pop(incarnation, -1) if early else -1
+        self._drop_if_empty(node_number)
+        _forget_oldest(started)
+        return [
+            sid for sid in self.sessions
+            if session_node_number(sid) == node_number and session_incarnation(sid) == incarnation
+        ]  # fmt: skip
+
+    def _drop_if_empty(self, node_number: int) -> None:
+        # Never kept empty: a snapshot leaves empty ones out, and a replica restored from it would
+        # re-create the node's entry elsewhere in the order, and encode other bytes.
+        if self.opened_early.get(node_number) == {}:
+            del self.opened_early[node_number]
 
     def expire(self, now_ns: int) -> None:
         """Forget the dedup state of clients without a session for `expiry_ns`.

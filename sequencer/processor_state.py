@@ -182,8 +182,19 @@ def restore_table(table: ClientTable, state: ProcessorState) -> None:
 
     Raises:
         RulesVersionError: `state` was taken under session rules the table's code does not know.
+        ProcessorError: `state` holds early opens but no rules version: a development build's
+            (between the early opens' tracking and the rules versions) that applied rules 2
+            unmarked; restored as rules 1 it would go on to other bytes than a replay of the log.
     """
     assert not table.clients and not table.sessions, "restore into an empty table"
+    if state.rules_version_active < 2 and state.opened_early:
+        raise ProcessorError(
+            f"the snapshot at index {state.applied_index} holds early session opens but no session rules "
+            "version: a development build of seqd wrote it applying session rules 2 unmarked, and restored "
+            "under rules 1 it would diverge from the other replicas. Delete that snapshot file (its name "
+            "ends in the index) from the node's snapshot directory, then start the node again: it rebuilds "
+            "its state from the journal (or from an earlier snapshot)"
+        )
     for saved_client in state.clients:
         client = table.client(saved_client.client_id)
         client.last_request_id = saved_client.last_request_id

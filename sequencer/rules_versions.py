@@ -11,8 +11,9 @@ node's restart:
 
 - every node_start reports `rules_version`, the newest rules its code applies (none: an older
   seqd's, which means 1). Each replica keeps the last report of each node (`known`, from the first
-  copy of a start only: a copy of a start already seen, or ended, reports nothing) and the members
-  the last node_start named.
+  copy of a start only: a copy of a start already seen, or ended, reports nothing, and neither
+  does a late first copy of a start earlier than the one that last reported) and the members the
+  last node_start named.
 - once every member has reported code that knows a version above the active one (`due`), the
   node's sequencer sequences an ADMIN `rules_version` record (the blp publishes `due` in the
   counters); every replica makes that version active at that record, whatever it knows itself,
@@ -43,19 +44,22 @@ Versions:
 2. the highest counter kept from an incarnation's first open, before its node_start too
    (`opened_early`); a node_start ends the start it names as the one before it (`previous`); an
    open or node_start of an ended start changes nothing; a node_start closes no session of a start
-   up to NODE_STARTS_REMEMBERED ids after its own (sequencer/dedup.py).
+   up to NODE_STARTS_REMEMBERED ids after its own, and one up to that many ids behind a started
+   one is ended; the running start is the newest by the ids' order (sequencer/dedup.py).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
+from sequencer.record import SESSION_ID_INCARNATION_BITS
 from sequencer.schema import VersionError
 
-__all__ = ["RULES_VERSION", "RULES_VERSION_UNREPORTED", "RulesVersionError", "RulesVersions"]
+__all__ = ["RULES_VERSION", "RULES_VERSION_UNREPORTED", "RulesAsks", "RulesVersionError", "RulesVersions"]
 
 RULES_VERSION = 2  # the newest rules this code applies; a node_start reports it
 RULES_VERSION_UNREPORTED = 1  # what a node_start without `rules_version` (an older seqd's) means
+_INCARNATION_MASK = (1 << SESSION_ID_INCARNATION_BITS) - 1
 
 
 class RulesVersionError(VersionError):
@@ -74,7 +78,7 @@ class RulesVersions:
     every value in `known` is above RULES_VERSION_UNREPORTED; `due` is 0 or above `active`.
     """
 
-    __slots__ = ("active", "code_version", "due", "known", "members")
+    __slots__ = ("active", "code_version", "due", "known", "members", "reported_by")
 
     def __init__(self, code_version: int = RULES_VERSION) -> None:
         assert RULES_VERSION_UNREPORTED <= code_version <= RULES_VERSION, code_version
@@ -83,14 +87,28 @@ class RulesVersions:
         # Not state (module docstring): what this replica saw since it started.
         self.known: dict[int, int] = {}  # node number -> the rules its last start's code applies
         self.members: tuple[int, ...] = ()  # the members the last node_start named
+        self.reported_by: dict[int, int] = {}  # node number -> the incarnation of its last report
         # The version every member last reported code that knows, when it is above the active
         # one: what this node asks the log to make active; 0: none. Kept, not computed, for the
         # blp's duty cycle, which reads it with every batch.
         self.due = 0
 
-    def node_started(self, number: int, reported: int | None, members: Iterable[int] | None) -> None:
-        """The report of a first copy of node `number`'s node_start (`reported` None: an older
-        seqd's), naming its cluster's `members` (None: an older seqd's)."""
+    def node_started(
+        self, number: int, reported: int | None, members: Iterable[int] | None, incarnation: int | None = None,
+        remembered: int = 0,
+    ) -> None:
+        """The report of a first copy of node `number`'s start `incarnation` (None: not known),
+        `reported` None: an older seqd's, naming its cluster's `members` (None: an older seqd's).
+        The late first copy of the node_start of a start up to `remembered` ids before the one
+        that last reported (ids go up by one a start; rules 1 take it for new: they ignore
+        `previous`) reports nothing: it would erase the node's newer report, and the cluster
+        would stay on the old rules. Ids further apart are not ordered (a data directory wiped
+        takes one from the clock): the later report wins."""
+        last = self.reported_by.get(number)
+        if incarnation is not None and last is not None and 0 < (last - incarnation) & _INCARNATION_MASK <= remembered:
+            return  # an earlier start's
+        if incarnation is not None:
+            self.reported_by[number] = incarnation
         reported = RULES_VERSION_UNREPORTED if reported is None else reported
         if reported > RULES_VERSION_UNREPORTED:
             self.known[number] = reported
@@ -137,3 +155,29 @@ class RulesVersions:
         self.active = active
         self._update_due()
         self.check(f"the snapshot at index {index} was taken under session rules version {active}")
+
+
+class RulesAsks:
+    """When a node's sequencer asks the log to make the `due` rules version active: as soon as it
+    is due (or another is), then again every `again_s` while it stays due, since the record it
+    sequenced may have been cut with its leader's term (a second one changes nothing).
+
+    Args:
+        again_s: the time between two asks for the same version (RULES_ASK_AGAIN_S).
+    """
+
+    __slots__ = ("again_s", "asked", "asked_at_s")
+
+    def __init__(self, again_s: float) -> None:
+        assert again_s > 0, again_s
+        self.again_s = again_s
+        self.asked = 0  # the version last asked for (0: none)
+        self.asked_at_s = 0.0  # when (monotonic clock)
+
+    def should_ask(self, due: int, now_s: float) -> bool:
+        """Whether to ask for `due` (0: none due) at monotonic time `now_s`."""
+        return bool(due) and (due != self.asked or now_s - self.asked_at_s > self.again_s)
+
+    def asked_for(self, due: int, now_s: float) -> None:
+        """The ask for `due` was sequenced at `now_s`."""
+        self.asked, self.asked_at_s = due, now_s

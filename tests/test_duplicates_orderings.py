@@ -13,6 +13,7 @@ through. X is the node's running start, W an earlier one; s a session X opened.
 from __future__ import annotations
 
 import msgspec
+import pytest
 
 from sequencer.apps.ledger import Ledger, OpenAccount
 from sequencer.egress import ReplyStatus
@@ -196,3 +197,55 @@ def test_a_late_node_start_of_an_earlier_start_before_the_live_starts_own_closes
     (reply,) = replies(feed(processor, feeder.command(s, 1, OpenAccount("alice"))))
     assert reply.status == ReplyStatus.OK
     assert processor.commands_without_session == 0
+
+
+@pytest.mark.parametrize("late_start_before_the_switch", [True, False])
+def test_a_late_node_start_of_the_start_before_applied_around_the_switch_leaves_the_live_start_open(
+    late_start_before_the_switch: bool,
+) -> None:
+    # Node 1's start x names w (`previous`), but its node_start is applied under rules 1, which
+    # ignore `previous`: w is not marked ended. w's lost node_start arrives late, before or after
+    # the switch to rules 2, and is applied after x's. Rules 2 once took the last applied start
+    # for the running one: every new open of x was refused as an ended start's (found in review),
+    # and node 1's clients stalled until it restarted.
+    w, x = 0x000111, 0x000112  # ids go up by one a start
+    processor, feeder = started()
+    feed(processor, node_start(feeder, 0x000999, node="n2", number=OTHER_NODE))
+    feed(processor, node_start(feeder, x, previous=w))
+    for late in (late_start_before_the_switch, not late_start_before_the_switch):
+        if late:
+            feed(processor, node_start(feeder, w))
+        else:
+            feed(processor, feeder._record(RecordType.ADMIN, 1, 0, 0, encode_admin(ADMIN_RULES_VERSION, version=RULES_VERSION)))
+    assert processor.rules_versions.active == RULES_VERSION
+    x1, w1 = session(1, x, 1), session(1, w, 1)
+    feed(processor, feeder.open_session(x1, client_id=7))
+    feed(processor, feeder.open_session(w1, client_id=8))  # w's late open: refused, w ended
+    assert processor.session_ids() == [x1]
+    (reply,) = replies(feed(processor, feeder.command(x1, 1, OpenAccount("alice"))))
+    assert reply.status == ReplyStatus.OK
+    assert processor.commands_without_session == 0
+    # A replica restored from a snapshot goes on to the same bytes.
+    restored = Processor.restore(Ledger, processor.snapshot_bytes())
+    for record in (feeder.open_session(session(1, x, 2), client_id=9), node_start(feeder, w)):  # and a copy
+        feed(processor, record)
+        feed(restored, record)
+    assert restored.snapshot_bytes() == processor.snapshot_bytes()
+    assert processor.session_ids() == [x1, session(1, x, 2)]
+
+
+def test_a_late_node_start_of_the_start_before_closes_its_own_sessions_rules_1_opened():
+    # x named w, but rules 1 ignore `previous`: w's late open opened its session. After the switch
+    # w's late node_start ends w there, and closes that session (nothing else would: a zombie).
+    w, x = 0x000111, 0x000112
+    processor, feeder = started()
+    feed(processor, node_start(feeder, 0x000999, node="n2", number=OTHER_NODE))
+    feed(processor, node_start(feeder, x, previous=w))
+    feed(processor, feeder.open_session(session(1, w, 1), client_id=7))  # late, rules 1 open it
+    feed(processor, feeder._record(RecordType.ADMIN, 1, 0, 0, encode_admin(ADMIN_RULES_VERSION, version=RULES_VERSION)))
+    x1 = session(1, x, 1)
+    feed(processor, feeder.open_session(x1, client_id=8))
+    feed(processor, node_start(feeder, w))  # late
+    assert processor.session_ids() == [x1]
+    client = processor._table.clients[7]
+    assert client.sessions == 0 and 7 in processor._table.idle  # idle, so its entry expires

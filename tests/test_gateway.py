@@ -7,12 +7,14 @@ same rules is checked over real sockets by tests/test_conformance*.py and tests/
 
 from __future__ import annotations
 
+import itertools
 from typing import Any, NamedTuple
 
 import msgspec
 import pytest
 
 from daemon import config as daemon_config
+from daemon.roles.sequencer import RULES_ASK_AGAIN_S
 from sequencer import egress
 from sequencer.client import protocol
 from sequencer.gateway import (
@@ -33,6 +35,7 @@ from sequencer.gateway import (
 )
 from sequencer.processor import SAVED_REPLIES_MAX
 from sequencer.record import (
+    ADMIN_RULES_VERSION,
     COMMAND_PREFIX,
     DAEMON_RECORD_VERSION,
     RECORD_TAIL,
@@ -41,7 +44,7 @@ from sequencer.record import (
     decode_session_open,
     split_frame_type,
 )
-from sequencer.rules_versions import RULES_VERSION
+from sequencer.rules_versions import RULES_VERSION, RulesAsks
 from sequencer.timers import decode_timer_fired, encode_timer_cancel, encode_timer_schedule
 
 NODE = "n1"
@@ -487,6 +490,32 @@ def test_node_start_closes_the_previous_incarnations_sessions_by_a_record():
         "app_version": 2, "members": [4],  # what its code knows, its cluster (itself alone)
         "rules_version": RULES_VERSION,  # the session rules its seqd applies
     }  # fmt: skip
+
+
+def test_the_rules_version_ask_is_one_admin_record_and_a_full_ring_consumes_no_index():
+    ring = FakeRing(room=0)
+    gateway = make_gateway(ring)
+    assert not gateway.sequence_rules_version(1_000, 2)  # the ring is full: asked again later
+    ring.room = None
+    assert gateway.sequence_rules_version(2_000, 2)
+    (record,) = ring.records()
+    assert (record.type, record.index, record.timestamp_ns) == (RecordType.ADMIN, 11, 2_000)
+    assert decode_admin(record.payload) == {"op": ADMIN_RULES_VERSION, "version": 2}
+
+
+def test_a_due_rules_version_is_asked_for_at_once_then_at_most_once_per_ask_again_interval():
+    asks = RulesAsks(RULES_ASK_AGAIN_S)
+    assert not asks.should_ask(0, 100.0)  # none due
+    now_s, asked_at = 100.0, []
+    while now_s < 100.0 + 5 * RULES_ASK_AGAIN_S:  # the sequencer's duty cycle, a fake clock
+        if asks.should_ask(2, now_s):
+            asks.asked_for(2, now_s)
+            asked_at.append(now_s)
+        now_s += 0.25
+    assert asked_at[0] == 100.0  # at once
+    assert len(asked_at) == 5  # then again while still due, never sooner than the interval
+    assert all(later - earlier > RULES_ASK_AGAIN_S for earlier, later in itertools.pairwise(asked_at))
+    assert asks.should_ask(3, now_s)  # another version due: asked for at once
 
 
 # -- snapshot policy -----------------------------------------------------------------------------

@@ -23,18 +23,21 @@ import msgspec
 import pytest
 
 from daemon.exits import ExitCode, classify
+from daemon.fault_hooks import FAULT_CLOCK_OFFSET_ENV
 from daemon.harness import NodeProcess
 from sequencer.apps.ledger import Ledger, OpenAccount
 from sequencer.determinism import state_hash
 from sequencer.journal import Journal
-from sequencer.processor import Processor
-from sequencer.record import ADMIN_RULES_VERSION, RecordType, encode_admin
+from sequencer.journal.reader import read_records
+from sequencer.processor import Processor, ProcessorError
+from sequencer.record import ADMIN_RULES_VERSION, RecordType, decode_admin, encode_admin
 from sequencer.rules_versions import RULES_VERSION, RulesVersionError
 from tests.fixtures.feeder import feed
 from tests.node_fixtures import node_factory  # noqa: F401
 from tests.test_duplicates_orderings import copy_of
 from tests.test_processor_duplicates import node_start, session, started
 
+HOUR_MS = 3600 * 1000
 PREVIOUS_MEMBERS = [1, 2]  # the cluster of the previous seqd's log
 W, X, Y, Z = 0x000111, 0x000112, 0x000113, 0x000114  # starts of node 1 (ids go up by one a start)
 N2_FIRST, N2_SECOND = 0x000999, 0x00099A  # starts of node 2
@@ -98,6 +101,10 @@ def test_a_journal_the_previous_seqd_wrote_replays_to_the_state_it_computed() ->
     assert {"bob", "carol"} <= set(processor.app.accounts) and "dave" not in processor.app.accounts
     assert processor.commands_without_session == 1  # dave's, on Z's session closed by Y's start
     assert processor.duplicate_records == 0
+    # Its body has no field the previous seqd lacked: the trim of `body_as_the_previous_seqd_wrote` (which other tests use to
+    # stand in for the previous seqd's bodies) is the identity on it.
+    body = processor.snapshot_bytes()
+    assert body_as_the_previous_seqd_wrote(body) == body
 
 
 def body_as_the_previous_seqd_wrote(body: bytes) -> bytes:
@@ -107,13 +114,6 @@ def body_as_the_previous_seqd_wrote(body: bytes) -> bytes:
     while len(fields) > 11 and fields[-1] in ([], 0):
         fields.pop()
     return msgspec.msgpack.encode(fields)
-
-
-def test_the_previous_seqds_body_is_what_it_wrote_byte_for_byte() -> None:
-    # The helper above is the identity on a body the previous seqd's state gives.
-    processor = replayed(previous_seqd_log())
-    body = processor.snapshot_bytes()
-    assert body_as_the_previous_seqd_wrote(body) == body
 
 
 MEMBERS = [1, 2, 3]
@@ -252,6 +252,21 @@ def test_the_active_rules_survive_a_snapshot_and_an_older_body_loads_as_rules_1(
     assert older.rules_versions.active == 1
 
 
+def test_a_development_builds_body_with_early_opens_and_no_rules_version_is_refused() -> None:
+    # Builds between the early opens' tracking and rules versions applied rules 2 unmarked: such a
+    # body loads as rules 1 with early opens, and went on to other bytes than a replay of its log.
+    processor, feeder = started()
+    feed(processor, node_start(feeder, W, rules_version=None))
+    feed(processor, rules_version_record(feeder, 2))
+    feed(processor, feeder.open_session(session(1, X, 1), client_id=7))  # X's, early
+    fields = msgspec.msgpack.decode(processor.snapshot_bytes())
+    assert fields[14] and fields[15:] == [2]
+    development = msgspec.msgpack.encode(fields[:15])  # the same without the rules version
+    with pytest.raises(ProcessorError, match=f"the snapshot at index {processor.applied_index} holds early "
+                       "session opens but no session rules version.*Delete that snapshot file"):  # fmt: skip
+        Processor.restore(Ledger, development)
+
+
 def test_a_node_whose_code_knows_only_older_rules_stops_at_the_switch_and_on_a_later_snapshot() -> None:
     # A node started again with an older (version-aware) build after it reported rules 2, or
     # such a build replaying another node's journal: it must not apply rules 1 where the other
@@ -290,6 +305,22 @@ def test_a_single_nodes_own_start_makes_its_rules_due_and_a_late_copy_of_an_earl
     assert (processor.rules_versions.active, processor.rules_versions.due) == (2, 0)
 
 
+def test_a_late_first_copy_of_an_earlier_start_leaves_the_newer_starts_report() -> None:
+    # X names W, but rules 1 ignore `previous`: W's late node_start (its forward lost, an older
+    # seqd's, no report) is a first copy. It once erased X's report of rules 2: none was due, and
+    # the cluster stayed on rules 1.
+    processor, feeder = started()
+    feed(processor, node_start(feeder, X, previous=W))
+    assert (processor.rules_versions.active, processor.rules_versions.due) == (1, 2)
+    feed(processor, node_start(feeder, W, rules_version=None))  # late, first copy
+    assert processor.duplicate_records == 0  # rules 1 took it for a new start
+    assert processor.rules_versions.known == {1: 2}
+    assert (processor.rules_versions.active, processor.rules_versions.due) == (1, 2)
+    # The node's next start reports again, whatever it reports.
+    feed(processor, node_start(feeder, Y, previous=X, rules_version=None))
+    assert (processor.rules_versions.known, processor.rules_versions.due) == ({}, 0)
+
+
 def test_a_real_node_restarted_on_the_previous_seqds_journal_replays_it_under_rules_1_then_its_start_switches(
     node_factory: Any,  # noqa: F811
 ) -> None:
@@ -298,7 +329,10 @@ def test_a_real_node_restarted_on_the_previous_seqds_journal_replays_it_under_ru
     with Journal.open(node.config.journal_dir, segment_bytes=8 << 20, preallocate=False) as journal:
         journal.append(b"".join(records))
         journal.sync()
-    node.start()
+    # Its wall clock an hour behind (the fault hook): the ask is stamped by it, as every record.
+    offset = node.config.journal_dir.parent / "clock_offset_ms"
+    offset.write_text(str(-HOUR_MS))
+    node.start(environment={FAULT_CLOCK_OFFSET_ENV: str(offset)})
     # Its own node_start (a single node: its members are itself) makes rules 2 due after the
     # replay, and its sequencer asks the log to make them active; neither record has an output,
     # so the rolling hash is the replay's.
@@ -312,3 +346,6 @@ def test_a_real_node_restarted_on_the_previous_seqds_journal_replays_it_under_ru
     assert values["blp.rolling_hash"] == PREVIOUS_SEQD_ROLLING_HASH & 0x7FFF_FFFF_FFFF_FFFF
     assert (values["rules.version.active"], values["rules.version.due"]) == (2, 0)
     assert node.stop() == 0
+    asks = [record for record in read_records(node.config.journal_dir)
+            if record.type == RecordType.ADMIN and decode_admin(record.payload)["op"] == ADMIN_RULES_VERSION]  # fmt: skip
+    assert asks and all(ask.timestamp_ns < time.time_ns() - HOUR_MS * 1_000_000 // 2 for ask in asks)

@@ -113,6 +113,7 @@ from sequencer.gateway import (
 )
 from sequencer.gateway.sessions import SESSION_ID_INCARNATION_BITS
 from sequencer.raft import RaftRole
+from sequencer.rules_versions import RulesAsks
 from sequencer.state_machine import load_app
 
 log = logging.getLogger("seqd.sequencer")
@@ -200,7 +201,7 @@ class Sequencer:
         self.draining = False
         self.drain_commit_index: int | None = None  # a cluster's drain: what the blp must reach
         self.raise_seen = counters[APP_VERSION_RAISE_REQUEST].get()
-        self.rules_asked = (0, 0.0)  # the session rules version this start last asked for, and when
+        self.rules_asks = RulesAsks(RULES_ASK_AGAIN_S)  # the session rules version this start asks for
         self.server: asyncio.AbstractServer | None = None
         self.published_position = counters[LOG_PUBLISHED_POSITION]
         self.published_index_counter = counters[LOG_PUBLISHED_INDEX]
@@ -434,15 +435,13 @@ class Sequencer:
         if self.clustered:
             self.gateway.limit_command_version(counters[APP_VERSION_ACTIVE].get())
         request = counters[APP_VERSION_RAISE_REQUEST].get()
-        if request != self.raise_seen and self.gateway.sequence_raise_version(time.time_ns(), request & 0xFFFF):
+        if request != self.raise_seen and self.gateway.sequence_raise_version(wall_clock_ns(), request & 0xFFFF):
             self.raise_seen = request
             self._claimed()
             counters[APP_VERSION_RAISE_HANDLED].set(request)
-        due, (asked, asked_at) = counters[RULES_VERSION_DUE].get(), self.rules_asked
-        if due and (due != asked or time.monotonic() - asked_at > RULES_ASK_AGAIN_S) and (
-            self.gateway.sequence_rules_version(time.time_ns(), due)
-        ):
-            self.rules_asked = (due, time.monotonic())
+        due, now_s = counters[RULES_VERSION_DUE].get(), time.monotonic()
+        if self.rules_asks.should_ask(due, now_s) and self.gateway.sequence_rules_version(wall_clock_ns(), due):
+            self.rules_asks.asked_for(due, now_s)
             self._claimed()
 
     def _log_snapshot_policy(self) -> None:
