@@ -17,7 +17,7 @@ from daemon.fault_hooks import (
 from daemon.incarnation import next_raft_incarnation
 from sequencer.cluster import record_from_frame
 from sequencer.raft.config import RaftConfig
-from sequencer.raft.peer_protocol import ForwardedRecord
+from sequencer.raft.peer_protocol import PEER_FRAME_BYTES_MAX, ForwardedRecord
 from sequencer.raft.transport import PeerTransport, TransportConfig
 from sequencer.record import FRAME_HEADER, RECORD_HEADER, RECORD_HEADER_BYTES, RecordType, aligned
 
@@ -66,6 +66,12 @@ def transport_config(config: Config) -> TransportConfig:
         listen_port=port,
         peers={m.id: parse_address(m.peer_address) for m in cluster.members if m.id != number},
         allow_non_loopback=cluster.allow_non_loopback,
+        # What the leader keeps unanswered toward a follower (the byte window), plus the one
+        # message that may cross it (a frame at most): all a healthy link ever holds unsent. A
+        # follower that answers heartbeats but reads slowly gets one more message per heartbeat
+        # answer (the tracker frees the oldest of a full window, in case it was lost); beyond
+        # this bound they are dropped, as lost, instead of growing this process.
+        send_buffer_bytes_max=cluster.inflight_bytes_max + PEER_FRAME_BYTES_MAX,
     )
 
 

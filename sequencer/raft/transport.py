@@ -16,10 +16,14 @@ writes sockets, keeps time (handshake timeouts, reconnect backoff) and counts:
 - `send(messages)` routes each message to its target's outbound queue and schedules one flush for
   the end of the loop pass (`loop.call_soon`): every message sent during a pass leaves in one
   frame per peer and one `write`.
-- a message to a peer with no authenticated connection, or whose socket has more than
-  `send_buffer_bytes_max` unsent bytes, is dropped and counted (`messages_dropped`): Raft resends
-  what matters after a timeout, and a slow or dead peer must not grow this node's memory. So is
-  a batch holding a message too large for any frame (a caller bug, logged);
+- a message to a peer with no authenticated connection, or whose batch would take its socket
+  past `send_buffer_bytes_max` unsent bytes, is dropped and counted (`messages_dropped`): Raft
+  resends what matters after a timeout, and a slow or dead peer must not grow this node's memory.
+  The bound is strict (the batch's frames are built, measured against the room left, and
+  dropped whole, with no sequence number used, when they do not fit: `SendBufferFull`), so a
+  peer that does not drain costs at most `send_buffer_bytes_max` of this process's memory, and
+  never stalls the other links (each has its own buffer; nothing here waits). So is a batch
+  holding a message too large for any frame (a caller bug, logged);
 - forwarded records (`forward`) are dropped the same way, but each link's records form a stream
   that must stay gapless (sequencer/cluster/forwards.py): the link numbers its forward stream
   (`forward_stream`), and every authenticated connection and every dropped record starts a new
@@ -68,6 +72,7 @@ from sequencer.raft.peer_protocol import (
     PeerProtocolError,
     ReconnectBackoff,
     RecordBatch,
+    SendBufferFull,
     Side,
 )
 from sequencer.raft.transport_config import (
@@ -389,6 +394,14 @@ class PeerTransport:
         connection and after every dropped record (module docstring)."""
         return self._link(target).forward_stream
 
+    def unsent_bytes(self, target: int) -> int:
+        """Bytes written to the connection to `target` that its socket has not taken yet (this
+        process's send buffer for that peer, at most `send_buffer_bytes_max`); 0 unconnected."""
+        stream = self._link(target).stream
+        if stream is None or stream.transport is None:
+            return 0
+        return stream.transport.get_write_buffer_size()
+
     def forward_writable(self, target: int) -> bool:
         """The link to `target` is connected and its socket holds under half the unsent bytes at
         which it drops: a restart's resend has room to leave."""
@@ -458,29 +471,31 @@ class PeerTransport:
             messages, link.messages = link.messages, []
             records, link.records = link.records, []
             stream = link.stream
-            if (
-                stream is None
-                or stream.transport is None
-                or stream.transport.get_write_buffer_size() > buffer_max
-            ):
+            room = 0 if stream is None or stream.transport is None else buffer_max - stream.transport.get_write_buffer_size()
+            if room <= 0:
                 counters.messages_dropped += len(messages)
                 if records:
                     self._break_forwards(link, len(records))
                 continue
+            assert stream is not None
             codec = stream.codec
             frames_before = codec.frames_sent
             data = bytearray()
             if messages:
                 try:
-                    data += codec.send_messages(messages)
+                    data += codec.send_messages(messages, room)
                     counters.messages_out += len(messages)
+                except SendBufferFull:
+                    counters.messages_dropped += len(messages)  # lost, as Raft allows: resent later
                 except LocalPeerProtocolError as error:
                     counters.messages_dropped += len(messages)
                     self._batch_refused(link.peer_id, error)
             if records:
                 try:
-                    data += codec.send_records(records)
+                    data += codec.send_records(records, room - len(data))
                     counters.records_out += len(records)
+                except SendBufferFull:
+                    self._break_forwards(link, len(records))  # restarted with a resend once writable
                 except LocalPeerProtocolError as error:
                     self._break_forwards(link, len(records))
                     self._batch_refused(link.peer_id, error)
