@@ -611,6 +611,9 @@ SNAPSHOTTER_COUNTERS = SnapshotterCounters(
 # before it sequences or forwards anything of a subscribing session; the blp reads it after the
 # records it applies.
 GATEWAY_EVENT_SUBSCRIBERS = _declare("gateway.event_subscribers", Role.SEQUENCER, Kind.GAUGE, "Sessions attached to this node that subscribed to events (0: the blp writes no events to egress)")  # fmt: skip
+# A leader that refuses a follower's forwarded records says why (sequencer/raft/transport.py, the
+# REFUSED frame): counted on the follower, whose replicator's log gives the reason.
+RAFT_FORWARD_REFUSALS_RECEIVED = _declare("raft.forward_refusals_received", Role.REPLICATOR, Kind.COUNTER, "Refusals of this node's forwarded records the leader sent back with its reason (in the replicator's log): each closes that connection, and the records go again on the next")  # fmt: skip
 
 
 def commit_index_counter(clustered: bool) -> CounterSpec:
@@ -639,7 +642,7 @@ ERROR_KIND_COUNTERS: tuple[CounterSpec, ...] = tuple(
 ERRORS_TOTAL_NAME = "errors.total"
 assert ERRORS_TOTAL_NAME not in _BY_NAME
 # The version of this table, carried by the segment header (see the module docstring).
-COUNTERS_LAYOUT_VERSION = 7
+COUNTERS_LAYOUT_VERSION = 8
 
 
 def counter_spec(name: str) -> CounterSpec | None:
