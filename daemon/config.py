@@ -75,10 +75,11 @@ CLUSTER_MEMBERS_MAX = 1 + RAFT_PEER_SLOTS
 # keeps on a loaded machine; above 100 ms a LAN failover could not stay within a second.
 TICK_MS_MIN = 1
 TICK_MS_MAX = 100
-# A leader's payload bytes in flight to one follower (`cluster.inflight_bytes_max`). Above this,
-# the window plus the one message that may cross it (a peer frame at most) would not fit the peer
-# transport's send buffer of two frames (`TransportConfig.send_buffer_bytes_max`), which drops what
-# it cannot hold; below the floor a catch-up waits a round trip per few records.
+# A leader's payload bytes in flight to one follower (`cluster.inflight_bytes_max`). The peer
+# transport's send buffer toward each peer is this plus one frame (the message that may cross the
+# window: daemon/roles/replicator_setup.py), so above it a follower that does not drain could hold
+# more than two frames (8 MiB) of the leader's memory; below the floor a catch-up waits a round
+# trip per few records.
 INFLIGHT_BYTES_LIMIT = PEER_FRAME_BYTES_MAX  # a send buffer of two frames, less one frame
 INFLIGHT_BYTES_FLOOR = 64 << 10
 assert INFLIGHT_BYTES_FLOOR <= INFLIGHT_BYTES_MAX_DEFAULT <= INFLIGHT_BYTES_LIMIT

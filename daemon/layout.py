@@ -623,6 +623,9 @@ RAFT_NOTICES_UNANSWERED = _declare("raft.notices_unanswered", Role.REPLICATOR, K
 # the one every member reported (`due`); the sequencer asks the log to make `due` active.
 RULES_VERSION_ACTIVE = _declare("rules.version.active", Role.BLP, Kind.GAUGE, "seqd's session rules version active at the applied index (1: the rules before versions)")  # fmt: skip
 RULES_VERSION_DUE = _declare("rules.version.due", Role.BLP, Kind.GAUGE, "A session rules version every member reported, above the active one, that this node's sequencer asks the log to make active (0: none)")  # fmt: skip
+# A leader that refuses a follower's forwarded records says why (sequencer/raft/transport.py, the
+# REFUSED frame): counted on the follower, whose replicator's log gives the reason.
+RAFT_FORWARD_REFUSALS_RECEIVED = _declare("raft.forward_refusals_received", Role.REPLICATOR, Kind.COUNTER, "Refusals of this node's forwarded records the leader sent back with its reason (in the replicator's log): each closes that connection, and the records go again on the next")  # fmt: skip
 
 
 def commit_index_counter(clustered: bool) -> CounterSpec:

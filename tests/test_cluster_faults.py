@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -31,7 +32,7 @@ from typing import Any
 import pytest
 
 from daemon.cluster_harness import Cluster
-from daemon.layout import RAFT_COMMIT_POSITION, SUPERVISOR_RESTARTS, Role
+from daemon.layout import RAFT_COMMIT_POSITION, RAFT_FORWARDS_RESENT, SUPERVISOR_RESTARTS, Role
 from sequencer import logtools
 from sequencer.history.checker import check_files
 from sequencer.history.recorder import HistoryWriter, RecordingClient, read_history
@@ -44,6 +45,7 @@ ACKS = 150 if LONG else 25  # acknowledgements per client before a fault, during
 TIMEOUTS = {"tick_ms": 10, "heartbeat_ms": 50, "election_timeout_ms": 300}
 STOP_TIMEOUT_S = 30.0
 RAFT_COMMIT_POSITION_NAME = RAFT_COMMIT_POSITION.name  # the replicator's, in a cluster
+RESENT_TIMEOUT_S = 30.0  # the replicator publishes `raft.forwards_resent` once a tick
 
 pytestmark = [
     pytest.mark.timeout(600 if LONG else 240),
@@ -87,6 +89,33 @@ class Scenario:
     def leader(self, among: Any = None, term_above: int = 0) -> tuple[int, int]:
         view = self.cluster.wait_leader(among=among, term_above=term_above)
         return view.number, view.term or 0
+
+    def resent(self, numbers: Any) -> dict[int, tuple[int, int]]:
+        """Each of `numbers`' `raft.forwards_resent` (pending records sent again so far) and the
+        length of its log: where `assert_resent_to` starts looking."""
+        return {n: (self.cluster[n].read_counters()[RAFT_FORWARDS_RESENT.name], len(self.cluster[n].log_text()))
+                for n in numbers}  # fmt: skip
+
+    def assert_resent_to(self, new_leader: int, followers: list[int], before: dict[int, tuple[int, int]]) -> None:
+        """Each of `followers`, whose client had commands in flight (WINDOW) when the leader
+        died, sent its pending forwards again to `new_leader` because the leader changed (its
+        log names that reason; the 2 s age resend is another) and counted them. The checker at
+        `finish` then proves each applied exactly once: without the resend they were lost with
+        the old leader (no client progress), or, resent only by age behind later requests of
+        the same client, answered DUPLICATE and never applied."""
+        reason = re.compile(rf"resending [1-9][0-9]* pending records: a new leader, node {new_leader}\b")
+        deadline = time.monotonic() + RESENT_TIMEOUT_S
+        while True:
+            now = {n: self.cluster[n].read_counters()[RAFT_FORWARDS_RESENT.name] for n in followers}
+            logged = {n: bool(reason.search(self.cluster[n].log_text()[before[n][1]:])) for n in followers}
+            if all(now[n] > before[n][0] and logged[n] for n in followers):
+                return
+            assert time.monotonic() < deadline, (
+                f"followers {followers} did not resend their pending forwards to node {new_leader}: "
+                f"raft.forwards_resent {({n: count for n, (count, _) in before.items()})} -> {now}, "
+                f"'a new leader' resend logged {logged}\n" + _log_tails(self.cluster)
+            )
+            time.sleep(0.05)
 
     def finish(self) -> None:
         """The end of every scenario: see the module docstring."""
@@ -161,16 +190,20 @@ def test_kill_9_of_the_leaders_node_elects_another_and_loses_no_acknowledged_com
     scenario: Scenario,
 ) -> None:
     """The survivors elect a leader of a higher term and their clients carry on while the old
-    leader is down; it restarts and catches up."""
+    leader is down; it restarts and catches up. The surviving follower's client had commands in
+    flight, forwarded to the dead leader: the follower resent them to the new one (`raft.forwards_resent`
+    and its log), and the checker finds each acknowledged once applied exactly once."""
     cluster = scenario.cluster
     leader = scenario.begin()
     for _ in range(ROUNDS):
         leader, term = scenario.leader()
         survivors = [n for n in cluster.nodes if n != leader]
+        resent = scenario.resent(survivors)
         cluster.kill(leader)
         new_leader, _ = scenario.leader(among=survivors, term_above=term)
         assert new_leader != leader
         scenario.progress(ACKS, survivors)
+        scenario.assert_resent_to(new_leader, [n for n in survivors if n != new_leader], resent)
         cluster.start([leader])
         scenario.progress(ACKS)
     scenario.finish()
@@ -196,13 +229,22 @@ def test_kill_9_of_one_role_of_the_leader_restarts_its_pipeline_and_loses_nothin
     scenario: Scenario, role: Role
 ) -> None:
     """The leader's supervisor sees the role die and restarts its pipeline from the journal; the
-    cluster (under this leader or another) carries on with no acknowledged command lost."""
+    cluster (under this leader or another) carries on with no acknowledged command lost. Killing
+    its replicator stops the leader's heartbeats for the whole restart (seconds), so the others
+    elect a leader of a higher term: the followers' commands in flight, forwarded to the old one,
+    are resent to the new one (`assert_resent_to`)."""
     cluster = scenario.cluster
     scenario.begin()
     for round_number in range(1, ROUNDS + 1):
-        leader, _term = scenario.leader()
+        leader, term = scenario.leader()
+        followers = [n for n in cluster.nodes if n != leader]
+        resent = scenario.resent(followers)
         restarts = cluster[leader].read_counters()[SUPERVISOR_RESTARTS.name]
         cluster.kill_role(leader, role)
+        if role is Role.REPLICATOR:
+            new_leader, _ = scenario.leader(term_above=term)
+            scenario.progress(ACKS, [n for n in followers if n != new_leader])
+            scenario.assert_resent_to(new_leader, [n for n in followers if n != new_leader], resent)
         cluster[leader].wait_serving(after_restarts=restarts + 1)
         scenario.leader()
         scenario.progress(ACKS)

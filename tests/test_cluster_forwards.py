@@ -137,7 +137,8 @@ def test_a_command_forward_lost_mid_stream_is_applied_once_before_the_later_ones
     driver fails on that reply). Now a drop breaks the link's forward stream, and a refusal
     closes the connection, until the follower restarts it with every pending record in order.
     The operator sees it in the node's counters (`seqd status`, the metrics): the follower's
-    broken stream, or the leader's refused one, and the records dropped."""
+    broken stream, or the leader's refused one, and the records dropped; a refusal's reason, sent
+    back by the leader, in the follower's log and `raft.forward_refusals_received`."""
     lose = tmp_dir / "lose-command-forward"
     leader, follower = _start_with_hook(cluster, hook, lose, nth)
     lost = Path(f"{lose}.lost")  # written by the node when its hook loses the forward
@@ -166,6 +167,11 @@ def test_a_command_forward_lost_mid_stream_is_applied_once_before_the_later_ones
         _wait_counters_at_least(follower, {"raft.forward_streams_broken": 1, "raft.forwards_dropped": 1})
     else:
         _wait_counters_at_least(leader, {"raft.forward_streams_refused": 1, "raft.forwards_dropped": 1})
+        # The leader said why, and the follower logged and counted it (before, it saw only its
+        # connection close).
+        _wait_counters_at_least(follower, {"raft.forward_refusals_received": 1})
+        said = f"forwarded records were refused by node {leader.number}: node {leader.number} refused the batch"
+        assert said in follower.log_text(), follower.log_text()[-3000:]
 
 
 def test_a_malformed_proposal_restarts_its_node_and_stalls_no_client(cluster: Cluster, tmp_dir: Path) -> None:

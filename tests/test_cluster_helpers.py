@@ -21,8 +21,10 @@ from daemon.layout import (
 from daemon.raft_truncate import TRUNCATE_NAME, read_truncate_request, write_truncate_request
 from daemon.roles.journaller import JournallerAgent
 from daemon.roles.replicator_setup import (
+    ForwardFaults,
     MalformedProposal,
     check_proposals,
+    forwarded_refusal,
     malformed,
 )
 from daemon.supervisor import Supervisor
@@ -313,6 +315,30 @@ def test_the_leaders_inbox_takes_a_batch_whole_or_refuses_it_and_names_whom_to_c
     assert inbox.take(2, [command(3)], leading=True)
     inbox.drain()
     assert inbox.clear() == set()  # nothing held: no connection to close
+
+
+def test_the_leader_says_why_it_refuses_a_forwarded_batch() -> None:
+    """What the follower's log will say (the transport's REFUSED frame): which node, and why."""
+    from types import SimpleNamespace
+
+    from ipc.counters import Counter
+    from sequencer.raft.raft_role import FOLLOWER, LEADER
+
+    errors = Counter("replicator.errors", memoryview(bytearray(8)).cast("q"), 0)
+    faults = ForwardFaults(1)
+    inbox = ForwardInbox(records_max=2)
+    follower = SimpleNamespace(id=1, raft_role=FOLLOWER, term=4, leader_id=3)
+    leader = SimpleNamespace(id=1, raft_role=LEADER, term=4, leader_id=1)
+    assert forwarded_refusal(2, [command(1)], faults, inbox, follower, errors) == "node 1 does not lead (term 4, leader 3)"
+    assert forwarded_refusal(2, [command(1)], faults, inbox, leader, errors) is None  # taken
+    full = forwarded_refusal(2, [command(2), command(3)], faults, inbox, leader, errors)
+    assert full == ("node 1's inbox holds 1 forwarded records: no room for 2 more (INBOX_RECORDS_MAX 2) "
+                    "until its next pass")  # fmt: skip
+    short = command(4)[:40]
+    wrong = forwarded_refusal(2, [command(4), short], faults, inbox, leader, errors)
+    assert wrong is not None and wrong.startswith("record 2 of 2 it forwarded is malformed (40 bytes, shorter")
+    assert errors.get() == 1  # only the malformed one is an error
+    assert inbox.records == [command(1)]
 
 
 def test_pending_forwards_say_full_at_their_bound() -> None:

@@ -201,6 +201,18 @@ def test_the_pass_budgets_floor_is_the_replicators_one_storage_read() -> None:
     assert STORAGE_READ_BYTES_PER_PASS_FLOOR == STORAGE_READ_BYTES_MAX
 
 
+def test_the_send_buffer_toward_a_peer_is_the_byte_window_plus_one_frame(tmp_path: Path, secret_file: Path) -> None:
+    """A peer that does not drain costs the leader at most its byte window plus the one message
+    that may cross it (tests/test_peer_transport_buffer.py holds the transport to the bound)."""
+    from daemon.roles.replicator_setup import transport_config
+    from sequencer.raft.peer_protocol import PEER_FRAME_BYTES_MAX
+
+    small = load_text(tmp_path, cluster_toml(secret_file, inflight_bytes_max=64 << 10))
+    assert transport_config(small).send_buffer_bytes_max == (64 << 10) + PEER_FRAME_BYTES_MAX
+    default = load_text(tmp_path, cluster_toml(secret_file))
+    assert transport_config(default).send_buffer_bytes_max == (4 << 20) + PEER_FRAME_BYTES_MAX
+
+
 def test_a_node_listening_on_its_non_loopback_peer_address_needs_allow_non_loopback(
     tmp_path: Path, secret_file: Path
 ) -> None:

@@ -33,10 +33,12 @@ from sequencer.raft.peer_protocol import (
     PEER_FRAME_BYTES_MAX,
     PROTOCOL_VERSION,
     RECEIVE_BUFFER_BYTES_MAX,
+    REFUSED_REASON_CHARS_MAX,
     SECRET_BYTES_MIN,
     Authenticated,
     ClusterIdentity,
     ForwardedRecord,
+    ForwardsRefused,
     FrameKind,
     LocalPeerProtocolError,
     MessageBatch,
@@ -45,6 +47,8 @@ from sequencer.raft.peer_protocol import (
     PeerProtocolError,
     ReconnectBackoff,
     RecordBatch,
+    RecordsRefused,
+    SendBufferFull,
     Sentinel,
     Side,
 )
@@ -489,6 +493,20 @@ def test_a_batch_over_the_item_bound_is_split() -> None:
     ]
 
 
+def test_a_batch_over_the_room_given_produces_nothing_and_uses_no_sequence_number() -> None:
+    """The shell's send buffer bound (sequencer/raft/transport.py): a batch that would not fit is
+    dropped whole, and the next frame is still the one the peer expects."""
+    dialling, accepting, _ = handshake()
+    batch = [_append_entries([b"x" * 1024]), heartbeat(term=1)]
+    with pytest.raises(SendBufferFull) as caught:
+        dialling.send_messages(batch, bytes_max=1024)
+    assert caught.value.code == "send_buffer_full"
+    assert dialling.frames_sent == 0
+    data = dialling.send_messages([heartbeat(term=2)], bytes_max=1024)
+    accepting.receive_data(data)
+    assert events(accepting) == [MessageBatch([heartbeat(term=2)]), NEED_DATA]
+
+
 def test_one_message_over_the_frame_bound_fails_its_whole_batch_and_the_connection_goes_on() -> (
     None
 ):
@@ -501,6 +519,29 @@ def test_one_message_over_the_frame_bound_fails_its_whole_batch_and_the_connecti
     assert dialling.frames_sent == 0, "the frames built before the failure are not counted"
     accepting.receive_data(dialling.send_messages([heartbeat()]))
     assert events(accepting) == [MessageBatch([heartbeat()]), NEED_DATA]
+
+
+# -- a refusal of forwarded records --------------------------------------------------------------
+
+
+def test_the_node_dialled_tells_its_dialler_why_it_refused_its_forwards_in_one_authenticated_frame() -> None:
+    dialling, accepting, _ = handshake()
+    accepting_frame = accepting.send_refusal("node 2 does not lead (term 3, leader 1)")
+    dialling.receive_data(accepting_frame)
+    assert events(dialling) == [RecordsRefused("node 2 does not lead (term 3, leader 1)"), NEED_DATA]
+    # A long reason is cut to the bound, and still arrives.
+    dialling.receive_data(accepting.send_refusal("x" * (2 * REFUSED_REASON_CHARS_MAX)))
+    assert events(dialling) == [RecordsRefused("x" * REFUSED_REASON_CHARS_MAX), NEED_DATA]
+
+
+def test_only_the_node_dialled_refuses_forwards() -> None:
+    dialling, accepting, _ = handshake()
+    with pytest.raises(LocalPeerProtocolError) as caught:
+        dialling.send_refusal("no")
+    assert caught.value.code == "refusal_from_dialler"
+    # A broken dialler that sends one anyway is refused by the node it dialled.
+    forged = dialling._send(FrameKind.REFUSED, [ForwardsRefused("no")])
+    refused(accepting, forged, "unexpected_kind")
 
 
 # -- configuration and backoff --------------------------------------------------------------------

@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 from contextlib import AsyncExitStack
 
+import pytest
+
 from daemon.faultproxy import FaultNetwork, FaultProxy, free_loopback_ports
 from sequencer.raft.peer_protocol import PEER_FRAME_BYTES_MAX, ForwardedRecord
 from sequencer.raft.transport import PeerTransport
@@ -120,19 +122,31 @@ def test_a_full_socket_ends_the_stream_and_the_restart_waits_until_the_link_drai
     run_uvloop(main())
 
 
-def test_a_receiver_that_refuses_a_batch_closes_its_connection_and_the_sender_reconnects() -> None:
+NOT_LEADING = "node 2 does not lead (term 3, leader 1)"
+
+
+@pytest.mark.parametrize("refusal", [False, NOT_LEADING], ids=["no-reason", "a-reason"])
+def test_a_receiver_that_refuses_a_batch_closes_its_connection_and_the_sender_reconnects(
+    refusal: bool | str,
+) -> None:
+    """With a reason, the receiver sends it back in a last REFUSED frame before it closes: the
+    sender counts and logs it (`forward_refusals_received`, `on_refused`), where before it saw
+    only its connection close and could not tell why."""
+
     async def main() -> None:
         ports = dict(zip((1, 2), free_loopback_ports(2), strict=True))
         async with AsyncExitStack() as stack:
             nodes = await start_nodes(stack, ports)
             sender, receiver = nodes[1].transport, nodes[2]
             batches: list[list[int]] = []
+            heard: list[tuple[int, str]] = []
 
-            def take_after_the_first(peer: int, records: list[ForwardedRecord]) -> bool:
+            def take_after_the_first(peer: int, records: list[ForwardedRecord]) -> bool | str:
                 batches.append([int.from_bytes(r.record[_REQUEST_ID], "little") for r in records])
-                return len(batches) > 1  # the first refused (not leading, inbox full)
+                return len(batches) > 1 or refusal  # the first refused (not leading, inbox full)
 
             receiver.transport._on_records = take_after_the_first
+            sender._on_refused = lambda peer, reason: heard.append((peer, reason))
             stream = sender.forward_stream(2)
             sender.forward(2, [record(1)], stream)
             await asyncio.sleep(0)
@@ -141,6 +155,9 @@ def test_a_receiver_that_refuses_a_batch_closes_its_connection_and_the_sender_re
                         "the sender to reconnect on a new stream")  # fmt: skip
             assert receiver.counters["forward_streams_refused"] == 1
             assert sender.counters.connects == 2
+            assert heard == ([(2, refusal)] if refusal else [])
+            assert sender.counters.forward_refusals_received == len(heard)
+            assert receiver.counters["refused_total"] == sender.counters.as_dict()["refused_total"] == 0
             sender.forward(2, [record(1), record(2)], sender.forward_stream(2))
             await until(lambda: len(batches) == 2, "the restart")
             assert batches == [[1], [1, 2]], "nothing after the refused batch was read"

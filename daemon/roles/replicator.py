@@ -109,7 +109,7 @@ from daemon.roles.replicator_setup import (
     ForwardFaults,
     InstallRequired,
     TruncateRequired,
-    malformed,
+    forwarded_refusal,
     start_raft_core,
     transport_config,
 )
@@ -322,21 +322,13 @@ class Replicator:
             if not core.has_ready():
                 self.snapshot_receiver.discard()
 
-    def _on_records(self, peer: int, records: list[ForwardedRecord]) -> bool:
-        """Take a batch whole or refuse it (not leading, inbox full, malformed: `check_proposals`)."""
-        batch = [forwarded.record for forwarded in records]
-        for record in batch:
-            if (wrong := malformed(record)) is not None:
-                self.context.errors.add(1)
-                log.error("node %d forwarded a malformed record (%s), refused: check it runs this seqd build", peer, wrong)
-                return False
-        if self.faults.refuses(batch):  # a fault hook: a full inbox, once
-            self.inbox.records_dropped += len(batch)
-            return False
-        if not self.inbox.take(peer, batch, self.core.raft_role is LEADER):
-            return False
-        self._schedule()
-        return True
+    def _on_records(self, peer: int, records: list[ForwardedRecord]) -> bool | str:
+        """Take a batch whole, or refuse it and say why (`forwarded_refusal`)."""
+        refusal = forwarded_refusal(peer, [forwarded.record for forwarded in records], self.faults, self.inbox,
+                                    self.core, self.context.errors)  # fmt: skip
+        if refusal is None:
+            self._schedule()
+        return refusal or True
 
     def _tick(self) -> None:
         context = self.context
@@ -439,7 +431,7 @@ class Replicator:
         self.operations.role_changed(core)
         if core.raft_role is not LEADER:
             # Forwarded to a node that no longer leads: their senders restart their streams.
-            self.transport.close_forwards_from(self.inbox.clear())
+            self.transport.close_forwards_from(self.inbox.clear(), f"node {core.id} stopped leading (term {core.term})")
             self.snapshot_sender.stop_all()
         self.pending.forget_stamped()  # copies of another term's proposals may never come back
         if standing[1] != NO_NODE:
@@ -541,7 +533,7 @@ class Replicator:
             record = self.stamper.term_start(term_start.index, term_start.term, wall_clock_ns())
             core.propose_batch([record], first_index=term_start.index, term=term_start.term)
             self.term_started = (term_start.term, term_start.index)
-            self.transport.close_forwards_from(self.inbox.clear())
+            self.transport.close_forwards_from(self.inbox.clear(), f"node {core.id} started term {term_start.term}")
             log.info("leading term %d from index %d", term_start.term, term_start.index)
 
     def _queue_entries(self, entries: Entries) -> None:

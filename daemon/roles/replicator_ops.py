@@ -27,7 +27,8 @@ Also here: elections and step-downs counted and logged once each (`raft.election
 was last heard from (`raft.peer<k>.last_contact_ms`), the peak of each follower's byte window
 (`raft.peer<k>.inflight_bytes_peak`), and the forward stream's faults: records
 dropped, streams broken and refused (the transport's `TransportCounters` and the leader's
-`ForwardInbox`), records resent (`raft.forwards_*`, `raft.forward_streams_*`).
+`ForwardInbox`), records resent (`raft.forwards_*`, `raft.forward_streams_*`), and the leader's
+refusals of this node's forwards heard back with their reasons (`raft.forward_refusals_received`).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from daemon.layout import (
     RAFT_COMMIT_NOTICES_SENT,
     RAFT_ELECTIONS,
     RAFT_EMPTY_APPENDS_SENT,
+    RAFT_FORWARD_REFUSALS_RECEIVED,
     RAFT_FORWARD_STREAMS_BROKEN,
     RAFT_FORWARD_STREAMS_REFUSED,
     RAFT_FORWARDS_DROPPED,
@@ -97,6 +99,7 @@ class ReplicatorOperations:
         self.forwards_dropped = counters[RAFT_FORWARDS_DROPPED]
         self.streams_broken = counters[RAFT_FORWARD_STREAMS_BROKEN]
         self.streams_refused = counters[RAFT_FORWARD_STREAMS_REFUSED]
+        self.refusals_received = counters[RAFT_FORWARD_REFUSALS_RECEIVED]
         self.forwards_resent = counters[RAFT_FORWARDS_RESENT]
         self.records_resent = 0  # published once a tick, as the transport's figures
         self.message_counters = tuple(counters[spec] for spec in (
@@ -218,6 +221,7 @@ class ReplicatorOperations:
         self.forwards_dropped.set(transport.records_dropped + inbox_dropped)
         self.streams_broken.set(transport.forward_streams_broken)
         self.streams_refused.set(transport.forward_streams_refused)
+        self.refusals_received.set(transport.forward_refusals_received)
         self.forwards_resent.set(self.records_resent)
         for counter, value in zip(self.message_counters, (core.appends_sent, core.empty_appends_sent, core.commit_notices_sent,
                                   core.append_answers_sent, core.notices_unanswered), strict=True):

@@ -1,9 +1,11 @@
 """The replicator's configuration from the node's (the Raft core's and the peer transport's), the
-check on a record a follower forwards, the fault hooks on forwards (tests), and the exits that
-restart the pipeline (a truncation, a snapshot install): parts of `daemon/roles/replicator.py`."""
+check on a record a follower forwards and the leader's intake of a forwarded batch (or why not),
+the fault hooks on forwards (tests), and the exits that restart the pipeline (a truncation, a
+snapshot install): parts of `daemon/roles/replicator.py`."""
 
 from __future__ import annotations
 
+import logging
 import random
 from pathlib import Path
 
@@ -16,19 +18,23 @@ from daemon.fault_hooks import (
     wall_clock_ns,
 )
 from daemon.incarnation import next_raft_incarnation
-from sequencer.cluster import record_from_frame
+from ipc.counters import Counter
+from sequencer.cluster import ForwardInbox, record_from_frame
 from sequencer.raft.config import RaftConfig
 from sequencer.raft.core import RaftCore
 from sequencer.raft.messages import DurableState
-from sequencer.raft.peer_protocol import ForwardedRecord
+from sequencer.raft.peer_protocol import PEER_FRAME_BYTES_MAX, ForwardedRecord
+from sequencer.raft.raft_role import LEADER
 from sequencer.raft.storage import LogStorage
 from sequencer.raft.transport import PeerTransport, TransportConfig
 from sequencer.record import FRAME_HEADER, RECORD_HEADER, RECORD_HEADER_BYTES, RecordType, aligned
 
 __all__ = [
-    "ForwardFaults", "MalformedProposal", "check_proposals", "is_admin", "is_command", "malformed", "raft_config",
-    "start_raft_core", "transport_config",
+    "ForwardFaults", "MalformedProposal", "check_proposals", "forwarded_refusal", "is_admin", "is_command", "malformed",
+    "raft_config", "start_raft_core", "transport_config",
 ]  # fmt: skip
+
+log = logging.getLogger("seqd.replicator")
 
 _TERM_START = int(RecordType.TERM_START)
 _PADDING = int(RecordType.PADDING)
@@ -88,6 +94,12 @@ def transport_config(config: Config) -> TransportConfig:
         listen_port=port,
         peers={m.id: parse_address(m.peer_address) for m in cluster.members if m.id != number},
         allow_non_loopback=cluster.allow_non_loopback,
+        # What the leader keeps unanswered toward a follower (the byte window), plus the one
+        # message that may cross it (a frame at most): all a healthy link ever holds unsent. A
+        # follower that answers heartbeats but reads slowly gets one more message per heartbeat
+        # answer (the tracker frees the oldest of a full window, in case it was lost); beyond
+        # this bound they are dropped, as lost, instead of growing this process.
+        send_buffer_bytes_max=cluster.inflight_bytes_max + PEER_FRAME_BYTES_MAX,
     )
 
 
@@ -196,6 +208,31 @@ class ForwardFaults:
                     records = records[offset + 1 :]
                     break
         transport.forward(leader, [ForwardedRecord(record) for record in records], stream)
+
+
+def forwarded_refusal(peer: int, batch: list[bytes], faults: ForwardFaults, inbox: ForwardInbox,
+                      core: RaftCore, errors: Counter) -> str | None:  # fmt: skip
+    """Take `batch`, forwarded by node `peer`, whole into `inbox` (None), or say why not: a
+    sentence the leader logs (a malformed record, also counted in `errors`) and sends back to
+    `peer` (the transport's REFUSED frame), whose log then says it (issue 11: before, a follower
+    saw only its connection close, again at every resend, and could not tell why)."""
+    node = core.id
+    for offset, record in enumerate(batch):
+        if (wrong := malformed(record)) is not None:
+            errors.add(1)
+            log.error("node %d forwarded a malformed record (%s), refused: check it runs this seqd build", peer, wrong)
+            return (f"record {offset + 1} of {len(batch)} it forwarded is malformed ({wrong}), so node {node} "
+                    "refused the batch: run the same seqd build on every node")  # fmt: skip
+    if faults.refuses(batch):  # a fault hook: a full inbox, once
+        inbox.records_dropped += len(batch)
+        return f"node {node} refused the batch (the SEQD_FAULT_REFUSE_COMMAND_FORWARDS hook, a test)"
+    leading = core.raft_role is LEADER
+    if inbox.take(peer, batch, leading):
+        return None
+    if not leading:
+        return f"node {node} does not lead (term {core.term}, leader {core.leader_id or 'unknown'})"
+    return (f"node {node}'s inbox holds {len(inbox)} forwarded records: no room for {len(batch)} more "
+            f"(INBOX_RECORDS_MAX {inbox.records_max}) until its next pass")  # fmt: skip
 
 
 class InstallRequired(Exception):

@@ -22,8 +22,9 @@ Frames
     offset 8  body
 
 Handshake bodies are fixed binary structs. A data frame's body is `u64 sequence`, a 32-byte MAC,
-then a msgpack array: of the Raft core's messages (MESSAGES) or of `ForwardedRecord`s (RECORDS).
-The MAC covers the 8-byte header, the sequence and the payload, under the direction's frame key.
+then a msgpack array: of the Raft core's messages (MESSAGES), of `ForwardedRecord`s (RECORDS), or
+one `ForwardsRefused` (REFUSED: why the node dialled did not take the dialler's forwarded records,
+its last frame before it closes; only a dialler receives one). The MAC covers the 8-byte header, the sequence and the payload, under the direction's frame key.
 
 `PeerConnection(identity, side, nonce, peer_id)` holds the bytes received and what is needed to
 judge the next frame. It touches no socket, file, clock or event loop (the h11 shape:
@@ -83,14 +84,17 @@ from sequencer.raft.peer_wire import (
     READ_BYTES_MAX,
     RECEIVE_BUFFER_BYTES_MAX,
     REFUSAL_CODES,
+    REFUSED_REASON_CHARS_MAX,
     Authenticated,
     ForwardedRecord,
+    ForwardsRefused,
     FrameKind,
     LocalPeerProtocolError,
     MessageBatch,
     PeerEvent,
     PeerProtocolError,
     RecordBatch,
+    RecordsRefused,
     Sentinel,
     Side,
 )
@@ -114,10 +118,12 @@ __all__ = [
     "READ_BYTES_MAX",
     "RECEIVE_BUFFER_BYTES_MAX",
     "REFUSAL_CODES",
+    "REFUSED_REASON_CHARS_MAX",
     "SECRET_BYTES_MIN",
     "Authenticated",
     "ClusterIdentity",
     "ForwardedRecord",
+    "ForwardsRefused",
     "FrameKind",
     "LocalPeerProtocolError",
     "MessageBatch",
@@ -126,6 +132,8 @@ __all__ = [
     "PeerProtocolError",
     "ReconnectBackoff",
     "RecordBatch",
+    "RecordsRefused",
+    "SendBufferFull",
     "Sentinel",
     "Side",
 ]
@@ -136,6 +144,7 @@ DATA_HEADER: Final = peer_wire.DATA_HEADER
 FRAME_HEADER: Final = peer_wire.FRAME_HEADER
 _RECORDS_DECODER: Final = peer_wire.RECORDS_DECODER
 _MESSAGES_DECODER: Final = peer_wire.MESSAGES_DECODER
+_REFUSED_DECODER: Final = peer_wire.REFUSED_DECODER
 
 _BODY_BYTES_MAX: Final = PEER_FRAME_BYTES_MAX - FRAME_HEADER_BYTES
 _DATA_BODY_BYTES_MIN: Final = DATA_HEADER.size + 1  # a payload is at least a msgpack array header
@@ -147,6 +156,12 @@ _HANDSHAKE_BODY_BYTES: Final[dict[int, int]] = {
 }
 
 _ENCODER: Final = msgspec.msgpack.Encoder()
+
+
+class SendBufferFull(LocalPeerProtocolError):
+    """A batch's frames would not fit the room its caller gave (`bytes_max`): nothing of it was
+    produced and no sequence number was used, so the connection goes on; drop the batch (the
+    peer does not drain its socket) or send it later."""
 
 
 class PeerConnection:
@@ -384,11 +399,18 @@ class PeerConnection:
                 )
             return
         if kind != FrameKind.MESSAGES and kind != FrameKind.RECORDS:
-            raise PeerProtocolError(
-                "unexpected_kind",
-                f"{_KIND_NAMES[kind]} after the handshake completed; the peer is broken or "
-                "replaying a handshake",
-            )
+            if kind != FrameKind.REFUSED:
+                raise PeerProtocolError(
+                    "unexpected_kind",
+                    f"{_KIND_NAMES[kind]} after the handshake completed; the peer is broken or "
+                    "replaying a handshake",
+                )
+            if self._side is not Side.DIALLER:
+                raise PeerProtocolError(
+                    "unexpected_kind",
+                    f"REFUSED from node {self._peer_id}, which dialled this node: only the node "
+                    "dialled refuses forwarded records; its sender is broken",
+                )
         if length > _BODY_BYTES_MAX:
             raise PeerProtocolError(
                 "frame_too_large",
@@ -406,7 +428,7 @@ class PeerConnection:
     def _handle_frame(
         self, kind: int, buffer: bytearray, position: int, body: int, frame_end: int
     ) -> PeerEvent | None:
-        if kind == FrameKind.MESSAGES or kind == FrameKind.RECORDS:
+        if kind == FrameKind.MESSAGES or kind == FrameKind.RECORDS or kind == FrameKind.REFUSED:
             return self._handle_data(kind, buffer, position, body, frame_end)
         if kind == FrameKind.HELLO:
             self._handle_hello(buffer, body)
@@ -475,6 +497,11 @@ class PeerConnection:
                     self._check_items(messages, kind)
                     self._check_addresses(messages)
                     return MessageBatch(messages)
+                if kind == FrameKind.REFUSED:
+                    refusals = _REFUSED_DECODER.decode(view[payload:frame_end])
+                    if len(refusals) != 1:
+                        raise msgspec.DecodeError(f"{len(refusals)} refusals, not one")
+                    return RecordsRefused(refusals[0].reason)
                 records = _RECORDS_DECODER.decode(view[payload:frame_end])
                 self._check_items(records, kind)
                 return RecordBatch(records)
@@ -514,24 +541,46 @@ class PeerConnection:
 
     # -- sending --------------------------------------------------------------------------------
 
-    def send_messages(self, messages: Sequence[Message]) -> bytes:
+    def send_messages(self, messages: Sequence[Message], bytes_max: int | None = None) -> bytes:
         """The bytes of one or more MESSAGES frames carrying `messages`, in order.
 
         A batch longer than ITEMS_PER_FRAME_MAX items or PEER_FRAME_BYTES_MAX bytes is split.
 
+        Args:
+            bytes_max: the most bytes the frames may take (the room left in the shell's send
+                buffer); None: no bound.
+
         Raises:
+            SendBufferFull: the frames would take more than `bytes_max`.
             LocalPeerProtocolError: before the handshake completed, after a failure, or one
                 message alone is too large for a frame (the sender must keep messages smaller).
                 Nothing of the batch is produced then, and the connection stays usable.
         """
-        return self._send(FrameKind.MESSAGES, messages)
+        return self._send(FrameKind.MESSAGES, messages, bytes_max)
 
-    def send_records(self, records: Sequence[ForwardedRecord]) -> bytes:
-        """The bytes of one or more RECORDS frames carrying `records`, in order (split as for
-        `send_messages`)."""
-        return self._send(FrameKind.RECORDS, records)
+    def send_records(self, records: Sequence[ForwardedRecord], bytes_max: int | None = None) -> bytes:
+        """The bytes of one or more RECORDS frames carrying `records`, in order (split and
+        bounded as for `send_messages`)."""
+        return self._send(FrameKind.RECORDS, records, bytes_max)
 
-    def _send(self, kind: int, items: Sequence[object]) -> bytes:
+    def send_refusal(self, reason: str) -> bytes:
+        """The bytes of one REFUSED frame telling the peer that dialled this node why its
+        forwarded records were not taken (`reason` cut to REFUSED_REASON_CHARS_MAX characters).
+        Send it, then close the connection.
+
+        Raises:
+            LocalPeerProtocolError: this side dialled (only the node dialled refuses), before the
+                handshake completed, or after a failure.
+        """
+        if self._side is not Side.ACCEPTOR:
+            raise LocalPeerProtocolError(
+                "refusal_from_dialler",
+                f"node {self._identity.node_id} dialled node {self._peer_id}: only the node dialled "
+                "refuses forwarded records",
+            )
+        return self._send(FrameKind.REFUSED, [ForwardsRefused(reason[:REFUSED_REASON_CHARS_MAX])])
+
+    def _send(self, kind: int, items: Sequence[object], bytes_max: int | None = None) -> bytes:
         self._check_usable()
         if self._send_mac is None:
             raise LocalPeerProtocolError(
@@ -543,6 +592,12 @@ class PeerConnection:
         try:
             for start in range(0, len(items), ITEMS_PER_FRAME_MAX):
                 self._append_frames(out, kind, items[start : start + ITEMS_PER_FRAME_MAX])
+            if bytes_max is not None and len(out) > bytes_max:
+                raise SendBufferFull(
+                    "send_buffer_full",
+                    f"{len(items)} {_KIND_NAMES[kind]} items take {len(out)} bytes, more than the "
+                    f"{bytes_max} bytes of room left: node {self._peer_id} does not drain its socket",
+                )
         except LocalPeerProtocolError:
             # All or nothing: the frames already built are discarded, so their sequence numbers
             # must be reused, or the peer would refuse the next frame as out of sequence.

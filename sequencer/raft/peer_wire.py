@@ -36,14 +36,18 @@ __all__ = [
     "RECEIVE_BUFFER_BYTES_MAX",
     "RECORDS_DECODER",
     "REFUSAL_CODES",
+    "REFUSED_DECODER",
+    "REFUSED_REASON_CHARS_MAX",
     "Authenticated",
     "ForwardedRecord",
+    "ForwardsRefused",
     "FrameKind",
     "LocalPeerProtocolError",
     "MessageBatch",
     "PeerEvent",
     "PeerProtocolError",
     "RecordBatch",
+    "RecordsRefused",
     "Sentinel",
     "Side",
 ]
@@ -76,6 +80,9 @@ RECEIVE_BUFFER_BYTES_MAX: Final = PEER_FRAME_BYTES_MAX + READ_BYTES_MAX
 # frame's decode and the callback's list to a few milliseconds; the core sends far fewer per loop
 # pass (one AppendEntries per follower carries up to 1024 entries as two lists, one message).
 ITEMS_PER_FRAME_MAX: Final = 4096
+# The reason a leader gives for refusing a follower's forwarded records (REFUSED), in characters:
+# a log line's worth. The sender cuts a longer one; a receiver refuses a frame that carries more.
+REFUSED_REASON_CHARS_MAX: Final = 1024
 
 assert FRAME_HEADER_BYTES == 8, FRAME_HEADER_BYTES
 assert DATA_HEADER.size == 8 + MAC_BYTES, DATA_HEADER.size
@@ -89,6 +96,10 @@ class FrameKind(enum.IntEnum):
     AUTH = 3
     MESSAGES = 4
     RECORDS = 5
+    # The acceptor's last frame on a connection whose forwarded records it did not take: why
+    # (`ForwardsRefused`), before it closes the connection. Only an acceptor sends it (a peer
+    # that dials sends MESSAGES and RECORDS only), and only a dialler receives it.
+    REFUSED = 6
 
 
 class Side(enum.Enum):
@@ -158,12 +169,21 @@ class ForwardedRecord(msgspec.Struct, array_like=True, gc=False, frozen=True):
     record: _RecordBytes
 
 
+class ForwardsRefused(msgspec.Struct, array_like=True, frozen=True):
+    """Why the leader did not take a batch of the records this connection forwarded (it does not
+    lead, its inbox is full, a record is malformed, it discarded what it had taken): a sentence
+    for the follower's log. The connection closes after it; the follower resends on a new one."""
+
+    reason: Annotated[str, msgspec.Meta(max_length=REFUSED_REASON_CHARS_MAX)]
+
+
 # The union of the core's messages and the replication roles' own (snapshot chunks), as a list:
 # one decode call per frame. Built from `MESSAGE_TYPES`, so a message type added to the core
 # cannot be forgotten here.
 _WIRE_MESSAGE_TYPES: Final = (*MESSAGE_TYPES, *TRANSFER_MESSAGE_TYPES)
 MESSAGES_DECODER: Final = msgspec.msgpack.Decoder(list[Union[_WIRE_MESSAGE_TYPES]])  # type: ignore[valid-type]  # noqa: UP007
 RECORDS_DECODER: Final = msgspec.msgpack.Decoder(list[ForwardedRecord])
+REFUSED_DECODER: Final = msgspec.msgpack.Decoder(list[ForwardsRefused])
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,4 +207,12 @@ class RecordBatch:
     records: list[ForwardedRecord]
 
 
-PeerEvent = Authenticated | MessageBatch | RecordBatch
+@dataclass(frozen=True, slots=True)
+class RecordsRefused:
+    """The peer (the leader this node dialled) did not take records this connection forwarded,
+    and says why; it closes the connection next."""
+
+    reason: str
+
+
+PeerEvent = Authenticated | MessageBatch | RecordBatch | RecordsRefused

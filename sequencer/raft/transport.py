@@ -7,7 +7,8 @@ Each node dials every other member and sends its own messages to that member on 
 it dialled; the member dials back for its messages. So there is exactly one TCP connection per
 ordered pair of nodes, its sender owns it, and a fault proxy can cut, delay or stall the link
 A -> B without touching B -> A (`docs/peer-transport.md` weighs this against one shared
-connection per pair). An acceptor sends nothing after the handshake: what it receives goes to the
+connection per pair). An acceptor sends nothing after the handshake but, when it refuses
+forwarded records, one REFUSED frame before it closes: what it receives goes to the
 `on_messages` / `on_records` callbacks, tagged with the authenticated peer's id.
 
 All protocol logic is in the sans-I/O `sequencer.raft.peer_protocol`; this module reads and
@@ -16,17 +17,23 @@ writes sockets, keeps time (handshake timeouts, reconnect backoff) and counts:
 - `send(messages)` routes each message to its target's outbound queue and schedules one flush for
   the end of the loop pass (`loop.call_soon`): every message sent during a pass leaves in one
   frame per peer and one `write`.
-- a message to a peer with no authenticated connection, or whose socket has more than
-  `send_buffer_bytes_max` unsent bytes, is dropped and counted (`messages_dropped`): Raft resends
-  what matters after a timeout, and a slow or dead peer must not grow this node's memory. So is
-  a batch holding a message too large for any frame (a caller bug, logged);
+- a message to a peer with no authenticated connection, or whose batch would take its socket
+  past `send_buffer_bytes_max` unsent bytes, is dropped and counted (`messages_dropped`): Raft
+  resends what matters after a timeout, and a slow or dead peer must not grow this node's memory.
+  The bound is strict (the batch's frames are built, measured against the room left, and
+  dropped whole, with no sequence number used, when they do not fit: `SendBufferFull`), so a
+  peer that does not drain costs at most `send_buffer_bytes_max` of this process's memory, and
+  never stalls the other links (each has its own buffer; nothing here waits). So is a batch
+  holding a message too large for any frame (a caller bug, logged);
 - forwarded records (`forward`) are dropped the same way, but each link's records form a stream
   that must stay gapless (sequencer/cluster/forwards.py): the link numbers its forward stream
   (`forward_stream`), and every authenticated connection and every dropped record starts a new
   one; records sent on an older stream are dropped (counted), so nothing behind a dropped record
   leaves until the caller restarts the stream, with its ordered resend, on the new number. On the
-  receiving side, `on_records` answers False when it did not take a batch: that connection is
-  closed at once (nothing after the refused batch is read), and its dialler reconnects;
+  receiving side, `on_records` answers False, or why not, when it did not take a batch: that
+  connection is closed at once (nothing after the refused batch is read), after a last REFUSED
+  frame that carries the reason (the one frame an acceptor ever sends after the handshake), and
+  its dialler logs and counts the reason (`forward_refusals_received`) and reconnects;
 - a refused connection (any `PeerProtocolError`, a handshake that does not finish within
   `handshake_timeout_ms`, or more than `HANDSHAKES_PENDING_MAX` unauthenticated connections) is
   counted by its code, logged the first time and at every power of two, and aborted;
@@ -68,6 +75,8 @@ from sequencer.raft.peer_protocol import (
     PeerProtocolError,
     ReconnectBackoff,
     RecordBatch,
+    RecordsRefused,
+    SendBufferFull,
     Side,
 )
 from sequencer.raft.transport_config import (
@@ -170,6 +179,14 @@ class _PeerStream(asyncio.Protocol):
         if self.transport is not None:
             self.transport.abort()
 
+    def close_after(self, data: bytes) -> None:
+        """Write `data` (a last frame), then close: nothing more is read or delivered, and the
+        socket closes once `data` has left."""
+        self._ended = True
+        if self.transport is not None:
+            self._write(data)
+            self.transport.close()
+
     def _write(self, data: bytes) -> None:
         if data and self.transport is not None:
             self.owner.counters.bytes_out += len(data)
@@ -197,6 +214,8 @@ class _PeerStream(asyncio.Protocol):
                 owner._deliver_messages(codec.peer_id, event.messages)
             elif isinstance(event, RecordBatch):
                 owner._deliver_records(self, event.records)
+            elif isinstance(event, RecordsRefused):
+                owner._forwards_refused(codec.peer_id, event.reason)
             else:
                 assert isinstance(event, Authenticated), event
                 if self._timer is not None:
@@ -223,7 +242,8 @@ class _PeerStream(asyncio.Protocol):
 
 
 MessagesCallback = Callable[[int, list[Message]], None]
-RecordsCallback = Callable[[int, list[ForwardedRecord]], bool]
+RecordsCallback = Callable[[int, list[ForwardedRecord]], "bool | str"]
+RefusedCallback = Callable[[int, str], None]
 
 
 class PeerTransport:
@@ -233,8 +253,12 @@ class PeerTransport:
         config: addresses, identity, timeouts.
         on_messages: called with (peer id, messages) for each authenticated batch received.
         on_records: called with (peer id, forwarded records); answers whether it took them all:
-            False closes that connection (nothing after the batch is read). Records are dropped
-            (counted in `records_in` only) when None.
+            True, else False or why not (a sentence, sent back to the peer in a REFUSED frame);
+            a refusal closes that connection (nothing after the batch is read). Records are
+            dropped (counted in `records_in` only) when None.
+        on_refused: called with (peer id, reason) when a peer this node dialled refused its
+            forwarded records and said why (counted in `forward_refusals_received` and logged
+            here either way).
         random_source: for the backoff's jitter (a seeded one in tests).
     """
 
@@ -244,6 +268,7 @@ class PeerTransport:
         on_messages: MessagesCallback,
         on_records: RecordsCallback | None = None,
         *,
+        on_refused: RefusedCallback | None = None,
         random_source: random.Random | None = None,
     ) -> None:
         self.config = config
@@ -251,6 +276,8 @@ class PeerTransport:
         self.counters = TransportCounters()
         self._on_messages = on_messages
         self._on_records = on_records
+        self._on_refused = on_refused
+        self._refusal_logged = ""  # the last reason logged for a refusal received
         self._random = random_source if random_source is not None else random.Random()
         self._links = {peer: _Link(peer, host, port) for peer, (host, port) in config.peers.items()}
         self._inbound: dict[int, _PeerStream] = {}  # authenticated inbound streams by peer id
@@ -389,6 +416,14 @@ class PeerTransport:
         connection and after every dropped record (module docstring)."""
         return self._link(target).forward_stream
 
+    def unsent_bytes(self, target: int) -> int:
+        """Bytes written to the connection to `target` that its socket has not taken yet (this
+        process's send buffer for that peer, at most `send_buffer_bytes_max`); 0 unconnected."""
+        stream = self._link(target).stream
+        if stream is None or stream.transport is None:
+            return 0
+        return stream.transport.get_write_buffer_size()
+
     def forward_writable(self, target: int) -> bool:
         """The link to `target` is connected and its socket holds under half the unsent bytes at
         which it drops: a restart's resend has room to leave."""
@@ -402,13 +437,14 @@ class PeerTransport:
         hook SEQD_FAULT_DROP_COMMAND_FORWARD): counted, and the stream ended, like any drop."""
         self._break_forwards(self._link(target), count)
 
-    def close_forwards_from(self, peer_ids: Iterable[int]) -> None:
+    def close_forwards_from(self, peer_ids: Iterable[int], reason: str | None = None) -> None:
         """Close the inbound connections of `peer_ids`: records they forwarded were discarded here
-        (this node stopped leading), so each must restart its stream (module docstring)."""
+        (this node stopped leading), so each must restart its stream (module docstring); each is
+        told `reason` first."""
         for peer in peer_ids:
             stream = self._inbound.get(peer)
             if stream is not None:
-                self._refuse_forwards(stream)
+                self._refuse_forwards(stream, reason)
 
     def _link(self, target: int) -> _Link:
         link = self._links.get(target)
@@ -427,17 +463,36 @@ class PeerTransport:
         link.records = []
         link.forward_stream += 1
 
-    def _refuse_forwards(self, stream: _PeerStream) -> None:
+    def _refuse_forwards(self, stream: _PeerStream, reason: str | None = None) -> None:
         """The receiver did not take records from `stream`: close it before anything later on it
-        is read, so its sender restarts its forward stream on a new connection."""
+        is read, so its sender restarts its forward stream on a new connection; with `reason`,
+        tell the sender why first (a REFUSED frame), so its log says it."""
         counters = self.counters
         counters.forward_streams_refused += 1
         count = counters.forward_streams_refused
         if count & (count - 1) == 0:  # the first time, then at every power of two
-            log.info("node %d closed the connection from node %d: forwarded records not taken "
-                     "(it resends them on a new connection); %d so far",
-                     self.identity.node_id, stream.codec.peer_id, count)  # fmt: skip
-        stream.abort()
+            log.info("node %d closed the connection from node %d: forwarded records not taken (%s; it "
+                     "resends them on a new connection); %d so far", self.identity.node_id,
+                     stream.codec.peer_id, reason or "no reason given", count)  # fmt: skip
+        if reason is None or not stream.codec.authenticated:
+            stream.abort()
+            return
+        stream.close_after(stream.codec.send_refusal(reason))
+
+    def _forwards_refused(self, peer_id: int, reason: str) -> None:
+        """The leader `peer_id` did not take this node's forwarded records, and said why: logged
+        (the first time, at every power of two, and whenever the reason changes), counted. It
+        closes the connection next; the records go again, in order, on the next one."""
+        counters = self.counters
+        counters.forward_refusals_received += 1
+        count = counters.forward_refusals_received
+        if count & (count - 1) == 0 or reason != self._refusal_logged:
+            self._refusal_logged = reason
+            log.warning("node %d's forwarded records were refused by node %d: %s; they go again on a "
+                        "new connection (%d refusals so far)", self.identity.node_id, peer_id, reason,
+                        count)  # fmt: skip
+        if self._on_refused is not None:
+            self._on_refused(peer_id, reason)
 
     def _schedule_flush(self) -> None:
         if not self._flush_scheduled and not self._closing:
@@ -458,29 +513,31 @@ class PeerTransport:
             messages, link.messages = link.messages, []
             records, link.records = link.records, []
             stream = link.stream
-            if (
-                stream is None
-                or stream.transport is None
-                or stream.transport.get_write_buffer_size() > buffer_max
-            ):
+            room = 0 if stream is None or stream.transport is None else buffer_max - stream.transport.get_write_buffer_size()
+            if room <= 0:
                 counters.messages_dropped += len(messages)
                 if records:
                     self._break_forwards(link, len(records))
                 continue
+            assert stream is not None
             codec = stream.codec
             frames_before = codec.frames_sent
             data = bytearray()
             if messages:
                 try:
-                    data += codec.send_messages(messages)
+                    data += codec.send_messages(messages, room)
                     counters.messages_out += len(messages)
+                except SendBufferFull:
+                    counters.messages_dropped += len(messages)  # lost, as Raft allows: resent later
                 except LocalPeerProtocolError as error:
                     counters.messages_dropped += len(messages)
                     self._batch_refused(link.peer_id, error)
             if records:
                 try:
-                    data += codec.send_records(records)
+                    data += codec.send_records(records, room - len(data))
                     counters.records_out += len(records)
+                except SendBufferFull:
+                    self._break_forwards(link, len(records))  # restarted with a resend once writable
                 except LocalPeerProtocolError as error:
                     self._break_forwards(link, len(records))
                     self._batch_refused(link.peer_id, error)
@@ -502,8 +559,11 @@ class PeerTransport:
     def _deliver_records(self, stream: _PeerStream, records: list[ForwardedRecord]) -> None:
         self.counters.frames_in += 1
         self.counters.records_in += len(records)
-        if self._on_records is not None and not self._on_records(stream.codec.peer_id, records):
-            self._refuse_forwards(stream)
+        if self._on_records is None:
+            return
+        taken = self._on_records(stream.codec.peer_id, records)
+        if taken is not True:
+            self._refuse_forwards(stream, taken or None)
 
     # -- connections ----------------------------------------------------------------------------
 

@@ -118,6 +118,7 @@ class TransportCounters:
     records_dropped: int = 0
     forward_streams_broken: int = 0  # outbound forward streams ended by a dropped record
     forward_streams_refused: int = 0  # inbound connections closed: a forwarded batch not taken
+    forward_refusals_received: int = 0  # the peer dialled said why it took no more forwards (REFUSED)
     connects: int = 0  # outbound connections authenticated
     accepts: int = 0  # inbound connections authenticated
     connect_failures: int = 0  # TCP connects that failed or timed out

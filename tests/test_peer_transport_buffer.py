@@ -1,0 +1,69 @@
+"""The peer transport's send buffer toward a peer that does not drain its socket (issue 11): a
+slow follower that answers heartbeats but falls behind reading AppendEntries frees one message of
+the leader's window per heartbeat answer (sequencer/raft/tracker.py), so the leader keeps writing;
+what the socket does not take piles up in this process. It must stay within
+`send_buffer_bytes_max` (the daemon sets it to the byte window plus one frame) however large the
+batches, and the other links must keep flowing."""
+
+from __future__ import annotations
+
+import asyncio
+from contextlib import AsyncExitStack
+from dataclasses import replace
+
+from daemon.faultproxy import FaultNetwork, FaultProxy, free_loopback_ports
+from sequencer.raft.messages import AppendEntries
+from sequencer.raft.peer_protocol import PEER_FRAME_BYTES_MAX
+from tests.test_peer_transport import CLUSTER, Node, config, heartbeat, run_uvloop, until
+
+# Large enough that one loop pass's batch to the stalled peer is most of the bound: before the
+# bound was checked against the batch, the buffer took the whole batch past it.
+ENTRY_BYTES = 1 << 20
+ENTRIES_PER_PASS = 3
+# Passes until the kernel's socket buffers (the sender's and the proxy's, a few MiB each on
+# loopback) are full and the transport drops; bounded, so a transport that never drops fails.
+PASSES_MAX = 64
+PASSES_AFTER_FULL = 4
+
+
+def test_a_peer_that_does_not_drain_holds_at_most_the_send_buffer_bound_and_stalls_no_other_peer() -> None:
+    async def main() -> None:
+        ports = dict(zip((1, 2, 3), free_loopback_ports(3), strict=True))
+        bound = PEER_FRAME_BYTES_MAX  # the least a transport takes: one largest frame
+        with FaultProxy() as proxy:
+            network = FaultNetwork(proxy)
+            via = network.add(1, 2, ports[2])
+            async with AsyncExitStack() as stack:
+                stalled, healthy = Node(config(2, ports)), Node(config(3, ports))
+                sender = Node(replace(config(1, ports, send_buffer_bytes_max=bound),
+                                      peers={2: ("127.0.0.1", via), 3: ("127.0.0.1", ports[3])}))  # fmt: skip
+                for node in (stalled, healthy, sender):
+                    await stack.enter_async_context(node.transport)
+                await asyncio.wait_for(sender.transport.wait_connected([2, 3]), 20.0)
+                network.cut(1, 2)  # node 2 reads nothing more: its socket and the proxy fill up
+                unsent_peak = 0
+                passes = passes_full = 0
+                while passes_full < PASSES_AFTER_FULL:
+                    passes += 1
+                    assert passes <= PASSES_MAX, f"nothing dropped after {passes} passes: {sender.counters}"
+                    entries = AppendEntries(CLUSTER, 1, 2, 1, 0, 0, 0, [1] * ENTRIES_PER_PASS,
+                                            [bytes([passes % 256]) * ENTRY_BYTES] * ENTRIES_PER_PASS)  # fmt: skip
+                    sender.transport.send([entries, heartbeat(1, 3, term=passes)])
+                    await asyncio.sleep(0)  # the flush runs at the end of this pass
+                    await asyncio.sleep(0)
+                    unsent_peak = max(unsent_peak, sender.transport.unsent_bytes(2))
+                    if sender.counters["messages_dropped"]:
+                        passes_full += 1
+                assert unsent_peak <= bound, (unsent_peak, bound)
+                assert sender.transport.unsent_bytes(3) == 0
+                # The other peer got every message, in order, while node 2 was stalled.
+                await until(lambda: len(healthy.messages) == passes, "every heartbeat to node 3")
+                assert [m.term for _, m in healthy.messages] == list(range(1, passes + 1))
+                # A dropped batch used no sequence number: the stalled link carries on once healed.
+                network.heal()
+                sender.transport.send([heartbeat(1, 2, term=10_000)])
+                await until(lambda: any(m.term == 10_000 for _, m in stalled.messages), "the heartbeat after the heal")
+                assert stalled.counters["refused_total"] == 0
+                assert sender.counters["connects"] == 2  # the first connection to each peer, kept
+
+    run_uvloop(main())
