@@ -13,7 +13,8 @@ from dataclasses import replace
 
 from daemon.faultproxy import FaultNetwork, FaultProxy, free_loopback_ports
 from sequencer.raft.messages import AppendEntries
-from sequencer.raft.peer_protocol import PEER_FRAME_BYTES_MAX
+from sequencer.raft.peer_protocol import PEER_FRAME_BYTES_MAX, ForwardedRecord
+from sequencer.record import RecordType, encode_record
 from tests.test_peer_transport import CLUSTER, Node, config, heartbeat, run_uvloop, until
 
 # Large enough that one loop pass's batch to the stalled peer is most of the bound: before the
@@ -65,5 +66,37 @@ def test_a_peer_that_does_not_drain_holds_at_most_the_send_buffer_bound_and_stal
                 await until(lambda: any(m.term == 10_000 for _, m in stalled.messages), "the heartbeat after the heal")
                 assert stalled.counters["refused_total"] == 0
                 assert sender.counters["connects"] == 2  # the first connection to each peer, kept
+
+    run_uvloop(main())
+
+
+# A follower's whole pending set, resent at once after a leader change (sequencer/cluster/
+# forwards.py holds up to PENDING_BYTES_MAX): here several times the send buffer's bound.
+RESEND_RECORDS = 3_000
+RESEND_PAYLOAD_BYTES = 4_000
+
+
+def test_a_resend_larger_than_the_send_buffer_goes_whole_and_in_order() -> None:
+    """The strict bound is for Raft's messages, which Raft resends; a forward stream's resend must
+    leave whole, or it is dropped again at every restart and its clients wait for good."""
+
+    async def main() -> None:
+        ports = dict(zip((1, 2), free_loopback_ports(2), strict=True))
+        bound = PEER_FRAME_BYTES_MAX  # the least a transport takes; the resend below is ~3x this
+        async with AsyncExitStack() as stack:
+            leader = Node(config(1, ports))
+            follower = Node(config(2, ports, send_buffer_bytes_max=bound))
+            for node in (leader, follower):
+                await stack.enter_async_context(node.transport)
+            await asyncio.wait_for(follower.transport.wait_connected([1]), 20.0)
+            records = [ForwardedRecord(encode_record(RecordType.COMMAND, 1, 0, 0, 2, i + 1, 1, bytes(RESEND_PAYLOAD_BYTES)))
+                       for i in range(RESEND_RECORDS)]  # fmt: skip
+            assert sum(len(r.record) for r in records) > 2 * bound
+            stream = follower.transport.forward_stream(1)
+            follower.transport.forward(1, records, stream)
+            await until(lambda: len(leader.commands) == RESEND_RECORDS, "the whole resend at the leader")
+            assert [r.record for _, r in leader.commands] == [r.record for r in records]
+            assert follower.transport.forward_stream(1) == stream  # not broken
+            assert follower.counters["records_dropped"] == 0
 
     run_uvloop(main())

@@ -25,7 +25,10 @@ writes sockets, keeps time (handshake timeouts, reconnect backoff) and counts:
   peer that does not drain costs at most `send_buffer_bytes_max` of this process's memory, and
   never stalls the other links (each has its own buffer; nothing here waits). So is a batch
   holding a message too large for any frame (a caller bug, logged);
-- forwarded records (`forward`) are dropped the same way, but each link's records form a stream
+- forwarded records (`forward`) are dropped when the socket already holds `send_buffer_bytes_max`
+  unsent bytes, but not held to the room left: a restart resends a whole pending set at once (up
+  to forwards.py's PENDING_BYTES_MAX, which bounds their memory), and a strict bound would drop
+  that resend again at every restart, for good. Each link's records form a stream
   that must stay gapless (sequencer/cluster/forwards.py): the link numbers its forward stream
   (`forward_stream`), and every authenticated connection and every dropped record starts a new
   one; records sent on an older stream are dropped (counted), so nothing behind a dropped record
@@ -533,8 +536,13 @@ class PeerTransport:
                     counters.messages_dropped += len(messages)
                     self._batch_refused(link.peer_id, error)
             if records:
+                # Not held to the room: a stream's records must all go, in order, and a restart
+                # resends the whole pending set at once (up to sequencer/cluster/forwards.py's
+                # PENDING_BYTES_MAX, more than this buffer by default), which a strict bound would
+                # drop again at every restart, for good. Their bytes are bounded by that pending
+                # set; the buffer's room only decides whether they go now (above).
                 try:
-                    data += codec.send_records(records, room - len(data))
+                    data += codec.send_records(records)
                     counters.records_out += len(records)
                 except SendBufferFull:
                     self._break_forwards(link, len(records))  # restarted with a resend once writable
