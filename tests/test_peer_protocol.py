@@ -544,6 +544,14 @@ def test_only_the_node_dialled_refuses_forwards() -> None:
     refused(accepting, forged, "unexpected_kind")
 
 
+def test_a_dialler_refuses_forwarded_records_from_the_node_it_dialled() -> None:
+    """A node forwards only on the connection it dialled; records the other way are a broken
+    sender's (refused like any unexpected frame, not taken and then refused as forwards)."""
+    dialling, accepting, _ = handshake()
+    records = [ForwardedRecord(encode_record(RecordType.COMMAND, 1, 0, 0, 7, 9, 5, b"payload"))]
+    refused(dialling, accepting.send_records(records), "unexpected_kind")
+
+
 # -- configuration and backoff --------------------------------------------------------------------
 
 

@@ -398,6 +398,12 @@ class PeerConnection:
                     f"{_HANDSHAKE_BODY_BYTES[kind]}: the peer is not a seqd peer of this version",
                 )
             return
+        if kind == FrameKind.RECORDS and self._side is Side.DIALLER:
+            raise PeerProtocolError(
+                "unexpected_kind",
+                f"RECORDS from node {self._peer_id}, which this node dialled: a node forwards only "
+                "on the connection it dialled; its sender is broken",
+            )
         if kind != FrameKind.MESSAGES and kind != FrameKind.RECORDS:
             if kind != FrameKind.REFUSED:
                 raise PeerProtocolError(
