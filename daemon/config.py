@@ -22,30 +22,19 @@ from ipc.ring import frame_bytes
 from sequencer.egress import EGRESS_PAYLOAD_BYTES_MAX
 from sequencer.raft.config import (
     INFLIGHT_BYTES_MAX_DEFAULT,
+    PASS_CPU_MS_PER_MIB,
+    STORAGE_READ_BYTES_MAX,
     STORAGE_READ_BYTES_PER_PASS_MAX_DEFAULT,
+    pass_budget_max,
+    pass_cpu_ms,
 )
 from sequencer.raft.peer_protocol import CLUSTER_ID_MAX, PEER_FRAME_BYTES_MAX, SECRET_BYTES_MIN
 
 __all__ = [
-    "SNAPSHOT_WRITERS",
-    "SNAPSHOT_WRITER_FORK",
-    "SNAPSHOT_WRITER_REPLICA",
-    "ClusterConfig",
-    "Config",
-    "ConfigError",
-    "JournalConfig",
-    "MemberConfig",
-    "MetricsConfig",
-    "NodeConfig",
-    "ReplicasConfig",
-    "RingConfig",
-    "RoleConfig",
-    "RolesConfig",
-    "SnapshotConfig",
-    "SocketConfig",
-    "StandbyConfig",
-    "load_config",
-]
+    "SNAPSHOT_WRITERS", "SNAPSHOT_WRITER_FORK", "SNAPSHOT_WRITER_REPLICA", "ClusterConfig", "Config",
+    "ConfigError", "JournalConfig", "MemberConfig", "MetricsConfig", "NodeConfig", "ReplicasConfig", "RingConfig",
+    "RoleConfig", "RolesConfig", "SnapshotConfig", "SocketConfig", "StandbyConfig", "load_config",
+]  # fmt: skip
 
 IdleName = Literal["spin", "yield", "backoff", "blocking"]
 
@@ -84,14 +73,14 @@ INFLIGHT_BYTES_LIMIT = PEER_FRAME_BYTES_MAX  # a send buffer of two frames, less
 INFLIGHT_BYTES_FLOOR = 64 << 10
 assert INFLIGHT_BYTES_FLOOR <= INFLIGHT_BYTES_MAX_DEFAULT <= INFLIGHT_BYTES_LIMIT
 # What a leader reads from its journal for all its followers together in one pass of its loop
-# (`cluster.storage_read_bytes_per_pass_max`). The floor is one storage read (the replicator's
-# `STORAGE_READ_BYTES_MAX`, 1 MiB): the read that crosses the budget completes, so a pass reads
-# that much whatever the budget, and a smaller one would promise what it cannot keep. The limit:
-# a pass holds the leader's loop, its heartbeats with it, ~10 ms of CPU per MiB read and sent
-# (benches/RESULTS.md, "Flow control by bytes"), so 16 MiB plus the read that crosses it is
-# ~170 ms, over half the default 300 ms election timeout; more and a catch-up could hold the
-# heartbeats until a follower starts an election.
-STORAGE_READ_BYTES_PER_PASS_FLOOR = 1 << 20
+# (`cluster.storage_read_bytes_per_pass_max`). The floor is one storage read (`STORAGE_READ_BYTES_MAX`,
+# 1 MiB): the read that crosses the budget completes, so a pass reads that much whatever the
+# budget, and a smaller one would promise what it cannot keep. A pass holds the leader's loop, its
+# heartbeats and commits with it, `PASS_CPU_MS_PER_MIB` (~16 ms of CPU) per MiB read and sent: the
+# budget plus the read that crosses it must take under half the configured election timeout
+# (`pass_cpu_ms`), or a catch-up could hold the heartbeats until a follower starts an election.
+# Whatever the timeout, the limit (~270 ms a pass) bounds how long a catch-up delays every commit.
+STORAGE_READ_BYTES_PER_PASS_FLOOR = STORAGE_READ_BYTES_MAX
 STORAGE_READ_BYTES_PER_PASS_LIMIT = 16 << 20
 assert STORAGE_READ_BYTES_PER_PASS_FLOOR <= STORAGE_READ_BYTES_PER_PASS_MAX_DEFAULT <= STORAGE_READ_BYTES_PER_PASS_LIMIT
 
@@ -541,7 +530,8 @@ def _cluster_errors(cluster: ClusterConfig, node_number: int, node_name: str) ->
         errors.append(f"cluster.members peer_address {repeated} given to more than one member: each node needs its own")
     errors.extend(_listen_errors(cluster, node_number))
     errors.extend(_secret_errors(cluster.secret_file))
-    errors.extend(_timeout_errors(cluster))
+    timeout_errors = _timeout_errors(cluster)
+    errors.extend(timeout_errors)
     if not INFLIGHT_BYTES_FLOOR <= cluster.inflight_bytes_max <= INFLIGHT_BYTES_LIMIT:
         errors.append(
             f"cluster.inflight_bytes_max={cluster.inflight_bytes_max}: must be "
@@ -553,10 +543,19 @@ def _cluster_errors(cluster: ClusterConfig, node_number: int, node_name: str) ->
     if not STORAGE_READ_BYTES_PER_PASS_FLOOR <= budget <= STORAGE_READ_BYTES_PER_PASS_LIMIT:
         errors.append(
             f"cluster.storage_read_bytes_per_pass_max={budget}: must be {STORAGE_READ_BYTES_PER_PASS_FLOOR}.."
-            f"{STORAGE_READ_BYTES_PER_PASS_LIMIT} bytes (above, one pass of catch-up reads, ~10 ms of CPU a MiB, "
-            "could hold the leader's heartbeats past a follower's election timeout; below, a pass still reads "
+            f"{STORAGE_READ_BYTES_PER_PASS_LIMIT} bytes (above, one pass of catch-up reads, ~{PASS_CPU_MS_PER_MIB} ms "
+            "of CPU a MiB, would delay every commit by more than a quarter second; below, a pass still reads "
             f"one whole read of {STORAGE_READ_BYTES_PER_PASS_FLOOR} bytes); the default is "
             f"{STORAGE_READ_BYTES_PER_PASS_MAX_DEFAULT}"
+        )
+    elif not timeout_errors and 2 * pass_cpu_ms(budget) >= cluster.election_timeout_ms:
+        fits = pass_budget_max(cluster.election_timeout_ms)
+        errors.append(
+            f"cluster.storage_read_bytes_per_pass_max={budget}: a pass of catch-up (the budget plus one read, "
+            f"~{PASS_CPU_MS_PER_MIB} ms of CPU a MiB) takes ~{pass_cpu_ms(budget):.0f} ms, not under half "
+            f"cluster.election_timeout_ms={cluster.election_timeout_ms}, and could hold the leader's heartbeats until "
+            "a follower starts an election: " + (f"lower storage_read_bytes_per_pass_max to at most {fits}"
+            if fits >= STORAGE_READ_BYTES_PER_PASS_FLOOR else "raise election_timeout_ms")
         )
     return errors
 

@@ -36,18 +36,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from daemon.layout import (
     ERRORS_TOTAL_NAME,
     RAFT_LAST_INDEX,
-    RAFT_PEER_INFLIGHT_BYTES_PEAK,
-    RAFT_PEER_LAST_CONTACT_MS,
-    RAFT_PEER_MATCH_INDEX,
-    RAFT_PEER_NODE,
-    RAFT_ROLE,
     SUPERVISOR,
     Kind,
     Role,
     counter_spec,
     errors_total,
 )
-from sequencer.raft.raft_role import RaftRole
+from daemon.status_raft import lists_followers, peer_slots
 
 __all__ = [
     "CONTENT_TYPE",
@@ -127,17 +122,11 @@ def _follower_samples(snapshot: Mapping[str, int]) -> dict[str, list[tuple[str, 
     contacts, and the leader's matches, lags and window peaks."""
     families: dict[str, list[tuple[str, int]]] = {family: [] for family in _FOLLOWER_HELP}
     last_index = snapshot.get(RAFT_LAST_INDEX.name)
-    leads = snapshot.get(RAFT_ROLE.name) == RaftRole.LEADER
-    for node_spec, match_spec, contact_spec, peak_spec in zip(
-            RAFT_PEER_NODE, RAFT_PEER_MATCH_INDEX, RAFT_PEER_LAST_CONTACT_MS, RAFT_PEER_INFLIGHT_BYTES_PEAK,
-            strict=True):  # fmt: skip
-        node = snapshot.get(node_spec.name)
-        match_index = snapshot.get(match_spec.name)
-        contact_ms = snapshot.get(contact_spec.name)
-        peak = snapshot.get(peak_spec.name)
-        if node and contact_ms is not None:
+    leads = lists_followers(snapshot)
+    for node, match_index, contact_ms, peak in peer_slots(snapshot):
+        if contact_ms is not None:
             families["seqd_raft_follower_last_contact_ms"].append((str(node), contact_ms))
-        if not (node and leads):
+        if not leads:
             continue
         if match_index is not None:
             families["seqd_raft_follower_match_index"].append((str(node), match_index))

@@ -20,12 +20,15 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from daemon import layout
 from sequencer.raft.raft_role import RaftRole
 
-__all__ = ["RaftFollower", "RaftPeer", "RaftStatus", "raft_json", "raft_lines", "raft_status"]
+__all__ = [
+    "PeerSlot", "RaftFollower", "RaftPeer", "RaftStatus", "lists_followers", "peer_slots", "raft_json", "raft_lines",
+    "raft_status",
+]  # fmt: skip
 
 _LEADER = layout.RAFT_ROLE.value_name(RaftRole.LEADER)  # as `raft_status` shows it
 
@@ -77,22 +80,41 @@ class RaftStatus:
     forwards_resent: int | None = None  # pending records sent again (new leader, resend age)
 
 
+class PeerSlot(NamedTuple):
+    """One occupied peer slot (`raft.peer<k>.*`) of a sample; None: not in the sample."""
+
+    node: int  # the member's node number
+    match_index: int | None  # the leader's; a node that does not lead says 0
+    last_contact_ms: int | None  # wall clock ms when this node last heard from it; 0: never
+    inflight_bytes_peak: int | None  # the leader's; a node that does not lead says 0
+
+
+def peer_slots(values: Mapping[str, int]) -> list[PeerSlot]:
+    """Every occupied peer slot of a sample, for `seqd status` and the metrics alike."""
+    return [
+        PeerSlot(node, values.get(match.name), values.get(contact.name), values.get(peak.name))
+        for node_spec, match, contact, peak in zip(
+            layout.RAFT_PEER_NODE, layout.RAFT_PEER_MATCH_INDEX, layout.RAFT_PEER_LAST_CONTACT_MS,
+            layout.RAFT_PEER_INFLIGHT_BYTES_PEAK, strict=True)
+        if (node := values.get(node_spec.name))
+    ]  # fmt: skip
+
+
+def lists_followers(values: Mapping[str, int]) -> bool:
+    """Whether a sample's slots are followers with a match: only a leader tracks matches (its
+    replicator fills the same slots on a follower, with 0), so only a leader lists followers."""
+    return values.get(layout.RAFT_ROLE.name) == RaftRole.LEADER
+
+
 def _slots(values: Mapping[str, int], now_ms: int) -> list[RaftFollower]:
     """Every occupied peer slot, its match and lag as the counters say (0 and the whole log when
     this node does not lead)."""
     last_index = values.get(layout.RAFT_LAST_INDEX.name)
     slots = []
-    for node_spec, match_spec, contact_spec, peak_spec in zip(
-            layout.RAFT_PEER_NODE, layout.RAFT_PEER_MATCH_INDEX, layout.RAFT_PEER_LAST_CONTACT_MS,
-            layout.RAFT_PEER_INFLIGHT_BYTES_PEAK, strict=True):  # fmt: skip
-        node = values.get(node_spec.name)
-        if not node:
-            continue
-        match_index = values.get(match_spec.name)
+    for node, match_index, contact_ms, peak in peer_slots(values):
         lag = None if last_index is None or match_index is None else last_index - match_index
-        contact_ms = values.get(contact_spec.name)
         ago_ms = max(0, now_ms - contact_ms) if contact_ms else None
-        slots.append(RaftFollower(node, match_index, lag, ago_ms, values.get(peak_spec.name)))
+        slots.append(RaftFollower(node, match_index, lag, ago_ms, peak))
     return slots
 
 
@@ -122,7 +144,7 @@ def raft_status(known: Mapping[str, int], clustered: bool, now_ms: int | None = 
         last_index=known.get(layout.RAFT_LAST_INDEX.name),
         pending_forwards=known.get(layout.RAFT_PENDING_FORWARDS.name),
         retain_index=known.get(layout.RAFT_RETAIN_INDEX.name),
-        followers=slots if role == _LEADER else [],
+        followers=slots if lists_followers(known) else [],
         peers=[RaftPeer(slot.node, slot.last_contact_ms) for slot in slots],
         members=_members(known),
         elections=known.get(layout.RAFT_ELECTIONS.name),
@@ -153,13 +175,15 @@ def raft_lines(raft: RaftStatus, cell: Callable[[object], str]) -> tuple[str, li
                  f"  streams broken {cell(raft.forward_streams_broken)}"
                  f"  refused {cell(raft.forward_streams_refused)}")
     lines += [f"  follower {f.node}: match {cell(f.match_index)}  lag {cell(f.lag)}  last contact "
-              + ("never" if f.last_contact_ms is None else f"{f.last_contact_ms} ms ago")
-              + f"  in flight peak {cell(f.inflight_bytes_peak)} bytes" for f in raft.followers or ()]
+              f"{_ago(f.last_contact_ms)}  in flight peak {cell(f.inflight_bytes_peak)} bytes"
+              for f in raft.followers or ()]  # fmt: skip
     if raft.role != _LEADER and raft.peers:
-        lines.append("  raft heard from " + ", ".join(
-            f"node {p.node} " + ("never" if p.last_contact_ms is None else f"{p.last_contact_ms} ms ago")
-            for p in raft.peers))  # fmt: skip
+        lines.append("  raft heard from " + ", ".join(f"node {p.node} {_ago(p.last_contact_ms)}" for p in raft.peers))
     return header, lines
+
+
+def _ago(ms: int | None) -> str:
+    return "never" if ms is None else f"{ms} ms ago"
 
 
 def raft_json(raft: RaftStatus) -> dict[str, Any]:

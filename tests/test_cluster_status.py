@@ -18,6 +18,7 @@ import pytest
 
 from daemon import status
 from daemon.cluster_harness import Cluster
+from sequencer.raft.peer_protocol import PEER_FRAME_BYTES_MAX
 from tests.node_fixtures import TransferDriver, open_accounts
 
 pytestmark = pytest.mark.timeout(180)
@@ -66,7 +67,7 @@ def test_status_shows_each_followers_match_and_lag_through_a_partition_a_catch_u
         drive(cluster[leader].socket_path, 50, seed=1)
 
         # Healthy: both followers hold the leader's log (match = last, lag 0) once quiet.
-        def caught_up(shown: dict[str, Any]) -> bool:
+        def caught_up(shown: dict[str, Any]) -> bool:  # False while it does not lead (no followers)
             followers = by_node(shown)
             return sorted(followers) == sorted((cut, other)) and all(
                 f["match_index"] == shown["last_index"] and f["lag"] == 0 for f in followers.values())
@@ -85,24 +86,41 @@ def test_status_shows_each_followers_match_and_lag_through_a_partition_a_catch_u
         cluster.network.isolate(cut)
         drive(cluster[leader].socket_path, 50, seed=2)
 
-        def left_behind(shown: dict[str, Any]) -> bool:
-            followers = by_node(shown)
-            return followers[other]["lag"] == 0 and followers[other]["match_index"] == shown["last_index"]
+        def left_behind(shown: dict[str, Any]) -> bool:  # False if leadership moved (other not listed)
+            follower = by_node(shown).get(other)
+            return follower is not None and follower["lag"] == 0 and follower["match_index"] == shown["last_index"]
 
         partitioned = wait_shown(cluster, leader, left_behind, f"node {other} at the last index")
         behind = by_node(partitioned)[cut]
         assert behind["match_index"] == cut_match, partitioned
         assert behind["lag"] == partitioned["last_index"] - cut_match > 0, partitioned
-        text = status.render_text(status.sample_status(cluster[leader].node, gap_s=0.0))
-        assert f"follower {cut}: match {cut_match}  lag {behind['lag']}" in text, text
-        # On the node cut off: no leader after an election timeout, its term unchanged (PreVote).
+        sample = status.sample_status(cluster[leader].node, gap_s=0.0)  # the text and its lag, one sample
+        lag, text = by_node(status.render_json(sample)["raft"])[cut]["lag"], status.render_text(sample)
+        assert f"follower {cut}: match {cut_match}  lag {lag}" in text, text
+        # On the node cut off: no leader after an election timeout, its term unchanged (PreVote),
+        # and `raft heard from` shows the leader's last contact past the election timeout.
         alone = wait_shown(cluster, cut, lambda shown: shown["leader"] == 0, "leader 0")
         assert alone["role"] in ("follower", "pre-candidate") and alone["term"] == term, alone
         assert alone["followers"] == []
+        timeout_ms = TIMEOUTS["election_timeout_ms"]
 
-        # Healed: it catches up (match back to the leader's last index, lag 0).
+        def leader_unheard(shown: dict[str, Any]) -> bool:
+            contact_ms = {peer["node"]: peer["last_contact_ms"] for peer in shown["peers"]}.get(leader)
+            return contact_ms is not None and contact_ms >= timeout_ms
+
+        wait_shown(cluster, cut, leader_unheard, f"node {leader}'s last contact >= {timeout_ms} ms ago")
+        text = status.render_text(status.sample_status(cluster[cut].node, gap_s=0.0))
+        assert f"raft heard from node {leader} " in text or f", node {leader} " in text, text
+
+        # Healed: it catches up (match back to the leader's last index, lag 0), its catch-up's
+        # in-flight peak within the byte window plus the one message that may cross it.
         cluster.network.heal()
-        wait_shown(cluster, leader, caught_up, f"node {cut} caught up after the heal")
+        healed = wait_shown(cluster, leader, caught_up, f"node {cut} caught up after the heal")
+        peak = by_node(healed)[cut]["inflight_bytes_peak"]
+        window = cluster[leader].config.cluster.inflight_bytes_max  # type: ignore[union-attr]
+        assert 0 < peak <= window + PEER_FRAME_BYTES_MAX, healed
+        text = status.render_text(status.sample_status(cluster[leader].node, gap_s=0.0))
+        assert f"follower {cut}: match" in text and "in flight peak " in text, text
         assert wait_shown(cluster, cut, lambda shown: shown["leader"] == leader, "the leader again")["term"] == term
 
         # A node down: `stopped` on its own status; on the leader its match stays where it was.

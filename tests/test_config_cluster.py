@@ -11,7 +11,10 @@ from pathlib import Path
 import msgspec
 import pytest
 
+from daemon.config import STORAGE_READ_BYTES_PER_PASS_FLOOR as PASS_FLOOR
+from daemon.config import STORAGE_READ_BYTES_PER_PASS_LIMIT as PASS_LIMIT
 from daemon.config import ClusterConfig, Config, ConfigError, MemberConfig, load_config
+from sequencer.raft.config import pass_budget_max, pass_cpu_ms
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "systemd" / "seqd.toml.example"
 SECRET = "8f" * 32  # 64 bytes of hex text, as `secrets.token_hex(32)` prints
@@ -193,12 +196,42 @@ def test_the_byte_window_and_the_pass_budget_reach_the_raft_core(tmp_path: Path,
     assert (default.inflight_bytes_max, default.storage_read_bytes_per_pass_max) == (4 << 20, 4 << 20)
 
 
-def test_the_pass_budgets_floor_is_the_replicators_one_storage_read() -> None:
-    # The read that crosses the budget completes: below one read, a pass reads one all the same.
-    from daemon.config import STORAGE_READ_BYTES_PER_PASS_FLOOR
-    from daemon.roles.replicator import STORAGE_READ_BYTES_MAX
+@pytest.mark.parametrize(
+    ("budget", "accepted"),
+    [(PASS_FLOOR - 1, False), (PASS_FLOOR, True), (PASS_LIMIT, True), (PASS_LIMIT + 1, False)],
+)
+def test_the_pass_budget_is_accepted_from_its_floor_to_its_limit_both_included(
+    tmp_path: Path, secret_file: Path, budget: int, accepted: bool
+) -> None:
+    # The limit's pass (~270 ms) needs an election timeout over twice that to be accepted at all.
+    text = cluster_toml(secret_file, storage_read_bytes_per_pass_max=budget, election_timeout_ms=600)
+    if accepted:
+        assert load_text(tmp_path, text).cluster.storage_read_bytes_per_pass_max == budget  # type: ignore[union-attr]
+    else:
+        assert f"cluster.storage_read_bytes_per_pass_max={budget}: must be {PASS_FLOOR}..{PASS_LIMIT}" in refused(
+            tmp_path, text)
 
-    assert STORAGE_READ_BYTES_PER_PASS_FLOOR == STORAGE_READ_BYTES_MAX
+
+def test_a_pass_budget_must_take_under_half_the_configured_election_timeout(tmp_path: Path, secret_file: Path) -> None:
+    # A pass reads its budget plus the read that crosses it, ~16 ms of CPU a MiB; it holds the
+    # leader's heartbeats, so a budget fit for 300 ms could let a shorter timeout expire.
+    fits = pass_budget_max(300)
+    assert 2 * pass_cpu_ms(fits) < 300 <= 2 * pass_cpu_ms(fits + 1)
+    assert load_text(tmp_path, cluster_toml(secret_file, storage_read_bytes_per_pass_max=fits)).cluster is not None
+    message = refused(tmp_path, cluster_toml(secret_file, storage_read_bytes_per_pass_max=fits + 1))
+    assert f"cluster.storage_read_bytes_per_pass_max={fits + 1}: a pass of catch-up" in message
+    assert "not under half cluster.election_timeout_ms=300" in message
+    assert f"lower storage_read_bytes_per_pass_max to at most {fits}" in message
+    # The default budget (~80 ms a pass) with a shorter timeout: refused at 160 ms, fine at 170.
+    short = {"heartbeat_ms": 20, "election_timeout_ms": 160}
+    message = refused(tmp_path, cluster_toml(secret_file, **short))
+    assert f"storage_read_bytes_per_pass_max={4 << 20}: a pass of catch-up" in message
+    assert f"to at most {pass_budget_max(160)}" in message
+    assert load_text(tmp_path, cluster_toml(secret_file, heartbeat_ms=20, election_timeout_ms=170)).cluster is not None
+    # So short that even the floor's pass is too long: only a longer timeout helps.
+    tiny = refused(tmp_path, cluster_toml(secret_file, storage_read_bytes_per_pass_max=PASS_FLOOR, heartbeat_ms=10,
+                                          election_timeout_ms=60))
+    assert "cluster.election_timeout_ms=60" in tiny and tiny.endswith("raise election_timeout_ms")
 
 
 def test_the_send_buffer_toward_a_peer_is_the_byte_window_plus_one_frame(tmp_path: Path, secret_file: Path) -> None:

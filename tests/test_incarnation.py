@@ -6,9 +6,8 @@ drop every answer of the new start (sequencer/raft/tracker.py, "Incarnations")."
 
 from __future__ import annotations
 
-import sys
-import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -23,6 +22,7 @@ from daemon.incarnation import (
     previous_incarnation,
 )
 from daemon.layout import INCARNATION_BITS, incarnation_id
+from daemon.roles import replicator_setup
 from daemon.roles.replicator_setup import raft_config, start_raft_core
 from sequencer.raft.messages import DurableState, HardState
 
@@ -76,32 +76,19 @@ def cluster_config(data_dir: Path, **cluster: Any) -> Config:
     return Config(node=NodeConfig(number=1, data_dir=str(data_dir)), cluster=ClusterConfig(members=members, **cluster))
 
 
-_audited: list[str] | None = None  # the audit events seen while a test listens, else None
-
-
-def _audit(event: str, args: tuple[Any, ...]) -> None:
-    if _audited is not None and (event == "open" or event.startswith(("os.", "shutil."))):
-        _audited.append(event)
-
-
-def test_raft_config_is_pure_it_opens_no_file_and_reads_no_clock(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_raft_config_is_pure_it_takes_no_incarnation_and_reads_no_clock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # It took the start's Raft incarnation itself, writing <data_dir>/raft.incarnation: a config
     # test then tried /var/lib/seqd. The replicator's start-up takes it (`start_raft_core`).
-    global _audited
     config = cluster_config(tmp_path / "absent")
 
-    def no_clock() -> int:
-        raise AssertionError("raft_config read the clock")
+    def forbidden(*args: object) -> int:
+        raise AssertionError(f"raft_config took an incarnation or read the clock {args}")
 
-    monkeypatch.setattr(time, "time_ns", no_clock)
-    sys.addaudithook(_audit)  # for the rest of the process: it records only while listening
-    _audited = []
-    try:
-        raft = raft_config(config, 1 << 20, 42)
-        events, _audited = _audited, None
-    finally:
-        _audited = None
-    assert events == []
+    monkeypatch.setattr(replicator_setup, "next_raft_incarnation", forbidden)
+    monkeypatch.setattr(replicator_setup, "time", SimpleNamespace(time_ns=forbidden))
+    raft = raft_config(config, 1 << 20, 42)
     assert raft.incarnation == 42
     assert not (tmp_path / "absent").exists()
 

@@ -126,7 +126,7 @@ from sequencer.cluster import (
 )
 from sequencer.hard_state import HardStateFile
 from sequencer.journal import JournalLogStorage
-from sequencer.raft.config import NO_NODE
+from sequencer.raft.config import NO_NODE, STORAGE_READ_BYTES_MAX
 from sequencer.raft.errors import ProposalRejected
 from sequencer.raft.messages import (
     DurableState,
@@ -161,8 +161,6 @@ RESEND_AFTER_S = 2.0
 # A commit index alone is a hint (Raft keeps it only to save a restart some replay), so it is
 # saved at most this often; a change of term or vote is saved (fsync) before any message leaves.
 HARD_STATE_COMMIT_SAVE_S = 1.0
-# Entries read back from the journal per read at start (bounded memory per read).
-STORAGE_READ_BYTES_MAX = 1 << 20
 
 
 class Replicator:

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from sequencer.raft.quorum import VOTERS_ALLOWED
 
 __all__ = [
-    "INFLIGHT_BYTES_MAX_DEFAULT", "LEARNERS_MAX", "NO_NODE", "STORAGE_READ_BYTES_PER_PASS_MAX_DEFAULT", "RaftConfig",
+    "INFLIGHT_BYTES_MAX_DEFAULT", "LEARNERS_MAX", "NO_NODE", "PASS_CPU_MS_PER_MIB", "STORAGE_READ_BYTES_MAX",
+    "STORAGE_READ_BYTES_PER_PASS_MAX_DEFAULT", "RaftConfig", "pass_budget_max", "pass_cpu_ms",
 ]  # fmt: skip
 
 NO_NODE = 0  # node ids are positive; 0 means "nobody" (no vote, no known leader)
@@ -17,8 +18,36 @@ NO_NODE = 0  # node ids are positive; 0 means "nobody" (no vote, no known leader
 LEARNERS_MAX = 4
 # `RaftConfig.inflight_bytes_max`'s default (the reasons are beside the field).
 INFLIGHT_BYTES_MAX_DEFAULT = 4 << 20
+# One read of old entries from storage, the daemon's (`RaftConfig.storage_read_bytes_max`, the
+# reasons beside the field; the replicator reads the journal back at start by the same bound).
+STORAGE_READ_BYTES_MAX = 1 << 20
 # `RaftConfig.storage_read_bytes_per_pass_max`'s default (the reasons are beside the field).
 STORAGE_READ_BYTES_PER_PASS_MAX_DEFAULT = 4 << 20
+# The read that crosses the pass budget completes, so a pass reads at least one read whatever the
+# budget: a default below one read would promise what a pass cannot keep.
+assert STORAGE_READ_BYTES_MAX <= STORAGE_READ_BYTES_PER_PASS_MAX_DEFAULT
+# CPU a leader's pass spends per MiB it reads from the journal and sends: how long a pass holds
+# the leader's loop. benches/RESULTS.md, "Flow control by bytes": one whole pass toward followers
+# far behind (`Leader.flush_appends`, 200 B records) read 4,300,800 bytes in 55-65 ms of CPU,
+# ~14.6 ms per MiB (the journal's reads alone 8.8-9.3 ms of it), and the transport adds ~1 ms per
+# MiB to encode and MAC the frames: 15.6, rounded up (a safety bound, so the whole pass's figure).
+PASS_CPU_MS_PER_MIB = 16
+
+
+def pass_cpu_ms(storage_read_bytes_per_pass_max: int) -> float:
+    """The CPU one pass of catch-up can take with this budget: the budget, plus the read that
+    crosses it, at `PASS_CPU_MS_PER_MIB`."""
+    return (storage_read_bytes_per_pass_max + STORAGE_READ_BYTES_MAX) * PASS_CPU_MS_PER_MIB / (1 << 20)
+
+
+def pass_budget_max(election_timeout_ms: int) -> int:
+    """The largest budget whose pass takes under half this election timeout (whole bytes), the
+    rule the daemon checks: (budget + one read) x cost x 2 < timeout."""
+    return -(-election_timeout_ms * (1 << 20) // (2 * PASS_CPU_MS_PER_MIB)) - 1 - STORAGE_READ_BYTES_MAX
+
+
+# The default budget fits the default election timeout (its pass ~80 ms, under half of 300 ms).
+assert 2 * pass_cpu_ms(STORAGE_READ_BYTES_PER_PASS_MAX_DEFAULT) < 300
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,14 +99,16 @@ class RaftConfig:
     # One read of old entries from storage returns about this many payload bytes at most, and an
     # AppendEntries from memory is cut at the same bound (the entry that reaches it included), so
     # a message stays under the peer frame's 4 MiB with commands of up to 1 MiB (a client frame).
-    storage_read_bytes_max: int = 1 << 20
+    storage_read_bytes_max: int = STORAGE_READ_BYTES_MAX
     # What a leader reads from storage for all its followers together in one pass: between two
     # inputs that refill it (a tick, a follower's answer), a `ready()` sends no AppendEntries that
     # needs a storage read once this many bytes were read (soft, like the window: the read that
-    # crosses it completes). The journal reads 1 MiB of ~200 B records in ~9 ms of CPU, so a pass
-    # that catches up any number of followers holds the leader's loop ~60 ms (benches/RESULTS.md,
-    # "Flow control by bytes"; 375 ms for two followers before), far under the 300 ms election
-    # timeout it must not outlast.
+    # crosses it completes). At ~16 ms of CPU per MiB read and sent (`PASS_CPU_MS_PER_MIB`), a pass
+    # that catches up any number of followers holds the leader's loop ~80 ms by default (4 MiB plus
+    # the read that crosses it; 375 ms for two followers before, benches/RESULTS.md, "Flow control
+    # by bytes"), under half the default 300 ms election timeout it must not outlast. The daemon's
+    # limit, 16 MiB, is ~270 ms: it refuses a budget whose pass would take half the configured
+    # election timeout or more (daemon/config.py).
     storage_read_bytes_per_pass_max: int = STORAGE_READ_BYTES_PER_PASS_MAX_DEFAULT
     # The core appends an empty no-op at the start of each term (Raft paper 8). With this set it
     # appends nothing: the caller proposes the term's first entry itself at `Ready.term_start`'s
