@@ -7,7 +7,6 @@ drop every answer of the new start (sequencer/raft/tracker.py, "Incarnations")."
 from __future__ import annotations
 
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -87,7 +86,7 @@ def test_raft_config_is_pure_it_takes_no_incarnation_and_reads_no_clock(
         raise AssertionError(f"raft_config took an incarnation or read the clock {args}")
 
     monkeypatch.setattr(replicator_setup, "next_raft_incarnation", forbidden)
-    monkeypatch.setattr(replicator_setup, "time", SimpleNamespace(time_ns=forbidden))
+    monkeypatch.setattr(replicator_setup, "wall_clock_ns", forbidden)
     raft = raft_config(config, 1 << 20, 42)
     assert raft.incarnation == 42
     assert not (tmp_path / "absent").exists()
