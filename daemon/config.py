@@ -535,8 +535,8 @@ def _cluster_errors(cluster: ClusterConfig, node_number: int, node_name: str) ->
     if not INFLIGHT_BYTES_FLOOR <= cluster.inflight_bytes_max <= INFLIGHT_BYTES_LIMIT:
         errors.append(
             f"cluster.inflight_bytes_max={cluster.inflight_bytes_max}: must be "
-            f"{INFLIGHT_BYTES_FLOOR}..{INFLIGHT_BYTES_LIMIT} bytes (above, the window and the message "
-            "that crosses it overflow the peer transport's send buffer, which drops them; below, "
+            f"{INFLIGHT_BYTES_FLOOR}..{INFLIGHT_BYTES_LIMIT} bytes (above, a follower that does not "
+            "drain could hold more than 8 MiB of this node's memory, the send buffer being the window plus one frame; below, "
             f"a catch-up waits a round trip every few records); the default is {INFLIGHT_BYTES_MAX_DEFAULT}"
         )
     budget = cluster.storage_read_bytes_per_pass_max

@@ -62,9 +62,9 @@ What the rules rely on: the first copies of one incarnation's records reach the 
 its gateway wrote them (a follower's forward stream is gapless and every break restarts it with an
 ordered resend: sequencer/cluster/forwards.py); only copies come out of order. And incarnation ids
 never repeat (daemon/incarnation.py): a start that took the id of one of its node's remembered
-starts would be taken for it. What they cannot tell: a late node_start of a start that no later
-start names (a data directory wiped, or an older seqd's node_start without `previous`) is taken
-for a new start and closes the live start's sessions, and a start ended more than
+starts would be taken for it. What they cannot tell: a late node_start of a start whose id is not
+within NODE_STARTS_REMEMBERED of the node's started ones (a data directory wiped, so a clock-chosen
+id) is taken for a new start and closes the live start's sessions, and a start ended more than
 NODE_STARTS_REMEMBERED starts back is forgotten.
 The processor makes a TIMER_FIRED of a timer no longer pending a no-op, and a SNAPSHOT twice is
 two snapshots of the same state.

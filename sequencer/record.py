@@ -245,7 +245,8 @@ def walk_records(
 ) -> Iterator[Any]:
     """Each record of a run of whole records: (its first fields, its offset, the offset after it).
 
-    The one walk over a run (ring regions, journal batches, replay, validation): the fields are
+    The walk over a run (ring regions, journal batches, replay; the journal's append check inlines
+    its own loop and explains a refused run with this one): the fields are
     `layout` unpacked at the record's offset, a layout that starts with the u32 length
     (`RECORD_HEADER`, `RECORD_KEY` or `FRAME_HEADER`); the offset after it includes the padding.
     The payload is `run[offset + RECORD_HEADER_BYTES : offset + length]`, the ring frame's body

@@ -22,7 +22,8 @@ writes sockets, keeps time (handshake timeouts, reconnect backoff) and counts:
   resends what matters after a timeout, and a slow or dead peer must not grow this node's memory.
   The bound is strict (the batch's frames are built, measured against the room left, and
   dropped whole, with no sequence number used, when they do not fit: `SendBufferFull`), so a
-  peer that does not drain costs at most `send_buffer_bytes_max` of this process's memory, and
+  peer that does not drain holds at most `send_buffer_bytes_max` of Raft's messages in this
+  process's memory (and its forwarded records, below, at most the follower's pending set), and
   never stalls the other links (each has its own buffer; nothing here waits). So is a batch
   holding a message too large for any frame (a caller bug, logged);
 - forwarded records (`forward`) are dropped when the socket already holds `send_buffer_bytes_max`

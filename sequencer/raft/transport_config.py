@@ -32,8 +32,10 @@ class TransportConfig:
         reconnect_first_ms, reconnect_max_ms: the dialler's backoff. 20 ms is two heartbeats; at
             most 1 s so a restarted peer is reached again well within a failover's budget.
         send_buffer_bytes_max: unsent bytes on one socket beyond which messages to that peer are
-            dropped: two largest frames, so a healthy link never drops and a stalled one holds
-            at most ~8 MiB.
+            dropped: by default two largest frames (the replicator sets the byte window plus one
+            frame), so a healthy link never drops and a stalled one holds at most that of
+            messages; forwarded records are dropped only once it is reached (a stream's resend
+            goes whole: PENDING_BYTES_MAX at most past it).
 
     Raises:
         ValueError: a bad address, a non-loopback listen address without `allow_non_loopback`,
