@@ -2,8 +2,8 @@
 slow follower that answers heartbeats but falls behind reading AppendEntries frees one message of
 the leader's window per heartbeat answer (sequencer/raft/tracker.py), so the leader keeps writing;
 what the socket does not take piles up in this process. It must stay within
-`send_buffer_bytes_max` (the daemon sets it to the byte window plus one frame) however large the
-batches, and the other links must keep flowing."""
+`send_buffer_bytes_max` (the daemon sets it to the byte window plus one frame) plus one pass's
+batch, however many passes, and the other links must keep flowing."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ ENTRIES_PER_PASS = 3
 # Passes until the kernel's socket buffers (the sender's and the proxy's, a few MiB each on
 # loopback) are full and the transport drops; bounded, so a transport that never drops fails.
 PASSES_MAX = 64
+PASS_FRAMING_BYTES = 4096  # a frame's header, MAC and msgpack around the entries, and a heartbeat
 PASSES_AFTER_FULL = 4
 
 
@@ -55,15 +56,23 @@ def test_a_peer_that_does_not_drain_holds_at_most_the_send_buffer_bound_and_stal
                     unsent_peak = max(unsent_peak, sender.transport.unsent_bytes(2))
                     if sender.counters["messages_dropped"]:
                         passes_full += 1
-                assert unsent_peak <= bound, (unsent_peak, bound)
+                # The bound is checked before each batch, which then goes whole (a catch-up's
+                # batches dropped for the room left ran ~25% slower: docs/peer-transport.md).
+                batch_bytes = ENTRIES_PER_PASS * ENTRY_BYTES + PASS_FRAMING_BYTES
+                assert unsent_peak <= bound + batch_bytes, (unsent_peak, bound, batch_bytes)
                 assert sender.transport.unsent_bytes(3) == 0
                 # The other peer got every message, in order, while node 2 was stalled.
                 await until(lambda: len(healthy.messages) == passes, "every heartbeat to node 3")
                 assert [m.term for _, m in healthy.messages] == list(range(1, passes + 1))
                 # A dropped batch used no sequence number: the stalled link carries on once healed.
                 network.heal()
-                sender.transport.send([heartbeat(1, 2, term=10_000)])
-                await until(lambda: any(m.term == 10_000 for _, m in stalled.messages), "the heartbeat after the heal")
+
+                def heard() -> bool:  # a heartbeat each poll, as a leader's ticks would: one sent
+                    # while the socket still holds the stall's bytes is dropped like the others
+                    sender.transport.send([heartbeat(1, 2, term=10_000)])
+                    return any(m.term == 10_000 for _, m in stalled.messages)
+
+                await until(heard, "a heartbeat after the heal")
                 assert stalled.counters["refused_total"] == 0
                 assert sender.counters["connects"] == 2  # the first connection to each peer, kept
 
@@ -77,8 +86,8 @@ RESEND_PAYLOAD_BYTES = 4_000
 
 
 def test_a_resend_larger_than_the_send_buffer_goes_whole_and_in_order() -> None:
-    """The strict bound is for Raft's messages, which Raft resends; a forward stream's resend must
-    leave whole, or it is dropped again at every restart and its clients wait for good."""
+    """Only a socket already past the bound drops; a forward stream's resend must leave whole,
+    or it is dropped again at every restart and its clients wait for good."""
 
     async def main() -> None:
         ports = dict(zip((1, 2), free_loopback_ports(2), strict=True))

@@ -20,11 +20,10 @@ writes sockets, keeps time (handshake timeouts, reconnect backoff) and counts:
 - a message to a peer with no authenticated connection, or whose batch would take its socket
   past `send_buffer_bytes_max` unsent bytes, is dropped and counted (`messages_dropped`): Raft
   resends what matters after a timeout, and a slow or dead peer must not grow this node's memory.
-  The bound is strict (the batch's frames are built, measured against the room left, and
-  dropped whole, with no sequence number used, when they do not fit: `SendBufferFull`), so a
-  peer that does not drain holds at most `send_buffer_bytes_max` of Raft's messages in this
-  process's memory (and its forwarded records, below, at most the follower's pending set), and
-  never stalls the other links (each has its own buffer; nothing here waits). So is a batch
+  The bound is checked before each pass's batch, which then goes whole, so a peer that does not
+  drain holds at most `send_buffer_bytes_max` plus one pass's batch of Raft's messages in this
+  process's memory (a batch toward one peer is within the leader's byte window; and its
+  forwarded records, below, at most the follower's pending set), and never stalls the other links (each has its own buffer; nothing here waits). So is a batch
   holding a message too large for any frame (a caller bug, logged);
 - forwarded records (`forward`) are dropped when the socket already holds `send_buffer_bytes_max`
   unsent bytes, but not held to the room left: a restart resends a whole pending set at once (up
@@ -80,7 +79,6 @@ from sequencer.raft.peer_protocol import (
     ReconnectBackoff,
     RecordBatch,
     RecordsRefused,
-    SendBufferFull,
     Side,
 )
 from sequencer.raft.transport_config import (
@@ -528,11 +526,13 @@ class PeerTransport:
             frames_before = codec.frames_sent
             data = bytearray()
             if messages:
+                # Not held to the room left either: a catch-up's batch (up to the pass's read
+                # budget, within the byte window) dropped because the socket still held the last
+                # one's tail cost a Raft repair, a rejection and a probe, each time: catch-up ran
+                # ~25% slower (benches/RESULTS.md, the lead's re-measure of this session).
                 try:
-                    data += codec.send_messages(messages, room)
+                    data += codec.send_messages(messages)
                     counters.messages_out += len(messages)
-                except SendBufferFull:
-                    counters.messages_dropped += len(messages)  # lost, as Raft allows: resent later
                 except LocalPeerProtocolError as error:
                     counters.messages_dropped += len(messages)
                     self._batch_refused(link.peer_id, error)
@@ -545,8 +545,6 @@ class PeerTransport:
                 try:
                     data += codec.send_records(records)
                     counters.records_out += len(records)
-                except SendBufferFull:
-                    self._break_forwards(link, len(records))  # restarted with a resend once writable
                 except LocalPeerProtocolError as error:
                     self._break_forwards(link, len(records))
                     self._batch_refused(link.peer_id, error)
