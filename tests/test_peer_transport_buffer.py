@@ -57,7 +57,7 @@ def test_a_peer_that_does_not_drain_holds_at_most_the_send_buffer_bound_and_stal
                     if sender.counters["messages_dropped"]:
                         passes_full += 1
                 # The bound is checked before each batch, which then goes whole (a catch-up's
-                # batches dropped for the room left ran ~25% slower: docs/peer-transport.md).
+                # batches dropped for the room left cost a Raft repair each: docs/peer-transport.md).
                 batch_bytes = ENTRIES_PER_PASS * ENTRY_BYTES + PASS_FRAMING_BYTES
                 assert unsent_peak <= bound + batch_bytes, (unsent_peak, bound, batch_bytes)
                 assert sender.transport.unsent_bytes(3) == 0

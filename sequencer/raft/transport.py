@@ -528,8 +528,9 @@ class PeerTransport:
             if messages:
                 # Not held to the room left either: a catch-up's batch (up to the pass's read
                 # budget, within the byte window) dropped because the socket still held the last
-                # one's tail cost a Raft repair, a rejection and a probe, each time: catch-up ran
-                # ~25% slower (benches/RESULTS.md, the lead's re-measure of this session).
+                # one's tail cost a Raft repair, a rejection and a probe, each time (catch-up read
+                # 106-135k records/s in three runs with that, 111-176k without; this figure varies
+                # widely between identical runs: benches/RESULTS.md, the lead's re-measure).
                 try:
                     data += codec.send_messages(messages)
                     counters.messages_out += len(messages)
