@@ -13,8 +13,8 @@ import pytest
 from daemon.roles.commit_notices import COMMIT_NOTICE_DELAY_S, CommitNoticeTimer
 from sequencer.raft import AppendEntries
 from tests.sim.direct import DirectCluster
+from tests.test_raft_commit_notices import committed_with_the_notices_held
 
-FOLLOWERS = (2, 3)
 
 
 @pytest.fixture
@@ -30,15 +30,8 @@ def notices_sent(cluster: DirectCluster) -> list[AppendEntries]:
 
 def commit(cluster: DirectCluster, payload: bytes) -> int:
     """Node 1 proposes and commits one entry; the commit is held from both followers."""
-    leader = cluster.core(1)
-    index = leader.propose_batch([payload])
-    cluster.process(1)
-    cluster.deliver()
-    for node in FOLLOWERS:
-        cluster.process(node)
-    cluster.deliver()
-    cluster.process(1)
-    assert leader.commit_index == index and leader.commit_notices_held()
+    index = committed_with_the_notices_held(cluster, payload)
+    assert cluster.core(1).commit_notices_held()
     return index
 
 

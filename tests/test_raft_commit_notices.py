@@ -33,17 +33,19 @@ def leading(defer: bool = True) -> DirectCluster:
     return cluster
 
 
-def committed_with_the_notices_held(cluster: DirectCluster) -> None:
-    """Node 1 proposes one entry; both followers hold and acknowledge it; node 1 commits it."""
+def committed_with_the_notices_held(cluster: DirectCluster, payload: bytes = b"x") -> int:
+    """Node 1 proposes one entry; both followers hold and acknowledge it; node 1 commits it.
+    Returns its index."""
     leader = cluster.core(1)
-    leader.propose_batch([b"x"])
+    index = leader.propose_batch([payload])
     cluster.process(1)
     cluster.deliver()
     for node in FOLLOWERS:
         cluster.process(node)
     cluster.deliver()
     cluster.process(1)
-    assert leader.commit_index == leader.log.last_index
+    assert leader.commit_index == leader.log.last_index == index
+    return index
 
 
 def test_a_commit_with_no_entries_to_ride_on_waits_for_the_callers_bound() -> None:
