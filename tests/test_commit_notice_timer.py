@@ -16,7 +16,6 @@ from tests.sim.direct import DirectCluster
 from tests.test_raft_commit_notices import committed_with_the_notices_held
 
 
-
 @pytest.fixture
 def loop() -> Iterator[asyncio.AbstractEventLoop]:
     made = asyncio.new_event_loop()
