@@ -288,11 +288,12 @@ def test_the_blp_reads_the_count_after_the_records_it_applies() -> None:
     processor = SimpleNamespace(emit_events=False, snapshot_requested=False, applied_index=1,
                                 drain_outputs=list, apply_frame=lambda kind, view: emitting.append(processor.emit_events))  # fmt: skip
     versions = SimpleNamespace(active=0, raises_refused=0)
+    rules = SimpleNamespace(active=1, due=0)  # the session rules' versions (sequencer/rules_versions.py)
     shell = SimpleNamespace(
         unwritten=[], processor=processor, values=values, event_subscribers_word=0, commit_index_word=1,
         reader=SimpleNamespace(poll=poll, release=lambda: None, position=64), applied_position_seen=0,
         snapshot_writers={}, _publish_versions=lambda: None, _write_outputs=lambda: 0, fork_snapshots=False,
-        versions=versions, versions_seen=(0, 0),
+        versions=versions, rules=rules, versions_seen=(0, 0, 1, 0),
     )  # fmt: skip
     assert BlpAgent.do_work(shell, 0) == 1  # type: ignore[arg-type]
     assert emitting == [True]
