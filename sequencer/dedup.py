@@ -84,7 +84,7 @@ from sequencer.app_versions import AppVersions
 from sequencer.dedup_rules1 import node_start_rules1, open_is_new_rules1
 from sequencer.record import (
     SESSION_ID_COUNTER_BITS,
-    SESSION_ID_INCARNATION_BITS,
+    incarnation_behind,
     session_incarnation,
     session_node_number,
 )
@@ -115,13 +115,12 @@ SAVED_REPLIES_MAX = (
 NODE_STARTS_REMEMBERED = 8
 _COUNTER_MASK = (1 << SESSION_ID_COUNTER_BITS) - 1
 _COUNTER_HALF = 1 << (SESSION_ID_COUNTER_BITS - 1)  # serial-number arithmetic's "behind"
-_INCARNATION_MASK = (1 << SESSION_ID_INCARNATION_BITS) - 1
 
 
 def _behind(incarnation: int, later: int) -> bool:
     """Whether `incarnation` is a start up to NODE_STARTS_REMEMBERED starts before `later` (ids go
     up by one a start, wrapping: daemon/incarnation.py)."""
-    return 0 < (later - incarnation) & _INCARNATION_MASK <= NODE_STARTS_REMEMBERED
+    return incarnation_behind(incarnation, later, NODE_STARTS_REMEMBERED)
 
 
 def _ended(started: dict[int, int], incarnation: int) -> bool:

@@ -64,6 +64,7 @@ __all__ = [
     "encode_record",
     "encode_session_open",
     "frame_type",
+    "incarnation_behind",
     "iter_records",
     "pack_record_into",
     "pack_tail_into",
@@ -364,6 +365,12 @@ def session_node_number(session_id: int) -> int:
 def session_incarnation(session_id: int) -> int:
     """The incarnation bits of session `session_id`: which start of its node opened it."""
     return (session_id >> SESSION_ID_COUNTER_BITS) & _SESSION_INCARNATION_MASK
+
+
+def incarnation_behind(incarnation: int, later: int, starts: int) -> bool:
+    """Whether `incarnation` is a start of a node up to `starts` starts before its start `later`
+    (ids go up by one a start and wrap in the incarnation bits: daemon/incarnation.py)."""
+    return 0 < (later - incarnation) & _SESSION_INCARNATION_MASK <= starts
 
 
 class SessionOpen(msgspec.Struct, frozen=True):

@@ -52,14 +52,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from sequencer.record import SESSION_ID_INCARNATION_BITS
+from sequencer.record import incarnation_behind
 from sequencer.schema import VersionError
 
 __all__ = ["RULES_VERSION", "RULES_VERSION_UNREPORTED", "RulesAsks", "RulesVersionError", "RulesVersions"]
 
 RULES_VERSION = 2  # the newest rules this code applies; a node_start reports it
 RULES_VERSION_UNREPORTED = 1  # what a node_start without `rules_version` (an older seqd's) means
-_INCARNATION_MASK = (1 << SESSION_ID_INCARNATION_BITS) - 1
 
 
 class RulesVersionError(VersionError):
@@ -105,7 +104,7 @@ class RulesVersions:
         would stay on the old rules. Ids further apart are not ordered (a data directory wiped
         takes one from the clock): the later report wins."""
         last = self.reported_by.get(number)
-        if incarnation is not None and last is not None and 0 < (last - incarnation) & _INCARNATION_MASK <= remembered:
+        if incarnation is not None and last is not None and incarnation_behind(incarnation, last, remembered):
             return  # an earlier start's
         if incarnation is not None:
             self.reported_by[number] = incarnation

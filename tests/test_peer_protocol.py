@@ -48,7 +48,6 @@ from sequencer.raft.peer_protocol import (
     ReconnectBackoff,
     RecordBatch,
     RecordsRefused,
-    SendBufferFull,
     Sentinel,
     Side,
 )
@@ -491,20 +490,6 @@ def test_a_batch_over_the_item_bound_is_split() -> None:
         ITEMS_PER_FRAME_MAX,
         5,
     ]
-
-
-def test_a_batch_over_the_room_given_produces_nothing_and_uses_no_sequence_number() -> None:
-    """The shell's send buffer bound (sequencer/raft/transport.py): a batch that would not fit is
-    dropped whole, and the next frame is still the one the peer expects."""
-    dialling, accepting, _ = handshake()
-    batch = [_append_entries([b"x" * 1024]), heartbeat(term=1)]
-    with pytest.raises(SendBufferFull) as caught:
-        dialling.send_messages(batch, bytes_max=1024)
-    assert caught.value.code == "send_buffer_full"
-    assert dialling.frames_sent == 0
-    data = dialling.send_messages([heartbeat(term=2)], bytes_max=1024)
-    accepting.receive_data(data)
-    assert events(accepting) == [MessageBatch([heartbeat(term=2)]), NEED_DATA]
 
 
 def test_one_message_over_the_frame_bound_fails_its_whole_batch_and_the_connection_goes_on() -> (

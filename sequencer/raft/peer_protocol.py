@@ -133,7 +133,6 @@ __all__ = [
     "ReconnectBackoff",
     "RecordBatch",
     "RecordsRefused",
-    "SendBufferFull",
     "Sentinel",
     "Side",
 ]
@@ -156,12 +155,6 @@ _HANDSHAKE_BODY_BYTES: Final[dict[int, int]] = {
 }
 
 _ENCODER: Final = msgspec.msgpack.Encoder()
-
-
-class SendBufferFull(LocalPeerProtocolError):
-    """A batch's frames would not fit the room its caller gave (`bytes_max`): nothing of it was
-    produced and no sequence number was used, so the connection goes on; drop the batch (the
-    peer does not drain its socket) or send it later."""
 
 
 class PeerConnection:
@@ -547,27 +540,22 @@ class PeerConnection:
 
     # -- sending --------------------------------------------------------------------------------
 
-    def send_messages(self, messages: Sequence[Message], bytes_max: int | None = None) -> bytes:
+    def send_messages(self, messages: Sequence[Message]) -> bytes:
         """The bytes of one or more MESSAGES frames carrying `messages`, in order.
 
         A batch longer than ITEMS_PER_FRAME_MAX items or PEER_FRAME_BYTES_MAX bytes is split.
 
-        Args:
-            bytes_max: the most bytes the frames may take (the room left in the shell's send
-                buffer); None: no bound.
-
         Raises:
-            SendBufferFull: the frames would take more than `bytes_max`.
             LocalPeerProtocolError: before the handshake completed, after a failure, or one
                 message alone is too large for a frame (the sender must keep messages smaller).
                 Nothing of the batch is produced then, and the connection stays usable.
         """
-        return self._send(FrameKind.MESSAGES, messages, bytes_max)
+        return self._send(FrameKind.MESSAGES, messages)
 
-    def send_records(self, records: Sequence[ForwardedRecord], bytes_max: int | None = None) -> bytes:
-        """The bytes of one or more RECORDS frames carrying `records`, in order (split and
-        bounded as for `send_messages`)."""
-        return self._send(FrameKind.RECORDS, records, bytes_max)
+    def send_records(self, records: Sequence[ForwardedRecord]) -> bytes:
+        """The bytes of one or more RECORDS frames carrying `records`, in order (split as for
+        `send_messages`)."""
+        return self._send(FrameKind.RECORDS, records)
 
     def send_refusal(self, reason: str) -> bytes:
         """The bytes of one REFUSED frame telling the peer that dialled this node why its
@@ -586,7 +574,7 @@ class PeerConnection:
             )
         return self._send(FrameKind.REFUSED, [ForwardsRefused(reason[:REFUSED_REASON_CHARS_MAX])])
 
-    def _send(self, kind: int, items: Sequence[object], bytes_max: int | None = None) -> bytes:
+    def _send(self, kind: int, items: Sequence[object]) -> bytes:
         self._check_usable()
         if self._send_mac is None:
             raise LocalPeerProtocolError(
@@ -598,12 +586,6 @@ class PeerConnection:
         try:
             for start in range(0, len(items), ITEMS_PER_FRAME_MAX):
                 self._append_frames(out, kind, items[start : start + ITEMS_PER_FRAME_MAX])
-            if bytes_max is not None and len(out) > bytes_max:
-                raise SendBufferFull(
-                    "send_buffer_full",
-                    f"{len(items)} {_KIND_NAMES[kind]} items take {len(out)} bytes, more than the "
-                    f"{bytes_max} bytes of room left: node {self._peer_id} does not drain its socket",
-                )
         except LocalPeerProtocolError:
             # All or nothing: the frames already built are discarded, so their sequence numbers
             # must be reused, or the peer would refuse the next frame as out of sequence.
