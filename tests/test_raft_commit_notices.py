@@ -163,6 +163,68 @@ def test_a_follower_whose_answer_was_lost_is_probed_and_answers_the_probe() -> N
     assert progress.match_index == last_index
 
 
+def test_a_restarted_follower_answers_a_notice_it_has_not_acknowledged() -> None:
+    # Node 2 wrote the entry and answered, but its answer was lost and it restarted: its new start
+    # has acknowledged nothing to this term's leader, so the notice is the first message that
+    # can tell the leader node 2's match, and node 2 answers it (a silent node 2 would leave its
+    # match short until a heartbeat's round trip and the probe after it).
+    cluster = leading()
+    leader = cluster.core(1)
+    assert leader._leader is not None
+    progress = leader._leader.tracker.progress[2]
+    leader.propose_batch([b"x"])
+    cluster.process(1)
+    cluster.deliver()
+    for node in FOLLOWERS:
+        cluster.process(node)
+    cluster.deliver(drop=lambda m: m.source == 2)  # node 2's acknowledgement is lost
+    cluster.process(1)
+    last_index = leader.log.last_index
+    assert leader.commit_index == last_index and progress.match_index < last_index
+    cluster.crash(2)
+    cluster.restart(2)  # its entry is durable: it survives the restart
+    restarted = cluster.core(2)
+    assert restarted.log.last_index == last_index and restarted.term == leader.term
+    leader.send_commit_notices()
+    cluster.process(1)
+    (notice,) = appends(cluster.outbox, 2)
+    assert notice.notice and notice.previous_index == last_index
+    cluster.deliver(drop=lambda m: m.target != 2)
+    cluster.process(2)
+    (answer,) = answers(cluster.outbox)
+    assert answer.success and answer.index == last_index
+    assert restarted.notices_unanswered == 0
+    cluster.deliver()
+    assert progress.match_index == last_index
+
+
+def test_a_notice_that_finds_the_write_in_progress_is_answered_once_it_is_durable() -> None:
+    # Node 2 holds the entry but its write has not landed when the notice arrives (its leader
+    # committed with node 3): it has acknowledged nothing, so it answers, once the write is
+    # durable, and only once for the entry and the notice.
+    cluster = leading()
+    leader = cluster.core(1)
+    follower = cluster.core(2)
+    leader.propose_batch([b"x"])
+    cluster.process(1)
+    cluster.deliver()
+    cluster.process(3)
+    cluster.deliver(drop=lambda m: m.target != 1)
+    cluster.process(1)
+    last_index = leader.log.last_index
+    assert leader.commit_index == last_index
+    assert follower.log.last_index == last_index  # in its log, not yet written
+    leader.send_commit_notices()
+    cluster.process(1)
+    (notice,) = appends(cluster.outbox, 2)
+    assert notice.notice
+    cluster.deliver(drop=lambda m: m.target != 2)
+    assert follower.notices_unanswered == 0
+    cluster.process(2)  # the write lands; the answer it waited for leaves
+    (answer,) = answers(cluster.outbox)
+    assert answer.success and answer.index == last_index
+
+
 def test_a_notice_past_a_followers_log_is_refused_and_moves_no_commit() -> None:
     # Node 2 lost the entries (the message carrying them), so a notice of their commit finds its
     # log short: it refuses, as any AppendEntries, and its commit stays where its log matched.
