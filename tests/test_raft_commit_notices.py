@@ -10,9 +10,13 @@ committed. Driven message by message, like tests/test_raft_paper.py, then in the
 
 from __future__ import annotations
 
+import pytest
+
 from sequencer.raft import AppendEntries, AppendEntriesResponse, Heartbeat, Message
-from tests.sim import Simulation
+from sequencer.raft.follower import Follower
+from tests.sim import SafetyViolation, Simulation
 from tests.sim.direct import DirectCluster
+from tests.sim.simulator import DELIVER
 
 FOLLOWERS = (2, 3)
 
@@ -280,3 +284,51 @@ def test_held_commit_notices_send_fewer_messages_and_the_cluster_still_converges
     # Commit-only AppendEntries are most of what holding them saves, and their answers.
     assert held_500us[0] < sent_at_once[0] and held_for_heartbeats[0] < held_500us[0]
     assert held_500us[1] < sent_at_once[1]
+
+
+def _restart_before_the_notice(seed: int) -> Simulation:
+    """A follower that answered the last entries restarts before their commit's notice reaches
+    it: its new start owes the notice an answer (tests/sim/checks.py, `NoticeAnswers`)."""
+    simulation = Simulation(seed, 3, commit_notice_delay_us=2_000)
+    simulation.run_for_ms(500)
+    leader_id = simulation.leader()
+    assert leader_id is not None
+    leader = simulation.nodes[leader_id].core
+    assert leader is not None and leader._leader is not None
+    simulation.propose(4, leader_id)
+    last_index = leader.log.last_index
+    progress = leader._leader.tracker.progress
+
+    def quiet_follower() -> int | None:
+        """A follower that acknowledged every entry, with nothing on its way to it."""
+        if leader.commit_index != last_index or not leader.commit_notices_held():
+            return None
+        on_the_way = {event[3][1] for event in simulation._events if event[2] == DELIVER}
+        return next((n for n in progress if n != leader_id and progress[n].match_index == last_index
+                     and n not in on_the_way), None)  # fmt: skip
+
+    assert simulation.run_until(lambda: quiet_follower() is not None, timeout_ms=200, step_ms=0.05)
+    follower = quiet_follower()
+    assert follower is not None
+    simulation.crash(follower)
+    simulation.restart(follower)
+    simulation.run_for_ms(50)
+    simulation.await_convergence(1_000)
+    return simulation
+
+
+def test_the_simulator_sees_a_restarted_follower_answer_the_notice_it_owes() -> None:
+    simulation = _restart_before_the_notice(1)
+    assert simulation.notice_answers.owed_answered >= 1
+
+
+def test_the_simulator_catches_a_follower_that_never_answers_notices(monkeypatch: pytest.MonkeyPatch) -> None:
+    answer = Follower.acknowledge
+
+    def never_answer_notices(self: Follower, leader_id: int, index: int, term: int, notice: bool = False) -> None:
+        if not notice:
+            answer(self, leader_id, index, term)
+
+    monkeypatch.setattr(Follower, "acknowledge", never_answer_notices)
+    with pytest.raises(SafetyViolation, match=r"left node \d's notice unanswered"):
+        _restart_before_the_notice(1)
