@@ -14,7 +14,7 @@ to its log), so a node that becomes leader continues from the log's last timesta
 
 from __future__ import annotations
 
-from sequencer.cluster.ring_entries import record_timestamp_ns, stamped, stamped_run
+from sequencer.cluster.ring_entries import record_timestamp_ns, stamped, stamped_frames, stamped_run
 from sequencer.record import RecordType, encode_record
 
 __all__ = ["RecordStamper"]
@@ -51,6 +51,14 @@ class RecordStamper:
         assert first_index >= 1, first_index
         assert term >= 1, term
         out, self.last_timestamp_ns = stamped_run(records, first_index, term, self.last_timestamp_ns)
+        return out
+
+    def stamp_frames(self, frames: list[tuple[int, memoryview]], first_index: int, term: int) -> list[bytes]:
+        """`stamp_all` of the records of these ring frames (the leader's proposals taken from
+        the proposal ring), built stamped: no unstamped copy in between."""
+        assert first_index >= 1, first_index
+        assert term >= 1, term
+        out, self.last_timestamp_ns = stamped_frames(frames, first_index, term, self.last_timestamp_ns)
         return out
 
     def term_start(self, index: int, term: int, now_ns: int) -> bytes:
