@@ -211,15 +211,14 @@ def test_a_leaders_proposals_held_by_index_are_logged_resent_and_released_as_hel
                 new = [command(rng.randint(1, 6), timestamp_ns=rng.randint(495, 505)) for _ in range(rng.randint(0, 6))]
                 frames = [(struct.unpack_from("<II", r)[1], memoryview(r)[FRAME_HEADER_BYTES:struct.unpack_from("<I", r)[0]])
                           for r in new]  # fmt: skip
-                batch = stamper.stamp_all(outbox, first, 2) if outbox else []
-                copies = stamper.stamp_frames(frames, first + len(batch), 2)
-                shared_clock |= _hold_by_key(model, new, now_s)
-                pending.proposed(first + len(batch), copies, now_s)
                 # Another node's clients' records: never a pending record's (a key of this node's
                 # pending records is released by its own copy committed, held by index or by key).
-                elsewhere = [stamper.stamp(command(100 + len(log) + n), first + len(batch) + len(copies) + n, 2)
-                             for n in range(rng.randint(0, 2))]  # fmt: skip
-                entries = batch + copies + elsewhere
+                forwarded = [command(100 + len(log) + n) for n in range(rng.randint(0, 2))]
+                entries, copies = stamper.stamp_batch(outbox, frames, forwarded, first, 2)
+                assert entries[len(outbox) : len(outbox) + len(copies)] == copies
+                assert list(map(record_index, entries)) == list(range(first, first + len(entries)))
+                shared_clock |= _hold_by_key(model, new, now_s)
+                pending.proposed(first + len(outbox), copies, now_s)
                 outbox = []
                 log += entries
                 for record in entries:

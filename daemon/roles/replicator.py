@@ -475,13 +475,8 @@ class Replicator:
         the proposal ring: pending here by index once proposed), then `forwarded` (followers')."""
         core = self.core
         first_index, term = core.next_index(), core.term
-        stamper = self.stamper
-        batch = stamper.stamp_all(records, first_index, term) if records else []
-        new_index = first_index + len(batch)
-        copies = stamper.stamp_frames(frames, new_index, term) if frames else []
-        batch += copies
-        if forwarded:
-            batch += stamper.stamp_all(forwarded, new_index + len(copies), term)
+        batch, copies = self.stamper.stamp_batch(records, frames, forwarded, first_index, term)
+        new_index = first_index + len(records)
         try:
             core.propose_batch(batch, first_index=first_index, term=term)
         except ProposalRejected as error:

@@ -61,6 +61,18 @@ class RecordStamper:
         out, self.last_timestamp_ns = stamped_frames(frames, first_index, term, self.last_timestamp_ns)
         return out
 
+    def stamp_batch(self, records: list[bytes], frames: list[tuple[int, memoryview]], forwarded: list[bytes],
+                    first_index: int, term: int) -> tuple[list[bytes], list[bytes]]:  # fmt: skip
+        """A leader's proposal batch from `first_index`: `records` (pending already), the records
+        of `frames` (new from the proposal ring), then `forwarded` (followers'), stamped in that
+        order; and the stamped copies of `frames`' records alone (held pending by index)."""
+        batch = self.stamp_all(records, first_index, term) if records else []
+        copies = self.stamp_frames(frames, first_index + len(batch), term) if frames else []
+        batch += copies
+        if forwarded:
+            batch += self.stamp_all(forwarded, first_index + len(batch), term)
+        return batch, copies
+
     def term_start(self, index: int, term: int, now_ns: int) -> bytes:
         """The TERM_START record (the term's Raft no-op, section 8) at `index`: timestamped with
         the new leader's clock `now_ns`, or the log's last timestamp if that is later."""
