@@ -111,8 +111,9 @@ class PendingForwards:
     change of term or leader (the next leader may put other entries there), before a record is
     held by key (so the key-held records stay the older: the resend order is the taking order),
     and before a query or change by record (`records`, `logged`, `unlogged`, `committed`).
-    Per record this saves the leader a key, a dict entry and three dict operations (0.81 of
-    1.47 us a record of the replicator's pending bookkeeping and stamping: benches.replicator_paths).
+    Per record this saves the leader three dict entries and five dict operations: its bookkeeping
+    and stamping went from 14.4k to 5.2k instructions a record (benches.replicator_paths
+    `leader_records`, callgrind; benches/RESULTS.md, "leadrepl").
     """
 
     __slots__ = ("_key_records", "_records", "_run_offset", "_run_records", "_runs", "bytes")
