@@ -122,6 +122,9 @@ class NodeProcess:
                 start_new_session=True,
                 pass_fds=watch.pass_fds,
             )
+        except BaseException:
+            self._close_watch()  # no node holds its read end: nothing to keep the write end for
+            raise
         finally:
             watch.started()
         if wait:

@@ -28,6 +28,7 @@ import ctypes
 import logging
 import os
 import signal
+import stat
 import threading
 from collections.abc import MutableMapping
 
@@ -98,7 +99,18 @@ def stop_when_parent_exits(environment: MutableMapping[str, str]) -> threading.T
     setting = environment.pop(PARENT_WATCH_FD_ENV, None)
     if not setting:
         return None
-    fd = int(setting)
+    try:
+        fd = int(setting)
+        is_pipe = stat.S_ISFIFO(os.fstat(fd).st_mode)
+    except (ValueError, OSError) as error:
+        is_pipe, fd = False, -1
+        log.warning("%s=%r is not an open file descriptor (%s): this node is not watching the "
+                    "program that started it", PARENT_WATCH_FD_ENV, setting, error)  # fmt: skip
+    if not is_pipe:
+        if fd >= 0:
+            log.warning("%s=%d is not a pipe: this node is not watching the program that started "
+                        "it (a reused descriptor would stop it for nothing)", PARENT_WATCH_FD_ENV, fd)  # fmt: skip
+        return None
 
     def watch() -> None:
         try:

@@ -31,7 +31,7 @@ from sequencer.journal import (
     list_segments,
     scan_segment,
 )
-from sequencer.journal.scan import segments_join
+from sequencer.journal.scan import corrupt, segments_join
 from sequencer.journal.truncate import INTENT_NAME, decode_intent
 from sequencer.record import (
     RecordType,
@@ -149,10 +149,12 @@ def dump(
     the batch it is writing fails its CRC until the write lands), or on a stopped one a torn tail
     that the node's next start cuts: records that were never durable, hence never acknowledged.
     Either way the records stop there without an error (a dump of a running node under load hit
-    the first case and failed); `note`, if given, is told the bad bytes' place.
+    the first case and failed); `note`, if given, is told the bad bytes' place. Bad bytes with a
+    valid batch after them are neither: they are corruption, and raise.
 
     Raises:
-        JournalCorruptError: damage in the middle of the log (after the records before it).
+        JournalCorruptError: damage in the middle of the log (after the records before it), in
+            the last segment too when a valid batch follows the bad bytes.
         JournalError: `from_index` went with retention, or a segment was deleted while reading.
         ValueError: an unknown type name.
     """
@@ -164,9 +166,18 @@ def dump(
     with JournalReader(directory, from_index) as reader:
         for record in _selected(reader.read(to_index), wanted, session_id):
             yield record_to_dict(record, decode)
-        if reader.stopped_at is not None and note is not None:
+        stopped_at = reader.stopped_at
+        if stopped_at is not None:
+            # A batch still being written has nothing valid after it (the journaller appends in
+            # order); bad bytes with a valid batch after them are damage in the middle of the log,
+            # which the node refuses to start with: an error, not a short dump (a script's export
+            # would end early with no error). If the batch landed meanwhile it is not damage.
+            damage = scan_segment(stopped_at.path).damage
+            if damage is not None and damage.valid_batch_offset is not None:
+                raise corrupt(damage, f"A valid batch follows at byte offset {damage.valid_batch_offset}.")
+        if stopped_at is not None and note is not None:
             note(
-                f"journal {directory} ends in bad bytes at {reader.stopped_at.describe()}: a "
+                f"journal {directory} ends in bad bytes at {stopped_at.describe()}: a "
                 "write in progress, or a torn tail that the next start of the node cuts (keeping "
                 "a copy); the records above end before them. `seqd log check` tells which."
             )

@@ -362,3 +362,18 @@ def test_nodes_of_a_test_runner_killed_with_sigkill_stop_and_remove_their_shared
             os.killpg(pids[0], signal.SIGKILL)  # the node's own process group (start_new_session)
         if node is not None:
             node.remove_shared_memory()
+
+
+def test_a_watch_setting_that_is_not_an_open_pipe_starts_no_watch(tmp_path, caplog):
+    """`seqd run` given a watch descriptor that is not a number, not open, or not a pipe (a
+    reused number would read some file's end and stop the node for nothing) warns and watches
+    nothing; the setting is removed either way, so the roles never see it."""
+    from daemon.parent_death import PARENT_WATCH_FD_ENV, stop_when_parent_exits
+
+    with open(tmp_path / "a-file", "wb") as file:
+        for setting in ("x", "987654", str(file.fileno())):
+            environment = {PARENT_WATCH_FD_ENV: setting}
+            assert stop_when_parent_exits(environment) is None
+            assert environment == {}
+        os.fstat(file.fileno())  # the file's descriptor was left alone
+    assert sum("not watching the program that started it" in r.getMessage() for r in caplog.records) == 3

@@ -125,6 +125,22 @@ def test_dump_notes_bad_bytes_at_the_end_after_the_good_records(journal_dir, cap
     assert printed.err.startswith("seqd: note: journal ") and f"byte offset {offset}" in printed.err
 
 
+def test_dump_fails_on_damage_in_the_last_segment_that_a_valid_batch_follows(journal_dir, capsys):
+    """Bad bytes in the last segment with a valid batch after them are corruption, not a write in
+    progress: the node refuses to start with them, and a dump that ended there with exit 0 would
+    hand a script a short export of a journal that holds durable records after the damage."""
+    with open_journal(journal_dir) as journal:
+        fill(journal, [3, 3, 3, 3])
+    path = list_segments(journal_dir)[-1][1]
+    offset, total, first, _ = batch_offsets(path)[1]
+    flip_bit(path, offset + total - 20, 3)  # the second of four batches
+    with pytest.raises(JournalCorruptError, match="A valid batch follows"):
+        list(logtools.dump(journal_dir))
+    assert cli.main(["log", "dump", "--journal", str(journal_dir)]) == 1
+    assert "journal corrupt" in capsys.readouterr().err
+    assert first == 4
+
+
 def test_tail_without_follow_shows_the_last_records(journal_dir):
     with open_journal(journal_dir) as journal:
         fill(journal, [10] * 30)

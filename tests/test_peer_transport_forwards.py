@@ -12,7 +12,7 @@ import pytest
 
 from daemon.faultproxy import FaultNetwork, FaultProxy, free_loopback_ports
 from sequencer.raft.peer_protocol import PEER_FRAME_BYTES_MAX, ForwardedRecord
-from sequencer.raft.reason_kinds import ReasonKinds, reason_kind
+from sequencer.raft.reason_kinds import QUIET_S, ReasonKinds, reason_kind
 from sequencer.raft.transport import PeerTransport
 from sequencer.record import RecordType, encode_record
 from tests.test_peer_transport import (
@@ -196,7 +196,15 @@ def test_a_refusal_storm_with_changing_numbers_logs_a_bounded_number_of_lines_an
 def test_reason_kinds_mask_numbers_and_pool_kinds_past_their_bound() -> None:
     kinds = ReasonKinds(kinds_max=2)
     assert reason_kind("term 12, leader 3") == reason_kind("term 7, leader 1") == "term #, leader #"
-    assert [kinds.count(f"term {term}") for term in range(1, 9)] == [1, 2, 0, 4, 0, 0, 0, 8]
-    assert kinds.count("inbox full at 9") == 1  # a second kind: its own first line
-    assert kinds.count("a third kind") == 1  # past the bound: the pooled kind's first
-    assert kinds.count("a fourth kind") == 2  # the same pooled kind
+    assert [kinds.count(f"term {term}", 0.0) for term in range(1, 9)] == [1, 2, 0, 4, 0, 0, 0, 8]
+    assert kinds.count("inbox full at 9", 0.0) == 1  # a second kind: its own first line
+    assert kinds.count("a third kind", 0.0) == 1  # past the bound: the pooled kind's first
+    assert kinds.count("a fourth kind", 0.0) == 2  # the same pooled kind
+
+
+def test_a_reason_kind_quiet_for_a_while_is_logged_again_at_its_next_storm() -> None:
+    kinds = ReasonKinds()
+    assert [kinds.count(f"term {term}", term * 0.01) for term in range(1, 601)].count(0) == 600 - 10
+    assert kinds.count("term 700", 6.0 + QUIET_S / 2) == 0  # the same episode: 601st, not logged
+    assert kinds.count("term 701", 6.0 + QUIET_S * 2) == 1  # a new one: its first is logged again
+    assert kinds.count("term 702", 6.0 + QUIET_S * 2) == 2

@@ -7,14 +7,16 @@ full at every resend); one keyed on the last reason logs every one of two altern
 a reason's kind is its text with every run of digits masked, and each kind is logged the first
 time, then at every power of two of its own count (Agrona's `DistinctErrorLog` logs each distinct
 error once with a count; daemon/errorlog.py does it by time, which a sans-clock caller lacks):
-N refusals of k kinds cost at most k * (log2(N) + 1) lines, and every one is still counted.
+N refusals of k kinds cost at most k * (log2(N) + 1) lines, and every one is still counted. A
+kind unseen for QUIET_S starts over, so a later storm of it is logged again (else a storm of 600
+left the next one silent until its 1024th).
 """
 
 from __future__ import annotations
 
 import re
 
-__all__ = ["REASON_KINDS_MAX", "ReasonKinds", "reason_kind"]
+__all__ = ["QUIET_S", "REASON_KINDS_MAX", "ReasonKinds", "reason_kind"]
 
 # Kinds remembered. Our own reasons have a handful of kinds (daemon/roles/replicator_setup.py's
 # `forwarded_refusal`: malformed, a test hook, not leading, inbox full); a peer of another build
@@ -22,6 +24,9 @@ __all__ = ["REASON_KINDS_MAX", "ReasonKinds", "reason_kind"]
 # bound: past this, new kinds share one count (OVERFLOW_KIND).
 REASON_KINDS_MAX = 32
 OVERFLOW_KIND = "(other reasons)"
+# A kind not seen for this long is a new episode: its count starts over (its first is logged). A
+# refusal storm lasts as long as a leader change or a full inbox, seconds; a minute apart is news.
+QUIET_S = 60.0
 
 _DIGITS = re.compile(r"\d+")
 
@@ -40,10 +45,10 @@ class ReasonKinds:
     def __init__(self, kinds_max: int = REASON_KINDS_MAX) -> None:
         assert kinds_max >= 1, kinds_max
         self.kinds_max = kinds_max
-        self._counts: dict[str, int] = {}
+        self._counts: dict[str, tuple[int, float]] = {}  # kind -> (count, last seen, seconds)
 
-    def count(self, reason: str) -> int:
-        """Count `reason` under its kind.
+    def count(self, reason: str, now_s: float) -> int:
+        """Count `reason` under its kind at `now_s` (any monotonic clock, in seconds).
 
         Returns:
             The kind's count if this one is to be logged (its first, then at every power of
@@ -53,5 +58,7 @@ class ReasonKinds:
         kind = reason_kind(reason)
         if kind not in counts and len(counts) >= self.kinds_max:
             kind = OVERFLOW_KIND
-        count = counts[kind] = counts.get(kind, 0) + 1
+        count, seen_s = counts.get(kind, (0, now_s))
+        count = 1 if now_s - seen_s >= QUIET_S else count + 1
+        counts[kind] = (count, now_s)
         return count if count & (count - 1) == 0 else 0

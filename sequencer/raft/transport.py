@@ -62,6 +62,7 @@ import logging
 import random
 import secrets
 import socket
+import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Final
 
@@ -489,7 +490,7 @@ class PeerTransport:
         records go again, in order, on the next one."""
         counters = self.counters
         counters.forward_refusals_received += 1
-        if kind_count := self._refusal_kinds.count(reason):
+        if kind_count := self._refusal_kinds.count(reason, time.monotonic()):
             log.warning("node %d's forwarded records were refused by node %d: %s; they go again on a "
                         "new connection (%d refusals so far, %d of this kind)", self.identity.node_id,
                         peer_id, reason, counters.forward_refusals_received, kind_count)  # fmt: skip

@@ -189,16 +189,19 @@ class Nemesis:
             self._disarm()
             raise
 
+        armed = self.armed  # this fault's hooks: a heal disarms its own, whatever ran since
+
         def heal_and_disarm() -> None:
             try:
                 heal()
             finally:
-                self._disarm()
+                self._disarm(armed)
 
         return heal_and_disarm
 
-    def _disarm(self) -> None:
-        armed, self.armed = self.armed, []
+    def _disarm(self, armed: list[Path] | None = None) -> None:
+        if armed is None or armed is self.armed:
+            armed, self.armed = self.armed, []
         for path in armed:
             path.unlink(missing_ok=True)  # an absent hook file is 0: inert (daemon/fault_hooks.py)
 
