@@ -349,7 +349,7 @@ class PeerConnection:
                 position = self._start
                 available = len(buffer) - position
                 if available < FRAME_HEADER_BYTES:
-                    return self._need_data(available)
+                    return self._need_data(available) if self._peer_closed else NEED_DATA
                 length, kind, version, flags = FRAME_HEADER.unpack_from(buffer, position)
                 self._check_header(length, kind, version, flags)
                 body = position + FRAME_HEADER_BYTES
