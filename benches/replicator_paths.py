@@ -15,9 +15,10 @@ Each loop drives the real code a running replicator runs for every entry, in bat
 - `frames` (both ends of a link): an AppendEntries of `batch` entries framed and MAC'd by the
   leader's codec (`PeerConnection.send_messages`), checked and decoded by the follower's
   (`receive_data`, `next_event`), and its AppendEntriesResponse the other way.
-- `leader_records` (the leader): a batch of ledger commands taken from the proposal ring (the ring
-  frame made a record again, held pending), stamped and proposed (`PendingForwards.stamped`), then
-  seen in the log (`logged`) and committed (`committed`), as `daemon/roles/replicator.py` does.
+- `leader_records` (the leader): a batch of ledger commands taken from the proposal ring (each ring
+  frame made its stamped record, `RecordStamper.stamp_frames`), proposed and held pending by index
+  (`PendingForwards.proposed`), then seen in the log (`logged_all`) and committed
+  (`committed_all`), as `daemon/roles/replicator.py` does.
 - `follower` (a follower's receive path, one AppendEntries of `batch` records at a time): the
   leader's frame checked and decoded (`receive_data`, `next_event`), stepped into a follower's
   `RaftCore`, its entries queued and written into a real log ring (`RingFeed`, `RingPositions`),
@@ -48,7 +49,7 @@ import ipc
 from benches.hot_paths import _in_thread
 from daemon.roles.replicator_ring import RingFeed
 from ipc.counters import Counter
-from sequencer.cluster import PendingForwards, RecordStamper, RingPositions, records_from_frames
+from sequencer.cluster import PendingForwards, RecordStamper, RingPositions
 from sequencer.raft.config import RaftConfig
 from sequencer.raft.core import RaftCore
 from sequencer.raft.messages import AppendEntries, AppendEntriesResponse
@@ -101,12 +102,10 @@ def leader_records_loop(records: int, batch: int) -> float:
         stamper = RecordStamper(0)
         started = time.thread_time()
         for start in range(0, records, batch):
-            taken = records_from_frames(frames[start : start + batch])  # _take_proposals
-            keys = pending.add_all(taken, 1.0)
-            stamped = stamper.stamp_all(taken, 1 + start, 1)  # _propose
-            pending.stamped(stamped, keys)
-            pending.logged_all(stamped)  # _queue_entries
-            pending.committed_all(stamped)  # _handle_ready
+            copies = stamper.stamp_frames(frames[start : start + batch], 1 + start, 1)  # _propose
+            pending.proposed(1 + start, copies, 1.0)
+            pending.logged_all(copies, 1 + start)  # _queue_entries
+            pending.committed_all(copies, 1 + start)  # _handle_ready
         assert not len(pending), len(pending)
         return time.thread_time() - started
 

@@ -52,12 +52,14 @@ def command_run(args: argparse.Namespace) -> int:
     """Run a node until it is stopped; every way it can end is an `ExitCode` and, for an error,
     one log line (daemon/exits.py)."""
     from daemon.exits import report
+    from daemon.parent_death import stop_when_parent_exits
     from daemon.supervisor import Supervisor
 
     logging.basicConfig(
         level=os.environ.get("SEQD_LOG_LEVEL", "INFO"),
         format="%(asctime)s seqd[supervisor:%(process)d] %(levelname)s %(message)s",
     )
+    stop_when_parent_exits(os.environ)  # started by a harness: stop when it exits
     try:
         return Supervisor(_load(args)).run()
     except Exception as error:

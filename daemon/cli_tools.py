@@ -138,7 +138,8 @@ def command_log(args: argparse.Namespace) -> int:
             return 2
     decode = _payload_decoder(config) if args.decode else None
     if args.action == "dump":
-        records = logtools.dump(directory, args.from_index, args.to_index, types, args.session, decode)
+        records = logtools.dump(directory, args.from_index, args.to_index, types, args.session, decode,
+                                note=lambda line: print(f"seqd: note: {line}", file=sys.stderr))
     else:
         records = logtools.tail(directory, follow=args.follow, last=args.lines,
                                 from_index=args.from_index if args.from_index > 1 else None,

@@ -29,6 +29,7 @@ from daemon.layout import (
     log_name,
     proposal_name,
 )
+from daemon.parent_death import ParentWatch
 from ipc.counters import Counters
 
 __all__ = ["NodeError", "NodeProcess", "write_config"]
@@ -96,18 +97,33 @@ class NodeProcess:
         self.log_path = log_path or self.directory / "seqd.log"
         self.process: subprocess.Popen[bytes] | None = None
         self._log_file: Any = None
+        self._watch: ParentWatch | None = None  # held while the node may run
+
+    def _close_watch(self) -> None:
+        if self._watch is not None:
+            self._watch.close()
+            self._watch = None
 
     def start(self, wait: bool = True, environment: dict[str, str] | None = None) -> NodeProcess:
+        """Start the node. It stops by itself (a drain) when this process ends, however it ends
+        (a test runner killed with SIGKILL): daemon/parent_death.py, `ParentWatch`."""
+        self._close_watch()  # a start after a crash the caller did not reap
         self._log_file = open(self.log_path, "ab")
         env = dict(os.environ)
         env.update(environment or {})
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "daemon.cli", "run", "--config", str(self.config_path)],
-            stdout=self._log_file,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,
-        )
+        self._watch = watch = ParentWatch()
+        env.update(watch.environment)
+        try:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "daemon.cli", "run", "--config", str(self.config_path)],
+                stdout=self._log_file,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+                pass_fds=watch.pass_fds,
+            )
+        finally:
+            watch.started()
         if wait:
             self.wait_serving()
         return self
@@ -194,6 +210,7 @@ class NodeProcess:
             except ProcessLookupError:
                 break
             time.sleep(0.01)
+        self._close_watch()
 
     def remove_shared_memory(self) -> None:
         """Remove segments a killed node left behind (a stopped node removes its own)."""

@@ -139,14 +139,21 @@ def dump(
     types: Iterable[int | str] | None = None,
     session_id: int | None = None,
     decode: CommandDecoder | None = None,
+    note: Callable[[str], None] | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Records `from_index`..`to_index` (or to the end) that match `types` (names or numbers) and
     `session_id`, as dicts.
 
+    The end is the last complete, CRC-valid batch. Bad bytes after it at the end of the last
+    segment are a write in progress on a running node (its journaller appends while this reads;
+    the batch it is writing fails its CRC until the write lands), or on a stopped one a torn tail
+    that the node's next start cuts: records that were never durable, hence never acknowledged.
+    Either way the records stop there without an error (a dump of a running node under load hit
+    the first case and failed); `note`, if given, is told the bad bytes' place.
+
     Raises:
         JournalCorruptError: damage in the middle of the log (after the records before it).
-        JournalError: the records stop at bad bytes at the end of the last segment: a write in
-            progress, or a torn tail that the node's next start repairs.
+        JournalError: `from_index` went with retention, or a segment was deleted while reading.
         ValueError: an unknown type name.
     """
     wanted = None if types is None else frozenset(_type_number(t) for t in types)
@@ -157,11 +164,11 @@ def dump(
     with JournalReader(directory, from_index) as reader:
         for record in _selected(reader.read(to_index), wanted, session_id):
             yield record_to_dict(record, decode)
-        if reader.stopped_at is not None:
-            raise JournalError(
+        if reader.stopped_at is not None and note is not None:
+            note(
                 f"journal {directory} ends in bad bytes at {reader.stopped_at.describe()}: a "
                 "write in progress, or a torn tail that the next start of the node cuts (keeping "
-                "a copy). `seqd log check` tells which."
+                "a copy); the records above end before them. `seqd log check` tells which."
             )
 
 

@@ -39,6 +39,7 @@ from sequencer.cluster import (
     may_propose,
     record_from_frame,
     record_index,
+    record_key,
     record_term,
 )
 from sequencer.cluster.forwards import RESTART_DELAY_MAX_S, RESTART_QUIET_S
@@ -157,73 +158,124 @@ def test_a_resend_sends_every_pending_record_not_in_the_log_in_order() -> None:
     assert pending.resend(now_s=3.5) == [command(1), command(3)]
     pending.add(command(4), now_s=4.0)
     assert not pending.overdue(now_s=5.0, after_s=2.0)
-def test_a_stamped_copy_is_logged_and_released_alike_with_its_key_remembered_or_forgotten() -> None:
-    # The leader remembers its stamped copies' keys only to save building them again: the
-    # records seen logged, resent and released must be the same either way.
-    stamper = RecordStamper(0)
-    for forget in (False, True):
-        pending = PendingForwards()
-        records = [command(1), command(2), command(3)]
-        keys = [pending.add(record) for record in records]
-        copies = [stamper.stamp(record, index=10 + offset, term=2) for offset, record in enumerate(records)]
-        pending.stamped(copies, keys)
-        if forget:
-            pending.forget_stamped()  # a change of leader
-        assert pending.logged(copies[0])
-        assert pending.records() == [command(2), command(3)]
-        assert pending.committed(copies[1])
-        assert pending.records() == [command(3)]
-        assert pending.committed(copies[0])
-        assert pending.committed(copies[2])
-        assert not pending and pending.bytes == 0
-        assert not pending.committed(copies[2])  # released once
 
 
-def test_a_batch_is_held_stamped_logged_and_released_as_one_record_at_a_time_would() -> None:
-    """The leader's batch calls (`add_all`, `stamp_all`, `logged_all`, `committed_all`) against
-    the same records one at a time: duplicates, records stamped by another leader (no
-    remembered key), timestamps that go back."""
-    rng = random.Random(7)
-    for _ in range(50):
-        one, batch = PendingForwards(), PendingForwards()
-        stamper_one, stamper_batch = RecordStamper(500), RecordStamper(500)
-        index = 1
-        for _ in range(6):
-            records = [command(rng.randint(1, 12), timestamp_ns=rng.randint(495, 505)) for _ in range(rng.randint(0, 8))]
-            keys = [one.add(record, 1.0) for record in records]
-            assert batch.add_all(records, 1.0) == keys
-            copies = [stamper_one.stamp(record, index + offset, 2) for offset, record in enumerate(records)]
-            assert stamper_batch.stamp_all(records, index, 2) == copies
-            assert stamper_batch.last_timestamp_ns == stamper_one.last_timestamp_ns
-            index += len(records)
-            one.stamped(copies, keys)
-            batch.stamped(list(copies), keys)
-            elsewhere = [RecordStamper(0).stamp(command(rng.randint(1, 12)), index=99, term=1) for _ in range(2)]
-            logged = copies + elsewhere
-            for record in logged:
-                one.logged(record)
-            batch.logged_all(logged)
-            committed = rng.sample(logged, rng.randint(0, len(logged)))
-            for record in committed:
-                one.committed(record)
-            batch.committed_all(committed)
-            assert (len(batch), batch.bytes) == (len(one), one.bytes)
-            assert batch._records == one._records  # each record's count, logged count, clock
-            assert batch.records() == one.records()
-            assert batch.records(with_logged=True) == one.records(with_logged=True)
+def test_ring_frames_are_stamped_as_their_records_would_be() -> None:
+    # The leader builds each proposal stamped from its ring frame (`stamp_frames`), never the
+    # unstamped record: the same bytes and last timestamp as stamping the records, with payloads
+    # of every pad and timestamps that go back.
+    rng = random.Random(3)
+    records = [command(n, timestamp_ns=rng.randint(95, 105), payload=bytes(rng.randint(0, 17))) for n in range(60)]
+    frames = []
+    for record in records:
+        length, frame_type_ = struct.unpack_from("<II", record)
+        frames.append((frame_type_, memoryview(record)[FRAME_HEADER_BYTES:length]))
+    by_records, by_frames = RecordStamper(100), RecordStamper(100)
+    assert by_frames.stamp_frames(frames, 7, 3) == by_records.stamp_all(records, 7, 3)
+    assert by_frames.last_timestamp_ns == by_records.last_timestamp_ns
 
 
-def test_the_remembered_keys_of_stamped_copies_stay_under_the_pending_bound() -> None:
-    pending = PendingForwards()
-    stamper = RecordStamper(0)
-    pending.add(command(0))  # never committed: the copies below are released by other records
-    for start in range(0, PENDING_RECORDS_MAX + 1024, 1024):
-        records = [command(request_id) for request_id in range(start + 1, start + 1025)]
-        keys = [pending.add(record) for record in records]
-        pending.stamped([stamper.stamp(record, index=1 + i, term=1) for i, record in enumerate(records)], keys)
-        for record in records:
-            assert pending.committed(record)  # an equal record committed, not the copy
-    assert len(pending._keys) <= PENDING_RECORDS_MAX, len(pending._keys)
+def _hold_by_key(model: PendingForwards, records: list[bytes], now_s: float) -> bool:
+    """`add` each of `records` to `model`; whether any is a duplicate of a record it holds."""
+    held = list(map(record_key, model.records(with_logged=True)))
+    for record in records:
+        model.add(record, now_s)
+    held += map(record_key, records)
+    return len(set(held)) < len(held)
+
+
+def test_a_leaders_proposals_held_by_index_are_logged_resent_and_released_as_held_by_key() -> None:
+    """The leader holds its new proposals by log index (`proposed`, released by `committed_all`'s
+    index, `hold_by_key` at a change of leader); a model holds every record by key, one call per
+    record, as a follower does. Mixed with records held by key (resends, a refused batch: both
+    proposed again), entries of other nodes' clients (forwarded), duplicates, timestamps that go
+    back: the same count, bytes, resend order and overdue clock at every step."""
+    rng = random.Random(11)
+    for _ in range(200):
+        model, pending, stamper = PendingForwards(), PendingForwards(), RecordStamper(500)
+        log: list[bytes] = []  # the entries, index 1 first
+        committed, outbox, now_s = 0, [], 0.0
+        shared_clock = False  # a duplicate was held
+        for _ in range(12):
+            now_s += 0.5
+            step = rng.random()
+            if step < 0.15:
+                pending.hold_by_key()  # a change of leader: this node leads a later term
+            elif step < 0.25:
+                refused = [command(rng.randint(1, 6), timestamp_ns=rng.randint(495, 505)) for _ in range(rng.randint(1, 4))]
+                shared_clock |= _hold_by_key(model, refused, now_s)
+                pending.add_all(refused, now_s)
+                outbox += refused
+            else:  # a pass: the outbox, new proposals, forwarded records; then a commit
+                first = len(log) + 1
+                new = [command(rng.randint(1, 6), timestamp_ns=rng.randint(495, 505)) for _ in range(rng.randint(0, 6))]
+                frames = [(struct.unpack_from("<II", r)[1], memoryview(r)[FRAME_HEADER_BYTES:struct.unpack_from("<I", r)[0]])
+                          for r in new]  # fmt: skip
+                # Another node's clients' records: never a pending record's (a key of this node's
+                # pending records is released by its own copy committed, held by index or by key).
+                forwarded = [command(100 + len(log) + n) for n in range(rng.randint(0, 2))]
+                entries, copies = stamper.stamp_batch(outbox, frames, forwarded, first, 2)
+                assert entries[len(outbox) : len(outbox) + len(copies)] == copies
+                assert list(map(record_index, entries)) == list(range(first, first + len(entries)))
+                shared_clock |= _hold_by_key(model, new, now_s)
+                pending.proposed(first + len(outbox), copies, now_s)
+                outbox = []
+                log += entries
+                for record in entries:
+                    model.logged(record)
+                pending.logged_all(entries, first)
+                upto = rng.randint(committed, len(log))
+                for record in log[committed:upto]:
+                    model.committed(record)
+                if upto > committed:
+                    pending.committed_all(log[committed:upto], committed + 1)
+                committed = upto
+            assert (len(pending), pending.bytes) == (len(model), model.bytes)
+            # By key a duplicate keeps the first one's place and clock after that one commits; by
+            # index each keeps its own: the same records, ordered and timed alike without them.
+            order = list if not shared_clock else sorted
+            if not shared_clock:
+                assert pending.overdue(now_s, 1.0) == model.overdue(now_s, 1.0)
+            if rng.random() < 0.2:  # a resend: overdue, or this node leads a later term
+                outbox = pending.resend(now_s)
+                assert order(map(record_key, outbox)) == order(map(record_key, model.resend(now_s)))
+            for with_logged in (False, True):
+                assert order(map(record_key, pending.records(with_logged))) == order(
+                    map(record_key, model.records(with_logged)))
+
+
+def test_a_run_held_by_key_goes_first_unstamped_and_seen_in_the_log() -> None:
+    # A leader's proposals held by index, then a batch the core refused (held by key): at a
+    # change of leader the proposals go again first, as taken, with index and term 0 again.
+    pending, stamper = PendingForwards(), RecordStamper(0)
+    proposals = [command(1, timestamp_ns=5), command(2, timestamp_ns=6)]
+    pending.proposed(10, stamper.stamp_all(proposals, 10, 3), now_s=1.0)
+    pending.add(command(3, timestamp_ns=7), now_s=2.0)
+    assert pending.records() == [command(3, timestamp_ns=7)]  # the proposals are in the log
+    assert pending.records(with_logged=True) == [*proposals, command(3, timestamp_ns=7)]
+    assert pending.overdue(now_s=3.1, after_s=2.0)  # the oldest, proposed at 1.0
+
+
+def test_the_commit_releases_a_leaders_proposals_by_index_run_by_run() -> None:
+    pending, stamper = PendingForwards(), RecordStamper(0)
+    runs = [(10, [command(1), command(2), command(3)]), (14, [command(4)]), (15, [command(5), command(6)])]
+    for first, records in runs:
+        pending.proposed(first, stamper.stamp_all(records, first, 3), now_s=1.0)
+    forwarded = stamper.stamp(command(9), 13, 3)  # between two runs: no pending record's
+    assert (len(pending), pending.bytes) == (6, 6 * len(command(1)))
+    pending.committed_all([forwarded], 13)  # below it, the first run's entries: committed too
+    assert (len(pending), pending.bytes) == (3, 3 * len(command(1)))
+    pending.committed_all([stamper.stamp(command(5), 15, 3)], 15)  # part of the last run
+    assert pending.records(with_logged=True) == [command(6)]
+    assert not pending.overdue(now_s=2.9, after_s=2.0) and pending.overdue(now_s=3.1, after_s=2.0)
+    # A record held by index is logged and released by its index alone, never a record like it
+    # held by key (here: taken again by a client's resend, not yet proposed).
+    pending.add(command(7), now_s=4.0)
+    copy = stamper.stamp(command(7), 17, 3)
+    pending.proposed(17, [copy], now_s=4.0)
+    pending.logged_all([copy], 17)
+    pending.committed_all([copy], 17)
+    assert pending.records() == [command(7)]  # not seen in the log: it goes again
 
 
 def test_a_record_taken_after_a_drop_is_not_sent_before_the_ordered_restart() -> None:

@@ -36,7 +36,7 @@ import pytest
 
 from daemon import supervisor
 from daemon.harness import NodeProcess
-from daemon.layout import COUNTER_NAMES, counters_name
+from daemon.layout import COUNTER_NAMES, counters_name, egress_name, log_name
 from daemon.roles.common import EPOCH_ENV, ROLE_EXIT_ORPHANED, SUPERVISOR_PID_ENV
 from daemon.supervisor import LeftoverProcessError, kill_leftover_roles
 from sequencer.apps.ledger import Ledger, Transfer
@@ -308,3 +308,57 @@ def test_leftover_that_cannot_be_killed_stops_the_start_with_its_pid_and_what_to
         leftover.kill()
         leftover.wait()
         node.remove_shared_memory()
+
+
+# A test runner: starts a node through the harness from a helper thread that then ends (the
+# parent-death signal would take the node down with that thread: daemon/parent_death.py), prints
+# the node's processes, and waits to be killed.
+_RUNNER = """
+import sys, threading, time
+from pathlib import Path
+from daemon.harness import NodeProcess
+node = NodeProcess(Path(sys.argv[1]), sys.argv[2])
+starter = threading.Thread(target=node.start)
+starter.start()
+starter.join()
+roles = [node.role_pid(role) for role in ("sequencer", "journaller", "blp")]
+print(node.process.pid, *roles, flush=True)
+time.sleep(600)
+"""
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE  # exited, not reaped yet
+    except psutil.NoSuchProcess:
+        return True
+
+
+def test_nodes_of_a_test_runner_killed_with_sigkill_stop_and_remove_their_shared_memory(
+    tmp_dir: Path, unique: str
+) -> None:
+    runner = subprocess.Popen([sys.executable, "-c", _RUNNER, str(tmp_dir), unique], stdout=subprocess.PIPE, text=True)
+    segments = [Path("/dev/shm" + name) for name in (counters_name(unique), log_name(unique), egress_name(unique))]
+    pids: list[int] = []
+    node: NodeProcess | None = None
+    try:
+        assert runner.stdout is not None
+        pids = [int(word) for word in runner.stdout.readline().split()]
+        log_path = tmp_dir / "seqd.log"
+        assert len(pids) == 4, f"the runner did not start its node: {log_path.read_text()[-2000:] if log_path.exists() else ''}"
+        node = NodeProcess(tmp_dir, unique)  # the runner's node, seen from here (the same config)
+        assert all(segment.exists() for segment in segments)
+        open_accounts(node.socket_path, ACCOUNTS)  # it serves, the thread that started it gone
+        runner.kill()
+        assert runner.wait(timeout=WAIT_S) == -signal.SIGKILL
+        _wait_for(lambda: all(_gone(pid) for pid in pids), "the node's supervisor and roles to exit")
+        assert not [segment for segment in segments if segment.exists()], "shared memory left behind"
+        assert "watch pipe closed): stopping" in node.log_text()
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+            runner.wait(timeout=WAIT_S)
+        if pids and not _gone(pids[0]):
+            os.killpg(pids[0], signal.SIGKILL)  # the node's own process group (start_new_session)
+        if node is not None:
+            node.remove_shared_memory()

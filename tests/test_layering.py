@@ -83,6 +83,7 @@ IO_FREE: dict[str, bool] = {
     "sequencer.raft.follower": True,
     "sequencer.raft.restart": True,
     "sequencer.raft.readies": True,  # the core's ready/advance side (commitcoal)
+    "sequencer.raft.reason_kinds": True,  # the transport's refusal log throttle (issue 11)
     "sequencer.processor": True,
     "sequencer.dedup": True,  # the processor, split by concept (issue 10)
     "sequencer.app_versions": True,  # the active app version of a log (issue 16, rolling upgrades)

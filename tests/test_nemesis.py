@@ -17,20 +17,21 @@ from pathlib import Path
 
 import pytest
 
+from daemon.cluster_harness import Cluster
 from daemon.fault_hooks import (
     FAULT_CLOCK_OFFSET_ENV,
     FAULT_FSYNC_DELAY_ENV,
     FAULT_SYNCED_INDEX_ENV,
     synced_index,
 )
-from daemon.harness import NodeProcess
+from daemon.harness import NodeError, NodeProcess
 from daemon.incarnation import INCARNATION_NAME
 from daemon.layout import INCARNATION_BITS, incarnation_id
 from sequencer.apps.ledger import Deposit, Ledger, OpenAccount
 from sequencer.client import Client
 from sequencer.journal import read_records
-from tests.nemesis.run import run_nemesis
-from tests.nemesis.schedule import FAULT_KINDS, make_schedule
+from tests.nemesis.run import Nemesis, run_nemesis
+from tests.nemesis.schedule import FAULT_KINDS, Fault, make_schedule
 
 SEEDS = int(os.environ.get("SEQD_NEMESIS_SEEDS", "2"))
 DURATION_S = float(os.environ.get("SEQD_NEMESIS_DURATION", "4"))
@@ -95,6 +96,28 @@ def test_fault_hooks_slow_the_disk_jump_the_clock_back_and_note_the_synced_index
     assert len(timestamps) > before + 3, (len(timestamps), before)
     assert timestamps[before:] == [timestamps[before - 1]] * (len(timestamps) - before), timestamps
     assert synced_index(hooks[FAULT_SYNCED_INDEX_ENV]) == records[-1].index  # a clean stop syncs all
+
+
+@needs_cluster
+def test_a_fault_that_fails_halfway_leaves_no_hook_armed(tmp_dir: Path, unique: str) -> None:
+    """restart_clock_back steps node 2's clock back, then kills it: node 2 is down, so the kill
+    fails and the fault is skipped; its clock hook must not stay armed (every later start of
+    node 2 in the run would take a clock an hour behind). A fault that applies keeps its hook
+    until its heal, which disarms it. No node is started: the cluster's config and hooks only."""
+    cluster = Cluster(tmp_dir, unique, size=3)
+    try:
+        nemesis = Nemesis(cluster, seed=1, log=lambda line: None)
+        clock = nemesis.hooks[2][FAULT_CLOCK_OFFSET_ENV]
+        with pytest.raises(NodeError, match="node 2 is not running"):
+            nemesis.apply(Fault(1, 0.0, "restart_clock_back", 1.0, node=2, amount=HOUR_MS))
+        assert not clock.exists(), clock.read_text()
+        disk = nemesis.hooks[3][FAULT_FSYNC_DELAY_ENV]
+        heal = nemesis.apply(Fault(2, 0.0, "slow_disk", 1.0, node=3, amount=200))
+        assert disk.read_text() == "200"
+        heal()
+        assert not disk.exists()
+    finally:
+        cluster.close()
 
 
 @needs_cluster

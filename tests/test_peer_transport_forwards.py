@@ -5,12 +5,14 @@ the connection it came on (sequencer/cluster/forwards.py, issue 11)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from contextlib import AsyncExitStack
 
 import pytest
 
 from daemon.faultproxy import FaultNetwork, FaultProxy, free_loopback_ports
 from sequencer.raft.peer_protocol import PEER_FRAME_BYTES_MAX, ForwardedRecord
+from sequencer.raft.reason_kinds import ReasonKinds, reason_kind
 from sequencer.raft.transport import PeerTransport
 from sequencer.record import RecordType, encode_record
 from tests.test_peer_transport import (
@@ -163,3 +165,38 @@ def test_a_receiver_that_refuses_a_batch_closes_its_connection_and_the_sender_re
             assert batches == [[1], [1, 2]], "nothing after the refused batch was read"
 
     run_uvloop(main())
+
+
+def test_a_refusal_storm_with_changing_numbers_logs_a_bounded_number_of_lines_and_counts_all(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A leader that refuses at every resend says why in sentences whose numbers change (its term,
+    its inbox's fill), two kinds alternating: each refusal is counted and handed on, but the log
+    holds each kind's first and its powers of two (sequencer/raft/reason_kinds.py), not a line
+    per refusal as a throttle keyed on the exact (or the last) reason did."""
+    refusals = 1000
+    sender = PeerTransport(config(1, {1: 1, 2: 2}), lambda peer, messages: None)
+    heard: list[str] = []
+    sender._on_refused = lambda peer, reason: heard.append(reason)
+    with caplog.at_level(logging.WARNING, logger="seqd.peer"):
+        for number in range(refusals):
+            reason = (f"node 2 does not lead (term {number + 3}, leader {number % 3 + 1})" if number % 2
+                      else f"node 2's inbox holds {4000 + number} forwarded records: no room for "
+                           f"{number % 7 + 1} more (INBOX_RECORDS_MAX 4096) until its next pass")  # fmt: skip
+            sender._forwards_refused(2, reason)
+    assert sender.counters.forward_refusals_received == refusals
+    assert len(heard) == refusals
+    lines = [record.getMessage() for record in caplog.records]
+    per_kind = refusals // 2
+    assert len(lines) == 2 * (per_kind.bit_length())  # each kind: 1, 2, 4, ... 256 of 500
+    assert sum("does not lead" in line for line in lines) == len(lines) // 2
+    assert lines[-1].endswith("(512 refusals so far, 256 of this kind)")
+
+
+def test_reason_kinds_mask_numbers_and_pool_kinds_past_their_bound() -> None:
+    kinds = ReasonKinds(kinds_max=2)
+    assert reason_kind("term 12, leader 3") == reason_kind("term 7, leader 1") == "term #, leader #"
+    assert [kinds.count(f"term {term}") for term in range(1, 9)] == [1, 2, 0, 4, 0, 0, 0, 8]
+    assert kinds.count("inbox full at 9") == 1  # a second kind: its own first line
+    assert kinds.count("a third kind") == 1  # past the bound: the pooled kind's first
+    assert kinds.count("a fourth kind") == 2  # the same pooled kind

@@ -10,9 +10,13 @@ committed. Driven message by message, like tests/test_raft_paper.py, then in the
 
 from __future__ import annotations
 
+import pytest
+
 from sequencer.raft import AppendEntries, AppendEntriesResponse, Heartbeat, Message
-from tests.sim import Simulation
+from sequencer.raft.follower import Follower
+from tests.sim import SafetyViolation, Simulation
 from tests.sim.direct import DirectCluster
+from tests.sim.simulator import DELIVER
 
 FOLLOWERS = (2, 3)
 
@@ -163,6 +167,68 @@ def test_a_follower_whose_answer_was_lost_is_probed_and_answers_the_probe() -> N
     assert progress.match_index == last_index
 
 
+def test_a_restarted_follower_answers_a_notice_it_has_not_acknowledged() -> None:
+    # Node 2 wrote the entry and answered, but its answer was lost and it restarted: its new start
+    # has acknowledged nothing to this term's leader, so the notice is the first message that
+    # can tell the leader node 2's match, and node 2 answers it (a silent node 2 would leave its
+    # match short until a heartbeat's round trip and the probe after it).
+    cluster = leading()
+    leader = cluster.core(1)
+    assert leader._leader is not None
+    progress = leader._leader.tracker.progress[2]
+    leader.propose_batch([b"x"])
+    cluster.process(1)
+    cluster.deliver()
+    for node in FOLLOWERS:
+        cluster.process(node)
+    cluster.deliver(drop=lambda m: m.source == 2)  # node 2's acknowledgement is lost
+    cluster.process(1)
+    last_index = leader.log.last_index
+    assert leader.commit_index == last_index and progress.match_index < last_index
+    cluster.crash(2)
+    cluster.restart(2)  # its entry is durable: it survives the restart
+    restarted = cluster.core(2)
+    assert restarted.log.last_index == last_index and restarted.term == leader.term
+    leader.send_commit_notices()
+    cluster.process(1)
+    (notice,) = appends(cluster.outbox, 2)
+    assert notice.notice and notice.previous_index == last_index
+    cluster.deliver(drop=lambda m: m.target != 2)
+    cluster.process(2)
+    (answer,) = answers(cluster.outbox)
+    assert answer.success and answer.index == last_index
+    assert restarted.notices_unanswered == 0
+    cluster.deliver()
+    assert progress.match_index == last_index
+
+
+def test_a_notice_that_finds_the_write_in_progress_is_answered_once_it_is_durable() -> None:
+    # Node 2 holds the entry but its write has not landed when the notice arrives (its leader
+    # committed with node 3): it has acknowledged nothing, so it answers, once the write is
+    # durable, and only once for the entry and the notice.
+    cluster = leading()
+    leader = cluster.core(1)
+    follower = cluster.core(2)
+    leader.propose_batch([b"x"])
+    cluster.process(1)
+    cluster.deliver()
+    cluster.process(3)
+    cluster.deliver(drop=lambda m: m.target != 1)
+    cluster.process(1)
+    last_index = leader.log.last_index
+    assert leader.commit_index == last_index
+    assert follower.log.last_index == last_index  # in its log, not yet written
+    leader.send_commit_notices()
+    cluster.process(1)
+    (notice,) = appends(cluster.outbox, 2)
+    assert notice.notice
+    cluster.deliver(drop=lambda m: m.target != 2)
+    assert follower.notices_unanswered == 0
+    cluster.process(2)  # the write lands; the answer it waited for leaves
+    (answer,) = answers(cluster.outbox)
+    assert answer.success and answer.index == last_index
+
+
 def test_a_notice_past_a_followers_log_is_refused_and_moves_no_commit() -> None:
     # Node 2 lost the entries (the message carrying them), so a notice of their commit finds its
     # log short: it refuses, as any AppendEntries, and its commit stays where its log matched.
@@ -218,3 +284,51 @@ def test_held_commit_notices_send_fewer_messages_and_the_cluster_still_converges
     # Commit-only AppendEntries are most of what holding them saves, and their answers.
     assert held_500us[0] < sent_at_once[0] and held_for_heartbeats[0] < held_500us[0]
     assert held_500us[1] < sent_at_once[1]
+
+
+def _restart_before_the_notice(seed: int) -> Simulation:
+    """A follower that answered the last entries restarts before their commit's notice reaches
+    it: its new start owes the notice an answer (tests/sim/checks.py, `NoticeAnswers`)."""
+    simulation = Simulation(seed, 3, commit_notice_delay_us=2_000)
+    simulation.run_for_ms(500)
+    leader_id = simulation.leader()
+    assert leader_id is not None
+    leader = simulation.nodes[leader_id].core
+    assert leader is not None and leader._leader is not None
+    simulation.propose(4, leader_id)
+    last_index = leader.log.last_index
+    progress = leader._leader.tracker.progress
+
+    def quiet_follower() -> int | None:
+        """A follower that acknowledged every entry, with nothing on its way to it."""
+        if leader.commit_index != last_index or not leader.commit_notices_held():
+            return None
+        on_the_way = {event[3][1] for event in simulation._events if event[2] == DELIVER}
+        return next((n for n in progress if n != leader_id and progress[n].match_index == last_index
+                     and n not in on_the_way), None)  # fmt: skip
+
+    assert simulation.run_until(lambda: quiet_follower() is not None, timeout_ms=200, step_ms=0.05)
+    follower = quiet_follower()
+    assert follower is not None
+    simulation.crash(follower)
+    simulation.restart(follower)
+    simulation.run_for_ms(50)
+    simulation.await_convergence(1_000)
+    return simulation
+
+
+def test_the_simulator_sees_a_restarted_follower_answer_the_notice_it_owes() -> None:
+    simulation = _restart_before_the_notice(1)
+    assert simulation.notice_answers.owed_answered >= 1
+
+
+def test_the_simulator_catches_a_follower_that_never_answers_notices(monkeypatch: pytest.MonkeyPatch) -> None:
+    answer = Follower.acknowledge
+
+    def never_answer_notices(self: Follower, leader_id: int, index: int, term: int, notice: bool = False) -> None:
+        if not notice:
+            answer(self, leader_id, index, term)
+
+    monkeypatch.setattr(Follower, "acknowledge", never_answer_notices)
+    with pytest.raises(SafetyViolation, match=r"left node \d's notice unanswered"):
+        _restart_before_the_notice(1)

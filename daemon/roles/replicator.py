@@ -431,7 +431,7 @@ class Replicator:
             # Forwarded to a node that no longer leads: their senders restart their streams.
             self.transport.close_forwards_from(self.inbox.clear(), f"node {core.id} stopped leading (term {core.term})")
             self.snapshot_sender.stop_all()
-        self.pending.forget_stamped()  # copies of another term's proposals may never come back
+        self.pending.hold_by_key()  # the next leader may put other entries at their indexes
         if standing[1] != NO_NODE:
             log.info("term %d: leader is node %d%s", standing[0], standing[1],
                      " (this node)" if standing[1] == core.id else "")
@@ -445,26 +445,24 @@ class Replicator:
         self.want_proposals = self._proposals_wanted(ready := self._ready_to_propose())
         if not ready:
             return
-        records = self.outbox
+        records = self.outbox  # pending already: resent, or refused by the core
         self.outbox = []
-        taken, keys = 0, []  # records[-taken:] are new from the proposal ring, `keys` their pending keys
-        if self.want_proposals:
-            frames = self.proposals.poll(PROPOSALS_PER_PASS_MAX)
-            if frames:
-                self.faults.check(frames)  # a malformed one stops the role (`check_proposals`)
-                pending = self.pending
-                taken_records = records_from_frames(frames)
-                keys = pending.add_all(taken_records, time.monotonic())  # each one's resend clock starts now
-                records += taken_records
-                taken = len(frames)
-                self.pending_published = len(pending)
-                self.pending_counter.set(self.pending_published)  # before the release: the drain reads both
-                self.proposals.release()
+        frames = self.proposals.poll(PROPOSALS_PER_PASS_MAX) if self.want_proposals else None
+        if frames:
+            self.faults.check(frames)  # a malformed one stops the role (`check_proposals`)
         if self.core.raft_role is LEADER:
-            start = len(records) - taken
             forwarded = self.inbox.drain()  # forwarded by followers: pending there, not here
-            if records or forwarded:
-                self._propose(records, forwarded, start, keys)
+            if records or frames or forwarded:
+                self._propose(records, frames or [], forwarded)
+        elif frames:
+            taken = records_from_frames(frames)
+            self.pending.add_all(taken, time.monotonic())  # each one's resend clock starts now
+            records += taken
+        if frames:
+            self.pending_published = len(self.pending)
+            self.pending_counter.set(self.pending_published)  # before the release: the drain reads both
+            self.proposals.release()
+        if self.core.raft_role is LEADER:
             return
         # Gapless (sequencer/cluster/forwards.py): on a new stream, every pending record first.
         transport, leader = self.transport, self.core.leader_id
@@ -474,26 +472,26 @@ class Replicator:
         if send:
             self.faults.forward(transport, leader, stream, send)
 
-    def _propose(self, records: list[bytes], forwarded: list[bytes], start: int, keys: list[bytes]) -> None:
-        """Stamp and propose `records`, then `forwarded` (followers' records); those of `records`
-        from `start` on are pending here under `keys`, in order (`keys` may be empty)."""
+    def _propose(self, records: list[bytes], frames: list[tuple[int, memoryview]], forwarded: list[bytes]) -> None:
+        """Stamp and propose `records` (pending here already), the records of `frames` (new from
+        the proposal ring: pending here by index once proposed), then `forwarded` (followers')."""
         core = self.core
         first_index, term = core.next_index(), core.term
-        stamped = self.stamper.stamp_all(records + forwarded if forwarded else records, first_index, term)
+        batch, copies = self.stamper.stamp_batch(records, frames, forwarded, first_index, term)
+        new_index = first_index + len(records)
         try:
-            core.propose_batch(stamped, first_index=first_index, term=term)
+            core.propose_batch(batch, first_index=first_index, term=term)
         except ProposalRejected as error:
             # Too much uncommitted (no majority) or a leadership transfer: retry on a later pass.
             # Followers' records go back to the inbox, which closes their connections if dropped.
             log.warning("proposals refused, retrying later: %s", error)
-            self.outbox = records + self.outbox
+            taken = records_from_frames(frames)  # before the ring's release: pending by key
+            self.pending.add_all(taken, time.monotonic())
+            self.outbox = records + taken + self.outbox
             self.inbox.put_back(forwarded)
             return
-        self.notice_timer.forwarded(first_index + len(records), len(forwarded))  # their commit: at once
-        if keys:
-            # Their keys, for the two times the core hands the copies back (`_queue_entries`,
-            # the commit): a lookup instead of a key built again each time.
-            self.pending.stamped(stamped[start : start + len(keys)], keys)
+        self.notice_timer.forwarded(new_index + len(copies), len(forwarded))  # their commit: at once
+        self.pending.proposed(new_index, copies, time.monotonic())
 
     def _handle_ready(self, ready: Ready) -> None:
         core = self.core
@@ -526,7 +524,7 @@ class Replicator:
         committed = ready.committed
         if committed is not None:
             self.commit_known = committed.last_index
-            self.pending.committed_all(committed.payloads)
+            self.pending.committed_all(committed.payloads, committed.first_index)
         core.advance(ready, entries_durable=False)
         term_start = ready.term_start
         if term_start is not None:
@@ -551,7 +549,7 @@ class Replicator:
         # The log's timestamps never go back (every leader stamps at or after what it observed),
         # so its last entry's is the largest: one observation per run, not per entry.
         self.stamper.observe(payloads[-1])
-        pending.logged_all(payloads)
+        pending.logged_all(payloads, first_index)
         self.writes.append((entries.last_index, entries.terms[-1]))
 
     def _write_ring(self) -> None:

@@ -14,7 +14,7 @@ to its log), so a node that becomes leader continues from the log's last timesta
 
 from __future__ import annotations
 
-from sequencer.cluster.ring_entries import record_timestamp_ns, stamped, stamped_run
+from sequencer.cluster.ring_entries import record_timestamp_ns, stamped, stamped_frames, stamped_run
 from sequencer.record import RecordType, encode_record
 
 __all__ = ["RecordStamper"]
@@ -52,6 +52,26 @@ class RecordStamper:
         assert term >= 1, term
         out, self.last_timestamp_ns = stamped_run(records, first_index, term, self.last_timestamp_ns)
         return out
+
+    def stamp_frames(self, frames: list[tuple[int, memoryview]], first_index: int, term: int) -> list[bytes]:
+        """`stamp_all` of the records of these ring frames (the leader's proposals taken from
+        the proposal ring), built stamped: no unstamped copy in between."""
+        assert first_index >= 1, first_index
+        assert term >= 1, term
+        out, self.last_timestamp_ns = stamped_frames(frames, first_index, term, self.last_timestamp_ns)
+        return out
+
+    def stamp_batch(self, records: list[bytes], frames: list[tuple[int, memoryview]], forwarded: list[bytes],
+                    first_index: int, term: int) -> tuple[list[bytes], list[bytes]]:  # fmt: skip
+        """A leader's proposal batch from `first_index`: `records` (pending already), the records
+        of `frames` (new from the proposal ring), then `forwarded` (followers'), stamped in that
+        order; and the stamped copies of `frames`' records alone (held pending by index)."""
+        batch = self.stamp_all(records, first_index, term) if records else []
+        copies = self.stamp_frames(frames, first_index + len(batch), term) if frames else []
+        batch += copies
+        if forwarded:
+            batch += self.stamp_all(forwarded, first_index + len(batch), term)
+        return batch, copies
 
     def term_start(self, index: int, term: int, now_ns: int) -> bytes:
         """The TERM_START record (the term's Raft no-op, section 8) at `index`: timestamped with

@@ -81,6 +81,7 @@ from sequencer.raft.peer_protocol import (
     RecordsRefused,
     Side,
 )
+from sequencer.raft.reason_kinds import ReasonKinds
 from sequencer.raft.transport_config import (
     TRANSPORT_REFUSAL_CODES,
     TransportConfig,
@@ -280,7 +281,7 @@ class PeerTransport:
         self._on_messages = on_messages
         self._on_records = on_records
         self._on_refused = on_refused
-        self._refusal_logged = ""  # the last reason logged for a refusal received
+        self._refusal_kinds = ReasonKinds()  # refusals received, by kind, for the log
         self._random = random_source if random_source is not None else random.Random()
         self._links = {peer: _Link(peer, host, port) for peer, (host, port) in config.peers.items()}
         self._inbound: dict[int, _PeerStream] = {}  # authenticated inbound streams by peer id
@@ -483,17 +484,16 @@ class PeerTransport:
         stream.close_after(stream.codec.send_refusal(reason))
 
     def _forwards_refused(self, peer_id: int, reason: str) -> None:
-        """The leader `peer_id` did not take this node's forwarded records, and said why: logged
-        (the first time, at every power of two, and whenever the reason changes), counted. It
-        closes the connection next; the records go again, in order, on the next one."""
+        """The leader `peer_id` did not take this node's forwarded records, and said why: counted,
+        and logged the first time and at every power of two of its reason's kind (the reason with
+        its numbers masked: sequencer/raft/reason_kinds.py). It closes the connection next; the
+        records go again, in order, on the next one."""
         counters = self.counters
         counters.forward_refusals_received += 1
-        count = counters.forward_refusals_received
-        if count & (count - 1) == 0 or reason != self._refusal_logged:
-            self._refusal_logged = reason
+        if kind_count := self._refusal_kinds.count(reason):
             log.warning("node %d's forwarded records were refused by node %d: %s; they go again on a "
-                        "new connection (%d refusals so far)", self.identity.node_id, peer_id, reason,
-                        count)  # fmt: skip
+                        "new connection (%d refusals so far, %d of this kind)", self.identity.node_id,
+                        peer_id, reason, counters.forward_refusals_received, kind_count)  # fmt: skip
         if self._on_refused is not None:
             self._on_refused(peer_id, reason)
 

@@ -160,6 +160,7 @@ class Nemesis:
         self.hooks = {number: {env: node.directory / name for env, name in _HOOK_FILES.items()}
                       for number, node in cluster.nodes.items()}  # fmt: skip
         self.down: set[int] = set()  # killed, to restart at the heal
+        self.armed: list[Path] = []  # the hook files the fault in progress wrote (`_arm`)
         self.burst_starts: set[tuple[int, int]] = set()  # (node, session incarnation) of a burst's starts
 
     def environment(self, number: int) -> dict[str, str]:
@@ -175,7 +176,33 @@ class Nemesis:
         return self.cluster.wait_leader(timeout_s=HEAL_LEADER_TIMEOUT_S).number
 
     def apply(self, fault: Fault) -> Callable[[], None]:
-        """Apply `fault`; returns its heal. Raises NodeError/ClusterError when it cannot apply."""
+        """Apply `fault`; returns its heal. Raises NodeError/ClusterError when it cannot apply.
+
+        Every hook the fault arms (`_arm`) is disarmed when its heal ends, whether the heal
+        finished or raised, and at once when the fault fails halfway (a clock stepped back on a
+        node whose kill or restart then failed): a fault skipped or half healed must not leave
+        a node slow, behind or breaking proposals for the rest of the run."""
+        self.armed = []
+        try:
+            heal = self._apply(fault)
+        except BaseException:
+            self._disarm()
+            raise
+
+        def heal_and_disarm() -> None:
+            try:
+                heal()
+            finally:
+                self._disarm()
+
+        return heal_and_disarm
+
+    def _disarm(self) -> None:
+        armed, self.armed = self.armed, []
+        for path in armed:
+            path.unlink(missing_ok=True)  # an absent hook file is 0: inert (daemon/fault_hooks.py)
+
+    def _apply(self, fault: Fault) -> Callable[[], None]:
         cluster, network = self.cluster, self.cluster.network
         assert network is not None
         kind = fault.kind
@@ -228,22 +255,22 @@ class Nemesis:
                     link.delay(fault.amount)
             return network.heal
         if kind == "slow_disk":
-            self._write(fault.node, FAULT_FSYNC_DELAY_ENV, fault.amount)
-            return lambda: self._write(fault.node, FAULT_FSYNC_DELAY_ENV, 0)
+            self._arm(fault.node, FAULT_FSYNC_DELAY_ENV, fault.amount)
+            return lambda: None
         if kind == "disk_full":
             follower = self._follower(fault)
-            self._write(follower, FAULT_DISK_BYTES_ENV, 0)
-            return lambda: self.hooks[follower][FAULT_DISK_BYTES_ENV].unlink(missing_ok=True)
+            self._arm(follower, FAULT_DISK_BYTES_ENV, 0)
+            return lambda: None
         if kind == "clock_back":
             leader = self.leader()
-            self._write(leader, FAULT_CLOCK_OFFSET_ENV, -fault.amount)
-            return lambda: self._write(leader, FAULT_CLOCK_OFFSET_ENV, 0)
+            self._arm(leader, FAULT_CLOCK_OFFSET_ENV, -fault.amount)
+            return lambda: None
         if kind == "power_cut":
             # The cut lands while every disk is slow (fdatasync delayed `amount` ms): each node
             # then holds written, unsynced records, which a correct node never acknowledged.
             numbers = [n for n, node in cluster.nodes.items() if node.running]
             for number in numbers:
-                self._write(number, FAULT_FSYNC_DELAY_ENV, fault.amount)
+                self._arm(number, FAULT_FSYNC_DELAY_ENV, fault.amount)
             time.sleep(3 * fault.amount / 1000)
             cluster.kill(numbers)
             self.down.update(numbers)
@@ -299,7 +326,7 @@ class Nemesis:
         path = self.hooks[number][env]
         fired = path.with_name(path.name + ".lost")
         fired.unlink(missing_ok=True)  # re-arms the malformed proposal's once-per-node
-        self._write(number, env, fault.amount)
+        self._arm(number, env, fault.amount)
         self.cluster.kill_role(number, Role.REPLICATOR)
         name = env.removeprefix("SEQD_FAULT_").lower()
 
@@ -308,7 +335,8 @@ class Nemesis:
             deadline = time.monotonic() + PROPOSAL_FAULT_WAIT_S
             while not fired.exists() and time.monotonic() < deadline and self.cluster[number].running:
                 time.sleep(0.05)
-            path.unlink(missing_ok=True)  # later starts are not armed (this one stays, until it fires)
+            # Disarmed as the heal ends (`apply`): later starts are not armed (this one stays,
+            # until it fires).
             self.evidence[f"proposal_fault: {name} {'fired' if fired.exists() else 'armed, not fired'}"] += 1
 
         return heal
@@ -326,7 +354,7 @@ class Nemesis:
         them, and puts the clock right."""
         number = fault.node
         before = self._start_ids(number)
-        self._write(number, FAULT_CLOCK_OFFSET_ENV, -fault.amount)
+        self._arm(number, FAULT_CLOCK_OFFSET_ENV, -fault.amount)
         self.cluster.kill(number)
         self.start(number)
 
@@ -338,7 +366,6 @@ class Nemesis:
                          f"{str(error).splitlines()[0]}")  # fmt: skip
             else:
                 self._note_start_ids(number, before, "restart_clock_back")
-            self._write(number, FAULT_CLOCK_OFFSET_ENV, 0)
 
         return heal
 
@@ -425,9 +452,14 @@ class Nemesis:
             self.evidence[f"{kind}: Raft id = the recorded one + 1 (clock behind)"] += 1
 
     def _restart(self, numbers: list[int]) -> None:
+        self._disarm()  # before the starts: the disks are fast again from the first
         for number in numbers:
-            self._write(number, FAULT_FSYNC_DELAY_ENV, 0)
             self.start(number)
+
+    def _arm(self, number: int, env: str, value: int) -> None:
+        """Write a hook's file, to be disarmed when the fault heals or fails (`apply`)."""
+        self._write(number, env, value)
+        self.armed.append(self.hooks[number][env])
 
     def _write(self, number: int, env: str, value: int) -> None:
         path = self.hooks[number][env]

@@ -25,6 +25,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from sequencer.raft import (
+    AppendEntries,
     AppendEntriesResponse,
     Entries,
     Message,
@@ -33,7 +34,7 @@ from sequencer.raft import (
     RequestVoteResponse,
 )
 
-__all__ = ["Checker", "SafetyViolation", "check_nothing_ready", "check_persisted_before_send"]
+__all__ = ["Checker", "NoticeAnswers", "SafetyViolation", "check_nothing_ready", "check_persisted_before_send"]
 
 
 class SafetyViolation(AssertionError):
@@ -202,4 +203,54 @@ def check_nothing_ready(core: RaftCore) -> None:
         raise SafetyViolation(
             f"ready contract: node {core.id} said has_ready() is False, but ready() holds "
             f"{', '.join(work)}"
+        )
+
+
+class NoticeAnswers:
+    """A follower answers a commit notice it has not acknowledged (`AppendEntries.notice`).
+
+    A follower may leave a notice unanswered only when an answer it sent in this start and term
+    already reported as much; one that holds the notice's previous entry durably (its core told
+    so) and has reported less in this start and term must answer at once. Judged from the wire
+    and the disk, not from the follower's own bookkeeping: the answers the node sent (a lost one
+    counts, as the follower cannot know) and the entries on its disk. This catches a follower
+    that never answers notices, which the safety checks and convergence do not (a heartbeat's
+    round trip later repairs the leader's view).
+    """
+
+    def __init__(self) -> None:
+        # node -> (incarnation, term, the highest index its successful answers reported)
+        self.reported: dict[int, tuple[int, int, int]] = {}
+        self.owed_answered = 0  # notices that found the follower owing an answer, answered
+
+    def sent(self, message: Message, incarnation: int) -> None:
+        if isinstance(message, AppendEntriesResponse) and message.success:
+            key = (incarnation, message.term)
+            held = self.reported.get(message.source)
+            index = max(held[2], message.index) if held is not None and held[:2] == key else message.index
+            self.reported[message.source] = (*key, index)
+
+    def reported_through(self, node_id: int, incarnation: int, term: int) -> int:
+        """The highest index node `node_id` reported in that start and term (0: none)."""
+        held = self.reported.get(node_id)
+        return held[2] if held is not None and held[:2] == (incarnation, term) else 0
+
+    def delivered(self, message: Message, core: RaftCore, incarnation: int, durable_term: int | None,
+                  reported_before: int) -> None:  # fmt: skip
+        """After the follower stepped `message` and drained its readies. `durable_term`: the term
+        of its durable entry at the notice's previous index as its core knows it (None: none);
+        `reported_before`: `reported_through` before the step."""
+        if not isinstance(message, AppendEntries) or not message.notice:
+            return
+        if core.term != message.term or durable_term != message.previous_term:
+            return  # another term now, or the entry is not (yet, or known) durable here
+        reported = self.reported_through(core.id, incarnation, message.term)
+        if reported >= message.previous_index:
+            if reported_before < message.previous_index:
+                self.owed_answered += 1
+            return  # answered now, or it said so already: silence is allowed
+        raise SafetyViolation(
+            f"commit notices: node {core.id} (start {incarnation}, term {core.term}) holds entry "
+            f"{message.previous_index} durably but left node {message.source}'s notice unanswered, "
+            f"having reported {reported} in this start and term"
         )

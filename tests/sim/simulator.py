@@ -28,6 +28,7 @@ import msgspec
 
 from sequencer.raft import (
     MESSAGE_DECODER,
+    AppendEntries,
     DurableState,
     HardState,
     MemoryLogStorage,
@@ -44,6 +45,7 @@ from sequencer.raft import (
 )
 from tests.sim.checks import (
     Checker,
+    NoticeAnswers,
     SafetyViolation,
     check_nothing_ready,
     check_persisted_before_send,
@@ -176,6 +178,7 @@ class Simulation:
         self.now_us = 0
         self.network = network or NetworkProfile()
         self.checker = Checker()
+        self.notice_answers = NoticeAnswers()  # followers answer the commit notices they owe
         self._events: list[tuple[int, int, int, object]] = []
         self._sequence = 0
         self._hash = hashlib.blake2b(digest_size=16)
@@ -335,8 +338,13 @@ class Simulation:
             self._schedule(node.paused_until_us, DELIVER, item)
             return
         message = MESSAGE_DECODER.decode(data)
-        node.core.step(message)
+        core = node.core
+        reported_before = self.notice_answers.reported_through(target, node.incarnation, message.term)
+        core.step(message)
         self._drain(node)
+        if node.core is core and node.unreported is None:  # (every durable write told to the core)
+            durable_term = node.disk.term_at(message.previous_index) if isinstance(message, AppendEntries) else None
+            self.notice_answers.delivered(message, core, node.incarnation, durable_term, reported_before)
 
     def _on_durable(self, item: tuple[int, int]) -> None:
         """Entry writes of a node reach their fsync: the disk holds them; the core is told."""
@@ -371,6 +379,7 @@ class Simulation:
                 f"{message.target}; a learner never campaigns nor votes"
             )
         self.messages_sent += 1
+        self.notice_answers.sent(message, self.nodes[message.source].incarnation)
         self._record(
             f"send {type(message).__name__} n{message.source}->n{message.target} t{message.term}"
         )
