@@ -19,24 +19,39 @@ Each loop drives the real code a running replicator runs for every entry, in bat
   frame made its stamped record, `RecordStamper.stamp_frames`), proposed and held pending by index
   (`PendingForwards.proposed`), then seen in the log (`logged_all`) and committed
   (`committed_all`), as `daemon/roles/replicator.py` does.
+- `follower` (a follower's receive path, one AppendEntries of `batch` records at a time): the
+  leader's frame checked and decoded (`receive_data`, `next_event`), stepped into a follower's
+  `RaftCore`, its entries queued and written into a real log ring (`RingFeed`, `RingPositions`),
+  reported durable (the journaller's fdatasync) and the answer framed; the commit the next
+  AppendEntries carries moves the ring's commit. Run it at `--batch 1` and at the batch of the
+  cluster (~40) to split a follower's cost into per message and per record: what the role adds
+  beyond this (its pass, the loop's wake-ups, the ticks) is per message, not per record.
 
 Figures are thread CPU time per entry (`time.thread_time`), median of `--runs`; under callgrind,
 instructions per entry (exact under any load). Not for `frames`: about half its time is the
 HMAC-SHA256 of each frame, which OpenSSL runs with the CPU's SHA instructions natively and in
-software under valgrind (whose CPU has none), so its instruction count overstates the MAC.
+software under valgrind (whose CPU has none), so its instruction count overstates the MAC (and
+`follower`'s per record: subtract libcrypto's share, `callgrind_annotate`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
 import statistics
 import sys
 import time
+import uuid
 from typing import Any
 
+import ipc
 from benches.hot_paths import _in_thread
+from daemon.roles.replicator_ring import RingFeed
+from ipc.counters import Counter
 from sequencer.cluster import PendingForwards, RecordStamper, RingPositions
+from sequencer.raft.config import RaftConfig
+from sequencer.raft.core import RaftCore
 from sequencer.raft.messages import AppendEntries, AppendEntriesResponse
 from sequencer.raft.peer_protocol import (
     NEED_DATA,
@@ -48,8 +63,10 @@ from sequencer.raft.peer_protocol import (
 )
 from sequencer.record import FRAME_HEADER, RecordType, encode_record
 
-LOOPS = ("positions", "leader_records", "frames")
+LOOPS = ("positions", "leader_records", "frames", "follower")
 PAYLOAD_BYTES = 96  # a ledger transfer's payload is of this order
+FOLLOWER_RING_BYTES = 1 << 22  # a log ring of the cluster benchmark's order (it wraps in the loop)
+FOLLOWER_LOG_ENTRIES = 1 << 12  # entries the loop's core keeps in memory (the role's: a storage's tail)
 
 
 def _frames(records: int) -> list[tuple[int, memoryview]]:
@@ -129,6 +146,76 @@ def frames_loop(records: int, batch: int) -> float:
     return _in_thread(loop)
 
 
+def _word() -> Counter:
+    """A counter of this process's own memory (the loop's `log.published.*`)."""
+    return Counter("bench", memoryview(bytearray(8)).cast("q"), 0)
+
+
+def follower_loop(records: int, batch: int) -> float:
+    term = 3
+    total = 2 * records  # the first half warms the ring's pages and the allocator, untimed
+    entries = [encode_record(RecordType.COMMAND, 1, 1 + n, term, 1_000 + n, 1 + n % 4, n, bytes(PAYLOAD_BYTES))
+               for n in range(total)]  # fmt: skip
+    leader_out, follower_in = _link(1, 2)
+    follower_out, _leader_in = _link(2, 1)
+    frames = []
+    for first in range(0, total, batch):
+        run = entries[first : first + batch]
+        commit = max(0, first - batch)  # the run before the last is committed
+        append = AppendEntries(7, 1, 2, term, first, term if first else 0, commit, [term] * len(run), run)
+        frames.append(leader_out.send_messages([append]))
+    ring = ipc.Ring.create(ipc.segment_name(uuid.uuid4().hex[:8], "log"), FOLLOWER_RING_BYTES, readers=("journaller", "blp"))
+    try:
+        readers = [ring.reader(name) for name in ("journaller", "blp")]
+        positions = RingPositions(0, 0)
+        feed = RingFeed(ring.writer(), positions, _word(), _word())
+        core = RaftCore(RaftConfig(node_id=2, voters=(1, 2, 3), cluster_id=7), random.Random(1))
+        answers: list[bytes] = []
+
+        def handle_readies() -> None:
+            while core.has_ready():
+                ready = core.ready()
+                if ready.entries is not None:
+                    feed.extend(ready.entries.payloads)
+                if ready.messages:
+                    answers.append(follower_out.send_messages(ready.messages))
+                core.advance(ready, entries_durable=False)
+
+        def receive(frame: bytes) -> None:
+            follower_in.receive_data(frame)
+            event = follower_in.next_event()
+            assert type(event) is MessageBatch, event
+            for message in event.messages:
+                core.step(message)
+            handle_readies()
+            feed.write()
+            positions.commit(core.commit_index)
+            for reader in readers:  # the journaller and the blp keep up (other processes)
+                reader.poll_region(FOLLOWER_RING_BYTES)
+                reader.release()
+            core.durable(core.log.last_index, term)  # the journaller's fdatasync
+            handle_readies()
+            if core.applied_index - core.log.snapshot_index >= FOLLOWER_LOG_ENTRIES:
+                core.compact(core.applied_index, b"")  # the role's core keeps a bounded tail too
+
+        warm = len(frames) // 2
+        for frame in frames[:warm]:
+            receive(frame)
+
+        def loop() -> float:
+            started = time.thread_time()
+            for frame in frames[warm:]:
+                receive(frame)
+            return time.thread_time() - started
+
+        elapsed = _in_thread(loop)
+        assert len(answers) == len(frames), (len(answers), len(frames))  # one answer each
+        return elapsed
+    finally:
+        ring.close()
+        ring.unlink()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benches.replicator_paths")
     parser.add_argument("--records", type=int, default=64_000)
@@ -138,7 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     results: dict[str, Any] = {"records": args.records, "batch": args.batch}
-    loops = {"positions": positions_loop, "leader_records": leader_records_loop, "frames": frames_loop}
+    loops = {"positions": positions_loop, "leader_records": leader_records_loop, "frames": frames_loop,
+             "follower": follower_loop}
     for name in args.only or LOOPS:
         runs = [loops[name](args.records, args.batch) for _ in range(args.runs)]
         results[f"{name}_cpu_us_per_entry"] = round(1e6 * statistics.median(runs) / args.records, 3)

@@ -326,6 +326,25 @@ def test_a_tampered_frame_fails_its_mac(offset: int) -> None:
     refused(accepting, bytes(frame), "bad_mac")
 
 
+def test_a_frames_mac_is_the_hmac_sha256_an_earlier_build_computes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The codec keys OpenSSL's HMAC itself (not `hmac.new`'s wrapper, for speed): the bytes on
+    the wire must stay what `hmac.new(key, digestmod=sha256)` gives over the header, the sequence
+    and the payload, or a node of the previous build would refuse every frame (bad_mac)."""
+    import hashlib
+    import hmac
+
+    keys: list[bytes] = []
+    keyed = peer_protocol._frame_mac  # type: ignore[attr-defined]
+    monkeypatch.setattr(peer_protocol, "_frame_mac", lambda key: keys.append(key) or keyed(key))
+    dialling, accepting, _ = handshake()
+    send_key = keys[0]  # the dialler's send key (it authenticates first, send key first)
+    frame = dialling.send_messages([_append_entries([b"transfer 10 to bob", b"x" * 300])])
+    expected = hmac.new(send_key, frame[: FRAME_HEADER_BYTES + 8] + frame[DATA_OFFSET:], hashlib.sha256)
+    assert frame[FRAME_HEADER_BYTES + 8 : DATA_OFFSET] == expected.digest()
+    accepting.receive_data(frame)
+    assert type(accepting.next_event()) is MessageBatch
+
+
 @settings(max_examples=200, deadline=None)
 @given(bit=st.integers(min_value=0))
 def test_any_single_bit_flip_delivers_nothing(bit: int) -> None:

@@ -380,9 +380,9 @@ class Replicator:
         self._report_durable()
         self._check_standing()
         settled = may_propose(core.raft_role is LEADER, core.term, core.leader_id, self.term_started, self.commit_known)
-        self.operations.check(core, time.monotonic(), settled)  # a leadership transfer: docs/cluster.md
+        self.operations.check(core, now_s := time.monotonic(), settled)  # a leadership transfer: docs/cluster.md
         self._take_proposals()
-        self.read_rounds.ask(core, time.monotonic())
+        self.read_rounds.ask(core, now_s)
         while core.has_ready():
             self._handle_ready(core.ready())
             self._check_standing()
@@ -440,6 +440,8 @@ class Replicator:
             self.operations.resent(len(self.outbox), f"a new leader, node {standing[1]}")
 
     def _take_proposals(self) -> None:
+        if self.core.raft_role is not LEADER and not (self.outbox or self.pending or self.proposals.ready()):
+            return  # a follower with nothing to forward: a new stream restarts once it has (forwards.py)
         self.want_proposals = self._proposals_wanted(ready := self._ready_to_propose())
         if not ready:
             return
@@ -551,12 +553,10 @@ class Replicator:
         self.writes.append((entries.last_index, entries.terms[-1]))
 
     def _write_ring(self) -> None:
-        positions = self.positions
-        feed = self.feed
-        wrote = feed.write()  # one run at most: the loop stays responsive, the rest next pass
-        if wrote and positions.written_index > self.stored_index:
-            self.stored_index = positions.written_index
-        self.feed_flowing = wrote and len(feed) > 0  # a full ring waits for a bell, ack or tick
+        wrote = self.feed.write()  # one run at most: the loop stays responsive, the rest next pass
+        if wrote and self.positions.written_index > self.stored_index:
+            self.stored_index = self.positions.written_index
+        self.feed_flowing = wrote and len(self.feed) > 0  # a full ring waits for a bell, ack or tick
 
     def _publish(self, tick: bool) -> None:
         """The commit for the blp, and a changed standing (the sequencer's gate), pending count (a

@@ -110,8 +110,9 @@ class ReplicatorOperations:
         self.handled = counters[RAFT_TRANSFER_HANDLED]
         self.outcome = counters[RAFT_TRANSFER_OUTCOME]
         self.request_seen = self.request.get()  # a request older than this incarnation is done
-        self.heard_s: dict[int, float] = {}  # peer -> monotonic time of its last message
-        self.heard_ms: dict[int, int] = {}  # peer -> wall-clock ms of the same, for the counters
+        # peer -> monotonic time of its last message (its wall-clock ms, for the counters, is
+        # derived once a tick in `publish`: a clock read per message batch was the other half)
+        self.heard_s: dict[int, float] = {}
         self.target = NO_NODE  # the transfer under way, or NO_NODE
         self.deadline_s = 0.0
         self.retry_s = 0.0  # a drain tries again no sooner than this
@@ -122,7 +123,6 @@ class ReplicatorOperations:
 
     def heard_from(self, peer: int, now_s: float) -> None:
         self.heard_s[peer] = now_s
-        self.heard_ms[peer] = time.time_ns() // 1_000_000
 
     def role_changed(self, core: RaftCore) -> None:
         """After a change of term or leader: count and log an election or a step-down."""
@@ -214,9 +214,11 @@ class ReplicatorOperations:
         """Once a tick: when each peer was last heard from and its byte window's peak, the
         transport's refusals, and the forward stream's figures (`inbox_dropped`: records the
         leader's `ForwardInbox` dropped)."""
-        heard_ms = self.heard_ms
+        heard_s = self.heard_s
+        wall_ms, now_s = time.time_ns() // 1_000_000, time.monotonic()
         for counter, peak, peer in zip(self.contact_counters, self.peak_counters, self.peers, strict=True):
-            counter.set(heard_ms.get(peer, 0))
+            heard = heard_s.get(peer)
+            counter.set(0 if heard is None else wall_ms - int((now_s - heard) * 1000))
             peak.set(core.inflight_bytes_peak(peer))
         self.forwards_dropped.set(transport.records_dropped + inbox_dropped)
         self.streams_broken.set(transport.forward_streams_broken)

@@ -205,9 +205,10 @@ class _PeerStream(asyncio.Protocol):
             except PeerProtocolError as error:
                 owner._refuse(self, error.code, error.message)
                 return
-            # The handshake's own frames go out before anything the event triggers (the
-            # dialler's AUTH before its first data frame).
-            self._write(codec.data_to_send())
+            if not self.was_authenticated:
+                # The handshake's own frames go out before anything the event triggers (the
+                # dialler's AUTH before its first data frame); after it the codec makes none.
+                self._write(codec.data_to_send())
             if event is NEED_DATA:
                 return
             if event is CLOSED:
