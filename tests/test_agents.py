@@ -21,7 +21,7 @@ import ipc
 from daemon.agent import Agent, AgentRunner
 from daemon.layout import COUNTER_NAMES, EGRESS_READERS, LOG_READERS, CounterView, Role, RoleState
 from daemon.roles.blp import FRAMES_PER_POLL_MAX, BlpAgent
-from daemon.roles.journaller import JournallerAgent
+from daemon.roles.journaller import COMPACTION_LOOK_S, JournallerAgent
 from ipc.counters import Counters
 from ipc.idle import IdleStrategy
 from ipc.ring import Ring, RingReader, RingWriter
@@ -119,11 +119,11 @@ class Node:
         self.counters["commit.index"].set(index)
         self.counters["commit.position"].set(self.sequencer.end_of[index])
 
-    def journaller(self, batch_bytes_max: int = 1 << 16) -> JournallerAgent:
+    def journaller(self, batch_bytes_max: int = 1 << 16, delete_journal: bool = False) -> JournallerAgent:
         journal = Journal.open(self.journal_dir, segment_bytes=SEGMENT_BYTES, preallocate=False)
         self.journals.append(journal)
         agent = JournallerAgent(self.log_ring, journal, CounterView(self.counters, Role.JOURNALLER), batch_bytes_max=batch_bytes_max,
-                                delete_journal=False)  # fmt: skip
+                                delete_journal=delete_journal)  # fmt: skip
         agent.on_start()
         return agent
 
@@ -228,6 +228,22 @@ def test_journaller_is_drained_only_once_everything_published_is_durable(node):
     assert not journaller.drained()  # the cycle appended: one more look for late records
     journaller.do_work(NOW_NS)
     assert journaller.drained()
+
+
+def test_journaller_looks_for_covered_segments_after_each_sync_and_every_compaction_look_s_when_idle(node, monkeypatch):
+    journaller = node.journaller(delete_journal=True)
+    deletions: list[int] = []
+    monkeypatch.setattr(journaller.journal, "delete_segments_before", lambda before: deletions.append(before) or [])
+    journaller.do_work(NOW_NS)  # idle: the first look, nothing moved
+    node.counters["snapshot.oldest.index"].set(5)
+    journaller.do_work(NOW_NS + 1_000_000)  # idle, 1 ms later: no look yet
+    assert deletions == []
+    journaller.do_work(NOW_NS + int(COMPACTION_LOOK_S * 1e9))  # idle, a look due
+    assert deletions == [6]
+    node.counters["snapshot.oldest.index"].set(7)
+    node.sequencer.open_accounts(1)
+    assert journaller.do_work(NOW_NS + int(COMPACTION_LOOK_S * 1e9) + 1)  # a sync: a look at once
+    assert deletions == [6, 8]
 
 
 # ---- the blp ---------------------------------------------------------------------------------
