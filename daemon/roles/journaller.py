@@ -217,7 +217,6 @@ class JournallerAgent(Agent):
         self.retain_index = counters[RAFT_RETAIN_INDEX]
         self.retain_seen = 0
         self.compaction_look_at_s = 0.0
-        self.lap_mask = ring.capacity - 1
         self.disk = DiskWatch(journal, counters[JOURNAL_DISK_FULL], counters[JOURNAL_FREE_BYTES])
         # A region the disk had no room for. poll_region would release it (the ring could then reuse
         # its bytes), so it is kept, unreleased, and appended again before anything else.
@@ -266,14 +265,14 @@ class JournallerAgent(Agent):
         appended = 0
         for _ in range(REGIONS_PER_SYNC_MAX):
             region = self.waiting
-            lap_end = True  # the waiting region: look for more after it, as before it waited
             if region is None:
-                start, region = reader.poll_region(self.batch_bytes_max - appended)
+                # The second poll finds what lies past the wrap, and what was published while
+                # the first region was appended: it joins this fdatasync. Stopping after one
+                # region unless it ended at the wrap saved ~3 us of a poll a sync but cost 7%
+                # more fdatasyncs on one node (benches/RESULTS.md, "wakes (loaded)").
+                _start, region = reader.poll_region(self.batch_bytes_max - appended)
                 if not region:
                     break
-                # A second region is there only past the wrap; what was published since this
-                # poll, the next cycle takes (a poll that finds nothing is ~3 us a sync).
-                lap_end = (start + len(region)) & self.lap_mask == 0
                 if self.clustered:
                     region = self._skip_journaled(region)
                     if not region:
@@ -291,8 +290,6 @@ class JournallerAgent(Agent):
             self.waiting = None
             appended += len(region)
             reader.release()
-            if not lap_end:
-                break
         return appended
 
     def _sync(self, appended: int) -> None:
