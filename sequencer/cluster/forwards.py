@@ -191,8 +191,8 @@ class PendingForwards:
         """Hold the leader's runs by key, as `add` would have, marked seen in the log: their index
         no longer names them (a change of term or leader), or a record is about to be held or
         looked up by key. Each record held is its copy with index and term 0 again, and the
-        timestamp the leader gave it (at or after its own: the next leader's stamp may not go
-        below it anyway)."""
+        timestamp the leader gave it (at or after its own; what it is resent with, a time that
+        another pending record of this leader's, bound for the log too, already carries)."""
         runs = self._runs
         if not runs:
             return
@@ -213,24 +213,47 @@ class PendingForwards:
         self._key_records += self._run_records
         self._run_offset = self._run_records = 0
 
-    def _held_by_index(self, index: int) -> bool:
-        """Whether the entry at `index` is a copy held in a run (and not yet released)."""
-        offset = self._run_offset
-        for first_index, copies, _since_s in self._runs:
-            if index < first_index + offset:
-                return False
-            if index < first_index + len(copies):
-                return True
-            offset = 0
-        return False
+    def _runs_over(self, first_index: int, end_index: int) -> list[tuple[int, int]]:
+        """The held index ranges [start, end) of the runs that meet [first_index, end_index), in
+        order, walked from the nearer end of the runs: a commit meets the oldest runs, a write to
+        the log the newest, and a walk from the other end per batch grew with the square of the
+        runs (a resend while the commit stalled, then single-record passes)."""
+        runs = self._runs
+        head_offset = self._run_offset
+        front = first_index - runs[0][0] <= runs[-1][0] - first_index
+        over: list[tuple[int, int]] = []
+        for position, (run_first, copies, _since_s) in enumerate(runs if front else reversed(runs)):
+            start = run_first + (head_offset if (position == 0 if front else position == len(runs) - 1) else 0)
+            end = run_first + len(copies)
+            if front:
+                if end <= first_index:
+                    continue
+                if start >= end_index:
+                    break
+            else:
+                if start >= end_index:
+                    continue
+                if end <= first_index:
+                    break
+            over.append((start, end))
+        if not front:
+            over.reverse()
+        return over
 
     def _by_key(self, records: list[bytes], first_index: int) -> list[bytes]:
         """Of the entries `records` from `first_index`, those not held in a run (only while
         records are held by key as well as by index: the first passes of a leader's term)."""
-        if not self._runs:
+        if not self._runs or not records:
             return records
-        held_by_index = self._held_by_index
-        return [record for index, record in enumerate(records, first_index) if not held_by_index(index)]
+        out: list[bytes] = []
+        taken = 0  # records[:taken] are decided
+        for start, end in self._runs_over(first_index, first_index + len(records)):
+            start, end = start - first_index, min(end - first_index, len(records))
+            if start > taken:
+                out += records[taken:start]
+            taken = max(taken, end)
+        out += records[taken:]
+        return out
 
     def logged(self, record: bytes | bytearray | memoryview) -> bool:
         """A record was written to this node's log (uncommitted): mark a pending one like it."""
