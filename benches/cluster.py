@@ -1,41 +1,59 @@
 """Cluster benchmark (issue 11): a 3-node seqd cluster against one node and PySyncObj.
 
-    python -m benches.cluster --quick --json     # each figure measured >= 2 s; a few minutes on 2 cores
+    python -m benches.cluster --quick --json     # each figure measured >= 2 s; several minutes on 2 cores
     python -m benches.cluster                     # bigger runs: 20 leader kills, a follower 1M records behind
     python -m benches.cluster --only pysyncobj    # the baseline alone
     python -m benches.cluster --only catchup --quick --json   # the catch-up figure alone
+    python -m benches.cluster --only seqd --windows 4x64,8x256  # seqd's throughput at these windows only
+
+**Throughput: one rule for every system.** Each system's throughput is its best over the client
+windows it is measured at (saturation: on 2 cores at 4 clients x 64 in flight the machine is
+94-95% busy, so bigger windows, bigger batches, cost less CPU per command), reported with the
+window it was reached at (`*_window`, e.g. "8x256") and every window's figure (`*_by_window`).
+seqd is measured at SEQD_WINDOWS (clients x in_flight; `--windows` replaces them), PySyncObj at
+PYSYNCOBJ_WINDOWS (commands outstanding). The common window, `--clients` x `--in-flight` (4x64
+by default, `benches.e2e`'s), is always measured too: every system's figure there is kept as
+`*_at_256` (the suffix is its commands outstanding), and the ratios come both ways:
+`cluster3_vs_single` and `cluster3_vs_pysyncobj3` best against best, `cluster3_vs_single_at_256`
+and `cluster3_vs_pysyncobj3_at_256` at the common window. A best of several windows is also the
+best of several noisy runs: compare it with figures measured over the same windows.
 
 In one run, on this machine (three nodes share its cores, as the issue says):
 
 - single: one seqd node on the ledger app (`daemon.harness.NodeProcess` with the config's default
-  ring sizes, 16 MiB, as every seqd node here: fsync group commit), the same load generator as `benches.e2e` (`daemon.load`: client processes with a
-  window of requests in flight) -> `single_cmds_per_s`;
+  ring sizes, 16 MiB, as every seqd node here: fsync group commit), the same load generator as
+  `benches.e2e` (`daemon.load`: client processes with a window of requests in flight), one
+  closed loop per window -> `single_cmds_per_s`;
 - cluster3: three seqd nodes on loopback (`daemon.cluster_harness.Cluster`, direct peer links,
-  no fault proxy), fsync on every node, default timeouts; the same load from clients on the
-  leader (`cluster3_cmds_per_s`) and on a follower (`cluster3_follower_cmds_per_s`); latency at a
-  fixed offered rate from one open-loop client on the leader (`cluster3_p50_us`, `cluster3_p99_us`,
-  coordinated omission corrected as in `daemon.load`);
+  no fault proxy), fsync on every node, default timeouts; the same load, at every window, from
+  clients on the leader (`cluster3_cmds_per_s`) and on a follower
+  (`cluster3_follower_cmds_per_s`); latency at a fixed offered rate (half the leader's rate at
+  the common window, at most LATENCY_RATE_PER_S_MAX) from one open-loop client on the leader
+  (`cluster3_p50_us`, `cluster3_p99_us`, coordinated omission corrected as in `daemon.load`);
 - failover: the leader's whole node is killed (SIGKILL to its process group) at least 10 times
   (20 in a full run) while one client on a surviving node sends one command at a time; a
   failover is the time from the kill to the completion of the first command that client sent
   after the kill (so it was committed under the new leader; this overstates by at most one
   round trip) -> `failover_ms_p50`, `failover_ms_max`. After each, the node is restarted and
   the three converge before the next kill;
-- catch-up: a follower is stopped, the other two commit about `catchup_records` more records,
-  and the follower is started again: `catchup_records_per_s` is the records it was behind over
-  the time from when it had recovered its own journal until it had applied the leader's commit
-  index (`catchup_total_s` adds its start-up). Quick mode: 200k records behind (at ~80-100k
-  records/s, 2 s or more measured); a full run: 1M;
+- catch-up: a follower is stopped, the other two commit about `catchup_records` more records
+  (from the common window's clients), and the follower is started again:
+  `catchup_records_per_s` is the records it was behind over the time from when it had recovered
+  its own journal until it had applied the leader's commit index (`catchup_total_s` adds its
+  start-up). Quick mode: 200k records behind (at ~80-100k records/s, 2 s or more measured); a
+  full run: 1M;
 - pysyncobj3: PySyncObj (`pysyncobj` on PyPI), three processes on loopback, a replicated counter
   with its default configuration: the log in memory, **no journal file and no fsync** (so it is
   not durable on any node), commands submitted inside the leader's process (PySyncObj has no
   client protocol). PySyncObj batches what is queued once per tick (50 ms), so its rate grows
-  with the commands outstanding: it is measured at seqd's window (clients x in_flight) and at
-  PYSYNCOBJ_WINDOWS, and its best is `pysyncobj3_ops_per_s`.
+  with the commands outstanding: it is measured at the common window's (clients x in_flight)
+  and at PYSYNCOBJ_WINDOWS -> `pysyncobj3_ops_per_s`.
 
-Each figure is measured for at least MEASURE_S_MIN seconds (`benches._measure`; `--min-seconds
-0` for a smoke run). The seqd parts need cluster mode's replication role; without it they stop
-with a message saying so (`--only pysyncobj` still runs).
+Each figure is measured for at least MEASURE_S_MIN seconds (`benches._measure`), each window's
+closed loop after a warm-up. `--min-seconds 0` is a smoke run: each window runs briefly
+(SMOKE_TRANSFERS_PER_CLIENT, no warm-up), so its figures are not measurements. The seqd parts
+need cluster mode's replication role; without it they stop with a message saying so (`--only
+pysyncobj` still runs).
 """
 
 from __future__ import annotations
@@ -263,10 +281,13 @@ def require_cluster_mode() -> None:
 
 def closed_loop(socket_path: str, window: Window, transfers: int, accounts: int, seconds_min: float) -> LoadResult:
     """`window`'s closed loop after a warm-up, `transfers` per client at least (and enough to fill
-    each client's window WINDOW_FILLS_MIN times), grown until one run measured `seconds_min`."""
+    each client's window WINDOW_FILLS_MIN times), grown until one run measured `seconds_min`.
+    A smoke run (`seconds_min` 0) has no warm-up: its figures are not measurements, and most of
+    a short run is starting the client processes."""
     clients, in_flight = window
     transfers = max(transfers, WINDOW_FILLS_MIN * in_flight)
-    run_load(socket_path, clients, max(200, transfers // 10), in_flight, accounts)  # warm-up
+    if seconds_min > 0:
+        run_load(socket_path, clients, max(200, transfers // 10), in_flight, accounts)  # warm-up
     return sized_for(lambda count: run_load(socket_path, clients, count, in_flight, accounts),
                      lambda result: result.elapsed_s, transfers, TRANSFERS_PER_CLIENT_MAX, seconds_min)  # fmt: skip
 
