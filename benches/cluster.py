@@ -1,41 +1,59 @@
 """Cluster benchmark (issue 11): a 3-node seqd cluster against one node and PySyncObj.
 
-    python -m benches.cluster --quick --json     # each figure measured >= 2 s; a few minutes on 2 cores
+    python -m benches.cluster --quick --json     # each figure measured >= 2 s; several minutes on 2 cores
     python -m benches.cluster                     # bigger runs: 20 leader kills, a follower 1M records behind
     python -m benches.cluster --only pysyncobj    # the baseline alone
     python -m benches.cluster --only catchup --quick --json   # the catch-up figure alone
+    python -m benches.cluster --only seqd --windows 4x64,8x256  # seqd's throughput at these windows only
+
+**Throughput: one rule for every system.** Each system's throughput is its best over the client
+windows it is measured at (saturation: on 2 cores at 4 clients x 64 in flight the machine is
+94-95% busy, so bigger windows, bigger batches, cost less CPU per command), reported with the
+window it was reached at (`*_window`, e.g. "8x256") and every window's figure (`*_by_window`).
+seqd is measured at SEQD_WINDOWS (clients x in_flight; `--windows` replaces them), PySyncObj at
+PYSYNCOBJ_WINDOWS (commands outstanding). The common window, `--clients` x `--in-flight` (4x64
+by default, `benches.e2e`'s), is always measured too: every system's figure there is kept as
+`*_at_256` (the suffix is its commands outstanding), and the ratios come both ways:
+`cluster3_vs_single` and `cluster3_vs_pysyncobj3` best against best, `cluster3_vs_single_at_256`
+and `cluster3_vs_pysyncobj3_at_256` at the common window. A best of several windows is also the
+best of several noisy runs: compare it with figures measured over the same windows.
 
 In one run, on this machine (three nodes share its cores, as the issue says):
 
 - single: one seqd node on the ledger app (`daemon.harness.NodeProcess` with the config's default
-  ring sizes, 16 MiB, as every seqd node here: fsync group commit), the same load generator as `benches.e2e` (`daemon.load`: client processes with a
-  window of requests in flight) -> `single_cmds_per_s`;
+  ring sizes, 16 MiB, as every seqd node here: fsync group commit), the same load generator as
+  `benches.e2e` (`daemon.load`: client processes with a window of requests in flight), one
+  closed loop per window -> `single_cmds_per_s`;
 - cluster3: three seqd nodes on loopback (`daemon.cluster_harness.Cluster`, direct peer links,
-  no fault proxy), fsync on every node, default timeouts; the same load from clients on the
-  leader (`cluster3_cmds_per_s`) and on a follower (`cluster3_follower_cmds_per_s`); latency at a
-  fixed offered rate from one open-loop client on the leader (`cluster3_p50_us`, `cluster3_p99_us`,
-  coordinated omission corrected as in `daemon.load`);
+  no fault proxy), fsync on every node, default timeouts; the same load, at every window, from
+  clients on the leader (`cluster3_cmds_per_s`) and on a follower
+  (`cluster3_follower_cmds_per_s`); latency at a fixed offered rate (half the leader's rate at
+  the common window, at most LATENCY_RATE_PER_S_MAX) from one open-loop client on the leader
+  (`cluster3_p50_us`, `cluster3_p99_us`, coordinated omission corrected as in `daemon.load`);
 - failover: the leader's whole node is killed (SIGKILL to its process group) at least 10 times
   (20 in a full run) while one client on a surviving node sends one command at a time; a
   failover is the time from the kill to the completion of the first command that client sent
   after the kill (so it was committed under the new leader; this overstates by at most one
   round trip) -> `failover_ms_p50`, `failover_ms_max`. After each, the node is restarted and
   the three converge before the next kill;
-- catch-up: a follower is stopped, the other two commit about `catchup_records` more records,
-  and the follower is started again: `catchup_records_per_s` is the records it was behind over
-  the time from when it had recovered its own journal until it had applied the leader's commit
-  index (`catchup_total_s` adds its start-up). Quick mode: 200k records behind (at ~80-100k
-  records/s, 2 s or more measured); a full run: 1M;
+- catch-up: a follower is stopped, the other two commit about `catchup_records` more records
+  (from the common window's clients), and the follower is started again:
+  `catchup_records_per_s` is the records it was behind over the time from when it had recovered
+  its own journal until it had applied the leader's commit index (`catchup_total_s` adds its
+  start-up). Quick mode: 200k records behind (at ~80-100k records/s, 2 s or more measured); a
+  full run: 1M;
 - pysyncobj3: PySyncObj (`pysyncobj` on PyPI), three processes on loopback, a replicated counter
   with its default configuration: the log in memory, **no journal file and no fsync** (so it is
   not durable on any node), commands submitted inside the leader's process (PySyncObj has no
   client protocol). PySyncObj batches what is queued once per tick (50 ms), so its rate grows
-  with the commands outstanding: it is measured at seqd's window (clients x in_flight) and at
-  PYSYNCOBJ_WINDOWS, and its best is `pysyncobj3_ops_per_s`.
+  with the commands outstanding: it is measured at the common window's (clients x in_flight)
+  and at PYSYNCOBJ_WINDOWS -> `pysyncobj3_ops_per_s`.
 
-Each figure is measured for at least MEASURE_S_MIN seconds (`benches._measure`; `--min-seconds
-0` for a smoke run). The seqd parts need cluster mode's replication role; without it they stop
-with a message saying so (`--only pysyncobj` still runs).
+Each figure is measured for at least MEASURE_S_MIN seconds (`benches._measure`), each window's
+closed loop after a warm-up. `--min-seconds 0` is a smoke run: each window runs briefly
+(SMOKE_TRANSFERS_PER_CLIENT, no warm-up), so its figures are not measurements. The seqd parts
+need cluster mode's replication role; without it they stop with a message saying so (`--only
+pysyncobj` still runs).
 """
 
 from __future__ import annotations
@@ -53,7 +71,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple, TypeVar
 
 from benches._measure import MEASURE_S_MIN, sized_for
 from benches.e2e import machine
@@ -61,6 +79,7 @@ from daemon.cluster_harness import Cluster, ClusterError
 from daemon.config import RingConfig
 from daemon.harness import NodeProcess
 from daemon.load import LoadResult, account_name, run_load, setup_accounts
+from sequencer.client.wire import IN_FLIGHT_MAX
 
 LATENCY_RATE_PER_S_MAX = 5_000  # one open-loop client on a 2-core machine that runs three nodes
 TRANSFERS_PER_CLIENT_MAX = 2_000_000
@@ -72,6 +91,88 @@ PROBE_TIMEOUT_S = 60.0  # a failover takes ~1 s; a probe call waiting a minute i
 READY_TIMEOUT_S = 60.0  # PySyncObj nodes find each other and elect within a few seconds
 # Commands outstanding in PySyncObj's leader: beyond 16k its rate stopped growing on 2 cores.
 PYSYNCOBJ_WINDOWS = (4096, 16384)
+
+
+class Window(NamedTuple):
+    """A closed loop's load: `clients` client processes, each keeping `in_flight` transfers outstanding."""
+
+    clients: int
+    in_flight: int
+
+    @property
+    def outstanding(self) -> int:
+        return self.clients * self.in_flight
+
+    def __str__(self) -> str:
+        return f"{self.clients}x{self.in_flight}"
+
+
+# The windows every seqd throughput figure is measured at; each system's figure is its best
+# window, as PySyncObj's is (the lead, quiet machine, 2026-11-30 07:00: at 4x64 the machine is
+# 94-95% busy, clients included, so seqd is CPU-bound there and bigger batches cost less CPU per
+# command: one node 75.8k at 4x64 and 88.1k at 4x256, the cluster 25.1k and 51.7k at 8x256).
+SEQD_WINDOWS = (
+    Window(4, 64),   # the common window: benches.e2e's and the issue's earlier figures; PySyncObj's too
+    Window(4, 256),  # the same 4 client processes, 4x deeper: bigger batches, no more processes on 2 cores
+    Window(8, 256),  # twice the clients as well: the cluster's best at 07:00 (51.7k vs 40.8k at 4x256)
+    # 4,096 outstanding, half the client's IN_FLIGHT_MAX: whether the cluster still gains past 8x256
+    # (a smoke run at 8x512 on the ledger's 100 accounts: nothing rejected, no client limit reached).
+    Window(8, 512),
+)
+CLIENTS_MAX = 64  # daemon.load runs one process per client up to 64; beyond, clients share processes
+# A client's window fills and drains at least this often in every run, so that even a smoke run
+# (--min-seconds 0) measures the window it names.
+WINDOW_FILLS_MIN = 4
+SMOKE_TRANSFERS_PER_CLIENT = 200  # --min-seconds 0: each window measured briefly (CI's smoke test)
+
+
+def checked_window(clients: int, in_flight: int) -> Window:
+    """The window, or ValueError saying which bound it is past."""
+    if not 1 <= clients <= CLIENTS_MAX:
+        raise ValueError(f"clients = {clients}: must be 1 to CLIENTS_MAX={CLIENTS_MAX} (one load process each)")
+    if not 1 <= in_flight <= IN_FLIGHT_MAX:
+        raise ValueError(f"in_flight = {in_flight}: must be 1 to IN_FLIGHT_MAX={IN_FLIGHT_MAX} (the daemon's "
+                         f"request window, WELCOME's in_flight_max)")  # fmt: skip
+    return Window(clients, in_flight)
+
+
+def parse_windows(text: str) -> tuple[Window, ...]:
+    """`--windows 4x64,8x256` -> (Window(4, 64), Window(8, 256)); argparse reports the error."""
+    windows = []
+    for part in text.split(","):
+        clients, _, in_flight = part.strip().partition("x")
+        try:
+            if not (clients.isdigit() and in_flight.isdigit()):
+                raise ValueError("not two whole numbers, CLIENTSxIN_FLIGHT")
+            windows.append(checked_window(int(clients), int(in_flight)))
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(
+                f"{part.strip()!r} in {text!r}: {error}; give CLIENTSxIN_FLIGHT windows separated by "
+                f"commas, e.g. 4x64,8x256") from None  # fmt: skip
+    return tuple(windows)
+
+
+Key = TypeVar("Key", str, int)
+
+
+def best_of(system: str, unit: str, per_s: dict[Key, float], measured_s: dict[Key, float], common: Key,
+            outstanding: int) -> dict[str, Any]:  # fmt: skip
+    """`system`'s figures over the windows it was measured at: its best as `{system}_{unit}_per_s`
+    with that window and the seconds measured there, every window's figure, and the common
+    window's figure named by its commands outstanding (`_at_256` for 4x64)."""
+    best = max(per_s, key=per_s.__getitem__)
+    return {
+        f"{system}_{unit}_per_s": round(per_s[best]),
+        f"{system}_window": best,
+        f"{system}_measured_s": round(measured_s[best], 3),
+        f"{system}_{unit}_per_s_by_window": {str(window): round(figure) for window, figure in per_s.items()},
+        f"{system}_{unit}_per_s_at_{outstanding}": round(per_s[common]),
+    }
+
+
+def seqd_figures(system: str, by_window: dict[Window, LoadResult], common: Window) -> dict[str, Any]:
+    return best_of(system, "cmds", {str(w): r.per_s for w, r in by_window.items()},
+                   {str(w): r.elapsed_s for w, r in by_window.items()}, str(common), common.outstanding)  # fmt: skip
 
 
 class ClusterModeMissing(Exception):
@@ -180,21 +281,32 @@ def require_cluster_mode() -> None:
         )
 
 
-def closed_loop(socket_path: str, clients: int, transfers: int, in_flight: int, accounts: int,
-                seconds_min: float) -> LoadResult:  # fmt: skip
-    run_load(socket_path, clients, max(200, transfers // 10), in_flight, accounts)  # warm-up
+def closed_loop(socket_path: str, window: Window, transfers: int, accounts: int, seconds_min: float) -> LoadResult:
+    """`window`'s closed loop after a warm-up, `transfers` per client at least (and enough to fill
+    each client's window WINDOW_FILLS_MIN times), grown until one run measured `seconds_min`.
+    A smoke run (`seconds_min` 0) has no warm-up: its figures are not measurements, and most of
+    a short run is starting the client processes."""
+    clients, in_flight = window
+    transfers = max(transfers, WINDOW_FILLS_MIN * in_flight)
+    if seconds_min > 0:
+        run_load(socket_path, clients, max(200, transfers // 10), in_flight, accounts)  # warm-up
     return sized_for(lambda count: run_load(socket_path, clients, count, in_flight, accounts),
                      lambda result: result.elapsed_s, transfers, TRANSFERS_PER_CLIENT_MAX, seconds_min)  # fmt: skip
 
 
-def bench_single(directory: Path, clients: int, transfers: int, in_flight: int, accounts: int,
-                 seconds_min: float) -> LoadResult:  # fmt: skip
+def closed_loops(socket_path: str, windows: tuple[Window, ...], transfers: int, accounts: int,
+                 seconds_min: float) -> dict[Window, LoadResult]:  # fmt: skip
+    return {window: closed_loop(socket_path, window, transfers, accounts, seconds_min) for window in windows}
+
+
+def bench_single(directory: Path, windows: tuple[Window, ...], transfers: int, accounts: int,
+                 seconds_min: float) -> dict[Window, LoadResult]:  # fmt: skip
     directory.mkdir()
     node = NodeProcess(directory, f"bcs{uuid.uuid4().hex[:6]}", RINGS)
     try:
         node.start()
         setup_accounts(node.socket_path, accounts)
-        return closed_loop(node.socket_path, clients, transfers, in_flight, accounts, seconds_min)
+        return closed_loops(node.socket_path, windows, transfers, accounts, seconds_min)
     finally:
         node.stop()
         node.remove_shared_memory()
@@ -316,30 +428,30 @@ def bench_catchup_alone(directory: Path, clients: int, in_flight: int, accounts:
             "catchup_records_per_s": round(catchup["per_s"])}
 
 
-def bench_cluster(directory: Path, clients: int, transfers: int, in_flight: int, accounts: int,
+def bench_cluster(directory: Path, windows: tuple[Window, ...], common: Window, transfers: int, accounts: int,
                   seconds_min: float, kills: int, catchup_records: int) -> dict[str, Any]:  # fmt: skip
+    """The cluster's figures; the throughput at each of `windows`, the rest at the `common` one."""
     require_cluster_mode()
+    clients, in_flight = common
     results: dict[str, Any] = {}
     with Cluster(directory, f"bcl{uuid.uuid4().hex[:6]}", proxied=False, settings=RINGS) as cluster:
         cluster.start()
         leader = cluster.wait_leader().number
         follower = next(n for n in cluster.nodes if n != leader)
         setup_accounts(cluster[leader].socket_path, accounts)
-        on_leader = closed_loop(cluster[leader].socket_path, clients, transfers, in_flight, accounts, seconds_min)
-        on_follower = closed_loop(cluster[follower].socket_path, clients, transfers, in_flight, accounts,
-                                  seconds_min)  # fmt: skip
-        rate = min(on_leader.per_s / 2, LATENCY_RATE_PER_S_MAX)
+        on_leader = closed_loops(cluster[leader].socket_path, windows, transfers, accounts, seconds_min)
+        on_follower = closed_loops(cluster[follower].socket_path, windows, transfers, accounts, seconds_min)
+        rate = min(on_leader[common].per_s / 2, LATENCY_RATE_PER_S_MAX)
         duration_s = max(3.0, seconds_min) if seconds_min > 0 else 0.0
         latency = run_load(cluster[leader].socket_path, 1, max(500, int(rate * duration_s)), in_flight, accounts,
                            rate_per_s=rate)  # fmt: skip
         failovers = bench_failover(cluster, kills)
         catchup = bench_catchup(cluster, catchup_records, clients, in_flight, accounts)
         results["leader_term_at_end"] = cluster.wait_leader().term
+    results.update(seqd_figures("cluster3", on_leader, common))
+    results.update(seqd_figures("cluster3_follower", on_follower, common))
+    results["cluster3_rejected"] = sum(r.rejected for r in [*on_leader.values(), *on_follower.values()])
     results.update({
-        "cluster3_cmds_per_s": round(on_leader.per_s),
-        "cluster3_measured_s": round(on_leader.elapsed_s, 3),
-        "cluster3_follower_cmds_per_s": round(on_follower.per_s),
-        "cluster3_follower_measured_s": round(on_follower.elapsed_s, 3),
         "cluster3_latency_offered_per_s": round(rate),
         "cluster3_latency_achieved_per_s": round(latency.per_s),
         "cluster3_latency_measured_s": round(latency.elapsed_s, 3),
@@ -357,56 +469,75 @@ def bench_cluster(directory: Path, clients: int, transfers: int, in_flight: int,
     return results
 
 
+def ratios(results: dict[str, Any], at: int) -> dict[str, float]:
+    """The cluster against one node and against PySyncObj (when measured): by one rule for every
+    system, each at its best window (saturation), and beside it at the common window (`at`
+    commands outstanding)."""
+    compared = {"cluster3_vs_single": ("cluster3_cmds_per_s", "single_cmds_per_s")}
+    if "pysyncobj3_ops_per_s" in results:
+        compared["cluster3_vs_pysyncobj3"] = ("cluster3_cmds_per_s", "pysyncobj3_ops_per_s")
+    figures = {}
+    for name, (numerator, denominator) in compared.items():
+        figures[name] = round(results[numerator] / results[denominator], 3)
+        figures[f"{name}_at_{at}"] = round(results[f"{numerator}_at_{at}"] / results[f"{denominator}_at_{at}"], 3)
+    return figures
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benches.cluster")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--only", choices=("all", "pysyncobj", "seqd", "catchup"), default="all")
-    parser.add_argument("--clients", type=int, default=4)
-    parser.add_argument("--in-flight", type=int, default=64)
+    parser.add_argument("--clients", type=int, default=4, help="the common window's clients (default 4)")
+    parser.add_argument("--in-flight", type=int, default=64, help="the common window's transfers in flight "
+                        "per client (default 64): latency, catch-up and the *_at_N figures use this window")  # fmt: skip
+    parser.add_argument("--windows", type=parse_windows, default=SEQD_WINDOWS,
+                        help="seqd's throughput windows, CLIENTSxIN_FLIGHT separated by commas (default "
+                             f"{','.join(map(str, SEQD_WINDOWS))}); the common window is always added")  # fmt: skip
     parser.add_argument("--kills", type=int, default=None, help="leader kills (default 10 quick, 20 full)")
     parser.add_argument("--catchup-records", type=int, default=None,
                         help="records a follower is behind (default 200,000 quick, 1,000,000 full)")
     parser.add_argument("--min-seconds", type=float, default=MEASURE_S_MIN,
                         help=f"measure each figure at least this long (default {MEASURE_S_MIN}; 0 for a smoke run)")
     args = parser.parse_args(argv)
-    transfers = 2_000 if args.quick else 20_000  # per client, at least: runs grow to --min-seconds
+    try:
+        common = checked_window(args.clients, args.in_flight)
+    except ValueError as error:
+        parser.error(f"--clients {args.clients} --in-flight {args.in_flight}: {error}")
+    windows = tuple(sorted({common, *args.windows}, key=lambda window: (window.outstanding, window)))
+    # per client, at least: runs grow to --min-seconds
+    transfers = SMOKE_TRANSFERS_PER_CLIENT if args.min_seconds == 0 else 2_000 if args.quick else 20_000
     kills = args.kills if args.kills is not None else (10 if args.quick else 20)
     catchup_records = args.catchup_records or (200_000 if args.quick else 1_000_000)
     accounts = 100
+    at = common.outstanding  # the common window's figures are named *_at_{at}
     results: dict[str, Any] = {"machine": machine(), "clients": args.clients, "in_flight": args.in_flight,
-                               "measure_s_min": args.min_seconds}  # fmt: skip
+                               "common_window": str(common), "measure_s_min": args.min_seconds}  # fmt: skip
     code = 0
     if args.only in ("all", "pysyncobj"):
         # PySyncObj batches what is queued once per tick (autoTickPeriod 50 ms), so its rate
-        # grows with the commands outstanding: measured at seqd's window (clients x in_flight)
-        # and at larger ones; its best is the figure compared with.
-        windows = sorted({args.clients * args.in_flight, *PYSYNCOBJ_WINDOWS})
-        by_window = {window: bench_pysyncobj(max(args.min_seconds, 0.5), window) for window in windows}
-        best = max(by_window, key=lambda window: by_window[window]["ops_per_s"])
+        # grows with the commands outstanding: measured at the common window's (clients x
+        # in_flight) and at larger ones; its best is the figure compared with.
+        outstanding = sorted({at, *PYSYNCOBJ_WINDOWS})
+        by_window = {window: bench_pysyncobj(max(args.min_seconds, 0.5), window) for window in outstanding}
+        results.update(best_of("pysyncobj3", "ops", {w: f["ops_per_s"] for w, f in by_window.items()},
+                               {w: f["elapsed_s"] for w, f in by_window.items()}, at, at))  # fmt: skip
         results.update({
-            "pysyncobj3_ops_per_s": round(by_window[best]["ops_per_s"]),
-            "pysyncobj3_window": best,
-            "pysyncobj3_measured_s": round(by_window[best]["elapsed_s"], 3),
-            "pysyncobj3_ops_per_s_by_window": {str(w): round(f["ops_per_s"]) for w, f in by_window.items()},
             "pysyncobj3_failed": sum(f["failed"] for f in by_window.values()),
             "pysyncobj3_note": "PySyncObj 3 nodes, default SyncObjConf: log in memory, no journal "
                                "file, no fsync (not durable); commands submitted inside the leader's "
                                "process, a replicated counter; best of the windows tried",
         })  # fmt: skip
     if args.only in ("all", "seqd"):
+        results["seqd_windows"] = [str(window) for window in windows]
         directory = Path(tempfile.mkdtemp(prefix="seqd-bcl-", dir="/tmp"))
         try:
-            single = bench_single(directory / "single", args.clients, transfers, args.in_flight, accounts,
-                                  args.min_seconds)  # fmt: skip
-            results["single_cmds_per_s"] = round(single.per_s)
-            results["single_measured_s"] = round(single.elapsed_s, 3)
-            results.update(bench_cluster(directory / "cluster", args.clients, transfers, args.in_flight,
-                                         accounts, args.min_seconds, kills, catchup_records))  # fmt: skip
-            results["cluster3_vs_single"] = round(results["cluster3_cmds_per_s"] / results["single_cmds_per_s"], 3)
-            if "pysyncobj3_ops_per_s" in results:
-                results["cluster3_vs_pysyncobj3"] = round(
-                    results["cluster3_cmds_per_s"] / results["pysyncobj3_ops_per_s"], 3)
+            single = bench_single(directory / "single", windows, transfers, accounts, args.min_seconds)
+            results.update(seqd_figures("single", single, common))
+            results["single_rejected"] = sum(result.rejected for result in single.values())
+            results.update(bench_cluster(directory / "cluster", windows, common, transfers, accounts,
+                                         args.min_seconds, kills, catchup_records))  # fmt: skip
+            results.update(ratios(results, at))
         except ClusterModeMissing as error:
             print(f"benches.cluster: {error}", file=sys.stderr)
             results["cluster_error"] = str(error)

@@ -4,6 +4,7 @@ figure RESULTS.md quotes. Speed is not checked here (benches/ is where speed is 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -142,6 +143,19 @@ def test_e2e_bench_reports_cpu_per_command_fdatasync_and_half_max_latency() -> N
     assert results["node_half_max_offered_per_s"] > 0
 
 
+def assert_best_of_windows(results: dict, system: str, unit: str, windows: list[str],  # type: ignore[type-arg]
+                           common: str) -> None:  # fmt: skip
+    """`system`'s figure is the best of its windows, named with its window; the common window's
+    figure is kept under `_at_{outstanding}` (every system measured by one rule: issue 11)."""
+    by_window = results[f"{system}_{unit}_per_s_by_window"]
+    assert sorted(by_window) == sorted(windows), by_window
+    assert all(figure > 0 for figure in by_window.values()), by_window
+    assert results[f"{system}_{unit}_per_s"] == max(by_window.values()), results
+    assert by_window[str(results[f"{system}_window"])] == max(by_window.values()), results
+    outstanding = math.prod(int(number) for number in common.split("x"))  # "2x8" -> 16; "256" -> 256
+    assert results[f"{system}_{unit}_per_s_at_{outstanding}"] == by_window[common], results
+
+
 CLUSTER_PYSYNCOBJ_KEYS = ("pysyncobj3_ops_per_s", "pysyncobj3_window", "pysyncobj3_measured_s",
                           "pysyncobj3_ops_per_s_by_window", "pysyncobj3_note")  # fmt: skip
 
@@ -152,6 +166,7 @@ def test_cluster_bench_measures_pysyncobj_and_says_it_does_not_fsync() -> None:
     missing = [key for key in CLUSTER_PYSYNCOBJ_KEYS if key not in results]
     assert not missing, missing
     assert results["pysyncobj3_ops_per_s"] > 0
+    assert_best_of_windows(results, "pysyncobj3", "ops", ["256", "4096", "16384"], common="256")
     assert results["pysyncobj3_failed"] == 0
     assert "no fsync" in results["pysyncobj3_note"]
 
@@ -167,20 +182,58 @@ def test_cluster_bench_reports_issue_11s_keys() -> None:
 
     if importlib.util.find_spec("daemon.roles.replicator") is None:
         pytest.skip("cluster mode (daemon/roles/replicator.py) is not built on this branch")
+    # Two tiny windows keep the smoke short: 2x8 the common one (--clients 2 --in-flight 8), and
+    # 2x16; the bench adds the common window to --windows.
     completed = subprocess.run(
         [sys.executable, "-m", "benches.cluster", "--only", "seqd", "--min-seconds", "0",
-         "--kills", "1", "--catchup-records", "2000", "--json"],
+         "--kills", "1", "--catchup-records", "2000", "--clients", "2", "--in-flight", "8",
+         "--windows", "2x16", "--json"],
         capture_output=True, text=True, timeout=CLUSTER_RUN_TIMEOUT_S, check=False,
     )  # fmt: skip
     assert completed.returncode == 0, completed.stderr[-4000:]
     results = json.loads(completed.stdout.strip().splitlines()[-1])
     missing = [key for key in CLUSTER_KEYS if key not in results]
     assert not missing, missing
+    windows = ["2x8", "2x16"]
+    assert results["seqd_windows"] == windows
+    assert results["common_window"] == "2x8"
+    for system in ("single", "cluster3", "cluster3_follower"):
+        assert_best_of_windows(results, system, "cmds", windows, common="2x8")
+    assert results["single_rejected"] == 0 and results["cluster3_rejected"] == 0
+    assert results["cluster3_vs_single"] == round(results["cluster3_cmds_per_s"] / results["single_cmds_per_s"], 3)
+    assert results["cluster3_vs_single_at_16"] == round(
+        results["cluster3_cmds_per_s_at_16"] / results["single_cmds_per_s_at_16"], 3)  # fmt: skip
     assert results["failover_kills"] == 1
     # The records it was behind when it came back: about the 2000 transfers the others committed
     # (client sessions add records, a transfer in flight at the stop is counted before it).
     assert results["catchup_records"] > 1000
     assert results["catchup_records_per_s"] > 0
+
+
+def test_cluster_bench_compares_best_with_best_and_common_window_with_common_window() -> None:
+    from benches.cluster import ratios
+
+    # Made-up figures where the two rules disagree: the cluster gains more from a bigger window.
+    results = {"single_cmds_per_s": 88_000, "single_cmds_per_s_at_256": 76_000,
+               "cluster3_cmds_per_s": 52_000, "cluster3_cmds_per_s_at_256": 25_000,
+               "pysyncobj3_ops_per_s": 40_000, "pysyncobj3_ops_per_s_at_256": 9_000}  # fmt: skip
+    assert ratios(results, at=256) == {
+        "cluster3_vs_single": 0.591, "cluster3_vs_single_at_256": 0.329,
+        "cluster3_vs_pysyncobj3": 1.3, "cluster3_vs_pysyncobj3_at_256": 2.778,
+    }  # fmt: skip
+    del results["pysyncobj3_ops_per_s"], results["pysyncobj3_ops_per_s_at_256"]  # --only seqd
+    assert ratios(results, at=256) == {"cluster3_vs_single": 0.591, "cluster3_vs_single_at_256": 0.329}
+
+
+def test_cluster_bench_window_option_refuses_windows_the_load_cannot_run() -> None:
+    import argparse
+
+    from benches.cluster import Window, parse_windows
+
+    assert parse_windows("4x64, 8x512") == (Window(4, 64), Window(8, 512))
+    for text, named in (("4x1025", "IN_FLIGHT_MAX=1024"), ("0x64", "CLIENTS_MAX=64"), ("4x64,8", "CLIENTSxIN_FLIGHT")):
+        with pytest.raises(argparse.ArgumentTypeError, match=named):
+            parse_windows(text)
 
 
 def test_cluster_cpu_bench_reports_cpu_and_wake_ups_of_every_process_of_three_nodes() -> None:
