@@ -18,7 +18,9 @@ still hold after the migration (docs/evolution.md has the long form):
   application.
 - Resends: a command the old node deduplicated (its request id was not above the client's last)
   changed nothing, and is dropped. To know which those are, `DedupMirror` follows the processor's
-  dedup decisions (sessions, last request id per client, client expiry) without running the app.
+  dedup decisions (sessions, last request id per client, client expiry) without running the app,
+  with the processor's own client table, so under the session rules version the old log had
+  active at each index (sequencer/rules_versions.py).
   A command without a session (the processor drops those) is dropped too.
 - Time: each new record has the timestamp and term of the old record it came from, so time never
   goes backwards. TIMER_FIRED records are copied (or changed by `Transform.timer_fired`): their

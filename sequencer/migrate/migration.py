@@ -18,7 +18,6 @@ from sequencer.migrate.index_map import IndexMap
 from sequencer.migrate.transform import Origin, Transform, check_transform, transform_name
 from sequencer.processor import CLIENT_EXPIRY_NS_DEFAULT
 from sequencer.record import (
-    ADMIN_NODE_START,
     COMMAND_PREFIX,
     RECORD_HEADER,
     RECORD_HEADER_BYTES,
@@ -244,8 +243,7 @@ class Migration:
                         self._dedup.close(session_id, timestamp_ns)
                     elif record_type == _ADMIN:
                         admin = decode_admin(view[position + RECORD_HEADER_BYTES : position + length])
-                        if admin["op"] == ADMIN_NODE_START:
-                            self._dedup.close_node(admin["node"], timestamp_ns)
+                        self._dedup.admin(admin, index, timestamp_ns)
                     count_in[record_type] = count_in.get(record_type, 0) + 1
                     count_out[record_type] = count_out.get(record_type, 0) + 1
                     append(_pack_header(length, record_type, version, new_index, term, timestamp_ns,
@@ -500,6 +498,12 @@ class Migration:
             session_id = MIGRATION_SESSION_ID
             while session_id in self._dedup.sessions:  # only in a journal no node wrote
                 session_id += 1
+            if not self._dedup.open(session_id, MIGRATION_CLIENT_ID, MIGRATION_NODE, timestamp_ns):
+                raise MigrationError(
+                    f"the old journal opened session {session_id} before, which the migration's own "
+                    "session needs (session ids of node number 0 are no node's): this journal was not "
+                    "written by a seqd node, and cannot be migrated"
+                )
             payload = encode_session_open(MIGRATION_CLIENT_ID, MIGRATION_NODE)
             pieces.append(_record(_SESSION_OPEN, 1, new_index, term, timestamp_ns, session_id, 0,
                                   payload))  # fmt: skip
@@ -517,7 +521,6 @@ class Migration:
                                       request_id, acked + data))  # fmt: skip
                 self._count(self._out_commands, type(output))
                 new_index += 1
-            self._dedup.open(session_id, MIGRATION_CLIENT_ID, MIGRATION_NODE, timestamp_ns)
         # Every session still open is closed, as the old node's next start would have done.
         for session_id in list(self._dedup.sessions):
             pieces.append(_record(_SESSION_CLOSE, 1, new_index, term, timestamp_ns, session_id, 0, b""))
