@@ -26,6 +26,7 @@ from sequencer.processor import Processor
 from sequencer.record import ADMIN_NODE_START, RecordType, encode_admin
 from sequencer.rules_versions import RULES_VERSION
 from tests.fixtures.feeder import Feeder
+from tests.test_duplicates_orderings import copy_of
 from tests.test_migrate import EXPIRY_NS, NOTES_SCHEMA, MergePairs, Note, Notes, SameNotes
 from tests.test_processor_duplicates import node_start, session
 from tests.test_rules_versions import rules_version_record
@@ -153,7 +154,9 @@ def command_indexes(records: list[bytes]) -> list[int]:
             if int.from_bytes(record[4:6], "little") == RecordType.COMMAND]  # fmt: skip
 
 
-def assert_migration_decides_as_the_processor(records: list[bytes], seed: int, switch: str) -> Processor[Notes]:
+def assert_migration_decides_as_the_processor(records: list[bytes], log: str) -> Processor[Notes]:
+    """Migrates `records` (described by `log` in a failure) as they are; returns the processor
+    that applied them."""
     run = b"".join(records)
     old = Processor(Notes, client_expiry_ns=EXPIRY_NS)
     old.apply_records(run)
@@ -165,7 +168,7 @@ def assert_migration_decides_as_the_processor(records: list[bytes], seed: int, s
     index_map = migration.index_map()
     carried = [index for index in commands if len(index_map.targets(index))]
     read, written = migration.counts()
-    where = f"seed {seed} ({switch}), {len(records)} records, rules {old.rules_versions.active} at the end"
+    where = f"{log}, {len(records)} records, rules {old.rules_versions.active} at the end"
     assert carried == applied, f"{where}: carried over {sorted(set(carried) - set(applied))} the old node did not " \
                                f"apply; dropped {sorted(set(applied) - set(carried))} it applied"  # fmt: skip
     assert read.get("COMMAND (resent: dropped)", 0) == resent, where
@@ -188,7 +191,7 @@ def test_a_migration_carries_over_exactly_the_commands_the_processor_applied(swi
     outcomes: Counter[str] = Counter()
     for seed in range(SEEDS):
         records = RandomLog(random.Random(seed), switch).draw()
-        old = assert_migration_decides_as_the_processor(records, seed, switch)
+        old = assert_migration_decides_as_the_processor(records, f"seed {seed} ({switch})")
         outcomes["duplicate records"] += old.duplicate_records
         outcomes["without session"] += old.commands_without_session
         outcomes[f"rules {old.rules_versions.active}"] += 1
@@ -211,6 +214,45 @@ def test_the_random_logs_reach_the_orderings_where_the_two_rules_decide_differen
             decided.append(([value - shift for _, value in processor.app.applied], processor.session_ids()))
         differ += decided[0] != decided[1]
     assert differ > SEEDS // 2, differ
+
+
+def test_a_copy_of_an_open_after_its_close_is_no_session_for_the_migration_either() -> None:
+    # Rules 2: the copy changes nothing, so the command after it has no session and the old node
+    # dropped it. A mirror that reopened the session carried it over (and its session's close).
+    feeder = Feeder(NOTES_SCHEMA)
+    node_start(feeder, FIRST_START[1])
+    rules_version_record(feeder, RULES_VERSION)
+    s1 = session(1, FIRST_START[1], 1)
+    opening = feeder.open_session(s1, client_id=7)
+    feeder.command(s1, 1, Note(feeder.index + 1))
+    feeder.close_session(s1)
+    copy_of(feeder, opening, s1)  # resent to a new leader
+    feeder.command(s1, 2, Note(feeder.index + 1))
+    old = assert_migration_decides_as_the_processor(feeder.records, "the example")
+    assert old.commands_without_session == 1
+
+
+def test_a_copy_of_an_open_leaves_its_client_to_expire_as_the_old_node_did() -> None:
+    # Under either rules the copy of a session still open changes nothing: its client is idle
+    # once the session closes, and forgotten after the expiry (which runs at the next open or
+    # close), so request 1 again on a new session is a new request the old node applied. A mirror that counted the copy as a second
+    # session never let the client expire, and dropped that request as a resend.
+    for rules_2 in (False, True):
+        feeder = Feeder(NOTES_SCHEMA)
+        node_start(feeder, FIRST_START[1])
+        if rules_2:
+            rules_version_record(feeder, RULES_VERSION)
+        s1, s2 = session(1, FIRST_START[1], 1), session(1, FIRST_START[1], 4)
+        opening = feeder.open_session(s1, client_id=7)
+        copy_of(feeder, opening, s1)
+        feeder.command(s1, 1, Note(feeder.index + 1))
+        feeder.close_session(s1)
+        feeder.advance(2 * EXPIRY_NS)
+        feeder.open_session(session(1, FIRST_START[1], 3), client_id=8)  # the expiry runs here
+        feeder.open_session(s2, client_id=7)
+        feeder.command(s2, 1, Note(feeder.index + 1))
+        old = assert_migration_decides_as_the_processor(feeder.records, f"the example, rules 2: {rules_2}")
+        assert len(old.app.applied) == 2, rules_2
 
 
 def test_a_journal_under_rules_this_seqd_does_not_know_is_refused_naming_the_record() -> None:
