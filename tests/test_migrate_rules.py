@@ -21,7 +21,8 @@ from typing import Any
 
 import pytest
 
-from sequencer.migrate import MIGRATION_SESSION_ID, Migration, MigrationError
+from sequencer.migrate import MIGRATION_CLIENT_ID, MIGRATION_SESSION_ID, Migration, MigrationError
+from sequencer.migrate.migration import MIGRATION_SESSIONS_MAX
 from sequencer.processor import Processor
 from sequencer.record import ADMIN_NODE_START, RecordType, encode_admin
 from sequencer.rules_versions import RULES_VERSION
@@ -263,19 +264,40 @@ def test_a_journal_under_rules_this_seqd_does_not_know_is_refused_naming_the_rec
         Migration(SameNotes(), client_expiry_ns=EXPIRY_NS).feed(b"".join(feeder.records))
 
 
-def test_the_migrations_own_session_is_never_a_copy_the_new_node_would_drop() -> None:
-    # A journal no node wrote: session 1 (node number 0, the migration's) opened and closed under
-    # rules 2, which then take another open of it for a copy. The migration's session for
-    # finish()'s commands would be dropped by the new node, its commands lost: refused instead.
-    feeder = Feeder(NOTES_SCHEMA)
-    node_start(feeder, FIRST_START[1])
+def journal_with_a_held_note(feeder: Feeder) -> list[bytes]:
+    """Under rules 2, one note on a session of node 1: MergePairs holds it until finish()."""
     rules_version_record(feeder, RULES_VERSION)
-    feeder.open_session(MIGRATION_SESSION_ID, client_id=7)
-    feeder.close_session(MIGRATION_SESSION_ID)
     s1 = session(1, FIRST_START[1], 1)
     feeder.open_session(s1, client_id=8)
-    feeder.command(s1, 1, Note(5))  # MergePairs holds it until finish()
+    feeder.command(s1, 1, Note(5))
+    return feeder.records
+
+
+def test_a_journal_migrated_twice_applies_the_second_migrations_held_commands() -> None:
+    # The first migration's session (id 1, opened and closed in the migrated journal) opened again
+    # is a second copy to rules 2: the new node applied no command on it, and the note the second
+    # migration held was lost. The second migration takes the next id.
+    feeder = Feeder(NOTES_SCHEMA)
+    node_start(feeder, FIRST_START[1])
+    run = b"".join(journal_with_a_held_note(feeder))
+    for _ in range(2):
+        migration = Migration(MergePairs(), client_expiry_ns=EXPIRY_NS)
+        run = migration.feed(run) + migration.finish()
+        new = Processor(Notes, client_expiry_ns=EXPIRY_NS)
+        new.apply_records(run)
+        assert new.app.applied == [(MIGRATION_CLIENT_ID, 5)]
+        assert new.commands_without_session == 0
+        assert new.duplicate_records == 0
+
+
+def test_a_journal_where_no_migration_session_opens_is_refused() -> None:
+    # A node number 0 (no node's: the migrations') whose start ended incarnation 0: every open of
+    # the migrations' session ids is refused, up to MIGRATION_SESSIONS_MAX of them.
+    feeder = Feeder(NOTES_SCHEMA)
+    node_start(feeder, FIRST_START[1])
+    node_start(feeder, 1, node="n0", number=0, previous=0)
     migration = Migration(MergePairs(), client_expiry_ns=EXPIRY_NS)
-    migration.feed(b"".join(feeder.records))
-    with pytest.raises(MigrationError, match=f"opened session {MIGRATION_SESSION_ID} before"):
+    migration.feed(b"".join(journal_with_a_held_note(feeder)))
+    last = MIGRATION_SESSION_ID + MIGRATION_SESSIONS_MAX - 1
+    with pytest.raises(MigrationError, match=f"no session id from {MIGRATION_SESSION_ID} to {last} .* is free"):
         migration.finish()
