@@ -19,7 +19,6 @@ from typing import Any
 
 from sequencer.dedup import ClientTable, SessionEntry
 from sequencer.migrate.errors import MigrationError
-from sequencer.record import ADMIN_NODE_START, ADMIN_RULES_VERSION
 from sequencer.rules_versions import RulesVersionError
 
 __all__ = ["DedupMirror"]
@@ -30,7 +29,7 @@ class DedupMirror:
 
     It must decide exactly as `sequencer.processor.Processor` did which commands were applied,
     so it keeps the processor's `ClientTable` and calls it as the processor does (`open`,
-    `close`, `node_start_record`, `rules.switch`): the same sessions (second copies of opens and
+    `close`, `admin_record`): the same sessions (second copies of opens and
     node_starts, node_starts closing a node's earlier starts' sessions, late records of ended
     starts), the same last request id per client, the same client expiry in log time, under the
     same session rules version at each index. tests/test_migrate_rules.py checks the two against
@@ -58,21 +57,20 @@ class DedupMirror:
         self.table.close(session_id, timestamp_ns)
 
     def admin(self, admin: dict[str, Any], index: int, timestamp_ns: int) -> None:
-        """An ADMIN record at old index `index`: a node_start closes what the active rules say; a
-        rules_version switches them; any other op changes no session.
+        """An ADMIN record at old index `index`: what `ClientTable.admin_record` says it does to
+        the sessions (a node_start closes what the active rules say; a rules_version switches
+        them), as the processor applies it.
 
         Raises:
             MigrationError: the record makes session rules active that this seqd does not know.
         """
-        if admin["op"] == ADMIN_NODE_START:
-            for session_id in self.table.node_start_record(admin) or ():
-                self.table.close(session_id, timestamp_ns)
-        elif admin["op"] == ADMIN_RULES_VERSION:
-            try:
-                self.table.rules.switch(admin["version"], index)
-            except RulesVersionError as error:
-                raise MigrationError(
-                    f"record {index} makes session rules version {admin['version']} active, but this seqd "
-                    f"applies them only up to version {self.table.rules.code_version}, and a migration tells "
-                    "resends from new requests by them: migrate this journal with a seqd that knows them"
-                ) from error
+        try:
+            closing = self.table.admin_record(admin, index)
+        except RulesVersionError as error:
+            raise MigrationError(
+                f"record {index} makes session rules version {admin['version']} active, but this seqd "
+                f"applies them only up to version {self.table.rules.code_version}, and a migration tells "
+                "resends from new requests by them: migrate this journal with a seqd that knows them"
+            ) from error
+        for session_id in closing or ():
+            self.table.close(session_id, timestamp_ns)
