@@ -36,7 +36,7 @@ from tests.test_rules_versions import rules_version_record
 # so the three sets' 600 logs and the coverage check cost about 3 s of CPU (quiet machine).
 # SEQD_MIGRATE_RULES_SEEDS raises it for a longer search.
 SEEDS = int(os.environ.get("SEQD_MIGRATE_RULES_SEEDS", "200"))
-STEPS_MAX = 120  # records drawn per log, before the copies and the delayed ones
+STEPS_MAX = 120  # steps per log: each a record (a copy included), but an idle gap or a delay
 NODES = (1, 2)
 FIRST_START = {1: 0x000110, 2: 0x000990}  # each node's first incarnation; ids go up by one a start
 CLIENTS = 5
