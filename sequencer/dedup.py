@@ -73,7 +73,9 @@ These are session rules version 2. A log applies them only from the ADMIN rules_
 a node asks for once every member reported code that applies them (sequencer/rules_versions.py);
 before, it applies version 1, what every seqd before them did (sequencer/dedup_rules1.py), so that
 replicas of both builds agree during a rolling upgrade and a journal the previous seqd wrote
-replays to its state.
+replays to its state. A migration of a journal (sequencer/migrate/dedup_mirror.py) feeds its
+records to a table of its own, through the same calls (`open`, `close`, `admin_record`), so it
+tells resends and commands without a session from new requests under the same rules.
 """
 
 from __future__ import annotations
@@ -83,6 +85,8 @@ from typing import Any
 from sequencer.app_versions import AppVersions
 from sequencer.dedup_rules1 import node_start_rules1, open_is_new_rules1
 from sequencer.record import (
+    ADMIN_NODE_START,
+    ADMIN_RULES_VERSION,
     SESSION_ID_COUNTER_BITS,
     incarnation_behind,
     session_incarnation,
@@ -294,6 +298,26 @@ class ClientTable:
     def sessions_on(self, node: str) -> list[int]:
         """The ids of the sessions opened on `node`, in opening order."""
         return [sid for sid, session in self.sessions.items() if session.node == node]
+
+    def admin_record(self, admin: dict[str, Any], index: int) -> list[int] | None:
+        """What the ADMIN record `admin` at `index` does to the sessions, for every op: a
+        node_start's closes (`node_start_record`), a rules_version's switch of the active rules,
+        nothing for any other op ([]). The one entry of the processor and of a migration's mirror
+        of it (sequencer/migrate/dedup_mirror.py), so both follow every op that changes sessions.
+
+        Returns:
+            the ids of the sessions to close, in order (the caller closes them), or None for a
+            second copy of a node_start.
+
+        Raises:
+            RulesVersionError: the record makes rules active that this code does not know.
+        """
+        op = admin["op"]
+        if op == ADMIN_NODE_START:
+            return self.node_start_record(admin)
+        if op == ADMIN_RULES_VERSION:
+            self.rules.switch(admin["version"], index)
+        return []
 
     def node_start_record(self, admin: dict[str, Any]) -> list[int] | None:
         """The ADMIN node_start record `admin`: its report of the session rules its node's code

@@ -512,21 +512,21 @@ class Processor(Generic[App]):
             self._output_version = self._context.app_version = self._table.versions.output_version(self._version)
 
     def _apply_admin_op(self, admin: dict[str, Any]) -> None:
-        if admin["op"] == ADMIN_NODE_START:
+        op = admin["op"]
+        if op == ADMIN_NODE_START:
             self._table.versions.node_started(admin.get("number"), admin.get("app_version"), admin.get("members"))
-            closing = self._table.node_start_record(admin)  # under the active session rules
-            if closing is None:
-                self.duplicate_records += 1  # a second copy of this incarnation's start
-                return
-            for session_id in closing:
-                self._close_session(session_id)
-        elif admin["op"] == ADMIN_RAISE_VERSION:
+        elif op == ADMIN_RAISE_VERSION:
             self._table.versions.raise_to(admin["version"], admin["members"], self._version, self.applied_index)
-        elif admin["op"] == ADMIN_RULES_VERSION:
-            self._table.rules.switch(admin["version"], self.applied_index)
-        else:
+        elif op != ADMIN_RULES_VERSION:
             # A newer daemon's operation: ignoring it is the same decision on every replica.
             self.unknown_admin_ops += 1
+        # What it does to the sessions, under the active session rules (a migration follows the same).
+        closing = self._table.admin_record(admin, self.applied_index)
+        if closing is None:
+            self.duplicate_records += 1  # a second copy of this incarnation's start
+            return
+        for session_id in closing:
+            self._close_session(session_id)
 
     # -- the app's outputs (called through Context) --------------------------------------------
 

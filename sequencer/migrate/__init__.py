@@ -18,7 +18,9 @@ still hold after the migration (docs/evolution.md has the long form):
   application.
 - Resends: a command the old node deduplicated (its request id was not above the client's last)
   changed nothing, and is dropped. To know which those are, `DedupMirror` follows the processor's
-  dedup decisions (sessions, last request id per client, client expiry) without running the app.
+  dedup decisions (sessions, last request id per client, client expiry) without running the app,
+  with the processor's own client table, so under the session rules version the old log had
+  active at each index (sequencer/rules_versions.py).
   A command without a session (the processor drops those) is dropped too.
 - Time: each new record has the timestamp and term of the old record it came from, so time never
   goes backwards. TIMER_FIRED records are copied (or changed by `Transform.timer_fired`): their
@@ -26,8 +28,10 @@ still hold after the migration (docs/evolution.md has the long form):
 - SNAPSHOT records are dropped: a snapshot of the old app is no state of the new one, and the
   new journal's indexes differ. The new node starts from the new journal alone.
 - At the end, the transform's `finish()` commands (a merge still open) are written on a session
-  of the migration itself (client id 0, as a timer has), and every session still open is closed,
-  as the old node's next start would have done with its `node_start` record.
+  of the migration itself (client id 0, as a timer has; a journal migrated before holds the
+  earlier migration's: the next session id and request ids above its are taken, or the new node
+  would answer them as a resent copy and resends), and every session still open is closed, as
+  the old node's next start would have done with its `node_start` record.
 
 `Migration` is the sans-I/O core: `feed(run)` takes a run of whole old records (a journal batch)
 and returns the new records' bytes, `finish()` the last ones; `index_map()` then says where each

@@ -18,7 +18,6 @@ from sequencer.migrate.index_map import IndexMap
 from sequencer.migrate.transform import Origin, Transform, check_transform, transform_name
 from sequencer.processor import CLIENT_EXPIRY_NS_DEFAULT
 from sequencer.record import (
-    ADMIN_NODE_START,
     COMMAND_PREFIX,
     RECORD_HEADER,
     RECORD_HEADER_BYTES,
@@ -46,6 +45,9 @@ COMMANDS_PER_REQUEST_MAX = 1024
 MIGRATION_SESSION_ID = 1
 MIGRATION_CLIENT_ID = 0
 MIGRATION_NODE = "@migration"  # no node is named so: a node_start record never closes it
+# A journal migrated n times holds the n earlier migrations' sessions, and each migration takes the
+# next id; far more migrations of one journal than this is no journal seqd wrote.
+MIGRATION_SESSIONS_MAX = 1 << 16
 
 _COMMAND = int(RecordType.COMMAND)
 _COMMAND_PART = int(RecordType.COMMAND_PART)
@@ -244,8 +246,7 @@ class Migration:
                         self._dedup.close(session_id, timestamp_ns)
                     elif record_type == _ADMIN:
                         admin = decode_admin(view[position + RECORD_HEADER_BYTES : position + length])
-                        if admin["op"] == ADMIN_NODE_START:
-                            self._dedup.close_node(admin["node"], timestamp_ns)
+                        self._dedup.admin(admin, index, timestamp_ns)
                     count_in[record_type] = count_in.get(record_type, 0) + 1
                     count_out[record_type] = count_out.get(record_type, 0) + 1
                     append(_pack_header(length, record_type, version, new_index, term, timestamp_ns,
@@ -497,15 +498,16 @@ class Migration:
             raise self._failure(error, 0, None) from error
         count_out = self._out
         if held:
-            session_id = MIGRATION_SESSION_ID
-            while session_id in self._dedup.sessions:  # only in a journal no node wrote
-                session_id += 1
+            session_id = self._migration_session(timestamp_ns)
             payload = encode_session_open(MIGRATION_CLIENT_ID, MIGRATION_NODE)
             pieces.append(_record(_SESSION_OPEN, 1, new_index, term, timestamp_ns, session_id, 0,
                                   payload))  # fmt: skip
             count_out[(_SESSION_OPEN, "(migration session)")] = 1
             new_index += 1
-            for request_id, output in enumerate(held, start=1):
+            # Above the requests of the migrations before (client id 0 is theirs too, remembered
+            # like any client's): from 1 again they would be resends, answered, never applied.
+            client = self._dedup.sessions[session_id].client
+            for request_id, output in enumerate(held, start=client.last_request_id + 1):
                 try:
                     version, data = self.target_schema.encode_command(output)
                 except TypeError as error:
@@ -517,7 +519,7 @@ class Migration:
                                       request_id, acked + data))  # fmt: skip
                 self._count(self._out_commands, type(output))
                 new_index += 1
-            self._dedup.open(session_id, MIGRATION_CLIENT_ID, MIGRATION_NODE, timestamp_ns)
+                client.last_request_id = request_id
         # Every session still open is closed, as the old node's next start would have done.
         for session_id in list(self._dedup.sessions):
             pieces.append(_record(_SESSION_CLOSE, 1, new_index, term, timestamp_ns, session_id, 0, b""))
@@ -526,6 +528,20 @@ class Migration:
             new_index += 1
         self.target_last_index = new_index - 1
         return b"".join(pieces)
+
+    def _migration_session(self, timestamp_ns: int) -> int:
+        """Opens the session of `finish()`'s commands in the mirror: the first id from
+        MIGRATION_SESSION_ID on that the old journal's own rules take for a new session. A journal
+        migrated before holds that migration's session, closed, and an open of it again would
+        be a second copy to the session rules: the new node would apply no command on it."""
+        for session_id in range(MIGRATION_SESSION_ID, MIGRATION_SESSION_ID + MIGRATION_SESSIONS_MAX):
+            if self._dedup.open(session_id, MIGRATION_CLIENT_ID, MIGRATION_NODE, timestamp_ns):
+                return session_id
+        raise MigrationError(
+            f"no session id from {MIGRATION_SESSION_ID} to {MIGRATION_SESSION_ID + MIGRATION_SESSIONS_MAX - 1} "
+            "(node number 0: the migrations' own) is free in the old journal, which holds their "
+            "sessions: no seqd node or migration wrote it, and it cannot be migrated"
+        )
 
     # -- what it did --------------------------------------------------------------------------
 
