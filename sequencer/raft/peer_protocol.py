@@ -175,7 +175,11 @@ try:
 
     def _frame_mac(key: bytes) -> _FrameMac:
         return _openssl_hmac_new(key, digestmod="sha256")
-except ImportError:  # pragma: no cover - a Python built without OpenSSL
+
+    # An OpenSSL whose policy refuses it would fail every handshake at its first frame: find out
+    # now, and take `hmac.new`'s own fallback instead.
+    _frame_mac(b"probe").copy().digest()
+except (ImportError, ValueError):  # pragma: no cover - a Python without OpenSSL's HMAC-SHA256
     _frame_mac: Callable[[bytes], _FrameMac] = _python_frame_mac  # type: ignore[no-redef]
 
 
