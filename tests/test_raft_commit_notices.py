@@ -13,7 +13,9 @@ from __future__ import annotations
 import pytest
 
 from sequencer.raft import AppendEntries, AppendEntriesResponse, Heartbeat, Message
+from sequencer.raft.core import RaftCore
 from sequencer.raft.follower import Follower
+from sequencer.raft.tracker import Progress
 from tests.sim import SafetyViolation, Simulation
 from tests.sim.direct import DirectCluster
 from tests.sim.simulator import DELIVER
@@ -129,9 +131,9 @@ def test_a_follower_does_not_answer_a_notice_that_repeats_its_acknowledgement() 
     assert [cluster.core(n).append_answers_sent for n in FOLLOWERS] == answers_before
 
 
-def test_a_follower_whose_answer_was_lost_is_probed_and_answers_the_probe() -> None:
-    # The follower takes the notice for one it has answered, so stays silent; the leader learns
-    # its match from the probe that the next heartbeat's answer brings (no notice: answered).
+def committed_with_an_answer_lost() -> tuple[DirectCluster, RaftCore, Progress, int]:
+    """A leader that committed an entry both followers wrote, node 2's answer lost: (the
+    cluster, the leader's core, its progress of node 2, the entry's index)."""
     cluster = leading()
     leader = cluster.core(1)
     assert leader._leader is not None
@@ -145,6 +147,13 @@ def test_a_follower_whose_answer_was_lost_is_probed_and_answers_the_probe() -> N
     cluster.process(1)
     last_index = leader.log.last_index
     assert leader.commit_index == last_index and progress.match_index < last_index
+    return cluster, leader, progress, last_index
+
+
+def test_a_follower_whose_answer_was_lost_is_probed_and_answers_the_probe() -> None:
+    # The follower takes the notice for one it has answered, so stays silent; the leader learns
+    # its match from the probe that the next heartbeat's answer brings (no notice: answered).
+    cluster, leader, progress, last_index = committed_with_an_answer_lost()
     leader.send_commit_notices()
     cluster.process(1)
     cluster.deliver()
@@ -172,19 +181,7 @@ def test_a_restarted_follower_answers_a_notice_it_has_not_acknowledged() -> None
     # has acknowledged nothing to this term's leader, so the notice is the first message that
     # can tell the leader node 2's match, and node 2 answers it (a silent node 2 would leave its
     # match short until a heartbeat's round trip and the probe after it).
-    cluster = leading()
-    leader = cluster.core(1)
-    assert leader._leader is not None
-    progress = leader._leader.tracker.progress[2]
-    leader.propose_batch([b"x"])
-    cluster.process(1)
-    cluster.deliver()
-    for node in FOLLOWERS:
-        cluster.process(node)
-    cluster.deliver(drop=lambda m: m.source == 2)  # node 2's acknowledgement is lost
-    cluster.process(1)
-    last_index = leader.log.last_index
-    assert leader.commit_index == last_index and progress.match_index < last_index
+    cluster, leader, progress, last_index = committed_with_an_answer_lost()
     cluster.crash(2)
     cluster.restart(2)  # its entry is durable: it survives the restart
     restarted = cluster.core(2)
