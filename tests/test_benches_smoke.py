@@ -225,6 +225,19 @@ def test_cluster_bench_compares_best_with_best_and_common_window_with_common_win
     assert ratios(results, at=256) == {"cluster3_vs_single": 0.591, "cluster3_vs_single_at_256": 0.329}
 
 
+def test_cluster_bench_names_the_best_window_and_keeps_the_common_windows_figure() -> None:
+    from benches.cluster import Window, best_of
+
+    # The common window is not the best: `_at_256` must be its own figure, not the best's.
+    per_s = {str(Window(4, 64)): 25_000.4, str(Window(8, 256)): 52_000.0, str(Window(4, 256)): 41_000.0}
+    measured_s = {window: 2.5 for window in per_s}
+    assert best_of("cluster3", "cmds", per_s, measured_s, "4x64", 256) == {
+        "cluster3_cmds_per_s": 52_000, "cluster3_window": "8x256", "cluster3_measured_s": 2.5,
+        "cluster3_cmds_per_s_by_window": {"4x64": 25_000, "8x256": 52_000, "4x256": 41_000},
+        "cluster3_cmds_per_s_at_256": 25_000,
+    }  # fmt: skip
+
+
 def test_cluster_bench_window_option_refuses_windows_the_load_cannot_run() -> None:
     import argparse
 

@@ -29,8 +29,9 @@ still hold after the migration (docs/evolution.md has the long form):
   new journal's indexes differ. The new node starts from the new journal alone.
 - At the end, the transform's `finish()` commands (a merge still open) are written on a session
   of the migration itself (client id 0, as a timer has; a journal migrated before holds the
-  earlier migration's: the next session id and request ids above its are taken, or the new node
-  would answer them as a resent copy and resends), and every session still open is closed, as
+  earlier migration's: the first session id the log's rules take as new (rules 2: the next one;
+  rules 1: id 1 again) and request ids above its are taken, or the new node would answer them
+  as a resent copy and resends), and every session still open is closed, as
   the old node's next start would have done with its `node_start` record.
 
 `Migration` is the sans-I/O core: `feed(run)` takes a run of whole old records (a journal batch)

@@ -533,7 +533,8 @@ class Migration:
         """Opens the session of `finish()`'s commands in the mirror: the first id from
         MIGRATION_SESSION_ID on that the old journal's own rules take for a new session. A journal
         migrated before holds that migration's session, closed, and an open of it again would
-        be a second copy to the session rules: the new node would apply no command on it."""
+        be a second copy to rules 2 (rules 1 take id 1 again): the new node would apply no command on
+        it."""
         for session_id in range(MIGRATION_SESSION_ID, MIGRATION_SESSION_ID + MIGRATION_SESSIONS_MAX):
             if self._dedup.open(session_id, MIGRATION_CLIENT_ID, MIGRATION_NODE, timestamp_ns):
                 return session_id
