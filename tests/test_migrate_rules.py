@@ -264,23 +264,26 @@ def test_a_journal_under_rules_this_seqd_does_not_know_is_refused_naming_the_rec
         Migration(SameNotes(), client_expiry_ns=EXPIRY_NS).feed(b"".join(feeder.records))
 
 
-def journal_with_a_held_note(feeder: Feeder) -> list[bytes]:
-    """Under rules 2, one note on a session of node 1: MergePairs holds it until finish()."""
-    rules_version_record(feeder, RULES_VERSION)
+def journal_with_a_held_note(feeder: Feeder, rules_2: bool = True) -> list[bytes]:
+    """Under rules 2 (or 1), one note on a session of node 1: MergePairs holds it until finish()."""
+    if rules_2:
+        rules_version_record(feeder, RULES_VERSION)
     s1 = session(1, FIRST_START[1], 1)
     feeder.open_session(s1, client_id=8)
     feeder.command(s1, 1, Note(5))
     return feeder.records
 
 
-def test_a_journal_migrated_twice_applies_the_second_migrations_held_commands() -> None:
+@pytest.mark.parametrize("rules_2", [False, True], ids=["rules 1", "rules 2"])
+def test_a_journal_migrated_twice_applies_the_second_migrations_held_commands(rules_2: bool) -> None:
     # The first migration's session (id 1, opened and closed in the migrated journal) opened again
     # is a second copy to rules 2: the new node applied no command on it, and the note the second
-    # migration held was lost. The second migration takes the next id.
+    # migration held was lost. The second migration takes the next id under rules 2, id 1 again
+    # under rules 1 (which take it as new); the request ids go on above the first's either way.
     feeder = Feeder(NOTES_SCHEMA)
     node_start(feeder, FIRST_START[1])
-    run = b"".join(journal_with_a_held_note(feeder))
-    for _ in range(2):
+    run = b"".join(journal_with_a_held_note(feeder, rules_2))
+    for _ in range(3):
         migration = Migration(MergePairs(), client_expiry_ns=EXPIRY_NS)
         run = migration.feed(run) + migration.finish()
         new = Processor(Notes, client_expiry_ns=EXPIRY_NS)
