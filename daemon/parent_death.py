@@ -64,7 +64,8 @@ def die_with_parent(expected_parent_pid: int) -> bool:
 class ParentWatch:
     """The starting program's side: a pipe per node started, the read end passed to the node
     (`environment`, `pass_fds`), the write end kept, never written, until the node is gone
-    (`close`). Non-inheritable, as `os.pipe` makes it: no other child holds the write end open."""
+    (`close`). Non-inheritable, as `os.pipe` makes it: no other child it execs holds the write end
+    open (one forked without exec does, until it ends)."""
 
     def __init__(self) -> None:
         self.read_fd, self._write_fd = os.pipe()
