@@ -23,7 +23,7 @@ from types import TracebackType
 from ipc.platform import check_memory_ordering
 from ipc.segment import LINE_BYTES, Segment, SegmentError
 
-__all__ = ["COUNTERS_MAX", "NAME_BYTES_MAX", "Counter", "CounterWriteError", "Counters", "ReadOnlyCounter"]
+__all__ = ["COUNTERS_MAX", "NAME_BYTES_MAX", "Counter", "CounterWriteError", "Counters", "ReadOnlyCounter", "words"]
 
 KIND = "counters"
 # `seqd status` prints all of them; 256 lines is 32 KiB, far more than a node needs.
@@ -76,6 +76,18 @@ class Counter:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r}, {self.get()})"
+
+
+def words(*counters: Counter) -> tuple[memoryview, tuple[int, ...]]:
+    """The one view `counters` share and each one's index in it (`Counter.word`), for a hot loop
+    that stores and loads several as `view[index]`: a subscript rather than a method call each."""
+    view = counters[0].word[0]
+    indexes = []
+    for counter in counters:
+        counter_view, index = counter.word
+        assert counter_view is view, f"counter {counter.name} is not in the counters view"
+        indexes.append(index)
+    return view, tuple(indexes)
 
 
 class ReadOnlyCounter(Counter):

@@ -31,7 +31,7 @@ from sequencer.journal import (
     list_segments,
     scan_segment,
 )
-from sequencer.journal.scan import corrupt, segments_join
+from sequencer.journal.scan import corrupt_before_a_valid_batch, segments_join
 from sequencer.journal.truncate import INTENT_NAME, decode_intent
 from sequencer.record import (
     RecordType,
@@ -172,9 +172,8 @@ def dump(
             # order); bad bytes with a valid batch after them are damage in the middle of the log,
             # which the node refuses to start with: an error, not a short dump (a script's export
             # would end early with no error). If the batch landed meanwhile it is not damage.
-            damage = scan_segment(stopped_at.path).damage
-            if damage is not None and damage.valid_batch_offset is not None:
-                raise corrupt(damage, f"A valid batch follows at byte offset {damage.valid_batch_offset}.")
+            if (error := corrupt_before_a_valid_batch(scan_segment(stopped_at.path).damage)) is not None:
+                raise error
         if stopped_at is not None and note is not None:
             note(
                 f"journal {directory} ends in bad bytes at {stopped_at.describe()}: a "

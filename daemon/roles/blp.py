@@ -58,7 +58,7 @@ from daemon.layout import (
 )
 from daemon.roles.common import RoleContext, run_agent, run_role
 from daemon.snapshot_writer import WRITER_EXIT_OK, fork_and_write_snapshot, reap_snapshot_writer
-from ipc.counters import Counter
+from ipc.counters import words
 from ipc.ring import Ring
 from sequencer import recovery
 from sequencer import snapshot as snapshots
@@ -182,22 +182,16 @@ class BlpAgent(Agent):
         self.versions_seen = (-1, -1, -1, -1)
         # The counters of every cycle as words of the one counters view: a store is a subscript
         # rather than a method call, ~0.3 us less each (benches/RESULTS.md, "The blp's duty cycle").
-        self.values, _ = counters[BLP_APPLIED_POSITION].word
-        (
+        self.values, (
             self.applied_position_word, self.applied_index_word, self.rolling_hash_word,
             self.clients_expired_word, self.outputs_too_large_word, self.egress_published_word,
             self.event_subscribers_word, self.commit_index_word,
-        ) = (
-            self._word(counters[spec]) for spec in (
+        ) = words(*(
+            counters[spec] for spec in (
                 BLP_APPLIED_POSITION, BLP_APPLIED_INDEX, BLP_ROLLING_HASH, CLIENTS_EXPIRED, OUTPUTS_TOO_LARGE,
                 EGRESS_PUBLISHED_POSITION, GATEWAY_EVENT_SUBSCRIBERS, commit_index,  # the last two: loads only
             )
-        )  # fmt: skip
-
-    def _word(self, counter: Counter) -> int:
-        view, index = counter.word
-        assert view is self.values, f"counter {counter.name} is not in the counters view"
-        return index
+        ))  # fmt: skip
 
     def on_start(self) -> None:
         processor = self.processor

@@ -61,7 +61,7 @@ from daemon.layout import (
     proposal_name,
 )
 from daemon.roles.common import ROLE_EXIT_FAIL_STOP, RoleContext, run_agent, run_role
-from ipc.counters import Counter
+from ipc.counters import Counter, words
 from ipc.doorbell import Doorbell
 from ipc.ring import Ring
 from sequencer import snapshot as snapshots
@@ -201,9 +201,8 @@ class JournallerAgent(Agent):
         self.durable_index = counters[JOURNAL_DURABLE_INDEX]
         # The counters every sync stores, as words of the one counters view: a subscript rather
         # than a method call each (as the blp's, `BlpAgent.values`).
-        self.values, self.durable_position_word = self.durable_position.word
-        self.durable_index_word = self._word(self.durable_index)
-        self.syncs_word = self._word(counters[JOURNAL_SYNCS])
+        self.values, (self.durable_position_word, self.durable_index_word, self.syncs_word) = words(
+            self.durable_position, self.durable_index, counters[JOURNAL_SYNCS])  # fmt: skip
         self.commit_position = counters[COMMIT_POSITION]
         self.commit_index = counters[COMMIT_INDEX]
         self.synced_index_file = SyncedIndexFile.from_environment()  # a fault hook: None in use
@@ -222,11 +221,6 @@ class JournallerAgent(Agent):
         # its bytes), so it is kept, unreleased, and appended again before anything else.
         self.waiting: memoryview | None = None
         self.appended = 0  # bytes appended by the last cycle
-
-    def _word(self, counter: Counter) -> int:
-        view, index = counter.word
-        assert view is self.values, f"counter {counter.name} is not in the counters view"
-        return index
 
     def on_start(self) -> None:
         journal = self.journal

@@ -22,6 +22,7 @@ from sequencer.journal.scan import (
     Damage,
     SegmentScan,
     corrupt,
+    corrupt_before_a_valid_batch,
     list_segments,
     scan_segment,
     segments_join,
@@ -111,10 +112,8 @@ def recover_segments(
     last = scans[-1]
     if last.damage is None:
         return scans, None, removed
-    if last.damage.valid_batch_offset is not None:
-        raise corrupt(
-            last.damage, f"A valid batch follows at byte offset {last.damage.valid_batch_offset}."
-        )
+    if (error := corrupt_before_a_valid_batch(last.damage)) is not None:
+        raise error
     return scans, _repair_torn_tail(last.damage, space), removed
 
 

@@ -33,6 +33,7 @@ __all__ = [
     "FileWindow",
     "SegmentScan",
     "corrupt",
+    "corrupt_before_a_valid_batch",
     "list_segments",
     "read_segment_header",
     "scan_segment",
@@ -139,6 +140,14 @@ def corrupt(damage: Damage, context: str) -> JournalCorruptError:
         "data and let it catch up from the cluster) or from a backup. Do not delete or truncate "
         "the file by hand; `seqd log check` reports the first damaged offset."
     )
+
+
+def corrupt_before_a_valid_batch(damage: Damage | None) -> JournalCorruptError | None:
+    """The error for `damage` that a valid batch follows (corruption wherever it is: neither a
+    torn tail nor a write in progress, which have nothing valid after them), else None."""
+    if damage is None or damage.valid_batch_offset is None:
+        return None
+    return corrupt(damage, f"A valid batch follows at byte offset {damage.valid_batch_offset}.")
 
 
 @dataclass(frozen=True)

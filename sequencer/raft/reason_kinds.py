@@ -6,10 +6,11 @@ keyed on the exact text logs every refusal of a storm (a leader stepping down un
 full at every resend); one keyed on the last reason logs every one of two alternating reasons. So
 a reason's kind is its text with every run of digits masked, and each kind is logged the first
 time, then at every power of two of its own count (Agrona's `DistinctErrorLog` logs each distinct
-error once with a count; daemon/errorlog.py does it by time, which a sans-clock caller lacks):
-N refusals of k kinds in one episode (no kind quiet for QUIET_S) cost at most k * (log2(N) + 1)
-lines, and every one is still counted. A kind unseen for QUIET_S starts over, so a later storm of it is logged again (else a storm of 600
-left the next one silent until its 1024th).
+error once with a count; daemon/errorlog.py does it with a summary per time window, and lives in
+the daemon, which this package may not import): N refusals of k kinds in one episode (no kind
+quiet for QUIET_S) cost at most k * (log2(N) + 1) lines, and every one is still counted. A kind
+unseen for QUIET_S starts over, so a later storm of it is logged again (else a storm of 600 left
+the next one silent until its 1024th).
 """
 
 from __future__ import annotations

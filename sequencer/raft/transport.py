@@ -23,8 +23,9 @@ writes sockets, keeps time (handshake timeouts, reconnect backoff) and counts:
   The bound is checked before each pass's batch, which then goes whole, so a peer that does not
   drain holds at most `send_buffer_bytes_max` plus one pass's batch of Raft's messages in this
   process's memory (a batch toward one peer is within the leader's byte window; and its
-  forwarded records, below, at most the follower's pending set), and never stalls the other links (each has its own buffer; nothing here waits). So is a batch
-  holding a message too large for any frame (a caller bug, logged);
+  forwarded records, below, at most the follower's pending set), and never stalls the other
+  links (each has its own buffer; nothing here waits). So is a batch holding a message too large
+  for any frame (a caller bug, logged);
 - forwarded records (`forward`) are dropped when the socket already holds `send_buffer_bytes_max`
   unsent bytes, but not held to the room left: a restart resends a whole pending set at once (up
   to forwards.py's PENDING_BYTES_MAX, which bounds their memory), and a strict bound would drop
