@@ -24,7 +24,8 @@ Frames
 Handshake bodies are fixed binary structs. A data frame's body is `u64 sequence`, a 32-byte MAC,
 then a msgpack array: of the Raft core's messages (MESSAGES), of `ForwardedRecord`s (RECORDS), or
 one `ForwardsRefused` (REFUSED: why the node dialled did not take the dialler's forwarded records,
-its last frame before it closes; only a dialler receives one). The MAC covers the 8-byte header, the sequence and the payload, under the direction's frame key.
+its last frame before it closes; only a dialler receives one). The MAC covers the 8-byte header,
+the sequence and the payload, under the direction's frame key.
 
 `PeerConnection(identity, side, nonce, peer_id)` holds the bytes received and what is needed to
 judge the next frame. It touches no socket, file, clock or event loop (the h11 shape:
