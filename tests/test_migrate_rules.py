@@ -286,6 +286,25 @@ def test_a_copy_of_an_open_leaves_its_client_to_expire_as_the_old_node_did() -> 
         assert len(old.app.applied) == 2, rules_2
 
 
+def test_the_parts_after_a_part_the_old_node_could_not_decode_are_dropped_as_it_skipped_them() -> None:
+    # The old node refused part 2 (bad_command) and skipped part 3. Part 2 becomes a part without
+    # a command, which refuses nothing: part 3 carried behind it was applied by the new node.
+    # Part 5, after a part the app refused, is carried: the new node refuses part 4 and skips it.
+    feeder = Feeder(NOTES_SCHEMA)
+    node_start(feeder, FIRST_START[1])
+    s1 = session(1, FIRST_START[1], 1)
+    feeder.open_session(s1, client_id=7)
+    for request_id, parts in ((1, [Note(10), UNDECODABLE, Note(30)]), (2, [Note(-40), Note(50)])):
+        for part in parts:
+            data = part if isinstance(part, bytes) else NOTES_SCHEMA.encode_command(part)[1]
+            feeder._record(RecordType.COMMAND_PART, NOTES_SCHEMA.version, s1, request_id, encode_command(0, data))
+    old = assert_migration_decides_as_the_processor(feeder.records, "the example")
+    assert (old.app.applied, old.command_parts_skipped) == ([(7, 10)], 2)
+    migration = Migration(SameNotes(), client_expiry_ns=EXPIRY_NS)
+    migration.feed(b"".join(feeder.records))
+    assert migration.counts()[0]["COMMAND_PART (after a refused part: dropped)"] == 1
+
+
 def test_a_journal_under_rules_this_seqd_does_not_know_is_refused_naming_the_record() -> None:
     feeder = Feeder(NOTES_SCHEMA)
     node_start(feeder, FIRST_START[1])
