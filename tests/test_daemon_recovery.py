@@ -185,19 +185,22 @@ def test_the_journal_keeps_every_segment_from_the_raft_retention_index_a_snapsho
         while not (snapshot_index := counters["snapshot.oldest.index"].get()):
             assert time.monotonic() < deadline, "no snapshot"
             time.sleep(0.02)
-        segments = [first for first, _path in list_segments(journal)]
+        listed = list_segments(journal)
+        segments = [first for first, _path in listed]
         assert len(segments) >= 4 and segments[0] == 1, segments
         assert segments[2] <= snapshot_index, (segments, snapshot_index)  # the snapshot covers the second
 
-        def first_kept(after: int) -> int:
-            while (first := list_segments(journal)[0][0]) <= after:
-                assert time.monotonic() < deadline, (after, list_segments(journal))
+        def first_kept(deleted: Path) -> int:
+            """The first segment once the journaller logged `deleted`: it logs the paths a look
+            deleted after deleting them all, so one look's deletions are whole by then."""
+            while f"deleted {deleted.name}" not in node.log_text():
+                assert time.monotonic() < deadline, (deleted, list_segments(journal))
                 time.sleep(0.02)
-            return first
+            return list_segments(journal)[0][0]
 
         hold.set(segments[1] + 1)  # the follower has all before the second segment's second record
-        assert first_kept(after=1) == segments[1]
+        assert first_kept(listed[0][1]) == segments[1]
         hold.set(0)  # it caught up: no hold
-        assert segments[1] < first_kept(after=segments[1]) <= snapshot_index + 1
+        assert first_kept(listed[1][1]) == max(first for first in segments if first <= snapshot_index + 1)
     finally:
         counters.close()
