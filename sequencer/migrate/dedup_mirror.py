@@ -35,7 +35,8 @@ _REFUSED = (0, int(ReplyStatus.REJECTED), 0, b"")
 
 
 class DedupMirror:
-    """The processor's session and dedup bookkeeping, without the app and the saved replies.
+    """The processor's session and dedup bookkeeping, without the app and the saved replies (but
+    the refusals a migration can tell: `refuse`).
 
     It must decide exactly as `sequencer.processor.Processor` did which commands were applied,
     so it keeps the processor's `ClientTable` and calls it as the processor does (`open`,
