@@ -3,7 +3,8 @@
 Every value is the replicator's (its `raft.*` counters, daemon/layout.py); `daemon.status` calls
 `raft_status` on a sample and renders the result with `raft_lines` and `raft_json`. Slot k = 1..
 holds `raft.peer<k>.node` (another member's node number, 0 for an empty slot) and
-`raft.peer<k>.last_contact_ms` (when that member was last heard from, wall clock) on every node;
+`raft.peer<k>.last_contact_ms` (when that member was last heard from, wall-clock ms, one value
+per message heard: `daemon.roles.replicator_ops.contact_wall_ms`) on every node;
 on the leader also `raft.peer<k>.match_index` and `raft.peer<k>.inflight_bytes_peak` (the most
 payload bytes it had unanswered at once this term: how close its catch-up came to
 `cluster.inflight_bytes_max`). Only a leader tracks matches (a follower's slots say 0), so only a

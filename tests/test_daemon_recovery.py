@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import time
 import urllib.request
 from pathlib import Path
@@ -13,9 +14,10 @@ import pytest
 
 from daemon.exits import ExitCode
 from sequencer import snapshot as snapshots
-from sequencer.apps.ledger import Balance, Ledger
-from sequencer.client import Client, ConnectionLost, TimedOut
+from sequencer.apps.ledger import Balance, Ledger, OpenAccount
+from sequencer.client import Client, CommandRejected, ConnectionLost, TimedOut
 from sequencer.journal.format import BATCH_MAGIC_BYTES
+from sequencer.journal.scan import list_segments
 from tests.fixtures.nondeterministic import ClockReading, Tag
 from tests.node_fixtures import DEPOSIT, balances, node_factory, open_accounts  # noqa: F401
 
@@ -155,3 +157,50 @@ def test_failed_fdatasync_stops_the_journaller_and_recovery_drops_what_was_never
     assert "restarting the pipeline" in text
     assert "written before the failed fdatasync" in text  # the unsynced batch was dropped
     assert balances(node.socket_path, names) == dict.fromkeys(names, DEPOSIT)
+
+
+def test_the_journal_keeps_every_segment_from_the_raft_retention_index_a_snapshot_covers(node_factory) -> None:  # noqa: F811
+    """`raft.retain.index` (a leader's replicator holds the journal for a follower catching up
+    after a snapshot: it still needs those records) bounds the deletion as the oldest snapshot
+    does: a segment holding the held index stays though the snapshot covers it, and an idle
+    journaller deletes it once the hold moves past it or ends (it looks every COMPACTION_LOOK_S).
+    A single node runs no replicator: this test is the counter's one writer."""
+    node = node_factory({
+        "journal": {"segment_bytes": 1 << 20, "batch_bytes_max": 256 << 10, "preallocate": False},
+        "snapshot": {"keep": 1, "delete_journal": True},
+    })
+    journal = node.config.journal_dir
+    counters = node.counters()
+    try:
+        hold = counters["raft.retain.index"]
+        hold.set(1)  # the whole journal held
+        # ~30 KiB records (each refused by the ledger, bad_account_name, and journaled all the
+        # same): 110 of them fill three 1 MiB segments and start a fourth.
+        with Client(node.socket_path, schema=Ledger.schema, timeout_s=30) as client:
+            for request in [client.submit(OpenAccount("x" * (30 << 10))) for _ in range(110)]:
+                with pytest.raises(CommandRejected):
+                    request.result()
+        os.kill(node.role_pid("sequencer"), signal.SIGUSR1)  # `seqd snapshot`
+        deadline = time.monotonic() + 30
+        while not (snapshot_index := counters["snapshot.oldest.index"].get()):
+            assert time.monotonic() < deadline, "no snapshot"
+            time.sleep(0.02)
+        listed = list_segments(journal)
+        segments = [first for first, _path in listed]
+        assert len(segments) >= 4 and segments[0] == 1, segments
+        assert segments[2] <= snapshot_index, (segments, snapshot_index)  # the snapshot covers the second
+
+        def first_kept(deleted: Path) -> int:
+            """The first segment once the journaller logged `deleted`: it logs the paths a look
+            deleted after deleting them all, so one look's deletions are whole by then."""
+            while f"deleted {deleted.name}" not in node.log_text():
+                assert time.monotonic() < deadline, (deleted, list_segments(journal))
+                time.sleep(0.02)
+            return list_segments(journal)[0][0]
+
+        hold.set(segments[1] + 1)  # the follower has all before the second segment's second record
+        assert first_kept(listed[0][1]) == segments[1]
+        hold.set(0)  # it caught up: no hold
+        assert first_kept(listed[1][1]) == max(first for first in segments if first <= snapshot_index + 1)
+    finally:
+        counters.close()

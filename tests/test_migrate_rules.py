@@ -10,6 +10,13 @@ first opens, or a stopped start's forward arriving after its node's next start),
 closes and node_starts (a follower's resend to a new leader), commands resent on new sessions,
 and clients idle past the expiry. A mirror that decides one of them otherwise carries a command
 over that the old node never applied, or drops one it did.
+
+The logs also hold migrated requests (COMMAND_PART records: a journal migrated before), whose
+parts stop at the first one refused (`sequencer.processor`, "Migrated requests"): refused by the
+app (a negative note), which the migration cannot know and carries, so the new node refuses it
+again and skips the same parts; or undecodable, which the migration can tell as the old node did
+and writes as a part without command bytes, so it drops the parts after it (the new node would
+have applied them: a part without a command refuses nothing).
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ import pytest
 from sequencer.migrate import MIGRATION_CLIENT_ID, MIGRATION_SESSION_ID, Migration, MigrationError
 from sequencer.migrate.migration import MIGRATION_SESSIONS_MAX
 from sequencer.processor import Processor
-from sequencer.record import ADMIN_NODE_START, RecordType, encode_admin
+from sequencer.record import ADMIN_NODE_START, RecordType, encode_admin, encode_command
 from sequencer.rules_versions import RULES_VERSION
 from tests.fixtures.feeder import Feeder
 from tests.test_duplicates_orderings import copy_of
@@ -41,6 +48,11 @@ NODES = (1, 2)
 FIRST_START = {1: 0x000110, 2: 0x000990}  # each node's first incarnation; ids go up by one a start
 CLIENTS = 5
 DELAY_STEPS_MAX = 12  # how far behind its place a lost forward is resent
+PARTS_MAX = 4  # the parts of a migrated request drawn
+# What each part of a migrated request holds: a note, one the app refuses, bytes no schema
+# version decodes (msgpack's never-used byte), or no command.
+PART_KINDS = ("note", "note", "negative", "undecodable", "none")
+UNDECODABLE = b"\xc1"
 
 
 class RandomLog:
@@ -128,6 +140,9 @@ class RandomLog:
             request_id = rng.randint(1, request_id - 1)  # resent, on this session or a new one
         else:
             self.next_request[client_id] += 1
+        if rng.random() < 0.15:  # a request of a journal migrated before
+            kinds = tuple(rng.choice(PART_KINDS) for _ in range(rng.randint(1, PARTS_MAX)))
+            return ("parts", session_id, request_id, kinds)
         return ("command", session_id, request_id)
 
     def emit(self, event: tuple[Any, ...]) -> None:
@@ -139,6 +154,14 @@ class RandomLog:
             feeder.close_session(event[1])
         elif kind == "command":
             feeder.command(event[1], event[2], Note(feeder.index + 1))  # the value: its index
+        elif kind == "parts":
+            for part in event[3]:
+                value = feeder.index + 1
+                data = {"note": Note(value), "negative": Note(-value), "none": None}.get(part, UNDECODABLE)
+                if data is not None and not isinstance(data, bytes):
+                    data = NOTES_SCHEMA.encode_command(data)[1]
+                feeder._record(RecordType.COMMAND_PART, NOTES_SCHEMA.version, event[1], event[2],
+                               encode_command(0, data or b""))  # fmt: skip
         elif kind == "rules":
             rules_version_record(feeder, RULES_VERSION)
         else:
@@ -150,9 +173,9 @@ class RandomLog:
                            rules_version=rules_version, members=list(NODES))  # fmt: skip
 
 
-def command_indexes(records: list[bytes]) -> list[int]:
+def command_indexes(records: list[bytes], record_type: int = RecordType.COMMAND) -> list[int]:
     return [int.from_bytes(record[8:16], "little") for record in records
-            if int.from_bytes(record[4:6], "little") == RecordType.COMMAND]  # fmt: skip
+            if int.from_bytes(record[4:6], "little") == record_type]  # fmt: skip
 
 
 def assert_migration_decides_as_the_processor(records: list[bytes], log: str) -> Processor[Notes]:
@@ -161,19 +184,20 @@ def assert_migration_decides_as_the_processor(records: list[bytes], log: str) ->
     run = b"".join(records)
     old = Processor(Notes, client_expiry_ns=EXPIRY_NS)
     old.apply_records(run)
-    applied = sorted(value for _, value in old.app.applied)
     commands = command_indexes(records)
-    resent = len(commands) - len(applied) - old.commands_without_session
+    applied = sorted(value for _, value in old.app.applied if value in set(commands))  # of COMMANDs
     migration = Migration(SameNotes(), client_expiry_ns=EXPIRY_NS)
     new_run = migration.feed(run) + migration.finish()
     index_map = migration.index_map()
     carried = [index for index in commands if len(index_map.targets(index))]
     read, written = migration.counts()
+    without_session = read.get("COMMAND (no session: dropped)", 0)
+    resent = len(commands) - len(applied) - without_session
     where = f"{log}, {len(records)} records, rules {old.rules_versions.active} at the end"
     assert carried == applied, f"{where}: carried over {sorted(set(carried) - set(applied))} the old node did not " \
                                f"apply; dropped {sorted(set(applied) - set(carried))} it applied"  # fmt: skip
     assert read.get("COMMAND (resent: dropped)", 0) == resent, where
-    assert read.get("COMMAND (no session: dropped)", 0) == old.commands_without_session, where
+    assert without_session + read.get("COMMAND_PART (no session: dropped)", 0) == old.commands_without_session, where
     assert written.get("SESSION_CLOSE (open at the end)", 0) == len(old.session_ids()), where
     new = Processor(Notes, client_expiry_ns=EXPIRY_NS)
     new.apply_records(new_run)
@@ -195,10 +219,16 @@ def test_a_migration_carries_over_exactly_the_commands_the_processor_applied(swi
         old = assert_migration_decides_as_the_processor(records, f"seed {seed} ({switch})")
         outcomes["duplicate records"] += old.duplicate_records
         outcomes["without session"] += old.commands_without_session
+        outcomes["parts skipped"] += old.command_parts_skipped
+        outcomes["parts applied"] += len(set(value for _, value in old.app.applied)
+                                         & set(command_indexes(records, RecordType.COMMAND_PART)))  # fmt: skip
         outcomes[f"rules {old.rules_versions.active}"] += 1
-    # The logs reach the orderings: second copies (no-ops), and commands left without a session.
+    # The logs reach the orderings: second copies (no-ops), commands left without a session, and
+    # the parts of migrated requests applied and skipped (after a refused part, or stale).
     assert outcomes["duplicate records"] > SEEDS, outcomes
     assert outcomes["without session"] > SEEDS, outcomes
+    assert outcomes["parts applied"] > SEEDS, outcomes
+    assert outcomes["parts skipped"] > SEEDS, outcomes
     assert outcomes[f"rules {1 if switch == 'never' else RULES_VERSION}"] == SEEDS, outcomes
 
 
@@ -254,6 +284,25 @@ def test_a_copy_of_an_open_leaves_its_client_to_expire_as_the_old_node_did() -> 
         feeder.command(s2, 1, Note(feeder.index + 1))
         old = assert_migration_decides_as_the_processor(feeder.records, f"the example, rules 2: {rules_2}")
         assert len(old.app.applied) == 2, rules_2
+
+
+def test_the_parts_after_a_part_the_old_node_could_not_decode_are_dropped_as_it_skipped_them() -> None:
+    # The old node refused part 2 (bad_command) and skipped part 3. Part 2 becomes a part without
+    # a command, which refuses nothing: part 3 carried behind it was applied by the new node.
+    # Part 5, after a part the app refused, is carried: the new node refuses part 4 and skips it.
+    feeder = Feeder(NOTES_SCHEMA)
+    node_start(feeder, FIRST_START[1])
+    s1 = session(1, FIRST_START[1], 1)
+    feeder.open_session(s1, client_id=7)
+    for request_id, parts in ((1, [Note(10), UNDECODABLE, Note(30)]), (2, [Note(-40), Note(50)])):
+        for part in parts:
+            data = part if isinstance(part, bytes) else NOTES_SCHEMA.encode_command(part)[1]
+            feeder._record(RecordType.COMMAND_PART, NOTES_SCHEMA.version, s1, request_id, encode_command(0, data))
+    old = assert_migration_decides_as_the_processor(feeder.records, "the example")
+    assert (old.app.applied, old.command_parts_skipped) == ([(7, 10)], 2)
+    migration = Migration(SameNotes(), client_expiry_ns=EXPIRY_NS)
+    migration.feed(b"".join(feeder.records))
+    assert migration.counts()[0]["COMMAND_PART (after a refused part: dropped)"] == 1
 
 
 def test_a_journal_under_rules_this_seqd_does_not_know_is_refused_naming_the_record() -> None:

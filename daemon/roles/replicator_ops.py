@@ -68,11 +68,26 @@ from sequencer.raft.core import RaftCore
 from sequencer.raft.raft_role import CANDIDATE, LEADER
 from sequencer.raft.transport_config import TransportCounters
 
-__all__ = ["ReplicatorOperations"]
+__all__ = ["ReplicatorOperations", "contact_wall_ms"]
 
 log = logging.getLogger("seqd.replicator")
 
 _TARGET_MASK = (1 << RAFT_TRANSFER_TARGET_BITS) - 1
+
+
+def contact_wall_ms(heard_s: float, now_s: float, wall_ns: int) -> int:
+    """The wall-clock ms (floored) of a message heard at monotonic `heard_s`, from the two clocks
+    read together at `now_s` and `wall_ns`: their offset, in ns, put on `heard_s`.
+
+    Derived once per message heard (`publish` keeps it until another comes), so a contact shows
+    one value for as long as it is the last: derived again each tick, from the whole ms of each
+    clock, it moved by 1 ms between ticks (the two floors fall at different instants) and could
+    even lie 1 ms after the message. Exact up to the few microseconds between the clock reads
+    (which can only tip a contact that close to a whole ms, once). The age `seqd status` shows,
+    its own now in whole ms less this, is the count of whole ms passed since: less than 1 ms off
+    the true age, as any age in whole ms is.
+    """
+    return (wall_ns - round((now_s - heard_s) * 1e9)) // 1_000_000
 
 
 class ReplicatorOperations:
@@ -111,8 +126,10 @@ class ReplicatorOperations:
         self.outcome = counters[RAFT_TRANSFER_OUTCOME]
         self.request_seen = self.request.get()  # a request older than this incarnation is done
         # peer -> monotonic time of its last message (its wall-clock ms, for the counters, is
-        # derived once a tick in `publish`: a clock read per message batch was the other half)
+        # derived in `publish`, once per message heard: a clock read per message batch was the
+        # other half)
         self.heard_s: dict[int, float] = {}
+        self.contact_ms: dict[int, tuple[float, int]] = {}  # peer -> (heard_s, its wall-clock ms)
         self.target = NO_NODE  # the transfer under way, or NO_NODE
         self.deadline_s = 0.0
         self.retry_s = 0.0  # a drain tries again no sooner than this
@@ -214,11 +231,17 @@ class ReplicatorOperations:
         """Once a tick: when each peer was last heard from and its byte window's peak, the
         transport's refusals, and the forward stream's figures (`inbox_dropped`: records the
         leader's `ForwardInbox` dropped)."""
-        heard_s = self.heard_s
-        wall_ms, now_s = time.time_ns() // 1_000_000, time.monotonic()
+        heard_s, contact_ms = self.heard_s, self.contact_ms
+        wall_ns, now_s = time.time_ns(), time.monotonic()
         for counter, peak, peer in zip(self.contact_counters, self.peak_counters, self.peers, strict=True):
             heard = heard_s.get(peer)
-            counter.set(0 if heard is None else wall_ms - int((now_s - heard) * 1000))
+            if heard is None:
+                counter.set(0)
+            else:
+                derived = contact_ms.get(peer)
+                if derived is None or derived[0] != heard:
+                    derived = contact_ms[peer] = (heard, contact_wall_ms(heard, now_s, wall_ns))
+                counter.set(derived[1])
             peak.set(core.inflight_bytes_peak(peer))
         self.forwards_dropped.set(transport.records_dropped + inbox_dropped)
         self.streams_broken.set(transport.forward_streams_broken)

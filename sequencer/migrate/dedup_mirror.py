@@ -9,23 +9,34 @@ node starts and early opens the session rules track, the active rules version), 
 journal's session and ADMIN records in log order through the same calls the processor makes. So
 it decides under the session rules the old log had active at each index: rules 1
 (sequencer/dedup_rules1.py) until an ADMIN rules_version record, then rules 2 (sequencer/dedup.py),
-as the old node did (sequencer/rules_versions.py). Only the saved replies stay empty: they answer
-resends, and a resend is dropped here.
+as the old node did (sequencer/rules_versions.py). The saved replies stay empty (they answer
+resends, and a resend is dropped here) but for one kind: a request the old node refused that the
+migration can tell refused, because its command did not decode (`refuse`). Its later parts were
+skipped by the old node, so they are dropped (`refused`); written after the part without command
+bytes that the undecodable part becomes, the new node would apply them. A refusal by the app is
+not known here (it would take running the app): its part is carried, so the new node refuses it
+again and skips the same later parts, unless the transform changes or drops the refused part.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from sequencer.dedup import ClientTable, SessionEntry
+from sequencer.dedup import ClientEntry, ClientTable, SessionEntry
+from sequencer.egress import ReplyStatus
 from sequencer.migrate.errors import MigrationError
 from sequencer.rules_versions import RulesVersionError
 
 __all__ = ["DedupMirror"]
 
+_OK = int(ReplyStatus.OK)
+# The saved reply of a refused request, as the processor keeps its status (the rest unused).
+_REFUSED = (0, int(ReplyStatus.REJECTED), 0, b"")
+
 
 class DedupMirror:
-    """The processor's session and dedup bookkeeping, without the app and the saved replies.
+    """The processor's session and dedup bookkeeping, without the app and the saved replies (but
+    the refusals a migration can tell: `refuse`).
 
     It must decide exactly as `sequencer.processor.Processor` did which commands were applied,
     so it keeps the processor's `ClientTable` and calls it as the processor does (`open`,
@@ -51,6 +62,21 @@ class DedupMirror:
     def open(self, session_id: int, client_id: int, node: str, timestamp_ns: int) -> bool:
         """A SESSION_OPEN; False when the processor took it for a second copy (nothing opened)."""
         return self.table.open(session_id, client_id, node, timestamp_ns)
+
+    def refuse(self, client: ClientEntry, request_id: int) -> None:
+        """The old node refused request `request_id` of `client` (a command of it did not
+        decode): its later parts were skipped. One request held per client, the newest: parts
+        come back to back, so only the last request can have more."""
+        replies = client.replies
+        replies.clear()
+        replies[request_id] = _REFUSED
+
+    @staticmethod
+    def refused(client: ClientEntry, request_id: int) -> bool:
+        """Whether a later part of request `request_id` of `client` comes after a part the old
+        node refused (`refuse`), as the processor's later-part rule reads its saved reply."""
+        saved = client.replies.get(request_id)
+        return saved is not None and saved[1] != _OK
 
     def close(self, session_id: int, timestamp_ns: int) -> None:
         """A SESSION_CLOSE (of a session not open: nothing)."""

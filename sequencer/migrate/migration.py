@@ -309,6 +309,9 @@ class Migration:
             client.last_request_id = request_id
             shape = _FIRST
         elif request_id == last:
+            if self._dedup.refused(client, request_id):
+                self._count(self._in, (record_type, "(after a refused part: dropped)"))
+                return new_index
             shape = _LATER
         else:
             self._count(self._in, (record_type, "(stale part: dropped)"))
@@ -347,9 +350,11 @@ class Migration:
                         f"v{self._source_version}): use a transform whose source is the app that "
                         "wrote this journal"
                     ) from error
-                # The old node refused it (bad_command) and recorded its request id: keep that.
+                # The old node refused it (bad_command) and recorded its request id: keep that,
+                # and drop the request's later parts, which it skipped (`DedupMirror.refuse`).
                 outputs = _NO_OUTPUTS
                 self._count(self._in, (record_type, "(undecodable: request id kept)"))
+                self._dedup.refuse(self._dedup.sessions[header[6]].client, header[7])
             else:
                 self._count(self._in_commands if record_type == _COMMAND else self._in_parts, type(command))
                 self._origin._header = header
