@@ -198,9 +198,15 @@ def test_the_journal_keeps_every_segment_from_the_raft_retention_index_a_snapsho
                 time.sleep(0.02)
             return list_segments(journal)[0][0]
 
-        hold.set(segments[1] + 1)  # the follower has all before the second segment's second record
+        # The hold's edges: held at the second segment's last record, that segment stays (a
+        # journaller deleting from the hold + 1 fails here); held at the third's first record,
+        # the second goes and the third stays (one keeping from the hold - 1 fails here).
+        assert segments[3] <= snapshot_index + 1, (segments, snapshot_index)  # the last step deletes
+        hold.set(segments[2] - 1)
         assert first_kept(listed[0][1]) == segments[1]
+        hold.set(segments[2])
+        assert first_kept(listed[1][1]) == segments[2]
         hold.set(0)  # it caught up: no hold
-        assert first_kept(listed[1][1]) == max(first for first in segments if first <= snapshot_index + 1)
+        assert first_kept(listed[2][1]) == max(first for first in segments if first <= snapshot_index + 1)
     finally:
         counters.close()

@@ -23,7 +23,9 @@ OFFSET_NS = 1_700_000_000_000_000_000 - 100_000
 HEARD_S = 5000.0005
 CONTACT_MS = (round(HEARD_S * 1e9) + OFFSET_NS) // 1_000_000
 TICK_S = 0.0003  # a tick here is 0.3 ms: each crosses the two clocks' whole ms at other instants
-READS_APART_NS = 700  # the wall clock read up to this long after the monotonic one
+# The two clocks are read up to this far apart (publish reads the wall clock first; the sign
+# does not change what is tested: one value per contact).
+READS_APART_NS = 700
 
 
 @pytest.fixture

@@ -15,8 +15,8 @@ still hold after the migration (docs/evolution.md has the long form):
   deduplicated as one request on a resend, its parts stop at the first rejected one, and its
   saved reply is the last part's (or the rejection). A request that became no command is a part
   without command bytes: it records the request id, so a resend gets DUPLICATE, never a second
-  application. A part the old node refused as undecodable becomes such a part too, and the
-  request's later parts, which the old node skipped, are dropped (`DedupMirror.refuse`); one the
+  application. A part the old node refused as undecodable becomes such a part too (a first
+  part; a later one is written as nothing), and the request's later parts, which the old node skipped, are dropped (`DedupMirror.refuse`); one the
   old app refused is carried, and refused again by the new node, which skips the same parts.
 - Resends: a command the old node deduplicated (its request id was not above the client's last)
   changed nothing, and is dropped. To know which those are, `DedupMirror` follows the processor's

@@ -13,7 +13,8 @@ as the old node did (sequencer/rules_versions.py). The saved replies stay empty 
 resends, and a resend is dropped here) but for one kind: a request the old node refused that the
 migration can tell refused, because its command did not decode (`refuse`). Its later parts were
 skipped by the old node, so they are dropped (`refused`); written after the part without command
-bytes that the undecodable part becomes, the new node would apply them. A refusal by the app is
+bytes that an undecodable first part becomes, the new node would apply them (a later undecodable
+part is written as nothing). A refusal by the app is
 not known here (it would take running the app): its part is carried, so the new node refuses it
 again and skips the same later parts, unless the transform changes or drops the refused part.
 """
