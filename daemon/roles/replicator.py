@@ -179,8 +179,9 @@ class Replicator:
         self.proposal_ring = Ring.attach(proposal_name(node), epoch=context.epoch)
         self.writer = self.log_ring.writer()
         self.proposals = self.proposal_ring.reader(Role.REPLICATOR)
+        # No safety-net timer of its own: every tick looks (`_has_work_outside`, replicator_ticks.py).
         self.bell_waiter = loop_waiter(loop, self.proposals.doorbell, self._on_bell, ring_name=self.proposal_ring.name,
-                                       whose="replicator's", setting="PROPOSAL_POLLABLE")  # fmt: skip
+                                       whose="replicator's", setting="PROPOSAL_POLLABLE", timeout_ms=0)  # fmt: skip
         self.blp_doorbell = self.log_ring.doorbell(Role.BLP)
         self.durable_index = counters[JOURNAL_DURABLE_INDEX]  # the journaller's
         self.commit_index_counter = counters[RAFT_COMMIT_INDEX]
