@@ -25,6 +25,7 @@ the counts, not the times or the CPU of that run).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import signal
@@ -75,8 +76,16 @@ def message_counts(cluster: Cluster) -> dict[str, int]:
 
 
 def cpu_seconds(process: psutil.Process) -> float:
-    """User + system CPU time of one role process."""
-    return sum(process.cpu_times()[:2])
+    """CPU time of one role process: the scheduler's run time of its threads, in ns
+    (/proc/<pid>/task/*/schedstat), where the kernel keeps it; else user + system time, which
+    counts in clock ticks (10 ms: 0.25 us a command over a 40,000-command run)."""
+    if not Path(f"/proc/{process.pid}/schedstat").exists():
+        return sum(process.cpu_times()[:2])
+    run_ns = 0
+    for thread in Path(f"/proc/{process.pid}/task").iterdir():
+        with contextlib.suppress(OSError):  # a thread that ended meanwhile (uvloop's resolver's)
+            run_ns += int((thread / "schedstat").read_text().split()[0])
+    return run_ns / 1e9
 
 
 def context_switches(process: psutil.Process) -> int:
