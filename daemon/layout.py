@@ -626,6 +626,9 @@ RULES_VERSION_DUE = _declare("rules.version.due", Role.BLP, Kind.GAUGE, "A sessi
 # A leader that refuses a follower's forwarded records says why (sequencer/raft/transport.py, the
 # REFUSED frame): counted on the follower, whose replicator's log gives the reason.
 RAFT_FORWARD_REFUSALS_RECEIVED = _declare("raft.forward_refusals_received", Role.REPLICATOR, Kind.COUNTER, "Refusals of this node's forwarded records the leader sent back with its reason (in the replicator's log): each closes that connection, and the records go again on the next")  # fmt: skip
+# The replicator's passes through its Raft core (daemon/roles/replicator.py, `_process`), copied
+# once a tick's pass: a follower's quiet ticks make none (daemon/roles/replicator_ticks.py).
+RAFT_PASSES = _declare("raft.passes", Role.REPLICATOR, Kind.COUNTER, "Passes of the replicator's loop through the Raft core (per peer message batch, fdatasync and proposal batch; a follower's tick makes one only when something is due)")  # fmt: skip
 
 
 def commit_index_counter(clustered: bool) -> CounterSpec:
@@ -654,7 +657,7 @@ ERROR_KIND_COUNTERS: tuple[CounterSpec, ...] = tuple(
 ERRORS_TOTAL_NAME = "errors.total"
 assert ERRORS_TOTAL_NAME not in _BY_NAME
 # The version of this table, carried by the segment header (see the module docstring).
-COUNTERS_LAYOUT_VERSION = 8
+COUNTERS_LAYOUT_VERSION = 9
 
 
 def counter_spec(name: str) -> CounterSpec | None:

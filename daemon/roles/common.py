@@ -42,7 +42,7 @@ from daemon.layout import ROLE_COUNTERS, CounterView, Role, RoleState, attach_co
 from daemon.parent_death import EXIT_ORPHANED, die_with_parent
 from ipc.counters import Counter
 from ipc.doorbell import Doorbell
-from ipc.doorbell_fifo import LoopWaiter
+from ipc.doorbell_fifo import LOOP_TIMEOUT_MS_DEFAULT, LoopWaiter
 from ipc.idle import idle_strategy
 from ipc.segment import SegmentError
 
@@ -202,11 +202,12 @@ def report_start_failure(context: RoleContext) -> Iterator[None]:
 
 def loop_waiter(
     loop: asyncio.AbstractEventLoop, doorbell: Doorbell, on_ready: Callable[[], None], *,
-    ring_name: str, whose: str, setting: str,
+    ring_name: str, whose: str, setting: str, timeout_ms: float = LOOP_TIMEOUT_MS_DEFAULT,
 ) -> LoopWaiter:  # fmt: skip
     """A `LoopWaiter` on `doorbell`, a ring reader's in a role's event loop (the sequencer's
     egress, the replicator's proposals). The ring must have been created with that reader's
     doorbell a FIFO (`setting`, a name in daemon.layout): a semaphore no loop can watch.
+    `timeout_ms`: its safety-net look (0: none, for a role whose own timer looks as often).
 
     Raises:
         RuntimeError: the doorbell is a semaphore (the ring was created by another seqd).
@@ -217,7 +218,7 @@ def loop_waiter(
             f"watch; the ring must be created with pollable={setting} (daemon.layout). Restart "
             "the node with this seqd."
         )
-    return LoopWaiter(loop, doorbell, on_ready)
+    return LoopWaiter(loop, doorbell, on_ready, timeout_ms)
 
 
 def run_agent(context: RoleContext, agent: Agent) -> None:

@@ -49,7 +49,7 @@ Linearizable queries: each pass also gives the core a ReadIndex request for ever
 that asked a read round (`daemon/read_rounds.py`), and publishes the read points the core hands
 out in `ready.reads`. A learner (`learner = true`) runs the same role; its core never campaigns.
 
-Snapshots: the core is told where the journal now starts (`_note_compaction`: retention deleted
+Snapshots: the core is told where the journal now starts (`CompactionWatch`: retention deleted
 the segments before it), so a leader sends InstallSnapshot to a follower that needs entries before
 it; the file moves in chunks (daemon/snapshot_install.py), and a follower that takes it writes
 `raft.install` and exits with ROLE_EXIT_RAFT_TRUNCATE like a conflict, the supervisor installing
@@ -60,7 +60,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import sys
 import time
 from collections import deque
@@ -77,6 +76,7 @@ from daemon.layout import (
     RAFT_LAST_INDEX,
     RAFT_LEADER,
     RAFT_LEARNER,
+    RAFT_PASSES,
     RAFT_PEER_MATCH_INDEX,
     RAFT_PEER_NODE,
     RAFT_PEER_SLOTS,
@@ -113,6 +113,7 @@ from daemon.roles.replicator_setup import (
     start_raft_core,
     transport_config,
 )
+from daemon.roles.replicator_ticks import CompactionWatch, QuietTicks
 from daemon.snapshot_install import SnapshotReceiver, SnapshotSender, write_install_request
 from ipc.ring import Ring
 from sequencer.cluster import (
@@ -140,7 +141,7 @@ from sequencer.raft.messages import (
     SnapshotChunkAck,
 )
 from sequencer.raft.peer_protocol import ForwardedRecord
-from sequencer.raft.raft_role import LEADER
+from sequencer.raft.raft_role import FOLLOWER, LEADER
 from sequencer.raft.transport import PeerTransport
 
 log = logging.getLogger("seqd.replicator")
@@ -178,8 +179,9 @@ class Replicator:
         self.proposal_ring = Ring.attach(proposal_name(node), epoch=context.epoch)
         self.writer = self.log_ring.writer()
         self.proposals = self.proposal_ring.reader(Role.REPLICATOR)
+        # No safety-net timer of its own: every tick looks (`_has_work_outside`, replicator_ticks.py).
         self.bell_waiter = loop_waiter(loop, self.proposals.doorbell, self._on_bell, ring_name=self.proposal_ring.name,
-                                       whose="replicator's", setting="PROPOSAL_POLLABLE")  # fmt: skip
+                                       whose="replicator's", setting="PROPOSAL_POLLABLE", timeout_ms=0)  # fmt: skip
         self.blp_doorbell = self.log_ring.doorbell(Role.BLP)
         self.durable_index = counters[JOURNAL_DURABLE_INDEX]  # the journaller's
         self.commit_index_counter = counters[RAFT_COMMIT_INDEX]
@@ -190,6 +192,7 @@ class Replicator:
         self.last_index_counter = counters[RAFT_LAST_INDEX]
         self.pending_counter = counters[RAFT_PENDING_FORWARDS]
         self.retain_counter = counters[RAFT_RETAIN_INDEX]
+        self.passes_counter = counters[RAFT_PASSES]
         self.peers = tuple(m.id for m in cluster.members if m.id != config.node.number)
         assert len(self.peers) <= RAFT_PEER_SLOTS, self.peers
         for slot, peer in enumerate(self.peers):
@@ -248,8 +251,9 @@ class Replicator:
         self.snapshot_sender = SnapshotSender(cluster.cluster_id, config.node.number, config.snapshot_dir,
                                               self.transport.send)
         self.snapshot_receiver = SnapshotReceiver(config.snapshot_dir)
-        self.journal_dir_mtime_ns = -1  # the journal directory's, when the core last heard of it
-        self.journal_dir = str(config.journal_dir)  # a str: stat'ed once a tick, no Path to build
+        self.compaction = CompactionWatch(str(config.journal_dir), self.storage)
+        self.quiet_ticks = QuietTicks(cluster.tick_ms)
+        self.passes = 0  # of `_process`, published once a tick's pass (`raft.passes`)
 
     def _load(self, commit_index: int, last_index: int) -> DurableState:
         """The core's state at start: the hard state, and the journal's entries after the
@@ -340,12 +344,21 @@ class Replicator:
         self.snapshot_sender.tick(time.monotonic())
         self._process(tick=True)
 
-    def _on_tick(self) -> None:
-        self.core.tick()
+    def _on_tick(self, scheduled: bool) -> bool:
+        """Tick the core; whether the tick is quiet: a follower's with nothing due makes no pass
+        (replicator_ticks.py; `scheduled`: a pass is due anyway)."""
+        core = self.core
+        core.tick()
         now_s = time.monotonic()
+        if core.raft_role is FOLLOWER:
+            self.read_rounds.ask(core, now_s)  # a replica's round waits at most a tick, as in a pass
+            waiting = scheduled or self._has_work_outside() or bool(self.feed or self.outbox or self.pending)
+            if self.quiet_ticks.quiet(core, self.standing, waiting):
+                return True
         if self.core.leader_id != NO_NODE and self.pending.overdue(now_s, RESEND_AFTER_S):
             self.outbox = self.pending.resend(now_s)
             self.operations.resent(len(self.outbox), f"the oldest not committed {RESEND_AFTER_S} s after it was sent")
+        return False
 
     def _schedule(self) -> None:
         """A pass at the end of this loop iteration: whatever else is ready in it (peer messages,
@@ -363,8 +376,9 @@ class Replicator:
         if self.finished.done():
             return
         try:
-            if tick:
-                self._on_tick()
+            if tick and self._on_tick(scheduled is not None):
+                return  # a quiet tick: no pass
+            self.passes += 1
             self._process_once(tick)
         except BaseException as error:
             self.finished.set_exception(error)
@@ -375,8 +389,8 @@ class Replicator:
 
     def _process_once(self, tick: bool) -> None:
         core = self.core
-        if tick or self.journal_dir_mtime_ns < 0:
-            self._note_compaction()
+        if tick or not self.compaction.looked:
+            self.compaction.look(core)  # where the journal now starts (replicator_ticks.py)
         self._report_durable()
         self._check_standing()
         settled = may_propose(core.raft_role is LEADER, core.term, core.leader_id, self.term_started, self.commit_known)
@@ -403,22 +417,6 @@ class Replicator:
             # part, or a follower whose ring is full of uncommitted entries (the blp reads only
             # up to the commit) would wait for itself for good.
             self.core.durable_through(durable)
-
-    def _note_compaction(self) -> None:
-        """Tell the core where the journal now starts once retention deleted segments (a stat per
-        tick, not per pass: under load a pass runs for every proposal batch and every ack, and the
-        stat was a tenth of the leader's CPU; the directory changes only when a segment is created
-        or deleted, and retention never deletes what the leader holds for a follower)."""
-        mtime_ns = os.stat(self.journal_dir).st_mtime_ns
-        if mtime_ns == self.journal_dir_mtime_ns:
-            return
-        core = self.core
-        compacted = self.storage.first_index() - 1
-        if compacted > core.applied_index:
-            return  # not yet applied here (the core compacts only applied entries): next pass
-        self.journal_dir_mtime_ns = mtime_ns
-        if compacted > core.log.snapshot_index:
-            core.compact(compacted, b"")
 
     def _check_standing(self) -> None:
         core = self.core
@@ -589,6 +587,7 @@ class Replicator:
         if not tick:
             return
         self.last_index_counter.set(core.log.last_index)
+        self.passes_counter.set(self.passes)
         for counter, peer in zip(self.match_counters, self.peers, strict=True):
             counter.set(core.match_index(peer))
         self.operations.publish(core, self.transport.counters, self.inbox.records_dropped)
