@@ -35,10 +35,21 @@ from typing import Any
 import pytest
 
 from daemon.cluster_harness import Cluster
-from daemon.layout import RAFT_COMMIT_POSITION, RAFT_FORWARDS_RESENT, SUPERVISOR_RESTARTS, Role
+from daemon.layout import (
+    RAFT_COMMIT_INDEX,
+    RAFT_COMMIT_POSITION,
+    RAFT_FORWARDS_RESENT,
+    RAFT_PEER_SLOTS,
+    RAFT_ROLE,
+    RAFT_TERM,
+    SUPERVISOR_RESTARTS,
+    Role,
+)
+from ipc.segment import SegmentError
 from sequencer import logtools
 from sequencer.history.checker import check_files
 from sequencer.history.recorder import HistoryWriter, RecordingClient, read_history
+from sequencer.raft.raft_role import RaftRole
 from tests.cluster_workload import CLIENT_TIMEOUT_S, LedgerWorkload, open_accounts
 
 LONG = os.environ.get("SEQD_FAULTS_LONG", "") not in ("", "0")
@@ -414,8 +425,8 @@ MESSAGE_BYTES_BOUND = (1 << 20) + 1024
 def test_a_follower_behind_by_more_than_its_log_ring_catches_up(make_scenario: Callable[..., Scenario]) -> None:
     """Catch-up: a follower down while the others committed more than twice what its log ring
     holds is fed from the leader's journal when it returns, through its ring in pieces (the
-    ring cannot hold what it missed at once), and converges with the others. Flow control: the
-    leader never had more than `inflight_bytes_max` (plus the one message that crossed it)
+    ring cannot hold what it missed at once), and converges with the others. Flow control: no
+    leader ever had more than `inflight_bytes_max` (plus the one message that crossed it)
     unanswered toward it (`raft.peer<k>.inflight_bytes_peak`), and the window was reached."""
     scenario = make_scenario(cluster={"inflight_bytes_max": CATCH_UP_WINDOW_BYTES})
     cluster = scenario.cluster
@@ -434,13 +445,34 @@ def test_a_follower_behind_by_more_than_its_log_ring_catches_up(make_scenario: C
     while committed_bytes() - start < BEHIND_RINGS * ring_bytes:
         assert time.monotonic() < deadline, f"too slow to build a backlog; {cluster.describe()}"
         scenario.progress(ACKS, others)
+    caught_up_at = cluster[leader].read_counters()[RAFT_COMMIT_INDEX.name]
     cluster.start([follower])
+    # Sampled while it catches up, on whichever of the others leads: a leader's peak toward the
+    # follower is of its term (0 once it no longer leads), and on a loaded machine an election
+    # may come in the middle of the catch-up. Every sample is within the bound; the window was
+    # reached in some term.
+    peaks: dict[tuple[int, int], int] = {}  # (leader, term) -> its peak toward the follower
+    deadline = time.monotonic() + CATCH_UP_TIMEOUT_S
+    while True:
+        for number in others:
+            try:
+                counters = cluster[number].read_counters()
+            except SegmentError:  # its pipeline restarts (a deposed leader cutting its journal)
+                continue
+            if counters[RAFT_ROLE.name] != RaftRole.LEADER:
+                continue
+            slot = next(k for k in range(1, RAFT_PEER_SLOTS + 1) if counters[f"raft.peer{k}.node"] == follower)
+            peak = counters[f"raft.peer{slot}.inflight_bytes_peak"]
+            assert peak <= CATCH_UP_WINDOW_BYTES + MESSAGE_BYTES_BOUND, (number, peak)
+            key = (number, counters[RAFT_TERM.name])
+            peaks[key] = max(peaks.get(key, 0), peak)
+        view = cluster[follower].view()
+        if view is not None and (view.applied_index or 0) >= caught_up_at:
+            break
+        assert time.monotonic() < deadline, f"node {follower} did not catch up to {caught_up_at}; {cluster.describe()}"
+        time.sleep(0.02)
     scenario.progress(ACKS)
-    assert scenario.leader()[0] == leader, "the leader changed: its window is another term's"
-    counters = cluster[leader].read_counters()
-    slot = next(k for k in range(1, 5) if counters[f"raft.peer{k}.node"] == follower)
-    peak = counters[f"raft.peer{slot}.inflight_bytes_peak"]
-    assert CATCH_UP_WINDOW_BYTES <= peak <= CATCH_UP_WINDOW_BYTES + MESSAGE_BYTES_BOUND, peak
+    assert max(peaks.values(), default=0) >= CATCH_UP_WINDOW_BYTES, peaks
     scenario.finish()
 
 
