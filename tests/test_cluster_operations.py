@@ -71,12 +71,17 @@ def test_transfer_leader_hands_leadership_over_and_refuses_what_it_cannot_do(tmp
         assert f"leadership moved from node {leader.number} to node {follower}" in done.stdout, done.stdout
         now = cluster.wait_leader(term_above=leader.term or 0, agreeing=cluster.size)
         assert now.number == follower, cluster.describe()
-        counters = cluster[leader.number].read_counters()
-        assert counters[RAFT_TRANSFER_OUTCOME.name] == TransferOutcome.DONE, counters[RAFT_TRANSFER_OUTCOME.name]
+        # The old leader's replicator marks the transfer done at its pass after the step-down that
+        # the command saw (its standing is published at the end of the pass that stepped down):
+        # waited for, not read once.
+        deadline = time.monotonic() + CLI_TIMEOUT_S
+        while (counters := cluster[leader.number].read_counters())[RAFT_TRANSFER_OUTCOME.name] != TransferOutcome.DONE:
+            assert time.monotonic() < deadline, f"transfer outcome {counters[RAFT_TRANSFER_OUTCOME.name]}, not done"
+            time.sleep(0.01)
         assert counters[RAFT_STEP_DOWNS.name] >= 1
         from daemon import status
 
-        shown = status.render_json(status.sample_status(cluster[follower].node))["raft"]
+        shown = status.render_json(status.sample_status(cluster[follower].node, gap_s=0.0))["raft"]  # no rate read
         assert shown["role"] == "leader" and shown["elections"] >= 1, shown
         assert sorted(shown["members"]) == sorted(cluster.nodes) and shown["members"][0] == follower, shown
         assert all(f["last_contact_ms"] is not None and f["last_contact_ms"] < 60_000 for f in shown["followers"]), shown

@@ -18,6 +18,7 @@ import pytest
 
 from daemon import status
 from daemon.cluster_harness import Cluster
+from daemon.layout import ROLE_COUNTERS, Role
 from sequencer.raft.peer_protocol import PEER_FRAME_BYTES_MAX
 from tests.node_fixtures import TransferDriver, open_accounts
 
@@ -41,6 +42,21 @@ def wait_shown(cluster: Cluster, number: int, holds: Callable[[dict[str, Any]], 
             return shown
         assert time.monotonic() < deadline, f"node {number}'s status never showed {what}: {shown}; {cluster.describe()}"
         time.sleep(0.05)
+
+
+def raft_shown_after_a_tick(cluster: Cluster, number: int) -> dict[str, Any]:
+    """`raft_shown` as published by a replicator tick that began after this call: the last index
+    and the matches are published once a tick (daemon/roles/replicator.py `_publish`), so a
+    sample read at once may be a tick older than a record appended and acknowledged before the
+    call. A tick adds 1 to `replicator.heartbeat`, then publishes, in one callback: once the
+    count is 2 past the one read here, the tick after the read has published."""
+    heartbeat = ROLE_COUNTERS[Role.REPLICATOR].heartbeat.name
+    seen = cluster[number].read_counters()[heartbeat]
+    deadline = time.monotonic() + WAIT_S
+    while cluster[number].read_counters()[heartbeat] < seen + 2:
+        assert time.monotonic() < deadline, f"node {number}'s replicator did not tick in {WAIT_S} s; {cluster.describe()}"
+        time.sleep(0.005)
+    return raft_shown(cluster, number)
 
 
 def by_node(shown: dict[str, Any]) -> dict[int, dict[str, Any]]:
@@ -84,9 +100,11 @@ def test_status_shows_each_followers_match_and_lag_through_a_partition_a_catch_u
         # what commits without it; the other follower keeps up. "Where it was" is a range, not
         # the healthy sample's last index: a record the driver's closing session leaves (or any
         # other) may be appended and shipped between that sample and the cut, and one appended
-        # after the cut cannot reach it, so the match lies between the two samples' last indexes.
+        # after the cut cannot reach it, so the match lies between the healthy last index and the
+        # last index a tick after the cut published (one read at once may be a tick older than a
+        # record shipped and acknowledged just before the cut).
         cluster.network.isolate(cut)
-        at_cut = raft_shown(cluster, leader)["last_index"]
+        at_cut = raft_shown_after_a_tick(cluster, leader)["last_index"]
         drive(cluster[leader].socket_path, 50, seed=2)
 
         def left_behind(shown: dict[str, Any]) -> bool:  # False if leadership moved (other not listed)
@@ -127,10 +145,11 @@ def test_status_shows_each_followers_match_and_lag_through_a_partition_a_catch_u
         assert f"follower {cut}: match" in text and "in flight peak " in text, text
         assert wait_shown(cluster, cut, lambda shown: shown["leader"] == leader, "the leader again")["term"] == term
 
-        # A node down: `stopped` on its own status; on the leader its match stays where it was.
-        last = raft_shown(cluster, leader)["last_index"]
+        # A node down: `stopped` on its own status; on the leader its match stays where it was
+        # (between the last index it was seen at and the one a tick after its death published).
+        last = healed["last_index"]
         cluster.kill(cut)
-        at_death = raft_shown(cluster, leader)["last_index"]
+        at_death = raft_shown_after_a_tick(cluster, leader)["last_index"]
         assert raft_shown(cluster, cut)["liveness"] == "stopped"
         drive(cluster[leader].socket_path, 20, seed=3)
         down = wait_shown(cluster, leader, left_behind, f"node {other} at the last index")

@@ -1,7 +1,7 @@
 """The nemesis (tests/nemesis/): a seeded fault schedule against a real cluster, judged by the
 history checker (docs/cluster.md, "The nemesis").
 
-CI runs SEEDS short seeds (each: three nodes, a recorded client on every node, a few faults, the
+CI runs one short seed (SEEDS; each: three nodes, a recorded client on every node, a few faults, the
 heal, the checker over every history and journal). More by flag: `SEQD_NEMESIS_SEEDS=N` runs N
 seeds and `SEQD_NEMESIS_DURATION=S` gives each S seconds of faults; `python -m tests.nemesis`
 runs any seed outside pytest. That the checker catches real bugs in such runs is shown by
@@ -33,7 +33,11 @@ from sequencer.journal import read_records
 from tests.nemesis.run import Nemesis, run_nemesis
 from tests.nemesis.schedule import FAULT_KINDS, Fault, make_schedule
 
-SEEDS = int(os.environ.get("SEQD_NEMESIS_SEEDS", "2"))
+# CI runs seed 2 alone: in 4 s its one fault is a proposal fault (a hook armed, the replicator
+# killed for it to take effect, the heal's wait for it), judged by the checker. Seed 1's one
+# fault, a pause of node 1, is test_cluster_faults.py's leader pause (the same checker) when
+# node 1 leads, and less when it follows. `SEQD_NEMESIS_SEEDS=N` runs seeds 1..N.
+SEEDS = range(1, int(os.environ["SEQD_NEMESIS_SEEDS"]) + 1) if "SEQD_NEMESIS_SEEDS" in os.environ else (2,)
 DURATION_S = float(os.environ.get("SEQD_NEMESIS_DURATION", "4"))
 HOUR_MS = 3_600_000
 WAIT_S = 30.0  # a single node answers within a second; this bounds a hang
@@ -121,8 +125,8 @@ def test_a_fault_that_fails_halfway_leaves_no_hook_armed(tmp_dir: Path, unique: 
 
 
 @needs_cluster
-@pytest.mark.timeout(300 + 120 * SEEDS)
-@pytest.mark.parametrize("seed", range(1, SEEDS + 1))
+@pytest.mark.timeout(300 + 120 * len(SEEDS))
+@pytest.mark.parametrize("seed", SEEDS)
 def test_a_nemesis_seed_finds_no_violation(seed: int, tmp_dir: Path, unique: str) -> None:
     """Faults drawn from every kind but the wipe; after the heal the cluster is live (a leader
     agreed by all, every client progressing), every journal passes `seqd log check`, and the

@@ -231,10 +231,15 @@ def test_in_a_cluster_fork_and_replica_writers_write_the_same_snapshot_files(tmp
         cluster.wait_converged()
         directories = [cluster[number].config.snapshot_dir for number in (1, 2, 3)]
 
-        def newest() -> set[int]:
-            return {snapshots.newest_snapshot_index(directory) for directory in directories}
+        seen: list[set[int]] = []  # each node's newest snapshot index, one sample per look
 
-        wait_for(lambda: len(newest()) == 1 and newest() != {0}, "every node's snapshot of the last SNAPSHOT record")
+        def one_newest_index() -> bool:
+            # One sample judged and kept: another SNAPSHOT record (the leader asks every 150
+            # records; the driver's session close may cross one) can be written between looks.
+            seen.append({snapshots.newest_snapshot_index(directory) for directory in directories})
+            return len(seen[-1]) == 1 and seen[-1] != {0}
+
+        wait_for(one_newest_index, "every node's snapshot of the last SNAPSHOT record")
         # Who wrote, from each node's log: the counters are per incarnation, and a node whose
         # pipeline restarted since its last write (a conflict after an election under load) reads 0.
         for number, writer, other in ((1, "blp", "snapshotter"), (2, "snapshotter", "blp"), (3, "snapshotter", "blp")):
@@ -244,7 +249,7 @@ def test_in_a_cluster_fork_and_replica_writers_write_the_same_snapshot_files(tmp
         for number in (2, 3):  # and this incarnation's counters agree
             values = cluster[number].read_counters()
             assert values["snapshot.writes"] == 0, number
-        (index,) = newest()
+        (index,) = seen[-1]  # kept on every node (snapshot.keep = 3) if a newer one came since
         files = {snapshots.snapshot_path(directory, index).read_bytes() for directory in directories}
         assert len(files) == 1
     finally:
