@@ -5,7 +5,8 @@
 
 Like `seqd status` and `seqd snapshot`, the tool talks to its local node through shared memory,
 never a socket: it writes `raft.transfer.request` (its one writer is this tool, owner `operator`
-in daemon/layout.py), the replicator acts on it in its next pass (within a tick) and echoes the
+in daemon/layout.py), the replicator acts on it in its next tick's pass (within a tick on a leader; up to
+`QUIET_PASS_S`, 0.1 s, on an idle follower, which answers NOT_LEADER) and echoes the
 value in `raft.transfer.handled` after setting `raft.transfer.outcome`; the tool then watches
 the outcome and the node's `raft.leader` until leadership has moved or the timeout passes. Why
 the counters: the request needs no reply beyond what the counters show anyway, it reaches the

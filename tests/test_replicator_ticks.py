@@ -111,5 +111,7 @@ def test_an_idle_followers_ticks_make_no_pass_but_the_leaders_do(tmp_dir: Path, 
         # every tick made one before (one or more a tick).
         assert passes[leader] >= ticks[leader] - ticks[leader] // 10, (passes, ticks)
         for number in followers:
-            assert 2 * passes[number] < ticks[number], (number, passes, ticks)
+            # Idle, 26-40 passes a hundred ticks; the bound leaves room for a follower starved to
+            # half the leader's tick rate (more heartbeats a tick) and still fails a revert.
+            assert 4 * passes[number] < 3 * ticks[number], (number, passes, ticks)
         assert cluster.wait_leader().number == leader  # quiet ticks: no election meanwhile

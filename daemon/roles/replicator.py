@@ -559,7 +559,8 @@ class Replicator:
     def _publish(self, tick: bool) -> None:
         """The commit for the blp, and a changed standing (the sequencer's gate), pending count (a
         drain) or retain index. What only `seqd status` and the metrics read, and the hard state's
-        save deadline, once a tick: a pass runs per proposal batch, fdatasync and ack."""
+        save deadline, at a tick's pass (every tick on a leader, at least every QUIET_PASS_S on an
+        idle follower: replicator_ticks.py): a pass runs per proposal batch, fdatasync and ack."""
         positions = self.positions
         if positions.commit(self.commit_known):
             # The index first: a reader that sees the position sees an index at least as new.
