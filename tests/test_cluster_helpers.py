@@ -442,6 +442,29 @@ def test_the_leader_says_why_it_refuses_a_forwarded_batch() -> None:
     assert inbox.records == [command(1)]
 
 
+def test_the_malform_hook_on_a_leaders_region_stops_the_stamp_and_leaves_the_ring_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # SEQD_FAULT_MALFORM_COMMAND_PROPOSAL on the leader's path (a region, `ForwardFaults.region`):
+    # the N-th COMMAND becomes a TERM_START in a copy, which the stamp's walk refuses; the ring's
+    # own bytes (the region given) are not written.
+    from daemon.fault_hooks import FAULT_MALFORM_COMMAND_PROPOSAL_ENV
+
+    setting = tmp_path / "malform"
+    setting.write_text("2")
+    monkeypatch.setenv(FAULT_MALFORM_COMMAND_PROPOSAL_ENV, str(setting))
+    ring_bytes = bytearray(command(1) + command(2) + command(3))
+    hooked = ForwardFaults(1).region(memoryview(ring_bytes))
+    assert bytes(ring_bytes) == command(1) + command(2) + command(3)
+    with pytest.raises(MalformedFrame) as raised:
+        RecordStamper(0).stamp_region(hooked, 1, 1)
+    assert raised.value.frame_type & 0xFFFF == RecordType.TERM_START
+    second = len(command(1))  # the offset of the second record (every one is as long)
+    length = struct.unpack_from("<I", hooked, second)[0]
+    assert bytes(raised.value.view) == bytes(hooked[second + FRAME_HEADER_BYTES : second + length])
+    assert ForwardFaults(1).region(memoryview(ring_bytes)) == memoryview(ring_bytes)  # once: done
+
+
 def test_pending_forwards_say_full_at_their_bound() -> None:
     pending = PendingForwards()
     for request_id in range(PENDING_RECORDS_MAX - 1):
