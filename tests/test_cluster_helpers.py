@@ -24,6 +24,7 @@ from daemon.roles.replicator_setup import (
     PROPOSAL_BYTES_PER_PASS_MAX,
     ForwardFaults,
     MalformedProposal,
+    answer_needs_pass,
     check_proposals,
     forwarded_refusal,
     malformed,
@@ -463,6 +464,33 @@ def test_the_malform_hook_on_a_leaders_region_stops_the_stamp_and_leaves_the_rin
     length = struct.unpack_from("<I", hooked, second)[0]
     assert bytes(raised.value.view) == bytes(hooked[second + FRAME_HEADER_BYTES : second + length])
     assert ForwardFaults(1).region(memoryview(ring_bytes)) == memoryview(ring_bytes)  # once: done
+
+
+def test_a_leader_takes_a_pass_after_an_answer_only_when_the_answer_moved_something() -> None:
+    # The replicator's pass after peer messages (`answer_needs_pass`): the answer that makes the
+    # majority commits (a pass), the other follower's, past that commit, leaves the leader nothing
+    # to do (no pass: before, every answer cost one). A follower's messages keep their pass.
+    from sequencer.raft.messages import AppendEntriesResponse
+    from tests.sim.direct import DirectCluster
+
+    cluster = DirectCluster(3, defer_commit_notices=True)
+    cluster.elect(1)
+    cluster.stabilize()
+    leader = cluster.core(1)
+    leader.propose_batch([b"x"])
+    cluster.process(1)
+    cluster.deliver()
+    for node in (2, 3):
+        cluster.process(node)
+    answers = [m for m in cluster.outbox if isinstance(m, AppendEntriesResponse)]
+    cluster.outbox.clear()
+    assert [m.target for m in answers] == [1, 1]
+    leader.step(answers[0])
+    assert answer_needs_pass(leader)  # a majority: the commit moves
+    cluster.process(1)
+    leader.step(answers[1])
+    assert not answer_needs_pass(leader)  # past the commit: nothing to do
+    assert answer_needs_pass(cluster.core(2))
 
 
 def test_pending_forwards_say_full_at_their_bound() -> None:

@@ -109,6 +109,7 @@ from daemon.roles.replicator_setup import (
     ForwardFaults,
     InstallRequired,
     TruncateRequired,
+    answer_needs_pass,
     check_proposals,
     forwarded_refusal,
     poll_region,
@@ -294,6 +295,7 @@ class Replicator:
             return  # stopping (a ready may be left outstanding by a truncation)
         self.operations.heard_from(peer, time.monotonic())
         core = self.core
+        stepped = 0
         for message in messages:
             kind = type(message)
             if kind is SnapshotChunk:
@@ -304,7 +306,9 @@ class Replicator:
                 self.snapshot_sender.acknowledged(message, time.monotonic())
             else:
                 core.step(message)
-        self._schedule()
+                stepped += 1
+        if stepped < len(messages) or answer_needs_pass(core) or self.feed_flowing or self._has_work_outside():
+            self._schedule()
 
     def _on_snapshot_chunk(self, chunk: SnapshotChunk) -> None:
         core = self.core
