@@ -15,10 +15,12 @@ Each loop drives the real code a running replicator runs for every entry, in bat
 - `frames` (both ends of a link): an AppendEntries of `batch` entries framed and MAC'd by the
   leader's codec (`PeerConnection.send_messages`), checked and decoded by the follower's
   (`receive_data`, `next_event`), and its AppendEntriesResponse the other way.
-- `leader_records` (the leader): a batch of ledger commands taken from the proposal ring (each ring
-  frame made its stamped record, `RecordStamper.stamp_frames`), proposed and held pending by index
+- `leader_records` (the leader): a batch of ledger commands taken from a real proposal ring as one
+  region (`poll_region`) and stamped in one walk that
+  also checks each frame (`RecordStamper.stamp_region`), proposed and held pending by index
   (`PendingForwards.proposed`), then seen in the log (`logged_all`) and committed
-  (`committed_all`), as `daemon/roles/replicator.py` does.
+  (`committed_all`), as `daemon/roles/replicator.py` does; each batch is written into the ring
+  first (the sequencer's one joined copy and publish, counted too).
 - `follower` (a follower's receive path, one AppendEntries of `batch` records at a time): the
   leader's frame checked and decoded (`receive_data`, `next_event`), stepped into a follower's
   `RaftCore`, its entries queued and written into a real log ring (`RingFeed`, `RingPositions`),
@@ -48,8 +50,9 @@ from typing import Any
 import ipc
 from benches.hot_paths import _in_thread
 from daemon.roles.replicator_ring import RingFeed
+from daemon.roles.replicator_setup import PROPOSAL_BYTES_PER_PASS_MAX
 from ipc.counters import Counter
-from sequencer.cluster import PendingForwards, RecordStamper, RingPositions
+from sequencer.cluster import PendingForwards, RecordStamper, RingPositions, record_from_frame
 from sequencer.raft.config import RaftConfig
 from sequencer.raft.core import RaftCore
 from sequencer.raft.messages import AppendEntries, AppendEntriesResponse
@@ -96,20 +99,33 @@ def positions_loop(records: int, batch: int) -> float:
 
 def leader_records_loop(records: int, batch: int) -> float:
     frames = _frames(records)
+    runs = [b"".join(record_from_frame(*frame) for frame in frames[start : start + batch])
+            for start in range(0, records, batch)]  # fmt: skip
+    capacity = 1 << max(16, (sum(map(len, runs)) - 1).bit_length())  # no wrap: one copy a batch
+    ring = ipc.Ring.create(ipc.segment_name(uuid.uuid4().hex[:8], "proposal"), capacity, readers=("replicator",))
+    try:
+        writer = ring.writer()
+        proposals = ring.reader("replicator")
 
-    def loop() -> float:
-        pending = PendingForwards()
-        stamper = RecordStamper(0)
-        started = time.thread_time()
-        for start in range(0, records, batch):
-            copies = stamper.stamp_frames(frames[start : start + batch], 1 + start, 1)  # _propose
-            pending.proposed(1 + start, copies, 1.0)
-            pending.logged_all(copies, 1 + start)  # _queue_entries
-            pending.committed_all(copies, 1 + start)  # _handle_ready
-        assert not len(pending), len(pending)
-        return time.thread_time() - started
+        def loop() -> float:
+            pending = PendingForwards()
+            stamper = RecordStamper(0)
+            started = time.thread_time()
+            for start, run in zip(range(0, records, batch), runs, strict=True):
+                assert writer.try_write_joined(run)  # the sequencer's batch (one copy, one publish)
+                region = proposals.poll_region(PROPOSAL_BYTES_PER_PASS_MAX)[1]  # _take_proposals
+                copies = stamper.stamp_region(region, 1 + start, 1)  # _propose
+                proposals.release()
+                pending.proposed(1 + start, copies, 1.0)
+                pending.logged_all(copies, 1 + start)  # _queue_entries
+                pending.committed_all(copies, 1 + start)  # _handle_ready
+            assert not len(pending), len(pending)
+            return time.thread_time() - started
 
-    return _in_thread(loop)
+        return _in_thread(loop)
+    finally:
+        ring.close()
+        ring.unlink()
 
 
 def _link(dialler_id: int, acceptor_id: int) -> tuple[PeerConnection, PeerConnection]:

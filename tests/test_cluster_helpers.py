@@ -21,11 +21,14 @@ from daemon.layout import (
 from daemon.raft_truncate import TRUNCATE_NAME, read_truncate_request, write_truncate_request
 from daemon.roles.journaller import JournallerAgent
 from daemon.roles.replicator_setup import (
+    PROPOSAL_BYTES_PER_PASS_MAX,
     ForwardFaults,
     MalformedProposal,
+    answer_needs_pass,
     check_proposals,
     forwarded_refusal,
     malformed,
+    poll_region,
 )
 from daemon.supervisor import Supervisor
 from ipc.ring import Ring
@@ -33,6 +36,7 @@ from sequencer.cluster import (
     PENDING_RECORDS_MAX,
     ForwardInbox,
     ForwardStream,
+    MalformedFrame,
     PendingForwards,
     RecordStamper,
     RingPositions,
@@ -160,19 +164,67 @@ def test_a_resend_sends_every_pending_record_not_in_the_log_in_order() -> None:
     assert not pending.overdue(now_s=5.0, after_s=2.0)
 
 
-def test_ring_frames_are_stamped_as_their_records_would_be() -> None:
-    # The leader builds each proposal stamped from its ring frame (`stamp_frames`), never the
-    # unstamped record: the same bytes and last timestamp as stamping the records, with payloads
-    # of every pad and timestamps that go back.
+def test_a_proposal_region_is_stamped_as_its_records_would_be() -> None:
+    # The leader builds each proposal stamped from a region of its proposal ring (whole frames,
+    # `stamp_region`), never the unstamped record: the same bytes and last timestamp as stamping
+    # the records, with payloads of every pad and timestamps that go back.
     rng = random.Random(3)
     records = [command(n, timestamp_ns=rng.randint(95, 105), payload=bytes(rng.randint(0, 17))) for n in range(60)]
-    frames = []
-    for record in records:
-        length, frame_type_ = struct.unpack_from("<II", record)
-        frames.append((frame_type_, memoryview(record)[FRAME_HEADER_BYTES:length]))
-    by_records, by_frames = RecordStamper(100), RecordStamper(100)
-    assert by_frames.stamp_frames(frames, 7, 3) == by_records.stamp_all(records, 7, 3)
-    assert by_frames.last_timestamp_ns == by_records.last_timestamp_ns
+    by_records, by_region = RecordStamper(100), RecordStamper(100)
+    assert by_region.stamp_region(b"".join(records), 7, 3) == by_records.stamp_all(records, 7, 3)
+    assert by_region.last_timestamp_ns == by_records.last_timestamp_ns
+
+
+def test_a_malformed_frame_in_a_proposal_region_stops_the_stamp_and_names_the_frame() -> None:
+    # The frames' check (`check_proposals`) folded into the stamp's walk: a TERM_START, a frame
+    # shorter than a record header, or a region cut inside a header raises with that frame,
+    # which `check_proposals` turns into the replicator's stop.
+    good = command(1)
+    term_start = encode_record(RecordType.TERM_START, 0, 0, 0, 0, 0, 0)
+    short = struct.pack("<II", 16, int(RecordType.COMMAND)) + bytes(8)
+    for bad, after in ((term_start, good), (short, good), (good[:24], b"")):
+        with pytest.raises(MalformedFrame) as raised:
+            RecordStamper(0).stamp_region(good + bad + after, 1, 1)
+        assert bytes(raised.value.view) == bad[FRAME_HEADER_BYTES : struct.unpack_from("<I", bad)[0]]
+        with pytest.raises(MalformedProposal, match="malformed record to its proposal ring"):
+            check_proposals([(raised.value.frame_type, raised.value.view)], node=2)
+
+
+def test_the_leader_takes_its_proposal_ring_in_regions_across_the_wrap_and_a_record_over_the_bound(unique: str) -> None:
+    # The leader's proposals are regions of whole frames (`poll_region`) stamped in one walk,
+    # their zero pads from the ring's writer: every record taken once, in order, the same bytes
+    # as stamping each record; across the ring's wraps (the padding skipped), and a record over
+    # PROPOSAL_BYTES_PER_PASS_MAX taken alone (a region of that bound would be empty for good:
+    # the leader would stall with the ring readable).
+    capacity = 1 << 21
+    ring = Ring.create(ipc.segment_name(unique, "proposal"), capacity, readers=("replicator",))
+    try:
+        writer, reader = ring.writer(), ring.reader("replicator")
+        rng = random.Random(5)
+        written: list[bytes] = []
+        taken: list[bytes] = []
+        stamper = RecordStamper(0)
+        for burst in range(4):
+            records = [command(len(written) + n, timestamp_ns=rng.randint(0, 99), payload=bytes(rng.randint(0, 300)))
+                       for n in range(3000)]  # fmt: skip
+            if burst == 1:
+                records.insert(1000, command(0, payload=bytes(PROPOSAL_BYTES_PER_PASS_MAX + 8)))
+            for record in records:  # as the sequencer writes them: claimed, then the bytes
+                length, type_ = struct.unpack_from("<II", record)
+                view = writer.try_claim(length - FRAME_HEADER_BYTES, type_)
+                assert view is not None, "the test's ring is too small for a burst"
+                view[:] = record[FRAME_HEADER_BYTES:length]
+            writer.publish()
+            written += records
+            while reader.ready():
+                region = poll_region(reader, capacity, ForwardFaults())
+                assert region, "the ring is readable and the leader took nothing: it would stall"
+                taken += stamper.stamp_region(region, len(taken) + 1, 1)
+                reader.release()
+        assert taken == RecordStamper(0).stamp_all(written, 1, 1)
+    finally:
+        ring.close()
+        ring.unlink()
 
 
 def _hold_by_key(model: PendingForwards, records: list[bytes], now_s: float) -> bool:
@@ -209,12 +261,10 @@ def test_a_leaders_proposals_held_by_index_are_logged_resent_and_released_as_hel
             else:  # a pass: the outbox, new proposals, forwarded records; then a commit
                 first = len(log) + 1
                 new = [command(rng.randint(1, 6), timestamp_ns=rng.randint(495, 505)) for _ in range(rng.randint(0, 6))]
-                frames = [(struct.unpack_from("<II", r)[1], memoryview(r)[FRAME_HEADER_BYTES:struct.unpack_from("<I", r)[0]])
-                          for r in new]  # fmt: skip
                 # Another node's clients' records: never a pending record's (a key of this node's
                 # pending records is released by its own copy committed, held by index or by key).
                 forwarded = [command(100 + len(log) + n) for n in range(rng.randint(0, 2))]
-                entries, copies = stamper.stamp_batch(outbox, frames, forwarded, first, 2)
+                entries, copies = stamper.stamp_batch(outbox, b"".join(new), forwarded, first, 2)
                 assert entries[len(outbox) : len(outbox) + len(copies)] == copies
                 assert list(map(record_index, entries)) == list(range(first, first + len(entries)))
                 shared_clock |= _hold_by_key(model, new, now_s)
@@ -391,6 +441,56 @@ def test_the_leader_says_why_it_refuses_a_forwarded_batch() -> None:
     assert wrong is not None and wrong.startswith("record 2 of 2 it forwarded is malformed (40 bytes, shorter")
     assert errors.get() == 1  # only the malformed one is an error
     assert inbox.records == [command(1)]
+
+
+def test_the_malform_hook_on_a_leaders_region_stops_the_stamp_and_leaves_the_ring_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # SEQD_FAULT_MALFORM_COMMAND_PROPOSAL on the leader's path (a region, `ForwardFaults.region`):
+    # the N-th COMMAND becomes a TERM_START in a copy, which the stamp's walk refuses; the ring's
+    # own bytes (the region given) are not written.
+    from daemon.fault_hooks import FAULT_MALFORM_COMMAND_PROPOSAL_ENV
+
+    setting = tmp_path / "malform"
+    setting.write_text("2")
+    monkeypatch.setenv(FAULT_MALFORM_COMMAND_PROPOSAL_ENV, str(setting))
+    ring_bytes = bytearray(command(1) + command(2) + command(3))
+    hooked = ForwardFaults(1).region(memoryview(ring_bytes))
+    assert bytes(ring_bytes) == command(1) + command(2) + command(3)
+    with pytest.raises(MalformedFrame) as raised:
+        RecordStamper(0).stamp_region(hooked, 1, 1)
+    assert raised.value.frame_type & 0xFFFF == RecordType.TERM_START
+    second = len(command(1))  # the offset of the second record (every one is as long)
+    length = struct.unpack_from("<I", hooked, second)[0]
+    assert bytes(raised.value.view) == bytes(hooked[second + FRAME_HEADER_BYTES : second + length])
+    assert ForwardFaults(1).region(memoryview(ring_bytes)) == memoryview(ring_bytes)  # once: done
+
+
+def test_a_leader_takes_a_pass_after_an_answer_only_when_the_answer_moved_something() -> None:
+    # The replicator's pass after peer messages (`answer_needs_pass`): the answer that makes the
+    # majority commits (a pass), the other follower's, past that commit, leaves the leader nothing
+    # to do (no pass: before, every answer cost one). A follower's messages keep their pass.
+    from sequencer.raft.messages import AppendEntriesResponse
+    from tests.sim.direct import DirectCluster
+
+    cluster = DirectCluster(3, defer_commit_notices=True)
+    cluster.elect(1)
+    cluster.stabilize()
+    leader = cluster.core(1)
+    leader.propose_batch([b"x"])
+    cluster.process(1)
+    cluster.deliver()
+    for node in (2, 3):
+        cluster.process(node)
+    answers = [m for m in cluster.outbox if isinstance(m, AppendEntriesResponse)]
+    cluster.outbox.clear()
+    assert [m.target for m in answers] == [1, 1]
+    leader.step(answers[0])
+    assert answer_needs_pass(leader)  # a majority: the commit moves
+    cluster.process(1)
+    leader.step(answers[1])
+    assert not answer_needs_pass(leader)  # past the commit: nothing to do
+    assert answer_needs_pass(cluster.core(2))
 
 
 def test_pending_forwards_say_full_at_their_bound() -> None:

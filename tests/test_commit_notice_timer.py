@@ -76,3 +76,32 @@ def test_a_commit_waits_the_bound_unless_it_covers_a_forwarded_record(
     timer.arm()  # nothing held now: nothing armed
     loop.run_until_complete(asyncio.sleep(5 * COMMIT_NOTICE_DELAY_S))
     assert passes == [own, forwarded]
+
+
+def test_a_fire_that_finds_the_commit_carried_meanwhile_takes_no_pass(loop: asyncio.AbstractEventLoop) -> None:
+    # Armed with a commit held, the bound passes after the next proposal's AppendEntries carried
+    # it: nothing is held, so the timer runs no pass (before, it ran the whole pass for nothing).
+    cluster = DirectCluster(3, defer_commit_notices=True)
+    cluster.elect(1)
+    cluster.tick(1)
+    cluster.stabilize()
+    leader = cluster.core(1)
+    passes: list[int] = []
+
+    def process() -> None:  # the replicator's pass
+        passes.append(leader.commit_index)
+        cluster.process(1)
+
+    timer = CommitNoticeTimer(loop, leader, loop.create_future(), process)
+    commit(cluster, b"held")
+    timer.arm()
+    leader.propose_batch([b"carries the commit"])
+    cluster.process(1)  # the entries ride out with the commit
+    assert not leader.commit_notices_held()
+    fired = timer._handle
+    assert fired is not None
+    deadline = loop.time() + 10.0  # the bound passes (a bound on the wait, not a timed assertion)
+    while timer._handle is fired and loop.time() < deadline:
+        loop.run_until_complete(asyncio.sleep(COMMIT_NOTICE_DELAY_S))
+    assert timer._handle is None, "the timer never fired"
+    assert passes == []

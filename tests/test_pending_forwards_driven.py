@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import copy
 import random
-import struct
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from sequencer.cluster import PendingForwards, RecordStamper, record_key
-from sequencer.record import FRAME_HEADER_BYTES, RecordType, encode_record
+from sequencer.record import RecordType, encode_record
 
 RESEND_AFTER_S = 1.0  # the overdue timeout the driver uses (the replicator's RESEND_AFTER_S)
 OTHER_SESSION = 55  # the session of every other node's record: never a key of this node's
@@ -35,15 +34,6 @@ OTHER_SESSION = 55  # the session of every other node's record: never a key of t
 
 def _record(request_id: int, session: int = 99) -> bytes:
     return encode_record(RecordType.COMMAND, 1, 0, 0, 500, session, request_id, b"x" * (request_id % 5))
-
-
-def _frames(records: list[bytes]) -> list[tuple[int, memoryview]]:
-    """The proposal ring's frames of `records` (what the leader stamps its copies from)."""
-    out = []
-    for record in records:
-        length, frame_type = struct.unpack_from("<II", record)
-        out.append((frame_type, memoryview(record)[FRAME_HEADER_BYTES:length]))
-    return out
 
 
 class _LookupSpy(dict[bytes, list[Any]]):
@@ -121,7 +111,7 @@ class _Cluster:
         if not (self.outbox or new or forwarded):
             return
         first = len(self.log) + 1
-        batch, copies = self.stamper.stamp_batch(self.outbox, _frames(new), forwarded, first, self.term)
+        batch, copies = self.stamper.stamp_batch(self.outbox, b"".join(new), forwarded, first, self.term)
         for record in new:
             self.model.add(record, self.now_s)
         if self.rng.random() < 0.1:

@@ -82,5 +82,7 @@ class CommitNoticeTimer:
             forwarded = self._forwarded
             while forwarded and forwarded[0][1] <= core.commit_index:
                 forwarded.popleft()
+            if not core.commit_notices_held():
+                return  # entries or a heartbeat carried it meanwhile: no pass for nothing
             core.send_commit_notices()
             self._process()

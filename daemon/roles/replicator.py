@@ -109,7 +109,10 @@ from daemon.roles.replicator_setup import (
     ForwardFaults,
     InstallRequired,
     TruncateRequired,
+    answer_needs_pass,
+    check_proposals,
     forwarded_refusal,
+    poll_region,
     start_raft_core,
     transport_config,
 )
@@ -119,6 +122,7 @@ from ipc.ring import Ring
 from sequencer.cluster import (
     ForwardInbox,
     ForwardStream,
+    MalformedFrame,
     PendingForwards,
     RecordStamper,
     RingPositions,
@@ -147,7 +151,7 @@ from sequencer.raft.transport import PeerTransport
 log = logging.getLogger("seqd.replicator")
 
 # Records taken from the proposal ring (or forwarded to the leader) per pass: one pass stays a
-# few milliseconds, so ticks and peer messages interleave.
+# few milliseconds, so ticks and peer messages interleave (a leader's, by bytes: `poll_region`).
 PROPOSALS_PER_PASS_MAX = 4096
 # Entries waiting for room in the log ring (the blp or the journaller is behind) beyond which the
 # leader takes no new proposals: the backpressure reaches the sequencer through the proposal ring
@@ -295,6 +299,7 @@ class Replicator:
             return  # stopping (a ready may be left outstanding by a truncation)
         self.operations.heard_from(peer, time.monotonic())
         core = self.core
+        stepped = 0
         for message in messages:
             kind = type(message)
             if kind is SnapshotChunk:
@@ -305,7 +310,9 @@ class Replicator:
                 self.snapshot_sender.acknowledged(message, time.monotonic())
             else:
                 core.step(message)
-        self._schedule()
+                stepped += 1
+        if stepped < len(messages) or answer_needs_pass(core) or self.feed_flowing or self._has_work_outside():
+            self._schedule()
 
     def _on_snapshot_chunk(self, chunk: SnapshotChunk) -> None:
         core = self.core
@@ -385,7 +392,7 @@ class Replicator:
             return
         self.notice_timer.arm()
         if self._has_work_outside() or self.feed_flowing:  # more than one pass takes (a run of the
-            self._schedule()  # feed, PROPOSALS_PER_PASS_MAX), or new work
+            self._schedule()  # feed, a pass's bound on proposals), or new work
 
     def _process_once(self, tick: bool) -> None:
         core = self.core
@@ -445,23 +452,21 @@ class Replicator:
             return
         records = self.outbox  # pending already: resent, or refused by the core
         self.outbox = []
+        if self.core.raft_role is LEADER:
+            region = poll_region(self.proposals, self.proposal_ring.capacity, self.faults) if self.want_proposals else None
+            forwarded = self.inbox.drain()  # forwarded by followers: pending there, not here
+            if records or region or forwarded:
+                self._propose(records, region or b"", forwarded)
+            if region:
+                self._release_proposals()
+            return
         frames = self.proposals.poll(PROPOSALS_PER_PASS_MAX) if self.want_proposals else None
         if frames:
             self.faults.check(frames)  # a malformed one stops the role (`check_proposals`)
-        if self.core.raft_role is LEADER:
-            forwarded = self.inbox.drain()  # forwarded by followers: pending there, not here
-            if records or frames or forwarded:
-                self._propose(records, frames or [], forwarded)
-        elif frames:
             taken = records_from_frames(frames)
             self.pending.add_all(taken, time.monotonic())  # each one's resend clock starts now
             records += taken
-        if frames:
-            self.pending_published = len(self.pending)
-            self.pending_counter.set(self.pending_published)  # before the release: the drain reads both
-            self.proposals.release()
-        if self.core.raft_role is LEADER:
-            return
+            self._release_proposals()
         # Gapless (sequencer/cluster/forwards.py): on a new stream, every pending record first.
         transport, leader = self.transport, self.core.leader_id
         stream = transport.forward_stream(leader)
@@ -470,12 +475,21 @@ class Replicator:
         if send:
             self.faults.forward(transport, leader, stream, send)
 
-    def _propose(self, records: list[bytes], frames: list[tuple[int, memoryview]], forwarded: list[bytes]) -> None:
-        """Stamp and propose `records` (pending here already), the records of `frames` (new from
+    def _release_proposals(self) -> None:
+        self.pending_published = len(self.pending)
+        self.pending_counter.set(self.pending_published)  # before the release: the drain reads both
+        self.proposals.release()
+
+    def _propose(self, records: list[bytes], region: bytes | memoryview, forwarded: list[bytes]) -> None:
+        """Stamp and propose `records` (pending here already), the records of `region` (new from
         the proposal ring: pending here by index once proposed), then `forwarded` (followers')."""
         core = self.core
         first_index, term = core.next_index(), core.term
-        batch, copies = self.stamper.stamp_batch(records, frames, forwarded, first_index, term)
+        try:
+            batch, copies = self.stamper.stamp_batch(records, region, forwarded, first_index, term)
+        except MalformedFrame as bad:  # the role stops (`check_proposals` says why)
+            check_proposals([(bad.frame_type, bad.view)], self.faults.node)
+            raise
         new_index = first_index + len(records)
         try:
             core.propose_batch(batch, first_index=first_index, term=term)
@@ -483,9 +497,8 @@ class Replicator:
             # Too much uncommitted (no majority) or a leadership transfer: retry on a later pass.
             # Followers' records go back to the inbox, which closes their connections if dropped.
             log.warning("proposals refused, retrying later: %s", error)
-            taken = records_from_frames(frames)  # before the ring's release: pending by key
-            self.pending.add_all(taken, time.monotonic())
-            self.outbox = records + taken + self.outbox
+            self.pending.add_all(copies, time.monotonic())  # by key (their stamps aside)
+            self.outbox = records + copies + self.outbox  # stamped again when proposed
             self.inbox.put_back(forwarded)
             return
         self.notice_timer.forwarded(new_index + len(copies), len(forwarded))  # their commit: at once

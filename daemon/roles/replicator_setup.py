@@ -19,7 +19,9 @@ from daemon.fault_hooks import (
 )
 from daemon.incarnation import next_raft_incarnation
 from ipc.counters import Counter
+from ipc.ring_reader import RingReader
 from sequencer.cluster import ForwardInbox, record_from_frame
+from sequencer.cluster.ring_entries import LEADER_ONLY_TYPES
 from sequencer.raft.config import RaftConfig
 from sequencer.raft.core import RaftCore
 from sequencer.raft.messages import DurableState
@@ -30,8 +32,9 @@ from sequencer.raft.transport import PeerTransport, TransportConfig
 from sequencer.record import FRAME_HEADER, RECORD_HEADER, RECORD_HEADER_BYTES, RecordType, aligned
 
 __all__ = [
-    "ForwardFaults", "MalformedProposal", "check_proposals", "forwarded_refusal", "is_admin", "is_command", "malformed",
-    "raft_config", "start_raft_core", "transport_config",
+    "PROPOSAL_BYTES_PER_PASS_MAX", "ForwardFaults", "MalformedProposal", "answer_needs_pass", "check_proposals",
+    "forwarded_refusal",
+    "is_admin", "is_command", "malformed", "poll_region", "raft_config", "start_raft_core", "transport_config",
 ]  # fmt: skip
 
 log = logging.getLogger("seqd.replicator")
@@ -126,7 +129,7 @@ class MalformedProposal(Exception):
     """A record this node's sequencer wrote to its proposal ring is malformed (`malformed`)."""
 
 
-_LEADER_ONLY = frozenset((_TERM_START, _PADDING))
+_LEADER_ONLY = LEADER_ONLY_TYPES
 _VIEW_BYTES_MIN = RECORD_HEADER_BYTES - FRAME_HEADER.size  # a ring frame's bytes after its header
 
 
@@ -190,6 +193,22 @@ class ForwardFaults:
                     frames[offset] = (frame_type ^ _COMMAND ^ _TERM_START, view)
         check_proposals(frames, self.node)
 
+    def region(self, region: memoryview) -> memoryview:
+        """`region`, a run of whole proposal ring frames the leader stamps in one walk (checked
+        there: `stamped_region`), or a copy of it with a COMMAND made a TERM_START by the
+        SEQD_FAULT_MALFORM_COMMAND_PROPOSAL hook (the ring itself is this role's to read only)."""
+        malform = self.malform_command
+        if malform is None or not region:
+            return region
+        copy = bytearray(region)
+        offset = 0
+        while offset + FRAME_HEADER.size <= len(copy):
+            length, frame_type = FRAME_HEADER.unpack_from(copy, offset)
+            if frame_type & 0xFFFF == _COMMAND and malform():
+                FRAME_HEADER.pack_into(copy, offset, length, frame_type ^ _COMMAND ^ _TERM_START)
+            offset += aligned(max(length, FRAME_HEADER.size))
+        return memoryview(copy)
+
     def refuses(self, batch: list[bytes]) -> bool:
         refuse = self.refuse_command
         return refuse is not None and any(is_command(record) for record in batch) and refuse()
@@ -208,6 +227,32 @@ class ForwardFaults:
                     records = records[offset + 1 :]
                     break
         transport.forward(leader, [ForwardedRecord(record) for record in records], stream)
+
+
+# The leader takes its proposals as one region of the ring, stamped in one walk
+# (`stamped_region`): bounded by bytes, ~3,500 ledger records of ~150 bytes, the order of the
+# replicator's PROPOSALS_PER_PASS_MAX, so one pass stays a few milliseconds.
+PROPOSAL_BYTES_PER_PASS_MAX = 1 << 19
+
+
+def poll_region(proposals: RingReader, capacity: int, faults: ForwardFaults) -> memoryview:
+    """The leader's new proposals: whole frames of its proposal ring (of `capacity` bytes) as one
+    region, up to PROPOSAL_BYTES_PER_PASS_MAX, or one larger record alone (the next frame did not
+    fit); through the fault hooks (`ForwardFaults.region`)."""
+    region = proposals.poll_region(PROPOSAL_BYTES_PER_PASS_MAX)[1]
+    if not region and proposals.ready():
+        region = proposals.poll_region(capacity)[1]
+    return faults.region(region)
+
+
+def answer_needs_pass(core: RaftCore) -> bool:
+    """Whether the replicator's pass must follow the peer messages `core` just stepped. On a
+    leader, only when they left it work (`has_ready`: a commit, entries or a probe due, a read
+    confirmed, a new term): the answer of the follower that is not needed for the majority moves
+    nothing, and was a pass of the whole loop for nothing (~1 in 3 of the leader's passes under
+    load, benches/RESULTS.md "leadring"). Proposals and the journal's fdatasync ring the doorbell
+    themselves, and ticks run the rest of the pass. A follower's are left as they were."""
+    return core.raft_role is not LEADER or core.has_ready()
 
 
 def forwarded_refusal(peer: int, batch: list[bytes], faults: ForwardFaults, inbox: ForwardInbox,

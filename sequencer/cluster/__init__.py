@@ -23,6 +23,7 @@ from sequencer.cluster.forwards import (
 from sequencer.cluster.gate import may_propose
 from sequencer.cluster.positions import RingPositions
 from sequencer.cluster.ring_entries import (
+    MalformedFrame,
     record_from_frame,
     record_index,
     record_term,
@@ -36,6 +37,7 @@ __all__ = [
     "PENDING_RECORDS_MAX",
     "ForwardInbox",
     "ForwardStream",
+    "MalformedFrame",
     "PendingForwards",
     "RecordStamper",
     "RingPositions",

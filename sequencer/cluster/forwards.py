@@ -176,7 +176,7 @@ class PendingForwards:
 
     def proposed(self, first_index: int, copies: list[bytes], now_s: float) -> None:
         """The leader proposed `copies` at `first_index`, ... in the term it leads: new records
-        taken from the proposal ring (never `add`ed), stamped (`RecordStamper.stamp_frames`).
+        taken from the proposal ring (never `add`ed), stamped (`RecordStamper.stamp_region`).
         Held by index until the commit passes them (`committed_all`); the caller calls
         `hold_by_key` when its term or leader changes."""
         if not copies:

@@ -14,7 +14,7 @@ to its log), so a node that becomes leader continues from the log's last timesta
 
 from __future__ import annotations
 
-from sequencer.cluster.ring_entries import record_timestamp_ns, stamped, stamped_frames, stamped_run
+from sequencer.cluster.ring_entries import record_timestamp_ns, stamped, stamped_region, stamped_run
 from sequencer.record import RecordType, encode_record
 
 __all__ = ["RecordStamper"]
@@ -53,21 +53,25 @@ class RecordStamper:
         out, self.last_timestamp_ns = stamped_run(records, first_index, term, self.last_timestamp_ns)
         return out
 
-    def stamp_frames(self, frames: list[tuple[int, memoryview]], first_index: int, term: int) -> list[bytes]:
-        """`stamp_all` of the records of these ring frames (the leader's proposals taken from
-        the proposal ring), built stamped: no unstamped copy in between."""
+    def stamp_region(self, region: bytes | memoryview, first_index: int, term: int) -> list[bytes]:
+        """`stamp_all` of the records of `region`, a run of whole proposal ring frames
+        (`RingReader.poll_region`), each built stamped from the ring's bytes in one copy.
+
+        Raises:
+            MalformedFrame: a frame that is no record a follower may forward (`stamped_region`).
+        """
         assert first_index >= 1, first_index
         assert term >= 1, term
-        out, self.last_timestamp_ns = stamped_frames(frames, first_index, term, self.last_timestamp_ns)
+        out, self.last_timestamp_ns = stamped_region(region, first_index, term, self.last_timestamp_ns)
         return out
 
-    def stamp_batch(self, records: list[bytes], frames: list[tuple[int, memoryview]], forwarded: list[bytes],
+    def stamp_batch(self, records: list[bytes], region: bytes | memoryview, forwarded: list[bytes],
                     first_index: int, term: int) -> tuple[list[bytes], list[bytes]]:  # fmt: skip
         """A leader's proposal batch from `first_index`: `records` (pending already), the records
-        of `frames` (new from the proposal ring), then `forwarded` (followers'), stamped in that
-        order; and the stamped copies of `frames`' records alone (held pending by index)."""
+        of `region` (new from the proposal ring), then `forwarded` (followers'), stamped in that
+        order; and the stamped copies of `region`'s records alone (held pending by index)."""
         batch = self.stamp_all(records, first_index, term) if records else []
-        copies = self.stamp_frames(frames, first_index + len(batch), term) if frames else []
+        copies = self.stamp_region(region, first_index + len(batch), term) if region else []
         batch += copies
         if forwarded:
             batch += self.stamp_all(forwarded, first_index + len(batch), term)
