@@ -18,12 +18,16 @@ CI runs one round of each fault with a few dozen acknowledgements per client aro
 file takes a few minutes on 2 cores): the four role kills one after the other in one cluster, so
 the two one-way cuts, and the follower's kill -9 not at all (its docstring says which scenarios
 prove it). That the whole cluster stopped together exits 0 is judged at the end of the follower
-partition, where no process died. `SEQD_FAULTS_LONG=1` runs three rounds of each fault with more traffic between them,
+partition, where no process died. A partition is held until the nodes it cuts off have noticed it
+(an election timeout without a message; a follower cut from its leader knows no leader), not only
+for the acknowledgements around it, which took ~20 ms, less than a heartbeat. With several faults
+in one cluster, a failure says which one it was in (`during`). `SEQD_FAULTS_LONG=1` runs three rounds of each fault with more traffic between them,
 and each of those in a cluster of its own too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import re
@@ -39,6 +43,7 @@ from daemon.layout import (
     RAFT_COMMIT_INDEX,
     RAFT_COMMIT_POSITION,
     RAFT_FORWARDS_RESENT,
+    RAFT_LEADER,
     RAFT_PEER_SLOTS,
     RAFT_ROLE,
     RAFT_TERM,
@@ -59,6 +64,7 @@ ACKS = 150 if LONG else 25  # acknowledgements per client before a fault, during
 TIMEOUTS = {"tick_ms": 10, "heartbeat_ms": 50, "election_timeout_ms": 300}
 STOP_TIMEOUT_S = 30.0
 RAFT_COMMIT_POSITION_NAME = RAFT_COMMIT_POSITION.name  # the replicator's, in a cluster
+CUT_NOTICED_TIMEOUT_S = 30.0  # an election timeout (300 ms) on a loaded machine, with room
 RESENT_TIMEOUT_S = 30.0  # the replicator publishes `raft.forwards_resent` once a tick
 
 pytestmark = [
@@ -75,6 +81,16 @@ long_only = pytest.mark.skipif(not LONG, reason="proved in CI by other scenarios
 
 def _log_tails(cluster: Cluster, chars: int = 2500) -> str:
     return "\n".join(f"--- node {n} log ---\n{node.log_text()[-chars:]}" for n, node in cluster.nodes.items())
+
+
+@contextlib.contextmanager
+def during(what: str) -> Iterator[None]:
+    """A failure inside names `what` (one fault of several in one cluster: which one failed)."""
+    try:
+        yield
+    except BaseException as error:
+        error.add_note(f"during {what}")
+        raise
 
 
 class Scenario:
@@ -102,6 +118,26 @@ class Scenario:
     def progress(self, count: int = ACKS, numbers: Any = None, timeout_s: float = 90.0) -> None:
         assert self.workload is not None
         self.workload.wait_progress(count, numbers, timeout_s, describe=self.cluster.describe)
+
+    def unheard_ms(self, listener: int, speaker: int) -> int:
+        """How long ago node `listener` last heard from node `speaker`, by its status counters
+        (`raft.peer<k>.last_contact_ms`); a never-heard peer counts as unheard for ever."""
+        counters = self.cluster[listener].read_counters()
+        slot = next(k for k in range(1, RAFT_PEER_SLOTS + 1) if counters[f"raft.peer{k}.node"] == speaker)
+        contact_ms = counters[f"raft.peer{slot}.last_contact_ms"]
+        return time.time_ns() // 1_000_000 - contact_ms if contact_ms else 1 << 62
+
+    def hold_cut(self, cut: str, unheard: list[tuple[int, int]], lost: list[tuple[int, int]]) -> None:
+        """Keep a partition `cut` until the nodes it cuts off have noticed it: each (listener,
+        speaker) of `unheard` without a message for an election timeout, and each (node, leader)
+        of `lost` no longer following that leader (its `raft.leader` 0, or another). A cut a few dozen acknowledgements long lasts ~20 ms, less than a
+        heartbeat, and tested nothing Raft does about it."""
+        timeout_ms = TIMEOUTS["election_timeout_ms"]
+        deadline = time.monotonic() + CUT_NOTICED_TIMEOUT_S
+        while not (all(self.unheard_ms(listener, speaker) >= timeout_ms for listener, speaker in unheard)
+                   and all(self.cluster[n].read_counters()[RAFT_LEADER.name] != old for n, old in lost)):  # fmt: skip
+            assert time.monotonic() < deadline, f"{cut}: never noticed; {self.cluster.describe()}"
+            time.sleep(0.02)
 
     def leader(self, among: Any = None, term_above: int = 0) -> tuple[int, int]:
         view = self.cluster.wait_leader(among=among, term_above=term_above)
@@ -252,19 +288,20 @@ def test_kill_9_of_one_role_of_the_leader_restarts_its_pipeline_and_loses_nothin
     scenario.begin()
     for role in roles:
         for round_number in range(1, ROUNDS + 1):
-            leader, term = scenario.leader()
-            followers = [n for n in cluster.nodes if n != leader]
-            resent = scenario.resent(followers)
-            restarts = cluster[leader].read_counters()[SUPERVISOR_RESTARTS.name]
-            cluster.kill_role(leader, role)
-            if role is Role.REPLICATOR:
-                new_leader, _ = scenario.leader(term_above=term)
-                scenario.progress(ACKS, [n for n in followers if n != new_leader])
-                scenario.assert_resent_to(new_leader, [n for n in followers if n != new_leader], resent)
-            cluster[leader].wait_serving(after_restarts=restarts + 1)
-            scenario.leader()
-            scenario.progress(ACKS)
-            assert cluster[leader].read_counters()[SUPERVISOR_RESTARTS.name] >= restarts + 1, (role, round_number)
+            with during(f"the kill of the leader's {role} (round {round_number})"):
+                leader, term = scenario.leader()
+                followers = [n for n in cluster.nodes if n != leader]
+                resent = scenario.resent(followers)
+                restarts = cluster[leader].read_counters()[SUPERVISOR_RESTARTS.name]
+                cluster.kill_role(leader, role)
+                if role is Role.REPLICATOR:
+                    new_leader, _ = scenario.leader(term_above=term)
+                    scenario.progress(ACKS, [n for n in followers if n != new_leader])
+                    scenario.assert_resent_to(new_leader, [n for n in followers if n != new_leader], resent)
+                cluster[leader].wait_serving(after_restarts=restarts + 1)
+                scenario.leader()
+                scenario.progress(ACKS)
+                assert cluster[leader].read_counters()[SUPERVISOR_RESTARTS.name] >= restarts + 1, (role, round_number)
     scenario.finish()
 
 
@@ -351,6 +388,8 @@ def test_a_follower_partitioned_and_healed_catches_up(scenario: Scenario) -> Non
         follower = next(n for n in cluster.nodes if n != leader)
         cluster.network.isolate(follower)
         scenario.progress(ACKS, [n for n in cluster.nodes if n != follower])
+        scenario.hold_cut(f"node {follower} isolated", [(leader, follower), (follower, leader)],
+                          [(follower, leader)])
         cluster.network.heal()
         cluster.wait_leader(agreeing=cluster.size)
         scenario.progress(ACKS)
@@ -377,19 +416,26 @@ def test_a_one_way_partition_between_leader_and_follower_keeps_the_majority_serv
     assert cluster.network is not None
     scenario.begin()
     for direction in directions:
-        for _ in range(ROUNDS):
-            leader, _term = scenario.leader()
-            follower = next(n for n in cluster.nodes if n != leader)
-            other = next(n for n in cluster.nodes if n not in (leader, follower))
-            if direction == "leader_to_follower":
-                cluster.network.cut(leader, follower)
-            else:
-                cluster.network.cut(follower, leader)
-            # Clients on the node that still reaches the majority both ways keep being served.
-            scenario.progress(ACKS, [other])
-            cluster.network.heal()
-            cluster.wait_leader(agreeing=cluster.size)
-            scenario.progress(ACKS)
+        for round_number in range(1, ROUNDS + 1):
+            with during(f"the {direction} cut (round {round_number})"):
+                leader, _term = scenario.leader()
+                follower = next(n for n in cluster.nodes if n != leader)
+                other = next(n for n in cluster.nodes if n not in (leader, follower))
+                if direction == "leader_to_follower":
+                    cluster.network.cut(leader, follower)
+                else:
+                    cluster.network.cut(follower, leader)
+                # Clients on the node that still reaches the majority both ways keep being served.
+                scenario.progress(ACKS, [other])
+                # Held until the side that hears nothing has noticed: the follower gets no heartbeat
+                # and knows no leader; the leader gets no answer from the follower.
+                if direction == "leader_to_follower":
+                    scenario.hold_cut(f"{leader} -> {follower} cut", [(follower, leader)], [(follower, leader)])
+                else:
+                    scenario.hold_cut(f"{follower} -> {leader} cut", [(leader, follower)], [])
+                cluster.network.heal()
+                cluster.wait_leader(agreeing=cluster.size)
+                scenario.progress(ACKS)
     scenario.finish()
 
 

@@ -24,6 +24,7 @@ import pytest
 from daemon.harness import NodeProcess
 from sequencer.journal import read_records
 from sequencer.processor import SAVED_REPLIES_MAX
+from sequencer.record import RecordType
 from tests import raw_wire as wire
 from tests.node_fixtures import node_factory  # noqa: F401 (fixture)
 from tests.small_fs import SmallFilesystem, small_filesystem  # noqa: F401
@@ -424,6 +425,10 @@ def test_documented_cause_gets_its_rejection_and_the_connection_stays_open(node_
     for cause, (first, last) in between.items():
         ours = [(index, records[index].type) for index in range(first + 1, last) if records[index].session_id == session_id]
         assert not ours, f"{cause}: refused at the gateway, yet in the log (index, type): {ours}"
+        # Nor any other client's: the only other records are the node's own ADMIN records.
+        others = [(index, records[index].type) for index in range(first + 1, last)
+                  if records[index].session_id != session_id and records[index].type != RecordType.ADMIN]  # fmt: skip
+        assert not others, f"{cause}: records neither this session's nor the node's ADMIN: {others}"
 
 
 # -- the ledger's REJECTED codes ---------------------------------------------------------------
