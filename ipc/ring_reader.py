@@ -205,6 +205,21 @@ class RingReader:
         self._pending = base + index
         return frames
 
+    def next_frame_bytes(self) -> int:
+        """The ring bytes (aligned) of the next unread frame, 0 if none is readable: what
+        `poll_region` needs to return that frame alone when it is larger than a caller's bound.
+        Padding at the lap's end is not a frame: the next one is after it."""
+        position = self._pending
+        if position >= self._refresh():
+            return 0
+        word = self._words[(position & self._mask) >> 3]
+        if word >= _PADDING_WORD:
+            position += word & _LENGTH_MASK
+            if position >= self._available:
+                return 0
+            word = self._words[(position & self._mask) >> 3]
+        return ((word & _LENGTH_MASK) + 7) & -8
+
     def poll_region(self, max_bytes: int) -> tuple[int, memoryview]:
         """A contiguous run of whole frames, at most `max_bytes`, as (start position, view).
 

@@ -195,7 +195,8 @@ def test_the_leader_takes_its_proposal_ring_in_regions_across_the_wrap_and_a_rec
     # their zero pads from the ring's writer: every record taken once, in order, the same bytes
     # as stamping each record; across the ring's wraps (the padding skipped), and a record over
     # PROPOSAL_BYTES_PER_PASS_MAX taken alone (a region of that bound would be empty for good:
-    # the leader would stall with the ring readable).
+    # the leader would stall with the ring readable; polled to the ring's capacity, it would
+    # bring the rest of the lap behind it, thousands of records in one pass).
     capacity = 1 << 21
     ring = Ring.create(ipc.segment_name(unique, "proposal"), capacity, readers=("replicator",))
     try:
@@ -217,9 +218,13 @@ def test_the_leader_takes_its_proposal_ring_in_regions_across_the_wrap_and_a_rec
             writer.publish()
             written += records
             while reader.ready():
-                region = poll_region(reader, capacity, ForwardFaults())
+                region = poll_region(reader, ForwardFaults())
                 assert region, "the ring is readable and the leader took nothing: it would stall"
-                taken += stamper.stamp_region(region, len(taken) + 1, 1)
+                stamped = stamper.stamp_region(region, len(taken) + 1, 1)
+                assert region.nbytes <= PROPOSAL_BYTES_PER_PASS_MAX or len(stamped) == 1, (
+                    f"a region of {region.nbytes} bytes, {len(stamped)} records: over the bound, "
+                    "a record is taken alone, not with the records behind it")  # fmt: skip
+                taken += stamped
                 reader.release()
         assert taken == RecordStamper(0).stamp_all(written, 1, 1)
     finally:

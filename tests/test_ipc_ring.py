@@ -220,6 +220,24 @@ def test_poll_region_returns_whole_frames_and_never_crosses_the_wrap(make_ring):
     assert (start, region.nbytes) == (256, 112)  # padding skipped, region starts the next lap
 
 
+def test_next_frame_bytes_is_the_next_frames_length_past_the_padding(make_ring):
+    ring = make_ring(256)
+    writer, reader = ring.writer(), ring.reader("a")
+    assert reader.next_frame_bytes() == 0  # nothing readable
+    assert writer.try_write_batch([b"a" * 8, b"c" * 100], 1) == 2  # 16 + 112
+    assert reader.next_frame_bytes() == 16
+    assert reader.poll_region(16)[1].nbytes == 16
+    assert reader.next_frame_bytes() == 112  # past what the poll holds, not yet released
+    assert reader.poll_region(100)[1].nbytes == 0  # the bound a caller gives: too small for it
+    assert reader.poll_region(reader.next_frame_bytes())[1].nbytes == 112  # alone
+    assert writer.try_write(b"b" * 100, 1)  # to 240
+    assert reader.poll_region(112)[1].nbytes == 112
+    reader.release()
+    assert writer.try_write(b"d" * 30, 1)  # needs 40, 16 left in the lap: pads and wraps
+    assert reader.next_frame_bytes() == 40  # the padding is not a frame
+    assert reader.poll_region(40)[0] == 256
+
+
 def test_reader_names_must_be_declared_and_held_once(make_ring):
     ring = make_ring(256, readers=("journaller", "blp"))
     with pytest.raises(RingError, match=r"reader 'replicator' was not declared; declared readers are \['journaller', 'blp'\]"):

@@ -114,10 +114,10 @@ class _Cluster:
         batch, copies = self.stamper.stamp_batch(self.outbox, b"".join(new), forwarded, first, self.term)
         for record in new:
             self.model.add(record, self.now_s)
-        if self.rng.random() < 0.1:
-            self.pending.add_all(new, self.now_s)
+        if self.rng.random() < 0.1:  # as `_propose` does: the stamped copies held by key
+            self.pending.add_all(copies, self.now_s)
             self.held_by_index.clear()
-            self.outbox = self.outbox + new
+            self.outbox = self.outbox + copies
             return
         self.pending.proposed(first + len(self.outbox), copies, self.now_s)
         self.held_by_index.update(range(first + len(self.outbox), first + len(self.outbox) + len(copies)))

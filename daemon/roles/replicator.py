@@ -313,6 +313,8 @@ class Replicator:
                 stepped += 1
         if stepped < len(messages) or answer_needs_pass(core) or self.feed_flowing or self._has_work_outside():
             self._schedule()
+        else:  # an answer that freed a follower's window can leave a commit notice held for it
+            self.notice_timer.arm()
 
     def _on_snapshot_chunk(self, chunk: SnapshotChunk) -> None:
         core = self.core
@@ -453,7 +455,7 @@ class Replicator:
         records = self.outbox  # pending already: resent, or refused by the core
         self.outbox = []
         if self.core.raft_role is LEADER:
-            region = poll_region(self.proposals, self.proposal_ring.capacity, self.faults) if self.want_proposals else None
+            region = poll_region(self.proposals, self.faults) if self.want_proposals else None
             forwarded = self.inbox.drain()  # forwarded by followers: pending there, not here
             if records or region or forwarded:
                 self._propose(records, region or b"", forwarded)
@@ -550,15 +552,13 @@ class Replicator:
         if first_index <= self.stored_index:
             assert first_index > self.positions.commit_index, (first_index, self.positions.commit_index)
             raise TruncateRequired(first_index - 1)
-        feed = self.feed
-        pending = self.pending
+        feed, pending = self.feed, self.pending
         while feed and feed.end_index > first_index:
             pending.unlogged(feed.pop_last())  # replaced before it reached the ring
         assert feed.end_index == first_index, (feed.end_index, first_index)
         payloads = entries.payloads
         feed.extend(payloads)
-        # The log's timestamps never go back (every leader stamps at or after what it observed),
-        # so its last entry's is the largest: one observation per run, not per entry.
+        # Log time never goes back (a leader stamps at or after what it saw): observe the last only.
         self.stamper.observe(payloads[-1])
         pending.logged_all(payloads, first_index)
         self.writes.append((entries.last_index, entries.terms[-1]))

@@ -230,18 +230,19 @@ class ForwardFaults:
 
 
 # The leader takes its proposals as one region of the ring, stamped in one walk
-# (`stamped_region`): bounded by bytes, ~3,500 ledger records of ~150 bytes, the order of the
-# replicator's PROPOSALS_PER_PASS_MAX, so one pass stays a few milliseconds.
+# (`stamped_region`): bounded by bytes, ~3,500 ledger records of ~150 bytes (~8,000 of the
+# smallest, 64), about one to two PROPOSALS_PER_PASS_MAX, so one pass stays a few milliseconds.
 PROPOSAL_BYTES_PER_PASS_MAX = 1 << 19
 
 
-def poll_region(proposals: RingReader, capacity: int, faults: ForwardFaults) -> memoryview:
-    """The leader's new proposals: whole frames of its proposal ring (of `capacity` bytes) as one
-    region, up to PROPOSAL_BYTES_PER_PASS_MAX, or one larger record alone (the next frame did not
-    fit); through the fault hooks (`ForwardFaults.region`)."""
+def poll_region(proposals: RingReader, faults: ForwardFaults) -> memoryview:
+    """The leader's new proposals: whole frames of its proposal ring as one region, up to
+    PROPOSAL_BYTES_PER_PASS_MAX, or one larger record alone (the next frame did not fit: polled
+    to its own length, so the records behind it wait for the next pass, not a whole lap of the
+    ring in one); through the fault hooks (`ForwardFaults.region`)."""
     region = proposals.poll_region(PROPOSAL_BYTES_PER_PASS_MAX)[1]
-    if not region and proposals.ready():
-        region = proposals.poll_region(capacity)[1]
+    if not region and (frame_bytes := proposals.next_frame_bytes()):
+        region = proposals.poll_region(frame_bytes)[1]
     return faults.region(region)
 
 
