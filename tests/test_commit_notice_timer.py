@@ -6,12 +6,13 @@ entries to ride on or for `COMMIT_NOTICE_DELAY_S`; one that covers a record a fo
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
 from daemon.roles.commit_notices import COMMIT_NOTICE_DELAY_S, CommitNoticeTimer
 from sequencer.raft import AppendEntries
+from sequencer.raft.core import RaftCore
 from tests.sim.direct import DirectCluster
 from tests.test_raft_commit_notices import committed_with_the_notices_held
 
@@ -34,9 +35,9 @@ def commit(cluster: DirectCluster, payload: bytes) -> int:
     return index
 
 
-def test_a_commit_waits_the_bound_unless_it_covers_a_forwarded_record(
-    loop: asyncio.AbstractEventLoop,
-) -> None:
+def led_cluster() -> tuple[DirectCluster, RaftCore, list[int], Callable[[], None]]:
+    """Three cores, node 1 leading and quiet; the replicator's pass for node 1, which notes the
+    commit index each pass saw."""
     cluster = DirectCluster(3, defer_commit_notices=True)
     cluster.elect(1)
     cluster.tick(1)
@@ -47,6 +48,14 @@ def test_a_commit_waits_the_bound_unless_it_covers_a_forwarded_record(
     def process() -> None:  # the replicator's pass
         passes.append(leader.commit_index)
         cluster.process(1)
+
+    return cluster, leader, passes, process
+
+
+def test_a_commit_waits_the_bound_unless_it_covers_a_forwarded_record(
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    cluster, leader, passes, process = led_cluster()
 
     # A bound far longer than the test: a loaded machine that stalls the test between the arm and
     # the loop's turn cannot make the held commit go early.
@@ -81,16 +90,7 @@ def test_a_commit_waits_the_bound_unless_it_covers_a_forwarded_record(
 def test_a_fire_that_finds_the_commit_carried_meanwhile_takes_no_pass(loop: asyncio.AbstractEventLoop) -> None:
     # Armed with a commit held, the bound passes after the next proposal's AppendEntries carried
     # it: nothing is held, so the timer runs no pass (before, it ran the whole pass for nothing).
-    cluster = DirectCluster(3, defer_commit_notices=True)
-    cluster.elect(1)
-    cluster.tick(1)
-    cluster.stabilize()
-    leader = cluster.core(1)
-    passes: list[int] = []
-
-    def process() -> None:  # the replicator's pass
-        passes.append(leader.commit_index)
-        cluster.process(1)
+    cluster, leader, passes, process = led_cluster()
 
     timer = CommitNoticeTimer(loop, leader, loop.create_future(), process)
     commit(cluster, b"held")
