@@ -551,8 +551,8 @@ RAFT_PEER_LAST_CONTACT_MS = tuple(
 )  # fmt: skip
 # The gapless forward stream (sequencer/cluster/forwards.py, docs/cluster.md "Forwards"): the
 # transport's figures and the replicator's resends, copied at a tick's pass (every tick on a
-# leader, at least every 0.1 s on a follower: daemon/roles/replicator_ticks.py), so an operator can see and
-# alert on forwards that are dropped and restarted, or a leader that refuses them.
+# leader, at least every 0.1 s on a follower: daemon/roles/replicator_ticks.py), so an operator
+# can see and alert on forwards that are dropped and restarted, or a leader that refuses them.
 RAFT_FORWARDS_DROPPED = _declare("raft.forwards_dropped", Role.REPLICATOR, Kind.COUNTER, "Forwarded records dropped: not sent on a broken forward stream (a follower), or not taken (the leader); each goes again with a restart or resend")
 RAFT_FORWARD_STREAMS_BROKEN = _declare("raft.forward_streams_broken", Role.REPLICATOR, Kind.COUNTER, "This node's forward streams to the leader ended by a dropped record (each restarts with an ordered resend)")
 RAFT_FORWARD_STREAMS_REFUSED = _declare("raft.forward_streams_refused", Role.REPLICATOR, Kind.COUNTER, "Connections from followers this node closed: a forwarded batch not taken (not leading, inbox full)")
@@ -613,7 +613,8 @@ SNAPSHOTTER_COUNTERS = SnapshotterCounters(
 # records it applies.
 GATEWAY_EVENT_SUBSCRIBERS = _declare("gateway.event_subscribers", Role.SEQUENCER, Kind.GAUGE, "Sessions attached to this node that subscribed to events (0: the blp writes no events to egress)")  # fmt: skip
 # What replication costs in messages (sequencer/raft/config.py, `defer_commit_notices`), copied
-# at a tick's pass (at least every 0.1 s on an idle follower): per command, they are what a change to the leader's sending is judged by.
+# at a tick's pass (at least every 0.1 s on an idle follower): per command, they are what a
+# change to the leader's sending is judged by.
 RAFT_APPENDS_SENT = _declare("raft.appends_sent", Role.REPLICATOR, Kind.COUNTER, "AppendEntries this node sent as leader (with entries, probes and commit notices)")  # fmt: skip
 RAFT_EMPTY_APPENDS_SENT = _declare("raft.empty_appends_sent", Role.REPLICATOR, Kind.COUNTER, "AppendEntries this node sent as leader with no entries: probes and commits alone")  # fmt: skip
 RAFT_COMMIT_NOTICES_SENT = _declare("raft.commit_notices_sent", Role.REPLICATOR, Kind.COUNTER, "AppendEntries this node sent as leader for a commit index alone (held back until no entries carried it)")  # fmt: skip

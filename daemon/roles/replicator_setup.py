@@ -33,14 +33,13 @@ from sequencer.record import FRAME_HEADER, RECORD_HEADER, RECORD_HEADER_BYTES, R
 
 __all__ = [
     "PROPOSAL_BYTES_PER_PASS_MAX", "ForwardFaults", "MalformedProposal", "answer_needs_pass", "check_proposals",
-    "forwarded_refusal",
-    "is_admin", "is_command", "malformed", "poll_region", "raft_config", "start_raft_core", "transport_config",
+    "forwarded_refusal", "is_admin", "is_command", "malformed", "poll_region", "raft_config", "start_raft_core",
+    "transport_config",
 ]  # fmt: skip
 
 log = logging.getLogger("seqd.replicator")
 
 _TERM_START = int(RecordType.TERM_START)
-_PADDING = int(RecordType.PADDING)
 _ADMIN = int(RecordType.ADMIN)
 _COMMAND = int(RecordType.COMMAND)
 
@@ -120,7 +119,7 @@ def malformed(record: bytes) -> str | None:
     if aligned(length) != len(record):
         return f"its header says {length} bytes, but it holds {len(record)}"
     record_type = frame_type & 0xFFFF
-    if record_type == _TERM_START or record_type == _PADDING:
+    if record_type in LEADER_ONLY_TYPES:
         return f"a {RecordType(record_type).name} record, which only a leader or the ring writes"
     return None
 
@@ -129,7 +128,6 @@ class MalformedProposal(Exception):
     """A record this node's sequencer wrote to its proposal ring is malformed (`malformed`)."""
 
 
-_LEADER_ONLY = LEADER_ONLY_TYPES
 _VIEW_BYTES_MIN = RECORD_HEADER_BYTES - FRAME_HEADER.size  # a ring frame's bytes after its header
 
 
@@ -147,7 +145,7 @@ def check_proposals(frames: list[tuple[int, memoryview]], node: int) -> None:
     clients reconnect and resend what was not acknowledged, in order, and nothing acknowledged
     is lost (supervisor.restarts counts it; the log says what was wrong)."""
     for frame_type, view in frames:
-        if len(view) < _VIEW_BYTES_MIN or frame_type & 0xFFFF in _LEADER_ONLY:
+        if len(view) < _VIEW_BYTES_MIN or frame_type & 0xFFFF in LEADER_ONLY_TYPES:
             record = record_from_frame(frame_type, view)
             session_id, request_id = RECORD_HEADER.unpack_from(record)[6:] if len(record) >= RECORD_HEADER_BYTES else (0, 0)
             raise MalformedProposal(

@@ -14,9 +14,9 @@ resends, and a resend is dropped here) but for one kind: a request the old node 
 migration can tell refused, because its command did not decode (`refuse`). Its later parts were
 skipped by the old node, so they are dropped (`refused`); written after the part without command
 bytes that an undecodable first part becomes, the new node would apply them (a later undecodable
-part is written as nothing). A refusal by the app is
-not known here (it would take running the app): its part is carried, so the new node refuses it
-again and skips the same later parts, unless the transform changes or drops the refused part.
+part is written as nothing). A refusal by the app is not known here (it would take running the
+app): its part is carried, so the new node refuses it again and skips the same later parts,
+unless the transform changes or drops the refused part.
 """
 
 from __future__ import annotations
