@@ -242,10 +242,18 @@ def test_in_a_cluster_fork_and_replica_writers_write_the_same_snapshot_files(tmp
         wait_for(one_newest_index, "every node's snapshot of the last SNAPSHOT record")
         # Who wrote, from each node's log: the counters are per incarnation, and a node whose
         # pipeline restarted since its last write (a conflict after an election under load) reads 0.
-        for number, writer, other in ((1, "blp", "snapshotter"), (2, "snapshotter", "blp"), (3, "snapshotter", "blp")):
+        # The fork writer's line is the blp's when it reaps the child, after the file is in place:
+        # waited for, not read at once.
+        writers = ((1, "blp", "snapshotter"), (2, "snapshotter", "blp"), (3, "snapshotter", "blp"))
+
+        def written_by(number: int, role: str) -> bool:
             text = cluster[number].log_text()
-            assert re.search(rf"seqd\[{writer}:\d+\] INFO snapshot at index \d+ written", text), (number, writer)
-            assert not re.search(rf"seqd\[{other}:\d+\] INFO snapshot at index \d+ written", text), (number, other)
+            return re.search(rf"seqd\[{role}:\d+\] INFO snapshot at index \d+ written", text) is not None
+
+        wait_for(lambda: all(written_by(number, writer) for number, writer, _ in writers),
+                 "each node's writer to log its snapshot")  # fmt: skip
+        for number, _writer, other in writers:
+            assert not written_by(number, other), (number, other)
         for number in (2, 3):  # and this incarnation's counters agree
             values = cluster[number].read_counters()
             assert values["snapshot.writes"] == 0, number
