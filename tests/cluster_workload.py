@@ -25,7 +25,7 @@ import subprocess
 import sys
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -177,6 +177,20 @@ class LedgerWorkload:
         assert not alive, f"the clients on nodes {alive} did not finish their requests in flight"
         self._raise_errors()
         return list(self.histories.values())
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Every client stopped (SIGSTOP) inside, continued after: nothing new is sent meanwhile,
+        so the nodes can settle at one commit index (the requests in flight commit; their replies
+        wait in the sockets). A pause of well under `CLIENT_TIMEOUT_S` times out no request."""
+        stopped = [p for p in self.processes.values() if p.poll() is None]
+        for process in stopped:
+            process.send_signal(signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            for process in stopped:
+                process.send_signal(signal.SIGCONT)
 
     def kill(self) -> None:
         for process in self.processes.values():
