@@ -142,7 +142,8 @@ class DrivenReplicator:
 
     def propose(self, *records: bytes) -> None:
         """The sequencer puts records in the proposal ring (frames: the record's own header)."""
-        assert self.proposal_writer.try_write_joined(b"".join(records))
+        written = self.proposal_writer.try_write_joined(b"".join(records))
+        assert written, "the proposal ring is full: the test proposes more than it holds"
 
 
 def _config(directory: Path, name: str, number: int, cluster_settings: dict[str, Any]) -> Config:

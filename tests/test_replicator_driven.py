@@ -210,8 +210,10 @@ def test_a_leaders_answer_that_makes_no_pass_still_arms_the_commit_notice_timer(
             driven.tick()
         route(driven, peers, drop_to=3)
         assert not core.commit_notices_held()
+        passes = driven.passes
         wait_for_the_timer(driven)
         assert driven.transport.sent == [] and replicator.notice_timer._handle is None
+        assert driven.passes == passes  # a timer that finds the commit carried makes no pass
         # Node 3 answers the first: room in its window, and the commit is held back for it. The
         # answer moves nothing else (node 2 made the commit), so no pass follows it.
         peers.core(3).step(held[0])
