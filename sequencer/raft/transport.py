@@ -63,7 +63,6 @@ import logging
 import random
 import secrets
 import socket
-import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Final
 
@@ -83,7 +82,7 @@ from sequencer.raft.peer_protocol import (
     RecordsRefused,
     Side,
 )
-from sequencer.raft.reason_kinds import ReasonKinds
+from sequencer.raft.peer_refusals import Refusals, RefusedCallback
 from sequencer.raft.transport_config import (
     TRANSPORT_REFUSAL_CODES,
     TransportConfig,
@@ -249,7 +248,6 @@ class _PeerStream(asyncio.Protocol):
 
 MessagesCallback = Callable[[int, list[Message]], None]
 RecordsCallback = Callable[[int, list[ForwardedRecord]], "bool | str"]
-RefusedCallback = Callable[[int, str], None]
 
 
 class PeerTransport:
@@ -282,8 +280,8 @@ class PeerTransport:
         self.counters = TransportCounters()
         self._on_messages = on_messages
         self._on_records = on_records
-        self._on_refused = on_refused
-        self._refusal_kinds = ReasonKinds()  # refusals received, by kind, for the log
+        # Counts and logs refusals both ways (sequencer/raft/peer_refusals.py).
+        self._refusals = Refusals(config.node_id, self.counters, on_refused)
         self._random = random_source if random_source is not None else random.Random()
         self._links = {peer: _Link(peer, host, port) for peer, (host, port) in config.peers.items()}
         self._inbound: dict[int, _PeerStream] = {}  # authenticated inbound streams by peer id
@@ -473,31 +471,15 @@ class PeerTransport:
         """The receiver did not take records from `stream`: close it before anything later on it
         is read, so its sender restarts its forward stream on a new connection; with `reason`,
         tell the sender why first (a REFUSED frame), so its log says it."""
-        counters = self.counters
-        counters.forward_streams_refused += 1
-        count = counters.forward_streams_refused
-        if count & (count - 1) == 0:  # the first time, then at every power of two
-            log.info("node %d closed the connection from node %d: forwarded records not taken (%s; it "
-                     "resends them on a new connection); %d so far", self.identity.node_id,
-                     stream.codec.peer_id, reason or "no reason given", count)  # fmt: skip
+        self._refusals.forwards_refused(stream.codec.peer_id, reason)
         if reason is None or not stream.codec.authenticated:
             stream.abort()
             return
         stream.close_after(stream.codec.send_refusal(reason))
 
     def _forwards_refused(self, peer_id: int, reason: str) -> None:
-        """The leader `peer_id` did not take this node's forwarded records, and said why: counted,
-        and logged the first time and at every power of two of its reason's kind (the reason with
-        its numbers masked: sequencer/raft/reason_kinds.py). It closes the connection next; the
-        records go again, in order, on the next one."""
-        counters = self.counters
-        counters.forward_refusals_received += 1
-        if kind_count := self._refusal_kinds.count(reason, time.monotonic()):
-            log.warning("node %d's forwarded records were refused by node %d: %s; they go again on a "
-                        "new connection (%d refusals so far, %d of this kind)", self.identity.node_id,
-                        peer_id, reason, counters.forward_refusals_received, kind_count)  # fmt: skip
-        if self._on_refused is not None:
-            self._on_refused(peer_id, reason)
+        """The leader `peer_id` did not take this node's forwarded records, and said why."""
+        self._refusals.refusal_received(peer_id, reason)
 
     def _schedule_flush(self) -> None:
         if not self._flush_scheduled and not self._closing:
@@ -682,14 +664,7 @@ class PeerTransport:
 
     def _refuse(self, stream: _PeerStream, code: str, message: str) -> None:
         """Count a refused connection by `code`, log it sparingly, abort it."""
-        refused = self.counters.refused
-        refused[code] += 1
-        count = refused[code]
-        if count & (count - 1) == 0:  # the first time, then at every power of two
-            log.warning(
-                "node %d refused a peer connection, %s: %s: %s (%d so far)",
-                self.identity.node_id, stream.describe(), code, message, count,
-            )  # fmt: skip
+        self._refusals.connection_refused(stream.describe(), code, message)
         # abort() reports connection_lost on a later pass; free the pending slot now.
         self._pending.discard(stream)
         stream.abort()
