@@ -1,30 +1,66 @@
-"""The peer transport's refusals, both ways: counted, logged sparingly, handed on.
+"""The peer transport's refusals, both ways: counted, logged sparingly, handed on; and the close
+after a REFUSED frame, which must not lose the frame.
 
 Split from `sequencer.raft.transport` by concept (what a node says and counts when it refuses a
-peer, or hears a peer refused it); the transport does the socket side (abort, or the last REFUSED
-frame and the close) and keeps the rules in its module docstring:
+peer, or hears a peer refused it, and how it closes after saying why); the transport keeps the
+rules in its module docstring:
 
 - a refused connection (a `PeerProtocolError`, a handshake timeout, the pending-handshake bound)
   is counted by its code in `refused`, logged the first time and at every power of two of that
   code, then aborted;
 - a forwarded batch this node did not take is counted in `forward_streams_refused` and logged the
-  first time and at every power of two; the connection it came on closes;
+  first time and at every power of two; the connection it came on is aborted, or, when the node
+  says why, closed after a last REFUSED frame by `LingeringClose` (below);
 - a REFUSED frame from a peer this node dialled is counted in `forward_refusals_received`, logged
   by its reason's kind (`sequencer.raft.reason_kinds`), and handed to `on_refused`.
+
+Closing after the REFUSED frame
+-------------------------------
+
+The dialler of a refused batch has usually sent more behind it (a loaded follower forwards and
+answers every pass), so the refusing socket holds bytes nobody will read. Closing a socket with
+unread bytes makes Linux send a reset instead of a FIN, and so does any byte that reaches it once
+it is closed. The reset does not erase the frame from the dialler's kernel, but its next write
+fails, and asyncio and uvloop then close the connection without reading what the kernel still
+holds (Linux 6.18 keeps it readable after the reset; the event loop never reads it): the dialler
+never learns why (no log line, no `forward_refusals_received`) and resends blindly. So, as web
+servers do after an error reply (a "lingering close": Apache's `ap_lingering_close`, nginx's
+`lingering_close`), `LingeringClose` half-closes after the frame (the FIN follows it), then reads
+and drops whatever arrives, delivering none of it, until the dialler closes its end (it does as
+soon as it reads the FIN) or a bound is reached: LINGER_S, or LINGER_BYTES_MAX dropped. Then it
+aborts (`lingers_cut`): a peer that never closes, or keeps sending, holds the socket no longer.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable
+from typing import Final
 
 from sequencer.raft.reason_kinds import ReasonKinds
 from sequencer.raft.transport_config import TransportCounters
 
-__all__ = ["Refusals", "RefusedCallback"]
+__all__ = ["LINGER_BYTES_MAX", "LINGER_S", "LingeringClose", "Refusals", "RefusedCallback"]
 
 log = logging.getLogger("seqd.peer")
+
+# How long a refusing node keeps reading (and dropping) after its REFUSED frame, at most. A dialler
+# that is not stalled reads the frame and the FIN and closes within a loop pass or two (0.7-11 ms
+# from the refusal to the close in six runs on loopback, forwarding all the while, load average
+# 5.4); 2 s covers a loaded machine's scheduling and a LAN's round trips, the same allowance as a
+# handshake (`handshake_timeout_ms`). Not a config setting: nothing depends on it but how long a
+# stuck peer holds one socket and one timer. Read at each refusal (tests lower it).
+LINGER_S: Final = 2.0
+# Bytes dropped before the linger is cut. What a healthy dialler can still have on its way when
+# it meets the refusal: both kernels' socket buffers (tcp_wmem's ceiling 4 MiB, tcp_rmem's 6 MiB by
+# default, 32 MiB on the test machine), its transport's send buffer (`send_buffer_bytes_max`, 8 MiB
+# in the replicator) and one stream's resend (PENDING_BYTES_MAX, 16 MiB): ~34-60 MiB. Reading and
+# dropping 64 MiB took 43 ms of CPU under asyncio, 7 ms under uvloop (socketpair, load average
+# 5.5): what a peer that keeps sending can cost per refusal. Cutting early only risks the reset
+# the linger avoids, on a connection the dialler is leaving anyway.
+LINGER_BYTES_MAX: Final = 64 << 20
 
 RefusedCallback = Callable[[int, str], None]
 
@@ -82,3 +118,47 @@ class Refusals:
                         peer_id, reason, counters.forward_refusals_received, kind_count)  # fmt: skip
         if self.on_refused is not None:
             self.on_refused(peer_id, reason)
+
+
+class LingeringClose(asyncio.Protocol):
+    """A connection after this node's last frame on it: takes its transport over, half-closes
+    it, drops what arrives, closes at the peer's EOF or aborts at a bound (module docstring).
+
+    Args:
+        transport: the connection's transport, its last frame written.
+        stream: the protocol it replaces; told `connection_lost` when the socket ends.
+        counters: `linger_bytes_discarded`, `bytes_in` and `lingers_cut` count here.
+    """
+
+    __slots__ = ("_bytes_left", "_counters", "_stream", "_timer", "_transport")
+
+    def __init__(
+        self, transport: asyncio.Transport, stream: asyncio.BaseProtocol, counters: TransportCounters
+    ) -> None:
+        self._transport = transport
+        self._stream = stream
+        self._counters = counters
+        self._bytes_left = LINGER_BYTES_MAX
+        transport.set_protocol(self)
+        transport.write_eof()  # the FIN, once the frame has left
+        self._timer = asyncio.get_running_loop().call_later(LINGER_S, self._cut)
+
+    def data_received(self, data: bytes) -> None:
+        counters = self._counters
+        counters.bytes_in += len(data)
+        counters.linger_bytes_discarded += len(data)
+        self._bytes_left -= len(data)
+        if self._bytes_left < 0:
+            self._cut()
+
+    def eof_received(self) -> bool:
+        return False  # the peer closed its end: close ours (the time bound holds until it is)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._timer.cancel()
+        self._stream.connection_lost(exc)
+
+    def _cut(self) -> None:
+        self._timer.cancel()
+        self._counters.lingers_cut += 1
+        self._transport.abort()

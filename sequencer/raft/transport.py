@@ -34,10 +34,13 @@ writes sockets, keeps time (handshake timeouts, reconnect backoff) and counts:
   (`forward_stream`), and every authenticated connection and every dropped record starts a new
   one; records sent on an older stream are dropped (counted), so nothing behind a dropped record
   leaves until the caller restarts the stream, with its ordered resend, on the new number. On the
-  receiving side, `on_records` answers False, or why not, when it did not take a batch: that
-  connection is closed at once (nothing after the refused batch is read), after a last REFUSED
-  frame that carries the reason (the one frame an acceptor ever sends after the handshake), and
-  its dialler logs and counts the reason (`forward_refusals_received`) and reconnects;
+  receiving side, `on_records` answers False, or why not, when it did not take a batch: nothing
+  after the refused batch is delivered, and that connection is aborted, or, with a reason, closed
+  after a last REFUSED frame that carries it (the one frame an acceptor ever sends after the
+  handshake): half-closed, what still arrives dropped unread until the dialler closes or a bound
+  (`peer_refusals.LingeringClose`: a plain close with unread bytes resets the connection, and the
+  reset can cost the dialler the frame); its dialler logs and counts the reason
+  (`forward_refusals_received`) and reconnects;
 - a refused connection (any `PeerProtocolError`, a handshake that does not finish within
   `handshake_timeout_ms`, or more than `HANDSHAKES_PENDING_MAX` unauthenticated connections) is
   counted by its code, logged the first time and at every power of two, and aborted;
@@ -82,7 +85,7 @@ from sequencer.raft.peer_protocol import (
     RecordsRefused,
     Side,
 )
-from sequencer.raft.peer_refusals import Refusals, RefusedCallback
+from sequencer.raft.peer_refusals import LingeringClose, Refusals, RefusedCallback
 from sequencer.raft.transport_config import (
     TRANSPORT_REFUSAL_CODES,
     TransportConfig,
@@ -184,12 +187,14 @@ class _PeerStream(asyncio.Protocol):
             self.transport.abort()
 
     def close_after(self, data: bytes) -> None:
-        """Write `data` (a last frame), then close: nothing more is read or delivered, and the
-        socket closes once `data` has left."""
+        """Write `data` (a last frame), then close without losing it: nothing more is delivered;
+        what the peer still sends is dropped until it closes, or a bound (LingeringClose)."""
+        if self._ended:
+            return  # aborted, or closing after its last frame already
         self._ended = True
         if self.transport is not None:
             self._write(data)
-            self.transport.close()
+            LingeringClose(self.transport, self, self.owner.counters)
 
     def _write(self, data: bytes) -> None:
         if data and self.transport is not None:
@@ -258,7 +263,7 @@ class PeerTransport:
         on_messages: called with (peer id, messages) for each authenticated batch received.
         on_records: called with (peer id, forwarded records); answers whether it took them all:
             True, else False or why not (a sentence, sent back to the peer in a REFUSED frame);
-            a refusal closes that connection (nothing after the batch is read). Records are
+            a refusal closes that connection (nothing after the batch is delivered). Records are
             dropped (counted in `records_in` only) when None.
         on_refused: called with (peer id, reason) when a peer this node dialled refused its
             forwarded records and said why (counted in `forward_refusals_received` and logged
@@ -471,7 +476,10 @@ class PeerTransport:
         """The receiver did not take records from `stream`: close it before anything later on it
         is read, so its sender restarts its forward stream on a new connection; with `reason`,
         tell the sender why first (a REFUSED frame), so its log says it."""
-        self._refusals.forwards_refused(stream.codec.peer_id, reason)
+        peer = stream.codec.peer_id
+        self._refusals.forwards_refused(peer, reason)
+        if self._inbound.get(peer) is stream:
+            del self._inbound[peer]  # nothing more arrives on it, nor is refused again
         if reason is None or not stream.codec.authenticated:
             stream.abort()
             return
