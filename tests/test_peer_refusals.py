@@ -48,7 +48,8 @@ def refusing(node: Node, batches: list[list[int]], queued: list[int]) -> None:
 
     def refuse(peer: int, records: list[ForwardedRecord]) -> str:
         batches.append([int.from_bytes(r.record[_REQUEST_ID], "little") for r in records])
-        queued.append(queued_bytes(transport._inbound[peer].transport))
+        stream = transport._inbound.get(peer)  # gone once a batch of it is refused
+        queued.append(-1 if stream is None else queued_bytes(stream.transport))
         return NOT_LEADING
 
     transport._on_records = refuse
