@@ -33,9 +33,10 @@ BEHIND_BYTES = 2 << 20
 BEHIND_PAYLOAD = b"p" * (64 << 10)
 
 
-def queued_bytes(transport: object) -> int:
+def queued_bytes(transport: asyncio.BaseTransport | None) -> int:
     """Bytes the kernel holds unread on the socket under an asyncio or uvloop transport."""
-    sock = transport.get_extra_info("socket")  # type: ignore[attr-defined]
+    assert transport is not None
+    sock = transport.get_extra_info("socket")
     count = array.array("i", [0])
     fcntl.ioctl(sock.fileno(), termios.FIONREAD, count)
     return count[0]
