@@ -285,7 +285,8 @@ class PeerTransport:
         self.counters = TransportCounters()
         self._on_messages = on_messages
         self._on_records = on_records
-        # Counts and logs refusals both ways (sequencer/raft/peer_refusals.py).
+        # Refusals both ways, and the close after saying why, in their own module (its docstring)
+        # so their counts, sparse logging and lingering close are read and tested in one place.
         self._refusals = Refusals(config.node_id, self.counters, on_refused)
         self._random = random_source if random_source is not None else random.Random()
         self._links = {peer: _Link(peer, host, port) for peer, (host, port) in config.peers.items()}
@@ -473,9 +474,10 @@ class PeerTransport:
         link.forward_stream += 1
 
     def _refuse_forwards(self, stream: _PeerStream, reason: str | None = None) -> None:
-        """The receiver did not take records from `stream`: close it before anything later on it
-        is read, so its sender restarts its forward stream on a new connection; with `reason`,
-        tell the sender why first (a REFUSED frame), so its log says it."""
+        """The receiver did not take records from `stream`: close it, delivering nothing later on
+        it (with `reason`, what still arrives is read and dropped unread until the close: see
+        LingeringClose), so its sender restarts its forward stream on a new connection; with
+        `reason`, tell the sender why first (a REFUSED frame), so its log says it."""
         peer = stream.codec.peer_id
         self._refusals.forwards_refused(peer, reason)
         if self._inbound.get(peer) is stream:
@@ -581,7 +583,10 @@ class PeerTransport:
         loop = asyncio.get_running_loop()
         backoff = ReconnectBackoff(config.reconnect_first_ms, config.reconnect_max_ms, self._random)
         failures = 0
-        while True:
+        # `_closing` is checked after each await as well as by the cancel close() sends: on Python
+        # 3.11 wait_for swallows a cancel that arrives as the connect fails, and a loop that went
+        # on would hold close() forever.
+        while not self._closing:
             codec = PeerConnection(
                 self.identity, Side.DIALLER, secrets.token_bytes(NONCE_BYTES), link.peer_id
             )
@@ -602,16 +607,20 @@ class PeerTransport:
                         error or "timed out", failures,
                     )  # fmt: skip
             else:
+                if self._closing:
+                    return  # connected as close() began: close() aborts the stream
                 # Shielded: cancelling this loop must not cancel the future close() awaits.
                 await asyncio.shield(stream.closed)
                 if stream.was_authenticated:
                     failures = 0
                     backoff.reset()
+            if self._closing:
+                return
             await asyncio.sleep(backoff.next_delay_ms() / 1000)
 
     def _dial_ended(self, task: asyncio.Task[None]) -> None:
-        """A dial loop ends only when cancelled; anything else is a bug that would silently stop
-        this node from ever reaching a peer again, so say so loudly."""
+        """A dial loop ends only when cancelled or closing; anything else is a bug that would
+        silently stop this node from ever reaching a peer again, so say so loudly."""
         if not task.cancelled() and task.exception() is not None:
             log.critical(
                 "node %d: the dial loop %s died; this node no longer reaches that peer",
