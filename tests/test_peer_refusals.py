@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import array
 import asyncio
+import errno
 import fcntl
+import os
 import termios
 from contextlib import AsyncExitStack
 
@@ -16,6 +18,7 @@ from daemon.faultproxy import free_loopback_ports
 from sequencer.raft import peer_refusals
 from sequencer.raft.peer_protocol import CLOSED, NEED_DATA, ForwardedRecord, RecordsRefused
 from tests.test_peer_transport import (
+    TEST_S,
     Node,
     Runner,
     config,
@@ -125,6 +128,7 @@ async def refused_by_hand(ports: dict[int, int], receiver: Node) -> tuple[
 
 
 def test_a_dialler_that_never_closes_is_cut_after_the_linger_time_bound(
+    run: Runner,  # noqa: F811
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(peer_refusals, "LINGER_S", 0.2)
@@ -139,15 +143,20 @@ def test_a_dialler_that_never_closes_is_cut_after_the_linger_time_bound(
             receiver.transport.close_forwards_from([1], "it stopped leading")  # while lingering
             assert receiver.transport.inbound_peers() == set(), "a lingering one is not inbound"
             assert receiver.counters["forward_streams_refused"] == 1, "nor refused twice"
+            (stream,) = receiver.transport._streams  # the lingering one: node 1 is not listening
+            bytes_out = receiver.counters["bytes_out"]
+            stream.close_after(b"a second last frame")  # the stream ended: nothing written
+            assert receiver.counters["bytes_out"] == bytes_out, "nothing after the REFUSED frame"
             await until(lambda: receiver.counters["lingers_cut"] == 1, "the linger's time bound")
-            assert receiver.counters["disconnects"] == 1
+            await until(lambda: receiver.counters["disconnects"] == 1, "the cut connection's end")
             assert batches == [[1]] and receiver.messages == [], "nothing after it delivered"
             writer.close()
 
-    asyncio.run(main())
+    run(main())
 
 
 def test_a_dialler_that_keeps_sending_is_cut_after_the_linger_byte_bound(
+    run: Runner,  # noqa: F811
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(peer_refusals, "LINGER_S", 3600.0)  # never, in this test
@@ -164,7 +173,49 @@ def test_a_dialler_that_keeps_sending_is_cut_after_the_linger_byte_bound(
             discarded = receiver.counters["linger_bytes_discarded"]
             assert 1 << 20 < discarded < 4 << 20, discarded
             assert receiver.counters["refused_total"] == 0, "not read as frames"
-            assert receiver.counters["disconnects"] == 1
+            await until(lambda: receiver.counters["disconnects"] == 1, "the cut connection's end")
             writer.close()
 
-    asyncio.run(main())
+    run(main())
+
+
+@pytest.mark.parametrize("refused_by", ["on_records", "close_forwards_from"])
+def test_a_reset_before_the_half_close_ends_the_stream_and_raises_nothing(
+    refused_by: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The dialler's reset lands between the REFUSED frame's write and the half-close: asyncio's
+    write_eof (shutdown) then fails with ENOTCONN. Nothing may escape into the caller (the
+    replicator's term start calls close_forwards_from) or the loop, and the stream must still end:
+    out of the transport's table, counted, and close() not left waiting for it. asyncio only:
+    uvloop's transport cannot be patched, and its write_eof reports no such error."""
+
+    async def main() -> None:
+        ports = dict(zip((1, 2), free_loopback_ports(2), strict=True))
+        receiver = Node(config(2, ports))
+        loop = asyncio.get_running_loop()
+        loop_errors: list[dict[str, object]] = []
+        loop.set_exception_handler(lambda _, context: loop_errors.append(context))
+        async with receiver.transport:
+            codec, _, writer = await dial_by_hand(ports[2])
+            await until(lambda: receiver.transport.inbound_peers() == {1}, "node 1 inbound")
+            inbound = receiver.transport._inbound[1]
+            assert isinstance(inbound.transport, asyncio.Transport)
+
+            def write_eof() -> None:
+                raise OSError(errno.ENOTCONN, os.strerror(errno.ENOTCONN))
+
+            inbound.transport.write_eof = write_eof  # type: ignore[method-assign]
+            if refused_by == "on_records":
+                receiver.transport._on_records = lambda peer, records: NOT_LEADING
+                writer.write(codec.send_records([record(1)]))
+            else:
+                receiver.transport.close_forwards_from([1], NOT_LEADING)  # raises nothing
+            await until(lambda: inbound.closed.done(), "the stream's end")
+            assert inbound not in receiver.transport._streams
+            assert receiver.counters["disconnects"] == 1
+            assert receiver.counters["forward_streams_refused"] == 1
+            assert loop_errors == []
+            writer.close()
+        assert "not closed within" not in caplog.text, "close() waited for the stream"
+
+    asyncio.run(asyncio.wait_for(main(), TEST_S))

@@ -29,6 +29,8 @@ servers do after an error reply (a "lingering close": Apache's `ap_lingering_clo
 and drops whatever arrives, delivering none of it, until the dialler closes its end (it does as
 soon as it reads the FIN) or a bound is reached: LINGER_S, or LINGER_BYTES_MAX dropped. Then it
 aborts (`lingers_cut`): a peer that never closes, or keeps sending, holds the socket no longer.
+When the dialler's reset arrives before the half-close, the half-close fails (ENOTCONN under
+asyncio) and the connection is aborted at once, nothing raised to whoever refused.
 """
 
 from __future__ import annotations
@@ -39,6 +41,9 @@ import time
 from collections.abc import Callable
 from typing import Final
 
+from sequencer.cluster.forwards import PENDING_BYTES_MAX
+from sequencer.raft.config import INFLIGHT_BYTES_MAX_DEFAULT
+from sequencer.raft.peer_wire import PEER_FRAME_BYTES_MAX
 from sequencer.raft.reason_kinds import ReasonKinds
 from sequencer.raft.transport_config import TransportCounters
 
@@ -61,6 +66,12 @@ LINGER_S: Final = 2.0
 # 5.5): what a peer that keeps sending can cost per refusal. Cutting early only risks the reset
 # the linger avoids, on a connection the dialler is leaving anyway.
 LINGER_BYTES_MAX: Final = 64 << 20
+# The upper end of that sum, by the constants it is made of (the send buffer as the replicator
+# sizes it by default: replicator_setup.py), so raising one of them cannot silently outgrow it.
+_KERNEL_BUFFERS_BYTES: Final = (4 << 20) + (32 << 20)  # tcp_wmem's ceiling, the test's tcp_rmem
+assert LINGER_BYTES_MAX >= (
+    _KERNEL_BUFFERS_BYTES + INFLIGHT_BYTES_MAX_DEFAULT + PEER_FRAME_BYTES_MAX + PENDING_BYTES_MAX
+), "LINGER_BYTES_MAX no longer covers what a healthy dialler can still send"
 
 RefusedCallback = Callable[[int, str], None]
 
@@ -133,15 +144,24 @@ class LingeringClose(asyncio.Protocol):
     __slots__ = ("_bytes_left", "_counters", "_stream", "_timer", "_transport")
 
     def __init__(
-        self, transport: asyncio.Transport, stream: asyncio.BaseProtocol, counters: TransportCounters
+        self,
+        transport: asyncio.Transport,
+        stream: asyncio.BaseProtocol,
+        counters: TransportCounters,
     ) -> None:
         self._transport = transport
         self._stream = stream
         self._counters = counters
         self._bytes_left = LINGER_BYTES_MAX
-        transport.set_protocol(self)
-        transport.write_eof()  # the FIN, once the frame has left
+        # Whole before the transport is handed over: its connection_lost comes here from now on.
         self._timer = asyncio.get_running_loop().call_later(LINGER_S, self._cut)
+        transport.set_protocol(self)
+        try:
+            transport.write_eof()  # the FIN, once the frame has left
+        except OSError:
+            # The peer's reset arrived first (asyncio's shutdown() fails with ENOTCONN): nothing
+            # left to linger for; the abort still ends the stream (connection_lost, here).
+            transport.abort()
 
     def data_received(self, data: bytes) -> None:
         counters = self._counters
