@@ -148,7 +148,7 @@ def test_a_receiver_that_refuses_a_batch_closes_its_connection_and_the_sender_re
                 return len(batches) > 1 or refusal  # the first refused (not leading, inbox full)
 
             receiver.transport._on_records = take_after_the_first
-            sender._on_refused = lambda peer, reason: heard.append((peer, reason))
+            sender._refusals.on_refused = lambda peer, reason: heard.append((peer, reason))
             stream = sender.forward_stream(2)
             sender.forward(2, [record(1)], stream)
             await asyncio.sleep(0)
@@ -177,7 +177,7 @@ def test_a_refusal_storm_with_changing_numbers_logs_a_bounded_number_of_lines_an
     refusals = 1000
     sender = PeerTransport(config(1, {1: 1, 2: 2}), lambda peer, messages: None)
     heard: list[str] = []
-    sender._on_refused = lambda peer, reason: heard.append(reason)
+    sender._refusals.on_refused = lambda peer, reason: heard.append(reason)
     with caplog.at_level(logging.WARNING, logger="seqd.peer"):
         for number in range(refusals):
             reason = (f"node 2 does not lead (term {number + 3}, leader {number % 3 + 1})" if number % 2

@@ -34,10 +34,13 @@ writes sockets, keeps time (handshake timeouts, reconnect backoff) and counts:
   (`forward_stream`), and every authenticated connection and every dropped record starts a new
   one; records sent on an older stream are dropped (counted), so nothing behind a dropped record
   leaves until the caller restarts the stream, with its ordered resend, on the new number. On the
-  receiving side, `on_records` answers False, or why not, when it did not take a batch: that
-  connection is closed at once (nothing after the refused batch is read), after a last REFUSED
-  frame that carries the reason (the one frame an acceptor ever sends after the handshake), and
-  its dialler logs and counts the reason (`forward_refusals_received`) and reconnects;
+  receiving side, `on_records` answers False, or why not, when it did not take a batch: nothing
+  after the refused batch is delivered, and that connection is aborted, or, with a reason, closed
+  after a last REFUSED frame that carries it (the one frame an acceptor ever sends after the
+  handshake): half-closed, what still arrives dropped unread until the dialler closes or a bound
+  (`peer_refusals.LingeringClose`: a plain close with unread bytes resets the connection, and the
+  reset can cost the dialler the frame); its dialler logs and counts the reason
+  (`forward_refusals_received`) and reconnects;
 - a refused connection (any `PeerProtocolError`, a handshake that does not finish within
   `handshake_timeout_ms`, or more than `HANDSHAKES_PENDING_MAX` unauthenticated connections) is
   counted by its code, logged the first time and at every power of two, and aborted;
@@ -63,7 +66,6 @@ import logging
 import random
 import secrets
 import socket
-import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Final
 
@@ -83,7 +85,7 @@ from sequencer.raft.peer_protocol import (
     RecordsRefused,
     Side,
 )
-from sequencer.raft.reason_kinds import ReasonKinds
+from sequencer.raft.peer_refusals import LingeringClose, Refusals, RefusedCallback
 from sequencer.raft.transport_config import (
     TRANSPORT_REFUSAL_CODES,
     TransportConfig,
@@ -185,12 +187,14 @@ class _PeerStream(asyncio.Protocol):
             self.transport.abort()
 
     def close_after(self, data: bytes) -> None:
-        """Write `data` (a last frame), then close: nothing more is read or delivered, and the
-        socket closes once `data` has left."""
+        """Write `data` (a last frame), then close without losing it: nothing more is delivered;
+        what the peer still sends is dropped until it closes, or a bound (LingeringClose)."""
+        if self._ended:
+            return  # aborted, or closing after its last frame already
         self._ended = True
         if self.transport is not None:
             self._write(data)
-            self.transport.close()
+            LingeringClose(self.transport, self, self.owner.counters)
 
     def _write(self, data: bytes) -> None:
         if data and self.transport is not None:
@@ -249,7 +253,6 @@ class _PeerStream(asyncio.Protocol):
 
 MessagesCallback = Callable[[int, list[Message]], None]
 RecordsCallback = Callable[[int, list[ForwardedRecord]], "bool | str"]
-RefusedCallback = Callable[[int, str], None]
 
 
 class PeerTransport:
@@ -260,7 +263,7 @@ class PeerTransport:
         on_messages: called with (peer id, messages) for each authenticated batch received.
         on_records: called with (peer id, forwarded records); answers whether it took them all:
             True, else False or why not (a sentence, sent back to the peer in a REFUSED frame);
-            a refusal closes that connection (nothing after the batch is read). Records are
+            a refusal closes that connection (nothing after the batch is delivered). Records are
             dropped (counted in `records_in` only) when None.
         on_refused: called with (peer id, reason) when a peer this node dialled refused its
             forwarded records and said why (counted in `forward_refusals_received` and logged
@@ -282,8 +285,9 @@ class PeerTransport:
         self.counters = TransportCounters()
         self._on_messages = on_messages
         self._on_records = on_records
-        self._on_refused = on_refused
-        self._refusal_kinds = ReasonKinds()  # refusals received, by kind, for the log
+        # Refusals both ways, and the close after saying why, in their own module (its docstring)
+        # so their counts, sparse logging and lingering close are read and tested in one place.
+        self._refusals = Refusals(config.node_id, self.counters, on_refused)
         self._random = random_source if random_source is not None else random.Random()
         self._links = {peer: _Link(peer, host, port) for peer, (host, port) in config.peers.items()}
         self._inbound: dict[int, _PeerStream] = {}  # authenticated inbound streams by peer id
@@ -470,34 +474,22 @@ class PeerTransport:
         link.forward_stream += 1
 
     def _refuse_forwards(self, stream: _PeerStream, reason: str | None = None) -> None:
-        """The receiver did not take records from `stream`: close it before anything later on it
-        is read, so its sender restarts its forward stream on a new connection; with `reason`,
-        tell the sender why first (a REFUSED frame), so its log says it."""
-        counters = self.counters
-        counters.forward_streams_refused += 1
-        count = counters.forward_streams_refused
-        if count & (count - 1) == 0:  # the first time, then at every power of two
-            log.info("node %d closed the connection from node %d: forwarded records not taken (%s; it "
-                     "resends them on a new connection); %d so far", self.identity.node_id,
-                     stream.codec.peer_id, reason or "no reason given", count)  # fmt: skip
+        """The receiver did not take records from `stream`: close it, delivering nothing later on
+        it (with `reason`, what still arrives is read and dropped unread until the close: see
+        LingeringClose), so its sender restarts its forward stream on a new connection; with
+        `reason`, tell the sender why first (a REFUSED frame), so its log says it."""
+        peer = stream.codec.peer_id
+        self._refusals.forwards_refused(peer, reason)
+        if self._inbound.get(peer) is stream:
+            del self._inbound[peer]  # nothing more arrives on it, nor is refused again
         if reason is None or not stream.codec.authenticated:
             stream.abort()
             return
         stream.close_after(stream.codec.send_refusal(reason))
 
     def _forwards_refused(self, peer_id: int, reason: str) -> None:
-        """The leader `peer_id` did not take this node's forwarded records, and said why: counted,
-        and logged the first time and at every power of two of its reason's kind (the reason with
-        its numbers masked: sequencer/raft/reason_kinds.py). It closes the connection next; the
-        records go again, in order, on the next one."""
-        counters = self.counters
-        counters.forward_refusals_received += 1
-        if kind_count := self._refusal_kinds.count(reason, time.monotonic()):
-            log.warning("node %d's forwarded records were refused by node %d: %s; they go again on a "
-                        "new connection (%d refusals so far, %d of this kind)", self.identity.node_id,
-                        peer_id, reason, counters.forward_refusals_received, kind_count)  # fmt: skip
-        if self._on_refused is not None:
-            self._on_refused(peer_id, reason)
+        """The leader `peer_id` did not take this node's forwarded records, and said why."""
+        self._refusals.refusal_received(peer_id, reason)
 
     def _schedule_flush(self) -> None:
         if not self._flush_scheduled and not self._closing:
@@ -591,7 +583,10 @@ class PeerTransport:
         loop = asyncio.get_running_loop()
         backoff = ReconnectBackoff(config.reconnect_first_ms, config.reconnect_max_ms, self._random)
         failures = 0
-        while True:
+        # `_closing` is checked after each await as well as by the cancel close() sends: on Python
+        # 3.11 wait_for swallows a cancel that arrives as the connect fails, and a loop that went
+        # on would hold close() forever.
+        while not self._closing:
             codec = PeerConnection(
                 self.identity, Side.DIALLER, secrets.token_bytes(NONCE_BYTES), link.peer_id
             )
@@ -612,16 +607,20 @@ class PeerTransport:
                         error or "timed out", failures,
                     )  # fmt: skip
             else:
+                if self._closing:
+                    return  # connected as close() began: close() aborts the stream
                 # Shielded: cancelling this loop must not cancel the future close() awaits.
                 await asyncio.shield(stream.closed)
                 if stream.was_authenticated:
                     failures = 0
                     backoff.reset()
+            if self._closing:
+                return
             await asyncio.sleep(backoff.next_delay_ms() / 1000)
 
     def _dial_ended(self, task: asyncio.Task[None]) -> None:
-        """A dial loop ends only when cancelled; anything else is a bug that would silently stop
-        this node from ever reaching a peer again, so say so loudly."""
+        """A dial loop ends only when cancelled or closing; anything else is a bug that would
+        silently stop this node from ever reaching a peer again, so say so loudly."""
         if not task.cancelled() and task.exception() is not None:
             log.critical(
                 "node %d: the dial loop %s died; this node no longer reaches that peer",
@@ -682,14 +681,7 @@ class PeerTransport:
 
     def _refuse(self, stream: _PeerStream, code: str, message: str) -> None:
         """Count a refused connection by `code`, log it sparingly, abort it."""
-        refused = self.counters.refused
-        refused[code] += 1
-        count = refused[code]
-        if count & (count - 1) == 0:  # the first time, then at every power of two
-            log.warning(
-                "node %d refused a peer connection, %s: %s: %s (%d so far)",
-                self.identity.node_id, stream.describe(), code, message, count,
-            )  # fmt: skip
+        self._refusals.connection_refused(stream.describe(), code, message)
         # abort() reports connection_lost on a later pass; free the pending slot now.
         self._pending.discard(stream)
         stream.abort()

@@ -121,6 +121,8 @@ class TransportCounters:
     forward_streams_broken: int = 0  # outbound forward streams ended by a dropped record
     forward_streams_refused: int = 0  # inbound connections closed: a forwarded batch not taken
     forward_refusals_received: int = 0  # the peer dialled said why it took no more forwards (REFUSED)
+    linger_bytes_discarded: int = 0  # read after this node's REFUSED frame and dropped unread
+    lingers_cut: int = 0  # connections aborted at LINGER_S or LINGER_BYTES_MAX after a REFUSED frame
     connects: int = 0  # outbound connections authenticated
     accepts: int = 0  # inbound connections authenticated
     connect_failures: int = 0  # TCP connects that failed or timed out
