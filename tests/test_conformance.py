@@ -526,10 +526,22 @@ def _reservation_expired(node: NodeProcess, produced: dict[str, str]) -> None:
 # -- logs --------------------------------------------------------------------------------------
 
 
-def test_sequencer_and_supervisor_log_the_same_serving_index(node_factory) -> None:  # noqa: F811
+def test_sequencer_and_supervisor_log_the_serving_index(node_factory) -> None:  # noqa: F811
     node = node_factory()
     deadline = time.monotonic() + 10
-    while len(indexes := re.findall(r"serving \S+ from index (\d+)", node.log_text())) < 2:
+    pattern = re.compile(r"(node \S+ )?serving \S+ from index (\d+)")
+    while len(lines := pattern.findall(node.log_text())) < 2:
         assert time.monotonic() < deadline, node.log_text()[-2000:]
         time.sleep(0.01)
-    assert len(set(indexes)) == 1, indexes
+    (serving,) = [int(index) for source, index in lines if not source]  # the sequencer's
+    (reported,) = [int(index) for source, index in lines if source]  # the supervisor's
+    # The sequencer logs its node_start record's index; the supervisor the log's last index when it
+    # reports serving, which can be later by the node's own ADMIN records sequenced meanwhile (the
+    # session rules' version a fresh node asks for: 1 and 2 in a loaded run). Nothing else:
+    # no client is connected yet.
+    assert 1 <= serving <= reported, lines
+    while len(records := [r for r in read_records(node.config.journal_dir) if r.index <= reported]) < reported:
+        assert time.monotonic() < deadline, f"index {reported} not in the journal: {len(records)} records"
+        time.sleep(0.01)
+    between = [(record.index, record.type) for record in records[serving:reported] if record.type != RecordType.ADMIN]
+    assert not between, f"the supervisor's index {reported} is past {serving} by more than ADMIN records: {between}"

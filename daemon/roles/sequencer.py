@@ -585,8 +585,9 @@ class Sequencer:
         if self.clustered:
             log.info("serving %s in cluster mode: proposing to the replicator", self.config.socket.path)
         else:
-            # The same number the supervisor logs: the last index in the log (this start's
-            # node_start record); the first command gets the next one.
+            # This start's node_start record, the last index in the log now; the first command
+            # gets the next one. The supervisor logs the last index when it reports serving: this
+            # one, or a later one of the node's own ADMIN records (a session rules version).
             log.info("serving %s from index %d", self.config.socket.path, self.gateway.next_index - 1)
         beats = 0
         missed_rings = 0
