@@ -19,7 +19,7 @@ new constants here.
 from __future__ import annotations
 
 import hashlib
-from collections import Counter
+from collections import Counter, OrderedDict
 
 from sequencer.apps.ledger import (
     LEDGER_SCHEMA,
@@ -163,3 +163,14 @@ def test_a_replay_of_the_fixed_log_gives_the_pinned_hashes() -> None:
     for processor in (replayed, applied):
         assert processor.rolling_hash == GOLDEN_ROLLING_HASH
         assert processor.state_hash().hex() == GOLDEN_STATE_HASH
+
+
+def test_saved_replies_stay_an_ordered_dict_through_a_snapshot_restore() -> None:
+    """The hot path drops a client's oldest saved reply with each ack: in a plain dict finding it
+    scans the entries deleted since the last resize (~0.6 us a command at 512 in flight), so a
+    restored processor must hold them as the live one does (`ClientEntry.replies`)."""
+    processor, _, _ = run(golden_log(), follower=False)
+    restored = Processor.restore(Ledger, processor.snapshot_bytes())
+    for table in (processor._table, restored._table):
+        assert {type(client.replies) for client in table.clients.values()} == {OrderedDict}
+    assert restored.saved_reply_ids(7) == processor.saved_reply_ids(7) != []
