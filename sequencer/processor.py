@@ -150,6 +150,11 @@ _pack_event: Final = EVENT_HEADER.pack
 # The rolling hash: determinism.rolling_hash_update, bound here to spare a call per output.
 _crc32c: Final = crc32c.crc32c
 assert rolling_hash_update(1, b"x") == _crc32c(b"x", 1)
+# CRC-32C continues over concatenated bytes: folding a + b in one call is folding a, then b. A
+# command's events are folded with its reply in one call (`_unhashed`): a call costs ~700
+# instructions, ~600 of them parsing its arguments, against ~150 for the concatenation. (A
+# rejected command's app emitted nothing: `_rejection`.)
+assert _crc32c(b"y", _crc32c(b"x", 1)) == _crc32c(b"xy", 1)
 
 
 App = TypeVar("App", bound=StateMachine)
@@ -180,7 +185,7 @@ class Processor(Generic[App]):
     __slots__ = (
         "_app_apply", "_app_on_session_close", "_app_on_session_open", "_app_on_timer", "_context", "_decode_command",
         "_decode_current_command", "_encode", "_encode_event", "_encode_reply", "_event_types", "_output_version",
-        "_outputs", "_sessions", "_table", "_timers", "_version", "app", "app_class", "applied_index", "applied_term",
+        "_outputs", "_sessions", "_table", "_timers", "_unhashed", "_version", "app", "app_class", "applied_index", "applied_term",
         "command_parts_skipped", "commands_without_session", "debug", "duplicate_records", "emit_events",
         "events_too_large", "last_timestamp_ns", "node", "replies_too_large", "rolling_hash", "schema",
         "snapshot_requested", "stale_timer_fires", "timer_fired_notices", "unknown_admin_ops",
@@ -205,6 +210,10 @@ class Processor(Generic[App]):
         self.applied_term = 0
         self.last_timestamp_ns = 0
         self.rolling_hash = 0
+        # The outputs of the app (events, timer requests) for the record being applied, not yet
+        # folded into `rolling_hash`: their frames in order, joined. Empty between records:
+        # apply_frame folds it, with the reply if there is one, before it returns.
+        self._unhashed = b""
         self.snapshot_requested = False
         # Records that were ignored by design; counted so an operator can see them.
         self.commands_without_session = 0
@@ -278,6 +287,9 @@ class Processor(Generic[App]):
         if record_type != _COMMAND:
             if record_type != _COMMAND_PART:
                 self._apply_other(record_type, view, session_id)
+                if self._unhashed:  # the outputs of on_timer, on_session_open or on_session_close
+                    self.rolling_hash = _crc32c(self._unhashed, self.rolling_hash)
+                    self._unhashed = b""
                 return
             if not self._start_command_part(view, session_id, request_id):
                 return
@@ -336,7 +348,11 @@ class Processor(Generic[App]):
         if len(replies) > SAVED_REPLIES_MAX:
             del replies[next(iter(replies))]
         frame = _pack_reply(session_id, request_id, index, status, version) + payload
-        self.rolling_hash = _crc32c(frame, self.rolling_hash)
+        if self._unhashed:  # the command's events and timer requests, then its reply: one call
+            self.rolling_hash = _crc32c(self._unhashed + frame, self.rolling_hash)
+            self._unhashed = b""
+        else:
+            self.rolling_hash = _crc32c(frame, self.rolling_hash)
         if session.local:
             self._outputs.append((_REPLY, frame))
 
@@ -549,12 +565,12 @@ class Processor(Generic[App]):
             self.events_too_large += 1
         else:
             kind, frame = _EVENT, _pack_event(self.applied_index, self._output_version) + payload
-        self.rolling_hash = _crc32c(frame, self.rolling_hash)  # hashed whether emitted or not
+        self._unhashed += frame  # hashed whether emitted or not, with what follows (`_unhashed`)
         if self.emit_events:
             self._outputs.append((kind, frame))
 
     def _emit(self, kind: int, frame: bytes) -> None:
-        self.rolling_hash = _crc32c(frame, self.rolling_hash)
+        self._unhashed += frame  # folded with the record's other outputs (`_unhashed`)
         self._outputs.append((kind, frame))
 
     # -- outputs out ------------------------------------------------------------------------
