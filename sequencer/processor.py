@@ -331,14 +331,13 @@ class Processor(Generic[App]):
         else:
             context.session = session_id  # `_context_for`, inlined
             context.client_id = session.client_id
-            outputs_before = len(self._outputs)
             try:
                 reply = self._app_apply(context, command)
                 status = _OK
                 payload = self._encode_reply(reply)
             except Rejected as rejected:
                 status = _REJECTED
-                payload = self._rejection(rejected, outputs_before, index)
+                payload = self._rejection(rejected, index)
         if len(payload) > REPLY_PAYLOAD_BYTES_MAX:
             payload = self._reply_too_large(status, payload)
             status = _REJECTED
@@ -414,9 +413,11 @@ class Processor(Generic[App]):
             "was applied",
         )
 
-    def _rejection(self, rejected: Rejected, outputs_before: int, index: int) -> bytes:
-        """The reply payload of a `Rejected`; the app must not have emitted anything first."""
-        if len(self._outputs) != outputs_before:
+    def _rejection(self, rejected: Rejected, index: int) -> bytes:
+        """The reply payload of a `Rejected`; the app must not have emitted anything first (an
+        event too where events are not emitted: every output is in `_unhashed`, so every replica
+        decides the same)."""
+        if self._unhashed:
             raise AssertionError(
                 f"{self.app_class.__name__}.apply raised Rejected({rejected.code!r}) after "
                 "emitting outputs (ctx.publish/schedule/cancel) for the record at index "

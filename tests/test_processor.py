@@ -165,8 +165,12 @@ def misbehaving_processor():
     return processor, feeder
 
 
-def test_rejected_after_an_output_is_a_programmer_error():
+@pytest.mark.parametrize("emit_events", [True, False])
+def test_rejected_after_an_output_is_a_programmer_error(emit_events):
+    """Also on a node whose blp emits no events (no subscriber): the event was computed and
+    hashed all the same, and every replica must stop on it, not only those with a subscriber."""
     processor, feeder = misbehaving_processor()
+    processor.emit_events = emit_events
     with pytest.raises(AssertionError, match="validate the whole command"):
         feed(processor, feeder.command(S1, 1, _Command("publish-then-reject")))
 
