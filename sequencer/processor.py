@@ -151,8 +151,8 @@ _pack_event: Final = EVENT_HEADER.pack
 _crc32c: Final = crc32c.crc32c
 assert rolling_hash_update(1, b"x") == _crc32c(b"x", 1)
 # CRC-32C continues over concatenated bytes: folding a + b in one call is folding a, then b. A
-# command's events are folded with its reply in one call (`_unhashed`): a call costs ~700
-# instructions, ~600 of them parsing its arguments, against ~150 for the concatenation. (A
+# record's events and timer requests are folded with its reply in one call (`_unhashed`): a call
+# costs ~700 instructions, ~470 of them parsing its arguments, against ~150 for the join. (A
 # rejected command's app emitted nothing: `_rejection`.)
 assert _crc32c(b"y", _crc32c(b"x", 1)) == _crc32c(b"xy", 1)
 
