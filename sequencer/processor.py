@@ -155,6 +155,8 @@ assert rolling_hash_update(1, b"x") == _crc32c(b"x", 1)
 # costs ~700 instructions, ~470 of them parsing its arguments, against ~150 for the join. (A
 # rejected command's app emitted nothing: `_rejection`.)
 assert _crc32c(b"y", _crc32c(b"x", 1)) == _crc32c(b"xy", 1)
+# Past this, a record's outputs not yet hashed are folded in at once (`_fold_unhashed`).
+UNHASHED_BYTES_MAX: Final = 16 << 10
 
 
 App = TypeVar("App", bound=StateMachine)
@@ -567,12 +569,26 @@ class Processor(Generic[App]):
         else:
             kind, frame = _EVENT, _pack_event(self.applied_index, self._output_version) + payload
         self._unhashed += frame  # hashed whether emitted or not, with what follows (`_unhashed`)
+        if len(self._unhashed) > UNHASHED_BYTES_MAX:
+            self._fold_unhashed()
         if self.emit_events:
             self._outputs.append((kind, frame))
 
     def _emit(self, kind: int, frame: bytes) -> None:
         self._unhashed += frame  # folded with the record's other outputs (`_unhashed`)
+        if len(self._unhashed) > UNHASHED_BYTES_MAX:
+            self._fold_unhashed()
         self._outputs.append((kind, frame))
+
+    def _fold_unhashed(self) -> None:
+        """Folds all but the last byte of a record's outputs into the hash now: joined to the end,
+        a record with many outputs copied them quadratically (10,000 events: 2.5 s, not 6 ms).
+        The same hash (CRC-32C continues over concatenated bytes); the byte kept tells
+        `_rejection` that the app emitted something."""
+        unhashed = self._unhashed
+        with memoryview(unhashed) as view:
+            self.rolling_hash = _crc32c(view[:-1], self.rolling_hash)
+        self._unhashed = unhashed[-1:]
 
     # -- outputs out ------------------------------------------------------------------------
 
