@@ -23,7 +23,9 @@ load:
   (one fdatasync: ~80 on one node) or the replicator (a Raft commit: ~47 in a cluster) moves
   it. Each step: cycles until one finds nothing, then the park (flag, fence, re-check, which
   finds the next step's limit already moved, so it never waits). `--follower`: the session is
-  another node's, so no reply is written (a follower's blp). Minus `processor` per command, this
+  another node's, so no reply is written (a follower's blp). `--acked-lag N`: the client's ack
+  runs N requests behind (a live client with N+1 in flight), so the blp holds ~N saved replies and
+  drops the oldest with each command (the default 0 keeps one). Minus `processor` per command, this
   is the cycle's cost: poll, outputs to egress, counters, the park.
 - `journaller_cycle`: the journaller's whole duty cycle: the real `JournallerAgent` (a real
   `Journal` in a temporary directory, fdatasync included) driven by the real `AgentRunner` and
@@ -175,7 +177,7 @@ class BlpCycleRig:
     """A `BlpAgent` on real rings and counters whose log ring already holds `commands` transfers
     (after the accounts, applied in set-up), with the limit at the first record."""
 
-    def __init__(self, commands: int, limit_step: int, follower: bool) -> None:
+    def __init__(self, commands: int, limit_step: int, follower: bool, acked_lag: int = 0) -> None:
         token = uuid.uuid4().hex[:8]
         self.counters = Counters.create(ipc.segment_name(token, "counters"), COUNTER_NAMES)
         record_bytes = 128  # a transfer's frame is ~100 bytes; every record stays in the ring
@@ -185,7 +187,7 @@ class BlpCycleRig:
         )
         self.egress_ring = ipc.Ring.create(ipc.segment_name(token, "egress"), capacity,
                                            readers=EGRESS_READERS, pollable=EGRESS_POLLABLE)  # fmt: skip
-        processor, feeder = setup(ACCOUNTS)
+        processor, feeder = setup(ACCOUNTS, acked_lag)
         node_number = session_node_number(SESSION_ID)
         processor.emit_for(node_number + 1 if follower else node_number, cluster=follower)
         writer = self.log_ring.writer()
@@ -318,7 +320,7 @@ def _transfers(encode: Callable[[Transfer], _Encoded], commands: int) -> list[_E
 
 
 def measure(loop: str, commands: int, batch: int, limit_step: int = LIMIT_STEP_RECORDS,
-            follower: bool = False) -> float:  # fmt: skip
+            follower: bool = False, acked_lag: int = 0) -> float:  # fmt: skip
     """Thread CPU microseconds of `loop` per command, over about `commands` commands."""
     if loop == "replay":
         processor, feeder = setup(ACCOUNTS)
@@ -331,7 +333,7 @@ def measure(loop: str, commands: int, batch: int, limit_step: int = LIMIT_STEP_R
 
         return 1e6 * _in_thread(replay) / commands
     if loop == "blp_cycle":
-        cycle_rig = BlpCycleRig(commands, limit_step, follower)
+        cycle_rig = BlpCycleRig(commands, limit_step, follower, acked_lag)
         try:
 
             def cycle() -> float:
@@ -404,13 +406,18 @@ def main(argv: list[str] | None = None) -> int:
         "--follower", action="store_true",
         help="blp_cycle: write no replies (a follower's blp); journaller_cycle: cluster mode",
     )
+    parser.add_argument(
+        "--acked-lag", type=int, default=0,
+        help="blp_cycle: how far the client's ack runs behind its requests (0: acks each reply "
+        "before the next request; benches.cluster_cpu's --in-flight 512 client: ~511)",
+    )  # fmt: skip
     parser.add_argument("--only", choices=LOOPS, action="append", help="run these loops only")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     results: dict[str, Any] = {"commands": args.commands, "batch": args.batch}
     for loop in args.only or LOOPS:
         runs = [
-            measure(loop, args.commands, args.batch, args.limit_step, args.follower)
+            measure(loop, args.commands, args.batch, args.limit_step, args.follower, args.acked_lag)
             for _ in range(args.runs)
         ]
         results[f"{loop}_cpu_us_per_cmd"] = round(statistics.median(runs), 3)

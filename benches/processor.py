@@ -39,9 +39,14 @@ CLIENT_ID = 7
 
 
 class Feeder:
-    def __init__(self) -> None:
+    """Records of one session's client. `acked_lag`: how far its acknowledgement runs behind
+    (0: each command acks the one before it; a client with N in flight lags ~N-1, so the blp
+    keeps ~N saved replies and drops the oldest with each command)."""
+
+    def __init__(self, acked_lag: int = 0) -> None:
         self.index = 0
         self.request_id = 0
+        self.acked_lag = acked_lag
 
     def record(self, record_type: int, version: int, payload: bytes, session_id: int = SESSION_ID,
                request_id: int = 0) -> tuple[int, memoryview]:  # fmt: skip
@@ -66,12 +71,12 @@ class Feeder:
     def _command(self, command: object) -> tuple[int, int, bytes, int, int]:
         self.request_id += 1
         version, data = LEDGER_SCHEMA.encode_command(command)
-        return RecordType.COMMAND, version, encode_command(self.request_id - 1, data), SESSION_ID, self.request_id
+        return RecordType.COMMAND, version, encode_command(max(0, self.request_id - 1 - self.acked_lag), data), SESSION_ID, self.request_id
 
 
-def setup(accounts: int) -> tuple[Processor, Feeder]:
+def setup(accounts: int, acked_lag: int = 0) -> tuple[Processor, Feeder]:
     processor = Processor(Ledger)
-    feeder = Feeder()
+    feeder = Feeder(acked_lag)
     processor.apply_frame(*feeder.record(RecordType.SESSION_OPEN, 1,
                                          encode_session_open(CLIENT_ID, "n1")))  # fmt: skip
     for n in range(accounts):

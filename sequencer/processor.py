@@ -150,6 +150,13 @@ _pack_event: Final = EVENT_HEADER.pack
 # The rolling hash: determinism.rolling_hash_update, bound here to spare a call per output.
 _crc32c: Final = crc32c.crc32c
 assert rolling_hash_update(1, b"x") == _crc32c(b"x", 1)
+# CRC-32C continues over concatenated bytes: folding a + b in one call is folding a, then b. A
+# record's events and timer requests are folded with its reply in one call (`_unhashed`): a call
+# costs ~700 instructions, ~470 of them parsing its arguments, against ~150 for the join. (A
+# rejected command's app emitted nothing: `_rejection`.)
+assert _crc32c(b"y", _crc32c(b"x", 1)) == _crc32c(b"xy", 1)
+# Past this, a record's outputs not yet hashed are folded in at once (`_fold_unhashed`).
+UNHASHED_BYTES_MAX: Final = 16 << 10
 
 
 App = TypeVar("App", bound=StateMachine)
@@ -180,7 +187,7 @@ class Processor(Generic[App]):
     __slots__ = (
         "_app_apply", "_app_on_session_close", "_app_on_session_open", "_app_on_timer", "_context", "_decode_command",
         "_decode_current_command", "_encode", "_encode_event", "_encode_reply", "_event_types", "_output_version",
-        "_outputs", "_sessions", "_table", "_timers", "_version", "app", "app_class", "applied_index", "applied_term",
+        "_outputs", "_sessions", "_table", "_timers", "_unhashed", "_version", "app", "app_class", "applied_index", "applied_term",
         "command_parts_skipped", "commands_without_session", "debug", "duplicate_records", "emit_events",
         "events_too_large", "last_timestamp_ns", "node", "replies_too_large", "rolling_hash", "schema",
         "snapshot_requested", "stale_timer_fires", "timer_fired_notices", "unknown_admin_ops",
@@ -205,6 +212,10 @@ class Processor(Generic[App]):
         self.applied_term = 0
         self.last_timestamp_ns = 0
         self.rolling_hash = 0
+        # The outputs of the app (events, timer requests) for the record being applied, not yet
+        # folded into `rolling_hash`: their frames in order, joined. Empty between records:
+        # apply_frame folds it, with the reply if there is one, before it returns.
+        self._unhashed = b""
         self.snapshot_requested = False
         # Records that were ignored by design; counted so an operator can see them.
         self.commands_without_session = 0
@@ -278,6 +289,9 @@ class Processor(Generic[App]):
         if record_type != _COMMAND:
             if record_type != _COMMAND_PART:
                 self._apply_other(record_type, view, session_id)
+                if self._unhashed:  # the outputs of on_timer, on_session_open or on_session_close
+                    self.rolling_hash = _crc32c(self._unhashed, self.rolling_hash)
+                    self._unhashed = b""
                 return
             if not self._start_command_part(view, session_id, request_id):
                 return
@@ -319,14 +333,13 @@ class Processor(Generic[App]):
         else:
             context.session = session_id  # `_context_for`, inlined
             context.client_id = session.client_id
-            outputs_before = len(self._outputs)
             try:
                 reply = self._app_apply(context, command)
                 status = _OK
                 payload = self._encode_reply(reply)
             except Rejected as rejected:
                 status = _REJECTED
-                payload = self._rejection(rejected, outputs_before, index)
+                payload = self._rejection(rejected, index)
         if len(payload) > REPLY_PAYLOAD_BYTES_MAX:
             payload = self._reply_too_large(status, payload)
             status = _REJECTED
@@ -336,7 +349,11 @@ class Processor(Generic[App]):
         if len(replies) > SAVED_REPLIES_MAX:
             del replies[next(iter(replies))]
         frame = _pack_reply(session_id, request_id, index, status, version) + payload
-        self.rolling_hash = _crc32c(frame, self.rolling_hash)
+        if self._unhashed:  # the command's events and timer requests, then its reply: one call
+            self.rolling_hash = _crc32c(self._unhashed + frame, self.rolling_hash)
+            self._unhashed = b""
+        else:
+            self.rolling_hash = _crc32c(frame, self.rolling_hash)
         if session.local:
             self._outputs.append((_REPLY, frame))
 
@@ -398,9 +415,11 @@ class Processor(Generic[App]):
             "was applied",
         )
 
-    def _rejection(self, rejected: Rejected, outputs_before: int, index: int) -> bytes:
-        """The reply payload of a `Rejected`; the app must not have emitted anything first."""
-        if len(self._outputs) != outputs_before:
+    def _rejection(self, rejected: Rejected, index: int) -> bytes:
+        """The reply payload of a `Rejected`; the app must not have emitted anything first (an
+        event too where events are not emitted: every output is in `_unhashed`, so every replica
+        decides the same)."""
+        if self._unhashed:
             raise AssertionError(
                 f"{self.app_class.__name__}.apply raised Rejected({rejected.code!r}) after "
                 "emitting outputs (ctx.publish/schedule/cancel) for the record at index "
@@ -549,13 +568,27 @@ class Processor(Generic[App]):
             self.events_too_large += 1
         else:
             kind, frame = _EVENT, _pack_event(self.applied_index, self._output_version) + payload
-        self.rolling_hash = _crc32c(frame, self.rolling_hash)  # hashed whether emitted or not
+        self._unhashed += frame  # hashed whether emitted or not, with what follows (`_unhashed`)
+        if len(self._unhashed) > UNHASHED_BYTES_MAX:
+            self._fold_unhashed()
         if self.emit_events:
             self._outputs.append((kind, frame))
 
     def _emit(self, kind: int, frame: bytes) -> None:
-        self.rolling_hash = _crc32c(frame, self.rolling_hash)
+        self._unhashed += frame  # folded with the record's other outputs (`_unhashed`)
+        if len(self._unhashed) > UNHASHED_BYTES_MAX:
+            self._fold_unhashed()
         self._outputs.append((kind, frame))
+
+    def _fold_unhashed(self) -> None:
+        """Folds all but the last byte of a record's outputs into the hash now: joined to the end,
+        a record with many outputs copied them quadratically (10,000 events: 2.5 s, not 6 ms).
+        The same hash (CRC-32C continues over concatenated bytes); the byte kept tells
+        `_rejection` that the app emitted something."""
+        unhashed = self._unhashed
+        with memoryview(unhashed) as view:
+            self.rolling_hash = _crc32c(view[:-1], self.rolling_hash)
+        self._unhashed = unhashed[-1:]
 
     # -- outputs out ------------------------------------------------------------------------
 

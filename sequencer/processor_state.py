@@ -9,6 +9,8 @@ version. The file around it (header, checksum) is `sequencer.snapshot_format`'s.
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import msgspec
 
 from sequencer.dedup import ClientTable
@@ -199,9 +201,9 @@ def restore_table(table: ClientTable, state: ProcessorState) -> None:
         client = table.client(saved_client.client_id)
         client.last_request_id = saved_client.last_request_id
         client.acked_request_id = saved_client.acked_request_id
-        client.replies = {
-            r.request_id: (r.index, r.status, r.version, r.payload) for r in saved_client.replies
-        }
+        client.replies = OrderedDict(
+            (r.request_id, (r.index, r.status, r.version, r.payload)) for r in saved_client.replies
+        )  # an OrderedDict: `ClientEntry.replies`
         client.idle_since_ns = saved_client.idle_since_ns
     for saved_session in state.sessions:
         table.attach(saved_session.session_id, saved_session.client_id, saved_session.node)

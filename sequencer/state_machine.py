@@ -71,35 +71,35 @@ class Context:
         app_version: the app schema version active at this index (docs/evolution.md, "Rolling
             upgrades of a cluster"): new behaviour of `apply` for old commands keys on it, so
             it starts at the same index on every node. The app's own version until a log says.
+
+    Outputs (each the processor's own method, bound here, so an app's call is one Python call,
+    not two: `ctx.publish` is on every transfer's path):
+        schedule(timer_id, deadline_ns): arms (or re-arms: the new deadline replaces the old)
+            timer `timer_id`. `on_timer(ctx, timer_id)` runs once, through a TIMER_FIRED record,
+            when the leader's clock passes `deadline_ns` (compare with `ctx.now`). The timer is
+            part of the state: it survives snapshots and restarts.
+        cancel(timer_id): disarms timer `timer_id`; a no-op if it is not armed (e.g. it has
+            already fired).
+        publish(event): emits `event` (one of the schema's event types) to the clients after
+            commit.
     """
 
-    __slots__ = ("_sink", "app_version", "client_id", "index", "now", "session", "term")
+    __slots__ = ("app_version", "cancel", "client_id", "index", "now", "publish", "schedule", "session", "term")
+
+    schedule: Callable[[int, int], None]
+    cancel: Callable[[int], None]
+    publish: Callable[[Any], None]
 
     def __init__(self, sink: _Sink) -> None:
-        self._sink = sink
+        self.schedule = sink._schedule
+        self.cancel = sink._cancel
+        self.publish = sink._publish
         self.now = 0
         self.index = 0
         self.term = 0
         self.session = 0
         self.client_id = 0
         self.app_version = 0
-
-    def schedule(self, timer_id: int, deadline_ns: int) -> None:
-        """Arms (or re-arms: the new deadline replaces the old) timer `timer_id`.
-
-        `on_timer(ctx, timer_id)` runs once, through a TIMER_FIRED record, when the leader's
-        clock passes `deadline_ns` (compare with `ctx.now`). The timer is part of the state:
-        it survives snapshots and restarts.
-        """
-        self._sink._schedule(timer_id, deadline_ns)
-
-    def cancel(self, timer_id: int) -> None:
-        """Disarms timer `timer_id`; a no-op if it is not armed (e.g. it has already fired)."""
-        self._sink._cancel(timer_id)
-
-    def publish(self, event: Any) -> None:
-        """Emits `event` (one of the schema's event types) to the clients after commit."""
-        self._sink._publish(event)
 
 
 _Handler = TypeVar("_Handler", bound=Callable[..., Any])
