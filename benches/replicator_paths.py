@@ -27,7 +27,9 @@ Each loop drives the real code a running replicator runs for every entry, in bat
   reported durable (the journaller's fdatasync) and the answer framed; the commit the next
   AppendEntries carries moves the ring's commit. Run it at `--batch 1` and at the batch of the
   cluster (~40) to split a follower's cost into per message and per record: what the role adds
-  beyond this (its pass, the loop's wake-ups, the ticks) is per message, not per record.
+  beyond this (its pass, the loop's wake-ups, the ticks) is per message, not per record. Its core
+  keeps `--log-entries` applied entries in memory, as the role's does: that memory's size shows
+  in the time per record (cache misses), not in instruction counts.
 
 Figures are thread CPU time per entry (`time.thread_time`), median of `--runs`; under callgrind,
 instructions per entry (exact under any load). Not for `frames`: about half its time is the
@@ -39,6 +41,7 @@ software under valgrind (whose CPU has none), so its instruction count overstate
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import random
 import statistics
@@ -69,7 +72,9 @@ from sequencer.record import FRAME_HEADER, RecordType, encode_record
 LOOPS = ("positions", "leader_records", "frames", "follower")
 PAYLOAD_BYTES = 96  # a ledger transfer's payload is of this order
 FOLLOWER_RING_BYTES = 1 << 22  # a log ring of the cluster benchmark's order (it wraps in the loop)
-FOLLOWER_LOG_ENTRIES = 1 << 12  # entries the loop's core keeps in memory (the role's: a storage's tail)
+# Applied entries the loop's core keeps in memory, as a follower's role does (a storage's tail,
+# `RaftConfig.follower_log_retention_entries`; `--log-entries 65536` is what one held before).
+FOLLOWER_LOG_ENTRIES = RaftConfig(node_id=2, voters=(1, 2, 3)).follower_log_retention_entries
 
 
 def _frames(records: int) -> list[tuple[int, memoryview]]:
@@ -167,7 +172,7 @@ def _word() -> Counter:
     return Counter("bench", memoryview(bytearray(8)).cast("q"), 0)
 
 
-def follower_loop(records: int, batch: int) -> float:
+def follower_loop(records: int, batch: int, log_entries: int = FOLLOWER_LOG_ENTRIES) -> float:
     term = 3
     total = 2 * records  # the first half warms the ring's pages and the allocator, untimed
     entries = [encode_record(RecordType.COMMAND, 1, 1 + n, term, 1_000 + n, 1 + n % 4, n, bytes(PAYLOAD_BYTES))
@@ -211,7 +216,7 @@ def follower_loop(records: int, batch: int) -> float:
                 reader.release()
             core.durable(core.log.last_index, term)  # the journaller's fdatasync
             handle_readies()
-            if core.applied_index - core.log.snapshot_index >= FOLLOWER_LOG_ENTRIES:
+            if core.applied_index - core.log.snapshot_index >= log_entries:
                 core.compact(core.applied_index, b"")  # the role's core keeps a bounded tail too
 
         warm = len(frames) // 2
@@ -238,11 +243,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=64, help="entries per pass")
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--only", choices=LOOPS, action="append", help="run these loops only")
+    parser.add_argument("--log-entries", type=int, default=FOLLOWER_LOG_ENTRIES,
+                        help="applied entries the follower loop's core keeps in memory")  # fmt: skip
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     results: dict[str, Any] = {"records": args.records, "batch": args.batch}
     loops = {"positions": positions_loop, "leader_records": leader_records_loop, "frames": frames_loop,
-             "follower": follower_loop}
+             "follower": functools.partial(follower_loop, log_entries=args.log_entries)}
     for name in args.only or LOOPS:
         runs = [loops[name](args.records, args.batch) for _ in range(args.runs)]
         results[f"{name}_cpu_us_per_entry"] = round(1e6 * statistics.median(runs) / args.records, 3)

@@ -466,6 +466,23 @@ def test_frames_arrive_whole_however_the_bytes_are_split() -> None:
     assert received == [Authenticated(2), Authenticated(1), MessageBatch(batch)]
 
 
+def test_a_read_the_caller_may_change_afterwards_is_copied_not_parsed_in_place() -> None:
+    # A read of bytes is parsed where it is (no copy); a bytearray or memoryview belongs to the
+    # caller, who may reuse it once receive_data returns: the codec must not keep it.
+    batch: list[Message] = [heartbeat(term=t) for t in range(1, 6)]
+    for make in (bytearray, lambda data: memoryview(bytearray(data))):
+        dialling, accepting, _ = handshake()
+        stream = dialling.send_messages(batch) + dialling.send_messages(batch)
+        cut = len(stream) // 2 + 3  # a whole frame and part of the next
+        read = make(stream[:cut])
+        accepting.receive_data(read)
+        received = [e for e in events(accepting) if e is not NEED_DATA]
+        read[:] = bytes(len(read))  # the caller reuses its buffer for the next read
+        accepting.receive_data(make(stream[cut:]))
+        received += [e for e in events(accepting) if e is not NEED_DATA]
+        assert received == [MessageBatch(batch), MessageBatch(batch)]
+
+
 def test_a_failed_connection_refuses_every_further_use() -> None:
     _, accepting, _ = handshake()
     refused(accepting, b"\xff" * 8, "bad_version")

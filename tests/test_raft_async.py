@@ -337,6 +337,46 @@ def test_applied_durable_entries_past_the_retention_window_leave_memory() -> Non
         assert cluster.core(node_id).term_at(3) == 1  # read back from storage
 
 
+def test_a_follower_keeps_the_smaller_window_and_on_leading_feeds_a_laggard_from_storage() -> None:
+    # A follower serves no one from memory (RaftConfig.follower_log_retention_entries); once it
+    # leads, what a follower lacks beyond its window is read back from storage, and it keeps the
+    # leader's window from then on.
+    cluster, leader = leader_of_three(log_retention_entries=8, follower_log_retention_entries=2)
+    for _ in range(10):
+        leader.propose_batch([b"p"] * 5)
+        cluster.stabilize()
+    cluster.tick(1)
+    cluster.stabilize()
+    last = leader.log.last_index
+    assert last == 51 and leader.applied_index == last
+    assert last - 2 * 8 <= leader.log.offset_index <= last - 8, leader.log.offset_index
+    for node_id in (2, 3):
+        log = cluster.core(node_id).log
+        assert last - 2 * 2 <= log.offset_index <= last - 2, (node_id, log.offset_index)
+    cluster.isolate(3)
+    for _ in range(4):
+        leader.propose_batch([b"q"] * 5)
+        cluster.stabilize()
+    cluster.heal()
+    cluster.crash(1)
+    reads_before = cluster.storages[2].reads
+    for _ in range(200):  # node 3's log is a prefix of node 2's: only 2 can win
+        cluster.tick()
+        cluster.stabilize()
+        if cluster.leader() is not None:
+            break
+    assert cluster.leader() == 2, cluster.leader()
+    new_leader = cluster.core(2)
+    for _ in range(10):
+        new_leader.propose_batch([b"r"] * 5)
+        cluster.stabilize()
+        cluster.tick(2)
+        cluster.stabilize()
+    assert cluster.storages[2].reads > reads_before
+    assert cluster.applied[3] == cluster.applied[2]
+    assert new_leader.applied_index - 2 * 8 <= new_leader.log.offset_index <= new_leader.applied_index - 8
+
+
 def test_a_follower_behind_the_window_is_fed_from_storage_in_bounded_reads() -> None:
     cluster, leader = leader_of_three(log_retention_entries=2, storage_read_bytes_max=10)
     cluster.isolate(3)

@@ -96,6 +96,14 @@ class RaftConfig:
     # one further behind is catching up and can afford the disk. Memory is ~2x this (entries are
     # dropped in chunks of this size) plus what is not yet committed.
     log_retention_entries: int = 1 << 16
+    # The same window while this node does not lead (the smaller of the two): a follower serves no
+    # one from memory, and a node that comes to lead reads what its followers lack beyond it back
+    # from storage (they normally lack only the uncommitted tail, which stays in memory). Each
+    # entry held is a payload object of its own; a follower holding 64-128k of them (~16-32 MiB,
+    # out of every cache) paid ~0.1 us more per entry received than one holding 4k (its decode and
+    # log append write into memory freed long ago: benches.replicator_paths `follower`,
+    # benches/RESULTS.md, "follrecv").
+    follower_log_retention_entries: int = 1 << 12
     # One read of old entries from storage returns about this many payload bytes at most, and an
     # AppendEntries from memory is cut at the same bound (the entry that reaches it included), so
     # a message stays under the peer frame's 4 MiB with commands of up to 1 MiB (a client frame).
@@ -178,9 +186,10 @@ class RaftConfig:
             )
         if self.inflight_messages_max < 1 or self.entries_per_message_max < 1:
             raise ValueError("inflight_messages_max and entries_per_message_max must be >= 1")
-        if self.log_retention_entries < 0 or self.storage_read_bytes_max < 1:
+        if min(self.log_retention_entries, self.follower_log_retention_entries) < 0 or self.storage_read_bytes_max < 1:
             raise ValueError(
-                f"log_retention_entries={self.log_retention_entries} must be >= 0 and "
+                f"log_retention_entries={self.log_retention_entries} and follower_log_retention_entries="
+                f"{self.follower_log_retention_entries} must be >= 0 and "
                 f"storage_read_bytes_max={self.storage_read_bytes_max} >= 1"
             )
         for name in ("inflight_bytes_max", "storage_read_bytes_per_pass_max"):

@@ -42,9 +42,10 @@ One log: the core assigns every index. A leader announces where its term starts
 refuses a stale stamp (`StampMismatch`).
 
 Bounded memory: given a `LogStorage`, the log keeps in memory only what is not yet applied and
-durable plus `log_retention_entries` below it; older entries are read back from storage in reads
-of at most `storage_read_bytes_max` bytes when a lagging follower needs them, and a restart may
-load only the tail of the log (`DurableState.first_index`).
+durable plus `log_retention_entries` below it (`follower_log_retention_entries` while not
+leading); older entries are read back from storage in reads of at most `storage_read_bytes_max`
+bytes when a lagging follower needs them, and a restart may load only the tail of the log
+(`DurableState.first_index`).
 
 Randomness (election timeouts) comes only from the `random.Random` the caller passes in, so a
 seeded caller gets an exactly reproducible core.

@@ -178,7 +178,7 @@ class HelloAnswer(NamedTuple):
 
 
 def answer_hello(
-    identity: ClusterIdentity, nonce_a: bytes, buffer: bytearray, body: int
+    identity: ClusterIdentity, nonce_a: bytes, buffer: bytes | bytearray, body: int
 ) -> HelloAnswer:
     """The acceptor checks the HELLO body at `buffer[body:]` and answers with its CHALLENGE.
 
@@ -220,7 +220,7 @@ class ChallengeAnswer(NamedTuple):
 
 
 def answer_challenge(
-    identity: ClusterIdentity, peer_id: int, nonce_d: bytes, buffer: bytearray, body: int
+    identity: ClusterIdentity, peer_id: int, nonce_d: bytes, buffer: bytes | bytearray, body: int
 ) -> ChallengeAnswer:
     """The dialler of node `peer_id` checks the CHALLENGE body at `buffer[body:]`, its proof
     included, and answers with its AUTH.
@@ -256,7 +256,7 @@ def answer_challenge(
     return ChallengeAnswer(auth + AUTH_BODY.pack(proof_d), send_key=key_d2a, receive_key=key_a2d)
 
 
-def check_auth(proof_expected: bytes, peer_id: int, buffer: bytearray, body: int) -> None:
+def check_auth(proof_expected: bytes, peer_id: int, buffer: bytes | bytearray, body: int) -> None:
     """The acceptor checks the dialler's proof in the AUTH body at `buffer[body:]`.
 
     Raises:

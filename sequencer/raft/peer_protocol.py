@@ -196,7 +196,9 @@ class PeerConnection:
         peer_id: the node dialled (DIALLER only).
 
     Invariants:
-    - `_buffer[_start:]` holds received bytes not yet consumed; `_start <= len(_buffer)`.
+    - `_buffer[_start:]` holds received bytes not yet consumed; `_start <= len(_buffer)`. It is
+      the read itself (bytes, parsed in place) when it came while nothing was held, a bytearray
+      only while a frame spans reads (`receive_data`).
     - `_expected_kind` is the handshake frame awaited next, 0 once the handshake is done.
     - `_send_mac`/`_receive_mac` (keyed with the two directions' frame keys) are set exactly when
       the handshake is done and no error has occurred (`authenticated`).
@@ -232,7 +234,7 @@ class PeerConnection:
         self._identity = identity
         self._side = side
         self._nonce = bytes(nonce)
-        self._buffer = bytearray()
+        self._buffer: bytes | bytearray = b""
         self._start = 0
         self._outgoing = bytearray()
         self._peer_closed = False
@@ -325,17 +327,28 @@ class PeerConnection:
             self._peer_closed = True
             return
         buffer = self._buffer
-        if self._start:
-            del buffer[: self._start]
-            self._start = 0
-        if len(buffer) + len(data) > RECEIVE_BUFFER_BYTES_MAX:
+        held = len(buffer) - self._start
+        if held + len(data) > RECEIVE_BUFFER_BYTES_MAX:
             raise LocalPeerProtocolError(
                 "receive_buffer_full",
-                f"receive buffer would hold {len(buffer) + len(data)} bytes > "
+                f"receive buffer would hold {held + len(data)} bytes > "
                 f"RECEIVE_BUFFER_BYTES_MAX={RECEIVE_BUFFER_BYTES_MAX}: drain next_event() until "
                 f"NEED_DATA before each receive_data(), and pass at most "
                 f"READ_BYTES_MAX={READ_BYTES_MAX} bytes per call",
             )
+        if not held and type(data) is bytes:
+            # Nothing held: the read is parsed where it is (immutable, so no caller can change it
+            # under the codec), not copied into a buffer first. A read of whole frames, the usual
+            # one (an AppendEntries of ~40-60 KiB in one read), is never copied; a partial frame
+            # at its end is, below, once the rest of it comes.
+            self._buffer = data
+            self._start = 0
+            return
+        if isinstance(buffer, bytearray):
+            del buffer[: self._start]
+        else:  # a read held in place ends in part of a frame: that part, then this read
+            self._buffer = buffer = bytearray(memoryview(buffer)[self._start :])
+        self._start = 0
         buffer += data
 
     def next_event(self) -> PeerEvent | Sentinel:
@@ -364,7 +377,7 @@ class PeerConnection:
                 self._start = frame_end
                 event = self._handle_frame(kind, buffer, position, body, frame_end)
                 if self._start == len(buffer):
-                    buffer.clear()
+                    self._buffer = b""  # all consumed: the next read is parsed in place
                     self._start = 0
                 if event is not None:
                     return event
@@ -452,7 +465,7 @@ class PeerConnection:
             )
 
     def _handle_frame(
-        self, kind: int, buffer: bytearray, position: int, body: int, frame_end: int
+        self, kind: int, buffer: bytes | bytearray, position: int, body: int, frame_end: int
     ) -> PeerEvent | None:
         if kind == FrameKind.MESSAGES or kind == FrameKind.RECORDS or kind == FrameKind.REFUSED:
             return self._handle_data(kind, buffer, position, body, frame_end)
@@ -464,7 +477,7 @@ class PeerConnection:
         assert kind == FrameKind.AUTH, kind
         return self._handle_auth(buffer, body)
 
-    def _handle_hello(self, buffer: bytearray, body: int) -> None:
+    def _handle_hello(self, buffer: bytes | bytearray, body: int) -> None:
         answer = answer_hello(self._identity, self._nonce, buffer, body)
         self._peer_id = answer.dialler
         self._proof_expected = answer.proof_expected
@@ -473,13 +486,13 @@ class PeerConnection:
         self._pending_keys = (answer.send_key, answer.receive_key)
         self._expected_kind = FrameKind.AUTH
 
-    def _handle_challenge(self, buffer: bytearray, body: int) -> PeerEvent:
+    def _handle_challenge(self, buffer: bytes | bytearray, body: int) -> PeerEvent:
         answer = answer_challenge(self._identity, self._peer_id, self._nonce, buffer, body)
         self._outgoing += answer.auth
         self._become_authenticated(send_key=answer.send_key, receive_key=answer.receive_key)
         return Authenticated(self._peer_id)
 
-    def _handle_auth(self, buffer: bytearray, body: int) -> PeerEvent:
+    def _handle_auth(self, buffer: bytes | bytearray, body: int) -> PeerEvent:
         check_auth(self._proof_expected, self._peer_id, buffer, body)
         send_key, receive_key = self._pending_keys
         self._become_authenticated(send_key=send_key, receive_key=receive_key)
@@ -493,7 +506,7 @@ class PeerConnection:
         self._pending_keys = (b"", b"")
 
     def _handle_data(
-        self, kind: int, buffer: bytearray, position: int, body: int, frame_end: int
+        self, kind: int, buffer: bytes | bytearray, position: int, body: int, frame_end: int
     ) -> PeerEvent:
         assert self._receive_mac is not None
         sequence, mac = DATA_HEADER.unpack_from(buffer, body)
@@ -665,5 +678,5 @@ class PeerConnection:
         self._error = error
         self._send_mac = None
         self._receive_mac = None
-        self._buffer.clear()
+        self._buffer = b""
         self._start = 0

@@ -211,8 +211,12 @@ class Readies:
             self._follower.stable_advanced(self.term)
 
     def _release_memory(self) -> None:
-        """Drop from memory what is applied, durable and past the retention window."""
-        retained = self.config.log_retention_entries
+        """Drop from memory what is applied, durable and past the retention window (a smaller one
+        while this node does not lead: `RaftConfig.follower_log_retention_entries`)."""
+        config = self.config
+        retained = config.log_retention_entries
+        if self._leader is None:
+            retained = min(retained, config.follower_log_retention_entries)
         floor = min(self.applied_index, self.stable_index) - retained
         if floor - self.log.offset_index >= max(retained, 1):
             self.log.drop_to(floor)
