@@ -78,6 +78,7 @@ DISK_STALL = DiskProfile(20 * MS, 200 * MS)
 # Each seed's commit notices (`build`): None sends them at once; a delay holds them for the
 # leader's timer (the replicator's is a few milliseconds); 0 for the heartbeats alone.
 COMMIT_NOTICE_DELAYS_US = (None, 500, 3 * MS, 0)
+FOLLOWER_RETENTIONS = (None, 0, 3)
 
 
 def build(seed: int, learners: bool = False) -> tuple[Simulation, random.Random, int]:
@@ -110,6 +111,10 @@ def build(seed: int, learners: bool = False) -> tuple[Simulation, random.Random,
         # leader's timer (0.5 ms, 3 ms) or for the heartbeats alone (0): from the seed, not
         # drawn, like the byte window.
         commit_notice_delay_us=COMMIT_NOTICE_DELAYS_US[seed % len(COMMIT_NOTICE_DELAYS_US)],
+        # A node that does not lead keeps fewer entries in memory than a leader (the daemon: 4,096
+        # against 65,536), and a new leader reads what it dropped back from storage: the leader's
+        # window, none, or 3 entries; from the seed, like the byte window.
+        follower_log_retention_entries=FOLLOWER_RETENTIONS[seed // 4 % len(FOLLOWER_RETENTIONS)],
     )
     fault_ms = rng.randint(1000, 4000)
     return simulation, rng, fault_ms

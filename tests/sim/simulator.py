@@ -172,6 +172,7 @@ class Simulation:
         rng: random.Random | None = None,
         learner_count: int = 0,
         commit_notice_delay_us: int | None = None,
+        follower_log_retention_entries: int | None = None,
     ) -> None:
         self.seed = seed
         self.rng = rng if rng is not None else random.Random(seed)
@@ -195,6 +196,9 @@ class Simulation:
         self.inflight_bytes_max = inflight_bytes_max
         # None: no storage, the cores keep their whole log in memory.
         self.log_retention_entries = log_retention_entries
+        # While a node does not lead it keeps this many (None: RaftConfig's default, more than
+        # any window drawn here, so a follower keeps what a leader keeps).
+        self.follower_log_retention_entries = follower_log_retention_entries
         self.term_start_from_shell = term_start_from_shell
         # None: the cores send a new commit index at once. Else they hold it back
         # (`RaftConfig.defer_commit_notices`) and a leader's shell asks for it this long after
@@ -249,6 +253,8 @@ class Simulation:
             inflight_messages_max=self.inflight_messages_max,
             inflight_bytes_max=self.inflight_bytes_max,
             log_retention_entries=retention if retention is not None else 0,
+            **({} if self.follower_log_retention_entries is None
+               else {"follower_log_retention_entries": self.follower_log_retention_entries}),
             # Small reads from storage, so an AppendEntries built from it is often cut short.
             storage_read_bytes_max=64,
             # And two of them per pass for all followers: catch-ups wait for answers and ticks.
