@@ -263,8 +263,6 @@ def test_a_term_start_that_finds_the_ring_full_holds_the_whole_batch():
     ("frame", "code"),
     [
         (command(0), protocol.RejectionCode.BAD_REQUEST_ID),
-        (command(5, acked_request_id=5), protocol.RejectionCode.BAD_REQUEST_ID),  # its reply has arrived?
-        (command(5, acked_request_id=9), protocol.RejectionCode.BAD_REQUEST_ID),
         (command(1, b"x" * (COMMAND_BYTES_MAX + 1)), protocol.RejectionCode.COMMAND_TOO_LARGE),
         (command(1, version=0), protocol.RejectionCode.UNKNOWN_VERSION),
         (command(1, version=VERSION_MAX + 1), protocol.RejectionCode.UNKNOWN_VERSION),

@@ -405,7 +405,7 @@ class Gateway(Generic[S]):
                         if (
                             payload_bytes > command_bytes_max
                             or not 1 <= version <= command_version_max
-                            or not acked_request_id < request_id <= acked_request_id + in_flight_max
+                            or not 0 < request_id <= acked_request_id + in_flight_max
                         ):
                             self._refuse_command(session, frame)
                             continue

@@ -110,13 +110,6 @@ def admission_refusal(
             "request_id 0 is not a request id (0 means none): number requests 1, 2, 3, ... per "
             "client id"
         )
-    if command.acked_request_id >= command.request_id:
-        return protocol.RejectionCode.BAD_REQUEST_ID, (
-            f"acked_request_id={command.acked_request_id} is at or above request_id="
-            f"{command.request_id}: acked_request_id says the replies to it and to every lower id "
-            "have arrived, so it is below every request still sent (docs/client.md); this request "
-            "was not applied: send acked_request_id below it"
-        )
     if len(command.payload) > command_bytes_max:
         return protocol.RejectionCode.COMMAND_TOO_LARGE, (
             f"the command is {len(command.payload)} bytes; this node accepts at most "
