@@ -42,15 +42,8 @@ here, where every replica decides the same from protocol constants (see `sequenc
 reply by a REJECTED `reply_too_large` (saved in the dedup table like any reply, so a resend gets
 it too; the command's effects stay applied), an event by an EVENT_OMITTED marker.
 
-Migrated requests. A copy-and-transform of the journal (`sequencer.migrate`) can turn one client
-request into zero or several commands. They are written back to back as COMMAND_PART records,
-all with the request's session and request id. The first (request id above the client's last)
-starts the request like a COMMAND; each later one (request id equal to the client's last) is
-applied too and its reply replaces the saved one, unless a part before it was rejected: then it
-is skipped (counted in `command_parts_skipped`), so a request stops at its first rejection, as
-the original command was refused whole. A part without command bytes applies nothing; as the
-first part it records the request id as applied with no saved reply, so a resend of a request
-that became no command gets DUPLICATE. No live node sequences this type.
+Migrated requests. A copy-and-transform of the journal can turn one client request into zero or
+several COMMAND_PART records, applied as that one request: `sequencer.command_parts`.
 
 Failure. `Rejected` from the app is a reply. Any other exception is a bug in the app: it
 propagates and crashes the blp; the supervisor restarts from snapshot + journal.
@@ -65,6 +58,7 @@ import crc32c
 
 from sequencer.app_versions import AppVersions
 from sequencer.client.protocol import encode_rejection
+from sequencer.command_parts import PartVerdict, command_part_verdict
 from sequencer.dedup import (
     CLIENT_EXPIRY_NS_DEFAULT,
     SAVED_REPLIES_MAX,
@@ -372,28 +366,15 @@ class Processor(Generic[App]):
             self._outputs.append((_REPLY, frame))
 
     def _start_command_part(self, view: Any, session_id: int, request_id: int) -> bool:
-        """The rules of a COMMAND_PART record (module docstring, "Migrated requests"); True when
-        its command is to be applied by the COMMAND path, which then records the request id and
-        saves the reply."""
+        """Whether a COMMAND_PART's command is to be applied by the COMMAND path, which then
+        records the request id and saves the reply (`sequencer.command_parts`)."""
         session = self._sessions.get(session_id)
         if session is None:
             return True  # the COMMAND path counts it as a command without a session
-        client = session.client
-        last_request_id = client.last_request_id
-        if request_id > last_request_id:  # the request's first part
-            if len(view) > _COMMAND_OFFSET:
-                return True
-            client.last_request_id = request_id  # no command: only the request id is recorded
-            return False
-        saved = client.replies.get(request_id)
-        if request_id < last_request_id or (saved is not None and saved[1] != _OK):
-            self.command_parts_skipped += 1  # after a rejected part of its request
-            return False
-        if len(view) <= _COMMAND_OFFSET:
-            return False
-        # A later part: let the COMMAND path's dedup test pass for this one record.
-        client.last_request_id = request_id - 1
-        return True
+        verdict = command_part_verdict(session.client, request_id, len(view) > _COMMAND_OFFSET)
+        if verdict is PartVerdict.SKIPPED:
+            self.command_parts_skipped += 1
+        return verdict is PartVerdict.APPLY
 
     def _undecodable(self, error: Exception, command_version: int, index: int) -> bytes:
         """The rejection for command bytes this app cannot decode (or upcast).
