@@ -319,8 +319,8 @@ def test_records_stamped_for_another_index_or_term_are_refused(first_index: int,
 # ----------------------------------------------------------------------- the bounded log
 
 
-def test_applied_durable_entries_past_the_retention_window_leave_memory() -> None:
-    cluster, leader = leader_of_three(log_retention_entries=4)
+def _commit_fifty_entries(cluster: DirectCluster, leader: RaftCore) -> int:
+    """Ten batches of five after the term's start, committed and applied everywhere: the last index."""
     for _ in range(10):
         leader.propose_batch([b"p"] * 5)
         cluster.stabilize()
@@ -328,6 +328,12 @@ def test_applied_durable_entries_past_the_retention_window_leave_memory() -> Non
     cluster.stabilize()
     last = leader.log.last_index
     assert last == 51 and leader.applied_index == last
+    return last
+
+
+def test_applied_durable_entries_past_the_retention_window_leave_memory() -> None:
+    cluster, leader = leader_of_three(log_retention_entries=4)
+    last = _commit_fifty_entries(cluster, leader)
     for node_id in cluster.ids:
         log = cluster.core(node_id).log
         assert log.snapshot_index == 0
@@ -342,13 +348,7 @@ def test_a_follower_keeps_the_smaller_window_and_on_leading_feeds_a_laggard_from
     # leads, what a follower lacks beyond its window is read back from storage, and it keeps the
     # leader's window from then on.
     cluster, leader = leader_of_three(log_retention_entries=8, follower_log_retention_entries=2)
-    for _ in range(10):
-        leader.propose_batch([b"p"] * 5)
-        cluster.stabilize()
-    cluster.tick(1)
-    cluster.stabilize()
-    last = leader.log.last_index
-    assert last == 51 and leader.applied_index == last
+    last = _commit_fifty_entries(cluster, leader)
     assert last - 2 * 8 <= leader.log.offset_index <= last - 8, leader.log.offset_index
     for node_id in (2, 3):
         log = cluster.core(node_id).log
