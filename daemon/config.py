@@ -17,18 +17,22 @@ from typing import TYPE_CHECKING, Any, Final, Literal
 
 import msgspec
 
+from daemon.config_catchup import (  # noqa: F401 (re-exported: the bounds' old home)
+    INFLIGHT_BYTES_FLOOR,
+    INFLIGHT_BYTES_LIMIT,
+    STORAGE_READ_BYTES_PER_PASS_FLOOR,
+    STORAGE_READ_BYTES_PER_PASS_LIMIT,
+    catch_up_errors,
+)
 from daemon.layout import RAFT_PEER_SLOTS, REPLICAS_MAX, Role, node_roles
 from ipc.ring import frame_bytes
 from sequencer.egress import EGRESS_PAYLOAD_BYTES_MAX
 from sequencer.raft.config import (
+    FOLLOWER_LOG_RETENTION_ENTRIES_DEFAULT,
     INFLIGHT_BYTES_MAX_DEFAULT,
-    PASS_CPU_MS_PER_MIB,
-    STORAGE_READ_BYTES_MAX,
     STORAGE_READ_BYTES_PER_PASS_MAX_DEFAULT,
-    pass_budget_max,
-    pass_cpu_ms,
 )
-from sequencer.raft.peer_protocol import CLUSTER_ID_MAX, PEER_FRAME_BYTES_MAX, SECRET_BYTES_MIN
+from sequencer.raft.peer_protocol import CLUSTER_ID_MAX, SECRET_BYTES_MIN
 
 __all__ = [
     "SNAPSHOT_WRITERS", "SNAPSHOT_WRITER_FORK", "SNAPSHOT_WRITER_REPLICA", "ClusterConfig", "Config",
@@ -64,25 +68,8 @@ CLUSTER_MEMBERS_MAX = 1 + RAFT_PEER_SLOTS
 # keeps on a loaded machine; above 100 ms a LAN failover could not stay within a second.
 TICK_MS_MIN = 1
 TICK_MS_MAX = 100
-# A leader's payload bytes in flight to one follower (`cluster.inflight_bytes_max`). The peer
-# transport's send buffer toward each peer is this plus one frame (the message that may cross the
-# window: daemon/roles/replicator_setup.py), so above it a follower that does not drain could hold
-# more than two frames (8 MiB) of the leader's memory; below the floor a catch-up waits a round
-# trip per few records.
-INFLIGHT_BYTES_LIMIT = PEER_FRAME_BYTES_MAX  # a send buffer of two frames, less one frame
-INFLIGHT_BYTES_FLOOR = 64 << 10
-assert INFLIGHT_BYTES_FLOOR <= INFLIGHT_BYTES_MAX_DEFAULT <= INFLIGHT_BYTES_LIMIT
-# What a leader reads from its journal for all its followers together in one pass of its loop
-# (`cluster.storage_read_bytes_per_pass_max`). The floor is one storage read (`STORAGE_READ_BYTES_MAX`,
-# 1 MiB): the read that crosses the budget completes, so a pass reads that much whatever the
-# budget, and a smaller one would promise what it cannot keep. A pass holds the leader's loop, its
-# heartbeats and commits with it, `PASS_CPU_MS_PER_MIB` (~16 ms of CPU) per MiB read and sent: the
-# budget plus the read that crosses it must take under half the configured election timeout
-# (`pass_cpu_ms`), or a catch-up could hold the heartbeats until a follower starts an election.
-# Whatever the timeout, the limit (~270 ms a pass) bounds how long a catch-up delays every commit.
-STORAGE_READ_BYTES_PER_PASS_FLOOR = STORAGE_READ_BYTES_MAX
-STORAGE_READ_BYTES_PER_PASS_LIMIT = 16 << 20
-assert STORAGE_READ_BYTES_PER_PASS_FLOOR <= STORAGE_READ_BYTES_PER_PASS_MAX_DEFAULT <= STORAGE_READ_BYTES_PER_PASS_LIMIT
+# The catch-up bounds (`inflight_bytes_max`, the pass budget, the follower's memory window):
+# daemon/config_catchup.py.
 
 
 class ConfigError(Exception):
@@ -247,6 +234,9 @@ class ClusterConfig(msgspec.Struct, forbid_unknown_fields=True):
     # ticks or answers: a bound on how long catch-ups hold its loop (sequencer/raft/config.py,
     # `RaftConfig.storage_read_bytes_per_pass_max`).
     storage_read_bytes_per_pass_max: int = STORAGE_READ_BYTES_PER_PASS_MAX_DEFAULT
+    # Applied entries kept in memory while this node does not lead; a node that comes to lead
+    # reads older ones a follower lacks back from its journal (`RaftConfig.follower_log_retention_entries`).
+    follower_log_retention_entries: int = FOLLOWER_LOG_RETENTION_ENTRIES_DEFAULT
 
     @property
     def voters(self) -> tuple[int, ...]:
@@ -532,31 +522,7 @@ def _cluster_errors(cluster: ClusterConfig, node_number: int, node_name: str) ->
     errors.extend(_secret_errors(cluster.secret_file))
     timeout_errors = _timeout_errors(cluster)
     errors.extend(timeout_errors)
-    if not INFLIGHT_BYTES_FLOOR <= cluster.inflight_bytes_max <= INFLIGHT_BYTES_LIMIT:
-        errors.append(
-            f"cluster.inflight_bytes_max={cluster.inflight_bytes_max}: must be "
-            f"{INFLIGHT_BYTES_FLOOR}..{INFLIGHT_BYTES_LIMIT} bytes (above, a follower that does not "
-            "drain could hold more than 8 MiB of this node's memory, the send buffer being the window plus one frame; below, "
-            f"a catch-up waits a round trip every few records); the default is {INFLIGHT_BYTES_MAX_DEFAULT}"
-        )
-    budget = cluster.storage_read_bytes_per_pass_max
-    if not STORAGE_READ_BYTES_PER_PASS_FLOOR <= budget <= STORAGE_READ_BYTES_PER_PASS_LIMIT:
-        errors.append(
-            f"cluster.storage_read_bytes_per_pass_max={budget}: must be {STORAGE_READ_BYTES_PER_PASS_FLOOR}.."
-            f"{STORAGE_READ_BYTES_PER_PASS_LIMIT} bytes (above, one pass of catch-up reads, ~{PASS_CPU_MS_PER_MIB} ms "
-            "of CPU a MiB, would delay every commit by more than a quarter second; below, a pass still reads "
-            f"one whole read of {STORAGE_READ_BYTES_PER_PASS_FLOOR} bytes); the default is "
-            f"{STORAGE_READ_BYTES_PER_PASS_MAX_DEFAULT}"
-        )
-    elif not timeout_errors and 2 * pass_cpu_ms(budget) >= cluster.election_timeout_ms:
-        fits = pass_budget_max(cluster.election_timeout_ms)
-        errors.append(
-            f"cluster.storage_read_bytes_per_pass_max={budget}: a pass of catch-up (the budget plus one read, "
-            f"~{PASS_CPU_MS_PER_MIB} ms of CPU a MiB) takes ~{pass_cpu_ms(budget):.0f} ms, not under half "
-            f"cluster.election_timeout_ms={cluster.election_timeout_ms}, and could hold the leader's heartbeats until "
-            "a follower starts an election: " + (f"lower storage_read_bytes_per_pass_max to at most {fits}"
-            if fits >= STORAGE_READ_BYTES_PER_PASS_FLOOR else "raise election_timeout_ms")
-        )
+    errors.extend(catch_up_errors(cluster, timeouts_valid=not timeout_errors))
     return errors
 
 

@@ -620,6 +620,7 @@ RAFT_EMPTY_APPENDS_SENT = _declare("raft.empty_appends_sent", Role.REPLICATOR, K
 RAFT_COMMIT_NOTICES_SENT = _declare("raft.commit_notices_sent", Role.REPLICATOR, Kind.COUNTER, "AppendEntries this node sent as leader for a commit index alone (held back until no entries carried it)")  # fmt: skip
 RAFT_APPEND_ANSWERS_SENT = _declare("raft.append_answers_sent", Role.REPLICATOR, Kind.COUNTER, "AppendEntriesResponses this node sent as follower")  # fmt: skip
 RAFT_NOTICES_UNANSWERED = _declare("raft.notices_unanswered", Role.REPLICATOR, Kind.COUNTER, "Commit notices this node, following, left unanswered: it had acknowledged that far already")  # fmt: skip
+RAFT_STORED_ENTRIES_SENT = _declare("raft.stored_entries_sent", Role.REPLICATOR, Kind.COUNTER, "Entries this node sent as leader that it read back from its journal: a follower behind what it kept in memory (cluster.follower_log_retention_entries while it followed, 65,536 applied entries while it leads)")  # fmt: skip
 
 # seqd's own session rules (sequencer/rules_versions.py): the blp publishes the active version and
 # the one every member reported (`due`); the sequencer asks the log to make `due` active.
@@ -659,7 +660,7 @@ ERROR_KIND_COUNTERS: tuple[CounterSpec, ...] = tuple(
 ERRORS_TOTAL_NAME = "errors.total"
 assert ERRORS_TOTAL_NAME not in _BY_NAME
 # The version of this table, carried by the segment header (see the module docstring).
-COUNTERS_LAYOUT_VERSION = 9
+COUNTERS_LAYOUT_VERSION = 10
 
 
 def counter_spec(name: str) -> CounterSpec | None:

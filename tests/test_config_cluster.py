@@ -14,6 +14,7 @@ import pytest
 from daemon.config import STORAGE_READ_BYTES_PER_PASS_FLOOR as PASS_FLOOR
 from daemon.config import STORAGE_READ_BYTES_PER_PASS_LIMIT as PASS_LIMIT
 from daemon.config import ClusterConfig, Config, ConfigError, MemberConfig, load_config
+from daemon.config_catchup import FOLLOWER_LOG_RETENTION_LIMIT
 from sequencer.raft.config import pass_budget_max, pass_cpu_ms
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "systemd" / "seqd.toml.example"
@@ -194,6 +195,29 @@ def test_the_byte_window_and_the_pass_budget_reach_the_raft_core(tmp_path: Path,
     assert (raft.inflight_bytes_max, raft.storage_read_bytes_per_pass_max, raft.incarnation) == (1 << 20, 2 << 20, 7)
     default = raft_config(load_text(tmp_path, cluster_toml(secret_file)), 1 << 20, 7)
     assert (default.inflight_bytes_max, default.storage_read_bytes_per_pass_max) == (4 << 20, 4 << 20)
+
+
+def test_the_followers_memory_window_reaches_the_raft_core(tmp_path: Path, secret_file: Path) -> None:
+    from daemon.roles.replicator_setup import raft_config
+
+    raft = raft_config(load_text(tmp_path, cluster_toml(secret_file, follower_log_retention_entries=64)), 1 << 20, 7)
+    assert raft.follower_log_retention_entries == 64
+    assert raft_config(load_text(tmp_path, cluster_toml(secret_file)), 1 << 20, 7).follower_log_retention_entries == 4096
+
+
+@pytest.mark.parametrize(
+    ("entries", "accepted"),
+    [(-1, False), (0, True), (FOLLOWER_LOG_RETENTION_LIMIT, True), (FOLLOWER_LOG_RETENTION_LIMIT + 1, False)],
+)
+def test_the_followers_memory_window_is_accepted_from_none_to_the_leaders_window_both_included(
+    tmp_path: Path, secret_file: Path, entries: int, accepted: bool
+) -> None:
+    text = cluster_toml(secret_file, follower_log_retention_entries=entries)
+    if accepted:
+        assert load_text(tmp_path, text).cluster.follower_log_retention_entries == entries  # type: ignore[union-attr]
+    else:
+        assert (f"cluster.follower_log_retention_entries={entries}: must be 0..{FOLLOWER_LOG_RETENTION_LIMIT} entries"
+                in refused(tmp_path, text))
 
 
 @pytest.mark.parametrize(

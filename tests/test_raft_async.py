@@ -34,6 +34,7 @@ from sequencer.raft import (
     StampMismatch,
     TermStart,
 )
+from sequencer.raft.raft_role import LEADER
 from tests.sim.direct import DirectCluster
 
 CLUSTER = 1
@@ -375,6 +376,18 @@ def test_a_follower_keeps_the_smaller_window_and_on_leading_feeds_a_laggard_from
     assert cluster.storages[2].reads > reads_before
     assert cluster.applied[3] == cluster.applied[2]
     assert new_leader.applied_index - 2 * 8 <= new_leader.log.offset_index <= new_leader.applied_index - 8
+    # Node 3 missed 20 entries, of which node 2 held at most two windows (4) in memory: the rest
+    # went from storage, and the count (`raft.stored_entries_sent`) outlives the term.
+    sent = new_leader.stored_entries_sent
+    assert sent >= 20 - 2 * 2, sent
+    cluster.isolate(2)
+    for _ in range(100):  # check-quorum: no majority heard within an election timeout
+        cluster.tick()
+        cluster.stabilize()
+        if new_leader.raft_role is not LEADER:
+            break
+    assert new_leader.raft_role is not LEADER
+    assert new_leader.stored_entries_sent == sent
 
 
 def test_a_follower_behind_the_window_is_fed_from_storage_in_bounded_reads() -> None:

@@ -25,7 +25,8 @@ only make the transfer time out.
 Also here: elections and step-downs counted and logged once each (`raft.elections`,
 `raft.step_downs`), the peer transport's refusals (`errors.peer_refused`), when each peer
 was last heard from (`raft.peer<k>.last_contact_ms`), the peak of each follower's byte window
-(`raft.peer<k>.inflight_bytes_peak`), and the forward stream's faults: records
+(`raft.peer<k>.inflight_bytes_peak`), the entries a leader read back from its journal to send
+(`raft.stored_entries_sent`), and the forward stream's faults: records
 dropped, streams broken and refused (the transport's `TransportCounters` and the leader's
 `ForwardInbox`), records resent (`raft.forwards_*`, `raft.forward_streams_*`), and the leader's
 refusals of this node's forwards heard back with their reasons (`raft.forward_refusals_received`).
@@ -54,6 +55,7 @@ from daemon.layout import (
     RAFT_PEER_INFLIGHT_BYTES_PEAK,
     RAFT_PEER_LAST_CONTACT_MS,
     RAFT_STEP_DOWNS,
+    RAFT_STORED_ENTRIES_SENT,
     RAFT_TRANSFER_HANDLED,
     RAFT_TRANSFER_OUTCOME,
     RAFT_TRANSFER_REQUEST,
@@ -119,7 +121,7 @@ class ReplicatorOperations:
         self.records_resent = 0  # published once a tick, as the transport's figures
         self.message_counters = tuple(counters[spec] for spec in (
             RAFT_APPENDS_SENT, RAFT_EMPTY_APPENDS_SENT, RAFT_COMMIT_NOTICES_SENT, RAFT_APPEND_ANSWERS_SENT,
-            RAFT_NOTICES_UNANSWERED))
+            RAFT_NOTICES_UNANSWERED, RAFT_STORED_ENTRIES_SENT))
         self.node_state = counters[NODE_STATE]  # the supervisor's
         self.request = counters[RAFT_TRANSFER_REQUEST]  # the operator's
         self.handled = counters[RAFT_TRANSFER_HANDLED]
@@ -249,7 +251,8 @@ class ReplicatorOperations:
         self.refusals_received.set(transport.forward_refusals_received)
         self.forwards_resent.set(self.records_resent)
         for counter, value in zip(self.message_counters, (core.appends_sent, core.empty_appends_sent, core.commit_notices_sent,
-                                  core.append_answers_sent, core.notices_unanswered), strict=True):
+                                  core.append_answers_sent, core.notices_unanswered, core.stored_entries_sent),
+                                 strict=True):
             counter.set(value)
         refused_total = sum(transport.refused.values())
         if refused_total != self.refused_seen:

@@ -61,6 +61,7 @@ def raft_config(config: Config, storage_read_bytes_max: int, incarnation: int) -
         defer_commit_notices=True,  # the bound: daemon/roles/commit_notices.py
         storage_read_bytes_max=storage_read_bytes_max,
         storage_read_bytes_per_pass_max=cluster.storage_read_bytes_per_pass_max,
+        follower_log_retention_entries=cluster.follower_log_retention_entries,
         incarnation=incarnation,
     )
 

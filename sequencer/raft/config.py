@@ -7,8 +7,9 @@ from dataclasses import dataclass
 from sequencer.raft.quorum import VOTERS_ALLOWED
 
 __all__ = [
-    "INFLIGHT_BYTES_MAX_DEFAULT", "LEARNERS_MAX", "NO_NODE", "PASS_CPU_MS_PER_MIB", "STORAGE_READ_BYTES_MAX",
-    "STORAGE_READ_BYTES_PER_PASS_MAX_DEFAULT", "RaftConfig", "pass_budget_max", "pass_cpu_ms",
+    "FOLLOWER_LOG_RETENTION_ENTRIES_DEFAULT", "INFLIGHT_BYTES_MAX_DEFAULT", "LEARNERS_MAX", "LOG_RETENTION_ENTRIES_DEFAULT",
+    "NO_NODE", "PASS_CPU_MS_PER_MIB", "STORAGE_READ_BYTES_MAX", "STORAGE_READ_BYTES_PER_PASS_MAX_DEFAULT", "RaftConfig",
+    "pass_budget_max", "pass_cpu_ms",
 ]  # fmt: skip
 
 NO_NODE = 0  # node ids are positive; 0 means "nobody" (no vote, no known leader)
@@ -18,6 +19,10 @@ NO_NODE = 0  # node ids are positive; 0 means "nobody" (no vote, no known leader
 LEARNERS_MAX = 4
 # `RaftConfig.inflight_bytes_max`'s default (the reasons are beside the field).
 INFLIGHT_BYTES_MAX_DEFAULT = 4 << 20
+# `RaftConfig.log_retention_entries`' and `follower_log_retention_entries`' defaults (the reasons are
+# beside the fields).
+LOG_RETENTION_ENTRIES_DEFAULT = 1 << 16
+FOLLOWER_LOG_RETENTION_ENTRIES_DEFAULT = 1 << 12
 # One read of old entries from storage, the daemon's (`RaftConfig.storage_read_bytes_max`, the
 # reasons beside the field; the replicator reads the journal back at start by the same bound).
 STORAGE_READ_BYTES_MAX = 1 << 20
@@ -95,7 +100,7 @@ class RaftConfig:
     # follower within the window (~65k entries: 65 ms at 1M entries/s) is served from memory;
     # one further behind is catching up and can afford the disk. Memory is ~2x this (entries are
     # dropped in chunks of this size) plus what is not yet committed.
-    log_retention_entries: int = 1 << 16
+    log_retention_entries: int = LOG_RETENTION_ENTRIES_DEFAULT
     # The same window while this node does not lead (the smaller of the two): a follower serves no
     # one from memory, and a node that comes to lead reads what its followers lack beyond it back
     # from storage (they normally lack only the uncommitted tail, which stays in memory). Each
@@ -103,7 +108,7 @@ class RaftConfig:
     # out of every cache) paid ~0.1 us more per entry received than one holding 4k (its decode and
     # log append write into memory freed long ago: benches.replicator_paths `follower`,
     # benches/RESULTS.md, "follrecv").
-    follower_log_retention_entries: int = 1 << 12
+    follower_log_retention_entries: int = FOLLOWER_LOG_RETENTION_ENTRIES_DEFAULT
     # One read of old entries from storage returns about this many payload bytes at most, and an
     # AppendEntries from memory is cut at the same bound (the entry that reaches it included), so
     # a message stays under the peer frame's 4 MiB with commands of up to 1 MiB (a client frame).

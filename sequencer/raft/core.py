@@ -191,6 +191,8 @@ class RaftCore(Elections, Reads, Readies):
         self.empty_appends_sent = 0
         self.commit_notices_sent = 0
         self.append_answers_sent = 0
+        # Entries sent as leader in terms that ended (`stored_entries_sent`).
+        self._stored_entries_sent_before = 0
 
     @property
     def election_elapsed_ticks(self) -> int:
@@ -428,6 +430,8 @@ class RaftCore(Elections, Reads, Readies):
             self.vote = NO_NODE
         self.raft_role = FOLLOWER
         self.leader_id = leader_id
+        if self._leader is not None:
+            self._stored_entries_sent_before += self._leader.stored_entries_sent
         self._leader = None
         self._term_start = None
         self._reads.drop_unconfirmed()
@@ -559,6 +563,13 @@ class RaftCore(Elections, Reads, Readies):
         """On a leader: the most payload bytes `peer` had unanswered at once; 0 elsewhere."""
         leader = self._leader
         return 0 if leader is None else leader.tracker.progress[peer].inflight_bytes_peak
+
+    @property
+    def stored_entries_sent(self) -> int:
+        """Entries this node sent as leader, in every term since it started, that it read back
+        from its `LogStorage` (dropped from memory: a follower behind the retention window)."""
+        leader = self._leader
+        return self._stored_entries_sent_before + (0 if leader is None else leader.stored_entries_sent)
 
     def term_at(self, index: int) -> int | None:
         """The term of the entry at `index` (from storage if dropped from memory), or None."""

@@ -59,6 +59,7 @@ class Leader:
         "_storage_bytes_left",
         "_timeout_now_sent",
         "_transfer_elapsed_ticks",
+        "stored_entries_sent",
         "term",
         "tracker",
         "transfer_target",
@@ -92,6 +93,9 @@ class Leader:
         # (first index, last index, payload bytes) of the last in-memory run sent: followers in
         # step are sent the same run, which is summed once (a leader's entries never change).
         self._sized = (0, 0, 0)
+        # Entries sent that were read back from storage (dropped from memory): how much catch-up
+        # this term served from the journal (operators, tests; `RaftCore.stored_entries_sent`).
+        self.stored_entries_sent = 0
         # A new leader guesses that each follower has its whole log and probes from there (5.3).
         # Learners are replicated to like voters, and never counted (`ProgressTracker`).
         self.tracker = ProgressTracker(peers, log.last_index + 1, quorum, config.learners)
@@ -275,6 +279,7 @@ class Leader:
             last_index = previous_index + len(terms)
             payload_bytes = sum(map(len, payloads))
             self._storage_bytes_left -= payload_bytes
+            self.stored_entries_sent += len(terms)
         self._send(AppendEntries(config.cluster_id, config.node_id, progress.node_id, self.term,
                                  previous_index, previous_term, commit_index, terms, payloads,
                                  notice and not terms))
