@@ -632,6 +632,9 @@ RAFT_FORWARD_REFUSALS_RECEIVED = _declare("raft.forward_refusals_received", Role
 # The replicator's passes through its Raft core (daemon/roles/replicator.py, `_process`), copied
 # once a tick's pass: a follower's quiet ticks make none (daemon/roles/replicator_ticks.py).
 RAFT_PASSES = _declare("raft.passes", Role.REPLICATOR, Kind.COUNTER, "Passes of the replicator's loop through the Raft core (per peer message batch, fdatasync and proposal batch; a follower's tick makes one only when something is due)")  # fmt: skip
+# Where this start serves from (a single node's sequencer; 0 in a cluster, whose leader stamps the
+# record): the supervisor's "serving ... from index N" reports it, as the sequencer's log says it.
+SEQUENCER_SERVING_INDEX = _declare("sequencer.serving.index", Role.SEQUENCER, Kind.GAUGE, "Index of this start's node_start record: clients' commands come after it (0: not serving yet, or a cluster's node)")  # fmt: skip
 
 
 def commit_index_counter(clustered: bool) -> CounterSpec:

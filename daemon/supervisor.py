@@ -76,6 +76,7 @@ from daemon.layout import (
     RECOVERY_RECORDS,
     REPLICA_COUNTERS,
     ROLE_COUNTERS,
+    SEQUENCER_SERVING_INDEX,
     SNAPSHOTTER_COUNTERS,
     SUPERVISOR,
     SUPERVISOR_HEARTBEAT,
@@ -575,7 +576,9 @@ class Supervisor:
                 self.replicas = ReplicaSet(config, counters, self.epoch)
                 self.replicas.start()
                 counters[NODE_STATE].set(int(NodeState.SERVING))
-                status = f"serving {config.socket.path} from index {counters[LOG_PUBLISHED_INDEX].get()}"
+                serving_index = counters[SEQUENCER_SERVING_INDEX].get()  # 0: a cluster's node, a standby
+                status = (f"serving {config.socket.path} from index {serving_index}" if serving_index else
+                          f"serving {config.socket.path}, its log at index {counters[LOG_PUBLISHED_INDEX].get()}")
                 if not self.ready_sent:
                     self.notifier.ready(status)
                     self.ready_sent = True

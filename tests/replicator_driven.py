@@ -27,6 +27,7 @@ from daemon.layout import (
     LOG_READERS,
     PROPOSAL_POLLABLE,
     PROPOSAL_READERS,
+    RAFT_ROLE,
     READ_ROUND_COUNTERS,
     Role,
 )
@@ -38,6 +39,7 @@ from ipc.ring import Ring
 from ipc.ring_reader import RingReader
 from sequencer.raft.messages import AppendEntries, Message
 from sequencer.raft.peer_protocol import ForwardedRecord
+from sequencer.raft.raft_role import RaftRole
 from sequencer.raft.transport_config import TransportCounters
 from sequencer.record import RecordType, encode_record
 
@@ -99,6 +101,7 @@ class DrivenReplicator:
         # Other processes' counters, written through the segment (a `CounterView` is one owner's).
         self.durable_index: Counter = counters_segment[JOURNAL_DURABLE_INDEX.name]  # the journaller's
         self.read_asked: Counter = counters_segment[READ_ROUND_COUNTERS[0].asked.name]  # query replica 1's
+        self.role_counter: Counter = counters_segment[RAFT_ROLE.name]
         # The log ring's readers (the journaller's, the blp's): `free_ring` reads what is written.
         self.log_readers: list[RingReader] = [log_ring.reader(name) for name in LOG_READERS]
         self.proposal_writer = proposal_ring.writer()
@@ -107,9 +110,22 @@ class DrivenReplicator:
     def passes(self) -> int:
         return self.replicator.passes
 
+    def raft_role(self) -> RaftRole:
+        """The Raft standing the replicator last published (`raft.role`), as the sequencer, `seqd
+        status` and the operator's tools read it."""
+        return RaftRole(self.role_counter.get())
+
     def tick(self) -> None:
         """One tick of the replicator (its `_tick` less the timer and the snapshot sender)."""
         self.replicator._process(tick=True)
+        self.raise_failure()
+
+    def raise_failure(self) -> None:
+        """A pass that raised (an assertion: a broken invariant) stops the role (`_process` sets
+        `finished`): raise it here, in the test."""
+        finished = self.replicator.finished
+        if finished.done() and (error := finished.exception()) is not None:
+            raise error
 
     def quiet_ticks_left(self) -> int:
         """Ticks a follower with nothing due makes no pass before its `QUIET_PASS_S` pass."""
@@ -120,6 +136,7 @@ class DrivenReplicator:
         """The pass `_schedule` asked for, if any (the loop's turn)."""
         if self.replicator.process_scheduled is not None:
             self.replicator._process()
+            self.raise_failure()
 
     def step(self, peer: int, *messages: Message) -> None:
         """Peer messages as the transport hands them over."""

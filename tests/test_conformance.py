@@ -24,7 +24,7 @@ import pytest
 from daemon.harness import NodeProcess
 from sequencer.journal import read_records
 from sequencer.processor import SAVED_REPLIES_MAX
-from sequencer.record import RecordType
+from sequencer.record import ADMIN_NODE_START, RecordType, decode_admin
 from tests import raw_wire as wire
 from tests.node_fixtures import node_factory  # noqa: F401 (fixture)
 from tests.small_fs import SmallFilesystem, small_filesystem  # noqa: F401
@@ -535,13 +535,17 @@ def test_sequencer_and_supervisor_log_the_serving_index(node_factory) -> None:  
         time.sleep(0.01)
     (serving,) = [int(index) for source, index in lines if not source]  # the sequencer's
     (reported,) = [int(index) for source, index in lines if source]  # the supervisor's
-    # The sequencer logs its node_start record's index; the supervisor the log's last index when it
-    # reports serving, which can be later by the node's own ADMIN records sequenced meanwhile (the
-    # session rules' version a fresh node asks for: 1 and 2 in a loaded run). Nothing else:
-    # no client is connected yet.
-    assert 1 <= serving <= reported, lines
-    while len(records := [r for r in read_records(node.config.journal_dir) if r.index <= reported]) < reported:
-        assert time.monotonic() < deadline, f"index {reported} not in the journal: {len(records)} records"
+    # Exact: the supervisor reports the index the sequencer published before it ran
+    # (`sequencer.serving.index`), not the log's last index when it reports, which the node's own
+    # ADMIN records (a session rules version) can have moved past it.
+    assert reported == serving, lines
+    assert node.read_counters()["sequencer.serving.index"] == serving
+    # And it is this start's node_start: the first record of a fresh node's log.
+    while not (found := [(record.type, bytes(record.payload)) for record in read_records(node.config.journal_dir)
+                         if record.index == serving]):  # fmt: skip
+        assert time.monotonic() < deadline, f"index {serving} not in the journal"
         time.sleep(0.01)
-    between = [(record.index, record.type) for record in records[serving:reported] if record.type != RecordType.ADMIN]
-    assert not between, f"the supervisor's index {reported} is past {serving} by more than ADMIN records: {between}"
+    ((kind, payload),) = found
+    assert (serving, kind) == (1, RecordType.ADMIN), found
+    admin = decode_admin(payload)
+    assert (admin["op"], admin["node"]) == (ADMIN_NODE_START, node.config.node.name), admin

@@ -7,8 +7,11 @@ A follower's tick makes a pass only when something is due (daemon/roles/replicat
 each thing a tick looks at is shown through the replicator (with it left out, the tick is quiet
 and the work waits up to `QUIET_PASS_S`): entries made durable (acknowledged within the tick),
 entries waiting for room in the log ring (written within the tick once the ring has room),
-records forwarded and not yet committed (sent again within the tick once overdue), and a query
-replica's read round (asked within the tick). A tick with none of these makes no pass.
+records forwarded and not yet committed (sent again within the tick once overdue), a query
+replica's read round (asked within the tick), and a pass scheduled that the tick came before (a
+lost election's standing published within the tick). A tick with none of these makes no pass.
+The outbox of records to send is not looked at: a follower's pass that knows a leader empties it
+(asserted at every tick, `QuietTicks.quiet`), shown at the change of leader that fills it.
 
 And a leader's peer messages that make no pass still arm the commit-notice timer: an answer
 that frees a follower's full window leaves a commit notice held for it, which nothing else would
@@ -25,6 +28,7 @@ import pytest
 
 import daemon.roles.replicator as replicator_module
 from daemon.roles.commit_notices import COMMIT_NOTICE_DELAY_S
+from sequencer.raft.config import NO_NODE
 from sequencer.raft.messages import (
     AppendEntries,
     AppendEntriesResponse,
@@ -32,8 +36,10 @@ from sequencer.raft.messages import (
     Message,
     ReadIndexRequest,
     RequestVote,
+    RequestVoteResponse,
+    TimeoutNow,
 )
-from sequencer.raft.raft_role import FOLLOWER, LEADER
+from sequencer.raft.raft_role import CANDIDATE, FOLLOWER, LEADER
 from tests.replicator_driven import CLUSTER_ID, DrivenReplicator, append, command, driven_replicator
 from tests.sim.direct import DirectCluster
 
@@ -120,9 +126,8 @@ def test_a_followers_tick_resends_its_overdue_forwards(
     follower: DrivenReplicator, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # Records forwarded to the leader and not seen committed: the age resend (RESEND_AFTER_S) is
-    # looked at in a tick's pass. The outbox holds only pending records (`resend` answers them),
-    # and a follower's pass sends it whenever it knows a leader, so the `pending` term covers
-    # the outbox's too.
+    # looked at in a tick's pass, which sends them again at once (through the outbox, which the
+    # same pass empties).
     records = [command(request_id, 24) for request_id in (101, 102)]
     follower.propose(*records)
     follower.replicator._on_bell()  # the sequencer's doorbell
@@ -135,6 +140,27 @@ def test_a_followers_tick_resends_its_overdue_forwards(
     assert follower.transport.forwarded == records
 
 
+
+def test_a_follower_sends_its_pending_records_to_a_new_leader_in_the_pass_that_sees_it(
+    follower: DrivenReplicator,
+) -> None:
+    # The outbox is no reason for a tick's pass (`QuietTicks.quiet`): a follower's pass that knows
+    # a leader leaves it empty. The change of leader is what fills it (`_check_standing`: every
+    # pending record, for the new leader), and the same pass sends it; a tick then finds it empty
+    # (asserted there, before the tick looks at anything else).
+    records = [command(request_id, 24) for request_id in (101, 102)]
+    follower.propose(*records)
+    follower.replicator._on_bell()
+    follower.run_scheduled()
+    assert follower.transport.forwarded == records
+    follower.transport.forwarded.clear()
+    follower.step(3, append(2, FOLLOWED_ENTRIES, 1, 0, [], leader=3))  # node 3 leads term 2
+    follower.run_scheduled()
+    assert follower.transport.forwarded == records  # again, to node 3
+    assert follower.replicator.standing == (2, 3)
+    follower.tick()
+
+
 def test_a_followers_tick_asks_a_query_replicas_read_round(follower: DrivenReplicator) -> None:
     # A replica's linearizable query waits for the round: asked in the tick (`ReadRounds.ask`),
     # whose core then has the ReadIndex request to send, so the tick makes a pass to send it.
@@ -142,6 +168,29 @@ def test_a_followers_tick_asks_a_query_replicas_read_round(follower: DrivenRepli
     tick_makes_a_pass(follower)
     (request,) = follower.transport.take(ReadIndexRequest)
     assert request.target == LEADER_ID
+
+
+def test_a_followers_tick_makes_the_pass_its_peer_messages_scheduled(follower: DrivenReplicator) -> None:
+    # A follower schedules a pass after every peer message (`answer_needs_pass`), and a tick that
+    # comes first in the loop's turn (a timer and a socket ready together) cancels it: the tick's
+    # pass is to do its work. Not every message leaves a trace the tick's look sees: a candidate
+    # that lost its election is a follower again at the same term with no leader, as its last pass
+    # saw it, and with nothing to send (a pre-vote lost the same way: the common case, a follower
+    # that missed heartbeats, refused by peers that hear the leader). Only the pass publishes its
+    # standing (`raft.role`), so without `scheduled` in the look the counter would say candidate
+    # until the QUIET_PASS_S pass.
+    follower.step(LEADER_ID, TimeoutNow(CLUSTER_ID, LEADER_ID, 2, 1))  # a leadership transfer
+    follower.run_scheduled()
+    assert follower.raft_role() is CANDIDATE
+    (request, _) = follower.transport.take(RequestVote)
+    assert request.term == 2 and not request.pre_vote, request
+    follower.step(1, RequestVoteResponse(CLUSTER_ID, 1, 2, 2, False, False))
+    follower.step(3, RequestVoteResponse(CLUSTER_ID, 3, 2, 2, False, False))  # lost: a follower
+    core = follower.replicator.core
+    assert (core.raft_role, core.term, core.leader_id) == (FOLLOWER, 2, NO_NODE) and not core.has_ready()
+    assert follower.replicator.process_scheduled is not None and follower.raft_role() is CANDIDATE
+    tick_makes_a_pass(follower)  # before the scheduled pass
+    assert follower.raft_role() is FOLLOWER
 
 
 # -- the leader's commit-notice timer --------------------------------------------------------------

@@ -84,6 +84,7 @@ from daemon.layout import (
     RECOVERY_LAST_TERM,
     RECOVERY_LAST_TIMESTAMP_NS,
     RULES_VERSION_DUE,
+    SEQUENCER_SERVING_INDEX,
     SESSIONS_OPEN,
     SESSIONS_TOTAL,
     SNAPSHOT_LAST_INDEX,
@@ -575,20 +576,21 @@ class Sequencer:
         # forgets them at the same index.
         while not self.gateway.sequence_node_start(wall_clock_ns()):
             await asyncio.sleep(BLOCKED_RETRY_S)
+        serving_index = 0 if self.clustered else self.gateway.next_index - 1  # the node_start's
         self._flush()
         sock = self.bind()
         self._check_app_version()
         self.server = await self.loop.create_unix_server(lambda: Session(self), sock=sock)
         self._watch_egress()
         self.loop.add_signal_handler(signal.SIGUSR1, self.request_snapshot)
+        # Before RUNNING, which the supervisor waits for to report it (not `log.published.index`
+        # then: the node's own ADMIN records, a session rules version, may follow the node_start).
+        self.counters[SEQUENCER_SERVING_INDEX].set(serving_index)
         context.set_state(RoleState.RUNNING)
         if self.clustered:
             log.info("serving %s in cluster mode: proposing to the replicator", self.config.socket.path)
-        else:
-            # This start's node_start record, the last index in the log now; the first command
-            # gets the next one. The supervisor logs the last index when it reports serving: this
-            # one, or a later one of the node's own ADMIN records (a session rules version).
-            log.info("serving %s from index %d", self.config.socket.path, self.gateway.next_index - 1)
+        else:  # this start's node_start record: the first command gets a later index
+            log.info("serving %s from index %d", self.config.socket.path, serving_index)
         beats = 0
         missed_rings = 0
         snapshot_config = self.config.snapshot
