@@ -634,7 +634,7 @@ RAFT_FORWARD_REFUSALS_RECEIVED = _declare("raft.forward_refusals_received", Role
 RAFT_PASSES = _declare("raft.passes", Role.REPLICATOR, Kind.COUNTER, "Passes of the replicator's loop through the Raft core (per peer message batch, fdatasync and proposal batch; a follower's tick makes one only when something is due)")  # fmt: skip
 # Where this start serves from (a single node's sequencer; 0 in a cluster, whose leader stamps the
 # record): the supervisor's "serving ... from index N" reports it, as the sequencer's log says it.
-SEQUENCER_SERVING_INDEX = _declare("sequencer.serving.index", Role.SEQUENCER, Kind.GAUGE, "Index of this start's node_start record: clients' commands come after it (0: not serving yet, or a cluster's node)")  # fmt: skip
+SEQUENCER_SERVING_INDEX = _declare("sequencer.serving.index", Role.SEQUENCER, Kind.GAUGE, "Index of this start's node_start record: clients' commands come after it (0: not serving yet, a cluster's node, or a blue-green standby standing by)")  # fmt: skip
 
 
 def commit_index_counter(clustered: bool) -> CounterSpec:
@@ -663,7 +663,7 @@ ERROR_KIND_COUNTERS: tuple[CounterSpec, ...] = tuple(
 ERRORS_TOTAL_NAME = "errors.total"
 assert ERRORS_TOTAL_NAME not in _BY_NAME
 # The version of this table, carried by the segment header (see the module docstring).
-COUNTERS_LAYOUT_VERSION = 10
+COUNTERS_LAYOUT_VERSION = 11
 
 
 def counter_spec(name: str) -> CounterSpec | None:

@@ -37,9 +37,10 @@ from daemon.roles.replicator import Replicator
 from ipc.counters import Counter, Counters
 from ipc.ring import Ring
 from ipc.ring_reader import RingReader
+from sequencer.raft.config import NO_NODE
 from sequencer.raft.messages import AppendEntries, Message
 from sequencer.raft.peer_protocol import ForwardedRecord
-from sequencer.raft.raft_role import RaftRole
+from sequencer.raft.raft_role import FOLLOWER, RaftRole
 from sequencer.raft.transport_config import TransportCounters
 from sequencer.record import RecordType, encode_record
 
@@ -61,6 +62,7 @@ class NotingTransport:
     def __init__(self) -> None:
         self.sent: list[Message] = []
         self.forwarded: list[bytes] = []
+        self.forwarded_to: list[int] = []  # each forwarded record's target
         self.counters = TransportCounters()
 
     def send(self, messages: Sequence[Message]) -> None:
@@ -69,6 +71,7 @@ class NotingTransport:
     def forward(self, target: int, records: Sequence[ForwardedRecord], stream: int) -> None:
         assert stream == FORWARD_STREAM, stream
         self.forwarded.extend(forwarded.record for forwarded in records)
+        self.forwarded_to.extend(target for _ in records)
 
     def forward_stream(self, target: int) -> int:
         return FORWARD_STREAM
@@ -116,8 +119,14 @@ class DrivenReplicator:
         return RaftRole(self.role_counter.get())
 
     def tick(self) -> None:
-        """One tick of the replicator (its `_tick` less the timer and the snapshot sender)."""
-        self.replicator._process(tick=True)
+        """One tick of the replicator (its `_tick` less the timer and the snapshot sender), after
+        checking `QuietTicks.quiet`'s proof that a follower's outbox is no reason for a pass: one
+        that knows a leader holds records there only if its standing changed since its last pass."""
+        replicator = self.replicator
+        core = replicator.core
+        if replicator.outbox and core.raft_role is FOLLOWER and core.leader_id != NO_NODE:
+            assert replicator.standing != (core.term, core.leader_id), (len(replicator.outbox), replicator.standing)
+        replicator._process(tick=True)
         self.raise_failure()
 
     def raise_failure(self) -> None:

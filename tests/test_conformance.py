@@ -549,3 +549,24 @@ def test_sequencer_and_supervisor_log_the_serving_index(node_factory) -> None:  
     assert (serving, kind) == (1, RecordType.ADMIN), found
     admin = decode_admin(payload)
     assert (admin["op"], admin["node"]) == (ADMIN_NODE_START, node.config.node.name), admin
+    # A restart serves from its own node_start, past the first start's records (a session rules
+    # version among them): the same three figures, exact again.
+    node.stop()
+    node.start()
+    deadline = time.monotonic() + 10
+    while len(lines := pattern.findall(node.log_text())) < 4:
+        assert time.monotonic() < deadline, node.log_text()[-2000:]
+        time.sleep(0.01)
+    restarted = [int(index) for source, index in lines[2:] if not source]
+    reported_again = [int(index) for source, index in lines[2:] if source]
+    assert len(restarted) == len(reported_again) == 1 and restarted == reported_again, lines
+    (serving_again,) = restarted
+    assert serving_again > serving and node.read_counters()["sequencer.serving.index"] == serving_again, lines
+    while not (found := [(record.type, bytes(record.payload)) for record in read_records(node.config.journal_dir)
+                         if record.index == serving_again]):  # fmt: skip
+        assert time.monotonic() < deadline, f"index {serving_again} not in the journal"
+        time.sleep(0.01)
+    ((kind, payload),) = found
+    again = decode_admin(payload)
+    assert kind == RecordType.ADMIN and (again["op"], again["node"]) == (ADMIN_NODE_START, node.config.node.name), again
+    assert again != admin, (admin, again)  # this start's record, not the first one's

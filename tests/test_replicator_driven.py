@@ -140,24 +140,24 @@ def test_a_followers_tick_resends_its_overdue_forwards(
     assert follower.transport.forwarded == records
 
 
-
 def test_a_follower_sends_its_pending_records_to_a_new_leader_in_the_pass_that_sees_it(
     follower: DrivenReplicator,
 ) -> None:
     # The outbox is no reason for a tick's pass (`QuietTicks.quiet`): a follower's pass that knows
     # a leader leaves it empty. The change of leader is what fills it (`_check_standing`: every
     # pending record, for the new leader), and the same pass sends it; a tick then finds it empty
-    # (asserted there, before the tick looks at anything else).
+    # (the harness's `tick` checks that before it ticks).
     records = [command(request_id, 24) for request_id in (101, 102)]
     follower.propose(*records)
     follower.replicator._on_bell()
     follower.run_scheduled()
-    assert follower.transport.forwarded == records
+    assert (follower.transport.forwarded, follower.transport.forwarded_to) == (records, [LEADER_ID] * 2)
     follower.transport.forwarded.clear()
+    follower.transport.forwarded_to.clear()
     follower.step(3, append(2, FOLLOWED_ENTRIES, 1, 0, [], leader=3))  # node 3 leads term 2
     follower.run_scheduled()
-    assert follower.transport.forwarded == records  # again, to node 3
-    assert follower.replicator.standing == (2, 3)
+    assert (follower.transport.forwarded, follower.transport.forwarded_to) == (records, [3, 3])  # again, to node 3
+    assert follower.replicator.standing == (2, 3) and follower.replicator.outbox == []
     follower.tick()
 
 

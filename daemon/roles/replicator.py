@@ -362,7 +362,7 @@ class Replicator:
         if core.raft_role is FOLLOWER:
             self.read_rounds.ask(core, now_s)  # a replica's round waits at most a tick, as in a pass
             waiting = scheduled or self._has_work_outside() or bool(self.feed or self.pending)
-            if self.quiet_ticks.quiet(core, self.standing, waiting, self.outbox):  # the outbox: no reason (quiet says why)
+            if self.quiet_ticks.quiet(core, self.standing, waiting):  # the outbox: no reason (quiet says why)
                 return True
         if self.core.leader_id != NO_NODE and self.pending.overdue(now_s, RESEND_AFTER_S):
             self.outbox = self.pending.resend(now_s)
