@@ -179,8 +179,8 @@ class Processor(Generic[App]):
     # there are: a plain instance past 30 attributes loses CPython's shared-key dict, and with it
     # ~3% of a transfer (benches/processor.py, measured when the 31st was added).
     __slots__ = (
-        "_app_apply", "_app_on_session_close", "_app_on_session_open", "_app_on_timer", "_context", "_decode_command",
-        "_decode_current_command", "_encode", "_encode_event", "_encode_reply", "_event_types", "_output_version",
+        "_app_apply", "_app_on_session_close", "_app_on_session_open", "_app_on_timer", "_context", "_copy_commands",
+        "_decode_command", "_decode_current_command", "_encode", "_encode_event", "_encode_reply", "_event_types", "_output_version",
         "_outputs", "_sessions", "_table", "_timers", "_unhashed", "_version", "app", "app_class", "applied_index", "applied_term",
         "command_parts_skipped", "commands_without_session", "debug", "duplicate_records", "emit_events",
         "events_too_large", "last_timestamp_ns", "node", "replies_too_large", "rolling_hash", "schema",
@@ -246,6 +246,7 @@ class Processor(Generic[App]):
         self._decode_current_command = codec.decode_command
         self._encode_reply = self._encode = codec.encode
         self._event_types = codec.event_types
+        self._copy_commands = codec.command_borrows_input  # else decoded from the ring itself
 
     def _app_entry(self, method: Callable[..., _Result]) -> Callable[..., _Result]:
         """The app's `method` as the processor calls it: under `determinism.guard()` in debug
@@ -314,13 +315,13 @@ class Processor(Generic[App]):
 
         command_version = frame_type >> 16
         try:
-            # bytes(): the view is shared memory that the ring reuses; a msgspec.Raw or
-            # memoryview field of the command must not point into it.
-            data = bytes(view[_COMMAND_OFFSET:])
+            # The view is shared memory that the ring reuses: a msgspec.Raw or memoryview field
+            # of a command must not point into it, so such a schema decodes from a copy.
+            data = view[_COMMAND_OFFSET:]
             if command_version == self._version:
-                command = self._decode_current_command(data)
+                command = self._decode_current_command(bytes(data) if self._copy_commands else data)
             else:
-                command = self._decode_command(command_version, data, index)  # upcast, or refuse
+                command = self._decode_command(command_version, bytes(data), index)  # upcast/refuse
         except Exception as error:
             status = _REJECTED
             payload = self._undecodable(error, command_version, index)
