@@ -67,7 +67,6 @@ from sequencer.dedup import (
 )
 from sequencer.determinism import guard, rolling_hash_update, state_hash
 from sequencer.egress import (
-    BAD_COMMAND,
     EVENT_HEADER,
     EVENT_PAYLOAD_BYTES_MAX,
     REPLY_HEADER,
@@ -76,6 +75,7 @@ from sequencer.egress import (
     ReplyStatus,
     encode_event_omitted,
     reply_too_large_payload,
+    undecodable_payload,
 )
 from sequencer.processor_state import (
     PROCESSOR_STATE_VERSION,
@@ -92,6 +92,7 @@ from sequencer.record import (
     ADMIN_NODE_START,
     ADMIN_RAISE_VERSION,
     ADMIN_RULES_VERSION,
+    COMMAND_HEAD,
     COMMAND_PREFIX,
     FRAME_HEADER,
     FRAME_HEADER_BYTES,
@@ -139,6 +140,7 @@ _PAYLOAD_OFFSET: Final = RECORD_TAIL.size  # payload offset in a view that start
 _COMMAND_OFFSET: Final = _PAYLOAD_OFFSET + COMMAND_PREFIX.size
 _unpack_tail: Final = RECORD_TAIL.unpack_from
 _unpack_prefix: Final = COMMAND_PREFIX.unpack_from
+_unpack_head: Final = COMMAND_HEAD.unpack_from
 _pack_reply: Final = REPLY_HEADER.pack
 _pack_event: Final = EVENT_HEADER.pack
 # The rolling hash: determinism.rolling_hash_update, bound here to spare a call per output.
@@ -272,7 +274,11 @@ class Processor(Generic[App]):
         (benches/processor.py), so the common path makes none of its own.
         """
         assert not self.snapshot_requested, "fork the snapshot writer before the next record"
-        index, term, timestamp_ns, session_id, request_id = _unpack_tail(view, 0)
+        record_type = frame_type & 0xFFFF
+        if record_type == _COMMAND:  # the tail and the command's prefix in one unpack
+            index, term, timestamp_ns, session_id, request_id, acked_request_id = _unpack_head(view, 0)
+        else:
+            index, term, timestamp_ns, session_id, request_id = _unpack_tail(view, 0)
         assert index == self.applied_index + 1, (index, self.applied_index)
         # The context of every call into the app for this record: its session and client are
         # set by the caller (`_context_for`).
@@ -280,7 +286,6 @@ class Processor(Generic[App]):
         context.index = self.applied_index = index
         context.term = self.applied_term = term
         context.now = self.last_timestamp_ns = timestamp_ns
-        record_type = frame_type & 0xFFFF
         if record_type != _COMMAND:
             if record_type != _COMMAND_PART:
                 self._apply_other(record_type, view, session_id)
@@ -288,7 +293,8 @@ class Processor(Generic[App]):
                     self.rolling_hash = _crc32c(self._unhashed, self.rolling_hash)
                     self._unhashed = b""
                 return
-            if not self._start_command_part(view, session_id, request_id):
+            acked_request_id = self._start_command_part(view, session_id, request_id)
+            if acked_request_id < 0:
                 return
             # Else the part is applied below, as a command of its request.
 
@@ -300,7 +306,6 @@ class Processor(Generic[App]):
             self.commands_without_session += 1
             return
         client = session.client
-        (acked_request_id,) = _unpack_prefix(view, _PAYLOAD_OFFSET)
         replies = client.replies
         if acked_request_id > client.acked_request_id:
             client.acked_request_id = acked_request_id
@@ -366,23 +371,21 @@ class Processor(Generic[App]):
         if session.local:
             self._outputs.append((_REPLY, frame))
 
-    def _start_command_part(self, view: Any, session_id: int, request_id: int) -> bool:
-        """Whether a COMMAND_PART's command is to be applied by the COMMAND path, which then
-        records the request id and saves the reply (`sequencer.command_parts`)."""
+    def _start_command_part(self, view: Any, session_id: int, request_id: int) -> int:
+        """The acked request id of a COMMAND_PART whose command is to be applied by the COMMAND
+        path, which then records the request id and saves the reply (`sequencer.command_parts`);
+        -1 for one that is not."""
         session = self._sessions.get(session_id)
         if session is None:
-            return True  # the COMMAND path counts it as a command without a session
+            return 0  # the COMMAND path counts it as a command without a session
         verdict = command_part_verdict(session.client, request_id, len(view) > _COMMAND_OFFSET)
         if verdict is PartVerdict.SKIPPED:
             self.command_parts_skipped += 1
-        return verdict is PartVerdict.APPLY
+        return _unpack_prefix(view, _PAYLOAD_OFFSET)[0] if verdict is PartVerdict.APPLY else -1
 
     def _undecodable(self, error: Exception, command_version: int, index: int) -> bytes:
-        """The rejection for command bytes this app cannot decode (or upcast).
-
-        Refused the same way on every replica and every replay; the record is in the log for
-        good, so it must never crash the blp. The message names the exception type only, not
-        its text, which may differ between library versions on different replicas.
+        """The rejection for command bytes this app cannot decode or upcast (its payload:
+        `egress.undecodable_payload`).
 
         Raises:
             the error itself when the command is of a newer version than the app: a newer app
@@ -390,12 +393,7 @@ class Processor(Generic[App]):
         """
         if command_version > self._version:
             raise error
-        return encode_rejection(
-            BAD_COMMAND,
-            f"the command at index {index} (schema version {command_version}) could not be "
-            f"decoded by {self.schema.name} v{self._version} ({type(error).__name__}); nothing "
-            "was applied",
-        )
+        return undecodable_payload(index, command_version, self.schema.name, self._version, error)
 
     def _rejection(self, rejected: Rejected, index: int) -> bytes:
         """The reply payload of a `Rejected`; the app must not have emitted anything first (an
