@@ -182,7 +182,8 @@ class Processor(Generic[App]):
     # ~3% of a transfer (benches/processor.py, measured when the 31st was added).
     __slots__ = (
         "_app_apply", "_app_on_session_close", "_app_on_session_open", "_app_on_timer", "_context", "_copy_commands",
-        "_decode_command", "_decode_current_command", "_encode", "_encode_event", "_encode_reply", "_event_types", "_output_version",
+        "_decode_command", "_decode_current_command", "_encode", "_encode_event", "_encode_reply", "_event_types", "_handlers",
+        "_output_version",
         "_outputs", "_sessions", "_table", "_timers", "_unhashed", "_version", "app", "app_class", "applied_index", "applied_term",
         "command_parts_skipped", "commands_without_session", "debug", "duplicate_records", "emit_events",
         "events_too_large", "last_timestamp_ns", "node", "replies_too_large", "rolling_hash", "schema",
@@ -238,6 +239,8 @@ class Processor(Generic[App]):
         self._app_on_timer = self._app_entry(self.app.on_timer)
         self._app_on_session_open = self._app_entry(self.app.on_session_open)
         self._app_on_session_close = self._app_entry(self.app.on_session_close)
+        # The app's handler called directly, not through `apply` (in debug mode: under the guard).
+        self._handlers = None if debug else app_class.direct_handlers()
         self._decode_command = self.schema.decode_command
         self._encode_event = self.schema.encode_event
         self._version = self.schema.version
@@ -334,7 +337,11 @@ class Processor(Generic[App]):
             context.session = session_id  # `_context_for`, inlined
             context.client_id = session.client_id
             try:
-                reply = self._app_apply(context, command)
+                handlers = self._handlers  # the app's own table (StateMachine.command_handlers)
+                if handlers is None:
+                    reply = self._app_apply(context, command)
+                else:
+                    reply = handlers[type(command)](self.app, context, command)
                 status = _OK
                 payload = self._encode_reply(reply)
             except Rejected as rejected:

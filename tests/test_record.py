@@ -218,5 +218,6 @@ def test_command_head_reads_the_tail_then_the_prefix(index, term, timestamp_ns, 
                            request_id, encode_command(acked_request_id, command))  # fmt: skip
     view = memoryview(record)[FRAME_HEADER_BYTES:]
     head = COMMAND_HEAD.unpack_from(view, 0)
-    assert head == RECORD_TAIL.unpack_from(view, 0) + COMMAND_PREFIX.unpack_from(view, RECORD_TAIL.size)
+    prefix = COMMAND_PREFIX.unpack_from(view, RECORD_TAIL.size)
+    assert head == RECORD_TAIL.unpack_from(view, 0) + prefix
     assert head == (index, term, timestamp_ns, session_id, request_id, acked_request_id)
