@@ -137,8 +137,8 @@ class StateMachine:
     command type of the schema, e.g. `{Transfer: Ledger.transfer}`. The base `apply` dispatches
     through it; the processor, for an app that keeps the base `apply`, calls the command's handler
     itself, one Python call a command less than through `apply` (~0.3k instructions of a ~37k
-    transfer; benches/RESULTS.md, "blpcycle"). An app that overrides `apply` is always called
-    through it.
+    transfer; benches/RESULTS.md, "blpcycle, second session"). An app that overrides `apply` is
+    always called through it.
     """
 
     schema: ClassVar[Schema]

@@ -130,5 +130,5 @@ def test_a_raw_or_memoryview_field_of_a_command_does_not_point_into_the_ring():
 
 
 def test_the_ledger_decodes_its_commands_from_the_ring_without_a_copy():
-    """The figure in benches/RESULTS.md ("blpcycle"): ~0.9k instructions a command less."""
+    """~0.9k instructions a command less (benches/RESULTS.md, "blpcycle, second session")."""
     assert not LEDGER_SCHEMA.hot_codec().command_borrows_input

@@ -1,8 +1,8 @@
 """An app's `command_handlers`: the processor calls the handler itself, not through `apply`.
 
-That is one Python call a command less (benches/RESULTS.md, "blpcycle"), and it must change
-nothing an app can tell: the same outputs and state as through `apply`, `apply` still decides
-for an app that overrides it, and debug mode still runs every handler under the guard.
+That is one Python call a command less (benches/RESULTS.md, "blpcycle, second session"), and it
+must change nothing an app can tell: the same outputs and state as through `apply`, `apply` still
+decides for an app that overrides it, and debug mode still runs every handler under the guard.
 """
 
 from __future__ import annotations
