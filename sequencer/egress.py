@@ -179,6 +179,22 @@ def reply_too_large_payload(payload_bytes: int, applied: bool) -> bytes:
     )
 
 
+def undecodable_payload(index: int, command_version: int, app_name: str, app_version: int,
+                        error: Exception) -> bytes:  # fmt: skip
+    """The REJECTED payload of a command at `index` whose bytes the app cannot decode or upcast.
+
+    Refused the same way on every replica and every replay; the record is in the log for good, so
+    it must never crash the blp. The message names the exception type only, not its text, which
+    may differ between library versions on different replicas.
+    """
+    return encode_rejection(
+        BAD_COMMAND,
+        f"the command at index {index} (schema version {command_version}) could not be "
+        f"decoded by {app_name} v{app_version} ({type(error).__name__}); nothing "
+        "was applied",
+    )
+
+
 def encode_event_omitted(index: int, version: int, payload_bytes: int) -> bytes:
     """The EVENT_OMITTED frame that replaces an event of `payload_bytes` too large to frame."""
     assert payload_bytes > EVENT_PAYLOAD_BYTES_MAX, payload_bytes

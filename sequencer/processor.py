@@ -67,7 +67,6 @@ from sequencer.dedup import (
 )
 from sequencer.determinism import guard, rolling_hash_update, state_hash
 from sequencer.egress import (
-    BAD_COMMAND,
     EVENT_HEADER,
     EVENT_PAYLOAD_BYTES_MAX,
     REPLY_HEADER,
@@ -76,6 +75,7 @@ from sequencer.egress import (
     ReplyStatus,
     encode_event_omitted,
     reply_too_large_payload,
+    undecodable_payload,
 )
 from sequencer.processor_state import (
     PROCESSOR_STATE_VERSION,
@@ -92,6 +92,7 @@ from sequencer.record import (
     ADMIN_NODE_START,
     ADMIN_RAISE_VERSION,
     ADMIN_RULES_VERSION,
+    COMMAND_HEAD,
     COMMAND_PREFIX,
     FRAME_HEADER,
     FRAME_HEADER_BYTES,
@@ -139,6 +140,7 @@ _PAYLOAD_OFFSET: Final = RECORD_TAIL.size  # payload offset in a view that start
 _COMMAND_OFFSET: Final = _PAYLOAD_OFFSET + COMMAND_PREFIX.size
 _unpack_tail: Final = RECORD_TAIL.unpack_from
 _unpack_prefix: Final = COMMAND_PREFIX.unpack_from
+_unpack_head: Final = COMMAND_HEAD.unpack_from
 _pack_reply: Final = REPLY_HEADER.pack
 _pack_event: Final = EVENT_HEADER.pack
 # The rolling hash: determinism.rolling_hash_update, bound here to spare a call per output.
@@ -179,8 +181,9 @@ class Processor(Generic[App]):
     # there are: a plain instance past 30 attributes loses CPython's shared-key dict, and with it
     # ~3% of a transfer (benches/processor.py, measured when the 31st was added).
     __slots__ = (
-        "_app_apply", "_app_on_session_close", "_app_on_session_open", "_app_on_timer", "_context", "_decode_command",
-        "_decode_current_command", "_encode", "_encode_event", "_encode_reply", "_event_types", "_output_version",
+        "_app_apply", "_app_on_session_close", "_app_on_session_open", "_app_on_timer", "_context", "_copy_commands",
+        "_decode_command", "_decode_current_command", "_encode", "_encode_event", "_encode_reply", "_event_types", "_handlers",
+        "_output_version",
         "_outputs", "_sessions", "_table", "_timers", "_unhashed", "_version", "app", "app_class", "applied_index", "applied_term",
         "command_parts_skipped", "commands_without_session", "debug", "duplicate_records", "emit_events",
         "events_too_large", "last_timestamp_ns", "node", "replies_too_large", "rolling_hash", "schema",
@@ -236,6 +239,8 @@ class Processor(Generic[App]):
         self._app_on_timer = self._app_entry(self.app.on_timer)
         self._app_on_session_open = self._app_entry(self.app.on_session_open)
         self._app_on_session_close = self._app_entry(self.app.on_session_close)
+        # The app's handler called directly, not through `apply` (in debug mode: under the guard).
+        self._handlers = None if debug else app_class.direct_handlers()
         self._decode_command = self.schema.decode_command
         self._encode_event = self.schema.encode_event
         self._version = self.schema.version
@@ -246,6 +251,7 @@ class Processor(Generic[App]):
         self._decode_current_command = codec.decode_command
         self._encode_reply = self._encode = codec.encode
         self._event_types = codec.event_types
+        self._copy_commands = codec.command_borrows_input  # else decoded from the ring itself
 
     def _app_entry(self, method: Callable[..., _Result]) -> Callable[..., _Result]:
         """The app's `method` as the processor calls it: under `determinism.guard()` in debug
@@ -271,7 +277,11 @@ class Processor(Generic[App]):
         (benches/processor.py), so the common path makes none of its own.
         """
         assert not self.snapshot_requested, "fork the snapshot writer before the next record"
-        index, term, timestamp_ns, session_id, request_id = _unpack_tail(view, 0)
+        record_type = frame_type & 0xFFFF
+        if record_type == _COMMAND:  # the tail and the command's prefix in one unpack
+            index, term, timestamp_ns, session_id, request_id, acked_request_id = _unpack_head(view, 0)
+        else:
+            index, term, timestamp_ns, session_id, request_id = _unpack_tail(view, 0)
         assert index == self.applied_index + 1, (index, self.applied_index)
         # The context of every call into the app for this record: its session and client are
         # set by the caller (`_context_for`).
@@ -279,7 +289,6 @@ class Processor(Generic[App]):
         context.index = self.applied_index = index
         context.term = self.applied_term = term
         context.now = self.last_timestamp_ns = timestamp_ns
-        record_type = frame_type & 0xFFFF
         if record_type != _COMMAND:
             if record_type != _COMMAND_PART:
                 self._apply_other(record_type, view, session_id)
@@ -287,7 +296,8 @@ class Processor(Generic[App]):
                     self.rolling_hash = _crc32c(self._unhashed, self.rolling_hash)
                     self._unhashed = b""
                 return
-            if not self._start_command_part(view, session_id, request_id):
+            acked_request_id = self._start_command_part(view, session_id, request_id)
+            if acked_request_id < 0:
                 return
             # Else the part is applied below, as a command of its request.
 
@@ -299,7 +309,6 @@ class Processor(Generic[App]):
             self.commands_without_session += 1
             return
         client = session.client
-        (acked_request_id,) = _unpack_prefix(view, _PAYLOAD_OFFSET)
         replies = client.replies
         if acked_request_id > client.acked_request_id:
             client.acked_request_id = acked_request_id
@@ -314,13 +323,13 @@ class Processor(Generic[App]):
 
         command_version = frame_type >> 16
         try:
-            # bytes(): the view is shared memory that the ring reuses; a msgspec.Raw or
-            # memoryview field of the command must not point into it.
-            data = bytes(view[_COMMAND_OFFSET:])
+            # The view is shared memory that the ring reuses: a msgspec.Raw or memoryview field
+            # of a command must not point into it, so such a schema decodes from a copy.
+            data = view[_COMMAND_OFFSET:]
             if command_version == self._version:
-                command = self._decode_current_command(data)
+                command = self._decode_current_command(bytes(data) if self._copy_commands else data)
             else:
-                command = self._decode_command(command_version, data, index)  # upcast, or refuse
+                command = self._decode_command(command_version, bytes(data), index)  # upcast/refuse
         except Exception as error:
             status = _REJECTED
             payload = self._undecodable(error, command_version, index)
@@ -328,7 +337,11 @@ class Processor(Generic[App]):
             context.session = session_id  # `_context_for`, inlined
             context.client_id = session.client_id
             try:
-                reply = self._app_apply(context, command)
+                handlers = self._handlers  # the app's own table (StateMachine.command_handlers)
+                if handlers is None:
+                    reply = self._app_apply(context, command)
+                else:
+                    reply = handlers[type(command)](self.app, context, command)
                 status = _OK
                 payload = self._encode_reply(reply)
             except Rejected as rejected:
@@ -365,23 +378,21 @@ class Processor(Generic[App]):
         if session.local:
             self._outputs.append((_REPLY, frame))
 
-    def _start_command_part(self, view: Any, session_id: int, request_id: int) -> bool:
-        """Whether a COMMAND_PART's command is to be applied by the COMMAND path, which then
-        records the request id and saves the reply (`sequencer.command_parts`)."""
+    def _start_command_part(self, view: Any, session_id: int, request_id: int) -> int:
+        """The acked request id of a COMMAND_PART whose command is to be applied by the COMMAND
+        path, which then records the request id and saves the reply (`sequencer.command_parts`);
+        -1 for one that is not."""
         session = self._sessions.get(session_id)
         if session is None:
-            return True  # the COMMAND path counts it as a command without a session
+            return 0  # the COMMAND path counts it as a command without a session
         verdict = command_part_verdict(session.client, request_id, len(view) > _COMMAND_OFFSET)
         if verdict is PartVerdict.SKIPPED:
             self.command_parts_skipped += 1
-        return verdict is PartVerdict.APPLY
+        return _unpack_prefix(view, _PAYLOAD_OFFSET)[0] if verdict is PartVerdict.APPLY else -1
 
     def _undecodable(self, error: Exception, command_version: int, index: int) -> bytes:
-        """The rejection for command bytes this app cannot decode (or upcast).
-
-        Refused the same way on every replica and every replay; the record is in the log for
-        good, so it must never crash the blp. The message names the exception type only, not
-        its text, which may differ between library versions on different replicas.
+        """The rejection for command bytes this app cannot decode or upcast (its payload:
+        `egress.undecodable_payload`).
 
         Raises:
             the error itself when the command is of a newer version than the app: a newer app
@@ -389,12 +400,7 @@ class Processor(Generic[App]):
         """
         if command_version > self._version:
             raise error
-        return encode_rejection(
-            BAD_COMMAND,
-            f"the command at index {index} (schema version {command_version}) could not be "
-            f"decoded by {self.schema.name} v{self._version} ({type(error).__name__}); nothing "
-            "was applied",
-        )
+        return undecodable_payload(index, command_version, self.schema.name, self._version, error)
 
     def _rejection(self, rejected: Rejected, index: int) -> bytes:
         """The reply payload of a `Rejected`; the app must not have emitted anything first (an

@@ -325,6 +325,10 @@ def iter_records(
 # -- payloads the daemon defines ---------------------------------------------------------------
 
 COMMAND_PREFIX = struct.Struct("<Q")  # acked_request_id: replies up to it reached the client
+# A COMMAND's tail and prefix, contiguous: the blp reads both with one unpack (benches/RESULTS.md,
+# "blpcycle, second session": a call less, ~0.5k instructions a command).
+COMMAND_HEAD = struct.Struct("<" + RECORD_TAIL.format[1:] + COMMAND_PREFIX.format[1:])
+assert COMMAND_HEAD.size == RECORD_TAIL.size + COMMAND_PREFIX.size
 # The payload version of every record the daemon itself defines (SESSION_OPEN, SESSION_CLOSE,
 # TIMER_FIRED, SNAPSHOT, TERM_START, ADMIN); a COMMAND's version is the app's schema version. A
 # change to one of those payloads bumps this, and readers decide by it.

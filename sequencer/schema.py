@@ -30,8 +30,12 @@ from collections.abc import Callable
 from typing import Any, NamedTuple, Union
 
 import msgspec
+import msgspec.inspect
 
-__all__ = ["SCHEMA_VERSION_MAX", "HotCodec", "Schema", "SchemaError", "Upcaster", "VersionError"]
+__all__ = [
+    "SCHEMA_VERSION_MAX", "HotCodec", "Schema", "SchemaError", "Upcaster", "VersionError",
+    "borrows_input",
+]  # fmt: skip
 
 # The record header and the egress frames carry the version in a u16.
 SCHEMA_VERSION_MAX = 0xFFFF
@@ -48,6 +52,39 @@ class HotCodec(NamedTuple):
     decode_command: Callable[[Any], Any]
     encode: Callable[[Any], bytes]
     event_types: frozenset[type]
+    # Whether a decoded command may point into the bytes it was decoded from (`borrows_input`):
+    # then the processor decodes it from a copy of the ring's bytes, else from the ring itself.
+    command_borrows_input: bool
+
+
+# What msgspec decodes as a view of its input rather than a copy; CustomType (a type only a
+# dec_hook knows) counts too, as the safe answer for what this module cannot see into.
+_BORROWING_TYPES = (
+    msgspec.inspect.RawType, msgspec.inspect.MemoryViewType, msgspec.inspect.CustomType,
+)  # fmt: skip
+
+
+def borrows_input(type_: Any) -> bool:
+    """Whether a value msgspec decodes as `type_` can hold a reference into the buffer it was
+    decoded from: a `msgspec.Raw` or a `memoryview` anywhere in it (fields, items, unions,
+    nested and recursive structs). Everything else is copied out by the decode (str, bytes,
+    bytearray, an Ext's data, Any), so the buffer may be reused once the decode returns.
+    """
+    seen: set[int] = set()
+
+    def walk(info: Any) -> bool:
+        if isinstance(info, _BORROWING_TYPES):
+            return True
+        if id(info) in seen:
+            return False
+        seen.add(id(info))
+        if isinstance(info, tuple):
+            return any(walk(item) for item in info)
+        if isinstance(info, (msgspec.inspect.Type, msgspec.inspect.Field)):  # every part of it
+            return any(walk(getattr(info, name)) for name in info.__struct_fields__)
+        return False
+
+    return walk(msgspec.inspect.type_info(type_))
 
 class SchemaError(Exception):
     """A schema is badly declared (found when the app is loaded, never while applying)."""
@@ -200,7 +237,8 @@ class Schema:
         `decode_command` for commands of the current version only, `encode` for replies and
         for events whose type is in `event_types` (anything else goes through `encode_event`,
         which names the mistake)."""
-        return HotCodec(self._command_decoder.decode, self._encoder.encode, self._event_types)
+        return HotCodec(self._command_decoder.decode, self._encoder.encode, self._event_types,
+                        borrows_input(self._command_type))  # fmt: skip
 
     # -- commands ---------------------------------------------------------------------------
 

@@ -12,6 +12,8 @@ from hypothesis import strategies as st
 
 from sequencer.record import (
     ADMIN_NODE_START,
+    COMMAND_HEAD,
+    COMMAND_PREFIX,
     FRAME_HEADER,
     FRAME_HEADER_BYTES,
     RECORD_HEADER,
@@ -206,3 +208,16 @@ def test_admin_is_a_msgpack_map_with_an_op():
     assert decode_admin(payload) == {"op": "node_start", "node": "n1"}
     with pytest.raises(RecordError, match="no string 'op'"):
         decode_admin(msgspec.msgpack.encode({"node": "n1"}))
+
+
+@given(U64, U64, st.integers(-(1 << 63), (1 << 63) - 1), U64, U64, U64, st.binary(max_size=16))
+def test_command_head_reads_the_tail_then_the_prefix(index, term, timestamp_ns, session_id,
+                                                     request_id, acked_request_id, command):  # fmt: skip
+    """The blp's one unpack of a COMMAND (`COMMAND_HEAD`) is the tail's and the prefix's."""
+    record = encode_record(RecordType.COMMAND, 1, index, term, timestamp_ns, session_id,
+                           request_id, encode_command(acked_request_id, command))  # fmt: skip
+    view = memoryview(record)[FRAME_HEADER_BYTES:]
+    head = COMMAND_HEAD.unpack_from(view, 0)
+    prefix = COMMAND_PREFIX.unpack_from(view, RECORD_TAIL.size)
+    assert head == RECORD_TAIL.unpack_from(view, 0) + prefix
+    assert head == (index, term, timestamp_ns, session_id, request_id, acked_request_id)

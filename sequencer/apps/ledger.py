@@ -18,9 +18,6 @@ rejected command leaves the ledger exactly as it was.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
-
 import msgspec
 
 from sequencer.schema import Schema
@@ -200,10 +197,7 @@ class Ledger(StateMachine):
         self.accounts = accounts if accounts is not None else {MINT: AccountState(0, 0, True)}
         self.reservations = reservations if reservations is not None else {}
 
-    # -- dispatch ---------------------------------------------------------------------------
-
-    def apply(self, ctx: Context, command: Any) -> Any:
-        return _HANDLERS[type(command)](self, ctx, command)
+    # -- commands (dispatched by `command_handlers`, at the end of the module) -----------------
 
     def open_account(self, ctx: Context, command: OpenAccount) -> AccountOpened:
         account = command.account
@@ -423,7 +417,8 @@ def _check_amount(amount: int) -> None:
         raise Rejected("bad_amount", f"amount {amount} is not 1 to {AMOUNT_MAX}")
 
 
-_HANDLERS: dict[type, Callable[[Ledger, Context, Any], Any]] = {
+# The processor calls these itself (StateMachine, `command_handlers`): no `apply` frame a command.
+Ledger.command_handlers = {
     OpenAccount: Ledger.open_account,
     Deposit: Ledger.deposit,
     Transfer: Ledger.transfer,
