@@ -45,6 +45,7 @@ from sequencer.cluster import (
     record_index,
     record_key,
     record_term,
+    ring_entries,
 )
 from sequencer.cluster.forwards import RESTART_DELAY_MAX_S, RESTART_QUIET_S
 from sequencer.cluster.ring_entries import record_timestamp_ns
@@ -188,6 +189,53 @@ def test_a_malformed_frame_in_a_proposal_region_stops_the_stamp_and_names_the_fr
         assert bytes(raised.value.view) == bad[FRAME_HEADER_BYTES : struct.unpack_from("<I", bad)[0]]
         with pytest.raises(MalformedProposal, match="malformed record to its proposal ring"):
             check_proposals([(raised.value.frame_type, raised.value.view)], node=2)
+
+
+def _stamped_or_raised(stamp: object, region: bytes) -> object:
+    """What a stamp of `region` gives: its records and last timestamp, or its MalformedFrame's
+    type and bytes."""
+    try:
+        return stamp(region, 9, 4, 50)  # type: ignore[operator]
+    except MalformedFrame as bad:
+        return bad.frame_type, bytes(bad.view)
+
+
+def test_a_proposal_region_is_stamped_as_the_frame_by_frame_checked_walk_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    # `stamped_region` walks a copy of the region checking each frame's length and type, and its
+    # room once at the end; any region that fails goes to the checked walk (each frame's room
+    # before it is read). Whole regions never leave the fast walk, and every region, whole, cut
+    # anywhere, or with a header overwritten (short, zero, long, a leader's type, high type
+    # bits), gives the checked walk's records and last timestamp, or its error on the same frame.
+    checked = ring_entries._stamped_region_checked
+    falls_back: list[int] = []
+
+    def noted(region: bytes | memoryview, *args: int) -> tuple[list[bytes], int]:
+        falls_back.append(len(region))
+        return checked(region, *args)
+
+    monkeypatch.setattr(ring_entries, "_stamped_region_checked", noted)
+    rng = random.Random(17)
+    types = (int(RecordType.COMMAND), int(RecordType.TERM_START), int(RecordType.PADDING),
+             int(RecordType.COMMAND) | 1 << 16, int(RecordType.TERM_START) | 1 << 20)  # fmt: skip
+    for _ in range(400):
+        records = [command(n, timestamp_ns=rng.randint(40, 60), payload=bytes(rng.randint(0, 40)))
+                   for n in range(rng.randint(0, 6))]  # fmt: skip
+        region = b"".join(records)
+        falls_back.clear()
+        assert ring_entries.stamped_region(region, 9, 4, 50) == checked(region, 9, 4, 50)
+        assert not falls_back, "a region of whole frames left the fast walk"
+        if not records:
+            continue
+        bad = bytearray(region)
+        at = sum(map(len, records[: rng.randrange(len(records))]))  # a frame's start
+        change = rng.randrange(3)
+        if change == 0:
+            bad = bad[: rng.randrange(len(bad))]  # cut anywhere
+        elif change == 1:
+            struct.pack_into("<I", bad, at, rng.choice((0, 8, 40, 47, 48, 56, len(bad) - at + 8, 1 << 20)))
+        else:
+            struct.pack_into("<I", bad, at + 4, rng.choice(types))
+        assert _stamped_or_raised(ring_entries.stamped_region, bytes(bad)) == _stamped_or_raised(checked, bytes(bad)), (change, at)
 
 
 def test_the_leader_takes_its_proposal_ring_in_regions_across_the_wrap_and_a_record_over_the_bound(unique: str) -> None:

@@ -519,7 +519,7 @@ class PeerTransport:
             assert stream is not None
             codec = stream.codec
             frames_before = codec.frames_sent
-            data = bytearray()
+            data = b""  # the codec's bytes as they are: a leader's appends are ~10-100 KiB a pass
             if messages:
                 # Not held to the room left either: a catch-up's batch (up to the pass's read
                 # budget, within the byte window) dropped because the socket still held the last
@@ -527,7 +527,7 @@ class PeerTransport:
                 # 106-135k records/s in three runs with that, 111-176k without; this figure varies
                 # widely between identical runs: benches/RESULTS.md, the lead's re-measure).
                 try:
-                    data += codec.send_messages(messages)
+                    data = codec.send_messages(messages)
                     counters.messages_out += len(messages)
                 except LocalPeerProtocolError as error:
                     counters.messages_dropped += len(messages)
@@ -545,7 +545,7 @@ class PeerTransport:
                     self._break_forwards(link, len(records))
                     self._batch_refused(link.peer_id, error)
             counters.frames_out += codec.frames_sent - frames_before
-            stream._write(bytes(data))
+            stream._write(data)
 
     def _batch_refused(self, peer_id: int, error: LocalPeerProtocolError) -> None:
         """A batch the codec would not frame (a message over PEER_FRAME_BYTES_MAX): a bug in the
