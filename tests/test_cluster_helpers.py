@@ -218,12 +218,17 @@ def test_a_proposal_region_is_stamped_as_the_frame_by_frame_checked_walk_does(mo
     types = (int(RecordType.COMMAND), int(RecordType.TERM_START), int(RecordType.PADDING),
              int(RecordType.COMMAND) | 1 << 16, int(RecordType.TERM_START) | 1 << 20)  # fmt: skip
     for _ in range(400):
-        records = [command(n, timestamp_ns=rng.randint(40, 60), payload=bytes(rng.randint(0, 40)))
+        # Payloads small, and around the frame size past which a frame is copied from a view.
+        records = [command(n, timestamp_ns=rng.randint(40, 60),
+                           payload=bytes(rng.choice((rng.randint(0, 40), rng.randint(960, 1100)))))
                    for n in range(rng.randint(0, 6))]  # fmt: skip
         region = b"".join(records)
         falls_back.clear()
         assert ring_entries.stamped_region(region, 9, 4, 50) == checked(region, 9, 4, 50)
-        assert not falls_back, "a region of whole frames left the fast walk"
+        as_the_ring_gives_it = memoryview(bytearray(region))  # the leader's: a view of the ring
+        assert ring_entries.stamped_region(as_the_ring_gives_it, 9, 4, 50) == checked(region, 9, 4, 50)
+        large_first = bool(records) and len(records[0]) > ring_entries._SLICED_BYTES_MAX  # the checked walk's
+        assert len(falls_back) == 2 * large_first, "a region of whole frames left the fast walk (or a large one did not)"
         if not records:
             continue
         bad = bytearray(region)
