@@ -1,6 +1,7 @@
 """The journal's check of a batch's records (`format.check_records`), the journaller's per-record
 Python, against the slow walk that explains what is wrong (`_explain_bad_run`): the fast loop must
-accept exactly the runs the reference accepts, with the same last index and term."""
+accept exactly the runs the reference accepts, with the same last index and term; so must the
+strided check of a run of one record size (`_check_uniform`), which takes such runs first."""
 
 from __future__ import annotations
 
@@ -10,7 +11,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sequencer.journal import JournalError
-from sequencer.journal.format import _explain_bad_run, check_records
+from sequencer.journal.format import (
+    UNIFORM_RUN_RECORDS_MIN,
+    _check_uniform,
+    _explain_bad_run,
+    check_records,
+)
 from sequencer.record import RECORD_KEY, RecordType, encode_command, encode_record
 
 # (offset in the record, struct format) of each field a mutation may change
@@ -70,3 +76,71 @@ def test_fast_record_check_returns_the_last_index_and_term_of_a_good_run():
     assert check_records(run, 7, 1) == (10, 5)
     assert check_records(memoryview(b""), 7, 3) == (6, 3)
     assert RECORD_KEY.unpack_from(run, 0)[2] == 7
+
+
+# A run of records that all take one aligned size (80 bytes: payloads of 17 to 24 bytes), long
+# enough for `_check_uniform`, with its lengths equal or differing within the alignment.
+_UNIFORM_SIZES = st.integers(17, 24)
+_RECORD_BYTES = 80
+
+
+def _near(value: int) -> st.SearchStrategy[int]:
+    return st.sampled_from([max(value - 1, 0), value + 1, max(value - 8, 0), value + 8, 0])
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    count=st.integers(UNIFORM_RUN_RECORDS_MIN, 3 * UNIFORM_RUN_RECORDS_MIN),
+    data=st.data(),
+    first_index=st.integers(1, 1 << 40),
+    term_before=st.integers(0, 3),
+)
+def test_strided_check_of_a_uniform_run_accepts_exactly_what_the_slow_walk_accepts(count, data, first_index, term_before):
+    terms = sorted(data.draw(st.lists(st.integers(1, 3), min_size=count, max_size=count)))
+    same = data.draw(st.booleans())
+    sizes = [data.draw(_UNIFORM_SIZES)] * count if same else data.draw(st.lists(_UNIFORM_SIZES, min_size=count, max_size=count))
+    run = _run(terms, sizes, first_index)
+    assert len(run) == count * _RECORD_BYTES
+    start = data.draw(st.integers(0, count - 1)) * _RECORD_BYTES
+    mutation = data.draw(st.sampled_from(["none", "field", "near", "length", "padding"]))
+    if mutation in ("field", "near"):
+        offset, layout = _FIELDS[data.draw(st.sampled_from(sorted(_FIELDS)))]
+        (value,) = struct.unpack_from(layout, run, start + offset)
+        bound = (1 << (8 * struct.calcsize(layout))) - 1
+        value = data.draw(st.integers(0, bound) if mutation == "field" else _near(value))
+        struct.pack_into(layout, run, start + offset, min(value, bound))
+    elif mutation == "length":  # at and around the bounds of the alignment and of the header
+        struct.pack_into("<I", run, start, data.draw(st.sampled_from([47, 48, 71, 72, 73, 79, 80, 81, 88])))
+    elif mutation == "padding":
+        struct.pack_into("<H", run, start + 4, int(RecordType.PADDING))
+    view = memoryview(bytes(run))
+    assert _outcome(check_records, view, first_index, term_before) == _outcome(
+        _explain_bad_run, view, first_index, term_before
+    )
+
+
+def test_strided_check_takes_uniform_runs_and_leaves_the_others_to_the_loop():
+    count = UNIFORM_RUN_RECORDS_MIN
+    same = memoryview(bytes(_run([1] * count, [20] * count, 5)))
+    within = memoryview(bytes(_run([1] * (count - 1) + [2], [17 + n % 8 for n in range(count)], 5)))
+    assert _check_uniform(same, 5, 1) == check_records(same, 5, 1) == (4 + count, 1)
+    assert _check_uniform(within, 5, 0) == check_records(within, 5, 0) == (4 + count, 2)
+    two_sizes = memoryview(bytes(_run([1] * count, [20, 28] * (count // 2), 5)))
+    short = memoryview(bytes(_run([1] * (count - 1), [20] * (count - 1), 5)))
+    assert _check_uniform(two_sizes, 5, 1) is None
+    assert _check_uniform(short, 5, 1) is None
+    assert check_records(two_sizes, 5, 1) == (4 + count, 1)
+
+
+def test_strided_check_refuses_a_length_below_the_header_in_a_run_of_header_only_records():
+    # 48-byte records (no payload): a length of 41 to 47 aligns to 48 too, but is no record.
+    count = UNIFORM_RUN_RECORDS_MIN
+    run = bytearray()
+    for index in range(5, 5 + count):
+        run += encode_record(RecordType.COMMAND, 1, index, 1, index, 1, index, b"")
+    assert len(run) == count * 48
+    assert check_records(memoryview(bytes(run)), 5, 1) == (4 + count, 1)
+    struct.pack_into("<I", run, 48 * (count // 2), 47)
+    view = memoryview(bytes(run))
+    assert _outcome(check_records, view, 5, 1) == _outcome(_explain_bad_run, view, 5, 1)
+    assert _outcome(check_records, view, 5, 1)[0] == "refused"

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import re
 import struct
+import sys
+from array import array
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -106,6 +108,15 @@ assert not _SEGMENT_NAME.match(SPARE_NAME)
 assert BATCH_MAGIC_BYTES == BATCH_MAGIC.to_bytes(4, "little")
 
 _PADDING = int(RecordType.PADDING)
+# `_check_uniform` reads the record key as native words of a memoryview: the journal's fields are
+# little-endian, so it runs only where native words are too (else every run takes the loop).
+_NATIVE_WORDS = sys.byteorder == "little" and [array(code).itemsize for code in "HIQ"] == [2, 4, 8]
+# Below this many records a run takes the loop: the strided check's fixed cost (~20,000
+# instructions: views, lists, arrays) is the loop's for ~10 records (callgrind; benches/RESULTS.md,
+# "journrec").
+UNIFORM_RUN_RECORDS_MIN = 12 if _NATIVE_WORDS else 1 << 62
+assert RECORD_HEADER_BYTES % RECORD_ALIGNMENT == 0
+assert RECORD_KEY.format == "<IH2xQQ"  # the offsets `_check_uniform` reads: 0, 4, 8, 16
 _EMPTY = memoryview(b"")
 
 
@@ -305,22 +316,27 @@ def check_records(run: memoryview, first_index: int, term_before: int) -> tuple[
     `term_before`: whole records, gapless indexes from `first_index`, terms never going back, no
     ring PADDING. Returns (last index, last term).
 
-    The journaller's per-record Python: one loop, one `unpack_from` and four comparisons per
-    record, no generator and no tuple per record beyond the fields: ~2,000 instructions a
-    record against ~2,900 for `walk_records` with the same checks (callgrind; benches/RESULTS.md,
-    "The journaller's CPU per command"). On anything wrong it walks the run again, slowly, to say
-    what (`_explain_bad_run`).
+    A run whose records all take the same aligned size (one schema's commands: the usual batch)
+    is checked with no Python per record (`_check_uniform`). Any other run takes the loop: one
+    `unpack_from` and four comparisons per record, no generator and no tuple per record beyond
+    the fields: ~2,000 instructions a record against ~2,900 for `walk_records` with the same
+    checks (callgrind; benches/RESULTS.md, "The journaller's CPU per command"). On anything wrong
+    it walks the run again, slowly, to say what (`_explain_bad_run`).
 
     Raises:
         JournalError: the first thing wrong, with its byte offset in the run.
     """
+    end = len(run)
+    if end >= RECORD_HEADER_BYTES:
+        checked = _check_uniform(run, first_index, term_before)
+        if checked is not None:
+            return checked
     unpack_from = RECORD_KEY.unpack_from
     header_bytes = RECORD_HEADER_BYTES
     padding = _PADDING
     carry = RECORD_ALIGNMENT - 1
     mask = -RECORD_ALIGNMENT
     position = 0
-    end = len(run)
     expected = first_index
     term = term_before
     try:
@@ -339,6 +355,54 @@ def check_records(run: memoryview, first_index: int, term_before: int) -> tuple[
         pass
     _explain_bad_run(run, first_index, term_before)
     raise AssertionError(f"check_records refused a run _explain_bad_run accepts: {first_index}, {term_before}")
+
+
+def _check_uniform(run: memoryview, first_index: int, term_before: int) -> tuple[int, int] | None:
+    """`check_records` of a run whose records all take the first record's aligned size, with no
+    Python per record: each field of the record key is read as a strided view of the run (its
+    u32, u16 or u64 words, one every `size` bytes) and checked by comparisons in C. Types, terms
+    and lengths are compared with the first record's repeated (an `array`: item by item, with no
+    object per item); lengths that differ within the alignment, by their least and greatest; the
+    indexes with the range they must be. None for any other run, good or bad, and for a short
+    one: the loop then checks it (and explains what is wrong).
+
+    Equivalence with the loop (tests/test_journal_check.py): when every length lies within
+    [max(size - 7, RECORD_HEADER_BYTES), size], each record's aligned length is `size`, so the
+    loop's walk visits exactly the offsets 0, size, 2 * size, ... up to the end and applies the
+    same four checks there; this accepts only such runs, and returns what the loop would.
+    """
+    length, record_type, _index, term = RECORD_KEY.unpack_from(run, 0)
+    size = (length + RECORD_ALIGNMENT - 1) & -RECORD_ALIGNMENT
+    end = len(run)
+    if size < RECORD_HEADER_BYTES or end % size or end < size * UNIFORM_RUN_RECORDS_MIN:
+        return None
+    count = end // size
+    # A run of several sizes mostly fails here, at the cost of one more unpack: the last record
+    # is not where a uniform run would put it.
+    last_length, _type, last_index, _term = RECORD_KEY.unpack_from(run, end - size)
+    if last_index != first_index + count - 1 or not size - RECORD_ALIGNMENT < last_length <= size:
+        return None
+    lengths = run.cast("I")[:: size >> 2]
+    if lengths != array("I", (length,)) * count:  # lengths that differ within the alignment
+        listed = lengths.tolist()
+        if min(listed) < max(size - RECORD_ALIGNMENT + 1, RECORD_HEADER_BYTES) or max(listed) > size:
+            return None
+    types = run.cast("H")[2 :: size >> 1]
+    if (record_type == _PADDING or types != array("H", (record_type,)) * count) and _PADDING in types.tolist():
+        return None
+    words = run.cast("Q")
+    step = size >> 3
+    if words[1::step].tolist() != list(range(first_index, first_index + count)):
+        return None
+    if term < term_before:
+        return None
+    terms = words[2::step]
+    if terms != array("Q", (term,)) * count:  # a term changes inside the run
+        listed = terms.tolist()
+        if listed != sorted(listed):
+            return None
+        term = listed[-1]
+    return first_index + count - 1, term
 
 
 def _explain_bad_run(run: memoryview, first_index: int, term_before: int) -> tuple[int, int]:
