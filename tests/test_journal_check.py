@@ -102,7 +102,7 @@ def test_strided_check_of_a_uniform_run_accepts_exactly_what_the_slow_walk_accep
     run = _run(terms, sizes, first_index)
     assert len(run) == count * _RECORD_BYTES
     start = data.draw(st.integers(0, count - 1)) * _RECORD_BYTES
-    mutation = data.draw(st.sampled_from(["none", "field", "near", "length", "padding"]))
+    mutation = data.draw(st.sampled_from(["none", "field", "near", "length", "padding", "every_length"]))
     if mutation in ("field", "near"):
         offset, layout = _FIELDS[data.draw(st.sampled_from(sorted(_FIELDS)))]
         (value,) = struct.unpack_from(layout, run, start + offset)
@@ -113,6 +113,10 @@ def test_strided_check_of_a_uniform_run_accepts_exactly_what_the_slow_walk_accep
         struct.pack_into("<I", run, start, data.draw(st.sampled_from([47, 48, 71, 72, 73, 79, 80, 81, 88])))
     elif mutation == "padding":
         struct.pack_into("<H", run, start + 4, int(RecordType.PADDING))
+    elif mutation == "every_length":  # all at once: the first record's too
+        length = data.draw(st.sampled_from([41, 47, 48, 71, 72, 73, 79, 80, 81]))
+        for at in range(0, len(run), _RECORD_BYTES):
+            struct.pack_into("<I", run, at, length)
     view = memoryview(bytes(run))
     assert _outcome(check_records, view, first_index, term_before) == _outcome(
         _explain_bad_run, view, first_index, term_before
@@ -144,3 +148,10 @@ def test_strided_check_refuses_a_length_below_the_header_in_a_run_of_header_only
     view = memoryview(bytes(run))
     assert _outcome(check_records, view, 5, 1) == _outcome(_explain_bad_run, view, 5, 1)
     assert _outcome(check_records, view, 5, 1)[0] == "refused"
+    # Every record's length the same under the header (the review's case: the first record's
+    # length, aligned, is a header's, and every length equals it).
+    for length in range(41, 48):
+        for start in range(0, len(run), 48):
+            struct.pack_into("<I", run, start, length)
+        view = memoryview(bytes(run))
+        assert _outcome(check_records, view, 5, 1)[0] == "refused", length

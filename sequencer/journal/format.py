@@ -113,8 +113,10 @@ _PADDING = int(RecordType.PADDING)
 _NATIVE_WORDS = sys.byteorder == "little" and [array(code).itemsize for code in "HIQ"] == [2, 4, 8]
 # Below this many records a run takes the loop: the strided check's fixed cost (~20,000
 # instructions: views, lists, arrays) is the loop's for ~10 records (callgrind; benches/RESULTS.md,
-# "journrec").
-UNIFORM_RUN_RECORDS_MIN = 12 if _NATIVE_WORDS else 1 << 62
+# "journrec"), but in time it is slower up to ~20 (the review's timings: 12 records 2.4 us by the
+# loop, 3.2-4.3 by the strided check; 24 records 4.4 against 3.4-5.0; 80 records 13-14 against
+# 4.5-8.4).
+UNIFORM_RUN_RECORDS_MIN = 24 if _NATIVE_WORDS else 1 << 62
 assert RECORD_HEADER_BYTES % RECORD_ALIGNMENT == 0
 assert RECORD_KEY.format == "<IH2xQQ"  # the offsets `_check_uniform` reads: 0, 4, 8, 16
 _EMPTY = memoryview(b"")
@@ -369,12 +371,14 @@ def _check_uniform(run: memoryview, first_index: int, term_before: int) -> tuple
     Equivalence with the loop (tests/test_journal_check.py): when every length lies within
     [max(size - 7, RECORD_HEADER_BYTES), size], each record's aligned length is `size`, so the
     loop's walk visits exactly the offsets 0, size, 2 * size, ... up to the end and applies the
-    same four checks there; this accepts only such runs, and returns what the loop would.
+    same four checks there; this accepts only such runs (the first record's length is checked
+    against the header's too: every length equal to it, 41 to 47 would pass the others), and
+    returns what the loop would.
     """
     length, record_type, _index, term = RECORD_KEY.unpack_from(run, 0)
     size = (length + RECORD_ALIGNMENT - 1) & -RECORD_ALIGNMENT
     end = len(run)
-    if size < RECORD_HEADER_BYTES or end % size or end < size * UNIFORM_RUN_RECORDS_MIN:
+    if length < RECORD_HEADER_BYTES or end % size or end < size * UNIFORM_RUN_RECORDS_MIN:
         return None
     count = end // size
     # A run of several sizes mostly fails here, at the cost of one more unpack: the last record
