@@ -3,9 +3,10 @@
 Theory of operation
 -------------------
 The replicator drives the sans-I/O `RaftCore` on one uvloop thread: its clock (a tick every
-`cluster.tick_ms`), its sockets (`PeerTransport`), its disk (the hard state file; the journal is
-the journaller's). Everything that moves the core goes through one method, `_process`, which runs
-to the end without waiting, so no ready is ever outstanding while a peer's message is stepped:
+`cluster.tick_ms`), its sockets (`PeerTransport`), its disk (the hard state file, written by one
+worker thread, `HardStateSaver`: a commit hint off the loop; the journal is the journaller's).
+Everything that moves the core goes through one method, `_process`, which runs to the end without
+waiting, so no ready is ever outstanding while a peer's message is stepped:
 
     report durable entries      journal.durable.index -> core.durable(...)
     take proposals              proposal ring (+ records forwarded by followers, on the leader)
