@@ -30,15 +30,17 @@ the role as a failed save on the loop did.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
+from pathlib import Path
 
 from sequencer.hard_state import HardStateFile
 from sequencer.raft.config import NO_NODE
 from sequencer.raft.messages import HardState
 
-__all__ = ["HARD_STATE_COMMIT_SAVE_S", "HARD_STATE_STOP_WAIT_S", "HardStateSaver"]
+__all__ = ["HARD_STATE_COMMIT_SAVE_S", "HARD_STATE_STOP_WAIT_S", "HARD_STATE_THREAD_NAME", "HardStateSaver"]
 
 log = logging.getLogger("seqd.replicator")
 
@@ -48,6 +50,9 @@ HARD_STATE_COMMIT_SAVE_S = 1.0
 # How long `stop` waits for a save in progress (a disk that hangs in fsync): past it the role
 # exits without it, which is safe (the rename is atomic: the old state or the new one).
 HARD_STATE_STOP_WAIT_S = 10.0
+# The worker's name, in Python and in the kernel (`/proc/<pid>/task/<tid>/comm`, 15 bytes at
+# most): a test tells it from a thread that would hand the loop's wakes over (issue 13).
+HARD_STATE_THREAD_NAME = "seqd-hard-state"
 
 
 class HardStateSaver:
@@ -69,7 +74,7 @@ class HardStateSaver:
         self.failure: BaseException | None = None  # the worker's save that failed (it exited)
         self.stopping = False
         self.changed = threading.Condition()
-        self.thread = threading.Thread(target=self._run, name="seqd-hard-state", daemon=True)
+        self.thread = threading.Thread(target=self._run, name=HARD_STATE_THREAD_NAME, daemon=True)
         self.thread.start()
 
     def note(self, state: HardState) -> None:
@@ -145,6 +150,8 @@ class HardStateSaver:
             return self.submitted_number
 
     def _run(self) -> None:
+        with contextlib.suppress(OSError):  # Linux only: the name is for observers, not needed
+            Path(f"/proc/self/task/{threading.get_native_id()}/comm").write_text(HARD_STATE_THREAD_NAME)
         changed = self.changed
         while True:
             with changed:
