@@ -20,7 +20,8 @@ has voted can make it vote twice in one term: to reset a node, remove its whole 
 It lives outside `sequencer/raft/` because that package is the I/O-free core (and the transport
 shell). The core never sees this module: the replication role calls `save(ready.hard_state)`
 before sending the ready's messages (persist before send), and builds the core's `DurableState`
-from `HardStateFile.open`.
+from `HardStateFile.open`. One thread saves (not locked): the replicator's worker thread
+(daemon/roles/hard_state_saver.py), which also takes its commit-index-only saves off the loop.
 """
 
 from __future__ import annotations

@@ -202,6 +202,8 @@ def driven_replicator(directory: Path, name: str, number: int, *, log_ring_bytes
         yield DrivenReplicator(replicator, loop, raw, log_ring, proposal_ring)
     finally:
         if replicator is not None:
+            if replicator.hard_state_saver.failure is None:  # a failure was the test's (raised)
+                replicator.hard_state_saver.stop()  # `serve`'s end: the worker thread ends
             replicator.close()
         loop.close()
         for ring in (log_ring, proposal_ring):

@@ -292,6 +292,12 @@ def test_doorbell_park_bench_reports_each_figure_for_both_fence_kinds() -> None:
             assert results[f"{mode}_{figure}"] > 0, (mode, figure, results)
 
 
+def test_hard_state_save_bench_reports_the_loops_time_before_and_after(tmp_dir: Path) -> None:
+    results = run_json(["-m", "benches.hard_state_save", "--saves", "3", "--dir", str(tmp_dir)])
+    for figure in ("before_loop_blocked_us", "after_loop_blocked_us", "after_worker_save_us"):
+        assert results[figure] > 0, (figure, results)
+
+
 def test_hot_paths_bench_reports_each_loop_per_command() -> None:
     results = run_json(["-m", "benches.hot_paths", "--commands", "700", "--runs", "1"])
     for loop in ("gateway_ingress", "gateway_egress", "processor", "replay", "blp_cycle"):

@@ -28,6 +28,8 @@ import pytest
 
 import daemon.roles.replicator as replicator_module
 from daemon.roles.commit_notices import COMMIT_NOTICE_DELAY_S
+from daemon.roles.hard_state_saver import HARD_STATE_COMMIT_SAVE_S
+from sequencer.hard_state import HardStateError, HardStateFile
 from sequencer.raft.config import NO_NODE
 from sequencer.raft.messages import (
     AppendEntries,
@@ -277,3 +279,29 @@ def test_a_leaders_answer_that_makes_no_pass_still_arms_the_commit_notice_timer(
         (notice,) = driven.transport.sent
         assert type(notice) is AppendEntries and notice.target == 3 and notice.notice, notice
         assert notice.commit_index == core.commit_index
+
+
+def test_a_failed_commit_hint_save_stops_the_role_at_its_next_tick(follower: DrivenReplicator) -> None:
+    # The commit hint is saved by the worker thread (daemon/roles/hard_state_saver.py); its
+    # failure (an fsync: never retried) is raised by the next tick's pass, as a save on the loop was.
+    saver = follower.replicator.hard_state_saver
+    attempts: list[str] = []
+
+    def fail(step: str) -> None:
+        attempts.append(step)
+        raise OSError(5, "Input/output error (planted)")
+
+    saver.file.step_hook = fail
+    follower.step(LEADER_ID, append(1, FOLLOWED_ENTRIES, 1, FOLLOWED_ENTRIES, []))  # the commit moves
+    follower.run_scheduled()
+    assert saver.unsaved is not None and saver.unsaved.commit_index == FOLLOWED_ENTRIES
+    saver.saved_s -= HARD_STATE_COMMIT_SAVE_S  # the hint is due at the next tick
+    while saver.unsaved is not None:
+        follower.tick()  # the tick that hands it to the worker returns: the role runs on
+    saver.thread.join(10.0)  # the worker failed and ended (a bound, not a timing)
+    assert not saver.thread.is_alive()
+    with pytest.raises(HardStateError, match="Input/output error"):
+        for _ in range(follower.replicator.quiet_ticks.quiet_ticks_max + 1):  # a pass among them
+            follower.tick()
+    assert attempts == ["temp_written"]  # not retried
+    assert HardStateFile.read(saver.file.directory).commit_index == 0

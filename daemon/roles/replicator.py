@@ -3,9 +3,10 @@
 Theory of operation
 -------------------
 The replicator drives the sans-I/O `RaftCore` on one uvloop thread: its clock (a tick every
-`cluster.tick_ms`), its sockets (`PeerTransport`), its disk (the hard state file; the journal is
-the journaller's). Everything that moves the core goes through one method, `_process`, which runs
-to the end without waiting, so no ready is ever outstanding while a peer's message is stepped:
+`cluster.tick_ms`), its sockets (`PeerTransport`), its disk (the hard state file, written by one
+worker thread, `HardStateSaver`: a commit hint off the loop; the journal is the journaller's).
+Everything that moves the core goes through one method, `_process`, which runs to the end without
+waiting, so no ready is ever outstanding while a peer's message is stepped:
 
     report durable entries      journal.durable.index -> core.durable(...)
     take proposals              proposal ring (+ records forwarded by followers, on the leader)
@@ -103,6 +104,7 @@ from daemon.roles.common import (
     report_start_failure,
     start_role,
 )
+from daemon.roles.hard_state_saver import HardStateSaver
 from daemon.roles.replicator_ops import ReplicatorOperations
 from daemon.roles.replicator_ring import RingFeed
 from daemon.roles.replicator_setup import (
@@ -163,9 +165,6 @@ UNWRITTEN_ENTRIES_MAX = 1 << 16
 # never resends; the age is the oldest record's own, so other records committing meanwhile do not
 # hold a lost one back (sequencer/cluster/forwards.py).
 RESEND_AFTER_S = 2.0
-# A commit index alone is a hint (Raft keeps it only to save a restart some replay), so it is
-# saved at most this often; a change of term or vote is saved (fsync) before any message leaves.
-HARD_STATE_COMMIT_SAVE_S = 1.0
 
 
 class Replicator:
@@ -214,7 +213,8 @@ class Replicator:
         self.operations = ReplicatorOperations(counters, self.peers, cluster.election_timeout_ms / 1000 + self.tick_s,
                                                context.errors)  # fmt: skip
 
-        self.hard_state_file = HardStateFile.open(config.node.data_dir)
+        # The hard state file's one writer, a thread: a commit hint is saved off the loop.
+        self.hard_state_saver = HardStateSaver(HardStateFile.open(config.node.data_dir))
         self.storage = JournalLogStorage(config.journal_dir)
         commit_index = counters[RECOVERY_COMMIT_INDEX].get()
         last_index = counters[RECOVERY_LAST_INDEX].get()
@@ -242,8 +242,6 @@ class Replicator:
         self.pending_published = self.retain_published = -1
         # The term this node last led and its TERM_START's index: it proposes once that commits.
         self.term_started = (0, 0)
-        self.hard_state_unsaved: HardState | None = None
-        self.hard_state_saved_s = time.monotonic()
         self.transport = PeerTransport(transport_config(config), self._on_messages, self._on_records)
         self.faults = ForwardFaults(config.node.number)  # the proposals' check, the forwards' fault hooks
         self.process_scheduled: asyncio.Handle | None = None  # a pass `_schedule` asked for
@@ -263,7 +261,7 @@ class Replicator:
         """The core's state at start: the hard state, and the journal's entries after the
         recovered commit (bounded by what the journal holds past the commit), which also go to the
         ring first, for the blp to apply once committed."""
-        hard = self.hard_state_file.hard_state
+        hard = self.hard_state_saver.submitted
         terms: list[int] = []
         payloads: list[bytes] = []
         index = commit_index + 1
@@ -514,14 +512,14 @@ class Replicator:
             # Only the InstallSnapshot `_on_snapshot_chunk` steps, once its file is whole.
             assert self.snapshot_receiver.complete_index == snapshot.index, snapshot.index
             if hard_state is not None:
-                self._save_hard_state(hard_state)
+                self.hard_state_saver.save(hard_state)
             write_install_request(self.config.node.data_dir, snapshot.index, snapshot.term)
             raise InstallRequired(snapshot.index)
         if hard_state is not None:
             if ready.sync_before_send:
-                self._save_hard_state(hard_state)  # the term and vote: durable before sending
+                self.hard_state_saver.save(hard_state)  # the term and vote: durable before sending
             else:
-                self.hard_state_unsaved = hard_state
+                self.hard_state_saver.note(hard_state)  # a commit hint: saved off the loop
         if ready.entries is not None:
             self._queue_entries(ready.entries)
         messages = ready.messages
@@ -605,14 +603,7 @@ class Replicator:
         for counter, peer in zip(self.match_counters, self.peers, strict=True):
             counter.set(core.match_index(peer))
         self.operations.publish(core, self.transport.counters, self.inbox.records_dropped)
-        unsaved = self.hard_state_unsaved
-        if unsaved is not None and time.monotonic() - self.hard_state_saved_s >= HARD_STATE_COMMIT_SAVE_S:
-            self._save_hard_state(unsaved)
-
-    def _save_hard_state(self, hard_state: HardState) -> None:
-        self.hard_state_file.save(hard_state)
-        self.hard_state_unsaved = None
-        self.hard_state_saved_s = time.monotonic()
+        self.hard_state_saver.look(time.monotonic())  # a commit hint due; a failed one's error
 
     # ---- wake-ups from the other processes ---------------------------------------------------
 
@@ -663,8 +654,7 @@ class Replicator:
             log.warning("%s: restarting the node's pipeline on it", install)
             return ROLE_EXIT_RAFT_TRUNCATE
         finally:
-            if self.hard_state_unsaved is not None:
-                self._save_hard_state(self.hard_state_unsaved)
+            self.hard_state_saver.stop()  # the last commit hint, saved
             await self.transport.close()
 
     def close(self) -> None:
