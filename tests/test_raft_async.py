@@ -387,7 +387,29 @@ def test_a_follower_keeps_the_smaller_window_and_on_leading_feeds_a_laggard_from
         if new_leader.raft_role is not LEADER:
             break
     assert new_leader.raft_role is not LEADER
-    assert new_leader.stored_entries_sent == sent
+    assert new_leader.stored_entries_sent == sent == cluster.storages[2].reads - reads_before
+    # Node 2 leads again, and feeds node 1 (down since before node 2's first term, all of which it
+    # lacks) from storage: the count is the sum of both terms (each term's `Leader` counts its
+    # own; the core adds up the terms that ended), which a term's end must not overwrite.
+    cluster.heal()
+    cluster.restart(1)
+    cluster.elect(2)
+    for _ in range(10):
+        new_leader.propose_batch([b"s"] * 5)
+        cluster.stabilize()
+        cluster.tick(2)
+        cluster.stabilize()
+    assert cluster.applied[1] == cluster.applied[2]
+    both = cluster.storages[2].reads - reads_before  # every entry node 2 read back, it sent
+    assert both > sent, (both, sent)
+    cluster.isolate(2)
+    for _ in range(100):
+        cluster.tick()
+        cluster.stabilize()
+        if new_leader.raft_role is not LEADER:
+            break
+    assert new_leader.raft_role is not LEADER
+    assert new_leader.stored_entries_sent == both
 
 
 def test_a_follower_behind_the_window_is_fed_from_storage_in_bounded_reads() -> None:

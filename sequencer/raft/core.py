@@ -569,8 +569,9 @@ class RaftCore(Elections, Reads, Readies):
 
     @property
     def stored_entries_sent(self) -> int:
-        """Entries this node sent as leader, in every term since it started, that it read back
-        from its `LogStorage` (dropped from memory: a follower behind the retention window)."""
+        """Entries in AppendEntries this node sent as leader, in every term since it started,
+        that it read back from its `LogStorage` (dropped from memory: a follower behind the
+        retention window), resends included: not a count of distinct entries."""
         leader = self._leader
         return self._stored_entries_sent_before + (0 if leader is None else leader.stored_entries_sent)
 
