@@ -620,7 +620,7 @@ RAFT_EMPTY_APPENDS_SENT = _declare("raft.empty_appends_sent", Role.REPLICATOR, K
 RAFT_COMMIT_NOTICES_SENT = _declare("raft.commit_notices_sent", Role.REPLICATOR, Kind.COUNTER, "AppendEntries this node sent as leader for a commit index alone (held back until no entries carried it)")  # fmt: skip
 RAFT_APPEND_ANSWERS_SENT = _declare("raft.append_answers_sent", Role.REPLICATOR, Kind.COUNTER, "AppendEntriesResponses this node sent as follower")  # fmt: skip
 RAFT_NOTICES_UNANSWERED = _declare("raft.notices_unanswered", Role.REPLICATOR, Kind.COUNTER, "Commit notices this node, following, left unanswered: it had acknowledged that far already")  # fmt: skip
-RAFT_STORED_ENTRIES_SENT = _declare("raft.stored_entries_sent", Role.REPLICATOR, Kind.COUNTER, "Entries this node sent as leader that it read back from its journal: a follower behind what it kept in memory (cluster.follower_log_retention_entries while it followed, 65,536 applied entries while it leads)")  # fmt: skip
+RAFT_STORED_ENTRIES_SENT = _declare("raft.stored_entries_sent", Role.REPLICATOR, Kind.COUNTER, "Entries in AppendEntries this node sent as leader that it read back from its journal, resends included (a probe resumed re-reads and re-sends): a follower behind what it kept in memory (cluster.follower_log_retention_entries while it followed, 65,536 applied entries while it leads)")  # fmt: skip
 
 # seqd's own session rules (sequencer/rules_versions.py): the blp publishes the active version and
 # the one every member reported (`due`); the sequencer asks the log to make `due` active.

@@ -14,7 +14,7 @@ would show them only through timing.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -181,10 +181,12 @@ def _config(directory: Path, name: str, number: int, cluster_settings: dict[str,
 
 @contextmanager
 def driven_replicator(directory: Path, name: str, number: int, *, log_ring_bytes: int = 1 << 20,
-                      cluster: dict[str, Any] | None = None) -> Iterator[DrivenReplicator]:  # fmt: skip
-    """Node `number` of a three-node cluster (`[cluster]` settings: `cluster`), fresh: its
-    segments (named after `name`, a test's unique token), its data directory in `directory`, its
-    replicator built as `main` builds it."""
+                      cluster: dict[str, Any] | None = None,
+                      recovered: Callable[[Config, Counters], None] | None = None) -> Iterator[DrivenReplicator]:  # fmt: skip
+    """Node `number` of a three-node cluster (`[cluster]` settings: `cluster`), fresh unless
+    `recovered` plays the supervisor and the blp before the start (a journal written, the
+    recovery counters set): its segments (named after `name`, a test's unique token), its data
+    directory in `directory`, its replicator built as `main` builds it."""
     config = _config(directory, name, number, cluster or {})
     Path(config.node.data_dir).mkdir()
     config.journal_dir.mkdir()
@@ -196,6 +198,8 @@ def driven_replicator(directory: Path, name: str, number: int, *, log_ring_bytes
     loop = asyncio.new_event_loop()
     replicator: Replicator | None = None
     try:
+        if recovered is not None:
+            recovered(config, raw)
         context = RoleContext(role=Role.REPLICATOR, config=config,
                               counters=CounterView(raw, Role.REPLICATOR, clustered=True), epoch=1)  # fmt: skip
         replicator = Replicator(context, loop)

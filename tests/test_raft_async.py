@@ -387,7 +387,29 @@ def test_a_follower_keeps_the_smaller_window_and_on_leading_feeds_a_laggard_from
         if new_leader.raft_role is not LEADER:
             break
     assert new_leader.raft_role is not LEADER
-    assert new_leader.stored_entries_sent == sent
+    assert new_leader.stored_entries_sent == sent == cluster.storages[2].reads - reads_before
+    # Node 2 leads again, and feeds node 1 (down since before node 2's first term, all of which it
+    # lacks) from storage: the count is the sum of both terms (each term's `Leader` counts its
+    # own; the core adds up the terms that ended), which a term's end must not overwrite.
+    cluster.heal()
+    cluster.restart(1)
+    cluster.elect(2)
+    for _ in range(10):
+        new_leader.propose_batch([b"s"] * 5)
+        cluster.stabilize()
+        cluster.tick(2)
+        cluster.stabilize()
+    assert cluster.applied[1] == cluster.applied[2]
+    both = cluster.storages[2].reads - reads_before  # every entry node 2 read back, it sent
+    assert both > sent, (both, sent)
+    cluster.isolate(2)
+    for _ in range(100):
+        cluster.tick()
+        cluster.stabilize()
+        if new_leader.raft_role is not LEADER:
+            break
+    assert new_leader.raft_role is not LEADER
+    assert new_leader.stored_entries_sent == both
 
 
 def test_a_follower_behind_the_window_is_fed_from_storage_in_bounded_reads() -> None:
@@ -463,6 +485,54 @@ def test_a_restart_loads_only_the_tail_and_reads_committed_entries_back_from_sto
             applied.extend(ready.committed.payloads)
         core.advance(ready)
     assert applied == [b"a", b"b", b"c", b"d", b"e"]  # bounded reads of 2 bytes, in order
+
+
+class _CountingStorage(MemoryLogStorage):
+    """`MemoryLogStorage` that counts its entry reads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entry_reads = 0
+
+    def entries(self, first_index: int, last_index: int, bytes_max: int) -> tuple[list[int], list[bytes]]:
+        self.entry_reads += 1
+        return super().entries(first_index, last_index, bytes_max)
+
+
+def test_a_restart_after_what_was_applied_hands_out_only_what_follows_and_reads_nothing_back() -> None:
+    # The replicator's start: its blp replayed the journal up to the recovered commit (4), so the
+    # core loads the tail after it and is told it is applied (`DurableState.applied_index`). It
+    # re-read every committed entry from the journal's start (index 1) before the node ran.
+    storage = _CountingStorage()
+    storage.write(1, [1] * 6, [b"a", b"b", b"c", b"d", b"e", b"f"])
+    durable = DurableState(HardState(1, 1, 4), None, [1, 1], [b"e", b"f"], first_index=5, applied_index=4)
+    config = RaftConfig(2, (1, 2, 3), cluster_id=CLUSTER, storage_read_bytes_max=2)
+    core = RaftCore(config, random.Random(0), durable, storage)
+
+    def committed() -> list[tuple[int, list[bytes]]]:
+        runs = []
+        while core.has_ready():
+            ready = core.ready()
+            if ready.committed is not None:
+                runs.append((ready.committed.first_index, ready.committed.payloads))
+            core.advance(ready)
+        return runs
+
+    assert committed() == []
+    assert storage.entry_reads == 0
+    assert (core.applied_index, core.commit_index) == (4, 4)
+    # The entries after the commit are handed out once committed, from memory.
+    core.step(Heartbeat(CLUSTER, 1, 2, 1, 6, 0))
+    assert committed() == [(5, [b"e", b"f"])]
+    assert storage.entry_reads == 0
+
+
+def test_a_restart_refuses_an_applied_index_past_the_commit() -> None:
+    storage = MemoryLogStorage()
+    storage.write(1, [1] * 6, [b"x"] * 6)
+    durable = DurableState(HardState(1, 1, 4), None, [1, 1], [b"x"] * 2, first_index=5, applied_index=5)
+    with pytest.raises(ValueError, match="applied_index=5 is past the commit index 4"):
+        RaftCore(RaftConfig(2, (1, 2, 3)), random.Random(0), durable, storage)
 
 
 @pytest.mark.parametrize(("first_index", "storage"), [(7, True), (5, False)])

@@ -258,9 +258,9 @@ class Replicator:
         self.passes = 0  # of `_process`, published once a tick's pass (`raft.passes`)
 
     def _load(self, commit_index: int, last_index: int) -> DurableState:
-        """The core's state at start: the hard state, and the journal's entries after the
-        recovered commit (bounded by what the journal holds past the commit), which also go to the
-        ring first, for the blp to apply once committed."""
+        """The core's state at start: the hard state, applied up to the recovered commit (the blp
+        replayed that far: the core reads nothing before it again), and the journal's entries after
+        it, which also go to the ring first, for the blp to apply once committed."""
         hard = self.hard_state_saver.submitted
         terms: list[int] = []
         payloads: list[bytes] = []
@@ -286,7 +286,7 @@ class Replicator:
             snapshot = Snapshot(compacted, term, b"")
         return DurableState(
             HardState(hard.term, hard.vote, max(hard.commit_index, commit_index)), snapshot,
-            terms=terms, payloads=payloads,
+            terms=terms, payloads=payloads, applied_index=commit_index,
             first_index=commit_index + 1 if commit_index > compacted else 0,
         )  # fmt: skip
 

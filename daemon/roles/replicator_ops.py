@@ -25,8 +25,8 @@ only make the transfer time out.
 Also here: elections and step-downs counted and logged once each (`raft.elections`,
 `raft.step_downs`), the peer transport's refusals (`errors.peer_refused`), when each peer
 was last heard from (`raft.peer<k>.last_contact_ms`), the peak of each follower's byte window
-(`raft.peer<k>.inflight_bytes_peak`), the entries a leader read back from its journal to send
-(`raft.stored_entries_sent`), and the forward stream's faults: records
+(`raft.peer<k>.inflight_bytes_peak`), the entries in AppendEntries a leader read back from its journal,
+resends included (`raft.stored_entries_sent`), and the forward stream's faults: records
 dropped, streams broken and refused (the transport's `TransportCounters` and the leader's
 `ForwardInbox`), records resent (`raft.forwards_*`, `raft.forward_streams_*`), and the leader's
 refusals of this node's forwards heard back with their reasons (`raft.forward_refusals_received`).

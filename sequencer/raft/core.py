@@ -45,7 +45,8 @@ Bounded memory: given a `LogStorage`, the log keeps in memory only what is not y
 durable plus `log_retention_entries` below it (`follower_log_retention_entries` while not
 leading); older entries are read back from storage in reads of at most `storage_read_bytes_max`
 bytes when a lagging follower needs them, and a restart may load only the tail of the log
-(`DurableState.first_index`).
+(`DurableState.first_index`) and start past what the caller's state machine holds already
+(`DurableState.applied_index`), reading nothing back.
 
 Randomness (election timeouts) comes only from the `random.Random` the caller passes in, so a
 seeded caller gets an exactly reproducible core.
@@ -158,10 +159,12 @@ class RaftCore(Elections, Reads, Readies):
         # Invariant: applied_index <= commit_index <= log.last_index.
         self.commit_index = 0
         self.snapshot: Snapshot | None = None  # the latest snapshot, sent to lagging followers
-        if durable is not None:
-            self.term, self.vote, self.commit_index, self.snapshot = restore(self.log, durable)
         # Invariant: log.snapshot_index <= applied_index (compaction only covers applied entries).
-        self.applied_index = self.log.snapshot_index
+        self.applied_index = 0
+        if durable is not None:
+            self.term, self.vote, self.commit_index, self.applied_index, self.snapshot = restore(
+                self.log, durable
+            )
         # How far the durable log agrees with `log` (`stable_index`), and the writes in progress.
         self._durable = DurableWrites(self.log.last_index)
         # The start of the term this node leads, announced in the next ready (then None).
@@ -566,8 +569,9 @@ class RaftCore(Elections, Reads, Readies):
 
     @property
     def stored_entries_sent(self) -> int:
-        """Entries this node sent as leader, in every term since it started, that it read back
-        from its `LogStorage` (dropped from memory: a follower behind the retention window)."""
+        """Entries in AppendEntries this node sent as leader, in every term since it started,
+        that it read back from its `LogStorage` (dropped from memory: a follower behind the
+        retention window), resends included: not a count of distinct entries."""
         leader = self._leader
         return self._stored_entries_sent_before + (0 if leader is None else leader.stored_entries_sent)
 

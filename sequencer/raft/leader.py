@@ -93,8 +93,8 @@ class Leader:
         # (first index, last index, payload bytes) of the last in-memory run sent: followers in
         # step are sent the same run, which is summed once (a leader's entries never change).
         self._sized = (0, 0, 0)
-        # Entries sent that were read back from storage (dropped from memory): how much catch-up
-        # this term served from the journal (operators, tests; `RaftCore.stored_entries_sent`).
+        # Entries in AppendEntries read back from storage (dropped from memory), resends included:
+        # how much catch-up this term served from the journal (`RaftCore.stored_entries_sent`).
         self.stored_entries_sent = 0
         # A new leader guesses that each follower has its whole log and probes from there (5.3).
         # Learners are replicated to like voters, and never counted (`ProgressTracker`).

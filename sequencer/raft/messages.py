@@ -94,7 +94,13 @@ class DurableState(msgspec.Struct, gc=False):
     default `first_index` (0) they start right after the snapshot (at index 1 without one). A
     caller with a `LogStorage` may load only the tail: entries from the snapshot up to
     `first_index - 1` stay in storage, and must all be committed (`first_index - 1 <=
-    hard_state.commit_index`), so a restart reads a bounded amount whatever the journal holds.
+    hard_state.commit_index`).
+
+    `applied_index`: what the caller's state machine holds already (at most the commit index);
+    the core hands out committed entries only after it. The default (0) means the snapshot's
+    index: a state machine rebuilt from the snapshot, which applies every committed entry after
+    it again. A caller that loads from `first_index` and applied up to `first_index - 1` says so
+    here, and a restart then reads nothing back from storage whatever the journal holds.
     """
 
     hard_state: HardState
@@ -102,6 +108,7 @@ class DurableState(msgspec.Struct, gc=False):
     terms: list[int] = msgspec.field(default_factory=list)
     payloads: list[bytes] = msgspec.field(default_factory=list)
     first_index: int = 0
+    applied_index: int = 0
 
 
 class TermStart(msgspec.Struct, array_like=True, gc=False, frozen=True):

@@ -6,7 +6,9 @@ needed). A crash between writing a ready's entries and its hard state (a caller 
 entries first) can leave entries of a term the hard state has not reached: the node adopts that
 term with no vote, which is what it had done in memory; it had sent nothing from that ready, so
 it promised nothing. The persisted commit index never passes the durable log (the core's `ready`
-keeps it so).
+keeps it so). A caller whose state machine holds more than the snapshot (`DurableState.applied_index`)
+is handed the committed entries only after it: a restart that loads the tail after what was
+applied reads nothing back.
 """
 
 from __future__ import annotations
@@ -18,12 +20,14 @@ from sequencer.raft.messages import DurableState, Snapshot
 __all__ = ["restore"]
 
 
-def restore(log: RaftLog, durable: DurableState) -> tuple[int, int, int, Snapshot | None]:
-    """Load `durable` into the empty `log`; returns the term, vote, commit index and snapshot.
+def restore(log: RaftLog, durable: DurableState) -> tuple[int, int, int, int, Snapshot | None]:
+    """Load `durable` into the empty `log`; returns the term, vote, commit index, applied index
+    and snapshot.
 
     Raises:
         ValueError: `durable.first_index` leaves entries in storage that the log cannot read
-            back (no LogStorage) or that are not committed.
+            back (no LogStorage) or that are not committed, or `durable.applied_index` is past
+            the commit index.
     """
     snapshot = durable.snapshot
     if snapshot is not None:
@@ -49,4 +53,11 @@ def restore(log: RaftLog, durable: DurableState) -> tuple[int, int, int, Snapsho
         term, vote = hard.term, hard.vote
     commit_index = max(hard.commit_index, log.snapshot_index)
     assert commit_index <= log.last_index, (commit_index, log.last_index)
-    return term, vote, commit_index, snapshot
+    # Invariant: log.snapshot_index <= applied index <= commit index.
+    applied_index = max(durable.applied_index, log.snapshot_index)
+    if applied_index > commit_index:
+        raise ValueError(
+            f"DurableState.applied_index={durable.applied_index} is past the commit index "
+            f"{commit_index}: only committed entries are applied"
+        )
+    return term, vote, commit_index, applied_index, snapshot

@@ -275,10 +275,23 @@ class Simulation:
             durable.first_index = first_index
             del durable.terms[: first_index - base - 1]
             del durable.payloads[: first_index - base - 1]
+            if node.incarnation % 2:  # (no draw: the seeds' random streams stay as they were)
+                # Every other start as the daemon's: the state machine replays the disk up to the
+                # tail (the blp's recovery) and the core starts applied there, reading nothing
+                # back; the others rebuild from the snapshot and the core hands out the rest.
+                durable.applied_index = first_index - 1
         node.core = RaftCore(config, random.Random(self.rng.getrandbits(64)), durable, storage)
         node.applied = (
             list(STATE_DECODER.decode(disk.snapshot.data)) if disk.snapshot is not None else []
         )
+        if durable.applied_index:
+            assert storage is not None and len(node.applied) == storage.snapshot_index
+            for offset in range(durable.applied_index - storage.snapshot_index):
+                payload = storage.payloads[offset]
+                index = storage.snapshot_index + offset + 1
+                self.checker.check_applied(node.id, index, storage.terms[offset], payload)
+                node.applied.append(payload)
+            self._record(f"replay n{node.id} ..{durable.applied_index}")
         node.incarnation += 1
         node.crash_at_next_ready = False
         node.crash_after_send = False
