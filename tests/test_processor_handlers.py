@@ -12,9 +12,10 @@ import time
 import msgspec
 import pytest
 
-from sequencer.apps.ledger import Ledger
+from sequencer.apps.ledger import Ledger, OpenAccount
 from sequencer.egress import REPLY_HEADER
 from sequencer.processor import Processor
+from sequencer.record import RecordType, encode_command
 from sequencer.schema import Schema
 from sequencer.state_machine import AppLoadError, StateMachine, load_app
 from tests.fixtures.feeder import Feeder, frame_of, session_id_of
@@ -128,3 +129,45 @@ def test_a_table_without_every_command_type_is_refused_when_the_app_is_loaded():
         Processor(Incomplete)
     with pytest.raises(AppLoadError, match="_Pang"):
         load_app(f"{__name__}:Incomplete")
+
+
+class Narrower(StateMachine):
+    """A table with a handler for a type the schema does not have (a subclass that narrows its
+    base's schema keeps the base's table): never called, and no reason to refuse the app."""
+
+    schema = Schema("narrower", 1, (_Ping,), (_Pong,), (), _Nothing)
+
+    def ping(self, ctx, command):
+        return _Pong(command.value)
+
+    def pang(self, ctx, command):
+        raise AssertionError("not a command of this schema")
+
+
+Narrower.command_handlers = {_Ping: Narrower.ping, _Pang: Narrower.pang}
+
+
+def test_a_table_with_a_handler_for_no_command_of_the_schema_is_loaded():
+    assert Narrower.direct_handlers() is Narrower.command_handlers
+    assert _ping(Narrower) == _Pong(7)
+
+
+def test_the_ledgers_table_is_read_only():
+    # A subclass that wrote its handler into it would change every Ledger of the process.
+    with pytest.raises(TypeError):
+        Ledger.command_handlers[Ledger.schema.commands[0]] = Ledger.balance  # type: ignore[index]
+
+
+def test_a_migrated_requests_first_part_forgets_the_replies_its_client_acknowledged():
+    # A COMMAND_PART applied as its request's command reads the acked request id from its own
+    # prefix (`_start_command_part`): the replies at or below it are forgotten, as a COMMAND's.
+    processor = Processor(Ledger)
+    feeder = Feeder(Ledger.schema)
+    processor.apply_frame(*frame_of(feeder.open_session(S1, client_id=1)))
+    for request_id in (1, 2, 3):
+        processor.apply_frame(*frame_of(feeder.command(S1, request_id, OpenAccount(f"a{request_id}"))))
+    assert processor.saved_reply_ids(1) == [1, 2, 3]
+    version, data = Ledger.schema.encode_command(OpenAccount("a4"))
+    part = feeder._record(RecordType.COMMAND_PART, version, S1, 4, encode_command(2, data))
+    processor.apply_frame(*frame_of(part))
+    assert processor.saved_reply_ids(1) == [3, 4]

@@ -18,6 +18,8 @@ rejected command leaves the ledger exactly as it was.
 
 from __future__ import annotations
 
+from types import MappingProxyType
+
 import msgspec
 
 from sequencer.schema import Schema
@@ -418,7 +420,8 @@ def _check_amount(amount: int) -> None:
 
 
 # The processor calls these itself (StateMachine, `command_handlers`): no `apply` frame a command.
-Ledger.command_handlers = {
+# Read-only: a subclass that overrides a handler declares its own table from this one.
+Ledger.command_handlers = MappingProxyType({
     OpenAccount: Ledger.open_account,
     Deposit: Ledger.deposit,
     Transfer: Ledger.transfer,
@@ -426,4 +429,4 @@ Ledger.command_handlers = {
     Reserve: Ledger.reserve,
     CommitReservation: Ledger.commit_reservation,
     VoidReservation: Ledger.void_reservation,
-}
+})
