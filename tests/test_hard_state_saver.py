@@ -127,6 +127,8 @@ def test_a_failed_hint_save_is_raised_at_the_next_look_and_never_retried(held: H
         saver.save(HardState(term=2, vote=2, commit_index=6))  # not even a term: fail-stop
     assert held.attempts == 1
     assert HardStateFile.read(held.file.directory) == START
+    with pytest.raises(HardStateError, match="Input/output error"):
+        saver.stop()  # a role whose save failed does not report a clean stop
 
 
 def test_a_state_that_goes_backwards_is_refused_on_the_callers_thread(held: HeldFile) -> None:

@@ -21,7 +21,7 @@ send before the next tick (daemon/roles/commit_notices.py).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -29,7 +29,7 @@ import pytest
 import daemon.roles.replicator as replicator_module
 from daemon.roles.commit_notices import COMMIT_NOTICE_DELAY_S
 from daemon.roles.hard_state_saver import HARD_STATE_COMMIT_SAVE_S
-from sequencer.hard_state import HardStateError, HardStateFile
+from sequencer.hard_state import HardState, HardStateError, HardStateFile
 from sequencer.raft.config import NO_NODE
 from sequencer.raft.messages import (
     AppendEntries,
@@ -305,3 +305,24 @@ def test_a_failed_commit_hint_save_stops_the_role_at_its_next_tick(follower: Dri
             follower.tick()
     assert attempts == ["temp_written"]  # not retried
     assert HardStateFile.read(saver.file.directory).commit_index == 0
+
+
+def test_a_granted_vote_is_on_disk_before_its_answer_leaves(follower: DrivenReplicator) -> None:
+    # Raft's persist-before-send, in the replicator (the simulator checks it in the core only):
+    # the term and vote are saved, and waited for, before the answer granting the vote is sent.
+    directory = follower.replicator.hard_state_saver.file.directory
+    seen: list[tuple[Message, HardState]] = []
+    send = follower.transport.send
+
+    def noting(messages: Sequence[Message]) -> None:
+        seen.extend((message, HardStateFile.read(directory)) for message in messages)
+        send(messages)
+
+    follower.transport.send = noting  # type: ignore[method-assign]
+    # Node 3 campaigns at term 5 on a leadership transfer (granted though the leader is heard).
+    follower.step(3, RequestVote(CLUSTER_ID, 3, 2, 5, FOLLOWED_ENTRIES, 1, False, True))
+    follower.run_scheduled()
+    answers = [(message, on_disk) for message, on_disk in seen if type(message) is RequestVoteResponse]
+    assert answers, seen
+    for message, on_disk in answers:
+        assert message.granted and (on_disk.term, on_disk.vote) == (5, 3), (message, on_disk)

@@ -126,8 +126,9 @@ class HardStateSaver:
         self.thread.join(HARD_STATE_STOP_WAIT_S)
         if self.thread.is_alive():
             log.warning("the hard state save of %s still runs after %.0f s (the disk hangs in fsync?): "
-                        "stopping without it; the file holds the previous state or this one (the "
-                        "rename is atomic)", self.file.path, HARD_STATE_STOP_WAIT_S)  # fmt: skip
+                        "the loop stops waiting for it (the process ends once the kernel returns from the fsync; "
+                        "the supervisor kills it after its stop timeout); the file holds the previous state "
+                        "or this one (the rename is atomic)", self.file.path, HARD_STATE_STOP_WAIT_S)  # fmt: skip
         elif self.failure is not None:
             raise self.failure
 
