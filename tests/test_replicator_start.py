@@ -2,7 +2,7 @@
 (daemon/roles/replicator.py, `_load`): the core is loaded from after that commit and told it is
 applied (`DurableState.applied_index`), so the start reads nothing of the journal back. It re-read
 every committed entry from the journal's first index, in reads of 1 MiB, all in `serve`'s first
-pass, before the node said RUNNING or answered a peer (~2 us a record: a 10M-record journal held a
+pass, before the node said RUNNING or answered a peer (~2-3.6 us a record: a 10M-record journal held a
 start for tens of seconds). The journal's tail after the commit still goes to the ring and, once
 committed, to the blp.
 

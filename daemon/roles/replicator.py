@@ -286,7 +286,7 @@ class Replicator:
             snapshot = Snapshot(compacted, term, b"")
         return DurableState(
             HardState(hard.term, hard.vote, max(hard.commit_index, commit_index)), snapshot,
-            terms=terms, payloads=payloads, applied_index=commit_index,
+            terms=terms, payloads=payloads, applied_index=max(commit_index, compacted),
             first_index=commit_index + 1 if commit_index > compacted else 0,
         )  # fmt: skip
 

@@ -272,13 +272,17 @@ class Simulation:
             # (A snapshot installed in a ready is on disk before that ready's commit index.)
             committed = max(base, min(disk.hard_state.commit_index, storage.last_index))
             first_index = self.rng.randint(base + 1, committed + 1)
+            if node.incarnation % 4 == 1:  # (no draw: the seeds' random streams stay as they were)
+                first_index = committed + 1  # the daemon's own shape: its tail starts past the commit
             durable.first_index = first_index
             del durable.terms[: first_index - base - 1]
             del durable.payloads[: first_index - base - 1]
-            if node.incarnation % 2:  # (no draw: the seeds' random streams stay as they were)
+            if node.incarnation % 2:
                 # Every other start as the daemon's: the state machine replays the disk up to the
                 # tail (the blp's recovery) and the core starts applied there, reading nothing
-                # back; the others rebuild from the snapshot and the core hands out the rest.
+                # back (half of those with the tail after the commit, as the daemon's; the other
+                # half anywhere after the snapshot); the others rebuild from the snapshot and the
+                # core hands out the rest.
                 durable.applied_index = first_index - 1
         node.core = RaftCore(config, random.Random(self.rng.getrandbits(64)), durable, storage)
         node.applied = (
