@@ -29,7 +29,7 @@ from sequencer.record import (
     ADMIN_NODE_START,
     ADMIN_RAISE_VERSION,
     ADMIN_RULES_VERSION,
-    COMMAND_PREFIX,
+    COMMAND_HEAD,
     DAEMON_RECORD_VERSION,
     RECORD_TAIL,
     VERSION_MAX,
@@ -54,9 +54,9 @@ __all__ = [
 SNAPSHOT_EVERY_NEVER: Final = 1 << 62
 
 # A COMMAND record after the ring frame header: the record tail (index, term, timestamp, session,
-# request) and the acked request id that prefixes its payload, packed in one call.
-_COMMAND_TAIL: Final = struct.Struct("<" + RECORD_TAIL.format.lstrip("<") + COMMAND_PREFIX.format.lstrip("<"))
-assert _COMMAND_TAIL.size == RECORD_TAIL.size + COMMAND_PREFIX.size
+# request) and the acked request id that prefixes its payload, packed in one call (the blp reads
+# them with one unpack of the same struct).
+_COMMAND_TAIL: Final = COMMAND_HEAD
 _COMMAND: Final = int(RecordType.COMMAND)  # the ring frame type is record type | version << 16
 _DAEMON_VERSION_BITS: Final = DAEMON_RECORD_VERSION << 16
 _BLOCKED: Final = -1  # `_begin`: no term, the batch waits (a TERM_START found no ring space)
