@@ -383,12 +383,12 @@ class Replicator:
         if self.finished.done():
             return
         try:
-            if not tick:  # the first pass at or after a tick's deadline takes it (replicator_ticks.py)
-                tick = time.monotonic() >= self.tick_timer.deadline_s
-            if tick and self._on_tick(scheduled is not None):
+            # The first pass at or after a tick's deadline takes the tick (replicator_ticks.py), and runs.
+            ticked = tick or time.monotonic() >= self.tick_timer.deadline_s
+            if ticked and self._on_tick(scheduled is not None or not tick):
                 return  # a quiet tick: no pass
             self.passes += 1
-            self._process_once(tick)
+            self._process_once(ticked)
         except BaseException as error:
             self.finished.set_exception(error)
             return
