@@ -4,7 +4,9 @@ handed. The test is every other process: the supervisor (the segments), the jour
 durable index, its ring reads), the blp (its ring reads), a query replica (a read round), the
 sequencer (proposals), and the peers (messages stepped through `_on_messages`, answers read from
 `transport.sent`). Nothing runs on its own: the event loop never runs, and a tick's pass is
-`tick()` (`Replicator._process(tick=True)`, what `_tick` calls), a scheduled pass `run_scheduled()`.
+`tick()` (`Replicator._process(tick=True)`, what `_tick` calls), a scheduled pass `run_scheduled()`
+(its `TickTimer` is never started: no pass takes a tick of its own; test_replicator_tick_timer.py
+runs one on a simulated loop).
 
 Cheap (no process, no socket): the level at which the replicator's own choices (which tick
 makes a pass, when the commit-notice timer is armed) are shown, where a cluster of real nodes

@@ -9,6 +9,11 @@ reply until that follower's blp learns the commit: the bound is what such a clie
 nothing else carries the commit. So a commit that covers a record some follower forwarded (its client's
 command: the leader proposes forwarded records after its own in each batch) is sent at once,
 at the end of the pass's loop iteration: only commits of the leader's own clients' records wait.
+
+Under load most commits are carried within the bound, so the timer is for nothing: a pass that
+finds no commit held cancels it (it would wake the loop to find nothing), and a timer that fires
+while proposals wait in the ring lets the pass take them first, their entries carrying the commit
+(the notices go in a second pass only if it is still held: a refused proposal, a full window).
 """
 
 from __future__ import annotations
@@ -36,11 +41,14 @@ class CommitNoticeTimer:
     """Armed after a pass that left a commit held; fires once, then the next pass may arm it.
     Once the replicator has finished it does nothing (its loop closes with it: no cancel)."""
 
-    __slots__ = ("_core", "_delay_s", "_finished", "_forwarded", "_handle", "_loop", "_process", "_urgent")
+    __slots__ = ("_batch_waiting", "_core", "_delay_s", "_finished", "_forwarded", "_handle", "_loop", "_process",
+                 "_urgent")  # fmt: skip
 
     def __init__(self, loop: asyncio.AbstractEventLoop, core: RaftCore, finished: asyncio.Future[int],
-                 process: Callable[[], None], delay_s: float = COMMIT_NOTICE_DELAY_S) -> None:  # fmt: skip
+                 process: Callable[[], None], batch_waiting: Callable[[], bool],
+                 delay_s: float = COMMIT_NOTICE_DELAY_S) -> None:  # fmt: skip
         self._loop = loop
+        self._batch_waiting = batch_waiting  # proposals the next pass takes (entries to ride on)
         self._delay_s = delay_s
         self._core = core
         self._finished = finished  # the replicator's end: no pass after it
@@ -62,6 +70,9 @@ class CommitNoticeTimer:
         core = self._core
         forwarded = self._forwarded
         if not core.commit_notices_held():
+            if self._handle is not None and not self._urgent:
+                self._handle.cancel()  # carried: a timer left armed would wake the loop for nothing
+                self._handle = None
             if core.raft_role is not LEADER:
                 forwarded.clear()
             while forwarded and forwarded[0][1] <= core.commit_index:
@@ -84,5 +95,9 @@ class CommitNoticeTimer:
                 forwarded.popleft()
             if not core.commit_notices_held():
                 return  # entries or a heartbeat carried it meanwhile: no pass for nothing
+            if self._batch_waiting():  # (its pass may arm the timer again: the next one cancels it)
+                self._process()  # the batch's entries carry the commit to whom they go
+                if self._finished.done() or not core.commit_notices_held():
+                    return
             core.send_commit_notices()
             self._process()

@@ -118,7 +118,7 @@ from daemon.roles.replicator_setup import (
     start_raft_core,
     transport_config,
 )
-from daemon.roles.replicator_ticks import CompactionWatch, QuietTicks
+from daemon.roles.replicator_ticks import CompactionWatch, QuietTicks, TickTimer
 from daemon.snapshot_install import SnapshotReceiver, SnapshotSender, write_install_request
 from ipc.ring import Ring
 from sequencer.cluster import (
@@ -246,7 +246,8 @@ class Replicator:
         self.faults = ForwardFaults(config.node.number)  # the proposals' check, the forwards' fault hooks
         self.process_scheduled: asyncio.Handle | None = None  # a pass `_schedule` asked for
         self.finished: asyncio.Future[int] = loop.create_future()
-        self.notice_timer = CommitNoticeTimer(loop, self.core, self.finished, self._process)  # a held commit's bound
+        self.notice_timer = CommitNoticeTimer(loop, self.core, self.finished, self._process,  # a held commit's bound
+                                              self.proposals.ready)  # fmt: skip
         self.durable_seen = -1  # the journal's durable index last told to the core
         self.want_proposals = False  # proposals wake `_process` only while it takes them
         self.feed_flowing = False  # the last pass wrote to the ring and entries still wait
@@ -255,6 +256,7 @@ class Replicator:
         self.snapshot_receiver = SnapshotReceiver(config.snapshot_dir)
         self.compaction = CompactionWatch(str(config.journal_dir), self.storage)
         self.quiet_ticks = QuietTicks(cluster.tick_ms)
+        self.tick_timer = TickTimer(loop, self.tick_s, self._tick)  # when the next tick is due
         self.passes = 0  # of `_process`, published once a tick's pass (`raft.passes`)
 
     def _load(self, commit_index: int, last_index: int) -> DurableState:
@@ -340,23 +342,21 @@ class Replicator:
         return refusal or True
 
     def _tick(self) -> None:
-        context = self.context
-        if self.finished.done():
-            return
-        if context.stop_requested:
-            self.finished.set_result(0)
-            return
-        self.loop.call_later(self.tick_s, self._tick)
-        context.heartbeat.add(1)
-        self.snapshot_sender.tick(time.monotonic())
-        self._process(tick=True)
+        """The tick timer: a tick no pass took within its slack (`TickTimer`, replicator_ticks.py)."""
+        if self.tick_timer.fired(time.monotonic()):
+            self._process(tick=True)
 
     def _on_tick(self, scheduled: bool) -> bool:
-        """Tick the core; whether the tick is quiet: a follower's with nothing due makes no pass
-        (replicator_ticks.py; `scheduled`: a pass is due anyway)."""
-        core = self.core
+        """Take a tick and tick the core; whether the tick is quiet: a follower's with nothing due
+        makes no pass (replicator_ticks.py; `scheduled`: a pass is due anyway), nor a stop's."""
+        self.tick_timer.took(now_s := time.monotonic())
+        context, core = self.context, self.core
+        if context.stop_requested:
+            self.finished.set_result(0)
+            return True
+        context.heartbeat.add(1)
+        self.snapshot_sender.tick(now_s)
         core.tick()
-        now_s = time.monotonic()
         if core.raft_role is FOLLOWER:
             self.read_rounds.ask(core, now_s)  # a replica's round waits at most a tick, as in a pass
             waiting = scheduled or self._has_work_outside() or bool(self.feed or self.pending)
@@ -383,10 +383,12 @@ class Replicator:
         if self.finished.done():
             return
         try:
-            if tick and self._on_tick(scheduled is not None):
+            # The first pass at or after a tick's deadline takes the tick (replicator_ticks.py), and runs.
+            ticked = tick or time.monotonic() >= self.tick_timer.deadline_s
+            if ticked and self._on_tick(scheduled is not None or not tick):
                 return  # a quiet tick: no pass
             self.passes += 1
-            self._process_once(tick)
+            self._process_once(ticked)
         except BaseException as error:
             self.finished.set_exception(error)
             return
@@ -643,7 +645,7 @@ class Replicator:
         context.set_state(RoleState.RUNNING)
         log.info("node %d replicating with %s, term %d, last index %d", self.core.id, self.peers,
                  self.core.term, self.core.log.last_index)
-        self.loop.call_later(self.tick_s, self._tick)
+        self.tick_timer.start(time.monotonic())
         try:
             return await self.finished
         except TruncateRequired as truncate:

@@ -26,22 +26,90 @@ So a follower's tick ticks its core and looks, and makes a pass only when someth
 
 A leader's and a candidate's ticks still make a pass each (heartbeats, votes, transfers, the
 commit notice bound): the leader's path is not this module's.
+
+When a tick happens (`TickTimer`): under load a pass runs every few milliseconds (a proposal
+batch, an fdatasync, an answer), and a tick's own timer woke the loop besides, 100 times a second
+on every node, each wake a switch into the process and, on a leader, a whole pass of its own. So
+the first pass at or after a tick's deadline takes the tick (`Replicator._process`), and the timer
+is only the backstop of a loop no pass wakes: it fires `TICK_SLACK` of a tick after the deadline.
+Deadlines keep to a grid a tick apart, so the core's clock keeps its rate whichever takes them
+(an idle node's ticks are all the timer's, a tick apart as before, only later in phase), and
+never bunch: the next deadline is at least a tick less the slack after the tick taken, so a loop
+held up past a deadline takes one tick late, not the ticks it missed at once (as before: the
+timer was armed a tick after the last one fired). Two ticks are never taken in one pass, and
+none is taken before its deadline.
 """
 
 from __future__ import annotations
 
+import asyncio
+import math
 import os
+from collections.abc import Callable
 
 from sequencer.journal import JournalLogStorage
 from sequencer.raft.core import RaftCore
 from sequencer.raft.raft_role import FOLLOWER
 
-__all__ = ["QUIET_PASS_S", "CompactionWatch", "QuietTicks"]
+__all__ = ["QUIET_PASS_S", "TICK_SLACK", "CompactionWatch", "QuietTicks", "TickTimer"]
 
 # A follower whose ticks find nothing due still makes a tick's pass this often: what only `seqd
 # status`, the operator's tools and the hard state's commit hint read is at most this stale (ten
 # ticks at the default `tick_ms`; `seqd status` is read by people, and by tests that wait for it).
 QUIET_PASS_S = 0.1
+
+
+# How late, in ticks, the tick timer fires after a deadline no pass took (`TickTimer`). Under the
+# benchmark's load a pass runs every 2-3 ms, well within half a tick at the default `tick_ms`;
+# each tick is taken within this of its deadline, so the heartbeat (5 ticks) and the election
+# timeout (30 ticks and more) move by at most half a tick.
+TICK_SLACK = 0.5
+
+
+class TickTimer:
+    """When the replicator's next tick is due, and the timer that takes it if no pass does (module
+    docstring). Invariants: `deadline_s` is the due time of the next tick (infinite before
+    `start`: a replicator driven by a test ticks only when told); the timer is armed for
+    `deadline_s + slack_s` exactly when `deadline_s` is finite."""
+
+    __slots__ = ("_callback", "_handle", "_loop", "deadline_s", "slack_s", "tick_s")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, tick_s: float, callback: Callable[[], None]) -> None:
+        assert tick_s > 0, tick_s
+        self._loop = loop
+        self._callback = callback  # the replicator's tick (a pass that takes it)
+        self._handle: asyncio.TimerHandle | None = None
+        self.tick_s = tick_s
+        self.slack_s = tick_s * TICK_SLACK
+        self.deadline_s = math.inf
+
+    def start(self, now_s: float) -> None:
+        """The first tick, a tick from `now_s`."""
+        self.deadline_s = now_s + self.tick_s
+        self._arm(now_s)
+
+    def took(self, now_s: float) -> None:
+        """A tick was taken at `now_s` (at or after `deadline_s`, or forced by a test): the next
+        one's deadline, on the grid unless the loop was held up past it (then a tick less the
+        slack from now: the timer fires a tick from now, as it was armed before)."""
+        self.deadline_s = max(self.deadline_s + self.tick_s, now_s + self.tick_s - self.slack_s)
+        if self.deadline_s != math.inf:
+            self._arm(now_s)
+
+    def fired(self, now_s: float) -> bool:
+        """The timer fired: whether the tick is due; if not (the loop arms its timers from a clock it
+        reads once an iteration, and in whole milliseconds: one may fire that much early), it is
+        armed again."""
+        self._handle = None
+        if now_s >= self.deadline_s:
+            return True
+        self._arm(now_s)
+        return False
+
+    def _arm(self, now_s: float) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+        self._handle = self._loop.call_later(self.deadline_s + self.slack_s - now_s, self._callback)
 
 
 class QuietTicks:
