@@ -153,8 +153,22 @@ def test_a_loaded_replicators_passes_take_its_ticks_at_the_same_rate(ticking: tu
     driven, ticks = ticking
     loop = ticks.loop
     start = loop.now
+    replicator = driven.replicator
+    heartbeat_before = replicator.context.heartbeat.get()
+    sender_ticks: list[float] = []
+    sender_tick = replicator.snapshot_sender.tick
+
+    def counted_sender_tick(now_s: float) -> None:
+        sender_ticks.append(now_s)
+        sender_tick(now_s)
+
+    replicator.snapshot_sender.tick = counted_sender_tick  # type: ignore[method-assign]
     load(driven, loop, start + DRIVEN_S, random.Random(7))
     assert ticks.by_timer == 0, f"the timer took {ticks.by_timer} ticks: each one a wake under load"
+    # A tick a pass takes is a whole tick: the supervisor's heartbeat (its watchdog's liveness) and
+    # the snapshot sender's clock move with every one, as with the timer's.
+    assert replicator.context.heartbeat.get() - heartbeat_before == len(ticks.times)
+    assert len(sender_ticks) == len(ticks.times)
     assert_a_tick_apart(ticks.gaps(0))
     assert abs(len(ticks.times) - DRIVEN_S / TICK_S) <= 1, len(ticks.times)
     # Idle again: the timer takes over, still a tick apart.
