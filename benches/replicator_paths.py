@@ -121,7 +121,7 @@ def leader_records_loop(records: int, batch: int) -> float:
                 region = proposals.poll_region(PROPOSAL_BYTES_PER_PASS_MAX)[1]  # _take_proposals
                 copies = stamper.stamp_region(region, 1 + start, 1)  # _propose
                 proposals.release()
-                pending.proposed(1 + start, copies, 1.0)
+                pending.proposed(1 + start, copies, 1.0, len(region))
                 pending.logged_all(copies, 1 + start)  # _queue_entries
                 pending.committed_all(copies, 1 + start)  # _handle_ready
             assert not len(pending), len(pending)
