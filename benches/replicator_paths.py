@@ -12,6 +12,14 @@ Each loop drives the real code a running replicator runs for every entry, in bat
 - `positions` (every node): the ends of a run of entries written to the log ring recorded
   (`RingPositions.wrote_run`), then the commit moved past them (`RingPositions.commit`): the blp's
   limit, once per pass.
+- `leader_pass` (the leader, per batch): what the leader's pass does around a batch of `batch`
+  stamped records besides the stamp and the pending set (`leader_records`): the Raft core's
+  `propose_batch`, `ready` (`Leader.flush_appends`) and `advance`, the AppendEntries to two
+  followers framed and MAC'd (`PeerConnection.send_messages`), the journaller's fdatasync
+  reported (`durable`), both followers' answers read (`receive_data`, `next_event`) and stepped,
+  and the commit's ready. Run it at `--batch 16` and `--batch 64` to split it into per batch and
+  per entry; libcrypto's share (software SHA-256 under valgrind) is to be subtracted as for
+  `frames`.
 - `frames` (both ends of a link): an AppendEntries of `batch` entries framed and MAC'd by the
   leader's codec (`PeerConnection.send_messages`), checked and decoded by the follower's
   (`receive_data`, `next_event`), and its AppendEntriesResponse the other way.
@@ -58,7 +66,7 @@ from ipc.counters import Counter
 from sequencer.cluster import PendingForwards, RecordStamper, RingPositions, record_from_frame
 from sequencer.raft.config import RaftConfig
 from sequencer.raft.core import RaftCore
-from sequencer.raft.messages import AppendEntries, AppendEntriesResponse
+from sequencer.raft.messages import AppendEntries, AppendEntriesResponse, Message
 from sequencer.raft.peer_protocol import (
     NEED_DATA,
     Authenticated,
@@ -67,9 +75,10 @@ from sequencer.raft.peer_protocol import (
     PeerConnection,
     Side,
 )
+from sequencer.raft.raft_role import RaftRole
 from sequencer.record import FRAME_HEADER, RecordType, encode_record
 
-LOOPS = ("positions", "leader_records", "frames", "follower")
+LOOPS = ("positions", "leader_records", "leader_pass", "frames", "follower")
 PAYLOAD_BYTES = 96  # a ledger transfer's payload is of this order
 FOLLOWER_RING_BYTES = 1 << 22  # a log ring of the cluster benchmark's order (it wraps in the loop)
 # Applied entries the loop's core keeps in memory, as a follower's role does (a storage's tail,
@@ -121,7 +130,7 @@ def leader_records_loop(records: int, batch: int) -> float:
                 region = proposals.poll_region(PROPOSAL_BYTES_PER_PASS_MAX)[1]  # _take_proposals
                 copies = stamper.stamp_region(region, 1 + start, 1)  # _propose
                 proposals.release()
-                pending.proposed(1 + start, copies, 1.0)
+                pending.proposed(1 + start, copies, 1.0, len(region))
                 pending.logged_all(copies, 1 + start)  # _queue_entries
                 pending.committed_all(copies, 1 + start)  # _handle_ready
             assert not len(pending), len(pending)
@@ -165,6 +174,77 @@ def frames_loop(records: int, batch: int) -> float:
         return time.thread_time() - started
 
     return _in_thread(loop)
+
+
+def _elected_leader() -> tuple[RaftCore, dict[int, int]]:
+    """Node 1's core, leader of term >= 1 with nodes 2 and 3 as the daemon configures them (commit
+    notices deferred), the followers' replies applied; and each follower's incarnation."""
+    cores = {node: RaftCore(RaftConfig(node_id=node, voters=(1, 2, 3), cluster_id=7, defer_commit_notices=True,
+                                       incarnation=node), random.Random(node))
+             for node in (1, 2, 3)}  # fmt: skip
+    leader = cores[1]
+    for _ in range(1000):
+        if leader.raft_role is RaftRole.LEADER and not leader.has_ready():
+            break
+        leader.tick()
+        for core in cores.values():
+            while core.has_ready():
+                ready = core.ready()
+                core.advance(ready)
+                for message in ready.messages:
+                    cores[message.target].step(message)
+    assert leader.raft_role is RaftRole.LEADER, leader.raft_role
+    return leader, {node: cores[node].config.incarnation for node in (2, 3)}
+
+
+def leader_pass_loop(records: int, batch: int) -> float:
+    """`leader_pass` (module docstring): the leader's Raft core and peer codec per batch."""
+    core, incarnations = _elected_leader()
+    term = core.term
+    first = core.log.last_index + 1
+    entries = [encode_record(RecordType.COMMAND, 1, first + n, term, 1_000 + n, 1 + n % 4, n, bytes(PAYLOAD_BYTES))
+               for n in range(records)]  # fmt: skip
+    outs, ins, answers = {}, {}, {}
+    for peer in (2, 3):
+        outs[peer], _follower_in = _link(1, peer)  # what the followers read is not the leader's cost
+        follower_out, ins[peer] = _link(peer, 1)
+        answers[peer] = [follower_out.send_messages([AppendEntriesResponse(
+            7, peer, 1, term, True, first + start + batch - 1, 0, 0, first + start + batch - 1, incarnations[peer])])
+            for start in range(0, records, batch)]  # fmt: skip
+    log: list[bytes] = []
+    sent = [0]
+
+    def handle_readies() -> None:  # Replicator._handle_ready, the transport's flush
+        while core.has_ready():
+            ready = core.ready()
+            if ready.entries is not None:
+                log.extend(ready.entries.payloads)
+            by_peer: dict[int, list[Message]] = {}
+            for message in ready.messages:
+                by_peer.setdefault(message.target, []).append(message)
+            for peer, messages in by_peer.items():
+                sent[0] += len(outs[peer].send_messages(messages))
+            core.advance(ready, entries_durable=False)
+
+    def loop() -> float:
+        started = time.thread_time()
+        for number, start in enumerate(range(0, records, batch)):
+            run = entries[start : start + batch]
+            core.propose_batch(run, first_index=first + start, term=term)  # Replicator._propose
+            handle_readies()
+            core.durable(first + start + len(run) - 1, term)  # the journaller's fdatasync
+            for peer in (2, 3):  # the followers' answers, read and stepped
+                ins[peer].receive_data(answers[peer][number])
+                event = ins[peer].next_event()
+                assert type(event) is MessageBatch, event
+                for message in event.messages:
+                    core.step(message)
+            handle_readies()
+        return time.thread_time() - started
+
+    elapsed = _in_thread(loop)
+    assert len(log) == records and core.commit_index == first + records - 1, (len(log), core.commit_index)
+    return elapsed
 
 
 def _word() -> Counter:
@@ -248,7 +328,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     results: dict[str, Any] = {"records": args.records, "batch": args.batch}
-    loops = {"positions": positions_loop, "leader_records": leader_records_loop, "frames": frames_loop,
+    loops = {"positions": positions_loop, "leader_records": leader_records_loop, "leader_pass": leader_pass_loop,
+             "frames": frames_loop,
              "follower": functools.partial(follower_loop, log_entries=args.log_entries)}
     for name in args.only or LOOPS:
         runs = [loops[name](args.records, args.batch) for _ in range(args.runs)]

@@ -304,6 +304,14 @@ def test_hot_paths_bench_reports_each_loop_per_command() -> None:
         assert results[f"{loop}_cpu_us_per_cmd"] > 0, (loop, results)
 
 
+def test_replicator_paths_bench_reports_each_loop_per_entry() -> None:
+    # Each loop asserts its own outcome (every proposal released, the leader's commit reached).
+    results = run_json(["-m", "benches.replicator_paths", "--records", "256", "--batch", "16", "--runs", "1",
+                        "--log-entries", "64"])  # fmt: skip
+    for loop in ("positions", "leader_records", "leader_pass", "frames", "follower"):
+        assert results[f"{loop}_cpu_us_per_entry"] > 0, (loop, results)
+
+
 def test_a_benchmark_killed_mid_run_leaves_no_redis_server_behind(tmp_dir: Path) -> None:
     if shutil.which("redis-server") is None:
         reason = "redis-server is not installed (Debian: apt-get install redis-server; .ci/run installs it)"

@@ -214,21 +214,38 @@ def test_a_proposal_region_is_stamped_as_the_frame_by_frame_checked_walk_does(mo
         return checked(region, *args)
 
     monkeypatch.setattr(ring_entries, "_stamped_region_checked", noted)
+    uniform = ring_entries._stamped_uniform
+    by_stride: list[bool] = []  # whether each region of one stride was stamped by it
+
+    def noted_uniform(*args: int) -> tuple[list[bytes], int] | None:
+        stamped = uniform(*args)  # type: ignore[arg-type]
+        by_stride.append(stamped is not None)
+        return stamped
+
+    monkeypatch.setattr(ring_entries, "_stamped_uniform", noted_uniform)
     rng = random.Random(17)
     types = (int(RecordType.COMMAND), int(RecordType.TERM_START), int(RecordType.PADDING),
              int(RecordType.COMMAND) | 1 << 16, int(RecordType.TERM_START) | 1 << 20)  # fmt: skip
-    for _ in range(400):
-        # Payloads small, and around the frame size past which a frame is copied from a view.
+    for _ in range(600):
+        # Payloads small, and around the frame size past which a frame is copied from a view;
+        # in a third of the regions every frame of one stride (their lengths within 8 bytes,
+        # `_stamped_uniform`'s walk), in another third of one length.
+        shape = rng.randrange(3)
+        base = rng.choice((rng.randint(0, 40), rng.randint(960, 1100)))
         records = [command(n, timestamp_ns=rng.randint(40, 60),
-                           payload=bytes(rng.choice((rng.randint(0, 40), rng.randint(960, 1100)))))
+                           payload=bytes((base & -8) + rng.randrange(8) if shape == 0 else base if shape == 1
+                                         else rng.choice((rng.randint(0, 40), rng.randint(960, 1100)))))
                    for n in range(rng.randint(0, 6))]  # fmt: skip
         region = b"".join(records)
         falls_back.clear()
+        by_stride.clear()
         assert ring_entries.stamped_region(region, 9, 4, 50) == checked(region, 9, 4, 50)
         as_the_ring_gives_it = memoryview(bytearray(region))  # the leader's: a view of the ring
         assert ring_entries.stamped_region(as_the_ring_gives_it, 9, 4, 50) == checked(region, 9, 4, 50)
         large_first = bool(records) and len(records[0]) > ring_entries._SLICED_BYTES_MAX  # the checked walk's
         assert len(falls_back) == 2 * large_first, "a region of whole frames left the fast walk (or a large one did not)"
+        if records and not large_first and len({len(record) for record in records}) == 1:
+            assert by_stride == [True, True], "a region of one stride was walked frame by frame"
         if not records:
             continue
         bad = bytearray(region)
@@ -240,7 +257,13 @@ def test_a_proposal_region_is_stamped_as_the_frame_by_frame_checked_walk_does(mo
             struct.pack_into("<I", bad, at, rng.choice((0, 8, 40, 47, 48, 56, len(bad) - at + 8, 1 << 20)))
         else:
             struct.pack_into("<I", bad, at + 4, rng.choice(types))
-        assert _stamped_or_raised(ring_entries.stamped_region, bytes(bad)) == _stamped_or_raised(checked, bytes(bad)), (change, at)
+        stamped_bad = _stamped_or_raised(ring_entries.stamped_region, bytes(bad))
+        assert stamped_bad == _stamped_or_raised(checked, bytes(bad)), (change, at)
+        for stamped, of in ((ring_entries.stamped_region(region, 9, 4, 50), region), (stamped_bad, bad)):
+            if type(stamped) is tuple and type(stamped[0]) is list:
+                # The leader counts a region's records' bytes as the region's length
+                # (`PendingForwards.proposed`'s `copies_bytes`, from `_propose`): no sum a record.
+                assert sum(map(len, stamped[0])) == len(of), (change, at)
 
 
 def test_the_leader_takes_its_proposal_ring_in_regions_across_the_wrap_and_a_record_over_the_bound(unique: str) -> None:

@@ -111,7 +111,8 @@ class _Cluster:
         if not (self.outbox or new or forwarded):
             return
         first = len(self.log) + 1
-        batch, copies = self.stamper.stamp_batch(self.outbox, b"".join(new), forwarded, first, self.term)
+        region = b"".join(new)
+        batch, copies = self.stamper.stamp_batch(self.outbox, region, forwarded, first, self.term)
         for record in new:
             self.model.add(record, self.now_s)
         if self.rng.random() < 0.1:  # as `_propose` does: the stamped copies held by key
@@ -119,7 +120,7 @@ class _Cluster:
             self.held_by_index.clear()
             self.outbox = self.outbox + copies
             return
-        self.pending.proposed(first + len(self.outbox), copies, self.now_s)
+        self.pending.proposed(first + len(self.outbox), copies, self.now_s, len(region))  # as `_propose`
         self.held_by_index.update(range(first + len(self.outbox), first + len(self.outbox) + len(copies)))
         self.outbox = []
         self.append(batch)

@@ -504,7 +504,7 @@ class Replicator:
             self.inbox.put_back(forwarded)
             return
         self.notice_timer.forwarded(new_index + len(copies), len(forwarded))  # their commit: at once
-        self.pending.proposed(new_index, copies, time.monotonic())
+        self.pending.proposed(new_index, copies, time.monotonic(), len(region))  # their bytes: the region's
 
     def _handle_ready(self, ready: Ready) -> None:
         core = self.core

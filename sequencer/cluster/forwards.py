@@ -116,7 +116,7 @@ class PendingForwards:
     `leader_records`, callgrind; benches/RESULTS.md, "leadrepl").
     """
 
-    __slots__ = ("_key_records", "_records", "_run_offset", "_run_records", "_runs", "bytes")
+    __slots__ = ("_key_records", "_records", "_run_offset", "_run_offset_bytes", "_run_records", "_runs", "bytes")
 
     def __init__(self) -> None:
         # key -> [record, pending count, of which seen in the log, last sent (s)]; a dict keeps
@@ -125,13 +125,13 @@ class PendingForwards:
         self._records: dict[bytes, list[Any]] = {}
         self._key_records = 0  # the records held by key, each duplicate counted
         self.bytes = 0
-        # The leader's proposals held by index: (first index, stamped copies, proposed at (s)),
-        # in index order; the first run's first `_run_offset` copies are committed already.
-        # Invariants: every run is newer than every record held by key (`add` holds the runs by
-        # key first), and every copy in a run is in this node's log (`proposed`). Bounded with
-        # the rest (`full`): `_run_records` copies.
-        self._runs: deque[tuple[int, list[bytes], float]] = deque()
-        self._run_offset = 0
+        # The leader's proposals held by index: (first index, stamped copies, proposed at (s),
+        # the copies' bytes), in index order; the first run's first `_run_offset` copies, of
+        # `_run_offset_bytes` bytes, are committed already. Invariants: every run is newer than
+        # every record held by key (`add` holds the runs by key first), and every copy in a run is
+        # in this node's log (`proposed`). Bounded with the rest (`full`): `_run_records` copies.
+        self._runs: deque[tuple[int, list[bytes], float, int]] = deque()
+        self._run_offset = self._run_offset_bytes = 0
         self._run_records = 0
 
     def __len__(self) -> int:
@@ -174,18 +174,23 @@ class PendingForwards:
         self.bytes += sum(map(len, records))
         return keys
 
-    def proposed(self, first_index: int, copies: list[bytes], now_s: float) -> None:
+    def proposed(self, first_index: int, copies: list[bytes], now_s: float, copies_bytes: int = -1) -> None:
         """The leader proposed `copies` at `first_index`, ... in the term it leads: new records
         taken from the proposal ring (never `add`ed), stamped (`RecordStamper.stamp_region`).
         Held by index until the commit passes them (`committed_all`); the caller calls
-        `hold_by_key` when its term or leader changes."""
+        `hold_by_key` when its term or leader changes. `copies_bytes`: their total length, if the
+        caller knows it (the length of the region they were stamped from): no walk to sum it,
+        here or when the commit releases the whole run (~490 instructions a record of the ~6.2k
+        of `benches.replicator_paths` `leader_records`: benches/RESULTS.md, "leadrec2")."""
         if not copies:
             return
         runs = self._runs
         assert not runs or first_index >= runs[-1][0] + len(runs[-1][1]), (first_index, runs[-1][0])
-        runs.append((first_index, copies, now_s))
+        if copies_bytes < 0:
+            copies_bytes = sum(map(len, copies))
+        runs.append((first_index, copies, now_s, copies_bytes))
         self._run_records += len(copies)
-        self.bytes += sum(map(len, copies))
+        self.bytes += copies_bytes
 
     def hold_by_key(self) -> None:
         """Hold the leader's runs by key, as `add` would have, marked seen in the log: their index
@@ -199,7 +204,7 @@ class PendingForwards:
         held_records = self._records
         get = held_records.get
         offset = self._run_offset
-        for _first_index, copies, since_s in runs:
+        for _first_index, copies, since_s, _bytes in runs:
             for copy in islice(copies, offset, None):
                 key = copy[:_STAMP_START] + copy[_STAMP_END:]
                 held = get(key)
@@ -211,7 +216,7 @@ class PendingForwards:
             offset = 0
         runs.clear()
         self._key_records += self._run_records
-        self._run_offset = self._run_records = 0
+        self._run_offset = self._run_offset_bytes = self._run_records = 0
 
     def _runs_over(self, first_index: int, end_index: int) -> list[tuple[int, int]]:
         """The held index ranges [start, end) of the runs that meet [first_index, end_index), in
@@ -222,7 +227,7 @@ class PendingForwards:
         head_offset = self._run_offset
         front = first_index - runs[0][0] <= runs[-1][0] - first_index
         over: list[tuple[int, int]] = []
-        for position, (run_first, copies, _since_s) in enumerate(runs if front else reversed(runs)):
+        for position, (run_first, copies, _since_s, _bytes) in enumerate(runs if front else reversed(runs)):
             start = run_first + (head_offset if (position == 0 if front else position == len(runs) - 1) else 0)
             end = run_first + len(copies)
             if front:
@@ -337,24 +342,26 @@ class PendingForwards:
     def _release_runs(self, last_index: int) -> None:
         """Release every copy held in a run at or below `last_index` (committed)."""
         runs = self._runs
-        offset = self._run_offset
+        offset, offset_bytes = self._run_offset, self._run_offset_bytes
         released_records = released_bytes = 0
         while runs:
-            first_index, copies, _since_s = runs[0]
+            first_index, copies, _since_s, run_bytes = runs[0]
             end = last_index - first_index + 1  # copies[:end] are committed
             if end <= offset:
                 break
-            if end >= len(copies):
+            if end >= len(copies):  # the whole rest of the run: its bytes known, not summed
                 released_records += len(copies) - offset
-                released_bytes += sum(map(len, islice(copies, offset, None)))
+                released_bytes += run_bytes - offset_bytes
                 runs.popleft()
-                offset = 0
+                offset = offset_bytes = 0
                 continue
+            part_bytes = sum(map(len, islice(copies, offset, end)))
             released_records += end - offset
-            released_bytes += sum(map(len, islice(copies, offset, end)))
+            released_bytes += part_bytes
             offset = end
+            offset_bytes += part_bytes
             break
-        self._run_offset = offset
+        self._run_offset, self._run_offset_bytes = offset, offset_bytes
         self._run_records -= released_records
         self.bytes -= released_bytes
 

@@ -295,20 +295,22 @@ class ProgressTracker:
 
     def appends_due(self, last_index: int, commit_index: int, window: int, bytes_max: int,
                     stored_through: int) -> bool:
-        """Whether any follower is due an AppendEntries now (a query only; `Progress.is_due`)."""
-        return any(
-            progress.is_due(last_index, commit_index, window, bytes_max, stored_through)
-            for progress in self.progress.values()
-        )
+        """Whether any follower is due an AppendEntries now (a query only; `Progress.is_due`).
+        A loop, not `any` of a generator: asked at every `has_ready`, the last of a pass's always
+        answered no (benches.replicator_paths `leader_pass`)."""
+        for progress in self.progress.values():
+            if progress.is_due(last_index, commit_index, window, bytes_max, stored_through):
+                return True
+        return False
 
     def notices_held(self, commit_index: int, window: int, bytes_max: int) -> bool:
         """Whether a follower streamed to lacks `commit_index` and has room for a commit notice
         (`RaftConfig.defer_commit_notices`; a query only)."""
-        return any(
-            progress.state is REPLICATE and progress.commit_sent < commit_index
-            and progress.has_room(window, bytes_max)
-            for progress in self.progress.values()
-        )
+        for progress in self.progress.values():  # a loop, not `any`: as `appends_due`
+            if (progress.state is REPLICATE and progress.commit_sent < commit_index
+                    and progress.has_room(window, bytes_max)):
+                return True
+        return False
 
     def committed_index(self, own_stable_index: int) -> int:
         """The highest index a majority (the leader counting its durable entries) has matched."""
