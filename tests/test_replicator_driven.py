@@ -326,3 +326,27 @@ def test_a_granted_vote_is_on_disk_before_its_answer_leaves(follower: DrivenRepl
     assert answers, seen
     for message, on_disk in answers:
         assert message.granted and (on_disk.term, on_disk.vote) == (5, 3), (message, on_disk)
+
+
+def test_a_leaders_pending_bytes_are_its_held_records_lengths_until_they_commit(tmp_dir: Path, unique: str) -> None:
+    """`PendingForwards.bytes` (its bound: `full()` stops the leader reading proposals) is the sum of
+    the records it holds, when `_propose` hands it the region's length for the stamped copies:
+    a proposal region of commands of several sizes, held, then released by their commit."""
+    with driven_replicator(tmp_dir, unique, 1) as driven:
+        peers = DirectCluster(3, cluster_id=CLUSTER_ID)
+        peers.crash(LEADER_ID)  # the driven replicator is node 1
+        replicator = driven.replicator
+        driven.run_scheduled()
+        while not driven.transport.sent:  # its election timeout: a PreVote
+            driven.tick()
+        route(driven, peers)
+        assert replicator.core.raft_role is LEADER
+        pending = replicator.pending
+        driven.propose(*(command(request_id, size) for request_id, size in enumerate((16, 21, 300, 7, 1000), 1)))
+        replicator._on_bell()
+        driven.run_scheduled()  # the pass: stamped, proposed, held by index
+        assert len(pending) == 5
+        assert pending.bytes == sum(map(len, pending.records(True))) > 0
+        route(driven, peers)  # answered: committed, released
+        assert replicator.core.commit_index == replicator.core.log.last_index
+        assert len(pending) == 0 and pending.bytes == 0
