@@ -152,8 +152,6 @@ _REFUSED_DECODER: Final = peer_wire.REFUSED_DECODER
 _MESSAGES: Final = int(FrameKind.MESSAGES)
 _RECORDS: Final = int(FrameKind.RECORDS)
 _REFUSED: Final = int(FrameKind.REFUSED)
-_HELLO: Final = int(FrameKind.HELLO)
-_CHALLENGE: Final = int(FrameKind.CHALLENGE)
 _DIALLER: Final = Side.DIALLER
 
 _BODY_BYTES_MAX: Final = PEER_FRAME_BYTES_MAX - FRAME_HEADER_BYTES
@@ -482,11 +480,10 @@ class PeerConnection:
     def _handle_frame(
         self, kind: int, buffer: bytes | bytearray, position: int, body: int
     ) -> PeerEvent | None:
-        """A handshake frame (`next_event` hands data frames to `_handle_data` itself)."""
-        if kind == _HELLO:
+        if kind == FrameKind.HELLO:  # a handshake frame (`next_event` takes data frames itself)
             self._handle_hello(buffer, body)
             return None
-        if kind == _CHALLENGE:
+        if kind == FrameKind.CHALLENGE:
             return self._handle_challenge(buffer, body)
         assert kind == FrameKind.AUTH, kind
         return self._handle_auth(buffer, body)
