@@ -97,14 +97,15 @@ def _frames(records: int) -> list[tuple[int, memoryview]]:
 
 
 def positions_loop(records: int, batch: int) -> float:
-    lengths = [PAYLOAD_BYTES + 48] * batch
-    run_bytes = sum(lengths)
+    run = [bytes(PAYLOAD_BYTES + 48)] * batch
+    run_bytes = sum(map(len, run))
 
     def loop() -> float:
         positions = RingPositions(0, 0)
         started = time.thread_time()
         for first in range(1, records + 1, batch):
-            positions.wrote_run(first, (first - 1) // batch * run_bytes, lengths)
+            start = (first - 1) // batch * run_bytes
+            positions.wrote_run(first, start, start + run_bytes, run)
             positions.commit(first + batch - 1)
         return time.thread_time() - started
 

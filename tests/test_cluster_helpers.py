@@ -653,12 +653,12 @@ def test_a_run_of_entries_written_at_once_ends_where_each_written_alone_would() 
         end += length
         alone.wrote(11 + offset, end)
     run = RingPositions(start_index=10, start_position=0)
-    run.wrote_run(11, 4096, lengths)
+    run.wrote_run(11, 4096, end, [bytes(length) for length in lengths])
     assert run.written_index == alone.written_index == 15
     for index in (12, 13, 15):
         assert run.commit(index) == alone.commit(index)
         assert (run.commit_index, run.commit_position) == (alone.commit_index, alone.commit_position)
-    run.wrote_run(16, end, [])  # an empty run writes nothing
+    run.wrote_run(16, end, end, [])  # an empty run writes nothing
     assert run.written_index == 15
 
 
@@ -675,11 +675,11 @@ def test_the_commit_position_held_by_runs_moves_as_one_entry_at_a_time_would() -
             written = positions.written_index
             if step < 0.4:
                 lengths = [rng.choice((48, 64, 136)) for _ in range(rng.randint(0, 6))]
-                end = ends[written]
-                positions.wrote_run(written + 1, end, lengths)
+                end = start = ends[written]
                 for offset, length in enumerate(lengths):
                     end += length
                     ends[written + 1 + offset] = end
+                positions.wrote_run(written + 1, start, end, [bytes(length) for length in lengths])
             elif step < 0.55:
                 positions.wrote(written + 1, ends[written] + 56)
                 ends[written + 1] = ends[written] + 56
@@ -819,6 +819,92 @@ def test_a_feed_that_meets_the_wrap_writes_one_run_and_publishes_it_not_its_whol
     finally:
         ring.close()
         ring.unlink()
+
+
+def test_a_feed_of_the_lists_handed_in_puts_each_entry_where_one_write_at_a_time_would(
+    unique: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The feed keeps the lists it is handed (no per-entry copy into a queue) and the positions
+    work out a run's entry ends only when a commit falls inside it. Random lists queued, entries
+    replaced before they reach the ring, writes that meet the wrap and the gate, runs gathered
+    across lists, commits anywhere: the journaller reads every entry kept, once, in order; each
+    commit position is where the entry ends when the same entries are written one at a time into
+    a ring of the same size; the counters follow; no list handed in is changed."""
+    from daemon.roles import replicator_ring
+    from daemon.roles.replicator_ring import RingFeed
+    from ipc.counters import Counter
+
+    monkeypatch.setattr(replicator_ring, "WRITE_RUN_RECORDS_MAX", 9)  # runs gathered and cut often
+    capacity = 1 << 12
+    rng = random.Random(23)
+
+    def record(index: int) -> bytes:
+        length = rng.choice((24, 29, 48, 61, 136, 203))  # frame bytes, some padded to 8
+        body = struct.pack("<IIQ", length, 7, index) + bytes(length - 16)
+        return body + bytes(-length & 7)
+
+    for trial in range(40):
+        ring = Ring.create(f"/seqd.{unique}.feed{trial}", capacity, readers=("journaller", "blp"))
+        reference = Ring.create(f"/seqd.{unique}.ref{trial}", capacity, readers=("journaller",))
+        try:
+            words = memoryview(bytearray(16)).cast("q")
+            positions = RingPositions(start_index=0, start_position=0)
+            feed = RingFeed(ring.writer(), positions, Counter("index", words, 0), Counter("position", words, 1))
+            journaller, blp = ring.reader("journaller"), ring.reader("blp")
+            handed: list[tuple[list[bytes], list[bytes]]] = []  # each list, and a copy of it
+            kept: list[bytes] = []  # every entry queued and not replaced, in index order
+            seen: list[bytes] = []
+            commits: list[tuple[int, int]] = []
+
+            def drain(reader: ipc.RingReader, into: list[bytes] | None) -> None:
+                while reader.ready():  # one poll stops at the wrap
+                    frames = reader.poll(capacity)
+                    if into is not None:
+                        into += (bytes(view) for _, view in frames)
+                    reader.release()
+
+            for _ in range(60):
+                step = rng.random()
+                if step < 0.3:
+                    records = [record(feed.end_index + k) for k in range(rng.randint(0, 14))]
+                    handed.append((records, list(records)))
+                    feed.extend(records)
+                    kept += records
+                elif step < 0.4 and len(feed):
+                    assert feed.pop_last() == kept.pop()
+                elif step < 0.7:
+                    feed.write()
+                elif step < 0.85:
+                    drain(journaller, seen)
+                    drain(blp, None)  # the blp reads only what is committed: a lagging one gates
+                elif positions.written_index:
+                    positions.commit(rng.randint(positions.commit_index, positions.written_index + 2))
+                    commits.append((positions.commit_index, positions.commit_position))
+                assert feed.next_index == positions.written_index + 1 == words[0] + 1
+                assert feed.end_index == len(kept) + 1
+                assert len(feed) == len(kept) - positions.written_index
+            while len(feed):
+                drain(journaller, seen)
+                drain(blp, None)
+                assert feed.write()
+            drain(journaller, seen)
+            assert words[1] == feed.writer.published_position
+            assert seen == [record[8 : struct.unpack_from("<I", record)[0]] for record in kept]
+            assert all(records == copy for records, copy in handed)
+            positions.commit(len(kept))
+            commits.append((positions.commit_index, positions.commit_position))
+            writer, reference_reader = reference.writer(), reference.reader("journaller")
+            ends = {0: 0}
+            for index, entry in enumerate(kept, 1):
+                length, frame_type = struct.unpack_from("<II", entry)
+                assert writer.try_write(entry[8:length], frame_type)
+                ends[index] = writer.claim_position
+                drain(reference_reader, None)
+            assert all(ends[index] == position for index, position in commits), commits
+        finally:
+            for made in (ring, reference):
+                made.close()
+                made.unlink()
 
 
 def test_entries_held_in_runs_are_told_apart_from_the_rest_from_either_end_of_the_runs() -> None:

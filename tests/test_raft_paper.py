@@ -515,6 +515,40 @@ def test_quorum_index_is_the_largest_value_a_majority_reached(
     assert quorum_index(values, quorum) == expected
 
 
+def test_the_logs_last_index_follows_every_change_of_the_log() -> None:
+    """`RaftLog.last_index` is a field kept by each change (it was a property, read ~12 times a
+    message): appends, runs, merges that cut, drops to storage, compaction, a restart's start and a
+    snapshot's restore, in a random order, against `offset_index + len(terms)`."""
+    from sequencer.raft.storage import MemoryLogStorage
+
+    rng = random.Random(7)
+    for _ in range(200):
+        log = RaftLog(storage=MemoryLogStorage())
+        term = 1
+        for _ in range(30):
+            step = rng.random()
+            last = log.offset_index + len(log.terms)
+            if step < 0.3:
+                terms = [term] * rng.randint(0, 4)
+                log.append(terms, [b"x"] * len(terms))
+            elif step < 0.45:
+                log.append_run(term, [b"y"] * rng.randint(0, 3))
+            elif step < 0.6 and last > log.offset_index:
+                term += 1  # a new leader replaces a suffix
+                previous = rng.randint(log.offset_index, last)
+                incoming = [term] * rng.randint(1, 4)
+                log.merge(previous, incoming, [b"z"] * len(incoming))
+            elif step < 0.7 and last > log.offset_index:
+                log.drop_to(rng.randint(log.offset_index + 1, last))
+            elif step < 0.8 and last > log.offset_index:
+                log.compact(rng.randint(log.offset_index + 1, last))
+            elif step < 0.9:
+                log.restore(last + rng.randint(0, 3), term)
+            elif not log.terms:
+                log.start_after(log.offset_index + rng.randint(0, 2), term)
+            assert log.last_index == log.offset_index + len(log.terms)
+
+
 @settings(max_examples=200)
 @given(
     st.lists(st.integers(1, 4), max_size=12).map(sorted),
@@ -538,3 +572,4 @@ def test_log_merge_matches_a_naive_model(existing: list[int], at: int, incoming:
             model.append(term)
     assert log.terms == model
     assert log.payloads == [b"%d" % t for t in model]
+    assert log.last_index == len(model)  # a field the log keeps, not worked out when read

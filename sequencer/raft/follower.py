@@ -94,7 +94,8 @@ class Follower:
         """The durable index rose: send the acknowledgement that waited for it."""
         pending = self.ack_pending_index
         if pending:
-            index = min(pending, self._writes.stable_index)
+            stable_index = self._writes.stable_index
+            index = pending if pending < stable_index else stable_index
             if index > self.ack_sent_index:
                 self.ack_sent_index = index
                 self.answer(self.ack_leader, term, True, index)
@@ -142,7 +143,11 @@ class Follower:
         last_new_index = previous_index + len(terms)
         if message.commit_index > commit_index:
             # Figure 2: "commitIndex = min(leaderCommit, index of last new entry)".
-            commit_index = max(commit_index, min(message.commit_index, last_new_index))
+            # (`max(commit_index, min(...))` without the calls: ~0.9k instructions each on 3.11)
+            leader_commit = message.commit_index
+            new_commit = leader_commit if leader_commit < last_new_index else last_new_index
+            if new_commit > commit_index:
+                commit_index = new_commit
         # A follower acknowledges only what is durable: the answer waits for `durable()` if need be.
         self.acknowledge(message.source, last_new_index, term, message.notice)
         return commit_index, changed

@@ -146,6 +146,14 @@ _RECORDS_DECODER: Final = peer_wire.RECORDS_DECODER
 _MESSAGES_DECODER: Final = peer_wire.MESSAGES_DECODER
 _REFUSED_DECODER: Final = peer_wire.REFUSED_DECODER
 
+# The kinds a received frame is compared with, as ints: a member of an enum class read on
+# CPython 3.11 goes through the metaclass's attribute hook, ~0.2 us each (~3.4k instructions a
+# frame received, of ~51k: benches.replicator_paths `follower`, benches/RESULTS.md "follrec2").
+_MESSAGES: Final = int(FrameKind.MESSAGES)
+_RECORDS: Final = int(FrameKind.RECORDS)
+_REFUSED: Final = int(FrameKind.REFUSED)
+_DIALLER: Final = Side.DIALLER
+
 _BODY_BYTES_MAX: Final = PEER_FRAME_BYTES_MAX - FRAME_HEADER_BYTES
 _DATA_BODY_BYTES_MIN: Final = DATA_HEADER.size + 1  # a payload is at least a msgpack array header
 _KIND_NAMES: Final = {int(kind): kind.name for kind in FrameKind}
@@ -317,7 +325,8 @@ class PeerConnection:
             LocalPeerProtocolError: the connection failed earlier, EOF was already passed, or the
                 shell broke the buffering rule (see RECEIVE_BUFFER_BYTES_MAX).
         """
-        self._check_usable()
+        if self._error is not None:
+            self._check_usable()  # raises
         if self._peer_closed:
             raise LocalPeerProtocolError(
                 "receive_after_eof",
@@ -360,7 +369,8 @@ class PeerConnection:
             PeerProtocolError: the peer broke the protocol or failed authentication; count
                 `error.code` and close the socket.
         """
-        self._check_usable()
+        if self._error is not None:
+            self._check_usable()  # raises
         try:
             while True:
                 buffer = self._buffer
@@ -375,7 +385,10 @@ class PeerConnection:
                 if frame_end > len(buffer):
                     return self._need_data(available)
                 self._start = frame_end
-                event = self._handle_frame(kind, buffer, position, body, frame_end)
+                if kind == _MESSAGES or kind == _RECORDS or kind == _REFUSED:
+                    event: PeerEvent | None = self._handle_data(kind, buffer, position, body, frame_end)
+                else:
+                    event = self._handle_frame(kind, buffer, position, body)
                 if self._start == len(buffer):
                     self._buffer = b""  # all consumed: the next read is parsed in place
                     self._start = 0
@@ -431,20 +444,20 @@ class PeerConnection:
                     f"{_HANDSHAKE_BODY_BYTES[kind]}: the peer is not a seqd peer of this version",
                 )
             return
-        if kind == FrameKind.RECORDS and self._side is Side.DIALLER:
+        if kind == _RECORDS and self._side is _DIALLER:
             raise PeerProtocolError(
                 "unexpected_kind",
                 f"RECORDS from node {self._peer_id}, which this node dialled: a node forwards only "
                 "on the connection it dialled; its sender is broken",
             )
-        if kind != FrameKind.MESSAGES and kind != FrameKind.RECORDS:
-            if kind != FrameKind.REFUSED:
+        if kind != _MESSAGES and kind != _RECORDS:
+            if kind != _REFUSED:
                 raise PeerProtocolError(
                     "unexpected_kind",
                     f"{_KIND_NAMES[kind]} after the handshake completed; the peer is broken or "
                     "replaying a handshake",
                 )
-            if self._side is not Side.DIALLER:
+            if self._side is not _DIALLER:
                 raise PeerProtocolError(
                     "unexpected_kind",
                     f"REFUSED from node {self._peer_id}, which dialled this node: only the node "
@@ -465,11 +478,9 @@ class PeerConnection:
             )
 
     def _handle_frame(
-        self, kind: int, buffer: bytes | bytearray, position: int, body: int, frame_end: int
+        self, kind: int, buffer: bytes | bytearray, position: int, body: int
     ) -> PeerEvent | None:
-        if kind == FrameKind.MESSAGES or kind == FrameKind.RECORDS or kind == FrameKind.REFUSED:
-            return self._handle_data(kind, buffer, position, body, frame_end)
-        if kind == FrameKind.HELLO:
+        if kind == FrameKind.HELLO:  # a handshake frame (`next_event` takes data frames itself)
             self._handle_hello(buffer, body)
             return None
         if kind == FrameKind.CHALLENGE:
@@ -512,44 +523,45 @@ class PeerConnection:
         sequence, mac = DATA_HEADER.unpack_from(buffer, body)
         payload = body + DATA_HEADER.size
         check = self._receive_mac.copy()
-        with memoryview(buffer) as view:
+        # One view for the MAC and the decode; msgspec copies every bytes field out, so nothing
+        # decoded keeps the buffer exported once it is released.
+        with memoryview(buffer) as view, view[payload:frame_end] as data:
             check.update(view[position : body + 8])  # header and sequence
-            check.update(view[payload:frame_end])
-        if not hmac.compare_digest(check.digest(), mac):
-            raise PeerProtocolError(
-                "bad_mac",
-                f"a {_KIND_NAMES[kind]} frame from node {self._peer_id} fails its MAC: tampered "
-                "with on the way, or injected from another connection",
-            )
-        if sequence != self._sequence_in:
-            raise PeerProtocolError(
-                "replayed_frame",
-                f"a genuine frame from node {self._peer_id} carries sequence {sequence}, expected "
-                f"{self._sequence_in}: a replayed or reordered frame",
-            )
-        self._sequence_in += 1
-        try:
-            # msgspec copies every bytes field out, so nothing decoded keeps the buffer exported.
-            with memoryview(buffer) as view:
-                if kind == FrameKind.MESSAGES:
-                    messages: list[Message] = _MESSAGES_DECODER.decode(view[payload:frame_end])  # type: ignore[assignment]
-                    self._check_items(messages, kind)
+            check.update(data)
+            if not hmac.compare_digest(check.digest(), mac):
+                raise PeerProtocolError(
+                    "bad_mac",
+                    f"a {_KIND_NAMES[kind]} frame from node {self._peer_id} fails its MAC: tampered "
+                    "with on the way, or injected from another connection",
+                )
+            if sequence != self._sequence_in:
+                raise PeerProtocolError(
+                    "replayed_frame",
+                    f"a genuine frame from node {self._peer_id} carries sequence {sequence}, "
+                    f"expected {self._sequence_in}: a replayed or reordered frame",
+                )
+            self._sequence_in += 1
+            try:
+                if kind == _MESSAGES:
+                    messages: list[Message] = _MESSAGES_DECODER.decode(data)  # type: ignore[assignment]
+                    if not 0 < len(messages) <= ITEMS_PER_FRAME_MAX:
+                        self._check_items(messages, kind)  # raises
                     self._check_addresses(messages)
                     return MessageBatch(messages)
-                if kind == FrameKind.REFUSED:
-                    refusals = _REFUSED_DECODER.decode(view[payload:frame_end])
+                if kind == _REFUSED:
+                    refusals = _REFUSED_DECODER.decode(data)
                     if len(refusals) != 1:
                         raise msgspec.DecodeError(f"{len(refusals)} refusals, not one")
                     return RecordsRefused(refusals[0].reason)
-                records = _RECORDS_DECODER.decode(view[payload:frame_end])
+                records = _RECORDS_DECODER.decode(data)
                 self._check_items(records, kind)
                 return RecordBatch(records)
-        except msgspec.DecodeError as error:  # ValidationError is a DecodeError
-            raise PeerProtocolError(
-                "malformed_frame",
-                f"an authenticated {_KIND_NAMES[kind]} frame from node {self._peer_id} does not "
-                f"decode ({error}): run the same seqd version on every node",
-            ) from None
+            except msgspec.DecodeError as error:  # ValidationError is a DecodeError
+                raise PeerProtocolError(
+                    "malformed_frame",
+                    f"an authenticated {_KIND_NAMES[kind]} frame from node {self._peer_id} does "
+                    f"not decode ({error}): run the same seqd version on every node",
+                ) from None
 
     def _check_items(self, items: Sequence[object], kind: int) -> None:
         if not 0 < len(items) <= ITEMS_PER_FRAME_MAX:

@@ -65,8 +65,11 @@ class Readies:
         if self._messages:
             return True
         commit_index = self.commit_index
-        # The highest committed index this node holds durably: what it may apply and persist.
-        durable_commit_index = min(commit_index, self.stable_index)
+        # The highest committed index this node holds durably: what it may apply and persist. (Not
+        # `min` nor the `stable_index` property: this runs several times a message, and on CPython
+        # 3.11 each of those calls costs ~0.9-1.4k instructions, benches/RESULTS.md "follrec2".)
+        stable_index = self._durable.stable_index
+        durable_commit_index = commit_index if commit_index < stable_index else stable_index
         persisted = self._persisted_hard_state
         return bool(
             self._reads.ready
@@ -98,7 +101,9 @@ class Readies:
             terms, payloads = log.slice(self._unstable_from, last_index + 1)
             ready.entries = Entries(self._unstable_from, terms, payloads)
             self._unstable_from = last_index + 1
-        durable_commit_index = min(self.commit_index, self.stable_index)
+        commit_index = self.commit_index
+        stable_index = self._durable.stable_index
+        durable_commit_index = commit_index if commit_index < stable_index else stable_index
         persisted = self._persisted_hard_state
         if (
             persisted.commit_index != durable_commit_index
@@ -162,7 +167,7 @@ class Readies:
         elif ready.snapshot is not None:
             self._stable_advanced()
         assert self.applied_index <= self.commit_index, (self.applied_index, self.commit_index)
-        assert self.stable_index <= self.log.last_index, (self.stable_index, self.log.last_index)
+        assert self._durable.stable_index <= self.log.last_index, (self._durable.stable_index, self.log.last_index)
         assert (self._leader is not None) == (self.raft_role is LEADER), self.raft_role
         if ready.committed is not None and self.log.storage is not None:
             self._release_memory()
