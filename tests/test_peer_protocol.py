@@ -414,6 +414,15 @@ def test_a_frame_with_more_items_than_the_bound_is_refused(monkeypatch: pytest.M
     refused(accepting, frame, "malformed_frame")
 
 
+def test_an_authenticated_messages_frame_with_no_message_is_refused() -> None:
+    # An empty MESSAGES frame, MACed as an honest sender would: its item count is out of bounds
+    # (1..ITEMS_PER_FRAME_MAX; an honest sender never sends one), whatever decodes it.
+    dialling, accepting, _ = handshake()
+    frame = bytearray(dialling.send_messages([heartbeat()])[:DATA_OFFSET] + b"\x90")  # msgpack []
+    FRAME_HEADER.pack_into(frame, 0, len(frame) - FRAME_HEADER_BYTES, FrameKind.MESSAGES, PROTOCOL_VERSION, 0)
+    refused(accepting, _remac(dialling, bytes(frame)), "malformed_frame")
+
+
 def test_an_authenticated_frame_that_does_not_decode_is_refused() -> None:
     dialling, accepting, _ = handshake()
     # A COMMANDS frame carrying messages, MACed as an honest sender would: only the decoder

@@ -98,6 +98,8 @@ class Readies:
             self._pending_snapshot = None
         last_index = log.last_index
         if last_index >= self._unstable_from:
+            # Fresh lists (`slice` copies): the replicator's `RingFeed` and `RingPositions` keep this
+            # one, uncopied, until the commit passes it; the log's own truncation must not reach it.
             terms, payloads = log.slice(self._unstable_from, last_index + 1)
             ready.entries = Entries(self._unstable_from, terms, payloads)
             self._unstable_from = last_index + 1
