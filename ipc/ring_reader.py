@@ -35,6 +35,9 @@ _PUBLISHED: Final = ring_layout.PUBLISHED
 _cursor_word: Final = ring_layout.cursor_word
 _parked_word: Final = ring_layout.parked_word
 frame_bytes: Final = ring_layout.frame_bytes
+# The region `poll_region` returns when nothing is readable (a view of no bytes, shared: it
+# costs the empty cycle no slice of the ring).
+_NO_BYTES: Final = memoryview(b"")
 
 
 class RingReader:
@@ -237,14 +240,15 @@ class RingReader:
             self.release()
         position = self._pending
         available = self._refresh()
+        if position >= available:  # nothing readable: the idle cycle's poll
+            return position, _NO_BYTES
         words = self._words
         mask = self._mask
-        if position < available:
-            word = words[(position & mask) >> 3]
-            if word >= _PADDING_WORD:
-                position += word & _LENGTH_MASK
-                self._pending = self._position = position
-                self._control[self._cursor] = position
+        word = words[(position & mask) >> 3]
+        if word >= _PADDING_WORD:
+            position += word & _LENGTH_MASK
+            self._pending = self._position = position
+            self._control[self._cursor] = position
         start = position
         index = start & mask
         lap_end = start - index + self._capacity

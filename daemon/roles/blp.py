@@ -209,7 +209,7 @@ class BlpAgent(Agent):
         """Returns the records applied, or the outputs written while the egress ring was full.
         `now_ns` is unused: the blp never reads the clock (a record's time is its timestamp)."""
         if self.unwritten:
-            return self._write_outputs()
+            return self._write_outputs(self.reader.position)
         reader = self.reader
         start, region = reader.poll_region(self.region_bytes_max, limit_on_frames=True)
         position = start
@@ -252,7 +252,7 @@ class BlpAgent(Agent):
         # sees the blp caught up.
         if position != self.applied_position_seen:
             self.unwritten = self.processor.drain_outputs()
-            self._write_outputs()
+            self._write_outputs(position)
         if self.snapshot_writers:
             self._reap_snapshot_writers(block=False)
         return applied
@@ -273,9 +273,10 @@ class BlpAgent(Agent):
             self.raises_refused.set(versions.raises_refused)
             log.warning("%s", versions.last_refusal)
 
-    def _write_outputs(self) -> int:
+    def _write_outputs(self, position: int) -> int:
         """Write what is unwritten to egress (a full ring keeps the rest for the next cycle; never
-        drops); once all is written, publish the applied position. Returns the outputs written."""
+        drops); once all is written, publish the applied `position` (the reader's cursor). Returns
+        the outputs written."""
         outputs = self.unwritten
         written = 0
         values = self.values
@@ -289,7 +290,7 @@ class BlpAgent(Agent):
                 return written
             self.unwritten = []
         processor = self.processor
-        position = self.applied_position_seen = self.reader.position
+        self.applied_position_seen = position
         values[self.applied_position_word] = position
         values[self.applied_index_word] = processor.applied_index
         values[self.rolling_hash_word] = processor.rolling_hash & 0x7FFF_FFFF_FFFF_FFFF
