@@ -467,7 +467,7 @@ class Processor(Generic[App]):
         apply = self.apply_frame
         count = 0
         for (length, frame_type), start, _after in walk_records(run, FRAME_HEADER):
-            apply(frame_type, run[start + FRAME_HEADER_BYTES : start + length])
+            apply(frame_type, run, start + FRAME_HEADER_BYTES, start + length)
             if self.snapshot_requested:
                 self.snapshot_requested = False
                 if on_snapshot is not None:

@@ -129,6 +129,11 @@ class BlpAgent(Agent):
 
     One cycle applies at most FRAMES_PER_POLL_MAX records. The reader's limit is the commit
     position, so nothing past it is applied, and outputs (replies) leave only for what is durable.
+    The records come as one region of the log ring (`poll_region`, taken to the commit position
+    without a walk: it is a frame boundary, a cursor or a record's end) and are walked by offset,
+    each handed to the processor as (frame type, region, start, end): no tuple or view per record
+    (benches/RESULTS.md, "blpregion"). A frame that runs past the region's end (a limit inside it,
+    which no writer of the limit makes) is not applied: the cycle stops before it.
     A cycle never waits for the egress ring: outputs it has no room for are kept (`unwritten`)
     and written first by the next cycles, and no record is applied until they are, so the
     outputs held are at most one batch's.
