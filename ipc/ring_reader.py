@@ -35,6 +35,9 @@ _PUBLISHED: Final = ring_layout.PUBLISHED
 _cursor_word: Final = ring_layout.cursor_word
 _parked_word: Final = ring_layout.parked_word
 frame_bytes: Final = ring_layout.frame_bytes
+# The region `poll_region` returns when nothing is readable (a view of no bytes, shared: it
+# costs the empty cycle no slice of the ring).
+_NO_BYTES: Final = memoryview(b"")
 
 
 class RingReader:
@@ -220,34 +223,46 @@ class RingReader:
             word = self._words[(position & self._mask) >> 3]
         return ((word & _LENGTH_MASK) + 7) & -8
 
-    def poll_region(self, max_bytes: int) -> tuple[int, memoryview]:
+    def poll_region(self, max_bytes: int, *, limit_on_frames: bool = False) -> tuple[int, memoryview]:
         """A contiguous run of whole frames, at most `max_bytes`, as (start position, view).
 
         Padding is excluded (a region never crosses the wrap). An empty view means nothing is
         readable, or the next frame is larger than `max_bytes`. Releases the previous poll first;
-        `release()` moves the cursor past the region.
+        `release()` moves the cursor past the region, `release_to()` past part of it.
+
+        A region that ends where the readable bytes end is taken without walking its frames when
+        they end on a frame boundary: always for a reader bounded by `published` and cursors; for
+        one with a limit counter only with `limit_on_frames`, by which the caller vouches that
+        the limit holds a frame boundary (as `Ring.reader` asks of it). If it ever does not, the
+        region's last frame runs past its end: such a caller must not take a frame that does.
         """
-        self.release()
+        if self._pending != self._position:
+            self.release()
         position = self._pending
         available = self._refresh()
+        if position >= available:  # nothing readable: the idle cycle's poll
+            return position, _NO_BYTES
         words = self._words
         mask = self._mask
-        if position < available:
-            word = words[(position & mask) >> 3]
-            if word >= _PADDING_WORD:
-                position += word & _LENGTH_MASK
-                self._pending = self._position = position
-                self._control[self._cursor] = position
+        word = words[(position & mask) >> 3]
+        if word >= _PADDING_WORD:
+            position += word & _LENGTH_MASK
+            self._pending = self._position = position
+            self._control[self._cursor] = position
         start = position
         index = start & mask
         lap_end = start - index + self._capacity
-        end_max = min(available, start + max_bytes, lap_end)
+        end_max = start + max_bytes
+        if end_max > available:
+            end_max = available
+        if end_max > lap_end:
+            end_max = lap_end
         if end_max <= start:
             end = start
-        elif end_max == available and available != lap_end and self._limit is None:
+        elif end_max == available and available != lap_end and (limit_on_frames or self._limit is None):
             # The whole readable run lies inside this lap, so it holds no padding, and it ends
-            # on a frame boundary (cursors always do; a limit counter might not).
-            end = end_max
+            # on a frame boundary (cursors always do; the limit counter as vouched for).
+            end = end_max & -8
         else:
             end = start
             while end < end_max:
@@ -260,6 +275,13 @@ class RingReader:
                 end = frame_end
         self._pending = end
         return start, self._data[index : index + (end - start)]
+
+    def release_to(self, position: int) -> None:
+        """Move the cursor to `position`, a frame boundary in what the last `poll_region`
+        returned: the frames after it are returned again by the next poll."""
+        assert self._position <= position <= self._pending, (self._position, position, self._pending)
+        self._position = self._pending = position
+        self._control[self._cursor] = position
 
     def close(self) -> None:
         """Give up this reader slot (its cursor stays where it is). Idempotent."""

@@ -267,8 +267,8 @@ class Processor(Generic[App]):
 
     # -- records in -------------------------------------------------------------------------
 
-    def apply_frame(self, frame_type: int, view: Any) -> None:
-        """Applies one record; `view` is the record after the 8-byte ring frame header.
+    def apply_frame(self, frame_type: int, view: Any, start: int = 0, end: int | None = None) -> None:
+        """Applies one record: `view[start:end]`, the record after its 8-byte ring frame header.
 
         `frame_type` is record type | version << 16. Records must come gapless, in index order.
         A COMMAND is the hot path: what every command does is inline here, what only some do
@@ -279,9 +279,9 @@ class Processor(Generic[App]):
         assert not self.snapshot_requested, "fork the snapshot writer before the next record"
         record_type = frame_type & 0xFFFF
         if record_type == _COMMAND:  # the tail and the command's prefix in one unpack
-            index, term, timestamp_ns, session_id, request_id, acked_request_id = _unpack_head(view, 0)
+            index, term, timestamp_ns, session_id, request_id, acked_request_id = _unpack_head(view, start)
         else:
-            index, term, timestamp_ns, session_id, request_id = _unpack_tail(view, 0)
+            index, term, timestamp_ns, session_id, request_id = _unpack_tail(view, start)
         assert index == self.applied_index + 1, (index, self.applied_index)
         # The context of every call into the app for this record: its session and client are
         # set by the caller (`_context_for`).
@@ -291,12 +291,12 @@ class Processor(Generic[App]):
         context.now = self.last_timestamp_ns = timestamp_ns
         if record_type != _COMMAND:
             if record_type != _COMMAND_PART:
-                self._apply_other(record_type, view, session_id)
+                self._apply_other(record_type, view[start:end], session_id)
                 if self._unhashed:  # the outputs of on_timer, on_session_open or on_session_close
                     self.rolling_hash = _crc32c(self._unhashed, self.rolling_hash)
                     self._unhashed = b""
                 return
-            acked_request_id = self._start_command_part(view, session_id, request_id)
+            acked_request_id = self._start_command_part(view[start:end], session_id, request_id)
             if acked_request_id < 0:
                 return
             # Else the part is applied below, as a command of its request.
@@ -325,7 +325,7 @@ class Processor(Generic[App]):
         try:
             # The view is shared memory that the ring reuses: a msgspec.Raw or memoryview field
             # of a command must not point into it, so such a schema decodes from a copy.
-            data = view[_COMMAND_OFFSET:]
+            data = view[start + _COMMAND_OFFSET : end]
             if command_version == self._version:
                 command = self._decode_current_command(bytes(data) if self._copy_commands else data)
             else:
@@ -467,7 +467,7 @@ class Processor(Generic[App]):
         apply = self.apply_frame
         count = 0
         for (length, frame_type), start, _after in walk_records(run, FRAME_HEADER):
-            apply(frame_type, run[start + FRAME_HEADER_BYTES : start + length])
+            apply(frame_type, run, start + FRAME_HEADER_BYTES, start + length)
             if self.snapshot_requested:
                 self.snapshot_requested = False
                 if on_snapshot is not None:

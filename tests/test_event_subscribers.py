@@ -278,22 +278,28 @@ def test_the_blp_reads_the_count_after_the_records_it_applies() -> None:
     # store lands, as it may in a real node between two cycles.
     from daemon.roles.blp import BlpAgent
 
-    values = [0, 1]  # the counters' words the blp reads: event subscribers, the commit index
+    values = [0, 2]  # the counters' words the blp reads: event subscribers, the commit index
     emitting: list[bool] = []
+    region = memoryview(FRAME_HEADER.pack(16, 0) + b"record\0\0")  # one frame: type 0, 8 bytes
 
-    def poll(frames_max: int) -> list[tuple[int, bytes]]:
+    def poll_region(bytes_max: int, *, limit_on_frames: bool) -> tuple[int, memoryview]:
         values[0] = 1  # the count, stored before the record below was published
-        return [(0, b"record")]
+        return 0, region
+
+    def apply_frame(kind: int, view: memoryview, start: int, end: int) -> None:
+        emitting.append(processor.emit_events)
+        processor.applied_index += 1
 
     processor = SimpleNamespace(emit_events=False, snapshot_requested=False, applied_index=1,
-                                drain_outputs=list, apply_frame=lambda kind, view: emitting.append(processor.emit_events))  # fmt: skip
+                                drain_outputs=list, apply_frame=apply_frame)  # fmt: skip
     versions = SimpleNamespace(active=0, raises_refused=0)
     rules = SimpleNamespace(active=1, due=0)  # the session rules' versions (sequencer/rules_versions.py)
     shell = SimpleNamespace(
         unwritten=[], processor=processor, values=values, event_subscribers_word=0, commit_index_word=1,
-        reader=SimpleNamespace(poll=poll, release=lambda: None, position=64), applied_position_seen=0,
-        snapshot_writers={}, _publish_versions=lambda: None, _write_outputs=lambda: 0, fork_snapshots=False,
-        versions=versions, rules=rules, versions_seen=(0, 0, 1, 0),
+        reader=SimpleNamespace(poll_region=poll_region, release_to=lambda position: None), region_bytes_max=64,
+        applied_position_seen=0, snapshot_writers={}, _publish_versions=lambda: None,
+        _write_outputs=lambda position: 0, fork_snapshots=False, versions=versions, rules=rules,
+        versions_seen=(0, 0, 1, 0),
     )  # fmt: skip
     assert BlpAgent.do_work(shell, 0) == 1  # type: ignore[arg-type]
     assert emitting == [True]

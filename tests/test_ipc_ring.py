@@ -159,6 +159,35 @@ def test_reader_never_passes_its_limit_counter(make_ring, unique):
         counters.unlink()
 
 
+def test_poll_region_takes_a_vouched_for_limit_without_a_walk_and_release_to_gives_back_the_rest(make_ring, unique):
+    counters = ipc.Counters.create(ipc.segment_name(unique, "counters"), ["commit"])
+    try:
+        commit = counters["commit"]
+        ring = make_ring(1024)
+        writer = ring.writer()
+        reader = ring.reader("a", limit=commit)
+        writer.try_write_batch([b"one", b"two", b"three"], 1)
+        commit.set(2 * frame_bytes(3))  # after "two"
+        start, region = reader.poll_region(1024, limit_on_frames=True)
+        assert (start, region.nbytes) == (0, 2 * frame_bytes(3))
+        reader.release_to(frame_bytes(3))  # the caller took "one" only
+        assert reader.position == ring.cursor("a") == frame_bytes(3)
+        start, region = reader.poll_region(1024, limit_on_frames=True)
+        assert (start, bytes(region[FRAME_HEADER_BYTES : FRAME_HEADER_BYTES + 3])) == (frame_bytes(3), b"two")
+        reader.release()
+        assert ring.cursor("a") == 2 * frame_bytes(3)
+        # A limit inside a frame: without the caller's word the walk finds no whole frame; with
+        # it, the region ends at the limit (the caller must not take the frame it cuts).
+        commit.set(2 * frame_bytes(3) + 12)
+        assert reader.poll_region(1024)[1].nbytes == 0
+        assert reader.poll_region(1024, limit_on_frames=True)[1].nbytes == 8
+        with pytest.raises(AssertionError):
+            reader.release_to(2 * frame_bytes(3) + 16)  # past what was returned
+    finally:
+        counters.close()
+        counters.unlink()
+
+
 def test_a_parked_reader_with_a_limit_is_rung_by_the_limits_advancer_not_by_each_publish(make_ring, unique):
     # The blp parks on the commit position: a publish below it is no work, so waking it for
     # each publish cost a second wake-up per command (benches/RESULTS.md, "per wake-up").

@@ -114,7 +114,9 @@ def _ring_frame(record: bytes) -> tuple[int, memoryview, bytearray]:
     return frame_type, memoryview(ring)[FRAME_HEADER_BYTES : FRAME_HEADER_BYTES + view.nbytes], ring
 
 
-def test_a_raw_or_memoryview_field_of_a_command_does_not_point_into_the_ring():
+@pytest.mark.parametrize("as_region", [False, True], ids=["view", "region"])
+def test_a_raw_or_memoryview_field_of_a_command_does_not_point_into_the_ring(as_region):
+    """As a view of the record, and as the blp's region walk hands it (the ring, the bounds)."""
     assert Keeper.schema.hot_codec().command_borrows_input
     processor = Processor(Keeper)
     feeder = Feeder(Keeper.schema)
@@ -122,7 +124,10 @@ def test_a_raw_or_memoryview_field_of_a_command_does_not_point_into_the_ring():
     processor.apply_frame(frame_type, view)
     command = _Keep(msgspec.Raw(msgspec.msgpack.encode("kept")), memoryview(b"also kept"))
     frame_type, view, ring = _ring_frame(feeder.command(S1, 1, command))
-    processor.apply_frame(frame_type, view)
+    if as_region:
+        processor.apply_frame(frame_type, memoryview(ring), FRAME_HEADER_BYTES, FRAME_HEADER_BYTES + view.nbytes)
+    else:
+        processor.apply_frame(frame_type, view)
     ring[:] = b"\xff" * len(ring)  # the writer's next lap
     ((raw, kept_view),) = processor.app.kept
     assert bytes(raw) == msgspec.msgpack.encode("kept")

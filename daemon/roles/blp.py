@@ -129,6 +129,11 @@ class BlpAgent(Agent):
 
     One cycle applies at most FRAMES_PER_POLL_MAX records. The reader's limit is the commit
     position, so nothing past it is applied, and outputs (replies) leave only for what is durable.
+    The records come as one region of the log ring (`poll_region`, taken to the commit position
+    without a walk: it is a frame boundary, a cursor or a record's end) and are walked by offset,
+    each handed to the processor as (frame type, region, start, end): no tuple or view per record
+    (benches/RESULTS.md, "blpregion"). A frame that runs past the region's end (a limit inside it,
+    which no writer of the limit makes) is not applied: the cycle stops before it.
     A cycle never waits for the egress ring: outputs it has no room for are kept (`unwritten`)
     and written first by the next cycles, and no record is applied until they are, so the
     outputs held are at most one batch's.
@@ -161,6 +166,7 @@ class BlpAgent(Agent):
         )
         self.reader = log_ring.reader(Role.BLP, limit=counters[commit_position])
         self.doorbell = self.reader.doorbell
+        self.region_bytes_max = log_ring.capacity  # no bound in bytes: FRAMES_PER_POLL_MAX is the bound
         self.writer = egress_ring.writer()
         self.snapshot_dir = snapshot_dir
         self.snapshot_keep = snapshot_keep
@@ -208,36 +214,53 @@ class BlpAgent(Agent):
         """Returns the records applied, or the outputs written while the egress ring was full.
         `now_ns` is unused: the blp never reads the clock (a record's time is its timestamp)."""
         if self.unwritten:
-            return self._write_outputs()
+            return self._write_outputs(self.reader.position)
         reader = self.reader
-        frames = reader.poll(FRAMES_PER_POLL_MAX)
-        if frames:
+        start, region = reader.poll_region(self.region_bytes_max, limit_on_frames=True)
+        position = start
+        applied = 0
+        if region:
             processor = self.processor
             values = self.values
             # Read after the records (docs/contracts.md, "Events reach the sessions that
             # subscribed"): a session that subscribed before any of them was sequenced is counted.
             processor.emit_events = values[self.event_subscribers_word] > 0
             apply_frame = processor.apply_frame
-            for kind, view in frames:
-                apply_frame(kind, view)
+            first_index = processor.applied_index
+            words = region.cast("Q")  # a region of whole frames is whole 8-byte words
+            end = len(region)
+            offset = 0
+            for _ in range(FRAMES_PER_POLL_MAX):
+                if offset >= end:
+                    break
+                word = words[offset >> 3]  # a frame's header: type << 32 | length
+                length = word & 0xFFFF_FFFF
+                following = offset + ((length + 7) & -8)
+                if following > end:  # cut by a limit inside it (never so, unless a bug): wait
+                    break
+                apply_frame(word >> 32, region, offset + 8, offset + length)
+                offset = following
                 if processor.snapshot_requested:
                     if self.fork_snapshots:
                         self._fork_snapshot_writer()
                     else:
                         processor.snapshot_requested = False
+            position = start + offset
+            reader.release_to(position)
+            applied = processor.applied_index - first_index
             # The commit index is stored before the commit position (the reader's limit).
             assert processor.applied_index <= values[self.commit_index_word], processor.applied_index
             versions, rules = self.versions, self.rules
             if (versions.active, versions.raises_refused, rules.active, rules.due) != self.versions_seen:
                 self._publish_versions()
-        reader.release()  # also moves past a padding frame that poll skipped without returning
-        # Published even when only padding was passed, so a drain sees the blp caught up.
-        if frames or reader.position != self.applied_position_seen:
+        # Published even when only padding was passed (poll_region moved past it), so a drain
+        # sees the blp caught up.
+        if position != self.applied_position_seen:
             self.unwritten = self.processor.drain_outputs()
-            self._write_outputs()
+            self._write_outputs(position)
         if self.snapshot_writers:
             self._reap_snapshot_writers(block=False)
-        return len(frames)
+        return applied
 
     def _publish_versions(self) -> None:
         """The active app version (the sequencer's gateway limit in a cluster) and refused raises,
@@ -255,9 +278,10 @@ class BlpAgent(Agent):
             self.raises_refused.set(versions.raises_refused)
             log.warning("%s", versions.last_refusal)
 
-    def _write_outputs(self) -> int:
+    def _write_outputs(self, position: int) -> int:
         """Write what is unwritten to egress (a full ring keeps the rest for the next cycle; never
-        drops); once all is written, publish the applied position. Returns the outputs written."""
+        drops); once all is written, publish the applied `position` (the reader's cursor). Returns
+        the outputs written."""
         outputs = self.unwritten
         written = 0
         values = self.values
@@ -271,7 +295,7 @@ class BlpAgent(Agent):
                 return written
             self.unwritten = []
         processor = self.processor
-        position = self.applied_position_seen = self.reader.position
+        self.applied_position_seen = position
         values[self.applied_position_word] = position
         values[self.applied_index_word] = processor.applied_index
         values[self.rolling_hash_word] = processor.rolling_hash & 0x7FFF_FFFF_FFFF_FFFF
