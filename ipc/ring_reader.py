@@ -5,7 +5,8 @@ Ordering (the reader's half; the argument that it holds across processes without
 then the frames below that, then stores its cursor. Frames returned by `poll` and `poll_region`
 are zero-copy views into the ring and stay valid until the reader's next `poll`/`poll_region`/
 `read`/`release`: only then does its cursor move past them, and only then may the writer reuse
-their bytes. `read` returns a copy.
+their bytes; `release_to(position)` moves it to `position`, and the bytes below that may be
+reused at once. `read` returns a copy.
 
 A reader may depend on other readers (`upstream`), so the business-logic reader never overtakes
 the journaller, and on an external limit counter (the commit position): it reads up to

@@ -133,7 +133,7 @@ class LogFollower:
         for run in self._runs(last):
             first = len(followed)
             for (length, record_type, version, index, _term, timestamp_ns, _session, _request), start, _end in walk_records(run, RECORD_HEADER):
-                apply(record_type | version << 16, run[start + FRAME_HEADER_BYTES : start + length])
+                apply(record_type | version << 16, run, start + FRAME_HEADER_BYTES, start + length)
                 processor.snapshot_requested = False  # a follower writes no snapshots
                 append(FollowedRecord(index, timestamp_ns, record_type, version,
                                       bytes(run[start : start + length]), []))  # fmt: skip
