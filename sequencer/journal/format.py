@@ -366,8 +366,9 @@ def _check_uniform(run: memoryview, first_index: int, term_before: int) -> tuple
     Python per record: each field of the record key is read as a strided view of the run (its
     u32, u16 or u64 words, one every `size` bytes) and checked by comparisons in C. Types, terms
     and lengths are compared with the first record's repeated (an `array`: item by item, with no
-    object per item); lengths that differ within the alignment, by their least and greatest; the
-    indexes with the range they must be. None for any other run, good or bad, and for a short
+    object per item); lengths that differ within the alignment, by one translate of their bytes
+    (`_length_spread`), or where that cannot decide, by their least and greatest; the indexes
+    with the range they must be. None for any other run, good or bad, and for a short
     one: the loop then checks it (and explains what is wrong).
 
     Equivalence with the loop (tests/test_journal_check.py): when every length lies within
