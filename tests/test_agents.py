@@ -217,6 +217,28 @@ def test_journaller_takes_at_most_batch_bytes_max_per_cycle(node):
     assert [record.index for record in read_records(node.journal_dir)] == list(range(1, last + 1))
 
 
+def test_journaller_takes_the_records_on_both_sides_of_the_ring_wrap_into_one_fdatasync(node):
+    journaller = node.journaller()
+    sequencer = node.sequencer
+    while sequencer.writer.published_position < LOG_CAPACITY_BYTES - 400:  # ~3 records short of the wrap
+        sequencer.write(RecordType.COMMAND, b"x" * 64)
+    journaller.do_work(NOW_NS)
+    for name in LOG_READERS:  # the other readers let the writer reuse the lap
+        if name != Role.JOURNALLER:
+            other = node.log_ring.reader(name)
+            while other.poll_region(LOG_CAPACITY_BYTES)[1]:
+                pass
+            other.release()
+    last = sequencer.index
+    while sequencer.writer.published_position < LOG_CAPACITY_BYTES + 400:  # records on both sides
+        last = sequencer.write(RecordType.COMMAND, b"x" * 64)
+    syncs = node["journal.syncs"]
+    assert journaller.do_work(NOW_NS) > 0
+    assert node["journal.syncs"] == syncs + 1  # the region past the wrap joined the first's fdatasync
+    assert node["journal.durable.index"] == last
+    assert journaller.do_work(NOW_NS) == 0
+
+
 def test_journaller_is_drained_only_once_everything_published_is_durable(node):
     last = node.sequencer.open_accounts(8)
     journaller = node.journaller(batch_bytes_max=4 * node.sequencer.end_of[1])

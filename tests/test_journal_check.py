@@ -155,3 +155,26 @@ def test_strided_check_refuses_a_length_below_the_header_in_a_run_of_header_only
             struct.pack_into("<I", run, start, length)
         view = memoryview(bytes(run))
         assert _outcome(check_records, view, 5, 1)[0] == "refused", length
+
+
+def test_strided_check_of_lengths_differing_within_the_alignment_at_every_kind_of_size():
+    # The lengths' one translate (`_length_spread`) holds where the spread of a size's lengths
+    # shares its upper bytes with the size and none of them lies in it (104, 1040); elsewhere
+    # (256: the spread crosses a byte; 264 and 520: an upper byte lies in it) the lengths are
+    # compared as a list. Either way: every good run taken, every length out of the spread refused.
+    count = UNIFORM_RUN_RECORDS_MIN
+    for size in (104, 256, 264, 520, 1040):
+        payloads = [size - 56 - 7 + n % 8 for n in range(count)]  # a COMMAND: 56 bytes before its payload
+        run = _run([1] * count, payloads, 5)
+        assert len(run) == count * size, (size, len(run))
+        view = memoryview(bytes(run))
+        assert _check_uniform(view, 5, 1) == (4 + count, 1), size
+        for length in (size - 8, size - 7, size, size + 1, size + 8, size + 256, size + (1 << 16), 47):
+            for start in (0, size * (count // 2), size * (count - 1)):
+                bad = bytearray(run)
+                struct.pack_into("<I", bad, start, length)
+                bad_view = memoryview(bytes(bad))
+                outcome = _outcome(check_records, bad_view, 5, 1)
+                assert outcome == _outcome(_explain_bad_run, bad_view, 5, 1), (size, length, start)
+                if not size - 7 <= length <= size:
+                    assert outcome[0] == "refused", (size, length, start)

@@ -103,7 +103,11 @@ class DiskWatch:
     def check(self, now_s: float) -> None:
         """Reserve room ahead (after appends, or when due) and publish the outcome."""
         shortage = self.journal.reserve_space()
-        self._set(now_s, DiskState.ROOM if shortage is None else DiskState.SHORT, str(shortage))
+        if shortage is None:
+            if self.state != DiskState.ROOM:  # the usual outcome, after every append: no call
+                self._set(now_s, DiskState.ROOM, "")
+            return
+        self._set(now_s, DiskState.SHORT, str(shortage))
 
     def full(self, now_s: float, error: JournalFullError) -> None:
         """A batch did not fit: it waits in the ring until the next attempt."""
@@ -263,7 +267,11 @@ class JournallerAgent(Agent):
                 # The second poll finds what lies past the wrap, and what was published while
                 # the first region was appended: it joins this fdatasync. Stopping after one
                 # region unless it ended at the wrap saved ~3 us of a poll a sync but cost 7%
-                # more fdatasyncs on one node (benches/RESULTS.md, "wakes (loaded)").
+                # more fdatasyncs on one node (benches/RESULTS.md, "wakes (loaded)"). A poll
+                # that finds nothing (the second, and every cycle's before a park) costs ~4x
+                # the cursor loads of `ready` (callgrind; benches/RESULTS.md, "journ2").
+                if not reader.ready():
+                    break
                 _start, region = reader.poll_region(self.batch_bytes_max - appended)
                 if not region:
                     break

@@ -118,6 +118,8 @@ _NATIVE_WORDS = sys.byteorder == "little" and [array(code).itemsize for code in 
 # 4.5-8.4).
 UNIFORM_RUN_RECORDS_MIN = 24 if _NATIVE_WORDS else 1 << 62
 assert RECORD_HEADER_BYTES % RECORD_ALIGNMENT == 0
+_LENGTH_SPREADS_MAX = 64  # `_length_spread`'s tables kept (one per record size in use)
+_length_spreads: dict[int, tuple[bytes, bytes]] = {}
 assert RECORD_KEY.format == "<IH2xQQ"  # the offsets `_check_uniform` reads: 0, 4, 8, 16
 _EMPTY = memoryview(b"")
 
@@ -364,8 +366,9 @@ def _check_uniform(run: memoryview, first_index: int, term_before: int) -> tuple
     Python per record: each field of the record key is read as a strided view of the run (its
     u32, u16 or u64 words, one every `size` bytes) and checked by comparisons in C. Types, terms
     and lengths are compared with the first record's repeated (an `array`: item by item, with no
-    object per item); lengths that differ within the alignment, by their least and greatest; the
-    indexes with the range they must be. None for any other run, good or bad, and for a short
+    object per item); lengths that differ within the alignment, by one translate of their bytes
+    (`_length_spread`), or where that cannot decide, by their least and greatest; the indexes
+    with the range they must be. None for any other run, good or bad, and for a short
     one: the loop then checks it (and explains what is wrong).
 
     Equivalence with the loop (tests/test_journal_check.py): when every length lies within
@@ -388,9 +391,14 @@ def _check_uniform(run: memoryview, first_index: int, term_before: int) -> tuple
         return None
     lengths = run.cast("I")[:: size >> 2]
     if lengths != array("I", (length,)) * count:  # lengths that differ within the alignment
-        listed = lengths.tolist()
-        if min(listed) < max(size - RECORD_ALIGNMENT + 1, RECORD_HEADER_BYTES) or max(listed) > size:
-            return None
+        spread = _length_spreads.get(size) or _length_spread(size)
+        if spread[0]:
+            if lengths.tobytes().translate(spread[0]) != spread[1] * count:
+                return None
+        else:
+            listed = lengths.tolist()
+            if min(listed) < max(size - RECORD_ALIGNMENT + 1, RECORD_HEADER_BYTES) or max(listed) > size:
+                return None
     types = run.cast("H")[2 :: size >> 1]
     if (record_type == _PADDING or types != array("H", (record_type,)) * count) and _PADDING in types.tolist():
         return None
@@ -407,6 +415,25 @@ def _check_uniform(run: memoryview, first_index: int, term_before: int) -> tuple
             return None
         term = listed[-1]
     return first_index + count - 1, term
+
+
+def _length_spread(size: int) -> tuple[bytes, bytes]:
+    """(table, size's bytes) for `_check_uniform`'s lengths of one aligned `size`: the table maps
+    every low byte a length of that size may have (of lo to size, lo = max(size - 7,
+    RECORD_HEADER_BYTES)) to size's, and every other byte to itself, so a u32 length translated
+    equals size's four bytes iff it lies in [lo, size]: its low byte in that spread, its other
+    three size's. That holds when lo and size share their upper three bytes and none of those
+    lies in the spread (else a translated upper byte could match: then the table is empty and
+    the caller compares the lengths as a list). Kept per size (a few sizes in use)."""
+    low = max(size - RECORD_ALIGNMENT + 1, RECORD_HEADER_BYTES)
+    size_bytes = size.to_bytes(4, "little")
+    spread = bytes(range(low & 0xFF, (size & 0xFF) + 1))
+    usable = low >> 8 == size >> 8 and not any(byte in spread for byte in size_bytes[1:])
+    table = bytes.maketrans(spread, size_bytes[:1] * len(spread)) if usable else b""
+    if len(_length_spreads) >= _LENGTH_SPREADS_MAX:
+        _length_spreads.clear()
+    _length_spreads[size] = (table, size_bytes)
+    return table, size_bytes
 
 
 def _explain_bad_run(run: memoryview, first_index: int, term_before: int) -> tuple[int, int]:

@@ -405,11 +405,12 @@ class Journal:
         header = batch_header(view, last_index - first_index + 1, first_index, last_index)
         offset = self._write_offset
         total = BATCH_HEADER_BYTES + length
-        what = f"records {first_index}..{last_index}"
-        try:
-            self._space.ensure_room(offset + total, what)
-        except OSError as error:
-            raise self._write_failed("preallocating the active segment", error) from error
+        space = self._space
+        if offset + total > space.allocated_bytes:  # else preallocated: no call, no message
+            try:
+                space.ensure_room(offset + total, f"records {first_index}..{last_index}")
+            except OSError as error:
+                raise self._write_failed("preallocating the active segment", error) from error
         try:
             written = os.pwritev(self._fd, [header, view], offset)
             while written < total:  # a short write: only near a full disk or on a signal
@@ -419,11 +420,13 @@ class Journal:
                     raise OSError(f"pwrite made no progress at offset {offset + written}")
                 written += step
         except OSError as error:
+            what = f"records {first_index}..{last_index}"
             if not no_space(error):
                 raise self._write_failed(f"writing {what}", error) from error
             self._cut_back(offset, what)
-            raise self._space.full_error(what, total) from error
-        self._space.wrote(offset + total)
+            raise space.full_error(what, total) from error
+        if offset + total > space.allocated_bytes:
+            space.wrote(offset + total)
         self._write_offset = offset + total
         self._last_index = last_index
         self._last_term = last_term
