@@ -10,6 +10,7 @@ import struct
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import sequencer.journal.format as format_module
 from sequencer.journal import JournalError
 from sequencer.journal.format import (
     UNIFORM_RUN_RECORDS_MIN,
@@ -17,7 +18,13 @@ from sequencer.journal.format import (
     _explain_bad_run,
     check_records,
 )
-from sequencer.record import RECORD_KEY, RecordType, encode_command, encode_record
+from sequencer.record import (
+    RECORD_HEADER_BYTES,
+    RECORD_KEY,
+    RecordType,
+    encode_command,
+    encode_record,
+)
 
 # (offset in the record, struct format) of each field a mutation may change
 _FIELDS = {"length": (0, "<I"), "type": (4, "<H"), "index": (8, "<Q"), "term": (16, "<Q")}
@@ -178,3 +185,37 @@ def test_strided_check_of_lengths_differing_within_the_alignment_at_every_kind_o
                 assert outcome == _outcome(_explain_bad_run, bad_view, 5, 1), (size, length, start)
                 if not size - 7 <= length <= size:
                     assert outcome[0] == "refused", (size, length, start)
+
+
+def _lengths_near(size: int) -> set[int]:
+    """Every length a record of `size` is near: each byte of size's moved by -2..+2, size moved
+    by multiples of 256, 65,536 and 2**24, and everything from 0 to 600."""
+    near = set(range(601))
+    for shift in (0, 8, 16, 24):
+        for delta in range(-2, 3):
+            near.add(size + (delta << shift))
+    for step in (256, 1 << 16, 1 << 24):
+        for k in range(-3, 4):
+            for low in range(-9, 2):
+                near.add(size + k * step + low)
+    return {length for length in near if 0 <= length < 1 << 32}
+
+
+def test_the_length_translation_accepts_exactly_the_lengths_of_one_aligned_size():
+    """`_length_spread`'s rule, directly: a u32 length translated equals size's four bytes iff the
+    length lies in [max(size - 7, 48), size], wherever size's upper bytes fall (sizes whose upper
+    byte equals the low byte, 2,056 = 08 08 and 524,296 = 08 00 08 00, are where a check of too few
+    bytes would pass a length of another size); an unusable size gives no table."""
+    sizes = [*range(48, 4104, 8), 2056, 65544, 524296, 16843016, 0x08080808, 1 << 20, (1 << 24) + 48]
+    sizes += [k * 256 + delta for k in (1, 2, 4, 255, 256, 257, 65535, 65536) for delta in (0, 8, 16, 248)]
+    usable = 0
+    for size in sorted(set(sizes)):
+        table, size_bytes = format_module._length_spread(size)
+        if not table:
+            continue
+        usable += 1
+        low = max(size - 7, RECORD_HEADER_BYTES)
+        for length in _lengths_near(size):
+            translated = length.to_bytes(4, "little").translate(table) == size_bytes
+            assert translated == (low <= length <= size), (size, length)
+    assert usable > 400, usable  # most sizes take the translation (489 of these)
