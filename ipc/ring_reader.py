@@ -224,7 +224,7 @@ class RingReader:
             word = self._words[(position & self._mask) >> 3]
         return ((word & _LENGTH_MASK) + 7) & -8
 
-    def poll_region(self, max_bytes: int, *, limit_on_frames: bool = False) -> tuple[int, memoryview]:
+    def poll_region(self, max_bytes: int, *, limit_on_frames: bool = False, max_frames: int = 0) -> tuple[int, memoryview]:
         """A contiguous run of whole frames, at most `max_bytes`, as (start position, view).
 
         Padding is excluded (a region never crosses the wrap). An empty view means nothing is
@@ -236,6 +236,10 @@ class RingReader:
         one with a limit counter only with `limit_on_frames`, by which the caller vouches that
         the limit holds a frame boundary (as `Ring.reader` asks of it). If it ever does not, the
         region's last frame runs past its end: such a caller must not take a frame that does.
+
+        `max_frames` (0: none) bounds the frames a region that must be walked holds: a caller that
+        takes a few frames a poll from a large readable run (the blp: 64 of a catch-up's MiBs that
+        meet the lap's end) walks only those, not all the run's frames again at every poll.
         """
         if self._pending != self._position:
             self.release()
@@ -266,7 +270,8 @@ class RingReader:
             end = end_max & -8
         else:
             end = start
-            while end < end_max:
+            frames_left = max_frames or -1
+            while end < end_max and frames_left:
                 word = words[(end & mask) >> 3]
                 if word >= _PADDING_WORD:
                     break
@@ -274,6 +279,7 @@ class RingReader:
                 if frame_end > end_max:
                     break
                 end = frame_end
+                frames_left -= 1
         self._pending = end
         return start, self._data[index : index + (end - start)]
 

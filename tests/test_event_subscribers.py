@@ -282,7 +282,7 @@ def test_the_blp_reads_the_count_after_the_records_it_applies() -> None:
     emitting: list[bool] = []
     region = memoryview(FRAME_HEADER.pack(16, 0) + b"record\0\0")  # one frame: type 0, 8 bytes
 
-    def poll_region(bytes_max: int, *, limit_on_frames: bool) -> tuple[int, memoryview]:
+    def poll_region(bytes_max: int, *, limit_on_frames: bool, max_frames: int) -> tuple[int, memoryview]:
         values[0] = 1  # the count, stored before the record below was published
         return 0, region
 

@@ -216,7 +216,7 @@ class BlpAgent(Agent):
         if self.unwritten:
             return self._write_outputs(self.reader.position)
         reader = self.reader
-        start, region = reader.poll_region(self.region_bytes_max, limit_on_frames=True)
+        start, region = reader.poll_region(self.region_bytes_max, limit_on_frames=True, max_frames=FRAMES_PER_POLL_MAX)
         position = start
         applied = 0
         if region:
