@@ -225,6 +225,20 @@ def route(driven: DrivenReplicator, peers: DirectCluster, drop_to: int | None = 
     raise AssertionError("the replicator and its peers did not settle")
 
 
+def elected(driven: DrivenReplicator) -> DirectCluster:
+    """The driven replicator (node 1) elected leader of nodes 2 and 3 (node 1 of the peers' cluster
+    crashed: it stands for the driven one), its TERM_START committed: it proposes. Returns the peers."""
+    peers = DirectCluster(3, cluster_id=CLUSTER_ID)
+    peers.crash(LEADER_ID)
+    driven.run_scheduled()
+    while not driven.transport.sent:  # its election timeout: a PreVote
+        driven.tick()
+    assert all(type(message) is RequestVote for message in driven.transport.sent)
+    route(driven, peers)
+    assert driven.replicator.core.raft_role is LEADER
+    return peers
+
+
 def wait_for_the_timer(driven: DrivenReplicator) -> None:
     """Run the loop until the commit-notice timer armed has fired (and its pass has run)."""
     loop = driven.loop
@@ -236,15 +250,8 @@ def wait_for_the_timer(driven: DrivenReplicator) -> None:
 def test_a_leaders_answer_that_makes_no_pass_still_arms_the_commit_notice_timer(tmp_dir: Path, unique: str) -> None:
     cluster = {"inflight_bytes_max": 64 << 10}  # the least allowed: two large entries fill it
     with driven_replicator(tmp_dir, unique, 1, cluster=cluster) as driven:
-        peers = DirectCluster(3, cluster_id=CLUSTER_ID)
-        peers.crash(LEADER_ID)  # the driven replicator is node 1
+        peers = elected(driven)
         replicator = driven.replicator
-        driven.run_scheduled()
-        while not driven.transport.sent:  # its election timeout: a PreVote
-            driven.tick()
-        assert all(type(message) is RequestVote for message in driven.transport.sent)
-        route(driven, peers)
-        assert replicator.core.raft_role is LEADER  # and its TERM_START committed: it proposes
         # Node 3 stops answering while two entries of 40 KiB go to both: its window fills.
         held: list[AppendEntries] = []
         for request_id in (1, 2):
@@ -333,14 +340,8 @@ def test_a_leaders_pending_bytes_are_its_held_records_lengths_until_they_commit(
     the records it holds, when `_propose` hands it the region's length for the stamped copies:
     a proposal region of commands of several sizes, held, then released by their commit."""
     with driven_replicator(tmp_dir, unique, 1) as driven:
-        peers = DirectCluster(3, cluster_id=CLUSTER_ID)
-        peers.crash(LEADER_ID)  # the driven replicator is node 1
+        peers = elected(driven)
         replicator = driven.replicator
-        driven.run_scheduled()
-        while not driven.transport.sent:  # its election timeout: a PreVote
-            driven.tick()
-        route(driven, peers)
-        assert replicator.core.raft_role is LEADER
         pending = replicator.pending
         driven.propose(*(command(request_id, size) for request_id, size in enumerate((16, 21, 300, 7, 1000), 1)))
         replicator._on_bell()
