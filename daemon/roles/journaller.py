@@ -268,10 +268,7 @@ class JournallerAgent(Agent):
                 # the first region was appended: it joins this fdatasync. Stopping after one
                 # region unless it ended at the wrap saved ~3 us of a poll a sync but cost 7%
                 # more fdatasyncs on one node (benches/RESULTS.md, "wakes (loaded)"). A poll
-                # that finds nothing (the second, and every cycle's before a park) costs ~4x
-                # the cursor loads of `ready` (callgrind; benches/RESULTS.md, "journ2").
-                if not reader.ready():
-                    break
+                # that finds nothing returns after the cursor loads (`poll_region`).
                 _start, region = reader.poll_region(self.batch_bytes_max - appended)
                 if not region:
                     break

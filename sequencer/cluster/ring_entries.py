@@ -135,21 +135,17 @@ def stamped_region(
             ring writes (`LEADER_ONLY_TYPES`): a bug or memory corruption on this node (the
             replicator stops on it, `check_proposals`).
     """
-    data = b""
-    if len(region) >= 4:
-        first_length = _LENGTH.unpack_from(region)[0]
-        if first_length > _SLICED_BYTES_MAX:
-            # Large frames: the checked walk copies each once, where a copy of the region first
-            # would copy it twice (an 8 KiB record's walk ~1.5 times as costly, 60 KiB ~1.7).
-            return _stamped_region_checked(region, first_index, term, last_timestamp_ns)
-        stride = (first_length + 7) & -8
-        if first_length >= RECORD_HEADER_BYTES and len(region) % stride == 0:
-            data = bytes(region)
-            uniform = _stamped_uniform(data, stride, first_index, term, last_timestamp_ns)
-            if uniform is not None:
-                return uniform
-    if not data:
-        data = bytes(region)
+    first_length = _LENGTH.unpack_from(region)[0] if len(region) >= 4 else 0
+    if first_length > _SLICED_BYTES_MAX:
+        # Large frames: the checked walk copies each once, where a copy of the region first
+        # would copy it twice (an 8 KiB record's walk ~1.5 times as costly, 60 KiB ~1.7).
+        return _stamped_region_checked(region, first_index, term, last_timestamp_ns)
+    data = bytes(region)
+    stride = (first_length + 7) & -8
+    if first_length >= RECORD_HEADER_BYTES and len(data) % stride == 0:
+        uniform = _stamped_uniform(data, stride, first_index, term, last_timestamp_ns)
+        if uniform is not None:
+            return uniform
     view = memoryview(data)
     out: list[bytes] = []
     append = out.append

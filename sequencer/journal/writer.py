@@ -425,8 +425,7 @@ class Journal:
                 raise self._write_failed(f"writing {what}", error) from error
             self._cut_back(offset, what)
             raise space.full_error(what, total) from error
-        if offset + total > space.allocated_bytes:
-            space.wrote(offset + total)
+        space.wrote(offset + total)
         self._write_offset = offset + total
         self._last_index = last_index
         self._last_term = last_term
